@@ -1,0 +1,3 @@
+from ldmtool.cli.app import main
+
+main()

@@ -1,0 +1,16 @@
+"""The list of command modules joined to the app, in help order.
+
+A task command is added here when its pipeline lands (absent rather than a stub).
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+COMMAND_MODULES = [
+    "ldmtool.cli.info",
+]
+
+
+def modules() -> list[ModuleType]:
+    return [importlib.import_module(name) for name in COMMAND_MODULES]

@@ -1,0 +1,51 @@
+"""Device and precision choice (DESIGN.md §6: --device auto|cpu|cuda|mps, --precision auto|fp32|fp16|bf16)."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ldmtool.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+def choose_device(name: str = "auto") -> "torch.device":
+    """`auto` picks cuda, then mps, then cpu; an explicit device that is not available is a usage error."""
+    import torch
+
+    name = (name or "auto").lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise UsageError(f"--device {name!r} is not a device name (use auto, cpu, cuda, cuda:N or mps)") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA GPU is available (try --device cpu)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps was asked for but MPS is not available (try --device cpu)")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {name!r} is not supported (use auto, cpu, cuda, cuda:N or mps)")
+    return device
+
+
+def choose_dtype(precision: str, device: "torch.device") -> "torch.dtype":
+    """fp32 on CPU; fp16 on GPU by default (bf16 where asked). Half precision on CPU is refused."""
+    import torch
+
+    precision = (precision or "auto").lower()
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+    if precision == "fp32":
+        return torch.float32
+    if device.type == "cpu":
+        raise UsageError(f"--precision {precision} needs a GPU; on the CPU use fp32")
+    return torch.float16 if precision == "fp16" else torch.bfloat16
