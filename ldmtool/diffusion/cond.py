@@ -1,0 +1,53 @@
+"""Conditioning handed to a denoiser, and the denoiser signature every part shares.
+
+A *denoiser* is any callable `denoise(x, sigma, cond) -> x0` in the k-diffusion form:
+  x      (B, C, h, w) latent in the variance-exploding form x = x0 + sigma * eps
+  sigma  (B,) noise levels
+  cond   a `Cond` (or `Guided`): whatever conditioning the network needs
+and it returns the prediction of the clean latent x0, shape like x.
+
+Samplers see `lambda x, sigma: denoise(x, sigma, cond)`; the tiled engine wraps a denoiser and crops every
+spatial field of the conditioning per tile with `map_spatial`, while non-spatial fields (cross-attention
+context, class labels, noise levels) are shared by all tiles.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Callable, Optional, Protocol
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Cond:
+    """Conditioning for one batch (first dimension = batch)."""
+
+    crossattn: Optional["Tensor"] = None  # (B, T, D) context for cross-attention; shared by tiles
+    concat: Optional["Tensor"] = None  # (B, C, h, w) at latent resolution; cropped per tile
+    y: Optional["Tensor"] = None  # (B,) class ids / noise levels, or (B, D) vectors; shared
+
+    def map_spatial(self, fn: Callable[["Tensor"], "Tensor"]) -> "Cond":
+        """The same conditioning with `fn` applied to every spatial field (used to cut tiles)."""
+        return replace(self, concat=None if self.concat is None else fn(self.concat))
+
+    def map_batch(self, fn: Callable[["Tensor"], "Tensor"]) -> "Cond":
+        """The same conditioning with `fn` applied to every field along the batch (repeat, index, cat)."""
+        return Cond(*(None if t is None else fn(t) for t in (self.crossattn, self.concat, self.y)))
+
+
+@dataclass(frozen=True)
+class Guided:
+    """Classifier-free guidance: conditional and unconditional conditioning and the scale."""
+
+    cond: Cond
+    uncond: Optional[Cond]
+    scale: float
+
+    def map_spatial(self, fn: Callable[["Tensor"], "Tensor"]) -> "Guided":
+        uncond = None if self.uncond is None else self.uncond.map_spatial(fn)
+        return Guided(self.cond.map_spatial(fn), uncond, self.scale)
+
+
+class Denoiser(Protocol):
+    def __call__(self, x: "Tensor", sigma: "Tensor", cond) -> "Tensor": ...
