@@ -1,0 +1,77 @@
+"""Bundled tokenizers, loaded through `transformers` classes with no network access (DESIGN.md §3).
+
+- CLIP BPE (SD 1.x / 2.x): the merges file `bpe_simple_vocab_16e6.txt.gz` as shipped by OpenAI CLIP and
+  open_clip; the 49408-entry vocabulary is rebuilt from it the way CLIP does (bytes, bytes + '</w>',
+  merges, then the two special tokens).
+- BERT uncased WordPiece (LDM text2img / txt2img-1p4B): the 30522-entry bert-base-uncased vocabulary.
+Licences: LICENSES.md beside this file.
+"""
+from __future__ import annotations
+
+import gzip
+from functools import lru_cache
+from importlib import resources
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import BertTokenizer, CLIPTokenizer
+
+CLIP_MERGES_FILE = "clip_bpe_simple_vocab_16e6.txt.gz"
+BERT_VOCAB_FILE = "bert_uncased_vocab.txt.gz"
+CLIP_VOCAB_SIZE = 49408
+CLIP_MAX_LENGTH = 77
+CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def _read_gz_lines(name: str) -> list[str]:
+    data = resources.files(__name__).joinpath(name).read_bytes()
+    return gzip.decompress(data).decode("utf-8").splitlines()
+
+
+def _bytes_to_unicode() -> list[str]:
+    """CLIP's reversible byte -> printable character table (the first 256 vocabulary entries)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[byte] = chr(byte)
+        else:
+            chars[byte] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in sorted(printable) + [b for b in range(256) if b not in printable]]
+
+
+@lru_cache(maxsize=1)
+def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The CLIP vocabulary (token -> id) and its BPE merges, built from the bundled merges file."""
+    lines = _read_gz_lines(CLIP_MERGES_FILE)
+    n_merges = CLIP_VOCAB_SIZE - 256 - 256 - 2
+    merges = [tuple(line.split()) for line in lines[1 : 1 + n_merges]]
+    base = _bytes_to_unicode()
+    tokens = base + [c + "</w>" for c in base] + ["".join(m) for m in merges] + [CLIP_BOS, CLIP_EOS]
+    return {tok: i for i, tok in enumerate(tokens)}, merges
+
+
+@lru_cache(maxsize=2)
+def clip_tokenizer(pad_with_zero: bool = False) -> "CLIPTokenizer":
+    """CLIP's tokenizer, max length 77. SD 1.x pads with `<|endoftext|>`; OpenCLIP (SD 2.x) pads with id 0.
+
+    With `pad_with_zero` the pad token is `!` (id 0), which is what `open_clip.tokenize` writes.
+    """
+    from transformers import CLIPTokenizer
+
+    vocab, merges = clip_vocab_and_merges()
+    pad = "!" if pad_with_zero else CLIP_EOS
+    tok = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=pad)
+    tok.model_max_length = CLIP_MAX_LENGTH
+    return tok
+
+
+@lru_cache(maxsize=1)
+def bert_tokenizer() -> "BertTokenizer":
+    """bert-base-uncased WordPiece, as `BERTTokenizer` of the LDM code uses it."""
+    from transformers import BertTokenizer
+
+    vocab = {tok: i for i, tok in enumerate(_read_gz_lines(BERT_VOCAB_FILE))}
+    return BertTokenizer(vocab=vocab, do_lower_case=True)

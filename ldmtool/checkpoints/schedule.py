@@ -1,0 +1,73 @@
+"""The reference code's noise-schedule buffers, by the names checkpoints store them under.
+
+`DDPM.register_schedule` of the CompVis code computes these in float64 numpy and stores float32 copies;
+checkpoints carry them, so a bundle built here must have the same names, shapes and (for fresh builds)
+values.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Order as registered by the reference `DDPM.register_schedule` (lvlb_weights is not persistent).
+DDPM_BUFFERS = (
+    "betas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+)
+LOW_SCALE_BUFFERS = DDPM_BUFFERS[:8]
+
+
+def make_beta_schedule(
+    schedule: str, n_timestep: int, linear_start: float = 1e-4, linear_end: float = 2e-2, cosine_s: float = 8e-3
+) -> torch.Tensor:
+    """Betas in float64: 'linear' is linear in sqrt(beta) as in LDM/SD; also cosine, sqrt_linear, sqrt."""
+    if schedule == "linear":
+        return torch.linspace(linear_start**0.5, linear_end**0.5, n_timestep, dtype=torch.float64) ** 2
+    if schedule == "cosine":
+        steps = torch.arange(n_timestep + 1, dtype=torch.float64) / n_timestep + cosine_s
+        alphas = torch.cos(steps / (1 + cosine_s) * math.pi / 2).pow(2)
+        alphas = alphas / alphas[0]
+        return (1 - alphas[1:] / alphas[:-1]).clamp(0, 0.999)
+    if schedule == "sqrt_linear":
+        return torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64)
+    if schedule == "sqrt":
+        return torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64) ** 0.5
+    raise ValueError(f"unknown beta schedule {schedule!r}")
+
+
+def schedule_buffers(
+    *, beta_schedule: str = "linear", timesteps: int = 1000, linear_start: float = 1e-4,
+    linear_end: float = 2e-2, cosine_s: float = 8e-3,
+) -> dict[str, torch.Tensor]:
+    """All `DDPM_BUFFERS` (float32), computed like the reference with v_posterior = 0."""
+    betas = make_beta_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s)
+    alphas = 1.0 - betas
+    ac = torch.cumprod(alphas, 0)
+    ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
+    post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
+    values = {
+        "betas": betas,
+        "alphas_cumprod": ac,
+        "alphas_cumprod_prev": ac_prev,
+        "sqrt_alphas_cumprod": ac.sqrt(),
+        "sqrt_one_minus_alphas_cumprod": (1.0 - ac).sqrt(),
+        "log_one_minus_alphas_cumprod": (1.0 - ac).log(),
+        "sqrt_recip_alphas_cumprod": (1.0 / ac).sqrt(),
+        "sqrt_recipm1_alphas_cumprod": (1.0 / ac - 1).sqrt(),
+        "posterior_variance": post_var,
+        "posterior_log_variance_clipped": post_var.clamp(min=1e-20).log(),
+        "posterior_mean_coef1": betas * ac_prev.sqrt() / (1.0 - ac),
+        "posterior_mean_coef2": (1.0 - ac_prev) * alphas.sqrt() / (1.0 - ac),
+    }
+    return {name: values[name].to(torch.float32) for name in DDPM_BUFFERS}
