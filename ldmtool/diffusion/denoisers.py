@@ -1,0 +1,135 @@
+"""Turn a discrete-time VP network (eps, v or x0 prediction) into the shared denoiser form.
+
+The network was trained on x_vp = sqrt(a_t) x0 + sqrt(1 - a_t) eps at integer timesteps t. Samplers work
+on x = x0 + sigma eps with sigma = sqrt((1 - a_t) / a_t), so x_vp = x / sqrt(sigma^2 + 1) (`c_in`), and the
+timestep fed to the network is found by interpolating in log-sigma between the model's discrete sigmas
+(an exact integer when sigma is one of them, so DDIM/PLMS/DDPM call the network as the reference does).
+
+Conditioning dispatch by the CompVis `conditioning_key`:
+  None          unet(x)
+  concat        unet(cat([x, cond.concat], channels))
+  crossattn     unet(x, context=cond.crossattn)
+  hybrid        both of the above (SD inpainting)
+  adm           unet(x, y=cond.y) (class / noise-level labels)
+  hybrid-adm    concat + context + y (SD x4 upscaler)
+  crossattn-adm context + y
+"""
+from __future__ import annotations
+
+from enum import Enum
+from typing import Callable, Optional
+
+import torch
+
+from ldmtool.diffusion.cond import Cond
+from ldmtool.diffusion.schedules import discrete_sigmas, sigma_to_t
+
+# Fractional timesteps this close to an integer are snapped to it, so a schedule's sigma that went through
+# float32 still calls the network with the integer timestep it stands for.
+_SNAP = 1e-3
+
+_FIELDS_BY_KEY: dict[Optional[str], frozenset[str]] = {
+    None: frozenset(),
+    "concat": frozenset({"concat"}),
+    "crossattn": frozenset({"crossattn"}),
+    "hybrid": frozenset({"concat", "crossattn"}),
+    "adm": frozenset({"y"}),
+    "hybrid-adm": frozenset({"concat", "crossattn", "y"}),
+    "crossattn-adm": frozenset({"crossattn", "y"}),
+}
+
+
+class Parameterization(str, Enum):
+    EPS = "eps"
+    V = "v"
+    X0 = "x0"
+
+
+UNet = Callable[..., torch.Tensor]  # unet(x, timesteps, context=None, y=None) -> prediction
+
+
+class DiscreteDenoiser:
+    """`denoise(x, sigma, cond) -> x0` over a discrete-time network and its `alphas_cumprod`.
+
+    `quantize=True` rounds every timestep to the nearest training step (what diffusers' Karras schedulers
+    feed the network); by default fractional timesteps are passed through, as k-diffusion does.
+    """
+
+    def __init__(
+        self,
+        unet: UNet,
+        alphas_cumprod: torch.Tensor,
+        parameterization: Parameterization | str = Parameterization.EPS,
+        conditioning_key: Optional[str] = None,
+        *,
+        quantize: bool = False,
+    ):
+        if conditioning_key not in _FIELDS_BY_KEY:
+            known = ", ".join(str(k) for k in _FIELDS_BY_KEY)
+            raise ValueError(f"conditioning_key {conditioning_key!r} is not supported (known: {known})")
+        self.unet = unet
+        self.parameterization = Parameterization(parameterization)
+        self.conditioning_key = conditioning_key
+        self.quantize = quantize
+        self.sigmas = discrete_sigmas(alphas_cumprod)  # (T,) ascending, float64, CPU
+        self.log_sigmas = self.sigmas.log()
+
+    @classmethod
+    def from_bundle(cls, bundle, *, parameterization: Optional[str] = None, quantize: bool = False) -> "DiscreteDenoiser":
+        """Wrap a model bundle (shared contract: `unet`, `alphas_cumprod`, `parameterization`, `conditioning_key`)."""
+        return cls(
+            bundle.unet,
+            bundle.alphas_cumprod,
+            parameterization or bundle.parameterization,
+            bundle.conditioning_key,
+            quantize=quantize,
+        )
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Training timestep (float64, CPU) the network is called with for each sigma."""
+        t = sigma_to_t(sigma, self.log_sigmas)
+        nearest = t.round()
+        return nearest if self.quantize else torch.where((t - nearest).abs() < _SNAP, nearest, t)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Optional[Cond] = None) -> torch.Tensor:
+        sigma_b = sigma.to(device=x.device, dtype=torch.promote_types(x.dtype, torch.float32)).reshape(-1, 1, 1, 1)
+        c_in = 1 / (sigma_b**2 + 1).sqrt()
+        t = self.timestep(sigma).to(device=x.device, dtype=torch.float32)
+        out = self._call_network((x * c_in).to(x.dtype), t, cond or Cond()).to(sigma_b.dtype)
+        return self._to_x0(x.to(sigma_b.dtype), out, sigma_b, c_in).to(x.dtype)
+
+    def _to_x0(self, x: torch.Tensor, out: torch.Tensor, sigma: torch.Tensor, c_in: torch.Tensor) -> torch.Tensor:
+        if self.parameterization is Parameterization.EPS:
+            return x - sigma * out
+        if self.parameterization is Parameterization.V:
+            # v = alpha eps - sigma_vp x0 on the VP sample, with alpha = c_in and sigma_vp = sigma c_in
+            return x * c_in**2 - sigma * c_in * out
+        return out
+
+    def _call_network(self, x_in: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        fields = {name for name in ("crossattn", "concat", "y") if getattr(cond, name) is not None}
+        wanted = _FIELDS_BY_KEY[self.conditioning_key]
+        if fields != wanted:
+            raise ValueError(
+                f"conditioning_key {self.conditioning_key!r} needs {sorted(wanted) or 'no conditioning'}, got {sorted(fields) or 'none'}"
+            )
+        if cond.concat is not None:
+            x_in = torch.cat([x_in, cond.concat.to(x_in.dtype)], dim=1)
+        return self.unet(x_in, t, context=cond.crossattn, y=cond.y)
+
+
+def bind(denoiser: Callable, cond) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The sampler-facing `model(x, sigma) -> x0` with the conditioning fixed."""
+
+    def model(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return denoiser(x, sigma, cond)
+
+    return model
