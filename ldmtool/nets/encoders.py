@@ -108,7 +108,7 @@ class FrozenCLIPEmbedder(nn.Module):
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         """CLIP ids: <start> text <end>, truncated to 77 and padded with <end> (as SD 1.x)."""
-        from ldmtool.assets.tokenizers import clip_tokenizer
+        from ldmtool.nets.tokenizers import clip_tokenizer
 
         enc = clip_tokenizer()(list(texts), truncation=True, max_length=self.max_length,
                                padding="max_length", return_tensors="pt")

@@ -103,7 +103,7 @@ class BERTEmbedder(nn.Module):
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         """BERT uncased ids: [CLS] text [SEP], truncated and padded with [PAD]=0 to `max_seq_len`."""
-        from ldmtool.assets.tokenizers import bert_tokenizer
+        from ldmtool.nets.tokenizers import bert_tokenizer
 
         enc = bert_tokenizer()(list(texts), truncation=True, max_length=self.max_seq_len,
                                padding="max_length", return_tensors="pt")

@@ -4,7 +4,7 @@
   open_clip; the 49408-entry vocabulary is rebuilt from it the way CLIP does (bytes, bytes + '</w>',
   merges, then the two special tokens).
 - BERT uncased WordPiece (LDM text2img / txt2img-1p4B): the 30522-entry bert-base-uncased vocabulary.
-Licences: LICENSES.md beside this file.
+Data files and their licences (LICENSES.md) live in ldmtool/assets/tokenizers/.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 
 
 def _read_gz_lines(name: str) -> list[str]:
-    data = resources.files(__name__).joinpath(name).read_bytes()
+    data = resources.files("ldmtool.assets").joinpath("tokenizers", name).read_bytes()
     return gzip.decompress(data).decode("utf-8").splitlines()
 
 
