@@ -1,0 +1,62 @@
+"""Helpers every task command uses to go from the shared CLI options to a batch run.
+
+A command body typically reads:
+
+    discovery = find_inputs(inputs, recursive=recursive)
+    options = run_options(output=output, name=name, fmt=fmt, quality=quality, overwrite=overwrite,
+                          fail_fast=fail_fast, batch_size=batch_size, seed=seed, json_out=json_out, quiet=quiet)
+    finish(run_task(MyTask(...), discovery, options))
+
+Nothing here imports torch; the runner and image I/O are imported when a command runs.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn, Optional
+
+import typer
+
+if TYPE_CHECKING:
+    from ldmtool.io.discover import Discovery
+    from ldmtool.runtime.report import Summary
+    from ldmtool.runtime.runner import RunOptions
+
+
+def find_inputs(
+    inputs: list[str],
+    *,
+    recursive: bool = False,
+    pair_masks: bool = False,
+    masks_dir: Optional[Path] = None,
+) -> "Discovery":
+    """Expand files, folders, globs, @lists and '-' into items (with masks when `pair_masks`)."""
+    from ldmtool.io.discover import discover
+
+    return discover(inputs, recursive=recursive, pair_masks=pair_masks, masks_dir=masks_dir)
+
+
+def run_options(
+    *,
+    output: Optional[Path] = None,
+    name: str = "{stem}.{ext}",
+    fmt: Optional[str] = None,
+    quality: int = 95,
+    overwrite: bool = False,
+    fail_fast: bool = False,
+    batch_size: int = 1,
+    seed: Optional[int] = None,
+    json_out: bool = False,
+    quiet: bool = False,
+) -> "RunOptions":
+    """RunOptions from the shared option values (names as in `ldmtool.cli.options`)."""
+    from ldmtool.runtime.runner import RunOptions
+
+    return RunOptions(output=output, name_template=name, fmt=fmt, quality=quality, overwrite=overwrite,
+                      fail_fast=fail_fast, batch_size=batch_size, seed=seed, json_events=json_out, quiet=quiet,
+                      argv=["ldmtool", *sys.argv[1:]])
+
+
+def finish(summary: "Summary") -> NoReturn:
+    """End the command with the run's exit code (0 all done or skipped, 1 some items failed)."""
+    raise typer.Exit(summary.exit_code)

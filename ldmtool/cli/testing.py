@@ -1,0 +1,101 @@
+"""Hidden commands used only by the test suite (registered when LDMTOOL_TEST_COMMANDS=1).
+
+`_invert` inverts images (only inside the mask when masks are paired) through the full batch runner, so
+tests can drive discovery, pairing, output naming, resume, events, the manifest and exit codes through
+the real CLI without any model. `LDMTOOL_TEST_SLEEP=SECONDS` makes each item slow (crash tests).
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ldmtool.cli import options as opt
+from ldmtool.cli.common import find_inputs, finish, run_options
+
+SLEEP_ENV = "LDMTOOL_TEST_SLEEP"
+EXAMPLE = "Example: LDMTOOL_TEST_COMMANDS=1 ldmtool _invert photos/ -o out/ --json"
+
+
+def invert(
+    inputs: opt.Inputs,
+    output: opt.Output = None,
+    name: opt.NameTemplate = "{stem}.{ext}",
+    fmt: opt.Format = None,
+    quality: opt.Quality = 95,
+    overwrite: opt.Overwrite = False,
+    recursive: opt.Recursive = False,
+    json_out: opt.Json = False,
+    quiet: opt.Quiet = False,
+    fail_fast: opt.FailFast = False,
+    batch_size: opt.BatchSize = 1,
+    seed: opt.Seed = None,
+    pair_masks: Annotated[bool, typer.Option("--pair-masks", help="Pair each image with its mask.")] = False,
+    masks: Annotated[Optional[Path], typer.Option("--masks", help="Folder of masks named like the images.")] = None,
+    invert_mask: Annotated[bool, typer.Option("--invert-mask", help="Swap repaint and keep.")] = False,
+    mask_from_alpha: Annotated[bool, typer.Option("--mask-from-alpha", help="Transparent pixels are the mask.")] = False,
+    max_pixels: Annotated[Optional[int], typer.Option("--max-pixels", min=1, help="Pixel limit per image.")] = None,
+) -> None:
+    """Invert images (inside their masks when paired): a trivial op that exercises the batch runner."""
+    from ldmtool.runtime.runner import run_task
+
+    discovery = find_inputs(inputs, recursive=recursive, pair_masks=pair_masks or masks is not None, masks_dir=masks)
+    task = InvertTask(mask_mode=_mask_mode(pair_masks or masks is not None, mask_from_alpha),
+                      invert_mask=invert_mask, max_pixels=max_pixels)
+    options = run_options(output=output, name=name, fmt=fmt, quality=quality, overwrite=overwrite,
+                          fail_fast=fail_fast, batch_size=batch_size, seed=seed, json_out=json_out, quiet=quiet)
+    finish(run_task(task, discovery, options))
+
+
+def _mask_mode(paired: bool, from_alpha: bool) -> str:
+    return "alpha" if from_alpha else ("file" if paired else "none")
+
+
+def _invert_task_class():
+    from ldmtool.io.images import mask_from_alpha, read_image, read_mask
+    from ldmtool.runtime.runner import BaseTask, Output
+
+    class _InvertTask(BaseTask):
+        command = "_invert"
+
+        def __init__(self, *, mask_mode: str, invert_mask: bool, max_pixels: Optional[int]):
+            super().__init__(params={"mask_mode": mask_mode, "invert_mask": invert_mask})
+            self.mask_mode = mask_mode
+            self.invert_mask = invert_mask
+            self.max_pixels = max_pixels
+
+        def load(self, job):
+            image = read_image(job.item.path, max_pixels=self.max_pixels)
+            mask = None
+            if self.mask_mode == "file":
+                mask = read_mask(job.item.require_mask(), size=image.size, invert=self.invert_mask,
+                                 max_pixels=self.max_pixels)
+            elif self.mask_mode == "alpha" and image.alpha is not None:
+                mask = mask_from_alpha(image.alpha, invert=self.invert_mask)
+            return image, mask
+
+        def run(self, jobs):
+            outputs = []
+            for job in jobs:
+                time.sleep(float(os.environ.get(SLEEP_ENV, "0") or 0))
+                image, mask = job.payload
+                inverted = 1.0 - image.rgb
+                if mask is not None:
+                    inverted = image.rgb + (inverted - image.rgb) * mask[:, :, None]
+                extra = {"mask": str(job.item.mask)} if job.item.mask else {}
+                outputs.append(Output(image=inverted, alpha=image.alpha, params=extra))
+            return outputs
+
+    return _InvertTask
+
+
+def InvertTask(**kwargs):
+    """Built on first use so that registering the command imports neither numpy nor Pillow."""
+    return _invert_task_class()(**kwargs)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("_invert", hidden=True, help=f"{invert.__doc__}\n\n{EXAMPLE}")(invert)

@@ -1,0 +1,274 @@
+"""Turning command-line inputs into items (DESIGN.md §6).
+
+Inputs are files, folders (`recursive` to descend), globs, `@list.txt` files (one entry per line,
+relative to the list's folder) and `-` (entries from stdin, relative to the working folder). Every item
+has a stable key, the posix path relative to its input root (a folder or glob prefix; a named file's
+root is its own folder), which the per-item seed and the output's subfolder derive from.
+
+Mask pairing (for inpainting): `x.png` pairs with `x_mask.<ext>` beside it, which is then not an item
+itself, or with the same relative name in a `--masks DIR` folder; two files named on the command line
+with no other pairing are an explicit (image, mask) pair.
+"""
+from __future__ import annotations
+
+import glob
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, TextIO
+
+from ldmtool.errors import ItemError, UsageError
+from ldmtool.io.images import IMAGE_SUFFIXES, is_image_path
+
+MASK_SUFFIX = "_mask"
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One unit of work: an input file, or something generated (a prompt and sample number, ...)."""
+
+    key: str  # stable identity: relative posix path, or e.g. "prompt-0003/s1" for generated items
+    stem: str  # output name stem ({stem} in the name template)
+    path: Optional[Path] = None  # the input file; None for generated items
+    mask: Optional[Path] = None
+    subdir: str = ""  # folder mirrored under the output folder (posix, "" for none)
+    data: Mapping[str, Any] = field(default_factory=dict)  # task-specific fields of generated items
+
+    @classmethod
+    def generated(cls, key: str, stem: Optional[str] = None, **data: Any) -> "Item":
+        """An item with no input file (txt2img prompts, unconditional samples)."""
+        return cls(key=key, stem=sanitize_name(stem or key), data=data)
+
+    @property
+    def label(self) -> str:
+        """How reports name the item: its input file, or its key."""
+        return str(self.path) if self.path is not None else self.key
+
+    def require_mask(self) -> Path:
+        """The paired mask, or an ItemError that says where it was looked for."""
+        if self.mask is None:
+            raise ItemError(f"{self.label}: no mask found (expected {self.stem}{MASK_SUFFIX}.png beside it, "
+                            "or the same name in --masks DIR)")
+        return self.mask
+
+
+@dataclass
+class Discovery:
+    """Items found plus the non-image files that were passed over (reported once)."""
+
+    items: list[Item]
+    skipped: list[Path] = field(default_factory=list)
+
+    def notes(self) -> list[str]:
+        if not self.skipped:
+            return []
+        names = ", ".join(str(p) for p in self.skipped[:3]) + (" ..." if len(self.skipped) > 3 else "")
+        return [f"skipped {len(self.skipped)} non-image file(s): {names}"]
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    path: Path
+    root: Path
+    explicit: bool  # named directly (command line or list), not found by a folder walk or glob
+
+    @property
+    def relative(self) -> Path:
+        return self.path.relative_to(self.root)
+
+
+def sanitize_name(text: str, max_length: int = 80) -> str:
+    """A safe file-name stem from free text (prompts, layout names): no separators, dots or controls."""
+    cleaned = re.sub(r"[^\w\-]+", "-", text, flags=re.UNICODE).strip("-_")
+    return cleaned[:max_length].rstrip("-_") or "item"
+
+
+def discover(
+    inputs: Iterable[str],
+    *,
+    recursive: bool = False,
+    pair_masks: bool = False,
+    masks_dir: Optional[Path] = None,
+    stdin: Optional[TextIO] = None,
+) -> Discovery:
+    """Expand inputs into sorted items; a command-line path that does not exist is a UsageError."""
+    inputs = list(inputs)
+    if not inputs:
+        raise UsageError("no inputs given; name image files, folders, globs, @list.txt or '-'")
+    if masks_dir is not None and not Path(masks_dir).is_dir():
+        raise UsageError(f"--masks {masks_dir}: no such folder")
+    candidates: list[_Candidate] = []
+    skipped: list[Path] = []
+    for raw in inputs:
+        _expand(raw, recursive, candidates, skipped, stdin or sys.stdin, from_list=False)
+    candidates = _unique(candidates)
+    if pair_masks:
+        explicit_pair = _explicit_pair(inputs, candidates, masks_dir)
+        if explicit_pair is not None:
+            return Discovery([explicit_pair], skipped)
+        candidates = [c for c in candidates if not _is_mask_of_another(c, candidates)]
+    items = [_to_item(c, pair_masks, masks_dir) for c in candidates]
+    _check_unique_keys(items)
+    if not items:
+        raise UsageError(f"no input images found in {' '.join(inputs)}")
+    items.sort(key=lambda item: _natural_key(item.key))
+    return Discovery(items, skipped)
+
+
+def _expand(raw: str, recursive: bool, out: list[_Candidate], skipped: list[Path], stdin: TextIO,
+            *, from_list: bool, base: Optional[Path] = None) -> None:
+    raw = raw.strip()
+    if raw == "-" and not from_list:
+        for line in _list_lines(stdin.read()):
+            _expand(line, recursive, out, skipped, stdin, from_list=True)
+        return
+    if raw.startswith("@") and not from_list:
+        list_file = Path(raw[1:])
+        try:
+            text = list_file.read_text(encoding="utf-8")
+        except OSError as err:
+            raise UsageError(f"{list_file}: cannot read the list file ({err.strerror or err})") from None
+        for line in _list_lines(text):
+            _expand(line, recursive, out, skipped, stdin, from_list=True, base=list_file.parent)
+        return
+    path = Path(raw).expanduser()
+    if base is not None and not path.is_absolute():
+        path = base / path
+    if path.is_dir():
+        _walk(path, path, recursive, out, skipped)
+    elif path.exists() or path.is_symlink():
+        out.append(_Candidate(path, path.parent, explicit=True))
+    elif _GLOB_CHARS.search(str(path)):
+        _glob(path, out, skipped)
+    elif from_list:
+        out.append(_Candidate(path, path.parent, explicit=True))  # fails as an item: the batch goes on
+    else:
+        raise UsageError(f"{raw}: no such file or folder")
+
+
+def _list_lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _walk(folder: Path, root: Path, recursive: bool, out: list[_Candidate], skipped: list[Path]) -> None:
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as err:
+        raise UsageError(f"{folder}: cannot list the folder ({err.strerror or err})") from None
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue  # hidden files, and our own temporary files
+        if entry.is_dir():
+            if recursive:
+                _walk(entry, root, recursive, out, skipped)
+        elif is_image_path(entry):
+            out.append(_Candidate(entry, root, explicit=False))
+        else:
+            skipped.append(entry)
+
+
+def _glob(pattern: Path, out: list[_Candidate], skipped: list[Path]) -> None:
+    text = str(pattern)
+    root = _glob_root(text)
+    matches = sorted(glob.glob(text, recursive=True))
+    files = [Path(m) for m in matches if Path(m).is_file() and not Path(m).name.startswith(".")]
+    if not files:
+        raise UsageError(f"{text}: no files match this pattern")
+    for path in files:
+        if is_image_path(path):
+            out.append(_Candidate(path, root, explicit=False))
+        else:
+            skipped.append(path)
+
+
+def _glob_root(pattern: str) -> Path:
+    """The folder part of a glob before its first wildcard ('photos/*/x*.png' -> 'photos')."""
+    parts = Path(pattern).parts
+    fixed = []
+    for part in parts[:-1]:
+        if _GLOB_CHARS.search(part):
+            break
+        fixed.append(part)
+    return Path(*fixed) if fixed else Path(".")
+
+
+def _unique(candidates: list[_Candidate]) -> list[_Candidate]:
+    seen: set[Path] = set()
+    unique = []
+    for candidate in candidates:
+        resolved = candidate.path.resolve()
+        if resolved not in seen:
+            seen.add(resolved)
+            unique.append(candidate)
+    return unique
+
+
+def _partner_of_mask(path: Path) -> Optional[str]:
+    """'x_mask.png' -> 'x' (the stem of the image it belongs to)."""
+    stem = path.stem
+    return stem[: -len(MASK_SUFFIX)] if stem.endswith(MASK_SUFFIX) and len(stem) > len(MASK_SUFFIX) else None
+
+
+def _is_mask_of_another(candidate: _Candidate, candidates: list[_Candidate]) -> bool:
+    base = _partner_of_mask(candidate.path)
+    if base is None:
+        return False
+    return any(other.path.parent == candidate.path.parent and other.path.stem == base for other in candidates)
+
+
+def _find_mask(path: Path, relative: Path, masks_dir: Optional[Path]) -> Optional[Path]:
+    if masks_dir is not None:
+        found = _with_any_image_suffix(Path(masks_dir) / relative.parent, relative.stem, path.suffix)
+        if found is not None:
+            return found
+    return _with_any_image_suffix(path.parent, path.stem + MASK_SUFFIX, path.suffix)
+
+
+def _with_any_image_suffix(folder: Path, stem: str, preferred: str) -> Optional[Path]:
+    suffixes = [preferred] + sorted(IMAGE_SUFFIXES - {preferred.lower()})
+    for suffix in suffixes:
+        for variant in {suffix, suffix.upper()}:
+            candidate = folder / f"{stem}{variant}"
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _explicit_pair(inputs: list[str], candidates: list[_Candidate], masks_dir: Optional[Path]) -> Optional[Item]:
+    """`inpaint img.png mask.png`: two named files, the first with no mask of its own."""
+    if len(inputs) != 2 or len(candidates) != 2 or not all(c.explicit for c in candidates):
+        return None
+    if any(raw.strip() == "-" or raw.strip().startswith("@") for raw in inputs):
+        return None
+    image, mask = candidates
+    if _find_mask(image.path, image.relative, masks_dir) is not None:
+        return None
+    return Item(key=image.relative.as_posix(), stem=image.path.stem, path=image.path, mask=mask.path)
+
+
+def _to_item(candidate: _Candidate, pair_masks: bool, masks_dir: Optional[Path]) -> Item:
+    relative = candidate.relative
+    mask = _find_mask(candidate.path, relative, masks_dir) if pair_masks else None
+    subdir = relative.parent.as_posix()
+    return Item(
+        key=relative.as_posix(),
+        stem=candidate.path.stem,
+        path=candidate.path,
+        mask=mask,
+        subdir="" if subdir == "." else subdir,
+    )
+
+
+def _check_unique_keys(items: list[Item]) -> None:
+    by_key: dict[str, Item] = {}
+    for item in items:
+        other = by_key.setdefault(item.key, item)
+        if other is not item:
+            raise UsageError(f"{other.path} and {item.path} would both be item '{item.key}' (same name); "
+                             "pass their common parent folder instead so their subfolders keep them apart")
+
+
+def _natural_key(text: str) -> list:
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", text)]

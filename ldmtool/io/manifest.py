@@ -1,0 +1,60 @@
+"""The run manifest: one JSON line per finished (done or failed) item, appended in the output folder.
+
+Each line is written with a single `write` and fsynced, so after a crash the file holds whole records
+plus at most one cut-off last line; readers skip lines that do not parse, and the next append starts
+on a fresh line.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+from ldmtool.errors import FatalError
+
+MANIFEST_NAME = "ldmtool-manifest.jsonl"
+
+
+class Manifest:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def append(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "ab+") as handle:
+                if _ends_mid_line(handle):
+                    line = "\n" + line
+                handle.write(line.encode("utf-8"))
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as err:
+            raise FatalError(f"{self.path}: cannot write the manifest ({err.strerror or err}); stopping") from err
+
+    def records(self) -> list[dict[str, Any]]:
+        return list(read_manifest(self.path))
+
+
+def _ends_mid_line(handle) -> bool:
+    handle.seek(0, os.SEEK_END)
+    if handle.tell() == 0:
+        return False
+    handle.seek(-1, os.SEEK_END)
+    return handle.read(1) != b"\n"
+
+
+def read_manifest(path: Path) -> Iterator[dict[str, Any]]:
+    """The records of a manifest file, skipping any line a crash cut short."""
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            yield record

@@ -1,0 +1,223 @@
+"""Generation metadata stored in output images (DESIGN.md §6) and `ldmtool info`.
+
+Two records travel with every image:
+- `parameters`: the A1111-style text (prompt, `Negative prompt:` line, then `Key: value, ...`), which
+  other tools already read;
+- the recipe: JSON with the tool version, the command line, the model file's sha256, every parameter
+  and the seed, enough to replay the run.
+PNG stores them as text chunks `parameters` and `ldmtool`. JPEG and WebP store them in EXIF: the
+parameters in UserComment (as A1111 does) and the recipe, ASCII-escaped JSON, in ImageDescription.
+"""
+from __future__ import annotations
+
+import io
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional
+
+from ldmtool.errors import ItemError
+
+RECIPE_KEY = "ldmtool"
+PARAMETERS_KEY = "parameters"
+_EXIF_IFD = 0x8769
+_USER_COMMENT = 0x9286
+_IMAGE_DESCRIPTION = 0x010E
+_UNICODE_PREFIX = b"UNICODE\x00"
+_RECIPE_PREFIX = "ldmtool-recipe:"
+
+# A1111 labels for the parameters it knows; anything else is shown under its own name.
+_A1111_LABELS = {"steps": "Steps", "sampler": "Sampler", "cfg": "CFG scale", "seed": "Seed", "size": "Size",
+                 "model_hash": "Model hash", "model": "Model"}
+_NOT_IN_TEXT = {"prompt", "negative"}
+
+
+@dataclass
+class ImageMetadata:
+    """What an output image carries: the A1111 text and the JSON recipe."""
+
+    parameters: str
+    recipe: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"parameters": self.parameters, "recipe": self.recipe}
+
+
+def build_metadata(
+    *,
+    command: str,
+    params: Mapping[str, Any],
+    seed: int,
+    base_seed: Optional[int] = None,
+    key: Optional[str] = None,
+    argv: Optional[list[str]] = None,
+    size: Optional[tuple[int, int]] = None,
+    model: Optional[str] = None,
+    model_sha256: Optional[str] = None,
+) -> ImageMetadata:
+    """The metadata of one output: `params` are every task parameter (prompt, steps, sampler, cfg, ...)."""
+    from ldmtool import __version__
+
+    recipe = {
+        "tool": "ldmtool",
+        "version": __version__,
+        "command": command,
+        "argv": list(sys.argv if argv is None else argv),
+        "model": model,
+        "model_sha256": model_sha256,
+        "seed": seed,
+        "base_seed": base_seed,
+        "key": key,
+        "size": list(size) if size else None,
+        "parameters": _jsonable(dict(params)),
+    }
+    text_fields = dict(params)
+    text_fields.update(seed=seed, model=Path(model).name if model else None,
+                       model_hash=model_sha256[:10] if model_sha256 else None,
+                       size=f"{size[0]}x{size[1]}" if size else None)
+    text = a1111_text(text_fields, version=__version__)
+    return ImageMetadata(parameters=text, recipe=recipe)
+
+
+def a1111_text(fields: Mapping[str, Any], *, version: str) -> str:
+    """'prompt\\nNegative prompt: ...\\nSteps: 20, Sampler: ddim, ..., Version: ldmtool X'."""
+    lines = [str(fields.get("prompt") or "")]
+    if fields.get("negative"):
+        lines.append(f"Negative prompt: {fields['negative']}")
+    pairs = []
+    ordered = [k for k in _A1111_LABELS if k in fields] + [k for k in fields if k not in _A1111_LABELS]
+    for name in ordered:
+        value = fields[name]
+        if name in _NOT_IN_TEXT or value is None or isinstance(value, (dict, list, tuple)):
+            continue
+        label = _A1111_LABELS.get(name) or name.replace("_", " ").capitalize()
+        pairs.append(f"{label}: {_quote(value)}")
+    pairs.append(f"Version: ldmtool {version}")
+    lines.append(", ".join(pairs))
+    return "\n".join(lines)
+
+
+def _quote(value: Any) -> str:
+    text = str(value)
+    if any(ch in text for ch in ',:"\n'):
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def _jsonable(value: Any) -> Any:
+    """Parameters as plain JSON (paths and enums become strings)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+# ---------------------------------------------------------------- writing
+
+
+def png_info(metadata: ImageMetadata):
+    """A PngInfo with the `parameters` and `ldmtool` text chunks (iTXt when not Latin-1)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text(PARAMETERS_KEY, metadata.parameters)
+    info.add_text(RECIPE_KEY, json.dumps(metadata.recipe, ensure_ascii=False))
+    return info
+
+
+def exif_bytes(metadata: ImageMetadata) -> bytes:
+    """EXIF for JPEG/WebP: parameters in UserComment (UTF-16), the recipe as ASCII JSON in ImageDescription."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[_IMAGE_DESCRIPTION] = _RECIPE_PREFIX + json.dumps(metadata.recipe, ensure_ascii=True)
+    exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = _UNICODE_PREFIX + metadata.parameters.encode("utf-16-be")
+    return exif.tobytes()
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_metadata(path: Path | str) -> Optional[ImageMetadata]:
+    """The metadata stored in an image, or None when it has none; unreadable files raise ItemError."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            text = dict(getattr(image, "text", None) or {})
+            if PARAMETERS_KEY in text or RECIPE_KEY in text:
+                return _from_png_text(path, text)
+            return _from_exif(path, image.getexif())
+    except FileNotFoundError:
+        raise ItemError(f"{path}: no such file") from None
+    except PermissionError:
+        raise ItemError(f"{path}: permission denied (the file is not readable)") from None
+    except IsADirectoryError:
+        raise ItemError(f"{path}: is a folder, not an image file") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ItemError(f"{path}: not a readable image ({' '.join(str(err).split())})") from None
+
+
+def _from_png_text(path: Path, text: dict) -> ImageMetadata:
+    return ImageMetadata(parameters=text.get(PARAMETERS_KEY, ""), recipe=_parse_recipe(path, text.get(RECIPE_KEY)))
+
+
+def _from_exif(path: Path, exif) -> Optional[ImageMetadata]:
+    description = exif.get(_IMAGE_DESCRIPTION)
+    comment = exif.get_ifd(_EXIF_IFD).get(_USER_COMMENT)
+    if description is None and comment is None:
+        return None
+    recipe_text = description[len(_RECIPE_PREFIX):] if isinstance(description, str) and description.startswith(_RECIPE_PREFIX) else None
+    return ImageMetadata(parameters=_decode_user_comment(comment), recipe=_parse_recipe(path, recipe_text))
+
+
+def _decode_user_comment(raw: Any) -> str:
+    if raw is None:
+        return ""
+    if isinstance(raw, str):
+        return raw
+    if raw.startswith(_UNICODE_PREFIX):
+        body = raw[len(_UNICODE_PREFIX):]
+        return body.decode("utf-16-be", errors="replace")
+    return raw[8:].decode("latin-1", errors="replace")  # ASCII/undefined prefixes are 8 bytes too
+
+
+def _parse_recipe(path: Path, text: Optional[str]) -> dict:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise ItemError(f"{path}: the ldmtool recipe in this image is not valid JSON") from None
+    return value if isinstance(value, dict) else {}
+
+
+def print_info(files: Iterable[Path], *, as_json: bool = False, out=None) -> None:
+    """`ldmtool info`: print each file's metadata (text, or one JSON object per line with --json).
+
+    A file that cannot be read or carries no metadata is one line on stderr; after every file has been
+    shown the last such problem is raised as an ItemError (exit 1), so the CLI prints it in its place.
+    """
+    out = out or sys.stdout
+    problems: list[ItemError] = []
+    for path in files:
+        try:
+            metadata = read_metadata(path)
+            if metadata is None:
+                raise ItemError(f"{path}: no generation metadata in this image")
+        except ItemError as err:
+            problems.append(err)
+            continue
+        if as_json:
+            print(json.dumps({"file": str(path), **metadata.to_json()}, ensure_ascii=False), file=out)
+        else:
+            print(_info_text(path, metadata), file=out)
+    out.flush()
+    for err in problems[:-1]:
+        print(f"ldmtool: error: {err}", file=sys.stderr)
+    if problems:
+        raise problems[-1]
+
+
+def _info_text(path: Path, metadata: ImageMetadata) -> str:
+    recipe = json.dumps(metadata.recipe, indent=2, ensure_ascii=False) if metadata.recipe else "(none)"
+    return f"{path}\n{metadata.parameters}\nRecipe: {recipe}\n"

@@ -1,0 +1,200 @@
+"""Atomic image writing (DESIGN.md §6).
+
+An image is encoded in memory, written to a hidden temporary name in the target folder, flushed and
+fsynced, then renamed over the final name; so the final name only ever holds a complete file, whatever
+happens (Ctrl-C, SIGKILL, power loss after the fsync). Failures of the disk itself (full, read-only,
+not permitted) remove the temporary file and raise FatalError: nothing more can be written, the run stops.
+"""
+from __future__ import annotations
+
+import errno
+import io
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ldmtool.errors import FatalError, ItemError, UsageError
+from ldmtool.io.images import to_uint8
+from ldmtool.io.metadata import ImageMetadata, exif_bytes, png_info
+
+FORMATS = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg", ".webp": "webp"}
+EXTENSIONS = {"png": "png", "jpg": "jpg", "jpeg": "jpg", "webp": "webp"}
+TEMP_SUFFIX = ".ldmtool-tmp"
+DEFAULT_QUALITY = 95
+
+
+def format_name(name: str) -> str:
+    """'PNG', 'jpeg', '.jpg' -> 'png' | 'jpg' | 'webp'; anything else is a usage error."""
+    key = name.lower().lstrip(".")
+    if key not in EXTENSIONS:
+        raise UsageError(f"output format {name!r} is not supported; use png, jpg or webp")
+    return EXTENSIONS[key]
+
+
+def format_for_path(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix not in FORMATS:
+        raise UsageError(f"{path}: cannot tell the output format from '{suffix or 'no extension'}'; use .png, .jpg or .webp")
+    return FORMATS[suffix]
+
+
+def encode_image(
+    image: np.ndarray,
+    fmt: str,
+    *,
+    alpha: Optional[np.ndarray] = None,
+    quality: int = DEFAULT_QUALITY,
+    metadata: Optional[ImageMetadata] = None,
+) -> bytes:
+    """Encode an (H, W, 3) or (H, W) image in [0, 1] (float) or uint8, with optional alpha, to bytes."""
+    from PIL import Image
+
+    pixels = _as_uint8(image, alpha)
+    picture = Image.fromarray(pixels)
+    buffer = io.BytesIO()
+    if fmt == "png":
+        picture.save(buffer, "PNG", pnginfo=png_info(metadata) if metadata else None, compress_level=6)
+    elif fmt == "jpg":
+        if picture.mode == "RGBA":
+            picture = picture.convert("RGB")  # JPEG has no alpha
+        extra = {"exif": exif_bytes(metadata)} if metadata else {}
+        picture.save(buffer, "JPEG", quality=quality, **extra)
+    elif fmt == "webp":
+        extra = {"exif": exif_bytes(metadata)} if metadata else {}
+        picture.save(buffer, "WEBP", quality=quality, **extra)
+    else:
+        raise UsageError(f"output format {fmt!r} is not supported; use png, jpg or webp")
+    return buffer.getvalue()
+
+
+def _as_uint8(image: np.ndarray, alpha: Optional[np.ndarray]) -> np.ndarray:
+    image = np.asarray(image)
+    if image.dtype != np.uint8 and not np.all(np.isfinite(image)):
+        raise ItemError("the result contains non-finite values (NaN/Inf); nothing was written")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
+        raise ValueError(f"an image must be (H, W), (H, W, 3) or (H, W, 4), not {image.shape}")
+    pixels = to_uint8(image)
+    if alpha is None:
+        return pixels
+    alpha = np.asarray(alpha)
+    if alpha.dtype != np.uint8 and not np.all(np.isfinite(alpha)):
+        raise ItemError("the alpha channel contains non-finite values (NaN/Inf); nothing was written")
+    if pixels.ndim == 2:
+        pixels = np.repeat(pixels[:, :, None], 3, axis=2)
+    return np.concatenate([pixels[:, :, :3], to_uint8(alpha)[:, :, None]], axis=2)
+
+
+def write_image(
+    path: Path | str,
+    image: np.ndarray,
+    *,
+    alpha: Optional[np.ndarray] = None,
+    quality: int = DEFAULT_QUALITY,
+    metadata: Optional[ImageMetadata] = None,
+    fmt: Optional[str] = None,
+) -> Path:
+    """Encode and write atomically; the format follows the extension unless `fmt` is given."""
+    path = Path(path)
+    data = encode_image(image, fmt or format_for_path(path), alpha=alpha, quality=quality, metadata=metadata)
+    atomic_write_bytes(path, data)
+    return path
+
+
+def temp_name(path: Path) -> Path:
+    """Hidden, per-process temporary name beside `path` (never mistaken for an image by discovery)."""
+    return path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder, then rename."""
+    temp = temp_name(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, path)
+        _fsync_folder(path.parent)
+    except OSError as err:
+        _remove_quietly(temp)
+        raise FatalError(f"{path}: cannot write the output ({_os_reason(err)}); stopping") from err
+    except BaseException:
+        _remove_quietly(temp)  # Ctrl-C mid-write: no partial file stays behind
+        raise
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename itself durable; some filesystems cannot fsync a folder, which is harmless."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _os_reason(err: OSError) -> str:
+    reasons = {
+        errno.ENOSPC: "the disk is full",
+        errno.EROFS: "the file system is read-only",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "operation not permitted",
+        errno.EDQUOT: "disk quota exceeded",
+        errno.ENOTDIR: "a part of the path is a file, not a folder",
+        errno.EISDIR: "a folder with that name is in the way",
+    }
+    return reasons.get(err.errno, err.strerror or str(err))
+
+
+def remove_stale_temps(folder: Path, *, recursive: bool = True) -> int:
+    """Delete temporary files left by killed ldmtool processes (their process id is no longer alive)."""
+    if not folder.is_dir():
+        return 0
+    pattern = f"**/.*{TEMP_SUFFIX}" if recursive else f".*{TEMP_SUFFIX}"
+    removed = 0
+    for temp in folder.glob(pattern):
+        if not _owner_alive(temp.name):
+            _remove_quietly(temp)
+            removed += 1
+    return removed
+
+
+def _owner_alive(name: str) -> bool:
+    try:
+        pid = int(name[: -len(TEMP_SUFFIX)].rsplit(".", 1)[1])
+    except (IndexError, ValueError):
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,233 @@
+"""The process-wide model cache, the disk cache folder, and cached file hashes (DESIGN.md §7).
+
+`model_cache()` is the one in-memory cache of the process: every pipeline asks it for networks, keyed by
+the checkpoint's file identity (resolved path, size, modification time) plus device and dtype, so two
+commands in one process (or one command called twice from Python) never load the same weights twice.
+Entries are evicted least-recently-used when their total size passes a byte budget.
+
+`cache_dir()` is where converted weights and the hash index live: `$LDMTOOL_CACHE`, else
+`$XDG_CACHE_HOME/ldmtool`, else `~/.cache/ldmtool`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Hashable, Optional
+
+from ldmtool.errors import UsageError
+
+CACHE_ENV = "LDMTOOL_CACHE"
+BUDGET_ENV = "LDMTOOL_MODEL_CACHE"
+DEFAULT_BUDGET_BYTES = 8 * 1024**3
+HASH_INDEX = "file-hashes.json"
+_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2, "g": 1024**3, "gb": 1024**3,
+          "t": 1024**4, "tb": 1024**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+
+
+def cache_dir(*, create: bool = False) -> Path:
+    """The disk cache folder; `create=True` makes sure it exists."""
+    override = os.environ.get(CACHE_ENV)
+    if override:
+        path = Path(override).expanduser()
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        path = Path(base).expanduser() / "ldmtool"
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def parse_bytes(text: str) -> int:
+    """'4GB', '512 MiB', '1e9' -> bytes (binary units: 1 GB = 1024**3 bytes)."""
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in _UNITS:
+        raise UsageError(f"{text!r} is not a size; write e.g. 512MB, 4GB or a number of bytes")
+    try:
+        return int(float(match.group(1)) * _UNITS[unit])
+    except ValueError:
+        raise UsageError(f"{text!r} is not a size; write e.g. 512MB, 4GB or a number of bytes") from None
+
+
+# ---------------------------------------------------------------- file identity and hashes
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """What makes two opens of a file 'the same weights' without reading them."""
+
+    path: str
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path: Path | str) -> "FileIdentity":
+        resolved = Path(path).expanduser().resolve()
+        stat = resolved.stat()
+        return cls(str(resolved), stat.st_size, stat.st_mtime_ns)
+
+    def index_key(self) -> str:
+        return f"{self.path}|{self.size}|{self.mtime_ns}"
+
+
+_hash_lock = threading.Lock()
+_hash_memo: dict[FileIdentity, str] = {}
+
+
+def file_sha256(path: Path | str) -> str:
+    """The file's sha256 (hex), remembered per (path, size, mtime) in memory and in the disk cache."""
+    identity = FileIdentity.of(path)
+    with _hash_lock:
+        if identity in _hash_memo:
+            return _hash_memo[identity]
+    index = _read_hash_index()
+    digest = index.get(identity.index_key())
+    if digest is None:
+        digest = _hash_file(Path(identity.path))
+        index[identity.index_key()] = digest
+        _write_hash_index(index)
+    with _hash_lock:
+        _hash_memo[identity] = digest
+    return digest
+
+
+def short_hash(sha256_hex: str) -> str:
+    """The 10-character form shown as 'Model hash' in A1111-style parameters."""
+    return sha256_hex[:10]
+
+
+def _hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_hash_index() -> dict[str, str]:
+    try:
+        data = json.loads((cache_dir() / HASH_INDEX).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_hash_index(index: dict[str, str]) -> None:
+    """Best effort: a read-only or full cache folder only costs a re-hash next time."""
+    try:
+        folder = cache_dir(create=True)
+        fd, temp = tempfile.mkstemp(prefix=".hashes.", suffix=".tmp", dir=folder)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(index, handle)
+        os.replace(temp, folder / HASH_INDEX)
+    except OSError:
+        return
+
+
+# ---------------------------------------------------------------- in-memory model cache
+
+
+@dataclass
+class _Entry:
+    value: Any
+    nbytes: int
+
+
+def object_nbytes(value: Any) -> int:
+    """Bytes held by a torch module or tensor (parameters and buffers, deduplicated); 0 for others."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return 0
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, torch.nn.Module):
+        seen: set[int] = set()
+        total = 0
+        for tensor in list(value.parameters()) + list(value.buffers()):
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                total += tensor.numel() * tensor.element_size()
+        return total
+    return 0
+
+
+class ModelCache:
+    """Least-recently-used cache of loaded networks under a byte budget.
+
+    The entry just loaded is always kept, even when it alone is over the budget: evicting it would only
+    make the caller load it again.
+    """
+
+    def __init__(self, budget_bytes: int = DEFAULT_BUDGET_BYTES):
+        self.budget_bytes = budget_bytes
+        self._entries: "OrderedDict[Hashable, _Entry]" = OrderedDict()
+        self._lock = threading.RLock()
+
+    @staticmethod
+    def key_for(path: Path | str, device: Any, dtype: Any, *extra: Hashable) -> tuple:
+        """The cache key: file identity + device + dtype (+ anything else that changes the result)."""
+        return (FileIdentity.of(path), str(device), str(dtype), *extra)
+
+    def get_or_load(
+        self,
+        key: Hashable,
+        loader: Callable[[], Any],
+        *,
+        nbytes: Optional[Callable[[Any], int]] = None,
+    ) -> Any:
+        """The cached value for `key`, or `loader()`'s result, stored and returned."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+                return entry.value
+            value = loader()
+            size = (nbytes or object_nbytes)(value)
+            self._entries[key] = _Entry(value, size)
+            self._evict(keep=key)
+            return value
+
+    def load_file(self, path: Path | str, device: Any, dtype: Any, loader: Callable[[], Any], *extra: Hashable) -> Any:
+        """Shorthand for the usual case: a checkpoint file on a device in a dtype."""
+        return self.get_or_load(self.key_for(path, device, dtype, *extra), loader)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(entry.nbytes for entry in self._entries.values())
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def _evict(self, keep: Hashable) -> None:
+        while self.total_bytes > self.budget_bytes and len(self._entries) > 1:
+            oldest = next(iter(self._entries))
+            if oldest == keep:
+                break
+            del self._entries[oldest]
+
+
+_process_cache: Optional[ModelCache] = None
+
+
+def model_cache() -> ModelCache:
+    """The one cache of this process (budget from `$LDMTOOL_MODEL_CACHE`, e.g. '6GB'; default 8 GiB)."""
+    global _process_cache
+    if _process_cache is None:
+        raw = os.environ.get(BUDGET_ENV)
+        _process_cache = ModelCache(parse_bytes(raw) if raw else DEFAULT_BUDGET_BYTES)
+    return _process_cache

@@ -1,0 +1,154 @@
+"""The one reporter every command uses for progress and per-item events (DESIGN.md §6).
+
+- stdout gets machine output only: with `--json`, one JSON object per line, one per item
+  (`event`: done | skipped | failed, with input, output, seed, seconds, error), then one `summary`.
+- stderr gets human output: a rich progress bar when stderr is a terminal, a one-line message per failed
+  item (always, even with `--quiet`), notes (e.g. skipped non-image files) and a closing summary line.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any, Optional, TextIO
+
+
+class Status(str, Enum):
+    DONE = "done"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+
+
+@dataclass
+class ItemEvent:
+    """What happened to one item."""
+
+    status: Status
+    key: str
+    input: Optional[str]
+    output: Optional[str]
+    seed: Optional[int]
+    seconds: float = 0.0
+    error: Optional[str] = None
+
+    def to_json(self) -> dict[str, Any]:
+        record = asdict(self)
+        record.pop("status")
+        record = {"event": self.status.value, **record, "seconds": round(self.seconds, 3)}
+        if self.error is None:
+            record.pop("error")
+        return record
+
+
+@dataclass
+class Summary:
+    """Counts of a finished run, and the exit code they mean."""
+
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    base_seed: Optional[int] = None
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        from ldmtool.errors import EXIT_ITEMS_FAILED, EXIT_OK
+
+        return EXIT_ITEMS_FAILED if self.failed else EXIT_OK
+
+    def count(self, status: Status) -> None:
+        setattr(self, status.value, getattr(self, status.value) + 1)
+
+    def line(self) -> str:
+        text = f"{self.done} done, {self.skipped} skipped, {self.failed} failed in {self.seconds:.1f}s"
+        return text + (f" (seed {self.base_seed})" if self.base_seed is not None else "")
+
+
+class Reporter:
+    """Progress on stderr, JSON events on stdout; `quiet` silences progress, notes and the summary line."""
+
+    def __init__(self, *, json_events: bool = False, quiet: bool = False,
+                 out: Optional[TextIO] = None, err: Optional[TextIO] = None):
+        self.json_events = json_events
+        self.quiet = quiet
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+        self._progress = None
+        self._task_id = None
+        self._steps_id = None
+
+    # -- lifecycle
+
+    def start(self, total: int, label: str = "") -> None:
+        if self.quiet or not _is_terminal(self.err):
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                  TimeRemainingColumn(), console=Console(file=self.err), transient=True)
+        self._progress.start()
+        self._task_id = self._progress.add_task(label or "items", total=total)
+
+    def finish(self, summary: Summary) -> None:
+        self._stop_progress()
+        if self.json_events:
+            self._emit({"event": "summary", "done": summary.done, "skipped": summary.skipped,
+                        "failed": summary.failed, "seconds": round(summary.seconds, 3), "seed": summary.base_seed})
+        if not self.quiet:
+            self._say(summary.line())
+
+    def close(self) -> None:
+        """Stop the progress bar without a summary (fatal error, interruption)."""
+        self._stop_progress()
+
+    # -- events
+
+    def item(self, event: ItemEvent) -> None:
+        if self.json_events:
+            self._emit(event.to_json())
+        if event.status is Status.FAILED:
+            self._say(f"ldmtool: failed: {event.error}", always=True)
+        if self._progress is not None and self._task_id is not None:
+            self._progress.advance(self._task_id)
+            if self._steps_id is not None:
+                self._progress.update(self._steps_id, visible=False)
+
+    def note(self, message: str) -> None:
+        self._say(f"ldmtool: {message}")
+
+    def steps(self, done: int, total: int, label: str = "steps") -> None:
+        """Progress inside one batch (sampler steps); shown only on a terminal."""
+        if self._progress is None:
+            return
+        if self._steps_id is None:
+            self._steps_id = self._progress.add_task(label, total=total)
+        self._progress.update(self._steps_id, completed=done, total=total, description=label, visible=True)
+
+    # -- output
+
+    def _emit(self, record: dict[str, Any]) -> None:
+        self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.out.flush()
+
+    def _say(self, text: str, *, always: bool = False) -> None:
+        if self.quiet and not always:
+            return
+        if self._progress is not None:
+            self._progress.console.print(text, markup=False, highlight=False)
+        else:
+            print(text, file=self.err, flush=True)
+
+    def _stop_progress(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False

@@ -1,0 +1,340 @@
+"""The batch runner every task command goes through (DESIGN.md §1, §6).
+
+A pipeline implements `Task` (usually by subclassing `BaseTask`):
+
+    class Upscale(BaseTask):
+        command = "superres"
+        def open(self): self.model = load(...)                    # once; FatalError if it cannot load
+        def load(self, job): return read_image(job.item.path)     # per item; ItemError for bad input
+        def run(self, jobs): return [Output(image=...) for job in jobs]   # one Output per job
+
+    summary = run_task(Upscale(params={...}, model_path=path), discovery, RunOptions(output=...))
+
+The runner derives per-item seeds from the base seed and each item's key, plans output paths, skips
+items whose output exists (resume) unless overwriting, loads and runs items in batches of
+`batch_size`, writes each output atomically with its metadata, appends done/failed records to the
+manifest, reports every item, goes on after an item fails (unless `fail_fast`), and turns Ctrl-C or
+SIGTERM into `Interrupted` (exit 130) with no partial file. The returned `Summary.exit_code` is 0 when
+every item was done or skipped and 1 when some failed; fatal problems raise FatalError (exit 3).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Protocol, Sequence, Union
+
+import numpy as np
+
+from ldmtool.errors import FatalError, Interrupted, ItemError, LdmError, UsageError
+from ldmtool.io.discover import Discovery, Item
+from ldmtool.io.manifest import MANIFEST_NAME, Manifest
+from ldmtool.io.metadata import build_metadata
+from ldmtool.io.outputs import DEFAULT_TEMPLATE, OutputSpec, plan_outputs
+from ldmtool.io.writer import DEFAULT_QUALITY, remove_stale_temps, write_image
+from ldmtool.runtime.report import ItemEvent, Reporter, Status, Summary
+from ldmtool.runtime.seeds import derive_seed, random_seed
+
+DEBUG_ENV = "LDMTOOL_DEBUG"
+
+
+@dataclass
+class Output:
+    """One result image: (H, W, 3) or (H, W) in [0, 1] (float) or uint8, optional alpha, extra metadata."""
+
+    image: np.ndarray
+    alpha: Optional[np.ndarray] = None
+    params: dict[str, Any] = field(default_factory=dict)  # per-item parameters (prompt, strength, ...)
+
+
+@dataclass
+class Job:
+    """An item as the task sees it: with its position, its own seed, its output path and loaded payload."""
+
+    item: Item
+    index: int
+    seed: int
+    output: Path
+    payload: Any = None
+    load_seconds: float = 0.0
+
+
+class Task(Protocol):
+    command: str
+    params: Mapping[str, Any]
+    model_path: Optional[Path]
+
+    def open(self) -> None: ...
+    def load(self, job: Job) -> Any: ...
+    def run(self, jobs: list[Job]) -> list[Union[Output, ItemError]]: ...
+
+
+class BaseTask:
+    """Defaults for a Task: nothing to open, nothing to load. `reporter` is set by the runner."""
+
+    command: str = "task"
+
+    def __init__(self, *, params: Optional[Mapping[str, Any]] = None, model_path: Optional[Path] = None):
+        self.params: dict[str, Any] = dict(params or {})
+        self.model_path = model_path
+        self.reporter: Optional[Reporter] = None
+
+    def open(self) -> None:
+        return None
+
+    def load(self, job: Job) -> Any:
+        return None
+
+    def run(self, jobs: list[Job]) -> list[Union[Output, ItemError]]:
+        raise NotImplementedError
+
+
+@dataclass
+class RunOptions:
+    """The batch options every task command shares (DESIGN.md §6 names)."""
+
+    output: Optional[Path] = None
+    name_template: str = DEFAULT_TEMPLATE
+    fmt: Optional[str] = None
+    quality: int = DEFAULT_QUALITY
+    overwrite: bool = False
+    fail_fast: bool = False
+    batch_size: int = 1
+    seed: Optional[int] = None
+    json_events: bool = False
+    quiet: bool = False
+    argv: Optional[list[str]] = None  # recorded in the recipe; default sys.argv
+    write_manifest: bool = True
+
+
+def run_task(
+    task: Task,
+    source: Union[Discovery, Sequence[Item]],
+    options: RunOptions,
+    *,
+    reporter: Optional[Reporter] = None,
+) -> Summary:
+    """Run `task` over every item; see the module docstring for the rules."""
+    discovery = source if isinstance(source, Discovery) else Discovery(list(source))
+    if not discovery.items:
+        raise UsageError("nothing to do: no items to process")
+    if options.batch_size < 1:
+        raise UsageError(f"--batch-size {options.batch_size}: must be at least 1")
+    reporter = reporter or Reporter(json_events=options.json_events, quiet=options.quiet)
+    run = _BatchRun(task, options, reporter)
+    for note in discovery.notes():
+        reporter.note(note)
+    with _sigterm_as_interrupt():
+        try:
+            return run.execute(discovery.items)
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted after {run.summary.done} item(s) were written; "
+                              "run the same command again to resume") from None
+        finally:
+            reporter.close()
+
+
+class _BatchRun:
+    def __init__(self, task: Task, options: RunOptions, reporter: Reporter):
+        self.task = task
+        self.options = options
+        self.reporter = reporter
+        self.base_seed = options.seed if options.seed is not None else random_seed()
+        self.summary = Summary(base_seed=self.base_seed)
+        self.spec = OutputSpec(options.output, options.name_template, options.fmt)
+        self.manifest: Optional[Manifest] = None
+        self.model_sha256: Optional[str] = None
+        self.stopped = False
+        self.started = time.monotonic()
+
+    # -- the run
+
+    def execute(self, items: Sequence[Item]) -> Summary:
+        jobs = self._plan(items)
+        self._prepare_folder()
+        pending = [job for job in jobs if not self._already_done(job)]
+        self.reporter.start(len(jobs), label=self.task.command)
+        pending_ids = {id(job) for job in pending}
+        for job in jobs:
+            if id(job) not in pending_ids:
+                self._report(job, Status.SKIPPED)
+        if pending:
+            self._open_task()
+            self._process(pending)
+        self.summary.seconds = time.monotonic() - self.started
+        self.reporter.finish(self.summary)
+        return self.summary
+
+    def _plan(self, items: Sequence[Item]) -> list[Job]:
+        seeds = [derive_seed(self.base_seed, item.key) for item in items]
+        paths = plan_outputs(items, seeds, self.spec)
+        return [Job(item, index, seed, path) for index, (item, seed, path) in enumerate(zip(items, seeds, paths))]
+
+    def _prepare_folder(self) -> None:
+        folder = self.spec.folder
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise FatalError(f"{folder}: cannot create the output folder ({err.strerror or err})") from None
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise FatalError(f"{folder}: the output folder is not writable")
+        remove_stale_temps(folder)
+        if self.options.write_manifest and not self.spec.is_file:
+            self.manifest = Manifest(folder / MANIFEST_NAME)
+
+    def _already_done(self, job: Job) -> bool:
+        return not self.options.overwrite and job.output.exists()
+
+    def _open_task(self) -> None:
+        if hasattr(self.task, "reporter"):
+            self.task.reporter = self.reporter
+        model_path = getattr(self.task, "model_path", None)
+        if model_path is not None and Path(model_path).is_file():
+            from ldmtool.runtime.cache import file_sha256
+
+            self.model_sha256 = file_sha256(model_path)
+        self.task.open()
+
+    def _process(self, jobs: list[Job]) -> None:
+        batch: list[Job] = []
+        for job in jobs:
+            if self.stopped:
+                return
+            if not self._load(job):
+                continue
+            batch.append(job)
+            if len(batch) == self.options.batch_size:
+                self._run_batch(batch)
+                batch = []
+        if batch and not self.stopped:
+            self._run_batch(batch)
+
+    def _load(self, job: Job) -> bool:
+        started = time.monotonic()
+        try:
+            job.payload = self.task.load(job)
+            job.load_seconds = time.monotonic() - started
+            return True
+        except FatalError:
+            raise
+        except Exception as err:
+            self._fail(job, err, time.monotonic() - started)
+            return False
+
+    def _run_batch(self, jobs: list[Job]) -> None:
+        started = time.monotonic()
+        try:
+            results = list(self.task.run(jobs))
+            if len(results) != len(jobs):
+                raise RuntimeError(f"task {self.task.command} returned {len(results)} outputs for {len(jobs)} items")
+        except FatalError:
+            raise
+        except Exception as err:
+            if len(jobs) > 1:  # find which item is bad: run them one by one
+                for job in jobs:
+                    if not self.stopped:
+                        self._run_batch([job])
+                return
+            self._fail(jobs[0], err, time.monotonic() - started)
+            return
+        share = (time.monotonic() - started) / len(jobs)
+        for job, result in zip(jobs, results):
+            if self.stopped:
+                return
+            if isinstance(result, Exception):
+                self._fail(job, result, share)
+            else:
+                self._write(job, result, share)
+
+    def _write(self, job: Job, output: Output, seconds: float) -> None:
+        started = time.monotonic()
+        try:
+            image = np.asarray(output.image)
+            size = (image.shape[1], image.shape[0])
+            metadata = build_metadata(
+                command=self.task.command, params={**self.task.params, **output.params}, seed=job.seed,
+                base_seed=self.base_seed, key=job.item.key, argv=self.options.argv, size=size,
+                model=_model_name(self.task), model_sha256=self.model_sha256,
+            )
+            write_image(job.output, image, alpha=output.alpha, quality=self.options.quality, metadata=metadata)
+        except FatalError as err:
+            self._fail(job, err, seconds, record=False)
+            raise
+        except Exception as err:
+            self._fail(job, err, seconds + job.load_seconds + time.monotonic() - started)
+            return
+        total = seconds + job.load_seconds + time.monotonic() - started
+        self._record(job, Status.DONE, total, None, output.params)
+        self._report(job, Status.DONE, total)
+
+    # -- outcomes
+
+    def _fail(self, job: Job, err: BaseException, seconds: float, *, record: bool = True) -> None:
+        if os.environ.get(DEBUG_ENV) == "1" and not isinstance(err, LdmError):
+            raise err
+        reason = _one_line(err, job.item)
+        if record:
+            self._record(job, Status.FAILED, seconds, reason, {})
+        self._report(job, Status.FAILED, seconds, reason)
+        if self.options.fail_fast:
+            self.stopped = True
+
+    def _record(self, job: Job, status: Status, seconds: float, error: Optional[str], extra: Mapping[str, Any]) -> None:
+        if self.manifest is None:
+            return
+        record = {
+            "status": status.value, "key": job.item.key, "input": _text(job.item.path), "mask": _text(job.item.mask),
+            "output": str(job.output), "seed": job.seed, "base_seed": self.base_seed,
+            "seconds": round(seconds, 3), "command": self.task.command,
+            "params": {**self.task.params, **extra}, "model_sha256": self.model_sha256,
+            "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        if error is not None:
+            record["error"] = error
+        self.manifest.append(record)
+
+    def _report(self, job: Job, status: Status, seconds: float = 0.0, error: Optional[str] = None) -> None:
+        self.summary.count(status)
+        if error is not None:
+            self.summary.failures.append(error)
+        self.reporter.item(ItemEvent(status=status, key=job.item.key, input=_text(job.item.path),
+                                     output=str(job.output), seed=job.seed, seconds=seconds, error=error))
+
+
+def _one_line(err: BaseException, item: Item) -> str:
+    """The failure reason on one line, always naming the item's file (or key)."""
+    text = " ".join(str(err).split())
+    if not isinstance(err, LdmError):
+        text = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    label = item.label
+    return text if label in text else f"{label}: {text}"
+
+
+def _text(path: Optional[Path]) -> Optional[str]:
+    return None if path is None else str(path)
+
+
+def _model_name(task: Task) -> Optional[str]:
+    path = getattr(task, "model_path", None)
+    return None if path is None else str(path)
+
+
+class _sigterm_as_interrupt:
+    """While a run is going, SIGTERM (cron timeouts, `kill`) stops it like Ctrl-C: cleanly, exit 130."""
+
+    def __enter__(self) -> None:
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
