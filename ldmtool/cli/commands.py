@@ -9,6 +9,7 @@ from types import ModuleType
 
 COMMAND_MODULES = [
     "ldmtool.cli.info",
+    "ldmtool.cli.train",
 ]
 
 

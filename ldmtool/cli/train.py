@@ -1,0 +1,156 @@
+"""`ldmtool train autoencoder|diffusion`: train a first stage, then a latent diffusion model on it.
+
+Both write a run folder (-o) with a resumable state, the latest export in the original CompVis layout
+(`model.safetensors` + `model.yaml`) and `log.jsonl`; `--resume` continues a run where it stopped.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ldmtool.cli.options import Device, Precision, Quiet
+from ldmtool.errors import UsageError
+
+TRAINING = "Training"
+AE_EXAMPLE = "Example: ldmtool train autoencoder --data corpus --factor 4 --steps 4000 -o runs/kl-f4"
+DIFFUSION_EXAMPLE = (
+    "Example: ldmtool train diffusion --task superres --first-stage runs/kl-f4 --data corpus "
+    "--steps 20000 -o runs/sr4"
+)
+
+train_app = typer.Typer(help="Train autoencoders and latent diffusion models offline.", no_args_is_help=True)
+
+Data = Annotated[
+    str, typer.Option("--data", help="Folder of training images, or 'corpus' (built-in sample images, held-out ones excluded).", rich_help_panel=TRAINING)
+]
+RunDir = Annotated[Path, typer.Option("--output", "-o", help="Run folder: state, exported model, log.", rich_help_panel=TRAINING)]
+Steps = Annotated[int, typer.Option("--steps", min=1, help="Total optimisation steps (including resumed ones).", rich_help_panel=TRAINING)]
+Crop = Annotated[int, typer.Option("--crop", min=16, help="Training crop size in pixels.", rich_help_panel=TRAINING)]
+Batch = Annotated[int, typer.Option("--batch-size", min=1, help="Crops per optimisation step.", rich_help_panel=TRAINING)]
+Lr = Annotated[float, typer.Option("--lr", min=0.0, help="Learning rate.", rich_help_panel=TRAINING)]
+EmaDecay = Annotated[float, typer.Option("--ema-decay", min=0.0, max=1.0, help="EMA decay of the exported weights.", rich_help_panel=TRAINING)]
+TrainSeed = Annotated[int, typer.Option("--seed", min=0, help="Seed for crops, noise and initialisation.", rich_help_panel=TRAINING)]
+SaveEvery = Annotated[int, typer.Option("--save-every", min=1, help="Save state and export every N steps.", rich_help_panel=TRAINING)]
+LogEvery = Annotated[int, typer.Option("--log-every", min=1, help="Log losses every N steps.", rich_help_panel=TRAINING)]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue the run saved in the output folder.", rich_help_panel=TRAINING)]
+Recursive = Annotated[bool, typer.Option("--recursive/--no-recursive", help="Descend into subfolders of --data.", rich_help_panel=TRAINING)]
+Threads = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for torch.", rich_help_panel=TRAINING)]
+MinScale = Annotated[float, typer.Option("--min-scale", min=0.05, max=1.0, help="Random source downscale before cropping (1 = none).", rich_help_panel=TRAINING)]
+
+
+def _ints(text: str, option: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError as err:
+        raise UsageError(f"{option} {text!r}: give comma-separated integers, e.g. 1,2,4") from err
+    if not values or min(values) < 1:
+        raise UsageError(f"{option} {text!r}: give comma-separated positive integers, e.g. 1,2,4")
+    return values
+
+
+def _run_options(out, steps, save_every, log_every, resume, device, precision, quiet, threads):
+    from ldmtool.train.common import RunOptions
+
+    return RunOptions(out=out, steps=steps, save_every=save_every, log_every=log_every, resume=resume,
+                      device=device, precision=precision, quiet=quiet, threads=threads)
+
+
+def autoencoder(
+    data: Data,
+    output: RunDir,
+    factor: Annotated[int, typer.Option("--factor", help="Downsampling factor: 4 or 8.", rich_help_panel=TRAINING)] = 4,
+    channels: Annotated[int, typer.Option("--channels", min=32, help="Base channels (multiple of 32).", rich_help_panel=TRAINING)] = 64,
+    res_blocks: Annotated[int, typer.Option("--res-blocks", min=1, help="Residual blocks per level.", rich_help_panel=TRAINING)] = 1,
+    z_channels: Annotated[Optional[int], typer.Option("--z-channels", min=1, help="Latent channels (default 3 for f=4, 4 for f=8).", rich_help_panel=TRAINING)] = None,
+    attention: Annotated[bool, typer.Option("--attention", help="Self-attention at the lowest resolution.", rich_help_panel=TRAINING)] = False,
+    steps: Steps = 4000,
+    crop: Crop = 128,
+    batch_size: Batch = 4,
+    lr: Lr = 2e-4,
+    kl_weight: Annotated[float, typer.Option("--kl-weight", min=0.0, help="Weight of the KL term.", rich_help_panel=TRAINING)] = 1e-6,
+    grad_weight: Annotated[float, typer.Option("--grad-weight", min=0.0, help="Weight of the image-gradient L1 term.", rich_help_panel=TRAINING)] = 0.5,
+    ssim_weight: Annotated[float, typer.Option("--ssim-weight", min=0.0, help="Weight of the (1 - SSIM) term.", rich_help_panel=TRAINING)] = 0.2,
+    disc_weight: Annotated[float, typer.Option("--disc-weight", min=0.0, help="Patch discriminator weight (0 = off).", rich_help_panel=TRAINING)] = 0.0,
+    disc_start: Annotated[int, typer.Option("--disc-start", min=0, help="Step at which the discriminator starts.", rich_help_panel=TRAINING)] = 2000,
+    min_scale: MinScale = 0.5,
+    ema_decay: EmaDecay = 0.999,
+    seed: TrainSeed = 0,
+    save_every: SaveEvery = 500,
+    log_every: LogEvery = 25,
+    resume: Resume = False,
+    recursive: Recursive = True,
+    device: Device = "auto",
+    precision: Precision = "auto",
+    threads: Threads = None,
+    quiet: Quiet = False,
+) -> None:
+    """Train a KL autoencoder (first stage) and export it in the CompVis layout."""
+    from ldmtool.train.autoencoder import AutoencoderArch, AutoencoderLoss, AutoencoderTraining, train_autoencoder
+    from ldmtool.train.data import resolve_data
+
+    arch = AutoencoderArch(factor=factor, ch=channels, num_res_blocks=res_blocks, z_channels=z_channels, attention=attention)
+    loss = AutoencoderLoss(kl_weight=kl_weight, grad_weight=grad_weight, ssim_weight=ssim_weight,
+                           disc_weight=disc_weight, disc_start=disc_start)
+    training = AutoencoderTraining(crop=crop, batch_size=batch_size, lr=lr, ema_decay=ema_decay, seed=seed,
+                                   min_scale=min_scale, loss=loss)
+    run = _run_options(output, steps, save_every, log_every, resume, device, precision, quiet, threads)
+    path = train_autoencoder(arch, training, resolve_data(data, recursive), run)
+    if not quiet:
+        typer.echo(f"wrote {path}", err=True)
+
+
+def diffusion(
+    data: Data,
+    output: RunDir,
+    first_stage: Annotated[Path, typer.Option("--first-stage", help="Autoencoder run folder or model.safetensors (with its YAML).", rich_help_panel=TRAINING)],
+    task: Annotated[str, typer.Option("--task", help="superres|inpaint|uncond.", rich_help_panel=TRAINING)] = "superres",
+    scale: Annotated[int, typer.Option("--scale", min=2, help="Super-resolution factor.", rich_help_panel=TRAINING)] = 4,
+    channels: Annotated[int, typer.Option("--channels", min=32, help="UNet base channels (multiple of 32).", rich_help_panel=TRAINING)] = 64,
+    channel_mult: Annotated[str, typer.Option("--channel-mult", help="UNet channel multipliers per level.", rich_help_panel=TRAINING)] = "1,2,4",
+    res_blocks: Annotated[int, typer.Option("--res-blocks", min=1, help="Residual blocks per level.", rich_help_panel=TRAINING)] = 1,
+    attention: Annotated[str, typer.Option("--attention-at", help="Downsampling factors with self-attention, e.g. 4 or 2,4.", rich_help_panel=TRAINING)] = "4",
+    head_channels: Annotated[int, typer.Option("--head-channels", min=8, help="Channels per attention head.", rich_help_panel=TRAINING)] = 32,
+    steps: Steps = 20000,
+    crop: Crop = 128,
+    batch_size: Batch = 8,
+    lr: Lr = 1e-4,
+    min_scale: MinScale = 0.5,
+    ema_decay: EmaDecay = 0.999,
+    seed: TrainSeed = 0,
+    save_every: SaveEvery = 500,
+    log_every: LogEvery = 25,
+    resume: Resume = False,
+    recursive: Recursive = True,
+    device: Device = "auto",
+    precision: Precision = "auto",
+    threads: Threads = None,
+    quiet: Quiet = False,
+) -> None:
+    """Train a latent diffusion model for a task on a trained first stage; export a LatentDiffusion file."""
+    from ldmtool.train.data import resolve_data
+    from ldmtool.train.diffusion import DiffusionTraining, Task, UNetArch, train_diffusion
+
+    try:
+        task_value = Task(task)
+    except ValueError as err:
+        raise UsageError(f"--task {task!r}: use one of {', '.join(t.value for t in Task)}") from err
+    if channels % 32:
+        raise UsageError(f"--channels {channels}: must be a multiple of 32 (GroupNorm groups)")
+    arch = UNetArch(model_channels=channels, channel_mult=_ints(channel_mult, "--channel-mult"), num_res_blocks=res_blocks,
+                    attention_resolutions=_ints(attention, "--attention-at"), num_head_channels=head_channels)
+    training = DiffusionTraining(task=task_value, crop=crop, batch_size=batch_size, lr=lr, ema_decay=ema_decay,
+                                 seed=seed, scale=scale, min_scale=min_scale)
+    run = _run_options(output, steps, save_every, log_every, resume, device, precision, quiet, threads)
+    path = train_diffusion(arch, training, first_stage, resolve_data(data, recursive), run)
+    if not quiet:
+        typer.echo(f"wrote {path}", err=True)
+
+
+train_app.command("autoencoder", help=f"{autoencoder.__doc__}\n\n{AE_EXAMPLE}")(autoencoder)
+train_app.command("diffusion", help=f"{diffusion.__doc__}\n\n{DIFFUSION_EXAMPLE}")(diffusion)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(train_app, name="train", help=f"Train autoencoders and latent diffusion models offline.\n\n{AE_EXAMPLE}")

@@ -1,0 +1,256 @@
+"""`ldmtool train autoencoder`: a KL-regularised first stage (CompVis `AutoencoderKL`) trained offline.
+
+Losses that need nothing downloaded: L1, an L1 on image gradients, SSIM, the KL term (tiny weight, as in
+the paper), and an optional small patch discriminator (hinge loss) switched on after `disc_start` steps.
+The export is the original key layout (`encoder.*`, `decoder.*`, `quant_conv.*`, `post_quant_conv.*`)
+plus a CompVis-format config, so it loads like the released kl-f4 / kl-f8 first stages.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+from ldmtool.errors import UsageError
+from ldmtool.train import common
+from ldmtool.train.data import CropConfig, ImageCrops, to_tensor
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+AUTOENCODER_TARGET = "ldm.models.autoencoder.AutoencoderKL"
+CH_MULT = {4: (1, 2, 4), 8: (1, 2, 4, 4)}
+DEFAULT_Z_CHANNELS = {4: 3, 8: 4}  # as the released kl-f4 / kl-f8
+
+
+@dataclass(frozen=True)
+class AutoencoderArch:
+    """Architecture of the KL autoencoder; `params()` gives the CompVis YAML params."""
+
+    factor: int = 4
+    ch: int = 64  # a multiple of 32 (GroupNorm with 32 groups)
+    num_res_blocks: int = 1
+    z_channels: Optional[int] = None  # default: 3 for f=4, 4 for f=8
+    attention: bool = False  # self-attention at the lowest resolution (besides the mid block's)
+
+    def __post_init__(self) -> None:
+        if self.factor not in CH_MULT:
+            raise UsageError(f"--factor {self.factor}: use 4 or 8")
+        if self.ch % 32:
+            raise UsageError(f"--channels {self.ch}: must be a multiple of 32 (GroupNorm groups)")
+
+    @property
+    def latent_channels(self) -> int:
+        return self.z_channels or DEFAULT_Z_CHANNELS[self.factor]
+
+    def params(self, resolution: int) -> dict[str, Any]:
+        ch_mult = list(CH_MULT[self.factor])
+        lowest = resolution // self.factor
+        return {
+            "embed_dim": self.latent_channels,
+            "monitor": "val/rec_loss",
+            "ddconfig": {
+                "double_z": True,
+                "z_channels": self.latent_channels,
+                "resolution": resolution,
+                "in_channels": 3,
+                "out_ch": 3,
+                "ch": self.ch,
+                "ch_mult": ch_mult,
+                "num_res_blocks": self.num_res_blocks,
+                "attn_resolutions": [lowest] if self.attention else [],
+                "dropout": 0.0,
+            },
+            "lossconfig": {"target": "torch.nn.Identity"},
+        }
+
+
+@dataclass(frozen=True)
+class AutoencoderLoss:
+    kl_weight: float = 1e-6
+    grad_weight: float = 0.5
+    ssim_weight: float = 0.2
+    disc_weight: float = 0.0  # 0 turns the discriminator off
+    disc_start: int = 2000
+
+
+@dataclass(frozen=True)
+class AutoencoderTraining:
+    crop: int = 128
+    batch_size: int = 4
+    lr: float = 2e-4
+    ema_decay: float = 0.999
+    seed: int = 0
+    min_scale: float = 0.5  # random source rescale before cropping (see CropConfig)
+    loss: AutoencoderLoss = field(default_factory=AutoencoderLoss)
+
+
+def build_autoencoder(params: dict[str, Any]) -> "nn.Module":
+    from ldmtool.nets.autoencoder import AutoencoderKL
+
+    return AutoencoderKL(**params)
+
+
+def full_config(params: dict[str, Any], recipe: dict[str, Any]) -> dict[str, Any]:
+    """The CompVis-format YAML of an exported first stage, with the training recipe recorded beside it."""
+    return {"model": {"base_learning_rate": 4.5e-6, "target": AUTOENCODER_TARGET, "params": params}, "ldmtool": recipe}
+
+
+def posterior(model: "nn.Module", x: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+    """(mean, logvar) of the diagonal Gaussian posterior, through the original module names."""
+    moments = model.quant_conv(model.encoder(x))
+    mean, logvar = moments.chunk(2, dim=1)
+    return mean, logvar.clamp(-30.0, 20.0)
+
+
+def kl_divergence(mean: "torch.Tensor", logvar: "torch.Tensor") -> "torch.Tensor":
+    """KL(q || N(0, I)) summed over latent dimensions, averaged over the batch (as LDM's loss)."""
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)
+    return kl.flatten(1).sum(1).mean()
+
+
+def gradient_l1(a: "torch.Tensor", b: "torch.Tensor") -> "torch.Tensor":
+    """L1 distance between horizontal and vertical finite differences: penalises blurred edges."""
+    dx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
+    dy = lambda t: t[..., 1:, :] - t[..., :-1, :]  # noqa: E731
+    return (dx(a) - dx(b)).abs().mean() + (dy(a) - dy(b)).abs().mean()
+
+
+def ssim(a: "torch.Tensor", b: "torch.Tensor", window: int = 7) -> "torch.Tensor":
+    """Mean SSIM (Wang et al. 2004) of images in [-1, 1], with a uniform window, per channel."""
+    import torch.nn.functional as F
+
+    a, b = (a + 1) / 2, (b + 1) / 2
+    c1, c2 = 0.01**2, 0.03**2
+    pool = lambda t: F.avg_pool2d(t, window, stride=1)  # noqa: E731
+    mu_a, mu_b = pool(a), pool(b)
+    var_a = pool(a * a) - mu_a**2
+    var_b = pool(b * b) - mu_b**2
+    cov = pool(a * b) - mu_a * mu_b
+    score = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return score.mean()
+
+
+def patch_discriminator(channels: int = 64, layers: int = 3) -> "nn.Module":
+    """A small PatchGAN: strided 4x4 convolutions, one logit per overlapping patch."""
+    from torch import nn
+
+    blocks: list[nn.Module] = [nn.Conv2d(3, channels, 4, 2, 1), nn.LeakyReLU(0.2)]
+    width = channels
+    for _ in range(layers - 1):
+        blocks += [nn.Conv2d(width, width * 2, 4, 2, 1), nn.GroupNorm(8, width * 2), nn.LeakyReLU(0.2)]
+        width *= 2
+    blocks.append(nn.Conv2d(width, 1, 4, 1, 1))
+    return nn.Sequential(*blocks)
+
+
+def reconstruction_loss(rec: "torch.Tensor", x: "torch.Tensor", loss: AutoencoderLoss) -> dict[str, "torch.Tensor"]:
+    terms = {"l1": (rec - x).abs().mean(), "grad": gradient_l1(rec, x)}
+    total = terms["l1"] + loss.grad_weight * terms["grad"]
+    if loss.ssim_weight:
+        terms["ssim"] = ssim(rec, x)
+        total = total + loss.ssim_weight * (1 - terms["ssim"])
+    terms["rec"] = total
+    return terms
+
+
+class AutoencoderTrainer:
+    """One training run: model, optimizers, EMA, data; `step(i)` trains on batch i and returns metrics."""
+
+    def __init__(self, arch: AutoencoderArch, training: AutoencoderTraining, paths: Sequence[Path], device, dtype):
+        import torch
+
+        self.arch, self.training, self.device, self.dtype = arch, training, device, dtype
+        self.params = arch.params(training.crop)
+        self.model = build_autoencoder(self.params).to(device)
+        self.ema = common.Ema(self.model, training.ema_decay)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=training.lr, betas=(0.5, 0.9))
+        self.disc = None
+        if training.loss.disc_weight > 0:
+            self.disc = patch_discriminator().to(device)
+            self.disc_optimizer = torch.optim.Adam(self.disc.parameters(), lr=training.lr, betas=(0.5, 0.9))
+        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        self.data = ImageCrops(paths, CropConfig(training.crop, True, training.min_scale), training.seed)
+
+    def batch(self, step: int) -> "torch.Tensor":
+        return to_tensor(self.data.batch(step, self.training.batch_size)).to(self.device)
+
+    def losses(self, x: "torch.Tensor", step: int, generator: Optional["torch.Generator"] = None) -> dict[str, "torch.Tensor"]:
+        """All loss terms for batch `x`; `total` is what the autoencoder minimises."""
+        import torch
+
+        mean, logvar = posterior(self.model, x)
+        noise = torch.randn(mean.shape, generator=generator, device="cpu").to(mean)
+        rec = self.model.decode(mean + (0.5 * logvar).exp() * noise)
+        terms = reconstruction_loss(rec, x, self.training.loss)
+        terms["kl"] = kl_divergence(mean, logvar)
+        total = terms["rec"] + self.training.loss.kl_weight * terms["kl"]
+        if self.disc is not None and step >= self.training.loss.disc_start:
+            terms["g"] = -self.disc(rec).mean()
+            total = total + self.training.loss.disc_weight * terms["g"]
+        terms["total"] = total
+        terms["_rec_image"] = rec
+        return terms
+
+    def step(self, step: int) -> dict[str, float]:
+        import torch
+
+        x = self.batch(step)
+        generator = torch.Generator("cpu").manual_seed(self.training.seed * 1_000_003 + step)
+        with common.autocast(self.device, self.dtype):
+            terms = self.losses(x, step, generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(terms["total"]).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.disc is not None and step >= self.training.loss.disc_start:
+            self._discriminator_step(x, terms["_rec_image"].detach())
+        self.ema.update(self.model)
+        return {k: float(v.detach()) for k, v in terms.items() if not k.startswith("_") and v.ndim == 0}
+
+    def _discriminator_step(self, real: "torch.Tensor", fake: "torch.Tensor") -> None:
+        import torch.nn.functional as F
+
+        with common.autocast(self.device, self.dtype):
+            loss = 0.5 * (F.relu(1.0 - self.disc(real)).mean() + F.relu(1.0 + self.disc(fake)).mean())
+        self.disc_optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.disc_optimizer)
+        self.scaler.update()
+
+    def run_config(self) -> dict[str, Any]:
+        return {"kind": "autoencoder", "arch": common.config_dict(self.arch), "training": common.config_dict(self.training)}
+
+    def state(self, step: int) -> dict[str, Any]:
+        state = {
+            "step": step,
+            "run_config": self.run_config(),
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+        }
+        if self.disc is not None:
+            state["disc"] = self.disc.state_dict()
+            state["disc_optimizer"] = self.disc_optimizer.state_dict()
+        return state
+
+    def load(self, state: dict[str, Any]) -> int:
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.disc is not None and "disc" in state:
+            self.disc.load_state_dict(state["disc"])
+            self.disc_optimizer.load_state_dict(state["disc_optimizer"])
+        return int(state["step"])
+
+    def export(self, run_dir: Path, step: int) -> Path:
+        recipe = {"task": "autoencoder", "step": step, **self.run_config()}
+        weights = self.ema.averaged_state(self.model)
+        return common.save_export(run_dir, weights, full_config(self.params, recipe))
+
+
+def train_autoencoder(arch: AutoencoderArch, training: AutoencoderTraining, paths: Sequence[Path], run: common.RunOptions) -> Path:
+    """Train (or resume) an autoencoder in `run.out`; returns the exported `model.safetensors`."""
+    trainer = AutoencoderTrainer(arch, training, paths, *common.device_and_dtype(run))
+    return common.run_loop(trainer, run, "autoencoder")

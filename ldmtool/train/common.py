@@ -1,0 +1,275 @@
+"""What every trainer shares: EMA, the resumable training state, exports in the original layout, progress.
+
+A run folder holds
+  state.pt          latest resumable state (weights, EMA, optimizers, step, the run's config)
+  model.safetensors the latest export in the original CompVis key layout (EMA weights)
+  model.yaml        its CompVis-format config
+  log.jsonl         one JSON line per logged step
+Every file is written to a temporary name and renamed, so an interrupted run never leaves a broken file.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Protocol
+
+import yaml
+
+from ldmtool.errors import FatalError, Interrupted, UsageError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+STATE_FILE = "state.pt"
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "model.yaml"
+LOG_FILE = "log.jsonl"
+
+
+class Ema:
+    """Exponential moving average of a module's parameters, with the LitEma warm-up.
+
+    The decay used at update n is min(decay, (1 + n) / (10 + n)), so early averages are not dominated by
+    the random initialisation.
+    """
+
+    def __init__(self, module: "nn.Module", decay: float = 0.999):
+        self.decay = decay
+        self.num_updates = 0
+        self.shadow = {name: p.detach().clone().float() for name, p in module.named_parameters()}
+
+    def update(self, module: "nn.Module") -> None:
+        import torch
+
+        self.num_updates += 1
+        decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        with torch.no_grad():
+            for name, param in module.named_parameters():
+                self.shadow[name].lerp_(param.detach().float(), 1.0 - decay)
+
+    def averaged_state(self, module: "nn.Module") -> dict[str, "torch.Tensor"]:
+        """`module.state_dict()` with the averaged parameters in place of the raw ones (buffers kept)."""
+        state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        for name, value in self.shadow.items():
+            state[name] = value.to(state[name].dtype).clone()
+        return state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": self.shadow}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.decay = float(state["decay"])
+        self.num_updates = int(state["num_updates"])
+        missing = set(self.shadow) - set(state["shadow"])
+        if missing:
+            raise FatalError(f"resume state has no EMA for {sorted(missing)[:3]} (different architecture?)")
+        self.shadow = {k: v.float().clone() for k, v in state["shadow"].items() if k in self.shadow}
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call `write(tmp_path)` and rename the result onto `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise FatalError(f"cannot write {path}: {err.strerror or err}") from err
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_state(run_dir: Path, state: Mapping[str, Any]) -> Path:
+    """Write the resumable training state (plain tensors and numbers: loadable with weights_only=True)."""
+    import torch
+
+    path = Path(run_dir) / STATE_FILE
+    atomic_write(path, lambda tmp: torch.save(dict(state), tmp))
+    return path
+
+
+def load_state(run_dir: Path, run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The saved state of `run_dir`, refusing one that was trained with a different architecture/task."""
+    import torch
+
+    path = Path(run_dir) / STATE_FILE
+    if not path.is_file():
+        raise UsageError(f"--resume: {path} does not exist (start without --resume, or point --out at the run)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    saved = state.get("run_config", {})
+    changed = sorted(k for k in run_config.get("arch", {}) if saved.get("arch", {}).get(k) != run_config["arch"][k])
+    if changed:
+        raise UsageError(f"--resume: {path} was trained with different {', '.join(changed)}; use a new --out folder")
+    return state
+
+
+def save_export(run_dir: Path, tensors: Mapping[str, "torch.Tensor"], config: Mapping[str, Any], *, half: bool = False) -> Path:
+    """Write `model.safetensors` (original key names) and `model.yaml` (CompVis format) into `run_dir`."""
+    import torch
+    from safetensors.torch import save_file
+
+    def prepare(t: "torch.Tensor") -> "torch.Tensor":
+        t = t.detach().cpu().contiguous()
+        return t.half() if half and t.is_floating_point() else t
+
+    weights = {k: prepare(v) for k, v in tensors.items()}
+    model_path = Path(run_dir) / MODEL_FILE
+    atomic_write(model_path, lambda tmp: save_file(weights, str(tmp), metadata={"format": "pt"}))
+    write_config(Path(run_dir) / CONFIG_FILE, config)
+    return model_path
+
+
+def write_config(path: Path, config: Mapping[str, Any]) -> None:
+    text = yaml.safe_dump(_plain(config), sort_keys=False)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _plain(value: Any) -> Any:
+    """Tuples to lists and numpy/torch scalars to Python numbers, so `yaml.safe_dump` accepts them."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()
+    return value
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run executes, as opposed to what it trains."""
+
+    out: Path
+    steps: int
+    save_every: int = 500
+    log_every: int = 25
+    resume: bool = False
+    device: str = "auto"
+    precision: str = "auto"
+    quiet: bool = False
+    threads: Optional[int] = None
+
+
+def autocast(device: "torch.device", dtype: "torch.dtype"):
+    """Mixed precision on GPUs (weights stay fp32); a no-op for fp32."""
+    import torch
+
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+class Progress:
+    """A rich progress bar on a terminal; otherwise one plain line per log interval (for nohup logs).
+
+    Every logged step is also appended to `log.jsonl` in the run folder.
+    """
+
+    def __init__(self, run_dir: Path, total: int, start: int, quiet: bool, description: str):
+        self.log_path = Path(run_dir) / LOG_FILE
+        self.total, self.quiet, self.start_time = total, quiet, time.time()
+        self.start_step = start
+        self._bar = None
+        if not quiet and sys.stderr.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+
+            self._bar = RichProgress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                TextColumn("{task.fields[status]}"), transient=False,
+            )
+            self._task = self._bar.add_task(description, total=total, completed=start, status="")
+
+    def __enter__(self) -> "Progress":
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def advance(self, step: int, metrics: Optional[Mapping[str, float]] = None) -> None:
+        """Record that `step` steps are done; `metrics` (when given) are logged and shown."""
+        status = ""
+        if metrics:
+            status = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+            record = {"step": step, "seconds": round(time.time() - self.start_time, 2), **metrics}
+            with open(self.log_path, "a") as log:
+                log.write(json.dumps(record) + "\n")
+            if self._bar is None and not self.quiet:
+                print(f"step {step}/{self.total} {status}", file=sys.stderr, flush=True)
+        if self._bar is not None:
+            update = {"completed": step}
+            if status:
+                update["status"] = status
+            self._bar.update(self._task, **update)
+
+
+def set_threads(threads: Optional[int]) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def config_dict(obj) -> dict[str, Any]:
+    """A dataclass config as a plain dict (stored in the resume state and the exported YAML)."""
+    return _plain(asdict(obj))
+
+
+def device_and_dtype(run: RunOptions) -> tuple["torch.device", "torch.dtype"]:
+    """The training device and autocast dtype: fp32 on CPU; on a GPU `auto` is bf16 where supported."""
+    import torch
+
+    from ldmtool.runtime.device import choose_device, choose_dtype
+
+    set_threads(run.threads)
+    device = choose_device(run.device)
+    if run.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return device, torch.bfloat16
+    return device, choose_dtype(run.precision, device)
+
+
+class Trainer(Protocol):
+    def step(self, step: int) -> dict[str, float]: ...
+    def state(self, step: int) -> dict[str, Any]: ...
+    def load(self, state: dict[str, Any]) -> int: ...
+    def run_config(self) -> dict[str, Any]: ...
+    def export(self, run_dir: Path, step: int) -> Path: ...
+
+
+def run_loop(trainer: Trainer, run: RunOptions, description: str) -> Path:
+    """Resume if asked, train to `run.steps`, save state + export every `save_every` steps and at the end."""
+    out = Path(run.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = trainer.load(load_state(out, trainer.run_config())) if run.resume else 0
+    if not run.resume and (out / STATE_FILE).exists():
+        raise UsageError(f"--out {out} already holds a run; add --resume to continue it or pick a new folder")
+    done = start
+    with Progress(out, run.steps, start, run.quiet, description) as progress:
+        try:
+            for step in range(start, run.steps):
+                metrics = trainer.step(step)
+                done = step + 1
+                log = done % run.log_every == 0 or done == run.steps
+                progress.advance(done, metrics if log else None)
+                if done % run.save_every == 0 and done != run.steps:
+                    save_checkpoint(trainer, out, done)
+        except KeyboardInterrupt:
+            save_checkpoint(trainer, out, done)
+            raise Interrupted(f"training stopped at step {done}; state saved in {out} (add --resume to continue)")
+    return save_checkpoint(trainer, out, done)
+
+
+def save_checkpoint(trainer: Trainer, out: Path, step: int) -> Path:
+    save_state(out, trainer.state(step))
+    return trainer.export(out, step)

@@ -1,0 +1,326 @@
+"""`ldmtool train diffusion`: a latent diffusion UNet on a frozen first stage, in the original LDM layout.
+
+eps-prediction with the LDM linear schedule (linear in sqrt(beta), 1000 steps). The task decides the
+concat conditioning at latent resolution, exactly as the released CompVis models take it:
+  superres  the degraded low-res image in [-1, 1] (LDM BSR: cond_stage_key LR_image), 3 channels
+  inpaint   the masked-image latent (times scale_factor) and the mask in {-1, 1} (as inpainting_big and
+            its script: masked pixels are black, masked_image = (1 - mask) * image), z + 1 channels
+  uncond    nothing
+The export is a single LatentDiffusion file: `model.diffusion_model.*` (EMA weights),
+`first_stage_model.*`, the schedule buffers and `scale_factor` (1 / std of the training latents, as
+`scale_by_std`), with a CompVis-format config.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+import numpy as np
+import yaml
+
+from ldmtool.errors import CheckpointError, UsageError
+from ldmtool.runtime.seeds import derive_seed
+from ldmtool.train import common
+from ldmtool.train.autoencoder import AUTOENCODER_TARGET, build_autoencoder
+from ldmtool.train.data import CropConfig, ImageCrops, to_tensor
+from ldmtool.train.degrade import DegradeConfig, degrade
+from ldmtool.train.masks import random_mask
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+LDM_TARGET = "ldm.models.diffusion.ddpm.LatentDiffusion"
+UNET_TARGET = "ldm.modules.diffusionmodules.openaimodel.UNetModel"
+
+
+class Task(str, enum.Enum):
+    SUPERRES = "superres"
+    INPAINT = "inpaint"
+    UNCOND = "uncond"
+
+
+# What each task records in the CompVis config (cond_stage_key, conditioning_key, cond_stage_config target).
+TASK_CONFIG = {
+    Task.SUPERRES: ("LR_image", "concat", "torch.nn.Identity"),
+    Task.INPAINT: ("masked_image", "concat", "__is_first_stage__"),
+    Task.UNCOND: ("image", None, "__is_unconditional__"),
+}
+
+
+@dataclass(frozen=True)
+class UNetArch:
+    model_channels: int = 64
+    channel_mult: tuple[int, ...] = (1, 2, 4)
+    num_res_blocks: int = 1
+    attention_resolutions: tuple[int, ...] = (4,)  # downsampling factors inside the UNet, as CompVis
+    num_head_channels: int = 32
+
+    def params(self, image_size: int, in_channels: int, out_channels: int) -> dict[str, Any]:
+        return {
+            "image_size": image_size,
+            "in_channels": in_channels,
+            "out_channels": out_channels,
+            "model_channels": self.model_channels,
+            "attention_resolutions": list(self.attention_resolutions),
+            "num_res_blocks": self.num_res_blocks,
+            "channel_mult": list(self.channel_mult),
+            "num_head_channels": self.num_head_channels,
+        }
+
+
+@dataclass(frozen=True)
+class DiffusionTraining:
+    task: Task = Task.SUPERRES
+    crop: int = 128  # high-res crop in pixels
+    batch_size: int = 8
+    lr: float = 1e-4
+    ema_decay: float = 0.999
+    seed: int = 0
+    scale: int = 4  # super-resolution factor
+    min_scale: float = 0.5
+    timesteps: int = 1000
+    linear_start: float = 0.0015  # the LDM BSR schedule
+    linear_end: float = 0.0155
+    scale_batches: int = 4  # batches encoded to estimate scale_factor
+
+
+@dataclass
+class FirstStage:
+    """A frozen, loaded KL first stage and its CompVis params."""
+
+    model: "nn.Module"
+    params: dict[str, Any]
+
+    @property
+    def factor(self) -> int:
+        return 2 ** (len(self.params["ddconfig"]["ch_mult"]) - 1)
+
+    @property
+    def channels(self) -> int:
+        return int(self.params["embed_dim"])
+
+
+def _first_stage_files(path: Path) -> tuple[Path, Path]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / common.MODEL_FILE
+    for config in (path.with_suffix(".yaml"), path.parent / common.CONFIG_FILE):
+        if config.is_file():
+            return path, config
+    raise UsageError(f"--first-stage {path}: no config beside it (expected {path.with_suffix('.yaml').name})")
+
+
+def load_first_stage(path: Path, device) -> FirstStage:
+    """Load an autoencoder written by `ldmtool train autoencoder` (or any KL first stage + its YAML)."""
+    from safetensors.torch import load_file
+
+    weights_path, config_path = _first_stage_files(path)
+    if not weights_path.is_file():
+        raise UsageError(f"--first-stage {weights_path}: file not found")
+    config = yaml.safe_load(config_path.read_text())
+    model_config = config.get("model", config)
+    if model_config.get("target") != AUTOENCODER_TARGET:
+        raise CheckpointError(f"{config_path}: target {model_config.get('target')!r} is not a KL autoencoder ({AUTOENCODER_TARGET})")
+    params = model_config["params"]
+    model = build_autoencoder(params)
+    try:
+        model.load_state_dict(load_file(str(weights_path)), strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{weights_path}: weights do not match {config_path.name}: {str(err).splitlines()[0]}") from err
+    model.to(device).eval().requires_grad_(False)
+    return FirstStage(model, params)
+
+
+def build_unet(params: dict[str, Any]) -> "nn.Module":
+    from ldmtool.nets.unet import UNetModel
+
+    return UNetModel(**params)
+
+
+def schedule(training: DiffusionTraining) -> dict[str, "torch.Tensor"]:
+    from ldmtool.checkpoints.schedule import schedule_buffers
+
+    return schedule_buffers(
+        beta_schedule="linear", timesteps=training.timesteps,
+        linear_start=training.linear_start, linear_end=training.linear_end,
+    )
+
+
+class DiffusionTrainer:
+    """One run: a UNet learning eps on scaled latents of the frozen first stage, with task conditioning."""
+
+    def __init__(self, arch: UNetArch, training: DiffusionTraining, first_stage: FirstStage, paths: Sequence[Path], device, dtype):
+        import torch
+
+        self.arch, self.training, self.first_stage = arch, training, first_stage
+        self.device, self.dtype = device, dtype
+        if training.crop % (first_stage.factor * 2 ** (len(arch.channel_mult) - 1)):
+            raise UsageError(f"--crop {training.crop}: must be divisible by the first stage factor times the UNet's downsampling")
+        if training.task == Task.SUPERRES and training.crop % training.scale:
+            raise UsageError(f"--crop {training.crop}: must be divisible by --scale {training.scale}")
+        self.latent_size = training.crop // first_stage.factor
+        self.unet_params = arch.params(self.latent_size, first_stage.channels + self.concat_channels, first_stage.channels)
+        self.unet = build_unet(self.unet_params).to(device)
+        self.ema = common.Ema(self.unet, training.ema_decay)
+        self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=training.lr, weight_decay=0.0)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        self.data = ImageCrops(paths, CropConfig(training.crop, True, training.min_scale), training.seed)
+        self.buffers = schedule(training)
+        self.scale_factor: Optional[float] = None
+
+    @property
+    def concat_channels(self) -> int:
+        return {Task.SUPERRES: 3, Task.INPAINT: self.first_stage.channels + 1, Task.UNCOND: 0}[self.training.task]
+
+    def encode(self, x: "torch.Tensor") -> "torch.Tensor":
+        """Unscaled latent (posterior mean) of images in [-1, 1]."""
+        import torch
+
+        with torch.no_grad(), common.autocast(self.device, self.dtype):
+            return self.first_stage.model.encode(x).float()
+
+    def estimate_scale_factor(self) -> float:
+        """1 / std of the latents of the first `scale_batches` training batches (as LDM's scale_by_std)."""
+        import torch
+
+        latents = [self.encode(self.images(step)) for step in range(self.training.scale_batches)]
+        return float(1.0 / torch.cat(latents).flatten().std())
+
+    def images(self, step: int) -> "torch.Tensor":
+        return to_tensor(self.data.batch(step, self.training.batch_size)).to(self.device)
+
+    def batch(self, step: int) -> tuple["torch.Tensor", Optional["torch.Tensor"]]:
+        """(scaled target latents z0, concat conditioning or None) for training step `step`."""
+        crops = self.data.batch(step, self.training.batch_size)
+        indices = [step * self.training.batch_size + i for i in range(len(crops))]
+        x = to_tensor(crops).to(self.device)
+        z0 = self.scale_factor * self.encode(x)
+        return z0, self.conditioning(crops, indices, x)
+
+    def conditioning(self, crops: np.ndarray, indices: list[int], x: "torch.Tensor") -> Optional["torch.Tensor"]:
+        import torch.nn.functional as F
+
+        rngs = [np.random.default_rng(derive_seed(self.training.seed, f"cond/{i}")) for i in indices]
+        size = (self.latent_size, self.latent_size)
+        if self.training.task == Task.SUPERRES:
+            config = DegradeConfig(scale=self.training.scale)
+            low = to_tensor(np.stack([degrade(c, config, r) for c, r in zip(crops, rngs)])).to(self.device)
+            return low if low.shape[-2:] == size else F.interpolate(low, size=size, mode="bicubic", align_corners=False)
+        if self.training.task == Task.INPAINT:
+            import torch
+
+            height, width = crops.shape[1:3]
+            mask = torch.from_numpy(np.stack([random_mask(height, width, r) for r in rngs]))[:, None].to(self.device)
+            masked = (1 - mask) * (x + 1) - 1  # hidden pixels become -1 (black), as the LDM script
+            c_masked = self.scale_factor * self.encode(masked)
+            return torch.cat([c_masked, F.interpolate(mask * 2 - 1, size=size)], dim=1)
+        return None
+
+    def noise_and_timesteps(self, z0: "torch.Tensor", step: int) -> tuple["torch.Tensor", "torch.Tensor"]:
+        import torch
+
+        generator = torch.Generator("cpu").manual_seed(derive_seed(self.training.seed, f"noise/{step}"))
+        t = torch.randint(0, self.training.timesteps, (z0.shape[0],), generator=generator)
+        noise = torch.randn(z0.shape, generator=generator)
+        return noise.to(z0), t.to(z0.device)
+
+    def loss(self, z0: "torch.Tensor", concat: Optional["torch.Tensor"], noise: "torch.Tensor", t: "torch.Tensor") -> "torch.Tensor":
+        """Simple eps-prediction MSE (LDM `loss_simple`, l2) at timesteps t."""
+        import torch
+
+        ac = self.buffers["alphas_cumprod"].to(z0.device)[t].view(-1, 1, 1, 1)
+        x_t = ac.sqrt() * z0 + (1 - ac).sqrt() * noise
+        model_input = x_t if concat is None else torch.cat([x_t, concat], dim=1)
+        with common.autocast(self.device, self.dtype):
+            eps = self.unet(model_input, t)
+        return (eps.float() - noise).pow(2).mean()
+
+    def step(self, step: int) -> dict[str, float]:
+        if self.scale_factor is None:
+            self.scale_factor = self.estimate_scale_factor()
+        z0, concat = self.batch(step)
+        noise, t = self.noise_and_timesteps(z0, step)
+        loss = self.loss(z0, concat, noise, t)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.ema.update(self.unet)
+        return {"loss": float(loss.detach())}
+
+    def run_config(self) -> dict[str, Any]:
+        return {
+            "kind": "diffusion",
+            "arch": {**common.config_dict(self.arch), "task": self.training.task.value, "first_stage": self.first_stage.params},
+            "training": {**common.config_dict(self.training), "task": self.training.task.value},
+        }
+
+    def state(self, step: int) -> dict[str, Any]:
+        return {
+            "step": step,
+            "run_config": self.run_config(),
+            "scale_factor": self.scale_factor,
+            "model": self.unet.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+        }
+
+    def load(self, state: dict[str, Any]) -> int:
+        self.unet.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scale_factor = state.get("scale_factor")
+        return int(state["step"])
+
+    def config(self, step: int) -> dict[str, Any]:
+        """The CompVis-format config of the exported model (+ an `ldmtool` section with the recipe)."""
+        cond_key, conditioning_key, cond_target = TASK_CONFIG[self.training.task]
+        params: dict[str, Any] = {
+            "linear_start": self.training.linear_start,
+            "linear_end": self.training.linear_end,
+            "log_every_t": 100,
+            "timesteps": self.training.timesteps,
+            "loss_type": "l2",
+            "parameterization": "eps",
+            "first_stage_key": "image",
+            "cond_stage_key": cond_key,
+            "image_size": self.latent_size,
+            "channels": self.first_stage.channels,
+            "concat_mode": conditioning_key == "concat",
+            "cond_stage_trainable": False,
+            "conditioning_key": conditioning_key,
+            "scale_factor": self.scale_factor,
+            "monitor": "val/loss_simple_ema",
+            "unet_config": {"target": UNET_TARGET, "params": self.unet_params},
+            "first_stage_config": {"target": AUTOENCODER_TARGET, "params": self.first_stage.params},
+            "cond_stage_config": cond_target if cond_target.startswith("__") else {"target": cond_target},
+        }
+        recipe = {"task": self.training.task.value, "step": step, **self.run_config()}
+        if self.training.task == Task.SUPERRES:
+            recipe["scale"] = self.training.scale
+        return {"model": {"base_learning_rate": 1e-6, "target": LDM_TARGET, "params": params}, "ldmtool": recipe}
+
+    def export_tensors(self) -> dict[str, "torch.Tensor"]:
+        """The single-file LatentDiffusion state dict, original key names (UNet weights are the EMA)."""
+        import torch
+
+        tensors = {f"model.diffusion_model.{k}": v for k, v in self.ema.averaged_state(self.unet).items()}
+        tensors.update({f"first_stage_model.{k}": v for k, v in self.first_stage.model.state_dict().items()})
+        tensors.update(self.buffers)
+        tensors["scale_factor"] = torch.tensor(self.scale_factor, dtype=torch.float32)
+        return tensors
+
+    def export(self, run_dir: Path, step: int) -> Path:
+        if self.scale_factor is None:
+            self.scale_factor = self.estimate_scale_factor()
+        return common.save_export(run_dir, self.export_tensors(), self.config(step))
+
+
+def train_diffusion(arch: UNetArch, training: DiffusionTraining, first_stage: Path, paths: Sequence[Path], run: common.RunOptions) -> Path:
+    """Train (or resume) a latent diffusion model in `run.out`; returns the exported `model.safetensors`."""
+    device, dtype = common.device_and_dtype(run)
+    trainer = DiffusionTrainer(arch, training, load_first_stage(first_stage, device), paths, device, dtype)
+    return common.run_loop(trainer, run, f"diffusion ({training.task.value})")

@@ -1,0 +1,179 @@
+"""Training: tiny autoencoder and diffusion runs on the CPU, their exports, resume, and a real learning signal."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+from ldmtool.errors import UsageError
+from ldmtool.train import autoencoder as ae
+from ldmtool.train import common
+from ldmtool.train import diffusion as df
+
+TINY_AE = ae.AutoencoderArch(factor=4, ch=32, num_res_blocks=1)
+TINY_UNET = df.UNetArch(model_channels=32, channel_mult=(1, 2), attention_resolutions=(2,), num_head_channels=32)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> list[Path]:
+    """Three small textured images (smooth gradients plus noise), so there is something to learn."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:48, 0:48] / 47.0
+    paths = []
+    for i in range(3):
+        base = np.stack([xx, yy, (xx + yy) / 2], -1)[..., np.roll(np.arange(3), i)] * 200
+        pixels = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+        paths.append(folder / f"img{i}.png")
+        Image.fromarray(pixels).save(paths[-1])
+    return paths
+
+
+def _run(out: Path, steps: int, **kw) -> common.RunOptions:
+    return common.RunOptions(out=out, steps=steps, save_every=kw.pop("save_every", 1000), log_every=1,
+                             device="cpu", quiet=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def first_stage(images, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ae")
+    training = ae.AutoencoderTraining(crop=32, batch_size=2, lr=1e-3)
+    torch.manual_seed(0)
+    return ae.train_autoencoder(TINY_AE, training, images, _run(out, steps=6, save_every=3))
+
+
+def test_autoencoder_export_is_the_compvis_layout(first_stage):
+    config = yaml.safe_load(first_stage.with_name("model.yaml").read_text())
+    assert config["model"]["target"] == "ldm.models.autoencoder.AutoencoderKL"
+    params = config["model"]["params"]
+    assert params["embed_dim"] == 3 and params["ddconfig"]["ch_mult"] == [1, 2, 4]
+    weights = load_file(str(first_stage))
+    assert {k.split(".")[0] for k in weights} == {"encoder", "decoder", "quant_conv", "post_quant_conv"}
+    fresh = ae.build_autoencoder(params)
+    fresh.load_state_dict(weights, strict=True)  # every key and shape matches the network built from the YAML
+    log = [yaml.safe_load(line) for line in first_stage.with_name("log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == [1, 2, 3, 4, 5, 6]
+
+
+def test_autoencoder_learns_a_fixed_batch(images):
+    torch.manual_seed(0)
+    trainer = ae.AutoencoderTrainer(TINY_AE, ae.AutoencoderTraining(crop=32, batch_size=2, lr=2e-3), images,
+                                    torch.device("cpu"), torch.float32)
+    losses = [trainer.step(0)["rec"] for _ in range(30)]  # step 0 again and again: the same batch and noise
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_kl_and_ssim_match_closed_forms():
+    mean, logvar = torch.tensor([[0.5, -1.0]]), torch.tensor([[0.0, np.log(4.0)]])
+    expected = 0.5 * ((0.25 + 1 - 1 - 0) + (1.0 + 4.0 - 1 - np.log(4.0)))
+    assert ae.kl_divergence(mean, logvar).item() == pytest.approx(expected, rel=1e-6)
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    assert ae.ssim(x, x).item() == pytest.approx(1.0, abs=1e-5)
+    assert ae.ssim(x, -x).item() < 0.5
+
+
+def test_autoencoder_resume_equals_uninterrupted_run(images, tmp_path):
+    training = ae.AutoencoderTraining(crop=32, batch_size=2, lr=1e-3)
+    torch.manual_seed(1)
+    whole = ae.train_autoencoder(TINY_AE, training, images, _run(tmp_path / "whole", steps=4))
+    torch.manual_seed(1)
+    ae.train_autoencoder(TINY_AE, training, images, _run(tmp_path / "split", steps=2))
+    torch.manual_seed(99)  # the resumed run must not depend on the global seed
+    resumed = ae.train_autoencoder(TINY_AE, training, images, _run(tmp_path / "split", steps=4, resume=True))
+    a, b = load_file(str(whole)), load_file(str(resumed))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_resume_refuses_missing_state_and_overwrite_needs_resume(images, tmp_path):
+    training = ae.AutoencoderTraining(crop=32, batch_size=1)
+    with pytest.raises(UsageError, match="does not exist"):
+        ae.train_autoencoder(TINY_AE, training, images, _run(tmp_path, steps=1, resume=True))
+    ae.train_autoencoder(TINY_AE, training, images, _run(tmp_path, steps=1))
+    with pytest.raises(UsageError, match="already holds a run"):
+        ae.train_autoencoder(TINY_AE, training, images, _run(tmp_path, steps=2))
+    other = ae.AutoencoderArch(factor=4, ch=64)
+    with pytest.raises(UsageError, match="different ch"):
+        ae.train_autoencoder(other, training, images, _run(tmp_path, steps=2, resume=True))
+
+
+def _superres_trainer(first_stage, images, **kw) -> df.DiffusionTrainer:
+    training = df.DiffusionTraining(task=df.Task.SUPERRES, crop=32, batch_size=2, lr=2e-3, scale=4, **kw)
+    stage = df.load_first_stage(first_stage, torch.device("cpu"))
+    return df.DiffusionTrainer(TINY_UNET, training, stage, images, torch.device("cpu"), torch.float32)
+
+
+def test_superres_export_is_a_latent_diffusion_file(first_stage, images, tmp_path):
+    training = df.DiffusionTraining(task=df.Task.SUPERRES, crop=32, batch_size=2, scale=4)
+    path = df.train_diffusion(TINY_UNET, training, first_stage.parent, images, _run(tmp_path, steps=3))
+    config = yaml.safe_load(path.with_name("model.yaml").read_text())["model"]
+    params = config["params"]
+    assert config["target"] == "ldm.models.diffusion.ddpm.LatentDiffusion"
+    assert params["conditioning_key"] == "concat" and params["cond_stage_key"] == "LR_image"
+    assert params["unet_config"]["params"]["in_channels"] == 3 + 3  # latent + low-res image, as LDM BSR
+    assert params["image_size"] == 8 and params["channels"] == 3
+    weights = load_file(str(path))
+    unet = df.build_unet(params["unet_config"]["params"])
+    unet.load_state_dict({k[len("model.diffusion_model."):]: v for k, v in weights.items() if k.startswith("model.diffusion_model.")})
+    stage = ae.build_autoencoder(params["first_stage_config"]["params"])
+    stage.load_state_dict({k[len("first_stage_model."):]: v for k, v in weights.items() if k.startswith("first_stage_model.")})
+    assert weights["scale_factor"].item() == pytest.approx(params["scale_factor"])
+    from diffusers import DDPMScheduler  # independent oracle for the LDM linear schedule
+
+    oracle = DDPMScheduler(num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0155, beta_schedule="scaled_linear")
+    torch.testing.assert_close(weights["alphas_cumprod"], oracle.alphas_cumprod.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(weights["betas"], oracle.betas.float(), rtol=1e-5, atol=1e-7)
+
+
+def test_scale_factor_normalises_the_latents(first_stage, images):
+    trainer = _superres_trainer(first_stage, images, scale_batches=3)
+    scale = trainer.estimate_scale_factor()
+    latents = torch.cat([trainer.first_stage.model.encode(trainer.images(s)) for s in range(3)])
+    assert (scale * latents).std().item() == pytest.approx(1.0, rel=1e-4)
+
+
+def test_superres_conditioning_is_the_low_res_image_at_latent_size(first_stage, images):
+    trainer = _superres_trainer(first_stage, images)
+    trainer.scale_factor = 1.0
+    z0, concat = trainer.batch(0)
+    assert z0.shape == (2, 3, 8, 8) and concat.shape == (2, 3, 8, 8)
+    assert concat.min() >= -1 and concat.max() <= 1
+
+
+def test_diffusion_learns_a_fixed_batch(first_stage, images):
+    torch.manual_seed(0)
+    trainer = _superres_trainer(first_stage, images)
+    losses = [trainer.step(0)["loss"] for _ in range(40)]  # the same latents, noise and timesteps each time
+    assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
+
+
+@pytest.mark.parametrize("task, concat_channels", [(df.Task.INPAINT, 3 + 1), (df.Task.UNCOND, 0)])
+def test_other_tasks_train_and_export(first_stage, images, tmp_path, task, concat_channels):
+    training = df.DiffusionTraining(task=task, crop=32, batch_size=2)
+    path = df.train_diffusion(TINY_UNET, training, first_stage, images, _run(tmp_path, steps=2))
+    params = yaml.safe_load(path.with_name("model.yaml").read_text())["model"]["params"]
+    assert params["unet_config"]["params"]["in_channels"] == 3 + concat_channels
+    assert params["conditioning_key"] == ("concat" if concat_channels else None)
+    assert np.isfinite([yaml.safe_load(line)["loss"] for line in path.with_name("log.jsonl").read_text().splitlines()]).all()
+
+
+def test_inpaint_conditioning_follows_the_ldm_script(first_stage, images):
+    training = df.DiffusionTraining(task=df.Task.INPAINT, crop=32, batch_size=2)
+    stage = df.load_first_stage(first_stage, torch.device("cpu"))
+    trainer = df.DiffusionTrainer(TINY_UNET, training, stage, images, torch.device("cpu"), torch.float32)
+    trainer.scale_factor = 0.5
+    _, concat = trainer.batch(0)
+    mask_channel = concat[:, 3]
+    assert set(mask_channel.unique().tolist()) <= {-1.0, 1.0} and (mask_channel == 1).any()
