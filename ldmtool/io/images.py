@@ -91,8 +91,9 @@ def _decode(path: Path, data: bytes, max_pixels: int) -> LoadedImage:
         warnings.simplefilter("ignore")
         image = Image.open(io.BytesIO(data))
         _check_pixels(path, image.size, max_pixels)
+        sixteen_bit_rgb = _is_16bit_rgb(image)  # before load(), which clears the tile list
         image.load()
-    if _is_16bit_rgb(image):
+    if sixteen_bit_rgb:
         return _decode_16bit_rgb(path, data, image)
     orientation = _orientation(image)
     image = ImageOps.exif_transpose(image) if orientation not in (None, 1) else image
@@ -122,7 +123,7 @@ def _is_16bit_rgb(image: Image.Image) -> bool:
     """Pillow decodes 16-bit RGB(A) PNGs to 8 bits; these we decode with OpenCV to keep precision."""
     if image.format != "PNG" or image.mode not in ("RGB", "RGBA"):
         return False
-    return any(";16" in str(tile.args) for tile in (image.tile or [])) or "16" in str(image.info.get("bits", ""))
+    return any(";16" in str(tile.args) for tile in (image.tile or []))
 
 
 def _decode_16bit_rgb(path: Path, data: bytes, image: Image.Image) -> LoadedImage:
@@ -227,7 +228,10 @@ def _reason(err: BaseException) -> str:
 
 def mask_from_alpha(alpha: np.ndarray, *, invert: bool = False) -> np.ndarray:
     """A repaint mask from transparency: transparent (alpha < 0.5) means repaint."""
-    return binarize_mask(1.0 - alpha, invert=invert)
+    repaint = alpha < 0.5
+    if invert:
+        repaint = ~repaint
+    return repaint.astype(np.float32)
 
 
 def binarize_mask(values: np.ndarray, *, invert: bool = False) -> np.ndarray:

@@ -1,0 +1,96 @@
+"""Metadata written into images comes back identical through Pillow and through `ldmtool info`."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ldmtool import __version__
+from ldmtool.io.metadata import ImageMetadata, a1111_text, build_metadata, read_metadata
+from ldmtool.io.writer import write_image
+
+PARAMS = {"prompt": "a red fox, sitting: in snow 🦊", "negative": "blurry, \"low\" quality",
+          "steps": 20, "sampler": "ddim", "cfg": 7.5, "strength": 0.6, "scale": 4}
+
+
+def _metadata():
+    return build_metadata(command="txt2img", params=PARAMS, seed=1234, base_seed=7, key="prompt-0000/s0",
+                          argv=["ldmtool", "txt2img", "--prompt", PARAMS["prompt"]], size=(8, 6),
+                          model="/models/tiny.safetensors", model_sha256="0123456789abcdef" * 4)
+
+
+def _ldmtool(*args):
+    return subprocess.run([sys.executable, "-m", "ldmtool", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_a1111_text_layout():
+    expected = (
+        "a red fox, sitting: in snow 🦊\n"
+        "Negative prompt: blurry, \"low\" quality\n"
+        "Steps: 20, Sampler: ddim, CFG scale: 7.5, Seed: 1234, Size: 8x6, Model hash: 0123456789, "
+        f"Model: tiny.safetensors, Strength: 0.6, Scale: 4, Version: ldmtool {__version__}"
+    )
+    assert _metadata().parameters == expected
+
+
+def test_a1111_values_with_separators_are_quoted():
+    text = a1111_text({"sampler": "a, b", "note": 'say "hi"'}, version="9")
+    assert text == '\nSampler: "a, b", Note: "say \\"hi\\"", Version: ldmtool 9'
+
+
+def test_recipe_contents():
+    recipe = _metadata().recipe
+    assert recipe["tool"] == "ldmtool" and recipe["version"] == __version__
+    assert recipe["command"] == "txt2img" and recipe["argv"][:2] == ["ldmtool", "txt2img"]
+    assert recipe["seed"] == 1234 and recipe["base_seed"] == 7 and recipe["key"] == "prompt-0000/s0"
+    assert recipe["model_sha256"] == "0123456789abcdef" * 4
+    assert recipe["parameters"] == PARAMS
+
+
+def _pillow_view(path):
+    with Image.open(path) as image:
+        if image.format == "PNG":
+            return image.text["parameters"], json.loads(image.text["ldmtool"])
+        exif = image.getexif()
+        comment = exif.get_ifd(0x8769)[0x9286]
+        assert comment.startswith(b"UNICODE\x00")
+        description = exif[0x010E]
+        return comment[8:].decode("utf-16-be"), json.loads(description.split(":", 1)[1])
+
+
+@pytest.mark.parametrize("ext", ["png", "jpg", "webp"])
+def test_round_trip_through_pillow(tmp_path, ext):
+    metadata = _metadata()
+    path = write_image(tmp_path / f"x.{ext}", np.zeros((6, 8, 3), np.float32), metadata=metadata)
+    assert _pillow_view(path) == (metadata.parameters, metadata.recipe)
+    assert read_metadata(path) == metadata
+
+
+def test_round_trip_through_ldmtool_info(tmp_path):
+    metadata = _metadata()
+    paths = [write_image(tmp_path / f"x.{ext}", np.zeros((6, 8, 3), np.float32), metadata=metadata)
+             for ext in ("png", "jpg", "webp")]
+    result = _ldmtool("info", "--json", *map(str, paths))
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["file"] for line in lines] == [str(p) for p in paths]
+    for line in lines:
+        assert ImageMetadata(line["parameters"], line["recipe"]) == metadata
+
+    text = _ldmtool("info", str(paths[0]))
+    assert text.returncode == 0
+    assert text.stdout.startswith(f"{paths[0]}\n{metadata.parameters}\nRecipe: ")
+    assert json.loads(text.stdout.split("Recipe: ", 1)[1]) == metadata.recipe
+
+
+def test_info_on_files_without_metadata(tmp_path):
+    Image.new("RGB", (2, 2)).save(tmp_path / "plain.png")
+    (tmp_path / "text.png").write_text("not an image")
+    result = _ldmtool("info", str(tmp_path / "plain.png"), str(tmp_path / "text.png"))
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2 and "Traceback" not in result.stderr
+    assert "plain.png: no generation metadata" in lines[0]
+    assert "text.png: not a readable image" in lines[1]
