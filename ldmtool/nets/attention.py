@@ -1,0 +1,220 @@
+"""Attention layers of the reference LDM / Stable Diffusion UNet, on `scaled_dot_product_attention`.
+
+Module and parameter names are those of `ldm.modules.attention` (SpatialTransformer, BasicTransformerBlock,
+CrossAttention, FeedForward, GEGLU) and of the plain `AttentionBlock` of `openaimodel`, so released
+checkpoints load without renaming.
+
+Speed: at inference the q/k/v (self-attention) or k/v (cross-attention) projections run as one matmul on a
+concatenated weight. The concatenation is cached and rebuilt whenever a source weight changes (moved,
+reloaded, or updated in place by an optimiser), so the state-dict keys and training are unaffected.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ldmtool.nets._layers import normalization, zero_module
+
+
+def _fast_path(*weights: Tensor) -> bool:
+    """True when no gradient will flow into `weights` (inference or frozen weights)."""
+    return not (torch.is_grad_enabled() and any(w.requires_grad for w in weights))
+
+
+def _add_residual(h: Tensor, x: Tensor) -> Tensor:
+    """h + x, in place into the fresh tensor h when autograd is not recording."""
+    if torch.is_grad_enabled() and (h.requires_grad or x.requires_grad):
+        return h + x
+    return h.add_(x)
+
+
+class _FusedWeights:
+    """Concatenated copies of several Linear weights, rebuilt when any source tensor changes."""
+
+    def __init__(self) -> None:
+        self.key: Optional[tuple] = None
+        self.weight: Optional[Tensor] = None
+
+    def get(self, weights: Sequence[Tensor]) -> Optional[Tensor]:
+        try:
+            key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in weights)
+        except RuntimeError:  # inference tensors carry no version counter: do not cache them
+            return None
+        if key != self.key:
+            self.weight = torch.cat([w.detach() for w in weights], dim=0)
+            self.key = key
+        return self.weight
+
+
+def _heads(t: Tensor, heads: int) -> Tensor:
+    """(B, N, H*d) -> (B, H, N, d) as a view."""
+    b, n, inner = t.shape
+    return t.view(b, n, heads, inner // heads).transpose(1, 2)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of `x` over `context` (itself when context is None); reference key names."""
+
+    def __init__(self, query_dim: int, context_dim: Optional[int] = None, heads: int = 8, dim_head: int = 64,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        inner_dim = dim_head * heads
+        context_dim = query_dim if context_dim is None else context_dim
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
+        self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
+        self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
+        self._fused_qkv = _FusedWeights()
+        self._fused_kv = _FusedWeights()
+
+    def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
+        q, k, v = self._project(x, context)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, d)
+        b, _, n, _ = out.shape
+        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+
+    def _project(self, x: Tensor, context: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys and values, each (B, H, N, d)."""
+        wq, wk, wv = self.to_q.weight, self.to_k.weight, self.to_v.weight
+        fused = None
+        if _fast_path(wq, wk, wv):
+            fused = self._fused_qkv.get((wq, wk, wv)) if context is None else self._fused_kv.get((wk, wv))
+        if fused is None:
+            source = x if context is None else context
+            q, k, v = self.to_q(x), self.to_k(source), self.to_v(source)
+            return _heads(q, self.heads), _heads(k, self.heads), _heads(v, self.heads)
+        if context is None:
+            b, n, _ = x.shape
+            qkv = F.linear(x, fused).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+            return qkv[0], qkv[1], qkv[2]
+        b, m, _ = context.shape
+        kv = F.linear(context, fused).view(b, m, 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        return _heads(self.to_q(x), self.heads), kv[0], kv[1]
+
+
+class GEGLU(nn.Module):
+    """Gated GELU: one projection to twice the width, the second half gates the first."""
+
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        if _fast_path(self.proj.weight) and not x.requires_grad:
+            return value.mul_(F.gelu(gate))
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """The transformer MLP (`net.0` projection in, `net.2` projection out)."""
+
+    def __init__(self, dim: int, dim_out: Optional[int] = None, mult: int = 4, glu: bool = False,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        inner_dim = int(dim * mult)
+        dim_out = dim if dim_out is None else dim_out
+        project_in = GEGLU(dim, inner_dim) if glu else nn.Sequential(nn.Linear(dim, inner_dim), nn.GELU())
+        self.net = nn.Sequential(project_in, nn.Dropout(dropout), nn.Linear(inner_dim, dim_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Self-attention (or cross-attention when disabled), cross-attention, gated MLP; pre-LayerNorm."""
+
+    def __init__(self, dim: int, n_heads: int, d_head: int, dropout: float = 0.0,
+                 context_dim: Optional[int] = None, gated_ff: bool = True, checkpoint: bool = True,
+                 disable_self_attn: bool = False) -> None:
+        super().__init__()
+        self.disable_self_attn = disable_self_attn
+        self.attn1 = CrossAttention(dim, context_dim if disable_self_attn else None, n_heads, d_head, dropout)
+        self.ff = FeedForward(dim, dropout=dropout, glu=gated_ff)
+        self.attn2 = CrossAttention(dim, context_dim, n_heads, d_head, dropout)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
+        x = _add_residual(self.attn1(self.norm1(x), context if self.disable_self_attn else None), x)
+        x = _add_residual(self.attn2(self.norm2(x), context), x)
+        return _add_residual(self.ff(self.norm3(x)), x)
+
+
+class SpatialTransformer(nn.Module):
+    """Transformer over the pixels of a feature map: norm, project in (1x1 conv or linear), blocks, out."""
+
+    def __init__(self, in_channels: int, n_heads: int, d_head: int, depth: int = 1, dropout: float = 0.0,
+                 context_dim: Union[int, Sequence[int], None] = None, disable_self_attn: bool = False,
+                 use_linear: bool = False, use_checkpoint: bool = True) -> None:
+        super().__init__()
+        if isinstance(context_dim, Sequence):
+            context_dim = context_dim[0]
+        inner_dim = n_heads * d_head
+        self.in_channels = in_channels
+        self.use_linear = use_linear
+        self.norm = normalization(in_channels, eps=1e-6)
+        self.proj_in = nn.Linear(in_channels, inner_dim) if use_linear else nn.Conv2d(in_channels, inner_dim, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner_dim, n_heads, d_head, dropout, context_dim,
+                                  disable_self_attn=disable_self_attn)
+            for _ in range(depth)
+        )
+        # The reference builds the linear proj_out as Linear(in_channels, inner_dim); same when they agree.
+        proj_out = nn.Linear(inner_dim, in_channels) if use_linear else nn.Conv2d(inner_dim, in_channels, 1)
+        self.proj_out = zero_module(proj_out)
+
+    def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
+        b, c, height, width = x.shape
+        h = self.norm(x).permute(0, 2, 3, 1).reshape(b, height * width, c)  # (B, HW, C)
+        h = _pointwise(self.proj_in, h)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        h = _pointwise(self.proj_out, h)
+        return _add_residual(h.view(b, height, width, c).permute(0, 3, 1, 2), x)
+
+
+def _pointwise(layer: nn.Module, tokens: Tensor) -> Tensor:
+    """A Linear, or a 1x1 Conv2d applied as the same matmul, on (B, N, C) tokens."""
+    if isinstance(layer, nn.Conv2d):
+        return F.linear(tokens, layer.weight.flatten(1), layer.bias)
+    return layer(tokens)
+
+
+class AttentionBlock(nn.Module):
+    """The plain self-attention block of the LDM UNet (Conv1d `qkv` and `proj_out`).
+
+    `use_new_attention_order` splits q/k/v before the heads; the legacy order splits heads first.
+    `num_head_channels` (when not -1) fixes the head width instead of the head count.
+    """
+
+    def __init__(self, channels: int, num_heads: int = 1, num_head_channels: int = -1,
+                 use_checkpoint: bool = False, use_new_attention_order: bool = False) -> None:
+        super().__init__()
+        self.channels = channels
+        if num_head_channels == -1:
+            self.num_heads = num_heads
+        else:
+            self.num_heads = channels // num_head_channels
+        self.new_order = use_new_attention_order
+        self.norm = normalization(channels)
+        self.qkv = nn.Conv1d(channels, channels * 3, 1)
+        self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, *spatial = x.shape
+        x = x.reshape(b, c, -1)
+        qkv = self.qkv(self.norm(x))  # (B, 3C, T)
+        heads, t = self.num_heads, qkv.shape[-1]
+        if self.new_order:
+            qkv = qkv.view(b, 3, heads, c // heads, t).transpose(0, 1)
+        else:
+            qkv = qkv.view(b, heads, 3, c // heads, t).permute(2, 0, 1, 3, 4)
+        q, k, v = (part.transpose(-1, -2) for part in qkv)  # each (B, H, T, d)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(b, c, t)
+        return _add_residual(self.proj_out(out), x).reshape(b, c, *spatial)
