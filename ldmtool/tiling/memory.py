@@ -1,0 +1,133 @@
+"""Tile size and tile batch from a memory budget (`--tile`, `--tile-overlap`, `--max-memory`).
+
+The activation memory of a UNet forward grows linearly with the pixels it sees (convolutions) and, where
+attention is materialised, with their square. `UNetMemory` is a deliberately conservative estimate of
+both; an out-of-memory error during sampling still makes the tiled denoiser retry with smaller tiles.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+from ldmtool.errors import UsageError
+from ldmtool.tiling.planner import fit_tile
+
+if TYPE_CHECKING:
+    import torch
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
+          "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
+
+
+def parse_memory(text: str) -> int:
+    """Bytes from '4GB', '512MiB', '1.5g' or a plain number of bytes (K/M/G/T are powers of 1024)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text or "")
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in _UNITS:
+        raise UsageError(f"--max-memory {text!r} is not a size; write it like 4GB, 512MB or 1.5GiB")
+    value = int(float(match.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise UsageError(f"--max-memory {text!r} must be more than zero")
+    return value
+
+
+def free_memory(device: "torch.device") -> int:
+    """Bytes the device can still allocate (CPU: the system's available memory)."""
+    import torch
+
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type == "mps":
+        return int(torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory())
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 4 * 2**30
+
+
+@dataclass(frozen=True)
+class UNetMemory:
+    """Activation bytes of one UNet forward, per batch item, as a function of the latent tile area.
+
+    `per_pixel`: bytes per latent pixel (live feature maps at full resolution, about 40 tensors of
+    `channels` values); `attention`: bytes per squared latent pixel for materialised self-attention at the
+    full-resolution level (0 when the device uses memory-efficient attention).
+    """
+
+    channels: int = 320
+    dtype_bytes: int = 2
+    heads: int = 8
+    materialised_attention: bool = True
+
+    def bytes_for(self, tile_pixels: int, batch: int) -> int:
+        linear = 40 * self.channels * self.dtype_bytes * tile_pixels
+        quadratic = self.heads * self.dtype_bytes * tile_pixels**2 if self.materialised_attention else 0
+        return batch * (linear + quadratic)
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """The tiling a run uses: tile (h, w) in latent pixels, overlap, and tiles per network call."""
+
+    tile: tuple[int, int]
+    overlap: int
+    tile_batch: int
+
+
+def default_overlap(tile: int) -> int:
+    """A sixteenth of the tile (4 latent pixels at 64): total work stays near 1.2x of the untiled work.
+
+    Measured over every latent canvas from 128 to 2100 (multiples of 8) with a 64 tile: the work is at
+    most 1.3x except at a few sizes (worst 1.38x at 272), where the tile grid fits badly.
+    """
+    return max(2, (tile // 16) // 2 * 2)
+
+
+def choose_tiling(
+    latent_hw: tuple[int, int],
+    *,
+    native_tile: int,
+    items: int = 1,
+    tile: Optional[int] = None,
+    overlap: Optional[int] = None,
+    budget: Optional[int] = None,
+    memory: UNetMemory = UNetMemory(),
+    multiple: int = 8,
+    wrap: tuple[bool, bool] = (False, False),
+) -> Optional[Tiling]:
+    """The tiling for a canvas, or None when it runs untiled (`tile=0`, or it fits in one tile).
+
+    `native_tile` is the latent size the model was trained at; without `--tile` the tile is the largest
+    multiple of `multiple` up to it that fits the budget, then trimmed per axis to cover the canvas with
+    the least work. `items` is the batch the denoiser sees (items x cond/uncond).
+    """
+    height, width = latent_hw
+    if tile == 0:
+        return None
+    if tile is not None and tile < multiple:
+        raise UsageError(f"--tile {tile} is too small; use 0 (off) or at least {multiple} latent pixels")
+    size = tile or largest_tile(native_tile, items, budget, memory, multiple)
+    overlap = default_overlap(size) if overlap is None else overlap
+    if overlap >= size:
+        raise UsageError(f"--tile-overlap {overlap} must be smaller than the tile ({size} latent pixels)")
+    if height <= size and width <= size:
+        return None
+    tile_hw = (
+        fit_tile(height, size, overlap, multiple=multiple, wrap=wrap[0]),
+        fit_tile(width, size, overlap, multiple=multiple, wrap=wrap[1]),
+    )
+    per_call = memory.bytes_for(tile_hw[0] * tile_hw[1], items)
+    tile_batch = max(1, min(16, budget // per_call)) if budget else 1
+    return Tiling(tile_hw, overlap, int(tile_batch))
+
+
+def largest_tile(native_tile: int, items: int, budget: Optional[int], memory: UNetMemory, multiple: int) -> int:
+    size = max(multiple, native_tile // multiple * multiple)
+    if budget is None:
+        return size
+    while size > multiple and memory.bytes_for(size * size, items) > budget:
+        size -= multiple
+    return size
