@@ -1,0 +1,175 @@
+"""The Python API of DESIGN.md §6: `build_model(config)` and `load_model(path_or_name, ...)`.
+
+Loading builds the bundle on the meta device, checks the checkpoint's keys and shapes strictly, then
+assigns the (memory-mapped) checkpoint tensors into it, so a large file is not held twice in memory.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+from ldmtool.checkpoints.bundle import PARAMETERIZATIONS, LatentDiffusionBundle, build_bundle
+from ldmtool.checkpoints.config import ConfigLike, ldmtool_block, load_config
+from ldmtool.checkpoints.detect import Detection, detect_family
+from ldmtool.checkpoints.files import read_state_dict
+from ldmtool.checkpoints.presets import load_preset, preset_names, shipped_model, shipped_models
+from ldmtool.checkpoints.weights import PreparedWeights, check_state_dict, prepare_weights
+from ldmtool.errors import CheckpointError, UsageError
+
+__all__ = ["LoadInfo", "build_model", "load_model", "resolve_config", "resolve_source"]
+
+
+@dataclass(frozen=True)
+class LoadInfo:
+    """Where a loaded bundle came from (kept as `bundle.load_info`)."""
+
+    path: Path
+    config_used: str  # "--config FILE", "preset NAME", "FILE.yaml beside the weights", "detected: NAME"
+    detection: Optional[Detection]
+    ema_present: bool
+    ema_used: int
+    file_dtype: str
+
+
+def build_model(config: Union[ConfigLike, str], *, device: Union[str, torch.device] = "cpu",
+                dtype: Optional[torch.dtype] = None, family: Optional[str] = None) -> nn.Module:
+    """A bundle with freshly initialised weights from a CompVis config (path, dict, or preset name).
+    `device="meta"` builds the architecture without allocating any weight."""
+    doc = _config_doc(config)
+    with torch.device(device):
+        bundle = build_bundle(doc, family)
+    if dtype is not None:
+        bundle.to(dtype=dtype)
+        _schedule_to_fp32(bundle)
+    return bundle
+
+
+def load_model(path_or_name: Union[str, Path], *, config: Optional[ConfigLike] = None, preset: Optional[str] = None,
+               device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = torch.float32,
+               use_ema: bool = True, prediction: Optional[str] = None) -> nn.Module:
+    """Build and load a checkpoint: a file, or a shipped default name. Architecture from `config`, else
+    `preset`, else a YAML beside the weights, else detection from the keys."""
+    weights, default_config = resolve_source(path_or_name)
+    raw = read_state_dict(weights)
+    prepared = prepare_weights(raw, use_ema=use_ema)
+    detection = detect_family({k: tuple(v.shape) for k, v in prepared.state.items()})
+    doc, config_used = resolve_config(weights, config=config, preset=preset, default_config=default_config,
+                                      detection=detection)
+    family = ldmtool_block(doc).get("family") or "custom"
+    with torch.device("meta"):
+        bundle = build_bundle(doc, family)
+    _load_into(bundle, prepared, source=str(weights), family=family, detection=detection)
+    bundle.to(device=device, dtype=dtype)
+    _schedule_to_fp32(bundle)
+    if prediction is not None:
+        if prediction not in PARAMETERIZATIONS:
+            raise UsageError(f"--prediction {prediction!r} is not one of {', '.join(PARAMETERIZATIONS)}")
+        bundle.parameterization = prediction
+    bundle.load_info = LoadInfo(weights, config_used, detection, prepared.ema_present, prepared.ema_used,
+                                _main_dtype(raw))
+    return bundle.eval().requires_grad_(False)
+
+
+def resolve_source(path_or_name: Union[str, Path]) -> tuple[Path, Optional[Path]]:
+    """(weights file, its default config or None) for `--model PATH|NAME`."""
+    path = Path(path_or_name).expanduser()
+    if path.is_file():
+        beside = path.with_suffix(".yaml")
+        return path, beside if beside.is_file() else None
+    name = str(path_or_name)
+    shipped = shipped_model(name)
+    if shipped is not None:
+        return shipped.weights, shipped.config
+    if name in preset_names():
+        raise UsageError(f"--model {name}: '{name}' is a preset (architecture only, no weights); "
+                         f"give a checkpoint file: --model FILE --preset {name}")
+    if path.suffix or "/" in name or "\\" in name:
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    names = [m.name for m in shipped_models()]
+    raise UsageError(f"--model {name}: not a file, a shipped model ({', '.join(names) or 'none installed'}) "
+                     f"or a preset (see 'ldmtool models list')")
+
+
+def resolve_config(weights: Path, *, config: Optional[ConfigLike], preset: Optional[str],
+                   default_config: Optional[Path], detection: Optional[Detection]) -> tuple[dict[str, Any], str]:
+    """The config document to build, and a short note of where it came from."""
+    if config is not None:
+        return load_config(config), f"--config {config if not isinstance(config, Mapping) else '(dict)'}"
+    if preset is not None:
+        return load_preset(preset), f"preset {preset}"
+    if default_config is not None:
+        return load_config(default_config), f"{default_config.name} beside the weights"
+    if detection is None:
+        raise CheckpointError(f"{weights}: cannot tell the model family from its keys; pass --config YAML or "
+                              f"--preset NAME (see 'ldmtool models list')")
+    return load_preset(detection.family), f"detected: {detection.describe()}"
+
+
+def _config_doc(config: Union[ConfigLike, str]) -> dict[str, Any]:
+    if isinstance(config, str) and not Path(config).is_file() and config in preset_names():
+        return load_preset(config)
+    return load_config(config)
+
+
+def _optional_keys(bundle: nn.Module) -> list[str]:
+    """Keys a checkpoint may leave out: schedule buffers (computed from the config), the second copy of
+    a shared first/cond stage, and OpenCLIP's unused projection and logit scale."""
+    keys = list(bundle.schedule_values())
+    if isinstance(bundle, LatentDiffusionBundle) and bundle.cond_stage_model is bundle.first_stage_model:
+        keys += [f"cond_stage_model.{k}" for k in bundle.first_stage_model.state_dict()]
+    keys += ["cond_stage_model.model.text_projection", "cond_stage_model.model.logit_scale", "scale_factor"]
+    return keys
+
+
+def _load_into(bundle: nn.Module, prepared: PreparedWeights, *, source: str, family: str,
+               detection: Optional[Detection]) -> None:
+    expected = {k: tuple(v.shape) for k, v in bundle.state_dict().items()}
+    check_state_dict(expected, prepared.state, source=source, family=family,
+                     likely=detection.describe() if detection else None, optional=_optional_keys(bundle))
+    bundle.load_state_dict(prepared.state, strict=False, assign=True)
+    _materialise_leftovers(bundle)
+
+
+def _materialise_leftovers(bundle: nn.Module) -> None:
+    """Give real values to tensors the file did not provide (still on the meta device)."""
+    fresh = bundle.schedule_values()
+    tensors = list(bundle.named_parameters()) + list(bundle.named_buffers())
+    for name, tensor in tensors:
+        if not tensor.is_meta:
+            continue
+        if name in fresh:
+            value = fresh[name]
+        elif name.endswith("position_ids"):
+            value = torch.arange(tensor.shape[-1]).expand(tensor.shape)
+        elif name.endswith(("text_projection", "logit_scale")):
+            value = torch.zeros(tensor.shape)
+        else:
+            raise CheckpointError(f"internal: {name} was not loaded and has no default value")
+        _set_tensor(bundle, name, value, isinstance(tensor, nn.Parameter))
+
+
+def _set_tensor(root: nn.Module, name: str, value: torch.Tensor, is_param: bool) -> None:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = root.get_submodule(owner_name) if owner_name else root
+    if is_param:
+        owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    else:
+        owner._buffers[leaf] = value
+
+
+def _schedule_to_fp32(bundle: nn.Module) -> None:
+    """Samplers read the schedule; keep it float32 whatever the network precision."""
+    names = set(bundle.schedule_values())
+    for name, buf in list(bundle.named_buffers()):
+        if name in names and buf.is_floating_point() and buf.dtype != torch.float32:
+            _set_tensor(bundle, name, buf.float(), False)
+
+
+def _main_dtype(raw: Mapping[str, torch.Tensor]) -> str:
+    counts = Counter(str(v.dtype).replace("torch.", "") for v in raw.values() if v.is_floating_point())
+    return counts.most_common(1)[0][0] if counts else "none"

@@ -1,0 +1,162 @@
+"""The model bundle: an `nn.Module` laid out like the reference `LatentDiffusion`, so `state_dict()` has
+the original checkpoint key names (`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*`,
+`low_scale_model.*`, schedule buffers). First-stage-only checkpoints (kl-f8, vq-f4, ...) get a
+`FirstStageBundle` whose state dict is the autoencoder's own, as in their released files.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import nn
+
+from ldmtool.checkpoints.config import instantiate, ldmtool_block, model_block
+from ldmtool.checkpoints.schedule import DDPM_BUFFERS, LOW_SCALE_BUFFERS, schedule_buffers
+from ldmtool.errors import CheckpointError
+
+PARAMETERIZATIONS = ("eps", "v", "x0")
+SCHEDULE_KEYS = ("beta_schedule", "timesteps", "linear_start", "linear_end", "cosine_s")
+UNCONDITIONAL = "__is_unconditional__"
+SAME_AS_FIRST_STAGE = "__is_first_stage__"
+
+
+class DiffusionWrapper(nn.Module):
+    """Holds the UNet under the name `diffusion_model`, as the reference does."""
+
+    def __init__(self, diffusion_model: nn.Module, conditioning_key: Optional[str]):
+        super().__init__()
+        self.diffusion_model = diffusion_model
+        self.conditioning_key = conditioning_key
+
+
+class _BundleAliases:
+    """The short names of DESIGN.md §6."""
+
+    @property
+    def unet(self) -> Optional[nn.Module]:
+        model = getattr(self, "model", None)
+        return None if model is None else model.diffusion_model
+
+    @property
+    def first_stage(self) -> nn.Module:
+        return self.first_stage_model
+
+    @property
+    def cond_stage(self) -> Optional[nn.Module]:
+        return self.cond_stage_model
+
+
+class LatentDiffusionBundle(_BundleAliases, nn.Module):
+    """`LatentDiffusion` / `LatentInpaintDiffusion` / `LatentUpscaleDiffusion` without the training code."""
+
+    def __init__(self, doc: Mapping[str, Any], family: Optional[str] = None):
+        super().__init__()
+        block = model_block(doc)
+        params = dict(block.get("params") or {})
+        self.config = dict(doc)
+        self.family = family or ldmtool_block(doc).get("family") or "custom"
+        self.parameterization = params.get("parameterization", "eps")
+        if self.parameterization not in PARAMETERIZATIONS:
+            raise CheckpointError(f"config parameterization {self.parameterization!r} is not one of eps, v, x0")
+        self.scale_factor = float(params.get("scale_factor", 1.0))
+        if params.get("scale_by_std", False):
+            # The reference keeps scale_factor as a buffer then, so such checkpoints store it as a key.
+            self.register_state_dict_post_hook(_save_scale_factor)
+            self.register_load_state_dict_pre_hook(_load_scale_factor)
+        cond_config = params.get("cond_stage_config", UNCONDITIONAL)
+        self.conditioning_key = _conditioning_key(params, cond_config)
+        self.schedule_params = {k: params[k] for k in SCHEDULE_KEYS if k in params}
+        for name, value in schedule_buffers(**self.schedule_params).items():
+            self.register_buffer(name, value)
+        self.model = DiffusionWrapper(instantiate(_required(params, "unet_config")), self.conditioning_key)
+        self.first_stage_model = instantiate(_required(params, "first_stage_config"))
+        self.cond_stage_model = self._cond_stage(cond_config)
+        self.low_scale_model = instantiate(params["low_scale_config"]) if "low_scale_config" in params else None
+        self.low_scale_key = params.get("low_scale_key")
+
+    def _cond_stage(self, cond_config: Any) -> Optional[nn.Module]:
+        if cond_config == UNCONDITIONAL or cond_config is None:
+            return None
+        if cond_config == SAME_AS_FIRST_STAGE:
+            return self.first_stage_model  # shared: the reference saves its weights under both names
+        return instantiate(cond_config)
+
+    def schedule_values(self) -> dict[str, torch.Tensor]:
+        """Fresh CPU values of every schedule buffer (by state-dict key), computed from the config."""
+        values = schedule_buffers(**self.schedule_params)
+        if self.low_scale_model is not None:
+            low = schedule_buffers(**_low_scale_schedule(self.config))
+            values.update({f"low_scale_model.{k}": low[k] for k in LOW_SCALE_BUFFERS})
+        return values
+
+
+class FirstStageBundle(_BundleAliases, nn.Module):
+    """A first-stage autoencoder alone; `state_dict()` keys are the autoencoder's (`encoder.*`, ...)."""
+
+    model = None
+    cond_stage_model = None
+    low_scale_model = None
+    parameterization = None
+    conditioning_key = None
+    scale_factor = 1.0
+
+    def __init__(self, doc: Mapping[str, Any], family: Optional[str] = None):
+        super().__init__()
+        self.config = dict(doc)
+        self.family = family or ldmtool_block(doc).get("family") or "custom"
+        self.first_stage_model = instantiate(model_block(doc))
+
+    def state_dict(self, *args, **kwargs):  # type: ignore[override]
+        return self.first_stage_model.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
+        return self.first_stage_model.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def schedule_values(self) -> dict[str, torch.Tensor]:
+        return {}
+
+
+def _save_scale_factor(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    state_dict[prefix + "scale_factor"] = torch.tensor(module.scale_factor)
+
+
+def _load_scale_factor(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    value = state_dict.pop(prefix + "scale_factor", None)
+    if value is not None and value.device.type != "meta":
+        module.scale_factor = float(value)
+
+
+def _required(params: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    if not isinstance(params.get(key), Mapping):
+        raise CheckpointError(f"config model.params has no {key} block")
+    return params[key]
+
+
+def _conditioning_key(params: Mapping[str, Any], cond_config: Any) -> Optional[str]:
+    """As the reference: unconditional -> None; unset -> 'concat' if concat_mode (default) else 'crossattn'."""
+    if cond_config == UNCONDITIONAL or cond_config is None:
+        return None
+    key = params.get("conditioning_key")
+    if key is None:
+        key = "concat" if params.get("concat_mode", True) else "crossattn"
+    return key
+
+
+def _low_scale_schedule(doc: Mapping[str, Any]) -> dict[str, Any]:
+    low = model_block(doc)["params"]["low_scale_config"]
+    return dict((low.get("params") or {}).get("noise_schedule_config") or {})
+
+
+def build_bundle(doc: Mapping[str, Any], family: Optional[str] = None) -> nn.Module:
+    """The bundle class the config's top-level target asks for, built on the current default device."""
+    from ldmtool.checkpoints.config import DIFFUSION_TARGETS, FIRST_STAGE_TARGETS
+
+    target = model_block(doc)["target"]
+    if target in DIFFUSION_TARGETS:
+        return LatentDiffusionBundle(doc, family)
+    if target in FIRST_STAGE_TARGETS:
+        return FirstStageBundle(doc, family)
+    raise CheckpointError(
+        f"config model.target {target!r} is not a latent diffusion model or first-stage autoencoder "
+        f"(known: {', '.join(sorted(t.rsplit('.', 1)[-1] for t in DIFFUSION_TARGETS | FIRST_STAGE_TARGETS))})"
+    )

@@ -1,0 +1,101 @@
+"""CompVis-format YAML configs: reading (yaml.safe_load only, no omegaconf) and building networks.
+
+A config is the reference `model:` block: `target` (a dotted class path of the reference code) and
+`params`. Every network is built as `ClassName(**params)` from the map below; ldmtool's own fields sit in
+an optional top-level `ldmtool:` block (family, default sampler/steps/size) that the reference ignores.
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import yaml
+
+from ldmtool.errors import CheckpointError
+
+ConfigLike = Union[str, Path, Mapping[str, Any]]
+
+# Reference target -> "module:Class" in ldmtool. None means "no module" (identity / unconditional).
+TARGETS: dict[str, Optional[str]] = {
+    "ldm.modules.diffusionmodules.openaimodel.UNetModel": "ldmtool.nets.unet:UNetModel",
+    "ldm.models.autoencoder.AutoencoderKL": "ldmtool.nets.autoencoder:AutoencoderKL",
+    "ldm.models.autoencoder.VQModel": "ldmtool.nets.autoencoder:VQModel",
+    "ldm.models.autoencoder.VQModelInterface": "ldmtool.nets.autoencoder:VQModelInterface",
+    "ldm.modules.encoders.modules.BERTEmbedder": "ldmtool.nets.ldm_bert:BERTEmbedder",
+    "ldm.modules.encoders.modules.ClassEmbedder": "ldmtool.nets.encoders:ClassEmbedder",
+    "ldm.modules.encoders.modules.SpatialRescaler": "ldmtool.nets.encoders:SpatialRescaler",
+    "ldm.modules.encoders.modules.FrozenCLIPEmbedder": "ldmtool.nets.encoders:FrozenCLIPEmbedder",
+    "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder": "ldmtool.nets.openclip_text:FrozenOpenCLIPEmbedder",
+    "ldm.modules.diffusionmodules.upscaling.ImageConcatWithNoiseAugmentation":
+        "ldmtool.nets.encoders:ImageConcatWithNoiseAugmentation",
+    "torch.nn.Identity": "torch.nn:Identity",
+}
+DIFFUSION_TARGETS = {
+    "ldm.models.diffusion.ddpm.LatentDiffusion",
+    "ldm.models.diffusion.ddpm.LatentInpaintDiffusion",
+    "ldm.models.diffusion.ddpm.LatentUpscaleDiffusion",
+}
+FIRST_STAGE_TARGETS = {
+    "ldm.models.autoencoder.AutoencoderKL",
+    "ldm.models.autoencoder.VQModel",
+    "ldm.models.autoencoder.VQModelInterface",
+}
+
+
+def load_config(config: ConfigLike) -> dict[str, Any]:
+    """The whole config document (with its `model:` block) from a YAML path, YAML text or a dict."""
+    if isinstance(config, Mapping):
+        doc = dict(config)
+    else:
+        path = Path(config)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: config file not found")
+        try:
+            doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            raise CheckpointError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from err
+        if not isinstance(doc, Mapping):
+            raise CheckpointError(f"{path}: a CompVis config is a mapping with a 'model:' block")
+        doc = dict(doc)
+    if "model" not in doc and "target" in doc:
+        doc = {"model": doc}  # a bare model block
+    model = doc.get("model")
+    if not isinstance(model, Mapping) or "target" not in model:
+        raise CheckpointError(f"{_name(config)}: config has no 'model.target' (CompVis format expected)")
+    return doc
+
+
+def model_block(doc: Mapping[str, Any]) -> dict[str, Any]:
+    return dict(doc["model"])
+
+
+def ldmtool_block(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """ldmtool's own fields (family, default_sampler, default_steps, default_size, ...); may be empty."""
+    return dict(doc.get("ldmtool") or {})
+
+
+def resolve_target(target: str) -> Optional[type]:
+    if target not in TARGETS:
+        known = ", ".join(sorted(t.rsplit(".", 1)[-1] for t in TARGETS))
+        raise CheckpointError(f"config target {target!r} is not supported (known: {known})")
+    spec = TARGETS[target]
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def instantiate(block: Mapping[str, Any]) -> Any:
+    """`Class(**params)` for a `{target, params}` block of the reference config."""
+    target = block.get("target")
+    if not isinstance(target, str):
+        raise CheckpointError(f"config block without a target: {dict(block)!r}")
+    cls = resolve_target(target)
+    params = dict(block.get("params") or {})
+    try:
+        return cls(**params)
+    except TypeError as err:
+        raise CheckpointError(f"config for {target}: {err}") from err
+
+
+def _name(config: ConfigLike) -> str:
+    return "config" if isinstance(config, Mapping) else str(config)

@@ -1,0 +1,73 @@
+"""Built-in presets (presets/*.yaml, package `ldmtool.presets`) and shipped default models
+(`ldmtool/assets/models/<name>.safetensors` + `<name>.yaml`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional
+
+from ldmtool.checkpoints.config import ldmtool_block, load_config
+from ldmtool.errors import UsageError
+
+
+@dataclass(frozen=True)
+class PresetInfo:
+    name: str
+    family: str
+    task: str
+    description: str
+
+
+@dataclass(frozen=True)
+class ShippedModel:
+    name: str
+    weights: Path
+    config: Path
+
+
+def _preset_files() -> dict[str, Any]:
+    root = resources.files("ldmtool.presets")
+    return {p.name[: -len(".yaml")]: p for p in root.iterdir() if p.name.endswith(".yaml")}
+
+
+def preset_names() -> list[str]:
+    return sorted(_preset_files())
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """The config document of a preset, by name (e.g. 'sd1', 'ldm-bsr-sr', 'kl-f8')."""
+    files = _preset_files()
+    if name not in files:
+        raise UsageError(f"unknown preset {name!r}; known presets: {', '.join(sorted(files))}")
+    import yaml
+
+    doc = load_config(yaml.safe_load(files[name].read_text(encoding="utf-8")))
+    doc.setdefault("ldmtool", {}).setdefault("family", name)
+    return doc
+
+
+def preset_info(name: str) -> PresetInfo:
+    block = ldmtool_block(load_preset(name))
+    return PresetInfo(name, block.get("family", name), block.get("task", ""), block.get("description", ""))
+
+
+def models_dir() -> Path:
+    return Path(str(resources.files("ldmtool.assets"))) / "models"
+
+
+def shipped_models() -> list[ShippedModel]:
+    """Default models shipped in the package: every `<name>.safetensors` with a `<name>.yaml` beside it."""
+    folder = models_dir()
+    if not folder.is_dir():
+        return []
+    found = []
+    for weights in sorted(folder.glob("*.safetensors")):
+        config = weights.with_suffix(".yaml")
+        if config.is_file():
+            found.append(ShippedModel(weights.stem, weights, config))
+    return found
+
+
+def shipped_model(name: str) -> Optional[ShippedModel]:
+    return next((m for m in shipped_models() if m.name == name), None)

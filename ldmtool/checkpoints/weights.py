@@ -1,0 +1,90 @@
+"""From a checkpoint's raw tensors to the state dict a bundle loads: EMA selection, harmless extras
+dropped, and a strict key/shape check that explains what does not match."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence
+
+import torch
+
+from ldmtool.errors import CheckpointError
+
+EMA_PREFIX = "model_ema."
+# Keys the reference writes that no network needs (training state, caches of constants).
+HARMLESS_EXACT = {
+    "model_ema.decay", "model_ema.num_updates", "lvlb_weights", "logvar", "cond_ids",
+    "cond_stage_model.transformer.text_model.embeddings.position_ids",
+    "cond_stage_model.transformer.embeddings.position_ids",
+    "cond_stage_model.model.attn_mask",
+}
+HARMLESS_PREFIXES = ("loss.", "first_stage_model.loss.", "cond_stage_model.loss.", "model_ema.")
+HARMLESS_SUFFIXES = (".position_ids",)
+SHOWN = 5
+
+
+@dataclass
+class PreparedWeights:
+    state: dict[str, torch.Tensor]
+    ema_present: bool = False
+    ema_used: int = 0
+    dropped: list[str] = field(default_factory=list)
+
+
+def ema_key(key: str) -> Optional[str]:
+    """The reference LitEma name of a `model.*` parameter: 'model_ema.' + name without dots."""
+    if not key.startswith("model."):
+        return None
+    return EMA_PREFIX + key[len("model."):].replace(".", "")
+
+
+def prepare_weights(raw: Mapping[str, torch.Tensor], *, use_ema: bool = True) -> PreparedWeights:
+    """Replace `model.*` weights by their EMA copies (when present and wanted); drop harmless extras."""
+    state = dict(raw)
+    ema_present = any(k.startswith(EMA_PREFIX) and k not in HARMLESS_EXACT for k in state)
+    used = 0
+    if use_ema and ema_present:
+        for key in list(state):
+            ek = ema_key(key)
+            if ek is not None and ek in state:
+                state[key] = state[ek]
+                used += 1
+    dropped = [k for k in state if _harmless(k)]
+    for key in dropped:
+        del state[key]
+    return PreparedWeights(state, ema_present, used, dropped)
+
+
+def _harmless(key: str) -> bool:
+    return key in HARMLESS_EXACT or key.startswith(HARMLESS_PREFIXES) or key.endswith(HARMLESS_SUFFIXES)
+
+
+def check_state_dict(
+    expected: Mapping[str, Sequence[int]], state: Mapping[str, torch.Tensor], *, source: str,
+    family: str, likely: Optional[str] = None, optional: Sequence[str] = (),
+) -> None:
+    """Raise one CheckpointError naming the first missing / unexpected / mis-shaped keys."""
+    optional_set = set(optional)
+    missing = [k for k in expected if k not in state and k not in optional_set]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k])]
+    if not (missing or unexpected or shapes):
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing ({_first(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ({_first(unexpected)})")
+    if shapes:
+        k = shapes[0]
+        parts.append(f"{len(shapes)} with other shapes (e.g. {k}: file {tuple(state[k].shape)}, "
+                     f"{family} {tuple(expected[k])})")
+    hint = f"; the weights look like {likely}" if likely and likely != family else ""
+    raise CheckpointError(
+        f"{source}: does not match the {family} architecture: {'; '.join(parts)}{hint} "
+        f"(pass the right --preset or --config)"
+    )
+
+
+def _first(keys: list[str]) -> str:
+    more = f", … +{len(keys) - SHOWN}" if len(keys) > SHOWN else ""
+    return ", ".join(keys[:SHOWN]) + more
