@@ -1,0 +1,164 @@
+"""Latent fusion at the denoiser level: every sampler and task gets tiling by wrapping its denoiser.
+
+Per call the canvas x (B, C, H, W) and every spatial conditioning field are cut into the plan's tiles;
+tiles run in batches of `tile_batch` (tile-major: batch items x tiles folded into one network batch, sigma
+and the shared context repeated), and the x0 predictions are added up with per-tile weights that were
+normalised once per plan. On out-of-memory the call is retried with fewer tiles per batch, then smaller
+tiles; the smaller setting is kept for the following calls.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Callable, Optional
+
+from ldmtool.diffusion.cond import Cond, Guided
+from ldmtool.tiling.planner import TilePlan, Weighting, crop_tile, add_tile, plan_tiles, shift_for, tile_weights
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """How a tiled denoiser cuts the canvas (latent pixels)."""
+
+    tile: tuple[int, int] = (64, 64)
+    overlap: int = 6
+    tile_batch: int = 1
+    weighting: Weighting = Weighting.GAUSSIAN
+    margin: Optional[int] = None  # zero-weight border at inner tile edges; default overlap // 4
+    shift: bool = False  # move the grid between steps (free on wrapping axes; one extra tile row otherwise)
+    wrap_y: bool = False
+    wrap_x: bool = False
+    min_tile: int = 16
+    multiple: int = 8  # tile sizes the network accepts (its total downsampling)
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """torch.OutOfMemoryError, or the RuntimeError a CPU (or older torch) raises when allocation fails."""
+    import torch
+
+    if isinstance(err, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text
+                                              or "failed to allocate" in text)
+
+
+class TiledDenoiser:
+    """Wraps `denoise(x, sigma, cond) -> x0` so that it runs in overlapping tiles and fuses the results."""
+
+    def __init__(self, inner: Callable, config: TileConfig = TileConfig()):
+        self.inner = inner
+        self.config = config
+        self._weights: dict[TilePlan, list] = {}
+        self.tiles_run = 0  # network batch items processed (for work accounting)
+        self.pixels_run = 0
+
+    def plan(self, height: int, width: int, sigma: float = 1.0) -> TilePlan:
+        cfg = self.config
+        stride = (cfg.tile[0] - cfg.overlap, cfg.tile[1] - cfg.overlap)
+        shift = (shift_for(stride[0], sigma), shift_for(stride[1], sigma * 1.618)) if cfg.shift else (0, 0)
+        return plan_tiles(height, width, cfg.tile, cfg.overlap, wrap_y=cfg.wrap_y, wrap_x=cfg.wrap_x,
+                          margin=cfg.margin, shift=shift)
+
+    def __call__(self, x: "Tensor", sigma: "Tensor", cond=None) -> "Tensor":
+        while True:
+            plan = self.plan(x.shape[-2], x.shape[-1], float(sigma.reshape(-1)[0]))
+            if plan.single:
+                self._count(x.shape[0], x.shape[-2] * x.shape[-1])
+                return self.inner(x, sigma, cond)
+            try:
+                return self._fused(plan, x, sigma, cond)
+            except Exception as err:  # noqa: BLE001 - only out-of-memory is retried, the rest re-raised
+                if not is_out_of_memory(err):
+                    raise
+                self._shrink(err)
+
+    def _fused(self, plan: TilePlan, x: "Tensor", sigma: "Tensor", cond) -> "Tensor":
+        import torch
+
+        weights = self._plan_weights(plan, x.device)
+        rects = plan.tiles
+        out = torch.zeros_like(x)
+        step = self.config.tile_batch
+        for first in range(0, len(rects), step):
+            chunk = rects[first : first + step]
+            crops = torch.cat([crop_tile(x, rect, plan) for rect in chunk])  # (k*B, C, th, tw), tile-major
+            tile_cond = _repeat(_crop_cond(cond, chunk, plan, x.shape[-2:]), len(chunk))
+            pred = self.inner(crops, sigma.repeat(len(chunk)), tile_cond)
+            self._count(crops.shape[0], crops.shape[-2] * crops.shape[-1])
+            for index, rect in enumerate(chunk):
+                part = pred[index * x.shape[0] : (index + 1) * x.shape[0]]
+                add_tile(out, rect, part * weights[first + index].to(part.dtype), plan)
+        return out
+
+    def _plan_weights(self, plan: TilePlan, device) -> list:
+        if plan not in self._weights:
+            self._weights[plan] = [w.to(device) for w in tile_weights(plan, self.config.weighting)]
+        return self._weights[plan]
+
+    def _count(self, items: int, pixels: int) -> None:
+        self.tiles_run += items
+        self.pixels_run += items * pixels
+
+    def _shrink(self, err: BaseException) -> None:
+        cfg = self.config
+        if cfg.tile_batch > 1:
+            new = replace(cfg, tile_batch=cfg.tile_batch // 2)
+        else:
+            tile = tuple(max(cfg.min_tile, int(t * 0.75) // cfg.multiple * cfg.multiple) for t in cfg.tile)
+            if tile == cfg.tile:
+                raise err
+            overlap = min(cfg.overlap, min(tile) // 4)
+            new = replace(cfg, tile=tile, overlap=overlap)
+        log.warning("out of memory with tiles %s x%d; retrying with %s x%d", cfg.tile, cfg.tile_batch,
+                    new.tile, new.tile_batch)
+        self.config = new
+        self._weights.clear()
+        _empty_cache()
+
+
+def _empty_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _crop_cond(cond, chunk, plan: TilePlan, canvas_hw):
+    """Conditioning for a chunk of tiles: spatial fields cut per tile and stacked tile-major."""
+    if cond is None:
+        return None
+    import torch
+
+    def cut(field: "Tensor") -> "Tensor":
+        if tuple(field.shape[-2:]) != tuple(canvas_hw):
+            raise ValueError(f"spatial conditioning of size {tuple(field.shape[-2:])} does not match the "
+                             f"latent canvas {tuple(canvas_hw)}")
+        return torch.cat([crop_tile(field, rect, plan) for rect in chunk])
+
+    return cond.map_spatial(cut)
+
+
+def _repeat(cond, times: int):
+    """Non-spatial fields repeated tile-major; spatial fields were already stacked by `_crop_cond`."""
+    if cond is None or times == 1:
+        return cond
+    if isinstance(cond, Guided):
+        uncond = None if cond.uncond is None else _repeat(cond.uncond, times)
+        return Guided(_repeat(cond.cond, times), uncond, cond.scale)
+    if isinstance(cond, Cond):
+        return Cond(
+            crossattn=None if cond.crossattn is None else _repeat_batch(cond.crossattn, times),
+            concat=cond.concat,
+            y=None if cond.y is None else _repeat_batch(cond.y, times),
+        )
+    raise TypeError(f"cannot tile conditioning of type {type(cond).__name__}")
+
+
+def _repeat_batch(t: "Tensor", times: int) -> "Tensor":
+    return t.repeat(times, *([1] * (t.dim() - 1)))
