@@ -126,11 +126,9 @@ def run_task(
         raise UsageError(f"--batch-size {options.batch_size}: must be at least 1")
     reporter = reporter or Reporter(json_events=options.json_events, quiet=options.quiet)
     run = _BatchRun(task, options, reporter)
-    for note in discovery.notes():
-        reporter.note(note)
     with _sigterm_as_interrupt():
         try:
-            return run.execute(discovery.items)
+            return run.execute(discovery.items, notes=discovery.notes())
         except KeyboardInterrupt:
             raise Interrupted(f"interrupted after {run.summary.done} item(s) were written; "
                               "run the same command again to resume") from None
@@ -153,9 +151,11 @@ class _BatchRun:
 
     # -- the run
 
-    def execute(self, items: Sequence[Item]) -> Summary:
+    def execute(self, items: Sequence[Item], notes: Sequence[str] = ()) -> Summary:
         jobs = self._plan(items)
         self._prepare_folder()
+        for note in notes:
+            self.reporter.note(note)
         pending = [job for job in jobs if not self._already_done(job)]
         self.reporter.start(len(jobs), label=self.task.command)
         pending_ids = {id(job) for job in pending}
