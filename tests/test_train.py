@@ -8,6 +8,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
+import ldmtool
 from ldmtool.errors import UsageError
 from ldmtool.train import autoencoder as ae
 from ldmtool.train import common
@@ -177,3 +178,26 @@ def test_inpaint_conditioning_follows_the_ldm_script(first_stage, images):
     _, concat = trainer.batch(0)
     mask_channel = concat[:, 3]
     assert set(mask_channel.unique().tolist()) <= {-1.0, 1.0} and (mask_channel == 1).any()
+
+
+def test_exports_load_with_ldmtool_load_model(first_stage, images, tmp_path):
+    stage = ldmtool.load_model(first_stage)
+    weights = load_file(str(first_stage))
+    torch.testing.assert_close(stage.state_dict()["encoder.conv_in.weight"], weights["encoder.conv_in.weight"])
+    training = df.DiffusionTraining(task=df.Task.SUPERRES, crop=32, batch_size=2, scale=4)
+    path = df.train_diffusion(TINY_UNET, training, first_stage, images, _run(tmp_path, steps=2))
+    bundle = ldmtool.load_model(path)
+    saved = load_file(str(path))
+    assert bundle.conditioning_key == "concat" and bundle.parameterization == "eps"
+    assert bundle.scale_factor == pytest.approx(saved["scale_factor"].item())
+    assert set(saved) == set(bundle.state_dict())  # exactly the original layout, nothing missing or extra
+    for key, value in bundle.state_dict().items():
+        torch.testing.assert_close(value, saved[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("task", [df.Task.INPAINT, df.Task.UNCOND])
+def test_other_task_exports_load(first_stage, images, tmp_path, task):
+    training = df.DiffusionTraining(task=task, crop=32, batch_size=2)
+    path = df.train_diffusion(TINY_UNET, training, first_stage, images, _run(tmp_path, steps=1))
+    bundle = ldmtool.load_model(path)
+    assert bundle.conditioning_key == ("concat" if task == df.Task.INPAINT else None)

@@ -94,7 +94,8 @@ def build_autoencoder(params: dict[str, Any]) -> "nn.Module":
 
 def full_config(params: dict[str, Any], recipe: dict[str, Any]) -> dict[str, Any]:
     """The CompVis-format YAML of an exported first stage, with the training recipe recorded beside it."""
-    return {"model": {"base_learning_rate": 4.5e-6, "target": AUTOENCODER_TARGET, "params": params}, "ldmtool": recipe}
+    block = {"family": "ldmtool-autoencoder", "task": "autoencoder", **recipe}
+    return {"ldmtool": block, "model": {"base_learning_rate": 4.5e-6, "target": AUTOENCODER_TARGET, "params": params}}
 
 
 def posterior(model: "nn.Module", x: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
@@ -245,7 +246,7 @@ class AutoencoderTrainer:
         return int(state["step"])
 
     def export(self, run_dir: Path, step: int) -> Path:
-        recipe = {"task": "autoencoder", "step": step, **self.run_config()}
+        recipe = {"step": step, **self.run_config()}
         weights = self.ema.averaged_state(self.model)
         return common.save_export(run_dir, weights, full_config(self.params, recipe))
 

@@ -50,6 +50,10 @@ TASK_CONFIG = {
 }
 
 
+# The ldmtool command that runs each task's model (the `task` of the config's `ldmtool:` block).
+TASK_COMMAND = {Task.SUPERRES: "superres", Task.INPAINT: "inpaint", Task.UNCOND: "sample"}
+
+
 @dataclass(frozen=True)
 class UNetArch:
     model_channels: int = 64
@@ -293,15 +297,25 @@ class DiffusionTrainer:
             "cond_stage_trainable": False,
             "conditioning_key": conditioning_key,
             "scale_factor": self.scale_factor,
+            "scale_by_std": True,  # scale_factor was measured on the data; the file stores it as a key too
             "monitor": "val/loss_simple_ema",
             "unet_config": {"target": UNET_TARGET, "params": self.unet_params},
             "first_stage_config": {"target": AUTOENCODER_TARGET, "params": self.first_stage.params},
             "cond_stage_config": cond_target if cond_target.startswith("__") else {"target": cond_target},
         }
-        recipe = {"task": self.training.task.value, "step": step, **self.run_config()}
+        block = {
+            "family": f"ldmtool-{self.training.task.value}",
+            "task": TASK_COMMAND[self.training.task],
+            "description": f"trained by `ldmtool train diffusion --task {self.training.task.value}` ({step} steps)",
+            "default_sampler": "ddim",
+            "default_steps": 50,
+            "default_size": [self.training.crop, self.training.crop],
+            "step": step,
+            **self.run_config(),
+        }
         if self.training.task == Task.SUPERRES:
-            recipe["scale"] = self.training.scale
-        return {"model": {"base_learning_rate": 1e-6, "target": LDM_TARGET, "params": params}, "ldmtool": recipe}
+            block["scale"] = self.training.scale
+        return {"ldmtool": block, "model": {"base_learning_rate": 1e-6, "target": LDM_TARGET, "params": params}}
 
     def export_tensors(self) -> dict[str, "torch.Tensor"]:
         """The single-file LatentDiffusion state dict, original key names (UNet weights are the EMA)."""
