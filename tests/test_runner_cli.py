@@ -192,15 +192,23 @@ def _mask(path: Path, box, size=(6, 4)):
 def test_mask_beside_is_paired_and_not_an_item(tmp_path):
     _save(tmp_path / "in" / "x.png", (0, 0, 0))
     _mask(tmp_path / "in" / "x_mask.png", (0, 0, 3, 4))
-    _save(tmp_path / "in" / "y_mask.png")  # no y.png: an ordinary image
+    _save(tmp_path / "in" / "y_mask.png", (0, 0, 0))  # no y.png: an ordinary image, inverted whole
     result = ldmtool("_invert", "in", "--pair-masks", "-o", "out", "--json", cwd=tmp_path)
-    assert result.returncode == 1  # y_mask.png has no mask of its own
-    by_key = {e["key"]: e for e in item_events(result)}
-    assert set(by_key) == {"x.png", "y_mask.png"}
-    assert by_key["x.png"]["event"] == "done"
-    assert "y_mask.png: no mask found" in by_key["y_mask.png"]["error"]
+    assert result.returncode == 0, result.stderr
+    assert sorted(e["key"] for e in item_events(result)) == ["x.png", "y_mask.png"]
     pixels = _pixels(tmp_path / "out" / "x.png")
     assert (pixels[:, :3] == 255).all() and (pixels[:, 3:] == 0).all()
+    assert (_pixels(tmp_path / "out" / "y_mask.png") == 255).all()
+
+
+def test_items_know_their_mask(tmp_path):
+    _save(tmp_path / "x.png")
+    _save(tmp_path / "y.png")
+    _save(tmp_path / "x_mask.png")
+    x, y = discover([str(tmp_path)], pair_masks=True).items
+    assert x.require_mask() == tmp_path / "x_mask.png" and y.mask is None
+    with pytest.raises(ItemError, match=r"y.png: no mask found \(expected y_mask.png beside it"):
+        y.require_mask()
 
 
 def test_masks_folder(tmp_path):

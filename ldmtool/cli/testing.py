@@ -39,7 +39,7 @@ def invert(
     mask_from_alpha: Annotated[bool, typer.Option("--mask-from-alpha", help="Transparent pixels are the mask.")] = False,
     max_pixels: Annotated[Optional[int], typer.Option("--max-pixels", min=1, help="Pixel limit per image.")] = None,
 ) -> None:
-    """Invert images (inside their masks when paired): a trivial op that exercises the batch runner."""
+    """Invert images (only inside the mask of those that have one): a trivial op that exercises the batch runner."""
     from ldmtool.runtime.runner import run_task
 
     discovery = find_inputs(inputs, recursive=recursive, pair_masks=pair_masks or masks is not None, masks_dir=masks)
@@ -70,9 +70,8 @@ def _invert_task_class():
         def load(self, job):
             image = read_image(job.item.path, max_pixels=self.max_pixels)
             mask = None
-            if self.mask_mode == "file":
-                mask = read_mask(job.item.require_mask(), size=image.size, invert=self.invert_mask,
-                                 max_pixels=self.max_pixels)
+            if self.mask_mode == "file" and job.item.mask is not None:  # no mask: the whole image
+                mask = read_mask(job.item.mask, size=image.size, invert=self.invert_mask, max_pixels=self.max_pixels)
             elif self.mask_mode == "alpha" and image.alpha is not None:
                 mask = mask_from_alpha(image.alpha, invert=self.invert_mask)
             return image, mask

@@ -214,12 +214,12 @@ def _reason(err: BaseException) -> str:
     if isinstance(err, IsADirectoryError):
         return "is a folder, not an image file"
     if isinstance(err, UnidentifiedImageError):
-        return "not an image file Pillow can read (unknown or corrupt format)"
+        return "not an image file (unknown format, or the header is damaged)"
     if isinstance(err, Image.DecompressionBombError):
         return "too many pixels (decompression bomb guard)"
     text = " ".join(str(err).split()) or type(err).__name__
     if "truncated" in text.lower():
-        return f"the image file is truncated or damaged ({text})"
+        return "the image file is truncated (cut short while copying or downloading?)"
     return f"cannot decode the image ({text})"
 
 
