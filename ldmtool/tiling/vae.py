@@ -1,0 +1,393 @@
+"""Tiled first-stage encode and decode that match the untiled ones, in memory bounded by the tile.
+
+Three things make a tiled autoencoder differ from the untiled one, and each is handled exactly:
+  * Convolutions near a tile edge see zero padding: every tile is cut with a halo that covers the
+    receptive field of the tiled layers (measured by walking their convolutions), and only its core
+    (the cores partition the canvas) is kept. At the canvas border the tile ends where the canvas does,
+    so the padding there is the same as untiled.
+  * GroupNorm statistics are global: they are gathered exactly, in *streaming passes*. Pass k runs
+    every tile up to the first GroupNorm whose statistics are still unknown, adds the per-group sum and
+    sum of squares of its input over the tile's core (float64), and stops; after the pass that norm's
+    global mean and variance are known and the next pass normalises with them. The last pass
+    produces the output.
+  * Attention is global: the stages that hold attention (the middle block) or that run at the latent
+    resolution are not tiled; they run on the whole latent-resolution tensor, which is 1/64 of the
+    image area for an f8 model.
+
+Trade-off (measured in benchmarks/tiled_work.py): streaming recomputes the prefix of the tiled layers
+once per GroupNorm (about 20 norms in an f8 decoder), so an exact tiled decode costs several untiled
+decodes. To cut that, the boundary before the stage holding the next unknown norm is *checkpointed*
+(stored on `store_device`, CPU by default) whenever it fits `store_bytes`; later passes start from it.
+With enough store budget this degenerates into layer-by-layer processing (about 1x the work, memory of
+the largest activation); with none, pure streaming (device memory of one tile, most recomputation).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import TYPE_CHECKING, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ldmtool.errors import ItemError
+
+if TYPE_CHECKING:
+    pass
+
+
+@dataclass(frozen=True)
+class VAETiling:
+    """Tile core size in pixels of the tiled section's input, and the checkpoint store budget."""
+
+    tile: int = 64
+    store_bytes: int = 512 * 2**20
+    store_device: str = "cpu"
+
+
+@dataclass
+class Stage:
+    """One step of the reference forward: `run(h)`, its modules, and its output/input resolution."""
+
+    name: str
+    run: Callable[[Tensor], Tensor]
+    modules: list
+    scale: Fraction = Fraction(1)
+
+    @property
+    def has_attention(self) -> bool:
+        return any("attn" in type(m).__name__.lower() or "attention" in type(m).__name__.lower()
+                   for module in self.modules for m in module.modules())
+
+
+def _resnet_and_attention(prefix: str, level, count: int) -> list[Stage]:
+    stages = []
+    for i in range(count):
+        stages.append(Stage(f"{prefix}.block.{i}", level.block[i], [level.block[i]]))
+        if len(level.attn) > 0:
+            stages.append(Stage(f"{prefix}.attn.{i}", level.attn[i], [level.attn[i]]))
+    return stages
+
+
+def _mid(net) -> list[Stage]:
+    return [Stage(f"mid.{name}", getattr(net.mid, name), [getattr(net.mid, name)]) for name in ("block_1", "attn_1", "block_2")]
+
+
+def decoder_stages(decoder: nn.Module) -> list[Stage]:
+    """The reference `Decoder.forward` as a list of stages over the decoder's own modules."""
+    stages = [Stage("conv_in", decoder.conv_in, [decoder.conv_in]), *_mid(decoder)]
+    for i_level in reversed(range(decoder.num_resolutions)):
+        up = decoder.up[i_level]
+        stages += _resnet_and_attention(f"up.{i_level}", up, len(up.block))
+        if i_level != 0:
+            stages.append(Stage(f"up.{i_level}.upsample", up.upsample, [up.upsample], Fraction(2)))
+    if not getattr(decoder, "give_pre_end", False):
+        tanh = getattr(decoder, "tanh_out", False)
+
+        def head(h: Tensor) -> Tensor:
+            h = decoder.conv_out(F.silu(decoder.norm_out(h)))
+            return torch.tanh(h) if tanh else h
+
+        stages.append(Stage("out", head, [decoder.norm_out, decoder.conv_out]))
+    return stages
+
+
+def encoder_stages(encoder: nn.Module) -> list[Stage]:
+    """The reference `Encoder.forward` as a list of stages over the encoder's own modules."""
+    stages = [Stage("conv_in", encoder.conv_in, [encoder.conv_in])]
+    for i_level in range(encoder.num_resolutions):
+        down = encoder.down[i_level]
+        stages += _resnet_and_attention(f"down.{i_level}", down, len(down.block))
+        if i_level != encoder.num_resolutions - 1:
+            stages.append(Stage(f"down.{i_level}.downsample", down.downsample, [down.downsample], Fraction(1, 2)))
+    stages += _mid(encoder)
+
+    def head(h: Tensor) -> Tensor:
+        return encoder.conv_out(F.silu(encoder.norm_out(h)))
+
+    stages.append(Stage("out", head, [encoder.norm_out, encoder.conv_out]))
+    return stages
+
+
+def _run(stages: list[Stage], h: Tensor) -> Tensor:
+    for stage in stages:
+        h = stage.run(h)
+    return h
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public entry points
+
+
+@torch.no_grad()
+def tiled_decode(first_stage: nn.Module, z: Tensor, config: VAETiling = VAETiling()) -> Tensor:
+    """`first_stage.decode(z)` computed in tiles of `config.tile` latent pixels (same result within 1/255)."""
+    if hasattr(first_stage, "quantize"):
+        z = _quantize_in_rows(first_stage.quantize, z)
+    h = first_stage.post_quant_conv(z)
+    stages = decoder_stages(first_stage.decoder)
+    split = _decoder_split(stages)
+    h = _run(stages[:split], h)  # latent resolution, attention included: untiled
+    return stream_stages(stages[split:], h, config).to(z.device)
+
+
+@torch.no_grad()
+def tiled_encode(first_stage: nn.Module, x: Tensor, config: VAETiling = VAETiling(tile=512)) -> Tensor:
+    """`first_stage.encode(x)` (unscaled latent) computed in tiles of `config.tile` image pixels."""
+    stages = encoder_stages(first_stage.encoder)
+    split = _encoder_split(stages)
+    align = 2 ** sum(stage.scale < 1 for stage in stages[:split])
+    if x.shape[-2] % align or x.shape[-1] % align:
+        raise ItemError(f"image of {x.shape[-1]}x{x.shape[-2]} pixels cannot be encoded in tiles; "
+                        f"its sides must be multiples of {align}")
+    h = stream_stages(stages[:split], x, config).to(x.device)
+    moments = first_stage.quant_conv(_run(stages[split:], h))  # latent resolution: untiled
+    if hasattr(first_stage, "quantize"):
+        return moments
+    return torch.chunk(moments, 2, dim=1)[0]
+
+
+def _decoder_split(stages: list[Stage]) -> int:
+    """Untiled prefix: everything up to the first upsample, and any later stage holding attention."""
+    first_up = next((i for i, s in enumerate(stages) if s.scale != 1), len(stages))
+    last_attention = max((i + 1 for i, s in enumerate(stages) if s.has_attention), default=0)
+    return max(first_up, last_attention)
+
+
+def _encoder_split(stages: list[Stage]) -> int:
+    """Tiled prefix: everything up to the last downsample, stopping before any attention."""
+    last_down = max((i + 1 for i, s in enumerate(stages) if s.scale != 1), default=0)
+    first_attention = next((i for i, s in enumerate(stages) if s.has_attention), len(stages))
+    return min(last_down, first_attention)
+
+
+def _quantize_in_rows(quantize: nn.Module, z: Tensor, pixels: int = 4096) -> Tensor:
+    """Nearest-codebook quantization, a few latent rows at a time (its distance matrix grows with the image)."""
+    rows = max(1, pixels // max(1, z.shape[-1]))
+    return torch.cat([quantize(z[..., i : i + rows, :])[0] for i in range(0, z.shape[-2], rows)], dim=-2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Streaming passes
+
+
+class _Stop(Exception):
+    """Ends a tile's forward once the statistics the pass gathers have been added."""
+
+
+@dataclass(frozen=True)
+class _Window:
+    """One tile: its core (a cell of the partition) and its crop (core plus halo), in source pixels."""
+
+    core: tuple[int, int, int, int]  # y0, y1, x0, x1
+    crop: tuple[int, int, int, int]
+
+    def core_at(self, height: int, width: int) -> tuple[slice, slice]:
+        """The core inside a tensor computed from the crop, at that tensor's resolution."""
+        cy0, cy1, cx0, cx1 = self.crop
+        y0, y1, x0, x1 = self.core
+        fy, fx = Fraction(height, cy1 - cy0), Fraction(width, cx1 - cx0)
+        bounds = [(y0 - cy0) * fy, (y1 - cy0) * fy, (x0 - cx0) * fx, (x1 - cx0) * fx]
+        if any(b.denominator != 1 for b in bounds):
+            raise ValueError(f"tile core {self.core} does not align with a {height}x{width} feature map")
+        a, b, c, d = (int(v) for v in bounds)
+        return slice(a, b), slice(c, d)
+
+
+@dataclass
+class _Probe:
+    """What one run over a small input shows: norm order, halo, alignment, boundary shapes."""
+
+    norms: list  # GroupNorm modules in execution order
+    norm_stage: dict  # norm -> index of the stage it runs in
+    halo: int
+    align: int
+    boundary: list  # per stage index: (channels, scale) of its input
+
+
+def _windows(height: int, width: int, tile: int, halo: int) -> list[_Window]:
+    windows = []
+    for y0 in range(0, height, tile):
+        for x0 in range(0, width, tile):
+            y1, x1 = min(y0 + tile, height), min(x0 + tile, width)
+            crop = (max(0, y0 - halo), min(height, y1 + halo), max(0, x0 - halo), min(width, x1 + halo))
+            windows.append(_Window((y0, y1, x0, x1), crop))
+    return windows
+
+
+def _probe(stages: list[Stage], channels: int, device, dtype) -> _Probe:
+    align = 2 ** sum(stage.scale < 1 for stage in stages)
+    size = 2 * align
+    norms, norm_stage, radius, boundary = [], {}, [0.0], []
+    current = [0]
+
+    def on_norm(module, args):
+        if module not in norm_stage:
+            norms.append(module)
+            norm_stage[module] = current[0]
+
+    def on_conv(module, args):
+        scale = args[0].shape[-2] / size
+        k = (module.kernel_size[0] - 1) * module.dilation[0]
+        radius[0] += (k if module.stride[0] > 1 else k / 2) / scale
+
+    handles = []
+    for stage in stages:
+        for m in (mm for module in stage.modules for mm in module.modules()):
+            if isinstance(m, nn.GroupNorm):
+                handles.append(m.register_forward_pre_hook(on_norm))
+            elif isinstance(m, nn.Conv2d):
+                handles.append(m.register_forward_pre_hook(on_conv))
+    try:
+        h = torch.zeros(1, channels, size, size, device=device, dtype=dtype)
+        for index, stage in enumerate(stages):
+            current[0] = index
+            boundary.append((h.shape[1], Fraction(h.shape[-2], size)))
+            h = stage.run(h)
+    finally:
+        for handle in handles:
+            handle.remove()
+    halo = math.ceil(radius[0] / align) * align
+    return _Probe(norms, norm_stage, halo, align, boundary)
+
+
+@dataclass
+class _NormControl:
+    """Forward hooks on every GroupNorm of the tiled stages: normalise with global stats, or gather them."""
+
+    stats: dict = field(default_factory=dict)  # norm -> (mean, rstd), (B, G) float32
+    target: Optional[nn.Module] = None
+    window: Optional[_Window] = None
+    sums: Optional[list] = None  # [sum, sum of squares, count] for the target
+    active: bool = True
+
+    def before(self, module, args):
+        if not self.active or module is not self.target:
+            return None
+        x = args[0]
+        rows, cols = self.window.core_at(x.shape[-2], x.shape[-1])
+        core = x[..., rows, cols].double().reshape(x.shape[0], module.num_groups, -1)
+        part = [core.sum(-1), core.square().sum(-1), core.shape[-1]]
+        self.sums = part if self.sums is None else [a + b for a, b in zip(self.sums, part)]
+        raise _Stop
+
+    def after(self, module, args, output):
+        if not self.active or module not in self.stats:
+            return None
+        x = args[0]
+        mean, rstd = self.stats[module]
+        b, c = x.shape[:2]
+        groups = x.float().reshape(b, module.num_groups, -1)
+        y = ((groups - mean[..., None]) * rstd[..., None]).reshape(x.shape)
+        if module.affine:
+            y = y * module.weight.float()[None, :, None, None] + module.bias.float()[None, :, None, None]
+        return y.to(output.dtype)
+
+    def finish_target(self) -> None:
+        total, squares, count = self.sums
+        mean = total / count
+        var = (squares / count - mean.square()).clamp_min(0)
+        rstd = (var + self.target.eps).rsqrt()
+        self.stats[self.target] = (mean.float(), rstd.float())
+        self.target, self.sums = None, None
+
+
+def stream_stages(stages: list[Stage], source: Tensor, config: VAETiling) -> Tensor:
+    """`_run(stages, source)` computed tile by tile with global GroupNorm statistics.
+
+    The source and the result live on `config.store_device`; tiles run on the device of the stages'
+    parameters. Stages must be free of attention (it needs the whole canvas).
+    """
+    if any(stage.has_attention for stage in stages):
+        raise ValueError("stages with attention cannot be tiled")
+    if not stages:
+        return source
+    device, dtype = _device_dtype(stages, source)
+    control = _NormControl()
+    handles = _install(stages, control)
+    store = torch.device(config.store_device)
+    source = source.to(store)
+    try:
+        start = 0
+        while True:
+            control.active = False
+            probe = _probe(stages[start:], source.shape[1], device, dtype)
+            control.active = True
+            pending = [n for n in probe.norms if n not in control.stats]
+            control.target = pending[0] if pending else None
+            checkpoint = _checkpoint_index(probe, control.target, source, config)
+            tile = max(probe.align, config.tile // probe.align * probe.align)
+            windows = _windows(source.shape[-2], source.shape[-1], tile, probe.halo)
+            result = _pass(stages[start:], source, windows, control, checkpoint, device, dtype, store)
+            if control.target is None:
+                return result
+            control.finish_target()
+            if checkpoint is not None:
+                source, start = result, start + checkpoint
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _device_dtype(stages: list[Stage], source: Tensor):
+    for stage in stages:
+        for module in stage.modules:
+            for p in module.parameters():
+                return p.device, p.dtype
+    return source.device, source.dtype
+
+
+def _install(stages: list[Stage], control: _NormControl) -> list:
+    handles = []
+    for stage in stages:
+        for m in (mm for module in stage.modules for mm in module.modules()):
+            if isinstance(m, nn.GroupNorm):
+                handles.append(m.register_forward_pre_hook(control.before))
+                handles.append(m.register_forward_hook(control.after))
+    return handles
+
+
+def _checkpoint_index(probe: _Probe, target, source: Tensor, config: VAETiling) -> Optional[int]:
+    """The stage boundary to store during this pass (the input of the target's stage), if it fits."""
+    if target is None:
+        return None
+    index = probe.norm_stage[target]
+    if index == 0:
+        return None
+    channels, scale = probe.boundary[index]
+    pixels = source.shape[-2] * source.shape[-1] * scale * scale
+    return index if channels * pixels * source.shape[0] * source.element_size() <= config.store_bytes else None
+
+
+def _pass(stages, source, windows, control, checkpoint, device, dtype, store) -> Optional[Tensor]:
+    """Runs every window; returns the stored checkpoint (stats passes) or the assembled output (last pass)."""
+    canvas = None
+    for window in windows:
+        y0, y1, x0, x1 = window.crop
+        h = source[..., y0:y1, x0:x1].to(device=device, dtype=dtype)
+        control.window = window
+        try:
+            for index, stage in enumerate(stages):
+                if index == checkpoint:
+                    canvas = _paste(canvas, h, window, source, store)
+                h = stage.run(h)
+        except _Stop:
+            continue
+        canvas = _paste(canvas, h, window, source, store)
+    return canvas
+
+
+def _paste(canvas: Optional[Tensor], h: Tensor, window: _Window, source: Tensor, store) -> Tensor:
+    """Copies the window's core of `h` into the full-size canvas at h's resolution (allocated on first use)."""
+    cy0, cy1, cx0, cx1 = window.crop
+    fy, fx = Fraction(h.shape[-2], cy1 - cy0), Fraction(h.shape[-1], cx1 - cx0)
+    if canvas is None:
+        size = (int(source.shape[-2] * fy), int(source.shape[-1] * fx))
+        canvas = torch.empty(*h.shape[:2], *size, dtype=h.dtype, device=store)
+    rows, cols = window.core_at(h.shape[-2], h.shape[-1])
+    y0, _y1, x0, _x1 = window.core
+    top, left = int(y0 * fy), int(x0 * fx)
+    canvas[..., top : top + rows.stop - rows.start, left : left + cols.stop - cols.start] = h[..., rows, cols].to(store)
+    return canvas

@@ -1,0 +1,104 @@
+"""Tiled first-stage decode/encode equal the untiled ones (GroupNorm statistics gathered globally)."""
+import pytest
+import torch
+from torch import nn
+
+from ldmtool.errors import ItemError
+from ldmtool.nets.autoencoder import AutoencoderKL, VQModelInterface
+from ldmtool.tiling.vae import VAETiling, _decoder_split, decoder_stages, tiled_decode, tiled_encode
+
+torch.set_num_threads(1)
+
+KL = dict(double_z=True, z_channels=4, resolution=64, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2, 2],
+          num_res_blocks=1, attn_resolutions=[], dropout=0.0)
+KL_ATTN_UP = dict(KL, attn_resolutions=[32])  # attention also one level above the latent (as kl-f32)
+VQ = dict(KL, double_z=False, z_channels=3, attn_type="none")
+LOSS = {"target": "torch.nn.Identity"}
+PIXEL = 1 / 255 * 2  # one 8-bit step, in the decoder's [-1, 1] range
+
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random weights large enough that GroupNorm statistics differ a lot from tile to tile."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            for name, p in module.named_parameters(recurse=False):
+                offset = 1.0 if isinstance(module, nn.GroupNorm) and name == "weight" else 0.0
+                p.copy_(offset + 0.15 * torch.randn(p.shape, generator=gen))
+    return model.eval()
+
+
+def _kl(ddconfig=KL):
+    return randomize(AutoencoderKL(ddconfig=ddconfig, lossconfig=LOSS, embed_dim=4))
+
+
+def _vq():
+    vq = randomize(VQModelInterface(embed_dim=3, n_embed=32, ddconfig=VQ, lossconfig=LOSS))
+    with torch.no_grad():
+        vq.quantize.embedding.weight.copy_(torch.randn(32, 3, generator=torch.Generator().manual_seed(3)))
+    return vq
+
+
+def _image(height=64, width=96, seed=1):
+    """A smooth image with a strong left-right gradient, so tiles really have different statistics."""
+    g = torch.Generator().manual_seed(seed)
+    ramp = torch.linspace(-1, 1, width)[None, None, None, :].expand(1, 3, height, width)
+    return (0.6 * ramp + 0.3 * torch.randn(1, 3, height, width, generator=g)).clamp(-1, 1)
+
+
+@pytest.mark.parametrize("store_bytes", [0, 512 * 2**20])
+@pytest.mark.parametrize("make", [_kl, _vq, lambda: _kl(KL_ATTN_UP)], ids=["kl", "vq", "kl-attn-up"])
+def test_tiled_decode_matches_untiled(make, store_bytes):
+    model = make()
+    with torch.no_grad():
+        z = model.encode(_image()) + 0.5 * torch.randn(1, model.post_quant_conv.in_channels, 16, 24,
+                                                       generator=torch.Generator().manual_seed(2))
+        z = torch.cat([z, z.flip(-1)])  # two items: per-item statistics
+        expected = model.decode(z)
+        got = tiled_decode(model, z, VAETiling(tile=8, store_bytes=store_bytes))
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max() <= PIXEL
+    assert (got - expected).abs().max() <= 1e-4  # in fact exact up to float rounding
+
+
+@pytest.mark.parametrize("make", [_kl, _vq, lambda: _kl(KL_ATTN_UP)], ids=["kl", "vq", "kl-attn-up"])
+def test_tiled_encode_matches_untiled(make):
+    model = make()
+    x = torch.cat([_image(), _image(seed=4).flip(-1)])
+    with torch.no_grad():
+        expected = model.encode(x)
+        got = tiled_encode(model, x, VAETiling(tile=32))
+        assert (got - expected).abs().max() <= 1e-4
+        assert (model.decode(got) - model.decode(expected)).abs().max() <= PIXEL
+
+
+def test_untiled_groupnorm_would_not_match():
+    """The check above is meaningful: per-tile statistics (the naive way) change the decode visibly."""
+    model = _kl()
+    with torch.no_grad():
+        z = model.encode(_image())
+        whole = model.decode(z)
+        left = model.decode(z[..., :12])
+    assert (whole[..., :32] - left[..., :32]).abs().max() > 10 * PIXEL
+
+
+def test_tiles_bound_the_feature_maps_the_tiled_layers_see():
+    model = _kl()
+    stages = decoder_stages(model.decoder)
+    tiled_convs = [m for s in stages[_decoder_split(stages):] for mod in s.modules for m in mod.modules()
+                   if isinstance(m, nn.Conv2d)]
+    seen = []
+    handles = [c.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[-2] * a[0].shape[-1])) for c in tiled_convs]
+    z = torch.randn(1, 4, 48, 48)
+    try:
+        tiled_decode(model, z, VAETiling(tile=8, store_bytes=0))
+    finally:
+        for h in handles:
+            h.remove()
+    full = (48 * 4) ** 2
+    assert max(seen) < full / 4  # each tile (with its halo) is a fraction of the canvas
+
+
+def test_encode_refuses_sizes_the_downsampling_grid_cannot_tile():
+    with pytest.raises(ItemError, match="multiples of 4"):
+        tiled_encode(_kl(), torch.zeros(1, 3, 30, 32), VAETiling(tile=16))
