@@ -56,6 +56,7 @@ def load_model(path_or_name: Union[str, Path], *, config: Optional[ConfigLike] =
     `preset`, else a YAML beside the weights, else detection from the keys."""
     weights, default_config = resolve_source(path_or_name)
     raw = read_state_dict(weights)
+    default_config = _embedded_config(weights) or default_config
     prepared = prepare_weights(raw, use_ema=use_ema)
     detection = detect_family({k: tuple(v.shape) for k, v in prepared.state.items()})
     doc, config_used = resolve_config(weights, config=config, preset=preset, default_config=default_config,
@@ -96,18 +97,30 @@ def resolve_source(path_or_name: Union[str, Path]) -> tuple[Path, Optional[Path]
 
 
 def resolve_config(weights: Path, *, config: Optional[ConfigLike], preset: Optional[str],
-                   default_config: Optional[Path], detection: Optional[Detection]) -> tuple[dict[str, Any], str]:
+                   default_config: Optional[ConfigLike], detection: Optional[Detection]) -> tuple[dict[str, Any], str]:
     """The config document to build, and a short note of where it came from."""
     if config is not None:
         return load_config(config), f"--config {config if not isinstance(config, Mapping) else '(dict)'}"
     if preset is not None:
         return load_preset(preset), f"preset {preset}"
+    if isinstance(default_config, Mapping):
+        return load_config(default_config), "config stored in the file"
     if default_config is not None:
-        return load_config(default_config), f"{default_config.name} beside the weights"
+        return load_config(default_config), f"{Path(default_config).name} beside the weights"
     if detection is None:
         raise CheckpointError(f"{weights}: cannot tell the model family from its keys; pass --config YAML or "
                               f"--preset NAME (see 'ldmtool models list')")
     return load_preset(detection.family), f"detected: {detection.describe()}"
+
+
+def _embedded_config(weights: Path) -> Optional[dict[str, Any]]:
+    """The config `ldmtool models convert` stores in a safetensors file's metadata."""
+    import yaml
+
+    from ldmtool.checkpoints.files import read_safetensors_metadata
+
+    text = read_safetensors_metadata(weights).get("ldmtool_config")
+    return yaml.safe_load(text) if text else None
 
 
 def _config_doc(config: Union[ConfigLike, str]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from types import ModuleType
 COMMAND_MODULES = [
     "ldmtool.cli.info",
     "ldmtool.cli.train",
+    "ldmtool.cli.models",
 ]
 
 

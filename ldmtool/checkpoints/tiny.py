@@ -1,0 +1,62 @@
+"""Small variants of the presets: the same structure (levels, conditioner kind, input channels, vocab
+and sequence sizes, attention switches) with tiny widths, for tests and quick experiments."""
+from __future__ import annotations
+
+import copy
+from typing import Any, Mapping
+
+from ldmtool.checkpoints.presets import load_preset
+
+TINY_CLIP_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+
+
+def tiny_config(preset_or_doc: str | Mapping[str, Any]) -> dict[str, Any]:
+    """A preset's config with widths shrunk so the whole bundle has a few million parameters."""
+    doc = copy.deepcopy(load_preset(preset_or_doc) if isinstance(preset_or_doc, str) else dict(preset_or_doc))
+    params = doc["model"].setdefault("params", {})
+    if "unet_config" not in params:  # a first stage alone
+        _shrink_first_stage(params)
+        return doc
+    context = _shrink_cond_stage(params.get("cond_stage_config"))
+    _shrink_first_stage(params["first_stage_config"]["params"])
+    _shrink_unet(params["unet_config"]["params"], context)
+    return doc
+
+
+def _shrink_first_stage(p: dict[str, Any]) -> None:
+    dd = p["ddconfig"]
+    dd.update(ch=32, num_res_blocks=1)
+    if "n_embed" in p:
+        p["n_embed"] = 64
+
+
+def _shrink_unet(p: dict[str, Any], context_dim: int | None) -> None:
+    p.update(model_channels=32, num_res_blocks=1)
+    if p.get("num_head_channels", -1) != -1:
+        p["num_head_channels"] = 16
+    if p.get("num_heads", -1) not in (-1, 1):
+        p["num_heads"] = 2
+    if p.get("use_spatial_transformer"):
+        p["context_dim"] = context_dim
+        p["transformer_depth"] = 1
+
+
+def _shrink_cond_stage(cond: Any) -> int | None:
+    """Shrink the conditioner in place; return its new context width (None without cross-attention)."""
+    if not isinstance(cond, dict):
+        return None
+    name = cond["target"].rsplit(".", 1)[-1]
+    p = cond.setdefault("params", {})
+    if name == "BERTEmbedder":
+        p.update(n_embed=32, n_layer=1)
+        return 32
+    if name == "ClassEmbedder":
+        p["embed_dim"] = 32
+        return 32
+    if name == "FrozenCLIPEmbedder":
+        p["text_config"] = dict(TINY_CLIP_TEXT)
+        return TINY_CLIP_TEXT["hidden_size"]
+    if name == "FrozenOpenCLIPEmbedder":
+        p.update(width=32, layers=2, heads=2)
+        return 32
+    return None

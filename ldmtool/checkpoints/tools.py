@@ -1,0 +1,106 @@
+"""What `ldmtool models list|inspect|convert` do, as importable functions returning plain data."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import yaml
+
+from ldmtool.checkpoints.api import _embedded_config, _optional_keys, load_model, resolve_config, resolve_source
+from ldmtool.checkpoints.bundle import build_bundle
+from ldmtool.checkpoints.config import ConfigLike, ldmtool_block
+from ldmtool.checkpoints.detect import detect_family
+from ldmtool.checkpoints.files import read_state_dict, save_safetensors
+from ldmtool.checkpoints.presets import preset_info, preset_names, shipped_models
+from ldmtool.checkpoints.weights import check_state_dict, prepare_weights
+from ldmtool.errors import CheckpointError, UsageError
+
+COMPONENTS = (
+    ("model.diffusion_model.", "unet"),
+    ("first_stage_model.", "first_stage"),
+    ("cond_stage_model.", "cond_stage"),
+    ("low_scale_model.", "low_scale"),
+)
+CONFIG_METADATA_KEY = "ldmtool_config"
+
+
+def list_models() -> dict[str, Any]:
+    """Presets (architectures) and shipped default models (weights + config)."""
+    presets = [vars(preset_info(name)) for name in preset_names()]
+    shipped = [{"name": m.name, "weights": str(m.weights), "config": str(m.config)} for m in shipped_models()]
+    return {"presets": presets, "shipped": shipped}
+
+
+def _component(key: str) -> str:
+    for prefix, name in COMPONENTS:
+        if key.startswith(prefix):
+            return name
+    return "first_stage" if key.startswith(("encoder.", "decoder.", "quant", "post_quant")) else "other"
+
+
+def inspect_checkpoint(path_or_name: str | Path, *, config: Optional[ConfigLike] = None,
+                       preset: Optional[str] = None) -> dict[str, Any]:
+    """Family (from the config used and from the keys), parameters per component, EMA, dtype, and
+    whether the weights match the architecture (checked on the meta device: nothing is materialised)."""
+    weights, default_config = resolve_source(path_or_name)
+    raw = read_state_dict(weights)
+    prepared = prepare_weights(raw, use_ema=True)
+    detection = detect_family({k: tuple(v.shape) for k, v in prepared.state.items()})
+    params: Counter = Counter()
+    for key, value in prepared.state.items():
+        params[_component(key)] += value.numel()
+    dtypes = Counter(str(v.dtype).replace("torch.", "") for v in raw.values() if v.is_floating_point())
+    report: dict[str, Any] = {
+        "path": str(weights),
+        "detected_family": detection.family if detection else None,
+        "detected_alternatives": list(detection.alternatives) if detection else [],
+        "ema_present": prepared.ema_present,
+        "ema_tensors": prepared.ema_used,
+        "dtype": dtypes.most_common(1)[0][0] if dtypes else None,
+        "tensors": len(raw),
+        "parameters": dict(sorted(params.items())),
+        "parameters_total": sum(params.values()),
+    }
+    try:
+        doc, used = resolve_config(weights, config=config, preset=preset, default_config=_embedded_config(weights)
+                                   or default_config, detection=detection)
+    except CheckpointError as err:
+        report.update(family=None, config_used=None, matches=False, problem=str(err))
+        return report
+    family = ldmtool_block(doc).get("family") or "custom"
+    block = doc["model"].get("params") or {}
+    report.update(family=family, config_used=used, parameterization=block.get("parameterization", "eps"))
+    with torch.device("meta"):
+        bundle = build_bundle(doc, family)
+    expected = {k: tuple(v.shape) for k, v in bundle.state_dict().items()}
+    try:
+        check_state_dict(expected, prepared.state, source=str(weights), family=family,
+                         likely=detection.describe() if detection else None, optional=_optional_keys(bundle))
+        report.update(matches=True, problem=None)
+    except CheckpointError as err:
+        report.update(matches=False, problem=str(err))
+    return report
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path, *, fp16: bool = False, config: Optional[ConfigLike] = None,
+                       preset: Optional[str] = None, use_ema: bool = True) -> dict[str, Any]:
+    """Write a checkpoint as safetensors in the original key layout (EMA merged when chosen), with its
+    config in the file's metadata so it reloads without detection."""
+    dst = Path(dst)
+    if dst.suffix.lower() != ".safetensors":
+        raise UsageError(f"{dst}: the output of 'models convert' must end in .safetensors")
+    if not dst.parent.is_dir():
+        raise UsageError(f"{dst.parent}: output folder does not exist")
+    bundle = load_model(src, config=config, preset=preset, dtype=None, use_ema=use_ema)
+    state = bundle.state_dict()
+    schedule = set(bundle.schedule_values())
+    if fp16:
+        state = {k: v.half() if v.is_floating_point() and k not in schedule else v for k, v in state.items()}
+    doc = dict(bundle.config)
+    metadata = {"format": "pt", "ldmtool_family": str(bundle.family), CONFIG_METADATA_KEY: yaml.safe_dump(doc, sort_keys=False)}
+    save_safetensors(state, dst, metadata)
+    info = bundle.load_info
+    return {"input": str(info.path), "output": str(dst), "family": bundle.family, "tensors": len(state),
+            "ema_used": info.ema_used > 0, "dtype": "float16" if fp16 else info.file_dtype, "config_used": info.config_used}

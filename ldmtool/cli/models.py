@@ -1,0 +1,94 @@
+"""`ldmtool models list|inspect|convert`: presets, shipped models, and checkpoint files."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from ldmtool.cli.options import Config, Json, NoEma, Preset
+
+LIST_EXAMPLE = "Example: ldmtool models list --json"
+INSPECT_EXAMPLE = "Example: ldmtool models inspect sd-v1-5.ckpt --json"
+CONVERT_EXAMPLE = "Example: ldmtool models convert sd-v1-5.ckpt sd-v1-5.safetensors --fp16"
+
+models_app = typer.Typer(help="List presets and shipped models; inspect and convert checkpoints.", no_args_is_help=True)
+
+Checkpoint = Annotated[str, typer.Argument(help="Checkpoint file (.safetensors, .ckpt, .pt, .pth) or shipped model name.", show_default=False)]
+Fp16 = Annotated[bool, typer.Option("--fp16", help="Store network weights as float16 (schedule buffers stay float32).")]
+
+
+def _print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, sort_keys=False))
+
+
+def list_command(json_out: Json = False) -> None:
+    """List the architecture presets and the default models shipped with ldmtool."""
+    from ldmtool.checkpoints.tools import list_models
+
+    data = list_models()
+    if json_out:
+        _print_json(data)
+        return
+    typer.echo("Presets (architecture only; use with --model FILE --preset NAME):")
+    width = max(len(p["name"]) for p in data["presets"])
+    for p in data["presets"]:
+        typer.echo(f"  {p['name']:<{width}}  {p['task']:<12}  {p['description']}")
+    typer.echo("Shipped models (use with --model NAME):")
+    for m in data["shipped"] or [{"name": "(none installed)", "weights": ""}]:
+        typer.echo(f"  {m['name']}  {m['weights']}")
+
+
+def inspect_command(checkpoint: Checkpoint, config: Config = None, preset: Preset = None, json_out: Json = False) -> None:
+    """Show a checkpoint's family, parameters per component, EMA, dtype and the config used."""
+    from ldmtool.checkpoints.tools import inspect_checkpoint
+
+    report = inspect_checkpoint(checkpoint, config=config, preset=preset)
+    if json_out:
+        _print_json(report)
+        return
+    alt = report["detected_alternatives"]
+    lines = [
+        f"file:            {report['path']}",
+        f"family:          {report['family'] or 'unknown'}",
+        f"detected:        {report['detected_family'] or 'unknown'}" + (f" (or {', '.join(alt)})" if alt else ""),
+        f"config used:     {report['config_used'] or '-'}",
+        f"prediction:      {report.get('parameterization', '-')}",
+        f"dtype:           {report['dtype']}",
+        f"EMA weights:     {'yes' if report['ema_present'] else 'no'}",
+        f"tensors:         {report['tensors']}",
+        f"parameters:      {report['parameters_total']:,}",
+    ]
+    lines += [f"  {name + ':':<15}{count:,}" for name, count in report["parameters"].items()]
+    lines.append(f"matches config:  {'yes' if report['matches'] else 'no'}")
+    if report["problem"]:
+        lines.append(f"problem:         {report['problem']}")
+    typer.echo("\n".join(lines))
+
+
+def convert_command(
+    src: Checkpoint,
+    dst: Annotated[Path, typer.Argument(help="Output .safetensors file.", show_default=False)],
+    fp16: Fp16 = False,
+    config: Config = None,
+    preset: Preset = None,
+    no_ema: NoEma = False,
+    json_out: Json = False,
+) -> None:
+    """Convert a checkpoint to safetensors in the original key layout (EMA weights merged unless --no-ema)."""
+    from ldmtool.checkpoints.tools import convert_checkpoint
+
+    result = convert_checkpoint(src, dst, fp16=fp16, config=config, preset=preset, use_ema=not no_ema)
+    if json_out:
+        _print_json(result)
+    else:
+        typer.echo(f"wrote {result['output']} ({result['family']}, {result['tensors']} tensors, {result['dtype']}"
+                   f"{', EMA merged' if result['ema_used'] else ''})")
+
+
+def register(app: typer.Typer) -> None:
+    models_app.command("list", help=f"{list_command.__doc__}\n\n{LIST_EXAMPLE}")(list_command)
+    models_app.command("inspect", help=f"{inspect_command.__doc__}\n\n{INSPECT_EXAMPLE}")(inspect_command)
+    models_app.command("convert", help=f"{convert_command.__doc__}\n\n{CONVERT_EXAMPLE}")(convert_command)
+    app.add_typer(models_app, name="models", help=f"{models_app.info.help}\n\n{LIST_EXAMPLE}")
