@@ -7,7 +7,6 @@ naming the file; the batch goes on; no traceback; exit code 1. The run happens a
 import json
 import os
 import shutil
-import stat
 import subprocess
 import sys
 import tempfile

@@ -428,3 +428,58 @@ def test_a_crashing_batch_is_retried_item_by_item(tmp_path):
 def test_empty_run_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError):
         run_task(_Doubler(), [], RunOptions(output=tmp_path))
+
+
+def test_disk_full_mid_run_stops_with_fatal_error(tmp_path, monkeypatch):
+    import errno
+
+    from ldmtool.errors import FatalError
+    from ldmtool.io import writer
+
+    real_write, calls = writer.os.write, []
+
+    def write_then_fill_up(fd, data):
+        calls.append(fd)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(writer.os, "write", write_then_fill_up)
+    out = io.StringIO()
+    reporter = Reporter(json_events=True, quiet=True, out=out, err=io.StringIO())
+    with pytest.raises(FatalError, match=r"b.png: cannot write the output \(the disk is full\); stopping"):
+        run_task(_Doubler(), _items("a", "b", "c"), RunOptions(output=tmp_path / "o", seed=1), reporter=reporter)
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["a.png", MANIFEST_NAME]
+    assert [json.loads(line)["event"] for line in out.getvalue().splitlines()] == ["done", "failed"]
+
+
+def test_a_task_that_cannot_start_is_fatal(tmp_path):
+    from ldmtool.errors import FatalError
+
+    class Broken(_Doubler):
+        def open(self):
+            raise RuntimeError("weights are\nmissing")
+
+    with pytest.raises(FatalError, match=r"^double: cannot start \(RuntimeError: weights are missing\)"):
+        run_task(Broken(), _items("a"), RunOptions(output=tmp_path / "o"), reporter=Reporter(quiet=True, out=io.StringIO()))
+
+
+class _FakeTerminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_on_a_terminal_and_steps(tmp_path):
+    class Stepping(_Doubler):
+        def run(self, jobs):
+            for step in range(3):
+                self.reporter.steps(step + 1, 3)
+            return super().run(jobs)
+
+    err = _FakeTerminal()
+    summary = run_task(Stepping(), _items("a", "bad", "c"), RunOptions(output=tmp_path / "o", seed=4),
+                       reporter=Reporter(out=io.StringIO(), err=err))
+    assert summary.exit_code == 1
+    text = err.getvalue()
+    assert "ldmtool: failed: k-bad: too bad" in text
+    assert "2 done, 0 skipped, 1 failed" in text and "(seed 4)" in text

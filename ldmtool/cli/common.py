@@ -13,14 +13,35 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn, Optional
+from typing import TYPE_CHECKING, Annotated, NoReturn, Optional
 
 import typer
+
+from ldmtool.cli.options import RUN
 
 if TYPE_CHECKING:
     from ldmtool.io.discover import Discovery
     from ldmtool.runtime.report import Summary
     from ldmtool.runtime.runner import RunOptions
+
+
+# Mask and input-size options for the commands that take masks (inpaint) or many images.
+MasksDir = Annotated[
+    Optional[Path],
+    typer.Option("--masks", help="Folder of masks named like the images (else x_mask.png beside x.png).",
+                 rich_help_panel=RUN),
+]
+InvertMask = Annotated[
+    bool, typer.Option("--invert-mask", help="Swap the mask meaning: black = repaint.", rich_help_panel=RUN)
+]
+MaskFromAlpha = Annotated[
+    bool, typer.Option("--mask-from-alpha", help="Repaint the transparent pixels of each image.", rich_help_panel=RUN)
+]
+MaxPixels = Annotated[
+    Optional[int],
+    typer.Option("--max-pixels", min=1, help="Refuse input images above this many pixels (default 8192x8192).",
+                 rich_help_panel=RUN),
+]
 
 
 def find_inputs(

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from ldmtool.cli import options as opt
-from ldmtool.cli.common import find_inputs, finish, run_options
+from ldmtool.cli.common import InvertMask, MaskFromAlpha, MasksDir, MaxPixels, find_inputs, finish, run_options
 
 SLEEP_ENV = "LDMTOOL_TEST_SLEEP"
 EXAMPLE = "Example: LDMTOOL_TEST_COMMANDS=1 ldmtool _invert photos/ -o out/ --json"
@@ -34,12 +33,12 @@ def invert(
     batch_size: opt.BatchSize = 1,
     seed: opt.Seed = None,
     pair_masks: Annotated[bool, typer.Option("--pair-masks", help="Pair each image with its mask.")] = False,
-    masks: Annotated[Optional[Path], typer.Option("--masks", help="Folder of masks named like the images.")] = None,
-    invert_mask: Annotated[bool, typer.Option("--invert-mask", help="Swap repaint and keep.")] = False,
-    mask_from_alpha: Annotated[bool, typer.Option("--mask-from-alpha", help="Transparent pixels are the mask.")] = False,
-    max_pixels: Annotated[Optional[int], typer.Option("--max-pixels", min=1, help="Pixel limit per image.")] = None,
+    masks: MasksDir = None,
+    invert_mask: InvertMask = False,
+    mask_from_alpha: MaskFromAlpha = False,
+    max_pixels: MaxPixels = None,
 ) -> None:
-    """Invert images (only inside the mask of those that have one): a trivial op that exercises the batch runner."""
+    """Invert images (only inside the mask of those that have one): a trivial op for testing the runner."""
     from ldmtool.runtime.runner import run_task
 
     discovery = find_inputs(inputs, recursive=recursive, pair_masks=pair_masks or masks is not None, masks_dir=masks)

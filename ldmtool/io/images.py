@@ -145,7 +145,10 @@ def _apply_orientation(array: np.ndarray, orientation: Optional[int]) -> np.ndar
     method = _ORIENTATION_TRANSPOSE.get(orientation or 1)
     if method is None:
         return np.ascontiguousarray(array)
-    planes = [np.asarray(Image.fromarray(np.ascontiguousarray(array[:, :, c], dtype=np.float32)).transpose(method)) for c in range(array.shape[2])]
+    planes = []
+    for channel in range(array.shape[2]):
+        plane = Image.fromarray(np.ascontiguousarray(array[:, :, channel], dtype=np.float32))
+        planes.append(np.asarray(plane.transpose(method)))
     return np.stack(planes, axis=2).astype(np.float32)
 
 

@@ -10,7 +10,6 @@ parameters in UserComment (as A1111 does) and the recipe, ASCII-escaped JSON, in
 """
 from __future__ import annotations
 
-import io
 import json
 import sys
 from dataclasses import dataclass, field
@@ -166,7 +165,9 @@ def _from_exif(path: Path, exif) -> Optional[ImageMetadata]:
     comment = exif.get_ifd(_EXIF_IFD).get(_USER_COMMENT)
     if description is None and comment is None:
         return None
-    recipe_text = description[len(_RECIPE_PREFIX):] if isinstance(description, str) and description.startswith(_RECIPE_PREFIX) else None
+    recipe_text = None
+    if isinstance(description, str) and description.startswith(_RECIPE_PREFIX):
+        recipe_text = description[len(_RECIPE_PREFIX):]
     return ImageMetadata(parameters=_decode_user_comment(comment), recipe=_parse_recipe(path, recipe_text))
 
 

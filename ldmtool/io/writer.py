@@ -36,7 +36,8 @@ def format_name(name: str) -> str:
 def format_for_path(path: Path) -> str:
     suffix = path.suffix.lower()
     if suffix not in FORMATS:
-        raise UsageError(f"{path}: cannot tell the output format from '{suffix or 'no extension'}'; use .png, .jpg or .webp")
+        shown = suffix or "no extension"
+        raise UsageError(f"{path}: cannot tell the output format from '{shown}'; use .png, .jpg or .webp")
     return FORMATS[suffix]
 
 

@@ -197,7 +197,16 @@ class _BatchRun:
             from ldmtool.runtime.cache import file_sha256
 
             self.model_sha256 = file_sha256(model_path)
-        self.task.open()
+        try:
+            self.task.open()
+        except LdmError:
+            raise
+        except Exception as err:  # a model that cannot start: no item can run
+            if os.environ.get(DEBUG_ENV) == "1":
+                raise
+            reason = " ".join(str(err).split()) or type(err).__name__
+            raise FatalError(f"{self.task.command}: cannot start ({type(err).__name__}: {reason}); "
+                             f"set {DEBUG_ENV}=1 for the full traceback") from err
 
     def _process(self, jobs: list[Job]) -> None:
         batch: list[Job] = []
@@ -275,7 +284,7 @@ class _BatchRun:
 
     def _fail(self, job: Job, err: BaseException, seconds: float, *, record: bool = True) -> None:
         if os.environ.get(DEBUG_ENV) == "1" and not isinstance(err, LdmError):
-            raise err
+            raise err  # developers: see where an unexpected error came from
         reason = _one_line(err, job.item)
         if record:
             self._record(job, Status.FAILED, seconds, reason, {})
