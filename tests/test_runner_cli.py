@@ -483,3 +483,19 @@ def test_progress_on_a_terminal_and_steps(tmp_path):
     text = err.getvalue()
     assert "ldmtool: failed: k-bad: too bad" in text
     assert "2 done, 0 skipped, 1 failed" in text and "(seed 4)" in text
+
+
+def test_outputs_inside_the_input_tree_are_not_inputs_on_rerun(tmp_path):
+    _save(tmp_path / "a.png")
+    first = ldmtool("_invert", ".", "-r", "-o", "out", "--json", cwd=tmp_path)
+    assert [e["key"] for e in item_events(first)] == ["a.png"]
+    second = ldmtool("_invert", ".", "-r", "-o", "out", "--json", cwd=tmp_path)
+    assert second.returncode == 0
+    assert [(e["key"], e["event"]) for e in item_events(second)] == [("a.png", "skipped")]
+    assert "ignored 1 input(s) inside the output folder out" in second.stderr
+
+
+def test_symlink_loops_are_walked_once(tmp_path):
+    _save(tmp_path / "in" / "a.png")
+    (tmp_path / "in" / "loop").symlink_to(tmp_path / "in")
+    assert [item.key for item in discover([str(tmp_path / "in")], recursive=True).items] == ["a.png"]

@@ -152,7 +152,13 @@ def _list_lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
-def _walk(folder: Path, root: Path, recursive: bool, out: list[_Candidate], skipped: list[Path]) -> None:
+def _walk(folder: Path, root: Path, recursive: bool, out: list[_Candidate], skipped: list[Path],
+          visited: Optional[set[Path]] = None) -> None:
+    visited = set() if visited is None else visited
+    real = folder.resolve()
+    if real in visited:
+        return  # a symlink loop, or the same folder reached twice
+    visited.add(real)
     try:
         entries = sorted(folder.iterdir())
     except OSError as err:
@@ -162,7 +168,7 @@ def _walk(folder: Path, root: Path, recursive: bool, out: list[_Candidate], skip
             continue  # hidden files, and our own temporary files
         if entry.is_dir():
             if recursive:
-                _walk(entry, root, recursive, out, skipped)
+                _walk(entry, root, recursive, out, skipped, visited)
         elif is_image_path(entry):
             out.append(_Candidate(entry, root, explicit=False))
         else:

@@ -152,6 +152,11 @@ class _BatchRun:
     # -- the run
 
     def execute(self, items: Sequence[Item], notes: Sequence[str] = ()) -> Summary:
+        items, outputs_as_inputs = (items, 0) if self.spec.is_file else _outside(items, self.spec.folder)
+        if outputs_as_inputs:
+            notes = [*notes, f"ignored {outputs_as_inputs} input(s) inside the output folder {self.spec.folder}"]
+        if not items:
+            raise UsageError(f"every input is inside the output folder {self.spec.folder}; choose another -o")
         jobs = self._plan(items)
         self._prepare_folder()
         for note in notes:
@@ -312,6 +317,23 @@ class _BatchRun:
             self.summary.failures.append(error)
         self.reporter.item(ItemEvent(status=status, key=job.item.key, input=_text(job.item.path),
                                      output=str(job.output), seed=job.seed, seconds=seconds, error=error))
+
+
+def _outside(items: Sequence[Item], folder: Path) -> tuple[list[Item], int]:
+    """Drop inputs found inside an output folder that lies within their input tree: a rerun of
+    `CMD . -r -o out` must not take its own outputs as new inputs. Returns (kept, number dropped)."""
+    out = Path(os.path.abspath(folder))
+    kept = [item for item in items if not _is_own_output(item, out)]
+    return kept, len(items) - len(kept)
+
+
+def _is_own_output(item: Item, out: Path) -> bool:
+    if item.path is None:
+        return False
+    path = Path(os.path.abspath(item.path))
+    depth = len(Path(item.key).parts)
+    input_root = path.parents[depth - 1] if 0 < depth <= len(path.parents) else path.parent
+    return out in path.parents and input_root in out.parents
 
 
 def _one_line(err: BaseException, item: Item) -> str:
