@@ -94,3 +94,10 @@ def test_info_on_files_without_metadata(tmp_path):
     assert len(lines) == 2 and "Traceback" not in result.stderr
     assert "plain.png: no generation metadata" in lines[0]
     assert "text.png: not a readable image" in lines[1]
+
+
+def test_camera_exif_is_not_generation_metadata(tmp_path):
+    exif = Image.Exif()
+    exif[0x010E] = "Holiday snap"
+    Image.new("RGB", (4, 4)).save(tmp_path / "camera.jpg", exif=exif.tobytes())
+    assert read_metadata(tmp_path / "camera.jpg") is None

@@ -163,11 +163,11 @@ def _from_png_text(path: Path, text: dict) -> ImageMetadata:
 def _from_exif(path: Path, exif) -> Optional[ImageMetadata]:
     description = exif.get(_IMAGE_DESCRIPTION)
     comment = exif.get_ifd(_EXIF_IFD).get(_USER_COMMENT)
-    if description is None and comment is None:
-        return None
     recipe_text = None
     if isinstance(description, str) and description.startswith(_RECIPE_PREFIX):
         recipe_text = description[len(_RECIPE_PREFIX):]
+    if recipe_text is None and not comment:
+        return None  # a camera's own description is not generation metadata
     return ImageMetadata(parameters=_decode_user_comment(comment), recipe=_parse_recipe(path, recipe_text))
 
 

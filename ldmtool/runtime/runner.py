@@ -222,10 +222,17 @@ class _BatchRun:
                 continue
             batch.append(job)
             if len(batch) == self.options.batch_size:
-                self._run_batch(batch)
+                self._run_and_release(batch)
                 batch = []
         if batch and not self.stopped:
+            self._run_and_release(batch)
+
+    def _run_and_release(self, batch: list[Job]) -> None:
+        try:
             self._run_batch(batch)
+        finally:
+            for job in batch:
+                job.payload = None  # a long run must not keep every loaded image alive
 
     def _load(self, job: Job) -> bool:
         started = time.monotonic()
