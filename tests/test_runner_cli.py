@@ -499,3 +499,15 @@ def test_symlink_loops_are_walked_once(tmp_path):
     _save(tmp_path / "in" / "a.png")
     (tmp_path / "in" / "loop").symlink_to(tmp_path / "in")
     assert [item.key for item in discover([str(tmp_path / "in")], recursive=True).items] == ["a.png"]
+
+
+def test_generated_items_keys_and_names(tmp_path):
+    from ldmtool.io.discover import generated_items
+
+    items = generated_items(["a red fox", "", "a red fox"], samples=2, kind="prompt")
+    assert [i.key for i in items] == ["prompt-0000/0", "prompt-0000/1", "prompt-0001/0", "prompt-0001/1",
+                                      "prompt-0002/0", "prompt-0002/1"]
+    assert [i.stem for i in items][:3] == ["0000-0-a-red-fox", "0000-1-a-red-fox", "0001-0"]
+    assert items[5].data == {"label": "a red fox", "index": 2, "sample": 1}
+    paths = plan_outputs(items, range(6), OutputSpec(target=tmp_path))
+    assert len(set(paths)) == 6

@@ -16,7 +16,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, TextIO
+from typing import Any, Iterable, Mapping, Optional, Sequence, TextIO
 
 from ldmtool.errors import ItemError, UsageError
 from ldmtool.io.images import IMAGE_SUFFIXES, is_image_path
@@ -83,6 +83,20 @@ def sanitize_name(text: str, max_length: int = 80) -> str:
     """A safe file-name stem from free text (prompts, layout names): no separators, dots or controls."""
     cleaned = re.sub(r"[^\w\-]+", "-", text, flags=re.UNICODE).strip("-_")
     return cleaned[:max_length].rstrip("-_") or "item"
+
+
+def generated_items(labels: Sequence[str], *, samples: int = 1, kind: str = "item") -> list[Item]:
+    """Items for generators: one per (label, sample). Keys ('prompt-0003/1') follow the label's index, so
+    seeds stay put when other labels change; stems ('0003-1-a-red-fox') keep outputs apart and readable.
+    Each item's `data` holds `label`, `index` and `sample`."""
+    items = []
+    for index, label in enumerate(labels):
+        slug = sanitize_name(label, max_length=60) if label.strip() else ""
+        for sample in range(samples):
+            stem = f"{index:04d}-{sample}" + (f"-{slug}" if slug and slug != "item" else "")
+            items.append(Item(key=f"{kind}-{index:04d}/{sample}", stem=stem,
+                              data={"label": label, "index": index, "sample": sample}))
+    return items
 
 
 def discover(
