@@ -207,14 +207,37 @@ class _Probe:
     boundary: list  # per stage index: (channels, scale) of its input
 
 
-def _windows(height: int, width: int, tile: int, halo: int) -> list[_Window]:
+def _windows(height: int, width: int, tile: int, halo: int, wrap_y: bool, wrap_x: bool) -> list[_Window]:
+    """Cores partition the canvas; crops add the halo, clipped at a plain border and wrapped at a seamless one."""
     windows = []
     for y0 in range(0, height, tile):
         for x0 in range(0, width, tile):
             y1, x1 = min(y0 + tile, height), min(x0 + tile, width)
-            crop = (max(0, y0 - halo), min(height, y1 + halo), max(0, x0 - halo), min(width, x1 + halo))
-            windows.append(_Window((y0, y1, x0, x1), crop))
+            rows = (y0 - halo, y1 + halo) if wrap_y else (max(0, y0 - halo), min(height, y1 + halo))
+            cols = (x0 - halo, x1 + halo) if wrap_x else (max(0, x0 - halo), min(width, x1 + halo))
+            windows.append(_Window((y0, y1, x0, x1), (*rows, *cols)))
     return windows
+
+
+def _seamless_axes(stages: list[Stage]) -> tuple[bool, bool]:
+    """(wrap_y, wrap_x) as set on the convolutions by seamless mode (`seamless = (x, y)` on each conv)."""
+    for stage in stages:
+        for module in stage.modules:
+            for m in module.modules():
+                if isinstance(m, nn.Conv2d) and any(getattr(m, "seamless", (False, False))):
+                    wrap_x, wrap_y = m.seamless
+                    return bool(wrap_y), bool(wrap_x)
+    return False, False
+
+
+def _crop(source: Tensor, window: _Window) -> Tensor:
+    y0, y1, x0, x1 = window.crop
+    height, width = source.shape[-2:]
+    if 0 <= y0 and y1 <= height and 0 <= x0 and x1 <= width:
+        return source[..., y0:y1, x0:x1]
+    rows = torch.arange(y0, y1) % height
+    cols = torch.arange(x0, x1) % width
+    return source.index_select(-2, rows.to(source.device)).index_select(-1, cols.to(source.device))
 
 
 def _probe(stages: list[Stage], channels: int, device, dtype) -> _Probe:
@@ -297,7 +320,7 @@ class _NormControl:
 def stream_stages(stages: list[Stage], source: Tensor, config: VAETiling) -> Tensor:
     """`_run(stages, source)` computed tile by tile with global GroupNorm statistics.
 
-    The source and the result live on `config.store_device`; tiles run on the device of the stages'
+    Axes the stages' convolutions wrap around (seamless mode) are tiled with wrapped halos. The source and the result live on `config.store_device`; tiles run on the device of the stages'
     parameters. Stages must be free of attention (it needs the whole canvas).
     """
     if any(stage.has_attention for stage in stages):
@@ -305,6 +328,7 @@ def stream_stages(stages: list[Stage], source: Tensor, config: VAETiling) -> Ten
     if not stages:
         return source
     device, dtype = _device_dtype(stages, source)
+    wrap = _seamless_axes(stages)
     control = _NormControl()
     handles = _install(stages, control)
     store = torch.device(config.store_device)
@@ -319,7 +343,7 @@ def stream_stages(stages: list[Stage], source: Tensor, config: VAETiling) -> Ten
             control.target = pending[0] if pending else None
             checkpoint = _checkpoint_index(probe, control.target, source, config)
             tile = max(probe.align, config.tile // probe.align * probe.align)
-            windows = _windows(source.shape[-2], source.shape[-1], tile, probe.halo)
+            windows = _windows(source.shape[-2], source.shape[-1], tile, probe.halo, *wrap)
             result = _pass(stages[start:], source, windows, control, checkpoint, device, dtype, store)
             if control.target is None:
                 return result
@@ -365,8 +389,7 @@ def _pass(stages, source, windows, control, checkpoint, device, dtype, store) ->
     """Runs every window; returns the stored checkpoint (stats passes) or the assembled output (last pass)."""
     canvas = None
     for window in windows:
-        y0, y1, x0, x1 = window.crop
-        h = source[..., y0:y1, x0:x1].to(device=device, dtype=dtype)
+        h = _crop(source, window).to(device=device, dtype=dtype)
         control.window = window
         try:
             for index, stage in enumerate(stages):
