@@ -201,3 +201,53 @@ def test_other_task_exports_load(first_stage, images, tmp_path, task):
     path = df.train_diffusion(TINY_UNET, training, first_stage, images, _run(tmp_path, steps=1))
     bundle = ldmtool.load_model(path)
     assert bundle.conditioning_key == ("concat" if task == df.Task.INPAINT else None)
+
+
+def test_semantic_trains_the_spatial_rescaler_jointly(first_stage, tmp_path):
+    training = df.DiffusionTraining(task=df.Task.SEMANTIC, crop=32, batch_size=2, lr=1e-2)
+    stage = df.load_first_stage(first_stage, torch.device("cpu"))
+    trainer = df.DiffusionTrainer(TINY_UNET, training, stage, [], torch.device("cpu"), torch.float32)
+    before = trainer.cond_stage.channel_mapper.weight.detach().clone()
+    for step in range(3):  # the UNet's output conv starts at zero, so no gradient reaches the input at step 0
+        trainer.step(step)
+    assert not torch.equal(before, trainer.cond_stage.channel_mapper.weight)
+    trainer.scale_factor = 1.0
+    _, concat = trainer.batch(0)
+    assert concat.shape == (2, 3, 8, 8)
+    path = trainer.export(tmp_path, 1)
+    bundle = ldmtool.load_model(path)
+    assert type(bundle.cond_stage).__name__ == "SpatialRescaler"
+    config = yaml.safe_load(path.with_name("model.yaml").read_text())
+    assert config["model"]["params"]["cond_stage_trainable"] is True
+    assert [c["name"] for c in config["ldmtool"]["classes"]][:2] == ["sky", "grass"]
+
+
+def _cli(args, capsys):
+    from ldmtool.cli.app import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_cli_trains_both_stages(images, tmp_path, capsys):
+    data = str(images[0].parent)
+    code, err = _cli(["train", "autoencoder", "--data", data, "--channels", "32", "--crop", "32", "--batch-size", "1",
+                      "--steps", "2", "--device", "cpu", "--quiet", "-o", str(tmp_path / "ae")], capsys)
+    assert code in (0, None), err
+    code, err = _cli(["train", "diffusion", "--task", "superres", "--first-stage", str(tmp_path / "ae"), "--data", data,
+                      "--channels", "32", "--channel-mult", "1,2", "--attention-at", "2", "--crop", "32",
+                      "--batch-size", "1", "--steps", "2", "--device", "cpu", "--quiet", "-o", str(tmp_path / "sr")], capsys)
+    assert code in (0, None), err
+    assert ldmtool.load_model(tmp_path / "sr" / "model.safetensors").conditioning_key == "concat"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task", "semantic", "--data", "corpus"], "procedural label maps only"),
+    (["--task", "superres"], "needs --data"),
+    (["--task", "colour", "--data", "corpus"], "--task 'colour'"),
+    (["--task", "superres", "--data", "corpus", "--channel-mult", "1,x"], "comma-separated"),
+])
+def test_cli_usage_errors_are_one_line(tmp_path, capsys, args, message):
+    code, err = _cli(["train", "diffusion", "--first-stage", str(tmp_path), "-o", str(tmp_path / "run"), *args], capsys)
+    assert code == 2 and message in err and err.count("\n") == 1, err

@@ -102,10 +102,12 @@ def autoencoder(
 
 
 def diffusion(
-    data: Data,
     output: RunDir,
     first_stage: Annotated[Path, typer.Option("--first-stage", help="Autoencoder run folder or model.safetensors (with its YAML).", rich_help_panel=TRAINING)],
-    task: Annotated[str, typer.Option("--task", help="superres|inpaint|uncond.", rich_help_panel=TRAINING)] = "superres",
+    data: Annotated[
+        Optional[str], typer.Option("--data", help="Folder of training images or 'corpus'; semantic trains on 'procedural' label maps (the default there).", rich_help_panel=TRAINING)
+    ] = None,
+    task: Annotated[str, typer.Option("--task", help="superres|inpaint|semantic|uncond.", rich_help_panel=TRAINING)] = "superres",
     scale: Annotated[int, typer.Option("--scale", min=2, help="Super-resolution factor.", rich_help_panel=TRAINING)] = 4,
     channels: Annotated[int, typer.Option("--channels", min=32, help="UNet base channels (multiple of 32).", rich_help_panel=TRAINING)] = 64,
     channel_mult: Annotated[str, typer.Option("--channel-mult", help="UNet channel multipliers per level.", rich_help_panel=TRAINING)] = "1,2,4",
@@ -130,7 +132,7 @@ def diffusion(
 ) -> None:
     """Train a latent diffusion model for a task on a trained first stage; export a LatentDiffusion file."""
     from ldmtool.train.data import resolve_data
-    from ldmtool.train.diffusion import DiffusionTraining, Task, UNetArch, train_diffusion
+    from ldmtool.train.diffusion import PROCEDURAL, DiffusionTraining, Task, UNetArch, train_diffusion
 
     try:
         task_value = Task(task)
@@ -143,7 +145,15 @@ def diffusion(
     training = DiffusionTraining(task=task_value, crop=crop, batch_size=batch_size, lr=lr, ema_decay=ema_decay,
                                  seed=seed, scale=scale, min_scale=min_scale)
     run = _run_options(output, steps, save_every, log_every, resume, device, precision, quiet, threads)
-    path = train_diffusion(arch, training, first_stage, resolve_data(data, recursive), run)
+    if task_value == Task.SEMANTIC:
+        if data not in (None, PROCEDURAL):
+            raise UsageError(f"--data {data}: --task semantic trains on procedural label maps only (--data {PROCEDURAL})")
+        paths = []
+    elif data is None or data == PROCEDURAL:
+        raise UsageError(f"--task {task} needs --data DIR or --data corpus")
+    else:
+        paths = resolve_data(data, recursive)
+    path = train_diffusion(arch, training, first_stage, paths, run)
     if not quiet:
         typer.echo(f"wrote {path}", err=True)
 

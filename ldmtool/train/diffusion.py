@@ -5,6 +5,8 @@ concat conditioning at latent resolution, exactly as the released CompVis models
   superres  the degraded low-res image in [-1, 1] (LDM BSR: cond_stage_key LR_image), 3 channels
   inpaint   the masked-image latent (times scale_factor) and the mask in {-1, 1} (as inpainting_big and
             its script: masked pixels are black, masked_image = (1 - mask) * image), z + 1 channels
+  semantic  one-hot procedural label maps through a trainable SpatialRescaler (as semantic_synthesis256:
+            resize to latent size, 1x1 conv to z channels), trained jointly with the UNet
   uncond    nothing
 The export is a single LatentDiffusion file: `model.diffusion_model.*` (EMA weights),
 `first_stage_model.*`, the schedule buffers and `scale_factor` (1 / std of the training latents, as
@@ -27,6 +29,7 @@ from ldmtool.train.autoencoder import AUTOENCODER_TARGET, build_autoencoder
 from ldmtool.train.data import CropConfig, ImageCrops, to_tensor
 from ldmtool.train.degrade import DegradeConfig, degrade
 from ldmtool.train.masks import random_mask
+from ldmtool.train.procedural import CLASSES, semantic_sample
 
 if TYPE_CHECKING:
     import torch
@@ -39,6 +42,7 @@ UNET_TARGET = "ldm.modules.diffusionmodules.openaimodel.UNetModel"
 class Task(str, enum.Enum):
     SUPERRES = "superres"
     INPAINT = "inpaint"
+    SEMANTIC = "semantic"
     UNCOND = "uncond"
 
 
@@ -46,12 +50,14 @@ class Task(str, enum.Enum):
 TASK_CONFIG = {
     Task.SUPERRES: ("LR_image", "concat", "torch.nn.Identity"),
     Task.INPAINT: ("masked_image", "concat", "__is_first_stage__"),
+    Task.SEMANTIC: ("segmentation", "concat", "ldm.modules.encoders.modules.SpatialRescaler"),
     Task.UNCOND: ("image", None, "__is_unconditional__"),
 }
 
 
 # The ldmtool command that runs each task's model (the `task` of the config's `ldmtool:` block).
-TASK_COMMAND = {Task.SUPERRES: "superres", Task.INPAINT: "inpaint", Task.UNCOND: "sample"}
+TASK_COMMAND = {Task.SUPERRES: "superres", Task.INPAINT: "inpaint", Task.SEMANTIC: "semantic2img", Task.UNCOND: "sample"}
+PROCEDURAL = "procedural"  # the data source of tasks that train on the project's own generators
 
 
 @dataclass(frozen=True)
@@ -138,6 +144,12 @@ def load_first_stage(path: Path, device) -> FirstStage:
     return FirstStage(model, params)
 
 
+def build_spatial_rescaler(params: dict[str, Any]) -> "nn.Module":
+    from ldmtool.nets.encoders import SpatialRescaler
+
+    return SpatialRescaler(**params)
+
+
 def build_unet(params: dict[str, Any]) -> "nn.Module":
     from ldmtool.nets.unet import UNetModel
 
@@ -169,15 +181,30 @@ class DiffusionTrainer:
         self.unet_params = arch.params(self.latent_size, first_stage.channels + self.concat_channels, first_stage.channels)
         self.unet = build_unet(self.unet_params).to(device)
         self.ema = common.Ema(self.unet, training.ema_decay)
-        self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=training.lr, weight_decay=0.0)
+        self.cond_params = self._cond_stage_params()
+        self.cond_stage = None if self.cond_params is None else build_spatial_rescaler(self.cond_params).to(device)
+        trainable = list(self.unet.parameters())
+        if self.cond_stage is not None:
+            self.cond_ema = common.Ema(self.cond_stage, training.ema_decay)
+            trainable += list(self.cond_stage.parameters())
+        self.optimizer = torch.optim.AdamW(trainable, lr=training.lr, weight_decay=0.0)
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        self.data = ImageCrops(paths, CropConfig(training.crop, True, training.min_scale), training.seed)
+        self.data = None if training.task == Task.SEMANTIC else ImageCrops(paths, CropConfig(training.crop, True, training.min_scale), training.seed)
         self.buffers = schedule(training)
         self.scale_factor: Optional[float] = None
 
     @property
     def concat_channels(self) -> int:
-        return {Task.SUPERRES: 3, Task.INPAINT: self.first_stage.channels + 1, Task.UNCOND: 0}[self.training.task]
+        channels = self.first_stage.channels
+        return {Task.SUPERRES: 3, Task.INPAINT: channels + 1, Task.SEMANTIC: channels, Task.UNCOND: 0}[self.training.task]
+
+    def _cond_stage_params(self) -> Optional[dict[str, Any]]:
+        """SpatialRescaler params for the semantic task: one-hot classes at pixel size to z channels."""
+        if self.training.task != Task.SEMANTIC:
+            return None
+        stages = self.first_stage.factor.bit_length() - 1
+        return {"n_stages": stages, "method": "bilinear", "multiplier": 0.5,
+                "in_channels": len(CLASSES), "out_channels": self.first_stage.channels}
 
     def encode(self, x: "torch.Tensor") -> "torch.Tensor":
         """Unscaled latent (posterior mean) of images in [-1, 1]."""
@@ -193,20 +220,34 @@ class DiffusionTrainer:
         latents = [self.encode(self.images(step)) for step in range(self.training.scale_batches)]
         return float(1.0 / torch.cat(latents).flatten().std())
 
+    def samples(self, step: int) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """(B, H, W, 3) uint8 images of step `step`, and (B, H, W) class maps for the semantic task."""
+        if self.data is not None:
+            return self.data.batch(step, self.training.batch_size), None
+        first = step * self.training.batch_size
+        pairs = [semantic_sample(derive_seed(self.training.seed, f"semantic/{i}"), self.training.crop)
+                 for i in range(first, first + self.training.batch_size)]
+        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
     def images(self, step: int) -> "torch.Tensor":
-        return to_tensor(self.data.batch(step, self.training.batch_size)).to(self.device)
+        return to_tensor(self.samples(step)[0]).to(self.device)
 
     def batch(self, step: int) -> tuple["torch.Tensor", Optional["torch.Tensor"]]:
         """(scaled target latents z0, concat conditioning or None) for training step `step`."""
-        crops = self.data.batch(step, self.training.batch_size)
+        crops, labels = self.samples(step)
         indices = [step * self.training.batch_size + i for i in range(len(crops))]
         x = to_tensor(crops).to(self.device)
         z0 = self.scale_factor * self.encode(x)
-        return z0, self.conditioning(crops, indices, x)
+        return z0, self.conditioning(crops, indices, x, labels)
 
-    def conditioning(self, crops: np.ndarray, indices: list[int], x: "torch.Tensor") -> Optional["torch.Tensor"]:
+    def conditioning(self, crops: np.ndarray, indices: list[int], x: "torch.Tensor", labels: Optional[np.ndarray] = None) -> Optional["torch.Tensor"]:
         import torch.nn.functional as F
 
+        if self.training.task == Task.SEMANTIC:
+            import torch
+
+            one_hot = F.one_hot(torch.from_numpy(labels).long(), len(CLASSES)).permute(0, 3, 1, 2).float()
+            return self.cond_stage(one_hot.to(self.device))
         rngs = [np.random.default_rng(derive_seed(self.training.seed, f"cond/{i}")) for i in indices]
         size = (self.latent_size, self.latent_size)
         if self.training.task == Task.SUPERRES:
@@ -253,6 +294,8 @@ class DiffusionTrainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.ema.update(self.unet)
+        if self.cond_stage is not None:
+            self.cond_ema.update(self.cond_stage)
         return {"loss": float(loss.detach())}
 
     def run_config(self) -> dict[str, Any]:
@@ -263,7 +306,7 @@ class DiffusionTrainer:
         }
 
     def state(self, step: int) -> dict[str, Any]:
-        return {
+        state = {
             "step": step,
             "run_config": self.run_config(),
             "scale_factor": self.scale_factor,
@@ -271,10 +314,17 @@ class DiffusionTrainer:
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
         }
+        if self.cond_stage is not None:
+            state["cond_stage"] = self.cond_stage.state_dict()
+            state["cond_ema"] = self.cond_ema.state_dict()
+        return state
 
     def load(self, state: dict[str, Any]) -> int:
         self.unet.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
+        if self.cond_stage is not None:
+            self.cond_stage.load_state_dict(state["cond_stage"])
+            self.cond_ema.load_state_dict(state["cond_ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scale_factor = state.get("scale_factor")
         return int(state["step"])
@@ -294,14 +344,14 @@ class DiffusionTrainer:
             "image_size": self.latent_size,
             "channels": self.first_stage.channels,
             "concat_mode": conditioning_key == "concat",
-            "cond_stage_trainable": False,
+            "cond_stage_trainable": self.cond_stage is not None,
             "conditioning_key": conditioning_key,
             "scale_factor": self.scale_factor,
             "scale_by_std": True,  # scale_factor was measured on the data; the file stores it as a key too
             "monitor": "val/loss_simple_ema",
             "unet_config": {"target": UNET_TARGET, "params": self.unet_params},
             "first_stage_config": {"target": AUTOENCODER_TARGET, "params": self.first_stage.params},
-            "cond_stage_config": cond_target if cond_target.startswith("__") else {"target": cond_target},
+            "cond_stage_config": self._cond_stage_config(cond_target),
         }
         block = {
             "family": f"ldmtool-{self.training.task.value}",
@@ -315,7 +365,16 @@ class DiffusionTrainer:
         }
         if self.training.task == Task.SUPERRES:
             block["scale"] = self.training.scale
+        if self.training.task == Task.SEMANTIC:
+            block["classes"] = [{"name": c.name, "colour": list(c.colour)} for c in CLASSES]
         return {"ldmtool": block, "model": {"base_learning_rate": 1e-6, "target": LDM_TARGET, "params": params}}
+
+    def _cond_stage_config(self, target: str) -> Any:
+        if target.startswith("__"):
+            return target
+        if self.cond_params is None:
+            return {"target": target}
+        return {"target": target, "params": self.cond_params}
 
     def export_tensors(self) -> dict[str, "torch.Tensor"]:
         """The single-file LatentDiffusion state dict, original key names (UNet weights are the EMA)."""
@@ -323,6 +382,8 @@ class DiffusionTrainer:
 
         tensors = {f"model.diffusion_model.{k}": v for k, v in self.ema.averaged_state(self.unet).items()}
         tensors.update({f"first_stage_model.{k}": v for k, v in self.first_stage.model.state_dict().items()})
+        if self.cond_stage is not None:
+            tensors.update({f"cond_stage_model.{k}": v for k, v in self.cond_ema.averaged_state(self.cond_stage).items()})
         tensors.update(self.buffers)
         tensors["scale_factor"] = torch.tensor(self.scale_factor, dtype=torch.float32)
         return tensors
