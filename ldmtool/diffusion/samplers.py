@@ -1,0 +1,281 @@
+"""Samplers: small pure functions over a denoiser `model(x, sigma) -> x0`, in the VE form x = x0 + sigma eps.
+
+Each sampler exists twice: `progressive_X(model, x, sigmas, *, noise=None, **opts)` yields one `Step` per
+step (so progress bars and previews live outside the math) and `sample_X(model, x, sigmas, *, noise=None,
+callback=None, **opts)` runs it and returns the final x. `sigmas` is a descending array ending in 0 (or
+in a small sigma); `noise(x)` returns fresh Gaussian noise shaped like x (pass `NoiseSource(seeds).like`).
+
+DDPM, DDIM and PLMS here are the reference updates rewritten with sigma_t = sqrt((1 - a_t) / a_t) and
+x = x_vp / sqrt(a_t), which is an exact identity: given the same eps they produce the same samples.
+DDPM's posterior q(x_prev | x_t, x0) is DDIM with eta = 1 (Song et al. 2021, eq. 16), so `ddpm` is that.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Sequence, Union
+
+import torch
+
+from ldmtool.diffusion.schedules import FinalSigma, SamplingSchedule, Spacing, sampling_schedule
+from ldmtool.errors import UsageError
+
+Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+NoiseFn = Callable[[torch.Tensor], torch.Tensor]
+Sigmas = Union[torch.Tensor, Sequence[float]]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One finished sampler step: `x` is the new state at `sigma_next`; `denoised` the x0 seen at `sigma`."""
+
+    index: int
+    total: int
+    sigma: float
+    sigma_next: float
+    x: torch.Tensor
+    denoised: torch.Tensor
+
+
+def _pairs(sigmas: Sigmas) -> list[tuple[float, float]]:
+    values = [float(s) for s in sigmas]
+    return list(zip(values[:-1], values[1:]))
+
+
+def _at(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Sigma as the (B,) tensor a denoiser takes; float64 inputs keep float64 sigmas."""
+    return torch.full((x.shape[0],), sigma, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+
+
+def _noise_fn(noise: Optional[NoiseFn]) -> NoiseFn:
+    return noise if noise is not None else torch.randn_like
+
+
+def ancestral_split(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
+    """(sigma_down, sigma_up): a step to sigma_next as a deterministic move to sigma_down plus fresh noise.
+
+    With eta = 1 this is the DDPM posterior variance; eta scales the noise as DDIM's eta does.
+    """
+    if sigma_next == 0:
+        return 0.0, 0.0
+    up = min(sigma_next, eta * sigma_next * math.sqrt(sigma**2 - sigma_next**2) / sigma)
+    return math.sqrt(sigma_next**2 - up**2), up
+
+
+def progressive_euler(model: Model, x: torch.Tensor, sigmas: Sigmas, *, noise: Optional[NoiseFn] = None) -> Iterator[Step]:
+    """Euler on the probability-flow ODE (Karras et al. 2022, Alg. 2 without churn)."""
+    pairs = _pairs(sigmas)
+    for i, (s, s_next) in enumerate(pairs):
+        denoised = model(x, _at(x, s))
+        x = x + (x - denoised) / s * (s_next - s)
+        yield Step(i, len(pairs), s, s_next, x, denoised)
+
+
+def progressive_euler_a(
+    model: Model, x: torch.Tensor, sigmas: Sigmas, *, noise: Optional[NoiseFn] = None, eta: float = 1.0
+) -> Iterator[Step]:
+    """Euler ancestral: an Euler step down to sigma_down, then noise up to sigma_next."""
+    noise, pairs = _noise_fn(noise), _pairs(sigmas)
+    for i, (s, s_next) in enumerate(pairs):
+        denoised = model(x, _at(x, s))
+        down, up = ancestral_split(s, s_next, eta)
+        x = x + (x - denoised) / s * (down - s)
+        if up > 0:
+            x = x + up * noise(x)
+        yield Step(i, len(pairs), s, s_next, x, denoised)
+
+
+def progressive_ddim(
+    model: Model, x: torch.Tensor, sigmas: Sigmas, *, noise: Optional[NoiseFn] = None, eta: float = 0.0
+) -> Iterator[Step]:
+    """DDIM (Song et al. 2021, eq. 12): x_prev = x0 + sigma_down eps + sigma_up z, in VE form."""
+    noise, pairs = _noise_fn(noise), _pairs(sigmas)
+    for i, (s, s_next) in enumerate(pairs):
+        denoised = model(x, _at(x, s))
+        down, up = ancestral_split(s, s_next, eta)
+        x = denoised + (x - denoised) * (down / s)
+        if up > 0:
+            x = x + up * noise(x)
+        yield Step(i, len(pairs), s, s_next, x, denoised)
+
+
+def progressive_ddpm(model: Model, x: torch.Tensor, sigmas: Sigmas, *, noise: Optional[NoiseFn] = None) -> Iterator[Step]:
+    """DDPM ancestral sampling (Ho et al. 2020) with the posterior variance of the (respaced) chain."""
+    return progressive_ddim(model, x, sigmas, noise=noise, eta=1.0)
+
+
+def progressive_heun(model: Model, x: torch.Tensor, sigmas: Sigmas, *, noise: Optional[NoiseFn] = None) -> Iterator[Step]:
+    """Heun's second-order method (Karras et al. 2022, Alg. 1); the last step to sigma 0 is Euler."""
+    pairs = _pairs(sigmas)
+    for i, (s, s_next) in enumerate(pairs):
+        denoised = model(x, _at(x, s))
+        slope = (x - denoised) / s
+        x_euler = x + slope * (s_next - s)
+        if s_next == 0:
+            x = x_euler
+        else:
+            slope_next = (x_euler - model(x_euler, _at(x, s_next))) / s_next
+            x = x + (slope + slope_next) / 2 * (s_next - s)
+        yield Step(i, len(pairs), s, s_next, x, denoised)
+
+
+def progressive_dpmpp_2m(model: Model, x: torch.Tensor, sigmas: Sigmas, *, noise: Optional[NoiseFn] = None) -> Iterator[Step]:
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): multistep in log-sigma on the x0 prediction."""
+    pairs = _pairs(sigmas)
+    previous, h_last = None, None
+    for i, (s, s_next) in enumerate(pairs):
+        denoised = model(x, _at(x, s))
+        if s_next == 0:
+            x = denoised
+        else:
+            h = math.log(s / s_next)
+            estimate = denoised if previous is None else _second_order(denoised, previous, h_last / h)
+            x = (s_next / s) * x - math.expm1(-h) * estimate
+            h_last = h
+        previous = denoised
+        yield Step(i, len(pairs), s, s_next, x, denoised)
+
+
+def _second_order(denoised: torch.Tensor, previous: torch.Tensor, r: float) -> torch.Tensor:
+    return (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * previous
+
+
+def progressive_plms(model: Model, x: torch.Tensor, sigmas: Sigmas, *, noise: Optional[NoiseFn] = None) -> Iterator[Step]:
+    """CompVis PLMS (Liu et al. 2022): Adams–Bashforth on eps up to 4th order, warmed up by a pseudo
+    improved-Euler first step (two network calls), exactly as the reference sampler."""
+    pairs = _pairs(sigmas)
+    history: list[torch.Tensor] = []
+    for i, (s, s_next) in enumerate(pairs):
+        denoised = model(x, _at(x, s))
+        eps = (x - denoised) / s
+        if history:
+            eps_step = _adams_bashforth(eps, history)
+        else:
+            # The reference evaluates the warm-up at the next timestep, or at the same one for 1 step.
+            s_warm = s if len(pairs) == 1 else s_next
+            x_warm = x + (s_next - s) * eps
+            eps_step = (eps + (x_warm - model(x_warm, _at(x, s_warm))) / s_warm) / 2
+        x = x + (s_next - s) * eps_step
+        history = (history + [eps])[-3:]
+        yield Step(i, len(pairs), s, s_next, x, denoised)
+
+
+def _adams_bashforth(eps: torch.Tensor, history: list[torch.Tensor]) -> torch.Tensor:
+    if len(history) == 1:
+        return (3 * eps - history[-1]) / 2
+    if len(history) == 2:
+        return (23 * eps - 16 * history[-1] + 5 * history[-2]) / 12
+    return (55 * eps - 59 * history[-1] + 37 * history[-2] - 9 * history[-3]) / 24
+
+
+def _one_shot(progressive: Callable[..., Iterator[Step]]) -> Callable[..., torch.Tensor]:
+    def sample(model: Model, x: torch.Tensor, sigmas: Sigmas, *, noise: Optional[NoiseFn] = None,
+               callback: Optional[Callable[[Step], None]] = None, **opts) -> torch.Tensor:
+        for step in progressive(model, x, sigmas, noise=noise, **opts):
+            if callback is not None:
+                callback(step)
+            x = step.x
+        return x
+
+    sample.__name__ = progressive.__name__.replace("progressive_", "sample_")
+    sample.__doc__ = progressive.__doc__
+    return sample
+
+
+sample_euler = _one_shot(progressive_euler)
+sample_euler_a = _one_shot(progressive_euler_a)
+sample_ddim = _one_shot(progressive_ddim)
+sample_ddpm = _one_shot(progressive_ddpm)
+sample_heun = _one_shot(progressive_heun)
+sample_dpmpp_2m = _one_shot(progressive_dpmpp_2m)
+sample_plms = _one_shot(progressive_plms)
+
+
+@dataclass(frozen=True)
+class SamplerInfo:
+    """A registered sampler and its defaults (recommended steps, schedule spacing)."""
+
+    name: str
+    progressive: Callable[..., Iterator[Step]]
+    default_steps: int
+    spacing: Spacing
+    stochastic: bool
+    order: int  # convergence order on the probability-flow ODE (0: stochastic)
+    evals_per_step: int
+    offset: int = 0  # added to "leading" timesteps (1 as in Stable Diffusion's DDIM/PLMS configs)
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        params = inspect.signature(self.progressive).parameters.values()
+        return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name != "noise")
+
+
+SAMPLERS: dict[str, SamplerInfo] = {
+    info.name: info
+    for info in (
+        SamplerInfo("ddim", progressive_ddim, 50, Spacing.LEADING, False, 1, 1, offset=1),
+        SamplerInfo("plms", progressive_plms, 50, Spacing.LEADING, False, 2, 1, offset=1),
+        SamplerInfo("ddpm", progressive_ddpm, 250, Spacing.LEADING, True, 0, 1),
+        SamplerInfo("euler", progressive_euler, 30, Spacing.LINSPACE, False, 1, 1),
+        SamplerInfo("euler_a", progressive_euler_a, 30, Spacing.LINSPACE, True, 0, 1),
+        SamplerInfo("heun", progressive_heun, 20, Spacing.KARRAS, False, 2, 2),
+        SamplerInfo("dpmpp_2m", progressive_dpmpp_2m, 20, Spacing.KARRAS, False, 2, 1),
+    )
+}
+
+
+def get_sampler(name: str) -> SamplerInfo:
+    try:
+        return SAMPLERS[name]
+    except KeyError:
+        raise UsageError(f"--sampler {name!r} is not a sampler (choose one of {', '.join(SAMPLERS)})") from None
+
+
+def default_schedule(
+    name: str,
+    alphas_cumprod: torch.Tensor,
+    steps: Optional[int] = None,
+    *,
+    karras: Optional[bool] = None,
+    offset: Optional[int] = None,
+    final: FinalSigma | str = FinalSigma.ZERO,
+) -> SamplingSchedule:
+    """The sampler's recommended schedule for a discrete model; `karras` True/False overrides the spacing.
+
+    DDIM/PLMS default to "leading" + 1, which equals the reference "uniform" list whenever the step count
+    divides T and otherwise still gives exactly `steps` steps (pass spacing "uniform" through
+    `sampling_schedule` for the reference list itself).
+    """
+    info = get_sampler(name)
+    offset = info.offset if offset is None else offset
+    spacing = info.spacing
+    if karras is not None and karras != (spacing is Spacing.KARRAS):
+        spacing = Spacing.KARRAS if karras else Spacing.LINSPACE
+    return sampling_schedule(alphas_cumprod, steps or info.default_steps, spacing, offset=offset, final=final)
+
+
+def start_latent(noise: torch.Tensor, sigma_max: float) -> torch.Tensor:
+    """Initial x for a discrete VP model: x_vp ~ N(0, I) at sigma_max, as the reference samplers start."""
+    return noise * math.sqrt(sigma_max**2 + 1)
+
+
+def progressive(name: str, model: Model, x: torch.Tensor, sigmas: Sigmas, *, noise: Optional[NoiseFn] = None,
+                **opts) -> Iterator[Step]:
+    """Run the named sampler step by step. Options set to None are dropped; others must be the sampler's."""
+    info = get_sampler(name)
+    opts = {k: v for k, v in opts.items() if v is not None}
+    unknown = sorted(set(opts) - set(info.options))
+    if unknown:
+        raise UsageError(f"--{unknown[0]} does not apply to the {name} sampler (its options: {', '.join(info.options) or 'none'})")
+    return info.progressive(model, x, sigmas, noise=noise, **opts)
+
+
+def sample(name: str, model: Model, x: torch.Tensor, sigmas: Sigmas, *, noise: Optional[NoiseFn] = None,
+           callback: Optional[Callable[[Step], None]] = None, **opts) -> torch.Tensor:
+    """Run the named sampler to the end and return the final x."""
+    for step in progressive(name, model, x, sigmas, noise=noise, **opts):
+        if callback is not None:
+            callback(step)
+        x = step.x
+    return x
