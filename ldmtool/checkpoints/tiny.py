@@ -60,3 +60,43 @@ def _shrink_cond_stage(cond: Any) -> int | None:
         p.update(width=32, layers=2, heads=2)
         return 32
     return None
+
+
+def randomise_(module, seed: int = 0, scale: float = 0.05):
+    """Fill every parameter with seeded N(0, scale²) values (fresh inits leave some layers at zero)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * scale)
+    return module
+
+
+def tiny_model(preset: str, seed: int = 0):
+    """A randomly initialised small bundle of a preset's family (CPU, float32, eval mode)."""
+    from ldmtool.checkpoints.api import build_model
+
+    return randomise_(build_model(tiny_config(preset)), seed).eval()
+
+
+def save_tiny_checkpoint(path, preset: str, seed: int = 0, *, with_config: bool = False):
+    """Write a small random checkpoint of a family in its original key layout (.safetensors, or a
+    Lightning-style .ckpt); with `with_config`, also `<stem>.yaml` beside it. Returns the bundle."""
+    from pathlib import Path
+
+    import torch
+    import yaml
+
+    from ldmtool.checkpoints.files import save_safetensors
+
+    path = Path(path)
+    bundle = tiny_model(preset, seed)
+    state = bundle.state_dict()
+    if path.suffix == ".safetensors":
+        save_safetensors(state, path)
+    else:
+        torch.save({"state_dict": state, "epoch": 1, "global_step": 10}, path)
+    if with_config:
+        path.with_suffix(".yaml").write_text(yaml.safe_dump(bundle.config, sort_keys=False))
+    return bundle
