@@ -11,11 +11,10 @@ import sys
 import typer
 
 from ldmtool import __version__
-from ldmtool.errors import LdmError
+from ldmtool.errors import EXIT_INTERRUPTED, LdmError
 
 app = typer.Typer(
     name="ldmtool",
-    help="Latent diffusion models over folders of images.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
@@ -62,3 +61,6 @@ def main(argv: list[str] | None = None) -> None:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"ldmtool: error: {message}", file=sys.stderr)
         sys.exit(err.exit_code)
+    except KeyboardInterrupt:  # outside a batch run (which reports its own interruption)
+        print("ldmtool: interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)

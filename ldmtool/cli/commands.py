@@ -8,6 +8,7 @@ import importlib
 from types import ModuleType
 
 COMMAND_MODULES = [
+    "ldmtool.cli.superres",
     "ldmtool.cli.info",
     "ldmtool.cli.train",
     "ldmtool.cli.models",

@@ -64,18 +64,22 @@ Seed = Annotated[
     Optional[int],
     typer.Option("--seed", min=0, help="Base seed; per-item seeds derive from it (random when absent, always recorded).", rich_help_panel=SAMPLING),
 ]
-Steps = Annotated[int, typer.Option("--steps", min=1, help="Sampling steps.", rich_help_panel=SAMPLING)]
+Steps = Annotated[
+    Optional[int], typer.Option("--steps", min=1, help="Sampling steps (default: the model's).", rich_help_panel=SAMPLING)
+]
 Sampler = Annotated[
-    str,
+    Optional[str],
     typer.Option(
         "--sampler", help="ddim|ddpm|plms|euler|euler_a|heun|dpmpp_2m.", rich_help_panel=SAMPLING
     ),
 ]
 Karras = Annotated[
-    bool, typer.Option("--karras/--no-karras", help="Karras sigma spacing (k-diffusion samplers).", rich_help_panel=SAMPLING)
+    Optional[bool], typer.Option("--karras/--no-karras", help="Karras sigma spacing (k-diffusion samplers).", rich_help_panel=SAMPLING)
 ]
-Eta = Annotated[float, typer.Option("--eta", min=0.0, help="DDIM eta (0 = deterministic).", rich_help_panel=SAMPLING)]
-Cfg = Annotated[float, typer.Option("--cfg", help="Classifier-free guidance scale (1 = off).", rich_help_panel=SAMPLING)]
+Eta = Annotated[Optional[float], typer.Option("--eta", min=0.0, help="DDIM eta (0 = deterministic).", rich_help_panel=SAMPLING)]
+Cfg = Annotated[
+    Optional[float], typer.Option("--cfg", help="Classifier-free guidance scale (1 = off; default: the model's).", rich_help_panel=SAMPLING)
+]
 Prompt = Annotated[Optional[str], typer.Option("--prompt", "-p", help="Text prompt.", rich_help_panel=SAMPLING)]
 Negative = Annotated[
     Optional[str], typer.Option("--negative", help="Negative prompt.", rich_help_panel=SAMPLING)

@@ -197,11 +197,6 @@ class _BatchRun:
     def _open_task(self) -> None:
         if hasattr(self.task, "reporter"):
             self.task.reporter = self.reporter
-        model_path = getattr(self.task, "model_path", None)
-        if model_path is not None and Path(model_path).is_file():
-            from ldmtool.runtime.cache import file_sha256
-
-            self.model_sha256 = file_sha256(model_path)
         try:
             self.task.open()
         except LdmError:
@@ -212,6 +207,11 @@ class _BatchRun:
             reason = " ".join(str(err).split()) or type(err).__name__
             raise FatalError(f"{self.task.command}: cannot start ({type(err).__name__}: {reason}); "
                              f"set {DEBUG_ENV}=1 for the full traceback") from err
+        model_path = getattr(self.task, "model_path", None)  # known once open() resolved --model
+        if model_path is not None and Path(model_path).is_file():
+            from ldmtool.runtime.cache import file_sha256
+
+            self.model_sha256 = file_sha256(model_path)
 
     def _process(self, jobs: list[Job]) -> None:
         batch: list[Job] = []

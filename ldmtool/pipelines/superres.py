@@ -1,0 +1,149 @@
+"""Super-resolution: the LDM BSR family (low-res image concatenated at latent resolution) and the SD2 x4
+upscaler (noise-augmented low-res image + noise level as class label + optional prompt).
+
+Any `--scale`: the native ×4 model runs `passes` times (see `native_passes`), then the remainder is resampled
+with a high-quality filter (area when shrinking, Lanczos when enlarging) to exactly round(s·h) × round(s·w).
+Alpha is upscaled separately with Lanczos. Large outputs go through the tiled engine and tiled first stage.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ldmtool.diffusion.cond import Cond
+from ldmtool.errors import FatalError, ItemError, UsageError
+from ldmtool.io.images import read_image
+from ldmtool.pipelines.engine import Engine, to_array, to_model_range
+from ldmtool.runtime.runner import BaseTask, Job, Output
+
+NATIVE_SCALE = 4
+
+
+def native_passes(scale: float) -> int:
+    """How many ×4 model passes a scale takes: the nearest power of 4 in log space, at least one.
+
+    2 and 3 → one pass then shrink; 4 → one; 6 → one then enlarge ×1.5; 8 → two then shrink ×0.5; 16 → two.
+    """
+    return max(1, round(math.log(scale, NATIVE_SCALE)))
+
+
+def output_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def resample(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize (H, W[, C]) float32 to (width, height) with area (shrink) or Lanczos (enlarge)."""
+    width, height = size
+    if (array.shape[1], array.shape[0]) == (width, height):
+        return array
+    shrinking = width * height < array.shape[0] * array.shape[1]
+    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LANCZOS4
+    out = cv2.resize(array, (width, height), interpolation=interpolation)
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+class SuperresTask(BaseTask):
+    command = "superres"
+
+    def __init__(self, engine: Engine, *, scale: float, prompt: str = "", negative: str = "",
+                 noise_level: Optional[int] = None, max_pixels: Optional[int] = None):
+        if not scale > 1:
+            raise UsageError(f"--scale {scale}: must be more than 1")
+        super().__init__(params={"scale": scale})
+        self.engine = engine
+        self.scale = scale
+        self.prompt, self.negative = prompt, negative
+        self.noise_level = noise_level
+        self.max_pixels = max_pixels
+        self._context: Optional[tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = None
+
+    # -- runner hooks
+
+    def open(self) -> None:
+        engine = self.engine.open()
+        self.model_path = engine.model_path
+        key = engine.bundle.conditioning_key
+        if key not in ("concat", "hybrid-adm"):
+            raise FatalError(f"{engine.model_path}: a {engine.bundle.family} model cannot do super-resolution "
+                             "(it needs a low-resolution image as concat conditioning)")
+        self.upscaler = key == "hybrid-adm"
+        self.params.update(engine.resolved(), model_family=engine.bundle.family)
+        if self.upscaler:
+            self.noise_level = self.noise_level if self.noise_level is not None else int(
+                engine.defaults.get("default_noise_level", 20))
+            self.params.update(noise_level=self.noise_level, prompt=self.prompt, negative=self.negative)
+            self._context = self._encode_text()  # once per run, shared by every item and tile
+
+    def load(self, job: Job) -> Any:
+        image = read_image(job.item.path, max_pixels=self.max_pixels)
+        if image.size[0] < 2 or image.size[1] < 2:
+            raise ItemError(f"{job.item.label}: {image.size[0]}x{image.size[1]} is too small to upscale")
+        return image
+
+    def run(self, jobs: list[Job]) -> list[Output]:
+        return [self._upscale_item(job) for job in jobs]
+
+    # -- the work
+
+    def _upscale_item(self, job: Job) -> Output:
+        image = job.payload
+        size = output_size(*image.size, self.scale)
+        rgb = image.rgb
+        for index in range(native_passes(self.scale)):
+            rgb = self._native_pass(rgb, job.seed + index, job.item.label)
+        rgb = resample(rgb, size)
+        alpha = None if image.alpha is None else resample(image.alpha, size)
+        return Output(image=rgb, alpha=alpha, params={"input_size": list(image.size), "output_size": list(size)})
+
+    def _native_pass(self, rgb: np.ndarray, seed: int, label: str) -> np.ndarray:
+        """One ×4 pass of the model on (H, W, 3) in [0, 1]; returns (4H, 4W, 3)."""
+        engine = self.engine
+        height, width = rgb.shape[:2]
+        pad_h, pad_w = _padding(height, width, self._pixel_multiple())
+        low = to_model_range(rgb)
+        if pad_h or pad_w:
+            low = F.pad(low, (0, pad_w, 0, pad_h), mode="replicate")
+        latent_hw = (low.shape[-2] * NATIVE_SCALE // engine.downsampling, low.shape[-1] * NATIVE_SCALE // engine.downsampling)
+
+        def compute(e: Engine) -> torch.Tensor:
+            cond, uncond = self._conditioning(e, low, latent_hw, seed)
+            z = e.sample(latent_hw, [seed], cond, uncond)
+            return e.decode(z)
+
+        out = engine.finite(compute, label)[0].clamp(0, 1)
+        out = out[:, : height * NATIVE_SCALE, : width * NATIVE_SCALE]
+        return to_array(out)
+
+    def _pixel_multiple(self) -> int:
+        """Low-res sizes must map to latents divisible by the UNet's total downsampling (8)."""
+        return max(1, 8 * self.engine.downsampling // NATIVE_SCALE)
+
+    def _conditioning(self, engine: Engine, low: torch.Tensor, latent_hw, seed: int):
+        low = low.to(engine.device, engine.dtype)
+        if low.shape[-2:] != latent_hw:
+            low = F.interpolate(low.float(), size=latent_hw, mode="bicubic", align_corners=False).clamp(-1, 1)
+            low = low.to(engine.dtype)
+        if not self.upscaler:
+            return Cond(concat=low), None
+        generator = torch.Generator("cpu").manual_seed(seed ^ 0x5EED)
+        noise = torch.randn(low.shape, generator=generator).to(low)
+        noised, level = engine.bundle.low_scale_model.encode(low, self.noise_level, noise=noise)
+        context, uncontext = self._context
+        cond = Cond(crossattn=context.to(engine.device, engine.dtype), concat=noised, y=level)
+        uncond = Cond(crossattn=uncontext.to(engine.device, engine.dtype), concat=noised, y=level)
+        return cond, uncond
+
+    def _encode_text(self) -> tuple[torch.Tensor, torch.Tensor]:
+        encoder = self.engine.bundle.cond_stage
+        with torch.inference_mode():
+            both = encoder.encode([self.prompt, self.negative])
+        return both[:1], both[1:]
+
+
+def _padding(height: int, width: int, multiple: int) -> tuple[int, int]:
+    return (-height) % multiple, (-width) % multiple
