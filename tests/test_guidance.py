@@ -9,6 +9,7 @@ from ldmtool.diffusion.guidance import CFGDenoiser, cat_conds
 from ldmtool.diffusion.img2img import img2img_schedule, noised_latent, strength_steps
 from ldmtool.diffusion.masked import composite, feather, latent_repaint_mask, masked_model
 from ldmtool.diffusion.oracle import GaussianData
+from ldmtool.diffusion.run import SamplerSettings, sample_latents
 from ldmtool.diffusion.schedules import alphas_cumprod_from_betas, karras_schedule, make_betas
 from ldmtool.errors import UsageError
 from ldmtool.runtime.seeds import NoiseSource
@@ -182,3 +183,46 @@ def test_guided_sampling_batch_of_two_gives_each_item_what_it_gets_alone():
 
     both = run([5, 6], [0.4, 0.9])
     assert torch.equal(both[1], run([6], [0.9])[0])
+
+
+# --- sample_latents: settings to latents -------------------------------------------------------------
+
+
+def test_sample_latents_txt2img_is_the_default_schedule_from_the_scaled_start_noise():
+    denoise = CFGDenoiser(DiscreteDenoiser(ContextNet(), AC, "eps", "crossattn"))
+    cond = Guided(text(0.5, 1), text(0.0, 1), 4.0)
+    settings = SamplerSettings("dpmpp_2m", steps=6)
+    seen = []
+    out = sample_latents(denoise, cond, AC, NoiseSource([3]), settings, shape=(4, 4, 4), callback=seen.append)
+    sched = SM.default_schedule("dpmpp_2m", AC, 6)
+    x = SM.start_latent(NoiseSource([3]).randn((4, 4, 4)), float(sched.sigmas[0]))
+    assert torch.equal(out, SM.sample("dpmpp_2m", bind(denoise, cond), x, sched.sigmas)) and len(seen) == 6
+
+
+def test_sample_latents_img2img_runs_the_strength_tail_and_strength_zero_keeps_the_latent():
+    denoise = DiscreteDenoiser(ContextNet(), AC, "eps", "crossattn")
+    init = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    seen = []
+    sample_latents(denoise, text(0.5), AC, NoiseSource([1, 2]), SamplerSettings("euler", steps=10, strength=0.4),
+                   init_latent=init, callback=seen.append)
+    assert [s.index for s in seen] == [0, 1, 2, 3]
+    kept = sample_latents(denoise, text(0.5), AC, NoiseSource([1, 2]), SamplerSettings("euler", 10, strength=0.0), init_latent=init)
+    assert torch.equal(kept, init)
+
+
+def test_sample_latents_masked_keeps_the_known_latent_and_items_do_not_depend_on_the_batch():
+    denoise = DiscreteDenoiser(ContextNet(), AC, "eps", "crossattn")
+    init = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    repaint = half_mask(8, 8, 3)
+    settings = SamplerSettings("euler_a", steps=8)
+    out = sample_latents(denoise, text(0.5, 3), AC, NoiseSource([4, 5, 6]), settings, init_latent=init, repaint=repaint)
+    torch.testing.assert_close(out[..., :4], init[..., :4], rtol=0, atol=1e-3)
+    alone = sample_latents(denoise, text(0.5, 1), AC, NoiseSource([6]), settings, init_latent=init[2:], repaint=repaint[2:])
+    assert torch.equal(out[2:], alone)
+
+
+def test_sample_latents_refuses_incomplete_requests():
+    with pytest.raises(ValueError, match="shape"):
+        sample_latents(lambda x, s, c: x, None, AC, NoiseSource([1]), SamplerSettings())
+    with pytest.raises(ValueError, match="initial latent"):
+        sample_latents(lambda x, s, c: x, None, AC, NoiseSource([1]), SamplerSettings(), shape=(4, 2, 2), repaint=torch.ones(1, 1, 2, 2))

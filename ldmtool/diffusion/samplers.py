@@ -39,7 +39,10 @@ class Step:
 
 
 def _pairs(sigmas: Sigmas) -> list[tuple[float, float]]:
+    """(sigma, sigma_next) per step; the array must descend and stay positive until its last entry."""
     values = [float(s) for s in sigmas]
+    if any(b >= a for a, b in zip(values, values[1:])) or any(v <= 0 for v in values[:-1]) or values[-1] < 0:
+        raise ValueError(f"sigmas must descend to a last value >= 0, got {values[:4]}...{values[-2:]}")
     return list(zip(values[:-1], values[1:]))
 
 

@@ -1,0 +1,69 @@
+"""One call from settings to latents: schedule, start latent, img2img strength, masked sampling, sampler.
+
+Pipelines hand in a denoiser that already accepts their conditioning (for guidance, `CFGDenoiser(...)`,
+usually inside the tiled engine), the model's `alphas_cumprod` and a `NoiseSource` with one seed per item.
+Noise is drawn in a fixed order per item (start noise, then the sampler's and the mask's draws as they
+come), so an item's result does not depend on the batch it runs in.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from ldmtool.diffusion.denoisers import bind
+from ldmtool.diffusion.img2img import img2img_schedule, noised_latent
+from ldmtool.diffusion.masked import masked_model
+from ldmtool.diffusion.samplers import Step, default_schedule, sample, start_latent
+from ldmtool.diffusion.schedules import SamplingSchedule
+from ldmtool.runtime.seeds import NoiseSource
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    sampler: str = "ddim"
+    steps: Optional[int] = None  # None: the sampler's recommended count
+    karras: Optional[bool] = None  # None: the sampler's default spacing
+    eta: Optional[float] = None  # ddim / euler_a only; None: the sampler's default
+    strength: float = 1.0  # img2img / masked: the fraction of the schedule that runs (see img2img.py)
+
+
+def schedule_for(settings: SamplerSettings, alphas_cumprod: torch.Tensor, *, from_image: bool) -> SamplingSchedule:
+    """The schedule these settings run: the sampler's default, cut by strength when starting from an image."""
+    schedule = default_schedule(settings.sampler, alphas_cumprod, settings.steps, karras=settings.karras)
+    return img2img_schedule(schedule, settings.strength) if from_image else schedule
+
+
+def sample_latents(
+    denoise: Callable,
+    cond,
+    alphas_cumprod: torch.Tensor,
+    noise: NoiseSource,
+    settings: SamplerSettings,
+    *,
+    shape: Optional[Sequence[int]] = None,
+    init_latent: Optional[torch.Tensor] = None,
+    repaint: Optional[torch.Tensor] = None,
+    callback: Optional[Callable[[Step], None]] = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Sample one batch of latents (VE form, unscaled by the first stage's scale factor).
+
+    txt2img: give `shape` (C, h, w). img2img: give `init_latent` (B, C, h, w) and settings.strength.
+    Masked sampling: also give `repaint` (B, 1, h, w), 1 = repaint, at latent resolution.
+    """
+    if init_latent is None and shape is None:
+        raise ValueError("sample_latents needs a latent shape or an initial latent")
+    if repaint is not None and init_latent is None:
+        raise ValueError("masked sampling needs the initial latent of the image it keeps")
+    schedule = schedule_for(settings, alphas_cumprod, from_image=init_latent is not None)
+    if init_latent is None:
+        x = start_latent(noise.randn(shape, device=device, dtype=dtype), float(schedule.sigmas[0]))
+    else:
+        x = noised_latent(init_latent, schedule, noise.like(init_latent))
+    model = bind(denoise, cond)
+    if repaint is not None:
+        model = masked_model(model, init_latent, repaint, noise.like)
+    return sample(settings.sampler, model, x, schedule.sigmas, noise=noise.like, callback=callback, eta=settings.eta)
