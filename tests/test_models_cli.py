@@ -1,0 +1,117 @@
+"""`ldmtool models list|inspect|convert`, driven through the CLI entry point."""
+import json
+
+import pytest
+import torch
+import yaml
+
+from ldmtool import load_model
+from ldmtool.checkpoints.presets import preset_names
+from ldmtool.checkpoints.tiny import save_tiny_checkpoint, tiny_config
+from ldmtool.cli.app import main
+
+torch.set_num_threads(1)
+
+
+def run(capsys, *argv):
+    try:
+        main(list(map(str, argv)))
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_list_shows_every_preset(capsys):
+    code, out, _ = run(capsys, "models", "list")
+    assert code == 0 and all(name in out for name in preset_names()) and "Shipped models" in out
+    code, out, _ = run(capsys, "models", "list", "--json")
+    data = json.loads(out)
+    assert [p["name"] for p in data["presets"]] == preset_names() and isinstance(data["shipped"], list)
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory):
+    """One small random checkpoint per family, with its config written beside it as <family>.cfg.yaml."""
+    folder = tmp_path_factory.mktemp("tiny")
+    for family in preset_names():
+        save_tiny_checkpoint(folder / f"{family}.safetensors", family, seed=2)
+        (folder / f"{family}.cfg.yaml").write_text(yaml.safe_dump(tiny_config(family), sort_keys=False))
+    return folder
+
+
+@pytest.mark.parametrize("family", preset_names())
+def test_inspect_names_the_family_with_and_without_config(capsys, tiny_files, family):
+    ckpt = tiny_files / f"{family}.safetensors"
+    code, out, _ = run(capsys, "models", "inspect", ckpt, "--json")
+    report = json.loads(out)
+    assert code == 0 and family in (report["detected_family"], *report["detected_alternatives"])
+    code, out, _ = run(capsys, "models", "inspect", ckpt, "--config", tiny_files / f"{family}.cfg.yaml", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["family"] == family and report["matches"] and report["problem"] is None
+    assert report["dtype"] == "float32" and not report["ema_present"]
+    assert report["parameters_total"] == sum(report["parameters"].values()) > 0
+
+
+def test_inspect_text_output_and_mismatch(capsys, tiny_files):
+    code, out, _ = run(capsys, "models", "inspect", tiny_files / "sd1.safetensors", "--preset", "sd2")
+    assert code == 0
+    assert "family:          sd2" in out and "detected:        sd1" in out and "matches config:  no" in out
+    assert "unet:" in out and "cond_stage:" in out
+    code, _, err = run(capsys, "models", "inspect", "sd1")
+    assert code == 2 and "is a preset" in err and len(err.strip().splitlines()) == 1
+
+
+def _with_ema(tmp_path, family):
+    bundle = save_tiny_checkpoint(tmp_path / "raw.safetensors", family, seed=4)
+    state = bundle.state_dict()
+    ema = {"model_ema." + k[len("model."):].replace(".", ""): v * 0.5 for k, v in state.items() if k.startswith("model.")}
+    torch.save({"state_dict": {**state, **ema, "model_ema.num_updates": torch.tensor(3)}}, tmp_path / "in.ckpt")
+    return bundle, state
+
+
+def test_convert_merges_ema_and_reloads_with_identical_outputs(capsys, tmp_path):
+    bundle, state = _with_ema(tmp_path, "sd2-x4-upscaler")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(bundle.config))
+    code, out, err = run(capsys, "models", "convert", tmp_path / "in.ckpt", tmp_path / "out.safetensors", "--config", cfg)
+    assert code == 0, err
+    assert "EMA merged" in out
+    direct = load_model(tmp_path / "in.ckpt", config=cfg)
+    converted = load_model(tmp_path / "out.safetensors")  # config travels in the file's metadata
+    assert converted.family == "sd2-x4-upscaler" and converted.parameterization == "v"
+    key = "model.diffusion_model.out.2.weight"
+    assert torch.equal(converted.state_dict()[key], state[key] * 0.5)
+    x = torch.randn(1, 7, 8, 8)
+    t, y, ctx = torch.tensor([50]), torch.tensor([20]), torch.randn(1, 5, 32)
+    with torch.no_grad():
+        a, b = direct.unet(x, t, context=ctx, y=y), converted.unet(x, t, context=ctx, y=y)
+    assert torch.allclose(a, b, rtol=0, atol=1e-6)
+    assert set(converted.state_dict()) == set(bundle.state_dict())
+
+
+def test_convert_fp16_and_no_ema(capsys, tmp_path):
+    bundle, state = _with_ema(tmp_path, "ldm-cin256-v2")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(bundle.config))
+    code, out, _ = run(capsys, "models", "convert", tmp_path / "in.ckpt", tmp_path / "h.safetensors", "--config", cfg,
+                       "--fp16", "--no-ema", "--json")
+    result = json.loads(out)
+    assert code == 0 and result["dtype"] == "float16" and result["ema_used"] is False
+    from safetensors.torch import load_file
+
+    raw = load_file(tmp_path / "h.safetensors")
+    key = "model.diffusion_model.out.2.weight"
+    assert raw[key].dtype == torch.float16 and raw["alphas_cumprod"].dtype == torch.float32
+    assert torch.equal(raw[key], state[key].half())
+    code, out, _ = run(capsys, "models", "inspect", tmp_path / "h.safetensors", "--json")
+    report = json.loads(out)
+    assert report["family"] == "ldm-cin256-v2" and report["matches"] and report["dtype"] == "float16"
+    assert report["config_used"] == "config stored in the file"
+
+
+def test_convert_refuses_other_output_types(capsys, tmp_path):
+    save_tiny_checkpoint(tmp_path / "a.safetensors", "kl-f4")
+    code, _, err = run(capsys, "models", "convert", tmp_path / "a.safetensors", tmp_path / "b.ckpt")
+    assert code == 2 and ".safetensors" in err
