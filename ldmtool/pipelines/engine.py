@@ -16,8 +16,10 @@ import numpy as np
 import torch
 
 from ldmtool.diffusion.cond import Cond, Guided
-from ldmtool.diffusion.denoisers import DiscreteDenoiser, bind
-from ldmtool.diffusion.samplers import default_schedule, get_sampler, progressive, start_latent
+from ldmtool.diffusion.denoisers import DiscreteDenoiser
+from ldmtool.diffusion.guidance import CFGDenoiser
+from ldmtool.diffusion.run import SamplerSettings, sample_latents
+from ldmtool.diffusion.samplers import get_sampler
 from ldmtool.errors import FatalError, ItemError, LdmError
 from ldmtool.runtime.cache import model_cache
 from ldmtool.runtime.device import choose_device, choose_dtype
@@ -173,59 +175,44 @@ class Engine:
         *,
         init_latent: Optional[torch.Tensor] = None,
         strength: float = 1.0,
-        step_hook: Optional[Callable[[torch.Tensor, float], torch.Tensor]] = None,
+        repaint: Optional[torch.Tensor] = None,
         progress: Optional[Callable[[int, int], None]] = None,
     ) -> torch.Tensor:
-        """Latents (B, C, h, w) for one batch; every item's noise comes from its own seed.
+        """Scaled latents (B, C, h, w) for one batch; every item's noise comes from its own seed.
 
-        `init_latent` + `strength` < 1 starts part-way down the schedule from the noised latent (img2img);
-        `step_hook(x, sigma_next)` may replace x after every step (masked sampling).
+        `init_latent` (scaled) starts part-way down the schedule at `strength` (img2img); with `repaint`
+        (B, 1, h, w), 1 = repaint, the rest of `init_latent` is kept (masked sampling, any model).
+        Guidance runs when `uncond` is given and the cfg scale is not 1.
         """
         p = self.resolved()
-        schedule = default_schedule(p["sampler"], self.bundle.alphas_cumprod, p["steps"], karras=p["karras"])
-        steps = schedule.steps
-        if init_latent is not None and strength < 1.0:
-            steps = max(1, min(steps, round(strength * steps)))
-            schedule = schedule.tail(steps)
-        sigmas = schedule.sigmas
-        noise = NoiseSource(seeds)
-        shape = (self.latent_channels, *latent_hw)
-        first = noise.randn(shape, device=self.device, dtype=torch.float32)
-        if init_latent is not None and strength < 1.0:
-            x = init_latent.float() + first * float(sigmas[0])
-        else:
-            x = start_latent(first, float(sigmas[0]))
-        denoise = self._denoiser(latent_hw, len(seeds), p["cfg"], uncond is not None)
-        guided = Guided(cond, uncond, p["cfg"]) if uncond is not None and p["cfg"] != 1.0 else cond
-        model = bind(denoise, guided)
-        options = {"eta": p["eta"]} if "eta" in get_sampler(p["sampler"]).options else {}
+        settings = SamplerSettings(sampler=p["sampler"], steps=p["steps"], karras=p["karras"], eta=p["eta"],
+                                   strength=strength)
+        guided = uncond is not None and p["cfg"] != 1.0
+        denoise = self._denoiser(latent_hw, len(seeds) * (2 if guided else 1), guided)
+        conditioning = Guided(cond, uncond, p["cfg"]) if guided else cond
+        callback = None if progress is None else (lambda step: progress(step.index + 1, step.total))
+        shape = None if init_latent is not None else (self.latent_channels, *latent_hw)
+        if init_latent is not None:
+            init_latent = init_latent.to(self.device, self.dtype)
         with torch.inference_mode(), seamless(self.bundle.unet, axes=self.axes):
-            for step in progressive(p["sampler"], model, x.to(self.dtype), sigmas, noise=noise.like, **options):
-                x = step.x
-                if step_hook is not None:
-                    x = step_hook(x, step.sigma_next)
-                if progress is not None:
-                    progress(step.index + 1, step.total)
-        return x.float()
+            z = sample_latents(denoise, conditioning, self.bundle.alphas_cumprod, NoiseSource(seeds), settings,
+                               shape=shape, init_latent=init_latent, repaint=repaint, callback=callback,
+                               device=self.device, dtype=self.dtype)
+        return z.float()
 
-    def _denoiser(self, latent_hw: tuple[int, int], items: int, cfg: float, has_uncond: bool):
+    def _denoiser(self, latent_hw: tuple[int, int], network_batch: int, guided: bool):
+        """The model's denoiser, with guidance inside and the tiled engine outside when the canvas needs it."""
         denoise: Callable = DiscreteDenoiser.from_bundle(self.bundle)
-        guided = has_uncond and cfg != 1.0
         if guided:
-            from ldmtool.diffusion.guidance import CFGDenoiser
-
             denoise = CFGDenoiser(denoise)
         s = self.sampling
         budget = parse_memory(s.max_memory) if s.max_memory else None
-        tiling = choose_tiling(latent_hw, native_tile=self.native_latent, items=items * (2 if guided else 1),
-                               tile=s.tile, overlap=s.tile_overlap, budget=budget,
-                               wrap=(self.axes.y, self.axes.x))
-        if tiling is None and not self.axes:
-            return denoise
-        if tiling is None:  # seamless on a canvas that fits one tile: circular padding alone wraps it
+        tiling = choose_tiling(latent_hw, native_tile=self.native_latent, items=network_batch, tile=s.tile,
+                               overlap=s.tile_overlap, budget=budget, wrap=(self.axes.y, self.axes.x))
+        if tiling is None:  # fits one tile (seamless then wraps through circular padding alone)
             return denoise
         config = TileConfig(tile=tiling.tile, overlap=tiling.overlap, tile_batch=tiling.tile_batch,
-                            wrap_y=self.axes.y, wrap_x=self.axes.x, multiple=8)
+                            wrap_y=self.axes.y, wrap_x=self.axes.x)
         return TiledDenoiser(denoise, config)
 
     # -- first stage

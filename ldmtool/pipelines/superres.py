@@ -112,7 +112,7 @@ class SuperresTask(BaseTask):
 
         def compute(e: Engine) -> torch.Tensor:
             cond, uncond = self._conditioning(e, low, latent_hw, seed)
-            z = e.sample(latent_hw, [seed], cond, uncond)
+            z = e.sample(latent_hw, [seed], cond, uncond, progress=self.reporter and self.reporter.steps)
             return e.decode(z)
 
         out = engine.finite(compute, label)[0].clamp(0, 1)
