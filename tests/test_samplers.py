@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
 from ldmtool.diffusion import samplers as SM
 from ldmtool.diffusion.denoisers import DiscreteDenoiser, bind
@@ -29,7 +29,7 @@ MIXTURE = GaussianMixture(
     torch.tensor([[-1.0, 0.5], [1.0, -0.5]], dtype=F64),
     torch.tensor([[0.3, 0.2], [0.4, 0.5]], dtype=F64),
 )
-DETERMINISTIC = {"euler": 1, "ddim": 1, "heun": 2, "dpmpp_2m": 2, "plms": 2}
+DETERMINISTIC = {"euler": 1, "ddim": 1, "heun": 2, "dpmpp_2m": 2, "plms": 2, "unipc": 3}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -219,6 +219,21 @@ def test_dpmpp_2m_karras_matches_diffusers_multistep_dpm_solver(steps):
     model = bind(DiscreteDenoiser(wavy_eps_net, ref.alphas_cumprod, quantize=True), None)
     x = SM.start_latent(x_vp, float(sched.sigmas[0]))
     assert_same_trajectory(list(SM.progressive_dpmpp_2m(model, x, sched.sigmas)), reference)
+
+
+@pytest.mark.parametrize("steps", [5, 20])
+def test_unipc_matches_diffusers_unipc_bh2_with_karras_sigmas(steps):
+    ref = UniPCMultistepScheduler(
+        **SD_BETAS, use_karras_sigmas=True, solver_order=2, solver_type="bh2", predict_x0=True, final_sigmas_type="zero"
+    )
+    ref.set_timesteps(steps)
+    x_vp = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(0))
+    reference = run_diffusers(ref, x_vp, wavy_eps_net)
+    sched = SM.default_schedule("unipc", ref.alphas_cumprod, steps)
+    model = bind(DiscreteDenoiser(wavy_eps_net, ref.alphas_cumprod, quantize=True), None)
+    x = SM.start_latent(x_vp, float(sched.sigmas[0]))
+    # diffusers takes differences of float32 log-SNRs for the step sizes, worth ~1e-5 over a run
+    assert_same_trajectory(list(SM.progressive_unipc(model, x, sched.sigmas)), reference, atol=5e-5)
 
 
 def compvis_plms(net, alphas_cumprod, ddim_timesteps, x):

@@ -144,6 +144,50 @@ def _second_order(denoised: torch.Tensor, previous: torch.Tensor, r: float) -> t
     return (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * previous
 
 
+def progressive_unipc(model: Model, x: torch.Tensor, sigmas: Sigmas, *, noise: Optional[NoiseFn] = None) -> Iterator[Step]:
+    """UniPC-2 with B(h) = e^h - 1 (Zhao et al. 2023, "bh2"), on the x0 prediction: a multistep predictor
+    (the same as DPM-Solver++(2M)) and the UniC corrector, which reuses the network value at the predicted
+    point as the next step's evaluation, so it costs one call per step. The last step is first order."""
+    pairs = _pairs(sigmas)
+    start, previous, order = None, None, 1  # start: (x, sigma, denoised) of the step just taken
+    for i, (s, s_next) in enumerate(pairs):
+        denoised = model(x, _at(x, s))
+        if start is not None:
+            x = _unic(*start, x_denoised=denoised, sigma=s, previous=previous, order=order)
+            previous = (start[1], start[2])
+        order = 1 if previous is None or i == len(pairs) - 1 else 2
+        start = (x, s, denoised)
+        x = _unip(x, s, s_next, denoised, previous if order == 2 else None)
+        yield Step(i, len(pairs), s, s_next, x, denoised)
+
+
+def _unip(x, s, s_next, denoised, previous) -> torch.Tensor:
+    """UniP predictor from sigma s to s_next; `previous` (sigma, denoised) makes it second order."""
+    if s_next == 0:
+        return denoised
+    h = math.log(s / s_next)
+    x_next = (s_next / s) * x - math.expm1(-h) * denoised
+    if previous is not None:
+        r = math.log(s / previous[0]) / h
+        x_next = x_next - math.expm1(-h) * 0.5 * (previous[1] - denoised) / r
+    return x_next
+
+
+def _unic(x_start, s, denoised, *, x_denoised, sigma, previous, order) -> torch.Tensor:
+    """UniC corrector of the step from (x_start, s) to `sigma`, given the network's x0 at the predicted point."""
+    h = math.log(s / sigma)
+    b_h = math.expm1(-h)
+    x_next = (sigma / s) * x_start - b_h * denoised
+    if order == 1:
+        return x_next - b_h * 0.5 * (x_denoised - denoised)
+    r = math.log(s / previous[0]) / h
+    phi_1 = b_h / -h - 1
+    b1, b2 = phi_1 / b_h, (phi_1 / -h - 0.5) * 2 / b_h
+    rho_previous = (b1 - b2) / (1 - r)
+    rho_new = b1 - rho_previous
+    return x_next - b_h * (rho_previous * (previous[1] - denoised) / r + rho_new * (x_denoised - denoised))
+
+
 def progressive_plms(model: Model, x: torch.Tensor, sigmas: Sigmas, *, noise: Optional[NoiseFn] = None) -> Iterator[Step]:
     """CompVis PLMS (Liu et al. 2022): Adams–Bashforth on eps up to 4th order, warmed up by a pseudo
     improved-Euler first step (two network calls), exactly as the reference sampler."""
@@ -193,6 +237,7 @@ sample_ddpm = _one_shot(progressive_ddpm)
 sample_heun = _one_shot(progressive_heun)
 sample_dpmpp_2m = _one_shot(progressive_dpmpp_2m)
 sample_plms = _one_shot(progressive_plms)
+sample_unipc = _one_shot(progressive_unipc)
 
 
 @dataclass(frozen=True)
@@ -224,6 +269,7 @@ SAMPLERS: dict[str, SamplerInfo] = {
         SamplerInfo("euler_a", progressive_euler_a, 30, Spacing.LINSPACE, True, 0, 1),
         SamplerInfo("heun", progressive_heun, 20, Spacing.KARRAS, False, 2, 2),
         SamplerInfo("dpmpp_2m", progressive_dpmpp_2m, 20, Spacing.KARRAS, False, 2, 1),
+        SamplerInfo("unipc", progressive_unipc, 20, Spacing.KARRAS, False, 3, 1),
     )
 }
 
