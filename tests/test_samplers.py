@@ -133,7 +133,7 @@ def log_sigmas(n: int, sigma_max: float, sigma_min: float) -> torch.Tensor:
     return torch.cat([ramp, ramp.new_zeros(1)])
 
 
-@pytest.mark.parametrize("name, opts", [("ddpm", {}), ("euler_a", {}), ("ddim", {"eta": 1.0})])
+@pytest.mark.parametrize("name, opts", [("ddpm", {}), ("euler_a", {}), ("ddim", {"eta": 1.0}), ("dpmpp_2m_sde", {})])
 def test_stochastic_samplers_reproduce_gaussian_mean_and_covariance(name, opts):
     data = GaussianData(GAUSS.mean[:2], GAUSS.std[:2])
     n = 10000
@@ -147,7 +147,7 @@ def test_stochastic_samplers_reproduce_gaussian_mean_and_covariance(name, opts):
     assert abs(float(cov[0, 1])) < 5 * float(data.std.prod()) / math.sqrt(n)
 
 
-@pytest.mark.parametrize("name", ["ddpm", "euler_a"])
+@pytest.mark.parametrize("name", ["ddpm", "euler_a", "dpmpp_2m_sde"])
 def test_stochastic_samplers_reproduce_mixture_moments(name):
     n = 5000
     x = MIXTURE.prior_sample(n, 20.0, torch.Generator().manual_seed(5))
@@ -219,6 +219,22 @@ def test_dpmpp_2m_karras_matches_diffusers_multistep_dpm_solver(steps):
     model = bind(DiscreteDenoiser(wavy_eps_net, ref.alphas_cumprod, quantize=True), None)
     x = SM.start_latent(x_vp, float(sched.sigmas[0]))
     assert_same_trajectory(list(SM.progressive_dpmpp_2m(model, x, sched.sigmas)), reference)
+
+
+@pytest.mark.parametrize("steps", [8, 20])
+def test_dpmpp_2m_sde_matches_diffusers_sde_dpm_solver_with_the_same_noise(steps):
+    ref = DPMSolverMultistepScheduler(
+        **SD_BETAS, use_karras_sigmas=True, algorithm_type="sde-dpmsolver++", solver_order=2, final_sigmas_type="zero"
+    )
+    ref.set_timesteps(steps)
+    x_vp = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(0))
+    z = torch.randn(steps, 2, 4, 6, 6, generator=torch.Generator().manual_seed(1))
+    reference = run_diffusers(ref, x_vp, wavy_eps_net, lambda i: {"variance_noise": z[i]})
+    sched = SM.default_schedule("dpmpp_2m_sde", ref.alphas_cumprod, steps)
+    model = bind(DiscreteDenoiser(wavy_eps_net, ref.alphas_cumprod, quantize=True), None)
+    draws = iter(z)
+    x = SM.start_latent(x_vp, float(sched.sigmas[0]))
+    assert_same_trajectory(list(SM.progressive_dpmpp_2m_sde(model, x, sched.sigmas, noise=lambda x: next(draws))), reference)
 
 
 @pytest.mark.parametrize("steps", [5, 20])

@@ -140,6 +140,25 @@ def progressive_dpmpp_2m(model: Model, x: torch.Tensor, sigmas: Sigmas, *, noise
         yield Step(i, len(pairs), s, s_next, x, denoised)
 
 
+def progressive_dpmpp_2m_sde(model: Model, x: torch.Tensor, sigmas: Sigmas, *, noise: Optional[NoiseFn] = None) -> Iterator[Step]:
+    """SDE-DPM-Solver++(2M) (Lu et al. 2022, midpoint form): the 2M estimate on the reverse SDE, which
+    keeps a fraction e^-2h of the old noise and adds the rest fresh."""
+    noise, pairs = _noise_fn(noise), _pairs(sigmas)
+    previous, h_last = None, None
+    for i, (s, s_next) in enumerate(pairs):
+        denoised = model(x, _at(x, s))
+        if s_next == 0:
+            x = denoised
+        else:
+            h = math.log(s / s_next)
+            estimate = denoised if previous is None else _second_order(denoised, previous, h_last / h)
+            decay = math.exp(-2 * h)  # = (s_next / s) ** 2
+            x = decay * x + (1 - decay) * estimate + s_next * math.sqrt(1 - decay) * noise(x)
+            h_last = h
+        previous = denoised
+        yield Step(i, len(pairs), s, s_next, x, denoised)
+
+
 def _second_order(denoised: torch.Tensor, previous: torch.Tensor, r: float) -> torch.Tensor:
     return (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * previous
 
@@ -236,6 +255,7 @@ sample_ddim = _one_shot(progressive_ddim)
 sample_ddpm = _one_shot(progressive_ddpm)
 sample_heun = _one_shot(progressive_heun)
 sample_dpmpp_2m = _one_shot(progressive_dpmpp_2m)
+sample_dpmpp_2m_sde = _one_shot(progressive_dpmpp_2m_sde)
 sample_plms = _one_shot(progressive_plms)
 sample_unipc = _one_shot(progressive_unipc)
 
@@ -269,6 +289,7 @@ SAMPLERS: dict[str, SamplerInfo] = {
         SamplerInfo("euler_a", progressive_euler_a, 30, Spacing.LINSPACE, True, 0, 1),
         SamplerInfo("heun", progressive_heun, 20, Spacing.KARRAS, False, 2, 2),
         SamplerInfo("dpmpp_2m", progressive_dpmpp_2m, 20, Spacing.KARRAS, False, 2, 1),
+        SamplerInfo("dpmpp_2m_sde", progressive_dpmpp_2m_sde, 25, Spacing.KARRAS, True, 0, 1),
         SamplerInfo("unipc", progressive_unipc, 20, Spacing.KARRAS, False, 3, 1),
     )
 }
