@@ -284,3 +284,12 @@ def test_model_names_resolve_to_files_or_explain(tmp_path, monkeypatch):
     save_tiny_checkpoint(tmp_path / "mine.safetensors", "ldm-bsr-sr", with_config=True)
     bundle = load_model(tmp_path / "mine.safetensors")
     assert bundle.family == "ldm-bsr-sr" and "beside the weights" in bundle.load_info.config_used
+
+
+def test_sd1_files_without_the_text_model_level_load(tmp_path):
+    bundle = tiny_model("sd1")
+    state = {k.replace("transformer.text_model.", "transformer."): v for k, v in bundle.state_dict().items()}
+    save_safetensors(state, tmp_path / "old.safetensors")
+    loaded = load_model(tmp_path / "old.safetensors", config=bundle.config)
+    assert torch.equal(loaded.cond_stage.transformer.text_model.final_layer_norm.weight,
+                       bundle.cond_stage.transformer.text_model.final_layer_norm.weight)

@@ -48,11 +48,26 @@ def inspect_checkpoint(path_or_name: str | Path, *, config: Optional[ConfigLike]
     raw = read_state_dict(weights)
     prepared = prepare_weights(raw, use_ema=True)
     detection = detect_family({k: tuple(v.shape) for k, v in prepared.state.items()})
+    report = _weights_summary(weights, raw, prepared, detection)
+    try:
+        doc, used = resolve_config(weights, config=config, preset=preset,
+                                   default_config=_embedded_config(weights) or default_config, detection=detection)
+    except CheckpointError as err:
+        report.update(family=None, config_used=None, matches=False, problem=str(err))
+        return report
+    family = ldmtool_block(doc).get("family") or "custom"
+    report.update(family=family, config_used=used,
+                  parameterization=(doc["model"].get("params") or {}).get("parameterization", "eps"))
+    report.update(_match(doc, family, prepared, str(weights), detection))
+    return report
+
+
+def _weights_summary(weights: Path, raw: dict, prepared, detection) -> dict[str, Any]:
     params: Counter = Counter()
     for key, value in prepared.state.items():
         params[_component(key)] += value.numel()
     dtypes = Counter(str(v.dtype).replace("torch.", "") for v in raw.values() if v.is_floating_point())
-    report: dict[str, Any] = {
+    return {
         "path": str(weights),
         "detected_family": detection.family if detection else None,
         "detected_alternatives": list(detection.alternatives) if detection else [],
@@ -63,25 +78,19 @@ def inspect_checkpoint(path_or_name: str | Path, *, config: Optional[ConfigLike]
         "parameters": dict(sorted(params.items())),
         "parameters_total": sum(params.values()),
     }
-    try:
-        doc, used = resolve_config(weights, config=config, preset=preset, default_config=_embedded_config(weights)
-                                   or default_config, detection=detection)
-    except CheckpointError as err:
-        report.update(family=None, config_used=None, matches=False, problem=str(err))
-        return report
-    family = ldmtool_block(doc).get("family") or "custom"
-    block = doc["model"].get("params") or {}
-    report.update(family=family, config_used=used, parameterization=block.get("parameterization", "eps"))
+
+
+def _match(doc: dict, family: str, prepared, source: str, detection) -> dict[str, Any]:
+    """Strict key/shape check against the architecture built on the meta device."""
     with torch.device("meta"):
         bundle = build_bundle(doc, family)
     expected = {k: tuple(v.shape) for k, v in bundle.state_dict().items()}
     try:
-        check_state_dict(expected, prepared.state, source=str(weights), family=family,
+        check_state_dict(expected, prepared.state, source=source, family=family,
                          likely=detection.describe() if detection else None, optional=_optional_keys(bundle))
-        report.update(matches=True, problem=None)
     except CheckpointError as err:
-        report.update(matches=False, problem=str(err))
-    return report
+        return {"matches": False, "problem": str(err)}
+    return {"matches": True, "problem": None}
 
 
 def convert_checkpoint(src: str | Path, dst: str | Path, *, fp16: bool = False, config: Optional[ConfigLike] = None,

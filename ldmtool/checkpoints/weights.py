@@ -39,7 +39,7 @@ def ema_key(key: str) -> Optional[str]:
 
 def prepare_weights(raw: Mapping[str, torch.Tensor], *, use_ema: bool = True) -> PreparedWeights:
     """Replace `model.*` weights by their EMA copies (when present and wanted); drop harmless extras."""
-    state = dict(raw)
+    state = _modern_clip_names(dict(raw))
     ema_present = any(k.startswith(EMA_PREFIX) and k not in HARMLESS_EXACT for k in state)
     used = 0
     if use_ema and ema_present:
@@ -52,6 +52,23 @@ def prepare_weights(raw: Mapping[str, torch.Tensor], *, use_ema: bool = True) ->
     for key in dropped:
         del state[key]
     return PreparedWeights(state, ema_present, used, dropped)
+
+
+# Some SD 1.x files were saved from a bare CLIPTextTransformer: no `text_model.` level in the names.
+_BARE_CLIP = "cond_stage_model.transformer."
+_BARE_CLIP_PARTS = ("embeddings.", "encoder.", "final_layer_norm.")
+
+
+def _modern_clip_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if not any(k.startswith(_BARE_CLIP + "embeddings.token_embedding") for k in state):
+        return state
+    renamed = {}
+    for key, value in state.items():
+        rest = key[len(_BARE_CLIP):] if key.startswith(_BARE_CLIP) else None
+        if rest is not None and rest.startswith(_BARE_CLIP_PARTS):
+            key = f"{_BARE_CLIP}text_model.{rest}"
+        renamed[key] = value
+    return renamed
 
 
 def _harmless(key: str) -> bool:
