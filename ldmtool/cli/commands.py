@@ -10,6 +10,7 @@ from types import ModuleType
 COMMAND_MODULES = [
     "ldmtool.cli.superres",
     "ldmtool.cli.info",
+    "ldmtool.cli.manifest",
     "ldmtool.cli.train",
     "ldmtool.cli.models",
 ]

@@ -69,13 +69,15 @@ def run_options(
     seed: Optional[int] = None,
     json_out: bool = False,
     quiet: bool = False,
+    shard: Optional[str] = None,
 ) -> "RunOptions":
     """RunOptions from the shared option values (names as in `ldmtool.cli.options`)."""
     from ldmtool.runtime.runner import RunOptions
+    from ldmtool.runtime.shard import parse_shard
 
     return RunOptions(output=output, name_template=name, fmt=fmt, quality=quality, overwrite=overwrite,
                       fail_fast=fail_fast, batch_size=batch_size, seed=seed, json_events=json_out, quiet=quiet,
-                      argv=["ldmtool", *sys.argv[1:]])
+                      argv=["ldmtool", *sys.argv[1:]], shard=parse_shard(shard) if shard else None)
 
 
 def finish(summary: "Summary") -> NoReturn:

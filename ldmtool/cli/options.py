@@ -60,6 +60,11 @@ BatchSize = Annotated[
     int,
     typer.Option("--batch-size", min=1, help="Items run together (never changes results).", rich_help_panel=RUN),
 ]
+Shard = Annotated[
+    Optional[str],
+    typer.Option("--shard", help="Run only shard K of N (K/N, e.g. 3/8) of the items, for job arrays; needs --seed.",
+                 rich_help_panel=RUN),
+]
 Seed = Annotated[
     Optional[int],
     typer.Option("--seed", min=0, help="Base seed; per-item seeds derive from it (random when absent, always recorded).", rich_help_panel=SAMPLING),

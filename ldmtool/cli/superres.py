@@ -29,6 +29,7 @@ def superres(
     fail_fast: opt.FailFast = False,
     batch_size: opt.BatchSize = 1,
     seed: opt.Seed = None,
+    shard: opt.Shard = None,
     max_pixels: MaxPixels = None,
     model: opt.Model = "default-superres",
     config: opt.Config = None,
@@ -57,7 +58,8 @@ def superres(
                         noise_level=noise_level, max_pixels=max_pixels)
     discovery = find_inputs(inputs, recursive=recursive)
     options = run_options(output=output, name=name, fmt=fmt, quality=quality, overwrite=overwrite,
-                          fail_fast=fail_fast, batch_size=batch_size, seed=seed, json_out=json_out, quiet=quiet)
+                          fail_fast=fail_fast, batch_size=batch_size, seed=seed, json_out=json_out, quiet=quiet,
+                          shard=shard)
     finish(run_task(task, discovery, options))
 
 

@@ -32,6 +32,7 @@ def invert(
     fail_fast: opt.FailFast = False,
     batch_size: opt.BatchSize = 1,
     seed: opt.Seed = None,
+    shard: opt.Shard = None,
     pair_masks: Annotated[bool, typer.Option("--pair-masks", help="Pair each image with its mask.")] = False,
     masks: MasksDir = None,
     invert_mask: InvertMask = False,
@@ -45,7 +46,8 @@ def invert(
     task = InvertTask(mask_mode=_mask_mode(pair_masks or masks is not None, mask_from_alpha),
                       invert_mask=invert_mask, max_pixels=max_pixels)
     options = run_options(output=output, name=name, fmt=fmt, quality=quality, overwrite=overwrite,
-                          fail_fast=fail_fast, batch_size=batch_size, seed=seed, json_out=json_out, quiet=quiet)
+                          fail_fast=fail_fast, batch_size=batch_size, seed=seed, json_out=json_out, quiet=quiet,
+                          shard=shard)
     finish(run_task(task, discovery, options))
 
 

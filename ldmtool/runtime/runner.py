@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from ldmtool.io.outputs import DEFAULT_TEMPLATE, OutputSpec, plan_outputs
 from ldmtool.io.writer import DEFAULT_QUALITY, remove_stale_temps, write_image
 from ldmtool.runtime.report import ItemEvent, Reporter, Status, Summary
 from ldmtool.runtime.seeds import derive_seed, random_seed
+from ldmtool.runtime.shard import Shard, select, strip_scheduling, write_members
 
 DEBUG_ENV = "LDMTOOL_DEBUG"
 
@@ -109,6 +111,7 @@ class RunOptions:
     quiet: bool = False
     argv: Optional[list[str]] = None  # recorded in the recipe; default sys.argv
     write_manifest: bool = True
+    shard: Optional[Shard] = None  # run only this shard's items (job arrays); needs a fixed seed
 
 
 def run_task(
@@ -124,6 +127,8 @@ def run_task(
         raise UsageError("nothing to do: no items to process")
     if options.batch_size < 1:
         raise UsageError(f"--batch-size {options.batch_size}: must be at least 1")
+    if options.shard is not None and options.seed is None:
+        raise UsageError(f"--shard {options.shard} needs --seed N, so that every shard derives the same per-item seeds")
     reporter = reporter or Reporter(json_events=options.json_events, quiet=options.quiet)
     run = _BatchRun(task, options, reporter)
     with _sigterm_as_interrupt():
@@ -148,6 +153,7 @@ class _BatchRun:
         self.model_sha256: Optional[str] = None
         self.stopped = False
         self.started = time.monotonic()
+        self._recipe_argv = strip_scheduling(options.argv if options.argv is not None else sys.argv)
 
     # -- the run
 
@@ -157,8 +163,12 @@ class _BatchRun:
             notes = [*notes, f"ignored {outputs_as_inputs} input(s) inside the output folder {self.spec.folder}"]
         if not items:
             raise UsageError(f"every input is inside the output folder {self.spec.folder}; choose another -o")
-        jobs = self._plan(items)
+        jobs = self._plan(items)  # before sharding, so {index} and seeds match an unsharded run
+        if self.options.shard is not None:
+            jobs = select(jobs, self.options.shard, key=lambda job: job.item.key)
         self._prepare_folder()
+        if self.options.shard is not None and not self.spec.is_file:
+            write_members(self.spec.folder, self.options.shard, [job.item.key for job in jobs])
         for note in notes:
             self.reporter.note(note)
         pending = [job for job in jobs if not self._already_done(job)]
@@ -189,7 +199,8 @@ class _BatchRun:
             raise FatalError(f"{folder}: the output folder is not writable")
         remove_stale_temps(folder)
         if self.options.write_manifest and not self.spec.is_file:
-            self.manifest = Manifest(folder / MANIFEST_NAME)
+            shard = self.options.shard
+            self.manifest = Manifest(folder / (shard.manifest_name if shard else MANIFEST_NAME))
 
     def _already_done(self, job: Job) -> bool:
         return not self.options.overwrite and job.output.exists()
@@ -278,7 +289,7 @@ class _BatchRun:
             size = (image.shape[1], image.shape[0])
             metadata = build_metadata(
                 command=self.task.command, params={**self.task.params, **output.params}, seed=job.seed,
-                base_seed=self.base_seed, key=job.item.key, argv=self.options.argv, size=size,
+                base_seed=self.base_seed, key=job.item.key, argv=self._recipe_argv, size=size,
                 model=_model_name(self.task), model_sha256=self.model_sha256,
             )
             write_image(job.output, image, alpha=output.alpha, quality=self.options.quality, metadata=metadata)

@@ -1,0 +1,146 @@
+"""Deterministic shards of a batch for job arrays (`--shard K/N`), and merging their manifests.
+
+An item belongs to shard `1 + h(key) mod N`, where h is a hash of the item's stable key (its relative
+path, or prompt index), never its position: adding files to a folder does not move finished items to
+another shard, so shards compose with resume. Every shard writes its own manifest part and a membership
+file listing the keys it owns; `merge_manifests` combines the parts and reports what is missing or failed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence, TypeVar
+
+from ldmtool.errors import UsageError
+from ldmtool.io.manifest import MANIFEST_NAME, Manifest, read_manifest
+
+T = TypeVar("T")
+_PART = re.compile(r"^ldmtool-manifest\.shard-(\d+)-of-(\d+)\.jsonl$")
+# Options that only schedule a run; they are left out of the recipe recorded in each output, so the
+# same item gets the same bytes whichever shard or engine wrote it.
+SCHEDULING_OPTIONS = {"--shard": 1, "--engine": 1, "--ray-address": 1}
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int  # 1-based
+    count: int
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+    def owns(self, key: str) -> bool:
+        return shard_of(key, self.count) == self.index
+
+    @property
+    def manifest_name(self) -> str:
+        return f"ldmtool-manifest.shard-{self.index}-of-{self.count}.jsonl"
+
+    @property
+    def members_name(self) -> str:
+        return f"ldmtool-shard-{self.index}-of-{self.count}.json"
+
+
+def shard_of(key: str, count: int) -> int:
+    """The 1-based shard an item key belongs to among `count` shards."""
+    digest = hashlib.sha256(key.encode("utf-8")).digest()
+    return 1 + int.from_bytes(digest[:8], "little") % count
+
+
+def parse_shard(text: str) -> Shard:
+    """'K/N' with 1 <= K <= N."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text or "")
+    if not match:
+        raise UsageError(f"--shard {text!r} is not of the form K/N (e.g. --shard 2/8)")
+    index, count = int(match.group(1)), int(match.group(2))
+    if count < 1 or not 1 <= index <= count:
+        raise UsageError(f"--shard {text}: K must be between 1 and N (got K={index}, N={count})")
+    return Shard(index, count)
+
+
+def select(items: Sequence[T], shard: Shard, key: Callable[[T], str]) -> list[T]:
+    return [item for item in items if shard.owns(key(item))]
+
+
+def write_members(folder: Path, shard: Shard, keys: Sequence[str]) -> None:
+    """Record which keys this shard owns (atomically), so a merge can tell what never finished."""
+    path = Path(folder) / shard.members_name
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text(json.dumps({"shard": str(shard), "keys": list(keys)}) + "\n", encoding="utf-8")
+    os.replace(temp, path)
+
+
+def strip_scheduling(argv: Sequence[str]) -> list[str]:
+    """argv without the options that only decide where or how a run is scheduled."""
+    out, skip = [], 0
+    for arg in argv:
+        if skip:
+            skip -= 1
+            continue
+        name = arg.split("=", 1)[0]
+        if name in SCHEDULING_OPTIONS:
+            skip = 0 if "=" in arg else SCHEDULING_OPTIONS[name]
+            continue
+        out.append(arg)
+    return out
+
+
+@dataclass
+class MergeReport:
+    parts: int = 0
+    shard_count: int = 0
+    missing_shards: list[int] = field(default_factory=list)
+    done: int = 0
+    failed: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return not (self.missing_shards or self.failed or self.missing)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"parts": self.parts, "shards": self.shard_count, "missing_shards": self.missing_shards,
+                "done": self.done, "failed": self.failed, "missing": self.missing, "complete": self.complete}
+
+
+def merge_manifests(folder: Path) -> MergeReport:
+    """Combine every shard's manifest part in `folder` into `ldmtool-manifest.jsonl` (the last record of
+    each key wins, sorted by key) and report shards that never started, failed items and owned items
+    that have no record."""
+    folder = Path(folder)
+    parts = sorted((p for p in folder.iterdir() if _PART.match(p.name)), key=lambda p: p.name)
+    if not parts:
+        raise UsageError(f"{folder}: no shard manifests (ldmtool-manifest.shard-K-of-N.jsonl) to merge")
+    counts = {int(_PART.match(p.name).group(2)) for p in parts}
+    if len(counts) != 1:
+        raise UsageError(f"{folder}: manifests of different shard counts ({sorted(counts)}); merge one run at a time")
+    count = counts.pop()
+    latest: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        for record in read_manifest(part):
+            if "key" in record:
+                latest[record["key"]] = record
+    report = MergeReport(parts=len(parts), shard_count=count)
+    owned: list[str] = []
+    for index in range(1, count + 1):
+        members = folder / Shard(index, count).members_name
+        if not members.is_file():
+            report.missing_shards.append(index)
+            continue
+        owned += json.loads(members.read_text(encoding="utf-8"))["keys"]
+    merged = folder / MANIFEST_NAME
+    temp = merged.with_name(f".{merged.name}.tmp")
+    temp.unlink(missing_ok=True)
+    manifest = Manifest(temp)
+    for key in sorted(latest):
+        manifest.append(latest[key])
+    if temp.exists():
+        os.replace(temp, merged)
+    report.done = sum(1 for r in latest.values() if r.get("status") == "done")
+    report.failed = sorted(k for k, r in latest.items() if r.get("status") == "failed")
+    report.missing = sorted(k for k in owned if k not in latest)
+    return report
