@@ -8,6 +8,7 @@ import importlib
 from types import ModuleType
 
 COMMAND_MODULES = [
+    "ldmtool.cli.txt2img",
     "ldmtool.cli.superres",
     "ldmtool.cli.info",
     "ldmtool.cli.manifest",

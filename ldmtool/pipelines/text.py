@@ -1,0 +1,158 @@
+"""What the text pipelines (txt2img, img2img, inpaint) share: prompt sources, text conditioning computed
+once per distinct prompt, and the pixel sizes a model can sample.
+
+Prompt sources (txt2img): `--prompt TEXT`, or `--prompts FILE` with one prompt per line (blank lines and
+lines starting with '#' are skipped), or JSON lines (a `.jsonl`/`.ndjson` file, or any file whose first
+entry starts with '{') where each line is an object with a `prompt` and optional per-item parameters
+(see `PROMPT_FIELDS`).
+
+Sizes: a model samples latents whose sides divide by the UNet's total downsampling, so pixel sizes must be
+multiples of `pixel_multiple(engine)` (64 for SD, 32 for the f4 LDM models). txt2img REJECTS other sizes
+with a one-line error (a silently different size would surprise scripts); img2img and inpaint pad their
+input images up to the multiple (edge replication) and crop the result back, so any input size works.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from ldmtool.errors import FatalError, UsageError
+
+# Conditioning stages whose `encode(list[str])` gives cross-attention context (reference class names).
+TEXT_ENCODERS = frozenset({"BERTEmbedder", "FrozenCLIPEmbedder", "FrozenOpenCLIPEmbedder"})
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """One prompt and the per-item parameters a JSON-lines source may set (None: the run's value)."""
+
+    prompt: str
+    negative: Optional[str] = None
+    seed: Optional[int] = None
+    steps: Optional[int] = None
+    cfg: Optional[float] = None
+    sampler: Optional[str] = None
+    width: Optional[int] = None
+    height: Optional[int] = None
+
+    def overrides(self) -> dict[str, Any]:
+        """The per-item parameters that were set (recorded in the output's metadata)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name != "prompt" and getattr(self, f.name) is not None}
+
+
+PROMPT_FIELDS: dict[str, tuple[type, ...]] = {
+    "prompt": (str,), "negative": (str,), "seed": (int,), "steps": (int,), "cfg": (int, float),
+    "sampler": (str,), "width": (int,), "height": (int,),
+}
+_POSITIVE = ("seed", "steps", "width", "height")
+_JSON_SUFFIXES = (".jsonl", ".ndjson")
+
+
+def read_prompts(prompt: Optional[str], prompts_file: Optional[Path]) -> list[PromptSpec]:
+    """The prompts of a run from `--prompt` or `--prompts FILE` (exactly one of them)."""
+    if (prompt is None) == (prompts_file is None):
+        raise UsageError("give either --prompt TEXT or --prompts FILE (one prompt per line, or JSON lines)")
+    if prompt is not None:
+        return [PromptSpec(prompt)]
+    try:
+        text = Path(prompts_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        reason = getattr(err, "strerror", None) or err
+        raise UsageError(f"{prompts_file}: cannot read the prompt file ({reason})") from None
+    lines = [(number, line.strip()) for number, line in enumerate(text.splitlines(), 1)]
+    lines = [(number, line) for number, line in lines if line and not line.startswith("#")]
+    if not lines:
+        raise UsageError(f"{prompts_file}: the prompt file has no prompts")
+    as_json = Path(prompts_file).suffix.lower() in _JSON_SUFFIXES or lines[0][1].startswith("{")
+    if not as_json:
+        return [PromptSpec(line) for _, line in lines]
+    return [_json_prompt(line, f"{prompts_file}:{number}") for number, line in lines]
+
+
+def _json_prompt(line: str, where: str) -> PromptSpec:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{where}: not a JSON object ({err.msg})") from None
+    if not isinstance(record, dict):
+        raise UsageError(f"{where}: each line must be a JSON object like {{\"prompt\": \"a red fox\"}}")
+    unknown = sorted(set(record) - set(PROMPT_FIELDS))
+    if unknown:
+        raise UsageError(f"{where}: unknown field {unknown[0]!r} (known: {', '.join(PROMPT_FIELDS)})")
+    if not isinstance(record.get("prompt"), str):
+        raise UsageError(f"{where}: every line needs a \"prompt\" string")
+    for name, value in record.items():
+        kinds = PROMPT_FIELDS[name]
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise UsageError(f"{where}: {name!r} must be a {kinds[0].__name__}, not {value!r}")
+        if name in _POSITIVE and value < (0 if name == "seed" else 1):
+            raise UsageError(f"{where}: {name!r} must be {'0 or more' if name == 'seed' else 'at least 1'}")
+    return PromptSpec(**record)
+
+
+# ---------------------------------------------------------------- models
+
+
+def text_encoder(bundle) -> Optional[torch.nn.Module]:
+    """The bundle's text conditioning stage, or None when it has none."""
+    stage = getattr(bundle, "cond_stage", None)
+    return stage if stage is not None and type(stage).__name__ in TEXT_ENCODERS else None
+
+
+def require_text_model(bundle, path: Path, command: str, keys: Sequence[str] = ("crossattn",)) -> torch.nn.Module:
+    """The text encoder of a model that must take prompts (with one of the conditioning `keys`), or a
+    FatalError naming what the model is."""
+    encoder = text_encoder(bundle)
+    if encoder is None or bundle.conditioning_key not in keys:
+        raise FatalError(f"{path}: a {bundle.family} model has no text encoder, so it cannot do {command}; "
+                         "use a text-to-image checkpoint (SD 1.x/2.x, LDM text2img256 or txt2img-1p4B)")
+    return encoder
+
+
+def pixel_multiple(engine) -> int:
+    """Pixel sizes must be multiples of this: the first stage's and the UNet's downsampling together."""
+    levels = len(engine.unet_params.get("channel_mult", (1,)))
+    return engine.downsampling * 2 ** (levels - 1)
+
+
+def check_size(width: int, height: int, multiple: int) -> None:
+    """Reject sizes the model cannot sample (UsageError naming the nearest valid size)."""
+    for name, value in (("width", width), ("height", height)):
+        if value % multiple or value < multiple:
+            nearest = max(multiple, round(value / multiple) * multiple)
+            raise UsageError(f"--{name} {value}: this model needs a multiple of {multiple} pixels "
+                             f"(e.g. {nearest})")
+
+
+def padding(height: int, width: int, multiple: int) -> tuple[int, int]:
+    """Rows and columns to add so both sides become multiples of `multiple`."""
+    return (-height) % multiple, (-width) % multiple
+
+
+# ---------------------------------------------------------------- text conditioning
+
+
+class TextConditioner:
+    """Cross-attention context per prompt, each distinct text encoded once per run (not per image or tile)."""
+
+    def __init__(self, encoder: torch.nn.Module):
+        self.encoder = encoder
+        self._contexts: dict[str, torch.Tensor] = {}
+        self.encoded = 0  # how many texts went through the encoder (tests check the caching)
+
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        """(B, T, D) context for `texts`, on the CPU in float32."""
+        missing = list(dict.fromkeys(t for t in texts if t not in self._contexts))
+        if missing:
+            with torch.inference_mode():
+                contexts = self.encoder.encode(missing).float().cpu()
+            self._contexts.update(zip(missing, contexts))
+            self.encoded += len(missing)
+        return torch.stack([self._contexts[t] for t in texts])

@@ -1,0 +1,122 @@
+"""Text to image: LDM-BERT (text2img256, txt2img-1p4B), SD 1.x and SD 2.x (eps and v) models.
+
+Each (prompt, sample) pair is one item with its own seed. Items of a batch that share size and sampling
+parameters are sampled together; every prompt is encoded once per run. Sizes larger than the model's
+native size go through the tiled engine (the Engine decides from the latent size).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+from typing import Any, Optional, Sequence
+
+import torch
+
+from ldmtool.diffusion.cond import Cond
+from ldmtool.diffusion.samplers import get_sampler
+from ldmtool.errors import ItemError, UsageError
+from ldmtool.io.discover import Item, generated_items
+from ldmtool.pipelines.engine import Engine, to_array
+from ldmtool.pipelines.text import PromptSpec, TextConditioner, check_size, pixel_multiple, require_text_model
+from ldmtool.runtime.runner import BaseTask, Job, Output
+
+
+def prompt_items(prompts: Sequence[PromptSpec], samples: int) -> list[Item]:
+    """One item per (prompt, sample); keys follow the prompt's line index so seeds stay put."""
+    if samples < 1:
+        raise UsageError(f"--n {samples}: must be at least 1")
+    return generated_items([p.prompt for p in prompts], samples=samples, kind="prompt")
+
+
+class Txt2ImgTask(BaseTask):
+    command = "txt2img"
+
+    def __init__(self, engine: Engine, prompts: Sequence[PromptSpec], *, negative: str = "",
+                 width: Optional[int] = None, height: Optional[int] = None):
+        super().__init__()
+        self.engine = engine
+        self.prompts = list(prompts)
+        self.negative = negative
+        self.width, self.height = width, height
+
+    # -- runner hooks
+
+    def open(self) -> None:
+        engine = self.engine.open()
+        self.model_path = engine.model_path
+        self.texts = TextConditioner(require_text_model(engine.bundle, engine.model_path, self.command))
+        self.multiple = pixel_multiple(engine)
+        default_w, default_h = engine.defaults.get("default_size") or [engine.native_latent * engine.downsampling] * 2
+        self.width, self.height = self.width or int(default_w), self.height or int(default_h)
+        check_size(self.width, self.height, self.multiple)
+        self.params.update(engine.resolved(), negative=self.negative, width=self.width, height=self.height,
+                           model_family=engine.bundle.family)
+
+    def load(self, job: Job) -> PromptSpec:
+        spec = self.prompts[job.item.data["index"]]
+        if spec.seed is not None:  # a JSON line's own seed; later samples of that prompt count up from it
+            job.seed = spec.seed + job.item.data["sample"]
+        width, height = spec.width or self.width, spec.height or self.height
+        try:
+            check_size(width, height, self.multiple)
+            if spec.sampler is not None:
+                get_sampler(spec.sampler)
+        except UsageError as err:  # a bad JSON line fails its own items only
+            raise ItemError(f"{job.item.label}: {err}") from None
+        return spec
+
+    def run(self, jobs: list[Job]) -> list[Output]:
+        outputs: dict[int, Output] = {}
+        for group in _groups(jobs):
+            for job, output in zip(group, self._generate(group)):
+                outputs[id(job)] = output
+        return [outputs[id(job)] for job in jobs]
+
+    # -- the work
+
+    def _generate(self, jobs: list[Job]) -> list[Output]:
+        spec: PromptSpec = jobs[0].payload
+        engine = self._engine_for(spec)
+        width, height = spec.width or self.width, spec.height or self.height
+        latent_hw = (height // engine.downsampling, width // engine.downsampling)
+        prompts = [job.payload.prompt for job in jobs]
+        negatives = [self._negative(job.payload) for job in jobs]
+        seeds = [job.seed for job in jobs]
+
+        def compute(e: Engine) -> torch.Tensor:
+            cond = Cond(crossattn=self.texts(prompts).to(e.device, e.dtype))
+            uncond = Cond(crossattn=self.texts(negatives).to(e.device, e.dtype))
+            z = e.sample(latent_hw, seeds, cond, uncond, progress=self.reporter and self.reporter.steps)
+            return e.decode(z)
+
+        images = engine.finite(compute, jobs[0].item.label).clamp(0, 1)
+        return [Output(image=to_array(image), params=self._item_params(job.payload, engine))
+                for job, image in zip(jobs, images)]
+
+    def _negative(self, spec: PromptSpec) -> str:
+        return spec.negative if spec.negative is not None else self.negative
+
+    def _engine_for(self, spec: PromptSpec) -> Engine:
+        """The run's engine, or a copy sharing its model with a JSON line's own sampler/steps/cfg."""
+        changes = {k: v for k, v in (("sampler", spec.sampler), ("steps", spec.steps), ("cfg", spec.cfg))
+                   if v is not None}
+        if not changes:
+            return self.engine
+        twin = copy.copy(self.engine)
+        twin.sampling = replace(self.engine.sampling, **changes)
+        return twin
+
+    def _item_params(self, spec: PromptSpec, engine: Engine) -> dict[str, Any]:
+        params: dict[str, Any] = {"prompt": spec.prompt, **spec.overrides()}
+        if engine is not self.engine:
+            params.update(engine.resolved())
+        return params
+
+
+def _groups(jobs: list[Job]) -> list[list[Job]]:
+    """Jobs that can share one sampling call: same size and sampling parameters (prompts may differ)."""
+    groups: dict[tuple, list[Job]] = {}
+    for job in jobs:
+        spec: PromptSpec = job.payload
+        groups.setdefault((spec.width, spec.height, spec.sampler, spec.steps, spec.cfg), []).append(job)
+    return list(groups.values())
