@@ -22,7 +22,7 @@ NoiseFn = Callable[[torch.Tensor], torch.Tensor]
 
 def masked_model(model: Model, known: torch.Tensor, repaint: torch.Tensor, noise: NoiseFn) -> Model:
     """`model` restricted to the repaint region; `known` (B, C, h, w) latent, `repaint` (B, 1, h, w) in [0, 1]."""
-    keep = 1 - repaint.to(known.dtype)
+    keep = 1 - repaint.to(device=known.device, dtype=known.dtype)
 
     def wrapped(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         level = sigma.to(x.dtype).reshape(-1, 1, 1, 1)
