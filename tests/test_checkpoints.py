@@ -293,3 +293,24 @@ def test_sd1_files_without_the_text_model_level_load(tmp_path):
     loaded = load_model(tmp_path / "old.safetensors", config=bundle.config)
     assert torch.equal(loaded.cond_stage.transformer.text_model.final_layer_norm.weight,
                        bundle.cond_stage.transformer.text_model.final_layer_norm.weight)
+
+
+def test_lightning_checkpoint_with_callbacks_and_numpy_counters_loads(tmp_path, monkeypatch):
+    """Released LDM .ckpt files carry a ModelCheckpoint callback and numpy scalars next to the weights."""
+    import sys
+    import types
+
+    import numpy as np
+
+    names = ["pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.callbacks.model_checkpoint"]
+    for name in names:
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    callback = type("ModelCheckpoint", (), {"__module__": names[-1]})
+    sys.modules[names[-1]].ModelCheckpoint = callback
+    bundle = tiny_model("kl-f4")
+    torch.save({"state_dict": bundle.state_dict(), "callbacks": {callback: {"best_model_score": torch.tensor(0.5)}},
+                "global_step": np.int64(10), "epoch": 3}, tmp_path / "last.ckpt")
+    for name in names:
+        monkeypatch.delitem(sys.modules, name)
+    loaded = load_model(tmp_path / "last.ckpt", config=tiny_config("kl-f4"))
+    assert torch.equal(loaded.first_stage.decoder.conv_out.weight, bundle.first_stage.decoder.conv_out.weight)

@@ -79,18 +79,56 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: cannot read safetensors file: {str(err).splitlines()[0]}") from err
 
 
+# Training-framework objects that Lightning .ckpt files carry beside the weights (ModelCheckpoint
+# callbacks, numpy scalars for counters, OmegaConf hyper-parameters). They are not needed, so the
+# weights-only loader turns them into inert placeholders; any other global makes the file refused.
+INERT_NAMESPACES = ("pytorch_lightning.", "lightning.", "lightning_fabric.", "numpy.", "omegaconf.", "typing.",
+                    "_codecs.encode")
+
+
+class _Inert:
+    """Stands in for a non-tensor object of a known training framework; accepts and keeps nothing."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def __setstate__(self, state: object) -> None:
+        pass
+
+
 def _read_pickle(path: Path) -> object:
     mmap = zipfile.is_zipfile(path)  # only the zip format can be memory-mapped
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        return _weights_only_load(path, mmap)
     except pickle.UnpicklingError as err:
+        names = _unsafe_globals(path) if mmap else []
+        refused = [n for n in names if not n.startswith(INERT_NAMESPACES)]
+        if names and not refused:
+            with torch.serialization.safe_globals([(_Inert, name) for name in names]):
+                return _weights_only_load(path, mmap)
+        needs = f" (it needs {', '.join(refused[:3])})" if refused else ""
         raise CheckpointError(
-            f"{path}: this checkpoint needs arbitrary code to unpickle, which ldmtool never runs; "
-            f"{CONVERT_HINT}, or use 'ldmtool models convert' on a file that loads"
+            f"{path}: this checkpoint needs arbitrary code to unpickle{needs}, which ldmtool never runs; "
+            f"{CONVERT_HINT}"
         ) from err
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
+
+
+def _weights_only_load(path: Path, mmap: bool) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError:
+        raise
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path}: cannot read checkpoint (truncated or not a PyTorch file?): {first}") from err
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """Globals the pickle names that weights_only does not allow (found by scanning; nothing runs)."""
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # an unreadable pickle stream: treat as needing arbitrary code
+        return ["(unreadable pickle)"]
 
 
 def unwrap_state_dict(obj: object, path: str | Path = "checkpoint") -> dict[str, torch.Tensor]:
