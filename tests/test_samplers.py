@@ -361,3 +361,14 @@ def test_unknown_sampler_and_misplaced_options_are_usage_errors():
         SM.get_sampler("dpm++")
     with pytest.raises(UsageError, match="eta"):
         SM.sample("euler", lambda x, s: x, torch.ones(1, 1), [1.0, 0.0], eta=0.5)
+
+
+def test_sampler_names_for_the_cli_match_the_registry_and_do_not_import_torch():
+    import subprocess
+    import sys
+
+    from ldmtool.diffusion.names import SAMPLER_NAMES
+
+    assert SAMPLER_NAMES == tuple(SM.SAMPLERS)
+    probe = "import sys, ldmtool.diffusion.names; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "False"
