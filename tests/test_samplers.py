@@ -125,6 +125,18 @@ def test_discrete_wrapper_over_an_exact_network_gives_the_x0_trajectory_and_conv
     assert errors[-1] < 0.03 and fit_order(steps, errors) > 0.8, errors
 
 
+@pytest.mark.parametrize("parameterization", ["eps", "v"])
+@pytest.mark.parametrize("name", ["dpmpp_2m", "heun", "unipc"])
+def test_discrete_wrapper_at_fractional_timesteps_follows_the_x0_form(name, parameterization):
+    """Karras sigmas fall between training steps: the wrapper interpolates t, the network reads sigma back."""
+    denoise = DiscreteDenoiser(ClosedFormUNet(GAUSS, AC, parameterization), AC, parameterization)
+    sched = SM.default_schedule(name, AC, 15, karras=True)
+    assert not torch.equal(sched.timesteps, sched.timesteps.round())
+    x_start = GAUSS.prior_sample(16, float(sched.sigmas[0]), torch.Generator().manual_seed(3))[..., None, None]
+    out = SM.sample(name, bind(denoise, None), x_start, sched.sigmas)
+    torch.testing.assert_close(out, SM.sample(name, GAUSS.denoise, x_start, sched.sigmas), rtol=0, atol=1e-5)
+
+
 # --- stochastic samplers reproduce the data distribution -------------------------------------------
 
 
