@@ -9,6 +9,7 @@ from types import ModuleType
 
 COMMAND_MODULES = [
     "ldmtool.cli.txt2img",
+    "ldmtool.cli.img2img",
     "ldmtool.cli.superres",
     "ldmtool.cli.info",
     "ldmtool.cli.manifest",

@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 
 from ldmtool.errors import FatalError, UsageError
@@ -156,3 +157,53 @@ class TextConditioner:
             self._contexts.update(zip(missing, contexts))
             self.encoded += len(missing)
         return torch.stack([self._contexts[t] for t in texts])
+
+
+# ---------------------------------------------------------------- images in and out
+
+
+def padded_images(rgbs: Sequence[np.ndarray], multiple: int) -> torch.Tensor:
+    """Same-size (H, W, 3) arrays in [0, 1] → (B, 3, H', W') in [-1, 1], edges replicated up to the multiple."""
+    import torch.nn.functional as F
+
+    from ldmtool.pipelines.engine import to_model_range
+
+    batch = torch.cat([to_model_range(rgb) for rgb in rgbs])
+    pad_h, pad_w = padding(batch.shape[-2], batch.shape[-1], multiple)
+    return F.pad(batch, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else batch
+
+
+def group_by_size(jobs: Sequence, size_of) -> list[list]:
+    """Jobs in groups that can share one batch: equal `size_of(job)`, first-seen order."""
+    groups: dict[Any, list] = {}
+    for job in jobs:
+        groups.setdefault(size_of(job), []).append(job)
+    return list(groups.values())
+
+
+class PromptConditioning:
+    """Conditioning for img2img and masked inpainting: a text model's prompt and negative (guided), or
+    nothing for an unconditional model. Other model kinds cannot take these commands (FatalError)."""
+
+    def __init__(self, bundle, path: Path, command: str, *, prompt: str = "", negative: str = ""):
+        self.prompt, self.negative = prompt, negative
+        if bundle.conditioning_key is None:
+            if prompt or negative:
+                raise FatalError(f"{path}: a {bundle.family} model is unconditional and takes no prompt; "
+                                 "drop --prompt/--negative")
+            self.texts: Optional[TextConditioner] = None
+            return
+        if text_encoder(bundle) is None or bundle.conditioning_key != "crossattn":
+            raise FatalError(f"{path}: a {bundle.family} model cannot do {command} (it needs a text-to-image "
+                             "or unconditional model)")
+        self.texts = TextConditioner(text_encoder(bundle))
+
+    def __call__(self, engine, count: int) -> tuple["Cond", Optional["Cond"]]:
+        """(cond, uncond) for a batch of `count` items on the engine's device."""
+        from ldmtool.diffusion.cond import Cond
+
+        if self.texts is None:
+            return Cond(), None
+        cond = self.texts([self.prompt] * count).to(engine.device, engine.dtype)
+        uncond = self.texts([self.negative] * count).to(engine.device, engine.dtype)
+        return Cond(crossattn=cond), Cond(crossattn=uncond)
