@@ -77,6 +77,8 @@ def test_too_many_steps_is_a_usage_error():
         S.spaced_timesteps("uniform", 1000, 1000)
     with pytest.raises(UsageError, match="out of range"):
         S.sampling_schedule(sd_alphas_cumprod(), 0, "karras")
+    with pytest.raises(UsageError, match="repeat"):
+        S.spaced_timesteps("quad", 500, 1000)  # the reference quad list starts 0, 0, 0, ... for many steps
 
 
 @pytest.mark.parametrize("steps", [10, 25])

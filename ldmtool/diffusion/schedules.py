@@ -115,6 +115,8 @@ def spaced_timesteps(spacing: Spacing | str, steps: int, train_steps: int, offse
     ts = torch.from_numpy(np.ascontiguousarray(ts, dtype=np.int64)).flip(0)
     if int(ts.max()) >= train_steps or int(ts.min()) < 0:
         raise UsageError(f"{steps} steps with {spacing.value!r} spacing fall outside the model's {train_steps} timesteps")
+    if len(ts.unique()) != len(ts):
+        raise UsageError(f"{steps} steps with {spacing.value!r} spacing repeat timesteps; use fewer steps or another spacing")
     return ts
 
 
