@@ -10,7 +10,9 @@ from types import ModuleType
 COMMAND_MODULES = [
     "ldmtool.cli.txt2img",
     "ldmtool.cli.img2img",
+    "ldmtool.cli.inpaint",
     "ldmtool.cli.superres",
+    "ldmtool.cli.sample",
     "ldmtool.cli.info",
     "ldmtool.cli.manifest",
     "ldmtool.cli.train",

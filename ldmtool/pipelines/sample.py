@@ -1,0 +1,232 @@
+"""Sampling from generator models: class-conditional (cin256: ImageNet class ids or names) and unconditional
+(CelebA-HQ, FFHQ, LSUN) LDMs, plus `GeneratorTask`, the base the other generator pipelines (semantic2img,
+layout2img, tile-synth) share.
+
+A generator item is one image with its own seed. `GeneratorTask` samples it at the requested size (sizes
+above the native one go through the tiled engine, `--seamless` wraps), decodes it, crops any padding and
+hands one Output to the runner. Subclasses say which models they take (`check_model`) and what the
+conditioning of an item is (`conditioning`).
+
+Class names: the cin256 models were trained on ImageNet-1k in the standard class order (index 0 = tench);
+names are matched case-insensitively with spaces, '_' and '-' treated alike (`golden retriever`). The v2
+model has a 1001st class (index 1000) that it learned as "no class": it is the unconditional input of
+classifier-free guidance.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from functools import lru_cache
+from importlib import resources
+from typing import Any, Optional, Sequence
+
+import torch
+
+from ldmtool.diffusion.cond import Cond
+from ldmtool.errors import FatalError, UsageError
+from ldmtool.io.discover import Item, generated_items
+from ldmtool.pipelines.engine import Engine, to_array
+from ldmtool.pipelines.text import check_size, pixel_multiple
+from ldmtool.runtime.runner import BaseTask, Job, Output
+
+IMAGENET_CLASSES = 1000
+
+
+class GeneratorTask(BaseTask):
+    """One image per item from noise: size checks, sampling through the engine, decode, crop, metadata."""
+
+    command = "sample"
+
+    def __init__(self, engine: Engine, *, width: Optional[int] = None, height: Optional[int] = None,
+                 params: Optional[dict[str, Any]] = None):
+        super().__init__(params=params)
+        self.engine = engine
+        self.width, self.height = width, height
+
+    # -- runner hooks
+
+    def open(self) -> None:
+        engine = self.engine.open()
+        self.model_path = engine.model_path
+        self.check_model(engine.bundle)
+        self.multiple = pixel_multiple(engine)
+        self.width, self.height = self.default_size()
+        self.check_cfg()
+        self.params.update(engine.resolved(), model_family=engine.bundle.family)
+        if self.width is not None:
+            self.params.update(width=self.width, height=self.height)
+        self.prepare()
+
+    def run(self, jobs: list[Job]) -> list[Output]:
+        return [self._generate(job) for job in jobs]
+
+    # -- what subclasses decide
+
+    def check_model(self, bundle) -> None:
+        """FatalError when the model cannot do this task."""
+
+    def prepare(self) -> None:
+        """Work done once per run after the model is open (encode shared conditioning, ...)."""
+
+    def conditioning(self, engine: Engine, job: Job, latent_hw: tuple[int, int]) -> tuple[Cond, Optional[Cond]]:
+        """(cond, uncond) for one item; uncond None means no guidance."""
+        return Cond(), None
+
+    def has_uncond(self) -> bool:
+        return False
+
+    def canvas(self, job: Job) -> tuple[int, int]:
+        """(width, height) of the item's output."""
+        return self.width, self.height
+
+    def item_params(self, job: Job) -> dict[str, Any]:
+        return {}
+
+    def padded(self, width: int, height: int) -> tuple[int, int]:
+        """The size actually sampled: the next multiples the model can take (the output is cropped back)."""
+        return width + (-width) % self.multiple, height + (-height) % self.multiple
+
+    # -- shared machinery
+
+    def default_size(self) -> tuple[Optional[int], Optional[int]]:
+        engine = self.engine
+        default_w, default_h = engine.defaults.get("default_size") or [engine.native_latent * engine.downsampling] * 2
+        width, height = self.width or int(default_w), self.height or int(default_h)
+        check_size(width, height, self.multiple)
+        return width, height
+
+    def check_cfg(self) -> None:
+        if self.engine.sampling.cfg not in (None, 1.0) and not self.has_uncond():
+            raise UsageError(f"--cfg {self.engine.sampling.cfg}: a {self.engine.bundle.family} model has no "
+                             "unconditional input, so classifier-free guidance cannot run; drop --cfg")
+
+    def _generate(self, job: Job) -> Output:
+        width, height = self.canvas(job)
+        sample_w, sample_h = self.padded(width, height)
+        down = self.engine.downsampling
+        latent_hw = (sample_h // down, sample_w // down)
+        progress = self.reporter and self.reporter.steps
+
+        def compute(e: Engine) -> torch.Tensor:
+            cond, uncond = self.conditioning(e, job, latent_hw)
+            if uncond is None or not self.has_uncond():
+                uncond = None
+            return e.decode(e.sample(latent_hw, [job.seed], cond, uncond, progress=progress))
+
+        image = self.engine.finite(compute, job.item.label)[0].clamp(0, 1)[:, :height, :width]
+        params = {"width": width, "height": height, **self.item_params(job)}
+        if not self.has_uncond():
+            params["cfg"] = 1.0  # recorded as what ran: no guidance
+        return Output(image=to_array(image), params=params)
+
+
+# ---------------------------------------------------------------- class names
+
+
+@lru_cache(maxsize=1)
+def imagenet_names() -> tuple[str, ...]:
+    """The 1000 ImageNet-1k class names in index order (bundled data file)."""
+    text = resources.files("ldmtool.assets").joinpath("labels/imagenet_classes.txt").read_text(encoding="utf-8")
+    names = tuple(line.strip() for line in text.splitlines() if line.strip())
+    if len(names) != IMAGENET_CLASSES:
+        raise FatalError(f"the bundled ImageNet class list has {len(names)} names instead of {IMAGENET_CLASSES}")
+    return names
+
+
+def normalize_name(name: str) -> str:
+    return re.sub(r"[\s_\-]+", " ", name.strip().lower())
+
+
+def class_id(value: str, n_classes: int) -> int:
+    """A class id from a number or an ImageNet name; UsageError for unknown, ambiguous or out-of-range values."""
+    text = value.strip()
+    if re.fullmatch(r"\d+", text):
+        number = int(text)
+        if number >= n_classes:
+            raise UsageError(f"--class {text}: this model has classes 0 to {n_classes - 1}")
+        return number
+    if n_classes < IMAGENET_CLASSES:
+        raise UsageError(f"--class {text!r}: this model's classes have no names; give a number from 0 to "
+                         f"{n_classes - 1}")
+    return _imagenet_id(text)
+
+
+def _imagenet_id(text: str) -> int:
+    wanted = normalize_name(text)
+    names = [normalize_name(n) for n in imagenet_names()]
+    matches = [index for index, name in enumerate(names) if name == wanted]
+    if len(matches) > 1:
+        raise UsageError(f"--class {text!r} names several ImageNet classes ({', '.join(map(str, matches))}); "
+                         "give the number instead")
+    if not matches:
+        close = difflib.get_close_matches(wanted, names, n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else "; or give the class number"
+        raise UsageError(f"--class {text!r} is not an ImageNet class name{hint}")
+    return matches[0]
+
+
+def class_label(index: int, n_classes: int) -> str:
+    """A readable name for a class id (ImageNet names for ImageNet models, else the number)."""
+    if n_classes >= IMAGENET_CLASSES and index < IMAGENET_CLASSES:
+        return imagenet_names()[index]
+    return str(index)
+
+
+# ---------------------------------------------------------------- the sample command
+
+
+def sample_items(classes: Sequence[str], samples: int) -> list[Item]:
+    """Items for `ldmtool sample`: one per (class, sample), or `samples` unconditional ones."""
+    if samples < 1:
+        raise UsageError(f"--n {samples}: must be at least 1")
+    if classes:
+        return generated_items(list(classes), samples=samples, kind="class")
+    return generated_items([""], samples=samples, kind="sample")
+
+
+class SampleTask(GeneratorTask):
+    """Class-conditional (ClassEmbedder cross-attention) and unconditional models."""
+
+    command = "sample"
+
+    def __init__(self, engine: Engine, *, classes: Sequence[str] = (), width: Optional[int] = None,
+                 height: Optional[int] = None):
+        super().__init__(engine, width=width, height=height)
+        self.classes = list(classes)
+        self.class_ids: list[int] = []
+        self.n_classes = 0
+
+    def check_model(self, bundle) -> None:
+        key, stage = bundle.conditioning_key, bundle.cond_stage
+        path = self.engine.model_path
+        if key is None:
+            if self.classes:
+                raise UsageError(f"--class: {path} is an unconditional {bundle.family} model; drop --class")
+            return
+        if type(stage).__name__ != "ClassEmbedder" or key != "crossattn":
+            raise FatalError(f"{path}: a {bundle.family} model cannot do `sample` (it needs a class-conditional "
+                             "or unconditional model; see txt2img, semantic2img, layout2img)")
+        self.n_classes = int(stage.n_classes)
+        if not self.classes:
+            raise UsageError(f"{path} is a class-conditional model; name classes with --class (a number or an "
+                             "ImageNet name such as 'golden retriever')")
+        self.class_ids = [class_id(value, self.n_classes) for value in self.classes]
+
+    def has_uncond(self) -> bool:
+        return self.n_classes == IMAGENET_CLASSES + 1  # cin256-v2: class 1000 is "no class"
+
+    def conditioning(self, engine: Engine, job: Job, latent_hw: tuple[int, int]) -> tuple[Cond, Optional[Cond]]:
+        if not self.class_ids:
+            return Cond(), None
+        stage = engine.bundle.cond_stage
+        label = self.class_ids[job.item.data["index"]]
+        with torch.inference_mode():
+            cond = stage.encode(torch.tensor([label]))
+            uncond = stage.encode(torch.tensor([self.n_classes - 1])) if self.has_uncond() else None
+        return Cond(crossattn=cond.to(engine.dtype)), None if uncond is None else Cond(crossattn=uncond.to(engine.dtype))
+
+    def item_params(self, job: Job) -> dict[str, Any]:
+        if not self.class_ids:
+            return {}
+        label = self.class_ids[job.item.data["index"]]
+        return {"class": label, "class_name": class_label(label, self.n_classes)}
