@@ -119,7 +119,8 @@ class DiscreteDenoiser:
         wanted = _FIELDS_BY_KEY[self.conditioning_key]
         if fields != wanted:
             raise ValueError(
-                f"conditioning_key {self.conditioning_key!r} needs {sorted(wanted) or 'no conditioning'}, got {sorted(fields) or 'none'}"
+                f"conditioning_key {self.conditioning_key!r} needs {sorted(wanted) or 'no conditioning'}, "
+                f"got {sorted(fields) or 'none'}"
             )
         if cond.concat is not None:
             x_in = torch.cat([x_in, cond.concat.to(x_in.dtype)], dim=1)

@@ -63,7 +63,9 @@ class GaussianMixture:
         """Mean (D,) and covariance (D, D) of the mixture."""
         mean = (self.weights[:, None] * self.means).sum(0)
         centred = self.means - mean
-        cov = (self.weights[:, None, None] * (torch.diag_embed(self.stds**2) + centred[:, :, None] * centred[:, None, :])).sum(0)
+        within = torch.diag_embed(self.stds**2)  # (K, D, D)
+        between = centred[:, :, None] * centred[:, None, :]  # (K, D, D)
+        cov = (self.weights[:, None, None] * (within + between)).sum(0)
         return mean, cov
 
     def prior_sample(self, n: int, sigma: float, generator: torch.Generator) -> torch.Tensor:

@@ -142,7 +142,9 @@ def progressive_dpmpp_2m(model: Model, x: torch.Tensor, sigmas: Sigmas, *, noise
         yield Step(i, len(pairs), s, s_next, x, denoised)
 
 
-def progressive_dpmpp_2m_sde(model: Model, x: torch.Tensor, sigmas: Sigmas, *, noise: Optional[NoiseFn] = None) -> Iterator[Step]:
+def progressive_dpmpp_2m_sde(
+    model: Model, x: torch.Tensor, sigmas: Sigmas, *, noise: Optional[NoiseFn] = None
+) -> Iterator[Step]:
     """SDE-DPM-Solver++(2M) (Lu et al. 2022, midpoint form): the 2M estimate on the reverse SDE, which
     keeps a fraction e^-2h of the old noise and adds the rest fresh."""
     noise, pairs = _noise_fn(noise), _pairs(sigmas)
@@ -344,7 +346,8 @@ def progressive(name: str, model: Model, x: torch.Tensor, sigmas: Sigmas, *, noi
     opts = {k: v for k, v in opts.items() if v is not None}
     unknown = sorted(set(opts) - set(info.options))
     if unknown:
-        raise UsageError(f"--{unknown[0]} does not apply to the {name} sampler (its options: {', '.join(info.options) or 'none'})")
+        accepted = ", ".join(info.options) or "none"
+        raise UsageError(f"--{unknown[0]} does not apply to the {name} sampler (its options: {accepted})")
     return info.progressive(model, x, sigmas, noise=noise, **opts)
 
 
