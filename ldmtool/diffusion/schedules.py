@@ -11,7 +11,7 @@ Spacings (T training steps, n sampling steps; timesteps listed from noisiest to 
   quad      CompVis DDIM "quad": (linspace(0, sqrt(0.8 T), n) ** 2).astype(int) + 1.
   leading   diffusers: arange(n) * (T // n) + offset (offset = `steps_offset`, 1 for Stable Diffusion).
   trailing  diffusers: round(arange(T, 0, -T / n)) - 1.
-  linspace  diffusers / k-diffusion: round(linspace(0, T - 1, n)).
+  linspace  diffusers: round(linspace(0, T - 1, n)) (k-diffusion's default uses the same points unrounded).
   karras    Karras et al. 2022 (eq. 5), rho = 7, between the model's smallest and largest sigma.
 """
 from __future__ import annotations
