@@ -74,6 +74,8 @@ def test_plain_cond_passes_through_and_mismatched_conds_are_refused(setup):
         cat_conds(Cond(y=torch.ones(2)), Cond())
     with pytest.raises(ValueError, match="crossattn"):
         cat_conds(Cond(crossattn=torch.ones(1, 77, 8)), Cond(crossattn=torch.ones(1, 76, 8)))
+    with pytest.raises(ValueError, match="cannot share a batch"):  # one uncond row for two items
+        cat_conds(Cond(crossattn=torch.ones(1, 77, 8)), Cond(crossattn=torch.ones(2, 77, 8)))
 
 
 # --- img2img -----------------------------------------------------------------------------------------

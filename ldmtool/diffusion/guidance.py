@@ -23,7 +23,7 @@ def cat_conds(first: Cond, second: Cond) -> Cond:
         a, b = getattr(first, name), getattr(second, name)
         if (a is None) != (b is None):
             raise ValueError(f"conditional and unconditional conditioning differ: only one has {name!r}")
-        if a is not None and a.shape[1:] != b.shape[1:]:
+        if a is not None and a.shape != b.shape:
             raise ValueError(f"{name!r} shapes {tuple(a.shape)} and {tuple(b.shape)} cannot share a batch")
         fields[name] = None if a is None else torch.cat([a, b])
     return Cond(**fields)
