@@ -13,7 +13,7 @@ from ldmtool import build_model, load_model
 from ldmtool.checkpoints.api import _load_into
 from ldmtool.checkpoints.detect import detect_family
 from ldmtool.checkpoints.files import read_state_dict, save_safetensors
-from ldmtool.checkpoints.presets import load_preset, preset_names
+from ldmtool.checkpoints.presets import RELEASED_FAMILIES, load_preset, preset_names
 from ldmtool.checkpoints.tiny import save_tiny_checkpoint, tiny_config, tiny_model
 from ldmtool.checkpoints.weights import prepare_weights
 from ldmtool.errors import CheckpointError, UsageError
@@ -21,6 +21,7 @@ from ldmtool.errors import CheckpointError, UsageError
 torch.set_num_threads(1)
 DATA = Path(__file__).parent / "data"
 SD_FAMILIES = ["sd1", "sd1-inpainting", "sd2", "sd2-v", "sd2-inpainting", "sd2-x4-upscaler"]
+FAMILIES = sorted(RELEASED_FAMILIES)
 
 
 def _expected_keys() -> dict:
@@ -36,11 +37,12 @@ def _shapes(state) -> dict:
 
 # --- full-size presets: exactly the released keys and shapes, on the meta device -----------------------
 
-def test_every_preset_has_an_expected_key_list():
-    assert sorted(_expected_keys()) == preset_names()
+def test_every_family_has_a_preset_and_an_expected_key_list():
+    assert len(FAMILIES) == 27 and set(SD_FAMILIES) <= set(FAMILIES)
+    assert sorted(_expected_keys()) == FAMILIES and set(FAMILIES) <= set(preset_names())
 
 
-@pytest.mark.parametrize("family", preset_names())
+@pytest.mark.parametrize("family", FAMILIES)
 def test_full_size_preset_on_meta_has_the_released_keys_and_shapes(family):
     bundle = build_model(family, device="meta")
     assert all(p.is_meta for p in bundle.parameters())
@@ -114,7 +116,7 @@ def test_sd_schedule_buffers_equal_diffusers_scaled_linear_schedule():
 
 # --- detection -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family", preset_names())
+@pytest.mark.parametrize("family", FAMILIES)
 def test_detection_names_the_family_of_a_small_model(family):
     with torch.device("meta"):
         state = build_model(tiny_config(family), device="meta").state_dict()

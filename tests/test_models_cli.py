@@ -6,7 +6,7 @@ import torch
 import yaml
 
 from ldmtool import load_model
-from ldmtool.checkpoints.presets import preset_names
+from ldmtool.checkpoints.presets import RELEASED_FAMILIES, preset_names
 from ldmtool.checkpoints.tiny import save_tiny_checkpoint, tiny_config
 from ldmtool.cli.app import main
 
@@ -35,13 +35,13 @@ def test_list_shows_every_preset(capsys):
 def tiny_files(tmp_path_factory):
     """One small random checkpoint per family, with its config written beside it as <family>.cfg.yaml."""
     folder = tmp_path_factory.mktemp("tiny")
-    for family in preset_names():
+    for family in RELEASED_FAMILIES:
         save_tiny_checkpoint(folder / f"{family}.safetensors", family, seed=2)
         (folder / f"{family}.cfg.yaml").write_text(yaml.safe_dump(tiny_config(family), sort_keys=False))
     return folder
 
 
-@pytest.mark.parametrize("family", preset_names())
+@pytest.mark.parametrize("family", RELEASED_FAMILIES)
 def test_inspect_names_the_family_with_and_without_config(capsys, tiny_files, family):
     ckpt = tiny_files / f"{family}.safetensors"
     code, out, _ = run(capsys, "models", "inspect", ckpt, "--json")

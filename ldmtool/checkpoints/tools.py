@@ -28,7 +28,12 @@ CONFIG_METADATA_KEY = "ldmtool_config"
 
 def list_models() -> dict[str, Any]:
     """Presets (architectures) and shipped default models (weights + config)."""
-    presets = [vars(preset_info(name)) for name in preset_names()]
+    presets = []
+    for name in preset_names():
+        try:
+            presets.append(vars(preset_info(name)))
+        except CheckpointError:  # a YAML in presets/ that is not a model config (e.g. a training recipe)
+            continue
     shipped = [{"name": m.name, "weights": str(m.weights), "config": str(m.config)} for m in shipped_models()]
     return {"presets": presets, "shipped": shipped}
 
