@@ -13,6 +13,7 @@ COMMAND_MODULES = [
     "ldmtool.cli.inpaint",
     "ldmtool.cli.superres",
     "ldmtool.cli.sample",
+    "ldmtool.cli.semantic2img",
     "ldmtool.cli.info",
     "ldmtool.cli.manifest",
     "ldmtool.cli.train",

@@ -1,0 +1,161 @@
+"""Inpainting: repaint the white part of a mask (1 = repaint, 0 = keep) with three kinds of model.
+
+  ldm-concat  the LDM inpainting_big model (7-channel UNet). As the reference inpaint script: the masked
+              image is (1 - mask) * image in [0, 1], then image, masked image and mask all go to [-1, 1];
+              the masked image's first-stage latent (VQ, before quantization) and the mask resized
+              (nearest) to latent size are concatenated after the latent: cat(x, c_masked, mask). No prompt.
+  sd-hybrid   SD 1.x/2.x inpainting (9-channel UNet). As the SD scripts and diffusers: the masked image is
+              image * (mask < 0.5) in [-1, 1] (repaint region grey), its scaled latent follows the mask in
+              [0, 1] resized (nearest): cat(x, mask, c_masked), plus the prompt by cross-attention. The
+              latent is the posterior mean (the reference samples the posterior; its spread is tiny).
+  masked      any text-to-image or unconditional model: masked sampling (the kept region follows the
+              noised image latent every step; see diffusion/masked.py).
+
+`grow` dilates the mask by that many pixels first. Every kind ends with the feathered composite
+(`feather` pixels), so outside the feathered band the written pixels are the input's exactly.
+"""
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any, Optional
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ldmtool.diffusion.cond import Cond
+from ldmtool.diffusion.masked import composite, latent_repaint_mask
+from ldmtool.errors import FatalError, ItemError
+from ldmtool.io.images import LoadedImage, mask_from_alpha, read_image, read_mask
+from ldmtool.pipelines.engine import Engine, to_array
+from ldmtool.pipelines.text import (PromptConditioning, TextConditioner, group_by_size, padded_images, padding,
+                                    pixel_multiple, text_encoder)
+from ldmtool.runtime.runner import BaseTask, Job, Output
+
+DEFAULT_FEATHER = 4
+
+
+class InpaintKind(str, Enum):
+    LDM_CONCAT = "ldm-concat"
+    SD_HYBRID = "sd-hybrid"
+    MASKED = "masked"
+
+
+def inpaint_kind(bundle) -> Optional[InpaintKind]:
+    """How a model inpaints, from its conditioning key and UNet input channels (None: it cannot)."""
+    key = bundle.conditioning_key
+    unet = bundle.config["model"]["params"]["unet_config"]["params"]
+    head = int(unet["in_channels"]) == 2 * int(unet["out_channels"]) + 1  # latent + masked latent + mask
+    if key == "concat" and head and bundle.cond_stage is bundle.first_stage:
+        return InpaintKind.LDM_CONCAT
+    if key == "hybrid" and head and text_encoder(bundle) is not None:
+        return InpaintKind.SD_HYBRID
+    if key is None or (key == "crossattn" and text_encoder(bundle) is not None):
+        return InpaintKind.MASKED
+    return None
+
+
+def grow_mask(mask: np.ndarray, pixels: int) -> np.ndarray:
+    """The repaint mask (H, W) dilated by `pixels` (a disc), so edits reach a little past the drawn edge."""
+    if pixels <= 0:
+        return mask
+    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * pixels + 1, 2 * pixels + 1))
+    return cv2.dilate(mask.astype(np.uint8), disc).astype(np.float32)
+
+
+class InpaintTask(BaseTask):
+    command = "inpaint"
+
+    def __init__(self, engine: Engine, *, prompt: str = "", negative: str = "", grow: int = 0,
+                 feather: int = DEFAULT_FEATHER, invert_mask: bool = False, from_alpha: bool = False,
+                 max_pixels: Optional[int] = None):
+        super().__init__(params={"prompt": prompt, "negative": negative, "grow": grow, "feather": feather})
+        self.engine = engine
+        self.prompt, self.negative = prompt, negative
+        self.grow, self.feather = grow, feather
+        self.invert_mask, self.from_alpha = invert_mask, from_alpha
+        self.max_pixels = max_pixels
+
+    # -- runner hooks
+
+    def open(self) -> None:
+        engine = self.engine.open()
+        self.model_path = engine.model_path
+        bundle = engine.bundle
+        self.kind = inpaint_kind(bundle)
+        if self.kind is None:
+            raise FatalError(f"{engine.model_path}: a {bundle.family} model cannot inpaint (use an inpainting, "
+                             "text-to-image or unconditional model)")
+        if self.kind is InpaintKind.LDM_CONCAT and (self.prompt or self.negative):
+            raise FatalError(f"{engine.model_path}: the {bundle.family} model takes no prompt; drop --prompt/--negative")
+        if self.kind is InpaintKind.SD_HYBRID:
+            self.texts = TextConditioner(text_encoder(bundle))
+        elif self.kind is InpaintKind.MASKED:
+            self.conditioning = PromptConditioning(bundle, engine.model_path, self.command,
+                                                   prompt=self.prompt, negative=self.negative)
+        self.multiple = pixel_multiple(engine)
+        self.params.update(engine.resolved(), model_family=bundle.family, inpaint_kind=self.kind.value)
+
+    def load(self, job: Job) -> tuple[LoadedImage, np.ndarray]:
+        image = read_image(job.item.path, max_pixels=self.max_pixels)
+        if self.from_alpha:
+            if image.alpha is None:
+                raise ItemError(f"{job.item.label}: --mask-from-alpha, but the image has no transparency")
+            mask = mask_from_alpha(image.alpha, invert=self.invert_mask)
+        else:
+            mask = read_mask(job.item.require_mask(), size=image.size, invert=self.invert_mask,
+                             max_pixels=self.max_pixels)
+        return image, grow_mask(mask, self.grow)
+
+    def run(self, jobs: list[Job]) -> list[Output]:
+        outputs: dict[int, Output] = {}
+        for group in group_by_size(jobs, lambda job: job.payload[0].size):
+            for job, output in zip(group, self._inpaint(group)):
+                outputs[id(job)] = output
+        return [outputs[id(job)] for job in jobs]
+
+    # -- the work
+
+    def _inpaint(self, jobs: list[Job]) -> list[Output]:
+        width, height = jobs[0].payload[0].size
+        images = padded_images([job.payload[0].rgb for job in jobs], self.multiple)  # [-1, 1]
+        pad_h, pad_w = padding(height, width, self.multiple)
+        masks = torch.stack([torch.from_numpy(job.payload[1])[None] for job in jobs])  # (B, 1, H, W)
+        padded_masks = F.pad(masks, (0, pad_w, 0, pad_h))  # padding is kept, never repainted
+        seeds = [job.seed for job in jobs]
+
+        def compute(e: Engine) -> torch.Tensor:
+            return e.decode(self._sample(e, images, padded_masks, seeds))
+
+        results = self.engine.finite(compute, jobs[0].item.label).clamp(0, 1)[..., :height, :width]
+        # the input itself (not its [-1, 1] round trip), so kept pixels are copied bit for bit
+        originals = torch.stack([torch.from_numpy(job.payload[0].rgb).permute(2, 0, 1) for job in jobs])
+        final = composite(originals, results, masks, self.feather)
+        return [Output(image=to_array(image), alpha=None if self.from_alpha else job.payload[0].alpha,
+                       params=_stats(job.payload[1])) for job, image in zip(jobs, final)]
+
+    def _sample(self, e: Engine, images: torch.Tensor, masks: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        progress = self.reporter and self.reporter.steps
+        latent_hw = (images.shape[-2] // e.downsampling, images.shape[-1] // e.downsampling)
+        if self.kind is InpaintKind.MASKED:
+            init = e.encode(images)
+            cond, uncond = self.conditioning(e, len(seeds))
+            repaint = latent_repaint_mask(masks, latent_hw).to(e.device, e.dtype)
+            return e.sample(latent_hw, seeds, cond, uncond, init_latent=init, repaint=repaint, progress=progress)
+        latent_mask = F.interpolate(masks, size=latent_hw)  # nearest, as the reference
+        if self.kind is InpaintKind.LDM_CONCAT:
+            masked = ((1 - masks) * (images + 1) / 2) * 2 - 1
+            c_masked = e.encode(masked) / e.bundle.scale_factor  # the cond stage is the unscaled first stage
+            concat = torch.cat([c_masked, latent_mask * 2 - 1], dim=1).to(e.device, e.dtype)
+            return e.sample(latent_hw, seeds, Cond(concat=concat), progress=progress)
+        c_masked = e.encode(images * (masks < 0.5))
+        concat = torch.cat([latent_mask, c_masked], dim=1).to(e.device, e.dtype)
+        context = self.texts([self.prompt] * len(seeds)).to(e.device, e.dtype)
+        uncontext = self.texts([self.negative] * len(seeds)).to(e.device, e.dtype)
+        return e.sample(latent_hw, seeds, Cond(crossattn=context, concat=concat),
+                        Cond(crossattn=uncontext, concat=concat), progress=progress)
+
+
+def _stats(mask: np.ndarray) -> dict[str, Any]:
+    return {"repainted_fraction": round(float(mask.mean()), 4)}
