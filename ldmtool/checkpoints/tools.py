@@ -10,7 +10,7 @@ import yaml
 
 from ldmtool.checkpoints.api import _embedded_config, _optional_keys, load_model, resolve_config, resolve_source
 from ldmtool.checkpoints.bundle import build_bundle
-from ldmtool.checkpoints.config import ConfigLike, ldmtool_block
+from ldmtool.checkpoints.config import FIRST_STAGE_TARGETS, ConfigLike, ldmtool_block
 from ldmtool.checkpoints.detect import detect_family
 from ldmtool.checkpoints.files import read_state_dict, save_safetensors
 from ldmtool.checkpoints.presets import preset_info, preset_names, shipped_models
@@ -61,8 +61,9 @@ def inspect_checkpoint(path_or_name: str | Path, *, config: Optional[ConfigLike]
         report.update(family=None, config_used=None, matches=False, problem=str(err))
         return report
     family = ldmtool_block(doc).get("family") or "custom"
-    report.update(family=family, config_used=used,
-                  parameterization=(doc["model"].get("params") or {}).get("parameterization", "eps"))
+    diffusion = doc["model"]["target"] not in FIRST_STAGE_TARGETS
+    prediction = (doc["model"].get("params") or {}).get("parameterization", "eps") if diffusion else None
+    report.update(family=family, config_used=used, parameterization=prediction)
     report.update(_match(doc, family, prepared, str(weights), detection))
     return report
 

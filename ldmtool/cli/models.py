@@ -54,7 +54,7 @@ def inspect_command(checkpoint: Checkpoint, config: Config = None, preset: Prese
         f"family:          {report['family'] or 'unknown'}",
         f"detected:        {report['detected_family'] or 'unknown'}" + (f" (or {', '.join(alt)})" if alt else ""),
         f"config used:     {report['config_used'] or '-'}",
-        f"prediction:      {report.get('parameterization', '-')}",
+        f"prediction:      {report.get('parameterization') or '-'}",
         f"dtype:           {report['dtype']}",
         f"EMA weights:     {'yes' if report['ema_present'] else 'no'}",
         f"tensors:         {report['tensors']}",
