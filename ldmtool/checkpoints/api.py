@@ -56,7 +56,7 @@ def load_model(path_or_name: Union[str, Path], *, config: Optional[ConfigLike] =
     `preset`, else a YAML beside the weights, else detection from the keys."""
     weights, default_config = resolve_source(path_or_name)
     raw = read_state_dict(weights)
-    default_config = _embedded_config(weights) or default_config
+    default_config = embedded_config(weights) or default_config
     prepared = prepare_weights(raw, use_ema=use_ema)
     detection = detect_family({k: tuple(v.shape) for k, v in prepared.state.items()})
     doc, config_used = resolve_config(weights, config=config, preset=preset, default_config=default_config,
@@ -113,7 +113,7 @@ def resolve_config(weights: Path, *, config: Optional[ConfigLike], preset: Optio
     return load_preset(detection.family), f"detected: {detection.describe()}"
 
 
-def _embedded_config(weights: Path) -> Optional[dict[str, Any]]:
+def embedded_config(weights: Path) -> Optional[dict[str, Any]]:
     """The config `ldmtool models convert` stores in a safetensors file's metadata."""
     import yaml
 
@@ -129,7 +129,7 @@ def _config_doc(config: Union[ConfigLike, str]) -> dict[str, Any]:
     return load_config(config)
 
 
-def _optional_keys(bundle: nn.Module) -> list[str]:
+def optional_keys(bundle: nn.Module) -> list[str]:
     """Keys a checkpoint may leave out: schedule buffers (computed from the config), the second copy of
     a shared first/cond stage, and OpenCLIP's unused projection and logit scale."""
     keys = list(bundle.schedule_values())
@@ -143,7 +143,7 @@ def _load_into(bundle: nn.Module, prepared: PreparedWeights, *, source: str, fam
                detection: Optional[Detection]) -> None:
     expected = {k: tuple(v.shape) for k, v in bundle.state_dict().items()}
     check_state_dict(expected, prepared.state, source=source, family=family,
-                     likely=detection.describe() if detection else None, optional=_optional_keys(bundle))
+                     likely=detection.describe() if detection else None, optional=optional_keys(bundle))
     bundle.load_state_dict(prepared.state, strict=False, assign=True)
     _materialise_leftovers(bundle)
 

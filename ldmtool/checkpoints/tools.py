@@ -8,7 +8,7 @@ from typing import Any, Optional
 import torch
 import yaml
 
-from ldmtool.checkpoints.api import _embedded_config, _optional_keys, load_model, resolve_config, resolve_source
+from ldmtool.checkpoints.api import embedded_config, optional_keys, load_model, resolve_config, resolve_source
 from ldmtool.checkpoints.bundle import build_bundle
 from ldmtool.checkpoints.config import FIRST_STAGE_TARGETS, ConfigLike, ldmtool_block
 from ldmtool.checkpoints.detect import detect_family
@@ -56,7 +56,7 @@ def inspect_checkpoint(path_or_name: str | Path, *, config: Optional[ConfigLike]
     report = _weights_summary(weights, raw, prepared, detection)
     try:
         doc, used = resolve_config(weights, config=config, preset=preset,
-                                   default_config=_embedded_config(weights) or default_config, detection=detection)
+                                   default_config=embedded_config(weights) or default_config, detection=detection)
     except CheckpointError as err:
         report.update(family=None, config_used=None, matches=False, problem=str(err))
         return report
@@ -93,7 +93,7 @@ def _match(doc: dict, family: str, prepared, source: str, detection) -> dict[str
     expected = {k: tuple(v.shape) for k, v in bundle.state_dict().items()}
     try:
         check_state_dict(expected, prepared.state, source=source, family=family,
-                         likely=detection.describe() if detection else None, optional=_optional_keys(bundle))
+                         likely=detection.describe() if detection else None, optional=optional_keys(bundle))
     except CheckpointError as err:
         return {"matches": False, "problem": str(err)}
     return {"matches": True, "problem": None}
