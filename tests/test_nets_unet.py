@@ -190,3 +190,22 @@ def test_fused_projections_follow_weight_updates(context_dim):
         assert torch.allclose(attn(x, context), unfused_attention(attn, x, context), atol=1e-5)
     attn(x, context).sum().backward()
     assert attn.to_k.weight.grad is not None and attn.to_q.weight.grad is not None
+
+
+def test_cpu_conv_fast_path_equals_conv2d_on_views_and_follows_weight_updates():
+    from ldmtool.nets._layers import Conv2d
+
+    conv = Conv2d(32, 64, 3, padding=1)
+    big = torch.randn(2, 32, 20, 20)
+    views = [big[:, :, 3:15, 2:11], big[:, :, ::2, ::2], big.contiguous(memory_format=torch.channels_last)[:, :, 1:9, 4:19]]
+    with torch.no_grad():
+        for x in views:  # tiles are cut as views; any strides must work
+            assert torch.allclose(conv(x), torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1), atol=1e-5)
+        conv.weight.mul_(-1.0)  # in-place update: the cached packed weight must be rebuilt
+        assert torch.allclose(conv(big), torch.nn.functional.conv2d(big, conv.weight, conv.bias, padding=1), atol=1e-5)
+    with torch.inference_mode():  # weights created here carry no version counter: the plain path is used
+        fresh = Conv2d(32, 8, 1)
+        assert torch.allclose(fresh(big), torch.nn.functional.conv2d(big, fresh.weight, fresh.bias), atol=1e-5)
+    out = conv(big)
+    out.sum().backward()
+    assert conv.weight.grad is not None

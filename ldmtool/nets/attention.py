@@ -176,7 +176,15 @@ class SpatialTransformer(nn.Module):
         for block in self.transformer_blocks:
             h = block(h, context)
         h = _pointwise(self.proj_out, h)
-        return _add_residual(h.view(b, height, width, c).permute(0, 3, 1, 2), x)
+        # Back to x's memory format: a channels-last result would make the next convs re-layout their weights.
+        h = h.view(b, height, width, c).permute(0, 3, 1, 2).contiguous(memory_format=_memory_format(x))
+        return _add_residual(h, x)
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+        return torch.contiguous_format
+    return torch.channels_last
 
 
 def _pointwise(layer: nn.Module, tokens: Tensor) -> Tensor:

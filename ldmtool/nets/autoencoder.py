@@ -289,10 +289,10 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, x: Tensor) -> Tensor:
         """Unscaled latent: the posterior mean."""
-        return self.posterior(x).mean
+        return self.posterior(x).mean.contiguous()
 
     def decode(self, z: Tensor) -> Tensor:
-        return self.decoder(self.post_quant_conv(z))
+        return self.decoder(self.post_quant_conv(z)).contiguous()
 
     def forward(self, x: Tensor, sample_posterior: bool = True) -> tuple[Tensor, DiagonalGaussianDistribution]:
         posterior = self.posterior(x)
@@ -366,11 +366,11 @@ class VQModel(nn.Module):
 
     def encode(self, x: Tensor) -> Tensor:
         """Unscaled latent before quantization (after `quant_conv`)."""
-        return self.quant_conv(self.encoder(x))
+        return self.quant_conv(self.encoder(x)).contiguous()
 
     def decode(self, h: Tensor, force_not_quantize: bool = False) -> Tensor:
         quant = h if force_not_quantize else self.quantize(h)[0]
-        return self.decoder(self.post_quant_conv(quant))
+        return self.decoder(self.post_quant_conv(quant)).contiguous()
 
     def decode_code(self, indices: Tensor) -> Tensor:
         """Image from (B, H, W) codebook indices."""

@@ -280,7 +280,7 @@ class UNetModel(nn.Module):
         for module in self.output_blocks:
             h = module(torch.cat([h, skips.pop()], dim=1), emb, context)
         head = self.id_predictor if self.predict_codebook_ids else self.out
-        return head(h).to(x.dtype)
+        return head(h).to(x.dtype).contiguous()  # the CPU fast path computes in channels-last
 
 
 def _label_embedding(num_classes: Union[int, str], dim: int, adm_in_channels: Optional[int]) -> nn.Module:
