@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "ldmtool.cli.superres",
     "ldmtool.cli.sample",
     "ldmtool.cli.semantic2img",
+    "ldmtool.cli.layout2img",
     "ldmtool.cli.info",
     "ldmtool.cli.manifest",
     "ldmtool.cli.train",

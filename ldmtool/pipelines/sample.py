@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ldmtool.diffusion.cond import Cond
-from ldmtool.errors import FatalError, UsageError
+from ldmtool.errors import FatalError, ItemError, UsageError
 from ldmtool.io.discover import Item, generated_items
 from ldmtool.pipelines.engine import Engine, to_array
 from ldmtool.pipelines.text import check_size, pixel_multiple
@@ -100,9 +100,18 @@ class GeneratorTask(BaseTask):
             raise UsageError(f"--cfg {self.engine.sampling.cfg}: a {self.engine.bundle.family} model has no "
                              "unconditional input, so classifier-free guidance cannot run; drop --cfg")
 
+    def _check_wrap(self, job: Job, size: tuple[int, int], sampled: tuple[int, int]) -> None:
+        """A cropped canvas would cut the wrap-around apart: seamless sizes must be exact multiples."""
+        axes = self.engine.axes
+        for name, wraps, value, padded in (("width", axes.x, size[0], sampled[0]), ("height", axes.y, size[1], sampled[1])):
+            if wraps and value != padded:
+                raise ItemError(f"{job.item.label}: with --seamless the {name} must be a multiple of "
+                                f"{self.multiple} pixels, not {value}")
+
     def _generate(self, job: Job) -> Output:
         width, height = self.canvas(job)
         sample_w, sample_h = self.padded(width, height)
+        self._check_wrap(job, (width, height), (sample_w, sample_h))
         down = self.engine.downsampling
         latent_hw = (sample_h // down, sample_w // down)
         progress = self.reporter and self.reporter.steps

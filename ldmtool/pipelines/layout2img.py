@@ -1,0 +1,236 @@
+"""Layout to image: JSON/YAML layouts of labelled boxes through the LDM layout2img-openimages256 model.
+
+A layout file holds objects with an OpenImages label and a box `[x0, y0, x1, y1]` (corners), either in
+pixels or as fractions 0..1 of the image:
+
+    {"size": [256, 256], "objects": [{"label": "Person", "box": [40, 60, 120, 250]},
+                                     {"label": "Dog", "box": [0.5, 0.6, 0.9, 0.95], "group_of": false}]}
+
+`units` ("pixels" | "relative") may be given; otherwise boxes whose numbers all lie in 0..1 are relative.
+Pixel boxes are measured in the layout's `size` when given, else in the output size. A bare list of objects
+is also a layout. Each object may set `group_of`, `occluded`, `depiction`, `inside` (OpenImages flags).
+The boxes become the model's token sequence (see layout_tokens); with `--draw-boxes` a copy of each result
+with the boxes drawn is written beside it as `<name>.boxes.png`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import yaml
+
+from ldmtool.diffusion.cond import Cond
+from ldmtool.errors import FatalError, ItemError, LdmError, UsageError
+from ldmtool.io.discover import Item
+from ldmtool.pipelines.engine import Engine
+from ldmtool.pipelines.layout_tokens import BoxTokenizer, LayoutObject, category_name, category_number, tokenizer_for
+from ldmtool.pipelines.sample import GeneratorTask
+from ldmtool.runtime.runner import Job, Output
+
+LAYOUT_SUFFIXES = frozenset({".json", ".yaml", ".yml"})
+_FLAGS = ("group_of", "occluded", "depiction", "inside")
+_MAX_LAYOUT_BYTES = 1 << 20
+# Box outline colours of the preview, cycled per object.
+_COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+            (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128)]
+
+
+# ---------------------------------------------------------------- finding layout files
+
+
+def find_layouts(inputs: Sequence[str], *, recursive: bool = False, samples: int = 1) -> list[Item]:
+    """Items for layout files and folders of them; with `samples` > 1, one item per (file, sample)."""
+    if not inputs:
+        raise UsageError("no inputs given; name layout files (.json/.yaml) or folders of them")
+    if samples < 1:
+        raise UsageError(f"--n {samples}: must be at least 1")
+    found: list[tuple[Path, Path]] = []
+    for raw in inputs:
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            found += [(p, path) for p in _walk(path, recursive)]
+        elif path.is_file():
+            found.append((path, path.parent))
+        else:
+            raise UsageError(f"{raw}: no such file or folder")
+    if not found:
+        raise UsageError(f"no layout files (.json, .yaml, .yml) in {', '.join(inputs)}")
+    return [item for path, root in _unique(found) for item in _items(path, root, samples)]
+
+
+def _walk(folder: Path, recursive: bool) -> list[Path]:
+    pattern = "**/*" if recursive else "*"
+    return sorted(p for p in folder.glob(pattern)
+                  if p.is_file() and p.suffix.lower() in LAYOUT_SUFFIXES and not p.name.startswith("."))
+
+
+def _unique(found: list[tuple[Path, Path]]) -> list[tuple[Path, Path]]:
+    seen: set[Path] = set()
+    unique = []
+    for path, root in found:
+        if path.resolve() not in seen:
+            seen.add(path.resolve())
+            unique.append((path, root))
+    return unique
+
+
+def _items(path: Path, root: Path, samples: int) -> list[Item]:
+    relative = path.relative_to(root)
+    subdir = relative.parent.as_posix()
+    subdir = "" if subdir == "." else subdir
+    key = relative.as_posix()
+    if samples == 1:
+        return [Item(key=key, stem=path.stem, path=path, subdir=subdir)]
+    return [Item(key=f"{key}/{s}", stem=f"{path.stem}-{s}", path=path, subdir=subdir, data={"sample": s})
+            for s in range(samples)]
+
+
+# ---------------------------------------------------------------- reading layouts
+
+
+def read_layout(path: Path, width: int, height: int) -> list[LayoutObject]:
+    """The objects of a layout file with boxes as fractions of the image; ItemError naming the problem."""
+    doc = _load_document(path)
+    size, units, objects = _layout_parts(doc, path)
+    ref_w, ref_h = size or (width, height)
+    if units is None:
+        units = "relative" if all(0 <= v <= 1 for o in objects for v in _raw_box(o, path, 0)) else "pixels"
+    return [_layout_object(o, index, path, units, ref_w, ref_h) for index, o in enumerate(objects)]
+
+
+def _load_document(path: Path) -> Any:
+    try:
+        if path.stat().st_size > _MAX_LAYOUT_BYTES:
+            raise ItemError(f"{path}: layout file is larger than {_MAX_LAYOUT_BYTES} bytes")
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ItemError(f"{path}: cannot read the layout ({getattr(err, 'strerror', None) or err})") from None
+    try:
+        return json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise ItemError(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'} "
+                        f"({' '.join(str(err).split())})") from None
+
+
+def _layout_parts(doc: Any, path: Path) -> tuple[Optional[tuple[float, float]], Optional[str], list]:
+    if isinstance(doc, list):
+        doc = {"objects": doc}
+    if not isinstance(doc, dict) or not isinstance(doc.get("objects"), list) or not doc["objects"]:
+        raise ItemError(f"{path}: a layout needs \"objects\": a list of {{\"label\": ..., \"box\": [x0, y0, x1, y1]}}")
+    size = doc.get("size")
+    if size is not None:
+        if not (isinstance(size, list) and len(size) == 2 and all(_number(v) and v > 0 for v in size)):
+            raise ItemError(f"{path}: \"size\" must be [width, height] in pixels, not {size!r}")
+        size = (float(size[0]), float(size[1]))
+    units = doc.get("units")
+    if units not in (None, "pixels", "relative"):
+        raise ItemError(f"{path}: \"units\" must be \"pixels\" or \"relative\", not {units!r}")
+    return size, units, doc["objects"]
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _raw_box(obj: Any, path: Path, index: int) -> list[float]:
+    box = obj.get("box") if isinstance(obj, dict) else None
+    if not (isinstance(box, list) and len(box) == 4 and all(_number(v) for v in box)):
+        raise ItemError(f"{path}: object {index} needs \"box\": [x0, y0, x1, y1], not {box!r}")
+    return [float(v) for v in box]
+
+
+def _layout_object(obj: Any, index: int, path: Path, units: str, width: float, height: float) -> LayoutObject:
+    if not isinstance(obj, dict) or not isinstance(obj.get("label"), str):
+        raise ItemError(f"{path}: object {index} needs a \"label\" (an OpenImages class name)")
+    label = obj["label"]
+    try:
+        category = category_number(label)
+    except UsageError as err:
+        raise ItemError(f"{path}: object {index}: {err}") from None
+    x0, y0, x1, y1 = _raw_box(obj, path, index)
+    limit_w, limit_h = (1.0, 1.0) if units == "relative" else (width, height)
+    if x1 <= x0 or y1 <= y0:
+        raise ItemError(f"{path}: object {index} ({label}): box {[x0, y0, x1, y1]} is empty (need x0 < x1 and y0 < y1)")
+    if min(x0, y0) < 0 or x1 > limit_w or y1 > limit_h:
+        where = "0..1" if units == "relative" else f"the {width:g}x{height:g} image"
+        raise ItemError(f"{path}: object {index} ({label}): box {[x0, y0, x1, y1]} lies outside {where}")
+    flags = {name: obj.get(name, False) for name in _FLAGS}
+    if not all(isinstance(v, bool) for v in flags.values()):
+        raise ItemError(f"{path}: object {index}: {', '.join(_FLAGS)} must be true or false")
+    box = (x0 / limit_w, y0 / limit_h, x1 / limit_w, y1 / limit_h)
+    return LayoutObject(category=category, box=box, **flags)
+
+
+# ---------------------------------------------------------------- the task
+
+
+class Layout2ImgTask(GeneratorTask):
+    command = "layout2img"
+
+    def __init__(self, engine: Engine, *, width: Optional[int] = None, height: Optional[int] = None,
+                 draw_boxes: bool = False):
+        super().__init__(engine, width=width, height=height)
+        self.draw_boxes = draw_boxes
+        self.tokenizer: Optional[BoxTokenizer] = None
+
+    def check_model(self, bundle) -> None:
+        self.tokenizer = tokenizer_for(bundle)
+        if self.tokenizer is None:
+            raise FatalError(f"{self.engine.model_path}: a {bundle.family} model cannot do layout2img (it needs a "
+                             "box-token model such as layout2img-openimages256)")
+        self.params.update(draw_boxes=self.draw_boxes)
+
+    def load(self, job: Job) -> list[LayoutObject]:
+        objects = read_layout(job.item.path, self.width, self.height)
+        try:
+            self.tokenizer.tokens(objects)
+        except LdmError as err:
+            raise ItemError(f"{job.item.path}: {err}") from None
+        return objects
+
+    def conditioning(self, engine: Engine, job: Job, latent_hw: tuple[int, int]) -> tuple[Cond, Optional[Cond]]:
+        tokens = torch.tensor([self.tokenizer.tokens(job.payload)], dtype=torch.long, device=engine.device)
+        with torch.inference_mode():
+            context = engine.bundle.cond_stage.encode(tokens)
+        return Cond(crossattn=context.to(engine.dtype)), None
+
+    def item_params(self, job: Job) -> dict[str, Any]:
+        return {"layout": str(job.item.path),
+                "objects": [{"label": category_name(o.category), "box": [round(v, 6) for v in o.box]}
+                            for o in job.payload]}
+
+    def run(self, jobs: list[Job]) -> list[Output]:
+        outputs = super().run(jobs)
+        if self.draw_boxes:
+            for job, output in zip(jobs, outputs):
+                write_preview(preview_path(job.output), output.image, job.payload)
+        return outputs
+
+
+def preview_path(output: Path) -> Path:
+    return output.with_name(f"{output.stem}.boxes.png")
+
+
+def write_preview(path: Path, image: np.ndarray, objects: Sequence[LayoutObject]) -> None:
+    """The generated image with each box outlined and labelled (written atomically)."""
+    from PIL import Image, ImageDraw
+
+    from ldmtool.io.images import to_uint8
+    from ldmtool.io.writer import write_image
+
+    canvas = Image.fromarray(to_uint8(image))
+    draw = ImageDraw.Draw(canvas)
+    width, height = canvas.size
+    line = max(1, min(width, height) // 128)
+    for index, obj in enumerate(objects):
+        colour = _COLOURS[index % len(_COLOURS)]
+        x0, y0, x1, y1 = obj.box
+        rect = [x0 * (width - 1), y0 * (height - 1), x1 * (width - 1), y1 * (height - 1)]
+        draw.rectangle(rect, outline=colour, width=line)
+        draw.text((rect[0] + line + 1, rect[1] + line), category_name(obj.category), fill=colour)
+    os.makedirs(path.parent, exist_ok=True)
+    write_image(path, np.asarray(canvas))
