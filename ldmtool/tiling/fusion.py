@@ -83,7 +83,7 @@ class TiledDenoiser:
 
         weights = self._plan_weights(plan, x.device)
         rects = plan.tiles
-        out = torch.zeros_like(x)
+        out = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
         step = self.config.tile_batch
         for first in range(0, len(rects), step):
             chunk = rects[first : first + step]
@@ -93,8 +93,8 @@ class TiledDenoiser:
             self._count(crops.shape[0], crops.shape[-2] * crops.shape[-1])
             for index, rect in enumerate(chunk):
                 part = pred[index * x.shape[0] : (index + 1) * x.shape[0]]
-                add_tile(out, rect, part * weights[first + index].to(part.dtype), plan)
-        return out
+                add_tile(out, rect, part.to(out.dtype) * weights[first + index], plan)
+        return out.to(x.dtype)
 
     def _plan_weights(self, plan: TilePlan, device) -> list:
         if plan not in self._weights:

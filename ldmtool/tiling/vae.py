@@ -43,7 +43,7 @@ class VAETiling:
     """Tile core size in pixels of the tiled section's input, and the checkpoint store budget."""
 
     tile: int = 64
-    store_bytes: int = 512 * 2**20
+    store_bytes: int = 2**30
     store_device: str = "cpu"
 
 
@@ -202,9 +202,15 @@ class _Probe:
 
     norms: list  # GroupNorm modules in execution order
     norm_stage: dict  # norm -> index of the stage it runs in
-    halo: int
+    norm_radius: dict  # norm -> receptive-field radius (source pixels) of everything before it
+    radius: float  # of all the stages
     align: int
     boundary: list  # per stage index: (channels, scale) of its input
+
+    def halo(self, target) -> int:
+        """Halo a pass needs: up to the norm it stops at (statistics passes), or all stages (last pass)."""
+        radius = self.radius if target is None else self.norm_radius[target]
+        return math.ceil(radius / self.align) * self.align
 
 
 def _windows(height: int, width: int, tile: int, halo: int, wrap_y: bool, wrap_x: bool) -> list[_Window]:
@@ -243,13 +249,14 @@ def _crop(source: Tensor, window: _Window) -> Tensor:
 def _probe(stages: list[Stage], channels: int, device, dtype) -> _Probe:
     align = 2 ** sum(stage.scale < 1 for stage in stages)
     size = 2 * align
-    norms, norm_stage, radius, boundary = [], {}, [0.0], []
+    norms, norm_stage, norm_radius, radius, boundary = [], {}, {}, [0.0], []
     current = [0]
 
     def on_norm(module, args):
         if module not in norm_stage:
             norms.append(module)
             norm_stage[module] = current[0]
+            norm_radius[module] = radius[0]
 
     def on_conv(module, args):
         scale = args[0].shape[-2] / size
@@ -272,8 +279,7 @@ def _probe(stages: list[Stage], channels: int, device, dtype) -> _Probe:
     finally:
         for handle in handles:
             handle.remove()
-    halo = math.ceil(radius[0] / align) * align
-    return _Probe(norms, norm_stage, halo, align, boundary)
+    return _Probe(norms, norm_stage, norm_radius, radius[0], align, boundary)
 
 
 @dataclass
@@ -334,7 +340,7 @@ def stream_stages(stages: list[Stage], source: Tensor, config: VAETiling) -> Ten
     store = torch.device(config.store_device)
     source = source.to(store)
     try:
-        start = 0
+        start, scale = 0, Fraction(1)  # first stage still to run, and its resolution over the input's
         while True:
             control.active = False
             probe = _probe(stages[start:], source.shape[1], device, dtype)
@@ -342,13 +348,15 @@ def stream_stages(stages: list[Stage], source: Tensor, config: VAETiling) -> Ten
             pending = [n for n in probe.norms if n not in control.stats]
             control.target = pending[0] if pending else None
             checkpoint = _checkpoint_index(probe, control.target, source, config)
-            tile = max(probe.align, config.tile // probe.align * probe.align)
-            windows = _windows(source.shape[-2], source.shape[-1], tile, probe.halo, *wrap)
+            # The tile is fixed in input pixels, so a checkpoint at a finer resolution keeps the tile's memory.
+            tile = max(probe.align, int(config.tile * scale) // probe.align * probe.align)
+            windows = _windows(source.shape[-2], source.shape[-1], tile, probe.halo(control.target), *wrap)
             result = _pass(stages[start:], source, windows, control, checkpoint, device, dtype, store)
             if control.target is None:
                 return result
             control.finish_target()
             if checkpoint is not None:
+                scale *= probe.boundary[checkpoint][1]
                 source, start = result, start + checkpoint
     finally:
         for handle in handles:
