@@ -102,3 +102,23 @@ def test_tiles_bound_the_feature_maps_the_tiled_layers_see():
 def test_encode_refuses_sizes_the_downsampling_grid_cannot_tile():
     with pytest.raises(ItemError, match="multiples of 4"):
         tiled_encode(_kl(), torch.zeros(1, 3, 30, 32), VAETiling(tile=16))
+
+
+def test_out_of_memory_retries_with_smaller_tiles():
+    model = _kl()
+    z = torch.randn(1, 4, 16, 24, generator=torch.Generator().manual_seed(5))
+
+    def fail_on_big_tiles(module, args):
+        if args[0].shape[-2] * args[0].shape[-1] > 40 * 40:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    handle = model.decoder.conv_out.register_forward_pre_hook(fail_on_big_tiles)
+    try:
+        with torch.no_grad():
+            got = tiled_decode(model, z, VAETiling(tile=16))
+            with pytest.raises(torch.OutOfMemoryError):
+                tiled_decode(model, z, VAETiling(tile=16, min_tile=16))
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        assert (got - model.decode(z)).abs().max() <= 1e-4

@@ -23,19 +23,20 @@ the largest activation); with none, pure streaming (device memory of one tile, m
 """
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldmtool.errors import ItemError
+from ldmtool.tiling.fusion import is_out_of_memory
 
-if TYPE_CHECKING:
-    pass
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class VAETiling:
     tile: int = 64
     store_bytes: int = 2**30
     store_device: str = "cpu"
+    min_tile: int = 8  # out-of-memory retries halve the tile down to this
 
 
 @dataclass
@@ -130,7 +132,7 @@ def tiled_decode(first_stage: nn.Module, z: Tensor, config: VAETiling = VAETilin
     stages = decoder_stages(first_stage.decoder)
     split = _decoder_split(stages)
     h = _run(stages[:split], h)  # latent resolution, attention included: untiled
-    return stream_stages(stages[split:], h, config).to(z.device)
+    return _stream_retrying(stages[split:], h, config).to(z.device)
 
 
 @torch.no_grad()
@@ -142,11 +144,25 @@ def tiled_encode(first_stage: nn.Module, x: Tensor, config: VAETiling = VAETilin
     if x.shape[-2] % align or x.shape[-1] % align:
         raise ItemError(f"image of {x.shape[-1]}x{x.shape[-2]} pixels cannot be encoded in tiles; "
                         f"its sides must be multiples of {align}")
-    h = stream_stages(stages[:split], x, config).to(x.device)
+    h = _stream_retrying(stages[:split], x, config).to(x.device)
     moments = first_stage.quant_conv(_run(stages[split:], h))  # latent resolution: untiled
     if hasattr(first_stage, "quantize"):
         return moments
     return torch.chunk(moments, 2, dim=1)[0]
+
+
+def _stream_retrying(stages: list[Stage], source: Tensor, config: VAETiling) -> Tensor:
+    """`stream_stages`, restarted with half the tile after an out-of-memory error (down to `min_tile`)."""
+    while True:
+        try:
+            return stream_stages(stages, source, config)
+        except Exception as err:  # noqa: BLE001 - only out-of-memory is retried
+            if not is_out_of_memory(err) or config.tile // 2 < config.min_tile:
+                raise
+            log.warning("out of memory decoding tiles of %d pixels; retrying with %d", config.tile, config.tile // 2)
+            config = replace(config, tile=config.tile // 2)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
 
 def _decoder_split(stages: list[Stage]) -> int:
