@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "ldmtool.cli.sample",
     "ldmtool.cli.semantic2img",
     "ldmtool.cli.layout2img",
+    "ldmtool.cli.tile_synth",
     "ldmtool.cli.info",
     "ldmtool.cli.manifest",
     "ldmtool.cli.train",

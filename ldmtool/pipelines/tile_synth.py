@@ -1,0 +1,115 @@
+"""Large canvases and tileable textures from any generator model.
+
+`tile-synth` is the generator pipelines at a canvas size of the user's choosing: the tiled engine samples
+it tile by tile (memory grows with the tile, not the canvas) and `--seamless x|y|xy` makes the result wrap
+around. What conditions the canvas follows the inputs: label maps (semantic models, the map is stretched
+to the canvas), `--class` (class-conditional models), `--prompt` (text models, encoded once per run by
+the text pipelines' TextConditioner), or nothing (unconditional models).
+"""
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ldmtool.diffusion.cond import Cond
+from ldmtool.errors import FatalError, UsageError
+from ldmtool.io.discover import Item, generated_items
+from ldmtool.pipelines.engine import Engine
+from ldmtool.pipelines.sample import GeneratorTask, SampleTask, sample_items
+from ldmtool.pipelines.semantic2img import Semantic2ImgTask, semantic_classes
+from ldmtool.pipelines.text import TextConditioner, text_encoder
+from ldmtool.runtime.runner import Job
+
+COMMAND = "tile-synth"
+
+
+class Generator(str, Enum):
+    SEMANTIC = "semantic"
+    CLASS = "class"
+    TEXT = "text"
+    UNCONDITIONAL = "unconditional"
+
+
+def choose_generator(*, maps: bool, classes: Sequence[str], prompt: Optional[str]) -> Generator:
+    """Which generator the inputs ask for; UsageError when they ask for more than one."""
+    given = [kind for kind, on in ((Generator.SEMANTIC, maps), (Generator.CLASS, bool(classes)),
+                                   (Generator.TEXT, prompt is not None)) if on]
+    if len(given) > 1:
+        raise UsageError("give one kind of conditioning: label maps, --class or --prompt")
+    return given[0] if given else Generator.UNCONDITIONAL
+
+
+def canvas_size(width: Optional[int], height: Optional[int]) -> tuple[int, int]:
+    if width is None or height is None:
+        raise UsageError("tile-synth needs the canvas size: --width W --height H (e.g. --width 4096 --height 1024)")
+    return width, height
+
+
+class TextTileTask(GeneratorTask):
+    """A text model's prompt (guided by the negative prompt) over the whole canvas."""
+
+    command = COMMAND
+
+    def __init__(self, engine: Engine, *, prompt: str, negative: str = "", width: int, height: int):
+        super().__init__(engine, width=width, height=height)
+        self.prompt, self.negative = prompt, negative
+
+    def check_model(self, bundle) -> None:
+        encoder = text_encoder(bundle)
+        if encoder is None or bundle.conditioning_key != "crossattn":
+            raise FatalError(f"{self.engine.model_path}: a {bundle.family} model takes no text; drop --prompt "
+                             "(or use a text-to-image model)")
+        self.texts = TextConditioner(encoder)
+        self.params.update(prompt=self.prompt, negative=self.negative)
+
+    def has_uncond(self) -> bool:
+        return True
+
+    def conditioning(self, engine: Engine, job: Job, latent_hw: tuple[int, int]) -> tuple[Cond, Optional[Cond]]:
+        cond = self.texts([self.prompt]).to(engine.device, engine.dtype)
+        uncond = self.texts([self.negative]).to(engine.device, engine.dtype)
+        return Cond(crossattn=cond), Cond(crossattn=uncond)
+
+
+class NoiseTileTask(SampleTask):
+    """Class-conditional or unconditional models, with hints for models that need other inputs."""
+
+    command = COMMAND
+
+    def check_model(self, bundle) -> None:
+        path = self.engine.model_path
+        if not self.classes and text_encoder(bundle) is not None:
+            raise UsageError(f"{path} is a text model; give --prompt TEXT")
+        if not self.classes and semantic_classes(bundle) is not None:
+            raise UsageError(f"{path} is a semantic-synthesis model; give label map files as inputs")
+        super().check_model(bundle)
+
+
+class MapTileTask(Semantic2ImgTask):
+    command = COMMAND
+
+
+def tile_synth_task(engine: Engine, generator: Generator, *, width: int, height: int, classes: Sequence[str] = (),
+                    prompt: Optional[str] = None, negative: str = "", palette: Optional[Path] = None,
+                    max_pixels: Optional[int] = None) -> GeneratorTask:
+    """The task for a canvas of `width` x `height` conditioned as `generator` says."""
+    if generator is Generator.SEMANTIC:
+        task: GeneratorTask = MapTileTask(engine, palette=palette, width=width, height=height, max_pixels=max_pixels)
+    elif generator is Generator.TEXT:
+        task = TextTileTask(engine, prompt=prompt or "", negative=negative, width=width, height=height)
+    else:
+        task = NoiseTileTask(engine, classes=classes, width=width, height=height)
+    task.params["generator"] = generator.value
+    return task
+
+
+def generated_canvas_items(generator: Generator, *, classes: Sequence[str], prompt: Optional[str],
+                           samples: int) -> list[Item]:
+    """Items of the generators that take no files."""
+    if generator is Generator.TEXT:
+        if samples < 1:
+            raise UsageError(f"--n {samples}: must be at least 1")
+        return generated_items([prompt or ""], samples=samples, kind="prompt")
+    return sample_items(classes, samples)
+
