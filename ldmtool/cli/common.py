@@ -70,6 +70,8 @@ def run_options(
     json_out: bool = False,
     quiet: bool = False,
     shard: Optional[str] = None,
+    engine: str = "local",
+    ray_address: Optional[str] = None,
 ) -> "RunOptions":
     """RunOptions from the shared option values (names as in `ldmtool.cli.options`)."""
     from ldmtool.runtime.runner import RunOptions
@@ -77,7 +79,8 @@ def run_options(
 
     return RunOptions(output=output, name_template=name, fmt=fmt, quality=quality, overwrite=overwrite,
                       fail_fast=fail_fast, batch_size=batch_size, seed=seed, json_events=json_out, quiet=quiet,
-                      argv=["ldmtool", *sys.argv[1:]], shard=parse_shard(shard) if shard else None)
+                      argv=["ldmtool", *sys.argv[1:]], shard=parse_shard(shard) if shard else None,
+                      engine=engine, ray_address=ray_address)
 
 
 def finish(summary: "Summary") -> NoReturn:

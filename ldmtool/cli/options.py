@@ -10,6 +10,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from ldmtool.diffusion.names import SAMPLER_NAMES
+
 RUN = "Run"
 SAMPLING = "Sampling"
 MODEL = "Model"
@@ -65,6 +67,14 @@ Shard = Annotated[
     typer.Option("--shard", help="Run only shard K of N (K/N, e.g. 3/8) of the items, for job arrays; needs --seed.",
                  rich_help_panel=RUN),
 ]
+Engine = Annotated[
+    str, typer.Option("--engine", help="local, or ray: spread the items over a Ray cluster (pip install 'ldmtool[ray]').",
+                      rich_help_panel=RUN),
+]
+RayAddress = Annotated[
+    Optional[str], typer.Option("--ray-address", help="With --engine ray: join this cluster (default: start a local one).",
+                                rich_help_panel=RUN),
+]
 Seed = Annotated[
     Optional[int],
     typer.Option("--seed", min=0, help="Base seed; per-item seeds derive from it (random when absent, always recorded).", rich_help_panel=SAMPLING),
@@ -75,7 +85,7 @@ Steps = Annotated[
 Sampler = Annotated[
     Optional[str],
     typer.Option(
-        "--sampler", help="ddim|ddpm|plms|euler|euler_a|heun|dpmpp_2m.", rich_help_panel=SAMPLING
+        "--sampler", help=f"{'|'.join(SAMPLER_NAMES)} (default: the model's).", rich_help_panel=SAMPLING
     ),
 ]
 Karras = Annotated[

@@ -30,6 +30,8 @@ def superres(
     batch_size: opt.BatchSize = 1,
     seed: opt.Seed = None,
     shard: opt.Shard = None,
+    run_engine: opt.Engine = "local",
+    ray_address: opt.RayAddress = None,
     max_pixels: MaxPixels = None,
     model: opt.Model = "default-superres",
     config: opt.Config = None,
@@ -59,7 +61,7 @@ def superres(
     discovery = find_inputs(inputs, recursive=recursive)
     options = run_options(output=output, name=name, fmt=fmt, quality=quality, overwrite=overwrite,
                           fail_fast=fail_fast, batch_size=batch_size, seed=seed, json_out=json_out, quiet=quiet,
-                          shard=shard)
+                          shard=shard, engine=run_engine, ray_address=ray_address)
     finish(run_task(task, discovery, options))
 
 

@@ -33,6 +33,8 @@ def invert(
     batch_size: opt.BatchSize = 1,
     seed: opt.Seed = None,
     shard: opt.Shard = None,
+    run_engine: opt.Engine = "local",
+    ray_address: opt.RayAddress = None,
     pair_masks: Annotated[bool, typer.Option("--pair-masks", help="Pair each image with its mask.")] = False,
     masks: MasksDir = None,
     invert_mask: InvertMask = False,
@@ -47,7 +49,7 @@ def invert(
                       invert_mask=invert_mask, max_pixels=max_pixels)
     options = run_options(output=output, name=name, fmt=fmt, quality=quality, overwrite=overwrite,
                           fail_fast=fail_fast, batch_size=batch_size, seed=seed, json_out=json_out, quiet=quiet,
-                          shard=shard)
+                          shard=shard, engine=run_engine, ray_address=ray_address)
     finish(run_task(task, discovery, options))
 
 

@@ -112,6 +112,8 @@ class RunOptions:
     argv: Optional[list[str]] = None  # recorded in the recipe; default sys.argv
     write_manifest: bool = True
     shard: Optional[Shard] = None  # run only this shard's items (job arrays); needs a fixed seed
+    engine: str = "local"  # "local", or "ray" (ldmtool.runtime.ray_engine)
+    ray_address: Optional[str] = None  # join this Ray cluster; a local one otherwise
 
 
 def run_task(
@@ -127,6 +129,8 @@ def run_task(
         raise UsageError("nothing to do: no items to process")
     if options.batch_size < 1:
         raise UsageError(f"--batch-size {options.batch_size}: must be at least 1")
+    if options.engine not in ("local", "ray"):
+        raise UsageError(f"--engine {options.engine!r} is not an engine (use local or ray)")
     if options.shard is not None and options.seed is None:
         raise UsageError(f"--shard {options.shard} needs --seed N, so that every shard derives the same per-item seeds")
     reporter = reporter or Reporter(json_events=options.json_events, quiet=options.quiet)
@@ -177,7 +181,11 @@ class _BatchRun:
         for job in jobs:
             if id(job) not in pending_ids:
                 self._report(job, Status.SKIPPED)
-        if pending:
+        if pending and self.options.engine == "ray":
+            from ldmtool.runtime.ray_engine import process_on_ray
+
+            process_on_ray(self, pending)
+        elif pending:
             self._open_task()
             self._process(pending)
         self.summary.seconds = time.monotonic() - self.started
@@ -302,6 +310,17 @@ class _BatchRun:
         total = seconds + job.load_seconds + time.monotonic() - started
         self._record(job, Status.DONE, total, None, output.params)
         self._report(job, Status.DONE, total)
+
+    def absorb(self, records: Sequence[dict[str, Any]], events: Sequence[ItemEvent]) -> None:
+        """Take in what another engine's worker recorded and reported for its items."""
+        for record in records:
+            if self.manifest is not None:
+                self.manifest.append(record)
+        for event in events:
+            self.summary.count(event.status)
+            if event.error is not None:
+                self.summary.failures.append(event.error)
+            self.reporter.item(event)
 
     # -- outcomes
 
