@@ -7,6 +7,7 @@ checkpoint is not held twice in memory while a model is built from it.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import struct
 import zipfile
@@ -144,6 +145,12 @@ def unwrap_state_dict(obj: object, path: str | Path = "checkpoint") -> dict[str,
     return tensors
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_safetensors(state: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str] | None = None) -> None:
     """Write tensors to `path` atomically (temporary name in the same folder, then rename)."""
     from safetensors.torch import save_file
@@ -159,6 +166,7 @@ def save_safetensors(state: Mapping[str, torch.Tensor], path: str | Path, metada
         tensors[key] = value
     try:
         save_file(tensors, str(tmp), metadata=dict(metadata or {}))
+        tmp.chmod(0o666 & ~_umask())  # the writer creates 0600 files; give the usual permissions
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
