@@ -38,6 +38,9 @@ def layout2img(
     fail_fast: opt.FailFast = False,
     batch_size: opt.BatchSize = 1,
     seed: opt.Seed = None,
+    shard: opt.Shard = None,
+    run_engine: opt.Engine = "local",
+    ray_address: opt.RayAddress = None,
     model: opt.Model = "default-layout2img",
     config: opt.Config = None,
     preset: opt.Preset = None,
@@ -62,7 +65,8 @@ def layout2img(
                     sampling_choice(sampler, steps, None, eta, karras, tile, tile_overlap, max_memory))
     task = Layout2ImgTask(engine, width=width, height=height, draw_boxes=draw_boxes)
     options = run_options(output=output, name=name, fmt=fmt, quality=quality, overwrite=overwrite,
-                          fail_fast=fail_fast, batch_size=batch_size, seed=seed, json_out=json_out, quiet=quiet)
+                          fail_fast=fail_fast, batch_size=batch_size, seed=seed, json_out=json_out, quiet=quiet,
+                          shard=shard, engine=run_engine, ray_address=ray_address)
     finish(run_task(task, find_layouts(inputs, recursive=recursive, samples=n), options))
 
 

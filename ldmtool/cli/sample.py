@@ -35,6 +35,9 @@ def sample(
     fail_fast: opt.FailFast = False,
     batch_size: opt.BatchSize = 1,
     seed: opt.Seed = None,
+    shard: opt.Shard = None,
+    run_engine: opt.Engine = "local",
+    ray_address: opt.RayAddress = None,
     model: opt.Model = "default-sample",
     config: opt.Config = None,
     preset: opt.Preset = None,
@@ -61,7 +64,8 @@ def sample(
                     sampling_choice(sampler, steps, cfg, eta, karras, tile, tile_overlap, max_memory, seamless))
     task = SampleTask(engine, classes=classes or [], width=width, height=height)
     options = run_options(output=output, name=name, fmt=fmt, quality=quality, overwrite=overwrite,
-                          fail_fast=fail_fast, batch_size=batch_size, seed=seed, json_out=json_out, quiet=quiet)
+                          fail_fast=fail_fast, batch_size=batch_size, seed=seed, json_out=json_out, quiet=quiet,
+                          shard=shard, engine=run_engine, ray_address=ray_address)
     finish(run_task(task, sample_items(classes or [], n), options))
 
 

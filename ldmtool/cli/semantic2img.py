@@ -35,6 +35,9 @@ def semantic2img(
     fail_fast: opt.FailFast = False,
     batch_size: opt.BatchSize = 1,
     seed: opt.Seed = None,
+    shard: opt.Shard = None,
+    run_engine: opt.Engine = "local",
+    ray_address: opt.RayAddress = None,
     max_pixels: MaxPixels = None,
     model: opt.Model = "default-semantic2img",
     config: opt.Config = None,
@@ -52,8 +55,7 @@ def semantic2img(
     max_memory: opt.MaxMemory = None,
     seamless: opt.Seamless = None,
 ) -> None:
-    """Generate images from label maps (index PNGs, or colour maps with --palette); output size = map size
-    unless --width/--height (larger sizes go through the tiled engine)."""
+    """Generate images from label maps (index PNGs, or colour maps with --palette) at the map's size or --width/--height."""
     from ldmtool.pipelines.engine import Engine
     from ldmtool.pipelines.semantic2img import Semantic2ImgTask
     from ldmtool.runtime.runner import run_task
@@ -63,7 +65,8 @@ def semantic2img(
     task = Semantic2ImgTask(engine, palette=palette, width=width, height=height, max_pixels=max_pixels)
     discovery = find_inputs(inputs, recursive=recursive)
     options = run_options(output=output, name=name, fmt=fmt, quality=quality, overwrite=overwrite,
-                          fail_fast=fail_fast, batch_size=batch_size, seed=seed, json_out=json_out, quiet=quiet)
+                          fail_fast=fail_fast, batch_size=batch_size, seed=seed, json_out=json_out, quiet=quiet,
+                          shard=shard, engine=run_engine, ray_address=ray_address)
     finish(run_task(task, discovery, options))
 
 

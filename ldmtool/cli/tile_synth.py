@@ -43,6 +43,9 @@ def tile_synth(
     fail_fast: opt.FailFast = False,
     batch_size: opt.BatchSize = 1,
     seed: opt.Seed = None,
+    shard: opt.Shard = None,
+    run_engine: opt.Engine = "local",
+    ray_address: opt.RayAddress = None,
     max_pixels: MaxPixels = None,
     model: opt.Model = "default-sample",
     config: opt.Config = None,
@@ -60,8 +63,7 @@ def tile_synth(
     tile_overlap: opt.TileOverlap = None,
     max_memory: opt.MaxMemory = None,
 ) -> None:
-    """Synthesize large canvases (tile by tile) and tileable textures (--seamless x|y|xy) with a class,
-    text, semantic or unconditional model."""
+    """Large canvases (tile by tile) and tileable textures (--seamless x|y|xy) from any generator model."""
     from ldmtool.pipelines.engine import Engine
     from ldmtool.pipelines.tile_synth import canvas_size, choose_generator, generated_canvas_items, tile_synth_task
     from ldmtool.runtime.runner import run_task
@@ -77,7 +79,8 @@ def tile_synth(
     else:
         items = generated_canvas_items(generator, classes=classes or [], prompt=prompt, samples=n)
     options = run_options(output=output, name=name, fmt=fmt, quality=quality, overwrite=overwrite,
-                          fail_fast=fail_fast, batch_size=batch_size, seed=seed, json_out=json_out, quiet=quiet)
+                          fail_fast=fail_fast, batch_size=batch_size, seed=seed, json_out=json_out, quiet=quiet,
+                          shard=shard, engine=run_engine, ray_address=ray_address)
     finish(run_task(task, items, options))
 
 
