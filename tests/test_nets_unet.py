@@ -1,5 +1,5 @@
 """UNet and attention: outputs equal diffusers' (converted with its own single-file converter), closed-form
-checks for the parts diffusers lacks, reference key names, seamless padding and the fused-projection cache."""
+checks for the parts diffusers lacks, reference key names, seamless padding and the CPU conv fast path."""
 from __future__ import annotations
 
 import math
@@ -63,7 +63,7 @@ def test_unet_matches_diffusers(params):
     with torch.no_grad():
         expected = theirs(x, t, encoder_hidden_states=context, class_labels=y).sample
         got = ours(x, t, context=context, y=y)
-        with torch.enable_grad():  # the training path (unfused projections, no in-place ops) must agree too
+        with torch.enable_grad():  # the training path (plain conv2d, no in-place ops) must agree too
             got_train = ours(x, t, context=context, y=y)
     assert expected.std() > 0.1
     assert (got - expected).abs().max() < 1e-4
@@ -170,7 +170,7 @@ def test_seamless_x_makes_the_unet_equivariant_to_horizontal_rolls():
 
 
 def unfused_attention(attn: CrossAttention, x: torch.Tensor, context) -> torch.Tensor:
-    """Separate q/k/v projections and explicit softmax attention."""
+    """Explicit softmax(q k^T / sqrt(d)) v per head."""
     source = x if context is None else context
     heads = attn.heads
     split = lambda a: a.view(a.shape[0], a.shape[1], heads, -1).transpose(1, 2)  # noqa: E731
@@ -179,17 +179,13 @@ def unfused_attention(attn: CrossAttention, x: torch.Tensor, context) -> torch.T
     return attn.to_out(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
 
-@pytest.mark.parametrize("context_dim", [None, 16], ids=["self-qkv", "cross-kv"])
-def test_fused_projections_follow_weight_updates(context_dim):
+@pytest.mark.parametrize("context_dim", [None, 16], ids=["self", "cross"])
+def test_cross_attention_is_softmax_attention_with_separate_heads(context_dim):
     attn = randomize(CrossAttention(32, context_dim=context_dim, heads=4, dim_head=8))
     x = torch.randn(2, 10, 32)
     context = None if context_dim is None else torch.randn(2, 3, context_dim)
     with torch.no_grad():
         assert torch.allclose(attn(x, context), unfused_attention(attn, x, context), atol=1e-5)
-        attn.to_k.weight.mul_(2.0)  # an in-place update (optimiser step, load_state_dict) invalidates the cache
-        assert torch.allclose(attn(x, context), unfused_attention(attn, x, context), atol=1e-5)
-    attn(x, context).sum().backward()
-    assert attn.to_k.weight.grad is not None and attn.to_q.weight.grad is not None
 
 
 def test_cpu_conv_fast_path_equals_conv2d_on_views_and_follows_weight_updates():

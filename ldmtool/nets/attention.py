@@ -4,9 +4,8 @@ Module and parameter names are those of `ldm.modules.attention` (SpatialTransfor
 CrossAttention, FeedForward, GEGLU) and of the plain `AttentionBlock` of `openaimodel`, so released
 checkpoints load without renaming.
 
-Speed: at inference the q/k/v (self-attention) or k/v (cross-attention) projections run as one matmul on a
-concatenated weight. The concatenation is cached and rebuilt whenever a source weight changes (moved,
-reloaded, or updated in place by an optimiser), so the state-dict keys and training are unaffected.
+Fusing the q/k/v (or k/v) projections into one matmul was measured on the CPU and gained nothing
+(within 1%, cross-attention slightly slower), so the projections stay separate.
 """
 from __future__ import annotations
 
@@ -31,24 +30,6 @@ def _add_residual(h: Tensor, x: Tensor) -> Tensor:
     return h.add_(x)
 
 
-class _FusedWeights:
-    """Concatenated copies of several Linear weights, rebuilt when any source tensor changes."""
-
-    def __init__(self) -> None:
-        self.key: Optional[tuple] = None
-        self.weight: Optional[Tensor] = None
-
-    def get(self, weights: Sequence[Tensor]) -> Optional[Tensor]:
-        try:
-            key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in weights)
-        except RuntimeError:  # inference tensors carry no version counter: do not cache them
-            return None
-        if key != self.key:
-            self.weight = torch.cat([w.detach() for w in weights], dim=0)
-            self.key = key
-        return self.weight
-
-
 def _heads(t: Tensor, heads: int) -> Tensor:
     """(B, N, H*d) -> (B, H, N, d) as a view."""
     b, n, inner = t.shape
@@ -68,32 +49,13 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
-        self._fused_qkv = _FusedWeights()
-        self._fused_kv = _FusedWeights()
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
-        q, k, v = self._project(x, context)
+        source = x if context is None else context
+        q, k, v = (_heads(t, self.heads) for t in (self.to_q(x), self.to_k(source), self.to_v(source)))
         out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, d)
         b, _, n, _ = out.shape
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
-
-    def _project(self, x: Tensor, context: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """Queries, keys and values, each (B, H, N, d)."""
-        wq, wk, wv = self.to_q.weight, self.to_k.weight, self.to_v.weight
-        fused = None
-        if _fast_path(wq, wk, wv):
-            fused = self._fused_qkv.get((wq, wk, wv)) if context is None else self._fused_kv.get((wk, wv))
-        if fused is None:
-            source = x if context is None else context
-            q, k, v = self.to_q(x), self.to_k(source), self.to_v(source)
-            return _heads(q, self.heads), _heads(k, self.heads), _heads(v, self.heads)
-        if context is None:
-            b, n, _ = x.shape
-            qkv = F.linear(x, fused).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-            return qkv[0], qkv[1], qkv[2]
-        b, m, _ = context.shape
-        kv = F.linear(context, fused).view(b, m, 2, self.heads, -1).permute(2, 0, 3, 1, 4)
-        return _heads(self.to_q(x), self.heads), kv[0], kv[1]
 
 
 class GEGLU(nn.Module):
