@@ -1,0 +1,149 @@
+"""`ldmtool layout2img` on a tiny random layout2img-openimages256 checkpoint, and the box tokenization facts."""
+import json
+
+import pytest
+from PIL import Image
+
+from ldmtool.checkpoints.tiny import save_tiny_checkpoint
+from ldmtool.cli.app import main
+from ldmtool.errors import UsageError
+from ldmtool.pipelines.layout2img import read_layout
+from ldmtool.pipelines.layout_tokens import BoxTokenizer, LayoutObject, category_number, openimages_classes
+
+FAST = ["--steps", "2", "--sampler", "euler", "--quiet", "--width", "32", "--height", "32"]
+
+
+class Result:
+    def __init__(self, exit_code, output):
+        self.exit_code, self.output = exit_code, output
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("models") / "layout.safetensors"
+    save_tiny_checkpoint(path, "ldm-layout2img-openimages256", seed=3, with_config=True)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _capture(capsys):
+    global _capsys
+    _capsys = capsys
+
+
+def _run(*args):
+    try:
+        main(["layout2img", *map(str, args), *FAST])
+        code = 0
+    except SystemExit as exit:
+        code = exit.code or 0
+    captured = _capsys.readouterr()
+    return Result(code, captured.out + captured.err)
+
+
+def _layout(path, objects, **extra):
+    path.write_text(json.dumps({"objects": objects, **extra}))
+    return path
+
+
+# ---------------------------------------------------------------- reference facts
+
+
+def test_class_numbers_follow_the_reference_ordering():
+    """340 classes: the allow list minus the COCO-merged ids, sorted by MID, Suitcase (/m/01s55n) last."""
+    classes = openimages_classes()
+    assert len(classes) == 340 and [c.number for c in classes] == list(range(340))
+    mids = [c.mid for c in classes]
+    assert mids[:-1] == sorted(mids[:-1]) and mids[-1] == "/m/01s55n"
+    merged = {"/m/03bt1vf", "/m/04yx4", "/m/05r655", "/m/01bl7v", "/m/0cnyhnx", "/m/01226z", "/m/05ctyq",
+              "/m/058qzx", "/m/06pcq", "/m/03m3pdh", "/m/046dlr", "/m/0h8mzrc"}
+    assert not merged & set(mids)
+    assert category_number("Tortoise") == 0  # /m/011k07, the smallest MID
+    assert category_number("Suitcase") == 339
+    assert category_number("person") == category_number("Woman") == category_number("/m/01g317") == 37
+    assert category_number("Wall clock") == category_number("Clock")
+
+
+def test_box_tokens_match_the_reference_builder():
+    """no_tokens 8192 → 90 sections; token = round(89 y) * 90 + round(89 x); triples padded with 8191;
+    crop (0, 0, 1, 1) → tokens 0 and 8099; 30 * 3 + 2 = 92 = the cond stage's max_seq_len."""
+    tok = BoxTokenizer.for_sequence(vocab_size=8192, max_seq_len=92)
+    assert (tok.sections, tok.none, tok.max_objects, tok.length) == (90, 8191, 30, 92)
+    person = LayoutObject(category=37, box=(0.25, 0.5, 0.75, 1.0))
+    tokens = tok.tokens([person])
+    # (0.25, 0.5): x 22.25 → 22, y 44.5 → 44 (round half to even, as Python's round in the reference)
+    assert tokens[:3] == [37, 44 * 90 + 22, 89 * 90 + 67]
+    assert tokens[3:90] == [8191] * 87 and tokens[90:] == [0, 8099] and len(tokens) == 92
+    grouped = LayoutObject(category=37, box=person.box, group_of=True, occluded=True)
+    assert tok.tokens([grouped])[0] == 37 + 340 * (1 | 2)
+    with pytest.raises(UsageError, match="at most 30"):
+        tok.tokens([person] * 31)
+
+
+def test_pixel_and_relative_boxes_give_the_same_tokens(tmp_path):
+    pixels = _layout(tmp_path / "p.json", [{"label": "Person", "box": [64, 128, 192, 256]}], size=[256, 256])
+    relative = tmp_path / "r.yaml"
+    relative.write_text("objects:\n  - label: person\n    box: [0.25, 0.5, 0.75, 1.0]\n")
+    tok = BoxTokenizer()
+    assert tok.tokens(read_layout(pixels, 32, 32)) == tok.tokens(read_layout(relative, 32, 32))
+    # without "size", pixel boxes are measured in the output size
+    plain = _layout(tmp_path / "q.json", [{"label": "Person", "box": [8, 16, 24, 32]}])
+    assert read_layout(plain, 32, 32)[0].box == (0.25, 0.5, 0.75, 1.0)
+
+
+# ---------------------------------------------------------------- the command
+
+
+def test_outputs_previews_metadata_and_same_seed(tmp_path, model):
+    folder = tmp_path / "layouts"
+    (folder / "sub").mkdir(parents=True)
+    _layout(folder / "a.json", [{"label": "Person", "box": [0.1, 0.1, 0.5, 0.9]},
+                                {"label": "Dog", "box": [0.5, 0.5, 1.0, 1.0]}])
+    (folder / "sub" / "b.yaml").write_text("- {label: Car, box: [0, 0, 32, 20]}\n")
+    (folder / "notes.txt").write_text("not a layout")
+    for name in ("one", "two"):
+        result = _run(folder, "-r", "--draw-boxes", "--model", model, "--seed", 7, "-o", tmp_path / name)
+        assert result.exit_code == 0, result.output
+    for rel in ("a.png", "sub/b.png", "a.boxes.png", "sub/b.boxes.png"):
+        with Image.open(tmp_path / "one" / rel) as image:
+            assert image.size == (32, 32)
+        assert (tmp_path / "one" / rel).read_bytes() == (tmp_path / "two" / rel).read_bytes()
+    assert (tmp_path / "one" / "a.png").read_bytes() != (tmp_path / "one" / "a.boxes.png").read_bytes()
+    with Image.open(tmp_path / "one" / "a.png") as image:
+        recipe = json.loads(image.info["ldmtool"])
+    assert recipe["command"] == "layout2img"
+    objects = recipe["parameters"]["objects"]
+    assert [o["label"] for o in objects] == ["Person", "Dog"] and objects[0]["box"] == [0.1, 0.1, 0.5, 0.9]
+
+
+def test_the_layout_conditions_the_image(tmp_path, model):
+    _layout(tmp_path / "x.json", [{"label": "Person", "box": [0.1, 0.1, 0.5, 0.9]}])
+    _layout(tmp_path / "y.json", [{"label": "Person", "box": [0.5, 0.1, 0.9, 0.9]}])
+    for name in ("x", "y"):
+        assert _run(tmp_path / f"{name}.json", "--model", model, "--seed", 1, "--name", "o.{ext}",
+                    "-o", tmp_path / name).exit_code == 0
+    assert (tmp_path / "x" / "o.png").read_bytes() != (tmp_path / "y" / "o.png").read_bytes()
+
+
+@pytest.mark.parametrize("objects, message", [
+    ([{"label": "Persn", "box": [0, 0, 1, 1]}], "object 0: label 'Persn' is not one of the layout model's "
+                                                 "OpenImages classes; did you mean 'person'"),
+    ([{"label": "Car", "box": [8, 8, 40, 20]}], "object 0 (Car): box [8.0, 8.0, 40.0, 20.0] lies outside the 32x32 image"),
+    ([{"label": "Car", "box": [0.5, 0.2, 0.4, 0.9]}], "object 0 (Car): box [0.5, 0.2, 0.4, 0.9] is empty"),
+    ([{"label": "Car", "box": [0, 0, 1]}], "object 0 needs \"box\": [x0, y0, x1, y1]"),
+    ([{"label": "Car", "box": [0, 0, 1, 1]}] * 31, "31 objects: the layout model takes at most 30"),
+])
+def test_bad_layouts_fail_with_one_line_naming_the_file(tmp_path, model, objects, message):
+    path = _layout(tmp_path / "bad.json", objects)
+    result = _run(path, "--model", model, "-o", tmp_path / "out")
+    assert result.exit_code == 1
+    failed = [line for line in result.output.splitlines() if "failed:" in line]
+    assert len(failed) == 1 and f"{path}: " in failed[0] and message in failed[0]
+
+
+def test_model_without_box_tokens_is_fatal(tmp_path):
+    other = tmp_path / "celeba.safetensors"
+    save_tiny_checkpoint(other, "ldm-celebahq256", with_config=True)
+    _layout(tmp_path / "a.json", [{"label": "Person", "box": [0, 0, 1, 1]}])
+    result = _run(tmp_path / "a.json", "--model", other, "-o", tmp_path / "out")
+    assert result.exit_code == 3 and "cannot do layout2img" in result.output
