@@ -2,6 +2,8 @@
 checks for the parts diffusers lacks, reference key names, seamless padding and the CPU conv fast path."""
 from __future__ import annotations
 
+import copy
+import io
 import math
 
 import pytest
@@ -202,6 +204,29 @@ def test_cpu_conv_fast_path_equals_conv2d_on_views_and_follows_weight_updates():
     with torch.inference_mode():  # weights created here carry no version counter: the plain path is used
         fresh = Conv2d(32, 8, 1)
         assert torch.allclose(fresh(big), torch.nn.functional.conv2d(big, fresh.weight, fresh.bias), atol=1e-5)
+    twin = copy.deepcopy(conv)  # EMA copies and torch.save must not trip over the cached oneDNN weight
+    torch.save(conv, io.BytesIO())
+    with torch.no_grad():
+        assert torch.allclose(twin(big), conv(big), atol=1e-5)
     out = conv(big)
     out.sum().backward()
     assert conv.weight.grad is not None
+
+
+def test_adm_label_embeddings_and_attention_block_counts():
+    base = dict(SD2, num_res_blocks=2, num_attention_blocks=[1, 0, 2])
+    seq = UNetModel(**base, num_classes="sequential", adm_in_channels=6)
+    keys = seq.state_dict()
+    assert keys["label_emb.0.0.weight"].shape == (128, 6) and keys["label_emb.0.2.weight"].shape == (128, 128)
+    assert len(seq.input_blocks[1]) == 2 and len(seq.input_blocks[2]) == 1  # level 0: only the first has attention
+    assert len(seq.input_blocks[4]) == 1  # level 1: none
+    assert len(seq.output_blocks[0]) == 1  # level 2 is not an attention resolution (ds 4)
+    randomize(seq)
+    x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([1, 2]), torch.randn(2, 3, 24)
+    with torch.no_grad():
+        out = seq(x, t, context, y=torch.randn(2, 6))
+    assert out.shape == x.shape
+    cont = UNetModel(**dict(SD2, num_classes="continuous"))
+    assert cont.state_dict()["label_emb.weight"].shape == (128, 1)
+    with pytest.raises(ValueError, match="pass y"):
+        cont(x, t, context)

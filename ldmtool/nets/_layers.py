@@ -56,6 +56,16 @@ class Conv2d(nn.Conv2d):
                     "none", [], "")
         return F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
 
+    def __getstate__(self) -> dict:
+        # The packed weight is an opaque oneDNN tensor: it can be neither copied nor pickled. Rebuilt on use.
+        state = dict(self.__dict__)
+        state.pop("_prepacked", None)
+        return state
+
+    def _apply(self, fn, recurse: bool = True):
+        self.__dict__.pop("_prepacked", None)  # moved or cast: do not keep a stale CPU copy alive
+        return super()._apply(fn, recurse)
+
     def _packed_weight(self, x: Tensor, padding) -> Optional[Tensor]:
         weight = self.weight
         try:
