@@ -125,6 +125,13 @@ def silu(x: Tensor) -> Tensor:
     return F.silu(x, inplace=True)
 
 
+def add_residual(h: Tensor, x: Tensor) -> Tensor:
+    """h + x, in place into h (a fresh tensor the caller owns) when autograd is not recording."""
+    if torch.is_grad_enabled() and (h.requires_grad or x.requires_grad):
+        return h + x
+    return h.add_(x)
+
+
 def zero_module(module: nn.Module) -> nn.Module:
     """Zero the parameters of `module` (the reference's initialisation of residual output layers)."""
     for p in module.parameters():

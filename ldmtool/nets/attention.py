@@ -15,19 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ldmtool.nets._layers import normalization, zero_module
-
-
-def _fast_path(*weights: Tensor) -> bool:
-    """True when no gradient will flow into `weights` (inference or frozen weights)."""
-    return not (torch.is_grad_enabled() and any(w.requires_grad for w in weights))
-
-
-def _add_residual(h: Tensor, x: Tensor) -> Tensor:
-    """h + x, in place into the fresh tensor h when autograd is not recording."""
-    if torch.is_grad_enabled() and (h.requires_grad or x.requires_grad):
-        return h + x
-    return h.add_(x)
+from ldmtool.nets._layers import add_residual, normalization, zero_module
 
 
 def _heads(t: Tensor, heads: int) -> Tensor:
@@ -67,9 +55,9 @@ class GEGLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         value, gate = self.proj(x).chunk(2, dim=-1)
-        if _fast_path(self.proj.weight) and not x.requires_grad:
-            return value.mul_(F.gelu(gate))
-        return value * F.gelu(gate)
+        if torch.is_grad_enabled() and value.requires_grad:
+            return value * F.gelu(gate)
+        return value.mul_(F.gelu(gate))
 
 
 class FeedForward(nn.Module):
@@ -103,9 +91,9 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
-        x = _add_residual(self.attn1(self.norm1(x), context if self.disable_self_attn else None), x)
-        x = _add_residual(self.attn2(self.norm2(x), context), x)
-        return _add_residual(self.ff(self.norm3(x)), x)
+        x = add_residual(self.attn1(self.norm1(x), context if self.disable_self_attn else None), x)
+        x = add_residual(self.attn2(self.norm2(x), context), x)
+        return add_residual(self.ff(self.norm3(x)), x)
 
 
 class SpatialTransformer(nn.Module):
@@ -140,7 +128,7 @@ class SpatialTransformer(nn.Module):
         h = _pointwise(self.proj_out, h)
         # Back to x's memory format: a channels-last result would make the next convs re-layout their weights.
         h = h.view(b, height, width, c).permute(0, 3, 1, 2).contiguous(memory_format=_memory_format(x))
-        return _add_residual(h, x)
+        return add_residual(h, x)
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
@@ -187,4 +175,4 @@ class AttentionBlock(nn.Module):
             qkv = qkv.view(b, heads, 3, c // heads, t).permute(2, 0, 1, 3, 4)
         q, k, v = (part.transpose(-1, -2) for part in qkv)  # each (B, H, T, d)
         out = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(b, c, t)
-        return _add_residual(self.proj_out(out), x).reshape(b, c, *spatial)
+        return add_residual(self.proj_out(out), x).reshape(b, c, *spatial)

@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldmtool.errors import CheckpointError
-from ldmtool.nets._layers import Conv2d, normalization, pad_2d, silu
-from ldmtool.nets.attention import _add_residual
+from ldmtool.nets._layers import Conv2d, add_residual, normalization, pad_2d, silu
 
 
 _KL_TRAINING_ARGS = {"ckpt_path", "ignore_keys", "image_key", "colorize_nlabels", "monitor", "ema_decay", "learn_logvar"}
@@ -68,7 +67,7 @@ class ResnetBlock(nn.Module):
         h = self.conv2(self.dropout(silu(self.norm2(h))))
         if self.in_channels != self.out_channels:
             x = self.conv_shortcut(x) if self.use_conv_shortcut else self.nin_shortcut(x)
-        return _add_residual(h, x)
+        return add_residual(h, x)
 
 
 class AttnBlock(nn.Module):
@@ -89,7 +88,7 @@ class AttnBlock(nn.Module):
         q, k, v = (F.linear(h, conv.weight.flatten(1), conv.bias)[:, None] for conv in (self.q, self.k, self.v))
         out = F.scaled_dot_product_attention(q, k, v)[:, 0]  # (B, HW, C)
         out = F.linear(out, self.proj_out.weight.flatten(1), self.proj_out.bias)
-        return _add_residual(out.transpose(1, 2).reshape(b, c, height, width), x)
+        return add_residual(out.transpose(1, 2).reshape(b, c, height, width), x)
 
 
 def make_attn(in_channels: int, attn_type: str = "vanilla") -> nn.Module:

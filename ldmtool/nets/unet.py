@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldmtool.errors import CheckpointError
-from ldmtool.nets._layers import Conv2d, as_list, check_dims, normalization, silu, zero_module
-from ldmtool.nets.attention import AttentionBlock, SpatialTransformer, _add_residual
+from ldmtool.nets._layers import Conv2d, add_residual, as_list, check_dims, normalization, silu, zero_module
+from ldmtool.nets.attention import AttentionBlock, SpatialTransformer
 
 
 def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -127,9 +127,9 @@ class ResBlock(nn.Module):
             scale, shift = emb_out.chunk(2, dim=1)
             h = torch.addcmul(shift, norm(h), 1 + scale)
         else:
-            h = norm(_add_residual(h, emb_out))
+            h = norm(add_residual(h, emb_out))
         h = rest(silu(h))
-        return _add_residual(h, self.skip_connection(x))
+        return add_residual(h, self.skip_connection(x))
 
 
 @dataclass(frozen=True)
