@@ -75,6 +75,7 @@ def autoencoder(
     disc_weight: Annotated[float, typer.Option("--disc-weight", min=0.0, help="Patch discriminator weight (0 = off).", rich_help_panel=TRAINING)] = 0.0,
     disc_start: Annotated[int, typer.Option("--disc-start", min=0, help="Step at which the discriminator starts.", rich_help_panel=TRAINING)] = 2000,
     min_scale: MinScale = 0.5,
+    sample_posterior: Annotated[bool, typer.Option("--sample-posterior/--decode-mean", help="Decode a posterior sample (as LDM) or its mean.", rich_help_panel=TRAINING)] = True,
     ema_decay: EmaDecay = 0.999,
     seed: TrainSeed = 0,
     save_every: SaveEvery = 500,
@@ -94,7 +95,7 @@ def autoencoder(
     loss = AutoencoderLoss(kl_weight=kl_weight, grad_weight=grad_weight, ssim_weight=ssim_weight,
                            disc_weight=disc_weight, disc_start=disc_start)
     training = AutoencoderTraining(crop=crop, batch_size=batch_size, lr=lr, ema_decay=ema_decay, seed=seed,
-                                   min_scale=min_scale, loss=loss)
+                                   min_scale=min_scale, sample_posterior=sample_posterior, loss=loss)
     run = _run_options(output, steps, save_every, log_every, resume, device, precision, quiet, threads)
     path = train_autoencoder(arch, training, resolve_data(data, recursive), run)
     if not quiet:

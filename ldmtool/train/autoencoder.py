@@ -83,6 +83,7 @@ class AutoencoderTraining:
     ema_decay: float = 0.999
     seed: int = 0
     min_scale: float = 0.5  # random source rescale before cropping (see CropConfig)
+    sample_posterior: bool = True  # decode a posterior sample (as LDM) or its mean (faster to train)
     loss: AutoencoderLoss = field(default_factory=AutoencoderLoss)
 
 
@@ -166,7 +167,9 @@ class AutoencoderTrainer:
         self.params = arch.params(training.crop)
         self.model = build_autoencoder(self.params).to(device)
         self.ema = common.Ema(self.model, training.ema_decay)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=training.lr, betas=(0.5, 0.9))
+        # GAN-style betas only when a discriminator is trained; plain Adam converges faster without one.
+        betas = (0.5, 0.9) if training.loss.disc_weight > 0 else (0.9, 0.999)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=training.lr, betas=betas)
         self.disc = None
         if training.loss.disc_weight > 0:
             self.disc = patch_discriminator().to(device)
@@ -183,7 +186,8 @@ class AutoencoderTrainer:
 
         mean, logvar = posterior(self.model, x)
         noise = torch.randn(mean.shape, generator=generator, device="cpu").to(mean)
-        rec = self.model.decode(mean + (0.5 * logvar).exp() * noise)
+        z = mean + (0.5 * logvar).exp() * noise if self.training.sample_posterior else mean
+        rec = self.model.decode(z)
         terms = reconstruction_loss(rec, x, self.training.loss)
         terms["kl"] = kl_divergence(mean, logvar)
         total = terms["rec"] + self.training.loss.kl_weight * terms["kl"]
