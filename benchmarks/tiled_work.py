@@ -5,7 +5,10 @@
    Exact accounting through `TiledDenoiser.pixels_run`; no network is run. Target: <= 1.3.
 2. `unet_time`: measured seconds per denoiser call, tiled (default settings) vs untiled, with a small
    UNet (SD layout, narrow channels) on the same canvas.
-3. `vae_time`: exact tiled decode vs untiled decode of a narrow f8 KL decoder (SD layout), for several
+3. `vae_work`: multiply-accumulates of the convolutions in an exact tiled decode/encode over the untiled
+   ones, for the SD-size KL autoencoder (counted on the meta device, so any machine gives the same
+   numbers), per checkpoint store budget: the cost of exact global GroupNorm statistics.
+4. `vae_time`: exact tiled decode vs untiled decode of a narrow f8 KL decoder (SD layout), for several
    checkpoint store budgets: the price of exact global GroupNorm statistics, and the max abs difference.
 
     python benchmarks/tiled_work.py            # everything (a few minutes on 2 CPU cores)
@@ -22,7 +25,7 @@ import torch
 
 from ldmtool.tiling.fusion import TileConfig, TiledDenoiser
 from ldmtool.tiling.memory import choose_tiling
-from ldmtool.tiling.vae import VAETiling, tiled_decode
+from ldmtool.tiling.vae import VAETiling, tiled_decode, tiled_encode
 
 
 def machine() -> str:
@@ -90,6 +93,40 @@ def best_time(fn, repeat: int) -> float:
     return min(times)
 
 
+def conv_macs(model):
+    """A counter of conv multiply-accumulates, and the hook handles that feed it."""
+    count = [0]
+
+    def hook(module, args, out):
+        count[0] += out.numel() * module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+
+    return count, [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+
+
+def vae_work(sides, budgets) -> None:
+    from ldmtool.nets.autoencoder import AutoencoderKL
+
+    ddconfig = dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=128,
+                    ch_mult=[1, 2, 4, 4], num_res_blocks=2, attn_resolutions=[], dropout=0.0)
+    with torch.device("meta"):
+        vae = AutoencoderKL(ddconfig=ddconfig, lossconfig={"target": "x"}, embed_dim=4).eval()
+    count, _handles = conv_macs(vae)
+    for side in sides:
+        z = torch.empty(1, 4, side, side, device="meta", dtype=torch.float16)
+        x = torch.empty(1, 3, side * 8, side * 8, device="meta", dtype=torch.float16)
+        for name, untiled, tiled_fn, tile in (("decode", lambda: vae.decode(z.float()), tiled_decode, 64),
+                                              ("encode", lambda: vae.encode(x.float()), tiled_encode, 512)):
+            count[0] = 0
+            untiled()
+            base = count[0]
+            for budget in budgets:
+                count[0] = 0
+                source = z if name == "decode" else x
+                tiled_fn(vae, source.float(), VAETiling(tile=tile, store_bytes=budget, store_device="meta"))
+                emit(bench="vae_work", op=name, model="sd-kl-f8 (ch 128, fp32)", image=side * 8, tile_latent=64,
+                     store_mib=budget >> 20, ratio=round(count[0] / base, 2))
+
+
 def small_vae():
     from ldmtool.nets.autoencoder import AutoencoderKL
 
@@ -120,9 +157,11 @@ def main() -> None:
     args = parser.parse_args()
     unet_work([96, 128, 192, 256, 384, 512, 768, 1024])
     if args.quick:
+        vae_work([128], [0, 2**30])
         unet_time([128], repeat=1)
         vae_time(32, 16, [0, 2**30])
         return
+    vae_work([128, 256, 512], [0, 2**30, 4 * 2**30])
     unet_time([128, 256], repeat=2)
     vae_time(64, 16, [0, 64 * 2**20, 2**30])
 

@@ -14,12 +14,20 @@ Three things make a tiled autoencoder differ from the untiled one, and each is h
     resolution are not tiled; they run on the whole latent-resolution tensor, which is 1/64 of the
     image area for an f8 model.
 
-Trade-off (measured in benchmarks/tiled_work.py): streaming recomputes the prefix of the tiled layers
-once per GroupNorm (about 20 norms in an f8 decoder), so an exact tiled decode costs several untiled
-decodes. To cut that, the boundary before the stage holding the next unknown norm is *checkpointed*
-(stored on `store_device`, CPU by default) whenever it fits `store_bytes`; later passes start from it.
-With enough store budget this degenerates into layer-by-layer processing (about 1x the work, memory of
-the largest activation); with none, pure streaming (device memory of one tile, most recomputation).
+Trade-off: streaming recomputes the tiled layers up to each GroupNorm once per norm (about 20 in an f8
+decoder). To cut that, the boundary before the stage holding the next unknown norm is *checkpointed*
+(kept whole on `store_device`, the CPU by default) whenever it fits `store_bytes`; later passes start
+from it, with a halo that only covers what they run. Convolution work over the untiled decode, SD's
+f8 KL autoencoder in fp32, 64-latent tiles (benchmarks/tiled_work.py, `vae_work`, exact counts):
+
+    output     decode: store 0 / 1 GiB / 4 GiB      encode: store 0 / 1 GiB / 4 GiB
+    1024^2          12.0 / 1.37 / 1.37                   6.2 / 1.41 / 1.41
+    2048^2          12.9 / 4.0  / 1.38                   6.5 / 1.73 / 1.43
+    4096^2          13.4 / 13.4 / 4.0                    6.7 / 3.7  / 1.75
+
+Device memory is that of one tile whatever the budget; host memory is at most the budget (default: 4 GiB
+or a quarter of the available memory, whichever is less) plus the latent-resolution features. fp16
+models halve the store per boundary, so the same budget goes twice as far.
 """
 from __future__ import annotations
 
@@ -44,7 +52,7 @@ class VAETiling:
     """Tile core size in pixels of the tiled section's input, and the checkpoint store budget."""
 
     tile: int = 64
-    store_bytes: int = 2**30
+    store_bytes: Optional[int] = None  # None: min(4 GiB, a quarter of the store device's free memory)
     store_device: str = "cpu"
     min_tile: int = 8  # out-of-memory retries halve the tile down to this
 
@@ -406,7 +414,16 @@ def _checkpoint_index(probe: _Probe, target, source: Tensor, config: VAETiling) 
         return None
     channels, scale = probe.boundary[index]
     pixels = source.shape[-2] * source.shape[-1] * scale * scale
-    return index if channels * pixels * source.shape[0] * source.element_size() <= config.store_bytes else None
+    budget = config.store_bytes if config.store_bytes is not None else default_store_bytes(source.device)
+    return index if channels * pixels * source.shape[0] * source.element_size() <= budget else None
+
+
+def default_store_bytes(device: torch.device) -> int:
+    from ldmtool.tiling.memory import free_memory
+
+    if device.type == "meta":
+        return 4 * 2**30
+    return min(4 * 2**30, free_memory(device) // 4)
 
 
 def _pass(stages, source, windows, control, checkpoint, device, dtype, store) -> Optional[Tensor]:
