@@ -42,6 +42,18 @@ def free_memory(device: "torch.device") -> int:
         return int(free)
     if device.type == "mps":
         return int(torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory())
+    return _available_host_memory()
+
+
+def _available_host_memory() -> int:
+    """MemAvailable (free plus reclaimable cache) where /proc/meminfo exists, else free pages, else 4 GiB."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):
