@@ -1,0 +1,139 @@
+"""`ldmtool tile-synth`: wide canvases through the tiled engine and seamless textures, from unconditional,
+class, semantic and text models (tiny random checkpoints in the original key layout)."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ldmtool.checkpoints.tiny import save_tiny_checkpoint
+from ldmtool.cli.app import main
+
+FAST = ["--steps", "2", "--sampler", "euler", "--quiet"]
+
+
+class Result:
+    def __init__(self, exit_code, output):
+        self.exit_code, self.output = exit_code, output
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models")
+    paths = {}
+    for name, preset in (("celeba", "ldm-celebahq256"), ("cin", "ldm-cin256-v2"),
+                         ("sem", "ldm-semantic-synthesis256"), ("text", "ldm-text2img256")):
+        paths[name] = folder / f"{name}.safetensors"
+        save_tiny_checkpoint(paths[name], preset, seed=5, with_config=True)
+    return paths
+
+
+@pytest.fixture(autouse=True)
+def _capture(capsys):
+    global _capsys
+    _capsys = capsys
+
+
+def _run(*args):
+    try:
+        main(["tile-synth", *map(str, args), *FAST])
+        code = 0
+    except SystemExit as exit:
+        code = exit.code or 0
+    captured = _capsys.readouterr()
+    return Result(code, captured.out + captured.err)
+
+
+def _read(path):
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.float64), json.loads(image.info["ldmtool"])
+
+
+def _edge_ratio(images, axis):
+    """Mean |difference| across the wrap edge over the mean |difference| between neighbouring interior lines
+    (as tests/test_seamless.py measures it), pooled over several images."""
+    edge = np.mean([np.abs(np.take(a, 0, axis) - np.take(a, -1, axis)).mean() for a in images])
+    interior = np.mean([np.abs(np.diff(a, axis=axis)).mean() for a in images])
+    return edge / interior
+
+
+def test_seamless_x_canvas_wraps_left_to_right_through_tiles(tmp_path, models):
+    args = ["--model", models["celeba"], "--width", 128, "--height", 32, "--seamless", "x", "--tile", 16,
+            "--tile-overlap", 8, "--seed", 3]
+    result = _run(*args, "--n", 3, "-o", tmp_path / "one")
+    assert result.exit_code == 0, result.output
+    images = []
+    for stem in ("0000-0", "0000-1", "0000-2"):
+        image, recipe = _read(tmp_path / "one" / f"{stem}.png")
+        assert image.shape == (32, 128, 3)
+        images.append(image)
+    assert recipe["parameters"]["seamless"] == "x" and recipe["parameters"]["generator"] == "unconditional"
+    assert recipe["command"] == "tile-synth"
+    assert _edge_ratio(images, axis=1) <= 1.1
+    result = _run(*args, "--n", 1, "-o", tmp_path / "two")  # same seed and key: the same file
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "one" / "0000-0.png").read_bytes() == (tmp_path / "two" / "0000-0.png").read_bytes()
+
+
+def test_seamless_xy_texture_wraps_both_ways(tmp_path, models):
+    common = ["--model", models["celeba"], "--width", 64, "--height", 64, "--seed", 8]
+    assert _run(*common, "--seamless", "xy", "--n", 6, "-o", tmp_path / "xy").exit_code == 0
+    images = [_read(tmp_path / "xy" / f"0000-{i}.png")[0] for i in range(6)]
+    assert _edge_ratio(images, axis=1) <= 1.1 and _edge_ratio(images, axis=0) <= 1.1
+    # the measure can fail: without --seamless the same model shows a clear step where the image would wrap
+    assert _run(*common, "--n", 3, "-o", tmp_path / "plain").exit_code == 0
+    plain = [_read(tmp_path / "plain" / f"0000-{i}.png")[0] for i in range(3)]
+    assert min(_edge_ratio(plain, axis=1), _edge_ratio(plain, axis=0)) > 2
+
+
+def test_class_canvas_wider_than_the_model_goes_through_tiles(tmp_path, models):
+    result = _run("--model", models["cin"], "--class", "golden retriever", "--width", 160, "--height", 32,
+                  "--tile", 16, "--tile-overlap", 8, "--seed", 1, "-o", tmp_path / "wide.png")
+    assert result.exit_code == 0, result.output
+    image, recipe = _read(tmp_path / "wide.png")
+    assert image.shape == (32, 160, 3)
+    assert recipe["parameters"]["generator"] == "class" and recipe["parameters"]["class"] == 207
+
+
+def test_label_map_is_stretched_to_the_canvas(tmp_path, models):
+    labels = np.full((8, 16), 156, np.uint8)
+    labels[4:] = 123
+    Image.fromarray(labels).save(tmp_path / "map.png")
+    result = _run(tmp_path / "map.png", "--model", models["sem"], "--width", 128, "--height", 64, "--tile", 16,
+                  "--tile-overlap", 8, "--seed", 2, "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    image, recipe = _read(tmp_path / "out" / "map.png")
+    assert image.shape == (64, 128, 3)
+    assert recipe["parameters"]["generator"] == "semantic" and recipe["parameters"]["label_map_size"] == [16, 8]
+
+
+def test_text_model_takes_the_prompt(tmp_path, models):
+    result = _run("--model", models["text"], "--prompt", "a mossy stone wall", "--width", 64, "--height", 32,
+                  "--seed", 4, "-o", tmp_path / "wall.png")
+    assert result.exit_code == 0, result.output
+    image, recipe = _read(tmp_path / "wall.png")
+    assert image.shape == (32, 64, 3)
+    params = recipe["parameters"]
+    assert params["generator"] == "text" and params["prompt"] == "a mossy stone wall"
+
+
+@pytest.mark.parametrize("model, args, code, message", [
+    ("celeba", ["--width", 64], 2, "needs the canvas size: --width W --height H"),
+    ("cin", ["--class", "3", "--prompt", "x", "--width", 64, "--height", 64], 2, "give one kind of conditioning"),
+    ("text", ["--width", 64, "--height", 64], 2, "is a text model; give --prompt TEXT"),
+    ("sem", ["--width", 64, "--height", 64], 2, "is a semantic-synthesis model; give label map files"),
+    ("celeba", ["--prompt", "x", "--width", 64, "--height", 64], 3, "takes no text; drop --prompt"),
+    ("celeba", ["--width", 64, "--height", 40], 2, "--height 40: this model needs a multiple of 32"),
+])
+def test_wrong_inputs_are_one_line_errors(tmp_path, models, model, args, code, message):
+    result = _run("--model", models[model], *args, "-o", tmp_path / "out")
+    assert result.exit_code == code
+    assert message in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_seamless_canvas_must_not_be_cropped(tmp_path, models):
+    Image.fromarray(np.full((8, 8), 156, np.uint8)).save(tmp_path / "map.png")
+    result = _run(tmp_path / "map.png", "--model", models["sem"], "--width", 72, "--height", 64, "--seamless", "x",
+                  "-o", tmp_path / "out")
+    assert result.exit_code == 1
+    assert "with --seamless the width must be a multiple of 16 pixels, not 72" in result.output
