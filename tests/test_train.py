@@ -10,6 +10,8 @@ from safetensors.torch import load_file
 
 import ldmtool
 from ldmtool.errors import UsageError
+from ldmtool.runtime.seeds import derive_seed
+from ldmtool.train.masks import random_mask
 from ldmtool.train import autoencoder as ae
 from ldmtool.train import common
 from ldmtool.train import diffusion as df
@@ -178,6 +180,11 @@ def test_inpaint_conditioning_follows_the_ldm_script(first_stage, images):
     _, concat = trainer.batch(0)
     mask_channel = concat[:, 3]
     assert set(mask_channel.unique().tolist()) <= {-1.0, 1.0} and (mask_channel == 1).any()
+    crops, _ = trainer.samples(0)
+    masks = np.stack([random_mask(32, 32, np.random.default_rng(derive_seed(0, f"cond/{i}"))) for i in range(2)])
+    image01 = torch.from_numpy(crops).permute(0, 3, 1, 2).double() / 255
+    masked = ((1 - torch.from_numpy(masks)[:, None]) * image01 * 2 - 1).float()  # holes black, as the LDM script
+    torch.testing.assert_close(concat[:, :3], stage.model.encode(masked), rtol=1e-4, atol=1e-4)  # unscaled latent
 
 
 def test_exports_load_with_ldmtool_load_model(first_stage, images, tmp_path):

@@ -3,8 +3,9 @@
 eps-prediction with the LDM linear schedule (linear in sqrt(beta), 1000 steps). The task decides the
 concat conditioning at latent resolution, exactly as the released CompVis models take it:
   superres  the degraded low-res image in [-1, 1] (LDM BSR: cond_stage_key LR_image), 3 channels
-  inpaint   the masked-image latent (times scale_factor) and the mask in {-1, 1} (as inpainting_big and
-            its script: masked pixels are black, masked_image = (1 - mask) * image), z + 1 channels
+  inpaint   the masked-image latent (unscaled: the cond stage is the first stage) and the mask in {-1, 1}
+            (as inpainting_big and its script: masked pixels are black, masked_image = (1 - mask) * image),
+            z + 1 channels
   semantic  one-hot procedural label maps through a trainable SpatialRescaler (as semantic_synthesis256:
             resize to latent size, 1x1 conv to z channels), trained jointly with the UNet
   uncond    nothing
@@ -260,7 +261,7 @@ class DiffusionTrainer:
             height, width = crops.shape[1:3]
             mask = torch.from_numpy(np.stack([random_mask(height, width, r) for r in rngs]))[:, None].to(self.device)
             masked = (1 - mask) * (x + 1) - 1  # hidden pixels become -1 (black), as the LDM script
-            c_masked = self.scale_factor * self.encode(masked)
+            c_masked = self.encode(masked)  # the cond stage is the first stage itself: unscaled latent
             return torch.cat([c_masked, F.interpolate(mask * 2 - 1, size=size)], dim=1)
         return None
 
