@@ -147,3 +147,25 @@ def test_model_without_box_tokens_is_fatal(tmp_path):
     _layout(tmp_path / "a.json", [{"label": "Person", "box": [0, 0, 1, 1]}])
     result = _run(tmp_path / "a.json", "--model", other, "-o", tmp_path / "out")
     assert result.exit_code == 3 and "cannot do layout2img" in result.output
+
+
+def test_context_is_the_cond_stage_on_the_reference_tokens(tmp_path, model):
+    from pathlib import Path
+
+    import torch
+
+    from ldmtool.io.discover import Item
+    from ldmtool.pipelines.engine import Engine, ModelChoice, SamplingChoice
+    from ldmtool.pipelines.layout2img import Layout2ImgTask
+    from ldmtool.runtime.runner import Job
+
+    task = Layout2ImgTask(Engine(ModelChoice(model=str(model), device="cpu"), SamplingChoice()), width=32, height=32)
+    task.open()
+    path = _layout(tmp_path / "a.json", [{"label": "Person", "box": [0.25, 0.5, 0.75, 1.0]}])
+    job = Job(item=Item(key="a.json", stem="a", path=path), index=0, seed=0, output=Path("a.png"))
+    job.payload = task.load(job)
+    cond, uncond = task.conditioning(task.engine, job, (8, 8))
+    tokens = torch.tensor([[37, 3982, 8077] + [8191] * 87 + [0, 8099]])
+    with torch.no_grad():
+        expected = task.engine.bundle.cond_stage.encode(tokens)
+    assert uncond is None and torch.equal(cond.crossattn, expected)

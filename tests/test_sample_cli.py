@@ -124,3 +124,22 @@ def test_model_of_another_task_is_fatal(tmp_path, models):
     result = _run("--model", models["sem"], "--class", "3", "-o", tmp_path / "out")
     assert result.exit_code == 3
     assert "cannot do `sample`" in result.output
+
+
+def test_conditioning_is_the_class_embedding_and_class_1000_for_guidance(models):
+    from pathlib import Path
+
+    import torch
+
+    from ldmtool.pipelines.engine import Engine, ModelChoice, SamplingChoice
+    from ldmtool.pipelines.sample import SampleTask, sample_items
+    from ldmtool.runtime.runner import Job
+
+    task = SampleTask(Engine(ModelChoice(model=str(models["cin"]), device="cpu"), SamplingChoice()),
+                      classes=["golden retriever"])
+    task.open()
+    job = Job(item=sample_items(["golden retriever"], 1)[0], index=0, seed=0, output=Path("x.png"))
+    cond, uncond = task.conditioning(task.engine, job, (8, 8))
+    table = task.engine.bundle.cond_stage.embedding.weight
+    assert cond.crossattn.shape == (1, 1, table.shape[1])
+    assert torch.equal(cond.crossattn[0, 0], table[207]) and torch.equal(uncond.crossattn[0, 0], table[1000])
