@@ -99,6 +99,15 @@ def test_parse_memory_rejects_nonsense_with_a_usage_error(text):
         parse_memory(text)
 
 
+def test_canvas_that_fits_the_budget_runs_untiled_unless_a_tile_is_asked_for():
+    memory = UNetMemory()
+    fits = memory.bytes_for(128 * 128, 2)
+    assert choose_tiling((128, 128), native_tile=64, items=2, budget=fits) is None
+    assert choose_tiling((128, 128), native_tile=64, items=2, budget=fits - 1) is not None
+    assert choose_tiling((128, 128), native_tile=64, items=2, budget=fits, tile=64) is not None
+    assert choose_tiling((4096, 4096), native_tile=64, device=torch.device("cpu")) is not None
+
+
 def test_budget_picks_smaller_tiles_and_bigger_batches():
     memory = UNetMemory(channels=320, dtype_bytes=2)
     roomy = choose_tiling((256, 256), native_tile=64, budget=64 * 2**30, memory=memory)

@@ -109,15 +109,22 @@ def choose_tiling(
     memory: UNetMemory = UNetMemory(),
     multiple: int = 8,
     wrap: tuple[bool, bool] = (False, False),
+    device: Optional["torch.device"] = None,
 ) -> Optional[Tiling]:
-    """The tiling for a canvas, or None when it runs untiled (`tile=0`, or it fits in one tile).
+    """The tiling for a canvas, or None when it runs untiled.
 
-    `native_tile` is the latent size the model was trained at; without `--tile` the tile is the largest
-    multiple of `multiple` up to it that fits the budget, then trimmed per axis to cover the canvas with
-    the least work. `items` is the batch the denoiser sees (items x cond/uncond).
+    Untiled: `tile=0`; a canvas within one tile; or, without `--tile`, a canvas whose untiled forward fits
+    the budget (`--max-memory`, else 80% of `device`'s free memory; with neither, only the tile rule
+    applies). `native_tile` is the latent size the model was trained at; without `--tile` the tile is the
+    largest multiple of `multiple` up to it that fits the budget, then trimmed per axis to cover the canvas
+    with the least work. `items` is the batch the denoiser sees (items x cond/uncond).
     """
     height, width = latent_hw
     if tile == 0:
+        return None
+    if budget is None and device is not None:
+        budget = int(free_memory(device) * 0.8)
+    if tile is None and budget is not None and memory.bytes_for(height * width, items) <= budget:
         return None
     if tile is not None and tile < multiple:
         raise UsageError(f"--tile {tile} is too small; use 0 (off) or at least {multiple} latent pixels")
