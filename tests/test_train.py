@@ -258,3 +258,21 @@ def test_cli_trains_both_stages(images, tmp_path, capsys):
 def test_cli_usage_errors_are_one_line(tmp_path, capsys, args, message):
     code, err = _cli(["train", "diffusion", "--first-stage", str(tmp_path), "-o", str(tmp_path / "run"), *args], capsys)
     assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_export_ships_fp16_without_schedule_buffers(first_stage, images, tmp_path, capsys):
+    training = df.DiffusionTraining(task=df.Task.SUPERRES, crop=32, batch_size=2, scale=4)
+    path = df.train_diffusion(TINY_UNET, training, first_stage, images, _run(tmp_path / "run", steps=1))
+    code, err = _cli(["train", "export", str(tmp_path / "run"), "--name", "default-superres",
+                      "--dest", str(tmp_path / "ship"), "--recipe", "ldmtool train diffusion ..."], capsys)
+    assert code in (0, None), err
+    shipped = load_file(str(tmp_path / "ship" / "default-superres.safetensors"))
+    assert "alphas_cumprod" not in shipped and shipped["scale_factor"].dtype == torch.float32
+    assert shipped["model.diffusion_model.out.2.weight"].dtype == torch.float16
+    assert (tmp_path / "ship" / "default-superres.safetensors").stat().st_mode & 0o044 == 0o044
+    full = ldmtool.load_model(path)
+    half = ldmtool.load_model(tmp_path / "ship" / "default-superres.safetensors")
+    torch.testing.assert_close(half.alphas_cumprod, full.alphas_cumprod, rtol=0, atol=0)
+    assert half.scale_factor == full.scale_factor and half.family == "default-superres"
+    config = yaml.safe_load((tmp_path / "ship" / "default-superres.yaml").read_text())
+    assert config["ldmtool"]["recipe"] == "ldmtool train diffusion ..." and config["ldmtool"]["task"] == "superres"

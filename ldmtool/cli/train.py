@@ -159,6 +159,22 @@ def diffusion(
         typer.echo(f"wrote {path}", err=True)
 
 
+def export(
+    run: Annotated[Path, typer.Argument(help="Run folder written by `ldmtool train`.", show_default=False)],
+    name: Annotated[str, typer.Option("--name", help="Model name, e.g. default-superres (used with --model NAME).", rich_help_panel=TRAINING)],
+    dest: Annotated[Optional[Path], typer.Option("--dest", help="Folder to write to (default: the package's shipped models).", rich_help_panel=TRAINING)] = None,
+    recipe: Annotated[Optional[str], typer.Option("--recipe", help="Training commands to record in the YAML.", rich_help_panel=TRAINING)] = None,
+) -> None:
+    """Write a run's latest export as an fp16 shipped model: NAME.safetensors + NAME.yaml."""
+    from ldmtool.checkpoints.presets import models_dir
+    from ldmtool.train.common import ship
+
+    weights, config = ship(run, name, dest or models_dir(), recipe)
+    typer.echo(f"wrote {weights} and {config}", err=True)
+
+
+EXPORT_EXAMPLE = "Example: ldmtool train export runs/sr4 --name default-superres"
+train_app.command("export", help=f"{export.__doc__}\n\n{EXPORT_EXAMPLE}")(export)
 train_app.command("autoencoder", help=f"{autoencoder.__doc__}\n\n{AE_EXAMPLE}")(autoencoder)
 train_app.command("diffusion", help=f"{diffusion.__doc__}\n\n{DIFFUSION_EXAMPLE}")(diffusion)
 

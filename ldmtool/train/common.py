@@ -79,6 +79,7 @@ def atomic_write(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # some writers create 0600 files; shipped models must be readable by all
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
@@ -273,3 +274,30 @@ def run_loop(trainer: Trainer, run: RunOptions, description: str) -> Path:
 def save_checkpoint(trainer: Trainer, out: Path, step: int) -> Path:
     save_state(out, trainer.state(step))
     return trainer.export(out, step)
+
+
+def ship(run_dir: Path, name: str, dest: Path, recipe: Optional[str] = None) -> tuple[Path, Path]:
+    """Copy a run's export as a shipped default: `dest/<name>.safetensors` (fp16) + `dest/<name>.yaml`.
+
+    Schedule buffers are left out (the loader computes them from the config in float32, which an fp16 copy
+    could not match); `scale_factor` stays float32. `recipe` (the training commands) is recorded in the YAML.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from ldmtool.checkpoints.schedule import DDPM_BUFFERS
+
+    source = Path(run_dir) / MODEL_FILE
+    if not source.is_file():
+        raise UsageError(f"{run_dir}: no {MODEL_FILE} (train first, or point at the run folder)")
+    config = yaml.safe_load((Path(run_dir) / CONFIG_FILE).read_text())
+    tensors = {k: v for k, v in load_file(str(source)).items() if k not in DDPM_BUFFERS}
+    half = {k: v.half() if v.is_floating_point() and k != "scale_factor" else v for k, v in tensors.items()}
+    block = config.setdefault("ldmtool", {})
+    block["family"] = name
+    if recipe:
+        block["recipe"] = recipe
+    weights = Path(dest) / f"{name}.safetensors"
+    atomic_write(weights, lambda tmp: save_file({k: v.contiguous() for k, v in half.items()}, str(tmp), metadata={"format": "pt"}))
+    config_path = Path(dest) / f"{name}.yaml"
+    write_config(config_path, config)
+    return weights, config_path
