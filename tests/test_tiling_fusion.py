@@ -154,3 +154,19 @@ def test_weights_are_computed_once_per_plan():
         for _ in range(3):
             euler(lambda v, s: tiled(v, s, cond), x, SIGMAS)
     assert 1 <= len(tiled._weights) <= 16
+
+
+@pytest.mark.parametrize("sampler", ["euler_a", "dpmpp_2m", "heun"])
+def test_shared_samplers_with_fresh_noise_are_unchanged_by_tiling(sampler):
+    """The project's samplers (noise drawn per item on the whole canvas, outside the denoiser) give the same
+    result through the tiled denoiser."""
+    from ldmtool.diffusion.samplers import sample
+    from ldmtool.runtime.seeds import NoiseSource
+
+    net = ConvDenoiser()
+    x, cond = _inputs()
+    tiled = TiledDenoiser(net, TileConfig(tile=(16, 24), overlap=10, margin=RADIUS, tile_batch=2, shift=True))
+    with torch.no_grad():
+        expected = sample(sampler, lambda v, s: net(v, s, cond), x, SIGMAS, noise=NoiseSource([1, 2]).like)
+        got = sample(sampler, lambda v, s: tiled(v, s, cond), x, SIGMAS, noise=NoiseSource([1, 2]).like)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
