@@ -1,0 +1,110 @@
+"""End to end against diffusers 0.42.1's StableDiffusionPipeline (test-only oracle) on a tiny random SD 1.x
+checkpoint: the file ldmtool writes for `txt2img` with DDIM and guidance equals diffusers' image within 1/255.
+
+Same weights (our checkpoint converted with diffusers' own single-file converters), same initial latents
+(the item's seeded noise), DDIM with the matching schedule (scaled-linear betas, "leading" spacing with
+offset 1, final step to alpha = 1), the same prompt through the same bundled CLIP tokenizer.
+"""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldmtool.checkpoints.files import save_safetensors
+from ldmtool.checkpoints.tiny import TINY_CLIP_TEXT, randomise_, tiny_model
+from ldmtool.cli.app import main
+from ldmtool.nets.encoders import CLIP_VIT_L_TEXT
+from ldmtool.runtime.seeds import NoiseSource, derive_seed
+
+PROMPT = "a red fox jumping over a fence"
+SIZE, STEPS, CFG, SEED = 64, 10, 7.5, 123
+# Weights larger than the tiny-checkpoint default, so prompt and guidance change the image by many levels
+# (with the default 0.05 the text path barely moves the output and agreement would prove little).
+WEIGHT_SCALE = 0.3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on a shared machine: no thread oversubscription
+    yield
+    torch.set_num_threads(previous)
+
+
+def diffusers_pipeline(bundle):
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        create_unet_diffusers_config_from_ldm,
+        create_vae_diffusers_config_from_ldm,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ldmtool.nets.tokenizers import clip_tokenizer
+
+    checkpoint = bundle.state_dict()
+    config = bundle.config
+    unet_config = create_unet_diffusers_config_from_ldm(config, checkpoint, image_size=SIZE)
+    unet = UNet2DConditionModel(**unet_config)
+    unet.load_state_dict(convert_ldm_unet_checkpoint(checkpoint, unet_config), strict=True)
+    vae_config = create_vae_diffusers_config_from_ldm(config, checkpoint, image_size=SIZE)
+    vae = AutoencoderKL(**vae_config)
+    vae.load_state_dict(convert_ldm_vae_checkpoint(checkpoint, vae_config), strict=True)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**{**CLIP_VIT_L_TEXT, **TINY_CLIP_TEXT}))
+    converted = {k.removeprefix("text_model."): v for k, v in convert_ldm_clip_checkpoint(checkpoint).items()}
+    text_encoder.load_state_dict(converted, strict=True)
+    params = config["model"]["params"]
+    scheduler = DDIMScheduler(beta_start=params["linear_start"], beta_end=params["linear_end"],
+                              beta_schedule="scaled_linear", num_train_timesteps=params["timesteps"],
+                              clip_sample=False, set_alpha_to_one=True, steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionPipeline(vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=clip_tokenizer(),
+                                   unet=unet.eval(), scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_checkpoint(path):
+    """A tiny random SD 1.x checkpoint in the original key layout, its CompVis config beside it."""
+    import yaml
+
+    bundle = randomise_(tiny_model("sd1"), seed=7, scale=WEIGHT_SCALE)
+    save_safetensors(bundle.state_dict(), path)
+    path.with_suffix(".yaml").write_text(yaml.safe_dump(bundle.config, sort_keys=False))
+    return bundle
+
+
+def test_txt2img_file_equals_diffusers_stable_diffusion_pipeline(tmp_path, capsys):
+    model = tmp_path / "sd1-tiny.safetensors"
+    bundle = save_checkpoint(model)
+    out = tmp_path / "fox.png"
+    try:
+        main(["txt2img", "--prompt", PROMPT, "--model", str(model), "-W", str(SIZE), "-H", str(SIZE),
+              "--sampler", "ddim", "--eta", "0", "--steps", str(STEPS), "--cfg", str(CFG), "--seed", str(SEED),
+              "-o", str(out), "--quiet"])
+    except SystemExit as exit:
+        assert not exit.code, capsys.readouterr().err
+    with Image.open(out) as image:
+        ours = np.asarray(image).astype(np.float64) / 255
+        recipe = json.loads(image.info["ldmtool"])
+    seed = recipe["seed"]
+    assert seed == derive_seed(SEED, "prompt-0000/0")
+
+    latents = NoiseSource([seed]).randn((4, SIZE // 8, SIZE // 8))  # the item's start noise (VP form)
+    pipe = diffusers_pipeline(bundle)
+
+    def theirs(prompt, cfg):
+        with torch.no_grad():
+            return pipe(prompt, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=cfg, eta=0.0,
+                        latents=latents, output_type="np").images[0]
+
+    reference = theirs(PROMPT, CFG)
+    assert ours.shape == reference.shape == (SIZE, SIZE, 3)
+    assert np.abs(ours - reference).max() <= 1 / 255
+    # controls: the comparison is sensitive to the prompt and to guidance
+    assert np.abs(ours - theirs("a blue bird", CFG)).max() > 10 / 255
+    assert np.abs(ours - theirs(PROMPT, 1.0)).max() > 10 / 255
