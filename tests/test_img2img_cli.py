@@ -4,7 +4,6 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from ldmtool import load_model

@@ -220,3 +220,14 @@ def test_a_bad_json_line_fails_only_its_own_items(tmp_path, models):
     assert events["prompt-0000/0"]["event"] == "done"
     assert "--width 100" in events["prompt-0001/0"]["error"]
     assert "'nope' is not a sampler" in events["prompt-0002/0"]["error"]
+
+
+def test_seamless_changes_the_image_and_is_recorded(tmp_path, models):
+    for name, extra in (("plain", ()), ("wrap", ("--seamless", "x"))):
+        result = _run("--prompt", "tiles", "--model", models["sd1"], "-W", 64, "-H", 64, "-o", tmp_path / f"{name}.png",
+                      "--seed", 3, *extra)
+        assert result.exit_code == 0, result.output
+    recipe, _ = _recipe(tmp_path / "wrap.png")
+    assert recipe["parameters"]["seamless"] == "x"
+    with Image.open(tmp_path / "plain.png") as a, Image.open(tmp_path / "wrap.png") as b:
+        assert not np.array_equal(np.asarray(a), np.asarray(b))

@@ -17,7 +17,8 @@ from ldmtool.diffusion.samplers import get_sampler
 from ldmtool.errors import ItemError, UsageError
 from ldmtool.io.discover import Item, generated_items
 from ldmtool.pipelines.engine import Engine, to_array
-from ldmtool.pipelines.text import PromptSpec, TextConditioner, check_size, pixel_multiple, require_text_model
+from ldmtool.pipelines.text import (PromptSpec, TextConditioner, check_size, group_by_size, pixel_multiple,
+                                    require_text_model)
 from ldmtool.runtime.runner import BaseTask, Job, Output
 
 
@@ -67,7 +68,7 @@ class Txt2ImgTask(BaseTask):
 
     def run(self, jobs: list[Job]) -> list[Output]:
         outputs: dict[int, Output] = {}
-        for group in _groups(jobs):
+        for group in group_by_size(jobs, _batch_key):
             for job, output in zip(group, self._generate(group)):
                 outputs[id(job)] = output
         return [outputs[id(job)] for job in jobs]
@@ -113,10 +114,7 @@ class Txt2ImgTask(BaseTask):
         return params
 
 
-def _groups(jobs: list[Job]) -> list[list[Job]]:
-    """Jobs that can share one sampling call: same size and sampling parameters (prompts may differ)."""
-    groups: dict[tuple, list[Job]] = {}
-    for job in jobs:
-        spec: PromptSpec = job.payload
-        groups.setdefault((spec.width, spec.height, spec.sampler, spec.steps, spec.cfg), []).append(job)
-    return list(groups.values())
+def _batch_key(job: Job) -> tuple:
+    """Jobs with equal keys share one sampling call: same size and sampling parameters (prompts may differ)."""
+    spec: PromptSpec = job.payload
+    return spec.width, spec.height, spec.sampler, spec.steps, spec.cfg
