@@ -179,6 +179,9 @@ def test_text_conditioner_caches_and_keeps_order():
     assert out[:, 0, 0].tolist() == [2.0, 0.0, 2.0, 4.0]
     texts(["", "abcd", "xyz"])
     assert encoder.calls == [["ab", "", "abcd"], ["xyz"]]
+    small = TextConditioner(encoder, keep=2)
+    small(["a", "b"]), small(["c"]), small(["b"]), small(["a"])  # "a" was the least recently used, dropped
+    assert encoder.calls[2:] == [["a", "b"], ["c"], ["a"]]
 
 
 @pytest.mark.parametrize("args, code, message", [

@@ -14,6 +14,7 @@ input images up to the multiple (edge replication) and crop the result back, so 
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -141,22 +142,33 @@ def padding(height: int, width: int, multiple: int) -> tuple[int, int]:
 
 
 class TextConditioner:
-    """Cross-attention context per prompt, each distinct text encoded once per run (not per image or tile)."""
+    """Cross-attention context per prompt, each distinct text encoded once (not per image or tile).
 
-    def __init__(self, encoder: torch.nn.Module):
+    Contexts are kept for the `keep` most recently used texts (an SD context is ~230 kB, so a run over a
+    100k-line prompt file must not keep them all); items of one prompt run together, so this is enough to
+    encode every prompt once in a normal run.
+    """
+
+    def __init__(self, encoder: torch.nn.Module, keep: int = 512):
         self.encoder = encoder
-        self._contexts: dict[str, torch.Tensor] = {}
+        self.keep = keep
+        self._contexts: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.encoded = 0  # how many texts went through the encoder (tests check the caching)
 
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
         """(B, T, D) context for `texts`, on the CPU in float32."""
-        missing = list(dict.fromkeys(t for t in texts if t not in self._contexts))
+        found = {t: self._contexts[t] for t in dict.fromkeys(texts) if t in self._contexts}
+        missing = [t for t in dict.fromkeys(texts) if t not in found]
         if missing:
             with torch.inference_mode():
-                contexts = self.encoder.encode(missing).float().cpu()
-            self._contexts.update(zip(missing, contexts))
+                found.update(zip(missing, self.encoder.encode(missing).float().cpu()))
             self.encoded += len(missing)
-        return torch.stack([self._contexts[t] for t in texts])
+        for text, context in found.items():
+            self._contexts[text] = context
+            self._contexts.move_to_end(text)
+        while len(self._contexts) > self.keep:
+            self._contexts.popitem(last=False)
+        return torch.stack([found[t] for t in texts])
 
 
 # ---------------------------------------------------------------- images in and out
