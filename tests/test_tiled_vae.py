@@ -5,7 +5,8 @@ from torch import nn
 
 from ldmtool.errors import ItemError
 from ldmtool.nets.autoencoder import AutoencoderKL, VQModelInterface
-from ldmtool.tiling.vae import VAETiling, _decoder_split, decoder_stages, tiled_decode, tiled_encode
+from ldmtool.nets.autoencoder import AttnBlock
+from ldmtool.tiling.vae import Stage, VAETiling, attention_stage, tiled_decode, tiled_encode
 
 torch.set_num_threads(1)
 
@@ -82,21 +83,44 @@ def test_untiled_groupnorm_would_not_match():
     assert (whole[..., :32] - left[..., :32]).abs().max() > 10 * PIXEL
 
 
-def test_tiles_bound_the_feature_maps_the_tiled_layers_see():
-    model = _kl()
-    stages = decoder_stages(model.decoder)
-    tiled_convs = [m for s in stages[_decoder_split(stages):] for mod in s.modules for m in mod.modules()
-                   if isinstance(m, nn.Conv2d)]
-    seen = []
-    handles = [c.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[-2] * a[0].shape[-1])) for c in tiled_convs]
-    z = torch.randn(1, 4, 48, 48)
+def _largest_inputs(model: nn.Module, fn) -> dict:
+    """The largest input (pixels) each convolution of `model` sees while `fn` runs."""
+    seen = {}
+
+    def record(module, args):
+        seen[module] = max(seen.get(module, 0), args[0].shape[-2] * args[0].shape[-1])
+
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)]
+    handles = [c.register_forward_pre_hook(record) for c in convs]
     try:
-        tiled_decode(model, z, VAETiling(tile=8, store_bytes=0))
+        with torch.no_grad():
+            fn()
     finally:
         for h in handles:
             h.remove()
-    full = (48 * 4) ** 2
-    assert max(seen) < full / 4  # each tile (with its halo) is a fraction of the canvas
+    return seen
+
+
+def test_every_layer_sees_only_a_tile_with_its_halo():
+    """Memory is bounded by the tile: no spatial layer of the tiled decode/encode sees the whole canvas
+    (the middle-block attention runs in query chunks against off-device keys and values)."""
+    model = _kl()
+    z, x = torch.randn(1, 4, 48, 48), torch.randn(1, 3, 192, 192)
+    for untiled, tiled in ((lambda: model.decode(z), lambda: tiled_decode(model, z, VAETiling(tile=8))),
+                           (lambda: model.encode(x), lambda: tiled_encode(model, x, VAETiling(tile=32)))):
+        whole, parts = _largest_inputs(model, untiled), _largest_inputs(model, tiled)
+        assert set(parts) <= set(whole)
+        assert max(parts[conv] / whole[conv] for conv in parts) < 0.5
+
+
+def test_chunked_attention_equals_the_attention_block():
+    block = randomize(AttnBlock(64))
+    x = torch.randn(2, 64, 9, 11) * 3
+    stage = Stage("attn", block, [block])
+    with torch.no_grad():
+        expected = block(x)
+        got = attention_stage(stage, x, VAETiling(), query_tokens=13, key_tokens=7)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
 def test_encode_refuses_sizes_the_downsampling_grid_cannot_tile():

@@ -136,27 +136,51 @@ def tiled_decode(first_stage: nn.Module, z: Tensor, config: VAETiling = VAETilin
     """`first_stage.decode(z)` computed in tiles of `config.tile` latent pixels (same result within 1/255)."""
     if hasattr(first_stage, "quantize"):
         z = _quantize_in_rows(first_stage.quantize, z)
-    h = first_stage.post_quant_conv(z)
-    stages = decoder_stages(first_stage.decoder)
-    split = _decoder_split(stages)
-    h = _run(stages[:split], h)  # latent resolution, attention included: untiled
-    return _stream_retrying(stages[split:], h, config).to(z.device)
+    h = first_stage.post_quant_conv(z)  # 1x1 to z_channels: as small as the latent
+    return run_bounded(decoder_stages(first_stage.decoder), h, config).to(z.device)
 
 
 @torch.no_grad()
 def tiled_encode(first_stage: nn.Module, x: Tensor, config: VAETiling = VAETiling(tile=512)) -> Tensor:
     """`first_stage.encode(x)` (unscaled latent) computed in tiles of `config.tile` image pixels."""
     stages = encoder_stages(first_stage.encoder)
-    split = _encoder_split(stages)
-    align = 2 ** sum(stage.scale < 1 for stage in stages[:split])
+    align = 2 ** sum(stage.scale < 1 for stage in stages)
     if x.shape[-2] % align or x.shape[-1] % align:
         raise ItemError(f"image of {x.shape[-1]}x{x.shape[-2]} pixels cannot be encoded in tiles; "
                         f"its sides must be multiples of {align}")
-    h = _stream_retrying(stages[:split], x, config).to(x.device)
-    moments = first_stage.quant_conv(_run(stages[split:], h))  # latent resolution: untiled
+    h = run_bounded(stages, x, config).to(x.device)
+    moments = first_stage.quant_conv(h)  # 1x1 on the latent moments
     if hasattr(first_stage, "quantize"):
         return moments
     return torch.chunk(moments, 2, dim=1)[0]
+
+
+def run_bounded(stages: list[Stage], source: Tensor, config: VAETiling) -> Tensor:
+    """`_run(stages, source)` in device memory bounded by the tile: runs of attention-free stages are
+    streamed in tiles; attention stages run in query chunks against keys and values kept off-device.
+
+    `config.tile` is in pixels of `source`; later runs get the same tile in their own pixels.
+    """
+    h, scale, run, run_scale = source, Fraction(1), [], Fraction(1)
+    for stage in stages:
+        if stage.has_attention:
+            h = _stream_run(run, h, config, run_scale)
+            run = []
+            h = attention_stage(stage, h, replace(config, tile=_scaled_tile(config, scale)))
+        else:
+            if not run:
+                run_scale = scale
+            run.append(stage)
+        scale *= stage.scale
+    return _stream_run(run, h, config, run_scale)
+
+
+def _scaled_tile(config: VAETiling, scale: Fraction) -> int:
+    return max(1, int(config.tile * scale))
+
+
+def _stream_run(run: list[Stage], h: Tensor, config: VAETiling, scale: Fraction) -> Tensor:
+    return _stream_retrying(run, h, replace(config, tile=_scaled_tile(config, scale))) if run else h
 
 
 def _stream_retrying(stages: list[Stage], source: Tensor, config: VAETiling) -> Tensor:
@@ -173,24 +197,94 @@ def _stream_retrying(stages: list[Stage], source: Tensor, config: VAETiling) -> 
                 torch.cuda.empty_cache()
 
 
-def _decoder_split(stages: list[Stage]) -> int:
-    """Untiled prefix: everything up to the first upsample, and any later stage holding attention."""
-    first_up = next((i for i, s in enumerate(stages) if s.scale != 1), len(stages))
-    last_attention = max((i + 1 for i, s in enumerate(stages) if s.has_attention), default=0)
-    return max(first_up, last_attention)
-
-
-def _encoder_split(stages: list[Stage]) -> int:
-    """Tiled prefix: everything up to the last downsample, stopping before any attention."""
-    last_down = max((i + 1 for i, s in enumerate(stages) if s.scale != 1), default=0)
-    first_attention = next((i for i, s in enumerate(stages) if s.has_attention), len(stages))
-    return min(last_down, first_attention)
-
-
 def _quantize_in_rows(quantize: nn.Module, z: Tensor, pixels: int = 4096) -> Tensor:
     """Nearest-codebook quantization, a few latent rows at a time (its distance matrix grows with the image)."""
     rows = max(1, pixels // max(1, z.shape[-1]))
     return torch.cat([quantize(z[..., i : i + rows, :])[0] for i in range(0, z.shape[-2], rows)], dim=-2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Attention in chunks (the reference AttnBlock: GroupNorm, 1x1 q/k/v, single-head softmax, proj_out, residual)
+
+
+def attention_stage(stage: Stage, x: Tensor, config: VAETiling, query_tokens: int = 2**14,
+                    key_tokens: int = 2**12) -> Tensor:
+    """An attention stage over the whole (off-device) canvas `x`, with bounded device memory.
+
+    GroupNorm statistics are gathered chunk by chunk (float64); keys and values are computed per chunk and
+    kept on `x`'s device; each chunk of queries attends to them block by block with an online softmax.
+    Modules that do not look like the reference AttnBlock run whole on their device.
+    """
+    block = stage.modules[0]
+    device, dtype = _device_dtype([stage], x)
+    if not all(hasattr(block, name) for name in ("norm", "q", "k", "v", "proj_out")):
+        return stage.run(x.to(device=device, dtype=dtype)).to(x.device)
+    rows = max(1, query_tokens // x.shape[-1])
+    chunks = [(r, min(r + rows, x.shape[-2])) for r in range(0, x.shape[-2], rows)]
+    load = lambda r0, r1: x[..., r0:r1, :].to(device=device, dtype=dtype)  # noqa: E731
+    stats = _chunked_group_stats(block.norm, (load(r0, r1) for r0, r1 in chunks))
+    tokens = lambda conv, h: conv(h).flatten(2).transpose(1, 2)  # (B, n, C)  # noqa: E731
+    keys, values = [], []
+    for r0, r1 in chunks:
+        h = group_norm(load(r0, r1), block.norm, *stats)
+        keys.append(tokens(block.k, h).to(x.device))
+        values.append(tokens(block.v, h).to(x.device))
+    keys, values = torch.cat(keys, 1), torch.cat(values, 1)
+    out = torch.empty_like(x)
+    for r0, r1 in chunks:
+        xc = load(r0, r1)
+        attended = online_softmax_attention(tokens(block.q, group_norm(xc, block.norm, *stats)), keys, values,
+                                            key_tokens)
+        b, c, height, width = xc.shape
+        projected = block.proj_out(attended.transpose(1, 2).reshape(b, c, height, width))
+        out[..., r0:r1, :] = (xc + projected).to(x.device)
+    return out
+
+
+def online_softmax_attention(q: Tensor, keys: Tensor, values: Tensor, block: int) -> Tensor:
+    """softmax(q k^T / sqrt(C)) v for q (B, n, C) on the device, keys/values (B, N, C) anywhere, in key blocks.
+
+    Scores and the running maximum, normaliser and sum are float32, so fp16 models cannot overflow here.
+    """
+    q32 = q.float() * q.shape[-1] ** -0.5
+    running_max = q32.new_full(q32.shape[:2], float("-inf"))
+    normaliser = q32.new_zeros(q32.shape[:2])
+    total = torch.zeros_like(q32)
+    for k0 in range(0, keys.shape[1], block):
+        k_block = keys[:, k0 : k0 + block].to(q.device, torch.float32)
+        v_block = values[:, k0 : k0 + block].to(q.device, torch.float32)
+        scores = q32 @ k_block.transpose(1, 2)  # (B, n, block)
+        new_max = torch.maximum(running_max, scores.amax(-1))
+        weights = torch.exp(scores - new_max[..., None])
+        correction = torch.exp(running_max - new_max)
+        normaliser = normaliser * correction + weights.sum(-1)
+        total = total * correction[..., None] + weights @ v_block
+        running_max = new_max
+    return (total / normaliser[..., None]).to(q.dtype)
+
+
+def _chunked_group_stats(norm: nn.GroupNorm, chunks) -> tuple[Tensor, Tensor]:
+    sums = None
+    for x in chunks:
+        groups = x.double().reshape(x.shape[0], norm.num_groups, -1)
+        part = [groups.sum(-1), groups.square().sum(-1), groups.shape[-1]]
+        sums = part if sums is None else [a + b for a, b in zip(sums, part)]
+    return _mean_rstd(*sums, norm.eps)
+
+
+def _mean_rstd(total: Tensor, squares: Tensor, count: int, eps: float) -> tuple[Tensor, Tensor]:
+    mean = total / count
+    var = (squares / count - mean.square()).clamp_min(0)
+    return mean.float(), (var + eps).rsqrt().float()
+
+
+def group_norm(x: Tensor, norm: nn.GroupNorm, mean: Tensor, rstd: Tensor) -> Tensor:
+    """`norm(x)` with given per-(item, group) statistics, computed in float32 like the reference GroupNorm32."""
+    groups = x.float().reshape(x.shape[0], norm.num_groups, -1)
+    y = ((groups - mean[..., None]) * rstd[..., None]).reshape(x.shape)
+    if norm.affine:
+        y = y * norm.weight.float()[None, :, None, None] + norm.bias.float()[None, :, None, None]
+    return y.to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -329,21 +423,10 @@ class _NormControl:
     def after(self, module, args, output):
         if not self.active or module not in self.stats:
             return None
-        x = args[0]
-        mean, rstd = self.stats[module]
-        b, c = x.shape[:2]
-        groups = x.float().reshape(b, module.num_groups, -1)
-        y = ((groups - mean[..., None]) * rstd[..., None]).reshape(x.shape)
-        if module.affine:
-            y = y * module.weight.float()[None, :, None, None] + module.bias.float()[None, :, None, None]
-        return y.to(output.dtype)
+        return group_norm(args[0], module, *self.stats[module]).to(output.dtype)
 
     def finish_target(self) -> None:
-        total, squares, count = self.sums
-        mean = total / count
-        var = (squares / count - mean.square()).clamp_min(0)
-        rstd = (var + self.target.eps).rsqrt()
-        self.stats[self.target] = (mean.float(), rstd.float())
+        self.stats[self.target] = _mean_rstd(*self.sums, self.target.eps)
         self.target, self.sums = None, None
 
 
