@@ -128,7 +128,8 @@ def test_the_layout_conditions_the_image(tmp_path, model):
 @pytest.mark.parametrize("objects, message", [
     ([{"label": "Persn", "box": [0, 0, 1, 1]}], "object 0: label 'Persn' is not one of the layout model's "
                                                  "OpenImages classes; did you mean 'person'"),
-    ([{"label": "Car", "box": [8, 8, 40, 20]}], "object 0 (Car): box [8.0, 8.0, 40.0, 20.0] lies outside the 32x32 image"),
+    ([{"label": "Car", "box": [8, 8, 40, 20]}],
+     "object 0 (Car): box [8.0, 8.0, 40.0, 20.0] lies outside the 32x32 image"),
     ([{"label": "Car", "box": [0.5, 0.2, 0.4, 0.9]}], "object 0 (Car): box [0.5, 0.2, 0.4, 0.9] is empty"),
     ([{"label": "Car", "box": [0, 0, 1]}], "object 0 needs \"box\": [x0, y0, x1, y1]"),
     ([{"label": "Car", "box": [0, 0, 1, 1]}] * 31, "31 objects: the layout model takes at most 30"),

@@ -83,7 +83,8 @@ def test_palette_maps_colours_and_same_seed_gives_same_file(tmp_path, model):
     palette = tmp_path / "palette.yaml"
     palette.write_text('palette:\n  156: "#87ceeb"\n  123: [34, 139, 34]\n')
     for name in ("a.png", "b.png"):
-        result = _run(tmp_path / "scene.png", "--palette", palette, "--model", model, "--seed", 3, "-o", tmp_path / name)
+        result = _run(tmp_path / "scene.png", "--palette", palette, "--model", model, "--seed", 3,
+                      "-o", tmp_path / name)
         assert result.exit_code == 0, result.output
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
     labels = semantic.read_label_map(tmp_path / "scene.png", 182, semantic.load_palette(palette))

@@ -55,7 +55,7 @@ def semantic2img(
     max_memory: opt.MaxMemory = None,
     seamless: opt.Seamless = None,
 ) -> None:
-    """Generate images from label maps (index PNGs, or colour maps with --palette) at the map's size or --width/--height."""
+    """Generate images from label maps (index PNGs, or colour maps with --palette) at the map's size."""
     from ldmtool.pipelines.engine import Engine
     from ldmtool.pipelines.semantic2img import Semantic2ImgTask
     from ldmtool.runtime.runner import run_task

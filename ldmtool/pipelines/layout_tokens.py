@@ -50,7 +50,8 @@ class OpenImagesClass:
 @lru_cache(maxsize=1)
 def openimages_classes() -> tuple[OpenImagesClass, ...]:
     """The layout model's 340 classes in category-number order."""
-    text = resources.files("ldmtool.assets").joinpath("labels/openimages_layout_classes.tsv").read_text(encoding="utf-8")
+    table = resources.files("ldmtool.assets").joinpath("labels/openimages_layout_classes.tsv")
+    text = table.read_text(encoding="utf-8")
     rows = [line.split("\t") for line in text.splitlines() if line.strip()]
     return tuple(OpenImagesClass(int(number), mid, name) for number, mid, name in rows)
 
@@ -72,7 +73,8 @@ def category_number(label: str) -> int:
     table = _by_name()
     number = table.get(_normal(label))
     if number is None:
-        close = difflib.get_close_matches(_normal(label), [k for k in table if not k.startswith("/m/")], n=3, cutoff=0.6)
+        names = [k for k in table if not k.startswith("/m/")]
+        close = difflib.get_close_matches(_normal(label), names, n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise UsageError(f"label {label!r} is not one of the layout model's OpenImages classes{hint}")
     return number
@@ -110,7 +112,8 @@ class BoxTokenizer:
         """The tokenizer a cond stage of this vocabulary and length was trained with (crop tokens included)."""
         if (max_seq_len - 2) % 3 or max_seq_len < 5:
             raise UsageError(f"a layout sequence of {max_seq_len} tokens is not 3 per object plus 2 crop tokens")
-        return cls(no_tokens=vocab_size, no_object_classes=len(openimages_classes()), max_objects=(max_seq_len - 2) // 3)
+        return cls(no_tokens=vocab_size, no_object_classes=len(openimages_classes()),
+                   max_objects=(max_seq_len - 2) // 3)
 
     @property
     def sections(self) -> int:

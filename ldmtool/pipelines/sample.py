@@ -37,9 +37,8 @@ class GeneratorTask(BaseTask):
 
     command = "sample"
 
-    def __init__(self, engine: Engine, *, width: Optional[int] = None, height: Optional[int] = None,
-                 params: Optional[dict[str, Any]] = None):
-        super().__init__(params=params)
+    def __init__(self, engine: Engine, *, width: Optional[int] = None, height: Optional[int] = None):
+        super().__init__()
         self.engine = engine
         self.width, self.height = width, height
 
@@ -55,7 +54,6 @@ class GeneratorTask(BaseTask):
         self.params.update(engine.resolved(), model_family=engine.bundle.family)
         if self.width is not None:
             self.params.update(width=self.width, height=self.height)
-        self.prepare()
 
     def run(self, jobs: list[Job]) -> list[Output]:
         return [self._generate(job) for job in jobs]
@@ -64,9 +62,6 @@ class GeneratorTask(BaseTask):
 
     def check_model(self, bundle) -> None:
         """FatalError when the model cannot do this task."""
-
-    def prepare(self) -> None:
-        """Work done once per run after the model is open (encode shared conditioning, ...)."""
 
     def conditioning(self, engine: Engine, job: Job, latent_hw: tuple[int, int]) -> tuple[Cond, Optional[Cond]]:
         """(cond, uncond) for one item; uncond None means no guidance."""
@@ -103,7 +98,8 @@ class GeneratorTask(BaseTask):
     def _check_wrap(self, job: Job, size: tuple[int, int], sampled: tuple[int, int]) -> None:
         """A cropped canvas would cut the wrap-around apart: seamless sizes must be exact multiples."""
         axes = self.engine.axes
-        for name, wraps, value, padded in (("width", axes.x, size[0], sampled[0]), ("height", axes.y, size[1], sampled[1])):
+        for name, wraps, value, padded in (("width", axes.x, size[0], sampled[0]),
+                                           ("height", axes.y, size[1], sampled[1])):
             if wraps and value != padded:
                 raise ItemError(f"{job.item.label}: with --seamless the {name} must be a multiple of "
                                 f"{self.multiple} pixels, not {value}")
@@ -118,8 +114,7 @@ class GeneratorTask(BaseTask):
 
         def compute(e: Engine) -> torch.Tensor:
             cond, uncond = self.conditioning(e, job, latent_hw)
-            if uncond is None or not self.has_uncond():
-                uncond = None
+            uncond = uncond if self.has_uncond() else None
             return e.decode(e.sample(latent_hw, [job.seed], cond, uncond, progress=progress))
 
         image = self.engine.finite(compute, job.item.label)[0].clamp(0, 1)[:, :height, :width]
@@ -232,7 +227,8 @@ class SampleTask(GeneratorTask):
         with torch.inference_mode():
             cond = stage.encode(torch.tensor([label]))
             uncond = stage.encode(torch.tensor([self.n_classes - 1])) if self.has_uncond() else None
-        return Cond(crossattn=cond.to(engine.dtype)), None if uncond is None else Cond(crossattn=uncond.to(engine.dtype))
+        cond = Cond(crossattn=cond.to(engine.dtype))
+        return cond, None if uncond is None else Cond(crossattn=uncond.to(engine.dtype))
 
     def item_params(self, job: Job) -> dict[str, Any]:
         if not self.class_ids:

@@ -107,7 +107,8 @@ def _open_map(path: Path, max_pixels: int) -> Image.Image:
     except ItemError:
         raise
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise ItemError(f"{path}: cannot read the label map ({' '.join(str(err).split()) or type(err).__name__})") from None
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise ItemError(f"{path}: cannot read the label map ({reason})") from None
 
 
 def _labels_from_colours(rgb: np.ndarray, palette: Palette, path: Path) -> np.ndarray:
