@@ -7,7 +7,7 @@ from PIL import Image
 from ldmtool.checkpoints.tiny import save_tiny_checkpoint
 from ldmtool.cli.app import main
 from ldmtool.errors import UsageError
-from ldmtool.pipelines.layout2img import read_layout
+from ldmtool.pipelines.layout2img import find_layouts, read_layout
 from ldmtool.pipelines.layout_tokens import BoxTokenizer, LayoutObject, category_number, openimages_classes
 
 FAST = ["--steps", "2", "--sampler", "euler", "--quiet", "--width", "32", "--height", "32"]
@@ -170,3 +170,17 @@ def test_context_is_the_cond_stage_on_the_reference_tokens(tmp_path, model):
     with torch.no_grad():
         expected = task.engine.bundle.cond_stage.encode(tokens)
     assert uncond is None and torch.equal(cond.crossattn, expected)
+
+
+def test_layout_folders_and_samples_become_items(tmp_path):
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    for rel in ("a.json", "sub/b.yml", "sub/c.YAML", "skip.txt", ".hidden.json"):
+        (tmp_path / "in" / rel).write_text("[]")
+    flat = find_layouts([str(tmp_path / "in")])
+    assert [i.key for i in flat] == ["a.json"]
+    items = find_layouts([str(tmp_path / "in")], recursive=True, samples=2)
+    assert [(i.key, i.stem, i.subdir) for i in items] == [
+        ("a.json/0", "a-0", ""), ("a.json/1", "a-1", ""), ("sub/b.yml/0", "b-0", "sub"), ("sub/b.yml/1", "b-1", "sub"),
+        ("sub/c.YAML/0", "c-0", "sub"), ("sub/c.YAML/1", "c-1", "sub")]
+    with pytest.raises(UsageError, match="no such file or folder"):
+        find_layouts([str(tmp_path / "missing.json")])

@@ -64,10 +64,10 @@ def test_class_samples_have_size_names_and_metadata(tmp_path, models):
     assert _recipe(out / "0001-0-3.png")[0]["parameters"]["class"] == 3
 
 
-def test_same_seed_same_files_and_resume(tmp_path, models):
-    for name in ("one", "two"):
+def test_same_seed_same_files_any_batch_size_and_resume(tmp_path, models):
+    for name, batch in (("one", 1), ("two", 2)):  # --batch-size never changes results
         result = _run("--model", models["celeba"], "--n", "2", "--width", 32, "--height", 32, "--seed", 9,
-                      "-o", tmp_path / name)
+                      "--batch-size", batch, "-o", tmp_path / name)
         assert result.exit_code == 0, result.output
     for stem in ("0000-0", "0000-1"):
         assert (tmp_path / "one" / f"{stem}.png").read_bytes() == (tmp_path / "two" / f"{stem}.png").read_bytes()
