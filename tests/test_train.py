@@ -276,3 +276,26 @@ def test_export_ships_fp16_without_schedule_buffers(first_stage, images, tmp_pat
     assert half.scale_factor == full.scale_factor and half.family == "default-superres"
     config = yaml.safe_load((tmp_path / "ship" / "default-superres.yaml").read_text())
     assert config["ldmtool"]["recipe"] == "ldmtool train diffusion ..." and config["ldmtool"]["task"] == "superres"
+
+
+@pytest.mark.parametrize("task", [df.Task.SUPERRES, df.Task.INPAINT, df.Task.SEMANTIC])
+def test_trained_models_run_their_command(first_stage, images, tmp_path, capsys, task):
+    from ldmtool.train.procedural import semantic_sample
+
+    training = df.DiffusionTraining(task=task, crop=32, batch_size=1)
+    model = df.train_diffusion(TINY_UNET, training, first_stage, [] if task == df.Task.SEMANTIC else images,
+                               _run(tmp_path / "run", steps=1))
+    source = tmp_path / "in" / "a.png"
+    source.parent.mkdir()
+    pixels = np.random.default_rng(0).integers(0, 256, size=(12, 16, 3), dtype=np.uint8)
+    Image.fromarray(semantic_sample(1, 16)[1] if task == df.Task.SEMANTIC else pixels).save(source)
+    mask = np.zeros((12, 16), np.uint8)
+    mask[3:8, 4:10] = 255
+    Image.fromarray(mask).save(source.with_name("a_mask.png"))
+    command = {df.Task.SUPERRES: "superres", df.Task.INPAINT: "inpaint", df.Task.SEMANTIC: "semantic2img"}[task]
+    code, err = _cli([command, str(source), "--model", str(model), "--steps", "2", "--seed", "1", "--device", "cpu",
+                      "--quiet", "-o", str(tmp_path / "out" / "a.png")], capsys)
+    assert code in (0, None), err
+    written = Image.open(tmp_path / "out" / "a.png")
+    expected = {df.Task.SUPERRES: (64, 48), df.Task.INPAINT: (16, 12), df.Task.SEMANTIC: (16, 16)}[task]
+    assert written.size == expected
