@@ -160,3 +160,11 @@ def test_palette_file_must_be_a_mapping(tmp_path):
     path.write_text("- 1\n- 2\n")
     with pytest.raises(UsageError, match="maps class ids to colours"):
         semantic.load_palette(path)
+
+
+def test_model_without_label_maps_is_fatal(tmp_path):
+    other = tmp_path / "celeba.safetensors"
+    save_tiny_checkpoint(other, "ldm-celebahq256", with_config=True)
+    result = _run(_index_map(tmp_path / "m.png"), "--model", other, "-o", tmp_path / "out")
+    assert result.exit_code == 3
+    assert "takes no label maps, so it cannot do semantic2img from maps" in result.output

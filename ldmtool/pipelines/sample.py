@@ -208,8 +208,8 @@ class SampleTask(GeneratorTask):
                 raise UsageError(f"--class: {path} is an unconditional {bundle.family} model; drop --class")
             return
         if type(stage).__name__ != "ClassEmbedder" or key != "crossattn":
-            raise FatalError(f"{path}: a {bundle.family} model cannot do `sample` (it needs a class-conditional "
-                             "or unconditional model; see txt2img, semantic2img, layout2img)")
+            raise FatalError(f"{path}: a {bundle.family} model cannot do `{self.command}` without other inputs (it "
+                             "needs a class-conditional or unconditional model; see txt2img, semantic2img, layout2img)")
         self.n_classes = int(stage.n_classes)
         if not self.classes:
             raise UsageError(f"{path} is a class-conditional model; name classes with --class (a number or an "

@@ -205,8 +205,8 @@ class Semantic2ImgTask(GeneratorTask):
     def check_model(self, bundle) -> None:
         n_classes = semantic_classes(bundle)
         if n_classes is None:
-            raise FatalError(f"{self.engine.model_path}: a {bundle.family} model cannot do semantic2img (it needs a "
-                             "label-map model such as semantic_synthesis256/512)")
+            raise FatalError(f"{self.engine.model_path}: a {bundle.family} model takes no label maps, so it cannot do "
+                             f"{self.command} from maps (it needs a model such as semantic_synthesis256/512)")
         self.n_classes = n_classes
         if self.palette is not None:
             too_big = [cid for cid in self.palette.values() if cid >= n_classes]
