@@ -68,7 +68,7 @@ Shard = Annotated[
                  rich_help_panel=RUN),
 ]
 Engine = Annotated[
-    str, typer.Option("--engine", help="local, or ray: spread the items over a Ray cluster (pip install 'ldmtool[ray]').",
+    str, typer.Option("--engine", help="local, or ray: spread the items over a Ray cluster (pip install 'ldmtool\\[ray]').",
                       rich_help_panel=RUN),
 ]
 RayAddress = Annotated[

@@ -8,38 +8,32 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from ldmtool.cli import options as opt
-from ldmtool.cli.common import InvertMask, MaskFromAlpha, MasksDir, MaxPixels, find_inputs, finish, run_options
+from ldmtool.cli.common import InvertMask, MaskFromAlpha, MasksDir, MaxPixels, find_inputs, finish
+from ldmtool.cli.shared import task_command
+
+if TYPE_CHECKING:
+    from ldmtool.runtime.runner import RunOptions
 
 SLEEP_ENV = "LDMTOOL_TEST_SLEEP"
 EXAMPLE = "Example: LDMTOOL_TEST_COMMANDS=1 ldmtool _invert photos/ -o out/ --json"
 
 
+@task_command(model=None)
 def invert(
     inputs: opt.Inputs,
-    output: opt.Output = None,
-    name: opt.NameTemplate = "{stem}.{ext}",
-    fmt: opt.Format = None,
-    quality: opt.Quality = 95,
-    overwrite: opt.Overwrite = False,
     recursive: opt.Recursive = False,
-    json_out: opt.Json = False,
-    quiet: opt.Quiet = False,
-    fail_fast: opt.FailFast = False,
-    batch_size: opt.BatchSize = 1,
-    seed: opt.Seed = None,
-    shard: opt.Shard = None,
-    run_engine: opt.Engine = "local",
-    ray_address: opt.RayAddress = None,
     pair_masks: Annotated[bool, typer.Option("--pair-masks", help="Pair each image with its mask.")] = False,
     masks: MasksDir = None,
     invert_mask: InvertMask = False,
     mask_from_alpha: MaskFromAlpha = False,
     max_pixels: MaxPixels = None,
+    *,
+    run: "RunOptions",
 ) -> None:
     """Invert images (only inside the mask of those that have one): a trivial op for testing the runner."""
     from ldmtool.runtime.runner import run_task
@@ -47,10 +41,7 @@ def invert(
     discovery = find_inputs(inputs, recursive=recursive, pair_masks=pair_masks or masks is not None, masks_dir=masks)
     task = InvertTask(mask_mode=_mask_mode(pair_masks or masks is not None, mask_from_alpha),
                       invert_mask=invert_mask, max_pixels=max_pixels)
-    options = run_options(output=output, name=name, fmt=fmt, quality=quality, overwrite=overwrite,
-                          fail_fast=fail_fast, batch_size=batch_size, seed=seed, json_out=json_out, quiet=quiet,
-                          shard=shard, engine=run_engine, ray_address=ray_address)
-    finish(run_task(task, discovery, options))
+    finish(run_task(task, discovery, run))
 
 
 def _mask_mode(paired: bool, from_alpha: bool) -> str:
