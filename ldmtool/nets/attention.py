@@ -57,7 +57,9 @@ class GEGLU(nn.Module):
         value, gate = self.proj(x).chunk(2, dim=-1)
         if torch.is_grad_enabled() and value.requires_grad:
             return value * F.gelu(gate)
-        return value.mul_(F.gelu(gate))
+        # Into the fresh, contiguous GELU output: `value` is a strided half, and a strided result would make
+        # the next Linear copy it before its matmul.
+        return F.gelu(gate).mul_(value)
 
 
 class FeedForward(nn.Module):
