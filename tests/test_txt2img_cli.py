@@ -234,3 +234,16 @@ def test_seamless_changes_the_image_and_is_recorded(tmp_path, models):
     assert recipe["parameters"]["seamless"] == "x"
     with Image.open(tmp_path / "plain.png") as a, Image.open(tmp_path / "wrap.png") as b:
         assert not np.array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_loads_keep_the_float32_schedule(models, dtype):
+    """GPU runs load in fp16/bf16: the schedule must not go through that precision (bf16 rounds the small
+    1 - alphas_cumprod to 0, which gave a DPM++ schedule of [14.6, 0, 0])."""
+    from ldmtool import build_model, load_model
+
+    reference = load_model(models["sd2-v"]).alphas_cumprod
+    half = load_model(models["sd2-v"], dtype=dtype)
+    assert half.alphas_cumprod.dtype == torch.float32 and torch.equal(half.alphas_cumprod, reference)
+    built = build_model(half.config, dtype=dtype)
+    assert torch.equal(built.alphas_cumprod, reference)

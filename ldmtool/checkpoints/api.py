@@ -44,8 +44,9 @@ def build_model(config: Union[ConfigLike, str], *, device: Union[str, torch.devi
     with torch.device(device):
         bundle = build_bundle(doc, family)
     if dtype is not None:
+        schedule = _schedule_copies(bundle)
         bundle.to(dtype=dtype)
-        _schedule_to_fp32(bundle)
+        _schedule_to_fp32(bundle, schedule)
     return bundle
 
 
@@ -65,8 +66,9 @@ def load_model(path_or_name: Union[str, Path], *, config: Optional[ConfigLike] =
     with torch.device("meta"):
         bundle = build_bundle(doc, family)
     _load_into(bundle, prepared, source=str(weights), family=family, detection=detection)
+    schedule = _schedule_copies(bundle)  # before the cast: fp16/bf16 would round alphas_cumprod near 1
     bundle.to(device=device, dtype=dtype)
-    _schedule_to_fp32(bundle)
+    _schedule_to_fp32(bundle, schedule)
     if prediction is not None:
         if prediction not in PARAMETERIZATIONS:
             raise UsageError(f"--prediction {prediction!r} is not one of {', '.join(PARAMETERIZATIONS)}")
@@ -175,12 +177,20 @@ def _set_tensor(root: nn.Module, name: str, value: torch.Tensor, is_param: bool)
         owner._buffers[leaf] = value
 
 
-def _schedule_to_fp32(bundle: nn.Module) -> None:
-    """Samplers read the schedule; keep it float32 whatever the network precision."""
+def _schedule_copies(bundle: nn.Module) -> dict[str, torch.Tensor]:
+    """float32 copies of the schedule buffers as loaded (taken before a half-precision cast)."""
+    names = set(bundle.schedule_values())
+    return {name: buf.float().clone() for name, buf in bundle.named_buffers() if name in names and buf.is_floating_point()}
+
+
+def _schedule_to_fp32(bundle: nn.Module, saved: Optional[Mapping[str, torch.Tensor]] = None) -> None:
+    """Samplers read the schedule; keep it float32 whatever the network precision (from `saved`, the values
+    before the cast, when given: a cast to fp16/bf16 and back loses the small 1 - alphas_cumprod)."""
     names = set(bundle.schedule_values())
     for name, buf in list(bundle.named_buffers()):
         if name in names and buf.is_floating_point() and buf.dtype != torch.float32:
-            _set_tensor(bundle, name, buf.float(), False)
+            value = saved[name] if saved and name in saved else buf
+            _set_tensor(bundle, name, value.to(device=buf.device, dtype=torch.float32), False)
 
 
 def _main_dtype(raw: Mapping[str, torch.Tensor]) -> str:

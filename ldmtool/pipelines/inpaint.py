@@ -143,7 +143,7 @@ class InpaintTask(BaseTask):
             cond, uncond = self.conditioning(e, len(seeds))
             repaint = latent_repaint_mask(masks, latent_hw).to(e.device, e.dtype)
             return e.sample(latent_hw, seeds, cond, uncond, init_latent=init, repaint=repaint, progress=progress)
-        latent_mask = F.interpolate(masks, size=latent_hw)  # nearest, as the reference
+        latent_mask = F.interpolate(masks, size=latent_hw).to(e.device)  # nearest, as the reference
         if self.kind is InpaintKind.LDM_CONCAT:
             masked = ((1 - masks) * (images + 1) / 2) * 2 - 1
             c_masked = e.encode(masked) / e.bundle.scale_factor  # the cond stage is the unscaled first stage
