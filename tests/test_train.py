@@ -150,7 +150,8 @@ def test_scale_factor_normalises_the_latents(first_stage, images):
 def test_superres_conditioning_is_the_low_res_image_at_latent_size(first_stage, images):
     trainer = _superres_trainer(first_stage, images)
     trainer.scale_factor = 1.0
-    z0, concat = trainer.batch(0)
+    batch = trainer.batch(0)
+    z0, concat = batch.z0, batch.concat
     assert z0.shape == (2, 3, 8, 8) and concat.shape == (2, 3, 8, 8)
     assert concat.min() >= -1 and concat.max() <= 1
 
@@ -177,7 +178,7 @@ def test_inpaint_conditioning_follows_the_ldm_script(first_stage, images):
     stage = df.load_first_stage(first_stage, torch.device("cpu"))
     trainer = df.DiffusionTrainer(TINY_UNET, training, stage, images, torch.device("cpu"), torch.float32)
     trainer.scale_factor = 0.5
-    _, concat = trainer.batch(0)
+    concat = trainer.batch(0).concat
     mask_channel = concat[:, 3]
     assert set(mask_channel.unique().tolist()) <= {-1.0, 1.0} and (mask_channel == 1).any()
     crops, _ = trainer.samples(0)
@@ -219,7 +220,7 @@ def test_semantic_trains_the_spatial_rescaler_jointly(first_stage, tmp_path):
         trainer.step(step)
     assert not torch.equal(before, trainer.cond_stage.channel_mapper.weight)
     trainer.scale_factor = 1.0
-    _, concat = trainer.batch(0)
+    concat = trainer.batch(0).concat
     assert concat.shape == (2, 3, 8, 8)
     path = trainer.export(tmp_path, 1)
     bundle = ldmtool.load_model(path)
@@ -250,7 +251,7 @@ def test_cli_trains_both_stages(images, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--task", "semantic", "--data", "corpus"], "procedural label maps only"),
+    (["--task", "semantic", "--data", "corpus"], "procedural data only"),
     (["--task", "superres"], "needs --data"),
     (["--task", "colour", "--data", "corpus"], "--task 'colour'"),
     (["--task", "superres", "--data", "corpus", "--channel-mult", "1,x"], "comma-separated"),
@@ -278,12 +279,12 @@ def test_export_ships_fp16_without_schedule_buffers(first_stage, images, tmp_pat
     assert config["ldmtool"]["recipe"] == "ldmtool train diffusion ..." and config["ldmtool"]["task"] == "superres"
 
 
-@pytest.mark.parametrize("task", [df.Task.SUPERRES, df.Task.INPAINT, df.Task.SEMANTIC])
+@pytest.mark.parametrize("task", [df.Task.SUPERRES, df.Task.INPAINT, df.Task.SEMANTIC, df.Task.TXT2IMG])
 def test_trained_models_run_their_command(first_stage, images, tmp_path, capsys, task):
     from ldmtool.train.procedural import semantic_sample
 
     training = df.DiffusionTraining(task=task, crop=32, batch_size=1)
-    model = df.train_diffusion(TINY_UNET, training, first_stage, [] if task == df.Task.SEMANTIC else images,
+    model = df.train_diffusion(TINY_UNET, training, first_stage, [] if task in df.PROCEDURAL_TASKS else images,
                                _run(tmp_path / "run", steps=1))
     source = tmp_path / "in" / "a.png"
     source.parent.mkdir()
@@ -292,10 +293,29 @@ def test_trained_models_run_their_command(first_stage, images, tmp_path, capsys,
     mask = np.zeros((12, 16), np.uint8)
     mask[3:8, 4:10] = 255
     Image.fromarray(mask).save(source.with_name("a_mask.png"))
-    command = {df.Task.SUPERRES: "superres", df.Task.INPAINT: "inpaint", df.Task.SEMANTIC: "semantic2img"}[task]
-    code, err = _cli([command, str(source), "--model", str(model), "--steps", "2", "--seed", "1", "--device", "cpu",
+    command = df.TASK_COMMAND[task]
+    inputs = ["--prompt", "a red circle above a blue square", "-W", "32", "-H", "16"] if task == df.Task.TXT2IMG else [str(source)]
+    code, err = _cli([command, *inputs, "--model", str(model), "--steps", "2", "--seed", "1", "--device", "cpu",
                       "--quiet", "-o", str(tmp_path / "out" / "a.png")], capsys)
     assert code in (0, None), err
     written = Image.open(tmp_path / "out" / "a.png")
-    expected = {df.Task.SUPERRES: (64, 48), df.Task.INPAINT: (16, 12), df.Task.SEMANTIC: (16, 16)}[task]
+    expected = {df.Task.SUPERRES: (64, 48), df.Task.INPAINT: (16, 12), df.Task.SEMANTIC: (16, 16), df.Task.TXT2IMG: (32, 16)}[task]
     assert written.size == expected
+
+
+def test_txt2img_trains_the_text_encoder_with_caption_dropout(first_stage, tmp_path):
+    training = df.DiffusionTraining(task=df.Task.TXT2IMG, crop=32, batch_size=2, lr=1e-2, text_width=32, text_layers=1)
+    stage = df.load_first_stage(first_stage, torch.device("cpu"))
+    trainer = df.DiffusionTrainer(TINY_UNET, training, stage, [], torch.device("cpu"), torch.float32)
+    assert trainer.unet_params["context_dim"] == 32 and trainer.unet_params["use_spatial_transformer"]
+    before = trainer.cond_stage.transformer.token_emb.weight.detach().clone()
+    for step in range(3):
+        trainer.step(step)
+    assert not torch.equal(before, trainer.cond_stage.transformer.token_emb.weight)
+    _, captions = trainer.samples(0)
+    assert all(c.startswith("a ") for c in captions)
+    dropped = trainer.drop_captions(["x"] * 2000, list(range(2000)))
+    assert dropped == trainer.drop_captions(["x"] * 2000, list(range(2000)))
+    assert 0.07 < dropped.count("") / 2000 < 0.13
+    bundle = ldmtool.load_model(trainer.export(tmp_path, 3))
+    assert bundle.conditioning_key == "crossattn" and type(bundle.cond_stage).__name__ == "BERTEmbedder"

@@ -106,9 +106,9 @@ def diffusion(
     output: RunDir,
     first_stage: Annotated[Path, typer.Option("--first-stage", help="Autoencoder run folder or model.safetensors (with its YAML).", rich_help_panel=TRAINING)],
     data: Annotated[
-        Optional[str], typer.Option("--data", help="Folder of training images or 'corpus'; semantic trains on 'procedural' label maps (the default there).", rich_help_panel=TRAINING)
+        Optional[str], typer.Option("--data", help="Folder of training images or 'corpus'; semantic and txt2img train on 'procedural' label maps / captioned scenes.", rich_help_panel=TRAINING)
     ] = None,
-    task: Annotated[str, typer.Option("--task", help="superres|inpaint|semantic|uncond.", rich_help_panel=TRAINING)] = "superres",
+    task: Annotated[str, typer.Option("--task", help="superres|inpaint|semantic|txt2img|uncond.", rich_help_panel=TRAINING)] = "superres",
     scale: Annotated[int, typer.Option("--scale", min=2, help="Super-resolution factor.", rich_help_panel=TRAINING)] = 4,
     channels: Annotated[int, typer.Option("--channels", min=32, help="UNet base channels (multiple of 32).", rich_help_panel=TRAINING)] = 64,
     channel_mult: Annotated[str, typer.Option("--channel-mult", help="UNet channel multipliers per level.", rich_help_panel=TRAINING)] = "1,2,4",
@@ -133,7 +133,7 @@ def diffusion(
 ) -> None:
     """Train a latent diffusion model for a task on a trained first stage; export a LatentDiffusion file."""
     from ldmtool.train.data import resolve_data
-    from ldmtool.train.diffusion import PROCEDURAL, DiffusionTraining, Task, UNetArch, train_diffusion
+    from ldmtool.train.diffusion import PROCEDURAL, PROCEDURAL_TASKS, DiffusionTraining, Task, UNetArch, train_diffusion
 
     try:
         task_value = Task(task)
@@ -146,9 +146,9 @@ def diffusion(
     training = DiffusionTraining(task=task_value, crop=crop, batch_size=batch_size, lr=lr, ema_decay=ema_decay,
                                  seed=seed, scale=scale, min_scale=min_scale)
     run = _run_options(output, steps, save_every, log_every, resume, device, precision, quiet, threads)
-    if task_value == Task.SEMANTIC:
+    if task_value in PROCEDURAL_TASKS:
         if data not in (None, PROCEDURAL):
-            raise UsageError(f"--data {data}: --task semantic trains on procedural label maps only (--data {PROCEDURAL})")
+            raise UsageError(f"--data {data}: --task {task} trains on procedural data only (--data {PROCEDURAL})")
         paths = []
     elif data is None or data == PROCEDURAL:
         raise UsageError(f"--task {task} needs --data DIR or --data corpus")

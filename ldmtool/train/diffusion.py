@@ -8,6 +8,8 @@ concat conditioning at latent resolution, exactly as the released CompVis models
             z + 1 channels
   semantic  one-hot procedural label maps through a trainable SpatialRescaler (as semantic_synthesis256:
             resize to latent size, 1x1 conv to z channels), trained jointly with the UNet
+  txt2img   captions of procedural shape scenes through a small LDM-BERT (BERTEmbedder) trained jointly,
+            by cross-attention (as text2img256); 10% empty captions for classifier-free guidance
   uncond    nothing
 The export is a single LatentDiffusion file: `model.diffusion_model.*` (EMA weights),
 `first_stage_model.*`, the schedule buffers and `scale_factor` (1 / std of the training latents, as
@@ -30,7 +32,7 @@ from ldmtool.train.autoencoder import AUTOENCODER_TARGET, build_autoencoder
 from ldmtool.train.data import CropConfig, ImageCrops, to_tensor
 from ldmtool.train.degrade import DegradeConfig, degrade
 from ldmtool.train.masks import random_mask
-from ldmtool.train.procedural import CLASSES, semantic_sample
+from ldmtool.train.procedural import CLASSES, semantic_sample, shape_scene
 
 if TYPE_CHECKING:
     import torch
@@ -44,6 +46,7 @@ class Task(str, enum.Enum):
     SUPERRES = "superres"
     INPAINT = "inpaint"
     SEMANTIC = "semantic"
+    TXT2IMG = "txt2img"
     UNCOND = "uncond"
 
 
@@ -52,12 +55,17 @@ TASK_CONFIG = {
     Task.SUPERRES: ("LR_image", "concat", "torch.nn.Identity"),
     Task.INPAINT: ("masked_image", "concat", "__is_first_stage__"),
     Task.SEMANTIC: ("segmentation", "concat", "ldm.modules.encoders.modules.SpatialRescaler"),
+    Task.TXT2IMG: ("caption", "crossattn", "ldm.modules.encoders.modules.BERTEmbedder"),
     Task.UNCOND: ("image", None, "__is_unconditional__"),
 }
 
 
 # The ldmtool command that runs each task's model (the `task` of the config's `ldmtool:` block).
-TASK_COMMAND = {Task.SUPERRES: "superres", Task.INPAINT: "inpaint", Task.SEMANTIC: "semantic2img", Task.UNCOND: "sample"}
+TASK_COMMAND = {
+    Task.SUPERRES: "superres", Task.INPAINT: "inpaint", Task.SEMANTIC: "semantic2img", Task.TXT2IMG: "txt2img",
+    Task.UNCOND: "sample",
+}
+PROCEDURAL_TASKS = (Task.SEMANTIC, Task.TXT2IMG)
 PROCEDURAL = "procedural"  # the data source of tasks that train on the project's own generators
 
 
@@ -96,6 +104,16 @@ class DiffusionTraining:
     linear_start: float = 0.0015  # the LDM BSR schedule
     linear_end: float = 0.0155
     scale_batches: int = 4  # batches encoded to estimate scale_factor
+    text_width: int = 128  # txt2img: BERTEmbedder width (= UNet context_dim)
+    text_layers: int = 2
+    caption_dropout: float = 0.1  # txt2img: share of empty captions (classifier-free guidance)
+
+
+@dataclass
+class TrainBatch:
+    z0: "torch.Tensor"  # scaled target latents
+    concat: Optional["torch.Tensor"] = None  # concatenated to the noisy latent
+    context: Optional["torch.Tensor"] = None  # cross-attention context
 
 
 @dataclass
@@ -145,10 +163,10 @@ def load_first_stage(path: Path, device) -> FirstStage:
     return FirstStage(model, params)
 
 
-def build_spatial_rescaler(params: dict[str, Any]) -> "nn.Module":
-    from ldmtool.nets.encoders import SpatialRescaler
+def build_cond_stage(task: Task, params: dict[str, Any]) -> "nn.Module":
+    from ldmtool.nets.encoders import BERTEmbedder, SpatialRescaler
 
-    return SpatialRescaler(**params)
+    return (BERTEmbedder if task == Task.TXT2IMG else SpatialRescaler)(**params)
 
 
 def build_unet(params: dict[str, Any]) -> "nn.Module":
@@ -180,27 +198,32 @@ class DiffusionTrainer:
             raise UsageError(f"--crop {training.crop}: must be divisible by --scale {training.scale}")
         self.latent_size = training.crop // first_stage.factor
         self.unet_params = arch.params(self.latent_size, first_stage.channels + self.concat_channels, first_stage.channels)
+        if training.task == Task.TXT2IMG:
+            self.unet_params.update(use_spatial_transformer=True, transformer_depth=1, context_dim=training.text_width)
         self.unet = build_unet(self.unet_params).to(device)
         self.ema = common.Ema(self.unet, training.ema_decay)
         self.cond_params = self._cond_stage_params()
-        self.cond_stage = None if self.cond_params is None else build_spatial_rescaler(self.cond_params).to(device)
+        self.cond_stage = None if self.cond_params is None else build_cond_stage(training.task, self.cond_params).to(device)
         trainable = list(self.unet.parameters())
         if self.cond_stage is not None:
             self.cond_ema = common.Ema(self.cond_stage, training.ema_decay)
             trainable += list(self.cond_stage.parameters())
         self.optimizer = torch.optim.AdamW(trainable, lr=training.lr, weight_decay=0.0)
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        self.data = None if training.task == Task.SEMANTIC else ImageCrops(paths, CropConfig(training.crop, True, training.min_scale), training.seed)
+        self.data = None if training.task in PROCEDURAL_TASKS else ImageCrops(paths, CropConfig(training.crop, True, training.min_scale), training.seed)
         self.buffers = schedule(training)
         self.scale_factor: Optional[float] = None
 
     @property
     def concat_channels(self) -> int:
         channels = self.first_stage.channels
-        return {Task.SUPERRES: 3, Task.INPAINT: channels + 1, Task.SEMANTIC: channels, Task.UNCOND: 0}[self.training.task]
+        return {Task.SUPERRES: 3, Task.INPAINT: channels + 1, Task.SEMANTIC: channels}.get(self.training.task, 0)
 
     def _cond_stage_params(self) -> Optional[dict[str, Any]]:
-        """SpatialRescaler params for the semantic task: one-hot classes at pixel size to z channels."""
+        """Params of the trainable cond stage: SpatialRescaler (semantic: one-hot classes at pixel size to z
+        channels at latent size) or BERTEmbedder (txt2img)."""
+        if self.training.task == Task.TXT2IMG:
+            return {"n_embed": self.training.text_width, "n_layer": self.training.text_layers}
         if self.training.task != Task.SEMANTIC:
             return None
         stages = self.first_stage.factor.bit_length() - 1
@@ -221,25 +244,36 @@ class DiffusionTrainer:
         latents = [self.encode(self.images(step)) for step in range(self.training.scale_batches)]
         return float(1.0 / torch.cat(latents).flatten().std())
 
-    def samples(self, step: int) -> tuple[np.ndarray, Optional[np.ndarray]]:
-        """(B, H, W, 3) uint8 images of step `step`, and (B, H, W) class maps for the semantic task."""
+    def samples(self, step: int) -> tuple[np.ndarray, Any]:
+        """(B, H, W, 3) uint8 images of step `step`, and what they were generated from: (B, H, W) class maps
+        (semantic) or captions (txt2img); None for image folders."""
         if self.data is not None:
             return self.data.batch(step, self.training.batch_size), None
         first = step * self.training.batch_size
-        pairs = [semantic_sample(derive_seed(self.training.seed, f"semantic/{i}"), self.training.crop)
+        generate = semantic_sample if self.training.task == Task.SEMANTIC else shape_scene
+        pairs = [generate(derive_seed(self.training.seed, f"{self.training.task.value}/{i}"), self.training.crop)
                  for i in range(first, first + self.training.batch_size)]
-        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+        sources = [p[1] for p in pairs]
+        return np.stack([p[0] for p in pairs]), np.stack(sources) if self.training.task == Task.SEMANTIC else sources
 
     def images(self, step: int) -> "torch.Tensor":
         return to_tensor(self.samples(step)[0]).to(self.device)
 
-    def batch(self, step: int) -> tuple["torch.Tensor", Optional["torch.Tensor"]]:
-        """(scaled target latents z0, concat conditioning or None) for training step `step`."""
-        crops, labels = self.samples(step)
+    def batch(self, step: int) -> TrainBatch:
+        """Scaled target latents and the task's conditioning for training step `step`."""
+        crops, sources = self.samples(step)
         indices = [step * self.training.batch_size + i for i in range(len(crops))]
         x = to_tensor(crops).to(self.device)
         z0 = self.scale_factor * self.encode(x)
-        return z0, self.conditioning(crops, indices, x, labels)
+        if self.training.task == Task.TXT2IMG:
+            return TrainBatch(z0, context=self.cond_stage.encode(self.drop_captions(sources, indices)))
+        return TrainBatch(z0, concat=self.conditioning(crops, indices, x, sources))
+
+    def drop_captions(self, captions: list[str], indices: list[int]) -> list[str]:
+        """Replace a share of captions by "" (the unconditional prompt of the reference txt2img script)."""
+        keep = [np.random.default_rng(derive_seed(self.training.seed, f"drop/{i}")).random() >= self.training.caption_dropout
+                for i in indices]
+        return [caption if k else "" for caption, k in zip(captions, keep)]
 
     def conditioning(self, crops: np.ndarray, indices: list[int], x: "torch.Tensor", labels: Optional[np.ndarray] = None) -> Optional["torch.Tensor"]:
         import torch.nn.functional as F
@@ -273,23 +307,23 @@ class DiffusionTrainer:
         noise = torch.randn(z0.shape, generator=generator)
         return noise.to(z0), t.to(z0.device)
 
-    def loss(self, z0: "torch.Tensor", concat: Optional["torch.Tensor"], noise: "torch.Tensor", t: "torch.Tensor") -> "torch.Tensor":
+    def loss(self, batch: TrainBatch, noise: "torch.Tensor", t: "torch.Tensor") -> "torch.Tensor":
         """Simple eps-prediction MSE (LDM `loss_simple`, l2) at timesteps t."""
         import torch
 
-        ac = self.buffers["alphas_cumprod"].to(z0.device)[t].view(-1, 1, 1, 1)
-        x_t = ac.sqrt() * z0 + (1 - ac).sqrt() * noise
-        model_input = x_t if concat is None else torch.cat([x_t, concat], dim=1)
+        ac = self.buffers["alphas_cumprod"].to(batch.z0.device)[t].view(-1, 1, 1, 1)
+        x_t = ac.sqrt() * batch.z0 + (1 - ac).sqrt() * noise
+        model_input = x_t if batch.concat is None else torch.cat([x_t, batch.concat], dim=1)
         with common.autocast(self.device, self.dtype):
-            eps = self.unet(model_input, t)
+            eps = self.unet(model_input, t, context=batch.context)
         return (eps.float() - noise).pow(2).mean()
 
     def step(self, step: int) -> dict[str, float]:
         if self.scale_factor is None:
             self.scale_factor = self.estimate_scale_factor()
-        z0, concat = self.batch(step)
-        noise, t = self.noise_and_timesteps(z0, step)
-        loss = self.loss(z0, concat, noise, t)
+        batch = self.batch(step)
+        noise, t = self.noise_and_timesteps(batch.z0, step)
+        loss = self.loss(batch, noise, t)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
