@@ -150,6 +150,50 @@ def _head_layout(ch: int, num_heads: int, num_head_channels: int, legacy: bool, 
     return _HeadLayout(num_heads, dim_head)
 
 
+@dataclass(frozen=True)
+class _Blocks:
+    """Builds the UNet's residual and attention blocks from the settings they all share."""
+
+    time_embed_dim: int
+    dropout: float
+    use_scale_shift_norm: bool
+    num_heads: int
+    num_head_channels: int
+    legacy: bool
+    spatial: bool
+    context_dim: Union[int, Sequence[int], None]
+    use_linear: bool
+    new_attention_order: bool
+
+    def resblock(self, ch: int, out: int, **updown: bool) -> ResBlock:
+        return ResBlock(ch, self.time_embed_dim, self.dropout, out_channels=out,
+                        use_scale_shift_norm=self.use_scale_shift_norm, **updown)
+
+    def attention(self, ch: int, heads_plain: int, depth: int, disable_self_attn: bool) -> nn.Module:
+        """SpatialTransformer, or the plain AttentionBlock (whose head count in the decoder is `heads_plain`)."""
+        layout = _head_layout(ch, self.num_heads, self.num_head_channels, self.legacy, self.spatial)
+        if not self.spatial:
+            heads = heads_plain if self.num_head_channels == -1 else layout.heads
+            return AttentionBlock(ch, heads, layout.dim_head, use_new_attention_order=self.new_attention_order)
+        return SpatialTransformer(ch, layout.heads, layout.dim_head, depth=depth, context_dim=self.context_dim,
+                                  disable_self_attn=disable_self_attn, use_linear=self.use_linear)
+
+
+@dataclass(frozen=True)
+class _Levels:
+    """Per-level settings, each checked to have one entry per `channel_mult` level."""
+
+    mults: Sequence[int]
+    res_blocks: list
+    depths: list
+    no_self_attn: list
+    attn_blocks: list
+    attention_resolutions: Sequence[int]
+
+    def has_attention(self, level: int, ds: int, index: int) -> bool:
+        return ds in self.attention_resolutions and index < self.attn_blocks[level]
+
+
 class UNetModel(nn.Module):
     """The reference diffusion UNet; keyword names equal the CompVis YAML `params`."""
 
@@ -189,68 +233,37 @@ class UNetModel(nn.Module):
         super().__init__()
         check_dims(dims, "UNetModel")
         _check_config(use_spatial_transformer, context_dim, num_heads, num_head_channels, num_classes, adm_in_channels)
-        if num_heads_upsample == -1:
-            num_heads_upsample = num_heads
-        levels = len(channel_mult)
-        self.num_res_blocks = as_list(num_res_blocks, levels, "num_res_blocks", "UNetModel")
+        n = len(channel_mult)
+        where = "UNetModel"
+        levels = _Levels(
+            channel_mult, as_list(num_res_blocks, n, "num_res_blocks", where),
+            as_list(transformer_depth, n, "transformer_depth", where),
+            as_list(disable_self_attentions or False, n, "disable_self_attentions", where),
+            as_list(num_attention_blocks if num_attention_blocks is not None else 1 << 30, n, "num_attention_blocks", where),
+            attention_resolutions,
+        )
+        time_embed_dim = model_channels * 4
+        blocks = _Blocks(time_embed_dim, dropout, use_scale_shift_norm, num_heads, num_head_channels, legacy,
+                         use_spatial_transformer, context_dim, use_linear_in_transformer, use_new_attention_order)
+        self.num_res_blocks = levels.res_blocks
         self.model_channels = model_channels
         self.num_classes = num_classes
         self.predict_codebook_ids = n_embed is not None
-        depths = as_list(transformer_depth, levels, "transformer_depth", "UNetModel")
-        no_self_attn = as_list(disable_self_attentions or False, levels, "disable_self_attentions", "UNetModel")
-        attn_blocks = as_list(num_attention_blocks if num_attention_blocks is not None else 1 << 30, levels,
-                              "num_attention_blocks", "UNetModel")
 
-        def attention(ch: int, heads_plain: int, depth: int, disable_sa: bool) -> nn.Module:
-            layout = _head_layout(ch, num_heads, num_head_channels, legacy, use_spatial_transformer)
-            if not use_spatial_transformer:
-                return AttentionBlock(ch, heads_plain if num_head_channels == -1 else layout.heads,
-                                      layout.dim_head, use_new_attention_order=use_new_attention_order)
-            return SpatialTransformer(ch, layout.heads, layout.dim_head, depth=depth, context_dim=context_dim,
-                                      disable_self_attn=disable_sa, use_linear=use_linear_in_transformer)
-
-        def resblock(ch: int, out: int, **kw) -> ResBlock:
-            return ResBlock(ch, time_embed_dim, dropout, out_channels=out, use_scale_shift_norm=use_scale_shift_norm, **kw)
-
-        time_embed_dim = model_channels * 4
         self.time_embed = nn.Sequential(
             nn.Linear(model_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
         )
         if num_classes is not None:
             self.label_emb = _label_embedding(num_classes, time_embed_dim, adm_in_channels)
-
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(Conv2d(in_channels, model_channels, 3, padding=1))])
-        skip_channels = [model_channels]
-        ch, ds = model_channels, 1
-        for level, mult in enumerate(channel_mult):
-            for nr in range(self.num_res_blocks[level]):
-                layers = [resblock(ch, mult * model_channels)]
-                ch = mult * model_channels
-                if ds in attention_resolutions and nr < attn_blocks[level]:
-                    layers.append(attention(ch, num_heads, depths[level], no_self_attn[level]))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                skip_channels.append(ch)
-            if level != levels - 1:
-                down = resblock(ch, ch, down=True) if resblock_updown else Downsample(ch, conv_resample, out_channels=ch)
-                self.input_blocks.append(TimestepEmbedSequential(down))
-                skip_channels.append(ch)
-                ds *= 2
-
-        middle_attention = attention(ch, num_heads, depths[-1], disable_middle_self_attn)
-        self.middle_block = TimestepEmbedSequential(resblock(ch, ch), middle_attention, resblock(ch, ch))
-
-        self.output_blocks = nn.ModuleList([])
-        for level, mult in list(enumerate(channel_mult))[::-1]:
-            for i in range(self.num_res_blocks[level] + 1):
-                layers = [resblock(ch + skip_channels.pop(), model_channels * mult)]
-                ch = model_channels * mult
-                if ds in attention_resolutions and i < attn_blocks[level]:
-                    layers.append(attention(ch, num_heads_upsample, depths[level], no_self_attn[level]))
-                if level and i == self.num_res_blocks[level]:
-                    layers.append(resblock(ch, ch, up=True) if resblock_updown else Upsample(ch, conv_resample, out_channels=ch))
-                    ds //= 2
-                self.output_blocks.append(TimestepEmbedSequential(*layers))
-
+        self.input_blocks, skip_channels = _encoder_blocks(blocks, levels, in_channels, model_channels,
+                                                           conv_resample, resblock_updown)
+        ch = skip_channels[-1]
+        middle_attention = blocks.attention(ch, num_heads, levels.depths[-1], disable_middle_self_attn)
+        self.middle_block = TimestepEmbedSequential(blocks.resblock(ch, ch), middle_attention, blocks.resblock(ch, ch))
+        heads_up = num_heads if num_heads_upsample == -1 else num_heads_upsample
+        self.output_blocks = _decoder_blocks(blocks, levels, skip_channels, model_channels, heads_up,
+                                             conv_resample, resblock_updown)
+        ch = model_channels * channel_mult[0]  # what the decoder ends with (the reference assumes mult 1)
         self.out = nn.Sequential(normalization(ch), nn.SiLU(), zero_module(Conv2d(model_channels, out_channels, 3, padding=1)))
         if self.predict_codebook_ids:
             self.id_predictor = nn.Sequential(normalization(ch), Conv2d(model_channels, n_embed, 1))
@@ -281,6 +294,47 @@ class UNetModel(nn.Module):
             h = module(torch.cat([h, skips.pop()], dim=1), emb, context)
         head = self.id_predictor if self.predict_codebook_ids else self.out
         return head(h).to(x.dtype).contiguous()  # the CPU fast path computes in channels-last
+
+
+def _encoder_blocks(blocks: _Blocks, levels: _Levels, in_channels: int, model_channels: int,
+                    conv_resample: bool, resblock_updown: bool) -> tuple[nn.ModuleList, list[int]]:
+    """`input_blocks` and the channel count of every skip connection they leave for the decoder."""
+    modules = nn.ModuleList([TimestepEmbedSequential(Conv2d(in_channels, model_channels, 3, padding=1))])
+    skip_channels = [model_channels]
+    ch, ds = model_channels, 1
+    for level, mult in enumerate(levels.mults):
+        for index in range(levels.res_blocks[level]):
+            layers = [blocks.resblock(ch, mult * model_channels)]
+            ch = mult * model_channels
+            if levels.has_attention(level, ds, index):
+                layers.append(blocks.attention(ch, blocks.num_heads, levels.depths[level], levels.no_self_attn[level]))
+            modules.append(TimestepEmbedSequential(*layers))
+            skip_channels.append(ch)
+        if level != len(levels.mults) - 1:
+            down = blocks.resblock(ch, ch, down=True) if resblock_updown else Downsample(ch, conv_resample, out_channels=ch)
+            modules.append(TimestepEmbedSequential(down))
+            skip_channels.append(ch)
+            ds *= 2
+    return modules, skip_channels
+
+
+def _decoder_blocks(blocks: _Blocks, levels: _Levels, skip_channels: list[int], model_channels: int,
+                    heads_up: int, conv_resample: bool, resblock_updown: bool) -> nn.ModuleList:
+    """`output_blocks`: one more residual block per level than the encoder, each eating one skip."""
+    skips = list(skip_channels)
+    modules = nn.ModuleList()
+    ch, ds = skips[-1], 2 ** (len(levels.mults) - 1)
+    for level, mult in list(enumerate(levels.mults))[::-1]:
+        for index in range(levels.res_blocks[level] + 1):
+            layers = [blocks.resblock(ch + skips.pop(), model_channels * mult)]
+            ch = model_channels * mult
+            if levels.has_attention(level, ds, index):
+                layers.append(blocks.attention(ch, heads_up, levels.depths[level], levels.no_self_attn[level]))
+            if level and index == levels.res_blocks[level]:
+                layers.append(blocks.resblock(ch, ch, up=True) if resblock_updown else Upsample(ch, conv_resample, out_channels=ch))
+                ds //= 2
+            modules.append(TimestepEmbedSequential(*layers))
+    return modules
 
 
 def _label_embedding(num_classes: Union[int, str], dim: int, adm_in_channels: Optional[int]) -> nn.Module:
