@@ -136,25 +136,38 @@ class InpaintTask(BaseTask):
                        params=_stats(job.payload[1])) for job, image in zip(jobs, final)]
 
     def _sample(self, e: Engine, images: torch.Tensor, masks: torch.Tensor, seeds: list[int]) -> torch.Tensor:
-        progress = self.reporter and self.reporter.steps
+        """Scaled latents for padded images in [-1, 1] (B, 3, H, W) and repaint masks (B, 1, H, W)."""
         latent_hw = (images.shape[-2] // e.downsampling, images.shape[-1] // e.downsampling)
         if self.kind is InpaintKind.MASKED:
-            init = e.encode(images)
-            cond, uncond = self.conditioning(e, len(seeds))
-            repaint = latent_repaint_mask(masks, latent_hw).to(e.device, e.dtype)
-            return e.sample(latent_hw, seeds, cond, uncond, init_latent=init, repaint=repaint, progress=progress)
+            return self._masked(e, images, masks, seeds, latent_hw)
         latent_mask = F.interpolate(masks, size=latent_hw).to(e.device)  # nearest, as the reference
         if self.kind is InpaintKind.LDM_CONCAT:
-            masked = ((1 - masks) * (images + 1) / 2) * 2 - 1
-            c_masked = e.encode(masked) / e.bundle.scale_factor  # the cond stage is the unscaled first stage
-            concat = torch.cat([c_masked, latent_mask * 2 - 1], dim=1).to(e.device, e.dtype)
-            return e.sample(latent_hw, seeds, Cond(concat=concat), progress=progress)
+            return self._ldm_concat(e, images, masks, latent_mask, seeds)
+        return self._sd_hybrid(e, images, masks, latent_mask, seeds)
+
+    def _masked(self, e: Engine, images, masks, seeds, latent_hw) -> torch.Tensor:
+        init = e.encode(images)
+        cond, uncond = self.conditioning(e, len(seeds))
+        repaint = latent_repaint_mask(masks, latent_hw).to(e.device, e.dtype)
+        return e.sample(latent_hw, seeds, cond, uncond, init_latent=init, repaint=repaint, progress=self._progress)
+
+    def _ldm_concat(self, e: Engine, images, masks, latent_mask, seeds) -> torch.Tensor:
+        masked = ((1 - masks) * (images + 1) / 2) * 2 - 1
+        c_masked = e.encode(masked) / e.bundle.scale_factor  # the cond stage is the unscaled first stage
+        concat = torch.cat([c_masked, latent_mask * 2 - 1], dim=1).to(e.device, e.dtype)
+        return e.sample(tuple(latent_mask.shape[-2:]), seeds, Cond(concat=concat), progress=self._progress)
+
+    def _sd_hybrid(self, e: Engine, images, masks, latent_mask, seeds) -> torch.Tensor:
         c_masked = e.encode(images * (masks < 0.5))
         concat = torch.cat([latent_mask, c_masked], dim=1).to(e.device, e.dtype)
         context = self.texts([self.prompt] * len(seeds)).to(e.device, e.dtype)
         uncontext = self.texts([self.negative] * len(seeds)).to(e.device, e.dtype)
-        return e.sample(latent_hw, seeds, Cond(crossattn=context, concat=concat),
-                        Cond(crossattn=uncontext, concat=concat), progress=progress)
+        return e.sample(tuple(latent_mask.shape[-2:]), seeds, Cond(crossattn=context, concat=concat),
+                        Cond(crossattn=uncontext, concat=concat), progress=self._progress)
+
+    @property
+    def _progress(self):
+        return self.reporter and self.reporter.steps
 
 
 def _stats(mask: np.ndarray) -> dict[str, Any]:
