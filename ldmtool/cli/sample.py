@@ -1,13 +1,17 @@
 """`ldmtool sample`: images from class-conditional (cin256) or unconditional (CelebA-HQ, FFHQ, LSUN) models."""
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from ldmtool.cli import options as opt
-from ldmtool.cli.common import finish, run_options
-from ldmtool.cli.engine_options import model_choice, sampling_choice
+from ldmtool.cli.common import finish
+from ldmtool.cli.shared import task_command
+
+if TYPE_CHECKING:
+    from ldmtool.pipelines.engine import ModelChoice, SamplingChoice
+    from ldmtool.runtime.runner import RunOptions
 
 EXAMPLE = 'Example: ldmtool sample --class "golden retriever" --class 88 --n 4 --model cin256-v2.ckpt -o out/'
 
@@ -20,53 +24,24 @@ Samples = Annotated[int, typer.Option("--n", min=1, help="Images per class (or i
                                       rich_help_panel=opt.SAMPLING)]
 
 
+@task_command(model="default-sample", seamless=True)
 def sample(
     classes: Classes = None,
     n: Samples = 1,
     width: opt.Width = None,
     height: opt.Height = None,
-    output: opt.Output = None,
-    name: opt.NameTemplate = "{stem}.{ext}",
-    fmt: opt.Format = None,
-    quality: opt.Quality = 95,
-    overwrite: opt.Overwrite = False,
-    json_out: opt.Json = False,
-    quiet: opt.Quiet = False,
-    fail_fast: opt.FailFast = False,
-    batch_size: opt.BatchSize = 1,
-    seed: opt.Seed = None,
-    shard: opt.Shard = None,
-    run_engine: opt.Engine = "local",
-    ray_address: opt.RayAddress = None,
-    model: opt.Model = "default-sample",
-    config: opt.Config = None,
-    preset: opt.Preset = None,
-    no_ema: opt.NoEma = False,
-    prediction: opt.Prediction = None,
-    device: opt.Device = "auto",
-    precision: opt.Precision = "auto",
-    steps: opt.Steps = None,
-    sampler: opt.Sampler = None,
-    cfg: opt.Cfg = None,
-    eta: opt.Eta = None,
-    karras: opt.Karras = None,
-    tile: opt.Tile = None,
-    tile_overlap: opt.TileOverlap = None,
-    max_memory: opt.MaxMemory = None,
-    seamless: opt.Seamless = None,
+    *,
+    run: "RunOptions",
+    model: "ModelChoice",
+    sampling: "SamplingChoice",
 ) -> None:
     """Sample images from a class-conditional or unconditional model."""
     from ldmtool.pipelines.engine import Engine
     from ldmtool.pipelines.sample import SampleTask, sample_items
     from ldmtool.runtime.runner import run_task
 
-    engine = Engine(model_choice(model, config, preset, no_ema, prediction, device, precision),
-                    sampling_choice(sampler, steps, cfg, eta, karras, tile, tile_overlap, max_memory, seamless))
-    task = SampleTask(engine, classes=classes or [], width=width, height=height)
-    options = run_options(output=output, name=name, fmt=fmt, quality=quality, overwrite=overwrite,
-                          fail_fast=fail_fast, batch_size=batch_size, seed=seed, json_out=json_out, quiet=quiet,
-                          shard=shard, engine=run_engine, ray_address=ray_address)
-    finish(run_task(task, sample_items(classes or [], n), options))
+    task = SampleTask(Engine(model, sampling), classes=classes or [], width=width, height=height)
+    finish(run_task(task, sample_items(classes or [], n), run))
 
 
 def register(app: typer.Typer) -> None:
