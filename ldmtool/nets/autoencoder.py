@@ -63,7 +63,7 @@ class ResnetBlock(nn.Module):
     def forward(self, x: Tensor, temb: Optional[Tensor] = None) -> Tensor:
         h = self.conv1(silu(self.norm1(x)))
         if temb is not None:
-            h = h + self.temb_proj(silu(temb.clone()))[:, :, None, None]
+            h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
         h = self.conv2(self.dropout(silu(self.norm2(h))))
         if self.in_channels != self.out_channels:
             x = self.conv_shortcut(x) if self.use_conv_shortcut else self.nin_shortcut(x)
