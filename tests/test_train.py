@@ -240,7 +240,7 @@ def _cli(args, capsys):
 
 def test_cli_trains_both_stages(images, tmp_path, capsys):
     data = str(images[0].parent)
-    code, err = _cli(["train", "autoencoder", "--data", data, "--channels", "32", "--crop", "32", "--batch-size", "1",
+    code, err = _cli(["train", "autoencoder", "--data", data, "--channels", "64", "--crop", "16", "--batch-size", "1",
                       "--steps", "2", "--device", "cpu", "--quiet", "-o", str(tmp_path / "ae")], capsys)
     assert code in (0, None), err
     code, err = _cli(["train", "diffusion", "--task", "superres", "--first-stage", str(tmp_path / "ae"), "--data", data,

@@ -61,7 +61,7 @@ def autoencoder(
     data: Data,
     output: RunDir,
     factor: Annotated[int, typer.Option("--factor", help="Downsampling factor: 4 or 8.", rich_help_panel=TRAINING)] = 4,
-    channels: Annotated[int, typer.Option("--channels", min=32, help="Base channels (multiple of 32).", rich_help_panel=TRAINING)] = 64,
+    channels: Annotated[int, typer.Option("--channels", min=64, help="Base channels (multiple of 32, at least 64: with 32 the decoder's last GroupNorm normalises each channel alone and image-wide colour is lost).", rich_help_panel=TRAINING)] = 64,
     res_blocks: Annotated[int, typer.Option("--res-blocks", min=1, help="Residual blocks per level.", rich_help_panel=TRAINING)] = 1,
     z_channels: Annotated[Optional[int], typer.Option("--z-channels", min=1, help="Latent channels (default 3 for f=4, 4 for f=8).", rich_help_panel=TRAINING)] = None,
     attention: Annotated[bool, typer.Option("--attention", help="Self-attention at the lowest resolution.", rich_help_panel=TRAINING)] = False,

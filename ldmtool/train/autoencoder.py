@@ -29,7 +29,10 @@ class AutoencoderArch:
     """Architecture of the KL autoencoder; `params()` gives the CompVis YAML params."""
 
     factor: int = 4
-    ch: int = 64  # a multiple of 32 (GroupNorm with 32 groups)
+    # A multiple of 32 (GroupNorm with 32 groups). The CLI asks for 64 or more: at 32 the decoder's last
+    # GroupNorm normalises every channel alone, removing each channel's image-wide mean, so the model can
+    # hardly reproduce overall colour and brightness (tests use 32 only for speed).
+    ch: int = 64
     num_res_blocks: int = 1
     z_channels: Optional[int] = None  # default: 3 for f=4, 4 for f=8
     attention: bool = False  # self-attention at the lowest resolution (besides the mid block's)
