@@ -10,9 +10,11 @@ Three things make a tiled autoencoder differ from the untiled one, and each is h
     sum of squares of its input over the tile's core (float64), and stops; after the pass that norm's
     global mean and variance are known and the next pass normalises with them. The last pass
     produces the output.
-  * Attention is global: the stages that hold attention (the middle block) or that run at the latent
-    resolution are not tiled; they run on the whole latent-resolution tensor, which is 1/64 of the
-    image area for an f8 model.
+  * Attention is global: an attention stage (the middle block's, at latent resolution) is not cut
+    into tiles. Its GroupNorm statistics, keys and values are computed chunk by chunk from the whole
+    latent-resolution input (kept off-device), and each chunk of queries attends to all keys block by
+    block with an online softmax, so the device holds one chunk at a time. The stages before and
+    after it are streamed as above.
 
 Trade-off: streaming recomputes the tiled layers up to each GroupNorm once per norm (about 20 in an f8
 decoder). To cut that, the boundary before the stage holding the next unknown norm is *checkpointed*
@@ -21,13 +23,14 @@ from it, with a halo that only covers what they run. Convolution work over the u
 f8 KL autoencoder in fp32, 64-latent tiles (benchmarks/tiled_work.py, `vae_work`, exact counts):
 
     output     decode: store 0 / 1 GiB / 4 GiB      encode: store 0 / 1 GiB / 4 GiB
-    1024^2          12.0 / 1.37 / 1.37                   6.2 / 1.41 / 1.41
-    2048^2          12.9 / 4.0  / 1.38                   6.5 / 1.73 / 1.43
-    4096^2          13.4 / 13.4 / 4.0                    6.7 / 3.7  / 1.75
+    1024^2          16.9 / 1.42 / 1.42                  13.5 / 1.50 / 1.50
+    2048^2          19.9 / 4.06 / 1.44                  14.8 / 1.83 / 1.52
+    4096^2          21.5 / 15.2 / 4.10                  15.4 / 3.79 / 1.85
 
-Device memory is that of one tile whatever the budget; host memory is at most the budget (default: 4 GiB
-or a quarter of the available memory, whichever is less) plus the latent-resolution features. fp16
-models halve the store per boundary, so the same budget goes twice as far.
+Device memory is that of one tile (or one attention chunk) whatever the budget; host memory is the
+budget (default: 4 GiB or a quarter of the available memory, whichever is less) plus the current
+source, the result, and the attention keys and values at latent resolution. fp16 models halve the store
+per boundary, so the same budget goes twice as far.
 """
 from __future__ import annotations
 
@@ -433,8 +436,9 @@ class _NormControl:
 def stream_stages(stages: list[Stage], source: Tensor, config: VAETiling) -> Tensor:
     """`_run(stages, source)` computed tile by tile with global GroupNorm statistics.
 
-    Axes the stages' convolutions wrap around (seamless mode) are tiled with wrapped halos. The source and the result live on `config.store_device`; tiles run on the device of the stages'
-    parameters. Stages must be free of attention (it needs the whole canvas).
+    Axes the stages' convolutions wrap around (seamless mode) are tiled with wrapped halos. The source
+    and the result live on `config.store_device`; tiles run on the device of the stages' parameters.
+    Stages must be free of attention (it needs the whole canvas: see `attention_stage`).
     """
     if any(stage.has_attention for stage in stages):
         raise ValueError("stages with attention cannot be tiled")
