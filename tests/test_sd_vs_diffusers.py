@@ -1,5 +1,6 @@
-"""End to end against diffusers 0.42.1's StableDiffusionPipeline (test-only oracle) on a tiny random SD 1.x
-checkpoint: the file ldmtool writes for `txt2img` with DDIM and guidance equals diffusers' image within 1/255.
+"""End to end against diffusers 0.42.1's Stable Diffusion pipelines (test-only oracle) on tiny random SD 1.x
+checkpoints: the files ldmtool writes for `txt2img`, `img2img` and `inpaint` (9-channel model) with DDIM and
+guidance equal diffusers' images within 1/255.
 
 Same weights (our checkpoint converted with diffusers' own single-file converters), same initial latents
 (the item's seeded noise), DDIM with the matching schedule (scaled-linear betas, "leading" spacing with
@@ -70,11 +71,11 @@ def diffusers_pipeline(bundle, kind="StableDiffusionPipeline"):
     return pipe
 
 
-def save_checkpoint(path):
+def save_checkpoint(path, preset="sd1"):
     """A tiny random SD 1.x checkpoint in the original key layout, its CompVis config beside it."""
     import yaml
 
-    bundle = randomise_(tiny_model("sd1"), seed=7, scale=WEIGHT_SCALE)
+    bundle = randomise_(tiny_model(preset), seed=7, scale=WEIGHT_SCALE)
     save_safetensors(bundle.state_dict(), path)
     path.with_suffix(".yaml").write_text(yaml.safe_dump(bundle.config, sort_keys=False))
     return bundle
@@ -141,3 +142,34 @@ def test_img2img_file_equals_diffusers_img2img_pipeline(tmp_path, sd1):
     assert ours.shape == theirs.shape == (SIZE, SIZE, 3)
     assert np.abs(ours - theirs).max() <= 1 / 255
     assert np.abs(ours - (pixels[0].permute(1, 2, 0).numpy() + 1) / 2).max() > 10 / 255  # it did change
+
+
+def test_sd_inpainting_file_equals_diffusers_inpaint_pipeline_inside_the_mask(tmp_path):
+    """The 9-channel model: same mask (binarized, nearest to latent size), same masked-image latent (given
+    to diffusers directly: it would sample the VAE posterior where ldmtool takes its mean), same start
+    noise. With --feather 0 the written file is diffusers' image inside the mask and the input outside."""
+    model = tmp_path / "sd1-inpainting-tiny.safetensors"
+    bundle = save_checkpoint(model, "sd1-inpainting")
+    rng = np.random.default_rng(1)
+    source, mask_file = tmp_path / "in.png", tmp_path / "hole.png"
+    Image.fromarray((rng.random((SIZE, SIZE, 3)) * 255).astype(np.uint8)).save(source)
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[12:44, 20:52] = 255
+    Image.fromarray(mask).save(mask_file)
+    ours, recipe = run_ours("inpaint", source, mask_file, "--prompt", PROMPT, "--feather", 0, "--model", model,
+                            "-o", tmp_path / "out.png")
+    with Image.open(source) as image:
+        before = np.asarray(image).astype(np.float64) / 255
+    pixels = torch.from_numpy(before).permute(2, 0, 1)[None].float() * 2 - 1
+    hole = torch.from_numpy(mask > 127)[None, None]
+    with torch.no_grad():
+        masked_latent = bundle.first_stage.encode(pixels * ~hole) * bundle.scale_factor
+        pipe = diffusers_pipeline(bundle, "StableDiffusionInpaintPipeline")
+        theirs = pipe(PROMPT, image=Image.open(source), mask_image=Image.open(mask_file),
+                      masked_image_latents=masked_latent, num_inference_steps=STEPS, guidance_scale=CFG, eta=0.0,
+                      latents=NoiseSource([recipe["seed"]]).randn((4, SIZE // 8, SIZE // 8)),
+                      output_type="np").images[0]
+    inside = mask > 127
+    assert np.abs(ours[inside] - theirs[inside]).max() <= 1 / 255
+    assert np.array_equal(ours[~inside], before[~inside])
+    assert np.abs(ours[inside] - before[inside]).mean() > 10 / 255
