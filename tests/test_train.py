@@ -279,7 +279,7 @@ def test_export_ships_fp16_without_schedule_buffers(first_stage, images, tmp_pat
     assert config["ldmtool"]["recipe"] == "ldmtool train diffusion ..." and config["ldmtool"]["task"] == "superres"
 
 
-@pytest.mark.parametrize("task", [df.Task.SUPERRES, df.Task.INPAINT, df.Task.SEMANTIC, df.Task.TXT2IMG])
+@pytest.mark.parametrize("task", [df.Task.SUPERRES, df.Task.INPAINT, df.Task.SEMANTIC, df.Task.TXT2IMG, df.Task.LAYOUT])
 def test_trained_models_run_their_command(first_stage, images, tmp_path, capsys, task):
     from ldmtool.train.procedural import semantic_sample
 
@@ -293,13 +293,17 @@ def test_trained_models_run_their_command(first_stage, images, tmp_path, capsys,
     mask = np.zeros((12, 16), np.uint8)
     mask[3:8, 4:10] = 255
     Image.fromarray(mask).save(source.with_name("a_mask.png"))
+    layout = tmp_path / "in" / "scene.json"
+    layout.write_text('{"size": [32, 32], "objects": [{"label": "Tree", "box": [0.1, 0.1, 0.5, 0.9]}]}')
     command = df.TASK_COMMAND[task]
-    inputs = ["--prompt", "a red circle above a blue square", "-W", "32", "-H", "16"] if task == df.Task.TXT2IMG else [str(source)]
+    inputs = {df.Task.TXT2IMG: ["--prompt", "a red circle above a blue square", "-W", "32", "-H", "16"],
+              df.Task.LAYOUT: [str(layout)]}.get(task, [str(source)])
     code, err = _cli([command, *inputs, "--model", str(model), "--steps", "2", "--seed", "1", "--device", "cpu",
                       "--quiet", "-o", str(tmp_path / "out" / "a.png")], capsys)
     assert code in (0, None), err
     written = Image.open(tmp_path / "out" / "a.png")
-    expected = {df.Task.SUPERRES: (64, 48), df.Task.INPAINT: (16, 12), df.Task.SEMANTIC: (16, 16), df.Task.TXT2IMG: (32, 16)}[task]
+    expected = {df.Task.SUPERRES: (64, 48), df.Task.INPAINT: (16, 12), df.Task.SEMANTIC: (16, 16), df.Task.TXT2IMG: (32, 16),
+                df.Task.LAYOUT: (32, 32)}[task]
     assert written.size == expected
 
 
@@ -319,3 +323,15 @@ def test_txt2img_trains_the_text_encoder_with_caption_dropout(first_stage, tmp_p
     assert 0.07 < dropped.count("") / 2000 < 0.13
     bundle = ldmtool.load_model(trainer.export(tmp_path, 3))
     assert bundle.conditioning_key == "crossattn" and type(bundle.cond_stage).__name__ == "BERTEmbedder"
+
+
+def test_layout_tokens_follow_the_reference_box_encoding():
+    from ldmtool.train.procedural import Box
+
+    tokens = df.layout_tokens([[Box(5, 0.0, 0.0, 1.0, 1.0), Box(4, 0.5, 0.25, 0.75, 1.0)]])  # tree, rock
+    sections = 90  # int(sqrt(8192))
+    cell = lambda x, y: round(y * (sections - 1)) * sections + round(x * (sections - 1))  # noqa: E731
+    tree, building = 215, 263  # OpenImages layout class numbers of "Tree" and "Building"
+    expected = [tree, cell(0, 0), cell(1, 1), building, cell(0.5, 0.25), cell(0.75, 1.0)]
+    expected += [8191] * (3 * (df.LAYOUT_MAX_OBJECTS - 2)) + [cell(0, 0), cell(1, 1)]
+    assert tokens.tolist() == [expected]

@@ -106,9 +106,9 @@ def diffusion(
     output: RunDir,
     first_stage: Annotated[Path, typer.Option("--first-stage", help="Autoencoder run folder or model.safetensors (with its YAML).", rich_help_panel=TRAINING)],
     data: Annotated[
-        Optional[str], typer.Option("--data", help="Folder of training images or 'corpus'; semantic and txt2img train on 'procedural' label maps / captioned scenes.", rich_help_panel=TRAINING)
+        Optional[str], typer.Option("--data", help="Folder of training images or 'corpus'; semantic, txt2img and layout train on 'procedural' label maps / captioned scenes / box layouts.", rich_help_panel=TRAINING)
     ] = None,
-    task: Annotated[str, typer.Option("--task", help="superres|inpaint|semantic|txt2img|uncond.", rich_help_panel=TRAINING)] = "superres",
+    task: Annotated[str, typer.Option("--task", help="superres|inpaint|semantic|txt2img|layout|uncond.", rich_help_panel=TRAINING)] = "superres",
     scale: Annotated[int, typer.Option("--scale", min=2, help="Super-resolution factor.", rich_help_panel=TRAINING)] = 4,
     channels: Annotated[int, typer.Option("--channels", min=32, help="UNet base channels (multiple of 32).", rich_help_panel=TRAINING)] = 64,
     channel_mult: Annotated[str, typer.Option("--channel-mult", help="UNet channel multipliers per level.", rich_help_panel=TRAINING)] = "1,2,4",

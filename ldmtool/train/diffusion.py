@@ -10,6 +10,8 @@ concat conditioning at latent resolution, exactly as the released CompVis models
             resize to latent size, 1x1 conv to z channels), trained jointly with the UNet
   txt2img   captions of procedural shape scenes through a small LDM-BERT (BERTEmbedder) trained jointly,
             by cross-attention (as text2img256); 10% empty captions for classifier-free guidance
+  layout    procedural box layouts as the layout2img box tokens (3 per object + 2 crop tokens, OpenImages
+            class numbers) through a small token-input BERTEmbedder, by cross-attention
   uncond    nothing
 The export is a single LatentDiffusion file: `model.diffusion_model.*` (EMA weights),
 `first_stage_model.*`, the schedule buffers and `scale_factor` (1 / std of the training latents, as
@@ -32,7 +34,7 @@ from ldmtool.train.autoencoder import AUTOENCODER_TARGET, build_autoencoder
 from ldmtool.train.data import CropConfig, ImageCrops, to_tensor
 from ldmtool.train.degrade import DegradeConfig, degrade
 from ldmtool.train.masks import random_mask
-from ldmtool.train.procedural import CLASSES, semantic_sample, shape_scene
+from ldmtool.train.procedural import CLASSES, Box, layout_sample, semantic_sample, shape_scene
 
 if TYPE_CHECKING:
     import torch
@@ -47,6 +49,7 @@ class Task(str, enum.Enum):
     INPAINT = "inpaint"
     SEMANTIC = "semantic"
     TXT2IMG = "txt2img"
+    LAYOUT = "layout"
     UNCOND = "uncond"
 
 
@@ -56,6 +59,7 @@ TASK_CONFIG = {
     Task.INPAINT: ("masked_image", "concat", "__is_first_stage__"),
     Task.SEMANTIC: ("segmentation", "concat", "ldm.modules.encoders.modules.SpatialRescaler"),
     Task.TXT2IMG: ("caption", "crossattn", "ldm.modules.encoders.modules.BERTEmbedder"),
+    Task.LAYOUT: ("objects_bbox", "crossattn", "ldm.modules.encoders.modules.BERTEmbedder"),
     Task.UNCOND: ("image", None, "__is_unconditional__"),
 }
 
@@ -63,9 +67,14 @@ TASK_CONFIG = {
 # The ldmtool command that runs each task's model (the `task` of the config's `ldmtool:` block).
 TASK_COMMAND = {
     Task.SUPERRES: "superres", Task.INPAINT: "inpaint", Task.SEMANTIC: "semantic2img", Task.TXT2IMG: "txt2img",
-    Task.UNCOND: "sample",
+    Task.LAYOUT: "layout2img", Task.UNCOND: "sample",
 }
-PROCEDURAL_TASKS = (Task.SEMANTIC, Task.TXT2IMG)
+PROCEDURAL_TASKS = (Task.SEMANTIC, Task.TXT2IMG, Task.LAYOUT)
+TEXT_TASKS = (Task.TXT2IMG, Task.LAYOUT)  # a BERTEmbedder cond stage, by cross-attention
+# Procedural layout objects by the OpenImages class names the layout2img command reads (texture -> name).
+LAYOUT_NAMES = {"water": "Swimming pool", "rock": "Building", "tree": "Tree"}
+LAYOUT_VOCAB = 8192  # as layout2img-openimages256: 90 x 90 coordinate cells, 340 classes x 16 modifiers
+LAYOUT_MAX_OBJECTS = 8
 PROCEDURAL = "procedural"  # the data source of tasks that train on the project's own generators
 
 
@@ -163,10 +172,22 @@ def load_first_stage(path: Path, device) -> FirstStage:
     return FirstStage(model, params)
 
 
+def layout_tokens(layouts: Sequence[Sequence[Box]]) -> "torch.Tensor":
+    """(B, 3 * LAYOUT_MAX_OBJECTS + 2) token ids of procedural layouts, as the layout2img command builds them."""
+    import torch
+
+    from ldmtool.pipelines.layout_tokens import BoxTokenizer, LayoutObject, category_number
+
+    tokenizer = BoxTokenizer.for_sequence(LAYOUT_VOCAB, 3 * LAYOUT_MAX_OBJECTS + 2)
+    rows = [tokenizer.tokens([LayoutObject(category_number(LAYOUT_NAMES[CLASSES[b.cls].name]), (b.x0, b.y0, b.x1, b.y1))
+                              for b in boxes]) for boxes in layouts]
+    return torch.tensor(rows, dtype=torch.long)
+
+
 def build_cond_stage(task: Task, params: dict[str, Any]) -> "nn.Module":
     from ldmtool.nets.encoders import BERTEmbedder, SpatialRescaler
 
-    return (BERTEmbedder if task == Task.TXT2IMG else SpatialRescaler)(**params)
+    return (BERTEmbedder if task in TEXT_TASKS else SpatialRescaler)(**params)
 
 
 def build_unet(params: dict[str, Any]) -> "nn.Module":
@@ -198,7 +219,7 @@ class DiffusionTrainer:
             raise UsageError(f"--crop {training.crop}: must be divisible by --scale {training.scale}")
         self.latent_size = training.crop // first_stage.factor
         self.unet_params = arch.params(self.latent_size, first_stage.channels + self.concat_channels, first_stage.channels)
-        if training.task == Task.TXT2IMG:
+        if training.task in TEXT_TASKS:
             self.unet_params.update(use_spatial_transformer=True, transformer_depth=1, context_dim=training.text_width)
         self.unet = build_unet(self.unet_params).to(device)
         self.ema = common.Ema(self.unet, training.ema_decay)
@@ -224,6 +245,9 @@ class DiffusionTrainer:
         channels at latent size) or BERTEmbedder (txt2img)."""
         if self.training.task == Task.TXT2IMG:
             return {"n_embed": self.training.text_width, "n_layer": self.training.text_layers}
+        if self.training.task == Task.LAYOUT:
+            return {"n_embed": self.training.text_width, "n_layer": self.training.text_layers, "vocab_size": LAYOUT_VOCAB,
+                    "max_seq_len": 3 * LAYOUT_MAX_OBJECTS + 2, "use_tokenizer": False}
         if self.training.task != Task.SEMANTIC:
             return None
         stages = self.first_stage.factor.bit_length() - 1
@@ -250,7 +274,7 @@ class DiffusionTrainer:
         if self.data is not None:
             return self.data.batch(step, self.training.batch_size), None
         first = step * self.training.batch_size
-        generate = semantic_sample if self.training.task == Task.SEMANTIC else shape_scene
+        generate = {Task.SEMANTIC: semantic_sample, Task.TXT2IMG: shape_scene, Task.LAYOUT: layout_sample}[self.training.task]
         pairs = [generate(derive_seed(self.training.seed, f"{self.training.task.value}/{i}"), self.training.crop)
                  for i in range(first, first + self.training.batch_size)]
         sources = [p[1] for p in pairs]
@@ -267,6 +291,8 @@ class DiffusionTrainer:
         z0 = self.scale_factor * self.encode(x)
         if self.training.task == Task.TXT2IMG:
             return TrainBatch(z0, context=self.cond_stage.encode(self.drop_captions(sources, indices)))
+        if self.training.task == Task.LAYOUT:
+            return TrainBatch(z0, context=self.cond_stage.encode(layout_tokens(sources).to(self.device)))
         return TrainBatch(z0, concat=self.conditioning(crops, indices, x, sources))
 
     def drop_captions(self, captions: list[str], indices: list[int]) -> list[str]:
@@ -402,6 +428,9 @@ class DiffusionTrainer:
             block["scale"] = self.training.scale
         if self.training.task == Task.SEMANTIC:
             block["classes"] = [{"name": c.name, "colour": list(c.colour)} for c in CLASSES]
+        if self.training.task == Task.LAYOUT:
+            block["classes"] = [{"name": LAYOUT_NAMES[c.name], "texture": c.name, "colour": list(c.colour)}
+                                for c in CLASSES if c.name in LAYOUT_NAMES]
         return {"ldmtool": block, "model": {"base_learning_rate": 1e-6, "target": LDM_TARGET, "params": params}}
 
     def _cond_stage_config(self, target: str) -> Any:
