@@ -121,16 +121,20 @@ def test_budget_picks_smaller_tiles_and_bigger_batches():
 
 
 def test_default_tiling_keeps_work_near_untiled():
-    """Square latent canvases (multiples of 8): work = (n * tile / length)^2 with the default tiling."""
-    tile, overlap = 64, default_overlap(64)
+    """Square latent canvases (multiples of 8): work = tile pixels run / canvas pixels with the default tiling."""
     ratios = {}
     for length in range(128, 2100, 8):
-        fitted = fit_tile(length, tile, overlap)
-        assert fitted % 8 == 0 and fitted <= tile
-        ratios[length] = (len(axis_spans(length, fitted, overlap)) * fitted / length) ** 2
-    assert max(ratios.values()) <= 1.39
-    assert sum(r <= 1.3 for r in ratios.values()) >= 0.97 * len(ratios)
-    assert sum(ratios.values()) / len(ratios) <= 1.2
+        tiling = choose_tiling((length, length), native_tile=64)
+        assert all(t % 8 == 0 and t <= 80 for t in tiling.tile)
+        ratios[length] = plan_tiles(length, length, tiling.tile, tiling.overlap).work_pixels / length**2
+    assert max(ratios.values()) <= 1.31
+    assert sum(r <= 1.3 for r in ratios.values()) >= 0.99 * len(ratios)
+    assert sum(ratios.values()) / len(ratios) <= 1.16
+
+
+def test_tiles_prefer_the_native_size_when_work_is_equal():
+    assert fit_tile(512, 80, 4, preferred=64) <= 64
+    assert choose_tiling((72, 72), native_tile=64) is None  # within 1.25x native: one tile
 
 
 def test_plans_are_deterministic_and_weights_hashable():

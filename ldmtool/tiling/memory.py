@@ -90,10 +90,10 @@ class Tiling:
 
 
 def default_overlap(tile: int) -> int:
-    """A sixteenth of the tile (4 latent pixels at 64): total work stays near 1.2x of the untiled work.
+    """A sixteenth of the tile (4 latent pixels at 64): total work stays near 1.15x of the untiled work.
 
-    Measured over every latent canvas from 128 to 2100 (multiples of 8) with a 64 tile: the work is at
-    most 1.3x except at a few sizes (worst 1.38x at 272), where the tile grid fits badly.
+    Measured over every square latent canvas from 128 to 2100 (multiples of 8), native tile 64: mean
+    1.15x, at most 1.306x (168, 280); benchmarks/tiled_work.py prints it per size.
     """
     return max(2, (tile // 16) // 2 * 2)
 
@@ -129,14 +129,16 @@ def choose_tiling(
     if tile is not None and tile < multiple:
         raise UsageError(f"--tile {tile} is too small; use 0 (off) or at least {multiple} latent pixels")
     size = tile or largest_tile(native_tile, items, budget, memory, multiple)
+    # Without --tile, tiles may grow to 1.25x native where that saves a row of tiles (never past the budget).
+    upper = tile or largest_tile(native_tile * 5 // 4, items, budget, memory, multiple)
     overlap = default_overlap(size) if overlap is None else overlap
     if overlap >= size:
         raise UsageError(f"--tile-overlap {overlap} must be smaller than the tile ({size} latent pixels)")
-    if height <= size and width <= size:
+    if height <= upper and width <= upper:
         return None
     tile_hw = (
-        fit_tile(height, size, overlap, multiple=multiple, wrap=wrap[0]),
-        fit_tile(width, size, overlap, multiple=multiple, wrap=wrap[1]),
+        fit_tile(height, upper, overlap, multiple=multiple, wrap=wrap[0], preferred=size),
+        fit_tile(width, upper, overlap, multiple=multiple, wrap=wrap[1], preferred=size),
     )
     per_call = memory.bytes_for(tile_hw[0] * tile_hw[1], items)
     tile_batch = max(1, min(16, budget // per_call)) if budget else 1

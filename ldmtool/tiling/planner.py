@@ -137,20 +137,22 @@ def plan_tiles(
     return TilePlan(height, width, tuple(rows), tuple(cols), wrap_y, wrap_x, margin, overlap)
 
 
-def fit_tile(length: int, max_tile: int, overlap: int, *, multiple: int = 8, wrap: bool = False) -> int:
+def fit_tile(length: int, max_tile: int, overlap: int, *, multiple: int = 8, wrap: bool = False,
+             preferred: Optional[int] = None) -> int:
     """The tile length (a multiple of `multiple`, at most `max_tile`) that covers `length` with the least work.
 
-    Shrinking the tile a little often saves a whole row of tiles (e.g. 256 = 5 x 56 - 4 x 6 instead of
-    5 x 64), which keeps the total work close to the untiled work at every canvas size.
+    Shrinking the tile a little often saves a whole row of tiles (e.g. 256 = 5 x 56 - 4 x 4 instead of
+    5 x 64). Among equal work, tiles up to `preferred` (the model's native size) win over larger ones.
     """
     if length <= max_tile:
         return length
-    smallest = max(multiple, 2 * overlap + multiple, (max_tile // 2) // multiple * multiple)
-    best, best_work = max_tile, None
+    preferred = max_tile if preferred is None else preferred
+    smallest = max(multiple, 2 * overlap + multiple, (preferred // 2) // multiple * multiple)
+    best, best_key = max_tile, None
     for tile in range(max_tile // multiple * multiple, smallest - 1, -multiple):
-        work = len(axis_spans(length, tile, overlap, wrap=wrap)) * tile
-        if best_work is None or work < best_work:
-            best, best_work = tile, work
+        key = (len(axis_spans(length, tile, overlap, wrap=wrap)) * tile, tile > preferred, -tile)
+        if best_key is None or key < best_key:
+            best, best_key = tile, key
     return best
 
 
