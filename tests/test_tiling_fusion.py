@@ -170,3 +170,37 @@ def test_shared_samplers_with_fresh_noise_are_unchanged_by_tiling(sampler):
         expected = sample(sampler, lambda v, s: net(v, s, cond), x, SIGMAS, noise=NoiseSource([1, 2]).like)
         got = sample(sampler, lambda v, s: tiled(v, s, cond), x, SIGMAS, noise=NoiseSource([1, 2]).like)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+class BlurDenoiser(nn.Module):
+    """x0 = a wide blur of x (receptive-field radius 6): wider than the default margin, so tiles are inexact."""
+
+    def __init__(self):
+        super().__init__()
+        self.blur = nn.Sequential(*[nn.Conv2d(4, 4, 5, padding=2, groups=4, bias=False) for _ in range(3)])
+        for conv in self.blur:
+            nn.init.constant_(conv.weight, 1 / 25)
+
+    def forward(self, x, sigma, cond=None):
+        return self.blur(x)
+
+
+def _seam_strength(overlap, weighting):
+    """Worst column's mean |horizontal step| in the tiled result over the untiled one (1 = no seam)."""
+    model = BlurDenoiser()
+    x = torch.randn(8, 4, 96, 96, generator=torch.Generator().manual_seed(7)) * 14
+    sigmas = torch.tensor([14.0, 6.0, 2.5, 1.0, 0.4, 0.0])
+    tiled = TiledDenoiser(model, TileConfig(tile=(32, 32), overlap=overlap, weighting=weighting))
+    with torch.no_grad():
+        expected = euler(lambda v, s: model(v, s), x, sigmas)
+        got = euler(lambda v, s: tiled(v, s, None), x, sigmas)
+    steps = lambda t: t.diff(dim=-1).abs().mean(dim=(0, 1, 2))  # noqa: E731
+    return float((steps(got) / steps(expected)).max())
+
+
+def test_gaussian_weights_hide_seams_better_than_uniform_and_overlap_removes_them():
+    """The quality side of the default overlap (4 latent pixels, chosen for <= 1.3x work): seams are mild
+    with Gaussian weights, visible with uniform ones, and gone with a wider overlap."""
+    gaussian, uniform = _seam_strength(4, Weighting.GAUSSIAN), _seam_strength(4, Weighting.UNIFORM)
+    assert gaussian < 1.25 and uniform > gaussian + 0.2
+    assert _seam_strength(8, Weighting.GAUSSIAN) < 1.05
