@@ -1,7 +1,8 @@
 """`ldmtool train diffusion`: a latent diffusion UNet on a frozen first stage, in the original LDM layout.
 
 eps-prediction with the LDM linear schedule (linear in sqrt(beta), 1000 steps). The task decides the
-concat conditioning at latent resolution, exactly as the released CompVis models take it:
+conditioning (concat at latent resolution, or cross-attention), exactly as the released CompVis models
+take it:
   superres  the degraded low-res image in [-1, 1] (LDM BSR: cond_stage_key LR_image), 3 channels
   inpaint   the masked-image latent (unscaled: the cond stage is the first stage) and the mask in {-1, 1}
             (as inpainting_big and its script: masked pixels are black, masked_image = (1 - mask) * image),
@@ -113,7 +114,7 @@ class DiffusionTraining:
     linear_start: float = 0.0015  # the LDM BSR schedule
     linear_end: float = 0.0155
     scale_batches: int = 4  # batches encoded to estimate scale_factor
-    text_width: int = 128  # txt2img: BERTEmbedder width (= UNet context_dim)
+    text_width: int = 128  # txt2img / layout: BERTEmbedder width (= UNet context_dim)
     text_layers: int = 2
     caption_dropout: float = 0.1  # txt2img: share of empty captions (classifier-free guidance)
 
