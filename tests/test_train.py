@@ -335,3 +335,19 @@ def test_layout_tokens_follow_the_reference_box_encoding():
     expected = [tree, cell(0, 0), cell(1, 1), building, cell(0.5, 0.25), cell(0.75, 1.0)]
     expected += [8191] * (3 * (df.LAYOUT_MAX_OBJECTS - 2)) + [cell(0, 0), cell(1, 1)]
     assert tokens.tolist() == [expected]
+
+
+def test_patch_discriminator_trains_and_resumes(images, tmp_path):
+    loss = ae.AutoencoderLoss(disc_weight=0.1, disc_start=1)
+    training = ae.AutoencoderTraining(crop=32, batch_size=1, loss=loss)
+    trainer = ae.AutoencoderTrainer(TINY_AE, training, images, torch.device("cpu"), torch.float32)
+    before = [p.detach().clone() for p in trainer.disc.parameters()]
+    assert "g" not in trainer.step(0)  # before disc_start: no adversarial term
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.disc.parameters()))
+    assert "g" in trainer.step(1)
+    assert not all(torch.equal(a, b) for a, b in zip(before, trainer.disc.parameters()))
+    ae.train_autoencoder(TINY_AE, training, images, _run(tmp_path, steps=2))
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert "disc" in state and "disc_optimizer" in state
+    ae.train_autoencoder(TINY_AE, training, images, _run(tmp_path, steps=3, resume=True))
+    assert "disc." not in " ".join(load_file(str(tmp_path / "model.safetensors")))  # never exported
