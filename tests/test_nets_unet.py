@@ -241,3 +241,13 @@ def test_adm_label_embeddings_and_attention_block_counts():
     assert cont.state_dict()["label_emb.weight"].shape == (128, 1)
     with pytest.raises(ValueError, match="pass y"):
         cont(x, t, context)
+
+
+def test_unet_cast_whole_to_bfloat16_runs_with_float32_norms():
+    unet = randomize(UNetModel(**SD1))
+    x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([5, 900]), torch.randn(2, 5, 24)
+    with torch.no_grad():
+        expected = unet(x, t, context)
+        got = unet.to(torch.bfloat16)(x, t, context)
+    assert got.dtype == torch.float32  # returned in the input's dtype
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()

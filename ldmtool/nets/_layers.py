@@ -118,9 +118,10 @@ class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 whatever the input dtype, as the reference `GroupNorm32`."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == torch.float32:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             return super().forward(x)
-        return super().forward(x.float()).type(x.dtype)
+        weight, bias = self.weight.float(), self.bias.float()  # a model cast whole to fp16/bf16
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
 
 
 def normalization(channels: int, eps: float = 1e-5) -> GroupNorm32:
