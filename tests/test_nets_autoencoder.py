@@ -129,3 +129,14 @@ def test_seamless_x_makes_encode_and_decode_equivariant_to_horizontal_rolls():
         assert torch.allclose(vae.decode(z.roll(2, dims=-1)), vae.decode(z).roll(8, dims=-1), atol=1e-4)
         set_seamless(vae, x=False, y=False)
         assert not torch.allclose(vae.encode(x.roll(8, dims=-1)), vae.encode(x).roll(2, dims=-1), atol=1e-3)
+
+
+def test_decoder_give_pre_end_and_tanh_out():
+    from ldmtool.nets.autoencoder import Decoder
+
+    z = torch.randn(1, 4, 4, 4)
+    with torch.no_grad():
+        features = randomize(Decoder(**dict(DDCONFIG, give_pre_end=True)))(z)
+        assert features.shape == (1, 32, 16, 16)  # before norm_out/conv_out: ch * ch_mult[0] channels
+        image = randomize(Decoder(**dict(DDCONFIG, tanh_out=True)))(z * 50)
+    assert image.shape == (1, 3, 16, 16) and image.abs().max() <= 1.0
