@@ -51,9 +51,12 @@ class Conv2d(nn.Conv2d):
         if _prepack_applies(x, self.weight):
             packed = self._packed_weight(x, padding)
             if packed is not None:
-                return torch.ops.mkldnn._convolution_pointwise(
-                    x, packed, self.bias, list(padding), list(self.stride), list(self.dilation), self.groups,
-                    "none", [], "")
+                try:
+                    return torch.ops.mkldnn._convolution_pointwise(
+                        x, packed, self.bias, list(padding), list(self.stride), list(self.dilation), self.groups,
+                        "none", [], "")
+                except RuntimeError:  # a oneDNN build that cannot run it: plain conv2d from now on
+                    _PREPACK["enabled"] = False
         return F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
 
     def __getstate__(self) -> dict:
