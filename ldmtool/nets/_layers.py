@@ -43,7 +43,9 @@ class Conv2d(nn.Conv2d):
     seamless: tuple[bool, bool] = (False, False)
 
     def forward(self, x: Tensor) -> Tensor:
-        padding = self.padding
+        padding = _explicit_padding(self)
+        if padding is None:  # 'same' with an even kernel: asymmetric, left to PyTorch (zero padding only)
+            return super().forward(x)
         if any(self.seamless) and padding != (0, 0):
             pad_y, pad_x = padding  # type: ignore[misc]
             x = pad_2d(x, (pad_x, pad_x, pad_y, pad_y), self.seamless)
@@ -82,6 +84,18 @@ class Conv2d(nn.Conv2d):
                                  self.groups, list(x.shape))
         self.__dict__["_prepacked"] = (key, packed) if packed is not None else None
         return packed
+
+
+def _explicit_padding(conv: nn.Conv2d) -> Optional[tuple[int, int]]:
+    """The conv's padding as (pad_y, pad_x); None for 'same' padding that would be asymmetric."""
+    if not isinstance(conv.padding, str):
+        return conv.padding  # type: ignore[return-value]
+    if conv.padding == "valid":
+        return (0, 0)
+    total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+    if any(t % 2 for t in total):
+        return None
+    return (total[0] // 2, total[1] // 2)
 
 
 _PREPACK_AVAILABLE = hasattr(torch.ops.mkldnn, "_convolution_pointwise") and torch.backends.mkldnn.is_available()
