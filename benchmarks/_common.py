@@ -1,0 +1,172 @@
+"""Helpers shared by the benchmark scripts: JSON-line output, machine description, running a fresh child
+process, its peak memory (the child reads its own `VmHWM`), and per-phase peaks inside one process
+(`/proc/self/clear_refs` resets the kernel's high-water mark, `VmHWM` reads it)."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+MIB = 2**20
+
+
+def emit(record: dict[str, Any]) -> None:
+    """One JSON line on stdout, flushed so a long sweep can be followed as it runs."""
+    print(json.dumps(record), flush=True)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on (the load average matters on a shared machine)."""
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "loadavg_1m": round(os.getloadavg()[0], 2),
+            "python": platform.python_version()}
+
+
+# -- a fresh child process --------------------------------------------------------------------------
+# Its peak memory must come from the child itself (`VmHWM`, see `peak_rss`): the kernel's `ru_maxrss` from
+# `wait4` carries over the parent's RSS through fork/vfork + exec, so it would report at least the size of
+# the (possibly large) benchmark process that started the child.
+
+
+@dataclass
+class ChildRun:
+    """A finished child process: exit status, wall seconds, its stdout and stderr."""
+
+    returncode: int
+    seconds: float
+    stdout: str
+    stderr: str
+
+    def json_lines(self) -> list[dict[str, Any]]:
+        """The child's stdout lines that are JSON objects (others are ignored)."""
+        records = []
+        for line in self.stdout.splitlines():
+            line = line.strip()
+            if line.startswith("{"):
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+        return records
+
+
+def run_child(argv: Sequence[str], *, env: Optional[dict[str, str]] = None, cwd: Optional[Path] = None,
+              timeout: Optional[float] = None) -> ChildRun:
+    """Run `argv` to completion (killed after `timeout` seconds), capturing its output in files."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(list(argv), stdout=out, stderr=err, env=env, cwd=cwd)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        seconds = time.perf_counter() - start
+        out.seek(0)
+        err.seek(0)
+        return ChildRun(proc.returncode, seconds, out.read(), err.read())
+
+
+def peak_rss() -> int:
+    """This process's RSS high-water mark in bytes (its own address space only, unlike `ru_maxrss`)."""
+    return status_kib("VmHWM") * 1024
+
+
+def python_env(threads: Optional[int] = None) -> dict[str, str]:
+    """The environment for a child Python: the repository importable, optionally a fixed thread count."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def python_argv(*args: str) -> list[str]:
+    return [sys.executable, *args]
+
+
+# -- per-phase peaks inside this process ----------------------------------------------------------
+
+
+def status_kib(field: str) -> int:
+    """A `VmRSS`/`VmHWM`-style field of /proc/self/status in KiB (0 where /proc is missing)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def reset_peak() -> bool:
+    """Reset this process's RSS high-water mark to its current RSS (Linux >= 4.0); False if not allowed."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+@dataclass
+class PhaseMemory:
+    """One phase: RSS when it began, the highest RSS during it, RSS when it ended (bytes), and seconds."""
+
+    name: str
+    start_rss: int
+    peak_rss: int
+    end_rss: int
+    seconds: float
+
+    def record(self) -> dict[str, Any]:
+        return {"phase": self.name, "start_rss_mib": round(self.start_rss / MIB, 1),
+                "peak_rss_mib": round(self.peak_rss / MIB, 1),
+                "peak_above_start_mib": round((self.peak_rss - self.start_rss) / MIB, 1),
+                "retained_mib": round((self.end_rss - self.start_rss) / MIB, 1), "seconds": round(self.seconds, 3)}
+
+
+class PhaseRecorder:
+    """Wraps functions so each call is measured as a phase. Phases may nest: every open phase keeps a running
+    peak, folded from the kernel's high-water mark before an inner phase resets it and again at each end."""
+
+    def __init__(self) -> None:
+        self.phases: list[PhaseMemory] = []
+        self.exact = reset_peak()  # False: peaks are only as good as the RSS samples at phase edges
+        self._running_peaks: list[int] = []
+
+    def wrap(self, name: str, fn: Callable) -> Callable:
+        def measured(*args, **kwargs):
+            start_rss = status_kib("VmRSS") * 1024
+            self._fold(status_kib("VmHWM") * 1024)
+            reset_peak()
+            self._running_peaks.append(start_rss)
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                seconds = time.perf_counter() - started
+                self._fold(status_kib("VmHWM") * 1024)
+                peak = self._running_peaks.pop()
+                self.phases.append(PhaseMemory(name, start_rss, peak, status_kib("VmRSS") * 1024, seconds))
+
+        return measured
+
+    def _fold(self, high_water: int) -> None:
+        self._running_peaks[:] = [max(p, high_water) for p in self._running_peaks]

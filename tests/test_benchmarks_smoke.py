@@ -1,0 +1,160 @@
+"""Benchmarks (issue 8): each script's --dry-run runs and prints only JSON lines with the fields the README
+quotes; the measuring helpers are checked on cases with known answers (a child that allocates a known
+amount, a streamed safetensors file read back by safetensors itself, the summaries' arithmetic)."""
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+common = importlib.import_module("_common")
+
+
+def load(name: str):
+    return importlib.import_module(name)
+
+
+def json_lines(text: str) -> list[dict]:
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert lines, "the benchmark printed nothing"
+    return [json.loads(line) for line in lines]  # every line must be JSON
+
+
+# -- measuring helpers, against known answers ----------------------------------------------------------
+
+
+def test_child_reports_its_own_peak_not_the_parents():
+    """A child's VmHWM sees what it allocated and not the (large) parent's RSS, which `ru_maxrss` would."""
+    code = ("import sys; sys.path.insert(0, {bench!r}); import _common, json; b = b'x' * {n}; "
+            "print(json.dumps({{'peak': _common.peak_rss()}}))")
+    ballast = b"y" * (300 * 2**20)  # this process is at least 300 MiB bigger than the children
+    runs = [common.run_child([sys.executable, "-c", code.format(bench=str(BENCHMARKS), n=n)]) for n in (1, 200 * 2**20)]
+    del ballast
+    small, large = (run.json_lines()[0]["peak"] / 2**20 for run in runs)
+    assert small < 100, small
+    assert 190 <= large - small <= 230, (small, large)
+
+
+def test_phase_recorder_nested_peaks():
+    recorder = common.PhaseRecorder()
+    if not recorder.exact:
+        pytest.skip("/proc/self/clear_refs is not writable here")
+
+    def inner():
+        block = b"x" * (200 * 2**20)  # written, so every page is resident
+        del block
+
+    outer = recorder.wrap("outer", lambda: recorder.wrap("inner", inner)())
+    outer()
+    phases = {p.name: p for p in recorder.phases}
+    assert (phases["inner"].peak_rss - phases["inner"].start_rss) / 2**20 >= 190
+    assert phases["outer"].peak_rss >= phases["inner"].peak_rss  # the inner reset does not hide the peak
+
+
+def test_streamed_safetensors_file_reads_back_exactly(tmp_path):
+    from safetensors.torch import load_file
+
+    bench = load("checkpoint_load")
+    shapes = {"a.weight": torch.empty(3, 5, device="meta"), "b.bias": torch.empty(7, device="meta"),
+              "steps": torch.empty(2, dtype=torch.int64, device="meta")}
+    path = tmp_path / "x.safetensors"
+    bench.write_safetensors_streaming(path, shapes, torch.float16)
+    read = load_file(str(path))
+    expected = dict(bench.random_tensors(shapes, torch.float16))
+    assert {k: (v.dtype, tuple(v.shape)) for k, v in read.items()} == {
+        "a.weight": (torch.float16, (3, 5)), "b.bias": (torch.float16, (7,)), "steps": (torch.int64, (2,))}
+    for key, value in expected.items():
+        assert torch.equal(read[key], value)
+        assert torch.equal(bench.mapped_tensors(path)[key], value)
+
+
+def test_superres_summary_arithmetic():
+    bench = load("superres_memory")
+    records = [{"output": 1024, "peak_rss_mib": 1000.0, "seconds_per_mp": 10.0},
+               {"output": 2048, "peak_rss_mib": 1100.0, "seconds_per_mp": 12.0},
+               {"output": 4096, "peak_rss_mib": 1400.0, "seconds_per_mp": 11.0}]
+    summary = bench.summarise(records)
+    assert summary["peak_ratio_largest_over_smallest"] == 1.4 and summary["peak_ok"] is False
+    assert summary["seconds_per_mp_max_deviation_from_mean"] == pytest.approx(1 / 11, abs=1e-3)
+    assert summary["time_ok"] is True
+    assert bench.growing_buffers(4096)["output_rgb_float32"] == 192.0
+
+
+def test_folder_extrapolation_arithmetic():
+    bench = load("folder_throughput")
+    one = {"images": 10, "seconds": 30.0, "fixed_seconds": 10.0, "item_seconds_after_first": 1.5}
+    sep = {"invocations": 3, "seconds": 36.0, "per_invocation_mean": 12.0}
+    summary = bench.extrapolate(one, sep, 100)
+    assert summary["one_process_seconds"] == 160.0 and summary["separate_seconds"] == 1200.0
+    assert summary["ratio_one_over_separate"] == pytest.approx(160 / 1200, abs=1e-4)
+    assert summary["extrapolated"] is True
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 80GB HBM3", 989.0),
+                                        ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA A10", 125.0),
+                                        ("NVIDIA L40S", 362.0), ("NVIDIA L4", 121.0), ("NVIDIA H200", 989.0)])
+def test_gpu_peak_table_prefers_the_specific_name(name, peak):
+    bench = load("gpu_unet")
+    assert next(value for key, value in bench.PEAK_TFLOPS if key in name) == peak
+
+
+def test_gpu_flop_count_matches_closed_form_for_one_conv():
+    """The meta-device counter counts a 3x3 conv as 2*Cin*9*Cout*H*W per item (multiply and add)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        conv = torch.nn.Conv2d(8, 16, 3, padding=1)
+        x = torch.empty(2, 8, 10, 12)
+    with FlopCounterMode(display=False) as counter:
+        conv(x)
+    assert counter.get_total_flops() == 2 * 2 * 8 * 9 * 16 * 10 * 12
+
+
+# -- each script's dry run --------------------------------------------------------------------------
+
+
+def test_gpu_unet_dry_run(capsys):
+    load("gpu_unet").main(["--dry-run", "--dtypes", "fp32"])
+    records = json_lines(capsys.readouterr().out)
+    timed = [r for r in records if "seconds_per_image" in r and "impl" in r]
+    assert {r["impl"] for r in timed} == {"ldmtool", "diffusers"}
+    ours = next(r for r in timed if r["impl"] == "ldmtool")
+    assert ours["max_rel_diff_vs_diffusers"] < 1e-4  # same weights, same function
+    assert records[0]["gflops_per_step"] > 0
+    assert any(r.get("summary") and "ratio_best_ldmtool_over_best_diffusers" in r for r in records)
+
+
+def test_superres_memory_dry_run(capsys, tmp_path):
+    load("superres_memory").main(["--dry-run", "--workdir", str(tmp_path)])
+    records = json_lines(capsys.readouterr().out)
+    sizes = [r for r in records if "output" in r]
+    assert [r["output"] for r in sizes] == [64, 128]
+    for r in sizes:
+        assert r["exit_code"] == 0 and r["peak_rss_mib"] > 50 and r["seconds_per_mp"] > 0
+        assert {"open_model", "sample", "decode", "write"} <= {p["phase"] for p in r["phases"]}
+    assert "peak_ratio_largest_over_smallest" in records[-1]
+
+
+def test_folder_throughput_dry_run(capsys, tmp_path):
+    load("folder_throughput").main(["--dry-run", "--workdir", str(tmp_path)])
+    records = json_lines(capsys.readouterr().out)
+    one = next(r for r in records if r.get("mode") == "one_process")
+    assert one["images"] == 2
+    assert records[-1]["ratio_one_over_separate"] > 0 and records[-1]["extrapolated"] is True
+
+
+def test_checkpoint_load_dry_run(capsys, tmp_path):
+    load("checkpoint_load").main(["--dry-run", "--workdir", str(tmp_path)])
+    records = json_lines(capsys.readouterr().out)
+    loads = [r for r in records if "format" in r]
+    assert {r["format"] for r in loads} == {"safetensors", "ckpt"}
+    for r in loads:
+        assert r["exit_code"] == 0 and r["load_s"] > 0 and r["weights_mib"] > 1
+    assert "load_time_ratio_safetensors_over_ckpt" in records[-1]
+    assert not list(tmp_path.iterdir())  # the checkpoint files are deleted
