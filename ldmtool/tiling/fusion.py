@@ -59,16 +59,19 @@ class TiledDenoiser:
         self.tiles_run = 0  # network batch items processed (for work accounting)
         self.pixels_run = 0
 
-    def plan(self, height: int, width: int, sigma: float = 1.0) -> TilePlan:
+    def plan(self, height: int, width: int, sigma: Optional["Tensor"] = None) -> TilePlan:
+        """The plan for a canvas; with `shift`, the grid offset follows the call's noise level."""
         cfg = self.config
-        stride = (cfg.tile[0] - cfg.overlap, cfg.tile[1] - cfg.overlap)
-        shift = (shift_for(stride[0], sigma), shift_for(stride[1], sigma * 1.618)) if cfg.shift else (0, 0)
+        shift = (0, 0)
+        if cfg.shift and sigma is not None:
+            level = float(sigma.reshape(-1)[0])  # a device sync, only when shifting
+            shift = (shift_for(cfg.tile[0] - cfg.overlap, level), shift_for(cfg.tile[1] - cfg.overlap, level * 1.618))
         return plan_tiles(height, width, cfg.tile, cfg.overlap, wrap_y=cfg.wrap_y, wrap_x=cfg.wrap_x,
                           margin=cfg.margin, shift=shift)
 
     def __call__(self, x: "Tensor", sigma: "Tensor", cond=None) -> "Tensor":
         while True:
-            plan = self.plan(x.shape[-2], x.shape[-1], float(sigma.reshape(-1)[0]))
+            plan = self.plan(x.shape[-2], x.shape[-1], sigma)
             if plan.single:
                 self._count(x.shape[0], x.shape[-2] * x.shape[-1])
                 return self.inner(x, sigma, cond)
