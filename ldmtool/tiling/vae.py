@@ -158,6 +158,7 @@ def tiled_encode(first_stage: nn.Module, x: Tensor, config: VAETiling = VAETilin
     return torch.chunk(moments, 2, dim=1)[0]
 
 
+@torch.no_grad()
 def run_bounded(stages: list[Stage], source: Tensor, config: VAETiling) -> Tensor:
     """`_run(stages, source)` in device memory bounded by the tile: runs of attention-free stages are
     streamed in tiles; attention stages run in query chunks against keys and values kept off-device.
@@ -210,6 +211,7 @@ def _quantize_in_rows(quantize: nn.Module, z: Tensor, pixels: int = 4096) -> Ten
 # Attention in chunks (the reference AttnBlock: GroupNorm, 1x1 q/k/v, single-head softmax, proj_out, residual)
 
 
+@torch.no_grad()
 def attention_stage(stage: Stage, x: Tensor, config: VAETiling, query_tokens: int = 2**14,
                     key_tokens: int = 2**12) -> Tensor:
     """An attention stage over the whole (off-device) canvas `x`, with bounded device memory.
@@ -433,6 +435,7 @@ class _NormControl:
         self.target, self.sums = None, None
 
 
+@torch.no_grad()
 def stream_stages(stages: list[Stage], source: Tensor, config: VAETiling) -> Tensor:
     """`_run(stages, source)` computed tile by tile with global GroupNorm statistics.
 
