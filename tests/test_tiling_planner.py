@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ldmtool.errors import UsageError
-from ldmtool.tiling.memory import UNetMemory, choose_tiling, default_overlap, parse_memory
+from ldmtool.tiling.memory import UNetMemory, choose_tiling, parse_memory
 from ldmtool.tiling.planner import Weighting, axis_spans, crop_tile, fit_tile, plan_tiles, tile_weights
 
 
