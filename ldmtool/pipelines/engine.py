@@ -209,6 +209,9 @@ class Engine:
         budget = parse_memory(s.max_memory) if s.max_memory else None
         tiling = choose_tiling(latent_hw, native_tile=self.native_latent, items=network_batch, tile=s.tile,
                                overlap=s.tile_overlap, budget=budget, wrap=(self.axes.y, self.axes.x))
+        # No `device=` here on purpose: without --max-memory, canvases larger than the model's native size
+        # are always tiled, so memory stays bounded by the tile (cron jobs share machines) instead of
+        # growing with the image up to whatever is free.
         if tiling is None:  # fits one tile (seamless then wraps through circular padding alone)
             return denoise
         config = TileConfig(tile=tiling.tile, overlap=tiling.overlap, tile_batch=tiling.tile_batch,
