@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -117,11 +118,46 @@ def test_gpu_flop_count_matches_closed_form_for_one_conv():
 
 
 # -- each script's dry run --------------------------------------------------------------------------
+# The four dry runs start together as subprocesses when the first of them is asked for (they spend most of
+# their time starting Python and importing torch, so on two cores they overlap well), then each test checks
+# its own script's output.
+
+DRY_RUNS = {"gpu_unet": ["--dtypes", "fp32"], "superres_memory": [], "folder_throughput": [], "checkpoint_load": []}
 
 
-def test_gpu_unet_dry_run(capsys):
-    load("gpu_unet").main(["--dry-run", "--dtypes", "fp32"])
-    records = json_lines(capsys.readouterr().out)
+class DryRuns:
+    def __init__(self, folder: Path):
+        self.procs = {}
+        for name, extra in DRY_RUNS.items():
+            workdir = folder / name
+            workdir.mkdir()
+            argv = [sys.executable, str(BENCHMARKS / f"{name}.py"), "--dry-run", *extra]
+            if name != "gpu_unet":
+                argv += ["--workdir", str(workdir)]
+            out = (folder / f"{name}.out").open("w+")
+            self.procs[name] = (subprocess.Popen(argv, stdout=out, stderr=subprocess.PIPE, text=True), out, workdir)
+
+    def records(self, name: str) -> tuple[list[dict], Path]:
+        proc, out, workdir = self.procs[name]
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-2000:]
+        out.seek(0)
+        return json_lines(out.read()), workdir
+
+
+@pytest.fixture(scope="module")
+def dry_runs(tmp_path_factory):
+    runs = DryRuns(tmp_path_factory.mktemp("dry-runs"))
+    yield runs
+    for proc, out, _ in runs.procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        out.close()
+
+
+def test_gpu_unet_dry_run(dry_runs):
+    records, _ = dry_runs.records("gpu_unet")
     timed = [r for r in records if "seconds_per_image" in r and "impl" in r]
     assert {r["impl"] for r in timed} == {"ldmtool", "diffusers"}
     ours = next(r for r in timed if r["impl"] == "ldmtool")
@@ -130,9 +166,8 @@ def test_gpu_unet_dry_run(capsys):
     assert any(r.get("summary") and "ratio_best_ldmtool_over_best_diffusers" in r for r in records)
 
 
-def test_superres_memory_dry_run(capsys, tmp_path):
-    load("superres_memory").main(["--dry-run", "--workdir", str(tmp_path)])
-    records = json_lines(capsys.readouterr().out)
+def test_superres_memory_dry_run(dry_runs):
+    records, _ = dry_runs.records("superres_memory")
     sizes = [r for r in records if "output" in r]
     assert [r["output"] for r in sizes] == [64, 128]
     for r in sizes:
@@ -141,20 +176,19 @@ def test_superres_memory_dry_run(capsys, tmp_path):
     assert "peak_ratio_largest_over_smallest" in records[-1]
 
 
-def test_folder_throughput_dry_run(capsys, tmp_path):
-    load("folder_throughput").main(["--dry-run", "--workdir", str(tmp_path)])
-    records = json_lines(capsys.readouterr().out)
+def test_folder_throughput_dry_run(dry_runs):
+    records, _ = dry_runs.records("folder_throughput")
     one = next(r for r in records if r.get("mode") == "one_process")
     assert one["images"] == 2
     assert records[-1]["ratio_one_over_separate"] > 0 and records[-1]["extrapolated"] is True
 
 
-def test_checkpoint_load_dry_run(capsys, tmp_path):
-    load("checkpoint_load").main(["--dry-run", "--workdir", str(tmp_path)])
-    records = json_lines(capsys.readouterr().out)
+def test_checkpoint_load_dry_run(dry_runs):
+    records, workdir = dry_runs.records("checkpoint_load")
     loads = [r for r in records if "format" in r]
     assert {r["format"] for r in loads} == {"safetensors", "ckpt"}
     for r in loads:
         assert r["exit_code"] == 0 and r["load_s"] > 0 and r["weights_mib"] > 1
+        assert r["peak_rss_mib"] >= r["rss_after_import_mib"]
     assert "load_time_ratio_safetensors_over_ckpt" in records[-1]
-    assert not list(tmp_path.iterdir())  # the checkpoint files are deleted
+    assert not list(workdir.iterdir())  # the checkpoint files are deleted
