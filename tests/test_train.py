@@ -351,3 +351,11 @@ def test_patch_discriminator_trains_and_resumes(images, tmp_path):
     assert "disc" in state and "disc_optimizer" in state
     ae.train_autoencoder(TINY_AE, training, images, _run(tmp_path, steps=3, resume=True))
     assert "disc." not in " ".join(load_file(str(tmp_path / "model.safetensors")))  # never exported
+
+
+def test_chroma_term_sees_colour_that_grey_output_loses():
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    grey = x.mean(1, keepdim=True).expand_as(x)
+    assert ae.chroma(grey).abs().max() < 1e-6
+    terms = ae.reconstruction_loss(grey, x, ae.AutoencoderLoss(chroma_weight=1.0))
+    assert terms["chroma"] > 0.1 and terms["rec"] > ae.reconstruction_loss(grey, x, ae.AutoencoderLoss(chroma_weight=0.0))["rec"]

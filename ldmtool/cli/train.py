@@ -72,6 +72,7 @@ def autoencoder(
     kl_weight: Annotated[float, typer.Option("--kl-weight", min=0.0, help="Weight of the KL term.", rich_help_panel=TRAINING)] = 1e-6,
     grad_weight: Annotated[float, typer.Option("--grad-weight", min=0.0, help="Weight of the image-gradient L1 term.", rich_help_panel=TRAINING)] = 0.5,
     ssim_weight: Annotated[float, typer.Option("--ssim-weight", min=0.0, help="Weight of the (1 - SSIM) term.", rich_help_panel=TRAINING)] = 0.2,
+    chroma_weight: Annotated[float, typer.Option("--chroma-weight", min=0.0, help="Weight of the colour-opponent L1 term (keeps colour on grey-heavy data).", rich_help_panel=TRAINING)] = 1.0,
     disc_weight: Annotated[float, typer.Option("--disc-weight", min=0.0, help="Patch discriminator weight (0 = off).", rich_help_panel=TRAINING)] = 0.0,
     disc_start: Annotated[int, typer.Option("--disc-start", min=0, help="Step at which the discriminator starts.", rich_help_panel=TRAINING)] = 2000,
     min_scale: MinScale = 0.5,
@@ -92,7 +93,7 @@ def autoencoder(
     from ldmtool.train.data import resolve_data
 
     arch = AutoencoderArch(factor=factor, ch=channels, num_res_blocks=res_blocks, z_channels=z_channels, attention=attention)
-    loss = AutoencoderLoss(kl_weight=kl_weight, grad_weight=grad_weight, ssim_weight=ssim_weight,
+    loss = AutoencoderLoss(kl_weight=kl_weight, grad_weight=grad_weight, ssim_weight=ssim_weight, chroma_weight=chroma_weight,
                            disc_weight=disc_weight, disc_start=disc_start)
     training = AutoencoderTraining(crop=crop, batch_size=batch_size, lr=lr, ema_decay=ema_decay, seed=seed,
                                    min_scale=min_scale, sample_posterior=sample_posterior, loss=loss)
