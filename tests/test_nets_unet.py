@@ -251,3 +251,20 @@ def test_unet_cast_whole_to_bfloat16_runs_with_float32_norms():
         got = unet.to(torch.bfloat16)(x, t, context)
     assert got.dtype == torch.float32  # returned in the input's dtype
     assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+def test_cpu_linear_fast_path_equals_linear_on_views_and_follows_weight_updates():
+    from ldmtool.nets._layers import Linear
+
+    layer = Linear(32, 48)
+    inputs = [torch.randn(2, 7, 32), torch.randn(5, 32), torch.randn(2, 6, 64)[..., ::2], torch.randn(2, 32, 9).transpose(1, 2)]
+    with torch.no_grad():
+        for x in inputs:
+            assert torch.allclose(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5)
+        assert "_prepacked" in layer.__dict__
+        layer.weight.add_(1.0)
+        assert torch.allclose(layer(inputs[0]), torch.nn.functional.linear(inputs[0], layer.weight, layer.bias), atol=1e-5)
+        twin = copy.deepcopy(layer)
+        assert torch.allclose(twin(inputs[1]), layer(inputs[1]), atol=1e-6)
+    layer(inputs[0]).sum().backward()
+    assert layer.weight.grad is not None

@@ -31,13 +31,65 @@ def pad_2d(x: Tensor, pad: tuple[int, int, int, int], seamless: tuple[bool, bool
     return x
 
 
-class Conv2d(nn.Conv2d):
+class _PackedWeightCache:
+    """A oneDNN-reordered copy of `self.weight`, kept while the weight is unchanged (same storage and
+    version counter). PyTorch's own CPU path re-lays the weight out on every call, which costs more than the
+    arithmetic at the UNet's low resolutions (e.g. 1280-channel convs at 8x8, linears over 64 tokens)."""
+
+    weight: Tensor
+
+    def _cached_pack(self, extra: tuple, build) -> Optional[Tensor]:
+        weight = self.weight
+        try:
+            key = (weight.data_ptr(), weight._version, extra)
+        except RuntimeError:  # inference tensors have no version counter: nothing safe to cache
+            return None
+        cached = self.__dict__.get("_prepacked")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        packed = _guarded(build, weight.detach())
+        self.__dict__["_prepacked"] = (key, packed) if packed is not None else None
+        return packed
+
+    def __getstate__(self) -> dict:
+        # The packed weight is an opaque oneDNN tensor: it can be neither copied nor pickled. Rebuilt on use.
+        state = dict(self.__dict__)
+        state.pop("_prepacked", None)
+        return state
+
+    def _apply(self, fn, recurse: bool = True):
+        self.__dict__.pop("_prepacked", None)  # moved or cast: do not keep a stale CPU copy alive
+        return super()._apply(fn, recurse)  # type: ignore[misc]
+
+
+def _guarded(fn, *args) -> Optional[Tensor]:
+    """Run a oneDNN op; on a build that cannot, switch the fast path off for the process and return None."""
+    try:
+        return fn(*args)
+    except (RuntimeError, AttributeError):
+        _PREPACK["enabled"] = False
+        return None
+
+
+class Linear(_PackedWeightCache, nn.Linear):
+    """`nn.Linear` that runs oneDNN with a cached packed weight on the CPU at inference (same keys)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if _fast_cpu(x, self.weight) and x.dim() >= 2:
+            rows = max(1, x.numel() // max(1, x.shape[-1]))
+            packed = self._cached_pack((), lambda w: torch.ops.mkldnn._reorder_linear_weight(w, rows))
+            if packed is not None:
+                out = _guarded(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], ""))
+                if out is not None:
+                    return out
+        return F.linear(x, self.weight, self.bias)
+
+
+class Conv2d(_PackedWeightCache, nn.Conv2d):
     """`nn.Conv2d` whose zero padding can be switched to circular per axis (`seamless = (x, y)`).
 
-    On the CPU at inference it runs oneDNN with the weight reordered once into its blocked layout and cached
-    (rebuilt when the weight changes). PyTorch's own path re-lays the weight out on every call, which costs
-    more than the convolution itself at the UNet's low resolutions (e.g. 1280 channels at 8x8). The output
-    is then channels-last; everything downstream accepts either memory format.
+    On the CPU at inference it runs oneDNN with a cached packed weight (see `_PackedWeightCache`); the
+    output is then channels-last, which everything downstream accepts.
     """
 
     seamless: tuple[bool, bool] = (False, False)
@@ -50,40 +102,19 @@ class Conv2d(nn.Conv2d):
             pad_y, pad_x = padding  # type: ignore[misc]
             x = pad_2d(x, (pad_x, pad_x, pad_y, pad_y), self.seamless)
             padding = (0, 0)
-        if _prepack_applies(x, self.weight):
-            packed = self._packed_weight(x, padding)
-            if packed is not None:
-                try:
-                    return torch.ops.mkldnn._convolution_pointwise(
-                        x, packed, self.bias, list(padding), list(self.stride), list(self.dilation), self.groups,
-                        "none", [], "")
-                except RuntimeError:  # a oneDNN build that cannot run it: plain conv2d from now on
-                    _PREPACK["enabled"] = False
+        if _fast_cpu(x, self.weight) and x.dim() == 4:
+            out = self._packed_forward(x, list(padding))
+            if out is not None:
+                return out
         return F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
 
-    def __getstate__(self) -> dict:
-        # The packed weight is an opaque oneDNN tensor: it can be neither copied nor pickled. Rebuilt on use.
-        state = dict(self.__dict__)
-        state.pop("_prepacked", None)
-        return state
-
-    def _apply(self, fn, recurse: bool = True):
-        self.__dict__.pop("_prepacked", None)  # moved or cast: do not keep a stale CPU copy alive
-        return super()._apply(fn, recurse)
-
-    def _packed_weight(self, x: Tensor, padding) -> Optional[Tensor]:
-        weight = self.weight
-        try:
-            key = (weight.data_ptr(), weight._version, tuple(padding))
-        except RuntimeError:  # inference tensors have no version counter: nothing safe to cache
+    def _packed_forward(self, x: Tensor, padding: list) -> Optional[Tensor]:
+        geometry = (padding, list(self.stride), list(self.dilation), self.groups)
+        packed = self._cached_pack(tuple(padding), lambda w: torch.ops.mkldnn._reorder_convolution_weight(
+            w, *geometry, list(x.shape)))
+        if packed is None:
             return None
-        cached = self.__dict__.get("_prepacked")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        packed = _reorder_weight(weight.detach(), list(padding), list(self.stride), list(self.dilation),
-                                 self.groups, list(x.shape))
-        self.__dict__["_prepacked"] = (key, packed) if packed is not None else None
-        return packed
+        return _guarded(lambda: torch.ops.mkldnn._convolution_pointwise(x, packed, self.bias, *geometry, "none", [], ""))
 
 
 def _explicit_padding(conv: nn.Conv2d) -> Optional[tuple[int, int]]:
@@ -98,30 +129,24 @@ def _explicit_padding(conv: nn.Conv2d) -> Optional[tuple[int, int]]:
     return (total[0] // 2, total[1] // 2)
 
 
-_PREPACK_AVAILABLE = hasattr(torch.ops.mkldnn, "_convolution_pointwise") and torch.backends.mkldnn.is_available()
+_PREPACK_AVAILABLE = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+                      and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 _PREPACK = {"enabled": _PREPACK_AVAILABLE}
 
 
 def set_cpu_conv_prepack(enabled: bool, model: Optional[nn.Module] = None) -> None:
-    """Switch the CPU conv fast path on or off for the process (it costs one extra copy of every conv
-    weight: about 2.1 GiB for an SD 1.5 UNet in fp32). Switching off also frees the copies held by `model`."""
+    """Switch the CPU oneDNN fast path (convs and linears) on or off for the process. It costs one extra
+    copy of those weights (about 3.2 GiB for an SD 1.5 UNet in fp32). Switching off frees `model`'s copies."""
     _PREPACK["enabled"] = bool(enabled) and _PREPACK_AVAILABLE
     if not enabled and model is not None:
         for module in model.modules():
             module.__dict__.pop("_prepacked", None)
 
 
-def _prepack_applies(x: Tensor, weight: Tensor) -> bool:
-    return (_PREPACK["enabled"] and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+def _fast_cpu(x: Tensor, weight: Tensor) -> bool:
+    """The oneDNN path applies: CPU, float32, and no gradient to record."""
+    return (_PREPACK["enabled"] and x.device.type == "cpu" and x.dtype == torch.float32
             and weight.dtype == torch.float32 and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)))
-
-
-def _reorder_weight(weight: Tensor, padding, stride, dilation, groups: int, input_size) -> Optional[Tensor]:
-    try:
-        return torch.ops.mkldnn._reorder_convolution_weight(weight, padding, stride, dilation, groups, input_size)
-    except (RuntimeError, AttributeError):  # an unusual build without these oneDNN ops: plain conv2d
-        _PREPACK["enabled"] = False
-        return None
 
 
 def set_seamless(model: nn.Module, x: bool, y: bool) -> None:

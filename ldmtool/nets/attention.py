@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ldmtool.nets._layers import add_residual, normalization, zero_module
+from ldmtool.nets._layers import Conv2d, Linear, add_residual, normalization, zero_module
 
 
 def _heads(t: Tensor, heads: int) -> Tensor:
@@ -33,10 +33,10 @@ class CrossAttention(nn.Module):
         inner_dim = dim_head * heads
         context_dim = query_dim if context_dim is None else context_dim
         self.heads = heads
-        self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
-        self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
-        self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
+        self.to_q = Linear(query_dim, inner_dim, bias=False)
+        self.to_k = Linear(context_dim, inner_dim, bias=False)
+        self.to_v = Linear(context_dim, inner_dim, bias=False)
+        self.to_out = nn.Sequential(Linear(inner_dim, query_dim), nn.Dropout(dropout))
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
         source = x if context is None else context
@@ -51,7 +51,7 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim_in: int, dim_out: int) -> None:
         super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2)
+        self.proj = Linear(dim_in, dim_out * 2)
 
     def forward(self, x: Tensor) -> Tensor:
         value, gate = self.proj(x).chunk(2, dim=-1)
@@ -70,8 +70,8 @@ class FeedForward(nn.Module):
         super().__init__()
         inner_dim = int(dim * mult)
         dim_out = dim if dim_out is None else dim_out
-        project_in = GEGLU(dim, inner_dim) if glu else nn.Sequential(nn.Linear(dim, inner_dim), nn.GELU())
-        self.net = nn.Sequential(project_in, nn.Dropout(dropout), nn.Linear(inner_dim, dim_out))
+        project_in = GEGLU(dim, inner_dim) if glu else nn.Sequential(Linear(dim, inner_dim), nn.GELU())
+        self.net = nn.Sequential(project_in, nn.Dropout(dropout), Linear(inner_dim, dim_out))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -111,39 +111,39 @@ class SpatialTransformer(nn.Module):
         self.in_channels = in_channels
         self.use_linear = use_linear
         self.norm = normalization(in_channels, eps=1e-6)
-        self.proj_in = nn.Linear(in_channels, inner_dim) if use_linear else nn.Conv2d(in_channels, inner_dim, 1)
+        self.proj_in = Linear(in_channels, inner_dim) if use_linear else Conv2d(in_channels, inner_dim, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner_dim, n_heads, d_head, dropout, context_dim,
                                   disable_self_attn=disable_self_attn)
             for _ in range(depth)
         )
         # The reference builds the linear proj_out as Linear(in_channels, inner_dim); same when they agree.
-        proj_out = nn.Linear(inner_dim, in_channels) if use_linear else nn.Conv2d(inner_dim, in_channels, 1)
+        proj_out = Linear(inner_dim, in_channels) if use_linear else Conv2d(inner_dim, in_channels, 1)
         self.proj_out = zero_module(proj_out)
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
-        b, c, height, width = x.shape
-        h = self.norm(x).permute(0, 2, 3, 1).reshape(b, height * width, c)  # (B, HW, C)
-        h = _pointwise(self.proj_in, h)
+        b, _, height, width = x.shape
+        h = self.norm(x)
+        if not self.use_linear:
+            h = self.proj_in(h)
+        h = h.permute(0, 2, 3, 1).reshape(b, height * width, -1)  # (B, HW, C); a view when channels-last
+        if self.use_linear:
+            h = self.proj_in(h)
         for block in self.transformer_blocks:
             h = block(h, context)
-        h = _pointwise(self.proj_out, h)
-        # Back to x's memory format: a channels-last result would make the next convs re-layout their weights.
-        h = h.view(b, height, width, c).permute(0, 3, 1, 2).contiguous(memory_format=_memory_format(x))
-        return add_residual(h, x)
+        if self.use_linear:
+            h = self.proj_out(h)
+        h = h.view(b, height, width, -1).permute(0, 3, 1, 2)  # channels-last view
+        if not self.use_linear:
+            h = self.proj_out(h)
+        # In x's memory format: the next layers run fastest on what they were given.
+        return add_residual(h.contiguous(memory_format=_memory_format(x)), x)
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
     if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
         return torch.contiguous_format
     return torch.channels_last
-
-
-def _pointwise(layer: nn.Module, tokens: Tensor) -> Tensor:
-    """A Linear, or a 1x1 Conv2d applied as the same matmul, on (B, N, C) tokens."""
-    if isinstance(layer, nn.Conv2d):
-        return F.linear(tokens, layer.weight.flatten(1), layer.bias)
-    return layer(tokens)
 
 
 class AttentionBlock(nn.Module):
