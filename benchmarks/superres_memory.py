@@ -13,6 +13,7 @@ Targets: peak memory at 16 output megapixels <= 1.3x that at 1 MP; seconds per o
     python benchmarks/superres_memory.py --steps 2                        # 1024², 2048², 4096² (1, 4, 16 MP)
     python benchmarks/superres_memory.py --sizes 1024 2048 --steps 1
     python benchmarks/superres_memory.py --model my.safetensors           # a real model (config beside it)
+    python benchmarks/superres_memory.py --vae-store-mib 0                # diagnosis: no tiled-VAE store
     python benchmarks/superres_memory.py --dry-run                        # tiny sizes: checks the script
 
 Without --model a tiny random checkpoint of the LDM BSR x4 architecture (`ldm-bsr-sr`, narrow widths) is
@@ -43,9 +44,11 @@ def child_main(argv: list[str]) -> None:
     """`--child INPUT OUTPUT CLI_ARGS...`: run the superres CLI in this process, then print the phases."""
     from _common import PhaseRecorder, reset_peak, status_kib
 
-    source, output, cli_args = argv[0], argv[1], argv[2:]
+    source, output, store_mib, cli_args = argv[0], argv[1], argv[2], argv[3:]
     recorder = PhaseRecorder()
     _instrument(recorder)
+    if store_mib != "default":
+        _limit_vae_store(int(float(store_mib) * MIB))
     from ldmtool.cli.app import main
 
     code = 0
@@ -57,6 +60,15 @@ def child_main(argv: list[str]) -> None:
     reset_peak()
     emit({"child": "phases", "exit_code": code, "exact_peaks": recorder.exact, "process_peak_rss": process_peak,
           "phases": [p.record() for p in recorder.phases]})
+
+
+def _limit_vae_store(store_bytes: int) -> None:
+    """Diagnosis: the engine's tiled first stage with this checkpoint store budget instead of its default."""
+    import functools
+
+    from ldmtool.pipelines import engine
+
+    engine.VAETiling = functools.partial(engine.VAETiling, store_bytes=store_bytes)
 
 
 def _instrument(recorder) -> None:
@@ -108,10 +120,12 @@ def growing_buffers(side: int, latent_channels: int = 3, downsampling: int = 4) 
     }
 
 
-def measure_size(side: int, folder: Path, cli_args: list[str], timeout: Optional[float]) -> dict[str, Any]:
+def measure_size(side: int, folder: Path, cli_args: list[str], timeout: Optional[float],
+                 vae_store_mib: Optional[float] = None) -> dict[str, Any]:
     source, output = folder / f"in-{side}.png", folder / f"out-{side}.png"
     write_input(source, side // SCALE)
-    child = run_child(python_argv(__file__, "--child", str(source), str(output), *cli_args),
+    store = "default" if vae_store_mib is None else str(vae_store_mib)
+    child = run_child(python_argv(__file__, "--child", str(source), str(output), store, *cli_args),
                       env=python_env(), timeout=timeout)
     lines = child.json_lines()
     phases = next((r for r in lines if r.get("child") == "phases"), {})
@@ -121,6 +135,7 @@ def measure_size(side: int, folder: Path, cli_args: list[str], timeout: Optional
     record: dict[str, Any] = {
         "bench": "superres_memory", "output": side, "output_mp": round(megapixels, 3), "input": side // SCALE,
         "exit_code": child.returncode, "peak_rss_mib": round(peak / MIB, 1), "process_seconds": round(child.seconds, 2),
+        "vae_store_mib": vae_store_mib,
     }
     if done is None or child.returncode != 0:
         record["error"] = (child.stderr.strip().splitlines() or ["no output"])[-1][:300]
@@ -169,6 +184,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--model", type=Path, help="checkpoint (default: a tiny random ldm-bsr-sr)")
     parser.add_argument("--config", type=Path)
     parser.add_argument("--workdir", type=Path, help="where inputs, outputs and the tiny model go")
+    parser.add_argument("--vae-store-mib", type=float, default=None,
+                        help="diagnosis: the tiled first stage's checkpoint store budget (default: the engine's)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per size")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more superres options, last")
     parser.add_argument("--dry-run", action="store_true", help=f"sizes {DRY_SIZES}, one step")
@@ -191,7 +208,7 @@ def main(argv: Optional[list[str]] = None) -> None:
               "steps": args.steps, "sizes": sizes, "cli": cli_args[2:]})
         records = []
         for side in sizes:
-            records.append(measure_size(side, folder, cli_args, args.timeout))
+            records.append(measure_size(side, folder, cli_args, args.timeout, args.vae_store_mib))
             emit(records[-1])
         emit(summarise(records))
 
