@@ -8,12 +8,8 @@ from PIL import Image
 
 from ldmtool import load_model
 from ldmtool.checkpoints.tiny import save_tiny_checkpoint
-from ldmtool.cli.app import main
+from clirun import run_cli
 
-
-class Result:
-    def __init__(self, exit_code, output):
-        self.exit_code, self.output = exit_code, output
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -34,20 +30,9 @@ def models(tmp_path_factory):
     return paths
 
 
-@pytest.fixture(autouse=True)
-def _capture(capsys):
-    global _capsys
-    _capsys = capsys
-
 
 def _run(*args):
-    try:
-        main(["img2img", *map(str, args), "--steps", "4", "--sampler", "euler", "--quiet"])
-        code = 0
-    except SystemExit as exit:
-        code = exit.code or 0
-    captured = _capsys.readouterr()
-    return Result(code, captured.out + captured.err)
+    return run_cli("img2img", *args, "--steps", "4", "--sampler", "euler", "--quiet")
 
 
 def _photo(path, size=(70, 50), alpha=False, seed=0):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ldmtool.checkpoints.tiny import save_tiny_checkpoint
-from ldmtool.cli.app import main
+from clirun import run_cli
 from ldmtool.pipelines.engine import Engine, ModelChoice, SamplingChoice
 from ldmtool.pipelines.inpaint import InpaintTask
 from ldmtool.io.discover import discover
@@ -19,10 +19,6 @@ from ldmtool.runtime.runner import RunOptions, run_task
 KINDS = {"ldm-inpainting-big": "ldm-concat", "sd1-inpainting": "sd-hybrid", "sd2-inpainting": "sd-hybrid",
          "sd1": "masked", "ldm-celebahq256": "masked"}
 
-
-class Result:
-    def __init__(self, exit_code, output):
-        self.exit_code, self.output = exit_code, output
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -43,20 +39,9 @@ def models(tmp_path_factory):
     return paths
 
 
-@pytest.fixture(autouse=True)
-def _capture(capsys):
-    global _capsys
-    _capsys = capsys
-
 
 def _run(*args):
-    try:
-        main(["inpaint", *map(str, args), "--steps", "3", "--sampler", "euler", "--quiet"])
-        code = 0
-    except SystemExit as exit:
-        code = exit.code or 0
-    captured = _capsys.readouterr()
-    return Result(code, captured.out + captured.err)
+    return run_cli("inpaint", *args, "--steps", "3", "--sampler", "euler", "--quiet")
 
 
 def _photo(path, size=(70, 50), seed=0, alpha=None):

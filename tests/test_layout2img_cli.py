@@ -5,17 +5,13 @@ import pytest
 from PIL import Image
 
 from ldmtool.checkpoints.tiny import save_tiny_checkpoint
-from ldmtool.cli.app import main
+from clirun import run_cli
 from ldmtool.errors import UsageError
 from ldmtool.pipelines.layout2img import find_layouts, read_layout
 from ldmtool.pipelines.layout_tokens import BoxTokenizer, LayoutObject, category_number, openimages_classes
 
 FAST = ["--steps", "2", "--sampler", "euler", "--quiet", "--width", "32", "--height", "32"]
 
-
-class Result:
-    def __init__(self, exit_code, output):
-        self.exit_code, self.output = exit_code, output
 
 
 @pytest.fixture(scope="module")
@@ -25,20 +21,9 @@ def model(tmp_path_factory):
     return path
 
 
-@pytest.fixture(autouse=True)
-def _capture(capsys):
-    global _capsys
-    _capsys = capsys
-
 
 def _run(*args):
-    try:
-        main(["layout2img", *map(str, args), *FAST])
-        code = 0
-    except SystemExit as exit:
-        code = exit.code or 0
-    captured = _capsys.readouterr()
-    return Result(code, captured.out + captured.err)
+    return run_cli("layout2img", *args, *FAST)
 
 
 def _layout(path, objects, **extra):

@@ -5,16 +5,12 @@ import pytest
 from PIL import Image
 
 from ldmtool.checkpoints.tiny import save_tiny_checkpoint
-from ldmtool.cli.app import main
+from clirun import run_cli
 from ldmtool.errors import UsageError
 from ldmtool.pipelines.sample import class_id, imagenet_names
 
 FAST = ["--steps", "2", "--sampler", "euler", "--quiet"]
 
-
-class Result:
-    def __init__(self, exit_code, output):
-        self.exit_code, self.output = exit_code, output
 
 
 @pytest.fixture(scope="module")
@@ -27,20 +23,9 @@ def models(tmp_path_factory):
     return paths
 
 
-@pytest.fixture(autouse=True)
-def _capture(capsys):
-    global _capsys
-    _capsys = capsys
-
 
 def _run(*args):
-    try:
-        main(["sample", *map(str, args), *FAST])
-        code = 0
-    except SystemExit as exit:
-        code = exit.code or 0
-    captured = _capsys.readouterr()
-    return Result(code, captured.out + captured.err)
+    return run_cli("sample", *args, *FAST)
 
 
 def _recipe(path):
@@ -72,12 +57,10 @@ def test_same_seed_same_files_any_batch_size_and_resume(tmp_path, models):
     for stem in ("0000-0", "0000-1"):
         assert (tmp_path / "one" / f"{stem}.png").read_bytes() == (tmp_path / "two" / f"{stem}.png").read_bytes()
     assert (tmp_path / "one" / "0000-0.png").read_bytes() != (tmp_path / "one" / "0000-1.png").read_bytes()
-    try:
-        main(["sample", "--model", str(models["celeba"]), "--n", "2", "--width", "32", "--height", "32",
-              "--seed", "9", "-o", str(tmp_path / "one"), "--json", *FAST[:-1]])
-    except SystemExit as exit:
-        assert (exit.code or 0) == 0
-    events = [json.loads(line) for line in _capsys.readouterr().out.splitlines()]
+    result = run_cli("sample", "--model", models["celeba"], "--n", 2, "--width", 32, "--height", 32,
+                     "--seed", 9, "-o", tmp_path / "one", "--json", *FAST[:-1])
+    assert result.exit_code == 0, result.output
+    events = [json.loads(line) for line in result.stdout.splitlines()]
     assert [e["event"] for e in events] == ["skipped", "skipped", "summary"]
 
 

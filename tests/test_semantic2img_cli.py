@@ -8,15 +8,11 @@ from PIL import Image
 
 import ldmtool.pipelines.semantic2img as semantic
 from ldmtool.checkpoints.tiny import save_tiny_checkpoint, tiny_model
-from ldmtool.cli.app import main
+from clirun import run_cli
 from ldmtool.errors import UsageError
 
 FAST = ["--steps", "2", "--sampler", "euler", "--quiet"]
 
-
-class Result:
-    def __init__(self, exit_code, output):
-        self.exit_code, self.output = exit_code, output
 
 
 @pytest.fixture(scope="module")
@@ -26,20 +22,9 @@ def model(tmp_path_factory):
     return path
 
 
-@pytest.fixture(autouse=True)
-def _capture(capsys):
-    global _capsys
-    _capsys = capsys
-
 
 def _run(*args):
-    try:
-        main(["semantic2img", *map(str, args), *FAST])
-        code = 0
-    except SystemExit as exit:
-        code = exit.code or 0
-    captured = _capsys.readouterr()
-    return Result(code, captured.out + captured.err)
+    return run_cli("semantic2img", *args, *FAST)
 
 
 def _index_map(path, size=(40, 24), ids=(156, 123, 7)):

@@ -5,13 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 from ldmtool.checkpoints.tiny import save_tiny_checkpoint
-from ldmtool.cli.app import main
+from clirun import run_cli
 from ldmtool.pipelines.superres import native_passes
 
-
-class Result:
-    def __init__(self, exit_code, output):
-        self.exit_code, self.output = exit_code, output
 
 
 @pytest.fixture(scope="module")
@@ -33,21 +29,10 @@ def _photo(path, size=(12, 8), mode="RGB"):
     return path
 
 
-@pytest.fixture(autouse=True)
-def _capture(capsys):
-    global _capsys
-    _capsys = capsys
-
 
 def _run(*args):
     """The real CLI entry point in-process (the model cache then serves every test)."""
-    try:
-        main(["superres", *map(str, args), "--steps", "2", "--sampler", "euler", "--quiet"])
-        code = 0
-    except SystemExit as exit:
-        code = exit.code or 0
-    captured = _capsys.readouterr()
-    return Result(code, captured.out + captured.err)
+    return run_cli("superres", *args, "--steps", "2", "--sampler", "euler", "--quiet")
 
 
 @pytest.mark.parametrize("scale", [2, 3, 4, 8])

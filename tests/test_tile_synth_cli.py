@@ -7,14 +7,10 @@ import pytest
 from PIL import Image
 
 from ldmtool.checkpoints.tiny import save_tiny_checkpoint
-from ldmtool.cli.app import main
+from clirun import run_cli
 
 FAST = ["--steps", "2", "--sampler", "euler", "--quiet"]
 
-
-class Result:
-    def __init__(self, exit_code, output):
-        self.exit_code, self.output = exit_code, output
 
 
 @pytest.fixture(scope="module")
@@ -28,20 +24,9 @@ def models(tmp_path_factory):
     return paths
 
 
-@pytest.fixture(autouse=True)
-def _capture(capsys):
-    global _capsys
-    _capsys = capsys
-
 
 def _run(*args):
-    try:
-        main(["tile-synth", *map(str, args), *FAST])
-        code = 0
-    except SystemExit as exit:
-        code = exit.code or 0
-    captured = _capsys.readouterr()
-    return Result(code, captured.out + captured.err)
+    return run_cli("tile-synth", *args, *FAST)
 
 
 def _read(path):

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from ldmtool.checkpoints.tiny import save_tiny_checkpoint
-from ldmtool.cli.app import main
+from clirun import run_cli
 from ldmtool.pipelines.engine import Engine, ModelChoice, SamplingChoice
 from ldmtool.pipelines.text import TextConditioner, read_prompts
 from ldmtool.pipelines.txt2img import Txt2ImgTask, prompt_items
@@ -22,10 +22,6 @@ FAMILIES = {  # preset -> the smallest valid size (pixel multiple of the model)
     "sd2-v": 64,
 }
 
-
-class Result:
-    def __init__(self, exit_code, output):
-        self.exit_code, self.output = exit_code, output
 
 
 @pytest.fixture(scope="module")
@@ -49,20 +45,8 @@ def _one_thread():
     torch.set_num_threads(previous)
 
 
-@pytest.fixture(autouse=True)
-def _capture(capsys):
-    global _capsys
-    _capsys = capsys
-
-
 def _run(*args, steps=2):
-    try:
-        main(["txt2img", *map(str, args), "--steps", str(steps), "--sampler", "euler", "--quiet"])
-        code = 0
-    except SystemExit as exit:
-        code = exit.code or 0
-    captured = _capsys.readouterr()
-    return Result(code, captured.out + captured.err)
+    return run_cli("txt2img", *args, "--steps", steps, "--sampler", "euler", "--quiet")
 
 
 def _recipe(path):
