@@ -5,15 +5,15 @@ converter and loads it into diffusers' UNet2DConditionModel sharing the same ten
 weights). Then times one denoising step of each, alternating so that load from other processes hits both
 alike, and prints one JSON line per (implementation, batch) plus the ratio ldmtool / diffusers.
 
-    python benchmarks/unet_step.py                 # full size, fp32, 64x64 latent, batch 1 and 2 (~6.5 GB)
+    python benchmarks/unet_step.py                 # full size, fp32, 64x64 latent, batch 1 and 2 (~7.5 GB)
     python benchmarks/unet_step.py --width 160     # a cheaper proxy with half the channels
     python benchmarks/unet_step.py --device cuda --dtype bf16 --latent 64
 
 Each JSON line has wall seconds (median and min over --rounds) and CPU seconds of this process (median);
 the ratios are ldmtool / diffusers from the same run. On a machine shared with other work the wall times
 swing with the load; the CPU-time ratio and the ratio of the fastest runs are the steadier figures.
-Our CPU fast path keeps a oneDNN-reordered copy of every conv weight (about +2.1 GiB for SD 1.5 in fp32),
-which the peak RSS line includes (~6.3 GiB in all).
+Our CPU fast path keeps a oneDNN-packed copy of every conv and transformer-linear weight (about +3.2 GiB
+for SD 1.5 in fp32), which the peak RSS line includes (~7.5 GiB in all).
 """
 from __future__ import annotations
 
