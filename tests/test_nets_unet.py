@@ -204,17 +204,17 @@ def test_cpu_conv_fast_path_equals_conv2d_on_views_and_follows_weight_updates():
     with torch.inference_mode():  # weights created here carry no version counter: the plain path is used
         fresh = Conv2d(32, 8, 1)
         assert torch.allclose(fresh(big), torch.nn.functional.conv2d(big, fresh.weight, fresh.bias), atol=1e-5)
-    from ldmtool.nets._layers import set_cpu_conv_prepack
+    from ldmtool.nets._layers import set_cpu_prepack
 
     assert "_prepacked" in conv.__dict__
-    set_cpu_conv_prepack(False, conv)
+    set_cpu_prepack(False, conv)
     try:
         assert "_prepacked" not in conv.__dict__
         with torch.no_grad():
             assert torch.allclose(conv(big), torch.nn.functional.conv2d(big, conv.weight, conv.bias, padding=1), atol=1e-5)
         assert "_prepacked" not in conv.__dict__
     finally:
-        set_cpu_conv_prepack(True)
+        set_cpu_prepack(True)
     twin = copy.deepcopy(conv)  # EMA copies and torch.save must not trip over the cached oneDNN weight
     torch.save(conv, io.BytesIO())
     with torch.no_grad():

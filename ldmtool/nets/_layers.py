@@ -134,7 +134,7 @@ _PREPACK_AVAILABLE = (torch.backends.mkldnn.is_available() and hasattr(torch.ops
 _PREPACK = {"enabled": _PREPACK_AVAILABLE}
 
 
-def set_cpu_conv_prepack(enabled: bool, model: Optional[nn.Module] = None) -> None:
+def set_cpu_prepack(enabled: bool, model: Optional[nn.Module] = None) -> None:
     """Switch the CPU oneDNN fast path (convs and linears) on or off for the process. It costs one extra
     copy of those weights (about 3.2 GiB for an SD 1.5 UNet in fp32). Switching off frees `model`'s copies."""
     _PREPACK["enabled"] = bool(enabled) and _PREPACK_AVAILABLE
