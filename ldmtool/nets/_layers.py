@@ -4,6 +4,9 @@ Every spatial padding of the networks goes through `Conv2d` below (and `pad_2d` 
 asymmetric downsample pad), so seamless mode is one call: `set_seamless(model, x=True, y=False)` makes
 every padding circular along the chosen axes and zero along the others. The state-dict keys stay those of
 `torch.nn.Conv2d`.
+
+`Conv2d` and `Linear` also carry the CPU inference fast path (oneDNN with cached packed weights, switched
+by `set_cpu_prepack`); training, other devices and other dtypes use the plain PyTorch ops.
 """
 from __future__ import annotations
 
