@@ -146,13 +146,16 @@ class PhaseRecorder:
     """Wraps functions so each call is measured as a phase. Phases may nest: every open phase keeps a running
     peak, folded from the kernel's high-water mark before an inner phase resets it and again at each end."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_start: Optional[Callable[[str], None]] = None) -> None:
+        self.on_start = on_start  # e.g. a progress line on stderr for long runs
         self.phases: list[PhaseMemory] = []
         self.exact = reset_peak()  # False: peaks are only as good as the RSS samples at phase edges
         self._running_peaks: list[int] = []
 
     def wrap(self, name: str, fn: Callable) -> Callable:
         def measured(*args, **kwargs):
+            if self.on_start is not None:
+                self.on_start(name)
             start_rss = status_kib("VmRSS") * 1024
             self._fold(status_kib("VmHWM") * 1024)
             reset_peak()

@@ -25,6 +25,7 @@ import argparse
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -45,7 +46,7 @@ def child_main(argv: list[str]) -> None:
     from _common import PhaseRecorder, reset_peak, status_kib
 
     source, output, store_mib, cli_args = argv[0], argv[1], argv[2], argv[3:]
-    recorder = PhaseRecorder()
+    recorder = PhaseRecorder(on_start=_progress)
     _instrument(recorder)
     if store_mib != "default":
         _limit_vae_store(int(float(store_mib) * MIB))
@@ -60,6 +61,11 @@ def child_main(argv: list[str]) -> None:
     reset_peak()
     emit({"child": "phases", "exit_code": code, "exact_peaks": recorder.exact, "process_peak_rss": process_peak,
           "phases": [p.record() for p in recorder.phases]})
+
+
+def _progress(phase: str) -> None:
+    """Phase starts on stderr with the time, to follow a long size (its peak so far: VmHWM in /proc)."""
+    print(f"{time.strftime('%H:%M:%S')} {phase} starts", file=sys.stderr, flush=True)
 
 
 def _limit_vae_store(store_bytes: int) -> None:
