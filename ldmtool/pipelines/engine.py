@@ -147,7 +147,10 @@ class Engine:
 
     @property
     def native_latent(self) -> int:
-        return int(self.unet_params.get("image_size", 64))
+        """The tile side in latent pixels: the config's `ldmtool.default_tile`, else the UNet's training size
+        but at least 64 (small models trained on small crops are convolutional and run fine on 64² tiles,
+        while 16² tiles would multiply the per-call overhead)."""
+        return int(self.defaults.get("default_tile") or max(64, int(self.unet_params.get("image_size", 64))))
 
     # -- resolved sampling parameters (recorded in every output's metadata)
 
