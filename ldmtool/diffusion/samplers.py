@@ -80,15 +80,9 @@ def progressive_euler(model: Model, x: torch.Tensor, sigmas: Sigmas, *, noise: O
 def progressive_euler_a(
     model: Model, x: torch.Tensor, sigmas: Sigmas, *, noise: Optional[NoiseFn] = None, eta: float = 1.0
 ) -> Iterator[Step]:
-    """Euler ancestral: an Euler step down to sigma_down, then noise up to sigma_next."""
-    noise, pairs = _noise_fn(noise), _pairs(sigmas)
-    for i, (s, s_next) in enumerate(pairs):
-        denoised = model(x, _at(x, s))
-        down, up = ancestral_split(s, s_next, eta)
-        x = x + (x - denoised) / s * (down - s)
-        if up > 0:
-            x = x + up * noise(x)
-        yield Step(i, len(pairs), s, s_next, x, denoised)
+    """Euler ancestral: an Euler step down to sigma_down, then noise up to sigma_next. In the VE form that
+    step, x + (x - x0) (down - s) / s, is exactly DDIM's x0 + (x - x0) down / s, so it is DDIM with eta 1."""
+    return progressive_ddim(model, x, sigmas, noise=noise, eta=eta)
 
 
 def progressive_ddim(
