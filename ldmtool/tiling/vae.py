@@ -212,7 +212,7 @@ def _quantize_in_rows(quantize: nn.Module, z: Tensor, pixels: int = 4096) -> Ten
 
 
 @torch.no_grad()
-def attention_stage(stage: Stage, x: Tensor, config: VAETiling, query_tokens: int = 2**14,
+def attention_stage(stage: Stage, x: Tensor, config: VAETiling, query_tokens: int = 2**13,
                     key_tokens: int = 2**12) -> Tensor:
     """An attention stage over the whole (off-device) canvas `x`, with bounded device memory.
 
@@ -258,9 +258,9 @@ def online_softmax_attention(q: Tensor, keys: Tensor, values: Tensor, block: int
     for k0 in range(0, keys.shape[1], block):
         k_block = keys[:, k0 : k0 + block].to(q.device, torch.float32)
         v_block = values[:, k0 : k0 + block].to(q.device, torch.float32)
-        scores = q32 @ k_block.transpose(1, 2)  # (B, n, block)
-        new_max = torch.maximum(running_max, scores.amax(-1))
-        weights = torch.exp(scores - new_max[..., None])
+        weights = q32 @ k_block.transpose(1, 2)  # (B, n, block) scores, made weights in place below
+        new_max = torch.maximum(running_max, weights.amax(-1))
+        weights.sub_(new_max[..., None]).exp_()  # in place: one (n, block) buffer instead of three
         correction = torch.exp(running_max - new_max)
         normaliser = normaliser * correction + weights.sum(-1)
         total = total * correction[..., None] + weights @ v_block
