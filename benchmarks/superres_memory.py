@@ -22,7 +22,6 @@ written to the work folder. Records: one per size (`bench: superres_memory`), th
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ldmtool.checkpoints.config import instantiate, ldmtool_block, model_block
-from ldmtool.checkpoints.schedule import DDPM_BUFFERS, LOW_SCALE_BUFFERS, schedule_buffers
+from ldmtool.checkpoints.schedule import LOW_SCALE_BUFFERS, schedule_buffers
 from ldmtool.errors import CheckpointError
 
 PARAMETERIZATIONS = ("eps", "v", "x0")

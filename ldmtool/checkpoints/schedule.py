@@ -6,9 +6,10 @@ values.
 """
 from __future__ import annotations
 
-import math
 
 import torch
+
+from ldmtool.diffusion.schedules import make_betas
 
 # Order as registered by the reference `DDPM.register_schedule` (lvlb_weights is not persistent).
 DDPM_BUFFERS = (
@@ -28,22 +29,17 @@ DDPM_BUFFERS = (
 LOW_SCALE_BUFFERS = DDPM_BUFFERS[:8]
 
 
+# CompVis config names -> the shared schedule kinds ("sqrt_linear" is linear in beta itself).
+_COMPVIS_KINDS = {"linear": "linear", "cosine": "cosine", "sqrt_linear": "plain_linear", "sqrt": "sqrt"}
+
+
 def make_beta_schedule(
     schedule: str, n_timestep: int, linear_start: float = 1e-4, linear_end: float = 2e-2, cosine_s: float = 8e-3
 ) -> torch.Tensor:
-    """Betas in float64: 'linear' is linear in sqrt(beta) as in LDM/SD; also cosine, sqrt_linear, sqrt."""
-    if schedule == "linear":
-        return torch.linspace(linear_start**0.5, linear_end**0.5, n_timestep, dtype=torch.float64) ** 2
-    if schedule == "cosine":
-        steps = torch.arange(n_timestep + 1, dtype=torch.float64) / n_timestep + cosine_s
-        alphas = torch.cos(steps / (1 + cosine_s) * math.pi / 2).pow(2)
-        alphas = alphas / alphas[0]
-        return (1 - alphas[1:] / alphas[:-1]).clamp(0, 0.999)
-    if schedule == "sqrt_linear":
-        return torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64)
-    if schedule == "sqrt":
-        return torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64) ** 0.5
-    raise ValueError(f"unknown beta schedule {schedule!r}")
+    """Betas in float64 for a CompVis `beta_schedule` name (computed by `diffusion.schedules.make_betas`)."""
+    if schedule not in _COMPVIS_KINDS:
+        raise ValueError(f"unknown beta schedule {schedule!r}")
+    return make_betas(_COMPVIS_KINDS[schedule], n_timestep, linear_start, linear_end, cosine_s)
 
 
 def schedule_buffers(

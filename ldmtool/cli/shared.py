@@ -17,7 +17,6 @@ from typing import Any, Callable, Optional
 
 from ldmtool.cli import options as opt
 from ldmtool.cli.common import run_options
-from ldmtool.cli.engine_options import model_choice, sampling_choice
 
 # (parameter name, Annotated alias, default)
 RUN_OPTIONS = [
@@ -106,8 +105,11 @@ def _records(v: dict[str, Any]) -> dict[str, Any]:
                       ray_address=v["ray_address"])
     if "model" not in v:
         return {"run": run}
-    model = model_choice(v["model"], v["config"], v["preset"], v["no_ema"], v["prediction"], v["device"],
-                         v["precision"])
-    sampling = sampling_choice(v["sampler"], v["steps"], v["cfg"], v["eta"], v["karras"], v["tile"],
-                               v["tile_overlap"], v["max_memory"], v.get("seamless"))
+    from ldmtool.pipelines.engine import ModelChoice, SamplingChoice  # torch only once a command runs
+
+    model = ModelChoice(model=v["model"], config=v["config"], preset=v["preset"], use_ema=not v["no_ema"],
+                        prediction=v["prediction"], device=v["device"], precision=v["precision"])
+    sampling = SamplingChoice(sampler=v["sampler"], steps=v["steps"], cfg=v["cfg"], eta=v["eta"],
+                              karras=v["karras"], tile=v["tile"], tile_overlap=v["tile_overlap"],
+                              max_memory=v["max_memory"], seamless=v.get("seamless"))
     return {"run": run, "model": model, "sampling": sampling}

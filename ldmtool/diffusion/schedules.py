@@ -32,6 +32,7 @@ class BetaSchedule(str, Enum):
     SCALED_LINEAR = "scaled_linear"  # the same schedule under its diffusers name
     PLAIN_LINEAR = "plain_linear"  # betas = linspace(start, end, T) (diffusers "linear")
     COSINE = "cosine"  # Nichol & Dhariwal 2021, as CompVis `make_beta_schedule("cosine")`
+    SQRT = "sqrt"  # betas = sqrt(linspace(start, end, T)) (CompVis "sqrt")
 
 
 class Spacing(str, Enum):
@@ -61,6 +62,8 @@ def make_betas(
         return torch.linspace(start**0.5, end**0.5, timesteps, dtype=torch.float64) ** 2
     if kind is BetaSchedule.PLAIN_LINEAR:
         return torch.linspace(start, end, timesteps, dtype=torch.float64)
+    if kind is BetaSchedule.SQRT:
+        return torch.linspace(start, end, timesteps, dtype=torch.float64) ** 0.5
     steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps + cosine_s
     alphas = torch.cos(steps / (1 + cosine_s) * math.pi / 2) ** 2
     alphas = alphas / alphas[0]

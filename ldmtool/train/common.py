@@ -115,7 +115,6 @@ def load_state(run_dir: Path, run_config: Mapping[str, Any]) -> dict[str, Any]:
 
 def save_export(run_dir: Path, tensors: Mapping[str, "torch.Tensor"], config: Mapping[str, Any], *, half: bool = False) -> Path:
     """Write `model.safetensors` (original key names) and `model.yaml` (CompVis format) into `run_dir`."""
-    import torch
     from safetensors.torch import save_file
 
     def prepare(t: "torch.Tensor") -> "torch.Tensor":
