@@ -26,12 +26,21 @@ NoiseLevel = Annotated[
                  rich_help_panel=opt.SAMPLING),
 ]
 
+ColourFix = Annotated[
+    Optional[bool],
+    typer.Option("--colour-fix/--no-colour-fix",
+                 help="Take the low frequencies (colour, brightness) from a bicubic upscale of the input and only the "
+                      "detail from the model (default: the model config's ldmtool.colour_fix, else off).",
+                 rich_help_panel=opt.SAMPLING),
+]
+
 
 @task_command(model="default-superres")
 def superres(
     inputs: opt.Inputs,
     scale: Scale = 4.0,
     noise_level: NoiseLevel = None,
+    colour_fix: ColourFix = None,
     prompt: opt.Prompt = None,
     negative: opt.Negative = None,
     recursive: opt.Recursive = False,
@@ -47,7 +56,7 @@ def superres(
     from ldmtool.runtime.runner import run_task
 
     task = SuperresTask(Engine(model, sampling), scale=scale, prompt=prompt or "", negative=negative or "",
-                        noise_level=noise_level, max_pixels=max_pixels)
+                        noise_level=noise_level, max_pixels=max_pixels, colour_fix=colour_fix)
     finish(run_task(task, find_inputs(inputs, recursive=recursive), run))
 
 

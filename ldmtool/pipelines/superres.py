@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ldmtool.diffusion.cond import Cond
 from ldmtool.errors import FatalError, ItemError, UsageError
 from ldmtool.io.images import read_image
+from ldmtool.pipelines.colour_fix import colour_fix_
 from ldmtool.pipelines.engine import Engine, to_array, to_model_range
 from ldmtool.runtime.runner import BaseTask, Job, Output
 
@@ -51,7 +52,8 @@ class SuperresTask(BaseTask):
     command = "superres"
 
     def __init__(self, engine: Engine, *, scale: float, prompt: str = "", negative: str = "",
-                 noise_level: Optional[int] = None, max_pixels: Optional[int] = None):
+                 noise_level: Optional[int] = None, max_pixels: Optional[int] = None,
+                 colour_fix: Optional[bool] = None):
         if not scale > 1:
             raise UsageError(f"--scale {scale}: must be more than 1")
         super().__init__(params={"scale": scale})
@@ -60,6 +62,7 @@ class SuperresTask(BaseTask):
         self.prompt, self.negative = prompt, negative
         self.noise_level = noise_level
         self.max_pixels = max_pixels
+        self.colour_fix = colour_fix  # None: the model config's `ldmtool.colour_fix` (absent = off)
         self._context: Optional[tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = None
 
     # -- runner hooks
@@ -73,6 +76,9 @@ class SuperresTask(BaseTask):
                              "(it needs a low-resolution image as concat conditioning)")
         self.upscaler = key == "hybrid-adm"
         self.params.update(engine.resolved(), model_family=engine.bundle.family)
+        if self.colour_fix is None:
+            self.colour_fix = _config_colour_fix(engine)
+        self.params.update(colour_fix=self.colour_fix)
         if self.upscaler:
             self.noise_level = self.noise_level if self.noise_level is not None else int(
                 engine.defaults.get("default_noise_level", 20))
@@ -116,8 +122,8 @@ class SuperresTask(BaseTask):
             return e.decode(z)
 
         out = engine.finite(compute, label)[0].clamp(0, 1)
-        out = out[:, : height * NATIVE_SCALE, : width * NATIVE_SCALE]
-        return to_array(out)
+        out = to_array(out[:, : height * NATIVE_SCALE, : width * NATIVE_SCALE])
+        return colour_fix_(out, rgb) if self.colour_fix else out
 
     def _pixel_multiple(self) -> int:
         """Low-res sizes must map to latents divisible by the UNet's total downsampling (8)."""
@@ -143,6 +149,13 @@ class SuperresTask(BaseTask):
         with torch.inference_mode():
             both = encoder.encode([self.prompt, self.negative])
         return both[:1], both[1:]
+
+
+def _config_colour_fix(engine: Engine) -> bool:
+    value = engine.defaults.get("colour_fix", False)
+    if not isinstance(value, bool):
+        raise FatalError(f"{engine.model_path}: its config's ldmtool.colour_fix is {value!r}; write true or false")
+    return value
 
 
 def _padding(height: int, width: int, multiple: int) -> tuple[int, int]:
