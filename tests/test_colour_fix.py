@@ -45,6 +45,16 @@ def test_strips_equal_whole_image_float(scale):
     np.testing.assert_allclose(fixed, expected, atol=1e-5)
 
 
+def test_input_range_follows_the_output():
+    """The pipeline's first pass gets a float (0..1) input and writes uint8 pixels: same result as uint8 both."""
+    out, low = _random_pair(2)
+    expected = colour_fix_reference(out, low)
+    fixed = colour_fix_(out.copy(), (low / 255.0).astype(np.float32), strip_rows=16)
+    assert np.abs(fixed.astype(int) - expected.astype(int)).max() <= 1
+    floats = colour_fix_((out / 255.0).astype(np.float32), low)
+    assert np.abs(floats * 255 - expected).max() <= 0.51
+
+
 def test_sigma_scales_with_the_factor():
     assert colour_fix_sigma(4) == 3.0
     assert colour_fix_sigma(2) == 1.5

@@ -51,7 +51,7 @@ def colour_fix_reference(output: np.ndarray, low: np.ndarray, *, sigma: Optional
     scale = _integer_scale(output, low)
     sigma = colour_fix_sigma(scale) if sigma is None else sigma
     out = output.astype(np.float32)
-    bicubic = cv2.resize(low.astype(np.float32), (out.shape[1], out.shape[0]), interpolation=cv2.INTER_CUBIC)
+    bicubic = cv2.resize(_in_range_of(low, output.dtype), (out.shape[1], out.shape[0]), interpolation=cv2.INTER_CUBIC)
     fixed = out - gaussian_blur(out, sigma) + gaussian_blur(bicubic, sigma)
     return _to_dtype(fixed, output.dtype)
 
@@ -60,8 +60,8 @@ def colour_fix_(output: np.ndarray, low: np.ndarray, *, sigma: Optional[float] =
                 strip_rows: int = STRIP_ROWS) -> np.ndarray:
     """Apply the colour fix to `output` (H, W, 3) in place, strip by strip; returns `output`.
 
-    `low` is the model's input (h, w, 3) with H = s·h and W = s·w for an integer s. Both are uint8 (0..255)
-    or float (0..1), the same kind.
+    `low` is the model's input (h, w, 3) with H = s·h and W = s·w for an integer s. Each is uint8 (0..255)
+    or float (0..1); the reference is brought to the output's range.
     """
     scale = _integer_scale(output, low)
     sigma = colour_fix_sigma(scale) if sigma is None else sigma
@@ -75,13 +75,13 @@ def colour_fix_(output: np.ndarray, low: np.ndarray, *, sigma: Optional[float] =
         top = start - len(carried)  # image row of window[0]
         carried_next = window[max(top, end - halo) - top : end - top].copy()
         window -= gaussian_blur(window, sigma)
-        window += gaussian_blur(_bicubic_rows(low, scale, top, below, output.shape[1]), sigma)
+        window += gaussian_blur(_bicubic_rows(low, scale, top, below, output.shape[1], output.dtype), sigma)
         output[start:end] = _to_dtype(window[start - top : end - top], output.dtype)
         carried = carried_next
     return output
 
 
-def _bicubic_rows(low: np.ndarray, scale: int, top: int, bottom: int, width: int) -> np.ndarray:
+def _bicubic_rows(low: np.ndarray, scale: int, top: int, bottom: int, width: int, dtype: np.dtype) -> np.ndarray:
     """Rows [top, bottom) of the bicubic ×scale upscale of `low`, computed from the low-res rows they read.
 
     With an integer factor, output row y samples low-res position (y + 0.5)/scale - 0.5, so cropping the
@@ -90,7 +90,7 @@ def _bicubic_rows(low: np.ndarray, scale: int, top: int, bottom: int, width: int
     """
     first = max(0, top // scale - _CUBIC_SUPPORT)
     last = min(low.shape[0], -(-bottom // scale) + _CUBIC_SUPPORT)
-    part = low[first:last].astype(np.float32)
+    part = _in_range_of(low[first:last], dtype)
     up = cv2.resize(part, (width, (last - first) * scale), interpolation=cv2.INTER_CUBIC)
     return up[top - first * scale : bottom - first * scale]
 
@@ -100,6 +100,13 @@ def _integer_scale(output: np.ndarray, low: np.ndarray) -> int:
     if scale < 1 or output.shape[:2] != (low.shape[0] * scale, low.shape[1] * scale):
         raise ValueError(f"colour fix: output {output.shape[:2]} is not an integer multiple of the input {low.shape[:2]}")
     return scale
+
+
+def _in_range_of(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """float32 copy of `values` in the value range of `dtype` (0..255 for integers, 0..1 for floats)."""
+    out_int, in_int = np.issubdtype(dtype, np.integer), np.issubdtype(values.dtype, np.integer)
+    factor = 255.0 if out_int and not in_int else 1 / 255.0 if in_int and not out_int else 1.0
+    return values.astype(np.float32) * np.float32(factor) if factor != 1.0 else values.astype(np.float32)
 
 
 def _to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
