@@ -489,7 +489,7 @@ def tiny_model(task: str, folder: Path) -> str:
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", choices=[*TASKS, "all"], default="all")
+    parser.add_argument("--task", nargs="+", choices=[*TASKS, "all"], default=["all"], help="one or more tasks, or all")
     parser.add_argument("--model", help="checkpoint file or shipped name (default: the shipped default-<task>)")
     parser.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="base seed of the model runs and the procedural samples")
@@ -507,7 +507,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
     if args.dry_run:
         args.quick, args.size, args.steps = True, args.size or 64, args.steps or 2
-    tasks = TASKS if args.task == "all" else (args.task,)
+    tasks = TASKS if "all" in args.task else tuple(dict.fromkeys(args.task))
     stream = sys.stderr if args.markdown else sys.stdout
 
     def emit(record: dict[str, Any]) -> None:
