@@ -6,7 +6,7 @@ from torch import nn
 from ldmtool.errors import ItemError
 from ldmtool.nets.autoencoder import AutoencoderKL, VQModelInterface
 from ldmtool.nets.autoencoder import AttnBlock
-from ldmtool.tiling.vae import Stage, VAETiling, attention_stage, tiled_decode, tiled_encode
+from ldmtool.tiling.vae import FileCanvas, Stage, TensorCanvas, VAETiling, attention_stage, tiled_decode, tiled_encode
 
 torch.set_num_threads(1)
 
@@ -47,28 +47,33 @@ def _image(height=64, width=96, seed=1):
     return (0.6 * ramp + 0.3 * torch.randn(1, 3, height, width, generator=g)).clamp(-1, 1)
 
 
-@pytest.mark.parametrize("store_bytes", [0, 512 * 2**20])
+STORES = {"recompute": dict(store_bytes=0), "memory": dict(store_bytes=512 * 2**20, spill_bytes=None),
+          "spill-file": dict(spill_bytes=0)}
+
+
+@pytest.mark.parametrize("store", STORES.values(), ids=STORES.keys())
 @pytest.mark.parametrize("make", [_kl, _vq, lambda: _kl(KL_ATTN_UP)], ids=["kl", "vq", "kl-attn-up"])
-def test_tiled_decode_matches_untiled(make, store_bytes):
+def test_tiled_decode_matches_untiled(make, store):
     model = make()
     with torch.no_grad():
         z = model.encode(_image()) + 0.5 * torch.randn(1, model.post_quant_conv.in_channels, 16, 24,
                                                        generator=torch.Generator().manual_seed(2))
         z = torch.cat([z, z.flip(-1)])  # two items: per-item statistics
         expected = model.decode(z)
-        got = tiled_decode(model, z, VAETiling(tile=8, store_bytes=store_bytes))
+        got = tiled_decode(model, z, VAETiling(tile=8, **store))
     assert got.shape == expected.shape
     assert (got - expected).abs().max() <= PIXEL
     assert (got - expected).abs().max() <= 1e-4  # in fact exact up to float rounding
 
 
+@pytest.mark.parametrize("spill_bytes", [None, 0], ids=["memory", "spill-file"])
 @pytest.mark.parametrize("make", [_kl, _vq, lambda: _kl(KL_ATTN_UP)], ids=["kl", "vq", "kl-attn-up"])
-def test_tiled_encode_matches_untiled(make):
+def test_tiled_encode_matches_untiled(make, spill_bytes):
     model = make()
     x = torch.cat([_image(), _image(seed=4).flip(-1)])
     with torch.no_grad():
         expected = model.encode(x)
-        got = tiled_encode(model, x, VAETiling(tile=32))
+        got = tiled_encode(model, x, VAETiling(tile=32, spill_bytes=spill_bytes))
         assert (got - expected).abs().max() <= 1e-4
         assert (model.decode(got) - model.decode(expected)).abs().max() <= PIXEL
 
@@ -146,3 +151,42 @@ def test_out_of_memory_retries_with_smaller_tiles():
         handle.remove()
     with torch.no_grad():
         assert (got - model.decode(z)).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_file_canvas_round_trips_tiles_and_wraps_like_the_tensor_canvas(tmp_path, dtype):
+    data = torch.randn(2, 5, 7, 9, generator=torch.Generator().manual_seed(0)).to(dtype)
+    on_file = FileCanvas(data.shape, dtype, str(tmp_path))
+    on_file.paste(data[..., :4, :], 0, 0)  # two tiles, as a pass pastes cores
+    on_file.paste(data[..., 4:, :], 4, 0)
+    in_memory = TensorCanvas(data)
+    for box in [(0, 7, 0, 9), (2, 5, 3, 8), (-2, 4, -3, 5), (5, 10, 6, 12), (-8, 9, -10, 10)]:
+        assert torch.equal(on_file.crop(*box), in_memory.crop(*box)), box
+    assert torch.equal(on_file.result(), data)
+    on_file.close()
+    assert list(tmp_path.iterdir()) == []  # unlinked from the start: nothing left behind
+
+
+def test_decode_into_a_custom_canvas_never_builds_the_float_image():
+    """Tiles of the last pass go to the caller's canvas (here: uint8 pixels, as the pipelines write)."""
+
+    class Uint8Canvas:
+        def __init__(self, shape, dtype):
+            self.pixels = torch.zeros(shape[0], shape[2], shape[3], shape[1], dtype=torch.uint8)
+            self.pastes = 0
+
+        def paste(self, tile, top, left):
+            self.pastes += 1
+            values = ((tile.float() + 1) * 127.5).clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+            self.pixels[:, top : top + tile.shape[-2], left : left + tile.shape[-1]] = values
+
+        def result(self):
+            return self
+
+    model = _kl()
+    with torch.no_grad():
+        z = model.encode(_image())
+        expected = ((model.decode(z) + 1) * 127.5).clamp(0, 255).round().permute(0, 2, 3, 1)
+        canvas = tiled_decode(model, z, VAETiling(tile=8, spill_bytes=0), output=Uint8Canvas)
+    assert canvas.pastes == 6  # a 16x24 latent in 8x8 tiles
+    assert (canvas.pixels.float() - expected).abs().max() <= 1

@@ -110,14 +110,16 @@ class Engine:
         return twin
 
     def finite(self, compute: Callable[["Engine"], torch.Tensor], label: str) -> torch.Tensor:
-        """`compute(engine)`, recomputed in fp32 when a half-precision result is not finite; ItemError when
-        even fp32 gives NaN/Inf (never write a wrong image)."""
-        result = compute(self)
-        if torch.isfinite(result).all():
-            return result
-        if self.dtype != torch.float32:
-            result = compute(self.in_fp32())
-            if torch.isfinite(result).all():
+        """`compute(engine)`, recomputed in fp32 when a half-precision result is not finite (a NaN/Inf float
+        result, or `NonFiniteResult` raised); ItemError when even fp32 fails (never write a wrong image)."""
+        engines = [self] if self.dtype == torch.float32 else [self, None]
+        for index in range(len(engines)):
+            engine = engines[index] or self.in_fp32()
+            try:
+                result = compute(engine)
+            except NonFiniteResult:
+                continue
+            if not result.is_floating_point() or torch.isfinite(result).all():
                 return result
         raise ItemError(f"{label}: the result is not finite (NaN/Inf) even in fp32; nothing was written")
 
@@ -246,6 +248,23 @@ class Engine:
                 image = first.decode(z)
         return (image.float().cpu() + 1) / 2
 
+    def decode_pixels(self, latents: torch.Tensor) -> torch.Tensor:
+        """Like `decode`, but straight to uint8 pixels (B, H, W, 3) on the CPU, rounded as the image writer
+        rounds. Tiled decodes convert tile by tile, so no full-size float image is ever made (it would be
+        the largest buffer of a big super-resolution). Raises `NonFiniteResult` for NaN/Inf."""
+        first = self.bundle.first_stage
+        z = (latents / self.bundle.scale_factor).to(self.device, self.dtype)
+        with torch.inference_mode(), seamless(first, axes=self.axes):
+            if self._vae_tiled(z.shape[-2], z.shape[-1]):
+                canvas = tiled_decode(first, z, VAETiling(tile=self._vae_tile()), output=PixelCanvas)
+            else:
+                image = first.decode(z)
+                canvas = PixelCanvas(image.shape, image.dtype)
+                canvas.paste(image, 0, 0)
+        if not canvas.finite:
+            raise NonFiniteResult
+        return canvas.pixels
+
     def _vae_tiled(self, h: int, w: int) -> bool:
         tile = self.sampling.vae_tile
         if tile == 0 or self.sampling.tile == 0:
@@ -256,8 +275,33 @@ class Engine:
         return self.sampling.vae_tile or 64
 
 
+class NonFiniteResult(Exception):
+    """A decoded image had NaN/Inf values (`Engine.finite` recomputes in fp32)."""
+
+
+class PixelCanvas:
+    """Receives decoded tiles (B, 3, h, w) in [-1, 1] and keeps them as uint8 pixels (B, H, W, 3)."""
+
+    def __init__(self, shape, dtype=None):
+        batch, _channels, height, width = shape
+        self.pixels = torch.empty(batch, height, width, 3, dtype=torch.uint8)
+        self.finite = True
+
+    def paste(self, tile: torch.Tensor, top: int, left: int) -> None:
+        values = tile.float().cpu()
+        self.finite = self.finite and bool(torch.isfinite(values).all())
+        # The writer's rounding (io.images.to_uint8) on (x + 1) / 2, in the same float32 operations.
+        pixels = (((values + 1) / 2).clamp(0, 1) * 255.0 + 0.5).to(torch.uint8)
+        self.pixels[:, top : top + tile.shape[-2], left : left + tile.shape[-1]] = pixels.permute(0, 2, 3, 1)
+
+    def result(self) -> "PixelCanvas":
+        return self
+
+
 def to_model_range(rgb: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) float in [0, 1] → (1, 3, H, W) float32 in [-1, 1]."""
+    """(H, W, 3) float in [0, 1] or uint8 → (1, 3, H, W) float32 in [-1, 1]."""
+    if rgb.dtype == np.uint8:
+        return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float() / 127.5 - 1
     return torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32)).permute(2, 0, 1)[None] * 2 - 1
 
 

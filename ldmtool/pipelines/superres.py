@@ -19,7 +19,7 @@ from ldmtool.diffusion.cond import Cond
 from ldmtool.errors import FatalError, ItemError, UsageError
 from ldmtool.io.images import read_image
 from ldmtool.pipelines.colour_fix import colour_fix_
-from ldmtool.pipelines.engine import Engine, to_array, to_model_range
+from ldmtool.pipelines.engine import Engine, to_model_range
 from ldmtool.runtime.runner import BaseTask, Job, Output
 
 NATIVE_SCALE = 4
@@ -38,14 +38,15 @@ def output_size(width: int, height: int, scale: float) -> tuple[int, int]:
 
 
 def resample(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize (H, W[, C]) float32 to (width, height) with area (shrink) or Lanczos (enlarge)."""
+    """Resize (H, W[, C]) uint8, or float32 in [0, 1], to (width, height) with area (shrink) or Lanczos
+    (enlarge); the dtype is kept (OpenCV rounds and saturates uint8)."""
     width, height = size
     if (array.shape[1], array.shape[0]) == (width, height):
         return array
     shrinking = width * height < array.shape[0] * array.shape[1]
     interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LANCZOS4
     out = cv2.resize(array, (width, height), interpolation=interpolation)
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
+    return out if array.dtype == np.uint8 else np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
 class SuperresTask(BaseTask):
@@ -107,7 +108,7 @@ class SuperresTask(BaseTask):
         return Output(image=rgb, alpha=alpha, params={"input_size": list(image.size), "output_size": list(size)})
 
     def _native_pass(self, rgb: np.ndarray, seed: int, label: str) -> np.ndarray:
-        """One ×4 pass of the model on (H, W, 3) in [0, 1]; returns (4H, 4W, 3)."""
+        """One ×4 pass of the model on (H, W, 3) uint8 or float in [0, 1]; returns (4H, 4W, 3) uint8."""
         engine = self.engine
         height, width = rgb.shape[:2]
         pad_h, pad_w = _padding(height, width, self._pixel_multiple())
@@ -119,10 +120,10 @@ class SuperresTask(BaseTask):
         def compute(e: Engine) -> torch.Tensor:
             cond, uncond = self._conditioning(e, low, latent_hw, seed)
             z = e.sample(latent_hw, [seed], cond, uncond, progress=self.reporter and self.reporter.steps)
-            return e.decode(z)
+            return e.decode_pixels(z)
 
-        out = engine.finite(compute, label)[0].clamp(0, 1)
-        out = to_array(out[:, : height * NATIVE_SCALE, : width * NATIVE_SCALE])
+        pixels = engine.finite(compute, label)[0]  # (H, W, 3) uint8: the output is never a float image
+        out = pixels[: height * NATIVE_SCALE, : width * NATIVE_SCALE].numpy()
         return colour_fix_(out, rgb) if self.colour_fix else out
 
     def _pixel_multiple(self) -> int:

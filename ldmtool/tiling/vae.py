@@ -36,10 +36,14 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -52,11 +56,21 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class VAETiling:
-    """Tile core size in pixels of the tiled section's input, and the checkpoint store budget."""
+    """Tile core size in pixels of the tiled section's input, and where checkpoints are kept.
+
+    A checkpoint larger than `spill_bytes` goes to an unlinked temporary file in `spill_dir` (default: the
+    system's temporary folder) instead of memory, so host memory stays bounded by the tile whatever the
+    image size; the file is written and read with plain file I/O, never mapped, so it is not part of the
+    process's resident memory. `spill_bytes=None` keeps every checkpoint in memory.
+    """
 
     tile: int = 64
-    store_bytes: Optional[int] = None  # None: min(4 GiB, a quarter of the store device's free memory)
+    # Largest checkpoint kept. None: half the free space of `spill_dir` when spilling, otherwise
+    # min(4 GiB, a quarter of the store device's free memory). 0 keeps none (recompute: slower, same result).
+    store_bytes: Optional[int] = None
     store_device: str = "cpu"
+    spill_bytes: Optional[int] = 64 * 2**20
+    spill_dir: Optional[str] = None
     min_tile: int = 8  # out-of-memory retries halve the tile down to this
 
 
@@ -135,12 +149,19 @@ def _run(stages: list[Stage], h: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def tiled_decode(first_stage: nn.Module, z: Tensor, config: VAETiling = VAETiling()) -> Tensor:
-    """`first_stage.decode(z)` computed in tiles of `config.tile` latent pixels (same result within 1/255)."""
+def tiled_decode(first_stage: nn.Module, z: Tensor, config: VAETiling = VAETiling(),
+                 output: Optional["CanvasFactory"] = None):
+    """`first_stage.decode(z)` computed in tiles of `config.tile` latent pixels (same result within 1/255).
+
+    `output` receives the decoded tiles (see `CanvasFactory`); by default they are assembled into one
+    tensor on `z`'s device. A caller that wants, say, uint8 pixels gives a canvas that converts each tile,
+    so the full-size float image never exists. Returns `output`'s `result()`.
+    """
     if hasattr(first_stage, "quantize"):
         z = _quantize_in_rows(first_stage.quantize, z)
     h = first_stage.post_quant_conv(z)  # 1x1 to z_channels: as small as the latent
-    return run_bounded(decoder_stages(first_stage.decoder), h, config).to(z.device)
+    result = run_bounded(decoder_stages(first_stage.decoder), h, config, output)
+    return result.to(z.device) if output is None else result
 
 
 @torch.no_grad()
@@ -159,11 +180,12 @@ def tiled_encode(first_stage: nn.Module, x: Tensor, config: VAETiling = VAETilin
 
 
 @torch.no_grad()
-def run_bounded(stages: list[Stage], source: Tensor, config: VAETiling) -> Tensor:
+def run_bounded(stages: list[Stage], source: Tensor, config: VAETiling, output: Optional["CanvasFactory"] = None):
     """`_run(stages, source)` in device memory bounded by the tile: runs of attention-free stages are
     streamed in tiles; attention stages run in query chunks against keys and values kept off-device.
 
-    `config.tile` is in pixels of `source`; later runs get the same tile in their own pixels.
+    `config.tile` is in pixels of `source`; later runs get the same tile in their own pixels. The last
+    run's tiles go to `output` (default: a tensor on the store device), whose `result()` is returned.
     """
     h, scale, run, run_scale = source, Fraction(1), [], Fraction(1)
     for stage in stages:
@@ -176,22 +198,30 @@ def run_bounded(stages: list[Stage], source: Tensor, config: VAETiling) -> Tenso
                 run_scale = scale
             run.append(stage)
         scale *= stage.scale
-    return _stream_run(run, h, config, run_scale)
+    if not run:
+        return h if output is None else _whole(output, h)
+    return _stream_run(run, h, config, run_scale, output)
+
+
+def _whole(output: "CanvasFactory", h: Tensor):
+    canvas = output(h.shape, h.dtype)
+    canvas.paste(h, 0, 0)
+    return canvas.result()
 
 
 def _scaled_tile(config: VAETiling, scale: Fraction) -> int:
     return max(1, int(config.tile * scale))
 
 
-def _stream_run(run: list[Stage], h: Tensor, config: VAETiling, scale: Fraction) -> Tensor:
-    return _stream_retrying(run, h, replace(config, tile=_scaled_tile(config, scale))) if run else h
+def _stream_run(run: list[Stage], h: Tensor, config: VAETiling, scale: Fraction, output=None):
+    return _stream_retrying(run, h, replace(config, tile=_scaled_tile(config, scale)), output) if run else h
 
 
-def _stream_retrying(stages: list[Stage], source: Tensor, config: VAETiling) -> Tensor:
+def _stream_retrying(stages: list[Stage], source: Tensor, config: VAETiling, output=None):
     """`stream_stages`, restarted with half the tile after an out-of-memory error (down to `min_tile`)."""
     while True:
         try:
-            return stream_stages(stages, source, config)
+            return stream_stages(stages, source, config, output)
         except Exception as err:  # noqa: BLE001 - only out-of-memory is retried
             if not is_out_of_memory(err) or config.tile // 2 < config.min_tile:
                 raise
@@ -359,14 +389,138 @@ def _seamless_axes(stages: list[Stage]) -> tuple[bool, bool]:
     return False, False
 
 
-def _crop(source: Tensor, window: _Window) -> Tensor:
-    y0, y1, x0, x1 = window.crop
-    height, width = source.shape[-2:]
-    if 0 <= y0 and y1 <= height and 0 <= x0 and x1 <= width:
-        return source[..., y0:y1, x0:x1]
-    rows = torch.arange(y0, y1) % height
-    cols = torch.arange(x0, x1) % width
-    return source.index_select(-2, rows.to(source.device)).index_select(-1, cols.to(source.device))
+def _wrapped_runs(start: int, stop: int, size: int) -> list[tuple[int, int]]:
+    """[start, stop) taken modulo `size` as contiguous (begin, end) runs inside [0, size)."""
+    runs, position = [], start
+    while position < stop:
+        begin = position % size
+        end = min(size, begin + (stop - position))
+        runs.append((begin, end))
+        position += end - begin
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------------
+# Canvases: full-size feature maps that tiles are cut from and pasted into
+
+
+class TensorCanvas:
+    """A (B, C, H, W) feature map held as one tensor (on the store device, or anywhere for a source)."""
+
+    def __init__(self, tensor: Tensor):
+        self.tensor = tensor
+
+    @classmethod
+    def empty(cls, shape, dtype, device) -> "TensorCanvas":
+        return cls(torch.empty(*shape, dtype=dtype, device=device))
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.tensor.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tensor.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.tensor.device
+
+    def crop(self, y0: int, y1: int, x0: int, x1: int) -> Tensor:
+        """Rows [y0, y1) and columns [x0, x1), taken modulo the size where they leave it (seamless)."""
+        height, width = self.shape[-2:]
+        if 0 <= y0 and y1 <= height and 0 <= x0 and x1 <= width:
+            return self.tensor[..., y0:y1, x0:x1]
+        rows = torch.arange(y0, y1) % height
+        cols = torch.arange(x0, x1) % width
+        return self.tensor.index_select(-2, rows.to(self.device)).index_select(-1, cols.to(self.device))
+
+    def paste(self, tile: Tensor, top: int, left: int) -> None:
+        self.tensor[..., top : top + tile.shape[-2], left : left + tile.shape[-1]] = tile.to(self.device)
+
+    def result(self) -> Tensor:
+        return self.tensor
+
+
+class FileCanvas:
+    """A (B, C, H, W) feature map in an unlinked temporary file, laid out (B, H, W, C) so that each row of
+    a tile is one contiguous read or write. Plain `pread`/`pwrite`, never a mapping: the data lives in the
+    page cache and on disk, not in the process's resident memory. Tiles come back on the CPU."""
+
+    def __init__(self, shape, dtype: torch.dtype, folder: Optional[str] = None):
+        self.shape = torch.Size(shape)
+        self.dtype = dtype
+        self.device = torch.device("cpu")
+        self._item = torch.empty((), dtype=dtype).element_size()
+        self._file = tempfile.TemporaryFile(dir=folder)
+        self._file.truncate(self.shape.numel() * self._item)
+
+    def _offset(self, b: int, y: int, x: int) -> int:
+        _, channels, height, width = self.shape
+        return (((b * height + y) * width + x) * channels) * self._item
+
+    def paste(self, tile: Tensor, top: int, left: int) -> None:
+        rows = _bytes_view(tile.detach().to("cpu").permute(0, 2, 3, 1).contiguous())  # (B, h, w, C)
+        fd = self._file.fileno()
+        for b in range(rows.shape[0]):
+            for y in range(rows.shape[1]):
+                _write_all(fd, rows[b, y], self._offset(b, top + y, left))
+
+    def crop(self, y0: int, y1: int, x0: int, x1: int) -> Tensor:
+        batch, channels, height, width = self.shape
+        out = torch.empty(batch, y1 - y0, x1 - x0, channels, dtype=self.dtype)
+        rows = _bytes_view(out)
+        pixel = channels * self._item
+        fd = self._file.fileno()
+        for b in range(batch):
+            for i, y in enumerate(range(y0, y1)):
+                done = 0
+                for begin, end in _wrapped_runs(x0, x1, width):
+                    into = rows[b, i, done * pixel : (done + end - begin) * pixel]
+                    _read_all(fd, into, self._offset(b, y % height, begin))
+                    done += end - begin
+        return out.permute(0, 3, 1, 2).contiguous()
+
+    def result(self) -> Tensor:
+        return self.crop(0, self.shape[-2], 0, self.shape[-1])
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _bytes_view(t: Tensor) -> np.ndarray:
+    """A writable numpy view of a contiguous CPU tensor as (..., W, C * itemsize) raw bytes."""
+    raw = t.view(torch.uint8) if t.element_size() == 1 else t.view(torch.int16 if t.element_size() == 2 else torch.int32)
+    array = raw.numpy()
+    return array.view(np.uint8).reshape(*array.shape[:-2], -1)
+
+
+def _write_all(fd: int, data: np.ndarray, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def _read_all(fd: int, into: np.ndarray, offset: int) -> None:
+    view = memoryview(into).cast("B")
+    while view:
+        got = os.preadv(fd, [view], offset)
+        if got <= 0:
+            raise OSError(f"short read from a tiled-decode spill file at offset {offset}")
+        view, offset = view[got:], offset + got
+
+
+class CanvasFactory:
+    """Makes the canvas a pass writes into: `factory(shape, dtype)` -> an object with `paste(tile, top,
+    left)` and `result()` (and `crop` where later passes read it back)."""
+
+    def __call__(self, shape, dtype):  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def _crop(source, window: _Window) -> Tensor:
+    return source.crop(*window.crop)
 
 
 def _probe(stages: list[Stage], channels: int, device, dtype) -> _Probe:
@@ -436,12 +590,13 @@ class _NormControl:
 
 
 @torch.no_grad()
-def stream_stages(stages: list[Stage], source: Tensor, config: VAETiling) -> Tensor:
+def stream_stages(stages: list[Stage], source: Tensor, config: VAETiling, output: Optional[CanvasFactory] = None):
     """`_run(stages, source)` computed tile by tile with global GroupNorm statistics.
 
-    Axes the stages' convolutions wrap around (seamless mode) are tiled with wrapped halos. The source
-    and the result live on `config.store_device`; tiles run on the device of the stages' parameters.
-    Stages must be free of attention (it needs the whole canvas: see `attention_stage`).
+    Axes the stages' convolutions wrap around (seamless mode) are tiled with wrapped halos. Checkpoints
+    live on `config.store_device` or, when large, in a spill file; tiles run on the device of the stages'
+    parameters. The result goes to `output` (default: a tensor on the store device) and its `result()`
+    is returned. Stages must be free of attention (it needs the whole canvas: see `attention_stage`).
     """
     if any(stage.has_attention for stage in stages):
         raise ValueError("stages with attention cannot be tiled")
@@ -452,7 +607,7 @@ def stream_stages(stages: list[Stage], source: Tensor, config: VAETiling) -> Ten
     control = _NormControl()
     handles = _install(stages, control)
     store = torch.device(config.store_device)
-    source = source.to(store)
+    source = TensorCanvas(source.to(store))
     try:
         start, scale = 0, Fraction(1)  # first stage still to run, and its resolution over the input's
         while True:
@@ -461,20 +616,29 @@ def stream_stages(stages: list[Stage], source: Tensor, config: VAETiling) -> Ten
             control.active = True
             pending = [n for n in probe.norms if n not in control.stats]
             control.target = pending[0] if pending else None
-            checkpoint = _checkpoint_index(probe, control.target, source, config)
+            checkpoint = _checkpoint_index(probe, control.target, source, config, store)
             # The tile is fixed in input pixels, so a checkpoint at a finer resolution keeps the tile's memory.
             tile = max(probe.align, int(config.tile * scale) // probe.align * probe.align)
             windows = _windows(source.shape[-2], source.shape[-1], tile, probe.halo(control.target), *wrap)
-            result = _pass(stages[start:], source, windows, control, checkpoint, device, dtype, store)
             if control.target is None:
-                return result
+                make = output or (lambda shape, dtype_: TensorCanvas.empty(shape, dtype_, store))
+                return _pass(stages[start:], source, windows, control, None, device, dtype, make).result()
+            make = _checkpoint_factory(config, store)
+            result = _pass(stages[start:], source, windows, control, checkpoint, device, dtype, make)
             control.finish_target()
             if checkpoint is not None:
                 scale *= probe.boundary[checkpoint][1]
+                _close(source)
                 source, start = result, start + checkpoint
     finally:
+        _close(source)
         for handle in handles:
             handle.remove()
+
+
+def _close(canvas) -> None:
+    if isinstance(canvas, FileCanvas):
+        canvas.close()
 
 
 def _device_dtype(stages: list[Stage], source: Tensor):
@@ -495,7 +659,21 @@ def _install(stages: list[Stage], control: _NormControl) -> list:
     return handles
 
 
-def _checkpoint_index(probe: _Probe, target, source: Tensor, config: VAETiling) -> Optional[int]:
+def _spills(config: VAETiling, store: torch.device) -> bool:
+    return config.spill_bytes is not None and store.type == "cpu"
+
+
+def _checkpoint_factory(config: VAETiling, store: torch.device) -> Callable:
+    def make(shape, dtype):
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if _spills(config, store) and nbytes > config.spill_bytes:
+            return FileCanvas(shape, dtype, config.spill_dir)
+        return TensorCanvas.empty(shape, dtype, store)
+
+    return make
+
+
+def _checkpoint_index(probe: _Probe, target, source, config: VAETiling, store: torch.device) -> Optional[int]:
     """The stage boundary to store during this pass (the input of the target's stage), if it fits."""
     if target is None:
         return None
@@ -504,8 +682,16 @@ def _checkpoint_index(probe: _Probe, target, source: Tensor, config: VAETiling) 
         return None
     channels, scale = probe.boundary[index]
     pixels = source.shape[-2] * source.shape[-1] * scale * scale
-    budget = config.store_bytes if config.store_bytes is not None else default_store_bytes(source.device)
-    return index if channels * pixels * source.shape[0] * source.element_size() <= budget else None
+    nbytes = channels * pixels * source.shape[0] * torch.empty((), dtype=source.dtype).element_size()
+    return index if nbytes <= _store_budget(config, store, nbytes) else None
+
+
+def _store_budget(config: VAETiling, store: torch.device, nbytes: int) -> int:
+    if config.store_bytes is not None:
+        return config.store_bytes
+    if _spills(config, store) and nbytes > config.spill_bytes:
+        return shutil.disk_usage(config.spill_dir or tempfile.gettempdir()).free // 2
+    return default_store_bytes(store)
 
 
 def default_store_bytes(device: torch.device) -> int:
@@ -516,8 +702,9 @@ def default_store_bytes(device: torch.device) -> int:
     return min(4 * 2**30, free_memory(device) // 4)
 
 
-def _pass(stages, source, windows, control, checkpoint, device, dtype, store) -> Optional[Tensor]:
-    """Runs every window; returns the stored checkpoint (stats passes) or the assembled output (last pass)."""
+def _pass(stages, source, windows, control, checkpoint, device, dtype, make):
+    """Runs every window; returns the canvas it filled: the checkpoint (statistics passes, None when
+    nothing is stored) or the output (last pass)."""
     canvas = None
     for window in windows:
         h = _crop(source, window).to(device=device, dtype=dtype)
@@ -525,23 +712,22 @@ def _pass(stages, source, windows, control, checkpoint, device, dtype, store) ->
         try:
             for index, stage in enumerate(stages):
                 if index == checkpoint:
-                    canvas = _paste(canvas, h, window, source, store)
+                    canvas = _paste(canvas, h, window, source, make)
                 h = stage.run(h)
         except _Stop:
             continue
-        canvas = _paste(canvas, h, window, source, store)
+        canvas = _paste(canvas, h, window, source, make)
     return canvas
 
 
-def _paste(canvas: Optional[Tensor], h: Tensor, window: _Window, source: Tensor, store) -> Tensor:
-    """Copies the window's core of `h` into the full-size canvas at h's resolution (allocated on first use)."""
+def _paste(canvas, h: Tensor, window: _Window, source, make):
+    """Copies the window's core of `h` into the full-size canvas at h's resolution (made on first use)."""
     cy0, cy1, cx0, cx1 = window.crop
     fy, fx = Fraction(h.shape[-2], cy1 - cy0), Fraction(h.shape[-1], cx1 - cx0)
     if canvas is None:
         size = (int(source.shape[-2] * fy), int(source.shape[-1] * fx))
-        canvas = torch.empty(*h.shape[:2], *size, dtype=h.dtype, device=store)
+        canvas = make((*h.shape[:2], *size), h.dtype)
     rows, cols = window.core_at(h.shape[-2], h.shape[-1])
     y0, _y1, x0, _x1 = window.core
-    top, left = int(y0 * fy), int(x0 * fx)
-    canvas[..., top : top + rows.stop - rows.start, left : left + cols.stop - cols.start] = h[..., rows, cols].to(store)
+    canvas.paste(h[..., rows, cols], int(y0 * fy), int(x0 * fx))
     return canvas
