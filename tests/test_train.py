@@ -359,3 +359,52 @@ def test_chroma_term_sees_colour_that_grey_output_loses():
     assert ae.chroma(grey).abs().max() < 1e-6
     terms = ae.reconstruction_loss(grey, x, ae.AutoencoderLoss(chroma_weight=1.0))
     assert terms["chroma"] > 0.1 and terms["rec"] > ae.reconstruction_loss(grey, x, ae.AutoencoderLoss(chroma_weight=0.0))["rec"]
+
+
+def test_default_first_stage_is_attention_free_so_tiled_decoding_stays_linear():
+    params = TINY_AE.params(32)
+    assert params["ddconfig"]["attn_type"] == "none"
+    model = ae.build_autoencoder(params)
+    assert not list(model.decoder.mid.attn_1.parameters()) and not list(model.encoder.mid.attn_1.parameters())
+    from ldmtool.tiling.vae import decoder_stages
+    assert not any(stage.has_attention for stage in decoder_stages(model.decoder))
+    with_attention = ae.build_autoencoder(ae.AutoencoderArch(factor=4, ch=32, attention=True).params(32))
+    assert hasattr(with_attention.decoder.mid, "attn_1") and len(list(with_attention.decoder.mid.attn_1.parameters())) > 0
+
+
+class _FixedJitter:
+    """A stand-in generator for `colour_jitter`: fixed angle, saturation and tint."""
+
+    def __init__(self, angle=0.0, saturation=1.0, tint=(0.0, 0.0)):
+        self.values = {(-np.pi, np.pi): angle, (0.6, 1.5): saturation}
+        self.tint = np.array(tint)
+
+    def uniform(self, low, high):
+        return self.values[(low, high)]
+
+    def normal(self, mean, std, size):
+        return self.tint
+
+
+def test_colour_jitter_keeps_luminance_and_rotates_chroma():
+    from ldmtool.train.data import colour_jitter
+
+    crop = np.random.default_rng(0).integers(0, 256, (16, 16, 3)).astype(np.uint8)
+    assert np.abs(colour_jitter(crop, _FixedJitter()).astype(int) - crop).max() <= 1  # identity
+    luma = lambda a: a.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)  # noqa: E731
+    rotated = colour_jitter(np.full((4, 4, 3), (200, 60, 60), np.uint8), _FixedJitter(angle=2.0))
+    assert np.abs(luma(rotated) - luma(np.array([200, 60, 60]))).max() <= 1.5  # same brightness...
+    assert rotated[0, 0, 0] < 150  # ...no longer red
+    grey = np.full((4, 4, 3), 120, np.uint8)
+    tinted = colour_jitter(grey, _FixedJitter(tint=(0.0, 20.0)))
+    assert tinted[0, 0, 0] > tinted[0, 0, 1] + 20  # a grey crop gets a colour cast
+
+
+def test_colour_jitter_is_part_of_the_deterministic_crop_stream(images):
+    from ldmtool.train.data import CropConfig, ImageCrops
+
+    config = CropConfig(size=32, min_scale=1.0, colour_jitter=1.0)
+    a, b = ImageCrops(images, config, seed=3), ImageCrops(images, config, seed=3)
+    assert np.array_equal(a.batch(5, 2), b.batch(5, 2))
+    plain = ImageCrops(images, CropConfig(size=32, min_scale=1.0), seed=3)
+    assert not np.array_equal(a.batch(5, 2), plain.batch(5, 2))

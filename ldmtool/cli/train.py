@@ -64,7 +64,7 @@ def autoencoder(
     channels: Annotated[int, typer.Option("--channels", min=64, help="Base channels (multiple of 32, at least 64: with 32 the decoder's last GroupNorm normalises each channel alone and image-wide colour is lost).", rich_help_panel=TRAINING)] = 64,
     res_blocks: Annotated[int, typer.Option("--res-blocks", min=1, help="Residual blocks per level.", rich_help_panel=TRAINING)] = 1,
     z_channels: Annotated[Optional[int], typer.Option("--z-channels", min=1, help="Latent channels (default 3 for f=4, 4 for f=8).", rich_help_panel=TRAINING)] = None,
-    attention: Annotated[bool, typer.Option("--attention", help="Self-attention at the lowest resolution.", rich_help_panel=TRAINING)] = False,
+    attention: Annotated[bool, typer.Option("--attention", help="Self-attention in the mid block and at the lowest resolution (off: purely convolutional, so exact tiled decoding stays linear in the image area).", rich_help_panel=TRAINING)] = False,
     steps: Steps = 4000,
     crop: Crop = 128,
     batch_size: Batch = 4,
@@ -76,6 +76,7 @@ def autoencoder(
     disc_weight: Annotated[float, typer.Option("--disc-weight", min=0.0, help="Patch discriminator weight (0 = off).", rich_help_panel=TRAINING)] = 0.0,
     disc_start: Annotated[int, typer.Option("--disc-start", min=0, help="Step at which the discriminator starts.", rich_help_panel=TRAINING)] = 2000,
     min_scale: MinScale = 0.5,
+    colour_jitter: Annotated[float, typer.Option("--colour-jitter", min=0.0, max=1.0, help="Share of crops given a random hue rotation, saturation and tint (teaches colour on grey-heavy data).", rich_help_panel=TRAINING)] = 0.5,
     sample_posterior: Annotated[bool, typer.Option("--sample-posterior/--decode-mean", help="Decode a posterior sample (as LDM) or its mean.", rich_help_panel=TRAINING)] = True,
     ema_decay: EmaDecay = 0.999,
     seed: TrainSeed = 0,
@@ -96,7 +97,7 @@ def autoencoder(
     loss = AutoencoderLoss(kl_weight=kl_weight, grad_weight=grad_weight, ssim_weight=ssim_weight, chroma_weight=chroma_weight,
                            disc_weight=disc_weight, disc_start=disc_start)
     training = AutoencoderTraining(crop=crop, batch_size=batch_size, lr=lr, ema_decay=ema_decay, seed=seed,
-                                   min_scale=min_scale, sample_posterior=sample_posterior, loss=loss)
+                                   min_scale=min_scale, colour_jitter=colour_jitter, sample_posterior=sample_posterior, loss=loss)
     run = _run_options(output, steps, save_every, log_every, resume, device, precision, quiet, threads)
     path = train_autoencoder(arch, training, resolve_data(data, recursive), run)
     if not quiet:

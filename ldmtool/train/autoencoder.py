@@ -35,7 +35,10 @@ class AutoencoderArch:
     ch: int = 64
     num_res_blocks: int = 1
     z_channels: Optional[int] = None  # default: 3 for f=4, 4 for f=8
-    attention: bool = False  # self-attention at the lowest resolution (besides the mid block's)
+    # Self-attention in the mid block and at the lowest resolution. Off by default: without it the first
+    # stage is purely convolutional, so an exact tiled decode costs linear time in the image area (a
+    # global mid-block attention over a 16-megapixel output's latent is quadratic, hours on a CPU).
+    attention: bool = False
 
     def __post_init__(self) -> None:
         if self.factor not in CH_MULT:
@@ -63,6 +66,7 @@ class AutoencoderArch:
                 "ch_mult": ch_mult,
                 "num_res_blocks": self.num_res_blocks,
                 "attn_resolutions": [lowest] if self.attention else [],
+                "attn_type": "vanilla" if self.attention else "none",
                 "dropout": 0.0,
             },
             "lossconfig": {"target": "torch.nn.Identity"},
@@ -89,6 +93,7 @@ class AutoencoderTraining:
     ema_decay: float = 0.999
     seed: int = 0
     min_scale: float = 0.5  # random source rescale before cropping (see CropConfig)
+    colour_jitter: float = 0.5  # share of crops with random hue/saturation/tint (see data.colour_jitter)
     sample_posterior: bool = True  # decode a posterior sample (as LDM) or its mean (faster to train)
     loss: AutoencoderLoss = field(default_factory=AutoencoderLoss)
 
@@ -192,7 +197,7 @@ class AutoencoderTrainer:
             self.disc = patch_discriminator().to(device)
             self.disc_optimizer = torch.optim.Adam(self.disc.parameters(), lr=training.lr, betas=(0.5, 0.9))
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        self.data = ImageCrops(paths, CropConfig(training.crop, True, training.min_scale), training.seed)
+        self.data = ImageCrops(paths, CropConfig(training.crop, True, training.min_scale, training.colour_jitter), training.seed)
 
     def batch(self, step: int) -> "torch.Tensor":
         return to_tensor(self.data.batch(step, self.training.batch_size)).to(self.device)
