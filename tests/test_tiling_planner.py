@@ -112,7 +112,7 @@ def test_budget_picks_smaller_tiles_and_bigger_batches():
     memory = UNetMemory(channels=320, dtype_bytes=2)
     roomy = choose_tiling((256, 256), native_tile=64, budget=64 * 2**30, memory=memory)
     tight = choose_tiling((256, 256), native_tile=64, budget=int(memory.bytes_for(32 * 32, 1) * 1.1), memory=memory)
-    assert max(roomy.tile) <= 64 and roomy.tile_batch > 1
+    assert max(roomy.tile) <= 96 and roomy.tile_batch > 1  # up to 1.5x native where it saves work
     assert max(tight.tile) <= 32 and tight.tile_batch == 1
     assert choose_tiling((256, 256), native_tile=64, tile=0) is None
     assert choose_tiling((40, 60), native_tile=64) is None
@@ -123,13 +123,16 @@ def test_budget_picks_smaller_tiles_and_bigger_batches():
 def test_default_tiling_keeps_work_near_untiled():
     """Square latent canvases (multiples of 8): work = tile pixels run / canvas pixels with the default tiling."""
     ratios = {}
-    for length in range(128, 2100, 8):
+    for length in range(64, 2100, 8):
         tiling = choose_tiling((length, length), native_tile=64)
-        assert all(t % 8 == 0 and t <= 80 for t in tiling.tile)
+        if tiling is None:  # fits one tile of at most 1.5x native
+            assert length <= 96
+            ratios[length] = 1.0
+            continue
+        assert all(t % 8 == 0 and t <= 96 for t in tiling.tile)
         ratios[length] = plan_tiles(length, length, tiling.tile, tiling.overlap).work_pixels / length**2
-    assert max(ratios.values()) <= 1.31
-    assert sum(r <= 1.3 for r in ratios.values()) >= 0.99 * len(ratios)
-    assert sum(ratios.values()) / len(ratios) <= 1.16
+    assert max(ratios.values()) <= 1.3  # issue 5's bound, at every size
+    assert sum(ratios.values()) / len(ratios) <= 1.13
 
 
 def test_tiles_prefer_the_native_size_when_work_is_equal():
