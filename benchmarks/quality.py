@@ -146,6 +146,8 @@ def eval_crops(size: int, quick: bool) -> list[Crop]:
         stem = corpus_image.key.rsplit(".", 1)[0].replace("/", "_")
         for tag, top, left in crop_origins(*rgb.shape[:2], size, quick):
             crops.append(Crop(f"{stem}_{tag}", np.ascontiguousarray(rgb[top : top + size, left : left + size])))
+    if not crops:
+        raise SystemExit(f"no held-out image is at least {size} px on its short side (install scikit-image; try a smaller --size)")
     return crops
 
 
