@@ -408,7 +408,7 @@ def caption_scores(image: np.ndarray, caption: Caption) -> tuple[float, bool]:
     counts = np.bincount(nearest.ravel(), minlength=len(palette))[: len(names)]
     present = [i for i in np.argsort(-counts, kind="stable")[:2] if counts[i] >= 0.005 * nearest.size]
     wanted = {names.index(caption.colour_a), names.index(caption.colour_b)}
-    colour_score = len(wanted & set(int(i) for i in present)) / 2
+    colour_score = len(wanted & {int(i) for i in present}) / 2
     a, b = names.index(caption.colour_a), names.index(caption.colour_b)
     if min(counts[a], counts[b]) < 0.005 * nearest.size:
         return colour_score, False

@@ -142,7 +142,7 @@ def test_markdown_rows():
 
 def test_resolve_model(monkeypatch):
     assert quality.resolve_model("inpaint", "my.safetensors") == "my.safetensors"
-    import ldmtool.checkpoints.presets as presets
+    from ldmtool.checkpoints import presets
 
     monkeypatch.setattr(presets, "shipped_model", lambda name: None)
     assert quality.resolve_model("superres", None) is None
