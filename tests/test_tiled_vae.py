@@ -190,3 +190,18 @@ def test_decode_into_a_custom_canvas_never_builds_the_float_image():
         canvas = tiled_decode(model, z, VAETiling(tile=8, spill_bytes=0), output=Uint8Canvas)
     assert canvas.pastes == 6  # a 16x24 latent in 8x8 tiles
     assert (canvas.pixels.float() - expected).abs().max() <= 1
+
+
+def test_moments_merge_exactly_even_when_the_mean_dwarfs_the_spread():
+    from ldmtool.tiling.vae import Moments
+
+    x = (1000.0 + 0.01 * torch.randn(2, 8, 12, 20, generator=torch.Generator().manual_seed(0))).float()
+    parts = [x[..., :5, :7], x[..., :5, 7:], x[..., 5:, :]]
+    merged = None
+    for part in parts:
+        merged = Moments.of(part, groups=4).merge(merged)
+    reference = x.double().reshape(2, 4, -1)
+    mean, rstd = merged.mean_rstd(eps=0.0)
+    assert merged.count == reference.shape[-1]
+    assert torch.allclose(mean.double(), reference.mean(-1), rtol=1e-7)
+    assert torch.allclose(rstd.double(), reference.var(-1, unbiased=False).rsqrt(), rtol=2e-3)

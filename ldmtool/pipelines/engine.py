@@ -22,7 +22,7 @@ from ldmtool.diffusion.run import SamplerSettings, sample_latents
 from ldmtool.diffusion.samplers import get_sampler
 from ldmtool.errors import FatalError, ItemError, LdmError
 from ldmtool.runtime.cache import model_cache
-from ldmtool.runtime.device import choose_device, choose_dtype
+from ldmtool.runtime.device import choose_device, choose_dtype, release_host_memory
 from ldmtool.runtime.seeds import NoiseSource
 from ldmtool.tiling.fusion import TileConfig, TiledDenoiser
 from ldmtool.tiling.memory import choose_tiling, parse_memory
@@ -257,6 +257,7 @@ class Engine:
         with torch.inference_mode(), seamless(first, axes=self.axes):
             if self._vae_tiled(z.shape[-2], z.shape[-1]):
                 canvas = tiled_decode(first, z, VAETiling(tile=self._vae_tile()), output=PixelCanvas)
+                release_host_memory()
             else:
                 image = first.decode(z)
                 canvas = PixelCanvas(image.shape, image.dtype)

@@ -49,3 +49,19 @@ def choose_dtype(precision: str, device: "torch.device") -> "torch.dtype":
     if device.type == "cpu":
         raise UsageError(f"--precision {precision} needs a GPU; on the CPU use fp32")
     return torch.float16 if precision == "fp16" else torch.bfloat16
+
+
+def release_host_memory() -> None:
+    """Give freed heap memory back to the system (glibc `malloc_trim`; a no-op elsewhere).
+
+    After a big tiled decode, glibc keeps hundreds of MiB of freed tile buffers mapped (they count in the
+    process's resident memory and would be charged to the next phase); trimming once per image returns
+    them without slowing the tiles themselves down, as a low mmap threshold would (+40% measured)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
