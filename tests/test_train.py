@@ -121,7 +121,9 @@ def _superres_trainer(first_stage, images, **kw) -> df.DiffusionTrainer:
 def test_superres_export_is_a_latent_diffusion_file(first_stage, images, tmp_path):
     training = df.DiffusionTraining(task=df.Task.SUPERRES, crop=32, batch_size=2, scale=4)
     path = df.train_diffusion(TINY_UNET, training, first_stage.parent, images, _run(tmp_path, steps=3))
-    config = yaml.safe_load(path.with_name("model.yaml").read_text())["model"]
+    document = yaml.safe_load(path.with_name("model.yaml").read_text())
+    assert document["ldmtool"]["colour_fix"] is True  # superres --colour-fix is this model's default
+    config = document["model"]
     params = config["params"]
     assert config["target"] == "ldm.models.diffusion.ddpm.LatentDiffusion"
     assert params["conditioning_key"] == "concat" and params["cond_stage_key"] == "LR_image"
