@@ -410,3 +410,20 @@ def test_colour_jitter_is_part_of_the_deterministic_crop_stream(images):
     assert np.array_equal(a.batch(5, 2), b.batch(5, 2))
     plain = ImageCrops(images, CropConfig(size=32, min_scale=1.0), seed=3)
     assert not np.array_equal(a.batch(5, 2), plain.batch(5, 2))
+
+
+def test_init_starts_the_unet_from_a_trained_checkpoint(first_stage, images, tmp_path):
+    training = df.DiffusionTraining(task=df.Task.SUPERRES, crop=32, batch_size=2, scale=4)
+    trained = df.train_diffusion(TINY_UNET, training, first_stage.parent, images, _run(tmp_path / "a", steps=2))
+    trained_unet = {k: v for k, v in load_file(str(trained)).items() if k.startswith(df.UNET_PREFIX)}
+    from dataclasses import replace
+
+    trainer = df.DiffusionTrainer(TINY_UNET, replace(training, init=str(trained)), df.load_first_stage(first_stage.parent, torch.device("cpu")),
+                                  images, torch.device("cpu"), torch.float32)
+    assert trainer.initialised == len(trained_unet)
+    for name, value in trainer.unet.state_dict().items():
+        torch.testing.assert_close(value, trained_unet[df.UNET_PREFIX + name])
+    wider = df.UNetArch(model_channels=64, channel_mult=(1, 2), attention_resolutions=(2,), num_head_channels=32)
+    with pytest.raises(UsageError, match="weights match"):
+        df.DiffusionTrainer(wider, replace(training, init=str(trained)), df.load_first_stage(first_stage.parent, torch.device("cpu")),
+                            images, torch.device("cpu"), torch.float32)

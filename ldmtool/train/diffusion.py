@@ -117,6 +117,7 @@ class DiffusionTraining:
     text_width: int = 128  # txt2img / layout: BERTEmbedder width (= UNet context_dim)
     text_layers: int = 2
     caption_dropout: float = 0.1  # txt2img: share of empty captions (classifier-free guidance)
+    init: Optional[str] = None  # checkpoint whose UNet weights start the run (where names and shapes match)
 
 
 @dataclass
@@ -223,6 +224,8 @@ class DiffusionTrainer:
         if training.task in TEXT_TASKS:
             self.unet_params.update(use_spatial_transformer=True, transformer_depth=1, context_dim=training.text_width)
         self.unet = build_unet(self.unet_params).to(device)
+        if training.init:
+            self.initialised = init_unet(self.unet, Path(training.init))
         self.ema = common.Ema(self.unet, training.ema_decay)
         self.cond_params = self._cond_stage_params()
         self.cond_stage = None if self.cond_params is None else build_cond_stage(training.task, self.cond_params).to(device)
@@ -460,6 +463,31 @@ class DiffusionTrainer:
         if self.scale_factor is None:
             self.scale_factor = self.estimate_scale_factor()
         return common.save_export(run_dir, self.export_tensors(), self.config(step))
+
+
+UNET_PREFIX = "model.diffusion_model."
+
+
+def init_unet(unet: "nn.Module", checkpoint: Path) -> int:
+    """Copies the UNet weights of a LatentDiffusion checkpoint into `unet` wherever the name and shape
+    match (fine-tuning, e.g. a new first stage under a trained model); returns how many tensors were taken.
+    A checkpoint matching fewer than half of the UNet's tensors is a usage error: another architecture."""
+    import torch
+
+    from ldmtool.checkpoints.files import read_state_dict
+
+    if not checkpoint.is_file():
+        raise UsageError(f"--init {checkpoint}: no such checkpoint file")
+    source = {k[len(UNET_PREFIX):]: v for k, v in read_state_dict(checkpoint).items() if k.startswith(UNET_PREFIX)}
+    own = unet.state_dict()
+    matching = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
+    if 2 * len(matching) < len(own):
+        raise UsageError(f"--init {checkpoint}: only {len(matching)} of the UNet's {len(own)} weights match "
+                         "this architecture (name and shape); give a checkpoint of the same UNet")
+    with torch.no_grad():
+        for name, value in matching.items():
+            own[name].copy_(value.to(own[name].dtype))
+    return len(matching)
 
 
 def train_diffusion(arch: UNetArch, training: DiffusionTraining, first_stage: Path, paths: Sequence[Path], run: common.RunOptions) -> Path:
