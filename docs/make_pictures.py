@@ -1,0 +1,97 @@
+"""Regenerate the README's pictures from the shipped default models and the example inputs.
+
+    python docs/make_pictures.py                 # every picture whose default model ships
+    python docs/make_pictures.py --only superres
+
+Each picture runs the real command (the same one the README shows) into a temporary folder and lays the
+results out beside a classical baseline: for superres the input (nearest-neighbour enlarged), bicubic,
+ldmtool; for inpaint the image with its mask, OpenCV Telea, ldmtool. Nothing here is used by the tests.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+IMAGES = ROOT / "docs" / "images"
+GAP = 4  # pixels of white between panels
+
+
+def run(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "ldmtool", *args, "--quiet"], check=True)
+
+
+def read(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def row(panels: list[np.ndarray]) -> np.ndarray:
+    height = max(p.shape[0] for p in panels)
+    gap = np.full((height, GAP, 3), 255, np.uint8)
+    padded = [np.pad(p, ((0, height - p.shape[0]), (0, 0), (0, 0)), constant_values=255) for p in panels]
+    return np.concatenate([x for p in padded for x in (p, gap)][:-1], axis=1)
+
+
+def column(rows: list[np.ndarray]) -> np.ndarray:
+    width = max(r.shape[1] for r in rows)
+    gap = np.full((GAP, width, 3), 255, np.uint8)
+    padded = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
+    return np.concatenate([x for r in padded for x in (r, gap)][:-1], axis=0)
+
+
+def superres(out: Path) -> Path:
+    photos = ROOT / "examples" / "photos"
+    run("superres", str(photos), "--scale", "4", "-o", str(out))  # the README's main job, as written
+    rows = []
+    for source in sorted(photos.glob("*.png")):
+        low = read(source)
+        size = (low.shape[1] * 4, low.shape[0] * 4)
+        rows.append(row([cv2.resize(low, size, interpolation=cv2.INTER_NEAREST),
+                         cv2.resize(low, size, interpolation=cv2.INTER_CUBIC), read(out / source.name)]))
+    target = IMAGES / "superres-default.png"
+    Image.fromarray(column(rows)).save(target, optimize=True)
+    return target
+
+
+def inpaint(out: Path) -> Path:
+    folder = ROOT / "examples" / "inpaint"
+    image_path = next(p for p in sorted(folder.iterdir()) if "mask" not in p.stem)
+    mask_path = next(p for p in sorted(folder.iterdir()) if "mask" in p.stem)
+    run("inpaint", str(folder), "--feather", "4", "--seed", "1", "-o", str(out))  # examples/scripts/inpaint.sh
+    image, mask = read(image_path), read(mask_path)[..., 0] > 127
+    shown = image.copy()
+    shown[mask] = (shown[mask] * 0.3 + np.array([255, 0, 255]) * 0.7).astype(np.uint8)
+    telea = cv2.inpaint(image, mask.astype(np.uint8) * 255, 5, cv2.INPAINT_TELEA)
+    result = read(next(out.glob(f"{image_path.stem}*")))
+    target = IMAGES / "inpaint-default.png"
+    Image.fromarray(row([shown, telea, result])).save(target, optimize=True)
+    return target
+
+
+PICTURES = {"superres": superres, "inpaint": inpaint}
+
+
+def main() -> None:
+    from ldmtool.checkpoints.presets import models_dir
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=sorted(PICTURES), nargs="+")
+    args = parser.parse_args()
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    for name in args.only or sorted(PICTURES):
+        if not (models_dir() / f"default-{name}.safetensors").is_file():
+            print(f"{name}: no shipped default-{name}; skipped", file=sys.stderr)
+            continue
+        with tempfile.TemporaryDirectory(prefix="ldm-pictures-") as tmp:
+            print(f"wrote {PICTURES[name](Path(tmp))}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
