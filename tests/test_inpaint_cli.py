@@ -201,3 +201,46 @@ def test_models_that_cannot_inpaint_or_take_no_prompt_are_fatal(tmp_path, models
     assert len(result.output.strip().splitlines()) == 1 and "cannot inpaint" in result.output
     result = _run(src, mask, "--prompt", "x", "--model", models["ldm-inpainting-big"], "-o", tmp_path / "o2.png")
     assert result.exit_code == 3 and "takes no prompt" in result.output
+
+
+def _smooth_photo(path, size=(70, 50)):
+    """Left half orange, right half blue, with a little texture: the hole's surroundings know its colour."""
+    rng = np.random.default_rng(3)
+    pixels = np.zeros((size[1], size[0], 3), np.float32)
+    pixels[:, : size[0] // 2] = (230, 140, 40)
+    pixels[:, size[0] // 2 :] = (40, 90, 220)
+    pixels += rng.normal(0, 6, pixels.shape)
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path)
+    return path
+
+
+def test_colour_fix_takes_the_hole_colours_from_a_telea_fill(tmp_path, models):
+    src, mask = _smooth_photo(tmp_path / "img.png"), _mask(tmp_path / "hole.png", box=(5, 15, 25, 35))
+    runs = {}
+    for name, flags in {"default": (), "off": ("--no-colour-fix",), "on": ("--colour-fix",)}.items():
+        out = tmp_path / f"{name}.png"
+        result = _run(src, mask, "--model", models["ldm-inpainting-big"], "-o", out, "--seed", 1, *flags)
+        assert result.exit_code == 0, result.output
+        with Image.open(out) as image:
+            runs[name] = (np.asarray(image).astype(float), json.loads(image.info["ldmtool"])["parameters"]["colour_fix"])
+    assert np.array_equal(runs["default"][0], runs["off"][0])  # the tiny config does not ask for it
+    assert [runs[k][1] for k in ("default", "off", "on")] == [False, False, True]
+    before, inside = _pixels(src), _pixels(mask) > 127
+    band = _band(_pixels(mask), 0, 4)
+    assert np.array_equal(runs["on"][0][~band], before[~band])  # still exact outside the band
+    telea = cv2.inpaint(before.astype(np.uint8), inside.astype(np.uint8) * 255, 5, cv2.INPAINT_TELEA)
+    hole_colour = lambda image: image[inside].mean(0)  # noqa: E731
+    assert np.abs(hole_colour(runs["on"][0]) - hole_colour(telea)).max() < 12  # the orange of the surroundings
+    assert np.abs(hole_colour(runs["off"][0]) - hole_colour(telea)).max() > 40  # random weights paint anything
+
+
+def test_colour_fix_to_keeps_detail_and_moves_low_frequencies():
+    from ldmtool.pipelines.colour_fix import colour_fix_to, gaussian_blur
+
+    yy, xx = np.mgrid[0:64, 0:64]
+    detail = np.where((yy + xx) % 2 == 0, 0.1, -0.1).astype(np.float32)[..., None].repeat(3, 2)
+    grey = 0.5 + detail
+    reference = np.zeros_like(grey) + np.array([0.8, 0.4, 0.2], np.float32)
+    fixed = colour_fix_to(grey, reference, sigma=3.0)
+    assert np.allclose(gaussian_blur(fixed, 3.0)[8:-8, 8:-8], reference[8:-8, 8:-8], atol=0.01)
+    assert np.allclose((fixed - gaussian_blur(fixed, 3.0))[8:-8, 8:-8], detail[8:-8, 8:-8], atol=0.02)

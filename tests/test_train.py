@@ -169,7 +169,9 @@ def test_diffusion_learns_a_fixed_batch(first_stage, images):
 def test_other_tasks_train_and_export(first_stage, images, tmp_path, task, concat_channels):
     training = df.DiffusionTraining(task=task, crop=32, batch_size=2)
     path = df.train_diffusion(TINY_UNET, training, first_stage, images, _run(tmp_path, steps=2))
-    params = yaml.safe_load(path.with_name("model.yaml").read_text())["model"]["params"]
+    document = yaml.safe_load(path.with_name("model.yaml").read_text())
+    params = document["model"]["params"]
+    assert document["ldmtool"].get("colour_fix", False) is (task == df.Task.INPAINT)  # Telea colours in the hole
     assert params["unet_config"]["params"]["in_channels"] == 3 + concat_channels
     assert params["conditioning_key"] == ("concat" if concat_channels else None)
     assert np.isfinite([yaml.safe_load(line)["loss"] for line in path.with_name("log.jsonl").read_text().splitlines()]).all()

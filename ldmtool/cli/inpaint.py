@@ -1,7 +1,7 @@
 """`ldmtool inpaint`: repaint the white part of each image's mask."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -19,6 +19,13 @@ Grow = Annotated[int, typer.Option("--grow", min=0, help="Dilate the mask by N p
                                    rich_help_panel=opt.SAMPLING)]
 Feather = Annotated[int, typer.Option("--feather", min=0, help="Blend band in pixels at the mask edge; outside "
                                       "it the input is kept exactly (0 = hard edge).", rich_help_panel=opt.SAMPLING)]
+ColourFix = Annotated[
+    Optional[bool],
+    typer.Option("--colour-fix/--no-colour-fix",
+                 help="Take the low frequencies (colour, brightness) inside the hole from an OpenCV Telea fill and only "
+                      "the detail from the model (default: the model config's ldmtool.colour_fix, else off).",
+                 rich_help_panel=opt.SAMPLING),
+]
 
 
 @task_command(model="default-inpaint")
@@ -31,6 +38,7 @@ def inpaint(
     mask_from_alpha: MaskFromAlpha = False,
     grow: Grow = 0,
     feather: Feather = 4,
+    colour_fix: ColourFix = None,
     recursive: opt.Recursive = False,
     max_pixels: MaxPixels = None,
     *,
@@ -44,7 +52,8 @@ def inpaint(
     from ldmtool.runtime.runner import run_task
 
     task = InpaintTask(Engine(model, sampling), prompt=prompt or "", negative=negative or "", grow=grow,
-                       feather=feather, invert_mask=invert_mask, from_alpha=mask_from_alpha, max_pixels=max_pixels)
+                       feather=feather, invert_mask=invert_mask, from_alpha=mask_from_alpha, max_pixels=max_pixels,
+                       colour_fix=colour_fix)
     discovery = find_inputs(inputs, recursive=recursive, pair_masks=not mask_from_alpha, masks_dir=masks)
     finish(run_task(task, discovery, run))
 

@@ -113,3 +113,21 @@ def _to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     if np.issubdtype(dtype, np.integer):
         return np.clip(np.rint(values), 0, 255).astype(dtype)
     return np.clip(values, 0.0, 1.0).astype(dtype)
+
+
+def colour_fix_to(output: np.ndarray, reference: np.ndarray, sigma: float) -> np.ndarray:
+    """`output - blur(output) + blur(reference)` for same-size (H, W, 3) float images in [0, 1] (inpainting:
+    the reference is a classical fill of the hole, which knows the surrounding colours)."""
+    out = output.astype(np.float32)
+    fixed = out - gaussian_blur(out, sigma) + gaussian_blur(reference.astype(np.float32), sigma)
+    return np.clip(fixed, 0.0, 1.0)
+
+
+def configured_colour_fix(defaults: dict, model_path) -> bool:
+    """The model config's `ldmtool.colour_fix` (absent: off); anything but true/false is a fatal error."""
+    from ldmtool.errors import FatalError
+
+    value = defaults.get("colour_fix", False)
+    if not isinstance(value, bool):
+        raise FatalError(f"{model_path}: its config's ldmtool.colour_fix is {value!r}; write true or false")
+    return value

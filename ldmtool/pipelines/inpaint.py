@@ -28,6 +28,7 @@ from ldmtool.diffusion.cond import Cond
 from ldmtool.diffusion.masked import composite, latent_repaint_mask
 from ldmtool.errors import FatalError, ItemError
 from ldmtool.io.images import LoadedImage, mask_from_alpha, read_image, read_mask
+from ldmtool.pipelines.colour_fix import colour_fix_to, configured_colour_fix
 from ldmtool.pipelines.engine import Engine, to_array
 from ldmtool.pipelines.text import (PromptConditioning, TextConditioner, group_by_size, padded_images, padding,
                                     pixel_multiple, text_encoder)
@@ -69,13 +70,14 @@ class InpaintTask(BaseTask):
 
     def __init__(self, engine: Engine, *, prompt: str = "", negative: str = "", grow: int = 0,
                  feather: int = DEFAULT_FEATHER, invert_mask: bool = False, from_alpha: bool = False,
-                 max_pixels: Optional[int] = None):
+                 max_pixels: Optional[int] = None, colour_fix: Optional[bool] = None):
         super().__init__(params={"prompt": prompt, "negative": negative, "grow": grow, "feather": feather})
         self.engine = engine
         self.prompt, self.negative = prompt, negative
         self.grow, self.feather = grow, feather
         self.invert_mask, self.from_alpha = invert_mask, from_alpha
         self.max_pixels = max_pixels
+        self.colour_fix = colour_fix  # None: the model config's `ldmtool.colour_fix` (absent = off)
 
     # -- runner hooks
 
@@ -95,7 +97,10 @@ class InpaintTask(BaseTask):
             self.conditioning = PromptConditioning(bundle, engine.model_path, self.command,
                                                    prompt=self.prompt, negative=self.negative)
         self.multiple = pixel_multiple(engine)
-        self.params.update(engine.resolved(), model_family=bundle.family, inpaint_kind=self.kind.value)
+        if self.colour_fix is None:
+            self.colour_fix = configured_colour_fix(engine.defaults, engine.model_path)
+        self.params.update(engine.resolved(), model_family=bundle.family, inpaint_kind=self.kind.value,
+                           colour_fix=self.colour_fix)
 
     def load(self, job: Job) -> tuple[LoadedImage, np.ndarray]:
         image = read_image(job.item.path, max_pixels=self.max_pixels)
@@ -129,6 +134,9 @@ class InpaintTask(BaseTask):
             return e.decode(self._sample(e, images, padded_masks, seeds))
 
         results = self.engine.finite(compute, jobs[0].item.label).clamp(0, 1)[..., :height, :width]
+        if self.colour_fix:
+            results = torch.stack([_telea_colours(result, job.payload[0].rgb, job.payload[1])
+                                   for result, job in zip(results, jobs)])
         # the input itself (not its [-1, 1] round trip), so kept pixels are copied bit for bit
         originals = torch.stack([torch.from_numpy(job.payload[0].rgb).permute(2, 0, 1) for job in jobs])
         final = composite(originals, results, masks, self.feather)
@@ -172,3 +180,17 @@ class InpaintTask(BaseTask):
 
 def _stats(mask: np.ndarray) -> dict[str, Any]:
     return {"repainted_fraction": round(float(mask.mean()), 4)}
+
+
+# Blur for the inpainting colour fix, in pixels: the model keeps the detail above it, the fill gives the rest.
+COLOUR_FIX_SIGMA = 3.0
+
+
+def _telea_colours(result: torch.Tensor, rgb: np.ndarray, mask: np.ndarray) -> torch.Tensor:
+    """The model's result (3, H, W) in [0, 1] with its low frequencies taken from an OpenCV Telea fill of
+    the hole: a small first stage loses colour, the surroundings know it."""
+    pixels = (np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.uint8)
+    hole = (mask > 0.5).astype(np.uint8) * 255
+    fill = cv2.inpaint(pixels, hole, 5, cv2.INPAINT_TELEA).astype(np.float32) / 255
+    fixed = colour_fix_to(result.permute(1, 2, 0).numpy(), fill, COLOUR_FIX_SIGMA)
+    return torch.from_numpy(fixed).permute(2, 0, 1)

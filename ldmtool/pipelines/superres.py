@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ldmtool.diffusion.cond import Cond
 from ldmtool.errors import FatalError, ItemError, UsageError
 from ldmtool.io.images import read_image
-from ldmtool.pipelines.colour_fix import colour_fix_
+from ldmtool.pipelines.colour_fix import colour_fix_, configured_colour_fix
 from ldmtool.pipelines.engine import Engine, to_model_range
 from ldmtool.runtime.runner import BaseTask, Job, Output
 
@@ -78,7 +78,7 @@ class SuperresTask(BaseTask):
         self.upscaler = key == "hybrid-adm"
         self.params.update(engine.resolved(), model_family=engine.bundle.family)
         if self.colour_fix is None:
-            self.colour_fix = _config_colour_fix(engine)
+            self.colour_fix = configured_colour_fix(engine.defaults, engine.model_path)
         self.params.update(colour_fix=self.colour_fix)
         if self.upscaler:
             self.noise_level = self.noise_level if self.noise_level is not None else int(
@@ -150,13 +150,6 @@ class SuperresTask(BaseTask):
         with torch.inference_mode():
             both = encoder.encode([self.prompt, self.negative])
         return both[:1], both[1:]
-
-
-def _config_colour_fix(engine: Engine) -> bool:
-    value = engine.defaults.get("colour_fix", False)
-    if not isinstance(value, bool):
-        raise FatalError(f"{engine.model_path}: its config's ldmtool.colour_fix is {value!r}; write true or false")
-    return value
 
 
 def _padding(height: int, width: int, multiple: int) -> tuple[int, int]:

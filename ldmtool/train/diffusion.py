@@ -428,11 +428,12 @@ class DiffusionTrainer:
             "step": step,
             **self.run_config(),
         }
+        if self.training.task in (Task.SUPERRES, Task.INPAINT):
+            # A small first stage trained on a CPU budget loses colour; the output's low frequencies come
+            # from the input (superres) or a classical fill of the hole (inpaint); --no-colour-fix turns it off.
+            block["colour_fix"] = True
         if self.training.task == Task.SUPERRES:
             block["scale"] = self.training.scale
-            # A small first stage trained on a CPU budget loses colour; the output's low frequencies are
-            # taken from the input instead (`superres --no-colour-fix` turns it off).
-            block["colour_fix"] = True
         if self.training.task == Task.SEMANTIC:
             block["classes"] = [{"name": c.name, "colour": list(c.colour)} for c in CLASSES]
         if self.training.task == Task.LAYOUT:
