@@ -169,3 +169,41 @@ def test_layout_folders_and_samples_become_items(tmp_path):
         ("sub/c.YAML/0", "c-0", "sub"), ("sub/c.YAML/1", "c-1", "sub")]
     with pytest.raises(UsageError, match="no such file or folder"):
         find_layouts([str(tmp_path / "missing.json")])
+
+
+def test_tiles_of_a_large_layout_get_their_crop_tokens(tmp_path, model):
+    """Above the native size every tile's context ends with its own crop box, as the reference rewrites
+    the last two tokens per patch; the objects keep their whole-image coordinates."""
+    import torch
+
+    from ldmtool.pipelines.engine import Engine, ModelChoice, SamplingChoice
+    from ldmtool.pipelines.layout2img import Layout2ImgTask
+
+    task = Layout2ImgTask(Engine(ModelChoice(model=str(model), device="cpu"), SamplingChoice(steps=2, sampler="euler")),
+                          width=32, height=32)
+    task.open()
+    sequences = []
+    encode = task.engine.bundle.cond_stage.encode
+    task.engine.bundle.cond_stage.encode = lambda tokens: sequences.append(tokens[0].tolist()) or encode(tokens)
+    tokenizer = task.tokenizer
+    objects = [LayoutObject(category=3, box=(0.25, 0.5, 0.75, 1.0))]
+    class _Job:
+        payload = objects
+
+    cond, _ = task.conditioning(task.engine, _Job(), (40, 56))
+    assert sequences == [tokenizer.tokens(objects)]  # the whole image: crop (0, 0, 1, 1)
+    context = cond.tile_crossattn((8, 16, 32, 40), (40, 56))
+    assert sequences[-1] == tokenizer.tokens(objects, (16 / 56, 8 / 40, 1.0, 1.0))
+    assert sequences[-1][:-2] == sequences[0][:-2] and sequences[-1][-2:] != sequences[0][-2:]
+    assert torch.equal(context, encode(torch.tensor([sequences[-1]])).to(context.dtype))
+    cond.tile_crossattn((8, 16, 32, 40), (40, 56))
+    assert len(sequences) == 2  # a tile's context is encoded once, then reused every step
+
+
+def test_a_layout_larger_than_one_tile_runs_tiled(tmp_path, model):
+    layout = _layout(tmp_path / "big.json", [{"label": "Person", "box": [0.1, 0.2, 0.5, 0.9]}])
+    result = run_cli("layout2img", layout, "--model", model, "-o", tmp_path / "big.png", "--steps", "2", "--sampler", "euler",
+                     "--quiet", "--width", "384", "--height", "256", "--tile", "16")
+    assert result.exit_code == 0, result.output
+    with Image.open(tmp_path / "big.png") as image:
+        assert image.size == (384, 256)

@@ -204,3 +204,29 @@ def test_gaussian_weights_hide_seams_better_than_uniform_and_overlap_removes_the
     gaussian, uniform = _seam_strength(4, Weighting.GAUSSIAN), _seam_strength(4, Weighting.UNIFORM)
     assert gaussian < 1.25 and uniform > gaussian + 0.2
     assert _seam_strength(8, Weighting.GAUSSIAN) < 1.05
+
+
+def test_tile_context_is_built_per_tile_and_shared_context_is_used_untiled():
+    """`Cond.tile_crossattn` gives each tile its own context (layout models name the crop they generate)."""
+    seen = []
+
+    def inner(x, sigma, cond):
+        seen.append(cond.crossattn[:, 0, :4].tolist())
+        return x * 0 + cond.crossattn[:, :1, :1, None]  # each tile predicts its own context's first value
+
+    def tile_context(rect, canvas):
+        top, left, height, width = rect
+        return torch.tensor([top, left, height, width], dtype=torch.float32).repeat(2, 1, 1)  # (B=2, T=1, D=4)
+
+    cond = Cond(crossattn=torch.full((2, 1, 4), -1.0), tile_crossattn=tile_context)
+    tiled = TiledDenoiser(inner, TileConfig(tile=(16, 16), overlap=4, tile_batch=3))
+    x = torch.zeros(2, 1, 28, 40)
+    out = tiled(x, torch.ones(2), cond)
+    plan = tiled.plan(28, 40)
+    expected = sorted([[r.top, r.left, r.height, r.width]] * 2 for r in plan.tiles)
+    got = sorted(pair for call in seen for pair in zip(call[0::2], call[1::2]))  # tile-major: B items per tile
+    assert sorted([list(p) for p in got]) == sorted([list(p) for p in expected])
+    assert out.min() >= 0  # tops are >= 0: no tile saw the shared context (-1)
+    seen.clear()
+    TiledDenoiser(inner, TileConfig(tile=(64, 64), overlap=4))(x, torch.ones(2), cond)  # fits one tile
+    assert seen == [[[-1.0] * 4] * 2]

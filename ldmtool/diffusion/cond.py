@@ -8,7 +8,8 @@ and it returns the prediction of the clean latent x0, shape like x.
 
 Samplers see `lambda x, sigma: denoise(x, sigma, cond)`; the tiled engine wraps a denoiser and crops every
 spatial field of the conditioning per tile with `map_spatial`, while non-spatial fields (cross-attention
-context, class labels, noise levels) are shared by all tiles.
+context, class labels, noise levels) are shared by all tiles, unless `tile_crossattn` gives a context per
+tile (layout models, whose last two tokens name the crop the model sees).
 """
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ class Cond:
     crossattn: Optional["Tensor"] = None  # (B, T, D) context for cross-attention; shared by tiles
     concat: Optional["Tensor"] = None  # (B, C, h, w) at latent resolution; cropped per tile
     y: Optional["Tensor"] = None  # (B,) class ids / noise levels, or (B, D) vectors; shared
+    # The context for one tile instead of `crossattn`: called with the tile's (top, left, height, width) and
+    # the canvas (height, width), both in latent pixels; returns (B, T, D). Untiled calls use `crossattn`.
+    tile_crossattn: Optional[Callable[[tuple[int, int, int, int], tuple[int, int]], "Tensor"]] = None
 
     def map_spatial(self, fn: Callable[["Tensor"], "Tensor"]) -> "Cond":
         """The same conditioning with `fn` applied to every spatial field (used to cut tiles)."""
@@ -33,7 +37,9 @@ class Cond:
 
     def map_batch(self, fn: Callable[["Tensor"], "Tensor"]) -> "Cond":
         """The same conditioning with `fn` applied to every field along the batch (repeat, index, cat)."""
-        return Cond(*(None if t is None else fn(t) for t in (self.crossattn, self.concat, self.y)))
+        tile = self.tile_crossattn
+        return Cond(*(None if t is None else fn(t) for t in (self.crossattn, self.concat, self.y)),
+                    tile_crossattn=None if tile is None else (lambda rect, canvas: fn(tile(rect, canvas))))
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,13 @@ pixels or as fractions 0..1 of the image:
 Pixel boxes are measured in the layout's `size` when given, else in the output size. A bare list of objects
 is also a layout. Each object may set `group_of`, `occluded`, `depiction`, `inside` (OpenImages flags).
 The boxes become the model's token sequence (see layout_tokens); with `--draw-boxes` a copy of each result
-with the boxes drawn is written beside it as `<name>.boxes.png`.
+with the boxes drawn is written beside it as `<name>.boxes.png`. Above the model's native size the tiled
+engine gives every tile its own context: the objects keep their image coordinates and the last two tokens
+name the tile's crop, as the reference does per patch of a large image.
 """
 from __future__ import annotations
+
+import functools
 
 import json
 import os
@@ -193,10 +197,21 @@ class Layout2ImgTask(GeneratorTask):
         return objects
 
     def conditioning(self, engine: Engine, job: Job, latent_hw: tuple[int, int]) -> tuple[Cond, Optional[Cond]]:
-        tokens = torch.tensor([self.tokenizer.tokens(job.payload)], dtype=torch.long, device=engine.device)
-        with torch.inference_mode():
-            context = engine.bundle.cond_stage.encode(tokens)
-        return Cond(crossattn=context.to(engine.dtype)), None
+        objects = job.payload
+
+        @functools.lru_cache(maxsize=None)  # a tile keeps its place from step to step: encode it once
+        def encode(crop: tuple[float, float, float, float]) -> torch.Tensor:
+            tokens = torch.tensor([self.tokenizer.tokens(objects, crop)], dtype=torch.long, device=engine.device)
+            with torch.inference_mode():
+                return engine.bundle.cond_stage.encode(tokens).to(engine.dtype)
+
+        def tile_context(rect: tuple[int, int, int, int], canvas: tuple[int, int]) -> torch.Tensor:
+            top, left, height, width = rect
+            rows, cols = canvas
+            return encode((left / cols, top / rows, min(1.0, (left + width) / cols), min(1.0, (top + height) / rows)))
+
+        tile = tile_context if self.tokenizer.encode_crop else None
+        return Cond(crossattn=encode((0.0, 0.0, 1.0, 1.0)), tile_crossattn=tile), None
 
     def item_params(self, job: Job) -> dict[str, Any]:
         return {"layout": str(job.item.path),

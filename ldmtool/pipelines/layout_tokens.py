@@ -139,8 +139,11 @@ class BoxTokenizer:
             modifier |= 2 * obj.occluded | 4 * obj.depiction | 8 * obj.inside
         return obj.category + self.no_object_classes * modifier
 
-    def tokens(self, objects: Sequence[LayoutObject]) -> list[int]:
-        """The whole sequence for a layout (objects in the given order)."""
+    def tokens(self, objects: Sequence[LayoutObject],
+               crop: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)) -> list[int]:
+        """The whole sequence for a layout (objects in the given order). `crop` (x0, y0, x1, y1, fractions of
+        the image) is the part the model generates: the whole image, or one tile of it, as the reference
+        rewrites the last two tokens per patch of a large image (objects keep their image coordinates)."""
         if len(objects) > self.max_objects:
             raise UsageError(f"{len(objects)} objects: the layout model takes at most {self.max_objects}")
         flat: list[int] = []
@@ -149,7 +152,7 @@ class BoxTokenizer:
             flat += [self.representation(obj), self.coordinate(x0, y0), self.coordinate(x1, y1)]
         flat += [self.none] * (3 * (self.max_objects - len(objects)))
         if self.encode_crop:
-            flat += [self.coordinate(0.0, 0.0), self.coordinate(1.0, 1.0)]
+            flat += [self.coordinate(crop[0], crop[1]), self.coordinate(crop[2], crop[3])]
         return flat
 
 

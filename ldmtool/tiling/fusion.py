@@ -92,7 +92,7 @@ class TiledDenoiser:
         for first in range(0, len(rects), step):
             chunk = rects[first : first + step]
             crops = torch.cat([crop_tile(x, rect, plan) for rect in chunk])  # (k*B, C, th, tw), tile-major
-            tile_cond = _repeat(_crop_cond(cond, chunk, plan, x.shape[-2:]), len(chunk))
+            tile_cond = _repeat(_crop_cond(cond, chunk, plan, x.shape[-2:]), chunk, (plan.height, plan.width))
             pred = self.inner(crops, sigma.repeat(len(chunk)), tile_cond)
             self._count(crops.shape[0], crops.shape[-2] * crops.shape[-1])
             for index, rect in enumerate(chunk):
@@ -148,20 +148,27 @@ def _crop_cond(cond, chunk, plan: TilePlan, canvas_hw):
     return cond.map_spatial(cut)
 
 
-def _repeat(cond, times: int):
-    """Non-spatial fields repeated tile-major; spatial fields were already stacked by `_crop_cond`."""
-    if cond is None or times == 1:
+def _repeat(cond, chunk, canvas_hw):
+    """Non-spatial fields repeated tile-major (or, for `tile_crossattn`, made per tile); spatial fields were
+    already stacked by `_crop_cond`."""
+    if cond is None:
         return cond
     if isinstance(cond, Guided):
-        uncond = None if cond.uncond is None else _repeat(cond.uncond, times)
-        return Guided(_repeat(cond.cond, times), uncond, cond.scale)
-    if isinstance(cond, Cond):
-        return Cond(
-            crossattn=None if cond.crossattn is None else _repeat_batch(cond.crossattn, times),
-            concat=cond.concat,
-            y=None if cond.y is None else _repeat_batch(cond.y, times),
-        )
-    raise TypeError(f"cannot tile conditioning of type {type(cond).__name__}")
+        uncond = None if cond.uncond is None else _repeat(cond.uncond, chunk, canvas_hw)
+        return Guided(_repeat(cond.cond, chunk, canvas_hw), uncond, cond.scale)
+    if not isinstance(cond, Cond):
+        raise TypeError(f"cannot tile conditioning of type {type(cond).__name__}")
+    times = len(chunk)
+    if cond.tile_crossattn is not None:
+        import torch
+
+        crossattn = torch.cat([cond.tile_crossattn((r.top, r.left, r.height, r.width), canvas_hw) for r in chunk])
+    elif times == 1:
+        return cond
+    else:
+        crossattn = None if cond.crossattn is None else _repeat_batch(cond.crossattn, times)
+    y = cond.y if cond.y is None or times == 1 else _repeat_batch(cond.y, times)
+    return Cond(crossattn=crossattn, concat=cond.concat, y=y)
 
 
 def _repeat_batch(t: "Tensor", times: int) -> "Tensor":
