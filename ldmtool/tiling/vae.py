@@ -6,8 +6,8 @@ Three things make a tiled autoencoder differ from the untiled one, and each is h
     (the cores partition the canvas) is kept. At the canvas border the tile ends where the canvas does,
     so the padding there is the same as untiled.
   * GroupNorm statistics are global: they are gathered exactly, in *streaming passes*. Pass k runs
-    every tile up to the first GroupNorm whose statistics are still unknown, adds the per-group sum and
-    sum of squares of its input over the tile's core (float64), and stops; after the pass that norm's
+    every tile up to the first GroupNorm whose statistics are still unknown, adds the per-group moments
+    of its input over the tile's core (`Moments`: float32 per tile, merged in float64), and stops; after the pass that norm's
     global mean and variance are known and the next pass normalises with them. The last pass
     produces the output.
   * Attention is global: an attention stage (the middle block's, at latent resolution) is not cut
@@ -18,19 +18,21 @@ Three things make a tiled autoencoder differ from the untiled one, and each is h
 
 Trade-off: streaming recomputes the tiled layers up to each GroupNorm once per norm (about 20 in an f8
 decoder). To cut that, the boundary before the stage holding the next unknown norm is *checkpointed*
-(kept whole on `store_device`, the CPU by default) whenever it fits `store_bytes`; later passes start
-from it, with a halo that only covers what they run. Convolution work over the untiled decode, SD's
-f8 KL autoencoder in fp32, 64-latent tiles (benchmarks/tiled_work.py, `vae_work`, exact counts):
+(kept whole: on `store_device` when small, else in an unlinked temporary file read and written with
+`pread`/`pwrite`, see `FileCanvas`) whenever it fits `store_bytes`; later passes start from it, with a
+halo that only covers what they run. Convolution work over the untiled decode, SD's f8 KL autoencoder in
+fp32, 64-latent tiles (benchmarks/tiled_work.py, `vae_work`, exact counts):
 
     output     decode: store 0 / 1 GiB / 4 GiB      encode: store 0 / 1 GiB / 4 GiB
     1024^2          16.9 / 1.42 / 1.42                  13.5 / 1.50 / 1.50
     2048^2          19.9 / 4.06 / 1.44                  14.8 / 1.83 / 1.52
     4096^2          21.5 / 15.2 / 4.10                  15.4 / 3.79 / 1.85
 
-Device memory is that of one tile (or one attention chunk) whatever the budget; host memory is the
-budget (default: 4 GiB or a quarter of the available memory, whichever is less) plus the current
-source, the result, and the attention keys and values at latent resolution. fp16 models halve the store
-per boundary, so the same budget goes twice as far.
+Device memory is that of one tile (or one attention chunk) whatever the budget. Host memory is one tile
+plus checkpoints up to `spill_bytes` (64 MiB) each, the latent-size source, the attention keys and
+values at latent resolution, and the output canvas, which the caller may replace (`output=`: the
+pipelines write uint8 pixels tile by tile). Larger checkpoints live in the page cache and on disk (the
+default budget is half the spill folder's free space); the last pass never stores one.
 """
 from __future__ import annotations
 
