@@ -7,9 +7,9 @@ Three things make a tiled autoencoder differ from the untiled one, and each is h
     so the padding there is the same as untiled.
   * GroupNorm statistics are global: they are gathered exactly, in *streaming passes*. Pass k runs
     every tile up to the first GroupNorm whose statistics are still unknown, adds the per-group moments
-    of its input over the tile's core (`Moments`: float32 per tile, merged in float64), and stops; after the pass that norm's
-    global mean and variance are known and the next pass normalises with them. The last pass
-    produces the output.
+    of its input over the tile's core (`Moments`: float32 per tile, merged in float64), and stops; after
+    the pass that norm's global mean and variance are known and the next pass normalises with them. The
+    last pass produces the output.
   * Attention is global: an attention stage (the middle block's, at latent resolution) is not cut
     into tiles. Its GroupNorm statistics, keys and values are computed chunk by chunk from the whole
     latent-resolution input (kept off-device), and each chunk of queries attends to all keys block by
@@ -532,7 +532,7 @@ class FileCanvas:
 
 def _bytes_view(t: Tensor) -> np.ndarray:
     """A writable numpy view of a contiguous CPU tensor as (..., W, C * itemsize) raw bytes."""
-    raw = t.view(torch.uint8) if t.element_size() == 1 else t.view(torch.int16 if t.element_size() == 2 else torch.int32)
+    raw = t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
     array = raw.numpy()
     return array.view(np.uint8).reshape(*array.shape[:-2], -1)
 
