@@ -1,7 +1,7 @@
 """`ldmtool inpaint`: repaint the white part of each image's mask."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -19,13 +19,6 @@ Grow = Annotated[int, typer.Option("--grow", min=0, help="Dilate the mask by N p
                                    rich_help_panel=opt.SAMPLING)]
 Feather = Annotated[int, typer.Option("--feather", min=0, help="Blend band in pixels at the mask edge; outside "
                                       "it the input is kept exactly (0 = hard edge).", rich_help_panel=opt.SAMPLING)]
-ColourFix = Annotated[
-    Optional[bool],
-    typer.Option("--colour-fix/--no-colour-fix",
-                 help="Take the low frequencies (colour, brightness) inside the hole from an OpenCV Telea fill and only "
-                      "the detail from the model (default: the model config's ldmtool.colour_fix, else off).",
-                 rich_help_panel=opt.SAMPLING),
-]
 
 
 @task_command(model="default-inpaint")
@@ -38,7 +31,7 @@ def inpaint(
     mask_from_alpha: MaskFromAlpha = False,
     grow: Grow = 0,
     feather: Feather = 4,
-    colour_fix: ColourFix = None,
+    colour_fix: opt.ColourFix = None,
     recursive: opt.Recursive = False,
     max_pixels: MaxPixels = None,
     *,

@@ -137,3 +137,12 @@ Seamless = Annotated[
 ]
 Width = Annotated[Optional[int], typer.Option("--width", "-W", min=8, help="Output width in pixels.", rich_help_panel=SAMPLING)]
 Height = Annotated[Optional[int], typer.Option("--height", "-H", min=8, help="Output height in pixels.", rich_help_panel=SAMPLING)]
+
+ColourFix = Annotated[
+    Optional[bool],
+    typer.Option("--colour-fix/--no-colour-fix",
+                 help="Take the low frequencies (colour, brightness) from a classical estimate and only the detail "
+                      "from the model: superres a bicubic upscale of the input, inpaint an OpenCV Telea fill of the "
+                      "hole (default: the model config's ldmtool.colour_fix, else off).",
+                 rich_help_panel=SAMPLING),
+]

@@ -26,13 +26,6 @@ NoiseLevel = Annotated[
                  rich_help_panel=opt.SAMPLING),
 ]
 
-ColourFix = Annotated[
-    Optional[bool],
-    typer.Option("--colour-fix/--no-colour-fix",
-                 help="Take the low frequencies (colour, brightness) from a bicubic upscale of the input and only the "
-                      "detail from the model (default: the model config's ldmtool.colour_fix, else off).",
-                 rich_help_panel=opt.SAMPLING),
-]
 
 
 @task_command(model="default-superres")
@@ -40,7 +33,7 @@ def superres(
     inputs: opt.Inputs,
     scale: Scale = 4.0,
     noise_level: NoiseLevel = None,
-    colour_fix: ColourFix = None,
+    colour_fix: opt.ColourFix = None,
     prompt: opt.Prompt = None,
     negative: opt.Negative = None,
     recursive: opt.Recursive = False,

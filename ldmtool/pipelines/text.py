@@ -17,12 +17,15 @@ import json
 from collections import OrderedDict
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 import torch
 
 from ldmtool.errors import FatalError, UsageError
+
+if TYPE_CHECKING:
+    from ldmtool.diffusion.cond import Cond
 
 # Conditioning stages whose `encode(list[str])` gives cross-attention context (reference class names).
 TEXT_ENCODERS = frozenset({"BERTEmbedder", "FrozenCLIPEmbedder", "FrozenOpenCLIPEmbedder"})
