@@ -70,8 +70,9 @@ def inpaint(out: Path) -> Path:
     shown[mask] = (shown[mask] * 0.3 + np.array([255, 0, 255]) * 0.7).astype(np.uint8)
     telea = cv2.inpaint(image, mask.astype(np.uint8) * 255, 5, cv2.INPAINT_TELEA)
     result = read(next(out.glob(f"{image_path.stem}*")))
+    enlarge = lambda a: cv2.resize(a, (a.shape[1] * 2, a.shape[0] * 2), interpolation=cv2.INTER_NEAREST)  # noqa: E731
     target = IMAGES / "inpaint-default.png"
-    Image.fromarray(row([shown, telea, result])).save(target, optimize=True)
+    Image.fromarray(row([enlarge(p) for p in (shown, telea, result)])).save(target, optimize=True)
     return target
 
 
