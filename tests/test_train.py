@@ -429,3 +429,32 @@ def test_init_starts_the_unet_from_a_trained_checkpoint(first_stage, images, tmp
     with pytest.raises(UsageError, match="weights match"):
         df.DiffusionTrainer(wider, replace(training, init=str(trained)), df.load_first_stage(first_stage.parent, torch.device("cpu")),
                             images, torch.device("cpu"), torch.float32)
+
+
+def test_defaults_trained_on_one_first_stage_ship_it_once(first_stage, images, tmp_path, capsys):
+    ship = tmp_path / "ship"
+    runs = {}
+    for task in (df.Task.SUPERRES, df.Task.INPAINT):
+        training = df.DiffusionTraining(task=task, crop=32, batch_size=2)
+        runs[task] = df.train_diffusion(TINY_UNET, training, first_stage, images, _run(tmp_path / task.value, steps=1))
+        code, err = _cli(["train", "export", str(tmp_path / task.value), "--name", f"default-{task.value}", "--dest",
+                          str(ship), "--recipe", "ldmtool train ...", "--first-stage-file", "shared-kl.safetensors"], capsys)
+        assert code in (0, None), err
+    shared = load_file(str(ship / "shared-kl.safetensors"))
+    assert {k.split(".")[0] for k in shared} == {"encoder", "decoder", "quant_conv", "post_quant_conv"}
+    for task, run in runs.items():
+        shipped = ship / f"default-{task.value}.safetensors"
+        assert not [k for k in load_file(str(shipped)) if k.startswith("first_stage_model.")]
+        assert yaml.safe_load(shipped.with_suffix(".yaml").read_text())["ldmtool"]["first_stage_weights"] == "shared-kl.safetensors"
+        full, half = ldmtool.load_model(run), ldmtool.load_model(shipped)
+        for name, value in full.first_stage_model.state_dict().items():
+            torch.testing.assert_close(half.first_stage_model.state_dict()[name], value.half().float())
+    other = ae.train_autoencoder(TINY_AE, ae.AutoencoderTraining(crop=32, batch_size=2, lr=1e-3, seed=9), images,
+                                 _run(tmp_path / "ae-other", steps=1))
+    df.train_diffusion(TINY_UNET, df.DiffusionTraining(crop=32, batch_size=2), other, images, _run(tmp_path / "sr2", steps=1))
+    code, err = _cli(["train", "export", str(tmp_path / "sr2"), "--name", "default-other", "--dest", str(ship),
+                      "--first-stage-file", "shared-kl.safetensors"], capsys)
+    assert code == 2 and "a different first stage is already shipped" in err
+    (ship / "shared-kl.safetensors").unlink()
+    with pytest.raises(ldmtool.errors.CheckpointError, match="not beside it"):
+        ldmtool.load_model(ship / "default-superres.safetensors")

@@ -6,7 +6,7 @@ assigns the (memory-mapped) checkpoint tensors into it, so a large file is not h
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -63,6 +63,7 @@ def load_model(path_or_name: Union[str, Path], *, config: Optional[ConfigLike] =
     doc, config_used = resolve_config(weights, config=config, preset=preset, default_config=default_config,
                                       detection=detection)
     family = ldmtool_block(doc).get("family") or "custom"
+    prepared = _with_shared_first_stage(prepared, weights, ldmtool_block(doc).get("first_stage_weights"))
     with torch.device("meta"):
         bundle = build_bundle(doc, family)
     _load_into(bundle, prepared, source=str(weights), family=family, detection=detection)
@@ -76,6 +77,22 @@ def load_model(path_or_name: Union[str, Path], *, config: Optional[ConfigLike] =
     bundle.load_info = LoadInfo(weights, config_used, detection, prepared.ema_present, prepared.ema_used,
                                 _main_dtype(raw))
     return bundle.eval().requires_grad_(False)
+
+
+FIRST_STAGE_PREFIX = "first_stage_model."
+
+
+def _with_shared_first_stage(prepared, weights: Path, shared: Optional[str]):
+    """Shipped defaults share one first stage: a config's `ldmtool.first_stage_weights` names a file beside
+    the weights (autoencoder layout: encoder.*, decoder.*, ...) that supplies the missing
+    `first_stage_model.*` weights. Weights the file itself carries win."""
+    if not shared or any(k.startswith(FIRST_STAGE_PREFIX) for k in prepared.state):
+        return prepared
+    path = weights.parent / shared
+    if not path.is_file():
+        raise CheckpointError(f"{weights}: its config takes the first stage from {shared}, which is not beside it")
+    first = {FIRST_STAGE_PREFIX + k: v for k, v in read_state_dict(path).items()}
+    return replace(prepared, state={**prepared.state, **first})
 
 
 def resolve_source(path_or_name: Union[str, Path]) -> tuple[Path, Optional[Path]]:

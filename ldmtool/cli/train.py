@@ -170,12 +170,13 @@ def export(
     name: Annotated[str, typer.Option("--name", help="Model name, e.g. default-superres (used with --model NAME).", rich_help_panel=TRAINING)],
     dest: Annotated[Optional[Path], typer.Option("--dest", help="Folder to write to (default: the package's shipped models).", rich_help_panel=TRAINING)] = None,
     recipe: Annotated[Optional[str], typer.Option("--recipe", help="Training commands to record in the YAML.", rich_help_panel=TRAINING)] = None,
+    first_stage_file: Annotated[Optional[str], typer.Option("--first-stage-file", help="Ship the first stage as this file beside the model, shared by every default trained on it (e.g. default-kl-f4.safetensors).", rich_help_panel=TRAINING)] = None,
 ) -> None:
     """Write a run's latest export as an fp16 shipped model: NAME.safetensors + NAME.yaml."""
     from ldmtool.checkpoints.presets import models_dir
     from ldmtool.train.common import ship
 
-    weights, config = ship(run, name, dest or models_dir(), recipe)
+    weights, config = ship(run, name, dest or models_dir(), recipe, first_stage_file)
     typer.echo(f"wrote {weights} and {config}", err=True)
 
 

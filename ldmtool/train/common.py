@@ -275,13 +275,16 @@ def save_checkpoint(trainer: Trainer, out: Path, step: int) -> Path:
     return trainer.export(out, step)
 
 
-def ship(run_dir: Path, name: str, dest: Path, recipe: Optional[str] = None) -> tuple[Path, Path]:
+def ship(run_dir: Path, name: str, dest: Path, recipe: Optional[str] = None,
+         first_stage_file: Optional[str] = None) -> tuple[Path, Path]:
     """Copy a run's export as a shipped default: `dest/<name>.safetensors` (fp16) + `dest/<name>.yaml`.
 
     Schedule buffers are left out (the loader computes them from the config in float32, which an fp16 copy
     could not match); `scale_factor` stays float32. `recipe` (the training commands) is recorded in the YAML.
+    With `first_stage_file`, the first stage goes to that file in `dest` instead (shared by every default
+    trained on it; written once, and refused if a different one is already there) and the YAML names it.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from ldmtool.checkpoints.schedule import DDPM_BUFFERS
 
@@ -295,8 +298,40 @@ def ship(run_dir: Path, name: str, dest: Path, recipe: Optional[str] = None) -> 
     block["family"] = name
     if recipe:
         block["recipe"] = recipe
+    if first_stage_file:
+        half = _share_first_stage(half, Path(dest) / first_stage_file)
+        block["first_stage_weights"] = first_stage_file
     weights = Path(dest) / f"{name}.safetensors"
-    atomic_write(weights, lambda tmp: save_file({k: v.contiguous() for k, v in half.items()}, str(tmp), metadata={"format": "pt"}))
+    _save(weights, half)
     config_path = Path(dest) / f"{name}.yaml"
     write_config(config_path, config)
     return weights, config_path
+
+
+FIRST_STAGE_PREFIX = "first_stage_model."
+
+
+def _share_first_stage(tensors: dict, shared: Path) -> dict:
+    """`tensors` without the first stage, which is written to `shared` (autoencoder key layout) unless an
+    identical one is there already; a different one there is a usage error (it would change other models)."""
+    import torch
+    from safetensors.torch import load_file
+
+    first = {k[len(FIRST_STAGE_PREFIX):]: v for k, v in tensors.items() if k.startswith(FIRST_STAGE_PREFIX)}
+    if not first:
+        raise UsageError(f"{shared.name}: the run's model has no first stage to share")
+    if shared.is_file():
+        existing = load_file(str(shared))
+        if existing.keys() != first.keys() or not all(torch.equal(existing[k], first[k]) for k in first):
+            raise UsageError(f"{shared}: a different first stage is already shipped under this name; "
+                             "pick another --first-stage-file or train on that first stage")
+    else:
+        _save(shared, first)
+    return {k: v for k, v in tensors.items() if not k.startswith(FIRST_STAGE_PREFIX)}
+
+
+def _save(path: Path, tensors: dict) -> None:
+    from safetensors.torch import save_file
+
+    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                                             metadata={"format": "pt"}))
