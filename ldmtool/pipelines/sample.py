@@ -25,7 +25,7 @@ import torch
 from ldmtool.diffusion.cond import Cond
 from ldmtool.errors import FatalError, ItemError, UsageError
 from ldmtool.io.discover import Item, generated_items
-from ldmtool.pipelines.engine import Engine, to_array
+from ldmtool.pipelines.engine import Engine
 from ldmtool.pipelines.text import check_size, pixel_multiple
 from ldmtool.runtime.runner import BaseTask, Job, Output
 
@@ -115,13 +115,13 @@ class GeneratorTask(BaseTask):
         def compute(e: Engine) -> torch.Tensor:
             cond, uncond = self.conditioning(e, job, latent_hw)
             uncond = uncond if self.has_uncond() else None
-            return e.decode(e.sample(latent_hw, [job.seed], cond, uncond, progress=progress))
+            return e.decode_pixels(e.sample(latent_hw, [job.seed], cond, uncond, progress=progress))
 
-        image = self.engine.finite(compute, job.item.label)[0].clamp(0, 1)[:, :height, :width]
+        pixels = self.engine.finite(compute, job.item.label)[0, :height, :width]  # uint8: no float canvas
         params = {"width": width, "height": height, **self.item_params(job)}
         if not self.has_uncond():
             params["cfg"] = 1.0  # recorded as what ran: no guidance
-        return Output(image=to_array(image), params=params)
+        return Output(image=pixels.numpy(), params=params)
 
 
 # ---------------------------------------------------------------- class names

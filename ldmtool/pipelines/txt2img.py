@@ -16,7 +16,7 @@ from ldmtool.diffusion.cond import Cond
 from ldmtool.diffusion.samplers import get_sampler
 from ldmtool.errors import ItemError, UsageError
 from ldmtool.io.discover import Item, generated_items
-from ldmtool.pipelines.engine import Engine, to_array
+from ldmtool.pipelines.engine import Engine
 from ldmtool.pipelines.text import (PromptSpec, TextConditioner, check_size, group_by_size, pixel_multiple,
                                     require_text_model)
 from ldmtool.runtime.runner import BaseTask, Job, Output
@@ -88,10 +88,10 @@ class Txt2ImgTask(BaseTask):
             cond = Cond(crossattn=self.texts(prompts).to(e.device, e.dtype))
             uncond = Cond(crossattn=self.texts(negatives).to(e.device, e.dtype))
             z = e.sample(latent_hw, seeds, cond, uncond, progress=self.reporter and self.reporter.steps)
-            return e.decode(z)
+            return e.decode_pixels(z)
 
-        images = engine.finite(compute, jobs[0].item.label).clamp(0, 1)
-        return [Output(image=to_array(image), params=self._item_params(job.payload, engine))
+        images = engine.finite(compute, jobs[0].item.label)  # (B, H, W, 3) uint8
+        return [Output(image=image.numpy(), params=self._item_params(job.payload, engine))
                 for job, image in zip(jobs, images)]
 
     def _negative(self, spec: PromptSpec) -> str:
