@@ -446,6 +446,9 @@ def test_defaults_trained_on_one_first_stage_ship_it_once(first_stage, images, t
         shipped = ship / f"default-{task.value}.safetensors"
         assert not [k for k in load_file(str(shipped)) if k.startswith("first_stage_model.")]
         assert yaml.safe_load(shipped.with_suffix(".yaml").read_text())["ldmtool"]["first_stage_weights"] == "shared-kl.safetensors"
+        from ldmtool.checkpoints.tools import inspect_checkpoint
+
+        assert inspect_checkpoint(shipped)["matches"]  # `models inspect` sees the shared first stage too
         full, half = ldmtool.load_model(run), ldmtool.load_model(shipped)
         for name, value in full.first_stage_model.state_dict().items():
             torch.testing.assert_close(half.first_stage_model.state_dict()[name], value.half().float())

@@ -63,7 +63,7 @@ def load_model(path_or_name: Union[str, Path], *, config: Optional[ConfigLike] =
     doc, config_used = resolve_config(weights, config=config, preset=preset, default_config=default_config,
                                       detection=detection)
     family = ldmtool_block(doc).get("family") or "custom"
-    prepared = _with_shared_first_stage(prepared, weights, ldmtool_block(doc).get("first_stage_weights"))
+    prepared = with_shared_first_stage(prepared, weights, ldmtool_block(doc).get("first_stage_weights"))
     with torch.device("meta"):
         bundle = build_bundle(doc, family)
     _load_into(bundle, prepared, source=str(weights), family=family, detection=detection)
@@ -82,7 +82,7 @@ def load_model(path_or_name: Union[str, Path], *, config: Optional[ConfigLike] =
 FIRST_STAGE_PREFIX = "first_stage_model."
 
 
-def _with_shared_first_stage(prepared, weights: Path, shared: Optional[str]):
+def with_shared_first_stage(prepared, weights: Path, shared: Optional[str]):
     """Shipped defaults share one first stage: a config's `ldmtool.first_stage_weights` names a file beside
     the weights (autoencoder layout: encoder.*, decoder.*, ...) that supplies the missing
     `first_stage_model.*` weights. Weights the file itself carries win."""

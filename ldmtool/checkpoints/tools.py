@@ -8,7 +8,8 @@ from typing import Any, Optional
 import torch
 import yaml
 
-from ldmtool.checkpoints.api import embedded_config, optional_keys, load_model, resolve_config, resolve_source
+from ldmtool.checkpoints.api import (embedded_config, load_model, optional_keys, resolve_config, resolve_source,
+                                     with_shared_first_stage)
 from ldmtool.checkpoints.bundle import build_bundle
 from ldmtool.checkpoints.config import FIRST_STAGE_TARGETS, ConfigLike, ldmtool_block
 from ldmtool.checkpoints.detect import detect_family
@@ -61,6 +62,10 @@ def inspect_checkpoint(path_or_name: str | Path, *, config: Optional[ConfigLike]
         report.update(family=None, config_used=None, matches=False, problem=str(err))
         return report
     family = ldmtool_block(doc).get("family") or "custom"
+    shared = ldmtool_block(doc).get("first_stage_weights")
+    if shared:
+        prepared = with_shared_first_stage(prepared, weights, shared)
+        report.update(first_stage_file=str(weights.parent / shared))
     diffusion = doc["model"]["target"] not in FIRST_STAGE_TARGETS
     prediction = (doc["model"].get("params") or {}).get("parameterization", "eps") if diffusion else None
     report.update(family=family, config_used=used, parameterization=prediction)
