@@ -27,7 +27,7 @@ from ldmtool.runtime.seeds import NoiseSource
 from ldmtool.tiling.fusion import TileConfig, TiledDenoiser
 from ldmtool.tiling.memory import choose_tiling, parse_memory
 from ldmtool.tiling.seamless import Seamless, parse_seamless, seamless
-from ldmtool.tiling.vae import VAETiling, tiled_decode, tiled_encode
+from ldmtool.tiling.vae import TensorCanvas, VAETiling, tiled_decode, tiled_encode
 
 
 @dataclass(frozen=True)
@@ -112,9 +112,7 @@ class Engine:
     def finite(self, compute: Callable[["Engine"], torch.Tensor], label: str) -> torch.Tensor:
         """`compute(engine)`, recomputed in fp32 when a half-precision result is not finite (a NaN/Inf float
         result, or `NonFiniteResult` raised); ItemError when even fp32 fails (never write a wrong image)."""
-        engines = [self] if self.dtype == torch.float32 else [self, None]
-        for index in range(len(engines)):
-            engine = engines[index] or self.in_fp32()
+        for engine in self._precisions():
             try:
                 result = compute(engine)
             except NonFiniteResult:
@@ -122,6 +120,12 @@ class Engine:
             if not result.is_floating_point() or torch.isfinite(result).all():
                 return result
         raise ItemError(f"{label}: the result is not finite (NaN/Inf) even in fp32; nothing was written")
+
+    def _precisions(self):
+        """This engine, then (half precision only) its fp32 twin, loaded only if it is needed."""
+        yield self
+        if self.dtype != torch.float32:
+            yield self.in_fp32()
 
     @property
     def model_path(self) -> Path:
@@ -239,32 +243,32 @@ class Engine:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] (B, 3, H, W) float32 on the CPU from scaled latents (not clamped: callers check
         finiteness first, then clamp)."""
-        first = self.bundle.first_stage
-        z = (latents / self.bundle.scale_factor).to(self.device, self.dtype)
-        with torch.inference_mode(), seamless(first, axes=self.axes):
-            if self._vae_tiled(z.shape[-2], z.shape[-1]):
-                image = tiled_decode(first, z, VAETiling(tile=self._vae_tile()))
-            else:
-                image = first.decode(z)
-        return (image.float().cpu() + 1) / 2
+        image = self._decode_into(latents, lambda shape, dtype: TensorCanvas.empty(shape, dtype, "cpu"))
+        return (image.float() + 1) / 2
 
     def decode_pixels(self, latents: torch.Tensor) -> torch.Tensor:
         """Like `decode`, but straight to uint8 pixels (B, H, W, 3) on the CPU, rounded as the image writer
         rounds. Tiled decodes convert tile by tile, so no full-size float image is ever made (it would be
         the largest buffer of a big super-resolution). Raises `NonFiniteResult` for NaN/Inf."""
+        canvas = self._decode_into(latents, PixelCanvas)
+        if not canvas.finite:
+            raise NonFiniteResult
+        return canvas.pixels
+
+    def _decode_into(self, latents: torch.Tensor, make_canvas: Callable):
+        """The first stage's decode of scaled latents, pasted into `make_canvas(shape, dtype)` (tile by tile
+        when the canvas is large, whole otherwise); returns the canvas's `result()`."""
         first = self.bundle.first_stage
         z = (latents / self.bundle.scale_factor).to(self.device, self.dtype)
         with torch.inference_mode(), seamless(first, axes=self.axes):
             if self._vae_tiled(z.shape[-2], z.shape[-1]):
-                canvas = tiled_decode(first, z, VAETiling(tile=self._vae_tile()), output=PixelCanvas)
+                result = tiled_decode(first, z, VAETiling(tile=self._vae_tile()), output=make_canvas)
                 release_host_memory()
-            else:
-                image = first.decode(z)
-                canvas = PixelCanvas(image.shape, image.dtype)
-                canvas.paste(image, 0, 0)
-        if not canvas.finite:
-            raise NonFiniteResult
-        return canvas.pixels
+                return result
+            image = first.decode(z)
+            canvas = make_canvas(image.shape, image.dtype)
+            canvas.paste(image, 0, 0)
+            return canvas.result()
 
     def _vae_tiled(self, h: int, w: int) -> bool:
         tile = self.sampling.vae_tile
