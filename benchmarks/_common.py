@@ -127,19 +127,22 @@ def reset_peak() -> bool:
 
 @dataclass
 class PhaseMemory:
-    """One phase: RSS when it began, the highest RSS during it, RSS when it ended (bytes), and seconds."""
+    """One phase: RSS when it began, the highest RSS during it, RSS when it ended (bytes), wall seconds and
+    the process's CPU seconds (user + system: unlike wall time, barely changed by other jobs on the machine)."""
 
     name: str
     start_rss: int
     peak_rss: int
     end_rss: int
     seconds: float
+    cpu_seconds: float = 0.0
 
     def record(self) -> dict[str, Any]:
         return {"phase": self.name, "start_rss_mib": round(self.start_rss / MIB, 1),
                 "peak_rss_mib": round(self.peak_rss / MIB, 1),
                 "peak_above_start_mib": round((self.peak_rss - self.start_rss) / MIB, 1),
-                "retained_mib": round((self.end_rss - self.start_rss) / MIB, 1), "seconds": round(self.seconds, 3)}
+                "retained_mib": round((self.end_rss - self.start_rss) / MIB, 1), "seconds": round(self.seconds, 3),
+                "cpu_seconds": round(self.cpu_seconds, 3)}
 
 
 class PhaseRecorder:
@@ -160,14 +163,14 @@ class PhaseRecorder:
             self._fold(status_kib("VmHWM") * 1024)
             reset_peak()
             self._running_peaks.append(start_rss)
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             try:
                 return fn(*args, **kwargs)
             finally:
-                seconds = time.perf_counter() - started
+                seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
                 self._fold(status_kib("VmHWM") * 1024)
                 peak = self._running_peaks.pop()
-                self.phases.append(PhaseMemory(name, start_rss, peak, status_kib("VmRSS") * 1024, seconds))
+                self.phases.append(PhaseMemory(name, start_rss, peak, status_kib("VmRSS") * 1024, seconds, cpu))
 
         return measured
 

@@ -172,8 +172,10 @@ def test_superres_memory_dry_run(dry_runs):
     assert [r["output"] for r in sizes] == [64, 128]
     for r in sizes:
         assert r["exit_code"] == 0 and r["peak_rss_mib"] > 50 and r["seconds_per_mp"] > 0
+        assert 0 < r["cpu_seconds_per_mp"]  # CPU time of the item: flatness free of other jobs
         assert {"open_model", "sample", "decode", "write"} <= {p["phase"] for p in r["phases"]}
     assert "peak_ratio_largest_over_smallest" in records[-1]
+    assert records[-1]["cpu_seconds_per_mp_max_deviation_from_mean"] is not None
 
 
 def test_folder_throughput_dry_run(dry_runs):
