@@ -2,7 +2,6 @@
 import gzip
 import json
 import math
-import os
 import pickle
 from pathlib import Path
 

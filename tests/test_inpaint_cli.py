@@ -21,14 +21,6 @@ KINDS = {"ldm-inpainting-big": "ldm-concat", "sd1-inpainting": "sd-hybrid", "sd2
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared machine: no thread oversubscription
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     folder = tmp_path_factory.mktemp("models")

@@ -32,14 +32,6 @@ MIXTURE = GaussianMixture(
 DETERMINISTIC = {"euler": 1, "ddim": 1, "heun": 2, "dpmpp_2m": 2, "plms": 2, "unipc": 3}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: a second thread only adds contention on the shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def fit_order(steps, errors) -> float:
     return -np.polyfit(np.log(steps), np.log(errors), 1)[0]

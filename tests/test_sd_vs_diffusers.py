@@ -27,14 +27,6 @@ SIZE, STEPS, CFG, SEED = 64, 10, 7.5, 123
 WEIGHT_SCALE = 0.3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared machine: no thread oversubscription
-    yield
-    torch.set_num_threads(previous)
-
-
 def diffusers_pipeline(bundle, kind="StableDiffusionPipeline"):
     import diffusers
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel

@@ -11,6 +11,7 @@ from ldmtool.nets.unet import UNetModel
 from ldmtool.tiling.fusion import TileConfig, TiledDenoiser
 from ldmtool.tiling.seamless import Seamless, parse_seamless, seamless
 from ldmtool.tiling.vae import VAETiling, tiled_decode
+from toy_denoisers import BlurDenoiser
 
 torch.set_num_threads(1)
 
@@ -30,23 +31,9 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-class SmoothDenoiser(nn.Module):
-    """A tiny conv model predicting x0 as a blurred x, so samples have structure across neighbouring pixels
-    (a random network gives pixel noise, where no edge could ever be seen)."""
-
-    def __init__(self):
-        super().__init__()
-        self.blur = nn.Sequential(*[nn.Conv2d(4, 4, 5, padding=2, groups=4, bias=False) for _ in range(3)])
-        for conv in self.blur:
-            nn.init.constant_(conv.weight, 1 / 25)
-
-    def forward(self, x, sigma, cond=None):
-        return self.blur(x)
-
-
 def _sample_latent(axes: Seamless, height=96, width=96, items=16):
     """Latents of several seeds (one wrap edge per item is a small sample; the ratio is taken over all)."""
-    model = SmoothDenoiser()
+    model = BlurDenoiser()
     denoiser = TiledDenoiser(model, TileConfig(tile=(24, 24), overlap=16, margin=6, wrap_x=axes.x, wrap_y=axes.y,
                                                shift=True))
     sigmas = torch.tensor([14.0, 6.0, 2.5, 1.0, 0.4, 0.0])

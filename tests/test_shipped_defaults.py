@@ -20,7 +20,7 @@ def test_recipe_is_in_presets_and_trains_on_held_out_free_data(config):
     assert preset.is_file(), f"presets/{config.name} must hold the training recipe of {config.stem}"
     assert yaml.safe_load(preset.read_text())["ldmtool"]["recipe"] == shipped["recipe"]
     commands = [c.strip() for c in shipped["recipe"].split("&&")]
-    assert commands[-1].startswith(f"ldmtool train export") and f"--name {config.stem}" in commands[-1]
+    assert commands[-1].startswith("ldmtool train export") and f"--name {config.stem}" in commands[-1]
     for command in commands[:-1]:
         assert command.startswith("ldmtool train ")
         if command.startswith("ldmtool train export"):

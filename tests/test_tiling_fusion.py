@@ -6,6 +6,7 @@ from torch import nn
 from ldmtool.diffusion.cond import Cond, Guided
 from ldmtool.tiling.fusion import TileConfig, TiledDenoiser
 from ldmtool.tiling.planner import Weighting
+from toy_denoisers import BlurDenoiser
 
 RADIUS = 3  # three 3x3 convolutions
 
@@ -170,19 +171,6 @@ def test_shared_samplers_with_fresh_noise_are_unchanged_by_tiling(sampler):
         expected = sample(sampler, lambda v, s: net(v, s, cond), x, SIGMAS, noise=NoiseSource([1, 2]).like)
         got = sample(sampler, lambda v, s: tiled(v, s, cond), x, SIGMAS, noise=NoiseSource([1, 2]).like)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
-
-
-class BlurDenoiser(nn.Module):
-    """x0 = a wide blur of x (receptive-field radius 6): wider than the default margin, so tiles are inexact."""
-
-    def __init__(self):
-        super().__init__()
-        self.blur = nn.Sequential(*[nn.Conv2d(4, 4, 5, padding=2, groups=4, bias=False) for _ in range(3)])
-        for conv in self.blur:
-            nn.init.constant_(conv.weight, 1 / 25)
-
-    def forward(self, x, sigma, cond=None):
-        return self.blur(x)
 
 
 def _seam_strength(overlap, weighting):

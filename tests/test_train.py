@@ -20,13 +20,6 @@ TINY_AE = ae.AutoencoderArch(factor=4, ch=32, num_res_blocks=1)
 TINY_UNET = df.UNetArch(model_channels=32, channel_mult=(1, 2), attention_resolutions=(2,), num_head_channels=32)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> list[Path]:

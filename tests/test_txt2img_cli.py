@@ -36,14 +36,6 @@ def models(tmp_path_factory):
     return paths
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models on a shared machine: one thread avoids oversubscription (20x faster under load)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def _run(*args, steps=2):
     return run_cli("txt2img", *args, "--steps", steps, "--sampler", "euler", "--quiet")

@@ -44,7 +44,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol
 
 import numpy as np
 import torch
@@ -553,12 +553,12 @@ def _read_all(fd: int, into: np.ndarray, offset: int) -> None:
         view, offset = view[got:], offset + got
 
 
-class CanvasFactory:
+class CanvasFactory(Protocol):
     """Makes the canvas a pass writes into: `factory(shape, dtype)` -> an object with `paste(tile, top,
-    left)` and `result()` (and `crop` where later passes read it back)."""
+    left)` and `result()` (and `crop` where later passes read it back), e.g. `TensorCanvas.empty`-like
+    callables, `FileCanvas`, or the pipelines' `PixelCanvas`."""
 
-    def __call__(self, shape, dtype):  # pragma: no cover - interface
-        raise NotImplementedError
+    def __call__(self, shape, dtype): ...
 
 
 def _crop(source, window: _Window) -> Tensor:
