@@ -454,3 +454,58 @@ def test_defaults_trained_on_one_first_stage_ship_it_once(first_stage, images, t
     (ship / "shared-kl.safetensors").unlink()
     with pytest.raises(ldmtool.errors.CheckpointError, match="not beside it"):
         ldmtool.load_model(ship / "default-superres.safetensors")
+
+
+def test_freeze_encoder_keeps_the_latent_space_and_trains_the_decoder(first_stage, images, tmp_path):
+    training = ae.AutoencoderTraining(crop=32, batch_size=2, lr=1e-3, init=str(first_stage), freeze_encoder=True)
+    tuned = ae.train_autoencoder(TINY_AE, training, images, _run(tmp_path, steps=3))
+    before, after = load_file(str(first_stage)), load_file(str(tuned))
+    encoder_side = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    decoder_side = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
+    assert encoder_side and all(torch.equal(before[k], after[k]) for k in encoder_side)
+    assert any(not torch.equal(before[k], after[k]) for k in decoder_side)
+
+
+def test_autoencoder_init_errors_are_usage_errors(first_stage, images, tmp_path):
+    with pytest.raises(UsageError, match="--freeze-encoder needs --init"):
+        ae.AutoencoderTraining(freeze_encoder=True)
+    wider = ae.AutoencoderArch(factor=4, ch=64)
+    with pytest.raises(UsageError, match="differ in shape"):
+        ae.AutoencoderTrainer(wider, ae.AutoencoderTraining(crop=32, init=str(first_stage)), images,
+                              torch.device("cpu"), torch.float32)
+    with pytest.raises(UsageError, match="no such checkpoint"):
+        ae.AutoencoderTrainer(TINY_AE, ae.AutoencoderTraining(crop=32, init=str(tmp_path / "none.safetensors")),
+                              images, torch.device("cpu"), torch.float32)
+
+
+def test_procedural_share_mixes_generated_scenes_into_the_crops(images):
+    from ldmtool.train.procedural import procedural_image
+
+    def crops(share: float) -> np.ndarray:
+        training = ae.AutoencoderTraining(crop=32, batch_size=8, procedural_share=share)
+        return ae.AutoencoderTrainer(TINY_AE, training, images, torch.device("cpu"), torch.float32).crops(5)
+
+    plain, half, mixed_again = crops(0.0), crops(0.5), crops(0.5)
+    np.testing.assert_array_equal(half, mixed_again)  # deterministic in (seed, step)
+    replaced = [i for i in range(8) if not np.array_equal(half[i], plain[i])]
+    assert 0 < len(replaced) < 8
+    assert procedural_image(7, 32).shape == (32, 32, 3) and procedural_image(7, 32).dtype == np.uint8
+    np.testing.assert_array_equal(procedural_image(7, 32), procedural_image(7, 32))
+
+
+def test_export_with_a_fine_tuned_decoder_swaps_only_the_first_stage(first_stage, images, tmp_path, capsys):
+    training = df.DiffusionTraining(task=df.Task.SUPERRES, crop=32, batch_size=2, scale=4)
+    df.train_diffusion(TINY_UNET, training, first_stage, images, _run(tmp_path / "run", steps=1))
+    tuned = ae.train_autoencoder(TINY_AE, ae.AutoencoderTraining(crop=32, batch_size=2, lr=1e-3, init=str(first_stage),
+                                                                 freeze_encoder=True), images, _run(tmp_path / "dec", steps=2))
+    code, err = _cli(["train", "export", str(tmp_path / "run"), "--name", "m", "--dest", str(tmp_path / "ship"),
+                      "--first-stage", str(tmp_path / "dec")], capsys)
+    assert code in (0, None), err
+    shipped, decoder = load_file(str(tmp_path / "ship" / "m.safetensors")), load_file(str(tuned))
+    for key, value in decoder.items():
+        torch.testing.assert_close(shipped["first_stage_model." + key], value.half(), rtol=0, atol=0)
+    retrained = ae.train_autoencoder(TINY_AE, ae.AutoencoderTraining(crop=32, batch_size=2, lr=1e-3, init=str(first_stage)),
+                                     images, _run(tmp_path / "both", steps=1))
+    code, err = _cli(["train", "export", str(tmp_path / "run"), "--name", "m2", "--dest", str(tmp_path / "ship"),
+                      "--first-stage", str(retrained)], capsys)
+    assert code == 2 and "encoder differs" in err and err.count("\n") == 1, err

@@ -78,6 +78,9 @@ def autoencoder(
     min_scale: MinScale = 0.5,
     colour_jitter: Annotated[float, typer.Option("--colour-jitter", min=0.0, max=1.0, help="Share of crops given a random hue rotation, saturation and tint (teaches colour on grey-heavy data).", rich_help_panel=TRAINING)] = 0.5,
     sample_posterior: Annotated[bool, typer.Option("--sample-posterior/--decode-mean", help="Decode a posterior sample (as LDM) or its mean.", rich_help_panel=TRAINING)] = True,
+    procedural_share: Annotated[float, typer.Option("--procedural-share", min=0.0, max=1.0, help="Share of crops replaced by the project's procedural scenes (label maps, layouts, shapes: saturated colours the semantic/layout/txt2img models need).", rich_help_panel=TRAINING)] = 0.0,
+    init: Annotated[Optional[Path], typer.Option("--init", help="Start from this autoencoder's weights (model.safetensors of a run, or a LatentDiffusion checkpoint's first stage).", rich_help_panel=TRAINING)] = None,
+    freeze_encoder: Annotated[bool, typer.Option("--freeze-encoder", help="With --init: train the decoder only, so the latent space (and every diffusion model trained on it) stays valid.", rich_help_panel=TRAINING)] = False,
     ema_decay: EmaDecay = 0.999,
     seed: TrainSeed = 0,
     save_every: SaveEvery = 500,
@@ -97,7 +100,9 @@ def autoencoder(
     loss = AutoencoderLoss(kl_weight=kl_weight, grad_weight=grad_weight, ssim_weight=ssim_weight, chroma_weight=chroma_weight,
                            disc_weight=disc_weight, disc_start=disc_start)
     training = AutoencoderTraining(crop=crop, batch_size=batch_size, lr=lr, ema_decay=ema_decay, seed=seed,
-                                   min_scale=min_scale, colour_jitter=colour_jitter, sample_posterior=sample_posterior, loss=loss)
+                                   min_scale=min_scale, colour_jitter=colour_jitter, sample_posterior=sample_posterior,
+                                   procedural_share=procedural_share, init=str(init) if init else None,
+                                   freeze_encoder=freeze_encoder, loss=loss)
     run = _run_options(output, steps, save_every, log_every, resume, device, precision, quiet, threads)
     path = train_autoencoder(arch, training, resolve_data(data, recursive), run)
     if not quiet:
@@ -171,12 +176,13 @@ def export(
     dest: Annotated[Optional[Path], typer.Option("--dest", help="Folder to write to (default: the package's shipped models).", rich_help_panel=TRAINING)] = None,
     recipe: Annotated[Optional[str], typer.Option("--recipe", help="Training commands to record in the YAML.", rich_help_panel=TRAINING)] = None,
     first_stage_file: Annotated[Optional[str], typer.Option("--first-stage-file", help="Ship the first stage as this file beside the model, shared by every default trained on it (e.g. default-kl-f4.safetensors).", rich_help_panel=TRAINING)] = None,
+    first_stage: Annotated[Optional[Path], typer.Option("--first-stage", help="Ship with this autoencoder's decoder instead of the run's (its encoder must be the run's: see train autoencoder --freeze-encoder).", rich_help_panel=TRAINING)] = None,
 ) -> None:
     """Write a run's latest export as an fp16 shipped model: NAME.safetensors + NAME.yaml."""
     from ldmtool.checkpoints.presets import models_dir
     from ldmtool.train.common import ship
 
-    weights, config = ship(run, name, dest or models_dir(), recipe, first_stage_file)
+    weights, config = ship(run, name, dest or models_dir(), recipe, first_stage_file, first_stage)
     typer.echo(f"wrote {weights} and {config}", err=True)
 
 

@@ -95,7 +95,16 @@ class AutoencoderTraining:
     min_scale: float = 0.5  # random source rescale before cropping (see CropConfig)
     colour_jitter: float = 0.5  # share of crops with random hue/saturation/tint (see data.colour_jitter)
     sample_posterior: bool = True  # decode a posterior sample (as LDM) or its mean (faster to train)
+    procedural_share: float = 0.0  # share of crops drawn from the project's procedural generators
+    init: Optional[str] = None  # start from this autoencoder's weights (same architecture)
+    # Train only the decoder side (decoder, post_quant_conv): the latent space stays exactly that of `init`,
+    # so diffusion models trained on it keep working with the new decoder.
+    freeze_encoder: bool = False
     loss: AutoencoderLoss = field(default_factory=AutoencoderLoss)
+
+    def __post_init__(self) -> None:
+        if self.freeze_encoder and not self.init:
+            raise UsageError("--freeze-encoder needs --init AE: a frozen random encoder has no latent space worth keeping")
 
 
 def build_autoencoder(params: dict[str, Any]) -> "nn.Module":
@@ -188,10 +197,16 @@ class AutoencoderTrainer:
         self.arch, self.training, self.device, self.dtype = arch, training, device, dtype
         self.params = arch.params(training.crop)
         self.model = build_autoencoder(self.params).to(device)
+        if training.init:
+            init_autoencoder(self.model, Path(training.init))
+        if training.freeze_encoder:
+            for name, parameter in self.model.named_parameters():
+                parameter.requires_grad_(name.startswith(DECODER_SIDE))
         self.ema = common.Ema(self.model, training.ema_decay)
         # GAN-style betas only when a discriminator is trained; plain Adam converges faster without one.
         betas = (0.5, 0.9) if training.loss.disc_weight > 0 else (0.9, 0.999)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=training.lr, betas=betas)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(trainable, lr=training.lr, betas=betas)
         self.disc = None
         if training.loss.disc_weight > 0:
             self.disc = patch_discriminator().to(device)
@@ -200,7 +215,22 @@ class AutoencoderTrainer:
         self.data = ImageCrops(paths, CropConfig(training.crop, True, training.min_scale, training.colour_jitter), training.seed)
 
     def batch(self, step: int) -> "torch.Tensor":
-        return to_tensor(self.data.batch(step, self.training.batch_size)).to(self.device)
+        return to_tensor(self.crops(step)).to(self.device)
+
+    def crops(self, step: int) -> "np.ndarray":
+        """(B, crop, crop, 3) uint8: image crops, each replaced by a procedural image with `procedural_share`."""
+        import numpy as np
+
+        from ldmtool.runtime.seeds import derive_seed
+        from ldmtool.train.procedural import procedural_image
+
+        crops = self.data.batch(step, self.training.batch_size)
+        if self.training.procedural_share:
+            rng = np.random.default_rng(derive_seed(self.training.seed, f"procedural/{step}"))
+            for i in range(len(crops)):
+                if rng.random() < self.training.procedural_share:
+                    crops[i] = procedural_image(int(rng.integers(0, 2**31)), self.training.crop)
+        return crops
 
     def losses(self, x: "torch.Tensor", step: int, generator: Optional["torch.Generator"] = None) -> dict[str, "torch.Tensor"]:
         """All loss terms for batch `x`; `total` is what the autoencoder minimises."""
@@ -275,6 +305,37 @@ class AutoencoderTrainer:
         recipe = {"step": step, **self.run_config()}
         weights = self.ema.averaged_state(self.model)
         return common.save_export(run_dir, weights, full_config(self.params, recipe))
+
+
+DECODER_SIDE = ("decoder.", "post_quant_conv.")
+AE_PREFIXES = ("", "first_stage_model.")  # an autoencoder file, or a LatentDiffusion checkpoint's first stage
+
+
+def init_autoencoder(model: "nn.Module", checkpoint: Path) -> None:
+    """Load every weight of `model` from an autoencoder checkpoint (or a LatentDiffusion checkpoint's first
+    stage); a missing or differently shaped tensor is a usage error (another architecture)."""
+    import torch
+
+    from ldmtool.checkpoints.files import read_state_dict
+
+    if not checkpoint.is_file():
+        raise UsageError(f"--init {checkpoint}: no such checkpoint file")
+    source = read_state_dict(checkpoint)
+    own = model.state_dict()
+    for prefix in AE_PREFIXES:
+        found = {k: source[prefix + k] for k in own if prefix + k in source}
+        if len(found) == len(own):
+            break
+    else:
+        raise UsageError(f"--init {checkpoint}: not an autoencoder with this architecture "
+                         f"(found {len(found)} of its {len(own)} weights by name)")
+    wrong = [k for k, v in found.items() if v.shape != own[k].shape]
+    if wrong:
+        raise UsageError(f"--init {checkpoint}: {len(wrong)} weights differ in shape (e.g. {wrong[0]}); "
+                         "give --channels/--res-blocks/--z-channels of that autoencoder")
+    with torch.no_grad():
+        for name, value in found.items():
+            own[name].copy_(value.to(own[name].dtype))
 
 
 def train_autoencoder(arch: AutoencoderArch, training: AutoencoderTraining, paths: Sequence[Path], run: common.RunOptions) -> Path:

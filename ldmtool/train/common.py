@@ -276,13 +276,15 @@ def save_checkpoint(trainer: Trainer, out: Path, step: int) -> Path:
 
 
 def ship(run_dir: Path, name: str, dest: Path, recipe: Optional[str] = None,
-         first_stage_file: Optional[str] = None) -> tuple[Path, Path]:
+         first_stage_file: Optional[str] = None, first_stage: Optional[Path] = None) -> tuple[Path, Path]:
     """Copy a run's export as a shipped default: `dest/<name>.safetensors` (fp16) + `dest/<name>.yaml`.
 
     Schedule buffers are left out (the loader computes them from the config in float32, which an fp16 copy
     could not match); `scale_factor` stays float32. `recipe` (the training commands) is recorded in the YAML.
     With `first_stage_file`, the first stage goes to that file in `dest` instead (shared by every default
     trained on it; written once, and refused if a different one is already there) and the YAML names it.
+    With `first_stage` (an autoencoder export whose encoder is the run's, e.g. from `train autoencoder
+    --freeze-encoder`), its decoder replaces the run's: the latent space is the same, so the UNet still fits.
     """
     from safetensors.torch import load_file
 
@@ -293,6 +295,8 @@ def ship(run_dir: Path, name: str, dest: Path, recipe: Optional[str] = None,
         raise UsageError(f"{run_dir}: no {MODEL_FILE} (train first, or point at the run folder)")
     config = yaml.safe_load((Path(run_dir) / CONFIG_FILE).read_text())
     tensors = {k: v for k, v in load_file(str(source)).items() if k not in DDPM_BUFFERS}
+    if first_stage is not None:
+        tensors = _swap_decoder(tensors, Path(first_stage))
     half = {k: v.half() if v.is_floating_point() and k != "scale_factor" else v for k, v in tensors.items()}
     block = config.setdefault("ldmtool", {})
     block["family"] = name
@@ -309,6 +313,29 @@ def ship(run_dir: Path, name: str, dest: Path, recipe: Optional[str] = None,
 
 
 FIRST_STAGE_PREFIX = "first_stage_model."
+
+
+ENCODER_SIDE = ("encoder.", "quant_conv.")
+
+
+def _swap_decoder(tensors: dict, autoencoder: Path) -> dict:
+    """`tensors` with the first stage of `autoencoder` (a run folder or its model.safetensors), which must
+    share the run's encoder exactly: otherwise the UNet's latents would mean something else."""
+    import torch
+    from safetensors.torch import load_file
+
+    path = autoencoder / MODEL_FILE if autoencoder.is_dir() else autoencoder
+    if not path.is_file():
+        raise UsageError(f"--first-stage {autoencoder}: no autoencoder export there")
+    new = load_file(str(path))
+    old = {k[len(FIRST_STAGE_PREFIX):]: v for k, v in tensors.items() if k.startswith(FIRST_STAGE_PREFIX)}
+    if new.keys() != old.keys() or any(new[k].shape != old[k].shape for k in old):
+        raise UsageError(f"--first-stage {autoencoder}: not the same autoencoder architecture as the run's")
+    changed = [k for k in old if k.startswith(ENCODER_SIDE) and not torch.equal(new[k].float(), old[k].float())]
+    if changed:
+        raise UsageError(f"--first-stage {autoencoder}: its encoder differs from the run's ({changed[0]}); "
+                         "only a decoder trained with --freeze-encoder keeps the latent space")
+    return {**tensors, **{FIRST_STAGE_PREFIX + k: v for k, v in new.items()}}
 
 
 def _share_first_stage(tensors: dict, shared: Path) -> dict:

@@ -150,3 +150,13 @@ def shape_scene(seed: int, size: int) -> tuple[np.ndarray, str]:
     _draw_shape(image, shape_a, tuple(pos_a), radius, COLOURS[colour_a])
     _draw_shape(image, shape_b, tuple(pos_b), radius, COLOURS[colour_b])
     return image, f"a {colour_a} {shape_a} {relation} a {colour_b} {shape_b}"
+
+
+def procedural_image(seed: int, size: int) -> np.ndarray:
+    """A (size, size, 3) uint8 image from one of the three generators above, picked by `seed`.
+
+    Mixed into a first stage's training crops, these teach it the saturated colours and flat regions the
+    semantic, layout and txt2img defaults must reproduce (the photo corpus is mostly grey).
+    """
+    generators = (semantic_sample, layout_sample, shape_scene)
+    return generators[seed % len(generators)](seed, size)[0]
