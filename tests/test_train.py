@@ -509,3 +509,22 @@ def test_export_with_a_fine_tuned_decoder_swaps_only_the_first_stage(first_stage
     code, err = _cli(["train", "export", str(tmp_path / "run"), "--name", "m2", "--dest", str(tmp_path / "ship"),
                       "--first-stage", str(retrained)], capsys)
     assert code == 2 and "encoder differs" in err and err.count("\n") == 1, err
+
+
+def test_uncond_trains_on_procedural_landscapes_and_samples(first_stage, tmp_path, capsys):
+    from ldmtool.train.procedural import semantic_sample
+
+    training = df.DiffusionTraining(task=df.Task.UNCOND, crop=32, batch_size=2, procedural=True)
+    trainer = df.DiffusionTrainer(TINY_UNET, training, df.load_first_stage(first_stage, torch.device("cpu")), [],
+                                  torch.device("cpu"), torch.float32)
+    images, sources = trainer.samples(3)
+    assert sources is None and images.shape == (2, 32, 32, 3)
+    np.testing.assert_array_equal(images[0], semantic_sample(derive_seed(0, "uncond/6"), 32)[0])
+    code, err = _cli(["train", "diffusion", "--task", "uncond", "--data", "procedural", "--first-stage", str(first_stage),
+                      "--channels", "32", "--channel-mult", "1,2", "--attention-at", "2", "--crop", "32", "--batch-size", "1",
+                      "--steps", "1", "--device", "cpu", "--quiet", "-o", str(tmp_path / "run")], capsys)
+    assert code in (0, None), err
+    code, err = _cli(["sample", "--model", str(tmp_path / "run" / "model.safetensors"), "--n", "1", "--steps", "2",
+                      "--seed", "1", "--device", "cpu", "--quiet", "-o", str(tmp_path / "out")], capsys)
+    assert code in (0, None), err
+    assert len(list((tmp_path / "out").glob("*.png"))) == 1

@@ -113,7 +113,7 @@ def diffusion(
     output: RunDir,
     first_stage: Annotated[Path, typer.Option("--first-stage", help="Autoencoder run folder or model.safetensors (with its YAML).", rich_help_panel=TRAINING)],
     data: Annotated[
-        Optional[str], typer.Option("--data", help="Folder of training images or 'corpus'; semantic, txt2img and layout train on 'procedural' label maps / captioned scenes / box layouts.", rich_help_panel=TRAINING)
+        Optional[str], typer.Option("--data", help="Folder of training images or 'corpus'; semantic, txt2img and layout train on 'procedural' label maps / captioned scenes / box layouts, uncond on either (procedural: landscapes).", rich_help_panel=TRAINING)
     ] = None,
     task: Annotated[str, typer.Option("--task", help="superres|inpaint|semantic|txt2img|layout|uncond.", rich_help_panel=TRAINING)] = "superres",
     scale: Annotated[int, typer.Option("--scale", min=2, help="Super-resolution factor.", rich_help_panel=TRAINING)] = 4,
@@ -155,9 +155,9 @@ def diffusion(
                     attention_resolutions=_ints(attention, "--attention-at"), num_head_channels=head_channels)
     training = DiffusionTraining(task=task_value, crop=crop, batch_size=batch_size, lr=lr, ema_decay=ema_decay,
                                  seed=seed, scale=scale, min_scale=min_scale, text_width=text_width, text_layers=text_layers,
-                                 init=str(init) if init else None)
+                                 init=str(init) if init else None, procedural=data == PROCEDURAL)
     run = _run_options(output, steps, save_every, log_every, resume, device, precision, quiet, threads)
-    if task_value in PROCEDURAL_TASKS:
+    if task_value in PROCEDURAL_TASKS or (task_value == Task.UNCOND and data == PROCEDURAL):
         if data not in (None, PROCEDURAL):
             raise UsageError(f"--data {data}: --task {task} trains on procedural data only (--data {PROCEDURAL})")
         paths = []

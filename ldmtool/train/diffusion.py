@@ -118,6 +118,12 @@ class DiffusionTraining:
     text_layers: int = 2
     caption_dropout: float = 0.1  # txt2img: share of empty captions (classifier-free guidance)
     init: Optional[str] = None  # checkpoint whose UNet weights start the run (where names and shapes match)
+    procedural: bool = False  # uncond: train on the procedural landscapes instead of image crops
+
+    @property
+    def generated(self) -> bool:
+        """Whether the data comes from the project's generators rather than image files."""
+        return self.task in PROCEDURAL_TASKS or (self.task == Task.UNCOND and self.procedural)
 
 
 @dataclass
@@ -235,7 +241,7 @@ class DiffusionTrainer:
             trainable += list(self.cond_stage.parameters())
         self.optimizer = torch.optim.AdamW(trainable, lr=training.lr, weight_decay=0.0)
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        self.data = None if training.task in PROCEDURAL_TASKS else ImageCrops(paths, CropConfig(training.crop, True, training.min_scale), training.seed)
+        self.data = None if training.generated else ImageCrops(paths, CropConfig(training.crop, True, training.min_scale), training.seed)
         self.buffers = schedule(training)
         self.scale_factor: Optional[float] = None
 
@@ -274,15 +280,19 @@ class DiffusionTrainer:
 
     def samples(self, step: int) -> tuple[np.ndarray, Any]:
         """(B, H, W, 3) uint8 images of step `step`, and what they were generated from: (B, H, W) class maps
-        (semantic) or captions (txt2img); None for image folders."""
+        (semantic), captions (txt2img) or boxes (layout); None for image folders and unconditional models."""
         if self.data is not None:
             return self.data.batch(step, self.training.batch_size), None
         first = step * self.training.batch_size
-        generate = {Task.SEMANTIC: semantic_sample, Task.TXT2IMG: shape_scene, Task.LAYOUT: layout_sample}[self.training.task]
+        generate = {Task.SEMANTIC: semantic_sample, Task.TXT2IMG: shape_scene, Task.LAYOUT: layout_sample,
+                    Task.UNCOND: semantic_sample}[self.training.task]
         pairs = [generate(derive_seed(self.training.seed, f"{self.training.task.value}/{i}"), self.training.crop)
                  for i in range(first, first + self.training.batch_size)]
+        images = np.stack([p[0] for p in pairs])
+        if self.training.task == Task.UNCOND:
+            return images, None
         sources = [p[1] for p in pairs]
-        return np.stack([p[0] for p in pairs]), np.stack(sources) if self.training.task == Task.SEMANTIC else sources
+        return images, np.stack(sources) if self.training.task == Task.SEMANTIC else sources
 
     def images(self, step: int) -> "torch.Tensor":
         return to_tensor(self.samples(step)[0]).to(self.device)
