@@ -18,8 +18,9 @@ trained on, as JSON lines.
   are scored the same way: the procedural ground truth (oracle) and the ground truth of a different
   sample (chance).
 
-`--model` defaults to the shipped `default-<task>`; a task without one is reported as skipped. The model
-runs through the real command line (`ldmtool <command> ... --seed N`), in a child process per run.
+`--model` defaults to the shipped default of the task's command (`default-semantic2img`, ...); a task
+without one is reported as skipped. The model runs through the real command line
+(`ldmtool <command> ... --seed N`), in a child process per run.
 
     python benchmarks/quality.py --task all --markdown      # README table
     python benchmarks/quality.py --task superres --quick    # centre crops only, model default setting
@@ -472,12 +473,13 @@ def markdown_rows(records: list[dict[str, Any]]) -> list[str]:
 
 
 def resolve_model(task: str, model: Optional[str]) -> Optional[str]:
-    """The model to measure: `--model`, else the shipped `default-<task>` when installed, else None."""
+    """The model to measure: `--model`, else the shipped default of the task's command (`default-superres`,
+    `default-semantic2img`, ...) when installed, else None."""
     if model:
         return model
     from ldmtool.checkpoints.presets import shipped_model
 
-    name = f"default-{task}"
+    name = f"default-{COMMANDS[task]}"
     return name if shipped_model(name) is not None else None
 
 
@@ -522,7 +524,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         for task in tasks:
             model = tiny_model(task, Path(tmp)) if args.dry_run and not args.model else resolve_model(task, args.model)
             if model is None:
-                record = {"bench": "quality", "task": task, "skipped": f"no shipped default-{task}; pass --model"}
+                record = {"bench": "quality", "task": task, "skipped": f"no shipped default-{COMMANDS[task]}; pass --model"}
                 emit(record)
                 records.append(record)
                 continue

@@ -5,7 +5,9 @@
 
 Each picture runs the real command (the same one the README shows) into a temporary folder and lays the
 results out beside a classical baseline: for superres the input (nearest-neighbour enlarged), bicubic,
-ldmtool; for inpaint the image with its mask, OpenCV Telea, ldmtool. Nothing here is used by the tests.
+ldmtool; for inpaint the image with its mask, OpenCV Telea, ldmtool; for semantic2img the label map in
+the palette's colours beside ldmtool; for layout2img the boxes drawn beside ldmtool; for txt2img each
+prompt under its image. Nothing here is used by the tests.
 """
 from __future__ import annotations
 
@@ -76,7 +78,46 @@ def inpaint(out: Path) -> Path:
     return target
 
 
-PICTURES = {"superres": superres, "inpaint": inpaint}
+def semantic(out: Path) -> Path:
+    import yaml
+
+    labels = ROOT / "examples" / "labelmaps" / "landscape.png"
+    run("semantic2img", str(labels), "--seed", "1", "-o", str(out / "landscape.png"))  # examples/scripts/semantic2img.sh
+    palette = yaml.safe_load((labels.parent / "palette.yaml").read_text())["palette"]
+    ids = np.asarray(Image.open(labels))
+    coloured = np.zeros((*ids.shape, 3), np.uint8)
+    for index, colour in palette.items():
+        coloured[ids == int(index)] = colour
+    target = IMAGES / "semantic2img-default.png"
+    Image.fromarray(row([coloured, read(out / "landscape.png")])).save(target, optimize=True)
+    return target
+
+
+def layout(out: Path) -> Path:
+    layouts = ROOT / "examples" / "layouts"
+    run("layout2img", str(layouts), "--draw-boxes", "--seed", "1", "-o", str(out))  # examples/scripts/layout2img.sh
+    panels = [read(path) for path in sorted(out.glob("*.png"))]  # park.boxes.png, then park.png
+    target = IMAGES / "layout2img-default.png"
+    Image.fromarray(row(panels)).save(target, optimize=True)
+    return target
+
+
+def txt2img(out: Path) -> Path:
+    prompts = ROOT / "examples" / "prompts" / "prompts.txt"
+    run("txt2img", "--prompts", str(prompts), "--seed", "1", "--name", "{index}.{ext}", "-o", str(out))  # txt2img.sh
+    panels = []
+    for index, prompt in enumerate(line.strip() for line in prompts.read_text().splitlines() if line.strip()):
+        image = read(out / f"{index}.png")
+        caption = np.full((22, max(image.shape[1], 8 * len(prompt)), 3), 255, np.uint8)
+        cv2.putText(caption, prompt, (2, 15), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+        panels.append(column([np.pad(image, ((0, 0), (0, caption.shape[1] - image.shape[1]), (0, 0)), constant_values=255),
+                              caption]))
+    target = IMAGES / "txt2img-default.png"
+    Image.fromarray(row(panels)).save(target, optimize=True)
+    return target
+
+
+PICTURES = {"superres": superres, "inpaint": inpaint, "semantic2img": semantic, "layout2img": layout, "txt2img": txt2img}
 
 
 def main() -> None:
@@ -87,8 +128,9 @@ def main() -> None:
     args = parser.parse_args()
     IMAGES.mkdir(parents=True, exist_ok=True)
     for name in args.only or sorted(PICTURES):
-        if not (models_dir() / f"default-{name}.safetensors").is_file():
-            print(f"{name}: no shipped default-{name}; skipped", file=sys.stderr)
+        model = f"default-{name}"
+        if not (models_dir() / f"{model}.safetensors").is_file():
+            print(f"{name}: no shipped {model}; skipped", file=sys.stderr)
             continue
         with tempfile.TemporaryDirectory(prefix="ldm-pictures-") as tmp:
             print(f"wrote {PICTURES[name](Path(tmp))}", file=sys.stderr)
