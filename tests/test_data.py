@@ -128,3 +128,21 @@ def test_shape_scene_caption_matches_picture():
     assert len(ys) > 20, caption
     cy, cx = ys.mean(), xs.mean()
     assert {"above": cy < 48, "below": cy > 48, "left of": cx < 48, "right of": cx > 48}[relation], caption
+
+
+def test_light_degradation_is_mostly_plain_downscales_with_several_kernels():
+    import cv2
+
+    image = np.random.default_rng(0).integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
+    kernels = {mode: cv2.resize(image, (16, 16), interpolation=flag)
+               for mode, flag in (("area", cv2.INTER_AREA), ("linear", cv2.INTER_LINEAR), ("cubic", cv2.INTER_CUBIC))}
+    config = degrade.degradation("light", 4)
+    seen = []
+    for seed in range(200):
+        low = degrade.degrade(image, config, np.random.default_rng(seed))
+        seen.append(next((mode for mode, plain in kernels.items() if np.array_equal(low, plain)), "degraded"))
+    share = {mode: seen.count(mode) / len(seen) for mode in (*kernels, "degraded")}
+    assert 0.6 < 1 - share["degraded"] < 0.8 and all(share[mode] > 0.15 for mode in kernels), share
+    assert degrade.degradation("realistic", 4) == degrade.DegradeConfig(scale=4)  # the original preset, unchanged
+    with pytest.raises(UsageError, match="--degradation 'harsh'"):
+        degrade.degradation("harsh", 4)

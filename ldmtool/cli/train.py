@@ -124,6 +124,7 @@ def diffusion(
     head_channels: Annotated[int, typer.Option("--head-channels", min=8, help="Channels per attention head.", rich_help_panel=TRAINING)] = 32,
     text_width: Annotated[int, typer.Option("--text-width", min=32, help="txt2img/layout: width of the jointly trained BERT encoder.", rich_help_panel=TRAINING)] = 128,
     text_layers: Annotated[int, typer.Option("--text-layers", min=1, help="txt2img/layout: its transformer layers.", rich_help_panel=TRAINING)] = 2,
+    degradation: Annotated[str, typer.Option("--degradation", help="superres: realistic (blur, noise, JPEG on 70% of low-res inputs) or light (mostly clean downscales: for clean images, best PSNR).", rich_help_panel=TRAINING)] = "realistic",
     init: Annotated[Optional[Path], typer.Option("--init", help="Start the UNet from this LatentDiffusion checkpoint's weights (where names and shapes match).", rich_help_panel=TRAINING)] = None,
     steps: Steps = 20000,
     crop: Crop = 128,
@@ -155,7 +156,8 @@ def diffusion(
                     attention_resolutions=_ints(attention, "--attention-at"), num_head_channels=head_channels)
     training = DiffusionTraining(task=task_value, crop=crop, batch_size=batch_size, lr=lr, ema_decay=ema_decay,
                                  seed=seed, scale=scale, min_scale=min_scale, text_width=text_width, text_layers=text_layers,
-                                 init=str(init) if init else None, procedural=data == PROCEDURAL)
+                                 init=str(init) if init else None, procedural=data == PROCEDURAL,
+                                 degradation=degradation)
     run = _run_options(output, steps, save_every, log_every, resume, device, precision, quiet, threads)
     if task_value in PROCEDURAL_TASKS or (task_value == Task.UNCOND and data == PROCEDURAL):
         if data not in (None, PROCEDURAL):

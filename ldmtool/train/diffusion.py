@@ -33,7 +33,7 @@ from ldmtool.runtime.seeds import derive_seed
 from ldmtool.train import common
 from ldmtool.train.autoencoder import AUTOENCODER_TARGET, build_autoencoder
 from ldmtool.train.data import CropConfig, ImageCrops, to_tensor
-from ldmtool.train.degrade import DegradeConfig, degrade
+from ldmtool.train.degrade import degradation, degrade
 from ldmtool.train.masks import random_mask
 from ldmtool.train.procedural import CLASSES, Box, layout_sample, semantic_sample, shape_scene
 
@@ -119,6 +119,10 @@ class DiffusionTraining:
     caption_dropout: float = 0.1  # txt2img: share of empty captions (classifier-free guidance)
     init: Optional[str] = None  # checkpoint whose UNet weights start the run (where names and shapes match)
     procedural: bool = False  # uncond: train on the procedural landscapes instead of image crops
+    degradation: str = "realistic"  # superres: low-res inputs' degradation preset (see train.degrade)
+
+    def __post_init__(self) -> None:
+        degradation(self.degradation, self.scale)  # an unknown preset is a usage error before anything loads
 
     @property
     def generated(self) -> bool:
@@ -326,7 +330,7 @@ class DiffusionTrainer:
         rngs = [np.random.default_rng(derive_seed(self.training.seed, f"cond/{i}")) for i in indices]
         size = (self.latent_size, self.latent_size)
         if self.training.task == Task.SUPERRES:
-            config = DegradeConfig(scale=self.training.scale)
+            config = degradation(self.training.degradation, self.training.scale)
             low = to_tensor(np.stack([degrade(c, config, r) for c, r in zip(crops, rngs)])).to(self.device)
             return low if low.shape[-2:] == size else F.interpolate(low, size=size, mode="bicubic", align_corners=False)
         if self.training.task == Task.INPAINT:
