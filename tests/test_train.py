@@ -528,3 +528,18 @@ def test_uncond_trains_on_procedural_landscapes_and_samples(first_stage, tmp_pat
                       "--seed", "1", "--device", "cpu", "--quiet", "-o", str(tmp_path / "out")], capsys)
     assert code in (0, None), err
     assert len(list((tmp_path / "out").glob("*.png"))) == 1
+
+
+def test_export_leaves_out_the_unused_bert_logits_and_still_loads(first_stage, tmp_path, capsys):
+    training = df.DiffusionTraining(task=df.Task.TXT2IMG, crop=32, batch_size=1, text_width=32, text_layers=1)
+    path = df.train_diffusion(TINY_UNET, training, first_stage, [], _run(tmp_path / "run", steps=1))
+    assert "cond_stage_model.transformer.to_logits.weight" in load_file(str(path))
+    code, err = _cli(["train", "export", str(tmp_path / "run"), "--name", "t", "--dest", str(tmp_path / "ship")], capsys)
+    assert code in (0, None), err
+    shipped = tmp_path / "ship" / "t.safetensors"
+    assert not any("to_logits" in k for k in load_file(str(shipped)))
+    full, slim = ldmtool.load_model(path), ldmtool.load_model(shipped)
+    prompt = ["a red circle above a blue square"]
+    with torch.no_grad():
+        torch.testing.assert_close(slim.cond_stage_model.encode(prompt).float(), full.cond_stage_model.encode(prompt).float(),
+                                   rtol=0, atol=2e-2)  # the fp16 copy of the same encoder

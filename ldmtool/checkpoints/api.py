@@ -148,13 +148,18 @@ def _config_doc(config: Union[ConfigLike, str]) -> dict[str, Any]:
     return load_config(config)
 
 
+UNUSED_BERT_KEYS = ("cond_stage_model.transformer.to_logits.weight", "cond_stage_model.transformer.to_logits.bias")
+
+
 def optional_keys(bundle: nn.Module) -> list[str]:
     """Keys a checkpoint may leave out: schedule buffers (computed from the config), the second copy of
-    a shared first/cond stage, and OpenCLIP's unused projection and logit scale."""
+    a shared first/cond stage, OpenCLIP's unused projection and logit scale, and LDM-BERT's unused
+    `to_logits` (a vocabulary-sized layer the shipped defaults leave out to save space)."""
     keys = list(bundle.schedule_values())
     if isinstance(bundle, LatentDiffusionBundle) and bundle.cond_stage_model is bundle.first_stage_model:
         keys += [f"cond_stage_model.{k}" for k in bundle.first_stage_model.state_dict()]
-    keys += ["cond_stage_model.model.text_projection", "cond_stage_model.model.logit_scale", "scale_factor"]
+    keys += ["cond_stage_model.model.text_projection", "cond_stage_model.model.logit_scale", "scale_factor",
+             *UNUSED_BERT_KEYS]
     return keys
 
 
@@ -178,7 +183,7 @@ def _materialise_leftovers(bundle: nn.Module) -> None:
             value = fresh[name]
         elif name.endswith("position_ids"):
             value = torch.arange(tensor.shape[-1]).expand(tensor.shape)
-        elif name.endswith(("text_projection", "logit_scale")):
+        elif name.endswith(("text_projection", "logit_scale")) or name in UNUSED_BERT_KEYS:
             value = torch.zeros(tensor.shape)
         else:
             raise CheckpointError(f"internal: {name} was not loaded and has no default value")

@@ -280,7 +280,7 @@ def ship(run_dir: Path, name: str, dest: Path, recipe: Optional[str] = None,
     """Copy a run's export as a shipped default: `dest/<name>.safetensors` (fp16) + `dest/<name>.yaml`.
 
     Schedule buffers are left out (the loader computes them from the config in float32, which an fp16 copy
-    could not match); `scale_factor` stays float32. `recipe` (the training commands) is recorded in the YAML.
+    could not match), and so is LDM-BERT's unused vocabulary-sized `to_logits`; `scale_factor` stays float32. `recipe` (the training commands) is recorded in the YAML.
     With `first_stage_file`, the first stage goes to that file in `dest` instead (shared by every default
     trained on it; written once, and refused if a different one is already there) and the YAML names it.
     With `first_stage` (an autoencoder export whose encoder is the run's, e.g. from `train autoencoder
@@ -288,13 +288,14 @@ def ship(run_dir: Path, name: str, dest: Path, recipe: Optional[str] = None,
     """
     from safetensors.torch import load_file
 
+    from ldmtool.checkpoints.api import UNUSED_BERT_KEYS
     from ldmtool.checkpoints.schedule import DDPM_BUFFERS
 
     source = Path(run_dir) / MODEL_FILE
     if not source.is_file():
         raise UsageError(f"{run_dir}: no {MODEL_FILE} (train first, or point at the run folder)")
     config = yaml.safe_load((Path(run_dir) / CONFIG_FILE).read_text())
-    tensors = {k: v for k, v in load_file(str(source)).items() if k not in DDPM_BUFFERS}
+    tensors = {k: v for k, v in load_file(str(source)).items() if k not in DDPM_BUFFERS and k not in UNUSED_BERT_KEYS}
     if first_stage is not None:
         tensors = _swap_decoder(tensors, Path(first_stage))
     half = {k: v.half() if v.is_floating_point() and k != "scale_factor" else v for k, v in tensors.items()}
