@@ -17,7 +17,7 @@ SCRIPTS = {  # script -> the shipped model it runs with
     "sample.sh": "default-sample",
     "semantic2img.sh": "default-semantic2img",
     "layout2img.sh": "default-layout2img",
-    "tile-synth.sh": "default-sample",
+    "tile-synth.sh": "default-semantic2img",  # its label map picks the semantic default
 }
 
 

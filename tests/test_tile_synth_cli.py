@@ -122,3 +122,23 @@ def test_seamless_canvas_must_not_be_cropped(tmp_path, models):
                   "-o", tmp_path / "out")
     assert result.exit_code == 1
     assert "with --seamless the width must be a multiple of 16 pixels, not 72" in result.output
+
+
+@pytest.mark.parametrize("inputs, default", [(["map"], "default-semantic2img"),
+                                             (["--prompt", "a red circle above a blue square"], "default-txt2img")])
+def test_without_model_label_maps_and_prompts_pick_their_shipped_default(tmp_path, models, monkeypatch, inputs, default):
+    import shutil
+
+    from ldmtool.checkpoints import presets
+
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    source = models["sem"] if default == "default-semantic2img" else models["text"]
+    for suffix in (".safetensors", ".yaml"):
+        shutil.copy(source.with_suffix(suffix), shipped / f"{default}{suffix}")
+    monkeypatch.setattr(presets, "models_dir", lambda: shipped)
+    Image.fromarray(np.full((8, 16), 156, np.uint8)).save(tmp_path / "map.png")
+    args = [tmp_path / "map.png" if a == "map" else a for a in inputs]
+    result = _run(*args, "--width", 64, "--height", 32, "--seed", 1, "-o", tmp_path / "out.png")
+    assert result.exit_code == 0, result.output
+    assert _read(tmp_path / "out.png")[1]["model"].endswith(f"{default}.safetensors")

@@ -1,6 +1,7 @@
 """`ldmtool tile-synth`: large canvases and seamless textures from any generator model."""
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
@@ -26,7 +27,11 @@ Samples = Annotated[int, typer.Option("--n", min=1, help="Canvases per class or 
                                       rich_help_panel=opt.SAMPLING)]
 
 
-@task_command(model="default-sample", seamless=True)
+DEFAULT_MODEL = "default-sample"
+DEFAULT_BY_GENERATOR = {"semantic": "default-semantic2img", "text": "default-txt2img"}
+
+
+@task_command(model=DEFAULT_MODEL, seamless=True)
 def tile_synth(
     inputs: MapInputs = None,
     classes: Classes = None,
@@ -49,6 +54,9 @@ def tile_synth(
     from ldmtool.runtime.runner import run_task
 
     generator = choose_generator(maps=bool(inputs), classes=classes or [], prompt=prompt)
+    if model.model == DEFAULT_MODEL and generator.value in DEFAULT_BY_GENERATOR:
+        # label maps need a semantic model and a prompt a text model: their own shipped defaults
+        model = dataclasses.replace(model, model=DEFAULT_BY_GENERATOR[generator.value])
     canvas_w, canvas_h = canvas_size(width, height)
     task = tile_synth_task(Engine(model, sampling), generator, width=canvas_w, height=canvas_h,
                            classes=classes or [], prompt=prompt, negative=negative or "", palette=palette,
