@@ -26,6 +26,14 @@ NoiseLevel = Annotated[
                  rich_help_panel=opt.SAMPLING),
 ]
 
+Consistency = Annotated[
+    Optional[bool],
+    typer.Option("--consistency/--no-consistency",
+                 help="Back-project the output until area-downscaling it gives the input again: the model adds only "
+                      "what the input cannot know. For clean downscaled images; off for noisy or JPEG inputs, whose "
+                      "artefacts it would restore (default: the model config's ldmtool.consistency, else off).",
+                 rich_help_panel=opt.SAMPLING),
+]
 
 
 @task_command(model="default-superres")
@@ -34,6 +42,7 @@ def superres(
     scale: Scale = 4.0,
     noise_level: NoiseLevel = None,
     colour_fix: opt.ColourFix = None,
+    consistency: Consistency = None,
     prompt: opt.Prompt = None,
     negative: opt.Negative = None,
     recursive: opt.Recursive = False,
@@ -49,7 +58,8 @@ def superres(
     from ldmtool.runtime.runner import run_task
 
     task = SuperresTask(Engine(model, sampling), scale=scale, prompt=prompt or "", negative=negative or "",
-                        noise_level=noise_level, max_pixels=max_pixels, colour_fix=colour_fix)
+                        noise_level=noise_level, max_pixels=max_pixels, colour_fix=colour_fix,
+                        consistency=consistency)
     finish(run_task(task, find_inputs(inputs, recursive=recursive), run))
 
 

@@ -48,12 +48,12 @@ def gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
 
 def colour_fix_reference(output: np.ndarray, low: np.ndarray, *, sigma: Optional[float] = None) -> np.ndarray:
     """The whole-image formula, for tests and small images: a new array of `output`'s dtype."""
-    scale = _integer_scale(output, low)
+    scale = integer_scale(output, low)
     sigma = colour_fix_sigma(scale) if sigma is None else sigma
     out = output.astype(np.float32)
-    bicubic = cv2.resize(_in_range_of(low, output.dtype), (out.shape[1], out.shape[0]), interpolation=cv2.INTER_CUBIC)
+    bicubic = cv2.resize(in_range_of(low, output.dtype), (out.shape[1], out.shape[0]), interpolation=cv2.INTER_CUBIC)
     fixed = out - gaussian_blur(out, sigma) + gaussian_blur(bicubic, sigma)
-    return _to_dtype(fixed, output.dtype)
+    return to_dtype(fixed, output.dtype)
 
 
 def colour_fix_(output: np.ndarray, low: np.ndarray, *, sigma: Optional[float] = None,
@@ -63,7 +63,7 @@ def colour_fix_(output: np.ndarray, low: np.ndarray, *, sigma: Optional[float] =
     `low` is the model's input (h, w, 3) with H = s·h and W = s·w for an integer s. Each is uint8 (0..255)
     or float (0..1); the reference is brought to the output's range.
     """
-    scale = _integer_scale(output, low)
+    scale = integer_scale(output, low)
     sigma = colour_fix_sigma(scale) if sigma is None else sigma
     halo = blur_radius(sigma)
     height = output.shape[0]
@@ -75,13 +75,13 @@ def colour_fix_(output: np.ndarray, low: np.ndarray, *, sigma: Optional[float] =
         top = start - len(carried)  # image row of window[0]
         carried_next = window[max(top, end - halo) - top : end - top].copy()
         window -= gaussian_blur(window, sigma)
-        window += gaussian_blur(_bicubic_rows(low, scale, top, below, output.shape[1], output.dtype), sigma)
-        output[start:end] = _to_dtype(window[start - top : end - top], output.dtype)
+        window += gaussian_blur(bicubic_rows(low, scale, top, below, output.shape[1], output.dtype), sigma)
+        output[start:end] = to_dtype(window[start - top : end - top], output.dtype)
         carried = carried_next
     return output
 
 
-def _bicubic_rows(low: np.ndarray, scale: int, top: int, bottom: int, width: int, dtype: np.dtype) -> np.ndarray:
+def bicubic_rows(low: np.ndarray, scale: int, top: int, bottom: int, width: int, dtype: np.dtype) -> np.ndarray:
     """Rows [top, bottom) of the bicubic ×scale upscale of `low`, computed from the low-res rows they read.
 
     With an integer factor, output row y samples low-res position (y + 0.5)/scale - 0.5, so cropping the
@@ -90,26 +90,26 @@ def _bicubic_rows(low: np.ndarray, scale: int, top: int, bottom: int, width: int
     """
     first = max(0, top // scale - _CUBIC_SUPPORT)
     last = min(low.shape[0], -(-bottom // scale) + _CUBIC_SUPPORT)
-    part = _in_range_of(low[first:last], dtype)
+    part = in_range_of(low[first:last], dtype)
     up = cv2.resize(part, (width, (last - first) * scale), interpolation=cv2.INTER_CUBIC)
     return up[top - first * scale : bottom - first * scale]
 
 
-def _integer_scale(output: np.ndarray, low: np.ndarray) -> int:
+def integer_scale(output: np.ndarray, low: np.ndarray) -> int:
     scale = output.shape[0] // max(1, low.shape[0])
     if scale < 1 or output.shape[:2] != (low.shape[0] * scale, low.shape[1] * scale):
-        raise ValueError(f"colour fix: output {output.shape[:2]} is not an integer multiple of the input {low.shape[:2]}")
+        raise ValueError(f"output {output.shape[:2]} is not an integer multiple of the input {low.shape[:2]}")
     return scale
 
 
-def _in_range_of(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+def in_range_of(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """float32 copy of `values` in the value range of `dtype` (0..255 for integers, 0..1 for floats)."""
     out_int, in_int = np.issubdtype(dtype, np.integer), np.issubdtype(values.dtype, np.integer)
     factor = 255.0 if out_int and not in_int else 1 / 255.0 if in_int and not out_int else 1.0
     return values.astype(np.float32) * np.float32(factor) if factor != 1.0 else values.astype(np.float32)
 
 
-def _to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+def to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     if np.issubdtype(dtype, np.integer):
         return np.clip(np.rint(values), 0, 255).astype(dtype)
     return np.clip(values, 0.0, 1.0).astype(dtype)
@@ -123,11 +123,11 @@ def colour_fix_to(output: np.ndarray, reference: np.ndarray, sigma: float) -> np
     return np.clip(fixed, 0.0, 1.0)
 
 
-def configured_colour_fix(defaults: dict, model_path) -> bool:
-    """The model config's `ldmtool.colour_fix` (absent: off); anything but true/false is a fatal error."""
+def config_switch(defaults: dict, key: str, model_path) -> bool:
+    """A true/false setting of the model config's `ldmtool:` block (absent: off); anything else is fatal."""
     from ldmtool.errors import FatalError
 
-    value = defaults.get("colour_fix", False)
+    value = defaults.get(key, False)
     if not isinstance(value, bool):
-        raise FatalError(f"{model_path}: its config's ldmtool.colour_fix is {value!r}; write true or false")
+        raise FatalError(f"{model_path}: its config's ldmtool.{key} is {value!r}; write true or false")
     return value

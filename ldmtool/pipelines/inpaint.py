@@ -28,7 +28,7 @@ from ldmtool.diffusion.cond import Cond
 from ldmtool.diffusion.masked import composite, latent_repaint_mask
 from ldmtool.errors import FatalError, ItemError
 from ldmtool.io.images import LoadedImage, mask_from_alpha, read_image, read_mask
-from ldmtool.pipelines.colour_fix import colour_fix_to, configured_colour_fix
+from ldmtool.pipelines.colour_fix import colour_fix_to, config_switch
 from ldmtool.pipelines.engine import Engine, to_array
 from ldmtool.pipelines.text import (PromptConditioning, TextConditioner, group_by_size, padded_images, padding,
                                     pixel_multiple, text_encoder)
@@ -98,7 +98,7 @@ class InpaintTask(BaseTask):
                                                    prompt=self.prompt, negative=self.negative)
         self.multiple = pixel_multiple(engine)
         if self.colour_fix is None:
-            self.colour_fix = configured_colour_fix(engine.defaults, engine.model_path)
+            self.colour_fix = config_switch(engine.defaults, "colour_fix", engine.model_path)
         self.params.update(engine.resolved(), model_family=bundle.family, inpaint_kind=self.kind.value,
                            colour_fix=self.colour_fix)
 

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from ldmtool.diffusion.cond import Cond
 from ldmtool.errors import FatalError, ItemError, UsageError
 from ldmtool.io.images import read_image
-from ldmtool.pipelines.colour_fix import colour_fix_, configured_colour_fix
+from ldmtool.pipelines.colour_fix import colour_fix_, config_switch
+from ldmtool.pipelines.consistency import back_project_
 from ldmtool.pipelines.engine import Engine, to_model_range
 from ldmtool.runtime.runner import BaseTask, Job, Output
 
@@ -54,7 +55,7 @@ class SuperresTask(BaseTask):
 
     def __init__(self, engine: Engine, *, scale: float, prompt: str = "", negative: str = "",
                  noise_level: Optional[int] = None, max_pixels: Optional[int] = None,
-                 colour_fix: Optional[bool] = None):
+                 colour_fix: Optional[bool] = None, consistency: Optional[bool] = None):
         if not scale > 1:
             raise UsageError(f"--scale {scale}: must be more than 1")
         super().__init__(params={"scale": scale})
@@ -64,6 +65,7 @@ class SuperresTask(BaseTask):
         self.noise_level = noise_level
         self.max_pixels = max_pixels
         self.colour_fix = colour_fix  # None: the model config's `ldmtool.colour_fix` (absent = off)
+        self.consistency = consistency  # None: the model config's `ldmtool.consistency` (absent = off)
         self._context: Optional[tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = None
 
     # -- runner hooks
@@ -78,8 +80,10 @@ class SuperresTask(BaseTask):
         self.upscaler = key == "hybrid-adm"
         self.params.update(engine.resolved(), model_family=engine.bundle.family)
         if self.colour_fix is None:
-            self.colour_fix = configured_colour_fix(engine.defaults, engine.model_path)
-        self.params.update(colour_fix=self.colour_fix)
+            self.colour_fix = config_switch(engine.defaults, "colour_fix", engine.model_path)
+        if self.consistency is None:
+            self.consistency = config_switch(engine.defaults, "consistency", engine.model_path)
+        self.params.update(colour_fix=self.colour_fix, consistency=self.consistency)
         if self.upscaler:
             self.noise_level = self.noise_level if self.noise_level is not None else int(
                 engine.defaults.get("default_noise_level", 20))
@@ -124,7 +128,9 @@ class SuperresTask(BaseTask):
 
         pixels = engine.finite(compute, label)[0]  # (H, W, 3) uint8: the output is never a float image
         out = pixels[: height * NATIVE_SCALE, : width * NATIVE_SCALE].numpy()
-        return colour_fix_(out, rgb) if self.colour_fix else out
+        if self.colour_fix:
+            colour_fix_(out, rgb)
+        return back_project_(out, rgb) if self.consistency else out
 
     def _pixel_multiple(self) -> int:
         """Low-res sizes must map to latents divisible by the UNet's total downsampling (8)."""
