@@ -153,7 +153,7 @@ def test_resolve_model(monkeypatch):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Two runs started together: superres in full mode (both colour-fix settings, five crops per image)
+    """Two runs started together: superres in full mode (raw, colour fix, consistency; five crops per image)
     with --markdown, and the other four tasks as one --dry-run (every ldmtool start imports torch: fewer
     processes keep this file quick on a shared machine)."""
     folder = tmp_path_factory.mktemp("quality")
@@ -183,7 +183,8 @@ def _records(text: str, task: str) -> list[dict]:
 def test_superres_end_to_end(runs):
     markdown, stderr = runs["superres"]
     records = {r["method"]: r for r in _records(stderr, "superres")}
-    assert set(records) == {"bicubic", "lanczos", "ldmtool --no-colour-fix", "ldmtool --colour-fix"}
+    assert set(records) == {"bicubic", "lanczos", "bicubic + back-projection", "ldmtool --no-colour-fix",
+                            "ldmtool --colour-fix", "ldmtool --consistency"}
     crops = len(quality.eval_crops(32, quick=False))
     for record in records.values():
         assert record["items"] == crops and len(record["psnr_per_item"]) == crops
@@ -191,8 +192,10 @@ def test_superres_end_to_end(runs):
     assert records["bicubic"]["hf_ratio"] < 1
     # the random model's colours are wrong; the fix takes them from the input, so it must gain a lot
     assert records["ldmtool --colour-fix"]["psnr"] > records["ldmtool --no-colour-fix"]["psnr"] + 3
+    assert records["ldmtool --consistency"]["psnr"] > records["ldmtool --no-colour-fix"]["psnr"] + 3  # likewise
+    assert records["bicubic + back-projection"]["psnr"] > records["bicubic"]["psnr"]
     rows = markdown.strip().splitlines()
-    assert rows[0].startswith("| task |") and len(rows) == 2 + 4
+    assert rows[0].startswith("| task |") and len(rows) == 2 + 6
     assert any(row.startswith("| superres | bsr.safetensors | bicubic |") for row in rows)
 
 
