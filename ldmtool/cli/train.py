@@ -179,12 +179,17 @@ def export(
     recipe: Annotated[Optional[str], typer.Option("--recipe", help="Training commands to record in the YAML.", rich_help_panel=TRAINING)] = None,
     first_stage_file: Annotated[Optional[str], typer.Option("--first-stage-file", help="Ship the first stage as this file beside the model, shared by every default trained on it (e.g. default-kl-f4.safetensors).", rich_help_panel=TRAINING)] = None,
     first_stage: Annotated[Optional[Path], typer.Option("--first-stage", help="Ship with this autoencoder's decoder instead of the run's (its encoder must be the run's: see train autoencoder --freeze-encoder).", rich_help_panel=TRAINING)] = None,
+    colour_fix: Annotated[Optional[bool], typer.Option("--colour-fix/--no-colour-fix", help="The shipped model's default for superres/inpaint --colour-fix (default: as trained).", rich_help_panel=TRAINING)] = None,
+    consistency: Annotated[Optional[bool], typer.Option("--consistency/--no-consistency", help="The shipped model's default for superres --consistency (default: as trained, i.e. off).", rich_help_panel=TRAINING)] = None,
+    default_steps: Annotated[Optional[int], typer.Option("--default-steps", min=1, help="The shipped model's default --steps (default: as trained, 50).", rich_help_panel=TRAINING)] = None,
 ) -> None:
     """Write a run's latest export as an fp16 shipped model: NAME.safetensors + NAME.yaml."""
     from ldmtool.checkpoints.presets import models_dir
     from ldmtool.train.common import ship
 
-    weights, config = ship(run, name, dest or models_dir(), recipe, first_stage_file, first_stage)
+    chosen = {"colour_fix": colour_fix, "consistency": consistency, "default_steps": default_steps}
+    defaults = {key: value for key, value in chosen.items() if value is not None}
+    weights, config = ship(run, name, dest or models_dir(), recipe, first_stage_file, first_stage, defaults)
     typer.echo(f"wrote {weights} and {config}", err=True)
 
 

@@ -276,7 +276,8 @@ def save_checkpoint(trainer: Trainer, out: Path, step: int) -> Path:
 
 
 def ship(run_dir: Path, name: str, dest: Path, recipe: Optional[str] = None,
-         first_stage_file: Optional[str] = None, first_stage: Optional[Path] = None) -> tuple[Path, Path]:
+         first_stage_file: Optional[str] = None, first_stage: Optional[Path] = None,
+         defaults: Optional[Mapping[str, Any]] = None) -> tuple[Path, Path]:
     """Copy a run's export as a shipped default: `dest/<name>.safetensors` (fp16) + `dest/<name>.yaml`.
 
     Schedule buffers are left out (the loader computes them from the config in float32, which an fp16 copy
@@ -285,6 +286,8 @@ def ship(run_dir: Path, name: str, dest: Path, recipe: Optional[str] = None,
     trained on it; written once, and refused if a different one is already there) and the YAML names it.
     With `first_stage` (an autoencoder export whose encoder is the run's, e.g. from `train autoencoder
     --freeze-encoder`), its decoder replaces the run's: the latent space is the same, so the UNet still fits.
+    `defaults` overrides how the model runs by default (`ldmtool:` keys such as colour_fix, consistency,
+    default_steps): decided when a model is shipped, after measuring it, not when its training starts.
     """
     from safetensors.torch import load_file
 
@@ -301,6 +304,7 @@ def ship(run_dir: Path, name: str, dest: Path, recipe: Optional[str] = None,
     half = {k: v.half() if v.is_floating_point() and k != "scale_factor" else v for k, v in tensors.items()}
     block = config.setdefault("ldmtool", {})
     block["family"] = name
+    block.update(defaults or {})
     if recipe:
         block["recipe"] = recipe
     if first_stage_file:
