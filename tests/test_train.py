@@ -549,3 +549,28 @@ def test_export_leaves_out_the_unused_bert_logits_and_still_loads(first_stage, t
     with torch.no_grad():
         torch.testing.assert_close(slim.cond_stage_model.encode(prompt).float(), full.cond_stage_model.encode(prompt).float(),
                                    rtol=0, atol=2e-2)  # the fp16 copy of the same encoder
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_prediction_target_matches_diffusers(first_stage, images, prediction):
+    """The loss is zero for a network that returns diffusers' own target (noise, or get_velocity for v)."""
+    from diffusers import DDPMScheduler
+
+    trainer = _superres_trainer(first_stage, images, prediction=prediction)
+    trainer.scale_factor = 1.0
+    batch = trainer.batch(0)
+    noise, t = trainer.noise_and_timesteps(batch.z0, 0)
+    oracle = DDPMScheduler(num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0155, beta_schedule="scaled_linear")
+    target = noise if prediction == "eps" else oracle.get_velocity(batch.z0, noise, t)
+    trainer.unet = lambda x, t, context=None: target
+    assert trainer.loss(batch, noise, t).item() < 1e-10
+    assert df.DiffusionTraining(prediction=prediction).prediction == prediction
+    with pytest.raises(UsageError, match="--prediction 'x'"):
+        df.DiffusionTraining(prediction="x")
+
+
+def test_v_prediction_export_loads_as_v(first_stage, tmp_path, capsys):
+    training = df.DiffusionTraining(task=df.Task.SEMANTIC, crop=32, batch_size=1, prediction="v")
+    path = df.train_diffusion(TINY_UNET, training, first_stage, [], _run(tmp_path / "run", steps=1))
+    assert yaml.safe_load(path.with_name("model.yaml").read_text())["model"]["params"]["parameterization"] == "v"
+    assert ldmtool.load_model(path).parameterization == "v"

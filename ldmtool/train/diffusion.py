@@ -120,9 +120,17 @@ class DiffusionTraining:
     init: Optional[str] = None  # checkpoint whose UNet weights start the run (where names and shapes match)
     procedural: bool = False  # uncond: train on the procedural landscapes instead of image crops
     degradation: str = "realistic"  # superres: low-res inputs' degradation preset (see train.degrade)
+    # What the UNet predicts: the noise ("eps", as LDM) or v = sqrt(a) eps - sqrt(1 - a) x0 (as SD 2). A UNet
+    # with 32 base channels has one channel per GroupNorm group in its output block, so it cannot see the
+    # image-wide mean of its input: with eps it cannot remove the mean of the starting noise, and at high
+    # noise x0 = (x_t - sqrt(1 - a) eps) / sqrt(a) turns that mean into a random colour cast. With v the
+    # image-wide mean of x0 is mostly the output's own (learnable) offset.
+    prediction: str = "eps"
 
     def __post_init__(self) -> None:
         degradation(self.degradation, self.scale)  # an unknown preset is a usage error before anything loads
+        if self.prediction not in ("eps", "v"):
+            raise UsageError(f"--prediction {self.prediction!r}: use eps or v")
 
     @property
     def generated(self) -> bool:
@@ -352,15 +360,16 @@ class DiffusionTrainer:
         return noise.to(z0), t.to(z0.device)
 
     def loss(self, batch: TrainBatch, noise: "torch.Tensor", t: "torch.Tensor") -> "torch.Tensor":
-        """Simple eps-prediction MSE (LDM `loss_simple`, l2) at timesteps t."""
+        """Simple MSE (LDM `loss_simple`, l2) of the eps or v prediction at timesteps t."""
         import torch
 
         ac = self.buffers["alphas_cumprod"].to(batch.z0.device)[t].view(-1, 1, 1, 1)
         x_t = ac.sqrt() * batch.z0 + (1 - ac).sqrt() * noise
+        target = noise if self.training.prediction == "eps" else ac.sqrt() * noise - (1 - ac).sqrt() * batch.z0
         model_input = x_t if batch.concat is None else torch.cat([x_t, batch.concat], dim=1)
         with common.autocast(self.device, self.dtype):
-            eps = self.unet(model_input, t, context=batch.context)
-        return (eps.float() - noise).pow(2).mean()
+            predicted = self.unet(model_input, t, context=batch.context)
+        return (predicted.float() - target).pow(2).mean()
 
     def step(self, step: int) -> dict[str, float]:
         if self.scale_factor is None:
@@ -417,7 +426,7 @@ class DiffusionTrainer:
             "log_every_t": 100,
             "timesteps": self.training.timesteps,
             "loss_type": "l2",
-            "parameterization": "eps",
+            "parameterization": self.training.prediction,
             "first_stage_key": "image",
             "cond_stage_key": cond_key,
             "image_size": self.latent_size,
