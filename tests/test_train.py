@@ -574,3 +574,15 @@ def test_v_prediction_export_loads_as_v(first_stage, tmp_path, capsys):
     path = df.train_diffusion(TINY_UNET, training, first_stage, [], _run(tmp_path / "run", steps=1))
     assert yaml.safe_load(path.with_name("model.yaml").read_text())["model"]["params"]["parameterization"] == "v"
     assert ldmtool.load_model(path).parameterization == "v"
+
+
+def test_init_also_starts_the_text_encoder_from_the_checkpoint(first_stage, tmp_path):
+    from dataclasses import replace
+
+    training = df.DiffusionTraining(task=df.Task.TXT2IMG, crop=32, batch_size=1, text_width=32, text_layers=1)
+    trained = df.train_diffusion(TINY_UNET, training, first_stage, [], _run(tmp_path / "a", steps=2))
+    text = {k[len(df.COND_PREFIX):]: v for k, v in load_file(str(trained)).items() if k.startswith(df.COND_PREFIX)}
+    trainer = df.DiffusionTrainer(TINY_UNET, replace(training, init=str(trained), prediction="v"),
+                                  df.load_first_stage(first_stage, torch.device("cpu")), [], torch.device("cpu"), torch.float32)
+    for name, value in trainer.cond_stage.state_dict().items():
+        torch.testing.assert_close(value, text[name], msg=name)

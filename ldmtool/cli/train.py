@@ -126,7 +126,7 @@ def diffusion(
     text_layers: Annotated[int, typer.Option("--text-layers", min=1, help="txt2img/layout: its transformer layers.", rich_help_panel=TRAINING)] = 2,
     prediction: Annotated[str, typer.Option("--prediction", help="What the UNet learns to predict: eps (as LDM) or v (as SD 2; needed for image-wide colour with 32 base channels).", rich_help_panel=TRAINING)] = "eps",
     degradation: Annotated[str, typer.Option("--degradation", help="superres: realistic (blur, noise, JPEG on 70% of low-res inputs) or light (mostly clean downscales: for clean images, best PSNR).", rich_help_panel=TRAINING)] = "realistic",
-    init: Annotated[Optional[Path], typer.Option("--init", help="Start the UNet from this LatentDiffusion checkpoint's weights (where names and shapes match).", rich_help_panel=TRAINING)] = None,
+    init: Annotated[Optional[Path], typer.Option("--init", help="Start the UNet (and a trainable text encoder) from this LatentDiffusion checkpoint's weights (where names and shapes match).", rich_help_panel=TRAINING)] = None,
     steps: Steps = 20000,
     crop: Crop = 128,
     batch_size: Batch = 8,

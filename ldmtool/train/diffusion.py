@@ -249,6 +249,8 @@ class DiffusionTrainer:
         self.cond_stage = None if self.cond_params is None else build_cond_stage(training.task, self.cond_params).to(device)
         trainable = list(self.unet.parameters())
         if self.cond_stage is not None:
+            if training.init:  # a jointly trained text encoder starts from the checkpoint's too
+                init_cond_stage(self.cond_stage, Path(training.init))
             self.cond_ema = common.Ema(self.cond_stage, training.ema_decay)
             trainable += list(self.cond_stage.parameters())
         self.optimizer = torch.optim.AdamW(trainable, lr=training.lr, weight_decay=0.0)
@@ -508,6 +510,25 @@ def init_unet(unet: "nn.Module", checkpoint: Path) -> int:
     if 2 * len(matching) < len(own):
         raise UsageError(f"--init {checkpoint}: only {len(matching)} of the UNet's {len(own)} weights match "
                          "this architecture (name and shape); give a checkpoint of the same UNet")
+    with torch.no_grad():
+        for name, value in matching.items():
+            own[name].copy_(value.to(own[name].dtype))
+    return len(matching)
+
+
+COND_PREFIX = "cond_stage_model."
+
+
+def init_cond_stage(cond_stage: "nn.Module", checkpoint: Path) -> int:
+    """Copies a checkpoint's trainable cond stage (BERT, spatial rescaler) into `cond_stage` where names and
+    shapes match; a checkpoint without one (or of another shape) leaves it as initialised. Returns the count."""
+    import torch
+
+    from ldmtool.checkpoints.files import read_state_dict
+
+    source = {k[len(COND_PREFIX):]: v for k, v in read_state_dict(checkpoint).items() if k.startswith(COND_PREFIX)}
+    own = cond_stage.state_dict()
+    matching = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
     with torch.no_grad():
         for name, value in matching.items():
             own[name].copy_(value.to(own[name].dtype))
