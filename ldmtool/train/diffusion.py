@@ -454,8 +454,9 @@ class DiffusionTrainer:
             **self.run_config(),
         }
         if self.training.task in (Task.SUPERRES, Task.INPAINT):
-            # A small first stage trained on a CPU budget loses colour; the output's low frequencies come
-            # from the input (superres) or a classical fill of the hole (inpaint); --no-colour-fix turns it off.
+            # Small models drift in colour and brightness; by default the output's low frequencies come from
+            # the input (superres) or a classical fill of the hole (inpaint). `train export --no-colour-fix`
+            # ships a model without it, and --no-colour-fix turns it off for one run.
             block["colour_fix"] = True
         if self.training.task == Task.SUPERRES:
             block["scale"] = self.training.scale
