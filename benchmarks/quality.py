@@ -52,7 +52,9 @@ from folder_throughput import ldmtool_argv  # noqa: E402
 TASKS = ("superres", "inpaint", "semantic", "layout", "txt2img")
 COMMANDS = {"superres": "superres", "inpaint": "inpaint", "semantic": "semantic2img", "layout": "layout2img",
             "txt2img": "txt2img"}
-DEFAULT_SIZE = {"superres": 256, "inpaint": 256, "semantic": 128, "layout": 128, "txt2img": 128}
+# Output sides. txt2img and layout at 64 px, the shipped defaults' training size: they learn a whole scene's
+# composition at that size, and a larger canvas repeats it (semantic maps condition every pixel, so 128 is fine).
+DEFAULT_SIZE = {"superres": 256, "inpaint": 256, "semantic": 128, "layout": 64, "txt2img": 64}
 TINY_PRESETS = {"superres": "ldm-bsr-sr", "inpaint": "ldm-inpainting-big", "semantic": "ldm-semantic-synthesis256",
                 "layout": "ldm-layout2img-openimages256", "txt2img": "ldm-text2img256"}
 SR_SCALE = 4
@@ -507,8 +509,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--task", nargs="+", choices=[*TASKS, "all"], default=["all"], help="one or more tasks, or all")
     parser.add_argument("--model", help="checkpoint file or shipped name (default: the shipped default-<task>)")
     parser.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
+    parser.add_argument("--cfg", type=float, help="guidance scale of the generators (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="base seed of the model runs and the procedural samples")
-    parser.add_argument("--size", type=int, help="crop / output side in pixels (default: 256 superres and inpaint, 128 otherwise)")
+    parser.add_argument("--size", type=int, help="crop / output side in pixels (default: 256 superres and inpaint, 128 semantic, 64 layout and txt2img)")
     parser.add_argument("--quick", action="store_true", help="centre crops only, 4 procedural samples, model default setting")
     parser.add_argument("--markdown", action="store_true", help="README table on stdout (JSON lines on stderr)")
     parser.add_argument("--dry-run", action="store_true", help="tiny random models, 64 px, 2 steps, quick: checks the script")
@@ -541,7 +544,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                 continue
             settings = Settings(model=model, seed=args.seed, steps=args.steps, quick=args.quick,
                                 size=args.size or DEFAULT_SIZE[task], workdir=root / task, timeout=args.timeout,
-                                extra=["--device", args.device])
+                                extra=["--device", args.device, *(["--cfg", str(args.cfg)] if args.cfg else [])])
             started = time.perf_counter()
             for record in REGISTRY[task](settings):
                 record = {**record, "model": Path(model).name if Path(model).is_file() else model,
