@@ -7,7 +7,7 @@ Each picture runs the real command (the same one the README shows) into a tempor
 results out beside a classical baseline: for superres the input (nearest-neighbour enlarged), bicubic,
 ldmtool; for inpaint the image with its mask, OpenCV Telea, ldmtool; for semantic2img the label map in
 the palette's colours beside ldmtool; for layout2img the boxes drawn beside ldmtool; for txt2img each
-prompt under its image. Nothing here is used by the tests.
+prompt under its image; for sample four unconditional samples. Nothing here is used by the tests.
 """
 from __future__ import annotations
 
@@ -32,6 +32,11 @@ def run(*args: str) -> None:
 
 def read(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
+
+
+def enlarge(image: np.ndarray, factor: int = 2) -> np.ndarray:
+    """Nearest-neighbour enlargement, so small outputs show their pixels rather than a resampler's blur."""
+    return cv2.resize(image, (image.shape[1] * factor, image.shape[0] * factor), interpolation=cv2.INTER_NEAREST)
 
 
 def row(panels: list[np.ndarray]) -> np.ndarray:
@@ -72,7 +77,6 @@ def inpaint(out: Path) -> Path:
     shown[mask] = (shown[mask] * 0.3 + np.array([255, 0, 255]) * 0.7).astype(np.uint8)
     telea = cv2.inpaint(image, mask.astype(np.uint8) * 255, 5, cv2.INPAINT_TELEA)
     result = read(next(out.glob(f"{image_path.stem}*")))
-    enlarge = lambda a: cv2.resize(a, (a.shape[1] * 2, a.shape[0] * 2), interpolation=cv2.INTER_NEAREST)  # noqa: E731
     target = IMAGES / "inpaint-default.png"
     Image.fromarray(row([enlarge(p) for p in (shown, telea, result)])).save(target, optimize=True)
     return target
@@ -96,7 +100,7 @@ def semantic(out: Path) -> Path:
 def layout(out: Path) -> Path:
     layouts = ROOT / "examples" / "layouts"
     run("layout2img", str(layouts), "--draw-boxes", "--seed", "1", "-o", str(out))  # examples/scripts/layout2img.sh
-    panels = [read(path) for path in sorted(out.glob("*.png"))]  # park.boxes.png, then park.png
+    panels = [enlarge(read(path), 3) for path in sorted(out.glob("*.png"))]  # park.boxes.png, then park.png
     target = IMAGES / "layout2img-default.png"
     Image.fromarray(row(panels)).save(target, optimize=True)
     return target
@@ -107,7 +111,7 @@ def txt2img(out: Path) -> Path:
     run("txt2img", "--prompts", str(prompts), "--seed", "1", "--name", "{index}.{ext}", "-o", str(out))  # txt2img.sh
     panels = []
     for index, prompt in enumerate(line.strip() for line in prompts.read_text().splitlines() if line.strip()):
-        image = read(out / f"{index}.png")
+        image = enlarge(read(out / f"{index}.png"), 3)
         caption = np.full((22, max(image.shape[1], 8 * len(prompt)), 3), 255, np.uint8)
         cv2.putText(caption, prompt, (2, 15), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
         panels.append(column([np.pad(image, ((0, 0), (0, caption.shape[1] - image.shape[1]), (0, 0)), constant_values=255),
@@ -117,7 +121,16 @@ def txt2img(out: Path) -> Path:
     return target
 
 
-PICTURES = {"superres": superres, "inpaint": inpaint, "semantic2img": semantic, "layout2img": layout, "txt2img": txt2img}
+def sample(out: Path) -> Path:
+    run("sample", "--n", "4", "--seed", "1", "--name", "{index}.{ext}", "-o", str(out))  # examples/scripts/sample.sh
+    panels = [read(path) for path in sorted(out.glob("*.png"))]
+    target = IMAGES / "sample-default.png"
+    Image.fromarray(row([enlarge(p) for p in panels])).save(target, optimize=True)
+    return target
+
+
+PICTURES = {"superres": superres, "inpaint": inpaint, "semantic2img": semantic, "layout2img": layout, "txt2img": txt2img,
+            "sample": sample}
 
 
 def main() -> None:
