@@ -93,7 +93,7 @@ def semantic(out: Path) -> Path:
     for index, colour in palette.items():
         coloured[ids == int(index)] = colour
     target = IMAGES / "semantic2img-default.png"
-    Image.fromarray(row([coloured, read(out / "landscape.png")])).save(target, optimize=True)
+    Image.fromarray(row([enlarge(coloured, 3), enlarge(read(out / "landscape.png"), 3)])).save(target, optimize=True)
     return target
 
 
@@ -112,7 +112,7 @@ def txt2img(out: Path) -> Path:
     panels = []
     for index, prompt in enumerate(line.strip() for line in prompts.read_text().splitlines() if line.strip()):
         image = enlarge(read(out / f"{index}.png"), 3)
-        caption = np.full((22, max(image.shape[1], 8 * len(prompt)), 3), 255, np.uint8)
+        caption = np.full((22, max(image.shape[1], 7 * len(prompt)), 3), 255, np.uint8)
         cv2.putText(caption, prompt, (2, 15), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
         panels.append(column([np.pad(image, ((0, 0), (0, caption.shape[1] - image.shape[1]), (0, 0)), constant_values=255),
                               caption]))
