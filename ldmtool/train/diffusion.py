@@ -499,22 +499,9 @@ def init_unet(unet: "nn.Module", checkpoint: Path) -> int:
     """Copies the UNet weights of a LatentDiffusion checkpoint into `unet` wherever the name and shape
     match (fine-tuning, e.g. a new first stage under a trained model); returns how many tensors were taken.
     A checkpoint matching fewer than half of the UNet's tensors is a usage error: another architecture."""
-    import torch
-
-    from ldmtool.checkpoints.files import read_state_dict
-
     if not checkpoint.is_file():
         raise UsageError(f"--init {checkpoint}: no such checkpoint file")
-    source = {k[len(UNET_PREFIX):]: v for k, v in read_state_dict(checkpoint).items() if k.startswith(UNET_PREFIX)}
-    own = unet.state_dict()
-    matching = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
-    if 2 * len(matching) < len(own):
-        raise UsageError(f"--init {checkpoint}: only {len(matching)} of the UNet's {len(own)} weights match "
-                         "this architecture (name and shape); give a checkpoint of the same UNet")
-    with torch.no_grad():
-        for name, value in matching.items():
-            own[name].copy_(value.to(own[name].dtype))
-    return len(matching)
+    return _copy_matching(unet, checkpoint, UNET_PREFIX, at_least=0.5)
 
 
 COND_PREFIX = "cond_stage_model."
@@ -523,13 +510,22 @@ COND_PREFIX = "cond_stage_model."
 def init_cond_stage(cond_stage: "nn.Module", checkpoint: Path) -> int:
     """Copies a checkpoint's trainable cond stage (BERT, spatial rescaler) into `cond_stage` where names and
     shapes match; a checkpoint without one (or of another shape) leaves it as initialised. Returns the count."""
+    return _copy_matching(cond_stage, checkpoint, COND_PREFIX, at_least=0.0)
+
+
+def _copy_matching(module: "nn.Module", checkpoint: Path, prefix: str, at_least: float) -> int:
+    """Copy the checkpoint's `prefix`-ed tensors into `module` where name and shape match; fewer matches than
+    `at_least` of the module's tensors is a usage error (another architecture)."""
     import torch
 
     from ldmtool.checkpoints.files import read_state_dict
 
-    source = {k[len(COND_PREFIX):]: v for k, v in read_state_dict(checkpoint).items() if k.startswith(COND_PREFIX)}
-    own = cond_stage.state_dict()
+    source = {k[len(prefix):]: v for k, v in read_state_dict(checkpoint).items() if k.startswith(prefix)}
+    own = module.state_dict()
     matching = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
+    if len(matching) < at_least * len(own):
+        raise UsageError(f"--init {checkpoint}: only {len(matching)} of the UNet's {len(own)} weights match "
+                         "this architecture (name and shape); give a checkpoint of the same UNet")
     with torch.no_grad():
         for name, value in matching.items():
             own[name].copy_(value.to(own[name].dtype))
