@@ -228,3 +228,17 @@ def test_sample_latents_refuses_incomplete_requests():
         sample_latents(lambda x, s, c: x, None, AC, NoiseSource([1]), SamplerSettings())
     with pytest.raises(ValueError, match="initial latent"):
         sample_latents(lambda x, s, c: x, None, AC, NoiseSource([1]), SamplerSettings(), shape=(4, 2, 2), repaint=torch.ones(1, 1, 2, 2))
+
+
+def test_temperature_scales_the_starting_noise_exactly():
+    """With a denoiser that predicts x0 = 0, DDIM (eta 0) and Euler are linear in the starting latent, so the
+    result at temperature t is exactly t times the result at temperature 1; img2img ignores temperature."""
+    zero = lambda x, sigma, cond=None: torch.zeros_like(x)  # noqa: E731
+    for sampler in ("ddim", "euler"):
+        run = lambda t: sample_latents(zero, None, AC, NoiseSource([4]), SamplerSettings(sampler, steps=5, temperature=t),  # noqa: E731
+                                       shape=(4, 4, 4))
+        torch.testing.assert_close(run(0.3), 0.3 * run(1.0), rtol=1e-5, atol=1e-6)
+    init = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    tail = lambda t: sample_latents(zero, None, AC, NoiseSource([4]), SamplerSettings("euler", 5, strength=0.5, temperature=t),  # noqa: E731
+                                    init_latent=init)
+    assert torch.equal(tail(0.3), tail(1.0))

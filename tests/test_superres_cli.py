@@ -99,3 +99,33 @@ def test_model_that_cannot_upscale_is_fatal(tmp_path):
     result = _run(src, "-o", tmp_path / "out", "--model", model)
     assert result.exit_code == 3
     assert "cannot do super-resolution" in result.output
+
+
+def _upscaled(path):
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB")).astype(int), json.loads(image.info["ldmtool"])["parameters"]
+
+
+def test_temperature_scales_the_starting_noise(tmp_path, bsr):
+    """At temperature 0 a deterministic sampler starts from the mean, so the seed no longer matters; the
+    value is recorded, and the model config can set the default (the scaling itself: tests/test_guidance.py)."""
+    src = _photo(tmp_path / "in.png")
+    outputs = {}
+    for name, extra in {"t0s1": ["--temperature", "0", "--seed", "1"], "t0s2": ["--temperature", "0", "--seed", "2"],
+                        "t1": ["--seed", "1"], "t05": ["--temperature", "0.5", "--seed", "1"]}.items():
+        result = _run(src, "-o", tmp_path / name, "--model", bsr, *extra)
+        assert result.exit_code == 0, result.output
+        outputs[name] = _upscaled(tmp_path / name / "in.png")
+    assert np.array_equal(outputs["t0s1"][0], outputs["t0s2"][0])
+    assert outputs["t1"][1]["temperature"] == 1.0 and outputs["t05"][1]["temperature"] == 0.5
+    assert not np.array_equal(outputs["t05"][0], outputs["t1"][0])
+
+    import yaml
+
+    doc = yaml.safe_load(bsr.with_suffix(".yaml").read_text())
+    doc.setdefault("ldmtool", {})["default_temperature"] = 0.0
+    (tmp_path / "cold.yaml").write_text(yaml.safe_dump(doc))
+    result = _run(src, "-o", tmp_path / "cold", "--model", bsr, "--config", tmp_path / "cold.yaml", "--seed", "2")
+    assert result.exit_code == 0, result.output
+    cold, params = _upscaled(tmp_path / "cold" / "in.png")
+    assert params["temperature"] == 0.0 and np.array_equal(cold, outputs["t0s1"][0])

@@ -276,10 +276,12 @@ def test_export_ships_fp16_without_schedule_buffers(first_stage, images, tmp_pat
     assert config["ldmtool"]["recipe"] == "ldmtool train diffusion ..." and config["ldmtool"]["task"] == "superres"
     assert config["ldmtool"]["colour_fix"] is True and "consistency" not in config["ldmtool"]  # as trained
     code, err = _cli(["train", "export", str(tmp_path / "run"), "--name", "tuned", "--dest", str(tmp_path / "ship"),
-                      "--no-colour-fix", "--consistency", "--default-steps", "20", "--default-cfg", "3"], capsys)
+                      "--no-colour-fix", "--consistency", "--default-steps", "20", "--default-cfg", "3",
+                      "--default-temperature", "0.6"], capsys)
     assert code in (0, None), err
     tuned = yaml.safe_load((tmp_path / "ship" / "tuned.yaml").read_text())["ldmtool"]
-    assert (tuned["colour_fix"], tuned["consistency"], tuned["default_steps"], tuned["default_cfg"]) == (False, True, 20, 3.0)
+    assert (tuned["colour_fix"], tuned["consistency"], tuned["default_steps"], tuned["default_cfg"],
+            tuned["default_temperature"]) == (False, True, 20, 3.0, 0.6)
 
 
 @pytest.mark.parametrize("task", [df.Task.SUPERRES, df.Task.INPAINT, df.Task.SEMANTIC, df.Task.TXT2IMG, df.Task.LAYOUT])

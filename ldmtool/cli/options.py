@@ -92,6 +92,11 @@ Karras = Annotated[
     Optional[bool], typer.Option("--karras/--no-karras", help="Karras sigma spacing (k-diffusion samplers).", rich_help_panel=SAMPLING)
 ]
 Eta = Annotated[Optional[float], typer.Option("--eta", min=0.0, help="DDIM eta (0 = deterministic).", rich_help_panel=SAMPLING)]
+Temperature = Annotated[
+    Optional[float],
+    typer.Option("--temperature", min=0.0, help="Scale of the starting noise: below 1 trades invented detail for fidelity "
+                 "(1 = the model's distribution; default: the model's, else 1).", rich_help_panel=SAMPLING),
+]
 Cfg = Annotated[
     Optional[float], typer.Option("--cfg", help="Classifier-free guidance scale (1 = off; default: the model's).", rich_help_panel=SAMPLING)
 ]

@@ -48,6 +48,7 @@ SAMPLING_OPTIONS = [
     ("sampler", opt.Sampler, None),
     ("cfg", opt.Cfg, None),
     ("eta", opt.Eta, None),
+    ("temperature", opt.Temperature, None),
     ("karras", opt.Karras, None),
     ("tile", opt.Tile, None),
     ("tile_overlap", opt.TileOverlap, None),
@@ -110,6 +111,7 @@ def _records(v: dict[str, Any]) -> dict[str, Any]:
     model = ModelChoice(model=v["model"], config=v["config"], preset=v["preset"], use_ema=not v["no_ema"],
                         prediction=v["prediction"], device=v["device"], precision=v["precision"])
     sampling = SamplingChoice(sampler=v["sampler"], steps=v["steps"], cfg=v["cfg"], eta=v["eta"],
+                              temperature=v["temperature"],
                               karras=v["karras"], tile=v["tile"], tile_overlap=v["tile_overlap"],
                               max_memory=v["max_memory"], seamless=v.get("seamless"))
     return {"run": run, "model": model, "sampling": sampling}

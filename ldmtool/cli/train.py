@@ -183,6 +183,7 @@ def export(
     colour_fix: Annotated[Optional[bool], typer.Option("--colour-fix/--no-colour-fix", help="The shipped model's default for superres/inpaint --colour-fix (default: as trained).", rich_help_panel=TRAINING)] = None,
     consistency: Annotated[Optional[bool], typer.Option("--consistency/--no-consistency", help="The shipped model's default for superres --consistency (default: as trained, i.e. off).", rich_help_panel=TRAINING)] = None,
     default_steps: Annotated[Optional[int], typer.Option("--default-steps", min=1, help="The shipped model's default --steps (default: as trained, 50).", rich_help_panel=TRAINING)] = None,
+    default_temperature: Annotated[Optional[float], typer.Option("--default-temperature", min=0.0, help="The shipped model's default --temperature (default: as trained, 1).", rich_help_panel=TRAINING)] = None,
     default_cfg: Annotated[Optional[float], typer.Option("--default-cfg", min=1.0, help="The shipped model's default --cfg (default: as trained, 1 = no guidance).", rich_help_panel=TRAINING)] = None,
 ) -> None:
     """Write a run's latest export as an fp16 shipped model: NAME.safetensors + NAME.yaml."""
@@ -190,7 +191,7 @@ def export(
     from ldmtool.train.common import ship
 
     chosen = {"colour_fix": colour_fix, "consistency": consistency, "default_steps": default_steps,
-              "default_cfg": default_cfg}
+              "default_cfg": default_cfg, "default_temperature": default_temperature}
     defaults = {key: value for key, value in chosen.items() if value is not None}
     weights, config = ship(run, name, dest or models_dir(), recipe, first_stage_file, first_stage, defaults)
     typer.echo(f"wrote {weights} and {config}", err=True)

@@ -27,6 +27,9 @@ class SamplerSettings:
     karras: Optional[bool] = None  # None: the sampler's default spacing
     eta: Optional[float] = None  # ddim / euler_a only; None: the sampler's default
     strength: float = 1.0  # img2img / masked: the fraction of the schedule that runs (see img2img.py)
+    # Scale of the starting noise when sampling from noise (not from an image): below 1 the sample moves
+    # towards the mode, trading invented detail for fidelity (the "temperature" of SR3 / SRFlow).
+    temperature: float = 1.0
 
 
 def schedule_for(settings: SamplerSettings, alphas_cumprod: torch.Tensor, *, from_image: bool) -> SamplingSchedule:
@@ -60,7 +63,7 @@ def sample_latents(
         raise ValueError("masked sampling needs the initial latent of the image it keeps")
     schedule = schedule_for(settings, alphas_cumprod, from_image=init_latent is not None)
     if init_latent is None:
-        x = start_latent(noise.randn(shape, device=device, dtype=dtype), float(schedule.sigmas[0]))
+        x = start_latent(noise.randn(shape, device=device, dtype=dtype) * settings.temperature, float(schedule.sigmas[0]))
     else:
         x = noised_latent(init_latent, schedule, noise.like(init_latent))
     model = bind(denoise, cond)

@@ -51,6 +51,7 @@ class SamplingChoice:
     steps: Optional[int] = None
     cfg: Optional[float] = None
     eta: Optional[float] = None
+    temperature: Optional[float] = None
     karras: Optional[bool] = None
     tile: Optional[int] = None
     tile_overlap: Optional[int] = None
@@ -169,6 +170,7 @@ class Engine:
             "steps": s.steps or d.get("default_steps") or info.default_steps,
             "cfg": s.cfg if s.cfg is not None else float(d.get("default_cfg", 1.0)),
             "eta": s.eta,
+            "temperature": s.temperature if s.temperature is not None else float(d.get("default_temperature", 1.0)),
             "karras": s.karras,
             "seamless": s.seamless or None,
         }
@@ -195,7 +197,7 @@ class Engine:
         """
         p = self.resolved()
         settings = SamplerSettings(sampler=p["sampler"], steps=p["steps"], karras=p["karras"], eta=p["eta"],
-                                   strength=strength)
+                                   strength=strength, temperature=p["temperature"])
         guided = uncond is not None and p["cfg"] != 1.0
         denoise = self._denoiser(latent_hw, len(seeds) * (2 if guided else 1), guided)
         conditioning = Guided(cond, uncond, p["cfg"]) if guided else cond
