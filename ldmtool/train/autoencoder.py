@@ -314,8 +314,6 @@ AE_PREFIXES = ("", "first_stage_model.")  # an autoencoder file, or a LatentDiff
 def init_autoencoder(model: "nn.Module", checkpoint: Path) -> None:
     """Load every weight of `model` from an autoencoder checkpoint (or a LatentDiffusion checkpoint's first
     stage); a missing or differently shaped tensor is a usage error (another architecture)."""
-    import torch
-
     from ldmtool.checkpoints.files import read_state_dict
 
     if not checkpoint.is_file():
@@ -333,9 +331,7 @@ def init_autoencoder(model: "nn.Module", checkpoint: Path) -> None:
     if wrong:
         raise UsageError(f"--init {checkpoint}: {len(wrong)} weights differ in shape (e.g. {wrong[0]}); "
                          "give --channels/--res-blocks/--z-channels of that autoencoder")
-    with torch.no_grad():
-        for name, value in found.items():
-            own[name].copy_(value.to(own[name].dtype))
+    common.copy_weights(model, found)
 
 
 def train_autoencoder(arch: AutoencoderArch, training: AutoencoderTraining, paths: Sequence[Path], run: common.RunOptions) -> Path:

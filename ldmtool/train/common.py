@@ -270,6 +270,18 @@ def run_loop(trainer: Trainer, run: RunOptions, description: str) -> Path:
     return save_checkpoint(trainer, out, done)
 
 
+def copy_weights(module: "nn.Module", tensors: Mapping[str, "torch.Tensor"]) -> int:
+    """Copy `tensors` (names of `module.state_dict()`, shapes already checked) into `module` in place, in its
+    dtypes (fine-tuning starts: `--init`); returns how many were copied."""
+    import torch
+
+    own = module.state_dict()
+    with torch.no_grad():
+        for name, value in tensors.items():
+            own[name].copy_(value.to(own[name].dtype))
+    return len(tensors)
+
+
 def save_checkpoint(trainer: Trainer, out: Path, step: int) -> Path:
     save_state(out, trainer.state(step))
     return trainer.export(out, step)
@@ -281,7 +293,8 @@ def ship(run_dir: Path, name: str, dest: Path, recipe: Optional[str] = None,
     """Copy a run's export as a shipped default: `dest/<name>.safetensors` (fp16) + `dest/<name>.yaml`.
 
     Schedule buffers are left out (the loader computes them from the config in float32, which an fp16 copy
-    could not match), and so is LDM-BERT's unused vocabulary-sized `to_logits`; `scale_factor` stays float32. `recipe` (the training commands) is recorded in the YAML.
+    could not match), and so is LDM-BERT's unused vocabulary-sized `to_logits`; `scale_factor` stays float32.
+    `recipe` (the training commands) is recorded in the YAML.
     With `first_stage_file`, the first stage goes to that file in `dest` instead (shared by every default
     trained on it; written once, and refused if a different one is already there) and the YAML names it.
     With `first_stage` (an autoencoder export whose encoder is the run's, e.g. from `train autoencoder

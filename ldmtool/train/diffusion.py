@@ -516,8 +516,6 @@ def init_cond_stage(cond_stage: "nn.Module", checkpoint: Path) -> int:
 def _copy_matching(module: "nn.Module", checkpoint: Path, prefix: str, at_least: float) -> int:
     """Copy the checkpoint's `prefix`-ed tensors into `module` where name and shape match; fewer matches than
     `at_least` of the module's tensors is a usage error (another architecture)."""
-    import torch
-
     from ldmtool.checkpoints.files import read_state_dict
 
     source = {k[len(prefix):]: v for k, v in read_state_dict(checkpoint).items() if k.startswith(prefix)}
@@ -526,10 +524,7 @@ def _copy_matching(module: "nn.Module", checkpoint: Path, prefix: str, at_least:
     if len(matching) < at_least * len(own):
         raise UsageError(f"--init {checkpoint}: only {len(matching)} of the UNet's {len(own)} weights match "
                          "this architecture (name and shape); give a checkpoint of the same UNet")
-    with torch.no_grad():
-        for name, value in matching.items():
-            own[name].copy_(value.to(own[name].dtype))
-    return len(matching)
+    return common.copy_weights(module, matching)
 
 
 def train_diffusion(arch: UNetArch, training: DiffusionTraining, first_stage: Path, paths: Sequence[Path], run: common.RunOptions) -> Path:
