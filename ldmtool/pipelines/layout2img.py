@@ -9,7 +9,8 @@ pixels or as fractions 0..1 of the image:
 `units` ("pixels" | "relative") may be given; otherwise boxes whose numbers all lie in 0..1 are relative.
 Pixel boxes are measured in the layout's `size` when given, else in the output size. A bare list of objects
 is also a layout. Each object may set `group_of`, `occluded`, `depiction`, `inside` (OpenImages flags).
-The boxes become the model's token sequence (see layout_tokens); with `--draw-boxes` a copy of each result
+The boxes become the model's token sequence (see layout_tokens) and, for ldmtool's own layout models, also a
+coverage map per class concatenated to the UNet input (see box_raster); with `--draw-boxes` a copy of each result
 with the boxes drawn is written beside it as `<name>.boxes.png`. Above the model's native size the tiled
 engine gives every tile its own context: the objects keep their image coordinates and the last two tokens
 name the tile's crop, as the reference does per patch of a large image.
@@ -30,6 +31,7 @@ import yaml
 from ldmtool.diffusion.cond import Cond
 from ldmtool.errors import FatalError, ItemError, LdmError, UsageError
 from ldmtool.io.discover import Item
+from ldmtool.pipelines.box_raster import box_raster
 from ldmtool.pipelines.engine import Engine
 from ldmtool.pipelines.layout_tokens import BoxTokenizer, LayoutObject, category_name, category_number, tokenizer_for
 from ldmtool.pipelines.sample import GeneratorTask
@@ -180,12 +182,14 @@ class Layout2ImgTask(GeneratorTask):
         super().__init__(engine, width=width, height=height)
         self.draw_boxes = draw_boxes
         self.tokenizer: Optional[BoxTokenizer] = None
+        self.raster_classes: Optional[list[int]] = None  # category number of each box-raster channel
 
     def check_model(self, bundle) -> None:
         self.tokenizer = tokenizer_for(bundle)
         if self.tokenizer is None:
             raise FatalError(f"{self.engine.model_path}: a {bundle.family} model cannot do layout2img (it needs a "
                              "box-token model such as layout2img-openimages256)")
+        self.raster_classes = raster_classes(self.engine, bundle)
         self.params.update(draw_boxes=self.draw_boxes)
 
     def load(self, job: Job) -> list[LayoutObject]:
@@ -194,6 +198,12 @@ class Layout2ImgTask(GeneratorTask):
             self.tokenizer.tokens(objects)
         except LdmError as err:
             raise ItemError(f"{job.item.path}: {err}") from None
+        if self.raster_classes is not None:
+            unknown = [o for o in objects if o.category not in self.raster_classes]
+            if unknown:
+                known = ", ".join(category_name(c) for c in self.raster_classes)
+                raise ItemError(f"{job.item.path}: {category_name(unknown[0].category)!r} is not a class this model "
+                                f"draws ({known})")
         return objects
 
     def conditioning(self, engine: Engine, job: Job, latent_hw: tuple[int, int]) -> tuple[Cond, Optional[Cond]]:
@@ -211,7 +221,17 @@ class Layout2ImgTask(GeneratorTask):
             return encode((left / cols, top / rows, min(1.0, (left + width) / cols), min(1.0, (top + height) / rows)))
 
         tile = tile_context if self.tokenizer.encode_crop else None
-        return Cond(crossattn=encode((0.0, 0.0, 1.0, 1.0)), tile_crossattn=tile), None
+        return Cond(crossattn=encode((0.0, 0.0, 1.0, 1.0)), concat=self.raster(engine, job, latent_hw),
+                    tile_crossattn=tile), None
+
+    def raster(self, engine: Engine, job: Job, latent_hw: tuple[int, int]) -> Optional[torch.Tensor]:
+        """The box raster of a hybrid layout model at latent resolution (None for token-only models)."""
+        if self.raster_classes is None:
+            return None
+        width, height = self.canvas(job)
+        boxes = [(self.raster_classes.index(o.category), o.box) for o in job.payload]
+        raster = box_raster(boxes, len(self.raster_classes), (height, width), latent_hw, engine.downsampling)
+        return torch.from_numpy(raster)[None].to(engine.device, engine.dtype)
 
     def item_params(self, job: Job) -> dict[str, Any]:
         return {"layout": str(job.item.path),
@@ -224,6 +244,24 @@ class Layout2ImgTask(GeneratorTask):
             for job, output in zip(jobs, outputs):
                 write_preview(preview_path(job.output), output.image, job.payload)
         return outputs
+
+
+def raster_classes(engine: Engine, bundle) -> Optional[list[int]]:
+    """Category numbers of the box-raster channels of a hybrid layout model (its config's `classes`, in
+    order), None for a token-only model; FatalError when the config and the UNet disagree."""
+    if bundle.conditioning_key != "hybrid":
+        return None
+    defaults = engine.defaults
+    names = [c.get("name") for c in defaults.get("classes") or [] if isinstance(c, dict)]
+    unet = engine.unet_params
+    channels = int(unet["in_channels"]) - int(unet["out_channels"])
+    if not defaults.get("box_raster") or len(names) != channels:
+        raise FatalError(f"{engine.model_path}: a layout model with {channels} concatenated channels needs "
+                         f"`ldmtool: box_raster: true` and one `classes` entry per channel (found {len(names)})")
+    try:
+        return [category_number(name) for name in names]
+    except UsageError as err:
+        raise FatalError(f"{engine.model_path}: {err}") from None
 
 
 def preview_path(output: Path) -> Path:

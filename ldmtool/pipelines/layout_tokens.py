@@ -157,11 +157,12 @@ class BoxTokenizer:
 
 
 def tokenizer_for(bundle) -> Optional[BoxTokenizer]:
-    """The box tokenizer of a layout model (BERT-style cond stage that takes token ids), else None."""
+    """The box tokenizer of a layout model (BERT-style cond stage that takes token ids, by cross-attention or
+    beside a concatenated box raster), else None."""
     cond = bundle.config["model"]["params"].get("cond_stage_config")
     if not isinstance(cond, dict) or not cond.get("target", "").endswith("BERTEmbedder"):
         return None
     params = cond.get("params", {})
-    if params.get("use_tokenizer", True) or bundle.conditioning_key != "crossattn":
+    if params.get("use_tokenizer", True) or bundle.conditioning_key not in ("crossattn", "hybrid"):
         return None
     return BoxTokenizer.for_sequence(int(params["vocab_size"]), int(params["max_seq_len"]))

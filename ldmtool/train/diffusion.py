@@ -12,7 +12,8 @@ take it:
   txt2img   captions of procedural shape scenes through a small LDM-BERT (BERTEmbedder) trained jointly,
             by cross-attention (as text2img256); 10% empty captions for classifier-free guidance
   layout    procedural box layouts as the layout2img box tokens (3 per object + 2 crop tokens, OpenImages
-            class numbers) through a small token-input BERTEmbedder, by cross-attention
+            class numbers) through a small token-input BERTEmbedder, by cross-attention; with --box-raster
+            also as per-class box coverage at latent size, concatenated (conditioning_key hybrid)
   uncond    nothing
 The export is a single LatentDiffusion file: `model.diffusion_model.*` (EMA weights),
 `first_stage_model.*`, the schedule buffers and `scale_factor` (1 / std of the training latents, as
@@ -74,6 +75,7 @@ PROCEDURAL_TASKS = (Task.SEMANTIC, Task.TXT2IMG, Task.LAYOUT)
 TEXT_TASKS = (Task.TXT2IMG, Task.LAYOUT)  # a BERTEmbedder cond stage, by cross-attention
 # Procedural layout objects by the OpenImages class names the layout2img command reads (texture -> name).
 LAYOUT_NAMES = {"water": "Swimming pool", "rock": "Building", "tree": "Tree"}
+LAYOUT_TEXTURES = tuple(c.name for c in CLASSES if c.name in LAYOUT_NAMES)  # raster channel order
 LAYOUT_VOCAB = 8192  # as layout2img-openimages256: 90 x 90 coordinate cells, 340 classes x 16 modifiers
 LAYOUT_MAX_OBJECTS = 8
 PROCEDURAL = "procedural"  # the data source of tasks that train on the project's own generators
@@ -126,11 +128,17 @@ class DiffusionTraining:
     # noise x0 = (x_t - sqrt(1 - a) eps) / sqrt(a) turns that mean into a random colour cast. With v the
     # image-wide mean of x0 is mostly the output's own (learnable) offset.
     prediction: str = "eps"
+    # layout: the boxes also as a coverage map per class, concatenated to the UNet input (see
+    # pipelines.box_raster). Box tokens alone must learn 8100 coordinate embeddings independently, which a
+    # CPU-sized run does not manage; the raster gives every latent pixel its boxes directly.
+    box_raster: bool = False
 
     def __post_init__(self) -> None:
         degradation(self.degradation, self.scale)  # an unknown preset is a usage error before anything loads
         if self.prediction not in ("eps", "v"):
             raise UsageError(f"--prediction {self.prediction!r}: use eps or v")
+        if self.box_raster and self.task != Task.LAYOUT:
+            raise UsageError("--box-raster is for --task layout")
 
     @property
     def generated(self) -> bool:
@@ -262,6 +270,8 @@ class DiffusionTrainer:
     @property
     def concat_channels(self) -> int:
         channels = self.first_stage.channels
+        if self.training.task == Task.LAYOUT:
+            return len(LAYOUT_TEXTURES) if self.training.box_raster else 0
         return {Task.SUPERRES: 3, Task.INPAINT: channels + 1, Task.SEMANTIC: channels}.get(self.training.task, 0)
 
     def _cond_stage_params(self) -> Optional[dict[str, Any]]:
@@ -320,8 +330,20 @@ class DiffusionTrainer:
         if self.training.task == Task.TXT2IMG:
             return TrainBatch(z0, context=self.cond_stage.encode(self.drop_captions(sources, indices)))
         if self.training.task == Task.LAYOUT:
-            return TrainBatch(z0, context=self.cond_stage.encode(layout_tokens(sources).to(self.device)))
+            context = self.cond_stage.encode(layout_tokens(sources).to(self.device))
+            return TrainBatch(z0, context=context, concat=self.layout_raster(sources) if self.training.box_raster else None)
         return TrainBatch(z0, concat=self.conditioning(crops, indices, x, sources))
+
+    def layout_raster(self, layouts: Sequence[Sequence[Box]]) -> "torch.Tensor":
+        """(B, classes, h, w) box coverage of procedural layouts, as the layout2img command builds it."""
+        import torch
+
+        from ldmtool.pipelines.box_raster import box_raster
+
+        size, latent = self.training.crop, (self.latent_size, self.latent_size)
+        rasters = [box_raster([(LAYOUT_TEXTURES.index(CLASSES[b.cls].name), (b.x0, b.y0, b.x1, b.y1)) for b in boxes],
+                              len(LAYOUT_TEXTURES), (size, size), latent, self.first_stage.factor) for boxes in layouts]
+        return torch.from_numpy(np.stack(rasters)).to(self.device)
 
     def drop_captions(self, captions: list[str], indices: list[int]) -> list[str]:
         """Replace a share of captions by "" (the unconditional prompt of the reference txt2img script)."""
@@ -422,6 +444,8 @@ class DiffusionTrainer:
     def config(self, step: int) -> dict[str, Any]:
         """The CompVis-format config of the exported model (+ an `ldmtool` section with the recipe)."""
         cond_key, conditioning_key, cond_target = TASK_CONFIG[self.training.task]
+        if self.training.box_raster:
+            conditioning_key = "hybrid"
         params: dict[str, Any] = {
             "linear_start": self.training.linear_start,
             "linear_end": self.training.linear_end,
@@ -465,6 +489,8 @@ class DiffusionTrainer:
         if self.training.task == Task.LAYOUT:
             block["classes"] = [{"name": LAYOUT_NAMES[c.name], "texture": c.name, "colour": list(c.colour)}
                                 for c in CLASSES if c.name in LAYOUT_NAMES]
+            if self.training.box_raster:
+                block["box_raster"] = True  # one channel per entry of `classes`, in that order
         return {"ldmtool": block, "model": {"base_learning_rate": 1e-6, "target": LDM_TARGET, "params": params}}
 
     def _cond_stage_config(self, target: str) -> Any:
@@ -521,10 +547,28 @@ def _copy_matching(module: "nn.Module", checkpoint: Path, prefix: str, at_least:
     source = {k[len(prefix):]: v for k, v in read_state_dict(checkpoint).items() if k.startswith(prefix)}
     own = module.state_dict()
     matching = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
+    matching.update({k: widen_inputs(v, own[k].shape) for k, v in source.items()
+                     if k in own and _more_inputs(own[k].shape, v.shape)})
     if len(matching) < at_least * len(own):
         raise UsageError(f"--init {checkpoint}: only {len(matching)} of the UNet's {len(own)} weights match "
                          "this architecture (name and shape); give a checkpoint of the same UNet")
     return common.copy_weights(module, matching)
+
+
+def _more_inputs(own: Sequence[int], source: Sequence[int]) -> bool:
+    """Whether a conv weight differs from the checkpoint's only by taking more input channels."""
+    return (len(own) == len(source) == 4 and own[1] > source[1]
+            and own[0] == source[0] and tuple(own[2:]) == tuple(source[2:]))
+
+
+def widen_inputs(weight: "torch.Tensor", shape: Sequence[int]) -> "torch.Tensor":
+    """A conv weight with zero weights for the added input channels: a UNet given a new concatenated input
+    (e.g. the box raster) starts as the checkpoint's UNet, which ignores it until training says otherwise."""
+    import torch
+
+    wide = torch.zeros(tuple(shape), dtype=weight.dtype)
+    wide[:, :weight.shape[1]] = weight
+    return wide
 
 
 def train_diffusion(arch: UNetArch, training: DiffusionTraining, first_stage: Path, paths: Sequence[Path], run: common.RunOptions) -> Path:
