@@ -2,7 +2,7 @@
 of a command's first image: the README's main job on one example photo with the shipped default, split
 into the item's own time (from the `--json` event) and everything before it (imports, model load).
 
-Usage: python benchmarks/cold_start.py [--repeat 10] [--first-image-repeat 3] [--steps 50]
+Usage: python benchmarks/cold_start.py [--repeat 10] [--first-image-repeat 3] [--steps N]
 Target (issue 8): `ldmtool --help` <= 0.3 s on the 2-core CI machine, torch never imported.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 PHOTO = Path(__file__).resolve().parent.parent / "examples" / "photos" / "chelsea.png"
 
@@ -42,13 +43,14 @@ def torch_imported(args: list[str]) -> bool:
     return "NO-TORCH" not in out.stderr
 
 
-def first_image(exe: str, repeat: int, steps: int) -> dict:
+def first_image(exe: str, repeat: int, steps: Optional[int]) -> dict:
     """`ldmtool superres PHOTO --scale 4` from a cold process: total wall time and the item's own part."""
     totals, items = [], []
     for _ in range(repeat):
         with tempfile.TemporaryDirectory(prefix="ldm-cold-") as out:
             start = time.perf_counter()
-            done = subprocess.run([exe, "superres", str(PHOTO), "--scale", "4", "--steps", str(steps), "--seed", "0",
+            chosen = ["--steps", str(steps)] if steps else []  # none: the model's default
+            done = subprocess.run([exe, "superres", str(PHOTO), "--scale", "4", *chosen, "--seed", "0",
                                    "--json", "-o", out], capture_output=True, text=True, check=False)
             totals.append(time.perf_counter() - start)
         events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
@@ -64,7 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--first-image-repeat", type=int, default=3, help="0 skips the first-image measurement")
-    parser.add_argument("--steps", type=int, default=50, help="sampling steps of the first image")
+    parser.add_argument("--steps", type=int, help="sampling steps of the first image (default: the model's)")
     args = parser.parse_args()
     exe = shutil.which("ldmtool") or "ldmtool"
     cases = [["--help"], ["info", "--help"]]
@@ -75,7 +77,7 @@ def main() -> None:
         print(json.dumps(record), flush=True)
     if args.first_image_repeat:
         record = {"bench": "cold_start", "command": f"ldmtool superres {PHOTO.name} --scale 4 (shipped default)",
-                  "steps": args.steps}
+                  "steps": args.steps or "model default"}
         record.update(first_image(exe, args.first_image_repeat, args.steps))
         print(json.dumps(record), flush=True)
 
