@@ -145,3 +145,19 @@ def test_init_from_a_token_only_model_zeroes_the_new_raster_inputs(first_stage, 
     first = trainer.unet.state_dict()["input_blocks.0.0.weight"]
     torch.testing.assert_close(first[:, :3], source["input_blocks.0.0.weight"])
     assert first.shape[1] == 6 and not first[:, 3:].any()
+
+
+def test_hybrid_config_without_raster_classes_is_fatal(hybrid, tmp_path):
+    import shutil
+
+    from clirun import run_cli
+
+    broken = tmp_path / "broken.safetensors"
+    shutil.copy(hybrid, broken)
+    document = yaml.safe_load(hybrid.with_name("model.yaml").read_text())
+    del document["ldmtool"]["box_raster"]
+    broken.with_suffix(".yaml").write_text(yaml.safe_dump(document))
+    layout = tmp_path / "a.json"
+    layout.write_text('{"objects": [{"label": "Tree", "box": [0.1, 0.1, 0.5, 0.9]}]}')
+    result = run_cli("layout2img", layout, "--model", broken, "-o", tmp_path / "out", "--steps", "1", "--quiet")
+    assert result.exit_code == 3 and "needs `ldmtool: box_raster: true`" in result.output, result.output

@@ -252,6 +252,7 @@ def test_cli_trains_both_stages(images, tmp_path, capsys):
     (["--task", "superres"], "needs --data"),
     (["--task", "colour", "--data", "corpus"], "--task 'colour'"),
     (["--task", "superres", "--data", "corpus", "--channel-mult", "1,x"], "comma-separated"),
+    (["--task", "semantic", "--data", "procedural", "--box-raster"], "--box-raster is for --task layout"),
 ])
 def test_cli_usage_errors_are_one_line(tmp_path, capsys, args, message):
     code, err = _cli(["train", "diffusion", "--first-stage", str(tmp_path), "-o", str(tmp_path / "run"), *args], capsys)
