@@ -163,6 +163,7 @@ def test_text_conditioner_caches_and_keeps_order():
 @pytest.mark.parametrize("args, code, message", [
     (("-W", 100, "-H", 64), 2, "--width 100: this model needs a multiple of 64 pixels (e.g. 128)"),
     (("-W", 64, "-H", 32), 2, "--height 32: this model needs a multiple of 64 pixels (e.g. 64)"),
+    (("--tile", 4), 2, "--tile 4 is too small; use 0 (off) or at least 8 latent pixels"),
 ])
 def test_sizes_that_are_not_multiples_are_rejected_in_one_line(tmp_path, models, args, code, message):
     result = _run("--prompt", "x", "--model", models["sd1"], *args, "-o", tmp_path)

@@ -25,7 +25,7 @@ from ldmtool.runtime.cache import model_cache
 from ldmtool.runtime.device import choose_device, choose_dtype, release_host_memory
 from ldmtool.runtime.seeds import NoiseSource
 from ldmtool.tiling.fusion import TileConfig, TiledDenoiser
-from ldmtool.tiling.memory import choose_tiling, parse_memory
+from ldmtool.tiling.memory import check_tile, choose_tiling, parse_memory
 from ldmtool.tiling.seamless import Seamless, parse_seamless, seamless
 from ldmtool.tiling.vae import TensorCanvas, VAETiling, tiled_decode, tiled_encode
 
@@ -71,6 +71,7 @@ class Engine:
         self.choice = choice
         self.sampling = sampling
         self.axes: Seamless = parse_seamless(sampling.seamless)
+        check_tile(sampling.tile)
         self.bundle: Any = None
         self.device: Optional[torch.device] = None
         self.dtype: Optional[torch.dtype] = None
