@@ -4,7 +4,6 @@ import torch
 from torch import nn
 
 from ldmtool.diffusion.cond import Cond, Guided
-from ldmtool.diffusion.guidance import CFGDenoiser
 from ldmtool.tiling.fusion import TileConfig, TiledDenoiser
 from ldmtool.tiling.planner import Weighting
 from toy_denoisers import BlurDenoiser
@@ -219,31 +218,3 @@ def test_tile_context_is_built_per_tile_and_shared_context_is_used_untiled():
     seen.clear()
     TiledDenoiser(inner, TileConfig(tile=(64, 64), overlap=4))(x, torch.ones(2), cond)  # fits one tile
     assert seen == [[[-1.0] * 4] * 2]
-
-
-def test_every_tile_gets_its_part_of_the_canvas_coordinates():
-    """A denoiser that answers with the coordinates it is given: tiled, the canvas comes back as the
-    whole-canvas coordinate map, so each tile saw exactly its own crop of it (batch and guidance included)."""
-    from ldmtool.diffusion.cond import coordinate_map
-
-    def answer_position(x, sigma, cond):
-        return torch.cat([cond.position, cond.position[:, :1]], dim=1).to(x.dtype)
-
-    position = coordinate_map((40, 56), 2)
-    x = torch.zeros(2, 3, 40, 56)
-    tiled = TiledDenoiser(answer_position, TileConfig(tile=(16, 24), overlap=8, tile_batch=3, shift=True))
-    out = tiled(x, torch.ones(2), Cond(position=position))
-    torch.testing.assert_close(out[:, :2], position, rtol=0, atol=1e-6)
-    assert tiled.tiles_run > 2 * 6
-    guided = TiledDenoiser(CFGDenoiser(answer_position), TileConfig(tile=(16, 24), overlap=8, tile_batch=3))
-    out = guided(x, torch.ones(2), Guided(Cond(position=position), Cond(position=position), 3.0))
-    torch.testing.assert_close(out[:, :2], position, rtol=0, atol=1e-5)
-
-
-def test_coordinate_map_runs_from_edge_to_edge():
-    from ldmtool.diffusion.cond import coordinate_map
-
-    grid = coordinate_map((2, 4), 3)
-    assert grid.shape == (3, 2, 2, 4)
-    torch.testing.assert_close(grid[0, 0, 0], torch.tensor([-0.75, -0.25, 0.25, 0.75]))  # x: pixel centres
-    torch.testing.assert_close(grid[2, 1, :, 0], torch.tensor([-0.5, 0.5]))  # y grows downwards

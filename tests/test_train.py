@@ -589,24 +589,3 @@ def test_init_also_starts_the_text_encoder_from_the_checkpoint(first_stage, tmp_
                                   df.load_first_stage(first_stage, torch.device("cpu")), [], torch.device("cpu"), torch.float32)
     for name, value in trainer.cond_stage.state_dict().items():
         torch.testing.assert_close(value, text[name], msg=name)
-
-
-def test_coordinates_model_gets_its_canvas_position_in_every_command(first_stage, tmp_path, capsys):
-    training = df.DiffusionTraining(task=df.Task.TXT2IMG, crop=32, batch_size=1, text_width=32, text_layers=1,
-                                    coordinates=True)
-    model = df.train_diffusion(TINY_UNET, training, first_stage, [], _run(tmp_path / "run", steps=1))
-    document = yaml.safe_load(model.with_name("model.yaml").read_text())
-    assert document["ldmtool"]["coordinates"] is True
-    assert document["model"]["params"]["unet_config"]["params"]["in_channels"] == 3 + 2
-    common_args = ["--model", str(model), "--steps", "2", "--seed", "1", "--device", "cpu", "--quiet"]
-    prompt = ["--prompt", "a red circle above a blue square"]
-    code, err = _cli(["txt2img", *prompt, "-W", "96", "-H", "32", "--tile", "8", *common_args,
-                      "-o", str(tmp_path / "t.png")], capsys)  # tiled: each tile its crop of the map
-    assert code in (0, None), err
-    code, err = _cli(["img2img", str(tmp_path / "t.png"), *prompt, *common_args, "-o", str(tmp_path / "i.png")], capsys)
-    assert code in (0, None), err
-    assert Image.open(tmp_path / "i.png").size == (96, 32)
-    code, err = _cli(["tile-synth", *prompt, "--width", "64", "--height", "32", "--seamless", "x", *common_args,
-                      "-o", str(tmp_path / "s.png")], capsys)
-    assert code == 2 and "knows where its pixels lie" in err and err.count("\n") == 1, err
-    assert not (tmp_path / "s.png").exists()

@@ -127,7 +127,6 @@ def diffusion(
     prediction: Annotated[str, typer.Option("--prediction", help="What the UNet learns to predict: eps (as LDM) or v (as SD 2; needed for image-wide colour with 32 base channels).", rich_help_panel=TRAINING)] = "eps",
     degradation: Annotated[str, typer.Option("--degradation", help="superres: realistic (blur, noise, JPEG on 70% of low-res inputs) or light (mostly clean downscales: for clean images, best PSNR).", rich_help_panel=TRAINING)] = "realistic",
     box_raster: Annotated[bool, typer.Option("--box-raster", help="layout: also give the UNet the boxes as a coverage map per class (concatenated; conditioning_key hybrid). Learns in a CPU-sized run where box tokens alone do not.", rich_help_panel=TRAINING)] = False,
-    coordinates: Annotated[bool, typer.Option("--coordinates", help="Give the UNet two more inputs: where each pixel lies in the picture (x, y in -1..1), so it can place things by what the conditioning says. Such a model cannot make --seamless output.", rich_help_panel=TRAINING)] = False,
     init: Annotated[Optional[Path], typer.Option("--init", help="Start the UNet (and a trainable text encoder) from this LatentDiffusion checkpoint's weights (where names and shapes match).", rich_help_panel=TRAINING)] = None,
     steps: Steps = 20000,
     crop: Crop = 128,
@@ -160,8 +159,7 @@ def diffusion(
     training = DiffusionTraining(task=task_value, crop=crop, batch_size=batch_size, lr=lr, ema_decay=ema_decay,
                                  seed=seed, scale=scale, min_scale=min_scale, text_width=text_width, text_layers=text_layers,
                                  init=str(init) if init else None, procedural=data == PROCEDURAL,
-                                 degradation=degradation, prediction=prediction, box_raster=box_raster,
-                                 coordinates=coordinates)
+                                 degradation=degradation, prediction=prediction, box_raster=box_raster)
     run = _run_options(output, steps, save_every, log_every, resume, device, precision, quiet, threads)
     if task_value in PROCEDURAL_TASKS or (task_value == Task.UNCOND and data == PROCEDURAL):
         if data not in (None, PROCEDURAL):

@@ -30,35 +30,16 @@ class Cond:
     # The context for one tile instead of `crossattn`: called with the tile's (top, left, height, width) and
     # the canvas (height, width), both in latent pixels; returns (B, T, D). Untiled calls use `crossattn`.
     tile_crossattn: Optional[Callable[[tuple[int, int, int, int], tuple[int, int]], "Tensor"]] = None
-    # (B, 2, h, w) where each latent pixel lies in the canvas (see `coordinate_map`), for models trained with
-    # `--coordinates`; concatenated after `concat`, cropped per tile.
-    position: Optional["Tensor"] = None
 
     def map_spatial(self, fn: Callable[["Tensor"], "Tensor"]) -> "Cond":
         """The same conditioning with `fn` applied to every spatial field (used to cut tiles)."""
-        return replace(self, concat=None if self.concat is None else fn(self.concat),
-                       position=None if self.position is None else fn(self.position))
+        return replace(self, concat=None if self.concat is None else fn(self.concat))
 
     def map_batch(self, fn: Callable[["Tensor"], "Tensor"]) -> "Cond":
         """The same conditioning with `fn` applied to every field along the batch (repeat, index, cat)."""
         tile = self.tile_crossattn
-        crossattn, concat, y, position = (None if t is None else fn(t)
-                                          for t in (self.crossattn, self.concat, self.y, self.position))
-        return Cond(crossattn, concat, y, position=position,
+        return Cond(*(None if t is None else fn(t) for t in (self.crossattn, self.concat, self.y)),
                     tile_crossattn=None if tile is None else (lambda rect, canvas: fn(tile(rect, canvas))))
-
-
-def coordinate_map(latent_hw: tuple[int, int], batch: int = 1, *, device=None, dtype=None) -> "Tensor":
-    """(batch, 2, h, w): x then y of each latent pixel's centre, from -1 at the canvas's left/top edge to 1
-    at its right/bottom edge. A model trained with it knows where in the picture it draws (a UNet with
-    zero padding only learns that slowly), e.g. which object of "a red circle above a blue square" goes up."""
-    import torch
-
-    height, width = latent_hw
-    ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height * 2 - 1
-    xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width * 2 - 1
-    grid = torch.stack([xs[None, :].expand(height, width), ys[:, None].expand(height, width)])
-    return grid[None].expand(batch, 2, height, width).to(dtype or torch.float32)
 
 
 @dataclass(frozen=True)

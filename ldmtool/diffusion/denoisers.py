@@ -124,8 +124,6 @@ class DiscreteDenoiser:
             )
         if cond.concat is not None:
             x_in = torch.cat([x_in, cond.concat.to(x_in.dtype)], dim=1)
-        if cond.position is not None:
-            x_in = torch.cat([x_in, cond.position.to(x_in.dtype)], dim=1)
         return self.unet(x_in, t, context=cond.crossattn, y=cond.y)
 
 

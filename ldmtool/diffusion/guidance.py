@@ -19,7 +19,7 @@ from ldmtool.diffusion.cond import Cond, Guided
 def cat_conds(first: Cond, second: Cond) -> Cond:
     """Two conditionings as one batch (first, then second); both must carry the same fields."""
     fields = {}
-    for name in ("crossattn", "concat", "y", "position"):
+    for name in ("crossattn", "concat", "y"):
         a, b = getattr(first, name), getattr(second, name)
         if (a is None) != (b is None):
             raise ValueError(f"conditional and unconditional conditioning differ: only one has {name!r}")

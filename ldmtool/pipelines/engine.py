@@ -8,19 +8,19 @@ bad, fail the item instead of writing a wrong image.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
-from ldmtool.diffusion.cond import Cond, Guided, coordinate_map
+from ldmtool.diffusion.cond import Cond, Guided
 from ldmtool.diffusion.denoisers import DiscreteDenoiser
 from ldmtool.diffusion.guidance import CFGDenoiser
 from ldmtool.diffusion.run import SamplerSettings, sample_latents
 from ldmtool.diffusion.samplers import get_sampler
-from ldmtool.errors import FatalError, ItemError, LdmError, UsageError
+from ldmtool.errors import FatalError, ItemError, LdmError
 from ldmtool.runtime.cache import model_cache
 from ldmtool.runtime.device import choose_device, choose_dtype, release_host_memory
 from ldmtool.runtime.seeds import NoiseSource
@@ -82,9 +82,6 @@ class Engine:
         self.device = choose_device(self.choice.device)
         self.dtype = choose_dtype(self.choice.precision, self.device)
         self.bundle = self._load(self.dtype)
-        if self.defaults.get("coordinates") and (self.axes.x or self.axes.y):
-            raise UsageError(f"--seamless: {self.model_path.name} knows where its pixels lie in the picture "
-                             "(trained with --coordinates), so its output cannot wrap around")
         return self
 
     def _load(self, dtype: torch.dtype):
@@ -199,8 +196,6 @@ class Engine:
         (B, 1, h, w), 1 = repaint, the rest of `init_latent` is kept (masked sampling, any model).
         Guidance runs when `uncond` is given and the cfg scale is not 1.
         """
-        if self.defaults.get("coordinates"):
-            cond, uncond = (None if c is None else self._with_position(c, latent_hw, len(seeds)) for c in (cond, uncond))
         p = self.resolved()
         settings = SamplerSettings(sampler=p["sampler"], steps=p["steps"], karras=p["karras"], eta=p["eta"],
                                    strength=strength, temperature=p["temperature"])
@@ -216,10 +211,6 @@ class Engine:
                                shape=shape, init_latent=init_latent, repaint=repaint, callback=callback,
                                device=self.device, dtype=self.dtype)
         return z.float()
-
-    def _with_position(self, cond: Cond, latent_hw: tuple[int, int], batch: int) -> Cond:
-        """A model trained with `--coordinates` takes where each latent pixel lies in the whole canvas."""
-        return replace(cond, position=coordinate_map(latent_hw, batch, device=self.device, dtype=self.dtype))
 
     def _denoiser(self, latent_hw: tuple[int, int], network_batch: int, guided: bool):
         """The model's denoiser, with guidance inside and the tiled engine outside when the canvas needs it."""

@@ -168,7 +168,7 @@ def _repeat(cond, chunk, canvas_hw):
     else:
         crossattn = None if cond.crossattn is None else _repeat_batch(cond.crossattn, times)
     y = cond.y if cond.y is None or times == 1 else _repeat_batch(cond.y, times)
-    return Cond(crossattn=crossattn, concat=cond.concat, y=y, position=cond.position)
+    return Cond(crossattn=crossattn, concat=cond.concat, y=y)
 
 
 def _repeat_batch(t: "Tensor", times: int) -> "Tensor":

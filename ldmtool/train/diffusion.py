@@ -132,9 +132,6 @@ class DiffusionTraining:
     # pipelines.box_raster). Box tokens alone must learn 8100 coordinate embeddings independently, which a
     # CPU-sized run does not manage; the raster gives every latent pixel its boxes directly.
     box_raster: bool = False
-    # Two more input channels: x and y of every latent pixel in the picture (diffusion.cond.coordinate_map),
-    # so the UNet knows where it draws ("a red circle above a blue square": which object goes up).
-    coordinates: bool = False
 
     def __post_init__(self) -> None:
         degradation(self.degradation, self.scale)  # an unknown preset is a usage error before anything loads
@@ -274,10 +271,8 @@ class DiffusionTrainer:
     def concat_channels(self) -> int:
         channels = self.first_stage.channels
         if self.training.task == Task.LAYOUT:
-            task_channels = len(LAYOUT_TEXTURES) if self.training.box_raster else 0
-        else:
-            task_channels = {Task.SUPERRES: 3, Task.INPAINT: channels + 1, Task.SEMANTIC: channels}.get(self.training.task, 0)
-        return task_channels + (2 if self.training.coordinates else 0)
+            return len(LAYOUT_TEXTURES) if self.training.box_raster else 0
+        return {Task.SUPERRES: 3, Task.INPAINT: channels + 1, Task.SEMANTIC: channels}.get(self.training.task, 0)
 
     def _cond_stage_params(self) -> Optional[dict[str, Any]]:
         """Params of the trainable cond stage: SpatialRescaler (semantic: one-hot classes at pixel size to z
@@ -396,11 +391,6 @@ class DiffusionTrainer:
         x_t = ac.sqrt() * batch.z0 + (1 - ac).sqrt() * noise
         target = noise if self.training.prediction == "eps" else ac.sqrt() * noise - (1 - ac).sqrt() * batch.z0
         model_input = x_t if batch.concat is None else torch.cat([x_t, batch.concat], dim=1)
-        if self.training.coordinates:
-            from ldmtool.diffusion.cond import coordinate_map
-
-            position = coordinate_map(tuple(x_t.shape[-2:]), x_t.shape[0], device=x_t.device, dtype=x_t.dtype)
-            model_input = torch.cat([model_input, position], dim=1)
         with common.autocast(self.device, self.dtype):
             predicted = self.unet(model_input, t, context=batch.context)
         return (predicted.float() - target).pow(2).mean()
@@ -487,8 +477,6 @@ class DiffusionTrainer:
             "step": step,
             **self.run_config(),
         }
-        if self.training.coordinates:
-            block["coordinates"] = True  # the last two UNet input channels: coordinate_map of the canvas
         if self.training.task in (Task.SUPERRES, Task.INPAINT):
             # Small models drift in colour and brightness; by default the output's low frequencies come from
             # the input (superres) or a classical fill of the hole (inpaint). `train export --no-colour-fix`
