@@ -9,9 +9,9 @@ pixels or as fractions 0..1 of the image:
 `units` ("pixels" | "relative") may be given; otherwise boxes whose numbers all lie in 0..1 are relative.
 Pixel boxes are measured in the layout's `size` when given, else in the output size. A bare list of objects
 is also a layout. Each object may set `group_of`, `occluded`, `depiction`, `inside` (OpenImages flags).
-The boxes become the model's token sequence (see layout_tokens) and, for ldmtool's own layout models, also a
-coverage map per class concatenated to the UNet input (see box_raster); with `--draw-boxes` a copy of each result
-with the boxes drawn is written beside it as `<name>.boxes.png`. Above the model's native size the tiled
+The boxes become the model's token sequence (see layout_tokens) and, for ldmtool's own layout models, also
+a coverage map per class concatenated to the UNet input (see box_raster); with `--draw-boxes` a copy of each
+result with the boxes drawn is written beside it as `<name>.boxes.png`. Above the model's native size the tiled
 engine gives every tile its own context: the objects keep their image coordinates and the last two tokens
 name the tile's crop, as the reference does per patch of a large image.
 """
@@ -189,7 +189,7 @@ class Layout2ImgTask(GeneratorTask):
         if self.tokenizer is None:
             raise FatalError(f"{self.engine.model_path}: a {bundle.family} model cannot do layout2img (it needs a "
                              "box-token model such as layout2img-openimages256)")
-        self.raster_classes = raster_classes(self.engine, bundle)
+        self.raster_classes = raster_classes(self.engine)
         self.params.update(draw_boxes=self.draw_boxes)
 
     def load(self, job: Job) -> list[LayoutObject]:
@@ -246,10 +246,10 @@ class Layout2ImgTask(GeneratorTask):
         return outputs
 
 
-def raster_classes(engine: Engine, bundle) -> Optional[list[int]]:
+def raster_classes(engine: Engine) -> Optional[list[int]]:
     """Category numbers of the box-raster channels of a hybrid layout model (its config's `classes`, in
     order), None for a token-only model; FatalError when the config and the UNet disagree."""
-    if bundle.conditioning_key != "hybrid":
+    if engine.bundle.conditioning_key != "hybrid":
         return None
     defaults = engine.defaults
     names = [c.get("name") for c in defaults.get("classes") or [] if isinstance(c, dict)]

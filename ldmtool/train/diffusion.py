@@ -331,7 +331,8 @@ class DiffusionTrainer:
             return TrainBatch(z0, context=self.cond_stage.encode(self.drop_captions(sources, indices)))
         if self.training.task == Task.LAYOUT:
             context = self.cond_stage.encode(layout_tokens(sources).to(self.device))
-            return TrainBatch(z0, context=context, concat=self.layout_raster(sources) if self.training.box_raster else None)
+            raster = self.layout_raster(sources) if self.training.box_raster else None
+            return TrainBatch(z0, context=context, concat=raster)
         return TrainBatch(z0, concat=self.conditioning(crops, indices, x, sources))
 
     def layout_raster(self, layouts: Sequence[Sequence[Box]]) -> "torch.Tensor":
@@ -341,7 +342,8 @@ class DiffusionTrainer:
         from ldmtool.pipelines.box_raster import box_raster
 
         size, latent = self.training.crop, (self.latent_size, self.latent_size)
-        rasters = [box_raster([(LAYOUT_TEXTURES.index(CLASSES[b.cls].name), (b.x0, b.y0, b.x1, b.y1)) for b in boxes],
+        channel = {name: index for index, name in enumerate(LAYOUT_TEXTURES)}
+        rasters = [box_raster([(channel[CLASSES[b.cls].name], (b.x0, b.y0, b.x1, b.y1)) for b in boxes],
                               len(LAYOUT_TEXTURES), (size, size), latent, self.first_stage.factor) for boxes in layouts]
         return torch.from_numpy(np.stack(rasters)).to(self.device)
 
