@@ -15,7 +15,8 @@ trained on, as JSON lines.
   never uses. Agreement by colour statistics of the procedural classes: a region counts as right when the
   mean colour of its generated pixels is nearest to the requested class's colour (semantic: each class's
   region of the label map; layout: each box's visible part); txt2img: the caption's two colours are the
-  two most frequent palette colours, and their centroids are in the caption's relation. Two references
+  two most frequent palette colours, and their centroids are in the caption's relation (axis accuracy:
+  along the relation's axis, in either order). Two references
   are scored the same way: the procedural ground truth (oracle) and the ground truth of a different
   sample (chance).
 
@@ -413,10 +414,11 @@ def parse_caption(text: str) -> Caption:
     return Caption(match.group(1), match.group(3), match.group(2))
 
 
-def caption_scores(image: np.ndarray, caption: Caption) -> tuple[float, bool]:
+def caption_scores(image: np.ndarray, caption: Caption) -> tuple[float, bool, bool]:
     """(share of the caption's two colours among the image's two most frequent palette colours, whether
-    their centroids are in the caption's relation). Pixels are assigned to the nearest of the palette and
-    a light grey background; a colour needs 0.5% of the image to count."""
+    their centroids are in the caption's relation, whether they lie along the relation's axis in either
+    order). Pixels are assigned to the nearest of the palette and a light grey background; a colour needs
+    0.5% of the image to count."""
     from ldmtool.train.procedural import COLOURS
 
     names = list(COLOURS)
@@ -429,11 +431,12 @@ def caption_scores(image: np.ndarray, caption: Caption) -> tuple[float, bool]:
     colour_score = len(wanted & {int(i) for i in present}) / 2
     a, b = names.index(caption.colour_a), names.index(caption.colour_b)
     if min(counts[a], counts[b]) < 0.005 * nearest.size:
-        return colour_score, False
+        return colour_score, False, False
     ya, xa = np.argwhere(nearest == a).mean(axis=0)
     yb, xb = np.argwhere(nearest == b).mean(axis=0)
     dx, dy = {"above": (0, -1), "below": (0, 1), "left of": (-1, 0), "right of": (1, 0)}[caption.relation]
-    return colour_score, (xa - xb) * dx + (ya - yb) * dy > 0
+    along, across = (xa - xb) * dx + (ya - yb) * dy, (xa - xb) * dy + (ya - yb) * dx
+    return colour_score, bool(along > 0), bool(abs(along) > abs(across))
 
 
 def bench_txt2img(settings: Settings) -> list[dict[str, Any]]:
@@ -454,7 +457,8 @@ def bench_txt2img(settings: Settings) -> list[dict[str, Any]]:
         scores = [caption_scores(make(i), parse_caption(samples[i][1])) for i in range(count)]
         record = {"bench": "quality", "task": "txt2img", "method": method, "items": count,
                   "colour_accuracy": round(float(np.mean([s[0] for s in scores])), 4),
-                  "relation_accuracy": round(float(np.mean([s[1] for s in scores])), 4)}
+                  "relation_accuracy": round(float(np.mean([s[1] for s in scores])), 4),
+                  "axis_accuracy": round(float(np.mean([s[2] for s in scores])), 4)}
         if method == "ldmtool":
             record["seconds"] = round(seconds, 1)
         records.append(record)
@@ -474,6 +478,7 @@ METRIC_TEXT = {
     "mae_in_mask": "MAE in mask {:.1f}", "psnr_in_mask": "PSNR in mask {:.2f} dB",
     "outside_max_abs_diff": "max change outside {:.0f}", "accuracy": "region accuracy {:.2f}",
     "colour_accuracy": "colour accuracy {:.2f}", "relation_accuracy": "relation accuracy {:.2f}",
+    "axis_accuracy": "axis accuracy {:.2f}",
 }
 
 

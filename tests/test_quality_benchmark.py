@@ -106,12 +106,15 @@ def test_caption_scores_on_procedural_scenes():
     for seed in range(6):
         image, text = shape_scene(seed, 96)
         caption = quality.parse_caption(text)
-        assert quality.caption_scores(image, caption) == (1.0, True)
+        assert quality.caption_scores(image, caption) == (1.0, True, True)
         opposite = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
         flipped = quality.Caption(caption.colour_a, caption.colour_b, opposite[caption.relation])
-        assert quality.caption_scores(image, flipped) == (1.0, False)
+        assert quality.caption_scores(image, flipped) == (1.0, False, True)  # right axis, wrong order
+        turned = {"above": "left of", "below": "right of", "left of": "above", "right of": "below"}
+        across = quality.Caption(caption.colour_a, caption.colour_b, turned[caption.relation])
+        assert quality.caption_scores(image, across)[2] is False
     blank = np.full((96, 96, 3), 220, np.uint8)
-    assert quality.caption_scores(blank, caption) == (0.0, False)
+    assert quality.caption_scores(blank, caption) == (0.0, False, False)
     with pytest.raises(ValueError):
         quality.parse_caption("a cat on a mat")
 
@@ -217,6 +220,7 @@ def test_region_tasks_end_to_end(runs, task):
 def test_txt2img_end_to_end(runs):
     records = {r["method"].split(" (")[-1]: r for r in _records(runs["txt2img"][0], "txt2img")}
     assert records["oracle)"]["colour_accuracy"] == 1.0 and records["oracle)"]["relation_accuracy"] == 1.0
+    assert records["oracle)"]["axis_accuracy"] == 1.0
     assert 0 <= records["ldmtool"]["colour_accuracy"] <= 1
 
 
