@@ -30,6 +30,13 @@ def test_recipe_is_in_presets_and_trains_on_held_out_free_data(config):
             or "--task layout" in command or "--task txt2img" in command, command
 
 
+@pytest.mark.parametrize("config", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_readme_lists_every_training_command(config):
+    readme = (ROOT / "README.md").read_text()
+    for command in yaml.safe_load(config.read_text())["ldmtool"]["recipe"].split("&&"):
+        assert f"\n{command.strip()}\n" in readme, f"README lacks this command of {config.stem}: {command.strip()}"
+
+
 def test_shipped_defaults_fit_the_size_budget():
     total = sum(p.stat().st_size for p in models_dir().glob("*.safetensors"))
     assert total <= BUDGET_MB * 1e6, f"shipped models take {total / 1e6:.1f} MB (budget {BUDGET_MB} MB)"
