@@ -164,11 +164,19 @@ def test_text_conditioner_caches_and_keeps_order():
     (("-W", 100, "-H", 64), 2, "--width 100: this model needs a multiple of 64 pixels (e.g. 128)"),
     (("-W", 64, "-H", 32), 2, "--height 32: this model needs a multiple of 64 pixels (e.g. 64)"),
     (("--tile", 4), 2, "--tile 4 is too small; use 0 (off) or at least 8 latent pixels"),
+    (("--tile", 16, "--tile-overlap", 16), 2, "--tile-overlap 16 must be smaller than the tile (16 latent pixels)"),
 ])
 def test_sizes_that_are_not_multiples_are_rejected_in_one_line(tmp_path, models, args, code, message):
     result = _run("--prompt", "x", "--model", models["sd1"], *args, "-o", tmp_path)
     assert result.exit_code == code
     assert result.output.strip().splitlines() == [f"ldmtool: error: {message}"]
+
+
+def test_steps_the_schedule_cannot_take_are_a_usage_error_before_any_item(tmp_path, models):
+    result = _run("--prompt", "x", "--model", models["sd1"], "-o", tmp_path / "a.png", steps=5000)
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "ldmtool: error: --steps 5000 is out of range: 'linspace' spacing allows 1 to 1000 steps"]
 
 
 def test_model_without_text_encoder_is_fatal_in_one_line(tmp_path, models):

@@ -19,7 +19,7 @@ from ldmtool.diffusion.cond import Cond, Guided
 from ldmtool.diffusion.denoisers import DiscreteDenoiser
 from ldmtool.diffusion.guidance import CFGDenoiser
 from ldmtool.diffusion.run import SamplerSettings, sample_latents
-from ldmtool.diffusion.samplers import get_sampler
+from ldmtool.diffusion.samplers import default_schedule, get_sampler
 from ldmtool.errors import FatalError, ItemError, LdmError
 from ldmtool.runtime.cache import model_cache
 from ldmtool.runtime.device import choose_device, choose_dtype, release_host_memory
@@ -71,7 +71,7 @@ class Engine:
         self.choice = choice
         self.sampling = sampling
         self.axes: Seamless = parse_seamless(sampling.seamless)
-        check_tile(sampling.tile)
+        check_tile(sampling.tile, sampling.tile_overlap)
         self.bundle: Any = None
         self.device: Optional[torch.device] = None
         self.dtype: Optional[torch.dtype] = None
@@ -82,7 +82,14 @@ class Engine:
         self.device = choose_device(self.choice.device)
         self.dtype = choose_dtype(self.choice.precision, self.device)
         self.bundle = self._load(self.dtype)
+        self._check_schedule()
         return self
+
+    def _check_schedule(self) -> None:
+        """Step counts the model's schedule cannot take are a usage error when the command starts, not a
+        failure of every item (the schedule itself is cheap; sampling builds it again)."""
+        p = self.resolved()
+        default_schedule(p["sampler"], self.bundle.alphas_cumprod, p["steps"], karras=p["karras"])
 
     def _load(self, dtype: torch.dtype):
         from ldmtool.checkpoints.api import load_model, resolve_source
