@@ -16,9 +16,8 @@ trained on, as JSON lines.
   mean colour of its generated pixels is nearest to the requested class's colour (semantic: each class's
   region of the label map; layout: each box's visible part); txt2img: the caption's two colours are the
   two most frequent palette colours, and their centroids are in the caption's relation (axis accuracy:
-  along the relation's axis, in either order). Two references
-  are scored the same way: the procedural ground truth (oracle) and the ground truth of a different
-  sample (chance).
+  along the relation's axis, in either order). Two references are scored the same way: the procedural
+  ground truth (oracle) and the ground truth of a different sample (chance).
 
 `--model` defaults to the shipped default of the task's command (`default-semantic2img`, ...); a task
 without one is reported as skipped. The model runs through the real command line

@@ -99,8 +99,8 @@ def default_overlap(tile: int) -> int:
 
 
 def check_tile(tile: Optional[int], overlap: Optional[int] = None, multiple: int = 8) -> None:
-    """UsageError for a `--tile` no network can take, or an overlap not smaller than it (checked when a
-    command starts, not per item; an automatic tile's overlap is checked per canvas in choose_tiling)."""
+    """UsageError for a `--tile` no network can take, or an overlap not smaller than the tile (the Engine
+    checks the options when a command starts; choose_tiling checks the tile it picked per canvas)."""
     if tile is not None and 0 < tile < multiple:
         raise UsageError(f"--tile {tile} is too small; use 0 (off) or at least {multiple} latent pixels")
     if tile and overlap is not None and overlap >= tile:
@@ -135,15 +135,13 @@ def choose_tiling(
         budget = int(free_memory(device) * 0.8)
     if tile is None and budget is not None and memory.bytes_for(height * width, items) <= budget:
         return None
-    check_tile(tile, multiple=multiple)
     size = tile or largest_tile(native_tile, items, budget, memory, multiple)
     # Without --tile, tiles may grow to 1.5x native where that saves a row of tiles (never past the budget).
     # At 1.25x, canvases just above two tiles (e.g. 96 = 2 x 56 - 4) cost 1.36x the untiled work; at 1.5x
     # no canvas costs more than 1.27x.
     upper = tile or largest_tile(native_tile * 3 // 2, items, budget, memory, multiple)
     overlap = default_overlap(size) if overlap is None else overlap
-    if overlap >= size:
-        raise UsageError(f"--tile-overlap {overlap} must be smaller than the tile ({size} latent pixels)")
+    check_tile(size, overlap, multiple)  # an automatic tile's overlap can only be checked here, per canvas
     if height <= upper and width <= upper:
         return None
     tile_hw = (

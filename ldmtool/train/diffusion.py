@@ -521,6 +521,7 @@ class DiffusionTrainer:
 
 
 UNET_PREFIX = "model.diffusion_model."
+UNET_INPUT_CONV = "input_blocks.0.0.weight"  # the conv that takes the noisy latent and the concatenated inputs
 
 
 def init_unet(unet: "nn.Module", checkpoint: Path) -> int:
@@ -529,7 +530,7 @@ def init_unet(unet: "nn.Module", checkpoint: Path) -> int:
     A checkpoint matching fewer than half of the UNet's tensors is a usage error: another architecture."""
     if not checkpoint.is_file():
         raise UsageError(f"--init {checkpoint}: no such checkpoint file")
-    return _copy_matching(unet, checkpoint, UNET_PREFIX, at_least=0.5)
+    return _copy_matching(unet, checkpoint, UNET_PREFIX, at_least=0.5, widen=UNET_INPUT_CONV)
 
 
 COND_PREFIX = "cond_stage_model."
@@ -541,16 +542,18 @@ def init_cond_stage(cond_stage: "nn.Module", checkpoint: Path) -> int:
     return _copy_matching(cond_stage, checkpoint, COND_PREFIX, at_least=0.0)
 
 
-def _copy_matching(module: "nn.Module", checkpoint: Path, prefix: str, at_least: float) -> int:
-    """Copy the checkpoint's `prefix`-ed tensors into `module` where name and shape match; fewer matches than
-    `at_least` of the module's tensors is a usage error (another architecture)."""
+def _copy_matching(module: "nn.Module", checkpoint: Path, prefix: str, at_least: float,
+                   widen: Optional[str] = None) -> int:
+    """Copy the checkpoint's `prefix`-ed tensors into `module` where name and shape match (and the conv
+    named `widen` where it only takes more input channels); fewer matches than `at_least` of the module's
+    tensors is a usage error (another architecture)."""
     from ldmtool.checkpoints.files import read_state_dict
 
     source = {k[len(prefix):]: v for k, v in read_state_dict(checkpoint).items() if k.startswith(prefix)}
     own = module.state_dict()
     matching = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
-    matching.update({k: widen_inputs(v, own[k].shape) for k, v in source.items()
-                     if k in own and _more_inputs(own[k].shape, v.shape)})
+    if widen in source and widen in own and _more_inputs(own[widen].shape, source[widen].shape):
+        matching[widen] = widen_inputs(source[widen], own[widen].shape)
     if len(matching) < at_least * len(own):
         raise UsageError(f"--init {checkpoint}: only {len(matching)} of the UNet's {len(own)} weights match "
                          "this architecture (name and shape); give a checkpoint of the same UNet")
