@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "ldmtool.cli.layout2img",
     "ldmtool.cli.tile_synth",
     "ldmtool.cli.info",
+    "ldmtool.cli.replay",
     "ldmtool.cli.manifest",
     "ldmtool.cli.train",
     "ldmtool.cli.models",

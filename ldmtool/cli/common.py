@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn, Optional
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
 
 import typer
 
@@ -64,23 +64,31 @@ def run_options(
     fmt: Optional[str] = None,
     quality: int = 95,
     overwrite: bool = False,
+    existing: Optional[str] = None,
     fail_fast: bool = False,
     batch_size: int = 1,
     seed: Optional[int] = None,
+    item_seed: Optional[int] = None,
     json_out: bool = False,
     quiet: bool = False,
     shard: Optional[str] = None,
     engine: str = "local",
     ray_address: Optional[str] = None,
+    cli: Optional[dict[str, Any]] = None,
 ) -> "RunOptions":
-    """RunOptions from the shared option values (names as in `ldmtool.cli.options`)."""
+    """RunOptions from the shared option values (names as in `ldmtool.cli.options`); `cli` is every option
+    the command was given (the job's identity and its replay recipe)."""
+    from ldmtool.errors import UsageError
     from ldmtool.runtime.runner import RunOptions
     from ldmtool.runtime.shard import parse_shard
 
-    return RunOptions(output=output, name_template=name, fmt=fmt, quality=quality, overwrite=overwrite,
-                      fail_fast=fail_fast, batch_size=batch_size, seed=seed, json_events=json_out, quiet=quiet,
+    if overwrite and existing not in (None, "overwrite"):
+        raise UsageError(f"--overwrite and --existing {existing} contradict each other; give one")
+    return RunOptions(output=output, name_template=name, fmt=fmt, quality=quality,
+                      existing="overwrite" if overwrite else (existing or "check"), fail_fast=fail_fast,
+                      batch_size=batch_size, seed=seed, item_seed=item_seed, json_events=json_out, quiet=quiet,
                       argv=["ldmtool", *sys.argv[1:]], shard=parse_shard(shard) if shard else None,
-                      engine=engine, ray_address=ray_address)
+                      engine=engine, ray_address=ray_address, cli=dict(cli or {}))
 
 
 def finish(summary: "Summary") -> NoReturn:

@@ -46,7 +46,13 @@ Quality = Annotated[
 ]
 Overwrite = Annotated[
     bool,
-    typer.Option("--overwrite", help="Replace existing outputs instead of skipping them.", rich_help_panel=OUTPUT),
+    typer.Option("--overwrite", help="Replace existing outputs (same as --existing overwrite).", rich_help_panel=OUTPUT),
+]
+Existing = Annotated[
+    Optional[str],
+    typer.Option("--existing", help="An output that exists already: check (skip it if its recipe says this job "
+                 "wrote it, else fail the item; the default), skip (keep it whatever wrote it), overwrite.",
+                 rich_help_panel=OUTPUT, show_default=False),
 ]
 Recursive = Annotated[
     bool, typer.Option("--recursive", "-r", help="Descend into subfolders of input folders.", rich_help_panel=RUN)
@@ -77,7 +83,14 @@ RayAddress = Annotated[
 ]
 Seed = Annotated[
     Optional[int],
-    typer.Option("--seed", min=0, help="Base seed; per-item seeds derive from it (random when absent, always recorded).", rich_help_panel=SAMPLING),
+    typer.Option("--seed", min=-1, max=2**32 - 1, help="The run's seed: prompts and --n samples use N, N+1, ...; "
+                 "files a seed derived from N and their path. -1 or absent: the seed of the same job's earlier run "
+                 "into this output, else random. Always recorded.", rich_help_panel=SAMPLING),
+]
+ItemSeed = Annotated[
+    Optional[int],
+    typer.Option("--item-seed", min=0, max=2**32 - 1, help="Run every item with exactly this seed (the 'Seed:' an "
+                 "output records), e.g. to redo one file by hand.", rich_help_panel=SAMPLING),
 ]
 Steps = Annotated[
     Optional[int], typer.Option("--steps", min=1, help="Sampling steps (default: the model's).", rich_help_panel=SAMPLING)

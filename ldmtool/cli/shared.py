@@ -25,11 +25,13 @@ RUN_OPTIONS = [
     ("fmt", opt.Format, None),
     ("quality", opt.Quality, 95),
     ("overwrite", opt.Overwrite, False),
+    ("existing", opt.Existing, None),
     ("json_out", opt.Json, False),
     ("quiet", opt.Quiet, False),
     ("fail_fast", opt.FailFast, False),
     ("batch_size", opt.BatchSize, 1),
     ("seed", opt.Seed, None),
+    ("item_seed", opt.ItemSeed, None),
     ("shard", opt.Shard, None),
     ("run_engine", opt.Engine, "local"),
     ("ray_address", opt.RayAddress, None),
@@ -76,7 +78,7 @@ def task_command(*, model: Optional[str], seamless: bool = False) -> Callable[[C
         @functools.wraps(command)
         def wrapper(**kwargs: Any) -> Any:
             values = {name: kwargs.pop(name) for name, _, _ in groups}
-            return command(**kwargs, **_records(values))
+            return command(**kwargs, **_records(values, cli={**kwargs, **values}))
 
         wrapper.__signature__ = inspect.Signature(own + shared)  # what Typer reads
         wrapper.__annotations__ = {p.name: p.annotation for p in own + shared}
@@ -99,11 +101,11 @@ def _own_parameters(command: Callable[..., Any]) -> list[inspect.Parameter]:
     return own
 
 
-def _records(v: dict[str, Any]) -> dict[str, Any]:
+def _records(v: dict[str, Any], cli: dict[str, Any]) -> dict[str, Any]:
     run = run_options(output=v["output"], name=v["name"], fmt=v["fmt"], quality=v["quality"],
-                      overwrite=v["overwrite"], fail_fast=v["fail_fast"], batch_size=v["batch_size"], seed=v["seed"],
-                      json_out=v["json_out"], quiet=v["quiet"], shard=v["shard"], engine=v["run_engine"],
-                      ray_address=v["ray_address"])
+                      overwrite=v["overwrite"], existing=v["existing"], fail_fast=v["fail_fast"],
+                      batch_size=v["batch_size"], seed=v["seed"], item_seed=v["item_seed"], json_out=v["json_out"],
+                      quiet=v["quiet"], shard=v["shard"], engine=v["run_engine"], ray_address=v["ray_address"], cli=cli)
     if "model" not in v:
         return {"run": run}
     from ldmtool.pipelines.engine import ModelChoice, SamplingChoice  # torch only once a command runs

@@ -35,6 +35,8 @@ class Item:
     mask: Optional[Path] = None
     subdir: str = ""  # folder mirrored under the output folder (posix, "" for none)
     data: Mapping[str, Any] = field(default_factory=dict)  # task-specific fields of generated items
+    seed_offset: Optional[int] = None  # generated items: the run's seed + this (A1111's N, N+1, ...)
+    seed: Optional[int] = None  # the item's own seed (a JSON prompt line's), used as it is
 
     @classmethod
     def generated(cls, key: str, stem: Optional[str] = None, **data: Any) -> "Item":
@@ -86,15 +88,15 @@ def sanitize_name(text: str, max_length: int = 80) -> str:
 
 
 def generated_items(labels: Sequence[str], *, samples: int = 1, kind: str = "item") -> list[Item]:
-    """Items for generators: one per (label, sample). Keys ('prompt-0003/1') follow the label's index, so
-    seeds stay put when other labels change; stems ('0003-1-a-red-fox') keep outputs apart and readable.
+    """Items for generators: one per (label, sample), in label-major order; the n-th item's seed is the
+    run's seed + n. Keys ('prompt-0003/1') and stems ('0003-1-a-red-fox') keep outputs apart and readable.
     Each item's `data` holds `label`, `index` and `sample`."""
     items = []
     for index, label in enumerate(labels):
         slug = sanitize_name(label, max_length=60) if label.strip() else ""
         for sample in range(samples):
             stem = f"{index:04d}-{sample}" + (f"-{slug}" if slug and slug != "item" else "")
-            items.append(Item(key=f"{kind}-{index:04d}/{sample}", stem=stem,
+            items.append(Item(key=f"{kind}-{index:04d}/{sample}", stem=stem, seed_offset=len(items),
                               data={"label": label, "index": index, "sample": sample}))
     return items
 

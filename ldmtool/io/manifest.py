@@ -49,7 +49,7 @@ def read_manifest(path: Path) -> Iterator[dict[str, Any]]:
     """The records of a manifest file, skipping any line a crash cut short."""
     try:
         text = Path(path).read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
+    except OSError:  # none yet, or unreadable: no earlier records to go by
         return
     for line in text.splitlines():
         try:

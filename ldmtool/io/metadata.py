@@ -54,6 +54,7 @@ def build_metadata(
     size: Optional[tuple[int, int]] = None,
     model: Optional[str] = None,
     model_sha256: Optional[str] = None,
+    extra: Optional[Mapping[str, Any]] = None,
 ) -> ImageMetadata:
     """The metadata of one output: `params` are every task parameter (prompt, steps, sampler, cfg, ...)."""
     from ldmtool import __version__
@@ -70,6 +71,7 @@ def build_metadata(
         "key": key,
         "size": list(size) if size else None,
         "parameters": _jsonable(dict(params)),
+        **_jsonable(dict(extra or {})),
     }
     text_fields = dict(params)
     text_fields.update(seed=seed, model=Path(model).name if model else None,

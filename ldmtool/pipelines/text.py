@@ -44,6 +44,9 @@ class PromptSpec:
     width: Optional[int] = None
     height: Optional[int] = None
 
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
     def overrides(self) -> dict[str, Any]:
         """The per-item parameters that were set (recorded in the output's metadata)."""
         return {f.name: getattr(self, f.name) for f in fields(self)

@@ -20,13 +20,21 @@ from ldmtool.pipelines.engine import Engine
 from ldmtool.pipelines.text import (PromptSpec, TextConditioner, check_size, group_by_size, pixel_multiple,
                                     require_text_model)
 from ldmtool.runtime.runner import BaseTask, Job, Output
+from ldmtool.runtime.seeds import SEED_LIMIT
 
 
 def prompt_items(prompts: Sequence[PromptSpec], samples: int) -> list[Item]:
-    """One item per (prompt, sample); keys follow the prompt's line index so seeds stay put."""
+    """One item per (prompt, sample), seeded N, N+1, ... in order; a JSON line's own seed S gives its samples
+    S, S+1, ... The item carries its prompt line (`data["spec"]`), so it is the same job whatever file it came from."""
     if samples < 1:
         raise UsageError(f"--n {samples}: must be at least 1")
-    return generated_items([p.prompt for p in prompts], samples=samples, kind="prompt")
+    items = generated_items([p.prompt for p in prompts], samples=samples, kind="prompt")
+    return [replace(item, data={**item.data, "spec": prompts[item.data["index"]].as_dict()},
+                    seed=_own_seed(prompts[item.data["index"]], item.data["sample"])) for item in items]
+
+
+def _own_seed(spec: PromptSpec, sample: int) -> Optional[int]:
+    return None if spec.seed is None else (spec.seed + sample) % SEED_LIMIT
 
 
 class Txt2ImgTask(BaseTask):
@@ -54,9 +62,7 @@ class Txt2ImgTask(BaseTask):
                            model_family=engine.bundle.family)
 
     def load(self, job: Job) -> PromptSpec:
-        spec = self.prompts[job.item.data["index"]]
-        if spec.seed is not None:  # a JSON line's own seed; later samples of that prompt count up from it
-            job.seed = spec.seed + job.item.data["sample"]
+        spec = PromptSpec(**job.item.data["spec"])
         width, height = spec.width or self.width, spec.height or self.height
         try:
             check_size(width, height, self.multiple)

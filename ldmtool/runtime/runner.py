@@ -10,8 +10,11 @@ A pipeline implements `Task` (usually by subclassing `BaseTask`):
 
     summary = run_task(Upscale(params={...}, model_path=path), discovery, RunOptions(output=...))
 
-The runner derives per-item seeds from the base seed and each item's key, plans output paths, skips
-items whose output exists (resume) unless overwriting, loads and runs items in batches of
+The runner chooses the run's base seed (`--seed`, else the seed of an earlier run of the same job recorded
+in the output folder, else random), gives every item its seed (runtime/seeds.py), plans output paths, and
+resumes: an existing output is skipped only when its recipe says this job wrote it (`--existing check`,
+the default; runtime/identity.py), kept whatever wrote it (`skip`) or replaced (`overwrite`); an empty or
+undecodable one is redone. It loads and runs items in batches of
 `batch_size`, writes each output atomically with its metadata, appends done/failed records to the
 manifest, reports every item, goes on after an item fails (unless `fail_fast`), and turns Ctrl-C or
 SIGTERM into `Interrupted` (exit 130) with no partial file. The returned `Summary.exit_code` is 0 when
@@ -25,20 +28,23 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Optional, Protocol, Sequence, Union
+from typing import Any, Iterator, Mapping, Optional, Protocol, Sequence, Union
 
 import numpy as np
 
 from ldmtool.errors import FatalError, Interrupted, ItemError, LdmError, UsageError
 from ldmtool.io.discover import Discovery, Item
-from ldmtool.io.manifest import MANIFEST_NAME, Manifest
-from ldmtool.io.metadata import build_metadata
+from ldmtool.io.manifest import MANIFEST_NAME, Manifest, read_manifest
+from ldmtool.io.metadata import build_metadata, read_metadata
 from ldmtool.io.outputs import DEFAULT_TEMPLATE, OutputSpec, plan_outputs
-from ldmtool.io.writer import DEFAULT_QUALITY, remove_stale_temps, write_image
+from ldmtool.io.writer import DEFAULT_QUALITY, format_name, remove_stale_temps, write_image
+from ldmtool.runtime import identity
 from ldmtool.runtime.report import ItemEvent, Reporter, Status, Summary
-from ldmtool.runtime.seeds import derive_seed, random_seed
+from ldmtool.runtime.seeds import RANDOM, item_seed, random_seed
 from ldmtool.runtime.shard import Shard, select, strip_scheduling, write_members
 
 DEBUG_ENV = "LDMTOOL_DEBUG"
@@ -85,6 +91,15 @@ class BaseTask:
         self.model_path = model_path
         self.reporter: Optional[Reporter] = None
 
+    def model_file(self) -> Optional[Path]:
+        """The weights file this task will load, known before it loads (the job's identity names it)."""
+        engine = getattr(self, "engine", None)
+        if engine is None:
+            return self.model_path
+        from ldmtool.checkpoints.api import resolve_source
+
+        return resolve_source(engine.choice.model)[0]
+
     def open(self) -> None:
         return None
 
@@ -103,10 +118,12 @@ class RunOptions:
     name_template: str = DEFAULT_TEMPLATE
     fmt: Optional[str] = None
     quality: int = DEFAULT_QUALITY
-    overwrite: bool = False
+    existing: str = "check"  # an existing output: check (skip if this job wrote it), skip, or overwrite
     fail_fast: bool = False
     batch_size: int = 1
-    seed: Optional[int] = None
+    seed: Optional[int] = None  # the run's base seed; None or -1: adopt the same job's, else random
+    item_seed: Optional[int] = None  # run every item with exactly this seed (how replay reproduces one)
+    cli: Mapping[str, Any] = field(default_factory=dict)  # the command's options: the job's identity, replay
     json_events: bool = False
     quiet: bool = False
     argv: Optional[list[str]] = None  # recorded in the recipe; default sys.argv
@@ -114,6 +131,34 @@ class RunOptions:
     shard: Optional[Shard] = None  # run only this shard's items (job arrays); needs a fixed seed
     engine: str = "local"  # "local", or "ray" (ldmtool.runtime.ray_engine)
     ray_address: Optional[str] = None  # join this Ray cluster; a local one otherwise
+
+
+@dataclass(frozen=True)
+class ReplayItem:
+    """One recorded item to run again (`ldmtool replay`): it replaces the command's own items."""
+
+    item: Item
+    seed: int
+    output: Path
+
+    @classmethod
+    def from_recipe(cls, item: Mapping[str, Any], *, seed: int, output: Path) -> "ReplayItem":
+        path, mask = item.get("input"), item.get("mask")
+        return cls(Item(key=str(item["key"]), stem=str(item.get("stem") or "item"), path=path and Path(path),
+                        mask=mask and Path(mask), data=dict(item.get("data") or {})), seed, output)
+
+
+_REPLAY: ContextVar[Optional[ReplayItem]] = ContextVar("ldmtool_replay", default=None)
+
+
+@contextmanager
+def replaying(replay: ReplayItem) -> Iterator[None]:
+    """While inside, `run_task` runs only `replay.item`, with its seed, into `replay.output`."""
+    token = _REPLAY.set(replay)
+    try:
+        yield
+    finally:
+        _REPLAY.reset(token)
 
 
 def run_task(
@@ -124,14 +169,21 @@ def run_task(
     reporter: Optional[Reporter] = None,
 ) -> Summary:
     """Run `task` over every item; see the module docstring for the rules."""
+    replay = _REPLAY.get()
+    if replay is not None:
+        source = [replay.item]
+        options = replace(options, output=replay.output, item_seed=replay.seed, existing="overwrite", shard=None,
+                          engine="local", write_manifest=False, name_template=DEFAULT_TEMPLATE, fmt=None)
     discovery = source if isinstance(source, Discovery) else Discovery(list(source))
     if not discovery.items:
         raise UsageError("nothing to do: no items to process")
     if options.batch_size < 1:
         raise UsageError(f"--batch-size {options.batch_size}: must be at least 1")
+    if options.existing not in EXISTING_POLICIES:
+        raise UsageError(f"--existing {options.existing!r}: use {', '.join(EXISTING_POLICIES)}")
     if options.engine not in ("local", "ray"):
         raise UsageError(f"--engine {options.engine!r} is not an engine (use local or ray)")
-    if options.shard is not None and options.seed is None:
+    if options.shard is not None and options.seed in (None, RANDOM) and options.item_seed is None:
         raise UsageError(f"--shard {options.shard} needs --seed N, so that every shard derives the same per-item seeds")
     reporter = reporter or Reporter(json_events=options.json_events, quiet=options.quiet)
     run = _BatchRun(task, options, reporter)
@@ -145,19 +197,29 @@ def run_task(
             reporter.close()
 
 
+EXISTING_POLICIES = ("check", "skip", "overwrite")
+
+
 class _BatchRun:
     def __init__(self, task: Task, options: RunOptions, reporter: Reporter):
         self.task = task
         self.options = options
         self.reporter = reporter
-        self.base_seed = options.seed if options.seed is not None else random_seed()
+        self.base_seed = options.seed if options.seed not in (None, RANDOM) else None  # chosen in execute()
         self.summary = Summary(base_seed=self.base_seed)
         self.spec = OutputSpec(options.output, options.name_template, options.fmt)
         self.manifest: Optional[Manifest] = None
-        self.model_sha256: Optional[str] = None
+        self.model_sha256 = _model_sha256(task)
+        self.pixel_options = identity.pixel_options(options.cli, Path("x" + self._output_suffix()))
+        self.run_id = identity.run_id(task.command, self.model_sha256, self.pixel_options)
         self.stopped = False
         self.started = time.monotonic()
         self._recipe_argv = strip_scheduling(options.argv if options.argv is not None else sys.argv)
+
+    def _output_suffix(self) -> str:
+        if self.spec.is_file:
+            return self.spec.target.suffix  # type: ignore[union-attr]
+        return "." + (format_name(self.options.fmt) if self.options.fmt else "png")
 
     # -- the run
 
@@ -167,20 +229,19 @@ class _BatchRun:
             notes = [*notes, f"ignored {outputs_as_inputs} input(s) inside the output folder {self.spec.folder}"]
         if not items:
             raise UsageError(f"every input is inside the output folder {self.spec.folder}; choose another -o")
+        self._prepare_folder()
+        if self.base_seed is None:
+            self.base_seed = self._adopted_seed()
+            self.summary.base_seed = self.base_seed
         jobs = self._plan(items)  # before sharding, so {index} and seeds match an unsharded run
         if self.options.shard is not None:
             jobs = select(jobs, self.options.shard, key=lambda job: job.item.key)
-        self._prepare_folder()
         if self.options.shard is not None and not self.spec.is_file:
             write_members(self.spec.folder, self.options.shard, [job.item.key for job in jobs])
         for note in notes:
             self.reporter.note(note)
-        pending = [job for job in jobs if not self._already_done(job)]
         self.reporter.start(len(jobs), label=self.task.command)
-        pending_ids = {id(job) for job in pending}
-        for job in jobs:
-            if id(job) not in pending_ids:
-                self._report(job, Status.SKIPPED)
+        pending = self._resume(jobs)
         if pending and self.options.engine == "ray":
             from ldmtool.runtime.ray_engine import process_on_ray
 
@@ -192,10 +253,34 @@ class _BatchRun:
         self.reporter.finish(self.summary)
         return self.summary
 
+    def _adopted_seed(self) -> int:
+        """Without --seed: the base seed of the latest earlier run of this same job into this output (its
+        manifest, or the recipe of an existing -o FILE), so a cron rerun resumes it; else a random one."""
+        for recipe in reversed(self._earlier_runs()):
+            seed = recipe.get("base_seed")
+            if recipe.get("run_id") == self.run_id and isinstance(seed, int) and not isinstance(seed, bool):
+                return seed
+        return random_seed()
+
+    def _earlier_runs(self) -> list[dict[str, Any]]:
+        if self.spec.is_file:
+            stored = _stored_recipe(self.spec.target)  # type: ignore[arg-type]
+            return [stored] if stored else []
+        shard = self.options.shard
+        return list(read_manifest(self.spec.folder / (shard.manifest_name if shard else MANIFEST_NAME)))
+
     def _plan(self, items: Sequence[Item]) -> list[Job]:
-        seeds = [derive_seed(self.base_seed, item.key) for item in items]
+        seeds = [self._seed_of(item) for item in items]
         paths = plan_outputs(items, seeds, self.spec)
+        for item, path in zip(items, paths):
+            _check_not_an_input(item, path)
         return [Job(item, index, seed, path) for index, (item, seed, path) in enumerate(zip(items, seeds, paths))]
+
+    def _seed_of(self, item: Item) -> int:
+        if self.options.item_seed is not None:
+            return self.options.item_seed
+        assert self.base_seed is not None  # chosen before planning
+        return item_seed(self.base_seed, key=item.key, offset=item.seed_offset, own=item.seed)
 
     def _prepare_folder(self) -> None:
         folder = self.spec.folder
@@ -210,8 +295,56 @@ class _BatchRun:
             shard = self.options.shard
             self.manifest = Manifest(folder / (shard.manifest_name if shard else MANIFEST_NAME))
 
-    def _already_done(self, job: Job) -> bool:
-        return not self.options.overwrite and job.output.exists()
+    # -- resume
+
+    def _resume(self, jobs: list[Job]) -> list[Job]:
+        """The jobs still to run; the others are reported skipped (this job's output is there) or failed
+        (another job's output is in the way)."""
+        pending = []
+        for job in jobs:
+            conflict = self._existing_output(job)
+            if conflict is None:
+                pending.append(job)
+            elif conflict == "":
+                self._report(job, Status.SKIPPED)
+            elif not self.stopped:
+                self._fail(job, ItemError(conflict), 0.0)
+        return [] if self.stopped else pending
+
+    def _existing_output(self, job: Job) -> Optional[str]:
+        """None: run the job; "": its output is done; else why the output in the way is not this job's."""
+        policy = self.options.existing
+        if policy == "overwrite" or not _nonempty_file(job.output):
+            return None
+        recipe = _stored_recipe(job.output)
+        if recipe is None:
+            return None  # undecodable (cut short by a crash, or not an image): redo it
+        if policy == "skip":
+            return ""
+        way_out = "replace it with --overwrite, keep it with --existing skip, or choose another -o"
+        if not recipe.get("job"):
+            return f"{job.output} exists but has no ldmtool recipe (another tool or version wrote it); {way_out}"
+        try:
+            mine = self._identity(job)
+        except OSError:
+            return None  # the input cannot be read: loading it reports why
+        change = identity.difference(mine, recipe["job"])
+        return "" if change is None else f"{job.output} was written by another job: {change}; {way_out}"
+
+    def _identity(self, job: Job) -> dict[str, Any]:
+        return identity.job_identity(
+            command=self.task.command, model_sha256=self.model_sha256, options=self.pixel_options, seed=job.seed,
+            key=job.item.key, data=job.item.data, input_sha256=identity.file_sha256(job.item.path),
+            mask_sha256=identity.file_sha256(job.item.mask))
+
+    def _recipe_extras(self, job: Job) -> dict[str, Any]:
+        """What the recipe holds beyond the parameters: the job's identity (resume) and how to rebuild it (replay)."""
+        item = job.item
+        return {
+            "run_id": self.run_id, "job": self._identity(job), "cli": identity.recorded_options(self.options.cli),
+            "item": {"key": item.key, "stem": item.stem, "subdir": item.subdir, "data": identity.jsonable(dict(item.data)),
+                     "input": _absolute(item.path), "mask": _absolute(item.mask)},
+        }
 
     def _open_task(self) -> None:
         if hasattr(self.task, "reporter"):
@@ -226,11 +359,6 @@ class _BatchRun:
             reason = " ".join(str(err).split()) or type(err).__name__
             raise FatalError(f"{self.task.command}: cannot start ({type(err).__name__}: {reason}); "
                              f"set {DEBUG_ENV}=1 for the full traceback") from err
-        model_path = getattr(self.task, "model_path", None)  # known once open() resolved --model
-        if model_path is not None and Path(model_path).is_file():
-            from ldmtool.runtime.cache import file_sha256
-
-            self.model_sha256 = file_sha256(model_path)
 
     def _process(self, jobs: list[Job]) -> None:
         batch: list[Job] = []
@@ -298,7 +426,7 @@ class _BatchRun:
             metadata = build_metadata(
                 command=self.task.command, params={**self.task.params, **output.params}, seed=job.seed,
                 base_seed=self.base_seed, key=job.item.key, argv=self._recipe_argv, size=size,
-                model=_model_name(self.task), model_sha256=self.model_sha256,
+                model=_model_name(self.task), model_sha256=self.model_sha256, extra=self._recipe_extras(job),
             )
             write_image(job.output, image, alpha=output.alpha, quality=self.options.quality, metadata=metadata)
         except FatalError as err:
@@ -341,7 +469,7 @@ class _BatchRun:
             "status": status.value, "key": job.item.key, "input": _text(job.item.path), "mask": _text(job.item.mask),
             "output": str(job.output), "seed": job.seed, "base_seed": self.base_seed,
             "seconds": round(seconds, 3), "command": self.task.command,
-            "params": {**self.task.params, **extra}, "model_sha256": self.model_sha256,
+            "params": {**self.task.params, **extra}, "model_sha256": self.model_sha256, "run_id": self.run_id,
             "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         if error is not None:
@@ -354,6 +482,46 @@ class _BatchRun:
             self.summary.failures.append(error)
         self.reporter.item(ItemEvent(status=status, key=job.item.key, input=_text(job.item.path),
                                      output=str(job.output), seed=job.seed, seconds=seconds, error=error))
+
+
+def _model_sha256(task: Task) -> Optional[str]:
+    model_file = task.model_file() if hasattr(task, "model_file") else getattr(task, "model_path", None)
+    if model_file is None or not Path(model_file).is_file():
+        return None
+    from ldmtool.runtime.cache import file_sha256
+
+    return file_sha256(model_file)
+
+
+def _check_not_an_input(item: Item, output: Path) -> None:
+    """An output may never replace an input (`-o` naming the input folder, or an input file)."""
+    for source in (item.path, item.mask):
+        if source is not None and os.path.abspath(source) == os.path.abspath(output):
+            raise UsageError(f"{source}: its output would replace the input itself; choose another -o")
+
+
+def _nonempty_file(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except OSError:
+        return False
+
+
+def _stored_recipe(path: Path) -> Optional[dict[str, Any]]:
+    """The recipe of an existing output ({} when it has none), or None when the file does not decode whole."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+        metadata = read_metadata(path)
+    except (LdmError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+    return dict(metadata.recipe) if metadata is not None else {}
+
+
+def _absolute(path: Optional[Path]) -> Optional[str]:
+    return None if path is None else os.path.abspath(path)
 
 
 def _outside(items: Sequence[Item], folder: Path) -> tuple[list[Item], int]:

@@ -1,24 +1,37 @@
-"""Seeds and noise that reproduce whatever the device, batch size or tiling (DESIGN.md §4).
+"""Seeds as users mean them, and noise that reproduces whatever the batch (DESIGN.md §4, §6).
 
-Every item gets its own seed, derived from the run's base seed and the item's key (its relative path or
-prompt index), never from its position in the run. Noise is drawn from a CPU `torch.Generator` per item
-and then moved to the device, so the same seed gives the same image on CPU and GPU, alone or batched.
+With `--seed N` (the run's base seed), generated items (prompts, `--n` samples) use N, N+1, ... in run
+order, as A1111 and ComfyUI count; file items use a seed derived from N and the item's key (its relative
+path), so adding files changes no other item's seed. An item may carry its own seed (a JSON prompt line's),
+and `--item-seed S` runs the given items with exactly S. Noise is drawn per item from a CPU
+`torch.Generator` seeded with the item's seed (as diffusers and ComfyUI draw the initial latent), then moved
+to the device, so an item's noise never depends on the batch it shares.
 """
 from __future__ import annotations
 
 import hashlib
 import secrets
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 if TYPE_CHECKING:
     import torch
 
 SEED_LIMIT = 2**32
+RANDOM = -1  # `--seed -1`: a random base seed, as in A1111 and stable-diffusion.cpp
 
 
 def random_seed() -> int:
     """A fresh base seed for runs without `--seed` (always recorded in the outputs)."""
     return secrets.randbelow(SEED_LIMIT)
+
+
+def item_seed(base_seed: int, *, key: str, offset: Optional[int] = None, own: Optional[int] = None) -> int:
+    """An item's seed: its own when it has one, base + offset for generated items, else derived from the key."""
+    if own is not None:
+        return own
+    if offset is not None:
+        return (base_seed + offset) % SEED_LIMIT
+    return derive_seed(base_seed, key)
 
 
 def derive_seed(base_seed: int, key: str) -> int:

@@ -1,0 +1,149 @@
+"""`ldmtool replay FILE...`: run an output's recipe again (as A1111 and ComfyUI load a workflow from a PNG).
+
+Each file's recipe names its command, the options it ran with, its item (input and mask files, or the
+prompt line) and its seed. Replay calls the same command with those options on that one item with
+`--item-seed <seed>`, writes the result beside the file as `NAME.replay.EXT` (or into `-o`), and says
+whether the pixels are identical. On the machine that wrote the file they are (README, "Reproducibility").
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import sys
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from ldmtool.cli.options import Json, Quiet
+
+EXAMPLE = "Example: ldmtool replay out/fox.png -o replayed/ --verify"
+
+
+def replay(
+    files: Annotated[list[Path], typer.Argument(help="Images written by ldmtool.", show_default=False)],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder (or file, for one image) to "
+                                                  "write to; default: beside each file as NAME.replay.EXT.")] = None,
+    verify: Annotated[bool, typer.Option("--verify", help="Exit 1 when a replay's pixels differ from the file's.")] = False,
+    json_out: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    """Run the recipe stored in each image again and compare the pixels."""
+    from ldmtool.errors import LdmError
+
+    failed = differs = 0
+    for path in files:
+        try:
+            target = _target(path, output, len(files))
+            replay_file(path, target)
+            difference = pixel_difference(path, target)
+        except LdmError as err:
+            failed += 1
+            print(f"ldmtool: error: {err}", file=sys.stderr)
+            continue
+        differs += difference > 0
+        _report(path, target, difference, json_out=json_out, quiet=quiet)
+    raise typer.Exit(1 if failed or (verify and differs) else 0)
+
+
+def replay_file(path: Path, target: Path) -> None:
+    """Re-run the recipe stored in `path`, writing `target`."""
+    from ldmtool.errors import ItemError
+    from ldmtool.io.metadata import read_metadata
+    from ldmtool.runtime.runner import ReplayItem, replaying
+
+    metadata = read_metadata(path)
+    recipe = metadata.recipe if metadata is not None else {}
+    if not recipe.get("item") or "cli" not in recipe:
+        raise ItemError(f"{path}: no replayable ldmtool recipe in this image (written by another tool or an "
+                        "older ldmtool)")
+    command = _command(path, recipe.get("command"))
+    item = recipe["item"]
+    for source in (item.get("input"), item.get("mask")):
+        if source is not None and not Path(source).is_file():
+            raise ItemError(f"{path}: its input {source} is no longer there")
+    with replaying(ReplayItem.from_recipe(item, seed=int(recipe["seed"]), output=target)):
+        try:
+            command(**_arguments(command, recipe["cli"], item))
+        except typer.Exit as done:
+            if done.exit_code:
+                raise ItemError(f"{path}: the replay failed (see above)") from None
+
+
+def pixel_difference(a: Path, b: Path) -> int:
+    """The largest difference of any channel between two images (255 when their sizes differ)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(a) as first, Image.open(b) as second:
+        x, y = np.asarray(first.convert("RGBA")), np.asarray(second.convert("RGBA"))
+    if x.shape != y.shape:
+        return 255
+    return int(np.abs(x.astype(np.int16) - y.astype(np.int16)).max())
+
+
+def _target(path: Path, output: Optional[Path], count: int) -> Path:
+    from ldmtool.errors import UsageError
+    from ldmtool.io.writer import FORMATS
+
+    if output is None:
+        return path.with_name(f"{path.stem}.replay{path.suffix}")
+    if output.suffix.lower() in FORMATS and not output.is_dir():
+        if count > 1:
+            raise UsageError(f"-o {output} names one file but there are {count} images to replay; give a folder")
+        return output
+    return output / path.name
+
+
+def _command(path: Path, name: Any):
+    from ldmtool.cli.app import app
+    from ldmtool.errors import ItemError
+
+    for command in app.registered_commands:
+        if command.name == name and name != "replay":
+            return command.callback
+    raise ItemError(f"{path}: its recipe names the command {name!r}, which this ldmtool does not have")
+
+
+def _arguments(command, recorded: dict[str, Any], item: dict[str, Any]) -> dict[str, Any]:
+    """The command's keyword arguments: its defaults, then the recorded options (typed as the command
+    declares them), then inputs that name the item itself."""
+    parameters = inspect.signature(command).parameters
+    hints = typing.get_type_hints(command, include_extras=True)
+    arguments = {name: p.default for name, p in parameters.items() if p.default is not inspect.Parameter.empty}
+    for name, value in recorded.items():
+        if name in parameters:
+            arguments[name] = _typed(value, hints.get(name))
+    if "inputs" in parameters:
+        arguments["inputs"] = [source for source in (item.get("input"), item.get("mask")) if source is not None]
+    spec = (item.get("data") or {}).get("spec")
+    if "prompts" in parameters and spec is not None:  # a prompt line's item carries the line itself
+        arguments.update(prompt=spec["prompt"], prompts=None)
+    arguments.update(quiet=True, json_out=False)
+    return arguments
+
+
+def _typed(value: Any, hint: Any) -> Any:
+    """Paths come back from JSON as strings; give them back their type."""
+    if value is None or hint is None:
+        return value
+    if typing.get_origin(hint) is Annotated:
+        hint = typing.get_args(hint)[0]
+    kinds = typing.get_args(hint) or (hint,)
+    if Path in kinds and isinstance(value, str):
+        return Path(value)
+    return value
+
+
+def _report(path: Path, target: Path, difference: int, *, json_out: bool, quiet: bool) -> None:
+    if json_out:
+        print(json.dumps({"event": "replayed", "file": str(path), "output": str(target),
+                          "identical": difference == 0, "max_difference": difference}), flush=True)
+    elif not quiet:
+        verdict = "identical pixels" if difference == 0 else f"pixels differ by up to {difference}/255"
+        print(f"{path} -> {target}: {verdict}", file=sys.stderr)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("replay", help=f"{replay.__doc__}\n\n{EXAMPLE}")(replay)

@@ -1,0 +1,100 @@
+"""What makes an output *this* job's output: the identity resume checks and replay re-runs.
+
+A job is identified by the command, the model file's sha256, every option that changes pixels (the
+command's options less those that only steer the run: where outputs go, how they are named, batching,
+engines, reporting), the item's own seed, and the item itself (its key, its generated data such as a
+prompt line, and the sha256 of its input and mask files). The same identity means the same pixels on
+the same machine (see README, "Reproducibility"); a different one names what differs.
+
+The run's identity (command, model, options; no seed, no item) is what a run without `--seed` uses to
+adopt the seed of an earlier run of the same job from the output folder's manifest.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+# Options that steer the run (which items, where outputs go, batching, engines, reporting, seeds): a
+# recipe does not record them, replay supplies its own.
+RUN_STEERING = frozenset({
+    "inputs", "recursive", "masks", "prompts", "output", "name", "fmt", "json_out", "quiet", "fail_fast",
+    "batch_size", "seed", "item_seed", "shard", "run_engine", "ray_address", "overwrite", "existing",
+})
+# Options that never change an output's pixels: everything else a command takes is part of the identity
+# (the model is there as its file's sha256).
+NOT_PIXELS = RUN_STEERING | {"max_pixels", "max_memory", "model"}
+LOSSY_SUFFIXES = (".jpg", ".jpeg", ".webp")
+
+
+def jsonable(value: Any) -> Any:
+    """Plain JSON values (paths and enums become strings), so a stored identity compares equal to a fresh one."""
+    return json.loads(json.dumps(value, default=str, sort_keys=True))
+
+
+def recorded_options(cli: Mapping[str, Any]) -> dict[str, Any]:
+    """The command's options a recipe keeps to rebuild the job (replay)."""
+    return jsonable({name: value for name, value in cli.items() if name not in RUN_STEERING})
+
+
+def pixel_options(cli: Mapping[str, Any], output: Optional[Path] = None) -> dict[str, Any]:
+    """The command's options that change pixels; `quality` only counts for lossy output formats."""
+    options = {name: value for name, value in cli.items() if name not in NOT_PIXELS}
+    if output is not None and output.suffix.lower() not in LOSSY_SUFFIXES:
+        options.pop("quality", None)
+    return jsonable(options)
+
+
+def run_id(command: str, model_sha256: Optional[str], options: Mapping[str, Any]) -> str:
+    """A digest of the run's identity (command, model, pixel options), recorded in manifests and recipes."""
+    text = json.dumps({"command": command, "model_sha256": model_sha256, "options": jsonable(options)},
+                      sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def file_sha256(path: Optional[Path]) -> Optional[str]:
+    """The sha256 of an input file (None for generated items). Inputs are hashed whole, every time: unlike
+    model files they are many, and a cache keyed by path would grow with every folder ever processed."""
+    if path is None:
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def job_identity(*, command: str, model_sha256: Optional[str], options: Mapping[str, Any], seed: int,
+                 key: str, data: Mapping[str, Any], input_sha256: Optional[str],
+                 mask_sha256: Optional[str]) -> dict[str, Any]:
+    return jsonable({
+        "command": command, "model_sha256": model_sha256, "options": dict(options), "seed": seed,
+        "key": key, "data": dict(data), "input_sha256": input_sha256, "mask_sha256": mask_sha256,
+    })
+
+
+_FIELD_NAMES = {"command": "command", "model_sha256": "model file", "seed": "seed", "key": "item",
+                "data": "item", "input_sha256": "input file", "mask_sha256": "mask file"}
+
+
+def difference(expected: Mapping[str, Any], found: Mapping[str, Any]) -> Optional[str]:
+    """The first way a stored identity differs from this job's, in words; None when they are the same."""
+    for name in ("command", "model_sha256", "key", "data", "input_sha256", "mask_sha256"):
+        if expected.get(name) != found.get(name):
+            return f"its {_FIELD_NAMES[name]} differs ({_short(found.get(name))}, this run {_short(expected.get(name))})"
+    mine, theirs = expected.get("options") or {}, found.get("options") or {}
+    for name in sorted(set(mine) | set(theirs)):
+        if mine.get(name) != theirs.get(name):
+            flag = "--" + name.replace("_", "-")
+            return f"{flag} differs ({_short(theirs.get(name))}, this run {_short(mine.get(name))})"
+    if expected.get("seed") != found.get("seed"):
+        return f"its seed differs ({found.get('seed')}, this run {expected.get('seed')})"
+    return None
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return value[:10]  # a sha256
+    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value
+    return text if len(text) <= 40 else text[:37] + "..."
