@@ -18,7 +18,7 @@ from ldmtool.checkpoints.files import save_safetensors
 from ldmtool.checkpoints.tiny import TINY_CLIP_TEXT, randomise_, tiny_model
 from ldmtool.cli.app import main
 from ldmtool.nets.encoders import CLIP_VIT_L_TEXT
-from ldmtool.runtime.seeds import NoiseSource, derive_seed
+from ldmtool.runtime.seeds import NoiseSource
 
 PROMPT = "a red fox jumping over a fence"
 SIZE, STEPS, CFG, SEED = 64, 10, 7.5, 123
@@ -92,19 +92,20 @@ def run_ours(*args):
 
 
 def test_txt2img_file_equals_diffusers_stable_diffusion_pipeline(tmp_path, sd1):
+    """`--seed N` for one prompt is seed N as diffusers means it: the pipeline given
+    `generator=torch.Generator("cpu").manual_seed(N)` draws the same initial latent and makes the same image."""
     model, bundle = sd1
     ours, recipe = run_ours("txt2img", "--prompt", PROMPT, "--model", model, "-W", SIZE, "-H", SIZE,
                             "-o", tmp_path / "fox.png")
-    seed = recipe["seed"]
-    assert seed == derive_seed(SEED, "prompt-0000/0")
-
-    latents = NoiseSource([seed]).randn((4, SIZE // 8, SIZE // 8))  # the item's start noise (VP form)
+    assert recipe["seed"] == SEED
+    with Image.open(tmp_path / "fox.png") as image:
+        assert f"Seed: {SEED}," in image.info["parameters"]
     pipe = diffusers_pipeline(bundle)
 
     def theirs(prompt, cfg):
         with torch.no_grad():
             return pipe(prompt, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=cfg, eta=0.0,
-                        latents=latents, output_type="np").images[0]
+                        generator=torch.Generator("cpu").manual_seed(SEED), output_type="np").images[0]
 
     reference = theirs(PROMPT, CFG)
     assert ours.shape == reference.shape == (SIZE, SIZE, 3)

@@ -39,6 +39,7 @@ def _own_seed(spec: PromptSpec, sample: int) -> Optional[int]:
 
 class Txt2ImgTask(BaseTask):
     command = "txt2img"
+    item_options = ("prompt",)  # --prompt is one prompt line: each item carries its line
 
     def __init__(self, engine: Engine, prompts: Sequence[PromptSpec], *, negative: str = "",
                  width: Optional[int] = None, height: Optional[int] = None):

@@ -85,6 +85,7 @@ class BaseTask:
     """Defaults for a Task: nothing to open, nothing to load. `reporter` is set by the runner."""
 
     command: str = "task"
+    item_options: tuple[str, ...] = ()  # options that only make items (each item's data records them)
 
     def __init__(self, *, params: Optional[Mapping[str, Any]] = None, model_path: Optional[Path] = None):
         self.params: dict[str, Any] = dict(params or {})
@@ -210,7 +211,8 @@ class _BatchRun:
         self.spec = OutputSpec(options.output, options.name_template, options.fmt)
         self.manifest: Optional[Manifest] = None
         self.model_sha256 = _model_sha256(task)
-        self.pixel_options = identity.pixel_options(options.cli, Path("x" + self._output_suffix()))
+        own = {name: value for name, value in options.cli.items() if name not in getattr(task, "item_options", ())}
+        self.pixel_options = identity.pixel_options(own, Path("x" + self._output_suffix()))
         self.run_id = identity.run_id(task.command, self.model_sha256, self.pixel_options)
         self.stopped = False
         self.started = time.monotonic()

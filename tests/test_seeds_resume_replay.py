@@ -1,0 +1,270 @@
+"""Issue 15: seeds as users mean them, resume that knows what it resumes, and `ldmtool replay`.
+
+Resume rules are driven through the model-free `_invert` command (fast) and through real models where the
+identity must include the model and its options (a tiny SD 1.x checkpoint, and the shipped defaults on
+small crops of the examples, as the README's commands run them).
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ldmtool.checkpoints.tiny import save_tiny_checkpoint
+from ldmtool.io.manifest import MANIFEST_NAME, read_manifest
+from ldmtool.runtime.seeds import derive_seed
+from test_runner_cli import _save, events, item_events, ldmtool
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _recipe(path):
+    with Image.open(path) as image:
+        return json.loads(image.info["ldmtool"]), image.info["parameters"]
+
+
+def _pixels(path):
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB")).copy()
+
+
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
+    path = tmp_path_factory.mktemp("models") / "sd1.safetensors"
+    save_tiny_checkpoint(path, "sd1", seed=1, with_config=True)
+    return path
+
+
+def _txt2img(cwd, *args):
+    return ldmtool("txt2img", *args, "--steps", 2, "--sampler", "euler", "-W", 64, "-H", 64, "--json", cwd=cwd)
+
+
+# ---------------------------------------------------------------- seeds
+
+
+def test_seed_n_is_the_first_prompt_items_seed_and_later_ones_count_up(tmp_path, sd1):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red fox\na blue bird\n")
+    result = _txt2img(tmp_path, "--prompts", prompts, "--n", 2, "--model", sd1, "-o", "out", "--seed", 42)
+    assert result.returncode == 0, result.stderr
+    seeds = {Path(e["output"]).name: e["seed"] for e in item_events(result)}
+    assert seeds == {"0000-0-a-red-fox.png": 42, "0000-1-a-red-fox.png": 43,
+                     "0001-0-a-blue-bird.png": 44, "0001-1-a-blue-bird.png": 45}
+    for name, seed in seeds.items():
+        recipe, parameters = _recipe(tmp_path / "out" / name)
+        assert recipe["seed"] == seed and f"Seed: {seed}," in parameters
+
+
+def test_the_recorded_seed_reproduces_a_prompt_item_alone(tmp_path, sd1):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red fox\na blue bird\n")
+    assert _txt2img(tmp_path, "--prompts", prompts, "--model", sd1, "-o", "all", "--seed", 7).returncode == 0
+    recorded = _recipe(tmp_path / "all" / "0001-0-a-blue-bird.png")[0]["seed"]
+    assert recorded == 8
+    alone = _txt2img(tmp_path, "--prompt", "a blue bird", "--model", sd1, "-o", "one.png", "--seed", recorded)
+    assert alone.returncode == 0, alone.stderr
+    assert np.array_equal(_pixels(tmp_path / "one.png"), _pixels(tmp_path / "all" / "0001-0-a-blue-bird.png"))
+
+
+def test_a_json_lines_own_seed_names_its_file(tmp_path, sd1):
+    """The `{seed}` in a name is the seed the image was made with, also for a JSON line's own seed."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a fox", "seed": 777}\n{"prompt": "a bird"}\n')
+    result = _txt2img(tmp_path, "--prompts", prompts, "--n", 2, "--model", sd1, "-o", "out", "--seed", 5,
+                      "--name", "{index}_{seed}.{ext}")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["0_777.png", "1_778.png", "2_7.png", "3_8.png"]
+    assert _recipe(tmp_path / "out" / "1_778.png")[0]["seed"] == 778
+
+
+def test_file_items_derive_their_seed_and_item_seed_reproduces_one(tree_and_more):
+    cwd = tree_and_more
+    result = ldmtool("_invert", "in", "-o", "out", "--seed", 3, "--json", cwd=cwd)
+    seeds = {e["key"]: e["seed"] for e in item_events(result)}
+    assert seeds == {key: derive_seed(3, key) for key in ("a.png", "b.png")}
+    again = ldmtool("_invert", "in/b.png", "-o", "b.png", "--item-seed", seeds["b.png"], "--json", cwd=cwd)
+    assert item_events(again)[0]["seed"] == seeds["b.png"]
+    assert _recipe(cwd / "b.png")[0]["seed"] == _recipe(cwd / "out" / "b.png")[0]["seed"]
+
+
+@pytest.fixture
+def tree_and_more(tmp_path):
+    _save(tmp_path / "in" / "a.png", (10, 20, 30))
+    _save(tmp_path / "in" / "b.png", (200, 0, 0))
+    return tmp_path
+
+
+@pytest.mark.parametrize("seed_args", [(), ("--seed", "-1")])
+def test_without_a_seed_a_rerun_adopts_the_same_jobs_seed_and_resumes(tree_and_more, seed_args):
+    cwd = tree_and_more
+    first = ldmtool("_invert", "in", "-o", "out", "--json", *seed_args, cwd=cwd)
+    base = events(first)[-1]["seed"]
+    (cwd / "out" / "a.png").unlink()
+    second = ldmtool("_invert", "in", "-o", "out", "--json", *seed_args, cwd=cwd)
+    assert second.returncode == 0, second.stderr
+    assert events(second)[-1]["seed"] == base
+    assert sorted(e["event"] for e in item_events(second)) == ["done", "skipped"]
+    other_job = ldmtool("_invert", "in", "-o", "out", "--invert-mask", "--json", "--existing", "skip", cwd=cwd)
+    assert events(other_job)[-1]["seed"] != base  # another job: its own random seed
+
+
+def test_seed_out_of_range_is_a_usage_error(tmp_path):
+    result = ldmtool("_invert", "in", "--seed", -2, cwd=tmp_path)
+    assert result.returncode == 2
+
+
+# ---------------------------------------------------------------- resume
+
+
+def _outcomes(result):
+    return {Path(e["output"]).name: e["event"] for e in item_events(result)}
+
+
+def test_another_jobs_output_fails_the_item_with_the_difference_and_the_way_out(tree_and_more):
+    cwd = tree_and_more
+    assert ldmtool("_invert", "in", "-o", "out", "--seed", 1, cwd=cwd).returncode == 0
+    before = _pixels(cwd / "out" / "a.png")
+    result = ldmtool("_invert", "in", "-o", "out", "--seed", 1, "--invert-mask", "--json", cwd=cwd)
+    assert result.returncode == 1
+    assert _outcomes(result) == {"a.png": "failed", "b.png": "failed"}
+    line = [e["error"] for e in item_events(result)][0]
+    assert "out/a.png was written by another job: --invert-mask differs (false, this run true)" in line
+    assert "--overwrite" in line and "--existing skip" in line
+    assert np.array_equal(_pixels(cwd / "out" / "a.png"), before)  # nothing was replaced
+    other_seed = ldmtool("_invert", "in", "-o", "out", "--seed", 2, "--json", cwd=cwd)
+    assert "its seed differs" in item_events(other_seed)[0]["error"]
+
+
+def test_a_changed_input_file_is_another_job(tree_and_more):
+    cwd = tree_and_more
+    assert ldmtool("_invert", "in", "-o", "out", "--seed", 1, cwd=cwd).returncode == 0
+    _save(cwd / "in" / "a.png", (99, 99, 99))
+    result = ldmtool("_invert", "in", "-o", "out", "--seed", 1, "--json", cwd=cwd)
+    assert _outcomes(result) == {"a.png": "failed", "b.png": "skipped"}
+    assert "its input file differs" in item_events(result)[0]["error"]
+
+
+def test_existing_policies_for_files_without_a_recipe(tree_and_more):
+    cwd = tree_and_more
+    _save(cwd / "out" / "a.png", (1, 1, 1))  # another tool's file
+    check = ldmtool("_invert", "in", "-o", "out", "--seed", 1, "--json", cwd=cwd)
+    assert check.returncode == 1 and _outcomes(check) == {"a.png": "failed", "b.png": "done"}
+    assert "has no ldmtool recipe" in item_events(check)[0]["error"]
+    skip = ldmtool("_invert", "in", "-o", "out", "--seed", 1, "--json", "--existing", "skip", cwd=cwd)
+    assert skip.returncode == 0 and _outcomes(skip) == {"a.png": "skipped", "b.png": "skipped"}
+    assert _pixels(cwd / "out" / "a.png")[0, 0].tolist() == [1, 1, 1]
+    overwrite = ldmtool("_invert", "in", "-o", "out", "--seed", 1, "--json", "--existing", "overwrite", cwd=cwd)
+    assert _outcomes(overwrite) == {"a.png": "done", "b.png": "done"}
+    assert _pixels(cwd / "out" / "a.png")[0, 0].tolist() == [245, 235, 225]
+
+
+def test_empty_and_cut_short_outputs_are_redone(tree_and_more):
+    cwd = tree_and_more
+    assert ldmtool("_invert", "in", "-o", "out", "--seed", 1, "--json", cwd=cwd).returncode == 0
+    (cwd / "out" / "a.png").write_bytes(b"")
+    whole = (cwd / "out" / "b.png").read_bytes()
+    (cwd / "out" / "b.png").write_bytes(whole[: len(whole) // 2])
+    result = ldmtool("_invert", "in", "-o", "out", "--seed", 1, "--json", cwd=cwd)
+    assert result.returncode == 0 and _outcomes(result) == {"a.png": "done", "b.png": "done"}
+    assert (cwd / "out" / "b.png").read_bytes() == whole
+
+
+def test_output_folder_equal_to_the_input_folder_is_a_usage_error(tree_and_more):
+    result = ldmtool("_invert", "in", "-o", "in", cwd=tree_and_more)
+    assert result.returncode == 2
+    assert "its output would replace the input itself" in result.stderr
+
+
+def test_overwrite_and_existing_contradicting_is_a_usage_error(tree_and_more):
+    result = ldmtool("_invert", "in", "--overwrite", "--existing", "skip", cwd=tree_and_more)
+    assert result.returncode == 2 and "contradict" in result.stderr
+
+
+def test_manifest_records_name_the_run(tree_and_more):
+    cwd = tree_and_more
+    ldmtool("_invert", "in", "-o", "out", "--seed", 1, cwd=cwd)
+    ids = {record["run_id"] for record in read_manifest(cwd / "out" / MANIFEST_NAME)}
+    assert len(ids) == 1 and _recipe(cwd / "out" / "a.png")[0]["run_id"] in ids
+
+
+def _photo_crop(path: Path, source: Path, box=(20, 10, 44, 34)) -> Path:
+    with Image.open(source) as image:
+        image.convert("RGB").crop(box).save(path)
+    return path
+
+
+def test_readme_superres_then_inpaint_into_one_folder_stops_with_a_clear_message(tmp_path):
+    """The shipped defaults, as the README's sequence runs them (small crops, few steps)."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    _photo_crop(photos / "coffee.png", EXAMPLES / "photos" / "coffee.png")
+    pair = tmp_path / "inpaint"
+    pair.mkdir()
+    _photo_crop(pair / "coffee.png", EXAMPLES / "inpaint" / "coffee.png")
+    _photo_crop(pair / "coffee_mask.png", EXAMPLES / "inpaint" / "coffee_mask.png")
+    superres = ldmtool("superres", "photos", "--scale", 4, "-o", "out", "--steps", 1, "--json", cwd=tmp_path)
+    assert superres.returncode == 0, superres.stderr
+    inpaint = ldmtool("inpaint", "inpaint", "-o", "out", "--steps", 1, "--json", cwd=tmp_path)
+    assert inpaint.returncode == 1
+    assert "its command differs (superres, this run inpaint)" in item_events(inpaint)[0]["error"]
+    more_steps = ldmtool("superres", "photos", "--scale", 4, "-o", "out", "--steps", 2, "--json", cwd=tmp_path)
+    assert more_steps.returncode == 1
+    assert "--steps differs (1, this run 2)" in item_events(more_steps)[0]["error"]
+    same = ldmtool("superres", "photos", "--scale", 4, "-o", "out", "--steps", 1, "--json", cwd=tmp_path)
+    assert same.returncode == 0 and _outcomes(same) == {"coffee.png": "skipped"}
+
+
+# ---------------------------------------------------------------- replay
+
+
+def test_replay_reproduces_outputs_bit_for_bit(tmp_path, sd1):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    _photo_crop(photos / "rocket.png", EXAMPLES / "photos" / "rocket.png")
+    _photo_crop(tmp_path / "coffee.png", EXAMPLES / "inpaint" / "coffee.png")
+    _photo_crop(tmp_path / "coffee_mask.png", EXAMPLES / "inpaint" / "coffee_mask.png")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a fox", "cfg": 3.0}\n')
+    runs = [("superres", "photos", "--scale", 4, "--steps", 1, "-o", "out"),
+            ("inpaint", "coffee.png", "--steps", 1, "-o", "out"),
+            ("txt2img", "--prompts", prompts, "--model", sd1, "--steps", 2, "-W", 64, "-H", 64, "-o", "out")]
+    for args in runs:
+        assert ldmtool(*args, cwd=tmp_path).returncode == 0
+    prompts.unlink()  # a prompt item carries its line: the file is not needed to replay it
+    outputs = sorted((tmp_path / "out").glob("*.png"))
+    assert len(outputs) == 3
+    result = ldmtool("replay", *outputs, "--json", "--verify", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for event, original in zip(events(result), outputs):
+        replayed = original.with_name(f"{original.stem}.replay.png")
+        assert event == {"event": "replayed", "file": str(original), "output": str(replayed), "identical": True,
+                         "max_difference": 0}
+        assert np.array_equal(_pixels(replayed), _pixels(original))
+        assert _recipe(replayed)[0]["job"] == _recipe(original)[0]["job"]
+
+
+def test_replay_says_when_pixels_differ_and_verify_fails(tmp_path, sd1):
+    assert _txt2img(tmp_path, "--prompt", "a fox", "--model", sd1, "-o", "a.png", "--seed", 1).returncode == 0
+    with Image.open(tmp_path / "a.png") as image:
+        info = image.info
+        pixels = np.asarray(image).copy()
+    pixels[0, 0] = 255 - pixels[0, 0]
+    from PIL.PngImagePlugin import PngInfo
+
+    chunks = PngInfo()
+    for key in ("parameters", "ldmtool"):
+        chunks.add_text(key, info[key])
+    Image.fromarray(pixels).save(tmp_path / "a.png", pnginfo=chunks)
+    plain = ldmtool("replay", "a.png", "-o", "again", cwd=tmp_path)
+    assert plain.returncode == 0 and "pixels differ by up to" in plain.stderr
+    assert (tmp_path / "again" / "a.png").is_file()
+    assert ldmtool("replay", "a.png", "-o", "again", "--verify", cwd=tmp_path).returncode == 1
+
+
+def test_replay_of_a_file_without_a_recipe_is_one_line(tmp_path):
+    _save(tmp_path / "x.png")
+    result = ldmtool("replay", "x.png", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("ldmtool: error: x.png: no replayable ldmtool recipe in this image "
+                                     "(written by another tool or an older ldmtool)")
