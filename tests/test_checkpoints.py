@@ -199,6 +199,19 @@ def test_scale_factor_buffer_of_scale_by_std_models_round_trips(tmp_path):
     assert load_model(tmp_path / "c.safetensors", config=bundle.config).scale_factor == 0.5
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_stored_scale_factor_is_harmless_for_every_family(tmp_path, family):
+    """Only scale_by_std models take the file's value (the reference keeps it as a buffer then); the others
+    keep the config's, as the reference's non-strict load ignores the key."""
+    bundle = tiny_model(family)
+    state = bundle.state_dict()
+    state["scale_factor"] = torch.tensor(0.5)
+    save_safetensors(state, tmp_path / "m.safetensors")
+    loaded = load_model(tmp_path / "m.safetensors", config=bundle.config)
+    takes_stored = bundle.config["model"].get("params", {}).get("scale_by_std", False)
+    assert loaded.scale_factor == (0.5 if takes_stored else bundle.scale_factor)
+
+
 def test_shared_first_and_cond_stage_load_from_either_copy(tmp_path):
     bundle = tiny_model("ldm-inpainting-big")
     state = {k: v for k, v in bundle.state_dict().items() if not k.startswith("cond_stage_model.")}
