@@ -8,14 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from clirun import run_cli
 from ldmtool import build_model, load_model
 from ldmtool.checkpoints.api import _load_into
 from ldmtool.checkpoints.detect import detect_family
-from ldmtool.checkpoints.files import read_state_dict, save_safetensors
+from ldmtool.checkpoints.files import read_state_dict, save_safetensors, weights_only_vulnerabilities
 from ldmtool.checkpoints.presets import RELEASED_FAMILIES, load_preset, preset_names
 from ldmtool.checkpoints.tiny import save_tiny_checkpoint, tiny_config, tiny_model
 from ldmtool.checkpoints.weights import prepare_weights
 from ldmtool.errors import CheckpointError, UsageError
+from ldmtool.train.common import STATE_FILE, load_state
 
 torch.set_num_threads(1)
 DATA = Path(__file__).parent / "data"
@@ -199,6 +201,19 @@ def test_scale_factor_buffer_of_scale_by_std_models_round_trips(tmp_path):
     assert load_model(tmp_path / "c.safetensors", config=bundle.config).scale_factor == 0.5
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_stored_scale_factor_is_harmless_for_every_family(tmp_path, family):
+    """Only scale_by_std models take the file's value (the reference keeps it as a buffer then); the others
+    keep the config's, as the reference's non-strict load ignores the key."""
+    bundle = tiny_model(family)
+    state = bundle.state_dict()
+    state["scale_factor"] = torch.tensor(0.5)
+    save_safetensors(state, tmp_path / "m.safetensors")
+    loaded = load_model(tmp_path / "m.safetensors", config=bundle.config)
+    takes_stored = bundle.config["model"].get("params", {}).get("scale_by_std", False)
+    assert loaded.scale_factor == (0.5 if takes_stored else bundle.scale_factor)
+
+
 def test_shared_first_and_cond_stage_load_from_either_copy(tmp_path):
     bundle = tiny_model("ldm-inpainting-big")
     state = {k: v for k, v in bundle.state_dict().items() if not k.startswith("cond_stage_model.")}
@@ -259,6 +274,38 @@ def test_legacy_pickle_with_code_is_refused_too(tmp_path):
     with pytest.raises(CheckpointError):
         read_state_dict(tmp_path / "old.pt")
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("version, cves", [
+    ("2.1.0", ["CVE-2025-32434", "CVE-2026-24747"]), ("2.5.1+cu121", ["CVE-2025-32434", "CVE-2026-24747"]),
+    ("2.6.0", ["CVE-2026-24747"]), ("2.9.1+cpu", ["CVE-2026-24747"]), ("2.10.0", []), ("2.10.0a0+git1a2b", []),
+    ("2.13.0+cpu", []), ("3.0", []), ("not a version", ["CVE-2025-32434", "CVE-2026-24747"]),
+])
+def test_weights_only_vulnerabilities_compare_releases_numerically(version, cves):
+    assert weights_only_vulnerabilities(version) == cves
+
+
+def test_pickle_checkpoints_are_refused_on_a_vulnerable_torch_and_safetensors_still_load(tmp_path, monkeypatch):
+    save_tiny_checkpoint(tmp_path / "t.ckpt", "kl-f4")
+    save_tiny_checkpoint(tmp_path / "t.safetensors", "kl-f4")
+    torch.save({}, tmp_path / STATE_FILE)  # a training run's --resume state
+    monkeypatch.setattr(torch, "__version__", "2.9.1+cpu")
+    for path, read in [(tmp_path / "t.ckpt", read_state_dict), (tmp_path / STATE_FILE, lambda p: load_state(p.parent, {}))]:
+        with pytest.raises(CheckpointError) as err:
+            read(path)
+        message = str(err.value)
+        assert message.startswith(f"{path}: ") and "\n" not in message
+        assert "CVE-2026-24747" in message and "safetensors" in message and "2.10" in message
+    assert load_model(tmp_path / "t.safetensors", config=tiny_config("kl-f4")).family == "kl-f4"
+
+
+def test_the_cli_refuses_a_pickle_checkpoint_on_a_vulnerable_torch_in_one_line(tmp_path, monkeypatch):
+    save_tiny_checkpoint(tmp_path / "t.ckpt", "kl-f4")
+    monkeypatch.setattr(torch, "__version__", "2.5.1")
+    result = run_cli("models", "inspect", tmp_path / "t.ckpt", "--preset", "kl-f4")
+    assert result.exit_code == 3
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "t.ckpt" in lines[0] and "CVE-2025-32434" in lines[0], result.output
 
 
 def test_truncated_files_give_one_line_errors(tmp_path):

@@ -295,5 +295,5 @@ def test_stale_temps_of_dead_processes_are_removed(tmp_path):
     alive = tmp_path / f".b.png.{os.getppid()}{TEMP_SUFFIX}"
     dead.write_bytes(b"partial")
     alive.write_bytes(b"in progress elsewhere")
-    assert remove_stale_temps(tmp_path) == 1
+    assert remove_stale_temps([tmp_path / "a.png", tmp_path / "b.png"]) == 1
     assert not dead.exists() and alive.exists()

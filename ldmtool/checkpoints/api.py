@@ -166,10 +166,20 @@ def optional_keys(bundle: nn.Module) -> list[str]:
 def _load_into(bundle: nn.Module, prepared: PreparedWeights, *, source: str, family: str,
                detection: Optional[Detection]) -> None:
     expected = {k: tuple(v.shape) for k, v in bundle.state_dict().items()}
-    check_state_dict(expected, prepared.state, source=source, family=family,
+    state = _without_unused_scale_factor(prepared.state, expected)
+    check_state_dict(expected, state, source=source, family=family,
                      likely=detection.describe() if detection else None, optional=optional_keys(bundle))
-    bundle.load_state_dict(prepared.state, strict=False, assign=True)
+    bundle.load_state_dict(state, strict=False, assign=True)
     _materialise_leftovers(bundle)
+
+
+def _without_unused_scale_factor(state: dict[str, torch.Tensor], expected: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Drop a stored `scale_factor` that the model does not take. As in the reference `LatentDiffusion`:
+    with `scale_by_std` it is a buffer, so the file's value wins (and it is an expected key); otherwise it
+    is a plain attribute from the config, and the reference's non-strict load ignores the file's value."""
+    if "scale_factor" in expected or "scale_factor" not in state:
+        return state
+    return {k: v for k, v in state.items() if k != "scale_factor"}
 
 
 def _materialise_leftovers(bundle: nn.Module) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import struct
 import zipfile
 from pathlib import Path
@@ -97,7 +98,35 @@ class _Inert:
         pass
 
 
+# Releases that fixed a way for a crafted file to run code through torch.load(weights_only=True).
+WEIGHTS_ONLY_FIXES = (((2, 6), "CVE-2025-32434"), ((2, 10), "CVE-2026-24747"))
+
+
+def weights_only_vulnerabilities(torch_version: str) -> list[str]:
+    """The known weights_only CVEs of this torch version ('2.9.1+cpu' has CVE-2026-24747)."""
+    release = _release(torch_version)
+    return [cve for fixed, cve in WEIGHTS_ONLY_FIXES if release < fixed]
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """'2.9.1+cpu' -> (2, 9, 1); '2.10.0a0+git1a2b' -> (2, 10, 0); unreadable -> (0,), treated as old."""
+    match = re.match(r"\d+(?:\.\d+)*", version.strip())
+    return tuple(int(part) for part in match.group(0).split(".")) if match else (0,)
+
+
+def refuse_vulnerable_torch(path: Path, torch_version: str) -> None:
+    """A pickle checkpoint is only as safe as the torch that unpickles it: refuse one on a torch with a
+    known weights_only hole. Safetensors files never unpickle, so they load on any torch."""
+    cves = weights_only_vulnerabilities(torch_version)
+    if cves:
+        raise CheckpointError(
+            f"{path}: not loaded: torch {torch_version} can be made to run code hidden in a pickle checkpoint "
+            f"({', '.join(cves)}); upgrade torch to 2.10 or later, or use a .safetensors file"
+        )
+
+
 def _read_pickle(path: Path) -> object:
+    refuse_vulnerable_torch(path, torch.__version__)
     mmap = zipfile.is_zipfile(path)  # only the zip format can be memory-mapped
     try:
         return _weights_only_load(path, mmap)

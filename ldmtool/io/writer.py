@@ -11,7 +11,7 @@ import errno
 import io
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import numpy as np
 
@@ -172,30 +172,51 @@ def _os_reason(err: OSError) -> str:
     return reasons.get(err.errno, err.strerror or str(err))
 
 
-def remove_stale_temps(folder: Path, *, recursive: bool = True) -> int:
-    """Delete temporary files left by killed ldmtool processes (their process id is no longer alive)."""
-    if not folder.is_dir():
-        return 0
-    pattern = f"**/.*{TEMP_SUFFIX}" if recursive else f".*{TEMP_SUFFIX}"
+def remove_stale_temps(outputs: Iterable[Path]) -> int:
+    """Delete the temporary files of these planned outputs that killed ldmtool processes left behind
+    (their process id is no longer alive). Only the outputs' own folders are listed, each once and never
+    recursively, so `-o /tmp/x.png` looks at /tmp's entries, not its tree. This is housekeeping: a folder
+    that vanished or cannot be listed is skipped quietly."""
+    names_by_folder: dict[Path, set[str]] = {}
+    for output in outputs:
+        names_by_folder.setdefault(Path(output).parent, set()).add(Path(output).name)
     removed = 0
-    for temp in folder.glob(pattern):
-        if not _owner_alive(temp.name):
+    for folder, names in names_by_folder.items():
+        for temp in _stale_temps(folder, names):
             _remove_quietly(temp)
             removed += 1
     return removed
 
 
-def _owner_alive(name: str) -> bool:
+def _stale_temps(folder: Path, names: set[str]) -> list[Path]:
     try:
-        pid = int(name[: -len(TEMP_SUFFIX)].rsplit(".", 1)[1])
-    except (IndexError, ValueError):
-        return False
+        with os.scandir(folder) as entries:
+            temps = [entry.name for entry in entries if entry.name.endswith(TEMP_SUFFIX)]
+    except OSError:
+        return []
+    stale = []
+    for temp in temps:
+        owner = _temp_owner(temp)
+        if owner is not None and owner[0] in names and not _alive(owner[1]):
+            stale.append(folder / temp)
+    return stale
+
+
+def _temp_owner(temp: str) -> Optional[tuple[str, int]]:
+    """'.x.png.123.ldmtool-tmp' -> ('x.png', 123): the output it was written for, and the writer's pid."""
+    target, _, pid = temp[1: -len(TEMP_SUFFIX)].rpartition(".")
+    if not temp.startswith(".") or not target or not pid.isdigit():
+        return None
+    return target, int(pid)
+
+
+def _alive(pid: int) -> bool:
     if pid == os.getpid():
-        return False
+        return False  # our own leftovers: this run has not started writing yet
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
-        return True
+        return True  # another user's live process
     return True

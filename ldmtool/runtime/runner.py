@@ -238,6 +238,7 @@ class _BatchRun:
         jobs = self._plan(items)  # before sharding, so {index} and seeds match an unsharded run
         if self.options.shard is not None:
             jobs = select(jobs, self.options.shard, key=lambda job: job.item.key)
+        remove_stale_temps(job.output for job in jobs)
         if self.options.shard is not None and not self.spec.is_file:
             write_members(self.spec.folder, self.options.shard, [job.item.key for job in jobs])
         for note in notes:
@@ -292,7 +293,6 @@ class _BatchRun:
             raise FatalError(f"{folder}: cannot create the output folder ({err.strerror or err})") from None
         if not os.access(folder, os.W_OK | os.X_OK):
             raise FatalError(f"{folder}: the output folder is not writable")
-        remove_stale_temps(folder)
         if self.options.write_manifest and not self.spec.is_file:
             shard = self.options.shard
             self.manifest = Manifest(folder / (shard.manifest_name if shard else MANIFEST_NAME))

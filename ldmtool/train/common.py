@@ -102,9 +102,12 @@ def load_state(run_dir: Path, run_config: Mapping[str, Any]) -> dict[str, Any]:
     """The saved state of `run_dir`, refusing one that was trained with a different architecture/task."""
     import torch
 
+    from ldmtool.checkpoints.files import refuse_vulnerable_torch
+
     path = Path(run_dir) / STATE_FILE
     if not path.is_file():
         raise UsageError(f"--resume: {path} does not exist (start without --resume, or point --out at the run)")
+    refuse_vulnerable_torch(path, torch.__version__)
     state = torch.load(path, map_location="cpu", weights_only=True)
     saved = state.get("run_config", {})
     changed = sorted(k for k in run_config.get("arch", {}) if saved.get("arch", {}).get(k) != run_config["arch"][k])
