@@ -207,7 +207,7 @@ class Engine:
         settings = SamplerSettings(sampler=p["sampler"], steps=p["steps"], karras=p["karras"], eta=p["eta"],
                                    strength=strength, temperature=p["temperature"])
         guided = uncond is not None and p["cfg"] != 1.0
-        denoise = self._denoiser(latent_hw, len(seeds) * (2 if guided else 1), guided)
+        denoise = self._denoiser(latent_hw, 2 if guided else 1, guided)
         conditioning = Guided(cond, uncond, p["cfg"]) if guided else cond
         callback = None if progress is None else (lambda step: progress(step.index + 1, step.total))
         shape = None if init_latent is not None else (self.latent_channels, *latent_hw)
@@ -219,14 +219,17 @@ class Engine:
                                device=self.device, dtype=self.dtype)
         return z.float()
 
-    def _denoiser(self, latent_hw: tuple[int, int], network_batch: int, guided: bool):
-        """The model's denoiser, with guidance inside and the tiled engine outside when the canvas needs it."""
+    def _denoiser(self, latent_hw: tuple[int, int], rows_per_item: int, guided: bool):
+        """The model's denoiser, with guidance inside and the tiled engine outside when the canvas needs it.
+
+        The tiling is planned for one item (its cond and uncond rows), never for the batch: how many items
+        share a batch must not change the tile, or `--batch-size` would change the pixels."""
         denoise: Callable = DiscreteDenoiser.from_bundle(self.bundle)
         if guided:
             denoise = CFGDenoiser(denoise)
         s = self.sampling
         budget = parse_memory(s.max_memory) if s.max_memory else None
-        tiling = choose_tiling(latent_hw, native_tile=self.native_latent, items=network_batch, tile=s.tile,
+        tiling = choose_tiling(latent_hw, native_tile=self.native_latent, items=rows_per_item, tile=s.tile,
                                overlap=s.tile_overlap, budget=budget, wrap=(self.axes.y, self.axes.x))
         # No `device=` here on purpose: without --max-memory, canvases larger than the model's native size
         # are always tiled, so memory stays bounded by the tile (cron jobs share machines) instead of

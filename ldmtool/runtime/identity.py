@@ -23,8 +23,8 @@ RUN_STEERING = frozenset({
     "batch_size", "seed", "item_seed", "shard", "run_engine", "ray_address", "overwrite", "existing",
 })
 # Options that never change an output's pixels: everything else a command takes is part of the identity
-# (the model is there as its file's sha256).
-NOT_PIXELS = RUN_STEERING | {"max_pixels", "max_memory", "model"}
+# (the model is there as its file's sha256; --max-memory is, since it can shrink the automatic tile).
+NOT_PIXELS = RUN_STEERING | {"max_pixels", "model"}
 LOSSY_SUFFIXES = (".jpg", ".jpeg", ".webp")
 
 
