@@ -51,7 +51,7 @@ def replay_file(path: Path, target: Path) -> None:
     """Re-run the recipe stored in `path`, writing `target`."""
     from ldmtool.errors import ItemError
     from ldmtool.io.metadata import read_metadata
-    from ldmtool.runtime.runner import ReplayItem, replaying
+    from ldmtool.runtime.resume import ReplayItem, replaying
 
     metadata = read_metadata(path)
     recipe = metadata.recipe if metadata is not None else {}

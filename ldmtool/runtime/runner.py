@@ -28,23 +28,22 @@ import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Protocol, Sequence, Union
+from typing import Any, Mapping, Optional, Protocol, Sequence, Union
 
 import numpy as np
 
 from ldmtool.errors import FatalError, Interrupted, ItemError, LdmError, UsageError
 from ldmtool.io.discover import Discovery, Item
-from ldmtool.io.manifest import MANIFEST_NAME, Manifest, read_manifest
-from ldmtool.io.metadata import build_metadata, read_metadata
+from ldmtool.io.manifest import MANIFEST_NAME, Manifest
+from ldmtool.io.metadata import build_metadata
 from ldmtool.io.outputs import DEFAULT_TEMPLATE, OutputSpec, plan_outputs
 from ldmtool.io.writer import DEFAULT_QUALITY, format_name, remove_stale_temps, write_image
 from ldmtool.runtime import identity
+from ldmtool.runtime.resume import Recipes, current_replay
 from ldmtool.runtime.report import ItemEvent, Reporter, Status, Summary
-from ldmtool.runtime.seeds import RANDOM, item_seed, random_seed
+from ldmtool.runtime.seeds import RANDOM, item_seed
 from ldmtool.runtime.shard import Shard, select, strip_scheduling, write_members
 
 DEBUG_ENV = "LDMTOOL_DEBUG"
@@ -134,34 +133,6 @@ class RunOptions:
     ray_address: Optional[str] = None  # join this Ray cluster; a local one otherwise
 
 
-@dataclass(frozen=True)
-class ReplayItem:
-    """One recorded item to run again (`ldmtool replay`): it replaces the command's own items."""
-
-    item: Item
-    seed: int
-    output: Path
-
-    @classmethod
-    def from_recipe(cls, item: Mapping[str, Any], *, seed: int, output: Path) -> "ReplayItem":
-        path, mask = item.get("input"), item.get("mask")
-        return cls(Item(key=str(item["key"]), stem=str(item.get("stem") or "item"), path=path and Path(path),
-                        mask=mask and Path(mask), data=dict(item.get("data") or {})), seed, output)
-
-
-_REPLAY: ContextVar[Optional[ReplayItem]] = ContextVar("ldmtool_replay", default=None)
-
-
-@contextmanager
-def replaying(replay: ReplayItem) -> Iterator[None]:
-    """While inside, `run_task` runs only `replay.item`, with its seed, into `replay.output`."""
-    token = _REPLAY.set(replay)
-    try:
-        yield
-    finally:
-        _REPLAY.reset(token)
-
-
 def run_task(
     task: Task,
     source: Union[Discovery, Sequence[Item]],
@@ -170,7 +141,7 @@ def run_task(
     reporter: Optional[Reporter] = None,
 ) -> Summary:
     """Run `task` over every item; see the module docstring for the rules."""
-    replay = _REPLAY.get()
+    replay = current_replay()
     if replay is not None:
         source = [replay.item]
         options = replace(options, output=replay.output, item_seed=replay.seed, existing="overwrite", shard=None,
@@ -212,8 +183,9 @@ class _BatchRun:
         self.manifest: Optional[Manifest] = None
         self.model_sha256 = _model_sha256(task)
         own = {name: value for name, value in options.cli.items() if name not in getattr(task, "item_options", ())}
-        self.pixel_options = identity.pixel_options(own, Path("x" + self._output_suffix()))
-        self.run_id = identity.run_id(task.command, self.model_sha256, self.pixel_options)
+        self.recipes = Recipes(task.command, self.model_sha256,
+                               identity.pixel_options(own, Path("x" + self._output_suffix())),
+                               identity.recorded_options(options.cli))
         self.stopped = False
         self.started = time.monotonic()
         self._recipe_argv = strip_scheduling(options.argv if options.argv is not None else sys.argv)
@@ -233,7 +205,7 @@ class _BatchRun:
             raise UsageError(f"every input is inside the output folder {self.spec.folder}; choose another -o")
         self._prepare_folder()
         if self.base_seed is None:
-            self.base_seed = self._adopted_seed()
+            self.base_seed = self.recipes.adopted_seed(self.spec, self.options.shard)
             self.summary.base_seed = self.base_seed
         jobs = self._plan(items)  # before sharding, so {index} and seeds match an unsharded run
         if self.options.shard is not None:
@@ -255,22 +227,6 @@ class _BatchRun:
         self.summary.seconds = time.monotonic() - self.started
         self.reporter.finish(self.summary)
         return self.summary
-
-    def _adopted_seed(self) -> int:
-        """Without --seed: the base seed of the latest earlier run of this same job into this output (its
-        manifest, or the recipe of an existing -o FILE), so a cron rerun resumes it; else a random one."""
-        for recipe in reversed(self._earlier_runs()):
-            seed = recipe.get("base_seed")
-            if recipe.get("run_id") == self.run_id and isinstance(seed, int) and not isinstance(seed, bool):
-                return seed
-        return random_seed()
-
-    def _earlier_runs(self) -> list[dict[str, Any]]:
-        if self.spec.is_file:
-            stored = _stored_recipe(self.spec.target)  # type: ignore[arg-type]
-            return [stored] if stored else []
-        shard = self.options.shard
-        return list(read_manifest(self.spec.folder / (shard.manifest_name if shard else MANIFEST_NAME)))
 
     def _plan(self, items: Sequence[Item]) -> list[Job]:
         seeds = [self._seed_of(item) for item in items]
@@ -297,14 +253,12 @@ class _BatchRun:
             shard = self.options.shard
             self.manifest = Manifest(folder / (shard.manifest_name if shard else MANIFEST_NAME))
 
-    # -- resume
-
     def _resume(self, jobs: list[Job]) -> list[Job]:
         """The jobs still to run; the others are reported skipped (this job's output is there) or failed
         (another job's output is in the way)."""
         pending = []
         for job in jobs:
-            conflict = self._existing_output(job)
+            conflict = self.recipes.existing_output(job.output, job.item, job.seed, self.options.existing)
             if conflict is None:
                 pending.append(job)
             elif conflict == "":
@@ -312,41 +266,6 @@ class _BatchRun:
             elif not self.stopped:
                 self._fail(job, ItemError(conflict), 0.0)
         return [] if self.stopped else pending
-
-    def _existing_output(self, job: Job) -> Optional[str]:
-        """None: run the job; "": its output is done; else why the output in the way is not this job's."""
-        policy = self.options.existing
-        if policy == "overwrite" or not _nonempty_file(job.output):
-            return None
-        recipe = _stored_recipe(job.output)
-        if recipe is None:
-            return None  # undecodable (cut short by a crash, or not an image): redo it
-        if policy == "skip":
-            return ""
-        way_out = "replace it with --overwrite, keep it with --existing skip, or choose another -o"
-        if not recipe.get("job"):
-            return f"{job.output} exists but has no ldmtool recipe (another tool or version wrote it); {way_out}"
-        try:
-            mine = self._identity(job)
-        except OSError:
-            return None  # the input cannot be read: loading it reports why
-        change = identity.difference(mine, recipe["job"])
-        return "" if change is None else f"{job.output} was written by another job: {change}; {way_out}"
-
-    def _identity(self, job: Job) -> dict[str, Any]:
-        return identity.job_identity(
-            command=self.task.command, model_sha256=self.model_sha256, options=self.pixel_options, seed=job.seed,
-            key=job.item.key, data=job.item.data, input_sha256=identity.file_sha256(job.item.path),
-            mask_sha256=identity.file_sha256(job.item.mask))
-
-    def _recipe_extras(self, job: Job) -> dict[str, Any]:
-        """What the recipe holds beyond the parameters: the job's identity (resume) and how to rebuild it (replay)."""
-        item = job.item
-        return {
-            "run_id": self.run_id, "job": self._identity(job), "cli": identity.recorded_options(self.options.cli),
-            "item": {"key": item.key, "stem": item.stem, "subdir": item.subdir, "data": identity.jsonable(dict(item.data)),
-                     "input": _absolute(item.path), "mask": _absolute(item.mask)},
-        }
 
     def _open_task(self) -> None:
         if hasattr(self.task, "reporter"):
@@ -428,7 +347,7 @@ class _BatchRun:
             metadata = build_metadata(
                 command=self.task.command, params={**self.task.params, **output.params}, seed=job.seed,
                 base_seed=self.base_seed, key=job.item.key, argv=self._recipe_argv, size=size,
-                model=_model_name(self.task), model_sha256=self.model_sha256, extra=self._recipe_extras(job),
+                model=_model_name(self.task), model_sha256=self.model_sha256, extra=self.recipes.recipe_extras(job.item, job.seed),
             )
             write_image(job.output, image, alpha=output.alpha, quality=self.options.quality, metadata=metadata)
         except FatalError as err:
@@ -471,7 +390,7 @@ class _BatchRun:
             "status": status.value, "key": job.item.key, "input": _text(job.item.path), "mask": _text(job.item.mask),
             "output": str(job.output), "seed": job.seed, "base_seed": self.base_seed,
             "seconds": round(seconds, 3), "command": self.task.command,
-            "params": {**self.task.params, **extra}, "model_sha256": self.model_sha256, "run_id": self.run_id,
+            "params": {**self.task.params, **extra}, "model_sha256": self.model_sha256, "run_id": self.recipes.run_id,
             "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         if error is not None:
@@ -500,30 +419,6 @@ def _check_not_an_input(item: Item, output: Path) -> None:
     for source in (item.path, item.mask):
         if source is not None and os.path.abspath(source) == os.path.abspath(output):
             raise UsageError(f"{source}: its output would replace the input itself; choose another -o")
-
-
-def _nonempty_file(path: Path) -> bool:
-    try:
-        return path.stat().st_size > 0
-    except OSError:
-        return False
-
-
-def _stored_recipe(path: Path) -> Optional[dict[str, Any]]:
-    """The recipe of an existing output ({} when it has none), or None when the file does not decode whole."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            image.load()
-        metadata = read_metadata(path)
-    except (LdmError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return None
-    return dict(metadata.recipe) if metadata is not None else {}
-
-
-def _absolute(path: Optional[Path]) -> Optional[str]:
-    return None if path is None else os.path.abspath(path)
 
 
 def _outside(items: Sequence[Item], folder: Path) -> tuple[list[Item], int]:

@@ -1,0 +1,151 @@
+"""Outputs that exist already, earlier runs of the same job, and replays (DESIGN.md §6; issue 15).
+
+`Recipes` holds what names one run's jobs (command, model sha256, pixel options; runtime/identity.py) and
+answers the runner's three questions: which seed a run without `--seed` takes (the same job's earlier one,
+from the output folder's manifest or an existing `-o FILE`), what goes into each output's recipe, and
+whether an existing output is this job's (skip it), another job's (fail the item, saying how it differs),
+or no output at all (empty or undecodable: redo it). `replaying` makes a run do one recorded item again.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional
+
+from ldmtool.errors import LdmError
+from ldmtool.io.discover import Item
+from ldmtool.io.manifest import MANIFEST_NAME, read_manifest
+from ldmtool.io.metadata import read_metadata
+from ldmtool.runtime import identity
+from ldmtool.runtime.seeds import random_seed
+
+if TYPE_CHECKING:
+    from ldmtool.io.outputs import OutputSpec
+    from ldmtool.runtime.shard import Shard
+
+WAY_OUT = "replace it with --overwrite, keep it with --existing skip, or choose another -o"
+
+
+@dataclass(frozen=True)
+class Recipes:
+    """The identity of one run's jobs."""
+
+    command: str
+    model_sha256: Optional[str]
+    pixel_options: Mapping[str, Any]
+    recorded_options: Mapping[str, Any]
+
+    @property
+    def run_id(self) -> str:
+        return identity.run_id(self.command, self.model_sha256, self.pixel_options)
+
+    def adopted_seed(self, spec: "OutputSpec", shard: Optional["Shard"]) -> int:
+        """The base seed of the latest earlier run of this job into this output, else a random one."""
+        for recipe in reversed(_earlier_runs(spec, shard)):
+            seed = recipe.get("base_seed")
+            if recipe.get("run_id") == self.run_id and isinstance(seed, int) and not isinstance(seed, bool):
+                return seed
+        return random_seed()
+
+    def identity(self, item: Item, seed: int) -> dict[str, Any]:
+        return identity.job_identity(
+            command=self.command, model_sha256=self.model_sha256, options=self.pixel_options, seed=seed,
+            key=item.key, data=item.data, input_sha256=identity.file_sha256(item.path),
+            mask_sha256=identity.file_sha256(item.mask))
+
+    def recipe_extras(self, item: Item, seed: int) -> dict[str, Any]:
+        """What an output's recipe holds beyond its parameters: its job's identity (resume) and how to
+        rebuild the job (replay)."""
+        return {
+            "run_id": self.run_id, "job": self.identity(item, seed), "cli": dict(self.recorded_options),
+            "item": {"key": item.key, "stem": item.stem, "subdir": item.subdir,
+                     "data": identity.jsonable(dict(item.data)), "input": _absolute(item.path),
+                     "mask": _absolute(item.mask)},
+        }
+
+    def existing_output(self, output: Path, item: Item, seed: int, policy: str) -> Optional[str]:
+        """None: run the job; "": its output is there; else why the file in the way is not this job's."""
+        if policy == "overwrite" or not _nonempty_file(output):
+            return None
+        recipe = stored_recipe(output)
+        if recipe is None:
+            return None  # undecodable (cut short by a crash, or not an image): redo it
+        if policy == "skip":
+            return ""
+        if not recipe.get("job"):
+            return f"{output} exists but has no ldmtool recipe (another tool or version wrote it); {WAY_OUT}"
+        try:
+            mine = self.identity(item, seed)
+        except OSError:
+            return None  # the input cannot be read: loading it reports why
+        change = identity.difference(mine, recipe["job"])
+        return "" if change is None else f"{output} was written by another job: {change}; {WAY_OUT}"
+
+
+def stored_recipe(path: Path) -> Optional[dict[str, Any]]:
+    """The recipe of an existing output ({} when it has none), or None when the file does not decode whole."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+        metadata = read_metadata(path)
+    except (LdmError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+    return dict(metadata.recipe) if metadata is not None else {}
+
+
+def _earlier_runs(spec: "OutputSpec", shard: Optional["Shard"]) -> list[dict[str, Any]]:
+    if spec.is_file:
+        stored = stored_recipe(spec.target)  # type: ignore[arg-type]
+        return [stored] if stored else []
+    return list(read_manifest(spec.folder / (shard.manifest_name if shard else MANIFEST_NAME)))
+
+
+def _nonempty_file(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except OSError:
+        return False
+
+
+def _absolute(path: Optional[Path]) -> Optional[str]:
+    return None if path is None else os.path.abspath(path)
+
+
+# ---------------------------------------------------------------- replay
+
+
+@dataclass(frozen=True)
+class ReplayItem:
+    """One recorded item to run again (`ldmtool replay`): it replaces the command's own items."""
+
+    item: Item
+    seed: int
+    output: Path
+
+    @classmethod
+    def from_recipe(cls, item: Mapping[str, Any], *, seed: int, output: Path) -> "ReplayItem":
+        path, mask = item.get("input"), item.get("mask")
+        return cls(Item(key=str(item["key"]), stem=str(item.get("stem") or "item"), path=path and Path(path),
+                        mask=mask and Path(mask), data=dict(item.get("data") or {})), seed, output)
+
+
+_REPLAY: ContextVar[Optional[ReplayItem]] = ContextVar("ldmtool_replay", default=None)
+
+
+@contextmanager
+def replaying(replay: ReplayItem) -> Iterator[None]:
+    """While inside, `run_task` runs only `replay.item`, with its seed, into `replay.output`."""
+    token = _REPLAY.set(replay)
+    try:
+        yield
+    finally:
+        _REPLAY.reset(token)
+
+
+def current_replay() -> Optional[ReplayItem]:
+    return _REPLAY.get()
