@@ -64,7 +64,9 @@ def test_seamless_xy_texture_wraps_both_ways(tmp_path, models):
     common = ["--model", models["celeba"], "--width", 64, "--height", 64, "--seed", 8]
     assert _run(*common, "--seamless", "xy", "--n", 6, "-o", tmp_path / "xy").exit_code == 0
     images = [_read(tmp_path / "xy" / f"0000-{i}.png")[0] for i in range(6)]
-    assert _edge_ratio(images, axis=1) <= 1.1 and _edge_ratio(images, axis=0) <= 1.1
+    # The wrapped edge steps like the interior: this tiny random model's ratio averages ~1.10 along y over
+    # many seeds (0.9-1.3 per image), against > 2 without --seamless below.
+    assert _edge_ratio(images, axis=1) <= 1.25 and _edge_ratio(images, axis=0) <= 1.25
     # the measure can fail: without --seamless the same model shows a clear step where the image would wrap
     assert _run(*common, "--n", 3, "-o", tmp_path / "plain").exit_code == 0
     plain = [_read(tmp_path / "plain" / f"0000-{i}.png")[0] for i in range(3)]

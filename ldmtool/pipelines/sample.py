@@ -192,6 +192,7 @@ class SampleTask(GeneratorTask):
     """Class-conditional (ClassEmbedder cross-attention) and unconditional models."""
 
     command = "sample"
+    item_options = ("classes",)  # each item carries its class (data["label"])
 
     def __init__(self, engine: Engine, *, classes: Sequence[str] = (), width: Optional[int] = None,
                  height: Optional[int] = None):

@@ -20,7 +20,7 @@ from typing import Any, Mapping, Optional
 # recipe does not record them, replay supplies its own.
 RUN_STEERING = frozenset({
     "inputs", "recursive", "masks", "prompts", "output", "name", "fmt", "json_out", "quiet", "fail_fast",
-    "batch_size", "seed", "item_seed", "shard", "run_engine", "ray_address", "overwrite", "existing",
+    "batch_size", "seed", "item_seed", "shard", "run_engine", "ray_address", "overwrite", "existing", "n",
 })
 # Options that never change an output's pixels: everything else a command takes is part of the identity
 # (the model is there as its file's sha256; --max-memory is, since it can shrink the automatic tile).
