@@ -4,8 +4,7 @@ import torch
 from torch import nn
 
 from ldmtool.errors import ItemError
-from ldmtool.nets.autoencoder import AutoencoderKL, VQModelInterface
-from ldmtool.nets.autoencoder import AttnBlock
+from ldmtool.nets.autoencoder import AttnBlock, AutoencoderKL, VQModelInterface
 from ldmtool.tiling.vae import FileCanvas, Stage, TensorCanvas, VAETiling, attention_stage, tiled_decode, tiled_encode
 
 torch.set_num_threads(1)

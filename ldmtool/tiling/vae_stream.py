@@ -13,7 +13,12 @@ from torch import Tensor, nn
 from ldmtool.tiling.vae_norms import Moments, group_norm, group_norms_through
 from ldmtool.tiling.vae_stages import Stage, device_dtype
 from ldmtool.tiling.vae_store import (
-    CanvasFactory, TensorCanvas, VAETiling, checkpoint_factory, close_canvas, store_budget,
+    CanvasFactory,
+    TensorCanvas,
+    VAETiling,
+    checkpoint_factory,
+    close_canvas,
+    store_budget,
 )
 
 

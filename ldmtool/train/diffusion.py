@@ -37,12 +37,33 @@ from ldmtool.train.autoencoder import AUTOENCODER_TARGET
 from ldmtool.train.data import CropConfig, ImageCrops, to_tensor
 from ldmtool.train.degrade import degradation, degrade
 from ldmtool.train.diffusion_config import (
-    LAYOUT_MAX_OBJECTS, LAYOUT_NAMES, LAYOUT_TEXTURES, LAYOUT_VOCAB, LDM_TARGET, PROCEDURAL, PROCEDURAL_TASKS,
-    TASK_COMMAND, TASK_CONFIG, TEXT_TASKS, UNET_TARGET, DiffusionTraining, Task, UNetArch,
+    LAYOUT_MAX_OBJECTS,
+    LAYOUT_NAMES,
+    LAYOUT_TEXTURES,
+    LAYOUT_VOCAB,
+    LDM_TARGET,
+    PROCEDURAL,
+    PROCEDURAL_TASKS,
+    TASK_COMMAND,
+    TASK_CONFIG,
+    TEXT_TASKS,
+    UNET_TARGET,
+    DiffusionTraining,
+    Task,
+    UNetArch,
 )
 from ldmtool.train.diffusion_parts import (
-    COND_PREFIX, UNET_PREFIX, FirstStage, build_cond_stage, build_unet, init_cond_stage, init_unet, layout_tokens,
-    load_first_stage, schedule, widen_inputs,
+    COND_PREFIX,
+    UNET_PREFIX,
+    FirstStage,
+    build_cond_stage,
+    build_unet,
+    init_cond_stage,
+    init_unet,
+    layout_tokens,
+    load_first_stage,
+    schedule,
+    widen_inputs,
 )
 from ldmtool.train.masks import random_mask
 from ldmtool.train.procedural import CLASSES, Box, layout_sample, semantic_sample, shape_scene

@@ -11,7 +11,14 @@ import yaml
 from ldmtool.errors import CheckpointError, UsageError
 from ldmtool.train import common
 from ldmtool.train.autoencoder import AUTOENCODER_TARGET, build_autoencoder
-from ldmtool.train.diffusion_config import LAYOUT_MAX_OBJECTS, LAYOUT_NAMES, LAYOUT_VOCAB, TEXT_TASKS, DiffusionTraining, Task
+from ldmtool.train.diffusion_config import (
+    LAYOUT_MAX_OBJECTS,
+    LAYOUT_NAMES,
+    LAYOUT_VOCAB,
+    TEXT_TASKS,
+    DiffusionTraining,
+    Task,
+)
 from ldmtool.train.procedural import CLASSES, Box
 
 if TYPE_CHECKING:
