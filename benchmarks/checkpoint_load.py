@@ -129,9 +129,9 @@ def write_checkpoints(folder: Path, preset: str, tiny: bool, dtype) -> dict[str,
 
 def child_main(path: str) -> None:
     """`--child FILE`: load it with ldmtool and print the phase timings and RSS after `import torch`."""
-    from _common import peak_rss, status_kib
-
     import torch
+
+    from _common import peak_rss, status_kib
 
     after_import = status_kib("VmRSS") * 1024
     start = time.perf_counter()

@@ -20,7 +20,7 @@ import torch
 
 from ldmtool.diffusion import samplers as SM
 from ldmtool.diffusion.oracle import GaussianData, GaussianMixture, ode_reference
-from ldmtool.diffusion.schedules import karras_sigmas, karras_schedule
+from ldmtool.diffusion.schedules import karras_schedule, karras_sigmas
 
 F64 = torch.float64
 SIGMA_MIN, SIGMA_MAX = 0.02, 20.0

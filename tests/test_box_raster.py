@@ -13,10 +13,8 @@ from safetensors.torch import load_file
 import ldmtool
 from ldmtool.errors import UsageError
 from ldmtool.pipelines.box_raster import box_labels, box_raster
-from ldmtool.train import autoencoder as ae
-from ldmtool.train import common
-from ldmtool.train import diffusion as df
-from ldmtool.train.procedural import CLASSES, Box, layout_sample
+from ldmtool.train import autoencoder as ae, common, diffusion as df
+from ldmtool.train.procedural import CLASSES, layout_sample
 
 TINY_AE = ae.AutoencoderArch(factor=4, ch=32, num_res_blocks=1)
 TINY_UNET = df.UNetArch(model_channels=32, channel_mult=(1, 2), attention_resolutions=(2,), num_head_channels=32)

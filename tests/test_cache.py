@@ -8,7 +8,15 @@ import torch
 
 from ldmtool.errors import UsageError
 from ldmtool.runtime import cache
-from ldmtool.runtime.cache import HASH_INDEX, ModelCache, cache_dir, file_sha256, model_cache, object_nbytes, parse_bytes
+from ldmtool.runtime.cache import (
+    HASH_INDEX,
+    ModelCache,
+    cache_dir,
+    file_sha256,
+    model_cache,
+    object_nbytes,
+    parse_bytes,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -111,7 +119,7 @@ def test_same_file_device_dtype_loads_once(tmp_path):
 def test_least_recently_used_is_evicted_under_budget(tmp_path):
     a, b, c = _files(tmp_path, "a", "b", "c")
     store = ModelCache(budget_bytes=2 * 4 * 16)  # room for two 4x4 linears
-    key = lambda p: ModelCache.key_for(p, "cpu", torch.float32)
+    key = lambda p: ModelCache.key_for(p, "cpu", torch.float32)  # noqa: E731
     store.get_or_load(key(a), lambda: _linear(4))
     store.get_or_load(key(b), lambda: _linear(4))
     store.get_or_load(key(a), lambda: pytest.fail("a is cached"))  # a is now the most recent

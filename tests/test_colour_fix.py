@@ -15,8 +15,7 @@ from PIL import Image
 
 from clirun import run_cli
 from ldmtool.checkpoints.tiny import save_tiny_checkpoint
-from ldmtool.pipelines.colour_fix import (blur_radius, colour_fix_, colour_fix_reference, colour_fix_sigma,
-                                          gaussian_blur)
+from ldmtool.pipelines.colour_fix import blur_radius, colour_fix_, colour_fix_reference, colour_fix_sigma, gaussian_blur
 
 
 def _random_pair(seed: int, low_hw=(37, 23), scale=4):

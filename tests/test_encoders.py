@@ -134,7 +134,7 @@ def _reference_bert_forward(sd, tokens, heads=8, dim_head=64):
         h = F.layer_norm(x, x.shape[-1:], sd[p + "0.weight"], sd[p + "0.bias"])
         if i % 2 == 0:
             q, k, v = (h @ sd[p + f"1.to_{n}.weight"].T for n in "qkv")
-            split = lambda t: t.view(*t.shape[:2], heads, dim_head).transpose(1, 2)
+            split = lambda t: t.view(*t.shape[:2], heads, dim_head).transpose(1, 2)  # noqa: E731
             att = torch.softmax(split(q) @ split(k).transpose(-1, -2) / math.sqrt(dim_head), dim=-1)
             out = (att @ split(v)).transpose(1, 2).reshape(*x.shape[:2], -1)
             x = x + out @ sd[p + "1.to_out.weight"].T + sd[p + "1.to_out.bias"]

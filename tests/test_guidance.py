@@ -235,7 +235,7 @@ def test_temperature_scales_the_starting_noise_exactly():
     result at temperature t is exactly t times the result at temperature 1; img2img ignores temperature."""
     zero = lambda x, sigma, cond=None: torch.zeros_like(x)  # noqa: E731
     for sampler in ("ddim", "euler"):
-        run = lambda t: sample_latents(zero, None, AC, NoiseSource([4]), SamplerSettings(sampler, steps=5, temperature=t),  # noqa: E731
+        run = lambda t: sample_latents(zero, None, AC, NoiseSource([4]), SamplerSettings(sampler, steps=5, temperature=t),  # noqa: E731, B023
                                        shape=(4, 4, 4))
         torch.testing.assert_close(run(0.3), 0.3 * run(1.0), rtol=1e-5, atol=1e-6)
     init = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))

@@ -6,10 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
+from clirun import run_cli
 from ldmtool import load_model
 from ldmtool.checkpoints.tiny import save_tiny_checkpoint
-from clirun import run_cli
-
 
 
 @pytest.fixture(scope="module")

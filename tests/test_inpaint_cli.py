@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ldmtool.checkpoints.tiny import save_tiny_checkpoint
 from clirun import run_cli
+from ldmtool.checkpoints.tiny import save_tiny_checkpoint
+from ldmtool.io.discover import discover
 from ldmtool.pipelines.engine import Engine, ModelChoice, SamplingChoice
 from ldmtool.pipelines.inpaint import InpaintTask
-from ldmtool.io.discover import discover
 from ldmtool.runtime.runner import RunOptions, run_task
 
 KINDS = {"ldm-inpainting-big": "ldm-concat", "sd1-inpainting": "sd-hybrid", "sd2-inpainting": "sd-hybrid",
@@ -179,7 +179,7 @@ def test_missing_or_mismatched_masks_fail_their_items_in_one_line(tmp_path, mode
     _mask(folder / "wrong_mask.png", size=(40, 32))
     result = _run(folder, "--model", models["ldm-inpainting-big"], "-o", tmp_path / "out", "--json", "--seed", 1)
     assert result.exit_code == 1
-    events = {e["key"]: e for e in map(json.loads, filter(lambda l: l.startswith("{"), result.output.splitlines()))
+    events = {e["key"]: e for e in map(json.loads, filter(lambda line: line.startswith("{"), result.output.splitlines()))
               if "key" in e}
     assert events["ok.png"]["event"] == "done"
     assert "nomask.png: no mask found" in events["nomask.png"]["error"]

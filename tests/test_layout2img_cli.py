@@ -4,8 +4,8 @@ import json
 import pytest
 from PIL import Image
 
-from ldmtool.checkpoints.tiny import save_tiny_checkpoint
 from clirun import run_cli
+from ldmtool.checkpoints.tiny import save_tiny_checkpoint
 from ldmtool.errors import UsageError
 from ldmtool.pipelines.layout2img import find_layouts, read_layout
 from ldmtool.pipelines.layout_tokens import BoxTokenizer, LayoutObject, category_number, openimages_classes

@@ -4,8 +4,8 @@ import json
 import pytest
 from PIL import Image
 
-from ldmtool.checkpoints.tiny import save_tiny_checkpoint
 from clirun import run_cli
+from ldmtool.checkpoints.tiny import save_tiny_checkpoint
 from ldmtool.errors import UsageError
 from ldmtool.pipelines.sample import class_id, imagenet_names
 

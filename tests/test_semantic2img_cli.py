@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 import ldmtool.pipelines.semantic2img as semantic
-from ldmtool.checkpoints.tiny import save_tiny_checkpoint, tiny_model
 from clirun import run_cli
+from ldmtool.checkpoints.tiny import save_tiny_checkpoint, tiny_model
 from ldmtool.errors import UsageError
 
 FAST = ["--steps", "2", "--sampler", "euler", "--quiet"]

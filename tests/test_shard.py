@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from ldmtool.cli.app import main
-from ldmtool.runtime.shard import Shard, parse_shard, shard_of, strip_scheduling
 from ldmtool.errors import UsageError
+from ldmtool.runtime.shard import Shard, parse_shard, shard_of, strip_scheduling
 
 
 def test_partitions_are_disjoint_covering_and_stable_when_items_are_added():

@@ -4,10 +4,10 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-from ldmtool.checkpoints.tiny import save_tiny_checkpoint
-from clirun import run_cli
-from ldmtool.pipelines.superres import native_passes
 
+from clirun import run_cli
+from ldmtool.checkpoints.tiny import save_tiny_checkpoint
+from ldmtool.pipelines.superres import native_passes
 
 
 @pytest.fixture(scope="module")

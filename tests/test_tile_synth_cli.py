@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldmtool.checkpoints.tiny import save_tiny_checkpoint
 from clirun import run_cli
+from ldmtool.checkpoints.tiny import save_tiny_checkpoint
 
 FAST = ["--steps", "2", "--sampler", "euler", "--quiet"]
 

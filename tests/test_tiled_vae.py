@@ -4,8 +4,7 @@ import torch
 from torch import nn
 
 from ldmtool.errors import ItemError
-from ldmtool.nets.autoencoder import AutoencoderKL, VQModelInterface
-from ldmtool.nets.autoencoder import AttnBlock
+from ldmtool.nets.autoencoder import AttnBlock, AutoencoderKL, VQModelInterface
 from ldmtool.tiling.vae import FileCanvas, Stage, TensorCanvas, VAETiling, attention_stage, tiled_decode, tiled_encode
 
 torch.set_num_threads(1)
@@ -205,3 +204,18 @@ def test_moments_merge_exactly_even_when_the_mean_dwarfs_the_spread():
     assert merged.count == reference.shape[-1]
     assert torch.allclose(mean.double(), reference.mean(-1), rtol=1e-7)
     assert torch.allclose(rstd.double(), reference.var(-1, unbiased=False).rsqrt(), rtol=2e-3)
+
+
+def test_group_norm_hook_is_removed_after_a_pass_and_refuses_plain_group_norms():
+    from ldmtool.nets._layers import GroupNorm32
+    from ldmtool.tiling.vae import stream_stages
+
+    model = _kl()
+    tiled_decode(model, torch.zeros(1, 4, 16, 16), VAETiling(tile=8))
+    assert GroupNorm32.override is None
+    assert not any("forward" in m.__dict__ for m in model.modules())  # nothing patched on the instances
+    plain = Stage("plain", nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8)), [])
+    plain.modules = [plain.run]
+    with pytest.raises(TypeError, match="not a GroupNorm32"):
+        stream_stages([plain], torch.zeros(1, 3, 16, 16), VAETiling(tile=8))
+    assert GroupNorm32.override is None

@@ -11,8 +11,9 @@ pytestmark = pytest.mark.skipif(shipped_model("default-superres") is None, reaso
 
 
 def test_default_superres_first_stage_tiles_exactly():
-    import ldmtool
     from pathlib import Path
+
+    import ldmtool
 
     first = ldmtool.load_model("default-superres").first_stage
     rgb = read_image(Path(__file__).resolve().parents[1] / "examples" / "photos" / "chelsea.png").rgb

@@ -11,10 +11,8 @@ from safetensors.torch import load_file
 import ldmtool
 from ldmtool.errors import UsageError
 from ldmtool.runtime.seeds import derive_seed
+from ldmtool.train import autoencoder as ae, common, diffusion as df
 from ldmtool.train.masks import random_mask
-from ldmtool.train import autoencoder as ae
-from ldmtool.train import common
-from ldmtool.train import diffusion as df
 
 TINY_AE = ae.AutoencoderArch(factor=4, ch=32, num_res_blocks=1)
 TINY_UNET = df.UNetArch(model_channels=32, channel_mult=(1, 2), attention_resolutions=(2,), num_head_channels=32)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ldmtool.checkpoints.tiny import save_tiny_checkpoint
 from clirun import run_cli
+from ldmtool.checkpoints.tiny import save_tiny_checkpoint
 from ldmtool.pipelines.engine import Engine, ModelChoice, SamplingChoice
 from ldmtool.pipelines.text import TextConditioner, read_prompts
 from ldmtool.pipelines.txt2img import Txt2ImgTask, prompt_items
@@ -203,7 +203,7 @@ def test_a_bad_json_line_fails_only_its_own_items(tmp_path, models):
     result = _run("--prompts", prompts, "--model", models["sd1"], "-W", 64, "-H", 64, "-o", tmp_path / "out",
                   "--seed", 1, "--json")
     assert result.exit_code == 1
-    events = {e["key"]: e for e in map(json.loads, filter(lambda l: l.startswith("{"), result.output.splitlines()))
+    events = {e["key"]: e for e in map(json.loads, filter(lambda line: line.startswith("{"), result.output.splitlines()))
               if "key" in e}
     assert events["prompt-0000/0"]["event"] == "done"
     assert "--width 100" in events["prompt-0001/0"]["error"]

@@ -10,7 +10,6 @@ from typing import Any, Optional
 from ldmtool.checkpoints.config import ldmtool_block, load_config
 from ldmtool.errors import UsageError
 
-
 # The released checkpoint families of DESIGN.md section 3, one preset each.
 RELEASED_FAMILIES = (
     "sd1", "sd1-inpainting", "sd2", "sd2-v", "sd2-inpainting", "sd2-x4-upscaler",

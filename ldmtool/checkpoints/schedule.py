@@ -6,7 +6,6 @@ values.
 """
 from __future__ import annotations
 
-
 import torch
 
 from ldmtool.diffusion.schedules import make_betas

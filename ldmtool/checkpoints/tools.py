@@ -8,8 +8,14 @@ from typing import Any, Optional
 import torch
 import yaml
 
-from ldmtool.checkpoints.api import (embedded_config, load_model, optional_keys, resolve_config, resolve_source,
-                                     with_shared_first_stage)
+from ldmtool.checkpoints.api import (
+    embedded_config,
+    load_model,
+    optional_keys,
+    resolve_config,
+    resolve_source,
+    with_shared_first_stage,
+)
 from ldmtool.checkpoints.bundle import build_bundle
 from ldmtool.checkpoints.config import FIRST_STAGE_TARGETS, ConfigLike, ldmtool_block
 from ldmtool.checkpoints.detect import detect_family

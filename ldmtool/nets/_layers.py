@@ -10,7 +10,7 @@ by `set_cpu_prepack`); training, other devices and other dtypes use the plain Py
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Callable, ClassVar, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -162,7 +162,13 @@ def set_seamless(model: nn.Module, x: bool, y: bool) -> None:
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 whatever the input dtype, as the reference `GroupNorm32`."""
 
+    # Set by the tiled autoencoder passes (ldmtool/tiling/vae_norms.py) to normalise with statistics of the
+    # whole canvas: `override(norm, x)` returns the output, or None for the usual one.
+    override: ClassVar[Optional[Callable[[nn.GroupNorm, Tensor], Optional[Tensor]]]] = None
+
     def forward(self, x: Tensor) -> Tensor:
+        if GroupNorm32.override is not None and (out := GroupNorm32.override(self, x)) is not None:
+            return out
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             return super().forward(x)
         weight, bias = self.weight.float(), self.bias.float()  # a model cast whole to fp16/bf16

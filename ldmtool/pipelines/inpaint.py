@@ -30,8 +30,15 @@ from ldmtool.errors import FatalError, ItemError
 from ldmtool.io.images import LoadedImage, mask_from_alpha, read_image, read_mask
 from ldmtool.pipelines.colour_fix import colour_fix_to, config_switch
 from ldmtool.pipelines.engine import Engine, to_array
-from ldmtool.pipelines.text import (PromptConditioning, TextConditioner, group_by_size, padded_images, padding,
-                                    pixel_multiple, text_encoder)
+from ldmtool.pipelines.text import (
+    PromptConditioning,
+    TextConditioner,
+    group_by_size,
+    padded_images,
+    padding,
+    pixel_multiple,
+    text_encoder,
+)
 from ldmtool.runtime.runner import BaseTask, Job, Output
 
 DEFAULT_FEATHER = 4

@@ -18,7 +18,6 @@ name the tile's crop, as the reference does per patch of a large image.
 from __future__ import annotations
 
 import functools
-
 import json
 import os
 from pathlib import Path
@@ -209,7 +208,7 @@ class Layout2ImgTask(GeneratorTask):
     def conditioning(self, engine: Engine, job: Job, latent_hw: tuple[int, int]) -> tuple[Cond, Optional[Cond]]:
         objects = job.payload
 
-        @functools.lru_cache(maxsize=None)  # a tile keeps its place from step to step: encode it once
+        @functools.cache  # a tile keeps its place from step to step: encode it once
         def encode(crop: tuple[float, float, float, float]) -> torch.Tensor:
             tokens = torch.tensor([self.tokenizer.tokens(objects, crop)], dtype=torch.long, device=engine.device)
             with torch.inference_mode():

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Optional
 
 from ldmtool.diffusion.cond import Cond, Guided
-from ldmtool.tiling.planner import TilePlan, Weighting, crop_tile, add_tile, plan_tiles, shift_for, tile_weights
+from ldmtool.tiling.planner import TilePlan, Weighting, add_tile, crop_tile, plan_tiles, shift_for, tile_weights
 
 if TYPE_CHECKING:
     from torch import Tensor

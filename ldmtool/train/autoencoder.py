@@ -16,6 +16,7 @@ from ldmtool.train import common
 from ldmtool.train.data import CropConfig, ImageCrops, to_tensor
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
     from torch import nn
 

@@ -183,7 +183,13 @@ class Progress:
         self.start_step = start
         self._bar = None
         if not quiet and sys.stderr.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress as RichProgress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
 
             self._bar = RichProgress(
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -269,7 +275,7 @@ def run_loop(trainer: Trainer, run: RunOptions, description: str) -> Path:
                     save_checkpoint(trainer, out, done)
         except KeyboardInterrupt:
             save_checkpoint(trainer, out, done)
-            raise Interrupted(f"training stopped at step {done}; state saved in {out} (add --resume to continue)")
+            raise Interrupted(f"training stopped at step {done}; state saved in {out} (add --resume to continue)") from None
     return save_checkpoint(trainer, out, done)
 
 

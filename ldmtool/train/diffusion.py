@@ -18,132 +18,67 @@ take it:
 The export is a single LatentDiffusion file: `model.diffusion_model.*` (EMA weights),
 `first_stage_model.*`, the schedule buffers and `scale_factor` (1 / std of the training latents, as
 `scale_by_std`), with a CompVis-format config.
+
+This module is the training run; the tasks and options are in `diffusion_config`, the networks, first
+stage, schedule and `--init` weight copying in `diffusion_parts`.
 """
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
-import yaml
 
-from ldmtool.errors import CheckpointError, UsageError
+from ldmtool.errors import UsageError
 from ldmtool.runtime.seeds import derive_seed
 from ldmtool.train import common
-from ldmtool.train.autoencoder import AUTOENCODER_TARGET, build_autoencoder
+from ldmtool.train.autoencoder import AUTOENCODER_TARGET
 from ldmtool.train.data import CropConfig, ImageCrops, to_tensor
 from ldmtool.train.degrade import degradation, degrade
+from ldmtool.train.diffusion_config import (
+    LAYOUT_MAX_OBJECTS,
+    LAYOUT_NAMES,
+    LAYOUT_TEXTURES,
+    LAYOUT_VOCAB,
+    LDM_TARGET,
+    PROCEDURAL,
+    PROCEDURAL_TASKS,
+    TASK_COMMAND,
+    TASK_CONFIG,
+    TEXT_TASKS,
+    UNET_TARGET,
+    DiffusionTraining,
+    Task,
+    UNetArch,
+)
+from ldmtool.train.diffusion_parts import (
+    COND_PREFIX,
+    UNET_PREFIX,
+    FirstStage,
+    build_cond_stage,
+    build_unet,
+    init_cond_stage,
+    init_unet,
+    layout_tokens,
+    load_first_stage,
+    schedule,
+    widen_inputs,
+)
 from ldmtool.train.masks import random_mask
 from ldmtool.train.procedural import CLASSES, Box, layout_sample, semantic_sample, shape_scene
 
 if TYPE_CHECKING:
     import torch
-    from torch import nn
 
-LDM_TARGET = "ldm.models.diffusion.ddpm.LatentDiffusion"
-UNET_TARGET = "ldm.modules.diffusionmodules.openaimodel.UNetModel"
-
-
-class Task(str, enum.Enum):
-    SUPERRES = "superres"
-    INPAINT = "inpaint"
-    SEMANTIC = "semantic"
-    TXT2IMG = "txt2img"
-    LAYOUT = "layout"
-    UNCOND = "uncond"
-
-
-# What each task records in the CompVis config (cond_stage_key, conditioning_key, cond_stage_config target).
-TASK_CONFIG = {
-    Task.SUPERRES: ("LR_image", "concat", "torch.nn.Identity"),
-    Task.INPAINT: ("masked_image", "concat", "__is_first_stage__"),
-    Task.SEMANTIC: ("segmentation", "concat", "ldm.modules.encoders.modules.SpatialRescaler"),
-    Task.TXT2IMG: ("caption", "crossattn", "ldm.modules.encoders.modules.BERTEmbedder"),
-    Task.LAYOUT: ("objects_bbox", "crossattn", "ldm.modules.encoders.modules.BERTEmbedder"),
-    Task.UNCOND: ("image", None, "__is_unconditional__"),
-}
-
-
-# The ldmtool command that runs each task's model (the `task` of the config's `ldmtool:` block).
-TASK_COMMAND = {
-    Task.SUPERRES: "superres", Task.INPAINT: "inpaint", Task.SEMANTIC: "semantic2img", Task.TXT2IMG: "txt2img",
-    Task.LAYOUT: "layout2img", Task.UNCOND: "sample",
-}
-PROCEDURAL_TASKS = (Task.SEMANTIC, Task.TXT2IMG, Task.LAYOUT)
-TEXT_TASKS = (Task.TXT2IMG, Task.LAYOUT)  # a BERTEmbedder cond stage, by cross-attention
-# Procedural layout objects by the OpenImages class names the layout2img command reads (texture -> name).
-LAYOUT_NAMES = {"water": "Swimming pool", "rock": "Building", "tree": "Tree"}
-LAYOUT_TEXTURES = tuple(c.name for c in CLASSES if c.name in LAYOUT_NAMES)  # raster channel order
-LAYOUT_VOCAB = 8192  # as layout2img-openimages256: 90 x 90 coordinate cells, 340 classes x 16 modifiers
-LAYOUT_MAX_OBJECTS = 8
-PROCEDURAL = "procedural"  # the data source of tasks that train on the project's own generators
-
-
-@dataclass(frozen=True)
-class UNetArch:
-    model_channels: int = 64
-    channel_mult: tuple[int, ...] = (1, 2, 4)
-    num_res_blocks: int = 1
-    attention_resolutions: tuple[int, ...] = (4,)  # downsampling factors inside the UNet, as CompVis
-    num_head_channels: int = 32
-
-    def params(self, image_size: int, in_channels: int, out_channels: int) -> dict[str, Any]:
-        return {
-            "image_size": image_size,
-            "in_channels": in_channels,
-            "out_channels": out_channels,
-            "model_channels": self.model_channels,
-            "attention_resolutions": list(self.attention_resolutions),
-            "num_res_blocks": self.num_res_blocks,
-            "channel_mult": list(self.channel_mult),
-            "num_head_channels": self.num_head_channels,
-        }
-
-
-@dataclass(frozen=True)
-class DiffusionTraining:
-    task: Task = Task.SUPERRES
-    crop: int = 128  # high-res crop in pixels
-    batch_size: int = 8
-    lr: float = 1e-4
-    ema_decay: float = 0.999
-    seed: int = 0
-    scale: int = 4  # super-resolution factor
-    min_scale: float = 0.5
-    timesteps: int = 1000
-    linear_start: float = 0.0015  # the LDM BSR schedule
-    linear_end: float = 0.0155
-    scale_batches: int = 4  # batches encoded to estimate scale_factor
-    text_width: int = 128  # txt2img / layout: BERTEmbedder width (= UNet context_dim)
-    text_layers: int = 2
-    caption_dropout: float = 0.1  # txt2img: share of empty captions (classifier-free guidance)
-    init: Optional[str] = None  # checkpoint whose UNet weights start the run (where names and shapes match)
-    procedural: bool = False  # uncond: train on the procedural landscapes instead of image crops
-    degradation: str = "realistic"  # superres: low-res inputs' degradation preset (see train.degrade)
-    # What the UNet predicts: the noise ("eps", as LDM) or v = sqrt(a) eps - sqrt(1 - a) x0 (as SD 2). A UNet
-    # with 32 base channels has one channel per GroupNorm group in its output block, so it cannot see the
-    # image-wide mean of its input: with eps it cannot remove the mean of the starting noise, and at high
-    # noise x0 = (x_t - sqrt(1 - a) eps) / sqrt(a) turns that mean into a random colour cast. With v the
-    # image-wide mean of x0 is mostly the output's own (learnable) offset.
-    prediction: str = "eps"
-    # layout: the boxes also as a coverage map per class, concatenated to the UNet input (see
-    # pipelines.box_raster). Box tokens alone must learn 8100 coordinate embeddings independently, which a
-    # CPU-sized run does not manage; the raster gives every latent pixel its boxes directly.
-    box_raster: bool = False
-
-    def __post_init__(self) -> None:
-        degradation(self.degradation, self.scale)  # an unknown preset is a usage error before anything loads
-        if self.prediction not in ("eps", "v"):
-            raise UsageError(f"--prediction {self.prediction!r}: use eps or v")
-        if self.box_raster and self.task != Task.LAYOUT:
-            raise UsageError("--box-raster is for --task layout")
-
-    @property
-    def generated(self) -> bool:
-        """Whether the data comes from the project's generators rather than image files."""
-        return self.task in PROCEDURAL_TASKS or (self.task == Task.UNCOND and self.procedural)
+# Importable from here as before the split (the CLI, tests and benchmarks use this module's names).
+__all__ = [
+    "COND_PREFIX", "LAYOUT_MAX_OBJECTS", "LAYOUT_NAMES", "LAYOUT_TEXTURES", "LAYOUT_VOCAB", "PROCEDURAL",
+    "PROCEDURAL_TASKS", "TASK_COMMAND", "TASK_CONFIG", "TEXT_TASKS", "UNET_PREFIX", "DiffusionTrainer",
+    "DiffusionTraining", "FirstStage", "Task", "TrainBatch", "UNetArch", "build_cond_stage", "build_unet",
+    "init_cond_stage", "init_unet", "layout_tokens", "load_first_stage", "schedule", "train_diffusion",
+    "widen_inputs",
+]
 
 
 @dataclass
@@ -151,86 +86,6 @@ class TrainBatch:
     z0: "torch.Tensor"  # scaled target latents
     concat: Optional["torch.Tensor"] = None  # concatenated to the noisy latent
     context: Optional["torch.Tensor"] = None  # cross-attention context
-
-
-@dataclass
-class FirstStage:
-    """A frozen, loaded KL first stage and its CompVis params."""
-
-    model: "nn.Module"
-    params: dict[str, Any]
-
-    @property
-    def factor(self) -> int:
-        return 2 ** (len(self.params["ddconfig"]["ch_mult"]) - 1)
-
-    @property
-    def channels(self) -> int:
-        return int(self.params["embed_dim"])
-
-
-def _first_stage_files(path: Path) -> tuple[Path, Path]:
-    path = Path(path)
-    if path.is_dir():
-        path = path / common.MODEL_FILE
-    for config in (path.with_suffix(".yaml"), path.parent / common.CONFIG_FILE):
-        if config.is_file():
-            return path, config
-    raise UsageError(f"--first-stage {path}: no config beside it (expected {path.with_suffix('.yaml').name})")
-
-
-def load_first_stage(path: Path, device) -> FirstStage:
-    """Load an autoencoder written by `ldmtool train autoencoder` (or any KL first stage + its YAML)."""
-    from safetensors.torch import load_file
-
-    weights_path, config_path = _first_stage_files(path)
-    if not weights_path.is_file():
-        raise UsageError(f"--first-stage {weights_path}: file not found")
-    config = yaml.safe_load(config_path.read_text())
-    model_config = config.get("model", config)
-    if model_config.get("target") != AUTOENCODER_TARGET:
-        raise CheckpointError(f"{config_path}: target {model_config.get('target')!r} is not a KL autoencoder ({AUTOENCODER_TARGET})")
-    params = model_config["params"]
-    model = build_autoencoder(params)
-    try:
-        model.load_state_dict(load_file(str(weights_path)), strict=True)
-    except RuntimeError as err:
-        raise CheckpointError(f"{weights_path}: weights do not match {config_path.name}: {str(err).splitlines()[0]}") from err
-    model.to(device).eval().requires_grad_(False)
-    return FirstStage(model, params)
-
-
-def layout_tokens(layouts: Sequence[Sequence[Box]]) -> "torch.Tensor":
-    """(B, 3 * LAYOUT_MAX_OBJECTS + 2) token ids of procedural layouts, as the layout2img command builds them."""
-    import torch
-
-    from ldmtool.pipelines.layout_tokens import BoxTokenizer, LayoutObject, category_number
-
-    tokenizer = BoxTokenizer.for_sequence(LAYOUT_VOCAB, 3 * LAYOUT_MAX_OBJECTS + 2)
-    rows = [tokenizer.tokens([LayoutObject(category_number(LAYOUT_NAMES[CLASSES[b.cls].name]), (b.x0, b.y0, b.x1, b.y1))
-                              for b in boxes]) for boxes in layouts]
-    return torch.tensor(rows, dtype=torch.long)
-
-
-def build_cond_stage(task: Task, params: dict[str, Any]) -> "nn.Module":
-    from ldmtool.nets.encoders import BERTEmbedder, SpatialRescaler
-
-    return (BERTEmbedder if task in TEXT_TASKS else SpatialRescaler)(**params)
-
-
-def build_unet(params: dict[str, Any]) -> "nn.Module":
-    from ldmtool.nets.unet import UNetModel
-
-    return UNetModel(**params)
-
-
-def schedule(training: DiffusionTraining) -> dict[str, "torch.Tensor"]:
-    from ldmtool.checkpoints.schedule import schedule_buffers
-
-    return schedule_buffers(
-        beta_schedule="linear", timesteps=training.timesteps,
-        linear_start=training.linear_start, linear_end=training.linear_end,
-    )
 
 
 class DiffusionTrainer:
@@ -518,62 +373,6 @@ class DiffusionTrainer:
         if self.scale_factor is None:
             self.scale_factor = self.estimate_scale_factor()
         return common.save_export(run_dir, self.export_tensors(), self.config(step))
-
-
-UNET_PREFIX = "model.diffusion_model."
-UNET_INPUT_CONV = "input_blocks.0.0.weight"  # the conv that takes the noisy latent and the concatenated inputs
-
-
-def init_unet(unet: "nn.Module", checkpoint: Path) -> int:
-    """Copies the UNet weights of a LatentDiffusion checkpoint into `unet` wherever the name and shape
-    match (fine-tuning, e.g. a new first stage under a trained model); returns how many tensors were taken.
-    A checkpoint matching fewer than half of the UNet's tensors is a usage error: another architecture."""
-    if not checkpoint.is_file():
-        raise UsageError(f"--init {checkpoint}: no such checkpoint file")
-    return _copy_matching(unet, checkpoint, UNET_PREFIX, at_least=0.5, widen=UNET_INPUT_CONV)
-
-
-COND_PREFIX = "cond_stage_model."
-
-
-def init_cond_stage(cond_stage: "nn.Module", checkpoint: Path) -> int:
-    """Copies a checkpoint's trainable cond stage (BERT, spatial rescaler) into `cond_stage` where names and
-    shapes match; a checkpoint without one (or of another shape) leaves it as initialised. Returns the count."""
-    return _copy_matching(cond_stage, checkpoint, COND_PREFIX, at_least=0.0)
-
-
-def _copy_matching(module: "nn.Module", checkpoint: Path, prefix: str, at_least: float,
-                   widen: Optional[str] = None) -> int:
-    """Copy the checkpoint's `prefix`-ed tensors into `module` where name and shape match (and the conv
-    named `widen` where it only takes more input channels); fewer matches than `at_least` of the module's
-    tensors is a usage error (another architecture)."""
-    from ldmtool.checkpoints.files import read_state_dict
-
-    source = {k[len(prefix):]: v for k, v in read_state_dict(checkpoint).items() if k.startswith(prefix)}
-    own = module.state_dict()
-    matching = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
-    if widen in source and widen in own and _more_inputs(own[widen].shape, source[widen].shape):
-        matching[widen] = widen_inputs(source[widen], own[widen].shape)
-    if len(matching) < at_least * len(own):
-        raise UsageError(f"--init {checkpoint}: only {len(matching)} of the UNet's {len(own)} weights match "
-                         "this architecture (name and shape); give a checkpoint of the same UNet")
-    return common.copy_weights(module, matching)
-
-
-def _more_inputs(own: Sequence[int], source: Sequence[int]) -> bool:
-    """Whether a conv weight differs from the checkpoint's only by taking more input channels."""
-    return (len(own) == len(source) == 4 and own[1] > source[1]
-            and own[0] == source[0] and tuple(own[2:]) == tuple(source[2:]))
-
-
-def widen_inputs(weight: "torch.Tensor", shape: Sequence[int]) -> "torch.Tensor":
-    """A conv weight with zero weights for the added input channels: a UNet given a new concatenated input
-    (e.g. the box raster) starts as the checkpoint's UNet, which ignores it until training says otherwise."""
-    import torch
-
-    wide = torch.zeros(tuple(shape), dtype=weight.dtype)
-    wide[:, :weight.shape[1]] = weight
-    return wide
 
 
 def train_diffusion(arch: UNetArch, training: DiffusionTraining, first_stage: Path, paths: Sequence[Path], run: common.RunOptions) -> Path:
