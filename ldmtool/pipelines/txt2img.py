@@ -17,8 +17,14 @@ from ldmtool.diffusion.samplers import get_sampler
 from ldmtool.errors import ItemError, UsageError
 from ldmtool.io.discover import Item, generated_items
 from ldmtool.pipelines.engine import Engine
-from ldmtool.pipelines.text import (PromptSpec, TextConditioner, check_size, group_by_size, pixel_multiple,
-                                    require_text_model)
+from ldmtool.pipelines.text import (
+    PromptSpec,
+    TextConditioner,
+    check_size,
+    group_by_size,
+    pixel_multiple,
+    require_text_model,
+)
 from ldmtool.runtime.runner import BaseTask, Job, Output
 from ldmtool.runtime.seeds import SEED_LIMIT
 

@@ -69,8 +69,8 @@ class Worker:
         self.run._open_task()
 
     def __call__(self, batch: dict) -> dict:
-        from ray import cloudpickle
         import numpy as np
+        from ray import cloudpickle
 
         jobs = [cloudpickle.loads(bytes(blob)) for blob in batch["job"]]
         self.run._process(jobs)
@@ -88,8 +88,7 @@ def process_on_ray(run: "_BatchRun", jobs: list["Job"]) -> None:
     """Run `jobs` on a Ray cluster and feed every record and event back into `run` (the driver's run)."""
     try:
         import ray
-        from ray import cloudpickle
-        from ray import data as ray_data
+        from ray import cloudpickle, data as ray_data
     except ImportError:
         raise UsageError("--engine ray needs Ray: pip install 'ldmtool[ray]'") from None
     try:

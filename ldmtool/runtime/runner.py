@@ -41,8 +41,8 @@ from ldmtool.io.metadata import build_metadata
 from ldmtool.io.outputs import DEFAULT_TEMPLATE, OutputSpec, plan_outputs
 from ldmtool.io.writer import DEFAULT_QUALITY, format_name, remove_stale_temps, write_image
 from ldmtool.runtime import identity
-from ldmtool.runtime.resume import Recipes, current_replay
 from ldmtool.runtime.report import ItemEvent, Reporter, Status, Summary
+from ldmtool.runtime.resume import Recipes, current_replay
 from ldmtool.runtime.seeds import RANDOM, item_seed
 from ldmtool.runtime.shard import Shard, select, strip_scheduling, write_members
 
