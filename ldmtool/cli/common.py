@@ -21,8 +21,8 @@ from ldmtool.cli.options import RUN
 
 if TYPE_CHECKING:
     from ldmtool.io.discover import Discovery
+    from ldmtool.runtime.jobs import RunOptions
     from ldmtool.runtime.report import Summary
-    from ldmtool.runtime.runner import RunOptions
 
 
 # Mask and input-size options for the commands that take masks (inpaint) or many images.
@@ -79,7 +79,7 @@ def run_options(
     """RunOptions from the shared option values (names as in `ldmtool.cli.options`); `cli` is every option
     the command was given (the job's identity and its replay recipe)."""
     from ldmtool.errors import UsageError
-    from ldmtool.runtime.runner import RunOptions
+    from ldmtool.runtime.jobs import RunOptions
     from ldmtool.runtime.shard import parse_shard
 
     if overwrite and existing not in (None, "overwrite"):

@@ -11,7 +11,7 @@ from ldmtool.cli.shared import task_command
 
 if TYPE_CHECKING:
     from ldmtool.pipelines.engine import ModelChoice, SamplingChoice
-    from ldmtool.runtime.runner import RunOptions
+    from ldmtool.runtime.jobs import RunOptions
 
 EXAMPLE = 'Example: ldmtool img2img ./photos --prompt "an oil painting" --strength 0.6 -o out/'
 

@@ -11,7 +11,7 @@ from ldmtool.cli.shared import task_command
 
 if TYPE_CHECKING:
     from ldmtool.pipelines.engine import ModelChoice, SamplingChoice
-    from ldmtool.runtime.runner import RunOptions
+    from ldmtool.runtime.jobs import RunOptions
 
 EXAMPLE = "Example: ldmtool inpaint photo.png photo_mask.png -o fixed.png   (folders: x.png pairs with x_mask.png)"
 

@@ -11,7 +11,7 @@ from ldmtool.cli.shared import task_command
 
 if TYPE_CHECKING:
     from ldmtool.pipelines.engine import ModelChoice, SamplingChoice
-    from ldmtool.runtime.runner import RunOptions
+    from ldmtool.runtime.jobs import RunOptions
 
 EXAMPLE = 'Example: ldmtool sample --class "golden retriever" --class 88 --n 4 --model cin256-v2.ckpt -o out/'
 

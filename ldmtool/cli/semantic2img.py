@@ -12,7 +12,7 @@ from ldmtool.cli.shared import task_command
 
 if TYPE_CHECKING:
     from ldmtool.pipelines.engine import ModelChoice, SamplingChoice
-    from ldmtool.runtime.runner import RunOptions
+    from ldmtool.runtime.jobs import RunOptions
 
 EXAMPLE = "Example: ldmtool semantic2img maps/ --palette landscape.yaml --width 1024 --height 512 -o out/"
 

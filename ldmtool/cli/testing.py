@@ -17,7 +17,7 @@ from ldmtool.cli.common import InvertMask, MaskFromAlpha, MasksDir, MaxPixels, f
 from ldmtool.cli.shared import task_command
 
 if TYPE_CHECKING:
-    from ldmtool.runtime.runner import RunOptions
+    from ldmtool.runtime.jobs import RunOptions
 
 SLEEP_ENV = "LDMTOOL_TEST_SLEEP"
 EXAMPLE = "Example: LDMTOOL_TEST_COMMANDS=1 ldmtool _invert photos/ -o out/ --json"
@@ -50,7 +50,7 @@ def _mask_mode(paired: bool, from_alpha: bool) -> str:
 
 def _invert_task_class():
     from ldmtool.io.images import mask_from_alpha, read_image, read_mask
-    from ldmtool.runtime.runner import BaseTask, Output
+    from ldmtool.runtime.jobs import BaseTask, Output
 
     class _InvertTask(BaseTask):
         command = "_invert"

@@ -14,7 +14,7 @@ from ldmtool.cli.shared import task_command
 
 if TYPE_CHECKING:
     from ldmtool.pipelines.engine import ModelChoice, SamplingChoice
-    from ldmtool.runtime.runner import RunOptions
+    from ldmtool.runtime.jobs import RunOptions
 
 EXAMPLE = 'Example: ldmtool tile-synth --prompt "mossy stone wall" --width 4096 --height 1024 --seamless x -o wall.png'
 

@@ -12,7 +12,7 @@ from ldmtool.cli.shared import task_command
 
 if TYPE_CHECKING:
     from ldmtool.pipelines.engine import ModelChoice, SamplingChoice
-    from ldmtool.runtime.runner import RunOptions
+    from ldmtool.runtime.jobs import RunOptions
 
 EXAMPLE = 'Example: ldmtool txt2img --prompt "a red fox in the snow" --n 4 --model sd-v1-5.safetensors -o out/'
 

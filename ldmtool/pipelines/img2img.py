@@ -13,7 +13,7 @@ import torch
 from ldmtool.io.images import LoadedImage, read_image
 from ldmtool.pipelines.engine import Engine, to_array
 from ldmtool.pipelines.text import PromptConditioning, group_by_size, padded_images, pixel_multiple
-from ldmtool.runtime.runner import BaseTask, Job, Output
+from ldmtool.runtime.jobs import BaseTask, Job, Output
 
 DEFAULT_STRENGTH = 0.75
 

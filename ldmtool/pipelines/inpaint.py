@@ -39,7 +39,7 @@ from ldmtool.pipelines.text import (
     pixel_multiple,
     text_encoder,
 )
-from ldmtool.runtime.runner import BaseTask, Job, Output
+from ldmtool.runtime.jobs import BaseTask, Job, Output
 
 DEFAULT_FEATHER = 4
 

@@ -34,7 +34,7 @@ from ldmtool.pipelines.box_raster import box_raster
 from ldmtool.pipelines.engine import Engine
 from ldmtool.pipelines.layout_tokens import BoxTokenizer, LayoutObject, category_name, category_number, tokenizer_for
 from ldmtool.pipelines.sample import GeneratorTask
-from ldmtool.runtime.runner import Job, Output
+from ldmtool.runtime.jobs import Job, Output
 
 LAYOUT_SUFFIXES = frozenset({".json", ".yaml", ".yml"})
 _FLAGS = ("group_of", "occluded", "depiction", "inside")

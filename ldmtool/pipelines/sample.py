@@ -27,7 +27,7 @@ from ldmtool.errors import FatalError, ItemError, UsageError
 from ldmtool.io.discover import Item, generated_items
 from ldmtool.pipelines.engine import Engine
 from ldmtool.pipelines.text import check_size, pixel_multiple
-from ldmtool.runtime.runner import BaseTask, Job, Output
+from ldmtool.runtime.jobs import BaseTask, Job, Output
 
 IMAGENET_CLASSES = 1000
 

@@ -27,7 +27,7 @@ from ldmtool.errors import FatalError, ItemError, UsageError
 from ldmtool.io.images import max_pixels_default
 from ldmtool.pipelines.engine import Engine
 from ldmtool.pipelines.sample import GeneratorTask
-from ldmtool.runtime.runner import Job
+from ldmtool.runtime.jobs import Job
 
 # One-hot maps are encoded in row strips of at most this many elements (182 classes × 4096² would be 12 GB).
 _STRIP_ELEMENTS = 1 << 24

@@ -21,7 +21,7 @@ from ldmtool.io.images import read_image
 from ldmtool.pipelines.colour_fix import colour_fix_, config_switch
 from ldmtool.pipelines.consistency import back_project_
 from ldmtool.pipelines.engine import Engine, to_model_range
-from ldmtool.runtime.runner import BaseTask, Job, Output
+from ldmtool.runtime.jobs import BaseTask, Job, Output
 
 NATIVE_SCALE = 4
 

@@ -19,7 +19,7 @@ from ldmtool.pipelines.engine import Engine
 from ldmtool.pipelines.sample import GeneratorTask, SampleTask, sample_items
 from ldmtool.pipelines.semantic2img import Semantic2ImgTask, semantic_classes
 from ldmtool.pipelines.text import TextConditioner, text_encoder
-from ldmtool.runtime.runner import Job
+from ldmtool.runtime.jobs import Job
 
 COMMAND = "tile-synth"
 

@@ -25,7 +25,7 @@ from ldmtool.pipelines.text import (
     pixel_multiple,
     require_text_model,
 )
-from ldmtool.runtime.runner import BaseTask, Job, Output
+from ldmtool.runtime.jobs import BaseTask, Job, Output
 from ldmtool.runtime.seeds import SEED_LIMIT
 
 

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 from ldmtool.errors import FatalError, LdmError, UsageError
 
 if TYPE_CHECKING:
-    from ldmtool.runtime.runner import Job, _BatchRun
+    from ldmtool.runtime.jobs import Job
+    from ldmtool.runtime.runner import BatchRun
 
 # Restart dead actors and retry their batches without limit; Ray gives up only on driver loss.
 _RETRIES = {"max_restarts": -1, "max_task_retries": -1}
@@ -58,22 +59,22 @@ class Worker:
     def __init__(self, blob: bytes):
         from ray import cloudpickle
 
-        from ldmtool.runtime.runner import _BatchRun
+        from ldmtool.runtime.execution import JobRunner
 
-        task, options, cwd = cloudpickle.loads(blob)
+        task, options, recipes, cwd = cloudpickle.loads(blob)
         if os.path.isdir(cwd):  # relative input, output and model paths mean what they meant to the driver
             os.chdir(cwd)
         self.collector = Collector()
-        self.run = _BatchRun(task, options, self.collector)
-        self.run.manifest = self.collector
-        self.run._open_task()
+        self.runner = JobRunner(task, options, recipes, base_seed=options.seed, events=self.collector,
+                                records=self.collector)
+        self.runner.open()
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
         from ray import cloudpickle
 
         jobs = [cloudpickle.loads(bytes(blob)) for blob in batch["job"]]
-        self.run._process(jobs)
+        self.runner.process(jobs)
         records, events = self.collector.take()
         by_key: dict[str, tuple[list, list]] = {job.item.key: ([], []) for job in jobs}
         for record in records:
@@ -84,7 +85,7 @@ class Worker:
         return {"result": np.array(results, dtype=object)}
 
 
-def process_on_ray(run: "_BatchRun", jobs: list["Job"]) -> None:
+def process_on_ray(run: "BatchRun", jobs: list["Job"]) -> None:
     """Run `jobs` on a Ray cluster and feed every record and event back into `run` (the driver's run)."""
     try:
         import ray
@@ -108,11 +109,11 @@ def process_on_ray(run: "_BatchRun", jobs: list["Job"]) -> None:
         raise FatalError(f"the Ray engine stopped: {' '.join(str(err).split())[:300]}") from err
 
 
-def _pipeline(ray, ray_data, cloudpickle, run: "_BatchRun", jobs: list["Job"]):
+def _pipeline(ray, ray_data, cloudpickle, run: "BatchRun", jobs: list["Job"]):
     """read job list → map_batches on an actor pool (model loaded once per actor) → per-job results."""
     workers, gpus = _pool_size(ray)
     local = _local_options(run.options, run.base_seed)
-    blob = cloudpickle.dumps((run.task, local, os.getcwd()))
+    blob = cloudpickle.dumps((run.task, local, run.recipes, os.getcwd()))
     rows = [{"job": cloudpickle.dumps(job)} for job in jobs]
     dataset = ray_data.from_items(rows, override_num_blocks=max(1, min(len(rows), 200)))
     return dataset.map_batches(
@@ -122,7 +123,7 @@ def _pipeline(ray, ray_data, cloudpickle, run: "_BatchRun", jobs: list["Job"]):
     )
 
 
-def _consume(run: "_BatchRun", results, cloudpickle) -> None:
+def _consume(run: "BatchRun", results, cloudpickle) -> None:
     for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
         for blob in batch["result"]:
             records, events = cloudpickle.loads(bytes(blob))

@@ -1,0 +1,227 @@
+"""Per-job execution, the same for every engine: load → run → write → record → report.
+
+`JobRunner` opens a task once, then takes planned jobs in batches of `--batch-size`: loads each item, runs
+the batch (a batch that fails is rerun item by item to find the bad one), writes each output atomically
+with its metadata and recipe, appends the done/failed record to the manifest and reports the event. An
+item that fails is one line naming its file; the run goes on unless `--fail-fast`. The local engine
+(runtime/runner.py) and each Ray worker (runtime/ray_engine.py) run their jobs through it.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping, Optional, Protocol, Sequence
+
+import numpy as np
+
+from ldmtool.errors import FatalError, LdmError
+from ldmtool.io.discover import Item
+from ldmtool.io.metadata import build_metadata
+from ldmtool.io.writer import format_name, write_image
+from ldmtool.runtime import identity
+from ldmtool.runtime.jobs import Job, Output, RunOptions, Task
+from ldmtool.runtime.report import ItemEvent, Status, Summary
+from ldmtool.runtime.resume import Recipes
+from ldmtool.runtime.shard import strip_scheduling
+
+DEBUG_ENV = "LDMTOOL_DEBUG"
+
+
+class Records(Protocol):
+    """Where done/failed records go: the manifest, or a Ray worker's collector."""
+
+    def append(self, record: dict[str, Any]) -> None: ...
+
+
+class Events(Protocol):
+    """Where per-item events go: the reporter, or a Ray worker's collector."""
+
+    def item(self, event: ItemEvent) -> None: ...
+
+
+def recipes_for(task: Task, options: RunOptions, output_suffix: str) -> Recipes:
+    """The identity of a run's jobs (runtime/identity.py): command, model sha256, pixel options."""
+    own = {name: value for name, value in options.cli.items() if name not in getattr(task, "item_options", ())}
+    return Recipes(task.command, model_sha256(task), identity.pixel_options(own, Path("x" + output_suffix)),
+                   identity.recorded_options(options.cli))
+
+
+def output_suffix(target: Optional[Path], is_file: bool, fmt: Optional[str]) -> str:
+    if is_file and target is not None:
+        return target.suffix
+    return "." + (format_name(fmt) if fmt else "png")
+
+
+def model_sha256(task: Task) -> Optional[str]:
+    model_file = task.model_file() if hasattr(task, "model_file") else getattr(task, "model_path", None)
+    if model_file is None or not Path(model_file).is_file():
+        return None
+    from ldmtool.runtime.cache import file_sha256
+
+    return file_sha256(model_file)
+
+
+class JobRunner:
+    """Runs planned jobs of one task; `summary` counts what it reported."""
+
+    def __init__(self, task: Task, options: RunOptions, recipes: Recipes, *, base_seed: Optional[int],
+                 events: Events, records: Optional[Records], summary: Optional[Summary] = None):
+        self.task = task
+        self.options = options
+        self.recipes = recipes
+        self.base_seed = base_seed
+        self.events = events
+        self.records = records
+        self.summary = summary or Summary(base_seed=base_seed)
+        self.stopped = False
+        self._recipe_argv = strip_scheduling(options.argv if options.argv is not None else sys.argv)
+
+    def open(self) -> None:
+        """Open the task (load its model); an unexpected error is fatal in one line."""
+        if hasattr(self.task, "reporter"):
+            self.task.reporter = self.events
+        try:
+            self.task.open()
+        except LdmError:
+            raise
+        except Exception as err:  # a model that cannot start: no item can run
+            if os.environ.get(DEBUG_ENV) == "1":
+                raise
+            reason = " ".join(str(err).split()) or type(err).__name__
+            raise FatalError(f"{self.task.command}: cannot start ({type(err).__name__}: {reason}); "
+                             f"set {DEBUG_ENV}=1 for the full traceback") from err
+
+    def process(self, jobs: Sequence[Job]) -> None:
+        batch: list[Job] = []
+        for job in jobs:
+            if self.stopped:
+                return
+            if not self._load(job):
+                continue
+            batch.append(job)
+            if len(batch) == self.options.batch_size:
+                self._run_and_release(batch)
+                batch = []
+        if batch and not self.stopped:
+            self._run_and_release(batch)
+
+    # -- outcomes
+
+    def fail(self, job: Job, err: BaseException, seconds: float, *, record: bool = True) -> None:
+        if os.environ.get(DEBUG_ENV) == "1" and not isinstance(err, LdmError):
+            raise err  # developers: see where an unexpected error came from
+        reason = one_line(err, job.item)
+        if record:
+            self._record(job, Status.FAILED, seconds, reason, {})
+        self.report(job, Status.FAILED, seconds, reason)
+        if self.options.fail_fast:
+            self.stopped = True
+
+    def report(self, job: Job, status: Status, seconds: float = 0.0, error: Optional[str] = None) -> None:
+        self.summary.count(status)
+        if error is not None:
+            self.summary.failures.append(error)
+        self.events.item(ItemEvent(status=status, key=job.item.key, input=_text(job.item.path),
+                                   output=str(job.output), seed=job.seed, seconds=seconds, error=error))
+
+    # -- the steps
+
+    def _run_and_release(self, batch: list[Job]) -> None:
+        try:
+            self._run_batch(batch)
+        finally:
+            for job in batch:
+                job.payload = None  # a long run must not keep every loaded image alive
+
+    def _load(self, job: Job) -> bool:
+        started = time.monotonic()
+        try:
+            job.payload = self.task.load(job)
+            job.load_seconds = time.monotonic() - started
+            return True
+        except FatalError:
+            raise
+        except Exception as err:
+            self.fail(job, err, time.monotonic() - started)
+            return False
+
+    def _run_batch(self, jobs: list[Job]) -> None:
+        started = time.monotonic()
+        try:
+            results = list(self.task.run(jobs))
+            if len(results) != len(jobs):
+                raise RuntimeError(f"task {self.task.command} returned {len(results)} outputs for {len(jobs)} items")
+        except FatalError:
+            raise
+        except Exception as err:
+            if len(jobs) > 1:  # find which item is bad: run them one by one
+                for job in jobs:
+                    if not self.stopped:
+                        self._run_batch([job])
+                return
+            self.fail(jobs[0], err, time.monotonic() - started)
+            return
+        share = (time.monotonic() - started) / len(jobs)
+        for job, result in zip(jobs, results):
+            if self.stopped:
+                return
+            if isinstance(result, Exception):
+                self.fail(job, result, share)
+            else:
+                self._write(job, result, share)
+
+    def _write(self, job: Job, output: Output, seconds: float) -> None:
+        started = time.monotonic()
+        try:
+            image = np.asarray(output.image)
+            metadata = build_metadata(
+                command=self.task.command, params={**self.task.params, **output.params}, seed=job.seed,
+                base_seed=self.base_seed, key=job.item.key, argv=self._recipe_argv,
+                size=(image.shape[1], image.shape[0]), model=_model_name(self.task),
+                model_sha256=self.recipes.model_sha256, extra=self.recipes.recipe_extras(job.item, job.seed),
+            )
+            write_image(job.output, image, alpha=output.alpha, quality=self.options.quality, metadata=metadata)
+        except FatalError as err:
+            self.fail(job, err, seconds, record=False)
+            raise
+        except Exception as err:
+            self.fail(job, err, seconds + job.load_seconds + time.monotonic() - started)
+            return
+        total = seconds + job.load_seconds + time.monotonic() - started
+        self._record(job, Status.DONE, total, None, output.params)
+        self.report(job, Status.DONE, total)
+
+    def _record(self, job: Job, status: Status, seconds: float, error: Optional[str], extra: Mapping[str, Any]) -> None:
+        if self.records is None:
+            return
+        record = {
+            "status": status.value, "key": job.item.key, "input": _text(job.item.path), "mask": _text(job.item.mask),
+            "output": str(job.output), "seed": job.seed, "base_seed": self.base_seed,
+            "seconds": round(seconds, 3), "command": self.task.command, "params": {**self.task.params, **extra},
+            "model_sha256": self.recipes.model_sha256, "run_id": self.recipes.run_id,
+            "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        if error is not None:
+            record["error"] = error
+        self.records.append(record)
+
+
+def one_line(err: BaseException, item: Item) -> str:
+    """The failure reason on one line, always naming the item's file (or key)."""
+    text = " ".join(str(err).split())
+    if not isinstance(err, LdmError):
+        text = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    label = item.label
+    return text if label in text else f"{label}: {text}"
+
+
+def _text(path: Optional[Path]) -> Optional[str]:
+    return None if path is None else str(path)
+
+
+def _model_name(task: Task) -> Optional[str]:
+    path = getattr(task, "model_path", None)
+    return None if path is None else str(path)
