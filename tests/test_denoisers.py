@@ -17,11 +17,19 @@ class Recorder:
     """A fake UNet that returns a fixed tensor and remembers how it was called."""
 
     def __init__(self, output=None):
-        self.output, self.calls = output, []
+        self.output, self.calls, self.row = output, [], 0
 
     def __call__(self, x, t, context=None, y=None):
         self.calls.append(SimpleNamespace(x=x, t=t, context=context, y=y))
-        return self.output if self.output is not None else x[:, :4] * 0.5
+        if self.output is None:
+            return x[:, :4] * 0.5
+        out = self.output[self.row : self.row + x.shape[0]]  # the denoiser calls once per row, in order
+        self.row = (self.row + x.shape[0]) % self.output.shape[0]
+        return out
+
+    def all(self, name: str) -> torch.Tensor:
+        """An argument of every call, stacked (the denoiser calls the network once per batch row)."""
+        return torch.cat([getattr(call, name) for call in self.calls])
 
 
 def vp_truth(t: int, shape=(2, 4, 3, 3)):
@@ -42,8 +50,8 @@ def test_each_parameterization_recovers_x0_and_feeds_the_vp_sample(parameterizat
     x_ve = x0 + sigma * eps
     out = denoise(x_ve, sigma.repeat(2), None)
     torch.testing.assert_close(out, x0, rtol=0, atol=1e-10)
-    torch.testing.assert_close(net.calls[0].x, x_vp, rtol=0, atol=1e-12)
-    assert net.calls[0].t.tolist() == [float(t)] * 2
+    torch.testing.assert_close(net.all("x"), x_vp, rtol=0, atol=1e-12)
+    assert net.all("t").tolist() == [float(t)] * 2
 
 
 @pytest.mark.parametrize("prediction_type, parameterization", [("epsilon", "eps"), ("v_prediction", "v")])
@@ -68,16 +76,17 @@ def test_between_grid_sigmas_the_timestep_interpolates_in_log_sigma():
     sigma = torch.tensor([0.05, 1.0, 7.5], dtype=torch.float64)
     denoise(torch.zeros(3, 4, 2, 2), sigma)
     expected = np.interp(np.log(sigma.numpy()), log_sigmas, np.arange(1000))
-    np.testing.assert_allclose(net.calls[0].t.double().numpy(), expected, rtol=1e-6)
+    np.testing.assert_allclose(net.all("t").double().numpy(), expected, rtol=1e-6)
+    net.calls.clear()
     DiscreteDenoiser(net, AC, quantize=True)(torch.zeros(3, 4, 2, 2), sigma)
-    assert net.calls[1].t.tolist() == np.round(expected).tolist()
+    assert net.all("t").tolist() == np.round(expected).tolist()
 
 
 def test_float32_grid_sigmas_snap_to_the_integer_timestep():
     net = Recorder()
     sigma = ((1 - AC[[981, 1]]) / AC[[981, 1]]).sqrt().float()
     DiscreteDenoiser(net, AC)(torch.zeros(2, 4, 2, 2), sigma)
-    assert net.calls[0].t.tolist() == [981.0, 1.0]
+    assert net.all("t").tolist() == [981.0, 1.0]
 
 
 @pytest.mark.parametrize(
@@ -97,12 +106,15 @@ def test_conditioning_reaches_the_network_by_conditioning_key(key, fields):
     net = Recorder()
     x = torch.randn(2, 4, 3, 3)
     DiscreteDenoiser(net, AC, "eps", key)(x, torch.tensor([1.0, 2.0]), cond)
-    call = net.calls[0]
-    assert call.x.shape[1] == (9 if "concat" in fields else 4)
-    if "concat" in fields:
-        assert torch.equal(call.x[:, 4:], values["concat"])  # appended after the latent, not scaled
-    assert (call.context is values["crossattn"]) == ("crossattn" in fields)
-    assert (call.y is values["y"]) == ("y" in fields)
+    assert len(net.calls) == 2  # one network call per row (README "Reproducibility")
+    for row, call in enumerate(net.calls):
+        assert call.x.shape[:2] == (1, 9 if "concat" in fields else 4)
+        if "concat" in fields:
+            assert torch.equal(call.x[:, 4:], values["concat"][row : row + 1])  # appended after the latent, not scaled
+        for name, got in (("crossattn", call.context), ("y", call.y)):
+            assert (got is None) == (name not in fields)
+            if got is not None:
+                assert torch.equal(got, values[name][row : row + 1])
 
 
 def test_conditioning_that_does_not_fit_the_key_is_refused():

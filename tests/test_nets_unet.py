@@ -190,7 +190,17 @@ def test_cross_attention_is_softmax_attention_with_separate_heads(context_dim):
         assert torch.allclose(attn(x, context), unfused_attention(attn, x, context), atol=1e-5)
 
 
-def test_cpu_conv_fast_path_equals_conv2d_on_views_and_follows_weight_updates():
+@pytest.fixture
+def prepack_on():
+    """The opt-in oneDNN path (off by default: not batch-invariant) for one test."""
+    from ldmtool.nets.prepack import set_cpu_prepack
+
+    set_cpu_prepack(True)
+    yield
+    set_cpu_prepack(False)
+
+
+def test_cpu_conv_fast_path_equals_conv2d_on_views_and_follows_weight_updates(prepack_on):
     from ldmtool.nets._layers import Conv2d
 
     conv = Conv2d(32, 64, 3, padding=1)
@@ -204,7 +214,7 @@ def test_cpu_conv_fast_path_equals_conv2d_on_views_and_follows_weight_updates():
     with torch.inference_mode():  # weights created here carry no version counter: the plain path is used
         fresh = Conv2d(32, 8, 1)
         assert torch.allclose(fresh(big), torch.nn.functional.conv2d(big, fresh.weight, fresh.bias), atol=1e-5)
-    from ldmtool.nets._layers import set_cpu_prepack
+    from ldmtool.nets.prepack import set_cpu_prepack
 
     assert "_prepacked" in conv.__dict__
     set_cpu_prepack(False, conv)
@@ -253,7 +263,7 @@ def test_unet_cast_whole_to_bfloat16_runs_with_float32_norms():
     assert (got - expected).abs().max() < 0.05 * expected.abs().max()
 
 
-def test_cpu_linear_fast_path_equals_linear_on_views_and_follows_weight_updates():
+def test_cpu_linear_fast_path_equals_linear_on_views_and_follows_weight_updates(prepack_on):
     from ldmtool.nets._layers import Linear
 
     layer = Linear(32, 48)
@@ -268,3 +278,16 @@ def test_cpu_linear_fast_path_equals_linear_on_views_and_follows_weight_updates(
         assert torch.allclose(twin(inputs[1]), layer(inputs[1]), atol=1e-6)
     layer(inputs[0]).sum().backward()
     assert layer.weight.grad is not None
+
+
+def test_default_layers_take_no_prepacked_path_and_one_by_one_convs_equal_conv2d():
+    from ldmtool.nets._layers import Conv2d, Linear, pointwise
+
+    conv, layer = Conv2d(32, 16, 1), Linear(32, 48)
+    x = torch.randn(2, 32, 9, 7)
+    with torch.no_grad():
+        assert torch.allclose(conv(x), torch.nn.functional.conv2d(x, conv.weight, conv.bias), atol=1e-5)
+        layer(torch.randn(3, 5, 32))
+        big = torch.randn(3, 40000)
+        assert torch.allclose(pointwise(torch.nn.functional.gelu, big), torch.nn.functional.gelu(big), atol=1e-6)
+    assert "_prepacked" not in conv.__dict__ and "_prepacked" not in layer.__dict__

@@ -154,10 +154,10 @@ def test_text_conditioner_caches_and_keeps_order():
     out = texts(["ab", "", "ab", "abcd"])
     assert out[:, 0, 0].tolist() == [2.0, 0.0, 2.0, 4.0]
     texts(["", "abcd", "xyz"])
-    assert encoder.calls == [["ab", "", "abcd"], ["xyz"]]
+    assert encoder.calls == [["ab"], [""], ["abcd"], ["xyz"]]  # each distinct text once, alone (batch-invariant)
     small = TextConditioner(encoder, keep=2)
     small(["a", "b"]), small(["c"]), small(["b"]), small(["a"])  # "a" was the least recently used, dropped
-    assert encoder.calls[2:] == [["a", "b"], ["c"], ["a"]]
+    assert encoder.calls[4:] == [["a"], ["b"], ["c"], ["a"]]
 
 
 @pytest.mark.parametrize("args, code, message", [

@@ -124,7 +124,24 @@ class DiscreteDenoiser:
             )
         if cond.concat is not None:
             x_in = torch.cat([x_in, cond.concat.to(x_in.dtype)], dim=1)
-        return self.unet(x_in, t, context=cond.crossattn, y=cond.y)
+        return per_row(self.unet, x_in, t.expand(x_in.shape[0]), context=cond.crossattn, y=cond.y)
+
+
+def per_row(network: Callable[..., torch.Tensor], x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """`network(x, *args, **kwargs)` called once per batch row, the results stacked.
+
+    Every kernel then sees the same shapes whatever the batch (items, tiles of a tile batch, cond and uncond
+    of guidance), so a row's result, rounding included, does not depend on what shares its batch; CPU and
+    GPU libraries pick their kernels, and so their summation order, by shape. Tensor arguments with one row
+    per row of `x` are sliced along with it; the others (None, a shared row) are passed as they are.
+    """
+    def row(value, i: int):
+        return value[i : i + 1] if isinstance(value, torch.Tensor) and value.shape[:1] == x.shape[:1] else value
+
+    if x.shape[0] == 1:
+        return network(x, *args, **kwargs)
+    return torch.cat([network(x[i : i + 1], *(row(a, i) for a in args), **{k: row(v, i) for k, v in kwargs.items()})
+                      for i in range(x.shape[0])])
 
 
 def bind(denoiser: Callable, cond) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

@@ -5,8 +5,11 @@ asymmetric downsample pad), so seamless mode is one call: `set_seamless(model, x
 every padding circular along the chosen axes and zero along the others. The state-dict keys stay those of
 `torch.nn.Conv2d`.
 
-`Conv2d` and `Linear` also carry the CPU inference fast path (oneDNN with cached packed weights, switched
-by `set_cpu_prepack`); training, other devices and other dtypes use the plain PyTorch ops.
+`Conv2d` and `Linear` run the public `F.conv2d` / `F.linear`. The oneDNN packed-weight path of
+`ldmtool.nets.prepack` is an explicit opt-in (`set_cpu_prepack(True)`): it is faster on some CPUs but its
+kernels, and so its rounding, follow the batch shape (README "Reproducibility").
+
+`pointwise` applies the activations; see it for why they run in fixed pieces.
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldmtool.errors import CheckpointError
+from ldmtool.nets import prepack
+from ldmtool.nets.prepack import PackedWeightCache
 
 
 def pad_2d(x: Tensor, pad: tuple[int, int, int, int], seamless: tuple[bool, bool]) -> Tensor:
@@ -34,66 +39,20 @@ def pad_2d(x: Tensor, pad: tuple[int, int, int, int], seamless: tuple[bool, bool
     return x
 
 
-class _PackedWeightCache:
-    """A oneDNN-reordered copy of `self.weight`, kept while the weight is unchanged (same storage and
-    version counter). PyTorch's own CPU path re-lays the weight out on every call, which costs more than the
-    arithmetic at the UNet's low resolutions (e.g. 1280-channel convs at 8x8, linears over 64 tokens)."""
-
-    weight: Tensor
-
-    def _cached_pack(self, extra: tuple, build) -> Optional[Tensor]:
-        weight = self.weight
-        try:
-            key = (weight.data_ptr(), weight._version, extra)
-        except RuntimeError:  # inference tensors have no version counter: nothing safe to cache
-            return None
-        cached = self.__dict__.get("_prepacked")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        packed = _guarded(build, weight.detach())
-        self.__dict__["_prepacked"] = (key, packed) if packed is not None else None
-        return packed
-
-    def __getstate__(self) -> dict:
-        # The packed weight is an opaque oneDNN tensor: it can be neither copied nor pickled. Rebuilt on use.
-        state = dict(self.__dict__)
-        state.pop("_prepacked", None)
-        return state
-
-    def _apply(self, fn, recurse: bool = True):
-        self.__dict__.pop("_prepacked", None)  # moved or cast: do not keep a stale CPU copy alive
-        return super()._apply(fn, recurse)  # type: ignore[misc]
-
-
-def _guarded(fn, *args) -> Optional[Tensor]:
-    """Run a oneDNN op; on a build that cannot, switch the fast path off for the process and return None."""
-    try:
-        return fn(*args)
-    except (RuntimeError, AttributeError):
-        _PREPACK["enabled"] = False
-        return None
-
-
-class Linear(_PackedWeightCache, nn.Linear):
-    """`nn.Linear` that runs oneDNN with a cached packed weight on the CPU at inference (same keys)."""
+class Linear(PackedWeightCache, nn.Linear):
+    """`nn.Linear` (same keys) that can take the opt-in oneDNN path of `ldmtool.nets.prepack`."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if _fast_cpu(x, self.weight) and x.dim() >= 2:
-            rows = max(1, x.numel() // max(1, x.shape[-1]))
-            packed = self._cached_pack((), lambda w: torch.ops.mkldnn._reorder_linear_weight(w, rows))
-            if packed is not None:
-                out = _guarded(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], ""))
-                if out is not None:
-                    return out
+        if prepack.applies(x, self.weight) and x.dim() >= 2:
+            out = prepack.linear(self, x)
+            if out is not None:
+                return out
         return F.linear(x, self.weight, self.bias)
 
 
-class Conv2d(_PackedWeightCache, nn.Conv2d):
-    """`nn.Conv2d` whose zero padding can be switched to circular per axis (`seamless = (x, y)`).
-
-    On the CPU at inference it runs oneDNN with a cached packed weight (see `_PackedWeightCache`); the
-    output is then channels-last, which everything downstream accepts.
-    """
+class Conv2d(PackedWeightCache, nn.Conv2d):
+    """`nn.Conv2d` whose zero padding can be switched to circular per axis (`seamless = (x, y)`); it can take
+    the opt-in oneDNN path of `ldmtool.nets.prepack`."""
 
     seamless: tuple[bool, bool] = (False, False)
 
@@ -105,19 +64,22 @@ class Conv2d(_PackedWeightCache, nn.Conv2d):
             pad_y, pad_x = padding  # type: ignore[misc]
             x = pad_2d(x, (pad_x, pad_x, pad_y, pad_y), self.seamless)
             padding = (0, 0)
-        if _fast_cpu(x, self.weight) and x.dim() == 4:
-            out = self._packed_forward(x, list(padding))
+        if prepack.applies(x, self.weight) and x.dim() == 4:
+            out = prepack.conv2d(self, x, list(padding))
             if out is not None:
                 return out
+        if self.kernel_size == (1, 1) and self.stride == (1, 1) and self.groups == 1 and padding == (0, 0) and x.dim() == 4:
+            return self._one_by_one(x)
         return F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
 
-    def _packed_forward(self, x: Tensor, padding: list) -> Optional[Tensor]:
-        geometry = (padding, list(self.stride), list(self.dilation), self.groups)
-        packed = self._cached_pack(tuple(padding), lambda w: torch.ops.mkldnn._reorder_convolution_weight(
-            w, *geometry, list(x.shape)))
-        if packed is None:
-            return None
-        return _guarded(lambda: torch.ops.mkldnn._convolution_pointwise(x, packed, self.bias, *geometry, "none", [], ""))
+    def _one_by_one(self, x: Tensor) -> Tensor:
+        """A 1x1 conv as one matrix product. oneDNN's 1x1 convolutions split their sums by the thread count
+        (measured: 1, 2 and 3 threads give different roundings on an AVX2 EPYC), a matmul did not."""
+        n, c, h, w = x.shape
+        out = torch.matmul(self.weight.view(self.out_channels, c), x.reshape(n, c, h * w))
+        if self.bias is not None:
+            out = out.add_(self.bias.view(-1, 1))
+        return out.view(n, self.out_channels, h, w)
 
 
 def _explicit_padding(conv: nn.Conv2d) -> Optional[tuple[int, int]]:
@@ -130,26 +92,6 @@ def _explicit_padding(conv: nn.Conv2d) -> Optional[tuple[int, int]]:
     if any(t % 2 for t in total):
         return None
     return (total[0] // 2, total[1] // 2)
-
-
-_PREPACK_AVAILABLE = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-                      and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-_PREPACK = {"enabled": _PREPACK_AVAILABLE}
-
-
-def set_cpu_prepack(enabled: bool, model: Optional[nn.Module] = None) -> None:
-    """Switch the CPU oneDNN fast path (convs and linears) on or off for the process. It costs one extra
-    copy of those weights (about 3.2 GiB for an SD 1.5 UNet in fp32). Switching off frees `model`'s copies."""
-    _PREPACK["enabled"] = bool(enabled) and _PREPACK_AVAILABLE
-    if not enabled and model is not None:
-        for module in model.modules():
-            module.__dict__.pop("_prepacked", None)
-
-
-def _fast_cpu(x: Tensor, weight: Tensor) -> bool:
-    """The oneDNN path applies: CPU, float32, and no gradient to record."""
-    return (_PREPACK["enabled"] and x.device.type == "cpu" and x.dtype == torch.float32
-            and weight.dtype == torch.float32 and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)))
 
 
 def set_seamless(model: nn.Module, x: bool, y: bool) -> None:
@@ -180,11 +122,47 @@ def normalization(channels: int, eps: float = 1e-5) -> GroupNorm32:
     return GroupNorm32(32, channels, eps=eps)
 
 
+# ATen runs an elementwise kernel on one thread below this many elements (`at::internal::GRAIN_SIZE`).
+# Above it the range is cut into one part per thread, and at each part's end the SIMD loop leaves its
+# remainder to scalar code whose exp/erf/tanh round differently from the vector ones: where those cuts
+# fall, and so the result, would follow the thread count. Transcendental activations therefore run in
+# pieces of at most this size, cut at the same places whatever the thread count.
+_GRAIN = 32768
+
+
+def pointwise(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """`fn(x)` for an elementwise `fn`, computed piece by piece so that the result is thread-count independent."""
+    if x.numel() <= _GRAIN:
+        return fn(x)
+    width = x.shape[-1]
+    rows = x.reshape(-1, width) if width <= _GRAIN else x.reshape(-1, 1)  # a view for the layouts used here
+    return torch.cat([fn(part) for part in rows.split(max(1, _GRAIN // rows.shape[-1]))]).view(x.shape)
+
+
 def silu(x: Tensor) -> Tensor:
-    """SiLU, in place when no gradient is recorded (saves one activation-sized allocation per call)."""
+    """SiLU, in place when no gradient is recorded (saves one activation-sized allocation per call), in
+    pieces as `pointwise`."""
     if torch.is_grad_enabled() and x.requires_grad:
         return F.silu(x)
-    return F.silu(x, inplace=True)
+    if not x.is_contiguous():
+        return pointwise(F.silu, x)
+    for piece in x.view(-1).split(_GRAIN):
+        F.silu(piece, inplace=True)
+    return x
+
+
+class SiLU(nn.Module):
+    """`nn.SiLU` through `silu` (no parameters, so no keys)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return silu(x)
+
+
+class GELU(nn.Module):
+    """`nn.GELU` through `pointwise` (no parameters, so no keys)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return pointwise(F.gelu, x)
 
 
 def add_residual(h: Tensor, x: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ldmtool.nets._layers import Conv2d, Linear, add_residual, normalization, zero_module
+from ldmtool.nets._layers import GELU, Conv2d, Linear, add_residual, normalization, pointwise, zero_module
 
 
 def _heads(t: Tensor, heads: int) -> Tensor:
@@ -59,7 +59,7 @@ class GEGLU(nn.Module):
             return value * F.gelu(gate)
         # Into the fresh, contiguous GELU output: `value` is a strided half, and a strided result would make
         # the next Linear copy it before its matmul.
-        return F.gelu(gate).mul_(value)
+        return pointwise(F.gelu, gate).mul_(value)
 
 
 class FeedForward(nn.Module):
@@ -70,7 +70,7 @@ class FeedForward(nn.Module):
         super().__init__()
         inner_dim = int(dim * mult)
         dim_out = dim if dim_out is None else dim_out
-        project_in = GEGLU(dim, inner_dim) if glu else nn.Sequential(Linear(dim, inner_dim), nn.GELU())
+        project_in = GEGLU(dim, inner_dim) if glu else nn.Sequential(Linear(dim, inner_dim), GELU())
         self.net = nn.Sequential(project_in, nn.Dropout(dropout), Linear(inner_dim, dim_out))
 
     def forward(self, x: Tensor) -> Tensor:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldmtool.errors import CheckpointError
-from ldmtool.nets._layers import Conv2d, add_residual, as_list, check_dims, normalization, silu, zero_module
+from ldmtool.nets._layers import Conv2d, SiLU, add_residual, as_list, check_dims, normalization, silu, zero_module
 from ldmtool.nets.attention import AttentionBlock, SpatialTransformer
 
 
@@ -264,7 +264,7 @@ class UNetModel(nn.Module):
         self.output_blocks = _decoder_blocks(blocks, levels, skip_channels, model_channels, heads_up,
                                              conv_resample, resblock_updown)
         ch = model_channels * channel_mult[0]  # what the decoder ends with (the reference assumes mult 1)
-        self.out = nn.Sequential(normalization(ch), nn.SiLU(), zero_module(Conv2d(model_channels, out_channels, 3, padding=1)))
+        self.out = nn.Sequential(normalization(ch), SiLU(), zero_module(Conv2d(model_channels, out_channels, 3, padding=1)))
         if self.predict_codebook_ids:
             self.id_predictor = nn.Sequential(normalization(ch), Conv2d(model_channels, n_embed, 1))
 

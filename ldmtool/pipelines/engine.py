@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ldmtool.diffusion.cond import Cond, Guided
-from ldmtool.diffusion.denoisers import DiscreteDenoiser
+from ldmtool.diffusion.denoisers import DiscreteDenoiser, per_row
 from ldmtool.diffusion.guidance import CFGDenoiser
 from ldmtool.diffusion.run import SamplerSettings, sample_latents
 from ldmtool.diffusion.samplers import default_schedule, get_sampler
@@ -243,45 +243,52 @@ class Engine:
     # -- first stage
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Scaled latents of images in [-1, 1] (B, 3, H, W)."""
+        """Scaled latents of images in [-1, 1] (B, 3, H, W), one image at a time (see `per_row`)."""
         first = self.bundle.first_stage
         x = images.to(self.device, self.dtype)
+        tiled = self._vae_tiled(x.shape[-2] // self.downsampling, x.shape[-1] // self.downsampling)
         with torch.inference_mode(), seamless(first, axes=self.axes):
-            if self._vae_tiled(x.shape[-2] // self.downsampling, x.shape[-1] // self.downsampling):
-                z = tiled_encode(first, x, VAETiling(tile=self._vae_tile() * self.downsampling))
+            if tiled:
+                z = torch.cat([tiled_encode(first, row, VAETiling(tile=self._vae_tile() * self.downsampling))
+                               for row in x.split(1)])
             else:
-                z = first.encode(x)
+                z = per_row(first.encode, x)
         return z.float() * self.bundle.scale_factor
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] (B, 3, H, W) float32 on the CPU from scaled latents (not clamped: callers check
         finiteness first, then clamp)."""
-        image = self._decode_into(latents, lambda shape, dtype: TensorCanvas.empty(shape, dtype, "cpu"))
-        return (image.float() + 1) / 2
+        images = self._decode_rows(latents, lambda shape, dtype: TensorCanvas.empty(shape, dtype, "cpu"))
+        return (torch.cat(images).float() + 1) / 2
 
     def decode_pixels(self, latents: torch.Tensor) -> torch.Tensor:
         """Like `decode`, but straight to uint8 pixels (B, H, W, 3) on the CPU, rounded as the image writer
         rounds. Tiled decodes convert tile by tile, so no full-size float image is ever made (it would be
         the largest buffer of a big super-resolution). Raises `NonFiniteResult` for NaN/Inf."""
-        canvas = self._decode_into(latents, PixelCanvas)
-        if not canvas.finite:
+        canvases = self._decode_rows(latents, PixelCanvas)
+        if not all(canvas.finite for canvas in canvases):
             raise NonFiniteResult
-        return canvas.pixels
+        return torch.cat([canvas.pixels for canvas in canvases])
 
-    def _decode_into(self, latents: torch.Tensor, make_canvas: Callable):
-        """The first stage's decode of scaled latents, pasted into `make_canvas(shape, dtype)` (tile by tile
-        when the canvas is large, whole otherwise); returns the canvas's `result()`."""
+    def _decode_rows(self, latents: torch.Tensor, make_canvas: Callable) -> list:
+        """The first stage's decode of scaled latents, one latent at a time (see `per_row`), each pasted into
+        `make_canvas(shape, dtype)` (tile by tile when the canvas is large, whole otherwise); returns the
+        canvases' `result()`s."""
         first = self.bundle.first_stage
         z = (latents / self.bundle.scale_factor).to(self.device, self.dtype)
+        tiled = self._vae_tiled(z.shape[-2], z.shape[-1])
+        results = []
         with torch.inference_mode(), seamless(first, axes=self.axes):
-            if self._vae_tiled(z.shape[-2], z.shape[-1]):
-                result = tiled_decode(first, z, VAETiling(tile=self._vae_tile()), output=make_canvas)
-                release_host_memory()
-                return result
-            image = first.decode(z)
-            canvas = make_canvas(image.shape, image.dtype)
-            canvas.paste(image, 0, 0)
-            return canvas.result()
+            for row in z.split(1):
+                if tiled:
+                    results.append(tiled_decode(first, row, VAETiling(tile=self._vae_tile()), output=make_canvas))
+                    release_host_memory()
+                    continue
+                image = first.decode(row)
+                canvas = make_canvas(image.shape, image.dtype)
+                canvas.paste(image, 0, 0)
+                results.append(canvas.result())
+        return results
 
     def _vae_tiled(self, h: int, w: int) -> bool:
         tile = self.sampling.vae_tile

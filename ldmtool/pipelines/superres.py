@@ -21,6 +21,7 @@ from ldmtool.io.images import read_image
 from ldmtool.pipelines.colour_fix import colour_fix_, config_switch
 from ldmtool.pipelines.consistency import back_project_
 from ldmtool.pipelines.engine import Engine, to_model_range
+from ldmtool.runtime.device import one_thread
 from ldmtool.runtime.jobs import BaseTask, Job, Output
 
 NATIVE_SCALE = 4
@@ -153,9 +154,8 @@ class SuperresTask(BaseTask):
 
     def _encode_text(self) -> tuple[torch.Tensor, torch.Tensor]:
         encoder = self.engine.bundle.cond_stage
-        with torch.inference_mode():
-            both = encoder.encode([self.prompt, self.negative])
-        return both[:1], both[1:]
+        with torch.inference_mode(), one_thread():  # each text alone, on one thread: as TextConditioner
+            return encoder.encode([self.prompt]), encoder.encode([self.negative])
 
 
 def _padding(height: int, width: int, multiple: int) -> tuple[int, int]:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ldmtool.errors import FatalError, UsageError
+from ldmtool.runtime.device import one_thread
 
 if TYPE_CHECKING:
     from ldmtool.diffusion.cond import Cond
@@ -150,7 +151,9 @@ def padding(height: int, width: int, multiple: int) -> tuple[int, int]:
 class TextConditioner:
     """Cross-attention context per prompt, each distinct text encoded once (not per image or tile).
 
-    Contexts are kept for the `keep` most recently used texts (an SD context is ~230 kB, so a run over a
+    Each text is encoded alone and on one thread, so its context is the same whatever else is in the
+    batch and however many threads the run has (the text encoders' activations are not run in the fixed
+    pieces of `nets._layers.pointwise`). Contexts are kept for the `keep` most recently used texts (an SD context is ~230 kB, so a run over a
     100k-line prompt file must not keep them all); items of one prompt run together, so this is enough to
     encode every prompt once in a normal run.
     """
@@ -166,8 +169,8 @@ class TextConditioner:
         found = {t: self._contexts[t] for t in dict.fromkeys(texts) if t in self._contexts}
         missing = [t for t in dict.fromkeys(texts) if t not in found]
         if missing:
-            with torch.inference_mode():
-                found.update(zip(missing, self.encoder.encode(missing).float().cpu()))
+            with torch.inference_mode(), one_thread():  # once per prompt, so a single thread costs little
+                found.update((text, self.encoder.encode([text])[0].float().cpu()) for text in missing)
             self.encoded += len(missing)
         for text, context in found.items():
             self._contexts[text] = context

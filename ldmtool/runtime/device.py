@@ -1,7 +1,8 @@
 """Device and precision choice (DESIGN.md §6: --device auto|cpu|cuda|mps, --precision auto|fp32|fp16|bf16)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator
 
 from ldmtool.errors import UsageError
 
@@ -65,3 +66,17 @@ def release_host_memory() -> None:
         libc.malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one thread inside the block (restored after): for work whose kernels would otherwise
+    split their ranges, and so their rounding, by the thread count."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
