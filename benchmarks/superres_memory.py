@@ -84,7 +84,7 @@ def _limit_vae_store(store_bytes: int) -> None:
 def _instrument(recorder) -> None:
     """Wrap the functions each phase goes through (their modules' own names, which callers look up)."""
     from ldmtool.pipelines import engine, superres
-    from ldmtool.runtime import runner
+    from ldmtool.runtime import execution
 
     targets = [
         (superres.SuperresTask, "open", "open_model"),
@@ -92,7 +92,7 @@ def _instrument(recorder) -> None:
         (superres.SuperresTask, "_upscale_item", "upscale_item"),
         (engine.Engine, "sample", "sample"),
         (engine.Engine, "decode_pixels", "decode"),
-        (runner, "write_image", "write"),
+        (execution, "write_image", "write"),
     ]
     for owner, attribute, phase in targets:
         setattr(owner, attribute, recorder.wrap(phase, getattr(owner, attribute)))

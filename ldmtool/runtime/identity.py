@@ -23,7 +23,8 @@ RUN_STEERING = frozenset({
     "batch_size", "seed", "item_seed", "shard", "run_engine", "ray_address", "overwrite", "existing", "n",
 })
 # Options that never change an output's pixels: everything else a command takes is part of the identity
-# (the model is there as its file's sha256; --max-memory is, since it can shrink the automatic tile).
+# (the model is there as its file's sha256). --max-memory is, unless --tile fixes the tile: it chooses the
+# automatic tile (and whether a canvas runs untiled), but under a fixed tile only how many tiles share a call.
 NOT_PIXELS = RUN_STEERING | {"max_pixels", "model"}
 LOSSY_SUFFIXES = (".jpg", ".jpeg", ".webp")
 
@@ -35,12 +36,21 @@ def jsonable(value: Any) -> Any:
 
 def recorded_options(cli: Mapping[str, Any]) -> dict[str, Any]:
     """The command's options a recipe keeps to rebuild the job (replay)."""
-    return jsonable({name: value for name, value in cli.items() if name not in RUN_STEERING})
+    return jsonable({name: value for name, value in _budget_if_it_matters(cli).items() if name not in RUN_STEERING})
+
+
+def _budget_if_it_matters(cli: Mapping[str, Any]) -> dict[str, Any]:
+    """The options without --max-memory when --tile fixes the tile: the budget then only decides how many
+    tiles share a network call, which never changes pixels (README, "Reproducibility")."""
+    options = dict(cli)
+    if options.get("tile") is not None:
+        options.pop("max_memory", None)
+    return options
 
 
 def pixel_options(cli: Mapping[str, Any], output: Optional[Path] = None) -> dict[str, Any]:
     """The command's options that change pixels; `quality` only counts for lossy output formats."""
-    options = {name: value for name, value in cli.items() if name not in NOT_PIXELS}
+    options = {name: value for name, value in _budget_if_it_matters(cli).items() if name not in NOT_PIXELS}
     if output is not None and output.suffix.lower() not in LOSSY_SUFFIXES:
         options.pop("quality", None)
     return jsonable(options)
