@@ -30,9 +30,7 @@ def img2img(
     text: TextPrompt,
     strength: Strength = 0.75,
     images: ImageInputs,
-    run: "RunOptions",
-    model: ModelChoice,
-    sampling: SamplingChoice,
+    run: "RunOptions", model: ModelChoice, sampling: SamplingChoice,
 ) -> None:
     """Transform images or folders of images towards a prompt (text or unconditional models)."""
     from ldmtool.pipelines.engine import Engine

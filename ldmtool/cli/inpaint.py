@@ -31,9 +31,7 @@ def inpaint(
     feather: Feather = 4,
     colour_fix: opt.ColourFix = None,
     images: ImageInputs,
-    run: "RunOptions",
-    model: ModelChoice,
-    sampling: SamplingChoice,
+    run: "RunOptions", model: ModelChoice, sampling: SamplingChoice,
 ) -> None:
     """Inpaint images: white mask pixels are repainted, black ones kept exactly."""
     from ldmtool.pipelines.engine import Engine

@@ -33,9 +33,7 @@ def layout2img(
     recursive: opt.Recursive = False,
     *,
     size: Size,
-    run: "RunOptions",
-    model: ModelChoice,
-    sampling: SamplingChoice,
+    run: "RunOptions", model: ModelChoice, sampling: SamplingChoice,
 ) -> None:
     """Generate images from layouts of labelled boxes (OpenImages classes)."""
     from ldmtool.pipelines.engine import Engine

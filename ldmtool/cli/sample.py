@@ -30,9 +30,7 @@ def sample(
     n: Samples = 1,
     *,
     size: Size,
-    run: "RunOptions",
-    model: ModelChoice,
-    sampling: SamplingChoice,
+    run: "RunOptions", model: ModelChoice, sampling: SamplingChoice,
 ) -> None:
     """Sample images from a class-conditional or unconditional model."""
     from ldmtool.pipelines.engine import Engine

@@ -30,9 +30,7 @@ def semantic2img(
     *,
     size: Size,
     images: ImageInputs,
-    run: "RunOptions",
-    model: ModelChoice,
-    sampling: SamplingChoice,
+    run: "RunOptions", model: ModelChoice, sampling: SamplingChoice,
 ) -> None:
     """Generate images from label maps (index PNGs, or colour maps with --palette) at the map's size."""
     from ldmtool.pipelines.engine import Engine

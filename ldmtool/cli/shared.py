@@ -10,20 +10,19 @@ stands in its signature, and appends the shared groups: run (`RunChoice`) and, f
 `ModelChoice` and `SamplingChoice`. Typer reads that signature, so every command shows the same names and
 help. When the command runs it gets one record per group instead of thirty arguments: `run` is the
 `RunOptions` the runner takes, whose `cli` holds every option by name (the job's identity, and what
-`ldmtool replay` calls the command with again). No torch at import.
+`ldmtool replay` calls the command with again). `option_groups` does the same for other commands
+(`ldmtool train`). No torch at import.
 """
 from __future__ import annotations
 
 import functools
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from ldmtool.cli.common import run_options
 from ldmtool.cli.options import parameters
 from ldmtool.options import ModelChoice, RunChoice, SamplingChoice, is_option_group
-
-INJECTED = ("run", "model", "sampling")
 
 
 @dataclass(frozen=True)
@@ -50,32 +49,41 @@ def task_command(*, model: Optional[str], seamless: bool = False) -> Callable[[C
                    _Group("sampling", SamplingChoice,
                           parameters(SamplingChoice, leave_out=() if seamless else ("seamless",)))]
 
-    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
-        own, opted = _own_parameters(command)
-        groups = opted + shared
-        signature = own + [p for group in shared for p in group.parameters]
+    def runner_options(records: dict[str, Any], cli: dict[str, Any]) -> dict[str, Any]:
+        return {**records, "run": run_options(records["run"], cli)}
 
-        @functools.wraps(command)
-        def wrapper(**options: Any) -> Any:
-            cli = dict(options)
-            records = {group.argument: group.build(options) for group in groups}
-            records["run"] = run_options(records["run"], cli)
-            return command(**options, **records)
-
-        wrapper.__signature__ = inspect.Signature(signature)  # what Typer reads
-        wrapper.__annotations__ = {p.name: p.annotation for p in signature}
-        return wrapper
-
-    return decorate
+    return lambda command: option_groups(command, appended=shared, finish=runner_options)
 
 
-def _own_parameters(command: Callable[..., Any]) -> tuple[list[inspect.Parameter], list[_Group]]:
+def option_groups(command: Callable[..., Any], *, appended: Sequence[_Group] = (),
+                  finish: Optional[Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]] = None,
+                  ) -> Callable[..., Any]:
+    """`command` with each keyword-only parameter that names an option group replaced by that group's
+    options, and the `appended` groups' options after its own: the signature Typer reads. The wrapper
+    calls `command` with one record per group; `finish(records, options)` may rework the records, given
+    every option by name."""
+    own, opted = _own_parameters(command, skip={group.argument for group in appended})
+    groups = [*opted, *appended]
+    signature = own + [p for group in appended for p in group.parameters]
+
+    @functools.wraps(command)
+    def wrapper(**options: Any) -> Any:
+        given = dict(options)
+        records = {group.argument: group.build(options) for group in groups}
+        return command(**options, **(finish(records, given) if finish else records))
+
+    wrapper.__signature__ = inspect.Signature(signature)
+    wrapper.__annotations__ = {p.name: p.annotation for p in signature}  # Typer reads the hints from here
+    return wrapper
+
+
+def _own_parameters(command: Callable[..., Any], skip: set[str]) -> tuple[list[inspect.Parameter], list[_Group]]:
     """The command's own parameters with their annotations evaluated (modules use postponed annotations),
-    each opt-in group replaced by its options; and those groups. The injected records are left out, so
-    their types may be imported for type checking only."""
+    each opt-in group replaced by its options; and those groups. The `skip`ped ones (records the caller
+    provides) are left out, so their types may be imported for type checking only."""
     own, groups = [], []
     for param in inspect.signature(command).parameters.values():
-        if param.name in INJECTED:
+        if param.name in skip:
             continue
         annotation = param.annotation
         if isinstance(annotation, str):

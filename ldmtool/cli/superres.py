@@ -46,9 +46,7 @@ def superres(
     *,
     text: TextPrompt,
     images: ImageInputs,
-    run: "RunOptions",
-    model: ModelChoice,
-    sampling: SamplingChoice,
+    run: "RunOptions", model: ModelChoice, sampling: SamplingChoice,
 ) -> None:
     """Upscale images or folders of images."""
     from ldmtool.pipelines.engine import Engine

@@ -41,9 +41,7 @@ def tile_synth(
     n: Samples = 1,
     size: Size,
     images: ImageInputs,
-    run: "RunOptions",
-    model: ModelChoice,
-    sampling: SamplingChoice,
+    run: "RunOptions", model: ModelChoice, sampling: SamplingChoice,
 ) -> None:
     """Large canvases (tile by tile) and tileable textures (--seamless x|y|xy) from any generator model."""
     from ldmtool.pipelines.engine import Engine

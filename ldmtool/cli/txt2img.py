@@ -33,9 +33,7 @@ def txt2img(
     prompts: PromptsFile = None,
     n: Samples = 1,
     size: Size,
-    run: "RunOptions",
-    model: ModelChoice,
-    sampling: SamplingChoice,
+    run: "RunOptions", model: ModelChoice, sampling: SamplingChoice,
 ) -> None:
     """Generate images from text prompts (sizes must be multiples of the model's 64 or 32 pixels)."""
     from ldmtool.pipelines.engine import Engine
