@@ -8,6 +8,7 @@ scripts rely on.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import typing
 from typing import Annotated, Any, Optional
@@ -42,9 +43,15 @@ def parameters(group: type, *, defaults: Optional[dict[str, Any]] = None,
 
 def _annotated(group: type, field: dataclasses.Field) -> Any:
     meta = field.metadata
-    hint = typing.get_type_hints(group)[field.name]
+    hint = _type_hints(group)[field.name]
     return Annotated[hint, typer.Option(*meta["flags"], help=meta["help"], rich_help_panel=meta["panel"],
                                         **meta["settings"])]
+
+
+@functools.cache
+def _type_hints(group: type) -> dict[str, Any]:
+    """The group's field types, evaluated once (`--help` time: every command asks for the shared groups)."""
+    return typing.get_type_hints(group)
 
 
 Inputs = Annotated[
