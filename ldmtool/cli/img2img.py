@@ -6,11 +6,11 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from ldmtool.cli import options as opt
-from ldmtool.cli.common import MaxPixels, find_inputs, finish
+from ldmtool.cli.common import find_inputs, finish
 from ldmtool.cli.shared import task_command
+from ldmtool.options import ImageInputs, ModelChoice, SamplingChoice, TextPrompt
 
 if TYPE_CHECKING:
-    from ldmtool.pipelines.engine import ModelChoice, SamplingChoice
     from ldmtool.runtime.jobs import RunOptions
 
 EXAMPLE = 'Example: ldmtool img2img ./photos --prompt "an oil painting" --strength 0.6 -o out/'
@@ -26,24 +26,20 @@ Strength = Annotated[
 @task_command(model="default-txt2img")
 def img2img(
     inputs: opt.Inputs,
-    prompt: opt.Prompt = None,
-    negative: opt.Negative = None,
-    strength: Strength = 0.75,
-    recursive: opt.Recursive = False,
-    max_pixels: MaxPixels = None,
     *,
-    run: "RunOptions",
-    model: "ModelChoice",
-    sampling: "SamplingChoice",
+    text: TextPrompt,
+    strength: Strength = 0.75,
+    images: ImageInputs,
+    run: "RunOptions", model: ModelChoice, sampling: SamplingChoice,
 ) -> None:
     """Transform images or folders of images towards a prompt (text or unconditional models)."""
     from ldmtool.pipelines.engine import Engine
     from ldmtool.pipelines.img2img import Img2ImgTask
     from ldmtool.runtime.runner import run_task
 
-    task = Img2ImgTask(Engine(model, sampling), prompt=prompt or "", negative=negative or "", strength=strength,
-                       max_pixels=max_pixels)
-    finish(run_task(task, find_inputs(inputs, recursive=recursive), run))
+    task = Img2ImgTask(Engine(model, sampling), prompt=text.prompt or "", negative=text.negative or "",
+                       strength=strength, max_pixels=images.max_pixels)
+    finish(run_task(task, find_inputs(inputs, recursive=images.recursive), run))
 
 
 def register(app: typer.Typer) -> None:

@@ -6,11 +6,11 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from ldmtool.cli import options as opt
-from ldmtool.cli.common import InvertMask, MaskFromAlpha, MasksDir, MaxPixels, find_inputs, finish
+from ldmtool.cli.common import find_inputs, finish
 from ldmtool.cli.shared import task_command
+from ldmtool.options import ImageInputs, MaskInputs, ModelChoice, SamplingChoice, TextPrompt
 
 if TYPE_CHECKING:
-    from ldmtool.pipelines.engine import ModelChoice, SamplingChoice
     from ldmtool.runtime.jobs import RunOptions
 
 EXAMPLE = "Example: ldmtool inpaint photo.png photo_mask.png -o fixed.png   (folders: x.png pairs with x_mask.png)"
@@ -24,30 +24,25 @@ Feather = Annotated[int, typer.Option("--feather", min=0, help="Blend band in pi
 @task_command(model="default-inpaint")
 def inpaint(
     inputs: opt.Inputs,
-    prompt: opt.Prompt = None,
-    negative: opt.Negative = None,
-    masks: MasksDir = None,
-    invert_mask: InvertMask = False,
-    mask_from_alpha: MaskFromAlpha = False,
+    *,
+    text: TextPrompt,
+    mask: MaskInputs,
     grow: Grow = 0,
     feather: Feather = 4,
     colour_fix: opt.ColourFix = None,
-    recursive: opt.Recursive = False,
-    max_pixels: MaxPixels = None,
-    *,
-    run: "RunOptions",
-    model: "ModelChoice",
-    sampling: "SamplingChoice",
+    images: ImageInputs,
+    run: "RunOptions", model: ModelChoice, sampling: SamplingChoice,
 ) -> None:
     """Inpaint images: white mask pixels are repainted, black ones kept exactly."""
     from ldmtool.pipelines.engine import Engine
     from ldmtool.pipelines.inpaint import InpaintTask
     from ldmtool.runtime.runner import run_task
 
-    task = InpaintTask(Engine(model, sampling), prompt=prompt or "", negative=negative or "", grow=grow,
-                       feather=feather, invert_mask=invert_mask, from_alpha=mask_from_alpha, max_pixels=max_pixels,
-                       colour_fix=colour_fix)
-    discovery = find_inputs(inputs, recursive=recursive, pair_masks=not mask_from_alpha, masks_dir=masks)
+    task = InpaintTask(Engine(model, sampling), prompt=text.prompt or "", negative=text.negative or "", grow=grow,
+                       feather=feather, invert_mask=mask.invert_mask, from_alpha=mask.mask_from_alpha,
+                       max_pixels=images.max_pixels, colour_fix=colour_fix)
+    discovery = find_inputs(inputs, recursive=images.recursive, pair_masks=not mask.mask_from_alpha,
+                            masks_dir=mask.masks)
     finish(run_task(task, discovery, run))
 
 

@@ -8,9 +8,9 @@ import typer
 from ldmtool.cli import options as opt
 from ldmtool.cli.common import finish
 from ldmtool.cli.shared import task_command
+from ldmtool.options import ModelChoice, SamplingChoice, Size
 
 if TYPE_CHECKING:
-    from ldmtool.pipelines.engine import ModelChoice, SamplingChoice
     from ldmtool.runtime.jobs import RunOptions
 
 EXAMPLE = "Example: ldmtool layout2img scene.json layouts/ --draw-boxes -o out/"
@@ -30,20 +30,17 @@ def layout2img(
     inputs: LayoutInputs,
     draw_boxes: DrawBoxes = False,
     n: Samples = 1,
-    width: opt.Width = None,
-    height: opt.Height = None,
     recursive: opt.Recursive = False,
     *,
-    run: "RunOptions",
-    model: "ModelChoice",
-    sampling: "SamplingChoice",
+    size: Size,
+    run: "RunOptions", model: ModelChoice, sampling: SamplingChoice,
 ) -> None:
     """Generate images from layouts of labelled boxes (OpenImages classes)."""
     from ldmtool.pipelines.engine import Engine
     from ldmtool.pipelines.layout2img import Layout2ImgTask, find_layouts
     from ldmtool.runtime.runner import run_task
 
-    task = Layout2ImgTask(Engine(model, sampling), width=width, height=height, draw_boxes=draw_boxes)
+    task = Layout2ImgTask(Engine(model, sampling), width=size.width, height=size.height, draw_boxes=draw_boxes)
     finish(run_task(task, find_layouts(inputs, recursive=recursive, samples=n), run))
 
 

@@ -8,9 +8,9 @@ import typer
 from ldmtool.cli import options as opt
 from ldmtool.cli.common import finish
 from ldmtool.cli.shared import task_command
+from ldmtool.options import ModelChoice, SamplingChoice, Size
 
 if TYPE_CHECKING:
-    from ldmtool.pipelines.engine import ModelChoice, SamplingChoice
     from ldmtool.runtime.jobs import RunOptions
 
 EXAMPLE = 'Example: ldmtool sample --class "golden retriever" --class 88 --n 4 --model cin256-v2.ckpt -o out/'
@@ -28,19 +28,16 @@ Samples = Annotated[int, typer.Option("--n", min=1, help="Images per class (or i
 def sample(
     classes: Classes = None,
     n: Samples = 1,
-    width: opt.Width = None,
-    height: opt.Height = None,
     *,
-    run: "RunOptions",
-    model: "ModelChoice",
-    sampling: "SamplingChoice",
+    size: Size,
+    run: "RunOptions", model: ModelChoice, sampling: SamplingChoice,
 ) -> None:
     """Sample images from a class-conditional or unconditional model."""
     from ldmtool.pipelines.engine import Engine
     from ldmtool.pipelines.sample import SampleTask, sample_items
     from ldmtool.runtime.runner import run_task
 
-    task = SampleTask(Engine(model, sampling), classes=classes or [], width=width, height=height)
+    task = SampleTask(Engine(model, sampling), classes=classes or [], width=size.width, height=size.height)
     finish(run_task(task, sample_items(classes or [], n), run))
 
 

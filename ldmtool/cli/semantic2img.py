@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 
 from ldmtool.cli import options as opt
-from ldmtool.cli.common import MaxPixels, find_inputs, finish
+from ldmtool.cli.common import find_inputs, finish
 from ldmtool.cli.shared import task_command
+from ldmtool.options import ImageInputs, ModelChoice, SamplingChoice, Size
 
 if TYPE_CHECKING:
-    from ldmtool.pipelines.engine import ModelChoice, SamplingChoice
     from ldmtool.runtime.jobs import RunOptions
 
 EXAMPLE = "Example: ldmtool semantic2img maps/ --palette landscape.yaml --width 1024 --height 512 -o out/"
@@ -27,23 +27,19 @@ PaletteFile = Annotated[
 def semantic2img(
     inputs: opt.Inputs,
     palette: PaletteFile = None,
-    width: opt.Width = None,
-    height: opt.Height = None,
-    recursive: opt.Recursive = False,
-    max_pixels: MaxPixels = None,
     *,
-    run: "RunOptions",
-    model: "ModelChoice",
-    sampling: "SamplingChoice",
+    size: Size,
+    images: ImageInputs,
+    run: "RunOptions", model: ModelChoice, sampling: SamplingChoice,
 ) -> None:
     """Generate images from label maps (index PNGs, or colour maps with --palette) at the map's size."""
     from ldmtool.pipelines.engine import Engine
     from ldmtool.pipelines.semantic2img import Semantic2ImgTask
     from ldmtool.runtime.runner import run_task
 
-    task = Semantic2ImgTask(Engine(model, sampling), palette=palette, width=width, height=height,
-                            max_pixels=max_pixels)
-    finish(run_task(task, find_inputs(inputs, recursive=recursive), run))
+    task = Semantic2ImgTask(Engine(model, sampling), palette=palette, width=size.width, height=size.height,
+                            max_pixels=images.max_pixels)
+    finish(run_task(task, find_inputs(inputs, recursive=images.recursive), run))
 
 
 def register(app: typer.Typer) -> None:

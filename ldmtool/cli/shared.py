@@ -1,119 +1,96 @@
-"""The options every task command shares, declared once and attached by one decorator.
+"""The options every task command shares, declared once (`ldmtool.options`) and attached by one decorator.
 
     @task_command(model="default-superres")
-    def superres(inputs: opt.Inputs, scale: ..., *, run, model, sampling) -> None:
+    def superres(inputs: opt.Inputs, scale: Scale = 4.0, *, text: TextPrompt, images: ImageInputs,
+                 run: "RunOptions", model: ModelChoice, sampling: SamplingChoice) -> None:
         ...
 
-`task_command` appends the shared option groups (DESIGN.md §6 names, from `ldmtool.cli.options`) to the
-command's signature, so Typer shows them on every command with identical names and help, and hands the
-command three records instead of thirty arguments: `run` (RunOptions: output, naming, resume, events,
-seeds, shards, engine), `model` (ModelChoice) and `sampling` (SamplingChoice). No torch at import.
+`task_command` puts the options of each opt-in group the command names (`text`, `images`) where the group
+stands in its signature, and appends the shared groups: run (`RunChoice`) and, for a command with a model,
+`ModelChoice` and `SamplingChoice`. Typer reads that signature, so every command shows the same names and
+help. When the command runs it gets one record per group instead of thirty arguments: `run` is the
+`RunOptions` the runner takes, whose `cli` holds every option by name (the job's identity, and what
+`ldmtool replay` calls the command with again). `option_groups` does the same for other commands
+(`ldmtool train`). No torch at import.
 """
 from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Callable, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
 
-from ldmtool.cli import options as opt
 from ldmtool.cli.common import run_options
+from ldmtool.cli.options import parameters
+from ldmtool.options import ModelChoice, RunChoice, SamplingChoice, is_option_group
 
-# (parameter name, Annotated alias, default)
-RUN_OPTIONS = [
-    ("output", opt.Output, None),
-    ("name", opt.NameTemplate, "{stem}.{ext}"),
-    ("fmt", opt.Format, None),
-    ("quality", opt.Quality, 95),
-    ("overwrite", opt.Overwrite, False),
-    ("existing", opt.Existing, None),
-    ("json_out", opt.Json, False),
-    ("quiet", opt.Quiet, False),
-    ("fail_fast", opt.FailFast, False),
-    ("batch_size", opt.BatchSize, 1),
-    ("seed", opt.Seed, None),
-    ("item_seed", opt.ItemSeed, None),
-    ("shard", opt.Shard, None),
-    ("run_engine", opt.Engine, "local"),
-    ("ray_address", opt.RayAddress, None),
-]
-MODEL_OPTIONS = [
-    ("model", opt.Model, None),  # the default is the command's own shipped model
-    ("config", opt.Config, None),
-    ("preset", opt.Preset, None),
-    ("no_ema", opt.NoEma, False),
-    ("prediction", opt.Prediction, None),
-    ("device", opt.Device, "auto"),
-    ("precision", opt.Precision, "auto"),
-]
-SAMPLING_OPTIONS = [
-    ("steps", opt.Steps, None),
-    ("sampler", opt.Sampler, None),
-    ("cfg", opt.Cfg, None),
-    ("eta", opt.Eta, None),
-    ("temperature", opt.Temperature, None),
-    ("karras", opt.Karras, None),
-    ("tile", opt.Tile, None),
-    ("tile_overlap", opt.TileOverlap, None),
-    ("max_memory", opt.MaxMemory, None),
-]
-SEAMLESS_OPTION = ("seamless", opt.Seamless, None)
-INJECTED = ("run", "model", "sampling")
+
+@dataclass(frozen=True)
+class _Group:
+    argument: str  # the command's keyword argument that receives the record
+    record: type
+    parameters: list[inspect.Parameter]
+
+    def build(self, options: dict[str, Any]) -> Any:
+        """The record, taking this group's values out of `options`."""
+        return self.record(**{p.name: options.pop(p.name) for p in self.parameters})
 
 
 def task_command(*, model: Optional[str], seamless: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorate a command function that takes keyword-only `run`, `model` and `sampling` records.
+    """Decorate a command function that takes keyword-only `run`, `model` and `sampling` records (and any
+    opt-in groups of `ldmtool.options`).
 
     `model` is the command's default `--model`; None for a command without a model (it gets `run` only).
+    `seamless` adds `--seamless` (generators).
     """
-    groups = list(RUN_OPTIONS)
+    shared = [_Group("run", RunChoice, parameters(RunChoice))]
     if model is not None:
-        groups += [(n, a, model if n == "model" else d) for n, a, d in MODEL_OPTIONS] + SAMPLING_OPTIONS
-    if seamless:
-        groups += [SEAMLESS_OPTION]
-    shared = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=a) for n, a, d in groups]
+        shared += [_Group("model", ModelChoice, parameters(ModelChoice, defaults={"model": model})),
+                   _Group("sampling", SamplingChoice,
+                          parameters(SamplingChoice, leave_out=() if seamless else ("seamless",)))]
 
-    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
-        own = _own_parameters(command)
+    def runner_options(records: dict[str, Any], cli: dict[str, Any]) -> dict[str, Any]:
+        return {**records, "run": run_options(records["run"], cli)}
 
-        @functools.wraps(command)
-        def wrapper(**kwargs: Any) -> Any:
-            values = {name: kwargs.pop(name) for name, _, _ in groups}
-            return command(**kwargs, **_records(values, cli={**kwargs, **values}))
-
-        wrapper.__signature__ = inspect.Signature(own + shared)  # what Typer reads
-        wrapper.__annotations__ = {p.name: p.annotation for p in own + shared}
-        return wrapper
-
-    return decorate
+    return lambda command: option_groups(command, appended=shared, finish=runner_options)
 
 
-def _own_parameters(command: Callable[..., Any]) -> list[inspect.Parameter]:
-    """The command's own parameters with their annotations evaluated (modules use postponed annotations);
-    the injected records are left out, so their types may be imported for type checking only."""
-    own = []
+def option_groups(command: Callable[..., Any], *, appended: Sequence[_Group] = (),
+                  finish: Optional[Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]] = None,
+                  ) -> Callable[..., Any]:
+    """`command` with each keyword-only parameter that names an option group replaced by that group's
+    options, and the `appended` groups' options after its own: the signature Typer reads. The wrapper
+    calls `command` with one record per group; `finish(records, options)` may rework the records, given
+    every option by name."""
+    own, opted = _own_parameters(command, skip={group.argument for group in appended})
+    groups = [*opted, *appended]
+    signature = own + [p for group in appended for p in group.parameters]
+
+    @functools.wraps(command)
+    def wrapper(**options: Any) -> Any:
+        given = dict(options)
+        records = {group.argument: group.build(options) for group in groups}
+        return command(**options, **(finish(records, given) if finish else records))
+
+    wrapper.__signature__ = inspect.Signature(signature)
+    wrapper.__annotations__ = {p.name: p.annotation for p in signature}  # Typer reads the hints from here
+    return wrapper
+
+
+def _own_parameters(command: Callable[..., Any], skip: set[str]) -> tuple[list[inspect.Parameter], list[_Group]]:
+    """The command's own parameters with their annotations evaluated (modules use postponed annotations),
+    each opt-in group replaced by its options; and those groups. The `skip`ped ones (records the caller
+    provides) are left out, so their types may be imported for type checking only."""
+    own, groups = [], []
     for param in inspect.signature(command).parameters.values():
-        if param.name in INJECTED:
+        if param.name in skip:
             continue
         annotation = param.annotation
         if isinstance(annotation, str):
             annotation = eval(annotation, command.__globals__)  # noqa: S307 - our own source's annotations
-        own.append(param.replace(annotation=annotation))
-    return own
-
-
-def _records(v: dict[str, Any], cli: dict[str, Any]) -> dict[str, Any]:
-    run = run_options(output=v["output"], name=v["name"], fmt=v["fmt"], quality=v["quality"],
-                      overwrite=v["overwrite"], existing=v["existing"], fail_fast=v["fail_fast"],
-                      batch_size=v["batch_size"], seed=v["seed"], item_seed=v["item_seed"], json_out=v["json_out"],
-                      quiet=v["quiet"], shard=v["shard"], engine=v["run_engine"], ray_address=v["ray_address"], cli=cli)
-    if "model" not in v:
-        return {"run": run}
-    from ldmtool.pipelines.engine import ModelChoice, SamplingChoice  # torch only once a command runs
-
-    model = ModelChoice(model=v["model"], config=v["config"], preset=v["preset"], use_ema=not v["no_ema"],
-                        prediction=v["prediction"], device=v["device"], precision=v["precision"])
-    sampling = SamplingChoice(sampler=v["sampler"], steps=v["steps"], cfg=v["cfg"], eta=v["eta"],
-                              temperature=v["temperature"],
-                              karras=v["karras"], tile=v["tile"], tile_overlap=v["tile_overlap"],
-                              max_memory=v["max_memory"], seamless=v.get("seamless"))
-    return {"run": run, "model": model, "sampling": sampling}
+        if is_option_group(annotation):
+            groups.append(_Group(param.name, annotation, parameters(annotation)))
+            own += groups[-1].parameters
+        else:
+            own.append(param.replace(annotation=annotation))
+    return own, groups

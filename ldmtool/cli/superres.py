@@ -6,11 +6,11 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 
 from ldmtool.cli import options as opt
-from ldmtool.cli.common import MaxPixels, find_inputs, finish
+from ldmtool.cli.common import find_inputs, finish
 from ldmtool.cli.shared import task_command
+from ldmtool.options import ImageInputs, ModelChoice, SamplingChoice, TextPrompt
 
 if TYPE_CHECKING:
-    from ldmtool.pipelines.engine import ModelChoice, SamplingChoice
     from ldmtool.runtime.jobs import RunOptions
 
 EXAMPLE = "Example: ldmtool superres ./photos --scale 4 -o out/"
@@ -43,24 +43,20 @@ def superres(
     noise_level: NoiseLevel = None,
     colour_fix: opt.ColourFix = None,
     consistency: Consistency = None,
-    prompt: opt.Prompt = None,
-    negative: opt.Negative = None,
-    recursive: opt.Recursive = False,
-    max_pixels: MaxPixels = None,
     *,
-    run: "RunOptions",
-    model: "ModelChoice",
-    sampling: "SamplingChoice",
+    text: TextPrompt,
+    images: ImageInputs,
+    run: "RunOptions", model: ModelChoice, sampling: SamplingChoice,
 ) -> None:
     """Upscale images or folders of images."""
     from ldmtool.pipelines.engine import Engine
     from ldmtool.pipelines.superres import SuperresTask
     from ldmtool.runtime.runner import run_task
 
-    task = SuperresTask(Engine(model, sampling), scale=scale, prompt=prompt or "", negative=negative or "",
-                        noise_level=noise_level, max_pixels=max_pixels, colour_fix=colour_fix,
+    task = SuperresTask(Engine(model, sampling), scale=scale, prompt=text.prompt or "", negative=text.negative or "",
+                        noise_level=noise_level, max_pixels=images.max_pixels, colour_fix=colour_fix,
                         consistency=consistency)
-    finish(run_task(task, find_inputs(inputs, recursive=recursive), run))
+    finish(run_task(task, find_inputs(inputs, recursive=images.recursive), run))
 
 
 def register(app: typer.Typer) -> None:

@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 
 from ldmtool.cli import options as opt
-from ldmtool.cli.common import InvertMask, MaskFromAlpha, MasksDir, MaxPixels, find_inputs, finish
+from ldmtool.cli.common import find_inputs, finish
 from ldmtool.cli.shared import task_command
+from ldmtool.options import ImageInputs, MaskInputs
 
 if TYPE_CHECKING:
     from ldmtool.runtime.jobs import RunOptions
@@ -26,21 +27,19 @@ EXAMPLE = "Example: LDMTOOL_TEST_COMMANDS=1 ldmtool _invert photos/ -o out/ --js
 @task_command(model=None)
 def invert(
     inputs: opt.Inputs,
-    recursive: opt.Recursive = False,
     pair_masks: Annotated[bool, typer.Option("--pair-masks", help="Pair each image with its mask.")] = False,
-    masks: MasksDir = None,
-    invert_mask: InvertMask = False,
-    mask_from_alpha: MaskFromAlpha = False,
-    max_pixels: MaxPixels = None,
     *,
+    mask: MaskInputs,
+    images: ImageInputs,
     run: "RunOptions",
 ) -> None:
     """Invert images (only inside the mask of those that have one): a trivial op for testing the runner."""
     from ldmtool.runtime.runner import run_task
 
-    discovery = find_inputs(inputs, recursive=recursive, pair_masks=pair_masks or masks is not None, masks_dir=masks)
-    task = InvertTask(mask_mode=_mask_mode(pair_masks or masks is not None, mask_from_alpha),
-                      invert_mask=invert_mask, max_pixels=max_pixels)
+    paired = pair_masks or mask.masks is not None
+    discovery = find_inputs(inputs, recursive=images.recursive, pair_masks=paired, masks_dir=mask.masks)
+    task = InvertTask(mask_mode=_mask_mode(paired, mask.mask_from_alpha), invert_mask=mask.invert_mask,
+                      max_pixels=images.max_pixels)
     finish(run_task(task, discovery, run))
 
 

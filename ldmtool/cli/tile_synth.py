@@ -7,13 +7,13 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 
 from ldmtool.cli import options as opt
-from ldmtool.cli.common import MaxPixels, find_inputs, finish
+from ldmtool.cli.common import find_inputs, finish
 from ldmtool.cli.sample import Classes
 from ldmtool.cli.semantic2img import PaletteFile
 from ldmtool.cli.shared import task_command
+from ldmtool.options import ImageInputs, ModelChoice, SamplingChoice, Size, TextPrompt
 
 if TYPE_CHECKING:
-    from ldmtool.pipelines.engine import ModelChoice, SamplingChoice
     from ldmtool.runtime.jobs import RunOptions
 
 EXAMPLE = 'Example: ldmtool tile-synth --prompt "mossy stone wall" --width 4096 --height 1024 --seamless x -o wall.png'
@@ -35,34 +35,30 @@ DEFAULT_BY_GENERATOR = {"semantic": "default-semantic2img", "text": "default-txt
 def tile_synth(
     inputs: MapInputs = None,
     classes: Classes = None,
-    prompt: opt.Prompt = None,
-    negative: opt.Negative = None,
+    *,
+    text: TextPrompt,
     palette: PaletteFile = None,
     n: Samples = 1,
-    width: opt.Width = None,
-    height: opt.Height = None,
-    recursive: opt.Recursive = False,
-    max_pixels: MaxPixels = None,
-    *,
-    run: "RunOptions",
-    model: "ModelChoice",
-    sampling: "SamplingChoice",
+    size: Size,
+    images: ImageInputs,
+    run: "RunOptions", model: ModelChoice, sampling: SamplingChoice,
 ) -> None:
     """Large canvases (tile by tile) and tileable textures (--seamless x|y|xy) from any generator model."""
     from ldmtool.pipelines.engine import Engine
     from ldmtool.pipelines.tile_synth import canvas_size, choose_generator, generated_canvas_items, tile_synth_task
     from ldmtool.runtime.runner import run_task
 
+    prompt = text.prompt
     generator = choose_generator(maps=bool(inputs), classes=classes or [], prompt=prompt)
     if model.model == DEFAULT_MODEL and generator.value in DEFAULT_BY_GENERATOR:
         # label maps need a semantic model and a prompt a text model: their own shipped defaults
         model = dataclasses.replace(model, model=DEFAULT_BY_GENERATOR[generator.value])
-    canvas_w, canvas_h = canvas_size(width, height)
+    canvas_w, canvas_h = canvas_size(size.width, size.height)
     task = tile_synth_task(Engine(model, sampling), generator, width=canvas_w, height=canvas_h,
-                           classes=classes or [], prompt=prompt, negative=negative or "", palette=palette,
-                           max_pixels=max_pixels)
+                           classes=classes or [], prompt=prompt, negative=text.negative or "", palette=palette,
+                           max_pixels=images.max_pixels)
     if inputs:
-        items = find_inputs(inputs, recursive=recursive)
+        items = find_inputs(inputs, recursive=images.recursive)
     else:
         items = generated_canvas_items(generator, classes=classes or [], prompt=prompt, samples=n)
     finish(run_task(task, items, run))

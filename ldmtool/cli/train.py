@@ -5,13 +5,15 @@ Both write a run folder (-o) with a resumable state, the latest export in the or
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from ldmtool.cli.options import Device, Precision, Quiet
+from ldmtool.cli.shared import option_groups
 from ldmtool.errors import UsageError
+from ldmtool.options import ModelChoice, RunChoice, option, same_option
 
 TRAINING = "Training"
 AE_EXAMPLE = "Example: ldmtool train autoencoder --data corpus --factor 4 --steps 4000 -o runs/kl-f4"
@@ -30,14 +32,27 @@ Steps = Annotated[int, typer.Option("--steps", min=1, help="Total optimisation s
 Crop = Annotated[int, typer.Option("--crop", min=16, help="Training crop size in pixels.", rich_help_panel=TRAINING)]
 Batch = Annotated[int, typer.Option("--batch-size", min=1, help="Crops per optimisation step.", rich_help_panel=TRAINING)]
 Lr = Annotated[float, typer.Option("--lr", min=0.0, help="Learning rate.", rich_help_panel=TRAINING)]
-EmaDecay = Annotated[float, typer.Option("--ema-decay", min=0.0, max=1.0, help="EMA decay of the exported weights.", rich_help_panel=TRAINING)]
-TrainSeed = Annotated[int, typer.Option("--seed", min=0, help="Seed for crops, noise and initialisation.", rich_help_panel=TRAINING)]
-SaveEvery = Annotated[int, typer.Option("--save-every", min=1, help="Save state and export every N steps.", rich_help_panel=TRAINING)]
-LogEvery = Annotated[int, typer.Option("--log-every", min=1, help="Log losses every N steps.", rich_help_panel=TRAINING)]
-Resume = Annotated[bool, typer.Option("--resume", help="Continue the run saved in the output folder.", rich_help_panel=TRAINING)]
-Recursive = Annotated[bool, typer.Option("--recursive/--no-recursive", help="Descend into subfolders of --data.", rich_help_panel=TRAINING)]
-Threads = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for torch.", rich_help_panel=TRAINING)]
 MinScale = Annotated[float, typer.Option("--min-scale", min=0.05, max=1.0, help="Random source downscale before cropping (1 = none).", rich_help_panel=TRAINING)]
+
+
+@dataclass(frozen=True)
+class TrainSession:
+    """What both trainings take besides their model and data: randomness, saving, logging, device."""
+
+    ema_decay: float = option("--ema-decay", help="EMA decay of the exported weights.", panel=TRAINING, default=0.999,
+                              min=0.0, max=1.0)
+    seed: int = option("--seed", help="Seed for crops, noise and initialisation.", panel=TRAINING, default=0, min=0)
+    save_every: int = option("--save-every", help="Save state and export every N steps.", panel=TRAINING, default=500,
+                             min=1)
+    log_every: int = option("--log-every", help="Log losses every N steps.", panel=TRAINING, default=25, min=1)
+    resume: bool = option("--resume", help="Continue the run saved in the output folder.", panel=TRAINING,
+                          default=False)
+    recursive: bool = option("--recursive/--no-recursive", help="Descend into subfolders of --data.", panel=TRAINING,
+                             default=True)
+    device: str = same_option(ModelChoice, "device")
+    precision: str = same_option(ModelChoice, "precision")
+    threads: Optional[int] = option("--threads", help="CPU threads for torch.", panel=TRAINING, min=1)
+    quiet: bool = same_option(RunChoice, "quiet")
 
 
 def _ints(text: str, option: str) -> tuple[int, ...]:
@@ -50,13 +65,15 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
     return values
 
 
-def _run_options(out, steps, save_every, log_every, resume, device, precision, quiet, threads):
+def _run_options(out: Path, steps: int, session: TrainSession):
     from ldmtool.train.common import RunOptions
 
-    return RunOptions(out=out, steps=steps, save_every=save_every, log_every=log_every, resume=resume,
-                      device=device, precision=precision, quiet=quiet, threads=threads)
+    return RunOptions(out=out, steps=steps, save_every=session.save_every, log_every=session.log_every,
+                      resume=session.resume, device=session.device, precision=session.precision,
+                      quiet=session.quiet, threads=session.threads)
 
 
+@option_groups
 def autoencoder(
     data: Data,
     output: RunDir,
@@ -81,16 +98,8 @@ def autoencoder(
     procedural_share: Annotated[float, typer.Option("--procedural-share", min=0.0, max=1.0, help="Share of crops replaced by the project's procedural scenes (label maps, layouts, shapes: saturated colours the semantic/layout/txt2img models need).", rich_help_panel=TRAINING)] = 0.0,
     init: Annotated[Optional[Path], typer.Option("--init", help="Start from this autoencoder's weights (model.safetensors of a run, or a LatentDiffusion checkpoint's first stage).", rich_help_panel=TRAINING)] = None,
     freeze_encoder: Annotated[bool, typer.Option("--freeze-encoder", help="With --init: train the decoder only, so the latent space (and every diffusion model trained on it) stays valid.", rich_help_panel=TRAINING)] = False,
-    ema_decay: EmaDecay = 0.999,
-    seed: TrainSeed = 0,
-    save_every: SaveEvery = 500,
-    log_every: LogEvery = 25,
-    resume: Resume = False,
-    recursive: Recursive = True,
-    device: Device = "auto",
-    precision: Precision = "auto",
-    threads: Threads = None,
-    quiet: Quiet = False,
+    *,
+    session: TrainSession,
 ) -> None:
     """Train a KL autoencoder (first stage) and export it in the CompVis layout."""
     from ldmtool.train.autoencoder import AutoencoderArch, AutoencoderLoss, AutoencoderTraining, train_autoencoder
@@ -99,16 +108,17 @@ def autoencoder(
     arch = AutoencoderArch(factor=factor, ch=channels, num_res_blocks=res_blocks, z_channels=z_channels, attention=attention)
     loss = AutoencoderLoss(kl_weight=kl_weight, grad_weight=grad_weight, ssim_weight=ssim_weight, chroma_weight=chroma_weight,
                            disc_weight=disc_weight, disc_start=disc_start)
-    training = AutoencoderTraining(crop=crop, batch_size=batch_size, lr=lr, ema_decay=ema_decay, seed=seed,
+    training = AutoencoderTraining(crop=crop, batch_size=batch_size, lr=lr, ema_decay=session.ema_decay, seed=session.seed,
                                    min_scale=min_scale, colour_jitter=colour_jitter, sample_posterior=sample_posterior,
                                    procedural_share=procedural_share, init=str(init) if init else None,
                                    freeze_encoder=freeze_encoder, loss=loss)
-    run = _run_options(output, steps, save_every, log_every, resume, device, precision, quiet, threads)
-    path = train_autoencoder(arch, training, resolve_data(data, recursive), run)
-    if not quiet:
+    run = _run_options(output, steps, session)
+    path = train_autoencoder(arch, training, resolve_data(data, session.recursive), run)
+    if not session.quiet:
         typer.echo(f"wrote {path}", err=True)
 
 
+@option_groups
 def diffusion(
     output: RunDir,
     first_stage: Annotated[Path, typer.Option("--first-stage", help="Autoencoder run folder or model.safetensors (with its YAML).", rich_help_panel=TRAINING)],
@@ -133,16 +143,8 @@ def diffusion(
     batch_size: Batch = 8,
     lr: Lr = 1e-4,
     min_scale: MinScale = 0.5,
-    ema_decay: EmaDecay = 0.999,
-    seed: TrainSeed = 0,
-    save_every: SaveEvery = 500,
-    log_every: LogEvery = 25,
-    resume: Resume = False,
-    recursive: Recursive = True,
-    device: Device = "auto",
-    precision: Precision = "auto",
-    threads: Threads = None,
-    quiet: Quiet = False,
+    *,
+    session: TrainSession,
 ) -> None:
     """Train a latent diffusion model for a task on a trained first stage; export a LatentDiffusion file."""
     from ldmtool.train.data import resolve_data
@@ -156,11 +158,11 @@ def diffusion(
         raise UsageError(f"--channels {channels}: must be a multiple of 32 (GroupNorm groups)")
     arch = UNetArch(model_channels=channels, channel_mult=_ints(channel_mult, "--channel-mult"), num_res_blocks=res_blocks,
                     attention_resolutions=_ints(attention, "--attention-at"), num_head_channels=head_channels)
-    training = DiffusionTraining(task=task_value, crop=crop, batch_size=batch_size, lr=lr, ema_decay=ema_decay,
-                                 seed=seed, scale=scale, min_scale=min_scale, text_width=text_width, text_layers=text_layers,
+    training = DiffusionTraining(task=task_value, crop=crop, batch_size=batch_size, lr=lr, ema_decay=session.ema_decay,
+                                 seed=session.seed, scale=scale, min_scale=min_scale, text_width=text_width, text_layers=text_layers,
                                  init=str(init) if init else None, procedural=data == PROCEDURAL,
                                  degradation=degradation, prediction=prediction, box_raster=box_raster)
-    run = _run_options(output, steps, save_every, log_every, resume, device, precision, quiet, threads)
+    run = _run_options(output, steps, session)
     if task_value in PROCEDURAL_TASKS or (task_value == Task.UNCOND and data == PROCEDURAL):
         if data not in (None, PROCEDURAL):
             raise UsageError(f"--data {data}: --task {task} trains on procedural data only (--data {PROCEDURAL})")
@@ -168,9 +170,9 @@ def diffusion(
     elif data is None or data == PROCEDURAL:
         raise UsageError(f"--task {task} needs --data DIR or --data corpus")
     else:
-        paths = resolve_data(data, recursive)
+        paths = resolve_data(data, session.recursive)
     path = train_diffusion(arch, training, first_stage, paths, run)
-    if not quiet:
+    if not session.quiet:
         typer.echo(f"wrote {path}", err=True)
 
 

@@ -9,9 +9,9 @@ import typer
 from ldmtool.cli import options as opt
 from ldmtool.cli.common import finish
 from ldmtool.cli.shared import task_command
+from ldmtool.options import ModelChoice, SamplingChoice, Size, TextPrompt
 
 if TYPE_CHECKING:
-    from ldmtool.pipelines.engine import ModelChoice, SamplingChoice
     from ldmtool.runtime.jobs import RunOptions
 
 EXAMPLE = 'Example: ldmtool txt2img --prompt "a red fox in the snow" --n 4 --model sd-v1-5.safetensors -o out/'
@@ -28,16 +28,12 @@ Samples = Annotated[int, typer.Option("--n", min=1, help="Images per prompt.", r
 
 @task_command(model="default-txt2img", seamless=True)
 def txt2img(
-    prompt: opt.Prompt = None,
-    prompts: PromptsFile = None,
-    negative: opt.Negative = None,
-    n: Samples = 1,
-    width: opt.Width = None,
-    height: opt.Height = None,
     *,
-    run: "RunOptions",
-    model: "ModelChoice",
-    sampling: "SamplingChoice",
+    text: TextPrompt,
+    prompts: PromptsFile = None,
+    n: Samples = 1,
+    size: Size,
+    run: "RunOptions", model: ModelChoice, sampling: SamplingChoice,
 ) -> None:
     """Generate images from text prompts (sizes must be multiples of the model's 64 or 32 pixels)."""
     from ldmtool.pipelines.engine import Engine
@@ -45,8 +41,9 @@ def txt2img(
     from ldmtool.pipelines.txt2img import Txt2ImgTask, prompt_items
     from ldmtool.runtime.runner import run_task
 
-    specs = read_prompts(prompt, prompts)
-    task = Txt2ImgTask(Engine(model, sampling), specs, negative=negative or "", width=width, height=height)
+    specs = read_prompts(text.prompt, prompts)
+    task = Txt2ImgTask(Engine(model, sampling), specs, negative=text.negative or "", width=size.width,
+                       height=size.height)
     finish(run_task(task, prompt_items(specs, n), run))
 
 

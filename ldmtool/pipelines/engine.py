@@ -8,7 +8,6 @@ bad, fail the item instead of writing a wrong image.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -21,6 +20,7 @@ from ldmtool.diffusion.guidance import CFGDenoiser
 from ldmtool.diffusion.run import SamplerSettings, sample_latents
 from ldmtool.diffusion.samplers import default_schedule, get_sampler
 from ldmtool.errors import FatalError, ItemError, LdmError
+from ldmtool.options import ModelChoice, SamplingChoice
 from ldmtool.runtime.cache import model_cache
 from ldmtool.runtime.device import choose_device, choose_dtype, release_host_memory
 from ldmtool.runtime.seeds import NoiseSource
@@ -28,37 +28,6 @@ from ldmtool.tiling.fusion import TileConfig, TiledDenoiser
 from ldmtool.tiling.memory import check_tile, choose_tiling, parse_memory
 from ldmtool.tiling.seamless import Seamless, parse_seamless, seamless
 from ldmtool.tiling.vae import TensorCanvas, VAETiling, tiled_decode, tiled_encode
-
-
-@dataclass(frozen=True)
-class ModelChoice:
-    """`--model/--config/--preset/--no-ema/--prediction/--device/--precision`."""
-
-    model: str = "default"
-    config: Optional[Path] = None
-    preset: Optional[str] = None
-    use_ema: bool = True
-    prediction: Optional[str] = None
-    device: str = "auto"
-    precision: str = "auto"
-
-
-@dataclass(frozen=True)
-class SamplingChoice:
-    """Sampling and tiling options; None means "the model's default"."""
-
-    sampler: Optional[str] = None
-    steps: Optional[int] = None
-    cfg: Optional[float] = None
-    eta: Optional[float] = None
-    temperature: Optional[float] = None
-    karras: Optional[bool] = None
-    tile: Optional[int] = None
-    tile_overlap: Optional[int] = None
-    max_memory: Optional[str] = None
-    seamless: Optional[str] = None
-    vae_tile: Optional[int] = None  # first-stage tile (latent pixels); None: tile when the canvas is large
-
 
 # Untiled decodes above this many latent pixels go through the tiled first stage (bounded memory).
 _VAE_UNTILED_MAX = 128 * 128

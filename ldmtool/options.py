@@ -1,0 +1,170 @@
+"""Every option group the task commands share, declared once (DESIGN.md §6 names).
+
+A group is a frozen dataclass. A field that is a command-line option says so with `option(...)`: its flags,
+help text and help panel travel in the field's metadata, from which `ldmtool.cli.shared` generates the
+command's Typer parameters and builds the record the command receives. So a new option is a new field
+here, plus the code that reads it (docs/ARCHITECTURE.md, "Adding an option").
+
+Every task command gets `RunChoice` (turned into `ldmtool.runtime.jobs.RunOptions`); those with a model
+also `ModelChoice` and `SamplingChoice`, which pipelines read. The other groups are opt-in: a command takes
+one by naming it as a keyword-only parameter. Nothing here imports torch or typer.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from ldmtool.diffusion.names import SAMPLER_NAMES
+
+# Help panels.
+RUN = "Run"
+SAMPLING = "Sampling"
+MODEL = "Model"
+OUTPUT = "Output"
+TILING = "Tiling"
+
+
+def option(*flags: str, help: str, panel: str, default: Any = None, **typer_settings: Any) -> Any:
+    """A dataclass field that is a command-line option. `flags` as Typer takes them ("--steps",
+    "--karras/--no-karras", "--output", "-o"); `typer_settings` are passed on as they are (min, max,
+    show_default)."""
+    return dataclasses.field(default=default, metadata={"flags": flags, "help": help, "panel": panel,
+                                                        "settings": typer_settings})
+
+
+def option_fields(group: type) -> list[dataclasses.Field]:
+    """The fields of a group that are command-line options, in declaration (and help) order."""
+    return [f for f in dataclasses.fields(group) if "flags" in f.metadata]
+
+
+def is_option_group(annotation: Any) -> bool:
+    return isinstance(annotation, type) and dataclasses.is_dataclass(annotation) and bool(option_fields(annotation))
+
+
+def same_option(group: type, name: str) -> Any:
+    """A field that is `group`'s option `name` again (same flags, help and default), for another group."""
+    (original,) = [f for f in option_fields(group) if f.name == name]
+    meta = original.metadata
+    return option(*meta["flags"], help=meta["help"], panel=meta["panel"], default=original.default,
+                  **meta["settings"])
+
+
+@dataclass(frozen=True)
+class RunChoice:
+    """Where outputs go and how the run goes; the CLI's side of `RunOptions` (`ldmtool.cli.common`)."""
+
+    output: Optional[Path] = option("--output", "-o", help="Output file (one input) or folder.", panel=OUTPUT)
+    name: str = option("--name", help="Output name template: {stem} {index} {seed} {ext}.", panel=OUTPUT,
+                       default="{stem}.{ext}")
+    fmt: Optional[str] = option(
+        "--format", help="Output format png|jpg|webp (default: png, or the -o file's extension).", panel=OUTPUT)
+    quality: int = option("--quality", help="JPEG/WebP quality.", panel=OUTPUT, default=95, min=1, max=100)
+    overwrite: bool = option("--overwrite", help="Replace existing outputs (same as --existing overwrite).",
+                             panel=OUTPUT, default=False)
+    existing: Optional[str] = option(
+        "--existing", help="An output that exists already: check (skip it if its recipe says this job wrote it, "
+        "else fail the item; the default), skip (keep it whatever wrote it), overwrite.", panel=OUTPUT,
+        show_default=False)
+    json_out: bool = option("--json", help="Write one JSON event per item to stdout.", panel=RUN, default=False)
+    quiet: bool = option("--quiet", "-q", help="No progress output.", panel=RUN, default=False)
+    fail_fast: bool = option("--fail-fast", help="Stop at the first failed item.", panel=RUN, default=False)
+    batch_size: int = option("--batch-size", help="Items run together (never changes results).", panel=RUN,
+                             default=1, min=1)
+    seed: Optional[int] = option(
+        "--seed", help="The run's seed: prompts and --n samples use N, N+1, ...; files a seed derived from N and "
+        "their path. -1 or absent: the seed of the same job's earlier run into this output, else random. Always "
+        "recorded.", panel=SAMPLING, min=-1, max=2**32 - 1)
+    item_seed: Optional[int] = option(
+        "--item-seed", help="Run every item with exactly this seed (the 'Seed:' an output records), e.g. to redo "
+        "one file by hand.", panel=SAMPLING, min=0, max=2**32 - 1)
+    shard: Optional[str] = option(
+        "--shard", help="Run only shard K of N (K/N, e.g. 3/8) of the items, for job arrays; needs --seed.",
+        panel=RUN)
+    run_engine: str = option(
+        "--engine", help="local, or ray: spread the items over a Ray cluster (pip install 'ldmtool\\[ray]').",
+        panel=RUN, default="local")
+    ray_address: Optional[str] = option(
+        "--ray-address", help="With --engine ray: join this cluster (default: start a local one).", panel=RUN)
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """Which model to load, and on what."""
+
+    model: str = option("--model", "-m", help="Checkpoint file, or a preset/default model name (see `ldmtool "
+                        "models list`).", panel=MODEL, default="default")
+    config: Optional[Path] = option("--config", help="CompVis-format YAML config for the checkpoint.", panel=MODEL)
+    preset: Optional[str] = option("--preset", help="Architecture preset name (instead of --config).", panel=MODEL)
+    no_ema: bool = option("--no-ema", help="Use the raw weights even when EMA weights are present.", panel=MODEL,
+                          default=False)
+    prediction: Optional[str] = option("--prediction", help="Override the model's parameterization: eps|v.",
+                                       panel=MODEL)
+    device: str = option("--device", help="auto|cpu|cuda|cuda:N|mps.", panel=MODEL, default="auto")
+    precision: str = option("--precision", help="auto|fp32|fp16|bf16 (auto: fp32 on CPU, fp16 on GPU).",
+                            panel=MODEL, default="auto")
+
+    @property
+    def use_ema(self) -> bool:
+        return not self.no_ema
+
+
+@dataclass(frozen=True)
+class SamplingChoice:
+    """Sampling and tiling; None means "the model's default". `--seamless` is opt-in (generators only)."""
+
+    steps: Optional[int] = option("--steps", help="Sampling steps (default: the model's).", panel=SAMPLING, min=1)
+    sampler: Optional[str] = option("--sampler", help=f"{'|'.join(SAMPLER_NAMES)} (default: the model's).",
+                                    panel=SAMPLING)
+    cfg: Optional[float] = option("--cfg", help="Classifier-free guidance scale (1 = off; default: the model's).",
+                                  panel=SAMPLING)
+    eta: Optional[float] = option("--eta", help="DDIM eta (0 = deterministic).", panel=SAMPLING, min=0.0)
+    temperature: Optional[float] = option(
+        "--temperature", help="Scale of the starting noise: below 1 trades invented detail for fidelity (1 = the "
+        "model's distribution; default: the model's, else 1).", panel=SAMPLING, min=0.0)
+    karras: Optional[bool] = option("--karras/--no-karras", help="Karras sigma spacing (k-diffusion samplers).",
+                                    panel=SAMPLING)
+    tile: Optional[int] = option("--tile", help="Tile size in latent pixels (0 = no tiling; default: automatic).",
+                                 panel=TILING, min=0)
+    tile_overlap: Optional[int] = option("--tile-overlap", help="Tile overlap in latent pixels.", panel=TILING, min=0)
+    max_memory: Optional[str] = option(
+        "--max-memory", help="Memory budget for tiling, e.g. 4GB (default: from the device).", panel=TILING)
+    seamless: Optional[str] = option(
+        "--seamless", help="Wrap-around output along x, y or xy (tileable textures).", panel=TILING)
+    vae_tile: Optional[int] = None  # first-stage tile (latent pixels); None: tile when the canvas is large
+
+
+# -- opt-in groups
+
+
+@dataclass(frozen=True)
+class TextPrompt:
+    prompt: Optional[str] = option("--prompt", "-p", help="Text prompt.", panel=SAMPLING)
+    negative: Optional[str] = option("--negative", help="Negative prompt.", panel=SAMPLING)
+
+
+@dataclass(frozen=True)
+class Size:
+    width: Optional[int] = option("--width", "-W", help="Output width in pixels.", panel=SAMPLING, min=8)
+    height: Optional[int] = option("--height", "-H", help="Output height in pixels.", panel=SAMPLING, min=8)
+
+
+@dataclass(frozen=True)
+class ImageInputs:
+    """Input images found in folders and read with a size limit."""
+
+    recursive: bool = option("--recursive", "-r", help="Descend into subfolders of input folders.", panel=RUN,
+                             default=False)
+    max_pixels: Optional[int] = option(
+        "--max-pixels", help="Refuse input images above this many pixels (default 8192x8192).", panel=RUN, min=1)
+
+
+@dataclass(frozen=True)
+class MaskInputs:
+    masks: Optional[Path] = option(
+        "--masks", help="Folder of masks named like the images (else x_mask.png beside x.png).", panel=RUN)
+    invert_mask: bool = option("--invert-mask", help="Swap the mask meaning: black = repaint.", panel=RUN,
+                               default=False)
+    mask_from_alpha: bool = option("--mask-from-alpha", help="Repaint the transparent pixels of each image.",
+                                   panel=RUN, default=False)
