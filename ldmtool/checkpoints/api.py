@@ -20,6 +20,7 @@ from ldmtool.checkpoints.files import read_state_dict
 from ldmtool.checkpoints.presets import load_preset, preset_names, shipped_model, shipped_models
 from ldmtool.checkpoints.weights import PreparedWeights, check_state_dict, prepare_weights
 from ldmtool.errors import CheckpointError, UsageError
+from ldmtool.families.registry import model_info
 
 __all__ = ["LoadInfo", "build_model", "load_model", "resolve_config", "resolve_source"]
 
@@ -47,6 +48,7 @@ def build_model(config: Union[ConfigLike, str], *, device: Union[str, torch.devi
         schedule = _schedule_copies(bundle)
         bundle.to(dtype=dtype)
         _schedule_to_fp32(bundle, schedule)
+    bundle.info = model_info(bundle)
     return bundle
 
 
@@ -74,6 +76,7 @@ def load_model(path_or_name: Union[str, Path], *, config: Optional[ConfigLike] =
         if prediction not in PARAMETERIZATIONS:
             raise UsageError(f"--prediction {prediction!r} is not one of {', '.join(PARAMETERIZATIONS)}")
         bundle.parameterization = prediction
+    bundle.info = model_info(bundle)  # after --prediction, which it records
     bundle.load_info = LoadInfo(weights, config_used, detection, prepared.ema_present, prepared.ema_used,
                                 _main_dtype(raw))
     return bundle.eval().requires_grad_(False)
