@@ -15,7 +15,7 @@ from ldmtool.families.info import (
     RunDefaults,
 )
 
-# Cond stages that take text (the class names of their ldmtool modules).
+# Cond stages whose `encode(list[str])` gives cross-attention context (the class names of their modules).
 TEXT_ENCODERS = frozenset({"BERTEmbedder", "FrozenCLIPEmbedder", "FrozenOpenCLIPEmbedder"})
 
 
@@ -39,6 +39,8 @@ def diffusion_info(bundle: Any, family: Family) -> ModelInfo:
         pixel_multiple=downsampling * 2 ** (len(unet.get("channel_mult", (1,))) - 1),
         native_latent=None if native is None else int(native),
         concat_channels=concat_channels,
+        takes_text=_stage_name(bundle.cond_stage) in TEXT_ENCODERS,
+        class_count=int(bundle.cond_stage.n_classes) if _stage_name(bundle.cond_stage) == "ClassEmbedder" else None,
         inpaint_kind=_inpaint_kind(bundle, conditioning, concat_channels == latent_channels + 1),
         label_classes=_label_classes(bundle.cond_stage, conditioning, concat_channels),
         box_tokens=_box_tokens(params.get("cond_stage_config"), conditioning),
@@ -56,7 +58,7 @@ def first_stage_info(bundle: Any, family: Family) -> ModelInfo:
         family=bundle.family, entry=family.name, conditioning=Conditioning.NONE, parameterization=None,
         latent_channels=int(params.get("embed_dim") or params["ddconfig"]["z_channels"]),
         downsampling=downsampling, pixel_multiple=downsampling, native_latent=None, concat_channels=0,
-        inpaint_kind=None, label_classes=None, box_tokens=None, box_raster=False, raster_classes=(),
+        takes_text=False, class_count=None, inpaint_kind=None, label_classes=None, box_tokens=None, box_raster=False, raster_classes=(),
         defaults=run_defaults({}, downsampling, None),
     )
 

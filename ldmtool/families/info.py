@@ -75,6 +75,8 @@ class ModelInfo:
     pixel_multiple: int  # image sizes must be multiples of this (first stage and UNet together)
     native_latent: Optional[int]  # the UNet's training size in latent pixels, when the config gives it
     concat_channels: int  # UNet input channels beyond the latent (concat conditioning)
+    takes_text: bool  # its cond stage encodes prompts (`cond_stage.encode(list[str])`)
+    class_count: Optional[int]  # a class-embedding cond stage's classes, else None
     inpaint_kind: Optional[InpaintKind]  # None: cannot inpaint
     label_classes: Optional[int]  # semantic synthesis: classes of the label map, else None
     box_tokens: Optional[BoxTokens]  # layout models only
