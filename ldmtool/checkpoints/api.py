@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from ldmtool.checkpoints.bundle import PARAMETERIZATIONS, LatentDiffusionBundle, build_bundle
+from ldmtool.checkpoints.bundle import PARAMETERIZATIONS, Bundle, LatentDiffusionBundle, build_bundle
 from ldmtool.checkpoints.config import ConfigLike, ldmtool_block, load_config
 from ldmtool.checkpoints.detect import Detection, detect_family
 from ldmtool.checkpoints.files import read_state_dict
@@ -38,7 +38,7 @@ class LoadInfo:
 
 
 def build_model(config: Union[ConfigLike, str], *, device: Union[str, torch.device] = "cpu",
-                dtype: Optional[torch.dtype] = None, family: Optional[str] = None) -> nn.Module:
+                dtype: Optional[torch.dtype] = None, family: Optional[str] = None) -> Bundle:
     """A bundle with freshly initialised weights from a CompVis config (path, dict, or preset name).
     `device="meta"` builds the architecture without allocating any weight."""
     doc = _config_doc(config)
@@ -54,7 +54,7 @@ def build_model(config: Union[ConfigLike, str], *, device: Union[str, torch.devi
 
 def load_model(path_or_name: Union[str, Path], *, config: Optional[ConfigLike] = None, preset: Optional[str] = None,
                device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = torch.float32,
-               use_ema: bool = True, prediction: Optional[str] = None) -> nn.Module:
+               use_ema: bool = True, prediction: Optional[str] = None) -> Bundle:
     """Build and load a checkpoint: a file, or a shipped default name. Architecture from `config`, else
     `preset`, else a YAML beside the weights, else detection from the keys."""
     weights, default_config = resolve_source(path_or_name)

@@ -5,7 +5,7 @@ the original checkpoint key names (`model.diffusion_model.*`, `first_stage_model
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -160,7 +160,10 @@ def _low_scale_schedule(doc: Mapping[str, Any]) -> dict[str, Any]:
     return dict((low.get("params") or {}).get("noise_schedule_config") or {})
 
 
-def build_bundle(doc: Mapping[str, Any], family: Optional[str] = None) -> nn.Module:
+Bundle = Union[LatentDiffusionBundle, FirstStageBundle]
+
+
+def build_bundle(doc: Mapping[str, Any], family: Optional[str] = None) -> Bundle:
     """The bundle class the config's top-level target asks for, built on the current default device."""
     from ldmtool.checkpoints.config import DIFFUSION_TARGETS, FIRST_STAGE_TARGETS
 
