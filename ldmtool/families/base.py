@@ -44,6 +44,9 @@ class Family:
     def owns(self, name: str) -> bool:
         return name == self.name or name in self.presets
 
+    def model_info(self, bundle: Any) -> "ModelInfo":
+        return self.describe(bundle, self)
+
 
 def unet_in_channels(shapes: Shapes) -> Optional[int]:
     return int(shapes[UNET_IN][1]) if UNET_IN in shapes else None

@@ -58,7 +58,8 @@ def first_stage_info(bundle: Any, family: Family) -> ModelInfo:
         family=bundle.family, entry=family.name, conditioning=Conditioning.NONE, parameterization=None,
         latent_channels=int(params.get("embed_dim") or params["ddconfig"]["z_channels"]),
         downsampling=downsampling, pixel_multiple=downsampling, native_latent=None, concat_channels=0,
-        takes_text=False, class_count=None, inpaint_kind=None, label_classes=None, box_tokens=None, box_raster=False, raster_classes=(),
+        takes_text=False, class_count=None, inpaint_kind=None, label_classes=None, box_tokens=None,
+        box_raster=False, raster_classes=(),
         defaults=run_defaults({}, downsampling, None),
     )
 

@@ -43,7 +43,7 @@ def model_info(bundle: Any) -> ModelInfo:
     family = family_named(bundle.family) or _detected(bundle)
     if family is None:
         family = LDM if getattr(bundle, "model", None) is not None else LDM_FIRST_STAGES
-    return family.describe(bundle, family)
+    return family.model_info(bundle)
 
 
 def _detected(bundle: Any) -> Optional[Family]:
