@@ -92,7 +92,8 @@ def _conditioning(key: Optional[str]) -> Conditioning:
 
 
 def _downsampling(first_stage_params: Mapping[str, Any]) -> int:
-    return 2 ** (len(first_stage_params["ddconfig"]["ch_mult"]) - 1)
+    # The autoencoder's own default when the config leaves ch_mult out (read at load time, it must not fail).
+    return 2 ** (len(first_stage_params["ddconfig"].get("ch_mult", (1, 2, 4, 8))) - 1)
 
 
 def _stage_name(stage: Any) -> Optional[str]:
