@@ -145,8 +145,8 @@ def _attribute_owner(dotted: str):
 # docs/ARCHITECTURE.md's layers from the bottom up: at import time a module imports only its own layer or
 # layers before it here (imports inside functions are free to reach further).
 # The package root (its version; the API it exposes is imported lazily) sits with errors at the bottom.
-LAYERS = [("ldmtool", "errors"), ("io",), ("nets",), ("runtime",), ("diffusion",), ("checkpoints",), ("tiling",),
-          ("options",), ("pipelines",), ("cli",), ("train",), ("__main__",)]
+LAYERS = [("ldmtool", "errors"), ("io",), ("nets",), ("families",), ("runtime",), ("diffusion",), ("checkpoints",),
+          ("tiling",), ("options",), ("pipelines",), ("cli",), ("train",), ("__main__",)]
 
 
 def _layer(module: str) -> int:

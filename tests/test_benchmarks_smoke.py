@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -194,3 +195,20 @@ def test_checkpoint_load_dry_run(dry_runs):
         assert r["peak_rss_mib"] >= r["rss_after_import_mib"]
     assert "load_time_ratio_safetensors_over_ckpt" in records[-1]
     assert not list(workdir.iterdir())  # the checkpoint files are deleted
+
+
+def test_compare_outputs_reports_identical_different_and_missing_images(tmp_path, capsys):
+    from PIL import Image
+
+    compare_outputs = load("compare_outputs")
+    pixels = np.zeros((4, 4, 3), np.uint8)
+    for side, changed in (("before", 0), ("after", 3)):
+        (tmp_path / side / "sub").mkdir(parents=True)
+        Image.fromarray(pixels).save(tmp_path / side / "same.png")
+        Image.fromarray(pixels + changed).save(tmp_path / side / "sub" / "changed.png")
+    Image.fromarray(pixels).save(tmp_path / "before" / "gone.png")
+    assert compare_outputs.main([str(tmp_path / "before"), str(tmp_path / "after")]) == 1
+    records = {r.get("file", "summary"): r for r in json_lines(capsys.readouterr().out)}
+    assert records["same.png"]["identical"] and records["gone.png"]["missing"] == "after"
+    assert records["sub/changed.png"]["max_diff"] == 3 and records["sub/changed.png"]["differing"] == 1.0
+    assert records["summary"]["identical"] == 1 and records["summary"]["different_or_missing"] == 2

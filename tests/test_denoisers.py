@@ -127,7 +127,7 @@ def test_conditioning_that_does_not_fit_the_key_is_refused():
 
 def test_from_bundle_and_bind():
     net = Recorder()
-    bundle = SimpleNamespace(unet=net, alphas_cumprod=AC.float(), parameterization="v", conditioning_key="crossattn")
+    bundle = SimpleNamespace(denoiser=net, alphas_cumprod=AC.float(), parameterization="v", conditioning_key="crossattn")
     denoise = DiscreteDenoiser.from_bundle(bundle)
     assert denoise.parameterization.value == "v" and denoise.sigma_max > 14 and denoise.sigma_min < 0.03
     context = torch.zeros(1, 3, 8)

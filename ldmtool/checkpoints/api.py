@@ -13,13 +13,14 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from ldmtool.checkpoints.bundle import PARAMETERIZATIONS, LatentDiffusionBundle, build_bundle
+from ldmtool.checkpoints.bundle import PARAMETERIZATIONS, Bundle, LatentDiffusionBundle, build_bundle
 from ldmtool.checkpoints.config import ConfigLike, ldmtool_block, load_config
 from ldmtool.checkpoints.detect import Detection, detect_family
 from ldmtool.checkpoints.files import read_state_dict
 from ldmtool.checkpoints.presets import load_preset, preset_names, shipped_model, shipped_models
 from ldmtool.checkpoints.weights import PreparedWeights, check_state_dict, prepare_weights
 from ldmtool.errors import CheckpointError, UsageError
+from ldmtool.families.registry import model_info
 
 __all__ = ["LoadInfo", "build_model", "load_model", "resolve_config", "resolve_source"]
 
@@ -37,7 +38,7 @@ class LoadInfo:
 
 
 def build_model(config: Union[ConfigLike, str], *, device: Union[str, torch.device] = "cpu",
-                dtype: Optional[torch.dtype] = None, family: Optional[str] = None) -> nn.Module:
+                dtype: Optional[torch.dtype] = None, family: Optional[str] = None) -> Bundle:
     """A bundle with freshly initialised weights from a CompVis config (path, dict, or preset name).
     `device="meta"` builds the architecture without allocating any weight."""
     doc = _config_doc(config)
@@ -47,12 +48,13 @@ def build_model(config: Union[ConfigLike, str], *, device: Union[str, torch.devi
         schedule = _schedule_copies(bundle)
         bundle.to(dtype=dtype)
         _schedule_to_fp32(bundle, schedule)
+    bundle.info = model_info(bundle)
     return bundle
 
 
 def load_model(path_or_name: Union[str, Path], *, config: Optional[ConfigLike] = None, preset: Optional[str] = None,
                device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = torch.float32,
-               use_ema: bool = True, prediction: Optional[str] = None) -> nn.Module:
+               use_ema: bool = True, prediction: Optional[str] = None) -> Bundle:
     """Build and load a checkpoint: a file, or a shipped default name. Architecture from `config`, else
     `preset`, else a YAML beside the weights, else detection from the keys."""
     weights, default_config = resolve_source(path_or_name)
@@ -74,6 +76,7 @@ def load_model(path_or_name: Union[str, Path], *, config: Optional[ConfigLike] =
         if prediction not in PARAMETERIZATIONS:
             raise UsageError(f"--prediction {prediction!r} is not one of {', '.join(PARAMETERIZATIONS)}")
         bundle.parameterization = prediction
+    bundle.info = model_info(bundle)  # after --prediction, which it records
     bundle.load_info = LoadInfo(weights, config_used, detection, prepared.ema_present, prepared.ema_used,
                                 _main_dtype(raw))
     return bundle.eval().requires_grad_(False)

@@ -5,7 +5,7 @@ the original checkpoint key names (`model.diffusion_model.*`, `first_stage_model
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -13,8 +13,12 @@ from torch import nn
 from ldmtool.checkpoints.config import instantiate, ldmtool_block, model_block
 from ldmtool.checkpoints.schedule import LOW_SCALE_BUFFERS, schedule_buffers
 from ldmtool.errors import CheckpointError
+from ldmtool.families.info import Parameterization
 
-PARAMETERIZATIONS = ("eps", "v", "x0")
+if TYPE_CHECKING:
+    from ldmtool.families.info import ModelInfo
+
+PARAMETERIZATIONS = tuple(p.value for p in Parameterization)
 SCHEDULE_KEYS = ("beta_schedule", "timesteps", "linear_start", "linear_end", "cosine_s")
 UNCONDITIONAL = "__is_unconditional__"
 SAME_AS_FIRST_STAGE = "__is_first_stage__"
@@ -30,12 +34,21 @@ class DiffusionWrapper(nn.Module):
 
 
 class _BundleAliases:
-    """The short names of DESIGN.md §6."""
+    """The short names of DESIGN.md §6, and `info`, the typed description the registry builds when the
+    bundle is built or loaded (`ldmtool.checkpoints.api`)."""
+
+    info: "ModelInfo"
+
+    @property
+    def denoiser(self) -> Optional[nn.Module]:
+        """The network, with the reference call convention `(x, timesteps, context=None, y=None)`."""
+        model = getattr(self, "model", None)
+        return None if model is None else model.diffusion_model
 
     @property
     def unet(self) -> Optional[nn.Module]:
-        model = getattr(self, "model", None)
-        return None if model is None else model.diffusion_model
+        """`denoiser` by its older name (every family's denoiser so far is a UNet)."""
+        return self.denoiser
 
     @property
     def first_stage(self) -> nn.Module:
@@ -147,7 +160,10 @@ def _low_scale_schedule(doc: Mapping[str, Any]) -> dict[str, Any]:
     return dict((low.get("params") or {}).get("noise_schedule_config") or {})
 
 
-def build_bundle(doc: Mapping[str, Any], family: Optional[str] = None) -> nn.Module:
+Bundle = Union[LatentDiffusionBundle, FirstStageBundle]
+
+
+def build_bundle(doc: Mapping[str, Any], family: Optional[str] = None) -> Bundle:
     """The bundle class the config's top-level target asks for, built on the current default device."""
     from ldmtool.checkpoints.config import DIFFUSION_TARGETS, FIRST_STAGE_TARGETS
 

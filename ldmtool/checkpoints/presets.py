@@ -9,15 +9,10 @@ from typing import Any, Optional
 
 from ldmtool.checkpoints.config import ldmtool_block, load_config
 from ldmtool.errors import UsageError
+from ldmtool.families.registry import preset_families
 
-# The released checkpoint families of DESIGN.md section 3, one preset each.
-RELEASED_FAMILIES = (
-    "sd1", "sd1-inpainting", "sd2", "sd2-v", "sd2-inpainting", "sd2-x4-upscaler",
-    "ldm-bsr-sr", "ldm-inpainting-big", "ldm-semantic-synthesis256", "ldm-semantic-synthesis512",
-    "ldm-layout2img-openimages256", "ldm-text2img256", "ldm-txt2img-1p4b", "ldm-cin256", "ldm-cin256-v2",
-    "ldm-celebahq256", "ldm-ffhq256", "ldm-lsun-churches256", "ldm-lsun-bedrooms256",
-    "kl-f4", "kl-f8", "kl-f16", "kl-f32", "vq-f4", "vq-f4-noattn", "vq-f8", "vq-f16",
-)
+# The released checkpoint families of DESIGN.md section 3, one preset each (owned by ldmtool/families/).
+RELEASED_FAMILIES = preset_families()
 
 
 @dataclass(frozen=True)

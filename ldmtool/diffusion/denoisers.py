@@ -5,47 +5,40 @@ on x = x0 + sigma eps with sigma = sqrt((1 - a_t) / a_t), so x_vp = x / sqrt(sig
 timestep fed to the network is found by interpolating in log-sigma between the model's discrete sigmas
 (an exact integer when sigma is one of them, so DDIM/PLMS/DDPM call the network as the reference does).
 
-Conditioning dispatch by the CompVis `conditioning_key`:
-  None          unet(x)
-  concat        unet(cat([x, cond.concat], channels))
-  crossattn     unet(x, context=cond.crossattn)
+Conditioning dispatch by the CompVis `conditioning_key` (`Conditioning`):
+  None          net(x)
+  concat        net(cat([x, cond.concat], channels))
+  crossattn     net(x, context=cond.crossattn)
   hybrid        both of the above (SD inpainting)
-  adm           unet(x, y=cond.y) (class / noise-level labels)
+  adm           net(x, y=cond.y) (class / noise-level labels)
   hybrid-adm    concat + context + y (SD x4 upscaler)
   crossattn-adm context + y
 """
 from __future__ import annotations
 
-from enum import Enum
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
 from ldmtool.diffusion.cond import Cond
 from ldmtool.diffusion.schedules import discrete_sigmas, sigma_to_t
+from ldmtool.families.info import Conditioning, Parameterization
 
 # Fractional timesteps this close to an integer are snapped to it, so a schedule's sigma that went through
 # float32 still calls the network with the integer timestep it stands for.
 _SNAP = 1e-3
 
-_FIELDS_BY_KEY: dict[Optional[str], frozenset[str]] = {
-    None: frozenset(),
-    "concat": frozenset({"concat"}),
-    "crossattn": frozenset({"crossattn"}),
-    "hybrid": frozenset({"concat", "crossattn"}),
-    "adm": frozenset({"y"}),
-    "hybrid-adm": frozenset({"concat", "crossattn", "y"}),
-    "crossattn-adm": frozenset({"crossattn", "y"}),
+_FIELDS: dict[Conditioning, frozenset[str]] = {
+    Conditioning.NONE: frozenset(),
+    Conditioning.CONCAT: frozenset({"concat"}),
+    Conditioning.CROSSATTN: frozenset({"crossattn"}),
+    Conditioning.HYBRID: frozenset({"concat", "crossattn"}),
+    Conditioning.ADM: frozenset({"y"}),
+    Conditioning.HYBRID_ADM: frozenset({"concat", "crossattn", "y"}),
+    Conditioning.CROSSATTN_ADM: frozenset({"crossattn", "y"}),
 }
 
-
-class Parameterization(str, Enum):
-    EPS = "eps"
-    V = "v"
-    X0 = "x0"
-
-
-UNet = Callable[..., torch.Tensor]  # unet(x, timesteps, context=None, y=None) -> prediction
+Network = Callable[..., torch.Tensor]  # net(x, timesteps, context=None, y=None) -> prediction
 
 
 class DiscreteDenoiser:
@@ -57,28 +50,25 @@ class DiscreteDenoiser:
 
     def __init__(
         self,
-        unet: UNet,
+        network: Network,
         alphas_cumprod: torch.Tensor,
         parameterization: Parameterization | str = Parameterization.EPS,
-        conditioning_key: Optional[str] = None,
+        conditioning: Union[Conditioning, str, None] = Conditioning.NONE,
         *,
         quantize: bool = False,
     ):
-        if conditioning_key not in _FIELDS_BY_KEY:
-            known = ", ".join(str(k) for k in _FIELDS_BY_KEY)
-            raise ValueError(f"conditioning_key {conditioning_key!r} is not supported (known: {known})")
-        self.unet = unet
+        self.network = network
         self.parameterization = Parameterization(parameterization)
-        self.conditioning_key = conditioning_key
+        self.conditioning = _conditioning(conditioning)
         self.quantize = quantize
         self.sigmas = discrete_sigmas(alphas_cumprod)  # (T,) ascending, float64, CPU
         self.log_sigmas = self.sigmas.log()
 
     @classmethod
     def from_bundle(cls, bundle, *, parameterization: Optional[str] = None, quantize: bool = False) -> "DiscreteDenoiser":
-        """Wrap a model bundle (shared contract: `unet`, `alphas_cumprod`, `parameterization`, `conditioning_key`)."""
+        """Wrap a model bundle (shared contract: `denoiser`, `alphas_cumprod`, `parameterization`, `conditioning_key`)."""
         return cls(
-            bundle.unet,
+            bundle.denoiser,
             bundle.alphas_cumprod,
             parameterization or bundle.parameterization,
             bundle.conditioning_key,
@@ -116,15 +106,23 @@ class DiscreteDenoiser:
 
     def _call_network(self, x_in: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         fields = {name for name in ("crossattn", "concat", "y") if getattr(cond, name) is not None}
-        wanted = _FIELDS_BY_KEY[self.conditioning_key]
+        wanted = _FIELDS[self.conditioning]
         if fields != wanted:
             raise ValueError(
-                f"conditioning_key {self.conditioning_key!r} needs {sorted(wanted) or 'no conditioning'}, "
+                f"conditioning_key {self.conditioning.value!r} needs {sorted(wanted) or 'no conditioning'}, "
                 f"got {sorted(fields) or 'none'}"
             )
         if cond.concat is not None:
             x_in = torch.cat([x_in, cond.concat.to(x_in.dtype)], dim=1)
-        return per_row(self.unet, x_in, t.expand(x_in.shape[0]), context=cond.crossattn, y=cond.y)
+        return per_row(self.network, x_in, t.expand(x_in.shape[0]), context=cond.crossattn, y=cond.y)
+
+
+def _conditioning(key: Union[Conditioning, str, None]) -> Conditioning:
+    try:
+        return Conditioning(key)
+    except ValueError:
+        known = ", ".join(str(c.value) for c in Conditioning)
+        raise ValueError(f"conditioning_key {key!r} is not supported (known: {known})") from None
 
 
 def per_row(network: Callable[..., torch.Tensor], x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -123,11 +123,11 @@ def colour_fix_to(output: np.ndarray, reference: np.ndarray, sigma: float) -> np
     return np.clip(fixed, 0.0, 1.0)
 
 
-def config_switch(defaults: dict, key: str, model_path) -> bool:
-    """A true/false setting of the model config's `ldmtool:` block (absent: off); anything else is fatal."""
+def config_switch(value: object, key: str, model_path) -> bool:
+    """A true/false setting of the model config's `ldmtool:` block (`info.defaults.<key>`, absent: off);
+    anything else is fatal."""
     from ldmtool.errors import FatalError
 
-    value = defaults.get(key, False)
     if not isinstance(value, bool):
         raise FatalError(f"{model_path}: its config's ldmtool.{key} is {value!r}; write true or false")
     return value

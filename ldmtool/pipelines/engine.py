@@ -14,12 +14,14 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from ldmtool.checkpoints.bundle import LatentDiffusionBundle
 from ldmtool.diffusion.cond import Cond, Guided
 from ldmtool.diffusion.denoisers import DiscreteDenoiser, per_row
 from ldmtool.diffusion.guidance import CFGDenoiser
 from ldmtool.diffusion.run import SamplerSettings, sample_latents
 from ldmtool.diffusion.samplers import default_schedule, get_sampler
 from ldmtool.errors import FatalError, ItemError, LdmError
+from ldmtool.families.info import ModelInfo
 from ldmtool.options import ModelChoice, SamplingChoice
 from ldmtool.runtime.cache import model_cache
 from ldmtool.runtime.device import choose_device, choose_dtype, release_host_memory
@@ -36,12 +38,13 @@ _VAE_UNTILED_MAX = 128 * 128
 class Engine:
     """One model, loaded once, and the sampling machinery around it."""
 
+    bundle: LatentDiffusionBundle  # set by open()
+
     def __init__(self, choice: ModelChoice, sampling: SamplingChoice):
         self.choice = choice
         self.sampling = sampling
         self.axes: Seamless = parse_seamless(sampling.seamless)
         check_tile(sampling.tile, sampling.tile_overlap)
-        self.bundle: Any = None
         self.device: Optional[torch.device] = None
         self.dtype: Optional[torch.dtype] = None
 
@@ -60,7 +63,7 @@ class Engine:
         p = self.resolved()
         default_schedule(p["sampler"], self.bundle.alphas_cumprod, p["steps"], karras=p["karras"])
 
-    def _load(self, dtype: torch.dtype):
+    def _load(self, dtype: torch.dtype) -> LatentDiffusionBundle:
         from ldmtool.checkpoints.api import load_model, resolve_source
 
         weights, _ = resolve_source(self.choice.model)
@@ -110,44 +113,22 @@ class Engine:
         return self.bundle.load_info.path
 
     @property
-    def defaults(self) -> dict[str, Any]:
-        from ldmtool.checkpoints.config import ldmtool_block
-
-        return ldmtool_block(self.bundle.config)
-
-    @property
-    def unet_params(self) -> dict[str, Any]:
-        return self.bundle.config["model"]["params"]["unet_config"]["params"]
-
-    @property
-    def latent_channels(self) -> int:
-        return int(self.unet_params["out_channels"])
-
-    @property
-    def downsampling(self) -> int:
-        """Pixels per latent pixel of the first stage (4 for f=4, 8 for SD)."""
-        dd = self.bundle.config["model"]["params"]["first_stage_config"]["params"]["ddconfig"]
-        return 2 ** (len(dd["ch_mult"]) - 1)
-
-    @property
-    def native_latent(self) -> int:
-        """The tile side in latent pixels: the config's `ldmtool.default_tile`, else the UNet's training size
-        but at least 64 (small models trained on small crops are convolutional and run fine on 64² tiles,
-        while 16² tiles would multiply the per-call overhead)."""
-        return int(self.defaults.get("default_tile") or max(64, int(self.unet_params.get("image_size", 64))))
+    def info(self) -> ModelInfo:
+        """What the model is (latent shape, conditioning, run defaults), built when it was loaded."""
+        return self.bundle.info
 
     # -- resolved sampling parameters (recorded in every output's metadata)
 
     def resolved(self) -> dict[str, Any]:
-        d, s = self.defaults, self.sampling
-        sampler = s.sampler or d.get("default_sampler", "ddim")
+        d, s = self.info.defaults, self.sampling
+        sampler = s.sampler or d.sampler
         info = get_sampler(sampler)
         return {
             "sampler": sampler,
-            "steps": s.steps or d.get("default_steps") or info.default_steps,
-            "cfg": s.cfg if s.cfg is not None else float(d.get("default_cfg", 1.0)),
+            "steps": s.steps or d.steps or info.default_steps,
+            "cfg": s.cfg if s.cfg is not None else d.cfg,
             "eta": s.eta,
-            "temperature": s.temperature if s.temperature is not None else float(d.get("default_temperature", 1.0)),
+            "temperature": s.temperature if s.temperature is not None else d.temperature,
             "karras": s.karras,
             "seamless": s.seamless or None,
         }
@@ -179,10 +160,10 @@ class Engine:
         denoise = self._denoiser(latent_hw, 2 if guided else 1, guided)
         conditioning = Guided(cond, uncond, p["cfg"]) if guided else cond
         callback = None if progress is None else (lambda step: progress(step.index + 1, step.total))
-        shape = None if init_latent is not None else (self.latent_channels, *latent_hw)
+        shape = None if init_latent is not None else (self.info.latent_channels, *latent_hw)
         if init_latent is not None:
             init_latent = init_latent.to(self.device, self.dtype)
-        with torch.inference_mode(), seamless(self.bundle.unet, axes=self.axes):
+        with torch.inference_mode(), seamless(self.bundle.denoiser, axes=self.axes):
             z = sample_latents(denoise, conditioning, self.bundle.alphas_cumprod, NoiseSource(seeds), settings,
                                shape=shape, init_latent=init_latent, repaint=repaint, callback=callback,
                                device=self.device, dtype=self.dtype)
@@ -198,7 +179,7 @@ class Engine:
             denoise = CFGDenoiser(denoise)
         s = self.sampling
         budget = parse_memory(s.max_memory) if s.max_memory else None
-        tiling = choose_tiling(latent_hw, native_tile=self.native_latent, items=rows_per_item, tile=s.tile,
+        tiling = choose_tiling(latent_hw, native_tile=self.info.defaults.tile, items=rows_per_item, tile=s.tile,
                                overlap=s.tile_overlap, budget=budget, wrap=(self.axes.y, self.axes.x))
         # No `device=` here on purpose: without --max-memory, canvases larger than the model's native size
         # are always tiled, so memory stays bounded by the tile (cron jobs share machines) instead of
@@ -215,10 +196,11 @@ class Engine:
         """Scaled latents of images in [-1, 1] (B, 3, H, W), one image at a time (see `per_row`)."""
         first = self.bundle.first_stage
         x = images.to(self.device, self.dtype)
-        tiled = self._vae_tiled(x.shape[-2] // self.downsampling, x.shape[-1] // self.downsampling)
+        down = self.info.downsampling
+        tiled = self._vae_tiled(x.shape[-2] // down, x.shape[-1] // down)
         with torch.inference_mode(), seamless(first, axes=self.axes):
             if tiled:
-                z = torch.cat([tiled_encode(first, row, VAETiling(tile=self._vae_tile() * self.downsampling))
+                z = torch.cat([tiled_encode(first, row, VAETiling(tile=self._vae_tile() * down))
                                for row in x.split(1)])
             else:
                 z = per_row(first.encode, x)

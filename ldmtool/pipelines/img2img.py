@@ -12,7 +12,7 @@ import torch
 
 from ldmtool.io.images import LoadedImage, read_image
 from ldmtool.pipelines.engine import Engine, to_array
-from ldmtool.pipelines.text import PromptConditioning, group_by_size, padded_images, pixel_multiple
+from ldmtool.pipelines.text import PromptConditioning, group_by_size, padded_images
 from ldmtool.runtime.jobs import BaseTask, Job, Output
 
 DEFAULT_STRENGTH = 0.75
@@ -34,8 +34,8 @@ class Img2ImgTask(BaseTask):
         self.model_path = engine.model_path
         self.conditioning = PromptConditioning(engine.bundle, engine.model_path, self.command,
                                                prompt=self.prompt, negative=self.negative)
-        self.multiple = pixel_multiple(engine)
-        self.params.update(engine.resolved(), model_family=engine.bundle.family)
+        self.multiple = engine.info.pixel_multiple
+        self.params.update(engine.resolved(), model_family=engine.info.family)
 
     def load(self, job: Job) -> LoadedImage:
         return read_image(job.item.path, max_pixels=self.max_pixels)

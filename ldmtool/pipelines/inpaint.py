@@ -16,7 +16,6 @@
 """
 from __future__ import annotations
 
-from enum import Enum
 from typing import Any, Optional
 
 import cv2
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from ldmtool.diffusion.cond import Cond
 from ldmtool.diffusion.masked import composite, latent_repaint_mask
 from ldmtool.errors import FatalError, ItemError
+from ldmtool.families.info import InpaintKind
 from ldmtool.io.images import LoadedImage, mask_from_alpha, read_image, read_mask
 from ldmtool.pipelines.colour_fix import colour_fix_to, config_switch
 from ldmtool.pipelines.engine import Engine, to_array
@@ -36,32 +36,11 @@ from ldmtool.pipelines.text import (
     group_by_size,
     padded_images,
     padding,
-    pixel_multiple,
     text_encoder,
 )
 from ldmtool.runtime.jobs import BaseTask, Job, Output
 
 DEFAULT_FEATHER = 4
-
-
-class InpaintKind(str, Enum):
-    LDM_CONCAT = "ldm-concat"
-    SD_HYBRID = "sd-hybrid"
-    MASKED = "masked"
-
-
-def inpaint_kind(bundle) -> Optional[InpaintKind]:
-    """How a model inpaints, from its conditioning key and UNet input channels (None: it cannot)."""
-    key = bundle.conditioning_key
-    unet = bundle.config["model"]["params"]["unet_config"]["params"]
-    head = int(unet["in_channels"]) == 2 * int(unet["out_channels"]) + 1  # latent + masked latent + mask
-    if key == "concat" and head and bundle.cond_stage is bundle.first_stage:
-        return InpaintKind.LDM_CONCAT
-    if key == "hybrid" and head and text_encoder(bundle) is not None:
-        return InpaintKind.SD_HYBRID
-    if key is None or (key == "crossattn" and text_encoder(bundle) is not None):
-        return InpaintKind.MASKED
-    return None
 
 
 def grow_mask(mask: np.ndarray, pixels: int) -> np.ndarray:
@@ -92,21 +71,22 @@ class InpaintTask(BaseTask):
         engine = self.engine.open()
         self.model_path = engine.model_path
         bundle = engine.bundle
-        self.kind = inpaint_kind(bundle)
+        info = engine.info
+        self.kind = info.inpaint_kind
         if self.kind is None:
-            raise FatalError(f"{engine.model_path}: a {bundle.family} model cannot inpaint (use an inpainting, "
+            raise FatalError(f"{engine.model_path}: a {info.family} model cannot inpaint (use an inpainting, "
                              "text-to-image or unconditional model)")
         if self.kind is InpaintKind.LDM_CONCAT and (self.prompt or self.negative):
-            raise FatalError(f"{engine.model_path}: the {bundle.family} model takes no prompt; drop --prompt/--negative")
+            raise FatalError(f"{engine.model_path}: the {info.family} model takes no prompt; drop --prompt/--negative")
         if self.kind is InpaintKind.SD_HYBRID:
             self.texts = TextConditioner(text_encoder(bundle))
         elif self.kind is InpaintKind.MASKED:
             self.conditioning = PromptConditioning(bundle, engine.model_path, self.command,
                                                    prompt=self.prompt, negative=self.negative)
-        self.multiple = pixel_multiple(engine)
+        self.multiple = info.pixel_multiple
         if self.colour_fix is None:
-            self.colour_fix = config_switch(engine.defaults, "colour_fix", engine.model_path)
-        self.params.update(engine.resolved(), model_family=bundle.family, inpaint_kind=self.kind.value,
+            self.colour_fix = config_switch(info.defaults.colour_fix, "colour_fix", engine.model_path)
+        self.params.update(engine.resolved(), model_family=info.family, inpaint_kind=self.kind.value,
                            colour_fix=self.colour_fix)
 
     def load(self, job: Job) -> tuple[LoadedImage, np.ndarray]:
@@ -152,7 +132,7 @@ class InpaintTask(BaseTask):
 
     def _sample(self, e: Engine, images: torch.Tensor, masks: torch.Tensor, seeds: list[int]) -> torch.Tensor:
         """Scaled latents for padded images in [-1, 1] (B, 3, H, W) and repaint masks (B, 1, H, W)."""
-        latent_hw = (images.shape[-2] // e.downsampling, images.shape[-1] // e.downsampling)
+        latent_hw = (images.shape[-2] // e.info.downsampling, images.shape[-1] // e.info.downsampling)
         if self.kind is InpaintKind.MASKED:
             return self._masked(e, images, masks, seeds, latent_hw)
         latent_mask = F.interpolate(masks, size=latent_hw).to(e.device)  # nearest, as the reference

@@ -27,8 +27,10 @@ import numpy as np
 import torch
 import yaml
 
+from ldmtool.checkpoints.bundle import LatentDiffusionBundle
 from ldmtool.diffusion.cond import Cond
 from ldmtool.errors import FatalError, ItemError, LdmError, UsageError
+from ldmtool.families.info import Conditioning
 from ldmtool.io.discover import Item
 from ldmtool.pipelines.box_raster import box_raster
 from ldmtool.pipelines.engine import Engine
@@ -183,10 +185,10 @@ class Layout2ImgTask(GeneratorTask):
         self.tokenizer: Optional[BoxTokenizer] = None
         self.raster_classes: Optional[list[int]] = None  # category number of each box-raster channel
 
-    def check_model(self, bundle) -> None:
-        self.tokenizer = tokenizer_for(bundle)
+    def check_model(self, bundle: LatentDiffusionBundle) -> None:
+        self.tokenizer = tokenizer_for(bundle.info)
         if self.tokenizer is None:
-            raise FatalError(f"{self.engine.model_path}: a {bundle.family} model cannot do layout2img (it needs a "
+            raise FatalError(f"{self.engine.model_path}: a {bundle.info.family} model cannot do layout2img (it needs a "
                              "box-token model such as layout2img-openimages256)")
         self.raster_classes = raster_classes(self.engine)
         self.params.update(draw_boxes=self.draw_boxes)
@@ -229,7 +231,7 @@ class Layout2ImgTask(GeneratorTask):
             return None
         width, height = self.canvas(job)
         boxes = [(self.raster_classes.index(o.category), o.box) for o in job.payload]
-        raster = box_raster(boxes, len(self.raster_classes), (height, width), latent_hw, engine.downsampling)
+        raster = box_raster(boxes, len(self.raster_classes), (height, width), latent_hw, engine.info.downsampling)
         return torch.from_numpy(raster)[None].to(engine.device, engine.dtype)
 
     def item_params(self, job: Job) -> dict[str, Any]:
@@ -248,13 +250,11 @@ class Layout2ImgTask(GeneratorTask):
 def raster_classes(engine: Engine) -> Optional[list[int]]:
     """Category numbers of the box-raster channels of a hybrid layout model (its config's `classes`, in
     order), None for a token-only model; FatalError when the config and the UNet disagree."""
-    if engine.bundle.conditioning_key != "hybrid":
+    info = engine.info
+    if info.conditioning is not Conditioning.HYBRID:
         return None
-    defaults = engine.defaults
-    names = [c.get("name") for c in defaults.get("classes") or [] if isinstance(c, dict)]
-    unet = engine.unet_params
-    channels = int(unet["in_channels"]) - int(unet["out_channels"])
-    if not defaults.get("box_raster") or len(names) != channels:
+    names, channels = info.raster_classes, info.concat_channels
+    if not info.box_raster or len(names) != channels:
         raise FatalError(f"{engine.model_path}: a layout model with {channels} concatenated channels needs "
                          f"`ldmtool: box_raster: true` and one `classes` entry per channel (found {len(names)})")
     try:

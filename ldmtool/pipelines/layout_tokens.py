@@ -28,6 +28,7 @@ from importlib import resources
 from typing import Optional, Sequence
 
 from ldmtool.errors import UsageError
+from ldmtool.families.info import ModelInfo
 
 # Names the reference merges into another class before numbering (open_images_unify_categories_for_coco),
 # plus the older OpenImages display names of six classes.
@@ -156,13 +157,8 @@ class BoxTokenizer:
         return flat
 
 
-def tokenizer_for(bundle) -> Optional[BoxTokenizer]:
+def tokenizer_for(info: ModelInfo) -> Optional[BoxTokenizer]:
     """The box tokenizer of a layout model (BERT-style cond stage that takes token ids, by cross-attention or
     beside a concatenated box raster), else None."""
-    cond = bundle.config["model"]["params"].get("cond_stage_config")
-    if not isinstance(cond, dict) or not cond.get("target", "").endswith("BERTEmbedder"):
-        return None
-    params = cond.get("params", {})
-    if params.get("use_tokenizer", True) or bundle.conditioning_key not in ("crossattn", "hybrid"):
-        return None
-    return BoxTokenizer.for_sequence(int(params["vocab_size"]), int(params["max_seq_len"]))
+    tokens = info.box_tokens
+    return None if tokens is None else BoxTokenizer.for_sequence(tokens.vocab_size, tokens.max_seq_len)

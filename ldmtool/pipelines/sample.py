@@ -22,11 +22,13 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from ldmtool.checkpoints.bundle import LatentDiffusionBundle
 from ldmtool.diffusion.cond import Cond
 from ldmtool.errors import FatalError, ItemError, UsageError
+from ldmtool.families.info import Conditioning
 from ldmtool.io.discover import Item, generated_items
 from ldmtool.pipelines.engine import Engine
-from ldmtool.pipelines.text import check_size, pixel_multiple
+from ldmtool.pipelines.text import check_size
 from ldmtool.runtime.jobs import BaseTask, Job, Output
 
 IMAGENET_CLASSES = 1000
@@ -48,10 +50,10 @@ class GeneratorTask(BaseTask):
         engine = self.engine.open()
         self.model_path = engine.model_path
         self.check_model(engine.bundle)
-        self.multiple = pixel_multiple(engine)
+        self.multiple = engine.info.pixel_multiple
         self.width, self.height = self.default_size()
         self.check_cfg()
-        self.params.update(engine.resolved(), model_family=engine.bundle.family)
+        self.params.update(engine.resolved(), model_family=engine.info.family)
         if self.width is not None:
             self.params.update(width=self.width, height=self.height)
 
@@ -60,7 +62,7 @@ class GeneratorTask(BaseTask):
 
     # -- what subclasses decide
 
-    def check_model(self, bundle) -> None:
+    def check_model(self, bundle: LatentDiffusionBundle) -> None:
         """FatalError when the model cannot do this task."""
 
     def conditioning(self, engine: Engine, job: Job, latent_hw: tuple[int, int]) -> tuple[Cond, Optional[Cond]]:
@@ -84,15 +86,14 @@ class GeneratorTask(BaseTask):
     # -- shared machinery
 
     def default_size(self) -> tuple[Optional[int], Optional[int]]:
-        engine = self.engine
-        default_w, default_h = engine.defaults.get("default_size") or [engine.native_latent * engine.downsampling] * 2
-        width, height = self.width or int(default_w), self.height or int(default_h)
+        default_w, default_h = self.engine.info.defaults.size
+        width, height = self.width or default_w, self.height or default_h
         check_size(width, height, self.multiple)
         return width, height
 
     def check_cfg(self) -> None:
         if self.engine.sampling.cfg not in (None, 1.0) and not self.has_uncond():
-            raise UsageError(f"--cfg {self.engine.sampling.cfg}: a {self.engine.bundle.family} model has no "
+            raise UsageError(f"--cfg {self.engine.sampling.cfg}: a {self.engine.info.family} model has no "
                              "unconditional input, so classifier-free guidance cannot run; drop --cfg")
 
     def _check_wrap(self, job: Job, size: tuple[int, int], sampled: tuple[int, int]) -> None:
@@ -108,7 +109,7 @@ class GeneratorTask(BaseTask):
         width, height = self.canvas(job)
         sample_w, sample_h = self.padded(width, height)
         self._check_wrap(job, (width, height), (sample_w, sample_h))
-        down = self.engine.downsampling
+        down = self.engine.info.downsampling
         latent_hw = (sample_h // down, sample_w // down)
         progress = self.reporter and self.reporter.steps
 
@@ -201,17 +202,17 @@ class SampleTask(GeneratorTask):
         self.class_ids: list[int] = []
         self.n_classes = 0
 
-    def check_model(self, bundle) -> None:
-        key, stage = bundle.conditioning_key, bundle.cond_stage
+    def check_model(self, bundle: LatentDiffusionBundle) -> None:
+        info = bundle.info
         path = self.engine.model_path
-        if key is None:
+        if info.conditioning is Conditioning.NONE:
             if self.classes:
-                raise UsageError(f"--class: {path} is an unconditional {bundle.family} model; drop --class")
+                raise UsageError(f"--class: {path} is an unconditional {info.family} model; drop --class")
             return
-        if type(stage).__name__ != "ClassEmbedder" or key != "crossattn":
-            raise FatalError(f"{path}: a {bundle.family} model cannot do `{self.command}` without other inputs (it "
+        if info.class_count is None or info.conditioning is not Conditioning.CROSSATTN:
+            raise FatalError(f"{path}: a {info.family} model cannot do `{self.command}` without other inputs (it "
                              "needs a class-conditional or unconditional model; see txt2img, semantic2img, layout2img)")
-        self.n_classes = int(stage.n_classes)
+        self.n_classes = info.class_count
         if not self.classes:
             raise UsageError(f"{path} is a class-conditional model; name classes with --class (a number or an "
                              "ImageNet name such as 'golden retriever')")

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
+from ldmtool.checkpoints.bundle import LatentDiffusionBundle
 from ldmtool.diffusion.cond import Cond
 from ldmtool.errors import FatalError, ItemError, UsageError
 from ldmtool.io.images import max_pixels_default
@@ -178,17 +179,6 @@ def semantic_concat(stage: torch.nn.Module, labels: np.ndarray, n_classes: int, 
     return concat
 
 
-def semantic_classes(bundle) -> Optional[int]:
-    """How many classes a semantic-synthesis model takes (its cond stage's input channels), else None."""
-    stage = bundle.cond_stage
-    if bundle.conditioning_key != "concat" or type(stage).__name__ != "SpatialRescaler":
-        return None
-    if getattr(stage, "remap_output", False):
-        return int(stage.channel_mapper.in_channels)
-    params = bundle.config["model"]["params"]["unet_config"]["params"]
-    return int(params["in_channels"]) - int(params["out_channels"])
-
-
 class Semantic2ImgTask(GeneratorTask):
     """One image per label map file; the output has the map's size unless --width/--height say otherwise."""
 
@@ -202,10 +192,10 @@ class Semantic2ImgTask(GeneratorTask):
         self.max_pixels = max_pixels
         self.n_classes = 0
 
-    def check_model(self, bundle) -> None:
-        n_classes = semantic_classes(bundle)
+    def check_model(self, bundle: LatentDiffusionBundle) -> None:
+        n_classes = bundle.info.label_classes
         if n_classes is None:
-            raise FatalError(f"{self.engine.model_path}: a {bundle.family} model takes no label maps, so it cannot do "
+            raise FatalError(f"{self.engine.model_path}: a {bundle.info.family} model takes no label maps, so it cannot do "
                              f"{self.command} from maps (it needs a model such as semantic_synthesis256/512)")
         self.n_classes = n_classes
         if self.palette is not None:
@@ -234,8 +224,8 @@ class Semantic2ImgTask(GeneratorTask):
     def conditioning(self, engine: Engine, job: Job, latent_hw: tuple[int, int]) -> tuple[Cond, Optional[Cond]]:
         width, height = self.canvas(job)
         labels = resize_labels(job.payload, width, height)
-        pad_h = latent_hw[0] * engine.downsampling - height
-        pad_w = latent_hw[1] * engine.downsampling - width
+        pad_h = latent_hw[0] * engine.info.downsampling - height
+        pad_w = latent_hw[1] * engine.info.downsampling - width
         if pad_h or pad_w:
             labels = np.pad(labels, ((0, pad_h), (0, pad_w)), mode="edge")
         concat = semantic_concat(engine.bundle.cond_stage, labels, self.n_classes, latent_hw,

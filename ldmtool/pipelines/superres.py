@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ldmtool.diffusion.cond import Cond
 from ldmtool.errors import FatalError, ItemError, UsageError
+from ldmtool.families.info import Conditioning
 from ldmtool.io.images import read_image
 from ldmtool.pipelines.colour_fix import colour_fix_, config_switch
 from ldmtool.pipelines.consistency import back_project_
@@ -74,20 +75,19 @@ class SuperresTask(BaseTask):
     def open(self) -> None:
         engine = self.engine.open()
         self.model_path = engine.model_path
-        key = engine.bundle.conditioning_key
-        if key not in ("concat", "hybrid-adm"):
-            raise FatalError(f"{engine.model_path}: a {engine.bundle.family} model cannot do super-resolution "
+        info = engine.info
+        if info.conditioning not in (Conditioning.CONCAT, Conditioning.HYBRID_ADM):
+            raise FatalError(f"{engine.model_path}: a {info.family} model cannot do super-resolution "
                              "(it needs a low-resolution image as concat conditioning)")
-        self.upscaler = key == "hybrid-adm"
-        self.params.update(engine.resolved(), model_family=engine.bundle.family)
+        self.upscaler = info.conditioning is Conditioning.HYBRID_ADM
+        self.params.update(engine.resolved(), model_family=info.family)
         if self.colour_fix is None:
-            self.colour_fix = config_switch(engine.defaults, "colour_fix", engine.model_path)
+            self.colour_fix = config_switch(info.defaults.colour_fix, "colour_fix", engine.model_path)
         if self.consistency is None:
-            self.consistency = config_switch(engine.defaults, "consistency", engine.model_path)
+            self.consistency = config_switch(info.defaults.consistency, "consistency", engine.model_path)
         self.params.update(colour_fix=self.colour_fix, consistency=self.consistency)
         if self.upscaler:
-            self.noise_level = self.noise_level if self.noise_level is not None else int(
-                engine.defaults.get("default_noise_level", 20))
+            self.noise_level = self.noise_level if self.noise_level is not None else info.defaults.noise_level
             self.params.update(noise_level=self.noise_level, prompt=self.prompt, negative=self.negative)
             self._context = self._encode_text()  # once per run, shared by every item and tile
 
@@ -120,7 +120,8 @@ class SuperresTask(BaseTask):
         low = to_model_range(rgb)
         if pad_h or pad_w:
             low = F.pad(low, (0, pad_w, 0, pad_h), mode="replicate")
-        latent_hw = (low.shape[-2] * NATIVE_SCALE // engine.downsampling, low.shape[-1] * NATIVE_SCALE // engine.downsampling)
+        down = engine.info.downsampling
+        latent_hw = (low.shape[-2] * NATIVE_SCALE // down, low.shape[-1] * NATIVE_SCALE // down)
 
         def compute(e: Engine) -> torch.Tensor:
             cond, uncond = self._conditioning(e, low, latent_hw, seed)
@@ -135,7 +136,7 @@ class SuperresTask(BaseTask):
 
     def _pixel_multiple(self) -> int:
         """Low-res sizes must map to latents divisible by the UNet's total downsampling (8)."""
-        return max(1, 8 * self.engine.downsampling // NATIVE_SCALE)
+        return max(1, 8 * self.engine.info.downsampling // NATIVE_SCALE)
 
     def _conditioning(self, engine: Engine, low: torch.Tensor, latent_hw, seed: int):
         low = low.to(engine.device, engine.dtype)

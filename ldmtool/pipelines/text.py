@@ -7,7 +7,7 @@ entry starts with '{') where each line is an object with a `prompt` and optional
 (see `PROMPT_FIELDS`).
 
 Sizes: a model samples latents whose sides divide by the UNet's total downsampling, so pixel sizes must be
-multiples of `pixel_multiple(engine)` (64 for SD, 32 for the f4 LDM models). txt2img REJECTS other sizes
+multiples of `engine.info.pixel_multiple` (64 for SD, 32 for the f4 LDM models). txt2img REJECTS other sizes
 with a one-line error (a silently different size would surprise scripts); img2img and inpaint pad their
 input images up to the multiple (edge replication) and crop the result back, so any input size works.
 """
@@ -23,13 +23,12 @@ import numpy as np
 import torch
 
 from ldmtool.errors import FatalError, UsageError
+from ldmtool.families.info import Conditioning
 from ldmtool.runtime.device import one_thread
 
 if TYPE_CHECKING:
+    from ldmtool.checkpoints.bundle import LatentDiffusionBundle
     from ldmtool.diffusion.cond import Cond
-
-# Conditioning stages whose `encode(list[str])` gives cross-attention context (reference class names).
-TEXT_ENCODERS = frozenset({"BERTEmbedder", "FrozenCLIPEmbedder", "FrozenOpenCLIPEmbedder"})
 
 
 @dataclass(frozen=True)
@@ -109,26 +108,20 @@ def _json_prompt(line: str, where: str) -> PromptSpec:
 # ---------------------------------------------------------------- models
 
 
-def text_encoder(bundle) -> Optional[torch.nn.Module]:
+def text_encoder(bundle: "LatentDiffusionBundle") -> Optional[torch.nn.Module]:
     """The bundle's text conditioning stage, or None when it has none."""
-    stage = getattr(bundle, "cond_stage", None)
-    return stage if stage is not None and type(stage).__name__ in TEXT_ENCODERS else None
+    return bundle.cond_stage if bundle.info.takes_text else None
 
 
-def require_text_model(bundle, path: Path, command: str, keys: Sequence[str] = ("crossattn",)) -> torch.nn.Module:
-    """The text encoder of a model that must take prompts (with one of the conditioning `keys`), or a
+def require_text_model(bundle: "LatentDiffusionBundle", path: Path, command: str,
+                       kinds: Sequence[Conditioning] = (Conditioning.CROSSATTN,)) -> torch.nn.Module:
+    """The text encoder of a model that must take prompts (with one of the conditioning `kinds`), or a
     FatalError naming what the model is."""
     encoder = text_encoder(bundle)
-    if encoder is None or bundle.conditioning_key not in keys:
-        raise FatalError(f"{path}: a {bundle.family} model has no text encoder, so it cannot do {command}; "
+    if encoder is None or bundle.info.conditioning not in kinds:
+        raise FatalError(f"{path}: a {bundle.info.family} model has no text encoder, so it cannot do {command}; "
                          "use a text-to-image checkpoint (SD 1.x/2.x, LDM text2img256 or txt2img-1p4B)")
     return encoder
-
-
-def pixel_multiple(engine) -> int:
-    """Pixel sizes must be multiples of this: the first stage's and the UNet's downsampling together."""
-    levels = len(engine.unet_params.get("channel_mult", (1,)))
-    return engine.downsampling * 2 ** (levels - 1)
 
 
 def check_size(width: int, height: int, multiple: int) -> None:
@@ -206,16 +199,18 @@ class PromptConditioning:
     """Conditioning for img2img and masked inpainting: a text model's prompt and negative (guided), or
     nothing for an unconditional model. Other model kinds cannot take these commands (FatalError)."""
 
-    def __init__(self, bundle, path: Path, command: str, *, prompt: str = "", negative: str = ""):
+    def __init__(self, bundle: "LatentDiffusionBundle", path: Path, command: str, *, prompt: str = "",
+                 negative: str = ""):
         self.prompt, self.negative = prompt, negative
-        if bundle.conditioning_key is None:
+        info = bundle.info
+        if info.conditioning is Conditioning.NONE:
             if prompt or negative:
-                raise FatalError(f"{path}: a {bundle.family} model is unconditional and takes no prompt; "
+                raise FatalError(f"{path}: a {info.family} model is unconditional and takes no prompt; "
                                  "drop --prompt/--negative")
             self.texts: Optional[TextConditioner] = None
             return
-        if text_encoder(bundle) is None or bundle.conditioning_key != "crossattn":
-            raise FatalError(f"{path}: a {bundle.family} model cannot do {command} (it needs a text-to-image "
+        if text_encoder(bundle) is None or info.conditioning is not Conditioning.CROSSATTN:
+            raise FatalError(f"{path}: a {info.family} model cannot do {command} (it needs a text-to-image "
                              "or unconditional model)")
         self.texts = TextConditioner(text_encoder(bundle))
 

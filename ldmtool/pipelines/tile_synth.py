@@ -12,12 +12,14 @@ from enum import Enum
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ldmtool.checkpoints.bundle import LatentDiffusionBundle
 from ldmtool.diffusion.cond import Cond
 from ldmtool.errors import FatalError, UsageError
+from ldmtool.families.info import Conditioning
 from ldmtool.io.discover import Item, generated_items
 from ldmtool.pipelines.engine import Engine
 from ldmtool.pipelines.sample import GeneratorTask, SampleTask, sample_items
-from ldmtool.pipelines.semantic2img import Semantic2ImgTask, semantic_classes
+from ldmtool.pipelines.semantic2img import Semantic2ImgTask
 from ldmtool.pipelines.text import TextConditioner, text_encoder
 from ldmtool.runtime.jobs import Job
 
@@ -55,10 +57,10 @@ class TextTileTask(GeneratorTask):
         super().__init__(engine, width=width, height=height)
         self.prompt, self.negative = prompt, negative
 
-    def check_model(self, bundle) -> None:
+    def check_model(self, bundle: LatentDiffusionBundle) -> None:
         encoder = text_encoder(bundle)
-        if encoder is None or bundle.conditioning_key != "crossattn":
-            raise FatalError(f"{self.engine.model_path}: a {bundle.family} model takes no text; drop --prompt "
+        if encoder is None or bundle.info.conditioning is not Conditioning.CROSSATTN:
+            raise FatalError(f"{self.engine.model_path}: a {bundle.info.family} model takes no text; drop --prompt "
                              "(or use a text-to-image model)")
         self.texts = TextConditioner(encoder)
         self.params.update(prompt=self.prompt, negative=self.negative)
@@ -77,11 +79,11 @@ class NoiseTileTask(SampleTask):
 
     command = COMMAND
 
-    def check_model(self, bundle) -> None:
+    def check_model(self, bundle: LatentDiffusionBundle) -> None:
         path = self.engine.model_path
         if not self.classes and text_encoder(bundle) is not None:
             raise UsageError(f"{path} is a text model; give --prompt TEXT")
-        if not self.classes and semantic_classes(bundle) is not None:
+        if not self.classes and bundle.info.label_classes is not None:
             raise UsageError(f"{path} is a semantic-synthesis model; give label map files as inputs")
         super().check_model(bundle)
 

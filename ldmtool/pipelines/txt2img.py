@@ -22,7 +22,6 @@ from ldmtool.pipelines.text import (
     TextConditioner,
     check_size,
     group_by_size,
-    pixel_multiple,
     require_text_model,
 )
 from ldmtool.runtime.jobs import BaseTask, Job, Output
@@ -61,12 +60,12 @@ class Txt2ImgTask(BaseTask):
         engine = self.engine.open()
         self.model_path = engine.model_path
         self.texts = TextConditioner(require_text_model(engine.bundle, engine.model_path, self.command))
-        self.multiple = pixel_multiple(engine)
-        default_w, default_h = engine.defaults.get("default_size") or [engine.native_latent * engine.downsampling] * 2
-        self.width, self.height = self.width or int(default_w), self.height or int(default_h)
+        self.multiple = engine.info.pixel_multiple
+        default_w, default_h = engine.info.defaults.size
+        self.width, self.height = self.width or default_w, self.height or default_h
         check_size(self.width, self.height, self.multiple)
         self.params.update(engine.resolved(), negative=self.negative, width=self.width, height=self.height,
-                           model_family=engine.bundle.family)
+                           model_family=engine.info.family)
 
     def load(self, job: Job) -> PromptSpec:
         spec = PromptSpec(**job.item.data["spec"])
@@ -92,7 +91,7 @@ class Txt2ImgTask(BaseTask):
         spec: PromptSpec = jobs[0].payload
         engine = self._engine_for(spec)
         width, height = spec.width or self.width, spec.height or self.height
-        latent_hw = (height // engine.downsampling, width // engine.downsampling)
+        latent_hw = (height // engine.info.downsampling, width // engine.info.downsampling)
         prompts = [job.payload.prompt for job in jobs]
         negatives = [self._negative(job.payload) for job in jobs]
         seeds = [job.seed for job in jobs]

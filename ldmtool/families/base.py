@@ -1,0 +1,52 @@
+"""What a family entry declares, and the checkpoint key names its detection rules look at.
+
+Detection rules look at structure only (which conditioner is present, UNet input channels, first-stage
+kind and depth, vocabulary and sequence sizes), never at widths, so they hold for small models of a family
+as well as for the released checkpoints. Some families share one architecture; the weights cannot tell
+them apart, so detection names the first and lists the others as `alternatives`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
+
+if TYPE_CHECKING:
+    from ldmtool.families.info import ModelInfo
+
+Shapes = Mapping[str, Sequence[int]]
+
+UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
+
+
+@dataclass(frozen=True)
+class Detection:
+    family: str
+    alternatives: tuple[str, ...] = ()
+    note: str = ""
+    evidence: tuple[str, ...] = field(default=())
+
+    def describe(self) -> str:
+        alt = f" (same architecture as {', '.join(self.alternatives)})" if self.alternatives else ""
+        return f"{self.family}{alt}{'; ' + self.note if self.note else ''}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Family:
+    """One model family: its presets (presets/<name>.yaml, CompVis configs), how a checkpoint of it is
+    recognised from its keys, and how a bundle built from one of its configs is described."""
+
+    name: str
+    presets: tuple[str, ...]
+    detect: Callable[[Shapes], Optional[Detection]]
+    describe: Callable[[Any, "Family"], "ModelInfo"]  # (bundle, family) -> its ModelInfo
+    conditioner: str = ""  # what conditions it, for people reading the registry
+
+    def owns(self, name: str) -> bool:
+        return name == self.name or name in self.presets
+
+    def model_info(self, bundle: Any) -> "ModelInfo":
+        return self.describe(bundle, self)
+
+
+def unet_in_channels(shapes: Shapes) -> Optional[int]:
+    return int(shapes[UNET_IN][1]) if UNET_IN in shapes else None
