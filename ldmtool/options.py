@@ -34,7 +34,7 @@ def option(*flags: str, help: str, panel: str, default: Any = None, **typer_sett
                                                         "settings": typer_settings})
 
 
-def option_fields(group: type) -> list[dataclasses.Field]:
+def option_fields(group: type) -> list[dataclasses.Field[Any]]:
     """The fields of a group that are command-line options, in declaration (and help) order."""
     return [f for f in dataclasses.fields(group) if "flags" in f.metadata]
 

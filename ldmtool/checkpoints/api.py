@@ -57,6 +57,7 @@ def load_model(path_or_name: Union[str, Path], *, config: Optional[ConfigLike] =
                use_ema: bool = True, prediction: Optional[str] = None) -> Bundle:
     """Build and load a checkpoint: a file, or a shipped default name. Architecture from `config`, else
     `preset`, else a YAML beside the weights, else detection from the keys."""
+    default_config: Optional[ConfigLike]
     weights, default_config = resolve_source(path_or_name)
     raw = read_state_dict(weights)
     default_config = embedded_config(weights) or default_config
@@ -85,7 +86,7 @@ def load_model(path_or_name: Union[str, Path], *, config: Optional[ConfigLike] =
 FIRST_STAGE_PREFIX = "first_stage_model."
 
 
-def with_shared_first_stage(prepared, weights: Path, shared: Optional[str]):
+def with_shared_first_stage(prepared: PreparedWeights, weights: Path, shared: Optional[str]) -> PreparedWeights:
     """Shipped defaults share one first stage: a config's `ldmtool.first_stage_weights` names a file beside
     the weights (autoencoder layout: encoder.*, decoder.*, ...) that supplies the missing
     `first_stage_model.*` weights. Weights the file itself carries win."""
@@ -154,7 +155,7 @@ def _config_doc(config: Union[ConfigLike, str]) -> dict[str, Any]:
 UNUSED_BERT_KEYS = ("cond_stage_model.transformer.to_logits.weight", "cond_stage_model.transformer.to_logits.bias")
 
 
-def optional_keys(bundle: nn.Module) -> list[str]:
+def optional_keys(bundle: Bundle) -> list[str]:
     """Keys a checkpoint may leave out: schedule buffers (computed from the config), the second copy of
     a shared first/cond stage, OpenCLIP's unused projection and logit scale, and LDM-BERT's unused
     `to_logits` (a vocabulary-sized layer the shipped defaults leave out to save space)."""
@@ -166,7 +167,7 @@ def optional_keys(bundle: nn.Module) -> list[str]:
     return keys
 
 
-def _load_into(bundle: nn.Module, prepared: PreparedWeights, *, source: str, family: str,
+def _load_into(bundle: Bundle, prepared: PreparedWeights, *, source: str, family: str,
                detection: Optional[Detection]) -> None:
     expected = {k: tuple(v.shape) for k, v in bundle.state_dict().items()}
     state = _without_unused_scale_factor(prepared.state, expected)
@@ -185,7 +186,7 @@ def _without_unused_scale_factor(state: dict[str, torch.Tensor], expected: Mappi
     return {k: v for k, v in state.items() if k != "scale_factor"}
 
 
-def _materialise_leftovers(bundle: nn.Module) -> None:
+def _materialise_leftovers(bundle: Bundle) -> None:
     """Give real values to tensors the file did not provide (still on the meta device)."""
     fresh = bundle.schedule_values()
     tensors = list(bundle.named_parameters()) + list(bundle.named_buffers())
@@ -212,13 +213,13 @@ def _set_tensor(root: nn.Module, name: str, value: torch.Tensor, is_param: bool)
         owner._buffers[leaf] = value
 
 
-def _schedule_copies(bundle: nn.Module) -> dict[str, torch.Tensor]:
+def _schedule_copies(bundle: Bundle) -> dict[str, torch.Tensor]:
     """float32 copies of the schedule buffers as loaded (taken before a half-precision cast)."""
     names = set(bundle.schedule_values())
     return {name: buf.float().clone() for name, buf in bundle.named_buffers() if name in names and buf.is_floating_point()}
 
 
-def _schedule_to_fp32(bundle: nn.Module, saved: Optional[Mapping[str, torch.Tensor]] = None) -> None:
+def _schedule_to_fp32(bundle: Bundle, saved: Optional[Mapping[str, torch.Tensor]] = None) -> None:
     """Samplers read the schedule; keep it float32 whatever the network precision (from `saved`, the values
     before the cast, when given: a cast to fp16/bf16 and back loses the small 1 - alphas_cumprod)."""
     names = set(bundle.schedule_values())

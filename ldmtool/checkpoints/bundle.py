@@ -16,6 +16,9 @@ from ldmtool.errors import CheckpointError
 from ldmtool.families.info import Parameterization
 
 if TYPE_CHECKING:
+    from torch.nn.modules.module import _IncompatibleKeys
+
+    from ldmtool.checkpoints.api import LoadInfo
     from ldmtool.families.info import ModelInfo
 
 PARAMETERIZATIONS = tuple(p.value for p in Parameterization)
@@ -38,6 +41,11 @@ class _BundleAliases:
     bundle is built or loaded (`ldmtool.checkpoints.api`)."""
 
     info: "ModelInfo"
+    load_info: "LoadInfo"  # set by load_model
+    # Set by each bundle class (declared here for the aliases below, and so mypy does not read them
+    # through nn.Module.__getattr__ as `Tensor | Module`).
+    first_stage_model: nn.Module
+    cond_stage_model: Optional[nn.Module]
 
     @property
     def denoiser(self) -> Optional[nn.Module]:
@@ -119,21 +127,23 @@ class FirstStageBundle(_BundleAliases, nn.Module):
         self.family = family or ldmtool_block(doc).get("family") or "custom"
         self.first_stage_model = instantiate(model_block(doc))
 
-    def state_dict(self, *args, **kwargs):  # type: ignore[override]
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
         return self.first_stage_model.state_dict(*args, **kwargs)
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True,
+                        assign: bool = False) -> _IncompatibleKeys:
         return self.first_stage_model.load_state_dict(state_dict, strict=strict, assign=assign)
 
     def schedule_values(self) -> dict[str, torch.Tensor]:
         return {}
 
 
-def _save_scale_factor(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+def _save_scale_factor(module: LatentDiffusionBundle, state_dict: dict[str, Any], prefix: str,
+                       local_metadata: dict[str, Any]) -> None:
     state_dict[prefix + "scale_factor"] = torch.tensor(module.scale_factor)
 
 
-def _load_scale_factor(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+def _load_scale_factor(module: LatentDiffusionBundle, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
     value = state_dict.pop(prefix + "scale_factor", None)
     if value is not None and value.device.type != "meta":
         module.scale_factor = float(value)

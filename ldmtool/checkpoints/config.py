@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Union
 
 import yaml
 
@@ -16,8 +16,8 @@ from ldmtool.errors import CheckpointError
 
 ConfigLike = Union[str, Path, Mapping[str, Any]]
 
-# Reference target -> "module:Class" in ldmtool. None means "no module" (identity / unconditional).
-TARGETS: dict[str, Optional[str]] = {
+# Reference target -> "module:Class" in ldmtool (identity is torch.nn.Identity; unconditional has no block).
+TARGETS: dict[str, str] = {
     "ldm.modules.diffusionmodules.openaimodel.UNetModel": "ldmtool.nets.unet:UNetModel",
     "ldm.models.autoencoder.AutoencoderKL": "ldmtool.nets.autoencoder:AutoencoderKL",
     "ldm.models.autoencoder.VQModel": "ldmtool.nets.autoencoder:VQModel",
@@ -75,7 +75,7 @@ def ldmtool_block(doc: Mapping[str, Any]) -> dict[str, Any]:
     return dict(doc.get("ldmtool") or {})
 
 
-def resolve_target(target: str) -> Optional[type]:
+def resolve_target(target: str) -> type:
     if target not in TARGETS:
         known = ", ".join(sorted(t.rsplit(".", 1)[-1] for t in TARGETS))
         raise CheckpointError(f"config target {target!r} is not supported (known: {known})")

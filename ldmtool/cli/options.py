@@ -41,7 +41,7 @@ def parameters(group: type, *, defaults: Optional[dict[str, Any]] = None,
             for f in option_fields(group) if f.name not in leave_out]
 
 
-def _annotated(group: type, field: dataclasses.Field) -> Any:
+def _annotated(group: type, field: dataclasses.Field[Any]) -> Any:
     meta = field.metadata
     hint = _type_hints(group)[field.name]
     return Annotated[hint, typer.Option(*meta["flags"], help=meta["help"], rich_help_panel=meta["panel"],

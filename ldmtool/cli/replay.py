@@ -12,7 +12,7 @@ import json
 import sys
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 
@@ -96,17 +96,17 @@ def _target(path: Path, output: Optional[Path], count: int) -> Path:
     return output / path.name
 
 
-def _command(path: Path, name: Any):
+def _command(path: Path, name: Any) -> Callable[..., Any]:
     from ldmtool.cli.app import app
     from ldmtool.errors import ItemError
 
     for command in app.registered_commands:
-        if command.name == name and name != "replay":
+        if command.name == name and name != "replay" and command.callback is not None:
             return command.callback
     raise ItemError(f"{path}: its recipe names the command {name!r}, which this ldmtool does not have")
 
 
-def _arguments(command, recorded: dict[str, Any], item: dict[str, Any]) -> dict[str, Any]:
+def _arguments(command: Callable[..., Any], recorded: dict[str, Any], item: dict[str, Any]) -> dict[str, Any]:
     """The command's keyword arguments: its defaults, then the recorded options (typed as the command
     declares them), then inputs that name the item itself."""
     parameters = inspect.signature(command).parameters

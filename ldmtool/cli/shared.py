@@ -72,7 +72,7 @@ def option_groups(command: Callable[..., Any], *, appended: Sequence[_Group] = (
         records = {group.argument: group.build(options) for group in groups}
         return command(**options, **(finish(records, given) if finish else records))
 
-    wrapper.__signature__ = inspect.Signature(signature)
+    wrapper.__signature__ = inspect.Signature(signature)  # type: ignore[attr-defined]  # read by inspect (Typer)
     wrapper.__annotations__ = {p.name: p.annotation for p in signature}  # Typer reads the hints from here
     return wrapper
 

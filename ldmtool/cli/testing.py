@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Callable, Optional
 
 import typer
 
@@ -18,7 +18,10 @@ from ldmtool.cli.shared import task_command
 from ldmtool.options import ImageInputs, MaskInputs
 
 if TYPE_CHECKING:
-    from ldmtool.runtime.jobs import RunOptions
+    import numpy as np
+
+    from ldmtool.io.images import LoadedImage
+    from ldmtool.runtime.jobs import BaseTask, Job, Output, RunOptions
 
 SLEEP_ENV = "LDMTOOL_TEST_SLEEP"
 EXAMPLE = "Example: LDMTOOL_TEST_COMMANDS=1 ldmtool _invert photos/ -o out/ --json"
@@ -47,7 +50,7 @@ def _mask_mode(paired: bool, from_alpha: bool) -> str:
     return "alpha" if from_alpha else ("file" if paired else "none")
 
 
-def _invert_task_class():
+def _invert_task_class() -> Callable[..., BaseTask]:
     from ldmtool.io.images import mask_from_alpha, read_image, read_mask
     from ldmtool.runtime.jobs import BaseTask, Output
 
@@ -60,7 +63,8 @@ def _invert_task_class():
             self.invert_mask = invert_mask
             self.max_pixels = max_pixels
 
-        def load(self, job):
+        def load(self, job: Job) -> tuple[LoadedImage, Optional[np.ndarray]]:
+            assert job.item.path is not None  # discovered items always have a file
             image = read_image(job.item.path, max_pixels=self.max_pixels)
             mask = None
             if self.mask_mode == "file" and job.item.mask is not None:  # no mask: the whole image
@@ -69,7 +73,7 @@ def _invert_task_class():
                 mask = mask_from_alpha(image.alpha, invert=self.invert_mask)
             return image, mask
 
-        def run(self, jobs):
+        def run(self, jobs: list[Job]) -> list[Output]:
             outputs = []
             for job in jobs:
                 time.sleep(float(os.environ.get(SLEEP_ENV, "0") or 0))
@@ -84,9 +88,9 @@ def _invert_task_class():
     return _InvertTask
 
 
-def InvertTask(**kwargs):
+def InvertTask(*, mask_mode: str, invert_mask: bool, max_pixels: Optional[int]) -> BaseTask:
     """Built on first use so that registering the command imports neither numpy nor Pillow."""
-    return _invert_task_class()(**kwargs)
+    return _invert_task_class()(mask_mode=mask_mode, invert_mask=invert_mask, max_pixels=max_pixels)
 
 
 def register(app: typer.Typer) -> None:

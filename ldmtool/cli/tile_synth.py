@@ -14,6 +14,7 @@ from ldmtool.cli.shared import task_command
 from ldmtool.options import ImageInputs, ModelChoice, SamplingChoice, Size, TextPrompt
 
 if TYPE_CHECKING:
+    from ldmtool.io.discover import Discovery, Item
     from ldmtool.runtime.jobs import RunOptions
 
 EXAMPLE = 'Example: ldmtool tile-synth --prompt "mossy stone wall" --width 4096 --height 1024 --seamless x -o wall.png'
@@ -57,6 +58,7 @@ def tile_synth(
     task = tile_synth_task(Engine(model, sampling), generator, width=canvas_w, height=canvas_h,
                            classes=classes or [], prompt=prompt, negative=text.negative or "", palette=palette,
                            max_pixels=images.max_pixels)
+    items: Discovery | list[Item]
     if inputs:
         items = find_inputs(inputs, recursive=images.recursive)
     else:

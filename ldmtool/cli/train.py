@@ -7,13 +7,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from ldmtool.cli.shared import option_groups
 from ldmtool.errors import UsageError
 from ldmtool.options import ModelChoice, RunChoice, option, same_option
+
+if TYPE_CHECKING:
+    from ldmtool.train.common import RunOptions
 
 TRAINING = "Training"
 AE_EXAMPLE = "Example: ldmtool train autoencoder --data corpus --factor 4 --steps 4000 -o runs/kl-f4"
@@ -65,7 +68,7 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
     return values
 
 
-def _run_options(out: Path, steps: int, session: TrainSession):
+def _run_options(out: Path, steps: int, session: TrainSession) -> RunOptions:
     from ldmtool.train.common import RunOptions
 
     return RunOptions(out=out, steps=steps, save_every=session.save_every, log_every=session.log_every,

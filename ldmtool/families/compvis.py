@@ -2,7 +2,7 @@
 and the built modules once, at load time, so nothing downstream reads the document again."""
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 from ldmtool.errors import CheckpointError
 from ldmtool.families.base import Family
@@ -93,7 +93,9 @@ def _conditioning(key: Optional[str]) -> Conditioning:
 
 def _downsampling(first_stage_params: Mapping[str, Any]) -> int:
     # The autoencoder's own default when the config leaves ch_mult out (read at load time, it must not fail).
-    return 2 ** (len(first_stage_params["ddconfig"].get("ch_mult", (1, 2, 4, 8))) - 1)
+    ch_mult: Sequence[int] = first_stage_params["ddconfig"].get("ch_mult", (1, 2, 4, 8))
+    factor: int = 2 ** (len(ch_mult) - 1)  # int ** int is typed Any (a negative power is a float)
+    return factor
 
 
 def _stage_name(stage: Any) -> Optional[str]:

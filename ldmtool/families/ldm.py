@@ -30,6 +30,7 @@ def _levels(shapes: Shapes, prefix: str) -> int:
 def detect_first_stage(shapes: Shapes, prefix: str = "") -> Optional[Detection]:
     """A KL or VQ autoencoder by its depth (downsampling factor), quantizer and mid-block attention."""
     factor = 2 ** (_levels(shapes, prefix) - 1)
+    family: Optional[str]
     if f"{prefix}quantize.embedding.weight" in shapes:
         if factor == 4:
             family = "vq-f4" if f"{prefix}encoder.mid.attn_1.q.weight" in shapes else "vq-f4-noattn"

@@ -91,7 +91,7 @@ def generated_items(labels: Sequence[str], *, samples: int = 1, kind: str = "ite
     """Items for generators: one per (label, sample), in label-major order; the n-th item's seed is the
     run's seed + n. Keys ('prompt-0003/1') and stems ('0003-1-a-red-fox') keep outputs apart and readable.
     Each item's `data` holds `label`, `index` and `sample`."""
-    items = []
+    items: list[Item] = []
     for index, label in enumerate(labels):
         slug = sanitize_name(label, max_length=60) if label.strip() else ""
         for sample in range(samples):
@@ -292,5 +292,5 @@ def _check_unique_keys(items: list[Item]) -> None:
                              "pass their common parent folder instead so their subfolders keep them apart")
 
 
-def _natural_key(text: str) -> list:
+def _natural_key(text: str) -> list[int | str]:
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", text)]

@@ -11,10 +11,11 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from types import TracebackType
+from typing import Literal, Optional
 
 import numpy as np
-from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageFile, ImageOps, UnidentifiedImageError
 
 from ldmtool.errors import ItemError, UsageError
 
@@ -96,8 +97,8 @@ def _decode(path: Path, data: bytes, max_pixels: int) -> LoadedImage:
     if sixteen_bit_rgb:
         return _decode_16bit_rgb(path, data, image)
     orientation = _orientation(image)
-    image = ImageOps.exif_transpose(image) if orientation not in (None, 1) else image
-    rgb, alpha, depth = _to_arrays(image, path)
+    upright = ImageOps.exif_transpose(image) if orientation not in (None, 1) else image
+    rgb, alpha, depth = _to_arrays(upright, path)
     return LoadedImage(path=path, rgb=rgb, alpha=alpha, bit_depth=depth)
 
 
@@ -119,7 +120,7 @@ def _orientation(image: Image.Image) -> Optional[int]:
         return None
 
 
-def _is_16bit_rgb(image: Image.Image) -> bool:
+def _is_16bit_rgb(image: ImageFile.ImageFile) -> bool:
     """Pillow decodes 16-bit RGB(A) PNGs to 8 bits; these we decode with OpenCV to keep precision."""
     if image.format != "PNG" or image.mode not in ("RGB", "RGBA"):
         return False
@@ -203,7 +204,8 @@ class _item_errors:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, kind, err, tb) -> bool:
+    def __exit__(self, kind: Optional[type[BaseException]], err: Optional[BaseException],
+                 tb: Optional[TracebackType]) -> Literal[False]:
         if err is None or isinstance(err, (ItemError, KeyboardInterrupt, SystemExit, MemoryError)):
             return False
         raise ItemError(f"{self.path}: {_reason(err)}") from err
@@ -272,4 +274,5 @@ def to_uint8(array: np.ndarray) -> np.ndarray:
     """Float [0, 1] -> uint8 with rounding (uint8 input is returned unchanged)."""
     if array.dtype == np.uint8:
         return array
-    return (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    rounded: np.ndarray = (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return rounded

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 from ldmtool.errors import FatalError
 
@@ -37,7 +37,7 @@ class Manifest:
         return list(read_manifest(self.path))
 
 
-def _ends_mid_line(handle) -> bool:
+def _ends_mid_line(handle: BinaryIO) -> bool:
     handle.seek(0, os.SEEK_END)
     if handle.tell() == 0:
         return False

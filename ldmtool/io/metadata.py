@@ -14,9 +14,13 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, TextIO
 
 from ldmtool.errors import ItemError
+
+if TYPE_CHECKING:
+    from PIL.Image import Exif
+    from PIL.PngImagePlugin import PngInfo
 
 RECIPE_KEY = "ldmtool"
 PARAMETERS_KEY = "parameters"
@@ -37,9 +41,9 @@ class ImageMetadata:
     """What an output image carries: the A1111 text and the JSON recipe."""
 
     parameters: str
-    recipe: dict = field(default_factory=dict)
+    recipe: dict[str, Any] = field(default_factory=dict)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"parameters": self.parameters, "recipe": self.recipe}
 
 
@@ -114,7 +118,7 @@ def _jsonable(value: Any) -> Any:
 # ---------------------------------------------------------------- writing
 
 
-def png_info(metadata: ImageMetadata):
+def png_info(metadata: ImageMetadata) -> PngInfo:
     """A PngInfo with the `parameters` and `ldmtool` text chunks (iTXt when not Latin-1)."""
     from PIL.PngImagePlugin import PngInfo
 
@@ -158,11 +162,11 @@ def read_metadata(path: Path | str) -> Optional[ImageMetadata]:
         raise ItemError(f"{path}: not a readable image ({' '.join(str(err).split())})") from None
 
 
-def _from_png_text(path: Path, text: dict) -> ImageMetadata:
+def _from_png_text(path: Path, text: dict[str, Any]) -> ImageMetadata:
     return ImageMetadata(parameters=text.get(PARAMETERS_KEY, ""), recipe=_parse_recipe(path, text.get(RECIPE_KEY)))
 
 
-def _from_exif(path: Path, exif) -> Optional[ImageMetadata]:
+def _from_exif(path: Path, exif: Exif) -> Optional[ImageMetadata]:
     description = exif.get(_IMAGE_DESCRIPTION)
     comment = exif.get_ifd(_EXIF_IFD).get(_USER_COMMENT)
     recipe_text = None
@@ -173,7 +177,7 @@ def _from_exif(path: Path, exif) -> Optional[ImageMetadata]:
     return ImageMetadata(parameters=_decode_user_comment(comment), recipe=_parse_recipe(path, recipe_text))
 
 
-def _decode_user_comment(raw: Any) -> str:
+def _decode_user_comment(raw: str | bytes | None) -> str:
     if raw is None:
         return ""
     if isinstance(raw, str):
@@ -184,7 +188,7 @@ def _decode_user_comment(raw: Any) -> str:
     return raw[8:].decode("latin-1", errors="replace")  # ASCII/undefined prefixes are 8 bytes too
 
 
-def _parse_recipe(path: Path, text: Optional[str]) -> dict:
+def _parse_recipe(path: Path, text: Optional[str]) -> dict[str, Any]:
     if not text:
         return {}
     try:
@@ -194,7 +198,7 @@ def _parse_recipe(path: Path, text: Optional[str]) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def print_info(files: Iterable[Path], *, as_json: bool = False, out=None) -> None:
+def print_info(files: Iterable[Path], *, as_json: bool = False, out: Optional[TextIO] = None) -> None:
     """`ldmtool info`: print each file's metadata (text, or one JSON object per line with --json).
 
     A file that cannot be read or carries no metadata is one line on stderr; after every file has been
@@ -215,8 +219,8 @@ def print_info(files: Iterable[Path], *, as_json: bool = False, out=None) -> Non
         else:
             print(_info_text(path, metadata), file=out)
     out.flush()
-    for err in problems[:-1]:
-        print(f"ldmtool: error: {err}", file=sys.stderr)
+    for problem in problems[:-1]:
+        print(f"ldmtool: error: {problem}", file=sys.stderr)
     if problems:
         raise problems[-1]
 

@@ -86,7 +86,7 @@ def _single_file(items: Sequence[Item], spec: OutputSpec) -> Path:
     target = Path(spec.target or "")
     if len(items) != 1:
         raise UsageError(f"-o {spec.target} names one file but there are {len(items)} items; give a folder instead")
-    if spec.fmt and format_name(spec.fmt) != format_for_path(spec.target):
+    if spec.fmt and format_name(spec.fmt) != format_for_path(target):
         raise UsageError(f"--format {spec.fmt} disagrees with the extension of -o {spec.target}")
     return target
 

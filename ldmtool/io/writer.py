@@ -160,7 +160,7 @@ def _remove_quietly(path: Path) -> None:
 
 
 def _os_reason(err: OSError) -> str:
-    reasons = {
+    reasons: dict[Optional[int], str] = {
         errno.ENOSPC: "the disk is full",
         errno.EROFS: "the file system is read-only",
         errno.EACCES: "permission denied",

@@ -172,7 +172,7 @@ class ModelCache:
         self._lock = threading.RLock()
 
     @staticmethod
-    def key_for(path: Path | str, device: Any, dtype: Any, *extra: Hashable) -> tuple:
+    def key_for(path: Path | str, device: Any, dtype: Any, *extra: Hashable) -> tuple[Hashable, ...]:
         """The cache key: file identity + device + dtype (+ anything else that changes the result)."""
         return (FileIdentity.of(path), str(device), str(dtype), *extra)
 

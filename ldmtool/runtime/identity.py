@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, cast
 
 # Options that steer the run (which items, where outputs go, batching, engines, reporting, seeds): a
 # recipe does not record them, replay supplies its own.
@@ -36,7 +36,8 @@ def jsonable(value: Any) -> Any:
 
 def recorded_options(cli: Mapping[str, Any]) -> dict[str, Any]:
     """The command's options a recipe keeps to rebuild the job (replay)."""
-    return jsonable({name: value for name, value in _budget_if_it_matters(cli).items() if name not in RUN_STEERING})
+    return cast(dict[str, Any], jsonable({name: value for name, value in _budget_if_it_matters(cli).items()
+                                         if name not in RUN_STEERING}))
 
 
 def _budget_if_it_matters(cli: Mapping[str, Any]) -> dict[str, Any]:
@@ -53,7 +54,7 @@ def pixel_options(cli: Mapping[str, Any], output: Optional[Path] = None) -> dict
     options = {name: value for name, value in _budget_if_it_matters(cli).items() if name not in NOT_PIXELS}
     if output is not None and output.suffix.lower() not in LOSSY_SUFFIXES:
         options.pop("quality", None)
-    return jsonable(options)
+    return cast(dict[str, Any], jsonable(options))
 
 
 def run_id(command: str, model_sha256: Optional[str], options: Mapping[str, Any]) -> str:
@@ -78,10 +79,10 @@ def file_sha256(path: Optional[Path]) -> Optional[str]:
 def job_identity(*, command: str, model_sha256: Optional[str], options: Mapping[str, Any], seed: int,
                  key: str, data: Mapping[str, Any], input_sha256: Optional[str],
                  mask_sha256: Optional[str]) -> dict[str, Any]:
-    return jsonable({
+    return cast(dict[str, Any], jsonable({
         "command": command, "model_sha256": model_sha256, "options": dict(options), "seed": seed,
         "key": key, "data": dict(data), "input_sha256": input_sha256, "mask_sha256": mask_sha256,
-    })
+    }))
 
 
 _FIELD_NAMES = {"command": "command", "model_sha256": "model file", "seed": "seed", "key": "item",

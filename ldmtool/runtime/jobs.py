@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Protocol, Union
+from typing import Any, Mapping, Optional, Protocol, Sequence, Union
 
 import numpy as np
 
@@ -52,12 +52,14 @@ class Job:
 
 class Task(Protocol):
     command: str
-    params: Mapping[str, Any]
     model_path: Optional[Path]
+
+    @property
+    def params(self) -> Mapping[str, Any]: ...  # read-only here, so BaseTask's dict (or any mapping) fits
 
     def open(self) -> None: ...
     def load(self, job: Job) -> Any: ...
-    def run(self, jobs: list[Job]) -> list[Union[Output, ItemError]]: ...
+    def run(self, jobs: list[Job]) -> Sequence[Union[Output, ItemError]]: ...
 
 
 class BaseTask:
@@ -86,7 +88,7 @@ class BaseTask:
     def load(self, job: Job) -> Any:
         return None
 
-    def run(self, jobs: list[Job]) -> list[Union[Output, ItemError]]:
+    def run(self, jobs: list[Job]) -> Sequence[Union[Output, ItemError]]:
         raise NotImplementedError
 
 

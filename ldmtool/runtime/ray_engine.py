@@ -21,11 +21,16 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 from ldmtool.errors import FatalError, LdmError, UsageError
 
 if TYPE_CHECKING:
-    from ldmtool.runtime.jobs import Job
+    from types import ModuleType
+
+    import numpy as np
+    from ray.data import Dataset
+
+    from ldmtool.runtime.jobs import Job, RunOptions
     from ldmtool.runtime.runner import BatchRun
 
 # Restart dead actors and retry their batches without limit; Ray gives up only on driver loss.
-_RETRIES = {"max_restarts": -1, "max_task_retries": -1}
+_RETRIES: dict[str, Any] = {"max_restarts": -1, "max_task_retries": -1}
 
 
 class Collector:
@@ -69,14 +74,14 @@ class Worker:
                                 records=self.collector)
         self.runner.open()
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import numpy as np
         from ray import cloudpickle
 
         jobs = [cloudpickle.loads(bytes(blob)) for blob in batch["job"]]
         self.runner.process(jobs)
         records, events = self.collector.take()
-        by_key: dict[str, tuple[list, list]] = {job.item.key: ([], []) for job in jobs}
+        by_key: dict[str, tuple[list[dict[str, Any]], list[Any]]] = {job.item.key: ([], []) for job in jobs}
         for record in records:
             by_key[record["key"]][0].append(record)
         for event in events:
@@ -109,13 +114,14 @@ def process_on_ray(run: "BatchRun", jobs: list["Job"]) -> None:
         raise FatalError(f"the Ray engine stopped: {' '.join(str(err).split())[:300]}") from err
 
 
-def _pipeline(ray, ray_data, cloudpickle, run: "BatchRun", jobs: list["Job"]):
+def _pipeline(ray: ModuleType, ray_data: ModuleType, cloudpickle: ModuleType, run: "BatchRun",
+              jobs: list["Job"]) -> Dataset:
     """read job list → map_batches on an actor pool (model loaded once per actor) → per-job results."""
     workers, gpus = _pool_size(ray)
     local = _local_options(run.options, run.base_seed)
     blob = cloudpickle.dumps((run.task, local, run.recipes, os.getcwd()))
     rows = [{"job": cloudpickle.dumps(job)} for job in jobs]
-    dataset = ray_data.from_items(rows, override_num_blocks=max(1, min(len(rows), 200)))
+    dataset: Dataset = ray_data.from_items(rows, override_num_blocks=max(1, min(len(rows), 200)))
     return dataset.map_batches(
         Worker, fn_constructor_kwargs={"blob": blob}, batch_size=run.options.batch_size,
         compute=ray_data.ActorPoolStrategy(size=workers), num_cpus=0 if gpus else 1, num_gpus=1 if gpus else 0,
@@ -123,7 +129,7 @@ def _pipeline(ray, ray_data, cloudpickle, run: "BatchRun", jobs: list["Job"]):
     )
 
 
-def _consume(run: "BatchRun", results, cloudpickle) -> None:
+def _consume(run: "BatchRun", results: Dataset, cloudpickle: ModuleType) -> None:
     for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
         for blob in batch["result"]:
             records, events = cloudpickle.loads(bytes(blob))
@@ -142,7 +148,7 @@ def _ray_prints_to_stderr() -> Iterator[None]:
         sys.stdout = saved
 
 
-def _init(ray, address: Optional[str]) -> bool:
+def _init(ray: ModuleType, address: Optional[str]) -> bool:
     """Connect to (or start) a cluster; True when this call did it."""
     if ray.is_initialized():
         return False
@@ -161,7 +167,7 @@ def _init(ray, address: Optional[str]) -> bool:
     return True
 
 
-def _pool_size(ray) -> tuple[int, bool]:
+def _pool_size(ray: ModuleType) -> tuple[int, bool]:
     """(actors, one GPU each?): one actor per GPU in the cluster, else one per CPU;
     `LDMTOOL_RAY_WORKERS` overrides the count."""
     resources = ray.cluster_resources()
@@ -171,7 +177,7 @@ def _pool_size(ray) -> tuple[int, bool]:
     return (max(1, int(override)) if override else count), gpus > 0
 
 
-def _local_options(options, base_seed: int):
+def _local_options(options: RunOptions, base_seed: Optional[int]) -> RunOptions:
     """The options each worker runs with: the driver's base seed, the local engine, nothing printed."""
     from dataclasses import replace
 

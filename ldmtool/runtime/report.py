@@ -11,7 +11,10 @@ import json
 import sys
 from dataclasses import asdict, dataclass, field
 from enum import Enum
-from typing import Any, Optional, TextIO
+from typing import TYPE_CHECKING, Any, Optional, TextIO
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
 
 
 class Status(str, Enum):
@@ -75,9 +78,9 @@ class Reporter:
         self.quiet = quiet
         self.out = out or sys.stdout
         self.err = err or sys.stderr
-        self._progress = None
-        self._task_id = None
-        self._steps_id = None
+        self._progress: Optional[Progress] = None
+        self._task_id: Optional[TaskID] = None
+        self._steps_id: Optional[TaskID] = None
 
     # -- lifecycle
 

@@ -53,7 +53,8 @@ class NoiseSource:
         self.seeds = list(seeds)
         self.generators = [torch.Generator("cpu").manual_seed(int(s)) for s in self.seeds]
 
-    def randn(self, shape: Sequence[int], *, device="cpu", dtype=None) -> "torch.Tensor":
+    def randn(self, shape: Sequence[int], *, device: "torch.device | str" = "cpu",
+              dtype: "Optional[torch.dtype]" = None) -> "torch.Tensor":
         import torch
 
         parts = [torch.randn(tuple(shape), generator=g, dtype=torch.float32) for g in self.generators]

@@ -115,7 +115,7 @@ def merge_manifests(folder: Path) -> MergeReport:
     parts = sorted((p for p in folder.iterdir() if _PART.match(p.name)), key=lambda p: p.name)
     if not parts:
         raise UsageError(f"{folder}: no shard manifests (ldmtool-manifest.shard-K-of-N.jsonl) to merge")
-    counts = {int(_PART.match(p.name).group(2)) for p in parts}
+    counts = {int(match.group(2)) for p in parts if (match := _PART.match(p.name))}  # every part matches
     if len(counts) != 1:
         raise UsageError(f"{folder}: manifests of different shard counts ({sorted(counts)}); merge one run at a time")
     count = counts.pop()
