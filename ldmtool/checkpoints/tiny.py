@@ -3,9 +3,17 @@ and sequence sizes, attention switches) with tiny widths, for tests and quick ex
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, TypeVar
 
 from ldmtool.checkpoints.presets import load_preset
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ldmtool.checkpoints.bundle import Bundle
+
+ModuleT = TypeVar("ModuleT", bound="nn.Module")
 
 TINY_CLIP_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
 
@@ -62,7 +70,7 @@ def _shrink_cond_stage(cond: Any) -> int | None:
     return None
 
 
-def randomise_(module, seed: int = 0, scale: float = 0.05):
+def randomise_(module: ModuleT, seed: int = 0, scale: float = 0.05) -> ModuleT:
     """Fill every parameter with seeded N(0, scale²) values (fresh inits leave some layers at zero)."""
     import torch
 
@@ -73,14 +81,14 @@ def randomise_(module, seed: int = 0, scale: float = 0.05):
     return module
 
 
-def tiny_model(preset: str, seed: int = 0):
+def tiny_model(preset: str, seed: int = 0) -> Bundle:
     """A randomly initialised small bundle of a preset's family (CPU, float32, eval mode)."""
     from ldmtool.checkpoints.api import build_model
 
     return randomise_(build_model(tiny_config(preset)), seed).eval()
 
 
-def save_tiny_checkpoint(path, preset: str, seed: int = 0, *, with_config: bool = False):
+def save_tiny_checkpoint(path: str | Path, preset: str, seed: int = 0, *, with_config: bool = False) -> Bundle:
     """Write a small random checkpoint of a family in its original key layout (.safetensors, or a
     Lightning-style .ckpt); with `with_config`, also `<stem>.yaml` beside it. Returns the bundle."""
     from pathlib import Path

@@ -16,7 +16,7 @@ Conditioning dispatch by the CompVis `conditioning_key` (`Conditioning`):
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -65,8 +65,9 @@ class DiscreteDenoiser:
         self.log_sigmas = self.sigmas.log()
 
     @classmethod
-    def from_bundle(cls, bundle, *, parameterization: Optional[str] = None, quantize: bool = False) -> "DiscreteDenoiser":
-        """Wrap a model bundle (shared contract: `denoiser`, `alphas_cumprod`, `parameterization`, `conditioning_key`)."""
+    def from_bundle(cls, bundle: Any, *, parameterization: Optional[str] = None, quantize: bool = False) -> "DiscreteDenoiser":
+        """Wrap a model bundle (shared contract: `denoiser`, `alphas_cumprod`, `parameterization`, `conditioning_key`;
+        duck-typed, hence `Any`: a LatentDiffusionBundle or a stand-in with those attributes)."""
         return cls(
             bundle.denoiser,
             bundle.alphas_cumprod,
@@ -125,7 +126,7 @@ def _conditioning(key: Union[Conditioning, str, None]) -> Conditioning:
         raise ValueError(f"conditioning_key {key!r} is not supported (known: {known})") from None
 
 
-def per_row(network: Callable[..., torch.Tensor], x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+def per_row(network: Callable[..., torch.Tensor], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """`network(x, *args, **kwargs)` called once per batch row, the results stacked.
 
     Every kernel then sees the same shapes whatever the batch (items, tiles of a tile batch, cond and uncond
@@ -142,7 +143,7 @@ def per_row(network: Callable[..., torch.Tensor], x: torch.Tensor, *args, **kwar
                       for i in range(x.shape[0])])
 
 
-def bind(denoiser: Callable, cond) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def bind(denoiser: Callable[..., torch.Tensor], cond: Optional[Cond]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The sampler-facing `model(x, sigma) -> x0` with the conditioning fixed."""
 
     def model(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -30,7 +31,7 @@ class GaussianData:
     mean: torch.Tensor  # (D,)
     std: torch.Tensor  # (D,)
 
-    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond=None) -> torch.Tensor:
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: object = None) -> torch.Tensor:
         mu, var, s2 = _vec(self.mean, x), _vec(self.std, x) ** 2, _col(sigma, x) ** 2
         return mu + var / (var + s2) * (x - mu)
 
@@ -50,7 +51,7 @@ class GaussianMixture:
     means: torch.Tensor  # (K, D)
     stds: torch.Tensor  # (K, D)
 
-    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond=None) -> torch.Tensor:
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: object = None) -> torch.Tensor:
         flat = x.reshape(x.shape[0], -1).to(torch.float64)  # (B, D)
         var = self.stds[None] ** 2 + sigma.to(torch.float64).reshape(-1, 1, 1) ** 2  # (B, K, D)
         diff = flat[:, None] - self.means[None]  # (B, K, D)
@@ -74,7 +75,7 @@ class GaussianMixture:
         return self.means[k] + (self.stds[k] ** 2 + sigma**2).sqrt() * z
 
 
-def ode_reference(denoise, x: torch.Tensor, sigma_start: float, sigma_end: float, steps: int = 2000) -> torch.Tensor:
+def ode_reference(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, sigma_start: float, sigma_end: float, steps: int = 2000) -> torch.Tensor:
     """Probability-flow ODE solution by classical RK4 in u = log(sigma), where dx/du = x - D(x, sigma)."""
     h = (math.log(sigma_end) - math.log(sigma_start)) / steps
 

@@ -12,6 +12,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ldmtool.diffusion.cond import Cond
 from ldmtool.diffusion.denoisers import bind
 from ldmtool.diffusion.img2img import img2img_schedule, noised_latent
 from ldmtool.diffusion.masked import masked_model
@@ -39,8 +40,8 @@ def schedule_for(settings: SamplerSettings, alphas_cumprod: torch.Tensor, *, fro
 
 
 def sample_latents(
-    denoise: Callable,
-    cond,
+    denoise: Callable[..., torch.Tensor],
+    cond: Optional[Cond],
     alphas_cumprod: torch.Tensor,
     noise: NoiseSource,
     settings: SamplerSettings,

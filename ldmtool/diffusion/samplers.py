@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -244,7 +244,7 @@ def _run(steps: Iterator[Step], x: torch.Tensor, callback: Optional[Callable[[St
 
 def _one_shot(progressive: Callable[..., Iterator[Step]]) -> Callable[..., torch.Tensor]:
     def sample(model: Model, x: torch.Tensor, sigmas: Sigmas, *, noise: Optional[NoiseFn] = None,
-               callback: Optional[Callable[[Step], None]] = None, **opts) -> torch.Tensor:
+               callback: Optional[Callable[[Step], None]] = None, **opts: Any) -> torch.Tensor:
         return _run(progressive(model, x, sigmas, noise=noise, **opts), x, callback)
 
     sample.__name__ = progressive.__name__.replace("progressive_", "sample_")
@@ -334,7 +334,7 @@ def start_latent(noise: torch.Tensor, sigma_max: float) -> torch.Tensor:
 
 
 def progressive(name: str, model: Model, x: torch.Tensor, sigmas: Sigmas, *, noise: Optional[NoiseFn] = None,
-                **opts) -> Iterator[Step]:
+                **opts: Any) -> Iterator[Step]:
     """Run the named sampler step by step. Options set to None are dropped; others must be the sampler's."""
     info = get_sampler(name)
     opts = {k: v for k, v in opts.items() if v is not None}
@@ -346,6 +346,6 @@ def progressive(name: str, model: Model, x: torch.Tensor, sigmas: Sigmas, *, noi
 
 
 def sample(name: str, model: Model, x: torch.Tensor, sigmas: Sigmas, *, noise: Optional[NoiseFn] = None,
-           callback: Optional[Callable[[Step], None]] = None, **opts) -> torch.Tensor:
+           callback: Optional[Callable[[Step], None]] = None, **opts: Any) -> torch.Tensor:
     """Run the named sampler to the end and return the final x."""
     return _run(progressive(name, model, x, sigmas, noise=noise, **opts), x, callback)

@@ -184,7 +184,7 @@ def check_dims(dims: int, where: str) -> None:
         raise CheckpointError(f"{where}: dims={dims} is not supported (only 2-D image networks, dims: 2)")
 
 
-def as_list(value, length: int, name: str, where: str) -> list:
+def as_list(value: int | Iterable[int], length: int, name: str, where: str) -> list[int]:
     """An int repeated per level, or a per-level list checked for length."""
     if isinstance(value, Iterable) and not isinstance(value, str):
         values = list(value)

@@ -12,10 +12,13 @@ in fp32).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from ldmtool.nets._layers import Conv2d, Linear
 
 _AVAILABLE = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
               and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
@@ -66,7 +69,7 @@ class PackedWeightCache:
         return super()._apply(fn, recurse)  # type: ignore[misc]
 
 
-def linear(layer, x: Tensor) -> Optional[Tensor]:
+def linear(layer: Linear, x: Tensor) -> Optional[Tensor]:
     """`layer(x)` through oneDNN, or None when this build cannot (the caller then runs `F.linear`)."""
     rows = max(1, x.numel() // max(1, x.shape[-1]))
     packed = layer._cached_pack((), lambda w: torch.ops.mkldnn._reorder_linear_weight(w, rows))
@@ -75,7 +78,7 @@ def linear(layer, x: Tensor) -> Optional[Tensor]:
     return _guarded(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, layer.bias, "none", [], ""))
 
 
-def conv2d(layer, x: Tensor, padding: list) -> Optional[Tensor]:
+def conv2d(layer: Conv2d, x: Tensor, padding: list[int]) -> Optional[Tensor]:
     """`layer(x)` with explicit `padding` through oneDNN (a channels-last result), or None as for `linear`."""
     geometry = (padding, list(layer.stride), list(layer.dilation), layer.groups)
     packed = layer._cached_pack(tuple(padding), lambda w: torch.ops.mkldnn._reorder_convolution_weight(

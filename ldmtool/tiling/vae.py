@@ -43,7 +43,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from fractions import Fraction
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -68,7 +68,7 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def tiled_decode(first_stage: nn.Module, z: Tensor, config: VAETiling = VAETiling(),
-                 output: Optional["CanvasFactory"] = None):
+                 output: Optional["CanvasFactory"] = None) -> Any:
     """`first_stage.decode(z)` computed in tiles of `config.tile` latent pixels (same result within 1/255).
 
     `output` receives the decoded tiles (see `CanvasFactory`); by default they are assembled into one
@@ -98,7 +98,8 @@ def tiled_encode(first_stage: nn.Module, x: Tensor, config: VAETiling = VAETilin
 
 
 @torch.no_grad()
-def run_bounded(stages: list[Stage], source: Tensor, config: VAETiling, output: Optional["CanvasFactory"] = None):
+def run_bounded(stages: list[Stage], source: Tensor, config: VAETiling,
+                output: Optional["CanvasFactory"] = None) -> Any:
     """`stages` run in order on `source`, in device memory bounded by the tile: runs of attention-free stages are
     streamed in tiles; attention stages run in query chunks against keys and values kept off-device.
 

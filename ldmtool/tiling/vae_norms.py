@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from ldmtool.nets._layers import GroupNorm32
 
 
-def chunked_group_stats(norm: nn.GroupNorm, chunks) -> tuple[Tensor, Tensor]:
+def chunked_group_stats(norm: nn.GroupNorm, chunks: Iterable[Tensor]) -> tuple[Tensor, Tensor]:
     moments = None
     for x in chunks:
         moments = Moments.of(x, norm.num_groups).merge(moments)

@@ -75,7 +75,7 @@ def encoder_stages(encoder: nn.Module) -> list[Stage]:
     return stages
 
 
-def device_dtype(stages: list[Stage], source: Tensor):
+def device_dtype(stages: list[Stage], source: Tensor) -> tuple[torch.device, torch.dtype]:
     for stage in stages:
         for module in stage.modules:
             for p in module.parameters():

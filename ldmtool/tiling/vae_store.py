@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol
+from typing import Callable, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ class TensorCanvas:
         self.tensor = tensor
 
     @classmethod
-    def empty(cls, shape, dtype, device) -> "TensorCanvas":
+    def empty(cls, shape: Sequence[int], dtype: torch.dtype, device: torch.device | str) -> "TensorCanvas":
         return cls(torch.empty(*shape, dtype=dtype, device=device))
 
     @property
@@ -160,7 +160,7 @@ def _wrapped_runs(start: int, stop: int, size: int) -> list[tuple[int, int]]:
     return runs
 
 
-def close_canvas(canvas) -> None:
+def close_canvas(canvas: object) -> None:
     if isinstance(canvas, FileCanvas):
         canvas.close()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -154,7 +154,8 @@ class _NormControl:
 
 
 @torch.no_grad()
-def stream_stages(stages: list[Stage], source: Tensor, config: VAETiling, output: Optional[CanvasFactory] = None):
+def stream_stages(stages: list[Stage], source: Tensor, config: VAETiling,
+                  output: Optional[CanvasFactory] = None) -> Any:
     """`stages` run in order on `source`, computed tile by tile with global GroupNorm statistics.
 
     Axes the stages' convolutions wrap around (seamless mode) are tiled with wrapped halos. Checkpoints

@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Protocol
 
 import yaml
 
@@ -72,7 +72,7 @@ class Ema:
         self.shadow = {k: v.float().clone() for k, v in state["shadow"].items() if k in self.shadow}
 
 
-def atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Call `write(tmp_path)` and rename the result onto `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -162,7 +162,7 @@ class RunOptions:
     threads: Optional[int] = None
 
 
-def autocast(device: "torch.device", dtype: "torch.dtype"):
+def autocast(device: "torch.device", dtype: "torch.dtype") -> contextlib.AbstractContextManager[Any]:
     """Mixed precision on GPUs (weights stay fp32); a no-op for fp32."""
     import torch
 
@@ -230,7 +230,7 @@ def set_threads(threads: Optional[int]) -> None:
         torch.set_num_threads(threads)
 
 
-def config_dict(obj) -> dict[str, Any]:
+def config_dict(obj: Any) -> dict[str, Any]:  # a dataclass instance
     """A dataclass config as a plain dict (stored in the resume state and the exported YAML)."""
     return _plain(asdict(obj))
 

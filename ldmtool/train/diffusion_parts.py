@@ -52,7 +52,7 @@ def _first_stage_files(path: Path) -> tuple[Path, Path]:
     raise UsageError(f"--first-stage {path}: no config beside it (expected {path.with_suffix('.yaml').name})")
 
 
-def load_first_stage(path: Path, device) -> FirstStage:
+def load_first_stage(path: Path, device: torch.device | str) -> FirstStage:
     """Load an autoencoder written by `ldmtool train autoencoder` (or any KL first stage + its YAML)."""
     from safetensors.torch import load_file
 
