@@ -38,7 +38,8 @@ class Cond:
     def map_batch(self, fn: Callable[["Tensor"], "Tensor"]) -> "Cond":
         """The same conditioning with `fn` applied to every field along the batch (repeat, index, cat)."""
         tile = self.tile_crossattn
-        return Cond(*(None if t is None else fn(t) for t in (self.crossattn, self.concat, self.y)),
+        crossattn, concat, y = (None if t is None else fn(t) for t in (self.crossattn, self.concat, self.y))
+        return Cond(crossattn, concat, y,
                     tile_crossattn=None if tile is None else (lambda rect, canvas: fn(tile(rect, canvas))))
 
 

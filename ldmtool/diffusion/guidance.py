@@ -26,7 +26,7 @@ def cat_conds(first: Cond, second: Cond) -> Cond:
         if a is not None and a.shape != b.shape:
             raise ValueError(f"{name!r} shapes {tuple(a.shape)} and {tuple(b.shape)} cannot share a batch")
         fields[name] = None if a is None else torch.cat([a, b])
-    return Cond(**fields)
+    return Cond(crossattn=fields["crossattn"], concat=fields["concat"], y=fields["y"])
 
 
 class CFGDenoiser:

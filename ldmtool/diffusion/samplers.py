@@ -129,7 +129,7 @@ def progressive_dpmpp_2m(model: Model, x: torch.Tensor, sigmas: Sigmas, *, noise
             x = denoised
         else:
             h = math.log(s / s_next)
-            estimate = denoised if previous is None else _second_order(denoised, previous, h_last / h)
+            estimate = denoised if previous is None or h_last is None else _second_order(denoised, previous, h_last / h)
             x = (s_next / s) * x - math.expm1(-h) * estimate
             h_last = h
         previous = denoised
@@ -149,7 +149,7 @@ def progressive_dpmpp_2m_sde(
             x = denoised
         else:
             h = math.log(s / s_next)
-            estimate = denoised if previous is None else _second_order(denoised, previous, h_last / h)
+            estimate = denoised if previous is None or h_last is None else _second_order(denoised, previous, h_last / h)
             decay = math.exp(-2 * h)  # = (s_next / s) ** 2
             x = decay * x + (1 - decay) * estimate + s_next * math.sqrt(1 - decay) * noise(x)
             h_last = h

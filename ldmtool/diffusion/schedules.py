@@ -115,12 +115,12 @@ def spaced_timesteps(spacing: Spacing | str, steps: int, train_steps: int, offse
         ts = np.round(np.linspace(0, train_steps - 1, steps))
     else:
         raise ValueError("karras sigmas have no integer timesteps; use sampling_schedule")
-    ts = torch.from_numpy(np.ascontiguousarray(ts, dtype=np.int64)).flip(0)
-    if int(ts.max()) >= train_steps or int(ts.min()) < 0:
+    timesteps = torch.from_numpy(np.ascontiguousarray(ts, dtype=np.int64)).flip(0)
+    if int(timesteps.max()) >= train_steps or int(timesteps.min()) < 0:
         raise UsageError(f"{steps} steps with {spacing.value!r} spacing fall outside the model's {train_steps} timesteps")
-    if len(ts.unique()) != len(ts):
+    if len(timesteps.unique()) != len(timesteps):
         raise UsageError(f"{steps} steps with {spacing.value!r} spacing repeat timesteps; use fewer steps or another spacing")
-    return ts
+    return timesteps
 
 
 def _check_steps(spacing: Spacing, steps: int, train_steps: int) -> None:

@@ -61,7 +61,7 @@ class Conv2d(PackedWeightCache, nn.Conv2d):
         if padding is None:  # 'same' with an even kernel: asymmetric, left to PyTorch (zero padding only)
             return super().forward(x)
         if any(self.seamless) and padding != (0, 0):
-            pad_y, pad_x = padding  # type: ignore[misc]
+            pad_y, pad_x = padding
             x = pad_2d(x, (pad_x, pad_x, pad_y, pad_y), self.seamless)
             padding = (0, 0)
         if prepack.applies(x, self.weight) and x.dim() == 4:

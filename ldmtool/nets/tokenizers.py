@@ -11,7 +11,7 @@ from __future__ import annotations
 import gzip
 from functools import lru_cache
 from importlib import resources
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 if TYPE_CHECKING:
     from transformers import BertTokenizer, CLIPTokenizer
@@ -24,7 +24,7 @@ CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 
 
 def _read_gz_lines(name: str) -> list[str]:
-    data = resources.files("ldmtool.assets").joinpath("tokenizers", name).read_bytes()
+    data = resources.files("ldmtool.assets").joinpath("tokenizers").joinpath(name).read_bytes()  # one name a call before 3.11
     return gzip.decompress(data).decode("utf-8").splitlines()
 
 
@@ -47,7 +47,7 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """The CLIP vocabulary (token -> id) and its BPE merges, built from the bundled merges file."""
     lines = _read_gz_lines(CLIP_MERGES_FILE)
     n_merges = CLIP_VOCAB_SIZE - 256 - 256 - 2
-    merges = [tuple(line.split()) for line in lines[1 : 1 + n_merges]]
+    merges = [cast("tuple[str, str]", tuple(line.split())) for line in lines[1 : 1 + n_merges]]  # "a b" lines
     base = _bytes_to_unicode()
     tokens = base + [c + "</w>" for c in base] + ["".join(m) for m in merges] + [CLIP_BOS, CLIP_EOS]
     return {tok: i for i, tok in enumerate(tokens)}, merges
@@ -63,7 +63,8 @@ def clip_tokenizer(pad_with_zero: bool = False) -> "CLIPTokenizer":
 
     vocab, merges = clip_vocab_and_merges()
     pad = "!" if pad_with_zero else CLIP_EOS
-    tok = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=pad)
+    # transformers types `merges` as strings ("a b"); its BPE model takes (a, b) pairs as well.
+    tok = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=pad)  # type: ignore[arg-type]
     tok.model_max_length = CLIP_MAX_LENGTH
     return tok
 

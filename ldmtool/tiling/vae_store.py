@@ -182,7 +182,7 @@ def checkpoint_factory(config: VAETiling, store: torch.device) -> Callable:
 def store_budget(config: VAETiling, store: torch.device, nbytes: int) -> int:
     if config.store_bytes is not None:
         return config.store_bytes
-    if _spills(config, store) and nbytes > config.spill_bytes:
+    if _spills(config, store) and config.spill_bytes is not None and nbytes > config.spill_bytes:
         return shutil.disk_usage(config.spill_dir or tempfile.gettempdir()).free // 2
     return default_store_bytes(store)
 

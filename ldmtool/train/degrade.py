@@ -11,6 +11,7 @@ rest mildly degraded: a model for clean downscaled images, which is what PSNR ag
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -34,7 +35,7 @@ class DegradeConfig:
     jpeg_quality: tuple[int, int] = (50, 95)
 
 
-DEGRADATIONS = {
+DEGRADATIONS: dict[str, dict[str, Any]] = {
     "realistic": {},
     "light": {"clean_prob": 0.7, "clean_modes": RESIZE_MODES, "blur_sigma": (0.2, 1.0), "noise_sigma": (1.0, 4.0),
               "jpeg_quality": (75, 95)},
