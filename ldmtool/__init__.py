@@ -1,17 +1,27 @@
 """ldmtool: latent diffusion models over folders of images.
 
-The Python API (`build_model`, `load_model`) is imported lazily so that `import ldmtool` and the CLI's
-`--help` stay free of torch.
+The Python API is imported lazily so that `import ldmtool` and the CLI's `--help` stay free of torch:
+`build_model`, `load_model` (models), and one call per task command, each taking and returning images as
+NumPy arrays (or Pillow images and files in), with the command's option names and defaults:
+`superres`, `inpaint`, `img2img`, `txt2img`, `sample`, `semantic2img`, `layout2img`, `tile_synth`
+(see `ldmtool.pipelines.api`).
 """
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "build_model", "load_model"]
+
+_MODEL_API = ("build_model", "load_model")
+_TASK_API = ("superres", "inpaint", "img2img", "txt2img", "sample", "semantic2img", "layout2img", "tile_synth")
+__all__ = ["__version__", *_MODEL_API, *_TASK_API]
 
 
 def __getattr__(name: str):
-    if name in ("build_model", "load_model"):
+    if name in _MODEL_API:
         from ldmtool.checkpoints import api
 
         return getattr(api, name)
+    if name in _TASK_API:
+        from ldmtool.pipelines import api as task_api
+
+        return getattr(task_api, name)
     raise AttributeError(f"module 'ldmtool' has no attribute {name!r}")

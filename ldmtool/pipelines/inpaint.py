@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import cv2
@@ -28,17 +29,17 @@ from ldmtool.diffusion.masked import composite, latent_repaint_mask
 from ldmtool.errors import FatalError, ItemError
 from ldmtool.families.info import InpaintKind
 from ldmtool.io.images import LoadedImage, mask_from_alpha, read_image, read_mask
+from ldmtool.pipelines.base import ModelTask, in_groups
 from ldmtool.pipelines.colour_fix import colour_fix_to, config_switch
 from ldmtool.pipelines.engine import Engine, to_array
 from ldmtool.pipelines.text import (
     PromptConditioning,
     TextConditioner,
-    group_by_size,
     padded_images,
     padding,
     text_encoder,
 )
-from ldmtool.runtime.jobs import BaseTask, Job, Output
+from ldmtool.runtime.jobs import Job, Output
 
 DEFAULT_FEATHER = 4
 
@@ -51,26 +52,25 @@ def grow_mask(mask: np.ndarray, pixels: int) -> np.ndarray:
     return cv2.dilate(mask.astype(np.uint8), disc).astype(np.float32)
 
 
-class InpaintTask(BaseTask):
+class InpaintTask(ModelTask):
+    """Each batch, in groups of one size: pad images and masks → encode and sample (as the model's kind needs)
+    → decode → crop, colour fix → feathered composite onto the input."""
+
     command = "inpaint"
 
     def __init__(self, engine: Engine, *, prompt: str = "", negative: str = "", grow: int = 0,
                  feather: int = DEFAULT_FEATHER, invert_mask: bool = False, from_alpha: bool = False,
                  max_pixels: Optional[int] = None, colour_fix: Optional[bool] = None):
-        super().__init__(params={"prompt": prompt, "negative": negative, "grow": grow, "feather": feather})
-        self.engine = engine
+        super().__init__(engine, params={"prompt": prompt, "negative": negative, "grow": grow, "feather": feather})
         self.prompt, self.negative = prompt, negative
         self.grow, self.feather = grow, feather
         self.invert_mask, self.from_alpha = invert_mask, from_alpha
         self.max_pixels = max_pixels
         self.colour_fix = colour_fix  # None: the model config's `ldmtool.colour_fix` (absent = off)
 
-    # -- runner hooks
+    # -- once per run
 
-    def open(self) -> None:
-        engine = self.engine.open()
-        self.model_path = engine.model_path
-        bundle = engine.bundle
+    def check_model(self, engine: Engine) -> None:
         info = engine.info
         self.kind = info.inpaint_kind
         if self.kind is None:
@@ -79,56 +79,53 @@ class InpaintTask(BaseTask):
         if self.kind is InpaintKind.LDM_CONCAT and (self.prompt or self.negative):
             raise FatalError(f"{engine.model_path}: the {info.family} model takes no prompt; drop --prompt/--negative")
         if self.kind is InpaintKind.SD_HYBRID:
-            self.texts = TextConditioner(text_encoder(bundle))
+            self.texts = TextConditioner(text_encoder(engine.bundle))
         elif self.kind is InpaintKind.MASKED:
-            self.conditioning = PromptConditioning(bundle, engine.model_path, self.command,
+            self.conditioning = PromptConditioning(engine.bundle, engine.model_path, self.command,
                                                    prompt=self.prompt, negative=self.negative)
         self.multiple = info.pixel_multiple
         if self.colour_fix is None:
             self.colour_fix = config_switch(info.defaults.colour_fix, "colour_fix", engine.model_path)
-        self.params.update(engine.resolved(), model_family=info.family, inpaint_kind=self.kind.value,
-                           colour_fix=self.colour_fix)
+
+    def recorded(self, engine: Engine) -> dict[str, Any]:
+        return {**super().recorded(engine), "inpaint_kind": self.kind.value, "colour_fix": self.colour_fix}
+
+    # -- each item
 
     def load(self, job: Job) -> tuple[LoadedImage, np.ndarray]:
         image = read_image(job.item.path, max_pixels=self.max_pixels)
-        if self.from_alpha:
-            if image.alpha is None:
-                raise ItemError(f"{job.item.label}: --mask-from-alpha, but the image has no transparency")
-            mask = mask_from_alpha(image.alpha, invert=self.invert_mask)
-        else:
+        mask = None
+        if not self.from_alpha:
             mask = read_mask(job.item.require_mask(), size=image.size, invert=self.invert_mask,
                              max_pixels=self.max_pixels)
+        return self.check_input(image, mask, job.item.label)
+
+    def check_input(self, image: LoadedImage, mask: Optional[np.ndarray], label: str) -> tuple[LoadedImage, np.ndarray]:
+        """The image and its repaint mask (from its transparency with --mask-from-alpha), grown by `grow`."""
+        if self.from_alpha:
+            if image.alpha is None:
+                raise ItemError(f"{label}: --mask-from-alpha, but the image has no transparency")
+            mask = mask_from_alpha(image.alpha, invert=self.invert_mask)
         return image, grow_mask(mask, self.grow)
 
     def run(self, jobs: list[Job]) -> list[Output]:
-        outputs: dict[int, Output] = {}
-        for group in group_by_size(jobs, lambda job: job.payload[0].size):
-            for job, output in zip(group, self._inpaint(group)):
-                outputs[id(job)] = output
-        return [outputs[id(job)] for job in jobs]
-
-    # -- the work
+        return in_groups(jobs, lambda job: job.payload[0].size, self._inpaint)
 
     def _inpaint(self, jobs: list[Job]) -> list[Output]:
         width, height = jobs[0].payload[0].size
         images = padded_images([job.payload[0].rgb for job in jobs], self.multiple)  # [-1, 1]
-        pad_h, pad_w = padding(height, width, self.multiple)
         masks = torch.stack([torch.from_numpy(job.payload[1])[None] for job in jobs])  # (B, 1, H, W)
+        pad_h, pad_w = padding(height, width, self.multiple)
         padded_masks = F.pad(masks, (0, pad_w, 0, pad_h))  # padding is kept, never repainted
-        seeds = [job.seed for job in jobs]
+        repaint = functools.partial(self._sample_and_decode, images=images, masks=padded_masks,
+                                    seeds=[job.seed for job in jobs])
+        results = self.engine.finite(repaint, jobs[0].item.label).clamp(0, 1)[..., :height, :width]
+        return self._finish(jobs, results, masks)
 
-        def compute(e: Engine) -> torch.Tensor:
-            return e.decode(self._sample(e, images, padded_masks, seeds))
-
-        results = self.engine.finite(compute, jobs[0].item.label).clamp(0, 1)[..., :height, :width]
-        if self.colour_fix:
-            results = torch.stack([_telea_colours(result, job.payload[0].rgb, job.payload[1])
-                                   for result, job in zip(results, jobs)])
-        # the input itself (not its [-1, 1] round trip), so kept pixels are copied bit for bit
-        originals = torch.stack([torch.from_numpy(job.payload[0].rgb).permute(2, 0, 1) for job in jobs])
-        final = composite(originals, results, masks, self.feather)
-        return [Output(image=to_array(image), alpha=None if self.from_alpha else job.payload[0].alpha,
-                       params=_stats(job.payload[1])) for job, image in zip(jobs, final)]
+    def _sample_and_decode(self, engine: Engine, *, images: torch.Tensor, masks: torch.Tensor,
+                           seeds: list[int]) -> torch.Tensor:
+        """Images in [0, 1] (B, 3, H, W) at `engine`'s precision (`Engine.finite` retries in fp32)."""
+        return engine.decode(self._sample(engine, images, masks, seeds))
 
     def _sample(self, e: Engine, images: torch.Tensor, masks: torch.Tensor, seeds: list[int]) -> torch.Tensor:
         """Scaled latents for padded images in [-1, 1] (B, 3, H, W) and repaint masks (B, 1, H, W)."""
@@ -144,13 +141,14 @@ class InpaintTask(BaseTask):
         init = e.encode(images)
         cond, uncond = self.conditioning(e, len(seeds))
         repaint = latent_repaint_mask(masks, latent_hw).to(e.device, e.dtype)
-        return e.sample(latent_hw, seeds, cond, uncond, init_latent=init, repaint=repaint, progress=self._progress)
+        return e.sample(latent_hw, seeds, cond, uncond, init_latent=init, repaint=repaint,
+                        progress=self.step_progress())
 
     def _ldm_concat(self, e: Engine, images, masks, latent_mask, seeds) -> torch.Tensor:
         masked = ((1 - masks) * (images + 1) / 2) * 2 - 1
         c_masked = e.encode(masked) / e.bundle.scale_factor  # the cond stage is the unscaled first stage
         concat = torch.cat([c_masked, latent_mask * 2 - 1], dim=1).to(e.device, e.dtype)
-        return e.sample(tuple(latent_mask.shape[-2:]), seeds, Cond(concat=concat), progress=self._progress)
+        return e.sample(tuple(latent_mask.shape[-2:]), seeds, Cond(concat=concat), progress=self.step_progress())
 
     def _sd_hybrid(self, e: Engine, images, masks, latent_mask, seeds) -> torch.Tensor:
         c_masked = e.encode(images * (masks < 0.5))
@@ -158,11 +156,18 @@ class InpaintTask(BaseTask):
         context = self.texts([self.prompt] * len(seeds)).to(e.device, e.dtype)
         uncontext = self.texts([self.negative] * len(seeds)).to(e.device, e.dtype)
         return e.sample(tuple(latent_mask.shape[-2:]), seeds, Cond(crossattn=context, concat=concat),
-                        Cond(crossattn=uncontext, concat=concat), progress=self._progress)
+                        Cond(crossattn=uncontext, concat=concat), progress=self.step_progress())
 
-    @property
-    def _progress(self):
-        return self.reporter and self.reporter.steps
+    def _finish(self, jobs: list[Job], results: torch.Tensor, masks: torch.Tensor) -> list[Output]:
+        """Colour fix, then the feathered composite onto the input itself (not its [-1, 1] round trip), so
+        kept pixels are copied bit for bit."""
+        if self.colour_fix:
+            results = torch.stack([_telea_colours(result, job.payload[0].rgb, job.payload[1])
+                                   for result, job in zip(results, jobs)])
+        originals = torch.stack([torch.from_numpy(job.payload[0].rgb).permute(2, 0, 1) for job in jobs])
+        final = composite(originals, results, masks, self.feather)
+        return [Output(image=to_array(image), alpha=None if self.from_alpha else job.payload[0].alpha,
+                       params=_stats(job.payload[1])) for job, image in zip(jobs, final)]
 
 
 def _stats(mask: np.ndarray) -> dict[str, Any]:

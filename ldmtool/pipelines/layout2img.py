@@ -101,7 +101,11 @@ def _items(path: Path, root: Path, samples: int) -> list[Item]:
 
 def read_layout(path: Path, width: int, height: int) -> list[LayoutObject]:
     """The objects of a layout file with boxes as fractions of the image; ItemError naming the problem."""
-    doc = _load_document(path)
+    return layout_objects(_load_document(path), path, width, height)
+
+
+def layout_objects(doc: Any, path: Path | str, width: int, height: int) -> list[LayoutObject]:
+    """The objects of a layout document (the parsed JSON/YAML; `path` names it in errors)."""
     size, units, objects = _layout_parts(doc, path)
     ref_w, ref_h = size or (width, height)
     if units is None:
@@ -185,7 +189,7 @@ class Layout2ImgTask(GeneratorTask):
         self.tokenizer: Optional[BoxTokenizer] = None
         self.raster_classes: Optional[list[int]] = None  # category number of each box-raster channel
 
-    def check_model(self, bundle: LatentDiffusionBundle) -> None:
+    def check_conditioning(self, bundle: LatentDiffusionBundle) -> None:
         self.tokenizer = tokenizer_for(bundle.info)
         if self.tokenizer is None:
             raise FatalError(f"{self.engine.model_path}: a {bundle.info.family} model cannot do layout2img (it needs a "
@@ -194,16 +198,19 @@ class Layout2ImgTask(GeneratorTask):
         self.params.update(draw_boxes=self.draw_boxes)
 
     def load(self, job: Job) -> list[LayoutObject]:
-        objects = read_layout(job.item.path, self.width, self.height)
+        return self.check_input(read_layout(job.item.path, self.width, self.height), job.item.path)
+
+    def check_input(self, objects: list[LayoutObject], path: Path | str) -> list[LayoutObject]:
+        """The layout's objects when this model can draw them (ItemError naming the layout otherwise)."""
         try:
             self.tokenizer.tokens(objects)
         except LdmError as err:
-            raise ItemError(f"{job.item.path}: {err}") from None
+            raise ItemError(f"{path}: {err}") from None
         if self.raster_classes is not None:
             unknown = [o for o in objects if o.category not in self.raster_classes]
             if unknown:
                 known = ", ".join(category_name(c) for c in self.raster_classes)
-                raise ItemError(f"{job.item.path}: {category_name(unknown[0].category)!r} is not a class this model "
+                raise ItemError(f"{path}: {category_name(unknown[0].category)!r} is not a class this model "
                                 f"draws ({known})")
         return objects
 

@@ -4,7 +4,7 @@ layout2img, tile-synth) share.
 
 A generator item is one image with its own seed. `GeneratorTask` samples it at the requested size (sizes
 above the native one go through the tiled engine, `--seamless` wraps), decodes it, crops any padding and
-hands one Output to the runner. Subclasses say which models they take (`check_model`) and what the
+hands one Output to the runner. Subclasses say which models they take (`check_conditioning`) and what the
 conditioning of an item is (`conditioning`).
 
 Class names: the cin256 models were trained on ImageNet-1k in the standard class order (index 0 = tench);
@@ -15,6 +15,7 @@ classifier-free guidance.
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 from functools import lru_cache
 from importlib import resources
@@ -27,43 +28,39 @@ from ldmtool.diffusion.cond import Cond
 from ldmtool.errors import FatalError, ItemError, UsageError
 from ldmtool.families.info import Conditioning
 from ldmtool.io.discover import Item, generated_items
+from ldmtool.pipelines.base import ModelTask
 from ldmtool.pipelines.engine import Engine
 from ldmtool.pipelines.text import check_size
-from ldmtool.runtime.jobs import BaseTask, Job, Output
+from ldmtool.runtime.jobs import Job, Output
 
 IMAGENET_CLASSES = 1000
 
 
-class GeneratorTask(BaseTask):
-    """One image per item from noise: size checks, sampling through the engine, decode, crop, metadata."""
+class GeneratorTask(ModelTask):
+    """One image per item from noise: the canvas size → conditioning → sample → decode to pixels → crop."""
 
     command = "sample"
 
     def __init__(self, engine: Engine, *, width: Optional[int] = None, height: Optional[int] = None):
-        super().__init__()
-        self.engine = engine
+        super().__init__(engine)
         self.width, self.height = width, height
 
-    # -- runner hooks
+    # -- once per run
 
-    def open(self) -> None:
-        engine = self.engine.open()
-        self.model_path = engine.model_path
-        self.check_model(engine.bundle)
+    def check_model(self, engine: Engine) -> None:
+        self.check_conditioning(engine.bundle)
         self.multiple = engine.info.pixel_multiple
         self.width, self.height = self.default_size()
         self.check_cfg()
-        self.params.update(engine.resolved(), model_family=engine.info.family)
-        if self.width is not None:
-            self.params.update(width=self.width, height=self.height)
 
-    def run(self, jobs: list[Job]) -> list[Output]:
-        return [self._generate(job) for job in jobs]
+    def recorded(self, engine: Engine) -> dict[str, Any]:
+        size = {} if self.width is None else {"width": self.width, "height": self.height}  # None: per item
+        return {**super().recorded(engine), **size}
 
     # -- what subclasses decide
 
-    def check_model(self, bundle: LatentDiffusionBundle) -> None:
-        """FatalError when the model cannot do this task."""
+    def check_conditioning(self, bundle: LatentDiffusionBundle) -> None:
+        """FatalError when the model does not take the conditioning this generator gives."""
 
     def conditioning(self, engine: Engine, job: Job, latent_hw: tuple[int, int]) -> tuple[Cond, Optional[Cond]]:
         """(cond, uncond) for one item; uncond None means no guidance."""
@@ -83,8 +80,6 @@ class GeneratorTask(BaseTask):
         """The size actually sampled: the next multiples the model can take (the output is cropped back)."""
         return width + (-width) % self.multiple, height + (-height) % self.multiple
 
-    # -- shared machinery
-
     def default_size(self) -> tuple[Optional[int], Optional[int]]:
         default_w, default_h = self.engine.info.defaults.size
         width, height = self.width or default_w, self.height or default_h
@@ -96,6 +91,28 @@ class GeneratorTask(BaseTask):
             raise UsageError(f"--cfg {self.engine.sampling.cfg}: a {self.engine.info.family} model has no "
                              "unconditional input, so classifier-free guidance cannot run; drop --cfg")
 
+    # -- each item
+
+    def run(self, jobs: list[Job]) -> list[Output]:
+        return [self._generate(job) for job in jobs]
+
+    def _generate(self, job: Job) -> Output:
+        width, height = self.canvas(job)
+        latent_hw = self._latent_size(job, width, height)
+        generate = functools.partial(self._sample_and_decode, job=job, latent_hw=latent_hw)
+        pixels = self.engine.finite(generate, job.item.label)[0, :height, :width]  # uint8: no float canvas
+        params = {"width": width, "height": height, **self.item_params(job)}
+        if not self.has_uncond():
+            params["cfg"] = 1.0  # recorded as what ran: no guidance
+        return Output(image=pixels.numpy(), params=params)
+
+    def _latent_size(self, job: Job, width: int, height: int) -> tuple[int, int]:
+        """The latent of the canvas padded to the model's multiple (seamless canvases must need no padding)."""
+        sample_w, sample_h = self.padded(width, height)
+        self._check_wrap(job, (width, height), (sample_w, sample_h))
+        down = self.engine.info.downsampling
+        return sample_h // down, sample_w // down
+
     def _check_wrap(self, job: Job, size: tuple[int, int], sampled: tuple[int, int]) -> None:
         """A cropped canvas would cut the wrap-around apart: seamless sizes must be exact multiples."""
         axes = self.engine.axes
@@ -105,24 +122,11 @@ class GeneratorTask(BaseTask):
                 raise ItemError(f"{job.item.label}: with --seamless the {name} must be a multiple of "
                                 f"{self.multiple} pixels, not {value}")
 
-    def _generate(self, job: Job) -> Output:
-        width, height = self.canvas(job)
-        sample_w, sample_h = self.padded(width, height)
-        self._check_wrap(job, (width, height), (sample_w, sample_h))
-        down = self.engine.info.downsampling
-        latent_hw = (sample_h // down, sample_w // down)
-        progress = self.reporter and self.reporter.steps
-
-        def compute(e: Engine) -> torch.Tensor:
-            cond, uncond = self.conditioning(e, job, latent_hw)
-            uncond = uncond if self.has_uncond() else None
-            return e.decode_pixels(e.sample(latent_hw, [job.seed], cond, uncond, progress=progress))
-
-        pixels = self.engine.finite(compute, job.item.label)[0, :height, :width]  # uint8: no float canvas
-        params = {"width": width, "height": height, **self.item_params(job)}
-        if not self.has_uncond():
-            params["cfg"] = 1.0  # recorded as what ran: no guidance
-        return Output(image=pixels.numpy(), params=params)
+    def _sample_and_decode(self, engine: Engine, *, job: Job, latent_hw: tuple[int, int]) -> torch.Tensor:
+        """Uint8 pixels (1, H, W, 3) at `engine`'s precision (`Engine.finite` retries in fp32)."""
+        cond, uncond = self.conditioning(engine, job, latent_hw)
+        uncond = uncond if self.has_uncond() else None
+        return engine.decode_pixels(engine.sample(latent_hw, [job.seed], cond, uncond, progress=self.step_progress()))
 
 
 # ---------------------------------------------------------------- class names
@@ -202,7 +206,7 @@ class SampleTask(GeneratorTask):
         self.class_ids: list[int] = []
         self.n_classes = 0
 
-    def check_model(self, bundle: LatentDiffusionBundle) -> None:
+    def check_conditioning(self, bundle: LatentDiffusionBundle) -> None:
         info = bundle.info
         path = self.engine.model_path
         if info.conditioning is Conditioning.NONE:

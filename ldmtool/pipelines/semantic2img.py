@@ -84,13 +84,36 @@ def _hex(colour: tuple[int, int, int]) -> str:
 def read_label_map(path: Path, n_classes: int, palette: Optional[Palette] = None, *,
                    max_pixels: Optional[int] = None) -> np.ndarray:
     """(H, W) int64 class ids of a label map file; ItemError for unreadable files, unknown colours or ids."""
-    image = _open_map(Path(path), max_pixels or max_pixels_default())
+    return labels_of(_open_map(Path(path), max_pixels or max_pixels_default()), n_classes, palette, path)
+
+
+def labels_of(image: Image.Image | np.ndarray, n_classes: int, palette: Optional[Palette],
+              path: Path | str) -> np.ndarray:
+    """(H, W) int64 class ids of a label map image, or of an array: (H, W) class ids, or (H, W, 3) colours
+    (`path` names it in errors)."""
+    if isinstance(image, np.ndarray):
+        return _labels_of_array(image, n_classes, palette, path)
     if palette is not None:
         labels = _labels_from_colours(np.asarray(image.convert("RGB")), palette, path)
     elif image.mode in ("P", "L", "I", "I;16", "I;16B", "I;16L", "1"):
         labels = np.asarray(image).astype(np.int64)
     else:
         labels = _labels_from_gray_rgb(np.asarray(image.convert("RGB")), path)
+    _check_ids(labels, n_classes, path)
+    return labels
+
+
+def _labels_of_array(array: np.ndarray, n_classes: int, palette: Optional[Palette], path: Path | str) -> np.ndarray:
+    if array.ndim == 3 and array.shape[2] in (3, 4) and array.dtype == np.uint8:
+        rgb = array[..., :3]
+        labels = _labels_from_colours(rgb, palette, path) if palette is not None else _labels_from_gray_rgb(rgb, path)
+    elif array.ndim == 2 and np.issubdtype(array.dtype, np.integer) and palette is None:
+        labels = array.astype(np.int64)
+    else:
+        raise UsageError(f"{path}: a label map array is (H, W) integer class ids, or (H, W, 3) uint8 colours "
+                         f"with a palette; not {array.dtype} {array.shape}")
+    if labels.size and labels.min() < 0:
+        raise UsageError(f"{path}: class ids are 0 or more")
     _check_ids(labels, n_classes, path)
     return labels
 
@@ -192,7 +215,7 @@ class Semantic2ImgTask(GeneratorTask):
         self.max_pixels = max_pixels
         self.n_classes = 0
 
-    def check_model(self, bundle: LatentDiffusionBundle) -> None:
+    def check_conditioning(self, bundle: LatentDiffusionBundle) -> None:
         n_classes = bundle.info.label_classes
         if n_classes is None:
             raise FatalError(f"{self.engine.model_path}: a {bundle.info.family} model takes no label maps, so it cannot do "

@@ -7,6 +7,7 @@ Alpha is upscaled separately with Lanczos. Large outputs go through the tiled en
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Optional
 
@@ -18,12 +19,13 @@ import torch.nn.functional as F
 from ldmtool.diffusion.cond import Cond
 from ldmtool.errors import FatalError, ItemError, UsageError
 from ldmtool.families.info import Conditioning
-from ldmtool.io.images import read_image
+from ldmtool.io.images import LoadedImage, read_image
+from ldmtool.pipelines.base import ModelTask
 from ldmtool.pipelines.colour_fix import colour_fix_, config_switch
 from ldmtool.pipelines.consistency import back_project_
 from ldmtool.pipelines.engine import Engine, to_model_range
 from ldmtool.runtime.device import one_thread
-from ldmtool.runtime.jobs import BaseTask, Job, Output
+from ldmtool.runtime.jobs import Job, Output
 
 NATIVE_SCALE = 4
 
@@ -52,7 +54,10 @@ def resample(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return out if array.dtype == np.uint8 else np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
-class SuperresTask(BaseTask):
+class SuperresTask(ModelTask):
+    """Each item: read the image → ×4 model passes (low-res conditioning → sample → decode to pixels → colour
+    fix and back-projection) → resample to the exact output size; alpha resampled beside it."""
+
     command = "superres"
 
     def __init__(self, engine: Engine, *, scale: float, prompt: str = "", negative: str = "",
@@ -60,50 +65,57 @@ class SuperresTask(BaseTask):
                  colour_fix: Optional[bool] = None, consistency: Optional[bool] = None):
         if not scale > 1:
             raise UsageError(f"--scale {scale}: must be more than 1")
-        super().__init__(params={"scale": scale})
-        self.engine = engine
+        super().__init__(engine, params={"scale": scale})
         self.scale = scale
         self.prompt, self.negative = prompt, negative
         self.noise_level = noise_level
         self.max_pixels = max_pixels
         self.colour_fix = colour_fix  # None: the model config's `ldmtool.colour_fix` (absent = off)
         self.consistency = consistency  # None: the model config's `ldmtool.consistency` (absent = off)
-        self._context: Optional[tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = None
+        self._context: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
-    # -- runner hooks
+    # -- once per run
 
-    def open(self) -> None:
-        engine = self.engine.open()
-        self.model_path = engine.model_path
+    def check_model(self, engine: Engine) -> None:
         info = engine.info
         if info.conditioning not in (Conditioning.CONCAT, Conditioning.HYBRID_ADM):
             raise FatalError(f"{engine.model_path}: a {info.family} model cannot do super-resolution "
                              "(it needs a low-resolution image as concat conditioning)")
         self.upscaler = info.conditioning is Conditioning.HYBRID_ADM
-        self.params.update(engine.resolved(), model_family=info.family)
         if self.colour_fix is None:
             self.colour_fix = config_switch(info.defaults.colour_fix, "colour_fix", engine.model_path)
         if self.consistency is None:
             self.consistency = config_switch(info.defaults.consistency, "consistency", engine.model_path)
-        self.params.update(colour_fix=self.colour_fix, consistency=self.consistency)
         if self.upscaler:
             self.noise_level = self.noise_level if self.noise_level is not None else info.defaults.noise_level
-            self.params.update(noise_level=self.noise_level, prompt=self.prompt, negative=self.negative)
             self._context = self._encode_text()  # once per run, shared by every item and tile
 
-    def load(self, job: Job) -> Any:
-        image = read_image(job.item.path, max_pixels=self.max_pixels)
+    def recorded(self, engine: Engine) -> dict[str, Any]:
+        params = {**super().recorded(engine), "colour_fix": self.colour_fix, "consistency": self.consistency}
+        if self.upscaler:
+            params.update(noise_level=self.noise_level, prompt=self.prompt, negative=self.negative)
+        return params
+
+    def _encode_text(self) -> tuple[torch.Tensor, torch.Tensor]:
+        encoder = self.engine.bundle.cond_stage
+        with torch.inference_mode(), one_thread():  # each text alone, on one thread: as TextConditioner
+            return encoder.encode([self.prompt]), encoder.encode([self.negative])
+
+    # -- each item
+
+    def load(self, job: Job) -> LoadedImage:
+        return self.check_input(read_image(job.item.path, max_pixels=self.max_pixels), job.item.label)
+
+    def check_input(self, image: LoadedImage, label: str) -> LoadedImage:
         if image.size[0] < 2 or image.size[1] < 2:
-            raise ItemError(f"{job.item.label}: {image.size[0]}x{image.size[1]} is too small to upscale")
+            raise ItemError(f"{label}: {image.size[0]}x{image.size[1]} is too small to upscale")
         return image
 
     def run(self, jobs: list[Job]) -> list[Output]:
         return [self._upscale_item(job) for job in jobs]
 
-    # -- the work
-
     def _upscale_item(self, job: Job) -> Output:
-        image = job.payload
+        image: LoadedImage = job.payload
         size = output_size(*image.size, self.scale)
         rgb = image.rgb
         for index in range(native_passes(self.scale)):
@@ -114,31 +126,38 @@ class SuperresTask(BaseTask):
 
     def _native_pass(self, rgb: np.ndarray, seed: int, label: str) -> np.ndarray:
         """One ×4 pass of the model on (H, W, 3) uint8 or float in [0, 1]; returns (4H, 4W, 3) uint8."""
-        engine = self.engine
+        low = self._low_res(rgb)
+        latent_hw = self._latent_size(low)
+        upscale = functools.partial(self._sample_and_decode, low=low, latent_hw=latent_hw, seed=seed)
+        pixels = self.engine.finite(upscale, label)[0]  # (H, W, 3) uint8: the output is never a float image
+        height, width = rgb.shape[:2]
+        return self._finish_pass(pixels[: height * NATIVE_SCALE, : width * NATIVE_SCALE].numpy(), rgb)
+
+    def _low_res(self, rgb: np.ndarray) -> torch.Tensor:
+        """(1, 3, H', W') in [-1, 1], edges replicated up to a size whose latent the UNet can take."""
         height, width = rgb.shape[:2]
         pad_h, pad_w = _padding(height, width, self._pixel_multiple())
         low = to_model_range(rgb)
-        if pad_h or pad_w:
-            low = F.pad(low, (0, pad_w, 0, pad_h), mode="replicate")
-        down = engine.info.downsampling
-        latent_hw = (low.shape[-2] * NATIVE_SCALE // down, low.shape[-1] * NATIVE_SCALE // down)
-
-        def compute(e: Engine) -> torch.Tensor:
-            cond, uncond = self._conditioning(e, low, latent_hw, seed)
-            z = e.sample(latent_hw, [seed], cond, uncond, progress=self.reporter and self.reporter.steps)
-            return e.decode_pixels(z)
-
-        pixels = engine.finite(compute, label)[0]  # (H, W, 3) uint8: the output is never a float image
-        out = pixels[: height * NATIVE_SCALE, : width * NATIVE_SCALE].numpy()
-        if self.colour_fix:
-            colour_fix_(out, rgb)
-        return back_project_(out, rgb) if self.consistency else out
+        return F.pad(low, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else low
 
     def _pixel_multiple(self) -> int:
         """Low-res sizes must map to latents divisible by the UNet's total downsampling (8)."""
         return max(1, 8 * self.engine.info.downsampling // NATIVE_SCALE)
 
-    def _conditioning(self, engine: Engine, low: torch.Tensor, latent_hw, seed: int):
+    def _latent_size(self, low: torch.Tensor) -> tuple[int, int]:
+        down = self.engine.info.downsampling
+        return low.shape[-2] * NATIVE_SCALE // down, low.shape[-1] * NATIVE_SCALE // down
+
+    def _sample_and_decode(self, engine: Engine, *, low: torch.Tensor, latent_hw: tuple[int, int],
+                           seed: int) -> torch.Tensor:
+        """Uint8 pixels (1, H, W, 3) of one pass at `engine`'s precision (`Engine.finite` retries in fp32)."""
+        cond, uncond = self._conditioning(engine, low, latent_hw, seed)
+        z = engine.sample(latent_hw, [seed], cond, uncond, progress=self.step_progress())
+        return engine.decode_pixels(z)
+
+    def _conditioning(self, engine: Engine, low: torch.Tensor, latent_hw: tuple[int, int], seed: int):
+        """The low-res image at latent size (BSR: concatenated), or noise-augmented with its level as the class
+        label and the prompt by cross-attention (SD x4 upscaler: guided)."""
         low = low.to(engine.device, engine.dtype)
         if low.shape[-2:] != latent_hw:
             low = F.interpolate(low.float(), size=latent_hw, mode="bicubic", align_corners=False).clamp(-1, 1)
@@ -153,10 +172,11 @@ class SuperresTask(BaseTask):
         uncond = Cond(crossattn=uncontext.to(engine.device, engine.dtype), concat=noised, y=level)
         return cond, uncond
 
-    def _encode_text(self) -> tuple[torch.Tensor, torch.Tensor]:
-        encoder = self.engine.bundle.cond_stage
-        with torch.inference_mode(), one_thread():  # each text alone, on one thread: as TextConditioner
-            return encoder.encode([self.prompt]), encoder.encode([self.negative])
+    def _finish_pass(self, out: np.ndarray, rgb: np.ndarray) -> np.ndarray:
+        """The pass's pixels with the input's colours (colour fix) and back-projected onto it (consistency)."""
+        if self.colour_fix:
+            colour_fix_(out, rgb)
+        return back_project_(out, rgb) if self.consistency else out
 
 
 def _padding(height: int, width: int, multiple: int) -> tuple[int, int]:

@@ -187,14 +187,6 @@ def padded_images(rgbs: Sequence[np.ndarray], multiple: int) -> torch.Tensor:
     return F.pad(batch, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else batch
 
 
-def group_by_size(jobs: Sequence, size_of) -> list[list]:
-    """Jobs in groups that can share one batch: equal `size_of(job)`, first-seen order."""
-    groups: dict[Any, list] = {}
-    for job in jobs:
-        groups.setdefault(size_of(job), []).append(job)
-    return list(groups.values())
-
-
 class PromptConditioning:
     """Conditioning for img2img and masked inpainting: a text model's prompt and negative (guided), or
     nothing for an unconditional model. Other model kinds cannot take these commands (FatalError)."""

@@ -24,6 +24,8 @@ from ldmtool.pipelines.text import TextConditioner, text_encoder
 from ldmtool.runtime.jobs import Job
 
 COMMAND = "tile-synth"
+# Label maps need a semantic model and a prompt a text model: their own shipped defaults (else default-sample).
+DEFAULT_MODEL_BY_GENERATOR = {"semantic": "default-semantic2img", "text": "default-txt2img"}
 
 
 class Generator(str, Enum):
@@ -57,7 +59,7 @@ class TextTileTask(GeneratorTask):
         super().__init__(engine, width=width, height=height)
         self.prompt, self.negative = prompt, negative
 
-    def check_model(self, bundle: LatentDiffusionBundle) -> None:
+    def check_conditioning(self, bundle: LatentDiffusionBundle) -> None:
         encoder = text_encoder(bundle)
         if encoder is None or bundle.info.conditioning is not Conditioning.CROSSATTN:
             raise FatalError(f"{self.engine.model_path}: a {bundle.info.family} model takes no text; drop --prompt "
@@ -79,13 +81,13 @@ class NoiseTileTask(SampleTask):
 
     command = COMMAND
 
-    def check_model(self, bundle: LatentDiffusionBundle) -> None:
+    def check_conditioning(self, bundle: LatentDiffusionBundle) -> None:
         path = self.engine.model_path
         if not self.classes and text_encoder(bundle) is not None:
             raise UsageError(f"{path} is a text model; give --prompt TEXT")
         if not self.classes and bundle.info.label_classes is not None:
             raise UsageError(f"{path} is a semantic-synthesis model; give label map files as inputs")
-        super().check_model(bundle)
+        super().check_conditioning(bundle)
 
 
 class MapTileTask(Semantic2ImgTask):

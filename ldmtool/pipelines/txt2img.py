@@ -7,6 +7,7 @@ native size go through the tiled engine (the Engine decides from the latent size
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import replace
 from typing import Any, Optional, Sequence
 
@@ -16,15 +17,15 @@ from ldmtool.diffusion.cond import Cond
 from ldmtool.diffusion.samplers import get_sampler
 from ldmtool.errors import ItemError, UsageError
 from ldmtool.io.discover import Item, generated_items
+from ldmtool.pipelines.base import ModelTask, in_groups
 from ldmtool.pipelines.engine import Engine
 from ldmtool.pipelines.text import (
     PromptSpec,
     TextConditioner,
     check_size,
-    group_by_size,
     require_text_model,
 )
-from ldmtool.runtime.jobs import BaseTask, Job, Output
+from ldmtool.runtime.jobs import Job, Output
 from ldmtool.runtime.seeds import SEED_LIMIT
 
 
@@ -42,30 +43,33 @@ def _own_seed(spec: PromptSpec, sample: int) -> Optional[int]:
     return None if spec.seed is None else (spec.seed + sample) % SEED_LIMIT
 
 
-class Txt2ImgTask(BaseTask):
+class Txt2ImgTask(ModelTask):
+    """Each batch, in groups that share size and sampling values: encode the prompts → sample → decode to
+    pixels."""
+
     command = "txt2img"
     item_options = ("prompt",)  # --prompt is one prompt line: each item carries its line
 
     def __init__(self, engine: Engine, prompts: Sequence[PromptSpec], *, negative: str = "",
                  width: Optional[int] = None, height: Optional[int] = None):
-        super().__init__()
-        self.engine = engine
+        super().__init__(engine)
         self.prompts = list(prompts)
         self.negative = negative
         self.width, self.height = width, height
 
-    # -- runner hooks
+    # -- once per run
 
-    def open(self) -> None:
-        engine = self.engine.open()
-        self.model_path = engine.model_path
+    def check_model(self, engine: Engine) -> None:
         self.texts = TextConditioner(require_text_model(engine.bundle, engine.model_path, self.command))
         self.multiple = engine.info.pixel_multiple
         default_w, default_h = engine.info.defaults.size
         self.width, self.height = self.width or default_w, self.height or default_h
         check_size(self.width, self.height, self.multiple)
-        self.params.update(engine.resolved(), negative=self.negative, width=self.width, height=self.height,
-                           model_family=engine.info.family)
+
+    def recorded(self, engine: Engine) -> dict[str, Any]:
+        return {"negative": self.negative, "width": self.width, "height": self.height, **super().recorded(engine)}
+
+    # -- each item
 
     def load(self, job: Job) -> PromptSpec:
         spec = PromptSpec(**job.item.data["spec"])
@@ -79,32 +83,28 @@ class Txt2ImgTask(BaseTask):
         return spec
 
     def run(self, jobs: list[Job]) -> list[Output]:
-        outputs: dict[int, Output] = {}
-        for group in group_by_size(jobs, _batch_key):
-            for job, output in zip(group, self._generate(group)):
-                outputs[id(job)] = output
-        return [outputs[id(job)] for job in jobs]
-
-    # -- the work
+        return in_groups(jobs, _batch_key, self._generate)
 
     def _generate(self, jobs: list[Job]) -> list[Output]:
         spec: PromptSpec = jobs[0].payload
         engine = self._engine_for(spec)
         width, height = spec.width or self.width, spec.height or self.height
         latent_hw = (height // engine.info.downsampling, width // engine.info.downsampling)
-        prompts = [job.payload.prompt for job in jobs]
-        negatives = [self._negative(job.payload) for job in jobs]
-        seeds = [job.seed for job in jobs]
-
-        def compute(e: Engine) -> torch.Tensor:
-            cond = Cond(crossattn=self.texts(prompts).to(e.device, e.dtype))
-            uncond = Cond(crossattn=self.texts(negatives).to(e.device, e.dtype))
-            z = e.sample(latent_hw, seeds, cond, uncond, progress=self.reporter and self.reporter.steps)
-            return e.decode_pixels(z)
-
-        images = engine.finite(compute, jobs[0].item.label)  # (B, H, W, 3) uint8
+        generate = functools.partial(self._sample_and_decode, latent_hw=latent_hw,
+                                     prompts=[job.payload.prompt for job in jobs],
+                                     negatives=[self._negative(job.payload) for job in jobs],
+                                     seeds=[job.seed for job in jobs])
+        images = engine.finite(generate, jobs[0].item.label)  # (B, H, W, 3) uint8
         return [Output(image=image.numpy(), params=self._item_params(job.payload, engine))
                 for job, image in zip(jobs, images)]
+
+    def _sample_and_decode(self, engine: Engine, *, latent_hw: tuple[int, int], prompts: list[str],
+                           negatives: list[str], seeds: list[int]) -> torch.Tensor:
+        """Uint8 pixels (B, H, W, 3) at `engine`'s precision (`Engine.finite` retries in fp32)."""
+        cond = Cond(crossattn=self.texts(prompts).to(engine.device, engine.dtype))
+        uncond = Cond(crossattn=self.texts(negatives).to(engine.device, engine.dtype))
+        z = engine.sample(latent_hw, seeds, cond, uncond, progress=self.step_progress())
+        return engine.decode_pixels(z)
 
     def _negative(self, spec: PromptSpec) -> str:
         return spec.negative if spec.negative is not None else self.negative

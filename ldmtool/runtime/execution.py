@@ -40,6 +40,7 @@ class Events(Protocol):
     """Where per-item events go: the reporter, or a Ray worker's collector."""
 
     def item(self, event: ItemEvent) -> None: ...
+    def steps(self, done: int, total: int, label: str = "steps") -> None: ...
 
 
 def recipes_for(task: Task, options: RunOptions, output_suffix: str) -> Recipes:
@@ -80,11 +81,10 @@ class JobRunner:
         self._recipe_argv = strip_scheduling(options.argv if options.argv is not None else sys.argv)
 
     def open(self) -> None:
-        """Open the task (load its model); an unexpected error is fatal in one line."""
-        if hasattr(self.task, "reporter"):
-            self.task.reporter = self.events
+        """Open the task (load its model), its sampler steps reported with the events; an unexpected error is
+        fatal in one line."""
         try:
-            self.task.open()
+            self.task.start(self.events)
         except LdmError:
             raise
         except Exception as err:  # a model that cannot start: no item can run

@@ -8,7 +8,8 @@ A pipeline implements `Task` (usually by subclassing `BaseTask`):
         def load(self, job): return read_image(job.item.path)     # per item; ItemError for bad input
         def run(self, jobs): return [Output(image=...) for job in jobs]   # one Output per job
 
-and `ldmtool.runtime.runner.run_task(task, items, RunOptions(...))` runs it.
+and `ldmtool.runtime.runner.run_task(task, items, RunOptions(...))` runs it. The runner starts a task with
+`start(progress)`, which keeps the `Progress` that sampler steps are reported to and calls `open()`.
 """
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ from ldmtool.errors import ItemError
 from ldmtool.io.discover import Item
 from ldmtool.io.outputs import DEFAULT_TEMPLATE
 from ldmtool.io.writer import DEFAULT_QUALITY
-from ldmtool.runtime.report import Reporter
 from ldmtool.runtime.shard import Shard
 
 EXISTING_POLICIES = ("check", "skip", "overwrite")
@@ -50,6 +50,12 @@ class Job:
     load_seconds: float = 0.0
 
 
+class Progress(Protocol):
+    """Where a task reports progress inside a batch (the reporter, or a Ray worker's collector)."""
+
+    def steps(self, done: int, total: int, label: str = "steps") -> None: ...
+
+
 class Task(Protocol):
     command: str
     model_path: Optional[Path]
@@ -57,13 +63,14 @@ class Task(Protocol):
     @property
     def params(self) -> Mapping[str, Any]: ...  # read-only here, so BaseTask's dict (or any mapping) fits
 
+    def start(self, progress: Optional[Progress]) -> None: ...
     def open(self) -> None: ...
     def load(self, job: Job) -> Any: ...
     def run(self, jobs: list[Job]) -> Sequence[Union[Output, ItemError]]: ...
 
 
 class BaseTask:
-    """Defaults for a Task: nothing to open, nothing to load. `reporter` is set by the runner."""
+    """Defaults for a Task: nothing to open, nothing to load; `start` keeps the run's progress and opens."""
 
     command: str = "task"
     item_options: tuple[str, ...] = ()  # options that only make items (each item's data records them)
@@ -71,7 +78,17 @@ class BaseTask:
     def __init__(self, *, params: Optional[Mapping[str, Any]] = None, model_path: Optional[Path] = None):
         self.params: dict[str, Any] = dict(params or {})
         self.model_path = model_path
-        self.reporter: Optional[Reporter] = None
+        self.progress: Optional[Progress] = None
+
+    def start(self, progress: Optional[Progress]) -> None:
+        """Open the task for a run that reports sampler steps to `progress` (what the runner calls)."""
+        self.progress = progress
+        self.open()
+
+    @property
+    def reporter(self) -> Optional[Progress]:
+        """The earlier name of `progress`, for tasks written against it."""
+        return self.progress
 
     def model_file(self) -> Optional[Path]:
         """The weights file this task will load, known before it loads (the job's identity names it)."""

@@ -1,0 +1,65 @@
+"""What every model task shares: opening its model once per run, and running items in groups.
+
+A task module subclasses `ModelTask` and reads top to bottom as the steps of its job:
+
+    class UpscaleTask(ModelTask):
+        command = "superres"
+        def check_model(self, engine): ...          # FatalError when the model cannot do the task
+        def recorded(self, engine): ...             # what every output records besides the sampling values
+        def load(self, job): ...                    # read the item (ItemError for bad input)
+        def run(self, jobs): ...                    # prepare → encode → sample → decode → finish
+
+`open()` is the preamble every task had written out: open the `Engine` (the model through the process-wide
+cache), note the weights file, ask the task to check the model and set up per-run state, and record the
+resolved sampling values. Sampler steps are reported to `self.progress` (set by `BaseTask.start`, which the
+runner calls), as `self.step_progress()`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Hashable, Optional, Sequence, TypeVar
+
+from ldmtool.pipelines.engine import Engine
+from ldmtool.runtime.jobs import BaseTask, Job
+
+Result = TypeVar("Result")
+
+
+class ModelTask(BaseTask):
+    """A task that runs one model through an `Engine`."""
+
+    def __init__(self, engine: Engine, *, params: Optional[dict[str, Any]] = None):
+        super().__init__(params=params)
+        self.engine = engine
+
+    def open(self) -> None:
+        """Load the model once per run, check it can do this task, and record what every output ran with."""
+        engine = self.engine.open()
+        self.model_path = engine.model_path
+        self.check_model(engine)
+        self.params.update(engine.resolved())
+        self.params.update(self.recorded(engine))
+
+    def check_model(self, engine: Engine) -> None:
+        """FatalError (or UsageError) when the model cannot do this task; per-run state (text encoders, sizes)."""
+
+    def recorded(self, engine: Engine) -> dict[str, Any]:
+        """Parameters every output records after the resolved sampling values, in the order they are shown."""
+        return {"model_family": engine.info.family}
+
+    def step_progress(self) -> Optional[Callable[[int, int], None]]:
+        """The callback for sampler steps (done, total), or None when nothing shows progress."""
+        return None if self.progress is None else self.progress.steps
+
+
+def in_groups(jobs: Sequence[Job], key: Callable[[Job], Hashable],
+              run_group: Callable[[list[Job]], Sequence[Result]]) -> list[Result]:
+    """`run_group` on each group of jobs with equal `key(job)` (first-seen order, so jobs that can share one
+    sampling call share it); the results in the order of `jobs`."""
+    groups: dict[Hashable, list[int]] = {}
+    for position, job in enumerate(jobs):
+        groups.setdefault(key(job), []).append(position)
+    results: list[Any] = [None] * len(jobs)
+    for positions in groups.values():
+        for position, result in zip(positions, run_group([jobs[p] for p in positions])):
+            results[position] = result
+    return results
