@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from ldmtool.diffusion.cond import Cond
+from ldmtool.diffusion.cond import Cond, Guided
 from ldmtool.diffusion.schedules import discrete_sigmas, sigma_to_t
 from ldmtool.families.info import Conditioning, Parameterization
 
@@ -143,8 +143,10 @@ def per_row(network: Callable[..., torch.Tensor], x: torch.Tensor, *args: Any, *
                       for i in range(x.shape[0])])
 
 
-def bind(denoiser: Callable[..., torch.Tensor], cond: Optional[Cond]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The sampler-facing `model(x, sigma) -> x0` with the conditioning fixed."""
+def bind(denoiser: Callable[..., torch.Tensor], cond: Union[Cond, Guided, None]
+         ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The sampler-facing `model(x, sigma) -> x0` with the conditioning fixed (`Guided` for a guided
+    denoiser such as `CFGDenoiser`)."""
 
     def model(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return denoiser(x, sigma, cond)

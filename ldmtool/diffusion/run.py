@@ -8,11 +8,11 @@ come), so an item's result does not depend on the batch it runs in.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from ldmtool.diffusion.cond import Cond
+from ldmtool.diffusion.cond import Cond, Guided
 from ldmtool.diffusion.denoisers import bind
 from ldmtool.diffusion.img2img import img2img_schedule, noised_latent
 from ldmtool.diffusion.masked import masked_model
@@ -41,7 +41,7 @@ def schedule_for(settings: SamplerSettings, alphas_cumprod: torch.Tensor, *, fro
 
 def sample_latents(
     denoise: Callable[..., torch.Tensor],
-    cond: Optional[Cond],
+    cond: Union[Cond, Guided, None],
     alphas_cumprod: torch.Tensor,
     noise: NoiseSource,
     settings: SamplerSettings,

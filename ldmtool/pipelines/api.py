@@ -39,7 +39,7 @@ DEFAULT_MODELS = {
 }
 _SEAMLESS_COMMANDS = ("txt2img", "sample", "semantic2img", "tile-synth")  # the CLI's generators
 
-PathOrDoc = Union[str, Path, dict, list]
+PathOrDoc = Union[str, Path, dict[str, Any], list[Any]]
 
 
 # ---------------------------------------------------------------- images in, image out
@@ -108,7 +108,7 @@ def layout2img(layout: PathOrDoc, *, width: Optional[int] = None, height: Option
     if isinstance(layout, (str, Path)):
         item = _file_item(layout)
         return _results(task, [(item, _seed(seed), task.load(_job(item, 0, 0)))])[0]
-    objects = task.check_input(layout_objects(layout, "layout", task.width, task.height), "layout")
+    objects = task.check_input(layout_objects(layout, "layout", *task.run_size()), "layout")
     return _results(task, [(_memory_item("layout"), _seed(seed), objects)])[0]
 
 
@@ -120,10 +120,12 @@ def txt2img(prompt: Union[str, Sequence[str], None] = None, *, prompts: Optional
             seed: Optional[int] = None, **options: Any) -> list[np.ndarray]:
     """`ldmtool txt2img`: `n` images per prompt (a text, a list of texts, or `prompts=` a prompt file, JSON
     lines included), in the CLI's order."""
-    from ldmtool.pipelines.text import PromptSpec, read_prompts
+    from ldmtool.pipelines.text import ONE_PROMPT_SOURCE, PromptSpec, read_prompts
     from ldmtool.pipelines.txt2img import Txt2ImgTask, prompt_items
 
-    if prompt is not None and prompts is None and not isinstance(prompt, str):
+    if prompt is not None and not isinstance(prompt, str):  # a list of texts
+        if prompts is not None:
+            raise UsageError(ONE_PROMPT_SOURCE)
         specs = [PromptSpec(text) for text in prompt]
     else:
         specs = read_prompts(prompt, prompts)

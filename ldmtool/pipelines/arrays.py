@@ -71,12 +71,18 @@ def _at_depth(values: np.ndarray, depth: int) -> np.ndarray:
     if depth == DEPTH_8:
         return to_uint8(values)
     if depth == DEPTH_16:
+        sixteen: np.ndarray
         if values.dtype == np.uint8:
-            return values.astype(np.uint16) * 257  # exactly v / 255 in 16 bits
-        return (np.clip(values, 0.0, 1.0) * 65535.0 + 0.5).astype(np.uint16)
+            sixteen = values.astype(np.uint16) * 257  # exactly v / 255 in 16 bits
+        else:
+            sixteen = (np.clip(values, 0.0, 1.0) * 65535.0 + 0.5).astype(np.uint16)
+        return sixteen
+    floats: np.ndarray
     if values.dtype == np.uint8:
-        return values.astype(np.float32) / 255.0
-    return np.clip(values, 0.0, 1.0).astype(np.float32)
+        floats = values.astype(np.float32) / 255.0
+    else:
+        floats = np.clip(values, 0.0, 1.0).astype(np.float32)
+    return floats
 
 
 def _from_array(array: np.ndarray, label: str) -> LoadedImage:
@@ -116,7 +122,7 @@ def _from_pillow(image: Image.Image, label: str) -> LoadedImage:
     return LoadedImage(path=Path(label), rgb=rgb, alpha=alpha, bit_depth=depth)
 
 
-def as_list(value: Any) -> list:
+def as_list(value: Any) -> list[Any]:
     """A value or sequence of values as a list (a lone string is one value)."""
     if value is None:
         return []

@@ -16,8 +16,10 @@ runner calls), as `self.step_progress()`.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, Hashable, Optional, Sequence, TypeVar
 
+from ldmtool.errors import ItemError
 from ldmtool.pipelines.engine import Engine
 from ldmtool.runtime.jobs import BaseTask, Job
 
@@ -49,6 +51,14 @@ class ModelTask(BaseTask):
     def step_progress(self) -> Optional[Callable[[int, int], None]]:
         """The callback for sampler steps (done, total), or None when nothing shows progress."""
         return None if self.progress is None else self.progress.steps
+
+
+def input_path(job: Job) -> Path:
+    """The input file of a job's item; ItemError for an item that has none (a generated item given to a
+    command that reads files)."""
+    if job.item.path is None:
+        raise ItemError(f"{job.item.label}: this command reads an input file, and the item has none")
+    return job.item.path
 
 
 def in_groups(jobs: Sequence[Job], key: Callable[[Job], Hashable],

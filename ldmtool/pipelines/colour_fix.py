@@ -96,7 +96,7 @@ def bicubic_rows(low: np.ndarray, scale: int, top: int, bottom: int, width: int,
 
 
 def integer_scale(output: np.ndarray, low: np.ndarray) -> int:
-    scale = output.shape[0] // max(1, low.shape[0])
+    scale: int = output.shape[0] // max(1, low.shape[0])
     if scale < 1 or output.shape[:2] != (low.shape[0] * scale, low.shape[1] * scale):
         raise ValueError(f"output {output.shape[:2]} is not an integer multiple of the input {low.shape[:2]}")
     return scale
@@ -110,9 +110,12 @@ def in_range_of(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 def to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    converted: np.ndarray
     if np.issubdtype(dtype, np.integer):
-        return np.clip(np.rint(values), 0, 255).astype(dtype)
-    return np.clip(values, 0.0, 1.0).astype(dtype)
+        converted = np.clip(np.rint(values), 0, 255).astype(dtype)
+    else:
+        converted = np.clip(values, 0.0, 1.0).astype(dtype)
+    return converted
 
 
 def colour_fix_to(output: np.ndarray, reference: np.ndarray, sigma: float) -> np.ndarray:
@@ -120,10 +123,11 @@ def colour_fix_to(output: np.ndarray, reference: np.ndarray, sigma: float) -> np
     the reference is a classical fill of the hole, which knows the surrounding colours)."""
     out = output.astype(np.float32)
     fixed = out - gaussian_blur(out, sigma) + gaussian_blur(reference.astype(np.float32), sigma)
-    return np.clip(fixed, 0.0, 1.0)
+    clipped: np.ndarray = np.clip(fixed, 0.0, 1.0)
+    return clipped
 
 
-def config_switch(value: object, key: str, model_path) -> bool:
+def config_switch(value: object, key: str, model_path: object) -> bool:
     """A true/false setting of the model config's `ldmtool:` block (`info.defaults.<key>`, absent: off);
     anything else is fatal."""
     from ldmtool.errors import FatalError

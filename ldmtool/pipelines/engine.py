@@ -9,7 +9,7 @@ bad, fail the item instead of writing a wrong image.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -61,21 +61,31 @@ class Engine:
         """Step counts the model's schedule cannot take are a usage error when the command starts, not a
         failure of every item (the schedule itself is cheap; sampling builds it again)."""
         p = self.resolved()
-        default_schedule(p["sampler"], self.bundle.alphas_cumprod, p["steps"], karras=p["karras"])
+        default_schedule(p["sampler"], self._alphas_cumprod(), p["steps"], karras=p["karras"])
+
+    def _alphas_cumprod(self) -> torch.Tensor:
+        """The model's schedule buffer (a registered buffer, which mypy reads through `nn.Module.__getattr__`
+        as `Tensor | Module`)."""
+        alphas = self.bundle.alphas_cumprod
+        assert isinstance(alphas, torch.Tensor), "alphas_cumprod is a registered buffer of every bundle"
+        return alphas
 
     def _load(self, dtype: torch.dtype) -> LatentDiffusionBundle:
         from ldmtool.checkpoints.api import load_model, resolve_source
 
         weights, _ = resolve_source(self.choice.model)
         choice = self.choice
+        device = self.device
+        assert device is not None, "open() or in_fp32() chooses the device before loading"
 
-        def loader():
-            return load_model(weights, config=choice.config, preset=choice.preset, device=self.device, dtype=dtype,
+        def loader() -> Any:
+            return load_model(weights, config=choice.config, preset=choice.preset, device=device, dtype=dtype,
                               use_ema=choice.use_ema, prediction=choice.prediction)
 
         extra = (str(choice.config), choice.preset, choice.use_ema, choice.prediction)
         try:
-            return model_cache().load_file(weights, self.device, dtype, loader, *extra)
+            bundle: LatentDiffusionBundle = model_cache().load_file(weights, device, dtype, loader, *extra)
+            return bundle
         except LdmError:
             raise
         except (OSError, RuntimeError, ValueError, KeyError) as err:
@@ -102,7 +112,7 @@ class Engine:
                 return result
         raise ItemError(f"{label}: the result is not finite (NaN/Inf) even in fp32; nothing was written")
 
-    def _precisions(self):
+    def _precisions(self) -> Iterator["Engine"]:
         """This engine, then (half precision only) its fp32 twin, loaded only if it is needed."""
         yield self
         if self.dtype != torch.float32:
@@ -116,6 +126,14 @@ class Engine:
     def info(self) -> ModelInfo:
         """What the model is (latent shape, conditioning, run defaults), built when it was loaded."""
         return self.bundle.info
+
+    def cond_stage(self, purpose: str) -> torch.nn.Module:
+        """The model's conditioning stage; FatalError for a model (config) that has none."""
+        stage = self.bundle.cond_stage
+        if stage is None:
+            raise FatalError(f"{self.model_path}: the {self.info.family} model has no conditioning stage "
+                             f"(cond_stage_config), so it cannot {purpose}")
+        return stage
 
     # -- resolved sampling parameters (recorded in every output's metadata)
 
@@ -161,20 +179,27 @@ class Engine:
         conditioning = Guided(cond, uncond, p["cfg"]) if guided else cond
         callback = None if progress is None else (lambda step: progress(step.index + 1, step.total))
         shape = None if init_latent is not None else (self.info.latent_channels, *latent_hw)
+        device, dtype = self.placement()
         if init_latent is not None:
-            init_latent = init_latent.to(self.device, self.dtype)
+            init_latent = init_latent.to(device, dtype)
         with torch.inference_mode(), seamless(self.bundle.denoiser, axes=self.axes):
-            z = sample_latents(denoise, conditioning, self.bundle.alphas_cumprod, NoiseSource(seeds), settings,
+            z = sample_latents(denoise, conditioning, self._alphas_cumprod(), NoiseSource(seeds), settings,
                                shape=shape, init_latent=init_latent, repaint=repaint, callback=callback,
-                               device=self.device, dtype=self.dtype)
+                               device=device, dtype=dtype)
         return z.float()
 
-    def _denoiser(self, latent_hw: tuple[int, int], rows_per_item: int, guided: bool):
+    def placement(self) -> tuple[torch.device, torch.dtype]:
+        """The device and dtype the model was loaded on (set by `open()`, which every task calls first)."""
+        assert self.device is not None and self.dtype is not None, "Engine.open() was not called"
+        return self.device, self.dtype
+
+    def _denoiser(self, latent_hw: tuple[int, int], rows_per_item: int, guided: bool
+                  ) -> Callable[..., torch.Tensor]:
         """The model's denoiser, with guidance inside and the tiled engine outside when the canvas needs it.
 
         The tiling is planned for one item (its cond and uncond rows), never for the batch: how many items
         share a batch must not change the tile, or `--batch-size` would change the pixels."""
-        denoise: Callable = DiscreteDenoiser.from_bundle(self.bundle)
+        denoise: Callable[..., torch.Tensor] = DiscreteDenoiser.from_bundle(self.bundle)
         if guided:
             denoise = CFGDenoiser(denoise)
         s = self.sampling
@@ -201,9 +226,9 @@ class Engine:
         with torch.inference_mode(), seamless(first, axes=self.axes):
             if tiled:
                 z = torch.cat([tiled_encode(first, row, VAETiling(tile=self._vae_tile() * down))
-                               for row in x.split(1)])
+                               for row in torch.split(x, 1)])
             else:
-                z = per_row(first.encode, x)
+                z = per_row(method(first, "encode"), x)
         return z.float() * self.bundle.scale_factor
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -221,21 +246,22 @@ class Engine:
             raise NonFiniteResult
         return torch.cat([canvas.pixels for canvas in canvases])
 
-    def _decode_rows(self, latents: torch.Tensor, make_canvas: Callable) -> list:
+    def _decode_rows(self, latents: torch.Tensor, make_canvas: Callable[[Sequence[int], torch.dtype], Any]) -> list[Any]:
         """The first stage's decode of scaled latents, one latent at a time (see `per_row`), each pasted into
         `make_canvas(shape, dtype)` (tile by tile when the canvas is large, whole otherwise); returns the
         canvases' `result()`s."""
         first = self.bundle.first_stage
         z = (latents / self.bundle.scale_factor).to(self.device, self.dtype)
         tiled = self._vae_tiled(z.shape[-2], z.shape[-1])
+        decode = method(first, "decode")
         results = []
         with torch.inference_mode(), seamless(first, axes=self.axes):
-            for row in z.split(1):
+            for row in torch.split(z, 1):
                 if tiled:
                     results.append(tiled_decode(first, row, VAETiling(tile=self._vae_tile()), output=make_canvas))
                     release_host_memory()
                     continue
-                image = first.decode(row)
+                image = decode(row)
                 canvas = make_canvas(image.shape, image.dtype)
                 canvas.paste(image, 0, 0)
                 results.append(canvas.result())
@@ -258,7 +284,7 @@ class NonFiniteResult(Exception):
 class PixelCanvas:
     """Receives decoded tiles (B, 3, h, w) in [-1, 1] and keeps them as uint8 pixels (B, H, W, 3)."""
 
-    def __init__(self, shape, dtype=None):
+    def __init__(self, shape: Sequence[int], dtype: Optional[torch.dtype] = None):
         batch, _channels, height, width = shape
         self.pixels = torch.empty(batch, height, width, 3, dtype=torch.uint8)
         self.finite = True
@@ -272,6 +298,14 @@ class PixelCanvas:
 
     def result(self) -> "PixelCanvas":
         return self
+
+
+def method(module: torch.nn.Module, name: str) -> Callable[..., torch.Tensor]:
+    """`module.<name>`, a network method that returns a tensor (`encode`, `decode`), typed as such: the
+    bundle's networks are typed `nn.Module`, whose attributes mypy reads through `nn.Module.__getattr__`
+    (`Tensor | Module`)."""
+    bound: Callable[..., torch.Tensor] = getattr(module, name)
+    return bound
 
 
 def to_model_range(rgb: np.ndarray) -> torch.Tensor:

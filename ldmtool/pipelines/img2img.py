@@ -12,7 +12,7 @@ from typing import Any, Optional
 import torch
 
 from ldmtool.io.images import LoadedImage, read_image
-from ldmtool.pipelines.base import ModelTask, in_groups
+from ldmtool.pipelines.base import ModelTask, in_groups, input_path
 from ldmtool.pipelines.engine import Engine, to_array
 from ldmtool.pipelines.text import PromptConditioning, padded_images
 from ldmtool.runtime.jobs import Job, Output
@@ -39,7 +39,7 @@ class Img2ImgTask(ModelTask):
         self.multiple = engine.info.pixel_multiple
 
     def load(self, job: Job) -> LoadedImage:
-        return read_image(job.item.path, max_pixels=self.max_pixels)
+        return read_image(input_path(job), max_pixels=self.max_pixels)
 
     def run(self, jobs: list[Job]) -> list[Output]:
         return in_groups(jobs, lambda job: job.payload.size, self._transform)
@@ -56,7 +56,7 @@ class Img2ImgTask(ModelTask):
         """Images in [0, 1] (B, 3, H, W) at `engine`'s precision (`Engine.finite` retries in fp32)."""
         init = engine.encode(images)
         cond, uncond = self.conditioning(engine, len(seeds))
-        z = engine.sample(tuple(init.shape[-2:]), seeds, cond, uncond, init_latent=init, strength=self.strength,
+        z = engine.sample((init.shape[-2], init.shape[-1]), seeds, cond, uncond, init_latent=init, strength=self.strength,
                           progress=self.step_progress())
         return engine.decode(z)
 

@@ -29,7 +29,7 @@ from ldmtool.diffusion.masked import composite, latent_repaint_mask
 from ldmtool.errors import FatalError, ItemError
 from ldmtool.families.info import InpaintKind
 from ldmtool.io.images import LoadedImage, mask_from_alpha, read_image, read_mask
-from ldmtool.pipelines.base import ModelTask, in_groups
+from ldmtool.pipelines.base import ModelTask, in_groups, input_path
 from ldmtool.pipelines.colour_fix import colour_fix_to, config_switch
 from ldmtool.pipelines.engine import Engine, to_array
 from ldmtool.pipelines.text import (
@@ -72,14 +72,18 @@ class InpaintTask(ModelTask):
 
     def check_model(self, engine: Engine) -> None:
         info = engine.info
-        self.kind = info.inpaint_kind
-        if self.kind is None:
+        kind = info.inpaint_kind
+        if kind is None:
             raise FatalError(f"{engine.model_path}: a {info.family} model cannot inpaint (use an inpainting, "
                              "text-to-image or unconditional model)")
+        self.kind: InpaintKind = kind
         if self.kind is InpaintKind.LDM_CONCAT and (self.prompt or self.negative):
             raise FatalError(f"{engine.model_path}: the {info.family} model takes no prompt; drop --prompt/--negative")
         if self.kind is InpaintKind.SD_HYBRID:
-            self.texts = TextConditioner(text_encoder(engine.bundle))
+            encoder = text_encoder(engine.bundle)
+            if encoder is None:
+                raise FatalError(f"{engine.model_path}: the {info.family} inpainting model has no text encoder")
+            self.texts = TextConditioner(encoder)
         elif self.kind is InpaintKind.MASKED:
             self.conditioning = PromptConditioning(engine.bundle, engine.model_path, self.command,
                                                    prompt=self.prompt, negative=self.negative)
@@ -93,7 +97,7 @@ class InpaintTask(ModelTask):
     # -- each item
 
     def load(self, job: Job) -> tuple[LoadedImage, np.ndarray]:
-        image = read_image(job.item.path, max_pixels=self.max_pixels)
+        image = read_image(input_path(job), max_pixels=self.max_pixels)
         mask = None
         if not self.from_alpha:
             mask = read_mask(job.item.require_mask(), size=image.size, invert=self.invert_mask,
@@ -106,6 +110,8 @@ class InpaintTask(ModelTask):
             if image.alpha is None:
                 raise ItemError(f"{label}: --mask-from-alpha, but the image has no transparency")
             mask = mask_from_alpha(image.alpha, invert=self.invert_mask)
+        if mask is None:
+            raise ItemError(f"{label}: no repaint mask (give a mask, or use --mask-from-alpha)")
         return image, grow_mask(mask, self.grow)
 
     def run(self, jobs: list[Job]) -> list[Output]:
@@ -137,25 +143,28 @@ class InpaintTask(ModelTask):
             return self._ldm_concat(e, images, masks, latent_mask, seeds)
         return self._sd_hybrid(e, images, masks, latent_mask, seeds)
 
-    def _masked(self, e: Engine, images, masks, seeds, latent_hw) -> torch.Tensor:
+    def _masked(self, e: Engine, images: torch.Tensor, masks: torch.Tensor, seeds: list[int],
+                latent_hw: tuple[int, int]) -> torch.Tensor:
         init = e.encode(images)
         cond, uncond = self.conditioning(e, len(seeds))
         repaint = latent_repaint_mask(masks, latent_hw).to(e.device, e.dtype)
         return e.sample(latent_hw, seeds, cond, uncond, init_latent=init, repaint=repaint,
                         progress=self.step_progress())
 
-    def _ldm_concat(self, e: Engine, images, masks, latent_mask, seeds) -> torch.Tensor:
+    def _ldm_concat(self, e: Engine, images: torch.Tensor, masks: torch.Tensor, latent_mask: torch.Tensor,
+                    seeds: list[int]) -> torch.Tensor:
         masked = ((1 - masks) * (images + 1) / 2) * 2 - 1
         c_masked = e.encode(masked) / e.bundle.scale_factor  # the cond stage is the unscaled first stage
         concat = torch.cat([c_masked, latent_mask * 2 - 1], dim=1).to(e.device, e.dtype)
-        return e.sample(tuple(latent_mask.shape[-2:]), seeds, Cond(concat=concat), progress=self.step_progress())
+        return e.sample((latent_mask.shape[-2], latent_mask.shape[-1]), seeds, Cond(concat=concat), progress=self.step_progress())
 
-    def _sd_hybrid(self, e: Engine, images, masks, latent_mask, seeds) -> torch.Tensor:
+    def _sd_hybrid(self, e: Engine, images: torch.Tensor, masks: torch.Tensor, latent_mask: torch.Tensor,
+                   seeds: list[int]) -> torch.Tensor:
         c_masked = e.encode(images * (masks < 0.5))
         concat = torch.cat([latent_mask, c_masked], dim=1).to(e.device, e.dtype)
         context = self.texts([self.prompt] * len(seeds)).to(e.device, e.dtype)
         uncontext = self.texts([self.negative] * len(seeds)).to(e.device, e.dtype)
-        return e.sample(tuple(latent_mask.shape[-2:]), seeds, Cond(crossattn=context, concat=concat),
+        return e.sample((latent_mask.shape[-2], latent_mask.shape[-1]), seeds, Cond(crossattn=context, concat=concat),
                         Cond(crossattn=uncontext, concat=concat), progress=self.step_progress())
 
     def _finish(self, jobs: list[Job], results: torch.Tensor, masks: torch.Tensor) -> list[Output]:

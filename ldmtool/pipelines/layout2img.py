@@ -32,8 +32,9 @@ from ldmtool.diffusion.cond import Cond
 from ldmtool.errors import FatalError, ItemError, LdmError, UsageError
 from ldmtool.families.info import Conditioning
 from ldmtool.io.discover import Item
+from ldmtool.pipelines.base import input_path
 from ldmtool.pipelines.box_raster import box_raster
-from ldmtool.pipelines.engine import Engine
+from ldmtool.pipelines.engine import Engine, method
 from ldmtool.pipelines.layout_tokens import BoxTokenizer, LayoutObject, category_name, category_number, tokenizer_for
 from ldmtool.pipelines.sample import GeneratorTask
 from ldmtool.runtime.jobs import Job, Output
@@ -127,7 +128,7 @@ def _load_document(path: Path) -> Any:
                         f"({' '.join(str(err).split())})") from None
 
 
-def _layout_parts(doc: Any, path: Path) -> tuple[Optional[tuple[float, float]], Optional[str], list]:
+def _layout_parts(doc: Any, path: Path | str) -> tuple[Optional[tuple[float, float]], Optional[str], list[Any]]:
     if isinstance(doc, list):
         doc = {"objects": doc}
     if not isinstance(doc, dict) or not isinstance(doc.get("objects"), list) or not doc["objects"]:
@@ -147,14 +148,14 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _raw_box(obj: Any, path: Path, index: int) -> list[float]:
+def _raw_box(obj: Any, path: Path | str, index: int) -> list[float]:
     box = obj.get("box") if isinstance(obj, dict) else None
     if not (isinstance(box, list) and len(box) == 4 and all(_number(v) for v in box)):
         raise ItemError(f"{path}: object {index} needs \"box\": [x0, y0, x1, y1], not {box!r}")
     return [float(v) for v in box]
 
 
-def _layout_object(obj: Any, index: int, path: Path, units: str, width: float, height: float) -> LayoutObject:
+def _layout_object(obj: Any, index: int, path: Path | str, units: str, width: float, height: float) -> LayoutObject:
     if not isinstance(obj, dict) or not isinstance(obj.get("label"), str):
         raise ItemError(f"{path}: object {index} needs a \"label\" (an OpenImages class name)")
     label = obj["label"]
@@ -198,12 +199,13 @@ class Layout2ImgTask(GeneratorTask):
         self.params.update(draw_boxes=self.draw_boxes)
 
     def load(self, job: Job) -> list[LayoutObject]:
-        return self.check_input(read_layout(job.item.path, self.width, self.height), job.item.path)
+        path = input_path(job)
+        return self.check_input(read_layout(path, *self.run_size()), path)
 
     def check_input(self, objects: list[LayoutObject], path: Path | str) -> list[LayoutObject]:
         """The layout's objects when this model can draw them (ItemError naming the layout otherwise)."""
         try:
-            self.tokenizer.tokens(objects)
+            self._box_tokenizer().tokens(objects)
         except LdmError as err:
             raise ItemError(f"{path}: {err}") from None
         if self.raster_classes is not None:
@@ -214,21 +216,27 @@ class Layout2ImgTask(GeneratorTask):
                                 f"draws ({known})")
         return objects
 
+    def _box_tokenizer(self) -> BoxTokenizer:
+        assert self.tokenizer is not None, "check_conditioning() found the model's box tokenizer"
+        return self.tokenizer
+
     def conditioning(self, engine: Engine, job: Job, latent_hw: tuple[int, int]) -> tuple[Cond, Optional[Cond]]:
         objects = job.payload
+        tokenizer = self._box_tokenizer()
+        stage = method(engine.cond_stage("encode box tokens"), "encode")
 
         @functools.cache  # a tile keeps its place from step to step: encode it once
         def encode(crop: tuple[float, float, float, float]) -> torch.Tensor:
-            tokens = torch.tensor([self.tokenizer.tokens(objects, crop)], dtype=torch.long, device=engine.device)
+            tokens = torch.tensor([tokenizer.tokens(objects, crop)], dtype=torch.long, device=engine.device)
             with torch.inference_mode():
-                return engine.bundle.cond_stage.encode(tokens).to(engine.dtype)
+                return stage(tokens).to(engine.dtype)
 
         def tile_context(rect: tuple[int, int, int, int], canvas: tuple[int, int]) -> torch.Tensor:
             top, left, height, width = rect
             rows, cols = canvas
             return encode((left / cols, top / rows, min(1.0, (left + width) / cols), min(1.0, (top + height) / rows)))
 
-        tile = tile_context if self.tokenizer.encode_crop else None
+        tile = tile_context if tokenizer.encode_crop else None
         return Cond(crossattn=encode((0.0, 0.0, 1.0, 1.0)), concat=self.raster(engine, job, latent_hw),
                     tile_crossattn=tile), None
 

@@ -29,7 +29,7 @@ from ldmtool.errors import FatalError, ItemError, UsageError
 from ldmtool.families.info import Conditioning
 from ldmtool.io.discover import Item, generated_items
 from ldmtool.pipelines.base import ModelTask
-from ldmtool.pipelines.engine import Engine
+from ldmtool.pipelines.engine import Engine, method
 from ldmtool.pipelines.text import check_size
 from ldmtool.runtime.jobs import Job, Output
 
@@ -71,6 +71,12 @@ class GeneratorTask(ModelTask):
 
     def canvas(self, job: Job) -> tuple[int, int]:
         """(width, height) of the item's output."""
+        return self.run_size()
+
+    def run_size(self) -> tuple[int, int]:
+        """The run's (width, height), set by `check_model` (`default_size`; generators with a size per item
+        override `canvas`)."""
+        assert self.width is not None and self.height is not None, "check_model() sets the run's size"
         return self.width, self.height
 
     def item_params(self, job: Job) -> dict[str, Any]:
@@ -228,13 +234,13 @@ class SampleTask(GeneratorTask):
     def conditioning(self, engine: Engine, job: Job, latent_hw: tuple[int, int]) -> tuple[Cond, Optional[Cond]]:
         if not self.class_ids:
             return Cond(), None
-        stage = engine.bundle.cond_stage
+        encode = method(engine.cond_stage("encode class labels"), "encode")
         label = self.class_ids[job.item.data["index"]]
         with torch.inference_mode():
-            cond = stage.encode(torch.tensor([label]))
-            uncond = stage.encode(torch.tensor([self.n_classes - 1])) if self.has_uncond() else None
-        cond = Cond(crossattn=cond.to(engine.dtype))
-        return cond, None if uncond is None else Cond(crossattn=uncond.to(engine.dtype))
+            context = encode(torch.tensor([label]))
+            uncontext = encode(torch.tensor([self.n_classes - 1])) if self.has_uncond() else None
+        cond = Cond(crossattn=context.to(engine.dtype))
+        return cond, None if uncontext is None else Cond(crossattn=uncontext.to(engine.dtype))
 
     def item_params(self, job: Job) -> dict[str, Any]:
         if not self.class_ids:

@@ -26,7 +26,8 @@ from ldmtool.checkpoints.bundle import LatentDiffusionBundle
 from ldmtool.diffusion.cond import Cond
 from ldmtool.errors import FatalError, ItemError, UsageError
 from ldmtool.io.images import max_pixels_default
-from ldmtool.pipelines.engine import Engine
+from ldmtool.pipelines.base import input_path
+from ldmtool.pipelines.engine import Engine, method
 from ldmtool.pipelines.sample import GeneratorTask
 from ldmtool.runtime.jobs import Job
 
@@ -39,7 +40,7 @@ Palette = dict[tuple[int, int, int], int]
 # ---------------------------------------------------------------- palettes
 
 
-def load_palette(path: Path) -> Palette:
+def load_palette(path: Path | str) -> Palette:
     """colour → class id from a palette YAML; UsageError naming the file and the bad entry."""
     try:
         doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
@@ -62,15 +63,16 @@ def load_palette(path: Path) -> Palette:
     return palette
 
 
-def _colour(value: Any, path: Path, key: int) -> tuple[int, int, int]:
+def _colour(value: Any, path: Path | str, key: int) -> tuple[int, int, int]:
     if isinstance(value, str) and len(value) == 7 and value.startswith("#"):
         try:
-            return tuple(int(value[i:i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
+            red, green, blue = (int(value[i:i + 2], 16) for i in (1, 3, 5))
+            return red, green, blue
         except ValueError:
             pass
     if isinstance(value, list) and len(value) == 3 and all(
             isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in value):
-        return tuple(value)  # type: ignore[return-value]
+        return value[0], value[1], value[2]
     raise UsageError(f"{path}: class {key}: colour {value!r} must be \"#rrggbb\" or [r, g, b] with 0-255")
 
 
@@ -135,7 +137,7 @@ def _open_map(path: Path, max_pixels: int) -> Image.Image:
         raise ItemError(f"{path}: cannot read the label map ({reason})") from None
 
 
-def _labels_from_colours(rgb: np.ndarray, palette: Palette, path: Path) -> np.ndarray:
+def _labels_from_colours(rgb: np.ndarray, palette: Palette, path: Path | str) -> np.ndarray:
     packed = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
     keys = np.array([(r << 16) | (g << 8) | b for r, g, b in palette], dtype=np.int64)
     ids = np.array(list(palette.values()), dtype=np.int64)
@@ -145,19 +147,20 @@ def _labels_from_colours(rgb: np.ndarray, palette: Palette, path: Path) -> np.nd
     unknown = keys[where] != packed
     if unknown.any():
         y, x = (int(v[0]) for v in np.nonzero(unknown))
-        raise ItemError(f"{path}: colour {_hex(tuple(int(c) for c in rgb[y, x]))} at pixel ({x}, {y}) is not in "
+        raise ItemError(f"{path}: colour {_hex((int(rgb[y, x, 0]), int(rgb[y, x, 1]), int(rgb[y, x, 2])))} at pixel ({x}, {y}) is not in "
                         f"the palette ({int(unknown.sum())} pixel(s) have colours it does not list)")
-    return ids[where]
+    labels: np.ndarray = ids[where]
+    return labels
 
 
-def _labels_from_gray_rgb(rgb: np.ndarray, path: Path) -> np.ndarray:
+def _labels_from_gray_rgb(rgb: np.ndarray, path: Path | str) -> np.ndarray:
     if not ((rgb[..., 0] == rgb[..., 1]) & (rgb[..., 1] == rgb[..., 2])).all():
         raise ItemError(f"{path}: a colour label map needs --palette FILE.yaml (class id → colour); "
                         "or save the map as an index PNG whose pixel values are class ids")
     return rgb[..., 0].astype(np.int64)
 
 
-def _check_ids(labels: np.ndarray, n_classes: int, path: Path) -> None:
+def _check_ids(labels: np.ndarray, n_classes: int, path: Path | str) -> None:
     bad = labels >= n_classes
     if bad.any():
         y, x = (int(v[0]) for v in np.nonzero(bad))
@@ -172,7 +175,8 @@ def resize_labels(labels: np.ndarray, width: int, height: int) -> np.ndarray:
         return labels
     rows = np.minimum(((np.arange(height) + 0.5) * h / height).astype(np.int64), h - 1)
     cols = np.minimum(((np.arange(width) + 0.5) * w / width).astype(np.int64), w - 1)
-    return labels[rows[:, None], cols[None, :]]
+    resized: np.ndarray = labels[rows[:, None], cols[None, :]]
+    return resized
 
 
 # ---------------------------------------------------------------- conditioning
@@ -191,11 +195,12 @@ def semantic_concat(stage: torch.nn.Module, labels: np.ndarray, n_classes: int, 
     if height % block:
         rows = height
     ids = torch.from_numpy(labels)
+    encode = method(stage, "encode")
     parts = []
     with torch.inference_mode():
         for top in range(0, height, rows):
             onehot = F.one_hot(ids[top:top + rows].to(device), n_classes).permute(2, 0, 1)[None].to(dtype)
-            parts.append(stage.encode(onehot))
+            parts.append(encode(onehot))
     concat = torch.cat(parts, dim=2)
     if tuple(concat.shape[-2:]) != tuple(latent_hw):
         concat = F.interpolate(concat.float(), size=latent_hw, mode="bilinear", align_corners=False).to(dtype)
@@ -207,7 +212,7 @@ class Semantic2ImgTask(GeneratorTask):
 
     command = "semantic2img"
 
-    def __init__(self, engine: Engine, *, palette: Optional[Path] = None, width: Optional[int] = None,
+    def __init__(self, engine: Engine, *, palette: Optional[Path | str] = None, width: Optional[int] = None,
                  height: Optional[int] = None, max_pixels: Optional[int] = None):
         super().__init__(engine, width=width, height=height)
         self.palette_path = palette
@@ -232,7 +237,7 @@ class Semantic2ImgTask(GeneratorTask):
         return self.width, self.height  # per map, see canvas()
 
     def load(self, job: Job) -> np.ndarray:
-        return read_label_map(job.item.path, self.n_classes, self.palette, max_pixels=self.max_pixels)
+        return read_label_map(input_path(job), self.n_classes, self.palette, max_pixels=self.max_pixels)
 
     def canvas(self, job: Job) -> tuple[int, int]:
         map_h, map_w = job.payload.shape
@@ -251,8 +256,9 @@ class Semantic2ImgTask(GeneratorTask):
         pad_w = latent_hw[1] * engine.info.downsampling - width
         if pad_h or pad_w:
             labels = np.pad(labels, ((0, pad_h), (0, pad_w)), mode="edge")
-        concat = semantic_concat(engine.bundle.cond_stage, labels, self.n_classes, latent_hw,
-                                 device=engine.device, dtype=engine.dtype)
+        device, dtype = engine.placement()
+        concat = semantic_concat(engine.cond_stage("encode label maps"), labels, self.n_classes, latent_hw,
+                                 device=device, dtype=dtype)
         return Cond(concat=concat), None
 
     def item_params(self, job: Job) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional, cast
 
 import cv2
 import numpy as np
@@ -20,10 +20,10 @@ from ldmtool.diffusion.cond import Cond
 from ldmtool.errors import FatalError, ItemError, UsageError
 from ldmtool.families.info import Conditioning
 from ldmtool.io.images import LoadedImage, read_image
-from ldmtool.pipelines.base import ModelTask
+from ldmtool.pipelines.base import ModelTask, input_path
 from ldmtool.pipelines.colour_fix import colour_fix_, config_switch
 from ldmtool.pipelines.consistency import back_project_
-from ldmtool.pipelines.engine import Engine, to_model_range
+from ldmtool.pipelines.engine import Engine, method, to_model_range
 from ldmtool.runtime.device import one_thread
 from ldmtool.runtime.jobs import Job, Output
 
@@ -97,14 +97,14 @@ class SuperresTask(ModelTask):
         return params
 
     def _encode_text(self) -> tuple[torch.Tensor, torch.Tensor]:
-        encoder = self.engine.bundle.cond_stage
+        encode = method(self.engine.cond_stage("encode the prompt"), "encode")
         with torch.inference_mode(), one_thread():  # each text alone, on one thread: as TextConditioner
-            return encoder.encode([self.prompt]), encoder.encode([self.negative])
+            return encode([self.prompt]), encode([self.negative])
 
     # -- each item
 
     def load(self, job: Job) -> LoadedImage:
-        return self.check_input(read_image(job.item.path, max_pixels=self.max_pixels), job.item.label)
+        return self.check_input(read_image(input_path(job), max_pixels=self.max_pixels), job.item.label)
 
     def check_input(self, image: LoadedImage, label: str) -> LoadedImage:
         if image.size[0] < 2 or image.size[1] < 2:
@@ -155,7 +155,8 @@ class SuperresTask(ModelTask):
         z = engine.sample(latent_hw, [seed], cond, uncond, progress=self.step_progress())
         return engine.decode_pixels(z)
 
-    def _conditioning(self, engine: Engine, low: torch.Tensor, latent_hw: tuple[int, int], seed: int):
+    def _conditioning(self, engine: Engine, low: torch.Tensor, latent_hw: tuple[int, int], seed: int
+                      ) -> tuple[Cond, Optional[Cond]]:
         """The low-res image at latent size (BSR: concatenated), or noise-augmented with its level as the class
         label and the prompt by cross-attention (SD x4 upscaler: guided)."""
         low = low.to(engine.device, engine.dtype)
@@ -166,7 +167,11 @@ class SuperresTask(ModelTask):
             return Cond(concat=low), None
         generator = torch.Generator("cpu").manual_seed(seed ^ 0x5EED)
         noise = torch.randn(low.shape, generator=generator).to(low)
-        noised, level = engine.bundle.low_scale_model.encode(low, self.noise_level, noise=noise)
+        low_scale = engine.bundle.low_scale_model
+        assert low_scale is not None and self._context is not None, "check_model() found an upscaler"
+        # nn.Module's attributes read as `Tensor | Module` to mypy; the noise augmentation returns (noised, level).
+        augment = cast(Callable[..., tuple[torch.Tensor, torch.Tensor]], low_scale.encode)
+        noised, level = augment(low, self.noise_level, noise=noise)
         context, uncontext = self._context
         cond = Cond(crossattn=context.to(engine.device, engine.dtype), concat=noised, y=level)
         uncond = Cond(crossattn=uncontext.to(engine.device, engine.dtype), concat=noised, y=level)

@@ -29,6 +29,7 @@ from ldmtool.runtime.device import one_thread
 if TYPE_CHECKING:
     from ldmtool.checkpoints.bundle import LatentDiffusionBundle
     from ldmtool.diffusion.cond import Cond
+    from ldmtool.pipelines.engine import Engine
 
 
 @dataclass(frozen=True)
@@ -61,12 +62,16 @@ _POSITIVE = ("seed", "steps", "width", "height")
 _JSON_SUFFIXES = (".jsonl", ".ndjson")
 
 
-def read_prompts(prompt: Optional[str], prompts_file: Optional[Path]) -> list[PromptSpec]:
+ONE_PROMPT_SOURCE = "give either --prompt TEXT or --prompts FILE (one prompt per line, or JSON lines)"
+
+
+def read_prompts(prompt: Optional[str], prompts_file: Optional[Path | str]) -> list[PromptSpec]:
     """The prompts of a run from `--prompt` or `--prompts FILE` (exactly one of them)."""
     if (prompt is None) == (prompts_file is None):
-        raise UsageError("give either --prompt TEXT or --prompts FILE (one prompt per line, or JSON lines)")
+        raise UsageError(ONE_PROMPT_SOURCE)
     if prompt is not None:
         return [PromptSpec(prompt)]
+    assert prompts_file is not None  # exactly one of the two, checked above
     try:
         text = Path(prompts_file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
@@ -100,7 +105,7 @@ def _json_prompt(line: str, where: str) -> PromptSpec:
             continue
         if isinstance(value, bool) or not isinstance(value, kinds):
             raise UsageError(f"{where}: {name!r} must be a {kinds[0].__name__}, not {value!r}")
-        if name in _POSITIVE and value < (0 if name == "seed" else 1):
+        if name in _POSITIVE and isinstance(value, int) and value < (0 if name == "seed" else 1):
             raise UsageError(f"{where}: {name!r} must be {'0 or more' if name == 'seed' else 'at least 1'}")
     return PromptSpec(**record)
 
@@ -162,8 +167,11 @@ class TextConditioner:
         found = {t: self._contexts[t] for t in dict.fromkeys(texts) if t in self._contexts}
         missing = [t for t in dict.fromkeys(texts) if t not in found]
         if missing:
+            from ldmtool.pipelines.engine import method
+
+            encode = method(self.encoder, "encode")
             with torch.inference_mode(), one_thread():  # once per prompt, so a single thread costs little
-                found.update((text, self.encoder.encode([text])[0].float().cpu()) for text in missing)
+                found.update((text, encode([text])[0].float().cpu()) for text in missing)
             self.encoded += len(missing)
         for text, context in found.items():
             self._contexts[text] = context
@@ -201,12 +209,13 @@ class PromptConditioning:
                                  "drop --prompt/--negative")
             self.texts: Optional[TextConditioner] = None
             return
-        if text_encoder(bundle) is None or info.conditioning is not Conditioning.CROSSATTN:
+        encoder = text_encoder(bundle)
+        if encoder is None or info.conditioning is not Conditioning.CROSSATTN:
             raise FatalError(f"{path}: a {info.family} model cannot do {command} (it needs a text-to-image "
                              "or unconditional model)")
-        self.texts = TextConditioner(text_encoder(bundle))
+        self.texts = TextConditioner(encoder)
 
-    def __call__(self, engine, count: int) -> tuple["Cond", Optional["Cond"]]:
+    def __call__(self, engine: "Engine", count: int) -> tuple["Cond", Optional["Cond"]]:
         """(cond, uncond) for a batch of `count` items on the engine's device."""
         from ldmtool.diffusion.cond import Cond
 

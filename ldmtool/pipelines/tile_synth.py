@@ -95,7 +95,7 @@ class MapTileTask(Semantic2ImgTask):
 
 
 def tile_synth_task(engine: Engine, generator: Generator, *, width: int, height: int, classes: Sequence[str] = (),
-                    prompt: Optional[str] = None, negative: str = "", palette: Optional[Path] = None,
+                    prompt: Optional[str] = None, negative: str = "", palette: Optional[Path | str] = None,
                     max_pixels: Optional[int] = None) -> GeneratorTask:
     """The task for a canvas of `width` x `height` conditioned as `generator` says."""
     if generator is Generator.SEMANTIC:

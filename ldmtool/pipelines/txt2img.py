@@ -73,7 +73,7 @@ class Txt2ImgTask(ModelTask):
 
     def load(self, job: Job) -> PromptSpec:
         spec = PromptSpec(**job.item.data["spec"])
-        width, height = spec.width or self.width, spec.height or self.height
+        width, height = self._size(spec)
         try:
             check_size(width, height, self.multiple)
             if spec.sampler is not None:
@@ -88,7 +88,7 @@ class Txt2ImgTask(ModelTask):
     def _generate(self, jobs: list[Job]) -> list[Output]:
         spec: PromptSpec = jobs[0].payload
         engine = self._engine_for(spec)
-        width, height = spec.width or self.width, spec.height or self.height
+        width, height = self._size(spec)
         latent_hw = (height // engine.info.downsampling, width // engine.info.downsampling)
         generate = functools.partial(self._sample_and_decode, latent_hw=latent_hw,
                                      prompts=[job.payload.prompt for job in jobs],
@@ -106,12 +106,18 @@ class Txt2ImgTask(ModelTask):
         z = engine.sample(latent_hw, seeds, cond, uncond, progress=self.step_progress())
         return engine.decode_pixels(z)
 
+    def _size(self, spec: PromptSpec) -> tuple[int, int]:
+        """(width, height) of a prompt line's images: its own, else the run's."""
+        width, height = spec.width or self.width, spec.height or self.height
+        assert width is not None and height is not None, "check_model() sets the run's size"
+        return width, height
+
     def _negative(self, spec: PromptSpec) -> str:
         return spec.negative if spec.negative is not None else self.negative
 
     def _engine_for(self, spec: PromptSpec) -> Engine:
         """The run's engine, or a copy sharing its model with a JSON line's own sampler/steps/cfg."""
-        changes = {k: v for k, v in (("sampler", spec.sampler), ("steps", spec.steps), ("cfg", spec.cfg))
+        changes: dict[str, Any] = {k: v for k, v in (("sampler", spec.sampler), ("steps", spec.steps), ("cfg", spec.cfg))
                    if v is not None}
         if not changes:
             return self.engine
@@ -126,7 +132,7 @@ class Txt2ImgTask(ModelTask):
         return params
 
 
-def _batch_key(job: Job) -> tuple:
+def _batch_key(job: Job) -> tuple[Optional[int], Optional[int], Optional[str], Optional[int], Optional[float]]:
     """Jobs with equal keys share one sampling call: same size and sampling parameters (prompts may differ)."""
     spec: PromptSpec = job.payload
     return spec.width, spec.height, spec.sampler, spec.steps, spec.cfg
