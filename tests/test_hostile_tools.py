@@ -1,0 +1,82 @@
+"""Issue 26: `models`, `info` and `manifest` on malformed files give one line and a DESIGN exit code;
+recorded model hashes are computed or verified, never trusted from a stale cache entry."""
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ldmtool.cli.app import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(capsys, *argv):
+    try:
+        main(list(map(str, argv)))
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def run_module(*argv, cwd):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "ldmtool", *map(str, argv)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=120)
+
+
+def assert_one_line(code, err, name, codes=(1, 2, 3)):
+    assert code in codes, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ldmtool: error: ") and name in lines[0], err
+
+
+def _safetensors(header: bytes, declared: int | None = None) -> bytes:
+    return struct.pack("<Q", len(header) if declared is None else declared) + header
+
+
+BAD_CHECKPOINTS = {
+    "short-prefix.safetensors": b"\x01\x02",
+    "truncated.safetensors": _safetensors(b'{"a": {', declared=100),
+    "not-json.safetensors": _safetensors(b"hello"),
+    "huge-length.safetensors": _safetensors(b"{}", declared=2**64 - 1),
+    "list-header.safetensors": _safetensors(b"[1, 2]"),
+    "no-offsets.safetensors": _safetensors(json.dumps({"a": {"dtype": "F32", "shape": [1]}}).encode()),
+    "bad-offsets.safetensors": _safetensors(
+        json.dumps({"a": {"dtype": "F32", "shape": [1], "data_offsets": "xy"}}).encode()),
+    "bad-metadata.safetensors": _safetensors(json.dumps({"__metadata__": [1]}).encode()),
+    "empty.safetensors": b"",
+    "text.ckpt": b"hello, this is not a checkpoint\n",
+    "abc.ckpt": b"abc\n",
+    "empty.ckpt": b"",
+}
+
+
+@pytest.fixture()
+def bad_files(tmp_path):
+    for name, data in BAD_CHECKPOINTS.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "folder.safetensors").mkdir()
+    return tmp_path
+
+
+@pytest.mark.parametrize("name", [*BAD_CHECKPOINTS, "folder.safetensors"])
+def test_models_inspect_and_convert_bad_file_one_line(capsys, bad_files, name):
+    path = bad_files / name
+    code, _, err = run(capsys, "models", "inspect", path)
+    assert_one_line(code, err, name)
+    code, _, err = run(capsys, "models", "convert", path, bad_files / "out.safetensors")
+    assert_one_line(code, err, name)
+    assert not (bad_files / "out.safetensors").exists()
+
+
+def test_models_inspect_bad_files_via_python_m(bad_files):
+    for name in ("text.ckpt", "list-header.safetensors", "no-offsets.safetensors"):
+        proc = run_module("models", "inspect", name, cwd=bad_files)
+        assert_one_line(proc.returncode, proc.stderr, name)
