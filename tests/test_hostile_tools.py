@@ -5,6 +5,7 @@ import os
 import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,40 @@ def test_models_inspect_bad_files_via_python_m(bad_files):
     for name in ("text.ckpt", "list-header.safetensors", "no-offsets.safetensors"):
         proc = run_module("models", "inspect", name, cwd=bad_files)
         assert_one_line(proc.returncode, proc.stderr, name)
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _png(width: int, height: int) -> bytes:
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"tEXt", b"parameters\x00a cat")
+            + _chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + _chunk(b"IEND", b""))
+
+
+@pytest.fixture()
+def bad_images(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "bomb.png").write_bytes(_png(100000, 100000))  # over Pillow's own error threshold
+    (tmp_path / "big.png").write_bytes(_png(12000, 12000))  # under it, over ldmtool's default limit
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    (tmp_path / "truncated.png").write_bytes((tmp_path / "ok.png").read_bytes()[:20])
+    (tmp_path / "text.png").write_text("hello")
+    return tmp_path
+
+
+@pytest.mark.parametrize("name", ["bomb.png", "big.png", "truncated.png", "text.png"])
+def test_info_bad_image_one_line_exit_1(capsys, bad_images, name):
+    code, out, err = run(capsys, "info", bad_images / name)
+    assert_one_line(code, err, name, codes=(1,))
+    assert out == ""
+
+
+def test_info_bomb_via_python_m(bad_images):
+    proc = run_module("info", "bomb.png", "big.png", cwd=bad_images)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("ldmtool: error: ") for line in lines), proc.stderr
+    assert "decompression bomb" in proc.stderr
