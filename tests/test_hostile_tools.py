@@ -118,3 +118,67 @@ def test_info_bomb_via_python_m(bad_images):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 2 and all(line.startswith("ldmtool: error: ") for line in lines), proc.stderr
     assert "decompression bomb" in proc.stderr
+
+
+def _members(folder, index, count, keys):
+    (folder / f"ldmtool-shard-{index}-of-{count}.json").write_text(
+        json.dumps({"shard": f"{index}/{count}", "keys": keys}) + "\n")
+
+
+def test_manifest_merge_huge_shard_count_does_not_hang(capsys, tmp_path):
+    count = 999999999999
+    part = tmp_path / f"ldmtool-manifest.shard-1-of-{count}.jsonl"
+    part.write_text(json.dumps({"key": "a.png", "status": "done"}) + "\n")
+    _members(tmp_path, 1, count, ["a.png"])
+    code, out, err = run(capsys, "manifest", "merge", tmp_path, "--json")
+    report = json.loads(out)
+    assert code == 1 and "Traceback" not in err
+    assert report["missing_shard_count"] == count - 1 and len(report["missing_shards"]) == 1000
+    assert report["missing_shards"][:2] == [2, 3] and report["done"] == 1 and not report["complete"]
+    code, out, err = run(capsys, "manifest", "merge", tmp_path)
+    assert code == 1 and len(err.splitlines()) == 1001 and f"{count - 1001} more shards" in err
+
+
+ODD_LINES = [
+    b"[1, 2, 3]",
+    b'"just a string"',
+    b"42",
+    b"null",
+    b'{"key": ["a", "list"], "status": "done"}',
+    b'{"key": 7, "status": "done"}',
+    b'{"key": {"x": 1}}',
+    b'{"status": "done"}',
+    b'{"key": "big.png", "status": "done", "seconds": 1e999999}',
+    b'{"key": "bignum.png", "status": "done", "seed": ' + b"9" * 5000 + b"}",
+    b'{"key": "surrogate-\\ud800.png", "status": "done"}',
+    b'{"key": "bad-\xff\xfe-utf8.png", "status": "done"}',
+    b"[" * 100000,
+    b'{"key": "cut-short.png", "sta',
+    b'{"key": "ok.png", "status": 5}',
+]
+
+
+def test_manifest_merge_odd_json_lines_never_crash(capsys, tmp_path):
+    lines = [json.dumps({"key": "a.png", "status": "done"}).encode(), *ODD_LINES,
+             json.dumps({"key": "b.png", "status": "failed"}).encode()]
+    (tmp_path / "ldmtool-manifest.shard-1-of-2.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    (tmp_path / "ldmtool-manifest.shard-2-of-2.jsonl").write_bytes(b"\xff\xfe\x00garbage\n")
+    _members(tmp_path, 1, 2, ["a.png", "b.png", "c.png", 5, None])
+    (tmp_path / "ldmtool-shard-2-of-2.json").write_text("[1, 2]")  # odd membership file: shard 2 counts as missing
+    code, out, err = run(capsys, "manifest", "merge", tmp_path, "--json")
+    assert code == 1 and "Traceback" not in err, err
+    report = json.loads(out)
+    assert report["failed"] == ["b.png"] and report["missing"] == ["c.png"] and report["missing_shards"] == [2]
+    assert report["skipped"] >= 10
+    merged = (tmp_path / "ldmtool-manifest.jsonl").read_text(encoding="utf-8").splitlines()
+    keys = [json.loads(line)["key"] for line in merged]
+    assert "a.png" in keys and "b.png" in keys and all(isinstance(k, str) for k in keys)
+    code, _, err = run(capsys, "manifest", "merge", tmp_path)
+    assert code == 1 and "Traceback" not in err and "skipped" in err
+
+
+def test_manifest_merge_not_a_folder_is_a_usage_error(capsys, tmp_path):
+    (tmp_path / "file").write_text("x")
+    for path in (tmp_path / "file", tmp_path / "absent"):
+        code, _, err = run(capsys, "manifest", "merge", path)
+        assert_one_line(code, err, str(path), codes=(2,))
