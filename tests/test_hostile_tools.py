@@ -1,5 +1,6 @@
 """Issue 26: `models`, `info` and `manifest` on malformed files give one line and a DESIGN exit code;
 recorded model hashes are computed or verified, never trusted from a stale cache entry."""
+import hashlib
 import json
 import os
 import struct
@@ -182,3 +183,99 @@ def test_manifest_merge_not_a_folder_is_a_usage_error(capsys, tmp_path):
     for path in (tmp_path / "file", tmp_path / "absent"):
         code, _, err = run(capsys, "manifest", "merge", path)
         assert_one_line(code, err, str(path), codes=(2,))
+
+
+@pytest.fixture()
+def hash_cache(tmp_path, monkeypatch):
+    from ldmtool.runtime import cache
+
+    monkeypatch.setenv("LDMTOOL_CACHE", str(tmp_path / "cache"))
+    cache._hash_memo.clear()
+    calls = []
+    real_hash = cache._hash_file
+    monkeypatch.setattr(cache, "_hash_file", lambda path: calls.append(path) or real_hash(path))
+    yield cache, calls
+    cache._hash_memo.clear()
+
+
+def _sha(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def hashlib_of(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_replaced_model_same_size_and_mtime_gets_a_fresh_hash(tmp_path, hash_cache):
+    cache, calls = hash_cache
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"A" * 4096)
+    old = os.stat(model)
+    assert cache.file_hash(model) == (_sha(model), "computed")
+    cache._hash_memo.clear()  # a new process: the disk index answers, verified against the file
+    assert cache.file_hash(model) == (_sha(model), "cache") and len(calls) == 1
+
+    fresh = tmp_path / "model.new"
+    fresh.write_bytes(b"B" * 4096)  # same size
+    os.utime(fresh, ns=(old.st_atime_ns, old.st_mtime_ns))  # mtime forced back to the old value
+    os.replace(fresh, model)  # a new inode at the same path
+    assert os.stat(model).st_size == old.st_size and os.stat(model).st_mtime_ns == old.st_mtime_ns
+    assert os.stat(model).st_ino != old.st_ino
+    for _ in range(2):  # in this process, and in a new one
+        assert cache.file_sha256(model) == _sha(model) == hashlib_of(b"B" * 4096)
+        cache._hash_memo.clear()
+    assert len(calls) == 2
+
+
+def test_touched_model_is_rehashed(tmp_path, hash_cache):
+    cache, calls = hash_cache
+    model = tmp_path / "model.ckpt"
+    model.write_bytes(b"weights")
+    assert cache.file_sha256(model) == hashlib_of(b"weights")
+    stat = os.stat(model)
+    os.utime(model, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    cache._hash_memo.clear()
+    assert cache.file_hash(model) == (hashlib_of(b"weights"), "computed") and len(calls) == 2
+
+
+def test_old_or_mismatched_index_entries_are_not_trusted(tmp_path, hash_cache):
+    cache, calls = hash_cache
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"real bytes")
+    stat = os.stat(model)
+    wrong = "f" * 64
+    index = {f"{model.resolve()}|{stat.st_size}|{stat.st_mtime_ns}": wrong}  # the old path|size|mtime form
+    folder = cache.cache_dir(create=True)
+    (folder / cache.HASH_INDEX).write_text(json.dumps(index))
+    assert cache.file_hash(model) == (hashlib_of(b"real bytes"), "computed")
+    entry = json.loads((folder / cache.HASH_INDEX).read_text())[str(model.resolve())]
+    entry.update(sha256=wrong, inode=entry["inode"] + 1)  # an entry for another file at this path
+    (folder / cache.HASH_INDEX).write_text(json.dumps({str(model.resolve()): entry}))
+    cache._hash_memo.clear()
+    assert cache.file_hash(model) == (hashlib_of(b"real bytes"), "computed") and len(calls) == 2
+
+
+def test_recipe_says_how_the_model_hash_was_obtained(tmp_path, hash_cache, monkeypatch):
+    from PIL import Image
+
+    from clirun import run_cli
+    from ldmtool.checkpoints.tiny import save_tiny_checkpoint
+    from ldmtool.runtime.cache import model_cache
+
+    cache, _ = hash_cache
+    model = tmp_path / "tiny.safetensors"
+    save_tiny_checkpoint(model, "ldm-celebahq256", seed=2, with_config=True)
+    Image.new("RGB", (32, 32), (120, 60, 30)).save(tmp_path / "in.png")
+    sources = []
+    for run_index in range(2):
+        out = tmp_path / f"out{run_index}.png"
+        result = run_cli("img2img", tmp_path / "in.png", "--model", model, "-o", out, "--seed", 1, "--steps", 2,
+                         "--sampler", "euler", "--strength", 0.5, "--quiet")
+        assert result.exit_code == 0, result.output
+        with Image.open(out) as image:
+            recipe = json.loads(image.info["ldmtool"])
+        assert recipe["model_sha256"] == _sha(model)
+        sources.append(recipe["model_sha256_source"])
+        cache._hash_memo.clear()  # the next run is a new process
+        model_cache().clear()
+    assert sources == ["computed", "cache"]
