@@ -84,6 +84,19 @@ def test_models_inspect_bad_files_via_python_m(bad_files):
         assert_one_line(proc.returncode, proc.stderr, name)
 
 
+@pytest.mark.parametrize("stored", ["{[: not yaml", "- a list\n- of things"])
+def test_bad_config_in_safetensors_metadata_is_one_line(capsys, tmp_path, stored):
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp_path / "odd-config.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path), metadata={"ldmtool_config": stored})
+    code, out, err = run(capsys, "models", "inspect", path)
+    assert code == 0 and "Traceback" not in err and "problem:" in out and "metadata" in out
+    code, _, err = run(capsys, "models", "convert", path, tmp_path / "out.safetensors")
+    assert_one_line(code, err, path.name, codes=(3,))
+
+
 def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
