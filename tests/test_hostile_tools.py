@@ -292,3 +292,23 @@ def test_recipe_says_how_the_model_hash_was_obtained(tmp_path, hash_cache, monke
         cache._hash_memo.clear()  # the next run is a new process
         model_cache().clear()
     assert sources == ["computed", "cache"]
+
+
+def test_info_recipe_nested_too_deep_is_one_line(capsys, tmp_path):
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a cat")
+    info.add_text("ldmtool", "[" * 100000 + "]" * 100000)
+    Image.new("RGB", (4, 4)).save(tmp_path / "deep.png", pnginfo=info)
+    code, _, err = run(capsys, "info", tmp_path / "deep.png")
+    assert_one_line(code, err, "deep.png", codes=(1,))
+
+
+def test_models_convert_onto_a_folder_is_one_line(capsys, tmp_path):
+    from ldmtool.checkpoints.tiny import save_tiny_checkpoint
+
+    save_tiny_checkpoint(tmp_path / "tiny.safetensors", "ldm-celebahq256", seed=2, with_config=True)
+    (tmp_path / "out.safetensors").mkdir()
+    code, _, err = run(capsys, "models", "convert", tmp_path / "tiny.safetensors", tmp_path / "out.safetensors")
+    assert_one_line(code, err, "out.safetensors", codes=(2,))

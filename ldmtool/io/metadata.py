@@ -213,7 +213,7 @@ def _parse_recipe(path: Path, text: Optional[str]) -> dict[str, Any]:
         return {}
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ItemError(f"{path}: the ldmtool recipe in this image is not valid JSON") from None
     return value if isinstance(value, dict) else {}
 
