@@ -77,8 +77,8 @@ def test_sharded_run_and_merge_equal_one_unsharded_run_byte_for_byte(tmp_path, c
         assert cli("_invert", inputs, "-r", "-o", sharded, "--seed", 9, "--shard", f"{k}/3", "--quiet")[0] == 0
     code, out, _ = cli("manifest", "merge", sharded, "--json")
     assert code == 0, out
-    assert json.loads(out) == {"parts": 3, "shards": 3, "missing_shards": [], "done": 12, "failed": [],
-                               "missing": [], "complete": True}
+    assert json.loads(out) == {"parts": 3, "shards": 3, "missing_shards": [], "missing_shard_count": 0, "done": 12,
+                               "failed": [], "missing": [], "skipped": 0, "complete": True}
     images = sorted(p.relative_to(whole) for p in whole.rglob("*.png"))
     assert images == sorted(p.relative_to(sharded) for p in sharded.rglob("*.png"))
     for rel in images:

@@ -143,7 +143,17 @@ def embedded_config(weights: Path) -> Optional[dict[str, Any]]:
     from ldmtool.checkpoints.files import read_safetensors_metadata
 
     text = read_safetensors_metadata(weights).get("ldmtool_config")
-    return yaml.safe_load(text) if text else None
+    if not text:
+        return None
+    try:
+        doc = yaml.safe_load(text)
+    except (yaml.YAMLError, RecursionError) as err:
+        raise CheckpointError(f"{weights}: the config stored in this file's metadata is not valid YAML "
+                              f"({type(err).__name__}); pass --config or --preset, or convert the file again") from err
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{weights}: the config stored in this file's metadata is a {type(doc).__name__}, "
+                              f"not a mapping; pass --config or --preset, or convert the file again")
+    return doc
 
 
 def _config_doc(config: Union[ConfigLike, str]) -> dict[str, Any]:

@@ -31,6 +31,8 @@ CONVERT_HINT = (
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint file, by key (a Lightning `state_dict` wrapper is unwrapped)."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     suffix = path.suffix.lower()
@@ -60,14 +62,37 @@ def _safetensors_header(path: Path) -> dict:
             raise CheckpointError(f"{path}: truncated or corrupt safetensors file (header runs past the end); download it again")
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
             raise CheckpointError(f"{path}: corrupt safetensors header ({err.__class__.__name__}); download it again") from err
-    ends = [info["data_offsets"][1] for key, info in header.items() if key != "__metadata__"]
+    ends = _checked_header(path, header)
     if ends and 8 + n + max(ends) > size:
         raise CheckpointError(
             f"{path}: truncated safetensors file ({size} bytes, tensors need {8 + n + max(ends)}); download it again"
         )
     return header
+
+
+def _checked_header(path: Path, header: object) -> list[int]:
+    """The data end offsets of a parsed header, after checking its shape: a JSON object whose entries
+    are objects with two integer `data_offsets`, and an optional `__metadata__` of strings."""
+    def corrupt(why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: corrupt safetensors header ({why}); download it again")
+
+    if not isinstance(header, dict):
+        raise corrupt(f"a JSON {type(header).__name__}, not an object")
+    ends = []
+    for key, info in header.items():
+        if key == "__metadata__":
+            if info is not None and not (isinstance(info, dict) and all(isinstance(v, str) for v in info.values())):
+                raise corrupt("__metadata__ is not a map of strings")
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise corrupt(f"tensor {key[:80]!r} has no valid data_offsets")
+        ends.append(offsets[1])
+    return ends
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -77,8 +102,9 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     _safetensors_header(path)  # clear one-line errors for truncation before safetensors' own
     try:
         return load_file(str(path))  # memory-mapped by safetensors
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{path}: cannot read safetensors file: {str(err).splitlines()[0]}") from err
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: cannot read safetensors file: {first}") from err
 
 
 # Training-framework objects that Lightning .ckpt files carry beside the weights (ModelCheckpoint
@@ -148,8 +174,12 @@ def _weights_only_load(path: Path, mmap: bool) -> object:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:
         raise
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile,
+            KeyError, IndexError, TypeError, AttributeError, MemoryError, OverflowError, RecursionError) as err:
+        # a text or random file named .ckpt makes the legacy unpickler fail in arbitrary ways
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if not isinstance(err, (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile)):
+            first = f"unpickling failed with {type(err).__name__}"
         raise CheckpointError(f"{path}: cannot read checkpoint (truncated or not a PyTorch file?): {first}") from err
 
 

@@ -22,7 +22,7 @@ from ldmtool.checkpoints.detect import detect_family
 from ldmtool.checkpoints.files import read_state_dict, save_safetensors
 from ldmtool.checkpoints.presets import preset_info, preset_names, shipped_models
 from ldmtool.checkpoints.weights import check_state_dict, prepare_weights
-from ldmtool.errors import CheckpointError, UsageError
+from ldmtool.errors import CheckpointError, FatalError, UsageError
 
 COMPONENTS = (
     ("model.diffusion_model.", "unet"),
@@ -119,6 +119,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, fp16: bool = False, 
         raise UsageError(f"{dst}: the output of 'models convert' must end in .safetensors")
     if not dst.parent.is_dir():
         raise UsageError(f"{dst.parent}: output folder does not exist")
+    if dst.is_dir():
+        raise UsageError(f"{dst}: is a folder; give the output file's name")
     bundle = load_model(src, config=config, preset=preset, dtype=None, use_ema=use_ema)
     state = bundle.state_dict()
     schedule = set(bundle.schedule_values())
@@ -126,7 +128,10 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, fp16: bool = False, 
         state = {k: v.half() if v.is_floating_point() and k not in schedule else v for k, v in state.items()}
     doc = dict(bundle.config)
     metadata = {"format": "pt", "ldmtool_family": str(bundle.family), CONFIG_METADATA_KEY: yaml.safe_dump(doc, sort_keys=False)}
-    save_safetensors(state, dst, metadata)
+    try:
+        save_safetensors(state, dst, metadata)
+    except OSError as err:
+        raise FatalError(f"{dst}: cannot write ({err.strerror or err})") from err
     info = bundle.load_info
     return {"input": str(info.path), "output": str(dst), "family": bundle.family, "tensors": len(state),
             "ema_used": info.ema_used > 0, "dtype": "float16" if fp16 else info.file_dtype, "config_used": info.config_used}

@@ -29,6 +29,11 @@ def merge(
                    f"{len(report.failed)} failed, {len(report.missing)} missing")
         for index in report.missing_shards:
             typer.echo(f"shard {index}/{report.shard_count}: never started (no membership file)", err=True)
+        if report.missing_shard_count > len(report.missing_shards):
+            typer.echo(f"... and {report.missing_shard_count - len(report.missing_shards)} more shards never started",
+                       err=True)
+        if report.skipped:
+            typer.echo(f"skipped {report.skipped} unreadable manifest lines or membership files", err=True)
         for key in report.failed:
             typer.echo(f"failed: {key}", err=True)
         for key in report.missing:

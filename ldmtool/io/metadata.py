@@ -141,25 +141,45 @@ def exif_bytes(metadata: ImageMetadata) -> bytes:
 # ---------------------------------------------------------------- reading
 
 
-def read_metadata(path: Path | str) -> Optional[ImageMetadata]:
-    """The metadata stored in an image, or None when it has none; unreadable files raise ItemError."""
+def read_metadata(path: Path | str, *, max_pixels: Optional[int] = None) -> Optional[ImageMetadata]:
+    """The metadata stored in an image, or None when it has none; unreadable files raise ItemError.
+
+    Reading a PNG's text chunks can decode the whole image (Pillow loads it to reach chunks after the
+    pixel data), so an image over the pixel limit (`LDMTOOL_MAX_PIXELS`) is refused before that.
+    """
+    import struct
+    import warnings
+    import zlib
+
     from PIL import Image, UnidentifiedImageError
 
+    from ldmtool.io.images import MAX_PIXELS_ENV, max_pixels_default
+
     path = Path(path)
+    limit = max_pixels or max_pixels_default()
     try:
-        with Image.open(path) as image:
-            text = dict(getattr(image, "text", None) or {})
-            if PARAMETERS_KEY in text or RECIPE_KEY in text:
-                return _from_png_text(path, text)
-            return _from_exif(path, image.getexif())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > limit:
+                    raise ItemError(f"{path}: {width}x{height} is {width * height} pixels, over the limit of {limit} "
+                                    f"(set {MAX_PIXELS_ENV} to raise it); not read, it could be a decompression bomb")
+                text = dict(getattr(image, "text", None) or {})
+                if PARAMETERS_KEY in text or RECIPE_KEY in text:
+                    return _from_png_text(path, text)
+                return _from_exif(path, image.getexif())
     except FileNotFoundError:
         raise ItemError(f"{path}: no such file") from None
     except PermissionError:
         raise ItemError(f"{path}: permission denied (the file is not readable)") from None
     except IsADirectoryError:
         raise ItemError(f"{path}: is a folder, not an image file") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ItemError(f"{path}: not a readable image ({' '.join(str(err).split())})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ItemError(f"{path}: not read, it could be a decompression bomb ({' '.join(str(err).split())})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, zlib.error, struct.error,
+            IndexError, KeyError, TypeError, MemoryError) as err:
+        raise ItemError(f"{path}: not a readable image ({' '.join(str(err).split()) or type(err).__name__})") from None
 
 
 def _from_png_text(path: Path, text: dict[str, Any]) -> ImageMetadata:
@@ -193,7 +213,7 @@ def _parse_recipe(path: Path, text: Optional[str]) -> dict[str, Any]:
         return {}
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ItemError(f"{path}: the ldmtool recipe in this image is not valid JSON") from None
     return value if isinstance(value, dict) else {}
 

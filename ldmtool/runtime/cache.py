@@ -1,7 +1,7 @@
 """The process-wide model cache, the disk cache folder, and cached file hashes (DESIGN.md §7).
 
 `model_cache()` is the one in-memory cache of the process: every pipeline asks it for networks, keyed by
-the checkpoint's file identity (resolved path, size, modification time) plus device and dtype, so two
+the checkpoint's file identity (resolved path, device, inode, size, mtime and ctime) plus device and dtype, so two
 commands in one process (or one command called twice from Python) never load the same weights twice.
 Entries are evicted least-recently-used when their total size passes a byte budget.
 
@@ -61,41 +61,72 @@ def parse_bytes(text: str) -> int:
 
 @dataclass(frozen=True)
 class FileIdentity:
-    """What makes two opens of a file 'the same weights' without reading them."""
+    """What makes two opens of a file 'the same weights' without reading them: the resolved path, and
+    the device, inode, size, modification and status-change times of what it names now. A file replaced
+    by another (new inode) or rewritten in place (new ctime, even when its mtime is forced back) is a
+    different identity."""
 
     path: str
     size: int
     mtime_ns: int
+    device: int = 0
+    inode: int = 0
+    ctime_ns: int = 0
 
     @classmethod
     def of(cls, path: Path | str) -> "FileIdentity":
         resolved = Path(path).expanduser().resolve()
         stat = resolved.stat()
-        return cls(str(resolved), stat.st_size, stat.st_mtime_ns)
+        return cls(str(resolved), stat.st_size, stat.st_mtime_ns, stat.st_dev, stat.st_ino, stat.st_ctime_ns)
 
-    def index_key(self) -> str:
-        return f"{self.path}|{self.size}|{self.mtime_ns}"
+    def stamp(self) -> dict[str, int]:
+        """The stat fields a disk index entry must match to be trusted."""
+        return {"device": self.device, "inode": self.inode, "size": self.size, "mtime_ns": self.mtime_ns,
+                "ctime_ns": self.ctime_ns}
 
+
+# How a file hash was obtained: its bytes were hashed, or a disk index entry whose stat fields all match
+# the file now (FileIdentity.stamp) gave it. Recorded in recipes as `model_sha256_source`.
+HASH_COMPUTED = "computed"
+HASH_CACHE = "cache"
 
 _hash_lock = threading.Lock()
-_hash_memo: dict[FileIdentity, str] = {}
+_hash_memo: dict[FileIdentity, tuple[str, str]] = {}
 
 
 def file_sha256(path: Path | str) -> str:
-    """The file's sha256 (hex), remembered per (path, size, mtime) in memory and in the disk cache."""
+    """The file's sha256 (hex); see `file_hash`."""
+    return file_hash(path)[0]
+
+
+def file_hash(path: Path | str) -> tuple[str, str]:
+    """(sha256 hex, how it was obtained: HASH_COMPUTED or HASH_CACHE). Remembered in memory and in the disk
+    index by path, and trusted only while the file's device, inode, size, mtime_ns and ctime_ns are all
+    unchanged; any difference re-hashes the bytes."""
     identity = FileIdentity.of(path)
     with _hash_lock:
         if identity in _hash_memo:
             return _hash_memo[identity]
     index = _read_hash_index()
-    digest = index.get(identity.index_key())
-    if digest is None:
-        digest = _hash_file(Path(identity.path))
-        index[identity.index_key()] = digest
-        _write_hash_index(index)
+    found = index.get(identity.path)
+    entry: dict[str, Any] = found if isinstance(found, dict) else {}
+    digest = entry.get("sha256")
+    if isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest) and _stamp_of(entry) == identity.stamp():
+        result = (digest, HASH_CACHE)
+    else:
+        result = (_hash_file(Path(identity.path)), HASH_COMPUTED)
+        if FileIdentity.of(identity.path) == identity:  # unchanged while it was read: safe to remember
+            index[identity.path] = {**identity.stamp(), "sha256": result[0]}
+            _write_hash_index(index)
+        else:
+            return result
     with _hash_lock:
-        _hash_memo[identity] = digest
-    return digest
+        _hash_memo[identity] = result
+    return result
+
+
+def _stamp_of(entry: dict[str, Any]) -> dict[str, Any]:
+    return {name: entry.get(name) for name in ("device", "inode", "size", "mtime_ns", "ctime_ns")}
 
 
 def short_hash(sha256_hex: str) -> str:
@@ -111,15 +142,19 @@ def _hash_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _read_hash_index() -> dict[str, str]:
+def _read_hash_index() -> dict[str, Any]:
+    """path -> {device, inode, size, mtime_ns, ctime_ns, sha256}; entries of the older 'path|size|mtime'
+    form (never verified against the inode) are dropped."""
     try:
         data = json.loads((cache_dir() / HASH_INDEX).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        return {}
+    return {path: entry for path, entry in data.items() if isinstance(entry, dict)}
 
 
-def _write_hash_index(index: dict[str, str]) -> None:
+def _write_hash_index(index: dict[str, Any]) -> None:
     """Best effort: a read-only or full cache folder only costs a re-hash next time."""
     try:
         folder = cache_dir(create=True)

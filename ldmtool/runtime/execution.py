@@ -56,13 +56,33 @@ def output_suffix(target: Optional[Path], is_file: bool, fmt: Optional[str]) -> 
     return "." + (format_name(fmt) if fmt else "png")
 
 
-def model_sha256(task: Task) -> Optional[str]:
+def _model_file(task: Task) -> Optional[Path]:
     model_file = task.model_file() if hasattr(task, "model_file") else getattr(task, "model_path", None)
-    if model_file is None or not Path(model_file).is_file():
+    return Path(model_file) if model_file is not None and Path(model_file).is_file() else None
+
+
+def model_sha256(task: Task) -> Optional[str]:
+    model_file = _model_file(task)
+    if model_file is None:
         return None
     from ldmtool.runtime.cache import file_sha256
 
     return file_sha256(model_file)
+
+
+def model_hash_note(task: Task, recorded: Optional[str]) -> dict[str, str]:
+    """`{"model_sha256_source": ...}` for the recipe: how the recorded model hash was obtained ("computed"
+    from the bytes, or "cache": a disk index entry whose device, inode, size, mtime and ctime match the
+    file), or "unverified" when the file here no longer has that hash (changed, or absent on this worker)."""
+    if recorded is None:
+        return {}
+    from ldmtool.runtime.cache import file_hash
+
+    model_file = _model_file(task)
+    if model_file is None:
+        return {"model_sha256_source": "unverified"}
+    digest, source = file_hash(model_file)  # remembered from recipes_for in this process: no second read
+    return {"model_sha256_source": source if digest == recorded else "unverified"}
 
 
 class JobRunner:
@@ -79,6 +99,7 @@ class JobRunner:
         self.summary = summary or Summary(base_seed=base_seed)
         self.stopped = False
         self._recipe_argv = strip_scheduling(options.argv if options.argv is not None else sys.argv)
+        self._hash_note = model_hash_note(task, recipes.model_sha256)
 
     def open(self) -> None:
         """Open the task (load its model), its sampler steps reported with the events; an unexpected error is
@@ -181,7 +202,7 @@ class JobRunner:
                 command=self.task.command, params={**self.task.params, **output.params}, seed=job.seed,
                 base_seed=self.base_seed, key=job.item.key, argv=self._recipe_argv,
                 size=(image.shape[1], image.shape[0]), model=_model_name(self.task),
-                model_sha256=self.recipes.model_sha256, extra=self.recipes.recipe_extras(job.item, job.seed),
+                model_sha256=self.recipes.model_sha256, extra={**self.recipes.recipe_extras(job.item, job.seed), **self._hash_note},
             )
             write_image(job.output, image, alpha=output.alpha, quality=self.options.quality, metadata=metadata)
         except FatalError as err:

@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
 from ldmtool.errors import UsageError
-from ldmtool.io.manifest import MANIFEST_NAME, Manifest, read_manifest
+from ldmtool.io.manifest import MANIFEST_NAME, Manifest
 
 T = TypeVar("T")
 _PART = re.compile(r"^ldmtool-manifest\.shard-(\d+)-of-(\d+)\.jsonl$")
+_MEMBERS = re.compile(r"^ldmtool-shard-(\d+)-of-(\d+)\.json$")
+MISSING_SHARDS_LISTED = 1000  # a report names at most this many missing shards; the count is always exact
 # Options that only schedule a run; they are left out of the recipe recorded in each output, so the
 # same item gets the same bytes whichever shard or engine wrote it.
 SCHEDULING_OPTIONS = {"--shard": 1, "--engine": 1, "--ray-address": 1}
@@ -93,45 +95,115 @@ def strip_scheduling(argv: Sequence[str]) -> list[str]:
 class MergeReport:
     parts: int = 0
     shard_count: int = 0
-    missing_shards: list[int] = field(default_factory=list)
+    missing_shards: list[int] = field(default_factory=list)  # the first MISSING_SHARDS_LISTED of them
+    missing_shard_count: int = 0
     done: int = 0
     failed: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
+    skipped: int = 0  # manifest lines or membership files that could not be used (cut short, not records)
 
     @property
     def complete(self) -> bool:
-        return not (self.missing_shards or self.failed or self.missing)
+        return not (self.missing_shard_count or self.failed or self.missing)
 
     def as_dict(self) -> dict[str, Any]:
         return {"parts": self.parts, "shards": self.shard_count, "missing_shards": self.missing_shards,
-                "done": self.done, "failed": self.failed, "missing": self.missing, "complete": self.complete}
+                "missing_shard_count": self.missing_shard_count, "done": self.done, "failed": self.failed,
+                "missing": self.missing, "skipped": self.skipped, "complete": self.complete}
+
+
+def _shard_files(folder: Path, pattern: re.Pattern[str]) -> dict[Path, tuple[int, int]]:
+    """The files in `folder` named like `pattern`, with their (K, N); names with K outside 1..N are left out."""
+    found = {}
+    for path in folder.iterdir():
+        match = pattern.match(path.name)
+        if match:
+            index, count = int(match.group(1)), int(match.group(2))
+            if 1 <= index <= count and path.is_file():
+                found[path] = (index, count)
+    return found
+
+
+def _usable_record(line: str) -> dict[str, Any] | None:
+    """A manifest line as a record with a string key, or None for anything else (a line a crash cut short,
+    JSON that is not an object, a key that is not a string, text that cannot be written back as UTF-8)."""
+    try:
+        record = json.loads(line)
+        if not isinstance(record, dict) or not isinstance(record.get("key"), str):
+            return None
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except (ValueError, RecursionError, UnicodeError, TypeError):
+        return None
+    return record
+
+
+def _part_records(path: Path, report: MergeReport) -> list[dict[str, Any]]:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        report.skipped += 1
+        return []
+    records = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        record = _usable_record(line)
+        if record is None:
+            report.skipped += 1
+        else:
+            records.append(record)
+    return records
+
+
+def _member_keys(path: Path) -> list[str] | None:
+    """The keys a membership file lists, or None when it is not one (unreadable, odd JSON)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    keys = data.get("keys") if isinstance(data, dict) else None
+    if not isinstance(keys, list):
+        return None
+    return [key for key in keys if isinstance(key, str)]
 
 
 def merge_manifests(folder: Path) -> MergeReport:
     """Combine every shard's manifest part in `folder` into `ldmtool-manifest.jsonl` (the last record of
     each key wins, sorted by key) and report shards that never started, failed items and owned items
-    that have no record."""
+    that have no record. Only the files present are read: the work never grows with the shard count N."""
     folder = Path(folder)
-    parts = sorted((p for p in folder.iterdir() if _PART.match(p.name)), key=lambda p: p.name)
+    if not folder.is_dir():
+        raise UsageError(f"{folder}: not a folder (give the output folder the shards wrote to)")
+    found = _shard_files(folder, _PART)
+    parts = sorted(found, key=lambda p: p.name)
     if not parts:
         raise UsageError(f"{folder}: no shard manifests (ldmtool-manifest.shard-K-of-N.jsonl) to merge")
-    counts = {int(match.group(2)) for p in parts if (match := _PART.match(p.name))}  # every part matches
+    counts = {count for _, count in found.values()}
     if len(counts) != 1:
         raise UsageError(f"{folder}: manifests of different shard counts ({sorted(counts)}); merge one run at a time")
     count = counts.pop()
+    report = MergeReport(parts=len(parts), shard_count=count)
     latest: dict[str, dict[str, Any]] = {}
     for part in parts:
-        for record in read_manifest(part):
-            if "key" in record:
-                latest[record["key"]] = record
-    report = MergeReport(parts=len(parts), shard_count=count)
+        for record in _part_records(part, report):
+            latest[record["key"]] = record
     owned: list[str] = []
-    for index in range(1, count + 1):
-        members = folder / Shard(index, count).members_name
-        if not members.is_file():
-            report.missing_shards.append(index)
+    started: set[int] = set()
+    for members, (index, members_count) in sorted(_shard_files(folder, _MEMBERS).items()):
+        if members_count != count:
             continue
-        owned += json.loads(members.read_text(encoding="utf-8"))["keys"]
+        keys = _member_keys(members)
+        if keys is None:
+            report.skipped += 1
+            continue
+        started.add(index)
+        owned += keys
+    report.missing_shard_count = count - len(started)
+    index = 1
+    while index <= count and len(report.missing_shards) < MISSING_SHARDS_LISTED:  # skips at most len(started)
+        if index not in started:
+            report.missing_shards.append(index)
+        index += 1
     merged = folder / MANIFEST_NAME
     temp = merged.with_name(f".{merged.name}.tmp")
     temp.unlink(missing_ok=True)
@@ -142,5 +214,5 @@ def merge_manifests(folder: Path) -> MergeReport:
         os.replace(temp, merged)
     report.done = sum(1 for r in latest.values() if r.get("status") == "done")
     report.failed = sorted(k for k, r in latest.items() if r.get("status") == "failed")
-    report.missing = sorted(k for k in owned if k not in latest)
+    report.missing = sorted(set(k for k in owned if k not in latest))
     return report
