@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, overload
 
 from ldmtool.errors import LdmError
 from ldmtool.io.discover import Item
@@ -113,6 +113,12 @@ def _nonempty_file(path: Path) -> bool:
         return False
 
 
+@overload
+def storable(text: str) -> str: ...
+@overload
+def storable(text: None) -> None: ...
+@overload
+def storable(text: Optional[str]) -> Optional[str]: ...
 def storable(text: Optional[str]) -> Optional[str]:
     """A name as recipes (UTF-8 PNG text) can hold it: bytes that are not UTF-8 shown escaped (issue 26)."""
     if text is None:
