@@ -195,7 +195,8 @@ def _glob(pattern: Path, out: list[_Candidate], skipped: list[Path]) -> None:
     text = str(pattern)
     root = _glob_root(text)
     matches = sorted(glob.glob(text, recursive=True))
-    files = [Path(m) for m in matches if Path(m).is_file() and not Path(m).name.startswith(".")]
+    # every entry but folders: a FIFO or device named *.png is an item that fails, naming itself
+    files = [Path(m) for m in matches if not Path(m).is_dir() and not Path(m).name.startswith(".")]
     if not files:
         raise UsageError(f"{text}: no files match this pattern")
     for path in files:

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageCms, ImageFile, ImageOps, UnidentifiedImageError
 
 from ldmtool.errors import ItemError, UsageError
+from ldmtool.io.files import FileTooLarge, NotRegularFile, read_bounded, shown
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 DEFAULT_MAX_PIXELS = 8192 * 8192
@@ -78,10 +79,9 @@ def read_image(path: Path | str, *, max_pixels: Optional[int] = None) -> LoadedI
     path = Path(path)
     limit = max_pixels or max_pixels_default()
     with _item_errors(path):
-        with open(path, "rb") as handle:
-            data = handle.read()
+        data = read_bounded(path)
         if not data:
-            raise ItemError(f"{path}: the file is empty (0 bytes)")
+            raise ItemError(f"{shown(path)}: the file is empty (0 bytes)")
         return _decode(path, data, limit)
 
 
@@ -208,10 +208,12 @@ class _item_errors:
                  tb: Optional[TracebackType]) -> Literal[False]:
         if err is None or isinstance(err, (ItemError, KeyboardInterrupt, SystemExit, MemoryError)):
             return False
-        raise ItemError(f"{self.path}: {_reason(err)}") from err
+        raise ItemError(f"{shown(self.path)}: {_reason(err)}") from err
 
 
 def _reason(err: BaseException) -> str:
+    if isinstance(err, (NotRegularFile, FileTooLarge)):
+        return str(err).split(": ", 1)[-1]
     if isinstance(err, FileNotFoundError):
         return "no such file"
     if isinstance(err, PermissionError):

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
 from ldmtool.errors import FatalError
+from ldmtool.io.files import json_line
 
 MANIFEST_NAME = "ldmtool-manifest.jsonl"
 
@@ -21,7 +22,7 @@ class Manifest:
         self.path = Path(path)
 
     def append(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
+        line = json_line(record)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "ab+") as handle:

@@ -7,6 +7,7 @@ name may leave the output folder.
 """
 from __future__ import annotations
 
+import os
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from ldmtool.io.writer import FORMATS, format_for_path, format_name
 
 DEFAULT_TEMPLATE = "{stem}.{ext}"
 DEFAULT_OUTPUT_DIR = Path("out")
+NAME_MAX = 255  # bytes in one file name on Linux, macOS and Windows file systems
 TEMPLATE_FIELDS = ("stem", "index", "seed", "ext")
 
 
@@ -52,9 +54,13 @@ def check_template(template: str) -> None:
         if name not in TEMPLATE_FIELDS:
             raise UsageError(f"--name {template!r}: unknown field {{{name}}}; use {{stem}} {{index}} {{seed}} {{ext}}")
     try:
-        render_name(template, stem="x", index=0, seed=0, ext="png")
+        shortest = render_name(template, stem="x", index=0, seed=0, ext="png")
     except (ValueError, IndexError, KeyError) as err:
         raise UsageError(f"--name {template!r} is not a valid template ({err})") from None
+    longest_part = max((len(os.fsencode(part)) for part in Path(shortest).parts), default=0)
+    if longest_part > NAME_MAX:  # the template's fault for every item: stop before anything runs
+        raise UsageError(f"--name {template!r} gives file names too long for the file system "
+                         f"({longest_part} bytes with a one-letter stem; the limit is {NAME_MAX})")
 
 
 def render_name(template: str, *, stem: str, index: int, seed: int, ext: str) -> str:

@@ -16,6 +16,7 @@ from typing import Iterable, Optional
 import numpy as np
 
 from ldmtool.errors import FatalError, ItemError, UsageError
+from ldmtool.io.files import shown
 from ldmtool.io.images import to_uint8
 from ldmtool.io.metadata import ImageMetadata, exif_bytes, png_info
 
@@ -125,6 +126,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         _fsync_folder(path.parent)
     except OSError as err:
         _remove_quietly(temp)
+        if err.errno == errno.ENAMETOOLONG:  # this item's name, not the disk: the batch goes on (issue 26)
+            raise ItemError(f"{shown(path)}: cannot write the output (file name too long: "
+                            f"{len(os.fsencode(path.name))} bytes)") from err
         raise FatalError(f"{path}: cannot write the output ({_os_reason(err)}); stopping") from err
     except BaseException:
         _remove_quietly(temp)  # Ctrl-C mid-write: no partial file stays behind

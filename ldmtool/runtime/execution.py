@@ -24,7 +24,7 @@ from ldmtool.io.writer import format_name, write_image
 from ldmtool.runtime import identity
 from ldmtool.runtime.jobs import Job, Output, RunOptions, Task
 from ldmtool.runtime.report import ItemEvent, Status, Summary
-from ldmtool.runtime.resume import Recipes
+from ldmtool.runtime.resume import Recipes, storable
 from ldmtool.runtime.shard import strip_scheduling
 
 DEBUG_ENV = "LDMTOOL_DEBUG"
@@ -200,7 +200,7 @@ class JobRunner:
             image = np.asarray(output.image)
             metadata = build_metadata(
                 command=self.task.command, params={**self.task.params, **output.params}, seed=job.seed,
-                base_seed=self.base_seed, key=job.item.key, argv=self._recipe_argv,
+                base_seed=self.base_seed, key=storable(job.item.key), argv=self._recipe_argv,
                 size=(image.shape[1], image.shape[0]), model=_model_name(self.task),
                 model_sha256=self.recipes.model_sha256, extra={**self.recipes.recipe_extras(job.item, job.seed), **self._hash_note},
             )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, cast
 
@@ -70,7 +71,9 @@ def file_sha256(path: Optional[Path]) -> Optional[str]:
     if path is None:
         return None
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    from ldmtool.io.files import open_regular
+
+    with os.fdopen(open_regular(path), "rb") as handle:  # regular files only: a FIFO would block
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

@@ -7,11 +7,12 @@
 """
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Optional, TextIO
+
+from ldmtool.io.files import json_line
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
@@ -133,7 +134,7 @@ class Reporter:
     # -- output
 
     def _emit(self, record: dict[str, Any]) -> None:
-        self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.out.write(json_line(record))
         self.out.flush()
 
     def _say(self, text: str, *, always: bool = False) -> None:

@@ -13,10 +13,11 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, overload
 
 from ldmtool.errors import LdmError
 from ldmtool.io.discover import Item
+from ldmtool.io.files import shown
 from ldmtool.io.manifest import MANIFEST_NAME, read_manifest
 from ldmtool.io.metadata import read_metadata
 from ldmtool.runtime import identity
@@ -53,7 +54,7 @@ class Recipes:
     def identity(self, item: Item, seed: int) -> dict[str, Any]:
         return identity.job_identity(
             command=self.command, model_sha256=self.model_sha256, options=self.pixel_options, seed=seed,
-            key=item.key, data=item.data, input_sha256=identity.file_sha256(item.path),
+            key=storable(item.key), data=item.data, input_sha256=identity.file_sha256(item.path),
             mask_sha256=identity.file_sha256(item.mask))
 
     def recipe_extras(self, item: Item, seed: int) -> dict[str, Any]:
@@ -61,9 +62,9 @@ class Recipes:
         rebuild the job (replay)."""
         return {
             "run_id": self.run_id, "job": self.identity(item, seed), "cli": dict(self.recorded_options),
-            "item": {"key": item.key, "stem": item.stem, "subdir": item.subdir,
-                     "data": identity.jsonable(dict(item.data)), "input": _absolute(item.path),
-                     "mask": _absolute(item.mask)},
+            "item": {"key": storable(item.key), "stem": storable(item.stem), "subdir": storable(item.subdir),
+                     "data": identity.jsonable(dict(item.data)), "input": storable(_absolute(item.path)),
+                     "mask": storable(_absolute(item.mask))},
         }
 
     def existing_output(self, output: Path, item: Item, seed: int, policy: str) -> Optional[str]:
@@ -110,6 +111,23 @@ def _nonempty_file(path: Path) -> bool:
         return path.stat().st_size > 0
     except OSError:
         return False
+
+
+@overload
+def storable(text: str) -> str: ...
+@overload
+def storable(text: None) -> None: ...
+@overload
+def storable(text: Optional[str]) -> Optional[str]: ...
+def storable(text: Optional[str]) -> Optional[str]:
+    """A name as recipes (UTF-8 PNG text) can hold it: bytes that are not UTF-8 shown escaped (issue 26)."""
+    if text is None:
+        return None
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return shown(text)
 
 
 def _absolute(path: Optional[Path]) -> Optional[str]:

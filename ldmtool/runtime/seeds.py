@@ -35,8 +35,11 @@ def item_seed(base_seed: int, *, key: str, offset: Optional[int] = None, own: Op
 
 
 def derive_seed(base_seed: int, key: str) -> int:
-    """A stable 32-bit seed for one item: the same base seed and key always give the same value."""
-    digest = hashlib.sha256(f"{base_seed}\x00{key}".encode()).digest()
+    """A stable 32-bit seed for one item: the same base seed and key always give the same value.
+
+    The key is hashed as the bytes of its name (UTF-8, with surrogateescape as `os.fsencode` on Linux), so a
+    file name that is not valid UTF-8 has a seed too, and UTF-8 keys keep the seeds they always had."""
+    digest = hashlib.sha256(f"{base_seed}\x00{key}".encode("utf-8", "surrogateescape")).digest()
     return int.from_bytes(digest[:4], "little")
 
 

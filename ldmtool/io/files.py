@@ -1,0 +1,105 @@
+"""Reading input files safely (issue 26): regular files only, bounded, never blocking.
+
+A FIFO, device or socket named like an image (or a link to one, such as `/dev/zero`) is refused after
+`os.stat` and before any open, so nothing can block or read without end; the open itself uses
+`O_NONBLOCK` and the opened file is checked again (it may have been swapped). Every read is bounded by
+`$LDMTOOL_MAX_FILE_BYTES` (default 1 GiB).
+"""
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from ldmtool.errors import UsageError
+
+DEFAULT_MAX_FILE_BYTES = 1 << 30
+MAX_FILE_BYTES_ENV = "LDMTOOL_MAX_FILE_BYTES"
+
+
+class NotRegularFile(OSError):
+    """The path is not a regular file (after resolving links)."""
+
+
+class FileTooLarge(OSError):
+    """The file is over the size bound."""
+
+
+def max_file_bytes() -> int:
+    """The size bound for one input file: `$LDMTOOL_MAX_FILE_BYTES` when set, else 1 GiB."""
+    raw = os.environ.get(MAX_FILE_BYTES_ENV)
+    if not raw:
+        return DEFAULT_MAX_FILE_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        raise UsageError(f"{MAX_FILE_BYTES_ENV}={raw!r} is not a whole number of bytes") from None
+    if value < 1:
+        raise UsageError(f"{MAX_FILE_BYTES_ENV}={raw!r} must be at least 1")
+    return value
+
+
+def shown(path: Path | str) -> str:
+    """A path as messages show it: bytes that are not UTF-8 escaped (b'caf\\xe9' -> 'caf\\\\xe9')."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def file_kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a file"
+
+
+def _check(path: Path | str, result: os.stat_result, limit: int) -> None:
+    if not stat.S_ISREG(result.st_mode):
+        if stat.S_ISDIR(result.st_mode):
+            raise IsADirectoryError(f"{shown(path)}: is a folder, not an image file")
+        raise NotRegularFile(f"{shown(path)}: not a regular file ({file_kind(result.st_mode)})")
+    if result.st_size > limit:
+        raise FileTooLarge(f"{shown(path)}: the file is {result.st_size} bytes, over the limit of {limit} "
+                           f"(raise it with {MAX_FILE_BYTES_ENV} if the file is trusted)")
+
+
+def open_regular(path: Path | str, limit: int | None = None) -> int:
+    """An O_RDONLY|O_NONBLOCK descriptor of a regular file within the bound; OSError otherwise."""
+    limit = max_file_bytes() if limit is None else limit
+    _check(path, os.stat(path), limit)  # follows links; a FIFO is never opened
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        _check(path, os.fstat(fd), limit)  # swapped between the stat and the open
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_bounded(path: Path | str, limit: int | None = None) -> bytes:
+    """The whole content of a regular file no larger than the bound."""
+    limit = max_file_bytes() if limit is None else limit
+    fd = open_regular(path, limit)
+    with os.fdopen(fd, "rb") as handle:
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise FileTooLarge(f"{shown(path)}: the file grew over the limit of {limit} bytes while being read")
+    return data
+
+
+def json_line(record: object) -> str:
+    """One JSON line, UTF-8 as it is; names with bytes that are not UTF-8 (surrogate-escaped) are written
+    as JSON `\\udcXX` escapes, which load back to the same name (os.fsencode gives the bytes)."""
+    import json
+
+    line = json.dumps(record, ensure_ascii=False, default=str)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(record, ensure_ascii=True, default=str)
+    return line + "\n"

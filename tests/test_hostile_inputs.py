@@ -1,0 +1,175 @@
+"""Hostile inputs and names (issue 26): special files, unbounded reads, non-UTF-8 and over-long names.
+
+Run through the real CLI (the test-only `_invert` command) in a subprocess with a timeout, so a read
+that blocks (a FIFO) or never ends (/dev/zero) fails the test instead of hanging it. A bad entry fails
+its own item with one line naming it; the batch goes on and exits 1; no traceback.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from ldmtool.errors import ItemError
+from ldmtool.runtime.seeds import derive_seed
+
+NON_UTF8 = b"caf\xe9.png"  # Latin-1 bytes: a name a Linux file system allows, not valid UTF-8
+
+
+def _run(cwd: Path, *args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess:
+    environment = dict(os.environ, LDMTOOL_TEST_COMMANDS="1", LDMTOOL_CACHE=str(cwd / "cache"),
+                       HOME=str(cwd), PYTHONIOENCODING="utf-8", **env)
+    environment.pop("LDMTOOL_DEBUG", None)
+    command = [sys.executable, "-m", "ldmtool", "_invert", *args]
+    return subprocess.run(command, cwd=cwd, capture_output=True, timeout=timeout, env=environment)
+
+
+def _events(stdout: bytes) -> dict[str, dict]:
+    events = [json.loads(line) for line in stdout.decode("utf-8").splitlines()]
+    return {event["key"]: event for event in events if event["event"] != "summary"}
+
+
+def _no_traceback(result: subprocess.CompletedProcess) -> None:
+    assert b"Traceback" not in result.stderr and b"Traceback" not in result.stdout, result.stderr.decode()
+
+
+def _special_folder(folder: Path) -> None:
+    folder.mkdir()
+    Image.new("RGB", (4, 4), (10, 20, 30)).save(folder / "good.png")
+    os.symlink("/dev/zero", folder / "x.png")
+    os.mkfifo(folder / "y.png")
+    (folder / "z.png").mkdir()
+
+
+def test_special_files_fail_their_items_and_the_batch_goes_on(tmp_path):
+    _special_folder(tmp_path / "in")
+    result = _run(tmp_path, "in", "-o", "out", "--json")
+    _no_traceback(result)
+    assert result.returncode == 1, result.stderr.decode()
+    events = _events(result.stdout)
+    assert set(events) == {"good.png", "x.png", "y.png"}  # a folder named z.png is a folder, not an item
+    assert events["good.png"]["event"] == "done"
+    assert events["x.png"]["event"] == "failed"
+    assert "x.png: not a regular file (a character device)" in events["x.png"]["error"]
+    assert events["y.png"]["event"] == "failed"
+    assert "y.png: not a regular file (a FIFO)" in events["y.png"]["error"]
+    failed = [line for line in result.stderr.decode().splitlines() if line.startswith("ldmtool: failed: ")]
+    assert len(failed) == 2
+
+
+def test_named_special_files_and_globs_are_items_that_fail(tmp_path):
+    _special_folder(tmp_path / "in")
+    result = _run(tmp_path, "in/y.png", "in/x.png", "in/*.png", "-o", "out", "--json")
+    _no_traceback(result)
+    assert result.returncode == 1, result.stderr.decode()
+    events = _events(result.stdout)
+    assert {key: e["event"] for key, e in events.items()} == {"good.png": "done", "x.png": "failed",
+                                                              "y.png": "failed"}
+
+
+def test_read_image_refuses_special_files_without_opening_them(tmp_path):
+    from ldmtool.io.images import read_image, read_mask
+
+    os.mkfifo(tmp_path / "y.png")  # opening it for reading would block this test forever
+    with pytest.raises(ItemError, match=r"y.png: not a regular file \(a FIFO\)"):
+        read_image(tmp_path / "y.png")
+    with pytest.raises(ItemError, match=r"y.png: not a regular file \(a FIFO\)"):
+        read_mask(tmp_path / "y.png")
+    os.symlink("/dev/zero", tmp_path / "x.png")
+    with pytest.raises(ItemError, match=r"x.png: not a regular file \(a character device\)"):
+        read_image(tmp_path / "x.png")
+    (tmp_path / "z.png").mkdir()
+    with pytest.raises(ItemError, match=r"z.png: is a folder"):
+        read_image(tmp_path / "z.png")
+
+
+def test_file_size_bound_refuses_before_reading(tmp_path, monkeypatch):
+    from ldmtool.io.images import read_image
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "big.png")
+    size = (tmp_path / "big.png").stat().st_size
+    monkeypatch.setenv("LDMTOOL_MAX_FILE_BYTES", str(size - 1))
+    with pytest.raises(ItemError, match=rf"big.png: the file is {size} bytes, over the limit of {size - 1}"):
+        read_image(tmp_path / "big.png")
+    monkeypatch.setenv("LDMTOOL_MAX_FILE_BYTES", str(size))
+    assert read_image(tmp_path / "big.png").size == (64, 64)
+
+
+def test_input_hash_refuses_special_files(tmp_path):
+    from ldmtool.runtime.identity import file_sha256
+
+    os.mkfifo(tmp_path / "y.png")
+    with pytest.raises(OSError, match="not a regular file"):
+        file_sha256(tmp_path / "y.png")
+
+
+def test_derive_seed_keeps_utf8_seeds_and_takes_any_bytes():
+    assert derive_seed(7, "photos/été.png") == 1577244707  # today's value: existing runs keep their seeds
+    assert derive_seed(7, "a.png") == 3301503724
+    key = os.fsdecode(b"photos/" + NON_UTF8)
+    seed = derive_seed(7, key)
+    assert seed == derive_seed(7, key) and seed != derive_seed(7, "photos/café.png")
+
+
+def test_non_utf8_name_is_processed_and_shown_escaped(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.new("RGB", (4, 4), (1, 2, 3)).save(os.path.join(os.fsencode(folder), NON_UTF8))
+    Image.new("RGB", (4, 4), (1, 2, 3)).save(folder / "plain.png")
+    result = _run(tmp_path, "in", "-o", "out", "--json", "--seed", "5")
+    _no_traceback(result)
+    assert result.returncode == 0, result.stderr.decode()
+    events = _events(result.stdout)
+    key = os.fsdecode(NON_UTF8)
+    assert set(events) == {key, "plain.png"} and events[key]["event"] == "done"
+    assert events[key]["seed"] == derive_seed(5, key)
+    assert os.path.exists(os.path.join(os.fsencode(tmp_path / "out"), NON_UTF8))
+    manifest = (tmp_path / "out" / "ldmtool-manifest.jsonl").read_bytes().decode("utf-8")  # valid UTF-8
+    assert any(json.loads(line).get("key") == key for line in manifest.splitlines())
+    # the second run resumes: the existing output is found and skipped
+    again = _run(tmp_path, "in", "-o", "out", "--json", "--seed", "5")
+    _no_traceback(again)
+    assert again.returncode == 0 and _events(again.stdout)[key]["event"] == "skipped"
+
+
+def test_non_utf8_name_failure_message_is_escaped(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "plain.png").write_bytes(b"")
+    with open(os.path.join(os.fsencode(folder), NON_UTF8), "wb") as handle:
+        handle.write(b"not an image")
+    result = _run(tmp_path, "in", "-o", "out", "--json")
+    _no_traceback(result)
+    assert result.returncode == 1
+    stderr = result.stderr.decode("utf-8")  # valid UTF-8, the odd byte shown as \xe9
+    assert "caf\\xe9.png: not an image file" in stderr
+
+
+def test_output_name_too_long_fails_that_item_only(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    long_stem = "a" * 240
+    Image.new("RGB", (4, 4)).save(folder / f"{long_stem}.png")
+    Image.new("RGB", (4, 4)).save(folder / "short.png")
+    result = _run(tmp_path, "in", "-o", "out", "--json", "--name", "{stem}-upscaled-{seed}.{ext}")
+    _no_traceback(result)
+    assert result.returncode == 1, result.stderr.decode()
+    events = _events(result.stdout)
+    assert events["short.png"]["event"] == "done"
+    bad = events[f"{long_stem}.png"]
+    assert bad["event"] == "failed" and "name too long" in bad["error"].lower(), bad
+    failed = [line for line in result.stderr.decode().splitlines() if line.startswith("ldmtool: failed: ")]
+    assert len(failed) == 1
+
+
+def test_name_template_too_long_for_every_item_is_a_usage_error(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.new("RGB", (4, 4)).save(folder / "a.png")
+    result = _run(tmp_path, "in", "-o", "out", "--name", "x" * 300 + "-{stem}.{ext}")
+    _no_traceback(result)
+    assert result.returncode == 2, result.stderr.decode()
+    assert "too long" in result.stderr.decode()
