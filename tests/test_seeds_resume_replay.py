@@ -268,3 +268,15 @@ def test_replay_of_a_file_without_a_recipe_is_one_line(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip() == ("ldmtool: error: x.png: no replayable ldmtool recipe in this image "
                                      "(written by another tool or an older ldmtool)")
+
+
+def test_a_manifest_line_nested_too_deep_is_skipped_not_fatal(tree_and_more):
+    """Seed adoption reads the output folder's manifest: a hostile line there must not stop a run."""
+    cwd = tree_and_more
+    first = ldmtool("_invert", "in", "-o", "out", "--json", cwd=cwd)
+    with open(cwd / "out" / MANIFEST_NAME, "a") as manifest:
+        manifest.write("[" * 100_000 + "\n")
+    (cwd / "out" / "a.png").unlink()
+    second = ldmtool("_invert", "in", "-o", "out", "--json", cwd=cwd)
+    assert second.returncode == 0, second.stderr
+    assert events(second)[-1]["seed"] == events(first)[-1]["seed"]

@@ -55,7 +55,7 @@ def read_manifest(path: Path) -> Iterator[dict[str, Any]]:
     for line in text.splitlines():
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # a cut-short line, or JSON nested too deep to parse
             continue
         if isinstance(record, dict):
             yield record
