@@ -27,15 +27,20 @@ class FileTooLarge(OSError):
 
 def max_file_bytes() -> int:
     """The size bound for one input file: `$LDMTOOL_MAX_FILE_BYTES` when set, else 1 GiB."""
-    raw = os.environ.get(MAX_FILE_BYTES_ENV)
+    return positive_int_env(MAX_FILE_BYTES_ENV, DEFAULT_MAX_FILE_BYTES, "bytes")
+
+
+def positive_int_env(name: str, default: int, unit: str) -> int:
+    """A limit from the environment variable `name` (a whole number, at least 1), else `default`."""
+    raw = os.environ.get(name)
     if not raw:
-        return DEFAULT_MAX_FILE_BYTES
+        return default
     try:
         value = int(raw)
     except ValueError:
-        raise UsageError(f"{MAX_FILE_BYTES_ENV}={raw!r} is not a whole number of bytes") from None
+        raise UsageError(f"{name}={raw!r} is not a whole number of {unit}") from None
     if value < 1:
-        raise UsageError(f"{MAX_FILE_BYTES_ENV}={raw!r} must be at least 1")
+        raise UsageError(f"{name}={raw!r} must be at least 1")
     return value
 
 

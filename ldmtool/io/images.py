@@ -7,7 +7,6 @@ palette (with transparency), CMYK and the other Pillow modes are converted to RG
 """
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +16,8 @@ from typing import Literal, Optional
 import numpy as np
 from PIL import Image, ImageCms, ImageFile, ImageOps, UnidentifiedImageError
 
-from ldmtool.errors import ItemError, UsageError
-from ldmtool.io.files import FileTooLarge, NotRegularFile, read_bounded, shown
+from ldmtool.errors import ItemError
+from ldmtool.io.files import FileTooLarge, NotRegularFile, positive_int_env, read_bounded, shown
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 DEFAULT_MAX_PIXELS = 8192 * 8192
@@ -62,16 +61,7 @@ def is_image_path(path: Path | str) -> bool:
 
 def max_pixels_default() -> int:
     """The pixel limit: `$LDMTOOL_MAX_PIXELS` when set, else 8192 x 8192."""
-    raw = os.environ.get(MAX_PIXELS_ENV)
-    if not raw:
-        return DEFAULT_MAX_PIXELS
-    try:
-        value = int(raw)
-    except ValueError:
-        raise UsageError(f"{MAX_PIXELS_ENV}={raw!r} is not a whole number of pixels") from None
-    if value < 1:
-        raise UsageError(f"{MAX_PIXELS_ENV}={raw!r} must be at least 1")
-    return value
+    return positive_int_env(MAX_PIXELS_ENV, DEFAULT_MAX_PIXELS, "pixels")
 
 
 def read_image(path: Path | str, *, max_pixels: Optional[int] = None) -> LoadedImage:
