@@ -11,19 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from ldmtool.cli.app import main
+from test_models_cli import run  # the CLI in-process: (exit code, stdout, stderr)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(capsys, *argv):
-    try:
-        main(list(map(str, argv)))
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def run_module(*argv, cwd):
