@@ -131,8 +131,9 @@ _GRAIN = 32768
 
 
 def pointwise(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-    """`fn(x)` for an elementwise `fn`, computed piece by piece so that the result is thread-count independent."""
-    if x.numel() <= _GRAIN:
+    """`fn(x)` for an elementwise `fn`, computed piece by piece so that the result is thread-count independent
+    (on the CPU: a GPU kernel's work split does not follow a thread count, and pieces would only add launches)."""
+    if x.numel() <= _GRAIN or x.device.type != "cpu":
         return fn(x)
     width = x.shape[-1]
     rows = x.reshape(-1, width) if width <= _GRAIN else x.reshape(-1, 1)  # a view for the layouts used here
@@ -144,6 +145,8 @@ def silu(x: Tensor) -> Tensor:
     pieces as `pointwise`."""
     if torch.is_grad_enabled() and x.requires_grad:
         return F.silu(x)
+    if x.device.type != "cpu":
+        return F.silu(x, inplace=True)
     if not x.is_contiguous():
         return pointwise(F.silu, x)
     for piece in x.view(-1).split(_GRAIN):
