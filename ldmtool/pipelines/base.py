@@ -33,6 +33,12 @@ class ModelTask(BaseTask):
         super().__init__(params=params)
         self.engine = engine
 
+    def model_file(self) -> Optional[Path]:
+        """The weights `--model` names, resolved without loading them (the job's identity hashes them)."""
+        from ldmtool.checkpoints.api import resolve_source
+
+        return resolve_source(self.engine.choice.model)[0]
+
     def open(self) -> None:
         """Load the model once per run, check it can do this task, and record what every output ran with."""
         engine = self.engine.open()

@@ -92,12 +92,7 @@ class BaseTask:
 
     def model_file(self) -> Optional[Path]:
         """The weights file this task will load, known before it loads (the job's identity names it)."""
-        engine = getattr(self, "engine", None)
-        if engine is None:
-            return self.model_path
-        from ldmtool.checkpoints.api import resolve_source
-
-        return resolve_source(engine.choice.model)[0]
+        return self.model_path
 
     def open(self) -> None:
         return None
