@@ -13,6 +13,7 @@ from PIL import Image
 
 from ldmtool.io.manifest import MANIFEST_NAME, read_manifest
 from ldmtool.io.writer import TEMP_SUFFIX
+from ldmtool.runtime.claims import CLAIM_PREFIX, is_claim_name
 
 ITEMS = 30
 SIZE = 192  # big enough that encoding and writing take a measurable slice of each item
@@ -36,14 +37,15 @@ def _images(out):
 
 
 def _check_folder(out):
-    """Every file is a complete image, the manifest, or a hidden temporary file of the killed process."""
+    """Every file is a complete image, the manifest, or a hidden temporary or claim file of the killed process."""
     for path in out.iterdir():
         if path.suffix == ".png":
             with Image.open(path) as image:
                 image.load()
                 assert image.size == (SIZE, SIZE), path
         else:
-            assert path.name == MANIFEST_NAME or (path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX)), path
+            assert path.name == MANIFEST_NAME or (path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX)) \
+                or is_claim_name(path.name), path
 
 
 def _kill_after(tmp_path, outputs_before_kill, extra_delay):
@@ -80,6 +82,7 @@ def test_sigkill_never_leaves_a_broken_image_and_rerun_completes(tmp_path):
     assert done == {f"{i:02d}.png" for i in range(ITEMS)} - written_before
     assert len(_images(out)) == ITEMS
     assert not list(out.glob(f".*{TEMP_SUFFIX}")), "stale temporary files were not cleaned up"
+    assert not list(out.glob(f"{CLAIM_PREFIX}*")), "stale claims were not cleaned up"
     _check_folder(out)
     for i in range(ITEMS):  # every output is the full, correct image
         source = np.asarray(Image.open(tmp_path / "in" / f"{i:02d}.png"))

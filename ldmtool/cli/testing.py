@@ -2,7 +2,9 @@
 
 `_invert` inverts images (only inside the mask when masks are paired) through the full batch runner, so
 tests can drive discovery, pairing, output naming, resume, events, the manifest and exit codes through
-the real CLI without any model. `LDMTOOL_TEST_SLEEP=SECONDS` makes each item slow (crash tests).
+the real CLI without any model. `LDMTOOL_TEST_SLEEP=SECONDS` makes each item slow (crash tests);
+`LDMTOOL_TEST_RENDEZVOUS=FOLDER` makes each item wait until another process has started an item too, so
+tests of two runs on one folder know that the runs overlapped.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
     from ldmtool.runtime.jobs import BaseTask, Job, Output, RunOptions
 
 SLEEP_ENV = "LDMTOOL_TEST_SLEEP"
+RENDEZVOUS_ENV = "LDMTOOL_TEST_RENDEZVOUS"
 EXAMPLE = "Example: LDMTOOL_TEST_COMMANDS=1 ldmtool _invert photos/ -o out/ --json"
 
 
@@ -76,6 +79,7 @@ def _invert_task_class() -> Callable[..., BaseTask]:
         def run(self, jobs: list[Job]) -> list[Output]:
             outputs = []
             for job in jobs:
+                _meet_another_process()
                 time.sleep(float(os.environ.get(SLEEP_ENV, "0") or 0))
                 image, mask = job.payload
                 inverted = 1.0 - image.rgb
@@ -86,6 +90,17 @@ def _invert_task_class() -> Callable[..., BaseTask]:
             return outputs
 
     return _InvertTask
+
+
+def _meet_another_process(timeout: float = 60.0) -> None:
+    folder = os.environ.get(RENDEZVOUS_ENV)
+    if not folder:
+        return
+    os.makedirs(folder, exist_ok=True)
+    open(os.path.join(folder, str(os.getpid())), "w").close()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not set(os.listdir(folder)) - {str(os.getpid())}:
+        time.sleep(0.01)
 
 
 def InvertTask(*, mask_mode: str, invert_mask: bool, max_pixels: Optional[int]) -> BaseTask:

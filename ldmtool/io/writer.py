@@ -176,30 +176,35 @@ def _os_reason(err: OSError) -> str:
     return reasons.get(err.errno, err.strerror or str(err))
 
 
-def remove_stale_temps(outputs: Iterable[Path]) -> int:
+def remove_stale_temps(outputs: Iterable[Path], listings: Optional[dict[Path, list[str]]] = None) -> int:
     """Delete the temporary files of these planned outputs that killed ldmtool processes left behind
     (their process id is no longer alive). Only the outputs' own folders are listed, each once and never
-    recursively, so `-o /tmp/x.png` looks at /tmp's entries, not its tree. This is housekeeping: a folder
-    that vanished or cannot be listed is skipped quietly."""
+    recursively, so `-o /tmp/x.png` looks at /tmp's entries, not its tree; each folder's entry names go
+    into `listings` when given (other housekeeping reuses them). This is housekeeping: a folder that
+    vanished or cannot be listed is skipped quietly."""
     names_by_folder: dict[Path, set[str]] = {}
     for output in outputs:
         names_by_folder.setdefault(Path(output).parent, set()).add(Path(output).name)
     removed = 0
     for folder, names in names_by_folder.items():
-        for temp in _stale_temps(folder, names):
+        try:
+            with os.scandir(folder) as entries:
+                listing = [entry.name for entry in entries]
+        except OSError:
+            continue
+        if listings is not None:
+            listings[folder] = listing
+        for temp in _stale_temps(folder, listing, names):
             _remove_quietly(temp)
             removed += 1
     return removed
 
 
-def _stale_temps(folder: Path, names: set[str]) -> list[Path]:
-    try:
-        with os.scandir(folder) as entries:
-            temps = [entry.name for entry in entries if entry.name.endswith(TEMP_SUFFIX)]
-    except OSError:
-        return []
+def _stale_temps(folder: Path, listing: list[str], names: set[str]) -> list[Path]:
     stale = []
-    for temp in temps:
+    for temp in listing:
+        if not temp.endswith(TEMP_SUFFIX):
+            continue
         owner = _temp_owner(temp)
         if owner is not None and owner[0] in names and not _alive(owner[1]):
             stale.append(folder / temp)

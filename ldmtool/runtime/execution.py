@@ -17,11 +17,12 @@ from typing import Any, Mapping, Optional, Protocol, Sequence
 
 import numpy as np
 
-from ldmtool.errors import FatalError, LdmError
+from ldmtool.errors import FatalError, ItemError, LdmError
 from ldmtool.io.discover import Item
 from ldmtool.io.metadata import build_metadata
 from ldmtool.io.writer import format_name, write_image
 from ldmtool.runtime import identity
+from ldmtool.runtime.claims import Claims
 from ldmtool.runtime.jobs import Job, Output, RunOptions, Task
 from ldmtool.runtime.report import ItemEvent, Status, Summary
 from ldmtool.runtime.resume import Recipes, storable
@@ -100,6 +101,7 @@ class JobRunner:
         self.stopped = False
         self._recipe_argv = strip_scheduling(options.argv if options.argv is not None else sys.argv)
         self._hash_note = model_hash_note(task, recipes.model_sha256)
+        self.claims = Claims()
 
     def open(self) -> None:
         """Open the task (load its model), its sampler steps reported with the events; an unexpected error is
@@ -117,17 +119,28 @@ class JobRunner:
 
     def process(self, jobs: Sequence[Job]) -> None:
         batch: list[Job] = []
-        for job in jobs:
-            if self.stopped:
-                return
-            if not self._load(job):
-                continue
-            batch.append(job)
-            if len(batch) == self.options.batch_size:
+        try:
+            for job in jobs:
+                if self.stopped:
+                    return
+                if not self._claim(job):
+                    continue
+                if not self._load(job):
+                    self._release(job)
+                    continue
+                batch.append(job)
+                if len(batch) == self.options.batch_size:
+                    self._run_and_release(batch)
+                    batch = []
+            if batch and not self.stopped:
                 self._run_and_release(batch)
-                batch = []
-        if batch and not self.stopped:
-            self._run_and_release(batch)
+        finally:
+            for job in batch:
+                self._release(job)
+
+    def close(self) -> None:
+        """Give up every claim still held (an interrupted or failed run)."""
+        self.claims.close()
 
     # -- outcomes
 
@@ -141,12 +154,44 @@ class JobRunner:
         if self.options.fail_fast:
             self.stopped = True
 
-    def report(self, job: Job, status: Status, seconds: float = 0.0, error: Optional[str] = None) -> None:
-        self.summary.count(status)
-        if error is not None:
-            self.summary.failures.append(error)
-        self.events.item(ItemEvent(status=status, key=job.item.key, input=_text(job.item.path),
-                                   output=str(job.output), seed=job.seed, seconds=seconds, error=error))
+    def report(self, job: Job, status: Status, seconds: float = 0.0, error: Optional[str] = None,
+               reason: Optional[str] = None) -> None:
+        event = ItemEvent(status=status, key=job.item.key, input=_text(job.item.path), output=str(job.output),
+                          seed=job.seed, seconds=seconds, error=error, reason=reason)
+        self.summary.add(event)
+        self.events.item(event)
+
+    # -- claims (runtime/claims.py): another run on the same folder may hold or have written this item
+
+    def _claim(self, job: Job) -> bool:
+        """Claim the job's output; False (the item reported) when another run has it or has written it."""
+        holder = self.claims.acquire(job.output.parent, job.output.name)
+        if holder is not None:
+            who = f"{holder.get('host', '?')}, pid {holder.get('pid', '?')}" if holder else "starting"
+            self.report(job, Status.SKIPPED, reason=f"another run is writing it ({who})")
+            return False
+        written_since = self._written_meanwhile(job)
+        if written_since is None:
+            return True
+        self._release(job)
+        if written_since:
+            self.fail(job, ItemError(written_since), 0.0)
+        else:
+            self.report(job, Status.SKIPPED, reason="another run wrote it while this run was going")
+        return False
+
+    def _written_meanwhile(self, job: Job) -> Optional[str]:
+        """None when the job is still to run; "" when a run that overlapped this one wrote it; else why the
+        output now in the way is another job's. Only an output that changed since the runner planned the
+        job counts: the runner already judged what was there then."""
+        if file_signature(job.output) == job.planned_output:
+            return None
+        if self.options.existing == "overwrite":
+            return ""
+        return self.recipes.existing_output(job.output, job.item, job.seed, "check")
+
+    def _release(self, job: Job) -> None:
+        self.claims.release(job.output.parent, job.output.name)
 
     # -- the steps
 
@@ -156,6 +201,7 @@ class JobRunner:
         finally:
             for job in batch:
                 job.payload = None  # a long run must not keep every loaded image alive
+                self._release(job)
 
     def _load(self, job: Job) -> bool:
         started = time.monotonic()
@@ -196,6 +242,10 @@ class JobRunner:
 
     def _write(self, job: Job, output: Output, seconds: float) -> None:
         started = time.monotonic()
+        if not self.claims.still_mine(job.output.parent, job.output.name):
+            self.report(job, Status.SKIPPED, seconds, reason="this run's claim went stale (no heartbeat for "
+                        f"{self.claims.timeout:g}s) and another run took the item over")
+            return
         try:
             image = np.asarray(output.image)
             metadata = build_metadata(
@@ -228,6 +278,15 @@ class JobRunner:
         if error is not None:
             record["error"] = error
         self.records.append(record)
+
+
+def file_signature(path: Path) -> Optional[tuple[int, int, int, int]]:
+    """What tells one version of a file from another (None: no file): device, inode, size, mtime_ns."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
 
 
 def one_line(err: BaseException, item: Item) -> str:

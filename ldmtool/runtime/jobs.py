@@ -48,6 +48,7 @@ class Job:
     output: Path
     payload: Any = None
     load_seconds: float = 0.0
+    planned_output: Optional[tuple[int, int, int, int]] = None  # the output file when planned (None: absent)
 
 
 class Progress(Protocol):

@@ -35,13 +35,15 @@ class ItemEvent:
     seed: Optional[int]
     seconds: float = 0.0
     error: Optional[str] = None
+    reason: Optional[str] = None  # why a skipped item was left alone, when not because its output is there
 
     def to_json(self) -> dict[str, Any]:
         record = asdict(self)
         record.pop("status")
         record = {"event": self.status.value, **record, "seconds": round(self.seconds, 3)}
-        if self.error is None:
-            record.pop("error")
+        for name in ("error", "reason"):
+            if record[name] is None:
+                record.pop(name)
         return record
 
 
@@ -55,6 +57,7 @@ class Summary:
     seconds: float = 0.0
     base_seed: Optional[int] = None
     failures: list[str] = field(default_factory=list)
+    elsewhere: int = 0  # of the skipped: items another run on the same folder has claimed or written
 
     @property
     def exit_code(self) -> int:
@@ -65,8 +68,17 @@ class Summary:
     def count(self, status: Status) -> None:
         setattr(self, status.value, getattr(self, status.value) + 1)
 
+    def add(self, event: ItemEvent) -> None:
+        """Count one reported item."""
+        self.count(event.status)
+        if event.error is not None:
+            self.failures.append(event.error)
+        if event.reason is not None:
+            self.elsewhere += 1
+
     def line(self) -> str:
-        text = f"{self.done} done, {self.skipped} skipped, {self.failed} failed in {self.seconds:.1f}s"
+        skipped = f"{self.skipped} skipped" + (f" ({self.elsewhere} by another run)" if self.elsewhere else "")
+        text = f"{self.done} done, {skipped}, {self.failed} failed in {self.seconds:.1f}s"
         return text + (f" (seed {self.base_seed})" if self.base_seed is not None else "")
 
 

@@ -9,6 +9,7 @@ or no output at all (empty or undecodable: redo it). `replaying` makes a run do 
 from __future__ import annotations
 
 import os
+import time
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from ldmtool.runtime.seeds import random_seed
 
 if TYPE_CHECKING:
     from ldmtool.io.outputs import OutputSpec
+    from ldmtool.runtime.claims import Claims
     from ldmtool.runtime.shard import Shard
 
 WAY_OUT = "replace it with --overwrite, keep it with --existing skip, or choose another -o"
@@ -43,12 +45,28 @@ class Recipes:
     def run_id(self) -> str:
         return identity.run_id(self.command, self.model_sha256, self.pixel_options)
 
-    def adopted_seed(self, spec: "OutputSpec", shard: Optional["Shard"]) -> int:
-        """The base seed of the latest earlier run of this job into this output, else a random one."""
+    def earlier_seed(self, spec: "OutputSpec", shard: Optional["Shard"]) -> Optional[int]:
+        """The base seed of the latest earlier run of this job into this output, if any."""
         for recipe in reversed(_earlier_runs(spec, shard)):
             seed = recipe.get("base_seed")
-            if recipe.get("run_id") == self.run_id and isinstance(seed, int) and not isinstance(seed, bool):
-                return seed
+            if recipe.get("run_id") == self.run_id and _is_seed(seed):
+                return int(seed)
+        return None
+
+    def adopted_seed(self, spec: "OutputSpec", shard: Optional["Shard"], claims: "Claims") -> int:
+        """The seed a run without `--seed` takes: an earlier run's of this job (DESIGN.md §6), else that of a
+        run of this job going on now (it holds the seed claim), else a random one, claimed for this run."""
+        for _ in range(50):
+            earlier = self.earlier_seed(spec, shard)
+            if earlier is not None:
+                return earlier
+            mine = random_seed()
+            holder = claims.acquire(spec.folder, f"seed {self.run_id}", {"seed": mine})
+            if holder is None:
+                return mine
+            if _is_seed(holder.get("seed")):
+                return int(holder["seed"])
+            time.sleep(0.02)  # the other run is writing its claim right now
         return random_seed()
 
     def identity(self, item: Item, seed: int) -> dict[str, Any]:
@@ -84,6 +102,10 @@ class Recipes:
             return None  # the input cannot be read: loading it reports why
         change = identity.difference(mine, recipe["job"])
         return "" if change is None else f"{output} was written by another job: {change}; {WAY_OUT}"
+
+
+def _is_seed(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def stored_recipe(path: Path) -> Optional[dict[str, Any]]:

@@ -29,7 +29,7 @@ from ldmtool.io.discover import Discovery, Item
 from ldmtool.io.manifest import MANIFEST_NAME, Manifest
 from ldmtool.io.outputs import DEFAULT_TEMPLATE, OutputSpec, plan_outputs
 from ldmtool.io.writer import remove_stale_temps
-from ldmtool.runtime.execution import DEBUG_ENV, JobRunner, output_suffix, recipes_for
+from ldmtool.runtime.execution import DEBUG_ENV, JobRunner, file_signature, output_suffix, recipes_for
 from ldmtool.runtime.jobs import EXISTING_POLICIES, BaseTask, Job, Output, RunOptions, Task
 from ldmtool.runtime.report import ItemEvent, Reporter, Status, Summary
 from ldmtool.runtime.resume import current_replay
@@ -87,6 +87,7 @@ def run_task(
             raise Interrupted(f"interrupted after {run.summary.done} item(s) were written; "
                               "run the same command again to resume") from None
         finally:
+            run.runner.close()
             reporter.close()
 
 
@@ -114,12 +115,14 @@ class BatchRun:
             raise UsageError(f"every input is inside the output folder {self.spec.folder}; choose another -o")
         self._prepare_folder()
         if self.base_seed is None:
-            self.base_seed = self.recipes.adopted_seed(self.spec, self.options.shard)
+            self.base_seed = self.recipes.adopted_seed(self.spec, self.options.shard, self.runner.claims)
             self.summary.base_seed = self.runner.base_seed = self.base_seed
         jobs = self._plan(items)  # before sharding, so {index} and seeds match an unsharded run
         if self.options.shard is not None:
             jobs = select(jobs, self.options.shard, key=lambda job: job.item.key)
-        remove_stale_temps(job.output for job in jobs)
+        listings: dict[Path, list[str]] = {}
+        remove_stale_temps((job.output for job in jobs), listings)
+        self.runner.claims.remove_stale(listings)
         if self.options.shard is not None and not self.spec.is_file:
             write_members(self.spec.folder, self.options.shard, [job.item.key for job in jobs])
         for note in notes:
@@ -163,6 +166,7 @@ class BatchRun:
         (another job's output is in the way)."""
         pending = []
         for job in jobs:
+            job.planned_output = file_signature(job.output)
             conflict = self.recipes.existing_output(job.output, job.item, job.seed, self.options.existing)
             if conflict is None:
                 pending.append(job)
@@ -178,9 +182,7 @@ class BatchRun:
             if self.manifest is not None:
                 self.manifest.append(record)
         for event in events:
-            self.summary.count(event.status)
-            if event.error is not None:
-                self.summary.failures.append(event.error)
+            self.summary.add(event)
             self.reporter.item(event)
 
 

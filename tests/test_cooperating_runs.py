@@ -1,0 +1,156 @@
+"""Two runs on one output folder split the work through claim files (issue 26; runtime/claims.py).
+
+The runs are real `ldmtool _invert` processes. `LDMTOOL_TEST_RENDEZVOUS` makes each item wait until the
+other process has started one too, so the runs are known to overlap whatever this machine's speed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ldmtool.io.manifest import MANIFEST_NAME, read_manifest
+from ldmtool.io.metadata import read_metadata
+from ldmtool.runtime.claims import CLAIM_PREFIX, Claims, claim_path
+
+ITEMS = 6
+
+
+@pytest.fixture
+def inputs(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(3)
+    (tmp_path / "in").mkdir()
+    for i in range(ITEMS):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "in" / f"{i}.png")
+    return tmp_path
+
+
+def _start(cwd: Path, **env: str) -> subprocess.Popen[str]:
+    args = [sys.executable, "-m", "ldmtool", "_invert", "in", "-o", "out", "--json"]
+    environment = dict(os.environ, LDMTOOL_TEST_COMMANDS="1", **env)
+    return subprocess.Popen(args, cwd=cwd, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _events(proc: subprocess.Popen[str]) -> list[dict]:
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def _check_folder(out: Path) -> list[dict]:
+    """Every input has one output and one done record describing exactly that file; no claims are left."""
+    done = [r for r in read_manifest(out / MANIFEST_NAME) if r["status"] == "done"]
+    assert sorted(r["key"] for r in done) == [f"{i}.png" for i in range(ITEMS)], "one done record per item"
+    assert sorted(p.name for p in out.glob("*.png")) == [f"{i}.png" for i in range(ITEMS)]
+    for record in done:
+        recipe = read_metadata(out / Path(record["output"]).name).recipe
+        assert recipe["seed"] == record["seed"] and recipe["base_seed"] == record["base_seed"]
+    assert len({r["base_seed"] for r in done}) == 1, "both runs are one job: one seed"
+    assert not list(out.glob(f"{CLAIM_PREFIX}*")), "claims must be released"
+    assert not list(out.glob(".*.ldmtool-tmp"))
+    return done
+
+
+def test_two_overlapping_runs_split_the_items(inputs: Path) -> None:
+    rendezvous = str(inputs / "rendezvous")
+    first = _start(inputs, LDMTOOL_TEST_RENDEZVOUS=rendezvous, LDMTOOL_TEST_SLEEP="0.2")
+    second = _start(inputs, LDMTOOL_TEST_RENDEZVOUS=rendezvous, LDMTOOL_TEST_SLEEP="0.2")
+    runs = [_events(first), _events(second)]
+    _check_folder(inputs / "out")
+    done = [[e["key"] for e in events if e["event"] == "done"] for events in runs]
+    assert all(done), "each run must have done part of the work (they overlapped)"
+    assert sorted(done[0] + done[1]) == [f"{i}.png" for i in range(ITEMS)], "no item written twice"
+    for events, mine in zip(runs, done):
+        skipped = {e["key"] for e in events if e["event"] == "skipped"}
+        assert skipped == {f"{i}.png" for i in range(ITEMS)} - set(mine)
+        summary = events[-1]
+        assert summary["event"] == "summary" and summary["failed"] == 0
+
+
+def test_a_killed_runs_claims_are_taken_over(inputs: Path) -> None:
+    out = inputs / "out"
+    victim = _start(inputs, LDMTOOL_TEST_SLEEP="30")
+    deadline = time.monotonic() + 60
+    while len(list(out.glob(f"{CLAIM_PREFIX}*"))) < 2 and time.monotonic() < deadline:  # its seed and 0.png
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate(timeout=30)
+    claims = list(out.glob(f"{CLAIM_PREFIX}*"))
+    assert len(claims) == 2, "the killed run held its seed claim and its first item's"
+    events = _events(_start(inputs))
+    assert [e["event"] for e in events if e.get("key") == "0.png"] == ["done"]
+    _check_folder(out)
+
+
+def _foreign_claim(out: Path, name: str, age: float) -> Path:
+    out.mkdir(exist_ok=True)
+    path = claim_path(out, name)
+    path.write_text(json.dumps({"host": "another-host", "pid": 1, "run": "elsewhere", "claims": name}))
+    os.utime(path, (time.time() - age, time.time() - age))
+    return path
+
+
+def test_a_live_claim_from_another_host_is_left_alone(inputs: Path) -> None:
+    claim = _foreign_claim(inputs / "out", "2.png", age=0)
+    events = _events(_start(inputs, LDMTOOL_CLAIM_TIMEOUT="600"))
+    skipped = [e for e in events if e["event"] == "skipped"]
+    assert [e["key"] for e in skipped] == ["2.png"]
+    assert "another run is writing it (another-host, pid 1)" in skipped[0]["reason"]
+    assert not (inputs / "out" / "2.png").exists() and claim.exists()
+    assert events[-1]["done"] == ITEMS - 1
+
+
+def test_a_claim_without_heartbeat_is_taken_over_whatever_its_host(inputs: Path) -> None:
+    _foreign_claim(inputs / "out", "2.png", age=700)
+    events = _events(_start(inputs, LDMTOOL_CLAIM_TIMEOUT="600"))
+    assert events[-1]["done"] == ITEMS
+    _check_folder(inputs / "out")
+
+
+def test_the_heartbeat_keeps_a_claim_fresh(tmp_path: Path) -> None:
+    claims = Claims(timeout=0.6)
+    assert claims.acquire(tmp_path, "a.png") is None
+    path = claim_path(tmp_path, "a.png")
+    os.utime(path, (0, 0))
+    deadline = time.monotonic() + 30
+    while path.stat().st_mtime == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert path.stat().st_mtime > 0, "the heartbeat never refreshed the claim"
+    claims.close()
+    assert not path.exists()
+
+
+def test_only_one_of_two_runs_takes_over_a_stale_claim(tmp_path: Path) -> None:
+    stale = {"host": socket.gethostname(), "pid": 2**22 + 12345, "run": "dead"}  # no such process
+    claim_path(tmp_path, "a.png").write_text(json.dumps(stale))
+    first, second = Claims(timeout=600), Claims(timeout=600)
+    assert first.acquire(tmp_path, "a.png") is None
+    holder = second.acquire(tmp_path, "a.png")
+    assert holder is not None and holder["run"] == first.token
+    assert first.still_mine(tmp_path, "a.png") and not second.still_mine(tmp_path, "a.png")
+    first.close()
+    second.close()
+
+
+def test_two_runs_without_seed_started_together_agree_on_one(tmp_path: Path) -> None:
+    from ldmtool.io.outputs import OutputSpec
+    from ldmtool.runtime.resume import Recipes
+
+    recipes = Recipes("_invert", None, {}, {})
+    spec = OutputSpec(tmp_path / "out")
+    (tmp_path / "out").mkdir()
+    first, second = Claims(timeout=600), Claims(timeout=600)
+    seed = recipes.adopted_seed(spec, None, first)
+    assert recipes.adopted_seed(spec, None, second) == seed
+    first.close()
+    assert list((tmp_path / "out").iterdir()) == [], "the seed claim goes with the run"
+    second.close()
