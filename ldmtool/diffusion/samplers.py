@@ -338,11 +338,21 @@ def progressive(name: str, model: Model, x: torch.Tensor, sigmas: Sigmas, *, noi
     """Run the named sampler step by step. Options set to None are dropped; others must be the sampler's."""
     info = get_sampler(name)
     opts = {k: v for k, v in opts.items() if v is not None}
-    unknown = sorted(set(opts) - set(info.options))
-    if unknown:
-        accepted = ", ".join(info.options) or "none"
-        raise UsageError(f"--{unknown[0]} does not apply to the {name} sampler (its options: {accepted})")
+    check_options(name, **opts)
     return info.progressive(model, x, sigmas, noise=noise, **opts)
+
+
+def check_options(name: str, **opts: Any) -> None:
+    """UsageError for a sampler option (not None) that the named sampler does not take, naming the samplers
+    that do (pipelines check the run's options once, before any item)."""
+    info = get_sampler(name)
+    unknown = sorted(k for k, v in opts.items() if v is not None and k not in info.options)
+    if unknown:
+        option = unknown[0]
+        accepted = ", ".join(info.options) or "none"
+        takers = ", ".join(n for n, other in SAMPLERS.items() if option in other.options) or "none"
+        raise UsageError(f"--{option} {opts[option]} does not apply to the {name} sampler (its options: {accepted}; "
+                         f"samplers that take --{option}: {takers})")
 
 
 def sample(name: str, model: Model, x: torch.Tensor, sigmas: Sigmas, *, noise: Optional[NoiseFn] = None,

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageCms, ImageFile, ImageOps, UnidentifiedImageError
 
 from ldmtool.errors import ItemError
-from ldmtool.io.files import FileTooLarge, NotRegularFile, positive_int_env, read_bounded, shown
+from ldmtool.io.files import FileTooLarge, NotRegularFile, max_file_bytes, positive_int_env, read_bounded, shown
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 DEFAULT_MAX_PIXELS = 8192 * 8192
@@ -62,6 +62,14 @@ def is_image_path(path: Path | str) -> bool:
 def max_pixels_default() -> int:
     """The pixel limit: `$LDMTOOL_MAX_PIXELS` when set, else 8192 x 8192."""
     return positive_int_env(MAX_PIXELS_ENV, DEFAULT_MAX_PIXELS, "pixels")
+
+
+def check_read_limits(max_pixels: Optional[int] = None) -> None:
+    """UsageError for a malformed `$LDMTOOL_MAX_FILE_BYTES`, or `$LDMTOOL_MAX_PIXELS` when no `--max-pixels`
+    replaces it: a run that reads images checks them once, before any item (each read would fail)."""
+    max_file_bytes()
+    if max_pixels is None:
+        max_pixels_default()
 
 
 def read_image(path: Path | str, *, max_pixels: Optional[int] = None) -> LoadedImage:

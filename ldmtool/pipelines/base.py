@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Hashable, Optional, Sequence, TypeVar
 
 from ldmtool.errors import ItemError
+from ldmtool.io.images import check_read_limits
 from ldmtool.pipelines.engine import Engine
 from ldmtool.runtime.jobs import BaseTask, Job
 
@@ -29,9 +30,21 @@ Result = TypeVar("Result")
 class ModelTask(BaseTask):
     """A task that runs one model through an `Engine`."""
 
+    reads_images = False  # items are image files: the size limits of reading them are checked once per run
+    max_pixels: Optional[int] = None  # --max-pixels (None: $LDMTOOL_MAX_PIXELS, else the default)
+
     def __init__(self, engine: Engine, *, params: Optional[dict[str, Any]] = None):
         super().__init__(params=params)
         self.engine = engine
+
+    def validate(self) -> None:
+        """UsageError for a run-wide setting every item would fail on: the sampling and tiling options (which
+        parses `--max-memory` once), the input size limits of a task that reads images, and the task's own
+        options (subclasses extend this). The runner calls it before the output folder is made; `open()`
+        calls it too, for callers that open a task themselves (the Python API)."""
+        self.engine.validate()
+        if self.reads_images:
+            check_read_limits(self.max_pixels)
 
     def model_file(self) -> Optional[Path]:
         """The weights `--model` names, resolved without loading them (the job's identity hashes them)."""
@@ -40,7 +53,9 @@ class ModelTask(BaseTask):
         return resolve_source(self.engine.choice.model)[0]
 
     def open(self) -> None:
-        """Load the model once per run, check it can do this task, and record what every output ran with."""
+        """Check the run's settings, load the model once per run, check it can do this task (UsageError for
+        options it cannot take), and record what every output ran with."""
+        self.validate()
         engine = self.engine.open()
         self.model_path = engine.model_path
         self.check_model(engine)
@@ -48,7 +63,8 @@ class ModelTask(BaseTask):
         self.params.update(self.recorded(engine))
 
     def check_model(self, engine: Engine) -> None:
-        """FatalError (or UsageError) when the model cannot do this task; per-run state (text encoders, sizes)."""
+        """FatalError when the model cannot do this task, UsageError when it cannot take an option the run was
+        given (a prompt, guidance): both before any item runs; per-run state (text encoders, sizes)."""
 
     def recorded(self, engine: Engine) -> dict[str, Any]:
         """Parameters every output records after the resolved sampling values, in the order they are shown."""

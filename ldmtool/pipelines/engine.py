@@ -8,6 +8,7 @@ bad, fail the item instead of writing a wrong image.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -19,8 +20,8 @@ from ldmtool.diffusion.cond import Cond, Guided
 from ldmtool.diffusion.denoisers import DiscreteDenoiser, per_row
 from ldmtool.diffusion.guidance import CFGDenoiser
 from ldmtool.diffusion.run import SamplerSettings, sample_latents
-from ldmtool.diffusion.samplers import default_schedule, get_sampler
-from ldmtool.errors import FatalError, ItemError, LdmError
+from ldmtool.diffusion.samplers import check_options, default_schedule, get_sampler
+from ldmtool.errors import FatalError, ItemError, LdmError, UsageError
 from ldmtool.families.info import ModelInfo
 from ldmtool.options import ModelChoice, SamplingChoice
 from ldmtool.runtime.cache import model_cache
@@ -47,10 +48,23 @@ class Engine:
         check_tile(sampling.tile, sampling.tile_overlap)
         self.device: Optional[torch.device] = None
         self.dtype: Optional[torch.dtype] = None
+        self.budget: Optional[int] = None  # --max-memory in bytes, parsed once by validate()
+
+    def validate(self) -> None:
+        """UsageError for a sampling or tiling option that every item would fail on, before anything loads
+        (the model's defaults are checked by `open()`); parses `--max-memory` once for every canvas."""
+        s = self.sampling
+        self.budget = parse_memory(s.max_memory) if s.max_memory is not None else None
+        for name, value in (("cfg", s.cfg), ("eta", s.eta), ("temperature", s.temperature)):
+            if value is not None and not math.isfinite(value):
+                raise UsageError(f"--{name} {value}: must be a finite number")
+        if s.sampler is not None:
+            check_options(s.sampler, eta=s.eta)
 
     # -- loading
 
     def open(self) -> "Engine":
+        self.validate()
         self.device = choose_device(self.choice.device)
         self.dtype = choose_dtype(self.choice.precision, self.device)
         self.bundle = self._load(self.dtype)
@@ -61,6 +75,7 @@ class Engine:
         """Step counts the model's schedule cannot take are a usage error when the command starts, not a
         failure of every item (the schedule itself is cheap; sampling builds it again)."""
         p = self.resolved()
+        check_options(p["sampler"], eta=p["eta"])  # the model's default sampler may take no --eta
         default_schedule(p["sampler"], self._alphas_cumprod(), p["steps"], karras=p["karras"])
 
     def _alphas_cumprod(self) -> torch.Tensor:
@@ -96,7 +111,7 @@ class Engine:
         if self.dtype == torch.float32:
             return self
         twin = Engine(self.choice, self.sampling)
-        twin.device, twin.dtype = self.device, torch.float32
+        twin.device, twin.dtype, twin.budget = self.device, torch.float32, self.budget
         twin.bundle = twin._load(torch.float32)
         return twin
 
@@ -203,9 +218,8 @@ class Engine:
         if guided:
             denoise = CFGDenoiser(denoise)
         s = self.sampling
-        budget = parse_memory(s.max_memory) if s.max_memory else None
         tiling = choose_tiling(latent_hw, native_tile=self.info.defaults.tile, items=rows_per_item, tile=s.tile,
-                               overlap=s.tile_overlap, budget=budget, wrap=(self.axes.y, self.axes.x))
+                               overlap=s.tile_overlap, budget=self.budget, wrap=(self.axes.y, self.axes.x))
         # No `device=` here on purpose: without --max-memory, canvases larger than the model's native size
         # are always tiled, so memory stays bounded by the tile (cron jobs share machines) instead of
         # growing with the image up to whatever is free.

@@ -25,6 +25,7 @@ class Img2ImgTask(ModelTask):
     the prompt → decode → crop; alpha passed through."""
 
     command = "img2img"
+    reads_images = True
 
     def __init__(self, engine: Engine, *, prompt: str = "", negative: str = "",
                  strength: float = DEFAULT_STRENGTH, max_pixels: Optional[int] = None):

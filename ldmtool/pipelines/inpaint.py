@@ -57,6 +57,7 @@ class InpaintTask(ModelTask):
     → decode → crop, colour fix → feathered composite onto the input."""
 
     command = "inpaint"
+    reads_images = True
 
     def __init__(self, engine: Engine, *, prompt: str = "", negative: str = "", grow: int = 0,
                  feather: int = DEFAULT_FEATHER, invert_mask: bool = False, from_alpha: bool = False,

@@ -211,6 +211,7 @@ class Semantic2ImgTask(GeneratorTask):
     """One image per label map file; the output has the map's size unless --width/--height say otherwise."""
 
     command = "semantic2img"
+    reads_images = True
 
     def __init__(self, engine: Engine, *, palette: Optional[Path | str] = None, width: Optional[int] = None,
                  height: Optional[int] = None, max_pixels: Optional[int] = None):

@@ -59,12 +59,11 @@ class SuperresTask(ModelTask):
     fix and back-projection) → resample to the exact output size; alpha resampled beside it."""
 
     command = "superres"
+    reads_images = True
 
     def __init__(self, engine: Engine, *, scale: float, prompt: str = "", negative: str = "",
                  noise_level: Optional[int] = None, max_pixels: Optional[int] = None,
                  colour_fix: Optional[bool] = None, consistency: Optional[bool] = None):
-        if not scale > 1:
-            raise UsageError(f"--scale {scale}: must be more than 1")
         super().__init__(engine, params={"scale": scale})
         self.scale = scale
         self.prompt, self.negative = prompt, negative
@@ -76,12 +75,19 @@ class SuperresTask(ModelTask):
 
     # -- once per run
 
+    def validate(self) -> None:
+        super().validate()
+        if not (self.scale > 1 and math.isfinite(self.scale)):
+            raise UsageError(f"--scale {self.scale}: must be a finite number more than 1 (e.g. 2, 4 or 8)")
+
     def check_model(self, engine: Engine) -> None:
         info = engine.info
         if info.conditioning not in (Conditioning.CONCAT, Conditioning.HYBRID_ADM):
             raise FatalError(f"{engine.model_path}: a {info.family} model cannot do super-resolution "
                              "(it needs a low-resolution image as concat conditioning)")
         self.upscaler = info.conditioning is Conditioning.HYBRID_ADM
+        if not self.upscaler:
+            self._check_unconditioned(engine)
         if self.colour_fix is None:
             self.colour_fix = config_switch(info.defaults.colour_fix, "colour_fix", engine.model_path)
         if self.consistency is None:
@@ -89,6 +95,19 @@ class SuperresTask(ModelTask):
         if self.upscaler:
             self.noise_level = self.noise_level if self.noise_level is not None else info.defaults.noise_level
             self._context = self._encode_text()  # once per run, shared by every item and tile
+
+    def _check_unconditioned(self, engine: Engine) -> None:
+        """A model conditioned on the low-res image alone (LDM BSR) takes no prompt and no guidance: options
+        that would change nothing are a usage error, not silently ignored."""
+        where = f"the {engine.info.family} model {engine.model_path}"
+        for flag, text in (("--prompt", self.prompt), ("--negative", self.negative)):
+            if text:
+                raise UsageError(f"{flag} {text!r}: {where} takes no prompt (only the low-resolution image); "
+                                 f"drop {flag}, or use a text-guided upscaler")
+        cfg = engine.sampling.cfg
+        if cfg is not None and cfg != 1.0:
+            raise UsageError(f"--cfg {cfg}: {where} has no unconditional input, so classifier-free guidance "
+                             "cannot run; drop --cfg (1 = off is the only value it takes)")
 
     def recorded(self, engine: Engine) -> dict[str, Any]:
         params = {**super().recorded(engine), "colour_fix": self.colour_fix, "consistency": self.consistency}

@@ -8,8 +8,10 @@ A pipeline implements `Task` (usually by subclassing `BaseTask`):
         def load(self, job): return read_image(job.item.path)     # per item; ItemError for bad input
         def run(self, jobs): return [Output(image=...) for job in jobs]   # one Output per job
 
-and `ldmtool.runtime.runner.run_task(task, items, RunOptions(...))` runs it. The runner starts a task with
-`start(progress)`, which keeps the `Progress` that sampler steps are reported to and calls `open()`.
+and `ldmtool.runtime.runner.run_task(task, items, RunOptions(...))` runs it. The runner first calls
+`validate()`: run-wide settings are checked (UsageError, exit 2) before the output folder is made or any
+item runs. It then starts the task with `start(progress)`, which keeps the `Progress` that sampler steps
+are reported to and calls `open()`.
 """
 from __future__ import annotations
 
@@ -64,6 +66,7 @@ class Task(Protocol):
     @property
     def params(self) -> Mapping[str, Any]: ...  # read-only here, so BaseTask's dict (or any mapping) fits
 
+    def validate(self) -> None: ...
     def start(self, progress: Optional[Progress]) -> None: ...
     def open(self) -> None: ...
     def load(self, job: Job) -> Any: ...
@@ -80,6 +83,12 @@ class BaseTask:
         self.params: dict[str, Any] = dict(params or {})
         self.model_path = model_path
         self.progress: Optional[Progress] = None
+
+    def validate(self) -> None:
+        """UsageError for a run-wide setting that every item would fail on (an option, an environment limit);
+        called once before the output folder is made and before the model loads. Checks that need the model
+        belong in `open()`, which also runs before any item."""
+        return None
 
     def start(self, progress: Optional[Progress]) -> None:
         """Open the task for a run that reports sampler steps to `progress` (what the runner calls)."""

@@ -87,7 +87,8 @@ def run_task(
             raise Interrupted(f"interrupted after {run.summary.done} item(s) were written; "
                               "run the same command again to resume") from None
         finally:
-            run.runner.close()
+            run.runner.close()  # claims first: the folder may hold nothing else
+            run.remove_created_folder()
             reporter.close()
 
 
@@ -104,6 +105,7 @@ class BatchRun:
         self.manifest: Optional[Manifest] = None
         self.summary = Summary(base_seed=self.base_seed)
         self.started = time.monotonic()
+        self.created: list[Path] = []  # folders this run made for its outputs, deepest first
         self.runner = JobRunner(task, options, self.recipes, base_seed=self.base_seed, events=reporter,
                                 records=None, summary=self.summary)
 
@@ -113,6 +115,7 @@ class BatchRun:
             notes = [*notes, f"ignored {outputs_as_inputs} input(s) inside the output folder {self.spec.folder}"]
         if not items:
             raise UsageError(f"every input is inside the output folder {self.spec.folder}; choose another -o")
+        self.task.validate()  # run-wide settings: a usage error before the folder is made or any item runs
         self._prepare_folder()
         if self.base_seed is None:
             self.base_seed = self.recipes.adopted_seed(self.spec, self.options.shard, self.runner.claims)
@@ -150,6 +153,7 @@ class BatchRun:
 
     def _prepare_folder(self) -> None:
         folder = self.spec.folder
+        self.created = _missing_folders(folder)
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -160,6 +164,15 @@ class BatchRun:
             shard = self.options.shard
             self.manifest = Manifest(folder / (shard.manifest_name if shard else MANIFEST_NAME))
             self.runner.records = self.manifest
+
+    def remove_created_folder(self) -> None:
+        """However the run ended, leave no empty output folder behind: the folders it made (the output folder
+        and any missing parents) are removed while empty. A folder that was there before is never removed."""
+        for folder in self.created:
+            try:
+                folder.rmdir()  # only ever removes an empty folder
+            except OSError:
+                return  # not empty (or gone): its parents are not empty either
 
     def _resume(self, jobs: list[Job]) -> list[Job]:
         """The jobs still to run; the others are reported skipped (this job's output is there) or failed
@@ -184,6 +197,16 @@ class BatchRun:
         for event in events:
             self.summary.add(event)
             self.reporter.item(event)
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """`folder` and those of its parents that do not exist yet, deepest first (what `mkdir -p` would make)."""
+    missing = []
+    path = Path(os.path.abspath(folder))
+    while not path.exists() and not path.is_symlink() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
 
 
 def _check_not_an_input(item: Item, output: Path) -> None:
