@@ -173,3 +173,34 @@ def test_name_template_too_long_for_every_item_is_a_usage_error(tmp_path):
     _no_traceback(result)
     assert result.returncode == 2, result.stderr.decode()
     assert "too long" in result.stderr.decode()
+
+
+# Every file a user names is read with the same guard as images: a FIFO is refused, never waited on, and
+# /dev/zero is not read without end. Each reader runs in a child process with a timeout, so a regression
+# fails the test instead of hanging it.
+_READERS = {
+    "prompt file": "from ldmtool.pipelines.text import read_prompts; read_prompts(None, PATH)",
+    "list file": "from ldmtool.io.discover import discover; discover(['@' + PATH])",
+    "palette": "from ldmtool.pipelines.semantic2img import load_palette; load_palette(PATH)",
+    "label map": "from ldmtool.pipelines.semantic2img import read_label_map; read_label_map(PATH, 182)",
+    "layout": "from ldmtool.pipelines.layout2img import read_layout; read_layout(Path(PATH), 256, 256)",
+    "config": "from ldmtool.checkpoints.config import load_config; load_config(PATH)",
+    "metadata": "from ldmtool.io.metadata import read_metadata; read_metadata(PATH)",
+}
+
+
+@pytest.mark.parametrize("special", ["fifo", "dev-zero"])
+@pytest.mark.parametrize("reader", sorted(_READERS))
+def test_every_user_file_reader_refuses_special_files(tmp_path, reader, special):
+    path = tmp_path / "special.yaml"
+    if special == "fifo":
+        os.mkfifo(path)
+    else:
+        os.symlink("/dev/zero", path)
+    code = (f"import sys\nfrom pathlib import Path\nPATH = {str(path)!r}\n"
+            f"from ldmtool.errors import LdmError\ntry:\n    {_READERS[reader]}\n"
+            "except LdmError as err:\n    print(err)\n    sys.exit(7)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60, text=True)
+    assert result.returncode == 7, result.stderr
+    kind = "a FIFO" if special == "fifo" else "a character device"
+    assert f"not a regular file ({kind})" in result.stdout and len(result.stdout.splitlines()) == 1

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Union
 import yaml
 
 from ldmtool.errors import CheckpointError
+from ldmtool.io.files import MAX_CONFIG_BYTES, read_text_file
 
 ConfigLike = Union[str, Path, Mapping[str, Any]]
 
@@ -49,10 +50,12 @@ def load_config(config: ConfigLike) -> dict[str, Any]:
         doc = dict(config)
     else:
         path = Path(config)
-        if not path.is_file():
+        if not path.exists():
             raise CheckpointError(f"{path}: config file not found")
         try:
-            doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+            doc = yaml.safe_load(read_text_file(path, MAX_CONFIG_BYTES))
+        except (OSError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{path}: cannot read the config ({getattr(err, 'strerror', None) or err})") from None
         except yaml.YAMLError as err:
             raise CheckpointError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from err
         if not isinstance(doc, Mapping):

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, TextIO
 
 from ldmtool.errors import ItemError, UsageError
+from ldmtool.io.files import read_text_file, shown
 from ldmtool.io.images import IMAGE_SUFFIXES, is_image_path
 
 MASK_SUFFIX = "_mask"
@@ -143,9 +144,9 @@ def _expand(raw: str, recursive: bool, out: list[_Candidate], skipped: list[Path
     if raw.startswith("@") and not from_list:
         list_file = Path(raw[1:])
         try:
-            text = list_file.read_text(encoding="utf-8")
-        except OSError as err:
-            raise UsageError(f"{list_file}: cannot read the list file ({err.strerror or err})") from None
+            text = read_text_file(list_file)
+        except (OSError, UnicodeDecodeError) as err:
+            raise UsageError(f"{shown(list_file)}: cannot read the list file ({getattr(err, 'strerror', None) or err})") from None
         for line in _list_lines(text):
             _expand(line, recursive, out, skipped, stdin, from_list=True, base=list_file.parent)
         return

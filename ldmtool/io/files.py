@@ -14,6 +14,7 @@ from pathlib import Path
 from ldmtool.errors import UsageError
 
 DEFAULT_MAX_FILE_BYTES = 1 << 30
+MAX_CONFIG_BYTES = 16 << 20  # a YAML config or palette: far larger than any real one
 MAX_FILE_BYTES_ENV = "LDMTOOL_MAX_FILE_BYTES"
 
 
@@ -66,11 +67,19 @@ def file_kind(mode: int) -> str:
 def _check(path: Path | str, result: os.stat_result, limit: int) -> None:
     if not stat.S_ISREG(result.st_mode):
         if stat.S_ISDIR(result.st_mode):
-            raise IsADirectoryError(f"{shown(path)}: is a folder, not an image file")
-        raise NotRegularFile(f"{shown(path)}: not a regular file ({file_kind(result.st_mode)})")
+            raise _with_reason(IsADirectoryError(f"{shown(path)}: is a folder, not an image file"), "is a folder")
+        reason = f"not a regular file ({file_kind(result.st_mode)})"
+        raise _with_reason(NotRegularFile(f"{shown(path)}: {reason}"), reason)
     if result.st_size > limit:
-        raise FileTooLarge(f"{shown(path)}: the file is {result.st_size} bytes, over the limit of {limit} "
-                           f"(raise it with {MAX_FILE_BYTES_ENV} if the file is trusted)")
+        reason = (f"the file is {result.st_size} bytes, over the limit of {limit} "
+                  f"(raise it with {MAX_FILE_BYTES_ENV} if the file is trusted)")
+        raise _with_reason(FileTooLarge(f"{shown(path)}: {reason}"), reason)
+
+
+def _with_reason(err: OSError, reason: str) -> OSError:
+    """The error with `strerror` set, as callers that name the file themselves show it."""
+    err.strerror = reason
+    return err
 
 
 def open_regular(path: Path | str, limit: int | None = None) -> int:
@@ -95,6 +104,13 @@ def read_bounded(path: Path | str, limit: int | None = None) -> bytes:
     if len(data) > limit:
         raise FileTooLarge(f"{shown(path)}: the file grew over the limit of {limit} bytes while being read")
     return data
+
+
+def read_text_file(path: Path | str, limit: int | None = None) -> str:
+    """A UTF-8 text file given by the user (prompt list, `@list.txt`, palette, config), read as
+    `read_bounded` reads: a FIFO or device is refused, never waited on. OSError (with a short `strerror`)
+    or UnicodeDecodeError otherwise."""
+    return read_bounded(path, limit).decode("utf-8")
 
 
 def json_line(record: object) -> str:

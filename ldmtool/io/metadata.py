@@ -11,12 +11,14 @@ parameters in UserComment (as A1111 does) and the recipe, ASCII-escaped JSON, in
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, TextIO
 
 from ldmtool.errors import ItemError
+from ldmtool.io.files import FileTooLarge, NotRegularFile, open_regular
 
 if TYPE_CHECKING:
     from PIL.Image import Exif
@@ -160,7 +162,7 @@ def read_metadata(path: Path | str, *, max_pixels: Optional[int] = None) -> Opti
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with os.fdopen(open_regular(path), "rb") as handle, Image.open(handle) as image:
                 width, height = image.size
                 if width * height > limit:
                     raise ItemError(f"{path}: {width}x{height} is {width * height} pixels, over the limit of {limit} "
@@ -171,6 +173,8 @@ def read_metadata(path: Path | str, *, max_pixels: Optional[int] = None) -> Opti
                 return _from_exif(path, image.getexif())
     except FileNotFoundError:
         raise ItemError(f"{path}: no such file") from None
+    except (NotRegularFile, FileTooLarge) as err:
+        raise ItemError(str(err)) from None
     except PermissionError:
         raise ItemError(f"{path}: permission denied (the file is not readable)") from None
     except IsADirectoryError:

@@ -32,6 +32,7 @@ from ldmtool.diffusion.cond import Cond
 from ldmtool.errors import FatalError, ItemError, LdmError, UsageError
 from ldmtool.families.info import Conditioning
 from ldmtool.io.discover import Item
+from ldmtool.io.files import read_text_file
 from ldmtool.pipelines.base import input_path
 from ldmtool.pipelines.box_raster import box_raster
 from ldmtool.pipelines.engine import Engine, method
@@ -116,9 +117,7 @@ def layout_objects(doc: Any, path: Path | str, width: int, height: int) -> list[
 
 def _load_document(path: Path) -> Any:
     try:
-        if path.stat().st_size > _MAX_LAYOUT_BYTES:
-            raise ItemError(f"{path}: layout file is larger than {_MAX_LAYOUT_BYTES} bytes")
-        text = path.read_text(encoding="utf-8")
+        text = read_text_file(path, _MAX_LAYOUT_BYTES)
     except (OSError, UnicodeDecodeError) as err:
         raise ItemError(f"{path}: cannot read the layout ({getattr(err, 'strerror', None) or err})") from None
     try:

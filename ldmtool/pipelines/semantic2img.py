@@ -12,6 +12,7 @@ colour of each class (`156: "#87ceeb"` or `156: [135, 206, 235]`, optionally und
 """
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -25,6 +26,7 @@ from PIL import Image
 from ldmtool.checkpoints.bundle import LatentDiffusionBundle
 from ldmtool.diffusion.cond import Cond
 from ldmtool.errors import FatalError, ItemError, UsageError
+from ldmtool.io.files import MAX_CONFIG_BYTES, read_bounded, read_text_file
 from ldmtool.io.images import max_pixels_default
 from ldmtool.pipelines.base import input_path
 from ldmtool.pipelines.engine import Engine, method
@@ -43,7 +45,7 @@ Palette = dict[tuple[int, int, int], int]
 def load_palette(path: Path | str) -> Palette:
     """colour → class id from a palette YAML; UsageError naming the file and the bad entry."""
     try:
-        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        doc = yaml.safe_load(read_text_file(path, MAX_CONFIG_BYTES))
     except (OSError, UnicodeDecodeError) as err:
         raise UsageError(f"{path}: cannot read the palette ({getattr(err, 'strerror', None) or err})") from None
     except yaml.YAMLError as err:
@@ -124,7 +126,7 @@ def _open_map(path: Path, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            image = Image.open(path)
+            image = Image.open(io.BytesIO(read_bounded(path)))
             width, height = image.size
             if width * height > max_pixels:
                 raise ItemError(f"{path}: {width}x{height} label map is over the limit of {max_pixels} pixels")

@@ -24,6 +24,7 @@ import torch
 
 from ldmtool.errors import FatalError, UsageError
 from ldmtool.families.info import Conditioning
+from ldmtool.io.files import read_text_file
 from ldmtool.runtime.device import one_thread
 
 if TYPE_CHECKING:
@@ -73,7 +74,7 @@ def read_prompts(prompt: Optional[str], prompts_file: Optional[Path | str]) -> l
         return [PromptSpec(prompt)]
     assert prompts_file is not None  # exactly one of the two, checked above
     try:
-        text = Path(prompts_file).read_text(encoding="utf-8")
+        text = read_text_file(prompts_file)
     except (OSError, UnicodeDecodeError) as err:
         reason = getattr(err, "strerror", None) or err
         raise UsageError(f"{prompts_file}: cannot read the prompt file ({reason})") from None
