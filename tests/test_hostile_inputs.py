@@ -133,6 +133,14 @@ def test_non_utf8_name_is_processed_and_shown_escaped(tmp_path):
     again = _run(tmp_path, "in", "-o", "out", "--json", "--seed", "5")
     _no_traceback(again)
     assert again.returncode == 0 and _events(again.stdout)[key]["event"] == "skipped"
+    # and replays: the recipe keeps the name's exact bytes beside its escaped text
+    output = os.path.join(os.fsencode(tmp_path / "out"), NON_UTF8)
+    environment = dict(os.environ, LDMTOOL_TEST_COMMANDS="1", LDMTOOL_CACHE=str(tmp_path / "cache"))
+    replay = subprocess.run([sys.executable, "-m", "ldmtool", "replay", os.fsdecode(output), "-o", "again.png",
+                             "--verify"], cwd=tmp_path, capture_output=True, timeout=60, env=environment)
+    _no_traceback(replay)
+    assert replay.returncode == 0, replay.stderr.decode()
+    assert (tmp_path / "again.png").is_file()
 
 
 def test_non_utf8_name_failure_message_is_escaped(tmp_path):

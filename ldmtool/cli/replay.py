@@ -50,6 +50,7 @@ def replay(
 def replay_file(path: Path, target: Path) -> None:
     """Re-run the recipe stored in `path`, writing `target`."""
     from ldmtool.errors import ItemError
+    from ldmtool.io.files import shown
     from ldmtool.io.metadata import read_metadata
     from ldmtool.runtime.resume import ReplayItem, replaying
 
@@ -59,13 +60,14 @@ def replay_file(path: Path, target: Path) -> None:
         raise ItemError(f"{path}: no replayable ldmtool recipe in this image (written by another tool or an "
                         "older ldmtool)")
     command = _command(path, recipe.get("command"))
-    item = recipe["item"]
-    for source in (item.get("input"), item.get("mask")):
-        if source is not None and not Path(source).is_file():
-            raise ItemError(f"{path}: its input {source} is no longer there")
-    with replaying(ReplayItem.from_recipe(item, seed=int(recipe["seed"]), output=target)):
+    replay = ReplayItem.from_recipe(recipe["item"], seed=int(recipe["seed"]), output=target)
+    sources = [source for source in (replay.item.path, replay.item.mask) if source is not None]
+    for source in sources:
+        if not source.is_file():
+            raise ItemError(f"{path}: its input {shown(source)} is no longer there")
+    with replaying(replay):
         try:
-            command(**_arguments(command, recipe["cli"], item))
+            command(**_arguments(command, recipe["cli"], recipe["item"], [str(source) for source in sources]))
         except typer.Exit as done:
             if done.exit_code:
                 raise ItemError(f"{path}: the replay failed (see above)") from None
@@ -106,7 +108,8 @@ def _command(path: Path, name: Any) -> Callable[..., Any]:
     raise ItemError(f"{path}: its recipe names the command {name!r}, which this ldmtool does not have")
 
 
-def _arguments(command: Callable[..., Any], recorded: dict[str, Any], item: dict[str, Any]) -> dict[str, Any]:
+def _arguments(command: Callable[..., Any], recorded: dict[str, Any], item: dict[str, Any],
+               sources: list[str]) -> dict[str, Any]:
     """The command's keyword arguments: its defaults, then the recorded options (typed as the command
     declares them), then inputs that name the item itself."""
     parameters = inspect.signature(command).parameters
@@ -116,7 +119,7 @@ def _arguments(command: Callable[..., Any], recorded: dict[str, Any], item: dict
         if name in parameters:
             arguments[name] = _typed(value, hints.get(name))
     if "inputs" in parameters:
-        arguments["inputs"] = [source for source in (item.get("input"), item.get("mask")) if source is not None]
+        arguments["inputs"] = sources
     spec = (item.get("data") or {}).get("spec")
     if "prompts" in parameters and spec is not None:  # a prompt line's item carries the line itself
         arguments.update(prompt=spec["prompt"], prompts=None)

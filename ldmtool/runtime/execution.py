@@ -99,7 +99,8 @@ class JobRunner:
         self.records = records
         self.summary = summary or Summary(base_seed=base_seed)
         self.stopped = False
-        self._recipe_argv = strip_scheduling(options.argv if options.argv is not None else sys.argv)
+        argv = strip_scheduling(options.argv if options.argv is not None else sys.argv)
+        self._recipe_argv = [storable(arg) for arg in argv]  # a name that is not UTF-8 shown escaped
         self._hash_note = model_hash_note(task, recipes.model_sha256)
         self.claims = Claims()
 

@@ -82,7 +82,7 @@ class Recipes:
             "run_id": self.run_id, "job": self.identity(item, seed), "cli": dict(self.recorded_options),
             "item": {"key": storable(item.key), "stem": storable(item.stem), "subdir": storable(item.subdir),
                      "data": identity.jsonable(dict(item.data)), "input": storable(_absolute(item.path)),
-                     "mask": storable(_absolute(item.mask))},
+                     "mask": storable(_absolute(item.mask)), **_exact_names(item)},
         }
 
     def existing_output(self, output: Path, item: Item, seed: int, policy: str) -> Optional[str]:
@@ -152,6 +152,27 @@ def storable(text: Optional[str]) -> Optional[str]:
         return shown(text)
 
 
+def _exact_names(item: Item) -> dict[str, Any]:
+    """`{"bytes": {...}}`: the names that `storable` had to escape, as hex of their exact bytes, so that
+    replay finds a file whose name is not UTF-8 (issue 26); {} when every name is UTF-8."""
+    names = {"key": item.key, "stem": item.stem, "subdir": item.subdir, "input": _absolute(item.path),
+             "mask": _absolute(item.mask)}
+    escaped = {field: os.fsencode(name).hex() for field, name in names.items()
+               if name is not None and storable(name) != name}
+    return {"bytes": escaped} if escaped else {}
+
+
+def _exact(item: Mapping[str, Any], field: str) -> Any:
+    """A recorded name as the file system has it: from its exact bytes when it had to be escaped."""
+    raw = (item.get("bytes") or {}).get(field)
+    if isinstance(raw, str):
+        try:
+            return os.fsdecode(bytes.fromhex(raw))
+        except ValueError:
+            pass
+    return item.get(field)
+
+
 def _absolute(path: Optional[Path]) -> Optional[str]:
     return None if path is None else os.path.abspath(path)
 
@@ -169,9 +190,10 @@ class ReplayItem:
 
     @classmethod
     def from_recipe(cls, item: Mapping[str, Any], *, seed: int, output: Path) -> "ReplayItem":
-        path, mask = item.get("input"), item.get("mask")
-        return cls(Item(key=str(item["key"]), stem=str(item.get("stem") or "item"), path=path and Path(path),
-                        mask=mask and Path(mask), data=dict(item.get("data") or {})), seed, output)
+        path, mask = _exact(item, "input"), _exact(item, "mask")
+        return cls(Item(key=str(_exact(item, "key")), stem=str(_exact(item, "stem") or "item"),
+                        path=path and Path(path), mask=mask and Path(mask), data=dict(item.get("data") or {})),
+                   seed, output)
 
 
 _REPLAY: ContextVar[Optional[ReplayItem]] = ContextVar("ldmtool_replay", default=None)
