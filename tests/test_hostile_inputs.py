@@ -173,6 +173,29 @@ def test_output_name_too_long_fails_that_item_only(tmp_path):
     assert len(failed) == 1
 
 
+def test_an_output_name_up_to_the_file_system_limit_is_written(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    stem = "b" * 251  # 255 bytes with ".png": the temporary name falls back to a fixed-length digest
+    Image.new("RGB", (4, 4)).save(folder / f"{stem}.png")
+    result = _run(tmp_path, "in", "-o", "out", "--json")
+    _no_traceback(result)
+    assert result.returncode == 0, result.stderr.decode()
+    assert (tmp_path / "out" / f"{stem}.png").is_file()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"{stem}.png", "ldmtool-manifest.jsonl"]
+
+
+def test_stale_temporary_file_of_a_long_name_is_removed(tmp_path):
+    from ldmtool.io.writer import remove_stale_temps, temp_name
+
+    output = tmp_path / ("c" * 250 + ".png")
+    temp = temp_name(output)
+    assert len(temp.name) <= 255
+    dead = temp.with_name(temp.name.replace(f".{os.getpid()}.", ".999999999."))
+    dead.write_bytes(b"partial")
+    assert remove_stale_temps([output]) == 1 and not dead.exists()
+
+
 def test_name_template_too_long_for_every_item_is_a_usage_error(tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()

@@ -8,6 +8,7 @@ not permitted) remove the temporary file and raise FatalError: nothing more can 
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import os
 from pathlib import Path
@@ -107,8 +108,20 @@ def write_image(
 
 
 def temp_name(path: Path) -> Path:
-    """Hidden, per-process temporary name beside `path` (never mistaken for an image by discovery)."""
-    return path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
+    """Hidden, per-process temporary name beside `path` (never mistaken for an image by discovery):
+    `.NAME.PID.ldmtool-tmp`, or with a fixed-length digest for NAME when that would be longer than a file
+    name may be, so any output name that can exist can be written."""
+    readable = f".{path.name}.{os.getpid()}{TEMP_SUFFIX}"
+    if len(os.fsencode(readable)) <= _NAME_MAX:
+        return path.with_name(readable)
+    return path.with_name(f".{_name_digest(path.name)}.{os.getpid()}{TEMP_SUFFIX}")
+
+
+_NAME_MAX = 255  # bytes in one file name on the common Linux, macOS and Windows file systems
+
+
+def _name_digest(name: str) -> str:
+    return hashlib.sha256(os.fsencode(name)).hexdigest()[:32]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -202,11 +215,11 @@ def remove_stale_temps(outputs: Iterable[Path], listings: Optional[dict[Path, li
 
 def _stale_temps(folder: Path, listing: list[str], names: set[str]) -> list[Path]:
     stale = []
-    for temp in listing:
-        if not temp.endswith(TEMP_SUFFIX):
-            continue
+    temps = [temp for temp in listing if temp.endswith(TEMP_SUFFIX)]
+    targets = names | {_name_digest(name) for name in names} if temps else names  # long names: a digest
+    for temp in temps:
         owner = _temp_owner(temp)
-        if owner is not None and owner[0] in names and not _alive(owner[1]):
+        if owner is not None and owner[0] in targets and not _alive(owner[1]):
             stale.append(folder / temp)
     return stale
 
