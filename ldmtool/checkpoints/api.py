@@ -21,6 +21,7 @@ from ldmtool.checkpoints.presets import load_preset, preset_names, shipped_model
 from ldmtool.checkpoints.weights import PreparedWeights, check_state_dict, prepare_weights
 from ldmtool.errors import CheckpointError, UsageError
 from ldmtool.families.registry import model_info
+from ldmtool.io.files import file_kind
 
 __all__ = ["LoadInfo", "build_model", "load_model", "resolve_config", "resolve_source"]
 
@@ -105,6 +106,8 @@ def resolve_source(path_or_name: Union[str, Path]) -> tuple[Path, Optional[Path]
     if path.is_file():
         beside = path.with_suffix(".yaml")
         return path, beside if beside.is_file() else None
+    if path.exists():
+        raise UsageError(f"{path}: not a regular file ({file_kind(path.stat().st_mode)})")
     name = str(path_or_name)
     shipped = shipped_model(name)
     if shipped is not None:
@@ -113,7 +116,7 @@ def resolve_source(path_or_name: Union[str, Path]) -> tuple[Path, Optional[Path]
         raise UsageError(f"--model {name}: '{name}' is a preset (architecture only, no weights); "
                          f"give a checkpoint file: --model FILE --preset {name}")
     if path.suffix or "/" in name or "\\" in name:
-        raise CheckpointError(f"{path}: no such checkpoint file")
+        raise UsageError(f"{name}: no such checkpoint file")
     names = [m.name for m in shipped_models()]
     raise UsageError(f"--model {name}: not a file, a shipped model ({', '.join(names) or 'none installed'}) "
                      f"or a preset (see 'ldmtool models list')")

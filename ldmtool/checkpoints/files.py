@@ -17,7 +17,7 @@ from typing import Mapping
 
 import torch
 
-from ldmtool.errors import CheckpointError
+from ldmtool.errors import CheckpointError, UsageError
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -33,8 +33,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+    if not path.exists():
+        raise UsageError(f"{path}: no such checkpoint file")
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
         return _read_safetensors(path)

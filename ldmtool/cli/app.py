@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import NoReturn
 
 import typer
 
 from ldmtool import __version__
-from ldmtool.errors import EXIT_INTERRUPTED, LdmError
+from ldmtool.errors import EXIT_INTERRUPTED, EXIT_USAGE, LdmError
 
 app = typer.Typer(
     name="ldmtool",
@@ -54,13 +55,43 @@ _register_commands()
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point."""
+    """Console-script entry point: every way a command ends is one line on stderr (when it is an error) and
+    an exit code (DESIGN.md §6); with `--json`, the last stdout line is always a `summary` event."""
+    from ldmtool.runtime import report
+
+    clicks = sys.modules[typer.BadParameter.__module__]  # click's exceptions, or those of the click typer vendors
+    no_args = getattr(clicks, "NoArgsIsHelpError", ())
+    args = list(sys.argv[1:] if argv is None else argv)
+    report.reset_final_event()
     try:
-        app(args=argv, prog_name="ldmtool")
+        code = app(args=args, prog_name="ldmtool", standalone_mode=False)
+    except no_args as err:  # bare `ldmtool` or `ldmtool models`: the help, as with -h
+        print(err.ctx.get_help(), file=sys.stderr)
+        _end(args, EXIT_USAGE, None)
+    except clicks.UsageError as err:  # unknown option, bad value, missing argument: one line, as for ours
+        command = err.ctx.command_path if err.ctx else "ldmtool"
+        _end(args, EXIT_USAGE, f"{' '.join(err.format_message().split())} (see '{command} -h')")
+    except clicks.ClickException as err:
+        _end(args, err.exit_code, " ".join(err.format_message().split()))
     except LdmError as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        _end(args, err.exit_code, message)
+    except (KeyboardInterrupt, clicks.Abort):  # outside a batch run (which reports its own)
+        _end(args, EXIT_INTERRUPTED, "interrupted")
+    if isinstance(code, int) and code:
+        _end(args, code, None)
+
+
+def _end(args: list[str], code: int, message: str | None) -> NoReturn:
+    from ldmtool.runtime import report
+
+    if message is not None:
         print(f"ldmtool: error: {message}", file=sys.stderr)
-        sys.exit(err.exit_code)
-    except KeyboardInterrupt:  # outside a batch run (which reports its own interruption)
-        print("ldmtool: interrupted", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
+    if _wants_json(args) and not report.final_event_sent():
+        report.emit_final_event(sys.stdout, code, message)
+    sys.exit(code)
+
+
+def _wants_json(args: list[str]) -> bool:
+    options = args[: args.index("--")] if "--" in args else args
+    return "--json" in options

@@ -143,10 +143,10 @@ class Engine:
         return self.bundle.info
 
     def cond_stage(self, purpose: str) -> torch.nn.Module:
-        """The model's conditioning stage; FatalError for a model (config) that has none."""
+        """The model's conditioning stage; UsageError for a model (config) that has none: the wrong model."""
         stage = self.bundle.cond_stage
         if stage is None:
-            raise FatalError(f"{self.model_path}: the {self.info.family} model has no conditioning stage "
+            raise UsageError(f"{self.model_path}: the {self.info.family} model has no conditioning stage "
                              f"(cond_stage_config), so it cannot {purpose}")
         return stage
 

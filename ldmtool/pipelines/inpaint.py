@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ldmtool.diffusion.cond import Cond
 from ldmtool.diffusion.masked import composite, latent_repaint_mask
-from ldmtool.errors import FatalError, ItemError
+from ldmtool.errors import FatalError, ItemError, UsageError
 from ldmtool.families.info import InpaintKind
 from ldmtool.io.images import LoadedImage, mask_from_alpha, read_image, read_mask
 from ldmtool.pipelines.base import ModelTask, in_groups, input_path
@@ -75,11 +75,11 @@ class InpaintTask(ModelTask):
         info = engine.info
         kind = info.inpaint_kind
         if kind is None:
-            raise FatalError(f"{engine.model_path}: a {info.family} model cannot inpaint (use an inpainting, "
+            raise UsageError(f"{engine.model_path}: a {info.family} model cannot inpaint (use an inpainting, "
                              "text-to-image or unconditional model)")
         self.kind: InpaintKind = kind
         if self.kind is InpaintKind.LDM_CONCAT and (self.prompt or self.negative):
-            raise FatalError(f"{engine.model_path}: the {info.family} model takes no prompt; drop --prompt/--negative")
+            raise UsageError(f"{engine.model_path}: the {info.family} model takes no prompt; drop --prompt/--negative")
         if self.kind is InpaintKind.SD_HYBRID:
             encoder = text_encoder(engine.bundle)
             if encoder is None:

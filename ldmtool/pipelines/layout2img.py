@@ -192,7 +192,7 @@ class Layout2ImgTask(GeneratorTask):
     def check_conditioning(self, bundle: LatentDiffusionBundle) -> None:
         self.tokenizer = tokenizer_for(bundle.info)
         if self.tokenizer is None:
-            raise FatalError(f"{self.engine.model_path}: a {bundle.info.family} model cannot do layout2img (it needs a "
+            raise UsageError(f"{self.engine.model_path}: a {bundle.info.family} model cannot do layout2img (it needs a "
                              "box-token model such as layout2img-openimages256)")
         self.raster_classes = raster_classes(self.engine)
         self.params.update(draw_boxes=self.draw_boxes)

@@ -220,7 +220,7 @@ class SampleTask(GeneratorTask):
                 raise UsageError(f"--class: {path} is an unconditional {info.family} model; drop --class")
             return
         if info.class_count is None or info.conditioning is not Conditioning.CROSSATTN:
-            raise FatalError(f"{path}: a {info.family} model cannot do `{self.command}` without other inputs (it "
+            raise UsageError(f"{path}: a {info.family} model cannot do `{self.command}` without other inputs (it "
                              "needs a class-conditional or unconditional model; see txt2img, semantic2img, layout2img)")
         self.n_classes = info.class_count
         if not self.classes:

@@ -25,7 +25,7 @@ from PIL import Image
 
 from ldmtool.checkpoints.bundle import LatentDiffusionBundle
 from ldmtool.diffusion.cond import Cond
-from ldmtool.errors import FatalError, ItemError, UsageError
+from ldmtool.errors import ItemError, UsageError
 from ldmtool.io.files import MAX_CONFIG_BYTES, read_bounded, read_text_file
 from ldmtool.io.images import max_pixels_default
 from ldmtool.pipelines.base import input_path
@@ -226,7 +226,7 @@ class Semantic2ImgTask(GeneratorTask):
     def check_conditioning(self, bundle: LatentDiffusionBundle) -> None:
         n_classes = bundle.info.label_classes
         if n_classes is None:
-            raise FatalError(f"{self.engine.model_path}: a {bundle.info.family} model takes no label maps, so it cannot do "
+            raise UsageError(f"{self.engine.model_path}: a {bundle.info.family} model takes no label maps, so it cannot do "
                              f"{self.command} from maps (it needs a model such as semantic_synthesis256/512)")
         self.n_classes = n_classes
         if self.palette is not None:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ldmtool.diffusion.cond import Cond
-from ldmtool.errors import FatalError, ItemError, UsageError
+from ldmtool.errors import ItemError, UsageError
 from ldmtool.families.info import Conditioning
 from ldmtool.io.images import LoadedImage, read_image
 from ldmtool.pipelines.base import ModelTask, input_path
@@ -83,7 +83,7 @@ class SuperresTask(ModelTask):
     def check_model(self, engine: Engine) -> None:
         info = engine.info
         if info.conditioning not in (Conditioning.CONCAT, Conditioning.HYBRID_ADM):
-            raise FatalError(f"{engine.model_path}: a {info.family} model cannot do super-resolution "
+            raise UsageError(f"{engine.model_path}: a {info.family} model cannot do super-resolution "
                              "(it needs a low-resolution image as concat conditioning)")
         self.upscaler = info.conditioning is Conditioning.HYBRID_ADM
         if not self.upscaler:

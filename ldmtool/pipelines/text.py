@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 import numpy as np
 import torch
 
-from ldmtool.errors import FatalError, UsageError
+from ldmtool.errors import UsageError
 from ldmtool.families.info import Conditioning
 from ldmtool.io.files import read_text_file
 from ldmtool.runtime.device import one_thread
@@ -125,7 +125,7 @@ def require_text_model(bundle: "LatentDiffusionBundle", path: Path, command: str
     FatalError naming what the model is."""
     encoder = text_encoder(bundle)
     if encoder is None or bundle.info.conditioning not in kinds:
-        raise FatalError(f"{path}: a {bundle.info.family} model has no text encoder, so it cannot do {command}; "
+        raise UsageError(f"{path}: a {bundle.info.family} model has no text encoder, so it cannot do {command}; "
                          "use a text-to-image checkpoint (SD 1.x/2.x, LDM text2img256 or txt2img-1p4B)")
     return encoder
 
@@ -198,7 +198,7 @@ def padded_images(rgbs: Sequence[np.ndarray], multiple: int) -> torch.Tensor:
 
 class PromptConditioning:
     """Conditioning for img2img and masked inpainting: a text model's prompt and negative (guided), or
-    nothing for an unconditional model. Other model kinds cannot take these commands (FatalError)."""
+    nothing for an unconditional model. Other model kinds cannot take these commands (UsageError)."""
 
     def __init__(self, bundle: "LatentDiffusionBundle", path: Path, command: str, *, prompt: str = "",
                  negative: str = ""):
@@ -206,13 +206,13 @@ class PromptConditioning:
         info = bundle.info
         if info.conditioning is Conditioning.NONE:
             if prompt or negative:
-                raise FatalError(f"{path}: a {info.family} model is unconditional and takes no prompt; "
+                raise UsageError(f"{path}: a {info.family} model is unconditional and takes no prompt; "
                                  "drop --prompt/--negative")
             self.texts: Optional[TextConditioner] = None
             return
         encoder = text_encoder(bundle)
         if encoder is None or info.conditioning is not Conditioning.CROSSATTN:
-            raise FatalError(f"{path}: a {info.family} model cannot do {command} (it needs a text-to-image "
+            raise UsageError(f"{path}: a {info.family} model cannot do {command} (it needs a text-to-image "
                              "or unconditional model)")
         self.texts = TextConditioner(encoder)
 

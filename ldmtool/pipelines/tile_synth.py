@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 from ldmtool.checkpoints.bundle import LatentDiffusionBundle
 from ldmtool.diffusion.cond import Cond
-from ldmtool.errors import FatalError, UsageError
+from ldmtool.errors import UsageError
 from ldmtool.families.info import Conditioning
 from ldmtool.io.discover import Item, generated_items
 from ldmtool.pipelines.engine import Engine
@@ -62,7 +62,7 @@ class TextTileTask(GeneratorTask):
     def check_conditioning(self, bundle: LatentDiffusionBundle) -> None:
         encoder = text_encoder(bundle)
         if encoder is None or bundle.info.conditioning is not Conditioning.CROSSATTN:
-            raise FatalError(f"{self.engine.model_path}: a {bundle.info.family} model takes no text; drop --prompt "
+            raise UsageError(f"{self.engine.model_path}: a {bundle.info.family} model takes no text; drop --prompt "
                              "(or use a text-to-image model)")
         self.texts = TextConditioner(encoder)
         self.params.update(prompt=self.prompt, negative=self.negative)

@@ -1,7 +1,8 @@
 """The one reporter every command uses for progress and per-item events (DESIGN.md §6).
 
 - stdout gets machine output only: with `--json`, one JSON object per line, one per item
-  (`event`: done | skipped | failed, with input, output, seed, seconds, error), then one `summary`.
+  (`event`: done | skipped | failed, with input, output, seed, seconds, error), then one `summary` with
+  the exit code, however the run ends (with `error` when it stopped on one).
 - stderr gets human output: a rich progress bar when stderr is a terminal, a one-line message per failed
   item (always, even with `--quiet`), notes (e.g. skipped non-image files) and a closing summary line.
 """
@@ -111,10 +112,19 @@ class Reporter:
     def finish(self, summary: Summary) -> None:
         self._stop_progress()
         if self.json_events:
-            self._emit({"event": "summary", "done": summary.done, "skipped": summary.skipped,
-                        "failed": summary.failed, "seconds": round(summary.seconds, 3), "seed": summary.base_seed})
+            self._emit(_summary_event(summary, summary.exit_code, None))
+            _FINAL["sent"] = True
         if not self.quiet:
             self._say(summary.line())
+
+    def finish_with_error(self, summary: Summary, code: int, message: str) -> None:
+        """End a run that stopped (fatal error, usage error found late, interruption): with `--json`, the
+        final `summary` event carries its exit code and the one-line error; stderr gets the error from
+        the CLI, not here."""
+        self._stop_progress()
+        if self.json_events:
+            self._emit(_summary_event(summary, code, message))
+            _FINAL["sent"] = True
 
     def close(self) -> None:
         """Stop the progress bar without a summary (fatal error, interruption)."""
@@ -161,6 +171,35 @@ class Reporter:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+
+# Whether this process has written its final `--json` event (the CLI writes one for runs that end before
+# a reporter could: usage errors, a model that does not load).
+_FINAL = {"sent": False}
+
+
+def reset_final_event() -> None:
+    _FINAL["sent"] = False
+
+
+def final_event_sent() -> bool:
+    return _FINAL["sent"]
+
+
+def emit_final_event(out: TextIO, code: int, message: Optional[str]) -> None:
+    """The final `summary` event of a command that ended before any item was processed."""
+    out.write(json_line(_summary_event(Summary(), code, message)))
+    out.flush()
+    _FINAL["sent"] = True
+
+
+def _summary_event(summary: Summary, code: int, message: Optional[str]) -> dict[str, Any]:
+    event: dict[str, Any] = {"event": "summary", "done": summary.done, "skipped": summary.skipped,
+                             "failed": summary.failed, "seconds": round(summary.seconds, 3),
+                             "seed": summary.base_seed, "exit_code": code}
+    if message is not None:
+        event["error"] = message
+    return event
 
 
 def _is_terminal(stream: TextIO) -> bool:

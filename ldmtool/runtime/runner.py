@@ -24,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
-from ldmtool.errors import FatalError, Interrupted, ItemError, UsageError
+from ldmtool.errors import FatalError, Interrupted, ItemError, LdmError, UsageError
 from ldmtool.io.discover import Discovery, Item
 from ldmtool.io.manifest import MANIFEST_NAME, Manifest
 from ldmtool.io.outputs import DEFAULT_TEMPLATE, OutputSpec, plan_outputs
@@ -82,10 +82,15 @@ def run_task(
     run = BatchRun(task, options, reporter)
     with _sigterm_as_interrupt():
         try:
-            return run.execute(discovery.items, notes=discovery.notes())
-        except KeyboardInterrupt:
-            raise Interrupted(f"interrupted after {run.summary.done} item(s) were written; "
-                              "run the same command again to resume") from None
+            try:
+                return run.execute(discovery.items, notes=discovery.notes())
+            except KeyboardInterrupt:
+                raise Interrupted(f"interrupted after {run.summary.done} item(s) were written; "
+                                  "run the same command again to resume") from None
+        except LdmError as err:
+            run.summary.seconds = time.monotonic() - run.started
+            reporter.finish_with_error(run.summary, err.exit_code, " ".join(str(err).split()))
+            raise
         finally:
             run.runner.close()  # claims first: the folder may hold nothing else
             run.remove_created_folder()
