@@ -91,7 +91,13 @@ def read_bounded(path: Path | str, limit: int | None = None) -> bytes:
     limit = max_file_bytes() if limit is None else limit
     fd = open_regular(path, limit)
     with os.fdopen(fd, "rb") as handle:
-        data = handle.read(limit + 1)
+        # read(limit + 1) would allocate a buffer of the whole limit (1 GiB) for every small file
+        chunks = [handle.read(min(os.fstat(fd).st_size, limit) + 1)]
+        total = len(chunks[0])
+        while total <= limit and chunks[-1]:  # until the end of a file that grew since the stat
+            chunks.append(handle.read(min(1 << 16, limit + 1 - total)))
+            total += len(chunks[-1])
+        data = b"".join(chunks)
     if len(data) > limit:
         raise FileTooLarge(f"{shown(path)}: the file grew over the limit of {limit} bytes while being read")
     return data
