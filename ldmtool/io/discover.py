@@ -14,11 +14,13 @@ from __future__ import annotations
 import glob
 import re
 import sys
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, TextIO
 
 from ldmtool.errors import ItemError, UsageError
+from ldmtool.io.files import read_bounded
 from ldmtool.io.images import IMAGE_SUFFIXES, is_image_path
 
 MASK_SUFFIX = "_mask"
@@ -136,6 +138,8 @@ def discover(
 def _expand(raw: str, recursive: bool, out: list[_Candidate], skipped: list[Path], stdin: TextIO,
             *, from_list: bool, base: Optional[Path] = None) -> None:
     raw = raw.strip()
+    if "\x00" in raw:
+        raise UsageError(f"{raw!r}: a path cannot contain a NUL character")
     if raw == "-" and not from_list:
         for line in _list_lines(stdin.read()):
             _expand(line, recursive, out, skipped, stdin, from_list=True)
@@ -143,18 +147,22 @@ def _expand(raw: str, recursive: bool, out: list[_Candidate], skipped: list[Path
     if raw.startswith("@") and not from_list:
         list_file = Path(raw[1:])
         try:
-            text = list_file.read_text(encoding="utf-8")
-        except OSError as err:
-            raise UsageError(f"{list_file}: cannot read the list file ({err.strerror or err})") from None
+            text = read_bounded(list_file).decode("utf-8")  # a FIFO or device is refused, never read
+        except (OSError, UnicodeDecodeError) as err:
+            raise UsageError(f"{list_file}: cannot read the list file ({getattr(err, 'strerror', None) or err})") from None
         for line in _list_lines(text):
             _expand(line, recursive, out, skipped, stdin, from_list=True, base=list_file.parent)
         return
     path = Path(raw).expanduser()
     if base is not None and not path.is_absolute():
         path = base / path
-    if path.is_dir():
+    try:
+        is_dir, exists = path.is_dir(), path.exists() or path.is_symlink()
+    except OSError as err:  # a name too long for the file system, a permission denied on the way
+        raise UsageError(f"{raw}: cannot use this path ({err.strerror or err})") from None
+    if is_dir:
         _walk(path, path, recursive, out, skipped)
-    elif path.exists() or path.is_symlink():
+    elif exists:
         out.append(_Candidate(path, path.parent, explicit=True))
     elif _GLOB_CHARS.search(str(path)):
         _glob(path, out, skipped)
@@ -165,7 +173,8 @@ def _expand(raw: str, recursive: bool, out: list[_Candidate], skipped: list[Path
 
 
 def _list_lines(text: str) -> list[str]:
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    # lines end at '\n' only (and a '\r' before it): a file name may hold U+0085, U+2028, U+001C, ...
+    return [line.strip() for line in text.split("\n") if line.strip() and not line.lstrip().startswith("#")]
 
 
 def _walk(folder: Path, root: Path, recursive: bool, out: list[_Candidate], skipped: list[Path],
@@ -293,5 +302,13 @@ def _check_unique_keys(items: list[Item]) -> None:
                              "pass their common parent folder instead so their subfolders keep them apart")
 
 
-def _natural_key(text: str) -> list[int | str]:
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", text)]
+def _natural_key(text: str) -> list[tuple[int, str] | str]:
+    """'img10' sorts after 'img9': runs of digits (any script's, odd places of the split) compare by value."""
+    return [_number_key(part) if i % 2 else part.lower() for i, part in enumerate(re.split(r"(\d+)", text))]
+
+
+def _number_key(digits: str) -> tuple[int, str]:
+    """A digit run's value as (length, ASCII digits): no int() of thousands of digits, no '²' (isdigit but
+    not a decimal digit)."""
+    value = "".join(str(unicodedata.decimal(c)) for c in digits).lstrip("0")
+    return len(value), value
