@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -32,6 +33,7 @@ from ldmtool.diffusion.cond import Cond
 from ldmtool.errors import FatalError, ItemError, LdmError, UsageError
 from ldmtool.families.info import Conditioning
 from ldmtool.io.discover import Item
+from ldmtool.io.files import read_bounded
 from ldmtool.pipelines.base import input_path
 from ldmtool.pipelines.box_raster import box_raster
 from ldmtool.pipelines.engine import Engine, method
@@ -118,14 +120,16 @@ def _load_document(path: Path) -> Any:
     try:
         if path.stat().st_size > _MAX_LAYOUT_BYTES:
             raise ItemError(f"{path}: layout file is larger than {_MAX_LAYOUT_BYTES} bytes")
-        text = path.read_text(encoding="utf-8")
+        text = read_bounded(path, _MAX_LAYOUT_BYTES).decode("utf-8")  # a FIFO is refused, never read
     except (OSError, UnicodeDecodeError) as err:
         raise ItemError(f"{path}: cannot read the layout ({getattr(err, 'strerror', None) or err})") from None
+    kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
     try:
-        return json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as err:
-        raise ItemError(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'} "
-                        f"({' '.join(str(err).split())})") from None
+        return json.loads(text) if kind == "JSON" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as err:  # ValueError: also a JSON number of over 4300 digits
+        raise ItemError(f"{path}: not valid {kind} ({' '.join(str(err).split())[:200]})") from None
+    except RecursionError:
+        raise ItemError(f"{path}: not a layout ({kind} nested too deep)") from None
 
 
 def _layout_parts(doc: Any, path: Path | str) -> tuple[Optional[tuple[float, float]], Optional[str], list[Any]]:
@@ -145,7 +149,13 @@ def _layout_parts(doc: Any, path: Path | str) -> tuple[Optional[tuple[float, flo
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite number a float can hold (JSON/YAML also give NaN, infinities and ints of any size)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _raw_box(obj: Any, path: Path | str, index: int) -> list[float]:

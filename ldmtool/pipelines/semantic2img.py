@@ -25,6 +25,7 @@ from PIL import Image
 from ldmtool.checkpoints.bundle import LatentDiffusionBundle
 from ldmtool.diffusion.cond import Cond
 from ldmtool.errors import FatalError, ItemError, UsageError
+from ldmtool.io.files import read_bounded
 from ldmtool.io.images import max_pixels_default
 from ldmtool.pipelines.base import input_path
 from ldmtool.pipelines.engine import Engine, method
@@ -43,11 +44,13 @@ Palette = dict[tuple[int, int, int], int]
 def load_palette(path: Path | str) -> Palette:
     """colour → class id from a palette YAML; UsageError naming the file and the bad entry."""
     try:
-        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        doc = yaml.safe_load(read_bounded(path).decode("utf-8"))  # a FIFO or device is refused, never read
     except (OSError, UnicodeDecodeError) as err:
         raise UsageError(f"{path}: cannot read the palette ({getattr(err, 'strerror', None) or err})") from None
     except yaml.YAMLError as err:
         raise UsageError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+    except RecursionError:
+        raise UsageError(f"{path}: not a palette (YAML nested too deep)") from None
     if isinstance(doc, dict) and set(doc) == {"palette"}:
         doc = doc["palette"]
     if not isinstance(doc, dict) or not doc:
