@@ -115,9 +115,9 @@ def _json_prompt(line: str, where: str) -> PromptSpec:
     return PromptSpec(**record)
 
 
-def _finite(value: float) -> bool:
+def _finite(value: object) -> bool:
     try:
-        return math.isfinite(value)
+        return isinstance(value, (int, float)) and math.isfinite(value)
     except OverflowError:  # an int too large for a float
         return False
 
