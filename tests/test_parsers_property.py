@@ -347,3 +347,28 @@ def test_regression_read_bounded_allocates_the_file_not_the_limit(scratch: Path)
     assert bounded(lambda: read_bounded(path, limit=3), peak_bytes=1 << 20) == b"abc"
     with pytest.raises(OSError, match="over the limit of 2"):
         read_bounded(path, limit=2)
+
+
+# ---------------------------------------------------------------- class names and numbers
+
+
+@given(st.text(max_size=30) | st.integers(-5, 10**40).map(str) | st.sampled_from(["tench", "Tench ", "goldfish", "٣"]),
+       st.sampled_from([10, 1000]))
+def test_class_ids_are_in_range_or_a_usage_error(text: str, n_classes: int) -> None:
+    from ldmtool.pipelines.sample import class_id, imagenet_names, normalize_name
+
+    outcome = bounded(lambda: class_id(text, n_classes))
+    if isinstance(outcome, int):
+        assert 0 <= outcome < n_classes
+        if not text.strip().isdecimal():
+            assert normalize_name(imagenet_names()[outcome]) == normalize_name(text)
+    else:
+        assert_clear(outcome, UsageError, "--class")
+
+
+def test_regression_class_number_of_thousands_of_digits() -> None:
+    from ldmtool.pipelines.sample import class_id
+
+    # int() of over 4300 digits raised ValueError; the message now shows the start of the number only
+    assert_clear(bounded(lambda: class_id("9" * 5000, 1000)), UsageError, "classes 0 to 999")
+    assert class_id("0" * 5000 + "7", 1000) == 7
