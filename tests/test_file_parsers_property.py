@@ -286,3 +286,31 @@ def test_regression_legacy_pickle_declaring_a_huge_string_allocates_only_the_fil
     header = _saved({"w": torch.zeros(1)}, zip_format=False)[:10]  # the legacy magic number's pickle starts it
     path.write_bytes(header[:2] + b"X" + struct.pack("<I", 2**32 - 1) + b"abc")
     assert_clear(bounded(lambda: read_state_dict(path), peak_bytes=8 << 20), CheckpointError, str(path))
+
+
+# ---------------------------------------------------------------- CompVis YAML configs
+
+
+@given(st.binary(max_size=200) | JSON.map(lambda v: yaml.safe_dump(v).encode())
+       | st.dictionaries(st.sampled_from(["model", "target", "params"]), JSON, max_size=3).map(
+           lambda v: yaml.safe_dump(v).encode()))
+def test_config_files_give_a_model_block_or_a_checkpoint_error(scratch: Path, data: bytes) -> None:
+    from ldmtool.checkpoints.config import load_config
+
+    path = scratch / "config.yaml"
+    path.write_bytes(data)
+    outcome = bounded(lambda: load_config(path))
+    if isinstance(outcome, dict):
+        assert "target" in outcome["model"]
+    else:
+        assert_clear(outcome, CheckpointError, str(path))
+
+
+@pytest.mark.parametrize("data", [b"\xff\xfe", b"[" * 100_000])
+def test_regression_config_bad_utf8_or_nested_too_deep(scratch: Path, data: bytes) -> None:
+    # both raised raw UnicodeDecodeError / RecursionError
+    from ldmtool.checkpoints.config import load_config
+
+    path = scratch / "bad-config.yaml"
+    path.write_bytes(data)
+    assert_clear(bounded(lambda: load_config(path), peak_bytes=None), CheckpointError, str(path))

@@ -55,6 +55,10 @@ def load_config(config: ConfigLike) -> dict[str, Any]:
             doc = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as err:
             raise CheckpointError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from err
+        except (OSError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{path}: cannot read the config ({getattr(err, 'strerror', None) or err})") from err
+        except RecursionError:
+            raise CheckpointError(f"{path}: not a CompVis config (YAML nested too deep)") from None
         if not isinstance(doc, Mapping):
             raise CheckpointError(f"{path}: a CompVis config is a mapping with a 'model:' block")
         doc = dict(doc)
