@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, TextIO
 
 from ldmtool.errors import ItemError, UsageError
-from ldmtool.io.files import read_bounded
+from ldmtool.io.files import read_bounded, shown
 from ldmtool.io.images import IMAGE_SUFFIXES, is_image_path
 
 MASK_SUFFIX = "_mask"
@@ -149,7 +149,7 @@ def _expand(raw: str, recursive: bool, out: list[_Candidate], skipped: list[Path
         try:
             text = read_bounded(list_file).decode("utf-8")  # a FIFO or device is refused, never read
         except (OSError, UnicodeDecodeError) as err:
-            raise UsageError(f"{list_file}: cannot read the list file ({getattr(err, 'strerror', None) or err})") from None
+            raise UsageError(f"{shown(list_file)}: cannot read the list file ({getattr(err, 'strerror', None) or err})") from None
         for line in _list_lines(text):
             _expand(line, recursive, out, skipped, stdin, from_list=True, base=list_file.parent)
         return
@@ -159,7 +159,7 @@ def _expand(raw: str, recursive: bool, out: list[_Candidate], skipped: list[Path
     try:
         is_dir, exists = path.is_dir(), path.exists() or path.is_symlink()
     except OSError as err:  # a name too long for the file system, a permission denied on the way
-        raise UsageError(f"{raw}: cannot use this path ({err.strerror or err})") from None
+        raise UsageError(f"{shown(raw)}: cannot use this path ({err.strerror or err})") from None
     if is_dir:
         _walk(path, path, recursive, out, skipped)
     elif exists:
@@ -169,7 +169,7 @@ def _expand(raw: str, recursive: bool, out: list[_Candidate], skipped: list[Path
     elif from_list:
         out.append(_Candidate(path, path.parent, explicit=True))  # fails as an item: the batch goes on
     else:
-        raise UsageError(f"{raw}: no such file or folder")
+        raise UsageError(f"{shown(raw)}: no such file or folder")
 
 
 def _list_lines(text: str) -> list[str]:
@@ -187,7 +187,7 @@ def _walk(folder: Path, root: Path, recursive: bool, out: list[_Candidate], skip
     try:
         entries = sorted(folder.iterdir())
     except OSError as err:
-        raise UsageError(f"{folder}: cannot list the folder ({err.strerror or err})") from None
+        raise UsageError(f"{shown(folder)}: cannot list the folder ({err.strerror or err})") from None
     for entry in entries:
         if entry.name.startswith("."):
             continue  # hidden files, and our own temporary files
@@ -207,7 +207,7 @@ def _glob(pattern: Path, out: list[_Candidate], skipped: list[Path]) -> None:
     # every entry but folders: a FIFO or device named *.png is an item that fails, naming itself
     files = [Path(m) for m in matches if not Path(m).is_dir() and not Path(m).name.startswith(".")]
     if not files:
-        raise UsageError(f"{text}: no files match this pattern")
+        raise UsageError(f"{shown(text)}: no files match this pattern")
     for path in files:
         if is_image_path(path):
             out.append(_Candidate(path, root, explicit=False))
@@ -298,7 +298,8 @@ def _check_unique_keys(items: list[Item]) -> None:
     for item in items:
         other = by_key.setdefault(item.key, item)
         if other is not item:
-            raise UsageError(f"{other.path} and {item.path} would both be item '{item.key}' (same name); "
+            raise UsageError(f"{shown(str(other.path))} and {shown(str(item.path))} would both be item "
+                             f"'{shown(item.key)}' (same name); "
                              "pass their common parent folder instead so their subfolders keep them apart")
 
 

@@ -45,8 +45,10 @@ def positive_int_env(name: str, default: int, unit: str) -> int:
 
 
 def shown(path: Path | str) -> str:
-    """A path as messages show it: bytes that are not UTF-8 escaped (b'caf\\xe9' -> 'caf\\\\xe9')."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+    """A path as messages show it: bytes that are not UTF-8 escaped (b'caf\\xe9' -> 'caf\\\\xe9'), and control
+    characters too (a name holding '\\r' or '\\n' must not cut or split the one-line message)."""
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def file_kind(mode: int) -> str:
