@@ -316,10 +316,12 @@ def test_list_items_sort_by_number(scratch: Path, numbers: list[int], digits: st
     assert keys == [name(n) for n in sorted(numbers)]
 
 
-@pytest.mark.parametrize("content", [b"\xff\xfe\n", "1\u00b22.png\n".encode(), b"a\x00b.png\n", b"9" * 5000 + b".png\n"])
+@pytest.mark.parametrize("content", [b"\xff\xfe\n", "1\u00b22.png\n".encode(), b"a\x00b.png\n", b"9" * 5000 + b".png\n",
+                                     b"\x01\r?\n"])
 def test_regression_list_files_that_raised(scratch: Path, content: bytes) -> None:
     # bad UTF-8 raised UnicodeDecodeError; '1²2' (isdigit, not decimal) and 5000 digits raised ValueError
-    # from int() in the natural sort; a NUL raised ValueError from Path.resolve()
+    # from int() in the natural sort; a NUL raised ValueError from Path.resolve(); a '\r' in a line that
+    # matched no file went into the message as it was
     listing = scratch / "bad-list.txt"
     listing.write_bytes(content)
     outcome = bounded(lambda: discover([f"@{listing}"]))
