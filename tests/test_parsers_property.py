@@ -198,6 +198,7 @@ def test_regression_template_refused_before_rendering(template: str) -> None:
     # a huge width was rendered (100 MB) before the length check; '{index:{seed}}' took its width from each
     # item's seed at render time; a NUL reached Path.resolve() as a ValueError
     assert_clear(bounded(lambda: check_template(template), peak_bytes=1 << 20), UsageError, "--name")
+    check_template("{stem:>" + "0" * 5000 + "9}")  # width 9: fine (the width check must not int() 5000 digits)
 
 
 # ---------------------------------------------------------------- manifests

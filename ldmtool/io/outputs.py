@@ -72,7 +72,8 @@ def _check_spec(template: str, spec: str) -> None:
     width would be an item's seed) or a width or precision past the file-name limit (`{stem:>999999999}`)."""
     if "{" in spec:
         raise UsageError(f"--name {template!r}: a format spec cannot contain another field ({spec!r})")
-    if any(len(digits.lstrip("0")) > 3 or int(digits) > NAME_MAX for digits in re.findall(r"[0-9]+", spec)):
+    widths = [digits.lstrip("0") or "0" for digits in re.findall(r"[0-9]+", spec)]  # no int() of 5000 digits
+    if any(len(width) > 3 or int(width) > NAME_MAX for width in widths):
         raise UsageError(f"--name {template!r}: the format spec {spec!r} is wider than a file name can be "
                          f"({NAME_MAX} bytes)")
 
