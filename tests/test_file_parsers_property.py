@@ -184,6 +184,16 @@ def test_regression_every_cut_and_zeroed_byte_of_a_legacy_checkpoint(scratch: Pa
             assert all(isinstance(v, torch.Tensor) for v in loaded.values())
 
 
+def test_regression_zip_end_record_naming_another_disk(scratch: Path) -> None:
+    # zipfile.is_zipfile raised BadZipFile ('zipfiles that span multiple disks are not supported')
+    data = bytearray(_saved(CHECKPOINTS["lightning"], zip_format=True))
+    locator = data.rfind(b"PK\x06\x07")  # the zip64 end of central directory locator; +4: its disk number
+    data[locator + 4] = 1
+    path = scratch / "multi-disk.ckpt"
+    path.write_bytes(bytes(data))
+    assert_clear(bounded(lambda: read_state_dict(path)), CheckpointError, str(path))
+
+
 @given(st.binary(max_size=300) | st.sampled_from([b"PK\x03\x04", b"\x80\x02", b"\x80\x02\x8a\x0alp\xfc\x9cF\xf9 j\xa8P\x19."]))
 def test_random_bytes_named_ckpt(scratch: Path, data: bytes) -> None:
     path = scratch / "random.ckpt"

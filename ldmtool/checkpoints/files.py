@@ -154,7 +154,10 @@ def refuse_vulnerable_torch(path: Path, torch_version: str) -> None:
 
 def _read_pickle(path: Path) -> object:
     refuse_vulnerable_torch(path, torch.__version__)
-    mmap = zipfile.is_zipfile(path)  # only the zip format can be memory-mapped
+    try:
+        mmap = zipfile.is_zipfile(path)  # only the zip format can be memory-mapped
+    except zipfile.BadZipFile as err:  # is_zipfile itself raises on some corrupt end records ("span multiple disks")
+        raise CheckpointError(f"{path}: cannot read checkpoint (truncated or not a PyTorch file?): {err}") from err
     try:
         return _weights_only_load(path, mmap)
     except pickle.UnpicklingError as err:
