@@ -24,3 +24,19 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+# Property-based parser tests (tests/test_*_property.py). The default profile keeps the normal suite short
+# and reproducible on any machine (derandomize: the same examples every run); `LDMTOOL_HYPOTHESIS_PROFILE=long`
+# (benchmarks/property_long.sh) searches far more inputs, without a deadline.
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # hypothesis is in the test extra; the rest of the suite runs without it
+    pass
+else:
+    # database=None: nothing is written into the working tree; a failure prints its @reproduce_failure blob.
+    settings.register_profile("default", max_examples=60, deadline=2000, derandomize=True, print_blob=True,
+                              database=None, suppress_health_check=[HealthCheck.too_slow])
+    settings.register_profile("long", max_examples=2000, deadline=None, derandomize=False, print_blob=True,
+                              database=None, suppress_health_check=[HealthCheck.too_slow])
+    settings.load_profile(os.environ.get("LDMTOOL_HYPOTHESIS_PROFILE", "default"))

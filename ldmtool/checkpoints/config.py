@@ -12,7 +12,7 @@ from typing import Any, Mapping, Union
 
 import yaml
 
-from ldmtool.errors import CheckpointError
+from ldmtool.errors import CheckpointError, UsageError
 from ldmtool.io.files import MAX_CONFIG_BYTES, read_text_file
 
 ConfigLike = Union[str, Path, Mapping[str, Any]]
@@ -51,13 +51,15 @@ def load_config(config: ConfigLike) -> dict[str, Any]:
     else:
         path = Path(config)
         if not path.exists():
-            raise CheckpointError(f"{path}: config file not found")
+            raise UsageError(f"{path}: config file not found")
         try:
             doc = yaml.safe_load(read_text_file(path, MAX_CONFIG_BYTES))
         except (OSError, UnicodeDecodeError) as err:
             raise CheckpointError(f"{path}: cannot read the config ({getattr(err, 'strerror', None) or err})") from None
         except yaml.YAMLError as err:
             raise CheckpointError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from err
+        except RecursionError:
+            raise CheckpointError(f"{path}: not a CompVis config (YAML nested too deep)") from None
         if not isinstance(doc, Mapping):
             raise CheckpointError(f"{path}: a CompVis config is a mapping with a 'model:' block")
         doc = dict(doc)

@@ -6,6 +6,7 @@ checkpoint is not held twice in memory while a model is built from it.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -153,7 +154,10 @@ def refuse_vulnerable_torch(path: Path, torch_version: str) -> None:
 
 def _read_pickle(path: Path) -> object:
     refuse_vulnerable_torch(path, torch.__version__)
-    mmap = zipfile.is_zipfile(path)  # only the zip format can be memory-mapped
+    try:
+        mmap = zipfile.is_zipfile(path)  # only the zip format can be memory-mapped
+    except zipfile.BadZipFile as err:  # is_zipfile itself raises on some corrupt end records ("span multiple disks")
+        raise CheckpointError(f"{path}: cannot read checkpoint (truncated or not a PyTorch file?): {err}") from err
     try:
         return _weights_only_load(path, mmap)
     except pickle.UnpicklingError as err:
@@ -169,14 +173,34 @@ def _read_pickle(path: Path) -> object:
         ) from err
 
 
+class _BoundedReads(io.BufferedReader):
+    """A file whose read(n) never asks for more than is left in it. A legacy (non-zip) pickle is read from
+    the file opcode by opcode, and an opcode that declares a 4 GiB string in a 1 kB file would otherwise make
+    Python allocate the declared size before finding the end of the file."""
+
+    def __init__(self, raw: io.RawIOBase) -> None:
+        super().__init__(raw)
+        self._size = os.fstat(self.fileno()).st_size
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is not None and size > 0:
+            size = min(size, max(0, self._size - self.tell()))
+            if size == 0:
+                return b""
+        return super().read(size)
+
+
 def _weights_only_load(path: Path, mmap: bool) -> object:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        if mmap:  # the zip format: torch reads each record at its own size, and maps the tensor data
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        with _BoundedReads(io.FileIO(path, "r")) as handle:
+            return torch.load(handle, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile,
-            KeyError, IndexError, TypeError, AttributeError, MemoryError, OverflowError, RecursionError) as err:
-        # a text or random file named .ckpt makes the legacy unpickler fail in arbitrary ways
+    except Exception as err:
+        # a text, random or cut file named .ckpt makes the loaders fail in arbitrary ways (struct.error from a
+        # cut legacy file, an AssertionError inside torch, ...): every one is this file's fault, not a bug here
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if not isinstance(err, (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile)):
             first = f"unpickling failed with {type(err).__name__}"

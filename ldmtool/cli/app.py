@@ -87,9 +87,18 @@ def _end(args: list[str], code: int, message: str | None) -> NoReturn:
 
     if message is not None:
         print(f"ldmtool: error: {message}", file=sys.stderr)
-    if _wants_json(args) and not report.final_event_sent():
+    if _wants_json(args) and _is_task_command(args) and not report.final_event_sent():
         report.emit_final_event(sys.stdout, code, message)
     sys.exit(code)
+
+
+def _is_task_command(args: list[str]) -> bool:
+    """Whether the command line names a batch-run command (`superres`, `txt2img`, ...)."""
+    from ldmtool.cli.shared import TASK_MARK
+
+    name = next((arg for arg in args if not arg.startswith("-")), None)
+    callbacks = [command.callback for command in app.registered_commands if command.name == name]
+    return any(getattr(callback, TASK_MARK, False) for callback in callbacks)
 
 
 def _wants_json(args: list[str]) -> bool:

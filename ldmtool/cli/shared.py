@@ -52,7 +52,15 @@ def task_command(*, model: Optional[str], seamless: bool = False) -> Callable[[C
     def runner_options(records: dict[str, Any], cli: dict[str, Any]) -> dict[str, Any]:
         return {**records, "run": run_options(records["run"], cli)}
 
-    return lambda command: option_groups(command, appended=shared, finish=runner_options)
+    def make(command: Callable[..., Any]) -> Callable[..., Any]:
+        wrapped = option_groups(command, appended=shared, finish=runner_options)
+        setattr(wrapped, TASK_MARK, True)  # a batch run: its --json output ends with a summary event
+        return wrapped
+
+    return make
+
+
+TASK_MARK = "_ldmtool_task_command"
 
 
 def option_groups(command: Callable[..., Any], *, appended: Sequence[_Group] = (),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import re
 import sys
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, TextIO
@@ -137,6 +138,8 @@ def discover(
 def _expand(raw: str, recursive: bool, out: list[_Candidate], skipped: list[Path], stdin: TextIO,
             *, from_list: bool, base: Optional[Path] = None) -> None:
     raw = raw.strip()
+    if "\x00" in raw:
+        raise UsageError(f"{raw!r}: a path cannot contain a NUL character")
     if raw == "-" and not from_list:
         for line in _list_lines(stdin.read()):
             _expand(line, recursive, out, skipped, stdin, from_list=True)
@@ -153,20 +156,25 @@ def _expand(raw: str, recursive: bool, out: list[_Candidate], skipped: list[Path
     path = Path(raw).expanduser()
     if base is not None and not path.is_absolute():
         path = base / path
-    if path.is_dir():
+    try:
+        is_dir, exists = path.is_dir(), path.exists() or path.is_symlink()
+    except OSError as err:  # a name too long for the file system, a permission denied on the way
+        raise UsageError(f"{shown(raw)}: cannot use this path ({err.strerror or err})") from None
+    if is_dir:
         _walk(path, path, recursive, out, skipped)
-    elif path.exists() or path.is_symlink():
+    elif exists:
         out.append(_Candidate(path, path.parent, explicit=True))
     elif _GLOB_CHARS.search(str(path)):
         _glob(path, out, skipped)
     elif from_list:
         out.append(_Candidate(path, path.parent, explicit=True))  # fails as an item: the batch goes on
     else:
-        raise UsageError(f"{raw}: no such file or folder")
+        raise UsageError(f"{shown(raw)}: no such file or folder")
 
 
 def _list_lines(text: str) -> list[str]:
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    # lines end at '\n' only (and a '\r' before it): a file name may hold U+0085, U+2028, U+001C, ...
+    return [line.strip() for line in text.split("\n") if line.strip() and not line.lstrip().startswith("#")]
 
 
 def _walk(folder: Path, root: Path, recursive: bool, out: list[_Candidate], skipped: list[Path],
@@ -179,7 +187,7 @@ def _walk(folder: Path, root: Path, recursive: bool, out: list[_Candidate], skip
     try:
         entries = sorted(folder.iterdir())
     except OSError as err:
-        raise UsageError(f"{folder}: cannot list the folder ({err.strerror or err})") from None
+        raise UsageError(f"{shown(folder)}: cannot list the folder ({err.strerror or err})") from None
     for entry in entries:
         if entry.name.startswith("."):
             continue  # hidden files, and our own temporary files
@@ -199,7 +207,7 @@ def _glob(pattern: Path, out: list[_Candidate], skipped: list[Path]) -> None:
     # every entry but folders: a FIFO or device named *.png is an item that fails, naming itself
     files = [Path(m) for m in matches if not Path(m).is_dir() and not Path(m).name.startswith(".")]
     if not files:
-        raise UsageError(f"{text}: no files match this pattern")
+        raise UsageError(f"{shown(text)}: no files match this pattern")
     for path in files:
         if is_image_path(path):
             out.append(_Candidate(path, root, explicit=False))
@@ -290,9 +298,18 @@ def _check_unique_keys(items: list[Item]) -> None:
     for item in items:
         other = by_key.setdefault(item.key, item)
         if other is not item:
-            raise UsageError(f"{other.path} and {item.path} would both be item '{item.key}' (same name); "
+            raise UsageError(f"{shown(str(other.path))} and {shown(str(item.path))} would both be item "
+                             f"'{shown(item.key)}' (same name); "
                              "pass their common parent folder instead so their subfolders keep them apart")
 
 
-def _natural_key(text: str) -> list[int | str]:
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", text)]
+def _natural_key(text: str) -> list[tuple[int, str] | str]:
+    """'img10' sorts after 'img9': runs of digits (any script's, odd places of the split) compare by value."""
+    return [_number_key(part) if i % 2 else part.lower() for i, part in enumerate(re.split(r"(\d+)", text))]
+
+
+def _number_key(digits: str) -> tuple[int, str]:
+    """A digit run's value as (length, ASCII digits): no int() of thousands of digits, no '²' (isdigit but
+    not a decimal digit)."""
+    value = "".join(str(unicodedata.decimal(c)) for c in digits).lstrip("0")
+    return len(value), value

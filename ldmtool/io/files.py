@@ -46,8 +46,10 @@ def positive_int_env(name: str, default: int, unit: str) -> int:
 
 
 def shown(path: Path | str) -> str:
-    """A path as messages show it: bytes that are not UTF-8 escaped (b'caf\\xe9' -> 'caf\\\\xe9')."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+    """A path as messages show it: bytes that are not UTF-8 escaped (b'caf\\xe9' -> 'caf\\\\xe9'), and control
+    characters too (a name holding '\\r' or '\\n' must not cut or split the one-line message)."""
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def file_kind(mode: int) -> str:
@@ -100,7 +102,13 @@ def read_bounded(path: Path | str, limit: int | None = None) -> bytes:
     limit = max_file_bytes() if limit is None else limit
     fd = open_regular(path, limit)
     with os.fdopen(fd, "rb") as handle:
-        data = handle.read(limit + 1)
+        # read(limit + 1) would allocate a buffer of the whole limit (1 GiB) for every small file
+        chunks = [handle.read(min(os.fstat(fd).st_size, limit) + 1)]
+        total = len(chunks[0])
+        while total <= limit and chunks[-1]:  # until the end of a file that grew since the stat
+            chunks.append(handle.read(min(1 << 16, limit + 1 - total)))
+            total += len(chunks[-1])
+        data = b"".join(chunks)
     if len(data) > limit:
         raise FileTooLarge(f"{shown(path)}: the file grew over the limit of {limit} bytes while being read")
     return data

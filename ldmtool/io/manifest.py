@@ -52,7 +52,7 @@ def read_manifest(path: Path) -> Iterator[dict[str, Any]]:
         text = Path(path).read_text(encoding="utf-8", errors="replace")
     except OSError:  # none yet, or unreadable: no earlier records to go by
         return
-    for line in text.splitlines():
+    for line in text.split("\n"):  # not splitlines(): a record's strings may hold U+2028, U+0085, ...
         try:
             record = json.loads(line)
         except (ValueError, RecursionError):  # a cut-short line, or JSON nested too deep to parse

@@ -8,6 +8,7 @@ name may leave the output folder.
 from __future__ import annotations
 
 import os
+import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,13 +47,16 @@ class OutputSpec:
 
 def check_template(template: str) -> None:
     """Refuse unknown fields or bad format specs before anything runs."""
+    if "\x00" in template:
+        raise UsageError(f"--name {template!r}: a file name cannot contain a NUL character")
     try:
-        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+        fields = [(name, spec) for _, name, spec, _ in string.Formatter().parse(template) if name is not None]
     except ValueError as err:
         raise UsageError(f"--name {template!r} is not a valid template ({err})") from None
-    for name in fields:
+    for name, spec in fields:
         if name not in TEMPLATE_FIELDS:
             raise UsageError(f"--name {template!r}: unknown field {{{name}}}; use {{stem}} {{index}} {{seed}} {{ext}}")
+        _check_spec(template, spec or "")
     try:
         shortest = render_name(template, stem="x", index=0, seed=0, ext="png")
     except (ValueError, IndexError, KeyError) as err:
@@ -61,6 +65,17 @@ def check_template(template: str) -> None:
     if longest_part > NAME_MAX:  # the template's fault for every item: stop before anything runs
         raise UsageError(f"--name {template!r} gives file names too long for the file system "
                          f"({longest_part} bytes with a one-letter stem; the limit is {NAME_MAX})")
+
+
+def _check_spec(template: str, spec: str) -> None:
+    """Refuse what would make rendering itself costly: a field inside a format spec (`{index:{seed}}`, whose
+    width would be an item's seed) or a width or precision past the file-name limit (`{stem:>999999999}`)."""
+    if "{" in spec:
+        raise UsageError(f"--name {template!r}: a format spec cannot contain another field ({spec!r})")
+    widths = [digits.lstrip("0") or "0" for digits in re.findall(r"[0-9]+", spec)]  # no int() of 5000 digits
+    if any(len(width) > 3 or int(width) > NAME_MAX for width in widths):
+        raise UsageError(f"--name {template!r}: the format spec {spec!r} is wider than a file name can be "
+                         f"({NAME_MAX} bytes)")
 
 
 def render_name(template: str, *, stem: str, index: int, seed: int, ext: str) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -120,11 +121,13 @@ def _load_document(path: Path) -> Any:
         text = read_text_file(path, _MAX_LAYOUT_BYTES)
     except (OSError, UnicodeDecodeError) as err:
         raise ItemError(f"{path}: cannot read the layout ({getattr(err, 'strerror', None) or err})") from None
+    kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
     try:
-        return json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as err:
-        raise ItemError(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'} "
-                        f"({' '.join(str(err).split())})") from None
+        return json.loads(text) if kind == "JSON" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as err:  # ValueError: also a JSON number of over 4300 digits
+        raise ItemError(f"{path}: not valid {kind} ({' '.join(str(err).split())[:200]})") from None
+    except RecursionError:
+        raise ItemError(f"{path}: not a layout ({kind} nested too deep)") from None
 
 
 def _layout_parts(doc: Any, path: Path | str) -> tuple[Optional[tuple[float, float]], Optional[str], list[Any]]:
@@ -144,7 +147,13 @@ def _layout_parts(doc: Any, path: Path | str) -> tuple[Optional[tuple[float, flo
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite number a float can hold (JSON/YAML also give NaN, infinities and ints of any size)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _raw_box(obj: Any, path: Path | str, index: int) -> list[float]:

@@ -156,10 +156,11 @@ def class_id(value: str, n_classes: int) -> int:
     """A class id from a number or an ImageNet name; UsageError for unknown, ambiguous or out-of-range values."""
     text = value.strip()
     if re.fullmatch(r"\d+", text):
-        number = int(text)
-        if number >= n_classes:
-            raise UsageError(f"--class {text}: this model has classes 0 to {n_classes - 1}")
-        return number
+        digits = text.lstrip("0") or "0"  # int() of over 4300 digits raises ValueError
+        if len(digits) > 9 or int(digits) >= n_classes:
+            raise UsageError(f"--class {text[:20]}{'...' if len(text) > 20 else ''}: this model has classes 0 to "
+                             f"{n_classes - 1}")
+        return int(digits)
     if n_classes < IMAGENET_CLASSES:
         raise UsageError(f"--class {text!r}: this model's classes have no names; give a number from 0 to "
                          f"{n_classes - 1}")

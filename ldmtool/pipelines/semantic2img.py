@@ -50,6 +50,8 @@ def load_palette(path: Path | str) -> Palette:
         raise UsageError(f"{path}: cannot read the palette ({getattr(err, 'strerror', None) or err})") from None
     except yaml.YAMLError as err:
         raise UsageError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+    except RecursionError:
+        raise UsageError(f"{path}: not a palette (YAML nested too deep)") from None
     if isinstance(doc, dict) and set(doc) == {"palette"}:
         doc = doc["palette"]
     if not isinstance(doc, dict) or not doc:

@@ -14,6 +14,7 @@ input images up to the multiple (edge replication) and crop the result back, so 
 from __future__ import annotations
 
 import json
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -78,7 +79,7 @@ def read_prompts(prompt: Optional[str], prompts_file: Optional[Path | str]) -> l
     except (OSError, UnicodeDecodeError) as err:
         reason = getattr(err, "strerror", None) or err
         raise UsageError(f"{prompts_file}: cannot read the prompt file ({reason})") from None
-    lines = [(number, line.strip()) for number, line in enumerate(text.splitlines(), 1)]
+    lines = [(number, line.strip()) for number, line in enumerate(text.split("\n"), 1)]  # JSON strings may hold U+2028
     lines = [(number, line) for number, line in lines if line and not line.startswith("#")]
     if not lines:
         raise UsageError(f"{prompts_file}: the prompt file has no prompts")
@@ -91,8 +92,9 @@ def read_prompts(prompt: Optional[str], prompts_file: Optional[Path | str]) -> l
 def _json_prompt(line: str, where: str) -> PromptSpec:
     try:
         record = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise UsageError(f"{where}: not a JSON object ({err.msg})") from None
+    except (ValueError, RecursionError) as err:  # also a number of over 4300 digits, or nesting too deep
+        why = err.msg if isinstance(err, json.JSONDecodeError) else str(err).split(":")[0].split(";")[0]
+        raise UsageError(f"{where}: not a JSON object ({why})") from None
     if not isinstance(record, dict):
         raise UsageError(f"{where}: each line must be a JSON object like {{\"prompt\": \"a red fox\"}}")
     unknown = sorted(set(record) - set(PROMPT_FIELDS))
@@ -106,9 +108,18 @@ def _json_prompt(line: str, where: str) -> PromptSpec:
             continue
         if isinstance(value, bool) or not isinstance(value, kinds):
             raise UsageError(f"{where}: {name!r} must be a {kinds[0].__name__}, not {value!r}")
+        if name == "cfg" and not _finite(value):
+            raise UsageError(f"{where}: 'cfg' must be a finite number, not {value!r}")
         if name in _POSITIVE and isinstance(value, int) and value < (0 if name == "seed" else 1):
             raise UsageError(f"{where}: {name!r} must be {'0 or more' if name == 'seed' else 'at least 1'}")
     return PromptSpec(**record)
+
+
+def _finite(value: object) -> bool:
+    try:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 # ---------------------------------------------------------------- models

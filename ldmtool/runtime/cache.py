@@ -18,6 +18,7 @@ import tempfile
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from decimal import ROUND_DOWN, Decimal, InvalidOperation, localcontext
 from pathlib import Path
 from typing import Any, Callable, Hashable, Optional
 
@@ -27,6 +28,7 @@ CACHE_ENV = "LDMTOOL_CACHE"
 BUDGET_ENV = "LDMTOOL_MODEL_CACHE"
 DEFAULT_BUDGET_BYTES = 8 * 1024**3
 HASH_INDEX = "file-hashes.json"
+MAX_BYTES = 2**63  # no budget is this large; refusing it keeps '1e999999999' from becoming a huge int
 _UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2, "g": 1024**3, "gb": 1024**3,
           "t": 1024**4, "tb": 1024**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
 
@@ -51,9 +53,15 @@ def parse_bytes(text: str) -> int:
     if not match or unit not in _UNITS:
         raise UsageError(f"{text!r} is not a size; write e.g. 512MB, 4GB or a number of bytes")
     try:
-        return int(float(match.group(1)) * _UNITS[unit])
-    except ValueError:
+        number = Decimal(match.group(1))  # exact; '1e400' is a number, not float infinity
+    except InvalidOperation:
         raise UsageError(f"{text!r} is not a size; write e.g. 512MB, 4GB or a number of bytes") from None
+    with localcontext() as context:  # exact: the product keeps every digit of its whole part
+        context.prec, context.rounding = 80, ROUND_DOWN
+        value = number * _UNITS[unit] if number < MAX_BYTES else number
+    if value >= MAX_BYTES:
+        raise UsageError(f"{text!r} is too large a size (the limit is 8 EiB)")
+    return int(value)
 
 
 # ---------------------------------------------------------------- file identity and hashes

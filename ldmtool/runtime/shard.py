@@ -55,12 +55,12 @@ def shard_of(key: str, count: int) -> int:
 
 def parse_shard(text: str) -> Shard:
     """'K/N' with 1 <= K <= N."""
-    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text or "")
+    match = re.fullmatch(r"\s*([0-9]{1,18})\s*/\s*([0-9]{1,18})\s*", text or "")  # no int() of 5000 digits
     if not match:
         raise UsageError(f"--shard {text!r} is not of the form K/N (e.g. --shard 2/8)")
     index, count = int(match.group(1)), int(match.group(2))
     if count < 1 or not 1 <= index <= count:
-        raise UsageError(f"--shard {text}: K must be between 1 and N (got K={index}, N={count})")
+        raise UsageError(f"--shard {index}/{count}: K must be between 1 and N (got K={index}, N={count})")
     return Shard(index, count)
 
 
@@ -144,7 +144,7 @@ def _part_records(path: Path, report: MergeReport) -> list[dict[str, Any]]:
         report.skipped += 1
         return []
     records = []
-    for line in text.splitlines():
+    for line in text.split("\n"):  # not splitlines(): JSON strings may hold U+2028, U+0085, ...
         if not line.strip():
             continue
         record = _usable_record(line)

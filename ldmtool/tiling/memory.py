@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import TYPE_CHECKING, Optional
 
 from ldmtool.errors import UsageError
@@ -27,7 +28,7 @@ def parse_memory(text: str) -> int:
     unit = match.group(2).lower() if match else None
     if not match or unit not in _UNITS:
         raise UsageError(f"--max-memory {text!r} is not a size; write it like 4GB, 512MB or 1.5GiB")
-    value = int(float(match.group(1)) * _UNITS[unit])
+    value = int(Fraction(match.group(1)) * _UNITS[unit])  # exact: no float rounding or overflow
     if value <= 0:
         raise UsageError(f"--max-memory {text!r} must be more than zero")
     return value
