@@ -105,7 +105,7 @@ def _check_pixels(path: Path, size: tuple[int, int], max_pixels: int) -> None:
     if width * height > max_pixels:
         raise ItemError(
             f"{path}: {width}x{height} is {width * height} pixels, over the limit of {max_pixels} "
-            f"(raise it with {MAX_PIXELS_ENV} if the file is trusted)"
+            f"(raise it with --max-pixels or {MAX_PIXELS_ENV} if the file is trusted)"
         )
     if width < 1 or height < 1:
         raise ItemError(f"{path}: the image has no pixels ({width}x{height})")
