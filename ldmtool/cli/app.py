@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import typer
 
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     report.reset_final_event()
     try:
-        code = app(args=args, prog_name="ldmtool", standalone_mode=False)
+        code = app(args=args, prog_name="ldmtool", standalone_mode=False, **_settings())
     except no_args as err:  # bare `ldmtool` or `ldmtool models`: the help, as with -h
         print(err.ctx.get_help(), file=sys.stderr)
         _end(args, EXIT_USAGE, None)
@@ -82,6 +82,18 @@ def main(argv: list[str] | None = None) -> None:
         _end(args, code, None)
 
 
+def _settings() -> dict[str, Any]:
+    """Where options take their defaults from, besides the code: the config file, then `LDMTOOL_<COMMAND>_<OPTION>`
+    environment variables (the command line wins over both)."""
+    from ldmtool.cli import user_config
+
+    settings: dict[str, Any] = {"auto_envvar_prefix": user_config.ENV_PREFIX}
+    path = user_config.config_path()
+    if path is not None:
+        settings["default_map"] = user_config.default_map(typer.main.get_command(app), path, task_commands())
+    return settings
+
+
 def _end(args: list[str], code: int, message: str | None) -> NoReturn:
     from ldmtool.runtime import report
 
@@ -92,13 +104,16 @@ def _end(args: list[str], code: int, message: str | None) -> NoReturn:
     sys.exit(code)
 
 
-def _is_task_command(args: list[str]) -> bool:
-    """Whether the command line names a batch-run command (`superres`, `txt2img`, ...)."""
+def task_commands() -> set[str]:
+    """The names of the batch-run commands (`superres`, `txt2img`, ...)."""
     from ldmtool.cli.shared import TASK_MARK
 
+    return {str(command.name) for command in app.registered_commands if getattr(command.callback, TASK_MARK, False)}
+
+
+def _is_task_command(args: list[str]) -> bool:
     name = next((arg for arg in args if not arg.startswith("-")), None)
-    callbacks = [command.callback for command in app.registered_commands if command.name == name]
-    return any(getattr(callback, TASK_MARK, False) for callback in callbacks)
+    return name in task_commands()
 
 
 def _wants_json(args: list[str]) -> bool:

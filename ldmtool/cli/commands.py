@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "ldmtool.cli.manifest",
     "ldmtool.cli.train",
     "ldmtool.cli.models",
+    "ldmtool.cli.user_config",
 ]
 
 

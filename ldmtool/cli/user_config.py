@@ -1,0 +1,154 @@
+"""Defaults from a config file (issue 16): `$LDMTOOL_CONFIG`, else `$XDG_CONFIG_HOME/ldmtool/config.yaml`
+(or `config.toml`, Python 3.11+), else `~/.config/ldmtool/config.yaml`.
+
+    defaults:              # every command that has the option
+      device: cpu
+      output: ~/ldm-out
+    superres:              # one command
+      model: ~/models/bsr_sr.safetensors
+      scale: 4
+
+Keys are option names (`max-memory` or `max_memory`, `format`, `model`, ...). The file only sets defaults:
+the environment (`LDMTOOL_<COMMAND>_<OPTION>`, e.g. `LDMTOOL_SUPERRES_STEPS=50`) and the command line
+override it, as Click's `default_map` and `auto_envvar_prefix` order them. A key or command the file
+names but ldmtool does not have, or a value the option cannot take, is a usage error naming the file.
+Nothing here imports torch.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import typer
+
+from ldmtool.errors import UsageError
+
+CONFIG_ENV = "LDMTOOL_CONFIG"
+ENV_PREFIX = "LDMTOOL"
+EVERY_COMMAND = "defaults"
+_NAMES = ("config.yaml", "config.yml", "config.toml")
+_MAX_BYTES = 1 << 20
+
+
+def config_path() -> Optional[Path]:
+    """The config file in effect, or None."""
+    explicit = os.environ.get(CONFIG_ENV)
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.exists():
+            raise UsageError(f"{CONFIG_ENV}={explicit}: no such config file")
+        return path
+    base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "ldmtool"
+    found = [base / name for name in _NAMES if (base / name).exists()]
+    if len(found) > 1:
+        raise UsageError(f"{base}: both {found[0].name} and {found[1].name}; keep one config file")
+    return found[0] if found else None
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """The config document: a mapping of sections (`defaults`, command names) to option values."""
+    from ldmtool.io.files import read_text_file
+
+    try:
+        text = read_text_file(path, _MAX_BYTES)
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"{path}: cannot read the config file ({getattr(err, 'strerror', None) or err})") from None
+    doc = _parse(path, text)
+    if doc is None:
+        return {}
+    if not isinstance(doc, Mapping) or not all(isinstance(v, Mapping) or v is None for v in doc.values()):
+        raise UsageError(f"{path}: the config file holds sections ('defaults:' or a command name) of option: value")
+    return {str(section): dict(values or {}) for section, values in doc.items()}
+
+
+def _parse(path: Path, text: str) -> Any:
+    if path.suffix == ".toml":
+        try:
+            import tomllib
+        except ImportError:
+            raise UsageError(f"{path}: TOML config files need Python 3.11 or later; write config.yaml") from None
+        try:
+            return tomllib.loads(text)
+        except (tomllib.TOMLDecodeError, RecursionError) as err:
+            raise UsageError(f"{path}: not valid TOML ({' '.join(str(err).split())})") from None
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, RecursionError) as err:
+        raise UsageError(f"{path}: not valid YAML ({' '.join(str(err).split())[:200]})") from None
+
+
+def default_map(group: Any, path: Path, tasks: set[str]) -> dict[str, dict[str, Any]]:
+    """Click's `default_map` for the app's command `group` from the config file at `path`: per command,
+    parameter name -> value, each checked against the option's type. The `defaults` section applies to
+    the batch-run commands named in `tasks` (not to `replay -o` or `info`)."""
+    sections = read_config(path)
+    commands = dict(group.commands)
+    unknown = sorted(set(sections) - set(commands) - {EVERY_COMMAND})
+    if unknown:
+        raise UsageError(f"{path}: [{unknown[0]}] is not an ldmtool command (sections: {EVERY_COMMAND} or a "
+                         "command name such as superres)")
+    for section, values in sections.items():
+        targets = [commands[name] for name in tasks] if section == EVERY_COMMAND else [commands[section]]
+        for key in values:
+            if not any(_parameter(command, key) for command in targets):
+                where = "any task command" if section == EVERY_COMMAND else section
+                raise UsageError(f"{path}: {key!r} in [{section}] is not an option of {where}")
+    result: dict[str, dict[str, Any]] = {}
+    for name, command in commands.items():
+        chosen = {**(sections.get(EVERY_COMMAND, {}) if name in tasks else {}), **sections.get(name, {})}
+        values = {}
+        for key, value in chosen.items():
+            parameter = _parameter(command, key)
+            if parameter is not None:
+                values[parameter.name] = _checked(path, command, parameter, value)
+        if values:
+            result[name] = values
+    return result
+
+
+def _parameter(command: Any, key: str) -> Any:
+    option = "--" + str(key).lstrip("-").replace("_", "-")
+    for parameter in getattr(command, "params", ()):
+        if getattr(parameter, "param_type_name", "") == "option" and (option in parameter.opts or key == parameter.name):
+            return parameter
+    return None
+
+
+def _checked(path: Path, command: Any, parameter: Any, value: Any) -> Any:
+    if isinstance(value, str) and parameter.name in ("output", "model", "config"):
+        value = os.path.expanduser(value)
+    try:
+        parameter.process_value(typer.Context(command), value)
+    except Exception as err:  # click's BadParameter, or a pydantic-style coercion error
+        message = getattr(err, "message", None) or str(err)
+        raise UsageError(f"{path}: {parameter.opts[0]} = {value!r} for {command.name}: "
+                         f"{' '.join(str(message).split())}") from None
+    return value
+
+
+def show(json_out: bool = typer.Option(False, "--json", help="Print as one JSON object.")) -> None:
+    """Show the config file in effect and the defaults it gives each command."""
+    import json
+
+    from ldmtool.cli.app import app, task_commands
+
+    path = config_path()
+    defaults = default_map(typer.main.get_command(app), path, task_commands()) if path is not None else {}
+    if json_out:
+        typer.echo(json.dumps({"file": None if path is None else str(path), "defaults": defaults}))
+        return
+    typer.echo(f"config file: {path if path is not None else 'none'} (set {CONFIG_ENV} or write "
+               f"$XDG_CONFIG_HOME/ldmtool/config.yaml)")
+    for command, values in defaults.items():
+        typer.echo(f"{command}:")
+        for name, value in values.items():
+            typer.echo(f"  {name}: {value}")
+
+
+def register(app: typer.Typer) -> None:
+    group = typer.Typer(help="Defaults from the config file.", no_args_is_help=True)
+    group.command("show", help=f"{show.__doc__}\n\nExample: ldmtool config show")(show)
+    app.add_typer(group, name="config")
