@@ -11,6 +11,7 @@ import sys
 import typer
 
 from ldmtool import __version__
+from ldmtool.cli import help
 from ldmtool.errors import EXIT_INTERRUPTED, LdmError
 
 app = typer.Typer(
@@ -51,6 +52,7 @@ def _register_commands() -> None:
 
 
 _register_commands()
+help.apply(app)  # plain help that wraps at 80 columns, options in PANEL_ORDER, examples last
 
 
 def main(argv: list[str] | None = None) -> None:
