@@ -189,3 +189,75 @@ def test_option_groups_come_in_one_order_with_the_example_last(pages):
     for name, page in _task_pages(pages).items():
         assert [s for s in _sections(page) if s in ("Output", "Model", "Sampling", "Tiling & memory", "Run")] == [
             "Output", "Model", "Sampling", "Tiling & memory", "Run"], name
+
+
+# -- shell completion ----------------------------------------------------------------------------------------------
+
+
+def _complete(words: str) -> list[str]:
+    """What bash completion offers for the command line `words` (the cursor after its last word)."""
+    from typer.testing import CliRunner
+
+    from ldmtool.cli.app import app
+
+    env = {"_LDMTOOL_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(len(words.split(" ")) - 1)}
+    result = CliRunner().invoke(app, [], env=env, prog_name="ldmtool")
+    assert result.exit_code == 0, result.output
+    return result.output.split()
+
+
+def test_completion_offers_shipped_models_presets_and_samplers():
+    from ldmtool.checkpoints.presets import preset_names, shipped_models
+    from ldmtool.diffusion.names import SAMPLER_NAMES
+
+    shipped = [m.name for m in shipped_models()]
+    assert "default-superres" in shipped
+    assert set(shipped) <= set(_complete("ldmtool superres --model "))
+    assert _complete("ldmtool superres -m default-su") == ["default-superres"]
+    assert _complete("ldmtool txt2img --sampler ") == list(SAMPLER_NAMES)
+    assert _complete("ldmtool txt2img --sampler dpmpp") == ["dpmpp_2m", "dpmpp_2m_sde"]
+    assert _complete("ldmtool superres --preset ") == preset_names()
+    assert _complete("ldmtool models inspect --preset kl-f") == [n for n in preset_names() if n.startswith("kl-f")]
+    assert _complete("ldmtool superres --format ") == ["png", "jpg", "webp"]
+    assert "superres" in _complete("ldmtool su")
+
+
+COMPLETE_WITHOUT_TORCH = r"""
+import contextlib, io, os, sys
+os.environ.update({"_LDMTOOL_COMPLETE": "complete_bash", "COMP_WORDS": "ldmtool superres --model ",
+                   "COMP_CWORD": "3"})
+from ldmtool.cli.app import main
+out = io.StringIO()
+with contextlib.redirect_stdout(out):
+    try:
+        main([])
+    except SystemExit:
+        pass
+print(repr(out.getvalue()), "torch" in sys.modules)
+"""
+
+
+def test_completion_does_not_import_torch():
+    result = subprocess.run([sys.executable, "-c", COMPLETE_WITHOUT_TORCH], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    offered, torch_loaded = result.stdout.strip().rsplit(" ", 1)
+    assert "default-superres" in offered
+    assert torch_loaded == "False"
+
+
+@pytest.mark.parametrize("shell, marker, installed", [
+    ("bash", "complete -o default -F _ldmtool_completion ldmtool", ".bash_completions/ldmtool.sh"),
+    ("zsh", "compdef _ldmtool_completion ldmtool", ".zfunc/_ldmtool"),
+    ("fish", "complete --command ldmtool", ".config/fish/completions/ldmtool.fish"),
+])
+def test_completion_scripts_for_bash_zsh_fish(tmp_path, shell, marker, installed):
+    # Typer takes the shell as the options' value when it is told not to detect the shell it runs in.
+    env = dict(os.environ, _TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION="1", HOME=str(tmp_path))
+    for option in ("--show-completion", "--install-completion"):
+        result = subprocess.run([sys.executable, "-m", "ldmtool", option, shell], capture_output=True, text=True,
+                                env=env, timeout=120)
+        assert result.returncode == 0, result.stderr
+        if option == "--show-completion":
+            assert marker in result.stdout and "_LDMTOOL_COMPLETE" in result.stdout
+    assert "_LDMTOOL_COMPLETE" in (tmp_path / installed).read_text()

@@ -17,7 +17,7 @@ from ldmtool.errors import EXIT_INTERRUPTED, LdmError
 app = typer.Typer(
     name="ldmtool",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish); values: cli/complete.py
     pretty_exceptions_show_locals=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
