@@ -18,18 +18,21 @@ from typing import Any, Optional
 
 from ldmtool.diffusion.names import SAMPLER_NAMES
 
-# Help panels.
-RUN = "Run"
-SAMPLING = "Sampling"
-MODEL = "Model"
+# Help panels, and the one order every command's --help shows them in (`ldmtool.cli.help`).
+INPUTS = "Inputs"
 OUTPUT = "Output"
-TILING = "Tiling"
+MODEL = "Model"
+SAMPLING = "Sampling"
+TILING = "Tiling & memory"
+TRAINING = "Training"
+RUN = "Run"
+PANEL_ORDER = (INPUTS, OUTPUT, MODEL, SAMPLING, TILING, TRAINING, RUN)
 
 
 def option(*flags: str, help: str, panel: str, default: Any = None, **typer_settings: Any) -> Any:
     """A dataclass field that is a command-line option. `flags` as Typer takes them ("--steps",
     "--karras/--no-karras", "--output", "-o"); `typer_settings` are passed on as they are (min, max,
-    show_default)."""
+    show_default, metavar). Help texts are plain text (no markup); list an option's choices in its help."""
     return dataclasses.field(default=default, metadata={"flags": flags, "help": help, "panel": panel,
                                                         "settings": typer_settings})
 
@@ -55,18 +58,21 @@ def same_option(group: type, name: str) -> Any:
 class RunChoice:
     """Where outputs go and how the run goes; the CLI's side of `RunOptions` (`ldmtool.cli.common`)."""
 
-    output: Optional[Path] = option("--output", "-o", help="Output file (one input) or folder.", panel=OUTPUT)
+    output: Optional[Path] = option("--output", "-o", help="Output file (one input) or folder.", panel=OUTPUT,
+                                    show_default="out/")
     name: str = option("--name", help="Output name template: {stem} {index} {seed} {ext}.", panel=OUTPUT,
+                       metavar="TEMPLATE",
                        default="{stem}.{ext}")
     fmt: Optional[str] = option(
-        "--format", help="Output format png|jpg|webp (default: png, or the -o file's extension).", panel=OUTPUT)
+        "--format", help="Output format: png, jpg or webp (default: png, or the -o file's extension).",
+        panel=OUTPUT, metavar="FORMAT")
     quality: int = option("--quality", help="JPEG/WebP quality.", panel=OUTPUT, default=95, min=1, max=100)
     overwrite: bool = option("--overwrite", help="Replace existing outputs (same as --existing overwrite).",
                              panel=OUTPUT, default=False)
     existing: Optional[str] = option(
         "--existing", help="An output that exists already: check (skip it if its recipe says this job wrote it, "
         "else fail the item; the default), skip (keep it whatever wrote it), overwrite.", panel=OUTPUT,
-        show_default=False)
+        show_default=False, metavar="MODE")
     json_out: bool = option("--json", help="Write one JSON event per item to stdout.", panel=RUN, default=False)
     quiet: bool = option("--quiet", "-q", help="No progress output.", panel=RUN, default=False)
     fail_fast: bool = option("--fail-fast", help="Stop at the first failed item.", panel=RUN, default=False)
@@ -81,12 +87,13 @@ class RunChoice:
         "one file by hand.", panel=SAMPLING, min=0, max=2**32 - 1)
     shard: Optional[str] = option(
         "--shard", help="Run only shard K of N (K/N, e.g. 3/8) of the items, for job arrays; needs --seed.",
-        panel=RUN)
+        panel=RUN, metavar="K/N")
     run_engine: str = option(
-        "--engine", help="local, or ray: spread the items over a Ray cluster (pip install 'ldmtool\\[ray]').",
-        panel=RUN, default="local")
+        "--engine", help="local, or ray: spread the items over a Ray cluster (pip install 'ldmtool[ray]').",
+        panel=RUN, default="local", metavar="ENGINE")
     ray_address: Optional[str] = option(
-        "--ray-address", help="With --engine ray: join this cluster (default: start a local one).", panel=RUN)
+        "--ray-address", help="With --engine ray: join this cluster (default: start a local one).", panel=RUN,
+        metavar="ADDRESS")
 
 
 @dataclass(frozen=True)
@@ -94,16 +101,18 @@ class ModelChoice:
     """Which model to load, and on what."""
 
     model: str = option("--model", "-m", help="Checkpoint file, or a preset/default model name (see `ldmtool "
-                        "models list`).", panel=MODEL, default="default")
+                        "models list`).", panel=MODEL, default="default", metavar="NAME|FILE")
     config: Optional[Path] = option("--config", help="CompVis-format YAML config for the checkpoint.", panel=MODEL)
-    preset: Optional[str] = option("--preset", help="Architecture preset name (instead of --config).", panel=MODEL)
+    preset: Optional[str] = option("--preset", help="Architecture preset name (instead of --config).", panel=MODEL,
+                                  metavar="NAME")
     no_ema: bool = option("--no-ema", help="Use the raw weights even when EMA weights are present.", panel=MODEL,
                           default=False)
-    prediction: Optional[str] = option("--prediction", help="Override the model's parameterization: eps|v.",
-                                       panel=MODEL)
-    device: str = option("--device", help="auto|cpu|cuda|cuda:N|mps.", panel=MODEL, default="auto")
-    precision: str = option("--precision", help="auto|fp32|fp16|bf16 (auto: fp32 on CPU, fp16 on GPU).",
-                            panel=MODEL, default="auto")
+    prediction: Optional[str] = option("--prediction", help="Override the model's parameterization: eps or v.",
+                                       panel=MODEL, metavar="eps|v")
+    device: str = option("--device", help="Device: auto, cpu, cuda, cuda:N or mps.", panel=MODEL,
+                        default="auto", metavar="DEVICE")
+    precision: str = option("--precision", help="auto, fp32, fp16 or bf16 (auto: fp32 on CPU, fp16 on GPU).",
+                            panel=MODEL, default="auto", metavar="PRECISION")
 
     @property
     def use_ema(self) -> bool:
@@ -115,8 +124,8 @@ class SamplingChoice:
     """Sampling and tiling; None means "the model's default". `--seamless` is opt-in (generators only)."""
 
     steps: Optional[int] = option("--steps", help="Sampling steps (default: the model's).", panel=SAMPLING, min=1)
-    sampler: Optional[str] = option("--sampler", help=f"{'|'.join(SAMPLER_NAMES)} (default: the model's).",
-                                    panel=SAMPLING)
+    sampler: Optional[str] = option("--sampler", help=f"Sampler: {', '.join(SAMPLER_NAMES)} (default: the "
+                                    "model's).", panel=SAMPLING, metavar="NAME")
     cfg: Optional[float] = option("--cfg", help="Classifier-free guidance scale (1 = off; default: the model's).",
                                   panel=SAMPLING)
     eta: Optional[float] = option("--eta", help="DDIM eta (0 = deterministic).", panel=SAMPLING, min=0.0)
@@ -129,9 +138,11 @@ class SamplingChoice:
                                  panel=TILING, min=0)
     tile_overlap: Optional[int] = option("--tile-overlap", help="Tile overlap in latent pixels.", panel=TILING, min=0)
     max_memory: Optional[str] = option(
-        "--max-memory", help="Memory budget for tiling, e.g. 4GB (default: from the device).", panel=TILING)
+        "--max-memory", help="Memory budget for tiling, e.g. 4GB (default: from the device).", panel=TILING,
+        metavar="SIZE")
     seamless: Optional[str] = option(
-        "--seamless", help="Wrap-around output along x, y or xy (tileable textures).", panel=TILING)
+        "--seamless", help="Wrap-around output along x, y or xy (tileable textures).", panel=TILING,
+        metavar="AXES")
     vae_tile: Optional[int] = None  # first-stage tile (latent pixels); None: tile when the canvas is large
 
 
@@ -154,17 +165,18 @@ class Size:
 class ImageInputs:
     """Input images found in folders and read with a size limit."""
 
-    recursive: bool = option("--recursive", "-r", help="Descend into subfolders of input folders.", panel=RUN,
+    recursive: bool = option("--recursive", "-r", help="Descend into subfolders of input folders.", panel=INPUTS,
                              default=False)
     max_pixels: Optional[int] = option(
-        "--max-pixels", help="Refuse input images above this many pixels (default 8192x8192).", panel=RUN, min=1)
+        "--max-pixels", help="Refuse input images above this many pixels (default 8192x8192).", panel=INPUTS,
+        min=1)
 
 
 @dataclass(frozen=True)
 class MaskInputs:
     masks: Optional[Path] = option(
-        "--masks", help="Folder of masks named like the images (else x_mask.png beside x.png).", panel=RUN)
-    invert_mask: bool = option("--invert-mask", help="Swap the mask meaning: black = repaint.", panel=RUN,
+        "--masks", help="Folder of masks named like the images (else x_mask.png beside x.png).", panel=INPUTS)
+    invert_mask: bool = option("--invert-mask", help="Swap the mask meaning: black = repaint.", panel=INPUTS,
                                default=False)
     mask_from_alpha: bool = option("--mask-from-alpha", help="Repaint the transparent pixels of each image.",
-                                   panel=RUN, default=False)
+                                   panel=INPUTS, default=False)

@@ -12,12 +12,13 @@ from typing import Any, NoReturn
 import typer
 
 from ldmtool import __version__
+from ldmtool.cli import help
 from ldmtool.errors import EXIT_INTERRUPTED, EXIT_USAGE, LdmError
 
 app = typer.Typer(
     name="ldmtool",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish); values: cli/complete.py
     pretty_exceptions_show_locals=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -52,6 +53,7 @@ def _register_commands() -> None:
 
 
 _register_commands()
+help.apply(app)  # plain help that wraps at 80 columns, options in PANEL_ORDER, examples last
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -76,10 +78,9 @@ def main(argv: list[str] | None = None) -> None:
     except LdmError as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         _end(args, err.exit_code, message)
-    except (KeyboardInterrupt, clicks.Abort):  # outside a batch run (which reports its own)
+    except (KeyboardInterrupt, typer.Abort):  # outside a batch run (which reports its own)
         _end(args, EXIT_INTERRUPTED, "interrupted")
-    if isinstance(code, int) and code:
-        _end(args, code, None)
+    _end(args, code if isinstance(code, int) else 0, None)
 
 
 def _settings() -> dict[str, Any]:

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from ldmtool.cli.complete import COMPLETERS
 from ldmtool.options import (
     OUTPUT as OUTPUT,  # the help panels, for the command modules' own options
     SAMPLING as SAMPLING,
@@ -45,7 +46,7 @@ def _annotated(group: type, field: dataclasses.Field[Any]) -> Any:
     meta = field.metadata
     hint = _type_hints(group)[field.name]
     return Annotated[hint, typer.Option(*meta["flags"], help=meta["help"], rich_help_panel=meta["panel"],
-                                        **meta["settings"])]
+                                        autocompletion=COMPLETERS.get(field.name), **meta["settings"])]
 
 
 @functools.cache

@@ -128,7 +128,7 @@ def diffusion(
     data: Annotated[
         Optional[str], typer.Option("--data", help="Folder of training images or 'corpus'; semantic, txt2img and layout train on 'procedural' label maps / captioned scenes / box layouts, uncond on either (procedural: landscapes).", rich_help_panel=TRAINING)
     ] = None,
-    task: Annotated[str, typer.Option("--task", help="superres|inpaint|semantic|txt2img|layout|uncond.", rich_help_panel=TRAINING)] = "superres",
+    task: Annotated[str, typer.Option("--task", help="What to train for: superres, inpaint, semantic, txt2img, layout or uncond.", rich_help_panel=TRAINING)] = "superres",
     scale: Annotated[int, typer.Option("--scale", min=2, help="Super-resolution factor.", rich_help_panel=TRAINING)] = 4,
     channels: Annotated[int, typer.Option("--channels", min=32, help="UNet base channels (multiple of 32).", rich_help_panel=TRAINING)] = 64,
     channel_mult: Annotated[str, typer.Option("--channel-mult", help="UNet channel multipliers per level.", rich_help_panel=TRAINING)] = "1,2,4",

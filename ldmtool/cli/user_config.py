@@ -149,6 +149,6 @@ def show(json_out: bool = typer.Option(False, "--json", help="Print as one JSON 
 
 
 def register(app: typer.Typer) -> None:
-    group = typer.Typer(help="Defaults from the config file.", no_args_is_help=True)
+    group = typer.Typer(help="Defaults from the config file.\n\nExample: ldmtool config show", no_args_is_help=True)
     group.command("show", help=f"{show.__doc__}\n\nExample: ldmtool config show")(show)
     app.add_typer(group, name="config")
