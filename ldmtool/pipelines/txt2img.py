@@ -69,6 +69,12 @@ class Txt2ImgTask(ModelTask):
     def recorded(self, engine: Engine) -> dict[str, Any]:
         return {"negative": self.negative, "width": self.width, "height": self.height, **super().recorded(engine)}
 
+    def planned_size(self, item: Item) -> Optional[tuple[int, int]]:
+        """A prompt line's own size, else the run's (--width/--height, or the model's default once open)."""
+        spec = item.data.get("spec", {})
+        width, height = spec.get("width") or self.width, spec.get("height") or self.height
+        return (width, height) if width and height else None
+
     # -- each item
 
     def load(self, job: Job) -> PromptSpec:

@@ -10,6 +10,10 @@ A pipeline implements `Task` (usually by subclassing `BaseTask`):
 
 and `ldmtool.runtime.runner.run_task(task, items, RunOptions(...))` runs it. The runner starts a task with
 `start(progress)`, which keeps the `Progress` that sampler steps are reported to and calls `open()`.
+
+Before any item runs, the runner plans the run (runtime/plan.py) from two optional methods: `planned_size(item)`,
+the item's output (width, height) read from options or an image header, never from decoded pixels (None: not
+known until the item loads), and `planned_demand(sizes, batch_size)`, the peak memory and time those need.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from ldmtool.errors import ItemError
 from ldmtool.io.discover import Item
 from ldmtool.io.outputs import DEFAULT_TEMPLATE
 from ldmtool.io.writer import DEFAULT_QUALITY
+from ldmtool.runtime.plan import Demand, Size, output_demand
 from ldmtool.runtime.shard import Shard
 
 EXISTING_POLICIES = ("check", "skip", "overwrite")
@@ -94,6 +99,16 @@ class BaseTask:
         """The weights file this task will load, known before it loads (the job's identity names it)."""
         return self.model_path
 
+    def planned_size(self, item: Item) -> Optional[Size]:
+        """The item's output (width, height), known before it loads (from options, or the input's image
+        header); None when only loading it can tell. The run plan refuses outputs that are too large."""
+        return None
+
+    def planned_demand(self, sizes: Mapping[Size, int], batch_size: int) -> Demand:
+        """Peak memory (and, once open, time) of running items of these output sizes (size -> number of
+        items), `batch_size` at a time; by default the full-size image buffers of the largest batch."""
+        return output_demand(dict(sizes), batch_size)
+
     def open(self) -> None:
         return None
 
@@ -125,3 +140,4 @@ class RunOptions:
     shard: Optional[Shard] = None  # run only this shard's items (job arrays); needs a fixed seed
     engine: str = "local"  # one of ENGINE_NAMES (ldmtool.runtime.runner.ENGINES)
     ray_address: Optional[str] = None  # join this Ray cluster; a local one otherwise
+    max_output_pixels: Optional[int] = None  # refuse outputs above this many pixels (None: 16384^2; 0: no limit)

@@ -31,6 +31,7 @@ from ldmtool.io.outputs import DEFAULT_TEMPLATE, OutputSpec, plan_outputs
 from ldmtool.io.writer import remove_stale_temps
 from ldmtool.runtime.execution import DEBUG_ENV, JobRunner, output_suffix, recipes_for
 from ldmtool.runtime.jobs import EXISTING_POLICIES, BaseTask, Job, Output, RunOptions, Task
+from ldmtool.runtime.plan import check_run
 from ldmtool.runtime.report import ItemEvent, Reporter, Status, Summary
 from ldmtool.runtime.resume import current_replay
 from ldmtool.runtime.seeds import RANDOM, item_seed
@@ -41,12 +42,14 @@ __all__ = ["BaseTask", "DEBUG_ENV", "ENGINES", "Job", "Output", "RunOptions", "T
 
 def _run_here(run: "BatchRun", jobs: list[Job]) -> None:
     run.runner.open()
+    run.reporter.plan(check_run(run.task, jobs, run.options))  # sizes and time, now the model is open
     run.runner.process(jobs)
 
 
 def _run_on_ray(run: "BatchRun", jobs: list[Job]) -> None:
     from ldmtool.runtime.ray_engine import process_on_ray
 
+    run.reporter.plan(check_run(run.task, jobs, run.options))
     process_on_ray(run, jobs)
 
 
@@ -119,6 +122,7 @@ class BatchRun:
         jobs = self._plan(items)  # before sharding, so {index} and seeds match an unsharded run
         if self.options.shard is not None:
             jobs = select(jobs, self.options.shard, key=lambda job: job.item.key)
+        check_run(self.task, jobs, self.options)  # refuse outputs too large for the limit or the memory
         remove_stale_temps(job.output for job in jobs)
         if self.options.shard is not None and not self.spec.is_file:
             write_members(self.spec.folder, self.options.shard, [job.item.key for job in jobs])
