@@ -206,3 +206,75 @@ def test_the_time_estimate_probes_cheaply(tmp_path, models, long_runs):
     assert time.monotonic() - started < 2.0
     assert demand.seconds is not None and demand.seconds > 0
     assert demand.parts["weights"] > 0 and demand.parts["images"] == 512 * 512 * 18
+
+
+# -- generated items planned lazily
+
+
+class _Flat:
+    """A trivial task whose items are all 64x64."""
+
+    command = "flat"
+    params: dict = {}
+    model_path = None
+
+    def planned_size(self, item):
+        return (64, 64)
+
+
+def test_generated_items_are_made_on_demand_as_the_eager_list_made_them():
+    from ldmtool.io.discover import generated_items
+
+    items = generated_items(["a red fox", ""], samples=3, kind="prompt")
+    assert getattr(items, "lazy", False) and len(items) == 6
+    assert [(i.key, i.stem, i.seed_offset, i.data["index"], i.data["sample"]) for i in items] == [
+        ("prompt-0000/0", "0000-0-a-red-fox", 0, 0, 0), ("prompt-0000/1", "0000-1-a-red-fox", 1, 0, 1),
+        ("prompt-0000/2", "0000-2-a-red-fox", 2, 0, 2), ("prompt-0001/0", "0001-0", 3, 1, 0),
+        ("prompt-0001/1", "0001-1", 4, 1, 1), ("prompt-0001/2", "0001-2", 5, 1, 2)]
+    assert items[-1] == list(items)[5] and items[1:3] == list(items)[1:3]
+    assert [(item.key, count) for item, count in items.representatives()] == [("prompt-0000/0", 3), ("prompt-0001/0", 3)]
+
+
+@pytest.mark.parametrize("template", ["{stem}.{ext}", "{index:05d}-{seed}.png"])
+def test_lazy_jobs_are_the_jobs_an_eager_plan_makes(tmp_path, template):
+    from ldmtool.io.discover import generated_items
+    from ldmtool.runtime.jobs import RunOptions
+    from ldmtool.runtime.report import Reporter
+    from ldmtool.runtime.runner import BatchRun
+
+    run = BatchRun(_Flat(), RunOptions(output=tmp_path / "out", seed=7, name_template=template), Reporter(quiet=True))
+    items = generated_items(["x", "y"], samples=4, kind="sample")
+    lazy, eager = run._plan(items), run._plan(list(items))
+    assert not isinstance(lazy, list) and isinstance(eager, list)
+    assert [(j.item, j.index, j.seed, j.output) for j in lazy] == [(j.item, j.index, j.seed, j.output) for j in eager]
+
+
+def test_a_hundred_million_samples_are_planned_in_bounded_memory_and_time(tmp_path):
+    import time
+
+    from ldmtool.io.discover import generated_items
+    from ldmtool.runtime.jobs import RunOptions
+    from ldmtool.runtime.plan import check_run
+    from ldmtool.runtime.report import Reporter
+    from ldmtool.runtime.runner import BatchRun
+    from ldmtool.runtime.seeds import item_seed
+
+    assert getattr(generated_items([""], samples=2), "lazy", False)  # else 10^8 items would fill the memory
+    n = 10**8
+    options = RunOptions(output=tmp_path / "out", seed=5)
+    tracemalloc.start()
+    started = time.monotonic()
+    try:
+        run = BatchRun(_Flat(), options, Reporter(quiet=True))
+        jobs = run._plan(generated_items([""], samples=n, kind="sample"))
+        plan = check_run(run.task, jobs, options)
+        first, last = jobs[0], jobs[n - 1]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.monotonic() - started < 5.0
+    assert peak < 50 * 2**20, peak
+    assert len(jobs) == plan.items == n and plan.pixels == n * 64 * 64 and plan.largest == (64, 64)
+    assert first.output == tmp_path / "out" / "0000-0.png" and first.seed == 5
+    assert last.output == tmp_path / "out" / f"0000-{n - 1}.png"
+    assert last.seed == item_seed(5, key=last.item.key, offset=n - 1, own=None) and last.index == n - 1

@@ -194,7 +194,7 @@ def class_label(index: int, n_classes: int) -> str:
 # ---------------------------------------------------------------- the sample command
 
 
-def sample_items(classes: Sequence[str], samples: int) -> list[Item]:
+def sample_items(classes: Sequence[str], samples: int) -> Sequence[Item]:
     """Items for `ldmtool sample`: one per (class, sample), or `samples` unconditional ones."""
     if samples < 1:
         raise UsageError(f"--n {samples}: must be at least 1")

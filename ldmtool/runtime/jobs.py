@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Protocol, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Protocol, Sequence, Union, overload
 
 import numpy as np
 
@@ -27,7 +27,7 @@ from ldmtool.errors import ItemError
 from ldmtool.io.discover import Item
 from ldmtool.io.outputs import DEFAULT_TEMPLATE
 from ldmtool.io.writer import DEFAULT_QUALITY
-from ldmtool.runtime.plan import Demand, Size, output_demand
+from ldmtool.runtime.plan import Demand, Size, output_demand, weighted
 from ldmtool.runtime.shard import Shard
 
 EXISTING_POLICIES = ("check", "skip", "overwrite")
@@ -53,6 +53,44 @@ class Job:
     output: Path
     payload: Any = None
     load_seconds: float = 0.0
+
+
+class PlannedJobs(Sequence[Job]):
+    """The jobs of a lazy item sequence (`io.discover.GeneratedItems`), made when they are asked for with the
+    same index, seed and output path an eager plan gives them: planning 10^8 samples holds no job."""
+
+    lazy = True
+
+    def __init__(self, items: Sequence[Item], seed_of: Callable[[Item], int],
+                 output_of: Callable[[Item, int, int], Path]):
+        self.items = items
+        self.seed_of = seed_of
+        self.output_of = output_of
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @overload
+    def __getitem__(self, index: int) -> Job: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Job]: ...
+
+    def __getitem__(self, index: int | slice) -> Job | list[Job]:
+        if isinstance(index, slice):
+            return [self._job(i) for i in range(*index.indices(len(self)))]
+        return self._job(index if index >= 0 else index + len(self))
+
+    def __iter__(self) -> Iterator[Job]:
+        return (self._job(index) for index in range(len(self)))
+
+    def representatives(self) -> Iterator[tuple[Item, int]]:
+        """Each kind of item with how many items it stands for (runtime/plan.py)."""
+        return weighted(self.items)
+
+    def _job(self, index: int) -> Job:
+        item = self.items[index]
+        seed = self.seed_of(item)
+        return Job(item, index, seed, self.output_of(item, index, seed))
 
 
 class Progress(Protocol):

@@ -27,10 +27,10 @@ from typing import Any, Callable, Optional, Sequence, Union
 from ldmtool.errors import FatalError, Interrupted, ItemError, UsageError
 from ldmtool.io.discover import Discovery, Item
 from ldmtool.io.manifest import MANIFEST_NAME, Manifest
-from ldmtool.io.outputs import DEFAULT_TEMPLATE, OutputSpec, plan_outputs
+from ldmtool.io.outputs import DEFAULT_TEMPLATE, OutputSpec, check_template, names_apart, output_path, plan_outputs
 from ldmtool.io.writer import remove_stale_temps
 from ldmtool.runtime.execution import DEBUG_ENV, JobRunner, output_suffix, recipes_for
-from ldmtool.runtime.jobs import EXISTING_POLICIES, BaseTask, Job, Output, RunOptions, Task
+from ldmtool.runtime.jobs import EXISTING_POLICIES, BaseTask, Job, Output, PlannedJobs, RunOptions, Task
 from ldmtool.runtime.plan import check_run
 from ldmtool.runtime.report import ItemEvent, Reporter, Status, Summary
 from ldmtool.runtime.resume import current_replay
@@ -70,7 +70,7 @@ def run_task(
         source = [replay.item]
         options = replace(options, output=replay.output, item_seed=replay.seed, existing="overwrite", shard=None,
                           engine="local", write_manifest=False, name_template=DEFAULT_TEMPLATE, fmt=None)
-    discovery = source if isinstance(source, Discovery) else Discovery(list(source))
+    discovery = source if isinstance(source, Discovery) else Discovery(source if _lazy(source) else list(source))
     if not discovery.items:
         raise UsageError("nothing to do: no items to process")
     if options.batch_size < 1:
@@ -136,7 +136,10 @@ class BatchRun:
         self.reporter.finish(self.summary)
         return self.summary
 
-    def _plan(self, items: Sequence[Item]) -> list[Job]:
+    def _plan(self, items: Sequence[Item]) -> Sequence[Job]:
+        if _lazy(items) and not self.spec.is_file and names_apart(self.spec.template):
+            check_template(self.spec.template)  # generated items: jobs made as they are asked for
+            return PlannedJobs(items, self._seed_of, lambda item, index, seed: output_path(self.spec, item, index, seed))
         seeds = [self._seed_of(item) for item in items]
         paths = plan_outputs(items, seeds, self.spec)
         for item, path in zip(items, paths):
@@ -162,7 +165,7 @@ class BatchRun:
             self.manifest = Manifest(folder / (shard.manifest_name if shard else MANIFEST_NAME))
             self.runner.records = self.manifest
 
-    def _resume(self, jobs: list[Job]) -> list[Job]:
+    def _resume(self, jobs: Sequence[Job]) -> list[Job]:
         """The jobs still to run; the others are reported skipped (this job's output is there) or failed
         (another job's output is in the way)."""
         pending = []
@@ -195,9 +198,16 @@ def _check_not_an_input(item: Item, output: Path) -> None:
             raise UsageError(f"{source}: its output would replace the input itself; choose another -o")
 
 
-def _outside(items: Sequence[Item], folder: Path) -> tuple[list[Item], int]:
+def _lazy(items: Sequence[Item]) -> bool:
+    """Generated items made on demand (io.discover.GeneratedItems): none has an input file."""
+    return bool(getattr(items, "lazy", False))
+
+
+def _outside(items: Sequence[Item], folder: Path) -> tuple[Sequence[Item], int]:
     """Drop inputs found inside an output folder that lies within their input tree: a rerun of
     `CMD . -r -o out` must not take its own outputs as new inputs. Returns (kept, number dropped)."""
+    if _lazy(items):
+        return items, 0
     out = Path(os.path.abspath(folder))
     kept = [item for item in items if not _is_own_output(item, out)]
     return kept, len(items) - len(kept)
