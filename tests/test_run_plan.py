@@ -278,3 +278,18 @@ def test_a_hundred_million_samples_are_planned_in_bounded_memory_and_time(tmp_pa
     assert first.output == tmp_path / "out" / "0000-0.png" and first.seed == 5
     assert last.output == tmp_path / "out" / f"0000-{n - 1}.png"
     assert last.seed == item_seed(5, key=last.item.key, offset=n - 1, own=None) and last.index == n - 1
+
+
+def test_the_probe_never_changes_pixels(tmp_path, models, monkeypatch):
+    args = ["--model", models["celeba"], "--width", 64, "--height", 32, "--n", 2, "--seed", 3, "--quiet", *FAST]
+    assert run_cli("sample", *args, "-o", tmp_path / "plain").exit_code == 0
+    import ldmtool.pipelines.planning as planning
+
+    monkeypatch.setattr(planning, "SHORT_WORK", 0)
+    probed = run_cli("sample", *args, "--json", "-o", tmp_path / "probed")
+    assert probed.exit_code == 0 and json.loads(probed.stdout.splitlines()[0])["seconds"] > 0
+    names = _images(tmp_path / "plain")
+    assert len(names) == 2 and _images(tmp_path / "probed") == names
+    for name in names:
+        with Image.open(tmp_path / "plain" / name) as plain, Image.open(tmp_path / "probed" / name) as probed_image:
+            assert np.array_equal(np.asarray(plain), np.asarray(probed_image))
