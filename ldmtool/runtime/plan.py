@@ -1,7 +1,11 @@
 """The run plan (issue 26): what a run will make and need, known before any item runs.
 
-    plan = build_plan(task, jobs, batch_size=1)   # sizes from the task's `planned_size`, costs from `planned_demand`
-    check_plan(plan, max_output_pixels)           # UsageError: an output too large, or memory that cannot fit
+    plan = check_run(task, jobs, options)   # build_plan, then check_plan: UsageError (exit 2) for an output
+                                            # over --max-output-pixels, or a peak the memory cannot hold
+    reporter.plan(plan)                     # the `plan` event; a line on stderr when it is long
+
+The runner checks the plan before anything is written (the model not yet open), and again, reporting it,
+once the engine has opened the model (sizes from the model's defaults, the measured time).
 
 Each item's output size comes from the task (`BaseTask.planned_size`, runtime/jobs.py): generators know it
 from their options or their model's defaults, file tasks from the input's image header (never its pixels).
