@@ -94,6 +94,9 @@ class RunChoice:
     ray_address: Optional[str] = option(
         "--ray-address", help="With --engine ray: join this cluster (default: start a local one).", panel=RUN,
         metavar="ADDRESS")
+    max_output_pixels: Optional[int] = option(
+        "--max-output-pixels", help="Refuse, before anything runs, outputs above this many pixels (default "
+        "16384x16384; 0 = no limit).", panel=RUN, min=0)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ def _run(cwd: Path, *args: str, timeout: float = 60, **env: str) -> subprocess.C
 
 def _events(stdout: bytes) -> dict[str, dict]:
     events = [json.loads(line) for line in stdout.decode("utf-8").splitlines()]
-    return {event["key"]: event for event in events if event["event"] != "summary"}
+    return {event["key"]: event for event in events if event["event"] not in ("summary", "plan")}
 
 
 def _no_traceback(result: subprocess.CompletedProcess) -> None:

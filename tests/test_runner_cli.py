@@ -77,7 +77,7 @@ def events(result):
 
 
 def item_events(result):
-    return [e for e in events(result) if e["event"] != "summary"]
+    return [e for e in events(result) if e["event"] not in ("summary", "plan")]
 
 
 def _save(path: Path, colour=(10, 100, 200), size=(6, 4)):
@@ -305,7 +305,8 @@ def test_json_events_and_manifest(tree):
     all_events = events(result)
     assert all_events[-1] == {"event": "summary", "done": 2, "skipped": 0, "failed": 1,
                               "seconds": all_events[-1]["seconds"], "seed": 9}
-    for event in all_events[:-1]:
+    assert all_events[0]["event"] == "plan" and all_events[0]["items"] == 3  # before the items (runtime/plan.py)
+    for event in all_events[1:-1]:
         assert set(event) >= {"event", "key", "input", "output", "seed", "seconds"}
         assert event["seed"] == derive_seed(9, event["key"])
     failed = [e for e in all_events if e["event"] == "failed"]
@@ -451,7 +452,7 @@ def test_disk_full_mid_run_stops_with_fatal_error(tmp_path, monkeypatch):
     with pytest.raises(FatalError, match=r"b.png: cannot write the output \(the disk is full\); stopping"):
         run_task(_Doubler(), _items("a", "b", "c"), RunOptions(output=tmp_path / "o", seed=1), reporter=reporter)
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["a.png", MANIFEST_NAME]
-    assert [json.loads(line)["event"] for line in out.getvalue().splitlines()] == ["done", "failed"]
+    assert [json.loads(line)["event"] for line in out.getvalue().splitlines()] == ["plan", "done", "failed"]
 
 
 def test_a_task_that_cannot_start_is_fatal(tmp_path):

@@ -49,7 +49,8 @@ def run_options(choice: "RunChoice", cli: Mapping[str, Any]) -> "RunOptions":
         existing="overwrite" if choice.overwrite else (choice.existing or "check"), fail_fast=choice.fail_fast,
         batch_size=choice.batch_size, seed=choice.seed, item_seed=choice.item_seed, json_events=choice.json_out,
         quiet=choice.quiet, argv=["ldmtool", *sys.argv[1:]], shard=parse_shard(choice.shard) if choice.shard else None,
-        engine=choice.run_engine, ray_address=choice.ray_address, cli=dict(cli))
+        engine=choice.run_engine, ray_address=choice.ray_address,
+        max_output_pixels=choice.max_output_pixels, cli=dict(cli))
 
 
 def finish(summary: "Summary") -> NoReturn:

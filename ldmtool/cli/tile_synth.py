@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional, Sequence
 
 import typer
 
@@ -58,7 +58,7 @@ def tile_synth(
     task = tile_synth_task(Engine(model, sampling), generator, width=canvas_w, height=canvas_h,
                            classes=classes or [], prompt=prompt, negative=text.negative or "", palette=palette,
                            max_pixels=images.max_pixels)
-    items: Discovery | list[Item]
+    items: Discovery | Sequence[Item]
     if inputs:
         items = find_inputs(inputs, recursive=images.recursive)
     else:

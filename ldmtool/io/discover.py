@@ -17,7 +17,7 @@ import sys
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence, TextIO
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, TextIO, overload
 
 from ldmtool.errors import ItemError, UsageError
 from ldmtool.io.files import read_text_file, shown
@@ -62,7 +62,7 @@ class Item:
 class Discovery:
     """Items found plus the non-image files that were passed over (reported once)."""
 
-    items: list[Item]
+    items: Sequence[Item]  # a list, or generated items made on demand (`generated_items`)
     skipped: list[Path] = field(default_factory=list)
 
     def notes(self) -> list[str]:
@@ -89,18 +89,59 @@ def sanitize_name(text: str, max_length: int = 80) -> str:
     return cleaned[:max_length].rstrip("-_") or "item"
 
 
-def generated_items(labels: Sequence[str], *, samples: int = 1, kind: str = "item") -> list[Item]:
+def generated_items(labels: Sequence[str], *, samples: int = 1, kind: str = "item",
+                    finish: Optional[Callable[[Item], Item]] = None) -> "GeneratedItems":
     """Items for generators: one per (label, sample), in label-major order; the n-th item's seed is the
     run's seed + n. Keys ('prompt-0003/1') and stems ('0003-1-a-red-fox') keep outputs apart and readable.
-    Each item's `data` holds `label`, `index` and `sample`."""
-    items: list[Item] = []
-    for index, label in enumerate(labels):
-        slug = sanitize_name(label, max_length=60) if label.strip() else ""
-        for sample in range(samples):
-            stem = f"{index:04d}-{sample}" + (f"-{slug}" if slug and slug != "item" else "")
-            items.append(Item(key=f"{kind}-{index:04d}/{sample}", stem=stem, seed_offset=len(items),
-                              data={"label": label, "index": index, "sample": sample}))
-    return items
+    Each item's `data` holds `label`, `index` and `sample`; `finish(item)` may add to it (a prompt line).
+    The items are made when they are asked for, so `--n 100000000` takes no memory until they run."""
+    return GeneratedItems(labels, samples, kind, finish)
+
+
+class GeneratedItems(Sequence[Item]):
+    """The items of `generated_items`, made on demand: a sequence of known length that holds only its
+    labels. `representatives()` gives each label's first item with its number of samples (they share
+    every planned property but the seed), so a run plan of 10^8 samples costs one item per label."""
+
+    lazy = True  # no item has an input file: nothing to pair, hash or keep apart from the outputs
+
+    def __init__(self, labels: Sequence[str], samples: int, kind: str, finish: Optional[Callable[[Item], Item]]):
+        self.labels = list(labels)
+        self.samples = samples
+        self.kind = kind
+        self.finish = finish
+        self._slugs = [sanitize_name(label, max_length=60) if label.strip() else "" for label in self.labels]
+
+    def __len__(self) -> int:
+        return len(self.labels) * self.samples
+
+    @overload
+    def __getitem__(self, position: int) -> Item: ...
+    @overload
+    def __getitem__(self, position: slice) -> list[Item]: ...
+
+    def __getitem__(self, position: int | slice) -> Item | list[Item]:
+        if isinstance(position, slice):
+            return [self._item(p) for p in range(*position.indices(len(self)))]
+        if position < 0:
+            position += len(self)
+        if not 0 <= position < len(self):
+            raise IndexError(f"item {position} of {len(self)}")
+        return self._item(position)
+
+    def __iter__(self) -> Iterator[Item]:
+        return (self._item(position) for position in range(len(self)))
+
+    def representatives(self) -> Iterator[tuple[Item, int]]:
+        return ((self._item(index * self.samples), self.samples) for index in range(len(self.labels)))
+
+    def _item(self, position: int) -> Item:
+        index, sample = divmod(position, self.samples)
+        slug = self._slugs[index]
+        stem = f"{index:04d}-{sample}" + (f"-{slug}" if slug and slug != "item" else "")
+        item = Item(key=f"{self.kind}-{index:04d}/{sample}", stem=stem, seed_offset=position,
+                    data={"label": self.labels[index], "index": index, "sample": sample})
+        return item if self.finish is None else self.finish(item)
 
 
 def discover(

@@ -7,6 +7,7 @@ palette (with transparency), CMYK and the other Pillow modes are converted to RG
 """
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageCms, ImageFile, ImageOps, UnidentifiedImageError
 
 from ldmtool.errors import ItemError
-from ldmtool.io.files import FileTooLarge, NotRegularFile, max_file_bytes, positive_int_env, read_bounded, shown
+from ldmtool.io.files import FileTooLarge, NotRegularFile, max_file_bytes, open_regular, positive_int_env, read_bounded, shown
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 DEFAULT_MAX_PIXELS = 8192 * 8192
@@ -81,6 +82,25 @@ def read_image(path: Path | str, *, max_pixels: Optional[int] = None) -> LoadedI
         if not data:
             raise ItemError(f"{shown(path)}: the file is empty (0 bytes)")
         return _decode(path, data, limit)
+
+
+def header_size(path: Path | str, *, max_pixels: Optional[int] = None,
+                upright: bool = True) -> Optional[tuple[int, int]]:
+    """The (width, height) of an image file from its header alone (Pillow's lazy open: no pixel is decoded;
+    `upright`: as its EXIF orientation shows it), for the run plan; None when the file cannot be read or is
+    over the pixel limit (its load then fails with the reason)."""
+    limit = max_pixels or max_pixels_default()
+    try:
+        with os.fdopen(open_regular(path), "rb") as handle, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(handle) as image:
+                width, height = image.size
+                if width * height > limit or width < 1 or height < 1:
+                    return None
+                turned = upright and _orientation(image) in (5, 6, 7, 8)  # EXIF: shown rotated by 90 degrees
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+    return (height, width) if turned else (width, height)
 
 
 def _decode(path: Path, data: bytes, max_pixels: int) -> LoadedImage:

@@ -90,17 +90,30 @@ def plan_outputs(items: Sequence[Item], seeds: Sequence[int], spec: OutputSpec) 
     if spec.is_file:
         return [_single_file(items, spec)]
     check_template(spec.template)
-    ext = format_name(spec.fmt) if spec.fmt else "png"
-    folder = spec.folder
-    paths = []
-    for index, (item, seed) in enumerate(zip(items, seeds)):
-        name = render_name(spec.template, stem=item.stem, index=index, seed=seed, ext=ext)
-        path = folder / item.subdir / name if item.subdir else folder / name
-        _check_inside(path, folder, item)
-        format_for_path(path)
-        paths.append(path)
+    paths = [output_path(spec, item, index, seed) for index, (item, seed) in enumerate(zip(items, seeds))]
     _check_no_collisions(items, paths)
     return paths
+
+
+def output_path(spec: OutputSpec, item: Item, index: int, seed: int) -> Path:
+    """The output path of the `index`-th item in a folder run (`check_template` first); UsageError when the
+    name would leave the folder or has no image format."""
+    ext = format_name(spec.fmt) if spec.fmt else "png"
+    folder = spec.folder
+    name = render_name(spec.template, stem=item.stem, index=index, seed=seed, ext=ext)
+    path = folder / item.subdir / name if item.subdir else folder / name
+    _check_inside(path, folder, item)
+    format_for_path(path)
+    return path
+
+
+def names_apart(template: str) -> bool:
+    """Whether the template keeps the outputs of generated items apart by construction: it has `{index}`,
+    or `{stem}` as it is (each generated item's stem starts with its own label and sample numbers)."""
+    for _, name, spec, conversion in string.Formatter().parse(template):
+        if name == "index" or (name == "stem" and not spec and not conversion):
+            return True
+    return False
 
 
 def _single_file(items: Sequence[Item], spec: OutputSpec) -> Path:

@@ -212,7 +212,7 @@ def _map_canvas(task: Any, label_map: ImageInput, seed: Optional[int]) -> np.nda
     return _results(task, [(_memory_item("label-map"), _seed(seed), labels)])[0]
 
 
-def _generated(task: ModelTask, items: list[Item], seed: Optional[int]) -> list[np.ndarray]:
+def _generated(task: ModelTask, items: Sequence[Item], seed: Optional[int]) -> list[np.ndarray]:
     """Items that are generated (prompts, samples, classes): seeded as the CLI's `--seed` seeds them."""
     task.open()
     base = _seed(seed)

@@ -17,12 +17,14 @@ runner calls), as `self.step_progress()`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Hashable, Optional, Sequence, TypeVar
+from typing import Any, Callable, Hashable, Mapping, Optional, Sequence, TypeVar
 
 from ldmtool.errors import ItemError
-from ldmtool.io.images import check_read_limits
+from ldmtool.io.discover import Item
+from ldmtool.io.images import check_read_limits, header_size
 from ldmtool.pipelines.engine import Engine
 from ldmtool.runtime.jobs import BaseTask, Job
+from ldmtool.runtime.plan import Demand, Size
 
 Result = TypeVar("Result")
 
@@ -70,6 +72,18 @@ class ModelTask(BaseTask):
         """Parameters every output records after the resolved sampling values, in the order they are shown."""
         return {"model_family": engine.info.family}
 
+    def planned_demand(self, sizes: Mapping[Size, int], batch_size: int) -> Demand:
+        """Weights, latents, tile working memory and image buffers of the largest item; seconds once open
+        (pipelines/planning.py)."""
+        from ldmtool.pipelines.planning import model_demand
+
+        return model_demand(self, sizes, batch_size)
+
+    def planned_latents(self, size: Size, down: int) -> list[tuple[int, int]]:
+        """(h, w) of the latent each sampling pass of an item with output `size` samples (one pass here)."""
+        width, height = size
+        return [(-(-height // down), -(-width // down))]
+
     def step_progress(self) -> Optional[Callable[[int, int], None]]:
         """The callback for sampler steps (done, total), or None when nothing shows progress."""
         return None if self.progress is None else self.progress.steps
@@ -81,6 +95,12 @@ def input_path(job: Job) -> Path:
     if job.item.path is None:
         raise ItemError(f"{job.item.label}: this command reads an input file, and the item has none")
     return job.item.path
+
+
+def input_size(item: Item, max_pixels: Optional[int] = None, *, upright: bool = True) -> Optional[Size]:
+    """The (width, height) of an item's input file from its header (`upright`: as EXIF orientation shows it);
+    None for a generated item or a file whose header cannot be read (its load says why)."""
+    return None if item.path is None else header_size(item.path, max_pixels=max_pixels, upright=upright)
 
 
 def in_groups(jobs: Sequence[Job], key: Callable[[Job], Hashable],

@@ -11,8 +11,9 @@ from typing import Any, Optional
 
 import torch
 
+from ldmtool.io.discover import Item
 from ldmtool.io.images import LoadedImage, read_image
-from ldmtool.pipelines.base import ModelTask, in_groups, input_path
+from ldmtool.pipelines.base import ModelTask, in_groups, input_path, input_size
 from ldmtool.pipelines.engine import Engine, to_array
 from ldmtool.pipelines.text import PromptConditioning, padded_images
 from ldmtool.runtime.jobs import Job, Output
@@ -38,6 +39,10 @@ class Img2ImgTask(ModelTask):
         self.conditioning = PromptConditioning(engine.bundle, engine.model_path, self.command,
                                                prompt=self.prompt, negative=self.negative)
         self.multiple = engine.info.pixel_multiple
+
+    def planned_size(self, item: Item) -> Optional[tuple[int, int]]:
+        """The input's size, from its header: the output keeps it."""
+        return input_size(item, self.max_pixels)
 
     def load(self, job: Job) -> LoadedImage:
         return read_image(input_path(job), max_pixels=self.max_pixels)

@@ -28,8 +28,9 @@ from ldmtool.diffusion.cond import Cond
 from ldmtool.diffusion.masked import composite, latent_repaint_mask
 from ldmtool.errors import FatalError, ItemError, UsageError
 from ldmtool.families.info import InpaintKind
+from ldmtool.io.discover import Item
 from ldmtool.io.images import LoadedImage, mask_from_alpha, read_image, read_mask
-from ldmtool.pipelines.base import ModelTask, in_groups, input_path
+from ldmtool.pipelines.base import ModelTask, in_groups, input_path, input_size
 from ldmtool.pipelines.colour_fix import colour_fix_to, config_switch
 from ldmtool.pipelines.engine import Engine, to_array
 from ldmtool.pipelines.text import (
@@ -96,6 +97,10 @@ class InpaintTask(ModelTask):
         return {**super().recorded(engine), "inpaint_kind": self.kind.value, "colour_fix": self.colour_fix}
 
     # -- each item
+
+    def planned_size(self, item: Item) -> Optional[tuple[int, int]]:
+        """The input's size, from its header: the output keeps it."""
+        return input_size(item, self.max_pixels)
 
     def load(self, job: Job) -> tuple[LoadedImage, np.ndarray]:
         image = read_image(input_path(job), max_pixels=self.max_pixels)

@@ -82,6 +82,10 @@ class GeneratorTask(ModelTask):
     def item_params(self, job: Job) -> dict[str, Any]:
         return {}
 
+    def planned_size(self, item: Item) -> Optional[tuple[int, int]]:
+        """The run's size: --width/--height, or the model's default once it is open (None before)."""
+        return (self.width, self.height) if self.width and self.height else None
+
     def padded(self, width: int, height: int) -> tuple[int, int]:
         """The size actually sampled: the next multiples the model can take (the output is cropped back)."""
         return width + (-width) % self.multiple, height + (-height) % self.multiple
@@ -191,7 +195,7 @@ def class_label(index: int, n_classes: int) -> str:
 # ---------------------------------------------------------------- the sample command
 
 
-def sample_items(classes: Sequence[str], samples: int) -> list[Item]:
+def sample_items(classes: Sequence[str], samples: int) -> Sequence[Item]:
     """Items for `ldmtool sample`: one per (class, sample), or `samples` unconditional ones."""
     if samples < 1:
         raise UsageError(f"--n {samples}: must be at least 1")

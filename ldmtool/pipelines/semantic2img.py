@@ -26,9 +26,10 @@ from PIL import Image
 from ldmtool.checkpoints.bundle import LatentDiffusionBundle
 from ldmtool.diffusion.cond import Cond
 from ldmtool.errors import ItemError, UsageError
+from ldmtool.io.discover import Item
 from ldmtool.io.files import MAX_CONFIG_BYTES, read_bounded, read_text_file
 from ldmtool.io.images import max_pixels_default
-from ldmtool.pipelines.base import input_path
+from ldmtool.pipelines.base import input_path, input_size
 from ldmtool.pipelines.engine import Engine, method
 from ldmtool.pipelines.sample import GeneratorTask
 from ldmtool.runtime.jobs import Job
@@ -246,6 +247,18 @@ class Semantic2ImgTask(GeneratorTask):
 
     def canvas(self, job: Job) -> tuple[int, int]:
         map_h, map_w = job.payload.shape
+        return self.canvas_of(map_w, map_h)
+
+    def planned_size(self, item: Item) -> Optional[tuple[int, int]]:
+        """--width and --height, else the label map's size from its header (scaled to the one given)."""
+        if self.width and self.height:
+            return self.width, self.height
+        size = input_size(item, self.max_pixels, upright=False)  # maps are read as stored
+        return None if size is None else self.canvas_of(*size)
+
+    def canvas_of(self, map_w: int, map_h: int) -> tuple[int, int]:
+        """The output size for a map of this size: --width/--height, one of them (keeping the map's aspect),
+        or the map's own."""
         if self.width and self.height:
             return self.width, self.height
         if self.width:

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from ldmtool.diffusion.cond import Cond
 from ldmtool.errors import ItemError, UsageError
 from ldmtool.families.info import Conditioning
+from ldmtool.io.discover import Item
 from ldmtool.io.images import LoadedImage, read_image
-from ldmtool.pipelines.base import ModelTask, input_path
+from ldmtool.pipelines.base import ModelTask, input_path, input_size
 from ldmtool.pipelines.colour_fix import colour_fix_, config_switch
 from ldmtool.pipelines.consistency import back_project_
 from ldmtool.pipelines.engine import Engine, method, to_model_range
@@ -119,6 +120,20 @@ class SuperresTask(ModelTask):
         encode = method(self.engine.cond_stage("encode the prompt"), "encode")
         with torch.inference_mode(), one_thread():  # each text alone, on one thread: as TextConditioner
             return encode([self.prompt]), encode([self.negative])
+
+    def planned_size(self, item: Item) -> Optional[tuple[int, int]]:
+        """The input's size (from its header) times --scale."""
+        size = input_size(item, self.max_pixels)
+        return None if size is None else output_size(*size, self.scale)
+
+    def planned_latents(self, size: tuple[int, int], down: int) -> list[tuple[int, int]]:
+        """Each native ×4 pass samples a latent of 4x its input's size."""
+        width, height = size[0] / self.scale, size[1] / self.scale
+        latents = []
+        for _ in range(native_passes(self.scale)):
+            width, height = width * NATIVE_SCALE, height * NATIVE_SCALE
+            latents.append((math.ceil(height / down), math.ceil(width / down)))
+        return latents
 
     # -- each item
 

@@ -109,7 +109,7 @@ def tile_synth_task(engine: Engine, generator: Generator, *, width: int, height:
 
 
 def generated_canvas_items(generator: Generator, *, classes: Sequence[str], prompt: Optional[str],
-                           samples: int) -> list[Item]:
+                           samples: int) -> Sequence[Item]:
     """Items of the generators that take no files."""
     if generator is Generator.TEXT:
         if samples < 1:

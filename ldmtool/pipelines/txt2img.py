@@ -29,14 +29,18 @@ from ldmtool.runtime.jobs import Job, Output
 from ldmtool.runtime.seeds import SEED_LIMIT
 
 
-def prompt_items(prompts: Sequence[PromptSpec], samples: int) -> list[Item]:
+def prompt_items(prompts: Sequence[PromptSpec], samples: int) -> Sequence[Item]:
     """One item per (prompt, sample), seeded N, N+1, ... in order; a JSON line's own seed S gives its samples
     S, S+1, ... The item carries its prompt line (`data["spec"]`), so it is the same job whatever file it came from."""
     if samples < 1:
         raise UsageError(f"--n {samples}: must be at least 1")
-    items = generated_items([p.prompt for p in prompts], samples=samples, kind="prompt")
-    return [replace(item, data={**item.data, "spec": prompts[item.data["index"]].as_dict()},
-                    seed=_own_seed(prompts[item.data["index"]], item.data["sample"])) for item in items]
+    specs = list(prompts)
+
+    def with_line(item: Item) -> Item:
+        spec = specs[item.data["index"]]
+        return replace(item, data={**item.data, "spec": spec.as_dict()}, seed=_own_seed(spec, item.data["sample"]))
+
+    return generated_items([p.prompt for p in specs], samples=samples, kind="prompt", finish=with_line)
 
 
 def _own_seed(spec: PromptSpec, sample: int) -> Optional[int]:
@@ -68,6 +72,12 @@ class Txt2ImgTask(ModelTask):
 
     def recorded(self, engine: Engine) -> dict[str, Any]:
         return {"negative": self.negative, "width": self.width, "height": self.height, **super().recorded(engine)}
+
+    def planned_size(self, item: Item) -> Optional[tuple[int, int]]:
+        """A prompt line's own size, else the run's (--width/--height, or the model's default once open)."""
+        spec = item.data.get("spec", {})
+        width, height = spec.get("width") or self.width, spec.get("height") or self.height
+        return (width, height) if width and height else None
 
     # -- each item
 

@@ -23,10 +23,10 @@ RUN_STEERING = frozenset({
     "inputs", "recursive", "masks", "prompts", "output", "name", "fmt", "json_out", "quiet", "fail_fast",
     "batch_size", "seed", "item_seed", "shard", "run_engine", "ray_address", "overwrite", "existing", "n",
 })
-# Options that never change an output's pixels: everything else a command takes is part of the identity
+# Options that never change an output's pixels (limits refuse inputs or runs, never alter one): everything else a command takes is part of the identity
 # (the model is there as its file's sha256). --max-memory is, unless --tile fixes the tile: it chooses the
 # automatic tile (and whether a canvas runs untiled), but under a fixed tile only how many tiles share a call.
-NOT_PIXELS = RUN_STEERING | {"max_pixels", "model"}
+NOT_PIXELS = RUN_STEERING | {"max_pixels", "max_output_pixels", "model"}
 LOSSY_SUFFIXES = (".jpg", ".jpeg", ".webp")
 
 

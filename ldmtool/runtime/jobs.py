@@ -12,12 +12,16 @@ and `ldmtool.runtime.runner.run_task(task, items, RunOptions(...))` runs it. The
 `validate()`: run-wide settings are checked (UsageError, exit 2) before the output folder is made or any
 item runs. It then starts the task with `start(progress)`, which keeps the `Progress` that sampler steps
 are reported to and calls `open()`.
+
+Before any item runs, the runner plans the run (runtime/plan.py) from two optional methods: `planned_size(item)`,
+the item's output (width, height) read from options or an image header, never from decoded pixels (None: not
+known until the item loads), and `planned_demand(sizes, batch_size)`, the peak memory and time those need.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Protocol, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Protocol, Sequence, Union, overload
 
 import numpy as np
 
@@ -25,6 +29,7 @@ from ldmtool.errors import ItemError
 from ldmtool.io.discover import Item
 from ldmtool.io.outputs import DEFAULT_TEMPLATE
 from ldmtool.io.writer import DEFAULT_QUALITY
+from ldmtool.runtime.plan import Demand, Size, output_demand, weighted
 from ldmtool.runtime.shard import Shard
 
 EXISTING_POLICIES = ("check", "skip", "overwrite")
@@ -51,6 +56,44 @@ class Job:
     payload: Any = None
     load_seconds: float = 0.0
     planned_output: Optional[tuple[int, int, int, int]] = None  # the output file when planned (None: absent)
+
+
+class PlannedJobs(Sequence[Job]):
+    """The jobs of a lazy item sequence (`io.discover.GeneratedItems`), made when they are asked for with the
+    same index, seed and output path an eager plan gives them: planning 10^8 samples holds no job."""
+
+    lazy = True
+
+    def __init__(self, items: Sequence[Item], seed_of: Callable[[Item], int],
+                 output_of: Callable[[Item, int, int], Path]):
+        self.items = items
+        self.seed_of = seed_of
+        self.output_of = output_of
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @overload
+    def __getitem__(self, index: int) -> Job: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Job]: ...
+
+    def __getitem__(self, index: int | slice) -> Job | list[Job]:
+        if isinstance(index, slice):
+            return [self._job(i) for i in range(*index.indices(len(self)))]
+        return self._job(index if index >= 0 else index + len(self))
+
+    def __iter__(self) -> Iterator[Job]:
+        return (self._job(index) for index in range(len(self)))
+
+    def representatives(self) -> Iterator[tuple[Item, int]]:
+        """Each kind of item with how many items it stands for (runtime/plan.py)."""
+        return weighted(self.items)
+
+    def _job(self, index: int) -> Job:
+        item = self.items[index]
+        seed = self.seed_of(item)
+        return Job(item, index, seed, self.output_of(item, index, seed))
 
 
 class Progress(Protocol):
@@ -104,6 +147,16 @@ class BaseTask:
         """The weights file this task will load, known before it loads (the job's identity names it)."""
         return self.model_path
 
+    def planned_size(self, item: Item) -> Optional[Size]:
+        """The item's output (width, height), known before it loads (from options, or the input's image
+        header); None when only loading it can tell. The run plan refuses outputs that are too large."""
+        return None
+
+    def planned_demand(self, sizes: Mapping[Size, int], batch_size: int) -> Demand:
+        """Peak memory (and, once open, time) of running items of these output sizes (size -> number of
+        items), `batch_size` at a time; by default the full-size image buffers of the largest batch."""
+        return output_demand(dict(sizes), batch_size)
+
     def open(self) -> None:
         return None
 
@@ -135,3 +188,4 @@ class RunOptions:
     shard: Optional[Shard] = None  # run only this shard's items (job arrays); needs a fixed seed
     engine: str = "local"  # one of ENGINE_NAMES (ldmtool.runtime.runner.ENGINES)
     ray_address: Optional[str] = None  # join this Ray cluster; a local one otherwise
+    max_output_pixels: Optional[int] = None  # refuse outputs above this many pixels (None: 16384^2; 0: no limit)

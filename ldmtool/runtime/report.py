@@ -2,9 +2,13 @@
 
 - stdout gets machine output only: with `--json`, one JSON object per line, one per item
   (`event`: done | skipped | failed, with input, output, seed, seconds, error), then one `summary` with
-  the exit code, however the run ends (with `error` when it stopped on one).
+  the exit code, however the run ends (with `error` when it stopped on one). Items that are to run are
+  preceded by one `plan` event (runtime/plan.py: items, pixels, largest [w, h], peak_memory and
+  available_memory in bytes, seconds or null, device), sent when the model is open and before the first of
+  them runs (an item skipped by resume is reported before it).
 - stderr gets human output: a rich progress bar when stderr is a terminal, a one-line message per failed
-  item (always, even with `--quiet`), notes (e.g. skipped non-image files) and a closing summary line.
+  item (always, even with `--quiet`), notes (e.g. skipped non-image files), the plan of a run expected to
+  take over a minute (`ldmtool: plan: ...`, even when stderr is not a terminal) and a closing summary line.
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ from ldmtool.io.files import json_line
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
+
+    from ldmtool.runtime.plan import RunPlan
 
 
 class Status(str, Enum):
@@ -141,6 +147,15 @@ class Reporter:
             self._progress.advance(self._task_id)
             if self._steps_id is not None:
                 self._progress.update(self._steps_id, visible=False)
+
+    def plan(self, plan: "RunPlan") -> None:
+        """The run's plan: a JSON `plan` event with --json; on stderr (unless quiet) when it is long."""
+        from ldmtool.runtime.plan import ANNOUNCE_SECONDS
+
+        if self.json_events:
+            self._emit(plan.to_json())
+        if plan.seconds is not None and plan.seconds > ANNOUNCE_SECONDS:
+            self._say(f"ldmtool: plan: {plan.line()}")
 
     def note(self, message: str) -> None:
         self._say(f"ldmtool: {message}")

@@ -27,10 +27,11 @@ from typing import Any, Callable, Optional, Sequence, Union
 from ldmtool.errors import FatalError, Interrupted, ItemError, LdmError, UsageError
 from ldmtool.io.discover import Discovery, Item
 from ldmtool.io.manifest import MANIFEST_NAME, Manifest
-from ldmtool.io.outputs import DEFAULT_TEMPLATE, OutputSpec, plan_outputs
+from ldmtool.io.outputs import DEFAULT_TEMPLATE, OutputSpec, check_template, names_apart, output_path, plan_outputs
 from ldmtool.io.writer import remove_stale_temps
 from ldmtool.runtime.execution import DEBUG_ENV, JobRunner, file_signature, output_suffix, recipes_for
-from ldmtool.runtime.jobs import EXISTING_POLICIES, BaseTask, Job, Output, RunOptions, Task
+from ldmtool.runtime.jobs import EXISTING_POLICIES, BaseTask, Job, Output, PlannedJobs, RunOptions, Task
+from ldmtool.runtime.plan import check_run
 from ldmtool.runtime.report import ItemEvent, Reporter, Status, Summary
 from ldmtool.runtime.resume import current_replay
 from ldmtool.runtime.seeds import RANDOM, item_seed
@@ -41,12 +42,14 @@ __all__ = ["BaseTask", "DEBUG_ENV", "ENGINES", "Job", "Output", "RunOptions", "T
 
 def _run_here(run: "BatchRun", jobs: list[Job]) -> None:
     run.runner.open()
+    run.reporter.plan(check_run(run.task, jobs, run.options))  # sizes and time, now the model is open
     run.runner.process(jobs)
 
 
 def _run_on_ray(run: "BatchRun", jobs: list[Job]) -> None:
     from ldmtool.runtime.ray_engine import process_on_ray
 
+    run.reporter.plan(check_run(run.task, jobs, run.options))
     process_on_ray(run, jobs)
 
 
@@ -67,7 +70,7 @@ def run_task(
         source = [replay.item]
         options = replace(options, output=replay.output, item_seed=replay.seed, existing="overwrite", shard=None,
                           engine="local", write_manifest=False, name_template=DEFAULT_TEMPLATE, fmt=None)
-    discovery = source if isinstance(source, Discovery) else Discovery(list(source))
+    discovery = source if isinstance(source, Discovery) else Discovery(source if _lazy(source) else list(source))
     if not discovery.items:
         raise UsageError("nothing to do: no items to process")
     if options.batch_size < 1:
@@ -128,6 +131,7 @@ class BatchRun:
         jobs = self._plan(items)  # before sharding, so {index} and seeds match an unsharded run
         if self.options.shard is not None:
             jobs = select(jobs, self.options.shard, key=lambda job: job.item.key)
+        check_run(self.task, jobs, self.options)  # refuse outputs too large for the limit or the memory
         listings: dict[Path, list[str]] = {}
         remove_stale_temps((job.output for job in jobs), listings)
         self.runner.claims.remove_stale(listings)
@@ -143,7 +147,10 @@ class BatchRun:
         self.reporter.finish(self.summary)
         return self.summary
 
-    def _plan(self, items: Sequence[Item]) -> list[Job]:
+    def _plan(self, items: Sequence[Item]) -> Sequence[Job]:
+        if _lazy(items) and not self.spec.is_file and names_apart(self.spec.template):
+            check_template(self.spec.template)  # generated items: jobs made as they are asked for
+            return PlannedJobs(items, self._seed_of, lambda item, index, seed: output_path(self.spec, item, index, seed))
         seeds = [self._seed_of(item) for item in items]
         paths = plan_outputs(items, seeds, self.spec)
         for item, path in zip(items, paths):
@@ -179,7 +186,7 @@ class BatchRun:
             except OSError:
                 return  # not empty (or gone): its parents are not empty either
 
-    def _resume(self, jobs: list[Job]) -> list[Job]:
+    def _resume(self, jobs: Sequence[Job]) -> list[Job]:
         """The jobs still to run; the others are reported skipped (this job's output is there) or failed
         (another job's output is in the way)."""
         pending = []
@@ -221,9 +228,16 @@ def _check_not_an_input(item: Item, output: Path) -> None:
             raise UsageError(f"{source}: its output would replace the input itself; choose another -o")
 
 
-def _outside(items: Sequence[Item], folder: Path) -> tuple[list[Item], int]:
+def _lazy(items: Sequence[Item]) -> bool:
+    """Generated items made on demand (io.discover.GeneratedItems): none has an input file."""
+    return bool(getattr(items, "lazy", False))
+
+
+def _outside(items: Sequence[Item], folder: Path) -> tuple[Sequence[Item], int]:
     """Drop inputs found inside an output folder that lies within their input tree: a rerun of
     `CMD . -r -o out` must not take its own outputs as new inputs. Returns (kept, number dropped)."""
+    if _lazy(items):
+        return items, 0
     out = Path(os.path.abspath(folder))
     kept = [item for item in items if not _is_own_output(item, out)]
     return kept, len(items) - len(kept)

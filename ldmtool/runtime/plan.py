@@ -1,0 +1,197 @@
+"""The run plan (issue 26): what a run will make and need, known before any item runs.
+
+    plan = check_run(task, jobs, options)   # build_plan, then check_plan: UsageError (exit 2) for an output
+                                            # over --max-output-pixels, or a peak the memory cannot hold
+    reporter.plan(plan)                     # the `plan` event; a line on stderr when it is long
+
+The runner checks the plan before anything is written (the model not yet open), and again, reporting it,
+once the engine has opened the model (sizes from the model's defaults, the measured time).
+
+Each item's output size comes from the task (`BaseTask.planned_size`, runtime/jobs.py): generators know it
+from their options or their model's defaults, file tasks from the input's image header (never its pixels).
+The task also says what the largest item needs at its peak (weights, tile-bounded working memory, the
+full-size image buffers it keeps) and, once its model is open, about how long the run takes
+(`BaseTask.planned_demand`). A run is refused at the start, with exit 2 and one line naming the numbers and
+the option that lifts the limit, when an output is over `--max-output-pixels` or when the peak cannot fit
+in the memory available; a long run says its plan on stderr before it starts (`Reporter.plan`).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Optional
+
+from ldmtool.errors import UsageError
+from ldmtool.io.discover import Item
+
+Size = tuple[int, int]  # (width, height) in pixels, as Pillow reports sizes
+DEFAULT_MAX_OUTPUT_PIXELS = 16384 * 16384
+ANNOUNCE_SECONDS = 60.0  # a run planned to take longer says its plan on stderr, terminal or not
+GB = 2**30
+
+
+@dataclass(frozen=True)
+class Demand:
+    """What the largest item of a run needs: peak memory on the device that holds it, what that device has
+    available, and (once the model is open) about how long the whole run takes."""
+
+    peak_bytes: int
+    available_bytes: int
+    seconds: Optional[float] = None
+    device: str = "cpu"
+    parts: dict[str, int] = field(default_factory=dict)  # what the peak is made of (weights, working, images)
+
+
+@dataclass
+class RunPlan:
+    """A run's work before it starts: items, output pixels, the largest output, peak memory and time."""
+
+    items: int
+    pixels: int  # total output pixels of the items whose size is known
+    largest: Optional[Size]
+    largest_label: str = ""
+    peak_bytes: int = 0
+    available_bytes: int = 0
+    seconds: Optional[float] = None
+    device: str = "cpu"
+    unknown: int = 0  # items whose size is known only when they load
+    parts: dict[str, int] = field(default_factory=dict)
+
+    def line(self) -> str:
+        """`1 item, 12000x16000 output (192.0 MP), peak memory ~3.1 GB, about 1h 27m on cpu`."""
+        text = f"{self.items} item{'s' if self.items != 1 else ''}"
+        if self.largest is not None:
+            w, h = self.largest
+            text += f", {w}x{h} output ({w * h / 1e6:.1f} MP)" if self.items == 1 else \
+                f", largest output {w}x{h} ({w * h / 1e6:.1f} MP), {self.pixels / 1e6:.1f} MP in all"
+        text += f", peak memory ~{size_text(self.peak_bytes)}"
+        if self.seconds is not None:
+            text += f", about {duration(self.seconds)} on {self.device}"
+        return text
+
+    def to_json(self) -> dict[str, Any]:
+        return {"event": "plan", "items": self.items, "pixels": self.pixels,
+                "largest": None if self.largest is None else list(self.largest), "unknown_sizes": self.unknown,
+                "peak_memory": self.peak_bytes, "available_memory": self.available_bytes,
+                "seconds": None if self.seconds is None else round(self.seconds, 1), "device": self.device}
+
+
+def size_text(size: int) -> str:
+    """'512 MB', '3.1 GB' (powers of 1024, as --max-memory reads them)."""
+    return f"{size / GB:.1f} GB" if size >= GB else f"{max(1, round(size / 2**20))} MB"
+
+
+def duration(seconds: float) -> str:
+    """'45s', '3m 20s', '1h 27m', '2d 3h'."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60}s"
+    if s < 86400:
+        return f"{s // 3600}h {s % 3600 // 60}m"
+    return f"{s // 86400}d {s % 86400 // 3600}h"
+
+
+def weighted(jobs: Iterable[Any]) -> Iterator[tuple[Item, int]]:
+    """(item, how many items it stands for) for each distinct kind of item of `jobs` (Jobs or Items): a lazy
+    generated sequence names one representative per label with its number of samples (`representatives()`),
+    so a plan of 10^8 samples costs one call, not 10^8."""
+    representatives = getattr(jobs, "representatives", None)
+    if representatives is not None:
+        yield from representatives()
+        return
+    for job in jobs:
+        yield getattr(job, "item", job), 1
+
+
+def build_plan(task: Any, jobs: Iterable[Any], *, batch_size: int = 1) -> RunPlan:
+    """The plan of running `jobs` (Jobs or Items) through `task`; a task without `planned_size` plans no
+    sizes, one without `planned_demand` needs only its output buffers."""
+    planned_size = getattr(task, "planned_size", None)
+    sizes: dict[Size, int] = {}
+    items = unknown = pixels = 0
+    largest: Optional[Size] = None
+    label = ""
+    for item, count in weighted(jobs):
+        items += count
+        size = planned_size(item) if planned_size is not None else None
+        if size is None:
+            unknown += count
+            continue
+        sizes[size] = sizes.get(size, 0) + count
+        pixels += size[0] * size[1] * count
+        if largest is None or size[0] * size[1] > largest[0] * largest[1]:
+            largest, label = size, item.label
+    plan = RunPlan(items=items, pixels=pixels, largest=largest, largest_label=label, unknown=unknown)
+    demand_of = getattr(task, "planned_demand", None)
+    demand = demand_of(sizes, batch_size) if demand_of is not None and sizes else output_demand(sizes, batch_size)
+    plan.peak_bytes, plan.available_bytes = demand.peak_bytes, demand.available_bytes
+    plan.seconds, plan.device, plan.parts = demand.seconds, demand.device, demand.parts
+    return plan
+
+
+def check_plan(plan: RunPlan, command: str, max_output_pixels: Optional[int], batch_size: int = 1) -> None:
+    """UsageError (exit 2) for an output over the pixel limit (0: none) or a peak the memory cannot hold."""
+    limit = DEFAULT_MAX_OUTPUT_PIXELS if max_output_pixels is None else max_output_pixels
+    if plan.largest is not None and limit and plan.largest[0] * plan.largest[1] > limit:
+        w, h = plan.largest
+        raise UsageError(f"{command}: {plan.largest_label}: the output would be {w}x{h} = {w * h} pixels, over "
+                         f"--max-output-pixels {limit}; make it smaller, or give --max-output-pixels {w * h} "
+                         "(0 = no limit) if this machine can hold it")
+    if plan.largest is not None and plan.available_bytes and plan.peak_bytes > plan.available_bytes:
+        w, h = plan.largest
+        parts = ", ".join(f"{name} {size_text(value)}" for name, value in plan.parts.items() if value)
+        smaller = "make the output smaller" + (f" or the --batch-size ({batch_size})" if batch_size > 1 else "")
+        raise UsageError(f"{command}: {plan.largest_label}: a {w}x{h} output needs about {size_text(plan.peak_bytes)} "
+                         f"of memory at its peak ({parts}), more than the {size_text(plan.available_bytes)} "
+                         f"available on {plan.device}; {smaller}")
+
+
+def check_run(task: Any, jobs: Iterable[Any], options: Any) -> RunPlan:
+    """The plan of running `jobs` with the run's options (`RunOptions`), refused when it cannot run."""
+    plan = build_plan(task, jobs, batch_size=options.batch_size)
+    check_plan(plan, task.command, options.max_output_pixels, options.batch_size)
+    return plan
+
+
+# Bytes per output pixel that a task keeps at its peak: the uint8 image (3), a float32 copy (12) and the
+# writer's encoding buffer (3).
+OUTPUT_BYTES_PER_PIXEL = 18
+
+
+def output_bytes(sizes: Iterable[Size], batch_size: int = 1) -> int:
+    """The full-size image buffers of the largest item, for `batch_size` items at once."""
+    return max((w * h for w, h in sizes), default=0) * OUTPUT_BYTES_PER_PIXEL * batch_size
+
+
+def output_demand(sizes: dict[Size, int], batch_size: int) -> Demand:
+    """What a task without a model needs: its output buffers, against the host's available memory."""
+    images = output_bytes(sizes, batch_size)
+    return Demand(peak_bytes=images, available_bytes=available_host_memory() + resident_bytes(),
+                  parts={"images": images})
+
+
+def available_host_memory() -> int:
+    """MemAvailable (free plus reclaimable cache) where /proc/meminfo exists, else free pages, else 4 GiB."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 4 * GB
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (what it holds already, e.g. loaded weights); 0 where unknown."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 0
+
