@@ -16,6 +16,7 @@ Nothing here imports torch.
 """
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -65,7 +66,7 @@ def read_config(path: Path) -> dict[str, Any]:
 def _parse(path: Path, text: str) -> Any:
     if path.suffix == ".toml":
         try:
-            import tomllib
+            tomllib = importlib.import_module("tomllib")  # Python 3.11+
         except ImportError:
             raise UsageError(f"{path}: TOML config files need Python 3.11 or later; write config.yaml") from None
         try:

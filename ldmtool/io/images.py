@@ -18,7 +18,15 @@ import numpy as np
 from PIL import Image, ImageCms, ImageFile, ImageOps, UnidentifiedImageError
 
 from ldmtool.errors import ItemError
-from ldmtool.io.files import FileTooLarge, NotRegularFile, max_file_bytes, open_regular, positive_int_env, read_bounded, shown
+from ldmtool.io.files import (
+    FileTooLarge,
+    NotRegularFile,
+    max_file_bytes,
+    open_regular,
+    positive_int_env,
+    read_bounded,
+    shown,
+)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 DEFAULT_MAX_PIXELS = 8192 * 8192
