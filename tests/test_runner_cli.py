@@ -304,7 +304,7 @@ def test_json_events_and_manifest(tree):
     assert result.returncode == 1
     all_events = events(result)
     assert all_events[-1] == {"event": "summary", "done": 2, "skipped": 0, "failed": 1,
-                              "seconds": all_events[-1]["seconds"], "seed": 9}
+                              "seconds": all_events[-1]["seconds"], "seed": 9, "exit_code": 1}
     assert all_events[0]["event"] == "plan" and all_events[0]["items"] == 3  # before the items (runtime/plan.py)
     for event in all_events[1:-1]:
         assert set(event) >= {"event", "key", "input", "output", "seed", "seconds"}
@@ -452,7 +452,9 @@ def test_disk_full_mid_run_stops_with_fatal_error(tmp_path, monkeypatch):
     with pytest.raises(FatalError, match=r"b.png: cannot write the output \(the disk is full\); stopping"):
         run_task(_Doubler(), _items("a", "b", "c"), RunOptions(output=tmp_path / "o", seed=1), reporter=reporter)
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["a.png", MANIFEST_NAME]
-    assert [json.loads(line)["event"] for line in out.getvalue().splitlines()] == ["plan", "done", "failed"]
+    events = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [event["event"] for event in events] == ["plan", "done", "failed", "summary"]
+    assert events[-1]["exit_code"] == 3 and "the disk is full" in events[-1]["error"]
 
 
 def test_a_task_that_cannot_start_is_fatal(tmp_path):
