@@ -56,10 +56,13 @@ class RunChoice:
     """Where outputs go and how the run goes; the CLI's side of `RunOptions` (`ldmtool.cli.common`)."""
 
     output: Optional[Path] = option("--output", "-o", help="Output file (one input) or folder.", panel=OUTPUT)
-    name: str = option("--name", help="Output name template: {stem} {index} {seed} {ext}.", panel=OUTPUT,
+    name: str = option("--name", help="Output name template: {stem} {suffix} {index} {seed} {ext}.", panel=OUTPUT,
                        default="{stem}.{ext}")
+    suffix: Optional[str] = option("--suffix", help="Add _TEXT to each output's name: photo.png -> photo_TEXT.png "
+                                   "(in the template: {suffix}).", panel=OUTPUT)
     fmt: Optional[str] = option(
-        "--format", help="Output format png|jpg|webp (default: png, or the -o file's extension).", panel=OUTPUT)
+        "--format", help="Output format png|jpg|webp|tiff, or keep: each input's own format (png for others), "
+        "grey inputs written grey (default: png, or the -o file's extension).", panel=OUTPUT)
     quality: int = option("--quality", help="JPEG/WebP quality.", panel=OUTPUT, default=95, min=1, max=100)
     overwrite: bool = option("--overwrite", help="Replace existing outputs (same as --existing overwrite).",
                              panel=OUTPUT, default=False)

@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 from ldmtool.errors import FatalError, Interrupted, ItemError, UsageError
 from ldmtool.io.discover import Discovery, Item
 from ldmtool.io.manifest import MANIFEST_NAME, Manifest
-from ldmtool.io.outputs import DEFAULT_TEMPLATE, OutputSpec, plan_outputs
+from ldmtool.io.outputs import DEFAULT_TEMPLATE, OutputSpec, format_notes, plan_outputs
 from ldmtool.io.writer import remove_stale_temps
 from ldmtool.runtime.execution import DEBUG_ENV, JobRunner, file_signature, output_suffix, recipes_for
 from ldmtool.runtime.jobs import EXISTING_POLICIES, BaseTask, Job, Output, RunOptions, Task
@@ -99,7 +99,7 @@ class BatchRun:
         self.task = task
         self.options = options
         self.reporter = reporter
-        self.spec = OutputSpec(options.output, options.name_template, options.fmt)
+        self.spec = OutputSpec(options.output, options.name_template, options.fmt, options.suffix)
         self.base_seed = options.seed if options.seed not in (None, RANDOM) else None  # chosen in execute()
         self.recipes = recipes_for(task, options, output_suffix(options.output, self.spec.is_file, options.fmt))
         self.manifest: Optional[Manifest] = None
@@ -115,6 +115,7 @@ class BatchRun:
             notes = [*notes, f"ignored {outputs_as_inputs} input(s) inside the output folder {self.spec.folder}"]
         if not items:
             raise UsageError(f"every input is inside the output folder {self.spec.folder}; choose another -o")
+        notes = [*notes, *format_notes(items, self.spec)]
         self.task.validate()  # run-wide settings: a usage error before the folder is made or any item runs
         self._prepare_folder()
         if self.base_seed is None:
