@@ -31,8 +31,9 @@ _KEPT_BASE_TAGS = frozenset({
     0x8298,  # Copyright
     0x011A, 0x011B, 0x0128,  # XResolution, YResolution, ResolutionUnit
 })
-# Tags of the EXIF directory that describe the old file, not the scene: its pixel size, its interop pointer.
-_DROPPED_EXIF_TAGS = frozenset({0xA002, 0xA003, 0xA005})
+# Tags of the EXIF directory that describe the old file, not the scene: its pixel size, its interop pointer,
+# and its UserComment (where an earlier run's generation parameters live; the output gets its own).
+_DROPPED_EXIF_TAGS = frozenset({0xA002, 0xA003, 0xA005, 0x9286})
 
 
 @dataclass(frozen=True)
