@@ -188,3 +188,10 @@ def test_reading_drops_large_or_broken_icc_and_exif(tmp_path):
     for name in ("big.jpg", "broken.png"):
         loaded = read_image(tmp_path / name)
         assert loaded.source is not None and loaded.source.icc_profile is None and loaded.source.exif is None
+
+
+def test_replay_o_gif_is_a_usage_error_too(tmp_path):
+    _ok(_superres(_photo(tmp_path / "in.png"), "-o", tmp_path / "out.png"))
+    result = run_cli("replay", tmp_path / "out.png", "-o", tmp_path / "again.gif", "--quiet")
+    assert result.exit_code == 2 and "cannot write" in result.stderr
+    assert not (tmp_path / "again.gif").exists()
