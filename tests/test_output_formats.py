@@ -152,12 +152,20 @@ def test_writer_merges_carried_exif_and_icc_with_metadata(tmp_path, fmt):
     assert read_metadata(tmp_path / f"x.{fmt}") == METADATA
 
 
-def test_writer_16bit_png_and_grey(tmp_path):
+def test_writer_16bit_png_tiff_and_grey(tmp_path):
     values = np.random.default_rng(2).random((5, 7, 3)).astype(np.float32)
     (tmp_path / "deep.png").write_bytes(encode_image(values, "png", metadata=METADATA, bit_depth=16))
     loaded = read_image(tmp_path / "deep.png")
     assert loaded.bit_depth == 16 and np.abs(loaded.rgb - values).max() <= 0.5 / 65535 + 1e-7
     assert read_metadata(tmp_path / "deep.png") == METADATA
+    (tmp_path / "deep.tiff").write_bytes(encode_image(values, "tiff", metadata=METADATA, bit_depth=16,
+                                                      alpha=values[:, :, 1], source=_source()))
+    loaded = read_image(tmp_path / "deep.tiff")  # 16-bit colour TIFF: written by hand, Pillow cannot
+    assert loaded.bit_depth == 16 and np.abs(loaded.rgb - values).max() <= 0.5 / 65535 + 1e-7
+    assert loaded.alpha is not None and loaded.source.icc_profile == SRGB
+    assert read_metadata(tmp_path / "deep.tiff") == METADATA
+    with Image.open(tmp_path / "deep.tiff") as image:
+        assert image.getexif().get(MAKE) == "Canon"
     grey = encode_image(values, "tiff", bit_depth=16, grey=True)
     with Image.open(io.BytesIO(grey)) as image:
         assert image.mode.startswith("I;16")

@@ -122,8 +122,8 @@ def _orientation(image: Image.Image) -> Optional[int]:
 
 
 def _is_16bit_rgb(image: ImageFile.ImageFile) -> bool:
-    """Pillow decodes 16-bit RGB(A) PNGs to 8 bits; these we decode with OpenCV to keep precision."""
-    if image.format != "PNG" or image.mode not in ("RGB", "RGBA"):
+    """Pillow decodes 16-bit RGB(A) PNGs and TIFFs to 8 bits; these we decode with OpenCV to keep precision."""
+    if image.format not in ("PNG", "TIFF") or image.mode not in ("RGB", "RGBA"):
         return False
     return any(";16" in str(tile.args) for tile in (image.tile or []))
 
@@ -133,7 +133,7 @@ def _decode_16bit_rgb(path: Path, data: bytes, image: Image.Image, source: Sourc
 
     array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if array is None or array.ndim != 3 or array.shape[2] not in (3, 4):
-        raise ItemError(f"{path}: cannot decode this 16-bit PNG")
+        raise ItemError(f"{path}: cannot decode this 16-bit {image.format}")
     scale = 65535.0 if array.dtype == np.uint16 else 255.0
     array = array.astype(np.float32) / scale
     channels = [2, 1, 0] + ([3] if array.shape[2] == 4 else [])  # OpenCV's BGR(A) -> RGB(A)

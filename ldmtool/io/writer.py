@@ -65,21 +65,21 @@ def encode_image(
 
     `source` is what the input file carried (its EXIF and ICC profile are embedded, the EXIF merged with
     `metadata` where the format keeps metadata in EXIF); `bit_depth` 16 writes a float image at 16 bits per
-    channel in PNG (and grey TIFF); `grey` writes an image without alpha as one luminance channel."""
+    channel in PNG and TIFF; `grey` writes an image without alpha as one luminance channel."""
     from PIL import Image
 
     if fmt not in EXTENSIONS.values():
         raise UsageError(f"output format {fmt!r} is not supported; use png, jpg, webp or tiff")
     deep = bit_depth == 16 and fmt in SIXTEEN_BIT and np.asarray(image).dtype != np.uint8
     pixels = _as_pixels(image, alpha, deep=deep, grey=grey and alpha is None)
-    if fmt == "tiff" and pixels.dtype == np.uint16 and pixels.ndim == 3:
-        pixels = to_uint8(pixels.astype(np.float32) / 65535.0)  # Pillow writes no 16-bit colour TIFF
     if fmt == "webp" and pixels.ndim == 2:
         pixels = np.repeat(pixels[:, :, None], 3, axis=2)  # WebP has no grey mode
     icc = source.icc_profile if source is not None and icc_fits(source.icc_profile, grey=pixels.ndim == 2) else None
     carried = source.exif if source is not None else None
     if fmt == "png":
         return _encode_png(pixels, metadata, carried, icc)
+    if fmt == "tiff" and pixels.dtype == np.uint16 and pixels.ndim == 3:
+        return _encode_colour_tiff16(pixels, metadata, carried, icc)
     picture = Image.fromarray(pixels)
     if fmt == "jpg" and picture.mode == "RGBA":
         picture = picture.convert("RGB")  # JPEG has no alpha
@@ -127,6 +127,29 @@ def _encode_png(pixels: np.ndarray, metadata: Optional[ImageMetadata], carried: 
         raise ItemError("cannot encode the 16-bit PNG")
     Image.new("RGB", (1, 1)).save(buffer, "PNG", **settings)
     return _with_chunks(encoded.tobytes(), _metadata_chunks(buffer.getvalue()))
+
+
+def _encode_colour_tiff16(pixels: np.ndarray, metadata: Optional[ImageMetadata], carried: Optional[bytes],
+                          icc: Optional[bytes]) -> bytes:
+    """An uncompressed 16-bit RGB(A) TIFF, which Pillow cannot write: a TIFF file is an EXIF block's own
+    structure, so the image tags join the merged EXIF and the pixels follow it as one strip (Pillow points
+    StripOffsets past the directory's data)."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif.load(exif_bytes(metadata, carried))
+    height, width, channels = pixels.shape
+    image_tags = {256: width, 257: height, 258: (16,) * channels, 259: 1, 262: 2, 273: 0, 277: channels,
+                  278: height, 279: pixels.nbytes, 284: 1}  # size, bits, uncompressed, RGB, one strip
+    for tag, value in image_tags.items():
+        exif[tag] = value
+    if channels == 4:
+        exif[338] = 2  # ExtraSamples: unassociated alpha
+    if icc is not None:
+        exif[34675] = icc
+    structure = exif.tobytes()[len(b"Exif\0\0"):]
+    order = ">u2" if structure.startswith(b"MM") else "<u2"
+    return structure + np.ascontiguousarray(pixels).astype(order).tobytes()
 
 
 def _png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
