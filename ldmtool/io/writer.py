@@ -1,4 +1,8 @@
-"""Atomic image writing (DESIGN.md §6).
+"""Atomic image writing (DESIGN.md §6), in PNG, JPEG, WebP or TIFF.
+
+An output carries ldmtool's metadata (`io/metadata.py`) and what it keeps of its input (`io/source.py`: EXIF
+and ICC profile); a 16-bit input's float result is written at 16 bits in PNG and TIFF (16-bit colour PNG
+through OpenCV, 16-bit colour TIFF by hand: Pillow holds neither).
 
 An image is encoded in memory, written to a hidden temporary name in the target folder, flushed and
 fsynced, then renamed over the final name; so the final name only ever holds a complete file, whatever

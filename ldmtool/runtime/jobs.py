@@ -40,7 +40,7 @@ class Output:
     alpha: Optional[np.ndarray] = None
     params: dict[str, Any] = field(default_factory=dict)  # per-item parameters (prompt, strength, ...)
     source: Optional[SourceInfo] = None  # the input file's EXIF, ICC profile and greyness, kept in the output
-    bit_depth: int = 8  # the input's bits per channel: 16 writes a float image at 16 bits (PNG, grey TIFF)
+    bit_depth: int = 8  # the input's bits per channel: 16 writes a float image at 16 bits (PNG, TIFF)
 
 
 @dataclass
