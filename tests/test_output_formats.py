@@ -203,3 +203,9 @@ def test_replay_o_gif_is_a_usage_error_too(tmp_path):
     result = run_cli("replay", tmp_path / "out.png", "-o", tmp_path / "again.gif", "--quiet")
     assert result.exit_code == 2 and "cannot write" in result.stderr
     assert not (tmp_path / "again.gif").exists()
+
+
+def test_replay_of_a_grey_keep_output_is_identical(tmp_path):
+    _ok(_superres(_photo(tmp_path / "grey.png", mode="L"), "-o", tmp_path / "out", "--format", "keep"))
+    result = _ok(run_cli("replay", tmp_path / "out" / "grey.png", "--verify", "--json"))
+    assert json.loads(result.stdout.splitlines()[-1])["max_difference"] == 0

@@ -67,12 +67,24 @@ def replay_file(path: Path, target: Path) -> None:
     for source in sources:
         if not source.is_file():
             raise ItemError(f"{path}: its input {shown(source)} is no longer there")
+    arguments = _arguments(command, recipe["cli"], recipe["item"], [str(source) for source in sources])
+    if "fmt" in arguments and _grey(path):
+        arguments["fmt"] = "keep"  # a grey output was written by --format keep from a grey input
     with replaying(replay):
         try:
-            command(**_arguments(command, recipe["cli"], recipe["item"], [str(source) for source in sources]))
+            command(**arguments)
         except typer.Exit as done:
             if done.exit_code:
                 raise ItemError(f"{path}: the replay failed (see above)") from None
+
+
+def _grey(path: Path) -> bool:
+    from PIL import Image
+
+    from ldmtool.io.source import GREY_MODES
+
+    with Image.open(path) as image:
+        return image.mode in GREY_MODES
 
 
 def pixel_difference(a: Path, b: Path) -> int:

@@ -28,7 +28,7 @@ from ldmtool.errors import FatalError, Interrupted, ItemError, UsageError
 from ldmtool.io.discover import Discovery, Item
 from ldmtool.io.manifest import MANIFEST_NAME, Manifest
 from ldmtool.io.outputs import DEFAULT_TEMPLATE, OutputSpec, format_notes, plan_outputs
-from ldmtool.io.writer import remove_stale_temps
+from ldmtool.io.writer import KEEP, remove_stale_temps
 from ldmtool.runtime.execution import DEBUG_ENV, JobRunner, file_signature, output_suffix, recipes_for
 from ldmtool.runtime.jobs import EXISTING_POLICIES, BaseTask, Job, Output, RunOptions, Task
 from ldmtool.runtime.report import ItemEvent, Reporter, Status, Summary
@@ -66,7 +66,8 @@ def run_task(
     if replay is not None:
         source = [replay.item]
         options = replace(options, output=replay.output, item_seed=replay.seed, existing="overwrite", shard=None,
-                          engine="local", write_manifest=False, name_template=DEFAULT_TEMPLATE, fmt=None)
+                          engine="local", write_manifest=False, name_template=DEFAULT_TEMPLATE, suffix=None,
+                          fmt=KEEP if (options.fmt or "").lower() == KEEP else None)  # keep: a grey output replays grey
     discovery = source if isinstance(source, Discovery) else Discovery(list(source))
     if not discovery.items:
         raise UsageError("nothing to do: no items to process")
