@@ -60,12 +60,15 @@ class RunChoice:
 
     output: Optional[Path] = option("--output", "-o", help="Output file (one input) or folder.", panel=OUTPUT,
                                     show_default="out/")
-    name: str = option("--name", help="Output name template: {stem} {index} {seed} {ext}.", panel=OUTPUT,
+    name: str = option("--name", help="Output name template: {stem} {suffix} {index} {seed} {ext}.", panel=OUTPUT,
                        metavar="TEMPLATE",
                        default="{stem}.{ext}")
+    suffix: Optional[str] = option("--suffix", help="Add _TEXT to each output's name: photo.png -> photo_TEXT.png "
+                                   "(in the template: {suffix}).", panel=OUTPUT)
     fmt: Optional[str] = option(
-        "--format", help="Output format: png, jpg or webp (default: png, or the -o file's extension).",
-        panel=OUTPUT, metavar="FORMAT")
+        "--format", help="Output format png, jpg, webp or tiff, or keep: each input's own format (png for "
+        "others), grey inputs written grey (default: png, or the -o file's extension).", panel=OUTPUT,
+        metavar="FORMAT")
     quality: int = option("--quality", help="JPEG/WebP quality.", panel=OUTPUT, default=95, min=1, max=100)
     overwrite: bool = option("--overwrite", help="Replace existing outputs (same as --existing overwrite).",
                              panel=OUTPUT, default=False)

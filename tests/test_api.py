@@ -53,10 +53,14 @@ def test_superres_sixteen_bit_in_sixteen_bit_out(tmp_path):
     photo = _crop(EXAMPLES / "photos" / "rocket.png", (50, 30, 66, 42)).astype(np.uint16) * 257
     photo[::2, ::3] += 100  # values an 8-bit image cannot hold
     cv2.imwrite(str(tmp_path / "deep.png"), np.ascontiguousarray(photo[:, :, ::-1]))  # OpenCV writes BGR
-    (cli,) = _cli(tmp_path, "superres", tmp_path / "deep.png", "--steps", "1", "--item-seed", "2")
+    result = run_cli("superres", tmp_path / "deep.png", "--steps", "1", "--item-seed", "2", "-o", tmp_path / "cli",
+                     "--quiet")
+    assert result.exit_code == 0, result.output
+    cli = cv2.imread(str(tmp_path / "cli" / "deep.png"), cv2.IMREAD_UNCHANGED)[:, :, ::-1]  # 16-bit, as written
     api = ldmtool.superres(photo, steps=1, seed=2)
-    assert api.dtype == np.uint16
-    np.testing.assert_array_equal(api, cli.astype(np.uint16) * 257)  # the CLI writes the same pixels in 8 bits
+    assert api.dtype == np.uint16 and cli.dtype == np.uint16
+    np.testing.assert_array_equal(api, cli)  # the CLI writes the same 16-bit pixels
+    assert np.any(api % 257), "16-bit precision, not 8-bit values scaled up"
 
 
 def test_img2img_matches_the_cli(tmp_path):

@@ -32,6 +32,8 @@ def replay(
     """Run the recipe stored in each image again and compare the pixels."""
     from ldmtool.errors import LdmError
 
+    if output is not None and files:
+        _target(files[0], output, len(files))  # an -o every file would fail on is a usage error (exit 2)
     failed = differs = 0
     for path in files:
         try:
@@ -65,12 +67,24 @@ def replay_file(path: Path, target: Path) -> None:
     for source in sources:
         if not source.is_file():
             raise ItemError(f"{path}: its input {shown(source)} is no longer there")
+    arguments = _arguments(command, recipe["cli"], recipe["item"], [str(source) for source in sources])
+    if "fmt" in arguments and _grey(path):
+        arguments["fmt"] = "keep"  # a grey output was written by --format keep from a grey input
     with replaying(replay):
         try:
-            command(**_arguments(command, recipe["cli"], recipe["item"], [str(source) for source in sources]))
+            command(**arguments)
         except typer.Exit as done:
             if done.exit_code:
                 raise ItemError(f"{path}: the replay failed (see above)") from None
+
+
+def _grey(path: Path) -> bool:
+    from PIL import Image
+
+    from ldmtool.io.source import GREY_MODES
+
+    with Image.open(path) as image:
+        return image.mode in GREY_MODES
 
 
 def pixel_difference(a: Path, b: Path) -> int:
@@ -87,11 +101,13 @@ def pixel_difference(a: Path, b: Path) -> int:
 
 def _target(path: Path, output: Optional[Path], count: int) -> Path:
     from ldmtool.errors import UsageError
-    from ldmtool.io.writer import FORMATS
+    from ldmtool.io.images import IMAGE_SUFFIXES
+    from ldmtool.io.writer import format_for_path
 
     if output is None:
         return path.with_name(f"{path.stem}.replay{path.suffix}")
-    if output.suffix.lower() in FORMATS and not output.is_dir():
+    if output.suffix.lower() in IMAGE_SUFFIXES and not output.is_dir():  # a file, as the task commands' -o
+        format_for_path(output)  # .gif, .bmp: a usage error, not a folder of that name
         if count > 1:
             raise UsageError(f"-o {output} names one file but there are {count} images to replay; give a folder")
         return output

@@ -27,6 +27,7 @@ from ldmtool.io.files import (
     read_bounded,
     shown,
 )
+from ldmtool.io.source import SourceInfo, source_info
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 DEFAULT_MAX_PIXELS = 8192 * 8192
@@ -56,6 +57,7 @@ class LoadedImage:
     rgb: np.ndarray  # (H, W, 3) float32 in [0, 1]
     alpha: Optional[np.ndarray] = None  # (H, W) float32 in [0, 1], 1 = opaque
     bit_depth: int = 8
+    source: Optional[SourceInfo] = None  # the file's EXIF, ICC profile and greyness, which outputs keep
 
     @property
     def size(self) -> tuple[int, int]:
@@ -120,12 +122,13 @@ def _decode(path: Path, data: bytes, max_pixels: int) -> LoadedImage:
         _check_pixels(path, image.size, max_pixels)
         sixteen_bit_rgb = _is_16bit_rgb(image)  # before load(), which clears the tile list
         image.load()
+    source = source_info(image)
     if sixteen_bit_rgb:
-        return _decode_16bit_rgb(path, data, image)
+        return _decode_16bit_rgb(path, data, image, source)
     orientation = _orientation(image)
     upright = ImageOps.exif_transpose(image) if orientation not in (None, 1) else image
     rgb, alpha, depth = _to_arrays(upright, path)
-    return LoadedImage(path=path, rgb=rgb, alpha=alpha, bit_depth=depth)
+    return LoadedImage(path=path, rgb=rgb, alpha=alpha, bit_depth=depth, source=source)
 
 
 def _check_pixels(path: Path, size: tuple[int, int], max_pixels: int) -> None:
@@ -147,24 +150,24 @@ def _orientation(image: Image.Image) -> Optional[int]:
 
 
 def _is_16bit_rgb(image: ImageFile.ImageFile) -> bool:
-    """Pillow decodes 16-bit RGB(A) PNGs to 8 bits; these we decode with OpenCV to keep precision."""
-    if image.format != "PNG" or image.mode not in ("RGB", "RGBA"):
+    """Pillow decodes 16-bit RGB(A) PNGs and TIFFs to 8 bits; these we decode with OpenCV to keep precision."""
+    if image.format not in ("PNG", "TIFF") or image.mode not in ("RGB", "RGBA"):
         return False
     return any(";16" in str(tile.args) for tile in (image.tile or []))
 
 
-def _decode_16bit_rgb(path: Path, data: bytes, image: Image.Image) -> LoadedImage:
+def _decode_16bit_rgb(path: Path, data: bytes, image: Image.Image, source: SourceInfo) -> LoadedImage:
     import cv2
 
     array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if array is None or array.ndim != 3 or array.shape[2] not in (3, 4):
-        raise ItemError(f"{path}: cannot decode this 16-bit PNG")
+        raise ItemError(f"{path}: cannot decode this 16-bit {image.format}")
     scale = 65535.0 if array.dtype == np.uint16 else 255.0
     array = array.astype(np.float32) / scale
     channels = [2, 1, 0] + ([3] if array.shape[2] == 4 else [])  # OpenCV's BGR(A) -> RGB(A)
     array = _apply_orientation(array[:, :, channels], _orientation(image))
     alpha = array[:, :, 3].copy() if array.shape[2] == 4 else None
-    return LoadedImage(path=path, rgb=array[:, :, :3].copy(), alpha=alpha, bit_depth=16)
+    return LoadedImage(path=path, rgb=array[:, :, :3].copy(), alpha=alpha, bit_depth=16, source=source)
 
 
 def _apply_orientation(array: np.ndarray, orientation: Optional[int]) -> np.ndarray:

@@ -5,8 +5,9 @@ Two records travel with every image:
   other tools already read;
 - the recipe: JSON with the tool version, the command line, the model file's sha256, every parameter
   and the seed, enough to replay the run.
-PNG stores them as text chunks `parameters` and `ldmtool`. JPEG and WebP store them in EXIF: the
-parameters in UserComment (as A1111 does) and the recipe, ASCII-escaped JSON, in ImageDescription.
+PNG stores them as text chunks `parameters` and `ldmtool`. JPEG, WebP and TIFF store them in EXIF: the
+parameters in UserComment (as A1111 does) and the recipe, ASCII-escaped JSON, in ImageDescription (for
+TIFF, the file's own ImageDescription tag).
 """
 from __future__ import annotations
 
@@ -130,13 +131,20 @@ def png_info(metadata: ImageMetadata) -> PngInfo:
     return info
 
 
-def exif_bytes(metadata: ImageMetadata) -> bytes:
-    """EXIF for JPEG/WebP: parameters in UserComment (UTF-16), the recipe as ASCII JSON in ImageDescription."""
+def exif_bytes(metadata: Optional[ImageMetadata], carried: Optional[bytes] = None) -> bytes:
+    """EXIF for JPEG/WebP/TIFF: parameters in UserComment (UTF-16), the recipe as ASCII JSON in
+    ImageDescription, added to the input's `carried` EXIF (`io/source.py`) when there is one."""
     from PIL import Image
 
     exif = Image.Exif()
-    exif[_IMAGE_DESCRIPTION] = _RECIPE_PREFIX + json.dumps(metadata.recipe, ensure_ascii=True)
-    exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = _UNICODE_PREFIX + metadata.parameters.encode("utf-16-be")
+    if carried:
+        try:
+            exif.load(carried)
+        except Exception:  # carried EXIF was checked on read; should it not load now, it is dropped
+            exif = Image.Exif()
+    if metadata is not None:
+        exif[_IMAGE_DESCRIPTION] = _RECIPE_PREFIX + json.dumps(metadata.recipe, ensure_ascii=True)
+        exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = _UNICODE_PREFIX + metadata.parameters.encode("utf-16-be")
     return exif.tobytes()
 
 

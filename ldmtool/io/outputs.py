@@ -1,9 +1,12 @@
 """Output paths: `-o` file or folder, mirrored subfolders, the name template (DESIGN.md §6).
 
-The template fields are `{stem}` (input file stem or the generated item's name), `{index}` (0-based
-position of the item in the sorted run, format specs allowed: `{index:04d}`), `{seed}` (the item's seed)
-and `{ext}` (the output format's extension, added when the template has no image extension). No rendered
-name may leave the output folder.
+The template fields are `{stem}` (input file stem or the generated item's name), `{suffix}` (`_TEXT` for
+`--suffix TEXT`, else empty; a template without it gets it after the stem, as Real-ESRGAN's `--suffix`),
+`{index}` (0-based position of the item in the sorted run, format specs allowed: `{index:04d}`), `{seed}`
+(the item's seed) and `{ext}` (the output format's extension, added when the template has no image
+extension). `--format keep` gives each item its input's format (png for inputs ldmtool cannot write). No
+rendered name may leave the output folder. `-o` with any image extension names a file, never a folder; one
+ldmtool cannot write (.gif, .bmp) is a usage error.
 """
 from __future__ import annotations
 
@@ -16,26 +19,37 @@ from typing import Optional, Sequence
 
 from ldmtool.errors import UsageError
 from ldmtool.io.discover import Item
-from ldmtool.io.writer import FORMATS, format_for_path, format_name
+from ldmtool.io.images import IMAGE_SUFFIXES
+from ldmtool.io.writer import FORMATS, KEEP, format_for_path, format_name
 
 DEFAULT_TEMPLATE = "{stem}.{ext}"
 DEFAULT_OUTPUT_DIR = Path("out")
 NAME_MAX = 255  # bytes in one file name on Linux, macOS and Windows file systems
-TEMPLATE_FIELDS = ("stem", "index", "seed", "ext")
+TEMPLATE_FIELDS = ("stem", "suffix", "index", "seed", "ext")
 
 
 @dataclass(frozen=True)
 class OutputSpec:
-    """Where outputs go: `target` is the -o value (None: ./out/), `fmt` the --format value."""
+    """Where outputs go: `target` is the -o value (None: ./out/), `fmt` the --format value, `suffix` the
+    --suffix value. An -o file ldmtool cannot write is a usage error here, before anything is made."""
 
     target: Optional[Path] = None
     template: str = DEFAULT_TEMPLATE
     fmt: Optional[str] = None
+    suffix: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.fmt:
+            format_name(self.fmt)
+        if self.suffix is not None and (not self.suffix or any(sep in self.suffix for sep in "/\\\0")):
+            raise UsageError(f"--suffix {self.suffix!r}: give a non-empty text without path separators")
+        if self.is_file:
+            _file_format(Path(self.target or ""), self.fmt)
 
     @property
     def is_file(self) -> bool:
-        """-o names a single image file (an image extension, and not an existing folder)."""
-        return self.target is not None and self.target.suffix.lower() in FORMATS and not self.target.is_dir()
+        """-o names a single image file (any image extension, and not an existing folder)."""
+        return self.target is not None and self.target.suffix.lower() in IMAGE_SUFFIXES and not self.target.is_dir()
 
     @property
     def folder(self) -> Path:
@@ -43,6 +57,32 @@ class OutputSpec:
         if self.target is None:
             return DEFAULT_OUTPUT_DIR
         return self.target.parent if self.is_file else self.target
+
+
+def _file_format(target: Path, fmt: Optional[str]) -> str:
+    """The format of an -o file: its extension's (which must be one ldmtool writes), agreeing with --format."""
+    kind = format_for_path(target)
+    if fmt and format_name(fmt) not in (kind, KEEP):
+        raise UsageError(f"--format {fmt} disagrees with the extension of -o {target}")
+    return kind
+
+
+def kept_extension(item: Item) -> Optional[str]:
+    """With --format keep: the extension of the item's input when ldmtool writes that format ('jpeg' stays
+    'jpeg', '.TIF' becomes 'tif'), else None (the output is png)."""
+    suffix = item.path.suffix.lower() if item.path is not None else ""
+    return suffix[1:] if suffix in FORMATS else None
+
+
+def format_notes(items: Sequence[Item], spec: OutputSpec) -> list[str]:
+    """The note --format keep gives once for the inputs whose format ldmtool cannot write."""
+    if spec.is_file or not spec.fmt or format_name(spec.fmt) != KEEP:
+        return []
+    others = sorted({item.path.suffix.lower() or "(none)" for item in items
+                     if item.path is not None and kept_extension(item) is None})
+    if not others:
+        return []
+    return [f"--format keep: ldmtool cannot write {', '.join(others)} images; those outputs are png"]
 
 
 def check_template(template: str) -> None:
@@ -55,7 +95,8 @@ def check_template(template: str) -> None:
         raise UsageError(f"--name {template!r} is not a valid template ({err})") from None
     for name, spec in fields:
         if name not in TEMPLATE_FIELDS:
-            raise UsageError(f"--name {template!r}: unknown field {{{name}}}; use {{stem}} {{index}} {{seed}} {{ext}}")
+            raise UsageError(f"--name {template!r}: unknown field {{{name}}}; use {{stem}} {{suffix}} {{index}} "
+                             "{seed} {ext}")
         _check_spec(template, spec or "")
     try:
         shortest = render_name(template, stem="x", index=0, seed=0, ext="png")
@@ -78,8 +119,13 @@ def _check_spec(template: str, spec: str) -> None:
                          f"({NAME_MAX} bytes)")
 
 
-def render_name(template: str, *, stem: str, index: int, seed: int, ext: str) -> str:
-    name = template.format(stem=stem, index=index, seed=seed, ext=ext)
+def render_name(template: str, *, stem: str, index: int, seed: int, ext: str, suffix: Optional[str] = None) -> str:
+    """One output name; `suffix` TEXT renders as `_TEXT` at {suffix}, or after {stem} when the template has
+    no {suffix}."""
+    tail = f"_{suffix}" if suffix else ""
+    if tail and "{suffix" not in template:
+        stem, tail = stem + tail, ""
+    name = template.format(stem=stem, suffix=tail, index=index, seed=seed, ext=ext)
     if Path(name).suffix.lower() not in FORMATS:
         name = f"{name}.{ext}"
     return name
@@ -98,9 +144,10 @@ def plan_outputs(items: Sequence[Item], seeds: Sequence[int], spec: OutputSpec) 
 def output_path(spec: OutputSpec, item: Item, index: int, seed: int) -> Path:
     """The output path of the `index`-th item in a folder run (`check_template` first); UsageError when the
     name would leave the folder or has no image format."""
-    ext = format_name(spec.fmt) if spec.fmt else "png"
+    fmt = format_name(spec.fmt) if spec.fmt else "png"
+    ext = (kept_extension(item) or "png") if fmt == KEEP else fmt
     folder = spec.folder
-    name = render_name(spec.template, stem=item.stem, index=index, seed=seed, ext=ext)
+    name = render_name(spec.template, stem=item.stem, index=index, seed=seed, ext=ext, suffix=spec.suffix)
     path = folder / item.subdir / name if item.subdir else folder / name
     _check_inside(path, folder, item)
     format_for_path(path)
@@ -120,8 +167,7 @@ def _single_file(items: Sequence[Item], spec: OutputSpec) -> Path:
     target = Path(spec.target or "")
     if len(items) != 1:
         raise UsageError(f"-o {spec.target} names one file but there are {len(items)} items; give a folder instead")
-    if spec.fmt and format_name(spec.fmt) != format_for_path(target):
-        raise UsageError(f"--format {spec.fmt} disagrees with the extension of -o {spec.target}")
+    _file_format(target, spec.fmt)
     return target
 
 

@@ -1,4 +1,8 @@
-"""Atomic image writing (DESIGN.md §6).
+"""Atomic image writing (DESIGN.md §6), in PNG, JPEG, WebP or TIFF.
+
+An output carries ldmtool's metadata (`io/metadata.py`) and what it keeps of its input (`io/source.py`: EXIF
+and ICC profile); a 16-bit input's float result is written at 16 bits in PNG and TIFF (16-bit colour PNG
+through OpenCV, 16-bit colour TIFF by hand: Pillow holds neither).
 
 An image is encoded in memory, written to a hidden temporary name in the target folder, flushed and
 fsynced, then renamed over the final name; so the final name only ever holds a complete file, whatever
@@ -12,7 +16,7 @@ import hashlib
 import io
 import os
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import numpy as np
 
@@ -20,18 +24,25 @@ from ldmtool.errors import FatalError, ItemError, UsageError
 from ldmtool.io.files import shown
 from ldmtool.io.images import to_uint8
 from ldmtool.io.metadata import ImageMetadata, exif_bytes, png_info
+from ldmtool.io.source import SourceInfo, icc_fits
 
-FORMATS = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg", ".webp": "webp"}
-EXTENSIONS = {"png": "png", "jpg": "jpg", "jpeg": "jpg", "webp": "webp"}
+FORMATS = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg", ".webp": "webp", ".tif": "tiff", ".tiff": "tiff"}
+EXTENSIONS = {"png": "png", "jpg": "jpg", "jpeg": "jpg", "webp": "webp", "tif": "tiff", "tiff": "tiff"}
+KEEP = "keep"  # --format keep: each input's own format where it is one of these, else png
+SIXTEEN_BIT = ("png", "tiff")  # formats written at 16 bits per channel when the input had 16
 TEMP_SUFFIX = ".ldmtool-tmp"
 DEFAULT_QUALITY = 95
+_WRITABLE = "use .png, .jpg, .webp or .tif"
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
 def format_name(name: str) -> str:
-    """'PNG', 'jpeg', '.jpg' -> 'png' | 'jpg' | 'webp'; anything else is a usage error."""
+    """'PNG', 'jpeg', '.jpg', 'TIF', 'keep' -> 'png' | 'jpg' | 'webp' | 'tiff' | 'keep'; else a usage error."""
     key = name.lower().lstrip(".")
+    if key == KEEP:
+        return KEEP
     if key not in EXTENSIONS:
-        raise UsageError(f"output format {name!r} is not supported; use png, jpg or webp")
+        raise UsageError(f"output format {name!r} is not supported; use png, jpg, webp, tiff or keep")
     return EXTENSIONS[key]
 
 
@@ -39,7 +50,7 @@ def format_for_path(path: Path) -> str:
     suffix = path.suffix.lower()
     if suffix not in FORMATS:
         shown = suffix or "no extension"
-        raise UsageError(f"{path}: cannot tell the output format from '{shown}'; use .png, .jpg or .webp")
+        raise UsageError(f"{path}: ldmtool cannot write '{shown}' images; {_WRITABLE}")
     return FORMATS[suffix]
 
 
@@ -50,29 +61,128 @@ def encode_image(
     alpha: Optional[np.ndarray] = None,
     quality: int = DEFAULT_QUALITY,
     metadata: Optional[ImageMetadata] = None,
+    source: Optional[SourceInfo] = None,
+    bit_depth: int = 8,
+    grey: bool = False,
 ) -> bytes:
-    """Encode an (H, W, 3) or (H, W) image in [0, 1] (float) or uint8, with optional alpha, to bytes."""
+    """Encode an (H, W, 3) or (H, W) image in [0, 1] (float) or uint8, with optional alpha, to bytes.
+
+    `source` is what the input file carried (its EXIF and ICC profile are embedded, the EXIF merged with
+    `metadata` where the format keeps metadata in EXIF); `bit_depth` 16 writes a float image at 16 bits per
+    channel in PNG and TIFF; `grey` writes an image without alpha as one luminance channel."""
     from PIL import Image
 
-    pixels = _as_uint8(image, alpha)
-    picture = Image.fromarray(pixels)
-    buffer = io.BytesIO()
+    if fmt not in EXTENSIONS.values():
+        raise UsageError(f"output format {fmt!r} is not supported; use png, jpg, webp or tiff")
+    deep = bit_depth == 16 and fmt in SIXTEEN_BIT and np.asarray(image).dtype != np.uint8
+    pixels = _as_pixels(image, alpha, deep=deep, grey=grey and alpha is None)
+    if fmt == "webp" and pixels.ndim == 2:
+        pixels = np.repeat(pixels[:, :, None], 3, axis=2)  # WebP has no grey mode
+    icc = source.icc_profile if source is not None and icc_fits(source.icc_profile, grey=pixels.ndim == 2) else None
+    carried = source.exif if source is not None else None
     if fmt == "png":
-        picture.save(buffer, "PNG", pnginfo=png_info(metadata) if metadata else None, compress_level=6)
-    elif fmt == "jpg":
-        if picture.mode == "RGBA":
-            picture = picture.convert("RGB")  # JPEG has no alpha
-        extra = {"exif": exif_bytes(metadata)} if metadata else {}
-        picture.save(buffer, "JPEG", quality=quality, **extra)
-    elif fmt == "webp":
-        extra = {"exif": exif_bytes(metadata)} if metadata else {}
-        picture.save(buffer, "WEBP", quality=quality, **extra)
-    else:
-        raise UsageError(f"output format {fmt!r} is not supported; use png, jpg or webp")
+        return _encode_png(pixels, metadata, carried, icc)
+    if fmt == "tiff" and pixels.dtype == np.uint16 and pixels.ndim == 3:
+        return _encode_colour_tiff16(pixels, metadata, carried, icc)
+    picture = Image.fromarray(pixels)
+    if fmt == "jpg" and picture.mode == "RGBA":
+        picture = picture.convert("RGB")  # JPEG has no alpha
+    settings: dict[str, object] = {"quality": quality} if fmt in ("jpg", "webp") else {}
+    if icc is not None:
+        settings["icc_profile"] = icc
+    kind = {"jpg": "JPEG", "webp": "WEBP", "tiff": "TIFF"}[fmt]
+    try:
+        return _saved(picture, kind, settings, metadata, carried)
+    except ValueError:  # the carried EXIF does not fit the format (JPEG: 64 KiB): the output goes without it
+        return _saved(picture, kind, settings, metadata, None)
+
+
+def _saved(picture: Any, kind: str, settings: dict[str, object], metadata: Optional[ImageMetadata],
+           carried: Optional[bytes]) -> bytes:
+    buffer = io.BytesIO()
+    extra = {"exif": exif_bytes(metadata, carried)} if metadata or carried else {}
+    picture.save(buffer, kind, **settings, **extra)
     return buffer.getvalue()
 
 
-def _as_uint8(image: np.ndarray, alpha: Optional[np.ndarray]) -> np.ndarray:
+def _encode_png(pixels: np.ndarray, metadata: Optional[ImageMetadata], carried: Optional[bytes],
+                icc: Optional[bytes]) -> bytes:
+    """PNG with the text chunks, the carried EXIF (eXIf) and ICC profile (iCCP). Pillow cannot hold 16-bit
+    colour, so such pixels are encoded by OpenCV and the metadata chunks Pillow makes are spliced in."""
+    from PIL import Image
+
+    settings: dict[str, Any] = {"compress_level": 6}
+    if metadata is not None:
+        settings["pnginfo"] = png_info(metadata)
+    if carried:
+        settings["exif"] = carried
+    if icc is not None:
+        settings["icc_profile"] = icc
+    buffer = io.BytesIO()
+    if pixels.dtype == np.uint8 or pixels.ndim == 2:
+        Image.fromarray(pixels).save(buffer, "PNG", **settings)  # a 2-D uint16 array is Pillow's 16-bit grey
+        return buffer.getvalue()
+    import cv2
+
+    channels = [2, 1, 0] + ([3] if pixels.shape[2] == 4 else [])  # RGB(A) -> OpenCV's BGR(A)
+    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(pixels[:, :, channels]),
+                               [cv2.IMWRITE_PNG_COMPRESSION, 6])
+    if not ok:
+        raise ItemError("cannot encode the 16-bit PNG")
+    Image.new("RGB", (1, 1)).save(buffer, "PNG", **settings)
+    return _with_chunks(encoded.tobytes(), _metadata_chunks(buffer.getvalue()))
+
+
+def _encode_colour_tiff16(pixels: np.ndarray, metadata: Optional[ImageMetadata], carried: Optional[bytes],
+                          icc: Optional[bytes]) -> bytes:
+    """An uncompressed 16-bit RGB(A) TIFF, which Pillow cannot write: a TIFF file is an EXIF block's own
+    structure, so the image tags join the merged EXIF and the pixels follow it as one strip (Pillow points
+    StripOffsets past the directory's data)."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif.load(exif_bytes(metadata, carried))
+    height, width, channels = pixels.shape
+    image_tags = {256: width, 257: height, 258: (16,) * channels, 259: 1, 262: 2, 273: 0, 277: channels,
+                  278: height, 279: pixels.nbytes, 284: 1}  # size, bits, uncompressed, RGB, one strip
+    for tag, value in image_tags.items():
+        exif[tag] = value
+    if channels == 4:
+        exif[338] = 2  # ExtraSamples: unassociated alpha
+    if icc is not None:
+        exif[34675] = icc
+    structure = exif.tobytes()[len(b"Exif\0\0"):]
+    order = ">u2" if structure.startswith(b"MM") else "<u2"
+    return structure + np.ascontiguousarray(pixels).astype(order).tobytes()
+
+
+def _png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """(type, whole chunk bytes) of a PNG, in order."""
+    chunks, offset = [], 8
+    while offset + 8 <= len(data):
+        length = int.from_bytes(data[offset: offset + 4], "big")
+        end = offset + 12 + length
+        chunks.append((data[offset + 4: offset + 8], data[offset:end]))
+        offset = end
+    return chunks
+
+
+def _metadata_chunks(png: bytes) -> bytes:
+    return b"".join(chunk for kind, chunk in _png_chunks(png) if kind not in (b"IHDR", b"IDAT", b"IEND"))
+
+
+def _with_chunks(png: bytes, extra: bytes) -> bytes:
+    """`extra` chunks inserted right after IHDR (where iCCP and eXIf must come, before the pixel data)."""
+    kind, header = _png_chunks(png)[0]
+    if kind != b"IHDR":
+        raise ItemError("cannot encode the 16-bit PNG (no header chunk)")
+    cut = 8 + len(header)
+    return png[:cut] + extra + png[cut:]
+
+
+def _as_pixels(image: np.ndarray, alpha: Optional[np.ndarray], *, deep: bool = False,
+               grey: bool = False) -> np.ndarray:
+    """uint8 (uint16 when `deep`) pixels (H, W), (H, W, 3) or (H, W, 4); `grey` reduces colour to luminance."""
     image = np.asarray(image)
     if image.dtype != np.uint8 and not np.all(np.isfinite(image)):
         raise ItemError("the result contains non-finite values (NaN/Inf); nothing was written")
@@ -80,7 +190,13 @@ def _as_uint8(image: np.ndarray, alpha: Optional[np.ndarray]) -> np.ndarray:
         image = image[:, :, 0]
     if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
         raise ValueError(f"an image must be (H, W), (H, W, 3) or (H, W, 4), not {image.shape}")
-    pixels = to_uint8(image)
+    if grey and image.ndim == 3:
+        values = image[:, :, :3].astype(np.float32) / (255.0 if image.dtype == np.uint8 else 1.0)
+        image = np.clip(values @ _LUMA, 0.0, 1.0)
+        if not deep:
+            image = to_uint8(image)
+    convert = _to_uint16 if deep else to_uint8
+    pixels = convert(image)
     if alpha is None:
         return pixels
     alpha = np.asarray(alpha)
@@ -88,7 +204,14 @@ def _as_uint8(image: np.ndarray, alpha: Optional[np.ndarray]) -> np.ndarray:
         raise ItemError("the alpha channel contains non-finite values (NaN/Inf); nothing was written")
     if pixels.ndim == 2:
         pixels = np.repeat(pixels[:, :, None], 3, axis=2)
-    return np.concatenate([pixels[:, :, :3], to_uint8(alpha)[:, :, None]], axis=2)
+    return np.concatenate([pixels[:, :, :3], convert(alpha)[:, :, None]], axis=2)
+
+
+def _to_uint16(array: np.ndarray) -> np.ndarray:
+    if array.dtype == np.uint8:
+        return array.astype(np.uint16) * 257
+    deep: np.ndarray = (np.clip(array, 0.0, 1.0) * 65535.0 + 0.5).astype(np.uint16)
+    return deep
 
 
 def write_image(
@@ -99,10 +222,15 @@ def write_image(
     quality: int = DEFAULT_QUALITY,
     metadata: Optional[ImageMetadata] = None,
     fmt: Optional[str] = None,
+    source: Optional[SourceInfo] = None,
+    bit_depth: int = 8,
+    grey: bool = False,
 ) -> Path:
-    """Encode and write atomically; the format follows the extension unless `fmt` is given."""
+    """Encode and write atomically; the format follows the extension unless `fmt` is given (see
+    `encode_image` for `source`, `bit_depth` and `grey`)."""
     path = Path(path)
-    data = encode_image(image, fmt or format_for_path(path), alpha=alpha, quality=quality, metadata=metadata)
+    data = encode_image(image, fmt or format_for_path(path), alpha=alpha, quality=quality, metadata=metadata,
+                        source=source, bit_depth=bit_depth, grey=grey)
     atomic_write_bytes(path, data)
     return path
 

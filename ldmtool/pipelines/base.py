@@ -21,7 +21,7 @@ from typing import Any, Callable, Hashable, Mapping, Optional, Sequence, TypeVar
 
 from ldmtool.errors import ItemError
 from ldmtool.io.discover import Item
-from ldmtool.io.images import check_read_limits, header_size
+from ldmtool.io.images import LoadedImage, check_read_limits, header_size
 from ldmtool.pipelines.engine import Engine
 from ldmtool.runtime.jobs import BaseTask, Job
 from ldmtool.runtime.plan import Demand, Size
@@ -87,6 +87,12 @@ class ModelTask(BaseTask):
     def step_progress(self) -> Optional[Callable[[int, int], None]]:
         """The callback for sampler steps (done, total), or None when nothing shows progress."""
         return None if self.progress is None else self.progress.steps
+
+
+def carried(image: LoadedImage) -> dict[str, Any]:
+    """What an output keeps of its input file, as `Output` fields: `Output(image=..., **carried(loaded))`
+    (its EXIF, ICC profile and greyness, and its bit depth)."""
+    return {"source": image.source, "bit_depth": image.bit_depth}
 
 
 def input_path(job: Job) -> Path:

@@ -13,7 +13,7 @@ import torch
 
 from ldmtool.io.discover import Item
 from ldmtool.io.images import LoadedImage, read_image
-from ldmtool.pipelines.base import ModelTask, in_groups, input_path, input_size
+from ldmtool.pipelines.base import ModelTask, carried, in_groups, input_path, input_size
 from ldmtool.pipelines.engine import Engine, to_array
 from ldmtool.pipelines.text import PromptConditioning, padded_images
 from ldmtool.runtime.jobs import Job, Output
@@ -55,7 +55,7 @@ class Img2ImgTask(ModelTask):
         images = padded_images([job.payload.rgb for job in jobs], self.multiple)
         rework = functools.partial(self._encode_sample_decode, images=images, seeds=[job.seed for job in jobs])
         results = self.engine.finite(rework, jobs[0].item.label).clamp(0, 1)[..., :height, :width]
-        return [Output(image=to_array(result), alpha=job.payload.alpha, params=_size(job.payload))
+        return [Output(image=to_array(result), alpha=job.payload.alpha, params=_size(job.payload), **carried(job.payload))
                 for job, result in zip(jobs, results)]
 
     def _encode_sample_decode(self, engine: Engine, *, images: torch.Tensor, seeds: list[int]) -> torch.Tensor:

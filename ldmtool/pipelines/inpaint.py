@@ -30,7 +30,7 @@ from ldmtool.errors import FatalError, ItemError, UsageError
 from ldmtool.families.info import InpaintKind
 from ldmtool.io.discover import Item
 from ldmtool.io.images import LoadedImage, mask_from_alpha, read_image, read_mask
-from ldmtool.pipelines.base import ModelTask, in_groups, input_path, input_size
+from ldmtool.pipelines.base import ModelTask, carried, in_groups, input_path, input_size
 from ldmtool.pipelines.colour_fix import colour_fix_to, config_switch
 from ldmtool.pipelines.engine import Engine, to_array
 from ldmtool.pipelines.text import (
@@ -182,7 +182,7 @@ class InpaintTask(ModelTask):
         originals = torch.stack([torch.from_numpy(job.payload[0].rgb).permute(2, 0, 1) for job in jobs])
         final = composite(originals, results, masks, self.feather)
         return [Output(image=to_array(image), alpha=None if self.from_alpha else job.payload[0].alpha,
-                       params=_stats(job.payload[1])) for job, image in zip(jobs, final)]
+                       params=_stats(job.payload[1]), **carried(job.payload[0])) for job, image in zip(jobs, final)]
 
 
 def _stats(mask: np.ndarray) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from ldmtool.errors import ItemError, UsageError
 from ldmtool.families.info import Conditioning
 from ldmtool.io.discover import Item
 from ldmtool.io.images import LoadedImage, read_image
-from ldmtool.pipelines.base import ModelTask, input_path, input_size
+from ldmtool.pipelines.base import ModelTask, carried, input_path, input_size
 from ldmtool.pipelines.colour_fix import colour_fix_, config_switch
 from ldmtool.pipelines.consistency import back_project_
 from ldmtool.pipelines.engine import Engine, method, to_model_range
@@ -152,20 +152,24 @@ class SuperresTask(ModelTask):
         image: LoadedImage = job.payload
         size = output_size(*image.size, self.scale)
         rgb = image.rgb
+        deep = image.bit_depth > 8  # finish in float, so a 16-bit input's precision reaches the output
         for index in range(native_passes(self.scale)):
-            rgb = self._native_pass(rgb, job.seed + index, job.item.label)
+            rgb = self._native_pass(rgb, job.seed + index, job.item.label, deep=deep)
         rgb = resample(rgb, size)
         alpha = None if image.alpha is None else resample(image.alpha, size)
-        return Output(image=rgb, alpha=alpha, params={"input_size": list(image.size), "output_size": list(size)})
+        return Output(image=rgb, alpha=alpha, params={"input_size": list(image.size), "output_size": list(size)},
+                      **carried(image))
 
-    def _native_pass(self, rgb: np.ndarray, seed: int, label: str) -> np.ndarray:
-        """One ×4 pass of the model on (H, W, 3) uint8 or float in [0, 1]; returns (4H, 4W, 3) uint8."""
+    def _native_pass(self, rgb: np.ndarray, seed: int, label: str, *, deep: bool = False) -> np.ndarray:
+        """One ×4 pass of the model on (H, W, 3) uint8 or float in [0, 1]; returns (4H, 4W, 3) uint8, or
+        float32 in [0, 1] when `deep` (colour fix and back-projection then keep the input's finer steps)."""
         low = self._low_res(rgb)
         latent_hw = self._latent_size(low)
         upscale = functools.partial(self._sample_and_decode, low=low, latent_hw=latent_hw, seed=seed)
-        pixels = self.engine.finite(upscale, label)[0]  # (H, W, 3) uint8: the output is never a float image
+        pixels = self.engine.finite(upscale, label)[0]  # (H, W, 3) uint8, the decode's rounding
         height, width = rgb.shape[:2]
-        return self._finish_pass(pixels[: height * NATIVE_SCALE, : width * NATIVE_SCALE].numpy(), rgb)
+        out = pixels[: height * NATIVE_SCALE, : width * NATIVE_SCALE].numpy()
+        return self._finish_pass(out.astype(np.float32) / 255.0 if deep else out, rgb)
 
     def _low_res(self, rgb: np.ndarray) -> torch.Tensor:
         """(1, 3, H', W') in [-1, 1], edges replicated up to a size whose latent the UNet can take."""

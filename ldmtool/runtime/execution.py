@@ -20,7 +20,7 @@ import numpy as np
 from ldmtool.errors import FatalError, ItemError, LdmError
 from ldmtool.io.discover import Item
 from ldmtool.io.metadata import build_metadata
-from ldmtool.io.writer import format_name, write_image
+from ldmtool.io.writer import KEEP, format_name, write_image
 from ldmtool.runtime import identity
 from ldmtool.runtime.claims import Claims
 from ldmtool.runtime.jobs import Job, Output, RunOptions, Task
@@ -52,9 +52,12 @@ def recipes_for(task: Task, options: RunOptions, output_suffix: str) -> Recipes:
 
 
 def output_suffix(target: Optional[Path], is_file: bool, fmt: Optional[str]) -> str:
+    """The run's output extension for its identity (`--quality` counts for lossy formats; with --format keep
+    an output may be a JPEG, so it counts)."""
     if is_file and target is not None:
         return target.suffix
-    return "." + (format_name(fmt) if fmt else "png")
+    kind = format_name(fmt) if fmt else "png"
+    return ".jpg" if kind == KEEP else "." + kind
 
 
 def _model_file(task: Task) -> Optional[Path]:
@@ -103,6 +106,7 @@ class JobRunner:
         self._recipe_argv = [storable(arg) for arg in argv]  # a name that is not UTF-8 shown escaped
         self._hash_note = model_hash_note(task, recipes.model_sha256)
         self.claims = Claims()
+        self._keeps_format = options.fmt is not None and format_name(options.fmt) == KEEP  # grey stays grey
 
     def open(self) -> None:
         """Open the task (load its model), its sampler steps reported with the events; an unexpected error is
@@ -255,7 +259,9 @@ class JobRunner:
                 size=(image.shape[1], image.shape[0]), model=_model_name(self.task),
                 model_sha256=self.recipes.model_sha256, extra={**self.recipes.recipe_extras(job.item, job.seed), **self._hash_note},
             )
-            write_image(job.output, image, alpha=output.alpha, quality=self.options.quality, metadata=metadata)
+            write_image(job.output, image, alpha=output.alpha, quality=self.options.quality, metadata=metadata,
+                        source=output.source, bit_depth=output.bit_depth,
+                        grey=output.source is not None and output.source.grey and self._keeps_format)
         except FatalError as err:
             self.fail(job, err, seconds, record=False)
             raise

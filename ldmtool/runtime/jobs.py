@@ -28,6 +28,7 @@ import numpy as np
 from ldmtool.errors import ItemError
 from ldmtool.io.discover import Item
 from ldmtool.io.outputs import DEFAULT_TEMPLATE
+from ldmtool.io.source import SourceInfo
 from ldmtool.io.writer import DEFAULT_QUALITY
 from ldmtool.runtime.plan import Demand, Size, output_demand, weighted
 from ldmtool.runtime.shard import Shard
@@ -43,6 +44,8 @@ class Output:
     image: np.ndarray
     alpha: Optional[np.ndarray] = None
     params: dict[str, Any] = field(default_factory=dict)  # per-item parameters (prompt, strength, ...)
+    source: Optional[SourceInfo] = None  # the input file's EXIF, ICC profile and greyness, kept in the output
+    bit_depth: int = 8  # the input's bits per channel: 16 writes a float image at 16 bits (PNG, TIFF)
 
 
 @dataclass
@@ -173,7 +176,8 @@ class RunOptions:
 
     output: Optional[Path] = None
     name_template: str = DEFAULT_TEMPLATE
-    fmt: Optional[str] = None
+    fmt: Optional[str] = None  # png, jpg, webp, tiff, or keep (each input's own format)
+    suffix: Optional[str] = None  # added to each output's stem: photo.png -> photo_SUFFIX.png
     quality: int = DEFAULT_QUALITY
     existing: str = "check"  # an existing output: check (skip if this job wrote it), skip, or overwrite
     fail_fast: bool = False

@@ -27,8 +27,16 @@ from typing import Any, Callable, Optional, Sequence, Union
 from ldmtool.errors import FatalError, Interrupted, ItemError, LdmError, UsageError
 from ldmtool.io.discover import Discovery, Item
 from ldmtool.io.manifest import MANIFEST_NAME, Manifest
-from ldmtool.io.outputs import DEFAULT_TEMPLATE, OutputSpec, check_template, names_apart, output_path, plan_outputs
-from ldmtool.io.writer import remove_stale_temps
+from ldmtool.io.outputs import (
+    DEFAULT_TEMPLATE,
+    OutputSpec,
+    check_template,
+    format_notes,
+    names_apart,
+    output_path,
+    plan_outputs,
+)
+from ldmtool.io.writer import KEEP, remove_stale_temps
 from ldmtool.runtime.execution import DEBUG_ENV, JobRunner, file_signature, output_suffix, recipes_for
 from ldmtool.runtime.jobs import EXISTING_POLICIES, BaseTask, Job, Output, PlannedJobs, RunOptions, Task
 from ldmtool.runtime.plan import check_run
@@ -69,7 +77,8 @@ def run_task(
     if replay is not None:
         source = [replay.item]
         options = replace(options, output=replay.output, item_seed=replay.seed, existing="overwrite", shard=None,
-                          engine="local", write_manifest=False, name_template=DEFAULT_TEMPLATE, fmt=None)
+                          engine="local", write_manifest=False, name_template=DEFAULT_TEMPLATE, suffix=None,
+                          fmt=KEEP if (options.fmt or "").lower() == KEEP else None)  # keep: a grey output replays grey
     discovery = source if isinstance(source, Discovery) else Discovery(source if _lazy(source) else list(source))
     if not discovery.items:
         raise UsageError("nothing to do: no items to process")
@@ -107,7 +116,7 @@ class BatchRun:
         self.task = task
         self.options = options
         self.reporter = reporter
-        self.spec = OutputSpec(options.output, options.name_template, options.fmt)
+        self.spec = OutputSpec(options.output, options.name_template, options.fmt, options.suffix)
         self.base_seed = options.seed if options.seed not in (None, RANDOM) else None  # chosen in execute()
         self.recipes = recipes_for(task, options, output_suffix(options.output, self.spec.is_file, options.fmt))
         self.manifest: Optional[Manifest] = None
@@ -123,6 +132,7 @@ class BatchRun:
             notes = [*notes, f"ignored {outputs_as_inputs} input(s) inside the output folder {self.spec.folder}"]
         if not items:
             raise UsageError(f"every input is inside the output folder {self.spec.folder}; choose another -o")
+        notes = [*notes, *format_notes(items, self.spec)]
         self.task.validate()  # run-wide settings: a usage error before the folder is made or any item runs
         self._prepare_folder()
         if self.base_seed is None:
