@@ -153,7 +153,7 @@ def test_help_lists_every_sampler_and_format_in_full(pages):
     for name, page in task_pages.items():
         flat = _flat(page)
         assert ", ".join(SAMPLER_NAMES) in flat, f"{name}: sampler list incomplete"
-        assert "png, jpg or webp" in flat, name
+        assert "png, jpg, webp or tiff, or keep" in flat, name
 
 
 def test_help_shows_defaults_including_output(pages):
