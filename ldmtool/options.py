@@ -56,7 +56,8 @@ class RunChoice:
     """Where outputs go and how the run goes; the CLI's side of `RunOptions` (`ldmtool.cli.common`)."""
 
     output: Optional[Path] = option("--output", "-o", help="Output file (one input) or folder.", panel=OUTPUT)
-    name: str = option("--name", help="Output name template: {stem} {index} {seed} {ext}.", panel=OUTPUT,
+    name: str = option("--name", help="Output name template: {stem} {index} (position; renumbers when inputs "
+                       "are added) {seed} {ext}.", panel=OUTPUT,
                        default="{stem}.{ext}")
     fmt: Optional[str] = option(
         "--format", help="Output format png|jpg|webp (default: png, or the -o file's extension).", panel=OUTPUT)

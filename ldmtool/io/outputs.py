@@ -1,7 +1,8 @@
 """Output paths: `-o` file or folder, mirrored subfolders, the name template (DESIGN.md §6).
 
 The template fields are `{stem}` (input file stem or the generated item's name), `{index}` (0-based
-position of the item in the sorted run, format specs allowed: `{index:04d}`), `{seed}` (the item's seed)
+position of the item in the sorted run, format specs allowed: `{index:04d}`; positional, so adding an input
+renumbers the ones after it), `{seed}` (the item's seed, derived from a file item's name: stable)
 and `{ext}` (the output format's extension, added when the template has no image extension). No rendered
 name may leave the output folder.
 """
@@ -112,4 +113,5 @@ def _check_no_collisions(items: Sequence[Item], paths: Sequence[Path]) -> None:
         other = owner.setdefault(path.resolve(), item)
         if other is not item:
             raise UsageError(f"{other.label} and {item.label} would both be written to {path}; "
-                             "add {index} or {seed} to --name")
+                             "add {seed} to --name (a file item's seed comes from its name, so it stays put "
+                             "when inputs are added; {index} is the position in the run and renumbers)")
