@@ -1,4 +1,5 @@
 """Surprises of issue 16 (item 4): each behaviour a user would not expect, pinned down."""
+import re
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,7 @@ from PIL import Image
 from ldmtool.errors import UsageError
 from ldmtool.io.discover import Item, discover
 from ldmtool.io.outputs import OutputSpec, plan_outputs
+from ldmtool.pipelines.text import read_prompts
 
 
 def _png(path: Path, size=(8, 8), colour=0) -> Path:
@@ -45,3 +47,37 @@ def test_name_collision_recommends_a_stable_field(tmp_path):
     assert "add {seed} to --name" in message and "add {index}" not in message
     assert "{index} is the position in the run and renumbers" in message
     assert plan_outputs(items, [1, 2], OutputSpec(tmp_path / "out", template="{stem}-{seed}"))[0].name == "photo-1.png"
+
+
+# ---------------------------------------------------------------- 3. prompt-file fields as documented
+
+
+@pytest.mark.parametrize("size", ['"96x64"', "[96, 64]", '" 96 X 64 "'])
+def test_a_prompt_line_takes_size(tmp_path, size):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(f'{{"prompt": "a fox", "size": {size}}}\n')
+    (spec,) = read_prompts(None, prompts)
+    assert (spec.width, spec.height) == (96, 64) and spec.overrides() == {"width": 96, "height": 64}
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"prompt": "x", "size": "big"}', "'size' must be \"WxH\" or [width, height], not 'big'"),
+    ('{"prompt": "x", "size": [0, 64]}', "'width' must be at least 1"),
+    ('{"prompt": "x", "size": "64x64", "width": 64}', "give either 'size' or 'width'/'height', not both"),
+])
+def test_a_bad_size_names_its_line(tmp_path, line, message):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(line + "\n")
+    with pytest.raises(UsageError, match=re.escape(f"{prompts}:1: {message}")):
+        read_prompts(None, prompts)
+
+
+def test_a_json_line_in_a_plain_prompt_file_is_refused(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text('a red fox\n# a comment\n{"prompt": "a blue fox", "seed": 3}\n{red|blue} car\n')
+    with pytest.raises(UsageError) as caught:
+        read_prompts(None, prompts)
+    assert str(caught.value) == (f"{prompts}:3: a JSON line in a plain prompt file (line 1 is plain text); "
+                                 "write every line as JSON, or name the file .jsonl")
+    prompts.write_text("a red fox\n{red|blue} car\n")
+    assert [spec.prompt for spec in read_prompts(None, prompts)] == ["a red fox", "{red|blue} car"]
