@@ -1,13 +1,17 @@
 """Surprises of issue 16 (item 4): each behaviour a user would not expect, pinned down."""
+import json
 import re
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from clirun import run_cli
+from ldmtool.checkpoints.tiny import save_tiny_checkpoint
 from ldmtool.errors import UsageError
 from ldmtool.io.discover import Item, discover
 from ldmtool.io.outputs import OutputSpec, plan_outputs
+from ldmtool.pipelines.layout2img import layout_output_size
 from ldmtool.pipelines.text import read_prompts
 
 
@@ -81,3 +85,31 @@ def test_a_json_line_in_a_plain_prompt_file_is_refused(tmp_path):
                                  "write every line as JSON, or name the file .jsonl")
     prompts.write_text("a red fox\n{red|blue} car\n")
     assert [spec.prompt for spec in read_prompts(None, prompts)] == ["a red fox", "{red|blue} car"]
+
+
+# ---------------------------------------------------------------- 4. a layout's size is the output size
+
+
+@pytest.fixture(scope="module")
+def layout_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("models") / "layout.safetensors"
+    save_tiny_checkpoint(path, "ldm-layout2img-openimages256", seed=3, with_config=True)
+    return path
+
+
+def test_the_layout_size_is_the_output_size(tmp_path, layout_model):
+    layout = tmp_path / "wide.json"
+    layout.write_text(json.dumps({"size": [96, 48], "objects": [{"label": "Car", "box": [8, 8, 40, 40]}]}))
+    for name, extra in (("own", ()), ("given", ("--width", "64", "--height", "64")), ("wide", ("--width", "64",))):
+        result = run_cli("layout2img", layout, "--model", layout_model, "--steps", "1", "--quiet", "--seed", "1",
+                         "-o", tmp_path / f"{name}.png", *extra)
+        assert result.exit_code == 0, result.output
+    sizes = {name: Image.open(tmp_path / f"{name}.png").size for name in ("own", "given", "wide")}
+    assert sizes == {"own": (96, 48), "given": (64, 64), "wide": (64, 32)}
+
+
+def test_layout_output_size_rules():
+    assert layout_output_size((96.0, 48.0), None, None, (64, 64)) == (96, 48)
+    assert layout_output_size((96.0, 48.0), None, 32, (64, 64)) == (64, 32)
+    assert layout_output_size(None, 128, None, (64, 64)) == (128, 64)
+    assert layout_output_size(None, None, None, (64, 64)) == (64, 64)
