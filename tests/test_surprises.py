@@ -113,3 +113,21 @@ def test_layout_output_size_rules():
     assert layout_output_size((96.0, 48.0), None, 32, (64, 64)) == (64, 32)
     assert layout_output_size(None, 128, None, (64, 64)) == (128, 64)
     assert layout_output_size(None, None, None, (64, 64)) == (64, 64)
+
+
+# ---------------------------------------------------------------- 5. models list: shipped apart from presets
+
+
+def test_models_list_groups_shipped_models_apart_from_presets():
+    result = run_cli("models", "list")
+    assert result.exit_code == 0, result.output
+    shipped_part, presets_part = result.stdout.split("Presets (architecture only")
+    assert shipped_part.startswith("Shipped models (trained, with weights")
+    shipped = [line.split()[0] for line in shipped_part.splitlines()[1:]]
+    presets = [line.split()[0] for line in presets_part.splitlines()[1:]]
+    assert "default-superres" in shipped and "default-superres" not in presets
+    assert "ldm-bsr-sr" in presets and not set(shipped) & set(presets)
+    assert next(line for line in shipped_part.splitlines() if line.split()[0] == "default-superres").split()[1] == "superres"
+    data = json.loads(run_cli("models", "list", "--json").stdout)
+    assert {p["name"] for p in data["presets"] if p["shipped"]} == {m["name"] for m in data["shipped"]}
+    assert all(m["task"] and m["description"] for m in data["shipped"])
