@@ -131,3 +131,16 @@ def test_models_list_groups_shipped_models_apart_from_presets():
     data = json.loads(run_cli("models", "list", "--json").stdout)
     assert {p["name"] for p in data["presets"] if p["shipped"]} == {m["name"] for m in data["shipped"]}
     assert all(m["task"] and m["description"] for m in data["shipped"])
+
+
+# ---------------------------------------------------------------- 6. detection reads ldmtool's own recipe first
+
+
+def test_detection_reads_ldmtools_recipe_before_key_shapes(tmp_path):
+    converted = tmp_path / "sr.safetensors"
+    assert run_cli("models", "convert", "default-superres", converted).exit_code == 0
+    for source in ("default-superres", converted):
+        result = run_cli("models", "inspect", source, "--json")
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        assert report["detected_family"] == "default-superres" and report["detected_alternatives"] == []

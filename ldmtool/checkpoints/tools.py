@@ -18,7 +18,7 @@ from ldmtool.checkpoints.api import (
 )
 from ldmtool.checkpoints.bundle import build_bundle
 from ldmtool.checkpoints.config import FIRST_STAGE_TARGETS, ConfigLike, ldmtool_block, load_config
-from ldmtool.checkpoints.detect import detect_family
+from ldmtool.checkpoints.detect import detect_checkpoint
 from ldmtool.checkpoints.files import read_state_dict, save_safetensors
 from ldmtool.checkpoints.presets import preset_info, preset_names, shipped_models
 from ldmtool.checkpoints.weights import check_state_dict, prepare_weights
@@ -65,11 +65,12 @@ def inspect_checkpoint(path_or_name: str | Path, *, config: Optional[ConfigLike]
     weights, default_config = resolve_source(path_or_name)
     raw = read_state_dict(weights)
     prepared = prepare_weights(raw, use_ema=True)
-    detection = detect_family({k: tuple(v.shape) for k, v in prepared.state.items()})
+    default_config = embedded_config(weights) or default_config
+    detection = detect_checkpoint({k: tuple(v.shape) for k, v in prepared.state.items()}, default_config)
     report = _weights_summary(weights, raw, prepared, detection)
     try:
-        doc, used = resolve_config(weights, config=config, preset=preset,
-                                   default_config=embedded_config(weights) or default_config, detection=detection)
+        doc, used = resolve_config(weights, config=config, preset=preset, default_config=default_config,
+                                   detection=detection)
     except CheckpointError as err:
         report.update(family=None, config_used=None, matches=False, problem=str(err))
         return report
