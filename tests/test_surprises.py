@@ -3,6 +3,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -144,3 +145,18 @@ def test_detection_reads_ldmtools_recipe_before_key_shapes(tmp_path):
         assert result.exit_code == 0, result.output
         report = json.loads(result.stdout)
         assert report["detected_family"] == "default-superres" and report["detected_alternatives"] == []
+
+
+# ---------------------------------------------------------------- 8. superres alpha without Lanczos ringing
+
+
+def test_superres_alpha_stays_transparent_where_the_input_is(tmp_path):
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[..., :3] = 128
+    rgba[8:, :, 3] = 255  # top half fully transparent, bottom half opaque
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "half.png")
+    result = run_cli("superres", tmp_path / "half.png", "--steps", "1", "--quiet", "-o", tmp_path / "big.png")
+    assert result.exit_code == 0, result.output
+    alpha = np.asarray(Image.open(tmp_path / "big.png"))[..., 3]
+    assert alpha.shape == (64, 64)
+    assert (alpha[:28] == 0).all() and (alpha[36:] == 255).all()  # Lanczos rang to 10 in rows 22-25 and 249 below
