@@ -244,7 +244,8 @@ class Layout2ImgTask(GeneratorTask):
         return self.layout(_load_document(path), path)
 
     def canvas(self, job: Job) -> tuple[int, int]:
-        return job.payload.size
+        layout: Layout = job.payload
+        return layout.size
 
     def check_input(self, objects: list[LayoutObject], path: Path | str) -> list[LayoutObject]:
         """The layout's objects when this model can draw them (ItemError naming the layout otherwise)."""

@@ -64,7 +64,8 @@ def resample_alpha(alpha: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     kernel = np.ones((3, 3), np.uint8)
     low = cv2.resize(cv2.erode(alpha, kernel), size, interpolation=cv2.INTER_LINEAR)
     high = cv2.resize(cv2.dilate(alpha, kernel), size, interpolation=cv2.INTER_LINEAR)
-    return np.clip(out, low, high).astype(np.float32)
+    clamped: np.ndarray = np.clip(out, low, high).astype(np.float32)
+    return clamped
 
 
 class SuperresTask(ModelTask):
