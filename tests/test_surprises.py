@@ -160,3 +160,30 @@ def test_superres_alpha_stays_transparent_where_the_input_is(tmp_path):
     alpha = np.asarray(Image.open(tmp_path / "big.png"))[..., 3]
     assert alpha.shape == (64, 64)
     assert (alpha[:28] == 0).all() and (alpha[36:] == 255).all()  # Lanczos rang to 10 in rows 22-25 and 249 below
+
+
+# ---------------------------------------------------------------- 9. shipped models warn once past what they know
+
+
+def _warnings(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("ldmtool: warning:")]
+
+
+def test_a_prompt_word_outside_the_vocabulary_warns_once_per_run(tmp_path):
+    run = ("txt2img", "--steps", "1", "--n", "2", "--seed", "1", "--overwrite")
+    result = run_cli(*run, "--prompt", "a red dragon above a blue square", "-o", tmp_path / "dragon")
+    assert result.exit_code == 0, result.output
+    assert _warnings(result) == [
+        "ldmtool: warning: default-txt2img knows only the words of its training captions (a above below blue "
+        "circle green left of orange purple red right square triangle yellow); dragon will have little effect"]
+    known = run_cli(*run, "--prompt", "a red circle left of a blue square", "-o", tmp_path / "known")
+    assert known.exit_code == 0 and _warnings(known) == []
+
+
+def test_a_size_past_twice_the_trained_one_warns_once_per_run(tmp_path):
+    run = ("sample", "--steps", "1", "--n", "2", "--seed", "1", "--height", "64")
+    result = run_cli(*run, "--width", "192", "-o", tmp_path / "wide")
+    assert result.exit_code == 0, result.output
+    assert _warnings(result) == ["ldmtool: warning: 192x64 is more than twice the 64x64 that default-sample was "
+                                 "trained at; expect repeated or broken structure"]
+    assert _warnings(run_cli(*run, "--width", "128", "-o", tmp_path / "fine")) == []

@@ -47,6 +47,8 @@ def diffusion_info(bundle: Any, family: Family) -> ModelInfo:
         box_raster=bool(block.get("box_raster")),
         raster_classes=tuple(c.get("name") for c in block.get("classes") or [] if isinstance(c, dict)),
         defaults=run_defaults(block, downsampling, native),
+        vocabulary=frozenset(block["vocabulary"]) if isinstance(block.get("vocabulary"), list) else None,
+        trained_size=run_defaults(block, downsampling, native).size if "training" in block else None,
     )
 
 
