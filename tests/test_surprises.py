@@ -107,6 +107,12 @@ def test_the_layout_size_is_the_output_size(tmp_path, layout_model):
         assert result.exit_code == 0, result.output
     sizes = {name: Image.open(tmp_path / f"{name}.png").size for name in ("own", "given", "wide")}
     assert sizes == {"own": (96, 48), "given": (64, 64), "wide": (64, 32)}
+    from ldmtool.pipelines.engine import Engine, ModelChoice, SamplingChoice
+    from ldmtool.pipelines.layout2img import Layout2ImgTask, find_layouts
+
+    task = Layout2ImgTask(Engine(ModelChoice(model=str(layout_model), device="cpu"), SamplingChoice(steps=1)))
+    task.open()
+    assert [task.planned_size(item) for item in find_layouts([str(layout)])] == [(96, 48)]
 
 
 def test_layout_output_size_rules():

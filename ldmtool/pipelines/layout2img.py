@@ -234,6 +234,12 @@ class Layout2ImgTask(GeneratorTask):
         size, _, _ = _layout_parts(doc, path)
         return layout_output_size(size, self.width, self.height, self.engine.info.defaults.size)
 
+    def planned_size(self, item: Item) -> tuple[int, int]:
+        """The output (width, height) an item will have, read from its layout file alone (after `check_model`;
+        ItemError for a layout that cannot be read)."""
+        path = item.path if item.path is not None else Path(item.key)
+        return self.output_size(_load_document(path), path)
+
     def layout(self, doc: Any, path: Path | str) -> Layout:
         """A layout document read at its item's output size, checked against the model."""
         size = self.output_size(doc, path)
