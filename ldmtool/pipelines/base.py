@@ -39,6 +39,7 @@ class ModelTask(BaseTask):
     def __init__(self, engine: Engine, *, params: Optional[dict[str, Any]] = None):
         super().__init__(params=params)
         self.engine = engine
+        self._warned: set[str] = set()  # the topics this run has warned about (warn_once)
 
     def validate(self) -> None:
         """UsageError for a run-wide setting every item would fail on: the sampling and tiling options (which
@@ -75,9 +76,8 @@ class ModelTask(BaseTask):
 
     def warn_once(self, topic: str, message: str) -> None:
         """One `ldmtool: warning: ...` line per run and topic (not per item)."""
-        warned: set[str] = self.__dict__.setdefault("_warned", set())
-        if topic not in warned and self.progress is not None:
-            warned.add(topic)
+        if topic not in self._warned and self.progress is not None:
+            self._warned.add(topic)
             self.progress.note(f"warning: {message}")
 
     def check_vocabulary(self, texts: Iterable[str]) -> None:
