@@ -60,8 +60,8 @@ class RunChoice:
 
     output: Optional[Path] = option("--output", "-o", help="Output file (one input) or folder.", panel=OUTPUT,
                                     show_default="out/")
-    name: str = option("--name", help="Output name template: {stem} {suffix} {index} {seed} {ext}.", panel=OUTPUT,
-                       metavar="TEMPLATE",
+    name: str = option("--name", help="Output name template: {stem} {suffix} {index} (position; renumbers when "
+                       "inputs are added) {seed} {ext}.", panel=OUTPUT, metavar="TEMPLATE",
                        default="{stem}.{ext}")
     suffix: Optional[str] = option("--suffix", help="Add _TEXT to each output's name: photo.png -> photo_TEXT.png "
                                    "(in the template: {suffix}).", panel=OUTPUT)

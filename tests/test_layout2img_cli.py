@@ -7,7 +7,7 @@ from PIL import Image
 from clirun import run_cli
 from ldmtool.checkpoints.tiny import save_tiny_checkpoint
 from ldmtool.errors import UsageError
-from ldmtool.pipelines.layout2img import find_layouts, read_layout
+from ldmtool.pipelines.layout2img import Layout, find_layouts, read_layout
 from ldmtool.pipelines.layout_tokens import BoxTokenizer, LayoutObject, category_number, openimages_classes
 
 FAST = ["--steps", "2", "--sampler", "euler", "--quiet", "--width", "32", "--height", "32"]
@@ -188,7 +188,7 @@ def test_tiles_of_a_large_layout_get_their_crop_tokens(tmp_path, model):
     tokenizer = task.tokenizer
     objects = [LayoutObject(category=3, box=(0.25, 0.5, 0.75, 1.0))]
     class _Job:
-        payload = objects
+        payload = Layout(objects, (224, 160))
 
     cond, _ = task.conditioning(task.engine, _Job(), (40, 56))
     assert sequences == [tokenizer.tokens(objects)]  # the whole image: crop (0, 0, 1, 1)

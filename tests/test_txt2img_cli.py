@@ -192,7 +192,7 @@ def test_prompt_source_errors_are_usage_errors(tmp_path, models):
     bad.write_text('{"prompt": "ok"}\n{"prompt": "x", "colour": 3}\n')
     result = _run("--prompts", bad, "--model", models["sd1"])
     assert result.exit_code == 2
-    assert result.output.strip() == f"ldmtool: error: {bad}:2: unknown field 'colour' (known: prompt, negative, seed, steps, cfg, sampler, width, height)"
+    assert result.output.strip() == f"ldmtool: error: {bad}:2: unknown field 'colour' (known: prompt, negative, seed, steps, cfg, sampler, width, height, size)"
     bad.write_text('{"prompt": "x", "steps": "ten"}\n')
     assert f"{bad}:1: 'steps' must be a int" in _run("--prompts", bad, "--model", models["sd1"]).output
 

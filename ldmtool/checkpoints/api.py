@@ -15,7 +15,7 @@ from torch import nn
 
 from ldmtool.checkpoints.bundle import PARAMETERIZATIONS, Bundle, LatentDiffusionBundle, build_bundle
 from ldmtool.checkpoints.config import ConfigLike, ldmtool_block, load_config
-from ldmtool.checkpoints.detect import Detection, detect_family
+from ldmtool.checkpoints.detect import Detection, detect_checkpoint
 from ldmtool.checkpoints.files import read_state_dict
 from ldmtool.checkpoints.presets import load_preset, preset_names, shipped_model, shipped_models
 from ldmtool.checkpoints.weights import PreparedWeights, check_state_dict, prepare_weights
@@ -63,7 +63,7 @@ def load_model(path_or_name: Union[str, Path], *, config: Optional[ConfigLike] =
     raw = read_state_dict(weights)
     default_config = embedded_config(weights) or default_config
     prepared = prepare_weights(raw, use_ema=use_ema)
-    detection = detect_family({k: tuple(v.shape) for k, v in prepared.state.items()})
+    detection = detect_checkpoint({k: tuple(v.shape) for k, v in prepared.state.items()}, default_config)
     doc, config_used = resolve_config(weights, config=config, preset=preset, default_config=default_config,
                                       detection=detection)
     family = ldmtool_block(doc).get("family") or "custom"

@@ -17,8 +17,8 @@ from ldmtool.checkpoints.api import (
     with_shared_first_stage,
 )
 from ldmtool.checkpoints.bundle import build_bundle
-from ldmtool.checkpoints.config import FIRST_STAGE_TARGETS, ConfigLike, ldmtool_block
-from ldmtool.checkpoints.detect import detect_family
+from ldmtool.checkpoints.config import FIRST_STAGE_TARGETS, ConfigLike, ldmtool_block, load_config
+from ldmtool.checkpoints.detect import detect_checkpoint
 from ldmtool.checkpoints.files import read_state_dict, save_safetensors
 from ldmtool.checkpoints.presets import preset_info, preset_names, shipped_models
 from ldmtool.checkpoints.weights import check_state_dict, prepare_weights
@@ -34,14 +34,20 @@ CONFIG_METADATA_KEY = "ldmtool_config"
 
 
 def list_models() -> dict[str, Any]:
-    """Presets (architectures) and shipped default models (weights + config)."""
+    """Presets (architectures; `shipped` says whether trained weights of that name ship with ldmtool) and the
+    shipped default models (weights + config, their task and description)."""
+    shipped = []
+    for model in shipped_models():
+        block = ldmtool_block(load_config(model.config))
+        shipped.append({"name": model.name, "task": block.get("task", ""), "description": block.get("description", ""),
+                        "weights": str(model.weights), "config": str(model.config)})
+    names = {model["name"] for model in shipped}
     presets = []
     for name in preset_names():
         try:
-            presets.append(vars(preset_info(name)))
+            presets.append({**vars(preset_info(name)), "shipped": name in names})
         except CheckpointError:  # a YAML in presets/ that is not a model config (e.g. a training recipe)
             continue
-    shipped = [{"name": m.name, "weights": str(m.weights), "config": str(m.config)} for m in shipped_models()]
     return {"presets": presets, "shipped": shipped}
 
 
@@ -59,11 +65,12 @@ def inspect_checkpoint(path_or_name: str | Path, *, config: Optional[ConfigLike]
     weights, default_config = resolve_source(path_or_name)
     raw = read_state_dict(weights)
     prepared = prepare_weights(raw, use_ema=True)
-    detection = detect_family({k: tuple(v.shape) for k, v in prepared.state.items()})
+    recipe: Optional[ConfigLike] = embedded_config(weights) or default_config
+    detection = detect_checkpoint({k: tuple(v.shape) for k, v in prepared.state.items()}, recipe)
     report = _weights_summary(weights, raw, prepared, detection)
     try:
-        doc, used = resolve_config(weights, config=config, preset=preset,
-                                   default_config=embedded_config(weights) or default_config, detection=detection)
+        doc, used = resolve_config(weights, config=config, preset=preset, default_config=recipe,
+                                   detection=detection)
     except CheckpointError as err:
         report.update(family=None, config_used=None, matches=False, problem=str(err))
         return report

@@ -70,7 +70,7 @@ def _second_column(param: click.Parameter, ctx: click.Context) -> str:
     """The help text with Typer's [default: ...; range; required] (a written-out default without the
     parentheses Typer puts around it)."""
     if getattr(param, "show_envvar", False):
-        setattr(param, "show_envvar", False)  # LDMTOOL_<COMMAND>_<OPTION>: one rule, in the README, not per line
+        param.show_envvar = False  # type: ignore[attr-defined]  # LDMTOOL_<CMD>_<OPTION>: one rule, in the README
     record = param.get_help_record(ctx)
     text = record[1] if record else ""
     shown = getattr(param, "show_default", None)

@@ -31,13 +31,14 @@ def list_command(json_out: Json = False) -> None:
     if json_out:
         _print_json(data)
         return
-    typer.echo("Presets (architecture only; use with --model FILE --preset NAME):")
-    width = max(len(p["name"]) for p in data["presets"])
-    for p in data["presets"]:
+    presets = [p for p in data["presets"] if not p["shipped"]]
+    width = max(len(entry["name"]) for entry in presets + data["shipped"])
+    typer.echo("Shipped models (trained, with weights; use with --model NAME):")
+    for m in data["shipped"] or [{"name": "(none installed)", "task": "", "description": ""}]:
+        typer.echo(f"  {m['name']:<{width}}  {m['task']:<12}  {m['description']}")
+    typer.echo("Presets (architecture only, no weights; use with --model FILE --preset NAME):")
+    for p in presets:
         typer.echo(f"  {p['name']:<{width}}  {p['task']:<12}  {p['description']}")
-    typer.echo("Shipped models (use with --model NAME):")
-    for m in data["shipped"] or [{"name": "(none installed)", "weights": ""}]:
-        typer.echo(f"  {m['name']}  {m['weights']}")
 
 
 def inspect_command(checkpoint: Checkpoint, config: Config = None, preset: Preset = None, json_out: Json = False) -> None:

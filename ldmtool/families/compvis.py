@@ -29,6 +29,7 @@ def diffusion_info(bundle: Any, family: Family) -> ModelInfo:
     latent_channels = int(unet["out_channels"])
     concat_channels = int(unet["in_channels"]) - latent_channels
     native = unet.get("image_size")
+    defaults = run_defaults(block, downsampling, native)
     return ModelInfo(
         family=bundle.family,
         entry=family.name,
@@ -46,7 +47,9 @@ def diffusion_info(bundle: Any, family: Family) -> ModelInfo:
         box_tokens=_box_tokens(params.get("cond_stage_config"), conditioning),
         box_raster=bool(block.get("box_raster")),
         raster_classes=tuple(c.get("name") for c in block.get("classes") or [] if isinstance(c, dict)),
-        defaults=run_defaults(block, downsampling, native),
+        defaults=defaults,
+        vocabulary=frozenset(block["vocabulary"]) if isinstance(block.get("vocabulary"), list) else None,
+        trained_size=defaults.size if "training" in block else None,  # ldmtool-trained: the size it saw
     )
 
 

@@ -83,3 +83,7 @@ class ModelInfo:
     box_raster: bool  # a layout model that also takes a box raster by concat
     raster_classes: tuple[Any, ...]  # the raster channels' class names, in order, as the config lists them
     defaults: RunDefaults
+    # A model trained by ldmtool itself: the words of its training captions (None: not recorded), and whether
+    # `defaults.size` is the size it was trained at (larger outputs get a warning past twice that).
+    vocabulary: Optional[frozenset[str]] = None
+    trained_size: Optional[tuple[int, int]] = None

@@ -6,8 +6,8 @@ has a stable key, the posix path relative to its input root (a folder or glob pr
 root is its own folder), which the per-item seed and the output's subfolder derive from.
 
 Mask pairing (for inpainting): `x.png` pairs with `x_mask.<ext>` beside it, which is then not an item
-itself, or with the same relative name in a `--masks DIR` folder; two files named on the command line
-with no other pairing are an explicit (image, mask) pair.
+itself, or with the same relative name in a `--masks DIR` folder; two files named on the command line,
+the second with no mask of its own, are an explicit (image, mask) pair, and that named mask wins.
 """
 from __future__ import annotations
 
@@ -310,14 +310,15 @@ def _with_any_image_suffix(folder: Path, stem: str, preferred: str) -> Optional[
 
 
 def _explicit_pair(inputs: list[str], candidates: list[_Candidate], masks_dir: Optional[Path]) -> Optional[Item]:
-    """`inpaint img.png mask.png`: two named files, the first with no mask of its own."""
+    """`inpaint img.png mask.png`: two named files, the second with no mask of its own. The named mask wins
+    over an `img_mask.png` beside the image or one in `--masks DIR`."""
     if len(inputs) != 2 or len(candidates) != 2 or not all(c.explicit for c in candidates):
         return None
     if any(raw.strip() == "-" or raw.strip().startswith("@") for raw in inputs):
         return None
     image, mask = candidates
-    if _find_mask(image.path, image.relative, masks_dir) is not None:
-        return None
+    if _find_mask(mask.path, mask.relative, masks_dir) is not None:
+        return None  # `inpaint a.png b.png` with b_mask.png beside b: two images, each with its own mask
     return Item(key=image.relative.as_posix(), stem=image.path.stem, path=image.path, mask=mask.path)
 
 

@@ -2,11 +2,12 @@
 
 The template fields are `{stem}` (input file stem or the generated item's name), `{suffix}` (`_TEXT` for
 `--suffix TEXT`, else empty; a template without it gets it after the stem, as Real-ESRGAN's `--suffix`),
-`{index}` (0-based position of the item in the sorted run, format specs allowed: `{index:04d}`), `{seed}`
-(the item's seed) and `{ext}` (the output format's extension, added when the template has no image
-extension). `--format keep` gives each item its input's format (png for inputs ldmtool cannot write). No
-rendered name may leave the output folder. `-o` with any image extension names a file, never a folder; one
-ldmtool cannot write (.gif, .bmp) is a usage error.
+`{index}` (0-based position of the item in the sorted run, format specs allowed: `{index:04d}`; positional,
+so adding an input renumbers the ones after it), `{seed}` (the item's seed, derived from a file item's name:
+stable) and `{ext}` (the output format's extension, added when the template has no image extension).
+`--format keep` gives each item its input's format (png for inputs ldmtool cannot write). No rendered name
+may leave the output folder. `-o` with any image extension names a file, never a folder; one ldmtool cannot
+write (.gif, .bmp) is a usage error.
 """
 from __future__ import annotations
 
@@ -186,4 +187,5 @@ def _check_no_collisions(items: Sequence[Item], paths: Sequence[Path]) -> None:
         other = owner.setdefault(path.resolve(), item)
         if other is not item:
             raise UsageError(f"{other.label} and {item.label} would both be written to {path}; "
-                             "add {index} or {seed} to --name")
+                             "add {seed} to --name (a file item's seed comes from its name, so it stays put "
+                             "when inputs are added; {index} is the position in the run and renumbers)")

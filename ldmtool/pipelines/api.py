@@ -101,15 +101,14 @@ def layout2img(layout: PathOrDoc, *, width: Optional[int] = None, height: Option
                seed: Optional[int] = None, **options: Any) -> np.ndarray:
     """`ldmtool layout2img`: an image of a layout of labelled boxes (a .json/.yaml file, or the document as a
     dict or list of objects)."""
-    from ldmtool.pipelines.layout2img import Layout2ImgTask, layout_objects
+    from ldmtool.pipelines.layout2img import Layout2ImgTask
 
     task = Layout2ImgTask(_engine("layout2img", options), width=width, height=height)
     task.open()
     if isinstance(layout, (str, Path)):
         item = _file_item(layout)
         return _results(task, [(item, _seed(seed), task.load(_job(item, 0, 0)))])[0]
-    objects = task.check_input(layout_objects(layout, "layout", *task.run_size()), "layout")
-    return _results(task, [(_memory_item("layout"), _seed(seed), objects)])[0]
+    return _results(task, [(_memory_item("layout"), _seed(seed), task.layout(layout, "layout"))])[0]
 
 
 # ---------------------------------------------------------------- no image in, a list of images out

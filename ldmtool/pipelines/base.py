@@ -16,8 +16,9 @@ runner calls), as `self.step_progress()`.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, Callable, Hashable, Mapping, Optional, Sequence, TypeVar
+from typing import Any, Callable, Hashable, Iterable, Mapping, Optional, Sequence, TypeVar
 
 from ldmtool.errors import ItemError
 from ldmtool.io.discover import Item
@@ -27,17 +28,20 @@ from ldmtool.runtime.jobs import BaseTask, Job
 from ldmtool.runtime.plan import Demand, Size
 
 Result = TypeVar("Result")
+_WORD = re.compile(r"[^\W\d_]+")
 
 
 class ModelTask(BaseTask):
     """A task that runs one model through an `Engine`."""
 
     reads_images = False  # items are image files: the size limits of reading them are checked once per run
+    warns_large = True  # warn once when an output is past twice the size an ldmtool-trained model saw (not tile-synth)
     max_pixels: Optional[int] = None  # --max-pixels (None: $LDMTOOL_MAX_PIXELS, else the default)
 
     def __init__(self, engine: Engine, *, params: Optional[dict[str, Any]] = None):
         super().__init__(params=params)
         self.engine = engine
+        self._warned: set[str] = set()  # the topics this run has warned about (warn_once)
 
     def validate(self) -> None:
         """UsageError for a run-wide setting every item would fail on: the sampling and tiling options (which
@@ -83,6 +87,30 @@ class ModelTask(BaseTask):
         """(h, w) of the latent each sampling pass of an item with output `size` samples (one pass here)."""
         width, height = size
         return [(-(-height // down), -(-width // down))]
+
+    def warn_once(self, topic: str, message: str) -> None:
+        """One `ldmtool: warning: ...` line per run and topic (not per item)."""
+        if topic not in self._warned and self.progress is not None:
+            self._warned.add(topic)
+            self.progress.note(f"warning: {message}")
+
+    def check_vocabulary(self, texts: Iterable[str]) -> None:
+        """Warn once when a prompt has words an ldmtool-trained model never saw in its captions."""
+        info = self.engine.info
+        if info.vocabulary is None:
+            return
+        unknown = sorted({word for text in texts for word in _WORD.findall(text.lower())} - info.vocabulary)
+        if unknown:
+            self.warn_once("vocabulary", f"{info.family} knows only the words of its training captions "
+                           f"({' '.join(sorted(info.vocabulary))}); {', '.join(unknown[:5])}"
+                           f"{' ...' if len(unknown) > 5 else ''} will have little effect")
+
+    def check_trained_size(self, width: int, height: int) -> None:
+        """Warn once when an output is more than twice the size an ldmtool-trained model was trained at."""
+        trained = self.engine.info.trained_size
+        if self.warns_large and trained is not None and (width > 2 * trained[0] or height > 2 * trained[1]):
+            self.warn_once("size", f"{width}x{height} is more than twice the {trained[0]}x{trained[1]} that "
+                           f"{self.engine.info.family} was trained at; expect repeated or broken structure")
 
     def step_progress(self) -> Optional[Callable[[int, int], None]]:
         """The callback for sampler steps (done, total), or None when nothing shows progress."""

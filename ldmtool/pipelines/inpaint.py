@@ -89,6 +89,7 @@ class InpaintTask(ModelTask):
         elif self.kind is InpaintKind.MASKED:
             self.conditioning = PromptConditioning(engine.bundle, engine.model_path, self.command,
                                                    prompt=self.prompt, negative=self.negative)
+        self.check_vocabulary((self.prompt, self.negative))
         self.multiple = info.pixel_multiple
         if self.colour_fix is None:
             self.colour_fix = config_switch(info.defaults.colour_fix, "colour_fix", engine.model_path)

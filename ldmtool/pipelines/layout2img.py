@@ -7,7 +7,9 @@ pixels or as fractions 0..1 of the image:
                                      {"label": "Dog", "box": [0.5, 0.6, 0.9, 0.95], "group_of": false}]}
 
 `units` ("pixels" | "relative") may be given; otherwise boxes whose numbers all lie in 0..1 are relative.
-Pixel boxes are measured in the layout's `size` when given, else in the output size. A bare list of objects
+Pixel boxes are measured in the layout's `size` when given, else in the output size. The output size is
+`--width/--height` when given (one of them alone keeps the layout's aspect), else the layout's `size`, else
+the model's native size (`layout_output_size`). A bare list of objects
 is also a layout. Each object may set `group_of`, `occluded`, `depiction`, `inside` (OpenImages flags).
 The boxes become the model's token sequence (see layout_tokens) and, for ldmtool's own layout models, also
 a coverage map per class concatenated to the UNet input (see box_raster); with `--draw-boxes` a copy of each
@@ -21,6 +23,7 @@ import functools
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -39,6 +42,7 @@ from ldmtool.pipelines.box_raster import box_raster
 from ldmtool.pipelines.engine import Engine, method
 from ldmtool.pipelines.layout_tokens import BoxTokenizer, LayoutObject, category_name, category_number, tokenizer_for
 from ldmtool.pipelines.sample import GeneratorTask
+from ldmtool.pipelines.text import check_size
 from ldmtool.runtime.jobs import Job, Output
 
 LAYOUT_SUFFIXES = frozenset({".json", ".yaml", ".yml"})
@@ -100,6 +104,30 @@ def _items(path: Path, root: Path, samples: int) -> list[Item]:
 
 
 # ---------------------------------------------------------------- reading layouts
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A layout read for one item: its objects (boxes as fractions) and the item's output (width, height)."""
+
+    objects: list[LayoutObject]
+    size: tuple[int, int]
+
+
+def layout_output_size(layout_size: Optional[tuple[float, float]], width: Optional[int], height: Optional[int],
+                       native: tuple[int, int]) -> tuple[int, int]:
+    """An item's output (width, height): `--width/--height` when both are given; one of them alone keeps the
+    layout's aspect (or takes the model's native other side); neither: the layout's `size`, else `native`."""
+    if width and height:
+        return width, height
+    if layout_size is None:
+        return width or native[0], height or native[1]
+    layout_w, layout_h = layout_size
+    if width:
+        return width, max(1, round(layout_h * width / layout_w))
+    if height:
+        return max(1, round(layout_w * height / layout_h)), height
+    return max(1, round(layout_w)), max(1, round(layout_h))
 
 
 def read_layout(path: Path, width: int, height: int) -> list[LayoutObject]:
@@ -206,9 +234,33 @@ class Layout2ImgTask(GeneratorTask):
         self.raster_classes = raster_classes(self.engine)
         self.params.update(draw_boxes=self.draw_boxes)
 
-    def load(self, job: Job) -> list[LayoutObject]:
+    def default_size(self) -> tuple[Optional[int], Optional[int]]:
+        check_size(self.width or self.multiple, self.height or self.multiple, self.multiple)
+        return self.width, self.height  # per layout, see layout_output_size
+
+    def output_size(self, doc: Any, path: Path | str) -> tuple[int, int]:
+        """The output (width, height) of an item with this layout document (after `check_model`)."""
+        size, _, _ = _layout_parts(doc, path)
+        return layout_output_size(size, self.width, self.height, self.engine.info.defaults.size)
+
+    def planned_size(self, item: Item) -> tuple[int, int]:
+        """The output (width, height) an item will have, read from its layout file alone (after `check_model`;
+        ItemError for a layout that cannot be read)."""
+        path = item.path if item.path is not None else Path(item.key)
+        return self.output_size(_load_document(path), path)
+
+    def layout(self, doc: Any, path: Path | str) -> Layout:
+        """A layout document read at its item's output size, checked against the model."""
+        size = self.output_size(doc, path)
+        return Layout(self.check_input(layout_objects(doc, path, *size), path), size)
+
+    def load(self, job: Job) -> Layout:
         path = input_path(job)
-        return self.check_input(read_layout(path, *self.run_size()), path)
+        return self.layout(_load_document(path), path)
+
+    def canvas(self, job: Job) -> tuple[int, int]:
+        layout: Layout = job.payload
+        return layout.size
 
     def check_input(self, objects: list[LayoutObject], path: Path | str) -> list[LayoutObject]:
         """The layout's objects when this model can draw them (ItemError naming the layout otherwise)."""
@@ -229,7 +281,7 @@ class Layout2ImgTask(GeneratorTask):
         return self.tokenizer
 
     def conditioning(self, engine: Engine, job: Job, latent_hw: tuple[int, int]) -> tuple[Cond, Optional[Cond]]:
-        objects = job.payload
+        objects = job.payload.objects
         tokenizer = self._box_tokenizer()
         stage = method(engine.cond_stage("encode box tokens"), "encode")
 
@@ -253,20 +305,20 @@ class Layout2ImgTask(GeneratorTask):
         if self.raster_classes is None:
             return None
         width, height = self.canvas(job)
-        boxes = [(self.raster_classes.index(o.category), o.box) for o in job.payload]
+        boxes = [(self.raster_classes.index(o.category), o.box) for o in job.payload.objects]
         raster = box_raster(boxes, len(self.raster_classes), (height, width), latent_hw, engine.info.downsampling)
         return torch.from_numpy(raster)[None].to(engine.device, engine.dtype)
 
     def item_params(self, job: Job) -> dict[str, Any]:
         return {"layout": str(job.item.path),
                 "objects": [{"label": category_name(o.category), "box": [round(v, 6) for v in o.box]}
-                            for o in job.payload]}
+                            for o in job.payload.objects]}
 
     def run(self, jobs: list[Job]) -> list[Output]:
         outputs = super().run(jobs)
         if self.draw_boxes:
             for job, output in zip(jobs, outputs):
-                write_preview(preview_path(job.output), output.image, job.payload)
+                write_preview(preview_path(job.output), output.image, job.payload.objects)
         return outputs
 
 

@@ -108,6 +108,7 @@ class GeneratorTask(ModelTask):
 
     def _generate(self, job: Job) -> Output:
         width, height = self.canvas(job)
+        self.check_trained_size(width, height)
         latent_hw = self._latent_size(job, width, height)
         generate = functools.partial(self._sample_and_decode, job=job, latent_hw=latent_hw)
         pixels = self.engine.finite(generate, job.item.label)[0, :height, :width]  # uint8: no float canvas

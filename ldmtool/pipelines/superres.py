@@ -55,6 +55,20 @@ def resample(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return out if array.dtype == np.uint8 else np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
+def resample_alpha(alpha: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resample (H, W) float32 alpha like `resample`, without Lanczos ringing: each output value is clamped to
+    the range of the input values around it (3x3), so a fully transparent or opaque region stays exactly so
+    and no value leaves the input alpha's own range."""
+    out = resample(alpha, size)
+    if out is alpha:
+        return alpha
+    kernel = np.ones((3, 3), np.uint8)
+    low = cv2.resize(cv2.erode(alpha, kernel), size, interpolation=cv2.INTER_LINEAR)
+    high = cv2.resize(cv2.dilate(alpha, kernel), size, interpolation=cv2.INTER_LINEAR)
+    clamped: np.ndarray = np.clip(out, low, high).astype(np.float32)
+    return clamped
+
+
 class SuperresTask(ModelTask):
     """Each item: read the image → ×4 model passes (low-res conditioning → sample → decode to pixels → colour
     fix and back-projection) → resample to the exact output size; alpha resampled beside it."""
@@ -156,7 +170,7 @@ class SuperresTask(ModelTask):
         for index in range(native_passes(self.scale)):
             rgb = self._native_pass(rgb, job.seed + index, job.item.label, deep=deep)
         rgb = resample(rgb, size)
-        alpha = None if image.alpha is None else resample(image.alpha, size)
+        alpha = None if image.alpha is None else resample_alpha(image.alpha, size)
         return Output(image=rgb, alpha=alpha, params={"input_size": list(image.size), "output_size": list(size)},
                       **carried(image))
 

@@ -4,7 +4,8 @@ once per distinct prompt, and the pixel sizes a model can sample.
 Prompt sources (txt2img): `--prompt TEXT`, or `--prompts FILE` with one prompt per line (blank lines and
 lines starting with '#' are skipped), or JSON lines (a `.jsonl`/`.ndjson` file, or any file whose first
 entry starts with '{') where each line is an object with a `prompt` and optional per-item parameters
-(see `PROMPT_FIELDS`).
+(see `PROMPT_FIELDS`; `size`, "WxH" or [w, h], is short for `width` and `height`). A JSON object line in a
+plain prompt file is refused (naming file:line) rather than taken as prompt text.
 
 Sizes: a model samples latents whose sides divide by the UNet's total downsampling, so pixel sizes must be
 multiples of `engine.info.pixel_multiple` (64 for SD, 32 for the f4 LDM models). txt2img REJECTS other sizes
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -61,6 +63,8 @@ PROMPT_FIELDS: dict[str, tuple[type, ...]] = {
     "sampler": (str,), "width": (int,), "height": (int,),
 }
 _POSITIVE = ("seed", "steps", "width", "height")
+_SIZE = re.compile(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*")
+_JSON_OBJECT = re.compile(r'\{\s*("|\}|$)')  # '{"prompt": ...', '{}': JSON, not '{red|blue} car'
 _JSON_SUFFIXES = (".jsonl", ".ndjson")
 
 
@@ -85,6 +89,10 @@ def read_prompts(prompt: Optional[str], prompts_file: Optional[Path | str]) -> l
         raise UsageError(f"{prompts_file}: the prompt file has no prompts")
     as_json = Path(prompts_file).suffix.lower() in _JSON_SUFFIXES or lines[0][1].startswith("{")
     if not as_json:
+        for number, line in lines:
+            if _JSON_OBJECT.match(line):
+                raise UsageError(f"{prompts_file}:{number}: a JSON line in a plain prompt file (line {lines[0][0]} "
+                                 "is plain text); write every line as JSON, or name the file .jsonl")
         return [PromptSpec(line) for _, line in lines]
     return [_json_prompt(line, f"{prompts_file}:{number}") for number, line in lines]
 
@@ -97,9 +105,11 @@ def _json_prompt(line: str, where: str) -> PromptSpec:
         raise UsageError(f"{where}: not a JSON object ({why})") from None
     if not isinstance(record, dict):
         raise UsageError(f"{where}: each line must be a JSON object like {{\"prompt\": \"a red fox\"}}")
+    if "size" in record:
+        record.update(_json_size(record.pop("size"), record, where))
     unknown = sorted(set(record) - set(PROMPT_FIELDS))
     if unknown:
-        raise UsageError(f"{where}: unknown field {unknown[0]!r} (known: {', '.join(PROMPT_FIELDS)})")
+        raise UsageError(f"{where}: unknown field {unknown[0]!r} (known: {', '.join(PROMPT_FIELDS)}, size)")
     if not isinstance(record.get("prompt"), str):
         raise UsageError(f"{where}: every line needs a \"prompt\" string")
     for name, value in record.items():
@@ -120,6 +130,19 @@ def _finite(value: object) -> bool:
         return isinstance(value, (int, float)) and math.isfinite(value)
     except OverflowError:  # an int too large for a float
         return False
+def _json_size(value: Any, record: dict[str, Any], where: str) -> dict[str, Any]:
+    """A prompt line's `size` ("WxH" or [w, h]) as its `width` and `height`."""
+    if "width" in record or "height" in record:
+        raise UsageError(f"{where}: give either 'size' or 'width'/'height', not both")
+    if value is None:
+        return {}
+    match = _SIZE.fullmatch(value) if isinstance(value, str) else None
+    if match is not None:
+        return {"width": int(match[1]), "height": int(match[2])}
+    if (isinstance(value, list) and len(value) == 2
+            and all(isinstance(side, int) and not isinstance(side, bool) for side in value)):
+        return {"width": value[0], "height": value[1]}
+    raise UsageError(f"{where}: 'size' must be \"WxH\" or [width, height], not {value!r}")
 
 
 # ---------------------------------------------------------------- models

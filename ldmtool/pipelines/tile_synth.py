@@ -65,6 +65,7 @@ class TextTileTask(GeneratorTask):
             raise UsageError(f"{self.engine.model_path}: a {bundle.info.family} model takes no text; drop --prompt "
                              "(or use a text-to-image model)")
         self.texts = TextConditioner(encoder)
+        self.check_vocabulary((self.prompt, self.negative))
         self.params.update(prompt=self.prompt, negative=self.negative)
 
     def has_uncond(self) -> bool:
@@ -105,6 +106,7 @@ def tile_synth_task(engine: Engine, generator: Generator, *, width: int, height:
     else:
         task = NoiseTileTask(engine, classes=classes, width=width, height=height)
     task.params["generator"] = generator.value
+    task.warns_large = False  # large canvases are what tile-synth is for
     return task
 
 

@@ -90,6 +90,8 @@ class Txt2ImgTask(ModelTask):
                 get_sampler(spec.sampler)
         except UsageError as err:  # a bad JSON line fails its own items only
             raise ItemError(f"{job.item.label}: {err}") from None
+        self.check_vocabulary((spec.prompt, self._negative(spec)))
+        self.check_trained_size(width, height)
         return spec
 
     def run(self, jobs: list[Job]) -> list[Output]:

@@ -103,6 +103,7 @@ class Progress(Protocol):
     """Where a task reports progress inside a batch (the reporter, or a Ray worker's collector)."""
 
     def steps(self, done: int, total: int, label: str = "steps") -> None: ...
+    def note(self, message: str) -> None: ...
 
 
 class Task(Protocol):

@@ -10,11 +10,16 @@ the driver appends them to the manifest and reports them. The same seeds give th
 A worker that dies is restarted and its unfinished batch retried (writes are atomic, so a retried item
 is simply written again); an item that fails is reported exactly as locally. `--fail-fast` stops each
 worker at its first failure rather than the whole cluster at once.
+
+Ray's own chatter (deprecation warnings, Ray Data's INFO lines, the core worker's log) stays off stderr,
+which is ldmtool's: only Ray's fatal messages get through, unless `LDMTOOL_DEBUG=1`.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import warnings
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
@@ -98,7 +103,7 @@ def process_on_ray(run: "BatchRun", jobs: list["Job"]) -> None:
     except ImportError:
         raise UsageError("--engine ray needs Ray: pip install 'ldmtool[ray]'") from None
     try:
-        with _ray_prints_to_stderr():
+        with _ray_prints_to_stderr(), _ray_quiet():
             started = _init(ray, run.options.ray_address)
             try:
                 _consume(run, _pipeline(ray, ray_data, cloudpickle, run, jobs), cloudpickle)
@@ -148,6 +153,54 @@ def _ray_prints_to_stderr() -> Iterator[None]:
         sys.stdout = saved
 
 
+@contextmanager
+def _ray_quiet() -> Iterator[None]:
+    """Silence Ray's Python loggers and warnings, and its C++ log (`RAY_BACKEND_LOG_LEVEL`, read when the
+    driver's core worker starts), for the run; `LDMTOOL_DEBUG=1` (or a `RAY_BACKEND_LOG_LEVEL` the user set)
+    keeps them."""
+    from ldmtool.runtime.execution import DEBUG_ENV
+
+    if os.environ.get(DEBUG_ENV) == "1":
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in ("ray", "ray.data")]
+    levels = [logger.level for logger in loggers]
+    backend = os.environ.get("RAY_BACKEND_LOG_LEVEL")
+    os.environ["RAY_BACKEND_LOG_LEVEL"] = backend or "fatal"
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.CRITICAL)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        if backend is None:
+            os.environ.pop("RAY_BACKEND_LOG_LEVEL", None)
+
+
+@contextmanager
+def _native_stderr_muted() -> Iterator[None]:
+    """File descriptor 2 to /dev/null while Ray starts (its core worker announces the log level it read, and
+    the processes it starts inherit it); failures still come back as exceptions. Not with LDMTOOL_DEBUG=1."""
+    from ldmtool.runtime.execution import DEBUG_ENV
+
+    if os.environ.get(DEBUG_ENV) == "1":
+        yield
+        return
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
 def _init(ray: ModuleType, address: Optional[str]) -> bool:
     """Connect to (or start) a cluster; True when this call did it."""
     if ray.is_initialized():
@@ -157,7 +210,8 @@ def _init(ray: ModuleType, address: Optional[str]) -> bool:
     if address:
         kwargs["address"] = address
     try:
-        ray.init(**kwargs)
+        with _native_stderr_muted():
+            ray.init(**kwargs)
     except Exception as err:  # noqa: BLE001 - any failure to reach or start a cluster is fatal for the run
         where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
         raise FatalError(f"cannot start or join {where} ({' '.join(str(err).split())[:200]})") from err

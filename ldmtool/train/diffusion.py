@@ -66,7 +66,7 @@ from ldmtool.train.diffusion_parts import (
     widen_inputs,
 )
 from ldmtool.train.masks import random_mask
-from ldmtool.train.procedural import CLASSES, Box, layout_sample, semantic_sample, shape_scene
+from ldmtool.train.procedural import CAPTION_WORDS, CLASSES, Box, layout_sample, semantic_sample, shape_scene
 
 if TYPE_CHECKING:
     import torch
@@ -341,6 +341,8 @@ class DiffusionTrainer:
             block["colour_fix"] = True
         if self.training.task == Task.SUPERRES:
             block["scale"] = self.training.scale
+        if self.training.task == Task.TXT2IMG:
+            block["vocabulary"] = list(CAPTION_WORDS)  # its captions' words: others get a warning
         if self.training.task == Task.SEMANTIC:
             block["classes"] = [{"name": c.name, "colour": list(c.colour)} for c in CLASSES]
         if self.training.task == Task.LAYOUT:

@@ -115,6 +115,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle")
 RELATIONS = ("above", "below", "left of", "right of")
+# Every word of a shape scene's caption: recorded as an exported txt2img model's `vocabulary`.
+CAPTION_WORDS = tuple(sorted({"a", *COLOURS, *SHAPES, *" ".join(RELATIONS).split()}))
 
 
 def _draw_shape(image: np.ndarray, shape: str, centre: tuple[float, float], radius: float, colour) -> None:
