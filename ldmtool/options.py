@@ -79,6 +79,8 @@ class RunChoice:
     json_out: bool = option("--json", help="Write one JSON event per item to stdout.", panel=RUN, default=False)
     quiet: bool = option("--quiet", "-q", help="No progress output.", panel=RUN, default=False)
     fail_fast: bool = option("--fail-fast", help="Stop at the first failed item.", panel=RUN, default=False)
+    dry_run: bool = option("--dry-run", help="Show what would run: items, outputs, what would be skipped and "
+                           "why, and the run plan; load no model, write nothing.", panel=RUN, default=False)
     batch_size: int = option("--batch-size", help="Items run together (never changes results).", panel=RUN,
                              default=1, min=1)
     seed: Optional[int] = option(

@@ -327,7 +327,7 @@ def test_model_names_resolve_to_files_or_explain(tmp_path, monkeypatch):
         load_model("sd1")
     with pytest.raises(UsageError, match="not a file, a shipped model"):
         load_model("no-such-model")
-    with pytest.raises(CheckpointError, match="no such checkpoint file"):
+    with pytest.raises(UsageError, match="no such checkpoint file"):  # a missing file: usage error, exit 2
         load_model(tmp_path / "missing.ckpt")
     save_tiny_checkpoint(tmp_path / "mine.safetensors", "ldm-bsr-sr", with_config=True)
     bundle = load_model(tmp_path / "mine.safetensors")

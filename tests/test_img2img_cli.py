@@ -91,10 +91,10 @@ def test_same_seed_same_files_batch_size_and_alpha(tmp_path, models):
 def test_models_that_cannot_do_img2img_fail_in_one_line(tmp_path, models):
     src = _photo(tmp_path / "in.png", size=(32, 32))
     result = _run(src, "--model", models["ldm-inpainting-big"], "-o", tmp_path / "o1")
-    assert result.exit_code == 3
+    assert result.exit_code == 2
     assert len(result.output.strip().splitlines()) == 1 and "cannot do img2img" in result.output
     result = _run(src, "--prompt", "a face", "--model", models["ldm-celebahq256"], "-o", tmp_path / "o2")
-    assert result.exit_code == 3
+    assert result.exit_code == 2
     assert "is unconditional and takes no prompt" in result.output
 
 

@@ -186,13 +186,13 @@ def test_missing_or_mismatched_masks_fail_their_items_in_one_line(tmp_path, mode
     assert "the mask is 40x32 but its image is 32x32" in events["wrong.png"]["error"]
 
 
-def test_models_that_cannot_inpaint_or_take_no_prompt_are_fatal(tmp_path, models):
+def test_models_that_cannot_inpaint_or_take_no_prompt_are_usage_errors(tmp_path, models):
     src, mask = _photo(tmp_path / "img.png", size=(32, 32)), _mask(tmp_path / "m.png", size=(32, 32))
     result = _run(src, mask, "--model", models["ldm-bsr-sr"], "-o", tmp_path / "o1.png")
-    assert result.exit_code == 3
+    assert result.exit_code == 2
     assert len(result.output.strip().splitlines()) == 1 and "cannot inpaint" in result.output
     result = _run(src, mask, "--prompt", "x", "--model", models["ldm-inpainting-big"], "-o", tmp_path / "o2.png")
-    assert result.exit_code == 3 and "takes no prompt" in result.output
+    assert result.exit_code == 2 and "takes no prompt" in result.output
 
 
 def _smooth_photo(path, size=(70, 50)):

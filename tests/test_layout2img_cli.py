@@ -127,12 +127,12 @@ def test_bad_layouts_fail_with_one_line_naming_the_file(tmp_path, model, objects
     assert len(failed) == 1 and f"{path}: " in failed[0] and message in failed[0]
 
 
-def test_model_without_box_tokens_is_fatal(tmp_path):
+def test_model_without_box_tokens_is_a_usage_error(tmp_path):
     other = tmp_path / "celeba.safetensors"
     save_tiny_checkpoint(other, "ldm-celebahq256", with_config=True)
     _layout(tmp_path / "a.json", [{"label": "Person", "box": [0, 0, 1, 1]}])
     result = _run(tmp_path / "a.json", "--model", other, "-o", tmp_path / "out")
-    assert result.exit_code == 3 and "cannot do layout2img" in result.output
+    assert result.exit_code == 2 and "cannot do layout2img" in result.output
 
 
 def test_context_is_the_cond_stage_on_the_reference_tokens(tmp_path, model):

@@ -103,9 +103,9 @@ def test_unconditional_model_refuses_classes_and_guidance(tmp_path, models):
     assert result.exit_code == 2 and "classifier-free guidance" in result.output
 
 
-def test_model_of_another_task_is_fatal(tmp_path, models):
+def test_model_of_another_task_is_a_usage_error(tmp_path, models):
     result = _run("--model", models["sem"], "--class", "3", "-o", tmp_path / "out")
-    assert result.exit_code == 3
+    assert result.exit_code == 2
     assert "cannot do `sample`" in result.output
 
 

@@ -147,9 +147,9 @@ def test_palette_file_must_be_a_mapping(tmp_path):
         semantic.load_palette(path)
 
 
-def test_model_without_label_maps_is_fatal(tmp_path):
+def test_model_without_label_maps_is_a_usage_error(tmp_path):
     other = tmp_path / "celeba.safetensors"
     save_tiny_checkpoint(other, "ldm-celebahq256", with_config=True)
     result = _run(_index_map(tmp_path / "m.png"), "--model", other, "-o", tmp_path / "out")
-    assert result.exit_code == 3
+    assert result.exit_code == 2
     assert "takes no label maps, so it cannot do semantic2img from maps" in result.output

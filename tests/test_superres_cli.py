@@ -92,12 +92,12 @@ def test_alpha_grayscale_and_16bit_inputs(tmp_path, bsr):
             assert out.size == (48, 32)
 
 
-def test_model_that_cannot_upscale_is_fatal(tmp_path):
+def test_model_that_cannot_upscale_is_a_usage_error(tmp_path):
     model = tmp_path / "uncond.safetensors"
     save_tiny_checkpoint(model, "ldm-celebahq256", with_config=True)
     src = _photo(tmp_path / "a.png")
     result = _run(src, "-o", tmp_path / "out", "--model", model)
-    assert result.exit_code == 3
+    assert result.exit_code == 2
     assert "cannot do super-resolution" in result.output
 
 

@@ -179,9 +179,9 @@ def test_steps_the_schedule_cannot_take_are_a_usage_error_before_any_item(tmp_pa
         "ldmtool: error: --steps 5000 is out of range: 'linspace' spacing allows 1 to 1000 steps"]
 
 
-def test_model_without_text_encoder_is_fatal_in_one_line(tmp_path, models):
+def test_model_without_text_encoder_is_a_usage_error_in_one_line(tmp_path, models):
     result = _run("--prompt", "x", "--model", models["uncond"], "-o", tmp_path)
-    assert result.exit_code == 3
+    assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "has no text encoder, so it cannot do txt2img" in lines[0]
 

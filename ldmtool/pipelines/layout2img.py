@@ -243,11 +243,19 @@ class Layout2ImgTask(GeneratorTask):
         size, _, _ = _layout_parts(doc, path)
         return layout_output_size(size, self.width, self.height, self.engine.info.defaults.size)
 
-    def planned_size(self, item: Item) -> tuple[int, int]:
-        """The output (width, height) an item will have, read from its layout file alone (after `check_model`;
-        ItemError for a layout that cannot be read)."""
+    def planned_size(self, item: Item) -> Optional[tuple[int, int]]:
+        """The output (width, height) an item will have, from its layout file and the options; None when it
+        cannot be known yet (the model's native size before it is open) or the layout cannot be read (the item
+        fails when it loads)."""
         path = item.path if item.path is not None else Path(item.key)
-        return self.output_size(_load_document(path), path)
+        try:
+            size, _, _ = _layout_parts(_load_document(path), path)
+        except ItemError:
+            return None
+        native = self.engine.info.defaults.size if getattr(self.engine, "bundle", None) is not None else None
+        if native is None and not (self.width and self.height) and size is None:
+            return None
+        return layout_output_size(size, self.width, self.height, native or (0, 0))
 
     def layout(self, doc: Any, path: Path | str) -> Layout:
         """A layout document read at its item's output size, checked against the model."""

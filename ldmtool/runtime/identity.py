@@ -20,7 +20,7 @@ from typing import Any, Mapping, Optional, cast
 # Options that steer the run (which items, where outputs go, batching, engines, reporting, seeds): a
 # recipe does not record them, replay supplies its own.
 RUN_STEERING = frozenset({
-    "inputs", "recursive", "masks", "prompts", "output", "name", "suffix", "fmt", "json_out", "quiet", "fail_fast",
+    "inputs", "recursive", "masks", "prompts", "output", "name", "suffix", "fmt", "json_out", "quiet", "fail_fast", "dry_run",
     "batch_size", "seed", "item_seed", "shard", "run_engine", "ray_address", "overwrite", "existing", "n",
 })
 # Options that never change an output's pixels (limits refuse inputs or runs, never alter one): everything else a command takes is part of the identity

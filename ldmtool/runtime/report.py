@@ -15,7 +15,8 @@ from __future__ import annotations
 import sys
 from dataclasses import asdict, dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Optional, TextIO
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Optional, TextIO
 
 from ldmtool.io.files import json_line
 
@@ -156,6 +157,33 @@ class Reporter:
             self._emit(plan.to_json())
         if plan.seconds is not None and plan.seconds > ANNOUNCE_SECONDS:
             self._say(f"ldmtool: plan: {plan.line()}")
+
+    def dry_run_item(self, action: str, *, key: str, input: Optional[Path], output: Path, seed: int,
+                     reason: Optional[str]) -> None:
+        """One item of a `--dry-run`: what a run would do with it (run, skip or fail) and why."""
+        if self.json_events:
+            event: dict[str, Any] = {"event": "dry-run", "action": action, "key": key,
+                                     "input": None if input is None else str(input), "output": str(output),
+                                     "seed": seed}
+            if reason is not None:
+                event["reason"] = reason
+            self._emit(event)
+            return
+        source = key if input is None else str(input)
+        self.out.write(f"{action:<4} {source} -> {output} (seed {seed})" + (f": {reason}" if reason else "") + "\n")
+
+    def dry_run_finish(self, plan: "RunPlan", counts: Mapping[str, int], seed: Optional[int]) -> None:
+        """The end of a `--dry-run`: the plan, and how many items would run, be skipped or fail."""
+        if self.json_events:
+            self._emit(plan.to_json())
+            self._emit({"event": "summary", "dry_run": True, "to_run": counts["run"], "skipped": counts["skip"],
+                        "failing": counts["fail"], "seed": seed, "exit_code": 0})
+            _FINAL["sent"] = True
+            return
+        self.out.write(f"plan: {plan.line()}\n")
+        self.out.write(f"dry run: {counts['run']} to run, {counts['skip']} skipped, {counts['fail']} would fail "
+                       f"(seed {seed}); nothing was loaded or written\n")
+        self.out.flush()
 
     def note(self, message: str) -> None:
         self._say(f"ldmtool: {message}")

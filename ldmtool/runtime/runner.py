@@ -42,7 +42,7 @@ from ldmtool.runtime.jobs import EXISTING_POLICIES, BaseTask, Job, Output, Plann
 from ldmtool.runtime.plan import check_run
 from ldmtool.runtime.report import ItemEvent, Reporter, Status, Summary
 from ldmtool.runtime.resume import current_replay
-from ldmtool.runtime.seeds import RANDOM, item_seed
+from ldmtool.runtime.seeds import RANDOM, item_seed, random_seed
 from ldmtool.runtime.shard import select, write_members
 
 __all__ = ["BaseTask", "DEBUG_ENV", "ENGINES", "Job", "Output", "RunOptions", "Task", "run_task"]
@@ -134,6 +134,8 @@ class BatchRun:
             raise UsageError(f"every input is inside the output folder {self.spec.folder}; choose another -o")
         notes = [*notes, *format_notes(items, self.spec)]
         self.task.validate()  # run-wide settings: a usage error before the folder is made or any item runs
+        if self.options.dry_run:
+            return self._dry_run(items, notes)
         self._prepare_folder()
         if self.base_seed is None:
             self.base_seed = self.recipes.adopted_seed(self.spec, self.options.shard, self.runner.claims)
@@ -155,6 +157,33 @@ class BatchRun:
             ENGINES[self.options.engine](self, pending)
         self.summary.seconds = time.monotonic() - self.started
         self.reporter.finish(self.summary)
+        return self.summary
+
+    def _dry_run(self, items: Sequence[Item], notes: Sequence[str]) -> Summary:
+        """`--dry-run`: each item's output and what a run would do with it (run, skip, fail, and why), and the
+        run plan, refusals included; no model is loaded, no claim taken, nothing written."""
+        if self.base_seed is None:
+            self.base_seed = self.recipes.earlier_seed(self.spec, self.options.shard)
+            if self.base_seed is None:
+                self.base_seed = random_seed()
+                notes = [*notes, f"no earlier run of this job in {self.spec.folder}: a run would take a random "
+                         f"seed; shown with seed {self.base_seed}"]
+            self.summary.base_seed = self.runner.base_seed = self.base_seed
+        jobs = self._plan(items)
+        if self.options.shard is not None:
+            jobs = select(jobs, self.options.shard, key=lambda job: job.item.key)
+        plan = check_run(self.task, jobs, self.options)
+        for note in notes:
+            self.reporter.note(note)
+        counts = {"run": 0, "skip": 0, "fail": 0}
+        for job in jobs:
+            conflict = self.recipes.existing_output(job.output, job.item, job.seed, self.options.existing)
+            action = "run" if conflict is None else ("skip" if conflict == "" else "fail")
+            reason = {"run": None, "skip": "this job's output is there"}.get(action, conflict)
+            counts[action] += 1
+            self.reporter.dry_run_item(action, key=job.item.key, input=job.item.path, output=job.output,
+                                       seed=job.seed, reason=reason)
+        self.reporter.dry_run_finish(plan, counts, self.base_seed)
         return self.summary
 
     def _plan(self, items: Sequence[Item]) -> Sequence[Job]:
