@@ -293,3 +293,51 @@ def test_the_probe_never_changes_pixels(tmp_path, models, monkeypatch):
     for name in names:
         with Image.open(tmp_path / "plain" / name) as plain, Image.open(tmp_path / "probed" / name) as probed_image:
             assert np.array_equal(np.asarray(plain), np.asarray(probed_image))
+
+
+def _stop_after_two():
+    from ldmtool.runtime.jobs import BaseTask, Output
+
+    class StopAfterTwo(BaseTask):
+        """Writes two small items, then interrupts the run (as Ctrl-C would)."""
+
+        command = "flat"
+
+        def planned_size(self, item):
+            return (64, 64)
+
+        def run(self, jobs):
+            if jobs[0].index >= 2:
+                raise KeyboardInterrupt
+            return [Output(image=np.zeros((8, 8, 3), np.uint8)) for _ in jobs]
+
+    return StopAfterTwo()
+
+
+def test_a_hundred_million_samples_stream_through_a_run_in_bounded_memory(tmp_path):
+    import time
+
+    from ldmtool.errors import Interrupted
+    from ldmtool.io.discover import generated_items
+    from ldmtool.io.manifest import MANIFEST_NAME, read_manifest
+    from ldmtool.runtime.jobs import RunOptions
+    from ldmtool.runtime.report import Reporter
+    from ldmtool.runtime.runner import run_task
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".0000-7.png.999999999.ldmtool-tmp").write_bytes(b"left by a killed run")
+    tracemalloc.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(Interrupted):
+            run_task(_stop_after_two(), generated_items([""], samples=10**8, kind="sample"),
+                     RunOptions(output=out, seed=5), reporter=Reporter(quiet=True))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.monotonic() - started < 20.0
+    assert peak < 50 * 2**20, peak  # planning, housekeeping, resume and processing never list the jobs
+    assert sorted(p.name for p in out.glob("*.png")) == ["0000-0.png", "0000-1.png"]
+    assert [r["key"] for r in read_manifest(out / MANIFEST_NAME)] == ["sample-0000/0", "sample-0000/1"]
+    assert not list(out.glob(".*.ldmtool-tmp")), "a dead run's temporary file is removed"

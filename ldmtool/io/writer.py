@@ -326,28 +326,37 @@ def remove_stale_temps(outputs: Iterable[Path], listings: Optional[dict[Path, li
     names_by_folder: dict[Path, set[str]] = {}
     for output in outputs:
         names_by_folder.setdefault(Path(output).parent, set()).add(Path(output).name)
-    removed = 0
-    for folder, names in names_by_folder.items():
-        try:
-            with os.scandir(folder) as entries:
-                listing = [entry.name for entry in entries]
-        except OSError:
-            continue
-        if listings is not None:
-            listings[folder] = listing
-        for temp in _stale_temps(folder, listing, names):
-            _remove_quietly(temp)
-            removed += 1
-    return removed
+    return sum(_tidy(folder, names, listings) for folder, names in names_by_folder.items())
 
 
-def _stale_temps(folder: Path, listing: list[str], names: set[str]) -> list[Path]:
+def remove_stale_temps_in(folders: Iterable[Path], listings: Optional[dict[Path, list[str]]] = None) -> int:
+    """Delete every temporary file that a killed ldmtool process left in these folders, whatever output it
+    was for: for a run whose outputs are too many to name (a streamed `--n`)."""
+    return sum(_tidy(folder, None, listings) for folder in folders)
+
+
+def _tidy(folder: Path, names: Optional[set[str]], listings: Optional[dict[Path, list[str]]]) -> int:
+    try:
+        with os.scandir(folder) as entries:
+            listing = [entry.name for entry in entries]
+    except OSError:
+        return 0
+    if listings is not None:
+        listings[folder] = listing
+    stale = _stale_temps(folder, listing, names)
+    for temp in stale:
+        _remove_quietly(temp)
+    return len(stale)
+
+
+def _stale_temps(folder: Path, listing: list[str], names: Optional[set[str]]) -> list[Path]:
+    """The temporary files in `listing` of dead processes, for outputs in `names` (None: any output)."""
     stale = []
     temps = [temp for temp in listing if temp.endswith(TEMP_SUFFIX)]
-    targets = names | {_name_digest(name) for name in names} if temps else names  # long names: a digest
+    targets = None if names is None else (names | {_name_digest(name) for name in names} if temps else names)
     for temp in temps:
         owner = _temp_owner(temp)
-        if owner is not None and owner[0] in targets and not _alive(owner[1]):
+        if owner is not None and (targets is None or owner[0] in targets) and not _alive(owner[1]):
             stale.append(folder / temp)
     return stale
 

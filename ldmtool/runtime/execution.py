@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping, Optional, Protocol, Sequence
+from typing import Any, Iterable, Mapping, Optional, Protocol
 
 import numpy as np
 
@@ -123,7 +123,7 @@ class JobRunner:
             raise FatalError(f"{self.task.command}: cannot start ({type(err).__name__}: {reason}); "
                              f"set {DEBUG_ENV}=1 for the full traceback") from err
 
-    def process(self, jobs: Sequence[Job]) -> None:
+    def process(self, jobs: Iterable[Job]) -> None:
         batch: list[Job] = []
         try:
             for job in jobs:

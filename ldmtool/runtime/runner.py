@@ -16,13 +16,14 @@ every item was done or skipped and 1 when some failed; fatal problems raise Fata
 """
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import threading
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 from ldmtool.errors import FatalError, Interrupted, ItemError, LdmError, UsageError
 from ldmtool.io.discover import Discovery, Item
@@ -36,7 +37,7 @@ from ldmtool.io.outputs import (
     output_path,
     plan_outputs,
 )
-from ldmtool.io.writer import KEEP, remove_stale_temps
+from ldmtool.io.writer import KEEP, remove_stale_temps, remove_stale_temps_in
 from ldmtool.runtime.execution import DEBUG_ENV, JobRunner, file_signature, output_suffix, recipes_for
 from ldmtool.runtime.jobs import EXISTING_POLICIES, BaseTask, Job, Output, PlannedJobs, RunOptions, Task
 from ldmtool.runtime.plan import check_run
@@ -48,9 +49,9 @@ from ldmtool.runtime.shard import select, write_members
 __all__ = ["BaseTask", "DEBUG_ENV", "ENGINES", "Job", "Output", "RunOptions", "Task", "run_task"]
 
 
-def _run_here(run: "BatchRun", jobs: list[Job]) -> None:
+def _run_here(run: "BatchRun", jobs: Iterable[Job]) -> None:
     run.runner.open()
-    run.reporter.plan(check_run(run.task, jobs, run.options))  # sizes and time, now the model is open
+    run.reporter.plan(check_run(run.task, run.plan_source or jobs, run.options))  # sizes, time: the model is open
     run.runner.process(jobs)
 
 
@@ -122,6 +123,7 @@ class BatchRun:
         self.manifest: Optional[Manifest] = None
         self.summary = Summary(base_seed=self.base_seed)
         self.started = time.monotonic()
+        self.plan_source: Optional[Sequence[Job]] = None  # what the plan covers when the jobs are streamed
         self.created: list[Path] = []  # folders this run made for its outputs, deepest first
         self.runner = JobRunner(task, options, self.recipes, base_seed=self.base_seed, events=reporter,
                                 records=None, summary=self.summary)
@@ -145,16 +147,27 @@ class BatchRun:
             jobs = select(jobs, self.options.shard, key=lambda job: job.item.key)
         check_run(self.task, jobs, self.options)  # refuse outputs too large for the limit or the memory
         listings: dict[Path, list[str]] = {}
-        remove_stale_temps((job.output for job in jobs), listings)
+        streamed = _lazy(jobs) and self.options.engine == "local"  # 10^8 samples: never a list of jobs
+        if streamed:
+            remove_stale_temps_in([self.spec.folder], listings)
+        else:
+            remove_stale_temps((job.output for job in jobs), listings)
         self.runner.claims.remove_stale(listings)
         if self.options.shard is not None and not self.spec.is_file:
             write_members(self.spec.folder, self.options.shard, [job.item.key for job in jobs])
         for note in notes:
             self.reporter.note(note)
         self.reporter.start(len(jobs), label=self.task.command)
-        pending = self._resume(jobs)
-        if pending:
-            ENGINES[self.options.engine](self, pending)
+        if streamed:
+            self.plan_source = jobs  # the plan covers every job; the pending ones come one by one
+            stream = self._pending(jobs)
+            first = next(stream, None)
+            if first is not None and not self.runner.stopped:
+                _run_here(self, itertools.chain([first], stream))
+        else:
+            pending = self._resume(jobs)
+            if pending:
+                ENGINES[self.options.engine](self, pending)
         self.summary.seconds = time.monotonic() - self.started
         self.reporter.finish(self.summary)
         return self.summary
@@ -228,17 +241,20 @@ class BatchRun:
     def _resume(self, jobs: Sequence[Job]) -> list[Job]:
         """The jobs still to run; the others are reported skipped (this job's output is there) or failed
         (another job's output is in the way)."""
-        pending = []
+        pending = list(self._pending(jobs))
+        return [] if self.runner.stopped else pending
+
+    def _pending(self, jobs: Iterable[Job]) -> Iterator[Job]:
+        """The jobs still to run, one at a time (see `_resume`)."""
         for job in jobs:
             job.planned_output = file_signature(job.output)
             conflict = self.recipes.existing_output(job.output, job.item, job.seed, self.options.existing)
             if conflict is None:
-                pending.append(job)
+                yield job
             elif conflict == "":
                 self.runner.report(job, Status.SKIPPED)
             elif not self.runner.stopped:
                 self.runner.fail(job, ItemError(conflict), 0.0)
-        return [] if self.runner.stopped else pending
 
     def absorb(self, records: Sequence[dict[str, Any]], events: Sequence[ItemEvent]) -> None:
         """Take in what another engine's worker recorded and reported for its items."""
@@ -267,8 +283,9 @@ def _check_not_an_input(item: Item, output: Path) -> None:
             raise UsageError(f"{source}: its output would replace the input itself; choose another -o")
 
 
-def _lazy(items: Sequence[Item]) -> bool:
-    """Generated items made on demand (io.discover.GeneratedItems): none has an input file."""
+def _lazy(items: Sequence[Any]) -> bool:
+    """Generated items made on demand (io.discover.GeneratedItems: none has an input file), or their jobs
+    (jobs.PlannedJobs)."""
     return bool(getattr(items, "lazy", False))
 
 
