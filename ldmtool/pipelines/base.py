@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterable, Mapping, Optional, Sequence, TypeVar
 
-from ldmtool.errors import ItemError
+from ldmtool.errors import ItemError, UsageError
 from ldmtool.io.discover import Item
 from ldmtool.io.images import LoadedImage, check_read_limits, header_size
 from ldmtool.pipelines.engine import Engine
@@ -87,6 +87,14 @@ class ModelTask(BaseTask):
         """(h, w) of the latent each sampling pass of an item with output `size` samples (one pass here)."""
         width, height = size
         return [(-(-height // down), -(-width // down))]
+
+    def check_guidance(self, engine: Engine, guided: bool) -> None:
+        """UsageError for `--cfg` (other than 1) when this task runs the model without an unconditional input:
+        guidance could not run, and silently ignoring it would record a `cfg` that did nothing."""
+        cfg = engine.sampling.cfg
+        if not guided and cfg is not None and cfg != 1.0:
+            raise UsageError(f"--cfg {cfg}: the {engine.info.family} model has no unconditional input for "
+                             f"{self.command}, so classifier-free guidance cannot run; drop --cfg")
 
     def warn_once(self, topic: str, message: str) -> None:
         """One `ldmtool: warning: ...` line per run and topic (not per item)."""

@@ -38,6 +38,7 @@ class Img2ImgTask(ModelTask):
     def check_model(self, engine: Engine) -> None:
         self.conditioning = PromptConditioning(engine.bundle, engine.model_path, self.command,
                                                prompt=self.prompt, negative=self.negative)
+        self.check_guidance(engine, guided=self.conditioning.texts is not None)
         self.check_vocabulary((self.prompt, self.negative))
         self.multiple = engine.info.pixel_multiple
 

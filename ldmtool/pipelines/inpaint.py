@@ -89,6 +89,8 @@ class InpaintTask(ModelTask):
         elif self.kind is InpaintKind.MASKED:
             self.conditioning = PromptConditioning(engine.bundle, engine.model_path, self.command,
                                                    prompt=self.prompt, negative=self.negative)
+        self.check_guidance(engine, guided=self.kind is InpaintKind.SD_HYBRID or (
+            self.kind is InpaintKind.MASKED and self.conditioning.texts is not None))
         self.check_vocabulary((self.prompt, self.negative))
         self.multiple = info.pixel_multiple
         if self.colour_fix is None:
