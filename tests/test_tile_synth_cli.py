@@ -109,7 +109,7 @@ def test_text_model_takes_the_prompt(tmp_path, models):
     ("cin", ["--class", "3", "--prompt", "x", "--width", 64, "--height", 64], 2, "give one kind of conditioning"),
     ("text", ["--width", 64, "--height", 64], 2, "is a text model; give --prompt TEXT"),
     ("sem", ["--width", 64, "--height", 64], 2, "is a semantic-synthesis model; give label map files"),
-    ("celeba", ["--prompt", "x", "--width", 64, "--height", 64], 3, "takes no text; drop --prompt"),
+    ("celeba", ["--prompt", "x", "--width", 64, "--height", 64], 2, "takes no text; drop --prompt"),
     ("celeba", ["--width", 64, "--height", 40], 2, "--height 40: this model needs a multiple of 32"),
 ])
 def test_wrong_inputs_are_one_line_errors(tmp_path, models, model, args, code, message):

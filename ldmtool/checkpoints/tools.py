@@ -65,12 +65,15 @@ def inspect_checkpoint(path_or_name: str | Path, *, config: Optional[ConfigLike]
     weights, default_config = resolve_source(path_or_name)
     raw = read_state_dict(weights)
     prepared = prepare_weights(raw, use_ema=True)
-    recipe: Optional[ConfigLike] = embedded_config(weights) or default_config
+    try:
+        recipe: Optional[ConfigLike] = embedded_config(weights) or default_config
+    except CheckpointError:  # a broken stored config is the report's `problem` (below), not a failure here
+        recipe = default_config
     detection = detect_checkpoint({k: tuple(v.shape) for k, v in prepared.state.items()}, recipe)
     report = _weights_summary(weights, raw, prepared, detection)
     try:
-        doc, used = resolve_config(weights, config=config, preset=preset, default_config=recipe,
-                                   detection=detection)
+        doc, used = resolve_config(weights, config=config, preset=preset,
+                                   default_config=embedded_config(weights) or default_config, detection=detection)
     except CheckpointError as err:
         report.update(family=None, config_used=None, matches=False, problem=str(err))
         return report
