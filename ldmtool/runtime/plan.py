@@ -23,6 +23,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 from ldmtool.errors import UsageError
 from ldmtool.io.discover import Item
+from ldmtool.runtime.device import available_host_memory
 
 Size = tuple[int, int]  # (width, height) in pixels, as Pillow reports sizes
 DEFAULT_MAX_OUTPUT_PIXELS = 16384 * 16384
@@ -170,21 +171,6 @@ def output_demand(sizes: dict[Size, int], batch_size: int) -> Demand:
     images = output_bytes(sizes, batch_size)
     return Demand(peak_bytes=images, available_bytes=available_host_memory() + resident_bytes(),
                   parts={"images": images})
-
-
-def available_host_memory() -> int:
-    """MemAvailable (free plus reclaimable cache) where /proc/meminfo exists, else free pages, else 4 GiB."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return 4 * GB
 
 
 def resident_bytes() -> int:

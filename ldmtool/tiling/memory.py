@@ -6,13 +6,13 @@ both; an out-of-memory error during sampling still makes the tiled denoiser retr
 """
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING, Optional
 
 from ldmtool.errors import UsageError
+from ldmtool.runtime.device import available_host_memory
 from ldmtool.tiling.planner import fit_tile
 
 if TYPE_CHECKING:
@@ -43,22 +43,7 @@ def free_memory(device: "torch.device") -> int:
         return int(free)
     if device.type == "mps":
         return int(torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory())
-    return _available_host_memory()
-
-
-def _available_host_memory() -> int:
-    """MemAvailable (free plus reclaimable cache) where /proc/meminfo exists, else free pages, else 4 GiB."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return 4 * 2**30
+    return available_host_memory()
 
 
 @dataclass(frozen=True)
