@@ -164,6 +164,24 @@ class TextPrompt:
 
 
 @dataclass(frozen=True)
+class PromptTemplate:
+    """Prompt templates (txt2img): {a|b} variants and __name__ wildcards in prompts and negatives."""
+
+    wildcards: Optional[Path] = option(
+        "--wildcards", help="Folder of wildcard files (name.txt, YAML, JSON) for __name__ in prompts.",
+        panel=SAMPLING, metavar="DIR")
+    combinatorial: bool = option(
+        "--combinatorial", help="Every combination of each prompt template (default: one random expansion "
+        "per image, chosen by its seed).", panel=SAMPLING, default=False)
+    max_prompts: Optional[int] = option(
+        "--max-prompts", help="With --combinatorial: at most N prompts per template.", panel=SAMPLING, min=1,
+        metavar="N")
+    same_seed: bool = option(
+        "--same-seed", help="Give every expansion of a template the run's seed, so only the prompt changes.",
+        panel=SAMPLING, default=False)
+
+
+@dataclass(frozen=True)
 class Size:
     width: Optional[int] = option("--width", "-W", help="Output width in pixels.", panel=SAMPLING, min=8)
     height: Optional[int] = option("--height", "-H", help="Output height in pixels.", panel=SAMPLING, min=8)
