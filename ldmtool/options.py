@@ -99,6 +99,10 @@ class RunChoice:
     ray_address: Optional[str] = option(
         "--ray-address", help="With --engine ray: join this cluster (default: start a local one).", panel=RUN,
         metavar="ADDRESS")
+    sweep: Optional[list[str]] = option(
+        "--sweep", help="Run every combination of these values of a sampling or model option with the same "
+        "seeds, e.g. --sweep steps=20,30 --sweep cfg=5,7 (repeatable; names gain -steps20-cfg5, or {sweep}).",
+        panel=RUN, metavar="NAME=V1,V2")
     max_output_pixels: Optional[int] = option(
         "--max-output-pixels", help="Refuse, before anything runs, outputs above this many pixels (default "
         "16384x16384; 0 = no limit).", panel=RUN, min=0)
