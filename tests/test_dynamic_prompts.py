@@ -93,3 +93,13 @@ def test_variant_braces_in_a_plain_prompt_file_are_not_json(tmp_path):
     prompts.write_text("a house\n{red|blue} car\n")
     assert [spec.prompt for spec in read_prompts(None, prompts)] == ["a house", "{red|blue} car"]
     assert json.dumps(read_prompts(None, prompts)[1].as_dict()).count("template") == 0
+
+
+def test_help_loads_neither_torch_nor_dynamicprompts():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom ldmtool.cli.app import main\ntry:\n    main(['txt2img', '--help'])\nexcept SystemExit:\n"
+            "    pass\nprint('torch' in sys.modules, 'dynamicprompts' in sys.modules, file=sys.stderr)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stderr.strip().splitlines()[-1] == "False False"
