@@ -99,6 +99,10 @@ class RunChoice:
     ray_address: Optional[str] = option(
         "--ray-address", help="With --engine ray: join this cluster (default: start a local one).", panel=RUN,
         metavar="ADDRESS")
+    sweep: Optional[list[str]] = option(
+        "--sweep", help="Run every combination of these values of a sampling or model option with the same "
+        "seeds, e.g. --sweep steps=20,30 --sweep cfg=5,7 (repeatable; names gain -steps20-cfg5, or {sweep}).",
+        panel=RUN, metavar="NAME=V1,V2")
     max_output_pixels: Optional[int] = option(
         "--max-output-pixels", help="Refuse, before anything runs, outputs above this many pixels (default "
         "16384x16384; 0 = no limit).", panel=RUN, min=0)
@@ -161,6 +165,24 @@ class SamplingChoice:
 class TextPrompt:
     prompt: Optional[str] = option("--prompt", "-p", help="Text prompt.", panel=SAMPLING)
     negative: Optional[str] = option("--negative", help="Negative prompt.", panel=SAMPLING)
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """Prompt templates (txt2img): {a|b} variants and __name__ wildcards in prompts and negatives."""
+
+    wildcards: Optional[Path] = option(
+        "--wildcards", help="Folder of wildcard files (name.txt, YAML, JSON) for __name__ in prompts.",
+        panel=SAMPLING, metavar="DIR")
+    combinatorial: bool = option(
+        "--combinatorial", help="Every combination of each prompt template (default: one random expansion "
+        "per image, chosen by its seed).", panel=SAMPLING, default=False)
+    max_prompts: Optional[int] = option(
+        "--max-prompts", help="With --combinatorial: at most N prompts per template.", panel=SAMPLING, min=1,
+        metavar="N")
+    same_seed: bool = option(
+        "--same-seed", help="Give every expansion of a template the run's seed, so only the prompt changes.",
+        panel=SAMPLING, default=False)
 
 
 @dataclass(frozen=True)

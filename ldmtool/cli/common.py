@@ -41,6 +41,7 @@ def run_options(choice: "RunChoice", cli: Mapping[str, Any]) -> "RunOptions":
     from ldmtool.errors import UsageError
     from ldmtool.runtime.jobs import RunOptions
     from ldmtool.runtime.shard import parse_shard
+    from ldmtool.runtime.sweep import parse_sweeps
 
     if choice.overwrite and choice.existing not in (None, "overwrite"):
         raise UsageError(f"--overwrite and --existing {choice.existing} contradict each other; give one")
@@ -51,7 +52,8 @@ def run_options(choice: "RunChoice", cli: Mapping[str, Any]) -> "RunOptions":
         batch_size=choice.batch_size, seed=choice.seed, item_seed=choice.item_seed, json_events=choice.json_out,
         quiet=choice.quiet, argv=["ldmtool", *sys.argv[1:]], shard=parse_shard(choice.shard) if choice.shard else None,
         engine=choice.run_engine, ray_address=choice.ray_address,
-        max_output_pixels=choice.max_output_pixels, cli=dict(cli))
+        max_output_pixels=choice.max_output_pixels, cli=dict(cli),
+        sweep=parse_sweeps(choice.sweep or (), {name: value for name, value in cli.items() if name != "sweep"}))
 
 
 def finish(summary: "Summary") -> NoReturn:

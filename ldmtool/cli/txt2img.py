@@ -9,12 +9,13 @@ import typer
 from ldmtool.cli import options as opt
 from ldmtool.cli.common import finish
 from ldmtool.cli.shared import task_command
-from ldmtool.options import ModelChoice, SamplingChoice, Size, TextPrompt
+from ldmtool.options import ModelChoice, PromptTemplate, SamplingChoice, Size, TextPrompt
 
 if TYPE_CHECKING:
+    from ldmtool.pipelines.text import PromptSpec
     from ldmtool.runtime.jobs import RunOptions
 
-EXAMPLE = 'Example: ldmtool txt2img --prompt "a red fox in the snow" --n 4 --model sd-v1-5.safetensors -o out/'
+EXAMPLE = 'Example: ldmtool txt2img --prompt "a {red|arctic} fox in the snow" --n 4 --model sd-v1-5.safetensors -o out/'
 
 PromptsFile = Annotated[
     Optional[Path],
@@ -30,6 +31,7 @@ Samples = Annotated[int, typer.Option("--n", min=1, help="Images per prompt.", r
 def txt2img(
     *,
     text: TextPrompt,
+    templates: PromptTemplate,
     prompts: PromptsFile = None,
     n: Samples = 1,
     size: Size,
@@ -37,14 +39,30 @@ def txt2img(
 ) -> None:
     """Generate images from text prompts (sizes must be multiples of the model's 64 or 32 pixels)."""
     from ldmtool.pipelines.engine import Engine
+    from ldmtool.pipelines.prompt_templates import needs_templates
     from ldmtool.pipelines.text import read_prompts
     from ldmtool.pipelines.txt2img import Txt2ImgTask, prompt_items
     from ldmtool.runtime.runner import run_task
 
     specs = read_prompts(text.prompt, prompts)
+    if needs_templates(specs, text.negative, wildcards=templates.wildcards, combinatorial=templates.combinatorial):
+        specs = expand_templates(specs, text.negative, templates)
     task = Txt2ImgTask(Engine(model, sampling), specs, negative=text.negative or "", width=size.width,
-                       height=size.height)
-    finish(run_task(task, prompt_items(specs, n), run))
+                       height=size.height, wildcards=templates.wildcards)
+    finish(run_task(task, prompt_items(specs, n, same_seed=templates.same_seed), run))
+
+
+def expand_templates(specs: "list[PromptSpec]", negative: Optional[str], choice: PromptTemplate) -> "list[PromptSpec]":
+    """The prompt lines of a run with templates: checked (a missing wildcard is a usage error), and with
+    --combinatorial one line per combination; random mode expands each item as it loads."""
+    from ldmtool.errors import UsageError
+    from ldmtool.pipelines.prompt_templates import PromptTemplates, check_templates, combinatorial
+
+    if choice.max_prompts is not None and not choice.combinatorial:
+        raise UsageError("--max-prompts needs --combinatorial")
+    templates = PromptTemplates(choice.wildcards)
+    check_templates(specs, negative, templates)
+    return combinatorial(specs, templates, choice.max_prompts) if choice.combinatorial else specs
 
 
 def register(app: typer.Typer) -> None:

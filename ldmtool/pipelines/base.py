@@ -16,7 +16,9 @@ runner calls), as `self.step_progress()`.
 """
 from __future__ import annotations
 
+import copy
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterable, Mapping, Optional, Sequence, TypeVar
 
@@ -67,6 +69,15 @@ class ModelTask(BaseTask):
         self.check_model(engine)
         self.params.update(engine.resolved())
         self.params.update(self.recorded(engine))
+
+    def for_cell(self, model: dict[str, Any], sampling: dict[str, Any], sweep: dict[str, Any]) -> "ModelTask":
+        """This task for one cell of a `--sweep` (runtime/sweep.py), before it opens: the same task with
+        the cell's model and sampling values, recording `sweep` (the cell) in every output."""
+        cell = copy.copy(self)
+        cell.engine = Engine(replace(self.engine.choice, **model), replace(self.engine.sampling, **sampling))
+        cell.params = {**self.params, "sweep": sweep}
+        cell._warned = set()
+        return cell
 
     def check_model(self, engine: Engine) -> None:
         """FatalError when the model cannot do this task, UsageError when it cannot take an option the run was

@@ -48,9 +48,13 @@ class PromptSpec:
     sampler: Optional[str] = None
     width: Optional[int] = None
     height: Optional[int] = None
+    template: Optional[str] = None  # the template `prompt` was expanded from (pipelines/prompt_templates.py)
+    negative_template: Optional[str] = None  # the template `negative` was expanded from
 
     def as_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """Every field, less the templates of a line that has none (so plain lines keep their identity)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in _TEMPLATE_FIELDS or getattr(self, f.name) is not None}
 
     def overrides(self) -> dict[str, Any]:
         """The per-item parameters that were set (recorded in the output's metadata)."""
@@ -62,6 +66,7 @@ PROMPT_FIELDS: dict[str, tuple[type, ...]] = {
     "prompt": (str,), "negative": (str,), "seed": (int,), "steps": (int,), "cfg": (int, float),
     "sampler": (str,), "width": (int,), "height": (int,),
 }
+_TEMPLATE_FIELDS = ("template", "negative_template")
 _POSITIVE = ("seed", "steps", "width", "height")
 _SIZE = re.compile(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*")
 _JSON_OBJECT = re.compile(r'\{\s*("|\}|$)')  # '{"prompt": ...', '{}': JSON, not '{red|blue} car'

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import functools
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
@@ -19,6 +20,7 @@ from ldmtool.errors import ItemError, UsageError
 from ldmtool.io.discover import Item, generated_items
 from ldmtool.pipelines.base import ModelTask, in_groups
 from ldmtool.pipelines.engine import Engine
+from ldmtool.pipelines.prompt_templates import PromptTemplates, expanded, is_template
 from ldmtool.pipelines.text import (
     PromptSpec,
     TextConditioner,
@@ -29,16 +31,26 @@ from ldmtool.runtime.jobs import Job, Output
 from ldmtool.runtime.seeds import SEED_LIMIT
 
 
-def prompt_items(prompts: Sequence[PromptSpec], samples: int) -> Sequence[Item]:
+def prompt_items(prompts: Sequence[PromptSpec], samples: int, *, same_seed: bool = False) -> Sequence[Item]:
     """One item per (prompt, sample), seeded N, N+1, ... in order; a JSON line's own seed S gives its samples
-    S, S+1, ... The item carries its prompt line (`data["spec"]`), so it is the same job whatever file it came from."""
+    S, S+1, ... The item carries its prompt line (`data["spec"]`), so it is the same job whatever file it came from.
+
+    `same_seed`: every line starts again at the run's seed (its samples N, N+1, ...), and every sample of a
+    template line (each a random expansion) has the run's seed itself; its expansion is then chosen by the
+    seed plus its position (`data["variant"]`), so only the prompt changes."""
     if samples < 1:
         raise UsageError(f"--n {samples}: must be at least 1")
     specs = list(prompts)
 
     def with_line(item: Item) -> Item:
         spec = specs[item.data["index"]]
-        return replace(item, data={**item.data, "spec": spec.as_dict()}, seed=_own_seed(spec, item.data["sample"]))
+        data, offset = {**item.data, "spec": spec.as_dict()}, item.seed_offset
+        if same_seed:
+            random_template = spec.template is None and is_template(spec.prompt)
+            offset = 0 if random_template else item.data["sample"]
+            if random_template:
+                data["variant"] = item.seed_offset
+        return replace(item, data=data, seed=_own_seed(spec, item.data["sample"]), seed_offset=offset)
 
     return generated_items([p.prompt for p in specs], samples=samples, kind="prompt", finish=with_line)
 
@@ -55,11 +67,13 @@ class Txt2ImgTask(ModelTask):
     item_options = ("prompt",)  # --prompt is one prompt line: each item carries its line
 
     def __init__(self, engine: Engine, prompts: Sequence[PromptSpec], *, negative: str = "",
-                 width: Optional[int] = None, height: Optional[int] = None):
+                 width: Optional[int] = None, height: Optional[int] = None, wildcards: Optional[Path] = None):
         super().__init__(engine)
         self.prompts = list(prompts)
         self.negative = negative
         self.width, self.height = width, height
+        self.wildcards = wildcards
+        self._templates: Optional[PromptTemplates] = None  # made when an item first has a template
 
     # -- once per run
 
@@ -82,7 +96,7 @@ class Txt2ImgTask(ModelTask):
     # -- each item
 
     def load(self, job: Job) -> PromptSpec:
-        spec = PromptSpec(**job.item.data["spec"])
+        spec = self._expanded(PromptSpec(**job.item.data["spec"]), job)
         width, height = self._size(spec)
         try:
             check_size(width, height, self.multiple)
@@ -117,6 +131,18 @@ class Txt2ImgTask(ModelTask):
         uncond = Cond(crossattn=self.texts(negatives).to(engine.device, engine.dtype))
         z = engine.sample(latent_hw, seeds, cond, uncond, progress=self.step_progress())
         return engine.decode_pixels(z)
+
+    def _expanded(self, spec: PromptSpec, job: Job) -> PromptSpec:
+        """The item's prompt line with its templates expanded by its seed (random mode)."""
+        negative = self._negative(spec)
+        if not (is_template(spec.prompt) or is_template(negative)):
+            return spec
+        if self._templates is None:
+            self._templates = PromptTemplates(self.wildcards)
+        try:
+            return expanded(spec, negative, self._templates, job.seed + job.item.data.get("variant", 0))
+        except UsageError as err:
+            raise ItemError(f"{job.item.label}: {err}") from None
 
     def _size(self, spec: PromptSpec) -> tuple[int, int]:
         """(width, height) of a prompt line's images: its own, else the run's."""

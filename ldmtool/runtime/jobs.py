@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional, Protocol, Sequence, Union, overload
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Protocol, Sequence, Union, overload
 
 import numpy as np
 
@@ -32,6 +32,9 @@ from ldmtool.io.source import SourceInfo
 from ldmtool.io.writer import DEFAULT_QUALITY
 from ldmtool.runtime.plan import Demand, Size, output_demand, weighted
 from ldmtool.runtime.shard import Shard
+
+if TYPE_CHECKING:
+    from ldmtool.runtime.sweep import Axis
 
 EXISTING_POLICIES = ("check", "skip", "overwrite")
 ENGINE_NAMES = ("local", "ray")
@@ -195,3 +198,4 @@ class RunOptions:
     engine: str = "local"  # one of ENGINE_NAMES (ldmtool.runtime.runner.ENGINES)
     ray_address: Optional[str] = None  # join this Ray cluster; a local one otherwise
     max_output_pixels: Optional[int] = None  # refuse outputs above this many pixels (None: 16384^2; 0: no limit)
+    sweep: tuple["Axis", ...] = ()  # --sweep: run once per cell of these axes (runtime/sweep.py)

@@ -73,7 +73,13 @@ def run_task(
     *,
     reporter: Optional[Reporter] = None,
 ) -> Summary:
-    """Run `task` over every item; see the module docstring for the rules."""
+    """Run `task` over every item; see the module docstring for the rules. With `options.sweep`, once per
+    cell of the sweep (runtime/sweep.py)."""
+    if options.sweep and current_replay() is None:
+        from ldmtool.runtime.sweep import run_sweep
+
+        return run_sweep(task, options, lambda cell_task, cell_options: run_task(cell_task, source, cell_options,
+                                                                                  reporter=reporter))
     replay = current_replay()
     if replay is not None:
         source = [replay.item]

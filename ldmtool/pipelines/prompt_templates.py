@@ -1,0 +1,110 @@
+"""Prompt templates (dynamic prompts) with the `dynamicprompts` library, the parser the A1111 and ComfyUI
+extensions use: variants `{a|b}`, counts `{2$$a|b|c}`, weights `{0.5::a|1::b}`, and `__name__` wildcards
+read from a `--wildcards DIR` folder (`name.txt` one value per line, YAML or JSON files of named lists;
+nested names as `__colors/warm__`).
+
+Random mode (the default) expands a template when its item loads, seeded with the item's own seed (or the
+run's seed plus the item's position under `--same-seed`), so an item's expansion is the same whatever the
+batch size, order, shard or resume: the item carries the template, its seed picks the expansion.
+`--combinatorial` turns each template line into one prompt line per combination before the run (at most
+`--max-prompts` per template), each carrying its template. The library is imported only when a prompt
+has template syntax or a template option is given, so `ldmtool --help` never loads it.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from ldmtool.errors import UsageError
+from ldmtool.pipelines.text import PromptSpec
+
+_SYNTAX = re.compile(r"[{}]|__[^_\s]")  # a variant brace, or the start of a __wildcard__
+_WILDCARD = re.compile(r"__([^_\s][^\s]*?)__")
+_SEED_LIMIT = 2**32
+
+
+def is_template(text: Optional[str]) -> bool:
+    """Whether `text` has template syntax (a `{...}` variant or a `__name__` wildcard)."""
+    return bool(text) and _SYNTAX.search(text or "") is not None
+
+
+class PromptTemplates:
+    """Expands templates against one wildcard folder (or none)."""
+
+    def __init__(self, wildcards: Optional[Path] = None):
+        if wildcards is not None and not Path(wildcards).is_dir():
+            raise UsageError(f"--wildcards {wildcards}: no such folder")
+        from dynamicprompts.wildcards import WildcardManager
+
+        self.folder = Path(wildcards) if wildcards is not None else None
+        self.manager = WildcardManager(self.folder)
+
+    def check(self, template: str) -> None:
+        """A UsageError naming the first wildcard of `template` that the folder does not have."""
+        for name in _WILDCARD.findall(template):
+            if not self.manager.get_values(name):
+                where = f"in --wildcards {self.folder}" if self.folder is not None else "(no --wildcards DIR given)"
+                raise UsageError(f"wildcard __{name}__ not found {where}")
+
+    def random(self, template: str, seed: int) -> str:
+        """The expansion of `template` for an item with this seed."""
+        from dynamicprompts.generators import RandomPromptGenerator
+
+        self.check(template)
+        (text,) = RandomPromptGenerator(self.manager, seed=seed % _SEED_LIMIT).generate(template, 1)
+        self._check_expanded(text)
+        return str(text)
+
+    def combinations(self, template: str, max_prompts: Optional[int]) -> list[str]:
+        """Every combination of `template`, in the library's order (at most `max_prompts`)."""
+        from dynamicprompts.generators import CombinatorialPromptGenerator
+
+        self.check(template)
+        texts = [str(t) for t in CombinatorialPromptGenerator(self.manager).generate(template, max_prompts=max_prompts)]
+        for text in texts:
+            self._check_expanded(text)
+        return texts
+
+    def _check_expanded(self, text: str) -> None:
+        """A wildcard that a wildcard file names but the folder lacks is left as it is: refuse it."""
+        self.check(text)
+
+
+def combinatorial(specs: Sequence[PromptSpec], templates: PromptTemplates,
+                  max_prompts: Optional[int]) -> list[PromptSpec]:
+    """Each template line as one line per combination (carrying its template); plain lines as they are."""
+    out: list[PromptSpec] = []
+    for spec in specs:
+        if not is_template(spec.prompt):
+            out.append(spec)
+            continue
+        out += [replace(spec, prompt=text, template=spec.prompt)
+                for text in templates.combinations(spec.prompt, max_prompts)]
+    return out
+
+
+def check_templates(specs: Sequence[PromptSpec], negative: Optional[str], templates: PromptTemplates) -> None:
+    """Every wildcard the run's templates name is in the folder (a one-line UsageError before anything runs)."""
+    for text in [negative or "", *(t for spec in specs for t in (spec.prompt, spec.negative or ""))]:
+        if is_template(text):
+            templates.check(text)
+
+
+def expanded(spec: PromptSpec, negative: str, templates: PromptTemplates, seed: int) -> PromptSpec:
+    """A prompt line as one item runs it: its template prompt and negative expanded with `seed` (random
+    mode), each template kept beside its expansion. A line expanded already (combinatorial) keeps its prompt."""
+    changes: dict[str, Any] = {}
+    if spec.template is None and is_template(spec.prompt):
+        changes.update(prompt=templates.random(spec.prompt, seed), template=spec.prompt)
+    if spec.negative_template is None and is_template(negative):
+        changes.update(negative=templates.random(negative, seed), negative_template=negative)
+    return replace(spec, **changes) if changes else spec
+
+
+def needs_templates(specs: Sequence[PromptSpec], negative: Optional[str], *, wildcards: Optional[Path],
+                    combinatorial: bool) -> bool:
+    """Whether a run uses templates at all (only then is the library imported)."""
+    return (wildcards is not None or combinatorial or is_template(negative)
+            or any(is_template(spec.prompt) or is_template(spec.negative) for spec in specs))

@@ -1,0 +1,181 @@
+"""Parameter sweeps: `--sweep NAME=V1,V2,...` (repeatable) runs a task command once per cell of the cross
+product of the swept values, every cell with the same items and per-item seeds, so only the swept values
+change (an X/Y/Z plot's data).
+
+A sweep may name any sampling or model option the command takes (`steps`, `cfg`, `sampler`, `model`, ...).
+The values are parsed and checked as the option's own (a one-line usage error, exit 2, before anything
+runs). Each cell is one ordinary run (`run_task`): its options are the run's with the cell's values, so
+resume, replay and the job identity work per cell; its outputs' names carry the cell (`-steps20-cfg5`
+after `{stem}`, or where the name template says `{sweep}`), and every output records its cell as the
+parameter `sweep`, `{"steps": 20, "cfg": 5.0}` (the values as the option takes them). Cells are ordered
+by model, so each model loads once (the process-wide model cache keeps it between cells). A run without
+`--seed` takes its seed once, in its first cell, and every other cell runs with it.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import typing
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from ldmtool.errors import UsageError
+from ldmtool.io.discover import sanitize_name
+
+if TYPE_CHECKING:
+    from ldmtool.runtime.jobs import RunOptions, Task
+    from ldmtool.runtime.report import Summary
+
+SWEEP_FIELD = "{sweep}"
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One swept option: its name (the option's field name), its group, and its values (parsed, and as given)."""
+
+    name: str
+    group: str  # "model" or "sampling": the record the value goes to
+    values: tuple[Any, ...]
+    texts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One combination of swept values."""
+
+    values: tuple[tuple[Axis, int], ...]  # (axis, index of its value)
+
+    def record(self) -> dict[str, Any]:
+        """What each output of the cell records as its `sweep` parameter."""
+        return {axis.name: axis.values[i] for axis, i in self.values}
+
+    def changes(self, group: str) -> dict[str, Any]:
+        return {axis.name: axis.values[i] for axis, i in self.values if axis.group == group}
+
+    def label(self) -> str:
+        """`steps20-cfg5`: the part of each output's name that tells the cell."""
+        return "-".join(f"{axis.name.replace('_', '-')}{_name_part(axis, axis.texts[i])}" for axis, i in self.values)
+
+
+def parse_sweeps(specs: Sequence[str], cli: dict[str, Any]) -> tuple[Axis, ...]:
+    """The axes of `--sweep NAME=V1,V2,...` options, checked against the options the command takes (`cli`)."""
+    axes: list[Axis] = []
+    for spec in specs:
+        name, sep, values = spec.partition("=")
+        key = name.strip().lstrip("-").replace("-", "_")
+        flag = f"--sweep {spec}"
+        if not sep or not key:
+            raise UsageError(f"{flag}: write NAME=V1,V2,... (e.g. --sweep steps=20,30)")
+        fields = _sweepable()
+        if key not in fields or key not in cli:
+            takes = ", ".join(sorted(name for name in fields if name in cli))
+            raise UsageError(f"{flag}: {name.strip()!r} is not a sampling or model option of this command "
+                             f"(it takes {takes})")
+        if any(axis.name == key for axis in axes):
+            raise UsageError(f"{flag}: {key} is swept twice; give its values in one --sweep")
+        texts = tuple(text.strip() for text in values.split(","))
+        if not all(texts):
+            raise UsageError(f"{flag}: an empty value; write the values separated by commas")
+        parsed = tuple(_parse(fields[key], key, text, flag) for text in texts)
+        if len(set(map(repr, parsed))) != len(parsed):
+            raise UsageError(f"{flag}: a value is given twice")
+        axes.append(Axis(key, fields[key][0], parsed, texts))
+    return tuple(axes)
+
+
+def cells(axes: Sequence[Axis]) -> list[Cell]:
+    """The cross product, first axis slowest, grouped by model (each model loads once)."""
+    product = [Cell(tuple(zip(axes, indexes))) for indexes in itertools.product(*(range(len(a.values)) for a in axes))]
+    model_axis = [position for position, axis in enumerate(axes) if axis.name == "model"]
+    if model_axis:
+        product.sort(key=lambda cell: cell.values[model_axis[0]][1])  # stable: the other axes keep their order
+    return product
+
+
+def cell_template(template: str, cell: Cell) -> str:
+    """The run's output name template for one cell: `{sweep}` replaced, else `-CELL` after `{stem}`."""
+    label = cell.label().replace("{", "{{").replace("}", "}}")
+    if SWEEP_FIELD in template:
+        return template.replace(SWEEP_FIELD, label)
+    if "{stem}" in template:
+        return template.replace("{stem}", "{stem}-" + label, 1)
+    stem, dot, ext = template.rpartition(".")
+    return f"{stem}-{label}.{ext}" if dot and stem else f"{template}-{label}"
+
+
+def run_sweep(task: "Task", options: "RunOptions", run_cell: Callable[["Task", "RunOptions"], "Summary"]) -> "Summary":
+    """Run every cell of `options.sweep` (`run_cell` is the runner's run of one task); the summary of all."""
+    from ldmtool.io.outputs import OutputSpec
+    from ldmtool.runtime.report import Summary
+    from ldmtool.runtime.seeds import RANDOM
+
+    spec = OutputSpec(options.output, options.name_template, options.fmt, options.suffix)
+    if spec.is_file:
+        raise UsageError(f"-o {options.output}: --sweep writes one output per cell; give -o a folder")
+    for_cell = getattr(task, "for_cell", None)
+    if for_cell is None:
+        raise UsageError(f"--sweep: {task.command} has no sampling or model options to sweep")
+    total = Summary(base_seed=options.seed if options.seed not in (None, RANDOM) else None)
+    for cell in cells(options.sweep):
+        seed = options.seed if total.base_seed is None else total.base_seed
+        cell_options = replace(options, sweep=(), seed=seed, name_template=cell_template(options.name_template, cell),
+                               cli={**options.cli, **cell.record()})
+        summary = run_cell(for_cell(cell.changes("model"), cell.changes("sampling"), cell.record()), cell_options)
+        total.base_seed = summary.base_seed if total.base_seed is None else total.base_seed
+        total.done, total.skipped, total.failed = (total.done + summary.done, total.skipped + summary.skipped,
+                                                   total.failed + summary.failed)
+        total.seconds += summary.seconds
+        total.failures += summary.failures
+        total.elsewhere += summary.elsewhere
+    return total
+
+
+def _name_part(axis: Axis, text: str) -> str:
+    if axis.name == "model":
+        text = Path(text).stem if text.lower().endswith((".safetensors", ".ckpt", ".pt", ".pth")) else text
+    return sanitize_name(text, max_length=40)
+
+
+@functools.cache
+def _sweepable() -> dict[str, tuple[str, Any, dict[str, Any]]]:
+    """Every sampling and model option: field name -> (group, type, Typer settings)."""
+    from ldmtool.options import ModelChoice, SamplingChoice, option_fields  # a layer below: imported when used
+
+    found: dict[str, tuple[str, Any, dict[str, Any]]] = {}
+    for group, record in (("model", ModelChoice), ("sampling", SamplingChoice)):
+        hints = typing.get_type_hints(record)
+        for field in option_fields(record):
+            found[field.name] = (group, _plain(hints[field.name]), dict(field.metadata["settings"]))
+    return found
+
+
+def _plain(hint: Any) -> Any:
+    """`Optional[int]` -> int."""
+    args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    return args[0] if args and typing.get_origin(hint) is not None else hint
+
+
+def _parse(field: tuple[str, Any, dict[str, Any]], name: str, text: str, flag: str) -> Any:
+    _, kind, settings = field
+    try:
+        if kind is bool:
+            if text.lower() not in _TRUE + _FALSE:
+                raise ValueError
+            value: Any = text.lower() in _TRUE
+        elif kind in (int, float):
+            value = kind(text)
+        else:
+            value = str(text) if kind is not Path else str(Path(text))
+    except ValueError:
+        raise UsageError(f"{flag}: {text!r} is not a valid {name} ({getattr(kind, '__name__', kind)})") from None
+    low, high = settings.get("min"), settings.get("max")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise UsageError(f"{flag}: {name} {text} is out of range")
+    if name == "sampler":
+        from ldmtool.diffusion.names import SAMPLER_NAMES
+
+        if value not in SAMPLER_NAMES:
+            raise UsageError(f"{flag}: unknown sampler {value!r} (use {', '.join(SAMPLER_NAMES)})")
+    return value

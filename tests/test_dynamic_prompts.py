@@ -1,0 +1,105 @@
+"""Prompt templates (dynamicprompts) in txt2img: combinatorial and random expansion, wildcards, metadata."""
+from __future__ import annotations
+
+import json
+
+from clirun import run_cli
+from ldmtool.io.metadata import read_metadata
+from ldmtool.pipelines.text import read_prompts
+
+TINY = ("--steps", "1", "-W", "64", "-H", "64", "-q", "--seed", "11")
+
+
+def _outputs(folder):
+    return sorted(p for p in folder.iterdir() if p.suffix == ".png")
+
+
+def _recorded(folder):
+    """{output name: (prompt, template, negative, negative template, seed)} from each image's metadata."""
+    found = {}
+    for path in _outputs(folder):
+        meta = read_metadata(path)
+        params = meta.recipe["parameters"]
+        found[path.name] = (params["prompt"], params.get("template"), params.get("negative"),
+                            params.get("negative_template"), meta.recipe["seed"])
+        assert meta.parameters.split("\n")[0] == params["prompt"]
+        if params.get("template"):
+            assert f"Template: {params['template']}" in meta.parameters
+    return found
+
+
+def test_combinatorial_gives_every_combination_with_its_template(tmp_path):
+    result = run_cli("txt2img", "--prompt", "a {red|blue} {circle|square}", "--combinatorial", *TINY,
+                     "-o", tmp_path)
+    assert result.exit_code == 0, result.output
+    recorded = _recorded(tmp_path)
+    assert sorted(prompt for prompt, *_ in recorded.values()) == [
+        "a blue circle", "a blue square", "a red circle", "a red square"]
+    assert {template for _, template, *_ in recorded.values()} == {"a {red|blue} {circle|square}"}
+    capped = run_cli("txt2img", "--prompt", "a {red|blue} {circle|square}", "--combinatorial", "--max-prompts", "2",
+                     *TINY, "-o", tmp_path / "capped")
+    assert capped.exit_code == 0 and len(_outputs(tmp_path / "capped")) == 2
+
+
+def test_random_expansions_follow_the_item_seed_whatever_the_batch_or_resume(tmp_path):
+    args = ("--prompt", "a {red|green|blue|white} {circle|square|star}", "--negative", "{dark|flat}", "--n", "6", *TINY)
+    assert run_cli("txt2img", *args, "--batch-size", "1", "-o", tmp_path / "b1").exit_code == 0
+    assert run_cli("txt2img", *args, "--batch-size", "3", "-o", tmp_path / "b3").exit_code == 0
+    one, three = _recorded(tmp_path / "b1"), _recorded(tmp_path / "b3")
+    assert one == three and len(one) == 6
+    assert len({prompt for prompt, *_ in one.values()}) > 1  # not every image the same pick
+    assert all(neg in ("dark", "flat") and neg_template == "{dark|flat}" for _, _, neg, neg_template, _ in one.values())
+    for path in _outputs(tmp_path / "b1")[1:5:2]:  # delete two, resume
+        path.unlink()
+    again = run_cli("txt2img", *args, "--batch-size", "3", "-o", tmp_path / "b1")
+    assert again.exit_code == 0, again.output
+    assert _recorded(tmp_path / "b1") == one
+
+
+def test_same_seed_gives_every_expansion_the_run_seed(tmp_path):
+    result = run_cli("txt2img", "--prompt", "a {red|green|blue|white} {circle|square|star}", "--n", "4",
+                     "--same-seed", *TINY, "-o", tmp_path)
+    assert result.exit_code == 0, result.output
+    recorded = _recorded(tmp_path)
+    assert {seed for *_, seed in recorded.values()} == {11}
+    assert len({prompt for prompt, *_ in recorded.values()}) > 1
+
+
+def test_wildcard_folder_with_nested_names_and_yaml(tmp_path):
+    cards = tmp_path / "cards"
+    (cards / "colors").mkdir(parents=True)
+    (cards / "colors" / "warm.txt").write_text("red\norange\n")
+    (cards / "shapes.yaml").write_text("shapes:\n  round:\n    - circle\n    - ball\n")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a __colors/warm__ __shapes/round__\n{red|blue} car\n")
+    result = run_cli("txt2img", "--prompts", prompts, "--wildcards", cards, "--combinatorial", *TINY,
+                     "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    prompts_made = sorted(prompt for prompt, *_ in _recorded(tmp_path / "out").values())
+    assert prompts_made == ["a orange ball", "a orange circle", "a red ball", "a red circle", "blue car", "red car"]
+
+
+def test_a_missing_wildcard_is_a_one_line_usage_error(tmp_path):
+    (tmp_path / "cards").mkdir()
+    result = run_cli("txt2img", "--prompt", "a __colors/cold__ fox", "--wildcards", tmp_path / "cards", *TINY,
+                     "-o", tmp_path / "out")
+    assert result.exit_code == 2
+    assert "__colors/cold__" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_variant_braces_in_a_plain_prompt_file_are_not_json(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a house\n{red|blue} car\n")
+    assert [spec.prompt for spec in read_prompts(None, prompts)] == ["a house", "{red|blue} car"]
+    assert json.dumps(read_prompts(None, prompts)[1].as_dict()).count("template") == 0
+
+
+def test_help_loads_neither_torch_nor_dynamicprompts():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom ldmtool.cli.app import main\ntry:\n    main(['txt2img', '--help'])\nexcept SystemExit:\n"
+            "    pass\nprint('torch' in sys.modules, 'dynamicprompts' in sys.modules, file=sys.stderr)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stderr.strip().splitlines()[-1] == "False False"
