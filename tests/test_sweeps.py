@@ -31,6 +31,15 @@ def test_two_options_give_the_cross_product_with_the_same_seeds(tmp_path):
     assert all(seeds == {"prompt-0000/0": 5, "prompt-0000/1": 6} for seeds in cells_seen.values())
 
 
+def test_a_json_sweep_ends_with_one_summary_of_every_cell(tmp_path):
+    result = run_cli("txt2img", *TINY, "--steps", "1", "--seed", "2", "--sweep", "cfg=1,2", "--json", "-o", tmp_path)
+    assert result.exit_code == 0, result.output
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    summaries = [event for event in events if event["event"] == "summary"]
+    assert summaries == [events[-1]] and events[-1]["done"] == 4 and events[-1]["exit_code"] == 0
+    assert sum(event["event"] == "done" for event in events) == 4
+
+
 def test_resume_and_the_run_seed_work_per_cell(tmp_path):
     args = ("txt2img", *TINY, "--steps", "1", "--sweep", "cfg=1,2", "--name", "{sweep}/{stem}.{ext}", "-o", tmp_path)
     assert run_cli(*args).exit_code == 0

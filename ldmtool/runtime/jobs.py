@@ -186,6 +186,7 @@ class RunOptions:
     existing: str = "check"  # an existing output: check (skip if this job wrote it), skip, or overwrite
     fail_fast: bool = False
     dry_run: bool = False  # plan and report what would happen; load no model, write nothing
+    sweep_cell: bool = False  # one cell of a sweep: the sweep, not the cell, ends with the summary event
     batch_size: int = 1
     seed: Optional[int] = None  # the run's base seed; None or -1: adopt the same job's, else random
     item_seed: Optional[int] = None  # run every item with exactly this seed (how replay reproduces one)

@@ -116,9 +116,11 @@ class Reporter:
         self._progress.start()
         self._task_id = self._progress.add_task(label or "items", total=total)
 
-    def finish(self, summary: Summary) -> None:
+    def finish(self, summary: Summary, *, final: bool = True) -> None:
+        """The closing summary line; with `--json` the final `summary` event (not for a part of a run, such
+        as one cell of a sweep)."""
         self._stop_progress()
-        if self.json_events:
+        if self.json_events and final:
             self._emit(_summary_event(summary, summary.exit_code, None))
             _FINAL["sent"] = True
         if not self.quiet:

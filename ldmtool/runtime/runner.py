@@ -175,7 +175,7 @@ class BatchRun:
             if pending:
                 ENGINES[self.options.engine](self, pending)
         self.summary.seconds = time.monotonic() - self.started
-        self.reporter.finish(self.summary)
+        self.reporter.finish(self.summary, final=not self.options.sweep_cell)
         return self.summary
 
     def _dry_run(self, items: Sequence[Item], notes: Sequence[str]) -> Summary:

@@ -108,7 +108,7 @@ def cell_template(template: str, cell: Cell) -> str:
 def run_sweep(task: "Task", options: "RunOptions", run_cell: Callable[["Task", "RunOptions"], "Summary"]) -> "Summary":
     """Run every cell of `options.sweep` (`run_cell` is the runner's run of one task); the summary of all."""
     from ldmtool.io.outputs import OutputSpec
-    from ldmtool.runtime.report import Summary
+    from ldmtool.runtime.report import Reporter, Summary
     from ldmtool.runtime.seeds import RANDOM
 
     spec = OutputSpec(options.output, options.name_template, options.fmt, options.suffix)
@@ -121,7 +121,7 @@ def run_sweep(task: "Task", options: "RunOptions", run_cell: Callable[["Task", "
     for cell in cells(options.sweep):
         seed = options.seed if total.base_seed is None else total.base_seed
         cell_options = replace(options, sweep=(), seed=seed, name_template=cell_template(options.name_template, cell),
-                               cli={**options.cli, **cell.record()})
+                               cli={**options.cli, **cell.record()}, sweep_cell=True)
         summary = run_cell(for_cell(cell.changes("model"), cell.changes("sampling"), cell.record()), cell_options)
         total.base_seed = summary.base_seed if total.base_seed is None else total.base_seed
         total.done, total.skipped, total.failed = (total.done + summary.done, total.skipped + summary.skipped,
@@ -129,6 +129,8 @@ def run_sweep(task: "Task", options: "RunOptions", run_cell: Callable[["Task", "
         total.seconds += summary.seconds
         total.failures += summary.failures
         total.elsewhere += summary.elsewhere
+    if not options.dry_run:
+        Reporter(json_events=options.json_events, quiet=True).finish(total)  # the one final `summary` event
     return total
 
 
