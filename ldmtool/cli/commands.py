@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "ldmtool.cli.info",
     "ldmtool.cli.replay",
     "ldmtool.cli.manifest",
+    "ldmtool.cli.grid",
     "ldmtool.cli.train",
     "ldmtool.cli.models",
     "ldmtool.cli.user_config",
