@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "ldmtool.cli.replay",
     "ldmtool.cli.manifest",
     "ldmtool.cli.grid",
+    "ldmtool.cli.gallery",
     "ldmtool.cli.train",
     "ldmtool.cli.models",
     "ldmtool.cli.user_config",
