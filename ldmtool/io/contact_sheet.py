@@ -200,7 +200,8 @@ def _draw_sheet(pictures: Sequence[Picture], path: Path, x_axis: Optional[str], 
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     line = _text_size(probe, "Ag", font)[1] + 2 * _PAD
     row_labels = [_label(y_axis, value) for value in rows] if y_axis else []
-    left = min(max((_text_size(probe, text, font)[0] for text in row_labels), default=0) + 2 * _PAD, 3 * cell) \
+    left = min(max((_text_size(probe, text, font)[0] for text in row_labels), default=0) + 2 * _PAD,
+               max(3 * cell, 360)) \
         if y_axis else 0
     top = (line if x_axis else 0) + (line if title else 0)
     size = (left + len(columns) * cell, top + len(rows) * cell)
