@@ -108,6 +108,8 @@ def test_a_run_into_a_folder_writes_the_gallery_and_no_gallery_turns_it_off(tmp_
     assert result.returncode == 0, result.stderr
     text = (tmp_path / "out" / GALLERY_NAME).read_text()
     assert all(f'href="{name}"' in text for name in COLOURS)
+    again = ldmtool("_invert", "in", "-o", "out", "--seed", 1, "--no-gallery", "--json", cwd=tmp_path)
+    assert again.returncode == 0 and again.stdout.count('"event": "skipped"') == 3, again.stdout  # same job: resumed
     result = ldmtool("_invert", "in", "-o", "quiet", "--seed", 1, "--no-gallery", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert not (tmp_path / "quiet" / GALLERY_NAME).exists() and not (tmp_path / "quiet" / ".thumbs").exists()
