@@ -8,7 +8,7 @@ import typer
 
 from ldmtool.cli.options import Quiet
 
-EXAMPLE = "Example: ldmtool gallery out/   (cron: 0 6 * * * ldmtool gallery -q ~/renders/)"
+EXAMPLE = "Example: ldmtool gallery ~/renders/ --quiet   # e.g. nightly from cron"
 
 
 def gallery(
