@@ -76,6 +76,8 @@ class RunChoice:
         "--existing", help="An output that exists already: check (skip it if its recipe says this job wrote it, "
         "else fail the item; the default), skip (keep it whatever wrote it), overwrite.", panel=OUTPUT,
         show_default=False, metavar="MODE")
+    no_gallery: bool = option("--no-gallery", help="Write no index.html gallery of the output folder.",
+                              panel=OUTPUT, default=False)
     json_out: bool = option("--json", help="Write one JSON event per item to stdout.", panel=RUN, default=False)
     quiet: bool = option("--quiet", "-q", help="No progress output.", panel=RUN, default=False)
     fail_fast: bool = option("--fail-fast", help="Stop at the first failed item.", panel=RUN, default=False)

@@ -11,6 +11,7 @@ import time
 import numpy as np
 from PIL import Image
 
+from ldmtool.io.gallery import GALLERY_NAME, THUMBS
 from ldmtool.io.manifest import MANIFEST_NAME, read_manifest
 from ldmtool.io.writer import TEMP_SUFFIX
 from ldmtool.runtime.claims import CLAIM_PREFIX, is_claim_name
@@ -36,6 +37,15 @@ def _images(out):
     return sorted(p.name for p in out.glob("*.png"))
 
 
+def _check_thumbs(folder):
+    for path in folder.iterdir():
+        if path.suffix == ".jpg":
+            with Image.open(path) as image:
+                image.load()
+        else:
+            assert path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX), path
+
+
 def _check_folder(out):
     """Every file is a complete image, the manifest, or a hidden temporary or claim file of the killed process."""
     for path in out.iterdir():
@@ -43,6 +53,10 @@ def _check_folder(out):
             with Image.open(path) as image:
                 image.load()
                 assert image.size == (SIZE, SIZE), path
+        elif path.name == GALLERY_NAME:  # the gallery is replaced whole, never cut short
+            assert path.read_text().endswith("</html>\n"), path
+        elif path.name == THUMBS:
+            _check_thumbs(path)
         else:
             assert path.name == MANIFEST_NAME or (path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX)) \
                 or is_claim_name(path.name), path

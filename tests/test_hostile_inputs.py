@@ -182,7 +182,8 @@ def test_an_output_name_up_to_the_file_system_limit_is_written(tmp_path):
     _no_traceback(result)
     assert result.returncode == 0, result.stderr.decode()
     assert (tmp_path / "out" / f"{stem}.png").is_file()
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"{stem}.png", "ldmtool-manifest.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".thumbs", f"{stem}.png", "index.html",
+                                                                     "ldmtool-manifest.jsonl"]
 
 
 def test_stale_temporary_file_of_a_long_name_is_removed(tmp_path):

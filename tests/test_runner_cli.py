@@ -20,6 +20,7 @@ from PIL import Image
 
 from ldmtool.errors import ItemError, UsageError
 from ldmtool.io.discover import Item, discover, sanitize_name
+from ldmtool.io.gallery import GALLERY_NAME, THUMBS
 from ldmtool.io.manifest import MANIFEST_NAME, read_manifest
 from ldmtool.io.outputs import OutputSpec, plan_outputs
 from ldmtool.runtime.report import Reporter
@@ -368,7 +369,7 @@ def test_interrupt_exits_130_without_partial_files(tmp_path, sig):
     assert proc.returncode == 130
     assert stderr.strip().splitlines()[-1].startswith("ldmtool: error: interrupted after")
     assert "Traceback" not in stderr
-    assert all(p.suffix == ".png" or p.name == MANIFEST_NAME for p in (tmp_path / "out").iterdir())
+    assert all(p.suffix == ".png" or p.name in (MANIFEST_NAME, GALLERY_NAME, THUMBS) for p in (tmp_path / "out").iterdir())
     for path in (tmp_path / "out").glob("*.png"):
         assert _pixels(path).shape == (64, 64, 3)
 
@@ -451,7 +452,7 @@ def test_disk_full_mid_run_stops_with_fatal_error(tmp_path, monkeypatch):
     reporter = Reporter(json_events=True, quiet=True, out=out, err=io.StringIO())
     with pytest.raises(FatalError, match=r"b.png: cannot write the output \(the disk is full\); stopping"):
         run_task(_Doubler(), _items("a", "b", "c"), RunOptions(output=tmp_path / "o", seed=1), reporter=reporter)
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["a.png", MANIFEST_NAME]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir() if p.name not in (GALLERY_NAME, THUMBS)) == ["a.png", MANIFEST_NAME]
     events = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [event["event"] for event in events] == ["plan", "done", "failed", "summary"]
     assert events[-1]["exit_code"] == 3 and "the disk is full" in events[-1]["error"]

@@ -19,6 +19,8 @@ COMMAND_MODULES = [
     "ldmtool.cli.info",
     "ldmtool.cli.replay",
     "ldmtool.cli.manifest",
+    "ldmtool.cli.grid",
+    "ldmtool.cli.gallery",
     "ldmtool.cli.train",
     "ldmtool.cli.models",
     "ldmtool.cli.user_config",

@@ -48,7 +48,7 @@ def run_options(choice: "RunChoice", cli: Mapping[str, Any]) -> "RunOptions":
     return RunOptions(
         output=choice.output, name_template=choice.name, fmt=choice.fmt, suffix=choice.suffix, quality=choice.quality,
         existing="overwrite" if choice.overwrite else (choice.existing or "check"), fail_fast=choice.fail_fast,
-        dry_run=choice.dry_run,
+        dry_run=choice.dry_run, gallery=not choice.no_gallery,
         batch_size=choice.batch_size, seed=choice.seed, item_seed=choice.item_seed, json_events=choice.json_out,
         quiet=choice.quiet, argv=["ldmtool", *sys.argv[1:]], shard=parse_shard(choice.shard) if choice.shard else None,
         engine=choice.run_engine, ray_address=choice.ray_address,

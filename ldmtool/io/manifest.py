@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 from ldmtool.errors import FatalError
 from ldmtool.io.files import json_line
@@ -20,6 +20,7 @@ MANIFEST_NAME = "ldmtool-manifest.jsonl"
 class Manifest:
     def __init__(self, path: Path):
         self.path = Path(path)
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []  # told of each record once it is written
 
     def append(self, record: dict[str, Any]) -> None:
         line = json_line(record)
@@ -33,6 +34,8 @@ class Manifest:
                 os.fsync(handle.fileno())
         except OSError as err:
             raise FatalError(f"{self.path}: cannot write the manifest ({err.strerror or err}); stopping") from err
+        for listener in self.listeners:
+            listener(record)
 
     def records(self) -> list[dict[str, Any]]:
         return list(read_manifest(self.path))
@@ -49,13 +52,14 @@ def _ends_mid_line(handle: BinaryIO) -> bool:
 def read_manifest(path: Path) -> Iterator[dict[str, Any]]:
     """The records of a manifest file, skipping any line a crash cut short."""
     try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
+        handle = open(path, "rb")  # streamed: a 10^8-item run's manifest is never held whole
     except OSError:  # none yet, or unreadable: no earlier records to go by
         return
-    for line in text.split("\n"):  # not splitlines(): a record's strings may hold U+2028, U+0085, ...
-        try:
-            record = json.loads(line)
-        except (ValueError, RecursionError):  # a cut-short line, or JSON nested too deep to parse
-            continue
-        if isinstance(record, dict):
-            yield record
+    with handle:
+        for raw in handle:  # split at b"\n" only: a record's strings may hold U+2028, U+0085, ...
+            try:
+                record = json.loads(raw.decode("utf-8", "replace"))
+            except (ValueError, RecursionError):  # a cut-short line, or JSON nested too deep to parse
+                continue
+            if isinstance(record, dict):
+                yield record

@@ -22,7 +22,7 @@ from typing import Any, Mapping, Optional, cast
 RUN_STEERING = frozenset({
     "inputs", "recursive", "masks", "prompts", "output", "name", "suffix", "fmt", "json_out", "quiet", "fail_fast", "dry_run",
     "batch_size", "seed", "item_seed", "shard", "run_engine", "ray_address", "overwrite", "existing", "n",
-    "sweep", "combinatorial", "max_prompts", "same_seed",
+    "sweep", "combinatorial", "max_prompts", "same_seed", "no_gallery",
 })
 # Options that never change an output's pixels (limits refuse inputs or runs, never alter one): everything else a command takes is part of the identity
 # (the model is there as its file's sha256). --max-memory is, unless --tile fixes the tile: it chooses the

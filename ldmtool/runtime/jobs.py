@@ -195,6 +195,7 @@ class RunOptions:
     quiet: bool = False
     argv: Optional[list[str]] = None  # recorded in the recipe; default sys.argv
     write_manifest: bool = True
+    gallery: bool = True  # index.html in an output folder with a manifest (io/gallery.py)
     shard: Optional[Shard] = None  # run only this shard's items (job arrays); needs a fixed seed
     engine: str = "local"  # one of ENGINE_NAMES (ldmtool.runtime.runner.ENGINES)
     ray_address: Optional[str] = None  # join this Ray cluster; a local one otherwise

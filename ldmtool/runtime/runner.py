@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 from ldmtool.errors import FatalError, Interrupted, ItemError, LdmError, UsageError
 from ldmtool.io.discover import Discovery, Item
+from ldmtool.io.gallery import GALLERY_NAME, GalleryUpdater
 from ldmtool.io.manifest import MANIFEST_NAME, Manifest
 from ldmtool.io.outputs import (
     DEFAULT_TEMPLATE,
@@ -44,7 +45,7 @@ from ldmtool.runtime.plan import check_run
 from ldmtool.runtime.report import ItemEvent, Reporter, Status, Summary
 from ldmtool.runtime.resume import current_replay
 from ldmtool.runtime.seeds import RANDOM, item_seed, random_seed
-from ldmtool.runtime.shard import select, write_members
+from ldmtool.runtime.shard import Shard, select, write_members
 
 __all__ = ["BaseTask", "DEBUG_ENV", "ENGINES", "Job", "Output", "RunOptions", "Task", "run_task"]
 
@@ -111,6 +112,8 @@ def run_task(
             reporter.finish_with_error(run.summary, err.exit_code, " ".join(str(err).split()))
             raise
         finally:
+            if run.gallery is not None:
+                run.gallery.finish()
             run.runner.close()  # claims first: the folder may hold nothing else
             run.remove_created_folder()
             reporter.close()
@@ -127,6 +130,7 @@ class BatchRun:
         self.base_seed = options.seed if options.seed not in (None, RANDOM) else None  # chosen in execute()
         self.recipes = recipes_for(task, options, output_suffix(options.output, self.spec.is_file, options.fmt))
         self.manifest: Optional[Manifest] = None
+        self.gallery: Optional[GalleryUpdater] = None
         self.summary = Summary(base_seed=self.base_seed)
         self.started = time.monotonic()
         self.plan_source: Optional[Sequence[Job]] = None  # what the plan covers when the jobs are streamed
@@ -157,7 +161,8 @@ class BatchRun:
         if streamed:
             remove_stale_temps_in([self.spec.folder], listings)
         else:
-            remove_stale_temps((job.output for job in jobs), listings)
+            page = [self.spec.folder / GALLERY_NAME]  # the gallery's, should a killed run have left one
+            remove_stale_temps(itertools.chain((job.output for job in jobs), page), listings)
         self.runner.claims.remove_stale(listings)
         if self.options.shard is not None and not self.spec.is_file:
             write_members(self.spec.folder, self.options.shard, [job.item.key for job in jobs])
@@ -234,6 +239,12 @@ class BatchRun:
             shard = self.options.shard
             self.manifest = Manifest(folder / (shard.manifest_name if shard else MANIFEST_NAME))
             self.runner.records = self.manifest
+            if self.options.gallery:  # rebuilt from the manifest as items finish, and at the end (run_task)
+                parts = [Shard(k, shard.count).manifest_name for k in range(1, shard.count + 1)] \
+                    if shard and shard.count <= 256 else [self.manifest.path.name]  # every run's, unlisted
+                names = list(dict.fromkeys([MANIFEST_NAME, *parts]))
+                self.gallery = GalleryUpdater(folder, self.reporter.note, manifests=names)
+                self.manifest.listeners.append(self.gallery.recorded)
 
     def remove_created_folder(self) -> None:
         """However the run ended, leave no empty output folder behind: the folders it made (the output folder

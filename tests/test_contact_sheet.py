@@ -1,0 +1,135 @@
+"""`ldmtool grid`: contact sheets with axes from the recipes (issue 27, item 3)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from clirun import run_cli
+from ldmtool.io.contact_sheet import choose_axes, draw_grid, read_pictures
+from ldmtool.io.metadata import build_metadata
+from ldmtool.io.writer import write_image
+
+
+def write_output(path: Path, *, seed: int = 1, colour=(200, 30, 30), size: int = 48, sweep=None, **params) -> None:
+    pixels = np.zeros((size, size, 3), dtype=np.uint8)
+    pixels[:] = colour
+    extra = {"sweep": sweep} if sweep else None
+    metadata = build_metadata(command="txt2img", params={"prompt": "a cat", **params}, seed=seed, argv=["ldmtool"],
+                              extra=extra)
+    write_image(path, pixels, metadata=metadata)
+
+
+def sweep_folder(folder: Path, *, z_values=(None,)) -> None:
+    for sampler in z_values:
+        for steps in (10, 20, 30):
+            for cfg in (3.0, 7.5):
+                extra = {"sampler": sampler} if sampler else {"sampler": "ddim"}
+                write_output(folder / f"s{steps}_c{cfg}_{extra['sampler']}.png", steps=steps, cfg=cfg, **extra,
+                             colour=(steps * 5, int(cfg * 20), 100))
+
+
+def test_two_varying_params_make_a_labelled_grid(tmp_path):
+    sweep_folder(tmp_path / "out")
+    result = run_cli("grid", tmp_path / "out", "-o", tmp_path / "sheet.png", "--cell", 64)
+    assert result.exit_code == 0, result.output
+    assert "3x2 cells; steps x cfg" in result.stdout
+    with Image.open(tmp_path / "sheet.png") as sheet:
+        left, top = _margins(sheet)
+        assert left > 0 and top > 0
+        assert sheet.size == (left + 3 * 64, top + 2 * 64)
+        pixels = np.asarray(sheet.convert("RGB"))
+    column_labels = pixels[:top, left:]
+    row_labels = pixels[top:, :left]
+    assert (column_labels < 128).any() and (row_labels < 128).any(), "the label bands hold text"
+    # the cell for steps 20, cfg 7.5 holds its image's colour
+    assert tuple(pixels[top + 64 + 32, left + 64 + 32]) == (100, 150, 100)
+
+
+def _margins(sheet: Image.Image) -> tuple[int, int]:
+    """The label margins, found as the first column and row of the cell backgrounds/images."""
+    pixels = np.asarray(sheet.convert("RGB")).astype(int)
+    not_white = (pixels != 255).any(axis=2)
+    h, w = not_white.shape
+    # cells fill the bottom-right corner: walk up and left from it while the pixels are not background white
+    left = w - 1
+    while left > 0 and not_white[h - 1, left - 1]:
+        left -= 1
+    top = h - 1
+    while top > 0 and not_white[top - 1, w - 1]:
+        top -= 1
+    return left, top
+
+
+def test_axes_named_by_hand_and_the_sweep_record_come_first(tmp_path):
+    sweep_folder(tmp_path)
+    pictures, _ = read_pictures(tmp_path)
+    assert choose_axes(pictures) == ["steps", "cfg"]
+    assert choose_axes(pictures, ["cfg", "steps"]) == ["cfg", "steps"]
+    swept = tmp_path / "swept"
+    for index, (steps, cfg) in enumerate([(2, 3), (2, 5), (4, 3), (4, 5)]):
+        write_output(swept / f"{index}.png", seed=index, steps=steps, cfg=cfg, sweep={"cfg": cfg, "steps": steps})
+    pictures, _ = read_pictures(swept)
+    assert choose_axes(pictures) == ["cfg", "steps"]  # the sweep's order, though the seed varies too
+    bad = run_cli("grid", swept, "-o", tmp_path / "x.png", "--x", "nope")
+    assert bad.exit_code == 2 and "no image records a parameter 'nope'" in bad.output
+
+
+def test_a_third_axis_gives_separate_sheets(tmp_path):
+    sweep_folder(tmp_path / "out", z_values=("ddim", "euler"))
+    result = draw_grid(tmp_path / "out", tmp_path / "sheet.png", cell=32)
+    assert result.axes == ["steps", "cfg", "sampler"]
+    assert sorted(sheet.path.name for sheet in result.sheets) == ["sheet-ddim.png", "sheet-euler.png"]
+    assert not (tmp_path / "sheet.png").exists()
+    for sheet in result.sheets:
+        with Image.open(sheet.path) as image:
+            assert image.size == (sheet.left + 3 * 32, sheet.top + 2 * 32)
+            title = np.asarray(image.convert("L"))[: sheet.top // 2]
+            assert (title < 128).any(), "the sheet's title names its sampler"
+
+
+def test_images_without_recipes_and_crowded_cells_are_noted(tmp_path):
+    write_output(tmp_path / "a.png", seed=1, steps=10)
+    write_output(tmp_path / "b.png", seed=1, steps=20)
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    result = draw_grid(tmp_path, tmp_path / "sheet.png", x="steps")
+    assert any("without an ldmtool recipe" in note for note in result.notes)
+    write_output(tmp_path / "c.png", seed=2, steps=20)
+    result = draw_grid(tmp_path, tmp_path / "sheet2.png", x="steps")
+    assert any("share a grid cell" in note for note in result.notes)
+
+
+MEMORY = textwrap.dedent("""
+    import json, resource, sys, tracemalloc
+    from pathlib import Path
+    from ldmtool.io.contact_sheet import draw_grid
+    tracemalloc.start()
+    draw_grid(Path(sys.argv[1]), Path(sys.argv[2]), cell=32)
+    peak = tracemalloc.get_traced_memory()[1]
+    print(json.dumps({"peak": peak, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+""")
+
+
+def test_memory_stays_bounded_with_many_large_images(tmp_path):
+    """60 images of 1024x1024 (3 MiB each decoded, 180 MiB together): drawing them holds one at a time."""
+    folder = tmp_path / "many"
+    for index in range(60):
+        write_output(folder / f"{index:03d}.png", seed=index, size=1024, steps=index % 10, cfg=index // 10,
+                     colour=(index * 4, 0, 0))
+    few = tmp_path / "few"
+    for index in range(2):
+        write_output(few / f"{index:03d}.png", seed=index, size=1024, steps=index, cfg=1, colour=(0, 0, 0))
+
+    def measure(source: Path) -> dict:
+        out = subprocess.run([sys.executable, "-c", MEMORY, str(source), str(tmp_path / f"{source.name}.png")],
+                             capture_output=True, text=True, timeout=300, check=True)
+        return json.loads(out.stdout.splitlines()[-1])
+
+    many, two = measure(folder), measure(few)
+    assert many["peak"] < 8 * 2**20, many  # Python-side: recipes only, no image bytes kept
+    assert many["rss"] - two["rss"] < 40 * 2**10, (many, two)  # ru_maxrss in KiB: < 40 MiB for 58 more images
