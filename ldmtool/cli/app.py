@@ -50,10 +50,10 @@ def _register_commands() -> None:
         from ldmtool.cli import testing
 
         testing.register(app)
+    help.apply(app)  # plain help that wraps at 80 columns, options in PANEL_ORDER, examples last
 
 
 _register_commands()
-help.apply(app)  # plain help that wraps at 80 columns, options in PANEL_ORDER, examples last
 
 
 def main(argv: list[str] | None = None) -> None:

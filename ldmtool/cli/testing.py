@@ -109,4 +109,7 @@ def InvertTask(*, mask_mode: str, invert_mask: bool, max_pixels: Optional[int]) 
 
 
 def register(app: typer.Typer) -> None:
+    from ldmtool.cli import help
+
     app.command("_invert", hidden=True, help=f"{invert.__doc__}\n\n{EXAMPLE}")(invert)
+    help.apply(app)  # also when a test registers it late: every command's help is the plain one
