@@ -74,7 +74,7 @@ class RunPlan:
         return {"event": "plan", "items": self.items, "pixels": self.pixels,
                 "largest": None if self.largest is None else list(self.largest), "unknown_sizes": self.unknown,
                 "peak_memory": self.peak_bytes, "available_memory": self.available_bytes,
-                "seconds": None if self.seconds is None else round(self.seconds, 1), "device": self.device}
+                "seconds": None if self.seconds is None else round(self.seconds, 3), "device": self.device}
 
 
 def size_text(size: int) -> str:
