@@ -133,3 +133,18 @@ def test_memory_stays_bounded_with_many_large_images(tmp_path):
     many, two = measure(folder), measure(few)
     assert many["peak"] < 8 * 2**20, many  # Python-side: recipes only, no image bytes kept
     assert many["rss"] - two["rss"] < 40 * 2**10, (many, two)  # ru_maxrss in KiB: < 40 MiB for 58 more images
+
+
+def test_a_sweep_on_the_shipped_default_is_drawn_with_its_axes(tmp_path):
+    out = tmp_path / "sweep"
+    result = run_cli("txt2img", "--prompt", "a red circle", "-W", 64, "-H", 64, "--seed", 4, "--quiet", "--sweep",
+                     "steps=1,2", "--sweep", "cfg=1,3", "-o", out)
+    assert result.exit_code == 0, result.output
+    result = run_cli("grid", out, "-o", tmp_path / "sheet.png", "--cell", 64)
+    assert result.exit_code == 0, result.output
+    assert "2x2 cells; steps x cfg" in result.stdout
+    with Image.open(tmp_path / "sheet.png") as sheet:
+        left, top = _margins(sheet)
+        assert sheet.size == (left + 2 * 64, top + 2 * 64)
+        labels = np.asarray(sheet.convert("RGB"))[:top, left:]
+    assert (labels < 128).any(), "the steps values are drawn above the columns"
