@@ -103,3 +103,17 @@ def test_help_loads_neither_torch_nor_dynamicprompts():
             "    pass\nprint('torch' in sys.modules, 'dynamicprompts' in sys.modules, file=sys.stderr)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stderr.strip().splitlines()[-1] == "False False"
+
+
+def test_commands_that_take_a_prompt_as_written_say_so_once(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (90, 120, 150)).save(tmp_path / "a.png")
+    Image.new("RGB", (32, 32), (150, 120, 90)).save(tmp_path / "b.png")
+    result = run_cli("img2img", tmp_path / "a.png", tmp_path / "b.png", "--prompt", "a {red|blue} circle", "--steps",
+                     "1", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("ldmtool: warning:")]
+    assert warnings == ["ldmtool: warning: img2img takes its prompt as written: template syntax ({a|b}, "
+                        "__wildcards__) is expanded by txt2img only"]
+    assert read_metadata(tmp_path / "out" / "a.png").recipe["parameters"]["prompt"] == "a {red|blue} circle"

@@ -113,6 +113,15 @@ class ModelTask(BaseTask):
             self._warned.add(topic)
             self.progress.note(f"warning: {message}")
 
+    def check_literal_prompts(self, texts: Iterable[Optional[str]]) -> None:
+        """Warn once when a command that takes its prompt as written is given template syntax: only txt2img
+        expands `{a|b}` and `__wildcards__` (the prompt is used, and recorded, literally)."""
+        from ldmtool.pipelines.prompt_templates import is_template
+
+        if any(is_template(text) for text in texts):
+            self.warn_once("template", f"{self.command} takes its prompt as written: template syntax ({{a|b}}, "
+                           "__wildcards__) is expanded by txt2img only")
+
     def check_vocabulary(self, texts: Iterable[str]) -> None:
         """Warn once when a prompt has words an ldmtool-trained model never saw in its captions."""
         info = self.engine.info

@@ -40,6 +40,7 @@ class Img2ImgTask(ModelTask):
                                                prompt=self.prompt, negative=self.negative)
         self.check_guidance(engine, guided=self.conditioning.texts is not None)
         self.check_vocabulary((self.prompt, self.negative))
+        self.check_literal_prompts((self.prompt, self.negative))
         self.multiple = engine.info.pixel_multiple
 
     def planned_size(self, item: Item) -> Optional[tuple[int, int]]:

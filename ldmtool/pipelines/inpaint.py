@@ -92,6 +92,7 @@ class InpaintTask(ModelTask):
         self.check_guidance(engine, guided=self.kind is InpaintKind.SD_HYBRID or (
             self.kind is InpaintKind.MASKED and self.conditioning.texts is not None))
         self.check_vocabulary((self.prompt, self.negative))
+        self.check_literal_prompts((self.prompt, self.negative))
         self.multiple = info.pixel_multiple
         if self.colour_fix is None:
             self.colour_fix = config_switch(info.defaults.colour_fix, "colour_fix", engine.model_path)

@@ -66,6 +66,7 @@ class TextTileTask(GeneratorTask):
                              "(or use a text-to-image model)")
         self.texts = TextConditioner(encoder)
         self.check_vocabulary((self.prompt, self.negative))
+        self.check_literal_prompts((self.prompt, self.negative))
         self.params.update(prompt=self.prompt, negative=self.negative)
 
     def has_uncond(self) -> bool:
