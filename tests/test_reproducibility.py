@@ -74,12 +74,15 @@ def _run(commands: list[list[str]], threads: int = 1, env: dict | None = None) -
 
 
 def _outputs(folder: Path) -> dict[str, tuple[np.ndarray, dict]]:
-    """Pixels and recipe (without the command line) of every PNG under `folder`."""
+    """Pixels and recipe of every PNG under `folder`, without the command line and without how the model hash
+    was obtained (`model_sha256_source`: "computed" by the first process that hashed the file, "cache" after it,
+    so it depends on which test ran first, not on the job)."""
     found = {}
     for path in sorted(folder.rglob("*.png")):
         image = Image.open(path)
         recipe = json.loads(image.text["ldmtool"])
         recipe.pop("argv")
+        recipe.pop("model_sha256_source", None)
         found[str(path.relative_to(folder))] = (np.asarray(image.convert("RGB")).astype(np.int16), recipe)
     return found
 
