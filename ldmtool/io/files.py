@@ -121,6 +121,17 @@ def read_text_file(path: Path | str, limit: int | None = None) -> str:
     return read_bounded(path, limit).decode("utf-8")
 
 
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this host (one of another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def json_line(record: object) -> str:
     """One JSON line, UTF-8 as it is; names with bytes that are not UTF-8 (surrogate-escaped) are written
     as JSON `\\udcXX` escapes, which load back to the same name (os.fsencode gives the bytes)."""

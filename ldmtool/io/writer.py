@@ -21,7 +21,7 @@ from typing import Any, Iterable, Optional
 import numpy as np
 
 from ldmtool.errors import FatalError, ItemError, UsageError
-from ldmtool.io.files import shown
+from ldmtool.io.files import process_alive, shown
 from ldmtool.io.images import to_uint8
 from ldmtool.io.metadata import ImageMetadata, exif_bytes, png_info
 from ldmtool.io.source import SourceInfo, icc_fits
@@ -370,12 +370,5 @@ def _temp_owner(temp: str) -> Optional[tuple[str, int]]:
 
 
 def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # our own leftovers: this run has not started writing yet
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:
-        return True  # another user's live process
-    return True
+    """A temporary file's writer is alive, unless it is this process (whose run has not started writing)."""
+    return pid != os.getpid() and process_alive(pid)

@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
-from ldmtool.io.files import positive_int_env
+from ldmtool.io.files import positive_int_env, process_alive
 
 CLAIM_PREFIX = ".ldmtool-claim."
 CLAIM_TIMEOUT_ENV = "LDMTOOL_CLAIM_TIMEOUT"
@@ -120,7 +120,7 @@ class Claims:
             return True
         pid = holder.get("pid")
         return holder.get("host") == self.host and isinstance(pid, int) and holder.get("run") != self.token \
-            and not _alive(pid)
+            and not process_alive(pid)
 
     def _take_over(self, path: Path, seen: dict[str, Any]) -> bool:
         """Remove the stale claim: move it aside first, and if what was moved is not the claim judged stale
@@ -221,13 +221,3 @@ def _unlink(path: Path) -> None:
         os.unlink(path)
     except OSError:
         pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError, ValueError):
-        return False
-    except PermissionError:
-        return True  # another user's live process
-    return True
