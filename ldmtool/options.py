@@ -125,7 +125,8 @@ class ModelChoice:
                                        panel=MODEL, metavar="eps|v")
     device: str = option("--device", help="Device: auto, cpu, cuda, cuda:N or mps.", panel=MODEL,
                         default="auto", metavar="DEVICE")
-    precision: str = option("--precision", help="auto, fp32, fp16 or bf16 (auto: fp32 on CPU, fp16 on GPU).",
+    precision: str = option("--precision", help="auto, fp32, fp16 or bf16 (auto: bf16 on CPUs that compute it natively, AMX or "
+                            "AVX512-BF16; fp32 on other CPUs; fp16 on GPUs).",
                             panel=MODEL, default="auto", metavar="PRECISION")
 
     @property

@@ -85,7 +85,8 @@ class ModelTask(BaseTask):
 
     def recorded(self, engine: Engine) -> dict[str, Any]:
         """Parameters every output records after the resolved sampling values, in the order they are shown."""
-        return {"model_family": engine.info.family}
+        precision = engine.precision.to_json() if engine.precision is not None else {}
+        return {"model_family": engine.info.family, **precision}
 
     def planned_demand(self, sizes: Mapping[Size, int], batch_size: int) -> Demand:
         """Weights, latents, tile working memory and image buffers of the largest item; seconds once open

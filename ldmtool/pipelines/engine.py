@@ -25,7 +25,7 @@ from ldmtool.errors import FatalError, ItemError, LdmError, UsageError
 from ldmtool.families.info import ModelInfo
 from ldmtool.options import ModelChoice, SamplingChoice
 from ldmtool.runtime.cache import model_cache
-from ldmtool.runtime.device import choose_device, choose_dtype, release_host_memory
+from ldmtool.runtime.device import PrecisionChoice, choose_device, release_host_memory, resolve_precision
 from ldmtool.runtime.seeds import NoiseSource
 from ldmtool.tiling.fusion import TileConfig, TiledDenoiser
 from ldmtool.tiling.memory import check_tile, choose_tiling, parse_memory
@@ -48,6 +48,7 @@ class Engine:
         check_tile(sampling.tile, sampling.tile_overlap)
         self.device: Optional[torch.device] = None
         self.dtype: Optional[torch.dtype] = None
+        self.precision: Optional[PrecisionChoice] = None  # the dtype and why (recorded in every output)
         self.budget: Optional[int] = None  # --max-memory in bytes, parsed once by validate()
 
     def validate(self) -> None:
@@ -66,7 +67,8 @@ class Engine:
     def open(self) -> "Engine":
         self.validate()
         self.device = choose_device(self.choice.device)
-        self.dtype = choose_dtype(self.choice.precision, self.device)
+        self.precision = resolve_precision(self.choice.precision, self.device)
+        self.dtype = self.precision.dtype
         self.bundle = self._load(self.dtype)
         self._check_schedule()
         return self

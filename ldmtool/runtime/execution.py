@@ -48,8 +48,22 @@ class Events(Protocol):
 def recipes_for(task: Task, options: RunOptions, output_suffix: str) -> Recipes:
     """The identity of a run's jobs (runtime/identity.py): command, model sha256, pixel options."""
     own = {name: value for name, value in options.cli.items() if name not in getattr(task, "item_options", ())}
-    return Recipes(task.command, model_sha256(task), identity.pixel_options(own, Path("x" + output_suffix)),
-                   identity.recorded_options(options.cli))
+    pixels = {**identity.pixel_options(own, Path("x" + output_suffix)), **auto_precision(task)}
+    return Recipes(task.command, model_sha256(task), pixels, identity.recorded_options(options.cli))
+
+
+def auto_precision(task: Task) -> dict[str, str]:
+    """`{"auto_precision": name}` when `--precision auto` picks a dtype other than it always did (fp32 on a
+    CPU, fp16 on a GPU): bf16 on a CPU with native bf16. Outputs of the same job from a machine without it (or
+    from versions before the choice looked at the CPU) then differ in identity, as their pixels do."""
+    choice = getattr(getattr(task, "engine", None), "choice", None)
+    if choice is None or (choice.precision or "auto").lower() != "auto":
+        return {}
+    from ldmtool.runtime.device import choose_device, legacy_auto_dtype, resolve_precision
+
+    device = choose_device(choice.device)
+    resolved = resolve_precision("auto", device)
+    return {} if resolved.dtype == legacy_auto_dtype(device) else {"auto_precision": resolved.name}
 
 
 def output_suffix(target: Optional[Path], is_file: bool, fmt: Optional[str]) -> str:
