@@ -36,7 +36,8 @@ _RECIPE_PREFIX = "ldmtool-recipe:"
 # A1111 labels for the parameters it knows; anything else is shown under its own name.
 _A1111_LABELS = {"steps": "Steps", "sampler": "Sampler", "cfg": "CFG scale", "seed": "Seed", "size": "Size",
                  "model_hash": "Model hash", "model": "Model", "template": "Template",
-                 "negative_template": "Negative Template"}
+                 "negative_template": "Negative Template", "clip_skip": "Clip skip", "lora_hashes": "Lora hashes",
+                 "vae_hash": "VAE hash", "vae": "VAE"}
 _NOT_IN_TEXT = {"prompt", "negative"}
 
 
