@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_sd_vs_diffusers import diffusers_pipeline, save_checkpoint
 
 from ldmtool.addons.embeddings import load_embeddings, read_embedding
 from ldmtool.checkpoints.files import save_safetensors
 from ldmtool.cli.app import main
 from ldmtool.nets.tokenizers import clip_tokenizer
 from ldmtool.pipelines.prompt_encoding import PromptEncoder
+from test_sd_vs_diffusers import diffusers_pipeline, save_checkpoint
 
 PROMPT = "a photo of fox-style on a table, (fox-style:1.2)"
 
