@@ -156,8 +156,8 @@ class SamplingChoice:
     """Sampling and tiling; None means "the model's default". `--seamless` is opt-in (generators only)."""
 
     steps: Optional[int] = option("--steps", help="Sampling steps (default: the model's).", panel=SAMPLING, min=1)
-    sampler: Optional[str] = option("--sampler", help=f"Sampler: {', '.join(SAMPLER_NAMES)} (default: the "
-                                    "model's).", panel=SAMPLING, metavar="NAME")
+    sampler: Optional[str] = option("--sampler", help=f"Sampler: {', '.join(SAMPLER_NAMES)}, or A1111's name "
+                                    "('DPM++ 2M', 'Euler a') (default: the model's).", panel=SAMPLING, metavar="NAME")
     cfg: Optional[float] = option("--cfg", help="Classifier-free guidance scale (1 = off; default: the model's).",
                                   panel=SAMPLING)
     eta: Optional[float] = option("--eta", help="DDIM eta (0 = deterministic).", panel=SAMPLING, min=0.0)

@@ -178,3 +178,18 @@ def test_keys_for_another_model_are_one_clear_error(tmp_path, setup, capsys):
         assert exit.value.code == 3
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and str(path) in err[0] and words in err[0]
+
+
+def test_sd2_text_encoder_keys_land_on_rows_of_openclips_fused_attention():
+    """kohya names SD 2.x's OpenCLIP text encoder in the transformers layout: q/k/v are thirds of in_proj_weight."""
+    bundle = tiny_model("sd2")
+    g = torch.Generator().manual_seed(2)
+    down, up = torch.randn(2, 32, generator=g), torch.randn(32, 2, generator=g)
+    key = "lora_te_text_model_encoder_layers_1_self_attn_k_proj"
+    path = _tmp_file({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up})
+    name = "cond_stage_model.model.transformer.resblocks.1.attn.in_proj_weight"
+    before = bundle.get_parameter(name).clone()
+    apply_networks(bundle, (Network(path, 1.0),))
+    after = bundle.get_parameter(name)
+    assert torch.allclose(after[32:64], before[32:64] + up @ down, atol=1e-6)
+    assert torch.equal(after[:32], before[:32]) and torch.equal(after[64:], before[64:])

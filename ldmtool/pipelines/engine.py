@@ -20,6 +20,7 @@ from ldmtool.checkpoints.bundle import LatentDiffusionBundle
 from ldmtool.diffusion.cond import Cond, Guided
 from ldmtool.diffusion.denoisers import DiscreteDenoiser, per_row
 from ldmtool.diffusion.guidance import CFGDenoiser
+from ldmtool.diffusion.names import sampler_name
 from ldmtool.diffusion.run import SamplerSettings, sample_latents
 from ldmtool.diffusion.samplers import check_options, default_schedule, get_sampler
 from ldmtool.errors import FatalError, ItemError, LdmError, UsageError
@@ -176,7 +177,7 @@ class Engine:
 
     def resolved(self) -> dict[str, Any]:
         d, s = self.info.defaults, self.sampling
-        sampler = s.sampler or d.sampler
+        sampler, named_karras = sampler_name(s.sampler or d.sampler)  # A1111 names too ("DPM++ 2M Karras")
         info = get_sampler(sampler)
         return {
             "sampler": sampler,
@@ -184,7 +185,7 @@ class Engine:
             "cfg": s.cfg if s.cfg is not None else d.cfg,
             "eta": s.eta,
             "temperature": s.temperature if s.temperature is not None else d.temperature,
-            "karras": s.karras,
+            "karras": s.karras if s.karras is not None else named_karras,
             "seamless": s.seamless or None,
         }
 
