@@ -70,6 +70,9 @@ def test_embeddings_dir_reaches_the_image(setup, tmp_path, capsys):
         return np.asarray(Image.open(out)).astype(int)
 
     assert np.abs(run("--embeddings-dir", str(a1111.parent)) - run()).max() > 5
+    text = Image.open(tmp_path / "2.png").info["parameters"]
+    short = read_embedding(a1111).sha256[:12]
+    assert f'TI hashes: "fox-style: {short}"' in text and f'"embed:fox-style": "{short}"' in text
     with pytest.raises(SystemExit) as exit:
         main(["txt2img", "--prompt", "x", "--model", str(model), "--embeddings-dir", str(tmp_path / "none"),
               "--quiet", "-o", str(tmp_path / "x.png")])

@@ -37,7 +37,7 @@ _RECIPE_PREFIX = "ldmtool-recipe:"
 _A1111_LABELS = {"steps": "Steps", "sampler": "Sampler", "schedule_type": "Schedule type", "cfg": "CFG scale",
                  "seed": "Seed", "size": "Size", "model_hash": "Model hash", "model": "Model", "vae_hash": "VAE hash",
                  "vae": "VAE", "strength": "Denoising strength", "clip_skip": "Clip skip", "template": "Template",
-                 "negative_template": "Negative Template", "lora_hashes": "Lora hashes"}
+                 "negative_template": "Negative Template", "lora_hashes": "Lora hashes", "ti_hashes": "TI hashes"}
 _NOT_IN_TEXT = {"prompt", "negative", "karras"}  # karras: A1111's "Schedule type"
 
 
@@ -129,13 +129,14 @@ def _a1111_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
 def _hashes(fields: Mapping[str, Any]) -> dict[str, str]:
     """Civitai's `Hashes` JSON (which sd-parsers and Civitai read) when LoRAs or a VAE were used: the same
     hashes as 'Model hash', 'VAE hash' and 'Lora hashes'."""
-    if not (fields.get("lora_hashes") or fields.get("vae_hash")):
+    if not (fields.get("lora_hashes") or fields.get("vae_hash") or fields.get("ti_hashes")):
         return {}
     hashes = {"model": fields.get("model_hash"), "vae": fields.get("vae_hash")}
-    for pair in str(fields.get("lora_hashes") or "").split(", "):
-        name, _, value = pair.rpartition(": ")
-        if name:
-            hashes[f"lora:{name}"] = value
+    for field_name, kind in (("lora_hashes", "lora"), ("ti_hashes", "embed")):
+        for pair in str(fields.get(field_name) or "").split(", "):
+            name, _, value = pair.rpartition(": ")
+            if name:
+                hashes[f"{kind}:{name}"] = value
     return {key: value for key, value in hashes.items() if value}
 
 

@@ -66,6 +66,7 @@ class Engine:
                 raise UsageError(f"--{name} {value}: must be a finite number")
         if s.sampler is not None:
             check_options(s.sampler, eta=s.eta)
+        self.addons()  # --lora and --vae files exist (UsageError naming the one that does not)
 
     # -- loading
 

@@ -34,6 +34,7 @@ class Chunk:
     tokens: list[int] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
     vectors: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    used: list[TextualInversion] = field(default_factory=list)  # the embeddings those vectors came from
 
 
 class PromptEncoder:
@@ -56,7 +57,7 @@ class PromptEncoder:
         self.tokenizer = clip_tokenizer()
         self.comma = self.tokenizer.convert_tokens_to_ids(",</w>")
         width = self.table.weight.shape[-1]
-        self.embeddings = [(self._ids(e.name), e.name, vectors) for e in embeddings
+        self.embeddings = [(self._ids(e.name), e, vectors) for e in embeddings
                            if (vectors := e.for_width(width)) is not None]
         self.embeddings.sort(key=lambda entry: -len(entry[0]))  # the longest name wins where several match
 
@@ -87,12 +88,18 @@ class PromptEncoder:
             builder.add(self._ids(piece), weight)
         return builder.finish()
 
-    def embedding_at(self, ids: list[int], position: int) -> Optional[tuple[int, torch.Tensor]]:
-        """(tokens the embedding's name takes, its vectors) when one starts at `position`."""
-        for name_ids, _name, vectors in self.embeddings:
+    def embedding_at(self, ids: list[int], position: int) -> Optional[tuple[int, torch.Tensor, TextualInversion]]:
+        """(tokens the embedding's name takes, its vectors, the embedding) when one starts at `position`."""
+        for name_ids, embedding, vectors in self.embeddings:
             if name_ids and ids[position : position + len(name_ids)] == name_ids:
-                return len(name_ids), vectors
+                return len(name_ids), vectors, embedding
         return None
+
+    def embeddings_in(self, text: str) -> dict[str, TextualInversion]:
+        """The embeddings a prompt uses by name, in the order they first appear (A1111's `TI hashes`)."""
+        if not self.syntax or not self.embeddings:
+            return {}
+        return {e.name: e for chunk in self.chunks(text) for e in chunk.used}
 
     # -- encoding
 
@@ -135,7 +142,8 @@ class _ChunkBuilder:
                 self.chunk.weights.append(weight)
                 position += 1
                 continue
-            taken, vectors = found
+            taken, vectors, embedding = found
+            self.chunk.used.append(embedding)
             if len(self.chunk.tokens) + len(vectors) > length:
                 self.close()
             self.chunk.vectors.append((len(self.chunk.tokens) + 1, vectors))  # +1: after <start>
@@ -148,7 +156,7 @@ class _ChunkBuilder:
         rest = Chunk(self.chunk.tokens[cut:], self.chunk.weights[cut:],
                      [(p - cut, v) for p, v in self.chunk.vectors if p - 1 >= cut])
         self.chunk = Chunk(self.chunk.tokens[:cut], self.chunk.weights[:cut],
-                           [(p, v) for p, v in self.chunk.vectors if p - 1 < cut])
+                           [(p, v) for p, v in self.chunk.vectors if p - 1 < cut], self.chunk.used)
         self.close()
         self.chunk = rest
 

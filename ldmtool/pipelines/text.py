@@ -221,6 +221,13 @@ class TextConditioner:
         length = max(len(c) for c in [*cond, *uncond])
         return torch.stack(self._padded(cond, length)), torch.stack(self._padded(uncond, length))
 
+    def ti_hashes(self, *texts: str) -> Optional[str]:
+        """`name: hash, ...` of the embeddings `texts` use, as A1111 writes `TI hashes` (None for none)."""
+        used: dict[str, Any] = {}
+        for text in texts:
+            used.update(self.prompt_encoder.embeddings_in(text))
+        return ", ".join(f"{name}: {e.sha256[:12]}" for name, e in used.items()) or None
+
     def chunk_count(self, *texts: str) -> int:
         """How many 77-token chunks the longest of `texts` takes (items that differ cannot share a batch)."""
         return max(len(self.contexts([text])[0]) for text in texts) // CLIP_CHUNK

@@ -192,6 +192,9 @@ class Txt2ImgTask(ModelTask):
             params.update(engine.resolved())
         if engine.networks != self.engine.networks:
             params["lora_hashes"] = lora_hashes(engine.addons().networks)
+        ti_hashes = self.texts.ti_hashes(spec.prompt, self._negative(spec))
+        if ti_hashes:
+            params["ti_hashes"] = ti_hashes
         return params
 
     def _batch_key(self, job: Job) -> tuple[Any, ...]:
