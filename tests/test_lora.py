@@ -193,3 +193,37 @@ def test_sd2_text_encoder_keys_land_on_rows_of_openclips_fused_attention():
     after = bundle.get_parameter(name)
     assert torch.allclose(after[32:64], before[32:64] + up @ down, atol=1e-6)
     assert torch.equal(after[:32], before[:32]) and torch.equal(after[64:], before[64:])
+
+
+@pytest.mark.parametrize("keys", [
+    {"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": "down",  # kohya, diffusers names
+     "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": "up", "lora_unet_mid_block_attentions_0_proj_in.alpha": 1.0},
+    {"lora_unet_middle_block_1_proj_in.lora_down.weight": "down",  # kohya, CompVis names
+     "lora_unet_middle_block_1_proj_in.lora_up.weight": "up", "lora_unet_middle_block_1_proj_in.alpha": 1.0},
+    {"unet.mid_block.attentions.0.proj_in.lora_A.weight": "down",  # PEFT (rank 2, alpha 1: scale 1/2)
+     "unet.mid_block.attentions.0.proj_in.lora_B.weight": "up", "unet.mid_block.attentions.0.proj_in.alpha": 1.0},
+    {"unet.mid_block.attentions.0.proj_in.lora.down.weight": "down",  # older diffusers
+     "unet.mid_block.attentions.0.proj_in.lora.up.weight": "up", "unet.mid_block.attentions.0.proj_in.alpha": 1.0},
+])
+def test_every_naming_of_a_layer_lands_on_the_same_weight(keys):
+    bundle = tiny_model("sd1")
+    g = torch.Generator().manual_seed(4)
+    values = {"down": torch.randn(2, 128, 1, 1, generator=g), "up": torch.randn(128, 2, 1, 1, generator=g)}
+    name = "model.diffusion_model.middle_block.1.proj_in.weight"  # a 1x1 conv (128, 128, 1, 1)
+    before = bundle.get_parameter(name).clone()
+    state = {k: values[v] if isinstance(v, str) else torch.tensor(v) for k, v in keys.items()}
+    apply_networks(bundle, (Network(_tmp_file(state), 1.0),))
+    expected = before + (values["up"].flatten(1) @ values["down"].flatten(1)).reshape(before.shape) / 2
+    assert torch.allclose(bundle.get_parameter(name), expected, atol=1e-5)
+
+
+def test_dora_and_tucker_layers_are_refused_by_name():
+    from ldmtool.addons.lora import read_network
+    from ldmtool.errors import CheckpointError
+
+    key = "lora_unet_mid_block_attentions_0_proj_in"
+    for extra, words in (("dora_scale", "DoRA"), ("lora_mid.weight", "Tucker")):
+        path = _tmp_file({f"{key}.lora_down.weight": torch.zeros(2, 8), f"{key}.lora_up.weight": torch.zeros(8, 2),
+                          f"{key}.{extra}": torch.zeros(2)})
+        with pytest.raises(CheckpointError, match=words):
+            read_network(path)

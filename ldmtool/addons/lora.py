@@ -9,7 +9,8 @@ Each layer of a file becomes a `LayerChange`: the layer's address and how to com
 - LyCORIS LoHa: `hada_w1_a @ hada_w1_b` times (elementwise) `hada_w2_a @ hada_w2_b`;
 - LyCORIS LoKr: `kron(w1, w2)`, each factor stored whole (`lokr_w1`) or as a product (`lokr_w1_a @ lokr_w1_b`);
 - diffusers/PEFT: `<address>.lora_A.weight` (down) and `.lora_B.weight` (up), optional `.alpha`.
-Tucker-decomposed layers (`lora_mid`, `hada_t1`, `lokr_t2`) are refused with a clear message.
+Tucker-decomposed layers (`lora_mid`, `hada_t1`, `lokr_t2`) and DoRA (`dora_scale`) are refused with a
+clear message.
 """
 from __future__ import annotations
 
@@ -24,9 +25,10 @@ from ldmtool.addons.layer_names import Target, flat
 from ldmtool.errors import CheckpointError
 
 TUCKER = ("lora_mid.weight", "hada_t1", "hada_t2", "lokr_t1", "lokr_t2")
+UNSUPPORTED = (*TUCKER, "dora_scale")  # DoRA rescales the weight's norm: adding a delta would be wrong
 _PARAMETERS = ("lora_down.weight", "lora_up.weight", "alpha", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b",
                "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lora_A.weight",
-               "lora_B.weight", "dora_scale", *TUCKER)
+               "lora_B.weight", "lora.down.weight", "lora.up.weight", *UNSUPPORTED)
 
 
 @dataclass(frozen=True)
@@ -95,12 +97,12 @@ def _lokr(layer: Mapping[str, Any], address: str) -> Callable[[tuple[int, ...]],
 
 
 def _has(*names: str) -> Callable[[frozenset[str]], bool]:
-    return lambda keys: all(name in keys for name in names) and not any(name in keys for name in TUCKER)
+    return lambda keys: all(name in keys for name in names) and not any(name in keys for name in UNSUPPORTED)
 
 
 def _lokr_keys(keys: frozenset[str]) -> bool:
     whole_or_product = all(f"lokr_w{i}" in keys or {f"lokr_w{i}_a", f"lokr_w{i}_b"} <= keys for i in (1, 2))
-    return whole_or_product and not any(name in keys for name in TUCKER)
+    return whole_or_product and not any(name in keys for name in UNSUPPORTED)
 
 
 NETWORK_FORMATS = (
@@ -110,6 +112,8 @@ NETWORK_FORMATS = (
     AddonFormat("LyCORIS LoKr", NETWORK, _lokr_keys, _lokr),
     AddonFormat("diffusers/PEFT LoRA", NETWORK, _has("lora_A.weight", "lora_B.weight"),
                 _lora("lora_A.weight", "lora_B.weight")),
+    AddonFormat("diffusers LoRA (lora.down/lora.up)", NETWORK, _has("lora.down.weight", "lora.up.weight"),
+                _lora("lora.down.weight", "lora.up.weight")),
 )
 
 
@@ -147,7 +151,9 @@ def read_network(path: Path) -> list[LayerChange]:
         changes.append(LayerChange(flat(address), entry.name, entry.read(layer, address)))
     if unknown:
         tucker = any(name in key for key in unknown for name in TUCKER)
-        why = "Tucker-decomposed layers are not supported" if tucker else "not a LoRA, LoHa, LoKr or PEFT layer"
+        dora = any("dora_scale" in key for key in unknown)
+        why = ("Tucker-decomposed layers are not supported" if tucker else "DoRA layers are not supported" if dora
+               else "not a LoRA, LoHa, LoKr or PEFT layer")
         raise CheckpointError(f"{path}: {len(unknown)} keys ldmtool cannot read ({why}): {', '.join(unknown[:3])}"
                               f"{' ...' if len(unknown) > 3 else ''}")
     if not changes:
