@@ -227,3 +227,17 @@ def test_dora_and_tucker_layers_are_refused_by_name():
                           f"{key}.{extra}": torch.zeros(2)})
         with pytest.raises(CheckpointError, match=words):
             read_network(path)
+
+
+def test_a_run_wide_prompt_tag_applies_to_img2img_as_the_option_does(tmp_path, setup):
+    model, _, _, lora = setup
+    source = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(2).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(source)
+    images = []
+    for name, prompt, extra in (("a", f"{PROMPT} <lora:fox-style:0.6>", ["--lora-dir", lora.parent]),
+                                ("b", PROMPT, ["--lora", f"{lora}:0.6"]), ("c", PROMPT, [])):
+        pixels, _ = run_ours("img2img", source, "--prompt", prompt, "--strength", 0.5, "--model", model,
+                                  *extra, "-o", tmp_path / f"{name}.png")
+        images.append(pixels)
+    assert np.array_equal(images[0], images[1])
+    assert np.abs(images[0] - images[2]).max() > 2 / 255
