@@ -166,3 +166,24 @@ def test_weights_clip_skip_and_long_prompts_reach_the_image(tmp_path):
         assert np.abs(other - plain).max() > 5  # agreement within 1/255 is the noise floor elsewhere
     assert json.loads(info["ldmtool"])["parameters"]["clip_skip"] == 2
     assert "Clip skip: 2," in info["parameters"]
+
+
+def test_any_text_parses_and_lays_out_in_whole_chunks(encoders):
+    """Hostile prompts (unbalanced brackets, stray colons and backslashes, huge weights, BREAK anywhere)
+    never fail: every piece has a weight, and every chunk is 77 ids framed by <start> and <end>."""
+    from hypothesis import given, strategies as st
+
+    encoder = PromptEncoder(encoders["sd1"])
+    alphabet = st.sampled_from(list("ab ,()[]:\\.1") + ["BREAK", " BREAK ", ":1e9)", ":-2)", "<lora:x:1>", "é"])
+
+    @given(st.lists(alphabet, max_size=60).map("".join))
+    def check(text):
+        pieces = parse_attention(text)
+        assert pieces and all(isinstance(t, str) and isinstance(w, float) for t, w in pieces)
+        for chunk in encoder.chunks(text):
+            assert len(chunk.tokens) == len(chunk.weights) == 77
+            assert chunk.tokens[0] == 49406 and 49407 in chunk.tokens[1:]
+
+    check()
+    plain = "a quiet harbour at dusk"
+    assert parse_attention(plain) == [(plain, 1.0)]
