@@ -8,9 +8,10 @@ bad, fail the item instead of writing a wrong image.
 """
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from ldmtool.checkpoints.bundle import LatentDiffusionBundle
 from ldmtool.diffusion.cond import Cond, Guided
 from ldmtool.diffusion.denoisers import DiscreteDenoiser, per_row
 from ldmtool.diffusion.guidance import CFGDenoiser
+from ldmtool.diffusion.names import sampler_name
 from ldmtool.diffusion.run import SamplerSettings, sample_latents
 from ldmtool.diffusion.samplers import check_options, default_schedule, get_sampler
 from ldmtool.errors import FatalError, ItemError, LdmError, UsageError
@@ -31,6 +33,9 @@ from ldmtool.tiling.fusion import TileConfig, TiledDenoiser
 from ldmtool.tiling.memory import check_tile, choose_tiling, parse_memory
 from ldmtool.tiling.seamless import Seamless, parse_seamless, seamless
 from ldmtool.tiling.vae import TensorCanvas, VAETiling, tiled_decode, tiled_encode
+
+if TYPE_CHECKING:
+    from ldmtool.addons.apply import ModelAddons
 
 # Untiled decodes above this many latent pixels go through the tiled first stage (bounded memory).
 _VAE_UNTILED_MAX = 128 * 128
@@ -50,6 +55,7 @@ class Engine:
         self.dtype: Optional[torch.dtype] = None
         self.precision: Optional[PrecisionChoice] = None  # the dtype and why (recorded in every output)
         self.budget: Optional[int] = None  # --max-memory in bytes, parsed once by validate()
+        self.networks: tuple[Any, ...] = ()  # LoRAs of a prompt's <lora:...> tags (`with_networks`)
 
     def validate(self) -> None:
         """UsageError for a sampling or tiling option that every item would fail on, before anything loads
@@ -61,6 +67,7 @@ class Engine:
                 raise UsageError(f"--{name} {value}: must be a finite number")
         if s.sampler is not None:
             check_options(s.sampler, eta=s.eta)
+        self.addons()  # --lora and --vae files exist (UsageError naming the one that does not)
 
     # -- loading
 
@@ -95,11 +102,14 @@ class Engine:
         device = self.device
         assert device is not None, "open() or in_fp32() chooses the device before loading"
 
-        def loader() -> Any:
-            return load_model(weights, config=choice.config, preset=choice.preset, device=device, dtype=dtype,
-                              use_ema=choice.use_ema, prediction=choice.prediction)
+        addons = self.addons()
 
-        extra = (str(choice.config), choice.preset, choice.use_ema, choice.prediction)
+        def loader() -> Any:
+            bundle = load_model(weights, config=choice.config, preset=choice.preset, device=device, dtype=dtype,
+                                use_ema=choice.use_ema, prediction=choice.prediction)
+            return addons.apply(bundle)
+
+        extra = (str(choice.config), choice.preset, choice.use_ema, choice.prediction, *addons.cache_key())
         try:
             bundle: LatentDiffusionBundle = model_cache().load_file(weights, device, dtype, loader, *extra)
             return bundle
@@ -108,12 +118,26 @@ class Engine:
         except (OSError, RuntimeError, ValueError, KeyError) as err:
             raise FatalError(f"{weights}: cannot load the model ({err})") from err
 
+    def addons(self) -> "ModelAddons":
+        """The LoRAs (`--lora` and the run's prompt tags, `self.networks`) and `--vae` this engine's model has."""
+        from ldmtool.addons.apply import ModelAddons
+
+        return ModelAddons.of(self.choice, self.networks)
+
+    def with_networks(self, networks: tuple[Any, ...]) -> "Engine":
+        """This engine with another set of LoRAs: the model with them applied, from the model cache."""
+        twin = copy.copy(self)
+        twin.networks = networks
+        assert self.dtype is not None, "open() chooses the dtype before networks change"
+        twin.bundle = twin._load(self.dtype)
+        return twin
+
     def in_fp32(self) -> "Engine":
         """The same model in fp32 (from the model cache), for recomputing a non-finite half-precision result."""
         if self.dtype == torch.float32:
             return self
         twin = Engine(self.choice, self.sampling)
-        twin.device, twin.dtype, twin.budget = self.device, torch.float32, self.budget
+        twin.device, twin.dtype, twin.budget, twin.networks = self.device, torch.float32, self.budget, self.networks
         twin.bundle = twin._load(torch.float32)
         return twin
 
@@ -156,7 +180,7 @@ class Engine:
 
     def resolved(self) -> dict[str, Any]:
         d, s = self.info.defaults, self.sampling
-        sampler = s.sampler or d.sampler
+        sampler, named_karras = sampler_name(s.sampler or d.sampler)  # A1111 names too ("DPM++ 2M Karras")
         info = get_sampler(sampler)
         return {
             "sampler": sampler,
@@ -164,7 +188,7 @@ class Engine:
             "cfg": s.cfg if s.cfg is not None else d.cfg,
             "eta": s.eta,
             "temperature": s.temperature if s.temperature is not None else d.temperature,
-            "karras": s.karras,
+            "karras": s.karras if s.karras is not None else named_karras,
             "seamless": s.seamless or None,
         }
 

@@ -35,9 +35,9 @@ from ldmtool.pipelines.colour_fix import colour_fix_to, config_switch
 from ldmtool.pipelines.engine import Engine, to_array
 from ldmtool.pipelines.text import (
     PromptConditioning,
-    TextConditioner,
     padded_images,
     padding,
+    text_conditioner,
     text_encoder,
 )
 from ldmtool.runtime.jobs import Job, Output
@@ -85,10 +85,9 @@ class InpaintTask(ModelTask):
             encoder = text_encoder(engine.bundle)
             if encoder is None:
                 raise FatalError(f"{engine.model_path}: the {info.family} inpainting model has no text encoder")
-            self.texts = TextConditioner(encoder)
+            self.texts = text_conditioner(engine, encoder)
         elif self.kind is InpaintKind.MASKED:
-            self.conditioning = PromptConditioning(engine.bundle, engine.model_path, self.command,
-                                                   prompt=self.prompt, negative=self.negative)
+            self.conditioning = PromptConditioning(engine, self.command, prompt=self.prompt, negative=self.negative)
         self.check_guidance(engine, guided=self.kind is InpaintKind.SD_HYBRID or (
             self.kind is InpaintKind.MASKED and self.conditioning.texts is not None))
         self.check_vocabulary((self.prompt, self.negative))
@@ -172,8 +171,8 @@ class InpaintTask(ModelTask):
                    seeds: list[int]) -> torch.Tensor:
         c_masked = e.encode(images * (masks < 0.5))
         concat = torch.cat([latent_mask, c_masked], dim=1).to(e.device, e.dtype)
-        context = self.texts([self.prompt] * len(seeds)).to(e.device, e.dtype)
-        uncontext = self.texts([self.negative] * len(seeds)).to(e.device, e.dtype)
+        context, uncontext = (c.to(e.device, e.dtype) for c in self.texts.pair([self.prompt] * len(seeds),
+                                                                               [self.negative] * len(seeds)))
         return e.sample((latent_mask.shape[-2], latent_mask.shape[-1]), seeds, Cond(crossattn=context, concat=concat),
                         Cond(crossattn=uncontext, concat=concat), progress=self.step_progress())
 

@@ -31,6 +31,7 @@ from ldmtool.io.files import read_text_file
 from ldmtool.runtime.device import one_thread
 
 if TYPE_CHECKING:
+    from ldmtool.addons.base import TextualInversion
     from ldmtool.checkpoints.bundle import LatentDiffusionBundle
     from ldmtool.diffusion.cond import Cond
     from ldmtool.pipelines.engine import Engine
@@ -189,36 +190,82 @@ def padding(height: int, width: int, multiple: int) -> tuple[int, int]:
 class TextConditioner:
     """Cross-attention context per prompt, each distinct text encoded once (not per image or tile).
 
-    Each text is encoded alone and on one thread, so its context is the same whatever else is in the
-    batch and however many threads the run has (the text encoders' activations are not run in the fixed
-    pieces of `nets._layers.pointwise`). Contexts are kept for the `keep` most recently used texts (an SD context is ~230 kB, so a run over a
+    Prompts are read in A1111's syntax (`pipelines/prompt_encoding.py`): weights, BREAK, chunks of 77 tokens
+    beyond 75, textual-inversion names, with the run's clip skip. Each text is encoded alone and on one
+    thread, so its context is the same whatever else is in the batch and however many threads the run has
+    (the text encoders' activations are not run in the fixed pieces of `nets._layers.pointwise`). Contexts
+    are kept for the `keep` most recently used texts (an SD context is ~230 kB a chunk, so a run over a
     100k-line prompt file must not keep them all); items of one prompt run together, so this is enough to
     encode every prompt once in a normal run.
     """
 
-    def __init__(self, encoder: torch.nn.Module, keep: int = 512):
+    def __init__(self, encoder: torch.nn.Module, keep: int = 512, *, clip_skip: Optional[int] = None,
+                 embeddings: Sequence["TextualInversion"] = ()):
+        from ldmtool.pipelines.prompt_encoding import PromptEncoder
+
         self.encoder = encoder
+        self.prompt_encoder = PromptEncoder(encoder, clip_skip=clip_skip, embeddings=embeddings)
         self.keep = keep
         self._contexts: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.encoded = 0  # how many texts went through the encoder (tests check the caching)
 
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
-        """(B, T, D) context for `texts`, on the CPU in float32."""
+        """(B, T, D) context for `texts`, on the CPU in float32 (each padded to the longest with empty chunks)."""
+        contexts = self.contexts(texts)
+        return torch.stack(self._padded(contexts, max(len(c) for c in contexts)))
+
+    def pair(self, prompts: Sequence[str], negatives: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cond, uncond) contexts for guidance, padded to one length with empty chunks, as A1111 pads the
+        shorter of a prompt and its negative."""
+        cond, uncond = self.contexts(prompts), self.contexts(negatives)
+        length = max(len(c) for c in [*cond, *uncond])
+        return torch.stack(self._padded(cond, length)), torch.stack(self._padded(uncond, length))
+
+    def ti_hashes(self, *texts: str) -> Optional[str]:
+        """`name: hash, ...` of the embeddings `texts` use, as A1111 writes `TI hashes` (None for none)."""
+        used: dict[str, Any] = {}
+        for text in texts:
+            used.update(self.prompt_encoder.embeddings_in(text))
+        return ", ".join(f"{name}: {e.sha256[:12]}" for name, e in used.items()) or None
+
+    def chunk_count(self, *texts: str) -> int:
+        """How many 77-token chunks the longest of `texts` takes (items that differ cannot share a batch)."""
+        return max(len(self.contexts([text])[0]) for text in texts) // CLIP_CHUNK
+
+    def contexts(self, texts: Sequence[str]) -> list[torch.Tensor]:
+        """(T, D) context of each text, encoding those not kept yet."""
         found = {t: self._contexts[t] for t in dict.fromkeys(texts) if t in self._contexts}
         missing = [t for t in dict.fromkeys(texts) if t not in found]
         if missing:
-            from ldmtool.pipelines.engine import method
-
-            encode = method(self.encoder, "encode")
             with torch.inference_mode(), one_thread():  # once per prompt, so a single thread costs little
-                found.update((text, encode([text])[0].float().cpu()) for text in missing)
+                found.update((text, self.prompt_encoder(text)) for text in missing)
             self.encoded += len(missing)
         for text, context in found.items():
             self._contexts[text] = context
             self._contexts.move_to_end(text)
         while len(self._contexts) > self.keep:
             self._contexts.popitem(last=False)
-        return torch.stack([found[t] for t in texts])
+        return [found[t] for t in texts]
+
+    def _padded(self, contexts: list[torch.Tensor], length: int) -> list[torch.Tensor]:
+        if all(len(c) == length for c in contexts):
+            return contexts
+        empty = self.contexts([""])[0]
+        return [torch.cat([c, *[empty] * ((length - len(c)) // len(empty))]) for c in contexts]
+
+
+CLIP_CHUNK = 77
+
+
+def text_conditioner(engine: "Engine", encoder: torch.nn.Module) -> TextConditioner:
+    """The run's text conditioner: the model's text encoder with `--clip-skip` and `--embeddings-dir`."""
+    from ldmtool.addons.embeddings import load_embeddings
+
+    choice = engine.choice
+    if choice.clip_skip is not None and not hasattr(encoder, "token_embedding"):
+        raise UsageError(f"--clip-skip {choice.clip_skip}: a {engine.info.family} model has no CLIP text encoder")
+    embeddings = load_embeddings(choice.embeddings_dir) if choice.embeddings_dir is not None else ()
+    return TextConditioner(encoder, clip_skip=choice.clip_skip, embeddings=embeddings)
 
 
 # ---------------------------------------------------------------- images in and out
@@ -239,21 +286,20 @@ class PromptConditioning:
     """Conditioning for img2img and masked inpainting: a text model's prompt and negative (guided), or
     nothing for an unconditional model. Other model kinds cannot take these commands (UsageError)."""
 
-    def __init__(self, bundle: "LatentDiffusionBundle", path: Path, command: str, *, prompt: str = "",
-                 negative: str = ""):
+    def __init__(self, engine: "Engine", command: str, *, prompt: str = "", negative: str = ""):
         self.prompt, self.negative = prompt, negative
-        info = bundle.info
+        info, path = engine.info, engine.model_path
         if info.conditioning is Conditioning.NONE:
             if prompt or negative:
                 raise UsageError(f"{path}: a {info.family} model is unconditional and takes no prompt; "
                                  "drop --prompt/--negative")
             self.texts: Optional[TextConditioner] = None
             return
-        encoder = text_encoder(bundle)
+        encoder = text_encoder(engine.bundle)
         if encoder is None or info.conditioning is not Conditioning.CROSSATTN:
             raise UsageError(f"{path}: a {info.family} model cannot do {command} (it needs a text-to-image "
                              "or unconditional model)")
-        self.texts = TextConditioner(encoder)
+        self.texts = text_conditioner(engine, encoder)
 
     def __call__(self, engine: "Engine", count: int) -> tuple["Cond", Optional["Cond"]]:
         """(cond, uncond) for a batch of `count` items on the engine's device."""
@@ -261,6 +307,5 @@ class PromptConditioning:
 
         if self.texts is None:
             return Cond(), None
-        cond = self.texts([self.prompt] * count).to(engine.device, engine.dtype)
-        uncond = self.texts([self.negative] * count).to(engine.device, engine.dtype)
-        return Cond(crossattn=cond), Cond(crossattn=uncond)
+        cond, uncond = self.texts.pair([self.prompt] * count, [self.negative] * count)
+        return Cond(crossattn=cond.to(engine.device, engine.dtype)), Cond(crossattn=uncond.to(engine.device, engine.dtype))

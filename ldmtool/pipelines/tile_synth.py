@@ -20,7 +20,7 @@ from ldmtool.io.discover import Item, generated_items
 from ldmtool.pipelines.engine import Engine
 from ldmtool.pipelines.sample import GeneratorTask, SampleTask, sample_items
 from ldmtool.pipelines.semantic2img import Semantic2ImgTask
-from ldmtool.pipelines.text import TextConditioner, text_encoder
+from ldmtool.pipelines.text import text_conditioner, text_encoder
 from ldmtool.runtime.jobs import Job
 
 COMMAND = "tile-synth"
@@ -64,7 +64,7 @@ class TextTileTask(GeneratorTask):
         if encoder is None or bundle.info.conditioning is not Conditioning.CROSSATTN:
             raise UsageError(f"{self.engine.model_path}: a {bundle.info.family} model takes no text; drop --prompt "
                              "(or use a text-to-image model)")
-        self.texts = TextConditioner(encoder)
+        self.texts = text_conditioner(self.engine, encoder)
         self.check_vocabulary((self.prompt, self.negative))
         self.check_literal_prompts((self.prompt, self.negative))
         self.params.update(prompt=self.prompt, negative=self.negative)
@@ -73,9 +73,8 @@ class TextTileTask(GeneratorTask):
         return True
 
     def conditioning(self, engine: Engine, job: Job, latent_hw: tuple[int, int]) -> tuple[Cond, Optional[Cond]]:
-        cond = self.texts([self.prompt]).to(engine.device, engine.dtype)
-        uncond = self.texts([self.negative]).to(engine.device, engine.dtype)
-        return Cond(crossattn=cond), Cond(crossattn=uncond)
+        cond, uncond = self.texts.pair([self.prompt], [self.negative])
+        return Cond(crossattn=cond.to(engine.device, engine.dtype)), Cond(crossattn=uncond.to(engine.device, engine.dtype))
 
 
 class NoiseTileTask(SampleTask):

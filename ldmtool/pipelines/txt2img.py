@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from ldmtool.addons.networks import NetworkSet, lora_hashes, prompt_networks
 from ldmtool.diffusion.cond import Cond
 from ldmtool.diffusion.samplers import get_sampler
 from ldmtool.errors import ItemError, UsageError
@@ -26,6 +27,7 @@ from ldmtool.pipelines.text import (
     TextConditioner,
     check_size,
     require_text_model,
+    text_conditioner,
 )
 from ldmtool.runtime.jobs import Job, Output
 from ldmtool.runtime.seeds import SEED_LIMIT
@@ -78,7 +80,9 @@ class Txt2ImgTask(ModelTask):
     # -- once per run
 
     def check_model(self, engine: Engine) -> None:
-        self.texts = TextConditioner(require_text_model(engine.bundle, engine.model_path, self.command))
+        self.texts = text_conditioner(engine, require_text_model(engine.bundle, engine.model_path, self.command))
+        self._texts_by_networks: dict[NetworkSet, TextConditioner] = {engine.networks: self.texts}
+        self._prompt_networks: dict[str, NetworkSet] = {}
         self.multiple = engine.info.pixel_multiple
         default_w, default_h = engine.info.defaults.size
         self.width, self.height = self.width or default_w, self.height or default_h
@@ -104,12 +108,16 @@ class Txt2ImgTask(ModelTask):
                 get_sampler(spec.sampler)
         except UsageError as err:  # a bad JSON line fails its own items only
             raise ItemError(f"{job.item.label}: {err}") from None
+        try:
+            self._networks(spec.prompt)
+        except UsageError as err:  # a LoRA a line names is missing: that line's items fail
+            raise ItemError(f"{job.item.label}: {err}") from None
         self.check_vocabulary((spec.prompt, self._negative(spec)))
         self.check_trained_size(width, height)
         return spec
 
     def run(self, jobs: list[Job]) -> list[Output]:
-        return in_groups(jobs, _batch_key, self._generate)
+        return in_groups(jobs, self._batch_key, self._generate)
 
     def _generate(self, jobs: list[Job]) -> list[Output]:
         spec: PromptSpec = jobs[0].payload
@@ -127,8 +135,8 @@ class Txt2ImgTask(ModelTask):
     def _sample_and_decode(self, engine: Engine, *, latent_hw: tuple[int, int], prompts: list[str],
                            negatives: list[str], seeds: list[int]) -> torch.Tensor:
         """Uint8 pixels (B, H, W, 3) at `engine`'s precision (`Engine.finite` retries in fp32)."""
-        cond = Cond(crossattn=self.texts(prompts).to(engine.device, engine.dtype))
-        uncond = Cond(crossattn=self.texts(negatives).to(engine.device, engine.dtype))
+        contexts = self._texts_for(engine).pair(prompts, negatives)
+        cond, uncond = (Cond(crossattn=context.to(engine.device, engine.dtype)) for context in contexts)
         z = engine.sample(latent_hw, seeds, cond, uncond, progress=self.step_progress())
         return engine.decode_pixels(z)
 
@@ -157,20 +165,41 @@ class Txt2ImgTask(ModelTask):
         """The run's engine, or a copy sharing its model with a JSON line's own sampler/steps/cfg."""
         changes: dict[str, Any] = {k: v for k, v in (("sampler", spec.sampler), ("steps", spec.steps), ("cfg", spec.cfg))
                    if v is not None}
+        networks = self._networks(spec.prompt)
+        engine = self.engine.with_networks(self.engine.networks + networks) if networks else self.engine
         if not changes:
-            return self.engine
-        twin = copy.copy(self.engine)
-        twin.sampling = replace(self.engine.sampling, **changes)
+            return engine
+        twin = copy.copy(engine)
+        twin.sampling = replace(engine.sampling, **changes)
         return twin
+
+    def _networks(self, prompt: str) -> NetworkSet:
+        """The LoRAs a prompt's `<lora:NAME:W>` tags name (found once per distinct prompt)."""
+        if prompt not in self._prompt_networks:
+            self._prompt_networks[prompt] = prompt_networks(prompt, self.engine.choice.lora_dir) if "<" in prompt else ()
+        return self._prompt_networks[prompt]
+
+    def _texts_for(self, engine: Engine) -> TextConditioner:
+        """The text conditioner of an engine's model: LoRAs change the text encoder too."""
+        if engine.networks not in self._texts_by_networks:
+            encoder = require_text_model(engine.bundle, engine.model_path, self.command)
+            self._texts_by_networks[engine.networks] = text_conditioner(engine, encoder)
+        return self._texts_by_networks[engine.networks]
 
     def _item_params(self, spec: PromptSpec, engine: Engine) -> dict[str, Any]:
         params: dict[str, Any] = {"prompt": spec.prompt, **spec.overrides()}
         if engine is not self.engine:
             params.update(engine.resolved())
+        if engine.networks != self.engine.networks:
+            params["lora_hashes"] = lora_hashes(engine.addons().networks)
+        ti_hashes = self.texts.ti_hashes(spec.prompt, self._negative(spec))
+        if ti_hashes:
+            params["ti_hashes"] = ti_hashes
         return params
 
-
-def _batch_key(job: Job) -> tuple[Optional[int], Optional[int], Optional[str], Optional[int], Optional[float]]:
-    """Jobs with equal keys share one sampling call: same size and sampling parameters (prompts may differ)."""
-    spec: PromptSpec = job.payload
-    return spec.width, spec.height, spec.sampler, spec.steps, spec.cfg
+    def _batch_key(self, job: Job) -> tuple[Any, ...]:
+        """Jobs with equal keys share one sampling call: same size, sampling parameters and number of prompt
+        chunks (prompts may differ; a longer context cannot share a batch without changing the others)."""
+        spec: PromptSpec = job.payload
+        chunks = self.texts.chunk_count(spec.prompt, self._negative(spec))
+        return spec.width, spec.height, spec.sampler, spec.steps, spec.cfg, chunks, self._networks(spec.prompt)
