@@ -109,3 +109,15 @@ def test_the_plan_event_says_the_choice(monkeypatch, model, tmp_path):
     made = _sample(model, tmp_path / "out")
     plans = [json.loads(line) for line in made.stdout.splitlines() if '"event": "plan"' in line]
     assert plans and plans[-1]["precision"] == "fp32" and "no native bf16" in plans[-1]["precision_reason"]
+
+
+def test_half_precision_where_the_cpu_emulates_it_is_said_once(monkeypatch, model, tmp_path):
+    _simulate(monkeypatch, AMD_AVX2)
+    assert resolve_precision("bf16", CPU).emulated and not resolve_precision("fp32", CPU).emulated
+    _simulate(monkeypatch, XEON_AMX)
+    assert not resolve_precision("bf16", CPU).emulated and resolve_precision("fp16", CPU).emulated
+    _simulate(monkeypatch, AMD_AVX2)
+    made = run_cli("sample", "--model", model, "--n", "2", "--width", "32", "--height", "32", "--steps", "2",
+                   "--seed", "5", "-o", tmp_path / "out", "--precision", "bf16")
+    assert made.exit_code == 0, made.output
+    assert made.stderr.count("warning: --precision bf16: this CPU has no native bf16") == 1, made.stderr

@@ -71,6 +71,8 @@ class ModelTask(BaseTask):
             self.engine.networks = prompt_networks(prompt, self.engine.choice.lora_dir)
         engine = self.engine.open()
         self.model_path = engine.model_path
+        if engine.precision is not None and engine.precision.emulated:
+            self.warn_once("precision", f"--precision {engine.precision.name}: {engine.precision.reason.split('; ')[1]}")
         self.check_model(engine)
         self.params.update(engine.resolved())
         self.params.update(self.recorded(engine))
