@@ -6,9 +6,8 @@ bf16. On a CPU that computes bf16 natively (AMX, AVX512-BF16) the bf16 run is th
 Elsewhere real bf16 is emulated by oneDNN's reference kernels, about 100x slower than fp32 (measured on an
 AMD EPYC with AVX2: one default-superres UNet call 0.2 s fp32, 23 s bf16), so by default it is simulated:
 the fp32 run inside `Bf16Rounding`, which rounds every floating-point result of every torch operation to
-bf16. That is what bf16 kernels deliver (inputs in bf16, fp32 accumulation, results rounded to bf16), and
-it rounds more than a real bf16 run does (the sampler's own arithmetic too), so the simulated PSNR is a
-lower bound. `--check` compares the simulation with real bf16 on one small UNet call first.
+bf16 inside the networks' forward calls. That is what bf16 kernels deliver (inputs in bf16, fp32
+accumulation, results rounded to bf16); the sampler's state stays fp32 in both, as ldmtool keeps it. `--check` compares the simulation with real bf16 on one small UNet call first.
 
     python benchmarks/precision_quality.py              # every shipped default + tiny SD, README table
     python benchmarks/precision_quality.py --real       # real bf16 even where it is emulated (slow)
@@ -34,11 +33,34 @@ TARGET_DB = 35.0
 
 
 class Bf16Rounding(TorchDispatchMode):
-    """Every float32 result of every torch operation rounded to the nearest bf16 (kept as float32)."""
+    """Every float32 result of every torch operation run inside a network's forward (a module of ldmtool.nets
+    or transformers) rounded to the nearest bf16, kept as float32: the networks as bf16 kernels compute them,
+    the sampler around them in fp32, as ldmtool runs bf16."""
+
+    def __enter__(self):
+        self._depth = 0
+        self._hooks = [torch.nn.modules.module.register_module_forward_pre_hook(self._enter_network),
+                       torch.nn.modules.module.register_module_forward_hook(self._leave_network)]
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for hook in self._hooks:
+            hook.remove()
+        return super().__exit__(*exc)
+
+    @staticmethod
+    def _is_network(module: torch.nn.Module) -> bool:
+        return type(module).__module__.startswith(("ldmtool.nets", "transformers"))
+
+    def _enter_network(self, module, args):
+        self._depth += self._is_network(module)
+
+    def _leave_network(self, module, args, output):
+        self._depth -= self._is_network(module)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func.is_view:  # a view holds no new values (and must stay a view)
+        if self._depth <= 0 or func.is_view:  # outside the networks; or a view, which holds no new values
             return out
         if func._schema.is_mutable:  # in place (add_, copy_, out=): round what it wrote, where it wrote it
             tree_map(_round_in_place, out)

@@ -101,7 +101,7 @@ def test_bf16_stays_close_to_fp32_and_fp32_outputs_keep_their_identity(monkeypat
     (half,) = sorted((tmp_path / "bf16").glob("*.png"))
     a, b = (np.asarray(Image.open(p), dtype=np.float64) for p in (image, half))
     psnr = 10 * np.log10(255**2 / max(((a - b) ** 2).mean(), 1e-12))
-    assert psnr > 30, psnr
+    assert psnr >= 35, psnr  # the bar issue 17 sets for the shipped defaults
 
 
 def test_the_plan_event_says_the_choice(monkeypatch, model, tmp_path):
