@@ -241,3 +241,25 @@ def test_a_run_wide_prompt_tag_applies_to_img2img_as_the_option_does(tmp_path, s
         images.append(pixels)
     assert np.array_equal(images[0], images[1])
     assert np.abs(images[0] - images[2]).max() > 2 / 255
+
+
+def test_resume_tells_a_replaced_lora_file_from_the_one_that_made_the_output(tmp_path, setup):
+    from safetensors.torch import load_file
+
+    from clirun import run_cli
+
+    model, _, _, lora = setup
+    mine = tmp_path / "style.safetensors"
+    mine.write_bytes(lora.read_bytes())
+    out = tmp_path / "fox.png"
+    args = ("txt2img", "--prompt", PROMPT, "--model", model, "-W", SIZE, "-H", SIZE, "--steps", "2",
+            "--lora", f"{mine}:0.5", "--seed", "3", "-o", out, "--quiet")
+    assert run_cli(*args).exit_code == 0
+    with Image.open(out) as image:
+        recipe = json.loads(image.info["ldmtool"])
+    assert recipe["job"]["options"]["lora_sha256"][0][1] == 0.5
+    assert run_cli(*args).exit_code == 0  # the same file: done already
+    state = load_file(str(mine))
+    save_safetensors({k: v * 2 if k.endswith("up.weight") else v for k, v in state.items()}, mine)
+    again = run_cli(*args)
+    assert again.exit_code == 1 and "--lora-sha256 differs" in again.output, again.output

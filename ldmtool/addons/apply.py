@@ -36,6 +36,18 @@ class ModelAddons:
         vae = FileIdentity.of(self.vae) if self.vae is not None else None
         return (tuple(n.identity() for n in self.networks), vae)
 
+    def job_identity(self) -> dict[str, Any]:
+        """What a job's identity holds of the add-ons' files: their contents (sha256), so an output made with a
+        LoRA or VAE file that has since been replaced under the same name is not taken as this job's."""
+        from ldmtool.runtime.cache import file_sha256
+
+        identity: dict[str, Any] = {}
+        if self.networks:
+            identity["lora_sha256"] = [[file_sha256(n.path), n.weight] for n in self.networks]
+        if self.vae is not None:
+            identity["vae_sha256"] = file_sha256(self.vae)
+        return identity
+
     def recorded(self, choice: "ModelChoice") -> dict[str, Any]:
         """What outputs record of the add-ons, under the names A1111 writes them (only those in use)."""
         from ldmtool.addons.networks import lora_hashes

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Protocol
+from typing import Any, Iterable, Mapping, Optional, Protocol, cast
 
 import numpy as np
 
@@ -48,8 +48,16 @@ class Events(Protocol):
 def recipes_for(task: Task, options: RunOptions, output_suffix: str) -> Recipes:
     """The identity of a run's jobs (runtime/identity.py): command, model sha256, pixel options."""
     own = {name: value for name, value in options.cli.items() if name not in getattr(task, "item_options", ())}
-    pixels = {**identity.pixel_options(own, Path("x" + output_suffix)), **auto_precision(task)}
+    pixels = {**identity.pixel_options(own, Path("x" + output_suffix)), **auto_precision(task), **addon_files(task)}
     return Recipes(task.command, model_sha256(task), pixels, identity.recorded_options(options.cli))
+
+
+def addon_files(task: Task) -> dict[str, Any]:
+    """The contents (sha256) of the run's `--lora` and `--vae` files, beside their paths in the options."""
+    engine = getattr(task, "engine", None)
+    if engine is None or not hasattr(engine, "addons"):
+        return {}
+    return cast(dict[str, Any], engine.addons().job_identity())
 
 
 def auto_precision(task: Task) -> dict[str, str]:
