@@ -5,7 +5,7 @@ concat map, or (for the x4 upscaler) the noised low-resolution image and its noi
 """
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -92,7 +92,8 @@ class FrozenCLIPEmbedder(nn.Module):
 
     def __init__(self, version: str = "openai/clip-vit-large-patch14", device: object = None,
                  max_length: int = 77, freeze: bool = True, layer: str = "last",
-                 layer_idx: Optional[int] = None, *, text_config: Optional[dict] = None):
+                 layer_idx: Optional[int] = None, always_return_pooled: bool = False, *,
+                 text_config: Optional[dict] = None):
         super().__init__()
         from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -103,6 +104,7 @@ class FrozenCLIPEmbedder(nn.Module):
         self.max_length = max_length
         self.layer = layer
         self.layer_idx = layer_idx
+        self.return_pooled = always_return_pooled  # sgm's option: also the pooled output (SDXL's CLIP-L: off)
         if freeze:
             self.requires_grad_(False)
 
@@ -114,14 +116,17 @@ class FrozenCLIPEmbedder(nn.Module):
                                padding="max_length", return_tensors="pt")
         return enc["input_ids"]
 
-    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+    def encode_tokens(self, tokens: torch.Tensor) -> Any:
+        """(B, 77, hidden) hidden states of the chosen layer; with `always_return_pooled` also (B, hidden)."""
         device = self.transformer.text_model.embeddings.token_embedding.weight.device
         out = self.transformer.text_model(input_ids=tokens.to(device), output_hidden_states=self.layer == "hidden")
         if self.layer == "last":
-            return out.last_hidden_state
-        if self.layer == "pooled":
-            return out.pooler_output[:, None, :]
-        return out.hidden_states[self.layer_idx]
+            hidden = out.last_hidden_state
+        elif self.layer == "pooled":
+            hidden = out.pooler_output[:, None, :]
+        else:
+            hidden = out.hidden_states[self.layer_idx]
+        return (hidden, out.pooler_output) if self.return_pooled else hidden
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         """Cross-attention context (B, 77, hidden) for a list of prompts."""
