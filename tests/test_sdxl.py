@@ -292,3 +292,125 @@ def test_sdxl_vae_equals_diffusers_autoencoderkl(base):
         ours = base.first_stage.decode(latent / base.scale_factor)
         theirs = vae.decode(latent / vae.config.scaling_factor).sample
     assert (ours - theirs).abs().max() <= 1e-4
+
+
+# --- whole runs on a tiny random SDXL single file against diffusers' SDXL pipelines ------------------------
+
+PROMPT = "a red fox jumping over a fence"
+SIZE, STEPS, CFG, SEED = 64, 10, 7.5, 123
+
+
+def diffusers_xl_pipeline(bundle, kind="StableDiffusionXLPipeline", **options):
+    """diffusers' SDXL pipeline on our weights, with the DDIM schedule ldmtool's `--sampler ddim` takes
+    (scaled-linear betas, "leading" spacing with offset 1, final step to alpha = 1)."""
+    import diffusers
+    from diffusers import AutoencoderKL, DDIMScheduler
+    from diffusers.loaders import single_file_utils as sfu
+
+    from ldmtool.nets.tokenizers import clip_tokenizer
+
+    state = bundle.state_dict()
+    vae_config = sfu.create_vae_diffusers_config_from_ldm(bundle.config, state)
+    vae = AutoencoderKL(**vae_config)
+    vae.load_state_dict(sfu.convert_ldm_vae_checkpoint(state, vae_config), strict=True)
+    clip_l, bigg = diffusers_text_encoders(bundle)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=True, steps_offset=1, timestep_spacing="leading")
+    pipe = getattr(diffusers, kind)(vae=vae.eval(), text_encoder=clip_l, text_encoder_2=bigg,
+                                    tokenizer=clip_tokenizer() if clip_l is not None else None,
+                                    tokenizer_2=clip_tokenizer(pad_with_zero=True), unet=diffusers_unet(bundle),
+                                    scheduler=scheduler, **options)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_checkpoint(path, preset, seed):
+    """A tiny random SDXL single file in the released key layout, its sgm config beside it."""
+    import yaml
+
+    from ldmtool.checkpoints.files import save_safetensors
+    from ldmtool.checkpoints.tiny import randomise_
+
+    bundle = randomise_(tiny_model(preset), seed=seed, scale=WEIGHT_SCALE).eval()
+    save_safetensors(bundle.state_dict(), path)
+    path.with_suffix(".yaml").write_text(yaml.safe_dump(bundle.config, sort_keys=False))
+    return bundle
+
+
+@pytest.fixture(scope="module")
+def base_file(tmp_path_factory, base):
+    import yaml
+
+    from ldmtool.checkpoints.files import save_safetensors
+
+    path = tmp_path_factory.mktemp("sdxl") / "sdxl-base-tiny.safetensors"
+    save_safetensors(base.state_dict(), path)
+    path.with_suffix(".yaml").write_text(yaml.safe_dump(base.config, sort_keys=False))
+    return path, base
+
+
+def run_ours(*args):
+    """The CLI in-process with DDIM (eta 0), guidance and the fixed seed; returns pixels in [0, 1]."""
+    import numpy as np
+    from PIL import Image
+
+    from ldmtool.cli.app import main
+
+    out = args[list(args).index("-o") + 1]
+    try:
+        main([*map(str, args), "--sampler", "ddim", "--eta", "0", "--steps", str(STEPS), "--cfg", str(CFG),
+              "--seed", str(SEED), "--quiet"])
+    except SystemExit as exit:
+        assert not exit.code
+    with Image.open(out) as image:
+        return np.asarray(image).astype(np.float64) / 255
+
+
+def test_sdxl_txt2img_file_equals_diffusers_stable_diffusion_xl_pipeline(tmp_path, base_file):
+    """Micro-conditioning (original = target = the image's size, no crop) and the empty negative prompt as
+    zero embeddings (diffusers' `force_zeros_for_empty_prompt`, the reference's zeroed unconditional text)."""
+    import numpy as np
+
+    model, bundle = base_file
+    ours = run_ours("txt2img", "--prompt", PROMPT, "--model", model, "-W", SIZE, "-H", SIZE, "-o", tmp_path / "fox.png")
+    pipe = diffusers_xl_pipeline(bundle)
+
+    def theirs(prompt, **options):
+        with torch.no_grad():
+            return pipe(prompt, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=CFG, eta=0.0,
+                        generator=torch.Generator("cpu").manual_seed(SEED), output_type="np", **options).images[0]
+
+    reference = theirs(PROMPT)
+    assert ours.shape == reference.shape == (SIZE, SIZE, 3)
+    assert np.abs(ours - reference).max() <= 1 / 255
+    # controls: the comparison is sensitive to the prompt, the negative prompt and the micro-conditioning
+    assert np.abs(ours - theirs("a blue bird")).max() > 10 / 255
+    assert np.abs(ours - theirs(PROMPT, negative_prompt="")).max() > 10 / 255
+    assert np.abs(ours - theirs(PROMPT, original_size=(4 * SIZE, 4 * SIZE))).max() > 4 / 255
+
+
+def test_sdxl_base_to_refiner_handoff_equals_diffusers_denoising_end_and_start(tmp_path, base_file):
+    """`--refiner FILE --refiner-at 0.8`: the base runs the steps at t >= 200, the refiner (bigG text, aesthetic
+    score 6 / 2.5, its own VAE) the rest from the base's latent, as diffusers' ensemble of experts."""
+    import numpy as np
+
+    model, base = base_file
+    refiner_path = tmp_path / "sdxl-refiner-tiny.safetensors"
+    refiner = save_checkpoint(refiner_path, "sdxl-refiner", seed=8)
+    ours = run_ours("txt2img", "--prompt", PROMPT, "--model", model, "--refiner", refiner_path, "--refiner-at", 0.8,
+                    "-W", SIZE, "-H", SIZE, "-o", tmp_path / "fox.png")
+    first = diffusers_xl_pipeline(base)
+    second = diffusers_xl_pipeline(refiner, "StableDiffusionXLImg2ImgPipeline", requires_aesthetics_score=True,
+                                   force_zeros_for_empty_prompt=False)
+
+    def theirs(at):
+        common = dict(num_inference_steps=STEPS, guidance_scale=CFG, eta=0.0)
+        with torch.no_grad():
+            latents = first(PROMPT, height=SIZE, width=SIZE, denoising_end=at, output_type="latent",
+                            generator=torch.Generator("cpu").manual_seed(SEED), **common).images
+            return second(PROMPT, image=latents, denoising_start=at, output_type="np", **common).images[0]
+
+    reference = theirs(0.8)
+    assert ours.shape == reference.shape == (SIZE, SIZE, 3)
+    assert np.abs(ours - reference).max() <= 1 / 255
+    assert np.abs(ours - theirs(0.5)).max() > 4 / 255  # control: the hand-off point matters

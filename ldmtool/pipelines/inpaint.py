@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 from typing import Any, Optional
 
 import cv2
@@ -85,7 +86,7 @@ class InpaintTask(ModelTask):
             encoder = text_encoder(engine.bundle)
             if encoder is None:
                 raise FatalError(f"{engine.model_path}: the {info.family} inpainting model has no text encoder")
-            self.texts = TextConditioner(encoder)
+            self.texts = TextConditioner(encoder, info=info)
         elif self.kind is InpaintKind.MASKED:
             self.conditioning = PromptConditioning(engine.bundle, engine.model_path, self.command,
                                                    prompt=self.prompt, negative=self.negative)
@@ -156,7 +157,7 @@ class InpaintTask(ModelTask):
     def _masked(self, e: Engine, images: torch.Tensor, masks: torch.Tensor, seeds: list[int],
                 latent_hw: tuple[int, int]) -> torch.Tensor:
         init = e.encode(images)
-        cond, uncond = self.conditioning(e, len(seeds))
+        cond, uncond = self.conditioning(e, len(seeds), (images.shape[-2], images.shape[-1]))
         repaint = latent_repaint_mask(masks, latent_hw).to(e.device, e.dtype)
         return e.sample(latent_hw, seeds, cond, uncond, init_latent=init, repaint=repaint,
                         progress=self.step_progress())
@@ -172,10 +173,11 @@ class InpaintTask(ModelTask):
                    seeds: list[int]) -> torch.Tensor:
         c_masked = e.encode(images * (masks < 0.5))
         concat = torch.cat([latent_mask, c_masked], dim=1).to(e.device, e.dtype)
-        context = self.texts([self.prompt] * len(seeds)).to(e.device, e.dtype)
-        uncontext = self.texts([self.negative] * len(seeds)).to(e.device, e.dtype)
-        return e.sample((latent_mask.shape[-2], latent_mask.shape[-1]), seeds, Cond(crossattn=context, concat=concat),
-                        Cond(crossattn=uncontext, concat=concat), progress=self.step_progress())
+        image_hw = (images.shape[-2], images.shape[-1])
+        cond = replace(self.texts.cond(e, [self.prompt] * len(seeds), image_hw), concat=concat)
+        uncond = replace(self.texts.cond(e, [self.negative] * len(seeds), image_hw, negative=True), concat=concat)
+        return e.sample((latent_mask.shape[-2], latent_mask.shape[-1]), seeds, cond, uncond,
+                        progress=self.step_progress())
 
     def _finish(self, jobs: list[Job], results: torch.Tensor, masks: torch.Tensor) -> list[Output]:
         """Colour fix, then the feathered composite onto the input itself (not its [-1, 1] round trip), so

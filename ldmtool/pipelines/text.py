@@ -33,6 +33,7 @@ from ldmtool.runtime.device import one_thread
 if TYPE_CHECKING:
     from ldmtool.checkpoints.bundle import LatentDiffusionBundle
     from ldmtool.diffusion.cond import Cond
+    from ldmtool.families.info import ModelInfo
     from ldmtool.pipelines.engine import Engine
 
 
@@ -158,12 +159,23 @@ def text_encoder(bundle: "LatentDiffusionBundle") -> Optional[torch.nn.Module]:
     return bundle.cond_stage if bundle.info.takes_text else None
 
 
+_WITHOUT_VECTOR = {Conditioning.CROSSATTN_ADM: Conditioning.CROSSATTN, Conditioning.HYBRID_ADM: Conditioning.HYBRID}
+
+
+def text_conditioning(info: "ModelInfo") -> Conditioning:
+    """How a model's prompt reaches its network, with the pooled-text-and-size vector `y` of a model with
+    micro-conditioning set aside (TextConditioner.cond adds it): what the text pipelines check."""
+    if info.micro_conditioning:
+        return _WITHOUT_VECTOR.get(info.conditioning, info.conditioning)
+    return info.conditioning
+
+
 def require_text_model(bundle: "LatentDiffusionBundle", path: Path, command: str,
                        kinds: Sequence[Conditioning] = (Conditioning.CROSSATTN,)) -> torch.nn.Module:
     """The text encoder of a model that must take prompts (with one of the conditioning `kinds`), or a
     FatalError naming what the model is."""
     encoder = text_encoder(bundle)
-    if encoder is None or bundle.info.conditioning not in kinds:
+    if encoder is None or text_conditioning(bundle.info) not in kinds:
         raise UsageError(f"{path}: a {bundle.info.family} model has no text encoder, so it cannot do {command}; "
                          "use a text-to-image checkpoint (SD 1.x/2.x, LDM text2img256 or txt2img-1p4B)")
     return encoder
@@ -194,31 +206,74 @@ class TextConditioner:
     pieces of `nets._layers.pointwise`). Contexts are kept for the `keep` most recently used texts (an SD context is ~230 kB, so a run over a
     100k-line prompt file must not keep them all); items of one prompt run together, so this is enough to
     encode every prompt once in a normal run.
+
+    A model with micro-conditioning (`info.micro_conditioning`) also gets its vector `y` from `cond`: the
+    pooled prompt (kept beside the context) and the image's size.
     """
 
-    def __init__(self, encoder: torch.nn.Module, keep: int = 512):
-        self.encoder = encoder
+    def __init__(self, encoder: torch.nn.Module, keep: int = 512, info: Optional["ModelInfo"] = None):
+        self.encoder: Any = encoder  # a cond stage: `encode(texts)`, and `encode_text`/`vector` with micro-conditioning
         self.keep = keep
-        self._contexts: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.info = info
+        self._contexts: OrderedDict[str, tuple[torch.Tensor, Optional[torch.Tensor]]] = OrderedDict()
         self.encoded = 0  # how many texts went through the encoder (tests check the caching)
 
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
         """(B, T, D) context for `texts`, on the CPU in float32."""
+        return torch.stack([context for context, _ in self._encoded(texts)])
+
+    def cond(self, engine: "Engine", texts: Sequence[str], image_hw: tuple[int, int], *,
+             negative: bool = False) -> "Cond":
+        """Conditioning for `texts` (prompts, or with `negative` the negative prompts) on the engine's device,
+        for images of `image_hw` pixels: the context, and the vector `y` where the model takes one."""
+        from ldmtool.diffusion.cond import Cond
+
+        info = self.info
+        if info is None or not info.micro_conditioning:
+            return Cond(crossattn=self(texts).to(engine.device, engine.dtype))
+        encoded = self._encoded(texts)
+        context = torch.stack([c for c, _ in encoded])
+        vectors = [p for _, p in encoded if p is not None]
+        pooled = torch.stack(vectors) if len(vectors) == len(encoded) else None
+        if negative and info.zero_empty_negative:
+            empty = torch.tensor([not text for text in texts])
+            context = torch.where(empty[:, None, None], 0.0, context)
+            pooled = None if pooled is None else torch.where(empty[:, None], 0.0, pooled)
+        y = self.encoder.vector(pooled, micro_conditioning(info, image_hw, negative=negative))
+        return Cond(crossattn=context.to(engine.device, engine.dtype), y=y.to(engine.device, engine.dtype))
+
+    def _encoded(self, texts: Sequence[str]) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
         found = {t: self._contexts[t] for t in dict.fromkeys(texts) if t in self._contexts}
         missing = [t for t in dict.fromkeys(texts) if t not in found]
         if missing:
-            from ldmtool.pipelines.engine import method
-
-            encode = method(self.encoder, "encode")
             with torch.inference_mode(), one_thread():  # once per prompt, so a single thread costs little
-                found.update((text, encode([text])[0].float().cpu()) for text in missing)
+                found.update((text, self._encode(text)) for text in missing)
             self.encoded += len(missing)
         for text, context in found.items():
             self._contexts[text] = context
             self._contexts.move_to_end(text)
         while len(self._contexts) > self.keep:
             self._contexts.popitem(last=False)
-        return torch.stack([found[t] for t in texts])
+        return [found[t] for t in texts]
+
+    def _encode(self, text: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        from ldmtool.pipelines.engine import method
+
+        if self.info is not None and self.info.micro_conditioning:
+            out = self.encoder.encode_text([text])  # a TextEmbedding (nets/sgm.py)
+            return out.context[0].float().cpu(), None if out.pooled is None else out.pooled[0].float().cpu()
+        return method(self.encoder, "encode")([text])[0].float().cpu(), None
+
+
+def micro_conditioning(info: "ModelInfo", image_hw: tuple[int, int], *, negative: bool = False) -> dict[str, Any]:
+    """SDXL's size inputs for an image of `image_hw` pixels generated whole: its original and target size
+    are its own, uncropped (as the reference and diffusers sample by default); the aesthetic score is the
+    model's for the prompt or the negative prompt. The tiled engine shares them across tiles (the canvas's)."""
+    values: dict[str, Any] = {"original_size_as_tuple": image_hw, "crop_coords_top_left": (0, 0),
+                              "target_size_as_tuple": image_hw}
+    if info.aesthetic_scores is not None:
+        values["aesthetic_score"] = info.aesthetic_scores[1 if negative else 0]
+    return {key: values[key] for key in info.micro_conditioning}
 
 
 # ---------------------------------------------------------------- images in and out
@@ -250,17 +305,16 @@ class PromptConditioning:
             self.texts: Optional[TextConditioner] = None
             return
         encoder = text_encoder(bundle)
-        if encoder is None or info.conditioning is not Conditioning.CROSSATTN:
+        if encoder is None or text_conditioning(info) is not Conditioning.CROSSATTN:
             raise UsageError(f"{path}: a {info.family} model cannot do {command} (it needs a text-to-image "
                              "or unconditional model)")
-        self.texts = TextConditioner(encoder)
+        self.texts = TextConditioner(encoder, info=info)
 
-    def __call__(self, engine: "Engine", count: int) -> tuple["Cond", Optional["Cond"]]:
-        """(cond, uncond) for a batch of `count` items on the engine's device."""
+    def __call__(self, engine: "Engine", count: int, image_hw: tuple[int, int]) -> tuple["Cond", Optional["Cond"]]:
+        """(cond, uncond) for a batch of `count` items of `image_hw` pixels on the engine's device."""
         from ldmtool.diffusion.cond import Cond
 
         if self.texts is None:
             return Cond(), None
-        cond = self.texts([self.prompt] * count).to(engine.device, engine.dtype)
-        uncond = self.texts([self.negative] * count).to(engine.device, engine.dtype)
-        return Cond(crossattn=cond), Cond(crossattn=uncond)
+        return (self.texts.cond(engine, [self.prompt] * count, image_hw),
+                self.texts.cond(engine, [self.negative] * count, image_hw, negative=True))

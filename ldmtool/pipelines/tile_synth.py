@@ -20,7 +20,7 @@ from ldmtool.io.discover import Item, generated_items
 from ldmtool.pipelines.engine import Engine
 from ldmtool.pipelines.sample import GeneratorTask, SampleTask, sample_items
 from ldmtool.pipelines.semantic2img import Semantic2ImgTask
-from ldmtool.pipelines.text import TextConditioner, text_encoder
+from ldmtool.pipelines.text import TextConditioner, text_conditioning, text_encoder
 from ldmtool.runtime.jobs import Job
 
 COMMAND = "tile-synth"
@@ -61,10 +61,10 @@ class TextTileTask(GeneratorTask):
 
     def check_conditioning(self, bundle: LatentDiffusionBundle) -> None:
         encoder = text_encoder(bundle)
-        if encoder is None or bundle.info.conditioning is not Conditioning.CROSSATTN:
+        if encoder is None or text_conditioning(bundle.info) is not Conditioning.CROSSATTN:
             raise UsageError(f"{self.engine.model_path}: a {bundle.info.family} model takes no text; drop --prompt "
                              "(or use a text-to-image model)")
-        self.texts = TextConditioner(encoder)
+        self.texts = TextConditioner(encoder, info=bundle.info)
         self.check_vocabulary((self.prompt, self.negative))
         self.check_literal_prompts((self.prompt, self.negative))
         self.params.update(prompt=self.prompt, negative=self.negative)
@@ -73,9 +73,9 @@ class TextTileTask(GeneratorTask):
         return True
 
     def conditioning(self, engine: Engine, job: Job, latent_hw: tuple[int, int]) -> tuple[Cond, Optional[Cond]]:
-        cond = self.texts([self.prompt]).to(engine.device, engine.dtype)
-        uncond = self.texts([self.negative]).to(engine.device, engine.dtype)
-        return Cond(crossattn=cond), Cond(crossattn=uncond)
+        image_hw = (latent_hw[0] * engine.info.downsampling, latent_hw[1] * engine.info.downsampling)
+        return (self.texts.cond(engine, [self.prompt], image_hw),
+                self.texts.cond(engine, [self.negative], image_hw, negative=True))
 
 
 class NoiseTileTask(SampleTask):
