@@ -414,3 +414,26 @@ def test_sdxl_base_to_refiner_handoff_equals_diffusers_denoising_end_and_start(t
     assert ours.shape == reference.shape == (SIZE, SIZE, 3)
     assert np.abs(ours - reference).max() <= 1 / 255
     assert np.abs(ours - theirs(0.5)).max() > 4 / 255  # control: the hand-off point matters
+
+
+def test_handoff_splits_one_schedule_where_diffusers_does():
+    """diffusers' rule: the base runs the steps at t >= round(1000 - 1000 a); the two parts meet at one noise
+    level. A schedule without integer timesteps (Karras sigmas) is cut at that timestep's noise level."""
+    from ldmtool.checkpoints.schedule import schedule_buffers
+    from ldmtool.diffusion.handoff import Handoff, first_model_steps, split
+    from ldmtool.diffusion.samplers import default_schedule
+    from ldmtool.errors import UsageError
+
+    ac = schedule_buffers(linear_start=0.00085, linear_end=0.012)["alphas_cumprod"]
+    ddim = default_schedule("ddim", ac, 10)
+    assert ddim.timesteps.tolist() == [901, 801, 701, 601, 501, 401, 301, 201, 101, 1]
+    assert first_model_steps(ddim, ac, 0.8) == 8 and first_model_steps(ddim, ac, 0.5) == 5
+    karras = default_schedule("dpmpp_2m", ac, 12, karras=True)
+    for schedule in (ddim, karras):
+        head, tail = split(schedule, ac, Handoff(0.8, first=True)), split(schedule, ac, Handoff(0.8, first=False))
+        assert head.steps + tail.steps == schedule.steps and head.steps > tail.steps > 0
+        assert head.sigmas[-1] == tail.sigmas[0]
+        sigma_200 = float(((1 - ac[200]) / ac[200]) ** 0.5)
+        assert float(head.sigmas[-2]) >= sigma_200 > float(tail.sigmas[0])
+    with pytest.raises(UsageError, match="--refiner-at 1.0"):
+        Handoff(1.0, first=True)
