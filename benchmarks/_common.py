@@ -176,3 +176,32 @@ class PhaseRecorder:
 
     def _fold(self, high_water: int) -> None:
         self._running_peaks[:] = [max(p, high_water) for p in self._running_peaks]
+
+
+# -- what the CPU can do --------------------------------------------------------------------------------
+
+
+def matmul_peaks(seconds: float = 1.0, size: int = 1024) -> dict[str, Any]:
+    """The CPU's instruction set, whether it computes bf16 natively, and its measured fp32 and bf16 matrix
+    multiply rates (GFLOP/s, square `size` matrices, the best of repeated calls within about `seconds` each,
+    at torch's current thread count). Every benchmark prints this beside its timings. Emulated bf16 (about
+    0.2 GFLOP/s on AVX2) is measured on 256-side matrices, so that one call stays short."""
+    import torch
+
+    from ldmtool.runtime.device import native_cpu_bf16
+
+    native = native_cpu_bf16()
+    peaks = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        if name == "bf16" and native is None:
+            size = min(size, 256)
+        a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+        best, spent = float("inf"), 0.0
+        while spent < seconds:
+            start = time.perf_counter()
+            torch.mm(a, b)
+            took = time.perf_counter() - start
+            best, spent = min(best, took), spent + took
+        peaks[f"{name}_matmul_gflops"] = round(2 * size**3 / best / 1e9, 1)
+    return {"isa": torch.backends.cpu.get_cpu_capability(), "native_bf16": native,
+            "threads": torch.get_num_threads(), **peaks}

@@ -34,6 +34,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from _common import matmul_peaks
+
 SD15_UNET = dict(image_size=64, in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2, 1],
                  num_res_blocks=2, channel_mult=[1, 2, 4, 4], num_heads=8, use_spatial_transformer=True,
                  transformer_depth=1, context_dim=768, use_checkpoint=True, legacy=False)
@@ -300,7 +302,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     emit({"bench": "gpu_unet", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
           "torch": torch.__version__, "cuda": torch.version.cuda, "width": args.width, "latent": args.latent,
           "batch": args.batch, "steps": args.steps, "gflops_per_step": round(flops / 1e9, 2),
-          "peak_tflops": peak, "dry_run": args.dry_run})
+          "peak_tflops": peak, "dry_run": args.dry_run, "host": matmul_peaks(0.2)})
     all_results = {}
     for variant in variants(args):
         nets = variant_models(master, params, variant, args)

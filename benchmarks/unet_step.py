@@ -9,24 +9,30 @@ alike, and prints one JSON line per (implementation, batch) plus the ratio ldmto
     python benchmarks/unet_step.py --width 160     # a cheaper proxy with half the channels
     python benchmarks/unet_step.py --device cuda --dtype bf16 --latent 64
 
+ldmtool runs in the precision `--precision auto` picks on this machine (bf16 on a CPU with AMX or
+AVX512-BF16, else fp32); diffusers runs in that precision and, where it is bf16, in fp32 too, and the ratio
+takes diffusers' faster one (issue 17). The first line names the CPU's instruction set and its measured fp32
+and bf16 matmul rates; each ratio line also gives the step's FLOPs (counted by torch's FlopCounterMode) and
+ldmtool's achieved rate as a fraction of the better of those two peaks.
+
 Each JSON line has wall seconds (median and min over --rounds) and CPU seconds of this process (median);
 the ratios are ldmtool / diffusers from the same run. On a machine shared with other work the wall times
 swing with the load; the CPU-time ratio and the ratio of the fastest runs are the steadier figures.
-Our CPU fast path keeps a oneDNN-packed copy of every conv and transformer-linear weight (about +3.2 GiB
-for SD 1.5 in fp32), which the peak RSS line includes (~7.5 GiB in all).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+from _common import emit, matmul_peaks
 from ldmtool.nets.unet import UNetModel
+from ldmtool.runtime.device import resolve_precision
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SD15_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2, 1],
@@ -72,45 +78,73 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=3, help="timed steps per implementation and batch")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), nargs="+",
+                        help="precisions to time both in (default: what ldmtool's --precision auto picks here, "
+                        "plus fp32 where that is bf16, so diffusers gets its best)")
+    parser.add_argument("--dry-run", action="store_true", help="tiny width and latent, one round (checks the script)")
     args = parser.parse_args()
+    if args.dry_run:
+        args.width, args.latent, args.rounds, args.batch = 32, 16, 1, [1]
 
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    device = torch.device(args.device)
+    auto = resolve_precision("auto", device)
+    dtypes = args.dtype or list(dict.fromkeys([auto.name, "fp32"] if auto.name == "bf16" else [auto.name]))
     ours, theirs = build_pair(args.width)
-    ours.to(device, dtype), theirs.to(device, dtype)  # shared tensors: converts both at once
+    peaks = matmul_peaks(0.2 if args.dry_run else 1.0) if device.type == "cpu" else {}
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "device": str(device), "width": args.width, "latent": args.latent, "dtype": args.dtype}
+            "device": str(device), "width": args.width, "latent": args.latent, **peaks}
+    emit({"bench": "unet_step", "auto_precision": auto.name, "auto_reason": auto.reason, **meta})
+    best: dict[tuple[str, str, int], tuple[float, float, float]] = {}
+    flops: dict[int, int] = {}
+    for name in dtypes:
+        ours.to(device, DTYPES[name]), theirs.to(device, DTYPES[name])  # shared tensors: converts both at once
+        for batch in args.batch:
+            summary, diff, flops[batch] = time_pair(ours, theirs, batch, DTYPES[name], device, args.rounds,
+                                                       args.latent)
+            for impl, values in summary.items():
+                best[impl, name, batch] = values
+                emit({"bench": "unet_step", "impl": impl, "dtype": name, "batch": batch,
+                      "wall_s": round(values[0], 3), "wall_min_s": round(values[1], 3), "cpu_s": round(values[2], 3),
+                      "max_abs_diff": diff, **meta})
+    peak_gflops = max([v for k, v in peaks.items() if k.endswith("_gflops")], default=0.0)
     for batch in args.batch:
-        gen = torch.Generator().manual_seed(batch)
-        x = torch.randn(batch, 4, args.latent, args.latent, generator=gen).to(device, dtype)
-        t = torch.full((batch,), 500, device=device)
-        context = torch.randn(batch, 77, 768, generator=gen).to(device, dtype)
-        runs = {
-            "ldmtool": lambda: ours(x, t, context),
-            "diffusers": lambda: theirs(x, t, encoder_hidden_states=context).sample,
-        }
-        times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
-        with torch.inference_mode():
-            diff = (runs["ldmtool"]() - runs["diffusers"]()).abs().max().item()  # also the warm-up
-            for _ in range(args.rounds):
-                for name, fn in runs.items():  # alternate, so background load hits both alike
-                    times[name].append(time_once(fn, device))
-        summary = {}
-        for name, values in times.items():
-            walls, cpus = [v[0] for v in values], [v[1] for v in values]
-            summary[name] = (statistics.median(walls), min(walls), statistics.median(cpus))
-            print(json.dumps({"bench": "unet_step", "impl": name, "batch": batch,
-                              "wall_s": round(summary[name][0], 3), "wall_min_s": round(summary[name][1], 3),
-                              "cpu_s": round(summary[name][2], 3), "runs_wall_s": [round(w, 3) for w in walls],
-                              **meta}), flush=True)
-        ours_s, theirs_s = summary["ldmtool"], summary["diffusers"]
-        print(json.dumps({"bench": "unet_step", "batch": batch,
-                          "ratio_wall": round(ours_s[0] / theirs_s[0], 3),
-                          "ratio_wall_min": round(ours_s[1] / theirs_s[1], 3),
-                          "ratio_cpu": round(ours_s[2] / theirs_s[2], 3),
-                          "max_abs_diff": diff, **meta}), flush=True)
+        ours_s = best["ldmtool", auto.name, batch] if auto.name in dtypes else best["ldmtool", dtypes[0], batch]
+        theirs_name = min((n for n in dtypes), key=lambda n: best["diffusers", n, batch][1])
+        theirs_s = best["diffusers", theirs_name, batch]
+        achieved = flops[batch] / ours_s[1] / 1e9
+        emit({"bench": "unet_step", "batch": batch, "ldmtool_dtype": auto.name, "diffusers_best_dtype": theirs_name,
+              "ratio_wall": round(ours_s[0] / theirs_s[0], 3), "ratio_wall_min": round(ours_s[1] / theirs_s[1], 3),
+              "ratio_cpu": round(ours_s[2] / theirs_s[2], 3), "gflop_per_step": round(flops[batch] / 1e9, 1),
+              "ldmtool_gflops": round(achieved, 1),
+              "fraction_of_best_matmul_peak": round(achieved / peak_gflops, 3) if peak_gflops else None, **meta})
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(json.dumps({"bench": "unet_step", "peak_rss_gib": round(peak_gib, 2), **meta}), flush=True)
+    emit({"bench": "unet_step", "peak_rss_gib": round(peak_gib, 2), **meta})
+
+
+def time_pair(ours, theirs, batch: int, dtype: torch.dtype, device: torch.device, rounds: int, latent: int):
+    """{impl: (median wall, min wall, median CPU seconds)}, their largest output difference, and the FLOPs of
+    one step (counted during the warm-up call)."""
+    gen = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, 4, latent, latent, generator=gen).to(device, dtype)
+    t = torch.full((batch,), 500, device=device)
+    context = torch.randn(batch, 77, 768, generator=gen).to(device, dtype)
+    runs = {
+        "ldmtool": lambda: ours(x, t, context),
+        "diffusers": lambda: theirs(x, t, encoder_hidden_states=context).sample,
+    }
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+    with torch.inference_mode():
+        with FlopCounterMode(display=False) as counter:
+            mine = runs["ldmtool"]()  # also the warm-up
+        diff = (mine - runs["diffusers"]()).abs().max().item()
+        for _ in range(rounds):
+            for name, fn in runs.items():  # alternate, so background load hits both alike
+                times[name].append(time_once(fn, device))
+    summary = {}
+    for name, values in times.items():
+        walls, cpus = [v[0] for v in values], [v[1] for v in values]
+        summary[name] = (statistics.median(walls), min(walls), statistics.median(cpus))
+    return summary, diff, counter.get_total_flops()
 
 
 if __name__ == "__main__":

@@ -125,8 +125,27 @@ class ModelChoice:
                                        panel=MODEL, metavar="eps|v")
     device: str = option("--device", help="Device: auto, cpu, cuda, cuda:N or mps.", panel=MODEL,
                         default="auto", metavar="DEVICE")
-    precision: str = option("--precision", help="auto, fp32, fp16 or bf16 (auto: fp32 on CPU, fp16 on GPU).",
+    precision: str = option("--precision", help="auto, fp32, fp16 or bf16 (auto: bf16 on CPUs that compute it natively, AMX or "
+                            "AVX512-BF16; fp32 on other CPUs; fp16 on GPUs).",
                             panel=MODEL, default="auto", metavar="PRECISION")
+
+    # What Stable Diffusion users bring (README "For Stable Diffusion users"; ldmtool/addons/).
+    lora: Optional[list[str]] = option(
+        "--lora", help="Apply a LoRA/LyCORIS file (or NAME in --lora-dir) at WEIGHT (default 1) to the UNet and "
+        "text encoder once per model load (repeatable). Prompts may also say <lora:NAME:WEIGHT>.", panel=MODEL,
+        metavar="FILE[:W]")
+    lora_dir: Optional[Path] = option(
+        "--lora-dir", help="Folder where LoRA names are found (default: $LDMTOOL_LORA_DIR).", panel=MODEL,
+        metavar="DIR")
+    embeddings_dir: Optional[Path] = option(
+        "--embeddings-dir", help="Folder of textual-inversion embeddings (.pt, .safetensors), used in prompts by "
+        "file name.", panel=MODEL, metavar="DIR")
+    vae: Optional[Path] = option(
+        "--vae", help="Replace the model's first stage with this VAE file (CompVis or diffusers layout).",
+        panel=MODEL, metavar="FILE")
+    clip_skip: Optional[int] = option(
+        "--clip-skip", help="CLIP layer the prompt is read from, counted from the end: 1 the last, 2 the "
+        "penultimate (default: the model's; 2 for SD 2.x).", panel=MODEL, min=1, metavar="N")
 
     @property
     def use_ema(self) -> bool:
@@ -138,8 +157,8 @@ class SamplingChoice:
     """Sampling and tiling; None means "the model's default". `--seamless` is opt-in (generators only)."""
 
     steps: Optional[int] = option("--steps", help="Sampling steps (default: the model's).", panel=SAMPLING, min=1)
-    sampler: Optional[str] = option("--sampler", help=f"Sampler: {', '.join(SAMPLER_NAMES)} (default: the "
-                                    "model's).", panel=SAMPLING, metavar="NAME")
+    sampler: Optional[str] = option("--sampler", help=f"Sampler: {', '.join(SAMPLER_NAMES)}, or A1111's name "
+                                    "('DPM++ 2M', 'Euler a') (default: the model's).", panel=SAMPLING, metavar="NAME")
     cfg: Optional[float] = option("--cfg", help="Classifier-free guidance scale (1 = off; default: the model's).",
                                   panel=SAMPLING)
     eta: Optional[float] = option("--eta", help="DDIM eta (0 = deterministic).", panel=SAMPLING, min=0.0)

@@ -146,7 +146,7 @@ def _attribute_owner(dotted: str):
 # layers before it here (imports inside functions are free to reach further).
 # The package root (its version; the API it exposes is imported lazily) sits with errors at the bottom.
 LAYERS = [("ldmtool", "errors"), ("io",), ("nets",), ("families",), ("runtime",), ("diffusion",), ("checkpoints",),
-          ("tiling",), ("options",), ("pipelines",), ("cli",), ("train",), ("__main__",)]
+          ("tiling",), ("addons",), ("options",), ("pipelines",), ("cli",), ("train",), ("__main__",)]
 
 
 def _layer(module: str) -> int:

@@ -119,11 +119,11 @@ def test_gpu_flop_count_matches_closed_form_for_one_conv():
 
 
 # -- each script's dry run --------------------------------------------------------------------------
-# The four dry runs start together as subprocesses when the first of them is asked for (they spend most of
+# The dry runs start together as subprocesses when the first of them is asked for (they spend most of
 # their time starting Python and importing torch, so on two cores they overlap well), then each test checks
 # its own script's output.
 
-DRY_RUNS = {"gpu_unet": ["--dtypes", "fp32"], "superres_memory": [], "folder_throughput": [], "checkpoint_load": []}
+DRY_RUNS = {"gpu_unet": ["--dtypes", "fp32"], "unet_step": [], "superres_memory": [], "folder_throughput": [], "checkpoint_load": []}
 
 
 class DryRuns:
@@ -133,7 +133,7 @@ class DryRuns:
             workdir = folder / name
             workdir.mkdir()
             argv = [sys.executable, str(BENCHMARKS / f"{name}.py"), "--dry-run", *extra]
-            if name != "gpu_unet":
+            if name not in ("gpu_unet", "unet_step"):
                 argv += ["--workdir", str(workdir)]
             out = (folder / f"{name}.out").open("w+")
             self.procs[name] = (subprocess.Popen(argv, stdout=out, stderr=subprocess.PIPE, text=True), out, workdir)
@@ -165,6 +165,16 @@ def test_gpu_unet_dry_run(dry_runs):
     assert ours["max_rel_diff_vs_diffusers"] < 1e-4  # same weights, same function
     assert records[0]["gflops_per_step"] > 0
     assert any(r.get("summary") and "ratio_best_ldmtool_over_best_diffusers" in r for r in records)
+
+
+def test_unet_step_dry_run_names_the_cpu_and_its_peaks(dry_runs):
+    records, _ = dry_runs.records("unet_step")
+    assert records[0]["auto_precision"] in ("fp32", "bf16") and records[0]["isa"]
+    (ratio,) = [r for r in records if "ratio_cpu" in r]
+    assert ratio["fp32_matmul_gflops"] > 0 and ratio["bf16_matmul_gflops"] > 0
+    assert ratio["gflop_per_step"] > 0 and 0 < ratio["fraction_of_best_matmul_peak"]
+    assert {r["impl"] for r in records if "impl" in r} == {"ldmtool", "diffusers"}
+    assert all(r["max_abs_diff"] < 1e-4 for r in records if "impl" in r)  # the same weights, the same function
 
 
 def test_superres_memory_dry_run(dry_runs):

@@ -29,15 +29,15 @@ def test_a1111_text_layout():
     expected = (
         "a red fox, sitting: in snow 🦊\n"
         "Negative prompt: blurry, \"low\" quality\n"
-        "Steps: 20, Sampler: ddim, CFG scale: 7.5, Seed: 1234, Size: 8x6, Model hash: 0123456789, "
-        f"Model: tiny.safetensors, Strength: 0.6, Scale: 4, Version: ldmtool {__version__}"
+        "Steps: 20, Sampler: DDIM, CFG scale: 7.5, Seed: 1234, Size: 8x6, Model hash: 0123456789, "
+        f"Model: tiny.safetensors, Denoising strength: 0.6, Scale: 4, Version: ldmtool {__version__}"
     )
     assert _metadata().parameters == expected
 
 
 def test_a1111_values_with_separators_are_quoted():
     text = a1111_text({"sampler": "a, b", "note": 'say "hi"'}, version="9")
-    assert text == '\nSampler: "a, b", Note: "say \\"hi\\"", Version: ldmtool 9'
+    assert text == 'Sampler: "a, b", Note: "say \\"hi\\"", Version: ldmtool 9'  # no empty prompt line
 
 
 def test_recipe_contents():

@@ -184,7 +184,7 @@ def test_a_long_run_says_its_plan_on_stderr_when_it_is_not_a_terminal(tmp_path, 
     lines = [line for line in result.stderr.splitlines() if line.startswith("ldmtool: plan:")]
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("ldmtool: plan: 1 item, 64x32 output (0.0 MP), peak memory ~")
-    assert lines[0].endswith(" on cpu") and ", about " in lines[0]
+    assert lines[0].endswith((" on cpu in fp32", " on cpu in bf16")) and ", about " in lines[0]
     quiet = run_cli("sample", "--model", models["celeba"], "--width", 64, "--height", 32, "--json", "--quiet",
                     "--overwrite", "-o", tmp_path / "out", *FAST)
     assert "plan:" not in quiet.stderr

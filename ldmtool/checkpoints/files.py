@@ -44,6 +44,17 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"{path}: unknown checkpoint type {suffix!r} (use .safetensors, .ckpt, .pt or .pth)")
 
 
+def read_nested(path: str | Path) -> object:
+    """What a weights file holds, unflattened: a safetensors file's tensors, or the object a .pt/.ckpt
+    unpickles to (weights only; add-on files such as textual-inversion embeddings hold nested dicts)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file")
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        return _read_safetensors(path)
+    return _read_pickle(path)
+
+
 def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
     """The `__metadata__` strings of a safetensors file (empty for other files)."""
     path = Path(path)

@@ -75,4 +75,6 @@ COMPLETERS: dict[str, Completer] = {
     "device": choices("auto", "cpu", "cuda", "mps"),
     "precision": choices("auto", "fp32", "fp16", "bf16"),
     "seamless": choices("x", "y", "xy"),
+    "lora": checkpoint_files,  # LoRA and VAE files share the checkpoint suffixes
+    "vae": checkpoint_files,
 }

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
+from ldmtool.diffusion.names import sampler_name
 from ldmtool.diffusion.schedules import FinalSigma, SamplingSchedule, Spacing, sampling_schedule
 from ldmtool.errors import UsageError
 
@@ -299,8 +300,9 @@ SAMPLERS: dict[str, SamplerInfo] = {
 
 
 def get_sampler(name: str) -> SamplerInfo:
+    """A sampler by its ldmtool or A1111 name ('DPM++ 2M', 'Euler a')."""
     try:
-        return SAMPLERS[name]
+        return SAMPLERS[sampler_name(name)[0]]
     except KeyError:
         raise UsageError(f"--sampler {name!r} is not a sampler (choose one of {', '.join(SAMPLERS)})") from None
 

@@ -34,10 +34,11 @@ _UNICODE_PREFIX = b"UNICODE\x00"
 _RECIPE_PREFIX = "ldmtool-recipe:"
 
 # A1111 labels for the parameters it knows; anything else is shown under its own name.
-_A1111_LABELS = {"steps": "Steps", "sampler": "Sampler", "cfg": "CFG scale", "seed": "Seed", "size": "Size",
-                 "model_hash": "Model hash", "model": "Model", "template": "Template",
-                 "negative_template": "Negative Template"}
-_NOT_IN_TEXT = {"prompt", "negative"}
+_A1111_LABELS = {"steps": "Steps", "sampler": "Sampler", "schedule_type": "Schedule type", "cfg": "CFG scale",
+                 "seed": "Seed", "size": "Size", "model_hash": "Model hash", "model": "Model", "vae_hash": "VAE hash",
+                 "vae": "VAE", "strength": "Denoising strength", "clip_skip": "Clip skip", "template": "Template",
+                 "negative_template": "Negative Template", "lora_hashes": "Lora hashes", "ti_hashes": "TI hashes"}
+_NOT_IN_TEXT = {"prompt", "negative", "karras"}  # karras: A1111's "Schedule type"
 
 
 @dataclass
@@ -90,7 +91,9 @@ def build_metadata(
 
 
 def a1111_text(fields: Mapping[str, Any], *, version: str) -> str:
-    """'prompt\\nNegative prompt: ...\\nSteps: 20, Sampler: ddim, ..., Version: ldmtool X'."""
+    """'prompt\\nNegative prompt: ...\\nSteps: 20, Sampler: DDIM, ..., Version: ldmtool X', with A1111's
+    sampler names and 'Schedule type', and no empty first line when there is no prompt (as A1111 writes it)."""
+    fields = _a1111_fields(fields)
     lines = [str(fields.get("prompt") or "")]
     if fields.get("negative"):
         lines.append(f"Negative prompt: {fields['negative']}")
@@ -102,9 +105,39 @@ def a1111_text(fields: Mapping[str, Any], *, version: str) -> str:
             continue
         label = _A1111_LABELS.get(name) or name.replace("_", " ").capitalize()
         pairs.append(f"{label}: {_quote(value)}")
+    hashes = _hashes(fields)
+    if hashes:
+        pairs.append(f"Hashes: {json.dumps(hashes)}")
     pairs.append(f"Version: ldmtool {version}")
     lines.append(", ".join(pairs))
-    return "\n".join(lines)
+    return "\n".join(lines).lstrip("\n")
+
+
+def _a1111_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The sampler under its A1111 name, and its schedule type."""
+    from ldmtool.diffusion.names import A1111_SAMPLERS, sampler_name, schedule_type
+
+    out = dict(fields)
+    if isinstance(fields.get("sampler"), str):
+        name, named_karras = sampler_name(fields["sampler"])
+        karras = fields.get("karras") if fields.get("karras") is not None else named_karras
+        out["sampler"] = A1111_SAMPLERS.get(name, fields["sampler"])
+        out["schedule_type"] = schedule_type(name, karras)
+    return out
+
+
+def _hashes(fields: Mapping[str, Any]) -> dict[str, str]:
+    """Civitai's `Hashes` JSON (which sd-parsers and Civitai read) when LoRAs or a VAE were used: the same
+    hashes as 'Model hash', 'VAE hash' and 'Lora hashes'."""
+    if not (fields.get("lora_hashes") or fields.get("vae_hash") or fields.get("ti_hashes")):
+        return {}
+    hashes = {"model": fields.get("model_hash"), "vae": fields.get("vae_hash")}
+    for field_name, kind in (("lora_hashes", "lora"), ("ti_hashes", "embed")):
+        for pair in str(fields.get(field_name) or "").split(", "):
+            name, _, value = pair.rpartition(": ")
+            if name:
+                hashes[f"{kind}:{name}"] = value
+    return {key: value for key, value in hashes.items() if value}
 
 
 def _quote(value: Any) -> str:

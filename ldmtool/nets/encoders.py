@@ -5,7 +5,7 @@ concat map, or (for the x4 upscaler) the noised low-resolution image and its noi
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -116,11 +116,23 @@ class FrozenCLIPEmbedder(nn.Module):
                                padding="max_length", return_tensors="pt")
         return enc["input_ids"]
 
-    def encode_tokens(self, tokens: torch.Tensor) -> Any:
-        """(B, 77, hidden) hidden states of the chosen layer; with `always_return_pooled` also (B, hidden)."""
-        device = self.transformer.text_model.embeddings.token_embedding.weight.device
-        out = self.transformer.text_model(input_ids=tokens.to(device), output_hidden_states=self.layer == "hidden")
-        if self.layer == "last":
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        """The token-id -> vector table (textual-inversion vectors replace its output rows)."""
+        return cast(nn.Embedding, self.transformer.text_model.embeddings.token_embedding)
+
+    def encode_tokens(self, tokens: torch.Tensor, clip_skip: Optional[int] = None) -> Any:
+        """(B, 77, hidden) hidden states of the chosen layer; with `always_return_pooled` also (B, hidden).
+        `clip_skip` N > 1 (A1111's meaning, layer "last" only) takes the output of the N-th layer from the end
+        through the final layer norm: N=2 is the penultimate layer."""
+        device = self.token_embedding.weight.device
+        skip = clip_skip is not None and clip_skip > 1 and self.layer == "last"
+        text_model = self.transformer.text_model
+        out = text_model(input_ids=tokens.to(device), output_hidden_states=skip or self.layer == "hidden")
+        if skip:
+            assert clip_skip is not None  # for mypy: `skip` says so
+            hidden = cast(nn.Module, text_model.final_layer_norm)(out.hidden_states[-clip_skip])
+        elif self.layer == "last":
             hidden = out.last_hidden_state
         elif self.layer == "pooled":
             hidden = out.pooler_output[:, None, :]

@@ -5,7 +5,7 @@ unchanged. SD 2.x uses layer 'penultimate': the last residual block is skipped, 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -117,11 +117,19 @@ class FrozenOpenCLIPEmbedder(nn.Module):
                                                  padding="max_length", return_tensors="pt")
         return enc["input_ids"]
 
-    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        """The token-id -> vector table (textual-inversion vectors replace its output rows)."""
+        return self.model.token_embedding
+
+    def encode_tokens(self, tokens: torch.Tensor, clip_skip: Optional[int] = None) -> torch.Tensor:
+        """The context of token ids. `clip_skip` N (A1111's meaning) stops N - 1 blocks before the last, then
+        `ln_final`: N=2 is SD 2.x's own "penultimate"; None keeps the configured layer."""
         m = self.model
         x = m.token_embedding(tokens.to(m.token_embedding.weight.device)) + m.positional_embedding
         blocks = m.transformer.resblocks
-        for block in list(blocks)[: len(blocks) - self.layer_idx]:
+        skipped = self.layer_idx if clip_skip is None else clip_skip - 1
+        for block in list(blocks)[: len(blocks) - skipped]:
             x = block(x)
         return m.ln_final(x)  # (B, 77, width)
 

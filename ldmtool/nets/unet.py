@@ -281,7 +281,7 @@ class UNetModel(nn.Module):
             timesteps = timesteps.expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(self.dtype))
         if y is not None:
-            emb = emb + self.label_emb(y)
+            emb = emb + self.label_emb(y.to(self.dtype) if y.is_floating_point() else y)
         if context is not None:
             context = context.to(self.dtype)
         h = x.to(self.dtype)

@@ -64,8 +64,15 @@ class ModelTask(BaseTask):
         """Check the run's settings, load the model once per run, check it can do this task (UsageError for
         options it cannot take), and record what every output ran with."""
         self.validate()
+        prompt = getattr(self, "prompt", None)
+        if isinstance(prompt, str) and "<" in prompt:  # a run-wide prompt's <lora:...> tags load with the model
+            from ldmtool.addons.networks import prompt_networks
+
+            self.engine.networks = prompt_networks(prompt, self.engine.choice.lora_dir)
         engine = self.engine.open()
         self.model_path = engine.model_path
+        if engine.precision is not None and engine.precision.emulated:
+            self.warn_once("precision", f"--precision {engine.precision.name}: {engine.precision.reason.split('; ')[1]}")
         self.check_model(engine)
         self.params.update(engine.resolved())
         self.params.update(self.recorded(engine))
@@ -85,7 +92,8 @@ class ModelTask(BaseTask):
 
     def recorded(self, engine: Engine) -> dict[str, Any]:
         """Parameters every output records after the resolved sampling values, in the order they are shown."""
-        return {"model_family": engine.info.family}
+        precision = engine.precision.to_json() if engine.precision is not None else {}
+        return {"model_family": engine.info.family, **precision, **engine.addons().recorded(engine.choice)}
 
     def planned_demand(self, sizes: Mapping[Size, int], batch_size: int) -> Demand:
         """Weights, latents, tile working memory and image buffers of the largest item; seconds once open

@@ -8,9 +8,10 @@ bad, fail the item instead of writing a wrong image.
 """
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -20,18 +21,22 @@ from ldmtool.diffusion.cond import Cond, Guided
 from ldmtool.diffusion.denoisers import DiscreteDenoiser, per_row
 from ldmtool.diffusion.guidance import CFGDenoiser
 from ldmtool.diffusion.handoff import Handoff
+from ldmtool.diffusion.names import sampler_name
 from ldmtool.diffusion.run import SamplerSettings, sample_latents
 from ldmtool.diffusion.samplers import check_options, default_schedule, get_sampler
 from ldmtool.errors import FatalError, ItemError, LdmError, UsageError
 from ldmtool.families.info import ModelInfo
 from ldmtool.options import ModelChoice, SamplingChoice
 from ldmtool.runtime.cache import model_cache
-from ldmtool.runtime.device import choose_device, choose_dtype, release_host_memory
+from ldmtool.runtime.device import PrecisionChoice, choose_device, release_host_memory, resolve_precision
 from ldmtool.runtime.seeds import NoiseSource
 from ldmtool.tiling.fusion import TileConfig, TiledDenoiser
 from ldmtool.tiling.memory import check_tile, choose_tiling, parse_memory
 from ldmtool.tiling.seamless import Seamless, parse_seamless, seamless
 from ldmtool.tiling.vae import TensorCanvas, VAETiling, tiled_decode, tiled_encode
+
+if TYPE_CHECKING:
+    from ldmtool.addons.apply import ModelAddons
 
 # Untiled decodes above this many latent pixels go through the tiled first stage (bounded memory).
 _VAE_UNTILED_MAX = 128 * 128
@@ -49,7 +54,9 @@ class Engine:
         check_tile(sampling.tile, sampling.tile_overlap)
         self.device: Optional[torch.device] = None
         self.dtype: Optional[torch.dtype] = None
+        self.precision: Optional[PrecisionChoice] = None  # the dtype and why (recorded in every output)
         self.budget: Optional[int] = None  # --max-memory in bytes, parsed once by validate()
+        self.networks: tuple[Any, ...] = ()  # LoRAs of a prompt's <lora:...> tags (`with_networks`)
 
     def validate(self) -> None:
         """UsageError for a sampling or tiling option that every item would fail on, before anything loads
@@ -61,13 +68,15 @@ class Engine:
                 raise UsageError(f"--{name} {value}: must be a finite number")
         if s.sampler is not None:
             check_options(s.sampler, eta=s.eta)
+        self.addons()  # --lora and --vae files exist (UsageError naming the one that does not)
 
     # -- loading
 
     def open(self) -> "Engine":
         self.validate()
         self.device = choose_device(self.choice.device)
-        self.dtype = choose_dtype(self.choice.precision, self.device)
+        self.precision = resolve_precision(self.choice.precision, self.device)
+        self.dtype = self.precision.dtype
         self.bundle = self._load(self.dtype)
         self._check_schedule()
         return self
@@ -94,11 +103,14 @@ class Engine:
         device = self.device
         assert device is not None, "open() or in_fp32() chooses the device before loading"
 
-        def loader() -> Any:
-            return load_model(weights, config=choice.config, preset=choice.preset, device=device, dtype=dtype,
-                              use_ema=choice.use_ema, prediction=choice.prediction)
+        addons = self.addons()
 
-        extra = (str(choice.config), choice.preset, choice.use_ema, choice.prediction)
+        def loader() -> Any:
+            bundle = load_model(weights, config=choice.config, preset=choice.preset, device=device, dtype=dtype,
+                                use_ema=choice.use_ema, prediction=choice.prediction)
+            return addons.apply(bundle)
+
+        extra = (str(choice.config), choice.preset, choice.use_ema, choice.prediction, *addons.cache_key())
         try:
             bundle: LatentDiffusionBundle = model_cache().load_file(weights, device, dtype, loader, *extra)
             return bundle
@@ -107,12 +119,26 @@ class Engine:
         except (OSError, RuntimeError, ValueError, KeyError) as err:
             raise FatalError(f"{weights}: cannot load the model ({err})") from err
 
+    def addons(self) -> "ModelAddons":
+        """The LoRAs (`--lora` and the run's prompt tags, `self.networks`) and `--vae` this engine's model has."""
+        from ldmtool.addons.apply import ModelAddons
+
+        return ModelAddons.of(self.choice, self.networks)
+
+    def with_networks(self, networks: tuple[Any, ...]) -> "Engine":
+        """This engine with another set of LoRAs: the model with them applied, from the model cache."""
+        twin = copy.copy(self)
+        twin.networks = networks
+        assert self.dtype is not None, "open() chooses the dtype before networks change"
+        twin.bundle = twin._load(self.dtype)
+        return twin
+
     def in_fp32(self) -> "Engine":
         """The same model in fp32 (from the model cache), for recomputing a non-finite half-precision result."""
         if self.dtype == torch.float32:
             return self
         twin = Engine(self.choice, self.sampling)
-        twin.device, twin.dtype, twin.budget = self.device, torch.float32, self.budget
+        twin.device, twin.dtype, twin.budget, twin.networks = self.device, torch.float32, self.budget, self.networks
         twin.bundle = twin._load(torch.float32)
         return twin
 
@@ -155,7 +181,7 @@ class Engine:
 
     def resolved(self) -> dict[str, Any]:
         d, s = self.info.defaults, self.sampling
-        sampler = s.sampler or d.sampler
+        sampler, named_karras = sampler_name(s.sampler or d.sampler)  # A1111 names too ("DPM++ 2M Karras")
         info = get_sampler(sampler)
         return {
             "sampler": sampler,
@@ -163,7 +189,7 @@ class Engine:
             "cfg": s.cfg if s.cfg is not None else d.cfg,
             "eta": s.eta,
             "temperature": s.temperature if s.temperature is not None else d.temperature,
-            "karras": s.karras,
+            "karras": s.karras if s.karras is not None else named_karras,
             "seamless": s.seamless or None,
         }
 
@@ -197,14 +223,17 @@ class Engine:
         conditioning = Guided(cond, uncond, p["cfg"]) if guided else cond
         callback = None if progress is None else (lambda step: progress(step.index + 1, step.total))
         shape = None if init_latent is not None else (self.info.latent_channels, *latent_hw)
-        device, dtype = self.placement()
+        device, _ = self.placement()
+        # The sampler's state stays fp32 whatever the networks compute in (they take and give back fp32): in
+        # bf16 a latent rounded at every step drifts from the fp32 trajectory far more than the network's own
+        # rounding moves it (benchmarks/precision_quality.py), and this arithmetic costs nothing next to them.
         if init_latent is not None:
-            init_latent = init_latent.to(device, dtype)
+            init_latent = init_latent.to(device, torch.float32)
         with torch.inference_mode(), seamless(self.bundle.denoiser, axes=self.axes):
             z = sample_latents(denoise, conditioning, self._alphas_cumprod(), NoiseSource(seeds), settings,
                                shape=shape, init_latent=init_latent, repaint=repaint, callback=callback,
-                               device=device, dtype=dtype)
-        return z.float()
+                               device=device, dtype=torch.float32)
+        return z
 
     def placement(self) -> tuple[torch.device, torch.dtype]:
         """The device and dtype the model was loaded on (set by `open()`, which every task calls first)."""

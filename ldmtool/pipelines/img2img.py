@@ -36,8 +36,7 @@ class Img2ImgTask(ModelTask):
         self.max_pixels = max_pixels
 
     def check_model(self, engine: Engine) -> None:
-        self.conditioning = PromptConditioning(engine.bundle, engine.model_path, self.command,
-                                               prompt=self.prompt, negative=self.negative)
+        self.conditioning = PromptConditioning(engine, self.command, prompt=self.prompt, negative=self.negative)
         self.check_guidance(engine, guided=self.conditioning.texts is not None)
         self.check_vocabulary((self.prompt, self.negative))
         self.check_literal_prompts((self.prompt, self.negative))

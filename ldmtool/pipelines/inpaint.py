@@ -36,9 +36,9 @@ from ldmtool.pipelines.colour_fix import colour_fix_to, config_switch
 from ldmtool.pipelines.engine import Engine, to_array
 from ldmtool.pipelines.text import (
     PromptConditioning,
-    TextConditioner,
     padded_images,
     padding,
+    text_conditioner,
     text_encoder,
 )
 from ldmtool.runtime.jobs import Job, Output
@@ -86,10 +86,9 @@ class InpaintTask(ModelTask):
             encoder = text_encoder(engine.bundle)
             if encoder is None:
                 raise FatalError(f"{engine.model_path}: the {info.family} inpainting model has no text encoder")
-            self.texts = TextConditioner(encoder, info=info)
+            self.texts = text_conditioner(engine, encoder)
         elif self.kind is InpaintKind.MASKED:
-            self.conditioning = PromptConditioning(engine.bundle, engine.model_path, self.command,
-                                                   prompt=self.prompt, negative=self.negative)
+            self.conditioning = PromptConditioning(engine, self.command, prompt=self.prompt, negative=self.negative)
         self.check_guidance(engine, guided=self.kind is InpaintKind.SD_HYBRID or (
             self.kind is InpaintKind.MASKED and self.conditioning.texts is not None))
         self.check_vocabulary((self.prompt, self.negative))
@@ -174,10 +173,9 @@ class InpaintTask(ModelTask):
         c_masked = e.encode(images * (masks < 0.5))
         concat = torch.cat([latent_mask, c_masked], dim=1).to(e.device, e.dtype)
         image_hw = (images.shape[-2], images.shape[-1])
-        cond = replace(self.texts.cond(e, [self.prompt] * len(seeds), image_hw), concat=concat)
-        uncond = replace(self.texts.cond(e, [self.negative] * len(seeds), image_hw, negative=True), concat=concat)
-        return e.sample((latent_mask.shape[-2], latent_mask.shape[-1]), seeds, cond, uncond,
-                        progress=self.step_progress())
+        cond, uncond = self.texts.conds(e, [self.prompt] * len(seeds), [self.negative] * len(seeds), image_hw)
+        return e.sample((latent_mask.shape[-2], latent_mask.shape[-1]), seeds, replace(cond, concat=concat),
+                        replace(uncond, concat=concat), progress=self.step_progress())
 
     def _finish(self, jobs: list[Job], results: torch.Tensor, masks: torch.Tensor) -> list[Output]:
         """Colour fix, then the feathered composite onto the input itself (not its [-1, 1] round trip), so

@@ -24,8 +24,7 @@ from ldmtool.io.images import LoadedImage, read_image
 from ldmtool.pipelines.base import ModelTask, carried, input_path, input_size
 from ldmtool.pipelines.colour_fix import colour_fix_, config_switch
 from ldmtool.pipelines.consistency import back_project_
-from ldmtool.pipelines.engine import Engine, method, to_model_range
-from ldmtool.runtime.device import one_thread
+from ldmtool.pipelines.engine import Engine, to_model_range
 from ldmtool.runtime.jobs import Job, Output
 
 NATIVE_SCALE = 4
@@ -131,9 +130,11 @@ class SuperresTask(ModelTask):
         return params
 
     def _encode_text(self) -> tuple[torch.Tensor, torch.Tensor]:
-        encode = method(self.engine.cond_stage("encode the prompt"), "encode")
-        with torch.inference_mode(), one_thread():  # each text alone, on one thread: as TextConditioner
-            return encode([self.prompt]), encode([self.negative])
+        """The prompt and negative in A1111's syntax (pipelines/prompt_encoding.py), as the text commands read them."""
+        from ldmtool.pipelines.text import text_conditioner
+
+        texts = text_conditioner(self.engine, self.engine.cond_stage("encode the prompt"))
+        return texts.pair([self.prompt], [self.negative])
 
     def planned_size(self, item: Item) -> Optional[tuple[int, int]]:
         """The input's size (from its header) times --scale."""

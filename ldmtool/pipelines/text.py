@@ -31,6 +31,7 @@ from ldmtool.io.files import read_text_file
 from ldmtool.runtime.device import one_thread
 
 if TYPE_CHECKING:
+    from ldmtool.addons.base import TextualInversion
     from ldmtool.checkpoints.bundle import LatentDiffusionBundle
     from ldmtool.diffusion.cond import Cond
     from ldmtool.families.info import ModelInfo
@@ -201,9 +202,11 @@ def padding(height: int, width: int, multiple: int) -> tuple[int, int]:
 class TextConditioner:
     """Cross-attention context per prompt, each distinct text encoded once (not per image or tile).
 
-    Each text is encoded alone and on one thread, so its context is the same whatever else is in the
-    batch and however many threads the run has (the text encoders' activations are not run in the fixed
-    pieces of `nets._layers.pointwise`). Contexts are kept for the `keep` most recently used texts (an SD context is ~230 kB, so a run over a
+    Prompts are read in A1111's syntax (`pipelines/prompt_encoding.py`): weights, BREAK, chunks of 77 tokens
+    beyond 75, textual-inversion names, with the run's clip skip. Each text is encoded alone and on one
+    thread, so its context is the same whatever else is in the batch and however many threads the run has
+    (the text encoders' activations are not run in the fixed pieces of `nets._layers.pointwise`). Contexts
+    are kept for the `keep` most recently used texts (an SD context is ~230 kB a chunk, so a run over a
     100k-line prompt file must not keep them all); items of one prompt run together, so this is enough to
     encode every prompt once in a normal run.
 
@@ -211,16 +214,42 @@ class TextConditioner:
     pooled prompt (kept beside the context) and the image's size.
     """
 
-    def __init__(self, encoder: torch.nn.Module, keep: int = 512, info: Optional["ModelInfo"] = None):
+    def __init__(self, encoder: torch.nn.Module, keep: int = 512, *, info: Optional["ModelInfo"] = None,
+                 clip_skip: Optional[int] = None, embeddings: Sequence["TextualInversion"] = ()):
+        from ldmtool.pipelines.prompt_encoding import PromptEncoder
+
         self.encoder: Any = encoder  # a cond stage: `encode(texts)`, and `encode_text`/`vector` with micro-conditioning
-        self.keep = keep
         self.info = info
+        self.micro = info is not None and bool(info.micro_conditioning)
+        # SDXL's two encoders take the prompt as written (A1111 syntax is for the one-encoder families so far)
+        self.prompt_encoder = None if self.micro else PromptEncoder(encoder, clip_skip=clip_skip,
+                                                                     embeddings=embeddings)
+        self.keep = keep
         self._contexts: OrderedDict[str, tuple[torch.Tensor, Optional[torch.Tensor]]] = OrderedDict()
         self.encoded = 0  # how many texts went through the encoder (tests check the caching)
 
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
-        """(B, T, D) context for `texts`, on the CPU in float32."""
-        return torch.stack([context for context, _ in self._encoded(texts)])
+        """(B, T, D) context for `texts`, on the CPU in float32 (each padded to the longest with empty chunks)."""
+        contexts = self.contexts(texts)
+        return torch.stack(self._padded(contexts, max(len(c) for c in contexts)))
+
+    def pair(self, prompts: Sequence[str], negatives: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cond, uncond) contexts for guidance, padded to one length with empty chunks, as A1111 pads the
+        shorter of a prompt and its negative."""
+        cond, uncond = self.contexts(prompts), self.contexts(negatives)
+        length = max(len(c) for c in [*cond, *uncond])
+        return torch.stack(self._padded(cond, length)), torch.stack(self._padded(uncond, length))
+
+    def conds(self, engine: "Engine", prompts: Sequence[str], negatives: Sequence[str],
+              image_hw: tuple[int, int]) -> tuple["Cond", "Cond"]:
+        """(cond, uncond) for guidance on the engine's device, for images of `image_hw` pixels: the contexts
+        (padded to one length), and the vector `y` where the model takes one."""
+        if self.micro:
+            return self.cond(engine, prompts, image_hw), self.cond(engine, negatives, image_hw, negative=True)
+        from ldmtool.diffusion.cond import Cond
+
+        cond, uncond = self.pair(prompts, negatives)
+        return Cond(crossattn=cond.to(engine.device, engine.dtype)), Cond(crossattn=uncond.to(engine.device, engine.dtype))
 
     def cond(self, engine: "Engine", texts: Sequence[str], image_hw: tuple[int, int], *,
              negative: bool = False) -> "Cond":
@@ -229,7 +258,7 @@ class TextConditioner:
         from ldmtool.diffusion.cond import Cond
 
         info = self.info
-        if info is None or not info.micro_conditioning:
+        if info is None or not self.micro:
             return Cond(crossattn=self(texts).to(engine.device, engine.dtype))
         encoded = self._encoded(texts)
         context = torch.stack([c for c, _ in encoded])
@@ -242,7 +271,25 @@ class TextConditioner:
         y = self.encoder.vector(pooled, micro_conditioning(info, image_hw, negative=negative))
         return Cond(crossattn=context.to(engine.device, engine.dtype), y=y.to(engine.device, engine.dtype))
 
+    def ti_hashes(self, *texts: str) -> Optional[str]:
+        """`name: hash, ...` of the embeddings `texts` use, as A1111 writes `TI hashes` (None for none)."""
+        if self.prompt_encoder is None:
+            return None
+        used: dict[str, Any] = {}
+        for text in texts:
+            used.update(self.prompt_encoder.embeddings_in(text))
+        return ", ".join(f"{name}: {e.sha256[:12]}" for name, e in used.items()) or None
+
+    def chunk_count(self, *texts: str) -> int:
+        """How many 77-token chunks the longest of `texts` takes (items that differ cannot share a batch)."""
+        return max(len(self.contexts([text])[0]) for text in texts) // CLIP_CHUNK
+
+    def contexts(self, texts: Sequence[str]) -> list[torch.Tensor]:
+        """(T, D) context of each text, encoding those not kept yet."""
+        return [context for context, _ in self._encoded(texts)]
+
     def _encoded(self, texts: Sequence[str]) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """(context, pooled or None) of each text, encoding those not kept yet."""
         found = {t: self._contexts[t] for t in dict.fromkeys(texts) if t in self._contexts}
         missing = [t for t in dict.fromkeys(texts) if t not in found]
         if missing:
@@ -257,12 +304,32 @@ class TextConditioner:
         return [found[t] for t in texts]
 
     def _encode(self, text: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        from ldmtool.pipelines.engine import method
-
-        if self.info is not None and self.info.micro_conditioning:
+        if self.prompt_encoder is None:
             out = self.encoder.encode_text([text])  # a TextEmbedding (nets/sgm.py)
             return out.context[0].float().cpu(), None if out.pooled is None else out.pooled[0].float().cpu()
-        return method(self.encoder, "encode")([text])[0].float().cpu(), None
+        return self.prompt_encoder(text), None
+
+    def _padded(self, contexts: list[torch.Tensor], length: int) -> list[torch.Tensor]:
+        if all(len(c) == length for c in contexts):
+            return contexts
+        empty = self.contexts([""])[0]
+        return [torch.cat([c, *[empty] * ((length - len(c)) // len(empty))]) for c in contexts]
+
+
+CLIP_CHUNK = 77
+
+
+def text_conditioner(engine: "Engine", encoder: torch.nn.Module) -> TextConditioner:
+    """The run's text conditioner: the model's text encoder with `--clip-skip` and `--embeddings-dir`."""
+    from ldmtool.addons.embeddings import load_embeddings
+
+    choice, info = engine.choice, engine.info
+    if info.micro_conditioning and (choice.clip_skip is not None or choice.embeddings_dir is not None):
+        raise UsageError(f"--clip-skip and --embeddings-dir do not apply to {info.family} models yet")
+    if choice.clip_skip is not None and not hasattr(encoder, "token_embedding"):
+        raise UsageError(f"--clip-skip {choice.clip_skip}: a {info.family} model has no CLIP text encoder")
+    embeddings = load_embeddings(choice.embeddings_dir) if choice.embeddings_dir is not None else ()
+    return TextConditioner(encoder, info=info, clip_skip=choice.clip_skip, embeddings=embeddings)
 
 
 def micro_conditioning(info: "ModelInfo", image_hw: tuple[int, int], *, negative: bool = False) -> dict[str, Any]:
@@ -294,21 +361,20 @@ class PromptConditioning:
     """Conditioning for img2img and masked inpainting: a text model's prompt and negative (guided), or
     nothing for an unconditional model. Other model kinds cannot take these commands (UsageError)."""
 
-    def __init__(self, bundle: "LatentDiffusionBundle", path: Path, command: str, *, prompt: str = "",
-                 negative: str = ""):
+    def __init__(self, engine: "Engine", command: str, *, prompt: str = "", negative: str = ""):
         self.prompt, self.negative = prompt, negative
-        info = bundle.info
+        info, path = engine.info, engine.model_path
         if info.conditioning is Conditioning.NONE:
             if prompt or negative:
                 raise UsageError(f"{path}: a {info.family} model is unconditional and takes no prompt; "
                                  "drop --prompt/--negative")
             self.texts: Optional[TextConditioner] = None
             return
-        encoder = text_encoder(bundle)
+        encoder = text_encoder(engine.bundle)
         if encoder is None or text_conditioning(info) is not Conditioning.CROSSATTN:
             raise UsageError(f"{path}: a {info.family} model cannot do {command} (it needs a text-to-image "
                              "or unconditional model)")
-        self.texts = TextConditioner(encoder, info=info)
+        self.texts = text_conditioner(engine, encoder)
 
     def __call__(self, engine: "Engine", count: int, image_hw: tuple[int, int]) -> tuple["Cond", Optional["Cond"]]:
         """(cond, uncond) for a batch of `count` items of `image_hw` pixels on the engine's device."""
@@ -316,5 +382,4 @@ class PromptConditioning:
 
         if self.texts is None:
             return Cond(), None
-        return (self.texts.cond(engine, [self.prompt] * count, image_hw),
-                self.texts.cond(engine, [self.negative] * count, image_hw, negative=True))
+        return self.texts.conds(engine, [self.prompt] * count, [self.negative] * count, image_hw)

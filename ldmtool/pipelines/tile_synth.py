@@ -20,7 +20,7 @@ from ldmtool.io.discover import Item, generated_items
 from ldmtool.pipelines.engine import Engine
 from ldmtool.pipelines.sample import GeneratorTask, SampleTask, sample_items
 from ldmtool.pipelines.semantic2img import Semantic2ImgTask
-from ldmtool.pipelines.text import TextConditioner, text_conditioning, text_encoder
+from ldmtool.pipelines.text import text_conditioner, text_conditioning, text_encoder
 from ldmtool.runtime.jobs import Job
 
 COMMAND = "tile-synth"
@@ -64,7 +64,7 @@ class TextTileTask(GeneratorTask):
         if encoder is None or text_conditioning(bundle.info) is not Conditioning.CROSSATTN:
             raise UsageError(f"{self.engine.model_path}: a {bundle.info.family} model takes no text; drop --prompt "
                              "(or use a text-to-image model)")
-        self.texts = TextConditioner(encoder, info=bundle.info)
+        self.texts = text_conditioner(self.engine, encoder)
         self.check_vocabulary((self.prompt, self.negative))
         self.check_literal_prompts((self.prompt, self.negative))
         self.params.update(prompt=self.prompt, negative=self.negative)
@@ -74,8 +74,7 @@ class TextTileTask(GeneratorTask):
 
     def conditioning(self, engine: Engine, job: Job, latent_hw: tuple[int, int]) -> tuple[Cond, Optional[Cond]]:
         image_hw = (latent_hw[0] * engine.info.downsampling, latent_hw[1] * engine.info.downsampling)
-        return (self.texts.cond(engine, [self.prompt], image_hw),
-                self.texts.cond(engine, [self.negative], image_hw, negative=True))
+        return self.texts.conds(engine, [self.prompt], [self.negative], image_hw)
 
 
 class NoiseTileTask(SampleTask):

@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from ldmtool.addons.networks import NetworkSet, lora_hashes, prompt_networks
 from ldmtool.diffusion.handoff import Handoff
 from ldmtool.diffusion.samplers import get_sampler
 from ldmtool.errors import ItemError, UsageError
@@ -26,6 +27,7 @@ from ldmtool.pipelines.text import (
     TextConditioner,
     check_size,
     require_text_model,
+    text_conditioner,
 )
 from ldmtool.runtime.jobs import Job, Output
 from ldmtool.runtime.seeds import SEED_LIMIT
@@ -83,8 +85,9 @@ class Txt2ImgTask(ModelTask):
     # -- once per run
 
     def check_model(self, engine: Engine) -> None:
-        self.texts = TextConditioner(require_text_model(engine.bundle, engine.model_path, self.command),
-                                     info=engine.info)
+        self.texts = text_conditioner(engine, require_text_model(engine.bundle, engine.model_path, self.command))
+        self._texts_by_networks: dict[NetworkSet, TextConditioner] = {engine.networks: self.texts}
+        self._prompt_networks: dict[str, NetworkSet] = {}
         self.multiple = engine.info.pixel_multiple
         if self.refiner is not None:
             self._open_refiner(engine, self.refiner)
@@ -128,12 +131,16 @@ class Txt2ImgTask(ModelTask):
                 get_sampler(spec.sampler)
         except UsageError as err:  # a bad JSON line fails its own items only
             raise ItemError(f"{job.item.label}: {err}") from None
+        try:
+            self._networks(spec.prompt)
+        except UsageError as err:  # a LoRA a line names is missing: that line's items fail
+            raise ItemError(f"{job.item.label}: {err}") from None
         self.check_vocabulary((spec.prompt, self._negative(spec)))
         self.check_trained_size(width, height)
         return spec
 
     def run(self, jobs: list[Job]) -> list[Output]:
-        return in_groups(jobs, _batch_key, self._generate)
+        return in_groups(jobs, self._batch_key, self._generate)
 
     def _generate(self, jobs: list[Job]) -> list[Output]:
         spec: PromptSpec = jobs[0].payload
@@ -152,8 +159,7 @@ class Txt2ImgTask(ModelTask):
                            negatives: list[str], seeds: list[int]) -> torch.Tensor:
         """Uint8 pixels (B, H, W, 3) at `engine`'s precision (`Engine.finite` retries in fp32)."""
         image_hw = (latent_hw[0] * engine.info.downsampling, latent_hw[1] * engine.info.downsampling)
-        cond = self.texts.cond(engine, prompts, image_hw)
-        uncond = self.texts.cond(engine, negatives, image_hw, negative=True)
+        cond, uncond = self._texts_for(engine).conds(engine, prompts, negatives, image_hw)
         if self.refiner is None:
             z = engine.sample(latent_hw, seeds, cond, uncond, progress=self.step_progress())
             return engine.decode_pixels(z)
@@ -171,8 +177,7 @@ class Txt2ImgTask(ModelTask):
         if refiner.sampling.sampler != p["sampler"] or refiner.sampling.steps != p["steps"] or refiner.sampling.cfg != p["cfg"]:
             refiner = copy.copy(refiner)
             refiner.sampling = replace(refiner.sampling, sampler=p["sampler"], steps=p["steps"], cfg=p["cfg"])
-        cond = self.refiner_texts.cond(refiner, prompts, image_hw)
-        uncond = self.refiner_texts.cond(refiner, negatives, image_hw, negative=True)
+        cond, uncond = self.refiner_texts.conds(refiner, prompts, negatives, image_hw)
         z = refiner.sample((z.shape[-2], z.shape[-1]), seeds, cond, uncond, init_latent=z,
                            progress=self.step_progress(), handoff=Handoff(self.refiner_at, first=False))
         return refiner.decode_pixels(z)
@@ -202,20 +207,41 @@ class Txt2ImgTask(ModelTask):
         """The run's engine, or a copy sharing its model with a JSON line's own sampler/steps/cfg."""
         changes: dict[str, Any] = {k: v for k, v in (("sampler", spec.sampler), ("steps", spec.steps), ("cfg", spec.cfg))
                    if v is not None}
+        networks = self._networks(spec.prompt)
+        engine = self.engine.with_networks(self.engine.networks + networks) if networks else self.engine
         if not changes:
-            return self.engine
-        twin = copy.copy(self.engine)
-        twin.sampling = replace(self.engine.sampling, **changes)
+            return engine
+        twin = copy.copy(engine)
+        twin.sampling = replace(engine.sampling, **changes)
         return twin
+
+    def _networks(self, prompt: str) -> NetworkSet:
+        """The LoRAs a prompt's `<lora:NAME:W>` tags name (found once per distinct prompt)."""
+        if prompt not in self._prompt_networks:
+            self._prompt_networks[prompt] = prompt_networks(prompt, self.engine.choice.lora_dir) if "<" in prompt else ()
+        return self._prompt_networks[prompt]
+
+    def _texts_for(self, engine: Engine) -> TextConditioner:
+        """The text conditioner of an engine's model: LoRAs change the text encoder too."""
+        if engine.networks not in self._texts_by_networks:
+            encoder = require_text_model(engine.bundle, engine.model_path, self.command)
+            self._texts_by_networks[engine.networks] = text_conditioner(engine, encoder)
+        return self._texts_by_networks[engine.networks]
 
     def _item_params(self, spec: PromptSpec, engine: Engine) -> dict[str, Any]:
         params: dict[str, Any] = {"prompt": spec.prompt, **spec.overrides()}
         if engine is not self.engine:
             params.update(engine.resolved())
+        if engine.networks != self.engine.networks:
+            params["lora_hashes"] = lora_hashes(engine.addons().networks)
+        ti_hashes = self.texts.ti_hashes(spec.prompt, self._negative(spec))
+        if ti_hashes:
+            params["ti_hashes"] = ti_hashes
         return params
 
-
-def _batch_key(job: Job) -> tuple[Optional[int], Optional[int], Optional[str], Optional[int], Optional[float]]:
-    """Jobs with equal keys share one sampling call: same size and sampling parameters (prompts may differ)."""
-    spec: PromptSpec = job.payload
-    return spec.width, spec.height, spec.sampler, spec.steps, spec.cfg
+    def _batch_key(self, job: Job) -> tuple[Any, ...]:
+        """Jobs with equal keys share one sampling call: same size, sampling parameters and number of prompt
+        chunks (prompts may differ; a longer context cannot share a batch without changing the others)."""
+        spec: PromptSpec = job.payload
+        chunks = self.texts.chunk_count(spec.prompt, self._negative(spec))
+        return spec.width, spec.height, spec.sampler, spec.steps, spec.cfg, chunks, self._networks(spec.prompt)

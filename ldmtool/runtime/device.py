@@ -1,9 +1,11 @@
 """Device and precision choice (DESIGN.md §6: --device auto|cpu|cuda|mps, --precision auto|fp32|fp16|bf16)."""
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator, Optional
 
 from ldmtool.errors import UsageError
 
@@ -11,6 +13,8 @@ if TYPE_CHECKING:
     import torch
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+TORCH_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def choose_device(name: str = "auto") -> "torch.device":
@@ -37,20 +41,91 @@ def choose_device(name: str = "auto") -> "torch.device":
     return device
 
 
-def choose_dtype(precision: str, device: "torch.device") -> "torch.dtype":
-    """fp32 on CPU; fp16 on GPU by default (bf16 where asked). Half precision on CPU is refused."""
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """The dtype a run computes in, its name as `--precision` spells it, and why it was chosen."""
+
+    dtype: "torch.dtype"
+    name: str
+    reason: str
+    emulated: bool = False  # half precision on a CPU without native support: far slower than fp32
+
+    def to_json(self) -> dict[str, str]:
+        return {"precision": self.name, "precision_reason": self.reason}
+
+
+# CPU feature flags (Linux /proc/cpuinfo names) that make bf16 matrix multiplies faster than fp32 ones.
+NATIVE_BF16_FLAGS = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512-BF16", "bf16": "Arm BF16"}
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as the kernel lists them (x86 `flags`, Arm `Features`); empty where unknown."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if name.strip() in ("flags", "Features"):
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_cpu_bf16(flags: Optional[frozenset[str]] = None) -> Optional[str]:
+    """The name of the CPU feature that computes bf16 natively, or None (bf16 is then emulated: slower than
+    fp32). The kernel's flags decide; torch's own probe answers where they are unknown (macOS, Windows)."""
+    flags = cpu_flags() if flags is None else flags
+    for flag, name in NATIVE_BF16_FLAGS.items():
+        if flag in flags:
+            return name
+    if not flags:
+        import torch
+
+        probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+        if probe is not None and probe():
+            return "AVX512-BF16"
+    return None
+
+
+def _native_on_cpu(precision: str) -> bool:
+    if precision == "fp16":
+        return bool({"amx_fp16", "avx512_fp16"} & cpu_flags())
+    return precision == "fp32" or native_cpu_bf16() is not None
+
+
+def resolve_precision(precision: str, device: "torch.device") -> PrecisionChoice:
+    """`--precision` as a dtype. `auto`: bf16 on CPUs that compute it natively (AMX, AVX512-BF16, Arm BF16),
+    fp32 on others; fp16 on CUDA and MPS GPUs (the non-finite guard recomputes an overflow in fp32). An explicit
+    bf16 or fp16 is honoured on any device (on a CPU without native support it is slower than fp32)."""
     import torch
 
     precision = (precision or "auto").lower()
     if precision not in PRECISIONS:
         raise UsageError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
-    if precision == "fp32":
-        return torch.float32
-    if device.type == "cpu":
-        raise UsageError(f"--precision {precision} needs a GPU; on the CPU use fp32")
-    return torch.float16 if precision == "fp16" else torch.bfloat16
+    if precision != "auto":
+        emulated = device.type == "cpu" and not _native_on_cpu(precision)
+        reason = "asked for" + (f"; this CPU has no native {precision}, so it is emulated (bf16 measured 100x "
+                                "slower than fp32 on an AVX2 CPU)" if emulated else "")
+        return PrecisionChoice(getattr(torch, TORCH_DTYPE_NAMES[precision]), precision, reason, emulated)
+    if device.type in ("cuda", "mps"):
+        return PrecisionChoice(torch.float16, "fp16", f"auto: half precision on the {device.type} GPU")
+    native = native_cpu_bf16()
+    if device.type == "cpu" and native is not None:
+        return PrecisionChoice(torch.bfloat16, "bf16", f"auto: the CPU computes bf16 natively ({native})")
+    return PrecisionChoice(torch.float32, "fp32", "auto: the CPU has no native bf16")
+
+
+def choose_dtype(precision: str, device: "torch.device") -> "torch.dtype":
+    return resolve_precision(precision, device).dtype
+
+
+def legacy_auto_dtype(device: "torch.device") -> "torch.dtype":
+    """What `--precision auto` chose before it looked at CPU features (fp32 on every CPU): outputs recorded
+    then name only `auto`, so a job's identity mentions the resolved precision only when it differs."""
+    import torch
+
+    return torch.float16 if device.type in ("cuda", "mps") else torch.float32
 
 
 def release_host_memory() -> None:

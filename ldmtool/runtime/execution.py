@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Protocol
+from typing import Any, Iterable, Mapping, Optional, Protocol, cast
 
 import numpy as np
 
@@ -48,8 +48,30 @@ class Events(Protocol):
 def recipes_for(task: Task, options: RunOptions, output_suffix: str) -> Recipes:
     """The identity of a run's jobs (runtime/identity.py): command, model sha256, pixel options."""
     own = {name: value for name, value in options.cli.items() if name not in getattr(task, "item_options", ())}
-    return Recipes(task.command, model_sha256(task), identity.pixel_options(own, Path("x" + output_suffix)),
-                   identity.recorded_options(options.cli))
+    pixels = {**identity.pixel_options(own, Path("x" + output_suffix)), **auto_precision(task), **addon_files(task)}
+    return Recipes(task.command, model_sha256(task), pixels, identity.recorded_options(options.cli))
+
+
+def addon_files(task: Task) -> dict[str, Any]:
+    """The contents (sha256) of the run's `--lora` and `--vae` files, beside their paths in the options."""
+    engine = getattr(task, "engine", None)
+    if engine is None or not hasattr(engine, "addons"):
+        return {}
+    return cast(dict[str, Any], engine.addons().job_identity())
+
+
+def auto_precision(task: Task) -> dict[str, str]:
+    """`{"auto_precision": name}` when `--precision auto` picks a dtype other than it always did (fp32 on a
+    CPU, fp16 on a GPU): bf16 on a CPU with native bf16. Outputs of the same job from a machine without it (or
+    from versions before the choice looked at the CPU) then differ in identity, as their pixels do."""
+    choice = getattr(getattr(task, "engine", None), "choice", None)
+    if choice is None or (choice.precision or "auto").lower() != "auto":
+        return {}
+    from ldmtool.runtime.device import choose_device, legacy_auto_dtype, resolve_precision
+
+    device = choose_device(choice.device)
+    resolved = resolve_precision("auto", device)
+    return {} if resolved.dtype == legacy_auto_dtype(device) else {"auto_precision": resolved.name}
 
 
 def output_suffix(target: Optional[Path], is_file: bool, fmt: Optional[str]) -> str:

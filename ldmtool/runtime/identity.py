@@ -100,6 +100,9 @@ def difference(expected: Mapping[str, Any], found: Mapping[str, Any]) -> Optiona
             return f"its {_FIELD_NAMES[name]} differs ({_short(found.get(name))}, this run {_short(expected.get(name))})"
     mine, theirs = expected.get("options") or {}, found.get("options") or {}
     for name in sorted(set(mine) | set(theirs)):
+        if name == "auto_precision" and mine.get(name) != theirs.get(name):
+            return (f"--precision auto chose another precision there ({theirs.get(name) or 'fp32'}, this run "
+                    f"{mine.get(name) or 'fp32'}; pass --precision to choose one)")
         if mine.get(name) != theirs.get(name):
             flag = "--" + name.replace("_", "-")
             return f"{flag} differs ({_short(theirs.get(name))}, this run {_short(mine.get(name))})"

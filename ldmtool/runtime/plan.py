@@ -57,6 +57,7 @@ class RunPlan:
     device: str = "cpu"
     unknown: int = 0  # items whose size is known only when they load
     parts: dict[str, int] = field(default_factory=dict)
+    precision: dict[str, str] = field(default_factory=dict)  # the engine's choice and why, once it is open
 
     def line(self) -> str:
         """`1 item, 12000x16000 output (192.0 MP), peak memory ~3.1 GB, about 1h 27m on cpu`."""
@@ -68,13 +69,15 @@ class RunPlan:
         text += f", peak memory ~{size_text(self.peak_bytes)}"
         if self.seconds is not None:
             text += f", about {duration(self.seconds)} on {self.device}"
+            text += f" in {self.precision['precision']}" if self.precision else ""
         return text
 
     def to_json(self) -> dict[str, Any]:
         return {"event": "plan", "items": self.items, "pixels": self.pixels,
                 "largest": None if self.largest is None else list(self.largest), "unknown_sizes": self.unknown,
                 "peak_memory": self.peak_bytes, "available_memory": self.available_bytes,
-                "seconds": None if self.seconds is None else round(self.seconds, 3), "device": self.device}
+                "seconds": None if self.seconds is None else round(self.seconds, 3), "device": self.device,
+                **self.precision}
 
 
 def size_text(size: int) -> str:
@@ -129,6 +132,8 @@ def build_plan(task: Any, jobs: Iterable[Any], *, batch_size: int = 1) -> RunPla
     demand = demand_of(sizes, batch_size) if demand_of is not None and sizes else output_demand(sizes, batch_size)
     plan.peak_bytes, plan.available_bytes = demand.peak_bytes, demand.available_bytes
     plan.seconds, plan.device, plan.parts = demand.seconds, demand.device, demand.parts
+    precision = getattr(getattr(task, "engine", None), "precision", None)
+    plan.precision = precision.to_json() if precision is not None else {}
     return plan
 
 

@@ -176,8 +176,8 @@ def _parse(field: tuple[str, Any, dict[str, Any]], name: str, text: str, flag: s
     if (low is not None and value < low) or (high is not None and value > high):
         raise UsageError(f"{flag}: {name} {text} is out of range")
     if name == "sampler":
-        from ldmtool.diffusion.names import SAMPLER_NAMES
+        from ldmtool.diffusion.names import SAMPLER_NAMES, sampler_name
 
-        if value not in SAMPLER_NAMES:
+        if sampler_name(value)[0] not in SAMPLER_NAMES:  # A1111's names too
             raise UsageError(f"{flag}: unknown sampler {value!r} (use {', '.join(SAMPLER_NAMES)})")
     return value

@@ -1,0 +1,75 @@
+"""Textual-inversion embeddings: A1111 `.pt` files (`string_to_param`), `.safetensors` files (`emb_params`,
+or SDXL's `clip_l`/`clip_g`), and diffusers' one-entry `{token: vectors}` files. An embedding is used in
+a prompt by its file name (without the suffix), as A1111 and ComfyUI use it; a multi-vector embedding
+takes as many token positions as it has vectors (`pipelines/prompt_encoding.py`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ldmtool.addons.base import ADDON_SUFFIXES, EMBEDDING, AddonFormat, TextualInversion, read_addon_file
+from ldmtool.errors import CheckpointError, UsageError
+
+SDXL_ENCODERS = ("clip_l", "clip_g")
+
+
+def _single(vectors: Any, where: str) -> torch.Tensor:
+    if not isinstance(vectors, torch.Tensor) or vectors.dim() not in (1, 2):
+        raise CheckpointError(f"{where}: the embedding's vectors are not a (n, width) tensor")
+    return vectors.detach().float().reshape(-1, vectors.shape[-1])
+
+
+def _a1111(content: Mapping[str, Any], where: str) -> dict[str, torch.Tensor]:
+    params = content["string_to_param"]
+    params = getattr(params, "_parameters", params)  # files saved by old torch versions hold a ParameterDict
+    if not isinstance(params, Mapping) or len(params) != 1:
+        raise CheckpointError(f"{where}: an A1111 embedding holds exactly one term in string_to_param")
+    return {"": _single(next(iter(params.values())), where)}
+
+
+def _emb_params(content: Mapping[str, Any], where: str) -> dict[str, torch.Tensor]:
+    return {"": _single(content["emb_params"], where)}
+
+
+def _sdxl(content: Mapping[str, Any], where: str) -> dict[str, torch.Tensor]:
+    return {name: _single(content[name], where) for name in SDXL_ENCODERS}
+
+
+def _diffusers(content: Mapping[str, Any], where: str) -> dict[str, torch.Tensor]:
+    return {"": _single(next(iter(content.values())), where)}
+
+
+EMBEDDING_FORMATS = (
+    AddonFormat("A1111 textual inversion (string_to_param)", EMBEDDING,
+                lambda keys: "string_to_param" in keys, _a1111),
+    AddonFormat("textual inversion (emb_params)", EMBEDDING, lambda keys: "emb_params" in keys, _emb_params),
+    AddonFormat("SDXL textual inversion (clip_l, clip_g)", EMBEDDING,
+                lambda keys: set(SDXL_ENCODERS) <= keys, _sdxl),
+    AddonFormat("diffusers textual inversion ({token: vectors})", EMBEDDING, lambda keys: len(keys) == 1,
+                _diffusers),
+)
+
+
+def read_embedding(path: Path) -> TextualInversion:
+    """The embedding in a file, named by the file's stem; CheckpointError naming the file otherwise."""
+    from ldmtool.addons.registry import formats
+    from ldmtool.runtime.cache import file_sha256
+
+    content = read_addon_file(path)
+    keys = frozenset(str(key) for key in content)
+    for entry in formats(EMBEDDING):
+        if entry.matches(keys):
+            return TextualInversion(path.stem, entry.read(content, str(path)), file_sha256(path))
+    raise CheckpointError(f"{path}: not a textual-inversion embedding (keys: {', '.join(sorted(keys)[:5])}; "
+                          "expected string_to_param, emb_params, clip_l/clip_g or one token)")
+
+
+def load_embeddings(folder: Path) -> list[TextualInversion]:
+    """Every embedding file directly in `folder` (UsageError when it is not a folder)."""
+    if not folder.is_dir():
+        raise UsageError(f"--embeddings-dir {folder}: not a folder")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in ADDON_SUFFIXES and p.is_file())
+    return [read_embedding(path) for path in files]
