@@ -82,7 +82,7 @@ def write_safetensors_streaming(path: Path, shapes: dict[str, Any], dtype) -> in
     with path.open("wb") as f:
         f.write(struct.pack("<Q", len(encoded)) + encoded)
         for _, value in random_tensors(shapes, dtype):
-            f.write(value.contiguous().view(torch.uint8).numpy().tobytes())
+            f.write(value.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-dim too (logit_scale)
     return path.stat().st_size
 
 

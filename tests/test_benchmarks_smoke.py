@@ -222,3 +222,15 @@ def test_compare_outputs_reports_identical_different_and_missing_images(tmp_path
     assert records["same.png"]["identical"] and records["gone.png"]["missing"] == "after"
     assert records["sub/changed.png"]["max_diff"] == 3 and records["sub/changed.png"]["differing"] == 1.0
     assert records["summary"]["identical"] == 1 and records["summary"]["different_or_missing"] == 2
+
+
+
+def test_sdxl_unet_step_dry_run():
+    """Issue 18's step-time benchmark on a tiny SDXL UNet: JSON lines with the fields the README quotes.
+    (`sdxl_memory.py --dry-run` is left out of the suite: it writes and loads a file in a child process.)"""
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "sdxl_unet_step.py"), "--dry-run", "--dtypes", "bf16"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    measured = [r for r in json_lines(run.stdout) if "dtype" in r and "round" not in r]
+    assert len(measured) == 1
+    assert {"wall_s_median", "cpu_s_median", "parameters", "peak_rss_mib"} <= set(measured[0])

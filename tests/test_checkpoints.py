@@ -39,7 +39,7 @@ def _shapes(state) -> dict:
 # --- full-size presets: exactly the released keys and shapes, on the meta device -----------------------
 
 def test_every_family_has_a_preset_and_an_expected_key_list():
-    assert len(FAMILIES) == 27 and set(SD_FAMILIES) <= set(FAMILIES)
+    assert len(FAMILIES) == 30 and set(SD_FAMILIES) <= set(FAMILIES)
     assert sorted(_expected_keys()) == FAMILIES and set(FAMILIES) <= set(preset_names())
 
 

@@ -1,6 +1,7 @@
 """The model bundle: an `nn.Module` laid out like the reference `LatentDiffusion`, so `state_dict()` has
 the original checkpoint key names (`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*`,
-`low_scale_model.*`, schedule buffers). First-stage-only checkpoints (kl-f8, vq-f4, ...) get a
+`low_scale_model.*`, schedule buffers); sgm's `DiffusionEngine` (SDXL) gets its own bundle with the
+`conditioner.*` keys. First-stage-only checkpoints (kl-f8, vq-f4, ...) get a
 `FirstStageBundle` whose state dict is the autoencoder's own, as in their released files.
 """
 from __future__ import annotations
@@ -138,6 +139,64 @@ class FirstStageBundle(_BundleAliases, nn.Module):
         return {}
 
 
+class DiffusionEngineBundle(_BundleAliases, nn.Module):
+    """sgm's `DiffusionEngine` (SDXL) without the training code: `model.diffusion_model` (the UNet),
+    `conditioner` (`GeneralConditioner`: text encoders and micro-conditioning) and `first_stage_model`, so
+    `state_dict()` has the released single-file keys. Its schedule (`denoiser_config`: the legacy DDPM
+    discretisation) is computed, not stored: the buffers are not part of the state dict."""
+
+    low_scale_model = None
+
+    def __init__(self, doc: Mapping[str, Any], family: Optional[str] = None):
+        super().__init__()
+        params = dict(model_block(doc).get("params") or {})
+        self.config = dict(doc)
+        self.family = family or ldmtool_block(doc).get("family") or "custom"
+        self.parameterization = _sgm_parameterization(params.get("denoiser_config"))
+        self.scale_factor = float(params.get("scale_factor", 1.0))
+        self.schedule_params = _sgm_schedule(params.get("denoiser_config"))
+        for name, value in schedule_buffers(**self.schedule_params).items():
+            self.register_buffer(name, value, persistent=False)
+        network = instantiate(_required(params, "network_config"))
+        concat = network.input_blocks[0][0].in_channels > network.out[-1].out_channels
+        self.conditioning_key = "hybrid-adm" if concat else "crossattn-adm"
+        self.model = DiffusionWrapper(network, self.conditioning_key)
+        self.first_stage_model = instantiate(_required(params, "first_stage_config"))
+        self.conditioner = instantiate(_required(params, "conditioner_config"))
+
+    @property
+    def cond_stage(self) -> Optional[nn.Module]:
+        return self.conditioner
+
+    def schedule_values(self) -> dict[str, torch.Tensor]:
+        return schedule_buffers(**self.schedule_params)
+
+
+_SGM_SCALINGS = {"EpsScaling": "eps", "VScaling": "v"}
+
+
+def _sgm_parameterization(denoiser: Any) -> str:
+    scaling = ((denoiser or {}).get("params") or {}).get("scaling_config") or {}
+    name = str(scaling.get("target", "EpsScaling")).rsplit(".", 1)[-1]
+    if name not in _SGM_SCALINGS:
+        raise CheckpointError(f"config denoiser_config scaling {name!r} is not supported (EpsScaling, VScaling)")
+    return _SGM_SCALINGS[name]
+
+
+def _sgm_schedule(denoiser: Any) -> dict[str, Any]:
+    """The reference `LegacyDDPMDiscretization`: SD's scaled-linear betas over `num_idx` steps."""
+    params = (denoiser or {}).get("params") or {}
+    discretization = params.get("discretization_config") or {}
+    name = str(discretization.get("target", "LegacyDDPMDiscretization")).rsplit(".", 1)[-1]
+    if name != "LegacyDDPMDiscretization":
+        raise CheckpointError(f"config denoiser_config discretization {name!r} is not supported "
+                              "(LegacyDDPMDiscretization)")
+    values = discretization.get("params") or {}
+    return {"beta_schedule": "linear", "timesteps": int(params.get("num_idx", 1000)),
+            "linear_start": float(values.get("linear_start", 0.00085)),
+            "linear_end": float(values.get("linear_end", 0.0120))}
+
+
 def _save_scale_factor(module: LatentDiffusionBundle, state_dict: dict[str, Any], prefix: str,
                        local_metadata: dict[str, Any]) -> None:
     state_dict[prefix + "scale_factor"] = torch.tensor(module.scale_factor)
@@ -170,19 +229,21 @@ def _low_scale_schedule(doc: Mapping[str, Any]) -> dict[str, Any]:
     return dict((low.get("params") or {}).get("noise_schedule_config") or {})
 
 
-Bundle = Union[LatentDiffusionBundle, FirstStageBundle]
+Bundle = Union[LatentDiffusionBundle, FirstStageBundle, DiffusionEngineBundle]
 
 
 def build_bundle(doc: Mapping[str, Any], family: Optional[str] = None) -> Bundle:
     """The bundle class the config's top-level target asks for, built on the current default device."""
-    from ldmtool.checkpoints.config import DIFFUSION_TARGETS, FIRST_STAGE_TARGETS
+    from ldmtool.checkpoints.config import DIFFUSION_TARGETS, FIRST_STAGE_TARGETS, SGM_DIFFUSION_TARGETS
 
     target = model_block(doc)["target"]
     if target in DIFFUSION_TARGETS:
         return LatentDiffusionBundle(doc, family)
+    if target in SGM_DIFFUSION_TARGETS:
+        return DiffusionEngineBundle(doc, family)
     if target in FIRST_STAGE_TARGETS:
         return FirstStageBundle(doc, family)
     raise CheckpointError(
         f"config model.target {target!r} is not a latent diffusion model or first-stage autoencoder "
-        f"(known: {', '.join(sorted(t.rsplit('.', 1)[-1] for t in DIFFUSION_TARGETS | FIRST_STAGE_TARGETS))})"
+        f"(known: {', '.join(sorted(t.rsplit('.', 1)[-1] for t in DIFFUSION_TARGETS | SGM_DIFFUSION_TARGETS | FIRST_STAGE_TARGETS))})"
     )

@@ -1,4 +1,5 @@
-"""CompVis-format YAML configs: reading (yaml.safe_load only, no omegaconf) and building networks.
+"""CompVis-format YAML configs (and sgm's, SDXL's): reading (yaml.safe_load only, no omegaconf) and building
+networks.
 
 A config is the reference `model:` block: `target` (a dotted class path of the reference code) and
 `params`. Every network is built as `ClassName(**params)` from the map below; ldmtool's own fields sit in
@@ -31,12 +32,23 @@ TARGETS: dict[str, str] = {
     "ldm.modules.diffusionmodules.upscaling.ImageConcatWithNoiseAugmentation":
         "ldmtool.nets.encoders:ImageConcatWithNoiseAugmentation",
     "torch.nn.Identity": "torch.nn:Identity",
+    # Stability AI's sgm code base (SDXL); the sgm VAE, CLIP-L and UNet share the CompVis layouts.
+    "sgm.modules.diffusionmodules.openaimodel.UNetModel": "ldmtool.nets.sgm:UNetModel",
+    "sgm.models.autoencoder.AutoencoderKL": "ldmtool.nets.autoencoder:AutoencoderKL",
+    "sgm.models.autoencoder.AutoencoderKLInferenceWrapper": "ldmtool.nets.autoencoder:AutoencoderKL",
+    "sgm.modules.GeneralConditioner": "ldmtool.nets.sgm:GeneralConditioner",
+    "sgm.modules.encoders.modules.GeneralConditioner": "ldmtool.nets.sgm:GeneralConditioner",
+    "sgm.modules.encoders.modules.FrozenCLIPEmbedder": "ldmtool.nets.encoders:FrozenCLIPEmbedder",
+    "sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2": "ldmtool.nets.openclip_text:FrozenOpenCLIPEmbedder2",
+    "sgm.modules.encoders.modules.ConcatTimestepEmbedderND": "ldmtool.nets.sgm:ConcatTimestepEmbedderND",
 }
 DIFFUSION_TARGETS = {
     "ldm.models.diffusion.ddpm.LatentDiffusion",
     "ldm.models.diffusion.ddpm.LatentInpaintDiffusion",
     "ldm.models.diffusion.ddpm.LatentUpscaleDiffusion",
 }
+# sgm's `DiffusionEngine` (SDXL): network_config, conditioner_config, first_stage_config, denoiser_config.
+SGM_DIFFUSION_TARGETS = {"sgm.models.diffusion.DiffusionEngine"}
 FIRST_STAGE_TARGETS = {
     "ldm.models.autoencoder.AutoencoderKL",
     "ldm.models.autoencoder.VQModel",

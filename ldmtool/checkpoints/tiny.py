@@ -22,6 +22,9 @@ def tiny_config(preset_or_doc: str | Mapping[str, Any]) -> dict[str, Any]:
     """A preset's config with widths shrunk so the whole bundle has a few million parameters."""
     doc = copy.deepcopy(load_preset(preset_or_doc) if isinstance(preset_or_doc, str) else dict(preset_or_doc))
     params = doc["model"].setdefault("params", {})
+    if "network_config" in params:  # sgm (SDXL)
+        _shrink_sgm(params)
+        return doc
     if "unet_config" not in params:  # a first stage alone
         _shrink_first_stage(params)
         return doc
@@ -68,6 +71,33 @@ def _shrink_cond_stage(cond: Any) -> int | None:
         p.update(width=32, layers=2, heads=2)
         return 32
     return None
+
+
+def _shrink_sgm(params: dict[str, Any]) -> None:
+    """SDXL: each text tower shrunk, the UNet's context and `y` widths recomputed from them (micro-conditioning
+    embeddings keep their 256 width), transformer depths capped at 2 (levels keep or lose attention as before)."""
+    context, pooled, micro = 0, 0, 0
+    for block in params["conditioner_config"]["params"]["emb_models"]:
+        name = block["target"].rsplit(".", 1)[-1]
+        p = block.setdefault("params", {})
+        if name == "FrozenCLIPEmbedder":
+            p["text_config"] = dict(TINY_CLIP_TEXT)
+            if p.get("layer") == "hidden":  # layer 11 of 12 is the penultimate; so stays it
+                p["layer_idx"] = TINY_CLIP_TEXT["num_hidden_layers"] - 1
+            context += TINY_CLIP_TEXT["hidden_size"]
+        elif name == "FrozenOpenCLIPEmbedder2":
+            p.update(width=32, layers=2, heads=2)
+            context += 32
+            pooled += 32 if p.get("always_return_pooled") else 0
+        elif name == "ConcatTimestepEmbedderND":
+            micro += p["outdim"] * (1 if block.get("input_key") == "aesthetic_score" else 2)
+    _shrink_first_stage(params["first_stage_config"]["params"])
+    unet = params["network_config"]["params"]
+    unet.update(model_channels=32, num_res_blocks=1, num_head_channels=16, adm_in_channels=pooled + micro)
+    depth = unet.get("transformer_depth", 1)
+    unet["transformer_depth"] = [min(d, 2) for d in depth] if isinstance(depth, list) else min(depth, 2)
+    levels = len(unet.get("channel_mult", ()))
+    unet["context_dim"] = [context] * levels if isinstance(unet.get("context_dim"), list) else context
 
 
 def randomise_(module: ModuleT, seed: int = 0, scale: float = 0.05) -> ModuleT:

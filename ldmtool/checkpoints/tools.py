@@ -28,6 +28,7 @@ COMPONENTS = (
     ("model.diffusion_model.", "unet"),
     ("first_stage_model.", "first_stage"),
     ("cond_stage_model.", "cond_stage"),
+    ("conditioner.", "cond_stage"),  # sgm (SDXL): text encoders and micro-conditioning
     ("low_scale_model.", "low_scale"),
 )
 CONFIG_METADATA_KEY = "ldmtool_config"

@@ -1,6 +1,7 @@
 """`ldmtool txt2img`: images from text prompts (LDM-BERT, SD 1.x, SD 2.x models)."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -9,7 +10,7 @@ import typer
 from ldmtool.cli import options as opt
 from ldmtool.cli.common import finish
 from ldmtool.cli.shared import task_command
-from ldmtool.options import ModelChoice, PromptTemplate, SamplingChoice, Size, TextPrompt
+from ldmtool.options import MODEL, ModelChoice, PromptTemplate, SamplingChoice, Size, TextPrompt
 
 if TYPE_CHECKING:
     from ldmtool.pipelines.text import PromptSpec
@@ -25,6 +26,16 @@ PromptsFile = Annotated[
                  rich_help_panel=opt.SAMPLING),
 ]
 Samples = Annotated[int, typer.Option("--n", min=1, help="Images per prompt.", rich_help_panel=opt.SAMPLING)]
+Refiner = Annotated[
+    Optional[Path],
+    typer.Option("--refiner", help="Refiner checkpoint (e.g. SDXL refiner 1.0) that runs the last part of the "
+                 "schedule from the model's latent (see --refiner-at).", rich_help_panel=MODEL),
+]
+RefinerAt = Annotated[
+    float,
+    typer.Option("--refiner-at", help="Where --refiner takes over, as a fraction of the schedule (0.8: it runs "
+                 "the last 20%, as diffusers' denoising_end).", rich_help_panel=opt.SAMPLING),
+]
 
 
 @task_command(model="default-txt2img", seamless=True)
@@ -34,6 +45,8 @@ def txt2img(
     templates: PromptTemplate,
     prompts: PromptsFile = None,
     n: Samples = 1,
+    refiner: Refiner = None,
+    refiner_at: RefinerAt = 0.8,
     size: Size,
     run: "RunOptions", model: ModelChoice, sampling: SamplingChoice,
 ) -> None:
@@ -47,8 +60,9 @@ def txt2img(
     specs = read_prompts(text.prompt, prompts)
     if needs_templates(specs, text.negative, wildcards=templates.wildcards, combinatorial=templates.combinatorial):
         specs = expand_templates(specs, text.negative, templates)
+    refining = None if refiner is None else Engine(replace(model, model=str(refiner), config=None, preset=None), sampling)
     task = Txt2ImgTask(Engine(model, sampling), specs, negative=text.negative or "", width=size.width,
-                       height=size.height, wildcards=templates.wildcards)
+                       height=size.height, wildcards=templates.wildcards, refiner=refining, refiner_at=refiner_at)
     finish(run_task(task, prompt_items(specs, n, same_seed=templates.same_seed), run))
 
 

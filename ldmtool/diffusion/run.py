@@ -14,6 +14,7 @@ import torch
 
 from ldmtool.diffusion.cond import Cond, Guided
 from ldmtool.diffusion.denoisers import bind
+from ldmtool.diffusion.handoff import Handoff, split
 from ldmtool.diffusion.img2img import img2img_schedule, noised_latent
 from ldmtool.diffusion.masked import masked_model
 from ldmtool.diffusion.samplers import Step, default_schedule, sample, start_latent
@@ -31,11 +32,17 @@ class SamplerSettings:
     # Scale of the starting noise when sampling from noise (not from an image): below 1 the sample moves
     # towards the mode, trading invented detail for fidelity (the "temperature" of SR3 / SRFlow).
     temperature: float = 1.0
+    # One side of a base -> refiner hand-off (diffusion/handoff.py); the second side starts from the first
+    # side's latent as it is (`init_latent`, not noised).
+    handoff: Optional[Handoff] = None
 
 
 def schedule_for(settings: SamplerSettings, alphas_cumprod: torch.Tensor, *, from_image: bool) -> SamplingSchedule:
-    """The schedule these settings run: the sampler's default, cut by strength when starting from an image."""
+    """The schedule these settings run: the sampler's default, cut by strength when starting from an image,
+    or split at a hand-off."""
     schedule = default_schedule(settings.sampler, alphas_cumprod, settings.steps, karras=settings.karras)
+    if settings.handoff is not None:
+        return split(schedule, alphas_cumprod, settings.handoff)
     return img2img_schedule(schedule, settings.strength) if from_image else schedule
 
 
@@ -65,6 +72,8 @@ def sample_latents(
     schedule = schedule_for(settings, alphas_cumprod, from_image=init_latent is not None)
     if init_latent is None:
         x = start_latent(noise.randn(shape, device=device, dtype=dtype) * settings.temperature, float(schedule.sigmas[0]))
+    elif settings.handoff is not None:
+        x = init_latent  # the first model's latent, already at this schedule's first noise level
     else:
         x = noised_latent(init_latent, schedule, noise.like(init_latent))
     model = bind(denoise, cond)

@@ -147,6 +147,11 @@ class SamplingSchedule:
     def steps(self) -> int:
         return len(self.sigmas) - 1
 
+    def head(self, steps: int) -> "SamplingSchedule":
+        """The first `steps` steps (a base model hands the rest to a refiner)."""
+        ts = None if self.timesteps is None else self.timesteps[:steps]
+        return SamplingSchedule(self.sigmas[: steps + 1], ts)
+
     def tail(self, steps: int) -> "SamplingSchedule":
         """The last `steps` steps (img2img starts part-way down the schedule)."""
         ts = None if self.timesteps is None else self.timesteps[len(self.timesteps) - steps :]

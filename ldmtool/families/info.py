@@ -87,3 +87,10 @@ class ModelInfo:
     # `defaults.size` is the size it was trained at (larger outputs get a warning past twice that).
     vocabulary: Optional[frozenset[str]] = None
     trained_size: Optional[tuple[int, int]] = None
+    # A text model whose network also takes a vector `y` of the pooled prompt and the image's size (SDXL's
+    # micro-conditioning, `cond_stage.vector`): the size inputs it takes, in order (empty: no such vector);
+    # whether an empty negative prompt is zero embeddings rather than the encoded "" (as the reference
+    # samples); and the aesthetic scores (prompt, negative) of a model that takes one.
+    micro_conditioning: tuple[str, ...] = ()
+    zero_empty_negative: bool = False
+    aesthetic_scores: Optional[tuple[float, float]] = None

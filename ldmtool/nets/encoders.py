@@ -5,7 +5,7 @@ concat map, or (for the x4 upscaler) the noised low-resolution image and its noi
 """
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence, Union, cast
+from typing import Any, Mapping, Optional, Sequence, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -92,7 +92,8 @@ class FrozenCLIPEmbedder(nn.Module):
 
     def __init__(self, version: str = "openai/clip-vit-large-patch14", device: object = None,
                  max_length: int = 77, freeze: bool = True, layer: str = "last",
-                 layer_idx: Optional[int] = None, *, text_config: Optional[dict] = None):
+                 layer_idx: Optional[int] = None, always_return_pooled: bool = False, *,
+                 text_config: Optional[dict] = None):
         super().__init__()
         from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -103,6 +104,7 @@ class FrozenCLIPEmbedder(nn.Module):
         self.max_length = max_length
         self.layer = layer
         self.layer_idx = layer_idx
+        self.return_pooled = always_return_pooled  # sgm's option: also the pooled output (SDXL's CLIP-L: off)
         if freeze:
             self.requires_grad_(False)
 
@@ -119,22 +121,24 @@ class FrozenCLIPEmbedder(nn.Module):
         """The token-id -> vector table (textual-inversion vectors replace its output rows)."""
         return cast(nn.Embedding, self.transformer.text_model.embeddings.token_embedding)
 
-    def encode_tokens(self, tokens: torch.Tensor, clip_skip: Optional[int] = None) -> torch.Tensor:
-        """The context of token ids. `clip_skip` N > 1 (A1111's meaning, layer "last" only) takes the output
-        of the N-th layer from the end through the final layer norm: N=2 is the penultimate layer."""
+    def encode_tokens(self, tokens: torch.Tensor, clip_skip: Optional[int] = None) -> Any:
+        """(B, 77, hidden) hidden states of the chosen layer; with `always_return_pooled` also (B, hidden).
+        `clip_skip` N > 1 (A1111's meaning, layer "last" only) takes the output of the N-th layer from the end
+        through the final layer norm: N=2 is the penultimate layer."""
         device = self.token_embedding.weight.device
         skip = clip_skip is not None and clip_skip > 1 and self.layer == "last"
         text_model = self.transformer.text_model
         out = text_model(input_ids=tokens.to(device), output_hidden_states=skip or self.layer == "hidden")
         if skip:
             assert clip_skip is not None  # for mypy: `skip` says so
-            norm = cast(nn.Module, text_model.final_layer_norm)
-            return cast(torch.Tensor, norm(out.hidden_states[-clip_skip]))
-        if self.layer == "last":
-            return out.last_hidden_state
-        if self.layer == "pooled":
-            return out.pooler_output[:, None, :]
-        return out.hidden_states[self.layer_idx]
+            hidden = cast(nn.Module, text_model.final_layer_norm)(out.hidden_states[-clip_skip])
+        elif self.layer == "last":
+            hidden = out.last_hidden_state
+        elif self.layer == "pooled":
+            hidden = out.pooler_output[:, None, :]
+        else:
+            hidden = out.hidden_states[self.layer_idx]
+        return (hidden, out.pooler_output) if self.return_pooled else hidden
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         """Cross-attention context (B, 77, hidden) for a list of prompts."""

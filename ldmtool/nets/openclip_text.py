@@ -138,3 +138,35 @@ class FrozenOpenCLIPEmbedder(nn.Module):
         return self.encode_tokens(self.tokenize(texts))
 
     forward = encode
+
+
+class FrozenOpenCLIPEmbedder2(FrozenOpenCLIPEmbedder):
+    """`sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2` (SDXL's ViT-bigG/14 text): with `legacy: false`
+    the chosen layer's hidden states are returned without `ln_final`, and with `always_return_pooled` also
+    the pooled vector: the last layer through `ln_final`, at the end token, times `text_projection`."""
+
+    def __init__(self, arch: str = "ViT-H-14", version: str = "laion2b_s32b_b79k", device: object = None,
+                 max_length: int = 77, freeze: bool = True, layer: str = "last", always_return_pooled: bool = False,
+                 legacy: bool = True, **sizes: int):
+        super().__init__(arch, version, device, max_length, freeze, layer, **sizes)
+        if always_return_pooled and legacy:
+            raise ValueError("FrozenOpenCLIPEmbedder2: always_return_pooled needs legacy: false")
+        self.return_pooled = always_return_pooled
+        self.legacy = legacy
+
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        """(B, 77, width) hidden states of the chosen layer, and with `return_pooled` (B, embed_dim)."""
+        if self.legacy:
+            return super().encode_tokens(tokens)
+        m = self.model
+        tokens = tokens.to(m.token_embedding.weight.device)
+        x = m.token_embedding(tokens) + m.positional_embedding
+        blocks = list(m.transformer.resblocks)
+        for block in blocks[:-1]:
+            x = block(x)
+        hidden = x if self.layer_idx == 1 else blocks[-1](x)
+        if not self.return_pooled:
+            return hidden
+        last = m.ln_final(hidden if self.layer_idx == 0 else blocks[-1](x))
+        pooled = last[torch.arange(last.shape[0]), tokens.argmax(dim=-1)] @ m.text_projection
+        return hidden, pooled

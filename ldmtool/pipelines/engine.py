@@ -20,6 +20,7 @@ from ldmtool.checkpoints.bundle import LatentDiffusionBundle
 from ldmtool.diffusion.cond import Cond, Guided
 from ldmtool.diffusion.denoisers import DiscreteDenoiser, per_row
 from ldmtool.diffusion.guidance import CFGDenoiser
+from ldmtool.diffusion.handoff import Handoff
 from ldmtool.diffusion.names import sampler_name
 from ldmtool.diffusion.run import SamplerSettings, sample_latents
 from ldmtool.diffusion.samplers import check_options, default_schedule, get_sampler
@@ -205,16 +206,18 @@ class Engine:
         strength: float = 1.0,
         repaint: Optional[torch.Tensor] = None,
         progress: Optional[Callable[[int, int], None]] = None,
+        handoff: Optional[Handoff] = None,
     ) -> torch.Tensor:
         """Scaled latents (B, C, h, w) for one batch; every item's noise comes from its own seed.
 
         `init_latent` (scaled) starts part-way down the schedule at `strength` (img2img); with `repaint`
         (B, 1, h, w), 1 = repaint, the rest of `init_latent` is kept (masked sampling, any model).
-        Guidance runs when `uncond` is given and the cfg scale is not 1.
+        Guidance runs when `uncond` is given and the cfg scale is not 1. With `handoff`, one side of a base ->
+        refiner hand-off runs (the second side from the first's latent, given as `init_latent`).
         """
         p = self.resolved()
         settings = SamplerSettings(sampler=p["sampler"], steps=p["steps"], karras=p["karras"], eta=p["eta"],
-                                   strength=strength, temperature=p["temperature"])
+                                   strength=strength, temperature=p["temperature"], handoff=handoff)
         guided = uncond is not None and p["cfg"] != 1.0
         denoise = self._denoiser(latent_hw, 2 if guided else 1, guided)
         conditioning = Guided(cond, uncond, p["cfg"]) if guided else cond

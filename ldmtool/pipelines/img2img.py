@@ -63,7 +63,7 @@ class Img2ImgTask(ModelTask):
     def _encode_sample_decode(self, engine: Engine, *, images: torch.Tensor, seeds: list[int]) -> torch.Tensor:
         """Images in [0, 1] (B, 3, H, W) at `engine`'s precision (`Engine.finite` retries in fp32)."""
         init = engine.encode(images)
-        cond, uncond = self.conditioning(engine, len(seeds))
+        cond, uncond = self.conditioning(engine, len(seeds), (images.shape[-2], images.shape[-1]))
         z = engine.sample((init.shape[-2], init.shape[-1]), seeds, cond, uncond, init_latent=init, strength=self.strength,
                           progress=self.step_progress())
         return engine.decode(z)

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 from typing import Any, Optional
 
 import cv2
@@ -155,7 +156,7 @@ class InpaintTask(ModelTask):
     def _masked(self, e: Engine, images: torch.Tensor, masks: torch.Tensor, seeds: list[int],
                 latent_hw: tuple[int, int]) -> torch.Tensor:
         init = e.encode(images)
-        cond, uncond = self.conditioning(e, len(seeds))
+        cond, uncond = self.conditioning(e, len(seeds), (images.shape[-2], images.shape[-1]))
         repaint = latent_repaint_mask(masks, latent_hw).to(e.device, e.dtype)
         return e.sample(latent_hw, seeds, cond, uncond, init_latent=init, repaint=repaint,
                         progress=self.step_progress())
@@ -171,10 +172,10 @@ class InpaintTask(ModelTask):
                    seeds: list[int]) -> torch.Tensor:
         c_masked = e.encode(images * (masks < 0.5))
         concat = torch.cat([latent_mask, c_masked], dim=1).to(e.device, e.dtype)
-        context, uncontext = (c.to(e.device, e.dtype) for c in self.texts.pair([self.prompt] * len(seeds),
-                                                                               [self.negative] * len(seeds)))
-        return e.sample((latent_mask.shape[-2], latent_mask.shape[-1]), seeds, Cond(crossattn=context, concat=concat),
-                        Cond(crossattn=uncontext, concat=concat), progress=self.step_progress())
+        image_hw = (images.shape[-2], images.shape[-1])
+        cond, uncond = self.texts.conds(e, [self.prompt] * len(seeds), [self.negative] * len(seeds), image_hw)
+        return e.sample((latent_mask.shape[-2], latent_mask.shape[-1]), seeds, replace(cond, concat=concat),
+                        replace(uncond, concat=concat), progress=self.step_progress())
 
     def _finish(self, jobs: list[Job], results: torch.Tensor, masks: torch.Tensor) -> list[Output]:
         """Colour fix, then the feathered composite onto the input itself (not its [-1, 1] round trip), so

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from ldmtool.addons.base import TextualInversion
     from ldmtool.checkpoints.bundle import LatentDiffusionBundle
     from ldmtool.diffusion.cond import Cond
+    from ldmtool.families.info import ModelInfo
     from ldmtool.pipelines.engine import Engine
 
 
@@ -159,12 +160,23 @@ def text_encoder(bundle: "LatentDiffusionBundle") -> Optional[torch.nn.Module]:
     return bundle.cond_stage if bundle.info.takes_text else None
 
 
+_WITHOUT_VECTOR = {Conditioning.CROSSATTN_ADM: Conditioning.CROSSATTN, Conditioning.HYBRID_ADM: Conditioning.HYBRID}
+
+
+def text_conditioning(info: "ModelInfo") -> Conditioning:
+    """How a model's prompt reaches its network, with the pooled-text-and-size vector `y` of a model with
+    micro-conditioning set aside (TextConditioner.cond adds it): what the text pipelines check."""
+    if info.micro_conditioning:
+        return _WITHOUT_VECTOR.get(info.conditioning, info.conditioning)
+    return info.conditioning
+
+
 def require_text_model(bundle: "LatentDiffusionBundle", path: Path, command: str,
                        kinds: Sequence[Conditioning] = (Conditioning.CROSSATTN,)) -> torch.nn.Module:
     """The text encoder of a model that must take prompts (with one of the conditioning `kinds`), or a
     FatalError naming what the model is."""
     encoder = text_encoder(bundle)
-    if encoder is None or bundle.info.conditioning not in kinds:
+    if encoder is None or text_conditioning(bundle.info) not in kinds:
         raise UsageError(f"{path}: a {bundle.info.family} model has no text encoder, so it cannot do {command}; "
                          "use a text-to-image checkpoint (SD 1.x/2.x, LDM text2img256 or txt2img-1p4B)")
     return encoder
@@ -197,16 +209,23 @@ class TextConditioner:
     are kept for the `keep` most recently used texts (an SD context is ~230 kB a chunk, so a run over a
     100k-line prompt file must not keep them all); items of one prompt run together, so this is enough to
     encode every prompt once in a normal run.
+
+    A model with micro-conditioning (`info.micro_conditioning`) also gets its vector `y` from `cond`: the
+    pooled prompt (kept beside the context) and the image's size.
     """
 
-    def __init__(self, encoder: torch.nn.Module, keep: int = 512, *, clip_skip: Optional[int] = None,
-                 embeddings: Sequence["TextualInversion"] = ()):
+    def __init__(self, encoder: torch.nn.Module, keep: int = 512, *, info: Optional["ModelInfo"] = None,
+                 clip_skip: Optional[int] = None, embeddings: Sequence["TextualInversion"] = ()):
         from ldmtool.pipelines.prompt_encoding import PromptEncoder
 
-        self.encoder = encoder
-        self.prompt_encoder = PromptEncoder(encoder, clip_skip=clip_skip, embeddings=embeddings)
+        self.encoder: Any = encoder  # a cond stage: `encode(texts)`, and `encode_text`/`vector` with micro-conditioning
+        self.info = info
+        self.micro = info is not None and bool(info.micro_conditioning)
+        # SDXL's two encoders take the prompt as written (A1111 syntax is for the one-encoder families so far)
+        self.prompt_encoder = None if self.micro else PromptEncoder(encoder, clip_skip=clip_skip,
+                                                                     embeddings=embeddings)
         self.keep = keep
-        self._contexts: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._contexts: OrderedDict[str, tuple[torch.Tensor, Optional[torch.Tensor]]] = OrderedDict()
         self.encoded = 0  # how many texts went through the encoder (tests check the caching)
 
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
@@ -221,8 +240,41 @@ class TextConditioner:
         length = max(len(c) for c in [*cond, *uncond])
         return torch.stack(self._padded(cond, length)), torch.stack(self._padded(uncond, length))
 
+    def conds(self, engine: "Engine", prompts: Sequence[str], negatives: Sequence[str],
+              image_hw: tuple[int, int]) -> tuple["Cond", "Cond"]:
+        """(cond, uncond) for guidance on the engine's device, for images of `image_hw` pixels: the contexts
+        (padded to one length), and the vector `y` where the model takes one."""
+        if self.micro:
+            return self.cond(engine, prompts, image_hw), self.cond(engine, negatives, image_hw, negative=True)
+        from ldmtool.diffusion.cond import Cond
+
+        cond, uncond = self.pair(prompts, negatives)
+        return Cond(crossattn=cond.to(engine.device, engine.dtype)), Cond(crossattn=uncond.to(engine.device, engine.dtype))
+
+    def cond(self, engine: "Engine", texts: Sequence[str], image_hw: tuple[int, int], *,
+             negative: bool = False) -> "Cond":
+        """Conditioning for `texts` (prompts, or with `negative` the negative prompts) on the engine's device,
+        for images of `image_hw` pixels: the context, and the vector `y` where the model takes one."""
+        from ldmtool.diffusion.cond import Cond
+
+        info = self.info
+        if info is None or not self.micro:
+            return Cond(crossattn=self(texts).to(engine.device, engine.dtype))
+        encoded = self._encoded(texts)
+        context = torch.stack([c for c, _ in encoded])
+        vectors = [p for _, p in encoded if p is not None]
+        pooled = torch.stack(vectors) if len(vectors) == len(encoded) else None
+        if negative and info.zero_empty_negative:
+            empty = torch.tensor([not text for text in texts])
+            context = torch.where(empty[:, None, None], 0.0, context)
+            pooled = None if pooled is None else torch.where(empty[:, None], 0.0, pooled)
+        y = self.encoder.vector(pooled, micro_conditioning(info, image_hw, negative=negative))
+        return Cond(crossattn=context.to(engine.device, engine.dtype), y=y.to(engine.device, engine.dtype))
+
     def ti_hashes(self, *texts: str) -> Optional[str]:
         """`name: hash, ...` of the embeddings `texts` use, as A1111 writes `TI hashes` (None for none)."""
+        if self.prompt_encoder is None:
+            return None
         used: dict[str, Any] = {}
         for text in texts:
             used.update(self.prompt_encoder.embeddings_in(text))
@@ -234,11 +286,15 @@ class TextConditioner:
 
     def contexts(self, texts: Sequence[str]) -> list[torch.Tensor]:
         """(T, D) context of each text, encoding those not kept yet."""
+        return [context for context, _ in self._encoded(texts)]
+
+    def _encoded(self, texts: Sequence[str]) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """(context, pooled or None) of each text, encoding those not kept yet."""
         found = {t: self._contexts[t] for t in dict.fromkeys(texts) if t in self._contexts}
         missing = [t for t in dict.fromkeys(texts) if t not in found]
         if missing:
             with torch.inference_mode(), one_thread():  # once per prompt, so a single thread costs little
-                found.update((text, self.prompt_encoder(text)) for text in missing)
+                found.update((text, self._encode(text)) for text in missing)
             self.encoded += len(missing)
         for text, context in found.items():
             self._contexts[text] = context
@@ -246,6 +302,12 @@ class TextConditioner:
         while len(self._contexts) > self.keep:
             self._contexts.popitem(last=False)
         return [found[t] for t in texts]
+
+    def _encode(self, text: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if self.prompt_encoder is None:
+            out = self.encoder.encode_text([text])  # a TextEmbedding (nets/sgm.py)
+            return out.context[0].float().cpu(), None if out.pooled is None else out.pooled[0].float().cpu()
+        return self.prompt_encoder(text), None
 
     def _padded(self, contexts: list[torch.Tensor], length: int) -> list[torch.Tensor]:
         if all(len(c) == length for c in contexts):
@@ -261,11 +323,24 @@ def text_conditioner(engine: "Engine", encoder: torch.nn.Module) -> TextConditio
     """The run's text conditioner: the model's text encoder with `--clip-skip` and `--embeddings-dir`."""
     from ldmtool.addons.embeddings import load_embeddings
 
-    choice = engine.choice
+    choice, info = engine.choice, engine.info
+    if info.micro_conditioning and (choice.clip_skip is not None or choice.embeddings_dir is not None):
+        raise UsageError(f"--clip-skip and --embeddings-dir do not apply to {info.family} models yet")
     if choice.clip_skip is not None and not hasattr(encoder, "token_embedding"):
-        raise UsageError(f"--clip-skip {choice.clip_skip}: a {engine.info.family} model has no CLIP text encoder")
+        raise UsageError(f"--clip-skip {choice.clip_skip}: a {info.family} model has no CLIP text encoder")
     embeddings = load_embeddings(choice.embeddings_dir) if choice.embeddings_dir is not None else ()
-    return TextConditioner(encoder, clip_skip=choice.clip_skip, embeddings=embeddings)
+    return TextConditioner(encoder, info=info, clip_skip=choice.clip_skip, embeddings=embeddings)
+
+
+def micro_conditioning(info: "ModelInfo", image_hw: tuple[int, int], *, negative: bool = False) -> dict[str, Any]:
+    """SDXL's size inputs for an image of `image_hw` pixels generated whole: its original and target size
+    are its own, uncropped (as the reference and diffusers sample by default); the aesthetic score is the
+    model's for the prompt or the negative prompt. The tiled engine shares them across tiles (the canvas's)."""
+    values: dict[str, Any] = {"original_size_as_tuple": image_hw, "crop_coords_top_left": (0, 0),
+                              "target_size_as_tuple": image_hw}
+    if info.aesthetic_scores is not None:
+        values["aesthetic_score"] = info.aesthetic_scores[1 if negative else 0]
+    return {key: values[key] for key in info.micro_conditioning}
 
 
 # ---------------------------------------------------------------- images in and out
@@ -296,16 +371,15 @@ class PromptConditioning:
             self.texts: Optional[TextConditioner] = None
             return
         encoder = text_encoder(engine.bundle)
-        if encoder is None or info.conditioning is not Conditioning.CROSSATTN:
+        if encoder is None or text_conditioning(info) is not Conditioning.CROSSATTN:
             raise UsageError(f"{path}: a {info.family} model cannot do {command} (it needs a text-to-image "
                              "or unconditional model)")
         self.texts = text_conditioner(engine, encoder)
 
-    def __call__(self, engine: "Engine", count: int) -> tuple["Cond", Optional["Cond"]]:
-        """(cond, uncond) for a batch of `count` items on the engine's device."""
+    def __call__(self, engine: "Engine", count: int, image_hw: tuple[int, int]) -> tuple["Cond", Optional["Cond"]]:
+        """(cond, uncond) for a batch of `count` items of `image_hw` pixels on the engine's device."""
         from ldmtool.diffusion.cond import Cond
 
         if self.texts is None:
             return Cond(), None
-        cond, uncond = self.texts.pair([self.prompt] * count, [self.negative] * count)
-        return Cond(crossattn=cond.to(engine.device, engine.dtype)), Cond(crossattn=uncond.to(engine.device, engine.dtype))
+        return self.texts.conds(engine, [self.prompt] * count, [self.negative] * count, image_hw)

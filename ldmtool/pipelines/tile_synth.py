@@ -20,7 +20,7 @@ from ldmtool.io.discover import Item, generated_items
 from ldmtool.pipelines.engine import Engine
 from ldmtool.pipelines.sample import GeneratorTask, SampleTask, sample_items
 from ldmtool.pipelines.semantic2img import Semantic2ImgTask
-from ldmtool.pipelines.text import text_conditioner, text_encoder
+from ldmtool.pipelines.text import text_conditioner, text_conditioning, text_encoder
 from ldmtool.runtime.jobs import Job
 
 COMMAND = "tile-synth"
@@ -61,7 +61,7 @@ class TextTileTask(GeneratorTask):
 
     def check_conditioning(self, bundle: LatentDiffusionBundle) -> None:
         encoder = text_encoder(bundle)
-        if encoder is None or bundle.info.conditioning is not Conditioning.CROSSATTN:
+        if encoder is None or text_conditioning(bundle.info) is not Conditioning.CROSSATTN:
             raise UsageError(f"{self.engine.model_path}: a {bundle.info.family} model takes no text; drop --prompt "
                              "(or use a text-to-image model)")
         self.texts = text_conditioner(self.engine, encoder)
@@ -73,8 +73,8 @@ class TextTileTask(GeneratorTask):
         return True
 
     def conditioning(self, engine: Engine, job: Job, latent_hw: tuple[int, int]) -> tuple[Cond, Optional[Cond]]:
-        cond, uncond = self.texts.pair([self.prompt], [self.negative])
-        return Cond(crossattn=cond.to(engine.device, engine.dtype)), Cond(crossattn=uncond.to(engine.device, engine.dtype))
+        image_hw = (latent_hw[0] * engine.info.downsampling, latent_hw[1] * engine.info.downsampling)
+        return self.texts.conds(engine, [self.prompt], [self.negative], image_hw)
 
 
 class NoiseTileTask(SampleTask):

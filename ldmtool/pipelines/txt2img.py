@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ldmtool.addons.networks import NetworkSet, lora_hashes, prompt_networks
-from ldmtool.diffusion.cond import Cond
+from ldmtool.diffusion.handoff import Handoff
 from ldmtool.diffusion.samplers import get_sampler
 from ldmtool.errors import ItemError, UsageError
 from ldmtool.io.discover import Item, generated_items
@@ -31,6 +31,8 @@ from ldmtool.pipelines.text import (
 )
 from ldmtool.runtime.jobs import Job, Output
 from ldmtool.runtime.seeds import SEED_LIMIT
+
+DEFAULT_REFINER_AT = 0.8  # the refiner runs the last 20% of the schedule, as the SDXL reference
 
 
 def prompt_items(prompts: Sequence[PromptSpec], samples: int, *, same_seed: bool = False) -> Sequence[Item]:
@@ -69,9 +71,12 @@ class Txt2ImgTask(ModelTask):
     item_options = ("prompt",)  # --prompt is one prompt line: each item carries its line
 
     def __init__(self, engine: Engine, prompts: Sequence[PromptSpec], *, negative: str = "",
-                 width: Optional[int] = None, height: Optional[int] = None, wildcards: Optional[Path] = None):
+                 width: Optional[int] = None, height: Optional[int] = None, wildcards: Optional[Path] = None,
+                 refiner: Optional[Engine] = None, refiner_at: float = DEFAULT_REFINER_AT):
         super().__init__(engine)
         self.prompts = list(prompts)
+        self.refiner = refiner  # takes the schedule over at `refiner_at` (diffusion/handoff.py)
+        self.refiner_at = refiner_at
         self.negative = negative
         self.width, self.height = width, height
         self.wildcards = wildcards
@@ -84,12 +89,30 @@ class Txt2ImgTask(ModelTask):
         self._texts_by_networks: dict[NetworkSet, TextConditioner] = {engine.networks: self.texts}
         self._prompt_networks: dict[str, NetworkSet] = {}
         self.multiple = engine.info.pixel_multiple
+        if self.refiner is not None:
+            self._open_refiner(engine, self.refiner)
         default_w, default_h = engine.info.defaults.size
         self.width, self.height = self.width or default_w, self.height or default_h
         check_size(self.width, self.height, self.multiple)
 
+    def _open_refiner(self, engine: Engine, refiner: Engine) -> None:
+        """The refiner walks the base's schedule (its sampler, steps and cfg), in the same latent space."""
+        Handoff(self.refiner_at, first=True)  # checks the fraction
+        p = engine.resolved()
+        refiner.sampling = replace(refiner.sampling, sampler=p["sampler"], steps=p["steps"], cfg=p["cfg"])
+        refiner.open()
+        self.refiner_texts = TextConditioner(require_text_model(refiner.bundle, refiner.model_path, self.command),
+                                             info=refiner.info)
+        mine, theirs = engine.info, refiner.info
+        if (mine.latent_channels, mine.downsampling) != (theirs.latent_channels, theirs.downsampling):
+            raise UsageError(f"--refiner {refiner.model_path}: its latent space ({theirs.latent_channels} channels, "
+                             f"/{theirs.downsampling}) is not the model's ({mine.latent_channels}, /{mine.downsampling})")
+        self.multiple = max(self.multiple, theirs.pixel_multiple)
+
     def recorded(self, engine: Engine) -> dict[str, Any]:
-        return {"negative": self.negative, "width": self.width, "height": self.height, **super().recorded(engine)}
+        refined = {} if self.refiner is None else {"refiner": self.refiner.model_path.name, "refiner_at": self.refiner_at}
+        return {"negative": self.negative, "width": self.width, "height": self.height, **refined,
+                **super().recorded(engine)}
 
     def planned_size(self, item: Item) -> Optional[tuple[int, int]]:
         """A prompt line's own size, else the run's (--width/--height, or the model's default once open)."""
@@ -135,10 +158,29 @@ class Txt2ImgTask(ModelTask):
     def _sample_and_decode(self, engine: Engine, *, latent_hw: tuple[int, int], prompts: list[str],
                            negatives: list[str], seeds: list[int]) -> torch.Tensor:
         """Uint8 pixels (B, H, W, 3) at `engine`'s precision (`Engine.finite` retries in fp32)."""
-        contexts = self._texts_for(engine).pair(prompts, negatives)
-        cond, uncond = (Cond(crossattn=context.to(engine.device, engine.dtype)) for context in contexts)
-        z = engine.sample(latent_hw, seeds, cond, uncond, progress=self.step_progress())
-        return engine.decode_pixels(z)
+        image_hw = (latent_hw[0] * engine.info.downsampling, latent_hw[1] * engine.info.downsampling)
+        cond, uncond = self._texts_for(engine).conds(engine, prompts, negatives, image_hw)
+        if self.refiner is None:
+            z = engine.sample(latent_hw, seeds, cond, uncond, progress=self.step_progress())
+            return engine.decode_pixels(z)
+        z = engine.sample(latent_hw, seeds, cond, uncond, progress=self.step_progress(),
+                          handoff=Handoff(self.refiner_at, first=True))
+        return self._refine(engine, z, image_hw, prompts, negatives, seeds)
+
+    def _refine(self, engine: Engine, z: torch.Tensor, image_hw: tuple[int, int], prompts: list[str],
+                negatives: list[str], seeds: list[int]) -> torch.Tensor:
+        """The refiner's part of the schedule from the base's latent, decoded by the refiner's first stage
+        (at the base engine's precision: the fp32 retry retries both)."""
+        assert self.refiner is not None
+        refiner = self.refiner if engine.dtype == self.refiner.dtype else self.refiner.in_fp32()
+        p = engine.resolved()  # a JSON line's own sampler/steps/cfg: the refiner walks the same schedule
+        if refiner.sampling.sampler != p["sampler"] or refiner.sampling.steps != p["steps"] or refiner.sampling.cfg != p["cfg"]:
+            refiner = copy.copy(refiner)
+            refiner.sampling = replace(refiner.sampling, sampler=p["sampler"], steps=p["steps"], cfg=p["cfg"])
+        cond, uncond = self.refiner_texts.conds(refiner, prompts, negatives, image_hw)
+        z = refiner.sample((z.shape[-2], z.shape[-1]), seeds, cond, uncond, init_latent=z,
+                           progress=self.step_progress(), handoff=Handoff(self.refiner_at, first=False))
+        return refiner.decode_pixels(z)
 
     def _expanded(self, spec: PromptSpec, job: Job) -> PromptSpec:
         """The item's prompt line with its templates expanded by its seed (random mode)."""

@@ -1,0 +1,130 @@
+"""SDXL from the command line (issue 18) on tiny random single files: txt2img, img2img, inpaint (9-channel
+and masked with base), tile-synth and the base -> refiner hand-off, each with the tiled engine off and on.
+
+A tile as large as the canvas must give the untiled pixels exactly; smaller tiles must change them (the tiled
+engine ran) and still give a whole, finite image of the right size."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clirun import run_cli
+from ldmtool.checkpoints.tiny import save_tiny_checkpoint
+
+FAST = ("--steps", "2", "--sampler", "euler", "--cfg", "3", "--seed", "11", "--quiet")
+UNTILED, TILED = ("--tile", "0"), ("--tile", "8", "--tile-overlap", "4")  # latent pixels; 8 is the least
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sdxl-models")
+    paths = {}
+    for seed, preset in enumerate(["sdxl-base", "sdxl-refiner", "sdxl-inpainting"]):
+        paths[preset] = folder / f"{preset}.safetensors"
+        save_tiny_checkpoint(paths[preset], preset, seed=seed, with_config=True)
+    return paths
+
+
+def _run(command, *args):
+    result = run_cli(command, *map(str, args), *FAST)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def _pixels(path):
+    with Image.open(path) as image:
+        return np.asarray(image).astype(int)
+
+
+def _recipe(path):
+    with Image.open(path) as image:
+        return json.loads(image.info["ldmtool"])
+
+
+def _photo(path, size=(128, 64)):
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)).save(path)
+    return path
+
+
+def _tiling_cases(tmp_path, command, *args, whole=False):
+    """Pixels of the same run untiled, with small tiles, and (`whole`) with one tile covering the canvas."""
+    cases = (("off", UNTILED), ("on", TILED), *((("whole", ("--tile", "16")),) if whole else ()))
+    out = {}
+    for name, tiling in cases:
+        _run(command, *args, *tiling, "-o", tmp_path / f"{name}.png")
+        out[name] = _pixels(tmp_path / f"{name}.png")
+    assert np.abs(out["on"] - out["off"]).max() > 0
+    if whole:
+        assert np.array_equal(out["off"], out["whole"])
+    return out
+
+
+def test_sdxl_txt2img_untiled_and_tiled(tmp_path, models):
+    out = _tiling_cases(tmp_path, "txt2img", "--prompt", "a red fox", "--model", models["sdxl-base"],
+                        "-W", 128, "-H", 64, whole=True)
+    assert out["on"].shape == out["off"].shape == (64, 128, 3)
+    params = _recipe(tmp_path / "on.png")["parameters"]
+    assert params["model_family"] == "sdxl-base" and (params["width"], params["height"]) == (128, 64)
+
+
+def test_sdxl_refuses_sizes_off_its_multiple(tmp_path, models):
+    result = run_cli("txt2img", "--prompt", "x", "--model", models["sdxl-base"], "-W", 80, "-H", 64, *FAST,
+                     "-o", tmp_path / "x.png")
+    assert result.exit_code == 2 and "multiple of 32" in result.output
+
+
+def test_sdxl_img2img_untiled_and_tiled(tmp_path, models):
+    src = _photo(tmp_path / "in.png", size=(120, 48))  # padded to 128 x 64 for the model, cropped back
+    out = _tiling_cases(tmp_path, "img2img", src, "--prompt", "a painting", "--strength", 0.6,
+                        "--model", models["sdxl-base"])
+    assert out["on"].shape == out["off"].shape == (48, 120, 3)
+    assert np.abs(out["off"] - _pixels(src)).mean() > 5
+
+
+@pytest.mark.parametrize(("preset", "kind"), [("sdxl-inpainting", "sd-hybrid"), ("sdxl-base", "masked")])
+def test_sdxl_inpaint_untiled_and_tiled_keeps_the_unmasked_pixels(tmp_path, models, preset, kind):
+    src = _photo(tmp_path / "img.png")
+    mask = np.zeros((64, 128), np.uint8)
+    mask[16:40, 20:100] = 255
+    Image.fromarray(mask).save(tmp_path / "img_mask.png")
+    out = _tiling_cases(tmp_path, "inpaint", src, tmp_path / "img_mask.png", "--prompt", "a window",
+                        "--feather", 0, "--model", models[preset])
+    before, hole = _pixels(src), mask > 127
+    for pixels in out.values():
+        assert np.array_equal(pixels[~hole], before[~hole])
+        assert np.abs(pixels[hole] - before[hole]).mean() > 5
+    assert _recipe(tmp_path / "on.png")["parameters"]["inpaint_kind"] == kind
+
+
+def test_sdxl_tile_synth_wide_and_seamless(tmp_path, models):
+    args = ("--prompt", "moss", "--model", models["sdxl-base"], "--width", 128, "--height", 64)
+    _run("tile-synth", *args, *TILED, "-o", tmp_path / "wide.png")
+    _run("tile-synth", *args, *UNTILED, "-o", tmp_path / "whole.png")
+    wide, whole = _pixels(tmp_path / "wide.png"), _pixels(tmp_path / "whole.png")
+    assert wide.shape == whole.shape == (64, 128, 3) and np.abs(wide - whole).max() > 0
+    _run("tile-synth", *args, *TILED, "--seamless", "x", "-o", tmp_path / "seamless.png")
+    seamless = _pixels(tmp_path / "seamless.png")
+    # the wrapped seam is as smooth as the canvas's own neighbouring columns
+    seam = np.abs(seamless[:, 0] - seamless[:, -1]).mean()
+    inner = np.abs(np.diff(seamless, axis=1)).mean()
+    assert seam < 2 * inner
+
+
+def test_sdxl_refiner_handoff_untiled_and_tiled(tmp_path, models):
+    args = ("--prompt", "a red fox", "--model", models["sdxl-base"], "--refiner", models["sdxl-refiner"], "-W", 128,
+            "-H", 64)
+    out = _tiling_cases(tmp_path, "txt2img", *args, "--refiner-at", 0.6)
+    _run("txt2img", "--prompt", "a red fox", "--model", models["sdxl-base"], "-W", 128, "-H", 64, *UNTILED,
+         "-o", tmp_path / "base.png")
+    assert np.abs(out["off"] - _pixels(tmp_path / "base.png")).max() > 0  # the refiner ran
+    params = _recipe(tmp_path / "off.png")["parameters"]
+    assert params["refiner"] == "sdxl-refiner.safetensors" and params["refiner_at"] == 0.6
+
+
+def test_sdxl_refiner_at_out_of_range_is_a_usage_error(tmp_path, models):
+    result = run_cli("txt2img", "--prompt", "x", "--model", models["sdxl-base"], "--refiner", models["sdxl-refiner"],
+                     "--refiner-at", 1.5, *FAST, "-o", tmp_path / "x.png")
+    assert result.exit_code == 2 and "--refiner-at 1.5" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
