@@ -25,6 +25,22 @@ PromptsFile = Annotated[
                  rich_help_panel=opt.SAMPLING),
 ]
 Samples = Annotated[int, typer.Option("--n", min=1, help="Images per prompt.", rich_help_panel=opt.SAMPLING)]
+Hires = Annotated[
+    Optional[float],
+    typer.Option("--hires", min=1.0, help="Hires fix: upscale each image by this factor by diffusion (as img2img "
+                 "--scale, with the item's prompt and seed).", rich_help_panel=opt.SAMPLING),
+]
+HiresStrength = Annotated[
+    float,
+    typer.Option("--hires-strength", min=0.0, max=1.0, help="With --hires: img2img strength of the upscale.",
+                 rich_help_panel=opt.SAMPLING),
+]
+HiresColourFix = Annotated[
+    bool,
+    typer.Option("--hires-colour-fix/--no-hires-colour-fix",
+                 help="With --hires: keep the colour and brightness of the first image (as img2img --colour-fix).",
+                 rich_help_panel=opt.SAMPLING),
+]
 
 
 @task_command(model="default-txt2img", seamless=True)
@@ -34,6 +50,9 @@ def txt2img(
     templates: PromptTemplate,
     prompts: PromptsFile = None,
     n: Samples = 1,
+    hires: Hires = None,
+    hires_strength: HiresStrength = 0.5,
+    hires_colour_fix: HiresColourFix = True,
     size: Size,
     run: "RunOptions", model: ModelChoice, sampling: SamplingChoice,
 ) -> None:
@@ -48,7 +67,8 @@ def txt2img(
     if needs_templates(specs, text.negative, wildcards=templates.wildcards, combinatorial=templates.combinatorial):
         specs = expand_templates(specs, text.negative, templates)
     task = Txt2ImgTask(Engine(model, sampling), specs, negative=text.negative or "", width=size.width,
-                       height=size.height, wildcards=templates.wildcards)
+                       height=size.height, wildcards=templates.wildcards, hires=hires,
+                       hires_strength=hires_strength, hires_colour_fix=hires_colour_fix)
     finish(run_task(task, prompt_items(specs, n, same_seed=templates.same_seed), run))
 
 

@@ -3,6 +3,9 @@
 Each (prompt, sample) pair is one item with its own seed. Items of a batch that share size and sampling
 parameters are sampled together; every prompt is encoded once per run. Sizes larger than the model's
 native size go through the tiled engine (the Engine decides from the latent size).
+
+With `hires` (`--hires S`, A1111's hires fix) each image is then upscaled by diffusion (`pipelines/upscale.py`)
+at `hires_strength` with its own prompt and seed: the same pixels as `img2img --scale S` on the first image.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 
 from ldmtool.diffusion.cond import Cond
@@ -27,6 +31,7 @@ from ldmtool.pipelines.text import (
     check_size,
     require_text_model,
 )
+from ldmtool.pipelines.upscale import check_scale, rework_upscaled, upscaled
 from ldmtool.runtime.jobs import Job, Output
 from ldmtool.runtime.seeds import SEED_LIMIT
 
@@ -67,8 +72,10 @@ class Txt2ImgTask(ModelTask):
     item_options = ("prompt",)  # --prompt is one prompt line: each item carries its line
 
     def __init__(self, engine: Engine, prompts: Sequence[PromptSpec], *, negative: str = "",
-                 width: Optional[int] = None, height: Optional[int] = None, wildcards: Optional[Path] = None):
+                 width: Optional[int] = None, height: Optional[int] = None, wildcards: Optional[Path] = None,
+                 hires: Optional[float] = None, hires_strength: float = 0.5, hires_colour_fix: bool = True):
         super().__init__(engine)
+        self.hires, self.hires_strength, self.hires_colour_fix = hires, hires_strength, hires_colour_fix
         self.prompts = list(prompts)
         self.negative = negative
         self.width, self.height = width, height
@@ -76,6 +83,10 @@ class Txt2ImgTask(ModelTask):
         self._templates: Optional[PromptTemplates] = None  # made when an item first has a template
 
     # -- once per run
+
+    def validate(self) -> None:
+        super().validate()
+        check_scale("--hires", self.hires)
 
     def check_model(self, engine: Engine) -> None:
         self.texts = TextConditioner(require_text_model(engine.bundle, engine.model_path, self.command))
@@ -85,13 +96,18 @@ class Txt2ImgTask(ModelTask):
         check_size(self.width, self.height, self.multiple)
 
     def recorded(self, engine: Engine) -> dict[str, Any]:
-        return {"negative": self.negative, "width": self.width, "height": self.height, **super().recorded(engine)}
+        hires = {} if self.hires is None else {"hires": self.hires, "hires_strength": self.hires_strength,
+                                               "hires_colour_fix": self.hires_colour_fix}
+        return {"negative": self.negative, "width": self.width, "height": self.height, **hires,
+                **super().recorded(engine)}
 
     def planned_size(self, item: Item) -> Optional[tuple[int, int]]:
         """A prompt line's own size, else the run's (--width/--height, or the model's default once open)."""
         spec = item.data.get("spec", {})
         width, height = spec.get("width") or self.width, spec.get("height") or self.height
-        return (width, height) if width and height else None
+        if not (width and height):
+            return None
+        return (width, height) if self.hires is None else (round(width * self.hires), round(height * self.hires))
 
     # -- each item
 
@@ -121,8 +137,22 @@ class Txt2ImgTask(ModelTask):
                                      negatives=[self._negative(job.payload) for job in jobs],
                                      seeds=[job.seed for job in jobs])
         images = engine.finite(generate, jobs[0].item.label)  # (B, H, W, 3) uint8
-        return [Output(image=image.numpy(), params=self._item_params(job.payload, engine))
+        return [Output(image=self._hires_fix(engine, job, image.numpy()), params=self._item_params(job.payload, engine))
                 for job, image in zip(jobs, images)]
+
+    def _hires_fix(self, engine: Engine, job: Job, image: np.ndarray) -> np.ndarray:
+        """The image upscaled by diffusion with the item's prompt and seed (--hires), else as it is."""
+        if self.hires is None:
+            return image
+        prompt, negative = job.payload.prompt, self._negative(job.payload)
+
+        def conditioning(engine: Engine) -> tuple[Cond, Optional[Cond]]:
+            return (Cond(crossattn=self.texts([prompt]).to(engine.device, engine.dtype)),
+                    Cond(crossattn=self.texts([negative]).to(engine.device, engine.dtype)))
+
+        return rework_upscaled(engine, upscaled(image, self.hires), scale=self.hires, strength=self.hires_strength,
+                               seed=job.seed, conditioning=conditioning, label=job.item.label,
+                               colour_fix=self.hires_colour_fix, progress=self.step_progress())
 
     def _sample_and_decode(self, engine: Engine, *, latent_hw: tuple[int, int], prompts: list[str],
                            negatives: list[str], seeds: list[int]) -> torch.Tensor:
