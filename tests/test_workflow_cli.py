@@ -139,3 +139,21 @@ def test_malformed_workflows_are_one_line_usage_errors(tmp_path, text, message):
     result = run_cli("run", workflow, "-o", tmp_path / "out")
     assert result.exit_code == 2
     assert message in result.output and str(workflow) in result.output and "Traceback" not in result.output
+
+
+def test_example_workflows_parse_and_name_only_options_their_commands_take():
+    import typer.main
+
+    from ldmtool.cli.app import app, task_commands
+    from ldmtool.runtime.workflow import read_workflow
+
+    folder = Path(__file__).resolve().parent.parent / "examples" / "workflows"
+    workflows = sorted(folder.glob("*.yaml"))
+    assert len(workflows) >= 2
+    group = typer.main.get_command(app)
+    for path in workflows:
+        for step in read_workflow(path, task_commands()):
+            flags = {flag for param in group.commands[step.command].params for flag in getattr(param, "opts", [])}
+            assert {f"--{name}" for name in step.options} <= flags, (path, step)
+            for value in step.argv(path.parent):
+                assert not value.startswith("../") or (path.parent / value).exists()
