@@ -31,14 +31,16 @@ Hires = Annotated[
                  "--scale, with the item's prompt and seed).", rich_help_panel=opt.SAMPLING),
 ]
 HiresStrength = Annotated[
-    float,
-    typer.Option("--hires-strength", min=0.0, max=1.0, help="With --hires: img2img strength of the upscale.",
+    Optional[float],
+    typer.Option("--hires-strength", min=0.0, max=1.0, help="With --hires: img2img strength of the upscale "
+                 "(default 0.5).",
                  rich_help_panel=opt.SAMPLING),
 ]
 HiresColourFix = Annotated[
-    bool,
+    Optional[bool],
     typer.Option("--hires-colour-fix/--no-hires-colour-fix",
-                 help="With --hires: keep the colour and brightness of the first image (as img2img --colour-fix).",
+                 help="With --hires: keep the colour and brightness of the first image (as img2img --colour-fix; "
+                      "default: on).",
                  rich_help_panel=opt.SAMPLING),
 ]
 
@@ -51,8 +53,8 @@ def txt2img(
     prompts: PromptsFile = None,
     n: Samples = 1,
     hires: Hires = None,
-    hires_strength: HiresStrength = 0.5,
-    hires_colour_fix: HiresColourFix = True,
+    hires_strength: HiresStrength = None,  # None (not 0.5) keeps runs without --hires the same job as before
+    hires_colour_fix: HiresColourFix = None,
     size: Size,
     run: "RunOptions", model: ModelChoice, sampling: SamplingChoice,
 ) -> None:

@@ -35,6 +35,8 @@ from ldmtool.pipelines.upscale import check_scale, rework_upscaled, upscaled
 from ldmtool.runtime.jobs import Job, Output
 from ldmtool.runtime.seeds import SEED_LIMIT
 
+DEFAULT_HIRES_STRENGTH = 0.5
+
 
 def prompt_items(prompts: Sequence[PromptSpec], samples: int, *, same_seed: bool = False) -> Sequence[Item]:
     """One item per (prompt, sample), seeded N, N+1, ... in order; a JSON line's own seed S gives its samples
@@ -73,9 +75,13 @@ class Txt2ImgTask(ModelTask):
 
     def __init__(self, engine: Engine, prompts: Sequence[PromptSpec], *, negative: str = "",
                  width: Optional[int] = None, height: Optional[int] = None, wildcards: Optional[Path] = None,
-                 hires: Optional[float] = None, hires_strength: float = 0.5, hires_colour_fix: bool = True):
+                 hires: Optional[float] = None, hires_strength: Optional[float] = None,
+                 hires_colour_fix: Optional[bool] = None):
         super().__init__(engine)
-        self.hires, self.hires_strength, self.hires_colour_fix = hires, hires_strength, hires_colour_fix
+        self.hires = hires
+        self.hires_strength = DEFAULT_HIRES_STRENGTH if hires_strength is None else hires_strength
+        self.hires_colour_fix = hires_colour_fix is not False
+        self._hires_options = (hires_strength, hires_colour_fix)
         self.prompts = list(prompts)
         self.negative = negative
         self.width, self.height = width, height
@@ -87,6 +93,8 @@ class Txt2ImgTask(ModelTask):
     def validate(self) -> None:
         super().validate()
         check_scale("--hires", self.hires)
+        if self.hires is None and self._hires_options != (None, None):
+            raise UsageError("--hires-strength and --hires-colour-fix go with --hires S (the hires fix)")
 
     def check_model(self, engine: Engine) -> None:
         self.texts = TextConditioner(require_text_model(engine.bundle, engine.model_path, self.command))
