@@ -112,7 +112,7 @@ def _check_chain_and_replay(folder: Path, target: Path) -> None:
     assert replay.exit_code == 0, replay.output
 
 
-def test_a_folder_through_two_steps_and_remove_steps(tmp_path, models):
+def test_a_folder_through_two_steps_remove_steps_and_replay_the_whole_chain(tmp_path, models):
     photos = tmp_path / "photos"
     photos.mkdir()
     for index in range(2):
@@ -125,6 +125,8 @@ def test_a_folder_through_two_steps_and_remove_steps(tmp_path, models):
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["p0.png", "p1.png"]
     assert not (tmp_path / "out" / "steps").exists()
+    replay = run_cli("replay", tmp_path / "out" / "p1.png", "-o", tmp_path / "replayed.png", "--verify")
+    assert replay.exit_code == 0, replay.output  # the removed intermediate is made again from its recipe
 
 
 @pytest.mark.parametrize("text, message", [
