@@ -15,6 +15,7 @@ records the tile plan it used (`TiledDenoiser.plan`, the largest canvas), so the
 
     python benchmarks/tile_regions.py                        # tile-synth, superres, img2img --scale: defaults
     python benchmarks/tile_regions.py --jobs tile-synth --extra --tile-overlap 8
+    python benchmarks/tile_regions.py --jobs tile-synth --shift              # shifted tile grids per step
     python benchmarks/tile_regions.py --image out.png --zones-x 120:136 --zones-y ''   # score any image
 
 Records: one per job (`bench: tile_regions`) with the ratio per axis, the worst zone and where it is.
@@ -103,19 +104,27 @@ def blend_zones(spans: Sequence[tuple[int, int]], scale: int) -> list[Zone]:
 # -- running ldmtool with the plan recorded -----------------------------------------------------------
 
 
-def run_job(name: str, folder: Path, extra: Sequence[str]) -> dict[str, Any]:
+def run_job(name: str, folder: Path, extra: Sequence[str], shift: bool = False) -> dict[str, Any]:
+    """One job through the CLI in this process; `shift`: the tiled engine's shifted grids (`TileConfig.shift`,
+    a grid offset per step; the zones scored are those of the unshifted plan)."""
+    from dataclasses import replace
+
     from ldmtool.cli.app import main
     from ldmtool.tiling import fusion
 
     plans: list[Any] = []
-    original = fusion.TiledDenoiser.plan
+    original, original_init = fusion.TiledDenoiser.plan, fusion.TiledDenoiser.__init__
 
     def recording(self, height, width, sigma=None):
-        plan = original(self, height, width, sigma)
-        plans.append(plan)
-        return plan
+        plans.append(original(self, height, width, None))  # the unshifted plan: the zones to score
+        return original(self, height, width, sigma)
+
+    def shifted(self, inner, config=fusion.TileConfig()):
+        original_init(self, inner, replace(config, shift=True))
 
     fusion.TiledDenoiser.plan = recording  # type: ignore[method-assign]
+    if shift:
+        fusion.TiledDenoiser.__init__ = shifted  # type: ignore[method-assign]
     args, filename = JOBS[name]
     output = folder / name / filename
     try:
@@ -125,10 +134,12 @@ def run_job(name: str, folder: Path, extra: Sequence[str]) -> dict[str, Any]:
             return {"bench": "tile_regions", "job": name, "error": f"exit {done.code}"}
     finally:
         fusion.TiledDenoiser.plan = original  # type: ignore[method-assign]
+        fusion.TiledDenoiser.__init__ = original_init  # type: ignore[method-assign]
     from PIL import Image
 
     image = np.asarray(Image.open(output).convert("RGB"), dtype=np.float32) / 255
-    record: dict[str, Any] = {"bench": "tile_regions", "job": name, "extra": list(extra), "size": list(image.shape[1::-1])}
+    record: dict[str, Any] = {"bench": "tile_regions", "job": name, "extra": list(extra), "shift": shift,
+                              "size": list(image.shape[1::-1])}
     if not plans:
         return {**record, "tiled": False}
     plan = max(plans, key=lambda p: p.height * p.width)
@@ -149,6 +160,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--image", type=Path, help="score this image with --zones-x/--zones-y instead")
     parser.add_argument("--zones-x", default="", help="pixel zones START:END,... (vertical lines)")
     parser.add_argument("--zones-y", default="", help="pixel zones START:END,... (horizontal lines)")
+    parser.add_argument("--shift", action="store_true", help="shifted tile grids per step (TileConfig.shift)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more options for every job, last")
     args = parser.parse_args(argv)
     emit({"bench": "tile_regions", "machine": machine()})
@@ -161,7 +173,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         return
     with tempfile.TemporaryDirectory(prefix="ldm-tile-regions-") as tmp:
         for name in args.jobs:
-            emit(run_job(name, Path(tmp), args.extra))
+            emit(run_job(name, Path(tmp), args.extra, shift=args.shift))
 
 
 if __name__ == "__main__":
