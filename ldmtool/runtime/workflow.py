@@ -39,10 +39,6 @@ class Step:
     command: str
     options: dict[str, Any]
 
-    @property
-    def label(self) -> str:
-        return self.command
-
     def argv(self, folder: Path) -> list[str]:
         """The step's options as command-line arguments (relative file options resolved against `folder`)."""
         args: list[str] = []
