@@ -16,6 +16,7 @@ records the tile plan it used (`TiledDenoiser.plan`, the largest canvas), so the
     python benchmarks/tile_regions.py                        # tile-synth, superres, img2img --scale: defaults
     python benchmarks/tile_regions.py --jobs tile-synth --extra --tile-overlap 8
     python benchmarks/tile_regions.py --jobs tile-synth --shift              # shifted tile grids per step
+    python benchmarks/tile_regions.py --untiled              # and each job untiled, scored on the same lines
     python benchmarks/tile_regions.py --image out.png --zones-x 120:136 --zones-y ''   # score any image
 
 Records: one per job (`bench: tile_regions`) with the ratio per axis, the worst zone and where it is.
@@ -104,7 +105,8 @@ def blend_zones(spans: Sequence[tuple[int, int]], scale: int) -> list[Zone]:
 # -- running ldmtool with the plan recorded -----------------------------------------------------------
 
 
-def run_job(name: str, folder: Path, extra: Sequence[str], shift: bool = False) -> dict[str, Any]:
+def run_job(name: str, folder: Path, extra: Sequence[str], shift: bool = False,
+            untiled_reference: bool = False) -> dict[str, Any]:
     """One job through the CLI in this process; `shift`: the tiled engine's shifted grids (`TileConfig.shift`,
     a grid offset per step; the zones scored are those of the unshifted plan)."""
     from dataclasses import replace
@@ -146,8 +148,27 @@ def run_job(name: str, folder: Path, extra: Sequence[str], shift: bool = False) 
     scale = image.shape[0] // plan.height if image.shape[0] % plan.height == 0 else round(image.shape[0] / plan.height)
     zones_x = blend_zones([(c.start, c.length) for c in plan.cols], scale)
     zones_y = blend_zones([(r.start, r.length) for r in plan.rows], scale)
-    return {**record, "tiled": True, "latent": [plan.height, plan.width], "tile": list(plan.tile_shape),
-            "overlap": plan.overlap, **region_ratios(image, zones_x, zones_y)}
+    record.update(tiled=True, latent=[plan.height, plan.width], tile=list(plan.tile_shape), overlap=plan.overlap,
+                  **region_ratios(image, zones_x, zones_y))
+    if untiled_reference:  # the same job untiled, scored on the same lines: what the content alone gives
+        reference = _untiled_image(name, folder, extra)
+        record["untiled"] = region_ratios(reference, zones_x, zones_y) if reference is not None else None
+    return record
+
+
+def _untiled_image(name: str, folder: Path, extra: Sequence[str]) -> Optional[np.ndarray]:
+    from PIL import Image
+
+    from ldmtool.cli.app import main
+
+    args, filename = JOBS[name]
+    output = folder / f"{name}-untiled" / filename
+    try:
+        main([*args, "-o", str(output.parent), "--overwrite", "--quiet", *extra, "--tile", "0"])
+    except SystemExit as done:
+        if done.code:
+            return None
+    return np.asarray(Image.open(output).convert("RGB"), dtype=np.float32) / 255
 
 
 def parse_zones(text: str) -> list[Zone]:
@@ -161,6 +182,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--zones-x", default="", help="pixel zones START:END,... (vertical lines)")
     parser.add_argument("--zones-y", default="", help="pixel zones START:END,... (horizontal lines)")
     parser.add_argument("--shift", action="store_true", help="shifted tile grids per step (TileConfig.shift)")
+    parser.add_argument("--untiled", action="store_true",
+                        help="also score the same job run untiled (--tile 0) on the same lines: the content's share")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more options for every job, last")
     args = parser.parse_args(argv)
     emit({"bench": "tile_regions", "machine": machine()})
@@ -173,7 +196,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         return
     with tempfile.TemporaryDirectory(prefix="ldm-tile-regions-") as tmp:
         for name in args.jobs:
-            emit(run_job(name, Path(tmp), args.extra, shift=args.shift))
+            emit(run_job(name, Path(tmp), args.extra, shift=args.shift, untiled_reference=args.untiled))
 
 
 if __name__ == "__main__":
