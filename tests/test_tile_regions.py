@@ -51,3 +51,17 @@ def test_a_change_away_from_the_boundaries_is_not_blamed_on_them():
 def test_blend_zones_are_the_overlaps_of_consecutive_tiles_in_pixels():
     assert tile_regions.blend_zones([(0, 16), (12, 16), (24, 16)], 8) == [(96, 128), (192, 224)]
     assert tile_regions.region_ratios(_smooth(0), ZONES, [])["y"] is None
+
+
+def test_tile_shift_reaches_the_tiled_denoiser(tmp_path):
+    from ldmtool.checkpoints.tiny import save_tiny_checkpoint
+    from ldmtool.pipelines.engine import Engine, ModelChoice, SamplingChoice
+    from ldmtool.tiling.fusion import TiledDenoiser
+
+    path = tmp_path / "tiny.safetensors"
+    save_tiny_checkpoint(path, "ldm-text2img256", seed=0, with_config=True)
+    for shift in (None, True):
+        engine = Engine(ModelChoice(model=str(path), device="cpu"),
+                        SamplingChoice(tile=8, tile_overlap=2, tile_shift=shift)).open()
+        denoise = engine._denoiser((32, 32), 1, False)
+        assert isinstance(denoise, TiledDenoiser) and denoise.config.shift is bool(shift)

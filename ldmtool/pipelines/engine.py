@@ -226,7 +226,7 @@ class Engine:
         if tiling is None:  # fits one tile (seamless then wraps through circular padding alone)
             return denoise
         config = TileConfig(tile=tiling.tile, overlap=tiling.overlap, tile_batch=tiling.tile_batch,
-                            wrap_y=self.axes.y, wrap_x=self.axes.x)
+                            wrap_y=self.axes.y, wrap_x=self.axes.x, shift=bool(s.tile_shift))
         return TiledDenoiser(denoise, config)
 
     # -- first stage
