@@ -170,6 +170,9 @@ class SamplingChoice:
     tile: Optional[int] = option("--tile", help="Tile size in latent pixels (0 = no tiling; default: automatic).",
                                  panel=TILING, min=0)
     tile_overlap: Optional[int] = option("--tile-overlap", help="Tile overlap in latent pixels.", panel=TILING, min=0)
+    tile_shift: Optional[bool] = option(
+        "--tile-shift/--no-tile-shift", help="Move the tile grid at every step, so no tile boundary stays in one "
+        "place (removes region changes along boundaries; default: off).", panel=TILING)
     max_memory: Optional[str] = option(
         "--max-memory", help="Memory budget for tiling, e.g. 4GB (default: from the device).", panel=TILING,
         metavar="SIZE")

@@ -30,9 +30,13 @@ def find_inputs(
     masks_dir: Optional[Path] = None,
 ) -> "Discovery":
     """Expand files, folders, globs, @lists and '-' into items (with masks when `pair_masks`)."""
-    from ldmtool.io.discover import discover
+    from dataclasses import replace
 
-    return discover(inputs, recursive=recursive, pair_masks=pair_masks, masks_dir=masks_dir)
+    from ldmtool.io.discover import discover
+    from ldmtool.runtime.workflow import seeds_from_inputs
+
+    found = discover(inputs, recursive=recursive, pair_masks=pair_masks, masks_dir=masks_dir)
+    return replace(found, items=seeds_from_inputs(found.items))  # a workflow step's items keep their seeds
 
 
 def run_options(choice: "RunChoice", cli: Mapping[str, Any]) -> "RunOptions":

@@ -1,7 +1,7 @@
 """`ldmtool img2img`: rework images or folders of images towards a prompt (SDEdit)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -13,12 +13,28 @@ from ldmtool.options import ImageInputs, ModelChoice, SamplingChoice, TextPrompt
 if TYPE_CHECKING:
     from ldmtool.runtime.jobs import RunOptions
 
-EXAMPLE = 'Example: ldmtool img2img ./photos --prompt "an oil painting" --strength 0.6 -o out/'
+EXAMPLE = ('Example: ldmtool img2img ./photos --prompt "an oil painting" --strength 0.6 -o out/\n\n'
+           'Upscale by diffusion: ldmtool img2img ./photos --scale 2 --strength 0.3 -o big/')
 
 Strength = Annotated[
     float,
     typer.Option("--strength", min=0.0, max=1.0,
                  help="How much to change: 0 keeps the image, 1 repaints it fully (the last strength×steps run).",
+                 rich_help_panel=opt.SAMPLING),
+]
+
+Scale = Annotated[
+    Optional[float],
+    typer.Option("--scale", "-s", min=1.0,
+                 help="Upscale by diffusion: resize by this factor (Lanczos), then rework at --strength in tiles, "
+                      "in memory bounded by the tile (e.g. --scale 2 --strength 0.3).",
+                 rich_help_panel=opt.SAMPLING),
+]
+UpscaleColourFix = Annotated[
+    Optional[bool],
+    typer.Option("--colour-fix/--no-colour-fix",
+                 help="With --scale: keep the colour and brightness of the resized input, so the model adds only "
+                      "detail (default: on).",
                  rich_help_panel=opt.SAMPLING),
 ]
 
@@ -29,6 +45,8 @@ def img2img(
     *,
     text: TextPrompt,
     strength: Strength = 0.75,
+    scale: Scale = None,
+    colour_fix: UpscaleColourFix = None,
     images: ImageInputs,
     run: "RunOptions", model: ModelChoice, sampling: SamplingChoice,
 ) -> None:
@@ -38,7 +56,7 @@ def img2img(
     from ldmtool.runtime.runner import run_task
 
     task = Img2ImgTask(Engine(model, sampling), prompt=text.prompt or "", negative=text.negative or "",
-                       strength=strength, max_pixels=images.max_pixels)
+                       strength=strength, max_pixels=images.max_pixels, scale=scale, colour_fix=colour_fix)
     finish(run_task(task, find_inputs(inputs, recursive=images.recursive), run))
 
 

@@ -51,19 +51,28 @@ def replay(
 
 def replay_file(path: Path, target: Path) -> None:
     """Re-run the recipe stored in `path`, writing `target`."""
-    from ldmtool.errors import ItemError
-    from ldmtool.io.files import shown
     from ldmtool.io.metadata import read_metadata
-    from ldmtool.runtime.resume import ReplayItem, replaying
 
     metadata = read_metadata(path)
-    recipe = metadata.recipe if metadata is not None else {}
+    replay_recipe(path, dict(metadata.recipe) if metadata is not None else {}, target)
+
+
+def replay_recipe(path: Path, recipe: dict[str, Any], target: Path) -> None:
+    """Re-run `recipe` (read from `path`), writing `target`. An input that is gone but has its own recipe in
+    this one (`upstream`: a workflow step's input) is made again from it first, so a whole chain replays."""
+    from ldmtool.errors import ItemError
+    from ldmtool.io.files import shown
+    from ldmtool.runtime.resume import ReplayItem, replaying
+
     if not recipe.get("item") or "cli" not in recipe:
         raise ItemError(f"{path}: no replayable ldmtool recipe in this image (written by another tool or an "
                         "older ldmtool)")
     command = _command(path, recipe.get("command"))
     replay = ReplayItem.from_recipe(recipe["item"], seed=int(recipe["seed"]), output=target)
     sources = [source for source in (replay.item.path, replay.item.mask) if source is not None]
+    if replay.item.path is not None and not replay.item.path.is_file() and recipe.get("upstream"):
+        replay.item.path.parent.mkdir(parents=True, exist_ok=True)
+        replay_recipe(path, recipe["upstream"], replay.item.path)
     for source in sources:
         if not source.is_file():
             raise ItemError(f"{path}: its input {shown(source)} is no longer there")

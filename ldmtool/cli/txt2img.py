@@ -32,9 +32,27 @@ Refiner = Annotated[
                  "schedule from the model's latent (see --refiner-at).", rich_help_panel=MODEL),
 ]
 RefinerAt = Annotated[
-    float,
-    typer.Option("--refiner-at", help="Where --refiner takes over, as a fraction of the schedule (0.8: it runs "
-                 "the last 20%, as diffusers' denoising_end).", rich_help_panel=opt.SAMPLING),
+    Optional[float],
+    typer.Option("--refiner-at", help="Where --refiner takes over, as a fraction of the schedule (default 0.8: "
+                 "it runs the last 20%, as diffusers' denoising_end).", rich_help_panel=opt.SAMPLING),
+]
+Hires = Annotated[
+    Optional[float],
+    typer.Option("--hires", min=1.0, help="Hires fix: upscale each image by this factor by diffusion (as img2img "
+                 "--scale, with the item's prompt and seed).", rich_help_panel=opt.SAMPLING),
+]
+HiresStrength = Annotated[
+    Optional[float],
+    typer.Option("--hires-strength", min=0.0, max=1.0, help="With --hires: img2img strength of the upscale "
+                 "(default 0.5).",
+                 rich_help_panel=opt.SAMPLING),
+]
+HiresColourFix = Annotated[
+    Optional[bool],
+    typer.Option("--hires-colour-fix/--no-hires-colour-fix",
+                 help="With --hires: keep the colour and brightness of the first image (as img2img --colour-fix; "
+                      "default: on).",
+                 rich_help_panel=opt.SAMPLING),
 ]
 
 
@@ -46,7 +64,10 @@ def txt2img(
     prompts: PromptsFile = None,
     n: Samples = 1,
     refiner: Refiner = None,
-    refiner_at: RefinerAt = 0.8,
+    refiner_at: RefinerAt = None,  # None (not 0.8), as the hires options: runs without it keep their identity
+    hires: Hires = None,
+    hires_strength: HiresStrength = None,  # None (not 0.5) keeps runs without --hires the same job as before
+    hires_colour_fix: HiresColourFix = None,
     size: Size,
     run: "RunOptions", model: ModelChoice, sampling: SamplingChoice,
 ) -> None:
@@ -62,7 +83,8 @@ def txt2img(
         specs = expand_templates(specs, text.negative, templates)
     refining = None if refiner is None else Engine(replace(model, model=str(refiner), config=None, preset=None), sampling)
     task = Txt2ImgTask(Engine(model, sampling), specs, negative=text.negative or "", width=size.width,
-                       height=size.height, wildcards=templates.wildcards, refiner=refining, refiner_at=refiner_at)
+                       height=size.height, wildcards=templates.wildcards, refiner=refining, refiner_at=refiner_at,
+                       hires=hires, hires_strength=hires_strength, hires_colour_fix=hires_colour_fix)
     finish(run_task(task, prompt_items(specs, n, same_seed=templates.same_seed), run))
 
 

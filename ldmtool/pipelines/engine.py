@@ -33,7 +33,7 @@ from ldmtool.runtime.seeds import NoiseSource
 from ldmtool.tiling.fusion import TileConfig, TiledDenoiser
 from ldmtool.tiling.memory import check_tile, choose_tiling, parse_memory
 from ldmtool.tiling.seamless import Seamless, parse_seamless, seamless
-from ldmtool.tiling.vae import TensorCanvas, VAETiling, tiled_decode, tiled_encode
+from ldmtool.tiling.vae import PixelSource, TensorCanvas, VAETiling, tiled_decode, tiled_encode
 
 if TYPE_CHECKING:
     from ldmtool.addons.apply import ModelAddons
@@ -258,7 +258,7 @@ class Engine:
         if tiling is None:  # fits one tile (seamless then wraps through circular padding alone)
             return denoise
         config = TileConfig(tile=tiling.tile, overlap=tiling.overlap, tile_batch=tiling.tile_batch,
-                            wrap_y=self.axes.y, wrap_x=self.axes.x)
+                            wrap_y=self.axes.y, wrap_x=self.axes.x, shift=bool(s.tile_shift))
         return TiledDenoiser(denoise, config)
 
     # -- first stage
@@ -275,6 +275,21 @@ class Engine:
                                for row in torch.split(x, 1)])
             else:
                 z = per_row(method(first, "encode"), x)
+        return z.float() * self.bundle.scale_factor
+
+    def encode_pixels(self, pixels: np.ndarray, multiple: int) -> torch.Tensor:
+        """Scaled latent (1, C, h, w) of one uint8 image (H, W, 3), edges replicated up to `multiple`. A tiled
+        encode reads the pixels tile by tile (`PixelSource`), so no full-size float image is made."""
+        height, width = pixels.shape[:2]
+        padded = (height + (-height) % multiple, width + (-width) % multiple)
+        down = self.info.downsampling
+        if not self._vae_tiled(padded[0] // down, padded[1] // down):
+            image = to_model_range(pixels)
+            return self.encode(torch.nn.functional.pad(image, (0, padded[1] - width, 0, padded[0] - height),
+                                                       mode="replicate"))
+        first = self.bundle.first_stage
+        with torch.inference_mode(), seamless(first, axes=self.axes):
+            z = tiled_encode(first, PixelSource(pixels, padded), VAETiling(tile=self._vae_tile() * down))
         return z.float() * self.bundle.scale_factor
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

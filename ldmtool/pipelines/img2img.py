@@ -3,6 +3,9 @@ sample back with the prompt; text models (LDM-BERT, SD 1.x/2.x) and unconditiona
 
 Any input size: images are padded (edge replication) up to the model's pixel multiple and the result is
 cropped back. Alpha is passed through unchanged. Images of one size in a batch are sampled together.
+
+With `scale` (`--scale`), each image is first upscaled with Lanczos and reworked one at a time in memory
+bounded by the tile (upscale by diffusion, `pipelines/upscale.py`); alpha is resampled beside it.
 """
 from __future__ import annotations
 
@@ -11,11 +14,14 @@ from typing import Any, Optional
 
 import torch
 
+from ldmtool.errors import UsageError
 from ldmtool.io.discover import Item
 from ldmtool.io.images import LoadedImage, read_image
 from ldmtool.pipelines.base import ModelTask, carried, in_groups, input_path, input_size
 from ldmtool.pipelines.engine import Engine, to_array
+from ldmtool.pipelines.superres import output_size, resample_alpha
 from ldmtool.pipelines.text import PromptConditioning, padded_images
+from ldmtool.pipelines.upscale import check_scale, rework_upscaled, upscaled
 from ldmtool.runtime.jobs import Job, Output
 
 DEFAULT_STRENGTH = 0.75
@@ -29,11 +35,24 @@ class Img2ImgTask(ModelTask):
     reads_images = True
 
     def __init__(self, engine: Engine, *, prompt: str = "", negative: str = "",
-                 strength: float = DEFAULT_STRENGTH, max_pixels: Optional[int] = None):
-        super().__init__(engine, params={"prompt": prompt, "negative": negative, "strength": strength})
+                 strength: float = DEFAULT_STRENGTH, max_pixels: Optional[int] = None,
+                 scale: Optional[float] = None, colour_fix: Optional[bool] = None):
+        params: dict[str, Any] = {"prompt": prompt, "negative": negative, "strength": strength}
+        if scale is not None:  # recorded only when given, so recipes of plain img2img runs keep their form
+            params.update(scale=scale, colour_fix=colour_fix is not False)
+        super().__init__(engine, params=params)
         self.prompt, self.negative = prompt, negative
         self.strength = strength
         self.max_pixels = max_pixels
+        self.scale = scale
+        self.colour_fix_option = colour_fix
+        self.colour_fix = colour_fix is not False  # upscaling only: on unless --no-colour-fix
+
+    def validate(self) -> None:
+        super().validate()
+        check_scale("--scale", self.scale)
+        if self.scale is None and self.colour_fix_option is not None:
+            raise UsageError("--colour-fix/--no-colour-fix: img2img takes it with --scale only (upscale by diffusion)")
 
     def check_model(self, engine: Engine) -> None:
         self.conditioning = PromptConditioning(engine, self.command, prompt=self.prompt, negative=self.negative)
@@ -43,14 +62,30 @@ class Img2ImgTask(ModelTask):
         self.multiple = engine.info.pixel_multiple
 
     def planned_size(self, item: Item) -> Optional[tuple[int, int]]:
-        """The input's size, from its header: the output keeps it."""
-        return input_size(item, self.max_pixels)
+        """The input's size, from its header (times --scale)."""
+        size = input_size(item, self.max_pixels)
+        return size if size is None or self.scale is None else output_size(*size, self.scale)
 
     def load(self, job: Job) -> LoadedImage:
         return read_image(input_path(job), max_pixels=self.max_pixels)
 
     def run(self, jobs: list[Job]) -> list[Output]:
+        if self.scale is not None:
+            return [self._upscale(job) for job in jobs]
         return in_groups(jobs, lambda job: job.payload.size, self._transform)
+
+    def _upscale(self, job: Job) -> Output:
+        """Lanczos to the output size → img2img in tiles at --strength → colour fix; alpha resampled."""
+        assert self.scale is not None, "run() upscales only with --scale"
+        image: LoadedImage = job.payload
+        pixels = upscaled(image.rgb, self.scale)
+        size = (pixels.shape[1], pixels.shape[0])
+        out = rework_upscaled(self.engine, pixels, scale=self.scale, strength=self.strength, seed=job.seed,
+                              conditioning=lambda engine: self.conditioning(engine, 1, pixels.shape[:2]), label=job.item.label,
+                              colour_fix=self.colour_fix, progress=self.step_progress())
+        alpha = None if image.alpha is None else resample_alpha(image.alpha, size)
+        return Output(image=out, alpha=alpha, params={"input_size": list(image.size), "size": list(size)},
+                      source=image.source)
 
     def _transform(self, jobs: list[Job]) -> list[Output]:
         width, height = jobs[0].payload.size

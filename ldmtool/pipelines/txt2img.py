@@ -3,6 +3,9 @@
 Each (prompt, sample) pair is one item with its own seed. Items of a batch that share size and sampling
 parameters are sampled together; every prompt is encoded once per run. Sizes larger than the model's
 native size go through the tiled engine (the Engine decides from the latent size).
+
+With `hires` (`--hires S`, A1111's hires fix) each image is then upscaled by diffusion (`pipelines/upscale.py`)
+at `hires_strength` with its own prompt and seed: the same pixels as `img2img --scale S` on the first image.
 """
 from __future__ import annotations
 
@@ -12,9 +15,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 
 from ldmtool.addons.networks import NetworkSet, lora_hashes, prompt_networks
+from ldmtool.diffusion.cond import Cond
 from ldmtool.diffusion.handoff import Handoff
 from ldmtool.diffusion.samplers import get_sampler
 from ldmtool.errors import ItemError, UsageError
@@ -29,10 +34,12 @@ from ldmtool.pipelines.text import (
     require_text_model,
     text_conditioner,
 )
+from ldmtool.pipelines.upscale import check_scale, rework_upscaled, upscaled
 from ldmtool.runtime.jobs import Job, Output
 from ldmtool.runtime.seeds import SEED_LIMIT
 
 DEFAULT_REFINER_AT = 0.8  # the refiner runs the last 20% of the schedule, as the SDXL reference
+DEFAULT_HIRES_STRENGTH = 0.5
 
 
 def prompt_items(prompts: Sequence[PromptSpec], samples: int, *, same_seed: bool = False) -> Sequence[Item]:
@@ -72,17 +79,32 @@ class Txt2ImgTask(ModelTask):
 
     def __init__(self, engine: Engine, prompts: Sequence[PromptSpec], *, negative: str = "",
                  width: Optional[int] = None, height: Optional[int] = None, wildcards: Optional[Path] = None,
-                 refiner: Optional[Engine] = None, refiner_at: float = DEFAULT_REFINER_AT):
+                 refiner: Optional[Engine] = None, refiner_at: Optional[float] = None,
+                 hires: Optional[float] = None, hires_strength: Optional[float] = None,
+                 hires_colour_fix: Optional[bool] = None):
         super().__init__(engine)
+        self.hires = hires
+        self.hires_strength = DEFAULT_HIRES_STRENGTH if hires_strength is None else hires_strength
+        self.hires_colour_fix = hires_colour_fix is not False
+        self._hires_options = (hires_strength, hires_colour_fix)
         self.prompts = list(prompts)
         self.refiner = refiner  # takes the schedule over at `refiner_at` (diffusion/handoff.py)
-        self.refiner_at = refiner_at
+        self.refiner_at = DEFAULT_REFINER_AT if refiner_at is None else refiner_at
+        self._refiner_at_given = refiner_at is not None
         self.negative = negative
         self.width, self.height = width, height
         self.wildcards = wildcards
         self._templates: Optional[PromptTemplates] = None  # made when an item first has a template
 
     # -- once per run
+
+    def validate(self) -> None:
+        super().validate()
+        check_scale("--hires", self.hires)
+        if self.hires is None and self._hires_options != (None, None):
+            raise UsageError("--hires-strength and --hires-colour-fix go with --hires S (the hires fix)")
+        if self.refiner is None and self._refiner_at_given:
+            raise UsageError("--refiner-at goes with --refiner FILE")
 
     def check_model(self, engine: Engine) -> None:
         self.texts = text_conditioner(engine, require_text_model(engine.bundle, engine.model_path, self.command))
@@ -111,14 +133,18 @@ class Txt2ImgTask(ModelTask):
 
     def recorded(self, engine: Engine) -> dict[str, Any]:
         refined = {} if self.refiner is None else {"refiner": self.refiner.model_path.name, "refiner_at": self.refiner_at}
-        return {"negative": self.negative, "width": self.width, "height": self.height, **refined,
+        hires = {} if self.hires is None else {"hires": self.hires, "hires_strength": self.hires_strength,
+                                               "hires_colour_fix": self.hires_colour_fix}
+        return {"negative": self.negative, "width": self.width, "height": self.height, **refined, **hires,
                 **super().recorded(engine)}
 
     def planned_size(self, item: Item) -> Optional[tuple[int, int]]:
         """A prompt line's own size, else the run's (--width/--height, or the model's default once open)."""
         spec = item.data.get("spec", {})
         width, height = spec.get("width") or self.width, spec.get("height") or self.height
-        return (width, height) if width and height else None
+        if not (width and height):
+            return None
+        return (width, height) if self.hires is None else (round(width * self.hires), round(height * self.hires))
 
     # -- each item
 
@@ -152,8 +178,22 @@ class Txt2ImgTask(ModelTask):
                                      negatives=[self._negative(job.payload) for job in jobs],
                                      seeds=[job.seed for job in jobs])
         images = engine.finite(generate, jobs[0].item.label)  # (B, H, W, 3) uint8
-        return [Output(image=image.numpy(), params=self._item_params(job.payload, engine))
+        return [Output(image=self._hires_fix(engine, job, image.numpy()), params=self._item_params(job.payload, engine))
                 for job, image in zip(jobs, images)]
+
+    def _hires_fix(self, engine: Engine, job: Job, image: np.ndarray) -> np.ndarray:
+        """The image upscaled by diffusion with the item's prompt and seed (--hires), else as it is."""
+        if self.hires is None:
+            return image
+        prompt, negative = job.payload.prompt, self._negative(job.payload)
+        big = upscaled(image, self.hires)
+
+        def conditioning(engine: Engine) -> tuple[Cond, Optional[Cond]]:
+            return self._texts_for(engine).conds(engine, [prompt], [negative], (big.shape[0], big.shape[1]))
+
+        return rework_upscaled(engine, big, scale=self.hires, strength=self.hires_strength,
+                               seed=job.seed, conditioning=conditioning, label=job.item.label,
+                               colour_fix=self.hires_colour_fix, progress=self.step_progress())
 
     def _sample_and_decode(self, engine: Engine, *, latent_hw: tuple[int, int], prompts: list[str],
                            negatives: list[str], seeds: list[int]) -> torch.Tensor:

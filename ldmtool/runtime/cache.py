@@ -213,6 +213,8 @@ class ModelCache:
         self.budget_bytes = budget_bytes
         self._entries: "OrderedDict[Hashable, _Entry]" = OrderedDict()
         self._lock = threading.RLock()
+        self.loads: list[Hashable] = []  # every key loaded, in order (a workflow reports what each step loaded)
+        self.hits = 0  # requests answered from the cache
 
     @staticmethod
     def key_for(path: Path | str, device: Any, dtype: Any, *extra: Hashable) -> tuple[Hashable, ...]:
@@ -231,8 +233,10 @@ class ModelCache:
             entry = self._entries.get(key)
             if entry is not None:
                 self._entries.move_to_end(key)
+                self.hits += 1
                 return entry.value
             value = loader()
+            self.loads.append(key)
             size = (nbytes or object_nbytes)(value)
             self._entries[key] = _Entry(value, size)
             self._evict(keep=key)
@@ -241,6 +245,10 @@ class ModelCache:
     def load_file(self, path: Path | str, device: Any, dtype: Any, loader: Callable[[], Any], *extra: Hashable) -> Any:
         """Shorthand for the usual case: a checkpoint file on a device in a dtype."""
         return self.get_or_load(self.key_for(path, device, dtype, *extra), loader)
+
+    def loaded_files(self, since: int = 0) -> list[str]:
+        """The files of the entries loaded after the first `since` loads (keys made by `key_for`)."""
+        return [key[0].path for key in self.loads[since:] if isinstance(key, tuple) and isinstance(key[0], FileIdentity)]
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._entries

@@ -53,11 +53,19 @@ def recipes_for(task: Task, options: RunOptions, output_suffix: str) -> Recipes:
 
 
 def addon_files(task: Task) -> dict[str, Any]:
-    """The contents (sha256) of the run's `--lora` and `--vae` files, beside their paths in the options."""
+    """The contents (sha256) of the run's `--lora`, `--vae` and `--refiner` files, beside their paths in the
+    options."""
     engine = getattr(task, "engine", None)
     if engine is None or not hasattr(engine, "addons"):
         return {}
-    return cast(dict[str, Any], engine.addons().job_identity())
+    files = cast(dict[str, Any], engine.addons().job_identity())
+    refiner = getattr(task, "refiner", None)
+    if refiner is not None:
+        from ldmtool.checkpoints.api import resolve_source
+        from ldmtool.runtime.cache import file_sha256
+
+        files["refiner_sha256"] = file_sha256(resolve_source(refiner.choice.model)[0])
+    return files
 
 
 def auto_precision(task: Task) -> dict[str, str]:

@@ -61,8 +61,11 @@ def pixel_options(cli: Mapping[str, Any], output: Optional[Path] = None) -> dict
 
 def run_id(command: str, model_sha256: Optional[str], options: Mapping[str, Any]) -> str:
     """A digest of the run's identity (command, model, pixel options), recorded in manifests and recipes."""
-    text = json.dumps({"command": command, "model_sha256": model_sha256, "options": jsonable(options)},
-                      sort_keys=True)
+    # Options left at None are left out, so that a release adding an option (default None) keeps the run ids
+    # of folders made before it, and with them the seeds runs without --seed adopt (resume compares None and
+    # absent alike, `difference`).
+    given = {name: value for name, value in jsonable(options).items() if value is not None}
+    text = json.dumps({"command": command, "model_sha256": model_sha256, "options": given}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -23,6 +23,7 @@ from ldmtool.io.manifest import MANIFEST_NAME, read_manifest
 from ldmtool.io.metadata import read_metadata
 from ldmtool.runtime import identity
 from ldmtool.runtime.seeds import random_seed
+from ldmtool.runtime.workflow import upstream_recipe
 
 if TYPE_CHECKING:
     from ldmtool.io.outputs import OutputSpec
@@ -83,6 +84,7 @@ class Recipes:
             "item": {"key": storable(item.key), "stem": storable(item.stem), "subdir": storable(item.subdir),
                      "data": identity.jsonable(dict(item.data)), "input": storable(_absolute(item.path)),
                      "mask": storable(_absolute(item.mask)), **_exact_names(item)},
+            **upstream_recipe(item.path),  # a workflow step's output records its input's recipe: the chain
         }
 
     def existing_output(self, output: Path, item: Item, seed: int, policy: str) -> Optional[str]:

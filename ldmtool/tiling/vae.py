@@ -53,12 +53,19 @@ from ldmtool.tiling.fusion import is_out_of_memory
 from ldmtool.tiling.vae_attention import attention_stage, online_softmax_attention
 from ldmtool.tiling.vae_norms import Moments, group_norm
 from ldmtool.tiling.vae_stages import Stage, decoder_stages, encoder_stages
-from ldmtool.tiling.vae_store import CanvasFactory, FileCanvas, TensorCanvas, VAETiling, default_store_bytes
+from ldmtool.tiling.vae_store import (
+    CanvasFactory,
+    FileCanvas,
+    PixelSource,
+    TensorCanvas,
+    VAETiling,
+    default_store_bytes,
+)
 from ldmtool.tiling.vae_stream import stream_stages
 
 # The tiled autoencoder's public names, importable from here whichever module holds them.
 __all__ = [
-    "CanvasFactory", "FileCanvas", "Moments", "Stage", "TensorCanvas", "VAETiling", "attention_stage",
+    "CanvasFactory", "FileCanvas", "Moments", "PixelSource", "Stage", "TensorCanvas", "VAETiling", "attention_stage",
     "decoder_stages", "default_store_bytes", "encoder_stages", "group_norm", "online_softmax_attention",
     "run_bounded", "stream_stages", "tiled_decode", "tiled_encode",
 ]
@@ -83,8 +90,9 @@ def tiled_decode(first_stage: nn.Module, z: Tensor, config: VAETiling = VAETilin
 
 
 @torch.no_grad()
-def tiled_encode(first_stage: nn.Module, x: Tensor, config: VAETiling = VAETiling(tile=512)) -> Tensor:
-    """`first_stage.encode(x)` (unscaled latent) computed in tiles of `config.tile` image pixels."""
+def tiled_encode(first_stage: nn.Module, x: Tensor | PixelSource, config: VAETiling = VAETiling(tile=512)) -> Tensor:
+    """`first_stage.encode(x)` (unscaled latent) computed in tiles of `config.tile` image pixels (`x` may be a
+    `PixelSource`: uint8 pixels read tile by tile)."""
     stages = encoder_stages(first_stage.encoder)
     align = 2 ** sum(stage.scale < 1 for stage in stages)
     if x.shape[-2] % align or x.shape[-1] % align:
@@ -98,7 +106,7 @@ def tiled_encode(first_stage: nn.Module, x: Tensor, config: VAETiling = VAETilin
 
 
 @torch.no_grad()
-def run_bounded(stages: list[Stage], source: Tensor, config: VAETiling,
+def run_bounded(stages: list[Stage], source: Tensor | PixelSource, config: VAETiling,
                 output: Optional["CanvasFactory"] = None) -> Any:
     """`stages` run in order on `source`, in device memory bounded by the tile: runs of attention-free stages are
     streamed in tiles; attention stages run in query chunks against keys and values kept off-device.

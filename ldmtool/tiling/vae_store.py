@@ -72,6 +72,27 @@ class TensorCanvas:
         return self.tensor
 
 
+class PixelSource:
+    """An image held as uint8 pixels (H, W, 3) and read as (1, 3, h, w) float32 in [-1, 1] one crop at a time:
+    the source of a tiled encode that never makes the full-size float image (a 4096² one is 200 MB).
+
+    `padded` (height, width) is the size the encoder sees: rows and columns past the image repeat its edge,
+    as replicate padding would; crops past `padded` wrap around it (seamless), like `TensorCanvas`."""
+
+    def __init__(self, pixels: np.ndarray, padded: tuple[int, int]):
+        self.pixels = pixels
+        self.shape = torch.Size((1, 3, *padded))
+        self.dtype = torch.float32
+        self.device = torch.device("cpu")
+
+    def crop(self, y0: int, y1: int, x0: int, x1: int) -> Tensor:
+        height, width = self.pixels.shape[:2]
+        rows = np.minimum(np.arange(y0, y1) % self.shape[-2], height - 1)
+        cols = np.minimum(np.arange(x0, x1) % self.shape[-1], width - 1)
+        tile = self.pixels[np.ix_(rows, cols)]
+        return torch.from_numpy(tile).permute(2, 0, 1)[None].float() / 127.5 - 1  # engine.to_model_range
+
+
 class FileCanvas:
     """A (B, C, H, W) feature map in an unlinked temporary file, laid out (B, H, W, C) so that each row of
     a tile is one contiguous read or write. Plain `pread`/`pwrite`, never a mapping: the data lives in the

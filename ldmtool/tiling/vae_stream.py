@@ -14,6 +14,7 @@ from ldmtool.tiling.vae_norms import Moments, group_norm, group_norms_through
 from ldmtool.tiling.vae_stages import Stage, device_dtype
 from ldmtool.tiling.vae_store import (
     CanvasFactory,
+    PixelSource,
     TensorCanvas,
     VAETiling,
     checkpoint_factory,
@@ -154,7 +155,7 @@ class _NormControl:
 
 
 @torch.no_grad()
-def stream_stages(stages: list[Stage], source: Tensor, config: VAETiling,
+def stream_stages(stages: list[Stage], source: Tensor | PixelSource, config: VAETiling,
                   output: Optional[CanvasFactory] = None) -> Any:
     """`stages` run in order on `source`, computed tile by tile with global GroupNorm statistics.
 
@@ -172,7 +173,7 @@ def stream_stages(stages: list[Stage], source: Tensor, config: VAETiling,
     control = _NormControl()
     modules = [m for stage in stages for module in stage.modules for m in module.modules()]
     store = torch.device(config.store_device)
-    source = TensorCanvas(source.to(store))
+    source = source if isinstance(source, PixelSource) else TensorCanvas(source.to(store))
     try:
         with group_norms_through(control.forward, modules):
             start, scale = 0, Fraction(1)  # first stage still to run, and its resolution over the input's

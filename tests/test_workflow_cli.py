@@ -1,0 +1,161 @@
+"""`ldmtool run WORKFLOW.yaml`: steps chained in one process over one model cache, resumable per step and item,
+on tiny random checkpoints (LDM-BERT text2img256 for txt2img and img2img, LDM BSR for superres), small images."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clirun import run_cli
+from ldmtool.checkpoints import api
+from ldmtool.checkpoints.tiny import save_tiny_checkpoint
+from ldmtool.pipelines.img2img import Img2ImgTask
+from ldmtool.runtime.cache import model_cache
+from ldmtool.runtime.resume import stored_recipe
+
+FAST = {"steps": 2, "sampler": "euler"}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models")
+    save_tiny_checkpoint(folder / "text.safetensors", "ldm-text2img256", seed=4, with_config=True)
+    save_tiny_checkpoint(folder / "bsr.safetensors", "ldm-bsr-sr", seed=4, with_config=True)
+    return folder
+
+
+def _workflow(folder: Path, models: Path) -> Path:
+    (folder / "prompts.txt").write_text("a red fox\na blue bird\n")
+    steps = [
+        {"txt2img": {"prompts": "prompts.txt", "model": str(models / "text.safetensors"), "width": 32, "height": 32,
+                     "negative": "blurry", **FAST}},
+        {"img2img": {"scale": 1.5, "strength": 0.5, "prompt": "a painting", "model": str(models / "text.safetensors"),
+                     **FAST}},
+        {"superres": {"scale": 1.5, "model": str(models / "bsr.safetensors"), **FAST}},
+    ]
+    path = folder / "chain.yaml"
+    path.write_text(json.dumps({"steps": steps}))  # JSON is YAML
+    return path
+
+
+def _events(result):
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+def _counts(events, folder: Path):
+    """(done, skipped) item events of the step that wrote into `folder`."""
+    mine = [e for e in events if e.get("event") in ("done", "skipped") and Path(e["output"]).parent == folder]
+    return sum(e["event"] == "done" for e in mine), sum(e["event"] == "skipped" for e in mine)
+
+
+def _pixels(folder: Path):
+    return {path.name: np.asarray(Image.open(path)) for path in sorted(folder.glob("*.png"))}
+
+
+def test_three_steps_read_each_model_once_and_a_killed_run_finishes_the_rest(tmp_path, models, monkeypatch):
+    workflow = _workflow(tmp_path, models)
+    model_cache().clear()
+    reads: dict[str, int] = {}
+    real_read = api.read_state_dict
+
+    def counted(path):
+        reads[Path(path).name] = reads.get(Path(path).name, 0) + 1
+        return real_read(path)
+
+    monkeypatch.setattr(api, "read_state_dict", counted)
+    whole = run_cli("run", workflow, "-o", tmp_path / "whole", "--seed", 5, "--json")
+    assert whole.exit_code == 0, whole.output
+    assert reads == {"text.safetensors": 1, "bsr.safetensors": 1}  # img2img took txt2img's model from the cache
+    steps = [e for e in _events(whole) if e.get("event") == "workflow_step"]
+    assert [(s["command"], [Path(p).name for p in s["models_loaded"]], s["cache_hits"]) for s in steps] == [
+        ("txt2img", ["text.safetensors"], 0), ("img2img", [], 1), ("superres", ["bsr.safetensors"], 0)]
+    final = _pixels(tmp_path / "whole")
+    assert len(final) == 2 and all(image.shape == (72, 72, 3) for image in final.values())
+    _check_chain_and_replay(tmp_path / "whole", tmp_path / "replayed.png")
+
+    calls = {"n": 0}
+    real_upscale = Img2ImgTask._upscale
+
+    def killed_on_the_second_item(self, job):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_upscale(self, job)
+
+    monkeypatch.setattr(Img2ImgTask, "_upscale", killed_on_the_second_item)
+    killed = run_cli("run", workflow, "-o", tmp_path / "again", "--seed", 5, "--json")
+    assert killed.exit_code == 130
+    monkeypatch.setattr(Img2ImgTask, "_upscale", real_upscale)
+    rerun = run_cli("run", workflow, "-o", tmp_path / "again", "--seed", 5, "--json")
+    assert rerun.exit_code == 0, rerun.output
+    events, step_folders = _events(rerun), tmp_path / "again" / "steps"
+    assert _counts(events, step_folders / "01-txt2img") == (0, 2)  # finished before the kill
+    assert _counts(events, step_folders / "02-img2img") == (1, 1)  # exactly the rest
+    assert _counts(events, tmp_path / "again") == (2, 0)
+    again = _pixels(tmp_path / "again")
+    assert again.keys() == final.keys()
+    assert all(np.array_equal(again[name], final[name]) for name in final)
+
+
+def _check_chain_and_replay(folder: Path, target: Path) -> None:
+    """Every final recipe holds the whole chain, with the first step's seed all the way down, and `replay`
+    runs the last step again (from the kept intermediate) to the same pixels."""
+    for output in sorted(folder.glob("*.png")):
+        chain, recipe = [], stored_recipe(output)
+        while recipe:
+            chain.append((recipe["command"], recipe["seed"]))
+            recipe = recipe.get("upstream")
+        first_seed = chain[-1][1]
+        assert chain == [("superres", first_seed), ("img2img", first_seed), ("txt2img", first_seed)]
+    replay = run_cli("replay", sorted(folder.glob("*.png"))[0], "-o", target, "--verify")
+    assert replay.exit_code == 0, replay.output
+
+
+def test_a_folder_through_two_steps_remove_steps_and_replay_the_whole_chain(tmp_path, models):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for index in range(2):
+        pixels = np.random.default_rng(index).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(photos / f"p{index}.png")
+    workflow = tmp_path / "two.yaml"
+    workflow.write_text(f"- img2img: {{strength: 0.3, prompt: x, model: {models / 'text.safetensors'}, steps: 2}}\n"
+                        f"- superres: {{scale: 2, model: {models / 'bsr.safetensors'}, steps: 2}}\n")
+    result = run_cli("run", workflow, photos, "-o", tmp_path / "out", "--remove-steps", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["p0.png", "p1.png"]
+    assert not (tmp_path / "out" / "steps").exists()
+    replay = run_cli("replay", tmp_path / "out" / "p1.png", "-o", tmp_path / "replayed.png", "--verify")
+    assert replay.exit_code == 0, replay.output  # the removed intermediate is made again from its recipe
+
+
+@pytest.mark.parametrize("text, message", [
+    ("- txt2img: {output: x}\n", "--output is set by the workflow itself"),
+    ("- paint: {}\n", "'paint' is not a command a workflow can run"),
+    ("steps: 3\n", "a workflow is a list of steps"),
+    ("- [unclosed\n", "not valid YAML"),
+])
+def test_malformed_workflows_are_one_line_usage_errors(tmp_path, text, message):
+    workflow = tmp_path / "bad.yaml"
+    workflow.write_text(text)
+    result = run_cli("run", workflow, "-o", tmp_path / "out")
+    assert result.exit_code == 2
+    assert message in result.output and str(workflow) in result.output and "Traceback" not in result.output
+
+
+def test_example_workflows_parse_and_name_only_options_their_commands_take():
+    import typer.main
+
+    from ldmtool.cli.app import app, task_commands
+    from ldmtool.runtime.workflow import read_workflow
+
+    folder = Path(__file__).resolve().parent.parent / "examples" / "workflows"
+    workflows = sorted(folder.glob("*.yaml"))
+    assert len(workflows) >= 2
+    group = typer.main.get_command(app)
+    for path in workflows:
+        for step in read_workflow(path, task_commands()):
+            flags = {flag for param in group.commands[step.command].params for flag in getattr(param, "opts", [])}
+            assert {f"--{name}" for name in step.options} <= flags, (path, step)
+            for value in step.argv(path.parent):
+                assert not value.startswith("../") or (path.parent / value).exists()
