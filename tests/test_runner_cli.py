@@ -357,10 +357,12 @@ def test_unwritable_output_is_fatal(tree):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_exits_130_without_partial_files(tmp_path, sig):
-    for i in range(12):
+    # 40 items of 0.25 s: the run must still be going when the signal comes however late this process polls
+    # (with 12 of 0.1 s a busy CI machine once let it finish first, exit 0)
+    for i in range(40):
         _save(tmp_path / "in" / f"{i:02d}.png", size=(64, 64))
     proc = subprocess.Popen([sys.executable, "-m", "ldmtool", "_invert", "in", "-o", "out"], cwd=tmp_path,
-                            env=_env(LDMTOOL_TEST_SLEEP="0.1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=_env(LDMTOOL_TEST_SLEEP="0.25"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while len(list((tmp_path / "out").glob("*.png"))) < 2 and time.monotonic() < deadline:
         time.sleep(0.02)
