@@ -40,3 +40,17 @@ else:
     settings.register_profile("long", max_examples=2000, deadline=None, derandomize=False, print_blob=True,
                               database=None, suppress_health_check=[HealthCheck.too_slow])
     settings.load_profile(os.environ.get("LDMTOOL_HYPOTHESIS_PROFILE", "default"))
+
+
+@pytest.fixture(autouse=True)
+def _sigint_not_left_ignored(request):
+    """A test, or a library it loads, that leaves SIGINT ignored in this process passes that on to every child
+    process later tests start (an ignored signal survives exec): their Ctrl-C tests would then see a run that
+    cannot be interrupted (it happened in CI, the culprit unknown). Restore Python's handler and name the test."""
+    import signal
+    import warnings
+
+    yield
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        warnings.warn(f"{request.node.nodeid} left SIGINT ignored (restored)", stacklevel=1)

@@ -361,6 +361,7 @@ def test_interrupt_exits_130_without_partial_files(tmp_path, sig):
     # (with 12 of 0.1 s a busy CI machine once let it finish first, exit 0)
     for i in range(40):
         _save(tmp_path / "in" / f"{i:02d}.png", size=(64, 64))
+    assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # the child would inherit it (conftest restores)
     proc = subprocess.Popen([sys.executable, "-m", "ldmtool", "_invert", "in", "-o", "out"], cwd=tmp_path,
                             env=_env(LDMTOOL_TEST_SLEEP="0.25"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
