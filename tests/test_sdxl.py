@@ -11,6 +11,7 @@ from ldmtool.checkpoints.presets import load_preset
 from ldmtool.checkpoints.tiny import tiny_config, tiny_model
 from ldmtool.errors import CheckpointError
 from ldmtool.families.info import Conditioning, InpaintKind, Parameterization
+from test_sd_vs_diffusers import CFG, SEED, SIZE, STEPS, run_ours as run_sd_cli
 
 SDXL = ["sdxl-base", "sdxl-refiner", "sdxl-inpainting"]
 BIGG_SLOT = {"sdxl-base": 1, "sdxl-refiner": 0, "sdxl-inpainting": 1}
@@ -297,7 +298,6 @@ def test_sdxl_vae_equals_diffusers_autoencoderkl(base):
 # --- whole runs on a tiny random SDXL single file against diffusers' SDXL pipelines ------------------------
 
 PROMPT = "a red fox jumping over a fence"
-SIZE, STEPS, CFG, SEED = 64, 10, 7.5, 123
 
 
 def diffusers_xl_pipeline(bundle, kind="StableDiffusionXLPipeline", **options):
@@ -350,20 +350,8 @@ def base_file(tmp_path_factory, base):
 
 
 def run_ours(*args):
-    """The CLI in-process with DDIM (eta 0), guidance and the fixed seed; returns pixels in [0, 1]."""
-    import numpy as np
-    from PIL import Image
-
-    from ldmtool.cli.app import main
-
-    out = args[list(args).index("-o") + 1]
-    try:
-        main([*map(str, args), "--sampler", "ddim", "--eta", "0", "--steps", str(STEPS), "--cfg", str(CFG),
-              "--seed", str(SEED), "--quiet"])
-    except SystemExit as exit:
-        assert not exit.code
-    with Image.open(out) as image:
-        return np.asarray(image).astype(np.float64) / 255
+    """The CLI in-process with the SD 1.x comparison's sampler, guidance and seed; pixels in [0, 1]."""
+    return run_sd_cli(*args)[0]
 
 
 def test_sdxl_txt2img_file_equals_diffusers_stable_diffusion_xl_pipeline(tmp_path, base_file):

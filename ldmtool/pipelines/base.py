@@ -72,7 +72,10 @@ class ModelTask(BaseTask):
         engine = self.engine.open()
         self.model_path = engine.model_path
         if engine.precision is not None and engine.precision.emulated:
-            self.warn_once("precision", f"--precision {engine.precision.name}: {engine.precision.reason.split('; ')[1]}")
+            from ldmtool.runtime.device import EMULATED
+
+            name = engine.precision.name
+            self.warn_once("precision", f"--precision {name}: {EMULATED.format(name)}")
         self.check_model(engine)
         self.params.update(engine.resolved())
         self.params.update(self.recorded(engine))
