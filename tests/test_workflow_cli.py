@@ -159,3 +159,48 @@ def test_example_workflows_parse_and_name_only_options_their_commands_take():
             assert {f"--{name}" for name in step.options} <= flags, (path, step)
             for value in step.argv(path.parent):
                 assert not value.startswith("../") or (path.parent / value).exists()
+
+
+def test_a_workflow_killed_with_sigkill_mid_step_finishes_exactly_the_rest(tmp_path):
+    """`kill -9` of a real `ldmtool run` process in its second step (no handler runs, claims stay behind):
+    the rerun skips every finished item, does the rest, and ends with the pixels of an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for index in range(6):
+        pixels = np.random.default_rng(index).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(photos / f"p{index}.png")
+    workflow = tmp_path / "three.yaml"
+    workflow.write_text("- _invert: {}\n- _invert: {}\n- _invert: {}\n")
+    env = dict(os.environ, LDMTOOL_TEST_COMMANDS="1", LDMTOOL_TEST_SLEEP="0.3")
+    env.pop("LDMTOOL_DEBUG", None)
+    command = [sys.executable, "-m", "ldmtool", "run", str(workflow), str(photos), "-o", str(tmp_path / "out"), "--json"]
+    step2 = tmp_path / "out" / "steps" / "02-_invert"
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(list(step2.glob("*.png"))) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    finished = {path.name for path in step2.glob("*.png")}
+    assert 2 <= len(finished) < 6 and not list((tmp_path / "out").glob("*.png"))  # killed inside step 2
+    # no output is half-written: every visible image is whole (a write cut short stays a hidden temp file)
+    assert all(np.asarray(Image.open(path)).shape == (8, 8, 3) for path in step2.glob("*.png"))
+
+    rerun = subprocess.run(command, env={**env, "LDMTOOL_TEST_SLEEP": "0"}, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    events = [json.loads(line) for line in rerun.stdout.splitlines() if line.startswith("{")]
+    steps = tmp_path / "out" / "steps"
+    assert _counts(events, steps / "01-_invert") == (0, 6)
+    assert _counts(events, step2) == (6 - len(finished), len(finished))  # exactly the rest
+    assert _counts(events, tmp_path / "out") == (6, 0)
+    final = _pixels(tmp_path / "out")
+    originals = _pixels(photos)
+    assert final.keys() == originals.keys()
+    assert all(np.array_equal(final[name], 255 - originals[name]) for name in final)  # inverted three times
