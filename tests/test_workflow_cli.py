@@ -204,3 +204,48 @@ def test_a_workflow_killed_with_sigkill_mid_step_finishes_exactly_the_rest(tmp_p
     originals = _pixels(photos)
     assert final.keys() == originals.keys()
     assert all(np.array_equal(final[name], 255 - originals[name]) for name in final)  # inverted three times
+
+
+@pytest.mark.parametrize("scale", [None, 1.5])
+def test_a_chained_img2img_without_a_prompt_takes_each_inputs_recorded_prompt(tmp_path, models, scale, monkeypatch):
+    """Per-item prompts flow through a chain: img2img given no prompt reworks each txt2img output towards the
+    prompt (and negative) it was made from, exactly as img2img run on that file with those options."""
+    from ldmtool.pipelines.text import TextConditioner
+
+    encoded: list[tuple[tuple[str, ...], tuple[str, ...]]] = []
+    real_conds = TextConditioner.conds
+
+    def recorded(self, engine, prompts, negatives, *args, **kwargs):
+        encoded.append((tuple(prompts), tuple(negatives)))
+        return real_conds(self, engine, prompts, negatives, *args, **kwargs)
+
+    monkeypatch.setattr(TextConditioner, "conds", recorded)
+    (tmp_path / "prompts.txt").write_text("a red fox\na blue bird\n")
+    model = str(models / "text.safetensors")
+    rework = {"strength": 0.5, "model": model, **FAST, **({"scale": scale} if scale else {})}
+    steps = [{"txt2img": {"prompts": "prompts.txt", "model": model, "width": 32, "height": 32, "negative": "blurry",
+                          **FAST}},
+             {"img2img": rework}]
+    workflow = tmp_path / "two.yaml"
+    workflow.write_text(json.dumps(steps))
+    result = run_cli("run", workflow, "-o", tmp_path / "out", "--seed", 5, "--quiet")
+    assert result.exit_code == 0, result.output
+    finals = sorted((tmp_path / "out").glob("*.png"))
+    assert len(finals) == 2
+    rework_calls = encoded[-2:]  # after the txt2img step's; one call per image (their prompts differ)
+    assert sorted(rework_calls) == [(("a blue bird",), ("blurry",)), (("a red fox",), ("blurry",))]
+    prompts = set()
+    for number, final in enumerate(finals):
+        recipe = stored_recipe(final)
+        source, upstream = Path(recipe["item"]["input"]), recipe["upstream"]
+        prompt = upstream["parameters"]["prompt"]
+        assert (recipe["parameters"]["prompt"], recipe["parameters"]["negative"]) == (prompt, "blurry")
+        prompts.add(prompt)
+        if number:
+            continue  # one image run alone is enough to compare pixels
+        options = [f"--{name}={value}" for name, value in rework.items()]
+        alone = run_cli("img2img", source, "-o", tmp_path / f"alone-{final.name}", "--prompt", prompt,
+                        "--negative", "blurry", "--item-seed", recipe["seed"], *options, "--quiet")
+        assert alone.exit_code == 0, alone.output
+        assert np.array_equal(_pixels(tmp_path)[f"alone-{final.name}"], np.asarray(Image.open(final)))
+    assert prompts == {"a red fox", "a blue bird"}

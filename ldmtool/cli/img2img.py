@@ -55,7 +55,7 @@ def img2img(
     from ldmtool.pipelines.img2img import Img2ImgTask
     from ldmtool.runtime.runner import run_task
 
-    task = Img2ImgTask(Engine(model, sampling), prompt=text.prompt or "", negative=text.negative or "",
+    task = Img2ImgTask(Engine(model, sampling), prompt=text.prompt, negative=text.negative,
                        strength=strength, max_pixels=images.max_pixels, scale=scale, colour_fix=colour_fix)
     finish(run_task(task, find_inputs(inputs, recursive=images.recursive), run))
 

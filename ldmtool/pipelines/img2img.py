@@ -23,6 +23,7 @@ from ldmtool.pipelines.superres import output_size, resample_alpha
 from ldmtool.pipelines.text import PromptConditioning, padded_images
 from ldmtool.pipelines.upscale import check_scale, rework_upscaled, upscaled
 from ldmtool.runtime.jobs import Job, Output
+from ldmtool.runtime.workflow import recorded_prompt
 
 DEFAULT_STRENGTH = 0.75
 
@@ -34,9 +35,12 @@ class Img2ImgTask(ModelTask):
     command = "img2img"
     reads_images = True
 
-    def __init__(self, engine: Engine, *, prompt: str = "", negative: str = "",
+    def __init__(self, engine: Engine, *, prompt: Optional[str] = "", negative: Optional[str] = "",
                  strength: float = DEFAULT_STRENGTH, max_pixels: Optional[int] = None,
                  scale: Optional[float] = None, colour_fix: Optional[bool] = None):
+        # Given neither prompt nor negative (None), a workflow step takes each input's recorded ones.
+        self.prompts_from_inputs = prompt is None and negative is None
+        prompt, negative = prompt or "", negative or ""
         params: dict[str, Any] = {"prompt": prompt, "negative": negative, "strength": strength}
         if scale is not None:  # recorded only when given, so recipes of plain img2img runs keep their form
             params.update(scale=scale, colour_fix=colour_fix is not False)
@@ -72,7 +76,20 @@ class Img2ImgTask(ModelTask):
     def run(self, jobs: list[Job]) -> list[Output]:
         if self.scale is not None:
             return [self._upscale(job) for job in jobs]
-        return in_groups(jobs, lambda job: job.payload.size, self._transform)
+        return in_groups(jobs, lambda job: (job.payload.size, self._prompt(job)), self._transform)
+
+    def _prompt(self, job: Job) -> tuple[str, str]:
+        """The job's (prompt, negative): the task's, or in a workflow step given none, its input's recorded."""
+        takes_text = self.conditioning.texts is not None
+        recorded = recorded_prompt(job.item.path) if self.prompts_from_inputs and takes_text else None
+        if recorded is None:
+            return self.prompt, self.negative
+        self.check_vocabulary(recorded)
+        return recorded
+
+    def _prompt_params(self, prompt: tuple[str, str]) -> dict[str, Any]:
+        """What an output records of its prompt when it is not the task's own."""
+        return {} if prompt == (self.prompt, self.negative) else {"prompt": prompt[0], "negative": prompt[1]}
 
     def _upscale(self, job: Job) -> Output:
         """Lanczos to the output size → img2img in tiles at --strength → colour fix; alpha resampled."""
@@ -80,25 +97,31 @@ class Img2ImgTask(ModelTask):
         image: LoadedImage = job.payload
         pixels = upscaled(image.rgb, self.scale)
         size = (pixels.shape[1], pixels.shape[0])
+        prompt = self._prompt(job)
         out = rework_upscaled(self.engine, pixels, scale=self.scale, strength=self.strength, seed=job.seed,
-                              conditioning=lambda engine: self.conditioning(engine, 1, pixels.shape[:2]), label=job.item.label,
-                              colour_fix=self.colour_fix, progress=self.step_progress())
+                              conditioning=lambda engine: self.conditioning(engine, 1, pixels.shape[:2], prompt),
+                              label=job.item.label, colour_fix=self.colour_fix, progress=self.step_progress())
         alpha = None if image.alpha is None else resample_alpha(image.alpha, size)
-        return Output(image=out, alpha=alpha, params={"input_size": list(image.size), "size": list(size)},
-                      source=image.source)
+        params = {"input_size": list(image.size), "size": list(size), **self._prompt_params(prompt)}
+        return Output(image=out, alpha=alpha, params=params, source=image.source)
 
     def _transform(self, jobs: list[Job]) -> list[Output]:
         width, height = jobs[0].payload.size
+        prompt = self._prompt(jobs[0])  # one per group
         images = padded_images([job.payload.rgb for job in jobs], self.multiple)
-        rework = functools.partial(self._encode_sample_decode, images=images, seeds=[job.seed for job in jobs])
+        rework = functools.partial(self._encode_sample_decode, images=images, seeds=[job.seed for job in jobs],
+                                   prompt=prompt)
         results = self.engine.finite(rework, jobs[0].item.label).clamp(0, 1)[..., :height, :width]
-        return [Output(image=to_array(result), alpha=job.payload.alpha, params=_size(job.payload), **carried(job.payload))
+        params = self._prompt_params(prompt)
+        return [Output(image=to_array(result), alpha=job.payload.alpha, params={**_size(job.payload), **params},
+                       **carried(job.payload))
                 for job, result in zip(jobs, results)]
 
-    def _encode_sample_decode(self, engine: Engine, *, images: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+    def _encode_sample_decode(self, engine: Engine, *, images: torch.Tensor, seeds: list[int],
+                              prompt: tuple[str, str]) -> torch.Tensor:
         """Images in [0, 1] (B, 3, H, W) at `engine`'s precision (`Engine.finite` retries in fp32)."""
         init = engine.encode(images)
-        cond, uncond = self.conditioning(engine, len(seeds), (images.shape[-2], images.shape[-1]))
+        cond, uncond = self.conditioning(engine, len(seeds), (images.shape[-2], images.shape[-1]), prompt)
         z = engine.sample((init.shape[-2], init.shape[-1]), seeds, cond, uncond, init_latent=init, strength=self.strength,
                           progress=self.step_progress())
         return engine.decode(z)

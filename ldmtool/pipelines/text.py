@@ -376,10 +376,13 @@ class PromptConditioning:
                              "or unconditional model)")
         self.texts = text_conditioner(engine, encoder)
 
-    def __call__(self, engine: "Engine", count: int, image_hw: tuple[int, int]) -> tuple["Cond", Optional["Cond"]]:
-        """(cond, uncond) for a batch of `count` items of `image_hw` pixels on the engine's device."""
+    def __call__(self, engine: "Engine", count: int, image_hw: tuple[int, int],
+                 prompt: Optional[tuple[str, str]] = None) -> tuple["Cond", Optional["Cond"]]:
+        """(cond, uncond) for a batch of `count` items of `image_hw` pixels on the engine's device, with the
+        task's prompt and negative or the given (prompt, negative) pair."""
         from ldmtool.diffusion.cond import Cond
 
         if self.texts is None:
             return Cond(), None
-        return self.texts.conds(engine, [self.prompt] * count, [self.negative] * count, image_hw)
+        positive, negative = prompt or (self.prompt, self.negative)
+        return self.texts.conds(engine, [positive] * count, [negative] * count, image_hw)

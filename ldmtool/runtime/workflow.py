@@ -13,8 +13,9 @@ is a one-key mapping, the command and its options under the names the command li
 Every step is an ordinary run of its command, so resume is the command's own: per item, checked against
 each output's recipe. A killed workflow run again skips the items every step already wrote and finishes the
 rest with the same pixels. Inside a step after the first, each item takes the seed recorded in its input
-file (the seed flows through the chain) and its outputs' recipes hold the recipe of their input
-(`upstream`), so a final output records the whole chain.
+file (the seed flows through the chain), an img2img step given no `prompt` takes each input's recorded
+prompt and negative (per-item prompts flow through the chain), and its outputs' recipes hold the recipe
+of their input (`upstream`), so a final output records the whole chain.
 """
 from __future__ import annotations
 
@@ -132,6 +133,22 @@ def _with_recorded_seed(item: Any) -> Any:
     recipe = stored_recipe(item.path) or {}
     seed = recipe.get("seed")
     return replace(item, seed=seed) if isinstance(seed, int) and not isinstance(seed, bool) else item
+
+
+def recorded_prompt(path: Optional[Path]) -> Optional[tuple[str, str]]:
+    """In a chained step, the (prompt, negative) recorded in the input file's recipe, so a step that was given
+    no prompt of its own reworks each image towards the prompt it was made from; None outside a chain, for
+    an input without a recorded prompt, or for an unreadable one."""
+    context = _STEP.get()
+    if context is None or not context.chained or path is None:
+        return None
+    from ldmtool.runtime.resume import stored_recipe
+
+    parameters = (stored_recipe(path) or {}).get("parameters") or {}
+    prompt, negative = parameters.get("prompt"), parameters.get("negative")
+    if not isinstance(prompt, str):
+        return None
+    return prompt, negative if isinstance(negative, str) else ""
 
 
 def upstream_recipe(path: Optional[Path]) -> dict[str, Any]:
