@@ -9,6 +9,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from ldmtool.diffusion import samplers as SM
+from ldmtool.diffusion.cond import Cond, Guided
 from ldmtool.diffusion.flow import (
     FLOW_SAMPLERS,
     FlowDenoiser,
@@ -24,11 +25,13 @@ from ldmtool.diffusion.flow import (
     sample_flow,
     sample_flow_latents,
 )
+from ldmtool.diffusion.guidance import CFGDenoiser
 from ldmtool.diffusion.img2img import img2img_schedule
 from ldmtool.diffusion.oracle import GaussianData
 from ldmtool.diffusion.run import SamplerSettings
 from ldmtool.errors import UsageError
 from ldmtool.runtime.seeds import NoiseSource
+from ldmtool.tiling.fusion import TileConfig, TiledDenoiser
 
 F64 = torch.float64
 GAUSS = GaussianData(torch.tensor([0.5, -1.0, 2.0], dtype=F64), torch.tensor([0.3, 1.2, 0.6], dtype=F64))
@@ -263,3 +266,27 @@ def test_masked_flow_sampling_keeps_the_known_region_and_repaints_the_rest(stren
     assert bool(seen_at_noise) == (strength == 1.0)
     if seen_at_noise:  # at t = 1 the kept region is re-noised all the way: the network sees no trace of it
         assert seen_at_noise[0][..., :2].abs().max() < 4.5
+
+
+# --- guidance and the tiled engine over the noise state at t = 1 -------------------------------------------
+
+
+def conditioned_velocity(x_t, t, cond):
+    """Pointwise in space, so tiles fused with weights that sum to 1 give the untiled prediction."""
+    return wavy_velocity(x_t, t) + cond.y.to(x_t.dtype).reshape(-1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_guidance_and_the_tiled_engine_pass_the_flow_state_through_at_every_time(shift):
+    denoise = FlowDenoiser(conditioned_velocity)
+    tiled = CFGDenoiser(TiledDenoiser(denoise, TileConfig(tile=(16, 16), overlap=4, shift=shift, min_tile=8)))
+    guided = Guided(Cond(y=torch.tensor([0.5])), Cond(y=torch.tensor([-0.25])), 3.0)
+    x = noise_at_start((1, 3, 40, 40), seed=8, dtype=torch.float32)
+    for level in (math.inf, 4.0, 0.3):
+        sigma = torch.full((1,), level)
+        expected = denoise(x, sigma, guided.uncond) + 3.0 * (denoise(x, sigma, guided.cond) - denoise(x, sigma, guided.uncond))
+        torch.testing.assert_close(tiled(x, sigma, guided), expected, rtol=0, atol=2e-6)
+    ours = sample_flow_latents(tiled, guided, NoiseSource([3]), SamplerSettings("dpmpp_2m", 5), STATIC, shape=(3, 40, 40))
+    untiled = sample_flow_latents(CFGDenoiser(denoise), guided, NoiseSource([3]), SamplerSettings("dpmpp_2m", 5), STATIC,
+                                  shape=(3, 40, 40))
+    torch.testing.assert_close(ours, untiled, rtol=0, atol=1e-5)
