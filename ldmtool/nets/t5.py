@@ -41,8 +41,9 @@ _BLOCK = re.compile(r"^encoder\.block\.(\d+)\.")
 class T5Padding:
     """How prompts become token rows: padded to exactly `length` tokens, longer prompts cut (diffusers'
     pipelines and BFL's code: FLUX.1 dev 512, schnell 256, SD3 256), or with `truncate=False` padded to at
-    least `length`, longer prompts kept whole (Stability's SD3 reference code, 77). `mask` hands the padding
-    mask to attention; none of the references do, so padding tokens take part."""
+    least `length`, longer prompts kept whole (Stability's SD3 reference code, 77; that code also reads
+    "(word:1.2)" weights, which this tokenizer leaves as text). `mask` hands the padding mask to attention;
+    none of the references do, so padding tokens take part."""
 
     length: int
     truncate: bool = True
