@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Mapping, Optional, Sequence
 
 import torch
 
-from ldmtool.checkpoints.weights import check_state_dict
 from ldmtool.errors import CheckpointError, UsageError
 
 if TYPE_CHECKING:
@@ -100,6 +99,8 @@ def load_t5(state: Mapping[str, torch.Tensor], *, source: str = "text encoder", 
     """A T5EncoderModel built from the shapes of `state` (bare or SD3-prefixed keys) and loaded strictly,
     every tensor in `dtype` (fp16 / bf16 / fp8 storage upcast), in eval mode without gradients."""
     from transformers import T5EncoderModel
+
+    from ldmtool.checkpoints.weights import check_state_dict  # the layer above nets: imported when loading
 
     weights = t5_weights(state, source=source)
     with torch.device("meta"):
