@@ -203,6 +203,8 @@ def test_samplers_outside_the_flow_list_are_usage_errors():
     assert check_flow_sampler("Euler a") == "euler_a"
     with pytest.raises(UsageError, match="plms does not apply to flow-matching models"):
         check_flow_sampler("plms")
+    with pytest.raises(UsageError, match="--eta 0.5 does not apply to the euler sampler"):
+        sample_flow("euler", FlowDenoiser(wavy_velocity), noise_at_start((1, 3, 2, 2)), flow_schedule(1).sigmas, eta=0.5)
 
 
 def test_one_step_from_noise_is_the_x0_prediction_and_progress_counts_every_step():

@@ -35,7 +35,7 @@ from ldmtool.diffusion.denoisers import bind
 from ldmtool.diffusion.img2img import img2img_schedule
 from ldmtool.diffusion.masked import masked_model
 from ldmtool.diffusion.run import SamplerSettings
-from ldmtool.diffusion.samplers import Step, get_sampler, progressive
+from ldmtool.diffusion.samplers import Step, check_options, get_sampler, progressive
 from ldmtool.diffusion.schedules import SamplingSchedule
 from ldmtool.errors import UsageError
 from ldmtool.runtime.seeds import NoiseSource
@@ -179,7 +179,7 @@ def progressive_flow(name: str, model: Model, x: torch.Tensor, sigmas: Union[tor
     """The named sampler over a flow schedule; from sigma = inf (x holds the noise x_t) the first step is the
     flow Euler step, and the sampler starts afresh at the next sigma."""
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
-    check_flow_sampler(name)
+    check_options(check_flow_sampler(name), **opts)  # here too: a one-step run never reaches the sampler
     if not math.isinf(float(sigmas[0])):
         yield from progressive(name, model, x, sigmas, noise=noise, **opts)
         return
