@@ -11,13 +11,16 @@ limit x / (1 + sigma) = x_t (the noise itself); `FlowDenoiser`, guidance and the
 unchanged, and `progressive_flow` takes the step from t = 1 as the limit that every first-order step has
 there, x' = x0 + sigma' x_t (the flow Euler step), before the chosen sampler walks the rest of the schedule.
 
-Samplers: the deterministic ones (euler, ddim with eta 0, which is euler here, heun, dpmpp_2m, unipc) solve
-the flow ODE at their order. The ancestral and SDE ones (euler_a, ddpm, ddim with eta > 0, dpmpp_2m_sde)
-re-inject noise by the VE posterior rule, which is exact for the flow model's marginals too (its forward
-process is x0 + sigma noise in this form), but it is not the rule ComfyUI's "RF" ancestral samplers or
-diffusers' `stochastic_sampling` use (those redraw all noise in the flow form), so their images differ from
-those references'. PLMS is left out: its Adams-Bashforth weights assume equally spaced steps, which shifted
-flow times never are.
+Samplers: every one registered when flow models arrived is valid for them. The deterministic ones (euler,
+ddim with eta 0, which is euler here, heun, dpmpp_2m, unipc, plms) solve the flow ODE at their order; the
+ancestral and SDE ones (euler_a, ddpm, ddim with eta > 0, dpmpp_2m_sde) re-inject noise by the VE posterior
+rule, which is exact for the flow model's marginals too (its forward process is x0 + sigma noise in this
+form), but is not the rule ComfyUI's "RF" ancestral samplers or diffusers' `stochastic_sampling` use (those
+redraw all noise in the flow form), so their images differ from those references'. A sampler added later
+joins `FLOW_SAMPLERS` once it is tested here (consistency samplers fit only models distilled for them).
+
+img2img uses the tool's strength rule (img2img.py: floor(n s) steps run); diffusers' flow img2img pipelines
+run n - int(n - n s), which is the same whenever n s is whole and one step more otherwise.
 """
 from __future__ import annotations
 
@@ -44,7 +47,7 @@ FlowNetwork = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]  # netwo
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NoiseFn = Callable[[torch.Tensor], torch.Tensor]
 
-FLOW_SAMPLERS: tuple[str, ...] = ("euler", "euler_a", "ddim", "ddpm", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
+FLOW_SAMPLERS: tuple[str, ...] = ("euler", "euler_a", "ddim", "ddpm", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "plms")
 TRAIN_STEPS = 1000  # the references' num_train_timesteps; the network's timestep is t * 1000 where it wants one
 
 
