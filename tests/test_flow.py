@@ -293,3 +293,14 @@ def test_guidance_and_the_tiled_engine_pass_the_flow_state_through_at_every_time
     untiled = sample_flow_latents(CFGDenoiser(denoise), guided, NoiseSource([3]), SamplerSettings("dpmpp_2m", 5), STATIC,
                                   shape=(3, 40, 40))
     torch.testing.assert_close(ours, untiled, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["euler", "euler_a"])
+def test_each_item_of_a_batch_gets_what_its_seed_gives_alone(name):
+    """Issue 15's seeds: start noise and re-injected noise come from the item's own generator."""
+    denoise, settings = FlowDenoiser(wavy_velocity), SamplerSettings(name, 4)
+    both = sample_flow_latents(denoise, None, NoiseSource([11, 12]), settings, STATIC, shape=(3, 8, 8))
+    for row, seed in enumerate([11, 12]):
+        alone = sample_flow_latents(denoise, None, NoiseSource([seed]), settings, STATIC, shape=(3, 8, 8))
+        torch.testing.assert_close(both[row : row + 1], alone, rtol=0, atol=1e-6)
+    assert not torch.allclose(both[0], both[1])
