@@ -19,7 +19,9 @@ from ldmtool.nets.t5 import (
     find_t5_tokenizer,
     load_t5,
     load_t5_tokenizer,
+    open_t5_encoder,
     t5_config,
+    t5_folder_state,
     t5_prefix,
     t5_weights,
 )
@@ -171,3 +173,17 @@ def test_missing_tokenizer_is_one_line_usage_error_naming_what_is_missing(tmp_pa
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not a readable tokenizer.json"):
         load_t5_tokenizer(tmp_path / "tokenizer.json")
+
+
+def test_a_diffusers_text_encoder_folder_in_shards_loads(tmp_path, tokenizer_dir, reference_model):
+    """FLUX.1's text_encoder_2/ as transformers writes it: shards, no tied embed_tokens copy."""
+    folder = tmp_path / "text_encoder_2"
+    reference_model.save_pretrained(folder, max_shard_size="20KB")
+    assert len(list(folder.glob("*.safetensors"))) > 1
+    encoder = open_t5_encoder(t5_folder_state(folder), tokenizer_dir / "tokenizer.json", T5Padding(32), source=str(folder))
+    ids, _ = encoder.tokenize(PROMPTS)
+    with torch.no_grad():
+        expected = reference_model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(encoder(PROMPTS), expected, rtol=0, atol=0)
+    with pytest.raises(UsageError, match="no .safetensors files"):
+        t5_folder_state(tmp_path)

@@ -113,6 +113,20 @@ def load_t5(state: Mapping[str, torch.Tensor], *, source: str = "text encoder", 
     return model.eval().requires_grad_(False)
 
 
+def t5_folder_state(folder: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a diffusers model's T5 folder (`text_encoder_2/` for FLUX.1, `text_encoder_3/` for SD3):
+    `model.safetensors` or its shards, merged."""
+    from ldmtool.checkpoints.files import read_state_dict  # the layer above nets: imported when reading
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UsageError(f"{folder}: no .safetensors files (a diffusers T5 folder holds model.safetensors or its shards)")
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        state.update(read_state_dict(path))
+    return state
+
+
 # --- tokenizer ---------------------------------------------------------------------------------------------
 
 
@@ -175,3 +189,12 @@ class T5TextEncoder:
         return self.model(input_ids=ids.to(device), attention_mask=mask_in).last_hidden_state
 
     __call__ = encode
+
+
+def open_t5_encoder(weights: Mapping[str, torch.Tensor], tokenizer_file: Path, padding: T5Padding, *,
+                    source: str = "text encoder", dtype: torch.dtype = torch.float32,
+                    device: torch.device | str = "cpu") -> T5TextEncoder:
+    """A ready `T5TextEncoder` from a state dict (a `--text-encoder` file's, an SD3 file's, or
+    `t5_folder_state`'s) and the `tokenizer.json` that `find_t5_tokenizer` found."""
+    return T5TextEncoder(load_t5(weights, source=source, dtype=dtype, device=device), load_t5_tokenizer(tokenizer_file),
+                         padding)
