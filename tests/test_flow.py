@@ -304,3 +304,20 @@ def test_each_item_of_a_batch_gets_what_its_seed_gives_alone(name):
         alone = sample_flow_latents(denoise, None, NoiseSource([seed]), settings, STATIC, shape=(3, 8, 8))
         torch.testing.assert_close(both[row : row + 1], alone, rtol=0, atol=1e-6)
     assert not torch.allclose(both[0], both[1])
+
+
+@pytest.mark.parametrize("times", [STATIC, resolution(1024)], ids=["static-3", "mu-1024"])
+def test_an_img2img_euler_run_equals_the_reference_loop(times):
+    """The flow img2img pipelines' loop: scale_noise to the first kept timestep, then the scheduler's steps."""
+    steps, strength = 8, 0.5
+    latent = noise_at_start((1, 4, 6, 6), seed=9, dtype=torch.float32)
+    noise = NoiseSource([21]).like(latent)  # the draw sample_flow_latents makes for this item
+    scheduler = diffusers_scheduler(times, steps)
+    start = int(steps - steps * strength)
+    scheduler.set_begin_index(start)
+    x = scheduler.scale_noise(latent, scheduler.timesteps[start:start + 1], noise)
+    for timestep in scheduler.timesteps[start:]:
+        x = scheduler.step(wavy_velocity(x, (timestep / 1000).expand(1)), timestep, x).prev_sample
+    ours = sample_flow_latents(FlowDenoiser(wavy_velocity), None, NoiseSource([21]), SamplerSettings("euler", steps, strength=strength),
+                               times, init_latent=latent)
+    torch.testing.assert_close(ours, x, rtol=0, atol=2e-5)
