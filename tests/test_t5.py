@@ -92,6 +92,9 @@ def test_a_state_dict_without_t5_or_with_wrong_shapes_is_one_line_error(referenc
     with pytest.raises(CheckpointError, match="does not match the T5 encoder architecture.*1 with other shapes") as err:
         load_t5(broken, source="t5.safetensors")
     assert "\n" not in str(err.value)
+    incomplete = {k: v for k, v in released_layout(reference_model).items() if "relative_attention_bias" not in k}
+    with pytest.raises(CheckpointError, match="incomplete T5 encoder .*relative_attention_bias.weight is missing"):
+        load_t5(incomplete, source="t5.safetensors")
     scaled = {**released_layout(reference_model), "encoder.block.0.layer.0.SelfAttention.q.scale_weight": torch.ones(())}
     with pytest.raises(CheckpointError, match="scaled fp8"):
         load_t5(scaled)

@@ -34,6 +34,8 @@ PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
 _EMBED, _TIED = "shared.weight", "encoder.embed_tokens.weight"
 _FINAL_NORM = "encoder.final_layer_norm.weight"
 _BLOCK = re.compile(r"^encoder\.block\.(\d+)\.")
+_BIAS, _QUERY = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "encoder.block.0.layer.0.SelfAttention.q.weight"
+_MLP_IN = "encoder.block.0.layer.1.DenseReluDense.{}.weight"
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,9 @@ def t5_weights(state: Mapping[str, torch.Tensor], *, source: str = "text encoder
     if any(k.endswith(".scale_weight") for k in weights) or "scaled_fp8" in weights:
         raise CheckpointError(f"{source}: scaled fp8 T5 weights (scale_weight keys) are not supported; "
                               "use the plain fp16, bf16 or float8_e4m3fn file")
+    missing = [k for k in (_BIAS, _QUERY) if k not in weights]
+    if missing or not ({_MLP_IN.format("wi_0"), _MLP_IN.format("wi")} & set(weights)):
+        raise CheckpointError(f"{source}: an incomplete T5 encoder ({(missing or [_MLP_IN.format('wi_0')])[0]} is missing)")
     weights.setdefault(_TIED, weights[_EMBED])
     return weights
 
@@ -82,12 +87,12 @@ def t5_config(weights: Mapping[str, torch.Tensor]) -> "T5Config":
     from transformers import T5Config
 
     vocab, width = weights[_EMBED].shape
-    buckets, heads = weights["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].shape
-    gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in weights
-    mlp = weights[f"encoder.block.0.layer.1.DenseReluDense.{'wi_0' if gated else 'wi'}.weight"].shape[0]
+    buckets, heads = weights[_BIAS].shape
+    gated = _MLP_IN.format("wi_0") in weights
+    mlp = weights[_MLP_IN.format("wi_0" if gated else "wi")].shape[0]
     depth = 1 + max(int(m.group(1)) for m in map(_BLOCK.match, weights) if m)
     return T5Config(
-        vocab_size=vocab, d_model=width, d_kv=weights["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0] // heads,
+        vocab_size=vocab, d_model=width, d_kv=weights[_QUERY].shape[0] // heads,
         d_ff=mlp, num_layers=depth, num_heads=heads, relative_attention_num_buckets=buckets,
         relative_attention_max_distance=128, feed_forward_proj="gated-gelu" if gated else "relu",
         layer_norm_epsilon=1e-6, dropout_rate=0.0, is_encoder_decoder=False, use_cache=False,
@@ -107,7 +112,7 @@ def load_t5(state: Mapping[str, torch.Tensor], *, source: str = "text encoder", 
         model = T5EncoderModel(t5_config(weights))
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_state_dict(expected, weights, source=source, family="T5 encoder")
-    converted = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
+    converted = {k: v.to(device=device, dtype=dtype) for k, v in weights.items() if k != _TIED}
     converted[_TIED] = converted[_EMBED]  # one tensor, as transformers ties them
     model.load_state_dict(converted, strict=True, assign=True)
     return model.eval().requires_grad_(False)
