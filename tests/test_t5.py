@@ -190,3 +190,15 @@ def test_a_diffusers_text_encoder_folder_in_shards_loads(tmp_path, tokenizer_dir
     torch.testing.assert_close(encoder(PROMPTS), expected, rtol=0, atol=0)
     with pytest.raises(UsageError, match="no .safetensors files"):
         t5_folder_state(tmp_path)
+
+
+def test_full_size_t5_xxl_shapes_give_its_released_config():
+    """T5 v1.1 XXL as FLUX.1 and SD3 ship it (google/t5-v1_1-xxl's config), built on the meta device."""
+    xxl = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+               relative_attention_num_buckets=32, feed_forward_proj="gated-gelu")
+    with torch.device("meta"):
+        model = T5EncoderModel(T5Config(**xxl))
+    weights = t5_weights({SD3_PREFIX + k: v for k, v in released_layout(model).items()})
+    config = t5_config(weights)
+    assert {k: getattr(config, k) for k in xxl} == xxl and config.is_gated_act
+    assert sum(v.numel() for k, v in weights.items() if k != "encoder.embed_tokens.weight") == 4_762_310_656
