@@ -161,7 +161,7 @@ def shift_for(plan_stride: int, key: float, levels: int = 4) -> int:
 
     Offsets are quantised to `levels` values so only a few plans (and their weights) ever exist.
     """
-    if plan_stride <= 1 or levels <= 1:
+    if plan_stride <= 1 or levels <= 1 or not math.isfinite(key):  # a flow model's first call is at sigma = inf
         return 0
     index = int(abs(math.log(max(key, 1e-12))) * 997.0) % levels
     return index * plan_stride // levels
