@@ -8,6 +8,7 @@ import torch
 
 from ldmtool.errors import CheckpointError, UsageError
 from ldmtool.nets.mmdit import MMDiT, MMDiTConfig, mmdit_config_from_shapes
+from ldmtool.nets.mmdit_names import mmdit_state_from_diffusers
 from ldmtool.nets.sd3_files import (
     SD3_FIRST_STAGE_PARAMS,
     SD3_PRESETS,
@@ -247,3 +248,81 @@ def test_tiny_16_channel_first_stage_equals_diffusers_autoencoder_kl():
     assert latent.shape == (1, 16, 16, 12)
     assert (latent - want_latent).abs().max() <= 1e-4 * want_latent.abs().max()
     assert (decoded - want_decoded).abs().max() <= 1e-4 * want_decoded.abs().max()
+
+
+# --- diffusers names: the folder layout and LoRA targets --------------------------------------------------
+
+@pytest.mark.parametrize("kind", sorted(TINY))
+def test_diffusers_folder_state_converts_back_to_the_released_keys_exactly(kind):
+    """diffusers' own converter one way, ours back: the same keys and the same tensors."""
+    state = _random_mmdit(TINY[kind]).state_dict()
+    back = mmdit_state_from_diffusers(_converted(state))
+    assert sorted(back) == sorted(state)
+    assert all(torch.equal(back[k], v) for k, v in state.items())
+
+
+def test_diffusers_state_with_a_stray_or_missing_key_is_refused():
+    diffusers_state = _converted(_random_mmdit(TINY["sd3-like"]).state_dict())
+    with pytest.raises(CheckpointError, match="1 keys have no place in the MMDiT .*: controlnet.weight"):
+        mmdit_state_from_diffusers({**diffusers_state, "controlnet.weight": torch.zeros(1)})
+    del diffusers_state["transformer_blocks.0.attn.to_k.weight"]
+    with pytest.raises(CheckpointError, match="joint_blocks.0.x_block.attn.qkv.weight needs q, k and v; found 2"):
+        mmdit_state_from_diffusers(diffusers_state)
+
+
+def _apply_lora_file(model: MMDiT, path) -> int:
+    from ldmtool.addons.lora import apply_network, read_network
+    from ldmtool.addons.mmdit_lora import mmdit_lora_targets
+
+    return apply_network(model, mmdit_lora_targets(model, ""), read_network(path), 1.0, str(path))
+
+
+def test_a_peft_lora_saved_by_diffusers_names_changes_ours_as_it_changes_diffusers(tmp_path):
+    """PEFT LoRA on diffusers' model (q/k/v of both streams and of the dual attention, outputs, MLPs, the
+    image stream's adaLN, the patch conv), saved with the `transformer.` prefix; applied to ours, both agree."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    config = TINY["sd3.5-medium-like"]
+    ours = _random_mmdit(config)
+    theirs = _diffusers_transformer(config).eval()
+    theirs.load_state_dict(_converted(ours.state_dict()), strict=True)
+    torch.manual_seed(5)
+    modules = ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out",
+               "ff.net.0.proj", "ff_context.net.2", "norm1.linear", "pos_embed.proj", "proj_out"]
+    theirs.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=modules))
+    lora = {"transformer." + k: v.detach().clone() for k, v in get_peft_model_state_dict(theirs).items()}
+    save_file(lora, str(tmp_path / "lora.safetensors"))
+    assert _apply_lora_file(ours, tmp_path / "lora.safetensors") == len(lora) // 2
+    x, pooled, context = torch.randn(1, 16, 4, 6), torch.randn(1, 24), torch.randn(1, 5, 20)
+    with torch.no_grad():
+        got = ours(x, torch.tensor([400.0]), y=pooled, context=context)
+        want = theirs(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled,
+                      timestep=torch.tensor([400.0])).sample
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_a_kohya_lora_on_the_fused_qkv_equals_diffusers_named_layers_on_its_rows(tmp_path):
+    """sd-scripts names the released layers (`lora_unet_joint_blocks_0_context_block_attn_qkv`); the same
+    change written as diffusers' add_q/k/v_proj layers (the up matrix's row thirds) lands identically."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(6)
+    down, up = torch.randn(2, 128, generator=generator), torch.randn(384, 2, generator=generator)
+    save_file({"lora_unet_joint_blocks_0_context_block_attn_qkv.lora_down.weight": down,
+               "lora_unet_joint_blocks_0_context_block_attn_qkv.lora_up.weight": up,
+               "lora_unet_joint_blocks_0_context_block_attn_qkv.alpha": torch.tensor(1.0)},
+              str(tmp_path / "kohya.safetensors"))
+    peft_layers = {}
+    for third, name in enumerate(["add_q_proj", "add_k_proj", "add_v_proj"]):
+        peft_layers[f"transformer.transformer_blocks.0.attn.{name}.lora_A.weight"] = down.clone()
+        peft_layers[f"transformer.transformer_blocks.0.attn.{name}.lora_B.weight"] = up[128 * third:128 * (third + 1)].clone()
+        peft_layers[f"transformer.transformer_blocks.0.attn.{name}.alpha"] = torch.tensor(1.0)
+    save_file(peft_layers, str(tmp_path / "peft.safetensors"))
+    kohya, peft, base = (_random_mmdit(TINY["sd3-like"]) for _ in range(3))
+    _apply_lora_file(kohya, tmp_path / "kohya.safetensors")
+    _apply_lora_file(peft, tmp_path / "peft.safetensors")
+    key = "joint_blocks.0.context_block.attn.qkv.weight"
+    assert torch.allclose(kohya.state_dict()[key], base.state_dict()[key] + 0.5 * up @ down, atol=1e-5)
+    assert all(torch.equal(kohya.state_dict()[k], v) for k, v in peft.state_dict().items())
