@@ -130,6 +130,12 @@ def test_tiny_mmdit_equals_diffusers_on_the_same_weights(kind):
                       timestep=sigma * 1000).sample
     assert got.shape == want.shape == (2, 16, 6, 10)
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    with torch.no_grad():  # skip-layer guidance's call
+        skipped = ours(x, sigma * 1000, y=pooled, context=context, skip_layers=[0])
+        want_skipped = theirs(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled,
+                              timestep=sigma * 1000, skip_layers=[0]).sample
+    assert (skipped - want_skipped).abs().max() <= 1e-4 * want_skipped.abs().max()
+    assert not torch.allclose(skipped, got)
 
 
 def test_cropped_positional_embedding_equals_diffusers_for_untiled_latents():

@@ -257,9 +257,11 @@ class MMDiT(nn.Module):
         return self.pos_window(height // p, width // p)
 
     def forward(self, x: Tensor, t: Tensor, y: Optional[Tensor] = None, context: Optional[Tensor] = None, *,
-                pos_origin: Optional[Sequence[int]] = None, pos_canvas: Optional[Sequence[int]] = None) -> Tensor:
+                pos_origin: Optional[Sequence[int]] = None, pos_canvas: Optional[Sequence[int]] = None,
+                skip_layers: Sequence[int] = ()) -> Tensor:
         """x (B, C, H, W) latent, t (B,) or scalar = sigma * 1000, y (B, adm) pooled text, context (B, L, ctx)
-        text tokens -> velocity (B, C_out, H, W). `pos_origin` / `pos_canvas`: see `pos_window`."""
+        text tokens -> velocity (B, C_out, H, W). `pos_origin` / `pos_canvas`: see `pos_window`.
+        `skip_layers`: joint blocks to pass over, as the reference does for skip-layer guidance."""
         b, _, height, width = x.shape
         p = self.config.patch_size
         if height % p or width % p:
@@ -268,8 +270,9 @@ class MMDiT(nn.Module):
         tokens = self.x_embedder(x) + self.pos_window(rows, cols, pos_origin, pos_canvas).to(x.dtype)
         c = self.conditioning(t, y, b, x.dtype)
         text = self.context_embedder(context) if context is not None else x.new_zeros(b, 0, tokens.shape[-1])
-        for block in self.joint_blocks:  # the last block's text stream is pre-only: text becomes None
-            text, tokens = block(text, tokens, c)
+        for index, block in enumerate(self.joint_blocks):  # the last text stream is pre-only: text becomes None
+            if index not in skip_layers:
+                text, tokens = block(text, tokens, c)
         return self.unpatchify(self.final_layer(tokens, c), rows, cols)
 
     def conditioning(self, t: Tensor, y: Optional[Tensor], batch: int, dtype: torch.dtype) -> Tensor:
