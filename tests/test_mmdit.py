@@ -332,3 +332,18 @@ def test_a_kohya_lora_on_the_fused_qkv_equals_diffusers_named_layers_on_its_rows
     key = "joint_blocks.0.context_block.attn.qkv.weight"
     assert torch.allclose(kohya.state_dict()[key], base.state_dict()[key] + 0.5 * up @ down, atol=1e-5)
     assert all(torch.equal(kohya.state_dict()[k], v) for k, v in peft.state_dict().items())
+
+
+def test_the_tiled_autoencoder_serves_the_16_channel_first_stage_as_it_serves_the_ldm_ones():
+    """tiling/vae.py calls quant_conv / post_quant_conv as modules: the unquantized first stage's tiled
+    encode and decode equal its untiled ones within 1/255."""
+    from ldmtool.tiling.vae import VAETiling, tiled_decode, tiled_encode
+
+    vae = _random_vae()
+    image = torch.rand(1, 3, 32, 24, generator=torch.Generator().manual_seed(7)) * 2 - 1
+    with torch.no_grad():
+        latent, decoded = vae.encode(image), vae.decode(vae.encode(image))
+        tiled_latent = tiled_encode(vae, image, VAETiling(tile=8))
+        tiled_decoded = tiled_decode(vae, latent, VAETiling(tile=4))
+    assert (tiled_latent - latent).abs().max() <= 1 / 255
+    assert (tiled_decoded - decoded).abs().max() <= 2 / 255  # images span [-1, 1]: 1/255 of the pixel range
