@@ -15,6 +15,8 @@ from ldmtool.nets.sd3_files import (
     SD3_SCALE_FACTOR,
     SD3_SHIFT_FACTOR,
     UnquantizedAutoencoderKL,
+    reduced_mmdit_config,
+    sd3_preset_for,
     split_sd3_single_file,
 )
 
@@ -347,3 +349,12 @@ def test_the_tiled_autoencoder_serves_the_16_channel_first_stage_as_it_serves_th
         tiled_decoded = tiled_decode(vae, latent, VAETiling(tile=4))
     assert (tiled_latent - latent).abs().max() <= 1 / 255
     assert (tiled_decoded - decoded).abs().max() <= 2 / 255  # images span [-1, 1]: 1/255 of the pixel range
+
+
+@pytest.mark.parametrize("name", sorted(SD3_PRESETS))
+def test_a_reduced_preset_keeps_the_structure_that_names_its_release(name):
+    reduced = reduced_mmdit_config(name)
+    with torch.device("meta"):
+        shapes = _shapes(MMDiT(reduced).state_dict())
+    assert mmdit_config_from_shapes(shapes) == reduced
+    assert sd3_preset_for(reduced) == sd3_preset_for(SD3_PRESETS[name]) == name

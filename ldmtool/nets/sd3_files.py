@@ -10,7 +10,7 @@ loads into `UnquantizedAutoencoderKL` built from `SD3_FIRST_STAGE_PARAMS`. The r
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Optional, TypeVar
 
 from torch import nn
@@ -35,6 +35,24 @@ SD3_PRESETS: dict[str, MMDiTConfig] = {
                                 dual_attention_layers=tuple(range(13))),
     "sd3.5-large": MMDiTConfig(depth=38, pos_embed_max_size=192, qk_norm=True),
 }
+
+
+
+def sd3_preset_for(config: MMDiTConfig) -> str:
+    """The release whose structure a transformer has (qk-norm, dual attention), whatever its widths."""
+    if config.dual_attention_layers:
+        return "sd3.5-medium"
+    return "sd3.5-large" if config.qk_norm else "sd3-medium"
+
+
+def reduced_mmdit_config(name: str, depth: int = 2) -> MMDiTConfig:
+    """A preset's structure at `depth` blocks (hidden 64 * depth), a 16-patch grid and 32-wide text inputs,
+    dual attention (if any) in the first depth - 1 blocks: for tests that write files in the released layout."""
+    full = SD3_PRESETS[name]
+    dual = tuple(range(depth - 1)) if full.dual_attention_layers else ()
+    return replace(full, depth=depth, pos_embed_max_size=16, adm_in_channels=32, context_in_channels=32,
+                   dual_attention_layers=dual)
+
 
 TRANSFORMER_PREFIX = "model.diffusion_model."
 FIRST_STAGE_PREFIX = "first_stage_model."
