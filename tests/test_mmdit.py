@@ -358,3 +358,19 @@ def test_a_reduced_preset_keeps_the_structure_that_names_its_release(name):
         shapes = _shapes(MMDiT(reduced).state_dict())
     assert mmdit_config_from_shapes(shapes) == reduced
     assert sd3_preset_for(reduced) == sd3_preset_for(SD3_PRESETS[name]) == name
+
+
+def test_a_batch_of_tiles_each_at_its_own_place_equals_the_tiles_called_one_by_one():
+    """The tiled engine folds tiles into one network batch: one origin per batch item."""
+    model = _random_mmdit(TINY["sd3.5-large-like"])
+    generator = torch.Generator().manual_seed(8)
+    tiles, context = torch.randn(2, 16, 4, 6, generator=generator), torch.randn(2, 5, 20, generator=generator)
+    pooled, t = torch.randn(2, 24, generator=generator), torch.tensor([700.0, 700.0])
+    origins = [(0, 0), (1, 2)]
+    with torch.no_grad():
+        batched = model(tiles, t, y=pooled, context=context, pos_origin=origins, pos_canvas=(3, 5))
+        one_by_one = torch.cat([model(tiles[i:i + 1], t[i:i + 1], y=pooled[i:i + 1], context=context[i:i + 1],
+                                      pos_origin=origins[i], pos_canvas=(3, 5)) for i in range(2)])
+        centred = model(tiles[1:], t[1:], y=pooled[1:], context=context[1:])
+    assert torch.allclose(batched, one_by_one, rtol=1e-5, atol=1e-5 * one_by_one.abs().max().item())
+    assert not torch.allclose(batched[1:], centred)  # the second tile's place is not the centre crop

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -256,18 +256,27 @@ class MMDiT(nn.Module):
         p = self.config.patch_size
         return self.pos_window(height // p, width // p)
 
+    def positions(self, rows: int, cols: int, origin: Union[Sequence[int], Sequence[Sequence[int]], None] = None,
+                  canvas: Optional[Sequence[int]] = None) -> Tensor:
+        """`pos_window` for one origin (1, N, D), or for one origin per batch item (B, N, D): a batch of
+        tiles of one canvas, each at its own place."""
+        if origin is not None and len(origin) > 0 and not isinstance(origin[0], int):
+            return torch.cat([self.pos_window(rows, cols, cast(Sequence[int], one), canvas) for one in origin])
+        return self.pos_window(rows, cols, cast(Optional[Sequence[int]], origin), canvas)
+
     def forward(self, x: Tensor, t: Tensor, y: Optional[Tensor] = None, context: Optional[Tensor] = None, *,
-                pos_origin: Optional[Sequence[int]] = None, pos_canvas: Optional[Sequence[int]] = None,
-                skip_layers: Sequence[int] = ()) -> Tensor:
+                pos_origin: Union[Sequence[int], Sequence[Sequence[int]], None] = None,
+                pos_canvas: Optional[Sequence[int]] = None, skip_layers: Sequence[int] = ()) -> Tensor:
         """x (B, C, H, W) latent, t (B,) or scalar = sigma * 1000, y (B, adm) pooled text, context (B, L, ctx)
-        text tokens -> velocity (B, C_out, H, W). `pos_origin` / `pos_canvas`: see `pos_window`.
-        `skip_layers`: joint blocks to pass over, as the reference does for skip-layer guidance."""
+        text tokens -> velocity (B, C_out, H, W). `pos_origin` (one (top, left), or one per batch item) and
+        `pos_canvas`: see `pos_window`. `skip_layers`: joint blocks to pass over, as the reference does for
+        skip-layer guidance."""
         b, _, height, width = x.shape
         p = self.config.patch_size
         if height % p or width % p:
             raise UsageError(f"MMDiT: a {height}x{width} latent is not a multiple of the patch size {p}")
         rows, cols = height // p, width // p
-        tokens = self.x_embedder(x) + self.pos_window(rows, cols, pos_origin, pos_canvas).to(x.dtype)
+        tokens = self.x_embedder(x) + self.positions(rows, cols, pos_origin, pos_canvas).to(x.dtype)
         c = self.conditioning(t, y, b, x.dtype)
         text = self.context_embedder(context) if context is not None else x.new_zeros(b, 0, tokens.shape[-1])
         for index, block in enumerate(self.joint_blocks):  # the last text stream is pre-only: text becomes None
