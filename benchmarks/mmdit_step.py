@@ -112,7 +112,8 @@ def measure(name: str, preset: str, tiny: bool, latent: int, rounds: int, with_d
         return
     twin = diffusers_twin(model)
     theirs, want = time_calls(lambda: twin(hidden_states=x, timestep=t, pooled_projections=pooled,
-                                           encoder_hidden_states=context).sample, rounds, {"net": "diffusers", "dtype": name})
+                                           encoder_hidden_states=context).sample,
+                              rounds, {"net": "diffusers", "dtype": name})
     difference = ((out.float() - want.float()).abs().max() / want.float().abs().max()).item()
     emit({"bench": "mmdit_step", "net": "diffusers", "dtype": name, **theirs,
           "max_relative_difference": float(f"{difference:.3g}"), "peak_rss_mib": round(peak_rss() / MIB, 1)})

@@ -325,7 +325,8 @@ def test_a_kohya_lora_on_the_fused_qkv_equals_diffusers_named_layers_on_its_rows
     peft_layers = {}
     for third, name in enumerate(["add_q_proj", "add_k_proj", "add_v_proj"]):
         peft_layers[f"transformer.transformer_blocks.0.attn.{name}.lora_A.weight"] = down.clone()
-        peft_layers[f"transformer.transformer_blocks.0.attn.{name}.lora_B.weight"] = up[128 * third:128 * (third + 1)].clone()
+        rows = up[128 * third:128 * (third + 1)].clone()
+        peft_layers[f"transformer.transformer_blocks.0.attn.{name}.lora_B.weight"] = rows
         peft_layers[f"transformer.transformer_blocks.0.attn.{name}.alpha"] = torch.tensor(1.0)
     save_file(peft_layers, str(tmp_path / "peft.safetensors"))
     kohya, peft, base = (_random_mmdit(TINY["sd3-like"]) for _ in range(3))
@@ -374,3 +375,17 @@ def test_a_batch_of_tiles_each_at_its_own_place_equals_the_tiles_called_one_by_o
         centred = model(tiles[1:], t[1:], y=pooled[1:], context=context[1:])
     assert torch.allclose(batched, one_by_one, rtol=1e-5, atol=1e-5 * one_by_one.abs().max().item())
     assert not torch.allclose(batched[1:], centred)  # the second tile's place is not the centre crop
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_weights_and_inputs_give_the_fp32_result_within_its_rounding(dtype):
+    """The whole network runs in the precision it is cast to (positions and timestep embedding follow x)."""
+    model = _random_mmdit(TINY["sd3.5-medium-like"])
+    generator = torch.Generator().manual_seed(9)
+    x, pooled, context = (torch.randn(1, 16, 8, 8, generator=generator), torch.randn(1, 24, generator=generator),
+                          torch.randn(1, 5, 20, generator=generator))
+    with torch.no_grad():
+        want = model(x, 500.0, y=pooled, context=context)
+        got = model.to(dtype)(x.to(dtype), 500.0, y=pooled.to(dtype), context=context.to(dtype))
+    assert got.dtype == dtype
+    assert (got.float() - want).abs().max() <= 0.05 * want.abs().max()

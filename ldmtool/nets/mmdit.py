@@ -264,7 +264,8 @@ class MMDiT(nn.Module):
             return torch.cat([self.pos_window(rows, cols, cast(Sequence[int], one), canvas) for one in origin])
         return self.pos_window(rows, cols, cast(Optional[Sequence[int]], origin), canvas)
 
-    def forward(self, x: Tensor, t: Tensor, y: Optional[Tensor] = None, context: Optional[Tensor] = None, *,
+    def forward(self, x: Tensor, t: Union[Tensor, float], y: Optional[Tensor] = None,
+                context: Optional[Tensor] = None, *,
                 pos_origin: Union[Sequence[int], Sequence[Sequence[int]], None] = None,
                 pos_canvas: Optional[Sequence[int]] = None, skip_layers: Sequence[int] = ()) -> Tensor:
         """x (B, C, H, W) latent, t (B,) or scalar = sigma * 1000, y (B, adm) pooled text, context (B, L, ctx)
@@ -284,7 +285,7 @@ class MMDiT(nn.Module):
                 text, tokens = block(text, tokens, c)
         return self.unpatchify(self.final_layer(tokens, c), rows, cols)
 
-    def conditioning(self, t: Tensor, y: Optional[Tensor], batch: int, dtype: torch.dtype) -> Tensor:
+    def conditioning(self, t: Union[Tensor, float], y: Optional[Tensor], batch: int, dtype: torch.dtype) -> Tensor:
         """The adaLN input: timestep embedding plus pooled-text embedding, (B, D)."""
         t = torch.as_tensor(t, device=self.pos_embed.device).reshape(-1).expand(batch)
         c = self.t_embedder(timestep_embedding(t, TIME_FREQUENCIES).to(dtype))

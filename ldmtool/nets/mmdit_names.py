@@ -81,7 +81,8 @@ def mmdit_state_from_diffusers(state: Mapping[str, torch.Tensor]) -> dict[str, t
     if "pos_embed.proj.weight" not in state or "pos_embed.pos_embed" not in state:
         raise CheckpointError("diffusers SD3 transformer: pos_embed.proj.weight / pos_embed.pos_embed are missing")
     width = state["pos_embed.proj.weight"].shape[0]
-    dual = sorted({int(key.split(".")[1]) for key in state if key.startswith("transformer_blocks.") and ".attn2." in key})
+    dual = sorted({int(key.split(".")[1]) for key in state
+                   if key.startswith("transformer_blocks.") and ".attn2." in key})
     places = diffusers_layer_places(width, width // HEAD_DIM, dual)
     out: dict[str, torch.Tensor] = {"pos_embed": state["pos_embed.pos_embed"]}
     pieces: dict[str, list[tuple[int, torch.Tensor]]] = {}
