@@ -234,3 +234,13 @@ def test_sdxl_unet_step_dry_run():
     measured = [r for r in json_lines(run.stdout) if "dtype" in r and "round" not in r]
     assert len(measured) == 1
     assert {"wall_s_median", "cpu_s_median", "parameters", "peak_rss_mib"} <= set(measured[0])
+
+
+def test_mmdit_step_dry_run_times_ours_and_diffusers_on_the_same_weights(capsys):
+    """Issue 24's step-time benchmark on a tiny MMDiT, in this process (diffusers is imported once): both
+    networks' lines, and their outputs agree."""
+    load("mmdit_step").main(["--dry-run", "--dtypes", "fp32"])
+    measured = [r for r in json_lines(capsys.readouterr().out) if "dtype" in r and "round" not in r]
+    assert [r["net"] for r in measured] == ["ldmtool", "diffusers"]
+    assert {"wall_s_median", "cpu_s_median", "parameters", "peak_rss_mib"} <= set(measured[0])
+    assert measured[1]["max_relative_difference"] <= 1e-4
