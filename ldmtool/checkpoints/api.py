@@ -70,6 +70,7 @@ def load_model(path_or_name: Union[str, Path], *, config: Optional[ConfigLike] =
     prepared = with_shared_first_stage(prepared, weights, ldmtool_block(doc).get("first_stage_weights"))
     with torch.device("meta"):
         bundle = build_bundle(doc, family)
+    prepared = replace(prepared, state=bundle.file_state(prepared.state))
     _load_into(bundle, prepared, source=str(weights), family=family, detection=detection)
     schedule = _schedule_copies(bundle)  # before the cast: fp16/bf16 would round alphas_cumprod near 1
     bundle.to(device=device, dtype=dtype)
@@ -136,6 +137,8 @@ def resolve_config(weights: Path, *, config: Optional[ConfigLike], preset: Optio
     if detection is None:
         raise CheckpointError(f"{weights}: cannot tell the model family from its keys; pass --config YAML or "
                               f"--preset NAME (see 'ldmtool models list')")
+    if detection.config is not None:  # a config-less family: the architecture its shapes record
+        return load_config(detection.config), f"detected: {detection.describe()}"
     return load_preset(detection.family), f"detected: {detection.describe()}"
 
 
