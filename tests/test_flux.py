@@ -239,3 +239,27 @@ def test_a_command_on_a_transformer_file_names_the_missing_parts_in_one_line(tmp
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 3 and len(lines) == 1 and "Traceback" not in result.output
     assert "schnell.safetensors" in lines[0] and "autoencoder" in lines[0] and "text encoders" in lines[0]
+
+
+# --- fp8 storage -----------------------------------------------------------------------------------------
+
+def test_fp8_stored_weights_stay_fp8_and_compute_as_the_upcast_model(tmp_path):
+    net, params = _tiny_transformer(seed=6)
+    stored = {k: v.to(torch.float8_e4m3fn) for k, v in net.state_dict().items()}
+    save_safetensors({COMFYUI + k: v for k, v in stored.items()}, tmp_path / "fp8.safetensors")
+    bundle = load_model(tmp_path / "fp8.safetensors")
+    ours = bundle.denoiser
+    assert bundle.load_info.file_dtype == "float8_e4m3fn"
+    assert ours.double_blocks[0].img_attn.qkv.weight.dtype == torch.float8_e4m3fn
+    assert ours.single_blocks[0].linear1.weight.dtype == torch.float8_e4m3fn
+    assert ours.double_blocks[0].img_attn.norm.query_norm.scale.dtype == torch.float32  # not a Linear: upcast
+    upcast = Flux(**params).eval()
+    upcast.load_state_dict({k: v.float() for k, v in stored.items()})
+    g = torch.Generator().manual_seed(7)
+    img, txt = torch.randn(1, 6, 64, generator=g), torch.randn(1, 4, params["context_in_dim"], generator=g)
+    y, t, guidance = torch.randn(1, params["vec_in_dim"], generator=g), torch.tensor([0.6]), torch.tensor([3.5])
+    img_ids, txt_ids = _tokens(1, 2, 3, 4)
+    with torch.no_grad():
+        got = ours(img, img_ids[None], txt, txt_ids[None], t, y, guidance)
+        want = upcast(img, img_ids[None], txt, txt_ids[None], t, y, guidance)
+    assert torch.equal(got, want)

@@ -22,6 +22,7 @@ from ldmtool.checkpoints.weights import PreparedWeights, check_state_dict, prepa
 from ldmtool.errors import CheckpointError, UsageError
 from ldmtool.families.registry import model_info
 from ldmtool.io.files import file_kind
+from ldmtool.nets._layers import cast_keeping_storage
 
 __all__ = ["LoadInfo", "build_model", "load_model", "resolve_config", "resolve_source"]
 
@@ -73,7 +74,7 @@ def load_model(path_or_name: Union[str, Path], *, config: Optional[ConfigLike] =
     prepared = replace(prepared, state=bundle.file_state(prepared.state))
     _load_into(bundle, prepared, source=str(weights), family=family, detection=detection)
     schedule = _schedule_copies(bundle)  # before the cast: fp16/bf16 would round alphas_cumprod near 1
-    bundle.to(device=device, dtype=dtype)
+    cast_keeping_storage(bundle, device, dtype)  # fp8-stored weights stay fp8, upcast per layer when run
     _schedule_to_fp32(bundle, schedule)
     if prediction is not None:
         if prediction not in PARAMETERIZATIONS:
