@@ -263,3 +263,18 @@ def test_fp8_stored_weights_stay_fp8_and_compute_as_the_upcast_model(tmp_path):
         got = ours(img, img_ids[None], txt, txt_ids[None], t, y, guidance)
         want = upcast(img, img_ids[None], txt, txt_ids[None], t, y, guidance)
     assert torch.equal(got, want)
+
+
+def test_models_inspect_and_convert_take_a_comfyui_file(tmp_path):
+    import json
+
+    net, _ = _tiny_transformer(seed=8)
+    save_safetensors({COMFYUI + k: v for k, v in net.state_dict().items()}, tmp_path / "c.safetensors")
+    result = run_cli("models", "inspect", tmp_path / "c.safetensors", "--json")
+    report = json.loads(result.stdout)
+    assert result.exit_code == 0 and report["detected_family"] == "flux1-dev" and report["matches"]
+    result = run_cli("models", "convert", tmp_path / "c.safetensors", tmp_path / "bfl.safetensors")
+    assert result.exit_code == 0
+    bundle = load_model(tmp_path / "bfl.safetensors")
+    assert bundle.load_info.config_used == "config stored in the file"
+    assert all(torch.equal(bundle.state_dict()[k], v) for k, v in net.state_dict().items())
