@@ -278,3 +278,25 @@ def test_models_inspect_and_convert_take_a_comfyui_file(tmp_path):
     bundle = load_model(tmp_path / "bfl.safetensors")
     assert bundle.load_info.config_used == "config stored in the file"
     assert all(torch.equal(bundle.state_dict()[k], v) for k, v in net.state_dict().items())
+
+
+# --- diffusers' folder layout ----------------------------------------------------------------------------
+
+def test_a_diffusers_folder_loads_both_parts_under_the_released_names(tmp_path):
+    import json
+
+    net, params = _tiny_transformer(seed=9)
+    theirs = _diffusers_transformer(params)
+    theirs.load_state_dict(_convert_transformer(net.state_dict(), params), strict=True)
+    theirs.save_pretrained(tmp_path / "transformer")
+    ae = randomise_(AutoEncoder(**TINY_AE), seed=10).eval()
+    vae = _diffusers_autoencoder(TINY_AE)
+    vae.load_state_dict(_convert_autoencoder(ae.state_dict(), TINY_AE), strict=True)
+    vae.save_pretrained(tmp_path / "vae")
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    bundle = load_model(tmp_path)
+    assert bundle.family == "flux1-dev" and bundle.denoiser is not None and bundle.first_stage is not None
+    assert bundle.info.missing_parts == ("the text encoders (CLIP-L and T5-XXL)",)
+    state = bundle.state_dict()
+    expected = {**net.state_dict(), **ae.state_dict()}
+    assert state.keys() == expected.keys() and all(torch.equal(state[k], v) for k, v in expected.items())

@@ -59,10 +59,7 @@ def load_model(path_or_name: Union[str, Path], *, config: Optional[ConfigLike] =
                use_ema: bool = True, prediction: Optional[str] = None) -> Bundle:
     """Build and load a checkpoint: a file, or a shipped default name. Architecture from `config`, else
     `preset`, else a YAML beside the weights, else detection from the keys."""
-    default_config: Optional[ConfigLike]
-    weights, default_config = resolve_source(path_or_name)
-    raw = read_state_dict(weights)
-    default_config = embedded_config(weights) or default_config
+    weights, default_config, raw = _read_source(path_or_name)
     prepared = prepare_weights(raw, use_ema=use_ema)
     detection = detect_checkpoint({k: tuple(v.shape) for k, v in prepared.state.items()}, default_config)
     doc, config_used = resolve_config(weights, config=config, preset=preset, default_config=default_config,
@@ -84,6 +81,20 @@ def load_model(path_or_name: Union[str, Path], *, config: Optional[ConfigLike] =
     bundle.load_info = LoadInfo(weights, config_used, detection, prepared.ema_present, prepared.ema_used,
                                 _main_dtype(raw))
     return bundle.eval().requires_grad_(False)
+
+
+def _read_source(path_or_name: Union[str, Path]) -> tuple[Path, Optional[ConfigLike], dict[str, torch.Tensor]]:
+    """(weights, default config, tensors) of a checkpoint file, a shipped name, or a diffusers folder (read
+    under the single-file names; the Python API only: commands take files)."""
+    from ldmtool.checkpoints.diffusers_folder import is_diffusers_folder, read_diffusers_folder
+
+    folder = Path(path_or_name).expanduser()
+    if is_diffusers_folder(folder):
+        return folder, None, read_diffusers_folder(folder)
+    default_config: Optional[ConfigLike]
+    weights, default_config = resolve_source(path_or_name)
+    raw = read_state_dict(weights)
+    return weights, embedded_config(weights) or default_config, raw
 
 
 FIRST_STAGE_PREFIX = "first_stage_model."

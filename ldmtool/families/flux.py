@@ -12,7 +12,8 @@ latent and 8x8 mask, packed).
 from __future__ import annotations
 
 import copy
-from typing import Any, Optional
+import re
+from typing import Any, Mapping, Optional
 
 from ldmtool.families.base import Detection, Family, Shapes
 from ldmtool.families.compvis import run_defaults
@@ -53,10 +54,15 @@ def _detect(shapes: Shapes) -> Optional[Detection]:
     if prefix is not None:
         params = flux_config_from_shapes(shapes, prefix)
         name = _transformer_preset(params)
-        evidence = (f"FLUX.1 transformer{' under ' + prefix if prefix else ''}",
-                    f"guidance embedding: {'yes' if params['guidance_embed'] else 'no'}",
-                    f"input width {params['in_channels']}")
-        return Detection(name, evidence=evidence, config=_from_preset(name, "denoiser", params))
+        evidence: tuple[str, ...] = (f"FLUX.1 transformer{' under ' + prefix if prefix else ''}",
+                                     f"guidance embedding: {'yes' if params['guidance_embed'] else 'no'}",
+                                     f"input width {params['in_channels']}")
+        doc = _from_preset(name, "denoiser", params)
+        if _is_flux_autoencoder(shapes):  # both parts in one state (a diffusers folder): the autoencoder too
+            first = _from_preset("flux-ae", "first_stage", autoencoder_config_from_shapes(shapes))
+            doc["model"]["params"].update({k: v for k, v in first["model"]["params"].items() if "first_stage" in k})
+            evidence += ("FLUX.1 autoencoder",)
+        return Detection(name, evidence=evidence, config=doc)
     if _is_flux_autoencoder(shapes):
         params = autoencoder_config_from_shapes(shapes)
         return Detection("flux-ae", evidence=(f"KL autoencoder without quant convs, {params['z_channels']} latent "
@@ -118,3 +124,62 @@ FLUX = Family(
     describe=flux_info,
     conditioner="T5-XXL text tokens, pooled CLIP ViT-L/14 text and (dev) the distilled guidance value",
 )
+
+
+# diffusers' FluxTransformer2DModel names -> BFL's (the inverse of diffusers' single-file conversion).
+_DIFFUSERS_RENAMES = {
+    "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+    "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+    "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+    "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+    "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+    "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+    "context_embedder": "txt_in", "x_embedder": "img_in", "proj_out": "final_layer.linear",
+}
+_DOUBLE_RENAMES = {
+    "norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin",
+    "attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
+    "attn.norm_added_q": "txt_attn.norm.query_norm", "attn.norm_added_k": "txt_attn.norm.key_norm",
+    "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2", "ff_context.net.0.proj": "txt_mlp.0",
+    "ff_context.net.2": "txt_mlp.2", "attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
+}
+_SINGLE_RENAMES = {"norm.linear": "modulation.lin", "attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm",
+                   "proj_out": "linear2"}
+_JOINED = {  # BFL layers that diffusers splits: (BFL name, diffusers pieces in BFL's order)
+    "double": (("img_attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v")),
+               ("txt_attn.qkv", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"))),
+    "single": (("linear1", ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")),),
+}
+
+
+def bfl_from_diffusers(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A diffusers `FluxTransformer2DModel` state dict under BFL's names: q/k/v (and the single blocks' MLP
+    input) joined into one projection, RMSNorm `weight` as `scale`, the final modulation's halves swapped
+    back to (shift, scale)."""
+    import torch
+
+    out: dict[str, Any] = {}
+    for key, value in state.items():
+        name, _, kind = key.rpartition(".")
+        if m := re.fullmatch(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)", name):
+            renames = _DOUBLE_RENAMES if m[1] == "transformer_blocks" else _SINGLE_RENAMES
+            if m[3] not in renames:
+                continue  # a piece of a joined projection, below
+            block = "double_blocks" if m[1] == "transformer_blocks" else "single_blocks"
+            target = f"{block}.{m[2]}.{renames[m[3]]}"
+            out[f"{target}.{'scale' if target.endswith('_norm') else kind}"] = value
+        elif name == "norm_out.linear":
+            scale, shift = value.chunk(2, dim=0)
+            out[f"final_layer.adaLN_modulation.1.{kind}"] = torch.cat([shift, scale], dim=0)
+        else:
+            out[f"{_DIFFUSERS_RENAMES.get(name, name)}.{kind}"] = value
+    for diffusers_block, block, joined in (("transformer_blocks", "double_blocks", _JOINED["double"]),
+                                           ("single_transformer_blocks", "single_blocks", _JOINED["single"])):
+        indices = {int(m[1]) for k in state if (m := re.match(re.escape(diffusers_block) + r"\.(\d+)\.", k))}
+        for i in sorted(indices):
+            for target, pieces in joined:
+                for kind in ("weight", "bias"):
+                    keys = [f"{diffusers_block}.{i}.{piece}.{kind}" for piece in pieces]
+                    if all(k in state for k in keys):
+                        out[f"{block}.{i}.{target}.{kind}"] = torch.cat([state[k] for k in keys], dim=0)
+    return out
