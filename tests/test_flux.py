@@ -300,3 +300,16 @@ def test_a_diffusers_folder_loads_both_parts_under_the_released_names(tmp_path):
     state = bundle.state_dict()
     expected = {**net.state_dict(), **ae.state_dict()}
     assert state.keys() == expected.keys() and all(torch.equal(state[k], v) for k, v in expected.items())
+
+
+def test_a_transformer_bundle_takes_the_autoencoder_of_another_file(tmp_path):
+    net, _ = _tiny_transformer(seed=11)
+    ae = randomise_(AutoEncoder(**TINY_AE), seed=12).eval()
+    save_safetensors(net.state_dict(), tmp_path / "flux1-dev.safetensors")
+    save_safetensors(ae.state_dict(), tmp_path / "ae.safetensors")
+    bundle = load_model(tmp_path / "flux1-dev.safetensors")
+    bundle.add_parts(load_model(tmp_path / "ae.safetensors"))
+    assert bundle.first_stage is not None and bundle.info.missing_parts == ("the text encoders (CLIP-L and T5-XXL)",)
+    assert bundle.info.latent_channels == 16 and bundle.info.downsampling == 8 and bundle.family == "flux1-dev"
+    state = bundle.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in {**net.state_dict(), **ae.state_dict()}.items())

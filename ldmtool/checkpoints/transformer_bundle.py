@@ -76,6 +76,22 @@ class TransformerBundle(_BundleAliases, nn.Module):
     def present_parts(self) -> tuple[str, ...]:
         return tuple(self.parts)
 
+    def add_parts(self, other: "TransformerBundle") -> None:
+        """Take the parts this bundle lacks from another bundle (FLUX.1's autoencoder from `ae.safetensors`
+        beside a transformer file), with their config blocks; `info` is described again."""
+        from ldmtool.families.registry import model_info
+
+        params = self.config["model"].setdefault("params", {})
+        for name, module in other.parts.items():
+            if name in self.parts:
+                continue
+            self.parts[name] = module
+            for suffix in ("config", "prefix", "file_prefixes"):
+                if f"{name}_{suffix}" in other.config["model"]["params"]:
+                    params[f"{name}_{suffix}"] = other.config["model"]["params"][f"{name}_{suffix}"]
+            self.prefixes[name], self.file_prefixes[name] = other.prefixes[name], other.file_prefixes[name]
+        self.info = model_info(self)
+
     def file_state(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A file's tensors under this bundle's key names: a part's keys under another prefix its files use
         (ComfyUI's `model.diffusion_model.` for a FLUX.1 transformer) move to the part's own prefix."""
