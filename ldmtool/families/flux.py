@@ -62,7 +62,10 @@ def _detect(shapes: Shapes) -> Optional[Detection]:
             first = _from_preset("flux-ae", "first_stage", autoencoder_config_from_shapes(shapes))
             doc["model"]["params"].update({k: v for k, v in first["model"]["params"].items() if "first_stage" in k})
             evidence += ("FLUX.1 autoencoder",)
-        return Detection(name, evidence=evidence, config=doc)
+        note = "" if params["in_channels"] in (PATCH ** 2 * LATENT_CHANNELS, FILL_IN) else (
+            f"input width {params['in_channels']} (a control model such as Canny or Depth dev): its extra "
+            "input is not one ldmtool can give yet")
+        return Detection(name, evidence=evidence, config=doc, note=note)
     if _is_flux_autoencoder(shapes):
         params = autoencoder_config_from_shapes(shapes)
         return Detection("flux-ae", evidence=(f"KL autoencoder without quant convs, {params['z_channels']} latent "
