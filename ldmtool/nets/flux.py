@@ -177,7 +177,7 @@ class SingleStreamBlock(nn.Module):
 
     def __init__(self, hidden: int, heads: int, mlp_hidden: int) -> None:
         super().__init__()
-        self.heads, self.hidden = heads, hidden
+        self.heads, self.widths = heads, [3 * hidden, mlp_hidden]
         self.linear1 = Linear(hidden, 3 * hidden + mlp_hidden)
         self.linear2 = Linear(hidden + mlp_hidden, hidden)
         self.norm = QKNorm(hidden // heads)
@@ -185,8 +185,7 @@ class SingleStreamBlock(nn.Module):
 
     def forward(self, x: Tensor, vec: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
         ((shift, scale, gate),) = self.modulation(vec)
-        qkv, mlp = self.linear1(_modulate(x, shift, scale)).split([3 * self.hidden, self.linear1.out_features
-                                                                   - 3 * self.hidden], dim=-1)
+        qkv, mlp = self.linear1(_modulate(x, shift, scale)).split(self.widths, dim=-1)
         q, k, v = _heads(qkv, self.heads)
         q, k = self.norm(q, k, v)
         out = self.linear2(torch.cat((attention(q, k, v, rope), F.gelu(mlp, approximate="tanh")), 2))
