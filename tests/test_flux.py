@@ -313,3 +313,17 @@ def test_a_transformer_bundle_takes_the_autoencoder_of_another_file(tmp_path):
     assert bundle.info.latent_channels == 16 and bundle.info.downsampling == 8 and bundle.family == "flux1-dev"
     state = bundle.state_dict()
     assert all(torch.equal(state[k], v) for k, v in {**net.state_dict(), **ae.state_dict()}.items())
+
+
+def test_the_tiled_autoencoder_passes_take_the_16_channel_autoencoder():
+    """No quant convs (identity in their place): tiled encode and decode agree with the whole-image ones."""
+    from ldmtool.tiling.vae import VAETiling, tiled_decode, tiled_encode
+
+    ae = randomise_(AutoEncoder(**TINY_AE), seed=13).eval()
+    x = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(14)) * 2 - 1
+    with torch.no_grad():
+        z = ae.encode(x)
+        z_tiled = tiled_encode(ae, x, VAETiling(tile=32))
+        image, image_tiled = ae.decode(z), tiled_decode(ae, z, VAETiling(tile=4))
+    assert z.shape == (1, 16, 8, 12) and (z - z_tiled).abs().max() < 1e-4
+    assert (image - image_tiled).abs().max() < 1e-4
