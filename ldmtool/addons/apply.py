@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Hashable, Optional
 
 from ldmtool.addons.networks import NetworkSet, apply_networks, run_networks
+from ldmtool.errors import CheckpointError
 
 if TYPE_CHECKING:
     from ldmtool.checkpoints.bundle import Bundle
@@ -66,6 +67,9 @@ class ModelAddons:
         if self.vae is not None:
             from ldmtool.addons.vae import apply_vae
 
-            apply_vae(bundle.first_stage, self.vae)
+            first = bundle.first_stage
+            if first is None:  # a file holding a transformer alone: its autoencoder is not loaded beside it yet
+                raise CheckpointError(f"--vae {self.vae}: the model file holds no autoencoder to replace")
+            apply_vae(first, self.vae)
         apply_networks(bundle, self.networks)
         return bundle

@@ -22,6 +22,7 @@ from ldmtool.checkpoints.weights import PreparedWeights, check_state_dict, prepa
 from ldmtool.errors import CheckpointError, UsageError
 from ldmtool.families.registry import model_info
 from ldmtool.io.files import file_kind
+from ldmtool.nets._layers import cast_keeping_storage
 
 __all__ = ["LoadInfo", "build_model", "load_model", "resolve_config", "resolve_source"]
 
@@ -58,10 +59,7 @@ def load_model(path_or_name: Union[str, Path], *, config: Optional[ConfigLike] =
                use_ema: bool = True, prediction: Optional[str] = None) -> Bundle:
     """Build and load a checkpoint: a file, or a shipped default name. Architecture from `config`, else
     `preset`, else a YAML beside the weights, else detection from the keys."""
-    default_config: Optional[ConfigLike]
-    weights, default_config = resolve_source(path_or_name)
-    raw = read_state_dict(weights)
-    default_config = embedded_config(weights) or default_config
+    weights, default_config, raw = _read_source(path_or_name)
     prepared = prepare_weights(raw, use_ema=use_ema)
     detection = detect_checkpoint({k: tuple(v.shape) for k, v in prepared.state.items()}, default_config)
     doc, config_used = resolve_config(weights, config=config, preset=preset, default_config=default_config,
@@ -70,9 +68,10 @@ def load_model(path_or_name: Union[str, Path], *, config: Optional[ConfigLike] =
     prepared = with_shared_first_stage(prepared, weights, ldmtool_block(doc).get("first_stage_weights"))
     with torch.device("meta"):
         bundle = build_bundle(doc, family)
+    prepared = replace(prepared, state=bundle.file_state(prepared.state))
     _load_into(bundle, prepared, source=str(weights), family=family, detection=detection)
     schedule = _schedule_copies(bundle)  # before the cast: fp16/bf16 would round alphas_cumprod near 1
-    bundle.to(device=device, dtype=dtype)
+    cast_keeping_storage(bundle, device, dtype)  # fp8-stored weights stay fp8, upcast per layer when run
     _schedule_to_fp32(bundle, schedule)
     if prediction is not None:
         if prediction not in PARAMETERIZATIONS:
@@ -82,6 +81,20 @@ def load_model(path_or_name: Union[str, Path], *, config: Optional[ConfigLike] =
     bundle.load_info = LoadInfo(weights, config_used, detection, prepared.ema_present, prepared.ema_used,
                                 _main_dtype(raw))
     return bundle.eval().requires_grad_(False)
+
+
+def _read_source(path_or_name: Union[str, Path]) -> tuple[Path, Optional[ConfigLike], dict[str, torch.Tensor]]:
+    """(weights, default config, tensors) of a checkpoint file, a shipped name, or a diffusers folder (read
+    under the single-file names; the Python API only: commands take files)."""
+    from ldmtool.checkpoints.diffusers_folder import is_diffusers_folder, read_diffusers_folder
+
+    folder = Path(path_or_name).expanduser()
+    if is_diffusers_folder(folder):
+        return folder, None, read_diffusers_folder(folder)
+    default_config: Optional[ConfigLike]
+    weights, default_config = resolve_source(path_or_name)
+    raw = read_state_dict(weights)
+    return weights, embedded_config(weights) or default_config, raw
 
 
 FIRST_STAGE_PREFIX = "first_stage_model."
@@ -136,6 +149,8 @@ def resolve_config(weights: Path, *, config: Optional[ConfigLike], preset: Optio
     if detection is None:
         raise CheckpointError(f"{weights}: cannot tell the model family from its keys; pass --config YAML or "
                               f"--preset NAME (see 'ldmtool models list')")
+    if detection.config is not None:  # a config-less family: the architecture its shapes record
+        return load_config(detection.config), f"detected: {detection.describe()}"
     return load_preset(detection.family), f"detected: {detection.describe()}"
 
 

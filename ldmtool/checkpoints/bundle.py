@@ -20,9 +20,11 @@ if TYPE_CHECKING:
     from torch.nn.modules.module import _IncompatibleKeys
 
     from ldmtool.checkpoints.api import LoadInfo
+    from ldmtool.checkpoints.transformer_bundle import TransformerBundle
     from ldmtool.families.info import ModelInfo
 
-PARAMETERIZATIONS = tuple(p.value for p in Parameterization)
+# What a UNet bundle's config or --prediction may name (flow models are transformer bundles of their own).
+PARAMETERIZATIONS = tuple(p.value for p in Parameterization if p is not Parameterization.FLOW)
 SCHEDULE_KEYS = ("beta_schedule", "timesteps", "linear_start", "linear_end", "cosine_s")
 UNCONDITIONAL = "__is_unconditional__"
 SAME_AS_FIRST_STAGE = "__is_first_stage__"
@@ -62,6 +64,11 @@ class _BundleAliases:
     @property
     def first_stage(self) -> nn.Module:
         return self.first_stage_model
+
+    def file_state(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A checkpoint's tensors under this bundle's key names (a bundle whose files use several layouts
+        renames them here)."""
+        return dict(state)
 
     @property
     def cond_stage(self) -> Optional[nn.Module]:
@@ -229,14 +236,17 @@ def _low_scale_schedule(doc: Mapping[str, Any]) -> dict[str, Any]:
     return dict((low.get("params") or {}).get("noise_schedule_config") or {})
 
 
-Bundle = Union[LatentDiffusionBundle, FirstStageBundle, DiffusionEngineBundle]
+Bundle = Union[LatentDiffusionBundle, FirstStageBundle, DiffusionEngineBundle, "TransformerBundle"]
 
 
 def build_bundle(doc: Mapping[str, Any], family: Optional[str] = None) -> Bundle:
     """The bundle class the config's top-level target asks for, built on the current default device."""
     from ldmtool.checkpoints.config import DIFFUSION_TARGETS, FIRST_STAGE_TARGETS, SGM_DIFFUSION_TARGETS
+    from ldmtool.checkpoints.transformer_bundle import TRANSFORMER_BUNDLE, TransformerBundle
 
     target = model_block(doc)["target"]
+    if target == TRANSFORMER_BUNDLE:
+        return TransformerBundle(doc, family)
     if target in DIFFUSION_TARGETS:
         return LatentDiffusionBundle(doc, family)
     if target in SGM_DIFFUSION_TARGETS:

@@ -41,6 +41,9 @@ TARGETS: dict[str, str] = {
     "sgm.modules.encoders.modules.FrozenCLIPEmbedder": "ldmtool.nets.encoders:FrozenCLIPEmbedder",
     "sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2": "ldmtool.nets.openclip_text:FrozenOpenCLIPEmbedder2",
     "sgm.modules.encoders.modules.ConcatTimestepEmbedderND": "ldmtool.nets.sgm:ConcatTimestepEmbedderND",
+    # Black Forest Labs' flux code base (FLUX.1): parts of an `ldmtool.TransformerBundle`.
+    "flux.model.Flux": "ldmtool.nets.flux:Flux",
+    "flux.modules.autoencoder.AutoEncoder": "ldmtool.nets.autoencoder:AutoEncoder",
 }
 DIFFUSION_TARGETS = {
     "ldm.models.diffusion.ddpm.LatentDiffusion",

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, TypeVar
 
 from ldmtool.checkpoints.presets import load_preset
+from ldmtool.checkpoints.transformer_bundle import TRANSFORMER_BUNDLE
 
 if TYPE_CHECKING:
     from torch import nn
@@ -22,6 +23,9 @@ def tiny_config(preset_or_doc: str | Mapping[str, Any]) -> dict[str, Any]:
     """A preset's config with widths shrunk so the whole bundle has a few million parameters."""
     doc = copy.deepcopy(load_preset(preset_or_doc) if isinstance(preset_or_doc, str) else dict(preset_or_doc))
     params = doc["model"].setdefault("params", {})
+    if doc["model"]["target"] == TRANSFORMER_BUNDLE:  # FLUX.1 (parts without a reference config)
+        _shrink_parts(params)
+        return doc
     if "network_config" in params:  # sgm (SDXL)
         _shrink_sgm(params)
         return doc
@@ -98,6 +102,17 @@ def _shrink_sgm(params: dict[str, Any]) -> None:
     unet["transformer_depth"] = [min(d, 2) for d in depth] if isinstance(depth, list) else min(depth, 2)
     levels = len(unet.get("channel_mult", ()))
     unet["context_dim"] = [context] * levels if isinstance(unet.get("context_dim"), list) else context
+
+
+def _shrink_parts(params: dict[str, Any]) -> None:
+    """A transformer bundle's parts: one block of each kind with one 128-wide head (the width the rotary
+    axes fix), small text widths; the autoencoder as the CompVis ones. Input widths, MLP ratio and guidance
+    embedding stay: they are what tells the presets apart."""
+    if "denoiser_config" in params:
+        params["denoiser_config"]["params"].update(hidden_size=128, num_heads=1, depth=1, depth_single_blocks=1,
+                                                   context_in_dim=32, vec_in_dim=32)
+    if "first_stage_config" in params:
+        params["first_stage_config"]["params"].update(ch=32, num_res_blocks=1)
 
 
 def randomise_(module: ModuleT, seed: int = 0, scale: float = 0.05) -> ModuleT:

@@ -114,7 +114,7 @@ def _match(doc: dict, family: str, prepared, source: str, detection) -> dict[str
         bundle = build_bundle(doc, family)
     expected = {k: tuple(v.shape) for k, v in bundle.state_dict().items()}
     try:
-        check_state_dict(expected, prepared.state, source=source, family=family,
+        check_state_dict(expected, bundle.file_state(prepared.state), source=source, family=family,
                          likely=detection.describe() if detection else None, optional=optional_keys(bundle))
     except CheckpointError as err:
         return {"matches": False, "problem": str(err)}

@@ -24,6 +24,9 @@ class Detection:
     alternatives: tuple[str, ...] = ()
     note: str = ""
     evidence: tuple[str, ...] = field(default=())
+    # Families without reference configs (FLUX.1, SD3) read the architecture from the shapes: the config
+    # document to build, used instead of the preset's full-size one.
+    config: Optional[Mapping[str, Any]] = field(default=None, compare=False, repr=False)
 
     def describe(self) -> str:
         alt = f" (same architecture as {', '.join(self.alternatives)})" if self.alternatives else ""

@@ -28,6 +28,7 @@ class Parameterization(str, Enum):
     EPS = "eps"
     V = "v"
     X0 = "x0"
+    FLOW = "flow"  # rectified flow: velocity (noise - x0) at x_t = (1 - t) x0 + t noise (FLUX.1, SD3)
 
 
 class InpaintKind(str, Enum):
@@ -94,3 +95,6 @@ class ModelInfo:
     micro_conditioning: tuple[str, ...] = ()
     zero_empty_negative: bool = False
     aesthetic_scores: Optional[tuple[float, float]] = None
+    # Parts a run needs that the loaded file does not hold (a FLUX.1 transformer file has no autoencoder or
+    # text encoders): named in the one-line error of the commands that need them.
+    missing_parts: tuple[str, ...] = ()

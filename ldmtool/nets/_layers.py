@@ -39,15 +39,39 @@ def pad_2d(x: Tensor, pad: tuple[int, int, int, int], seamless: tuple[bool, bool
     return x
 
 
+# Storage-only dtypes: a weight kept in one of them is upcast to the input's dtype for each call.
+STORAGE_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
 class Linear(PackedWeightCache, nn.Linear):
-    """`nn.Linear` (same keys) that can take the opt-in oneDNN path of `ldmtool.nets.prepack`."""
+    """`nn.Linear` (same keys) that can take the opt-in oneDNN path of `ldmtool.nets.prepack`. A weight
+    stored in fp8 stays fp8 and is upcast one layer at a time, when the layer runs (`keep_storage_dtypes`)."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.weight.dtype in STORAGE_DTYPES:
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return F.linear(x, self.weight.to(x.dtype), bias)
         if prepack.applies(x, self.weight) and x.dim() >= 2:
             out = prepack.linear(self, x)
             if out is not None:
                 return out
         return F.linear(x, self.weight, self.bias)
+
+
+def storage_weights(model: nn.Module) -> dict[Linear, Tensor]:
+    """The fp8-stored weights of the model's `Linear` layers (the ones `Linear` upcasts per call)."""
+    return {m: m.weight for m in model.modules() if isinstance(m, Linear) and m.weight.dtype in STORAGE_DTYPES}
+
+
+def cast_keeping_storage(model: nn.Module, device: torch.device | str, dtype: Optional[torch.dtype]) -> None:
+    """`model.to(device, dtype)` except that fp8-stored `Linear` weights keep their dtype (moved only):
+    an fp8 file's transformer stays at one byte a weight, and no full-precision copy is ever made."""
+    kept = storage_weights(model) if dtype is not None else {}
+    for layer in kept:  # out of the cast's way
+        del layer._parameters["weight"]
+    model.to(device=device, dtype=dtype)
+    for layer, weight in kept.items():
+        layer._parameters["weight"] = nn.Parameter(weight.to(device), requires_grad=False)
 
 
 class Conv2d(PackedWeightCache, nn.Conv2d):

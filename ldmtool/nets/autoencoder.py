@@ -12,7 +12,8 @@ arguments (loss, monitor, ckpt_path, ...) are accepted and ignored; the loss mod
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+import re
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -271,7 +272,7 @@ class AutoencoderKL(nn.Module):
     """KL-regularised autoencoder (`ldm.models.autoencoder.AutoencoderKL`)."""
 
     def __init__(self, ddconfig: dict, lossconfig: Optional[dict] = None, embed_dim: int = 4,
-                 **training_only: Any) -> None:
+                 use_quant_conv: bool = True, **training_only: Any) -> None:
         super().__init__()
         _check_training_only(training_only, _KL_TRAINING_ARGS, "AutoencoderKL")
         if not ddconfig.get("double_z", True):
@@ -279,8 +280,12 @@ class AutoencoderKL(nn.Module):
         self.embed_dim = embed_dim
         self.encoder = Encoder(**ddconfig)
         self.decoder = Decoder(**ddconfig)
-        self.quant_conv = nn.Conv2d(2 * ddconfig["z_channels"], 2 * embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
+        # The 16-channel autoencoders of FLUX.1 and SD3 have no 1x1 convs around the latent (no keys either).
+        self.quant_conv: nn.Module = nn.Identity()
+        self.post_quant_conv: nn.Module = nn.Identity()
+        if use_quant_conv:
+            self.quant_conv = nn.Conv2d(2 * ddconfig["z_channels"], 2 * embed_dim, 1)
+            self.post_quant_conv = nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
 
     def posterior(self, x: Tensor) -> DiagonalGaussianDistribution:
         """The posterior q(z|x); `.mean`, `.sample(generator)`, `.kl()`."""
@@ -297,6 +302,22 @@ class AutoencoderKL(nn.Module):
         posterior = self.posterior(x)
         z = posterior.sample() if sample_posterior else posterior.mode()
         return self.decode(z), posterior
+
+
+class AutoEncoder(AutoencoderKL):
+    """BFL's `flux.modules.autoencoder.AutoEncoder` (FLUX.1's `ae.safetensors`): the KL autoencoder without
+    quant convs, built from the reference `AutoEncoderParams`. Its scale and shift constants are kept here as
+    the reference keeps them, but `encode` returns the raw posterior mean and `decode` takes the raw latent,
+    as for every first stage; the bundle applies the constants (`scale_factor`, `shift_factor`)."""
+
+    def __init__(self, *, resolution: int = 256, in_channels: int = 3, ch: int = 128, out_ch: int = 3,
+                 ch_mult: Sequence[int] = (1, 2, 4, 4), num_res_blocks: int = 2, z_channels: int = 16,
+                 scale_factor: float = 0.3611, shift_factor: float = 0.1159) -> None:
+        ddconfig = dict(double_z=True, z_channels=z_channels, resolution=resolution, in_channels=in_channels,
+                        out_ch=out_ch, ch=ch, ch_mult=list(ch_mult), num_res_blocks=num_res_blocks,
+                        attn_resolutions=[], dropout=0.0)
+        super().__init__(ddconfig, embed_dim=z_channels, use_quant_conv=False)
+        self.scale_factor, self.shift_factor = scale_factor, shift_factor
 
 
 class VectorQuantizer(nn.Module):
@@ -385,3 +406,23 @@ class VQModelInterface(VQModel):
 
     def __init__(self, embed_dim: int, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, embed_dim=embed_dim, **kwargs)
+
+
+def autoencoder_config_from_shapes(shapes: Mapping[str, Sequence[int]], prefix: str = "") -> dict[str, Any]:
+    """The `AutoEncoder` keyword arguments (BFL's `AutoEncoderParams` without the latent constants) that a
+    KL autoencoder's keys and shapes under `prefix` record: base width, per-level multipliers, blocks per
+    level, image and latent channels."""
+    def shape(key: str) -> Sequence[int]:
+        if prefix + key not in shapes:
+            raise CheckpointError(f"not a KL autoencoder: no {prefix + key}")
+        return shapes[prefix + key]
+
+    ch, in_channels = (int(d) for d in shape("encoder.conv_in.weight")[:2])
+    levels = sorted({int(m.group(1)) for k in shapes if (m := re.match(re.escape(prefix) + r"encoder\.down\.(\d+)\.", k))})
+    blocks = {int(m.group(1)) for k in shapes
+              if (m := re.match(re.escape(prefix) + r"encoder\.down\.0\.block\.(\d+)\.", k))}
+    return dict(
+        in_channels=in_channels, ch=ch, out_ch=int(shape("decoder.conv_out.weight")[0]),
+        ch_mult=[int(shape(f"encoder.down.{i}.block.0.conv1.weight")[0]) // ch for i in levels],
+        num_res_blocks=len(blocks), z_channels=int(shape("decoder.conv_in.weight")[1]),
+    )

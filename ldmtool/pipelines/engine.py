@@ -78,8 +78,17 @@ class Engine:
         self.precision = resolve_precision(self.choice.precision, self.device)
         self.dtype = self.precision.dtype
         self.bundle = self._load(self.dtype)
+        self._check_parts()
         self._check_schedule()
         return self
+
+    def _check_parts(self) -> None:
+        """A file that holds one part of a model (a transformer without its autoencoder and text encoders, an
+        autoencoder alone) cannot run a task: one line naming what is missing."""
+        missing = self.bundle.info.missing_parts
+        if missing:
+            raise FatalError(f"{self.model_path}: this file holds only part of a {self.bundle.info.family} model; "
+                             f"a run also needs {' and '.join(missing)}, which ldmtool cannot load beside it yet")
 
     def _check_schedule(self) -> None:
         """Step counts the model's schedule cannot take are a usage error when the command starts, not a
