@@ -13,8 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Optional, TypeVar
 
-from torch import nn
-
 from ldmtool.nets.autoencoder import AutoencoderKL
 from ldmtool.nets.mmdit import MMDiTConfig
 
@@ -66,9 +64,8 @@ class UnquantizedAutoencoderKL(AutoencoderKL):
 
     def __init__(self, ddconfig: dict, lossconfig: Optional[dict] = None, embed_dim: int = 16,
                  **training_only: Any) -> None:
-        super().__init__(ddconfig, lossconfig, embed_dim=ddconfig["z_channels"], **training_only)
-        self.quant_conv = nn.Identity()  # type: ignore[assignment]
-        self.post_quant_conv = nn.Identity()  # type: ignore[assignment]
+        super().__init__(ddconfig, lossconfig, embed_dim=ddconfig["z_channels"], use_quant_conv=False,
+                         **training_only)
 
 
 @dataclass
