@@ -1,5 +1,6 @@
 """SDXL from the command line (issue 18) on tiny random single files: txt2img, img2img, inpaint (9-channel
-and masked with base), tile-synth and the base -> refiner hand-off, each with the tiled engine off and on.
+and masked with base), tile-synth and the base -> refiner hand-off (txt2img, img2img, inpaint, and the
+Python API), each with the tiled engine off and on.
 
 A tile as large as the canvas must give the untiled pixels exactly; smaller tiles must change them (the tiled
 engine ran) and still give a whole, finite image of the right size."""
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import ldmtool
 from clirun import run_cli
 from ldmtool.checkpoints.tiny import save_tiny_checkpoint
 
@@ -128,3 +130,65 @@ def test_sdxl_refiner_at_out_of_range_is_a_usage_error(tmp_path, models):
                      "--refiner-at", 1.5, *FAST, "-o", tmp_path / "x.png")
     assert result.exit_code == 2 and "--refiner-at 1.5" in result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("preset", ["sdxl-inpainting", "sdxl-base"])
+def test_sdxl_inpaint_handoff_keeps_the_unmasked_pixels_and_plans_the_refiner(tmp_path, models, preset):
+    """9-channel SDXL inpainting or masked sampling with base, then the refiner by masked sampling: pixels
+    outside the mask are the input's, inside they differ from the run without the refiner; the plan event
+    counts the refiner's weights in the peak memory."""
+    src = _photo(tmp_path / "img.png", size=(64, 32))
+    mask = np.zeros((32, 64), np.uint8)
+    mask[8:24, 16:48] = 255
+    Image.fromarray(mask).save(tmp_path / "img_mask.png")
+    args = ("inpaint", src, tmp_path / "img_mask.png", "--prompt", "a window", "--feather", 0,
+            "--model", models[preset], "--json")
+    alone = _run(*args, "-o", tmp_path / "alone.png")
+    refined = _run(*args, "--refiner", models["sdxl-refiner"], "--refiner-at", 0.5, "-o", tmp_path / "refined.png")
+    before, hole = _pixels(src), mask > 127
+    with_refiner, without = _pixels(tmp_path / "refined.png"), _pixels(tmp_path / "alone.png")
+    assert np.array_equal(with_refiner[~hole], before[~hole])
+    assert np.abs(with_refiner[hole] - without[hole]).max() > 0
+    assert _recipe(tmp_path / "refined.png")["parameters"]["refiner"] == "sdxl-refiner.safetensors"
+
+    def peak(result):
+        return [json.loads(line) for line in result.stdout.splitlines() if '"plan"' in line][-1]["peak_memory"]
+
+    refiner = ldmtool.load_model(models["sdxl-refiner"])
+    assert peak(refined) - peak(alone) == sum(t.numel() * t.element_size() for t in [*refiner.parameters(),
+                                                                                     *refiner.buffers()])
+
+
+def _api_run(command, model, refiner, tmp_path):
+    """One item through the Python API with an ancestral sampler, handing off at 0.5 when `refiner` is given."""
+    options = dict(model=str(model), steps=4, sampler="euler_a", cfg=3.0, seed=3, prompt="a red fox")
+    handoff = {} if refiner is None else dict(refiner=str(refiner), refiner_at=0.5)
+    if command == "txt2img":
+        return ldmtool.txt2img(width=64, height=64, **options, **handoff)[0]
+    photo = _photo(tmp_path / "photo.png", size=(64, 64))
+    if command == "img2img":
+        return ldmtool.img2img(photo, strength=0.9, **options, **handoff)
+    mask = np.zeros((64, 64), bool)
+    mask[16:48, 16:48] = True
+    return ldmtool.inpaint(photo, mask, feather=0, **options, **handoff)
+
+
+@pytest.mark.parametrize("command", ["txt2img", "img2img", "inpaint"])
+def test_sdxl_model_handing_off_to_itself_is_the_model_alone_even_with_an_ancestral_sampler(tmp_path, models, command):
+    """The hand-off splits one schedule and one noise stream per item: the base as its own refiner walks exactly
+    the path the base alone walks, fresh noise included (were the refiner's noise restarted from the item's seed,
+    Euler a would differ after the hand-off). Through the Python API, which takes `refiner=` as the CLI does."""
+    alone = _api_run(command, models["sdxl-base"], None, tmp_path)
+    assert np.array_equal(alone, _api_run(command, models["sdxl-base"], models["sdxl-base"], tmp_path))
+    other = _api_run(command, models["sdxl-base"], models["sdxl-refiner"], tmp_path)
+    assert np.abs(other.astype(int) - alone.astype(int)).max() > 0  # control: the refiner ran
+
+
+def test_sdxl_refiner_options_are_checked_before_anything_loads(tmp_path, models):
+    src = _photo(tmp_path / "in.png", size=(64, 64))
+    result = run_cli("img2img", src, "--refiner-at", 0.5, "--model", models["sdxl-base"], *FAST, "-o", tmp_path / "x.png")
+    assert result.exit_code == 2 and "--refiner-at goes with --refiner" in result.output
+    result = run_cli("img2img", src, "--scale", 2, "--refiner", models["sdxl-refiner"], "--model", models["sdxl-base"],
+                     *FAST, "-o", tmp_path / "y.png")
+    assert result.exit_code == 2 and "--refiner: img2img takes it without --scale" in result.output
+    assert "Traceback" not in result.output
