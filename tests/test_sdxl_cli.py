@@ -192,3 +192,39 @@ def test_sdxl_refiner_options_are_checked_before_anything_loads(tmp_path, models
                      *FAST, "-o", tmp_path / "y.png")
     assert result.exit_code == 2 and "--refiner: img2img takes it without --scale" in result.output
     assert "Traceback" not in result.output
+
+
+def _overflowing_vae_file(base, path):
+    """The tiny SDXL base with a VAE decoder that overflows in fp16 as the released SDXL VAE does: its first
+    conv scaled by 1e6, so the decoder's residual stream carries values near 1e6 (over fp16's 65504, far
+    inside fp32's range) until the output GroupNorm scales them back; the fp32 decode stays finite."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(base)
+    for name in ("weight", "bias"):
+        state[f"first_stage_model.decoder.conv_in.{name}"] *= 1e6
+    save_file(state, path)
+    shutil.copy(base.with_suffix(".yaml"), path.with_suffix(".yaml"))
+
+
+def test_sdxl_fp16_vae_overflow_is_caught_and_recomputed_in_fp32(tmp_path, models):
+    """The non-finite guard (`Engine.finite`, the step every task decodes through): an fp16 decode that
+    overflows is recomputed on the fp32 twin and gives the fp32 decode's pixels exactly."""
+    import torch
+
+    from ldmtool.options import ModelChoice, SamplingChoice
+    from ldmtool.pipelines.engine import Engine
+
+    model = tmp_path / "overflow.safetensors"
+    _overflowing_vae_file(models["sdxl-base"], model)
+    half, full = (Engine(ModelChoice(model=str(model), precision=p), SamplingChoice()).open() for p in ("fp16", "fp32"))
+    assert (half.dtype, full.dtype) == (torch.float16, torch.float32)
+    latent = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))  # small: CPU fp16 convs are slow
+    assert torch.isfinite(full.decode(latent)).all()
+    assert not torch.isfinite(half.decode(latent)).all()  # the overflow is real: fp16 alone gives a broken image
+    pixels = half.finite(lambda engine: engine.decode_pixels(latent), "item")  # raises NonFiniteResult in fp16
+    assert np.array_equal(pixels.numpy(), full.decode_pixels(latent).numpy())
+    floats = half.finite(lambda engine: engine.decode(latent), "item")  # the float decode img2img / inpaint use
+    assert floats.dtype == torch.float32 and torch.equal(floats, full.decode(latent))
