@@ -149,7 +149,10 @@ def test_sdxl_inpaint_handoff_keeps_the_unmasked_pixels_and_plans_the_refiner(tm
     with_refiner, without = _pixels(tmp_path / "refined.png"), _pixels(tmp_path / "alone.png")
     assert np.array_equal(with_refiner[~hole], before[~hole])
     assert np.abs(with_refiner[hole] - without[hole]).max() > 0
-    assert _recipe(tmp_path / "refined.png")["parameters"]["refiner"] == "sdxl-refiner.safetensors"
+    recipe = _recipe(tmp_path / "refined.png")
+    assert recipe["parameters"]["refiner"] == "sdxl-refiner.safetensors"
+    job = recipe["job"]["options"]  # the refiner file's contents and hand-off point make the job
+    assert job["refiner_at"] == 0.5 and len(job["refiner_sha256"]) == 64
 
     def peak(result):
         return [json.loads(line) for line in result.stdout.splitlines() if '"plan"' in line][-1]["peak_memory"]

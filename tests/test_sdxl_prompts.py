@@ -159,6 +159,8 @@ def test_sdxl_prompt_features_reach_the_image(tmp_path, base):
     assert np.abs(styled - unstyled).max() > 5
     assert json.loads(info["ldmtool"])["parameters"]["clip_skip"] == 1
     assert "TI hashes:" in styled_info["parameters"]
+    job = json.loads(styled_info["ldmtool"])["job"]["options"]  # a replaced embedding file is another job
+    assert list(job["embeddings_sha256"]) == ["fox-style.safetensors"]
     result = run_cli("txt2img", "--model", model, "--prompt", "x", "--clip-skip", 3, "-o", tmp_path / "x.png")
     assert result.exit_code == 2 and "--clip-skip 3" in result.output and "2 layers" in result.output
     assert "Traceback" not in result.output
