@@ -154,12 +154,13 @@ def test_sdxl_inpaint_handoff_keeps_the_unmasked_pixels_and_plans_the_refiner(tm
     job = recipe["job"]["options"]  # the refiner file's contents and hand-off point make the job
     assert job["refiner_at"] == 0.5 and len(job["refiner_sha256"]) == 64
 
-    def peak(result):
-        return [json.loads(line) for line in result.stdout.splitlines() if '"plan"' in line][-1]["peak_memory"]
+    def plan(result):
+        return [json.loads(line) for line in result.stdout.splitlines() if '"plan"' in line][-1]
 
     refiner = ldmtool.load_model(models["sdxl-refiner"])
-    assert peak(refined) - peak(alone) == sum(t.numel() * t.element_size() for t in [*refiner.parameters(),
-                                                                                     *refiner.buffers()])
+    weights = sum(t.numel() * t.element_size() for t in [*refiner.parameters(), *refiner.buffers()])
+    assert plan(refined)["peak_memory"] - plan(alone)["peak_memory"] == weights
+    assert plan(refined)["peak_parts"]["refiner"] == weights and "refiner" not in plan(alone)["peak_parts"]
 
 
 def _api_run(command, model, refiner, tmp_path):
