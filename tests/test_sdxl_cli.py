@@ -132,6 +132,14 @@ def test_sdxl_refiner_at_out_of_range_is_a_usage_error(tmp_path, models):
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
 
 
+def test_sdxl_img2img_refiner_handoff_untiled_and_tiled(tmp_path, models):
+    src = _photo(tmp_path / "in.png", size=(120, 48))
+    out = _tiling_cases(tmp_path, "img2img", src, "--prompt", "a painting", "--strength", 0.6,
+                        "--model", models["sdxl-base"], "--refiner", models["sdxl-refiner"], "--refiner-at", 0.7)
+    assert out["on"].shape == out["off"].shape == (48, 120, 3)
+    assert _recipe(tmp_path / "on.png")["parameters"]["refiner_at"] == 0.7
+
+
 @pytest.mark.parametrize("preset", ["sdxl-inpainting", "sdxl-base"])
 def test_sdxl_inpaint_handoff_keeps_the_unmasked_pixels_and_plans_the_refiner(tmp_path, models, preset):
     """9-channel SDXL inpainting or masked sampling with base, then the refiner by masked sampling: pixels
