@@ -240,3 +240,22 @@ def test_sdxl_fp16_vae_overflow_is_caught_and_recomputed_in_fp32(tmp_path, model
     assert np.array_equal(pixels.numpy(), full.decode_pixels(latent).numpy())
     floats = half.finite(lambda engine: engine.decode(latent), "item")  # the float decode img2img / inpaint use
     assert floats.dtype == torch.float32 and torch.equal(floats, full.decode(latent))
+
+
+def test_sdxl_refiner_reads_the_runs_embeddings_with_its_own_tower(tmp_path, models):
+    """An SDXL embedding's `clip_g` vectors reach the refiner's bigG, so a prompt naming it means the same on
+    both sides of the hand-off."""
+    import torch
+
+    from ldmtool.checkpoints.files import save_safetensors
+    from ldmtool.options import ModelChoice, SamplingChoice
+    from ldmtool.pipelines.engine import Engine
+    from ldmtool.pipelines.refiner import Refiner, refiner_engine
+
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    save_safetensors({"clip_l": torch.ones(2, 32), "clip_g": torch.ones(2, 32)}, folder / "fox-style.safetensors")
+    choice, sampling = ModelChoice(model=str(models["sdxl-base"]), embeddings_dir=folder), SamplingChoice()
+    refiner = Refiner(refiner_engine(choice, sampling, models["sdxl-refiner"]), None)
+    refiner.open(Engine(choice, sampling).open(), "txt2img")
+    assert refiner.texts.ti_hashes("a fox-style fox").startswith("fox-style: ")

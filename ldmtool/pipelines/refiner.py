@@ -21,14 +21,15 @@ from ldmtool.diffusion.handoff import Handoff
 from ldmtool.errors import UsageError
 from ldmtool.options import ModelChoice, SamplingChoice
 from ldmtool.pipelines.engine import Engine
-from ldmtool.pipelines.text import TextConditioner, require_text_model
+from ldmtool.pipelines.text import require_text_model, text_conditioner
 from ldmtool.runtime.seeds import NoiseSource
 
 DEFAULT_REFINER_AT = 0.8  # the refiner runs the last 20% of the schedule, as the SDXL reference
 
 
 def refiner_engine(choice: ModelChoice, sampling: SamplingChoice, path: Union[str, Path, None]) -> Optional[Engine]:
-    """The refiner's Engine: the task model's device, precision and `--vae`, its own weights and architecture.
+    """The refiner's Engine: the task model's device, precision, `--vae`, `--clip-skip` and `--embeddings-dir`,
+    its own weights and architecture.
     LoRAs stay with the model they were made for (a base's LoRA does not fit a refiner)."""
     if path is None:
         return None
@@ -73,7 +74,8 @@ class Refiner:
         p = base.resolved()
         refiner.sampling = replace(refiner.sampling, sampler=p["sampler"], steps=p["steps"], cfg=p["cfg"])
         refiner.open()
-        self.texts = TextConditioner(require_text_model(refiner.bundle, refiner.model_path, command), info=refiner.info)
+        # the model's --clip-skip and --embeddings-dir (an SDXL embedding's clip_g vectors fit the refiner's bigG)
+        self.texts = text_conditioner(refiner, require_text_model(refiner.bundle, refiner.model_path, command))
         mine, theirs = base.info, refiner.info
         if (mine.latent_channels, mine.downsampling) != (theirs.latent_channels, theirs.downsampling):
             raise UsageError(f"--refiner {refiner.model_path}: its latent space ({theirs.latent_channels} channels, "
