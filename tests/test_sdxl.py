@@ -349,6 +349,12 @@ def base_file(tmp_path_factory, base):
     return path, base
 
 
+@pytest.fixture(scope="module")
+def refiner_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sdxl-refiner") / "sdxl-refiner-tiny.safetensors"
+    return path, save_checkpoint(path, "sdxl-refiner", seed=8)
+
+
 def run_ours(*args):
     """The CLI in-process with the SD 1.x comparison's sampler, guidance and seed; pixels in [0, 1]."""
     return run_sd_cli(*args)[0]
@@ -377,14 +383,13 @@ def test_sdxl_txt2img_file_equals_diffusers_stable_diffusion_xl_pipeline(tmp_pat
     assert np.abs(ours - theirs(PROMPT, original_size=(4 * SIZE, 4 * SIZE))).max() > 4 / 255
 
 
-def test_sdxl_base_to_refiner_handoff_equals_diffusers_denoising_end_and_start(tmp_path, base_file):
+def test_sdxl_base_to_refiner_handoff_equals_diffusers_denoising_end_and_start(tmp_path, base_file, refiner_file):
     """`--refiner FILE --refiner-at 0.8`: the base runs the steps at t >= 200, the refiner (bigG text, aesthetic
     score 6 / 2.5, its own VAE) the rest from the base's latent, as diffusers' ensemble of experts."""
     import numpy as np
 
     model, base = base_file
-    refiner_path = tmp_path / "sdxl-refiner-tiny.safetensors"
-    refiner = save_checkpoint(refiner_path, "sdxl-refiner", seed=8)
+    refiner_path, refiner = refiner_file
     ours = run_ours("txt2img", "--prompt", PROMPT, "--model", model, "--refiner", refiner_path, "--refiner-at", 0.8,
                     "-W", SIZE, "-H", SIZE, "-o", tmp_path / "fox.png")
     first = diffusers_xl_pipeline(base)
@@ -403,6 +408,38 @@ def test_sdxl_base_to_refiner_handoff_equals_diffusers_denoising_end_and_start(t
     assert np.abs(ours - reference).max() <= 1 / 255
     assert np.abs(ours - theirs(0.5)).max() > 4 / 255  # control: the hand-off point matters
 
+
+def test_sdxl_img2img_handoff_equals_diffusers_img2img_denoising_end_and_start(tmp_path, base_file, refiner_file):
+    """`img2img --strength 0.6 --refiner R --refiner-at 0.8`: the base runs the strength's steps at t >= 200 from
+    the noised image latent, the refiner the rest from the base's latent, as diffusers' SDXL img2img pipelines
+    with `denoising_end` / `denoising_start` (the base given our image latent, as the SD 1.x img2img test)."""
+    import numpy as np
+    from PIL import Image
+
+    (model, base), (refiner_path, refiner) = base_file, refiner_file
+    source = tmp_path / "in.png"
+    Image.fromarray((np.random.default_rng(0).random((SIZE, SIZE, 3)) * 255).astype(np.uint8)).save(source)
+    ours, recipe = run_sd_cli("img2img", source, "--prompt", PROMPT, "--strength", 0.6, "--model", model,
+                              "--refiner", refiner_path, "--refiner-at", 0.8, "-o", tmp_path / "out.png")
+    assert recipe["parameters"]["refiner"] == refiner_path.name and recipe["parameters"]["refiner_at"] == 0.8
+    with Image.open(source) as image:
+        pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 255 * 2 - 1
+    first = diffusers_xl_pipeline(base, "StableDiffusionXLImg2ImgPipeline")
+    second = diffusers_xl_pipeline(refiner, "StableDiffusionXLImg2ImgPipeline", requires_aesthetics_score=True,
+                                   force_zeros_for_empty_prompt=False)
+    common = dict(num_inference_steps=STEPS, guidance_scale=CFG, eta=0.0)
+
+    def theirs(at):
+        with torch.no_grad():
+            latent = base.first_stage.encode(pixels) * base.scale_factor
+            handed = first(PROMPT, image=latent, strength=0.6, denoising_end=at, output_type="latent",
+                           generator=torch.Generator().manual_seed(recipe["seed"]), **common).images
+            return second(PROMPT, image=handed, denoising_start=at, output_type="np", **common).images[0]
+
+    reference = theirs(0.8)
+    assert ours.shape == reference.shape == (SIZE, SIZE, 3)
+    assert np.abs(ours - reference).max() <= 1 / 255
+    assert np.abs(ours - theirs(0.9)).max() > 4 / 255  # control: the hand-off point matters
 
 def test_handoff_splits_one_schedule_where_diffusers_does():
     """diffusers' rule: the base runs the steps at t >= round(1000 - 1000 a); the two parts meet at one noise

@@ -110,6 +110,23 @@ def bundle_targets(bundle: "Bundle") -> "dict[str, Target]":
     cond = getattr(bundle, "cond_stage_model", None)
     if cond is not None:
         table.update(text_targets(cond, "cond_stage_model."))
+    conditioner = getattr(bundle, "conditioner", None)
+    if conditioner is not None:
+        table.update(conditioner_targets(conditioner))
+    return table
+
+
+def conditioner_targets(conditioner: Any) -> "dict[str, Target]":
+    """An sgm conditioner's text towers under kohya's names: two towers (SDXL base) are `lora_te1_` and
+    `lora_te2_`, as diffusers' text_encoder and text_encoder_2; a lone tower (the refiner's bigG, diffusers'
+    text_encoder_2) answers to `lora_te2_` and `lora_te_`."""
+    from ldmtool.addons.layer_names import text_targets
+
+    slots = [index for index, key in enumerate(conditioner.input_keys) if key == "txt"]
+    names = [("lora_te1_",), ("lora_te2_",)] if len(slots) == 2 else [("lora_te2_", "lora_te_")] * len(slots)
+    table: dict[str, Target] = {}
+    for index, kohya in zip(slots, names):
+        table.update(text_targets(conditioner.embedders[index], f"conditioner.embedders.{index}.", kohya))
     return table
 
 

@@ -47,16 +47,20 @@ def img2img(
     strength: Strength = 0.75,
     scale: Scale = None,
     colour_fix: UpscaleColourFix = None,
+    refiner: opt.Refiner = None,
+    refiner_at: opt.RefinerAt = None,
     images: ImageInputs,
     run: "RunOptions", model: ModelChoice, sampling: SamplingChoice,
 ) -> None:
     """Transform images or folders of images towards a prompt (text or unconditional models)."""
     from ldmtool.pipelines.engine import Engine
     from ldmtool.pipelines.img2img import Img2ImgTask
+    from ldmtool.pipelines.refiner import refiner_engine
     from ldmtool.runtime.runner import run_task
 
     task = Img2ImgTask(Engine(model, sampling), prompt=text.prompt, negative=text.negative,
-                       strength=strength, max_pixels=images.max_pixels, scale=scale, colour_fix=colour_fix)
+                       strength=strength, max_pixels=images.max_pixels, scale=scale, colour_fix=colour_fix,
+                       refiner=refiner_engine(model, sampling, refiner), refiner_at=refiner_at)
     finish(run_task(task, find_inputs(inputs, recursive=images.recursive), run))
 
 

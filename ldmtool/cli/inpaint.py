@@ -30,17 +30,21 @@ def inpaint(
     grow: Grow = 0,
     feather: Feather = 4,
     colour_fix: opt.ColourFix = None,
+    refiner: opt.Refiner = None,
+    refiner_at: opt.RefinerAt = None,
     images: ImageInputs,
     run: "RunOptions", model: ModelChoice, sampling: SamplingChoice,
 ) -> None:
     """Inpaint images: white mask pixels are repainted, black ones kept exactly."""
     from ldmtool.pipelines.engine import Engine
     from ldmtool.pipelines.inpaint import InpaintTask
+    from ldmtool.pipelines.refiner import refiner_engine
     from ldmtool.runtime.runner import run_task
 
     task = InpaintTask(Engine(model, sampling), prompt=text.prompt or "", negative=text.negative or "", grow=grow,
                        feather=feather, invert_mask=mask.invert_mask, from_alpha=mask.mask_from_alpha,
-                       max_pixels=images.max_pixels, colour_fix=colour_fix)
+                       max_pixels=images.max_pixels, colour_fix=colour_fix,
+                       refiner=refiner_engine(model, sampling, refiner), refiner_at=refiner_at)
     discovery = find_inputs(inputs, recursive=images.recursive, pair_masks=not mask.mask_from_alpha,
                             masks_dir=mask.masks)
     finish(run_task(task, discovery, run))

@@ -11,12 +11,14 @@ import dataclasses
 import functools
 import inspect
 import typing
+from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
 from ldmtool.cli.complete import COMPLETERS
 from ldmtool.options import (
+    MODEL as MODEL,
     OUTPUT as OUTPUT,  # the help panels, for the command modules' own options
     SAMPLING as SAMPLING,
     ImageInputs,
@@ -69,6 +71,18 @@ ColourFix = Annotated[
                       "from the model: superres a bicubic upscale of the input, inpaint an OpenCV Telea fill of the "
                       "hole (default: the model config's ldmtool.colour_fix, else off).",
                  rich_help_panel=SAMPLING),
+]
+# The base -> refiner hand-off (txt2img, img2img, inpaint). --refiner-at defaults to None, not 0.8, so runs
+# without a refiner keep their job identity.
+Refiner = Annotated[
+    Optional[Path],
+    typer.Option("--refiner", help="Refiner checkpoint (e.g. SDXL refiner 1.0) that runs the last part of the "
+                 "schedule from the model's latent (see --refiner-at).", rich_help_panel=MODEL),
+]
+RefinerAt = Annotated[
+    Optional[float],
+    typer.Option("--refiner-at", help="Where --refiner takes over, as a fraction of the schedule (default 0.8: "
+                 "it runs the last 20%, as diffusers' denoising_end).", rich_help_panel=SAMPLING),
 ]
 
 # Single options of the shared groups, for commands that take only some of them.

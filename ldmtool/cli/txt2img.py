@@ -1,7 +1,6 @@
 """`ldmtool txt2img`: images from text prompts (LDM-BERT, SD 1.x, SD 2.x models)."""
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -10,7 +9,7 @@ import typer
 from ldmtool.cli import options as opt
 from ldmtool.cli.common import finish
 from ldmtool.cli.shared import task_command
-from ldmtool.options import MODEL, ModelChoice, PromptTemplate, SamplingChoice, Size, TextPrompt
+from ldmtool.options import ModelChoice, PromptTemplate, SamplingChoice, Size, TextPrompt
 
 if TYPE_CHECKING:
     from ldmtool.pipelines.text import PromptSpec
@@ -26,16 +25,6 @@ PromptsFile = Annotated[
                  rich_help_panel=opt.SAMPLING),
 ]
 Samples = Annotated[int, typer.Option("--n", min=1, help="Images per prompt.", rich_help_panel=opt.SAMPLING)]
-Refiner = Annotated[
-    Optional[Path],
-    typer.Option("--refiner", help="Refiner checkpoint (e.g. SDXL refiner 1.0) that runs the last part of the "
-                 "schedule from the model's latent (see --refiner-at).", rich_help_panel=MODEL),
-]
-RefinerAt = Annotated[
-    Optional[float],
-    typer.Option("--refiner-at", help="Where --refiner takes over, as a fraction of the schedule (default 0.8: "
-                 "it runs the last 20%, as diffusers' denoising_end).", rich_help_panel=opt.SAMPLING),
-]
 Hires = Annotated[
     Optional[float],
     typer.Option("--hires", min=1.0, help="Hires fix: upscale each image by this factor by diffusion (as img2img "
@@ -63,8 +52,8 @@ def txt2img(
     templates: PromptTemplate,
     prompts: PromptsFile = None,
     n: Samples = 1,
-    refiner: Refiner = None,
-    refiner_at: RefinerAt = None,  # None (not 0.8), as the hires options: runs without it keep their identity
+    refiner: opt.Refiner = None,
+    refiner_at: opt.RefinerAt = None,
     hires: Hires = None,
     hires_strength: HiresStrength = None,  # None (not 0.5) keeps runs without --hires the same job as before
     hires_colour_fix: HiresColourFix = None,
@@ -74,6 +63,7 @@ def txt2img(
     """Generate images from text prompts (sizes must be multiples of the model's 64 or 32 pixels)."""
     from ldmtool.pipelines.engine import Engine
     from ldmtool.pipelines.prompt_templates import needs_templates
+    from ldmtool.pipelines.refiner import refiner_engine
     from ldmtool.pipelines.text import read_prompts
     from ldmtool.pipelines.txt2img import Txt2ImgTask, prompt_items
     from ldmtool.runtime.runner import run_task
@@ -81,7 +71,7 @@ def txt2img(
     specs = read_prompts(text.prompt, prompts)
     if needs_templates(specs, text.negative, wildcards=templates.wildcards, combinatorial=templates.combinatorial):
         specs = expand_templates(specs, text.negative, templates)
-    refining = None if refiner is None else Engine(replace(model, model=str(refiner), config=None, preset=None), sampling)
+    refining = refiner_engine(model, sampling, refiner)
     task = Txt2ImgTask(Engine(model, sampling), specs, negative=text.negative or "", width=size.width,
                        height=size.height, wildcards=templates.wildcards, refiner=refining, refiner_at=refiner_at,
                        hires=hires, hires_strength=hires_strength, hires_colour_fix=hires_colour_fix)

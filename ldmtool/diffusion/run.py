@@ -32,18 +32,18 @@ class SamplerSettings:
     # Scale of the starting noise when sampling from noise (not from an image): below 1 the sample moves
     # towards the mode, trading invented detail for fidelity (the "temperature" of SR3 / SRFlow).
     temperature: float = 1.0
-    # One side of a base -> refiner hand-off (diffusion/handoff.py); the second side starts from the first
-    # side's latent as it is (`init_latent`, not noised).
+    # One side of a base -> refiner hand-off (diffusion/handoff.py) of the schedule `strength` runs; the second
+    # side starts from the first side's latent as it is (`start`, not noised).
     handoff: Optional[Handoff] = None
 
 
 def schedule_for(settings: SamplerSettings, alphas_cumprod: torch.Tensor, *, from_image: bool) -> SamplingSchedule:
     """The schedule these settings run: the sampler's default, cut by strength when starting from an image,
-    or split at a hand-off."""
+    then split at a hand-off (diffusers' img2img `denoising_end`: the strength's steps above the cut-off)."""
     schedule = default_schedule(settings.sampler, alphas_cumprod, settings.steps, karras=settings.karras)
-    if settings.handoff is not None:
-        return split(schedule, alphas_cumprod, settings.handoff)
-    return img2img_schedule(schedule, settings.strength) if from_image else schedule
+    if from_image or settings.handoff is not None:  # a hand-off's second side: strength 1 leaves it whole
+        schedule = img2img_schedule(schedule, settings.strength)
+    return schedule if settings.handoff is None else split(schedule, alphas_cumprod, settings.handoff)
 
 
 def sample_latents(
@@ -56,6 +56,7 @@ def sample_latents(
     shape: Optional[Sequence[int]] = None,
     init_latent: Optional[torch.Tensor] = None,
     repaint: Optional[torch.Tensor] = None,
+    start: Optional[torch.Tensor] = None,
     callback: Optional[Callable[[Step], None]] = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
@@ -64,16 +65,21 @@ def sample_latents(
 
     txt2img: give `shape` (C, h, w). img2img: give `init_latent` (B, C, h, w) and settings.strength.
     Masked sampling: also give `repaint` (B, 1, h, w), 1 = repaint, at latent resolution.
+    A hand-off's second side: give `start`, the first side's latent (with the same `noise`, so stochastic
+    samplers continue each item's stream instead of drawing its first values again).
     """
-    if init_latent is None and shape is None:
+    if start is not None and (settings.handoff is None or settings.handoff.first):
+        raise ValueError("a start latent is the second side of a hand-off")
+    if init_latent is None and shape is None and start is None:
         raise ValueError("sample_latents needs a latent shape or an initial latent")
     if repaint is not None and init_latent is None:
         raise ValueError("masked sampling needs the initial latent of the image it keeps")
     schedule = schedule_for(settings, alphas_cumprod, from_image=init_latent is not None)
-    if init_latent is None:
+    if start is not None:
+        x = start  # the first model's latent, already at this schedule's first noise level
+    elif init_latent is None:
+        assert shape is not None
         x = start_latent(noise.randn(shape, device=device, dtype=dtype) * settings.temperature, float(schedule.sigmas[0]))
-    elif settings.handoff is not None:
-        x = init_latent  # the first model's latent, already at this schedule's first noise level
     else:
         x = noised_latent(init_latent, schedule, noise.like(init_latent))
     model = bind(denoise, cond)

@@ -123,8 +123,10 @@ class FrozenCLIPEmbedder(nn.Module):
 
     def encode_tokens(self, tokens: torch.Tensor, clip_skip: Optional[int] = None) -> Any:
         """(B, 77, hidden) hidden states of the chosen layer; with `always_return_pooled` also (B, hidden).
-        `clip_skip` N > 1 (A1111's meaning, layer "last" only) takes the output of the N-th layer from the end
-        through the final layer norm: N=2 is the penultimate layer."""
+        `clip_skip` N > 1 (A1111's meaning, layer "last") takes the output of the N-th layer from the end
+        through the final layer norm: N=2 is the penultimate layer. With layer "hidden" (SDXL's CLIP-L, whose
+        default is the penultimate layer) N takes the N-th hidden state from the end as it is, without the
+        norm, as ComfyUI's CLIPSetLastLayer(-N) and A1111's `sdxl_clip_l_skip` do."""
         device = self.token_embedding.weight.device
         skip = clip_skip is not None and clip_skip > 1 and self.layer == "last"
         text_model = self.transformer.text_model
@@ -137,7 +139,7 @@ class FrozenCLIPEmbedder(nn.Module):
         elif self.layer == "pooled":
             hidden = out.pooler_output[:, None, :]
         else:
-            hidden = out.hidden_states[self.layer_idx]
+            hidden = out.hidden_states[self.layer_idx if clip_skip is None else -clip_skip]
         return (hidden, out.pooler_output) if self.return_pooled else hidden
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:

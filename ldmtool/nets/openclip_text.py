@@ -154,19 +154,27 @@ class FrozenOpenCLIPEmbedder2(FrozenOpenCLIPEmbedder):
         self.return_pooled = always_return_pooled
         self.legacy = legacy
 
-    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        """(B, 77, width) hidden states of the chosen layer, and with `return_pooled` (B, embed_dim)."""
+    def encode_tokens(self, tokens: torch.Tensor,  # type: ignore[override]
+                      clip_skip: Optional[int] = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """(B, 77, width) hidden states of the chosen layer, and with `return_pooled` (B, embed_dim). `clip_skip`
+        N takes the N-th hidden state from the end (N=2: the penultimate, SDXL's own layer), as ComfyUI's
+        CLIPSetLastLayer(-N); the pooled vector always comes from the last layer."""
         if self.legacy:
-            return super().encode_tokens(tokens)
+            return super().encode_tokens(tokens, clip_skip)
         m = self.model
         tokens = tokens.to(m.token_embedding.weight.device)
         x = m.token_embedding(tokens) + m.positional_embedding
         blocks = list(m.transformer.resblocks)
-        for block in blocks[:-1]:
+        depth = len(blocks) - (self.layer_idx if clip_skip is None else clip_skip - 1)  # blocks before `hidden`
+        if not 0 <= depth <= len(blocks):
+            raise ValueError(f"clip skip {clip_skip}: the text encoder has {len(blocks)} layers")
+        hidden = x
+        for index, block in enumerate(blocks[: len(blocks) if self.return_pooled else depth]):
             x = block(x)
-        hidden = x if self.layer_idx == 1 else blocks[-1](x)
+            if index + 1 == depth:
+                hidden = x
         if not self.return_pooled:
             return hidden
-        last = m.ln_final(hidden if self.layer_idx == 0 else blocks[-1](x))
+        last = m.ln_final(x)
         pooled = last[torch.arange(last.shape[0]), tokens.argmax(dim=-1)] @ m.text_projection
         return hidden, pooled

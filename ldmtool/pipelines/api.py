@@ -58,26 +58,33 @@ def superres(image: ImageInput, *, scale: float = 4.0, prompt: Optional[str] = N
 
 
 def img2img(image: ImageInput, *, prompt: Optional[str] = None, negative: Optional[str] = None,
-            strength: float = 0.75, seed: Optional[int] = None, **options: Any) -> np.ndarray:
-    """`ldmtool img2img`: the image reworked towards the prompt (SDEdit) by `strength`."""
+            strength: float = 0.75, refiner: Optional[Union[str, Path]] = None, refiner_at: Optional[float] = None,
+            seed: Optional[int] = None, **options: Any) -> np.ndarray:
+    """`ldmtool img2img`: the image reworked towards the prompt (SDEdit) by `strength` (the last part of it by
+    `refiner` from `refiner_at`)."""
     from ldmtool.pipelines.img2img import Img2ImgTask
 
-    task = Img2ImgTask(_engine("img2img", options), prompt=prompt or "", negative=negative or "", strength=strength)
+    engine = _engine("img2img", options)
+    task = Img2ImgTask(engine, prompt=prompt or "", negative=negative or "", strength=strength,
+                       refiner=_refiner(engine, refiner), refiner_at=refiner_at)
     loaded = read_input(image)
     return _one(task, loaded, seed, depth_of(loaded))
 
 
 def inpaint(image: ImageInput, mask: Optional[ImageInput] = None, *, prompt: Optional[str] = None,
             negative: Optional[str] = None, grow: int = 0, feather: int = 4, invert_mask: bool = False,
-            mask_from_alpha: bool = False, colour_fix: Optional[bool] = None, seed: Optional[int] = None,
-            **options: Any) -> np.ndarray:
+            mask_from_alpha: bool = False, colour_fix: Optional[bool] = None,
+            refiner: Optional[Union[str, Path]] = None, refiner_at: Optional[float] = None,
+            seed: Optional[int] = None, **options: Any) -> np.ndarray:
     """`ldmtool inpaint`: the white (≥ 0.5) part of `mask` repainted, the rest kept exactly."""
     from ldmtool.pipelines.inpaint import InpaintTask
 
     if (mask is None) != mask_from_alpha:
         raise UsageError("give a mask, or mask_from_alpha=True to repaint the image's transparent pixels")
-    task = InpaintTask(_engine("inpaint", options), prompt=prompt or "", negative=negative or "", grow=grow,
-                       feather=feather, invert_mask=invert_mask, from_alpha=mask_from_alpha, colour_fix=colour_fix)
+    engine = _engine("inpaint", options)
+    task = InpaintTask(engine, prompt=prompt or "", negative=negative or "", grow=grow, feather=feather,
+                       invert_mask=invert_mask, from_alpha=mask_from_alpha, colour_fix=colour_fix,
+                       refiner=_refiner(engine, refiner), refiner_at=refiner_at)
     loaded = read_input(image)
     repaint = None if mask is None else read_mask_input(mask, size=loaded.size, invert=invert_mask)
     return _one(task, task.check_input(loaded, repaint, "image"), seed, depth_of(loaded))
@@ -116,9 +123,10 @@ def layout2img(layout: PathOrDoc, *, width: Optional[int] = None, height: Option
 
 def txt2img(prompt: Union[str, Sequence[str], None] = None, *, prompts: Optional[Union[str, Path]] = None,
             negative: Optional[str] = None, n: int = 1, width: Optional[int] = None, height: Optional[int] = None,
+            refiner: Optional[Union[str, Path]] = None, refiner_at: Optional[float] = None,
             seed: Optional[int] = None, **options: Any) -> list[np.ndarray]:
     """`ldmtool txt2img`: `n` images per prompt (a text, a list of texts, or `prompts=` a prompt file, JSON
-    lines included), in the CLI's order."""
+    lines included), in the CLI's order; `refiner` (a file) runs the schedule's last part from `refiner_at`."""
     from ldmtool.pipelines.text import ONE_PROMPT_SOURCE, PromptSpec, read_prompts
     from ldmtool.pipelines.txt2img import Txt2ImgTask, prompt_items
 
@@ -128,7 +136,9 @@ def txt2img(prompt: Union[str, Sequence[str], None] = None, *, prompts: Optional
         specs = [PromptSpec(text) for text in prompt]
     else:
         specs = read_prompts(prompt, prompts)
-    task = Txt2ImgTask(_engine("txt2img", options), specs, negative=negative or "", width=width, height=height)
+    engine = _engine("txt2img", options)
+    task = Txt2ImgTask(engine, specs, negative=negative or "", width=width, height=height,
+                       refiner=_refiner(engine, refiner), refiner_at=refiner_at)
     return _generated(task, prompt_items(specs, n), seed)
 
 
@@ -186,6 +196,13 @@ def _engine(command: str, options: dict[str, Any]) -> Engine:
     model["model"] = model.get("model") or DEFAULT_MODELS[command]
     sampling = {name: value for name, value in options.items() if name in sampling_names}
     return Engine(ModelChoice(**model), SamplingChoice(**sampling))
+
+
+def _refiner(engine: Engine, path: Optional[Union[str, Path]]) -> Optional[Engine]:
+    """The `refiner=` file's Engine, with the model's device, precision and sampling options (as `--refiner`)."""
+    from ldmtool.pipelines.refiner import refiner_engine
+
+    return refiner_engine(engine.choice, engine.sampling, path)
 
 
 def _one(task: ModelTask, payload: Any, seed: Optional[int], depth: int) -> np.ndarray:

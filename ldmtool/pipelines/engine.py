@@ -216,13 +216,16 @@ class Engine:
         repaint: Optional[torch.Tensor] = None,
         progress: Optional[Callable[[int, int], None]] = None,
         handoff: Optional[Handoff] = None,
+        start: Optional[torch.Tensor] = None,
+        noise: Optional[NoiseSource] = None,
     ) -> torch.Tensor:
         """Scaled latents (B, C, h, w) for one batch; every item's noise comes from its own seed.
 
         `init_latent` (scaled) starts part-way down the schedule at `strength` (img2img); with `repaint`
         (B, 1, h, w), 1 = repaint, the rest of `init_latent` is kept (masked sampling, any model).
         Guidance runs when `uncond` is given and the cfg scale is not 1. With `handoff`, one side of a base ->
-        refiner hand-off runs (the second side from the first's latent, given as `init_latent`).
+        refiner hand-off runs (of the schedule `strength` runs); the second side starts from the first's latent
+        (`start`) and takes the first side's `noise` source, so each item's noise stream goes on across it.
         """
         p = self.resolved()
         settings = SamplerSettings(sampler=p["sampler"], steps=p["steps"], karras=p["karras"], eta=p["eta"],
@@ -231,16 +234,18 @@ class Engine:
         denoise = self._denoiser(latent_hw, 2 if guided else 1, guided)
         conditioning = Guided(cond, uncond, p["cfg"]) if guided else cond
         callback = None if progress is None else (lambda step: progress(step.index + 1, step.total))
-        shape = None if init_latent is not None else (self.info.latent_channels, *latent_hw)
+        shape = None if init_latent is not None or start is not None else (self.info.latent_channels, *latent_hw)
         device, _ = self.placement()
         # The sampler's state stays fp32 whatever the networks compute in (they take and give back fp32): in
         # bf16 a latent rounded at every step drifts from the fp32 trajectory far more than the network's own
         # rounding moves it (benchmarks/precision_quality.py), and this arithmetic costs nothing next to them.
         if init_latent is not None:
             init_latent = init_latent.to(device, torch.float32)
+        if start is not None:
+            start = start.to(device, torch.float32)
         with torch.inference_mode(), seamless(self.bundle.denoiser, axes=self.axes):
-            z = sample_latents(denoise, conditioning, self._alphas_cumprod(), NoiseSource(seeds), settings,
-                               shape=shape, init_latent=init_latent, repaint=repaint, callback=callback,
+            z = sample_latents(denoise, conditioning, self._alphas_cumprod(), noise or NoiseSource(seeds), settings,
+                               shape=shape, init_latent=init_latent, repaint=repaint, start=start, callback=callback,
                                device=device, dtype=torch.float32)
         return z
 

@@ -6,6 +6,9 @@ cropped back. Alpha is passed through unchanged. Images of one size in a batch a
 
 With `scale` (`--scale`), each image is first upscaled with Lanczos and reworked one at a time in memory
 bounded by the tile (upscale by diffusion, `pipelines/upscale.py`); alpha is resampled beside it.
+
+With `refiner` (`--refiner FILE --refiner-at F`) the model runs the strength's steps down to the hand-off and
+the refiner the rest (pipelines/refiner.py), as diffusers' img2img `denoising_end` / `denoising_start`.
 """
 from __future__ import annotations
 
@@ -19,10 +22,12 @@ from ldmtool.io.discover import Item
 from ldmtool.io.images import LoadedImage, read_image
 from ldmtool.pipelines.base import ModelTask, carried, in_groups, input_path, input_size
 from ldmtool.pipelines.engine import Engine, to_array
+from ldmtool.pipelines.refiner import Refiner
 from ldmtool.pipelines.superres import output_size, resample_alpha
 from ldmtool.pipelines.text import PromptConditioning, padded_images
 from ldmtool.pipelines.upscale import check_scale, rework_upscaled, upscaled
 from ldmtool.runtime.jobs import Job, Output
+from ldmtool.runtime.seeds import NoiseSource
 from ldmtool.runtime.workflow import recorded_prompt
 
 DEFAULT_STRENGTH = 0.75
@@ -37,7 +42,8 @@ class Img2ImgTask(ModelTask):
 
     def __init__(self, engine: Engine, *, prompt: Optional[str] = "", negative: Optional[str] = "",
                  strength: float = DEFAULT_STRENGTH, max_pixels: Optional[int] = None,
-                 scale: Optional[float] = None, colour_fix: Optional[bool] = None):
+                 scale: Optional[float] = None, colour_fix: Optional[bool] = None,
+                 refiner: Optional[Engine] = None, refiner_at: Optional[float] = None):
         # Given neither prompt nor negative (None), a workflow step takes each input's recorded ones.
         self.prompts_from_inputs = prompt is None and negative is None
         prompt, negative = prompt or "", negative or ""
@@ -51,12 +57,17 @@ class Img2ImgTask(ModelTask):
         self.scale = scale
         self.colour_fix_option = colour_fix
         self.colour_fix = colour_fix is not False  # upscaling only: on unless --no-colour-fix
+        self.refiner = refiner
+        self.refining = Refiner(refiner, refiner_at)
 
     def validate(self) -> None:
         super().validate()
         check_scale("--scale", self.scale)
         if self.scale is None and self.colour_fix_option is not None:
             raise UsageError("--colour-fix/--no-colour-fix: img2img takes it with --scale only (upscale by diffusion)")
+        self.refining.validate()
+        if self.refining.active and self.scale is not None:
+            raise UsageError("--refiner: img2img takes it without --scale (upscale by diffusion runs one model)")
 
     def check_model(self, engine: Engine) -> None:
         self.conditioning = PromptConditioning(engine, self.command, prompt=self.prompt, negative=self.negative)
@@ -64,6 +75,11 @@ class Img2ImgTask(ModelTask):
         self.check_vocabulary((self.prompt, self.negative))
         self.check_literal_prompts((self.prompt, self.negative))
         self.multiple = engine.info.pixel_multiple
+        if self.refining.active:
+            self.multiple = max(self.multiple, self.refining.open(engine, self.command))
+
+    def recorded(self, engine: Engine) -> dict[str, Any]:
+        return {**super().recorded(engine), **self.refining.recorded()}
 
     def planned_size(self, item: Item) -> Optional[tuple[int, int]]:
         """The input's size, from its header (times --scale)."""
@@ -121,9 +137,15 @@ class Img2ImgTask(ModelTask):
                               prompt: tuple[str, str]) -> torch.Tensor:
         """Images in [0, 1] (B, 3, H, W) at `engine`'s precision (`Engine.finite` retries in fp32)."""
         init = engine.encode(images)
-        cond, uncond = self.conditioning(engine, len(seeds), (images.shape[-2], images.shape[-1]), prompt)
+        image_hw = (images.shape[-2], images.shape[-1])
+        cond, uncond = self.conditioning(engine, len(seeds), image_hw, prompt)
+        noise = NoiseSource(seeds)
         z = engine.sample((init.shape[-2], init.shape[-1]), seeds, cond, uncond, init_latent=init, strength=self.strength,
-                          progress=self.step_progress())
+                          progress=self.step_progress(), handoff=self.refining.first(), noise=noise)
+        if self.refining.active:
+            engine, z = self.refining.refine(engine, z, prompts=[prompt[0]] * len(seeds),
+                                             negatives=[prompt[1]] * len(seeds), image_hw=image_hw, noise=noise,
+                                             strength=self.strength, progress=self.step_progress())
         return engine.decode(z)
 
 

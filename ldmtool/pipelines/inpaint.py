@@ -13,6 +13,9 @@
 
 `grow` dilates the mask by that many pixels first. Every kind ends with the feathered composite
 (`feather` pixels), so outside the feathered band the written pixels are the input's exactly.
+
+With `refiner` (`--refiner FILE --refiner-at F`) the model runs the schedule down to the hand-off and the
+refiner the rest by masked sampling, keeping the image outside the mask (pipelines/refiner.py).
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ from ldmtool.io.images import LoadedImage, mask_from_alpha, read_image, read_mas
 from ldmtool.pipelines.base import ModelTask, carried, in_groups, input_path, input_size
 from ldmtool.pipelines.colour_fix import colour_fix_to, config_switch
 from ldmtool.pipelines.engine import Engine, to_array
+from ldmtool.pipelines.refiner import Kept, Refiner
 from ldmtool.pipelines.text import (
     PromptConditioning,
     padded_images,
@@ -42,6 +46,7 @@ from ldmtool.pipelines.text import (
     text_encoder,
 )
 from ldmtool.runtime.jobs import Job, Output
+from ldmtool.runtime.seeds import NoiseSource
 
 DEFAULT_FEATHER = 4
 
@@ -63,13 +68,20 @@ class InpaintTask(ModelTask):
 
     def __init__(self, engine: Engine, *, prompt: str = "", negative: str = "", grow: int = 0,
                  feather: int = DEFAULT_FEATHER, invert_mask: bool = False, from_alpha: bool = False,
-                 max_pixels: Optional[int] = None, colour_fix: Optional[bool] = None):
+                 max_pixels: Optional[int] = None, colour_fix: Optional[bool] = None,
+                 refiner: Optional[Engine] = None, refiner_at: Optional[float] = None):
         super().__init__(engine, params={"prompt": prompt, "negative": negative, "grow": grow, "feather": feather})
         self.prompt, self.negative = prompt, negative
         self.grow, self.feather = grow, feather
         self.invert_mask, self.from_alpha = invert_mask, from_alpha
         self.max_pixels = max_pixels
         self.colour_fix = colour_fix  # None: the model config's `ldmtool.colour_fix` (absent = off)
+        self.refiner = refiner
+        self.refining = Refiner(refiner, refiner_at)
+
+    def validate(self) -> None:
+        super().validate()
+        self.refining.validate()
 
     # -- once per run
 
@@ -96,9 +108,12 @@ class InpaintTask(ModelTask):
         self.multiple = info.pixel_multiple
         if self.colour_fix is None:
             self.colour_fix = config_switch(info.defaults.colour_fix, "colour_fix", engine.model_path)
+        if self.refining.active:
+            self.multiple = max(self.multiple, self.refining.open(engine, self.command))
 
     def recorded(self, engine: Engine) -> dict[str, Any]:
-        return {**super().recorded(engine), "inpaint_kind": self.kind.value, "colour_fix": self.colour_fix}
+        return {**super().recorded(engine), "inpaint_kind": self.kind.value, "colour_fix": self.colour_fix,
+                **self.refining.recorded()}
 
     # -- each item
 
@@ -141,41 +156,54 @@ class InpaintTask(ModelTask):
     def _sample_and_decode(self, engine: Engine, *, images: torch.Tensor, masks: torch.Tensor,
                            seeds: list[int]) -> torch.Tensor:
         """Images in [0, 1] (B, 3, H, W) at `engine`'s precision (`Engine.finite` retries in fp32)."""
-        return engine.decode(self._sample(engine, images, masks, seeds))
+        noise = NoiseSource(seeds)
+        z = self._sample(engine, images, masks, noise)
+        if self.refining.active:
+            latent_hw = (z.shape[-2], z.shape[-1])
+            kept = Kept(images, latent_repaint_mask(masks, latent_hw).to(engine.device, engine.dtype))
+            engine, z = self.refining.refine(engine, z, prompts=[self.prompt] * len(seeds),
+                                             negatives=[self.negative] * len(seeds),
+                                             image_hw=(images.shape[-2], images.shape[-1]), noise=noise, kept=kept,
+                                             progress=self.step_progress())
+        return engine.decode(z)
 
-    def _sample(self, e: Engine, images: torch.Tensor, masks: torch.Tensor, seeds: list[int]) -> torch.Tensor:
-        """Scaled latents for padded images in [-1, 1] (B, 3, H, W) and repaint masks (B, 1, H, W)."""
+    def _sample(self, e: Engine, images: torch.Tensor, masks: torch.Tensor, noise: NoiseSource) -> torch.Tensor:
+        """Scaled latents for padded images in [-1, 1] (B, 3, H, W) and repaint masks (B, 1, H, W); with a
+        refiner, the model's side of the hand-off."""
         latent_hw = (images.shape[-2] // e.info.downsampling, images.shape[-1] // e.info.downsampling)
         if self.kind is InpaintKind.MASKED:
-            return self._masked(e, images, masks, seeds, latent_hw)
+            return self._masked(e, images, masks, noise, latent_hw)
         latent_mask = F.interpolate(masks, size=latent_hw).to(e.device)  # nearest, as the reference
         if self.kind is InpaintKind.LDM_CONCAT:
-            return self._ldm_concat(e, images, masks, latent_mask, seeds)
-        return self._sd_hybrid(e, images, masks, latent_mask, seeds)
+            return self._ldm_concat(e, images, masks, latent_mask, noise)
+        return self._sd_hybrid(e, images, masks, latent_mask, noise)
 
-    def _masked(self, e: Engine, images: torch.Tensor, masks: torch.Tensor, seeds: list[int],
+    def _masked(self, e: Engine, images: torch.Tensor, masks: torch.Tensor, noise: NoiseSource,
                 latent_hw: tuple[int, int]) -> torch.Tensor:
         init = e.encode(images)
-        cond, uncond = self.conditioning(e, len(seeds), (images.shape[-2], images.shape[-1]))
+        cond, uncond = self.conditioning(e, len(noise.seeds), (images.shape[-2], images.shape[-1]))
         repaint = latent_repaint_mask(masks, latent_hw).to(e.device, e.dtype)
-        return e.sample(latent_hw, seeds, cond, uncond, init_latent=init, repaint=repaint,
-                        progress=self.step_progress())
+        return e.sample(latent_hw, noise.seeds, cond, uncond, init_latent=init, repaint=repaint,
+                        progress=self.step_progress(), handoff=self.refining.first(), noise=noise)
 
     def _ldm_concat(self, e: Engine, images: torch.Tensor, masks: torch.Tensor, latent_mask: torch.Tensor,
-                    seeds: list[int]) -> torch.Tensor:
+                    noise: NoiseSource) -> torch.Tensor:
         masked = ((1 - masks) * (images + 1) / 2) * 2 - 1
         c_masked = e.encode(masked) / e.bundle.scale_factor  # the cond stage is the unscaled first stage
         concat = torch.cat([c_masked, latent_mask * 2 - 1], dim=1).to(e.device, e.dtype)
-        return e.sample((latent_mask.shape[-2], latent_mask.shape[-1]), seeds, Cond(concat=concat), progress=self.step_progress())
+        return e.sample((latent_mask.shape[-2], latent_mask.shape[-1]), noise.seeds, Cond(concat=concat),
+                        progress=self.step_progress(), handoff=self.refining.first(), noise=noise)
 
     def _sd_hybrid(self, e: Engine, images: torch.Tensor, masks: torch.Tensor, latent_mask: torch.Tensor,
-                   seeds: list[int]) -> torch.Tensor:
+                   noise: NoiseSource) -> torch.Tensor:
         c_masked = e.encode(images * (masks < 0.5))
         concat = torch.cat([latent_mask, c_masked], dim=1).to(e.device, e.dtype)
         image_hw = (images.shape[-2], images.shape[-1])
-        cond, uncond = self.texts.conds(e, [self.prompt] * len(seeds), [self.negative] * len(seeds), image_hw)
-        return e.sample((latent_mask.shape[-2], latent_mask.shape[-1]), seeds, replace(cond, concat=concat),
-                        replace(uncond, concat=concat), progress=self.step_progress())
+        count = len(noise.seeds)
+        cond, uncond = self.texts.conds(e, [self.prompt] * count, [self.negative] * count, image_hw)
+        return e.sample((latent_mask.shape[-2], latent_mask.shape[-1]), noise.seeds, replace(cond, concat=concat),
+                        replace(uncond, concat=concat), progress=self.step_progress(), handoff=self.refining.first(),
+                        noise=noise)
 
     def _finish(self, jobs: list[Job], results: torch.Tensor, masks: torch.Tensor) -> list[Output]:
         """Colour fix, then the feathered composite onto the input itself (not its [-1, 1] round trip), so

@@ -1,6 +1,7 @@
 """What a model task's run needs, for the run plan (runtime/plan.py): peak memory and about how long.
 
-Peak memory of the largest item: the weights (the file's size until the model is open, then its tensors),
+Peak memory of the largest item: the weights (the file's size until the model is open, then its tensors;
+a `--refiner`'s too, which stays loaded beside the model),
 the latent canvas and the sampler's copies of it, the network's working memory for one tile call (the tile
 the engine will choose, `choose_tiling`), and the full-size image buffers the pipeline keeps
 (`output_bytes`). It is compared with what the device holding it has available (host RAM, with what this
@@ -45,6 +46,7 @@ def model_demand(task: "ModelTask", sizes: Mapping[Size, int], batch_size: int) 
     latents = task.planned_latents(largest, down)
     latent_area = max(h * w for h, w in latents)
     weights = _weights_bytes(engine) if opened else _file_bytes(task.model_file())
+    refiner = _refiner_bytes(task)
     latent = latent_area * channels * 4 * LATENT_COPIES * batch_size
     working = _working_bytes(engine, max(latents, key=lambda hw: hw[0] * hw[1]), batch_size) if opened else 0
     images = output_bytes(sizes, batch_size)
@@ -52,14 +54,14 @@ def model_demand(task: "ModelTask", sizes: Mapping[Size, int], batch_size: int) 
     device = engine.device if opened and engine.device is not None else torch.device("cpu")
     seconds = _seconds(task, sizes, down) if opened else None
     if device.type == "cuda":
-        on_device = weights + latent + working
+        on_device = weights + refiner + latent + working
         free, _total = torch.cuda.mem_get_info(device)
         device_available = int(free) + int(torch.cuda.memory_allocated(device))
         if images <= host_available:
             return Demand(on_device, device_available, seconds, str(device),
-                          {"weights": weights, "latents": latent, "working": working})
+                          {"weights": weights, "refiner": refiner, "latents": latent, "working": working})
         return Demand(images, host_available, seconds, "host", {"images": images})
-    parts = {"weights": weights, "latents": latent, "working": working, "images": images}
+    parts = {"weights": weights, "refiner": refiner, "latents": latent, "working": working, "images": images}
     return Demand(sum(parts.values()), host_available, seconds, device.type, parts)
 
 
@@ -73,6 +75,18 @@ def _file_bytes(path: Optional[Path]) -> int:
 def _weights_bytes(engine: "Engine") -> int:
     bundle = engine.bundle
     return sum(t.numel() * t.element_size() for t in [*bundle.parameters(), *bundle.buffers()])
+
+
+def _refiner_bytes(task: "ModelTask") -> int:
+    """The weights of the task's `--refiner` (0 without one): its tensors once open, else its file's size."""
+    refiner = getattr(task, "refiner", None)
+    if refiner is None:
+        return 0
+    if hasattr(refiner, "bundle"):
+        return _weights_bytes(refiner)
+    from ldmtool.checkpoints.api import resolve_source
+
+    return _file_bytes(resolve_source(refiner.choice.model)[0])
 
 
 def _rows(task: "ModelTask", engine: "Engine") -> int:

@@ -11,6 +11,11 @@ so a 150-token prompt gives a (154, D) context. A plain prompt of at most 75 tok
 ids the encoder's own `tokenize` makes, and no weighting: exactly the context the encoder gives it.
 
 Encoders without a token table (LDM-BERT) take the prompt as written.
+
+SDXL's conditioner (`ConditionerPromptEncoder`) reads the prompt through each text tower as A1111 does:
+every tower lays out the same chunks with its own start/end/pad ids, weights and restores the mean of its
+own hidden states, and takes its own vectors of an SDXL embedding (`clip_l`, `clip_g`); the towers' contexts
+join along the width, and the pooled vector is the pooling tower's for the first chunk (unweighted).
 """
 from __future__ import annotations
 
@@ -41,7 +46,7 @@ class PromptEncoder:
     """Context (T, D) of one prompt, T a multiple of 77, on the CPU in float32."""
 
     def __init__(self, encoder: nn.Module, *, clip_skip: Optional[int] = None,
-                 embeddings: Sequence[TextualInversion] = ()):
+                 embeddings: Sequence[TextualInversion] = (), slot: Optional[str] = None):
         from ldmtool.nets.tokenizers import clip_tokenizer
 
         self.encoder = encoder
@@ -58,14 +63,19 @@ class PromptEncoder:
         self.comma = self.tokenizer.convert_tokens_to_ids(",</w>")
         width = self.table.weight.shape[-1]
         self.embeddings = [(self._ids(e.name), e, vectors) for e in embeddings
-                           if (vectors := e.for_width(width)) is not None]
+                           if (vectors := _vectors(e, width, slot)) is not None]
         self.embeddings.sort(key=lambda entry: -len(entry[0]))  # the longest name wins where several match
 
     def __call__(self, text: str) -> torch.Tensor:
         if not self.syntax:
             context = cast(Callable[..., torch.Tensor], self.encoder.encode)([without_extra_networks(text)])[0]
             return context.float().cpu()
-        return torch.cat([self._encode(chunk) for chunk in self.chunks(text)])
+        return self.encode(text)[0]
+
+    def encode(self, text: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(context (T, D), the pooled vector of the first chunk, or None for an encoder that does not pool)."""
+        encoded = [self._encode(chunk) for chunk in self.chunks(text)]
+        return torch.cat([z for z, _ in encoded]), encoded[0][1]
 
     def empty(self) -> torch.Tensor:
         """The context of the empty prompt: what shorter contexts are padded with, one chunk at a time."""
@@ -103,16 +113,63 @@ class PromptEncoder:
 
     # -- encoding
 
-    def _encode(self, chunk: Chunk) -> torch.Tensor:
+    def _encode(self, chunk: Chunk) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         tokens = torch.tensor([chunk.tokens])
         with torch.inference_mode(), _vectors_at(self.table, chunk.vectors):
-            z = self.encode_tokens(tokens, clip_skip=self.clip_skip)[0].float().cpu()  # (77, D)
+            out = self.encode_tokens(tokens, clip_skip=self.clip_skip)
+        hidden, pooled = out if isinstance(out, tuple) else (out, None)
+        z = hidden[0].float().cpu()  # (77, D)
+        pooled = None if pooled is None else pooled[0].float().cpu()
         if all(weight == 1.0 for weight in chunk.weights):
-            return z
+            return z, pooled
         mean = z.mean()
         z = z * torch.tensor(chunk.weights)[:, None]
         restored: torch.Tensor = z * (mean / z.mean())
-        return restored
+        return restored, pooled
+
+
+def _vectors(embedding: TextualInversion, width: int, slot: Optional[str]) -> Optional[torch.Tensor]:
+    """An embedding's vectors for one encoder: by its width, or (SDXL) by the tower's key if they fit it."""
+    if slot is None:
+        return embedding.for_width(width)
+    vectors = embedding.vectors.get(slot)
+    return vectors if vectors is not None and vectors.shape[-1] == width else None
+
+
+# The key of each SDXL text tower's vectors in an embedding file, by the tower's class.
+TOWER_SLOTS = {"FrozenCLIPEmbedder": "clip_l", "FrozenOpenCLIPEmbedder2": "clip_g"}
+
+
+def tower_layers(tower: nn.Module) -> int:
+    """How many transformer layers a text tower has (the deepest clip skip it can take)."""
+    model: Any = tower
+    if hasattr(model, "transformer") and hasattr(model.transformer, "text_model"):
+        return int(model.transformer.text_model.config.num_hidden_layers)
+    return len(model.model.transformer.resblocks)
+
+
+class ConditionerPromptEncoder:
+    """(context (T, D), pooled vector or None) of one prompt through every text tower of an sgm conditioner."""
+
+    def __init__(self, conditioner: nn.Module, *, clip_skip: Optional[int] = None,
+                 embeddings: Sequence[TextualInversion] = ()):
+        towers: list[Any] = list(cast(Any, conditioner).text_embedders)
+        slots = [TOWER_SLOTS.get(type(tower).__name__, "") for tower in towers]
+        # an embedding is used only where it has vectors for every tower, so the towers lay out the same chunks
+        usable = [e for e in embeddings
+                  if all(_vectors(e, tower.token_embedding.weight.shape[-1], slot) is not None
+                         for tower, slot in zip(towers, slots))
+                  and len({len(e.vectors[slot]) for slot in slots}) == 1]
+        self.towers = [PromptEncoder(tower, clip_skip=clip_skip, embeddings=usable, slot=slot)
+                       for tower, slot in zip(towers, slots)]
+
+    def encode(self, text: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        encoded = [tower.encode(text) for tower in self.towers]
+        pooled = [p for _, p in encoded if p is not None]
+        return torch.cat([z for z, _ in encoded], dim=-1), torch.cat(pooled) if pooled else None
+
+    def embeddings_in(self, text: str) -> dict[str, TextualInversion]:
+        return self.towers[0].embeddings_in(text)
 
 
 class _ChunkBuilder:

@@ -28,6 +28,7 @@ import torch
 from ldmtool.errors import UsageError
 from ldmtool.families.info import Conditioning
 from ldmtool.io.files import read_text_file
+from ldmtool.pipelines.prompt_encoding import ConditionerPromptEncoder, PromptEncoder
 from ldmtool.runtime.device import one_thread
 
 if TYPE_CHECKING:
@@ -211,19 +212,18 @@ class TextConditioner:
     encode every prompt once in a normal run.
 
     A model with micro-conditioning (`info.micro_conditioning`) also gets its vector `y` from `cond`: the
-    pooled prompt (kept beside the context) and the image's size.
+    pooled prompt (kept beside the context) and the image's size. Its prompts go through each of its text
+    towers in the same syntax (`ConditionerPromptEncoder`).
     """
 
     def __init__(self, encoder: torch.nn.Module, keep: int = 512, *, info: Optional["ModelInfo"] = None,
                  clip_skip: Optional[int] = None, embeddings: Sequence["TextualInversion"] = ()):
-        from ldmtool.pipelines.prompt_encoding import PromptEncoder
-
-        self.encoder: Any = encoder  # a cond stage: `encode(texts)`, and `encode_text`/`vector` with micro-conditioning
+        self.encoder: Any = encoder  # a cond stage: `encode(texts)`, and `text_embedders`/`vector` with micro-conditioning
         self.info = info
         self.micro = info is not None and bool(info.micro_conditioning)
-        # SDXL's two encoders take the prompt as written (A1111 syntax is for the one-encoder families so far)
-        self.prompt_encoder = None if self.micro else PromptEncoder(encoder, clip_skip=clip_skip,
-                                                                     embeddings=embeddings)
+        self.prompt_encoder: PromptEncoder | ConditionerPromptEncoder = (
+            ConditionerPromptEncoder(encoder, clip_skip=clip_skip, embeddings=embeddings) if self.micro
+            else PromptEncoder(encoder, clip_skip=clip_skip, embeddings=embeddings))
         self.keep = keep
         self._contexts: OrderedDict[str, tuple[torch.Tensor, Optional[torch.Tensor]]] = OrderedDict()
         self.encoded = 0  # how many texts went through the encoder (tests check the caching)
@@ -245,23 +245,27 @@ class TextConditioner:
         """(cond, uncond) for guidance on the engine's device, for images of `image_hw` pixels: the contexts
         (padded to one length), and the vector `y` where the model takes one."""
         if self.micro:
-            return self.cond(engine, prompts, image_hw), self.cond(engine, negatives, image_hw, negative=True)
+            length = max(len(c) for c in self.contexts([*prompts, *negatives]))  # A1111 pads the shorter one
+            return (self.cond(engine, prompts, image_hw, length=length),
+                    self.cond(engine, negatives, image_hw, negative=True, length=length))
         from ldmtool.diffusion.cond import Cond
 
         cond, uncond = self.pair(prompts, negatives)
         return Cond(crossattn=cond.to(engine.device, engine.dtype)), Cond(crossattn=uncond.to(engine.device, engine.dtype))
 
     def cond(self, engine: "Engine", texts: Sequence[str], image_hw: tuple[int, int], *,
-             negative: bool = False) -> "Cond":
+             negative: bool = False, length: Optional[int] = None) -> "Cond":
         """Conditioning for `texts` (prompts, or with `negative` the negative prompts) on the engine's device,
-        for images of `image_hw` pixels: the context, and the vector `y` where the model takes one."""
+        for images of `image_hw` pixels: the context (padded with empty chunks to `length` tokens, by default
+        the longest), and the vector `y` where the model takes one."""
         from ldmtool.diffusion.cond import Cond
 
         info = self.info
         if info is None or not self.micro:
             return Cond(crossattn=self(texts).to(engine.device, engine.dtype))
         encoded = self._encoded(texts)
-        context = torch.stack([c for c, _ in encoded])
+        contexts = [c for c, _ in encoded]
+        context = torch.stack(self._padded(contexts, length or max(len(c) for c in contexts)))
         vectors = [p for _, p in encoded if p is not None]
         pooled = torch.stack(vectors) if len(vectors) == len(encoded) else None
         if negative and info.zero_empty_negative:
@@ -273,8 +277,6 @@ class TextConditioner:
 
     def ti_hashes(self, *texts: str) -> Optional[str]:
         """`name: hash, ...` of the embeddings `texts` use, as A1111 writes `TI hashes` (None for none)."""
-        if self.prompt_encoder is None:
-            return None
         used: dict[str, Any] = {}
         for text in texts:
             used.update(self.prompt_encoder.embeddings_in(text))
@@ -304,10 +306,9 @@ class TextConditioner:
         return [found[t] for t in texts]
 
     def _encode(self, text: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        if self.prompt_encoder is None:
-            out = self.encoder.encode_text([text])  # a TextEmbedding (nets/sgm.py)
-            return out.context[0].float().cpu(), None if out.pooled is None else out.pooled[0].float().cpu()
-        return self.prompt_encoder(text), None
+        if isinstance(self.prompt_encoder, PromptEncoder):
+            return self.prompt_encoder(text), None
+        return self.prompt_encoder.encode(text)
 
     def _padded(self, contexts: list[torch.Tensor], length: int) -> list[torch.Tensor]:
         if all(len(c) == length for c in contexts):
@@ -322,12 +323,15 @@ CLIP_CHUNK = 77
 def text_conditioner(engine: "Engine", encoder: torch.nn.Module) -> TextConditioner:
     """The run's text conditioner: the model's text encoder with `--clip-skip` and `--embeddings-dir`."""
     from ldmtool.addons.embeddings import load_embeddings
+    from ldmtool.pipelines.prompt_encoding import tower_layers
 
     choice, info = engine.choice, engine.info
-    if info.micro_conditioning and (choice.clip_skip is not None or choice.embeddings_dir is not None):
-        raise UsageError(f"--clip-skip and --embeddings-dir do not apply to {info.family} models yet")
-    if choice.clip_skip is not None and not hasattr(encoder, "token_embedding"):
+    towers = list(getattr(encoder, "text_embedders", [encoder]))
+    if choice.clip_skip is not None and not all(hasattr(tower, "token_embedding") for tower in towers):
         raise UsageError(f"--clip-skip {choice.clip_skip}: a {info.family} model has no CLIP text encoder")
+    if choice.clip_skip is not None and choice.clip_skip > min(tower_layers(tower) for tower in towers):
+        raise UsageError(f"--clip-skip {choice.clip_skip}: the {info.family} model's text encoder has "
+                         f"{min(tower_layers(tower) for tower in towers)} layers")
     embeddings = load_embeddings(choice.embeddings_dir) if choice.embeddings_dir is not None else ()
     return TextConditioner(encoder, info=info, clip_skip=choice.clip_skip, embeddings=embeddings)
 

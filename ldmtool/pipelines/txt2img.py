@@ -20,13 +20,13 @@ import torch
 
 from ldmtool.addons.networks import NetworkSet, lora_hashes, prompt_networks
 from ldmtool.diffusion.cond import Cond
-from ldmtool.diffusion.handoff import Handoff
 from ldmtool.diffusion.samplers import get_sampler
 from ldmtool.errors import ItemError, UsageError
 from ldmtool.io.discover import Item, generated_items
 from ldmtool.pipelines.base import ModelTask, in_groups
 from ldmtool.pipelines.engine import Engine
 from ldmtool.pipelines.prompt_templates import PromptTemplates, expanded, is_template
+from ldmtool.pipelines.refiner import Refiner
 from ldmtool.pipelines.text import (
     PromptSpec,
     TextConditioner,
@@ -36,9 +36,8 @@ from ldmtool.pipelines.text import (
 )
 from ldmtool.pipelines.upscale import check_scale, rework_upscaled, upscaled
 from ldmtool.runtime.jobs import Job, Output
-from ldmtool.runtime.seeds import SEED_LIMIT
+from ldmtool.runtime.seeds import SEED_LIMIT, NoiseSource
 
-DEFAULT_REFINER_AT = 0.8  # the refiner runs the last 20% of the schedule, as the SDXL reference
 DEFAULT_HIRES_STRENGTH = 0.5
 
 
@@ -88,9 +87,8 @@ class Txt2ImgTask(ModelTask):
         self.hires_colour_fix = hires_colour_fix is not False
         self._hires_options = (hires_strength, hires_colour_fix)
         self.prompts = list(prompts)
-        self.refiner = refiner  # takes the schedule over at `refiner_at` (diffusion/handoff.py)
-        self.refiner_at = DEFAULT_REFINER_AT if refiner_at is None else refiner_at
-        self._refiner_at_given = refiner_at is not None
+        self.refiner = refiner  # takes the schedule over at `refiner_at` (pipelines/refiner.py)
+        self.refining = Refiner(refiner, refiner_at)
         self.negative = negative
         self.width, self.height = width, height
         self.wildcards = wildcards
@@ -103,36 +101,21 @@ class Txt2ImgTask(ModelTask):
         check_scale("--hires", self.hires)
         if self.hires is None and self._hires_options != (None, None):
             raise UsageError("--hires-strength and --hires-colour-fix go with --hires S (the hires fix)")
-        if self.refiner is None and self._refiner_at_given:
-            raise UsageError("--refiner-at goes with --refiner FILE")
+        self.refining.validate()
 
     def check_model(self, engine: Engine) -> None:
         self.texts = text_conditioner(engine, require_text_model(engine.bundle, engine.model_path, self.command))
         self._texts_by_networks: dict[NetworkSet, TextConditioner] = {engine.networks: self.texts}
         self._prompt_networks: dict[str, NetworkSet] = {}
         self.multiple = engine.info.pixel_multiple
-        if self.refiner is not None:
-            self._open_refiner(engine, self.refiner)
+        if self.refining.active:
+            self.multiple = max(self.multiple, self.refining.open(engine, self.command))
         default_w, default_h = engine.info.defaults.size
         self.width, self.height = self.width or default_w, self.height or default_h
         check_size(self.width, self.height, self.multiple)
 
-    def _open_refiner(self, engine: Engine, refiner: Engine) -> None:
-        """The refiner walks the base's schedule (its sampler, steps and cfg), in the same latent space."""
-        Handoff(self.refiner_at, first=True)  # checks the fraction
-        p = engine.resolved()
-        refiner.sampling = replace(refiner.sampling, sampler=p["sampler"], steps=p["steps"], cfg=p["cfg"])
-        refiner.open()
-        self.refiner_texts = TextConditioner(require_text_model(refiner.bundle, refiner.model_path, self.command),
-                                             info=refiner.info)
-        mine, theirs = engine.info, refiner.info
-        if (mine.latent_channels, mine.downsampling) != (theirs.latent_channels, theirs.downsampling):
-            raise UsageError(f"--refiner {refiner.model_path}: its latent space ({theirs.latent_channels} channels, "
-                             f"/{theirs.downsampling}) is not the model's ({mine.latent_channels}, /{mine.downsampling})")
-        self.multiple = max(self.multiple, theirs.pixel_multiple)
-
     def recorded(self, engine: Engine) -> dict[str, Any]:
-        refined = {} if self.refiner is None else {"refiner": self.refiner.model_path.name, "refiner_at": self.refiner_at}
+        refined = self.refining.recorded()
         hires = {} if self.hires is None else {"hires": self.hires, "hires_strength": self.hires_strength,
                                                "hires_colour_fix": self.hires_colour_fix}
         return {"negative": self.negative, "width": self.width, "height": self.height, **refined, **hires,
@@ -200,27 +183,13 @@ class Txt2ImgTask(ModelTask):
         """Uint8 pixels (B, H, W, 3) at `engine`'s precision (`Engine.finite` retries in fp32)."""
         image_hw = (latent_hw[0] * engine.info.downsampling, latent_hw[1] * engine.info.downsampling)
         cond, uncond = self._texts_for(engine).conds(engine, prompts, negatives, image_hw)
-        if self.refiner is None:
-            z = engine.sample(latent_hw, seeds, cond, uncond, progress=self.step_progress())
-            return engine.decode_pixels(z)
-        z = engine.sample(latent_hw, seeds, cond, uncond, progress=self.step_progress(),
-                          handoff=Handoff(self.refiner_at, first=True))
-        return self._refine(engine, z, image_hw, prompts, negatives, seeds)
-
-    def _refine(self, engine: Engine, z: torch.Tensor, image_hw: tuple[int, int], prompts: list[str],
-                negatives: list[str], seeds: list[int]) -> torch.Tensor:
-        """The refiner's part of the schedule from the base's latent, decoded by the refiner's first stage
-        (at the base engine's precision: the fp32 retry retries both)."""
-        assert self.refiner is not None
-        refiner = self.refiner if engine.dtype == self.refiner.dtype else self.refiner.in_fp32()
-        p = engine.resolved()  # a JSON line's own sampler/steps/cfg: the refiner walks the same schedule
-        if refiner.sampling.sampler != p["sampler"] or refiner.sampling.steps != p["steps"] or refiner.sampling.cfg != p["cfg"]:
-            refiner = copy.copy(refiner)
-            refiner.sampling = replace(refiner.sampling, sampler=p["sampler"], steps=p["steps"], cfg=p["cfg"])
-        cond, uncond = self.refiner_texts.conds(refiner, prompts, negatives, image_hw)
-        z = refiner.sample((z.shape[-2], z.shape[-1]), seeds, cond, uncond, init_latent=z,
-                           progress=self.step_progress(), handoff=Handoff(self.refiner_at, first=False))
-        return refiner.decode_pixels(z)
+        noise = NoiseSource(seeds)
+        z = engine.sample(latent_hw, seeds, cond, uncond, progress=self.step_progress(), handoff=self.refining.first(),
+                          noise=noise)
+        if self.refining.active:
+            engine, z = self.refining.refine(engine, z, prompts=prompts, negatives=negatives, image_hw=image_hw,
+                                             noise=noise, progress=self.step_progress())
+        return engine.decode_pixels(z)
 
     def _expanded(self, spec: PromptSpec, job: Job) -> PromptSpec:
         """The item's prompt line with its templates expanded by its seed (random mode)."""

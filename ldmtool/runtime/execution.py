@@ -53,18 +53,25 @@ def recipes_for(task: Task, options: RunOptions, output_suffix: str) -> Recipes:
 
 
 def addon_files(task: Task) -> dict[str, Any]:
-    """The contents (sha256) of the run's `--lora`, `--vae` and `--refiner` files, beside their paths in the
-    options."""
+    """The contents (sha256) of the run's `--lora`, `--vae`, `--refiner` and `--embeddings-dir` files, beside
+    their paths in the options."""
     engine = getattr(task, "engine", None)
     if engine is None or not hasattr(engine, "addons"):
         return {}
+    from ldmtool.runtime.cache import file_sha256
+
     files = cast(dict[str, Any], engine.addons().job_identity())
     refiner = getattr(task, "refiner", None)
     if refiner is not None:
         from ldmtool.checkpoints.api import resolve_source
-        from ldmtool.runtime.cache import file_sha256
 
         files["refiner_sha256"] = file_sha256(resolve_source(refiner.choice.model)[0])
+    folder = getattr(engine.choice, "embeddings_dir", None)
+    if folder is not None and folder.is_dir():  # every embedding a prompt could name (addons/embeddings.py)
+        from ldmtool.addons.base import ADDON_SUFFIXES
+
+        files["embeddings_sha256"] = {p.name: file_sha256(p) for p in sorted(folder.iterdir())
+                                      if p.suffix.lower() in ADDON_SUFFIXES and p.is_file()}
     return files
 
 

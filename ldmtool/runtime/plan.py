@@ -77,7 +77,7 @@ class RunPlan:
                 "largest": None if self.largest is None else list(self.largest), "unknown_sizes": self.unknown,
                 "peak_memory": self.peak_bytes, "available_memory": self.available_bytes,
                 "seconds": None if self.seconds is None else round(self.seconds, 3), "device": self.device,
-                **self.precision}
+                **self.precision, "peak_parts": {name: value for name, value in self.parts.items() if value}}
 
 
 def size_text(size: int) -> str:
