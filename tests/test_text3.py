@@ -236,6 +236,8 @@ def test_missing_encoders_tokenizers_and_bad_files_are_one_line_errors(towers, s
         sd3_text_conditioning(TextEncoders(clip_l=sd3_encoders.clip_l, t5=sd3_encoders.t5), ["x"])
     with pytest.raises(UsageError, match=r"^FLUX.1 needs the CLIP-L text encoder"):
         flux_text_conditioning(TextEncoders(), ["x"])
+    with pytest.raises(UsageError, match=r"^clip skip 2 \(layers before the penultimate\): the CLIP-L text encoder has 3 layers, so it takes 0 to 1$"):
+        sd3_text_conditioning(sd3_encoders, ["x"], clip_skip=2)
     t5_file = ("t5xxl_fp16.safetensors", _released("t5xxl", towers["t5xxl"]))
     with pytest.raises(UsageError, match=r"^t5xxl_fp16.safetensors: its T5 text encoder needs T5's tokenizer: pass "
                                          "--tokenizer DIR"):

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable, Literal, Mapping, Optional, Sequence
 
 import torch
 
-from ldmtool.errors import CheckpointError
+from ldmtool.errors import CheckpointError, UsageError
 from ldmtool.nets.t5 import t5_prefix
 
 if TYPE_CHECKING:
@@ -158,6 +158,10 @@ class ClipTextEncoder:
     @torch.no_grad()
     def encode(self, prompts: Sequence[str], clip_skip: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`clip_skip` k (diffusers' meaning) takes the hidden states k layers before the penultimate."""
+        layers = self.model.config.num_hidden_layers
+        if clip_skip is not None and not 0 <= clip_skip < layers - 1:
+            raise UsageError(f"clip skip {clip_skip} (layers before the penultimate): the {ENCODER_NAMES[self.kind]} text "
+                             f"encoder has {layers} layers, so it takes 0 to {layers - 2}")
         device = self.model.text_projection.weight.device
         out = self.model.text_model(input_ids=self.tokenize(prompts).to(device), output_hidden_states=True)
         hidden = out.hidden_states[-2 - (clip_skip or 0)]
