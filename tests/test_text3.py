@@ -26,6 +26,7 @@ from ldmtool.nets.text3 import (
     flux_text_conditioning,
     open_text_encoders,
     sd3_text_conditioning,
+    text_encoder_sources,
 )
 from ldmtool.nets.tokenizers import clip_vocab_and_merges
 from test_t5 import tokenizer_dir  # noqa: F401  (the tiny T5 tokenizer.json fixture)
@@ -179,6 +180,25 @@ def test_flux_conditioning_equals_the_flux_pipeline(towers, clip_tokenizer_dir, 
     assert ours.txt.shape == (3, length, T5_WIDTH) and ours.txt_ids.shape == (3, length, 3)
     torch.testing.assert_close(ours.txt, txt, rtol=0, atol=1e-5)
     torch.testing.assert_close(ours.txt_ids[0], txt_ids, rtol=0, atol=0)
+
+
+def test_standalone_files_and_diffusers_folders_give_the_single_files_encoders(towers, sd3_encoders, tokenizer_dir,  # noqa: F811
+                                                                               tmp_path):
+    save_file(_released("clip_l", towers["clip_l"], storage=torch.float16), tmp_path / "clip_l.safetensors")
+    (tmp_path / "text_encoder_2").mkdir()
+    save_file(_released("clip_g", towers["clip_g"], storage=torch.float16), tmp_path / "text_encoder_2" / "model.safetensors")
+    (tmp_path / "text_encoder_3").mkdir()
+    t5 = _released("t5xxl", towers["t5xxl"], storage=torch.float16)
+    for shard, keys in enumerate([sorted(t5)[::2], sorted(t5)[1::2]]):
+        save_file({k: t5[k] for k in keys}, tmp_path / "text_encoder_3" / f"model-0000{shard + 1}-of-00002.safetensors")
+    paths = [tmp_path / "clip_l.safetensors", tmp_path / "text_encoder_2", tmp_path / "text_encoder_3"]
+    encoders = open_text_encoders(text_encoder_sources(paths), t5_tokenizer=tokenizer_dir / "tokenizer.json",
+                                  t5_padding=T5Padding(T5_LENGTH))
+    ours, single_file = sd3_text_conditioning(encoders, PROMPTS[:2]), sd3_text_conditioning(sd3_encoders, PROMPTS[:2])
+    torch.testing.assert_close(ours.context, single_file.context, rtol=0, atol=0)
+    torch.testing.assert_close(ours.pooled, single_file.pooled, rtol=0, atol=0)
+    with pytest.raises(UsageError, match=r"clip_g.safetensors: no such checkpoint file"):
+        text_encoder_sources([tmp_path / "clip_g.safetensors"])
 
 
 def _full_size_shapes(kind: str) -> dict:

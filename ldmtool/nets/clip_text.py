@@ -9,7 +9,8 @@ what no shape records is fixed as the released towers fix it: 64-wide heads, and
 `<|endoftext|>`, bigG with `!`, id 0).
 
 Which tower a bare file holds is read from its width: 768 is CLIP-L, 1280 bigG; reduced widths (test files) below
-1024 are taken as CLIP-L, the others as bigG, unless the caller names the kind (an SD3 file's prefix does).
+1024 are taken as CLIP-L, the others as bigG, unless the caller names the kind (an SD3 file's prefix does;
+`nets.text3.open_text_encoders` takes the narrower of two such towers as CLIP-L).
 Both the SD3 reference code and diffusers take CLIP-L's pooled output *unprojected* (the reference asks for no
 projection; diffusers loads an identity `text_projection` from single files, which often lack it), and bigG's
 projected; `ClipTextEncoder` does the same whatever projection a CLIP-L file carries.
@@ -44,9 +45,12 @@ _LAYER = re.compile(r"^text_model\.encoder\.layers\.(\d+)\.")
 _UNUSED = ("text_model.embeddings.position_ids", "logit_scale")  # buffers some exports keep; nothing reads them
 
 
+BARE = ("", "transformer.")  # prefixes that do not say which tower it is
+
+
 def clip_prefix(keys: Sequence[str]) -> Optional[str]:
     """The prefix under which a state dict holds a CLIP tower in transformers' layout, or None."""
-    for prefix in ("", "transformer.", *SD3_CLIP_PREFIXES.values()):
+    for prefix in (*BARE, *SD3_CLIP_PREFIXES.values()):
         if prefix + _FINAL_NORM in keys and prefix + _EMBED in keys:
             return prefix
     return None
@@ -61,6 +65,11 @@ def text_encoder_kind(shapes: Mapping[str, Sequence[int]]) -> Optional[str]:
     if clip_prefix(keys) is None:
         return None
     return _clip_kind(keys, lambda key: shapes[key][-1])
+
+
+def clip_width(state: Mapping[str, torch.Tensor]) -> int:
+    """The width of the CLIP tower a state dict holds."""
+    return int(state[f"{clip_prefix(list(state))}{_EMBED}"].shape[-1])
 
 
 def text_encoders_in(state: Mapping[str, torch.Tensor], *, source: str) -> dict[str, dict[str, torch.Tensor]]:
@@ -181,7 +190,7 @@ def open_clip_encoder(state: Mapping[str, torch.Tensor], kind: Optional[ClipKind
 
 
 def _kind_of(state: Mapping[str, torch.Tensor]) -> ClipKind:
-    return _clip_kind(list(state), lambda key: state[key].shape[-1])
+    return _clip_kind(list(state), lambda key: int(state[key].shape[-1]))
 
 
 def _clip_kind(keys: Sequence[str], width_of: Callable[[str], int]) -> ClipKind:

@@ -23,14 +23,19 @@ import torch.nn.functional as F
 
 from ldmtool.errors import CheckpointError, UsageError
 from ldmtool.nets.clip_text import (
+    BARE,
+    CLIP_G_WIDTH,
     CLIP_KINDS,
+    CLIP_L_WIDTH,
     ENCODER_NAMES,
     ClipKind,
     ClipTextEncoder,
+    clip_prefix,
+    clip_width,
     open_clip_encoder,
     text_encoders_in,
 )
-from ldmtool.nets.t5 import SD3_PADDING, T5Padding, T5TextEncoder, open_t5_encoder
+from ldmtool.nets.t5 import SD3_PADDING, T5Padding, T5TextEncoder, open_t5_encoder, t5_folder_state
 
 SD3_CONTEXT_WIDTH = 4096  # MMDiT's joint_attention_dim / context_embedder input, T5 XXL's width
 
@@ -72,15 +77,17 @@ def open_text_encoders(sources: Sequence[tuple[str, Mapping[str, torch.Tensor]]]
                        t5_tokenizer: Optional[Path] = None, t5_padding: T5Padding = SD3_PADDING,
                        dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> TextEncoders:
     """The encoders in `sources`, (name, state dict) pairs: `--text-encoder` files and the model file itself
-    (an SD3 single file holds up to three). Each is recognised by its keys; two of one kind are a UsageError,
-    and so is a T5 without `t5_tokenizer` (the `tokenizer.json` that `find_t5_tokenizer` found)."""
+    (an SD3 single file holds up to three). Each is recognised by its keys (two bare CLIP towers of other widths
+    than the released ones: the narrower is CLIP-L); two of one kind are a UsageError, and so is a T5 without
+    `t5_tokenizer` (the `tokenizer.json` that `find_t5_tokenizer` found)."""
+    found = [(name, kind, part) for name, state in sources
+             for kind, part in text_encoders_in(state, source=name).items()]
     states: dict[str, tuple[str, dict[str, torch.Tensor]]] = {}
-    for name, state in sources:
-        for kind, part in text_encoders_in(state, source=name).items():
-            if kind in states:
-                raise UsageError(f"{name}: a second {ENCODER_NAMES[kind]} text encoder (the first is in "
-                                 f"{states[kind][0]}); give each kind once")
-            states[kind] = (name, part)
+    for name, kind, part in _clip_kinds_by_width(found):
+        if kind in states:
+            raise UsageError(f"{name}: a second {ENCODER_NAMES[kind]} text encoder (the first is in "
+                             f"{states[kind][0]}); give each kind once")
+        states[kind] = (name, part)
     encoders = TextEncoders()
     for kind in CLIP_KINDS:
         if kind in states:
@@ -93,6 +100,31 @@ def open_text_encoders(sources: Sequence[tuple[str, Mapping[str, torch.Tensor]]]
                              "with T5's tokenizer.json, such as a diffusers FLUX.1 folder's tokenizer_2/)")
         encoders.t5 = open_t5_encoder(part, t5_tokenizer, t5_padding, source=name, dtype=dtype, device=device)
     return encoders
+
+
+Found = list[tuple[str, str, dict[str, torch.Tensor]]]
+
+
+def _clip_kinds_by_width(found: Found) -> Found:
+    """Two bare CLIP towers that are not the released widths (reduced test files) are told apart by width,
+    since CLIP-L is always the narrower; anything else keeps the kind its keys gave."""
+    bare = [i for i, (_, kind, part) in enumerate(found) if kind in CLIP_KINDS and clip_prefix(list(part)) in BARE]
+    widths = [clip_width(found[i][2]) for i in bare]
+    if len(bare) != 2 or widths[0] == widths[1] or {CLIP_L_WIDTH, CLIP_G_WIDTH} & set(widths):
+        return found
+    relabelled = list(found)
+    for i, width in zip(bare, widths):
+        name, _, part = found[i]
+        relabelled[i] = (name, "clip_l" if width == min(widths) else "clip_g", part)
+    return relabelled
+
+
+def text_encoder_sources(paths: Sequence[Path]) -> list[tuple[str, dict[str, torch.Tensor]]]:
+    """(name, state dict) of each `--text-encoder` path for `open_text_encoders`: a file (`.safetensors`, or a
+    tensors-only `.ckpt`), or a diffusers encoder folder (`text_encoder_2/`: `model.safetensors` or its shards)."""
+    from ldmtool.checkpoints.files import read_state_dict  # the layer above nets: imported when reading
+
+    return [(str(path), t5_folder_state(path) if path.is_dir() else read_state_dict(path)) for path in paths]
 
 
 # --- SD3 / SD3.5 ---------------------------------------------------------------------------------------------
