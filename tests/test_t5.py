@@ -202,3 +202,9 @@ def test_full_size_t5_xxl_shapes_give_its_released_config():
     config = t5_config(weights)
     assert {k: getattr(config, k) for k in xxl} == xxl and config.is_gated_act
     assert sum(v.numel() for k, v in weights.items() if k != "encoder.embed_tokens.weight") == 4_762_310_656
+
+
+def test_t5_tokens_drop_extra_whitespace_as_sentencepiece_and_the_pipelines_tokenizer(tokenizer_dir):
+    ours, theirs = load_t5_tokenizer(tokenizer_dir / "tokenizer.json"), T5TokenizerFast.from_pretrained(str(tokenizer_dir))
+    for prompt in ["a cat ", "  the dog\ton the  mat \n", "a red cat"]:
+        assert ours(prompt).input_ids == theirs(prompt).input_ids

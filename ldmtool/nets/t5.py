@@ -163,6 +163,13 @@ def load_t5_tokenizer(path: Path) -> "PreTrainedTokenizerFast":
     vocab = tokenizer.get_vocab()
     if vocab.get(PAD) != 0 or vocab.get(EOS) != 1:
         raise CheckpointError(f"{path}: not T5's tokenizer (T5 has {PAD} = 0 and {EOS} = 1)")
+    # SentencePiece drops extra whitespace, trailing spaces included (BFL's slow T5Tokenizer, and transformers 5's
+    # T5TokenizerFast, which diffusers uses, splits on whitespace first); the file's own Metaspace alone would
+    # turn a trailing space into a "▁" token.
+    from tokenizers import pre_tokenizers
+
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)])
     return tokenizer
 
 
