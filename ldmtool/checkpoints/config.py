@@ -41,6 +41,7 @@ TARGETS: dict[str, str] = {
     "sgm.modules.encoders.modules.FrozenCLIPEmbedder": "ldmtool.nets.encoders:FrozenCLIPEmbedder",
     "sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2": "ldmtool.nets.openclip_text:FrozenOpenCLIPEmbedder2",
     "sgm.modules.encoders.modules.ConcatTimestepEmbedderND": "ldmtool.nets.sgm:ConcatTimestepEmbedderND",
+    "cldm.cldm.ControlNet": "ldmtool.nets.controlnet:ControlNet",
 }
 DIFFUSION_TARGETS = {
     "ldm.models.diffusion.ddpm.LatentDiffusion",
@@ -49,6 +50,8 @@ DIFFUSION_TARGETS = {
 }
 # sgm's `DiffusionEngine` (SDXL): network_config, conditioner_config, first_stage_config, denoiser_config.
 SGM_DIFFUSION_TARGETS = {"sgm.models.diffusion.DiffusionEngine"}
+# ControlNet's `ControlLDM`: `build_model` gives its `control_stage_config` network alone, as its files hold it.
+CONTROL_TARGETS = {"cldm.cldm.ControlLDM"}
 FIRST_STAGE_TARGETS = {
     "ldm.models.autoencoder.AutoencoderKL",
     "ldm.models.autoencoder.VQModel",

@@ -273,8 +273,10 @@ class UNetModel(nn.Module):
         return self.time_embed[0].weight.dtype
 
     def forward(self, x: Tensor, timesteps: Tensor, context: Optional[Tensor] = None,
-                y: Optional[Tensor] = None) -> Tensor:
-        """Prediction (eps, v or x0 by the model's training) for input x at integer-scale `timesteps`."""
+                y: Optional[Tensor] = None, control: Optional[Sequence[Tensor]] = None) -> Tensor:
+        """Prediction (eps, v or x0 by the model's training) for input x at integer-scale `timesteps`;
+        `control`: ControlNet residuals (skips in input-block order, then the middle block's), added as
+        the reference `ControlledUnetModel` adds them."""
         if (y is not None) != (self.num_classes is not None):
             raise ValueError("UNetModel: pass y exactly when the model is class-conditional (num_classes set)")
         if timesteps.ndim == 0:
@@ -290,10 +292,19 @@ class UNetModel(nn.Module):
             h = module(h, emb, context)
             skips.append(h)
         h = self.middle_block(h, emb, context)
+        if control is not None:
+            skips, h = _controlled(skips, h, control)
         for module in self.output_blocks:
             h = module(torch.cat([h, skips.pop()], dim=1), emb, context)
         head = self.id_predictor if self.predict_codebook_ids else self.out
         return head(h).to(x.dtype).contiguous()  # the CPU fast path computes in channels-last
+
+
+def _controlled(skips: list[Tensor], middle: Tensor, control: Sequence[Tensor]) -> tuple[list[Tensor], Tensor]:
+    if len(control) != len(skips) + 1:
+        raise ValueError(f"UNetModel: control has {len(control)} residuals, the UNet takes {len(skips) + 1}")
+    added = [skip + residual.to(skip.dtype) for skip, residual in zip(skips, control)]
+    return added, middle + control[-1].to(middle.dtype)
 
 
 def _encoder_blocks(blocks: _Blocks, levels: _Levels, in_channels: int, model_channels: int,

@@ -1,0 +1,139 @@
+"""ControlNet against diffusers 0.42.1 (test-only oracle) on tiny random weights written by the test in every
+layout users hold: the v1.1 `.pth` (`control_model.` prefix), the v1.0 whole checkpoint, fp16 safetensors
+without prefix, and diffusers' `ControlNetModel`. The diffusers model gets our weights through diffusers' own
+single-file converter (`convert_controlnet_checkpoint`), so the key mapping is checked independently.
+"""
+import numpy as np
+import pytest
+import torch
+
+import ldmtool
+from ldmtool.addons.controlnet import base_heads, load_controlnet
+from ldmtool.checkpoints.api import build_model
+from ldmtool.checkpoints.files import save_safetensors
+from ldmtool.checkpoints.tiny import randomise_, tiny_config, tiny_model
+
+SCALE = 0.1  # UNet weights: the residuals move the output by about half its size (at 0.3, by 0.1%)
+NET_SCALE = 0.1  # ControlNet weights: residuals of a few units (0.15 gives hundreds through the deep stack)
+
+
+def diffusers_unet(bundle):
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
+
+    config = create_unet_diffusers_config_from_ldm(bundle.config, bundle.state_dict(), image_size=64)
+    unet = UNet2DConditionModel(**config)
+    unet.load_state_dict(convert_ldm_unet_checkpoint(bundle.state_dict(), config), strict=True)
+    return unet.eval(), config
+
+
+def diffusers_controlnet(state, unet_config):
+    """diffusers' ControlNetModel for the UNet's architecture, loaded with our released-layout weights."""
+    from diffusers import ControlNetModel
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+
+    names = ("in_channels", "down_block_types", "block_out_channels", "layers_per_block", "cross_attention_dim",
+             "attention_head_dim", "use_linear_projection")
+    config = {k: unet_config[k] for k in names}
+    net = ControlNetModel(conditioning_channels=3, **config)
+    net.load_state_dict(convert_controlnet_checkpoint(dict(state), config), strict=True)
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """A tiny SD 1.x bundle, a tiny ControlNet for it (our layout), and diffusers' twins of both."""
+    bundle = randomise_(tiny_model("sd1"), seed=7, scale=SCALE)
+    net = randomise_(build_model(tiny_config("controlnet-sd15")), seed=3, scale=NET_SCALE).eval()
+    unet, unet_config = diffusers_unet(bundle)
+    return bundle, net, unet, unet_config
+
+
+def inputs(seed=0, batch=1, size=64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, size // 8, size // 8, generator=g)
+    hint = torch.rand(batch, 3, size, size, generator=g)
+    context = torch.randn(batch, 77, 32, generator=g)
+    return x, hint, torch.tensor([417] * batch), context
+
+
+def write_layout(layout, state, bundle, folder):
+    if layout == "v11-pth":
+        path = folder / "control_v11p_sd15_canny.pth"
+        torch.save({"control_model." + k: v for k, v in state.items()}, path)
+    elif layout == "v10-ckpt":
+        path = folder / "control_sd15_canny.ckpt"
+        whole = {**bundle.state_dict(), **{"control_model." + k: v for k, v in state.items()}}
+        torch.save({"state_dict": whole}, path)
+    elif layout == "fp16-safetensors":
+        path = folder / "control_canny-fp16.safetensors"
+        save_safetensors({k: v.half() for k, v in state.items()}, path)
+    else:
+        raise ValueError(layout)
+    return path
+
+
+def test_presets_build_the_released_architectures_on_the_meta_device():
+    sd15 = ldmtool.build_model("controlnet-sd15", device="meta")
+    sd21 = ldmtool.build_model("controlnet-sd21", device="meta")
+    keys = set(sd15.state_dict())
+    assert {k.split(".")[0] for k in keys} == {"time_embed", "input_hint_block", "input_blocks", "zero_convs",
+                                               "middle_block", "middle_block_out"}
+    assert len([k for k in keys if k.startswith("zero_convs.") and k.endswith(".weight")]) == 12
+    assert sd15.state_dict()["input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"].shape == (320, 768)
+    assert sd21.state_dict()["input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"].shape == (320, 1024)
+    assert sd21.state_dict()["input_blocks.1.1.proj_in.weight"].ndim == 2  # linear projections in SD 2.x
+    assert len(sd15.zero_convs) + 1 == 13  # one residual per UNet skip, one for its middle block
+    assert sd15.middle_block_out[0].weight.shape == (1280, 1280, 1, 1)
+
+
+@pytest.mark.parametrize("layout", ["v11-pth", "v10-ckpt", "fp16-safetensors", "diffusers"])
+def test_residuals_and_controlled_unet_equal_diffusers(tmp_path, pair, layout):
+    bundle, net, unet, unet_config = pair
+    state = net.state_dict()
+    if layout == "fp16-safetensors":  # the oracle gets the same fp16-stored weights
+        state = {k: v.half().float() for k, v in state.items()}
+    theirs_net = diffusers_controlnet(state, unet_config)
+    if layout == "diffusers":
+        path = tmp_path / "diffusion_pytorch_model.safetensors"
+        save_safetensors(theirs_net.state_dict(), path)
+    else:
+        path = write_layout(layout, state, bundle, tmp_path)
+    ours_net = load_controlnet(path, heads=base_heads(bundle))
+    assert set(ours_net.state_dict()) == set(state)
+    x, hint, t, context = inputs()
+    with torch.no_grad():
+        ours = ours_net(x, hint, t, context)
+        down, mid = theirs_net(x, t, context, controlnet_cond=hint, return_dict=False)
+        assert len(ours) == len(down) + 1
+        for a, b in zip(ours, [*down, mid]):
+            assert a.shape == b.shape and (a - b).abs().max() < 1e-4
+        controlled = bundle.unet(x, t, context=context, control=ours)
+        reference = unet(x, t, context, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+        plain = bundle.unet(x, t, context=context)
+    assert (controlled - reference).abs().max() < 1e-4
+    assert (controlled - plain).abs().max() > 1e-2  # the residuals matter
+
+
+def test_a_file_without_controlnet_keys_is_one_clear_error(tmp_path):
+    from ldmtool.errors import CheckpointError
+
+    path = tmp_path / "lora.safetensors"
+    save_safetensors({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, path)
+    with pytest.raises(CheckpointError, match="lora.safetensors: not a ControlNet"):
+        load_controlnet(path)
+
+
+def test_heads_follow_the_released_models_without_a_base(pair, tmp_path):
+    """768-wide context (SD 1.x): 8 heads; otherwise 64-channel heads, as the released configs say."""
+    from ldmtool.addons.controlnet_keys import controlnet_params
+
+    shapes = {k: tuple(v.shape) for k, v in ldmtool.build_model("controlnet-sd15", device="meta").state_dict().items()}
+    params = controlnet_params(shapes)
+    preset = ldmtool.build_model("controlnet-sd15", device="meta").config
+    for key in ("in_channels", "model_channels", "hint_channels", "num_res_blocks", "channel_mult",
+                "attention_resolutions", "context_dim", "num_heads"):
+        assert sorted(np.atleast_1d(params[key])) == sorted(np.atleast_1d(preset[key])), key
+    shapes21 = {k: tuple(v.shape) for k, v in ldmtool.build_model("controlnet-sd21", device="meta").state_dict().items()}
+    params21 = controlnet_params(shapes21)
+    assert params21["num_head_channels"] == 64 and params21["use_linear_in_transformer"] and params21["context_dim"] == 1024
