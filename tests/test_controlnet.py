@@ -44,6 +44,7 @@ def diffusers_controlnet(state, unet_config):
 def pair():
     """A tiny SD 1.x bundle, a tiny ControlNet for it (our layout), and diffusers' twins of both."""
     bundle = randomise_(tiny_model("sd1"), seed=7, scale=SCALE)
+    randomise_(bundle.first_stage_model, seed=8, scale=0.3)  # a decoder whose pixels follow the latent
     net = randomise_(build_model(tiny_config("controlnet-sd15")), seed=3, scale=NET_SCALE).eval()
     unet, unet_config = diffusers_unet(bundle)
     return bundle, net, unet, unet_config
@@ -137,3 +138,133 @@ def test_heads_follow_the_released_models_without_a_base(pair, tmp_path):
     shapes21 = {k: tuple(v.shape) for k, v in ldmtool.build_model("controlnet-sd21", device="meta").state_dict().items()}
     params21 = controlnet_params(shapes21)
     assert params21["num_head_channels"] == 64 and params21["use_linear_in_transformer"] and params21["context_dim"] == 1024
+
+
+# -- whole runs: `ldmtool txt2img --controlnet` against diffusers' ControlNet pipelines
+
+def hint_image(path, seed, size=64):
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return Image.fromarray(pixels)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, pair):
+    """The tiny model and two ControlNets as files (released v1.1 layout), with hint images."""
+    import yaml
+
+    bundle, net, _unet, unet_config = pair
+    folder = tmp_path_factory.mktemp("control")
+    model = folder / "sd1-tiny.safetensors"
+    save_safetensors(bundle.state_dict(), model)
+    model.with_suffix(".yaml").write_text(yaml.safe_dump(bundle.config, sort_keys=False))
+    second = randomise_(build_model(tiny_config("controlnet-sd15")), seed=11, scale=NET_SCALE).eval()
+    nets = []
+    for name, each in (("canny", net), ("depth", second)):
+        path = folder / f"control_{name}.pth"
+        torch.save({"control_model." + k: v for k, v in each.state_dict().items()}, path)
+        nets.append((path, diffusers_controlnet(each.state_dict(), unet_config)))
+    hints = [(folder / f"hint{i}.png", hint_image(folder / f"hint{i}.png", i)) for i in range(2)]
+    return model, nets, hints
+
+
+def diffusers_run(bundle, nets, images, scales, prompt):
+    from diffusers import StableDiffusionControlNetPipeline
+
+    from test_sd_vs_diffusers import CFG, SEED, SIZE, STEPS, diffusers_pipeline
+
+    base = diffusers_pipeline(bundle)
+    parts = {k: v for k, v in base.components.items() if k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
+    pipe = StableDiffusionControlNetPipeline(**parts, controlnet=nets if len(nets) > 1 else nets[0],
+                                             safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        return pipe(prompt, image=images if len(nets) > 1 else images[0], height=SIZE, width=SIZE,
+                    num_inference_steps=STEPS, guidance_scale=CFG, eta=0.0,
+                    controlnet_conditioning_scale=scales if len(nets) > 1 else scales[0],
+                    generator=torch.Generator("cpu").manual_seed(SEED), output_type="np").images[0]
+
+
+PROMPT = "a lighthouse on a cliff"
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory, files):
+    """The run without control (pixels), which control runs are compared with."""
+    from test_sd_vs_diffusers import SIZE, run_ours
+
+    out = tmp_path_factory.mktemp("plain") / "plain.png"
+    return run_ours("txt2img", "--prompt", PROMPT, "--model", files[0], "-W", SIZE, "-H", SIZE, "-o", out)[0]
+
+
+def test_txt2img_with_a_controlnet_equals_diffusers_controlnet_pipeline(tmp_path, pair, files, plain):
+    from test_sd_vs_diffusers import SIZE, run_ours
+
+    bundle = pair[0]
+    model, nets, hints = files
+    ours, recipe = run_ours("txt2img", "--prompt", PROMPT, "--model", model, "-W", SIZE, "-H", SIZE,
+                            "--controlnet", f"{nets[0][0]}:2.5", "--control-image", hints[0][0],
+                            "-o", tmp_path / "out.png")
+    reference = diffusers_run(bundle, [nets[0][1]], [hints[0][1]], [2.5], PROMPT)
+    assert np.abs(ours - reference).max() <= 1 / 255
+    assert np.abs(ours - plain).max() > 10 / 255  # the comparison is sensitive to control
+    assert recipe["parameters"]["controlnet"] == [f"{nets[0][0].name}:2.5"]
+    assert recipe["parameters"]["control_images"] == ["hint0.png"]
+
+
+def test_two_controlnets_equal_diffusers_multi_controlnet(tmp_path, pair, files):
+    from test_sd_vs_diffusers import SIZE, run_ours
+
+    bundle = pair[0]
+    model, nets, hints = files
+    ours, _ = run_ours("txt2img", "--prompt", PROMPT, "--model", model, "-W", SIZE, "-H", SIZE,
+                       "--controlnet", f"{nets[0][0]}:0.7", "--control-image", hints[0][0],
+                       "--controlnet", f"{nets[1][0]}:1.2", "--control-image", hints[1][0], "-o", tmp_path / "two.png")
+    reference = diffusers_run(bundle, [n for _, n in nets], [h for _, h in hints], [0.7, 1.2], PROMPT)
+    assert np.abs(ours - reference).max() <= 1 / 255
+
+
+def test_strength_zero_gives_exactly_the_image_without_control(tmp_path, files, plain):
+    from test_sd_vs_diffusers import SIZE, run_ours
+
+    model, nets, hints = files
+    common = ("txt2img", "--prompt", PROMPT, "--model", model, "-W", SIZE, "-H", SIZE)
+    zero, _ = run_ours(*common, "--controlnet", f"{nets[0][0]}:0", "--control-image", hints[0][0],
+                       "-o", tmp_path / "zero.png")
+    assert np.array_equal(zero, plain)
+
+
+def test_tiles_get_the_matching_crop_of_the_hint():
+    """A hint with one marked pixel, a canvas of 4x4 tiles: every tile the network sees carries exactly the
+    hint's 8x crop of its latent rectangle, so the mark reaches only the tiles over it, at its place there."""
+    from ldmtool.addons.controlnet import pack_hint
+    from ldmtool.diffusion.cond import Cond
+    from ldmtool.tiling.fusion import TileConfig, TiledDenoiser
+
+    h, w = 40, 48  # latent; hint 320 x 384
+    hint = torch.zeros(1, 3, 8 * h, 8 * w)
+    mark = (8 * 17 + 3, 8 * 29 + 5)
+    hint[0, :, mark[0], mark[1]] = 1.0
+    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    x = torch.stack([rows, cols, rows * 0, cols * 0])[None]  # each latent pixel knows where it is
+    seen = []
+
+    def inner(crops, sigma, cond):
+        tiles = torch.nn.functional.pixel_shuffle(cond.control, 8)
+        for crop, tile_hint in zip(crops, tiles):
+            top, left = int(crop[0, 0, 0]), int(crop[1, 0, 0])
+            th, tw = crop.shape[-2:]
+            assert torch.equal(tile_hint, hint[0, :, 8 * top : 8 * (top + th), 8 * left : 8 * (left + tw)])
+            seen.append((top, left, th, tw, tile_hint[0].nonzero().tolist()))
+        return crops
+
+    tiled = TiledDenoiser(inner, TileConfig(tile=(16, 16), overlap=4, tile_batch=3))
+    tiled(x, torch.ones(1), Cond(control=pack_hint(hint)))
+    assert len(seen) > 4
+    for top, left, th, tw, marked in seen:
+        inside = 8 * top <= mark[0] < 8 * (top + th) and 8 * left <= mark[1] < 8 * (left + tw)
+        assert marked == ([[mark[0] - 8 * top, mark[1] - 8 * left]] if inside else [])
+    assert any(marked for *_, marked in seen)

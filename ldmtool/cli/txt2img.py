@@ -10,7 +10,7 @@ import typer
 from ldmtool.cli import options as opt
 from ldmtool.cli.common import finish
 from ldmtool.cli.shared import task_command
-from ldmtool.options import MODEL, ModelChoice, PromptTemplate, SamplingChoice, Size, TextPrompt
+from ldmtool.options import MODEL, ControlInputs, ModelChoice, PromptTemplate, SamplingChoice, Size, TextPrompt
 
 if TYPE_CHECKING:
     from ldmtool.pipelines.text import PromptSpec
@@ -69,9 +69,11 @@ def txt2img(
     hires_strength: HiresStrength = None,  # None (not 0.5) keeps runs without --hires the same job as before
     hires_colour_fix: HiresColourFix = None,
     size: Size,
+    control: ControlInputs,
     run: "RunOptions", model: ModelChoice, sampling: SamplingChoice,
 ) -> None:
     """Generate images from text prompts (sizes must be multiples of the model's 64 or 32 pixels)."""
+    from ldmtool.pipelines.control import ControlRun
     from ldmtool.pipelines.engine import Engine
     from ldmtool.pipelines.prompt_templates import needs_templates
     from ldmtool.pipelines.text import read_prompts
@@ -84,7 +86,8 @@ def txt2img(
     refining = None if refiner is None else Engine(replace(model, model=str(refiner), config=None, preset=None), sampling)
     task = Txt2ImgTask(Engine(model, sampling), specs, negative=text.negative or "", width=size.width,
                        height=size.height, wildcards=templates.wildcards, refiner=refining, refiner_at=refiner_at,
-                       hires=hires, hires_strength=hires_strength, hires_colour_fix=hires_colour_fix)
+                       hires=hires, hires_strength=hires_strength, hires_colour_fix=hires_colour_fix,
+                       control=ControlRun(control))
     finish(run_task(task, prompt_items(specs, n, same_seed=templates.same_seed), run))
 
 
