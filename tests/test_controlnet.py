@@ -268,3 +268,47 @@ def test_tiles_get_the_matching_crop_of_the_hint():
         inside = 8 * top <= mark[0] < 8 * (top + th) and 8 * left <= mark[1] < 8 * (left + tw)
         assert marked == ([[mark[0] - 8 * top, mark[1] - 8 * left]] if inside else [])
     assert any(marked for *_, marked in seen)
+
+
+def test_img2img_folder_pairs_hints_by_name_and_equals_diffusers_controlnet_img2img(tmp_path, pair, files):
+    """Inputs photos/x.png take hints/x.png; the run equals StableDiffusionControlNetImg2ImgPipeline (given our
+    image latent, as test_sd_vs_diffusers does for img2img)."""
+    from diffusers import StableDiffusionControlNetImg2ImgPipeline
+    from PIL import Image
+
+    from test_sd_vs_diffusers import CFG, SIZE, STEPS, diffusers_pipeline, run_ours
+
+    bundle = pair[0]
+    model, nets, hints = files
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "hints").mkdir()
+    source = tmp_path / "photos" / "x.png"
+    hint_image(source, 5)
+    hint = hint_image(tmp_path / "hints" / "x.png", 6)
+    ours, recipe = run_ours("img2img", source, "--prompt", PROMPT, "--strength", 0.6, "--model", model,
+                            "--controlnet", f"{nets[0][0]}:2", "--control-image", tmp_path / "hints",
+                            "-o", tmp_path / "out.png")
+    assert recipe["parameters"]["control_images"] == ["x.png"]
+    with Image.open(source) as image:
+        pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 255 * 2 - 1
+    base = diffusers_pipeline(bundle, "StableDiffusionImg2ImgPipeline")
+    parts = {k: v for k, v in base.components.items() if k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
+    pipe = StableDiffusionControlNetImg2ImgPipeline(**parts, controlnet=nets[0][1], safety_checker=None,
+                                                    feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        latent = bundle.first_stage.encode(pixels) * bundle.scale_factor
+        theirs = pipe(PROMPT, image=latent, control_image=hint, strength=0.6, num_inference_steps=STEPS,
+                      guidance_scale=CFG, eta=0.0, controlnet_conditioning_scale=2.0, height=SIZE, width=SIZE,
+                      generator=torch.Generator().manual_seed(recipe["seed"]), output_type="np").images[0]
+    assert np.abs(ours - theirs).max() <= 1 / 255
+
+
+def test_control_options_without_a_controlnet_are_a_usage_error(tmp_path, files):
+    from ldmtool.cli.app import main
+
+    model, _nets, hints = files
+    with pytest.raises(SystemExit) as exit:
+        main(["txt2img", "--prompt", "x", "--model", str(model), "--control-image", str(hints[0][0]),
+              "-o", str(tmp_path / "o.png"), "--quiet"])
+    assert exit.value.code == 2

@@ -18,6 +18,7 @@ from ldmtool.errors import UsageError
 from ldmtool.io.discover import Item
 from ldmtool.io.images import LoadedImage, read_image
 from ldmtool.pipelines.base import ModelTask, carried, in_groups, input_path, input_size
+from ldmtool.pipelines.control import ControlRun, hint_batch, hint_params
 from ldmtool.pipelines.engine import Engine, to_array
 from ldmtool.pipelines.superres import output_size, resample_alpha
 from ldmtool.pipelines.text import PromptConditioning, padded_images
@@ -36,7 +37,8 @@ class Img2ImgTask(ModelTask):
 
     def __init__(self, engine: Engine, *, prompt: str = "", negative: str = "",
                  strength: float = DEFAULT_STRENGTH, max_pixels: Optional[int] = None,
-                 scale: Optional[float] = None, colour_fix: Optional[bool] = None):
+                 scale: Optional[float] = None, colour_fix: Optional[bool] = None,
+                 control: Optional[ControlRun] = None):
         params: dict[str, Any] = {"prompt": prompt, "negative": negative, "strength": strength}
         if scale is not None:  # recorded only when given, so recipes of plain img2img runs keep their form
             params.update(scale=scale, colour_fix=colour_fix is not False)
@@ -47,12 +49,22 @@ class Img2ImgTask(ModelTask):
         self.scale = scale
         self.colour_fix_option = colour_fix
         self.colour_fix = colour_fix is not False  # upscaling only: on unless --no-colour-fix
+        self.control = control
+        engine.control = control
 
     def validate(self) -> None:
         super().validate()
         check_scale("--scale", self.scale)
         if self.scale is None and self.colour_fix_option is not None:
             raise UsageError("--colour-fix/--no-colour-fix: img2img takes it with --scale only (upscale by diffusion)")
+        if self.control is not None:
+            self.control.validate()
+            if self.control and self.scale is not None:
+                raise UsageError("--controlnet with --scale is not supported yet (plain img2img only)")
+
+    def recorded(self, engine: Engine) -> dict[str, Any]:
+        control = self.control.recorded() if self.control else {}
+        return {**control, **super().recorded(engine)}
 
     def check_model(self, engine: Engine) -> None:
         self.conditioning = PromptConditioning(engine, self.command, prompt=self.prompt, negative=self.negative)
@@ -90,17 +102,34 @@ class Img2ImgTask(ModelTask):
     def _transform(self, jobs: list[Job]) -> list[Output]:
         width, height = jobs[0].payload.size
         images = padded_images([job.payload.rgb for job in jobs], self.multiple)
-        rework = functools.partial(self._encode_sample_decode, images=images, seeds=[job.seed for job in jobs])
+        hints = self._hints(jobs)
+        rework = functools.partial(self._encode_sample_decode, images=images, seeds=[job.seed for job in jobs],
+                                   hints=hints)
         results = self.engine.finite(rework, jobs[0].item.label).clamp(0, 1)[..., :height, :width]
-        return [Output(image=to_array(result), alpha=job.payload.alpha, params=_size(job.payload), **carried(job.payload))
+        return [Output(image=to_array(result), alpha=job.payload.alpha, params=self._params(job), **carried(job.payload))
                 for job, result in zip(jobs, results)]
 
-    def _encode_sample_decode(self, engine: Engine, *, images: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+    def _hints(self, jobs: list[Job]) -> Optional[list[torch.Tensor]]:
+        """Each ControlNet's hint for every image (its file, or the one named like the input), at its size."""
+        if not self.control:
+            return None
+        rows = [self.control.hints(input_path(job).stem, job.payload.size) for job in jobs]
+        for note in self.control.notes:
+            self.warn_once(note, note)
+        return hint_batch(rows, self.multiple)
+
+    def _params(self, job: Job) -> dict[str, Any]:
+        if not self.control:
+            return _size(job.payload)
+        return {**_size(job.payload), **hint_params(self.control.hint_files(input_path(job).stem))}
+
+    def _encode_sample_decode(self, engine: Engine, *, images: torch.Tensor, seeds: list[int],
+                              hints: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
         """Images in [0, 1] (B, 3, H, W) at `engine`'s precision (`Engine.finite` retries in fp32)."""
         init = engine.encode(images)
         cond, uncond = self.conditioning(engine, len(seeds), (images.shape[-2], images.shape[-1]))
         z = engine.sample((init.shape[-2], init.shape[-1]), seeds, cond, uncond, init_latent=init, strength=self.strength,
-                          progress=self.step_progress())
+                          progress=self.step_progress(), hints=hints)
         return engine.decode(z)
 
 
