@@ -312,3 +312,44 @@ def test_control_options_without_a_controlnet_are_a_usage_error(tmp_path, files)
         main(["txt2img", "--prompt", "x", "--model", str(model), "--control-image", str(hints[0][0]),
               "-o", str(tmp_path / "o.png"), "--quiet"])
     assert exit.value.code == 2
+
+
+def test_inpaint_with_a_controlnet_follows_the_hint_inside_the_mask_only(tmp_path, files):
+    """Masked inpainting with a ControlNet and a hint of another size (resized): pixels outside the mask stay
+    the input's, and inside they differ from the run without control."""
+    from PIL import Image
+
+    from test_sd_vs_diffusers import run_ours
+
+    model, nets, hints = files
+    source = tmp_path / "x.png"
+    hint_image(source, 5)
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[16:48, 16:48] = 255
+    Image.fromarray(mask).save(tmp_path / "x_mask.png")
+    hint_image(tmp_path / "big_hint.png", 9, size=128)
+    common = ("inpaint", source, "--prompt", PROMPT, "--model", model, "--feather", 0)
+    ours, recipe = run_ours(*common, "--controlnet", f"{nets[0][0]}:2", "--control-image", tmp_path / "big_hint.png",
+                            "-o", tmp_path / "out.png")
+    plain, _ = run_ours(*common, "-o", tmp_path / "plain.png")
+    with Image.open(source) as image:
+        original = np.asarray(image).astype(np.float64) / 255
+    outside = mask == 0
+    assert np.array_equal(ours[outside], original[outside])
+    assert np.abs(ours - plain)[~outside].max() > 5 / 255
+    assert recipe["parameters"]["control_images"] == ["big_hint.png"]
+
+
+def test_a_hint_of_another_size_is_resized_and_said_once(tmp_path):
+    from ldmtool.options import ControlInputs
+    from ldmtool.pipelines.control import ControlRun
+
+    hint_image(tmp_path / "hint.png", 1, size=96)
+    (tmp_path / "net.safetensors").write_bytes(b"")
+    run = ControlRun(ControlInputs(controlnet=[str(tmp_path / "net.safetensors")],
+                                   control_image=[tmp_path / "hint.png"]))
+    run.validate()
+    for _ in range(3):
+        (path, pixels), = run.hints(None, (64, 48))
+        assert pixels.shape == (48, 64, 3) and path.name == "hint.png"
+    assert run.notes == ["control hint hint.png is 96x96; resized to 64x48"]

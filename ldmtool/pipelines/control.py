@@ -140,6 +140,17 @@ class ControlRun:
         image = Image.fromarray((rgb * 255 + 0.5).clip(0, 255).astype(np.uint8)).resize(size, Image.Resampling.LANCZOS)
         return np.asarray(image).astype(np.float32) / 255
 
+    def batch(self, keys: Sequence[Optional[str]], size: tuple[int, int], multiple: int,
+              warn: Any) -> Optional[list["torch.Tensor"]]:
+        """Each ControlNet's hints for a batch of items (keys: their inputs' stems) of one size, padded to
+        `multiple` as their images are; `warn(topic, message)` says a resize once. None without ControlNets."""
+        if not self:
+            return None
+        rows = [self.hints(key, size) for key in keys]
+        for note in self.notes:
+            warn(note, note)
+        return hint_batch(rows, multiple)
+
     def recorded(self) -> dict[str, Any]:
         """What every output records: each ControlNet (name, hash, strength), the window and the mode."""
         from ldmtool.runtime.cache import file_sha256

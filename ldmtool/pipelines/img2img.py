@@ -18,7 +18,7 @@ from ldmtool.errors import UsageError
 from ldmtool.io.discover import Item
 from ldmtool.io.images import LoadedImage, read_image
 from ldmtool.pipelines.base import ModelTask, carried, in_groups, input_path, input_size
-from ldmtool.pipelines.control import ControlRun, hint_batch, hint_params
+from ldmtool.pipelines.control import ControlRun, hint_params
 from ldmtool.pipelines.engine import Engine, to_array
 from ldmtool.pipelines.superres import output_size, resample_alpha
 from ldmtool.pipelines.text import PromptConditioning, padded_images
@@ -113,10 +113,8 @@ class Img2ImgTask(ModelTask):
         """Each ControlNet's hint for every image (its file, or the one named like the input), at its size."""
         if not self.control:
             return None
-        rows = [self.control.hints(input_path(job).stem, job.payload.size) for job in jobs]
-        for note in self.control.notes:
-            self.warn_once(note, note)
-        return hint_batch(rows, self.multiple)
+        return self.control.batch([input_path(job).stem for job in jobs], jobs[0].payload.size, self.multiple,
+                                  self.warn_once)
 
     def _params(self, job: Job) -> dict[str, Any]:
         if not self.control:
