@@ -353,3 +353,38 @@ def test_a_hint_of_another_size_is_resized_and_said_once(tmp_path):
         (path, pixels), = run.hints(None, (64, 48))
         assert pixels.shape == (48, 64, 3) and path.name == "hint.png"
     assert run.notes == ["control hint hint.png is 96x96; resized to 64x48"]
+
+
+def test_control_is_more_important_weights_residuals_and_spares_the_unconditional_rows(pair):
+    """A1111's soft mode: residual i of n scaled by 0.825 ** (n - 1 - i), and guidance's unconditional rows
+    (control_scale 0) run the UNet without control; oracle: diffusers' UNet given the weighted residuals."""
+    from ldmtool.addons.controlnet import ActiveControl, ControlledNetwork, pack_hint
+
+    bundle, net, unet, unet_config = pair
+    theirs_net = diffusers_controlnet(net.state_dict(), unet_config)
+    x, hint, t, context = inputs(batch=2)
+    soft = ControlledNetwork(bundle.unet, [ActiveControl(net, 1.5, lambda t: True, 3, soft=True)])
+    with torch.no_grad():
+        ours = soft(x, t, context=context, control=pack_hint(hint), control_scale=torch.tensor([[1.0], [0.0]]))
+        down, mid = theirs_net(x[:1], t[:1], context[:1], controlnet_cond=hint[:1], return_dict=False)
+        n = len(down) + 1
+        weights = [1.5 * 0.825 ** (n - 1 - i) for i in range(n)]
+        weighted = [r * w for r, w in zip([*down, mid], weights)]
+        reference = unet(x[:1], t[:1], context[:1], down_block_additional_residuals=weighted[:-1],
+                         mid_block_additional_residual=weighted[-1]).sample
+        uncontrolled = unet(x[1:], t[1:], context[1:]).sample
+    assert (ours[:1] - reference).abs().max() < 1e-4
+    assert (ours[1:] - uncontrolled).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("start,end", [(0.0, 1.0), (0.3, 1.0), (0.0, 0.55), (0.2, 0.7)])
+def test_control_window_acts_in_the_steps_diffusers_keeps(start, end):
+    """--control-start/--control-end act at step i of n unless i/n < start or (i+1)/n > end, as diffusers'
+    control_guidance_start/end (its `controlnet_keep`); sampler calls at the steps' timesteps."""
+    from ldmtool.addons.controlnet import step_window
+
+    timesteps = [901.0, 801.0, 701.0, 601.0, 501.0, 401.0, 301.0, 201.0, 101.0, 1.0]
+    acts = step_window(timesteps, start, end)
+    n = len(timesteps)
+    keep = [not (i / n < start or (i + 1) / n > end) for i in range(n)]
+    assert [acts(torch.tensor([t])) for t in timesteps] == keep

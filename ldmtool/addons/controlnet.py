@@ -131,5 +131,5 @@ def step_window(timesteps: Sequence[float], start: float, end: float) -> Callabl
         return lambda t: False
     high, low = max(acting), min(acting)
     # Sampler calls between two steps (Heun, DPM++ 2S) take the step they start from.
-    below = min((float(t) for t in timesteps if float(t) < low), default=-1.0)
+    below = max((float(t) for t in timesteps if float(t) < low), default=-1.0)
     return lambda t: bool(below < float(t.reshape(-1)[0]) <= high + 1e-3)
