@@ -388,3 +388,28 @@ def test_control_window_acts_in_the_steps_diffusers_keeps(start, end):
     n = len(timesteps)
     keep = [not (i / n < start or (i + 1) / n > end) for i in range(n)]
     assert [acts(torch.tensor([t])) for t in timesteps] == keep
+
+
+def test_img2img_scale_with_a_controlnet_uses_the_upscaled_input_as_the_hint(tmp_path, files):
+    """ControlNet tile: `img2img --scale 2 --controlnet tile.pth` equals img2img of the Lanczos-upscaled image
+    with that same image as --control-image (same key, so the same seed; no colour fix)."""
+    from PIL import Image
+
+    from ldmtool.pipelines.upscale import upscaled
+    from test_sd_vs_diffusers import run_ours
+
+    model, nets, _hints = files
+    (tmp_path / "small").mkdir()
+    (tmp_path / "big").mkdir()
+    hint_image(tmp_path / "small" / "x.png", 4, size=32)
+    with Image.open(tmp_path / "small" / "x.png") as image:
+        big = upscaled(np.asarray(image.convert("RGB")), 2.0)
+    Image.fromarray(big).save(tmp_path / "big" / "x.png")
+    common = ("--prompt", PROMPT, "--model", model, "--strength", 0.7, "--controlnet", f"{nets[0][0]}:2")
+    tiled, _ = run_ours("img2img", tmp_path / "small", *common, "--scale", 2, "--no-colour-fix", "-o", tmp_path / "a.png")
+    direct, _ = run_ours("img2img", tmp_path / "big", *common, "--control-image", tmp_path / "big" / "x.png",
+                         "-o", tmp_path / "b.png")
+    assert tiled.shape == direct.shape == (64, 64, 3)
+    assert np.abs(tiled - direct).max() <= 1 / 255
+    plain, _ = run_ours("img2img", tmp_path / "small", *common[:6], "--scale", 2, "--no-colour-fix", "-o", tmp_path / "c.png")
+    assert np.abs(tiled - plain).max() > 5 / 255  # the control acted

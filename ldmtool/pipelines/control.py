@@ -30,7 +30,7 @@ class ControlUnit:
 
     path: Path
     strength: float
-    image: Path
+    image: Optional[Path]  # None: the item's own (upscaled) input is the hint (ControlNet tile)
 
 
 def parse_unit(spec: str) -> tuple[Path, float]:
@@ -54,8 +54,9 @@ class ControlRun:
     """The run's ControlNets: `validate()` before anything loads, `open(engine)` once the model is open,
     `hints(key, size)` per item."""
 
-    def __init__(self, choice: "ControlInputs"):
+    def __init__(self, choice: "ControlInputs", *, input_hint: bool = False):
         self.choice = choice
+        self.input_hint = input_hint  # img2img --scale: every ControlNet reads the upscaled input itself
         self.start = 0.0 if choice.control_start is None else choice.control_start
         self.end = 1.0 if choice.control_end is None else choice.control_end
         self.mode = choice.control_mode or "balanced"
@@ -75,7 +76,10 @@ class ControlRun:
             if given:
                 raise UsageError(f"{given[0]} goes with --controlnet FILE")
             return
-        if len(images) not in (1, len(c.controlnet)):
+        if self.input_hint and images:
+            raise UsageError("--control-image: with --scale every ControlNet's hint is the upscaled input itself "
+                             "(ControlNet tile); drop --control-image")
+        if len(images) not in (0 if self.input_hint else 1, 1, len(c.controlnet)):
             raise UsageError(f"--control-image: give one, or one per --controlnet ({len(c.controlnet)})")
         if self.mode not in MODES:
             raise UsageError(f"--control-mode {self.mode!r}: choose balanced or control")
@@ -85,9 +89,9 @@ class ControlRun:
         for index, spec in enumerate(c.controlnet):
             path, strength = parse_unit(spec)
             image = (images[index] if len(images) > 1 else images[0]).expanduser() if images else None
-            if image is None:
+            if image is None and not self.input_hint:
                 raise UsageError(f"--controlnet {spec}: give its hint with --control-image PATH")
-            if not image.exists():
+            if image is not None and not image.exists():
                 raise UsageError(f"--control-image {image}: no such file or folder")
             units.append(ControlUnit(path, strength, image))
         self.units = units
@@ -112,6 +116,8 @@ class ControlRun:
 
     def hint_file(self, unit: ControlUnit, key: Optional[str]) -> Path:
         """The unit's hint for an item: its file, or the file in its folder named like the item's input."""
+        if unit.image is None:
+            raise ValueError("this ControlNet's hint is the item's input (ControlRun.input_hint)")
         if not unit.image.is_dir():
             return unit.image
         if key is None:
@@ -168,7 +174,7 @@ class ControlRun:
         if not self.units:
             return {}
         return {"controlnet_sha256": [[file_sha256(u.path), u.strength] for u in self.units],
-                "control_image_sha256": [file_sha256(u.image) if u.image.is_file() else str(u.image)
+                "control_image_sha256": [file_sha256(u.image) if u.image and u.image.is_file() else str(u.image)
                                          for u in self.units]}
 
 

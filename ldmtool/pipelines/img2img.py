@@ -10,15 +10,17 @@ bounded by the tile (upscale by diffusion, `pipelines/upscale.py`); alpha is res
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from ldmtool.errors import UsageError
 from ldmtool.io.discover import Item
 from ldmtool.io.images import LoadedImage, read_image
 from ldmtool.pipelines.base import ModelTask, carried, in_groups, input_path, input_size
-from ldmtool.pipelines.control import ControlRun, hint_params
+from ldmtool.pipelines.control import ControlRun, hint_batch, hint_params
 from ldmtool.pipelines.engine import Engine, to_array
 from ldmtool.pipelines.superres import output_size, resample_alpha
 from ldmtool.pipelines.text import PromptConditioning, padded_images
@@ -50,6 +52,8 @@ class Img2ImgTask(ModelTask):
         self.colour_fix_option = colour_fix
         self.colour_fix = colour_fix is not False  # upscaling only: on unless --no-colour-fix
         self.control = control
+        if control is not None:
+            control.input_hint = scale is not None  # ControlNet tile: the upscaled input is the hint
         engine.control = control
 
     def validate(self) -> None:
@@ -59,8 +63,6 @@ class Img2ImgTask(ModelTask):
             raise UsageError("--colour-fix/--no-colour-fix: img2img takes it with --scale only (upscale by diffusion)")
         if self.control is not None:
             self.control.validate()
-            if self.control and self.scale is not None:
-                raise UsageError("--controlnet with --scale is not supported yet (plain img2img only)")
 
     def recorded(self, engine: Engine) -> dict[str, Any]:
         control = self.control.recorded() if self.control else {}
@@ -94,7 +96,7 @@ class Img2ImgTask(ModelTask):
         size = (pixels.shape[1], pixels.shape[0])
         out = rework_upscaled(self.engine, pixels, scale=self.scale, strength=self.strength, seed=job.seed,
                               conditioning=lambda engine: self.conditioning(engine, 1, pixels.shape[:2]), label=job.item.label,
-                              colour_fix=self.colour_fix, progress=self.step_progress())
+                              colour_fix=self.colour_fix, progress=self.step_progress(), hints=self._tile_hints(pixels))
         alpha = None if image.alpha is None else resample_alpha(image.alpha, size)
         return Output(image=out, alpha=alpha, params={"input_size": list(image.size), "size": list(size)},
                       source=image.source)
@@ -116,8 +118,15 @@ class Img2ImgTask(ModelTask):
         return self.control.batch([input_path(job).stem for job in jobs], jobs[0].payload.size, self.multiple,
                                   self.warn_once)
 
-    def _params(self, job: Job) -> dict[str, Any]:
+    def _tile_hints(self, pixels: np.ndarray) -> Optional[list[torch.Tensor]]:
+        """With --scale, every ControlNet's hint is the upscaled image itself (ControlNet tile)."""
         if not self.control:
+            return None
+        own = (Path("input"), pixels.astype(np.float32) / 255)
+        return hint_batch([[own] * len(self.control.units)], self.multiple)
+
+    def _params(self, job: Job) -> dict[str, Any]:
+        if not self.control or self.scale is not None:
             return _size(job.payload)
         return {**_size(job.payload), **hint_params(self.control.hint_files(input_path(job).stem))}
 
