@@ -413,3 +413,20 @@ def test_img2img_scale_with_a_controlnet_uses_the_upscaled_input_as_the_hint(tmp
     assert np.abs(tiled - direct).max() <= 1 / 255
     plain, _ = run_ours("img2img", tmp_path / "small", *common[:6], "--scale", 2, "--no-colour-fix", "-o", tmp_path / "c.png")
     assert np.abs(tiled - plain).max() > 5 / 255  # the control acted
+
+
+def test_a_controlnet_for_another_model_is_one_line_and_exit_3(tmp_path, files, capsys):
+    from ldmtool.cli.app import main
+
+    model, _nets, hints = files
+    config = tiny_config("controlnet-sd15")
+    config["model"]["params"]["control_stage_config"]["params"]["model_channels"] = 64
+    path = tmp_path / "control_other.pth"
+    torch.save({"control_model." + k: v for k, v in build_model(config).state_dict().items()}, path)
+    with pytest.raises(SystemExit) as exit:
+        main(["txt2img", "--prompt", "x", "--model", str(model), "-W", "64", "-H", "64", "--steps", "1",
+              "--controlnet", str(path), "--control-image", str(hints[0][0]), "-o", str(tmp_path / "o.png")])
+    assert exit.value.code == 3
+    err = capsys.readouterr().err
+    assert "control_other.pth: a ControlNet for another model (model_channels 64; the model's is 32)" in err
+    assert "Traceback" not in err

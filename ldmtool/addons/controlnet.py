@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -64,11 +65,28 @@ def load_controlnet(path: Union[str, Path], *, heads: Optional[Mapping[str, Any]
     return net.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
+def base_unet_params(bundle: Any) -> dict[str, Any]:
+    """The UNet config parameters of a bundle (CompVis `unet_config` or sgm `network_config`)."""
+    params = (bundle.config.get("model") or {}).get("params") or {}
+    return dict((params.get("unet_config") or params.get("network_config") or {}).get("params") or {})
+
+
 def base_heads(bundle: Any) -> dict[str, Any]:
     """The attention head settings of a bundle's UNet config, which a ControlNet for it shares."""
-    params = (bundle.config.get("model") or {}).get("params") or {}
-    unet = (params.get("unet_config") or params.get("network_config") or {}).get("params") or {}
+    unet = base_unet_params(bundle)
     return {k: unet[k] for k in ("num_heads", "num_head_channels") if k in unet and unet[k] != -1}
+
+
+def check_fits(net: "ControlNet", bundle: Any, name: str) -> None:
+    """CheckpointError when a ControlNet was made for another model (widths, levels or text width differ)."""
+    unet = base_unet_params(bundle)
+    context = unet.get("context_dim")
+    context = context[0] if isinstance(context, (list, tuple)) else context
+    for key, theirs in (("model_channels", unet.get("model_channels")), ("channel_mult", unet.get("channel_mult")),
+                        ("context_dim", context)):
+        mine = net.config.get(key)
+        if theirs is not None and mine is not None and list(np.atleast_1d(mine)) != list(np.atleast_1d(theirs)):
+            raise CheckpointError(f"{name}: a ControlNet for another model ({key} {mine}; the model's is {theirs})")
 
 
 @dataclass(frozen=True)

@@ -99,7 +99,7 @@ class ControlRun:
     def open(self, engine: "Engine") -> list["ActiveControl"]:
         """The ControlNets on the model's device and dtype (once per process, through the model cache),
         their attention heads those of the model's UNet."""
-        from ldmtool.addons.controlnet import ActiveControl, base_heads, load_controlnet
+        from ldmtool.addons.controlnet import ActiveControl, base_heads, check_fits, load_controlnet
         from ldmtool.runtime.cache import model_cache
 
         device, dtype = engine.placement()
@@ -110,6 +110,7 @@ class ControlRun:
                 return load_controlnet(path, heads=heads, device=device, dtype=dtype)
 
             net = model_cache().load_file(unit.path, device, dtype, loader, "controlnet", tuple(sorted(heads.items())))
+            check_fits(net, engine.bundle, str(unit.path))
             nets.append(ActiveControl(net, unit.strength, lambda t: True, net.config["hint_channels"],
                                       soft=self.mode == "control"))
         return nets
