@@ -13,6 +13,7 @@ from ldmtool.checkpoints.api import build_model
 from ldmtool.checkpoints.files import save_safetensors
 from ldmtool.checkpoints.tiny import randomise_, tiny_config, tiny_model
 
+STEPS = 4  # DDIM steps of the whole runs: few, to keep them short; guidance and a schedule all the same
 SCALE = 0.1  # UNet weights: the residuals move the output by about half its size (at 0.3, by 0.1%)
 NET_SCALE = 0.1  # ControlNet weights: residuals of a few units (0.15 gives hundreds through the deep stack)
 
@@ -48,6 +49,27 @@ def pair():
     net = randomise_(build_model(tiny_config("controlnet-sd15")), seed=3, scale=NET_SCALE).eval()
     unet, unet_config = diffusers_unet(bundle)
     return bundle, net, unet, unet_config
+
+
+def run_ours(*args):
+    """The CLI in-process as test_sd_vs_diffusers.run_ours runs it (DDIM, eta 0, its cfg and seed), with STEPS
+    steps; returns (pixels in [0, 1], recipe)."""
+    import json
+    from pathlib import Path
+
+    from PIL import Image
+
+    from ldmtool.cli.app import main
+    from test_sd_vs_diffusers import CFG, SEED
+
+    out = Path(args[args.index("-o") + 1])
+    try:
+        main([*map(str, args), "--sampler", "ddim", "--eta", "0", "--steps", str(STEPS), "--cfg", str(CFG),
+              "--seed", str(SEED), "--quiet"])
+    except SystemExit as exit:
+        assert not exit.code
+    with Image.open(out) as image:
+        return np.asarray(image).astype(np.float64) / 255, json.loads(image.info["ldmtool"])
 
 
 def inputs(seed=0, batch=1, size=64):
@@ -173,7 +195,7 @@ def files(tmp_path_factory, pair):
 def diffusers_run(bundle, nets, images, scales, prompt):
     from diffusers import StableDiffusionControlNetPipeline
 
-    from test_sd_vs_diffusers import CFG, SEED, SIZE, STEPS, diffusers_pipeline
+    from test_sd_vs_diffusers import CFG, SEED, SIZE, diffusers_pipeline
 
     base = diffusers_pipeline(bundle)
     parts = {k: v for k, v in base.components.items() if k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
@@ -194,14 +216,14 @@ PROMPT = "a lighthouse on a cliff"
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory, files):
     """The run without control (pixels), which control runs are compared with."""
-    from test_sd_vs_diffusers import SIZE, run_ours
+    from test_sd_vs_diffusers import SIZE
 
     out = tmp_path_factory.mktemp("plain") / "plain.png"
     return run_ours("txt2img", "--prompt", PROMPT, "--model", files[0], "-W", SIZE, "-H", SIZE, "-o", out)[0]
 
 
 def test_txt2img_with_a_controlnet_equals_diffusers_controlnet_pipeline(tmp_path, pair, files, plain):
-    from test_sd_vs_diffusers import SIZE, run_ours
+    from test_sd_vs_diffusers import SIZE
 
     bundle = pair[0]
     model, nets, hints = files
@@ -216,7 +238,7 @@ def test_txt2img_with_a_controlnet_equals_diffusers_controlnet_pipeline(tmp_path
 
 
 def test_two_controlnets_equal_diffusers_multi_controlnet(tmp_path, pair, files):
-    from test_sd_vs_diffusers import SIZE, run_ours
+    from test_sd_vs_diffusers import SIZE
 
     bundle = pair[0]
     model, nets, hints = files
@@ -228,7 +250,7 @@ def test_two_controlnets_equal_diffusers_multi_controlnet(tmp_path, pair, files)
 
 
 def test_strength_zero_gives_exactly_the_image_without_control(tmp_path, files, plain):
-    from test_sd_vs_diffusers import SIZE, run_ours
+    from test_sd_vs_diffusers import SIZE
 
     model, nets, hints = files
     common = ("txt2img", "--prompt", PROMPT, "--model", model, "-W", SIZE, "-H", SIZE)
@@ -276,7 +298,7 @@ def test_img2img_folder_pairs_hints_by_name_and_equals_diffusers_controlnet_img2
     from diffusers import StableDiffusionControlNetImg2ImgPipeline
     from PIL import Image
 
-    from test_sd_vs_diffusers import CFG, SIZE, STEPS, diffusers_pipeline, run_ours
+    from test_sd_vs_diffusers import CFG, SIZE, diffusers_pipeline
 
     bundle = pair[0]
     model, nets, hints = files
@@ -319,7 +341,6 @@ def test_inpaint_with_a_controlnet_follows_the_hint_inside_the_mask_only(tmp_pat
     the input's, and inside they differ from the run without control."""
     from PIL import Image
 
-    from test_sd_vs_diffusers import run_ours
 
     model, nets, hints = files
     source = tmp_path / "x.png"
@@ -396,7 +417,6 @@ def test_img2img_scale_with_a_controlnet_uses_the_upscaled_input_as_the_hint(tmp
     from PIL import Image
 
     from ldmtool.pipelines.upscale import upscaled
-    from test_sd_vs_diffusers import run_ours
 
     model, nets, _hints = files
     (tmp_path / "small").mkdir()

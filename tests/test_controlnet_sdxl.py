@@ -52,16 +52,18 @@ def test_sdxl_controlnet_residuals_equal_diffusers(xl):
 def test_sdxl_txt2img_with_a_controlnet_equals_diffusers_xl_controlnet_pipeline(tmp_path, xl):
     from PIL import Image
 
-    from test_sd_vs_diffusers import CFG, SEED, STEPS
-    from test_sdxl import PROMPT, diffusers_xl_pipeline, run_ours
+    from test_controlnet import STEPS, run_ours
+    from test_sd_vs_diffusers import CFG, SEED
+    from test_sdxl import PROMPT, diffusers_xl_pipeline
 
     bundle, model, path, theirs = xl
     size = 64
     hint = Image.fromarray(np.random.default_rng(3).integers(0, 256, (size, size, 3), dtype=np.uint8))
     hint.save(tmp_path / "hint.png")
     args = ("txt2img", "--prompt", PROMPT, "--model", model, "-W", size, "-H", size)
-    ours = run_ours(*args, "--controlnet", f"{path}:2", "--control-image", tmp_path / "hint.png", "-o", tmp_path / "c.png")
-    plain = run_ours(*args, "-o", tmp_path / "p.png")
+    ours, _ = run_ours(*args, "--controlnet", f"{path}:2", "--control-image", tmp_path / "hint.png",
+                       "-o", tmp_path / "c.png")
+    plain, _ = run_ours(*args, "-o", tmp_path / "p.png")
     pipe = diffusers_xl_pipeline(bundle, "StableDiffusionXLControlNetPipeline", controlnet=theirs)
     with torch.no_grad():
         reference = pipe(PROMPT, image=hint, height=size, width=size, num_inference_steps=STEPS, guidance_scale=CFG,
