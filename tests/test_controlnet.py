@@ -450,3 +450,16 @@ def test_a_controlnet_for_another_model_is_one_line_and_exit_3(tmp_path, files, 
     err = capsys.readouterr().err
     assert "control_other.pth: a ControlNet for another model (model_channels 64; the model's is 32)" in err
     assert "Traceback" not in err
+
+
+def test_replay_redoes_a_controlled_output_from_its_recipe(tmp_path, files, capsys):
+    from ldmtool.cli.app import main
+
+    model, nets, hints = files
+    out = tmp_path / "out"
+    run_ours("txt2img", "--prompt", PROMPT, "--model", model, "-W", 64, "-H", 64, "--controlnet", f"{nets[0][0]}:1.5",
+             "--control-image", hints[0][0], "-o", out / "a.png")
+    with pytest.raises(SystemExit) as exit:
+        main(["replay", str(out / "a.png"), "-o", str(tmp_path / "again.png")])
+    assert exit.value.code == 0
+    assert "again.png: identical pixels" in capsys.readouterr().err

@@ -68,7 +68,7 @@ class ControlRun:
 
     def validate(self) -> None:
         c = self.choice
-        images = list(c.control_image or [])
+        images = [Path(p) for p in c.control_image or []]  # replay hands recorded paths back as strings
         if not c.controlnet:
             given = [name for name, value in (("--control-image", images), ("--control-start", c.control_start),
                                               ("--control-end", c.control_end), ("--control-mode", c.control_mode))
