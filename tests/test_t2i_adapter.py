@@ -1,0 +1,53 @@
+"""T2I-Adapter (full adapter, diffusers layout) against diffusers 0.42.1's `T2IAdapter` and its UNet's
+`down_intrablock_additional_residuals`, on tiny random weights."""
+import pytest
+import torch
+
+from ldmtool.checkpoints.tiny import randomise_, tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from diffusers import T2IAdapter
+
+    from test_controlnet import diffusers_unet
+
+    bundle = randomise_(tiny_model("sd1"), seed=7, scale=0.1)
+    unet, config = diffusers_unet(bundle)
+    theirs = randomise_(T2IAdapter(in_channels=3, channels=list(config["block_out_channels"]), num_res_blocks=2,
+                                   adapter_type="full_adapter"), seed=4, scale=0.1).eval()
+    return bundle, unet, theirs
+
+
+@pytest.mark.parametrize("prefixed", [True, False])
+def test_full_adapter_features_and_adapted_unet_equal_diffusers(tiny, tmp_path, prefixed):
+    from ldmtool.addons.t2i_adapter import load_adapter
+    from ldmtool.checkpoints.files import save_safetensors
+
+    bundle, unet, theirs = tiny
+    state = theirs.state_dict() if prefixed else {k.removeprefix("adapter."): v for k, v in theirs.state_dict().items()}
+    save_safetensors(state, tmp_path / "t2iadapter_canny.safetensors")
+    ours = load_adapter(tmp_path / "t2iadapter_canny.safetensors")
+    g = torch.Generator().manual_seed(0)
+    hint, x = torch.rand(1, 3, 64, 64, generator=g), torch.randn(1, 4, 8, 8, generator=g)
+    context, t = torch.randn(1, 77, 32, generator=g), torch.tensor([333])
+    with torch.no_grad():
+        mine, reference = ours(hint), theirs(hint)
+        assert len(mine) == len(reference) == 4
+        for a, b in zip(mine, reference):
+            assert a.shape == b.shape and (a - b).abs().max() < 1e-5
+        adapted = bundle.unet(x, t, context=context, adapter=[f * 0.8 for f in mine])
+        expected = unet(x, t, context, down_intrablock_additional_residuals=[f * 0.8 for f in reference]).sample
+        plain = bundle.unet(x, t, context=context)
+    assert (adapted - expected).abs().max() < 1e-4
+    assert (adapted - plain).abs().max() > 1e-2  # the features matter
+
+
+def test_a_file_that_is_not_an_adapter_is_one_clear_error(tmp_path):
+    from ldmtool.addons.t2i_adapter import load_adapter
+    from ldmtool.checkpoints.files import save_safetensors
+    from ldmtool.errors import CheckpointError
+
+    save_safetensors({"conv_in.weight": torch.zeros(2, 2, 3, 3)}, tmp_path / "x.safetensors")
+    with pytest.raises(CheckpointError, match="x.safetensors: not a T2I-Adapter"):
+        load_adapter(tmp_path / "x.safetensors")
