@@ -243,6 +243,10 @@ class ControlInputs:
     controlnet: Optional[list[str]] = option(
         "--controlnet", help="Guide the UNet with this ControlNet file at STRENGTH (default 1; repeatable: "
         "several at once, each with its own --control-image).", panel=MODEL, metavar="FILE[:S]")
+    adapter: Optional[list[str]] = option(
+        "--adapter", help="Guide the UNet with this T2I-Adapter file at WEIGHT (default 1; repeatable); its hint is "
+        "the --control-image after those of the ControlNets. Features are computed once per image.", panel=MODEL,
+        metavar="FILE[:W]")
     control_image: Optional[list[Path]] = option(
         "--control-image", help="Hint image for each --controlnet, in order: a file for every item, or a folder "
         "of hints named like the inputs (txt2img: a file). Resized to the output size if it differs.",

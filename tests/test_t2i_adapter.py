@@ -13,6 +13,7 @@ def tiny():
     from test_controlnet import diffusers_unet
 
     bundle = randomise_(tiny_model("sd1"), seed=7, scale=0.1)
+    randomise_(bundle.first_stage_model, seed=8, scale=0.3)  # a decoder whose pixels follow the latent
     unet, config = diffusers_unet(bundle)
     theirs = randomise_(T2IAdapter(in_channels=3, channels=list(config["block_out_channels"]), num_res_blocks=2,
                                    adapter_type="full_adapter"), seed=4, scale=0.1).eval()
@@ -51,3 +52,39 @@ def test_a_file_that_is_not_an_adapter_is_one_clear_error(tmp_path):
     save_safetensors({"conv_in.weight": torch.zeros(2, 2, 3, 3)}, tmp_path / "x.safetensors")
     with pytest.raises(CheckpointError, match="x.safetensors: not a T2I-Adapter"):
         load_adapter(tmp_path / "x.safetensors")
+
+
+def test_txt2img_with_an_adapter_equals_diffusers_adapter_pipeline(tmp_path, tiny):
+    import numpy as np
+    import yaml
+    from diffusers import StableDiffusionAdapterPipeline
+    from PIL import Image
+
+    from ldmtool.checkpoints.files import save_safetensors
+    from test_controlnet import STEPS, run_ours
+    from test_sd_vs_diffusers import CFG, SEED, diffusers_pipeline
+
+    bundle, _unet, theirs = tiny
+    model = tmp_path / "sd1-tiny.safetensors"
+    save_safetensors(bundle.state_dict(), model)
+    model.with_suffix(".yaml").write_text(yaml.safe_dump(bundle.config, sort_keys=False))
+    save_safetensors(theirs.state_dict(), tmp_path / "t2iadapter.safetensors")
+    hint = Image.fromarray(np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    hint.save(tmp_path / "hint.png")
+    prompt = "a lighthouse on a cliff"
+    args = ("txt2img", "--prompt", prompt, "--model", model, "-W", 64, "-H", 64)
+    ours, recipe = run_ours(*args, "--adapter", f"{tmp_path / 't2iadapter.safetensors'}:1.5",
+                            "--control-image", tmp_path / "hint.png", "-o", tmp_path / "a.png")
+    plain, _ = run_ours(*args, "-o", tmp_path / "p.png")
+    base = diffusers_pipeline(bundle)
+    parts = {k: v for k, v in base.components.items() if k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
+    pipe = StableDiffusionAdapterPipeline(**parts, adapter=theirs, safety_checker=None, feature_extractor=None,
+                                          requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        reference = pipe(prompt, image=hint, height=64, width=64, num_inference_steps=STEPS, guidance_scale=CFG,
+                         adapter_conditioning_scale=1.5, generator=torch.Generator("cpu").manual_seed(SEED),
+                         output_type="np").images[0]
+    assert np.abs(ours - reference).max() <= 1 / 255
+    assert np.abs(ours - plain).max() > 5 / 255  # the comparison is sensitive to the adapter
+    assert recipe["parameters"]["adapter"] == ["t2iadapter.safetensors:1.5"]

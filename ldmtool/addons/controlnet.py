@@ -110,15 +110,20 @@ class ControlledNetwork:
     ControlNets' residuals added. `control` holds the packed hints, `control_scale` (B, K) each row's
     multiplier per ControlNet (0 for guidance's unconditional rows in the soft mode)."""
 
-    def __init__(self, unet: Callable[..., Tensor], controls: Sequence[ActiveControl], down: int = 8):
+    def __init__(self, unet: Callable[..., Tensor], controls: Sequence[ActiveControl], down: int = 8,
+                 adapter_widths: Sequence[int] = ()):
         self.unet = unet
         self.controls = tuple(controls)
         self.down = down
+        self.adapter_widths = tuple(adapter_widths)  # T2I-Adapter feature widths per level (`pack_features`)
 
     def __call__(self, x: Tensor, t: Tensor, context: Optional[Tensor] = None, y: Optional[Tensor] = None,
-                 control: Optional[Tensor] = None, control_scale: Optional[Tensor] = None) -> Tensor:
-        residuals = None if control is None else self.residuals(x, t, context, y, control, control_scale)
-        return self.unet(x, t, context=context, y=y, control=residuals)
+                 control: Optional[Tensor] = None, control_scale: Optional[Tensor] = None,
+                 adapter: Optional[Tensor] = None) -> Tensor:
+        residuals = None if control is None or not self.controls else self.residuals(x, t, context, y, control,
+                                                                                    control_scale)
+        features = None if adapter is None else unpack_features(adapter, self.adapter_widths)
+        return self.unet(x, t, context=context, y=y, control=residuals, adapter=features)
 
     def residuals(self, x: Tensor, t: Tensor, context: Optional[Tensor], y: Optional[Tensor], control: Tensor,
                   control_scale: Optional[Tensor]) -> Optional[list[Tensor]]:
@@ -136,6 +141,16 @@ class ControlledNetwork:
             out = [r * (scale.to(r.dtype).view(-1, 1, 1, 1) * w) for r, w in zip(out, weights)]
             total = out if total is None else [a + b for a, b in zip(total, out)]
         return total
+
+
+def pack_features(features: Sequence[Tensor]) -> Tensor:
+    """T2I-Adapter features, level l at 1/2^l of the latent, as one (B, sum C_l / 4^l, h, w) field."""
+    return torch.cat([nn.functional.pixel_shuffle(f, 2**level) for level, f in enumerate(features)], dim=1)
+
+
+def unpack_features(packed: Tensor, widths: Sequence[int]) -> list[Tensor]:
+    parts = torch.split(packed, [w // 4**level for level, w in enumerate(widths)], dim=1)
+    return [nn.functional.pixel_unshuffle(p, 2**level) for level, p in enumerate(parts)]
 
 
 def step_window(timesteps: Sequence[float], start: float, end: float) -> Callable[[Tensor], bool]:

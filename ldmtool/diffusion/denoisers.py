@@ -117,6 +117,8 @@ class DiscreteDenoiser:
         if cond.concat is not None:
             x_in = torch.cat([x_in, cond.concat.to(x_in.dtype)], dim=1)
         control = {} if cond.control is None else {"control": cond.control, "control_scale": cond.control_scale}
+        if cond.adapter is not None:
+            control["adapter"] = cond.adapter
         return per_row(self.network, x_in, t.expand(x_in.shape[0]), context=cond.crossattn, y=cond.y, **control)
 
 

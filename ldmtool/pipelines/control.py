@@ -61,15 +61,17 @@ class ControlRun:
         self.end = 1.0 if choice.control_end is None else choice.control_end
         self.mode = choice.control_mode or "balanced"
         self.units: list[ControlUnit] = []
+        self.adapters: list[ControlUnit] = []  # --adapter: T2I-Adapters, their hints after the ControlNets'
         self.notes: list[str] = []  # things said once per run (hint resized)
 
     def __bool__(self) -> bool:
-        return bool(self.choice.controlnet)
+        return bool(self.choice.controlnet or self.choice.adapter)
 
     def validate(self) -> None:
         c = self.choice
         images = [Path(p) for p in c.control_image or []]  # replay hands recorded paths back as strings
-        if not c.controlnet:
+        specs = [*(c.controlnet or []), *(c.adapter or [])]
+        if not specs:
             given = [name for name, value in (("--control-image", images), ("--control-start", c.control_start),
                                               ("--control-end", c.control_end), ("--control-mode", c.control_mode))
                      if value]
@@ -79,14 +81,14 @@ class ControlRun:
         if self.input_hint and images:
             raise UsageError("--control-image: with --scale every ControlNet's hint is the upscaled input itself "
                              "(ControlNet tile); drop --control-image")
-        if len(images) not in (0 if self.input_hint else 1, 1, len(c.controlnet)):
-            raise UsageError(f"--control-image: give one, or one per --controlnet ({len(c.controlnet)})")
+        if len(images) not in (0 if self.input_hint else 1, 1, len(specs)):
+            raise UsageError(f"--control-image: give one, or one per --controlnet and --adapter ({len(specs)})")
         if self.mode not in MODES:
             raise UsageError(f"--control-mode {self.mode!r}: choose balanced or control")
         if self.start >= self.end:
             raise UsageError(f"--control-start {self.start} must be below --control-end {self.end}")
         units = []
-        for index, spec in enumerate(c.controlnet):
+        for index, spec in enumerate(specs):
             path, strength = parse_unit(spec)
             image = (images[index] if len(images) > 1 else images[0]).expanduser() if images else None
             if image is None and not self.input_hint:
@@ -94,7 +96,8 @@ class ControlRun:
             if image is not None and not image.exists():
                 raise UsageError(f"--control-image {image}: no such file or folder")
             units.append(ControlUnit(path, strength, image))
-        self.units = units
+        count = len(c.controlnet or [])
+        self.units, self.adapters = units[:count], units[count:]
 
     def open(self, engine: "Engine") -> list["ActiveControl"]:
         """The ControlNets on the model's device and dtype (once per process, through the model cache),
@@ -129,7 +132,22 @@ class ControlRun:
         return found[0]
 
     def hint_files(self, key: Optional[str]) -> list[Path]:
-        return [self.hint_file(u, key) for u in self.units]
+        """Each ControlNet's, then each T2I-Adapter's hint file for an item."""
+        return [self.hint_file(u, key) for u in (*self.units, *self.adapters)]
+
+    def open_adapters(self, engine: "Engine") -> list[tuple[Any, float]]:
+        """The T2I-Adapters (through the model cache) and their weights."""
+        from ldmtool.addons.t2i_adapter import load_adapter
+        from ldmtool.runtime.cache import model_cache
+
+        device, dtype = engine.placement()
+        loaded = []
+        for unit in self.adapters:
+            def loader(path: Path = unit.path) -> Any:
+                return load_adapter(path, device=device, dtype=dtype)
+
+            loaded.append((model_cache().load_file(unit.path, device, dtype, loader, "t2i-adapter"), unit.strength))
+        return loaded
 
     def hints(self, key: Optional[str], size: tuple[int, int]) -> list[tuple[Path, np.ndarray]]:
         """Each unit's hint file and its pixels (H, W, 3) float32 in [0, 1] at `size` (width, height)."""
@@ -162,21 +180,26 @@ class ControlRun:
         """What every output records: each ControlNet (name, hash, strength), the window and the mode."""
         from ldmtool.runtime.cache import file_sha256
 
-        if not self.units:
+        if not self:
             return {}
+        adapters = {} if not self.adapters else {
+            "adapter": [f"{u.path.name}:{u.strength}" for u in self.adapters],
+            "adapter_hashes": [file_sha256(u.path)[:10] for u in self.adapters]}
         return {"controlnet": [f"{u.path.name}:{u.strength}" for u in self.units],
-                "controlnet_hashes": [file_sha256(u.path)[:10] for u in self.units],
+                "controlnet_hashes": [file_sha256(u.path)[:10] for u in self.units], **adapters,
                 "control_start": self.start, "control_end": self.end, "control_mode": self.mode}
 
     def job_identity(self) -> dict[str, Any]:
         """The ControlNet files' and single hint files' contents (a folder's hints join each item's record)."""
         from ldmtool.runtime.cache import file_sha256
 
-        if not self.units:
+        if not self:
             return {}
+        units = [*self.units, *self.adapters]
         return {"controlnet_sha256": [[file_sha256(u.path), u.strength] for u in self.units],
+                **({"adapter_sha256": [[file_sha256(u.path), u.strength] for u in self.adapters]} if self.adapters else {}),
                 "control_image_sha256": [file_sha256(u.image) if u.image and u.image.is_file() else str(u.image)
-                                         for u in self.units]}
+                                         for u in units]}
 
 
 def hint_params(files: Sequence[Path]) -> dict[str, Any]:

@@ -228,6 +228,9 @@ class Engine:
         if hints is not None and self.control:
             network, cond, uncond = self._controlled(settings, init_latent is not None, hints, cond, uncond)
         denoise = self._denoiser(latent_hw, 2 if guided else 1, guided, network)
+        if getattr(network, "adapter_widths", ()) and isinstance(denoise, TiledDenoiser):
+            raise UsageError("--adapter: T2I-Adapters do not run with the tiled engine yet (this image is tiled; "
+                             "try --tile 0 or a smaller size)")
         conditioning = Guided(cond, uncond, p["cfg"]) if guided else cond
         callback = None if progress is None else (lambda step: progress(step.index + 1, step.total))
         shape = None if init_latent is not None else (self.info.latent_channels, *latent_hw)

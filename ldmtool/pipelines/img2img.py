@@ -123,7 +123,7 @@ class Img2ImgTask(ModelTask):
         if not self.control:
             return None
         own = (Path("input"), pixels.astype(np.float32) / 255)
-        return hint_batch([[own] * len(self.control.units)], self.multiple)
+        return hint_batch([[own] * (len(self.control.units) + len(self.control.adapters))], self.multiple)
 
     def _params(self, job: Job) -> dict[str, Any]:
         if not self.control or self.scale is not None:
