@@ -88,3 +88,26 @@ def test_txt2img_with_an_adapter_equals_diffusers_adapter_pipeline(tmp_path, tin
     assert np.abs(ours - reference).max() <= 1 / 255
     assert np.abs(ours - plain).max() > 5 / 255  # the comparison is sensitive to the adapter
     assert recipe["parameters"]["adapter"] == ["t2iadapter.safetensors:1.5"]
+
+
+def test_adapter_features_are_computed_once_per_image_not_per_step(tmp_path, tiny, monkeypatch):
+    import numpy as np
+    import yaml
+    from PIL import Image
+
+    from ldmtool.checkpoints.files import save_safetensors
+    from ldmtool.nets.t2i_adapter import FullAdapter
+    from test_controlnet import run_ours
+
+    bundle, _unet, theirs = tiny
+    model = tmp_path / "sd1-tiny.safetensors"
+    save_safetensors(bundle.state_dict(), model)
+    model.with_suffix(".yaml").write_text(yaml.safe_dump(bundle.config, sort_keys=False))
+    save_safetensors(theirs.state_dict(), tmp_path / "adapter.safetensors")
+    Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(tmp_path / "hint.png")
+    calls = []
+    forward = FullAdapter.forward
+    monkeypatch.setattr(FullAdapter, "forward", lambda self, hint: calls.append(hint.shape) or forward(self, hint))
+    run_ours("txt2img", "--prompt", "x", "--model", model, "-W", 64, "-H", 64, "--adapter", tmp_path / "adapter.safetensors",
+             "--control-image", tmp_path / "hint.png", "-o", tmp_path / "a.png")
+    assert len(calls) == 1  # 4 steps, guidance: still one adapter pass
