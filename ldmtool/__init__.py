@@ -1,7 +1,7 @@
 """ldmtool: latent diffusion models over folders of images.
 
 The Python API is imported lazily so that `import ldmtool` and the CLI's `--help` stay free of torch:
-`build_model`, `load_model` (models), and one call per task command, each taking and returning images as
+`build_model`, `load_model` (models), `load_controlnet` (a ControlNet file, any layout), and one call per task command, each taking and returning images as
 NumPy arrays (or Pillow images and files in), with the command's option names and defaults:
 `superres`, `inpaint`, `img2img`, `txt2img`, `sample`, `semantic2img`, `layout2img`, `tile_synth`
 (see `ldmtool.pipelines.api`).
@@ -11,8 +11,9 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _MODEL_API = ("build_model", "load_model")
+_ADDON_API = ("load_controlnet",)
 _TASK_API = ("superres", "inpaint", "img2img", "txt2img", "sample", "semantic2img", "layout2img", "tile_synth")
-__all__ = ["__version__", *_MODEL_API, *_TASK_API]
+__all__ = ["__version__", *_MODEL_API, *_ADDON_API, *_TASK_API]
 
 
 def __getattr__(name: str):
@@ -20,6 +21,10 @@ def __getattr__(name: str):
         from ldmtool.checkpoints import api
 
         return getattr(api, name)
+    if name in _ADDON_API:
+        from ldmtool.addons import controlnet
+
+        return getattr(controlnet, name)
     if name in _TASK_API:
         from ldmtool.pipelines import api as task_api
 

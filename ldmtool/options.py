@@ -234,3 +234,31 @@ class MaskInputs:
                                default=False)
     mask_from_alpha: bool = option("--mask-from-alpha", help="Repaint the transparent pixels of each image.",
                                    panel=INPUTS, default=False)
+
+
+@dataclass(frozen=True)
+class ControlInputs:
+    """ControlNets and their hint images (txt2img, img2img, inpaint; pipelines/control.py)."""
+
+    controlnet: Optional[list[str]] = option(
+        "--controlnet", help="Guide the UNet with this ControlNet file at STRENGTH (default 1; repeatable: "
+        "several at once, each with its own --control-image).", panel=MODEL, metavar="FILE[:S]")
+    adapter: Optional[list[str]] = option(
+        "--adapter", help="Guide the UNet with this T2I-Adapter file at WEIGHT (default 1; repeatable); its hint is "
+        "the --control-image after those of the ControlNets. Features are computed once per image.", panel=MODEL,
+        metavar="FILE[:W]")
+    control_image: Optional[list[Path]] = option(
+        "--control-image", help="Hint image for each --controlnet, in order: a file for every item, or a folder "
+        "of hints named like the inputs (txt2img: a file). Resized to the output size if it differs.",
+        panel=INPUTS, metavar="PATH")
+    # None (not 0, 1, balanced): runs without ControlNets keep their job identity.
+    control_start: Optional[float] = option(
+        "--control-start", help="Fraction of the steps after which control starts (default 0).", panel=SAMPLING,
+        min=0.0, max=1.0)
+    control_end: Optional[float] = option(
+        "--control-end", help="Fraction of the steps after which control stops (default 1).", panel=SAMPLING,
+        min=0.0, max=1.0)
+    control_mode: Optional[str] = option(
+        "--control-mode", help="balanced (the default), or control: A1111's 'ControlNet is more important' "
+        "(residuals weighted 0.825^(12-i), none on guidance's unconditional pass).", panel=SAMPLING,
+        metavar="MODE")

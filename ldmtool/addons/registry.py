@@ -12,11 +12,14 @@ from __future__ import annotations
 from typing import Sequence
 
 from ldmtool.addons.base import AddonFormat
+from ldmtool.addons.controlnet_keys import CONTROLNET_FORMATS
 from ldmtool.addons.embeddings import EMBEDDING_FORMATS
 from ldmtool.addons.lora import NETWORK_FORMATS
+from ldmtool.addons.t2i_adapter import ADAPTER_FORMATS
 from ldmtool.addons.vae import VAE_FORMATS
 
-ADDON_FORMATS: tuple[AddonFormat, ...] = (*NETWORK_FORMATS, *EMBEDDING_FORMATS, *VAE_FORMATS)
+ADDON_FORMATS: tuple[AddonFormat, ...] = (*NETWORK_FORMATS, *EMBEDDING_FORMATS, *VAE_FORMATS,
+                                            *CONTROLNET_FORMATS, *ADAPTER_FORMATS)
 
 
 def formats(kind: str) -> Sequence[AddonFormat]:

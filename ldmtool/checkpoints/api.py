@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ldmtool.checkpoints.bundle import PARAMETERIZATIONS, Bundle, LatentDiffusionBundle, build_bundle
-from ldmtool.checkpoints.config import ConfigLike, ldmtool_block, load_config
+from ldmtool.checkpoints.config import CONTROL_TARGETS, ConfigLike, instantiate, ldmtool_block, load_config, model_block
 from ldmtool.checkpoints.detect import Detection, detect_checkpoint
 from ldmtool.checkpoints.files import read_state_dict
 from ldmtool.checkpoints.presets import load_preset, preset_names, shipped_model, shipped_models
@@ -42,8 +42,11 @@ class LoadInfo:
 def build_model(config: Union[ConfigLike, str], *, device: Union[str, torch.device] = "cpu",
                 dtype: Optional[torch.dtype] = None, family: Optional[str] = None) -> Bundle:
     """A bundle with freshly initialised weights from a CompVis config (path, dict, or preset name).
-    `device="meta"` builds the architecture without allocating any weight."""
+    `device="meta"` builds the architecture without allocating any weight. A ControlNet config (preset
+    `controlnet-sd15`, ...) gives the ControlNet network alone, its `state_dict()` the released keys."""
     doc = _config_doc(config)
+    if model_block(doc)["target"] in CONTROL_TARGETS:
+        return _build_controlnet(doc, device, dtype)  # type: ignore[no-any-return]  # a network, not a bundle
     with torch.device(device):
         bundle = build_bundle(doc, family)
     if dtype is not None:
@@ -52,6 +55,16 @@ def build_model(config: Union[ConfigLike, str], *, device: Union[str, torch.devi
         _schedule_to_fp32(bundle, schedule)
     bundle.info = model_info(bundle)
     return bundle
+
+
+def _build_controlnet(doc: dict[str, Any], device: Union[str, torch.device], dtype: Optional[torch.dtype]) -> Any:
+    params = model_block(doc).get("params") or {}
+    if not isinstance(params.get("control_stage_config"), Mapping):
+        raise CheckpointError("config model.params has no control_stage_config block")
+    with torch.device(device):
+        net = instantiate(params["control_stage_config"])
+    net.config = dict(params["control_stage_config"].get("params") or {})
+    return net.to(dtype=dtype) if dtype is not None else net
 
 
 def load_model(path_or_name: Union[str, Path], *, config: Optional[ConfigLike] = None, preset: Optional[str] = None,

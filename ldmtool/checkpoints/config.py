@@ -44,6 +44,7 @@ TARGETS: dict[str, str] = {
     # Black Forest Labs' flux code base (FLUX.1): parts of an `ldmtool.TransformerBundle`.
     "flux.model.Flux": "ldmtool.nets.flux:Flux",
     "flux.modules.autoencoder.AutoEncoder": "ldmtool.nets.autoencoder:AutoEncoder",
+    "cldm.cldm.ControlNet": "ldmtool.nets.controlnet:ControlNet",
 }
 DIFFUSION_TARGETS = {
     "ldm.models.diffusion.ddpm.LatentDiffusion",
@@ -52,6 +53,8 @@ DIFFUSION_TARGETS = {
 }
 # sgm's `DiffusionEngine` (SDXL): network_config, conditioner_config, first_stage_config, denoiser_config.
 SGM_DIFFUSION_TARGETS = {"sgm.models.diffusion.DiffusionEngine"}
+# ControlNet's `ControlLDM`: `build_model` gives its `control_stage_config` network alone, as its files hold it.
+CONTROL_TARGETS = {"cldm.cldm.ControlLDM"}
 FIRST_STAGE_TARGETS = {
     "ldm.models.autoencoder.AutoencoderKL",
     "ldm.models.autoencoder.VQModel",

@@ -29,6 +29,9 @@ def tiny_config(preset_or_doc: str | Mapping[str, Any]) -> dict[str, Any]:
     if "network_config" in params:  # sgm (SDXL)
         _shrink_sgm(params)
         return doc
+    if "control_stage_config" in params:  # a ControlNet, for a tiny model with the CLIP text width
+        _shrink_unet(params["control_stage_config"]["params"], TINY_CLIP_TEXT["hidden_size"])
+        return doc
     if "unet_config" not in params:  # a first stage alone
         _shrink_first_stage(params)
         return doc

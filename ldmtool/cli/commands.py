@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "ldmtool.cli.semantic2img",
     "ldmtool.cli.layout2img",
     "ldmtool.cli.tile_synth",
+    "ldmtool.cli.preprocess",
     "ldmtool.cli.workflow",
     "ldmtool.cli.info",
     "ldmtool.cli.replay",

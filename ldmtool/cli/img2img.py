@@ -8,7 +8,7 @@ import typer
 from ldmtool.cli import options as opt
 from ldmtool.cli.common import find_inputs, finish
 from ldmtool.cli.shared import task_command
-from ldmtool.options import ImageInputs, ModelChoice, SamplingChoice, TextPrompt
+from ldmtool.options import ControlInputs, ImageInputs, ModelChoice, SamplingChoice, TextPrompt
 
 if TYPE_CHECKING:
     from ldmtool.runtime.jobs import RunOptions
@@ -50,9 +50,11 @@ def img2img(
     refiner: opt.Refiner = None,
     refiner_at: opt.RefinerAt = None,
     images: ImageInputs,
+    control: ControlInputs,
     run: "RunOptions", model: ModelChoice, sampling: SamplingChoice,
 ) -> None:
     """Transform images or folders of images towards a prompt (text or unconditional models)."""
+    from ldmtool.pipelines.control import ControlRun
     from ldmtool.pipelines.engine import Engine
     from ldmtool.pipelines.img2img import Img2ImgTask
     from ldmtool.pipelines.refiner import refiner_engine
@@ -60,7 +62,8 @@ def img2img(
 
     task = Img2ImgTask(Engine(model, sampling), prompt=text.prompt, negative=text.negative,
                        strength=strength, max_pixels=images.max_pixels, scale=scale, colour_fix=colour_fix,
-                       refiner=refiner_engine(model, sampling, refiner), refiner_at=refiner_at)
+                       refiner=refiner_engine(model, sampling, refiner), refiner_at=refiner_at,
+                       control=ControlRun(control))
     finish(run_task(task, find_inputs(inputs, recursive=images.recursive), run))
 
 

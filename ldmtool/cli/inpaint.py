@@ -8,7 +8,7 @@ import typer
 from ldmtool.cli import options as opt
 from ldmtool.cli.common import find_inputs, finish
 from ldmtool.cli.shared import task_command
-from ldmtool.options import ImageInputs, MaskInputs, ModelChoice, SamplingChoice, TextPrompt
+from ldmtool.options import ControlInputs, ImageInputs, MaskInputs, ModelChoice, SamplingChoice, TextPrompt
 
 if TYPE_CHECKING:
     from ldmtool.runtime.jobs import RunOptions
@@ -33,9 +33,11 @@ def inpaint(
     refiner: opt.Refiner = None,
     refiner_at: opt.RefinerAt = None,
     images: ImageInputs,
+    control: ControlInputs,
     run: "RunOptions", model: ModelChoice, sampling: SamplingChoice,
 ) -> None:
     """Inpaint images: white mask pixels are repainted, black ones kept exactly."""
+    from ldmtool.pipelines.control import ControlRun
     from ldmtool.pipelines.engine import Engine
     from ldmtool.pipelines.inpaint import InpaintTask
     from ldmtool.pipelines.refiner import refiner_engine
@@ -44,7 +46,8 @@ def inpaint(
     task = InpaintTask(Engine(model, sampling), prompt=text.prompt or "", negative=text.negative or "", grow=grow,
                        feather=feather, invert_mask=mask.invert_mask, from_alpha=mask.mask_from_alpha,
                        max_pixels=images.max_pixels, colour_fix=colour_fix,
-                       refiner=refiner_engine(model, sampling, refiner), refiner_at=refiner_at)
+                       refiner=refiner_engine(model, sampling, refiner), refiner_at=refiner_at,
+                       control=ControlRun(control))
     discovery = find_inputs(inputs, recursive=images.recursive, pair_masks=not mask.mask_from_alpha,
                             masks_dir=mask.masks)
     finish(run_task(task, discovery, run))

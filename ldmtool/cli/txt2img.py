@@ -9,7 +9,7 @@ import typer
 from ldmtool.cli import options as opt
 from ldmtool.cli.common import finish
 from ldmtool.cli.shared import task_command
-from ldmtool.options import ModelChoice, PromptTemplate, SamplingChoice, Size, TextPrompt
+from ldmtool.options import ControlInputs, ModelChoice, PromptTemplate, SamplingChoice, Size, TextPrompt
 
 if TYPE_CHECKING:
     from ldmtool.pipelines.text import PromptSpec
@@ -58,9 +58,11 @@ def txt2img(
     hires_strength: HiresStrength = None,  # None (not 0.5) keeps runs without --hires the same job as before
     hires_colour_fix: HiresColourFix = None,
     size: Size,
+    control: ControlInputs,
     run: "RunOptions", model: ModelChoice, sampling: SamplingChoice,
 ) -> None:
     """Generate images from text prompts (sizes must be multiples of the model's 64 or 32 pixels)."""
+    from ldmtool.pipelines.control import ControlRun
     from ldmtool.pipelines.engine import Engine
     from ldmtool.pipelines.prompt_templates import needs_templates
     from ldmtool.pipelines.refiner import refiner_engine
@@ -74,7 +76,8 @@ def txt2img(
     refining = refiner_engine(model, sampling, refiner)
     task = Txt2ImgTask(Engine(model, sampling), specs, negative=text.negative or "", width=size.width,
                        height=size.height, wildcards=templates.wildcards, refiner=refining, refiner_at=refiner_at,
-                       hires=hires, hires_strength=hires_strength, hires_colour_fix=hires_colour_fix)
+                       hires=hires, hires_strength=hires_strength, hires_colour_fix=hires_colour_fix,
+                       control=ControlRun(control))
     finish(run_task(task, prompt_items(specs, n, same_seed=templates.same_seed), run))
 
 

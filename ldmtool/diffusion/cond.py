@@ -30,17 +30,27 @@ class Cond:
     # The context for one tile instead of `crossattn`: called with the tile's (top, left, height, width) and
     # the canvas (height, width), both in latent pixels; returns (B, T, D). Untiled calls use `crossattn`.
     tile_crossattn: Optional[Callable[[tuple[int, int, int, int], tuple[int, int]], "Tensor"]] = None
+    # ControlNet hints at latent resolution (`addons/controlnet.pack_hint`): cropped per tile like `concat`;
+    # and each row's scale per ControlNet (B, K), shared by tiles.
+    control: Optional["Tensor"] = None
+    control_scale: Optional["Tensor"] = None
+    adapter: Optional["Tensor"] = None  # T2I-Adapter features packed to latent resolution (`pack_features`)
 
     def map_spatial(self, fn: Callable[["Tensor"], "Tensor"]) -> "Cond":
         """The same conditioning with `fn` applied to every spatial field (used to cut tiles)."""
-        return replace(self, concat=None if self.concat is None else fn(self.concat))
+        return replace(self, concat=None if self.concat is None else fn(self.concat),
+                       control=None if self.control is None else fn(self.control),
+                       adapter=None if self.adapter is None else fn(self.adapter))
 
     def map_batch(self, fn: Callable[["Tensor"], "Tensor"]) -> "Cond":
         """The same conditioning with `fn` applied to every field along the batch (repeat, index, cat)."""
         tile = self.tile_crossattn
         crossattn, concat, y = (None if t is None else fn(t) for t in (self.crossattn, self.concat, self.y))
+        control, control_scale, adapter = (None if t is None else fn(t)
+                                           for t in (self.control, self.control_scale, self.adapter))
         return Cond(crossattn, concat, y,
-                    tile_crossattn=None if tile is None else (lambda rect, canvas: fn(tile(rect, canvas))))
+                    tile_crossattn=None if tile is None else (lambda rect, canvas: fn(tile(rect, canvas))),
+                    control=control, control_scale=control_scale, adapter=adapter)
 
 
 @dataclass(frozen=True)

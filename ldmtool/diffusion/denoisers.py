@@ -65,11 +65,12 @@ class DiscreteDenoiser:
         self.log_sigmas = self.sigmas.log()
 
     @classmethod
-    def from_bundle(cls, bundle: Any, *, parameterization: Optional[str] = None, quantize: bool = False) -> "DiscreteDenoiser":
+    def from_bundle(cls, bundle: Any, *, parameterization: Optional[str] = None, quantize: bool = False,
+                    network: Optional[Network] = None) -> "DiscreteDenoiser":
         """Wrap a model bundle (shared contract: `denoiser`, `alphas_cumprod`, `parameterization`, `conditioning_key`;
         duck-typed, hence `Any`: a LatentDiffusionBundle or a stand-in with those attributes)."""
         return cls(
-            bundle.denoiser,
+            network or bundle.denoiser,
             bundle.alphas_cumprod,
             parameterization or bundle.parameterization,
             bundle.conditioning_key,
@@ -115,7 +116,10 @@ class DiscreteDenoiser:
             )
         if cond.concat is not None:
             x_in = torch.cat([x_in, cond.concat.to(x_in.dtype)], dim=1)
-        return per_row(self.network, x_in, t.expand(x_in.shape[0]), context=cond.crossattn, y=cond.y)
+        control = {} if cond.control is None else {"control": cond.control, "control_scale": cond.control_scale}
+        if cond.adapter is not None:
+            control["adapter"] = cond.adapter
+        return per_row(self.network, x_in, t.expand(x_in.shape[0]), context=cond.crossattn, y=cond.y, **control)
 
 
 def _conditioning(key: Union[Conditioning, str, None]) -> Conditioning:

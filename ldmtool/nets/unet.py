@@ -273,8 +273,12 @@ class UNetModel(nn.Module):
         return self.time_embed[0].weight.dtype
 
     def forward(self, x: Tensor, timesteps: Tensor, context: Optional[Tensor] = None,
-                y: Optional[Tensor] = None) -> Tensor:
-        """Prediction (eps, v or x0 by the model's training) for input x at integer-scale `timesteps`."""
+                y: Optional[Tensor] = None, control: Optional[Sequence[Tensor]] = None,
+                adapter: Optional[Sequence[Tensor]] = None) -> Tensor:
+        """Prediction (eps, v or x0 by the model's training) for input x at integer-scale `timesteps`;
+        `control`: ControlNet residuals (skips in input-block order, then the middle block's), added as
+        the reference `ControlledUnetModel` adds them; `adapter`: T2I-Adapter features, one per level, added
+        at the end of each level of the encoder (before its skip is kept), as the reference adapter UNet."""
         if (y is not None) != (self.num_classes is not None):
             raise ValueError("UNetModel: pass y exactly when the model is class-conditional (num_classes set)")
         if timesteps.ndim == 0:
@@ -286,14 +290,37 @@ class UNetModel(nn.Module):
             context = context.to(self.dtype)
         h = x.to(self.dtype)
         skips = []
-        for module in self.input_blocks:
+        level_ends = _level_ends(self.input_blocks) if adapter is not None else ()
+        for index, module in enumerate(self.input_blocks):
             h = module(h, emb, context)
+            if index in level_ends:
+                h = h + adapter[level_ends.index(index)].to(h.dtype)  # type: ignore[index]
             skips.append(h)
         h = self.middle_block(h, emb, context)
+        if control is not None:
+            skips, h = _controlled(skips, h, control)
         for module in self.output_blocks:
             h = module(torch.cat([h, skips.pop()], dim=1), emb, context)
         head = self.id_predictor if self.predict_codebook_ids else self.out
         return head(h).to(x.dtype).contiguous()  # the CPU fast path computes in channels-last
+
+
+def _level_ends(input_blocks: nn.ModuleList) -> tuple[int, ...]:
+    """Indices of the input blocks that end a level (the last one before each downsampling, and the last)."""
+    blocks = list(input_blocks)
+
+    def downsamples(block: nn.Module) -> bool:
+        first = block[0]  # type: ignore[index]
+        return isinstance(first, Downsample) or (isinstance(first, ResBlock) and isinstance(first.x_upd, Downsample))
+
+    return tuple(i for i in range(1, len(blocks)) if i == len(blocks) - 1 or downsamples(blocks[i + 1]))
+
+
+def _controlled(skips: list[Tensor], middle: Tensor, control: Sequence[Tensor]) -> tuple[list[Tensor], Tensor]:
+    if len(control) != len(skips) + 1:
+        raise ValueError(f"UNetModel: control has {len(control)} residuals, the UNet takes {len(skips) + 1}")
+    added = [skip + residual.to(skip.dtype) for skip, residual in zip(skips, control)]
+    return added, middle + control[-1].to(middle.dtype)
 
 
 def _encoder_blocks(blocks: _Blocks, levels: _Levels, in_channels: int, model_channels: int,

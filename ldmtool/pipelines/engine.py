@@ -37,6 +37,7 @@ from ldmtool.tiling.vae import PixelSource, TensorCanvas, VAETiling, tiled_decod
 
 if TYPE_CHECKING:
     from ldmtool.addons.apply import ModelAddons
+    from ldmtool.pipelines.control import ControlRun
 
 # Untiled decodes above this many latent pixels go through the tiled first stage (bounded memory).
 _VAE_UNTILED_MAX = 128 * 128
@@ -57,6 +58,7 @@ class Engine:
         self.precision: Optional[PrecisionChoice] = None  # the dtype and why (recorded in every output)
         self.budget: Optional[int] = None  # --max-memory in bytes, parsed once by validate()
         self.networks: tuple[Any, ...] = ()  # LoRAs of a prompt's <lora:...> tags (`with_networks`)
+        self.control: Optional["ControlRun"] = None  # --controlnet (set by tasks that take it)
 
     def validate(self) -> None:
         """UsageError for a sampling or tiling option that every item would fail on, before anything loads
@@ -148,6 +150,7 @@ class Engine:
             return self
         twin = Engine(self.choice, self.sampling)
         twin.device, twin.dtype, twin.budget, twin.networks = self.device, torch.float32, self.budget, self.networks
+        twin.control = self.control
         twin.bundle = twin._load(torch.float32)
         return twin
 
@@ -218,6 +221,7 @@ class Engine:
         handoff: Optional[Handoff] = None,
         start: Optional[torch.Tensor] = None,
         noise: Optional[NoiseSource] = None,
+        hints: Optional[Sequence[torch.Tensor]] = None,
     ) -> torch.Tensor:
         """Scaled latents (B, C, h, w) for one batch; every item's noise comes from its own seed.
 
@@ -226,12 +230,19 @@ class Engine:
         Guidance runs when `uncond` is given and the cfg scale is not 1. With `handoff`, one side of a base ->
         refiner hand-off runs (of the schedule `strength` runs); the second side starts from the first's latent
         (`start`) and takes the first side's `noise` source, so each item's noise stream goes on across it.
+        `hints`: one (B, 3, H, W) image in [0, 1] per ControlNet of `self.control`.
         """
         p = self.resolved()
         settings = SamplerSettings(sampler=p["sampler"], steps=p["steps"], karras=p["karras"], eta=p["eta"],
                                    strength=strength, temperature=p["temperature"], handoff=handoff)
         guided = uncond is not None and p["cfg"] != 1.0
-        denoise = self._denoiser(latent_hw, 2 if guided else 1, guided)
+        network = None
+        if hints is not None and self.control:
+            network, cond, uncond = self._controlled(settings, init_latent is not None, hints, cond, uncond)
+        denoise = self._denoiser(latent_hw, 2 if guided else 1, guided, network)
+        if getattr(network, "adapter_widths", ()) and isinstance(denoise, TiledDenoiser):
+            raise UsageError("--adapter: T2I-Adapters do not run with the tiled engine yet (this image is tiled; "
+                             "try --tile 0 or a smaller size)")
         conditioning = Guided(cond, uncond, p["cfg"]) if guided else cond
         callback = None if progress is None else (lambda step: progress(step.index + 1, step.total))
         shape = None if init_latent is not None or start is not None else (self.info.latent_channels, *latent_hw)
@@ -254,13 +265,20 @@ class Engine:
         assert self.device is not None and self.dtype is not None, "Engine.open() was not called"
         return self.device, self.dtype
 
-    def _denoiser(self, latent_hw: tuple[int, int], rows_per_item: int, guided: bool
+    def _controlled(self, settings: SamplerSettings, from_image: bool, hints: Sequence[torch.Tensor], cond: Cond,
+                    uncond: Optional[Cond]) -> tuple[Any, Cond, Optional[Cond]]:
+        """The UNet with the run's ControlNets before it, and the conditioning carrying their hints."""
+        from ldmtool.pipelines.control_engine import controlled
+
+        return controlled(self, settings, from_image, hints, cond, uncond)
+
+    def _denoiser(self, latent_hw: tuple[int, int], rows_per_item: int, guided: bool, network: Any = None
                   ) -> Callable[..., torch.Tensor]:
         """The model's denoiser, with guidance inside and the tiled engine outside when the canvas needs it.
 
         The tiling is planned for one item (its cond and uncond rows), never for the batch: how many items
         share a batch must not change the tile, or `--batch-size` would change the pixels."""
-        denoise: Callable[..., torch.Tensor] = DiscreteDenoiser.from_bundle(self.bundle)
+        denoise: Callable[..., torch.Tensor] = DiscreteDenoiser.from_bundle(self.bundle, network=network)
         if guided:
             denoise = CFGDenoiser(denoise)
         s = self.sampling

@@ -13,14 +13,17 @@ the refiner the rest (pipelines/refiner.py), as diffusers' img2img `denoising_en
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from ldmtool.errors import UsageError
 from ldmtool.io.discover import Item
 from ldmtool.io.images import LoadedImage, read_image
 from ldmtool.pipelines.base import ModelTask, carried, in_groups, input_path, input_size
+from ldmtool.pipelines.control import ControlRun, hint_batch, hint_params
 from ldmtool.pipelines.engine import Engine, to_array
 from ldmtool.pipelines.refiner import Refiner
 from ldmtool.pipelines.superres import output_size, resample_alpha
@@ -43,7 +46,8 @@ class Img2ImgTask(ModelTask):
     def __init__(self, engine: Engine, *, prompt: Optional[str] = "", negative: Optional[str] = "",
                  strength: float = DEFAULT_STRENGTH, max_pixels: Optional[int] = None,
                  scale: Optional[float] = None, colour_fix: Optional[bool] = None,
-                 refiner: Optional[Engine] = None, refiner_at: Optional[float] = None):
+                 refiner: Optional[Engine] = None, refiner_at: Optional[float] = None,
+                 control: Optional[ControlRun] = None):
         # Given neither prompt nor negative (None), a workflow step takes each input's recorded ones.
         self.prompts_from_inputs = prompt is None and negative is None
         prompt, negative = prompt or "", negative or ""
@@ -59,6 +63,10 @@ class Img2ImgTask(ModelTask):
         self.colour_fix = colour_fix is not False  # upscaling only: on unless --no-colour-fix
         self.refiner = refiner
         self.refining = Refiner(refiner, refiner_at)
+        self.control = control
+        if control is not None:
+            control.input_hint = scale is not None  # ControlNet tile: the upscaled input is the hint
+        engine.control = control
 
     def validate(self) -> None:
         super().validate()
@@ -68,6 +76,8 @@ class Img2ImgTask(ModelTask):
         self.refining.validate()
         if self.refining.active and self.scale is not None:
             raise UsageError("--refiner: img2img takes it without --scale (upscale by diffusion runs one model)")
+        if self.control is not None:
+            self.control.validate()
 
     def check_model(self, engine: Engine) -> None:
         self.conditioning = PromptConditioning(engine, self.command, prompt=self.prompt, negative=self.negative)
@@ -79,7 +89,8 @@ class Img2ImgTask(ModelTask):
             self.multiple = max(self.multiple, self.refining.open(engine, self.command))
 
     def recorded(self, engine: Engine) -> dict[str, Any]:
-        return {**super().recorded(engine), **self.refining.recorded()}
+        control = self.control.recorded() if self.control else {}
+        return {**control, **super().recorded(engine), **self.refining.recorded()}
 
     def planned_size(self, item: Item) -> Optional[tuple[int, int]]:
         """The input's size, from its header (times --scale)."""
@@ -116,7 +127,8 @@ class Img2ImgTask(ModelTask):
         prompt = self._prompt(job)
         out = rework_upscaled(self.engine, pixels, scale=self.scale, strength=self.strength, seed=job.seed,
                               conditioning=lambda engine: self.conditioning(engine, 1, pixels.shape[:2], prompt),
-                              label=job.item.label, colour_fix=self.colour_fix, progress=self.step_progress())
+                              label=job.item.label, colour_fix=self.colour_fix, progress=self.step_progress(),
+                              hints=self._tile_hints(pixels))
         alpha = None if image.alpha is None else resample_alpha(image.alpha, size)
         params = {"input_size": list(image.size), "size": list(size), **self._prompt_params(prompt)}
         return Output(image=out, alpha=alpha, params=params, source=image.source)
@@ -125,23 +137,42 @@ class Img2ImgTask(ModelTask):
         width, height = jobs[0].payload.size
         prompt = self._prompt(jobs[0])  # one per group
         images = padded_images([job.payload.rgb for job in jobs], self.multiple)
+        hints = self._hints(jobs)
         rework = functools.partial(self._encode_sample_decode, images=images, seeds=[job.seed for job in jobs],
-                                   prompt=prompt)
+                                   prompt=prompt, hints=hints)
         results = self.engine.finite(rework, jobs[0].item.label).clamp(0, 1)[..., :height, :width]
         params = self._prompt_params(prompt)
-        return [Output(image=to_array(result), alpha=job.payload.alpha, params={**_size(job.payload), **params},
+        return [Output(image=to_array(result), alpha=job.payload.alpha, params={**self._params(job), **params},
                        **carried(job.payload))
                 for job, result in zip(jobs, results)]
+    def _hints(self, jobs: list[Job]) -> Optional[list[torch.Tensor]]:
+        """Each ControlNet's hint for every image (its file, or the one named like the input), at its size."""
+        if not self.control:
+            return None
+        return self.control.batch([input_path(job).stem for job in jobs], jobs[0].payload.size, self.multiple,
+                                  self.warn_once)
+
+    def _tile_hints(self, pixels: np.ndarray) -> Optional[list[torch.Tensor]]:
+        """With --scale, every ControlNet's hint is the upscaled image itself (ControlNet tile)."""
+        if not self.control:
+            return None
+        own = (Path("input"), pixels.astype(np.float32) / 255)
+        return hint_batch([[own] * (len(self.control.units) + len(self.control.adapters))], self.multiple)
+
+    def _params(self, job: Job) -> dict[str, Any]:
+        if not self.control or self.scale is not None:
+            return _size(job.payload)
+        return {**_size(job.payload), **hint_params(self.control.hint_files(input_path(job).stem))}
 
     def _encode_sample_decode(self, engine: Engine, *, images: torch.Tensor, seeds: list[int],
-                              prompt: tuple[str, str]) -> torch.Tensor:
+                              prompt: tuple[str, str], hints: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
         """Images in [0, 1] (B, 3, H, W) at `engine`'s precision (`Engine.finite` retries in fp32)."""
         init = engine.encode(images)
         image_hw = (images.shape[-2], images.shape[-1])
         cond, uncond = self.conditioning(engine, len(seeds), image_hw, prompt)
         noise = NoiseSource(seeds)
         z = engine.sample((init.shape[-2], init.shape[-1]), seeds, cond, uncond, init_latent=init, strength=self.strength,
-                          progress=self.step_progress(), handoff=self.refining.first(), noise=noise)
+                          progress=self.step_progress(), handoff=self.refining.first(), noise=noise, hints=hints)
         if self.refining.active:
             engine, z = self.refining.refine(engine, z, prompts=[prompt[0]] * len(seeds),
                                              negatives=[prompt[1]] * len(seeds), image_hw=image_hw, noise=noise,

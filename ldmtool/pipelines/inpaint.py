@@ -36,6 +36,7 @@ from ldmtool.io.discover import Item
 from ldmtool.io.images import LoadedImage, mask_from_alpha, read_image, read_mask
 from ldmtool.pipelines.base import ModelTask, carried, in_groups, input_path, input_size
 from ldmtool.pipelines.colour_fix import colour_fix_to, config_switch
+from ldmtool.pipelines.control import ControlRun, hint_params
 from ldmtool.pipelines.engine import Engine, to_array
 from ldmtool.pipelines.refiner import Kept, Refiner
 from ldmtool.pipelines.text import (
@@ -69,7 +70,8 @@ class InpaintTask(ModelTask):
     def __init__(self, engine: Engine, *, prompt: str = "", negative: str = "", grow: int = 0,
                  feather: int = DEFAULT_FEATHER, invert_mask: bool = False, from_alpha: bool = False,
                  max_pixels: Optional[int] = None, colour_fix: Optional[bool] = None,
-                 refiner: Optional[Engine] = None, refiner_at: Optional[float] = None):
+                 refiner: Optional[Engine] = None, refiner_at: Optional[float] = None,
+                 control: Optional[ControlRun] = None):
         super().__init__(engine, params={"prompt": prompt, "negative": negative, "grow": grow, "feather": feather})
         self.prompt, self.negative = prompt, negative
         self.grow, self.feather = grow, feather
@@ -78,10 +80,14 @@ class InpaintTask(ModelTask):
         self.colour_fix = colour_fix  # None: the model config's `ldmtool.colour_fix` (absent = off)
         self.refiner = refiner
         self.refining = Refiner(refiner, refiner_at)
+        self.control = control
+        engine.control = control
 
     def validate(self) -> None:
         super().validate()
         self.refining.validate()
+        if self.control is not None:
+            self.control.validate()
 
     # -- once per run
 
@@ -112,8 +118,9 @@ class InpaintTask(ModelTask):
             self.multiple = max(self.multiple, self.refining.open(engine, self.command))
 
     def recorded(self, engine: Engine) -> dict[str, Any]:
+        control = self.control.recorded() if self.control else {}
         return {**super().recorded(engine), "inpaint_kind": self.kind.value, "colour_fix": self.colour_fix,
-                **self.refining.recorded()}
+                **self.refining.recorded(), **control}
 
     # -- each item
 
@@ -148,14 +155,17 @@ class InpaintTask(ModelTask):
         masks = torch.stack([torch.from_numpy(job.payload[1])[None] for job in jobs])  # (B, 1, H, W)
         pad_h, pad_w = padding(height, width, self.multiple)
         padded_masks = F.pad(masks, (0, pad_w, 0, pad_h))  # padding is kept, never repainted
+        hints = None if not self.control else self.control.batch(
+            [input_path(job).stem for job in jobs], (width, height), self.multiple, self.warn_once)
         repaint = functools.partial(self._sample_and_decode, images=images, masks=padded_masks,
-                                    seeds=[job.seed for job in jobs])
+                                    seeds=[job.seed for job in jobs], hints=hints)
         results = self.engine.finite(repaint, jobs[0].item.label).clamp(0, 1)[..., :height, :width]
         return self._finish(jobs, results, masks)
 
     def _sample_and_decode(self, engine: Engine, *, images: torch.Tensor, masks: torch.Tensor,
-                           seeds: list[int]) -> torch.Tensor:
+                           seeds: list[int], hints: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
         """Images in [0, 1] (B, 3, H, W) at `engine`'s precision (`Engine.finite` retries in fp32)."""
+        self._hints = hints  # --controlnet hints of this batch, handed to every kind's sampling call
         noise = NoiseSource(seeds)
         z = self._sample(engine, images, masks, noise)
         if self.refining.active:
@@ -184,7 +194,7 @@ class InpaintTask(ModelTask):
         cond, uncond = self.conditioning(e, len(noise.seeds), (images.shape[-2], images.shape[-1]))
         repaint = latent_repaint_mask(masks, latent_hw).to(e.device, e.dtype)
         return e.sample(latent_hw, noise.seeds, cond, uncond, init_latent=init, repaint=repaint,
-                        progress=self.step_progress(), handoff=self.refining.first(), noise=noise)
+                        progress=self.step_progress(), handoff=self.refining.first(), noise=noise, hints=self._hints)
 
     def _ldm_concat(self, e: Engine, images: torch.Tensor, masks: torch.Tensor, latent_mask: torch.Tensor,
                     noise: NoiseSource) -> torch.Tensor:
@@ -192,7 +202,7 @@ class InpaintTask(ModelTask):
         c_masked = e.encode(masked) / e.bundle.scale_factor  # the cond stage is the unscaled first stage
         concat = torch.cat([c_masked, latent_mask * 2 - 1], dim=1).to(e.device, e.dtype)
         return e.sample((latent_mask.shape[-2], latent_mask.shape[-1]), noise.seeds, Cond(concat=concat),
-                        progress=self.step_progress(), handoff=self.refining.first(), noise=noise)
+                        progress=self.step_progress(), handoff=self.refining.first(), noise=noise, hints=self._hints)
 
     def _sd_hybrid(self, e: Engine, images: torch.Tensor, masks: torch.Tensor, latent_mask: torch.Tensor,
                    noise: NoiseSource) -> torch.Tensor:
@@ -203,7 +213,7 @@ class InpaintTask(ModelTask):
         cond, uncond = self.texts.conds(e, [self.prompt] * count, [self.negative] * count, image_hw)
         return e.sample((latent_mask.shape[-2], latent_mask.shape[-1]), noise.seeds, replace(cond, concat=concat),
                         replace(uncond, concat=concat), progress=self.step_progress(), handoff=self.refining.first(),
-                        noise=noise)
+                        noise=noise, hints=self._hints)
 
     def _finish(self, jobs: list[Job], results: torch.Tensor, masks: torch.Tensor) -> list[Output]:
         """Colour fix, then the feathered composite onto the input itself (not its [-1, 1] round trip), so
@@ -214,7 +224,11 @@ class InpaintTask(ModelTask):
         originals = torch.stack([torch.from_numpy(job.payload[0].rgb).permute(2, 0, 1) for job in jobs])
         final = composite(originals, results, masks, self.feather)
         return [Output(image=to_array(image), alpha=None if self.from_alpha else job.payload[0].alpha,
-                       params=_stats(job.payload[1]), **carried(job.payload[0])) for job, image in zip(jobs, final)]
+                       params={**_stats(job.payload[1]), **self._hint_params(job)}, **carried(job.payload[0]))
+                for job, image in zip(jobs, final)]
+
+    def _hint_params(self, job: Job) -> dict[str, Any]:
+        return hint_params(self.control.hint_files(input_path(job).stem)) if self.control else {}
 
 
 def _stats(mask: np.ndarray) -> dict[str, Any]:

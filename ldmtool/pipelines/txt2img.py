@@ -24,6 +24,7 @@ from ldmtool.diffusion.samplers import get_sampler
 from ldmtool.errors import ItemError, UsageError
 from ldmtool.io.discover import Item, generated_items
 from ldmtool.pipelines.base import ModelTask, in_groups
+from ldmtool.pipelines.control import ControlRun, hint_batch, hint_params
 from ldmtool.pipelines.engine import Engine
 from ldmtool.pipelines.prompt_templates import PromptTemplates, expanded, is_template
 from ldmtool.pipelines.refiner import Refiner
@@ -80,8 +81,10 @@ class Txt2ImgTask(ModelTask):
                  width: Optional[int] = None, height: Optional[int] = None, wildcards: Optional[Path] = None,
                  refiner: Optional[Engine] = None, refiner_at: Optional[float] = None,
                  hires: Optional[float] = None, hires_strength: Optional[float] = None,
-                 hires_colour_fix: Optional[bool] = None):
+                 hires_colour_fix: Optional[bool] = None, control: Optional[ControlRun] = None):
         super().__init__(engine)
+        self.control = control
+        engine.control = control
         self.hires = hires
         self.hires_strength = DEFAULT_HIRES_STRENGTH if hires_strength is None else hires_strength
         self.hires_colour_fix = hires_colour_fix is not False
@@ -102,6 +105,8 @@ class Txt2ImgTask(ModelTask):
         if self.hires is None and self._hires_options != (None, None):
             raise UsageError("--hires-strength and --hires-colour-fix go with --hires S (the hires fix)")
         self.refining.validate()
+        if self.control is not None:
+            self.control.validate()
 
     def check_model(self, engine: Engine) -> None:
         self.texts = text_conditioner(engine, require_text_model(engine.bundle, engine.model_path, self.command))
@@ -118,8 +123,9 @@ class Txt2ImgTask(ModelTask):
         refined = self.refining.recorded()
         hires = {} if self.hires is None else {"hires": self.hires, "hires_strength": self.hires_strength,
                                                "hires_colour_fix": self.hires_colour_fix}
+        control = self.control.recorded() if self.control else {}
         return {"negative": self.negative, "width": self.width, "height": self.height, **refined, **hires,
-                **super().recorded(engine)}
+                **control, **super().recorded(engine)}
 
     def planned_size(self, item: Item) -> Optional[tuple[int, int]]:
         """A prompt line's own size, else the run's (--width/--height, or the model's default once open)."""
@@ -183,13 +189,23 @@ class Txt2ImgTask(ModelTask):
         """Uint8 pixels (B, H, W, 3) at `engine`'s precision (`Engine.finite` retries in fp32)."""
         image_hw = (latent_hw[0] * engine.info.downsampling, latent_hw[1] * engine.info.downsampling)
         cond, uncond = self._texts_for(engine).conds(engine, prompts, negatives, image_hw)
+        hints = self._hints(image_hw, len(prompts))
         noise = NoiseSource(seeds)
         z = engine.sample(latent_hw, seeds, cond, uncond, progress=self.step_progress(), handoff=self.refining.first(),
-                          noise=noise)
+                          noise=noise, hints=hints)
         if self.refining.active:
             engine, z = self.refining.refine(engine, z, prompts=prompts, negatives=negatives, image_hw=image_hw,
                                              noise=noise, progress=self.step_progress())
         return engine.decode_pixels(z)
+
+    def _hints(self, image_hw: tuple[int, int], rows: int) -> Optional[list[torch.Tensor]]:
+        """Each ControlNet's hint (the same for every prompt) at the image size, once per batch."""
+        if not self.control:
+            return None
+        hints = self.control.hints(None, (image_hw[1], image_hw[0]))
+        for note in self.control.notes:
+            self.warn_once(note, note)
+        return hint_batch([hints] * rows)
 
     def _expanded(self, spec: PromptSpec, job: Job) -> PromptSpec:
         """The item's prompt line with its templates expanded by its seed (random mode)."""
@@ -243,6 +259,8 @@ class Txt2ImgTask(ModelTask):
             params.update(engine.resolved())
         if engine.networks != self.engine.networks:
             params["lora_hashes"] = lora_hashes(engine.addons().networks)
+        if self.control:
+            params.update(hint_params(self.control.hint_files(None)))
         ti_hashes = self.texts.ti_hashes(spec.prompt, self._negative(spec))
         if ti_hashes:
             params["ti_hashes"] = ti_hashes

@@ -43,11 +43,13 @@ def upscaled(rgb: np.ndarray, scale: float) -> np.ndarray:
 
 def rework_upscaled(engine: Engine, pixels: np.ndarray, *, scale: float, strength: float, seed: int,
                     conditioning: Conditioning, label: str, colour_fix: bool = True,
-                    progress: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
+                    progress: Optional[Callable[[int, int], None]] = None,
+                    hints: Optional[list[torch.Tensor]] = None) -> np.ndarray:
     """One uint8 image (H, W, 3) at its upscaled size (`upscaled`) → img2img at `strength` with `seed` → uint8
-    (H, W, 3), colour-fixed against `pixels` when `colour_fix`; the upscale `scale` sets the fix's blur."""
+    (H, W, 3), colour-fixed against `pixels` when `colour_fix`; the upscale `scale` sets the fix's blur.
+    `hints`: ControlNet hints (`Engine.sample`), padded to the model's multiple as the image is."""
     step = functools.partial(_encode_sample_decode, pixels=pixels, strength=strength, seed=seed,
-                             conditioning=conditioning, progress=progress)
+                             conditioning=conditioning, progress=progress, hints=hints)
     height, width = pixels.shape[:2]
     out: np.ndarray = engine.finite(step, label)[0, :height, :width].numpy()
     if colour_fix:
@@ -56,10 +58,11 @@ def rework_upscaled(engine: Engine, pixels: np.ndarray, *, scale: float, strengt
 
 
 def _encode_sample_decode(engine: Engine, *, pixels: np.ndarray, strength: float, seed: int,
-                          conditioning: Conditioning, progress: Optional[Callable[[int, int], None]]) -> torch.Tensor:
+                          conditioning: Conditioning, progress: Optional[Callable[[int, int], None]],
+                          hints: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
     """Uint8 pixels (1, H', W', 3), padded to the model's multiple, at `engine`'s precision."""
     init = engine.encode_pixels(pixels, engine.info.pixel_multiple)
     cond, uncond = conditioning(engine)
     z = engine.sample((init.shape[-2], init.shape[-1]), [seed], cond, uncond, init_latent=init, strength=strength,
-                      progress=progress)
+                      progress=progress, hints=hints)
     return engine.decode_pixels(z)

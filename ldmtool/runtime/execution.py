@@ -61,6 +61,9 @@ def addon_files(task: Task) -> dict[str, Any]:
     from ldmtool.runtime.cache import file_sha256
 
     files = cast(dict[str, Any], engine.addons().job_identity())
+    control = getattr(task, "control", None)
+    if control:  # --controlnet files and hints (pipelines/control.py)
+        files.update(control.job_identity())
     refiner = getattr(task, "refiner", None)
     if refiner is not None:
         from ldmtool.checkpoints.api import resolve_source

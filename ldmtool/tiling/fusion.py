@@ -167,8 +167,9 @@ def _repeat(cond, chunk, canvas_hw):
         return cond
     else:
         crossattn = None if cond.crossattn is None else _repeat_batch(cond.crossattn, times)
-    y = cond.y if cond.y is None or times == 1 else _repeat_batch(cond.y, times)
-    return Cond(crossattn=crossattn, concat=cond.concat, y=y)
+    y, scale = (t if t is None or times == 1 else _repeat_batch(t, times) for t in (cond.y, cond.control_scale))
+    return Cond(crossattn=crossattn, concat=cond.concat, y=y, control=cond.control, control_scale=scale,
+                adapter=cond.adapter)
 
 
 def _repeat_batch(t: "Tensor", times: int) -> "Tensor":

@@ -1,0 +1,224 @@
+"""ControlNets in a run (`--controlnet FILE[:S]`, `--control-image`, `--control-start/--control-end`,
+`--control-mode`): parsed and checked once, loaded through the model cache beside the model, and turned
+into per-item hints (a file for every item, or a folder of hints named like the inputs) that `Engine.sample`
+hands to the network with the conditioning.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+import numpy as np
+
+from ldmtool.errors import ItemError, UsageError
+from ldmtool.io.images import IMAGE_SUFFIXES, read_image
+
+if TYPE_CHECKING:
+    import torch
+
+    from ldmtool.addons.controlnet import ActiveControl
+    from ldmtool.options import ControlInputs
+    from ldmtool.pipelines.engine import Engine
+
+MODES = ("balanced", "control")
+
+
+@dataclass(frozen=True)
+class ControlUnit:
+    """One `--controlnet FILE[:S]` with its `--control-image`."""
+
+    path: Path
+    strength: float
+    image: Optional[Path]  # None: the item's own (upscaled) input is the hint (ControlNet tile)
+
+
+def parse_unit(spec: str) -> tuple[Path, float]:
+    """FILE or FILE:S (a file whose own name holds a colon is taken whole)."""
+    path = Path(spec).expanduser()
+    head, sep, tail = spec.rpartition(":")
+    if sep and not path.is_file():
+        try:
+            strength = float(tail)
+        except ValueError:
+            raise UsageError(f"--controlnet {spec}: the strength after ':' is not a number") from None
+        path = Path(head).expanduser()
+    else:
+        strength = 1.0
+    if not path.is_file():
+        raise UsageError(f"--controlnet {spec}: no such file")
+    return path, strength
+
+
+class ControlRun:
+    """The run's ControlNets: `validate()` before anything loads, `open(engine)` once the model is open,
+    `hints(key, size)` per item."""
+
+    def __init__(self, choice: "ControlInputs", *, input_hint: bool = False):
+        self.choice = choice
+        self.input_hint = input_hint  # img2img --scale: every ControlNet reads the upscaled input itself
+        self.start = 0.0 if choice.control_start is None else choice.control_start
+        self.end = 1.0 if choice.control_end is None else choice.control_end
+        self.mode = choice.control_mode or "balanced"
+        self.units: list[ControlUnit] = []
+        self.adapters: list[ControlUnit] = []  # --adapter: T2I-Adapters, their hints after the ControlNets'
+        self.notes: list[str] = []  # things said once per run (hint resized)
+
+    def __bool__(self) -> bool:
+        return bool(self.choice.controlnet or self.choice.adapter)
+
+    def validate(self) -> None:
+        c = self.choice
+        images = [Path(p) for p in c.control_image or []]  # replay hands recorded paths back as strings
+        specs = [*(c.controlnet or []), *(c.adapter or [])]
+        if not specs:
+            given = [name for name, value in (("--control-image", images), ("--control-start", c.control_start),
+                                              ("--control-end", c.control_end), ("--control-mode", c.control_mode))
+                     if value]
+            if given:
+                raise UsageError(f"{given[0]} goes with --controlnet FILE")
+            return
+        if self.input_hint and images:
+            raise UsageError("--control-image: with --scale every ControlNet's hint is the upscaled input itself "
+                             "(ControlNet tile); drop --control-image")
+        if len(images) not in (0 if self.input_hint else 1, 1, len(specs)):
+            raise UsageError(f"--control-image: give one, or one per --controlnet and --adapter ({len(specs)})")
+        if self.mode not in MODES:
+            raise UsageError(f"--control-mode {self.mode!r}: choose balanced or control")
+        if self.start >= self.end:
+            raise UsageError(f"--control-start {self.start} must be below --control-end {self.end}")
+        units = []
+        for index, spec in enumerate(specs):
+            path, strength = parse_unit(spec)
+            image = (images[index] if len(images) > 1 else images[0]).expanduser() if images else None
+            if image is None and not self.input_hint:
+                raise UsageError(f"--controlnet {spec}: give its hint with --control-image PATH")
+            if image is not None and not image.exists():
+                raise UsageError(f"--control-image {image}: no such file or folder")
+            units.append(ControlUnit(path, strength, image))
+        count = len(c.controlnet or [])
+        self.units, self.adapters = units[:count], units[count:]
+
+    def open(self, engine: "Engine") -> list["ActiveControl"]:
+        """The ControlNets on the model's device and dtype (once per process, through the model cache),
+        their attention heads those of the model's UNet."""
+        from ldmtool.addons.controlnet import ActiveControl, base_heads, check_fits, load_controlnet
+        from ldmtool.runtime.cache import model_cache
+
+        device, dtype = engine.placement()
+        heads = base_heads(engine.bundle)
+        nets = []
+        for unit in self.units:
+            def loader(path: Path = unit.path) -> Any:
+                return load_controlnet(path, heads=heads, device=device, dtype=dtype)
+
+            net = model_cache().load_file(unit.path, device, dtype, loader, "controlnet", tuple(sorted(heads.items())))
+            check_fits(net, engine.bundle, str(unit.path))
+            nets.append(ActiveControl(net, unit.strength, lambda t: True, net.config["hint_channels"],
+                                      soft=self.mode == "control"))
+        return nets
+
+    def hint_file(self, unit: ControlUnit, key: Optional[str]) -> Path:
+        """The unit's hint for an item: its file, or the file in its folder named like the item's input."""
+        if unit.image is None:
+            raise ValueError("this ControlNet's hint is the item's input (ControlRun.input_hint)")
+        if not unit.image.is_dir():
+            return unit.image
+        if key is None:
+            raise ItemError(f"--control-image {unit.image}: a folder of hints needs input files to match by name")
+        found = [p for p in sorted(unit.image.iterdir()) if p.stem == key and p.suffix.lower() in IMAGE_SUFFIXES]
+        if not found:
+            raise ItemError(f"--control-image {unit.image}: no hint named {key}.* for this input")
+        return found[0]
+
+    def hint_files(self, key: Optional[str]) -> list[Path]:
+        """Each ControlNet's, then each T2I-Adapter's hint file for an item."""
+        return [self.hint_file(u, key) for u in (*self.units, *self.adapters)]
+
+    def open_adapters(self, engine: "Engine") -> list[tuple[Any, float]]:
+        """The T2I-Adapters (through the model cache) and their weights."""
+        from ldmtool.addons.t2i_adapter import load_adapter
+        from ldmtool.runtime.cache import model_cache
+
+        device, dtype = engine.placement()
+        loaded = []
+        for unit in self.adapters:
+            def loader(path: Path = unit.path) -> Any:
+                return load_adapter(path, device=device, dtype=dtype)
+
+            loaded.append((model_cache().load_file(unit.path, device, dtype, loader, "t2i-adapter"), unit.strength))
+        return loaded
+
+    def hints(self, key: Optional[str], size: tuple[int, int]) -> list[tuple[Path, np.ndarray]]:
+        """Each unit's hint file and its pixels (H, W, 3) float32 in [0, 1] at `size` (width, height)."""
+        return [(path, self._pixels(path, size)) for path in self.hint_files(key)]
+
+    def _pixels(self, path: Path, size: tuple[int, int]) -> np.ndarray:
+        rgb = read_image(path).rgb
+        if (rgb.shape[1], rgb.shape[0]) == size:
+            return rgb
+        from PIL import Image
+
+        note = f"control hint {path.name} is {rgb.shape[1]}x{rgb.shape[0]}; resized to {size[0]}x{size[1]}"
+        if note not in self.notes:
+            self.notes.append(note)
+        image = Image.fromarray((rgb * 255 + 0.5).clip(0, 255).astype(np.uint8)).resize(size, Image.Resampling.LANCZOS)
+        return np.asarray(image).astype(np.float32) / 255
+
+    def batch(self, keys: Sequence[Optional[str]], size: tuple[int, int], multiple: int,
+              warn: Any) -> Optional[list["torch.Tensor"]]:
+        """Each ControlNet's hints for a batch of items (keys: their inputs' stems) of one size, padded to
+        `multiple` as their images are; `warn(topic, message)` says a resize once. None without ControlNets."""
+        if not self:
+            return None
+        rows = [self.hints(key, size) for key in keys]
+        for note in self.notes:
+            warn(note, note)
+        return hint_batch(rows, multiple)
+
+    def recorded(self) -> dict[str, Any]:
+        """What every output records: each ControlNet (name, hash, strength), the window and the mode."""
+        from ldmtool.runtime.cache import file_sha256
+
+        if not self:
+            return {}
+        adapters = {} if not self.adapters else {
+            "adapter": [f"{u.path.name}:{u.strength}" for u in self.adapters],
+            "adapter_hashes": [file_sha256(u.path)[:10] for u in self.adapters]}
+        return {"controlnet": [f"{u.path.name}:{u.strength}" for u in self.units],
+                "controlnet_hashes": [file_sha256(u.path)[:10] for u in self.units], **adapters,
+                "control_start": self.start, "control_end": self.end, "control_mode": self.mode}
+
+    def job_identity(self) -> dict[str, Any]:
+        """The ControlNet files' and single hint files' contents (a folder's hints join each item's record)."""
+        from ldmtool.runtime.cache import file_sha256
+
+        if not self:
+            return {}
+        units = [*self.units, *self.adapters]
+        return {"controlnet_sha256": [[file_sha256(u.path), u.strength] for u in self.units],
+                **({"adapter_sha256": [[file_sha256(u.path), u.strength] for u in self.adapters]} if self.adapters else {}),
+                "control_image_sha256": [file_sha256(u.image) if u.image and u.image.is_file() else str(u.image)
+                                         for u in units]}
+
+
+def hint_params(files: Sequence[Path]) -> dict[str, Any]:
+    """An item's record of its hints: file names and content hashes (so `replay` can check them)."""
+    from ldmtool.runtime.cache import file_sha256
+
+    return {"control_images": [p.name for p in files], "control_image_hashes": [file_sha256(p)[:10] for p in files]}
+
+
+def hint_batch(rows: Sequence[Sequence[tuple[Path, np.ndarray]]], multiple: int = 1) -> list["torch.Tensor"]:
+    """Per ControlNet, the hints of a batch's items as (B, 3, H, W) float32 in [0, 1], edges replicated up to
+    `multiple` (as the images they go with are padded)."""
+    import torch
+    import torch.nn.functional as F
+
+    batches = []
+    for k in range(len(rows[0])):
+        batch = torch.stack([torch.from_numpy(np.ascontiguousarray(row[k][1])).permute(2, 0, 1) for row in rows])
+        pad_h, pad_w = (-batch.shape[-2]) % multiple, (-batch.shape[-1]) % multiple
+        batches.append(F.pad(batch, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else batch)
+    return batches
+

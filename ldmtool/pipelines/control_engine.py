@@ -1,0 +1,63 @@
+"""`Engine.sample`'s side of ControlNet: the run's ControlNets placed before the UNet, acting in the steps
+of `--control-start/--control-end`, and the hints put into the conditioning (packed to latent resolution,
+so the tiled engine gives every tile its own 8x crop)."""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+import torch
+
+from ldmtool.addons.controlnet import ControlledNetwork, pack_features, pack_hint, step_window
+from ldmtool.diffusion.cond import Cond
+from ldmtool.diffusion.denoisers import DiscreteDenoiser
+from ldmtool.diffusion.run import SamplerSettings, schedule_for
+
+if TYPE_CHECKING:
+    from ldmtool.pipelines.engine import Engine
+
+
+def controlled(engine: "Engine", settings: SamplerSettings, from_image: bool, hints: Sequence[torch.Tensor],
+               cond: Cond, uncond: Optional[Cond]) -> tuple[ControlledNetwork, Cond, Optional[Cond]]:
+    """Hints: one (B, 3, H, W) batch per ControlNet, then per T2I-Adapter."""
+    control = engine.control
+    assert control, "Engine.sample checks that the run has ControlNets or adapters"
+    count = len(control.units)
+    if len(hints) != count + len(control.adapters):
+        raise ValueError(f"{len(hints)} hints for {count} ControlNets and {len(control.adapters)} adapters")
+    device, dtype = engine.placement()
+    down = engine.info.downsampling
+    unet = engine.bundle.denoiser
+    assert unet is not None, "a model that samples has a denoiser"
+    actives = []
+    if count:
+        alphas = engine._alphas_cumprod()
+        schedule = schedule_for(settings, alphas, from_image=from_image)
+        timesteps = DiscreteDenoiser.from_bundle(engine.bundle).timestep(schedule.sigmas[:-1])
+        acts = step_window([float(t) for t in timesteps], control.start, control.end)
+        actives = [replace(entry, acts=acts) for entry in control.open(engine)]
+        packed = torch.cat([pack_hint(h.to(device, dtype), down) for h in hints[:count]], dim=1)
+        on = torch.ones(packed.shape[0], count, device=device)
+        cond = replace(cond, control=packed, control_scale=on)
+        if uncond is not None:
+            soft = control.mode == "control"  # "ControlNet is more important": no control on uncond
+            uncond = replace(uncond, control=packed, control_scale=on * 0 if soft else on)
+    widths: list[int] = []
+    if control.adapters:
+        features = adapter_features(control.open_adapters(engine), hints[count:], device, dtype)
+        widths = [f.shape[1] for f in features]
+        packed_features = pack_features(features)
+        cond = replace(cond, adapter=packed_features)
+        uncond = None if uncond is None else replace(uncond, adapter=packed_features)
+    return ControlledNetwork(unet, actives, down=down, adapter_widths=widths), cond, uncond
+
+
+def adapter_features(adapters: Sequence[tuple[Any, float]], hints: Sequence[torch.Tensor], device: Any,
+                     dtype: torch.dtype) -> list[torch.Tensor]:
+    """The weighted sum of every T2I-Adapter's features for its hints, computed once per image (not per step)."""
+    total: Optional[list[torch.Tensor]] = None
+    for (adapter, weight), hint in zip(adapters, hints):
+        features = [f * weight for f in adapter(hint.to(device, dtype))]
+        total = features if total is None else [a + b for a, b in zip(total, features)]
+    assert total is not None, "called with at least one adapter"
+    return total
