@@ -2,16 +2,17 @@
 the implementations, and a test keeps the two lists identical."""
 from __future__ import annotations
 
-SAMPLER_NAMES: tuple[str, ...] = ("ddim", "plms", "ddpm", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
+SAMPLER_NAMES: tuple[str, ...] = ("ddim", "plms", "ddpm", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc",
+                                  "lcm", "tcd")
 
 # The names A1111 gives these samplers (in its PNG `parameters` and its UI); `--sampler` takes them too.
 A1111_SAMPLERS: dict[str, str] = {"ddim": "DDIM", "plms": "PLMS", "ddpm": "DDPM", "euler": "Euler", "euler_a": "Euler a",
                                   "heun": "Heun", "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE",
-                                  "unipc": "UniPC"}
+                                  "unipc": "UniPC", "lcm": "LCM", "tcd": "TCD"}
 # Samplers whose default spacing is Karras (`samplers.SAMPLERS`; a test keeps the two in step).
 KARRAS_BY_DEFAULT = frozenset({"heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc"})
 # Samplers on k-diffusion sigmas, which A1111 labels with a "Schedule type" (DDIM/PLMS/DDPM have their own).
-SIGMA_SAMPLERS = frozenset({"euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc"})
+SIGMA_SAMPLERS = frozenset({"euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "lcm", "tcd"})
 _BY_A1111 = {label.lower(): name for name, label in A1111_SAMPLERS.items()}
 
 
