@@ -123,7 +123,8 @@ def test_gpu_flop_count_matches_closed_form_for_one_conv():
 # their time starting Python and importing torch, so on two cores they overlap well), then each test checks
 # its own script's output.
 
-DRY_RUNS = {"gpu_unet": ["--dtypes", "fp32"], "unet_step": [], "superres_memory": [], "folder_throughput": [], "checkpoint_load": []}
+DRY_RUNS = {"gpu_unet": ["--dtypes", "fp32"], "unet_step": [], "superres_memory": [], "folder_throughput": [], "checkpoint_load": [],
+            "fewstep": []}
 
 
 class DryRuns:
@@ -133,7 +134,7 @@ class DryRuns:
             workdir = folder / name
             workdir.mkdir()
             argv = [sys.executable, str(BENCHMARKS / f"{name}.py"), "--dry-run", *extra]
-            if name not in ("gpu_unet", "unet_step"):
+            if name not in ("gpu_unet", "unet_step", "fewstep"):
                 argv += ["--workdir", str(workdir)]
             out = (folder / f"{name}.out").open("w+")
             self.procs[name] = (subprocess.Popen(argv, stdout=out, stderr=subprocess.PIPE, text=True), out, workdir)
@@ -234,3 +235,11 @@ def test_sdxl_unet_step_dry_run():
     measured = [r for r in json_lines(run.stdout) if "dtype" in r and "round" not in r]
     assert len(measured) == 1
     assert {"wall_s_median", "cpu_s_median", "parameters", "peak_rss_mib"} <= set(measured[0])
+
+
+def test_fewstep_dry_run_counts_one_unet_call_per_lcm_step_and_two_per_guided_step(dry_runs):
+    records, _ = dry_runs.records("fewstep")
+    lcm, dpm = (next(r for r in records if r.get("sampler") == name) for name in ("lcm", "dpmpp_2m"))
+    assert (lcm["unet_calls"], dpm["unet_calls"]) == (4, 50) and lcm["finite"] and dpm["finite"]
+    summary = records[-1]
+    assert summary["ratio_unet_calls"] == 0.08 and 0 < summary["ratio_cpu"] < 1

@@ -158,3 +158,10 @@ def test_simple_is_a1111s_schedule_type(steps):
     stride = len(sigmas) / steps  # modules/sd_schedulers.py, simple_scheduler
     expected = [float(sigmas[-(1 + int(x * stride))]) for x in range(steps)] + [0.0]
     np.testing.assert_allclose(sampling_schedule(AC, steps, "simple").sigmas.numpy(), expected, rtol=2e-6)
+
+
+def test_spacing_names_for_the_cli_are_the_schedules_spacings():
+    from ldmtool.diffusion.names import SPACING_NAMES
+    from ldmtool.diffusion.schedules import Spacing
+
+    assert SPACING_NAMES == tuple(spacing.value for spacing in Spacing)

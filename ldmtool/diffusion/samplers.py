@@ -372,11 +372,19 @@ def default_schedule(
     """
     info = get_sampler(name)
     offset = info.offset if offset is None else offset
-    chosen = info.spacing if spacing is None else Spacing(spacing)
-    if spacing is None and karras is not None and karras != (chosen is Spacing.KARRAS):
-        chosen = Spacing.KARRAS if karras else Spacing.LINSPACE
-    return sampling_schedule(alphas_cumprod, steps or info.default_steps, chosen, offset=offset,
-                             final=info.final if final is None else final)
+    return sampling_schedule(alphas_cumprod, steps or info.default_steps, chosen_spacing(name, karras, spacing),
+                             offset=offset, final=info.final if final is None else final)
+
+
+def chosen_spacing(name: str, karras: Optional[bool] = None, spacing: Spacing | str | None = None) -> Spacing:
+    """The spacing a run of this sampler walks: `spacing` when given, else the sampler's, switched to Karras
+    or away from it (to linspace) by `karras`."""
+    if spacing is not None:
+        return Spacing(spacing)
+    chosen = get_sampler(name).spacing
+    if karras is not None and karras != (chosen is Spacing.KARRAS):
+        return Spacing.KARRAS if karras else Spacing.LINSPACE
+    return chosen
 
 
 def start_latent(noise: torch.Tensor, sigma_max: float) -> torch.Tensor:
