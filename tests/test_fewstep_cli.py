@@ -140,3 +140,11 @@ def test_distilled_models_are_recognised_by_their_released_file_names(name, mode
                                   "turbocharged-style.safetensors", "lightning-bolt.safetensors"])
 def test_other_files_give_no_settings(name):
     assert distilled_settings([name]) is None
+
+
+def test_completion_offers_the_spacings():
+    from ldmtool.diffusion.names import SPACING_NAMES
+    from tests.test_help import _complete
+
+    assert _complete("ldmtool txt2img --spacing ") == list(SPACING_NAMES)
+    assert _complete("ldmtool img2img --spacing s") == ["sgm_uniform", "simple"]
