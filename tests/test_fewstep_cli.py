@@ -12,6 +12,7 @@ from ldmtool.checkpoints.tiny import save_tiny_checkpoint
 from ldmtool.cli.app import main
 from ldmtool.io.metadata import read_metadata
 from ldmtool.nets.unet import UNetModel
+from tests.test_sd_vs_diffusers import sd1 as sd1  # (the tiny SD 1.x file with its diffusers twin)
 
 SIZE = ("-W", "64", "-H", "64", "--tile", "0", "--seed", "3", "--quiet")
 
@@ -148,3 +149,33 @@ def test_completion_offers_the_spacings():
 
     assert _complete("ldmtool txt2img --spacing ") == list(SPACING_NAMES)
     assert _complete("ldmtool img2img --spacing s") == ["sgm_uniform", "simple"]
+
+
+@pytest.mark.parametrize("sampler", ["lcm", "tcd"])
+def test_txt2img_few_step_run_equals_diffusers_pipeline_with_that_scheduler(tmp_path, sd1, sampler):
+    """A whole `txt2img --sampler lcm|tcd --steps 4 --cfg 1` file against StableDiffusionPipeline with
+    LCMScheduler / TCDScheduler (gamma 0.3) at guidance 1 (no unconditional pass there either), same seed:
+    the initial latent and every step's fresh noise come from the item's generator in the same order."""
+    from diffusers import LCMScheduler, TCDScheduler
+
+    from tests.test_sd_vs_diffusers import PROMPT, SEED, SIZE, diffusers_pipeline
+
+    model, bundle = sd1
+    out = tmp_path / "few.png"
+    run("txt2img", "--prompt", PROMPT, "--model", model, "-W", SIZE, "-H", SIZE, "--sampler", sampler,
+        "--steps", 4, "--cfg", 1, "--seed", SEED, "--quiet", "-o", out)
+    ours = pixels(out).astype(np.float64) / 255
+    pipe = diffusers_pipeline(bundle)
+    scheduler = {"lcm": LCMScheduler, "tcd": TCDScheduler}[sampler]
+    pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
+
+    def theirs(seed, gamma=0.3):  # the pipeline hands `eta` to TCDScheduler.step (its gamma); LCM takes none
+        with torch.no_grad():
+            return pipe(PROMPT, height=SIZE, width=SIZE, num_inference_steps=4, guidance_scale=1.0, eta=gamma,
+                        generator=torch.Generator("cpu").manual_seed(seed), output_type="np").images[0]
+
+    assert np.abs(ours - theirs(SEED)).max() <= 1 / 255
+    # controls: another seed's noise gives another image, and so does TCD's gamma
+    assert np.abs(ours - theirs(SEED + 1)).max() > 10 / 255
+    if sampler == "tcd":
+        assert np.abs(ours - theirs(SEED, gamma=0.0)).max() > 10 / 255
