@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from ldmtool.diffusion.names import SAMPLER_NAMES
+from ldmtool.diffusion.names import SAMPLER_NAMES, SPACING_NAMES
 
 # Help panels, and the one order every command's --help shows them in (`ldmtool.cli.help`).
 INPUTS = "Inputs"
@@ -180,6 +180,14 @@ class SamplingChoice:
         "--seamless", help="Wrap-around output along x, y or xy (tileable textures).", panel=TILING,
         metavar="AXES")
     vae_tile: Optional[int] = None  # first-stage tile (latent pixels); None: tile when the canvas is large
+    # Few-step models (issue 25): the timestep spacing and TCD's gamma.
+    spacing: Optional[str] = option(
+        "--spacing", help=f"Timestep spacing: {', '.join(SPACING_NAMES)} (uniform, quad: CompVis; leading, trailing, "
+        "linspace: diffusers' timestep_spacing; sgm_uniform, simple: A1111's schedule types; lcm: LCM/TCD) "
+        "(default: the sampler's, or a distilled model's).", panel=SAMPLING, metavar="NAME")
+    tcd_gamma: Optional[float] = option(
+        "--tcd-gamma", help="TCD's gamma, the noise re-injected per step (0 = deterministic; default 0.3).",
+        panel=SAMPLING, min=0.0, max=1.0)
 
 
 # -- opt-in groups

@@ -123,7 +123,8 @@ def test_gpu_flop_count_matches_closed_form_for_one_conv():
 # their time starting Python and importing torch, so on two cores they overlap well), then each test checks
 # its own script's output.
 
-DRY_RUNS = {"gpu_unet": ["--dtypes", "fp32"], "unet_step": [], "superres_memory": [], "folder_throughput": [], "checkpoint_load": []}
+DRY_RUNS = {"gpu_unet": ["--dtypes", "fp32"], "unet_step": [], "superres_memory": [], "folder_throughput": [], "checkpoint_load": [],
+            "fewstep": []}
 
 
 class DryRuns:
@@ -133,7 +134,7 @@ class DryRuns:
             workdir = folder / name
             workdir.mkdir()
             argv = [sys.executable, str(BENCHMARKS / f"{name}.py"), "--dry-run", *extra]
-            if name not in ("gpu_unet", "unet_step"):
+            if name not in ("gpu_unet", "unet_step", "fewstep"):
                 argv += ["--workdir", str(workdir)]
             out = (folder / f"{name}.out").open("w+")
             self.procs[name] = (subprocess.Popen(argv, stdout=out, stderr=subprocess.PIPE, text=True), out, workdir)
@@ -244,3 +245,11 @@ def test_mmdit_step_dry_run_times_ours_and_diffusers_on_the_same_weights(capsys)
     assert [r["net"] for r in measured] == ["ldmtool", "diffusers"]
     assert {"wall_s_median", "cpu_s_median", "parameters", "peak_rss_mib"} <= set(measured[0])
     assert measured[1]["max_relative_difference"] <= 1e-4
+
+
+def test_fewstep_dry_run_counts_one_unet_call_per_lcm_step_and_two_per_guided_step(dry_runs):
+    records, _ = dry_runs.records("fewstep")
+    lcm, dpm = (next(r for r in records if r.get("sampler") == name) for name in ("lcm", "dpmpp_2m"))
+    assert (lcm["unet_calls"], dpm["unet_calls"]) == (4, 50) and lcm["finite"] and dpm["finite"]
+    summary = records[-1]
+    assert summary["ratio_unet_calls"] == 0.08 and 0 < summary["ratio_cpu"] < 1

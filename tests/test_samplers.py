@@ -13,6 +13,7 @@ from ldmtool.diffusion.oracle import GaussianData, GaussianMixture, ode_referenc
 from ldmtool.diffusion.schedules import (
     FinalSigma,
     alphas_cumprod_from_betas,
+    discrete_sigmas,
     karras_sigmas,
     make_betas,
     sampling_schedule,
@@ -347,10 +348,11 @@ def test_heun_calls_the_network_twice_per_step_except_the_last():
 def test_every_registered_sampler_runs_from_its_default_schedule(name):
     info = SM.get_sampler(name)
     sched = SM.default_schedule(name, AC, 4)
-    assert sched.steps >= 4 and sched.sigmas[-1] == 0
+    final = 0 if info.final is FinalSigma.ZERO else float(discrete_sigmas(AC)[0])
+    assert sched.steps >= 4 and float(sched.sigmas[-1]) == final
     model = bind(DiscreteDenoiser(elementwise_net, AC), None)
     x = SM.start_latent(torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0)), float(sched.sigmas[0]))
-    out = SM.sample(name, model, x, sched.sigmas, noise=seeded_noise(0), eta=None)
+    out = SM.sample(name, model, x, sched.sigmas, noise=seeded_noise(0), eta=None, model_sigmas=discrete_sigmas(AC))
     assert out.shape == x.shape and torch.isfinite(out).all()
     assert info.default_steps > 0 and SM.default_schedule(name, AC).steps >= info.default_steps
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from ldmtool.diffusion.names import SAMPLER_NAMES
+from ldmtool.diffusion.names import SAMPLER_NAMES, SPACING_NAMES
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 Completer = Callable[[str], list[tuple[str, str]]]
@@ -77,4 +77,5 @@ COMPLETERS: dict[str, Completer] = {
     "seamless": choices("x", "y", "xy"),
     "lora": checkpoint_files,  # LoRA and VAE files share the checkpoint suffixes
     "vae": checkpoint_files,
+    "spacing": choices(*SPACING_NAMES),
 }

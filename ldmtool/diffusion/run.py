@@ -18,7 +18,7 @@ from ldmtool.diffusion.handoff import Handoff, split
 from ldmtool.diffusion.img2img import img2img_schedule, noised_latent
 from ldmtool.diffusion.masked import masked_model
 from ldmtool.diffusion.samplers import Step, default_schedule, sample, start_latent
-from ldmtool.diffusion.schedules import SamplingSchedule
+from ldmtool.diffusion.schedules import SamplingSchedule, discrete_sigmas
 from ldmtool.runtime.seeds import NoiseSource
 
 
@@ -35,12 +35,15 @@ class SamplerSettings:
     # One side of a base -> refiner hand-off (diffusion/handoff.py) of the schedule `strength` runs; the second
     # side starts from the first side's latent as it is (`start`, not noised).
     handoff: Optional[Handoff] = None
+    spacing: Optional[str] = None  # schedules.Spacing name; None: the sampler's (or --karras)
+    tcd_gamma: Optional[float] = None  # tcd only; None: the sampler's default
 
 
 def schedule_for(settings: SamplerSettings, alphas_cumprod: torch.Tensor, *, from_image: bool) -> SamplingSchedule:
     """The schedule these settings run: the sampler's default, cut by strength when starting from an image,
     then split at a hand-off (diffusers' img2img `denoising_end`: the strength's steps above the cut-off)."""
-    schedule = default_schedule(settings.sampler, alphas_cumprod, settings.steps, karras=settings.karras)
+    schedule = default_schedule(settings.sampler, alphas_cumprod, settings.steps, karras=settings.karras,
+                                spacing=settings.spacing)
     if from_image or settings.handoff is not None:  # a hand-off's second side: strength 1 leaves it whole
         schedule = img2img_schedule(schedule, settings.strength)
     return schedule if settings.handoff is None else split(schedule, alphas_cumprod, settings.handoff)
@@ -85,4 +88,5 @@ def sample_latents(
     model = bind(denoise, cond)
     if repaint is not None:
         model = masked_model(model, init_latent, repaint, noise.like)
-    return sample(settings.sampler, model, x, schedule.sigmas, noise=noise.like, callback=callback, eta=settings.eta)
+    return sample(settings.sampler, model, x, schedule.sigmas, noise=noise.like, callback=callback, eta=settings.eta,
+                  tcd_gamma=settings.tcd_gamma, model_sigmas=discrete_sigmas(alphas_cumprod))

@@ -6,7 +6,8 @@ callback=None, **opts)` runs it and returns the final x. `sigmas` is a descendin
 in a small sigma); `noise(x)` returns fresh Gaussian noise shaped like x (pass `NoiseSource(seeds).like`).
 
 Registered by name (`SAMPLERS`, `sample(name, ...)`): ddim, plms, ddpm (the CompVis samplers), euler, euler_a,
-heun, dpmpp_2m, dpmpp_2m_sde, unipc. DDPM, DDIM and PLMS here are the reference updates rewritten with
+heun, dpmpp_2m, dpmpp_2m_sde, unipc, and lcm, tcd for distilled few-step models (they also take the model's
+sigma table, `model_sigmas`, which `sample` passes only to samplers that take it; see fewstep.py). DDPM, DDIM and PLMS here are the reference updates rewritten with
 sigma_t = sqrt((1 - a_t) / a_t) and x = x_vp / sqrt(a_t), an exact identity: given the same eps they give
 the same samples. DDPM's posterior q(x_prev | x_t, x0) is DDIM with eta = 1 (Song et al. 2021, eq. 16),
 so `ddpm` is that. Measured accuracy per step: benchmarks/sampler_accuracy.py.
@@ -20,6 +21,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
+from ldmtool.diffusion.fewstep import consistency_scalings, tcd_sigma, timestep_of
 from ldmtool.diffusion.names import sampler_name
 from ldmtool.diffusion.schedules import FinalSigma, SamplingSchedule, Spacing, sampling_schedule
 from ldmtool.errors import UsageError
@@ -253,6 +255,37 @@ def _one_shot(progressive: Callable[..., Iterator[Step]]) -> Callable[..., torch
     return sample
 
 
+def progressive_lcm(model: Model, x: torch.Tensor, sigmas: Sigmas, *, noise: Optional[NoiseFn] = None,
+                    model_sigmas: Optional[torch.Tensor] = None) -> Iterator[Step]:
+    """Latent consistency multistep sampling (Luo et al. 2023, Alg. 1): the consistency function's x0 at each
+    level (the boundary condition needs the timestep: `model_sigmas`; without it c_skip = 0, c_out = 1),
+    then fresh noise up to the next level; the last step to sigma 0 returns that x0."""
+    noise, pairs = _noise_fn(noise), _pairs(sigmas)
+    for i, (s, s_next) in enumerate(pairs):
+        x0 = model(x, _at(x, s))
+        c_skip, c_out = (0.0, 1.0) if model_sigmas is None else consistency_scalings(timestep_of(s, model_sigmas))
+        denoised = c_out * x0 + c_skip * x / math.sqrt(s**2 + 1)  # c_skip multiplies the VP sample
+        x = denoised + s_next * noise(x) if s_next > 0 else denoised
+        yield Step(i, len(pairs), s, s_next, x, denoised)
+
+
+def progressive_tcd(model: Model, x: torch.Tensor, sigmas: Sigmas, *, noise: Optional[NoiseFn] = None,
+                    tcd_gamma: float = 0.3, model_sigmas: Optional[torch.Tensor] = None) -> Iterator[Step]:
+    """Trajectory consistency distillation sampling (Zheng et al. 2024, Alg. 4): a DDIM move down to the
+    timestep floor((1 - gamma) t_next), then fresh noise back up to sigma_next (none on the last step).
+    Gamma (diffusers' `eta`, default 0.3 as there) 0 is deterministic DDIM; 1 is LCM without c_skip."""
+    if model_sigmas is None:
+        raise ValueError("the tcd sampler needs the model's sigma table (model_sigmas)")
+    noise, pairs = _noise_fn(noise), _pairs(sigmas)
+    for i, (s, s_next) in enumerate(pairs):
+        denoised = model(x, _at(x, s))
+        s_down = tcd_sigma(s_next, tcd_gamma, model_sigmas)
+        x = denoised + (x - denoised) * (s_down / s)
+        if s_down < s_next and i < len(pairs) - 1:
+            x = x + math.sqrt(s_next**2 - s_down**2) * noise(x)
+        yield Step(i, len(pairs), s, s_next, x, denoised)
+
+
 sample_euler = _one_shot(progressive_euler)
 sample_euler_a = _one_shot(progressive_euler_a)
 sample_ddim = _one_shot(progressive_ddim)
@@ -262,6 +295,8 @@ sample_dpmpp_2m = _one_shot(progressive_dpmpp_2m)
 sample_dpmpp_2m_sde = _one_shot(progressive_dpmpp_2m_sde)
 sample_plms = _one_shot(progressive_plms)
 sample_unipc = _one_shot(progressive_unipc)
+sample_lcm = _one_shot(progressive_lcm)
+sample_tcd = _one_shot(progressive_tcd)
 
 
 @dataclass(frozen=True)
@@ -276,11 +311,20 @@ class SamplerInfo:
     order: int  # convergence order on the probability-flow ODE (0: stochastic)
     evals_per_step: int
     offset: int = 0  # added to "leading" timesteps (1 as in Stable Diffusion's DDIM/PLMS configs)
+    final: FinalSigma = FinalSigma.ZERO  # where its default schedule ends (TCD's reference: training step 0)
 
     @property
     def options(self) -> tuple[str, ...]:
         params = inspect.signature(self.progressive).parameters.values()
-        return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name != "noise")
+        return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in _NOT_OPTIONS)
+
+    @property
+    def takes_model_sigmas(self) -> bool:
+        return "model_sigmas" in inspect.signature(self.progressive).parameters
+
+
+# Keyword arguments of samplers that the run supplies, not the user.
+_NOT_OPTIONS = frozenset({"noise", "model_sigmas"})
 
 
 SAMPLERS: dict[str, SamplerInfo] = {
@@ -295,6 +339,8 @@ SAMPLERS: dict[str, SamplerInfo] = {
         SamplerInfo("dpmpp_2m", progressive_dpmpp_2m, 20, Spacing.KARRAS, False, 2, 1),
         SamplerInfo("dpmpp_2m_sde", progressive_dpmpp_2m_sde, 25, Spacing.KARRAS, True, 0, 1),
         SamplerInfo("unipc", progressive_unipc, 20, Spacing.KARRAS, False, 3, 1),
+        SamplerInfo("lcm", progressive_lcm, 4, Spacing.LCM, True, 0, 1),
+        SamplerInfo("tcd", progressive_tcd, 4, Spacing.LCM, True, 0, 1, final=FinalSigma.FIRST),
     )
 }
 
@@ -314,9 +360,11 @@ def default_schedule(
     *,
     karras: Optional[bool] = None,
     offset: Optional[int] = None,
-    final: FinalSigma | str = FinalSigma.ZERO,
+    final: FinalSigma | str | None = None,
+    spacing: Spacing | str | None = None,
 ) -> SamplingSchedule:
-    """The sampler's recommended schedule for a discrete model; `karras` True/False overrides the spacing.
+    """The sampler's recommended schedule for a discrete model; `karras` True/False or `spacing` overrides
+    the spacing, `final` where it ends (default: the sampler's, 0 for all but tcd).
 
     DDIM/PLMS default to "leading" + 1, which equals the reference "uniform" list whenever the step count
     divides T and otherwise still gives exactly `steps` steps (pass spacing "uniform" through
@@ -324,10 +372,19 @@ def default_schedule(
     """
     info = get_sampler(name)
     offset = info.offset if offset is None else offset
-    spacing = info.spacing
-    if karras is not None and karras != (spacing is Spacing.KARRAS):
-        spacing = Spacing.KARRAS if karras else Spacing.LINSPACE
-    return sampling_schedule(alphas_cumprod, steps or info.default_steps, spacing, offset=offset, final=final)
+    return sampling_schedule(alphas_cumprod, steps or info.default_steps, chosen_spacing(name, karras, spacing),
+                             offset=offset, final=info.final if final is None else final)
+
+
+def chosen_spacing(name: str, karras: Optional[bool] = None, spacing: Spacing | str | None = None) -> Spacing:
+    """The spacing a run of this sampler walks: `spacing` when given, else the sampler's, switched to Karras
+    or away from it (to linspace) by `karras`."""
+    if spacing is not None:
+        return Spacing(spacing)
+    chosen = get_sampler(name).spacing
+    if karras is not None and karras != (chosen is Spacing.KARRAS):
+        return Spacing.KARRAS if karras else Spacing.LINSPACE
+    return chosen
 
 
 def start_latent(noise: torch.Tensor, sigma_max: float) -> torch.Tensor:
@@ -337,10 +394,14 @@ def start_latent(noise: torch.Tensor, sigma_max: float) -> torch.Tensor:
 
 def progressive(name: str, model: Model, x: torch.Tensor, sigmas: Sigmas, *, noise: Optional[NoiseFn] = None,
                 **opts: Any) -> Iterator[Step]:
-    """Run the named sampler step by step. Options set to None are dropped; others must be the sampler's."""
+    """Run the named sampler step by step. Options set to None are dropped; others must be the sampler's.
+    `model_sigmas` (the discrete model's sigma table) goes to the samplers that take it, and only to them."""
     info = get_sampler(name)
+    model_sigmas = opts.pop("model_sigmas", None)
     opts = {k: v for k, v in opts.items() if v is not None}
     check_options(name, **opts)
+    if model_sigmas is not None and info.takes_model_sigmas:
+        opts["model_sigmas"] = model_sigmas
     return info.progressive(model, x, sigmas, noise=noise, **opts)
 
 
@@ -353,8 +414,9 @@ def check_options(name: str, **opts: Any) -> None:
         option = unknown[0]
         accepted = ", ".join(info.options) or "none"
         takers = ", ".join(n for n, other in SAMPLERS.items() if option in other.options) or "none"
-        raise UsageError(f"--{option} {opts[option]} does not apply to the {name} sampler (its options: {accepted}; "
-                         f"samplers that take --{option}: {takers})")
+        flag = "--" + option.replace("_", "-")
+        raise UsageError(f"{flag} {opts[option]} does not apply to the {name} sampler (its options: {accepted}; "
+                         f"samplers that take {flag}: {takers})")
 
 
 def sample(name: str, model: Model, x: torch.Tensor, sigmas: Sigmas, *, noise: Optional[NoiseFn] = None,

@@ -13,6 +13,11 @@ Spacings (T training steps, n sampling steps; timesteps listed from noisiest to 
   trailing  diffusers: round(arange(T, 0, -T / n)) - 1.
   linspace  diffusers: round(linspace(0, T - 1, n)) (k-diffusion's default uses the same points unrounded).
   karras    Karras et al. 2022 (eq. 5), rho = 7, between the model's smallest and largest sigma.
+  lcm       diffusers' LCM/TCD schedulers: n of the 50 distillation timesteps k - 1, 2k - 1, ..., T - 1
+            (k = T // 50), taken at floor(linspace(0, 50, n, endpoint=False)) from the noisiest.
+  sgm_uniform  A1111/ComfyUI "SGM Uniform": fractional timesteps linspace(T - 1, 0, n + 1) without the last,
+            sigmas interpolated in log-sigma (the spacing SDXL-Lightning's card recommends in ComfyUI).
+  simple    A1111/ComfyUI "Simple": every (T / n)-th model sigma from the noisiest, index int(i T / n).
 """
 from __future__ import annotations
 
@@ -42,6 +47,9 @@ class Spacing(str, Enum):
     TRAILING = "trailing"
     LINSPACE = "linspace"
     KARRAS = "karras"
+    LCM = "lcm"
+    SGM_UNIFORM = "sgm_uniform"
+    SIMPLE = "simple"
 
 
 class FinalSigma(str, Enum):
@@ -113,8 +121,13 @@ def spaced_timesteps(spacing: Spacing | str, steps: int, train_steps: int, offse
         ts = np.round(np.arange(train_steps, 0, -train_steps / steps)).astype(np.int64)[::-1] - 1
     elif spacing is Spacing.LINSPACE:
         ts = np.round(np.linspace(0, train_steps - 1, steps))
+    elif spacing is Spacing.LCM:
+        distilled = np.arange(1, _LCM_STEPS + 1) * (train_steps // _LCM_STEPS) - 1
+        ts = distilled[::-1][np.floor(np.linspace(0, _LCM_STEPS, steps, endpoint=False)).astype(np.int64)][::-1].copy()
+    elif spacing is Spacing.SIMPLE:
+        ts = (train_steps - 1 - (np.arange(steps) * (train_steps / steps)).astype(np.int64))[::-1].copy()
     else:
-        raise ValueError("karras sigmas have no integer timesteps; use sampling_schedule")
+        raise ValueError(f"{spacing.value} sigmas have no integer timesteps; use sampling_schedule")
     timesteps = torch.from_numpy(np.ascontiguousarray(ts, dtype=np.int64)).flip(0)
     if int(timesteps.max()) >= train_steps or int(timesteps.min()) < 0:
         raise UsageError(f"{steps} steps with {spacing.value!r} spacing fall outside the model's {train_steps} timesteps")
@@ -123,8 +136,14 @@ def spaced_timesteps(spacing: Spacing | str, steps: int, train_steps: int, offse
     return timesteps
 
 
+# The distillation schedule of LCM and TCD: 50 steps (`original_inference_steps` of their schedulers).
+_LCM_STEPS = 50
+
+
 def _check_steps(spacing: Spacing, steps: int, train_steps: int) -> None:
     limit = train_steps - 1 if spacing in (Spacing.UNIFORM, Spacing.QUAD) else train_steps
+    if spacing is Spacing.LCM:
+        limit = min(_LCM_STEPS, train_steps)
     if not 1 <= steps <= limit:
         raise UsageError(f"--steps {steps} is out of range: {spacing.value!r} spacing allows 1 to {limit} steps")
 
@@ -175,6 +194,10 @@ def sampling_schedule(
             raise UsageError(f"--steps {steps} is out of range: at least 1 step is needed")
         sigmas = karras_sigmas(steps, float(model_sigmas[0]), float(model_sigmas[-1]), rho)
         timesteps = sigma_to_t(sigmas, model_sigmas.log())
+    elif spacing is Spacing.SGM_UNIFORM:
+        _check_steps(spacing, steps, len(model_sigmas))
+        timesteps = torch.linspace(len(model_sigmas) - 1, 0, steps + 1, dtype=torch.float64)[:-1]
+        sigmas = t_to_sigma(timesteps, model_sigmas.log())
     else:
         timesteps = spaced_timesteps(spacing, steps, len(model_sigmas), offset)
         sigmas = model_sigmas[timesteps]

@@ -38,7 +38,7 @@ _A1111_LABELS = {"steps": "Steps", "sampler": "Sampler", "schedule_type": "Sched
                  "seed": "Seed", "size": "Size", "model_hash": "Model hash", "model": "Model", "vae_hash": "VAE hash",
                  "vae": "VAE", "strength": "Denoising strength", "clip_skip": "Clip skip", "template": "Template",
                  "negative_template": "Negative Template", "lora_hashes": "Lora hashes", "ti_hashes": "TI hashes"}
-_NOT_IN_TEXT = {"prompt", "negative", "karras"}  # karras: A1111's "Schedule type"
+_NOT_IN_TEXT = {"prompt", "negative", "karras", "spacing"}  # karras, spacing: A1111's "Schedule type"
 
 
 @dataclass
@@ -122,7 +122,7 @@ def _a1111_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
         name, named_karras = sampler_name(fields["sampler"])
         karras = fields.get("karras") if fields.get("karras") is not None else named_karras
         out["sampler"] = A1111_SAMPLERS.get(name, fields["sampler"])
-        out["schedule_type"] = schedule_type(name, karras)
+        out["schedule_type"] = schedule_type(name, karras, fields.get("spacing"))
     return out
 
 

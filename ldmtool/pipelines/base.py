@@ -79,6 +79,15 @@ class ModelTask(BaseTask):
         self.check_model(engine)
         self.params.update(engine.resolved())
         self.params.update(self.recorded(engine))
+        self.note_distilled(engine)
+
+    def note_distilled(self, engine: Engine) -> None:
+        """Record, and say in one line, which settings came from a distilled model's file name."""
+        used, distilled = engine.from_file_name(), engine.distilled()
+        if used and distilled is not None:
+            self.params["distilled"] = distilled.recorded(used)
+            if self.progress is not None:
+                self.progress.note(distilled.notice(used))
 
     def for_cell(self, model: dict[str, Any], sampling: dict[str, Any], sweep: dict[str, Any]) -> "ModelTask":
         """This task for one cell of a `--sweep` (runtime/sweep.py), before it opens: the same task with

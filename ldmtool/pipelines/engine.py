@@ -21,9 +21,9 @@ from ldmtool.diffusion.cond import Cond, Guided
 from ldmtool.diffusion.denoisers import DiscreteDenoiser, per_row
 from ldmtool.diffusion.guidance import CFGDenoiser
 from ldmtool.diffusion.handoff import Handoff
-from ldmtool.diffusion.names import sampler_name
+from ldmtool.diffusion.names import SPACING_NAMES, sampler_name, spacing_name
 from ldmtool.diffusion.run import SamplerSettings, sample_latents
-from ldmtool.diffusion.samplers import check_options, default_schedule, get_sampler
+from ldmtool.diffusion.samplers import check_options, chosen_spacing, default_schedule, get_sampler
 from ldmtool.errors import FatalError, ItemError, LdmError, UsageError
 from ldmtool.families.info import ModelInfo
 from ldmtool.options import ModelChoice, SamplingChoice
@@ -37,6 +37,7 @@ from ldmtool.tiling.vae import PixelSource, TensorCanvas, VAETiling, tiled_decod
 
 if TYPE_CHECKING:
     from ldmtool.addons.apply import ModelAddons
+    from ldmtool.addons.distilled import DistilledSettings
     from ldmtool.pipelines.control import ControlRun
 
 # Untiled decodes above this many latent pixels go through the tiled first stage (bounded memory).
@@ -59,6 +60,7 @@ class Engine:
         self.budget: Optional[int] = None  # --max-memory in bytes, parsed once by validate()
         self.networks: tuple[Any, ...] = ()  # LoRAs of a prompt's <lora:...> tags (`with_networks`)
         self.control: Optional["ControlRun"] = None  # --controlnet (set by tasks that take it)
+        self._distilled: Optional[tuple[Optional["DistilledSettings"]]] = None  # found once (`distilled`)
 
     def validate(self) -> None:
         """UsageError for a sampling or tiling option that every item would fail on, before anything loads
@@ -69,8 +71,22 @@ class Engine:
             if value is not None and not math.isfinite(value):
                 raise UsageError(f"--{name} {value}: must be a finite number")
         if s.sampler is not None:
-            check_options(s.sampler, eta=s.eta)
+            check_options(s.sampler, eta=s.eta, tcd_gamma=s.tcd_gamma)
         self.addons()  # --lora and --vae files exist (UsageError naming the one that does not)
+        self._user_spacing(s.karras if s.karras is not None else sampler_name(s.sampler or "")[1])
+
+    def _user_spacing(self, karras: Optional[bool]) -> Optional[str]:
+        """--spacing as ldmtool names it (A1111's labels too); UsageError for an unknown name, or one that
+        contradicts --karras/--no-karras (or a sampler name that says Karras)."""
+        given = self.sampling.spacing
+        if given is None:
+            return None
+        spacing = spacing_name(given)
+        if spacing is None:
+            raise UsageError(f"--spacing {given!r} is not a spacing (choose one of {', '.join(SPACING_NAMES)})")
+        if karras is not None and karras != (spacing == "karras"):
+            raise UsageError(f"--spacing {given} contradicts {'--karras' if karras else '--no-karras'}: give one of them")
+        return spacing
 
     # -- loading
 
@@ -96,8 +112,8 @@ class Engine:
         """Step counts the model's schedule cannot take are a usage error when the command starts, not a
         failure of every item (the schedule itself is cheap; sampling builds it again)."""
         p = self.resolved()
-        check_options(p["sampler"], eta=p["eta"])  # the model's default sampler may take no --eta
-        default_schedule(p["sampler"], self._alphas_cumprod(), p["steps"], karras=p["karras"])
+        check_options(p["sampler"], eta=p["eta"], tcd_gamma=p.get("tcd_gamma"))  # the default sampler may take neither
+        default_schedule(p["sampler"], self._alphas_cumprod(), p["steps"], spacing=p["spacing"])
 
     def _alphas_cumprod(self) -> torch.Tensor:
         """The model's schedule buffer (a registered buffer, which mypy reads through `nn.Module.__getattr__`
@@ -193,17 +209,49 @@ class Engine:
 
     def resolved(self) -> dict[str, Any]:
         d, s = self.info.defaults, self.sampling
-        sampler, named_karras = sampler_name(s.sampler or d.sampler)  # A1111 names too ("DPM++ 2M Karras")
+        fill = self.from_file_name()
+        sampler, named_karras = sampler_name(s.sampler or fill.get("sampler") or d.sampler)  # A1111 names too
         info = get_sampler(sampler)
-        return {
+        karras = s.karras if s.karras is not None else named_karras
+        spacing = self._user_spacing(karras) or fill.get("spacing")
+        resolved = {
             "sampler": sampler,
-            "steps": s.steps or d.steps or info.default_steps,
-            "cfg": s.cfg if s.cfg is not None else d.cfg,
+            "steps": s.steps or fill.get("steps") or d.steps or info.default_steps,
+            "cfg": s.cfg if s.cfg is not None else fill.get("cfg", d.cfg),
             "eta": s.eta,
             "temperature": s.temperature if s.temperature is not None else d.temperature,
-            "karras": s.karras if s.karras is not None else named_karras,
+            "karras": karras,
             "seamless": s.seamless or None,
+            "spacing": chosen_spacing(sampler, karras, spacing).value,
         }
+        gamma = s.tcd_gamma if s.tcd_gamma is not None else fill.get("tcd_gamma")
+        return resolved if gamma is None else {**resolved, "tcd_gamma": gamma}
+
+    # -- distilled few-step models named by their files (addons/distilled.py)
+
+    def distilled(self) -> Optional["DistilledSettings"]:
+        """The published settings of a distilled model named by the checkpoint or a --lora file, if any."""
+        if self._distilled is None:
+            from ldmtool.addons.apply import ModelAddons
+            from ldmtool.addons.distilled import distilled_settings
+
+            loras = [network.path.name for network in ModelAddons.of(self.choice).networks]
+            self._distilled = (distilled_settings([Path(self.choice.model).name, *loras]),)
+        return self._distilled[0]
+
+    def from_file_name(self) -> dict[str, Any]:
+        """The distilled model's settings this run uses: those of options the user left out (a spacing only
+        when --karras/--no-karras is not given either; TCD's gamma only for the tcd sampler)."""
+        distilled = self.distilled()
+        if distilled is None:
+            return {}
+        s = self.sampling
+        fill = distilled.unset_in(lambda name: getattr(s, name))
+        if s.karras is not None or sampler_name(s.sampler or "")[1] is not None:
+            fill.pop("spacing", None)
+        if sampler_name(s.sampler or fill.get("sampler") or "")[0] != "tcd":
+            fill.pop("tcd_gamma", None)
+        return fill
 
     # -- sampling
 
@@ -234,7 +282,8 @@ class Engine:
         """
         p = self.resolved()
         settings = SamplerSettings(sampler=p["sampler"], steps=p["steps"], karras=p["karras"], eta=p["eta"],
-                                   strength=strength, temperature=p["temperature"], handoff=handoff)
+                                   strength=strength, temperature=p["temperature"], handoff=handoff,
+                                   spacing=p["spacing"], tcd_gamma=p.get("tcd_gamma"))
         guided = uncond is not None and p["cfg"] != 1.0
         network = None
         if hints is not None and self.control:
