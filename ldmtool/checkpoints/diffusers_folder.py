@@ -55,14 +55,11 @@ def _class_name(part: Path) -> str:
 
 def _weights(part: Path) -> dict[str, torch.Tensor]:
     """Every `*.safetensors` in the part's folder (the shards an index lists, or the one file)."""
-    from ldmtool.checkpoints.files import read_state_dict
+    from ldmtool.checkpoints.files import read_safetensors_folder
 
-    files = sorted(part.glob("*.safetensors"))
-    if not files:
+    state = read_safetensors_folder(part)
+    if not state:
         raise CheckpointError(f"{part}: no .safetensors weights (diffusers' .bin files are not read: convert them)")
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        state.update(read_state_dict(file))
     return state
 
 

@@ -29,6 +29,15 @@ CONVERT_HINT = (
 )
 
 
+def read_safetensors_folder(folder: Path) -> dict[str, torch.Tensor]:
+    """Every `*.safetensors` file in a folder merged (a diffusers part: one file or the shards its index
+    lists); empty when the folder holds none."""
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        state.update(read_state_dict(file))
+    return state
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint file, by key (a Lightning `state_dict` wrapper is unwrapped)."""
     path = Path(path)

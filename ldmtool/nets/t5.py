@@ -121,14 +121,11 @@ def load_t5(state: Mapping[str, torch.Tensor], *, source: str = "text encoder", 
 def t5_folder_state(folder: Path) -> dict[str, torch.Tensor]:
     """The tensors of a diffusers model's T5 folder (`text_encoder_2/` for FLUX.1, `text_encoder_3/` for SD3):
     `model.safetensors` or its shards, merged."""
-    from ldmtool.checkpoints.files import read_state_dict  # the layer above nets: imported when reading
+    from ldmtool.checkpoints.files import read_safetensors_folder  # the layer above nets: imported when reading
 
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
+    state = read_safetensors_folder(folder)
+    if not state:
         raise UsageError(f"{folder}: no .safetensors files (a diffusers T5 folder holds model.safetensors or its shards)")
-    state: dict[str, torch.Tensor] = {}
-    for path in files:
-        state.update(read_state_dict(path))
     return state
 
 
