@@ -113,13 +113,22 @@ def test_tiny_single_files_load_with_no_flag_into_the_mmdit_their_tensors_build(
     assert bundle.info.missing_parts == expected_missing
 
 
-def test_models_inspect_names_the_family_and_what_the_file_holds(tmp_path):
+def test_models_inspect_names_the_family_and_convert_keeps_the_network_and_vae(tmp_path):
+    """Convert writes the bundle's parts; the text encoders stay in the original file, and the converted
+    one says they are missing."""
     net, vae = _tiny_parts("sd3.5-medium-like", seed=2)
     save_safetensors(_single_file(net, vae, text_encoders=True), tmp_path / "sd3.5_medium.safetensors")
     result = run_cli("models", "inspect", tmp_path / "sd3.5_medium.safetensors", "--json")
     report = json.loads(result.stdout)
     assert result.exit_code == 0 and report["detected_family"] == "sd3.5-medium" and report["matches"]
     assert report["problem"] is None
+    result = run_cli("models", "convert", tmp_path / "sd3.5_medium.safetensors", tmp_path / "converted.safetensors")
+    assert result.exit_code == 0
+    bundle = load_model(tmp_path / "converted.safetensors")
+    assert bundle.load_info.config_used == "config stored in the file" and bundle.family == "sd3.5-medium"
+    assert bundle.state_dict().keys() == _single_file(net, vae).keys()
+    assert all(torch.equal(bundle.state_dict()[k], v) for k, v in _single_file(net, vae).items())
+    assert bundle.info.missing_parts == ("the CLIP-L and OpenCLIP bigG text encoders",)
 
 
 # --- the standalone VAE ----------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ bare. There is no reference config, so detection reads the architecture from the
 an `ldmtool.TransformerBundle`) and reduced-width files load too. Which release a transformer is: dual
 attention (3.5 medium), qk-norm (3.5 large) or neither (3 medium). The text encoders are not a bundle part:
 the pipeline opens them from the file itself (`nets.text3.open_text_encoders`), so the bundle leaves their
-keys out and records which the file holds (`ldmtool.file_text_encoders`).
+keys out (`TransformerBundle.left_out_keys` records them).
 """
 from __future__ import annotations
 
@@ -58,7 +58,6 @@ def _detect(shapes: Shapes) -> Optional[Detection]:
         for key in ("first_stage_config", "first_stage_prefix"):
             params.pop(key)
     encoders = sorted(split_sd3_single_file(shapes).text_encoders)
-    doc["ldmtool"]["file_text_encoders"] = encoders
     if encoders:
         evidence += (f"text encoders: {', '.join(encoders)}",)
     return Detection(name, evidence=evidence, config=doc)
@@ -114,14 +113,18 @@ def sd3_info(bundle: Any, family: Family) -> ModelInfo:
         box_raster=False,
         raster_classes=(),
         defaults=run_defaults(block, downsampling, NATIVE_LATENT),
-        missing_parts=_missing_parts(bundle, block),
+        missing_parts=_missing_parts(bundle),
         not_runnable=NOT_RUNNABLE,
     )
 
 
-def _missing_parts(bundle: Any, block: dict[str, Any]) -> tuple[str, ...]:
+def _missing_parts(bundle: Any) -> tuple[str, ...]:
+    """The VAE, and the CLIP towers the loaded file did not hold (its `text_encoders.*` keys, left out of the
+    bundle: `TransformerBundle.left_out_keys`)."""
+    from ldmtool.nets.sd3_files import split_sd3_single_file
+
     missing = [] if bundle.first_stage is not None else [MISSING_AUTOENCODER]
-    held = set(block.get("file_text_encoders") or ())
+    held = set(split_sd3_single_file(dict.fromkeys(getattr(bundle, "left_out_keys", ()))).text_encoders)
     absent = [label for kind, label in REQUIRED_TEXT_ENCODERS.items() if kind not in held]
     if absent:
         missing.append(f"the {' and '.join(absent)} text encoder{'s' if len(absent) > 1 else ''}")
