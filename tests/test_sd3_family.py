@@ -1,7 +1,8 @@
 """The SD3 / SD3.5 family entry: the presets on the meta device are the MMDiT and VAE that tests/test_mmdit.py
 checks against the released files, tiny random single files in each released layout (full file, without text
-encoders, ComfyUI's prefixed or bare transformer) load with no flag into the MMDiT their tensors build, the
-standalone SD3 VAE is named beside FLUX.1's autoencoder, and commands refuse SD3 files in one line."""
+encoders, ComfyUI's prefixed or bare transformer) and a diffusers folder load with no flag into the MMDiT their
+tensors build, the standalone SD3 VAE is named beside FLUX.1's autoencoder, and commands refuse SD3 files in
+one line."""
 from __future__ import annotations
 
 import json
@@ -18,7 +19,7 @@ from ldmtool.families.info import Parameterization
 from ldmtool.nets.autoencoder import AutoEncoder
 from ldmtool.nets.mmdit import MMDiT, MMDiTConfig, mmdit_config_from_shapes
 from ldmtool.nets.sd3_files import SD3_FIRST_STAGE_PARAMS, SD3_PRESETS, UnquantizedAutoencoderKL
-from test_mmdit import RELEASED_BILLIONS
+from test_mmdit import RELEASED_BILLIONS, _converted, _diffusers_transformer, _diffusers_vae_config
 
 torch.set_num_threads(1)
 
@@ -129,6 +130,28 @@ def test_models_inspect_names_the_family_and_convert_keeps_the_network_and_vae(t
     assert bundle.state_dict().keys() == _single_file(net, vae).keys()
     assert all(torch.equal(bundle.state_dict()[k], v) for k, v in _single_file(net, vae).items())
     assert bundle.info.missing_parts == ("the CLIP-L and OpenCLIP bigG text encoders",)
+
+
+def test_a_diffusers_folder_loads_the_transformer_and_vae_under_the_released_names(tmp_path):
+    """Written by diffusers' own models from the keys diffusers' single-file converters give."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    net, vae = _tiny_parts("sd3.5-medium-like", seed=5)
+    theirs = _diffusers_transformer(TINY["sd3.5-medium-like"])
+    theirs.load_state_dict(_converted(net.state_dict()), strict=True)
+    theirs.save_pretrained(tmp_path / "transformer")
+    ddconfig = dict(ch=TINY_AE["ch"], ch_mult=TINY_AE["ch_mult"], num_res_blocks=TINY_AE["num_res_blocks"])
+    their_vae = AutoencoderKL(**_diffusers_vae_config(ddconfig))
+    their_vae.load_state_dict(convert_ldm_vae_checkpoint(vae.state_dict(), their_vae.config), strict=True)
+    their_vae.save_pretrained(tmp_path / "vae")
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    bundle = load_model(tmp_path)
+    assert bundle.family == "sd3.5-medium" and bundle.first_stage is not None
+    assert bundle.info.missing_parts == ("the CLIP-L and OpenCLIP bigG text encoders",)
+    expected = {**net.state_dict(), **vae.state_dict()}
+    state = bundle.state_dict()
+    assert state.keys() == expected.keys() and all(torch.equal(state[k], v) for k, v in expected.items())
 
 
 # --- the standalone VAE ----------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ and token embeddings) and T5-XXL tokens.
 The single files (`sd3.5_large.safetensors`, `sd3.5_medium.safetensors`, `sd3_medium*.safetensors`) hold the
 MMDiT under `model.diffusion_model.`, the VAE under `first_stage_model.` and, in some releases, the text
 encoders under `text_encoders.{clip_l,clip_g,t5xxl}.`; ComfyUI also saves the transformer alone, prefixed or
-bare. There is no reference config, so detection reads the architecture from the shapes (`Detection.config`,
+bare; a diffusers folder (`transformer/`, `vae/`) is read as a bare transformer with a bare VAE. There is no reference config, so detection reads the architecture from the shapes (`Detection.config`,
 an `ldmtool.TransformerBundle`) and reduced-width files load too. Which release a transformer is: dual
 attention (3.5 medium), qk-norm (3.5 large) or neither (3 medium). The text encoders are not a bundle part:
 the pipeline opens them from the file itself (`nets.text3.open_text_encoders`), so the bundle leaves their
@@ -35,6 +35,7 @@ VAE_PRESET = "sd3-vae"
 
 
 def _detect(shapes: Shapes) -> Optional[Detection]:
+    from ldmtool.nets.autoencoder import autoencoder_config_from_shapes
     from ldmtool.nets.mmdit import mmdit_config_from_shapes
     from ldmtool.nets.sd3_files import mmdit_params, sd3_preset_for, split_sd3_single_file
 
@@ -51,9 +52,11 @@ def _detect(shapes: Shapes) -> Optional[Detection]:
     evidence: tuple[str, ...] = (f"SD3 MMDiT{' under ' + prefix if prefix else ''}", f"{config.depth} joint blocks",
                                  f"qk-norm: {'yes' if config.qk_norm else 'no'}",
                                  f"dual attention in {len(config.dual_attention_layers)} blocks")
-    if _has_first_stage(shapes):
-        params["first_stage_config"]["params"].update(_first_stage_params(shapes))
-        evidence += ("16-channel VAE under " + FIRST_STAGE_PREFIX,)
+    vae_prefix = _first_stage_prefix(shapes, prefix)
+    if vae_prefix is not None:
+        params["first_stage_config"]["params"].update(autoencoder_config_from_shapes(shapes, vae_prefix))
+        params["first_stage_prefix"] = vae_prefix
+        evidence += (f"16-channel VAE{' under ' + vae_prefix if vae_prefix else ''}",)
     else:
         for key in ("first_stage_config", "first_stage_prefix"):
             params.pop(key)
@@ -69,14 +72,11 @@ def _from_preset(name: str) -> dict[str, Any]:
     return copy.deepcopy(load_preset(name))
 
 
-def _has_first_stage(shapes: Shapes) -> bool:
-    return FIRST_STAGE_PREFIX + "decoder.conv_in.weight" in shapes
-
-
-def _first_stage_params(shapes: Shapes) -> dict[str, Any]:
-    from ldmtool.nets.autoencoder import autoencoder_config_from_shapes
-
-    return autoencoder_config_from_shapes(shapes, FIRST_STAGE_PREFIX)
+def _first_stage_prefix(shapes: Shapes, transformer_prefix: str) -> Optional[str]:
+    """Where the VAE's keys are: under `first_stage_model.` (single files), bare beside a bare transformer (a
+    diffusers folder, read under the released names), or nowhere (None)."""
+    prefixes = (FIRST_STAGE_PREFIX, "") if not transformer_prefix else (FIRST_STAGE_PREFIX,)
+    return next((p for p in prefixes if p + "decoder.conv_in.weight" in shapes), None)
 
 
 def sd3_info(bundle: Any, family: Family) -> ModelInfo:
