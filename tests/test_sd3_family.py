@@ -28,6 +28,8 @@ TINY = {
     "sd3-medium-like": MMDiTConfig(depth=2, pos_embed_max_size=8, adm_in_channels=24, context_in_channels=20),
     "sd3.5-medium-like": MMDiTConfig(depth=3, pos_embed_max_size=10, adm_in_channels=24, context_in_channels=20,
                                      qk_norm=True, dual_attention_layers=(0, 1)),
+    "sd3.5-large-like": MMDiTConfig(depth=2, pos_embed_max_size=8, adm_in_channels=24, context_in_channels=20,
+                                    qk_norm=True),
 }
 TINY_AE = dict(resolution=32, in_channels=3, ch=32, out_ch=3, ch_mult=[1, 2], num_res_blocks=1, z_channels=16)
 # Stand-ins for the embedded text encoders: the bundle leaves their keys to the pipeline, whatever they hold.
@@ -78,6 +80,7 @@ def _single_file(net: MMDiT, vae, *, prefix: str = PREFIX, text_encoders: bool =
 @pytest.mark.parametrize(("case", "kind", "layout", "preset"), [
     ("sd3-medium-full", "sd3-medium-like", dict(text_encoders=True), "sd3-medium"),
     ("sd3.5-medium-full", "sd3.5-medium-like", dict(text_encoders=True), "sd3.5-medium"),
+    ("sd3.5-large-full", "sd3.5-large-like", dict(text_encoders=True), "sd3.5-large"),
     ("sd3.5-medium-without-text-encoders", "sd3.5-medium-like", {}, "sd3.5-medium"),
     ("comfyui-transformer", "sd3.5-medium-like", dict(vae=False), "sd3.5-medium"),
     ("bare-transformer", "sd3-medium-like", dict(vae=False, prefix=""), "sd3-medium"),
