@@ -20,6 +20,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ldmtool"
 FAMILY_FREE = ("pipelines", "tiling", "diffusion", "runtime", "cli")
 # Families the registry will list next: named nowhere else either, so that no pipeline anticipates them.
 PLANNED = ("sdxl", "flux", "sd3")
+# Presets detected as an alternative owned by another entry: the SD3 VAE has FLUX.1's autoencoder's keys.
+OTHER_ENTRY_ALTERNATIVES = ("sd3-vae",)
 
 
 def _meta_bundle(preset: str):
@@ -31,7 +33,8 @@ def test_every_preset_is_detected_as_its_own_family(preset):
     bundle = _meta_bundle(preset)
     found = detect_family({k: tuple(v.shape) for k, v in bundle.state_dict().items()})
     assert found is not None and preset in (found.family, *found.alternatives)
-    assert family_named(found.family) is family_named(preset) is not None
+    owner = family_named(preset)
+    assert owner is not None and (family_named(found.family) is owner or preset in OTHER_ENTRY_ALTERNATIVES)
     assert bundle.info.entry == family_named(preset).name
 
 

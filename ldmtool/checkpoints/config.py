@@ -44,6 +44,10 @@ TARGETS: dict[str, str] = {
     # Black Forest Labs' flux code base (FLUX.1): parts of an `ldmtool.TransformerBundle`.
     "flux.model.Flux": "ldmtool.nets.flux:Flux",
     "flux.modules.autoencoder.AutoEncoder": "ldmtool.nets.autoencoder:AutoEncoder",
+    # Stability AI's sd3.5 reference (SD3 / SD3.5): the MMDiT from `MMDiTConfig`'s fields, and its VAE, which
+    # is FLUX.1's autoencoder layout with other latent constants.
+    "sd3.mmditx.MMDiTX": "ldmtool.nets.sd3_files:build_mmdit",
+    "sd3.sd3_impls.SDVAE": "ldmtool.nets.autoencoder:AutoEncoder",
     "cldm.cldm.ControlNet": "ldmtool.nets.controlnet:ControlNet",
 }
 DIFFUSION_TARGETS = {

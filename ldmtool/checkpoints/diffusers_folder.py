@@ -21,8 +21,15 @@ def _flux(state: Mapping[str, Any]) -> dict[str, Any]:
     return bfl_from_diffusers(state)
 
 
+def _sd3(state: Mapping[str, Any]) -> dict[str, Any]:
+    from ldmtool.nets.mmdit_names import mmdit_state_from_diffusers
+
+    return mmdit_state_from_diffusers(state)
+
+
 TRANSFORMER_CONVERTERS: dict[str, Callable[[Mapping[str, Any]], dict[str, Any]]] = {
     "FluxTransformer2DModel": _flux,
+    "SD3Transformer2DModel": _sd3,
 }
 
 

@@ -111,11 +111,25 @@ def _shrink_parts(params: dict[str, Any]) -> None:
     """A transformer bundle's parts: one block of each kind with one 128-wide head (the width the rotary
     axes fix), small text widths; the autoencoder as the CompVis ones. Input widths, MLP ratio and guidance
     embedding stay: they are what tells the presets apart."""
-    if "denoiser_config" in params:
+    if params.get("denoiser_config", {}).get("target") == MMDIT_TARGET:
+        _shrink_mmdit(params["denoiser_config"]["params"])
+    elif "denoiser_config" in params:
         params["denoiser_config"]["params"].update(hidden_size=128, num_heads=1, depth=1, depth_single_blocks=1,
                                                    context_in_dim=32, vec_in_dim=32)
     if "first_stage_config" in params:
         params["first_stage_config"]["params"].update(ch=32, num_res_blocks=1)
+
+
+MMDIT_TARGET = "sd3.mmditx.MMDiTX"
+
+
+def _shrink_mmdit(p: dict[str, Any]) -> None:
+    """SD3's MMDiT at two 64-wide blocks with the structure (qk-norm, dual attention) that names its release."""
+    from ldmtool.nets.mmdit import MMDiTConfig
+    from ldmtool.nets.sd3_files import mmdit_params, reduced_mmdit_config, sd3_preset_for
+
+    full = MMDiTConfig(**{**p, "dual_attention_layers": tuple(p.get("dual_attention_layers") or ())})
+    p.update(mmdit_params(reduced_mmdit_config(sd3_preset_for(full))))
 
 
 def randomise_(module: ModuleT, seed: int = 0, scale: float = 0.05) -> ModuleT:

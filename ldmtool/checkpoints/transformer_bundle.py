@@ -11,6 +11,7 @@ set of optional parts, each a `{target, params}` block of the document, built wi
         denoiser_prefix: ""           # where the part's keys sit in the bundle's state dict
         denoiser_file_prefixes: ["model.diffusion_model."]   # other prefixes files use for them
         first_stage_config: {target: flux.modules.autoencoder.AutoEncoder, params: {...}}
+        ignored_file_prefixes: ["text_encoders."]   # file keys no part takes (SD3's embedded text encoders)
 
 A part the document leaves out is absent (`bundle.denoiser` / `bundle.first_stage` is None, and
 `bundle.info.missing_parts` names it), as for a file that holds only a transformer or only an autoencoder.
@@ -49,6 +50,8 @@ class TransformerBundle(_BundleAliases, nn.Module):
         self.shift_factor = float(params.get("shift_factor", 0.0))
         self.prefixes = {part: str(params.get(f"{part}_prefix", "")) for part in PARTS}
         self.file_prefixes = {part: tuple(params.get(f"{part}_file_prefixes") or ()) for part in PARTS}
+        self.ignored_file_prefixes = tuple(params.get("ignored_file_prefixes") or ())
+        self.left_out_keys: tuple[str, ...] = ()  # the loaded file's keys under those prefixes
         self.parts = nn.ModuleDict({part: instantiate(params[f"{part}_config"]) for part in PARTS
                                     if isinstance(params.get(f"{part}_config"), Mapping)})
 
@@ -94,12 +97,19 @@ class TransformerBundle(_BundleAliases, nn.Module):
 
     def file_state(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A file's tensors under this bundle's key names: a part's keys under another prefix its files use
-        (ComfyUI's `model.diffusion_model.` for a FLUX.1 transformer) move to the part's own prefix."""
+        (ComfyUI's `model.diffusion_model.` for a FLUX.1 transformer) move to the part's own prefix; keys
+        under `ignored_file_prefixes` are left out (SD3's text encoders, which the pipeline reads from the file)
+        and recorded in `left_out_keys`."""
         renames = [(alt, self.prefixes[part]) for part in self.parts for alt in self.file_prefixes[part]]
         out = {}
+        left_out = []
         for key, value in state.items():
+            if key.startswith(self.ignored_file_prefixes):
+                left_out.append(key)
+                continue
             alt, own = next(((a, o) for a, o in renames if key.startswith(a)), ("", ""))
             out[own + key[len(alt):]] = value
+        self.left_out_keys = tuple(left_out)
         return out
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]

@@ -29,6 +29,9 @@ NATIVE_LATENT = 128  # 1024 px
 MISSING_AUTOENCODER = "the autoencoder (ae.safetensors)"
 MISSING_TEXT_ENCODERS = "the text encoders (CLIP-L and T5-XXL)"
 MISSING_TRANSFORMER = "a FLUX.1 transformer"
+# The standalone SD3 / SD3.5 VAE has ae.safetensors' keys and shapes; only its latent constants differ.
+SD3_VAE_PRESET = "sd3-vae"
+SD3_VAE_NOTE = f"a standalone SD3 / SD3.5 VAE has the same keys: pass --preset {SD3_VAE_PRESET} for one"
 
 
 def _from_preset(name: str, part: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -68,8 +71,9 @@ def _detect(shapes: Shapes) -> Optional[Detection]:
         return Detection(name, evidence=evidence, config=doc, note=note)
     if _is_flux_autoencoder(shapes):
         params = autoencoder_config_from_shapes(shapes)
-        return Detection("flux-ae", evidence=(f"KL autoencoder without quant convs, {params['z_channels']} latent "
-                                              "channels",), config=_from_preset("flux-ae", "first_stage", params))
+        return Detection("flux-ae", alternatives=(SD3_VAE_PRESET,), note=SD3_VAE_NOTE,
+                         evidence=(f"KL autoencoder without quant convs, {params['z_channels']} latent channels",),
+                         config=_from_preset("flux-ae", "first_stage", params))
     return None
 
 

@@ -98,3 +98,6 @@ class ModelInfo:
     # Parts a run needs that the loaded file does not hold (a FLUX.1 transformer file has no autoencoder or
     # text encoders): named in the one-line error of the commands that need them.
     missing_parts: tuple[str, ...] = ()
+    # Why no command can run this model yet although it loads (a family whose pipeline is not built): the
+    # commands' one-line error; "" when they can.
+    not_runnable: str = ""

@@ -10,9 +10,11 @@ from ldmtool.families.info import ModelInfo
 from ldmtool.families.ldm import LDM, LDM_FIRST_STAGES
 from ldmtool.families.sd1 import SD1
 from ldmtool.families.sd2 import SD2
+from ldmtool.families.sd3 import SD3
 from ldmtool.families.sdxl import SDXL
 
-FAMILIES: list[Family] = [SDXL, SD1, SD2, FLUX, LDM, LDM_FIRST_STAGES]
+# SD3 before FLUX.1: a diffusers SD3 folder also holds a bare VAE, which FLUX.1 alone would take for ae.safetensors.
+FAMILIES: list[Family] = [SDXL, SD1, SD2, SD3, FLUX, LDM, LDM_FIRST_STAGES]
 
 
 def detect_family(shapes: Shapes) -> Optional[Detection]:

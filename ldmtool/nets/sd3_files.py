@@ -10,11 +10,11 @@ loads into `UnquantizedAutoencoderKL` built from `SD3_FIRST_STAGE_PARAMS`. The r
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping, Optional, TypeVar
 
 from ldmtool.nets.autoencoder import AutoencoderKL
-from ldmtool.nets.mmdit import MMDiTConfig
+from ldmtool.nets.mmdit import MMDiT, MMDiTConfig
 
 V = TypeVar("V")
 
@@ -34,6 +34,18 @@ SD3_PRESETS: dict[str, MMDiTConfig] = {
     "sd3.5-large": MMDiTConfig(depth=38, pos_embed_max_size=192, qk_norm=True),
 }
 
+
+def mmdit_params(config: MMDiTConfig) -> dict[str, Any]:
+    """An MMDiT config as the `params` of a config document's `denoiser_config` (lists, for YAML)."""
+    params = asdict(config)
+    params["dual_attention_layers"] = list(config.dual_attention_layers)
+    return params
+
+
+def build_mmdit(**params: Any) -> MMDiT:
+    """The `sd3.mmditx.MMDiTX` target of the SD3 presets: an MMDiT from `MMDiTConfig`'s fields."""
+    params["dual_attention_layers"] = tuple(params.get("dual_attention_layers") or ())
+    return MMDiT(MMDiTConfig(**params))
 
 
 def sd3_preset_for(config: MMDiTConfig) -> str:

@@ -102,11 +102,14 @@ class Engine:
 
     def _check_parts(self) -> None:
         """A file that holds one part of a model (a transformer without its autoencoder and text encoders, an
-        autoencoder alone) cannot run a task: one line naming what is missing."""
-        missing = self.bundle.info.missing_parts
-        if missing:
-            raise FatalError(f"{self.model_path}: this file holds only part of a {self.bundle.info.family} model; "
-                             f"a run also needs {' and '.join(missing)}, which ldmtool cannot load beside it yet")
+        autoencoder alone) cannot run a task, nor can a model whose family has no pipeline yet: one line saying so."""
+        info = self.bundle.info
+        problems = [info.not_runnable] if info.not_runnable else []
+        if info.missing_parts:
+            problems.insert(0, f"this file holds only part of a {info.family} model; a run also needs "
+                               f"{' and '.join(info.missing_parts)}, which ldmtool cannot load beside it yet")
+        if problems:
+            raise FatalError(f"{self.model_path}: {'; '.join(problems)}")
 
     def _check_schedule(self) -> None:
         """Step counts the model's schedule cannot take are a usage error when the command starts, not a
