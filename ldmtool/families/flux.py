@@ -16,16 +16,14 @@ import re
 from typing import Any, Mapping, Optional
 
 from ldmtool.families.base import Detection, Family, Shapes
-from ldmtool.families.compvis import run_defaults
-from ldmtool.families.info import Conditioning, InpaintKind, ModelInfo, Parameterization
+from ldmtool.families.info import InpaintKind, ModelInfo
+from ldmtool.families.transformer import LATENT_CHANNELS, autoencoder_only_info, transformer_info
 
 TRANSFORMER_KEY = "double_blocks.0.img_attn.norm.key_norm.scale"
 TRANSFORMER_PREFIXES = ("", "model.diffusion_model.")  # BFL's files, ComfyUI's
 AUTOENCODER_KEYS = ("encoder.conv_in.weight", "decoder.conv_in.weight")
 FILL_IN = 384  # packed (latent 16 + masked latent 16 + mask 64) x 2x2
 PATCH = 2  # the transformer's tokens are 2x2 latent patches
-LATENT_CHANNELS, DOWNSAMPLING = 16, 8  # of the FLUX.1 autoencoder (for a transformer file alone)
-NATIVE_LATENT = 128  # 1024 px
 MISSING_AUTOENCODER = "the autoencoder (ae.safetensors)"
 MISSING_TEXT_ENCODERS = "the text encoders (CLIP-L and T5-XXL)"
 MISSING_TRANSFORMER = "a FLUX.1 transformer"
@@ -85,43 +83,15 @@ def _is_flux_autoencoder(shapes: Shapes) -> bool:
 
 def flux_info(bundle: Any, family: Family) -> ModelInfo:
     """A `TransformerBundle` with a FLUX.1 transformer, an autoencoder, or both."""
-    block = dict(bundle.config.get("ldmtool") or {})
-    params = bundle.config["model"]["params"]
-    first = (params.get("first_stage_config") or {}).get("params") if bundle.first_stage is not None else None
-    latent = int(first["z_channels"]) if first else LATENT_CHANNELS
-    downsampling = 2 ** (len(first["ch_mult"]) - 1) if first else DOWNSAMPLING
-    missing = [] if bundle.first_stage is not None else [MISSING_AUTOENCODER]
     denoiser = bundle.denoiser
     if denoiser is None:
-        return ModelInfo(
-            family=bundle.family, entry=family.name, conditioning=Conditioning.NONE, parameterization=None,
-            latent_channels=latent, downsampling=downsampling, pixel_multiple=downsampling, native_latent=None,
-            concat_channels=0, takes_text=False, class_count=None, inpaint_kind=None, label_classes=None,
-            box_tokens=None, box_raster=False, raster_classes=(), defaults=run_defaults(block, downsampling, None),
-            missing_parts=(MISSING_TRANSFORMER,),
-        )
+        return autoencoder_only_info(bundle, family, missing_transformer=MISSING_TRANSFORMER)
     concat = (denoiser.in_channels - denoiser.out_channels) // PATCH ** 2
-    return ModelInfo(
-        family=bundle.family,
-        entry=family.name,
-        conditioning=Conditioning.CROSSATTN_ADM,  # text tokens joined to the image's, pooled text in `vec`
-        parameterization=Parameterization(bundle.parameterization),
-        latent_channels=latent,
-        downsampling=downsampling,
-        pixel_multiple=downsampling * PATCH,
-        native_latent=NATIVE_LATENT,
-        concat_channels=concat,
-        takes_text=False,  # no text encoder is loaded with a transformer file (see missing_parts)
-        class_count=None,
-        # Fill's own conditioning (masked latent and packed mask) joins with FLUX.1 inpainting.
-        inpaint_kind=None if concat else InpaintKind.MASKED,
-        label_classes=None,
-        box_tokens=None,
-        box_raster=False,
-        raster_classes=(),
-        defaults=run_defaults(block, downsampling, NATIVE_LATENT),
-        missing_parts=(*missing, MISSING_TEXT_ENCODERS),
-    )
+    missing = () if bundle.first_stage is not None else (MISSING_AUTOENCODER,)
+    # Fill's own conditioning (masked latent and packed mask) joins with FLUX.1 inpainting.
+    return transformer_info(bundle, family, patch=PATCH, concat_channels=concat,
+                            inpaint_kind=None if concat else InpaintKind.MASKED,
+                            missing_parts=(*missing, MISSING_TEXT_ENCODERS))
 
 
 FLUX = Family(

@@ -17,16 +17,14 @@ import copy
 from typing import Any, Optional
 
 from ldmtool.families.base import Detection, Family, Shapes
-from ldmtool.families.compvis import run_defaults
-from ldmtool.families.info import Conditioning, InpaintKind, ModelInfo, Parameterization
+from ldmtool.families.info import InpaintKind, ModelInfo
+from ldmtool.families.transformer import autoencoder_only_info, transformer_info
 
 TRANSFORMER_KEY = "joint_blocks.0.x_block.attn.qkv.weight"
 SINGLE_FILE_PREFIX = "model.diffusion_model."  # the single files' and ComfyUI's; bare: ComfyUI's diffusion model
 FIRST_STAGE_PREFIX = "first_stage_model."
 SD3_SCALE, SD3_SHIFT = 1.5305, 0.0609  # the reference's SD3LatentFormat
 PATCH = 2
-LATENT_CHANNELS, DOWNSAMPLING = 16, 8  # of the SD3 VAE (for a transformer file alone)
-NATIVE_LATENT = 128  # 1024 px
 REQUIRED_TEXT_ENCODERS = {"clip_l": "CLIP-L", "clip_g": "OpenCLIP bigG"}  # T5 is optional, as in the references
 MISSING_AUTOENCODER = "the VAE (first_stage_model.*, as the full single files hold it)"
 MISSING_TRANSFORMER = "an SD3 / SD3.5 transformer"
@@ -81,41 +79,13 @@ def _first_stage_prefix(shapes: Shapes, transformer_prefix: str) -> Optional[str
 
 def sd3_info(bundle: Any, family: Family) -> ModelInfo:
     """A `TransformerBundle` with an MMDiT and (single files) the VAE, or the VAE alone (`sd3-vae`)."""
-    block = dict(bundle.config.get("ldmtool") or {})
-    params = bundle.config["model"]["params"]
-    first = (params.get("first_stage_config") or {}).get("params") if bundle.first_stage is not None else None
-    latent = int(first["z_channels"]) if first else LATENT_CHANNELS
-    downsampling = 2 ** (len(first["ch_mult"]) - 1) if first else DOWNSAMPLING
     denoiser = bundle.denoiser
     if denoiser is None:
-        return ModelInfo(
-            family=bundle.family, entry=family.name, conditioning=Conditioning.NONE, parameterization=None,
-            latent_channels=latent, downsampling=downsampling, pixel_multiple=downsampling, native_latent=None,
-            concat_channels=0, takes_text=False, class_count=None, inpaint_kind=None, label_classes=None,
-            box_tokens=None, box_raster=False, raster_classes=(), defaults=run_defaults(block, downsampling, None),
-            missing_parts=(MISSING_TRANSFORMER,), not_runnable=NOT_RUNNABLE,
-        )
-    return ModelInfo(
-        family=bundle.family,
-        entry=family.name,
-        conditioning=Conditioning.CROSSATTN_ADM,  # text tokens joined to the image's, pooled text in the adaLN
-        parameterization=Parameterization(bundle.parameterization),
-        latent_channels=latent,
-        downsampling=downsampling,
-        pixel_multiple=downsampling * denoiser.config.patch_size,
-        native_latent=NATIVE_LATENT,
-        concat_channels=0,
-        takes_text=False,  # the text encoders are not a bundle part (see the module's docstring)
-        class_count=None,
-        inpaint_kind=InpaintKind.MASKED,
-        label_classes=None,
-        box_tokens=None,
-        box_raster=False,
-        raster_classes=(),
-        defaults=run_defaults(block, downsampling, NATIVE_LATENT),
-        missing_parts=_missing_parts(bundle),
-        not_runnable=NOT_RUNNABLE,
-    )
+        return autoencoder_only_info(bundle, family, missing_transformer=MISSING_TRANSFORMER,
+                                     not_runnable=NOT_RUNNABLE)
+    return transformer_info(bundle, family, patch=denoiser.config.patch_size, concat_channels=0,
+                            inpaint_kind=InpaintKind.MASKED, missing_parts=_missing_parts(bundle),
+                            not_runnable=NOT_RUNNABLE)
 
 
 def _missing_parts(bundle: Any) -> tuple[str, ...]:
