@@ -103,3 +103,17 @@ def test_strength_outside_zero_to_one_is_a_usage_error(tmp_path, models):
     result = _run(src, "--strength", 1.5, "--model", models["sd1"], "-o", tmp_path / "out")
     assert result.exit_code == 2
     assert "--strength" in result.output
+
+
+def test_a_strength_that_runs_no_step_is_warned(tmp_path, models):
+    """--steps 1 --strength 0.5 (a one-step distilled model's settings at half strength) runs floor(0.5) = 0
+    steps, as diffusers: the image comes back unchanged, and the run says so once and how to fix it."""
+    photo = _photo(tmp_path / "p.png")
+    result = run_cli("img2img", photo, "-m", models["ldm-text2img256"], "-p", "a fox", "-o", tmp_path / "out.png",
+                     "--steps", "1", "--strength", "0.5", "--sampler", "euler")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("--strength 0.5 of 1 step(s) runs no step") == 1
+    assert "use --steps 2 or more" in result.output
+    ran = run_cli("img2img", photo, "-m", models["ldm-text2img256"], "-p", "a fox", "-o", tmp_path / "ran.png",
+                  "--steps", "2", "--strength", "0.5", "--sampler", "euler")
+    assert ran.exit_code == 0 and "runs no step" not in ran.output

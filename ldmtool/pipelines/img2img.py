@@ -13,12 +13,14 @@ the refiner the rest (pipelines/refiner.py), as diffusers' img2img `denoising_en
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
+from ldmtool.diffusion.img2img import strength_steps
 from ldmtool.errors import UsageError
 from ldmtool.io.discover import Item
 from ldmtool.io.images import LoadedImage, read_image
@@ -87,6 +89,14 @@ class Img2ImgTask(ModelTask):
         self.multiple = engine.info.pixel_multiple
         if self.refining.active:
             self.multiple = max(self.multiple, self.refining.open(engine, self.command))
+        self._check_steps_run(engine.resolved()["steps"])
+
+    def _check_steps_run(self, steps: int) -> None:
+        """Warn when a strength above 0 runs no step (floor(strength x steps) = 0, as diffusers): the images
+        would come back unchanged (a one-step distilled model at --strength 0.5 is the usual way there)."""
+        if self.strength > 0 and strength_steps(steps, self.strength) == 0:
+            self.warn_once("no-steps", f"--strength {self.strength:g} of {steps} step(s) runs no step, so every "
+                           f"image comes back unchanged; use --steps {math.ceil(1 / self.strength)} or more")
 
     def recorded(self, engine: Engine) -> dict[str, Any]:
         control = self.control.recorded() if self.control else {}
