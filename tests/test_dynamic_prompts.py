@@ -111,7 +111,7 @@ def test_commands_that_take_a_prompt_as_written_say_so_once(tmp_path):
     Image.new("RGB", (32, 32), (90, 120, 150)).save(tmp_path / "a.png")
     Image.new("RGB", (32, 32), (150, 120, 90)).save(tmp_path / "b.png")
     result = run_cli("img2img", tmp_path / "a.png", tmp_path / "b.png", "--prompt", "a {red|blue} circle", "--steps",
-                     "1", "-o", tmp_path / "out")
+                     "2", "-o", tmp_path / "out")  # 2 x 0.75: one step runs (1 step would run none, and say so)
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.stderr.splitlines() if line.startswith("ldmtool: warning:")]
     assert warnings == ["ldmtool: warning: img2img takes its prompt as written: template syntax ({a|b}, "
