@@ -52,24 +52,10 @@ def pair():
 
 
 def run_ours(*args):
-    """The CLI in-process as test_sd_vs_diffusers.run_ours runs it (DDIM, eta 0, its cfg and seed), with STEPS
-    steps; returns (pixels in [0, 1], recipe)."""
-    import json
-    from pathlib import Path
+    """test_sd_vs_diffusers.run_ours (DDIM, eta 0, its cfg and seed) with STEPS steps; (pixels in [0, 1], recipe)."""
+    from test_sd_vs_diffusers import run_ours as run_cli_like_diffusers
 
-    from PIL import Image
-
-    from ldmtool.cli.app import main
-    from test_sd_vs_diffusers import CFG, SEED
-
-    out = Path(args[args.index("-o") + 1])
-    try:
-        main([*map(str, args), "--sampler", "ddim", "--eta", "0", "--steps", str(STEPS), "--cfg", str(CFG),
-              "--seed", str(SEED), "--quiet"])
-    except SystemExit as exit:
-        assert not exit.code
-    with Image.open(out) as image:
-        return np.asarray(image).astype(np.float64) / 255, json.loads(image.info["ldmtool"])
+    return run_cli_like_diffusers(*args, steps=STEPS)
 
 
 def inputs(seed=0, batch=1, size=64):

@@ -79,11 +79,11 @@ def sd1(tmp_path_factory):
     return path, save_checkpoint(path)
 
 
-def run_ours(*args):
+def run_ours(*args, steps: int = STEPS):
     """The CLI in-process with DDIM (eta 0), guidance and the fixed base seed; returns (pixels, recipe)."""
     out = Path(args[args.index("-o") + 1])
     try:
-        main([*map(str, args), "--sampler", "ddim", "--eta", "0", "--steps", str(STEPS), "--cfg", str(CFG),
+        main([*map(str, args), "--sampler", "ddim", "--eta", "0", "--steps", str(steps), "--cfg", str(CFG),
               "--seed", str(SEED), "--quiet"])
     except SystemExit as exit:
         assert not exit.code

@@ -113,7 +113,9 @@ class Img2ImgTask(ModelTask):
     def run(self, jobs: list[Job]) -> list[Output]:
         if self.scale is not None:
             return [self._upscale(job) for job in jobs]
-        return in_groups(jobs, lambda job: (job.payload.size, self._prompt(job)), self._transform)
+        prompts = {id(job): self._prompt(job) for job in jobs}  # read once: a recorded one decodes the input's recipe
+        return in_groups(jobs, lambda job: (job.payload.size, prompts[id(job)]),
+                         lambda group: self._transform(group, prompts[id(group[0])]))
 
     def _prompt(self, job: Job) -> tuple[str, str]:
         """The job's (prompt, negative): the task's, or in a workflow step given none, its input's recorded."""
@@ -143,9 +145,9 @@ class Img2ImgTask(ModelTask):
         params = {"input_size": list(image.size), "size": list(size), **self._prompt_params(prompt)}
         return Output(image=out, alpha=alpha, params=params, source=image.source)
 
-    def _transform(self, jobs: list[Job]) -> list[Output]:
+    def _transform(self, jobs: list[Job], prompt: tuple[str, str]) -> list[Output]:
+        """One group of jobs of one size and one (prompt, negative)."""
         width, height = jobs[0].payload.size
-        prompt = self._prompt(jobs[0])  # one per group
         images = padded_images([job.payload.rgb for job in jobs], self.multiple)
         hints = self._hints(jobs)
         rework = functools.partial(self._encode_sample_decode, images=images, seeds=[job.seed for job in jobs],
