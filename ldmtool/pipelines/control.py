@@ -56,7 +56,7 @@ class ControlRun:
 
     def __init__(self, choice: "ControlInputs", *, input_hint: bool = False):
         self.choice = choice
-        self.input_hint = input_hint  # img2img --scale: every ControlNet reads the upscaled input itself
+        self.input_hint = input_hint  # img2img --scale: a ControlNet without --control-image reads the upscaled input
         self.start = 0.0 if choice.control_start is None else choice.control_start
         self.end = 1.0 if choice.control_end is None else choice.control_end
         self.mode = choice.control_mode or "balanced"
@@ -78,9 +78,6 @@ class ControlRun:
             if given:
                 raise UsageError(f"{given[0]} goes with --controlnet FILE")
             return
-        if self.input_hint and images:
-            raise UsageError("--control-image: with --scale every ControlNet's hint is the upscaled input itself "
-                             "(ControlNet tile); drop --control-image")
         if len(images) not in (0 if self.input_hint else 1, 1, len(specs)):
             raise UsageError(f"--control-image: give one, or one per --controlnet and --adapter ({len(specs)})")
         if self.mode not in MODES:
@@ -153,14 +150,27 @@ class ControlRun:
         """Each unit's hint file and its pixels (H, W, 3) float32 in [0, 1] at `size` (width, height)."""
         return [(path, self._pixels(path, size)) for path in self.hint_files(key)]
 
-    def _pixels(self, path: Path, size: tuple[int, int]) -> np.ndarray:
+    def scaled_hints(self, key: Optional[str], pixels: np.ndarray) -> list[tuple[Path, np.ndarray]]:
+        """The hints of an upscale by diffusion of `pixels` (uint8 (H, W, 3); img2img --scale, txt2img --hires):
+        each unit's hint file resized to the upscaled size (as A1111's hires pass; not said, the upscale is the
+        point), or, for a unit without one, the upscaled image itself (ControlNet tile)."""
+        size = (pixels.shape[1], pixels.shape[0])
+        own = (Path("input"), pixels.astype(np.float32) / 255)
+        files = [None if u.image is None else self.hint_file(u, key) for u in (*self.units, *self.adapters)]
+        return [own if path is None else (path, self._pixels(path, size, say=False)) for path in files]
+
+    def given_hint_files(self, key: Optional[str]) -> list[Path]:
+        """The hint files of the units that have one (with --scale, the others read the input)."""
+        return [self.hint_file(u, key) for u in (*self.units, *self.adapters) if u.image is not None]
+
+    def _pixels(self, path: Path, size: tuple[int, int], say: bool = True) -> np.ndarray:
         rgb = read_image(path).rgb
         if (rgb.shape[1], rgb.shape[0]) == size:
             return rgb
         from PIL import Image
 
         note = f"control hint {path.name} is {rgb.shape[1]}x{rgb.shape[0]}; resized to {size[0]}x{size[1]}"
-        if note not in self.notes:
+        if say and note not in self.notes:
             self.notes.append(note)
         image = Image.fromarray((rgb * 255 + 0.5).clip(0, 255).astype(np.uint8)).resize(size, Image.Resampling.LANCZOS)
         return np.asarray(image).astype(np.float32) / 255

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import math
-from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -140,9 +139,11 @@ class Img2ImgTask(ModelTask):
         out = rework_upscaled(self.engine, pixels, scale=self.scale, strength=self.strength, seed=job.seed,
                               conditioning=lambda engine: self.conditioning(engine, 1, pixels.shape[:2], prompt),
                               label=job.item.label, colour_fix=self.colour_fix, progress=self.step_progress(),
-                              hints=self._tile_hints(pixels))
+                              hints=self._tile_hints(job, pixels))
         alpha = None if image.alpha is None else resample_alpha(image.alpha, size)
         params = {"input_size": list(image.size), "size": list(size), **self._prompt_params(prompt)}
+        if self.control and self.control.given_hint_files(input_path(job).stem):
+            params.update(hint_params(self.control.given_hint_files(input_path(job).stem)))
         return Output(image=out, alpha=alpha, params=params, source=image.source)
 
     def _transform(self, jobs: list[Job], prompt: tuple[str, str]) -> list[Output]:
@@ -164,12 +165,12 @@ class Img2ImgTask(ModelTask):
         return self.control.batch([input_path(job).stem for job in jobs], jobs[0].payload.size, self.multiple,
                                   self.warn_once)
 
-    def _tile_hints(self, pixels: np.ndarray) -> Optional[list[torch.Tensor]]:
-        """With --scale, every ControlNet's hint is the upscaled image itself (ControlNet tile)."""
+    def _tile_hints(self, job: Job, pixels: np.ndarray) -> Optional[list[torch.Tensor]]:
+        """With --scale, a ControlNet's hint is its --control-image at the upscaled size, or without one the
+        upscaled image itself (ControlNet tile)."""
         if not self.control:
             return None
-        own = (Path("input"), pixels.astype(np.float32) / 255)
-        return hint_batch([[own] * (len(self.control.units) + len(self.control.adapters))], self.multiple)
+        return hint_batch([self.control.scaled_hints(input_path(job).stem, pixels)], self.multiple)
 
     def _params(self, job: Job) -> dict[str, Any]:
         if not self.control or self.scale is not None:
