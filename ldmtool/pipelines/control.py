@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from ldmtool.pipelines.engine import Engine
 
 MODES = ("balanced", "control")
+INPAINT = "inpaint"  # `--control-image inpaint`: the hint made from an inpaint item's input and mask
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,8 @@ class ControlUnit:
 
     path: Path
     strength: float
-    image: Optional[Path]  # None: the item's own (upscaled) input is the hint (ControlNet tile)
+    image: Optional[Path]  # None: the item's own (upscaled) input is the hint (ControlNet tile), or with
+    from_mask: bool = False  # its input with the pixels to repaint set to -1 (ControlNet inpaint)
 
 
 def parse_unit(spec: str) -> tuple[Path, float]:
@@ -57,6 +59,7 @@ class ControlRun:
     def __init__(self, choice: "ControlInputs", *, input_hint: bool = False):
         self.choice = choice
         self.input_hint = input_hint  # img2img --scale: a ControlNet without --control-image reads the upscaled input
+        self.mask_hint = False  # inpaint: `--control-image inpaint` makes the hint from the input and its mask
         self.start = 0.0 if choice.control_start is None else choice.control_start
         self.end = 1.0 if choice.control_end is None else choice.control_end
         self.mode = choice.control_mode or "balanced"
@@ -90,6 +93,12 @@ class ControlRun:
             image = (images[index] if len(images) > 1 else images[0]).expanduser() if images else None
             if image is None and not self.input_hint:
                 raise UsageError(f"--controlnet {spec}: give its hint with --control-image PATH")
+            if image is not None and str(image) == INPAINT:
+                if not self.mask_hint:
+                    raise UsageError("--control-image inpaint: the hint made from the input and its mask is for "
+                                     "inpaint (a file or folder named inpaint: give its full path)")
+                units.append(ControlUnit(path, strength, None, from_mask=True))
+                continue
             if image is not None and not image.exists():
                 raise UsageError(f"--control-image {image}: no such file or folder")
             units.append(ControlUnit(path, strength, image))
@@ -129,8 +138,8 @@ class ControlRun:
         return found[0]
 
     def hint_files(self, key: Optional[str]) -> list[Path]:
-        """Each ControlNet's, then each T2I-Adapter's hint file for an item."""
-        return [self.hint_file(u, key) for u in (*self.units, *self.adapters)]
+        """Each ControlNet's, then each T2I-Adapter's hint file for an item (hints made from the mask have none)."""
+        return [self.hint_file(u, key) for u in (*self.units, *self.adapters) if not u.from_mask]
 
     def open_adapters(self, engine: "Engine") -> list[tuple[Any, float]]:
         """The T2I-Adapters (through the model cache) and their weights."""
@@ -146,9 +155,21 @@ class ControlRun:
             loaded.append((model_cache().load_file(unit.path, device, dtype, loader, "t2i-adapter"), unit.strength))
         return loaded
 
-    def hints(self, key: Optional[str], size: tuple[int, int]) -> list[tuple[Path, np.ndarray]]:
-        """Each unit's hint file and its pixels (H, W, 3) float32 in [0, 1] at `size` (width, height)."""
-        return [(path, self._pixels(path, size)) for path in self.hint_files(key)]
+    def hints(self, key: Optional[str], size: tuple[int, int],
+              masked: Optional[tuple[np.ndarray, np.ndarray]] = None) -> list[tuple[Path, np.ndarray]]:
+        """Each unit's hint file and its pixels (H, W, 3) float32 in [0, 1] at `size` (width, height); a hint
+        made from the mask is `preprocess.inpaint_hint` of `masked`, the item's (image in [0, 1], repaint mask)."""
+        from ldmtool.pipelines.preprocess import inpaint_hint
+
+        rows = []
+        for unit in (*self.units, *self.adapters):
+            if unit.from_mask:
+                assert masked is not None, "ControlRun.mask_hint is set by tasks that hand their masks over"
+                rows.append((Path(INPAINT), inpaint_hint(*masked)))
+            else:
+                path = self.hint_file(unit, key)
+                rows.append((path, self._pixels(path, size)))
+        return rows
 
     def scaled_hints(self, key: Optional[str], pixels: np.ndarray) -> list[tuple[Path, np.ndarray]]:
         """The hints of an upscale by diffusion of `pixels` (uint8 (H, W, 3); img2img --scale, txt2img --hires):
@@ -175,19 +196,21 @@ class ControlRun:
         image = Image.fromarray((rgb * 255 + 0.5).clip(0, 255).astype(np.uint8)).resize(size, Image.Resampling.LANCZOS)
         return np.asarray(image).astype(np.float32) / 255
 
-    def batch(self, keys: Sequence[Optional[str]], size: tuple[int, int], multiple: int,
-              warn: Any) -> Optional[list["torch.Tensor"]]:
+    def batch(self, keys: Sequence[Optional[str]], size: tuple[int, int], multiple: int, warn: Any,
+              masked: Optional[Sequence[tuple[np.ndarray, np.ndarray]]] = None) -> Optional[list["torch.Tensor"]]:
         """Each ControlNet's hints for a batch of items (keys: their inputs' stems) of one size, padded to
-        `multiple` as their images are; `warn(topic, message)` says a resize once. None without ControlNets."""
+        `multiple` as their images are; `warn(topic, message)` says a resize once. None without ControlNets.
+        `masked`: each item's (image, repaint mask), for hints made from the mask (inpaint)."""
         if not self:
             return None
-        rows = [self.hints(key, size) for key in keys]
+        rows = [self.hints(key, size, None if masked is None else masked[i]) for i, key in enumerate(keys)]
         for note in self.notes:
             warn(note, note)
         return hint_batch(rows, multiple)
 
     def recorded(self) -> dict[str, Any]:
-        """What every output records: each ControlNet (name, hash, strength), the window and the mode."""
+        """What every output records: each ControlNet (name, hash, strength), which take their hint from the
+        mask, the window and the mode."""
         from ldmtool.runtime.cache import file_sha256
 
         if not self:
@@ -195,8 +218,10 @@ class ControlRun:
         adapters = {} if not self.adapters else {
             "adapter": [f"{u.path.name}:{u.strength}" for u in self.adapters],
             "adapter_hashes": [file_sha256(u.path)[:10] for u in self.adapters]}
+        from_mask = [u.path.name for u in (*self.units, *self.adapters) if u.from_mask]
         return {"controlnet": [f"{u.path.name}:{u.strength}" for u in self.units],
                 "controlnet_hashes": [file_sha256(u.path)[:10] for u in self.units], **adapters,
+                **({"control_hint_from_mask": from_mask} if from_mask else {}),
                 "control_start": self.start, "control_end": self.end, "control_mode": self.mode}
 
     def job_identity(self) -> dict[str, Any]:
@@ -208,8 +233,8 @@ class ControlRun:
         units = [*self.units, *self.adapters]
         return {"controlnet_sha256": [[file_sha256(u.path), u.strength] for u in self.units],
                 **({"adapter_sha256": [[file_sha256(u.path), u.strength] for u in self.adapters]} if self.adapters else {}),
-                "control_image_sha256": [file_sha256(u.image) if u.image and u.image.is_file() else str(u.image)
-                                         for u in units]}
+                "control_image_sha256": [INPAINT if u.from_mask else file_sha256(u.image)
+                                         if u.image and u.image.is_file() else str(u.image) for u in units]}
 
 
 def hint_params(files: Sequence[Path]) -> dict[str, Any]:

@@ -81,6 +81,8 @@ class InpaintTask(ModelTask):
         self.refiner = refiner
         self.refining = Refiner(refiner, refiner_at)
         self.control = control
+        if control is not None:
+            control.mask_hint = True  # `--control-image inpaint`: the hint from the input and its mask
         engine.control = control
 
     def validate(self) -> None:
@@ -156,7 +158,8 @@ class InpaintTask(ModelTask):
         pad_h, pad_w = padding(height, width, self.multiple)
         padded_masks = F.pad(masks, (0, pad_w, 0, pad_h))  # padding is kept, never repainted
         hints = None if not self.control else self.control.batch(
-            [input_path(job).stem for job in jobs], (width, height), self.multiple, self.warn_once)
+            [input_path(job).stem for job in jobs], (width, height), self.multiple, self.warn_once,
+            masked=[(job.payload[0].rgb, job.payload[1]) for job in jobs])
         repaint = functools.partial(self._sample_and_decode, images=images, masks=padded_masks,
                                     seeds=[job.seed for job in jobs], hints=hints)
         results = self.engine.finite(repaint, jobs[0].item.label).clamp(0, 1)[..., :height, :width]
