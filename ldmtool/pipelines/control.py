@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from ldmtool.addons.controlnet import ActiveControl
     from ldmtool.options import ControlInputs
     from ldmtool.pipelines.engine import Engine
+    from ldmtool.runtime.jobs import Job
 
 MODES = ("balanced", "control")
 INPAINT = "inpaint"  # `--control-image inpaint`: the hint made from an inpaint item's input and mask
@@ -235,6 +236,12 @@ class ControlRun:
                 **({"adapter_sha256": [[file_sha256(u.path), u.strength] for u in self.adapters]} if self.adapters else {}),
                 "control_image_sha256": [INPAINT if u.from_mask else file_sha256(u.image)
                                          if u.image and u.image.is_file() else str(u.image) for u in units]}
+
+
+def hint_key(job: "Job") -> Optional[str]:
+    """The name an item's hint is found by in a folder of hints: its input's stem (None for an image given in
+    memory through the Python API, whose hints are single images)."""
+    return None if job.item.path is None else job.item.path.stem
 
 
 def hint_params(files: Sequence[Path]) -> dict[str, Any]:
