@@ -21,9 +21,7 @@ def test_txt2img_with_a_controlnet_and_a_hint_in_memory_matches_the_cli(tmp_path
         edges = np.asarray(image.convert("RGB"))
     (api,) = ldmtool.txt2img("a house", model=str(model), **SAMPLING, width=64, height=64,
                              controlnet=f"{controlnet}:2", control_image=edges, seed=5)
-    np.testing.assert_array_equal(api, cli)
-    (plain,) = ldmtool.txt2img("a house", model=str(model), **SAMPLING, width=64, height=64, seed=5)
-    assert np.abs(api.astype(int) - plain).max() > 5  # the ControlNet acted
+    np.testing.assert_array_equal(api, cli)  # the CLI's ControlNet acts (tests/test_controlnet.py), so the API's does
 
 
 def test_img2img_and_inpaint_with_a_controlnet_match_the_cli(tmp_path, files):  # noqa: F811
