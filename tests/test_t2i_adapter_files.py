@@ -16,6 +16,7 @@ from ldmtool.checkpoints.files import save_safetensors
 from ldmtool.checkpoints.tiny import randomise_
 
 WIDTHS = [32, 64, 128, 128]  # the tiny SD 1.x UNet's levels (tests/test_controlnet.py's model)
+STEPS = 2  # DDIM steps of the whole runs (the schedule and guidance are those of tests/test_sd_vs_diffusers.py)
 
 
 def diffusers_adapter(kind, in_channels=3, channels=WIDTHS, seed=4):
@@ -114,8 +115,7 @@ def test_txt2img_with_an_original_light_adapter_equals_diffusers_adapter_pipelin
     from PIL import Image
 
     from ldmtool.checkpoints.tiny import tiny_model
-    from test_controlnet import STEPS, run_ours
-    from test_sd_vs_diffusers import CFG, SEED, diffusers_pipeline
+    from test_sd_vs_diffusers import CFG, SEED, diffusers_pipeline, run_ours as run_cli_like_diffusers
 
     bundle = randomise_(tiny_model("sd1"), seed=7, scale=0.1)
     randomise_(bundle.first_stage_model, seed=8, scale=0.3)  # a decoder whose pixels follow the latent
@@ -128,9 +128,9 @@ def test_txt2img_with_an_original_light_adapter_equals_diffusers_adapter_pipelin
     hint.save(tmp_path / "hint.png")
     prompt = "a lighthouse on a cliff"
     args = ("txt2img", "--prompt", prompt, "--model", model, "-W", 64, "-H", 64)
-    ours, _ = run_ours(*args, "--adapter", f"{adapter}:2", "--control-image", tmp_path / "hint.png",
-                       "-o", tmp_path / "a.png")
-    plain, _ = run_ours(*args, "-o", tmp_path / "p.png")
+    ours, _ = run_cli_like_diffusers(*args, "--adapter", f"{adapter}:2", "--control-image", tmp_path / "hint.png",
+                                     "-o", tmp_path / "a.png", steps=STEPS)
+    plain, _ = run_cli_like_diffusers(*args, "-o", tmp_path / "p.png", steps=STEPS)
     base = diffusers_pipeline(bundle)
     parts = {k: v for k, v in base.components.items() if k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
     pipe = StableDiffusionAdapterPipeline(**parts, adapter=theirs, safety_checker=None, feature_extractor=None,
@@ -149,8 +149,7 @@ def test_sdxl_txt2img_with_an_sdxl_adapter_equals_diffusers_xl_adapter_pipeline(
     from PIL import Image
 
     from ldmtool.checkpoints.tiny import tiny_model
-    from test_controlnet import STEPS, run_ours
-    from test_sd_vs_diffusers import CFG, SEED
+    from test_sd_vs_diffusers import CFG, SEED, run_ours as run_cli_like_diffusers
     from test_sdxl import PROMPT, diffusers_xl_pipeline
 
     bundle = randomise_(tiny_model("sdxl-base"), seed=5, scale=0.1).eval()
@@ -163,9 +162,9 @@ def test_sdxl_txt2img_with_an_sdxl_adapter_equals_diffusers_xl_adapter_pipeline(
     hint = Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8))
     hint.save(tmp_path / "hint.png")
     args = ("txt2img", "--prompt", PROMPT, "--model", model, "-W", 64, "-H", 64)
-    ours, _ = run_ours(*args, "--adapter", f"{adapter}:2", "--control-image", tmp_path / "hint.png",
-                       "-o", tmp_path / "a.png")
-    plain, _ = run_ours(*args, "-o", tmp_path / "p.png")
+    ours, _ = run_cli_like_diffusers(*args, "--adapter", f"{adapter}:2", "--control-image", tmp_path / "hint.png",
+                                     "-o", tmp_path / "a.png", steps=STEPS)
+    plain, _ = run_cli_like_diffusers(*args, "-o", tmp_path / "p.png", steps=STEPS)
     pipe = diffusers_xl_pipeline(bundle, "StableDiffusionXLAdapterPipeline", adapter=theirs)
     with torch.no_grad():
         reference = pipe(PROMPT, image=hint, height=64, width=64, num_inference_steps=STEPS, guidance_scale=CFG,

@@ -143,7 +143,10 @@ class ControlledNetwork:
             if not bool((scale != 0).any()) or not entry.acts(t):
                 continue
             hint = nn.functional.pixel_shuffle(packed, self.down)
-            out = entry.net(x, hint, t, context, y)
+            # An inpainting UNet's input has the mask and masked-image latent after the latent; a ControlNet
+            # takes the latent alone (as diffusers' ControlNet inpaint pipeline gives it).
+            channels = getattr(entry.net, "config", {}).get("in_channels", x.shape[1])
+            out = entry.net(x[:, :channels], hint, t, context, y)
             weights = [SOFT_BASE ** (len(out) - 1 - i) if entry.soft else 1.0 for i in range(len(out))]
             out = [r * (scale.to(r.dtype).view(-1, 1, 1, 1) * w) for r, w in zip(out, weights)]
             total = out if total is None else [a + b for a, b in zip(total, out)]
