@@ -257,7 +257,10 @@ class ControlInputs:
         metavar="FILE[:W]")
     control_image: Optional[list[Path]] = option(
         "--control-image", help="Hint image for each --controlnet, in order: a file for every item, or a folder "
-        "of hints named like the inputs (txt2img: a file). Resized to the output size if it differs.",
+        "of hints named like the inputs (txt2img: a file). Resized to the output size if it differs (with "
+        "--hires / --scale, to the upscaled size; with --scale and no --control-image, the input is the hint). "
+        "For inpaint, the word inpaint makes the hint from the input and its mask (pixels to repaint set to -1, "
+        "for ControlNet inpaint).",
         panel=INPUTS, metavar="PATH")
     # None (not 0, 1, balanced): runs without ControlNets keep their job identity.
     control_start: Optional[float] = option(

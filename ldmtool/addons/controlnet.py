@@ -111,18 +111,25 @@ class ControlledNetwork:
     multiplier per ControlNet (0 for guidance's unconditional rows in the soft mode)."""
 
     def __init__(self, unet: Callable[..., Tensor], controls: Sequence[ActiveControl], down: int = 8,
-                 adapter_widths: Sequence[int] = ()):
+                 adapter_widths: Sequence[int] = (), adapter_factors: Sequence[int] = ()):
         self.unet = unet
         self.controls = tuple(controls)
         self.down = down
         self.adapter_widths = tuple(adapter_widths)  # T2I-Adapter feature widths per level (`pack_features`)
+        self.adapter_factors = tuple(adapter_factors) or tuple(2**level for level in range(len(adapter_widths)))
+
+    @property
+    def tile_align(self) -> int:
+        """Tile origins (latent pixels) at which a crop of the packed adapter features unpacks to exactly the
+        features of the tile's place: the coarsest feature map's factor (1 without adapters)."""
+        return max(self.adapter_factors, default=1)
 
     def __call__(self, x: Tensor, t: Tensor, context: Optional[Tensor] = None, y: Optional[Tensor] = None,
                  control: Optional[Tensor] = None, control_scale: Optional[Tensor] = None,
                  adapter: Optional[Tensor] = None) -> Tensor:
         residuals = None if control is None or not self.controls else self.residuals(x, t, context, y, control,
                                                                                     control_scale)
-        features = None if adapter is None else unpack_features(adapter, self.adapter_widths)
+        features = None if adapter is None else unpack_features(adapter, self.adapter_widths, self.adapter_factors)
         return self.unet(x, t, context=context, y=y, control=residuals, adapter=features)
 
     def residuals(self, x: Tensor, t: Tensor, context: Optional[Tensor], y: Optional[Tensor], control: Tensor,
@@ -136,21 +143,27 @@ class ControlledNetwork:
             if not bool((scale != 0).any()) or not entry.acts(t):
                 continue
             hint = nn.functional.pixel_shuffle(packed, self.down)
-            out = entry.net(x, hint, t, context, y)
+            # An inpainting UNet's input has the mask and masked-image latent after the latent; a ControlNet
+            # takes the latent alone (as diffusers' ControlNet inpaint pipeline gives it).
+            channels = getattr(entry.net, "config", {}).get("in_channels", x.shape[1])
+            out = entry.net(x[:, :channels], hint, t, context, y)
             weights = [SOFT_BASE ** (len(out) - 1 - i) if entry.soft else 1.0 for i in range(len(out))]
             out = [r * (scale.to(r.dtype).view(-1, 1, 1, 1) * w) for r, w in zip(out, weights)]
             total = out if total is None else [a + b for a, b in zip(total, out)]
         return total
 
 
-def pack_features(features: Sequence[Tensor]) -> Tensor:
-    """T2I-Adapter features, level l at 1/2^l of the latent, as one (B, sum C_l / 4^l, h, w) field."""
-    return torch.cat([nn.functional.pixel_shuffle(f, 2**level) for level, f in enumerate(features)], dim=1)
+def pack_features(features: Sequence[Tensor], factors: Optional[Sequence[int]] = None) -> Tensor:
+    """T2I-Adapter features, map l at 1/factors[l] of the latent (default 2^l), as one
+    (B, sum C_l / factors[l]^2, h, w) field at latent resolution that the tiler cuts like a hint."""
+    factors = factors or [2**level for level in range(len(features))]
+    return torch.cat([nn.functional.pixel_shuffle(f, k) for f, k in zip(features, factors)], dim=1)
 
 
-def unpack_features(packed: Tensor, widths: Sequence[int]) -> list[Tensor]:
-    parts = torch.split(packed, [w // 4**level for level, w in enumerate(widths)], dim=1)
-    return [nn.functional.pixel_unshuffle(p, 2**level) for level, p in enumerate(parts)]
+def unpack_features(packed: Tensor, widths: Sequence[int], factors: Optional[Sequence[int]] = None) -> list[Tensor]:
+    factors = factors or [2**level for level in range(len(widths))]
+    parts = torch.split(packed, [w // k**2 for w, k in zip(widths, factors)], dim=1)
+    return [nn.functional.pixel_unshuffle(p, k) for p, k in zip(parts, factors)]
 
 
 def step_window(timesteps: Sequence[float], start: float, end: float) -> Callable[[Tensor], bool]:

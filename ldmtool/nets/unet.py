@@ -277,8 +277,9 @@ class UNetModel(nn.Module):
                 adapter: Optional[Sequence[Tensor]] = None) -> Tensor:
         """Prediction (eps, v or x0 by the model's training) for input x at integer-scale `timesteps`;
         `control`: ControlNet residuals (skips in input-block order, then the middle block's), added as
-        the reference `ControlledUnetModel` adds them; `adapter`: T2I-Adapter features, one per level, added
-        at the end of each level of the encoder (before its skip is kept), as the reference adapter UNet."""
+        the reference `ControlledUnetModel` adds them; `adapter`: T2I-Adapter features, added in order where
+        diffusers' `down_intrablock_additional_residuals` go (`_adapter_points`; before the skip is kept), and
+        one left over after the middle block when its shape matches (SDXL's adapters)."""
         if (y is not None) != (self.num_classes is not None):
             raise ValueError("UNetModel: pass y exactly when the model is class-conditional (num_classes set)")
         if timesteps.ndim == 0:
@@ -290,13 +291,16 @@ class UNetModel(nn.Module):
             context = context.to(self.dtype)
         h = x.to(self.dtype)
         skips = []
-        level_ends = _level_ends(self.input_blocks) if adapter is not None else ()
+        features = list(adapter or ())
+        points = _adapter_points(self.input_blocks)[:len(features)] if features else ()
         for index, module in enumerate(self.input_blocks):
             h = module(h, emb, context)
-            if index in level_ends:
-                h = h + adapter[level_ends.index(index)].to(h.dtype)  # type: ignore[index]
+            if index in points:
+                h = h + features.pop(0).to(h.dtype)
             skips.append(h)
         h = self.middle_block(h, emb, context)
+        if features and features[0].shape == h.shape:
+            h = h + features.pop(0).to(h.dtype)
         if control is not None:
             skips, h = _controlled(skips, h, control)
         for module in self.output_blocks:
@@ -305,15 +309,26 @@ class UNetModel(nn.Module):
         return head(h).to(x.dtype).contiguous()  # the CPU fast path computes in channels-last
 
 
-def _level_ends(input_blocks: nn.ModuleList) -> tuple[int, ...]:
-    """Indices of the input blocks that end a level (the last one before each downsampling, and the last)."""
+def _adapter_points(input_blocks: nn.ModuleList) -> tuple[int, ...]:
+    """Indices of the input blocks after which T2I-Adapter features are added, one per level, as diffusers'
+    UNet adds them: a level with attention takes its feature after its last block (before the downsampling),
+    a level without takes it after its downsampling (SDXL's first level), or after its last block if none."""
     blocks = list(input_blocks)
 
     def downsamples(block: nn.Module) -> bool:
         first = block[0]  # type: ignore[index]
         return isinstance(first, Downsample) or (isinstance(first, ResBlock) and isinstance(first.x_upd, Downsample))
 
-    return tuple(i for i in range(1, len(blocks)) if i == len(blocks) - 1 or downsamples(blocks[i + 1]))
+    points, level = [], []
+    for index in range(1, len(blocks)):
+        if not downsamples(blocks[index]):
+            level.append(index)
+            if index < len(blocks) - 1:
+                continue
+        attends = any(isinstance(layer, (SpatialTransformer, AttentionBlock)) for i in level for layer in blocks[i].children())
+        points.append(level[-1] if attends or not downsamples(blocks[index]) else index)
+        level = []
+    return tuple(points)
 
 
 def _controlled(skips: list[Tensor], middle: Tensor, control: Sequence[Tensor]) -> tuple[list[Tensor], Tensor]:

@@ -14,17 +14,23 @@ is written. The result is the pixels the CLI writes (see `ldmtool.pipelines.arra
 Seeds: `seed=S` is the item's own seed, as `--item-seed S` (the `Seed:` an output records). For commands that
 generate several items (prompts, `n` samples, classes) it is the run's seed: items use S, S+1, ... as the CLI's
 `--seed S` does. `seed=None` draws a random one.
+
+ControlNets and T2I-Adapters (txt2img, img2img, inpaint) take the `--controlnet` options by their CLI names:
+`controlnet="canny.pth:0.8"` (or a list), `adapter=`, `control_image=` (a file, a Pillow image or an array, or
+a list of them; "inpaint" for inpaint's hint from the mask), `control_start`, `control_end`, `control_mode`.
 """
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
 from ldmtool.errors import UsageError
 from ldmtool.io.discover import Item
-from ldmtool.options import ModelChoice, SamplingChoice, option_fields
+from ldmtool.options import ControlInputs, ModelChoice, SamplingChoice, option_fields
 from ldmtool.pipelines.arrays import DEPTH_8, ImageInput, as_list, depth_of, read_input, read_mask_input, result_array
 from ldmtool.pipelines.base import ModelTask
 from ldmtool.pipelines.engine import Engine
@@ -64,11 +70,13 @@ def img2img(image: ImageInput, *, prompt: Optional[str] = None, negative: Option
     `refiner` from `refiner_at`)."""
     from ldmtool.pipelines.img2img import Img2ImgTask
 
-    engine = _engine("img2img", options)
-    task = Img2ImgTask(engine, prompt=prompt or "", negative=negative or "", strength=strength,
-                       refiner=_refiner(engine, refiner), refiner_at=refiner_at)
-    loaded = read_input(image)
-    return _one(task, loaded, seed, depth_of(loaded))
+    with _control(options) as control:
+        engine = _engine("img2img", options)
+        task = Img2ImgTask(engine, prompt=prompt or "", negative=negative or "", strength=strength,
+                           refiner=_refiner(engine, refiner), refiner_at=refiner_at, control=control)
+        control.validate()
+        loaded = read_input(image)
+        return _one(task, loaded, seed, depth_of(loaded))
 
 
 def inpaint(image: ImageInput, mask: Optional[ImageInput] = None, *, prompt: Optional[str] = None,
@@ -81,13 +89,15 @@ def inpaint(image: ImageInput, mask: Optional[ImageInput] = None, *, prompt: Opt
 
     if (mask is None) != mask_from_alpha:
         raise UsageError("give a mask, or mask_from_alpha=True to repaint the image's transparent pixels")
-    engine = _engine("inpaint", options)
-    task = InpaintTask(engine, prompt=prompt or "", negative=negative or "", grow=grow, feather=feather,
-                       invert_mask=invert_mask, from_alpha=mask_from_alpha, colour_fix=colour_fix,
-                       refiner=_refiner(engine, refiner), refiner_at=refiner_at)
-    loaded = read_input(image)
-    repaint = None if mask is None else read_mask_input(mask, size=loaded.size, invert=invert_mask)
-    return _one(task, task.check_input(loaded, repaint, "image"), seed, depth_of(loaded))
+    with _control(options) as control:
+        engine = _engine("inpaint", options)
+        task = InpaintTask(engine, prompt=prompt or "", negative=negative or "", grow=grow, feather=feather,
+                           invert_mask=invert_mask, from_alpha=mask_from_alpha, colour_fix=colour_fix,
+                           refiner=_refiner(engine, refiner), refiner_at=refiner_at, control=control)
+        control.validate()  # once the task says which hints it can make (inpaint: from the mask)
+        loaded = read_input(image)
+        repaint = None if mask is None else read_mask_input(mask, size=loaded.size, invert=invert_mask)
+        return _one(task, task.check_input(loaded, repaint, "image"), seed, depth_of(loaded))
 
 
 # ---------------------------------------------------------------- maps and layouts in, image out
@@ -136,10 +146,12 @@ def txt2img(prompt: Union[str, Sequence[str], None] = None, *, prompts: Optional
         specs = [PromptSpec(text) for text in prompt]
     else:
         specs = read_prompts(prompt, prompts)
-    engine = _engine("txt2img", options)
-    task = Txt2ImgTask(engine, specs, negative=negative or "", width=width, height=height,
-                       refiner=_refiner(engine, refiner), refiner_at=refiner_at)
-    return _generated(task, prompt_items(specs, n), seed)
+    with _control(options) as control:
+        engine = _engine("txt2img", options)
+        task = Txt2ImgTask(engine, specs, negative=negative or "", width=width, height=height,
+                           refiner=_refiner(engine, refiner), refiner_at=refiner_at, control=control)
+        control.validate()
+        return _generated(task, prompt_items(specs, n), seed)
 
 
 def sample(classes: Union[str, int, Sequence[Union[str, int]], None] = None, *, n: int = 1,
@@ -196,6 +208,40 @@ def _engine(command: str, options: dict[str, Any]) -> Engine:
     model["model"] = model.get("model") or DEFAULT_MODELS[command]
     sampling = {name: value for name, value in options.items() if name in sampling_names}
     return Engine(ModelChoice(**model), SamplingChoice(**sampling))
+
+
+@contextlib.contextmanager
+def _control(options: dict[str, Any]) -> Iterator[Any]:
+    """The ControlRun of the call's control options, taken out of `options` (hint images given in memory are
+    written to a temporary folder that lives as long as the call); the caller validates it with its task."""
+    from ldmtool.pipelines.control import ControlRun
+
+    given = {f.name: options.pop(f.name) for f in option_fields(ControlInputs) if f.name in options}
+    with tempfile.TemporaryDirectory(prefix="ldmtool-hints-") as folder:
+        for name in ("controlnet", "adapter", "control_image"):
+            if given.get(name) is not None:
+                given[name] = [_hint_file(v, Path(folder), i) if name == "control_image" else str(v)
+                               for i, v in enumerate(_values(given[name]))]
+        yield ControlRun(ControlInputs(**given))
+
+
+def _values(value: Any) -> list[Any]:
+    """One value or a list of them (a path, text, image or array is one value)."""
+    from PIL import Image
+
+    return [value] if isinstance(value, (str, Path, np.ndarray, Image.Image)) else list(value)
+
+
+def _hint_file(hint: Any, folder: Path, index: int) -> Path:
+    """A hint as the CLI takes it: a path as it is, an in-memory image as a PNG file."""
+    if isinstance(hint, (str, Path)):
+        return Path(hint)
+    from PIL import Image
+
+    image = hint if isinstance(hint, Image.Image) else Image.fromarray(np.asarray(hint))
+    path = folder / f"hint{index}.png"
+    image.save(path)
+    return path
 
 
 def _refiner(engine: Engine, path: Optional[Union[str, Path]]) -> Optional[Engine]:

@@ -20,8 +20,10 @@ if TYPE_CHECKING:
     from ldmtool.addons.controlnet import ActiveControl
     from ldmtool.options import ControlInputs
     from ldmtool.pipelines.engine import Engine
+    from ldmtool.runtime.jobs import Job
 
 MODES = ("balanced", "control")
+INPAINT = "inpaint"  # `--control-image inpaint`: the hint made from an inpaint item's input and mask
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,8 @@ class ControlUnit:
 
     path: Path
     strength: float
-    image: Optional[Path]  # None: the item's own (upscaled) input is the hint (ControlNet tile)
+    image: Optional[Path]  # None: the item's own (upscaled) input is the hint (ControlNet tile), or with
+    from_mask: bool = False  # its input with the pixels to repaint set to -1 (ControlNet inpaint)
 
 
 def parse_unit(spec: str) -> tuple[Path, float]:
@@ -56,7 +59,8 @@ class ControlRun:
 
     def __init__(self, choice: "ControlInputs", *, input_hint: bool = False):
         self.choice = choice
-        self.input_hint = input_hint  # img2img --scale: every ControlNet reads the upscaled input itself
+        self.input_hint = input_hint  # img2img --scale: a ControlNet without --control-image reads the upscaled input
+        self.mask_hint = False  # inpaint: `--control-image inpaint` makes the hint from the input and its mask
         self.start = 0.0 if choice.control_start is None else choice.control_start
         self.end = 1.0 if choice.control_end is None else choice.control_end
         self.mode = choice.control_mode or "balanced"
@@ -78,9 +82,6 @@ class ControlRun:
             if given:
                 raise UsageError(f"{given[0]} goes with --controlnet FILE")
             return
-        if self.input_hint and images:
-            raise UsageError("--control-image: with --scale every ControlNet's hint is the upscaled input itself "
-                             "(ControlNet tile); drop --control-image")
         if len(images) not in (0 if self.input_hint else 1, 1, len(specs)):
             raise UsageError(f"--control-image: give one, or one per --controlnet and --adapter ({len(specs)})")
         if self.mode not in MODES:
@@ -93,6 +94,12 @@ class ControlRun:
             image = (images[index] if len(images) > 1 else images[0]).expanduser() if images else None
             if image is None and not self.input_hint:
                 raise UsageError(f"--controlnet {spec}: give its hint with --control-image PATH")
+            if image is not None and str(image) == INPAINT:
+                if not self.mask_hint:
+                    raise UsageError("--control-image inpaint: the hint made from the input and its mask is for "
+                                     "inpaint (a file or folder named inpaint: give its full path)")
+                units.append(ControlUnit(path, strength, None, from_mask=True))
+                continue
             if image is not None and not image.exists():
                 raise UsageError(f"--control-image {image}: no such file or folder")
             units.append(ControlUnit(path, strength, image))
@@ -132,8 +139,8 @@ class ControlRun:
         return found[0]
 
     def hint_files(self, key: Optional[str]) -> list[Path]:
-        """Each ControlNet's, then each T2I-Adapter's hint file for an item."""
-        return [self.hint_file(u, key) for u in (*self.units, *self.adapters)]
+        """Each ControlNet's, then each T2I-Adapter's hint file for an item (hints made from the mask have none)."""
+        return [self.hint_file(u, key) for u in (*self.units, *self.adapters) if not u.from_mask]
 
     def open_adapters(self, engine: "Engine") -> list[tuple[Any, float]]:
         """The T2I-Adapters (through the model cache) and their weights."""
@@ -149,35 +156,62 @@ class ControlRun:
             loaded.append((model_cache().load_file(unit.path, device, dtype, loader, "t2i-adapter"), unit.strength))
         return loaded
 
-    def hints(self, key: Optional[str], size: tuple[int, int]) -> list[tuple[Path, np.ndarray]]:
-        """Each unit's hint file and its pixels (H, W, 3) float32 in [0, 1] at `size` (width, height)."""
-        return [(path, self._pixels(path, size)) for path in self.hint_files(key)]
+    def hints(self, key: Optional[str], size: tuple[int, int],
+              masked: Optional[tuple[np.ndarray, np.ndarray]] = None) -> list[tuple[Path, np.ndarray]]:
+        """Each unit's hint file and its pixels (H, W, 3) float32 in [0, 1] at `size` (width, height); a hint
+        made from the mask is `preprocess.inpaint_hint` of `masked`, the item's (image in [0, 1], repaint mask)."""
+        from ldmtool.pipelines.preprocess import inpaint_hint
 
-    def _pixels(self, path: Path, size: tuple[int, int]) -> np.ndarray:
+        rows = []
+        for unit in (*self.units, *self.adapters):
+            if unit.from_mask:
+                assert masked is not None, "ControlRun.mask_hint is set by tasks that hand their masks over"
+                rows.append((Path(INPAINT), inpaint_hint(*masked)))
+            else:
+                path = self.hint_file(unit, key)
+                rows.append((path, self._pixels(path, size)))
+        return rows
+
+    def scaled_hints(self, key: Optional[str], pixels: np.ndarray) -> list[tuple[Path, np.ndarray]]:
+        """The hints of an upscale by diffusion of `pixels` (uint8 (H, W, 3); img2img --scale, txt2img --hires):
+        each unit's hint file resized to the upscaled size (as A1111's hires pass; not said, the upscale is the
+        point), or, for a unit without one, the upscaled image itself (ControlNet tile)."""
+        size = (pixels.shape[1], pixels.shape[0])
+        own = (Path("input"), pixels.astype(np.float32) / 255)
+        files = [None if u.image is None else self.hint_file(u, key) for u in (*self.units, *self.adapters)]
+        return [own if path is None else (path, self._pixels(path, size, say=False)) for path in files]
+
+    def given_hint_files(self, key: Optional[str]) -> list[Path]:
+        """The hint files of the units that have one (with --scale, the others read the input)."""
+        return [self.hint_file(u, key) for u in (*self.units, *self.adapters) if u.image is not None]
+
+    def _pixels(self, path: Path, size: tuple[int, int], say: bool = True) -> np.ndarray:
         rgb = read_image(path).rgb
         if (rgb.shape[1], rgb.shape[0]) == size:
             return rgb
         from PIL import Image
 
         note = f"control hint {path.name} is {rgb.shape[1]}x{rgb.shape[0]}; resized to {size[0]}x{size[1]}"
-        if note not in self.notes:
+        if say and note not in self.notes:
             self.notes.append(note)
         image = Image.fromarray((rgb * 255 + 0.5).clip(0, 255).astype(np.uint8)).resize(size, Image.Resampling.LANCZOS)
         return np.asarray(image).astype(np.float32) / 255
 
-    def batch(self, keys: Sequence[Optional[str]], size: tuple[int, int], multiple: int,
-              warn: Any) -> Optional[list["torch.Tensor"]]:
+    def batch(self, keys: Sequence[Optional[str]], size: tuple[int, int], multiple: int, warn: Any,
+              masked: Optional[Sequence[tuple[np.ndarray, np.ndarray]]] = None) -> Optional[list["torch.Tensor"]]:
         """Each ControlNet's hints for a batch of items (keys: their inputs' stems) of one size, padded to
-        `multiple` as their images are; `warn(topic, message)` says a resize once. None without ControlNets."""
+        `multiple` as their images are; `warn(topic, message)` says a resize once. None without ControlNets.
+        `masked`: each item's (image, repaint mask), for hints made from the mask (inpaint)."""
         if not self:
             return None
-        rows = [self.hints(key, size) for key in keys]
+        rows = [self.hints(key, size, None if masked is None else masked[i]) for i, key in enumerate(keys)]
         for note in self.notes:
             warn(note, note)
         return hint_batch(rows, multiple)
 
     def recorded(self) -> dict[str, Any]:
-        """What every output records: each ControlNet (name, hash, strength), the window and the mode."""
+        """What every output records: each ControlNet (name, hash, strength), which take their hint from the
+        mask, the window and the mode."""
         from ldmtool.runtime.cache import file_sha256
 
         if not self:
@@ -185,8 +219,10 @@ class ControlRun:
         adapters = {} if not self.adapters else {
             "adapter": [f"{u.path.name}:{u.strength}" for u in self.adapters],
             "adapter_hashes": [file_sha256(u.path)[:10] for u in self.adapters]}
+        from_mask = [u.path.name for u in (*self.units, *self.adapters) if u.from_mask]
         return {"controlnet": [f"{u.path.name}:{u.strength}" for u in self.units],
                 "controlnet_hashes": [file_sha256(u.path)[:10] for u in self.units], **adapters,
+                **({"control_hint_from_mask": from_mask} if from_mask else {}),
                 "control_start": self.start, "control_end": self.end, "control_mode": self.mode}
 
     def job_identity(self) -> dict[str, Any]:
@@ -198,8 +234,14 @@ class ControlRun:
         units = [*self.units, *self.adapters]
         return {"controlnet_sha256": [[file_sha256(u.path), u.strength] for u in self.units],
                 **({"adapter_sha256": [[file_sha256(u.path), u.strength] for u in self.adapters]} if self.adapters else {}),
-                "control_image_sha256": [file_sha256(u.image) if u.image and u.image.is_file() else str(u.image)
-                                         for u in units]}
+                "control_image_sha256": [INPAINT if u.from_mask else file_sha256(u.image)
+                                         if u.image and u.image.is_file() else str(u.image) for u in units]}
+
+
+def hint_key(job: "Job") -> Optional[str]:
+    """The name an item's hint is found by in a folder of hints: its input's stem (None for an image given in
+    memory through the Python API, whose hints are single images)."""
+    return None if job.item.path is None else job.item.path.stem
 
 
 def hint_params(files: Sequence[Path]) -> dict[str, Any]:

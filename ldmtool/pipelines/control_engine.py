@@ -16,6 +16,8 @@ from ldmtool.diffusion.run import SamplerSettings, schedule_for
 if TYPE_CHECKING:
     from ldmtool.pipelines.engine import Engine
 
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as PIL's convert("L") that diffusers' users feed one-channel adapters
+
 
 def controlled(engine: "Engine", settings: SamplerSettings, from_image: bool, hints: Sequence[torch.Tensor],
                cond: Cond, uncond: Optional[Cond]) -> tuple[ControlledNetwork, Cond, Optional[Cond]]:
@@ -43,13 +45,15 @@ def controlled(engine: "Engine", settings: SamplerSettings, from_image: bool, hi
             soft = control.mode == "control"  # "ControlNet is more important": no control on uncond
             uncond = replace(uncond, control=packed, control_scale=on * 0 if soft else on)
     widths: list[int] = []
+    factors: list[int] = []
     if control.adapters:
         features = adapter_features(control.open_adapters(engine), hints[count:], device, dtype)
-        widths = [f.shape[1] for f in features]
-        packed_features = pack_features(features)
+        latent_height = hints[count].shape[-2] // down
+        widths, factors = [f.shape[1] for f in features], [latent_height // f.shape[-2] for f in features]
+        packed_features = pack_features(features, factors)
         cond = replace(cond, adapter=packed_features)
         uncond = None if uncond is None else replace(uncond, adapter=packed_features)
-    return ControlledNetwork(unet, actives, down=down, adapter_widths=widths), cond, uncond
+    return ControlledNetwork(unet, actives, down=down, adapter_widths=widths, adapter_factors=factors), cond, uncond
 
 
 def adapter_features(adapters: Sequence[tuple[Any, float]], hints: Sequence[torch.Tensor], device: Any,
@@ -57,7 +61,10 @@ def adapter_features(adapters: Sequence[tuple[Any, float]], hints: Sequence[torc
     """The weighted sum of every T2I-Adapter's features for its hints, computed once per image (not per step)."""
     total: Optional[list[torch.Tensor]] = None
     for (adapter, weight), hint in zip(adapters, hints):
-        features = [f * weight for f in adapter(hint.to(device, dtype))]
+        hint = hint.to(device, dtype)
+        if getattr(adapter, "in_channels", 3) == 1 and hint.shape[1] == 3:  # canny, sketch: a grey hint
+            hint = (hint * torch.tensor(LUMA, device=device, dtype=dtype).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        features = [f * weight for f in adapter(hint)]
         total = features if total is None else [a + b for a, b in zip(total, features)]
     assert total is not None, "called with at least one adapter"
     return total

@@ -292,9 +292,6 @@ class Engine:
         if hints is not None and self.control:
             network, cond, uncond = self._controlled(settings, init_latent is not None, hints, cond, uncond)
         denoise = self._denoiser(latent_hw, 2 if guided else 1, guided, network)
-        if getattr(network, "adapter_widths", ()) and isinstance(denoise, TiledDenoiser):
-            raise UsageError("--adapter: T2I-Adapters do not run with the tiled engine yet (this image is tiled; "
-                             "try --tile 0 or a smaller size)")
         conditioning = Guided(cond, uncond, p["cfg"]) if guided else cond
         callback = None if progress is None else (lambda step: progress(step.index + 1, step.total))
         shape = None if init_latent is not None or start is not None else (self.info.latent_channels, *latent_hw)
@@ -341,8 +338,12 @@ class Engine:
         # growing with the image up to whatever is free.
         if tiling is None:  # fits one tile (seamless then wraps through circular padding alone)
             return denoise
+        align = getattr(network, "tile_align", 1)
+        if any(size < length and size // align <= -(-tiling.overlap // align) for size, length in zip(tiling.tile, latent_hw)):
+            raise UsageError(f"--adapter: tiles start on the {align}-latent-pixel cells of the T2I-Adapter's features, "
+                             f"so a tile of {max(tiling.tile)} cannot overlap by {tiling.overlap}; use a larger --tile")
         config = TileConfig(tile=tiling.tile, overlap=tiling.overlap, tile_batch=tiling.tile_batch,
-                            wrap_y=self.axes.y, wrap_x=self.axes.x, shift=bool(s.tile_shift))
+                            wrap_y=self.axes.y, wrap_x=self.axes.x, shift=bool(s.tile_shift), align=align)
         return TiledDenoiser(denoise, config)
 
     # -- first stage

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import math
-from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -25,7 +24,7 @@ from ldmtool.errors import UsageError
 from ldmtool.io.discover import Item
 from ldmtool.io.images import LoadedImage, read_image
 from ldmtool.pipelines.base import ModelTask, carried, in_groups, input_path, input_size
-from ldmtool.pipelines.control import ControlRun, hint_batch, hint_params
+from ldmtool.pipelines.control import ControlRun, hint_batch, hint_key, hint_params
 from ldmtool.pipelines.engine import Engine, to_array
 from ldmtool.pipelines.refiner import Refiner
 from ldmtool.pipelines.superres import output_size, resample_alpha
@@ -140,9 +139,11 @@ class Img2ImgTask(ModelTask):
         out = rework_upscaled(self.engine, pixels, scale=self.scale, strength=self.strength, seed=job.seed,
                               conditioning=lambda engine: self.conditioning(engine, 1, pixels.shape[:2], prompt),
                               label=job.item.label, colour_fix=self.colour_fix, progress=self.step_progress(),
-                              hints=self._tile_hints(pixels))
+                              hints=self._tile_hints(job, pixels))
         alpha = None if image.alpha is None else resample_alpha(image.alpha, size)
         params = {"input_size": list(image.size), "size": list(size), **self._prompt_params(prompt)}
+        if self.control and self.control.given_hint_files(hint_key(job)):
+            params.update(hint_params(self.control.given_hint_files(hint_key(job))))
         return Output(image=out, alpha=alpha, params=params, source=image.source)
 
     def _transform(self, jobs: list[Job], prompt: tuple[str, str]) -> list[Output]:
@@ -161,20 +162,20 @@ class Img2ImgTask(ModelTask):
         """Each ControlNet's hint for every image (its file, or the one named like the input), at its size."""
         if not self.control:
             return None
-        return self.control.batch([input_path(job).stem for job in jobs], jobs[0].payload.size, self.multiple,
+        return self.control.batch([hint_key(job) for job in jobs], jobs[0].payload.size, self.multiple,
                                   self.warn_once)
 
-    def _tile_hints(self, pixels: np.ndarray) -> Optional[list[torch.Tensor]]:
-        """With --scale, every ControlNet's hint is the upscaled image itself (ControlNet tile)."""
+    def _tile_hints(self, job: Job, pixels: np.ndarray) -> Optional[list[torch.Tensor]]:
+        """With --scale, a ControlNet's hint is its --control-image at the upscaled size, or without one the
+        upscaled image itself (ControlNet tile)."""
         if not self.control:
             return None
-        own = (Path("input"), pixels.astype(np.float32) / 255)
-        return hint_batch([[own] * (len(self.control.units) + len(self.control.adapters))], self.multiple)
+        return hint_batch([self.control.scaled_hints(hint_key(job), pixels)], self.multiple)
 
     def _params(self, job: Job) -> dict[str, Any]:
         if not self.control or self.scale is not None:
             return _size(job.payload)
-        return {**_size(job.payload), **hint_params(self.control.hint_files(input_path(job).stem))}
+        return {**_size(job.payload), **hint_params(self.control.hint_files(hint_key(job)))}
 
     def _encode_sample_decode(self, engine: Engine, *, images: torch.Tensor, seeds: list[int],
                               prompt: tuple[str, str], hints: Optional[list[torch.Tensor]] = None) -> torch.Tensor:

@@ -36,7 +36,7 @@ from ldmtool.io.discover import Item
 from ldmtool.io.images import LoadedImage, mask_from_alpha, read_image, read_mask
 from ldmtool.pipelines.base import ModelTask, carried, in_groups, input_path, input_size
 from ldmtool.pipelines.colour_fix import colour_fix_to, config_switch
-from ldmtool.pipelines.control import ControlRun, hint_params
+from ldmtool.pipelines.control import ControlRun, hint_key, hint_params
 from ldmtool.pipelines.engine import Engine, to_array
 from ldmtool.pipelines.refiner import Kept, Refiner
 from ldmtool.pipelines.text import (
@@ -81,6 +81,8 @@ class InpaintTask(ModelTask):
         self.refiner = refiner
         self.refining = Refiner(refiner, refiner_at)
         self.control = control
+        if control is not None:
+            control.mask_hint = True  # `--control-image inpaint`: the hint from the input and its mask
         engine.control = control
 
     def validate(self) -> None:
@@ -156,7 +158,8 @@ class InpaintTask(ModelTask):
         pad_h, pad_w = padding(height, width, self.multiple)
         padded_masks = F.pad(masks, (0, pad_w, 0, pad_h))  # padding is kept, never repainted
         hints = None if not self.control else self.control.batch(
-            [input_path(job).stem for job in jobs], (width, height), self.multiple, self.warn_once)
+            [hint_key(job) for job in jobs], (width, height), self.multiple, self.warn_once,
+            masked=[(job.payload[0].rgb, job.payload[1]) for job in jobs])
         repaint = functools.partial(self._sample_and_decode, images=images, masks=padded_masks,
                                     seeds=[job.seed for job in jobs], hints=hints)
         results = self.engine.finite(repaint, jobs[0].item.label).clamp(0, 1)[..., :height, :width]
@@ -228,7 +231,7 @@ class InpaintTask(ModelTask):
                 for job, image in zip(jobs, final)]
 
     def _hint_params(self, job: Job) -> dict[str, Any]:
-        return hint_params(self.control.hint_files(input_path(job).stem)) if self.control else {}
+        return hint_params(self.control.hint_files(hint_key(job))) if self.control else {}
 
 
 def _stats(mask: np.ndarray) -> dict[str, Any]:

@@ -180,9 +180,11 @@ class Txt2ImgTask(ModelTask):
         def conditioning(engine: Engine) -> tuple[Cond, Optional[Cond]]:
             return self._texts_for(engine).conds(engine, [prompt], [negative], (big.shape[0], big.shape[1]))
 
+        hints = (hint_batch([self.control.scaled_hints(None, big)], engine.info.pixel_multiple)  # padded as `big` is
+                 if self.control else None)
         return rework_upscaled(engine, big, scale=self.hires, strength=self.hires_strength,
                                seed=job.seed, conditioning=conditioning, label=job.item.label,
-                               colour_fix=self.hires_colour_fix, progress=self.step_progress())
+                               colour_fix=self.hires_colour_fix, progress=self.step_progress(), hints=hints)
 
     def _sample_and_decode(self, engine: Engine, *, latent_hw: tuple[int, int], prompts: list[str],
                            negatives: list[str], seeds: list[int]) -> torch.Tensor:

@@ -36,6 +36,7 @@ class TileConfig:
     wrap_x: bool = False
     min_tile: int = 16
     multiple: int = 8  # tile sizes the network accepts (its total downsampling)
+    align: int = 1  # tile origins are multiples of this (latent pixels; T2I-Adapter features need their cells)
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -67,7 +68,7 @@ class TiledDenoiser:
             level = float(sigma.reshape(-1)[0])  # a device sync, only when shifting
             shift = (shift_for(cfg.tile[0] - cfg.overlap, level), shift_for(cfg.tile[1] - cfg.overlap, level * 1.618))
         return plan_tiles(height, width, cfg.tile, cfg.overlap, wrap_y=cfg.wrap_y, wrap_x=cfg.wrap_x,
-                          margin=cfg.margin, shift=shift)
+                          margin=cfg.margin, shift=shift, align=cfg.align)
 
     def __call__(self, x: "Tensor", sigma: "Tensor", cond=None) -> "Tensor":
         while True:

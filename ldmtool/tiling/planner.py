@@ -105,6 +105,19 @@ def axis_spans(length: int, tile: int, overlap: int, *, wrap: bool = False, shif
     return [Span(s, tile, s > 0, s + tile < length) for s in starts]
 
 
+def aligned_spans(length: int, tile: int, overlap: int, align: int, *, wrap: bool = False, shift: int = 0) -> list[Span]:
+    """`axis_spans` with every tile starting at a multiple of `align` (for conditioning packed in cells of
+    `align` latent pixels, such as T2I-Adapter features): the spans planned in cells, the tile rounded down
+    and the overlap up to whole cells. The axis must be whole cells unless one tile covers it."""
+    if align <= 1 or length <= tile:
+        return axis_spans(length, tile, overlap, wrap=wrap, shift=shift)
+    if length % align or tile < align:
+        raise ValueError(f"tiles aligned to {align} need an axis ({length}) of whole cells and a tile ({tile}) "
+                         "of at least one")
+    spans = axis_spans(length // align, tile // align, -(-overlap // align), wrap=wrap, shift=shift // align)
+    return [Span(s.start * align, s.length * align, s.inner_lo, s.inner_hi) for s in spans]
+
+
 def _shifted_spans(length: int, tile: int, stride: int, shift: int) -> list[Span]:
     starts = [0]
     position = shift
@@ -124,16 +137,18 @@ def plan_tiles(
     wrap_x: bool = False,
     margin: Optional[int] = None,
     shift: tuple[int, int] = (0, 0),
+    align: int = 1,
 ) -> TilePlan:
-    """A plan covering `height` x `width`; `margin` defaults to a quarter of the overlap."""
+    """A plan covering `height` x `width`; `margin` defaults to a quarter of the overlap. With `align`, every
+    tile starts at a multiple of it (`aligned_spans`)."""
     tile_h, tile_w = (tile, tile) if isinstance(tile, int) else tile
     if min(height, width, tile_h, tile_w) <= 0:
         raise ValueError(f"canvas {height}x{width} and tile {tile_h}x{tile_w} must be positive")
     margin = overlap // 4 if margin is None else margin
     if 2 * margin > overlap:
         raise ValueError(f"margin {margin} must be at most half the overlap {overlap}")
-    rows = axis_spans(height, tile_h, overlap, wrap=wrap_y, shift=shift[0])
-    cols = axis_spans(width, tile_w, overlap, wrap=wrap_x, shift=shift[1])
+    rows = aligned_spans(height, tile_h, overlap, align, wrap=wrap_y, shift=shift[0])
+    cols = aligned_spans(width, tile_w, overlap, align, wrap=wrap_x, shift=shift[1])
     return TilePlan(height, width, tuple(rows), tuple(cols), wrap_y, wrap_x, margin, overlap)
 
 
