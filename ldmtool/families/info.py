@@ -61,6 +61,8 @@ class RunDefaults:
     # As written in the config: a value that is not true/false fails only the commands that use it.
     colour_fix: Any = False
     consistency: Any = False
+    # A guidance-distilled flow model's guidance input (FLUX.1 dev: 3.5); None: the network takes none.
+    guidance: Optional[float] = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,0 +1,189 @@
+"""txt2img on the flow-matching transformer families (issue 24) against diffusers 0.42.1's StableDiffusion3Pipeline and
+FluxPipeline (test-only oracles), on tiny random files in the released layouts: an SD3.5 single file with its text
+encoders embedded, a FLUX.1 transformer file beside `ae.safetensors` and standalone CLIP-L / T5 files.
+
+Same weights (diffusers' side converted from ours with diffusers' own single-file converters), the same initial
+latent (the item's seeded noise, given to the pipeline as `latents`), the same schedule (the scheduler configs of
+the released models: SD3 shift 3.0; FLUX.1 dev's resolution shift; schnell none), fp32 throughout.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clirun import run_cli
+from ldmtool.checkpoints.files import save_safetensors
+from ldmtool.checkpoints.tiny import randomise_
+from ldmtool.nets.autoencoder import AutoEncoder
+from ldmtool.nets.flux import Flux
+from ldmtool.nets.mmdit import MMDiT, MMDiTConfig
+from ldmtool.runtime.seeds import NoiseSource
+from test_flux import _convert_autoencoder, _convert_transformer, _diffusers_transformer
+from test_mmdit import _converted as _convert_mmdit, _diffusers_transformer as _diffusers_mmdit
+from test_t5 import tokenizer_dir  # noqa: F401  (the tiny T5 tokenizer.json fixture)
+from test_text3 import T5_WIDTH, _clip_tokenizer, _released, clip_tokenizer_dir, towers  # noqa: F401
+
+torch.set_num_threads(1)
+
+PROMPT, NEGATIVE = "a photo of a red cat", "a dog"
+SIZE, STEPS, SEED = 64, 2, 123
+AE = dict(resolution=64, in_channels=3, ch=32, out_ch=3, ch_mult=[1, 2, 2, 2], num_res_blocks=1, z_channels=16)
+MMDIT = MMDiTConfig(depth=2, pos_embed_max_size=8, adm_in_channels=64 + 128, context_in_channels=T5_WIDTH,
+                    qk_norm=True, dual_attention_layers=(0,))
+FLUX = dict(in_channels=64, out_channels=64, vec_in_dim=64, context_in_dim=T5_WIDTH, hidden_size=128, num_heads=1,
+            depth=1, depth_single_blocks=1, mlp_ratio=4.0, axes_dim=[16, 56, 56])
+
+
+def _autoencoder(seed: int) -> AutoEncoder:
+    return randomise_(AutoEncoder(**AE), seed, scale=0.12).eval()
+
+
+@pytest.fixture(scope="module")
+def sd3_file(towers, tmp_path_factory):  # noqa: F811
+    """An SD3.5-medium-like single file: MMDiT, VAE and the three text encoders, as the released file holds them."""
+    net = randomise_(MMDiT(MMDIT), 1, scale=0.3).eval()
+    vae = _autoencoder(2)
+    state = {"model.diffusion_model." + k: v for k, v in net.state_dict().items()}
+    state.update({"first_stage_model." + k: v for k, v in vae.state_dict().items()})
+    for kind, model in towers.items():
+        state.update(_released(kind, model, f"text_encoders.{kind}.transformer."))
+    path = tmp_path_factory.mktemp("sd3") / "sd3.5_tiny.safetensors"
+    save_safetensors(state, path)
+    return path, net, vae
+
+
+@pytest.fixture(scope="module")
+def flux_files(towers, tmp_path_factory):  # noqa: F811
+    """FLUX.1 dev and schnell transformer files, ae.safetensors, clip_l.safetensors and t5xxl.safetensors."""
+    folder = tmp_path_factory.mktemp("flux")
+    nets = {}
+    for name, guidance in (("dev", True), ("schnell", False)):
+        nets[name] = randomise_(Flux(**FLUX, guidance_embed=guidance), 3, scale=0.1).eval()
+        save_safetensors(nets[name].state_dict(), folder / f"flux1-{name}.safetensors")
+    ae = _autoencoder(4)
+    save_safetensors(ae.state_dict(), folder / "ae.safetensors")
+    save_safetensors(_released("clip_l", towers["clip_l"]), folder / "clip_l.safetensors")
+    save_safetensors(_released("t5xxl", towers["t5xxl"]), folder / "t5xxl.safetensors")
+    return folder, nets, ae
+
+
+def run_ours(*args) -> tuple[np.ndarray, dict]:
+    out = Path(args[args.index("-o") + 1])
+    result = run_cli("txt2img", "--prompt", PROMPT, "-W", SIZE, "-H", SIZE, "--steps", STEPS, "--seed", SEED,
+                     "--quiet", *args)
+    assert result.exit_code == 0, result.stderr
+    with Image.open(out) as image:
+        return np.asarray(image).astype(np.float64) / 255, json.loads(image.info["ldmtool"])
+
+
+def _noise() -> torch.Tensor:
+    return NoiseSource([SEED]).randn((16, SIZE // 8, SIZE // 8))
+
+
+def _vae(ours: AutoEncoder, scale: float, shift: float):
+    """diffusers' AutoencoderKL on our autoencoder's weights, with the family's latent constants."""
+    from diffusers import AutoencoderKL
+
+    levels = len(AE["ch_mult"])
+    theirs = AutoencoderKL(latent_channels=16, down_block_types=("DownEncoderBlock2D",) * levels,
+                           up_block_types=("UpDecoderBlock2D",) * levels, layers_per_block=AE["num_res_blocks"],
+                           block_out_channels=tuple(AE["ch"] * m for m in AE["ch_mult"]), use_quant_conv=False,
+                           use_post_quant_conv=False, scaling_factor=scale, shift_factor=shift)
+    theirs.load_state_dict(_convert_autoencoder(ours.state_dict(), AE), strict=True)
+    return theirs
+
+
+# --- SD3 / SD3.5 --------------------------------------------------------------------------------------------
+
+def _sd3_pipeline(towers, net, vae, clip_tokenizer_dir, tokenizer_dir):  # noqa: F811
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import T5TokenizerFast
+
+    transformer = _diffusers_mmdit(MMDIT)
+    transformer.load_state_dict(_convert_mmdit(net.state_dict()), strict=True)
+    autoencoder = _vae(vae, 1.5305, 0.0609)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=autoencoder.eval(),
+        text_encoder=towers["clip_l"], tokenizer=_clip_tokenizer(clip_tokenizer_dir, "<|endoftext|>"),
+        text_encoder_2=towers["clip_g"], tokenizer_2=_clip_tokenizer(clip_tokenizer_dir, "!"),
+        text_encoder_3=towers["t5xxl"], tokenizer_3=T5TokenizerFast.from_pretrained(str(tokenizer_dir)))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_sd3_txt2img_equals_the_sd3_pipeline(tmp_path, sd3_file, towers, clip_tokenizer_dir, tokenizer_dir):  # noqa: F811
+    path, net, vae = sd3_file
+    cfg = 4.0
+    ours, recipe = run_ours("--model", path, "--negative", NEGATIVE, "--cfg", cfg, "--tokenizer", tokenizer_dir,
+                            "--tile", 0, "-o", tmp_path / "sd3.png")
+    assert (recipe["parameters"]["sampler"], recipe["parameters"]["shift"], recipe["parameters"]["cfg"]) == ("euler", 3.0, cfg)
+    pipe = _sd3_pipeline(towers, net, vae, clip_tokenizer_dir, tokenizer_dir)
+
+    def theirs(negative: str, scale: float) -> np.ndarray:
+        with torch.no_grad():
+            return pipe(PROMPT, negative_prompt=negative, height=SIZE, width=SIZE, num_inference_steps=STEPS,
+                        guidance_scale=scale, latents=_noise(), output_type="np").images[0]
+
+    reference = theirs(NEGATIVE, cfg)
+    assert ours.shape == reference.shape == (SIZE, SIZE, 3)
+    assert np.abs(ours - reference).max() <= 1 / 255
+    # controls: the comparison sees the negative prompt and the guidance scale
+    assert np.abs(ours - theirs("", cfg)).max() > 3 / 255
+    assert np.abs(ours - theirs(NEGATIVE, 1.5)).max() > 3 / 255
+
+
+# --- FLUX.1 -------------------------------------------------------------------------------------------------
+
+def _flux_pipeline(towers, net, ae, clip_tokenizer_dir, tokenizer_dir, dev: bool):  # noqa: F811
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import CLIPTextModel, T5TokenizerFast
+
+    params = {**FLUX, "guidance_embed": dev}
+    transformer = _diffusers_transformer(params)
+    transformer.load_state_dict(_convert_transformer(net.state_dict(), params), strict=True)
+    autoencoder = _vae(ae, 0.3611, 0.1159)
+    clip_l = CLIPTextModel(towers["clip_l"].config).eval()  # FluxPipeline's CLIP-L has no projection
+    clip_l.load_state_dict({k.removeprefix("text_model."): v for k, v in towers["clip_l"].state_dict().items()
+                            if k != "text_projection.weight"})
+    # The released scheduler configs (black-forest-labs/FLUX.1-{dev,schnell}/scheduler/scheduler_config.json).
+    scheduler = (FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                 base_image_seq_len=256, max_image_seq_len=4096) if dev
+                 else FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False))
+    pipe = FluxPipeline(scheduler=scheduler, vae=autoencoder.eval(), text_encoder=clip_l,
+                        tokenizer=_clip_tokenizer(clip_tokenizer_dir, "<|endoftext|>"), text_encoder_2=towers["t5xxl"],
+                        tokenizer_2=T5TokenizerFast.from_pretrained(str(tokenizer_dir)), transformer=transformer.eval())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("variant", ["dev", "schnell"])
+def test_flux_txt2img_equals_the_flux_pipeline(tmp_path, flux_files, towers, clip_tokenizer_dir, tokenizer_dir,  # noqa: F811
+                                               variant):
+    folder, nets, ae = flux_files
+    dev = variant == "dev"
+    guidance = ("--guidance", 2.5) if dev else ()
+    ours, recipe = run_ours("--model", folder / f"flux1-{variant}.safetensors", "--vae", folder / "ae.safetensors",
+                            "--text-encoder", folder / "clip_l.safetensors", "--text-encoder",
+                            folder / "t5xxl.safetensors", "--tokenizer", tokenizer_dir, *guidance, "--tile", 0,
+                            "-o", tmp_path / "flux.png")
+    params = recipe["parameters"]
+    assert params["sampler"] == "euler" and params.get("guidance") == (2.5 if dev else None)
+    assert ("mu" in params) == dev and ("shift" in params) != dev
+    pipe = _flux_pipeline(towers, nets[variant], ae, clip_tokenizer_dir, tokenizer_dir, dev)
+
+    def theirs(scale: float) -> np.ndarray:
+        latents = pipe._pack_latents(_noise(), 1, 16, SIZE // 8, SIZE // 8)
+        with torch.no_grad():
+            return pipe(PROMPT, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=scale,
+                        latents=latents, max_sequence_length=512 if dev else 256, output_type="np").images[0]
+
+    reference = theirs(2.5)
+    assert ours.shape == reference.shape == (SIZE, SIZE, 3)
+    assert np.abs(ours - reference).max() <= 1 / 255
+    if dev:  # control: the guidance input reaches the image
+        assert np.abs(ours - theirs(6.0)).max() > 3 / 255
