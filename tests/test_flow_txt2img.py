@@ -9,6 +9,7 @@ the released models: SD3 shift 3.0; FLUX.1 dev's resolution shift; schnell none)
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from PIL import Image
 from clirun import run_cli
 from ldmtool.checkpoints.files import save_safetensors
 from ldmtool.checkpoints.tiny import randomise_
+from ldmtool.diffusion.cond import Cond
 from ldmtool.nets.autoencoder import AutoEncoder
 from ldmtool.nets.flux import Flux
 from ldmtool.nets.mmdit import MMDiT, MMDiTConfig
@@ -47,6 +49,8 @@ def _autoencoder(seed: int) -> AutoEncoder:
 def sd3_file(towers, tmp_path_factory):  # noqa: F811
     """An SD3.5-medium-like single file: MMDiT, VAE and the three text encoders, as the released file holds them."""
     net = randomise_(MMDiT(MMDIT), 1, scale=0.3).eval()
+    with torch.no_grad():  # a buffer (randomise_ fills parameters): the stored grid, random so positions matter
+        net.pos_embed.copy_(torch.randn(net.pos_embed.shape, generator=torch.Generator().manual_seed(5)) * 0.3)
     vae = _autoencoder(2)
     state = {"model.diffusion_model." + k: v for k, v in net.state_dict().items()}
     state.update({"first_stage_model." + k: v for k, v in vae.state_dict().items()})
@@ -187,3 +191,110 @@ def test_flux_txt2img_equals_the_flux_pipeline(tmp_path, flux_files, towers, cli
     assert np.abs(ours - reference).max() <= 1 / 255
     if dev:  # control: the guidance input reaches the image
         assert np.abs(ours - theirs(6.0)).max() > 3 / 255
+
+
+# --- tiles know their place in the canvas -------------------------------------------------------------------
+
+def _tile_call(recipe, bundle, canvas_hw, x, crop, cond):
+    """The family's network on one crop of the canvas, its Cond carrying the crop of the canvas positions."""
+    from ldmtool.pipelines.flow_engine import positions
+
+    (top, left), (h, w) = crop
+    placed = positions(canvas_hw, x.shape[0], "cpu")[..., top:top + h, left:left + w]
+    call = recipe.network(bundle, canvas_hw, 3.5 if recipe.takes_guidance(bundle) else None, torch.float32)
+    return call(x[..., top:top + h, left:left + w], torch.tensor([0.7]), replace(cond, position=placed))
+
+
+def test_an_sd3_tile_takes_the_positional_embedding_of_its_place(sd3_file):
+    from ldmtool import load_model
+    from ldmtool.families.sd3_flow import SD3Flow
+
+    path, net, _ = sd3_file
+    bundle = load_model(path)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 12, 16, generator=g)
+    cond = Cond(crossattn=torch.randn(1, 5, T5_WIDTH, generator=g), y=torch.randn(1, 192, generator=g))
+    with torch.no_grad():
+        got = _tile_call(SD3Flow(), bundle, (12, 16), x, ((4, 6), (8, 8)), cond)
+        # the reference's embedding of the whole 6 x 8 patch canvas, cut at the tile's patches (2..5, 3..6)
+        whole = net.cropped_pos_embed(12, 16).reshape(6, 8, -1)[2:6, 3:7].reshape(1, 16, -1)
+        tokens = net.x_embedder(x[..., 4:12, 6:14]) + whole
+        c = net.conditioning(torch.tensor([700.0]), cond.y, 1, torch.float32)
+        text = net.context_embedder(cond.crossattn)
+        for block in net.joint_blocks:
+            text, tokens = block(text, tokens, c)
+        want = net.unpatchify(net.final_layer(tokens, c), 4, 4)
+        at_origin = _tile_call(SD3Flow(), bundle, (8, 8), x[..., 4:12, 6:14], ((0, 0), (8, 8)), cond)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (got - at_origin).abs().max() > 1e-3
+
+
+def test_a_flux_tile_takes_the_rotary_ids_of_its_place(flux_files):
+    from ldmtool.families.flux_flow import FluxFlow, pack, unpack
+
+    _, nets, _ = flux_files
+    net = nets["dev"]
+    bundle = type("Bundle", (), {"denoiser": net})()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 16, 12, 16, generator=g)
+    cond = Cond(crossattn=torch.randn(1, 5, T5_WIDTH, generator=g), y=torch.randn(1, 64, generator=g))
+    ids = torch.zeros(4, 4, 3)  # BFL's ids (0, row, column) of the tile's patches in the 6 x 8 patch canvas
+    ids[..., 1] = torch.arange(2, 6)[:, None]
+    ids[..., 2] = torch.arange(3, 7)[None]
+    with torch.no_grad():
+        got = _tile_call(FluxFlow(), bundle, (12, 16), x, ((4, 6), (8, 8)), cond)
+        want = unpack(net(pack(x[..., 4:12, 6:14]), ids.reshape(1, 16, 3), cond.crossattn, torch.zeros(1, 5, 3),
+                          torch.tensor([0.7]), cond.y, guidance=torch.tensor([3.5])), 8, 8)
+        at_origin = _tile_call(FluxFlow(), bundle, (8, 8), x[..., 4:12, 6:14], ((0, 0), (8, 8)), cond)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert (got - at_origin).abs().max() > 1e-3
+
+
+# --- the tiled engine, fp8 storage and replay through the command ---------------------------------------------
+
+def _sd3_args(sd3_file, tokenizer_dir):  # noqa: F811
+    return ("--model", sd3_file[0], "--tokenizer", tokenizer_dir, "--cfg", 3.0)
+
+
+def _flux_args(flux_files, tokenizer_dir, model="flux1-dev.safetensors"):  # noqa: F811
+    folder = flux_files[0]
+    return ("--model", folder / model, "--vae", folder / "ae.safetensors", "--text-encoder",
+            folder / "clip_l.safetensors", "--text-encoder", folder / "t5xxl.safetensors", "--tokenizer", tokenizer_dir)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_tiled_and_untiled_runs(tmp_path, sd3_file, flux_files, tokenizer_dir, family):  # noqa: F811
+    """A 128 px image (16 x 16 latent): one tile covering the latent is the untiled run exactly; 8 x 8 tiles
+    (overlap 2, nine tiles) run, each at its place, and stay near the untiled image."""
+    args = _sd3_args(sd3_file, tokenizer_dir) if family == "sd3" else _flux_args(flux_files, tokenizer_dir)
+    images = {}
+    for name, tile in (("untiled", ("--tile", 0)), ("whole", ("--tile", 16)), ("tiled", ("--tile", 8, "--tile-overlap", 2))):
+        images[name], _ = run_ours(*args, "-W", 128, "-H", 128, *tile, "-o", tmp_path / f"{name}.png")
+    assert np.array_equal(images["whole"], images["untiled"])
+    change = np.abs(images["tiled"] - images["untiled"])
+    assert 0 < change.mean() < 0.1, change.mean()
+
+
+def test_an_odd_tile_overlap_is_a_usage_error_for_a_patch_model(tmp_path, flux_files, tokenizer_dir):  # noqa: F811
+    result = run_cli("txt2img", "--prompt", PROMPT, "-W", 128, "-H", 128, "--steps", 1, "--tile", 8,
+                     "--tile-overlap", 3, *_flux_args(flux_files, tokenizer_dir), "-o", tmp_path / "x.png")
+    assert result.exit_code != 0 and "--tile-overlap 3" in result.stderr and "multiple of 2" in result.stderr
+
+
+def test_fp8_stored_transformer_runs_as_its_upcast_values(tmp_path, flux_files, tokenizer_dir):  # noqa: F811
+    folder, nets, _ = flux_files
+    stored = {k: v.to(torch.float8_e4m3fn) for k, v in nets["schnell"].state_dict().items()}
+    save_safetensors(stored, folder / "fp8.safetensors")
+    save_safetensors({k: v.float() for k, v in stored.items()}, folder / "upcast.safetensors")
+    fp8, _ = run_ours(*_flux_args(flux_files, tokenizer_dir, "fp8.safetensors"), "-o", tmp_path / "fp8.png")
+    upcast, _ = run_ours(*_flux_args(flux_files, tokenizer_dir, "upcast.safetensors"), "-o", tmp_path / "up.png")
+    assert np.array_equal(fp8, upcast)
+
+
+def test_replay_redoes_a_flux_dev_output_exactly(tmp_path, flux_files, tokenizer_dir):  # noqa: F811
+    ours, recipe = run_ours(*_flux_args(flux_files, tokenizer_dir), "--guidance", 4.0, "-o", tmp_path / "a.png")
+    assert recipe["parameters"]["guidance"] == 4.0 and "mu" in recipe["parameters"]
+    result = run_cli("replay", tmp_path / "a.png", "-o", tmp_path / "again.png", "--verify")
+    assert result.exit_code == 0, result.stderr
+    with Image.open(tmp_path / "again.png") as image:
+        assert np.array_equal(np.asarray(image).astype(np.float64) / 255, ours)
