@@ -298,3 +298,27 @@ def test_replay_redoes_a_flux_dev_output_exactly(tmp_path, flux_files, tokenizer
     assert result.exit_code == 0, result.stderr
     with Image.open(tmp_path / "again.png") as image:
         assert np.array_equal(np.asarray(image).astype(np.float64) / 255, ours)
+
+
+def test_diffusers_encoder_folders_through_the_python_api(tmp_path, flux_files, towers, clip_tokenizer_dir,  # noqa: F811
+                                                           tokenizer_dir):  # noqa: F811
+    """`text_encoder/`, `text_encoder_2/` and `tokenizer_2/` as diffusers saves FLUX.1's, given to the Python API's
+    `ldmtool.txt2img`: the pixels of the CLI on the standalone encoder files."""
+    import shutil
+
+    import ldmtool
+
+    folder, nets, ae = flux_files
+    pipe = _flux_pipeline(towers, nets["dev"], ae, clip_tokenizer_dir, tokenizer_dir, dev=True)
+    saved = tmp_path / "FLUX.1-tiny"
+    pipe.text_encoder_2.save_pretrained(saved / "text_encoder_2")
+    (saved / "text_encoder").mkdir()  # the released folder's names (transformers 5 saves CLIPTextModel without text_model.)
+    save_safetensors({"text_model." + k: v for k, v in pipe.text_encoder.state_dict().items()},
+                     saved / "text_encoder" / "model.safetensors")
+    shutil.copytree(tokenizer_dir, saved / "tokenizer_2")
+    [image] = ldmtool.txt2img(PROMPT, model=str(folder / "flux1-dev.safetensors"), vae=folder / "ae.safetensors",
+                              text_encoder=[saved / "text_encoder", saved / "text_encoder_2"],
+                              tokenizer=str(saved / "tokenizer_2"), width=SIZE, height=SIZE, steps=STEPS, seed=SEED,
+                              tile=0)
+    ours, _ = run_ours(*_flux_args(flux_files, tokenizer_dir), "--tile", 0, "-o", tmp_path / "cli.png")
+    assert np.array_equal(np.asarray(image).astype(np.float64) / 255, ours)

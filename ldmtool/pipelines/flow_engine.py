@@ -246,7 +246,7 @@ def _t5_tokenizer(engine: "Engine", recipe: FlowRecipe) -> Optional[Path]:
     """T5's tokenizer.json from --tokenizer, else the diffusers model folder's; None when neither has one."""
     from ldmtool.nets.t5 import find_t5_tokenizer
 
-    given = engine.choice.tokenizer
+    given = None if engine.choice.tokenizer is None else Path(engine.choice.tokenizer)
     folder = engine.model_path if engine.model_path.is_dir() else None
     if given is None and (folder is None or not (folder / recipe.t5_tokenizer_folder).is_dir()):
         return None
