@@ -372,3 +372,17 @@ def test_flux_masked_inpaint_keeps_the_unmasked_pixels(tmp_path, flux_files, tok
     inside = mask > 127
     assert np.array_equal(out[~inside], before_pixels[~inside])
     assert np.abs(out[inside].astype(int) - before_pixels[inside]).mean() > 10
+
+
+def test_tile_synth_samples_a_large_sd3_canvas_tile_by_tile(tmp_path, sd3_file, tokenizer_dir):  # noqa: F811
+    """A 192 x 128 canvas (24 x 16 latent) in 8 x 8 tiles: every tile inside the 8 x 8 patch grid's canvas."""
+    result = run_cli("tile-synth", "--prompt", PROMPT, "-W", 192, "-H", 128, "--steps", 1, "--tile", 8,
+                     "--tile-overlap", 2, "--seed", SEED, "--quiet", *_sd3_args(sd3_file, tokenizer_dir),
+                     "-o", tmp_path / "canvas.png")
+    assert result.exit_code != 0 and "larger than this model's position grid" in result.stderr
+    result = run_cli("tile-synth", "--prompt", PROMPT, "-W", 128, "-H", 96, "--steps", 1, "--tile", 8,
+                     "--tile-overlap", 2, "--seed", SEED, "--quiet", *_sd3_args(sd3_file, tokenizer_dir),
+                     "-o", tmp_path / "canvas.png")
+    assert result.exit_code == 0, result.stderr
+    with Image.open(tmp_path / "canvas.png") as image:
+        assert image.size == (128, 96) and np.asarray(image).std() > 5
