@@ -143,11 +143,11 @@ def test_sd3_txt2img_equals_the_sd3_pipeline(tmp_path, sd3_file, towers, clip_to
 
 # --- FLUX.1 -------------------------------------------------------------------------------------------------
 
-def _flux_pipeline(towers, net, ae, clip_tokenizer_dir, tokenizer_dir, dev: bool):  # noqa: F811
+def _flux_pipeline(towers, net, ae, clip_tokenizer_dir, tokenizer_dir, dev: bool, in_channels: int = 64):  # noqa: F811
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
     from transformers import CLIPTextModel, T5TokenizerFast
 
-    params = {**FLUX, "guidance_embed": dev}
+    params = {**FLUX, "in_channels": in_channels, "guidance_embed": dev}
     transformer = _diffusers_transformer(params)
     transformer.load_state_dict(_convert_transformer(net.state_dict(), params), strict=True)
     autoencoder = _vae(ae, 0.3611, 0.1159)
@@ -386,3 +386,43 @@ def test_tile_synth_samples_a_large_sd3_canvas_tile_by_tile(tmp_path, sd3_file, 
     assert result.exit_code == 0, result.stderr
     with Image.open(tmp_path / "canvas.png") as image:
         assert image.size == (128, 96) and np.asarray(image).std() > 5
+
+
+def test_flux_fill_inpaint_equals_the_flux_fill_pipeline_inside_the_mask(tmp_path, monkeypatch, flux_files,
+                                                                         towers, clip_tokenizer_dir,  # noqa: F811
+                                                                         tokenizer_dir):  # noqa: F811
+    """The 384-wide input (noise, masked image latent, the mask's 8x8 blocks), guidance 30 (the preset's); diffusers
+    encodes the masked image to its posterior's mean, as ldmtool does (it would sample the posterior)."""
+    from diffusers import FluxFillPipeline
+
+    folder, _, ae = flux_files
+    net = randomise_(Flux(**{**FLUX, "in_channels": 384}, guidance_embed=True), 6, scale=0.1).eval()
+    save_safetensors(net.state_dict(), folder / "flux1-fill.safetensors")
+    source, hole = _photo(tmp_path / "in.png", 2), tmp_path / "hole.png"
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[8:40, 16:56] = 255
+    Image.fromarray(mask).save(hole)
+    result = run_cli("inpaint", source, hole, "--prompt", PROMPT, "--steps", STEPS, "--feather", 0, "--quiet",
+                     *_flux_args(flux_files, tokenizer_dir, "flux1-fill.safetensors"), "-o", tmp_path / "out.png")
+    assert result.exit_code == 0, result.stderr
+    with Image.open(tmp_path / "out.png") as image:
+        ours, recipe = np.asarray(image).astype(np.float64) / 255, json.loads(image.info["ldmtool"])
+    with Image.open(source) as image:
+        before = np.asarray(image).astype(np.float64) / 255
+    parts = _flux_pipeline(towers, net, ae, clip_tokenizer_dir, tokenizer_dir, dev=True, in_channels=384).components
+    pipe = FluxFillPipeline(**{name: parts[name] for name in ("scheduler", "vae", "text_encoder", "tokenizer",
+                                                              "text_encoder_2", "tokenizer_2", "transformer")})
+    pipe.set_progress_bar_config(disable=True)
+    import diffusers.pipelines.flux.pipeline_flux_fill as fill_module
+
+    def posterior_mean(output, generator=None, sample_mode="sample"):  # ldmtool encodes to the posterior's mean
+        return output.latent_dist.mode()
+
+    monkeypatch.setattr(fill_module, "retrieve_latents", posterior_mean)
+    noise = pipe._pack_latents(NoiseSource([recipe["seed"]]).randn((16, SIZE // 8, SIZE // 8)), 1, 16, 8, 8)
+    with torch.no_grad(), Image.open(source) as image, Image.open(hole) as hole_image:
+        theirs = pipe(PROMPT, image=image, mask_image=hole_image, latents=noise, height=SIZE, width=SIZE,
+                      num_inference_steps=STEPS, guidance_scale=30.0, output_type="np").images[0]
+    hole_pixels = mask > 127
+    assert np.abs(ours[hole_pixels] - theirs[hole_pixels]).max() <= 1 / 255
+    assert np.array_equal(ours[~hole_pixels], before[~hole_pixels])

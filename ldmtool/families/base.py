@@ -68,7 +68,6 @@ class FlowRecipe(Protocol):
     encoder_folders: tuple[str, ...]  # a diffusers folder's text encoder subfolders
     takes_cfg: bool  # classifier-free guidance with a negative prompt (else the network has no uncond)
 
-    def check(self, bundle: Any) -> None: ...  # UsageError for a model txt2img cannot run
     def takes_guidance(self, bundle: Any) -> bool: ...  # a guidance-distilled network's guidance input
     def t5_padding(self, bundle: Any) -> Any: ...  # nets.t5.T5Padding
     def times(self, bundle: Any, latent_hw: tuple[int, int]) -> Any: ...  # diffusion.flow.FlowTimes

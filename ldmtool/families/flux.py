@@ -88,9 +88,8 @@ def flux_info(bundle: Any, family: Family) -> ModelInfo:
         return autoencoder_only_info(bundle, family, missing_transformer=MISSING_TRANSFORMER)
     concat = (denoiser.in_channels - denoiser.out_channels) // PATCH ** 2
     missing = () if bundle.first_stage is not None else (MISSING_AUTOENCODER,)
-    # Fill's own conditioning (masked latent and packed mask) joins with FLUX.1 inpainting.
     return transformer_info(bundle, family, patch=PATCH, concat_channels=concat,
-                            inpaint_kind=None if concat else InpaintKind.MASKED,
+                            inpaint_kind=InpaintKind.FILL if concat else InpaintKind.MASKED,
                             missing_parts=(*missing, MISSING_TEXT_ENCODERS))
 
 

@@ -2,6 +2,9 @@
 packed 2x2 patches with rotary (index, row, column) ids; the resolution-dependent time shift (dev) or none
 (schnell), on the sigmas `FluxPipeline` passes, linspace(1, 1/n, n). No classifier-free guidance.
 
+FLUX.1 Fill takes `Cond.concat` (the masked image's latent and the mask's 8x8 pixel blocks, at latent resolution)
+beside the noisy latent: packed together, they are the 384-wide tokens of BFL's and diffusers' Fill input.
+
 A tile of the tiled engine gets its global place through its image ids: each token's row and column are those of
 its patch in the whole canvas (`Cond.position`, cropped per tile), so a tile that covers the canvas is the untiled
 call exactly.
@@ -25,11 +28,6 @@ class FluxFlow:
     t5_tokenizer_folder = "tokenizer_2"  # in a diffusers FLUX.1 folder
     encoder_folders: tuple[str, ...] = ("text_encoder", "text_encoder_2")
     takes_cfg = False
-
-    def check(self, bundle: Any) -> None:
-        if bundle.denoiser.in_channels != bundle.denoiser.out_channels:
-            raise UsageError("FLUX.1 Fill takes a masked image and its mask (inpaint), which ldmtool does not run "
-                             "with it yet; use FLUX.1 dev or schnell for this command")
 
     def takes_guidance(self, bundle: Any) -> bool:
         return bool(bundle.denoiser.guidance_embed)
@@ -65,7 +63,8 @@ class FluxFlow:
             txt = cond.crossattn.to(dtype)
             txt_ids = txt.new_zeros(b, txt.shape[1], 3)
             g = None if guidance is None else torch.full((b,), guidance, device=x_t.device, dtype=dtype)
-            out = net(pack(x_t.to(dtype)), img_ids, txt, txt_ids, t.to(dtype), cond.y.to(dtype), guidance=g)
+            x_in = x_t if cond.concat is None else torch.cat([x_t, cond.concat.to(x_t.dtype)], dim=1)  # Fill's input
+            out = net(pack(x_in.to(dtype)), img_ids, txt, txt_ids, t.to(dtype), cond.y.to(dtype), guidance=g)
             return unpack(out.float(), h, w)
 
         return velocity

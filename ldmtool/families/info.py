@@ -37,6 +37,7 @@ class InpaintKind(str, Enum):
     LDM_CONCAT = "ldm-concat"  # 7-channel UNet, masked image through the shared first stage
     SD_HYBRID = "sd-hybrid"  # 9-channel UNet with a text encoder
     MASKED = "masked"  # any text-to-image or unconditional model, by masked sampling
+    FILL = "fill"  # FLUX.1 Fill: the masked image's latent and the mask's 8x8 blocks beside the noise
 
 
 @dataclass(frozen=True, kw_only=True)

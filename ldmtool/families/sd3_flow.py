@@ -26,9 +26,6 @@ class SD3Flow:
     encoder_folders: tuple[str, ...] = ("text_encoder", "text_encoder_2", "text_encoder_3")
     takes_cfg = True
 
-    def check(self, bundle: Any) -> None:
-        """Every SD3 / SD3.5 transformer runs txt2img."""
-
     def takes_guidance(self, bundle: Any) -> bool:
         return False
 

@@ -50,8 +50,6 @@ def flow_run(engine: "Engine") -> Optional["FlowRun"]:
 class FlowRun:
     def __init__(self, engine: "Engine", recipe: FlowRecipe):
         self.recipe = recipe
-        bundle = engine.bundle
-        recipe.check(bundle)
         self.sources = _encoder_sources(engine, recipe)
         kinds = set(encoder_kinds(self.sources))
         self.tokenizer = _t5_tokenizer(engine, recipe) if "t5xxl" in kinds else None
@@ -116,7 +114,12 @@ class FlowRun:
         default = engine.info.defaults.guidance
         return given if given is not None else default if default is not None else GUIDANCE
 
-    def texts(self, engine: "Engine") -> "FlowTexts":
+    def texts(self, engine: "Engine", *, concat: bool = False) -> "FlowTexts":
+        """The run's text conditioning; UsageError for a model that needs image inputs besides (`concat`: the task
+        gives them, as inpaint gives FLUX.1 Fill its masked image and mask)."""
+        if engine.info.concat_channels and not concat:
+            raise UsageError(f"{engine.model_path}: the {engine.info.family} model takes a masked image and its mask "
+                             "beside the prompt, so it runs with inpaint only")
         return FlowTexts(self, engine)
 
     # -- sampling

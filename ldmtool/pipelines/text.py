@@ -366,11 +366,11 @@ class PromptConditioning:
     """Conditioning for img2img and masked inpainting: a text model's prompt and negative (guided), or
     nothing for an unconditional model. Other model kinds cannot take these commands (UsageError)."""
 
-    def __init__(self, engine: "Engine", command: str, *, prompt: str = "", negative: str = ""):
+    def __init__(self, engine: "Engine", command: str, *, prompt: str = "", negative: str = "", concat: bool = False):
         self.prompt, self.negative = prompt, negative
         info, path = engine.info, engine.model_path
         if engine.flow is not None:  # a flow-matching model's text encoders come with its flow side
-            self.texts: Optional[TextConditioner | FlowTexts] = engine.flow.texts(engine)
+            self.texts: Optional[TextConditioner | FlowTexts] = engine.flow.texts(engine, concat=concat)
             return
         if info.conditioning is Conditioning.NONE:
             if prompt or negative:
