@@ -426,3 +426,18 @@ def test_flux_fill_inpaint_equals_the_flux_fill_pipeline_inside_the_mask(tmp_pat
     hole_pixels = mask > 127
     assert np.abs(ours[hole_pixels] - theirs[hole_pixels]).max() <= 1 / 255
     assert np.array_equal(ours[~hole_pixels], before[~hole_pixels])
+
+
+@pytest.mark.parametrize(("family", "options", "message"), [
+    ("flux", ("--sampler", "lcm"), "--sampler lcm does not apply to flow-matching models (choose one of euler, "),
+    ("flux", ("--cfg", 3.0), "--cfg 3.0: FLUX.1 has no unconditional input, so classifier-free guidance cannot run; "
+                            "drop --cfg; it takes --guidance instead"),
+    ("sd3", ("--guidance", 3.5), "--guidance 3.5: this SD3 model takes no guidance input"),
+    ("sd3", ("--karras",), "--karras/--no-karras: a flow-matching model samples on its own schedule"),
+])
+def test_options_a_flow_model_cannot_take_are_one_line_usage_errors(tmp_path, sd3_file, flux_files,
+                                                                   tokenizer_dir, family, options, message):  # noqa: F811
+    args = _sd3_args(sd3_file, tokenizer_dir) if family == "sd3" else _flux_args(flux_files, tokenizer_dir)
+    result = run_cli("txt2img", "--prompt", PROMPT, *args, *options, "-o", tmp_path / "x.png")
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.stderr
