@@ -136,7 +136,7 @@ class FlowRun:
         device, dtype = engine.placement()
         call = self.recipe.network(engine.bundle, latent_hw, p.get("guidance"), dtype)
         denoise = engine.denoiser_around(FlowDenoiser(call), latent_hw, 2 if guided else 1, guided,
-                                         patch=self.recipe_patch(engine))
+                                         patch=engine.info.pixel_multiple // engine.info.downsampling)
         placed = positions(latent_hw, len(seeds), device)
         cond = replace(cond, position=placed)
         conditioning: Any = Guided(cond, replace(uncond, position=placed), p["cfg"]) if guided and uncond else cond
@@ -149,9 +149,6 @@ class FlowRun:
             return sample_flow_latents(denoise, conditioning, noise or NoiseSource(seeds), settings, times, shape=shape,
                                        init_latent=init_latent, repaint=repaint, callback=callback, device=device,
                                        dtype=torch.float32)
-
-    def recipe_patch(self, engine: "Engine") -> int:
-        return engine.info.pixel_multiple // engine.info.downsampling
 
 
 def positions(latent_hw: tuple[int, int], batch: int, device: Any) -> torch.Tensor:
