@@ -467,3 +467,20 @@ def test_flux_img2img_equals_the_flux_img2img_pipeline(tmp_path, flux_files, tow
                       width=SIZE, generator=torch.Generator().manual_seed(recipe["seed"]), output_type="np").images[0]
     assert np.abs(ours - theirs).max() <= 1 / 255
     assert np.abs(ours - (pixels[0].permute(1, 2, 0).numpy() + 1) / 2).max() > 10 / 255  # it did change
+
+
+def test_each_text_is_encoded_once_and_t5_is_freed_after_each_batch(sd3_file, tokenizer_dir):  # noqa: F811
+    from ldmtool.options import ModelChoice, SamplingChoice
+    from ldmtool.pipelines.engine import Engine
+
+    engine = Engine(ModelChoice(model=str(sd3_file[0]), tokenizer=tokenizer_dir, device="cpu", precision="fp32"),
+                    SamplingChoice()).open()
+    texts = engine.flow.texts(engine)
+    cond, uncond = texts.conds(engine, [PROMPT, PROMPT], [NEGATIVE, NEGATIVE], (SIZE, SIZE))
+    assert texts.encoded == 2 and not texts.t5_open  # the prompt and the negative, each once
+    assert cond.crossattn.shape == (2, 77 + 256, T5_WIDTH) and uncond.y.shape == (2, 192)
+    assert cond.crossattn[:, 77:].abs().amax() > 0  # T5's tokens, not the zeros that stand in for a missing T5
+    again, _ = texts.conds(engine, [PROMPT], [NEGATIVE], (SIZE, SIZE))
+    assert texts.encoded == 2 and torch.equal(again.crossattn[0], cond.crossattn[0])
+    texts.conds(engine, ["a red dog"], [NEGATIVE], (SIZE, SIZE))
+    assert texts.encoded == 3 and not texts.t5_open  # T5 opened again for the new prompt, then freed

@@ -179,6 +179,11 @@ class FlowTexts:
         uncond = self._cond(engine, [(text, True) for text in negatives]) if self.run.recipe.takes_cfg else None
         return cond, uncond
 
+    @property
+    def t5_open(self) -> bool:
+        """Whether T5 is in memory (only while a batch's new texts are encoded)."""
+        return self._encoders is not None and self._encoders.t5 is not None
+
     def chunk_count(self, *texts: str) -> int:
         return 1  # T5 and CLIP are padded to fixed lengths: every prompt of a batch shares one shape
 
