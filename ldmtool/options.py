@@ -146,6 +146,13 @@ class ModelChoice:
     clip_skip: Optional[int] = option(
         "--clip-skip", help="CLIP layer the prompt is read from, counted from the end: 1 the last, 2 the "
         "penultimate (default: the model's; 2 for SD 2.x).", panel=MODEL, min=1, metavar="N")
+    # The transformer families' text encoders, given beside the model (issue 24).
+    text_encoder: Optional[list[Path]] = option(
+        "--text-encoder", help="A text encoder file or diffusers folder for FLUX.1 / SD3 (CLIP-L, OpenCLIP bigG or "
+        "T5-XXL, recognised by its keys; repeatable).", panel=MODEL, metavar="FILE")
+    tokenizer: Optional[Path] = option(
+        "--tokenizer", help="Folder with T5's tokenizer.json (e.g. a diffusers FLUX.1 folder's tokenizer_2/), for a "
+        "T5-XXL text encoder.", panel=MODEL, metavar="DIR")
 
     @property
     def use_ema(self) -> bool:
@@ -188,6 +195,9 @@ class SamplingChoice:
     tcd_gamma: Optional[float] = option(
         "--tcd-gamma", help="TCD's gamma, the noise re-injected per step (0 = deterministic; default 0.3).",
         panel=SAMPLING, min=0.0, max=1.0)
+    guidance: Optional[float] = option(
+        "--guidance", help="The guidance value a guidance-distilled model takes as input (FLUX.1 dev; default: "
+        "the model's, 3.5).", panel=SAMPLING, min=0.0)
 
 
 # -- opt-in groups

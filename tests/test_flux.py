@@ -238,7 +238,8 @@ def test_a_command_on_a_transformer_file_names_the_missing_parts_in_one_line(tmp
                      "-o", tmp_path / "out")
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 3 and len(lines) == 1 and "Traceback" not in result.output
-    assert "schnell.safetensors" in lines[0] and "autoencoder" in lines[0] and "text encoders" in lines[0]
+    assert "schnell.safetensors" in lines[0] and "autoencoder (pass --vae FILE" in lines[0]
+    assert "CLIP-L text encoder (pass --text-encoder FILE)" in lines[0] and "T5 XXL text encoder" in lines[0]
 
 
 # --- fp8 storage -----------------------------------------------------------------------------------------

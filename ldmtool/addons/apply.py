@@ -63,13 +63,28 @@ class ModelAddons:
             params.update(vae=self.vae.name, vae_hash=file_sha256(self.vae)[:10])
         return params
 
-    def apply(self, bundle: "Bundle") -> Any:
+    def apply(self, bundle: "Bundle", *, device: Any = "cpu", dtype: Any = None) -> Any:
         if self.vae is not None:
             from ldmtool.addons.vae import apply_vae
 
             first = bundle.first_stage
-            if first is None:  # a file holding a transformer alone: its autoencoder is not loaded beside it yet
-                raise CheckpointError(f"--vae {self.vae}: the model file holds no autoencoder to replace")
-            apply_vae(first, self.vae)
+            if first is None:
+                add_first_stage(bundle, self.vae, device, dtype)
+            else:
+                apply_vae(first, self.vae)
         apply_networks(bundle, self.networks)
         return bundle
+
+
+def add_first_stage(bundle: Any, vae: Path, device: Any, dtype: Any) -> None:
+    """A transformer file's missing autoencoder from `--vae` (FLUX.1's ae.safetensors beside flux1-dev.safetensors)."""
+    import torch
+
+    from ldmtool.checkpoints.api import load_model
+
+    if not hasattr(bundle, "add_parts"):
+        raise CheckpointError(f"--vae {vae}: the model file holds no autoencoder to replace")
+    other = load_model(vae, device=device, dtype=dtype or torch.float32)
+    if other.first_stage is None:
+        raise CheckpointError(f"--vae {vae}: the file holds no autoencoder")
+    bundle.add_parts(other)

@@ -78,4 +78,5 @@ COMPLETERS: dict[str, Completer] = {
     "lora": checkpoint_files,  # LoRA and VAE files share the checkpoint suffixes
     "vae": checkpoint_files,
     "spacing": choices(*SPACING_NAMES),
+    "text_encoder": checkpoint_files,  # files, and diffusers encoder folders (listed too)
 }

@@ -35,22 +35,26 @@ class Cond:
     control: Optional["Tensor"] = None
     control_scale: Optional["Tensor"] = None
     adapter: Optional["Tensor"] = None  # T2I-Adapter features packed to latent resolution (`pack_features`)
+    # Each latent pixel's (row, column) in the whole canvas (B, 2, h, w), cropped per tile like `concat`: how a
+    # transformer gives a tile its global position (its top-left entry is the tile's place).
+    position: Optional["Tensor"] = None
 
     def map_spatial(self, fn: Callable[["Tensor"], "Tensor"]) -> "Cond":
         """The same conditioning with `fn` applied to every spatial field (used to cut tiles)."""
         return replace(self, concat=None if self.concat is None else fn(self.concat),
                        control=None if self.control is None else fn(self.control),
-                       adapter=None if self.adapter is None else fn(self.adapter))
+                       adapter=None if self.adapter is None else fn(self.adapter),
+                       position=None if self.position is None else fn(self.position))
 
     def map_batch(self, fn: Callable[["Tensor"], "Tensor"]) -> "Cond":
         """The same conditioning with `fn` applied to every field along the batch (repeat, index, cat)."""
         tile = self.tile_crossattn
         crossattn, concat, y = (None if t is None else fn(t) for t in (self.crossattn, self.concat, self.y))
-        control, control_scale, adapter = (None if t is None else fn(t)
-                                           for t in (self.control, self.control_scale, self.adapter))
+        control, control_scale, adapter, position = (
+            None if t is None else fn(t) for t in (self.control, self.control_scale, self.adapter, self.position))
         return Cond(crossattn, concat, y,
                     tile_crossattn=None if tile is None else (lambda rect, canvas: fn(tile(rect, canvas))),
-                    control=control, control_scale=control_scale, adapter=adapter)
+                    control=control, control_scale=control_scale, adapter=adapter, position=position)
 
 
 @dataclass(frozen=True)

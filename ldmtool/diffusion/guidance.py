@@ -19,7 +19,7 @@ from ldmtool.diffusion.cond import Cond, Guided
 def cat_conds(first: Cond, second: Cond) -> Cond:
     """Two conditionings as one batch (first, then second); both must carry the same fields."""
     fields: dict[str, Optional[torch.Tensor]] = {}
-    for name in ("crossattn", "concat", "y", "control", "control_scale", "adapter"):
+    for name in ("crossattn", "concat", "y", "control", "control_scale", "adapter", "position"):
         a, b = getattr(first, name), getattr(second, name)
         if (a is None) != (b is None):
             raise ValueError(f"conditional and unconditional conditioning differ: only one has {name!r}")
@@ -27,7 +27,7 @@ def cat_conds(first: Cond, second: Cond) -> Cond:
             raise ValueError(f"{name!r} shapes {tuple(a.shape)} and {tuple(b.shape)} cannot share a batch")
         fields[name] = None if a is None else torch.cat([a, b])
     return Cond(crossattn=fields["crossattn"], concat=fields["concat"], y=fields["y"], control=fields["control"],
-                control_scale=fields["control_scale"], adapter=fields["adapter"])
+                control_scale=fields["control_scale"], adapter=fields["adapter"], position=fields["position"])
 
 
 class CFGDenoiser:

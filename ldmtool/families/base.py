@@ -8,9 +8,11 @@ them apart, so detection names the first and lists the others as `alternatives`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Protocol, Sequence
 
 if TYPE_CHECKING:
+    import torch
+
     from ldmtool.families.info import ModelInfo
 
 Shapes = Mapping[str, Sequence[int]]
@@ -43,12 +45,36 @@ class Family:
     detect: Callable[[Shapes], Optional[Detection]]
     describe: Callable[[Any, "Family"], "ModelInfo"]  # (bundle, family) -> its ModelInfo
     conditioner: str = ""  # what conditions it, for people reading the registry
+    # A flow-matching family: how its models run (text encoders, network call, time shift), made on first use
+    # (`pipelines/flow_engine.py` is the one place that runs it).
+    flow: Optional[Callable[[], "FlowRecipe"]] = None
 
     def owns(self, name: str) -> bool:
         return name == self.name or name in self.presets
 
     def model_info(self, bundle: Any) -> "ModelInfo":
         return self.describe(bundle, self)
+
+
+FlowCall = Callable[["torch.Tensor", "torch.Tensor", Any], "torch.Tensor"]  # (x_t, t in [0, 1], Cond) -> velocity
+
+
+class FlowRecipe(Protocol):
+    """What a flow-matching family says about running one of its bundles (`families/flux_flow.py`, `sd3_flow.py`)."""
+
+    name: str  # as messages name the family
+    required_encoders: tuple[str, ...]  # text encoder kinds a run needs ('clip_l', 'clip_g', 't5xxl')
+    t5_tokenizer_folder: str  # where a diffusers folder of the family keeps T5's tokenizer.json
+    encoder_folders: tuple[str, ...]  # a diffusers folder's text encoder subfolders
+    takes_cfg: bool  # classifier-free guidance with a negative prompt (else the network has no uncond)
+
+    def takes_guidance(self, bundle: Any) -> bool: ...  # a guidance-distilled network's guidance input
+    def t5_padding(self, bundle: Any) -> Any: ...  # nets.t5.T5Padding
+    def times(self, bundle: Any, latent_hw: tuple[int, int]) -> Any: ...  # diffusion.flow.FlowTimes
+    def encode(self, bundle: Any, encoders: Any, texts: Sequence[str], *, negative: bool,
+               clip_skip: Optional[int]) -> tuple["torch.Tensor", "torch.Tensor"]: ...  # (tokens, pooled)
+    def network(self, bundle: Any, canvas_hw: tuple[int, int], guidance: Optional[float],
+                dtype: "torch.dtype") -> FlowCall: ...
 
 
 def unet_in_channels(shapes: Shapes) -> Optional[int]:

@@ -83,6 +83,7 @@ def run_defaults(block: Mapping[str, Any], downsampling: int, native: Any) -> Ru
         noise_level=int(block.get("default_noise_level", 20)),
         colour_fix=block.get("colour_fix", False),
         consistency=block.get("consistency", False),
+        guidance=None if block.get("default_guidance") is None else float(block["default_guidance"]),
     )
 
 

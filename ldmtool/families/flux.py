@@ -15,7 +15,7 @@ import copy
 import re
 from typing import Any, Mapping, Optional
 
-from ldmtool.families.base import Detection, Family, Shapes
+from ldmtool.families.base import Detection, Family, FlowRecipe, Shapes
 from ldmtool.families.info import InpaintKind, ModelInfo
 from ldmtool.families.transformer import LATENT_CHANNELS, autoencoder_only_info, transformer_info
 
@@ -88,17 +88,22 @@ def flux_info(bundle: Any, family: Family) -> ModelInfo:
         return autoencoder_only_info(bundle, family, missing_transformer=MISSING_TRANSFORMER)
     concat = (denoiser.in_channels - denoiser.out_channels) // PATCH ** 2
     missing = () if bundle.first_stage is not None else (MISSING_AUTOENCODER,)
-    # Fill's own conditioning (masked latent and packed mask) joins with FLUX.1 inpainting.
     return transformer_info(bundle, family, patch=PATCH, concat_channels=concat,
-                            inpaint_kind=None if concat else InpaintKind.MASKED,
+                            inpaint_kind=InpaintKind.FILL if concat else InpaintKind.MASKED,
                             missing_parts=(*missing, MISSING_TEXT_ENCODERS))
 
+
+def _flow() -> FlowRecipe:
+    from ldmtool.families.flux_flow import FluxFlow
+
+    return FluxFlow()
 
 FLUX = Family(
     name="flux",
     presets=("flux1-dev", "flux1-schnell", "flux1-fill-dev", "flux-ae"),
     detect=_detect,
     describe=flux_info,
+    flow=_flow,
     conditioner="T5-XXL text tokens, pooled CLIP ViT-L/14 text and (dev) the distilled guidance value",
 )
 

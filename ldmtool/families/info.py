@@ -37,6 +37,7 @@ class InpaintKind(str, Enum):
     LDM_CONCAT = "ldm-concat"  # 7-channel UNet, masked image through the shared first stage
     SD_HYBRID = "sd-hybrid"  # 9-channel UNet with a text encoder
     MASKED = "masked"  # any text-to-image or unconditional model, by masked sampling
+    FILL = "fill"  # FLUX.1 Fill: the masked image's latent and the mask's 8x8 blocks beside the noise
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,6 +62,8 @@ class RunDefaults:
     # As written in the config: a value that is not true/false fails only the commands that use it.
     colour_fix: Any = False
     consistency: Any = False
+    # A guidance-distilled flow model's guidance input (FLUX.1 dev: 3.5); None: the network takes none.
+    guidance: Optional[float] = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Optional
 
-from ldmtool.families.base import Detection, Family, Shapes
+from ldmtool.families.base import Detection, Family, FlowRecipe, Shapes
 from ldmtool.families.info import InpaintKind, ModelInfo
 from ldmtool.families.transformer import autoencoder_only_info, transformer_info
 
@@ -28,7 +28,6 @@ PATCH = 2
 REQUIRED_TEXT_ENCODERS = {"clip_l": "CLIP-L", "clip_g": "OpenCLIP bigG"}  # T5 is optional, as in the references
 MISSING_AUTOENCODER = "the VAE (first_stage_model.*, as the full single files hold it)"
 MISSING_TRANSFORMER = "an SD3 / SD3.5 transformer"
-NOT_RUNNABLE = "the SD3 / SD3.5 pipeline is not built yet (load the file with ldmtool.load_model)"
 VAE_PRESET = "sd3-vae"
 
 
@@ -81,11 +80,9 @@ def sd3_info(bundle: Any, family: Family) -> ModelInfo:
     """A `TransformerBundle` with an MMDiT and (single files) the VAE, or the VAE alone (`sd3-vae`)."""
     denoiser = bundle.denoiser
     if denoiser is None:
-        return autoencoder_only_info(bundle, family, missing_transformer=MISSING_TRANSFORMER,
-                                     not_runnable=NOT_RUNNABLE)
+        return autoencoder_only_info(bundle, family, missing_transformer=MISSING_TRANSFORMER)
     return transformer_info(bundle, family, patch=denoiser.config.patch_size, concat_channels=0,
-                            inpaint_kind=InpaintKind.MASKED, missing_parts=_missing_parts(bundle),
-                            not_runnable=NOT_RUNNABLE)
+                            inpaint_kind=InpaintKind.MASKED, missing_parts=_missing_parts(bundle))
 
 
 def _missing_parts(bundle: Any) -> tuple[str, ...]:
@@ -101,10 +98,16 @@ def _missing_parts(bundle: Any) -> tuple[str, ...]:
     return tuple(missing)
 
 
+def _flow() -> FlowRecipe:
+    from ldmtool.families.sd3_flow import SD3Flow
+
+    return SD3Flow()
+
 SD3 = Family(
     name="sd3",
     presets=("sd3.5-large", "sd3.5-medium", "sd3-medium", VAE_PRESET),
     detect=_detect,
     describe=sd3_info,
+    flow=_flow,
     conditioner="CLIP-L and OpenCLIP bigG text (tokens and pooled) and T5-XXL tokens",
 )

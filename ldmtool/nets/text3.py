@@ -105,6 +105,13 @@ def open_text_encoders(sources: Sequence[tuple[str, Mapping[str, torch.Tensor]]]
 Found = list[tuple[str, str, dict[str, torch.Tensor]]]
 
 
+def encoder_kinds(sources: Sequence[tuple[str, Mapping[str, torch.Tensor]]]) -> list[str]:
+    """The kind of each encoder in `sources` as `open_text_encoders` takes them (without building any)."""
+    found = [(name, kind, part) for name, state in sources for kind, part in text_encoders_in(state, source=name).items()]
+    return [kind for _, kind, _ in _clip_kinds_by_width(found)]
+
+
+
 def _clip_kinds_by_width(found: Found) -> Found:
     """Two bare CLIP towers that are not the released widths (reduced test files) are told apart by width,
     since CLIP-L is always the narrower; anything else keeps the kind its keys gave."""

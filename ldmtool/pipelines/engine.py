@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from ldmtool.addons.apply import ModelAddons
     from ldmtool.addons.distilled import DistilledSettings
     from ldmtool.pipelines.control import ControlRun
+    from ldmtool.pipelines.flow_engine import FlowRun
 
 # Untiled decodes above this many latent pixels go through the tiled first stage (bounded memory).
 _VAE_UNTILED_MAX = 128 * 128
@@ -61,6 +62,7 @@ class Engine:
         self.networks: tuple[Any, ...] = ()  # LoRAs of a prompt's <lora:...> tags (`with_networks`)
         self.control: Optional["ControlRun"] = None  # --controlnet (set by tasks that take it)
         self._distilled: Optional[tuple[Optional["DistilledSettings"]]] = None  # found once (`distilled`)
+        self.flow: Optional["FlowRun"] = None  # a flow-matching model's side of sampling (set by open())
 
     def validate(self) -> None:
         """UsageError for a sampling or tiling option that every item would fail on, before anything loads
@@ -96,7 +98,11 @@ class Engine:
         self.precision = resolve_precision(self.choice.precision, self.device)
         self.dtype = self.precision.dtype
         self.bundle = self._load(self.dtype)
-        self._check_parts()
+        from ldmtool.pipelines.flow_engine import flow_run
+
+        self.flow = flow_run(self)  # checks a flow model's parts (text encoders, autoencoder) itself
+        if self.flow is None:
+            self._check_parts()
         self._check_schedule()
         return self
 
@@ -114,6 +120,9 @@ class Engine:
     def _check_schedule(self) -> None:
         """Step counts the model's schedule cannot take are a usage error when the command starts, not a
         failure of every item (the schedule itself is cheap; sampling builds it again)."""
+        if self.flow is not None:
+            self.flow.check_schedule(self)
+            return
         p = self.resolved()
         check_options(p["sampler"], eta=p["eta"], tcd_gamma=p.get("tcd_gamma"))  # the default sampler may take neither
         default_schedule(p["sampler"], self._alphas_cumprod(), p["steps"], spacing=p["spacing"])
@@ -138,7 +147,7 @@ class Engine:
         def loader() -> Any:
             bundle = load_model(weights, config=choice.config, preset=choice.preset, device=device, dtype=dtype,
                                 use_ema=choice.use_ema, prediction=choice.prediction)
-            return addons.apply(bundle)
+            return addons.apply(bundle, device=device, dtype=dtype)
 
         extra = (str(choice.config), choice.preset, choice.use_ema, choice.prediction, *addons.cache_key())
         try:
@@ -171,6 +180,7 @@ class Engine:
         twin.device, twin.dtype, twin.budget, twin.networks = self.device, torch.float32, self.budget, self.networks
         twin.control = self.control
         twin.bundle = twin._load(torch.float32)
+        twin.flow = self.flow
         return twin
 
     def finite(self, compute: Callable[["Engine"], torch.Tensor], label: str) -> torch.Tensor:
@@ -228,7 +238,12 @@ class Engine:
             "spacing": chosen_spacing(sampler, karras, spacing).value,
         }
         gamma = s.tcd_gamma if s.tcd_gamma is not None else fill.get("tcd_gamma")
-        return resolved if gamma is None else {**resolved, "tcd_gamma": gamma}
+        resolved = resolved if gamma is None else {**resolved, "tcd_gamma": gamma}
+        return resolved if self.flow is None else self.flow.resolved(self, resolved)
+
+    def item_recorded(self, latent_hw: tuple[int, int]) -> dict[str, Any]:
+        """What an output records of its sampling that depends on its latent size (a flow model's resolution shift)."""
+        return {} if self.flow is None else self.flow.item_recorded(self, latent_hw)
 
     # -- distilled few-step models named by their files (addons/distilled.py)
 
@@ -283,6 +298,12 @@ class Engine:
         (`start`) and takes the first side's `noise` source, so each item's noise stream goes on across it.
         `hints`: one (B, 3, H, W) image in [0, 1] per ControlNet of `self.control`.
         """
+        if self.flow is not None:
+            if handoff is not None or start is not None or hints is not None:
+                raise UsageError(f"{self.info.family}: a refiner hand-off, ControlNets and adapters do not run with "
+                                 "flow-matching models yet")
+            return self.flow.sample(self, latent_hw, seeds, cond, uncond, init_latent=init_latent, strength=strength,
+                                    repaint=repaint, progress=progress, noise=noise)
         p = self.resolved()
         settings = SamplerSettings(sampler=p["sampler"], steps=p["steps"], karras=p["karras"], eta=p["eta"],
                                    strength=strength, temperature=p["temperature"], handoff=handoff,
@@ -327,10 +348,19 @@ class Engine:
 
         The tiling is planned for one item (its cond and uncond rows), never for the batch: how many items
         share a batch must not change the tile, or `--batch-size` would change the pixels."""
-        denoise: Callable[..., torch.Tensor] = DiscreteDenoiser.from_bundle(self.bundle, network=network)
+        return self.denoiser_around(DiscreteDenoiser.from_bundle(self.bundle, network=network), latent_hw,
+                                    rows_per_item, guided)
+
+    def denoiser_around(self, denoise: Callable[..., torch.Tensor], latent_hw: tuple[int, int], rows_per_item: int,
+                        guided: bool, *, patch: int = 1) -> Callable[..., torch.Tensor]:
+        """`denoise` with guidance inside and the tiled engine outside when the canvas needs it; tiles start on
+        whole `patch`es (a transformer's tokens) of the canvas."""
         if guided:
             denoise = CFGDenoiser(denoise)
         s = self.sampling
+        if s.tile_overlap is not None and s.tile_overlap % patch:
+            raise UsageError(f"--tile-overlap {s.tile_overlap}: this model's tiles must start on its {patch}x{patch} "
+                             f"patches; give a multiple of {patch}")
         tiling = choose_tiling(latent_hw, native_tile=self.info.defaults.tile, items=rows_per_item, tile=s.tile,
                                overlap=s.tile_overlap, budget=self.budget, wrap=(self.axes.y, self.axes.x))
         # No `device=` here on purpose: without --max-memory, canvases larger than the model's native size
@@ -360,7 +390,11 @@ class Engine:
                                for row in torch.split(x, 1)])
             else:
                 z = per_row(method(first, "encode"), x)
-        return z.float() * self.bundle.scale_factor
+        return self._scaled(z)
+
+    def _scaled(self, raw: torch.Tensor) -> torch.Tensor:
+        """The model's latent of a raw first-stage latent: (raw - shift) * scale (the shift is 0 but for FLUX.1 and SD3)."""
+        return (raw.float() - getattr(self.bundle, "shift_factor", 0.0)) * self.bundle.scale_factor
 
     def encode_pixels(self, pixels: np.ndarray, multiple: int) -> torch.Tensor:
         """Scaled latent (1, C, h, w) of one uint8 image (H, W, 3), edges replicated up to `multiple`. A tiled
@@ -375,7 +409,7 @@ class Engine:
         first = self.bundle.first_stage
         with torch.inference_mode(), seamless(first, axes=self.axes):
             z = tiled_encode(first, PixelSource(pixels, padded), VAETiling(tile=self._vae_tile() * down))
-        return z.float() * self.bundle.scale_factor
+        return self._scaled(z)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] (B, 3, H, W) float32 on the CPU from scaled latents (not clamped: callers check
@@ -397,7 +431,7 @@ class Engine:
         `make_canvas(shape, dtype)` (tile by tile when the canvas is large, whole otherwise); returns the
         canvases' `result()`s."""
         first = self.bundle.first_stage
-        z = (latents / self.bundle.scale_factor).to(self.device, self.dtype)
+        z = (latents / self.bundle.scale_factor + getattr(self.bundle, "shift_factor", 0.0)).to(self.device, self.dtype)
         tiled = self._vae_tiled(z.shape[-2], z.shape[-1])
         decode = method(first, "decode")
         results = []

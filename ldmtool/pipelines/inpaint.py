@@ -107,10 +107,11 @@ class InpaintTask(ModelTask):
             if encoder is None:
                 raise FatalError(f"{engine.model_path}: the {info.family} inpainting model has no text encoder")
             self.texts = text_conditioner(engine, encoder)
-        elif self.kind is InpaintKind.MASKED:
-            self.conditioning = PromptConditioning(engine, self.command, prompt=self.prompt, negative=self.negative)
+        elif self.kind in (InpaintKind.MASKED, InpaintKind.FILL):
+            self.conditioning = PromptConditioning(engine, self.command, prompt=self.prompt, negative=self.negative,
+                                                   concat=self.kind is InpaintKind.FILL)
         self.check_guidance(engine, guided=self.kind is InpaintKind.SD_HYBRID or (
-            self.kind is InpaintKind.MASKED and self.conditioning.texts is not None))
+            self.kind in (InpaintKind.MASKED, InpaintKind.FILL) and self.conditioning.texts is not None))
         self.check_vocabulary((self.prompt, self.negative))
         self.check_literal_prompts((self.prompt, self.negative))
         self.multiple = info.pixel_multiple
@@ -186,6 +187,8 @@ class InpaintTask(ModelTask):
         latent_hw = (images.shape[-2] // e.info.downsampling, images.shape[-1] // e.info.downsampling)
         if self.kind is InpaintKind.MASKED:
             return self._masked(e, images, masks, noise, latent_hw)
+        if self.kind is InpaintKind.FILL:
+            return self._fill(e, images, masks, noise, latent_hw)
         latent_mask = F.interpolate(masks, size=latent_hw).to(e.device)  # nearest, as the reference
         if self.kind is InpaintKind.LDM_CONCAT:
             return self._ldm_concat(e, images, masks, latent_mask, noise)
@@ -198,6 +201,18 @@ class InpaintTask(ModelTask):
         repaint = latent_repaint_mask(masks, latent_hw).to(e.device, e.dtype)
         return e.sample(latent_hw, noise.seeds, cond, uncond, init_latent=init, repaint=repaint,
                         progress=self.step_progress(), handoff=self.refining.first(), noise=noise, hints=self._hints)
+
+    def _fill(self, e: Engine, images: torch.Tensor, masks: torch.Tensor, noise: NoiseSource,
+              latent_hw: tuple[int, int]) -> torch.Tensor:
+        """FLUX.1 Fill: the whole latent sampled from noise beside the masked image's latent (the hole grey) and the
+        binarised mask's 8x8 pixel blocks as channels, at latent resolution (so tiles crop them), as diffusers'
+        FluxFillPipeline builds them."""
+        hole = (masks >= 0.5).float()
+        masked = e.encode(images * (1 - hole))
+        concat = torch.cat([masked, F.pixel_unshuffle(hole, e.info.downsampling)], dim=1).to(e.device, torch.float32)
+        cond, uncond = self.conditioning(e, len(noise.seeds), (images.shape[-2], images.shape[-1]))
+        return e.sample(latent_hw, noise.seeds, replace(cond, concat=concat), uncond, progress=self.step_progress(),
+                        handoff=self.refining.first(), noise=noise, hints=self._hints)
 
     def _ldm_concat(self, e: Engine, images: torch.Tensor, masks: torch.Tensor, latent_mask: torch.Tensor,
                     noise: NoiseSource) -> torch.Tensor:

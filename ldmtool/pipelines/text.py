@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from ldmtool.diffusion.cond import Cond
     from ldmtool.families.info import ModelInfo
     from ldmtool.pipelines.engine import Engine
+    from ldmtool.pipelines.flow_engine import FlowTexts
 
 
 @dataclass(frozen=True)
@@ -365,14 +366,17 @@ class PromptConditioning:
     """Conditioning for img2img and masked inpainting: a text model's prompt and negative (guided), or
     nothing for an unconditional model. Other model kinds cannot take these commands (UsageError)."""
 
-    def __init__(self, engine: "Engine", command: str, *, prompt: str = "", negative: str = ""):
+    def __init__(self, engine: "Engine", command: str, *, prompt: str = "", negative: str = "", concat: bool = False):
         self.prompt, self.negative = prompt, negative
         info, path = engine.info, engine.model_path
+        if engine.flow is not None:  # a flow-matching model's text encoders come with its flow side
+            self.texts: Optional[TextConditioner | FlowTexts] = engine.flow.texts(engine, concat=concat)
+            return
         if info.conditioning is Conditioning.NONE:
             if prompt or negative:
                 raise UsageError(f"{path}: a {info.family} model is unconditional and takes no prompt; "
                                  "drop --prompt/--negative")
-            self.texts: Optional[TextConditioner] = None
+            self.texts = None
             return
         encoder = text_encoder(engine.bundle)
         if encoder is None or text_conditioning(info) is not Conditioning.CROSSATTN:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from ldmtool.checkpoints.bundle import LatentDiffusionBundle
 from ldmtool.diffusion.cond import Cond
@@ -22,6 +22,10 @@ from ldmtool.pipelines.sample import GeneratorTask, SampleTask, sample_items
 from ldmtool.pipelines.semantic2img import Semantic2ImgTask
 from ldmtool.pipelines.text import text_conditioner, text_conditioning, text_encoder
 from ldmtool.runtime.jobs import Job
+
+if TYPE_CHECKING:
+    from ldmtool.pipelines.flow_engine import FlowTexts
+    from ldmtool.pipelines.text import TextConditioner
 
 COMMAND = "tile-synth"
 # Label maps need a semantic model and a prompt a text model: their own shipped defaults (else default-sample).
@@ -60,14 +64,20 @@ class TextTileTask(GeneratorTask):
         self.prompt, self.negative = prompt, negative
 
     def check_conditioning(self, bundle: LatentDiffusionBundle) -> None:
+        self.texts = self._conditioner(bundle)
+        self.check_vocabulary((self.prompt, self.negative))
+        self.check_literal_prompts((self.prompt, self.negative))
+        self.params.update(prompt=self.prompt, negative=self.negative)
+
+    def _conditioner(self, bundle: LatentDiffusionBundle) -> "TextConditioner | FlowTexts":
+        """The model's text conditioner (a flow-matching model's comes with its flow side, `engine.flow`)."""
+        if self.engine.flow is not None:
+            return self.engine.flow.texts(self.engine)
         encoder = text_encoder(bundle)
         if encoder is None or text_conditioning(bundle.info) is not Conditioning.CROSSATTN:
             raise UsageError(f"{self.engine.model_path}: a {bundle.info.family} model takes no text; drop --prompt "
                              "(or use a text-to-image model)")
-        self.texts = text_conditioner(self.engine, encoder)
-        self.check_vocabulary((self.prompt, self.negative))
-        self.check_literal_prompts((self.prompt, self.negative))
-        self.params.update(prompt=self.prompt, negative=self.negative)
+        return text_conditioner(self.engine, encoder)
 
     def has_uncond(self) -> bool:
         return True

@@ -13,7 +13,7 @@ import copy
 import functools
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -30,7 +30,6 @@ from ldmtool.pipelines.prompt_templates import PromptTemplates, expanded, is_tem
 from ldmtool.pipelines.refiner import Refiner
 from ldmtool.pipelines.text import (
     PromptSpec,
-    TextConditioner,
     check_size,
     require_text_model,
     text_conditioner,
@@ -38,6 +37,10 @@ from ldmtool.pipelines.text import (
 from ldmtool.pipelines.upscale import check_scale, rework_upscaled, upscaled
 from ldmtool.runtime.jobs import Job, Output
 from ldmtool.runtime.seeds import SEED_LIMIT, NoiseSource
+
+if TYPE_CHECKING:
+    from ldmtool.pipelines.flow_engine import FlowTexts
+    from ldmtool.pipelines.text import TextConditioner
 
 DEFAULT_HIRES_STRENGTH = 0.5
 
@@ -109,8 +112,8 @@ class Txt2ImgTask(ModelTask):
             self.control.validate()
 
     def check_model(self, engine: Engine) -> None:
-        self.texts = text_conditioner(engine, require_text_model(engine.bundle, engine.model_path, self.command))
-        self._texts_by_networks: dict[NetworkSet, TextConditioner] = {engine.networks: self.texts}
+        self.texts = self._conditioner(engine)
+        self._texts_by_networks: dict[NetworkSet, TextConditioner | FlowTexts] = {engine.networks: self.texts}
         self._prompt_networks: dict[str, NetworkSet] = {}
         self.multiple = engine.info.pixel_multiple
         if self.refining.active:
@@ -167,7 +170,9 @@ class Txt2ImgTask(ModelTask):
                                      negatives=[self._negative(job.payload) for job in jobs],
                                      seeds=[job.seed for job in jobs])
         images = engine.finite(generate, jobs[0].item.label)  # (B, H, W, 3) uint8
-        return [Output(image=self._hires_fix(engine, job, image.numpy()), params=self._item_params(job.payload, engine))
+        sized = engine.item_recorded(latent_hw)
+        return [Output(image=self._hires_fix(engine, job, image.numpy()),
+                       params={**self._item_params(job.payload, engine), **sized})
                 for job, image in zip(jobs, images)]
 
     def _hires_fix(self, engine: Engine, job: Job, image: np.ndarray) -> np.ndarray:
@@ -248,12 +253,17 @@ class Txt2ImgTask(ModelTask):
             self._prompt_networks[prompt] = prompt_networks(prompt, self.engine.choice.lora_dir) if "<" in prompt else ()
         return self._prompt_networks[prompt]
 
-    def _texts_for(self, engine: Engine) -> TextConditioner:
+    def _texts_for(self, engine: Engine) -> "TextConditioner | FlowTexts":
         """The text conditioner of an engine's model: LoRAs change the text encoder too."""
         if engine.networks not in self._texts_by_networks:
-            encoder = require_text_model(engine.bundle, engine.model_path, self.command)
-            self._texts_by_networks[engine.networks] = text_conditioner(engine, encoder)
+            self._texts_by_networks[engine.networks] = self._conditioner(engine)
         return self._texts_by_networks[engine.networks]
+
+    def _conditioner(self, engine: Engine) -> "TextConditioner | FlowTexts":
+        """The model's text conditioner (a flow-matching model's comes with its flow side: `pipelines/flow_engine.py`)."""
+        if engine.flow is not None:
+            return engine.flow.texts(engine)
+        return text_conditioner(engine, require_text_model(engine.bundle, engine.model_path, self.command))
 
     def _item_params(self, spec: PromptSpec, engine: Engine) -> dict[str, Any]:
         params: dict[str, Any] = {"prompt": spec.prompt, **spec.overrides()}

@@ -170,7 +170,7 @@ def _repeat(cond, chunk, canvas_hw):
         crossattn = None if cond.crossattn is None else _repeat_batch(cond.crossattn, times)
     y, scale = (t if t is None or times == 1 else _repeat_batch(t, times) for t in (cond.y, cond.control_scale))
     return Cond(crossattn=crossattn, concat=cond.concat, y=y, control=cond.control, control_scale=scale,
-                adapter=cond.adapter)
+                adapter=cond.adapter, position=cond.position)
 
 
 def _repeat_batch(t: "Tensor", times: int) -> "Tensor":
