@@ -12,6 +12,7 @@ from ldmtool.addons.controlnet import ControlledNetwork, pack_features, pack_hin
 from ldmtool.diffusion.cond import Cond
 from ldmtool.diffusion.denoisers import DiscreteDenoiser
 from ldmtool.diffusion.run import SamplerSettings, schedule_for
+from ldmtool.errors import UsageError
 
 if TYPE_CHECKING:
     from ldmtool.pipelines.engine import Engine
@@ -68,3 +69,13 @@ def adapter_features(adapters: Sequence[tuple[Any, float]], hints: Sequence[torc
         total = features if total is None else [a + b for a, b in zip(total, features)]
     assert total is not None, "called with at least one adapter"
     return total
+
+
+def check_adapter_cells(tiling: Any, latent_hw: tuple[int, int], align: int) -> None:
+    """A tiled run with a T2I-Adapter starts its tiles on the `align`-latent-pixel cells of the adapter's
+    features: a UsageError when a tile is too small to overlap its neighbour by whole cells."""
+    if align == 1:
+        return
+    if any(size < length and size // align <= -(-tiling.overlap // align) for size, length in zip(tiling.tile, latent_hw)):
+        raise UsageError(f"--adapter: tiles start on the {align}-latent-pixel cells of the T2I-Adapter's features, "
+                         f"so a tile of {max(tiling.tile)} cannot overlap by {tiling.overlap}; use a larger --tile")

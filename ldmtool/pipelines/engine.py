@@ -27,6 +27,7 @@ from ldmtool.diffusion.samplers import check_options, chosen_spacing, default_sc
 from ldmtool.errors import FatalError, ItemError, LdmError, UsageError
 from ldmtool.families.info import ModelInfo
 from ldmtool.options import ModelChoice, SamplingChoice
+from ldmtool.pipelines.control_engine import check_adapter_cells
 from ldmtool.runtime.cache import model_cache
 from ldmtool.runtime.device import PrecisionChoice, choose_device, release_host_memory, resolve_precision
 from ldmtool.runtime.seeds import NoiseSource
@@ -349,12 +350,12 @@ class Engine:
         The tiling is planned for one item (its cond and uncond rows), never for the batch: how many items
         share a batch must not change the tile, or `--batch-size` would change the pixels."""
         return self.denoiser_around(DiscreteDenoiser.from_bundle(self.bundle, network=network), latent_hw,
-                                    rows_per_item, guided)
+                                    rows_per_item, guided, align=getattr(network, "tile_align", 1))
 
     def denoiser_around(self, denoise: Callable[..., torch.Tensor], latent_hw: tuple[int, int], rows_per_item: int,
-                        guided: bool, *, patch: int = 1) -> Callable[..., torch.Tensor]:
+                        guided: bool, *, patch: int = 1, align: int = 1) -> Callable[..., torch.Tensor]:
         """`denoise` with guidance inside and the tiled engine outside when the canvas needs it; tiles start on
-        whole `patch`es (a transformer's tokens) of the canvas."""
+        whole `patch`es (a transformer's tokens) of the canvas, and on `align`-pixel cells (a T2I-Adapter's)."""
         if guided:
             denoise = CFGDenoiser(denoise)
         s = self.sampling
@@ -368,10 +369,7 @@ class Engine:
         # growing with the image up to whatever is free.
         if tiling is None:  # fits one tile (seamless then wraps through circular padding alone)
             return denoise
-        align = getattr(network, "tile_align", 1)
-        if any(size < length and size // align <= -(-tiling.overlap // align) for size, length in zip(tiling.tile, latent_hw)):
-            raise UsageError(f"--adapter: tiles start on the {align}-latent-pixel cells of the T2I-Adapter's features, "
-                             f"so a tile of {max(tiling.tile)} cannot overlap by {tiling.overlap}; use a larger --tile")
+        check_adapter_cells(tiling, latent_hw, align)
         config = TileConfig(tile=tiling.tile, overlap=tiling.overlap, tile_batch=tiling.tile_batch,
                             wrap_y=self.axes.y, wrap_x=self.axes.x, shift=bool(s.tile_shift), align=align)
         return TiledDenoiser(denoise, config)
