@@ -170,6 +170,20 @@ def test_the_diffusers_kohya_form_lands_on_the_same_rows_as_the_peft_form(flux_f
         assert torch.allclose(weight[3 * hidden:], base[3 * hidden:] + up @ down, atol=1e-6)
 
 
+def test_bfl_names_under_diffusion_model_land_where_kohya_names_do(flux_file, tmp_path):
+    """ComfyUI also reads BFL's names with their dots under `diffusion_model.`: the same change as kohya's name."""
+    g = torch.Generator().manual_seed(26)
+    down, up = torch.randn(RANK, 128, generator=g), torch.randn(384, RANK, generator=g)
+    save_file({"lora_unet_double_blocks_1_txt_attn_qkv.lora_down.weight": down,
+               "lora_unet_double_blocks_1_txt_attn_qkv.lora_up.weight": up}, str(tmp_path / "kohya.safetensors"))
+    save_file({"diffusion_model.double_blocks.1.txt_attn.qkv.lora_A.weight": down,
+               "diffusion_model.double_blocks.1.txt_attn.qkv.lora_B.weight": up}, str(tmp_path / "bfl.safetensors"))
+    kohya, bfl = (_ours(flux_file, (tmp_path / f"{name}.safetensors", 1.0)).state_dict() for name in ("kohya", "bfl"))
+    key = "double_blocks.1.txt_attn.qkv.weight"
+    assert torch.allclose(bfl[key], flux_file[1][key] + up @ down, atol=1e-6)
+    assert all(torch.equal(bfl[k], v) for k, v in kohya.items())
+
+
 def test_layers_with_no_place_in_the_transformer_are_reported_in_one_line(flux_file, tmp_path):
     """diffusers' swapped final modulation and a text-encoder layer (FLUX.1's text encoders are not bundle
     parts) match nothing: one line naming the file and the layers."""
