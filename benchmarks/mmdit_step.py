@@ -6,8 +6,8 @@ The network is built on the meta device and materialised directly in each precis
 in fp32, ~4.9 GB in bf16; twice that with --diffusers), then times `model(x, t, y=pooled, context=tokens)`
 on one latent of `--latent` pixels a side (64: a 512x512 image, 1024 image tokens; 128 is the native
 1024x1024) with 333 text tokens (77 CLIP + 256 T5, as the reference pads) and batch 1 (a guided step is two
-rows). Each line has wall seconds (median and min over --rounds), CPU seconds of this process (median) and
-the process's peak RSS so far.
+rows). Each line has wall seconds (median and min over --rounds), CPU seconds of this process (median), the
+process's peak RSS after building the network and after the calls, and the load average at the end.
 
     python benchmarks/mmdit_step.py                                   # sd3.5-medium, fp32 and bf16, latent 64
     python benchmarks/mmdit_step.py --preset sd3-medium --dtypes bf16 --diffusers
@@ -16,6 +16,7 @@ the process's peak RSS so far.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -104,10 +105,12 @@ def measure(name: str, preset: str, tiny: bool, latent: int, rounds: int, with_d
     model = build_mmdit(preset, dtype, tiny)
     parameters = sum(t.numel() for t in model.state_dict().values())
     built = round(time.perf_counter() - start, 1)
+    peak_after_build = round(peak_rss() / MIB, 1)
     x, t, pooled, context = inputs(model, dtype, latent)
     ours, out = time_calls(lambda: model(x, t, y=pooled, context=context), rounds, {"net": "ldmtool", "dtype": name})
     emit({"bench": "mmdit_step", "net": "ldmtool", "dtype": name, "parameters": parameters, "build_s": built,
-          **ours, "peak_rss_mib": round(peak_rss() / MIB, 1)})
+          **ours, "peak_rss_after_build_mib": peak_after_build, "peak_rss_mib": round(peak_rss() / MIB, 1),
+          "loadavg_1m": round(os.getloadavg()[0], 2)})
     if not with_diffusers:
         return
     twin = diffusers_twin(model)

@@ -44,6 +44,12 @@ def flat(address: str) -> str:
     return address.replace(".", "_")
 
 
+def matrix_layers(model: nn.Module) -> set[str]:
+    """The names of a network's layers whose weight is a matrix (or a conv kernel): what a LoRA can change."""
+    return {name for name, module in model.named_modules()
+            if isinstance(getattr(module, "weight", None), nn.Parameter) and module.weight.dim() >= 2}
+
+
 def diffusers_unet_names(unet: nn.Module) -> dict[str, str]:
     """CompVis block name -> diffusers block name, from the UNet's own structure (any number of res blocks)."""
     from ldmtool.nets.unet import Downsample, Upsample

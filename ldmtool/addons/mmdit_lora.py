@@ -11,9 +11,7 @@ layer is reported as matching nothing rather than applied wrongly.
 """
 from __future__ import annotations
 
-from torch import nn
-
-from ldmtool.addons.layer_names import Target, flat
+from ldmtool.addons.layer_names import Target, flat, matrix_layers
 from ldmtool.nets.mmdit import MMDiT
 from ldmtool.nets.mmdit_names import diffusers_layer_places
 
@@ -22,15 +20,10 @@ DIFFUSERS_PREFIX = "transformer."
 KOHYA_DIFFUSERS_PREFIX = "lora_transformer_"
 
 
-def _matrix_layers(model: MMDiT) -> set[str]:
-    return {name for name, module in model.named_modules()
-            if isinstance(getattr(module, "weight", None), nn.Parameter) and module.weight.dim() >= 2}
-
-
 def mmdit_lora_targets(model: MMDiT, prefix: str) -> dict[str, Target]:
     """Flat address -> weight (under `prefix` in the root the network is applied to) for every MMDiT layer
     with a weight matrix, under the three namings."""
-    layers = _matrix_layers(model)
+    layers = matrix_layers(model)
     table = {KOHYA_PREFIX + flat(name): Target(f"{prefix}{name}.weight") for name in layers}
     config = model.config
     places = diffusers_layer_places(config.hidden_size, config.depth, config.dual_attention_layers)

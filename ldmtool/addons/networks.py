@@ -102,9 +102,12 @@ def _layers(path: Path, _identity: Any) -> "list[LayerChange]":
 
 
 def bundle_targets(bundle: "Bundle") -> "dict[str, Target]":
-    """Flat layer address -> parameter for the bundle's UNet and text encoder."""
+    """Flat layer address -> parameter for the bundle's UNet and text encoder, or a transformer bundle's denoiser."""
     from ldmtool.addons.layer_names import text_targets, unet_targets
+    from ldmtool.checkpoints.transformer_bundle import TransformerBundle
 
+    if isinstance(bundle, TransformerBundle):
+        return transformer_targets(bundle)
     assert bundle.unet is not None, "networks are applied to models with a UNet"
     table = unet_targets(bundle.unet, "model.diffusion_model.")
     cond = getattr(bundle, "cond_stage_model", None)
@@ -114,6 +117,26 @@ def bundle_targets(bundle: "Bundle") -> "dict[str, Target]":
     if conditioner is not None:
         table.update(conditioner_targets(conditioner))
     return table
+
+
+def transformer_targets(bundle: Any) -> "dict[str, Target]":
+    """A FLUX.1 or SD3 bundle's denoiser layers, addressed from the bundle (its text encoders are opened by the
+    pipeline, not bundle parts, so their layers have no place here yet)."""
+    from ldmtool.addons.flux_lora import flux_lora_targets
+    from ldmtool.addons.mmdit_lora import mmdit_lora_targets
+    from ldmtool.errors import CheckpointError
+    from ldmtool.nets.flux import Flux
+    from ldmtool.nets.mmdit import MMDiT
+
+    denoiser = bundle.denoiser
+    if denoiser is None:
+        raise CheckpointError("a LoRA needs the model's transformer: this model file holds only an autoencoder")
+    prefix = next(name for name, module in bundle.named_modules() if module is denoiser) + "."
+    if isinstance(denoiser, Flux):
+        return flux_lora_targets(denoiser, prefix)
+    if isinstance(denoiser, MMDiT):
+        return mmdit_lora_targets(denoiser, prefix)
+    raise CheckpointError(f"LoRA files cannot be applied to a {type(denoiser).__name__} yet")
 
 
 def conditioner_targets(conditioner: Any) -> "dict[str, Target]":

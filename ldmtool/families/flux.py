@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from ldmtool.families.base import Detection, Family, FlowRecipe, Shapes
 from ldmtool.families.info import InpaintKind, ModelInfo
 from ldmtool.families.transformer import LATENT_CHANNELS, autoencoder_only_info, transformer_info
+
+if TYPE_CHECKING:
+    from ldmtool.nets.mmdit_names import Place
 
 TRANSFORMER_KEY = "double_blocks.0.img_attn.norm.key_norm.scale"
 TRANSFORMER_PREFIXES = ("", "model.diffusion_model.")  # BFL's files, ComfyUI's
@@ -165,3 +168,26 @@ def bfl_from_diffusers(state: Mapping[str, Any]) -> dict[str, Any]:
                     if all(k in state for k in keys):
                         out[f"{block}.{i}.{target}.{kind}"] = torch.cat([state[k] for k in keys], dim=0)
     return out
+
+
+def diffusers_layer_places(depth: int, depth_single: int, hidden: int, mlp_hidden: int) -> dict[str, Place]:
+    """diffusers layer name -> its place in BFL's layout, for every layer with weights: q/k/v (and the single
+    blocks' `proj_mlp`) are row ranges of the joined projection; `norm_out.linear` holds the final modulation's
+    halves swapped, (scale, shift)."""
+    from ldmtool.nets.mmdit_names import Place
+
+    places = {theirs: Place(ours) for theirs, ours in _DIFFUSERS_RENAMES.items()}
+    places["norm_out.linear"] = Place("final_layer.adaLN_modulation.1", swapped=True)
+    blocks = (("transformer_blocks", "double_blocks", depth, _DOUBLE_RENAMES, "double"),
+              ("single_transformer_blocks", "single_blocks", depth_single, _SINGLE_RENAMES, "single"))
+    for theirs_block, our_block, count, renames, kind in blocks:
+        for i in range(count):
+            places.update({f"{theirs_block}.{i}.{theirs}": Place(f"{our_block}.{i}.{ours}")
+                           for theirs, ours in renames.items()})
+            for ours, pieces in _JOINED[kind]:
+                start = 0
+                for piece in pieces:
+                    width = mlp_hidden if piece == "proj_mlp" else hidden
+                    places[f"{theirs_block}.{i}.{piece}"] = Place(f"{our_block}.{i}.{ours}", (start, start + width))
+                    start += width
+    return places
