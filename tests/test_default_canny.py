@@ -55,4 +55,6 @@ def test_outputs_follow_the_hint_edges_far_better_than_without_control(tmp_path)
         for name, scores in (("controlled", controlled), ("plain", plain)):
             output = np.asarray(Image.open(tmp_path / f"{name}{i}.png").convert("RGB"))
             scores.append(overlap(edges(output), hint[..., 0] > 0))
-    assert np.mean(controlled) > 0.5 and np.mean(controlled) > 1.5 * np.mean(plain), (controlled, plain)
+    # measured: 0.78 / 0.71 / 0.87 with control, 0.22 / 0.34 / 0.34 without
+    assert all(c > p for c, p in zip(controlled, plain)), (controlled, plain)
+    assert np.mean(controlled) > 0.6 and np.mean(controlled) > 2 * np.mean(plain), (controlled, plain)
