@@ -7,7 +7,8 @@ Each picture runs the real command (the same one the README shows) into a tempor
 results out beside a classical baseline: for superres the input (nearest-neighbour enlarged), bicubic,
 ldmtool; for inpaint the image with its mask, OpenCV Telea, ldmtool; for semantic2img the label map in
 the palette's colours beside ldmtool; for layout2img the boxes drawn beside ldmtool; for txt2img each
-prompt under its image; for sample four unconditional samples. Nothing here is used by the tests.
+prompt under its image; for sample four unconditional samples; for canny (the default-canny ControlNet)
+each example scene, its hint, txt2img with and without control, and the img2img batch job's output. Nothing here is used by the tests.
 """
 from __future__ import annotations
 
@@ -129,8 +130,31 @@ def sample(out: Path) -> Path:
     return target
 
 
+def canny(out: Path) -> Path:
+    """Each example scene, its canny hint, txt2img with default-canny, the same prompt and seed without
+    control, and the README's img2img batch job (a folder of scenes, hints matched by name)."""
+    scenes = ROOT / "examples" / "scenes"
+    captions = (ROOT / "examples" / "prompts" / "scenes.txt").read_text().splitlines()
+    hints = out / "hints"
+    run("preprocess", "canny", str(scenes), "-o", str(hints))  # the README's batch job, as written
+    run("img2img", str(scenes), "--controlnet", "default-canny", "--control-image", str(hints), "--prompt",
+        RESTYLE_PROMPT, "--strength", "0.9", "--seed", "1", "-o", str(out / "restyled"))
+    rows = []
+    for index, (scene, caption) in enumerate(zip(sorted(scenes.glob("*.png")), captions)):
+        hint = hints / scene.name
+        run("txt2img", "--prompt", caption, "--seed", "1", "--controlnet", "default-canny", "--control-image",
+            str(hint), "-o", str(out / f"controlled{index}.png"))
+        run("txt2img", "--prompt", caption, "--seed", "1", "-o", str(out / f"plain{index}.png"))
+        panels = [scene, hint, out / f"controlled{index}.png", out / f"plain{index}.png", out / "restyled" / scene.name]
+        rows.append(row([enlarge(read(p), 3) for p in panels]))
+    target = IMAGES / "canny-default.png"
+    Image.fromarray(column(rows)).save(target, optimize=True)
+    return target
+
+
+RESTYLE_PROMPT = "a purple circle above a green square"
 PICTURES = {"superres": superres, "inpaint": inpaint, "semantic2img": semantic, "layout2img": layout, "txt2img": txt2img,
-            "sample": sample}
+            "sample": sample, "canny": canny}
 
 
 def main() -> None:

@@ -1,10 +1,11 @@
 """ControlNet files: loading one (`load_controlnet`, any layout of `addons/controlnet_keys.py`) and the
 network wrapper that runs a model's ControlNets before its UNet at every call.
 
-Hints travel with the conditioning (`Cond.control`) at latent resolution, as `pixel_unshuffle(hint, 8)`:
-(B, C * 64, h, w) for a (B, C, 8h, 8w) hint. The tiled engine then cuts them like any spatial field, and
-`pixel_shuffle` gives each tile exactly its 8x crop of the hint; several ControlNets' hints are stacked
-along the channels.
+Hints travel with the conditioning (`Cond.control`) at latent resolution, as `pixel_unshuffle(hint, f)` with
+f the model's first-stage factor (8 for SD; 4 for ldmtool's defaults): (B, C * f^2, h, w) for a
+(B, C, fh, fw) hint. The tiled engine then cuts them like any spatial field, and `pixel_shuffle` gives each
+tile exactly its fx crop of the hint; several ControlNets' hints are stacked along the channels. A
+ControlNet's hint encoder downsamples by the same f (`hint_factor`, read from its keys).
 """
 from __future__ import annotations
 
@@ -77,8 +78,20 @@ def base_heads(bundle: Any) -> dict[str, Any]:
     return {k: unet[k] for k in ("num_heads", "num_head_channels") if k in unet and unet[k] != -1}
 
 
+def hint_factor(net: "ControlNet") -> int:
+    """How much the ControlNet's hint encoder downsamples: one halving per stride-2 conv (8 as released)."""
+    from ldmtool.nets.controlnet import HINT_CHANNELS
+
+    return int(2 ** (len(net.config.get("hint_block_channels", HINT_CHANNELS)) - 1))
+
+
 def check_fits(net: "ControlNet", bundle: Any, name: str) -> None:
-    """CheckpointError when a ControlNet was made for another model (widths, levels or text width differ)."""
+    """CheckpointError when a ControlNet was made for another model (widths, levels, text width or the
+    first stage's factor differ)."""
+    down = getattr(getattr(bundle, "info", None), "downsampling", None)
+    if down is not None and hint_factor(net) != down:
+        raise CheckpointError(f"{name}: a ControlNet for another model (its hint encoder downsamples by "
+                              f"{hint_factor(net)}; the model's first stage by {down})")
     unet = base_unet_params(bundle)
     context = unet.get("context_dim")
     context = context[0] if isinstance(context, (list, tuple)) else context

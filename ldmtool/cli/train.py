@@ -20,6 +20,10 @@ if TYPE_CHECKING:
 
 TRAINING = "Training"
 AE_EXAMPLE = "Example: ldmtool train autoencoder --data corpus --factor 4 --steps 4000 -o runs/kl-f4"
+CONTROLNET_EXAMPLE = (
+    "Example: ldmtool train controlnet --model default-txt2img --data procedural --hint canny --steps 2500 "
+    "-o runs/canny"
+)
 DIFFUSION_EXAMPLE = (
     "Example: ldmtool train diffusion --task superres --first-stage runs/kl-f4 --data corpus "
     "--steps 20000 -o runs/sr4"
@@ -179,6 +183,45 @@ def diffusion(
         typer.echo(f"wrote {path}", err=True)
 
 
+@option_groups
+def controlnet(
+    output: RunDir,
+    model: Annotated[str, typer.Option("--model", help="The base model to control: a shipped default name or a LatentDiffusion file (text-to-image or unconditional); it stays frozen.", rich_help_panel=TRAINING)] = "default-txt2img",
+    data: Annotated[str, typer.Option("--data", help="'procedural' (the captioned shape scenes default-txt2img was trained on), 'corpus' or a folder of images (trained with empty captions).", rich_help_panel=TRAINING)] = "procedural",
+    hint: Annotated[str, typer.Option("--hint", help="Preprocessor that makes the hints, as ldmtool preprocess: canny, tile, scribble (or threshold), shuffle.", rich_help_panel=TRAINING)] = "canny",
+    low: Annotated[int, typer.Option("--low", min=0, max=255, help="canny: lower threshold.", rich_help_panel=TRAINING)] = 100,
+    high: Annotated[int, typer.Option("--high", min=0, max=255, help="canny: upper threshold.", rich_help_panel=TRAINING)] = 200,
+    threshold: Annotated[int, typer.Option("--threshold", min=0, max=255, help="scribble/threshold: grey level above which a pixel is white.", rich_help_panel=TRAINING)] = 127,
+    down: Annotated[float, typer.Option("--down", min=1.0, help="tile: downsampling factor before resampling back.", rich_help_panel=TRAINING)] = 4.0,
+    cells: Annotated[int, typer.Option("--cells", min=1, help="shuffle: size of the random displacement cells.", rich_help_panel=TRAINING)] = 256,
+    caption_dropout: Annotated[float, typer.Option("--caption-dropout", min=0.0, max=1.0, help="Share of captions replaced by the empty prompt, so the net learns from the hint alone (the paper: 0.5).", rich_help_panel=TRAINING)] = 0.5,
+    steps: Steps = 2500,
+    crop: Crop = 64,
+    batch_size: Batch = 8,
+    lr: Lr = 1e-4,
+    min_scale: MinScale = 0.5,
+    *,
+    session: TrainSession,
+) -> None:
+    """Train a ControlNet for a latent diffusion model on hints made by a preprocessor; export it."""
+    from ldmtool.pipelines.preprocess import PREPROCESSORS
+    from ldmtool.train.controlnet import PROCEDURAL, ControlNetTraining, HintSource, train_controlnet
+    from ldmtool.train.data import resolve_data
+
+    if hint not in PREPROCESSORS:
+        raise UsageError(f"--hint {hint!r}: choose one of {', '.join(PREPROCESSORS)}")
+    if not low <= high:
+        raise UsageError(f"--low {low} / --high {high}: need low <= high")
+    source = HintSource(kind=hint, low=low, high=high, threshold=threshold, down=down, cells=cells)
+    training = ControlNetTraining(base=model, hint=source, crop=crop, batch_size=batch_size, lr=lr,
+                                  ema_decay=session.ema_decay, seed=session.seed, min_scale=min_scale,
+                                  caption_dropout=caption_dropout, procedural=data == PROCEDURAL)
+    paths = [] if data == PROCEDURAL else resolve_data(data, session.recursive)
+    path = train_controlnet(training, paths, _run_options(output, steps, session))
+    if not session.quiet:
+        typer.echo(f"wrote {path}", err=True)
+
+
 def export(
     run: Annotated[Path, typer.Argument(help="Run folder written by `ldmtool train`.", show_default=False)],
     name: Annotated[str, typer.Option("--name", help="Model name, e.g. default-superres (used with --model NAME).", rich_help_panel=TRAINING)],
@@ -207,6 +250,7 @@ EXPORT_EXAMPLE = "Example: ldmtool train export runs/sr4 --name default-superres
 train_app.command("export", help=f"{export.__doc__}\n\n{EXPORT_EXAMPLE}")(export)
 train_app.command("autoencoder", help=f"{autoencoder.__doc__}\n\n{AE_EXAMPLE}")(autoencoder)
 train_app.command("diffusion", help=f"{diffusion.__doc__}\n\n{DIFFUSION_EXAMPLE}")(diffusion)
+train_app.command("controlnet", help=f"{controlnet.__doc__}\n\n{CONTROLNET_EXAMPLE}")(controlnet)
 
 
 def register(app: typer.Typer) -> None:

@@ -6,7 +6,8 @@ Attribute names equal the released keys without their `control_model.` prefix: `
 `input_hint_block`, `input_blocks`, `zero_convs`, `middle_block`, `middle_block_out` (and `label_emb` for
 SDXL's). Called as the reference: `controlnet(x, hint, timesteps, context, y=None)` -> the residuals in
 the reference order (input blocks first, the middle block last; 13 for SD 1.x/2.x), hint at pixel
-resolution in [0, 1].
+resolution in [0, 1]. The hint encoder has one stride-2 conv per width after the first, so it downsamples by
+8 with the released widths and by 4 with ldmtool's defaults' (16, 32, 64), matching their kl-f4 first stage.
 """
 from __future__ import annotations
 
@@ -114,7 +115,8 @@ class ControlNet(nn.Module):
 
     def forward(self, x: Tensor, hint: Tensor, timesteps: Tensor, context: Optional[Tensor] = None,
                 y: Optional[Tensor] = None) -> list[Tensor]:
-        """Residuals for the UNet's skips (input-block order) then its middle block; hint (B, C, 8h, 8w) in [0, 1]."""
+        """Residuals for the UNet's skips (input-block order) then its middle block; hint (B, C, fh, fw) in
+        [0, 1], f the hint encoder's downsampling (8 as released, 2^(len(hint_block_channels) - 1))."""
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(self.dtype))

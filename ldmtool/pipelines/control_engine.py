@@ -1,6 +1,6 @@
 """`Engine.sample`'s side of ControlNet: the run's ControlNets placed before the UNet, acting in the steps
 of `--control-start/--control-end`, and the hints put into the conditioning (packed to latent resolution,
-so the tiled engine gives every tile its own 8x crop)."""
+so the tiled engine gives every tile its own crop at the first stage's factor)."""
 from __future__ import annotations
 
 from dataclasses import replace
