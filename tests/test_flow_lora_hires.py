@@ -5,14 +5,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from clirun import run_cli
 from ldmtool.addons.networks import network_hash
 from ldmtool.checkpoints.files import save_safetensors
-from test_flow_txt2img import _flux_args, _sd3_args, flux_files, run_ours, sd3_file  # noqa: F401
+from test_flow_txt2img import PROMPT, SEED, STEPS, _flux_args, _sd3_args, flux_files, run_ours, sd3_file  # noqa: F401
 from test_t5 import tokenizer_dir  # noqa: F401
 from test_text3 import clip_tokenizer_dir, towers  # noqa: F401
 
@@ -66,3 +69,18 @@ def test_a_lora_option_is_the_run_of_the_file_with_the_lora_merged_by_hand(tmp_p
     assert np.abs(with_lora - base).max() > 3 / 255  # the LoRA changed the image
     assert recipe["parameters"]["lora_hashes"] == f"{family}-style: {network_hash(lora)}"
     assert "lora_hashes" not in plain_recipe["parameters"]
+
+
+def test_flux_hires_equals_txt2img_then_img2img_scale_with_the_item_seed(tmp_path, flux_files, tokenizer_dir):  # noqa: F811
+    args = (*_flux_args(flux_files, tokenizer_dir), "--guidance", 3.0, "-W", 32, "-H", 32)
+    hires, _ = run_ours(*args, "--hires", 2, "--hires-strength", 0.6, "-o", tmp_path / "h.png")
+    first, _ = run_ours(*args, "-o", tmp_path / "first.png")
+    second = run_cli("img2img", tmp_path / "first.png", "--prompt", PROMPT, *args[:-4], "--steps", STEPS,
+                     "--scale", 2, "--strength", 0.6, "--item-seed", SEED, "--quiet", "-o", tmp_path / "second.png")
+    assert second.exit_code == 0, second.stderr
+    with Image.open(tmp_path / "second.png") as image:
+        chained = np.asarray(image).astype(np.float64) / 255
+    assert hires.shape == chained.shape == (64, 64, 3)
+    assert np.array_equal(hires, chained)
+    upscaled = cv2.resize((first * 255).round().astype(np.uint8), (64, 64), interpolation=cv2.INTER_LANCZOS4)
+    assert not np.array_equal((hires * 255).round().astype(np.uint8), upscaled)  # the model did change it
