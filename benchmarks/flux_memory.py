@@ -9,8 +9,8 @@ is skipped with a record saying so. Each file is loaded with `ldmtool.load_model
 FRESH child process, COMPUTE being what `--precision auto` gives on the step's device (`--compute`; fp32 on a
 CPU without native bf16, where bf16 arithmetic is emulated and several times slower): fp8 `Linear` weights
 stay fp8 (the file's pages) and are upcast one layer at a time, to COMPUTE, when the layer runs; bf16 weights
-stay the memory-mapped file's when COMPUTE is bf16 and are cast to a full fp32 copy when it is fp32 (skipped,
-with a record, when that copy does not fit in the memory available). Each record has the load's seconds,
+stay the memory-mapped file's, computed in bf16 when COMPUTE is bf16 and upcast one layer at a time when it is
+fp32, as fp8 ones are. Each record has the load's seconds,
 the child's peak RSS after the load and after reading every weight once (one at a time, as a step does),
 its anonymous memory (copies) and file pages at the end, and with `--step DEVICE` one
 denoiser call at 512² (1024 image tokens, 512 text tokens) on that device (wall and CPU seconds, the load
@@ -176,14 +176,6 @@ def compute_dtype(choice: str, step: Optional[str]) -> str:
     return str(resolve_precision("auto", torch.device(step or "cpu")).dtype).removeprefix("torch.")
 
 
-def available_memory() -> int:
-    """MemAvailable of /proc/meminfo in bytes (what can be had without swapping other processes out)."""
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--storage", nargs="+", choices=sorted(STORAGE), default=["fp8", "bf16"])
@@ -218,12 +210,6 @@ def main(argv: Optional[list[str]] = None) -> None:
             if needed > 0.95 * free:
                 emit({"bench": "flux_memory", "storage": storage, "skipped": f"needs {needed / MIB:.0f} MiB of disk, "
                       f"{free / MIB:.0f} MiB free in {tmp}"})
-                continue
-            copy = values * 4 if storage != "fp8" and compute == "float32" else 0
-            if copy > 0.9 * available_memory():
-                emit({"bench": "flux_memory", "storage": storage, "compute": compute, "skipped": f"loading {storage} "
-                      f"weights for fp32 compute makes a {copy / MIB:.0f} MiB fp32 copy; "
-                      f"{available_memory() / MIB:.0f} MiB of memory available"})
                 continue
             path = Path(tmp) / f"flux1-dev-{storage}.safetensors"
             start = time.perf_counter()

@@ -18,6 +18,7 @@ from ldmtool.checkpoints.config import CONTROL_TARGETS, ConfigLike, instantiate,
 from ldmtool.checkpoints.detect import Detection, detect_checkpoint
 from ldmtool.checkpoints.files import read_state_dict
 from ldmtool.checkpoints.presets import load_preset, preset_names, shipped_model, shipped_models
+from ldmtool.checkpoints.transformer_bundle import TransformerBundle
 from ldmtool.checkpoints.weights import PreparedWeights, check_state_dict, prepare_weights
 from ldmtool.errors import CheckpointError, UsageError
 from ldmtool.families.registry import model_info
@@ -84,7 +85,9 @@ def load_model(path_or_name: Union[str, Path], *, config: Optional[ConfigLike] =
     prepared = replace(prepared, state=bundle.file_state(prepared.state))
     _load_into(bundle, prepared, source=str(weights), family=family, detection=detection)
     schedule = _schedule_copies(bundle)  # before the cast: fp16/bf16 would round alphas_cumprod near 1
-    cast_keeping_storage(bundle, device, dtype)  # fp8-stored weights stay fp8, upcast per layer when run
+    # fp8-stored weights stay fp8, and a transformer family's bf16/fp16 ones stay so under fp32 compute: upcast
+    # per layer when run
+    cast_keeping_storage(bundle, device, dtype, keep_half=isinstance(bundle, TransformerBundle))
     _schedule_to_fp32(bundle, schedule)
     if prediction is not None:
         if prediction not in PARAMETERIZATIONS:

@@ -41,14 +41,20 @@ def pad_2d(x: Tensor, pad: tuple[int, int, int, int], seamless: tuple[bool, bool
 
 # Storage-only dtypes: a weight kept in one of them is upcast to the input's dtype for each call.
 STORAGE_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+# Half dtypes a transformer family's `Linear` weights stay stored in when it computes in fp32
+# (`cast_keeping_storage(keep_half=True)`): upcast per layer as fp8 is, since a whole fp32 copy of a bf16
+# FLUX.1 would double its memory, and bf16 arithmetic is emulated (several times slower) on a CPU without it.
+HALF_STORAGE_DTYPES = (torch.bfloat16, torch.float16)
 
 
 class Linear(PackedWeightCache, nn.Linear):
     """`nn.Linear` (same keys) that can take the opt-in oneDNN path of `ldmtool.nets.prepack`. A weight
-    stored in fp8 stays fp8 and is upcast one layer at a time, when the layer runs (`keep_storage_dtypes`)."""
+    stored in fp8 (or kept in bf16/fp16 under fp32 compute) stays so and is upcast one layer at a time, when
+    the layer runs (`cast_keeping_storage`)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.weight.dtype in STORAGE_DTYPES:
+        stored = self.weight.dtype
+        if stored in STORAGE_DTYPES or (stored != x.dtype and stored in HALF_STORAGE_DTYPES):
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, self.weight.to(x.dtype), bias)
         if prepack.applies(x, self.weight) and x.dim() >= 2:
@@ -58,15 +64,18 @@ class Linear(PackedWeightCache, nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
-def storage_weights(model: nn.Module) -> dict[Linear, Tensor]:
-    """The fp8-stored weights of the model's `Linear` layers (the ones `Linear` upcasts per call)."""
-    return {m: m.weight for m in model.modules() if isinstance(m, Linear) and m.weight.dtype in STORAGE_DTYPES}
+def storage_weights(model: nn.Module, dtypes: tuple[torch.dtype, ...] = STORAGE_DTYPES) -> dict[Linear, Tensor]:
+    """The weights of the model's `Linear` layers stored in one of `dtypes` (the ones `Linear` upcasts per call)."""
+    return {m: m.weight for m in model.modules() if isinstance(m, Linear) and m.weight.dtype in dtypes}
 
 
-def cast_keeping_storage(model: nn.Module, device: torch.device | str, dtype: Optional[torch.dtype]) -> None:
+def cast_keeping_storage(model: nn.Module, device: torch.device | str, dtype: Optional[torch.dtype], *,
+                         keep_half: bool = False) -> None:
     """`model.to(device, dtype)` except that fp8-stored `Linear` weights keep their dtype (moved only):
-    an fp8 file's transformer stays at one byte a weight, and no full-precision copy is ever made."""
-    kept = storage_weights(model) if dtype is not None else {}
+    an fp8 file's transformer stays at one byte a weight, and no full-precision copy is ever made. With
+    `keep_half` and fp32 compute, bf16/fp16-stored `Linear` weights are kept the same way."""
+    half = HALF_STORAGE_DTYPES if keep_half and dtype == torch.float32 else ()
+    kept = storage_weights(model, STORAGE_DTYPES + half) if dtype is not None else {}
     for layer in kept:  # out of the cast's way
         del layer._parameters["weight"]
     model.to(device=device, dtype=dtype)
