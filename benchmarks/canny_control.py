@@ -14,25 +14,14 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import cv2
 import numpy as np
 from PIL import Image
 
 from _common import emit, machine
 from ldmtool.cli.app import main as ldmtool
-from ldmtool.pipelines.preprocess import PreprocessSettings, canny
+from ldmtool.pipelines.preprocess import PreprocessSettings, canny, edge_agreement
 from ldmtool.runtime.seeds import derive_seed
 from ldmtool.train.procedural import shape_scene
-
-
-def edges(rgb: np.ndarray) -> np.ndarray:
-    return canny(rgb, PreprocessSettings(), 0)[..., 0] > 0
-
-
-def overlap(a: np.ndarray, b: np.ndarray, reach: int = 2) -> float:
-    kernel = np.ones((2 * reach + 1, 2 * reach + 1), np.uint8)
-    a, b = cv2.dilate(a.astype(np.uint8), kernel) > 0, cv2.dilate(b.astype(np.uint8), kernel) > 0
-    return float((a & b).sum() / max((a | b).sum(), 1))
 
 
 def run(args: list[str]) -> None:
@@ -51,7 +40,7 @@ def score(folder: Path, index: int, steps: int) -> dict:
     run([*common, "--controlnet", "default-canny", "--control-image", str(folder / f"hint{index}.png"),
          "-o", str(folder / f"controlled{index}.png")])
     run([*common, "-o", str(folder / f"plain{index}.png")])
-    scores = {name: overlap(edges(np.asarray(Image.open(folder / f"{name}{index}.png").convert("RGB"))), hint[..., 0] > 0)
+    scores = {name: edge_agreement(np.asarray(Image.open(folder / f"{name}{index}.png").convert("RGB")), hint[..., 0] > 0)
               for name in ("controlled", "plain")}
     return {"scene": index, "caption": caption, **{k: round(v, 3) for k, v in scores.items()}}
 

@@ -14,7 +14,7 @@ names BFL's own layer and applies as it is.
 """
 from __future__ import annotations
 
-from ldmtool.addons.layer_names import Target, flat, matrix_layers
+from ldmtool.addons.layer_names import Target, add_diffusers_places, flat, matrix_layers
 from ldmtool.addons.mmdit_lora import DIFFUSERS_PREFIX, KOHYA_DIFFUSERS_PREFIX, KOHYA_PREFIX
 from ldmtool.families.flux import diffusers_layer_places
 from ldmtool.nets.flux import Flux, SingleStreamBlock
@@ -32,10 +32,6 @@ def flux_lora_targets(model: Flux, prefix: str) -> dict[str, Target]:
     singles = [block for block in model.single_blocks if isinstance(block, SingleStreamBlock)]
     mlp_hidden = singles[0].widths[1] if singles else 0
     places = diffusers_layer_places(len(model.double_blocks), len(singles), hidden, mlp_hidden)
-    for theirs, place in places.items():
-        if place.swapped or place.layer not in layers:
-            continue
-        target = Target(f"{prefix}{place.layer}.weight", place.rows)
-        table[flat(DIFFUSERS_PREFIX + theirs)] = target
-        table[KOHYA_DIFFUSERS_PREFIX + flat(theirs)] = target
+    add_diffusers_places(table, places, layers, prefix, diffusers_prefix=DIFFUSERS_PREFIX,
+                         kohya_diffusers_prefix=KOHYA_DIFFUSERS_PREFIX)
     return table

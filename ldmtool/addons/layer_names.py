@@ -136,3 +136,16 @@ def text_targets(encoder: nn.Module, prefix: str, names: tuple[str, ...] = TEXT_
                 table[f"{kohya}{layer}self_attn_{letter}_proj"] = Target(f"{base}attn.in_proj_weight",
                                                                          (row * width, (row + 1) * width))
     return table
+
+
+def add_diffusers_places(table: dict[str, Target], places: Any, layers: set[str], prefix: str, *,
+                         diffusers_prefix: str, kohya_diffusers_prefix: str) -> None:
+    """Adds a transformer's diffusers/PEFT layer names (`places`: diffusers name -> `Place` of the released layer
+    and its row range) to `table`, in PEFT form and in kohya form. A place whose rows diffusers stores in another
+    order (`swapped`) is left out, so a LoRA layer there is reported as matching nothing rather than applied wrongly."""
+    for theirs, place in places.items():
+        if place.swapped or place.layer not in layers:
+            continue
+        target = Target(f"{prefix}{place.layer}.weight", place.rows)
+        table[flat(diffusers_prefix + theirs)] = target
+        table[kohya_diffusers_prefix + flat(theirs)] = target

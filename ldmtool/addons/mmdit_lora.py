@@ -11,7 +11,7 @@ layer is reported as matching nothing rather than applied wrongly.
 """
 from __future__ import annotations
 
-from ldmtool.addons.layer_names import Target, flat, matrix_layers
+from ldmtool.addons.layer_names import Target, add_diffusers_places, flat, matrix_layers
 from ldmtool.nets.mmdit import MMDiT
 from ldmtool.nets.mmdit_names import diffusers_layer_places
 
@@ -27,10 +27,6 @@ def mmdit_lora_targets(model: MMDiT, prefix: str) -> dict[str, Target]:
     table = {KOHYA_PREFIX + flat(name): Target(f"{prefix}{name}.weight") for name in layers}
     config = model.config
     places = diffusers_layer_places(config.hidden_size, config.depth, config.dual_attention_layers)
-    for theirs, place in places.items():
-        if place.swapped or place.layer not in layers:
-            continue
-        target = Target(f"{prefix}{place.layer}.weight", place.rows)
-        table[flat(DIFFUSERS_PREFIX + theirs)] = target
-        table[KOHYA_DIFFUSERS_PREFIX + flat(theirs)] = target
+    add_diffusers_places(table, places, layers, prefix, diffusers_prefix=DIFFUSERS_PREFIX,
+                         kohya_diffusers_prefix=KOHYA_DIFFUSERS_PREFIX)
     return table

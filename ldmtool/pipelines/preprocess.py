@@ -119,3 +119,14 @@ class PreprocessTask(BaseTask):
             hint = PREPROCESSORS[self.kind](rgb, self.settings, job.seed)
             outputs.append(Output(image=hint.astype(np.float32) / 255))
         return outputs
+
+
+def edge_agreement(rgb: np.ndarray, hint_edges: np.ndarray, reach: int = 2) -> float:
+    """How well an image follows a canny hint: the IoU of the image's own canny edges (default thresholds) and
+    `hint_edges` (bool H x W), each widened by `reach` pixels so that a one-pixel shift still counts as agreement."""
+    import cv2
+
+    mine = canny(rgb, PreprocessSettings(), 0)[..., 0] > 0
+    kernel = np.ones((2 * reach + 1, 2 * reach + 1), np.uint8)
+    a, b = (cv2.dilate(edges.astype(np.uint8), kernel) > 0 for edges in (mine, hint_edges))
+    return float((a & b).sum() / max((a | b).sum(), 1))
