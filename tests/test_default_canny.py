@@ -46,3 +46,24 @@ def test_outputs_follow_the_hint_edges_far_better_than_without_control(tmp_path)
     # measured: 0.78 / 0.71 / 0.87 with control, 0.22 / 0.34 / 0.34 without
     assert all(c > p for c, p in zip(controlled, plain)), (controlled, plain)
     assert np.mean(controlled) > 0.6 and np.mean(controlled) > 2 * np.mean(plain), (controlled, plain)
+
+
+def test_load_controlnet_by_name_takes_the_heads_its_yaml_records():
+    """The Python API: `ldmtool.load_controlnet("default-canny")` is the network the commands run (whose heads
+    come from the base model), not one with the released models' default heads."""
+    import torch
+
+    import ldmtool
+    from ldmtool.addons.controlnet import base_heads
+
+    bundle = ldmtool.load_model("default-txt2img")
+    by_name = ldmtool.load_controlnet("default-canny")
+    as_run = ldmtool.load_controlnet(shipped_controlnet("default-canny"), heads=base_heads(bundle))
+    released_heads = ldmtool.load_controlnet(shipped_controlnet("default-canny"), heads={"num_heads": 8})
+    generator = torch.Generator().manual_seed(0)
+    x, hint = torch.randn(1, 3, 16, 16, generator=generator), torch.rand(1, 3, 64, 64, generator=generator)
+    context, t = torch.randn(1, 4, 64, generator=generator), torch.tensor([500])
+    with torch.inference_mode():
+        ours, theirs, other = (net(x, hint, t, context)[-1] for net in (by_name, as_run, released_heads))
+    assert torch.equal(ours, theirs)
+    assert not torch.allclose(ours, other)

@@ -44,10 +44,13 @@ def read_controlnet(path: Union[str, Path]) -> dict[str, Tensor]:
 
 def load_controlnet(path: Union[str, Path], *, heads: Optional[Mapping[str, Any]] = None,
                     device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32) -> "ControlNet":
-    """A ControlNet from a file, its architecture from the keys; `heads` ({"num_heads": n} or
-    {"num_head_channels": n}, not recorded in weights) defaults to the released models'."""
+    """A ControlNet from a file (or a shipped one by name, e.g. "default-canny"), its architecture from the keys;
+    `heads` ({"num_heads": n} or {"num_head_channels": n}, not recorded in weights) comes from a cldm YAML beside
+    the file when there is one (as the shipped ones have), else defaults to the released models'."""
     from ldmtool.nets.controlnet import ControlNet
 
+    path = _controlnet_path(path)
+    heads = heads if heads is not None else _recorded_heads(path)
     state = read_controlnet(path)
     params = controlnet_params({k: tuple(v.shape) for k, v in state.items()}, heads)
     with torch.device("meta"):
@@ -64,6 +67,27 @@ def load_controlnet(path: Union[str, Path], *, heads: Optional[Mapping[str, Any]
     net.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, assign=True)
     net.config = params
     return net.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def _controlnet_path(path: Union[str, Path]) -> Path:
+    """`path`, or the weights of the shipped ControlNet of that name when no such file exists."""
+    from ldmtool.pipelines.control import shipped_controlnet
+
+    if Path(path).exists():
+        return Path(path)
+    return shipped_controlnet(str(path)) or Path(path)
+
+
+def _recorded_heads(path: Path) -> Optional[dict[str, Any]]:
+    """The attention heads a cldm YAML beside the weights records (`control_stage_config`), if any."""
+    from ldmtool.checkpoints.config import load_config, model_block
+
+    config = path.with_suffix(".yaml")
+    if not config.is_file():
+        return None
+    params = (model_block(load_config(config)).get("params") or {}).get("control_stage_config", {}).get("params", {})
+    heads = {key: params[key] for key in ("num_heads", "num_head_channels") if key in params}
+    return heads or None
 
 
 def base_unet_params(bundle: Any) -> dict[str, Any]:
