@@ -154,3 +154,15 @@ def test_seamless_with_tile_0_is_a_one_line_usage_error(tmp_path, flux_files, to
                      "--tile", 0, "-o", tmp_path / "x.png")
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1 and "--seamless with --tile 0" in lines[0], result.stderr
+
+
+def test_tiles_of_a_plain_tiled_run_start_on_whole_patches(tmp_path, monkeypatch, flux_files, tokenizer_dir):  # noqa: F811
+    """A 34-pixel latent in 16-pixel tiles overlapping by 2 would spread its tiles to 0, 9, 18 (a tile's positions
+    would then be half a patch off): they start on whole 2x2 patches instead."""
+    from ldmtool.families.flux_flow import FluxFlow
+
+    seen = _tiles_seen(monkeypatch, FluxFlow)
+    run_ours(*_flux_args(flux_files, tokenizer_dir), "-W", 272, "-H", 16, "--steps", 1, "--tile", 16,
+             "--tile-overlap", 2, "-o", tmp_path / "x.png")
+    lefts = sorted({left for left, _ in seen})
+    assert len(lefts) == 3 and all(left % 2 == 0 for left in lefts), lefts

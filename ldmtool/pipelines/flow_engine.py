@@ -137,9 +137,10 @@ class FlowRun:
         device, dtype = engine.placement()
         call = self.recipe.network(engine.bundle, latent_hw, p.get("guidance"), dtype)
         patch = engine.info.pixel_multiple // engine.info.downsampling
-        wrapped = bool(engine.axes)  # seamless: tiles cross the wrap edge, each counting positions on past it
+        # Tiles start on whole patches (a tile's positions are its top-left patch's); with --seamless, tiles cross
+        # the wrap edge, each counting its positions on past it.
         denoise = engine.denoiser_around(FlowDenoiser(call), latent_hw, 2 if guided else 1, guided, patch=patch,
-                                         align=patch if wrapped else 1, wrap_by_tiles=wrapped)
+                                         align=patch, wrap_by_tiles=bool(engine.axes))
         placed = positions(latent_hw, len(seeds), device)
         cond = replace(cond, position=placed)
         conditioning: Any = Guided(cond, replace(uncond, position=placed), p["cfg"]) if guided and uncond else cond
