@@ -185,7 +185,9 @@ def test_placements_outside_the_grid_or_canvas_are_refused():
     with pytest.raises(UsageError, match="not a multiple of the patch size 2"):
         model(torch.zeros(1, 16, 5, 4), torch.tensor([1.0]), y=torch.zeros(1, 24), context=torch.zeros(1, 1, 20))
     with pytest.raises(ValueError, match="outside the 4x4 canvas"):
-        model.pos_window(2, 2, origin=(3, 0), canvas=(4, 4))
+        model.pos_window(2, 2, origin=(4, 0), canvas=(4, 4))
+    with pytest.raises(UsageError, match="runs past this model's position grid of 8x8 patches"):
+        model.pos_window(2, 2, origin=(0, 7), canvas=(4, 8))
 
 
 def test_config_from_shapes_refuses_what_is_not_an_mmdit():

@@ -234,7 +234,9 @@ class MMDiT(nn.Module):
         ((M - canvas_rows) // 2, (M - canvas_cols) // 2). `origin` (top, left; default (0, 0)) is the window's
         place inside that canvas. So a tile at latent pixels (y, x) of an H x W canvas takes
         `origin=(y // p, x // p), canvas=(H // p, W // p)` and gets exactly the rows and columns of the
-        whole canvas's embedding that it covers; with neither given this is the reference's centre crop.
+        whole canvas's embedding that it covers; with neither given this is the reference's centre crop. A window
+        may run past the canvas's end (a `--seamless` tile across the wrap edge): it takes the grid's positions
+        beyond it, so its positions continue unbroken.
         """
         m = self.config.pos_embed_max_size
         canvas_rows, canvas_cols = (rows, cols) if canvas is None else canvas
@@ -243,11 +245,16 @@ class MMDiT(nn.Module):
             p = self.config.patch_size
             raise UsageError(f"a {canvas_rows * p}x{canvas_cols * p} latent is larger than this model's position "
                              f"grid of {m}x{m} patches ({m * p} latent pixels a side at most)")
-        if top < 0 or left < 0 or top + rows > canvas_rows or left + cols > canvas_cols:
+        if not (0 <= top < canvas_rows and 0 <= left < canvas_cols):
             raise ValueError(f"a {rows}x{cols} patch window at {(top, left)} is outside the "
                              f"{canvas_rows}x{canvas_cols} canvas")
         top += (m - canvas_rows) // 2
         left += (m - canvas_cols) // 2
+        if top + rows > m or left + cols > m:  # a seamless tile across the wrap edge, counting on past the canvas
+            p = self.config.patch_size
+            raise UsageError(f"--seamless: a {canvas_rows * p}x{canvas_cols * p} latent with {rows * p}x{cols * p} "
+                             f"tiles runs past this model's position grid of {m}x{m} patches; make the image or "
+                             "--tile smaller")
         grid = self.pos_embed.view(m, m, -1)
         return grid[top:top + rows, left:left + cols].reshape(1, rows * cols, -1)
 

@@ -32,7 +32,7 @@ from ldmtool.runtime.cache import model_cache
 from ldmtool.runtime.device import PrecisionChoice, choose_device, release_host_memory, resolve_precision
 from ldmtool.runtime.seeds import NoiseSource
 from ldmtool.tiling.fusion import TileConfig, TiledDenoiser
-from ldmtool.tiling.memory import check_tile, choose_tiling, parse_memory
+from ldmtool.tiling.memory import check_tile, choose_tiling, parse_memory, tiles_across_the_wrap
 from ldmtool.tiling.seamless import Seamless, parse_seamless, seamless
 from ldmtool.tiling.vae import PixelSource, TensorCanvas, VAETiling, tiled_decode, tiled_encode
 
@@ -353,9 +353,12 @@ class Engine:
                                     rows_per_item, guided, align=getattr(network, "tile_align", 1))
 
     def denoiser_around(self, denoise: Callable[..., torch.Tensor], latent_hw: tuple[int, int], rows_per_item: int,
-                        guided: bool, *, patch: int = 1, align: int = 1) -> Callable[..., torch.Tensor]:
+                        guided: bool, *, patch: int = 1, align: int = 1,
+                        wrap_by_tiles: bool = False) -> Callable[..., torch.Tensor]:
         """`denoise` with guidance inside and the tiled engine outside when the canvas needs it; tiles start on
-        whole `patch`es (a transformer's tokens) of the canvas, and on `align`-pixel cells (a T2I-Adapter's)."""
+        whole `patch`es (a transformer's tokens) of the canvas, and on `align`-pixel cells (a T2I-Adapter's).
+        `wrap_by_tiles`: with --seamless, always tiled, with tiles that cross the wrap edge (for a network
+        without padded convolutions, whose seamless canvas only the tiles make)."""
         if guided:
             denoise = CFGDenoiser(denoise)
         s = self.sampling
@@ -364,6 +367,9 @@ class Engine:
                              f"patches; give a multiple of {patch}")
         tiling = choose_tiling(latent_hw, native_tile=self.info.defaults.tile, items=rows_per_item, tile=s.tile,
                                overlap=s.tile_overlap, budget=self.budget, wrap=(self.axes.y, self.axes.x))
+        if wrap_by_tiles and self.axes:
+            tiling = tiles_across_the_wrap(tiling, latent_hw, (self.axes.y, self.axes.x), patch=patch,
+                                           overlap=s.tile_overlap)
         # No `device=` here on purpose: without --max-memory, canvases larger than the model's native size
         # are always tiled, so memory stays bounded by the tile (cron jobs share machines) instead of
         # growing with the image up to whatever is free.

@@ -82,8 +82,9 @@ class FlowRun:
         for flag, value in (("--karras/--no-karras", s.karras), ("--spacing", s.spacing)):
             if value is not None:
                 raise UsageError(f"{flag}: a flow-matching model samples on its own schedule (its time shift); drop it")
-        if s.seamless:
-            raise UsageError(f"--seamless: not available for {name} models yet")
+        if s.seamless and s.tile == 0:
+            raise UsageError(f"--seamless with --tile 0: a {name} model wraps around only through tiles that cross "
+                             "the edge; drop --tile 0")
 
     def check_schedule(self, engine: "Engine") -> None:
         p = engine.resolved()
@@ -135,8 +136,11 @@ class FlowRun:
         guided = uncond is not None and p["cfg"] != 1.0
         device, dtype = engine.placement()
         call = self.recipe.network(engine.bundle, latent_hw, p.get("guidance"), dtype)
-        denoise = engine.denoiser_around(FlowDenoiser(call), latent_hw, 2 if guided else 1, guided,
-                                         patch=engine.info.pixel_multiple // engine.info.downsampling)
+        patch = engine.info.pixel_multiple // engine.info.downsampling
+        # Tiles start on whole patches (a tile's positions are its top-left patch's); with --seamless, tiles cross
+        # the wrap edge, each counting its positions on past it.
+        denoise = engine.denoiser_around(FlowDenoiser(call), latent_hw, 2 if guided else 1, guided, patch=patch,
+                                         align=patch, wrap_by_tiles=bool(engine.axes))
         placed = positions(latent_hw, len(seeds), device)
         cond = replace(cond, position=placed)
         conditioning: Any = Guided(cond, replace(uncond, position=placed), p["cfg"]) if guided and uncond else cond

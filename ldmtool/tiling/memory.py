@@ -146,3 +146,24 @@ def largest_tile(native_tile: int, items: int, budget: Optional[int], memory: UN
     while size > multiple and memory.bytes_for(size * size, items) > budget:
         size -= multiple
     return size
+
+
+def tiles_across_the_wrap(tiling: Optional[Tiling], latent_hw: tuple[int, int], wrap: tuple[bool, bool], *,
+                          patch: int, overlap: Optional[int] = None) -> Tiling:
+    """`tiling` with every wrapped axis cut into tiles shorter than the canvas, so that some tile crosses the wrap
+    edge: a network without padded convolutions (a transformer) is seamless only through such tiles. Where a tile
+    covers a wrapped axis, it becomes about half the axis in whole `patch`es; overlaps are whole patches too."""
+    tile = tiling.tile if tiling is not None else latent_hw
+    sizes = tuple(max(2 * patch, length // 2 // patch * patch) if wrapped and size >= length else size
+                  for size, length, wrapped in zip(tile, latent_hw, wrap))
+    if tiling is not None:
+        overlap = tiling.overlap
+    elif overlap is None:
+        overlap = default_overlap(min(sizes))
+    overlap = -(-overlap // patch) * patch
+    for size, length, wrapped in zip(sizes, latent_hw, wrap):
+        if wrapped and (size >= length or overlap >= size):
+            raise UsageError(f"--seamless: a canvas {length} latent pixels across wraps through tiles smaller than "
+                             f"it that overlap by {overlap}; make the image at least {2 * (overlap + patch)} latent "
+                             "pixels across, or give a smaller --tile-overlap")
+    return Tiling((sizes[0], sizes[1]), overlap, tiling.tile_batch if tiling is not None else 1)
