@@ -353,26 +353,21 @@ class Engine:
                                     rows_per_item, guided, align=getattr(network, "tile_align", 1))
 
     def denoiser_around(self, denoise: Callable[..., torch.Tensor], latent_hw: tuple[int, int], rows_per_item: int,
-                        guided: bool, *, patch: int = 1, align: int = 1,
-                        wrap_by_tiles: bool = False) -> Callable[..., torch.Tensor]:
-        """`denoise` with guidance inside and the tiled engine outside when the canvas needs it; tiles start on
-        whole `patch`es (a transformer's tokens) of the canvas, and on `align`-pixel cells (a T2I-Adapter's).
-        `wrap_by_tiles`: with --seamless, always tiled, with tiles that cross the wrap edge (for a network
-        without padded convolutions, whose seamless canvas only the tiles make)."""
+                        guided: bool, *, patch: int = 1, align: int = 1, wrap_by_tiles: bool = False
+                        ) -> Callable[..., torch.Tensor]:
+        """`denoise` with guidance inside and the tiled engine outside when the canvas needs it; tiles start on whole
+        `patch`es (a transformer's tokens) and `align`-pixel cells (a T2I-Adapter's); `wrap_by_tiles`: --seamless
+        is made by tiles across the wrap edge alone (a network without padded convolutions)."""
         if guided:
             denoise = CFGDenoiser(denoise)
         s = self.sampling
-        if s.tile_overlap is not None and s.tile_overlap % patch:
-            raise UsageError(f"--tile-overlap {s.tile_overlap}: this model's tiles must start on its {patch}x{patch} "
-                             f"patches; give a multiple of {patch}")
         tiling = choose_tiling(latent_hw, native_tile=self.info.defaults.tile, items=rows_per_item, tile=s.tile,
                                overlap=s.tile_overlap, budget=self.budget, wrap=(self.axes.y, self.axes.x))
         if wrap_by_tiles and self.axes:
             tiling = tiles_across_the_wrap(tiling, latent_hw, (self.axes.y, self.axes.x), patch=patch,
                                            overlap=s.tile_overlap)
-        # No `device=` here on purpose: without --max-memory, canvases larger than the model's native size
-        # are always tiled, so memory stays bounded by the tile (cron jobs share machines) instead of
-        # growing with the image up to whatever is free.
+        # No `device=` on purpose: without --max-memory, canvases larger than the model's native size are always
+        # tiled, so memory stays bounded by the tile (cron jobs share machines), not by whatever is free.
         if tiling is None:  # fits one tile (seamless then wraps through circular padding alone)
             return denoise
         check_adapter_cells(tiling, latent_hw, align)

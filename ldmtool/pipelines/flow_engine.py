@@ -137,6 +137,10 @@ class FlowRun:
         device, dtype = engine.placement()
         call = self.recipe.network(engine.bundle, latent_hw, p.get("guidance"), dtype)
         patch = engine.info.pixel_multiple // engine.info.downsampling
+        overlap = engine.sampling.tile_overlap
+        if overlap is not None and overlap % patch:
+            raise UsageError(f"--tile-overlap {overlap}: this model's tiles must start on its {patch}x{patch} "
+                             f"patches; give a multiple of {patch}")
         # Tiles start on whole patches (a tile's positions are its top-left patch's); with --seamless, tiles cross
         # the wrap edge, each counting its positions on past it.
         denoise = engine.denoiser_around(FlowDenoiser(call), latent_hw, 2 if guided else 1, guided, patch=patch,
