@@ -484,3 +484,18 @@ def test_each_text_is_encoded_once_and_t5_is_freed_after_each_batch(sd3_file, to
     assert texts.encoded == 2 and torch.equal(again.crossattn[0], cond.crossattn[0])
     texts.conds(engine, ["a red dog"], [NEGATIVE], (SIZE, SIZE))
     assert texts.encoded == 3 and not texts.t5_open  # T5 opened again for the new prompt, then freed
+
+
+def test_tile_synth_samples_a_flux_canvas_tile_by_tile(tmp_path, flux_files, tokenizer_dir):  # noqa: F811
+    """FLUX.1 dev on a 128 x 96 canvas in 8 x 8 tiles (rotary ids have no grid to run out of): one tile covering the
+    whole latent is the plain txt2img image exactly, and the tiled canvas is a real image of the asked size."""
+    common = ("--prompt", PROMPT, "-W", 128, "-H", 96, "--steps", 1, "--seed", SEED, "--quiet",
+              *_flux_args(flux_files, tokenizer_dir))
+    result = run_cli("tile-synth", *common, "--tile", 8, "--tile-overlap", 2, "-o", tmp_path / "canvas.png")
+    assert result.exit_code == 0, result.stderr
+    assert run_cli("tile-synth", *common, "--tile", 16, "-o", tmp_path / "one.png").exit_code == 0
+    assert run_cli("txt2img", *common, "--tile", 0, "-o", tmp_path / "plain.png").exit_code == 0
+    with Image.open(tmp_path / "canvas.png") as canvas, Image.open(tmp_path / "one.png") as one, \
+            Image.open(tmp_path / "plain.png") as plain:
+        assert canvas.size == (128, 96) and np.asarray(canvas).std() > 5
+        assert np.array_equal(np.asarray(one), np.asarray(plain))
