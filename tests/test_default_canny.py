@@ -67,3 +67,11 @@ def test_load_controlnet_by_name_takes_the_heads_its_yaml_records():
         ours, theirs, other = (net(x, hint, t, context)[-1] for net in (by_name, as_run, released_heads))
     assert torch.equal(ours, theirs)
     assert not torch.allclose(ours, other)
+
+
+def test_a_controlnet_given_as_the_model_points_to_controlnet_in_one_line(tmp_path):
+    from clirun import run_cli
+
+    result = run_cli("txt2img", "--model", "default-canny", "--prompt", "a red circle", "-o", tmp_path / "x.png")
+    assert result.exit_code == 3
+    assert "--controlnet" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr

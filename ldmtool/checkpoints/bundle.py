@@ -241,7 +241,12 @@ Bundle = Union[LatentDiffusionBundle, FirstStageBundle, DiffusionEngineBundle, "
 
 def build_bundle(doc: Mapping[str, Any], family: Optional[str] = None) -> Bundle:
     """The bundle class the config's top-level target asks for, built on the current default device."""
-    from ldmtool.checkpoints.config import DIFFUSION_TARGETS, FIRST_STAGE_TARGETS, SGM_DIFFUSION_TARGETS
+    from ldmtool.checkpoints.config import (
+        CONTROL_TARGETS,
+        DIFFUSION_TARGETS,
+        FIRST_STAGE_TARGETS,
+        SGM_DIFFUSION_TARGETS,
+    )
     from ldmtool.checkpoints.transformer_bundle import TRANSFORMER_BUNDLE, TransformerBundle
 
     target = model_block(doc)["target"]
@@ -253,6 +258,9 @@ def build_bundle(doc: Mapping[str, Any], family: Optional[str] = None) -> Bundle
         return DiffusionEngineBundle(doc, family)
     if target in FIRST_STAGE_TARGETS:
         return FirstStageBundle(doc, family)
+    if target in CONTROL_TARGETS:
+        raise CheckpointError(f"config model.target {target!r} is a ControlNet, which runs beside a model: "
+                              "give it with --controlnet (ldmtool.load_controlnet in Python)")
     raise CheckpointError(
         f"config model.target {target!r} is not a latent diffusion model or first-stage autoencoder "
         f"(known: {', '.join(sorted(t.rsplit('.', 1)[-1] for t in DIFFUSION_TARGETS | SGM_DIFFUSION_TARGETS | FIRST_STAGE_TARGETS))})"
