@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldmtool.checkpoints.presets import shipped_model
-from ldmtool.pipelines.control import shipped_controlnet
+from ldmtool.checkpoints.presets import shipped_controlnet, shipped_model
 from ldmtool.pipelines.preprocess import PreprocessSettings, canny, edge_agreement
 from ldmtool.runtime.seeds import derive_seed
 from ldmtool.train.procedural import shape_scene

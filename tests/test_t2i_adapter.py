@@ -57,12 +57,10 @@ def test_a_file_that_is_not_an_adapter_is_one_clear_error(tmp_path):
 def test_txt2img_with_an_adapter_equals_diffusers_adapter_pipeline(tmp_path, tiny):
     import numpy as np
     import yaml
-    from diffusers import StableDiffusionAdapterPipeline
     from PIL import Image
 
     from ldmtool.checkpoints.files import save_safetensors
     from test_controlnet import STEPS, run_ours
-    from test_sd_vs_diffusers import CFG, SEED, diffusers_pipeline
 
     bundle, _unet, theirs = tiny
     model = tmp_path / "sd1-tiny.safetensors"
@@ -76,15 +74,7 @@ def test_txt2img_with_an_adapter_equals_diffusers_adapter_pipeline(tmp_path, tin
     ours, recipe = run_ours(*args, "--adapter", f"{tmp_path / 't2iadapter.safetensors'}:1.5",
                             "--control-image", tmp_path / "hint.png", "-o", tmp_path / "a.png")
     plain, _ = run_ours(*args, "-o", tmp_path / "p.png")
-    base = diffusers_pipeline(bundle)
-    parts = {k: v for k, v in base.components.items() if k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
-    pipe = StableDiffusionAdapterPipeline(**parts, adapter=theirs, safety_checker=None, feature_extractor=None,
-                                          requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    with torch.no_grad():
-        reference = pipe(prompt, image=hint, height=64, width=64, num_inference_steps=STEPS, guidance_scale=CFG,
-                         adapter_conditioning_scale=1.5, generator=torch.Generator("cpu").manual_seed(SEED),
-                         output_type="np").images[0]
+    reference = adapter_pipeline_image(bundle, theirs, prompt, hint, 1.5, steps=STEPS)
     assert np.abs(ours - reference).max() <= 1 / 255
     assert np.abs(ours - plain).max() > 5 / 255  # the comparison is sensitive to the adapter
     assert recipe["parameters"]["adapter"] == ["t2iadapter.safetensors:1.5"]
@@ -111,3 +101,21 @@ def test_adapter_features_are_computed_once_per_image_not_per_step(tmp_path, tin
     run_ours("txt2img", "--prompt", "x", "--model", model, "-W", 64, "-H", 64, "--adapter", tmp_path / "adapter.safetensors",
              "--control-image", tmp_path / "hint.png", "-o", tmp_path / "a.png")
     assert len(calls) == 1  # 4 steps, guidance: still one adapter pass
+
+
+def adapter_pipeline_image(bundle, adapter, prompt, hint, scale, *, steps):
+    """diffusers' `StableDiffusionAdapterPipeline` over the tiny SD bundle's parts with `adapter` at `scale`: the
+    64 px image for `prompt` and the hint image, with the guidance and seed of tests/test_sd_vs_diffusers.py."""
+    from diffusers import StableDiffusionAdapterPipeline
+
+    from test_sd_vs_diffusers import CFG, SEED, diffusers_pipeline
+
+    base = diffusers_pipeline(bundle)
+    parts = {k: v for k, v in base.components.items() if k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
+    pipe = StableDiffusionAdapterPipeline(**parts, adapter=adapter, safety_checker=None, feature_extractor=None,
+                                          requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        return pipe(prompt, image=hint, height=64, width=64, num_inference_steps=steps, guidance_scale=CFG,
+                    adapter_conditioning_scale=scale, generator=torch.Generator("cpu").manual_seed(SEED),
+                    output_type="np").images[0]

@@ -111,11 +111,11 @@ def test_a_flat_adapter_file_whose_levels_cannot_be_told_apart_is_one_clear_erro
 
 def test_txt2img_with_an_original_light_adapter_equals_diffusers_adapter_pipeline(tmp_path):
     import yaml
-    from diffusers import StableDiffusionAdapterPipeline
     from PIL import Image
 
     from ldmtool.checkpoints.tiny import tiny_model
-    from test_sd_vs_diffusers import CFG, SEED, diffusers_pipeline, run_ours as run_cli_like_diffusers
+    from test_sd_vs_diffusers import run_ours as run_cli_like_diffusers
+    from test_t2i_adapter import adapter_pipeline_image
 
     bundle = randomise_(tiny_model("sd1"), seed=7, scale=0.1)
     randomise_(bundle.first_stage_model, seed=8, scale=0.3)  # a decoder whose pixels follow the latent
@@ -131,15 +131,7 @@ def test_txt2img_with_an_original_light_adapter_equals_diffusers_adapter_pipelin
     ours, _ = run_cli_like_diffusers(*args, "--adapter", f"{adapter}:2", "--control-image", tmp_path / "hint.png",
                                      "-o", tmp_path / "a.png", steps=STEPS)
     plain, _ = run_cli_like_diffusers(*args, "-o", tmp_path / "p.png", steps=STEPS)
-    base = diffusers_pipeline(bundle)
-    parts = {k: v for k, v in base.components.items() if k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
-    pipe = StableDiffusionAdapterPipeline(**parts, adapter=theirs, safety_checker=None, feature_extractor=None,
-                                          requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    with torch.no_grad():
-        reference = pipe(prompt, image=hint, height=64, width=64, num_inference_steps=STEPS, guidance_scale=CFG,
-                         adapter_conditioning_scale=2.0, generator=torch.Generator("cpu").manual_seed(SEED),
-                         output_type="np").images[0]
+    reference = adapter_pipeline_image(bundle, theirs, prompt, hint, 2.0, steps=STEPS)
     assert np.abs(ours - reference).max() <= 1 / 255
     assert np.abs(ours - plain).max() > 5 / 255  # the comparison is sensitive to the adapter
 

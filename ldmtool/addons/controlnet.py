@@ -47,9 +47,10 @@ def load_controlnet(path: Union[str, Path], *, heads: Optional[Mapping[str, Any]
     """A ControlNet from a file (or a shipped one by name, e.g. "default-canny"), its architecture from the keys;
     `heads` ({"num_heads": n} or {"num_head_channels": n}, not recorded in weights) comes from a cldm YAML beside
     the file when there is one (as the shipped ones have), else defaults to the released models'."""
+    from ldmtool.checkpoints.presets import controlnet_file
     from ldmtool.nets.controlnet import ControlNet
 
-    path = _controlnet_path(path)
+    path = controlnet_file(path) or Path(path)
     heads = heads if heads is not None else _recorded_heads(path)
     state = read_controlnet(path)
     params = controlnet_params({k: tuple(v.shape) for k, v in state.items()}, heads)
@@ -67,15 +68,6 @@ def load_controlnet(path: Union[str, Path], *, heads: Optional[Mapping[str, Any]
     net.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, assign=True)
     net.config = params
     return net.to(device=device, dtype=dtype).eval().requires_grad_(False)
-
-
-def _controlnet_path(path: Union[str, Path]) -> Path:
-    """`path`, or the weights of the shipped ControlNet of that name when no such file exists."""
-    from ldmtool.pipelines.control import shipped_controlnet
-
-    if Path(path).exists():
-        return Path(path)
-    return shipped_controlnet(str(path)) or Path(path)
 
 
 def _recorded_heads(path: Path) -> Optional[dict[str, Any]]:

@@ -7,7 +7,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
-from ldmtool.checkpoints.config import ldmtool_block, load_config
+from ldmtool.checkpoints.config import CONTROL_TARGETS, ldmtool_block, load_config, model_block
 from ldmtool.errors import UsageError
 from ldmtool.families.registry import preset_families
 
@@ -75,3 +75,19 @@ def shipped_models() -> list[ShippedModel]:
 
 def shipped_model(name: str) -> Optional[ShippedModel]:
     return next((m for m in shipped_models() if m.name == name), None)
+
+
+def shipped_controlnet(name: str) -> Optional[Path]:
+    """The weights of the shipped ControlNet `name` (a default whose config is a cldm ControlLDM), else None."""
+    shipped = shipped_model(name)
+    if shipped is None or model_block(load_config(shipped.config)).get("target") not in CONTROL_TARGETS:
+        return None
+    return shipped.weights
+
+
+def controlnet_file(text: str | Path) -> Optional[Path]:
+    """The file `text` names: a path, or the weights of a shipped ControlNet of that name; None if neither."""
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path
+    return shipped_controlnet(str(text))

@@ -39,38 +39,21 @@ class ControlUnit:
 def parse_unit(spec: str) -> tuple[Path, float]:
     """FILE or FILE:S, FILE also the name of a shipped ControlNet such as default-canny (a file whose own
     name holds a colon is taken whole)."""
-    path = _unit_file(spec)
+    from ldmtool.checkpoints.presets import controlnet_file
+
+    path = controlnet_file(spec)
     head, sep, tail = spec.rpartition(":")
     if sep and path is None:
         try:
             strength = float(tail)
         except ValueError:
             raise UsageError(f"--controlnet {spec}: the strength after ':' is not a number") from None
-        path = _unit_file(head)
+        path = controlnet_file(head)
     else:
         strength = 1.0
     if path is None:
         raise UsageError(f"--controlnet {spec}: no such file or shipped ControlNet")
     return path, strength
-
-
-def _unit_file(text: str) -> Optional[Path]:
-    """The file `text` names: a path, or the weights of a shipped ControlNet of that name."""
-    path = Path(text).expanduser()
-    if path.is_file():
-        return path
-    return shipped_controlnet(text)
-
-
-def shipped_controlnet(name: str) -> Optional[Path]:
-    """The weights of the shipped ControlNet `name` (a default whose config is a cldm ControlLDM), else None."""
-    from ldmtool.checkpoints.config import CONTROL_TARGETS, load_config, model_block
-    from ldmtool.checkpoints.presets import shipped_model
-
-    shipped = shipped_model(name)
-    if shipped is None or model_block(load_config(shipped.config)).get("target") not in CONTROL_TARGETS:
-        return None
-    return shipped.weights
 
 
 class ControlRun:
