@@ -32,7 +32,7 @@ DIFFUSION_EXAMPLE = (
 train_app = typer.Typer(help="Train autoencoders and latent diffusion models offline.", no_args_is_help=True)
 
 Data = Annotated[
-    str, typer.Option("--data", help="Folder of training images, or 'corpus' (built-in sample images, held-out ones excluded).", rich_help_panel=TRAINING)
+    str, typer.Option("--data", help="Folder of training images, 'corpus' (built-in sample images), 'debian:PKG[,PKG]' (photographs of installed Debian packages), or several joined by '+'; held-out images are excluded.", rich_help_panel=TRAINING)
 ]
 RunDir = Annotated[Path, typer.Option("--output", "-o", help="Run folder: state, exported model, log.", rich_help_panel=TRAINING)]
 Steps = Annotated[int, typer.Option("--steps", min=1, help="Total optimisation steps (including resumed ones).", rich_help_panel=TRAINING)]
@@ -59,6 +59,7 @@ class TrainSession:
     device: str = same_option(ModelChoice, "device")
     precision: str = same_option(ModelChoice, "precision")
     threads: Optional[int] = option("--threads", help="CPU threads for torch.", panel=TRAINING, min=1)
+    licences: Optional[str] = option("--licences", help="With --data debian:PKG: keep only images under these licences (comma-separated, as the package's copyright file names them, e.g. CC-BY-4.0,CC0-1.0).", panel=TRAINING)
     quiet: bool = same_option(RunChoice, "quiet")
 
 
@@ -70,6 +71,10 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
     if not values or min(values) < 1:
         raise UsageError(f"{option} {text!r}: give comma-separated positive integers, e.g. 1,2,4")
     return values
+
+
+def _licences(session: TrainSession) -> Optional[list[str]]:
+    return [name.strip() for name in session.licences.split(",") if name.strip()] if session.licences else None
 
 
 def _run_options(out: Path, steps: int, session: TrainSession) -> RunOptions:
@@ -87,6 +92,7 @@ def autoencoder(
     factor: Annotated[int, typer.Option("--factor", help="Downsampling factor: 4 or 8.", rich_help_panel=TRAINING)] = 4,
     channels: Annotated[int, typer.Option("--channels", min=64, help="Base channels (multiple of 32, at least 64: with 32 the decoder's last GroupNorm normalises each channel alone and image-wide colour is lost).", rich_help_panel=TRAINING)] = 64,
     res_blocks: Annotated[int, typer.Option("--res-blocks", min=1, help="Residual blocks per level.", rich_help_panel=TRAINING)] = 1,
+    channel_mult: Annotated[Optional[str], typer.Option("--channel-mult", help="Channel multipliers per level, one more than log2(--factor) (default 1,2,4 for f=4, 1,2,4,4 for f=8).", rich_help_panel=TRAINING)] = None,
     z_channels: Annotated[Optional[int], typer.Option("--z-channels", min=1, help="Latent channels (default 3 for f=4, 4 for f=8).", rich_help_panel=TRAINING)] = None,
     attention: Annotated[bool, typer.Option("--attention", help="Self-attention in the mid block and at the lowest resolution (off: purely convolutional, so exact tiled decoding stays linear in the image area).", rich_help_panel=TRAINING)] = False,
     steps: Steps = 4000,
@@ -112,7 +118,8 @@ def autoencoder(
     from ldmtool.train.autoencoder import AutoencoderArch, AutoencoderLoss, AutoencoderTraining, train_autoencoder
     from ldmtool.train.data import resolve_data
 
-    arch = AutoencoderArch(factor=factor, ch=channels, num_res_blocks=res_blocks, z_channels=z_channels, attention=attention)
+    arch = AutoencoderArch(factor=factor, ch=channels, num_res_blocks=res_blocks, z_channels=z_channels, attention=attention,
+                           ch_mult=_ints(channel_mult, "--channel-mult") if channel_mult else None)
     loss = AutoencoderLoss(kl_weight=kl_weight, grad_weight=grad_weight, ssim_weight=ssim_weight, chroma_weight=chroma_weight,
                            disc_weight=disc_weight, disc_start=disc_start)
     training = AutoencoderTraining(crop=crop, batch_size=batch_size, lr=lr, ema_decay=session.ema_decay, seed=session.seed,
@@ -120,7 +127,7 @@ def autoencoder(
                                    procedural_share=procedural_share, init=str(init) if init else None,
                                    freeze_encoder=freeze_encoder, loss=loss)
     run = _run_options(output, steps, session)
-    path = train_autoencoder(arch, training, resolve_data(data, session.recursive), run)
+    path = train_autoencoder(arch, training, resolve_data(data, session.recursive, _licences(session)), run)
     if not session.quiet:
         typer.echo(f"wrote {path}", err=True)
 
@@ -177,7 +184,7 @@ def diffusion(
     elif data is None or data == PROCEDURAL:
         raise UsageError(f"--task {task} needs --data DIR or --data corpus")
     else:
-        paths = resolve_data(data, session.recursive)
+        paths = resolve_data(data, session.recursive, _licences(session))
     path = train_diffusion(arch, training, first_stage, paths, run)
     if not session.quiet:
         typer.echo(f"wrote {path}", err=True)
@@ -216,7 +223,7 @@ def controlnet(
     training = ControlNetTraining(base=model, hint=source, crop=crop, batch_size=batch_size, lr=lr,
                                   ema_decay=session.ema_decay, seed=session.seed, min_scale=min_scale,
                                   caption_dropout=caption_dropout, procedural=data == PROCEDURAL)
-    paths = [] if data == PROCEDURAL else resolve_data(data, session.recursive)
+    paths = [] if data == PROCEDURAL else resolve_data(data, session.recursive, _licences(session))
     path = train_controlnet(training, paths, _run_options(output, steps, session))
     if not session.quiet:
         typer.echo(f"wrote {path}", err=True)

@@ -40,10 +40,14 @@ class AutoencoderArch:
     # stage is purely convolutional, so an exact tiled decode costs linear time in the image area (a
     # global mid-block attention over a 16-megapixel output's latent is quadratic, hours on a CPU).
     attention: bool = False
+    ch_mult: Optional[tuple[int, ...]] = None  # default CH_MULT[factor]; one level per halving, plus one
 
     def __post_init__(self) -> None:
         if self.factor not in CH_MULT:
             raise UsageError(f"--factor {self.factor}: use 4 or 8")
+        if self.ch_mult is not None and len(self.ch_mult) != len(CH_MULT[self.factor]):
+            raise UsageError(f"--channel-mult {','.join(map(str, self.ch_mult))}: give {len(CH_MULT[self.factor])} "
+                             f"multipliers for --factor {self.factor}")
         if self.ch % 32:
             raise UsageError(f"--channels {self.ch}: must be a multiple of 32 (GroupNorm groups)")
 
@@ -52,7 +56,7 @@ class AutoencoderArch:
         return self.z_channels or DEFAULT_Z_CHANNELS[self.factor]
 
     def params(self, resolution: int) -> dict[str, Any]:
-        ch_mult = list(CH_MULT[self.factor])
+        ch_mult = list(self.ch_mult or CH_MULT[self.factor])
         lowest = resolution // self.factor
         return {
             "embed_dim": self.latent_channels,

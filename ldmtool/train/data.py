@@ -1,4 +1,5 @@
-"""Training images: any folder of images, or the built-in `corpus` of sample images from installed packages.
+"""Training images: any folder of images, the built-in `corpus` of sample images from installed packages, or
+photographs of installed Debian packages (`debian:PKG`, see `ldmtool.train.debian`).
 
 The corpus is read from PyPI packages' own data folders (scikit-image always; matplotlib and scikit-learn
 when they happen to be installed). Nothing is fetched. A fixed, named list of corpus images is held out
@@ -14,7 +15,7 @@ import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -90,13 +91,28 @@ def folder_images(root: Path, recursive: bool = True) -> list[Path]:
     return sorted(p for p in root.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def resolve_data(data: str, recursive: bool = True) -> list[Path]:
-    """`--data DIR|corpus` to a list of training image paths (corpus: held-out images excluded)."""
+def resolve_data(data: str, recursive: bool = True, licences: Optional[Sequence[str]] = None) -> list[Path]:
+    """`--data` to a list of training image paths: a folder, `corpus` (held-out images excluded),
+    `debian:PKG[,PKG]` (installed packages' photographs, their held-out split excluded, only `licences` if
+    given), or several of these joined by `+` (concatenated in that order)."""
+    sources = data.split("+") if "+" in data and not Path(data).exists() else [data]
+    return [path for source in sources for path in _resolve_source(source, recursive, licences)]
+
+
+def _resolve_source(data: str, recursive: bool, licences: Optional[Sequence[str]]) -> list[Path]:
+    from ldmtool.train import debian
+
     if data == CORPUS:
         paths = [image.path for image in corpus_images("train")]
         if not paths:
             raise UsageError("--data corpus: no sample images found (install scikit-image)")
         return paths
+    if data.startswith(debian.PREFIX):
+        images = debian.debian_images(data, "train", licences)
+        if not images:
+            kept = f" under {', '.join(licences)}" if licences else ""
+            raise UsageError(f"--data {data}: no training photographs{kept} in these packages")
+        return [image.path for image in images]
     paths = folder_images(Path(data), recursive)
     if not paths:
         raise UsageError(f"--data {data}: no image files found ({', '.join(sorted(IMAGE_SUFFIXES))})")
