@@ -146,3 +146,21 @@ def test_light_degradation_is_mostly_plain_downscales_with_several_kernels():
     assert degrade.degradation("realistic", 4) == degrade.DegradeConfig(scale=4)  # the original preset, unchanged
     with pytest.raises(UsageError, match="--degradation 'harsh'"):
         degrade.degradation("harsh", 4)
+
+
+def test_large_sources_are_cropped_from_their_window(monkeypatch):
+    """Above WINDOW_RESIZE_PIXELS a crop resizes only its source window: the same rng draws and nearly the same
+    pixels as resizing the whole image first (which smaller images still do, bit for bit as before)."""
+    import cv2
+
+    rng = np.random.default_rng(3)
+    smooth = cv2.resize(rng.integers(0, 256, size=(40, 60, 3), dtype=np.uint8), (600, 400), interpolation=cv2.INTER_CUBIC)
+    config = data.CropConfig(size=32, min_scale=0.2)
+    monkeypatch.setattr(data, "WINDOW_RESIZE_PIXELS", 1_000)
+    windowed = [data.random_crop(smooth, config, np.random.default_rng(i)) for i in range(12)]
+    monkeypatch.setattr(data, "WINDOW_RESIZE_PIXELS", 10**12)
+    whole = [data.random_crop(smooth, config, np.random.default_rng(i)) for i in range(12)]
+    for a, b in zip(windowed, whole):
+        assert a.shape == b.shape == (32, 32, 3)
+        mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+        assert mse < 255**2 / 10**3  # PSNR above 30 dB: the same region at the same scale
