@@ -187,6 +187,15 @@ def test_held_out_split_is_by_whole_wallpaper_and_stable_when_packages_are_added
         assert [i.package for i in joined] == sorted([i.package for i in joined], key=["walls", "kde-walls"].index)
 
 
+def test_one_kde_wallpaper_in_several_sizes_is_one_group(fake):
+    base = fake.root / "usr/share/wallpapers/Solo/contents/images"
+    fake.install("solo-walls", [_photo(base / "1920x1080.jpg", 70), _photo(base / "1000x1000.jpg", 71)])
+    images = debian.debian_images("debian:solo-walls", "all")
+    assert [image.key for image in images] == ["solo-walls/Solo/contents/images/1000x1000.jpg",
+                                               "solo-walls/Solo/contents/images/1920x1080.jpg"]
+    assert {image.group for image in images} == {"solo-walls/Solo"}
+
+
 def test_named_held_out_groups_replace_the_hash_fifth(kde, monkeypatch):
     monkeypatch.setattr(debian, "HELD_OUT", frozenset({"kde-walls/Birch"}))
     monkeypatch.setattr(debian, "NAMED_PACKAGES", frozenset({"kde-walls"}))
@@ -260,6 +269,8 @@ def test_sources_manifest_lists_both_splits_with_versions_licences_and_hashes(wa
     assert "default-x" in text and "derived" in text and "## CC-BY-4.0 (https://creativecommons.org/licenses/by/4.0/)" in text
     assert "`walls/sea_by_Ann.jpg` by Ann Example, 2018, from walls 2:3.4-1" in text
     assert "hill_by_Bob" not in text, "the notice names the training images only"
+    gpl = sources.render_notice(sources.source_images("debian:walls"))
+    assert "## GPL-2+" in gpl and "GPL-2+ is share-alike" in gpl and "CC-BY-4.0 is share-alike" not in gpl
 
 
 def test_sources_of_the_corpus_name_the_python_package(tmp_path):

@@ -207,7 +207,7 @@ def package_images(package: str, info_dir: Optional[Path] = None) -> list[Debian
     files = [path for path in files if path.is_file() and is_photo(path)]
     if not files:
         return []
-    root = Path(*Path(files[0]).parts[: len(_common_parts(files))])
+    root = Path(*_key_root(_common_parts(files)))
     images = []
     for path in files:
         entry = licence_of(path, _copyright(package))
@@ -215,6 +215,15 @@ def package_images(package: str, info_dir: Optional[Path] = None) -> list[Debian
         images.append(DebianImage(key, path, package, entry.licence if entry else "unknown",
                                   entry.holders if entry else ""))
     return sorted(images, key=lambda image: image.key)
+
+
+def _key_root(common: tuple[str, ...]) -> tuple[str, ...]:
+    """The folder keys are relative to: the files' common folder, but never inside a KDE wallpaper
+    (`Name/contents/images/`), so a package with one wallpaper in several sizes keeps `Name` in its keys and
+    its sizes in one group."""
+    if "contents" in common[1:]:
+        return common[: common.index("contents", 1) - 1]
+    return common
 
 
 def _common_parts(paths: Sequence[Path]) -> tuple[str, ...]:

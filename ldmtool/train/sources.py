@@ -29,6 +29,7 @@ LICENCE_URLS = {
     "GPL-2+": "https://www.gnu.org/licenses/old-licenses/gpl-2.0.html",
     "GPL-3+": "https://www.gnu.org/licenses/gpl-3.0.html",
 }
+SHARE_ALIKE = ("CC-BY-SA", "GPL", "LGPL")  # licences whose derived works must carry the same licence
 # Corpus prefix -> the PyPI distribution that ships those files (for its version).
 CORPUS_DISTRIBUTIONS = {"skimage": "scikit-image", "matplotlib": "matplotlib", "sklearn": "scikit-learn"}
 
@@ -107,6 +108,9 @@ def render_notice(images: Sequence[SourceImage], name: str = "") -> str:
     for licence in sorted({image.licence for image in train}):
         url = LICENCE_URLS.get(licence)
         lines += [f"## {licence}" + (f" ({url})" if url else ""), ""]
+        if licence.startswith(SHARE_ALIKE):
+            lines += [f"{licence} is share-alike: weights derived from these images are distributed under "
+                      f"{licence} too, apart from the MIT-licensed code.", ""]
         for image in (image for image in train if image.licence == licence):
             lines.append(f"- {_attribution(image)}")
         lines.append("")
