@@ -286,3 +286,15 @@ def test_sources_without_training_images_is_a_usage_error(walls, tmp_path):
     result = run_cli("train", "sources", "--data", "debian:walls", "--licences", "MIT", "-o", tmp_path / "s.json")
     assert result.exit_code == 2 and "no training images under MIT" in result.stderr
     assert not (tmp_path / "s.json").exists()
+
+
+def test_shipped_notices_are_rendered_from_their_manifests():
+    models = Path(sources.__file__).resolve().parents[1] / "assets" / "models"
+    manifests = sorted(models.glob("*.sources.json"))
+    assert manifests
+    for path in manifests:
+        name = path.name[: -len(".sources.json")]
+        images = [sources.SourceImage(**row) for row in json.loads(path.read_text())["images"]]
+        assert (models / f"{name}.NOTICE.md").read_text() == sources.render_notice(images, name), (
+            f"regenerate {name}.NOTICE.md with ldmtool train sources")
+        assert (models / f"{name}.safetensors").is_file()
