@@ -286,6 +286,9 @@ def test_sources_without_training_images_is_a_usage_error(walls, tmp_path):
     result = run_cli("train", "sources", "--data", "debian:walls", "--licences", "MIT", "-o", tmp_path / "s.json")
     assert result.exit_code == 2 and "no training images under MIT" in result.stderr
     assert not (tmp_path / "s.json").exists()
+    unwritable = run_cli("train", "sources", "--data", "debian:walls", "-o", tmp_path / "no" / "s.json")
+    assert unwritable.exit_code == 3 and f"{tmp_path / 'no' / 's.json'}: cannot write" in unwritable.stderr
+    assert len(unwritable.stderr.strip().splitlines()) == 1
 
 
 def test_shipped_notices_are_rendered_from_their_manifests():

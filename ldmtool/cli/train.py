@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 
 from ldmtool.cli.shared import option_groups
-from ldmtool.errors import UsageError
+from ldmtool.errors import FatalError, UsageError
 from ldmtool.options import ModelChoice, RunChoice, option, same_option
 
 if TYPE_CHECKING:
@@ -273,7 +273,7 @@ def sources(
         if notice is not None:
             notice.write_text(render_notice(images, name), encoding="utf-8")
     except OSError as err:
-        raise UsageError(f"{err.filename}: cannot write ({err.strerror})") from err
+        raise FatalError(f"{err.filename}: cannot write ({err.strerror})") from err
     typer.echo(f"wrote {output}" + (f" and {notice}" if notice else "") + f" ({len(images)} images)", err=True)
 
 
