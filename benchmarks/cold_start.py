@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-PHOTO = Path(__file__).resolve().parent.parent / "examples" / "photos" / "chelsea.png"
+PHOTO = Path(__file__).resolve().parent.parent / "examples" / "photos" / "leaf.png"
 
 PROBE = (
     "import sys\n"

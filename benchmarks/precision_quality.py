@@ -81,7 +81,7 @@ def _round_in_place(value: Any) -> None:
 
 def commands(tiny_sd: Path) -> Iterator[tuple[str, list[str]]]:
     """(name, ldmtool arguments without -o/--precision) for each shipped default and the tiny SD model."""
-    yield "superres (default-superres)", ["superres", str(EXAMPLES / "photos" / "chelsea.png"), "--scale", "4"]
+    yield "superres (default-superres)", ["superres", str(EXAMPLES / "photos" / "leaf.png"), "--scale", "4"]
     yield "inpaint (default-inpaint)", ["inpaint", str(EXAMPLES / "inpaint" / "coffee.png"),
                                         str(EXAMPLES / "inpaint" / "coffee_mask.png")]
     yield "semantic2img (default-semantic2img)", ["semantic2img", str(EXAMPLES / "labelmaps" / "landscape.png")]

@@ -1,8 +1,14 @@
 """Quality of the shipped default models against classical baselines (issue 7), on data no default was
 trained on, as JSON lines.
 
-- superres: held-out corpus photographs (`corpus_images("eval")`), fixed 256² crops, shrunk x4 with
-  `cv2.INTER_AREA`; `ldmtool superres --scale 4` (raw, `--colour-fix`, `--consistency`) vs bicubic and
+- superres: held-out photographs in named sets (`--eval-data`; default: the corpus's held-out images, the
+  held-out wallpapers of `debian:lomiri-wallpapers-16.04` and, as a set from a package no default trains
+  on, one file of every wallpaper of `plasma-workspace-wallpapers`, each where installed). A photo larger
+  than 1024 px on its long side is first area-downscaled to 1024: wallpapers are stored far beyond their
+  optical sharpness (upscaled, denoised, compressed), so at full size a 256² crop is a few blurry pixels
+  of detail and every method scores alike. Then fixed 256² crops (centre and four corners), shrunk x4 with
+  `cv2.INTER_AREA`; each set is reported on its own and all together (`"set"` in each JSON line).
+  `ldmtool superres --scale 4` (raw, `--colour-fix`, `--consistency`; or each `--settings` option set) vs bicubic and
   Lanczos upscales, and bicubic followed by the same back-projection `--consistency` applies (so the
   table shows what the model adds beyond that classical step). PSNR and SSIM against the crop, and the high-frequency energy ratio: spectral energy above 1/4
   of the Nyquist frequency (the low-res image's own Nyquist limit, i.e. the detail an upscaler must
@@ -25,6 +31,8 @@ without one is reported as skipped. The model runs through the real command line
 
     python benchmarks/quality.py --task all --markdown      # README table
     python benchmarks/quality.py --task superres --quick    # centre crops only, model default setting
+    python benchmarks/quality.py --task superres --eval-data corpus debian:lomiri-wallpapers-16.04 \
+        --settings "; --temperature 0; --steps 1; --sampler ddim --steps 4"   # one row per option set
     python benchmarks/quality.py --dry-run                  # tiny random models: checks the script
 
 With `--markdown` the README table rows go to stdout and the JSON lines to stderr.
@@ -35,6 +43,7 @@ import argparse
 import json
 import math
 import re
+import shlex
 import sys
 import tempfile
 import time
@@ -155,6 +164,94 @@ def eval_crops(size: int, quick: bool) -> list[Crop]:
     return crops
 
 
+LONG_SIDE = 1024  # photos larger than this are area-downscaled to it before cropping (see the docstring)
+CORPUS_SET = "corpus"
+HELD_OUT_PACKAGE = "lomiri-wallpapers-16.04"  # what default-superres trains on; its held-out split
+OUT_OF_PACKAGE = "plasma-workspace-wallpapers"  # no default trains on it: every wallpaper is held out
+ALL_OF = "debian-all:"
+
+
+def installed(package: str) -> bool:
+    from ldmtool.errors import UsageError
+    from ldmtool.train import debian
+
+    try:
+        debian.package_files(package)
+    except UsageError:
+        return False
+    return True
+
+
+def default_eval_sets() -> list[str]:
+    """The corpus's held-out photos, plus the Debian sets whose packages are installed."""
+    sets = [CORPUS_SET]
+    if installed(HELD_OUT_PACKAGE):
+        sets.append(f"debian:{HELD_OUT_PACKAGE}")
+    if installed(OUT_OF_PACKAGE):
+        sets.append(f"{ALL_OF}{OUT_OF_PACKAGE}")
+    return sets
+
+
+def eval_set_images(spec: str) -> list[tuple[str, Path]]:
+    """(file-name safe stem, path) of a set: `corpus` (its held-out images), `debian:PKG[,PKG]` (their held-out
+    wallpapers), `debian-all:PKG[,PKG]` (every wallpaper of packages no model trains on) or a folder of
+    images. A wallpaper shipped in several sizes counts once, by its largest file."""
+    from ldmtool.train import debian
+    from ldmtool.train.data import corpus_images, folder_images
+
+    if spec == CORPUS_SET:
+        return [(image.key.rsplit(".", 1)[0].replace("/", "_"), image.path) for image in corpus_images("eval")]
+    if spec.startswith((ALL_OF, debian.PREFIX)):
+        every = spec.startswith(ALL_OF)
+        images = debian.debian_images(debian.PREFIX + spec.split(":", 1)[1], "all" if every else "eval")
+        largest: dict[str, Path] = {}
+        for image in images:
+            if image.group not in largest or _pixels(image.path) > _pixels(largest[image.group]):
+                largest[image.group] = image.path
+        return [(group.replace("/", "_"), path) for group, path in sorted(largest.items())]
+    folder = Path(spec)
+    return [(path.relative_to(folder).with_suffix("").as_posix().replace("/", "_"), path)
+            for path in folder_images(folder)]
+
+
+def _pixels(path: Path) -> int:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.width * image.height
+
+
+def shrink_long_side(rgb: np.ndarray, long_side: int = LONG_SIDE) -> np.ndarray:
+    """Area-downscale so the long side is at most `long_side` (smaller images are returned as they are)."""
+    height, width = rgb.shape[:2]
+    if max(height, width) <= long_side:
+        return rgb
+    factor = long_side / max(height, width)
+    return cv2.resize(rgb, (round(width * factor), round(height * factor)), interpolation=cv2.INTER_AREA)
+
+
+def photo_crops(stem: str, rgb: np.ndarray, size: int, quick: bool) -> list[Crop]:
+    rgb = shrink_long_side(rgb)
+    if min(rgb.shape[:2]) < size:
+        return []
+    return [Crop(f"{stem}_{tag}", np.ascontiguousarray(rgb[top : top + size, left : left + size]))
+            for tag, top, left in crop_origins(*rgb.shape[:2], size, quick)]
+
+
+def eval_sets(specs: Sequence[str], size: int, quick: bool) -> dict[str, list[Crop]]:
+    """{set name: its crops}; a set without an image large enough for one crop is left out."""
+    from ldmtool.train.data import load_rgb
+
+    sets = {}
+    for spec in dict.fromkeys(specs):
+        crops = [crop for stem, path in eval_set_images(spec) for crop in photo_crops(stem, load_rgb(path), size, quick)]
+        if crops:
+            sets[spec] = crops
+    if not sets:
+        raise SystemExit(f"no held-out image in {', '.join(specs)} is at least {size} px on its short side")
+    return sets
+
+
 def write_png(path: Path, rgb: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(path), rgb[:, :, ::-1] if rgb.ndim == 3 else rgb)
@@ -188,6 +285,8 @@ class Settings:
     workdir: Path
     timeout: Optional[float] = None
     extra: list[str] = field(default_factory=list)  # e.g. --device cpu
+    eval_data: list[str] = field(default_factory=lambda: [CORPUS_SET])  # superres: the held-out sets
+    option_sets: Optional[list[str]] = None  # superres: ldmtool option sets, one row each (None: the usual three)
 
 
 def run_ldmtool(settings: Settings, command: str, args: Sequence[str], output: Path) -> tuple[dict[str, Path], float]:
@@ -218,8 +317,21 @@ def method_record(task: str, method: str, values: dict[str, list[float]], **extr
 # -- tasks ------------------------------------------------------------------------------------------------
 
 
+def superres_runs(settings: Settings) -> list[tuple[str, list[str]]]:
+    """(method name, ldmtool flags) of the model's rows: each `--settings` option set, or the usual ones."""
+    if settings.option_sets is not None:
+        return [(f"ldmtool {text.strip()}".strip() if text.strip() else "ldmtool (model defaults)", shlex.split(text))
+                for text in settings.option_sets]
+    if settings.quick:
+        return [("ldmtool", [])]
+    return [("ldmtool --no-colour-fix", ["--no-colour-fix", "--no-consistency"]),
+            ("ldmtool --colour-fix", ["--colour-fix", "--no-consistency"]),
+            ("ldmtool --consistency", ["--no-colour-fix", "--consistency"])]
+
+
 def bench_superres(settings: Settings) -> list[dict[str, Any]]:
-    crops = eval_crops(settings.size, settings.quick)
+    sets = eval_sets(settings.eval_data, settings.size, settings.quick)
+    crops = [crop for set_crops in sets.values() for crop in set_crops]
     low_side = settings.size // SR_SCALE
     low_dir = settings.workdir / "superres-low"
     lows = {c.name: cv2.resize(c.image, (low_side, low_side), interpolation=cv2.INTER_AREA) for c in crops}
@@ -235,27 +347,31 @@ def bench_superres(settings: Settings) -> list[dict[str, Any]]:
         "bicubic + back-projection": lambda n: back_project_(bicubic(n), lows[n]),
     }
     seconds = {}
-    runs = [("ldmtool", [])] if settings.quick else [
-        ("ldmtool --no-colour-fix", ["--no-colour-fix", "--no-consistency"]),
-        ("ldmtool --colour-fix", ["--colour-fix", "--no-consistency"]),
-        ("ldmtool --consistency", ["--no-colour-fix", "--consistency"]),
-    ]
-    for method, flags in runs:
+    for method, flags in superres_runs(settings):
         out_dir = settings.workdir / f"superres-{len(seconds)}"
         done, seconds[method] = run_ldmtool(settings, "superres", [str(low_dir), "--scale", str(SR_SCALE), *flags], out_dir)
         files = by_stem(done)
         outputs[method] = lambda n, files=files: read_png(files[n])
+    scores = {method: {crop.name: crop_scores(crop, produce(crop.name)) for crop in crops}
+              for method, produce in outputs.items()}
+    groups = {**sets, "all": crops} if len(sets) > 1 else sets
     records = []
-    for method, produce in outputs.items():
-        values: dict[str, list[float]] = {"psnr": [], "ssim": [], "hf_ratio": []}
-        for crop in crops:
-            out = produce(crop.name)
-            values["psnr"].append(psnr(crop.image, out))
-            values["ssim"].append(ssim(crop.image, out))
-            values["hf_ratio"].append(high_frequency_ratio(crop.image, out))
-        extra = {"seconds": round(seconds[method], 1)} if method in seconds else {}
-        records.append(method_record("superres", method, values, **extra))
-    return records + [superres_summary(records)]
+    for set_name, set_crops in groups.items():
+        set_records = []
+        for method in outputs:
+            values = {metric: [scores[method][crop.name][metric] for crop in set_crops] for metric in SR_METRICS}
+            whole = set_name == list(groups)[-1]  # a run covers every set: its time goes on the last row only
+            extra = {"seconds": round(seconds[method], 1)} if method in seconds and whole else {}
+            set_records.append(method_record("superres", method, values, set=set_name, **extra))
+        records += set_records + [{**superres_summary(set_records), "set": set_name}]
+    return records
+
+
+SR_METRICS = ("psnr", "ssim", "hf_ratio")
+
+
+def crop_scores(crop: Crop, out: np.ndarray) -> dict[str, float]:
+    return {"psnr": psnr(crop.image, out), "ssim": ssim(crop.image, out), "hf_ratio": high_frequency_ratio(crop.image, out)}
 
 
 def superres_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -489,7 +605,8 @@ def markdown_rows(records: list[dict[str, Any]]) -> list[str]:
             rows.append(f"| {r['task']} | — | — | — | skipped: {r['skipped']} |")
         elif "method" in r:
             metrics = ", ".join(text.format(r[k]) for k, text in METRIC_TEXT.items() if r.get(k) is not None)
-            rows.append(f"| {r['task']} | {r.get('model', '')} | {r['method']} | {r['items']} | {metrics} |")
+            task = f"{r['task']} ({r['set']})" if r.get("set") else r["task"]
+            rows.append(f"| {task} | {r.get('model', '')} | {r['method']} | {r['items']} | {metrics} |")
     return rows
 
 
@@ -526,6 +643,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workdir", type=Path, help="keep inputs and outputs here (default: a temporary folder)")
     parser.add_argument("--timeout", type=float, help="seconds per ldmtool process")
+    parser.add_argument("--eval-data", nargs="+", metavar="SET",
+                        help="superres held-out sets, each reported alone and all together: corpus, debian:PKG[,PKG] "
+                             "(held-out split), debian-all:PKG[,PKG] (every wallpaper of a package no model trains on) "
+                             "or a folder (default: corpus, plus debian:lomiri-wallpapers-16.04 and "
+                             "debian-all:plasma-workspace-wallpapers where installed; --dry-run: corpus)")
+    parser.add_argument("--settings", metavar="OPTIONS",
+                        help="superres: ldmtool option sets separated by ';', one row each, e.g. "
+                             "\"--settings=; --temperature 0; --sampler ddim --steps 4\" (an empty set: the model's defaults)")
+    parser.add_argument("--precision", default="fp32", help="ldmtool --precision of every run (default fp32)")
     return parser.parse_args(argv)
 
 
@@ -534,12 +660,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.dry_run:
         args.quick, args.size, args.steps = True, args.size or 64, args.steps or 2
     tasks = TASKS if "all" in args.task else tuple(dict.fromkeys(args.task))
+    eval_data = args.eval_data or ([CORPUS_SET] if args.dry_run else default_eval_sets())
+    option_sets = args.settings.split(";") if args.settings is not None else None
     stream = sys.stderr if args.markdown else sys.stdout
 
     def emit(record: dict[str, Any]) -> None:
         print(json.dumps(record), file=stream, flush=True)
 
-    emit({"bench": "quality", "machine": machine(), "tasks": list(tasks), "seed": args.seed, "quick": args.quick})
+    emit({"bench": "quality", "machine": machine(), "tasks": list(tasks), "seed": args.seed, "quick": args.quick,
+          "eval_data": eval_data if "superres" in tasks else None, "precision": args.precision})
     records = []
     with tempfile.TemporaryDirectory(prefix="ldm-quality-") as tmp:
         root = args.workdir or Path(tmp)
@@ -552,7 +681,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                 continue
             settings = Settings(model=model, seed=args.seed, steps=args.steps, quick=args.quick,
                                 size=args.size or DEFAULT_SIZE[task], workdir=root / task, timeout=args.timeout,
-                                extra=["--device", args.device, *(["--cfg", str(args.cfg)] if args.cfg else [])])
+                                extra=["--device", args.device, "--precision", args.precision,
+                                       *(["--cfg", str(args.cfg)] if args.cfg else [])],
+                                eval_data=eval_data, option_sets=option_sets)
             started = time.perf_counter()
             for record in REGISTRY[task](settings):
                 record = {**record, "model": Path(model).name if Path(model).is_file() else model,

@@ -39,9 +39,9 @@ Zone = tuple[int, int]  # [start, end) in pixels along the axis: where two tiles
 JOBS = {  # name -> (command line after `ldmtool`, output file name)
     "tile-synth": (["tile-synth", str(REPO / "examples/labelmaps/landscape.png"), "--width", "1024", "--height",
                     "256", "--seed", "1"], "landscape.png"),
-    "superres": (["superres", str(REPO / "examples/photos/chelsea.png"), "--scale", "4", "--seed", "1"], "chelsea.png"),
-    "upscale": (["img2img", str(REPO / "examples/photos/chelsea.png"), "--scale", "4", "--strength", "0.4",
-                 "--prompt", "a red circle", "--seed", "1"], "chelsea.png"),
+    "superres": (["superres", str(REPO / "examples/photos/leaf.png"), "--scale", "4", "--seed", "1"], "leaf.png"),
+    "upscale": (["img2img", str(REPO / "examples/photos/leaf.png"), "--scale", "4", "--strength", "0.4",
+                 "--prompt", "a red circle", "--seed", "1"], "leaf.png"),
 }
 
 

@@ -41,7 +41,7 @@ def test_import_ldmtool_does_not_import_torch():
 
 
 def test_superres_matches_the_cli_and_takes_pillow_images(tmp_path):
-    photo = _crop(EXAMPLES / "photos" / "coffee.png", (40, 20, 60, 36))
+    photo = _crop(EXAMPLES / "photos" / "cups.png", (40, 20, 60, 36))
     (cli,) = _cli(tmp_path, "superres", _save(tmp_path / "in.png", photo), "--steps", "1", "--item-seed", "5")
     api = ldmtool.superres(photo, steps=1, seed=5)
     assert api.dtype == np.uint8 and api.shape == (64, 80, 3)
@@ -50,7 +50,7 @@ def test_superres_matches_the_cli_and_takes_pillow_images(tmp_path):
 
 
 def test_superres_sixteen_bit_in_sixteen_bit_out(tmp_path):
-    photo = _crop(EXAMPLES / "photos" / "rocket.png", (50, 30, 66, 42)).astype(np.uint16) * 257
+    photo = _crop(EXAMPLES / "photos" / "boats.png", (50, 30, 66, 42)).astype(np.uint16) * 257
     photo[::2, ::3] += 100  # values an 8-bit image cannot hold
     cv2.imwrite(str(tmp_path / "deep.png"), np.ascontiguousarray(photo[:, :, ::-1]))  # OpenCV writes BGR
     result = run_cli("superres", tmp_path / "deep.png", "--steps", "1", "--item-seed", "2", "-o", tmp_path / "cli",
@@ -64,7 +64,7 @@ def test_superres_sixteen_bit_in_sixteen_bit_out(tmp_path):
 
 
 def test_img2img_matches_the_cli(tmp_path):
-    photo = _crop(EXAMPLES / "photos" / "chelsea.png", (10, 10, 42, 42))
+    photo = _crop(EXAMPLES / "photos" / "leaf.png", (10, 10, 42, 42))
     (cli,) = _cli(tmp_path, "img2img", _save(tmp_path / "in.png", photo), "--prompt", "x", "--steps", "2",
                   "--item-seed", "4")
     np.testing.assert_array_equal(ldmtool.img2img(photo, prompt="x", steps=2, seed=4), cli)

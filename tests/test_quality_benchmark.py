@@ -156,14 +156,21 @@ def test_resolve_model(monkeypatch):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Two runs started together: superres in full mode (raw, colour fix, consistency; five crops per image)
-    with --markdown, and the other four tasks as one --dry-run (every ldmtool start imports torch: fewer
+    """Three runs started together: superres in full mode (raw, colour fix, consistency; five crops per image)
+    with --markdown, superres on two sets with two --settings, and the other four tasks as one --dry-run (every ldmtool start imports torch: fewer
     processes keep this file quick on a shared machine)."""
     folder = tmp_path_factory.mktemp("quality")
     bsr = folder / "bsr.safetensors"
     save_tiny_checkpoint(bsr, "ldm-bsr-sr", seed=1, with_config=True)
     script = str(BENCHMARKS / "quality.py")
-    argvs = {"superres": ["--task", "superres", "--model", str(bsr), "--size", "32", "--steps", "1", "--markdown"],
+    sets = folder / "sets"
+    sets.mkdir()
+    cv2.imwrite(str(sets / "wide.png"), _noise(1100, 3)[:700])  # long side 1100: shrunk to 1024 first
+    cv2.imwrite(str(sets / "tiny.png"), _noise(20, 4))  # too small for a crop
+    argvs = {"sets": ["--task", "superres", "--model", str(bsr), "--size", "32", "--steps", "1", "--quick",
+                      "--eval-data", "corpus", str(sets), "--settings", "; --temperature 0"],
+             "superres": ["--task", "superres", "--model", str(bsr), "--size", "32", "--steps", "1", "--markdown",
+                          "--eval-data", "corpus"],
              "others": ["--task", "inpaint", "semantic", "layout", "txt2img", "--dry-run", "--steps", "1"]}
     procs = {name: subprocess.Popen([sys.executable, script, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     text=True) for name, argv in argvs.items()}
@@ -172,7 +179,8 @@ def runs(tmp_path_factory):
         out, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-2000:]
         results[name] = (out, err)
-    return {"superres": results["superres"], **{task: results["others"] for task in ("inpaint", "semantic", "layout", "txt2img")}}
+    return {"superres": results["superres"], "sets": results["sets"],
+            **{task: results["others"] for task in ("inpaint", "semantic", "layout", "txt2img")}}
 
 
 def _records(text: str, task: str) -> list[dict]:
@@ -199,7 +207,64 @@ def test_superres_end_to_end(runs):
     assert records["bicubic + back-projection"]["psnr"] > records["bicubic"]["psnr"]
     rows = markdown.strip().splitlines()
     assert rows[0].startswith("| task |") and len(rows) == 2 + 6
-    assert any(row.startswith("| superres | bsr.safetensors | bicubic |") for row in rows)
+    assert any(row.startswith("| superres (corpus) | bsr.safetensors | bicubic |") for row in rows)
+
+
+def test_superres_sets_and_settings_end_to_end(runs):
+    out, _ = runs["sets"]
+    records = _records(out, "superres")
+    folder = next(r["set"] for r in records if r["set"] not in ("corpus", "all"))
+    assert folder.endswith("sets")
+    methods = {"bicubic", "lanczos", "bicubic + back-projection", "ldmtool (model defaults)", "ldmtool --temperature 0"}
+    for method in methods:
+        by_set = {r["set"]: r for r in records if r["method"] == method}
+        assert set(by_set) == {"corpus", folder, "all"}
+        assert by_set[folder]["items"] == 1  # wide.png's centre crop; tiny.png is too small
+        assert by_set["all"]["items"] == by_set["corpus"]["items"] + 1
+        together = by_set["corpus"]["psnr_per_item"] + by_set[folder]["psnr_per_item"]
+        assert by_set["all"]["psnr"] == pytest.approx(np.mean(together), abs=2e-3)
+    summaries = [json.loads(line) for line in out.splitlines() if '"summary"' in line]
+    assert {r["set"] for r in summaries} == {"corpus", folder, "all"}
+
+
+def test_large_photos_are_area_downscaled_before_cropping():
+    photo = _noise(2048, 5)[:1280]  # 2048x1280: halved to 1024x640
+    crops = quality.photo_crops("p", photo, 256, quick=False)
+    assert [c.name for c in crops] == ["p_c", "p_tl", "p_tr", "p_bl", "p_br"]
+    halved = photo.reshape(640, 2, 1024, 2, 3).astype(np.float64).mean(axis=(1, 3))  # 2x2 block means
+    for crop, (_, top, left) in zip(crops, quality.crop_origins(640, 1024, 256, quick=False)):
+        assert np.abs(crop.image - halved[top : top + 256, left : left + 256]).max() <= 0.5 + 1e-9
+    small = _noise(300, 6)
+    assert np.array_equal(quality.photo_crops("s", small, 256, quick=True)[0].image, small[22:278, 22:278])
+    assert quality.photo_crops("t", _noise(200, 7), 256, quick=True) == []
+
+
+def test_default_eval_sets_follow_the_installed_packages(tmp_path, monkeypatch):
+    from ldmtool.train import debian
+
+    monkeypatch.setattr(debian, "DPKG_INFO", tmp_path)
+    assert quality.default_eval_sets() == ["corpus"]
+    (tmp_path / "lomiri-wallpapers-16.04.list").write_text("/usr\n")
+    (tmp_path / "plasma-workspace-wallpapers.list").write_text("/usr\n")
+    assert quality.default_eval_sets() == ["corpus", "debian:lomiri-wallpapers-16.04",
+                                           "debian-all:plasma-workspace-wallpapers"]
+
+
+def test_a_debian_set_takes_each_wallpaper_once_by_its_largest_file(tmp_path, monkeypatch):
+    from ldmtool.train import debian
+
+    def image(key: str, side: int) -> debian.DebianImage:
+        path = tmp_path / key.replace("/", "_")
+        cv2.imwrite(str(path), _noise(side))
+        return debian.DebianImage(key, path, "walls", "GPL-2+", "")
+
+    images = [image("walls/Kite/contents/images/640x480.png", 48), image("walls/Kite/contents/images/2560x1600.png", 64),
+              image("walls/sea.png", 40)]
+    asked = []
+    monkeypatch.setattr(debian, "debian_images", lambda spec, split: asked.append((spec, split)) or images)
+    assert quality.eval_set_images("debian-all:walls") == [("walls_Kite", images[1].path), ("walls_sea", images[2].path)]
+    quality.eval_set_images("debian:walls")
+    assert asked == [("debian:walls", "all"), ("debian:walls", "eval")]
 
 
 def test_inpaint_end_to_end(runs):

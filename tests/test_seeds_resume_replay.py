@@ -198,7 +198,7 @@ def test_readme_superres_then_inpaint_into_one_folder_stops_with_a_clear_message
     """The shipped defaults, as the README's sequence runs them (small crops, few steps)."""
     photos = tmp_path / "photos"
     photos.mkdir()
-    _photo_crop(photos / "coffee.png", EXAMPLES / "photos" / "coffee.png")
+    _photo_crop(photos / "coffee.png", EXAMPLES / "photos" / "cups.png")  # the same name as the inpaint input
     pair = tmp_path / "inpaint"
     pair.mkdir()
     _photo_crop(pair / "coffee.png", EXAMPLES / "inpaint" / "coffee.png")
@@ -221,7 +221,7 @@ def test_readme_superres_then_inpaint_into_one_folder_stops_with_a_clear_message
 def test_replay_reproduces_outputs_bit_for_bit(tmp_path, sd1):
     photos = tmp_path / "photos"
     photos.mkdir()
-    _photo_crop(photos / "rocket.png", EXAMPLES / "photos" / "rocket.png")
+    _photo_crop(photos / "boats.png", EXAMPLES / "photos" / "boats.png")
     _photo_crop(tmp_path / "coffee.png", EXAMPLES / "inpaint" / "coffee.png")
     _photo_crop(tmp_path / "coffee_mask.png", EXAMPLES / "inpaint" / "coffee_mask.png")
     prompts = tmp_path / "p.jsonl"

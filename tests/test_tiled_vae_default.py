@@ -16,7 +16,7 @@ def test_default_superres_first_stage_tiles_exactly():
     import ldmtool
 
     first = ldmtool.load_model("default-superres").first_stage
-    rgb = read_image(Path(__file__).resolve().parents[1] / "examples" / "photos" / "chelsea.png").rgb
+    rgb = read_image(Path(__file__).resolve().parents[1] / "examples" / "photos" / "leaf.png").rgb
     x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None] * 2 - 1  # (1, 3, 80, 120)
     with torch.inference_mode():
         z = first.encode(x)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 
 from ldmtool.cli.shared import option_groups
-from ldmtool.errors import UsageError
+from ldmtool.errors import FatalError, UsageError
 from ldmtool.options import ModelChoice, RunChoice, option, same_option
 
 if TYPE_CHECKING:
@@ -253,11 +253,38 @@ def export(
     typer.echo(f"wrote {weights} and {config}", err=True)
 
 
+def sources(
+    data: Data,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Manifest to write (JSON): every image of the train and eval split with package, version, licence, holders and sha256.", rich_help_panel=TRAINING)],
+    licences: Annotated[Optional[str], typer.Option("--licences", help="As for training: keep only debian: images under these licences (comma-separated).", rich_help_panel=TRAINING)] = None,
+    notice: Annotated[Optional[Path], typer.Option("--notice", help="Also write a Markdown notice of the TRAIN images' licences and attributions (ship it beside the weights).", rich_help_panel=TRAINING)] = None,
+    name: Annotated[str, typer.Option("--name", help="Model name the notice is for, e.g. default-superres.", rich_help_panel=TRAINING)] = "",
+    recursive: Annotated[bool, typer.Option("--recursive/--no-recursive", help="Descend into subfolders of --data.", rich_help_panel=TRAINING)] = True,
+) -> None:
+    """Write what --data trains on: a sources manifest and, with --notice, the licence notice for the weights."""
+    from ldmtool.train.sources import render_notice, source_images, write_manifest
+
+    kept = [part.strip() for part in licences.split(",") if part.strip()] if licences else None
+    images = source_images(data, kept, recursive)
+    if not any(image.split == "train" for image in images):
+        raise UsageError(f"--data {data}: no training images" + (f" under {licences}" if licences else ""))
+    try:
+        write_manifest(output, data, kept, images)
+        if notice is not None:
+            notice.write_text(render_notice(images, name), encoding="utf-8")
+    except OSError as err:
+        raise FatalError(f"{err.filename}: cannot write ({err.strerror})") from err
+    typer.echo(f"wrote {output}" + (f" and {notice}" if notice else "") + f" ({len(images)} images)", err=True)
+
+
+SOURCES_EXAMPLE = ("Example: ldmtool train sources --data debian:lomiri-wallpapers-16.04 --licences CC-BY-4.0,CC0-1.0 "
+                   "-o sources.json --notice NOTICE.md")
 EXPORT_EXAMPLE = "Example: ldmtool train export runs/sr4 --name default-superres"
 train_app.command("export", help=f"{export.__doc__}\n\n{EXPORT_EXAMPLE}")(export)
 train_app.command("autoencoder", help=f"{autoencoder.__doc__}\n\n{AE_EXAMPLE}")(autoencoder)
 train_app.command("diffusion", help=f"{diffusion.__doc__}\n\n{DIFFUSION_EXAMPLE}")(diffusion)
 train_app.command("controlnet", help=f"{controlnet.__doc__}\n\n{CONTROLNET_EXAMPLE}")(controlnet)
+train_app.command("sources", help=f"{sources.__doc__}\n\n{SOURCES_EXAMPLE}")(sources)
 
 
 def register(app: typer.Typer) -> None:

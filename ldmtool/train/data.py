@@ -95,8 +95,12 @@ def resolve_data(data: str, recursive: bool = True, licences: Optional[Sequence[
     """`--data` to a list of training image paths: a folder, `corpus` (held-out images excluded),
     `debian:PKG[,PKG]` (installed packages' photographs, their held-out split excluded, only `licences` if
     given), or several of these joined by `+` (concatenated in that order)."""
-    sources = data.split("+") if "+" in data and not Path(data).exists() else [data]
-    return [path for source in sources for path in _resolve_source(source, recursive, licences)]
+    return [path for source in data_sources(data) for path in _resolve_source(source, recursive, licences)]
+
+
+def data_sources(data: str) -> list[str]:
+    """The sources a `--data` value joins with `+`, in order (a folder whose name has a `+` stays whole)."""
+    return data.split("+") if "+" in data and not Path(data).exists() else [data]
 
 
 def _resolve_source(data: str, recursive: bool, licences: Optional[Sequence[str]]) -> list[Path]:

@@ -86,8 +86,9 @@ def parse_spec(spec: str) -> list[str]:
     return names
 
 
-def package_files(package: str, info_dir: Path = DPKG_INFO) -> list[Path]:
+def package_files(package: str, info_dir: Optional[Path] = None) -> list[Path]:
     """The files dpkg installed for `package` (its `.list`, any architecture)."""
+    info_dir = info_dir or DPKG_INFO
     lists = sorted(info_dir.glob(f"{package}.list")) + sorted(info_dir.glob(f"{package}:*.list"))
     if not lists:
         raise UsageError(f"--data debian:{package}: package not installed (apt-get install {package})")
@@ -168,19 +169,45 @@ def is_photo(path: Path) -> bool:
     return width * height >= MIN_PIXELS and detail_share(path) >= MIN_DETAIL
 
 
-@lru_cache(maxsize=32)
 def _copyright(package: str) -> tuple[CopyrightEntry, ...]:
-    path = DOC_ROOT / package / "copyright"
+    return _read_copyright(DOC_ROOT / package / "copyright")
+
+
+@lru_cache(maxsize=32)
+def _read_copyright(path: Path) -> tuple[CopyrightEntry, ...]:
+    # Cached by path, not by package name, so a different DOC_ROOT (tests, chroots) never sees stale entries.
     return tuple(parse_copyright(path.read_text(encoding="utf-8", errors="replace"))) if path.is_file() else ()
 
 
-def package_images(package: str, info_dir: Path = DPKG_INFO) -> list[DebianImage]:
+def upstream_source(package: str) -> str:
+    """The `Source:` of the copyright file's header paragraph (where the images come from), or ""."""
+    path = DOC_ROOT / package / "copyright"
+    if not path.is_file():
+        return ""
+    header = re.split(r"\n\s*\n", path.read_text(encoding="utf-8", errors="replace"), maxsplit=1)[0]
+    found = re.search(r"^Source:[ \t]*(\S.*)$", header, flags=re.MULTILINE | re.IGNORECASE)
+    return found.group(1).strip() if found else ""
+
+
+def package_version(package: str, info_dir: Optional[Path] = None) -> str:
+    """The installed version of `package` from dpkg's status file (beside its info folder), or ""."""
+    status = (info_dir or DPKG_INFO).parent / "status"
+    if not status.is_file():
+        return ""
+    for paragraph in re.split(r"\n\s*\n", status.read_text(encoding="utf-8", errors="replace")):
+        fields = dict(re.findall(r"^([A-Za-z-]+):[ \t]*(.*)$", paragraph, flags=re.MULTILINE))
+        if fields.get("Package") == package and "installed" in fields.get("Status", "").split():
+            return fields.get("Version", "")
+    return ""
+
+
+def package_images(package: str, info_dir: Optional[Path] = None) -> list[DebianImage]:
     """The photographs of one installed package, sorted by key."""
     files = [path for path in package_files(package, info_dir) if path.suffix.lower() in PHOTO_SUFFIXES]
     files = [path for path in files if path.is_file() and is_photo(path)]
     if not files:
         return []
-    root = Path(*Path(files[0]).parts[: len(_common_parts(files))])
+    root = Path(*_key_root(_common_parts(files)))
     images = []
     for path in files:
         entry = licence_of(path, _copyright(package))
@@ -188,6 +215,15 @@ def package_images(package: str, info_dir: Path = DPKG_INFO) -> list[DebianImage
         images.append(DebianImage(key, path, package, entry.licence if entry else "unknown",
                                   entry.holders if entry else ""))
     return sorted(images, key=lambda image: image.key)
+
+
+def _key_root(common: tuple[str, ...]) -> tuple[str, ...]:
+    """The folder keys are relative to: the files' common folder, but never inside a KDE wallpaper
+    (`Name/contents/images/`), so a package with one wallpaper in several sizes keeps `Name` in its keys and
+    its sizes in one group."""
+    if "contents" in common[1:]:
+        return common[: common.index("contents", 1) - 1]
+    return common
 
 
 def _common_parts(paths: Sequence[Path]) -> tuple[str, ...]:
@@ -201,7 +237,7 @@ def _common_parts(paths: Sequence[Path]) -> tuple[str, ...]:
 
 
 def debian_images(spec: str, split: str = "train", licences: Optional[Iterable[str]] = None,
-                  info_dir: Path = DPKG_INFO) -> list[DebianImage]:
+                  info_dir: Optional[Path] = None) -> list[DebianImage]:
     """`debian:PKG[,PKG]` images of `split` ("train", "eval" or "all"), with only `licences` if given."""
     if split not in ("train", "eval", "all"):
         raise ValueError(f"unknown split {split!r}")
