@@ -52,15 +52,44 @@ def _first_stage_files(path: Path) -> tuple[Path, Path]:
     raise UsageError(f"--first-stage {path}: no config beside it (expected {path.with_suffix('.yaml').name})")
 
 
+def shipped_first_stage(name: str) -> Optional[tuple[Path, dict[str, Any]]]:
+    """(weights, first_stage_config) of the shipped default `name` (e.g. default-superres: the first stage it
+    ships with, as shipped in fp16), or None when no shipped default has that name."""
+    from ldmtool.checkpoints.presets import models_dir, shipped_model
+
+    shipped = shipped_model(name)
+    if shipped is None:
+        return None
+    doc = yaml.safe_load(shipped.config.read_text())
+    shared = doc.get("ldmtool", {}).get("first_stage_weights")
+    config = doc.get("model", {}).get("params", {}).get("first_stage_config")
+    if not shared or not config:
+        raise UsageError(f"--first-stage {name}: that shipped model has no separately shipped first stage")
+    return models_dir() / shared, config
+
+
+def shipped_weights(text: str | Path) -> Path:
+    """`--init` as given: a path, or a shipped default's name (its weights file)."""
+    from ldmtool.checkpoints.presets import shipped_model
+
+    path = Path(text)
+    shipped = shipped_model(str(text)) if not path.exists() else None
+    return shipped.weights if shipped is not None else path
+
+
 def load_first_stage(path: Path, device: torch.device | str) -> FirstStage:
     """Load an autoencoder written by `ldmtool train autoencoder` (or any KL first stage + its YAML)."""
     from safetensors.torch import load_file
 
-    weights_path, config_path = _first_stage_files(path)
-    if not weights_path.is_file():
-        raise UsageError(f"--first-stage {weights_path}: file not found")
-    config = yaml.safe_load(config_path.read_text())
-    model_config = config.get("model", config)
+    shipped = shipped_first_stage(str(path)) if not Path(path).exists() else None
+    if shipped is not None:
+        weights_path, model_config = shipped
+    else:
+        weights_path, config_path = _first_stage_files(path)
+        if not weights_path.is_file():
+            raise UsageError(f"--first-stage {weights_path}: file not found")
+        config = yaml.safe_load(config_path.read_text())
+        model_config = config.get("model", config)
     if model_config.get("target") != AUTOENCODER_TARGET:
         raise CheckpointError(f"{config_path}: target {model_config.get('target')!r} is not a KL autoencoder ({AUTOENCODER_TARGET})")
     params = model_config["params"]
@@ -113,8 +142,9 @@ def init_unet(unet: "nn.Module", checkpoint: Path) -> int:
     """Copies the UNet weights of a LatentDiffusion checkpoint into `unet` wherever the name and shape
     match (fine-tuning, e.g. a new first stage under a trained model); returns how many tensors were taken.
     A checkpoint matching fewer than half of the UNet's tensors is a usage error: another architecture."""
+    checkpoint = shipped_weights(checkpoint)
     if not checkpoint.is_file():
-        raise UsageError(f"--init {checkpoint}: no such checkpoint file")
+        raise UsageError(f"--init {checkpoint}: no such checkpoint file (give a file or a shipped default's name)")
     return _copy_matching(unet, checkpoint, UNET_PREFIX, at_least=0.5, widen=UNET_INPUT_CONV)
 
 
@@ -124,7 +154,7 @@ COND_PREFIX = "cond_stage_model."
 def init_cond_stage(cond_stage: "nn.Module", checkpoint: Path) -> int:
     """Copies a checkpoint's trainable cond stage (BERT, spatial rescaler) into `cond_stage` where names and
     shapes match; a checkpoint without one (or of another shape) leaves it as initialised. Returns the count."""
-    return _copy_matching(cond_stage, checkpoint, COND_PREFIX, at_least=0.0)
+    return _copy_matching(cond_stage, shipped_weights(checkpoint), COND_PREFIX, at_least=0.0)
 
 
 def _copy_matching(module: "nn.Module", checkpoint: Path, prefix: str, at_least: float,
