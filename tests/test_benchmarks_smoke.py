@@ -124,7 +124,7 @@ def test_gpu_flop_count_matches_closed_form_for_one_conv():
 # its own script's output.
 
 DRY_RUNS = {"gpu_unet": ["--dtypes", "fp32"], "unet_step": [], "superres_memory": [], "folder_throughput": [], "checkpoint_load": [],
-            "fewstep": []}
+            "fewstep": [], "first_stage_ceiling": []}
 
 
 class DryRuns:
@@ -134,7 +134,7 @@ class DryRuns:
             workdir = folder / name
             workdir.mkdir()
             argv = [sys.executable, str(BENCHMARKS / f"{name}.py"), "--dry-run", *extra]
-            if name not in ("gpu_unet", "unet_step", "fewstep"):
+            if name not in ("gpu_unet", "unet_step", "fewstep", "first_stage_ceiling"):
                 argv += ["--workdir", str(workdir)]
             out = (folder / f"{name}.out").open("w+")
             self.procs[name] = (subprocess.Popen(argv, stdout=out, stderr=subprocess.PIPE, text=True), out, workdir)
@@ -156,6 +156,17 @@ def dry_runs(tmp_path_factory):
             proc.kill()
             proc.communicate()
         out.close()
+
+
+def test_first_stage_ceiling_dry_run(dry_runs):
+    """The shipped first stage's reconstruction, back-projected, on the corpus's held-out crops: the ceiling of
+    any latent SR model on it, beside bicubic (the room is their difference, as printed)."""
+    records, _ = dry_runs.records("first_stage_ceiling")
+    assert records[0]["machine"]["cpu"] and records[0]["sets"] == ["corpus"]
+    (corpus,) = [r for r in records if r.get("set") == "corpus"]
+    assert corpus["crops"] >= 1 and set(corpus["psnr"]) == {"bicubic", "bicubic+bp", "ae", "ae+bp"}
+    assert corpus["room_over_bicubic_db"] == round(corpus["psnr"]["ae+bp"] - corpus["psnr"]["bicubic"], 2)
+    assert all(15 < value < 60 for value in corpus["psnr"].values())
 
 
 def test_gpu_unet_dry_run(dry_runs):
