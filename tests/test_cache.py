@@ -53,8 +53,8 @@ def test_file_hash_matches_hashlib_and_is_cached(tmp_path, monkeypatch):
     weights.write_bytes(os.urandom(3 * 1024 * 1024 + 7))
     expected = hashlib.sha256(weights.read_bytes()).hexdigest()
     calls = []
-    real_hash = cache._hash_file
-    monkeypatch.setattr(cache, "_hash_file", lambda path: calls.append(path) or real_hash(path))
+    real_hash = cache.hash_file
+    monkeypatch.setattr(cache, "hash_file", lambda path: calls.append(path) or real_hash(path))
 
     assert file_sha256(weights) == expected
     assert file_sha256(weights) == expected

@@ -195,8 +195,8 @@ def hash_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LDMTOOL_CACHE", str(tmp_path / "cache"))
     cache._hash_memo.clear()
     calls = []
-    real_hash = cache._hash_file
-    monkeypatch.setattr(cache, "_hash_file", lambda path: calls.append(path) or real_hash(path))
+    real_hash = cache.hash_file
+    monkeypatch.setattr(cache, "hash_file", lambda path: calls.append(path) or real_hash(path))
     yield cache, calls
     cache._hash_memo.clear()
 

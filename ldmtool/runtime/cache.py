@@ -122,7 +122,7 @@ def file_hash(path: Path | str) -> tuple[str, str]:
     if isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest) and _stamp_of(entry) == identity.stamp():
         result = (digest, HASH_CACHE)
     else:
-        result = (_hash_file(Path(identity.path)), HASH_COMPUTED)
+        result = (hash_file(Path(identity.path)), HASH_COMPUTED)
         if FileIdentity.of(identity.path) == identity:  # unchanged while it was read: safe to remember
             index[identity.path] = {**identity.stamp(), "sha256": result[0]}
             _write_hash_index(index)
@@ -142,7 +142,8 @@ def short_hash(sha256_hex: str) -> str:
     return sha256_hex[:10]
 
 
-def _hash_file(path: Path) -> str:
+def hash_file(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks (uncached: `file_sha256` caches)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):

@@ -9,7 +9,6 @@ but naming it costs nothing either).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass
 from importlib import metadata
@@ -48,11 +47,9 @@ class SourceImage:
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from ldmtool.runtime.cache import hash_file
+
+    return hash_file(path)
 
 
 def source_images(data: str, licences: Optional[Sequence[str]] = None, recursive: bool = True) -> list[SourceImage]:
