@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import os
 import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Iterable, Optional, Sequence
 
 from ldmtool.errors import UsageError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 PREFIX = "debian:"
 DPKG_INFO = Path("/var/lib/dpkg/info")
@@ -142,21 +146,25 @@ def _matches(path: Path, pattern: str) -> bool:
     return fnmatch.fnmatchcase(tail, pattern) or (not any(c in name for c in "*?[") and path.name == name)
 
 
-def detail_share(path: Path) -> float:
-    """Share of a 512-px thumbnail's pixels whose Laplacian exceeds 8 grey levels (photos: 0.05-0.8)."""
+def detail_share(image: "Path | Image.Image") -> float:
+    """Share of a 512-px thumbnail's pixels whose Laplacian exceeds 8 grey levels (photos: 0.05-0.8);
+    `image` is a file or an opened image."""
     import cv2
     import numpy as np
     from PIL import Image
 
-    with Image.open(path) as image:
-        image.draft("RGB", (512, 512))
-        grey = image.convert("L")
-        grey.thumbnail((512, 512), Image.Resampling.BOX)
-        array = np.asarray(grey, dtype=np.float32)
+    if isinstance(image, Path):
+        with Image.open(image) as opened:
+            return detail_share(opened)
+    image.draft("RGB", (512, 512))
+    grey = image.convert("L")
+    grey.thumbnail((512, 512), Image.Resampling.BOX)
+    array = np.asarray(grey, dtype=np.float32)
     return float((np.abs(cv2.Laplacian(array, cv2.CV_32F)) > 8).mean())
 
 
 def is_photo(path: Path) -> bool:
+    """A large, detailed JPEG that is not a screenshot or a link (the file is opened once)."""
     from PIL import Image
 
     if path.suffix.lower() not in PHOTO_SUFFIXES or "screenshot" in path.name.lower() or path.is_symlink():
@@ -164,9 +172,9 @@ def is_photo(path: Path) -> bool:
     try:
         with Image.open(path) as image:
             width, height = image.size
+            return width * height >= MIN_PIXELS and detail_share(image) >= MIN_DETAIL
     except (OSError, ValueError, Image.DecompressionBombError):
         return False
-    return width * height >= MIN_PIXELS and detail_share(path) >= MIN_DETAIL
 
 
 def _copyright(package: str) -> tuple[CopyrightEntry, ...]:
@@ -203,8 +211,7 @@ def package_version(package: str, info_dir: Optional[Path] = None) -> str:
 
 def package_images(package: str, info_dir: Optional[Path] = None) -> list[DebianImage]:
     """The photographs of one installed package, sorted by key."""
-    files = [path for path in package_files(package, info_dir) if path.suffix.lower() in PHOTO_SUFFIXES]
-    files = [path for path in files if path.is_file() and is_photo(path)]
+    files = [path for path in package_files(package, info_dir) if path.is_file() and is_photo(path)]
     if not files:
         return []
     root = Path(*_key_root(_common_parts(files)))
@@ -227,13 +234,7 @@ def _key_root(common: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def _common_parts(paths: Sequence[Path]) -> tuple[str, ...]:
-    folders = [path.parent.parts for path in paths]
-    common: list[str] = []
-    for level in zip(*folders):
-        if len(set(level)) != 1:
-            break
-        common.append(level[0])
-    return tuple(common)
+    return Path(os.path.commonpath([path.parent for path in paths])).parts
 
 
 def debian_images(spec: str, split: str = "train", licences: Optional[Iterable[str]] = None,
