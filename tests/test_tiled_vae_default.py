@@ -7,7 +7,7 @@ from ldmtool.checkpoints.presets import shipped_model
 from ldmtool.io.images import read_image
 from ldmtool.tiling.vae import VAETiling, tiled_decode, tiled_encode
 
-pytestmark = pytest.mark.skipif(shipped_model("default-superres") is None, reason="default-superres is not shipped")
+pytestmark = pytest.mark.skipif(shipped_model("default-txt2img") is None, reason="default-txt2img is not shipped")
 
 
 def test_default_superres_first_stage_tiles_exactly():
@@ -15,7 +15,7 @@ def test_default_superres_first_stage_tiles_exactly():
 
     import ldmtool
 
-    first = ldmtool.load_model("default-superres").first_stage
+    first = ldmtool.load_model("default-txt2img").first_stage
     rgb = read_image(Path(__file__).resolve().parents[1] / "examples" / "photos" / "leaf.png").rgb
     x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None] * 2 - 1  # (1, 3, 80, 120)
     with torch.inference_mode():

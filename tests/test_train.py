@@ -590,19 +590,19 @@ def test_init_also_starts_the_text_encoder_from_the_checkpoint(first_stage, tmp_
 
 
 def test_a_shipped_default_names_its_first_stage_and_init_weights():
-    """`--first-stage default-superres` is the first stage that default ships with (fp16 as shipped, loaded
-    strictly into the architecture its YAML gives); `--init default-superres` is its weights file."""
+    """`--first-stage default-txt2img` is the first stage that default ships with (fp16 as shipped, loaded
+    strictly into the architecture its YAML gives); `--init default-txt2img` is its weights file."""
     from ldmtool.checkpoints.presets import shipped_model
     from ldmtool.train import diffusion_parts as parts
 
-    weights, config = parts.shipped_first_stage("default-superres")
-    shipped_doc = yaml.safe_load(shipped_model("default-superres").config.read_text())
+    weights, config = parts.shipped_first_stage("default-txt2img")
+    shipped_doc = yaml.safe_load(shipped_model("default-txt2img").config.read_text())
     assert weights.name == shipped_doc["ldmtool"]["first_stage_weights"]
-    stage = parts.load_first_stage(Path("default-superres"), "cpu")
+    stage = parts.load_first_stage(Path("default-txt2img"), "cpu")
     stored = load_file(str(weights))
     assert all(torch.equal(v.float(), stored[k].float()) for k, v in stage.model.state_dict().items())
     assert stage.channels == config["params"]["embed_dim"]
-    assert parts.shipped_weights("default-superres") == shipped_model("default-superres").weights
+    assert parts.shipped_weights("default-txt2img") == shipped_model("default-txt2img").weights
     assert parts.shipped_first_stage("no-such-default") is None
     with pytest.raises(UsageError, match="no config beside it"):
         parts.load_first_stage(Path("no-such-default"), "cpu")

@@ -49,6 +49,8 @@ TARGETS: dict[str, str] = {
     "sd3.mmditx.MMDiTX": "ldmtool.nets.sd3_files:build_mmdit",
     "sd3.sd3_impls.SDVAE": "ldmtool.nets.autoencoder:AutoEncoder",
     "cldm.cldm.ControlNet": "ldmtool.nets.controlnet:ControlNet",
+    # ldmtool's own lossless f4 first stage (default-superres): no reference class, no weights.
+    "ldmtool.nets.patch_autoencoder.PatchAutoencoder": "ldmtool.nets.patch_autoencoder:PatchAutoencoder",
 }
 DIFFUSION_TARGETS = {
     "ldm.models.diffusion.ddpm.LatentDiffusion",

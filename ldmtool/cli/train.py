@@ -135,7 +135,7 @@ def autoencoder(
 @option_groups
 def diffusion(
     output: RunDir,
-    first_stage: Annotated[Path, typer.Option("--first-stage", help="Autoencoder run folder or model.safetensors (with its YAML), or a shipped default's name (its first stage, e.g. default-superres).", rich_help_panel=TRAINING)],
+    first_stage: Annotated[Path, typer.Option("--first-stage", help="Autoencoder run folder or model.safetensors (with its YAML), a shipped default's name (its first stage, e.g. default-txt2img), or patch:4 (lossless 4x4 pixel unshuffle, no weights).", rich_help_panel=TRAINING)],
     data: Annotated[
         Optional[str], typer.Option("--data", help="Folder of training images or 'corpus'; semantic, txt2img and layout train on 'procedural' label maps / captioned scenes / box layouts, uncond on either (procedural: landscapes).", rich_help_panel=TRAINING)
     ] = None,
@@ -149,7 +149,7 @@ def diffusion(
     text_width: Annotated[int, typer.Option("--text-width", min=32, help="txt2img/layout: width of the jointly trained BERT encoder.", rich_help_panel=TRAINING)] = 128,
     text_layers: Annotated[int, typer.Option("--text-layers", min=1, help="txt2img/layout: its transformer layers.", rich_help_panel=TRAINING)] = 2,
     prediction: Annotated[str, typer.Option("--prediction", help="What the UNet learns to predict: eps (as LDM) or v (as SD 2; needed for image-wide colour with 32 base channels).", rich_help_panel=TRAINING)] = "eps",
-    degradation: Annotated[str, typer.Option("--degradation", help="superres: realistic (blur, noise, JPEG on 70% of low-res inputs) or light (mostly clean downscales: for clean images, best PSNR).", rich_help_panel=TRAINING)] = "realistic",
+    degradation: Annotated[str, typer.Option("--degradation", help="superres: realistic (blur, noise, JPEG on 70% of low-res inputs) light (mostly clean downscales) or clean (area downscales only: what --consistency assumes).", rich_help_panel=TRAINING)] = "realistic",
     box_raster: Annotated[bool, typer.Option("--box-raster", help="layout: also give the UNet the boxes as a coverage map per class (concatenated; conditioning_key hybrid). Learns in a CPU-sized run where box tokens alone do not.", rich_help_panel=TRAINING)] = False,
     init: Annotated[Optional[Path], typer.Option("--init", help="Start the UNet (and a trainable text encoder) from this LatentDiffusion checkpoint's weights, or a shipped default's (by name), where names and shapes match.", rich_help_panel=TRAINING)] = None,
     steps: Steps = 20000,

@@ -96,6 +96,8 @@ def _conditioning(key: Optional[str]) -> Conditioning:
 
 
 def _downsampling(first_stage_params: Mapping[str, Any]) -> int:
+    if "patch_size" in first_stage_params:  # PatchAutoencoder
+        return int(first_stage_params["patch_size"])
     # The autoencoder's own default when the config leaves ch_mult out (read at load time, it must not fail).
     ch_mult: Sequence[int] = first_stage_params["ddconfig"].get("ch_mult", (1, 2, 4, 8))
     factor: int = 2 ** (len(ch_mult) - 1)  # int ** int is typed Any (a negative power is a float)

@@ -82,6 +82,8 @@ def tiled_decode(first_stage: nn.Module, z: Tensor, config: VAETiling = VAETilin
     tensor on `z`'s device. A caller that wants, say, uint8 pixels gives a canvas that converts each tile,
     so the full-size float image never exists. Returns `output`'s `result()`.
     """
+    if getattr(first_stage, "pointwise", False):
+        return _strip_decode(first_stage, z, config.tile, output)
     if hasattr(first_stage, "quantize"):
         z = _quantize_in_rows(first_stage.quantize, z)
     h = first_stage.post_quant_conv(z)  # 1x1 to z_channels: as small as the latent
@@ -93,6 +95,8 @@ def tiled_decode(first_stage: nn.Module, z: Tensor, config: VAETiling = VAETilin
 def tiled_encode(first_stage: nn.Module, x: Tensor | PixelSource, config: VAETiling = VAETiling(tile=512)) -> Tensor:
     """`first_stage.encode(x)` (unscaled latent) computed in tiles of `config.tile` image pixels (`x` may be a
     `PixelSource`: uint8 pixels read tile by tile)."""
+    if getattr(first_stage, "pointwise", False):
+        return _strip_encode(first_stage, x, config.tile)
     stages = encoder_stages(first_stage.encoder)
     align = 2 ** sum(stage.scale < 1 for stage in stages)
     if x.shape[-2] % align or x.shape[-1] % align:
@@ -156,6 +160,34 @@ def _stream_retrying(stages: list[Stage], source: Tensor, config: VAETiling, out
             config = replace(config, tile=config.tile // 2)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+
+
+def _strip_decode(first_stage: nn.Module, z: Tensor, rows: int, output: Optional["CanvasFactory"]) -> Any:
+    """A pointwise first stage's decode, `rows` latent rows at a time: exact, as no cell sees its neighbours."""
+    canvas = None
+    for top in range(0, z.shape[-2], rows):
+        strip = first_stage.decode(z[..., top : top + rows, :])
+        if canvas is None:
+            scale = strip.shape[-1] // z.shape[-1]
+            shape = (*strip.shape[:2], z.shape[-2] * scale, strip.shape[-1])
+            canvas = (output or (lambda shape, dtype: TensorCanvas.empty(shape, dtype, z.device)))(shape, strip.dtype)
+        canvas.paste(strip, top * scale, 0)
+    assert canvas is not None, "a latent has at least one row"
+    return canvas.result()
+
+
+def _strip_encode(first_stage: nn.Module, x: Tensor | PixelSource, rows: int) -> Tensor:
+    """A pointwise first stage's encode, strips of about `rows` image rows (whole patches) at a time."""
+    patch = int(getattr(first_stage, "patch_size", 1))
+    if x.shape[-2] % patch or x.shape[-1] % patch:
+        raise ItemError(f"image of {x.shape[-1]}x{x.shape[-2]} pixels cannot be encoded; its sides must be "
+                        f"multiples of {patch}")
+    rows = max(patch, rows - rows % patch)
+    width = x.shape[-1]
+    strips = [first_stage.encode(x.crop(top, min(top + rows, x.shape[-2]), 0, width) if isinstance(x, PixelSource)
+                                 else x[..., top : top + rows, :])
+              for top in range(0, x.shape[-2], rows)]
+    return torch.cat(strips, dim=-2)
 
 
 def _quantize_in_rows(quantize: nn.Module, z: Tensor, pixels: int = 4096) -> Tensor:

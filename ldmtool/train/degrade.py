@@ -4,9 +4,10 @@ A simplified version of the degradation model the LDM BSR super-resolution model
 (blur, downscale with a random kernel, sensor noise, JPEG), in that order. A share of pairs is plain
 downscaling so the model also does well on clean inputs, which is what benchmarks measure.
 
-Two presets (`train diffusion --degradation`): `realistic` (the default: 70% of pairs degraded, for
-photos of unknown history) and `light` (70% plain downscales with area, bilinear or bicubic kernels, the
-rest mildly degraded: a model for clean downscaled images, which is what PSNR against bicubic rewards).
+Three presets (`train diffusion --degradation`): `realistic` (the default: 70% of pairs degraded, for
+photos of unknown history), `light` (70% plain downscales with area, bilinear or bicubic kernels, the
+rest mildly degraded) and `clean` (every pair an area downscale: the degradation that back-projection
+(`--consistency`) assumes and the quality benchmark measures).
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ DEGRADATIONS: dict[str, dict[str, Any]] = {
     "realistic": {},
     "light": {"clean_prob": 0.7, "clean_modes": RESIZE_MODES, "blur_sigma": (0.2, 1.0), "noise_sigma": (1.0, 4.0),
               "jpeg_quality": (75, 95)},
+    "clean": {"clean_prob": 1.0, "clean_modes": ("area",)},
 }
 
 

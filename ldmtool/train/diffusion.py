@@ -33,7 +33,6 @@ import numpy as np
 from ldmtool.errors import UsageError
 from ldmtool.runtime.seeds import derive_seed
 from ldmtool.train import common
-from ldmtool.train.autoencoder import AUTOENCODER_TARGET
 from ldmtool.train.data import CropConfig, ImageCrops, to_tensor
 from ldmtool.train.degrade import degradation, degrade
 from ldmtool.train.diffusion_config import (
@@ -321,7 +320,7 @@ class DiffusionTrainer:
             "scale_by_std": True,  # scale_factor was measured on the data; the file stores it as a key too
             "monitor": "val/loss_simple_ema",
             "unet_config": {"target": UNET_TARGET, "params": self.unet_params},
-            "first_stage_config": {"target": AUTOENCODER_TARGET, "params": self.first_stage.params},
+            "first_stage_config": {"target": self.first_stage.target, "params": self.first_stage.params},
             "cond_stage_config": self._cond_stage_config(cond_target),
         }
         block = {

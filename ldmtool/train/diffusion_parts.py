@@ -2,6 +2,7 @@
 noise schedule, layout tokens, and weights copied from an earlier checkpoint (`--init`)."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
@@ -28,18 +29,41 @@ if TYPE_CHECKING:
 
 @dataclass
 class FirstStage:
-    """A frozen, loaded KL first stage and its CompVis params."""
+    """A frozen, loaded first stage, its CompVis params and its config target (a KL autoencoder's, or
+    ldmtool's lossless `PatchAutoencoder`, which has no weights)."""
 
     model: "nn.Module"
     params: dict[str, Any]
+    target: str = AUTOENCODER_TARGET
 
     @property
     def factor(self) -> int:
+        if "patch_size" in self.params:
+            return int(self.params["patch_size"])
         return 2 ** (len(self.params["ddconfig"]["ch_mult"]) - 1)
 
     @property
     def channels(self) -> int:
+        if "patch_size" in self.params:  # every pixel of a patch is a channel
+            return int(self.params["in_channels"]) * self.factor ** 2
         return int(self.params["embed_dim"])
+
+
+PATCH_SPEC = re.compile(r"patch:(\d+)")  # --first-stage patch:4
+
+
+def patch_first_stage(text: str) -> Optional[FirstStage]:
+    """`--first-stage patch:F`: the lossless F×F pixel-unshuffle first stage; None for anything else."""
+    from ldmtool.nets.patch_autoencoder import PATCH_TARGET, PatchAutoencoder
+
+    match = PATCH_SPEC.fullmatch(text)
+    if match is None:
+        return None
+    factor = int(match.group(1))
+    if factor not in (2, 4, 8):
+        raise UsageError(f"--first-stage {text}: the patch size must be 2, 4 or 8")
+    params = {"patch_size": factor, "in_channels": 3}
+    return FirstStage(PatchAutoencoder(**params), params, PATCH_TARGET)
 
 
 def _first_stage_files(path: Path) -> tuple[Path, Path]:
@@ -81,6 +105,10 @@ def load_first_stage(path: Path, device: torch.device | str) -> FirstStage:
     """Load an autoencoder written by `ldmtool train autoencoder` (or any KL first stage + its YAML)."""
     from safetensors.torch import load_file
 
+    patch = patch_first_stage(str(path)) if not Path(path).exists() else None
+    if patch is not None:
+        patch.model.to(device)
+        return patch
     shipped = shipped_first_stage(str(path)) if not Path(path).exists() else None
     if shipped is not None:
         weights_path, model_config = shipped

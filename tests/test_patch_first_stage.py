@@ -1,0 +1,113 @@
+"""The lossless patch first stage (`--first-stage patch:4`, default-superres's): an exact pixel unshuffle,
+decoded and encoded in strips exactly, trained on and run by the superres command like a KL first stage."""
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+import ldmtool
+from ldmtool.errors import UsageError
+from ldmtool.nets.patch_autoencoder import PATCH_TARGET, PatchAutoencoder
+from ldmtool.pipelines.engine import Engine, ModelChoice, PixelCanvas, SamplingChoice
+from ldmtool.tiling.vae import PixelSource, VAETiling, tiled_decode, tiled_encode
+from ldmtool.train import diffusion_parts as parts
+from ldmtool.train.degrade import degradation, degrade
+
+
+def test_each_latent_cell_holds_its_patch_and_decoding_inverts_encoding_exactly():
+    first = PatchAutoencoder(patch_size=4)
+    x = torch.rand(2, 3, 16, 24, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    z = first.encode(x)
+    assert z.shape == (2, 48, 4, 6) and first.embed_dim == 48
+    # channel c * 16 + 4 * dy + dx of cell (i, j) is pixel (4i + dy, 4j + dx) of colour c
+    assert z[1, 2 * 16 + 4 * 3 + 1, 2, 5] == x[1, 2, 4 * 2 + 3, 4 * 5 + 1]
+    assert torch.equal(first.decode(z), x)
+    assert list(first.parameters()) == []
+
+
+def test_strips_decode_and_encode_exactly():
+    first = PatchAutoencoder(patch_size=4)
+    z = torch.randn(1, 48, 7, 5, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(tiled_decode(first, z, VAETiling(tile=3)), first.decode(z))
+    canvas = tiled_decode(first, z, VAETiling(tile=2), output=PixelCanvas)
+    whole = PixelCanvas((1, 3, 28, 20))
+    whole.paste(first.decode(z), 0, 0)
+    assert torch.equal(canvas.pixels, whole.pixels)
+    pixels = np.random.default_rng(2).integers(0, 256, size=(26, 19, 3), dtype=np.uint8)
+    padded = PixelSource(pixels, (28, 20))  # edges repeated, as the engine pads
+    expected = first.encode(padded.crop(0, 28, 0, 20))
+    assert torch.equal(tiled_encode(first, padded, VAETiling(tile=9)), expected)
+    with pytest.raises(ldmtool.errors.ItemError, match="multiples of 4"):
+        tiled_encode(first, torch.zeros(1, 3, 10, 8), VAETiling(tile=8))
+
+
+def test_patch_spec_is_the_only_weightless_first_stage():
+    stage = parts.load_first_stage(Path("patch:4"), "cpu")
+    assert stage.target == PATCH_TARGET and stage.factor == 4 and stage.channels == 48
+    with pytest.raises(UsageError, match="patch size must be 2, 4 or 8"):
+        parts.load_first_stage(Path("patch:3"), "cpu")
+
+
+def test_clean_degradation_is_an_area_downscale():
+    image = np.random.default_rng(3).integers(0, 256, size=(32, 48, 3), dtype=np.uint8)
+    low = degrade(image, degradation("clean", 4), np.random.default_rng(4))
+    assert np.array_equal(low, cv2.resize(image, (12, 8), interpolation=cv2.INTER_AREA))
+
+
+@pytest.fixture(scope="module")
+def patch_model(tmp_path_factory) -> Path:
+    """A tiny superres model trained two steps on the patch first stage through the CLI."""
+    from ldmtool.cli.app import main
+
+    folder = tmp_path_factory.mktemp("patch")
+    rng = np.random.default_rng(5)
+    Image.fromarray(rng.integers(0, 256, size=(48, 48, 3), dtype=np.uint8)).save(folder / "a.png")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "diffusion", "--task", "superres", "--first-stage", "patch:4", "--data", str(folder),
+              "--channels", "32", "--channel-mult", "1,2", "--attention-at", "2", "--crop", "32", "--batch-size", "1",
+              "--prediction", "v", "--degradation", "clean", "--steps", "2", "--device", "cpu", "--quiet",
+              "-o", str(folder / "run")])
+    assert exit_info.value.code in (0, None)
+    return folder / "run" / "model.safetensors"
+
+
+def test_trained_model_records_the_patch_first_stage_and_ships_no_weights_for_it(patch_model):
+    config = yaml.safe_load(patch_model.with_name("model.yaml").read_text())
+    first = config["model"]["params"]["first_stage_config"]
+    assert first == {"target": PATCH_TARGET, "params": {"patch_size": 4, "in_channels": 3}}
+    assert not any(k.startswith("first_stage_model.") for k in load_file(str(patch_model)))
+    bundle = ldmtool.load_model(patch_model)
+    assert isinstance(bundle.first_stage, PatchAutoencoder)
+    assert bundle.info.downsampling == 4 and bundle.info.latent_channels == 48 and bundle.info.concat_channels == 3
+
+
+@pytest.mark.parametrize("vae_tile", [0, 3])  # whole, and strips of 3 latent rows
+def test_engine_decodes_patch_latents_the_same_whole_or_in_strips(patch_model, vae_tile):
+    engine = Engine(ModelChoice(model=str(patch_model), device="cpu"), SamplingChoice(vae_tile=vae_tile)).open()
+    latents = torch.randn(1, 48, 10, 7, generator=torch.Generator().manual_seed(6))
+    pixels = engine.decode_pixels(latents)[0].numpy()
+    raw = PatchAutoencoder().decode(latents / engine.bundle.scale_factor)[0]
+    expected = (((raw + 1) / 2).clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
+    assert np.array_equal(pixels, expected)
+
+
+def test_superres_command_runs_a_patch_model(patch_model, tmp_path):
+    from ldmtool.cli.app import main
+
+    source = tmp_path / "in.png"
+    yy, xx = np.mgrid[0:10, 0:13]
+    smooth = np.stack([60 + 8 * xx, 80 + 9 * yy, 120 + 3 * (xx + yy)], -1).astype(np.uint8)  # back-projection stays in range
+    Image.fromarray(smooth).save(source)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["superres", str(source), "--model", str(patch_model), "--steps", "2", "--seed", "1", "--device", "cpu",
+              "--consistency", "--quiet", "-o", str(tmp_path / "out.png")])
+    assert exit_info.value.code in (0, None)
+    out = np.asarray(Image.open(tmp_path / "out.png"))
+    assert out.shape == (40, 52, 3)
+    low = cv2.resize(out, (13, 10), interpolation=cv2.INTER_AREA).astype(int)  # back-projected onto the input
+    assert np.abs(low - np.asarray(Image.open(source)).astype(int)).max() <= 2
