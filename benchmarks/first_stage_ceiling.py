@@ -5,12 +5,14 @@ A latent SR model predicts the latent of the high-res image and its first stage 
 the first stage's own reconstruction of the true image, back-projected onto the low-res input ("ae + bp"):
 a model that predicted the true latent exactly would score that. The gap between this ceiling and bicubic
 is all the room a better UNet has; the gap between the model and the ceiling is what it leaves.
+It measured +1.29 dB for the shipped KL f4 first stage (2026-12-07), which is why default-superres now
+runs on the lossless patch first stage (`--first-stage patch:4`), whose ceiling is the truth itself.
 
 On the same held-out sets and 256² crops as `quality.py` (area-downscaled x4), per set and together: PSNR
 (RGB, no border crop) of bicubic, bicubic + back-projection, the first stage's reconstruction (the
 posterior mean decoded), and that reconstruction back-projected. fp32, CPU.
 
-    python benchmarks/first_stage_ceiling.py                         # default-superres's first stage
+    python benchmarks/first_stage_ceiling.py                         # the shared KL f4 (default-txt2img's)
     python benchmarks/first_stage_ceiling.py --model runs/ae         # an autoencoder run folder (its YAML)
     python benchmarks/first_stage_ceiling.py --dry-run               # corpus centre crops only
 """
@@ -82,7 +84,7 @@ def load_first_stage(name: str) -> Any:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="default-superres",
+    parser.add_argument("--model", default="default-txt2img",
                         help="shipped default name (its first stage) or autoencoder run folder / file with YAML")
     parser.add_argument("--eval-data", nargs="+", help="held-out sets as quality.py (default: as quality.py)")
     parser.add_argument("--size", type=int, default=256)

@@ -570,6 +570,26 @@ def test_prediction_target_matches_diffusers(first_stage, images, prediction):
         df.DiffusionTraining(prediction="x")
 
 
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_x0_loss_is_the_error_of_the_implied_image(first_stage, images, prediction):
+    """`--x0-loss`: the loss is the MSE of the x0 each prediction implies (diffusers' DDPM step formula for
+    the predicted original sample), whatever the parameterization."""
+    from diffusers import DDPMScheduler
+
+    trainer = _superres_trainer(first_stage, images, prediction=prediction, x0_loss=True)
+    trainer.scale_factor = 1.0
+    batch = trainer.batch(0)
+    noise, t = trainer.noise_and_timesteps(batch.z0, 0)
+    oracle = DDPMScheduler(num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0155, beta_schedule="scaled_linear",
+                           prediction_type="epsilon" if prediction == "eps" else "v_prediction", clip_sample=False)
+    x_t = oracle.add_noise(batch.z0, noise, t)
+    wrong = torch.randn(batch.z0.shape, generator=torch.Generator().manual_seed(3))
+    trainer.unet = lambda x, t, context=None: wrong
+    implied = torch.stack([oracle.step(wrong[i:i + 1], int(t[i]), x_t[i:i + 1]).pred_original_sample[0]
+                           for i in range(len(t))])
+    torch.testing.assert_close(trainer.loss(batch, noise, t), (implied - batch.z0).pow(2).mean(), rtol=1e-4, atol=1e-6)
+
+
 def test_v_prediction_export_loads_as_v(first_stage, tmp_path, capsys):
     training = df.DiffusionTraining(task=df.Task.SEMANTIC, crop=32, batch_size=1, prediction="v")
     path = df.train_diffusion(TINY_UNET, training, first_stage, [], _run(tmp_path / "run", steps=1))

@@ -149,6 +149,7 @@ def diffusion(
     text_width: Annotated[int, typer.Option("--text-width", min=32, help="txt2img/layout: width of the jointly trained BERT encoder.", rich_help_panel=TRAINING)] = 128,
     text_layers: Annotated[int, typer.Option("--text-layers", min=1, help="txt2img/layout: its transformer layers.", rich_help_panel=TRAINING)] = 2,
     prediction: Annotated[str, typer.Option("--prediction", help="What the UNet learns to predict: eps (as LDM) or v (as SD 2; needed for image-wide colour with 32 base channels).", rich_help_panel=TRAINING)] = "eps",
+    x0_loss: Annotated[bool, typer.Option("--x0-loss", help="Weight the loss as the error of the image (x0) each prediction implies: the MMSE objective at every noise level, for few-step, PSNR-measured models (the plain loss favours the low-noise steps).", rich_help_panel=TRAINING)] = False,
     degradation: Annotated[str, typer.Option("--degradation", help="superres: realistic (blur, noise, JPEG on 70% of low-res inputs) light (mostly clean downscales) or clean (area downscales only: what --consistency assumes).", rich_help_panel=TRAINING)] = "realistic",
     box_raster: Annotated[bool, typer.Option("--box-raster", help="layout: also give the UNet the boxes as a coverage map per class (concatenated; conditioning_key hybrid). Learns in a CPU-sized run where box tokens alone do not.", rich_help_panel=TRAINING)] = False,
     init: Annotated[Optional[Path], typer.Option("--init", help="Start the UNet (and a trainable text encoder) from this LatentDiffusion checkpoint's weights, or a shipped default's (by name), where names and shapes match.", rich_help_panel=TRAINING)] = None,
@@ -175,7 +176,7 @@ def diffusion(
     training = DiffusionTraining(task=task_value, crop=crop, batch_size=batch_size, lr=lr, ema_decay=session.ema_decay,
                                  seed=session.seed, scale=scale, min_scale=min_scale, text_width=text_width, text_layers=text_layers,
                                  init=str(init) if init else None, procedural=data == PROCEDURAL,
-                                 degradation=degradation, prediction=prediction, box_raster=box_raster)
+                                 degradation=degradation, prediction=prediction, box_raster=box_raster, x0_loss=x0_loss)
     run = _run_options(output, steps, session)
     if task_value in PROCEDURAL_TASKS or (task_value == Task.UNCOND and data == PROCEDURAL):
         if data not in (None, PROCEDURAL):

@@ -240,7 +240,8 @@ class DiffusionTrainer:
         return noise.to(z0), t.to(z0.device)
 
     def loss(self, batch: TrainBatch, noise: "torch.Tensor", t: "torch.Tensor") -> "torch.Tensor":
-        """Simple MSE (LDM `loss_simple`, l2) of the eps or v prediction at timesteps t."""
+        """Simple MSE (LDM `loss_simple`, l2) of the eps or v prediction at timesteps t (`x0_loss`: weighted as
+        the error of the implied x0)."""
         import torch
 
         ac = self.buffers["alphas_cumprod"].to(batch.z0.device)[t].view(-1, 1, 1, 1)
@@ -249,7 +250,10 @@ class DiffusionTrainer:
         model_input = x_t if batch.concat is None else torch.cat([x_t, batch.concat], dim=1)
         with common.autocast(self.device, self.dtype):
             predicted = self.unet(model_input, t, context=batch.context)
-        return (predicted.float() - target).pow(2).mean()
+        error = (predicted.float() - target).pow(2)
+        if self.training.x0_loss:  # x0 = sqrt(a) x_t - sqrt(1 - a) v = (x_t - sqrt(1 - a) eps) / sqrt(a)
+            error = error * ((1 - ac) if self.training.prediction == "v" else (1 - ac) / ac)
+        return error.mean()
 
     def step(self, step: int) -> dict[str, float]:
         if self.scale_factor is None:

@@ -96,6 +96,11 @@ class DiffusionTraining:
     # noise x0 = (x_t - sqrt(1 - a) eps) / sqrt(a) turns that mean into a random colour cast. With v the
     # image-wide mean of x0 is mostly the output's own (learnable) offset.
     prediction: str = "eps"
+    # Weight each example's loss as the squared error of the x0 its prediction implies: (1 - a) times the v
+    # error, (1 - a) / a times the eps error. The plain loss is dominated by the low-noise steps, where the
+    # model must tell tiny noise from detail (hard in a lossless pixel latent); this one is the MMSE of the
+    # image at every noise level, what a few-step, PSNR-measured super-resolution model needs.
+    x0_loss: bool = False
     # layout: the boxes also as a coverage map per class, concatenated to the UNet input (see
     # pipelines.box_raster). Box tokens alone must learn 8100 coordinate embeddings independently, which a
     # CPU-sized run does not manage; the raster gives every latent pixel its boxes directly.
