@@ -111,3 +111,86 @@ def test_superres_command_runs_a_patch_model(patch_model, tmp_path):
     assert out.shape == (40, 52, 3)
     low = cv2.resize(out, (13, 10), interpolation=cv2.INTER_AREA).astype(int)  # back-projected onto the input
     assert np.abs(low - np.asarray(Image.open(source)).astype(int)).max() <= 2
+
+
+def test_residual_training_learns_the_detail_over_the_bicubic_upscale(tmp_path):
+    """`--residual`: the target latent is the image's minus its low-res input's bicubic upscale's (the
+    conditioning the UNet sees), and scale_factor normalises that residual."""
+    import torch.nn.functional as F
+
+    from ldmtool.train import diffusion as df
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    Image.fromarray(np.random.default_rng(8).integers(0, 256, size=(48, 48, 3), dtype=np.uint8)).save(folder / "a.png")
+    training = df.DiffusionTraining(task=df.Task.SUPERRES, crop=32, batch_size=2, residual=True, degradation="clean",
+                                    prediction="v")
+    arch = df.UNetArch(model_channels=32, channel_mult=(1, 2), attention_resolutions=(2,), num_head_channels=32)
+    trainer = df.DiffusionTrainer(arch, training, parts.load_first_stage(Path("patch:4"), "cpu"), [folder / "a.png"],
+                                  torch.device("cpu"), torch.float32)
+    trainer.scale_factor = trainer.estimate_scale_factor()
+    batch = trainer.batch(0)
+    crops, _ = trainer.samples(0)
+    x = torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 127.5 - 1
+    low = torch.from_numpy(np.stack([cv2.resize(c, (8, 8), interpolation=cv2.INTER_AREA) for c in crops]))
+    low = low.permute(0, 3, 1, 2).float() / 127.5 - 1
+    assert torch.equal(batch.concat, low)
+    residual = x - F.interpolate(low, size=(32, 32), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(batch.z0, trainer.scale_factor * F.pixel_unshuffle(residual, 4))
+    assert 2 < trainer.scale_factor < 50  # 1 / std of a residual, well above an image's (about 2)
+    with pytest.raises(UsageError, match="--residual is for --task superres"):
+        df.DiffusionTraining(task=df.Task.INPAINT, residual=True)
+
+
+@pytest.fixture(scope="module")
+def residual_model(tmp_path_factory) -> Path:
+    """A residual patch model shipped with a trailing default spacing, its UNet zeroed: it predicts v = 0."""
+    from ldmtool.cli.app import main
+
+    folder = tmp_path_factory.mktemp("residual")
+    Image.fromarray(np.random.default_rng(9).integers(0, 256, size=(48, 48, 3), dtype=np.uint8)).save(folder / "a.png")
+    for args in (["train", "diffusion", "--task", "superres", "--first-stage", "patch:4", "--data", str(folder),
+                  "--channels", "32", "--channel-mult", "1,2", "--attention-at", "2", "--crop", "32", "--batch-size", "1",
+                  "--prediction", "v", "--x0-loss", "--residual", "--degradation", "clean", "--steps", "1",
+                  "--device", "cpu", "--quiet", "-o", str(folder / "run")],
+                 ["train", "export", str(folder / "run"), "--name", "residual", "--dest", str(folder),
+                  "--default-spacing", "trailing", "--default-steps", "1", "--default-temperature", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        assert exit_info.value.code in (0, None)
+    path = folder / "residual.safetensors"
+    tensors = {k: (torch.zeros_like(v) if k.startswith("model.diffusion_model.") else v) for k, v in load_file(str(path)).items()}
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path))
+    return path
+
+
+def test_residual_model_that_predicts_nothing_gives_the_bicubic_upscale(residual_model, tmp_path):
+    import torch.nn.functional as F
+
+    from ldmtool.cli.app import main
+
+    bundle = ldmtool.load_model(residual_model)
+    assert bundle.info.residual_base == "bicubic" and bundle.info.defaults.spacing == "trailing"
+    source = tmp_path / "in.png"
+    pixels = np.random.default_rng(10).integers(0, 256, size=(8, 12, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(source)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["superres", str(source), "--model", str(residual_model), "--seed", "1", "--device", "cpu",
+              "--no-consistency", "--no-colour-fix", "--quiet", "-o", str(tmp_path / "out.png")])
+    assert exit_info.value.code in (0, None)
+    low = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 127.5 - 1
+    up = F.interpolate(low, size=(32, 48), mode="bicubic", align_corners=False)[0]
+    expected = (((up + 1) / 2).clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
+    out = np.asarray(Image.open(tmp_path / "out.png"))
+    assert np.abs(out.astype(int) - expected.astype(int)).max() <= 1  # x0 = sqrt(a) x_T with x_T = 0: nothing added
+
+
+def test_default_spacing_applies_unless_the_run_chooses_one(residual_model):
+    engine = Engine(ModelChoice(model=str(residual_model), device="cpu"), SamplingChoice()).open()
+    assert engine.resolved()["spacing"] == "trailing"
+    chosen = Engine(ModelChoice(model=str(residual_model), device="cpu"), SamplingChoice(spacing="leading")).open()
+    assert chosen.resolved()["spacing"] == "leading"
+    karras = Engine(ModelChoice(model=str(residual_model), device="cpu"), SamplingChoice(karras=True)).open()
+    assert karras.resolved()["spacing"] == "karras"

@@ -149,6 +149,7 @@ def diffusion(
     text_width: Annotated[int, typer.Option("--text-width", min=32, help="txt2img/layout: width of the jointly trained BERT encoder.", rich_help_panel=TRAINING)] = 128,
     text_layers: Annotated[int, typer.Option("--text-layers", min=1, help="txt2img/layout: its transformer layers.", rich_help_panel=TRAINING)] = 2,
     prediction: Annotated[str, typer.Option("--prediction", help="What the UNet learns to predict: eps (as LDM) or v (as SD 2; needed for image-wide colour with 32 base channels).", rich_help_panel=TRAINING)] = "eps",
+    residual: Annotated[bool, typer.Option("--residual", help="superres: learn the detail over the input's bicubic upscale (residual learning; the pipeline adds the upscale back).", rich_help_panel=TRAINING)] = False,
     x0_loss: Annotated[bool, typer.Option("--x0-loss", help="Weight the loss as the error of the image (x0) each prediction implies: the MMSE objective at every noise level, for few-step, PSNR-measured models (the plain loss favours the low-noise steps).", rich_help_panel=TRAINING)] = False,
     degradation: Annotated[str, typer.Option("--degradation", help="superres: realistic (blur, noise, JPEG on 70% of low-res inputs) light (mostly clean downscales) or clean (area downscales only: what --consistency assumes).", rich_help_panel=TRAINING)] = "realistic",
     box_raster: Annotated[bool, typer.Option("--box-raster", help="layout: also give the UNet the boxes as a coverage map per class (concatenated; conditioning_key hybrid). Learns in a CPU-sized run where box tokens alone do not.", rich_help_panel=TRAINING)] = False,
@@ -176,7 +177,7 @@ def diffusion(
     training = DiffusionTraining(task=task_value, crop=crop, batch_size=batch_size, lr=lr, ema_decay=session.ema_decay,
                                  seed=session.seed, scale=scale, min_scale=min_scale, text_width=text_width, text_layers=text_layers,
                                  init=str(init) if init else None, procedural=data == PROCEDURAL,
-                                 degradation=degradation, prediction=prediction, box_raster=box_raster, x0_loss=x0_loss)
+                                 degradation=degradation, prediction=prediction, box_raster=box_raster, x0_loss=x0_loss, residual=residual)
     run = _run_options(output, steps, session)
     if task_value in PROCEDURAL_TASKS or (task_value == Task.UNCOND and data == PROCEDURAL):
         if data not in (None, PROCEDURAL):
@@ -242,13 +243,18 @@ def export(
     default_steps: Annotated[Optional[int], typer.Option("--default-steps", min=1, help="The shipped model's default --steps (default: as trained, 50).", rich_help_panel=TRAINING)] = None,
     default_temperature: Annotated[Optional[float], typer.Option("--default-temperature", min=0.0, help="The shipped model's default --temperature (default: as trained, 1).", rich_help_panel=TRAINING)] = None,
     default_cfg: Annotated[Optional[float], typer.Option("--default-cfg", min=1.0, help="The shipped model's default --cfg (default: as trained, 1 = no guidance).", rich_help_panel=TRAINING)] = None,
+    default_spacing: Annotated[Optional[str], typer.Option("--default-spacing", help="The shipped model's default --spacing, e.g. trailing (a one-step model must start at the last timestep; default: the sampler's).", rich_help_panel=TRAINING)] = None,
 ) -> None:
     """Write a run's latest export as an fp16 shipped model: NAME.safetensors + NAME.yaml."""
     from ldmtool.checkpoints.presets import models_dir
+    from ldmtool.diffusion.names import spacing_name
     from ldmtool.train.common import ship
 
+    if default_spacing is not None and spacing_name(default_spacing) is None:
+        raise UsageError(f"--default-spacing {default_spacing!r} is not a spacing")
     chosen = {"colour_fix": colour_fix, "consistency": consistency, "default_steps": default_steps,
-              "default_cfg": default_cfg, "default_temperature": default_temperature}
+              "default_cfg": default_cfg, "default_temperature": default_temperature,
+              "default_spacing": spacing_name(default_spacing) if default_spacing else None}
     defaults = {key: value for key, value in chosen.items() if value is not None}
     weights, config = ship(run, name, dest or models_dir(), recipe, first_stage_file, first_stage, defaults)
     typer.echo(f"wrote {weights} and {config}", err=True)

@@ -50,6 +50,7 @@ def diffusion_info(bundle: Any, family: Family) -> ModelInfo:
         defaults=defaults,
         vocabulary=frozenset(block["vocabulary"]) if isinstance(block.get("vocabulary"), list) else None,
         trained_size=defaults.size if "training" in block else None,  # ldmtool-trained: the size it saw
+        residual_base=_residual_base(block.get("residual")),
     )
 
 
@@ -84,7 +85,16 @@ def run_defaults(block: Mapping[str, Any], downsampling: int, native: Any) -> Ru
         colour_fix=block.get("colour_fix", False),
         consistency=block.get("consistency", False),
         guidance=None if block.get("default_guidance") is None else float(block["default_guidance"]),
+        spacing=block.get("default_spacing") or None,
     )
+
+
+def _residual_base(value: Any) -> Optional[str]:
+    if value in (None, False):
+        return None
+    if value != "bicubic":
+        raise CheckpointError(f"config ldmtool.residual {value!r} is not supported (known: bicubic)")
+    return "bicubic"
 
 
 def _conditioning(key: Optional[str]) -> Conditioning:

@@ -64,6 +64,7 @@ class RunDefaults:
     consistency: Any = False
     # A guidance-distilled flow model's guidance input (FLUX.1 dev: 3.5); None: the network takes none.
     guidance: Optional[float] = None
+    spacing: Optional[str] = None  # timestep spacing when --spacing is not given (None: the sampler's)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,3 +105,6 @@ class ModelInfo:
     # Why no command can run this model yet although it loads (a family whose pipeline is not built): the
     # commands' one-line error; "" when they can.
     not_runnable: str = ""
+    # A super-resolution model trained on the residual over this upscale of its input ("bicubic"): the
+    # pipeline adds that upscale's latent to the sampled one. None: the model gives the whole latent.
+    residual_base: Optional[str] = None

@@ -227,7 +227,7 @@ class Engine:
         sampler, named_karras = sampler_name(s.sampler or fill.get("sampler") or d.sampler)  # A1111 names too
         info = get_sampler(sampler)
         karras = s.karras if s.karras is not None else named_karras
-        spacing = self._user_spacing(karras) or fill.get("spacing")
+        spacing = self._user_spacing(karras) or fill.get("spacing") or (d.spacing if karras is None else None)
         resolved = {
             "sampler": sampler,
             "steps": s.steps or fill.get("steps") or d.steps or info.default_steps,

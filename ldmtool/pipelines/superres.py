@@ -206,6 +206,10 @@ class SuperresTask(ModelTask):
         """Uint8 pixels (1, H, W, 3) of one pass at `engine`'s precision (`Engine.finite` retries in fp32)."""
         cond, uncond = self._conditioning(engine, low, latent_hw, seed)
         z = engine.sample(latent_hw, [seed], cond, uncond, progress=self.step_progress())
+        if engine.info.residual_base is not None:  # the model gave the detail over the input's bicubic upscale
+            assert cond.concat is not None, "a residual model is a concat (BSR-style) superres model"
+            down = engine.info.downsampling
+            z = z + engine.encode(bicubic_base(cond.concat, (latent_hw[0] * down, latent_hw[1] * down)))
         return engine.decode_pixels(z)
 
     def _conditioning(self, engine: Engine, low: torch.Tensor, latent_hw: tuple[int, int], seed: int
@@ -235,6 +239,13 @@ class SuperresTask(ModelTask):
         if self.colour_fix:
             colour_fix_(out, rgb)
         return back_project_(out, rgb) if self.consistency else out
+
+
+def bicubic_base(low: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The bicubic upscale (B, 3, *size) of low-res images in [-1, 1] that a residual model's output is added
+    to: the same float32 operation in training and in the pipeline, not clamped (the residual makes up for
+    its overshoot)."""
+    return F.interpolate(low.float(), size=tuple(size), mode="bicubic", align_corners=False).to(low.dtype)
 
 
 def _padding(height: int, width: int, multiple: int) -> tuple[int, int]:

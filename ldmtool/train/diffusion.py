@@ -150,11 +150,25 @@ class DiffusionTrainer:
             return self.first_stage.model.encode(x).float()
 
     def estimate_scale_factor(self) -> float:
-        """1 / std of the latents of the first `scale_batches` training batches (as LDM's scale_by_std)."""
+        """1 / std of the latents of the first `scale_batches` training batches (as LDM's scale_by_std; of the
+        residual latents for a residual model)."""
         import torch
 
-        latents = [self.encode(self.images(step)) for step in range(self.training.scale_batches)]
+        latents = [self.target_latent(step)[0] for step in range(self.training.scale_batches)]
         return float(1.0 / torch.cat(latents).flatten().std())
+
+    def target_latent(self, step: int) -> tuple["torch.Tensor", np.ndarray, Any, "torch.Tensor"]:
+        """The unscaled latent the UNet learns for step `step` (the image's, or for a residual superres model
+        the image's minus its low-res input's bicubic upscale), with the batch's crops, sources and images."""
+        crops, sources = self.samples(step)
+        x = to_tensor(crops).to(self.device)
+        z = self.encode(x)
+        if self.training.residual:
+            from ldmtool.pipelines.superres import bicubic_base
+
+            indices = [step * self.training.batch_size + i for i in range(len(crops))]
+            z = z - self.encode(bicubic_base(self.conditioning(crops, indices, x), x.shape[-2:]))
+        return z, crops, sources, x
 
     def samples(self, step: int) -> tuple[np.ndarray, Any]:
         """(B, H, W, 3) uint8 images of step `step`, and what they were generated from: (B, H, W) class maps
@@ -177,10 +191,9 @@ class DiffusionTrainer:
 
     def batch(self, step: int) -> TrainBatch:
         """Scaled target latents and the task's conditioning for training step `step`."""
-        crops, sources = self.samples(step)
+        z, crops, sources, x = self.target_latent(step)
         indices = [step * self.training.batch_size + i for i in range(len(crops))]
-        x = to_tensor(crops).to(self.device)
-        z0 = self.scale_factor * self.encode(x)
+        z0 = self.scale_factor * z
         if self.training.task == Task.TXT2IMG:
             return TrainBatch(z0, context=self.cond_stage.encode(self.drop_captions(sources, indices)))
         if self.training.task == Task.LAYOUT:
@@ -344,6 +357,8 @@ class DiffusionTrainer:
             block["colour_fix"] = True
         if self.training.task == Task.SUPERRES:
             block["scale"] = self.training.scale
+            if self.training.residual:
+                block["residual"] = "bicubic"  # the pipeline adds the input's bicubic upscale back
         if self.training.task == Task.TXT2IMG:
             block["vocabulary"] = list(CAPTION_WORDS)  # its captions' words: others get a warning
         if self.training.task == Task.SEMANTIC:

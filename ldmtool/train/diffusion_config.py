@@ -101,6 +101,9 @@ class DiffusionTraining:
     # model must tell tiny noise from detail (hard in a lossless pixel latent); this one is the MMSE of the
     # image at every noise level, what a few-step, PSNR-measured super-resolution model needs.
     x0_loss: bool = False
+    # superres: the UNet learns the latent of the high-res image minus that of its input's bicubic upscale
+    # (residual learning, as VDSR and SRDiff): a model that outputs nothing gives bicubic, not a blank image.
+    residual: bool = False
     # layout: the boxes also as a coverage map per class, concatenated to the UNet input (see
     # pipelines.box_raster). Box tokens alone must learn 8100 coordinate embeddings independently, which a
     # CPU-sized run does not manage; the raster gives every latent pixel its boxes directly.
@@ -110,6 +113,8 @@ class DiffusionTraining:
         degradation(self.degradation, self.scale)  # an unknown preset is a usage error before anything loads
         if self.prediction not in ("eps", "v"):
             raise UsageError(f"--prediction {self.prediction!r}: use eps or v")
+        if self.residual and self.task != Task.SUPERRES:
+            raise UsageError("--residual is for --task superres")
         if self.box_raster and self.task != Task.LAYOUT:
             raise UsageError("--box-raster is for --task layout")
 
