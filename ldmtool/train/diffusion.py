@@ -154,21 +154,9 @@ class DiffusionTrainer:
         residual latents for a residual model)."""
         import torch
 
-        latents = [self.target_latent(step)[0] for step in range(self.training.scale_batches)]
+        latents = [self.batch(step, scale=1.0).z0 if self.training.residual else self.encode(self.images(step))
+                   for step in range(self.training.scale_batches)]
         return float(1.0 / torch.cat(latents).flatten().std())
-
-    def target_latent(self, step: int) -> tuple["torch.Tensor", np.ndarray, Any, "torch.Tensor"]:
-        """The unscaled latent the UNet learns for step `step` (the image's, or for a residual superres model
-        the image's minus its low-res input's bicubic upscale), with the batch's crops, sources and images."""
-        crops, sources = self.samples(step)
-        x = to_tensor(crops).to(self.device)
-        z = self.encode(x)
-        if self.training.residual:
-            from ldmtool.pipelines.superres import bicubic_base
-
-            indices = [step * self.training.batch_size + i for i in range(len(crops))]
-            z = z - self.encode(bicubic_base(self.conditioning(crops, indices, x), x.shape[-2:]))
-        return z, crops, sources, x
 
     def samples(self, step: int) -> tuple[np.ndarray, Any]:
         """(B, H, W, 3) uint8 images of step `step`, and what they were generated from: (B, H, W) class maps
@@ -189,18 +177,27 @@ class DiffusionTrainer:
     def images(self, step: int) -> "torch.Tensor":
         return to_tensor(self.samples(step)[0]).to(self.device)
 
-    def batch(self, step: int) -> TrainBatch:
-        """Scaled target latents and the task's conditioning for training step `step`."""
-        z, crops, sources, x = self.target_latent(step)
+    def batch(self, step: int, scale: Optional[float] = None) -> TrainBatch:
+        """Target latents scaled by `scale` (default: the run's scale_factor) and the task's conditioning for
+        training step `step`. A residual superres model's target is the latent of the image minus that of its
+        low-res input's bicubic upscale."""
+        crops, sources = self.samples(step)
         indices = [step * self.training.batch_size + i for i in range(len(crops))]
-        z0 = self.scale_factor * z
+        x = to_tensor(crops).to(self.device)
+        z = self.encode(x)
+        scale = self.scale_factor if scale is None else scale
         if self.training.task == Task.TXT2IMG:
-            return TrainBatch(z0, context=self.cond_stage.encode(self.drop_captions(sources, indices)))
+            return TrainBatch(scale * z, context=self.cond_stage.encode(self.drop_captions(sources, indices)))
         if self.training.task == Task.LAYOUT:
             context = self.cond_stage.encode(layout_tokens(sources).to(self.device))
             raster = self.layout_raster(sources) if self.training.box_raster else None
-            return TrainBatch(z0, context=context, concat=raster)
-        return TrainBatch(z0, concat=self.conditioning(crops, indices, x, sources))
+            return TrainBatch(scale * z, context=context, concat=raster)
+        concat = self.conditioning(crops, indices, x, sources)
+        if self.training.residual:
+            from ldmtool.pipelines.superres import bicubic_base
+
+            z = z - self.encode(bicubic_base(concat, x.shape[-2:]))
+        return TrainBatch(scale * z, concat=concat)
 
     def layout_raster(self, layouts: Sequence[Sequence[Box]]) -> "torch.Tensor":
         """(B, classes, h, w) box coverage of procedural layouts, as the layout2img command builds it."""
