@@ -25,7 +25,7 @@ def diffusion_info(bundle: Any, family: Family) -> ModelInfo:
     unet = params["unet_config"]["params"]
     block = dict(bundle.config.get("ldmtool") or {})
     conditioning = _conditioning(bundle.conditioning_key)
-    downsampling = _downsampling(params["first_stage_config"]["params"])
+    downsampling = first_stage_downsampling(params["first_stage_config"]["params"])
     latent_channels = int(unet["out_channels"])
     concat_channels = int(unet["in_channels"]) - latent_channels
     native = unet.get("image_size")
@@ -57,7 +57,7 @@ def diffusion_info(bundle: Any, family: Family) -> ModelInfo:
 def first_stage_info(bundle: Any, family: Family) -> ModelInfo:
     """A first-stage autoencoder alone (no sampling: generation defaults are those of an empty config)."""
     params = bundle.config["model"].get("params") or {}
-    downsampling = _downsampling(params)
+    downsampling = first_stage_downsampling(params)
     return ModelInfo(
         family=bundle.family, entry=family.name, conditioning=Conditioning.NONE, parameterization=None,
         latent_channels=int(params.get("embed_dim") or params["ddconfig"]["z_channels"]),
@@ -105,7 +105,8 @@ def _conditioning(key: Optional[str]) -> Conditioning:
         raise CheckpointError(f"config conditioning_key {key!r} is not supported (known: {known})") from None
 
 
-def _downsampling(first_stage_params: Mapping[str, Any]) -> int:
+def first_stage_downsampling(first_stage_params: Mapping[str, Any]) -> int:
+    """Image pixels per latent pixel of a first stage's CompVis params (KL/VQ autoencoder or PatchAutoencoder)."""
     if "patch_size" in first_stage_params:  # PatchAutoencoder
         return int(first_stage_params["patch_size"])
     # The autoencoder's own default when the config leaves ch_mult out (read at load time, it must not fail).

@@ -38,9 +38,9 @@ class FirstStage:
 
     @property
     def factor(self) -> int:
-        if "patch_size" in self.params:
-            return int(self.params["patch_size"])
-        return 2 ** (len(self.params["ddconfig"]["ch_mult"]) - 1)
+        from ldmtool.families.compvis import first_stage_downsampling
+
+        return first_stage_downsampling(self.params)
 
     @property
     def channels(self) -> int:
@@ -106,8 +106,7 @@ def load_first_stage(path: Path, device: torch.device | str) -> FirstStage:
     from safetensors.torch import load_file
 
     patch = patch_first_stage(str(path)) if not Path(path).exists() else None
-    if patch is not None:
-        patch.model.to(device)
+    if patch is not None:  # no weights to place on the device
         return patch
     shipped = shipped_first_stage(str(path)) if not Path(path).exists() else None
     if shipped is not None:
