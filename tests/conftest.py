@@ -5,6 +5,11 @@ import pytest
 # The suite runs tiny models on a small shared machine: one thread each is fastest there and keeps runs
 # predictable (set before torch is imported, so subprocesses inherit it too).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# `--precision auto` computes in bf16 on CPUs with AMX or AVX512-BF16 and in fp32 elsewhere: the suite pins
+# the CPU flags it sees to a CPU without native bf16 (fp32), so that it checks the same thing, against fp32
+# oracles, on every machine. Tests of the choice itself set the flags they need (tests/test_precision.py);
+# real bf16 is measured by benchmarks/precision_quality.py and unet_step.py.
+os.environ.setdefault("LDMTOOL_TEST_CPU_FLAGS", "fpu sse sse2 ssse3 sse4_1 sse4_2 avx avx2 fma f16c")
 
 
 @pytest.fixture(autouse=True)

@@ -194,3 +194,51 @@ def test_default_spacing_applies_unless_the_run_chooses_one(residual_model):
     assert chosen.resolved()["spacing"] == "leading"
     karras = Engine(ModelChoice(model=str(residual_model), device="cpu"), SamplingChoice(karras=True)).open()
     assert karras.resolved()["spacing"] == "karras"
+
+
+@pytest.mark.parametrize("factor", [(4, 4), (2, 8), (3, 3)])
+def test_bicubic_window_is_the_whole_upscale_cut_out_bit_for_bit(factor):
+    """Bit for bit where the factors are powers of two (every sample position is then exact in float), within
+    float rounding otherwise."""
+    from ldmtool.pipelines.superres import bicubic_base, bicubic_window
+
+    low = torch.rand(2, 3, 13, 17, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    size = (13 * factor[0], 17 * factor[1])
+    whole = bicubic_base(low, size)
+    for top, left, height, width in [(0, 0, *size), (0, 0, 1, 1), (5, 7, 9, 11), (size[0] - 3, size[1] - 2, 3, 2),
+                                     (8, 0, 8, size[1]), (1, 30, 20, 4)]:
+        window = bicubic_window(low, size, top, left, height, width)
+        cut = whole[..., top : top + height, left : left + width]
+        if factor == (3, 3):
+            torch.testing.assert_close(window, cut, rtol=0, atol=1e-5)
+        else:
+            assert torch.equal(window, cut), (top, left, height, width)
+
+
+@pytest.mark.parametrize("vae_tile", [0, 2])
+def test_residual_upscale_added_per_decoded_strip_equals_adding_its_latent(residual_model, vae_tile, monkeypatch):
+    """A pointwise first stage gets the bicubic upscale added in pixels, strip by strip as the decode pastes them
+    (no full-size upscale or latent of it): the same pixels as decoding the latent plus the upscale's latent."""
+    from ldmtool.pipelines.superres import bicubic_base
+
+    engine = Engine(ModelChoice(model=str(residual_model), device="cpu", precision="fp32"),
+                    SamplingChoice(vae_tile=vae_tile)).open()
+    low = torch.rand(1, 3, 10, 12, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    z = torch.randn(1, 48, 10, 12, generator=torch.Generator().manual_seed(5))  # patch 4: the latent of a ×4 output
+    monkeypatch.setattr(engine, "sample", lambda *args, **kwargs: z)
+    pixels = _upscale(engine, low)
+    whole = engine.decode_pixels(z + engine.encode(bicubic_base(low, (40, 48))))
+    assert pixels.shape == whole.shape == (1, 40, 48, 3)
+    assert (pixels.int() - whole.int()).abs().max() <= 1
+    untiled = Engine(ModelChoice(model=str(residual_model), device="cpu", precision="fp32"),
+                     SamplingChoice(vae_tile=0)).open()
+    monkeypatch.setattr(untiled, "sample", lambda *args, **kwargs: z)
+    assert torch.equal(pixels, _upscale(untiled, low))
+
+
+def _upscale(engine: Engine, low: torch.Tensor) -> torch.Tensor:
+    from ldmtool.pipelines.superres import SuperresTask
+
+    task = SuperresTask(engine, scale=4)
+    task.check_model(engine)
+    return task._sample_and_decode(engine, low=low, latent_hw=(10, 12), seed=0)

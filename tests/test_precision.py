@@ -121,3 +121,11 @@ def test_half_precision_where_the_cpu_emulates_it_is_said_once(monkeypatch, mode
                    "--seed", "5", "-o", tmp_path / "out", "--precision", "bf16")
     assert made.exit_code == 0, made.output
     assert made.stderr.count("warning: --precision bf16: this CPU has no native bf16") == 1, made.stderr
+
+
+def test_the_suite_pins_the_cpu_flags_and_the_kernel_list_is_read_without_it(monkeypatch):
+    """tests/conftest.py names a CPU without native bf16 (so `auto` is fp32 in every test, on every machine);
+    without the variable the flags are the kernel's."""
+    assert resolve_precision("auto", CPU).name == "fp32" and "avx2" in device_module.cpu_flags()
+    monkeypatch.delenv(device_module.TEST_FLAGS_ENV)
+    assert device_module.cpu_flags() == device_module._kernel_cpu_flags()

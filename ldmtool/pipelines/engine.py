@@ -9,6 +9,7 @@ bad, fail the item instead of writing a wrong image.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
@@ -34,7 +35,7 @@ from ldmtool.runtime.seeds import NoiseSource
 from ldmtool.tiling.fusion import TileConfig, TiledDenoiser
 from ldmtool.tiling.memory import check_tile, choose_tiling, parse_memory, tiles_across_the_wrap
 from ldmtool.tiling.seamless import Seamless, parse_seamless, seamless
-from ldmtool.tiling.vae import PixelSource, TensorCanvas, VAETiling, tiled_decode, tiled_encode
+from ldmtool.tiling.vae import PixelCanvas, PixelSource, TensorCanvas, VAETiling, tiled_decode, tiled_encode
 
 if TYPE_CHECKING:
     from ldmtool.addons.apply import ModelAddons
@@ -380,7 +381,7 @@ class Engine:
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Scaled latents of images in [-1, 1] (B, 3, H, W), one image at a time (see `per_row`)."""
         first = self.bundle.first_stage
-        x = images.to(self.device, self.dtype)
+        x = images.to(self.device, self._first_stage_dtype())
         down = self.info.downsampling
         tiled = self._vae_tiled(x.shape[-2] // down, x.shape[-1] // down)
         with torch.inference_mode(), seamless(first, axes=self.axes):
@@ -416,11 +417,14 @@ class Engine:
         images = self._decode_rows(latents, lambda shape, dtype: TensorCanvas.empty(shape, dtype, "cpu"))
         return (torch.cat(images).float() + 1) / 2
 
-    def decode_pixels(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode_pixels(self, latents: torch.Tensor, add: Optional[Callable[[int, int, int, int], torch.Tensor]] = None
+                      ) -> torch.Tensor:
         """Like `decode`, but straight to uint8 pixels (B, H, W, 3) on the CPU, rounded as the image writer
         rounds. Tiled decodes convert tile by tile, so no full-size float image is ever made (it would be
-        the largest buffer of a big super-resolution). Raises `NonFiniteResult` for NaN/Inf."""
-        canvases = self._decode_rows(latents, PixelCanvas)
+        the largest buffer of a big super-resolution). `add(top, left, height, width)` gives values in model
+        range added to each decoded tile before rounding. Raises `NonFiniteResult` for NaN/Inf."""
+        canvas = PixelCanvas if add is None else functools.partial(PixelCanvas, add=add)
+        canvases = self._decode_rows(latents, canvas)
         if not all(canvas.finite for canvas in canvases):
             raise NonFiniteResult
         return torch.cat([canvas.pixels for canvas in canvases])
@@ -430,7 +434,8 @@ class Engine:
         `make_canvas(shape, dtype)` (tile by tile when the canvas is large, whole otherwise); returns the
         canvases' `result()`s."""
         first = self.bundle.first_stage
-        z = (latents / self.bundle.scale_factor + getattr(self.bundle, "shift_factor", 0.0)).to(self.device, self.dtype)
+        z = latents / self.bundle.scale_factor + getattr(self.bundle, "shift_factor", 0.0)
+        z = z.to(self.device, self._first_stage_dtype())
         tiled = self._vae_tiled(z.shape[-2], z.shape[-1])
         decode = method(first, "decode")
         results = []
@@ -446,6 +451,12 @@ class Engine:
                 results.append(canvas.result())
         return results
 
+    def _first_stage_dtype(self) -> Optional[torch.dtype]:
+        """The run's precision, but float32 for a first stage without weights (a reshape: half precision would
+        only drop bits)."""
+        first = self.bundle.first_stage
+        return torch.float32 if next(first.parameters(), None) is None else self.dtype
+
     def _vae_tiled(self, h: int, w: int) -> bool:
         tile = self.sampling.vae_tile
         if tile == 0 or self.sampling.tile == 0:
@@ -458,25 +469,6 @@ class Engine:
 
 class NonFiniteResult(Exception):
     """A decoded image had NaN/Inf values (`Engine.finite` recomputes in fp32)."""
-
-
-class PixelCanvas:
-    """Receives decoded tiles (B, 3, h, w) in [-1, 1] and keeps them as uint8 pixels (B, H, W, 3)."""
-
-    def __init__(self, shape: Sequence[int], dtype: Optional[torch.dtype] = None):
-        batch, _channels, height, width = shape
-        self.pixels = torch.empty(batch, height, width, 3, dtype=torch.uint8)
-        self.finite = True
-
-    def paste(self, tile: torch.Tensor, top: int, left: int) -> None:
-        values = tile.float().cpu()
-        self.finite = self.finite and bool(torch.isfinite(values).all())
-        # The writer's rounding (io.images.to_uint8) on (x + 1) / 2, in the same float32 operations.
-        pixels = (((values + 1) / 2).clamp(0, 1) * 255.0 + 0.5).to(torch.uint8)
-        self.pixels[:, top : top + tile.shape[-2], left : left + tile.shape[-1]] = pixels.permute(0, 2, 3, 1)
-
-    def result(self) -> "PixelCanvas":
-        return self
 
 
 def method(module: torch.nn.Module, name: str) -> Callable[..., torch.Tensor]:

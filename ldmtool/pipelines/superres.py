@@ -206,11 +206,19 @@ class SuperresTask(ModelTask):
         """Uint8 pixels (1, H, W, 3) of one pass at `engine`'s precision (`Engine.finite` retries in fp32)."""
         cond, uncond = self._conditioning(engine, low, latent_hw, seed)
         z = engine.sample(latent_hw, [seed], cond, uncond, progress=self.step_progress())
-        if engine.info.residual_base is not None:  # the model gave the detail over the input's bicubic upscale
-            assert cond.concat is not None, "a residual model is a concat (BSR-style) superres model"
-            down = engine.info.downsampling
-            z = z + engine.encode(bicubic_base(cond.concat, (latent_hw[0] * down, latent_hw[1] * down)))
-        return engine.decode_pixels(z)
+        if engine.info.residual_base is None:
+            return engine.decode_pixels(z)
+        # The model gave the detail over the input's bicubic upscale, computed from the fp32 input (as in
+        # training) whatever precision the networks run in.
+        down = engine.info.downsampling
+        size = (latent_hw[0] * down, latent_hw[1] * down)
+        source = low if tuple(low.shape[-2:]) == latent_hw else cond.concat
+        assert source is not None, "a residual model is a concat (BSR-style) superres model"
+        if getattr(engine.bundle.first_stage, "pointwise", False):
+            # A pointwise first stage decodes sums to sums, so the upscale is added in pixels, a window at a
+            # time as the decode pastes them: no full-size upscale or latent of it is ever made.
+            return engine.decode_pixels(z, add=functools.partial(bicubic_window, source.float(), size))
+        return engine.decode_pixels(z + engine.encode(bicubic_base(source, size)))
 
     def _conditioning(self, engine: Engine, low: torch.Tensor, latent_hw: tuple[int, int], seed: int
                       ) -> tuple[Cond, Optional[Cond]]:
@@ -246,6 +254,26 @@ def bicubic_base(low: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     to: the same float32 operation in training and in the pipeline, not clamped (the residual makes up for
     its overshoot)."""
     return F.interpolate(low.float(), size=tuple(size), mode="bicubic", align_corners=False).to(low.dtype)
+
+
+def bicubic_window(low: torch.Tensor, size: tuple[int, int], top: int, left: int, height: int, width: int
+                   ) -> torch.Tensor:
+    """`bicubic_base(low, size)[..., top:top + height, left:left + width]` computed from a window of `low` (`size`
+    an integer multiple of its sides). Bicubic reads 2 input pixels on either side of the point it samples, and
+    a window of whole input pixels keeps every sample's position and weights, so with a margin of 2 input
+    pixels the window's values are those of the whole upscale: bit for bit where the factors are powers of two
+    (the positions are then exact in float), within float rounding otherwise."""
+    factor_y, factor_x = size[0] // low.shape[-2], size[1] // low.shape[-1]
+    y0, y1 = _window(top, height, factor_y, low.shape[-2])
+    x0, x1 = _window(left, width, factor_x, low.shape[-1])
+    up = bicubic_base(low[..., y0:y1, x0:x1], ((y1 - y0) * factor_y, (x1 - x0) * factor_x))
+    top, left = top - y0 * factor_y, left - x0 * factor_x
+    return up[..., top : top + height, left : left + width]
+
+
+def _window(start: int, length: int, factor: int, size: int, margin: int = 2) -> tuple[int, int]:
+    """The input pixels [first, end) whose upscale covers output pixels [start, start + length) with `margin`."""
+    return max(0, start // factor - margin), min(size, -(-(start + length) // factor) + margin)
 
 
 def _padding(height: int, width: int, multiple: int) -> tuple[int, int]:

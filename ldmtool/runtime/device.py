@@ -59,9 +59,19 @@ class PrecisionChoice:
 NATIVE_BF16_FLAGS = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512-BF16", "bf16": "Arm BF16"}
 
 
-@functools.lru_cache(maxsize=1)
+# The test suite names the flags here (tests/conftest.py: a CPU without native bf16), so that `--precision
+# auto` resolves alike on every machine that runs it, child processes included.
+TEST_FLAGS_ENV = "LDMTOOL_TEST_CPU_FLAGS"
+
+
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags as the kernel lists them (x86 `flags`, Arm `Features`); empty where unknown."""
+    pinned = os.environ.get(TEST_FLAGS_ENV)
+    return frozenset(pinned.split()) if pinned is not None else _kernel_cpu_flags()
+
+
+@functools.lru_cache(maxsize=1)
+def _kernel_cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:

@@ -56,6 +56,7 @@ from ldmtool.tiling.vae_stages import Stage, decoder_stages, encoder_stages
 from ldmtool.tiling.vae_store import (
     CanvasFactory,
     FileCanvas,
+    PixelCanvas,
     PixelSource,
     TensorCanvas,
     VAETiling,
@@ -65,7 +66,7 @@ from ldmtool.tiling.vae_stream import stream_stages
 
 # The tiled autoencoder's public names, importable from here whichever module holds them.
 __all__ = [
-    "CanvasFactory", "FileCanvas", "Moments", "PixelSource", "Stage", "TensorCanvas", "VAETiling", "attention_stage",
+    "CanvasFactory", "FileCanvas", "Moments", "PixelCanvas", "PixelSource", "Stage", "TensorCanvas", "VAETiling", "attention_stage",
     "decoder_stages", "default_store_bytes", "encoder_stages", "group_norm", "online_softmax_attention",
     "run_bounded", "stream_stages", "tiled_decode", "tiled_encode",
 ]

@@ -72,6 +72,30 @@ class TensorCanvas:
         return self.tensor
 
 
+class PixelCanvas:
+    """Receives decoded tiles (B, 3, h, w) in [-1, 1] and keeps them as uint8 pixels (B, H, W, 3); `add(top, left,
+    height, width)`, where given, is added to each tile first (a residual model's upscaled input)."""
+
+    def __init__(self, shape: Sequence[int], dtype: Optional[torch.dtype] = None, *,
+                 add: Optional[Callable[[int, int, int, int], Tensor]] = None):
+        batch, _channels, height, width = shape
+        self.pixels = torch.empty(batch, height, width, 3, dtype=torch.uint8)
+        self.finite = True
+        self.add = add
+
+    def paste(self, tile: Tensor, top: int, left: int) -> None:
+        values = tile.float().cpu()
+        if self.add is not None:
+            values = values + self.add(top, left, tile.shape[-2], tile.shape[-1])
+        self.finite = self.finite and bool(torch.isfinite(values).all())
+        # The writer's rounding (io.images.to_uint8) on (x + 1) / 2, in the same float32 operations.
+        pixels = (((values + 1) / 2).clamp(0, 1) * 255.0 + 0.5).to(torch.uint8)
+        self.pixels[:, top : top + tile.shape[-2], left : left + tile.shape[-1]] = pixels.permute(0, 2, 3, 1)
+
+    def result(self) -> "PixelCanvas":
+        return self
+
+
 class PixelSource:
     """An image held as uint8 pixels (H, W, 3) and read as (1, 3, h, w) float32 in [-1, 1] one crop at a time:
     the source of a tiled encode that never makes the full-size float image (a 4096² one is 200 MB).
