@@ -82,7 +82,7 @@ def sample_latents(
         x = start  # the first model's latent, already at this schedule's first noise level
     elif init_latent is None:
         assert shape is not None
-        x = start_latent(noise.randn(shape, device=device, dtype=dtype) * settings.temperature, float(schedule.sigmas[0]))
+        x = start_latent(noise.randn(shape, device=device, dtype=dtype).mul_(settings.temperature), float(schedule.sigmas[0]))
     else:
         x = noised_latent(init_latent, schedule, noise.like(init_latent))
     model = bind(denoise, cond)

@@ -96,7 +96,8 @@ def progressive_ddim(
     for i, (s, s_next) in enumerate(pairs):
         denoised = model(x, _at(x, s))
         down, up = ancestral_split(s, s_next, eta)
-        x = denoised + (x - denoised) * (down / s)
+        # At down = 0 (the last step) x is denoised itself: the same values without two latent-sized temporaries.
+        x = denoised + (x - denoised) * (down / s) if down > 0 else denoised
         if up > 0:
             x = x + up * noise(x)
         yield Step(i, len(pairs), s, s_next, x, denoised)

@@ -434,15 +434,17 @@ class Engine:
         `make_canvas(shape, dtype)` (tile by tile when the canvas is large, whole otherwise); returns the
         canvases' `result()`s."""
         first = self.bundle.first_stage
-        z = latents / self.bundle.scale_factor + getattr(self.bundle, "shift_factor", 0.0)
-        z = z.to(self.device, self._first_stage_dtype())
-        tiled = self._vae_tiled(z.shape[-2], z.shape[-1])
+        tiled = self._vae_tiled(latents.shape[-2], latents.shape[-1])
+        # A pointwise first stage decodes strip by strip, each unscaled as it goes: no latent-sized copy.
+        by_strip = tiled and getattr(first, "pointwise", False)
+        z = latents if by_strip else self._unscaled(latents)
         decode = method(first, "decode")
         results = []
         with torch.inference_mode(), seamless(first, axes=self.axes):
             for row in torch.split(z, 1):
                 if tiled:
-                    results.append(tiled_decode(first, row, VAETiling(tile=self._vae_tile()), output=make_canvas))
+                    results.append(tiled_decode(first, row, VAETiling(tile=self._vae_tile()), output=make_canvas,
+                                                prepare=self._unscaled if by_strip else None))
                     release_host_memory()
                     continue
                 image = decode(row)
@@ -450,6 +452,11 @@ class Engine:
                 canvas.paste(image, 0, 0)
                 results.append(canvas.result())
         return results
+
+    def _unscaled(self, latents: torch.Tensor) -> torch.Tensor:
+        """The first stage's raw latent of scaled latents, on its device and in its dtype."""
+        raw = (latents / self.bundle.scale_factor).add_(getattr(self.bundle, "shift_factor", 0.0))
+        return raw.to(self.device, self._first_stage_dtype())
 
     def _first_stage_dtype(self) -> Optional[torch.dtype]:
         """The run's precision, but float32 for a first stage without weights (a reshape: half precision would

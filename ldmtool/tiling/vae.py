@@ -43,7 +43,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from fractions import Fraction
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -76,15 +76,18 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def tiled_decode(first_stage: nn.Module, z: Tensor, config: VAETiling = VAETiling(),
-                 output: Optional["CanvasFactory"] = None) -> Any:
-    """`first_stage.decode(z)` computed in tiles of `config.tile` latent pixels (same result within 1/255).
+                 output: Optional["CanvasFactory"] = None, prepare: Optional[Callable[[Tensor], Tensor]] = None) -> Any:
+    """`first_stage.decode(prepare(z))` computed in tiles of `config.tile` latent pixels (same result within 1/255).
 
     `output` receives the decoded tiles (see `CanvasFactory`); by default they are assembled into one
     tensor on `z`'s device. A caller that wants, say, uint8 pixels gives a canvas that converts each tile,
-    so the full-size float image never exists. Returns `output`'s `result()`.
+    so the full-size float image never exists. Returns `output`'s `result()`. `prepare` (elementwise, e.g.
+    unscaling) is applied strip by strip for a pointwise first stage, so no latent-sized copy is made.
     """
     if getattr(first_stage, "pointwise", False):
-        return _strip_decode(first_stage, z, config.tile, output)
+        return _strip_decode(first_stage, z, config.tile, output, prepare)
+    if prepare is not None:
+        z = prepare(z)
     if hasattr(first_stage, "quantize"):
         z = _quantize_in_rows(first_stage.quantize, z)
     h = first_stage.post_quant_conv(z)  # 1x1 to z_channels: as small as the latent
@@ -163,11 +166,13 @@ def _stream_retrying(stages: list[Stage], source: Tensor, config: VAETiling, out
                 torch.cuda.empty_cache()
 
 
-def _strip_decode(first_stage: nn.Module, z: Tensor, rows: int, output: Optional["CanvasFactory"]) -> Any:
+def _strip_decode(first_stage: nn.Module, z: Tensor, rows: int, output: Optional["CanvasFactory"],
+                  prepare: Optional[Callable[[Tensor], Tensor]] = None) -> Any:
     """A pointwise first stage's decode, `rows` latent rows at a time: exact, as no cell sees its neighbours."""
     canvas = None
     for top in range(0, z.shape[-2], rows):
-        strip = first_stage.decode(z[..., top : top + rows, :])
+        part = z[..., top : top + rows, :]
+        strip = first_stage.decode(part if prepare is None else prepare(part))
         if canvas is None:
             scale = strip.shape[-1] // z.shape[-1]
             shape = (*strip.shape[:2], z.shape[-2] * scale, strip.shape[-1])
