@@ -181,27 +181,59 @@ class PhaseRecorder:
 # -- what the CPU can do --------------------------------------------------------------------------------
 
 
-def matmul_peaks(seconds: float = 1.0, size: int = 1024) -> dict[str, Any]:
+# Matrix products the peak is measured on (m, k, n): square ones and the token x channel shapes of an SD
+# UNet's linear layers (64² latent, batch 2: 8192 tokens; 320 -> 2560 and 1280 -> 320 channels). A single
+# square 1024 product measured a third of this CPU's bf16 rate on a Xeon with AMX (1.28 of 3.4 TFLOP/s).
+PEAK_SHAPES = ((1024, 1024, 1024), (2048, 2048, 2048), (8192, 320, 2560), (8192, 1280, 320))
+
+
+def matmul_peaks(seconds: float = 1.0) -> dict[str, Any]:
     """The CPU's instruction set, whether it computes bf16 natively, and its measured fp32 and bf16 matrix
-    multiply rates (GFLOP/s, square `size` matrices, the best of repeated calls within about `seconds` each,
-    at torch's current thread count). Every benchmark prints this beside its timings. Emulated bf16 (about
-    0.2 GFLOP/s on AVX2) is measured on 256-side matrices, so that one call stays short."""
+    multiply rates (GFLOP/s): for each dtype the best over `PEAK_SHAPES` of repeated calls into a preallocated
+    output within about `seconds` per shape, at torch's current thread count, with the shape that gave it.
+    Every benchmark prints this beside its timings. Emulated bf16 (about 0.2 GFLOP/s on AVX2) is measured
+    on one 256-side product, so that a call stays short."""
     import torch
 
     from ldmtool.runtime.device import native_cpu_bf16
 
     native = native_cpu_bf16()
-    peaks = {}
+    peaks: dict[str, Any] = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        if name == "bf16" and native is None:
-            size = min(size, 256)
-        a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
-        best, spent = float("inf"), 0.0
-        while spent < seconds:
-            start = time.perf_counter()
-            torch.mm(a, b)
-            took = time.perf_counter() - start
-            best, spent = min(best, took), spent + took
-        peaks[f"{name}_matmul_gflops"] = round(2 * size**3 / best / 1e9, 1)
+        shapes = ((256, 256, 256),) if name == "bf16" and native is None else PEAK_SHAPES
+        rates = {shape: _matmul_rate(shape, dtype, seconds) for shape in shapes}
+        best = max(rates, key=lambda shape: rates[shape])
+        peaks[f"{name}_matmul_gflops"] = round(rates[best], 1)
+        peaks[f"{name}_matmul_shape"] = "x".join(map(str, best))
     return {"isa": torch.backends.cpu.get_cpu_capability(), "native_bf16": native,
             "threads": torch.get_num_threads(), **peaks}
+
+
+def _matmul_rate(shape: tuple[int, int, int], dtype: Any, seconds: float) -> float:
+    """GFLOP/s of the fastest of repeated (m, k) @ (k, n) products within about `seconds`."""
+    import torch
+
+    m, k, n = shape
+    a, b, out = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype), torch.empty(m, n, dtype=dtype)
+    best, spent = float("inf"), 0.0
+    while spent < seconds:
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        took = time.perf_counter() - start
+        best, spent = min(best, took), spent + took
+    return 2 * m * k * n / best / 1e9
+
+
+def count_cpu_attention() -> None:
+    """Teach torch's FlopCounterMode the CPU flash-attention kernel that SDPA runs (it counts the CUDA ones
+    only), with the same formula: without it a UNet step's attention products are missing from its count."""
+    import torch
+    from torch.utils import flop_counter
+
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if op in flop_counter.flop_registry:
+        return
+
+    @flop_counter.register_flop_formula(op)
+    def _flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_flop_count(query, key, value)

@@ -12,8 +12,9 @@ alike, and prints one JSON line per (implementation, batch) plus the ratio ldmto
 ldmtool runs in the precision `--precision auto` picks on this machine (bf16 on a CPU with AMX or
 AVX512-BF16, else fp32); diffusers runs in that precision and, where it is bf16, in fp32 too, and the ratio
 takes diffusers' faster one (issue 17). The first line names the CPU's instruction set and its measured fp32
-and bf16 matmul rates; each ratio line also gives the step's FLOPs (counted by torch's FlopCounterMode) and
-ldmtool's achieved rate as a fraction of the better of those two peaks.
+and bf16 matmul rates (the best over a few shapes, `_common.PEAK_SHAPES`); each ratio line also gives the
+step's FLOPs (torch's FlopCounterMode, taught the CPU flash-attention kernel) and ldmtool's achieved rate as a
+fraction of the better of those two peaks.
 
 Each JSON line has wall seconds (median and min over --rounds) and CPU seconds of this process (median);
 the ratios are ldmtool / diffusers from the same run. On a machine shared with other work the wall times
@@ -30,7 +31,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from _common import emit, matmul_peaks
+from _common import count_cpu_attention, emit, matmul_peaks
 from ldmtool.nets.unet import UNetModel
 from ldmtool.runtime.device import resolve_precision
 
@@ -87,6 +88,7 @@ def main() -> None:
         args.width, args.latent, args.rounds, args.batch = 32, 16, 1, [1]
 
     device = torch.device(args.device)
+    count_cpu_attention()
     auto = resolve_precision("auto", device)
     dtypes = args.dtype or list(dict.fromkeys([auto.name, "fp32"] if auto.name == "bf16" else [auto.name]))
     ours, theirs = build_pair(args.width)

@@ -242,3 +242,20 @@ def _upscale(engine: Engine, low: torch.Tensor) -> torch.Tensor:
     task = SuperresTask(engine, scale=4)
     task.check_model(engine)
     return task._sample_and_decode(engine, low=low, latent_hw=(10, 12), seed=0)
+
+
+def test_a_given_scale_factor_is_kept_instead_of_measured(tmp_path):
+    """`--scale-factor`: a fine-tune from --init keeps the latent scale its UNet learnt (a new estimate on
+    other crops differs by a few per cent)."""
+    from ldmtool.cli.app import main
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    Image.fromarray(np.random.default_rng(11).integers(0, 256, size=(48, 48, 3), dtype=np.uint8)).save(folder / "a.png")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "diffusion", "--task", "superres", "--first-stage", "patch:4", "--data", str(folder),
+              "--channels", "32", "--channel-mult", "1,2", "--attention-at", "2", "--crop", "32", "--batch-size", "1",
+              "--prediction", "v", "--residual", "--degradation", "clean", "--steps", "1", "--scale-factor", "6.5",
+              "--device", "cpu", "--quiet", "-o", str(tmp_path / "run")])
+    assert exit_info.value.code in (0, None)
+    assert float(load_file(str(tmp_path / "run" / "model.safetensors"))["scale_factor"]) == 6.5

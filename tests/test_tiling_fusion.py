@@ -218,3 +218,26 @@ def test_tile_context_is_built_per_tile_and_shared_context_is_used_untiled():
     seen.clear()
     TiledDenoiser(inner, TileConfig(tile=(64, 64), overlap=4))(x, torch.ones(2), cond)  # fits one tile
     assert seen == [[[-1.0] * 4] * 2]
+
+
+@pytest.mark.parametrize("tile_batch, wrap_x, shift", [(1, False, False), (3, False, True), (2, True, False)])
+def test_streamed_rows_are_the_fused_canvas_bit_for_bit_each_row_once_in_order(tile_batch, wrap_x, shift):
+    """`stream` hands out the fused result band by band as no remaining tile adds to it (a one-step sampler
+    decodes those rows at once): the same values bit for bit, never the whole canvas at once."""
+    x, cond = _inputs(batch=1, height=45, width=52)
+    config = TileConfig(tile=(16, 16), overlap=6, tile_batch=tile_batch, wrap_x=wrap_x, shift=shift)
+    sigma = torch.full((1,), 2.0)
+    whole = TiledDenoiser(ConvDenoiser(), config)(x, sigma, cond)
+    bands: list[tuple[int, torch.Tensor]] = []
+    TiledDenoiser(ConvDenoiser(), config).stream(x, sigma, cond, lambda rows, top: bands.append((top, rows.clone())))
+    tops = [top for top, _ in bands]
+    assert tops[0] == 0 and all(b[0] == a[0] + a[1].shape[-2] for a, b in zip(bands, bands[1:]))
+    assert len(bands) > 2 and max(rows.shape[-2] for _, rows in bands) < 45  # streamed, not held whole
+    assert torch.equal(torch.cat([rows for _, rows in bands], dim=-2), whole)
+
+
+def test_a_vertically_wrapping_canvas_is_not_streamed():
+    x, cond = _inputs(batch=1)
+    tiled = TiledDenoiser(ConvDenoiser(), TileConfig(tile=(16, 16), overlap=6, wrap_y=True))
+    with pytest.raises(ValueError, match="wrapping"):
+        tiled.stream(x, torch.full((1,), 2.0), cond, lambda rows, top: None)

@@ -109,6 +109,7 @@ def autoencoder(
     colour_jitter: Annotated[float, typer.Option("--colour-jitter", min=0.0, max=1.0, help="Share of crops given a random hue rotation, saturation and tint (teaches colour on grey-heavy data).", rich_help_panel=TRAINING)] = 0.5,
     sample_posterior: Annotated[bool, typer.Option("--sample-posterior/--decode-mean", help="Decode a posterior sample (as LDM) or its mean.", rich_help_panel=TRAINING)] = True,
     procedural_share: Annotated[float, typer.Option("--procedural-share", min=0.0, max=1.0, help="Share of crops replaced by the project's procedural scenes (label maps, layouts, shapes: saturated colours the semantic/layout/txt2img models need).", rich_help_panel=TRAINING)] = 0.0,
+    scale_factor: Annotated[Optional[float], typer.Option("--scale-factor", min=0.001, help="Latent scale factor (default: 1 / std of the training latents); give --init's to fine-tune it.", rich_help_panel=TRAINING)] = None,
     init: Annotated[Optional[Path], typer.Option("--init", help="Start from this autoencoder's weights (model.safetensors of a run, or a LatentDiffusion checkpoint's first stage).", rich_help_panel=TRAINING)] = None,
     freeze_encoder: Annotated[bool, typer.Option("--freeze-encoder", help="With --init: train the decoder only, so the latent space (and every diffusion model trained on it) stays valid.", rich_help_panel=TRAINING)] = False,
     *,
@@ -153,6 +154,7 @@ def diffusion(
     x0_loss: Annotated[bool, typer.Option("--x0-loss", help="Weight the loss as the error of the image (x0) each prediction implies: the MMSE objective at every noise level, for few-step, PSNR-measured models (the plain loss favours the low-noise steps).", rich_help_panel=TRAINING)] = False,
     degradation: Annotated[str, typer.Option("--degradation", help="superres: realistic (blur, noise, JPEG on 70% of low-res inputs) light (mostly clean downscales) or clean (area downscales only: what --consistency assumes).", rich_help_panel=TRAINING)] = "realistic",
     box_raster: Annotated[bool, typer.Option("--box-raster", help="layout: also give the UNet the boxes as a coverage map per class (concatenated; conditioning_key hybrid). Learns in a CPU-sized run where box tokens alone do not.", rich_help_panel=TRAINING)] = False,
+    scale_factor: Annotated[Optional[float], typer.Option("--scale-factor", min=0.001, help="Latent scale factor (default: 1 / std of the training latents); give --init's to fine-tune it.", rich_help_panel=TRAINING)] = None,
     init: Annotated[Optional[Path], typer.Option("--init", help="Start the UNet (and a trainable text encoder) from this LatentDiffusion checkpoint's weights, or a shipped default's (by name), where names and shapes match.", rich_help_panel=TRAINING)] = None,
     steps: Steps = 20000,
     crop: Crop = 128,
@@ -177,7 +179,8 @@ def diffusion(
     training = DiffusionTraining(task=task_value, crop=crop, batch_size=batch_size, lr=lr, ema_decay=session.ema_decay,
                                  seed=session.seed, scale=scale, min_scale=min_scale, text_width=text_width, text_layers=text_layers,
                                  init=str(init) if init else None, procedural=data == PROCEDURAL,
-                                 degradation=degradation, prediction=prediction, box_raster=box_raster, x0_loss=x0_loss, residual=residual)
+                                 degradation=degradation, prediction=prediction, box_raster=box_raster, x0_loss=x0_loss, residual=residual,
+                                 scale_factor=scale_factor)
     run = _run_options(output, steps, session)
     if task_value in PROCEDURAL_TASKS or (task_value == Task.UNCOND and data == PROCEDURAL):
         if data not in (None, PROCEDURAL):

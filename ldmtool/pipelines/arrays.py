@@ -12,7 +12,7 @@ Alpha, where the result has it, is the last channel.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -20,6 +20,9 @@ from PIL import Image, ImageOps
 from ldmtool.errors import UsageError
 from ldmtool.io.images import LoadedImage, binarize_mask, read_image, read_mask, to_uint8
 from ldmtool.runtime.jobs import Output
+
+if TYPE_CHECKING:
+    import torch
 
 ImageInput = Union[np.ndarray, Image.Image, str, Path]
 
@@ -129,3 +132,17 @@ def as_list(value: Any) -> list[Any]:
     if isinstance(value, (str, int)):
         return [value]
     return list(value)
+
+
+def to_model_range(rgb: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) float in [0, 1] or uint8 → (1, 3, H, W) float32 in [-1, 1]."""
+    import torch
+
+    if rgb.dtype == np.uint8:
+        return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float() / 127.5 - 1
+    return torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32)).permute(2, 0, 1)[None] * 2 - 1
+
+
+def to_array(image: torch.Tensor) -> np.ndarray:
+    """(3, H, W) float in [0, 1] → (H, W, 3) float32 numpy."""
+    return image.permute(1, 2, 0).contiguous().numpy()

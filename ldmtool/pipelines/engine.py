@@ -28,6 +28,7 @@ from ldmtool.diffusion.samplers import check_options, chosen_spacing, default_sc
 from ldmtool.errors import FatalError, ItemError, LdmError, UsageError
 from ldmtool.families.info import ModelInfo
 from ldmtool.options import ModelChoice, SamplingChoice
+from ldmtool.pipelines.arrays import to_model_range
 from ldmtool.pipelines.control_engine import check_adapter_cells
 from ldmtool.runtime.cache import model_cache
 from ldmtool.runtime.device import PrecisionChoice, choose_device, release_host_memory, resolve_precision
@@ -484,16 +485,3 @@ def method(module: torch.nn.Module, name: str) -> Callable[..., torch.Tensor]:
     (`Tensor | Module`)."""
     bound: Callable[..., torch.Tensor] = getattr(module, name)
     return bound
-
-
-def to_model_range(rgb: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) float in [0, 1] or uint8 → (1, 3, H, W) float32 in [-1, 1]."""
-    if rgb.dtype == np.uint8:
-        return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float() / 127.5 - 1
-    return torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32)).permute(2, 0, 1)[None] * 2 - 1
-
-
-def to_array(image: torch.Tensor) -> np.ndarray:
-    """(3, H, W) float in [0, 1] → (H, W, 3) float32 numpy."""
-    return image.permute(1, 2, 0).contiguous().numpy()
-

@@ -23,9 +23,10 @@ from ldmtool.diffusion.img2img import strength_steps
 from ldmtool.errors import UsageError
 from ldmtool.io.discover import Item
 from ldmtool.io.images import LoadedImage, read_image
+from ldmtool.pipelines.arrays import to_array
 from ldmtool.pipelines.base import ModelTask, carried, in_groups, input_path, input_size
 from ldmtool.pipelines.control import ControlRun, hint_batch, hint_key, hint_params
-from ldmtool.pipelines.engine import Engine, to_array
+from ldmtool.pipelines.engine import Engine
 from ldmtool.pipelines.refiner import Refiner
 from ldmtool.pipelines.superres import output_size, resample_alpha
 from ldmtool.pipelines.text import PromptConditioning, padded_images

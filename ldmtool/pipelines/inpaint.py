@@ -34,10 +34,11 @@ from ldmtool.errors import FatalError, ItemError, UsageError
 from ldmtool.families.info import InpaintKind
 from ldmtool.io.discover import Item
 from ldmtool.io.images import LoadedImage, mask_from_alpha, read_image, read_mask
+from ldmtool.pipelines.arrays import to_array
 from ldmtool.pipelines.base import ModelTask, carried, in_groups, input_path, input_size
 from ldmtool.pipelines.colour_fix import colour_fix_to, config_switch
 from ldmtool.pipelines.control import ControlRun, hint_key, hint_params
-from ldmtool.pipelines.engine import Engine, to_array
+from ldmtool.pipelines.engine import Engine
 from ldmtool.pipelines.refiner import Kept, Refiner
 from ldmtool.pipelines.text import (
     PromptConditioning,

@@ -21,10 +21,12 @@ from ldmtool.errors import ItemError, UsageError
 from ldmtool.families.info import Conditioning
 from ldmtool.io.discover import Item
 from ldmtool.io.images import LoadedImage, read_image
+from ldmtool.pipelines.arrays import to_model_range
 from ldmtool.pipelines.base import ModelTask, carried, input_path, input_size
 from ldmtool.pipelines.colour_fix import colour_fix_, config_switch
 from ldmtool.pipelines.consistency import back_project_
-from ldmtool.pipelines.engine import Engine, to_model_range
+from ldmtool.pipelines.engine import Engine
+from ldmtool.pipelines.stream_decode import one_step_streamed
 from ldmtool.runtime.jobs import Job, Output
 
 NATIVE_SCALE = 4
@@ -205,20 +207,32 @@ class SuperresTask(ModelTask):
                            seed: int) -> torch.Tensor:
         """Uint8 pixels (1, H, W, 3) of one pass at `engine`'s precision (`Engine.finite` retries in fp32)."""
         cond, uncond = self._conditioning(engine, low, latent_hw, seed)
+        add = self._residual_in_pixels(engine, low, latent_hw, cond)
+        streamed = one_step_streamed(engine, latent_hw, cond, uncond, add=add, progress=self.step_progress())
+        if streamed is not None:
+            return streamed
         z = engine.sample(latent_hw, [seed], cond, uncond, progress=self.step_progress())
-        if engine.info.residual_base is None:
-            return engine.decode_pixels(z)
-        # The model gave the detail over the input's bicubic upscale, computed from the fp32 input (as in
-        # training) whatever precision the networks run in.
-        down = engine.info.downsampling
-        size = (latent_hw[0] * down, latent_hw[1] * down)
+        if engine.info.residual_base is not None and add is None:
+            z = z + engine.encode(bicubic_base(self._residual_source(low, latent_hw, cond), _size(engine, latent_hw)))
+        return engine.decode_pixels(z, add=add)
+
+    def _residual_in_pixels(self, engine: Engine, low: torch.Tensor, latent_hw: tuple[int, int], cond: Cond
+                            ) -> Optional[Callable[[int, int, int, int], torch.Tensor]]:
+        """For a residual model on a pointwise first stage (which decodes sums to sums), the input's bicubic
+        upscale as windows added to the decoded pixels as they are pasted: no full-size upscale or latent of
+        it is ever made. None otherwise (without a residual, or added as a latent)."""
+        if engine.info.residual_base is None or not getattr(engine.bundle.first_stage, "pointwise", False):
+            return None
+        source = self._residual_source(low, latent_hw, cond).float()
+        return functools.partial(bicubic_window, source, _size(engine, latent_hw))
+
+    def _residual_source(self, low: torch.Tensor, latent_hw: tuple[int, int], cond: Cond) -> torch.Tensor:
+        """The low-res image the residual's bicubic upscale starts from: the fp32 input (as in training) whatever
+        precision the networks run in, or the conditioning where the latent grid is not the input's."""
         source = low if tuple(low.shape[-2:]) == latent_hw else cond.concat
         assert source is not None, "a residual model is a concat (BSR-style) superres model"
-        if getattr(engine.bundle.first_stage, "pointwise", False):
-            # A pointwise first stage decodes sums to sums, so the upscale is added in pixels, a window at a
-            # time as the decode pastes them: no full-size upscale or latent of it is ever made.
-            return engine.decode_pixels(z, add=functools.partial(bicubic_window, source.float(), size))
-        return engine.decode_pixels(z + engine.encode(bicubic_base(source, size)))
+        return source
+
 
     def _conditioning(self, engine: Engine, low: torch.Tensor, latent_hw: tuple[int, int], seed: int
                       ) -> tuple[Cond, Optional[Cond]]:
@@ -274,6 +288,12 @@ def bicubic_window(low: torch.Tensor, size: tuple[int, int], top: int, left: int
 def _window(start: int, length: int, factor: int, size: int, margin: int = 2) -> tuple[int, int]:
     """The input pixels [first, end) whose upscale covers output pixels [start, start + length) with `margin`."""
     return max(0, start // factor - margin), min(size, -(-(start + length) // factor) + margin)
+
+
+def _size(engine: Engine, latent_hw: tuple[int, int]) -> tuple[int, int]:
+    """The decoded image's size for a latent of `latent_hw`."""
+    down = engine.info.downsampling
+    return latent_hw[0] * down, latent_hw[1] * down
 
 
 def _padding(height: int, width: int, multiple: int) -> tuple[int, int]:

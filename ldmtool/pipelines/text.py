@@ -355,7 +355,7 @@ def padded_images(rgbs: Sequence[np.ndarray], multiple: int) -> torch.Tensor:
     """Same-size (H, W, 3) arrays in [0, 1] → (B, 3, H', W') in [-1, 1], edges replicated up to the multiple."""
     import torch.nn.functional as F
 
-    from ldmtool.pipelines.engine import to_model_range
+    from ldmtool.pipelines.arrays import to_model_range
 
     batch = torch.cat([to_model_range(rgb) for rgb in rgbs])
     pad_h, pad_w = padding(batch.shape[-2], batch.shape[-1], multiple)

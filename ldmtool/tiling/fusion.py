@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Optional
 
 from ldmtool.diffusion.cond import Cond, Guided
-from ldmtool.tiling.planner import TilePlan, Weighting, add_tile, crop_tile, plan_tiles, shift_for, tile_weights
+from ldmtool.tiling.planner import Rect, TilePlan, Weighting, add_tile, crop_tile, plan_tiles, shift_for, tile_weights
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -101,6 +101,30 @@ class TiledDenoiser:
                 add_tile(out, rect, part.to(out.dtype) * weights[first + index], plan)
         return out.to(x.dtype)
 
+    def stream(self, x: "Tensor", sigma: "Tensor", cond, emit: Callable[["Tensor", int], None]) -> None:
+        """What `__call__` returns, handed to `emit(rows, top)` band by band as the tiles finish them (rows no
+        remaining tile adds to), in order, each row once: the canvas is never held whole, only the rows tiles
+        still add to. The same tiles, weights and additions in the same order: the same values bit for bit.
+        For canvases that do not wrap vertically; an out-of-memory error is not retried (rows already went out)."""
+        import torch
+
+        plan = self.plan(x.shape[-2], x.shape[-1], sigma)
+        if plan.wrap_y:
+            raise ValueError("a vertically wrapping canvas cannot be streamed by rows")
+        weights = self._plan_weights(plan, x.device)
+        rects, step = plan.tiles, self.config.tile_batch
+        band = _RowBand(x, emit)
+        for first in range(0, len(rects), step):
+            chunk = rects[first : first + step]
+            crops = torch.cat([crop_tile(x, rect, plan) for rect in chunk])
+            tile_cond = _repeat(_crop_cond(cond, chunk, plan, x.shape[-2:]), chunk, (plan.height, plan.width))
+            pred = self.inner(crops, sigma.repeat(len(chunk)), tile_cond)
+            self._count(crops.shape[0], crops.shape[-2] * crops.shape[-1])
+            for index, rect in enumerate(chunk):
+                part = pred[index * x.shape[0] : (index + 1) * x.shape[0]]
+                band.add(rect, part.to(band.dtype) * weights[first + index], plan)
+            band.flush(min((rect.top for rect in rects[first + step :]), default=plan.height))
+
     def _plan_weights(self, plan: TilePlan, device) -> list:
         if plan not in self._weights:
             self._weights[plan] = [w.to(device) for w in tile_weights(plan, self.config.weighting)]
@@ -125,6 +149,34 @@ class TiledDenoiser:
         self.config = new
         self._weights.clear()
         _empty_cache()
+
+
+class _RowBand:
+    """The rows [top, top + rows) of a (B, C, H, W) canvas that tiles still add to, zeros where none has yet."""
+
+    def __init__(self, x: "Tensor", emit: Callable[["Tensor", int], None]):
+        import torch
+
+        self.dtype = torch.promote_types(x.dtype, torch.float32)
+        self.rows = x.new_zeros((*x.shape[:-2], 0, x.shape[-1]), dtype=self.dtype)
+        self.top, self.emit = 0, emit
+
+    def add(self, rect: Rect, value: "Tensor", plan: TilePlan) -> None:
+        missing = rect.top + rect.height - (self.top + self.rows.shape[-2])
+        if missing > 0:
+            import torch
+
+            grown = self.rows.new_zeros((*self.rows.shape[:-2], missing, self.rows.shape[-1]))
+            self.rows = torch.cat([self.rows, grown], dim=-2)
+        add_tile(self.rows, replace(rect, top=rect.top - self.top), value, plan)
+
+    def flush(self, final: int) -> None:
+        """Hand out the rows above `final` (no tile left adds to them) and drop them."""
+        done = min(final, self.top + self.rows.shape[-2]) - self.top
+        if done > 0:
+            self.emit(self.rows[..., :done, :], self.top)
+            self.rows = self.rows[..., done:, :].clone()
+            self.top += done
 
 
 def _empty_cache() -> None:

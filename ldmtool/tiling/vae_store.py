@@ -114,7 +114,7 @@ class PixelSource:
         rows = np.minimum(np.arange(y0, y1) % self.shape[-2], height - 1)
         cols = np.minimum(np.arange(x0, x1) % self.shape[-1], width - 1)
         tile = self.pixels[np.ix_(rows, cols)]
-        return torch.from_numpy(tile).permute(2, 0, 1)[None].float() / 127.5 - 1  # engine.to_model_range
+        return torch.from_numpy(tile).permute(2, 0, 1)[None].float() / 127.5 - 1  # arrays.to_model_range
 
 
 class FileCanvas:

@@ -119,7 +119,7 @@ class DiffusionTrainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         self.data = None if training.generated else ImageCrops(paths, CropConfig(training.crop, True, training.min_scale), training.seed)
         self.buffers = schedule(training)
-        self.scale_factor: Optional[float] = None
+        self.scale_factor: Optional[float] = training.scale_factor
 
     @property
     def concat_channels(self) -> int:

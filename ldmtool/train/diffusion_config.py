@@ -108,6 +108,9 @@ class DiffusionTraining:
     # pipelines.box_raster). Box tokens alone must learn 8100 coordinate embeddings independently, which a
     # CPU-sized run does not manage; the raster gives every latent pixel its boxes directly.
     box_raster: bool = False
+    # A fixed latent scale instead of 1 / std of the training latents: a fine-tune from `init` keeps the
+    # scale its UNet learnt (another seed's estimate differs by a few per cent).
+    scale_factor: Optional[float] = None
 
     def __post_init__(self) -> None:
         degradation(self.degradation, self.scale)  # an unknown preset is a usage error before anything loads
