@@ -13,6 +13,7 @@ import pytest
 from PIL import Image, ImageCms
 
 from clirun import run_cli
+from ldmtool.errors import FatalError
 from ldmtool.io.images import read_image
 from ldmtool.io.metadata import ImageMetadata, read_metadata
 from ldmtool.io.source import MAX_CARRIED_BYTES, SourceInfo, kept_exif
@@ -210,3 +211,31 @@ def test_replay_of_a_grey_keep_output_is_identical(tmp_path):
     _ok(_superres(_photo(tmp_path / "grey.png", mode="L"), "-o", tmp_path / "out", "--format", "keep"))
     result = _ok(run_cli("replay", tmp_path / "out" / "grey.png", "--verify", "--json"))
     assert json.loads(result.stdout.splitlines()[-1])["max_difference"] == 0
+
+
+def test_write_image_encodes_straight_into_the_file(tmp_path, monkeypatch):
+    """No encoded copy of the image is held in memory (40 MB for a 16 MP PNG): the bytes go to the temporary
+    file as they are made, and they are what `encode_image` would give."""
+    from ldmtool.io import writer
+
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    expected = encode_image(pixels, "png", metadata=METADATA)
+    monkeypatch.setattr(writer, "encode_image", lambda *a, **k: pytest.fail("write_image encoded into memory"))
+    writer.write_image(tmp_path / "out.png", pixels, metadata=METADATA)
+    assert (tmp_path / "out.png").read_bytes() == expected
+
+
+@pytest.mark.parametrize("error, raised", [(OSError("encoder error -2"), OSError), (OSError(28, "No space"), FatalError)])
+def test_a_failed_write_leaves_neither_output_nor_temporary_file(tmp_path, monkeypatch, error, raised):
+    """An encoder's error (no errno) is the item's; the file system's is fatal. Either way nothing is left."""
+    from ldmtool.io import writer
+
+    def failing_save(self, fp, *args, **kwargs):
+        fp.write(b"\x89PNG partial")
+        raise error
+
+    monkeypatch.setattr(Image.Image, "save", failing_save)
+    with pytest.raises(raised) as caught:
+        writer.write_image(tmp_path / "out.png", np.zeros((4, 4, 3), np.uint8))
+    assert isinstance(caught.value, FatalError) == (raised is FatalError)
+    assert list(tmp_path.iterdir()) == []

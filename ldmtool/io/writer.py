@@ -16,7 +16,7 @@ import hashlib
 import io
 import os
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, BinaryIO, Callable, Iterable, Optional
 
 import numpy as np
 
@@ -70,10 +70,20 @@ def encode_image(
     `source` is what the input file carried (its EXIF and ICC profile are embedded, the EXIF merged with
     `metadata` where the format keeps metadata in EXIF); `bit_depth` 16 writes a float image at 16 bits per
     channel in PNG and TIFF; `grey` writes an image without alpha as one luminance channel."""
+    buffer = io.BytesIO()
+    encode_into(buffer, image, fmt, alpha=alpha, quality=quality, metadata=metadata, source=source,
+                bit_depth=bit_depth, grey=grey)
+    return buffer.getvalue()
+
+
+def encode_into(out: BinaryIO, image: np.ndarray, fmt: str, *, alpha: Optional[np.ndarray] = None,
+                quality: int = DEFAULT_QUALITY, metadata: Optional[ImageMetadata] = None,
+                source: Optional[SourceInfo] = None, bit_depth: int = 8, grey: bool = False) -> None:
+    """`encode_image` written into the seekable file `out` as it is encoded (a file: no copy of the encoded
+    image is held in memory, 40 MB for a 16-megapixel PNG)."""
     from PIL import Image
 
-    if fmt not in EXTENSIONS.values():
-        raise UsageError(f"output format {fmt!r} is not supported; use png, jpg, webp or tiff")
+    check_format(fmt)
     deep = bit_depth == 16 and fmt in SIXTEEN_BIT and np.asarray(image).dtype != np.uint8
     pixels = _as_pixels(image, alpha, deep=deep, grey=grey and alpha is None)
     if fmt == "webp" and pixels.ndim == 2:
@@ -81,9 +91,11 @@ def encode_image(
     icc = source.icc_profile if source is not None and icc_fits(source.icc_profile, grey=pixels.ndim == 2) else None
     carried = source.exif if source is not None else None
     if fmt == "png":
-        return _encode_png(pixels, metadata, carried, icc)
+        _encode_png(out, pixels, metadata, carried, icc)
+        return
     if fmt == "tiff" and pixels.dtype == np.uint16 and pixels.ndim == 3:
-        return _encode_colour_tiff16(pixels, metadata, carried, icc)
+        out.write(_encode_colour_tiff16(pixels, metadata, carried, icc))
+        return
     picture = Image.fromarray(pixels)
     if fmt == "jpg" and picture.mode == "RGBA":
         picture = picture.convert("RGB")  # JPEG has no alpha
@@ -92,21 +104,26 @@ def encode_image(
         settings["icc_profile"] = icc
     kind = {"jpg": "JPEG", "webp": "WEBP", "tiff": "TIFF"}[fmt]
     try:
-        return _saved(picture, kind, settings, metadata, carried)
+        _save(out, picture, kind, settings, metadata, carried)
     except ValueError:  # the carried EXIF does not fit the format (JPEG: 64 KiB): the output goes without it
-        return _saved(picture, kind, settings, metadata, None)
+        out.seek(0)
+        out.truncate()
+        _save(out, picture, kind, settings, metadata, None)
 
 
-def _saved(picture: Any, kind: str, settings: dict[str, object], metadata: Optional[ImageMetadata],
-           carried: Optional[bytes]) -> bytes:
-    buffer = io.BytesIO()
+def check_format(fmt: str) -> None:
+    if fmt not in EXTENSIONS.values():
+        raise UsageError(f"output format {fmt!r} is not supported; use png, jpg, webp or tiff")
+
+
+def _save(out: BinaryIO, picture: Any, kind: str, settings: dict[str, object], metadata: Optional[ImageMetadata],
+          carried: Optional[bytes]) -> None:
     extra = {"exif": exif_bytes(metadata, carried)} if metadata or carried else {}
-    picture.save(buffer, kind, **settings, **extra)
-    return buffer.getvalue()
+    picture.save(out, kind, **settings, **extra)
 
 
-def _encode_png(pixels: np.ndarray, metadata: Optional[ImageMetadata], carried: Optional[bytes],
-                icc: Optional[bytes]) -> bytes:
+def _encode_png(out: BinaryIO, pixels: np.ndarray, metadata: Optional[ImageMetadata], carried: Optional[bytes],
+                icc: Optional[bytes]) -> None:
     """PNG with the text chunks, the carried EXIF (eXIf) and ICC profile (iCCP). Pillow cannot hold 16-bit
     colour, so such pixels are encoded by OpenCV and the metadata chunks Pillow makes are spliced in."""
     from PIL import Image
@@ -118,10 +135,9 @@ def _encode_png(pixels: np.ndarray, metadata: Optional[ImageMetadata], carried: 
         settings["exif"] = carried
     if icc is not None:
         settings["icc_profile"] = icc
-    buffer = io.BytesIO()
     if pixels.dtype == np.uint8 or pixels.ndim == 2:
-        Image.fromarray(pixels).save(buffer, "PNG", **settings)  # a 2-D uint16 array is Pillow's 16-bit grey
-        return buffer.getvalue()
+        Image.fromarray(pixels).save(out, "PNG", **settings)  # a 2-D uint16 array is Pillow's 16-bit grey
+        return
     import cv2
 
     channels = [2, 1, 0] + ([3] if pixels.shape[2] == 4 else [])  # RGB(A) -> OpenCV's BGR(A)
@@ -129,9 +145,9 @@ def _encode_png(pixels: np.ndarray, metadata: Optional[ImageMetadata], carried: 
                                [cv2.IMWRITE_PNG_COMPRESSION, 6])
     if not ok:
         raise ItemError("cannot encode the 16-bit PNG")
+    buffer = io.BytesIO()
     Image.new("RGB", (1, 1)).save(buffer, "PNG", **settings)
-    return _with_chunks(encoded.tobytes(), _metadata_chunks(buffer.getvalue()))
-
+    out.write(_with_chunks(encoded.tobytes(), _metadata_chunks(buffer.getvalue())))
 
 def _encode_colour_tiff16(pixels: np.ndarray, metadata: Optional[ImageMetadata], carried: Optional[bytes],
                           icc: Optional[bytes]) -> bytes:
@@ -229,9 +245,10 @@ def write_image(
     """Encode and write atomically; the format follows the extension unless `fmt` is given (see
     `encode_image` for `source`, `bit_depth` and `grey`)."""
     path = Path(path)
-    data = encode_image(image, fmt or format_for_path(path), alpha=alpha, quality=quality, metadata=metadata,
-                        source=source, bit_depth=bit_depth, grey=grey)
-    atomic_write_bytes(path, data)
+    fmt = fmt or format_for_path(path)
+    check_format(fmt)
+    atomic_write(path, lambda out: encode_into(out, image, fmt, alpha=alpha, quality=quality, metadata=metadata,
+                                               source=source, bit_depth=bit_depth, grey=grey))
     return path
 
 
@@ -254,19 +271,27 @@ def _name_digest(name: str) -> str:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file in the same folder, then rename."""
+    atomic_write(path, lambda out: out.write(data))
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """`write(file)` into a temporary file in `path`'s folder, then rename it to `path`: `path` is either
+    absent or whole. A disk error is fatal (the next item would meet it too); an error of `write` itself
+    (an encoder's) is raised as it is, with the temporary file removed."""
     temp = temp_name(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-        try:
-            _write_all(fd, data)
+        with open(fd, "wb") as out:
+            write(out)
+            out.flush()
             os.fsync(fd)
-        finally:
-            os.close(fd)
         os.replace(temp, path)
         _fsync_folder(path.parent)
     except OSError as err:
         _remove_quietly(temp)
+        if err.errno is None:  # raised by the encoder, not by the file system
+            raise
         if err.errno == errno.ENAMETOOLONG:  # this item's name, not the disk: the batch goes on (issue 26)
             raise ItemError(f"{shown(path)}: cannot write the output (file name too long: "
                             f"{len(os.fsencode(path.name))} bytes)") from err
@@ -274,13 +299,6 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         _remove_quietly(temp)  # Ctrl-C mid-write: no partial file stays behind
         raise
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
 
 
 def _fsync_folder(folder: Path) -> None:
