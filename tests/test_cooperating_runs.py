@@ -154,3 +154,70 @@ def test_two_runs_without_seed_started_together_agree_on_one(tmp_path: Path) -> 
     first.close()
     assert list((tmp_path / "out").iterdir()) == [], "the seed claim goes with the run"
     second.close()
+
+
+def test_a_claim_is_never_seen_without_its_record_and_leaves_no_private_file(tmp_path: Path, monkeypatch) -> None:
+    """The record is written to a private file and linked into place: a run killed at any moment leaves either
+    no claim or a whole one (an exclusive create then a write left an empty claim that looked held). Without
+    hard links the claim is created in place."""
+    from ldmtool.runtime import claims as claims_module
+
+    seen = []
+    real_link = os.link
+    monkeypatch.setattr(claims_module.os, "link", lambda src, dst: seen.append(Path(src).read_text()) or real_link(src, dst))
+    claims = Claims(timeout=600)
+    assert claims.acquire(tmp_path, "a.png") is None
+    record = json.loads(claim_path(tmp_path, "a.png").read_text())
+    assert json.loads(seen[0]) == record and record["run"] == claims.token and record["pid"] == os.getpid()
+    assert [p.name for p in tmp_path.iterdir()] == [claim_path(tmp_path, "a.png").name]
+
+    def no_links(src, dst):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(claims_module.os, "link", no_links)
+    assert claims.acquire(tmp_path, "b.png") is None
+    assert json.loads(claim_path(tmp_path, "b.png").read_text())["claims"] == "b.png"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(claim_path(tmp_path, n).name for n in ("a.png", "b.png"))
+    claims.close()
+
+
+def test_a_claim_left_without_its_record_is_taken_over_after_a_grace(tmp_path: Path) -> None:
+    from ldmtool.runtime.claims import _PARTIAL_GRACE
+
+    path = claim_path(tmp_path, "a.png")
+    path.write_bytes(b"")  # a run killed between creating the claim and writing it (older versions)
+    claims = Claims(timeout=600)
+    assert claims.acquire(tmp_path, "a.png") == {}  # a live run is still writing it: left alone
+    os.utime(path, (time.time() - _PARTIAL_GRACE - 1,) * 2)
+    assert claims.acquire(tmp_path, "a.png") is None
+    claims.close()
+
+
+def test_a_dead_runs_process_id_given_to_another_process_does_not_keep_its_claim(tmp_path: Path) -> None:
+    """Process ids are reused (32768 of them on many systems): the claim records its process's start time too."""
+    from ldmtool.runtime.claims import process_start
+
+    started = process_start(os.getpid())
+    if started is None:
+        pytest.skip("no /proc here: the process id alone decides")
+    reused = {"host": socket.gethostname(), "pid": os.getpid(), "started": started - 1, "run": "dead", "claims": "a.png"}
+    claim_path(tmp_path, "a.png").write_text(json.dumps(reused))
+    alive = {**reused, "started": started, "run": "alive", "claims": "b.png"}
+    claim_path(tmp_path, "b.png").write_text(json.dumps(alive))
+    claims = Claims(timeout=600)
+    assert claims.acquire(tmp_path, "a.png") is None
+    assert claims.acquire(tmp_path, "b.png")["run"] == "alive"
+    claims.close()
+
+
+def test_private_files_of_killed_runs_are_removed_with_the_stale_claims(tmp_path: Path) -> None:
+    from ldmtool.runtime.claims import _PARTIAL_GRACE
+
+    old = [tmp_path / f"{claim_path(tmp_path, 'a.png').name}.run1.new", tmp_path / f"{claim_path(tmp_path, 'b.png').name}.run2.stale"]
+    young = tmp_path / f"{claim_path(tmp_path, 'c.png').name}.run3.new"
+    for path in [*old, young]:
+        path.write_text("{}")
+    for path in old:
+        os.utime(path, (time.time() - _PARTIAL_GRACE - 1,) * 2)
+    Claims(timeout=600).remove_stale({tmp_path: [p.name for p in tmp_path.iterdir()]})
+    assert [p.name for p in tmp_path.iterdir()] == [young.name]

@@ -1,12 +1,17 @@
 """Claim files: two runs on one output folder split the work instead of overwriting it (issue 26).
 
-Before an item runs, its output is claimed by creating a hidden claim file beside it with `O_EXCL` (atomic
-on local file systems and on NFSv3+): the file holds the claiming host, process id and run token, and its
-modification time is the heartbeat, refreshed by a background thread while the claim is held. Another run
-that finds the claim leaves the item alone, unless the claim is stale: its heartbeat is older than
-`$LDMTOOL_CLAIM_TIMEOUT` seconds (default 120) whatever host made it, or it was made on this host by a
-process that no longer exists (a killed run's claims are taken over at once). Taking over renames the stale
-file to a private name first, so of two runs that find the same stale claim only one gets it.
+Before an item runs, its output is claimed by creating a hidden claim file beside it, whole: the record is
+written to a private file first and hard-linked to the claim's name (exclusive and atomic on local file
+systems and on NFSv3+; `O_EXCL` then a write where links are not supported), so a run killed at any moment
+never leaves a claim without its record. The file holds the claiming host, process id, the process's start
+time and the run token, and its modification time is the heartbeat, refreshed by a background thread while
+the claim is held. Another run that finds the claim leaves the item alone, unless the claim is stale: its
+heartbeat is older than `$LDMTOOL_CLAIM_TIMEOUT` seconds (default 120) whatever host made it, or it was made
+on this host by a process that no longer exists (a killed run's claims are taken over at once; a process id
+taken since by another process does not count, its start time differs), or it has had no whole record for
+`_PARTIAL_GRACE` seconds. Taking over renames the stale file to a private name first, so of two runs that
+find the same stale claim only one gets it; such private files a killed run left behind are removed with
+the stale claims.
 
 The run's seed is claimed the same way (`seed_claim`), so two runs started together without `--seed` into
 one folder agree on one seed and are the same job (DESIGN.md §6).
@@ -29,6 +34,10 @@ CLAIM_PREFIX = ".ldmtool-claim."
 CLAIM_TIMEOUT_ENV = "LDMTOOL_CLAIM_TIMEOUT"
 DEFAULT_CLAIM_TIMEOUT = 120
 _MAX_CLAIM_BYTES = 4096
+# Seconds after which a claim file without a whole record, or a private file of a claim being made or taken
+# over, is a dead run's leftover: a live run completes either within microseconds.
+_PARTIAL_GRACE = 10.0
+_PRIVATE_SUFFIXES = (".new", ".stale")
 
 
 def claim_timeout() -> int:
@@ -67,9 +76,10 @@ class Claims:
         record (host, pid, ...; {} while the holder is still writing it)."""
         path = claim_path(folder, name)
         for _ in range(3):  # a stale claim taken over by someone else in between: look again
-            record = {"host": self.host, "pid": os.getpid(), "run": self.token, "claims": name, **(extra or {})}
+            record = {"host": self.host, "pid": os.getpid(), "started": process_start(os.getpid()), "run": self.token,
+                      "claims": name, **(extra or {})}
             try:
-                created = _create(path, record)
+                created = _create(path, record, private=path.with_name(f"{path.name}.{self.token}.new"))
             except OSError:  # a folder that cannot hold the claim cannot hold the output: writing says why
                 self._unclaimable.add(path)
                 return None
@@ -116,11 +126,15 @@ class Claims:
             age = time.time() - path.stat().st_mtime
         except OSError:
             return False  # gone: the next attempt creates it
-        if age > self.timeout:
+        if age > self.timeout or (not holder and age > _PARTIAL_GRACE):
             return True
         pid = holder.get("pid")
-        return holder.get("host") == self.host and isinstance(pid, int) and holder.get("run") != self.token \
-            and not process_alive(pid)
+        if holder.get("host") != self.host or not isinstance(pid, int) or holder.get("run") == self.token:
+            return False
+        if not process_alive(pid):
+            return True
+        started, current = holder.get("started"), process_start(pid)  # None where unknown: the pid decides
+        return started is not None and current is not None and started != current
 
     def _take_over(self, path: Path, seen: dict[str, Any]) -> bool:
         """Remove the stale claim: move it aside first, and if what was moved is not the claim judged stale
@@ -146,9 +160,11 @@ class Claims:
         removed = 0
         for folder, names in listings.items():
             for name in names:
+                path = Path(folder) / name
+                if name.startswith(CLAIM_PREFIX) and name.endswith(_PRIVATE_SUFFIXES):
+                    removed += _remove_if_older(path, _PARTIAL_GRACE)
                 if not is_claim_name(name):
                     continue
-                path = Path(folder) / name
                 holder = _read(path)
                 if holder is not None and self._stale(path, holder) and self._take_over(path, holder):
                     removed += 1
@@ -175,24 +191,65 @@ class Claims:
                     pass  # lost or released: still_mine says so before the output is written
 
 
-def _create(path: Path, record: dict[str, Any]) -> bool:
-    """Create the claim file; False when it exists (OSError when it cannot be made)."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+def _create(path: Path, record: dict[str, Any], private: Path) -> bool:
+    """Create the claim file with its whole record; False when it exists (OSError when it cannot be made).
+    The record goes to `private` first, which is then linked to `path`: no one ever sees it half written."""
+    data = json.dumps(record, ensure_ascii=True).encode("ascii")
     try:
-        fd = os.open(path, flags, 0o666)
-    except FileExistsError:
-        return False
+        _write_new(private, data)
     except FileNotFoundError:  # the output's subfolder does not exist yet
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, flags, 0o666)
-        except FileExistsError:
-            return False
+        _write_new(private, data)
     try:
-        os.write(fd, json.dumps(record, ensure_ascii=True).encode("ascii"))
+        os.link(private, path)
+    except FileExistsError:
+        return False
+    except OSError:  # a file system without hard links: exclusive create, then the record
+        return _create_in_place(path, data)
+    finally:
+        _unlink(private)
+    return True
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _create_in_place(path: Path, data: bytes) -> bool:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except FileExistsError:
+        return False
+    try:
+        os.write(fd, data)
     finally:
         os.close(fd)
     return True
+
+
+def process_start(pid: int) -> Optional[int]:
+    """When process `pid` started (clock ticks since boot, Linux /proc), or None where unknown: with the pid
+    it names one process, where a pid alone may have been given to another since."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(b")") + 2 :].split()[19])  # field 22; the name before may hold spaces
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _remove_if_older(path: Path, seconds: float) -> int:
+    try:
+        if time.time() - path.stat().st_mtime <= seconds:
+            return 0
+        os.unlink(path)
+    except OSError:
+        return 0
+    return 1
 
 
 def _read(path: Path) -> Optional[dict[str, Any]]:
