@@ -72,3 +72,17 @@ def test_runs_that_are_not_one_deterministic_tiled_step_from_zero_are_not_stream
     task.check_model(engine)
     cond, uncond = task._conditioning(engine, torch.zeros(1, 3, 24, 20), (24, 20), 7)
     assert one_step_streamed(engine, (24, 20), cond, uncond) is None
+
+
+@pytest.mark.parametrize("sampling, streamed", [(dict(), True), (dict(steps=2), False)])
+def test_the_run_plan_counts_no_latent_copies_when_the_step_is_streamed(model, sampling, streamed):
+    """The plan's peak memory follows the path the run takes: the general count of latent copies (10 of a
+    48-channel latent: 2 GB at 16 MP) only where the latent is held whole."""
+    from ldmtool.pipelines.planning import LATENT_COPIES, model_demand
+
+    engine = Engine(ModelChoice(model=str(model), device="cpu", precision="fp32"),
+                    SamplingChoice(tile=8, tile_overlap=4, **sampling)).open()
+    task = superres.SuperresTask(engine, scale=4)
+    task.check_model(engine)
+    demand = model_demand(task, {(80, 96): 1}, 1)
+    assert demand.parts["latents"] == (0 if streamed else 24 * 20 * 48 * 4 * LATENT_COPIES)

@@ -114,6 +114,11 @@ class ModelTask(BaseTask):
 
         return model_demand(self, sizes, batch_size)
 
+    def latent_copies(self, latent_hw: tuple[int, int]) -> Optional[int]:
+        """Latent-sized float32 tensors the task holds at once while sampling a latent of `latent_hw`, for the
+        run plan (with the model open); None: the planner's general count."""
+        return None
+
     def planned_latents(self, size: Size, down: int) -> list[tuple[int, int]]:
         """(h, w) of the latent each sampling pass of an item with output `size` samples (one pass here)."""
         width, height = size

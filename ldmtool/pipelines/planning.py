@@ -47,8 +47,10 @@ def model_demand(task: "ModelTask", sizes: Mapping[Size, int], batch_size: int) 
     latent_area = max(h * w for h, w in latents)
     weights = _weights_bytes(engine) if opened else _file_bytes(task.model_file())
     refiner = _refiner_bytes(task)
-    latent = latent_area * channels * 4 * LATENT_COPIES * batch_size
-    working = _working_bytes(engine, max(latents, key=lambda hw: hw[0] * hw[1]), batch_size) if opened else 0
+    largest_latent = max(latents, key=lambda hw: hw[0] * hw[1])
+    copies = task.latent_copies(largest_latent) if opened else None
+    latent = latent_area * channels * 4 * (LATENT_COPIES if copies is None else copies) * batch_size
+    working = _working_bytes(engine, largest_latent, batch_size) if opened else 0
     images = output_bytes(sizes, batch_size)
     host_available = available_host_memory() + resident_bytes()
     device = engine.device if opened and engine.device is not None else torch.device("cpu")

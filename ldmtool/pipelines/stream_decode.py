@@ -9,7 +9,7 @@ arithmetic as `Engine.sample` then `Engine.decode_pixels`, so the same pixels (t
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional, TypeGuard
 
 import torch
 
@@ -36,8 +36,7 @@ def one_step_streamed(engine: "Engine", latent_hw: tuple[int, int], cond: Cond, 
     sigma = _single_step_sigma(engine)
     guided = uncond is not None and engine.resolved()["cfg"] != 1.0
     denoise = engine._denoiser(latent_hw, 2 if guided else 1, guided)
-    pointwise = getattr(engine.bundle.first_stage, "pointwise", False)
-    if sigma is None or not pointwise or not isinstance(denoise, TiledDenoiser) or denoise.config.wrap_y:
+    if sigma is None or not _streamable(denoise, engine):
         return None
     device, _ = engine.placement()
     down = engine.info.downsampling
@@ -56,6 +55,17 @@ def one_step_streamed(engine: "Engine", latent_hw: tuple[int, int], cond: Cond, 
     if not canvas.finite:
         raise NonFiniteResult
     return canvas.pixels
+
+
+def streams(engine: "Engine", latent_hw: tuple[int, int]) -> bool:
+    """Whether `one_step_streamed` runs for a latent of `latent_hw` (an unguided item: superres models)."""
+    return _single_step_sigma(engine) is not None and _streamable(engine._denoiser(latent_hw, 1, False), engine)
+
+
+def _streamable(denoise: object, engine: "Engine") -> TypeGuard[TiledDenoiser]:
+    """Whether `denoise` is a tiled denoiser whose rows can be streamed into `engine`'s (pointwise) first stage."""
+    pointwise = bool(getattr(engine.bundle.first_stage, "pointwise", False))
+    return pointwise and isinstance(denoise, TiledDenoiser) and not denoise.config.wrap_y
 
 
 def _single_step_sigma(engine: "Engine") -> Optional[float]:

@@ -26,7 +26,7 @@ from ldmtool.pipelines.base import ModelTask, carried, input_path, input_size
 from ldmtool.pipelines.colour_fix import colour_fix_, config_switch
 from ldmtool.pipelines.consistency import back_project_
 from ldmtool.pipelines.engine import Engine
-from ldmtool.pipelines.stream_decode import one_step_streamed
+from ldmtool.pipelines.stream_decode import one_step_streamed, streams
 from ldmtool.runtime.jobs import Job, Output
 
 NATIVE_SCALE = 4
@@ -151,6 +151,10 @@ class SuperresTask(ModelTask):
             width, height = width * NATIVE_SCALE, height * NATIVE_SCALE
             latents.append((math.ceil(height / down), math.ceil(width / down)))
         return latents
+
+    def latent_copies(self, latent_hw: tuple[int, int]) -> Optional[int]:
+        """None (the planner's count), or 0 where the one step is decoded band by band (`stream_decode`)."""
+        return 0 if streams(self.engine, latent_hw) else None
 
     # -- each item
 
