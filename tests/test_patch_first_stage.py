@@ -17,6 +17,7 @@ from ldmtool.pipelines.engine import Engine, ModelChoice, PixelCanvas, SamplingC
 from ldmtool.tiling.vae import PixelSource, VAETiling, tiled_decode, tiled_encode
 from ldmtool.train import diffusion_parts as parts
 from ldmtool.train.degrade import degradation, degrade
+from residual_models import residual_model as make_residual_model
 
 
 def test_each_latent_cell_holds_its_patch_and_decoding_inverts_encoding_exactly():
@@ -145,25 +146,8 @@ def test_residual_training_learns_the_detail_over_the_bicubic_upscale(tmp_path):
 @pytest.fixture(scope="module")
 def residual_model(tmp_path_factory) -> Path:
     """A residual patch model shipped with a trailing default spacing, its UNet zeroed: it predicts v = 0."""
-    from ldmtool.cli.app import main
 
-    folder = tmp_path_factory.mktemp("residual")
-    Image.fromarray(np.random.default_rng(9).integers(0, 256, size=(48, 48, 3), dtype=np.uint8)).save(folder / "a.png")
-    for args in (["train", "diffusion", "--task", "superres", "--first-stage", "patch:4", "--data", str(folder),
-                  "--channels", "32", "--channel-mult", "1,2", "--attention-at", "2", "--crop", "32", "--batch-size", "1",
-                  "--prediction", "v", "--x0-loss", "--residual", "--degradation", "clean", "--steps", "1",
-                  "--device", "cpu", "--quiet", "-o", str(folder / "run")],
-                 ["train", "export", str(folder / "run"), "--name", "residual", "--dest", str(folder),
-                  "--default-spacing", "trailing", "--default-steps", "1", "--default-temperature", "0"]):
-        with pytest.raises(SystemExit) as exit_info:
-            main(args)
-        assert exit_info.value.code in (0, None)
-    path = folder / "residual.safetensors"
-    tensors = {k: (torch.zeros_like(v) if k.startswith("model.diffusion_model.") else v) for k, v in load_file(str(path)).items()}
-    from safetensors.torch import save_file
-
-    save_file(tensors, str(path))
-    return path
+    return make_residual_model(tmp_path_factory.mktemp("residual"), "residual", torch.zeros_like, seed=9)
 
 
 def test_residual_model_that_predicts_nothing_gives_the_bicubic_upscale(residual_model, tmp_path):

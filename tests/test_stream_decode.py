@@ -2,41 +2,23 @@
 pixels as sampling the whole latent and decoding it, and streams only where that equality holds."""
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
-from safetensors.torch import load_file, save_file
 
 from ldmtool.pipelines import superres
 from ldmtool.pipelines.engine import Engine, ModelChoice, SamplingChoice
 from ldmtool.pipelines.stream_decode import one_step_streamed
 from ldmtool.tiling.fusion import TiledDenoiser
+from residual_models import residual_model as make_residual_model
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
     """A residual patch-latent superres model with random UNet weights (no zero layers), shipped to run one
     trailing DDIM step at temperature 0, as default-superres does."""
-    from ldmtool.cli.app import main
-
-    folder = tmp_path_factory.mktemp("stream")
-    Image.fromarray(np.random.default_rng(1).integers(0, 256, size=(48, 48, 3), dtype=np.uint8)).save(folder / "a.png")
-    for args in (["train", "diffusion", "--task", "superres", "--first-stage", "patch:4", "--data", str(folder),
-                  "--channels", "32", "--channel-mult", "1,2", "--attention-at", "2", "--crop", "32", "--batch-size", "1",
-                  "--prediction", "v", "--residual", "--degradation", "clean", "--steps", "1", "--device", "cpu",
-                  "--quiet", "-o", str(folder / "run")],
-                 ["train", "export", str(folder / "run"), "--name", "streamed", "--dest", str(folder),
-                  "--default-spacing", "trailing", "--default-steps", "1", "--default-temperature", "0"]):
-        with pytest.raises(SystemExit) as exit_info:
-            main(args)
-        assert exit_info.value.code in (0, None)
-    path = folder / "streamed.safetensors"
     generator = torch.Generator().manual_seed(2)
-    tensors = {k: (v + 0.05 * torch.randn(v.shape, generator=generator).to(v.dtype)
-                   if k.startswith("model.diffusion_model.") else v) for k, v in load_file(str(path)).items()}
-    save_file(tensors, str(path))
-    return path
+    return make_residual_model(tmp_path_factory.mktemp("stream"), "streamed",
+                          lambda v: v + 0.05 * torch.randn(v.shape, generator=generator).to(v.dtype), seed=1)
 
 
 def _upscale(model: Path, monkeypatch, *, stream: bool, **sampling) -> torch.Tensor:
