@@ -22,6 +22,7 @@ import torch
 
 from ldmtool.nets.attention import AttentionBlock, SpatialTransformer
 from ldmtool.pipelines.engine import method
+from ldmtool.runtime.device import release_host_memory
 from ldmtool.runtime.plan import Demand, Size, available_host_memory, output_bytes, resident_bytes
 from ldmtool.tiling.memory import UNetMemory, choose_tiling, parse_memory
 
@@ -148,6 +149,8 @@ def _seconds(task: "ModelTask", sizes: Mapping[Size, int], down: int) -> Optiona
         probe = _probe(engine, rows, largest)
     except Exception:  # a probe that cannot run must never stop the run: no estimate
         return None
+    finally:
+        release_host_memory()  # the probe's freed activations, which the run's own peak would otherwise add to
     total = 0.0
     for count, hw, (tile, tiles, _per_call) in tilings:
         call = probe.call * tile[0] * tile[1] / (largest[0] * largest[1])
