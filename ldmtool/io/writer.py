@@ -282,10 +282,13 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-        with open(fd, "wb") as out:
-            write(out)
-            out.flush()
-            os.fsync(fd)
+        try:
+            with io.BufferedWriter(_FdFile(fd), buffer_size=1 << 20) as out:
+                write(out)
+                out.flush()
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(temp, path)
         _fsync_folder(path.parent)
     except OSError as err:
@@ -299,6 +302,35 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     except BaseException:
         _remove_quietly(temp)  # Ctrl-C mid-write: no partial file stays behind
         raise
+
+
+class _FdFile(io.RawIOBase):
+    """A seekable file over an open descriptor, written with `os.write` (a short write is finished by the buffer
+    above it; the descriptor stays the caller's to close). It has no `fileno()`, so encoders write through it."""
+
+    def __init__(self, fd: int):
+        super().__init__()
+        self.fd = fd
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        return os.write(self.fd, data)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return os.lseek(self.fd, offset, whence)
+
+    def tell(self) -> int:
+        return os.lseek(self.fd, 0, os.SEEK_CUR)
+
+    def truncate(self, size: Optional[int] = None) -> int:
+        size = self.tell() if size is None else size
+        os.ftruncate(self.fd, size)
+        return size
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -101,7 +101,8 @@ class TiledDenoiser:
                 add_tile(out, rect, part.to(out.dtype) * weights[first + index], plan)
         return out.to(x.dtype)
 
-    def stream(self, x: "Tensor", sigma: "Tensor", cond, emit: Callable[["Tensor", int], None]) -> None:
+    def stream(self, x: "Tensor", sigma: "Tensor", cond: Cond | Guided | None, emit: Callable[["Tensor", int], None]
+               ) -> None:
         """What `__call__` returns, handed to `emit(rows, top)` band by band as the tiles finish them (rows no
         remaining tile adds to), in order, each row once: the canvas is never held whole, only the rows tiles
         still add to. The same tiles, weights and additions in the same order: the same values bit for bit.
