@@ -15,6 +15,7 @@ import torch
 
 from ldmtool.diffusion.cond import Cond, Guided
 from ldmtool.diffusion.run import SamplerSettings, schedule_for
+from ldmtool.runtime.device import release_host_memory
 from ldmtool.tiling.fusion import TiledDenoiser
 from ldmtool.tiling.seamless import seamless
 from ldmtool.tiling.vae import PixelCanvas
@@ -50,6 +51,7 @@ def one_step_streamed(engine: "Engine", latent_hw: tuple[int, int], cond: Cond, 
     conditioning = Guided(cond, uncond, engine.resolved()["cfg"]) if guided else cond
     with torch.inference_mode(), seamless(engine.bundle.denoiser, axes=engine.axes):
         denoise.stream(x, torch.full((1,), sigma, device=device), conditioning, emit)
+    release_host_memory()  # the bands' and tiles' freed buffers, before the image is finished and encoded
     if progress is not None:
         progress(1, 1)
     if not canvas.finite:
