@@ -86,19 +86,9 @@ class TiledDenoiser:
     def _fused(self, plan: TilePlan, x: "Tensor", sigma: "Tensor", cond) -> "Tensor":
         import torch
 
-        weights = self._plan_weights(plan, x.device)
-        rects = plan.tiles
         out = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
-        step = self.config.tile_batch
-        for first in range(0, len(rects), step):
-            chunk = rects[first : first + step]
-            crops = torch.cat([crop_tile(x, rect, plan) for rect in chunk])  # (k*B, C, th, tw), tile-major
-            tile_cond = _repeat(_crop_cond(cond, chunk, plan, x.shape[-2:]), chunk, (plan.height, plan.width))
-            pred = self.inner(crops, sigma.repeat(len(chunk)), tile_cond)
-            self._count(crops.shape[0], crops.shape[-2] * crops.shape[-1])
-            for index, rect in enumerate(chunk):
-                part = pred[index * x.shape[0] : (index + 1) * x.shape[0]]
-                add_tile(out, rect, part.to(out.dtype) * weights[first + index], plan)
+        for rect, value, _rest in self._weighted_tiles(plan, x, sigma, cond, out.dtype):
+            add_tile(out, rect, value, plan)
         return out.to(x.dtype)
 
     def stream(self, x: "Tensor", sigma: "Tensor", cond: Cond | Guided | None, emit: Callable[["Tensor", int], None]
@@ -107,24 +97,32 @@ class TiledDenoiser:
         remaining tile adds to), in order, each row once: the canvas is never held whole, only the rows tiles
         still add to. The same tiles, weights and additions in the same order: the same values bit for bit.
         For canvases that do not wrap vertically; an out-of-memory error is not retried (rows already went out)."""
-        import torch
-
         plan = self.plan(x.shape[-2], x.shape[-1], sigma)
         if plan.wrap_y:
             raise ValueError("a vertically wrapping canvas cannot be streamed by rows")
+        band = _RowBand(x, emit)
+        for rect, value, rest in self._weighted_tiles(plan, x, sigma, cond, band.dtype):
+            band.add(rect, value, plan)
+            if rest is not None:  # a chunk's last tile: rows above every later tile are final
+                band.flush(min((r.top for r in rest), default=plan.height))
+
+    def _weighted_tiles(self, plan: TilePlan, x: "Tensor", sigma: "Tensor", cond, dtype):
+        """(rect, weighted x0 prediction, tiles still to come or None) per tile, in the plan's order, the network
+        run on `tile_batch` tiles at a time; the third item is given at the last tile of each network call."""
+        import torch
+
         weights = self._plan_weights(plan, x.device)
         rects, step = plan.tiles, self.config.tile_batch
-        band = _RowBand(x, emit)
         for first in range(0, len(rects), step):
             chunk = rects[first : first + step]
-            crops = torch.cat([crop_tile(x, rect, plan) for rect in chunk])
+            crops = torch.cat([crop_tile(x, rect, plan) for rect in chunk])  # (k*B, C, th, tw), tile-major
             tile_cond = _repeat(_crop_cond(cond, chunk, plan, x.shape[-2:]), chunk, (plan.height, plan.width))
             pred = self.inner(crops, sigma.repeat(len(chunk)), tile_cond)
             self._count(crops.shape[0], crops.shape[-2] * crops.shape[-1])
             for index, rect in enumerate(chunk):
                 part = pred[index * x.shape[0] : (index + 1) * x.shape[0]]
-                band.add(rect, part.to(band.dtype) * weights[first + index], plan)
-            band.flush(min((rect.top for rect in rects[first + step :]), default=plan.height))
+                last = index == len(chunk) - 1
+                yield rect, part.to(dtype) * weights[first + index], rects[first + step :] if last else None
 
     def _plan_weights(self, plan: TilePlan, device) -> list:
         if plan not in self._weights:
