@@ -243,3 +243,60 @@ def test_a_given_scale_factor_is_kept_instead_of_measured(tmp_path):
               "--device", "cpu", "--quiet", "-o", str(tmp_path / "run")])
     assert exit_info.value.code in (0, None)
     assert float(load_file(str(tmp_path / "run" / "model.safetensors"))["scale_factor"]) == 6.5
+
+
+def _terminal_trainer(folder: Path, share: float):
+    from ldmtool.train import diffusion as df
+
+    training = df.DiffusionTraining(task=df.Task.SUPERRES, crop=32, batch_size=64, residual=True, degradation="clean",
+                                    prediction="v", x0_loss=True, terminal_share=share)
+    arch = df.UNetArch(model_channels=32, channel_mult=(1, 2), attention_resolutions=(2,), num_head_channels=32)
+    trainer = df.DiffusionTrainer(arch, training, parts.load_first_stage(Path("patch:4"), "cpu"), [folder / "a.png"],
+                                  torch.device("cpu"), torch.float32)
+    trainer.scale_factor = 4.0
+    return trainer
+
+
+def test_terminal_share_trains_what_the_one_step_default_samples_from(tmp_path):
+    """`--terminal-share`: that share of a batch sits at the last timestep with x_t = 0, the input a one-step,
+    trailing, temperature-0 DDIM run gives the UNet, and its loss is then the image's MSE from the conditioning
+    alone; the rest of the batch keeps its timesteps and noise (share 0 changes nothing)."""
+    from ldmtool.diffusion.schedules import spaced_timesteps
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    Image.fromarray(np.random.default_rng(12).integers(0, 256, size=(48, 48, 3), dtype=np.uint8)).save(folder / "a.png")
+    plain, half, every = (_terminal_trainer(folder, share) for share in (0.0, 0.5, 1.0))
+    last = plain.training.timesteps - 1
+    assert spaced_timesteps("trailing", 1, plain.training.timesteps).tolist() == [last]
+    z0 = plain.batch(3).z0
+    noise, t = plain.noise_and_timesteps(z0, 3)
+    generator = torch.Generator("cpu").manual_seed(_noise_seed(plain, 3))
+    assert torch.equal(t, torch.randint(0, 1000, (64,), generator=generator))  # the stream without the option
+    assert torch.equal(noise, torch.randn(z0.shape, generator=generator))
+
+    a = plain.buffers["alphas_cumprod"][last]
+    half_noise, half_t = half.noise_and_timesteps(z0, 3)
+    moved = half_t != t
+    assert 16 < int(moved.sum()) < 48 and bool((half_t[moved] == last).all())
+    assert torch.equal(half_noise[~moved], noise[~moved])
+    x_t = a.sqrt() * z0[moved] + (1 - a).sqrt() * half_noise[moved]
+    assert x_t.abs().max() < 1e-5
+
+    every_noise, every_t = every.noise_and_timesteps(z0, 3)
+    assert bool((every_t == last).all())
+    batch = every.batch(3)
+    every.unet.eval()
+    with torch.no_grad():
+        v = every.unet(torch.cat([torch.zeros_like(batch.z0), batch.concat], dim=1), every_t, context=None)
+        loss = every.loss(batch, every_noise, every_t)
+    x0 = -(1 - a).sqrt() * v  # DDIM's x0 from x_T = 0 with v-prediction
+    torch.testing.assert_close(loss, (x0 - batch.z0).pow(2).mean(), rtol=1e-4, atol=1e-6)
+    with pytest.raises(UsageError, match="--terminal-share"):
+        _terminal_trainer(folder, 1.5)
+
+
+def _noise_seed(trainer, step: int) -> int:
+    from ldmtool.train.diffusion import derive_seed
+
+    return derive_seed(trainer.training.seed, f"noise/{step}")

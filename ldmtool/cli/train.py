@@ -155,6 +155,7 @@ def diffusion(
     degradation: Annotated[str, typer.Option("--degradation", help="superres: realistic (blur, noise, JPEG on 70% of low-res inputs) light (mostly clean downscales) or clean (area downscales only: what --consistency assumes).", rich_help_panel=TRAINING)] = "realistic",
     box_raster: Annotated[bool, typer.Option("--box-raster", help="layout: also give the UNet the boxes as a coverage map per class (concatenated; conditioning_key hybrid). Learns in a CPU-sized run where box tokens alone do not.", rich_help_panel=TRAINING)] = False,
     scale_factor: Annotated[Optional[float], typer.Option("--scale-factor", min=0.001, help="Latent scale factor (default: 1 / std of the training latents); give --init's to fine-tune it.", rich_help_panel=TRAINING)] = None,
+    terminal_share: Annotated[float, typer.Option("--terminal-share", min=0.0, max=1.0, help="Share of each batch trained at the last timestep from x_T = 0: what a one-step sampler at --temperature 0 starts from (its loss is the image's MSE from the conditioning alone).", rich_help_panel=TRAINING)] = 0.0,
     init: Annotated[Optional[Path], typer.Option("--init", help="Start the UNet (and a trainable text encoder) from this LatentDiffusion checkpoint's weights, or a shipped default's (by name), where names and shapes match.", rich_help_panel=TRAINING)] = None,
     steps: Steps = 20000,
     crop: Crop = 128,
@@ -180,7 +181,7 @@ def diffusion(
                                  seed=session.seed, scale=scale, min_scale=min_scale, text_width=text_width, text_layers=text_layers,
                                  init=str(init) if init else None, procedural=data == PROCEDURAL,
                                  degradation=degradation, prediction=prediction, box_raster=box_raster, x0_loss=x0_loss, residual=residual,
-                                 scale_factor=scale_factor)
+                                 scale_factor=scale_factor, terminal_share=terminal_share)
     run = _run_options(output, steps, session)
     if task_value in PROCEDURAL_TASKS or (task_value == Task.UNCOND and data == PROCEDURAL):
         if data not in (None, PROCEDURAL):

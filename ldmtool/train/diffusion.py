@@ -246,8 +246,23 @@ class DiffusionTrainer:
 
         generator = torch.Generator("cpu").manual_seed(derive_seed(self.training.seed, f"noise/{step}"))
         t = torch.randint(0, self.training.timesteps, (z0.shape[0],), generator=generator)
-        noise = torch.randn(z0.shape, generator=generator)
-        return noise.to(z0), t.to(z0.device)
+        noise = torch.randn(z0.shape, generator=generator).to(z0)
+        if self.training.terminal_share > 0:
+            noise, t = self.terminal(z0, noise, t, step)
+        return noise, t.to(z0.device)
+
+    def terminal(self, z0: "torch.Tensor", noise: "torch.Tensor", t: "torch.Tensor", step: int) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """Move a `terminal_share` of the batch to the last timestep with the noise that makes x_t = 0 there
+        (sqrt(a) z0 + sqrt(1 - a) noise = 0): what a one-step sampler at temperature 0 feeds the network."""
+        import torch
+
+        generator = torch.Generator("cpu").manual_seed(derive_seed(self.training.seed, f"terminal/{step}"))
+        chosen = torch.rand(z0.shape[0], generator=generator) < self.training.terminal_share
+        last = self.training.timesteps - 1
+        a = self.buffers["alphas_cumprod"][last].to(z0)
+        vanishing = -(a / (1 - a)).sqrt() * z0
+        mask = chosen.to(z0.device).view(-1, 1, 1, 1)
+        return torch.where(mask, vanishing, noise), torch.where(chosen, torch.full_like(t, last), t)
 
     def loss(self, batch: TrainBatch, noise: "torch.Tensor", t: "torch.Tensor") -> "torch.Tensor":
         """Simple MSE (LDM `loss_simple`, l2) of the eps or v prediction at timesteps t (`x0_loss`: weighted as

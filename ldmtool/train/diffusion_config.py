@@ -111,6 +111,11 @@ class DiffusionTraining:
     # A fixed latent scale instead of 1 / std of the training latents: a fine-tune from `init` keeps the
     # scale its UNet learnt (another seed's estimate differs by a few per cent).
     scale_factor: Optional[float] = None
+    # Share of each batch trained on the state a one-step, temperature-0 sampler starts from: the last timestep
+    # with x_T = 0 (the noise is replaced by the one that makes x_t vanish), so the loss there is the image's MSE
+    # from the conditioning alone. Uniform timesteps train that case on a few examples in a thousand, and with
+    # noise the network never sees at sampling time; the rest of the batch keeps the diffusion objective.
+    terminal_share: float = 0.0
 
     def __post_init__(self) -> None:
         degradation(self.degradation, self.scale)  # an unknown preset is a usage error before anything loads
@@ -118,6 +123,8 @@ class DiffusionTraining:
             raise UsageError(f"--prediction {self.prediction!r}: use eps or v")
         if self.residual and self.task != Task.SUPERRES:
             raise UsageError("--residual is for --task superres")
+        if not 0.0 <= self.terminal_share <= 1.0:
+            raise UsageError(f"--terminal-share {self.terminal_share}: give a share between 0 and 1")
         if self.box_raster and self.task != Task.LAYOUT:
             raise UsageError("--box-raster is for --task layout")
 
