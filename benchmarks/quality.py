@@ -40,6 +40,7 @@ With `--markdown` the README table rows go to stdout and the JSON lines to stder
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import re
@@ -621,6 +622,22 @@ def resolve_model(task: str, model: Optional[str]) -> Optional[str]:
     return name if shipped_model(name) is not None else None
 
 
+def weights_sha256(model: str) -> Optional[str]:
+    """sha256 of the weights a run measures (a file, or a shipped default's file), so a stored result can be
+    matched to the weights that ship (tests/test_shipped_defaults.py)."""
+    from ldmtool.checkpoints.presets import shipped_model
+
+    shipped = shipped_model(model) if not Path(model).is_file() else None
+    path = shipped.weights if shipped is not None else Path(model)
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def tiny_model(task: str, folder: Path) -> str:
     from ldmtool.checkpoints.tiny import save_tiny_checkpoint
 
@@ -685,9 +702,10 @@ def main(argv: Optional[list[str]] = None) -> None:
                                        *(["--cfg", str(args.cfg)] if args.cfg else [])],
                                 eval_data=eval_data, option_sets=option_sets)
             started = time.perf_counter()
+            digest = weights_sha256(model)
             for record in REGISTRY[task](settings):
                 record = {**record, "model": Path(model).name if Path(model).is_file() else model,
-                          "size": settings.size, "steps": args.steps}
+                          "weights_sha256": digest, "size": settings.size, "steps": args.steps}
                 emit(record)
                 records.append(record)
             emit({"bench": "quality", "task": task, "benchmark_seconds": round(time.perf_counter() - started, 1)})

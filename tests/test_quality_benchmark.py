@@ -151,6 +151,20 @@ def test_resolve_model(monkeypatch):
     assert quality.resolve_model("superres", None) is None
 
 
+def test_weights_sha256_names_the_measured_file(tmp_path):
+    import hashlib
+
+    from ldmtool.checkpoints.presets import shipped_model
+
+    weights = tmp_path / "m.safetensors"
+    weights.write_bytes(b"weights" * 1000)
+    assert quality.weights_sha256(str(weights)) == hashlib.sha256(weights.read_bytes()).hexdigest()
+    shipped = shipped_model("default-superres")
+    assert shipped is not None
+    assert quality.weights_sha256("default-superres") == hashlib.sha256(shipped.weights.read_bytes()).hexdigest()
+    assert quality.weights_sha256(str(tmp_path / "missing.safetensors")) is None
+
+
 # -- end to end on tiny checkpoints ----------------------------------------------------------------------
 
 

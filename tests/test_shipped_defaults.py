@@ -41,3 +41,33 @@ def test_readme_lists_every_training_command(config):
 def test_shipped_defaults_fit_the_size_budget():
     total = sum(p.stat().st_size for p in models_dir().glob("*.safetensors"))
     assert total <= BUDGET_MB * 1e6, f"shipped models take {total / 1e6:.1f} MB (budget {BUDGET_MB} MB)"
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_superres_default_is_measured_over_one_db_above_bicubic_on_held_out_photos():
+    """Issue 28's bar, tied to the weights that ship: a stored `benchmarks/quality.py` run of exactly these
+    weights (matched by sha256) on the held-out sets, fp32, every crop, whose default settings beat bicubic by at
+    least 1 dB PSNR and in SSIM over all crops; the README names that file. Replacing the weights without
+    measuring them again fails here (the measurement itself needs the Debian packages and minutes of CPU)."""
+    import json
+
+    weights = _sha256(models_dir() / "default-superres.safetensors")
+    measured = []
+    for path in sorted((ROOT / "benchmarks" / "results").glob("quality_superres-*.jsonl")):
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        header = records[0]
+        summaries = [r for r in records if r.get("summary") and r.get("weights_sha256") == weights]
+        if summaries and not header["quick"] and header["precision"] == "fp32":
+            measured.append((path, header, summaries))
+    assert measured, "no stored quality.py run of the shipped default-superres weights"
+    path, header, summaries = measured[-1]
+    assert {"corpus", "debian:lomiri-wallpapers-16.04", "debian-all:plasma-workspace-wallpapers"} <= set(header["eval_data"])
+    whole = next(r for r in summaries if r["set"] == "all")
+    assert whole["best_ldmtool"] == "ldmtool (model defaults)"
+    assert whole["psnr_gain_over_bicubic_db"] >= 1.0 and whole["ssim_gain_over_bicubic"] > 0, whole
+    assert path.name in (ROOT / "README.md").read_text()
