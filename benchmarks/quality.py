@@ -40,7 +40,6 @@ With `--markdown` the README table rows go to stdout and the JSON lines to stder
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import re
@@ -626,16 +625,11 @@ def weights_sha256(model: str) -> Optional[str]:
     """sha256 of the weights a run measures (a file, or a shipped default's file), so a stored result can be
     matched to the weights that ship (tests/test_shipped_defaults.py)."""
     from ldmtool.checkpoints.presets import shipped_model
+    from ldmtool.runtime.cache import hash_file
 
     shipped = shipped_model(model) if not Path(model).is_file() else None
     path = shipped.weights if shipped is not None else Path(model)
-    if not path.is_file():
-        return None
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return hash_file(path) if path.is_file() else None
 
 
 def tiny_model(task: str, folder: Path) -> str:

@@ -43,12 +43,6 @@ def test_shipped_defaults_fit_the_size_budget():
     assert total <= BUDGET_MB * 1e6, f"shipped models take {total / 1e6:.1f} MB (budget {BUDGET_MB} MB)"
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def test_superres_default_is_measured_over_one_db_above_bicubic_on_held_out_photos():
     """Issue 28's bar, tied to the weights that ship: a stored `benchmarks/quality.py` run of exactly these
     weights (matched by sha256) on the held-out sets, fp32, every crop, whose default settings beat bicubic by at
@@ -56,7 +50,9 @@ def test_superres_default_is_measured_over_one_db_above_bicubic_on_held_out_phot
     measuring them again fails here (the measurement itself needs the Debian packages and minutes of CPU)."""
     import json
 
-    weights = _sha256(models_dir() / "default-superres.safetensors")
+    from ldmtool.runtime.cache import hash_file
+
+    weights = hash_file(models_dir() / "default-superres.safetensors")
     measured = []
     for path in sorted((ROOT / "benchmarks" / "results").glob("quality_superres-*.jsonl")):
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
