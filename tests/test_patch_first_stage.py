@@ -124,11 +124,7 @@ def test_residual_training_learns_the_detail_over_the_bicubic_upscale(tmp_path):
     folder = tmp_path / "data"
     folder.mkdir()
     Image.fromarray(np.random.default_rng(8).integers(0, 256, size=(48, 48, 3), dtype=np.uint8)).save(folder / "a.png")
-    training = df.DiffusionTraining(task=df.Task.SUPERRES, crop=32, batch_size=2, residual=True, degradation="clean",
-                                    prediction="v")
-    arch = df.UNetArch(model_channels=32, channel_mult=(1, 2), attention_resolutions=(2,), num_head_channels=32)
-    trainer = df.DiffusionTrainer(arch, training, parts.load_first_stage(Path("patch:4"), "cpu"), [folder / "a.png"],
-                                  torch.device("cpu"), torch.float32)
+    trainer = _patch_trainer(folder, batch_size=2)
     trainer.scale_factor = trainer.estimate_scale_factor()
     batch = trainer.batch(0)
     crops, _ = trainer.samples(0)
@@ -245,14 +241,19 @@ def test_a_given_scale_factor_is_kept_instead_of_measured(tmp_path):
     assert float(load_file(str(tmp_path / "run" / "model.safetensors"))["scale_factor"]) == 6.5
 
 
-def _terminal_trainer(folder: Path, share: float):
+def _patch_trainer(folder: Path, **training):
+    """A tiny residual superres trainer (v-prediction) on the patch first stage over `folder/a.png`."""
     from ldmtool.train import diffusion as df
 
-    training = df.DiffusionTraining(task=df.Task.SUPERRES, crop=32, batch_size=64, residual=True, degradation="clean",
-                                    prediction="v", x0_loss=True, terminal_share=share)
+    config = df.DiffusionTraining(task=df.Task.SUPERRES, crop=32, residual=True, degradation="clean", prediction="v",
+                                  **training)
     arch = df.UNetArch(model_channels=32, channel_mult=(1, 2), attention_resolutions=(2,), num_head_channels=32)
-    trainer = df.DiffusionTrainer(arch, training, parts.load_first_stage(Path("patch:4"), "cpu"), [folder / "a.png"],
-                                  torch.device("cpu"), torch.float32)
+    return df.DiffusionTrainer(arch, config, parts.load_first_stage(Path("patch:4"), "cpu"), [folder / "a.png"],
+                               torch.device("cpu"), torch.float32)
+
+
+def _terminal_trainer(folder: Path, share: float):
+    trainer = _patch_trainer(folder, batch_size=64, x0_loss=True, terminal_share=share)
     trainer.scale_factor = 4.0
     return trainer
 

@@ -149,6 +149,7 @@ def _encode_png(out: BinaryIO, pixels: np.ndarray, metadata: Optional[ImageMetad
     Image.new("RGB", (1, 1)).save(buffer, "PNG", **settings)
     out.write(_with_chunks(encoded.tobytes(), _metadata_chunks(buffer.getvalue())))
 
+
 def _encode_colour_tiff16(pixels: np.ndarray, metadata: Optional[ImageMetadata], carried: Optional[bytes],
                           icc: Optional[bytes]) -> bytes:
     """An uncompressed 16-bit RGB(A) TIFF, which Pillow cannot write: a TIFF file is an EXIF block's own

@@ -196,39 +196,31 @@ def _create(path: Path, record: dict[str, Any], private: Path) -> bool:
     The record goes to `private` first, which is then linked to `path`: no one ever sees it half written."""
     data = json.dumps(record, ensure_ascii=True).encode("ascii")
     try:
-        _write_new(private, data)
+        _write_file(private, data, os.O_TRUNC)
     except FileNotFoundError:  # the output's subfolder does not exist yet
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_new(private, data)
+        _write_file(private, data, os.O_TRUNC)
     try:
         os.link(private, path)
     except FileExistsError:
         return False
     except OSError:  # a file system without hard links: exclusive create, then the record
-        return _create_in_place(path, data)
+        try:
+            _write_file(path, data, os.O_EXCL)
+        except FileExistsError:
+            return False
     finally:
         _unlink(private)
     return True
 
 
-def _write_new(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+def _write_file(path: Path, data: bytes, mode: int) -> None:
+    """Create `path` (`mode`: os.O_TRUNC to replace, os.O_EXCL to fail if it exists) holding `data`."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | mode, 0o666)
     try:
         os.write(fd, data)
     finally:
         os.close(fd)
-
-
-def _create_in_place(path: Path, data: bytes) -> bool:
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except FileExistsError:
-        return False
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-    return True
 
 
 def process_start(pid: int) -> Optional[int]:
