@@ -8,6 +8,15 @@ NumPy arrays (or Pillow images and files in), with the command's option names an
 """
 from __future__ import annotations
 
+import os as _os
+
+# Intel MKL, which computes PyTorch's fp32 matrix products on the CPU, chooses its blocking, and so the order
+# of each product's sums, by the thread count: on an AVX-512 Xeon 23 of 96 UNet-sized products changed with
+# it (benchmarks/gemm_threads.py). Its strict reproducibility mode removes that at no measured cost. MKL
+# reads the setting at its first call, so it is set here, before any ldmtool code can run one; a value the
+# user set is kept.
+_os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
 __version__ = "0.1.0"
 
 _MODEL_API = ("build_model", "load_model")

@@ -137,3 +137,31 @@ def test_another_instruction_set_stays_within_the_stated_bound(inputs, baseline,
         diff = np.abs(pixels - baseline[name][0])
         assert diff.max() <= MAX_BOUND and diff.mean() < MEAN_BOUND, (name, int(diff.max()), float(diff.mean()))
         assert recipe == baseline[name][1]
+
+
+# Products whose sums Intel MKL splits by the thread count unless it runs in its strict reproducible mode
+# (few rows, long inner dimension: measured on an AVX-512 Xeon, benchmarks/gemm_threads.py).
+THREAD_SPLIT_CHILD = """
+import os
+import ldmtool
+import torch
+print(os.environ.get("MKL_CBWR"))
+generator = torch.Generator().manual_seed(0)
+for rows, inner, columns in [(64, 960, 320), (64, 1280, 640), (64, 2560, 320), (256, 2560, 640), (1024, 2560, 320)]:
+    a, b = torch.randn(rows, inner, generator=generator), torch.randn(inner, columns, generator=generator)
+    torch.set_num_threads(2)
+    two = a @ b
+    torch.set_num_threads(1)
+    assert torch.equal(a @ b, two), (rows, inner, columns)
+"""
+
+
+def test_importing_ldmtool_makes_fp32_matrix_products_independent_of_the_thread_count():
+    environment = {key: value for key, value in os.environ.items() if key != "MKL_CBWR"}
+    proc = subprocess.run([sys.executable, "-c", THREAD_SPLIT_CHILD], env=environment, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["AUTO,STRICT"]
+    kept = subprocess.run([sys.executable, "-c", "import os, ldmtool; print(os.environ['MKL_CBWR'])"],
+                          env={**environment, "MKL_CBWR": "COMPATIBLE"}, capture_output=True, text=True, timeout=60)
+    assert kept.stdout.split() == ["COMPATIBLE"]  # the user's own setting wins
