@@ -128,6 +128,10 @@ class ModelChoice:
     precision: str = option("--precision", help="auto, fp32, fp16 or bf16 (auto: bf16 on CPUs that compute it natively, AMX or "
                             "AVX512-BF16; fp32 on other CPUs; fp16 on GPUs).",
                             panel=MODEL, default="auto", metavar="PRECISION")
+    compile: Optional[bool] = option(
+        "--compile/--no-compile", help="Run the denoising network through torch.compile (inductor, frozen "
+        "weights): minutes of compilation per process, then faster steps (SD 1.5 on an AMX CPU: 0.6x the eager "
+        "time). Pixels differ from an eager run's by rounding and follow the thread count.", panel=MODEL)
 
     # What Stable Diffusion users bring (README "For Stable Diffusion users"; ldmtool/addons/).
     lora: Optional[list[str]] = option(

@@ -166,8 +166,8 @@ _GRAIN = 32768
 def pointwise(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     """`fn(x)` for an elementwise `fn`, computed piece by piece so that the result is thread-count independent
     (on the CPU: a GPU kernel's work split does not follow a thread count, and pieces would only add launches)."""
-    if x.numel() <= _GRAIN or x.device.type != "cpu":
-        return fn(x)
+    if x.numel() <= _GRAIN or x.device.type != "cpu" or torch.compiler.is_compiling():
+        return fn(x)  # a compiled graph runs its own fused kernels (see ldmtool.nets.compiled)
     width = x.shape[-1]
     rows = x.reshape(-1, width) if width <= _GRAIN else x.reshape(-1, 1)  # a view for the layouts used here
     return torch.cat([fn(part) for part in rows.split(max(1, _GRAIN // rows.shape[-1]))]).view(x.shape)
@@ -178,7 +178,7 @@ def silu(x: Tensor) -> Tensor:
     pieces as `pointwise`."""
     if torch.is_grad_enabled() and x.requires_grad:
         return F.silu(x)
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
         return F.silu(x, inplace=True)
     if not x.is_contiguous():
         return pointwise(F.silu, x)

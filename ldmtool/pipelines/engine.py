@@ -150,9 +150,16 @@ class Engine:
         def loader() -> Any:
             bundle = load_model(weights, config=choice.config, preset=choice.preset, device=device, dtype=dtype,
                                 use_ema=choice.use_ema, prediction=choice.prediction)
-            return addons.apply(bundle, device=device, dtype=dtype)
+            bundle = addons.apply(bundle, device=device, dtype=dtype)
+            if choice.compile and bundle.denoiser is not None:
+                from ldmtool.nets.compiled import compile_network
 
-        extra = (str(choice.config), choice.preset, choice.use_ema, choice.prediction, *addons.cache_key())
+                compile_network(bundle.denoiser)  # after the add-ons: it freezes the weights
+            return bundle
+
+        # A compiled network is another cache entry: a run without --compile must not get it.
+        extra = (str(choice.config), choice.preset, choice.use_ema, choice.prediction, *addons.cache_key(),
+                 *(("compiled",) if choice.compile else ()))
         try:
             bundle: LatentDiffusionBundle = model_cache().load_file(weights, device, dtype, loader, *extra)
             return bundle
