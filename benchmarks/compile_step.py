@@ -1,9 +1,9 @@
 """torch.compile against eager for one UNet step (issue 17's "compiled fast path"), as JSON lines.
 
 Builds ldmtool's UNet at SD 1.5 size (random weights, as `unet_step.py`), in the precision `--precision auto`
-picks here (or `--dtype`), and times one eager step, then `torch.compile` with inductor's frozen weights and
-prepacked oneDNN weights (the CPU fast path inductor offers): the compile time (its first call) and the
-compiled steps, with the largest difference from the eager output.
+picks here (or `--dtype`), and times one eager step, then the network as `--compile` runs it
+(`ldmtool.nets.compiled.compile_network`: inductor, frozen and prepacked oneDNN weights, activations whole):
+the compile time (its first call) and the compiled steps, with the largest difference from the eager output.
 
     python benchmarks/compile_step.py                   # SD 1.5 width, batch 2, 64² latent (compiles for minutes)
     python benchmarks/compile_step.py --width 64 --latent 16 --batch 1
@@ -17,6 +17,7 @@ import time
 import torch
 
 from _common import emit, machine, matmul_peaks
+from ldmtool.nets.compiled import compile_network
 from ldmtool.runtime.device import resolve_precision
 from unet_step import DTYPES, build_pair
 
@@ -30,10 +31,6 @@ def main() -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: what --precision auto picks here")
     args = parser.parse_args()
 
-    import torch._inductor.config as inductor
-
-    inductor.freezing = True
-    inductor.cpp.weight_prepack = True
     name = args.dtype or resolve_precision("auto", torch.device("cpu")).name
     dtype = DTYPES[name]
     ours, _ = build_pair(args.width)
@@ -47,7 +44,7 @@ def main() -> None:
     with torch.inference_mode():
         eager = _times(lambda: ours(x, t, context), args.rounds)
         reference = ours(x, t, context)
-        compiled = torch.compile(ours)
+        compiled = compile_network(ours, dtype)
         start = time.perf_counter()
         out = compiled(x, t, context)
         compile_s = time.perf_counter() - start

@@ -32,6 +32,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from _common import count_cpu_attention, emit, matmul_peaks
+from ldmtool.nets.compiled import compile_network
 from ldmtool.nets.unet import UNetModel
 from ldmtool.runtime.device import resolve_precision
 
@@ -82,6 +83,9 @@ def main() -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), nargs="+",
                         help="precisions to time both in (default: what ldmtool's --precision auto picks here, "
                         "plus fp32 where that is bf16, so diffusers gets its best)")
+    parser.add_argument("--compile", action="store_true",
+                        help="ldmtool's network as `--compile` runs it (torch.compile, frozen weights), in the auto "
+                        "precision only; the compile time of each batch's first call is reported")
     parser.add_argument("--dry-run", action="store_true", help="tiny width and latent, one round (checks the script)")
     args = parser.parse_args()
     if args.dry_run:
@@ -91,21 +95,27 @@ def main() -> None:
     count_cpu_attention()
     auto = resolve_precision("auto", device)
     dtypes = args.dtype or list(dict.fromkeys([auto.name, "fp32"] if auto.name == "bf16" else [auto.name]))
+    if args.compile:  # the compiled graph holds the weights of its dtype as constants: one dtype only
+        dtypes = [auto.name]
     ours, theirs = build_pair(args.width)
     peaks = matmul_peaks(0.2 if args.dry_run else 1.0) if device.type == "cpu" else {}
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "device": str(device), "width": args.width, "latent": args.latent, **peaks}
+            "device": str(device), "width": args.width, "latent": args.latent, "ldmtool_compiled": args.compile,
+            **peaks}
     emit({"bench": "unet_step", "auto_precision": auto.name, "auto_reason": auto.reason, **meta})
     best: dict[tuple[str, str, int], tuple[float, float, float]] = {}
     flops: dict[int, int] = {}
     for name in dtypes:
         ours.to(device, DTYPES[name]), theirs.to(device, DTYPES[name])  # shared tensors: converts both at once
+        if args.compile:
+            compile_network(ours, DTYPES[name])
         for batch in args.batch:
-            summary, diff, flops[batch] = time_pair(ours, theirs, batch, DTYPES[name], device, args.rounds,
-                                                       args.latent)
+            summary, diff, flops[batch], first_call_s = time_pair(ours, theirs, batch, DTYPES[name], device,
+                                                                     args.rounds, args.latent)
             for impl, values in summary.items():
                 best[impl, name, batch] = values
                 emit({"bench": "unet_step", "impl": impl, "dtype": name, "batch": batch,
+                      **({"first_call_s": round(first_call_s, 1)} if impl == "ldmtool" else {}),
                       "wall_s": round(values[0], 3), "wall_min_s": round(values[1], 3), "cpu_s": round(values[2], 3),
                       "max_abs_diff": diff, **meta})
     peak_gflops = max([v for k, v in peaks.items() if k.endswith("_gflops")], default=0.0)
@@ -124,8 +134,9 @@ def main() -> None:
 
 
 def time_pair(ours, theirs, batch: int, dtype: torch.dtype, device: torch.device, rounds: int, latent: int):
-    """{impl: (median wall, min wall, median CPU seconds)}, their largest output difference, and the FLOPs of
-    one step (counted during the warm-up call)."""
+    """{impl: (median wall, min wall, median CPU seconds)}, their largest output difference, the FLOPs of
+    one step (counted during the warm-up call), and the seconds of ldmtool's first call (with --compile: the
+    compilation)."""
     gen = torch.Generator().manual_seed(batch)
     x = torch.randn(batch, 4, latent, latent, generator=gen).to(device, dtype)
     t = torch.full((batch,), 500, device=device)
@@ -136,8 +147,11 @@ def time_pair(ours, theirs, batch: int, dtype: torch.dtype, device: torch.device
     }
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
     with torch.inference_mode():
+        first = time.perf_counter()
+        mine = runs["ldmtool"]()  # the warm-up; a compiled network compiles here, for this batch's shape
+        first_call_s = time.perf_counter() - first
         with FlopCounterMode(display=False) as counter:
-            mine = runs["ldmtool"]()  # also the warm-up
+            ours.forward(x, t, context)  # eager (`forward` bypasses a compiled `__call__`): the same products
         diff = (mine - runs["diffusers"]()).abs().max().item()
         for _ in range(rounds):
             for name, fn in runs.items():  # alternate, so background load hits both alike
@@ -146,7 +160,7 @@ def time_pair(ours, theirs, batch: int, dtype: torch.dtype, device: torch.device
     for name, values in times.items():
         walls, cpus = [v[0] for v in values], [v[1] for v in values]
         summary[name] = (statistics.median(walls), min(walls), statistics.median(cpus))
-    return summary, diff, counter.get_total_flops()
+    return summary, diff, counter.get_total_flops(), first_call_s
 
 
 if __name__ == "__main__":

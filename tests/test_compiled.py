@@ -52,7 +52,7 @@ def test_a_compiled_model_is_its_own_cache_entry(tiny_sd):
                for flag in (True, None)]
     compiled, eager = (engine.bundle.denoiser for engine in engines)
     assert compiled is not eager and is_compiled(compiled) and not is_compiled(eager)
-    assert compile_network(compiled) is compiled  # once per module
+    assert compile_network(compiled, torch.float32) is compiled  # once per module
 
 
 def _graph_ops(fn, x):
@@ -72,3 +72,18 @@ def test_activations_run_whole_inside_a_compiled_graph_and_in_pieces_outside():
     x = torch.randn(4 * _GRAIN + 5)
     assert _graph_ops(lambda t: pointwise(F.gelu, t), x).count(F.gelu) == 1
     assert [op for op in _graph_ops(lambda t: silu(t.clone()), x) if op is F.silu] == [F.silu]
+
+
+def test_a_model_that_casts_its_weights_per_layer_is_refused_before_anything_compiles():
+    from ldmtool.errors import UsageError
+    from ldmtool.nets._layers import Linear
+
+    network = torch.nn.Sequential(Linear(8, 8), Linear(8, 8))
+    network[1].weight.data = network[1].weight.data.to(torch.float8_e4m3fn)
+    with pytest.raises(UsageError, match="--compile: this model keeps 1 weights in float8_e4m3fn"):
+        compile_network(network, torch.float32)
+    assert not is_compiled(network)
+    half = torch.nn.Sequential(Linear(8, 8)).to(torch.bfloat16)
+    with pytest.raises(UsageError):
+        compile_network(half, torch.float32)  # bf16 weights kept under fp32 compute
+    assert is_compiled(compile_network(half, torch.bfloat16))  # computing in their own dtype: nothing cast

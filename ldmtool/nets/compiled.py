@@ -20,19 +20,39 @@ from __future__ import annotations
 
 import os
 
+import torch
 from torch import nn
+
+from ldmtool.errors import UsageError
+from ldmtool.nets._layers import HALF_STORAGE_DTYPES, STORAGE_DTYPES, storage_weights
 
 _COMPILED = "_ldmtool_compiled"
 
 
-def compile_network(network: nn.Module) -> nn.Module:
-    """Make `network`'s calls go through `torch.compile` with frozen weights (in place; once per module).
-    The weights must not change afterwards: the compiled graph holds them as constants."""
+def compile_network(network: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Make `network`'s calls (computing in `dtype`) go through `torch.compile` with frozen weights (in place;
+    once per module). The weights must not change afterwards: the compiled graph holds them as constants."""
+    _refuse_upcast_storage(network, dtype)
     if not getattr(network, _COMPILED, False):
+        import torch._inductor.config as inductor_config
+
         _keep_compiled_code()
-        network.compile(dynamic=False, options={"freezing": True})
+        # Set for the process, not passed as `options`: inductor reads `freezing` before it applies a compile
+        # call's options (with options={"freezing": True} the SD 1.5 step took 2.01 s, with this 1.52 s).
+        inductor_config.freezing = True
+        network.compile(dynamic=False)
         setattr(network, _COMPILED, True)
     return network
+
+
+def _refuse_upcast_storage(network: nn.Module, dtype: torch.dtype) -> None:
+    """A model whose weights stay in fp8 (or bf16 under fp32 compute) and are cast one layer per call: frozen,
+    every cast weight would become a constant, a second and larger copy of the whole model."""
+    kept = [w for w in storage_weights(network, STORAGE_DTYPES + HALF_STORAGE_DTYPES).values() if w.dtype != dtype]
+    if kept:
+        raise UsageError(f"--compile: this model keeps {len(kept)} weights in {str(kept[0].dtype).split('.')[-1]} "
+                         "and casts them one layer at a time; compiled, it would hold a cast copy of each (run it "
+                         "without --compile)")
 
 
 def is_compiled(network: nn.Module) -> bool:

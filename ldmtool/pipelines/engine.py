@@ -154,7 +154,7 @@ class Engine:
             if choice.compile and bundle.denoiser is not None:
                 from ldmtool.nets.compiled import compile_network
 
-                compile_network(bundle.denoiser)  # after the add-ons: it freezes the weights
+                compile_network(bundle.denoiser, dtype)  # after the add-ons: it freezes the weights
             return bundle
 
         # A compiled network is another cache entry: a run without --compile must not get it.
