@@ -1,4 +1,5 @@
-"""`--compile` (issue 17): the denoising network through torch.compile gives an eager run's pixels.
+"""`--compile` (issue 17): the denoising network through torch.compile gives an eager run's pixels, up to
+rounding.
 
 The compiled run pays inductor's compilation (about a minute for the tiny SD 1.x UNet on a 2-core machine),
 so the file holds one compiled run; the rest are checks that compile nothing.
@@ -40,8 +41,10 @@ def test_a_compiled_run_gives_the_eager_run_pixels_and_records_it(tiny_sd, tmp_p
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     eager, eager_recipe = _txt2img(tiny_sd, tmp_path / "eager")
     compiled, recipe = _txt2img(tiny_sd, tmp_path / "compiled", "--compile")
-    # fp32 here (the suite's CPU flags): the kernels differ, the differences stay far below a level of 255.
-    assert np.array_equal(compiled, eager)
+    # fp32 here (the suite's CPU flags). Other kernels round differently, so a value that lies at a rounding
+    # boundary can move by one level: identical here, 35 of 1.4 M values on the main job's photos (README).
+    diff = np.abs(compiled - eager)
+    assert diff.max() <= 1 and np.count_nonzero(diff) <= diff.size // 1000
     assert recipe["job"]["options"]["compile"] is True and eager_recipe["job"]["options"]["compile"] is None
     assert recipe["run_id"] != eager_recipe["run_id"]  # another job for resume: its pixels may differ elsewhere
     assert (tmp_path / "cache" / "inductor").is_dir()  # compiled code kept for the next process

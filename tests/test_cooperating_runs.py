@@ -221,3 +221,25 @@ def test_private_files_of_killed_runs_are_removed_with_the_stale_claims(tmp_path
         os.utime(path, (time.time() - _PARTIAL_GRACE - 1,) * 2)
     Claims(timeout=600).remove_stale({tmp_path: [p.name for p in tmp_path.iterdir()]})
     assert [p.name for p in tmp_path.iterdir()] == [young.name]
+
+
+def test_a_private_claim_record_of_a_process_that_is_gone_is_removed_at_once(tmp_path: Path) -> None:
+    """A run killed between writing its claim record and linking it leaves the record; the next run removes
+    it without waiting out the grace period when the process it names is gone (seen in test_crash)."""
+    from ldmtool.runtime.claims import process_start
+
+    started = process_start(os.getpid())
+    if started is None:
+        pytest.skip("no /proc here: the process id alone decides")
+    me = {"host": socket.gethostname(), "pid": os.getpid()}
+    records = {  # a process gone (this pid, another start time), one alive (this process), one on another host
+        "gone": {**me, "started": started - 1, "run": "run1"},
+        "alive": {**me, "started": started, "run": "run2"},
+        "elsewhere": {**me, "host": me["host"] + "-other", "started": started - 1, "run": "run3"},
+    }
+    paths = {}
+    for what, record in records.items():
+        paths[what] = tmp_path / f"{claim_path(tmp_path, what).name}.{record['run']}.new"
+        paths[what].write_text(json.dumps({**record, "claims": what}))
+    Claims(timeout=600).remove_stale({tmp_path: [p.name for p in tmp_path.iterdir()]})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([paths["alive"].name, paths["elsewhere"].name])

@@ -58,8 +58,9 @@ def _check_folder(out):
         elif path.name == THUMBS:
             _check_thumbs(path)
         else:
+            # A claim, or the private record of one a run was making when it was killed (the rerun removes both).
             assert path.name == MANIFEST_NAME or (path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX)) \
-                or is_claim_name(path.name), path
+                or is_claim_name(path.name) or (path.name.startswith(CLAIM_PREFIX) and path.name.endswith(".new")), path
 
 
 def _kill_after(tmp_path, outputs_before_kill, extra_delay):

@@ -128,6 +128,11 @@ class Claims:
             return False  # gone: the next attempt creates it
         if age > self.timeout or (not holder and age > _PARTIAL_GRACE):
             return True
+        return self._gone(holder)
+
+    def _gone(self, holder: dict[str, Any]) -> bool:
+        """Whether the record names another run's process on this host that no longer exists (a pid given to
+        another process since counts as gone)."""
         pid = holder.get("pid")
         if holder.get("host") != self.host or not isinstance(pid, int) or holder.get("run") == self.token:
             return False
@@ -162,13 +167,23 @@ class Claims:
             for name in names:
                 path = Path(folder) / name
                 if name.startswith(CLAIM_PREFIX) and name.endswith(_PRIVATE_SUFFIXES):
-                    removed += _remove_if_older(path, _PARTIAL_GRACE)
+                    removed += self._remove_private(path)
                 if not is_claim_name(name):
                     continue
                 holder = _read(path)
                 if holder is not None and self._stale(path, holder) and self._take_over(path, holder):
                     removed += 1
         return removed
+
+    def _remove_private(self, path: Path) -> int:
+        """A private file of a claim being made (.new) or taken over (.stale) is a killed run's leftover once
+        it is older than a live run ever keeps one, or at once for a .new file whose record (its maker's)
+        names a process that is gone. A .stale file holds the old holder's record, not its taker's: age only."""
+        if path.name.endswith(".new"):
+            maker = _read(path)
+            if maker and self._gone(maker):
+                return _remove_if_older(path, -1.0)
+        return _remove_if_older(path, _PARTIAL_GRACE)
 
     # -- heartbeat
 
