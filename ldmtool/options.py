@@ -130,8 +130,8 @@ class ModelChoice:
                             panel=MODEL, default="auto", metavar="PRECISION")
     compile: Optional[bool] = option(
         "--compile/--no-compile", help="Run the denoising network through torch.compile (inductor, frozen "
-        "weights): minutes of compilation per process, then faster steps (SD 1.5 on an AMX CPU: 0.6x the eager "
-        "time). Pixels differ from an eager run's by rounding and follow the thread count.", panel=MODEL)
+        "weights): about a minute of compilation per process and model, then faster steps (SD 1.5 on an AMX CPU: "
+        "two thirds of the eager time). Pixels differ from an eager run's by rounding and follow the thread count.", panel=MODEL)
 
     # What Stable Diffusion users bring (README "For Stable Diffusion users"; ldmtool/addons/).
     lora: Optional[list[str]] = option(

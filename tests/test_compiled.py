@@ -1,10 +1,12 @@
 """`--compile` (issue 17): the denoising network through torch.compile gives an eager run's pixels, up to
 rounding.
 
-The compiled run pays inductor's compilation (about a minute for the tiny SD 1.x UNet on a 2-core machine),
+The compiled run pays inductor's compilation (about 30 s for the shipped superres UNet on a 2-core machine),
 so the file holds one compiled run; the rest are checks that compile nothing.
 """
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +21,8 @@ from ldmtool.nets.compiled import compile_network, is_compiled
 from ldmtool.options import ModelChoice, SamplingChoice
 from ldmtool.pipelines.engine import Engine
 
+PHOTOS = Path(__file__).resolve().parent.parent / "examples" / "photos"
+
 
 @pytest.fixture(scope="module")
 def tiny_sd(tmp_path_factory):
@@ -27,26 +31,29 @@ def tiny_sd(tmp_path_factory):
     return path
 
 
-def _txt2img(model, out, *extra):
-    result = run_cli("txt2img", "--prompt", "a red fox", "--model", model, "--steps", "2", "--width", "64",
-                     "--height", "64", "--seed", "1", "-o", out, "--quiet", *extra)
+def _superres(folder, out, *extra):
+    result = run_cli("superres", folder, "--scale", "4", "-o", out, "--quiet", *extra)
     assert result.exit_code == 0, result.output
     (png,) = out.glob("*.png")
     with Image.open(png) as image:
         return np.asarray(image.convert("RGB")).astype(int), json.loads(image.info["ldmtool"])
 
 
-def test_a_compiled_run_gives_the_eager_run_pixels_and_records_it(tiny_sd, tmp_path, monkeypatch):
+def test_a_compiled_run_gives_the_eager_run_pixels_and_records_it(tmp_path, monkeypatch):
+    """The main job's command and shipped model (their UNet compiles in about 30 s here) on one small crop."""
     monkeypatch.setenv("LDMTOOL_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    eager, eager_recipe = _txt2img(tiny_sd, tmp_path / "eager")
-    compiled, recipe = _txt2img(tiny_sd, tmp_path / "compiled", "--compile")
+    (tmp_path / "in").mkdir()
+    with Image.open(PHOTOS / "leaf.png") as photo:
+        photo.convert("RGB").crop((0, 0, 48, 40)).save(tmp_path / "in" / "leaf.png")
+    eager, eager_recipe = _superres(tmp_path / "in", tmp_path / "eager")
+    compiled, recipe = _superres(tmp_path / "in", tmp_path / "compiled", "--compile")
     # fp32 here (the suite's CPU flags). Other kernels round differently, so a value that lies at a rounding
-    # boundary can move by one level: identical here, 35 of 1.4 M values on the main job's photos (README).
+    # boundary can move by one level: 1 of 92160 values here, 35 of 1.4 M on the main job's photos (README).
     diff = np.abs(compiled - eager)
     assert diff.max() <= 1 and np.count_nonzero(diff) <= diff.size // 1000
     assert recipe["job"]["options"]["compile"] is True and eager_recipe["job"]["options"]["compile"] is None
-    assert recipe["run_id"] != eager_recipe["run_id"]  # another job for resume: its pixels may differ elsewhere
+    assert recipe["run_id"] != eager_recipe["run_id"]  # another job for resume: its pixels may differ
     assert (tmp_path / "cache" / "inductor").is_dir()  # compiled code kept for the next process
 
 
@@ -90,3 +97,17 @@ def test_a_model_that_casts_its_weights_per_layer_is_refused_before_anything_com
     with pytest.raises(UsageError):
         compile_network(half, torch.float32)  # bf16 weights kept under fp32 compute
     assert is_compiled(compile_network(half, torch.bfloat16))  # computing in their own dtype: nothing cast
+
+
+def test_inductor_code_goes_to_ldmtools_cache_unless_the_user_chose_a_folder(tmp_path, monkeypatch):
+    from torch._inductor.runtime.runtime_utils import default_cache_dir
+
+    from ldmtool.nets.compiled import _keep_compiled_code
+
+    monkeypatch.setenv("LDMTOOL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what inductor writes there itself
+    _keep_compiled_code()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    _keep_compiled_code()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")

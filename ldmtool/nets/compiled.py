@@ -34,9 +34,9 @@ def compile_network(network: nn.Module, dtype: torch.dtype) -> nn.Module:
     once per module). The weights must not change afterwards: the compiled graph holds them as constants."""
     _refuse_upcast_storage(network, dtype)
     if not getattr(network, _COMPILED, False):
+        _keep_compiled_code()
         import torch._inductor.config as inductor_config
 
-        _keep_compiled_code()
         # Set for the process, not passed as `options`: inductor reads `freezing` before it applies a compile
         # call's options (with options={"freezing": True} the SD 1.5 step took 2.01 s, with this 1.52 s).
         inductor_config.freezing = True
@@ -60,13 +60,18 @@ def is_compiled(network: nn.Module) -> bool:
 
 
 def _keep_compiled_code() -> None:
-    """Inductor's on-disk cache in ldmtool's cache folder (unless TORCHINDUCTOR_CACHE_DIR is set) rather than
-    under /tmp, which a machine may clear between cron runs: a later process then compiles the same network
-    in about a third of the time (tiny SD 1.x: 55 s cold, 20 s warm)."""
+    """Inductor's on-disk cache in ldmtool's cache folder rather than under /tmp, which a machine may clear
+    between cron runs: a later process then compiles the same network in about a third of the time (tiny SD
+    1.x: 55 s cold, 20 s warm). A TORCHINDUCTOR_CACHE_DIR the user chose is kept; inductor writes its own
+    default into the variable the first time it looks, so that value counts as not chosen."""
+    from torch._inductor.runtime.runtime_utils import default_cache_dir
+
     from ldmtool.runtime.cache import cache_dir
 
-    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        try:
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir(create=True) / "inductor")
-        except OSError:  # a cache folder that cannot be made: inductor's own default then
-            pass
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if chosen is not None and os.path.abspath(chosen) != os.path.abspath(default_cache_dir()):
+        return
+    try:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir(create=True) / "inductor")
+    except OSError:  # a cache folder that cannot be made: inductor's own default then
+        pass
