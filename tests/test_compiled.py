@@ -15,20 +15,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clirun import run_cli
-from ldmtool.checkpoints.tiny import save_tiny_checkpoint
 from ldmtool.nets._layers import _GRAIN, pointwise, silu
 from ldmtool.nets.compiled import compile_network, is_compiled
 from ldmtool.options import ModelChoice, SamplingChoice
 from ldmtool.pipelines.engine import Engine
 
 PHOTOS = Path(__file__).resolve().parent.parent / "examples" / "photos"
-
-
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "tiny-sd1.safetensors"
-    save_tiny_checkpoint(path, "sd1", seed=1, with_config=True)
-    return path
 
 
 def _superres(folder, out, *extra):
@@ -57,8 +49,8 @@ def test_a_compiled_run_gives_the_eager_run_pixels_and_records_it(tmp_path, monk
     assert (tmp_path / "cache" / "inductor").is_dir()  # compiled code kept for the next process
 
 
-def test_a_compiled_model_is_its_own_cache_entry(tiny_sd):
-    engines = [Engine(ModelChoice(model=str(tiny_sd), compile=flag), SamplingChoice()).open()
+def test_a_compiled_model_is_its_own_cache_entry():
+    engines = [Engine(ModelChoice(model="default-superres", compile=flag), SamplingChoice()).open()
                for flag in (True, None)]
     compiled, eager = (engine.bundle.denoiser for engine in engines)
     assert compiled is not eager and is_compiled(compiled) and not is_compiled(eager)
