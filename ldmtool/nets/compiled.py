@@ -8,7 +8,7 @@ thousands of nodes long (21 minutes to compile the SD 1.5 UNet, then slower than
 
 The network is compiled for the shapes and the thread count of its calls; the tiled engine calls it with
 one shape per run, so one compilation serves the run. Measured (`benchmarks/compile_step.py`, README
-"Speed"): the SD 1.5 UNet, bf16, one step of two rows on a 2-core Intel Xeon with AMX, 1.41 s against
+"Performance"): the SD 1.5 UNet, bf16, one step of two rows on a 2-core Intel Xeon with AMX, 1.41 s against
 2.32 s eager, after 78 s of compilation in a new process (less when inductor's on-disk cache, kept in
 ldmtool's cache folder, already holds the network).
 
@@ -33,7 +33,7 @@ def compile_network(network: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Make `network`'s calls (computing in `dtype`) go through `torch.compile` with frozen weights (in place;
     once per module). The weights must not change afterwards: the compiled graph holds them as constants."""
     _refuse_upcast_storage(network, dtype)
-    if not getattr(network, _COMPILED, False):
+    if not is_compiled(network):
         _keep_compiled_code()
         import torch._inductor.config as inductor_config
 
