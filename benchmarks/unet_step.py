@@ -84,8 +84,8 @@ def main() -> None:
                         help="precisions to time both in (default: what ldmtool's --precision auto picks here, "
                         "plus fp32 where that is bf16, so diffusers gets its best)")
     parser.add_argument("--compile", action="store_true",
-                        help="ldmtool's network as `--compile` runs it (torch.compile, frozen weights), in the auto "
-                        "precision only; the compile time of each batch's first call is reported")
+                        help="ldmtool's network as `--compile` runs it (torch.compile, frozen weights), in one precision "
+                        "(the first --dtype, else auto's); the compile time of each batch's first call is reported")
     parser.add_argument("--dry-run", action="store_true", help="tiny width and latent, one round (checks the script)")
     args = parser.parse_args()
     if args.dry_run:
@@ -96,7 +96,7 @@ def main() -> None:
     auto = resolve_precision("auto", device)
     dtypes = args.dtype or list(dict.fromkeys([auto.name, "fp32"] if auto.name == "bf16" else [auto.name]))
     if args.compile:  # the compiled graph holds the weights of its dtype as constants: one dtype only
-        dtypes = [auto.name]
+        dtypes = dtypes[:1]
     ours, theirs = build_pair(args.width)
     peaks = matmul_peaks(0.2 if args.dry_run else 1.0) if device.type == "cpu" else {}
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),

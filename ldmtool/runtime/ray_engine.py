@@ -206,10 +206,7 @@ def _init(ray: ModuleType, address: Optional[str]) -> bool:
     if ray.is_initialized():
         return False
     kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": False, "include_dashboard": False,
-                              "logging_level": "ERROR",
-                              # Workers of a cluster started elsewhere do not inherit this process's
-                              # environment: MKL's thread-count-independent mode (ldmtool/__init__.py).
-                              "runtime_env": {"env_vars": {"MKL_CBWR": os.environ.get("MKL_CBWR", "AUTO,STRICT")}}}
+                              "logging_level": "ERROR"}
     if address:
         kwargs["address"] = address
     try:
