@@ -120,11 +120,12 @@ def main() -> None:
                       "max_abs_diff": diff, **meta})
     peak_gflops = max([v for k, v in peaks.items() if k.endswith("_gflops")], default=0.0)
     for batch in args.batch:
-        ours_s = best["ldmtool", auto.name, batch] if auto.name in dtypes else best["ldmtool", dtypes[0], batch]
+        ours_name = auto.name if auto.name in dtypes else dtypes[0]
+        ours_s = best["ldmtool", ours_name, batch]
         theirs_name = min((n for n in dtypes), key=lambda n: best["diffusers", n, batch][1])
         theirs_s = best["diffusers", theirs_name, batch]
         achieved = flops[batch] / ours_s[1] / 1e9
-        emit({"bench": "unet_step", "batch": batch, "ldmtool_dtype": auto.name, "diffusers_best_dtype": theirs_name,
+        emit({"bench": "unet_step", "batch": batch, "ldmtool_dtype": ours_name, "diffusers_best_dtype": theirs_name,
               "ratio_wall": round(ours_s[0] / theirs_s[0], 3), "ratio_wall_min": round(ours_s[1] / theirs_s[1], 3),
               "ratio_cpu": round(ours_s[2] / theirs_s[2], 3), "gflop_per_step": round(flops[batch] / 1e9, 1),
               "ldmtool_gflops": round(achieved, 1),
