@@ -190,17 +190,7 @@ def test_cross_attention_is_softmax_attention_with_separate_heads(context_dim):
         assert torch.allclose(attn(x, context), unfused_attention(attn, x, context), atol=1e-5)
 
 
-@pytest.fixture
-def prepack_on():
-    """The opt-in oneDNN path (off by default: not batch-invariant) for one test."""
-    from ldmtool.nets.prepack import set_cpu_prepack
-
-    set_cpu_prepack(True)
-    yield
-    set_cpu_prepack(False)
-
-
-def test_cpu_conv_fast_path_equals_conv2d_on_views_and_follows_weight_updates(prepack_on):
+def test_conv_equals_conv2d_on_views_and_copies_and_trains():
     from ldmtool.nets._layers import Conv2d
 
     conv = Conv2d(32, 64, 3, padding=1)
@@ -209,23 +199,12 @@ def test_cpu_conv_fast_path_equals_conv2d_on_views_and_follows_weight_updates(pr
     with torch.no_grad():
         for x in views:  # tiles are cut as views; any strides must work
             assert torch.allclose(conv(x), torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1), atol=1e-5)
-        conv.weight.mul_(-1.0)  # in-place update: the cached packed weight must be rebuilt
+        conv.weight.mul_(-1.0)
         assert torch.allclose(conv(big), torch.nn.functional.conv2d(big, conv.weight, conv.bias, padding=1), atol=1e-5)
-    with torch.inference_mode():  # weights created here carry no version counter: the plain path is used
+    with torch.inference_mode():
         fresh = Conv2d(32, 8, 1)
         assert torch.allclose(fresh(big), torch.nn.functional.conv2d(big, fresh.weight, fresh.bias), atol=1e-5)
-    from ldmtool.nets.prepack import set_cpu_prepack
-
-    assert "_prepacked" in conv.__dict__
-    set_cpu_prepack(False, conv)
-    try:
-        assert "_prepacked" not in conv.__dict__
-        with torch.no_grad():
-            assert torch.allclose(conv(big), torch.nn.functional.conv2d(big, conv.weight, conv.bias, padding=1), atol=1e-5)
-        assert "_prepacked" not in conv.__dict__
-    finally:
-        set_cpu_prepack(True)
-    twin = copy.deepcopy(conv)  # EMA copies and torch.save must not trip over the cached oneDNN weight
+    twin = copy.deepcopy(conv)  # EMA copies and torch.save
     torch.save(conv, io.BytesIO())
     with torch.no_grad():
         assert torch.allclose(twin(big), conv(big), atol=1e-5)
@@ -263,7 +242,7 @@ def test_unet_cast_whole_to_bfloat16_runs_with_float32_norms():
     assert (got - expected).abs().max() < 0.05 * expected.abs().max()
 
 
-def test_cpu_linear_fast_path_equals_linear_on_views_and_follows_weight_updates(prepack_on):
+def test_linear_equals_linear_on_views_and_copies_and_trains():
     from ldmtool.nets._layers import Linear
 
     layer = Linear(32, 48)
@@ -271,7 +250,6 @@ def test_cpu_linear_fast_path_equals_linear_on_views_and_follows_weight_updates(
     with torch.no_grad():
         for x in inputs:
             assert torch.allclose(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5)
-        assert "_prepacked" in layer.__dict__
         layer.weight.add_(1.0)
         assert torch.allclose(layer(inputs[0]), torch.nn.functional.linear(inputs[0], layer.weight, layer.bias), atol=1e-5)
         twin = copy.deepcopy(layer)
@@ -280,14 +258,12 @@ def test_cpu_linear_fast_path_equals_linear_on_views_and_follows_weight_updates(
     assert layer.weight.grad is not None
 
 
-def test_default_layers_take_no_prepacked_path_and_one_by_one_convs_equal_conv2d():
-    from ldmtool.nets._layers import Conv2d, Linear, pointwise
+def test_one_by_one_convs_equal_conv2d_and_activations_in_pieces_equal_whole():
+    from ldmtool.nets._layers import Conv2d, pointwise
 
-    conv, layer = Conv2d(32, 16, 1), Linear(32, 48)
+    conv = Conv2d(32, 16, 1)
     x = torch.randn(2, 32, 9, 7)
     with torch.no_grad():
         assert torch.allclose(conv(x), torch.nn.functional.conv2d(x, conv.weight, conv.bias), atol=1e-5)
-        layer(torch.randn(3, 5, 32))
         big = torch.randn(3, 40000)
         assert torch.allclose(pointwise(torch.nn.functional.gelu, big), torch.nn.functional.gelu(big), atol=1e-6)
-    assert "_prepacked" not in conv.__dict__ and "_prepacked" not in layer.__dict__

@@ -5,9 +5,8 @@ asymmetric downsample pad), so seamless mode is one call: `set_seamless(model, x
 every padding circular along the chosen axes and zero along the others. The state-dict keys stay those of
 `torch.nn.Conv2d`.
 
-`Conv2d` and `Linear` run the public `F.conv2d` / `F.linear`. The oneDNN packed-weight path of
-`ldmtool.nets.prepack` is an explicit opt-in (`set_cpu_prepack(True)`): it is faster on some CPUs but its
-kernels, and so its rounding, follow the batch shape (README "Reproducibility").
+`Conv2d` and `Linear` run the public `F.conv2d` / `F.linear`. Weights packed once for oneDNN come from
+`--compile` (`ldmtool.nets.compiled`: torch.compile with frozen weights), not from private ops here.
 
 `pointwise` applies the activations; see it for why they run in fixed pieces.
 """
@@ -20,8 +19,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldmtool.errors import CheckpointError
-from ldmtool.nets import prepack
-from ldmtool.nets.prepack import PackedWeightCache
 
 
 def pad_2d(x: Tensor, pad: tuple[int, int, int, int], seamless: tuple[bool, bool]) -> Tensor:
@@ -47,20 +44,15 @@ STORAGE_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 HALF_STORAGE_DTYPES = (torch.bfloat16, torch.float16)
 
 
-class Linear(PackedWeightCache, nn.Linear):
-    """`nn.Linear` (same keys) that can take the opt-in oneDNN path of `ldmtool.nets.prepack`. A weight
-    stored in fp8 (or kept in bf16/fp16 under fp32 compute) stays so and is upcast one layer at a time, when
-    the layer runs (`cast_keeping_storage`)."""
+class Linear(nn.Linear):
+    """`nn.Linear` (same keys). A weight stored in fp8 (or kept in bf16/fp16 under fp32 compute) stays so and
+    is upcast one layer at a time, when the layer runs (`cast_keeping_storage`)."""
 
     def forward(self, x: Tensor) -> Tensor:
         stored = self.weight.dtype
         if stored in STORAGE_DTYPES or (stored != x.dtype and stored in HALF_STORAGE_DTYPES):
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, self.weight.to(x.dtype), bias)
-        if prepack.applies(x, self.weight) and x.dim() >= 2:
-            out = prepack.linear(self, x)
-            if out is not None:
-                return out
         return F.linear(x, self.weight, self.bias)
 
 
@@ -83,9 +75,8 @@ def cast_keeping_storage(model: nn.Module, device: torch.device | str, dtype: Op
         layer._parameters["weight"] = nn.Parameter(weight.to(device), requires_grad=False)
 
 
-class Conv2d(PackedWeightCache, nn.Conv2d):
-    """`nn.Conv2d` whose zero padding can be switched to circular per axis (`seamless = (x, y)`); it can take
-    the opt-in oneDNN path of `ldmtool.nets.prepack`."""
+class Conv2d(nn.Conv2d):
+    """`nn.Conv2d` whose zero padding can be switched to circular per axis (`seamless = (x, y)`)."""
 
     seamless: tuple[bool, bool] = (False, False)
 
@@ -97,10 +88,6 @@ class Conv2d(PackedWeightCache, nn.Conv2d):
             pad_y, pad_x = padding
             x = pad_2d(x, (pad_x, pad_x, pad_y, pad_y), self.seamless)
             padding = (0, 0)
-        if prepack.applies(x, self.weight) and x.dim() == 4:
-            out = prepack.conv2d(self, x, list(padding))
-            if out is not None:
-                return out
         if self.kernel_size == (1, 1) and self.stride == (1, 1) and self.groups == 1 and padding == (0, 0) and x.dim() == 4:
             return self._one_by_one(x)
         return F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
