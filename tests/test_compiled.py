@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from clirun import run_cli
 from ldmtool.nets._layers import _GRAIN, pointwise, silu
@@ -74,6 +75,17 @@ def test_activations_run_whole_inside_a_compiled_graph_and_in_pieces_outside():
     x = torch.randn(4 * _GRAIN + 5)
     assert _graph_ops(lambda t: pointwise(F.gelu, t), x).count(F.gelu) == 1
     assert [op for op in _graph_ops(lambda t: silu(t.clone()), x) if op is F.silu] == [F.silu]
+    calls = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            calls.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Count(), torch.no_grad():
+        pointwise(F.gelu, x)
+        silu(x.clone())
+    assert calls.count("gelu") == 5 and calls.count("silu_") == 5  # eager: pieces of at most _GRAIN values
 
 
 def test_a_model_that_casts_its_weights_per_layer_is_refused_before_anything_compiles():

@@ -182,7 +182,7 @@ class Claims:
         if path.name.endswith(".new"):
             maker = _read(path)
             if maker and self._gone(maker):
-                return _remove_if_older(path, -1.0)
+                return _remove_if_older(path, float("-inf"))  # whatever its age
         return _remove_if_older(path, _PARTIAL_GRACE)
 
     # -- heartbeat
