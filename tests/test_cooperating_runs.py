@@ -243,3 +243,36 @@ def test_a_private_claim_record_of_a_process_that_is_gone_is_removed_at_once(tmp
         paths[what].write_text(json.dumps({**record, "claims": what}))
     Claims(timeout=600).remove_stale({tmp_path: [p.name for p in tmp_path.iterdir()]})
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([paths["alive"].name, paths["elsewhere"].name])
+
+
+def test_a_claim_of_a_process_that_exited_but_was_not_yet_reaped_is_taken_over(tmp_path: Path) -> None:
+    """A killed Ray worker stays a zombie until its parent (the raylet) reaps it, while the task it ran is
+    already retried on another worker: that worker must take the claim over, not skip the item as another
+    run's (CI on a Xeon, 2026-12-07: one of twelve items ended 'skipped (by another run)')."""
+    from ldmtool.io.files import process_alive
+    from ldmtool.runtime.claims import process_start
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while _state(child.pid) != "Z" and time.monotonic() < deadline:  # exited; Popen has not waited on it
+        time.sleep(0.01)
+    try:
+        if _state(child.pid) != "Z":
+            pytest.skip("no /proc here to see a zombie")
+        assert not process_alive(child.pid)
+        record = {"host": socket.gethostname(), "pid": child.pid, "started": process_start(child.pid),
+                  "run": "killed", "claims": "a.png"}
+        claim_path(tmp_path, "a.png").write_text(json.dumps(record))
+        claims = Claims(timeout=600)
+        assert claims.acquire(tmp_path, "a.png") is None
+        claims.close()
+    finally:
+        child.wait()
+
+
+def _state(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return ""
+    return stat[stat.rindex(b")") + 2:].split()[0].decode()

@@ -122,14 +122,26 @@ def read_text_file(path: Path | str, limit: int | None = None) -> str:
 
 
 def process_alive(pid: int) -> bool:
-    """Whether a process with this id exists on this host (one of another user counts as alive)."""
+    """Whether a process with this id runs on this host (one of another user counts as alive). A process
+    that has exited but was not yet reaped by its parent (a zombie, as a killed Ray worker is until the raylet
+    waits on it) is gone: it holds nothing and will never finish what it started."""
     try:
         os.kill(pid, 0)
     except (ProcessLookupError, OverflowError, ValueError):
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    return _process_state(pid) not in ("Z", "X")
+
+
+def _process_state(pid: int) -> str:
+    """The one-letter state of process `pid` (Linux /proc: R, S, Z, ...), or "" where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return stat[stat.rindex(b")") + 2 :].split()[0].decode("ascii")  # the name before may hold ") "
+    except (OSError, ValueError, IndexError, UnicodeDecodeError):
+        return ""
 
 
 def json_line(record: object) -> str:
