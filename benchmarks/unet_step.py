@@ -19,6 +19,10 @@ fraction of the better of those two peaks.
 Each JSON line has wall seconds (median and min over --rounds) and CPU seconds of this process (median);
 the ratios are ldmtool / diffusers from the same run. On a machine shared with other work the wall times
 swing with the load; the CPU-time ratio and the ratio of the fastest runs are the steadier figures.
+
+malloc keeps freed memory as in an ldmtool batch run (runtime/allocator.py), for both implementations, since
+the setting is the process's; `--malloc system` leaves glibc's own. Each line gives the step's page faults and
+kernel CPU seconds, which show the difference.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from _common import count_cpu_attention, emit, matmul_peaks
 from ldmtool.nets.compiled import compile_network
 from ldmtool.nets.unet import UNetModel
+from ldmtool.runtime.allocator import keep_freed_memory
 from ldmtool.runtime.device import resolve_precision
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -63,14 +68,17 @@ def build_pair(width: int):
     return ours, theirs.eval()
 
 
-def time_once(fn, device: torch.device) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process). On a shared machine the CPU time is the steadier measure
-    of work done; the wall time is what a user waits."""
-    wall, cpu = time.perf_counter(), time.process_time()
+def time_once(fn, device: torch.device) -> tuple[float, float, float, float]:
+    """(wall seconds, CPU seconds of this process, page faults, kernel CPU seconds). On a shared machine the
+    CPU time is the steadier measure of work done; the wall time is what a user waits; the faults and kernel
+    time show memory handed back to the kernel and faulted in again (runtime/allocator.py)."""
+    wall, cpu, usage = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF)
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - wall, time.process_time() - cpu
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return (time.perf_counter() - wall, time.process_time() - cpu, after.ru_minflt - usage.ru_minflt,
+            after.ru_stime - usage.ru_stime)
 
 
 def main() -> None:
@@ -86,12 +94,16 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="ldmtool's network as `--compile` runs it (torch.compile, frozen weights), in one precision "
                         "(the first --dtype, else auto's); the compile time of each batch's first call is reported")
+    parser.add_argument("--malloc", choices=["kept", "system"], default="kept",
+                        help="kept: freed memory stays for reuse, as in an ldmtool batch run (for both implementations: "
+                        "the setting is the process's); system: the C library's default, as a plain diffusers script")
     parser.add_argument("--dry-run", action="store_true", help="tiny width and latent, one round (checks the script)")
     args = parser.parse_args()
     if args.dry_run:
         args.width, args.latent, args.rounds, args.batch = 32, 16, 1, [1]
 
     device = torch.device(args.device)
+    kept = args.malloc == "kept" and keep_freed_memory()
     count_cpu_attention()
     auto = resolve_precision("auto", device)
     dtypes = args.dtype or list(dict.fromkeys([auto.name, "fp32"] if auto.name == "bf16" else [auto.name]))
@@ -101,9 +113,9 @@ def main() -> None:
     peaks = matmul_peaks(0.2 if args.dry_run else 1.0) if device.type == "cpu" else {}
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
             "device": str(device), "width": args.width, "latent": args.latent, "ldmtool_compiled": args.compile,
-            **peaks}
+            "malloc": "kept" if kept else "system", **peaks}
     emit({"bench": "unet_step", "auto_precision": auto.name, "auto_reason": auto.reason, **meta})
-    best: dict[tuple[str, str, int], tuple[float, float, float]] = {}
+    best: dict[tuple[str, str, int], tuple[float, ...]] = {}
     flops: dict[int, int] = {}
     for name in dtypes:
         ours.to(device, DTYPES[name]), theirs.to(device, DTYPES[name])  # shared tensors: converts both at once
@@ -117,7 +129,7 @@ def main() -> None:
                 emit({"bench": "unet_step", "impl": impl, "dtype": name, "batch": batch,
                       **({"first_call_s": round(first_call_s, 1)} if impl == "ldmtool" else {}),
                       "wall_s": round(values[0], 3), "wall_min_s": round(values[1], 3), "cpu_s": round(values[2], 3),
-                      "max_abs_diff": diff, **meta})
+                      "page_faults": int(values[3]), "kernel_cpu_s": round(values[4], 3), "max_abs_diff": diff, **meta})
     peak_gflops = max([v for k, v in peaks.items() if k.endswith("_gflops")], default=0.0)
     for batch in args.batch:
         ours_name = auto.name if auto.name in dtypes else dtypes[0]
@@ -135,7 +147,7 @@ def main() -> None:
 
 
 def time_pair(ours, theirs, batch: int, dtype: torch.dtype, device: torch.device, rounds: int, latent: int):
-    """{impl: (median wall, min wall, median CPU seconds)}, their largest output difference, the FLOPs of
+    """{impl: (median wall, min wall, median CPU seconds, median page faults, median kernel CPU seconds)}, their largest output difference, the FLOPs of
     one step (counted during the warm-up call), and the seconds of ldmtool's first call (with --compile: the
     compilation)."""
     gen = torch.Generator().manual_seed(batch)
@@ -146,7 +158,7 @@ def time_pair(ours, theirs, batch: int, dtype: torch.dtype, device: torch.device
         "ldmtool": lambda: ours(x, t, context),
         "diffusers": lambda: theirs(x, t, encoder_hidden_states=context).sample,
     }
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+    times: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name in runs}
     with torch.inference_mode():
         first = time.perf_counter()
         mine = runs["ldmtool"]()  # the warm-up; a compiled network compiles here, for this batch's shape
@@ -159,8 +171,9 @@ def time_pair(ours, theirs, batch: int, dtype: torch.dtype, device: torch.device
                 times[name].append(time_once(fn, device))
     summary = {}
     for name, values in times.items():
-        walls, cpus = [v[0] for v in values], [v[1] for v in values]
-        summary[name] = (statistics.median(walls), min(walls), statistics.median(cpus))
+        walls, cpus, faults, kernel = ([v[i] for v in values] for i in range(4))
+        summary[name] = (statistics.median(walls), min(walls), statistics.median(cpus), statistics.median(faults),
+                         statistics.median(kernel))
     return summary, diff, counter.get_total_flops(), first_call_s
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import mmap
 import subprocess
 import sys
 from pathlib import Path
@@ -49,8 +50,11 @@ def test_phase_recorder_nested_peaks():
         pytest.skip("/proc/self/clear_refs is not writable here")
 
     def inner():
-        block = b"x" * (200 * 2**20)  # written, so every page is resident
-        del block
+        # A mapping of its own, written, so every page is resident: malloc may serve a block from memory this
+        # process already holds (a batch run earlier in this process keeps freed memory, runtime/allocator.py)
+        block = mmap.mmap(-1, 200 * 2**20)
+        block.write(b"x" * len(block))
+        block.close()
 
     outer = recorder.wrap("outer", lambda: recorder.wrap("inner", inner)())
     outer()
@@ -124,7 +128,8 @@ def test_gpu_flop_count_matches_closed_form_for_one_conv():
 # its own script's output.
 
 DRY_RUNS = {"gpu_unet": ["--dtypes", "fp32"], "unet_step": [], "superres_memory": [], "folder_throughput": [], "checkpoint_load": [],
-            "fewstep": [], "first_stage_ceiling": []}
+            "fewstep": [], "first_stage_ceiling": [], "malloc_run": [],
+            "attention_heads": []}
 
 
 class DryRuns:
@@ -134,7 +139,7 @@ class DryRuns:
             workdir = folder / name
             workdir.mkdir()
             argv = [sys.executable, str(BENCHMARKS / f"{name}.py"), "--dry-run", *extra]
-            if name not in ("gpu_unet", "unet_step", "fewstep", "first_stage_ceiling"):
+            if name not in ("gpu_unet", "unet_step", "fewstep", "first_stage_ceiling", "attention_heads"):
                 argv += ["--workdir", str(workdir)]
             out = (folder / f"{name}.out").open("w+")
             self.procs[name] = (subprocess.Popen(argv, stdout=out, stderr=subprocess.PIPE, text=True), out, workdir)
@@ -187,6 +192,28 @@ def test_unet_step_dry_run_names_the_cpu_and_its_peaks(dry_runs):
     assert ratio["gflop_per_step"] > 0 and 0 < ratio["fraction_of_best_matmul_peak"]
     assert {r["impl"] for r in records if "impl" in r} == {"ldmtool", "diffusers"}
     assert all(r["max_abs_diff"] < 1e-4 for r in records if "impl" in r)  # the same weights, the same function
+    assert all(r["page_faults"] >= 0 and r["kernel_cpu_s"] >= 0 for r in records if "impl" in r)
+    assert records[0]["malloc"] in ("kept", "system")  # system where the C library is not glibc
+
+
+def test_malloc_run_dry_run_times_a_real_txt2img_run_in_both_modes(dry_runs):
+    records, _ = dry_runs.records("malloc_run")
+    runs = [r for r in records if "malloc" in r]
+    assert [r["malloc"] for r in runs] == ["kept", "system"]
+    for r in runs:
+        assert r["exit_code"] == 0 and r["wall_s"] > 0 and r["page_faults"] > 0 and r["peak_rss_mib"] > 50
+    assert set(records[-1]["summary"]) == {"kept", "system"}
+
+
+def test_attention_heads_dry_run_times_every_head_size_and_the_equivalent_forms(dry_runs):
+    records, _ = dry_runs.records("attention_heads")
+    assert records[0]["cpu"] and records[0]["tokens"] == 256
+    timed = [r for r in records if "how" in r]
+    assert {(r["dtype"], r["head"]) for r in timed if r["how"] == "sdpa"} == {
+        (d, h) for d in ("bfloat16", "float32") for h in (8, 16, 40, 64, 128)}
+    others = [r for r in timed if r["how"] != "sdpa"]
+    assert len(others) == 6 and all(r["ms"] > 0 for r in timed)
+    assert all(r["max_abs_diff"] < (0.02 if r["dtype"] == "bfloat16" else 1e-5) for r in others)  # the same result
 
 
 def test_superres_memory_dry_run(dry_runs):

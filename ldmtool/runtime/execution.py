@@ -22,6 +22,7 @@ from ldmtool.io.discover import Item
 from ldmtool.io.metadata import build_metadata
 from ldmtool.io.writer import KEEP, format_name, write_image
 from ldmtool.runtime import identity
+from ldmtool.runtime.allocator import keep_freed_memory
 from ldmtool.runtime.claims import Claims
 from ldmtool.runtime.jobs import Job, Output, RunOptions, Task
 from ldmtool.runtime.report import ItemEvent, Status, Summary
@@ -152,6 +153,7 @@ class JobRunner:
     def open(self) -> None:
         """Open the task (load its model), its sampler steps reported with the events; an unexpected error is
         fatal in one line."""
+        keep_freed_memory()  # before the model's weights and the first step's activations are allocated
         try:
             self.task.start(self.events)
         except LdmError:
