@@ -129,9 +129,9 @@ class ModelChoice:
                             "AVX512-BF16; fp32 on other CPUs; fp16 on GPUs).",
                             panel=MODEL, default="auto", metavar="PRECISION")
     compile: Optional[bool] = option(
-        "--compile/--no-compile", help="Run the denoising network through torch.compile (inductor, frozen "
-        "weights): about a minute of compilation per process and model, then faster steps (SD 1.5 on an AMX CPU: "
-        "two thirds of the eager time). Pixels differ from an eager run's by rounding and follow the thread count.", panel=MODEL)
+        "--compile/--no-compile", help="Run the denoising network and the first stage's decode through "
+        "torch.compile (inductor, frozen weights): about a minute of compilation per process and model, then faster "
+        "steps (SD 1.5 on an AMX CPU: two thirds of the eager time) and decodes (half). Pixels differ from an eager run's by rounding and follow the thread count.", panel=MODEL)
 
     # What Stable Diffusion users bring (README "For Stable Diffusion users"; ldmtool/addons/).
     lora: Optional[list[str]] = option(
