@@ -136,12 +136,19 @@ def process_alive(pid: int) -> bool:
 
 def _process_state(pid: int) -> str:
     """The one-letter state of process `pid` (Linux /proc: R, S, Z, ...), or "" where unknown."""
+    fields = proc_stat_fields(pid)
+    return fields[0].decode("ascii", "replace") if fields else ""
+
+
+def proc_stat_fields(pid: int) -> list[bytes]:
+    """The fields of /proc/<pid>/stat after the process name (state first, so field N of proc(5) is at
+    N - 3), or [] where unknown (no such process, not Linux). The name may hold spaces and parentheses."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
-        return stat[stat.rindex(b")") + 2 :].split()[0].decode("ascii")  # the name before may hold ") "
-    except (OSError, ValueError, IndexError, UnicodeDecodeError):
-        return ""
+        return stat[stat.rindex(b")") + 2 :].split()
+    except (OSError, ValueError):
+        return []
 
 
 def json_line(record: object) -> str:

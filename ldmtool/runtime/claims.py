@@ -28,7 +28,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
-from ldmtool.io.files import positive_int_env, process_alive
+from ldmtool.io.files import positive_int_env, proc_stat_fields, process_alive
 
 CLAIM_PREFIX = ".ldmtool-claim."
 CLAIM_TIMEOUT_ENV = "LDMTOOL_CLAIM_TIMEOUT"
@@ -241,11 +241,10 @@ def _write_file(path: Path, data: bytes, mode: int) -> None:
 def process_start(pid: int) -> Optional[int]:
     """When process `pid` started (clock ticks since boot, Linux /proc), or None where unknown: with the pid
     it names one process, where a pid alone may have been given to another since."""
+    fields = proc_stat_fields(pid)
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        return int(stat[stat.rindex(b")") + 2 :].split()[19])  # field 22; the name before may hold spaces
-    except (OSError, ValueError, IndexError):
+        return int(fields[19])  # proc(5) field 22, starttime
+    except (IndexError, ValueError):
         return None
 
 
