@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from clirun import run_cli
 from ldmtool.nets._layers import _GRAIN, pointwise, silu
-from ldmtool.nets.compiled import compile_network, compiled_decode, is_compiled
+from ldmtool.nets.compiled import compile_network, compiled_decode, decoder, is_compiled
 from ldmtool.options import ModelChoice, SamplingChoice
 from ldmtool.pipelines.engine import Engine
 
@@ -62,12 +62,11 @@ def test_the_first_stage_decodes_through_its_compiled_decode_except_seamless():
     """torch.compile compiles at the first call: nothing compiles here."""
     compiled, eager = (Engine(ModelChoice(model="default-txt2img", compile=flag), SamplingChoice()).open()
                        for flag in (True, None))
-    decode = compiled_decode(compiled.bundle.first_stage)
-    assert decode is not None and compiled_decode(eager.bundle.first_stage) is None
-    assert compiled._decoder(compiled.bundle.first_stage) is decode
-    assert eager._decoder(eager.bundle.first_stage) == eager.bundle.first_stage.decode
-    wrapped = Engine(ModelChoice(model="default-txt2img", compile=True), SamplingChoice(seamless="xy")).open()
-    assert wrapped._decoder(wrapped.bundle.first_stage) == wrapped.bundle.first_stage.decode
+    first = compiled.bundle.first_stage
+    assert compiled_decode(first) is not None and compiled_decode(eager.bundle.first_stage) is None
+    assert decoder(first, seamless=False) is compiled_decode(first)
+    assert decoder(first, seamless=True) == first.decode
+    assert decoder(eager.bundle.first_stage, seamless=False) == eager.bundle.first_stage.decode
     superres = Engine(ModelChoice(model="default-superres", compile=True), SamplingChoice()).open()
     assert compiled_decode(superres.bundle.first_stage) is None  # a reshape: nothing to compile
 

@@ -65,6 +65,13 @@ def compiled_decode(first_stage: nn.Module) -> Optional[Callable[[torch.Tensor],
     return first_stage.__dict__.get(_COMPILED_DECODE)
 
 
+def decoder(first_stage: nn.Module, *, seamless: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The first stage's decode for the engine: the compiled one where there is one, but the eager one for a
+    seamless decode (its circular padding is switched on the modules, which a compiled graph would guard)."""
+    compiled = None if seamless else compiled_decode(first_stage)
+    return compiled or cast(Callable[[torch.Tensor], torch.Tensor], first_stage.decode)
+
+
 def _prepare_inductor() -> None:
     _keep_compiled_code()
     import torch._inductor.config as inductor_config

@@ -27,7 +27,7 @@ from ldmtool.diffusion.run import SamplerSettings, sample_latents
 from ldmtool.diffusion.samplers import check_options, chosen_spacing, default_schedule, get_sampler
 from ldmtool.errors import FatalError, ItemError, LdmError, UsageError
 from ldmtool.families.info import ModelInfo
-from ldmtool.nets.compiled import compiled_decode
+from ldmtool.nets.compiled import decoder
 from ldmtool.options import ModelChoice, SamplingChoice
 from ldmtool.pipelines.arrays import to_model_range
 from ldmtool.pipelines.control_engine import check_adapter_cells
@@ -450,7 +450,7 @@ class Engine:
         # A pointwise first stage decodes strip by strip, each unscaled as it goes: no latent-sized copy.
         by_strip = tiled and getattr(first, "pointwise", False)
         z = latents if by_strip else self._unscaled(latents)
-        decode = self._decoder(first)
+        decode = decoder(first, seamless=bool(self.axes))
         results = []
         with torch.inference_mode(), seamless(first, axes=self.axes):
             for row in torch.split(z, 1):
@@ -464,12 +464,6 @@ class Engine:
                 canvas.paste(image, 0, 0)
                 results.append(canvas.result())
         return results
-
-    def _decoder(self, first: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The first stage's decode: its compiled one where `--compile` made one, but the eager one for a
-        seamless decode (nets/compiled.py says why)."""
-        compiled = None if self.axes else compiled_decode(first)
-        return compiled or method(first, "decode")
 
     def _unscaled(self, latents: torch.Tensor) -> torch.Tensor:
         """The first stage's raw latent of scaled latents, on its device and in its dtype."""
