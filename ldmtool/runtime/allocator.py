@@ -5,10 +5,11 @@ rises with what is freed, to at most 32 MiB) a mapping of its own, handed back t
 trims the heap's free top back to the kernel too; the next tensor of that size then faults in and zeroes
 every page again. A latent diffusion run allocates the same large activations at every step and tile: the
 first stage's at 512x512 are 67-134 MB each. Measured on a 2-core Xeon (AMX), `ldmtool txt2img` with an SD
-1.5-size model, 512x512, six images of 2 steps (`benchmarks/malloc_run.py` runs one): 10.6 million page
-faults and 18.6 s of kernel CPU time with glibc's behaviour, 1.1 million and 2.6 s with memory kept (the
-same 1.1 million as for one image: only the first growth faults), at the same peak memory (4.60 GB both).
-Keeping only blocks under 32 MiB (glibc's largest threshold) left the first stage's faults as they were.
+1.5-size model, 512x512, six images of 2 steps (`benchmarks/malloc_run.py`): 13.7 million page faults and
+21.8 s of kernel CPU time with glibc's behaviour, 1.1 million and 3.3 s with memory kept (about as many as
+for one image: only the heap's first growth faults), at the same peak memory (4490 and 4489 MiB). Keeping
+only blocks under 32 MiB (glibc's largest threshold) still took 10.6 million faults and 18.6 s: the first
+stage's activations are larger.
 
 So a batch run serves every block from the heap (no mapping of its own) and trims the heap's free top only
 past 2 GiB, as PyTorch's allocator on the GPU keeps freed memory. glibc before 2.38 aligns a block by
