@@ -44,18 +44,20 @@ def run_once(model: Path, out: Path, malloc: str, args: argparse.Namespace) -> d
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     env["LDMTOOL_MALLOC"] = malloc
     argv = [sys.executable, "-m", "ldmtool", "txt2img", "-p", "a lighthouse at dusk", "--model", str(model),
-            "-W", str(args.size), "-H", str(args.size), "--steps", str(args.steps), "--n", str(args.images), "--seed", "1", "-o", str(out),
-            "--overwrite", "--quiet", "--no-gallery"]
-    start = time.perf_counter()
-    child = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(child.pid, 0)
-    wall = time.perf_counter() - start
-    child.returncode = os.waitstatus_to_exitcode(status)
-    stderr = child.stderr.read().decode(errors="replace") if child.stderr else ""
-    return {"bench": "malloc_run", "malloc": malloc, "exit_code": child.returncode, "wall_s": round(wall, 2),
+            "-W", str(args.size), "-H", str(args.size), "--steps", str(args.steps), "--n", str(args.images),
+            "--seed", "1", "-o", str(out), "--overwrite", "--quiet", "--no-gallery"]
+    with tempfile.TemporaryFile() as errors:  # a file, not a pipe: a chatty child never blocks on it
+        start = time.perf_counter()
+        child = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=errors)
+        _, status, usage = os.wait4(child.pid, 0)  # the child's own rusage, which Popen.wait does not give
+        wall = time.perf_counter() - start
+        errors.seek(0)
+        stderr = errors.read().decode(errors="replace")
+    code = os.waitstatus_to_exitcode(status)
+    return {"bench": "malloc_run", "malloc": malloc, "exit_code": code, "wall_s": round(wall, 2),
             "user_cpu_s": round(usage.ru_utime, 2), "kernel_cpu_s": round(usage.ru_stime, 2),
             "page_faults": usage.ru_minflt, "peak_rss_mib": usage.ru_maxrss // 1024, "size": args.size,
-            "steps": args.steps, "images": args.images, **({"stderr": stderr[-500:]} if child.returncode else {})}
+            "steps": args.steps, "images": args.images, **({"stderr": stderr[-500:]} if code else {})}
 
 
 def main() -> None:

@@ -31,8 +31,9 @@ from ldmtool.nets.compiled import decoder
 from ldmtool.options import ModelChoice, SamplingChoice
 from ldmtool.pipelines.arrays import to_model_range
 from ldmtool.pipelines.control_engine import check_adapter_cells
+from ldmtool.runtime.allocator import release_host_memory
 from ldmtool.runtime.cache import model_cache
-from ldmtool.runtime.device import PrecisionChoice, choose_device, release_host_memory, resolve_precision
+from ldmtool.runtime.device import PrecisionChoice, choose_device, resolve_precision
 from ldmtool.runtime.seeds import NoiseSource
 from ldmtool.tiling.fusion import TileConfig, TiledDenoiser
 from ldmtool.tiling.memory import check_tile, choose_tiling, parse_memory, tiles_across_the_wrap

@@ -22,7 +22,7 @@ import torch
 
 from ldmtool.nets.attention import AttentionBlock, SpatialTransformer
 from ldmtool.pipelines.engine import method
-from ldmtool.runtime.device import release_host_memory
+from ldmtool.runtime.allocator import release_host_memory
 from ldmtool.runtime.plan import Demand, Size, available_host_memory, output_bytes, resident_bytes
 from ldmtool.tiling.memory import UNetMemory, choose_tiling, parse_memory
 

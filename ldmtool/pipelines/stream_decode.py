@@ -15,7 +15,7 @@ import torch
 
 from ldmtool.diffusion.cond import Cond, Guided
 from ldmtool.diffusion.run import SamplerSettings, schedule_for
-from ldmtool.runtime.device import release_host_memory
+from ldmtool.runtime.allocator import release_host_memory
 from ldmtool.tiling.fusion import TiledDenoiser
 from ldmtool.tiling.seamless import seamless
 from ldmtool.tiling.vae import PixelCanvas

@@ -138,22 +138,6 @@ def legacy_auto_dtype(device: "torch.device") -> "torch.dtype":
     return torch.float16 if device.type in ("cuda", "mps") else torch.float32
 
 
-def release_host_memory() -> None:
-    """Give freed heap memory back to the system (glibc `malloc_trim`; a no-op elsewhere).
-
-    After a big tiled decode, glibc keeps hundreds of MiB of freed tile buffers mapped (they count in the
-    process's resident memory and would be charged to the next phase); trimming once per image returns
-    them without slowing the tiles themselves down, as a low mmap threshold would (+40% measured)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 @contextmanager
 def one_thread() -> Iterator[None]:
     """Run torch on one thread inside the block (restored after): for work whose kernels would otherwise
