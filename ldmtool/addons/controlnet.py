@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from ldmtool.addons.controlnet_keys import CONTROLNET, controlnet_params
 from ldmtool.checkpoints.files import read_state_dict
 from ldmtool.errors import CheckpointError
+from ldmtool.nets.meta import meta_device
 
 if TYPE_CHECKING:
     from ldmtool.nets.controlnet import ControlNet
@@ -54,7 +55,7 @@ def load_controlnet(path: Union[str, Path], *, heads: Optional[Mapping[str, Any]
     heads = heads if heads is not None else _recorded_heads(path)
     state = read_controlnet(path)
     params = controlnet_params({k: tuple(v.shape) for k, v in state.items()}, heads)
-    with torch.device("meta"):
+    with meta_device():
         net = ControlNet(**params)
     expected = set(net.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)

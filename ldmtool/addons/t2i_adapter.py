@@ -19,6 +19,7 @@ import torch
 
 from ldmtool.addons.base import AddonFormat
 from ldmtool.errors import CheckpointError
+from ldmtool.nets.meta import meta_device
 
 ADAPTER = "t2i-adapter"
 PREFIX = "adapter."
@@ -97,7 +98,7 @@ def load_adapter(path: Union[str, Path], *, device: Union[str, torch.device] = "
 
     state = read_adapter(path)
     try:
-        with torch.device("meta"):
+        with meta_device():
             net = build_adapter({k: tuple(v.shape) for k, v in state.items()})
         net.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True, assign=True)
     except (KeyError, ValueError, RuntimeError) as err:

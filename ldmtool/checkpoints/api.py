@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, ContextManager, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -24,6 +24,7 @@ from ldmtool.errors import CheckpointError, UsageError
 from ldmtool.families.registry import model_info
 from ldmtool.io.files import file_kind
 from ldmtool.nets._layers import cast_keeping_storage
+from ldmtool.nets.meta import meta_device
 
 __all__ = ["LoadInfo", "build_model", "load_model", "resolve_config", "resolve_source"]
 
@@ -48,7 +49,7 @@ def build_model(config: Union[ConfigLike, str], *, device: Union[str, torch.devi
     doc = _config_doc(config)
     if model_block(doc)["target"] in CONTROL_TARGETS:
         return _build_controlnet(doc, device, dtype)  # type: ignore[no-any-return]  # a network, not a bundle
-    with torch.device(device):
+    with _building_on(device):
         bundle = build_bundle(doc, family)
     if dtype is not None:
         schedule = _schedule_copies(bundle)
@@ -58,11 +59,16 @@ def build_model(config: Union[ConfigLike, str], *, device: Union[str, torch.devi
     return bundle
 
 
+def _building_on(device: Union[str, torch.device]) -> ContextManager[Any]:
+    """Modules made in the block live on `device`; on the meta device they skip their random initialisation."""
+    return meta_device() if torch.device(device).type == "meta" else torch.device(device)
+
+
 def _build_controlnet(doc: dict[str, Any], device: Union[str, torch.device], dtype: Optional[torch.dtype]) -> Any:
     params = model_block(doc).get("params") or {}
     if not isinstance(params.get("control_stage_config"), Mapping):
         raise CheckpointError("config model.params has no control_stage_config block")
-    with torch.device(device):
+    with _building_on(device):
         net = instantiate(params["control_stage_config"])
     net.config = dict(params["control_stage_config"].get("params") or {})
     return net.to(dtype=dtype) if dtype is not None else net
@@ -80,7 +86,7 @@ def load_model(path_or_name: Union[str, Path], *, config: Optional[ConfigLike] =
                                       detection=detection)
     family = ldmtool_block(doc).get("family") or "custom"
     prepared = with_shared_first_stage(prepared, weights, ldmtool_block(doc).get("first_stage_weights"))
-    with torch.device("meta"):
+    with meta_device():
         bundle = build_bundle(doc, family)
     prepared = replace(prepared, state=bundle.file_state(prepared.state))
     _load_into(bundle, prepared, source=str(weights), family=family, detection=detection)

@@ -45,7 +45,18 @@ def schedule_buffers(
     *, beta_schedule: str = "linear", timesteps: int = 1000, linear_start: float = 1e-4,
     linear_end: float = 2e-2, cosine_s: float = 8e-3,
 ) -> dict[str, torch.Tensor]:
-    """All `DDPM_BUFFERS` (float32), computed like the reference with v_posterior = 0."""
+    """All `DDPM_BUFFERS` (float32), computed like the reference with v_posterior = 0, on the CPU, and placed
+    on the default device (under a `torch.device` context, the context's)."""
+    target = torch.get_default_device()
+    with torch.device("cpu"):
+        values = _schedule_values(beta_schedule, timesteps, linear_start, linear_end, cosine_s)
+    # A bundle built on the meta device (every checkpoint load) gets meta placeholders without computing on meta:
+    # torch's meta linspace imports its symbolic-shapes machinery (sympy, dynamo), ~0.7 s of an eager job's start.
+    return {name: values[name].to(target) for name in DDPM_BUFFERS}
+
+
+def _schedule_values(beta_schedule: str, timesteps: int, linear_start: float, linear_end: float,
+                     cosine_s: float) -> dict[str, torch.Tensor]:
     betas = make_beta_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s)
     alphas = 1.0 - betas
     ac = torch.cumprod(alphas, 0)
@@ -65,4 +76,4 @@ def schedule_buffers(
         "posterior_mean_coef1": betas * ac_prev.sqrt() / (1.0 - ac),
         "posterior_mean_coef2": (1.0 - ac_prev) * alphas.sqrt() / (1.0 - ac),
     }
-    return {name: values[name].to(torch.float32) for name in DDPM_BUFFERS}
+    return {name: value.to(torch.float32) for name, value in values.items()}

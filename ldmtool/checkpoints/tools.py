@@ -5,7 +5,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 import yaml
 
 from ldmtool.checkpoints.api import (
@@ -23,6 +22,7 @@ from ldmtool.checkpoints.files import read_state_dict, save_safetensors
 from ldmtool.checkpoints.presets import preset_info, preset_names, shipped_models
 from ldmtool.checkpoints.weights import check_state_dict, prepare_weights
 from ldmtool.errors import CheckpointError, FatalError, UsageError
+from ldmtool.nets.meta import meta_device
 
 COMPONENTS = (
     ("model.diffusion_model.", "unet"),
@@ -110,7 +110,7 @@ def _weights_summary(weights: Path, raw: dict, prepared, detection) -> dict[str,
 
 def _match(doc: dict, family: str, prepared, source: str, detection) -> dict[str, Any]:
     """Strict key/shape check against the architecture built on the meta device."""
-    with torch.device("meta"):
+    with meta_device():
         bundle = build_bundle(doc, family)
     expected = {k: tuple(v.shape) for k, v in bundle.state_dict().items()}
     try:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Callable, Literal, Mapping, Optional, Sequence
 import torch
 
 from ldmtool.errors import CheckpointError, UsageError
+from ldmtool.nets.meta import meta_device
 from ldmtool.nets.t5 import t5_prefix
 
 if TYPE_CHECKING:
@@ -130,7 +131,7 @@ def load_clip(state: Mapping[str, torch.Tensor], kind: Optional[ClipKind] = None
 
     weights = clip_weights(state, source=source)
     kind = kind or _kind_of(state)
-    with torch.device("meta"):
+    with meta_device():
         model = CLIPTextModelWithProjection(clip_config(weights, kind))
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_state_dict(expected, weights, source=source, family=f"{ENCODER_NAMES[kind]} text encoder",

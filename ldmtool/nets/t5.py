@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Mapping, Optional, Sequence
 import torch
 
 from ldmtool.errors import CheckpointError, UsageError
+from ldmtool.nets.meta import meta_device
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
@@ -108,7 +109,7 @@ def load_t5(state: Mapping[str, torch.Tensor], *, source: str = "text encoder", 
     from ldmtool.checkpoints.weights import check_state_dict  # the layer above nets: imported when loading
 
     weights = t5_weights(state, source=source)
-    with torch.device("meta"):
+    with meta_device():
         model = T5EncoderModel(t5_config(weights))
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_state_dict(expected, weights, source=source, family="T5 encoder")
