@@ -1,9 +1,13 @@
-"""Cold start of the CLI, in JSON lines: wall time of `ldmtool --help` (and of a command's --help), and
-of a command's first image: the README's main job on one example photo with the shipped default, split
-into the item's own time (from the `--json` event) and everything before it (imports, model load).
+"""Cold start of the CLI, in JSON lines: wall time of `ldmtool --help` (and of a command's --help), of a
+command's first image (the README's main job on one example photo with the shipped default, split into the
+item's own time from the `--json` event and everything before it: imports, model load), and of the whole
+main job (`ldmtool superres examples/photos --scale 4 -o out/`, start-up included).
 
-Usage: python benchmarks/cold_start.py [--repeat 10] [--first-image-repeat 3] [--steps N]
-Target (issue 8): `ldmtool --help` <= 0.3 s on the 2-core CI machine, torch never imported.
+Usage: python benchmarks/cold_start.py [--repeat 10] [--first-image-repeat 3] [--main-job-repeat 5] [--steps N]
+       python benchmarks/cold_start.py --main-job-repeat 5 --compare /path/to/other/checkout
+Targets: `ldmtool --help` <= 0.3 s on the 2-core CI machine, torch never imported (issue 8); the main job
+<= 6 s there (issue 17). `--compare DIR` times the main job of another checkout too (`python -m ldmtool`
+run from DIR), alternating the two, so a change's effect is measured under the same load.
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-PHOTO = Path(__file__).resolve().parent.parent / "examples" / "photos" / "leaf.png"
+ROOT = Path(__file__).resolve().parent.parent
+PHOTO = ROOT / "examples" / "photos" / "leaf.png"
 
 PROBE = (
     "import sys\n"
@@ -62,12 +67,39 @@ def first_image(exe: str, repeat: int, steps: Optional[int]) -> dict:
     return {"median_s": round(total, 3), "item_s": round(item, 3), "startup_s": round(total - item, 3), "runs": repeat}
 
 
+def main_job(commands: dict[str, tuple[list[str], Path]], repeat: int) -> dict[str, dict]:
+    """The main job, run by each of `commands` (name: (argv prefix, working folder)) in turn, `repeat` times:
+    wall seconds of the whole command and the job's own seconds (its `--json` summary), median and min."""
+    totals: dict[str, list[float]] = {name: [] for name in commands}
+    jobs: dict[str, list[float]] = {name: [] for name in commands}
+    for _ in range(repeat):
+        for name, (argv, folder) in commands.items():
+            with tempfile.TemporaryDirectory(prefix="ldm-main-") as out:
+                start = time.perf_counter()
+                done = subprocess.run([*argv, "superres", str(ROOT / "examples" / "photos"), "--scale", "4", "--json",
+                                       "-o", out], cwd=folder, capture_output=True, text=True, check=False)
+                totals[name].append(time.perf_counter() - start)
+            summary = next((json.loads(line) for line in done.stdout.splitlines()[::-1]
+                            if line.startswith("{") and json.loads(line).get("event") == "summary"), None)
+            if done.returncode != 0 or summary is None:
+                return {name: {"error": (done.stderr.strip().splitlines() or ["no output"])[-1][:300]}}
+            jobs[name].append(float(summary["seconds"]))
+    return {name: {"median_s": round(statistics.median(totals[name]), 3), "min_s": round(min(totals[name]), 3),
+                   "job_median_s": round(statistics.median(jobs[name]), 3), "runs": repeat} for name in commands}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--first-image-repeat", type=int, default=3, help="0 skips the first-image measurement")
     parser.add_argument("--steps", type=int, help="sampling steps of the first image (default: the model's)")
+    parser.add_argument("--main-job-repeat", type=int, default=0, help="runs of the whole main job (0: none)")
+    parser.add_argument("--compare", type=Path, help="another checkout whose main job is timed alongside")
+    parser.add_argument("--dry-run", action="store_true", help="everything once, this checkout compared with itself")
     args = parser.parse_args()
+    if args.dry_run:
+        args.repeat = args.first_image_repeat = args.main_job_repeat = 1
+        args.compare = args.compare or ROOT
     exe = shutil.which("ldmtool") or "ldmtool"
     cases = [["--help"], ["info", "--help"]]
     for case in cases:
@@ -80,6 +112,19 @@ def main() -> None:
                   "steps": args.steps or "model default"}
         record.update(first_image(exe, args.first_image_repeat, args.steps))
         print(json.dumps(record), flush=True)
+    if args.main_job_repeat:
+        commands = {"this": ([sys.executable, "-m", "ldmtool"], ROOT)}
+        if args.compare:
+            commands["compare"] = ([sys.executable, "-m", "ldmtool"], args.compare.resolve())
+        for name, result in main_job(commands, args.main_job_repeat).items():
+            source = ROOT if name == "this" else args.compare.resolve()
+            print(json.dumps({"bench": "cold_start", "command": "ldmtool superres examples/photos --scale 4 (main job)",
+                              "checkout": str(source), "commit": _commit(source), **result}), flush=True)
+
+
+def _commit(folder: Path) -> str:
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=folder, capture_output=True, text=True)
+    return done.stdout.strip() or "unknown"
 
 
 if __name__ == "__main__":

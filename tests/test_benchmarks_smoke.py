@@ -129,7 +129,7 @@ def test_gpu_flop_count_matches_closed_form_for_one_conv():
 
 DRY_RUNS = {"gpu_unet": ["--dtypes", "fp32"], "unet_step": [], "superres_memory": [], "folder_throughput": [], "checkpoint_load": [],
             "fewstep": [], "first_stage_ceiling": [], "malloc_run": [],
-            "attention_heads": []}
+            "attention_heads": [], "cold_start": []}
 
 
 class DryRuns:
@@ -139,7 +139,7 @@ class DryRuns:
             workdir = folder / name
             workdir.mkdir()
             argv = [sys.executable, str(BENCHMARKS / f"{name}.py"), "--dry-run", *extra]
-            if name not in ("gpu_unet", "unet_step", "fewstep", "first_stage_ceiling", "attention_heads"):
+            if name not in ("gpu_unet", "unet_step", "fewstep", "first_stage_ceiling", "attention_heads", "cold_start"):
                 argv += ["--workdir", str(workdir)]
             out = (folder / f"{name}.out").open("w+")
             self.procs[name] = (subprocess.Popen(argv, stdout=out, stderr=subprocess.PIPE, text=True), out, workdir)
@@ -203,6 +203,17 @@ def test_malloc_run_dry_run_times_a_real_txt2img_run_in_both_modes(dry_runs):
     for r in runs:
         assert r["exit_code"] == 0 and r["wall_s"] > 0 and r["page_faults"] > 0 and r["peak_rss_mib"] > 50
     assert set(records[-1]["summary"]) == {"kept", "system"}
+
+
+def test_cold_start_dry_run_times_help_a_first_image_and_the_main_job(dry_runs):
+    records, _ = dry_runs.records("cold_start")
+    helps = [r for r in records if r["command"].endswith("--help")]
+    assert helps and not any(r["torch_imported"] for r in helps)
+    (first,) = [r for r in records if "first image" in r["command"] or "leaf.png" in r["command"]]
+    assert 0 < first["item_s"] < first["median_s"]
+    jobs = [r for r in records if "main job" in r["command"]]
+    assert len(jobs) == 2 and jobs[0]["checkout"] == jobs[1]["checkout"]  # this checkout, compared with itself
+    assert all(0 < r["job_median_s"] < r["median_s"] and r["commit"] for r in jobs)
 
 
 def test_attention_heads_dry_run_times_every_head_size_and_the_equivalent_forms(dry_runs):
