@@ -94,6 +94,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="ldmtool's network as `--compile` runs it (torch.compile, frozen weights), in one precision "
                         "(the first --dtype, else auto's); the compile time of each batch's first call is reported")
+    parser.add_argument("--max-autotune", action="store_true",
+                        help="with --compile: inductor's max-autotune for the matrix products (its C++ AMX/AVX-512 GEMM "
+                        "template against oneDNN, each product timed and the faster kept; not what --compile runs)")
     parser.add_argument("--malloc", choices=["kept", "system"], default="kept",
                         help="kept: freed memory stays for reuse, as in an ldmtool batch run (for both implementations: "
                         "the setting is the process's); system: the C library's default, as a plain diffusers script")
@@ -109,10 +112,15 @@ def main() -> None:
     dtypes = args.dtype or list(dict.fromkeys([auto.name, "fp32"] if auto.name == "bf16" else [auto.name]))
     if args.compile:  # the compiled graph holds the weights of its dtype as constants: one dtype only
         dtypes = dtypes[:1]
+    if args.max_autotune:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.max_autotune, inductor_config.max_autotune_gemm_backends = True, "CPP,ATEN"
     ours, theirs = build_pair(args.width)
     peaks = matmul_peaks(0.2 if args.dry_run else 1.0) if device.type == "cpu" else {}
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
             "device": str(device), "width": args.width, "latent": args.latent, "ldmtool_compiled": args.compile,
+            **({"inductor_max_autotune": True} if args.max_autotune else {}),
             "malloc": "kept" if kept else "system", **peaks}
     emit({"bench": "unet_step", "auto_precision": auto.name, "auto_reason": auto.reason, **meta})
     best: dict[tuple[str, str, int], tuple[float, ...]] = {}
