@@ -17,7 +17,7 @@ from ldmtool.nets.encoders import (
     ImageConcatWithNoiseAugmentation,
     SpatialRescaler,
 )
-from ldmtool.nets.tokenizers import bert_tokenizer, clip_tokenizer
+from ldmtool.nets.tokenizers import BERT_VOCAB_FILE, _read_gz_lines, bert_ids, bert_tokenizer, clip_tokenizer
 
 torch.set_num_threads(1)
 CAT = [49406, 320, 1125, 539, 320, 2368, 49407]  # "a photo of a cat" with OpenAI CLIP's tokenizer
@@ -49,9 +49,47 @@ def test_openclip_pads_with_zero_and_truncates_to_77_ending_in_eos():
 def test_bert_tokenizer_is_bert_base_uncased():
     raw = gzip.decompress(resources.files("ldmtool.assets").joinpath("tokenizers", "bert_uncased_vocab.txt.gz").read_bytes())
     assert hashlib.md5(raw).hexdigest() == "64800d5d8528ce344256daf115d4965e"  # bert-base-uncased vocab.txt
-    tok = bert_tokenizer()
-    ids = tok(["A Photo of a CAT"], padding="max_length", max_length=77, truncation=True).input_ids[0]
-    assert ids[:7] == [101, 1037, 6302, 1997, 1037, 4937, 102] and set(ids[7:]) == {0} and len(tok) == 30522
+    (ids,) = bert_ids(["A Photo of a CAT"], 77)
+    assert ids[:7] == [101, 1037, 6302, 1997, 1037, 4937, 102] and set(ids[7:]) == {0} and len(ids) == 77
+    assert bert_tokenizer().get_vocab_size() == 30522
+
+
+# Text that exercises every stage of BERT's pipeline: case, accents, CJK, punctuation (ASCII and Unicode),
+# control and zero-width characters, whitespace of all kinds, words past 100 characters, pieces, unknown
+# characters, and the special tokens written in the text (matched only as written, upper case).
+BERT_CASES = [
+    "", " ", "a red circle above a blue square", "A Photo of a CAT", "Crème Brûlée à la carte", "naïve façade ÅNGSTRÖM",
+    "東京タワー and 北京", "hello,world!(x) [y] {z} <w>", "tab\tnew\nline\r\n  spaces", "zero\u200bwidth soft\u00adhyphen",
+    "nul\x00char \x07bell \ufffdreplacement", "emoji 🦊🔥 and ★ symbols", "—em–dash “quotes” «guillemets» ¿que?",
+    "x" * 120, "supercalifragilisticexpialidocious unaffordable", "[SEP] [sep] [CLS]x y[MASK] [PAD][UNK]", "(((masterpiece)))",
+    "ﬁnancial ligature ℌ fraktur ① circled", "Ελληνικά Русский עברית العربية हिन्दी", "a  b\u3000c\u00a0d",
+]
+
+
+def _transformers_bert():
+    from transformers import BertTokenizer
+
+    return BertTokenizer(vocab={tok: i for i, tok in enumerate(_read_gz_lines(BERT_VOCAB_FILE))}, do_lower_case=True)
+
+
+@pytest.mark.parametrize("length", [77, 8, 2])
+def test_bert_ids_equal_transformers_bert_tokenizer(length):
+    """The oracle: transformers' BertTokenizer on the same vocabulary, as the LDM code calls it."""
+    theirs = _transformers_bert()(BERT_CASES, truncation=True, max_length=length, padding="max_length").input_ids
+    assert bert_ids(BERT_CASES, length) == theirs
+
+
+def test_bert_ids_equal_transformers_on_generated_text():
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    theirs = _transformers_bert()
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.lists(st.text(max_size=60) | st.sampled_from(BERT_CASES), min_size=1, max_size=4).map(" ".join))
+    def agree(text):
+        assert bert_ids([text], 77) == theirs([text], truncation=True, max_length=77, padding="max_length").input_ids
+
+    agree()
 
 
 def test_tokenizers_never_touch_the_network(monkeypatch):
@@ -64,7 +102,7 @@ def test_tokenizers_never_touch_the_network(monkeypatch):
     clip_tokenizer.cache_clear()
     bert_tokenizer.cache_clear()
     assert clip_tokenizer()("cat").input_ids == [49406, 2368, 49407]
-    assert bert_tokenizer()("cat").input_ids == [101, 4937, 102]
+    assert bert_ids(["cat"], 3) == [[101, 4937, 102]]
 
 
 # --- OpenCLIP (SD 2.x) and CLIP (SD 1.x) against diffusers' converters ------------------------------

@@ -103,11 +103,9 @@ class BERTEmbedder(nn.Module):
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         """BERT uncased ids: [CLS] text [SEP], truncated and padded with [PAD]=0 to `max_seq_len`."""
-        from ldmtool.nets.tokenizers import bert_tokenizer
+        from ldmtool.nets.tokenizers import bert_ids
 
-        enc = bert_tokenizer()(list(texts), truncation=True, max_length=self.max_seq_len,
-                               padding="max_length", return_tensors="pt")
-        return enc["input_ids"]
+        return torch.tensor(bert_ids(list(texts), self.max_seq_len), dtype=torch.long)
 
     def encode(self, text: Union[Sequence[str], torch.Tensor]) -> torch.Tensor:
         """Cross-attention context (B, max_seq_len, n_embed) from strings, or from token ids (B, n)."""

@@ -1,9 +1,12 @@
-"""Bundled tokenizers, loaded through `transformers` classes with no network access (DESIGN.md §3).
+"""Bundled tokenizers, with no network access (DESIGN.md §3).
 
-- CLIP BPE (SD 1.x / 2.x): the merges file `bpe_simple_vocab_16e6.txt.gz` as shipped by OpenAI CLIP and
-  open_clip; the 49408-entry vocabulary is rebuilt from it the way CLIP does (bytes, bytes + '</w>',
-  merges, then the two special tokens).
-- BERT uncased WordPiece (LDM text2img / txt2img-1p4B): the 30522-entry bert-base-uncased vocabulary.
+- CLIP BPE (SD 1.x / 2.x), through transformers' `CLIPTokenizer`: the merges file `bpe_simple_vocab_16e6.txt.gz`
+  as shipped by OpenAI CLIP and open_clip; the 49408-entry vocabulary is rebuilt from it the way CLIP does
+  (bytes, bytes + '</w>', merges, then the two special tokens).
+- BERT uncased WordPiece (LDM text2img / txt2img-1p4B, the shipped txt2img default): the 30522-entry
+  bert-base-uncased vocabulary, in the `tokenizers` pipeline that transformers' `BertTokenizer` builds
+  (normaliser, pre-tokeniser, WordPiece, special tokens), made here directly: a command then skips importing
+  transformers, 0.9 s of the default txt2img's start-up. `tests/test_encoders.py` compares the two.
 Data files and their licences (LICENSES.md) live in ldmtool/assets/tokenizers/.
 """
 from __future__ import annotations
@@ -14,7 +17,8 @@ from importlib import resources
 from typing import TYPE_CHECKING, cast
 
 if TYPE_CHECKING:
-    from transformers import BertTokenizer, CLIPTokenizer
+    from tokenizers import Tokenizer
+    from transformers import CLIPTokenizer
 
 CLIP_MERGES_FILE = "clip_bpe_simple_vocab_16e6.txt.gz"
 BERT_VOCAB_FILE = "bert_uncased_vocab.txt.gz"
@@ -69,10 +73,39 @@ def clip_tokenizer(pad_with_zero: bool = False) -> "CLIPTokenizer":
     return tok
 
 
+BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
 @lru_cache(maxsize=1)
-def bert_tokenizer() -> "BertTokenizer":
-    """bert-base-uncased WordPiece, as `BERTTokenizer` of the LDM code uses it."""
-    from transformers import BertTokenizer
+def bert_tokenizer() -> "Tokenizer":
+    """bert-base-uncased WordPiece, as `BERTTokenizer` of the LDM code uses it: lower-cased, accents stripped,
+    CJK characters and punctuation split off, the five special tokens matched in the text as written."""
+    from tokenizers import AddedToken, Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import WordPiece
 
     vocab = {tok: i for i, tok in enumerate(_read_gz_lines(BERT_VOCAB_FILE))}
-    return BertTokenizer(vocab=vocab, do_lower_case=True)
+    tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
+                                                lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in BERT_SPECIALS])
+    return tok
+
+
+def bert_ids(texts: list[str], length: int) -> list[list[int]]:
+    """[CLS] text [SEP] per text, the text cut to fit `length`, then [PAD] (id 0) up to `length`: what
+    transformers' `BertTokenizer(texts, truncation=True, max_length=length, padding="max_length")` gives."""
+    tok = bert_tokenizer()
+    cls, sep, pad = (_special_id(tok, name) for name in ("[CLS]", "[SEP]", "[PAD]"))
+    rows = []
+    for encoding in tok.encode_batch(texts, add_special_tokens=False):
+        ids = [cls, *encoding.ids[: max(length - 2, 0)], sep]
+        rows.append(ids + [pad] * (length - len(ids)))
+    return rows
+
+
+def _special_id(tok: "Tokenizer", name: str) -> int:
+    found = tok.token_to_id(name)
+    if found is None:
+        raise RuntimeError(f"internal: {name} is not in the bundled BERT vocabulary")
+    return found
