@@ -19,8 +19,9 @@ from ldmtool.nets.meta import meta_device
 
 def test_loading_every_shipped_model_leaves_torchs_compiler_unimported():
     """A new interpreter, as a command starts: every shipped default (ControlNets by their own loader) and a
-    meta build of presets with embeddings load without importing torch._dynamo or sympy. (Families whose text
-    encoder is transformers' import them anyway: transformers' model code does, and those jobs are long.)"""
+    meta build of presets with embeddings load, and the txt2img default encodes a prompt (its BERT tokenizer),
+    without importing torch._dynamo, sympy or transformers. (Families whose text encoder is transformers' import
+    them anyway: transformers' model code does, and those jobs are long.)"""
     script = textwrap.dedent("""
         import sys
         import ldmtool
@@ -35,7 +36,9 @@ def test_loading_every_shipped_model_leaves_torchs_compiler_unimported():
         ldmtool.build_model("controlnet-sd15", device="meta")
         for preset in ("ldm-txt2img-1p4b", "ldm-cin256-v2", "sd2-x4-upscaler"):
             ldmtool.build_model(preset, device="meta")
-        print(sorted(m for m in ("torch._dynamo", "sympy", "torch.fx.experimental.symbolic_shapes") if m in sys.modules))
+        assert load_model("default-txt2img").cond_stage_model.encode(["a red circle"]).shape[:2] == (1, 77)
+        heavy = ("torch._dynamo", "sympy", "torch.fx.experimental.symbolic_shapes", "transformers")
+        print(sorted(m for m in heavy if m in sys.modules))
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
