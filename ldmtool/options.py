@@ -212,6 +212,13 @@ class TextPrompt:
     prompt: Optional[str] = option("--prompt", "-p", help="Text prompt.", panel=SAMPLING)
     negative: Optional[str] = option("--negative", help="Negative prompt.", panel=SAMPLING)
 
+    def __post_init__(self) -> None:
+        from ldmtool.io.files import unicode_text
+
+        for flag, text in (("--prompt", self.prompt), ("--negative", self.negative)):
+            if text is not None:
+                unicode_text(text, flag)
+
 
 @dataclass(frozen=True)
 class PromptTemplate:

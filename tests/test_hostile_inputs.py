@@ -236,3 +236,23 @@ def test_every_user_file_reader_refuses_special_files(tmp_path, reader, special)
     assert result.returncode == 7, result.stderr
     kind = "a FIFO" if special == "fifo" else "a character device"
     assert f"not a regular file ({kind})" in result.stdout and len(result.stdout.splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, named", [
+    ([b"txt2img", b"--prompt", b"a red \xff circle"], "--prompt: not UTF-8 text (character 7 is the byte 0xff)"),
+    ([b"img2img", b"in.png", b"--negative", b"x\xfe"], "--negative: not UTF-8 text (character 2 is the byte 0xfe)"),
+    ([b"txt2img", b"--prompts", b"prompts.jsonl"], "prompts.jsonl:2: 'prompt': not UTF-8 text (character 3 is a lone "
+                                                   "surrogate U+D800)"),
+])
+def test_a_prompt_that_is_not_utf8_text_is_a_one_line_usage_error(tmp_path, args, named):
+    """Bytes that are not UTF-8 in an argument arrive as lone surrogates, as a JSON \\ud800 escape does; no
+    tokenizer takes them (it failed each item with an internal TypeError before)."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "in.png")
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "fine"}\n{"prompt": "a \\ud800 b"}\n')
+    environment = dict(os.environ, LDMTOOL_CACHE=str(tmp_path / "cache"), HOME=str(tmp_path), PYTHONIOENCODING="utf-8")
+    result = subprocess.run([sys.executable, "-m", "ldmtool", *args, b"--steps", b"1", b"-o", b"out"], cwd=tmp_path,
+                            capture_output=True, timeout=120, env=environment)
+    _no_traceback(result)
+    assert result.returncode == 2, result.stderr.decode()
+    assert result.stderr.decode("utf-8").strip().splitlines() == [f"ldmtool: error: {named}"]
+    assert not (tmp_path / "out").exists()

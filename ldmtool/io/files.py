@@ -121,6 +121,19 @@ def read_text_file(path: Path | str, limit: int | None = None) -> str:
     return read_bounded(path, limit).decode("utf-8")
 
 
+def unicode_text(text: str, where: str) -> str:
+    """`text`, when all of it can be written as UTF-8; else a UsageError naming `where`. A command-line argument
+    with bytes that are not UTF-8 arrives with lone surrogates in their place (Python's surrogateescape), as does
+    a JSON `\\ud800` escape; no tokenizer takes them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = ord(text[err.start])
+        what = f"the byte 0x{bad - 0xDC00:02x}" if 0xDC80 <= bad <= 0xDCFF else f"a lone surrogate U+{bad:04X}"
+        raise UsageError(f"{where}: not UTF-8 text (character {err.start + 1} is {what})") from None
+    return text
+
+
 def process_alive(pid: int) -> bool:
     """Whether a process with this id runs on this host (one of another user counts as alive). A process
     that has exited but was not yet reaped by its parent (a zombie, as a killed Ray worker is until the raylet
