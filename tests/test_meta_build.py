@@ -1,7 +1,7 @@
 """Architectures built on the meta device before their weights load (`ldmtool.nets.meta`, issue 17's start-up).
 
 torch runs a meta `normal_` (an embedding's initialisation) or a meta `linspace` (a noise schedule) through
-its Python reference code, whose first call imports its compiler stack: about 0.7 s of every eager command's
+its Python reference code, whose first call imports its compiler stack: over a second of every eager command's
 start-up before this change (the main job took 4.7-5.4 s, now 3.1-4.1 s on a 2-core Xeon).
 """
 from __future__ import annotations

@@ -51,7 +51,7 @@ def schedule_buffers(
     with torch.device("cpu"):
         values = _schedule_values(beta_schedule, timesteps, linear_start, linear_end, cosine_s)
     # A bundle built on the meta device (every checkpoint load) gets meta placeholders without computing on meta:
-    # torch's meta linspace imports its symbolic-shapes machinery (sympy, dynamo), ~0.7 s of an eager job's start.
+    # torch's meta linspace imports its symbolic-shapes machinery (sympy, dynamo), over a second of a job's start.
     return {name: values[name].to(target) for name in DDPM_BUFFERS}
 
 
