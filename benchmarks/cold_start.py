@@ -48,14 +48,14 @@ def torch_imported(args: list[str]) -> bool:
     return "NO-TORCH" not in out.stderr
 
 
-def first_image(exe: str, repeat: int, steps: Optional[int]) -> dict:
+def first_image(exe: list[str], repeat: int, steps: Optional[int]) -> dict:
     """`ldmtool superres PHOTO --scale 4` from a cold process: total wall time and the item's own part."""
     totals, items = [], []
     for _ in range(repeat):
         with tempfile.TemporaryDirectory(prefix="ldm-cold-") as out:
             start = time.perf_counter()
             chosen = ["--steps", str(steps)] if steps else []  # none: the model's default
-            done = subprocess.run([exe, "superres", str(PHOTO), "--scale", "4", *chosen, "--seed", "0",
+            done = subprocess.run([*exe, "superres", str(PHOTO), "--scale", "4", *chosen, "--seed", "0",
                                    "--json", "-o", out], capture_output=True, text=True, check=False)
             totals.append(time.perf_counter() - start)
         events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
@@ -100,11 +100,12 @@ def main() -> None:
     if args.dry_run:
         args.repeat = args.first_image_repeat = args.main_job_repeat = 1
         args.compare = args.compare or ROOT
-    exe = shutil.which("ldmtool") or "ldmtool"
+    installed = shutil.which("ldmtool")  # the entry point users run; else this Python's module (venv not on PATH)
+    exe = [installed] if installed else [sys.executable, "-m", "ldmtool"]
     cases = [["--help"], ["info", "--help"]]
     for case in cases:
         record = {"bench": "cold_start", "command": "ldmtool " + " ".join(case)}
-        record.update(time_command([exe, *case], args.repeat))
+        record.update(time_command([*exe, *case], args.repeat))
         record["torch_imported"] = torch_imported(case)
         print(json.dumps(record), flush=True)
     if args.first_image_repeat:
