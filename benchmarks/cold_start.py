@@ -48,6 +48,11 @@ def torch_imported(args: list[str]) -> bool:
     return "NO-TORCH" not in out.stderr
 
 
+def _events(stdout: str) -> list[dict]:
+    """The `--json` events a command printed."""
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
 def first_image(exe: list[str], repeat: int, steps: Optional[int]) -> dict:
     """`ldmtool superres PHOTO --scale 4` from a cold process: total wall time and the item's own part."""
     totals, items = [], []
@@ -58,8 +63,7 @@ def first_image(exe: list[str], repeat: int, steps: Optional[int]) -> dict:
             done = subprocess.run([*exe, "superres", str(PHOTO), "--scale", "4", *chosen, "--seed", "0",
                                    "--json", "-o", out], capture_output=True, text=True, check=False)
             totals.append(time.perf_counter() - start)
-        events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-        item = next((e["seconds"] for e in events if e.get("event") == "done"), None)
+        item = next((e["seconds"] for e in _events(done.stdout) if e.get("event") == "done"), None)
         if done.returncode != 0 or item is None:
             return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1][:300]}
         items.append(item)
@@ -79,8 +83,7 @@ def main_job(commands: dict[str, tuple[list[str], Path]], repeat: int) -> dict[s
                 done = subprocess.run([*argv, "superres", str(ROOT / "examples" / "photos"), "--scale", "4", "--json",
                                        "-o", out], cwd=folder, capture_output=True, text=True, check=False)
                 totals[name].append(time.perf_counter() - start)
-            summary = next((json.loads(line) for line in done.stdout.splitlines()[::-1]
-                            if line.startswith("{") and json.loads(line).get("event") == "summary"), None)
+            summary = next((e for e in _events(done.stdout) if e.get("event") == "summary"), None)
             if done.returncode != 0 or summary is None:
                 return {name: {"error": (done.stderr.strip().splitlines() or ["no output"])[-1][:300]}}
             jobs[name].append(float(summary["seconds"]))

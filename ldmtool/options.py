@@ -213,11 +213,11 @@ class TextPrompt:
     negative: Optional[str] = option("--negative", help="Negative prompt.", panel=SAMPLING)
 
     def __post_init__(self) -> None:
-        from ldmtool.io.files import unicode_text
+        from ldmtool.io.files import check_unicode_text
 
         for flag, text in (("--prompt", self.prompt), ("--negative", self.negative)):
             if text is not None:
-                unicode_text(text, flag)
+                check_unicode_text(text, flag)
 
 
 @dataclass(frozen=True)

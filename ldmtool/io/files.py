@@ -121,8 +121,8 @@ def read_text_file(path: Path | str, limit: int | None = None) -> str:
     return read_bounded(path, limit).decode("utf-8")
 
 
-def unicode_text(text: str, where: str) -> str:
-    """`text`, when all of it can be written as UTF-8; else a UsageError naming `where`. A command-line argument
+def check_unicode_text(text: str, where: str) -> None:
+    """A UsageError naming `where` unless all of `text` can be written as UTF-8. A command-line argument
     with bytes that are not UTF-8 arrives with lone surrogates in their place (Python's surrogateescape), as does
     a JSON `\\ud800` escape; no tokenizer takes them."""
     try:
@@ -131,7 +131,6 @@ def unicode_text(text: str, where: str) -> str:
         bad = ord(text[err.start])
         what = f"the byte 0x{bad - 0xDC00:02x}" if 0xDC80 <= bad <= 0xDCFF else f"a lone surrogate U+{bad:04X}"
         raise UsageError(f"{where}: not UTF-8 text (character {err.start + 1} is {what})") from None
-    return text
 
 
 def process_alive(pid: int) -> bool:

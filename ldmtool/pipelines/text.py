@@ -27,7 +27,7 @@ import torch
 
 from ldmtool.errors import UsageError
 from ldmtool.families.info import Conditioning
-from ldmtool.io.files import read_text_file, unicode_text
+from ldmtool.io.files import check_unicode_text, read_text_file
 from ldmtool.pipelines.prompt_encoding import ConditionerPromptEncoder, PromptEncoder
 from ldmtool.runtime.device import one_thread
 
@@ -123,7 +123,7 @@ def _json_prompt(line: str, where: str) -> PromptSpec:
         raise UsageError(f"{where}: every line needs a \"prompt\" string")
     for name in ("prompt", "negative"):
         if isinstance(record.get(name), str):
-            unicode_text(record[name], f"{where}: {name!r}")  # a JSON \ud800 escape is a lone surrogate
+            check_unicode_text(record[name], f"{where}: {name!r}")  # a JSON \ud800 escape is a lone surrogate
     for name, value in record.items():
         kinds = PROMPT_FIELDS[name]
         if value is None:
