@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
+from clip_oracles import transformers_clip_tokenizer
 from ldmtool.addons.embeddings import load_embeddings, read_embedding
 from ldmtool.checkpoints.files import save_safetensors
 from ldmtool.cli.app import main
-from ldmtool.nets.tokenizers import clip_tokenizer
 from ldmtool.pipelines.prompt_encoding import PromptEncoder
 from test_sd_vs_diffusers import diffusers_pipeline, save_checkpoint
 
@@ -33,7 +33,7 @@ def setup(tmp_path_factory):
 def test_a1111_embedding_matches_diffusers_load_textual_inversion(setup):
     _, bundle, _, a1111 = setup
     pipe = diffusers_pipeline(bundle)
-    pipe.tokenizer = clip_tokenizer.__wrapped__()  # a fresh tokenizer: diffusers adds tokens to it
+    pipe.tokenizer = transformers_clip_tokenizer()  # a fresh tokenizer: diffusers adds tokens to it
     pipe.load_textual_inversion(str(a1111), token="fox-style")
     plain = "a photo of fox-style on a table"
     with torch.no_grad():

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from clip_oracles import transformers_clip_tokenizer
 from ldmtool.nets.encoders import (
     BERTEmbedder,
     ClassEmbedder,
@@ -17,7 +18,16 @@ from ldmtool.nets.encoders import (
     ImageConcatWithNoiseAugmentation,
     SpatialRescaler,
 )
-from ldmtool.nets.tokenizers import BERT_VOCAB_FILE, _read_gz_lines, bert_ids, bert_tokenizer, clip_tokenizer
+from ldmtool.nets.tokenizers import (
+    BERT_VOCAB_FILE,
+    _read_gz_lines,
+    bert_ids,
+    bert_tokenizer,
+    clip_bpe,
+    clip_ids,
+    clip_text_ids,
+    clip_token_id,
+)
 
 torch.set_num_threads(1)
 CAT = [49406, 320, 1125, 539, 320, 2368, 49407]  # "a photo of a cat" with OpenAI CLIP's tokenizer
@@ -33,9 +43,59 @@ def _randomise(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 # --- tokenizers -------------------------------------------------------------------------------------
 
-def test_clip_tokenizer_matches_clip_ids_and_sd1_pads_with_eos():
-    ids = clip_tokenizer()(["a photo of a cat"], padding="max_length", max_length=77, truncation=True).input_ids[0]
-    assert ids[:7] == CAT and ids[7:] == [49407] * 70 and len(clip_tokenizer()) == 49408
+def test_clip_ids_are_clips_and_sd1_pads_with_eos():
+    (ids,) = clip_ids(["a photo of a cat"])
+    assert ids[:7] == CAT and ids[7:] == [49407] * 70 and clip_bpe().get_vocab_size() == 49408
+    assert clip_token_id(",</w>") == 267 and clip_text_ids("a photo of a cat") == CAT[1:-1]
+
+
+# Text that exercises every stage of CLIP's pipeline: NFC (composed and decomposed accents), whitespace runs,
+# case, contractions, digits (one token each), symbol runs, CJK and other scripts (byte-level pieces), emoji,
+# control characters, the special tokens written in the text, long words, prompt syntax and `!`.
+CLIP_CASES = [
+    "", " ", "a photo of a cat", "A Photo OF a CAT", "Crème Brûlée", "Cre\u0300me Bru\u0302le\u0301e", "tab\tnew\nline  x",
+    "it's they're we've I'm you'll he'd IT'S", "1234 5.67 ①②", "hello,world!(x) [y] {z} <w> ...!!!", "東京タワー と 北京",
+    "emoji 🦊🔥 ★", "nul\x00char \x07bell \ufffd", "<|startoftext|>a<|endoftext|> b <|ENDOFTEXT|>", "x" * 120,
+    "(masterpiece:1.2), [bad hands], BREAK {a|b}", "Ελληνικά Русский עברית العربية हिन्दी", "a\u3000b\u00a0c\u200bd",
+    "ﬁnancial ℌ", "! !! !!!", "cat " * 100,
+]
+
+
+@pytest.mark.parametrize("length", [77, 8, 2])
+def test_clip_ids_equal_transformers_clip_tokenizer(length):
+    """The oracle: transformers' CLIPTokenizer on the same vocabulary, as SD 1.x's code calls it."""
+    theirs = transformers_clip_tokenizer()
+    expected = theirs(CLIP_CASES, truncation=True, max_length=length, padding="max_length").input_ids
+    assert clip_ids(CLIP_CASES, length=length) == expected
+    assert [clip_text_ids(text) for text in CLIP_CASES] == [theirs.convert_tokens_to_ids(theirs.tokenize(text))
+                                                          for text in CLIP_CASES]
+
+
+def test_clip_ids_equal_transformers_on_generated_text():
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    theirs = transformers_clip_tokenizer()
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.lists(st.text(max_size=60) | st.sampled_from(CLIP_CASES), min_size=1, max_size=4).map(" ".join))
+    def agree(text):
+        assert clip_ids([text]) == theirs([text], truncation=True, max_length=77, padding="max_length").input_ids
+        assert clip_text_ids(text) == theirs.convert_tokens_to_ids(theirs.tokenize(text))
+
+    agree()
+
+
+def test_clip_ids_padded_with_zero_are_open_clips_and_keep_exclamation_marks():
+    """open_clip (SD 2.x, SDXL's bigG) pads with 0, the id of `!`, but reads a `!` in the text as `!</w>`: its
+    output for this prompt, as diffusers issue 4153 quotes it. transformers' tokenizer with `!` as pad token
+    reads every `!` as padding; elsewhere the two agree."""
+    (ids,) = clip_ids(["! !! !!!"], pad_with_zero=True)
+    assert ids == [49406, 256, 748, 995, 49407] + [0] * 72
+    theirs = transformers_clip_tokenizer(pad_with_zero=True)
+    assert theirs(["! !! !!!"], padding="max_length", max_length=77).input_ids[0][1] == 0  # the bug avoided
+    plain = [text for text in CLIP_CASES if "!" not in text]
+    assert clip_ids(plain, pad_with_zero=True) == theirs(plain, truncation=True, max_length=77,
+                                                         padding="max_length").input_ids
 
 
 def test_openclip_pads_with_zero_and_truncates_to_77_ending_in_eos():
@@ -99,9 +159,9 @@ def test_tokenizers_never_touch_the_network(monkeypatch):
         raise AssertionError("network access")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", refuse)
-    clip_tokenizer.cache_clear()
+    clip_bpe.cache_clear()
     bert_tokenizer.cache_clear()
-    assert clip_tokenizer()("cat").input_ids == [49406, 2368, 49407]
+    assert clip_ids(["cat"], length=3) == [[49406, 2368, 49407]]
     assert bert_ids(["cat"], 3) == [[101, 4937, 102]]
 
 

@@ -39,7 +39,7 @@ def diffusers_pipeline(bundle, kind="StableDiffusionPipeline"):
     )
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from ldmtool.nets.tokenizers import clip_tokenizer
+    from clip_oracles import transformers_clip_tokenizer
 
     checkpoint = bundle.state_dict()
     config = bundle.config
@@ -56,7 +56,7 @@ def diffusers_pipeline(bundle, kind="StableDiffusionPipeline"):
     scheduler = DDIMScheduler(beta_start=params["linear_start"], beta_end=params["linear_end"],
                               beta_schedule="scaled_linear", num_train_timesteps=params["timesteps"],
                               clip_sample=False, set_alpha_to_one=True, steps_offset=1, timestep_spacing="leading")
-    pipe = getattr(diffusers, kind)(vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=clip_tokenizer(),
+    pipe = getattr(diffusers, kind)(vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=transformers_clip_tokenizer(),
                                    unet=unet.eval(), scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)

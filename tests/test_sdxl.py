@@ -248,11 +248,11 @@ def test_sdxl_text_encoders_equal_diffusers_encode_prompt(base):
     as StableDiffusionXLPipeline.encode_prompt makes them from the same tokenizers."""
     from diffusers import StableDiffusionXLPipeline
 
-    from ldmtool.nets.tokenizers import clip_tokenizer
+    from clip_oracles import transformers_clip_tokenizer
 
     clip_l, bigg = diffusers_text_encoders(base)
-    pipe = StableDiffusionXLPipeline(vae=None, text_encoder=clip_l, text_encoder_2=bigg, tokenizer=clip_tokenizer(),
-                                     tokenizer_2=clip_tokenizer(pad_with_zero=True), unet=None, scheduler=None)
+    pipe = StableDiffusionXLPipeline(vae=None, text_encoder=clip_l, text_encoder_2=bigg, tokenizer=transformers_clip_tokenizer(),
+                                     tokenizer_2=transformers_clip_tokenizer(pad_with_zero=True), unet=None, scheduler=None)
     prompts = ["a red fox jumping over a fence", "x"]
     with torch.no_grad():
         ours = base.conditioner.encode_text(prompts)
@@ -307,7 +307,7 @@ def diffusers_xl_pipeline(bundle, kind="StableDiffusionXLPipeline", **options):
     from diffusers import AutoencoderKL, DDIMScheduler
     from diffusers.loaders import single_file_utils as sfu
 
-    from ldmtool.nets.tokenizers import clip_tokenizer
+    from clip_oracles import transformers_clip_tokenizer
 
     state = bundle.state_dict()
     vae_config = sfu.create_vae_diffusers_config_from_ldm(bundle.config, state)
@@ -317,8 +317,8 @@ def diffusers_xl_pipeline(bundle, kind="StableDiffusionXLPipeline", **options):
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=True, steps_offset=1, timestep_spacing="leading")
     pipe = getattr(diffusers, kind)(vae=vae.eval(), text_encoder=clip_l, text_encoder_2=bigg,
-                                    tokenizer=clip_tokenizer() if clip_l is not None else None,
-                                    tokenizer_2=clip_tokenizer(pad_with_zero=True), unet=diffusers_unet(bundle),
+                                    tokenizer=transformers_clip_tokenizer() if clip_l is not None else None,
+                                    tokenizer_2=transformers_clip_tokenizer(pad_with_zero=True), unet=diffusers_unet(bundle),
                                     scheduler=scheduler, **options)
     pipe.set_progress_bar_config(disable=True)
     return pipe

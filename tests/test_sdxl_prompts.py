@@ -101,15 +101,15 @@ def test_sdxl_embedding_on_both_towers_equals_diffusers_load_textual_inversion(b
     vectors, as diffusers' `load_textual_inversion` into both text encoders (its documented SDXL recipe) gives."""
     from diffusers import StableDiffusionXLPipeline
 
-    from ldmtool.nets.tokenizers import clip_tokenizer
+    from clip_oracles import transformers_clip_tokenizer
 
     g = torch.Generator().manual_seed(4)
     vectors = {"clip_l": torch.randn(2, 32, generator=g) * 0.5, "clip_g": torch.randn(2, 32, generator=g) * 0.5}
     save_safetensors(vectors, tmp_path / "fox-style.safetensors")
     clip_l, bigg = diffusers_text_encoders(base)
     pipe = StableDiffusionXLPipeline(vae=None, text_encoder=clip_l, text_encoder_2=bigg, unet=None, scheduler=None,
-                                     tokenizer=clip_tokenizer.__wrapped__(),  # fresh: diffusers adds tokens
-                                     tokenizer_2=clip_tokenizer.__wrapped__(pad_with_zero=True))
+                                     tokenizer=transformers_clip_tokenizer(),  # fresh: diffusers adds tokens
+                                     tokenizer_2=transformers_clip_tokenizer(pad_with_zero=True))
     pipe.load_textual_inversion(vectors["clip_l"], token="fox-style", text_encoder=pipe.text_encoder,
                                 tokenizer=pipe.tokenizer)
     pipe.load_textual_inversion(vectors["clip_g"], token="fox-style", text_encoder=pipe.text_encoder_2,

@@ -3,7 +3,7 @@
 SD3 single files hold them under `text_encoders.clip_l.transformer.` and `text_encoders.clip_g.transformer.`;
 the standalone `clip_l.safetensors` / `clip_g.safetensors` (ComfyUI's, Stability's `text_encoders/` folder) hold
 the same names bare: `text_model.*` and `text_projection.weight`, as `transformers.CLIPTextModelWithProjection`
-names them. The config comes from the shapes (vocabulary, width, depth, MLP width, positions, projection);
+names them (and `nets.clip_model.ClipTextModelWithProjection`, which computes them here). The config comes from the shapes (vocabulary, width, depth, MLP width, positions, projection);
 what no shape records is fixed as the released towers fix it: 64-wide heads, and per kind the activation
 (OpenAI CLIP-L: quick GELU; OpenCLIP bigG: GELU) and the pad token of its tokenizer (CLIP-L pads with
 `<|endoftext|>`, bigG with `!`, id 0).
@@ -18,16 +18,14 @@ projected; `ClipTextEncoder` does the same whatever projection a CLIP-L file car
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Callable, Literal, Mapping, Optional, Sequence
+from typing import Callable, Literal, Mapping, Optional, Sequence
 
 import torch
 
 from ldmtool.errors import CheckpointError, UsageError
+from ldmtool.nets.clip_model import ClipTextConfig, ClipTextModelWithProjection
 from ldmtool.nets.meta import meta_device
 from ldmtool.nets.t5 import t5_prefix
-
-if TYPE_CHECKING:
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
 ClipKind = Literal["clip_l", "clip_g"]
 CLIP_KINDS: tuple[ClipKind, ...] = ("clip_l", "clip_g")
@@ -104,14 +102,12 @@ def clip_weights(state: Mapping[str, torch.Tensor], *, source: str = "text encod
     return weights
 
 
-def clip_config(weights: Mapping[str, torch.Tensor], kind: ClipKind) -> "CLIPTextConfig":
-    """The CLIPTextConfig these weights (as `clip_weights` gives them) were made with."""
-    from transformers import CLIPTextConfig
-
+def clip_config(weights: Mapping[str, torch.Tensor], kind: ClipKind) -> ClipTextConfig:
+    """The config these weights (as `clip_weights` gives them) were made with."""
     vocab, width = weights[_EMBED].shape
     depth = 1 + max(int(m.group(1)) for m in map(_LAYER.match, weights) if m)
     projection = weights[_PROJECTION].shape[0] if _PROJECTION in weights else width
-    return CLIPTextConfig(
+    return ClipTextConfig(
         vocab_size=vocab, hidden_size=width, intermediate_size=weights[_FC1].shape[0], projection_dim=projection,
         num_hidden_layers=depth, num_attention_heads=max(1, width // HEAD_WIDTH),
         max_position_embeddings=weights[_POSITIONS].shape[0], hidden_act=_ACTIVATIONS[kind], layer_norm_eps=1e-5,
@@ -120,28 +116,23 @@ def clip_config(weights: Mapping[str, torch.Tensor], kind: ClipKind) -> "CLIPTex
 
 
 def load_clip(state: Mapping[str, torch.Tensor], kind: Optional[ClipKind] = None, *, source: str = "text encoder",
-              dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> "CLIPTextModelWithProjection":
-    """A CLIPTextModelWithProjection built from the shapes of `state` (bare, `transformer.` or SD3-prefixed keys)
+              dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> ClipTextModelWithProjection:
+    """A ClipTextModelWithProjection built from the shapes of `state` (bare, `transformer.` or SD3-prefixed keys)
     and loaded strictly, every tensor in `dtype` (fp16 / bf16 / fp8 storage upcast), eval mode, no gradients.
     `kind` defaults to what `text_encoder_kind` reads from the keys. A tower without `text_projection` (CLIP-L
     in SD3 files) gets an identity one, as diffusers gives it."""
-    from transformers import CLIPTextModelWithProjection
-
     from ldmtool.checkpoints.weights import check_state_dict  # the layer above nets: imported when loading
 
     weights = clip_weights(state, source=source)
     kind = kind or _kind_of(state)
     with meta_device():
-        model = CLIPTextModelWithProjection(clip_config(weights, kind))
+        model = ClipTextModelWithProjection(clip_config(weights, kind))
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_state_dict(expected, weights, source=source, family=f"{ENCODER_NAMES[kind]} text encoder",
                      optional=[_PROJECTION])
     converted = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
     converted.setdefault(_PROJECTION, torch.eye(*expected[_PROJECTION], device=device, dtype=dtype))
     model.load_state_dict(converted, strict=True, assign=True)
-    embeddings = model.text_model.embeddings  # its position ids are a buffer no file holds: made on meta above
-    positions = torch.arange(embeddings.position_embedding.num_embeddings, device=device)
-    embeddings.register_buffer("position_ids", positions[None], persistent=False)
     return model.eval().requires_grad_(False)
 
 
@@ -150,20 +141,14 @@ class ClipTextEncoder:
     references read a CLIP tower: no final layer norm on the hidden states; CLIP-L's pooled output unprojected,
     bigG's projected."""
 
-    def __init__(self, model: "CLIPTextModelWithProjection", kind: ClipKind):
+    def __init__(self, model: ClipTextModelWithProjection, kind: ClipKind):
         self.model, self.kind = model, kind
-
-    @property
-    def tokenizer(self) -> "CLIPTokenizer":
-        from ldmtool.nets.tokenizers import clip_tokenizer
-
-        return clip_tokenizer(pad_with_zero=self.kind == "clip_g")
 
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
         """<start> prompt <end>, cut to 77 tokens and padded (CLIP-L with <end>, bigG with id 0)."""
-        tokenizer = self.tokenizer
-        return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids
+        from ldmtool.nets.tokenizers import clip_ids
+
+        return torch.tensor(clip_ids(list(prompts), pad_with_zero=self.kind == "clip_g"))
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str], clip_skip: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,7 +158,7 @@ class ClipTextEncoder:
             raise UsageError(f"clip skip {clip_skip} (layers before the penultimate): the {ENCODER_NAMES[self.kind]} text "
                              f"encoder has {layers} layers, so it takes 0 to {layers - 2}")
         device = self.model.text_projection.weight.device
-        out = self.model.text_model(input_ids=self.tokenize(prompts).to(device), output_hidden_states=True)
+        out = self.model.text_model(self.tokenize(prompts).to(device))
         hidden = out.hidden_states[-2 - (clip_skip or 0)]
         pooled = self.model.text_projection(out.pooler_output) if self.kind == "clip_g" else out.pooler_output
         return hidden, pooled

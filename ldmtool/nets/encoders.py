@@ -5,12 +5,13 @@ concat map, or (for the x4 upscaler) the noised low-resolution image and its noi
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence, Union, cast
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldmtool.nets.clip_model import ClipTextConfig, ClipTextTransformer
 from ldmtool.nets.ldm_bert import BERTEmbedder
 from ldmtool.nets.openclip_text import FrozenOpenCLIPEmbedder
 
@@ -77,16 +78,16 @@ class SpatialRescaler(nn.Module):
 
 class _TextModelHolder(nn.Module):
     """Gives the text model the `text_model.` key prefix it had in the transformers 4.x checkpoints SD 1.x
-    saved (transformers 5's CLIPTextModel has no such level)."""
+    saved."""
 
-    def __init__(self, text_model: nn.Module):
+    def __init__(self, text_model: ClipTextTransformer):
         super().__init__()
         self.text_model = text_model
 
 
 class FrozenCLIPEmbedder(nn.Module):
-    """SD 1.x text encoder: `transformers.CLIPTextModel` built from a config (never from a hub), so keys
-    are `transformer.text_model.*`. `text_config` overrides the ViT-L/14 values (small test models)."""
+    """SD 1.x text encoder: CLIP ViT-L/14's text tower in transformers' names (`nets.clip_model`), so keys are
+    `transformer.text_model.*`. `text_config` overrides the ViT-L/14 values (small test models)."""
 
     LAYERS = ("last", "pooled", "hidden")
 
@@ -95,12 +96,10 @@ class FrozenCLIPEmbedder(nn.Module):
                  layer_idx: Optional[int] = None, always_return_pooled: bool = False, *,
                  text_config: Optional[dict] = None):
         super().__init__()
-        from transformers import CLIPTextConfig, CLIPTextModel
-
         if layer not in self.LAYERS or (layer == "hidden" and layer_idx is None):
             raise ValueError(f"FrozenCLIPEmbedder layer must be one of {self.LAYERS} (hidden needs layer_idx)")
-        config = CLIPTextConfig(**{**CLIP_VIT_L_TEXT, **(text_config or {})})
-        self.transformer = _TextModelHolder(CLIPTextModel(config))
+        config = ClipTextConfig(**{**CLIP_VIT_L_TEXT, **(text_config or {})})
+        self.transformer = _TextModelHolder(ClipTextTransformer(config))
         self.max_length = max_length
         self.layer = layer
         self.layer_idx = layer_idx
@@ -110,16 +109,14 @@ class FrozenCLIPEmbedder(nn.Module):
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         """CLIP ids: <start> text <end>, truncated to 77 and padded with <end> (as SD 1.x)."""
-        from ldmtool.nets.tokenizers import clip_tokenizer
+        from ldmtool.nets.tokenizers import clip_ids
 
-        enc = clip_tokenizer()(list(texts), truncation=True, max_length=self.max_length,
-                               padding="max_length", return_tensors="pt")
-        return enc["input_ids"]
+        return torch.tensor(clip_ids(list(texts), length=self.max_length))
 
     @property
     def token_embedding(self) -> nn.Embedding:
         """The token-id -> vector table (textual-inversion vectors replace its output rows)."""
-        return cast(nn.Embedding, self.transformer.text_model.embeddings.token_embedding)
+        return self.transformer.text_model.embeddings.token_embedding
 
     def encode_tokens(self, tokens: torch.Tensor, clip_skip: Optional[int] = None) -> Any:
         """(B, 77, hidden) hidden states of the chosen layer; with `always_return_pooled` also (B, hidden).
@@ -130,10 +127,10 @@ class FrozenCLIPEmbedder(nn.Module):
         device = self.token_embedding.weight.device
         skip = clip_skip is not None and clip_skip > 1 and self.layer == "last"
         text_model = self.transformer.text_model
-        out = text_model(input_ids=tokens.to(device), output_hidden_states=skip or self.layer == "hidden")
+        out = text_model(tokens.to(device))
         if skip:
             assert clip_skip is not None  # for mypy: `skip` says so
-            hidden = cast(nn.Module, text_model.final_layer_norm)(out.hidden_states[-clip_skip])
+            hidden = text_model.final_layer_norm(out.hidden_states[-clip_skip])
         elif self.layer == "last":
             hidden = out.last_hidden_state
         elif self.layer == "pooled":

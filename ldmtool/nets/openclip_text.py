@@ -111,11 +111,9 @@ class FrozenOpenCLIPEmbedder(nn.Module):
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         """open_clip ids: <start> text <end>, truncated to 77 (ending in <end>) and padded with 0."""
-        from ldmtool.nets.tokenizers import clip_tokenizer
+        from ldmtool.nets.tokenizers import clip_ids
 
-        enc = clip_tokenizer(pad_with_zero=True)(list(texts), truncation=True, max_length=self.max_length,
-                                                 padding="max_length", return_tensors="pt")
-        return enc["input_ids"]
+        return torch.tensor(clip_ids(list(texts), pad_with_zero=True, length=self.max_length))
 
     @property
     def token_embedding(self) -> nn.Embedding:

@@ -1,8 +1,9 @@
 """Bundled tokenizers, with no network access (DESIGN.md §3).
 
-- CLIP BPE (SD 1.x / 2.x), through transformers' `CLIPTokenizer`: the merges file `bpe_simple_vocab_16e6.txt.gz`
-  as shipped by OpenAI CLIP and open_clip; the 49408-entry vocabulary is rebuilt from it the way CLIP does
-  (bytes, bytes + '</w>', merges, then the two special tokens).
+- CLIP BPE (SD 1.x / 2.x, SDXL, SD3, FLUX.1): the merges file `bpe_simple_vocab_16e6.txt.gz` as shipped by
+  OpenAI CLIP and open_clip; the 49408-entry vocabulary is rebuilt from it the way CLIP does (bytes,
+  bytes + '</w>', merges, then the two special tokens), in the `tokenizers` pipeline of transformers'
+  `CLIPTokenizer`, made here directly (no transformers import).
 - BERT uncased WordPiece (LDM text2img / txt2img-1p4B, the shipped txt2img default): the 30522-entry
   bert-base-uncased vocabulary, in the `tokenizers` pipeline that transformers' `BertTokenizer` builds
   (normaliser, pre-tokeniser, WordPiece, special tokens), made here directly: a command then skips importing
@@ -18,7 +19,6 @@ from typing import TYPE_CHECKING, cast
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
-    from transformers import CLIPTokenizer
 
 CLIP_MERGES_FILE = "clip_bpe_simple_vocab_16e6.txt.gz"
 BERT_VOCAB_FILE = "bert_uncased_vocab.txt.gz"
@@ -57,20 +57,56 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {tok: i for i, tok in enumerate(tokens)}, merges
 
 
-@lru_cache(maxsize=2)
-def clip_tokenizer(pad_with_zero: bool = False) -> "CLIPTokenizer":
-    """CLIP's tokenizer, max length 77. SD 1.x pads with `<|endoftext|>`; OpenCLIP (SD 2.x) pads with id 0.
+# CLIP's word pattern (its special tokens, English contractions, letter runs, single digits, other symbol runs)
+CLIP_WORDS = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
-    With `pad_with_zero` the pad token is `!` (id 0), which is what `open_clip.tokenize` writes.
-    """
-    from transformers import CLIPTokenizer
+
+@lru_cache(maxsize=1)
+def clip_bpe() -> "Tokenizer":
+    """CLIP's byte-level BPE as transformers' `CLIPTokenizer` builds it (NFC, whitespace runs to one space, lower
+    case; CLIP's word pattern; byte-level; merges with `</w>` ending each word; the two special tokens matched in
+    the text as written), without the start/end frame: `clip_ids` adds that."""
+    from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import BPE
 
     vocab, merges = clip_vocab_and_merges()
-    pad = "!" if pad_with_zero else CLIP_EOS
-    # transformers types `merges` as strings ("a b"); its BPE model takes (a, b) pairs as well.
-    tok = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=pad)  # type: ignore[arg-type]
-    tok.model_max_length = CLIP_MAX_LENGTH
+    tok = Tokenizer(BPE(dict(vocab), list(merges), dropout=None, continuing_subword_prefix="", end_of_word_suffix="</w>",
+                        fuse_unk=False, unk_token=CLIP_EOS))
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                           normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(CLIP_WORDS), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
+    tok.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in (CLIP_BOS, CLIP_EOS)])
     return tok
+
+
+def clip_text_ids(text: str) -> list[int]:
+    """The token ids of a text, no frame, no length limit."""
+    return list(clip_bpe().encode(text, add_special_tokens=False).ids)
+
+
+def clip_token_id(token: str) -> int:
+    """The id of one vocabulary entry (e.g. ",</w>")."""
+    found = clip_bpe().token_to_id(token)
+    if found is None:
+        raise RuntimeError(f"internal: {token!r} is not in the bundled CLIP vocabulary")
+    return found
+
+
+def clip_ids(texts: list[str], *, pad_with_zero: bool = False, length: int = CLIP_MAX_LENGTH) -> list[list[int]]:
+    """<|startoftext|> text <|endoftext|> per text, the text cut to fit `length`, then padding up to `length`:
+    with <|endoftext|> (SD 1.x, CLIP-L) or, with `pad_with_zero`, with id 0 (`!`: what `open_clip.tokenize`
+    writes for SD 2.x and SDXL's bigG, and the SD3 reference for its bigG). A `!` in the text stays `!</w>`."""
+    tok = clip_bpe()
+    bos, eos = clip_token_id(CLIP_BOS), clip_token_id(CLIP_EOS)
+    pad = 0 if pad_with_zero else eos
+    rows = []
+    for encoding in tok.encode_batch(texts, add_special_tokens=False):
+        ids = [bos, *encoding.ids[: max(length - 2, 0)], eos]
+        rows.append(ids + [pad] * (length - len(ids)))
+    return rows
 
 
 BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")

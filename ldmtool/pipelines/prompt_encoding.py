@@ -47,7 +47,7 @@ class PromptEncoder:
 
     def __init__(self, encoder: nn.Module, *, clip_skip: Optional[int] = None,
                  embeddings: Sequence[TextualInversion] = (), slot: Optional[str] = None):
-        from ldmtool.nets.tokenizers import clip_tokenizer
+        from ldmtool.nets.tokenizers import clip_token_id
 
         self.encoder = encoder
         self.clip_skip = clip_skip
@@ -59,8 +59,7 @@ class PromptEncoder:
         frame = cast(Callable[..., torch.Tensor], encoder.tokenize)([""])[0].tolist()  # <start> <end> pad ...
         self.start, self.end, self.pad = frame[0], frame[1], frame[2]
         self.length = len(frame) - 2
-        self.tokenizer = clip_tokenizer()
-        self.comma = self.tokenizer.convert_tokens_to_ids(",</w>")
+        self.comma = clip_token_id(",</w>")
         width = self.table.weight.shape[-1]
         self.embeddings = [(self._ids(e.name), e, vectors) for e in embeddings
                            if (vectors := _vectors(e, width, slot)) is not None]
@@ -84,9 +83,9 @@ class PromptEncoder:
     # -- tokens
 
     def _ids(self, text: str) -> list[int]:
-        # tokenize + convert: the ids `__call__` gives, without its warning about texts over 77 tokens
-        ids = self.tokenizer.convert_tokens_to_ids(self.tokenizer.tokenize(text))
-        return ids if isinstance(ids, list) else [ids]
+        from ldmtool.nets.tokenizers import clip_text_ids
+
+        return clip_text_ids(text)
 
     def chunks(self, text: str) -> list[Chunk]:
         """The prompt laid out in framed chunks of 77 (at least one)."""
