@@ -135,8 +135,6 @@ def child_main(path: str) -> None:
 
     after_import = status_kib("VmRSS") * 1024
     start = time.perf_counter()
-    import transformers  # noqa: F401  (the text encoder's classes: import time is not load time)
-
     from ldmtool.checkpoints import api, bundle as _bundle  # noqa: F401
 
     timings: dict[str, float] = {"import_s": time.perf_counter() - start}

@@ -69,8 +69,6 @@ def child_main(path: str, dtype_name: str) -> None:
     import torch
 
     after_import = status_kib("VmRSS") * 1024
-    import transformers  # noqa: F401  (the text encoders' classes: import time is not load time)
-
     from ldmtool.checkpoints.api import load_model
 
     start = time.perf_counter()

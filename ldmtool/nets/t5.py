@@ -1,4 +1,5 @@
-"""The T5 v1.1 text encoder of FLUX.1 and SD3, through `transformers.T5EncoderModel`, and its tokenizer.
+"""The T5 v1.1 text encoder of FLUX.1 and SD3 (`nets.t5_model`, transformers' `T5EncoderModel` layout), and its
+tokenizer.
 
 Weights carry `transformers`' T5 key names, as the released `t5xxl_fp16.safetensors` (and its bf16 and fp8
 `float8_e4m3fn` copies) holds them, or under `text_encoders.t5xxl.transformer.` in SD3 / SD3.5 single files.
@@ -8,8 +9,8 @@ and gating from `wi_0`/`wi_1` (v1.1, gated GELU) or `wi` (v1.0, ReLU). What no s
 fixes it (relative distance 128, norm epsilon 1e-6). Half and fp8 storage is upcast to the compute dtype on
 load (fp8 has no CPU matmul, and T5 overflows in fp16).
 
-The tokenizer is T5's SentencePiece vocabulary as a `tokenizer.json`, read by transformers'
-PreTrainedTokenizerFast (no sentencepiece package, no network). It is not bundled: the vocabulary is
+The tokenizer is T5's SentencePiece vocabulary as a `tokenizer.json`, read by `tokenizers` (no sentencepiece
+package, no transformers, no network), framed as transformers' fast T5 tokenizer frames it. It is not bundled: the vocabulary is
 Apache-2.0 (google-research/text-to-text-transfer-transformer), but no package on the registries this
 project installs from ships it as a data file, so it comes from the model's diffusers folder
 (`tokenizer_2/` for FLUX.1, `tokenizer_3/` for SD3) or `--tokenizer DIR`.
@@ -25,9 +26,10 @@ import torch
 
 from ldmtool.errors import CheckpointError, UsageError
 from ldmtool.nets.meta import meta_device
+from ldmtool.nets.t5_model import T5Config, T5EncoderModel
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+    from tokenizers import Tokenizer
 
 SD3_PREFIX = "text_encoders.t5xxl.transformer."
 TOKENIZER_FILE = "tokenizer.json"
@@ -83,10 +85,8 @@ def t5_weights(state: Mapping[str, torch.Tensor], *, source: str = "text encoder
     return weights
 
 
-def t5_config(weights: Mapping[str, torch.Tensor]) -> "T5Config":
-    """The T5Config that these weights (transformers' names, as `t5_weights` gives) were made with."""
-    from transformers import T5Config
-
+def t5_config(weights: Mapping[str, torch.Tensor]) -> T5Config:
+    """The config these weights (transformers' names, as `t5_weights` gives) were made with."""
     vocab, width = weights[_EMBED].shape
     buckets, heads = weights[_BIAS].shape
     gated = _MLP_IN.format("wi_0") in weights
@@ -95,17 +95,14 @@ def t5_config(weights: Mapping[str, torch.Tensor]) -> "T5Config":
     return T5Config(
         vocab_size=vocab, d_model=width, d_kv=weights[_QUERY].shape[0] // heads,
         d_ff=mlp, num_layers=depth, num_heads=heads, relative_attention_num_buckets=buckets,
-        relative_attention_max_distance=128, feed_forward_proj="gated-gelu" if gated else "relu",
-        layer_norm_epsilon=1e-6, dropout_rate=0.0, is_encoder_decoder=False, use_cache=False,
+        relative_attention_max_distance=128, gated=gated, layer_norm_epsilon=1e-6,
     )
 
 
 def load_t5(state: Mapping[str, torch.Tensor], *, source: str = "text encoder", dtype: torch.dtype = torch.float32,
-            device: torch.device | str = "cpu") -> "T5EncoderModel":
+            device: torch.device | str = "cpu") -> T5EncoderModel:
     """A T5EncoderModel built from the shapes of `state` (bare or SD3-prefixed keys) and loaded strictly,
     every tensor in `dtype` (fp16 / bf16 / fp8 storage upcast), in eval mode without gradients."""
-    from transformers import T5EncoderModel
-
     from ldmtool.checkpoints.weights import check_state_dict  # the layer above nets: imported when loading
 
     weights = t5_weights(state, source=source)
@@ -114,7 +111,7 @@ def load_t5(state: Mapping[str, torch.Tensor], *, source: str = "text encoder", 
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_state_dict(expected, weights, source=source, family="T5 encoder")
     converted = {k: v.to(device=device, dtype=dtype) for k, v in weights.items() if k != _TIED}
-    converted[_TIED] = converted[_EMBED]  # one tensor, as transformers ties them
+    converted[_TIED] = converted[_EMBED]  # one table, as transformers ties them
     model.load_state_dict(converted, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
@@ -150,23 +147,20 @@ def find_t5_tokenizer(tokenizer: Optional[Path], model_folder: Optional[Path] = 
                      f"(a folder with T5's {TOKENIZER_FILE}, such as a diffusers FLUX.1 folder's tokenizer_2/)")
 
 
-def load_t5_tokenizer(path: Path) -> "PreTrainedTokenizerFast":
-    """T5's fast tokenizer from a `tokenizer.json` (its own post-processor appends </s>)."""
-    from transformers import PreTrainedTokenizerFast
+def load_t5_tokenizer(path: Path) -> "Tokenizer":
+    """T5's tokenizer from a `tokenizer.json` (its own post-processor appends </s>)."""
+    from tokenizers import Tokenizer, pre_tokenizers
 
     try:
-        tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path), pad_token=PAD, eos_token=EOS, unk_token=UNK)
+        tokenizer = Tokenizer.from_file(str(path))
     except Exception as err:  # tokenizers raises its own exception types for a malformed file
         raise CheckpointError(f"{path}: not a readable {TOKENIZER_FILE} ({err})") from None
-    vocab = tokenizer.get_vocab()
-    if vocab.get(PAD) != 0 or vocab.get(EOS) != 1:
+    if tokenizer.token_to_id(PAD) != 0 or tokenizer.token_to_id(EOS) != 1:
         raise CheckpointError(f"{path}: not T5's tokenizer (T5 has {PAD} = 0 and {EOS} = 1)")
     # SentencePiece drops extra whitespace, trailing spaces included (BFL's slow T5Tokenizer, and transformers 5's
     # T5TokenizerFast, which diffusers uses, splits on whitespace first); the file's own Metaspace alone would
     # turn a trailing space into a "▁" token.
-    from tokenizers import pre_tokenizers
-
-    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)])
     return tokenizer
 
@@ -177,26 +171,27 @@ def load_t5_tokenizer(path: Path) -> "PreTrainedTokenizerFast":
 class T5TextEncoder:
     """Prompts -> T5 hidden states (B, L, width), padded as `padding` says (the references' lengths)."""
 
-    def __init__(self, model: "T5EncoderModel", tokenizer: "PreTrainedTokenizerFast", padding: T5Padding):
+    def __init__(self, model: T5EncoderModel, tokenizer: "Tokenizer", padding: T5Padding):
         self.model, self.tokenizer, self.padding = model, tokenizer, padding
 
     def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids and attention mask (B, L), the prompt's tokens and </s>, then padding."""
-        if self.padding.truncate:
-            out = self.tokenizer(list(prompts), padding="max_length", max_length=self.padding.length,
-                                 truncation=True, return_tensors="pt")
+        """Token ids and attention mask (B, L), the prompt's tokens and </s>, then padding (<pad>, id 0)."""
+        if self.padding.truncate:  # the prompt's tokens cut so that they and </s> fit, as transformers cuts them
+            self.tokenizer.enable_truncation(self.padding.length)
         else:
-            longest = max(len(ids) for ids in self.tokenizer(list(prompts)).input_ids)
-            out = self.tokenizer(list(prompts), padding="max_length", max_length=max(self.padding.length, longest),
-                                 return_tensors="pt")
-        return out.input_ids, out.attention_mask
+            self.tokenizer.no_truncation()
+        rows = [encoding.ids for encoding in self.tokenizer.encode_batch(list(prompts))]
+        width = max([self.padding.length] + ([] if self.padding.truncate else [len(row) for row in rows]))
+        ids = torch.tensor([row + [0] * (width - len(row)) for row in rows])
+        mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
+        return ids, mask
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
         ids, mask = self.tokenize(prompts)
         device = self.model.shared.weight.device
         mask_in = mask.to(device) if self.padding.mask else None
-        return self.model(input_ids=ids.to(device), attention_mask=mask_in).last_hidden_state
+        return self.model(ids.to(device), attention_mask=mask_in).last_hidden_state
 
     __call__ = encode
 
