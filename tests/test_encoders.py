@@ -104,6 +104,7 @@ def test_openclip_pads_with_zero_and_truncates_to_77_ending_in_eos():
     assert tokens.shape == (2, 77)
     assert tokens[0, :7].tolist() == CAT and tokens[0, 7:].eq(0).all()
     assert tokens[1, 0] == 49406 and tokens[1, -1] == 49407 and tokens[1, 1:-1].eq(2368).all()
+    assert enc.tokenize(["hello!"])[0, :4].tolist() == [49406, 3306, 256, 49407]  # "!</w>", as open_clip reads it
 
 
 def test_bert_tokenizer_is_bert_base_uncased():
