@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 SD3_PREFIX = "text_encoders.t5xxl.transformer."
 TOKENIZER_FILE = "tokenizer.json"
-PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
+PAD, EOS = "<pad>", "</s>"
 _EMBED, _TIED = "shared.weight", "encoder.embed_tokens.weight"
 _FINAL_NORM = "encoder.final_layer_norm.weight"
 _BLOCK = re.compile(r"^encoder\.block\.(\d+)\.")

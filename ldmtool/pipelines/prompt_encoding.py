@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ldmtool.addons.base import TextualInversion
+from ldmtool.nets.tokenizers import clip_text_ids, clip_token_id
 from ldmtool.pipelines.prompt_syntax import BREAK_WEIGHT, parse_attention, without_extra_networks
 
 COMMA_BACKTRACK = 20  # A1111's default: cut a full chunk after a comma among its last 20 tokens
@@ -47,8 +48,6 @@ class PromptEncoder:
 
     def __init__(self, encoder: nn.Module, *, clip_skip: Optional[int] = None,
                  embeddings: Sequence[TextualInversion] = (), slot: Optional[str] = None):
-        from ldmtool.nets.tokenizers import clip_token_id
-
         self.encoder = encoder
         self.clip_skip = clip_skip
         self.syntax = hasattr(encoder, "token_embedding") and hasattr(encoder, "encode_tokens")
@@ -83,8 +82,6 @@ class PromptEncoder:
     # -- tokens
 
     def _ids(self, text: str) -> list[int]:
-        from ldmtool.nets.tokenizers import clip_text_ids
-
         return clip_text_ids(text)
 
     def chunks(self, text: str) -> list[Chunk]:
