@@ -20,8 +20,8 @@ from ldmtool.nets.meta import meta_device
 def test_loading_every_shipped_model_leaves_torchs_compiler_unimported():
     """A new interpreter, as a command starts: every shipped default (ControlNets by their own loader) and a
     meta build of presets with embeddings load, and the txt2img default encodes a prompt (its BERT tokenizer),
-    without importing torch._dynamo, sympy or transformers. (Families whose text encoder is transformers' import
-    them anyway: transformers' model code does, and those jobs are long.)"""
+    without importing torch._dynamo, sympy or transformers. (The CLIP and T5 families: tests/test_clip_model.py and
+    tests/test_t5.py check that they leave transformers unimported.)"""
     script = textwrap.dedent("""
         import sys
         import ldmtool
