@@ -272,3 +272,12 @@ def test_missing_encoders_tokenizers_and_bad_files_are_one_line_errors(towers, s
         load_clip(broken, source="clip.safetensors")
     assert "\n" not in str(err.value)
 
+
+
+def test_sd3_towers_pad_as_the_reference_and_keep_a_prompts_exclamation_marks(sd3_encoders):
+    """CLIP-L pads with <|endoftext|>, bigG with id 0 (the SD3 reference's SDXLClipGTokenizer pads with 0 by hand),
+    and both read `!` as "!</w>" (256), as open_clip does; diffusers' tokenizer_2 with `!` as its pad token reads it
+    as padding (diffusers issue 4153)."""
+    clip_l, clip_g = sd3_encoders.clip_l.tokenize(["hello!"])[0], sd3_encoders.clip_g.tokenize(["hello!"])[0]
+    assert clip_l[:4].tolist() == clip_g[:4].tolist() == [49406, 3306, 256, 49407]
+    assert clip_l[4:].eq(49407).all() and clip_g[4:].eq(0).all() and len(clip_g) == 77
