@@ -3,8 +3,8 @@
 SD3 single files hold them under `text_encoders.clip_l.transformer.` and `text_encoders.clip_g.transformer.`;
 the standalone `clip_l.safetensors` / `clip_g.safetensors` (ComfyUI's, Stability's `text_encoders/` folder) hold
 the same names bare: `text_model.*` and `text_projection.weight`, as `transformers.CLIPTextModelWithProjection`
-names them (and `nets.clip_model.ClipTextModelWithProjection`, which computes them here). The config comes from the shapes (vocabulary, width, depth, MLP width, positions, projection);
-what no shape records is fixed as the released towers fix it: 64-wide heads, and per kind the activation
+names them (and `nets.clip_model.ClipTextModelWithProjection`, which computes them here). The config comes from
+the shapes (vocabulary, width, depth, MLP width, positions, projection); what no shape records is fixed as the released towers fix it: 64-wide heads, and per kind the activation
 (OpenAI CLIP-L: quick GELU; OpenCLIP bigG: GELU) and the pad token of its tokenizer (CLIP-L pads with
 `<|endoftext|>`, bigG with `!`, id 0).
 
