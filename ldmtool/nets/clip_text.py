@@ -4,9 +4,9 @@ SD3 single files hold them under `text_encoders.clip_l.transformer.` and `text_e
 the standalone `clip_l.safetensors` / `clip_g.safetensors` (ComfyUI's, Stability's `text_encoders/` folder) hold
 the same names bare: `text_model.*` and `text_projection.weight`, as `transformers.CLIPTextModelWithProjection`
 names them (and `nets.clip_model.ClipTextModelWithProjection`, which computes them here). The config comes from
-the shapes (vocabulary, width, depth, MLP width, positions, projection); what no shape records is fixed as the released towers fix it: 64-wide heads, and per kind the activation
-(OpenAI CLIP-L: quick GELU; OpenCLIP bigG: GELU) and the pad token of its tokenizer (CLIP-L pads with
-`<|endoftext|>`, bigG with `!`, id 0).
+the shapes (vocabulary, width, depth, MLP width, positions, projection); what no shape records is fixed as the
+released towers fix it: 64-wide heads, and per kind the activation (OpenAI CLIP-L: quick GELU; OpenCLIP bigG:
+GELU) and the pad token of its tokenizer (CLIP-L pads with `<|endoftext|>`, bigG with `!`, id 0).
 
 Which tower a bare file holds is read from its width: 768 is CLIP-L, 1280 bigG; reduced widths (test files) below
 1024 are taken as CLIP-L, the others as bigG, unless the caller names the kind (an SD3 file's prefix does;
