@@ -99,12 +99,17 @@ def clip_ids(texts: list[str], *, pad_with_zero: bool = False, length: int = CLI
     """<|startoftext|> text <|endoftext|> per text, the text cut to fit `length`, then padding up to `length`:
     with <|endoftext|> (SD 1.x, CLIP-L) or, with `pad_with_zero`, with id 0 (`!`: what `open_clip.tokenize`
     writes for SD 2.x and SDXL's bigG, and the SD3 reference for its bigG). A `!` in the text stays `!</w>`."""
-    tok = clip_bpe()
     bos, eos = clip_token_id(CLIP_BOS), clip_token_id(CLIP_EOS)
-    pad = 0 if pad_with_zero else eos
+    return _framed(clip_bpe(), texts, (bos, eos, 0 if pad_with_zero else eos), length)
+
+
+def _framed(tok: "Tokenizer", texts: list[str], frame: tuple[int, int, int], length: int) -> list[list[int]]:
+    """Per text: the start id, its ids cut so that the row fits `length`, the end id, then the pad id up to
+    `length` (`frame` = (start, end, pad)), as transformers' tokenizers frame, truncate and pad."""
+    start, end, pad = frame
     rows = []
     for encoding in tok.encode_batch(texts, add_special_tokens=False):
-        ids = [bos, *encoding.ids[: max(length - 2, 0)], eos]
+        ids = [start, *encoding.ids[: max(length - 2, 0)], end]
         rows.append(ids + [pad] * (length - len(ids)))
     return rows
 
@@ -133,11 +138,7 @@ def bert_ids(texts: list[str], length: int) -> list[list[int]]:
     transformers' `BertTokenizer(texts, truncation=True, max_length=length, padding="max_length")` gives."""
     tok = bert_tokenizer()
     cls, sep, pad = (_special_id(tok, name) for name in ("[CLS]", "[SEP]", "[PAD]"))
-    rows = []
-    for encoding in tok.encode_batch(texts, add_special_tokens=False):
-        ids = [cls, *encoding.ids[: max(length - 2, 0)], sep]
-        rows.append(ids + [pad] * (length - len(ids)))
-    return rows
+    return _framed(tok, texts, (cls, sep, pad), length)
 
 
 def _special_id(tok: "Tokenizer", name: str) -> int:
