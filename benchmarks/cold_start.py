@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from _common import machine
+
 ROOT = Path(__file__).resolve().parent.parent
 PHOTO = ROOT / "examples" / "photos" / "leaf.png"
 
@@ -122,14 +124,15 @@ def main() -> None:
         args.compare = args.compare or ROOT
     installed = shutil.which("ldmtool")  # the entry point users run; else this Python's module (venv not on PATH)
     exe = [installed] if installed else [sys.executable, "-m", "ldmtool"]
+    where = machine()  # the CPU beside every figure
     cases = [["--help"], ["info", "--help"]]
     for case in cases:
-        record = {"bench": "cold_start", "command": "ldmtool " + " ".join(case)}
+        record = {"bench": "cold_start", **where, "command": "ldmtool " + " ".join(case)}
         record.update(time_command([*exe, *case], args.repeat))
         record["torch_imported"] = torch_imported(case)
         print(json.dumps(record), flush=True)
     if args.first_image_repeat:
-        record = {"bench": "cold_start", "command": f"ldmtool superres {PHOTO.name} --scale 4 (shipped default)",
+        record = {"bench": "cold_start", **where, "command": f"ldmtool superres {PHOTO.name} --scale 4 (shipped default)",
                   "steps": args.steps or "model default"}
         record.update(first_image(exe, args.first_image_repeat, args.steps))
         print(json.dumps(record), flush=True)
@@ -145,7 +148,7 @@ def main() -> None:
                 continue
             for name, result in timed_job(commands, job, repeat).items():
                 source = commands[name][1]
-                print(json.dumps({"bench": "cold_start", "command": title, "checkout": str(source),
+                print(json.dumps({"bench": "cold_start", **where, "command": title, "checkout": str(source),
                                   "commit": _commit(source), **result}), flush=True)
 
 

@@ -207,6 +207,7 @@ def test_malloc_run_dry_run_times_a_real_txt2img_run_in_both_modes(dry_runs):
 
 def test_cold_start_dry_run_times_help_a_first_image_the_main_job_and_an_sd_job(dry_runs):
     records, _ = dry_runs.records("cold_start")
+    assert all(r["cpu"] and r["cores"] for r in records)
     helps = [r for r in records if r["command"].endswith("--help")]
     assert helps and not any(r["torch_imported"] for r in helps)
     (first,) = [r for r in records if "first image" in r["command"] or "leaf.png" in r["command"]]
