@@ -140,12 +140,13 @@ def main() -> None:
     if args.compare:
         commands["compare"] = ([sys.executable, "-m", "ldmtool"], args.compare.resolve())
     with tempfile.TemporaryDirectory(prefix="ldm-sd-") as models:
-        jobs = [("ldmtool superres examples/photos --scale 4 (main job)", MAIN_JOB, args.main_job_repeat),
-                ("ldmtool txt2img, small random SD 1.x, 64 px, 2 steps (SD job)", sd_job(Path(models)) if
-                 args.sd_job_repeat else [], args.sd_job_repeat)]
+        jobs = []
+        if args.main_job_repeat:
+            jobs.append(("ldmtool superres examples/photos --scale 4 (main job)", MAIN_JOB, args.main_job_repeat))
+        if args.sd_job_repeat:
+            jobs.append(("ldmtool txt2img, small random SD 1.x, 64 px, 2 steps (SD job)", sd_job(Path(models)),
+                         args.sd_job_repeat))
         for title, job, repeat in jobs:
-            if not repeat:
-                continue
             for name, result in timed_job(commands, job, repeat).items():
                 source = commands[name][1]
                 print(json.dumps({"bench": "cold_start", **where, "command": title, "checkout": str(source),

@@ -10,9 +10,9 @@ fixes it (relative distance 128, norm epsilon 1e-6). Half and fp8 storage is upc
 load (fp8 has no CPU matmul, and T5 overflows in fp16).
 
 The tokenizer is T5's SentencePiece vocabulary as a `tokenizer.json`, read by `tokenizers` (no sentencepiece
-package, no transformers, no network), framed as transformers' fast T5 tokenizer frames it. It is not bundled: the vocabulary is
-Apache-2.0 (google-research/text-to-text-transfer-transformer), but no package on the registries this
-project installs from ships it as a data file, so it comes from the model's diffusers folder
+package, no transformers, no network), framed as transformers' fast T5 tokenizer frames it. It is not bundled:
+the vocabulary is Apache-2.0 (google-research/text-to-text-transfer-transformer), but no package on the
+registries this project installs from ships it as a data file, so it comes from the model's diffusers folder
 (`tokenizer_2/` for FLUX.1, `tokenizer_3/` for SD3) or `--tokenizer DIR`.
 """
 from __future__ import annotations
@@ -181,7 +181,7 @@ class T5TextEncoder:
         else:
             self.tokenizer.no_truncation()
         rows = [encoding.ids for encoding in self.tokenizer.encode_batch(list(prompts))]
-        width = max([self.padding.length] + ([] if self.padding.truncate else [len(row) for row in rows]))
+        width = self.padding.length if self.padding.truncate else max([self.padding.length, *map(len, rows)])
         ids = torch.tensor([row + [0] * (width - len(row)) for row in rows])
         mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
         return ids, mask

@@ -184,9 +184,9 @@ class T5EncoderModel(nn.Module):
         x = self.shared(input_ids)
         first = cast(T5Block, self.encoder.block[0])
         bias = first.self_attention.position_bias(input_ids.shape[-1]).to(x.dtype)
-        if attention_mask is not None:
-            hidden = (1 - attention_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
-            bias = bias + hidden.to(bias.device)
+        if attention_mask is not None:  # padding keys get the lowest value: no weight after the softmax
+            padding = (1 - attention_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
+            bias = bias + padding.to(bias.device)
         for block in self.encoder.block:
             x = block(x, bias)
         return T5Output(self.encoder.final_layer_norm(x))

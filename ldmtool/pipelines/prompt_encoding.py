@@ -60,7 +60,7 @@ class PromptEncoder:
         self.length = len(frame) - 2
         self.comma = clip_token_id(",</w>")
         width = self.table.weight.shape[-1]
-        self.embeddings = [(self._ids(e.name), e, vectors) for e in embeddings
+        self.embeddings = [(clip_text_ids(e.name), e, vectors) for e in embeddings
                            if (vectors := _vectors(e, width, slot)) is not None]
         self.embeddings.sort(key=lambda entry: -len(entry[0]))  # the longest name wins where several match
 
@@ -81,9 +81,6 @@ class PromptEncoder:
 
     # -- tokens
 
-    def _ids(self, text: str) -> list[int]:
-        return clip_text_ids(text)
-
     def chunks(self, text: str) -> list[Chunk]:
         """The prompt laid out in framed chunks of 77 (at least one)."""
         builder = _ChunkBuilder(self)
@@ -91,7 +88,7 @@ class PromptEncoder:
             if weight == BREAK_WEIGHT and piece == "BREAK":
                 builder.close()
                 continue
-            builder.add(self._ids(piece), weight)
+            builder.add(clip_text_ids(piece), weight)
         return builder.finish()
 
     def embedding_at(self, ids: list[int], position: int) -> Optional[tuple[int, torch.Tensor, TextualInversion]]:
