@@ -86,8 +86,33 @@ def test_the_choice_and_its_reason_are_recorded_and_resume_checks_it(monkeypatch
     failed = [json.loads(line) for line in again.stdout.splitlines() if '"failed"' in line]
     assert failed and "--precision auto chose another precision there (bf16, this run fp32" in failed[0]["error"]
 
-    in_bf16 = _sample(model, out, "--precision", "bf16")  # ...where asking for bf16 is a different job too
-    assert in_bf16.exit_code == 1
+    # ...where asking for bf16 is the same job: bf16 computed it, chosen or asked for
+    in_bf16 = _sample(model, out, "--precision", "bf16")
+    assert in_bf16.exit_code == 0, in_bf16.output
+    assert '"skipped"' in in_bf16.stdout
+
+
+@pytest.mark.parametrize("first, second", [(("--precision", "bf16"), ()), ((), ("--precision", "bf16"))])
+def test_auto_and_the_precision_it_chooses_are_one_job(monkeypatch, model, tmp_path, first, second):
+    """`--precision bf16` where auto chooses bf16, and the other way round: a run without --seed takes the
+    earlier run's seed and finds its outputs done (issue 15's resume, issue 17's choice)."""
+    _simulate(monkeypatch, XEON_AMX)
+    out = tmp_path / "out"
+    unseeded = ("--model", model, "--n", "1", "--width", "32", "--height", "32", "--steps", "2", "-o", out, "--json")
+    made = run_cli("sample", *unseeded, *first)
+    assert made.exit_code == 0, made.output
+    again = run_cli("sample", *unseeded, *second)
+    assert again.exit_code == 0, again.output
+    records = [json.loads(line) for line in (made.stdout + again.stdout).splitlines() if line.startswith("{")]
+    seeds = {r["seed"] for r in records if r.get("event") == "summary"}
+    assert len(seeds) == 1, records
+    assert [r["event"] for r in records if "key" in r] == ["done", "skipped"]
+
+    fp32 = run_cli("sample", *unseeded, "--precision", "fp32", "--seed", str(seeds.pop()))
+    assert fp32.exit_code == 1  # fp32 computes other pixels: another job, and the error says how
+    failed = [json.loads(line) for line in fp32.stdout.splitlines() if '"failed"' in line]
+    said = "(auto (bf16), this run fp32)" if not first else "(bf16, this run fp32)"
+    assert failed and f"--precision differs {said}" in failed[0]["error"], failed
 
 
 def test_bf16_stays_close_to_fp32_and_fp32_outputs_keep_their_identity(monkeypatch, model, tmp_path):

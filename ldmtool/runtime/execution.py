@@ -50,7 +50,8 @@ def recipes_for(task: Task, options: RunOptions, output_suffix: str) -> Recipes:
     """The identity of a run's jobs (runtime/identity.py): command, model sha256, pixel options."""
     own = {name: value for name, value in options.cli.items() if name not in getattr(task, "item_options", ())}
     pixels = {**identity.pixel_options(own, Path("x" + output_suffix)), **auto_precision(task), **addon_files(task)}
-    return Recipes(task.command, model_sha256(task), pixels, identity.recorded_options(options.cli))
+    return Recipes(task.command, model_sha256(task), pixels, identity.recorded_options(options.cli),
+                   same_precision_written_otherwise(task, pixels))
 
 
 def addon_files(task: Task) -> dict[str, Any]:
@@ -91,6 +92,25 @@ def auto_precision(task: Task) -> dict[str, str]:
     device = choose_device(choice.device)
     resolved = resolve_precision("auto", device)
     return {} if resolved.dtype == legacy_auto_dtype(device) else {"auto_precision": resolved.name}
+
+
+def same_precision_written_otherwise(task: Task, pixels: Mapping[str, Any]) -> tuple[dict[str, Any], ...]:
+    """The run's pixel options with `--precision` written the other way, which computes alike: `auto` as the
+    precision it chooses here; an explicit one as `auto` would record it on a machine where auto chooses it
+    (bf16 on a CPU with native bf16; the device's old default, fp32 on a CPU, as plain `auto`)."""
+    choice = getattr(getattr(task, "engine", None), "choice", None)
+    if choice is None or "precision" not in pixels:
+        return ()
+    from ldmtool.runtime.device import choose_device, legacy_auto_dtype, resolve_precision
+
+    device = choose_device(choice.device)
+    others = {name: value for name, value in pixels.items() if name not in ("precision", "auto_precision")}
+    asked = str(pixels["precision"]).lower()
+    if asked == "auto":
+        return ({**others, "precision": resolve_precision("auto", device).name},)
+    resolved = resolve_precision(asked, device)
+    chosen = {} if resolved.dtype == legacy_auto_dtype(device) else {"auto_precision": resolved.name}
+    return ({**others, "precision": "auto", **chosen},)
 
 
 def output_suffix(target: Optional[Path], is_file: bool, fmt: Optional[str]) -> str:

@@ -102,16 +102,26 @@ def difference(expected: Mapping[str, Any], found: Mapping[str, Any]) -> Optiona
         if expected.get(name) != found.get(name):
             return f"its {_FIELD_NAMES[name]} differs ({_short(found.get(name))}, this run {_short(expected.get(name))})"
     mine, theirs = expected.get("options") or {}, found.get("options") or {}
+    if (mine.get("precision"), mine.get("auto_precision")) != (theirs.get("precision"), theirs.get("auto_precision")):
+        if mine.get("precision") == theirs.get("precision") == "auto":
+            return (f"--precision auto chose another precision there ({theirs.get('auto_precision') or 'fp32'}, "
+                    f"this run {mine.get('auto_precision') or 'fp32'}; pass --precision to choose one)")
+        return f"--precision differs ({_precision(theirs)}, this run {_precision(mine)})"
     for name in sorted(set(mine) | set(theirs)):
-        if name == "auto_precision" and mine.get(name) != theirs.get(name):
-            return (f"--precision auto chose another precision there ({theirs.get(name) or 'fp32'}, this run "
-                    f"{mine.get(name) or 'fp32'}; pass --precision to choose one)")
         if mine.get(name) != theirs.get(name):
             flag = "--" + name.replace("_", "-")
             return f"{flag} differs ({_short(theirs.get(name))}, this run {_short(mine.get(name))})"
     if expected.get("seed") != found.get("seed"):
         return f"its seed differs ({found.get('seed')}, this run {expected.get('seed')})"
     return None
+
+
+def _precision(options: Mapping[str, Any]) -> str:
+    """`--precision` as an identity records it: auto with what it chose where that is not the device's
+    old default (fp32 on a CPU, fp16 on a GPU)."""
+    asked = str(options.get("precision") or "auto")
+    chosen = options.get("auto_precision")
+    return f"auto ({chosen})" if asked == "auto" and chosen else asked
 
 
 def _short(value: Any) -> str:

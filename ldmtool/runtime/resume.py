@@ -41,16 +41,27 @@ class Recipes:
     model_sha256: Optional[str]
     pixel_options: Mapping[str, Any]
     recorded_options: Mapping[str, Any]
+    # The same job's pixel options written another way: `--precision bf16` where `--precision auto` chooses
+    # bf16 (and the other way round) computes the same pixels, so an output or seed recorded either way is
+    # this job's.
+    same_job_options: tuple[Mapping[str, Any], ...] = ()
 
     @property
     def run_id(self) -> str:
         return identity.run_id(self.command, self.model_sha256, self.pixel_options)
 
+    @property
+    def run_ids(self) -> frozenset[str]:
+        """This run's id and those of the same job written another way."""
+        return frozenset(identity.run_id(self.command, self.model_sha256, options)
+                         for options in (self.pixel_options, *self.same_job_options))
+
     def earlier_seed(self, spec: "OutputSpec", shard: Optional["Shard"]) -> Optional[int]:
         """The base seed of the latest earlier run of this job into this output, if any."""
+        run_ids = self.run_ids
         for recipe in reversed(_earlier_runs(spec, shard)):
             seed = recipe.get("base_seed")
-            if recipe.get("run_id") == self.run_id and _is_seed(seed):
+            if recipe.get("run_id") in run_ids and _is_seed(seed):
                 return int(seed)
         return None
 
@@ -62,7 +73,8 @@ class Recipes:
             if earlier is not None:
                 return earlier
             mine = random_seed()
-            holder = claims.acquire(spec.folder, f"seed {self.run_id}", {"seed": mine})
+            # one claim name however the job is written, so that such runs going on together share a seed
+            holder = claims.acquire(spec.folder, f"seed {min(self.run_ids)}", {"seed": mine})
             if holder is None:
                 return mine
             if _is_seed(holder.get("seed")):
@@ -103,7 +115,10 @@ class Recipes:
         except OSError:
             return None  # the input cannot be read: loading it reports why
         change = identity.difference(mine, recipe["job"])
-        return "" if change is None else f"{output} was written by another job: {change}; {WAY_OUT}"
+        if change is None or any(identity.difference({**mine, "options": identity.jsonable(dict(options))},
+                                                     recipe["job"]) is None for options in self.same_job_options):
+            return ""
+        return f"{output} was written by another job: {change}; {WAY_OUT}"
 
 
 def _is_seed(value: Any) -> bool:
