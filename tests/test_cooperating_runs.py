@@ -149,8 +149,8 @@ def test_two_runs_without_seed_started_together_agree_on_one(tmp_path: Path) -> 
     spec = OutputSpec(tmp_path / "out")
     (tmp_path / "out").mkdir()
     first, second = Claims(timeout=600), Claims(timeout=600)
-    seed = recipes.adopted_seed(spec, None, first)
-    assert recipes.adopted_seed(spec, None, second) == seed
+    seed = recipes.adopted_seed(spec, first)
+    assert recipes.adopted_seed(spec, second) == seed
     first.close()
     assert list((tmp_path / "out").iterdir()) == [], "the seed claim goes with the run"
     second.close()

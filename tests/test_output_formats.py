@@ -239,3 +239,26 @@ def test_a_failed_write_leaves_neither_output_nor_temporary_file(tmp_path, monke
         writer.write_image(tmp_path / "out.png", np.zeros((4, 4, 3), np.uint8))
     assert isinstance(caught.value, FatalError) == (raised is FatalError)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("first, second", [((), ("--format", "keep")), (("--format", "keep"), ())])
+def test_format_keep_and_png_are_one_job_for_png_inputs(tmp_path, first, second):
+    """`--format` chooses the file, not the pixels: a PNG written by a `--format keep` run is the PNG run's
+    output and the other way round (same seed adopted, skipped); only a JPEG output counts --quality."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _photo(folder / "a.png")
+    _photo(folder / "b.jpg")
+    out = tmp_path / "out"
+    made = _ok(run_cli("superres", folder, "-o", out, "--steps", "1", "--json", *first))
+    again = _ok(run_cli("superres", folder, "-o", out, "--steps", "1", "--json", *second))
+    states = {json.loads(line)["key"]: json.loads(line)["event"] for line in again.stdout.splitlines() if '"key"' in line}
+    assert states["a.png"] == "skipped", again.stdout
+    seeds = {json.loads(line)["seed"] for line in made.stdout.splitlines() + again.stdout.splitlines()
+             if '"summary"' in line}
+    assert len(seeds) == 1
+    lossy = run_cli("superres", folder, "-o", out, "--steps", "1", "--json", "--format", "keep", "--quality", "80")
+    states = {json.loads(line)["key"]: json.loads(line) for line in lossy.stdout.splitlines() if '"key"' in line}
+    assert states["a.png"]["event"] == "skipped"
+    # the keep run wrote b.jpg at quality 95: 80 is another job
+    assert states["b.jpg"]["event"] == "failed" and "--quality differs (95, this run 80)" in states["b.jpg"]["error"]

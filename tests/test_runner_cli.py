@@ -503,6 +503,41 @@ def test_outputs_inside_the_input_tree_are_not_inputs_on_rerun(tmp_path):
     assert "ignored 1 input(s) inside the output folder out" in second.stderr
 
 
+def test_an_output_folder_reached_through_a_symlink_never_replaces_the_inputs(tmp_path):
+    _save(tmp_path / "in" / "a.png", (10, 20, 30))
+    (tmp_path / "link").symlink_to(tmp_path / "in")
+    before = (tmp_path / "in" / "a.png").read_bytes()
+    for extra in ((), ("--overwrite",)):
+        result = ldmtool("_invert", "in", "-o", "link", *extra, cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert "its output would replace the input itself" in result.stderr
+    assert (tmp_path / "in" / "a.png").read_bytes() == before
+
+
+@pytest.mark.parametrize("naming", [("--suffix", "x"), ("--format", "jpg")])
+def test_a_rerun_into_the_input_folder_skips_its_own_outputs_instead_of_taking_them_as_inputs(tmp_path, naming):
+    _save(tmp_path / "in" / "a.png")
+    first = ldmtool("_invert", "in", "-o", "in", *naming, "--json", cwd=tmp_path)
+    assert [e["event"] for e in item_events(first)] == ["done"], first.stderr
+    before = sorted(p.name for p in (tmp_path / "in").iterdir())
+    second = ldmtool("_invert", "in", "-o", "in", *naming, "--json", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert [(e["key"], e["event"]) for e in item_events(second)] == [("a.png", "skipped")]
+    assert "ignored 1 input(s) that are this run's outputs of other inputs in in" in second.stderr
+    assert sorted(p.name for p in (tmp_path / "in").iterdir()) == before
+
+
+def test_an_output_never_replaces_another_input_that_ldmtool_did_not_write(tmp_path):
+    _save(tmp_path / "in" / "a.png")
+    _save(tmp_path / "in" / "a_x.png", (1, 2, 3))  # the user's own file, where a.png's output would go
+    before = (tmp_path / "in" / "a_x.png").read_bytes()
+    for extra in ((), ("--overwrite",)):
+        result = ldmtool("_invert", "in", "-o", "in", "--suffix", "x", *extra, cwd=tmp_path)
+        assert result.returncode == 2
+        assert "its output in/a_x.png would replace the input in/a_x.png" in result.stderr
+    assert (tmp_path / "in" / "a_x.png").read_bytes() == before
+
+
 def test_symlink_loops_are_walked_once(tmp_path):
     _save(tmp_path / "in" / "a.png")
     (tmp_path / "in" / "loop").symlink_to(tmp_path / "in")

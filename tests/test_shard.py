@@ -101,3 +101,58 @@ def test_shard_without_seed_is_a_usage_error(tmp_path, cli):
     inputs = _folder(tmp_path / "in", n=2)
     code, _, err = cli("_invert", inputs, "-r", "-o", tmp_path / "out", "--shard", "1/2")
     assert code == 2 and "--shard 1/2 needs --seed" in err
+
+
+def _keys(path):
+    return sorted(json.loads(line)["key"] for line in (path / "ldmtool-manifest.jsonl").read_text().splitlines())
+
+
+def _gallery_names(path):
+    text = (path / "index.html").read_text()
+    return sorted(part.split("<", 1)[0] for part in text.split('class="name">')[1:])
+
+
+def test_merge_keeps_what_the_main_manifest_held_and_the_gallery_shows_both(tmp_path, cli):
+    before, after = _folder(tmp_path / "before", n=2), _folder(tmp_path / "after", n=4)
+    out = tmp_path / "out"
+    assert cli("_invert", before, "-r", "-o", out, "--seed", 1, "--quiet")[0] == 0  # unsharded: the main manifest
+    for k in (1, 2):
+        assert cli("_invert", after, "-r", "-o", out, "--name", "{stem}-s.{ext}", "--seed", 1, "--shard", f"{k}/2",
+                   "--quiet")[0] == 0
+    code, text, _ = cli("manifest", "merge", out, "--json")
+    assert code == 0 and json.loads(text)["done"] == 6
+    assert _keys(out) == ["a/p1.png", "a/p1.png", "a/p3.png", "b/p0.png", "b/p0.png", "b/p2.png"]
+    assert cli("gallery", out)[0] == 0
+    assert _gallery_names(out) == ["a/p1-s.png", "a/p1.png", "a/p3-s.png", "b/p0-s.png", "b/p0.png", "b/p2-s.png"]
+
+
+def test_an_unsharded_run_after_sharded_ones_adopts_their_seed_and_its_gallery_keeps_their_items(tmp_path, cli):
+    inputs = _folder(tmp_path / "in", n=4)
+    out = tmp_path / "out"
+    for k in (1, 2):
+        assert cli("_invert", inputs, "-r", "-o", out, "--seed", 7, "--shard", f"{k}/2", "--quiet")[0] == 0
+    code, text, _ = cli("_invert", inputs, "-r", "-o", out, "--json")  # no --seed: the shards' is this job's
+    assert code == 0, text
+    events = [json.loads(line) for line in text.splitlines()]
+    assert {e["event"] for e in events if "key" in e} == {"skipped"}
+    assert [e["seed"] for e in events if e["event"] == "summary"] == [7]
+    extra = _folder(tmp_path / "more", n=1)
+    (extra / "b" / "p0.png").rename(extra / "b" / "new.png")
+    assert cli("_invert", extra, "-r", "-o", out, "--quiet")[0] == 0
+    assert _gallery_names(out) == ["a/p1.png", "a/p3.png", "b/new.png", "b/p0.png", "b/p2.png"]
+
+
+def test_merge_keeps_every_cell_of_a_sharded_sweep(tmp_path, cli):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("a", "b", "c"):
+        Image.fromarray(np.full((8, 8, 3), ord(name), np.uint8)).save(inputs / f"{name}.png")
+    out = tmp_path / "out"
+    for k in (1, 2):
+        assert cli("superres", inputs, "-o", out, "--scale", 2, "--seed", 1, "--sweep", "steps=1,2", "--shard", f"{k}/2",
+                   "--quiet")[0] == 0
+    code, text, _ = cli("manifest", "merge", out, "--json")
+    assert code == 0 and json.loads(text)["done"] == 6
+    outputs = [os.path.basename(json.loads(line)["output"])
+               for line in (out / "ldmtool-manifest.jsonl").read_text().splitlines()]
+    assert outputs == [f"{name}-steps{steps}.png" for name in "abc" for steps in (1, 2)]

@@ -25,13 +25,12 @@ from urllib.parse import quote
 
 from ldmtool.errors import LdmError
 from ldmtool.io.files import shown
-from ldmtool.io.manifest import read_manifest
+from ldmtool.io.manifest import MANIFEST_PATTERN, read_manifest
 from ldmtool.io.writer import atomic_write_bytes, remove_stale_temps_in
 
 GALLERY_NAME = "index.html"
 THUMBS = ".thumbs"
 THUMB_SIZE = 256
-MANIFESTS = "ldmtool-manifest*.jsonl"
 MAX_ENTRIES = 5000  # the page shows the newest; a 10^8-sample run's gallery stays a page
 STALE_THUMB_SECONDS = 600.0  # older unreferenced thumbnails go; younger ones may be a cooperating run's
 _SHOWN_PARAMS = ("steps", "cfg", "sampler", "strength", "scale", "size")
@@ -54,7 +53,7 @@ def done_records(folder: Path, manifests: Optional[Sequence[str]] = None,
     out. Streams the manifests: memory holds `limit` records whatever their length."""
     newest: OrderedDict[str, dict[str, Any]] = OrderedDict()
     dropped = False
-    paths = sorted(folder.glob(MANIFESTS)) if manifests is None else [folder / m for m in manifests]
+    paths = sorted(folder.glob(MANIFEST_PATTERN)) if manifests is None else [folder / m for m in manifests]
     for manifest in paths:
         for record in read_manifest(manifest):
             if record.get("status") == "done" and isinstance(record.get("output"), str):

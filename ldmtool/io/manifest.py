@@ -15,6 +15,7 @@ from ldmtool.errors import FatalError
 from ldmtool.io.files import json_line
 
 MANIFEST_NAME = "ldmtool-manifest.jsonl"
+MANIFEST_PATTERN = "ldmtool-manifest*.jsonl"  # the folder's own and every shard's part
 
 
 class Manifest:

@@ -387,17 +387,26 @@ def remove_stale_temps_in(folders: Iterable[Path], listings: Optional[dict[Path,
 
 
 def _tidy(folder: Path, names: Optional[set[str]], listings: Optional[dict[Path, list[str]]]) -> int:
-    try:
-        with os.scandir(folder) as entries:
-            listing = [entry.name for entry in entries]
-    except OSError:
-        return 0
+    listing = None if listings is None else listings.get(folder)  # listed already at the run's start
+    if listing is None:
+        listing = folder_names(folder)
+        if listing is None:
+            return 0
     if listings is not None:
         listings[folder] = listing
     stale = _stale_temps(folder, listing, names)
     for temp in stale:
         _remove_quietly(temp)
     return len(stale)
+
+
+def folder_names(folder: Path) -> Optional[list[str]]:
+    """The names of a folder's entries (one listing, never recursive); None when it cannot be listed."""
+    try:
+        with os.scandir(folder) as entries:
+            return [entry.name for entry in entries]
+    except OSError:
+        return None
 
 
 def _stale_temps(folder: Path, listing: list[str], names: Optional[set[str]]) -> list[Path]:

@@ -50,8 +50,14 @@ def recipes_for(task: Task, options: RunOptions, output_suffix: str) -> Recipes:
     """The identity of a run's jobs (runtime/identity.py): command, model sha256, pixel options."""
     own = {name: value for name, value in options.cli.items() if name not in getattr(task, "item_options", ())}
     pixels = {**identity.pixel_options(own, Path("x" + output_suffix)), **auto_precision(task), **addon_files(task)}
-    return Recipes(task.command, model_sha256(task), pixels, identity.recorded_options(options.cli),
-                   same_precision_written_otherwise(task, pixels))
+    same_job = same_precision_written_otherwise(task, pixels)
+    lossy: dict[str, Any] = {}
+    if options.fmt and format_name(options.fmt) == KEEP and "quality" in pixels:
+        # --format keep: --quality counts for each JPEG or WebP output, not for the run (nor its PNGs); the
+        # run's id as it was before, with it, stays this job's
+        lossy = {"quality": pixels.pop("quality")}
+        same_job = (*same_job, {**pixels, **lossy})
+    return Recipes(task.command, model_sha256(task), pixels, identity.recorded_options(options.cli), same_job, lossy)
 
 
 def addon_files(task: Task) -> dict[str, Any]:
@@ -320,7 +326,7 @@ class JobRunner:
                 command=self.task.command, params={**self.task.params, **output.params}, seed=job.seed,
                 base_seed=self.base_seed, key=storable(job.item.key), argv=self._recipe_argv,
                 size=(image.shape[1], image.shape[0]), model=_model_name(self.task),
-                model_sha256=self.recipes.model_sha256, extra={**self.recipes.recipe_extras(job.item, job.seed), **self._hash_note},
+                model_sha256=self.recipes.model_sha256, extra={**self.recipes.recipe_extras(job.item, job.seed, job.output), **self._hash_note},
             )
             write_image(job.output, image, alpha=output.alpha, quality=self.options.quality, metadata=metadata,
                         source=output.source, bit_depth=output.bit_depth,

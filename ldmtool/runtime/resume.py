@@ -12,9 +12,9 @@ import os
 import time
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, overload
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence, TypeGuard, overload
 
 from ldmtool.errors import LdmError
 from ldmtool.io.discover import Item
@@ -28,7 +28,6 @@ from ldmtool.runtime.workflow import upstream_recipe
 if TYPE_CHECKING:
     from ldmtool.io.outputs import OutputSpec
     from ldmtool.runtime.claims import Claims
-    from ldmtool.runtime.shard import Shard
 
 WAY_OUT = "replace it with --overwrite, keep it with --existing skip, or choose another -o"
 
@@ -45,6 +44,9 @@ class Recipes:
     # bf16 (and the other way round) computes the same pixels, so an output or seed recorded either way is
     # this job's.
     same_job_options: tuple[Mapping[str, Any], ...] = ()
+    # Options that count only for an output in a lossy format (`--quality` of a `--format keep` run, whose
+    # outputs are PNGs for PNG inputs and JPEGs for JPEG ones).
+    lossy_options: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def run_id(self) -> str:
@@ -56,20 +58,23 @@ class Recipes:
         return frozenset(identity.run_id(self.command, self.model_sha256, options)
                          for options in (self.pixel_options, *self.same_job_options))
 
-    def earlier_seed(self, spec: "OutputSpec", shard: Optional["Shard"]) -> Optional[int]:
-        """The base seed of the latest earlier run of this job into this output, if any."""
+    def earlier_seed(self, spec: "OutputSpec", manifests: Sequence[str] = (MANIFEST_NAME,)) -> Optional[int]:
+        """The base seed of the latest earlier run of this job into this output, if any: from the folder's
+        `manifests` (its own and every shard's part, so sharded and unsharded runs of a job agree)."""
         run_ids = self.run_ids
-        for recipe in reversed(_earlier_runs(spec, shard)):
+        latest: Optional[tuple[str, int]] = None
+        for recipe in _earlier_runs(spec, manifests):
             seed = recipe.get("base_seed")
-            if recipe.get("run_id") in run_ids and _is_seed(seed):
-                return int(seed)
-        return None
+            when = str(recipe.get("time") or "")
+            if recipe.get("run_id") in run_ids and _is_seed(seed) and (latest is None or when >= latest[0]):
+                latest = (when, seed)
+        return None if latest is None else latest[1]
 
-    def adopted_seed(self, spec: "OutputSpec", shard: Optional["Shard"], claims: "Claims") -> int:
+    def adopted_seed(self, spec: "OutputSpec", claims: "Claims", manifests: Sequence[str] = (MANIFEST_NAME,)) -> int:
         """The seed a run without `--seed` takes: an earlier run's of this job (DESIGN.md §6), else that of a
         run of this job going on now (it holds the seed claim), else a random one, claimed for this run."""
         for _ in range(50):
-            earlier = self.earlier_seed(spec, shard)
+            earlier = self.earlier_seed(spec, manifests)
             if earlier is not None:
                 return earlier
             mine = random_seed()
@@ -82,17 +87,20 @@ class Recipes:
             time.sleep(0.02)  # the other run is writing its claim right now
         return random_seed()
 
-    def identity(self, item: Item, seed: int) -> dict[str, Any]:
+    def identity(self, item: Item, seed: int, output: Optional[Path] = None) -> dict[str, Any]:
+        """The identity of the job writing `output` (its format decides whether `lossy_options` count)."""
+        lossy = output is not None and output.suffix.lower() in identity.LOSSY_SUFFIXES
+        options = {**self.pixel_options, **self.lossy_options} if lossy else self.pixel_options
         return identity.job_identity(
-            command=self.command, model_sha256=self.model_sha256, options=self.pixel_options, seed=seed,
+            command=self.command, model_sha256=self.model_sha256, options=options, seed=seed,
             key=storable(item.key), data=item.data, input_sha256=identity.file_sha256(item.path),
             mask_sha256=identity.file_sha256(item.mask))
 
-    def recipe_extras(self, item: Item, seed: int) -> dict[str, Any]:
+    def recipe_extras(self, item: Item, seed: int, output: Optional[Path] = None) -> dict[str, Any]:
         """What an output's recipe holds beyond its parameters: its job's identity (resume) and how to
         rebuild the job (replay)."""
         return {
-            "run_id": self.run_id, "job": self.identity(item, seed), "cli": dict(self.recorded_options),
+            "run_id": self.run_id, "job": self.identity(item, seed, output), "cli": dict(self.recorded_options),
             "item": {"key": storable(item.key), "stem": storable(item.stem), "subdir": storable(item.subdir),
                      "data": identity.jsonable(dict(item.data)), "input": storable(_absolute(item.path)),
                      "mask": storable(_absolute(item.mask)), **_exact_names(item)},
@@ -111,7 +119,7 @@ class Recipes:
         if not recipe.get("job"):
             return f"{output} exists but has no ldmtool recipe (another tool or version wrote it); {WAY_OUT}"
         try:
-            mine = self.identity(item, seed)
+            mine = self.identity(item, seed, output)
         except OSError:
             return None  # the input cannot be read: loading it reports why
         change = identity.difference(mine, recipe["job"])
@@ -121,7 +129,7 @@ class Recipes:
         return f"{output} was written by another job: {change}; {WAY_OUT}"
 
 
-def _is_seed(value: Any) -> bool:
+def _is_seed(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -138,11 +146,16 @@ def stored_recipe(path: Path) -> Optional[dict[str, Any]]:
     return dict(metadata.recipe) if metadata is not None else {}
 
 
-def _earlier_runs(spec: "OutputSpec", shard: Optional["Shard"]) -> list[dict[str, Any]]:
+def _earlier_runs(spec: "OutputSpec", manifests: Sequence[str]) -> Iterator[dict[str, Any]]:
+    """The recipes of earlier runs into this output: an existing `-o FILE`'s, or the records of the folder's
+    `manifests`, streamed (a manifest may hold 10^8 records)."""
     if spec.is_file:
         stored = stored_recipe(spec.target)  # type: ignore[arg-type]
-        return [stored] if stored else []
-    return list(read_manifest(spec.folder / (shard.manifest_name if shard else MANIFEST_NAME)))
+        if stored:
+            yield stored
+        return
+    for manifest in manifests:
+        yield from read_manifest(spec.folder / manifest)
 
 
 def _nonempty_file(path: Path) -> bool:

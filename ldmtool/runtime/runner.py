@@ -16,6 +16,7 @@ every item was done or skipped and 1 when some failed; fatal problems raise Fata
 """
 from __future__ import annotations
 
+import fnmatch
 import itertools
 import os
 import signal
@@ -28,7 +29,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 from ldmtool.errors import FatalError, Interrupted, ItemError, LdmError, UsageError
 from ldmtool.io.discover import Discovery, Item
 from ldmtool.io.gallery import GALLERY_NAME, GalleryUpdater
-from ldmtool.io.manifest import MANIFEST_NAME, Manifest
+from ldmtool.io.manifest import MANIFEST_NAME, MANIFEST_PATTERN, Manifest
 from ldmtool.io.outputs import (
     DEFAULT_TEMPLATE,
     OutputSpec,
@@ -38,7 +39,7 @@ from ldmtool.io.outputs import (
     output_path,
     plan_outputs,
 )
-from ldmtool.io.writer import KEEP, remove_stale_temps, remove_stale_temps_in
+from ldmtool.io.writer import KEEP, folder_names, remove_stale_temps, remove_stale_temps_in
 from ldmtool.runtime.execution import DEBUG_ENV, JobRunner, file_signature, output_suffix, recipes_for
 from ldmtool.runtime.jobs import EXISTING_POLICIES, BaseTask, Job, Output, PlannedJobs, RunOptions, Task
 from ldmtool.runtime.plan import check_run
@@ -135,6 +136,7 @@ class BatchRun:
         self.started = time.monotonic()
         self.plan_source: Optional[Sequence[Job]] = None  # what the plan covers when the jobs are streamed
         self.created: list[Path] = []  # folders this run made for its outputs, deepest first
+        self.listing: Optional[list[str]] = None  # the output folder's entries, listed once at the start
         self.runner = JobRunner(task, options, self.recipes, base_seed=self.base_seed, events=reporter,
                                 records=None, summary=self.summary)
 
@@ -150,13 +152,14 @@ class BatchRun:
             return self._dry_run(items, notes)
         self._prepare_folder()
         if self.base_seed is None:
-            self.base_seed = self.recipes.adopted_seed(self.spec, self.options.shard, self.runner.claims)
+            self.base_seed = self.recipes.adopted_seed(self.spec, self.runner.claims, self._manifests())
             self.summary.base_seed = self.runner.base_seed = self.base_seed
+        items, notes = self._without_own_outputs(items, notes)
         jobs = self._plan(items)  # before sharding, so {index} and seeds match an unsharded run
         if self.options.shard is not None:
             jobs = select(jobs, self.options.shard, key=lambda job: job.item.key)
         check_run(self.task, jobs, self.options)  # refuse outputs too large for the limit or the memory
-        listings: dict[Path, list[str]] = {}
+        listings: dict[Path, list[str]] = {} if self.listing is None else {self.spec.folder: self.listing}
         streamed = _lazy(jobs) and self.options.engine == "local"  # 10^8 samples: never a list of jobs
         if streamed:
             remove_stale_temps_in([self.spec.folder], listings)
@@ -187,12 +190,13 @@ class BatchRun:
         """`--dry-run`: each item's output and what a run would do with it (run, skip, fail, and why), and the
         run plan, refusals included; no model is loaded, no claim taken, nothing written."""
         if self.base_seed is None:
-            self.base_seed = self.recipes.earlier_seed(self.spec, self.options.shard)
+            self.base_seed = self.recipes.earlier_seed(self.spec, self._manifests())
             if self.base_seed is None:
                 self.base_seed = random_seed()
                 notes = [*notes, f"no earlier run of this job in {self.spec.folder}: a run would take a random "
                          f"seed; shown with seed {self.base_seed}"]
             self.summary.base_seed = self.runner.base_seed = self.base_seed
+        items, notes = self._without_own_outputs(items, notes)
         jobs = self._plan(items)
         if self.options.shard is not None:
             jobs = select(jobs, self.options.shard, key=lambda job: job.item.key)
@@ -210,14 +214,34 @@ class BatchRun:
         self.reporter.dry_run_finish(plan, counts, self.base_seed)
         return self.summary
 
+    def _without_own_outputs(self, items: Sequence[Item], notes: Sequence[str]) -> tuple[Sequence[Item], list[str]]:
+        """Drop inputs that are ldmtool outputs this run would write for other inputs: with `-o` naming an input
+        folder (and --suffix, --name or --format keeping the names apart) a rerun finds the last run's outputs
+        among its inputs, and must skip their jobs rather than run on its own outputs. A file without an
+        ldmtool recipe at such a name stays an input (and `_plan` refuses to write over it)."""
+        if _lazy(items) or self.spec.is_file:
+            return items, list(notes)
+        check_template(self.spec.template)
+        writers: dict[Path, set[int]] = {}
+        for index, item in enumerate(items):
+            writers.setdefault(_real(output_path(self.spec, item, index, self._seed_of(item))), set()).add(index)
+        kept = [item for index, item in enumerate(items)
+                if item.path is None or not writers.get(_real(item.path), set()) - {index}
+                or not _written_by_ldmtool(item.path)]
+        if len(kept) == len(items):
+            return items, list(notes)
+        return kept, [*notes, f"ignored {len(items) - len(kept)} input(s) that are this run's outputs of other "
+                              f"inputs in {self.spec.folder}"]
+
     def _plan(self, items: Sequence[Item]) -> Sequence[Job]:
         if _lazy(items) and not self.spec.is_file and names_apart(self.spec.template):
             check_template(self.spec.template)  # generated items: jobs made as they are asked for
             return PlannedJobs(items, self._seed_of, lambda item, index, seed: output_path(self.spec, item, index, seed))
         seeds = [self._seed_of(item) for item in items]
         paths = plan_outputs(items, seeds, self.spec)
+        inputs = {_real(source): source for item in items for source in (item.path, item.mask) if source is not None}
         for item, path in zip(items, paths):
-            _check_not_an_input(item, path)
+            _check_not_an_input(item, path, inputs)
         return [Job(item, index, seed, path) for index, (item, seed, path) in enumerate(zip(items, seeds, paths))]
 
     def _seed_of(self, item: Item) -> int:
@@ -235,6 +259,8 @@ class BatchRun:
             raise FatalError(f"{folder}: cannot create the output folder ({err.strerror or err})") from None
         if not os.access(folder, os.W_OK | os.X_OK):
             raise FatalError(f"{folder}: the output folder is not writable")
+        if not self.spec.is_file:  # listed once: its manifests now, its stale temporary files and claims later
+            self.listing = folder_names(folder)
         if self.options.write_manifest and not self.spec.is_file:
             shard = self.options.shard
             self.manifest = Manifest(folder / (shard.manifest_name if shard else MANIFEST_NAME))
@@ -242,9 +268,17 @@ class BatchRun:
             if self.options.gallery:  # rebuilt from the manifest as items finish, and at the end (run_task)
                 parts = [Shard(k, shard.count).manifest_name for k in range(1, shard.count + 1)] \
                     if shard and shard.count <= 256 else [self.manifest.path.name]  # every run's, unlisted
-                names = list(dict.fromkeys([MANIFEST_NAME, *parts]))
+                names = list(dict.fromkeys([MANIFEST_NAME, *parts, *self._manifests()]))  # other runs' parts too
                 self.gallery = GalleryUpdater(folder, self.reporter.note, manifests=names)
                 self.manifest.listeners.append(self.gallery.recorded)
+
+    def _manifests(self) -> list[str]:
+        """The names of the manifests in the output folder (its own and every shard's part), from the run's
+        one listing of it (or a fresh one for a dry run, which makes no folder)."""
+        if self.spec.is_file:
+            return []
+        listing = self.listing if self.listing is not None else folder_names(self.spec.folder)
+        return sorted(name for name in listing or () if fnmatch.fnmatchcase(name, MANIFEST_PATTERN))
 
     def remove_created_folder(self) -> None:
         """However the run ended, leave no empty output folder behind: the folders it made (the output folder
@@ -293,11 +327,34 @@ def _missing_folders(folder: Path) -> list[Path]:
     return missing
 
 
-def _check_not_an_input(item: Item, output: Path) -> None:
-    """An output may never replace an input (`-o` naming the input folder, or an input file)."""
-    for source in (item.path, item.mask):
-        if source is not None and os.path.abspath(source) == os.path.abspath(output):
-            raise UsageError(f"{source}: its output would replace the input itself; choose another -o")
+def _check_not_an_input(item: Item, output: Path, inputs: dict[Path, Path]) -> None:
+    """An output may never replace an input of the run (`-o` naming the input folder, however spelled:
+    through a symbolic link too, or an input file)."""
+    source = inputs.get(_real(output))
+    if source is None:
+        return
+    if source in (item.path, item.mask):
+        raise UsageError(f"{source}: its output would replace the input itself; choose another -o")
+    raise UsageError(f"{item.label}: its output {output} would replace the input {source}; choose another -o, "
+                     "--suffix or --name")
+
+
+def _written_by_ldmtool(path: Path) -> bool:
+    """Whether an image file holds an ldmtool recipe (an output of some ldmtool run)."""
+    from ldmtool.io.metadata import read_metadata
+
+    try:
+        metadata = read_metadata(path)
+    except (LdmError, OSError):
+        return False
+    return metadata is not None and bool(metadata.recipe)
+
+
+def _real(path: "os.PathLike[str] | str") -> Path:
+    """The path with its folders' symbolic links resolved; the file name itself is kept (an input that is a
+    link to a file elsewhere is still found where it is listed)."""
+    path = Path(path)
+    return Path(os.path.realpath(path.parent)) / path.name
 
 
 def _lazy(items: Sequence[Any]) -> bool:
@@ -311,7 +368,7 @@ def _outside(items: Sequence[Item], folder: Path) -> tuple[Sequence[Item], int]:
     `CMD . -r -o out` must not take its own outputs as new inputs. Returns (kept, number dropped)."""
     if _lazy(items):
         return items, 0
-    out = Path(os.path.abspath(folder))
+    out = Path(os.path.realpath(folder))
     kept = [item for item in items if not _is_own_output(item, out)]
     return kept, len(items) - len(kept)
 
@@ -319,7 +376,7 @@ def _outside(items: Sequence[Item], folder: Path) -> tuple[Sequence[Item], int]:
 def _is_own_output(item: Item, out: Path) -> bool:
     if item.path is None:
         return False
-    path = Path(os.path.abspath(item.path))
+    path = _real(item.path)
     depth = len(Path(item.key).parts)
     input_root = path.parents[depth - 1] if 0 < depth <= len(path.parents) else path.parent
     return out in path.parents and input_root in out.parents

@@ -168,9 +168,11 @@ def _member_keys(path: Path) -> list[str] | None:
 
 
 def merge_manifests(folder: Path) -> MergeReport:
-    """Combine every shard's manifest part in `folder` into `ldmtool-manifest.jsonl` (the last record of
-    each key wins, sorted by key) and report shards that never started, failed items and owned items
-    that have no record. Only the files present are read: the work never grows with the shard count N."""
+    """Combine every shard's manifest part in `folder` with the records `ldmtool-manifest.jsonl` holds already
+    (unsharded runs, earlier merges) into `ldmtool-manifest.jsonl`: one record per item and output (a --sweep
+    item has an output per cell), the newest, sorted; and report shards that never started, failed items and
+    owned items that have no record. Only the files present are read: the work never grows with the shard
+    count N."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UsageError(f"{folder}: not a folder (give the output folder the shards wrote to)")
@@ -183,10 +185,14 @@ def merge_manifests(folder: Path) -> MergeReport:
         raise UsageError(f"{folder}: manifests of different shard counts ({sorted(counts)}); merge one run at a time")
     count = counts.pop()
     report = MergeReport(parts=len(parts), shard_count=count)
-    latest: dict[str, dict[str, Any]] = {}
-    for part in parts:
+    latest: dict[tuple[str, str], dict[str, Any]] = {}  # by item and output: a --sweep item has one per cell
+    main = folder / MANIFEST_NAME
+    for part in ([main] if main.is_file() else []) + parts:  # what was merged or run unsharded before, then the parts
         for record in _part_records(part, report):
-            latest[record["key"]] = record
+            output = (record["key"], str(record.get("output") or ""))
+            earlier = latest.get(output)
+            if earlier is None or str(record.get("time") or "") >= str(earlier.get("time") or ""):
+                latest[output] = record
     owned: list[str] = []
     started: set[int] = set()
     for members, (index, members_count) in sorted(_shard_files(folder, _MEMBERS).items()):
@@ -204,15 +210,16 @@ def merge_manifests(folder: Path) -> MergeReport:
         if index not in started:
             report.missing_shards.append(index)
         index += 1
-    merged = folder / MANIFEST_NAME
+    merged = main
     temp = merged.with_name(f".{merged.name}.tmp")
     temp.unlink(missing_ok=True)
     manifest = Manifest(temp)
-    for key in sorted(latest):
-        manifest.append(latest[key])
+    for output in sorted(latest):
+        manifest.append(latest[output])
     if temp.exists():
         os.replace(temp, merged)
     report.done = sum(1 for r in latest.values() if r.get("status") == "done")
-    report.failed = sorted(k for k, r in latest.items() if r.get("status") == "failed")
-    report.missing = sorted(set(k for k in owned if k not in latest))
+    report.failed = sorted({key for (key, _), r in latest.items() if r.get("status") == "failed"})
+    recorded = {key for key, _ in latest}
+    report.missing = sorted(set(k for k in owned if k not in recorded))
     return report
