@@ -8,10 +8,11 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from clirun import run_cli
-from ldmtool.io.contact_sheet import choose_axes, draw_grid, read_pictures
+from ldmtool.io.contact_sheet import choose_axes, draw_grid, read_pictures, thumbnail
 from ldmtool.io.metadata import build_metadata
 from ldmtool.io.writer import write_image
 
@@ -102,6 +103,18 @@ def test_images_without_recipes_and_crowded_cells_are_noted(tmp_path):
     write_output(tmp_path / "c.png", seed=2, steps=20)
     result = draw_grid(tmp_path, tmp_path / "sheet2.png", x="steps")
     assert any("share a grid cell" in note for note in result.notes)
+
+
+@pytest.mark.parametrize("name", ["grey16.png", "grey16.tif"])
+def test_a_16_bit_grey_image_keeps_its_tones_in_its_cell(tmp_path, name):
+    ramp = np.linspace(0.0, 1.0, 48 * 48, dtype=np.float32).reshape(48, 48)
+    metadata = build_metadata(command="superres", params={"scale": 2}, seed=1, argv=["ldmtool"])
+    write_image(tmp_path / name, ramp, metadata=metadata, bit_depth=16, grey=True)
+    with Image.open(tmp_path / name) as written:
+        assert written.mode.startswith("I")
+    cell = thumbnail(tmp_path / name, 32)
+    assert cell is not None and cell.mode == "RGB"
+    assert abs(np.asarray(cell).mean() - 127.5) < 4  # not clipped to white
 
 
 MEMORY = textwrap.dedent("""

@@ -55,6 +55,16 @@ def test_hostile_prompt_and_non_utf8_name_are_escaped(tmp_path):
     assert 'href="caf%E9%20%3Cb%3E.png"' in text and "caf\\xe9 &lt;b&gt;.png" in text
 
 
+def test_a_16_bit_grey_output_keeps_its_tones_in_the_thumbnail(tmp_path):
+    done(tmp_path, "grey16.png")
+    ramp = np.linspace(0, 65535, 64 * 48).reshape(48, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")  # mode I;16: Pillow's convert alone clips it to white
+    build_gallery(tmp_path)
+    [thumb] = (tmp_path / ".thumbs").iterdir()
+    with Image.open(thumb) as small:
+        assert abs(np.asarray(small.convert("L")).mean() - 127.5) < 4
+
+
 def test_two_runs_sharing_a_folder_both_appear_whoever_rebuilds_last(tmp_path):
     first = GalleryUpdater(tmp_path, note=print, interval=0)
     second = GalleryUpdater(tmp_path, note=print, interval=0)

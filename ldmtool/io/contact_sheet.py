@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
 from ldmtool.errors import ItemError, UsageError
 from ldmtool.io.files import shown
+from ldmtool.io.images import display_rgb
 from ldmtool.io.metadata import read_metadata
 from ldmtool.io.writer import FORMATS, atomic_write_bytes
 
@@ -250,8 +251,7 @@ def thumbnail(path: Path, cell: int) -> Optional[Image]:
         with Image.open(path) as image:
             image.draft("RGB", (cell, cell))
             image.thumbnail((cell, cell))
-            reduced: Image.Image = image.convert("RGB") if image.mode != "RGB" else image.copy()
-            return reduced
+            return display_rgb(image)
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
         return None
 

@@ -25,6 +25,7 @@ from urllib.parse import quote
 
 from ldmtool.errors import LdmError
 from ldmtool.io.files import shown
+from ldmtool.io.images import display_rgb
 from ldmtool.io.manifest import MANIFEST_PATTERN, read_manifest
 from ldmtool.io.writer import atomic_write_bytes, remove_stale_temps_in
 
@@ -118,7 +119,7 @@ def _entry(folder: Path, relative: str, record: dict[str, Any], size: int) -> En
         with Image.open(path) as image:
             image.draft("RGB", (size, size))  # a JPEG decodes at a reduced scale
             image.thumbnail((size, size))
-            small = image.convert("RGBA").convert("RGB") if image.mode in ("P", "PA") else image.convert("RGB")
+            small = display_rgb(image)
         buffer = io.BytesIO()
         small.save(buffer, "JPEG", quality=85)
         atomic_write_bytes(thumb_path, buffer.getvalue())

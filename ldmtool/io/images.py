@@ -301,6 +301,19 @@ def read_mask(
 # ---------------------------------------------------------------- conversions
 
 
+def display_rgb(image: Image.Image) -> Image.Image:
+    """`image` as 8-bit RGB for a thumbnail. Wide grey modes are scaled as `read_image` reads them (I;16 and I
+    by 65535, F by 1) because Pillow's convert clips them at 255, which turns a 16-bit image white."""
+    mode = image.mode
+    if mode.startswith("I;16") or mode == "I":
+        image = Image.fromarray(to_uint8(np.asarray(image, dtype=np.float32) / 65535.0))
+    elif mode == "F":
+        image = Image.fromarray(to_uint8(np.asarray(image, dtype=np.float32)))
+    elif mode in ("P", "PA"):
+        image = image.convert("RGBA")  # a palette's transparency resolves through RGBA
+    return image.convert("RGB") if image.mode != "RGB" else image.copy()
+
+
 def to_uint8(array: np.ndarray) -> np.ndarray:
     """Float [0, 1] -> uint8 with rounding (uint8 input is returned unchanged)."""
     if array.dtype == np.uint8:
