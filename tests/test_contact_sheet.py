@@ -94,6 +94,29 @@ def test_a_third_axis_gives_separate_sheets(tmp_path):
             assert (title < 128).any(), "the sheet's title names its sampler"
 
 
+def test_named_axes_keep_their_places_when_an_earlier_one_is_not_named(tmp_path):
+    sweep_folder(tmp_path / "out", z_values=("ddim", "euler"))
+    pictures, _ = read_pictures(tmp_path / "out")
+    assert choose_axes(pictures, [None, "steps", None]) == [None, "steps"]
+    assert choose_axes(pictures, ["cfg", None, "steps"]) == ["cfg", None, "steps"]
+    down = draw_grid(tmp_path / "out", tmp_path / "down.png", y="steps", cell=32)
+    assert [(sheet.columns, sheet.rows) for sheet in down.sheets] == [(1, 3)]
+    result = run_cli("grid", tmp_path / "out", "-o", tmp_path / "z.png", "--x", "cfg", "--z", "sampler", "--cell", 32)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("(2x1 cells; cfg x - x sampler)") == 2
+
+
+def test_z_values_that_make_the_same_file_name_get_sheets_of_their_own(tmp_path):
+    prompts = ["a red circle!", "a red circle?", "A red circle!", "x" * 70 + "1", "x" * 70 + "2", "plain"]
+    for index, prompt in enumerate(prompts):
+        write_output(tmp_path / "out" / f"{index}.png", steps=10, prompt=prompt)
+    result = draw_grid(tmp_path / "out", tmp_path / "sheet.png", x="steps", y="seed", z="prompt", cell=32)
+    names = [sheet.path.name.casefold() for sheet in result.sheets]
+    assert len(set(names)) == len(prompts), names
+    assert all(sheet.path.is_file() for sheet in result.sheets)
+    assert "sheet-plain.png" in names  # a name that clashes with none stays readable
+
+
 def test_images_without_recipes_and_crowded_cells_are_noted(tmp_path):
     write_output(tmp_path / "a.png", seed=1, steps=10)
     write_output(tmp_path / "b.png", seed=1, steps=20)

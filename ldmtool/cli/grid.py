@@ -30,7 +30,7 @@ def grid(
     for note in result.notes:
         typer.echo(f"note: {note}", err=True)
     if not quiet:
-        axes = " x ".join(result.axes) or "no varying parameter"
+        axes = " x ".join(name or "-" for name in result.axes) or "no varying parameter"
         for sheet in result.sheets:
             typer.echo(f"wrote {shown(sheet.path)} ({sheet.columns}x{sheet.rows} cells; {axes})")
 

@@ -3,13 +3,14 @@
 Each image's recipe (`io/metadata.py`) gives its parameters. The axes are, in order of preference, the names
 given (`--x/--y/--z`), the parameters a sweep recorded (`sweep: {"steps": 2, "cfg": 3}` in the recipe or its
 parameters), else the parameters whose values vary across the folder (those that tell images apart; at most
-three, the one with most values across). The third axis gives one sheet per value (`sheet-<value>.png`), as
-A1111's X/Y/Z plot does. Memory stays bounded whatever the folder's size: each image is opened, reduced to a
-thumbnail (JPEG decodes at a reduced scale through `draft`) and pasted before the next is opened; only the
-recipes and the sheet itself are held.
+three, the one with most values across). The third axis gives one sheet per value (`sheet-<value>.png`, a
+short hash of the value added where two values would give one name), as A1111's X/Y/Z plot does. Memory stays
+bounded whatever the folder's size: each image is opened, reduced to a thumbnail (JPEG decodes at a reduced
+scale through `draft`) and pasted before the next is opened; only the recipes and the sheet itself are held.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -62,7 +63,7 @@ class Sheet:
 
 @dataclass
 class GridResult:
-    axes: list[str]
+    axes: list[Optional[str]]  # x, y, z; None for an axis not drawn
     sheets: list[Sheet] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -111,8 +112,9 @@ def _scalar(value: Any) -> Any:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-def choose_axes(pictures: Sequence[Picture], named: Sequence[Optional[str]] = ()) -> list[str]:
-    """The sheet's axes (x, y, z; fewer when fewer are needed): see the module docstring."""
+def choose_axes(pictures: Sequence[Picture], named: Sequence[Optional[str]] = ()) -> list[Optional[str]]:
+    """The sheet's axes (x, y, z; fewer when fewer are needed): see the module docstring. Named axes keep their
+    places, None where one is not named (`--y prompt` alone: [None, "prompt"], one column down)."""
     given = [name for name in named if name]
     if given:
         known = {name for picture in pictures for name in picture.values}
@@ -122,10 +124,13 @@ def choose_axes(pictures: Sequence[Picture], named: Sequence[Optional[str]] = ()
                 raise UsageError(f"no image records a parameter {name!r} (they record: {choices})")
         if len(set(given)) != len(given):
             raise UsageError(f"an axis is named twice: {', '.join(given)}")
-        return given
+        places = list(named[:MAX_AXES])
+        while places and not places[-1]:
+            places.pop()
+        return [name or None for name in places]
     swept = list(dict.fromkeys(name for picture in pictures for name in picture.sweep))
     if swept:
-        return swept[:MAX_AXES]
+        return list(swept[:MAX_AXES])
     names = sorted({name for picture in pictures for name in picture.values})
     varying = [name for name in names if len(_values(pictures, name)) > 1]
     varying.sort(key=lambda name: (len(_values(pictures, name)), name))  # fewest first: they refine best
@@ -139,7 +144,7 @@ def choose_axes(pictures: Sequence[Picture], named: Sequence[Optional[str]] = ()
         if len(chosen) == MAX_AXES:
             break
     chosen.sort(key=lambda name: (-len(_values(pictures, name)), name))  # x: most values; z: fewest
-    return chosen
+    return list(chosen)
 
 
 def _values(pictures: Iterable[Picture], name: str) -> list[Any]:
@@ -173,10 +178,10 @@ def draw_grid(
     result = GridResult(axes=axes, notes=notes)
     x_axis, y_axis, z_axis = (axes + [None, None, None])[:3]
     z_values = _values(pictures, z_axis) if z_axis else [None]
+    paths = _z_paths(output, z_values) if z_axis else [output]
     crowded = 0
-    for z_value in z_values:
+    for z_value, path in zip(z_values, paths):
         members = [p for p in pictures if z_axis is None or _key(p.values.get(z_axis)) == _key(z_value)]
-        path = output if z_axis is None else _z_path(output, z_value)
         sheet, extra = _draw_sheet(members, path, x_axis, y_axis, (z_axis, z_value) if z_axis else None, cell)
         result.sheets.append(sheet)
         crowded += extra
@@ -186,9 +191,24 @@ def draw_grid(
     return result
 
 
-def _z_path(output: Path, value: Any) -> Path:
-    text = re.sub(r"[^A-Za-z0-9._-]+", "_", _text(value)).strip("_")[:60] or "none"
-    return output.with_name(f"{output.stem}-{text}{output.suffix or '.png'}")
+def _z_paths(output: Path, values: Sequence[Any]) -> list[Path]:
+    """One sheet per z value, `sheet-<value>.png`; values whose names would clash (once made safe, cut to 60
+    characters, or only in case, for case-blind file systems) get a short hash of the value as well."""
+    names = [re.sub(r"[^A-Za-z0-9._-]+", "_", _text(value)).strip("_")[:60] or "none" for value in values]
+    clashing = _clashing(names)
+    names = [f"{name}-{_digest(value)}" if name.casefold() in clashing else name for name, value in zip(names, values)]
+    if _clashing(names):  # a value's own text looked like another's name and hash
+        names = [f"{name}-{index}" for index, name in enumerate(names, 1)]
+    return [output.with_name(f"{output.stem}-{name}{output.suffix or '.png'}") for name in names]
+
+
+def _clashing(names: Sequence[str]) -> set[str]:
+    folded = [name.casefold() for name in names]
+    return {name for name in folded if folded.count(name) > 1}
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(repr(_key(value)).encode("utf-8", "surrogateescape")).hexdigest()[:8]
 
 
 def _draw_sheet(pictures: Sequence[Picture], path: Path, x_axis: Optional[str], y_axis: Optional[str],
