@@ -117,6 +117,26 @@ def test_z_values_that_make_the_same_file_name_get_sheets_of_their_own(tmp_path)
     assert "sheet-plain.png" in names  # a name that clashes with none stays readable
 
 
+@pytest.mark.parametrize(("name", "written", "kind"), [("sheet.jpg", "sheet.jpg", "JPEG"), ("s.WEBP", "s.WEBP", "WEBP"),
+                                                      ("s.tif", "s.tif", "TIFF"), ("sheet", "sheet.png", "PNG")])
+def test_the_sheet_is_encoded_as_its_extension_says(tmp_path, name, written, kind):
+    sweep_folder(tmp_path / "out")
+    result = run_cli("grid", tmp_path / "out", "-o", tmp_path / name, "--cell", 32)
+    assert result.exit_code == 0, result.output
+    with Image.open(tmp_path / written) as sheet:
+        assert sheet.format == kind
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(["out", written])
+
+
+def test_a_sheet_name_ldmtool_cannot_encode_is_a_one_line_usage_error(tmp_path):
+    sweep_folder(tmp_path / "out")
+    result = run_cli("grid", tmp_path / "out", "-o", tmp_path / "sheet.gif", "--cell", 32)
+    assert result.exit_code == 2
+    assert len(result.output.strip().splitlines()) == 1
+    assert "sheet.gif: ldmtool cannot write '.gif' images; use .png, .jpg, .webp or .tif" in result.output
+    assert not (tmp_path / "sheet.gif").exists()
+
+
 def test_images_without_recipes_and_crowded_cells_are_noted(tmp_path):
     write_output(tmp_path / "a.png", seed=1, steps=10)
     write_output(tmp_path / "b.png", seed=1, steps=20)

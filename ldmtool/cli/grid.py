@@ -13,7 +13,8 @@ EXAMPLE = "Example: ldmtool grid out/ -o sheet.png --x steps --y cfg"
 
 def grid(
     folder: Annotated[Path, typer.Argument(help="A folder of images written by ldmtool.", show_default=False)],
-    output: Annotated[Path, typer.Option("--output", "-o", help="The sheet (PNG); a third axis writes one "
+    output: Annotated[Path, typer.Option("--output", "-o", help="The sheet; its extension picks the format "
+                                         "(.png, .jpg, .webp or .tif; none: .png is added). A third axis writes one "
                                          "sheet per value, sheet-VALUE.png.")] = Path("sheet.png"),
     x: Annotated[Optional[str], typer.Option("--x", help="Parameter across (default: the sweep's, else what "
                                              "varies).", metavar="NAME")] = None,

@@ -11,18 +11,19 @@ scale through `draft`) and pasted before the next is opened; only the recipes an
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
+import numpy as np
+
 from ldmtool.errors import ItemError, UsageError
 from ldmtool.io.files import shown
 from ldmtool.io.images import display_rgb
 from ldmtool.io.metadata import read_metadata
-from ldmtool.io.writer import FORMATS, atomic_write_bytes
+from ldmtool.io.writer import FORMATS, format_for_path, write_image
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -171,6 +172,7 @@ def draw_grid(
     """Draw the images of `folder` as a labelled grid into `output` (one sheet per z value)."""
     if cell < 16:
         raise UsageError(f"--cell {cell}: must be at least 16 pixels")
+    output = sheet_path(output)
     pictures, notes = read_pictures(folder)
     if not pictures:
         raise UsageError(f"{shown(folder)}: no images with an ldmtool recipe to draw")
@@ -191,6 +193,15 @@ def draw_grid(
     return result
 
 
+def sheet_path(output: Path) -> Path:
+    """`output` with `.png` added when it has no extension; a usage error when ldmtool cannot write its format."""
+    output = Path(output)
+    if not output.suffix:
+        output = output.with_name(output.name + ".png")
+    format_for_path(output)
+    return output
+
+
 def _z_paths(output: Path, values: Sequence[Any]) -> list[Path]:
     """One sheet per z value, `sheet-<value>.png`; values whose names would clash (once made safe, cut to 60
     characters, or only in case, for case-blind file systems) get a short hash of the value as well."""
@@ -199,7 +210,7 @@ def _z_paths(output: Path, values: Sequence[Any]) -> list[Path]:
     names = [f"{name}-{_digest(value)}" if name.casefold() in clashing else name for name, value in zip(names, values)]
     if _clashing(names):  # a value's own text looked like another's name and hash
         names = [f"{name}-{index}" for index, name in enumerate(names, 1)]
-    return [output.with_name(f"{output.stem}-{name}{output.suffix or '.png'}") for name in names]
+    return [output.with_name(f"{output.stem}-{name}{output.suffix}") for name in names]
 
 
 def _clashing(names: Sequence[str]) -> set[str]:
@@ -255,10 +266,8 @@ def _draw_sheet(pictures: Sequence[Picture], path: Path, x_axis: Optional[str], 
         if thumb is not None:
             sheet.paste(thumb, (box[0] + (cell - thumb.width) // 2, box[1] + (cell - thumb.height) // 2))
             thumb.close()
-    buffer = io.BytesIO()
-    sheet.save(buffer, "PNG", optimize=False)
+    write_image(path, np.asarray(sheet))  # encoded as its extension says
     sheet.close()
-    atomic_write_bytes(path, buffer.getvalue())
     return Sheet(path, size, len(columns), len(rows), left, top, cell), crowded
 
 

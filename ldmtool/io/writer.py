@@ -49,8 +49,7 @@ def format_name(name: str) -> str:
 def format_for_path(path: Path) -> str:
     suffix = path.suffix.lower()
     if suffix not in FORMATS:
-        shown = suffix or "no extension"
-        raise UsageError(f"{path}: ldmtool cannot write '{shown}' images; {_WRITABLE}")
+        raise UsageError(f"{shown(path)}: ldmtool cannot write '{shown(suffix) or 'no extension'}' images; {_WRITABLE}")
     return FORMATS[suffix]
 
 
