@@ -156,6 +156,41 @@ def test_non_utf8_name_failure_message_is_escaped(tmp_path):
     assert "caf\\xe9.png: not an image file" in stderr
 
 
+def _write(folder: Path, name: bytes, data: bytes) -> None:
+    folder.mkdir(exist_ok=True)
+    with open(os.path.join(os.fsencode(folder), name), "wb") as handle:
+        handle.write(data)
+
+
+@pytest.mark.parametrize(("name", "escaped"), [(b"bad\nname.png", "bad\\nname.png"), (NON_UTF8, "caf\\xe9.png")])
+def test_a_failure_names_an_odd_file_once_on_one_line(tmp_path, name, escaped):
+    _write(tmp_path / "in", name, b"\x89PNG not really")
+    _write(tmp_path / "in", b"read\nme.txt", b"text")
+    result = _run(tmp_path, "in", "-o", "out")
+    _no_traceback(result)
+    assert result.returncode == 1
+    lines = result.stderr.decode("utf-8").splitlines()
+    assert f"ldmtool: failed: in/{escaped}: not an image file (unknown format, or the header is damaged)" in lines
+    assert "ldmtool: skipped 1 non-image file(s): in/read\\nme.txt" in lines
+
+
+def test_a_collision_and_a_dry_run_show_odd_names_on_one_line(tmp_path):
+    image = tmp_path / "good.png"
+    Image.new("RGB", (4, 4)).save(image)
+    _write(tmp_path / "in", b"x\ny.png", image.read_bytes())
+    _write(tmp_path / "in", b"x\ny.jpg", image.read_bytes())
+    clash = _run(tmp_path, "in", "-o", "out")
+    _no_traceback(clash)
+    assert clash.returncode == 2
+    assert clash.stderr.decode("utf-8").startswith(
+        "ldmtool: error: in/x\\ny.jpg and in/x\\ny.png would both be written to out/x\\ny.png; add {seed}")
+    os.remove(os.path.join(os.fsencode(tmp_path / "in"), b"x\ny.jpg"))
+    dry = _run(tmp_path, "in", "-o", "out", "--dry-run", "--seed", "1")
+    _no_traceback(dry)
+    assert dry.returncode == 0
+    assert dry.stdout.decode("utf-8").splitlines()[0].startswith("run  in/x\\ny.png -> out/x\\ny.png (seed ")
+
+
 def test_output_name_too_long_fails_that_item_only(tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()

@@ -47,8 +47,9 @@ class Item:
 
     @property
     def label(self) -> str:
-        """How reports name the item: its input file, or its key."""
-        return str(self.path) if self.path is not None else self.key
+        """How reports name the item: its input file, or its key, escaped as `shown` does (one line whatever
+        the name holds)."""
+        return shown(self.path if self.path is not None else self.key)
 
     def require_mask(self) -> Path:
         """The paired mask, or an ItemError that says where it was looked for."""
@@ -68,7 +69,7 @@ class Discovery:
     def notes(self) -> list[str]:
         if not self.skipped:
             return []
-        names = ", ".join(str(p) for p in self.skipped[:3]) + (" ..." if len(self.skipped) > 3 else "")
+        names = ", ".join(shown(p) for p in self.skipped[:3]) + (" ..." if len(self.skipped) > 3 else "")
         return [f"skipped {len(self.skipped)} non-image file(s): {names}"]
 
 
@@ -157,7 +158,7 @@ def discover(
     if not inputs:
         raise UsageError("no inputs given; name image files, folders, globs, @list.txt or '-'")
     if masks_dir is not None and not Path(masks_dir).is_dir():
-        raise UsageError(f"--masks {masks_dir}: no such folder")
+        raise UsageError(f"--masks {shown(masks_dir)}: no such folder")
     candidates: list[_Candidate] = []
     skipped: list[Path] = []
     for raw in inputs:
@@ -171,7 +172,7 @@ def discover(
     items = [_to_item(c, pair_masks, masks_dir) for c in candidates]
     _check_unique_keys(items)
     if not items:
-        raise UsageError(f"no input images found in {' '.join(inputs)}")
+        raise UsageError(f"no input images found in {' '.join(shown(raw) for raw in inputs)}")
     items.sort(key=lambda item: _natural_key(item.key))
     return Discovery(items, skipped)
 

@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 
 from ldmtool.errors import UsageError
 from ldmtool.io.discover import Item
+from ldmtool.io.files import shown
 from ldmtool.io.images import IMAGE_SUFFIXES
 from ldmtool.io.writer import FORMATS, KEEP, format_for_path, format_name
 
@@ -64,7 +65,7 @@ def _file_format(target: Path, fmt: Optional[str]) -> str:
     """The format of an -o file: its extension's (which must be one ldmtool writes), agreeing with --format."""
     kind = format_for_path(target)
     if fmt and format_name(fmt) not in (kind, KEEP):
-        raise UsageError(f"--format {fmt} disagrees with the extension of -o {target}")
+        raise UsageError(f"--format {fmt} disagrees with the extension of -o {shown(target)}")
     return kind
 
 
@@ -79,7 +80,7 @@ def format_notes(items: Sequence[Item], spec: OutputSpec) -> list[str]:
     """The note --format keep gives once for the inputs whose format ldmtool cannot write."""
     if spec.is_file or not spec.fmt or format_name(spec.fmt) != KEEP:
         return []
-    others = sorted({item.path.suffix.lower() or "(none)" for item in items
+    others = sorted({shown(item.path.suffix.lower()) or "(none)" for item in items
                      if item.path is not None and kept_extension(item) is None})
     if not others:
         return []
@@ -167,7 +168,7 @@ def names_apart(template: str) -> bool:
 def _single_file(items: Sequence[Item], spec: OutputSpec) -> Path:
     target = Path(spec.target or "")
     if len(items) != 1:
-        raise UsageError(f"-o {spec.target} names one file but there are {len(items)} items; give a folder instead")
+        raise UsageError(f"-o {shown(target)} names one file but there are {len(items)} items; give a folder instead")
     _file_format(target, spec.fmt)
     return target
 
@@ -176,7 +177,7 @@ def _check_inside(path: Path, folder: Path, item: Item) -> None:
     root = folder.resolve()
     resolved = path.resolve()
     if resolved != root and root not in resolved.parents:
-        raise UsageError(f"{item.label}: its output name {path} would leave the output folder {folder}")
+        raise UsageError(f"{item.label}: its output name {shown(path)} would leave the output folder {shown(folder)}")
     if resolved == root:
         raise UsageError(f"{item.label}: the name template gives an empty file name")
 
@@ -186,6 +187,6 @@ def _check_no_collisions(items: Sequence[Item], paths: Sequence[Path]) -> None:
     for item, path in zip(items, paths):
         other = owner.setdefault(path.resolve(), item)
         if other is not item:
-            raise UsageError(f"{other.label} and {item.label} would both be written to {path}; "
+            raise UsageError(f"{other.label} and {item.label} would both be written to {shown(path)}; "
                              "add {seed} to --name (a file item's seed comes from its name, so it stays put "
                              "when inputs are added; {index} is the position in the run and renumbers)")

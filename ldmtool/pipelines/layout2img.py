@@ -36,7 +36,7 @@ from ldmtool.diffusion.cond import Cond
 from ldmtool.errors import FatalError, ItemError, LdmError, UsageError
 from ldmtool.families.info import Conditioning
 from ldmtool.io.discover import Item
-from ldmtool.io.files import read_text_file
+from ldmtool.io.files import read_text_file, shown
 from ldmtool.pipelines.base import input_path
 from ldmtool.pipelines.box_raster import box_raster
 from ldmtool.pipelines.engine import Engine, method
@@ -148,29 +148,29 @@ def _load_document(path: Path) -> Any:
     try:
         text = read_text_file(path, _MAX_LAYOUT_BYTES)
     except (OSError, UnicodeDecodeError) as err:
-        raise ItemError(f"{path}: cannot read the layout ({getattr(err, 'strerror', None) or err})") from None
+        raise ItemError(f"{shown(path)}: cannot read the layout ({getattr(err, 'strerror', None) or err})") from None
     kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
     try:
         return json.loads(text) if kind == "JSON" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as err:  # ValueError: also a JSON number of over 4300 digits
-        raise ItemError(f"{path}: not valid {kind} ({' '.join(str(err).split())[:200]})") from None
+        raise ItemError(f"{shown(path)}: not valid {kind} ({' '.join(str(err).split())[:200]})") from None
     except RecursionError:
-        raise ItemError(f"{path}: not a layout ({kind} nested too deep)") from None
+        raise ItemError(f"{shown(path)}: not a layout ({kind} nested too deep)") from None
 
 
 def _layout_parts(doc: Any, path: Path | str) -> tuple[Optional[tuple[float, float]], Optional[str], list[Any]]:
     if isinstance(doc, list):
         doc = {"objects": doc}
     if not isinstance(doc, dict) or not isinstance(doc.get("objects"), list) or not doc["objects"]:
-        raise ItemError(f"{path}: a layout needs \"objects\": a list of {{\"label\": ..., \"box\": [x0, y0, x1, y1]}}")
+        raise ItemError(f"{shown(path)}: a layout needs \"objects\": a list of {{\"label\": ..., \"box\": [x0, y0, x1, y1]}}")
     size = doc.get("size")
     if size is not None:
         if not (isinstance(size, list) and len(size) == 2 and all(_number(v) and v > 0 for v in size)):
-            raise ItemError(f"{path}: \"size\" must be [width, height] in pixels, not {size!r}")
+            raise ItemError(f"{shown(path)}: \"size\" must be [width, height] in pixels, not {size!r}")
         size = (float(size[0]), float(size[1]))
     units = doc.get("units")
     if units not in (None, "pixels", "relative"):
-        raise ItemError(f"{path}: \"units\" must be \"pixels\" or \"relative\", not {units!r}")
+        raise ItemError(f"{shown(path)}: \"units\" must be \"pixels\" or \"relative\", not {units!r}")
     return size, units, doc["objects"]
 
 
@@ -187,28 +187,28 @@ def _number(value: Any) -> bool:
 def _raw_box(obj: Any, path: Path | str, index: int) -> list[float]:
     box = obj.get("box") if isinstance(obj, dict) else None
     if not (isinstance(box, list) and len(box) == 4 and all(_number(v) for v in box)):
-        raise ItemError(f"{path}: object {index} needs \"box\": [x0, y0, x1, y1], not {box!r}")
+        raise ItemError(f"{shown(path)}: object {index} needs \"box\": [x0, y0, x1, y1], not {box!r}")
     return [float(v) for v in box]
 
 
 def _layout_object(obj: Any, index: int, path: Path | str, units: str, width: float, height: float) -> LayoutObject:
     if not isinstance(obj, dict) or not isinstance(obj.get("label"), str):
-        raise ItemError(f"{path}: object {index} needs a \"label\" (an OpenImages class name)")
+        raise ItemError(f"{shown(path)}: object {index} needs a \"label\" (an OpenImages class name)")
     label = obj["label"]
     try:
         category = category_number(label)
     except UsageError as err:
-        raise ItemError(f"{path}: object {index}: {err}") from None
+        raise ItemError(f"{shown(path)}: object {index}: {err}") from None
     x0, y0, x1, y1 = _raw_box(obj, path, index)
     limit_w, limit_h = (1.0, 1.0) if units == "relative" else (width, height)
     if x1 <= x0 or y1 <= y0:
-        raise ItemError(f"{path}: object {index} ({label}): box {[x0, y0, x1, y1]} is empty (need x0 < x1 and y0 < y1)")
+        raise ItemError(f"{shown(path)}: object {index} ({label}): box {[x0, y0, x1, y1]} is empty (need x0 < x1 and y0 < y1)")
     if min(x0, y0) < 0 or x1 > limit_w or y1 > limit_h:
         where = "0..1" if units == "relative" else f"the {width:g}x{height:g} image"
-        raise ItemError(f"{path}: object {index} ({label}): box {[x0, y0, x1, y1]} lies outside {where}")
+        raise ItemError(f"{shown(path)}: object {index} ({label}): box {[x0, y0, x1, y1]} lies outside {where}")
     flags = {name: obj.get(name, False) for name in _FLAGS}
     if not all(isinstance(v, bool) for v in flags.values()):
-        raise ItemError(f"{path}: object {index}: {', '.join(_FLAGS)} must be true or false")
+        raise ItemError(f"{shown(path)}: object {index}: {', '.join(_FLAGS)} must be true or false")
     box = (x0 / limit_w, y0 / limit_h, x1 / limit_w, y1 / limit_h)
     return LayoutObject(category=category, box=box, **flags)
 
@@ -275,12 +275,12 @@ class Layout2ImgTask(GeneratorTask):
         try:
             self._box_tokenizer().tokens(objects)
         except LdmError as err:
-            raise ItemError(f"{path}: {err}") from None
+            raise ItemError(f"{shown(path)}: {err}") from None
         if self.raster_classes is not None:
             unknown = [o for o in objects if o.category not in self.raster_classes]
             if unknown:
                 known = ", ".join(category_name(c) for c in self.raster_classes)
-                raise ItemError(f"{path}: {category_name(unknown[0].category)!r} is not a class this model "
+                raise ItemError(f"{shown(path)}: {category_name(unknown[0].category)!r} is not a class this model "
                                 f"draws ({known})")
         return objects
 

@@ -27,7 +27,7 @@ from ldmtool.checkpoints.bundle import LatentDiffusionBundle
 from ldmtool.diffusion.cond import Cond
 from ldmtool.errors import ItemError, UsageError
 from ldmtool.io.discover import Item
-from ldmtool.io.files import MAX_CONFIG_BYTES, read_bounded, read_text_file
+from ldmtool.io.files import MAX_CONFIG_BYTES, read_bounded, read_text_file, shown
 from ldmtool.io.images import max_pixels_default
 from ldmtool.pipelines.base import input_path, input_size
 from ldmtool.pipelines.engine import Engine, method
@@ -48,22 +48,22 @@ def load_palette(path: Path | str) -> Palette:
     try:
         doc = yaml.safe_load(read_text_file(path, MAX_CONFIG_BYTES))
     except (OSError, UnicodeDecodeError) as err:
-        raise UsageError(f"{path}: cannot read the palette ({getattr(err, 'strerror', None) or err})") from None
+        raise UsageError(f"{shown(path)}: cannot read the palette ({getattr(err, 'strerror', None) or err})") from None
     except yaml.YAMLError as err:
-        raise UsageError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+        raise UsageError(f"{shown(path)}: not valid YAML ({' '.join(str(err).split())})") from None
     except RecursionError:
-        raise UsageError(f"{path}: not a palette (YAML nested too deep)") from None
+        raise UsageError(f"{shown(path)}: not a palette (YAML nested too deep)") from None
     if isinstance(doc, dict) and set(doc) == {"palette"}:
         doc = doc["palette"]
     if not isinstance(doc, dict) or not doc:
-        raise UsageError(f"{path}: a palette maps class ids to colours, e.g. `156: \"#87ceeb\"`")
+        raise UsageError(f"{shown(path)}: a palette maps class ids to colours, e.g. `156: \"#87ceeb\"`")
     palette: Palette = {}
     for key, value in doc.items():
         if isinstance(key, bool) or not isinstance(key, int) or key < 0:
-            raise UsageError(f"{path}: {key!r} is not a class id (a whole number from 0)")
+            raise UsageError(f"{shown(path)}: {key!r} is not a class id (a whole number from 0)")
         colour = _colour(value, path, key)
         if colour in palette:
-            raise UsageError(f"{path}: classes {palette[colour]} and {key} have the same colour {_hex(colour)}")
+            raise UsageError(f"{shown(path)}: classes {palette[colour]} and {key} have the same colour {_hex(colour)}")
         palette[colour] = key
     return palette
 
@@ -78,7 +78,7 @@ def _colour(value: Any, path: Path | str, key: int) -> tuple[int, int, int]:
     if isinstance(value, list) and len(value) == 3 and all(
             isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in value):
         return value[0], value[1], value[2]
-    raise UsageError(f"{path}: class {key}: colour {value!r} must be \"#rrggbb\" or [r, g, b] with 0-255")
+    raise UsageError(f"{shown(path)}: class {key}: colour {value!r} must be \"#rrggbb\" or [r, g, b] with 0-255")
 
 
 def _hex(colour: tuple[int, int, int]) -> str:
@@ -117,10 +117,10 @@ def _labels_of_array(array: np.ndarray, n_classes: int, palette: Optional[Palett
     elif array.ndim == 2 and np.issubdtype(array.dtype, np.integer) and palette is None:
         labels = array.astype(np.int64)
     else:
-        raise UsageError(f"{path}: a label map array is (H, W) integer class ids, or (H, W, 3) uint8 colours "
+        raise UsageError(f"{shown(path)}: a label map array is (H, W) integer class ids, or (H, W, 3) uint8 colours "
                          f"with a palette; not {array.dtype} {array.shape}")
     if labels.size and labels.min() < 0:
-        raise UsageError(f"{path}: class ids are 0 or more")
+        raise UsageError(f"{shown(path)}: class ids are 0 or more")
     _check_ids(labels, n_classes, path)
     return labels
 
@@ -132,14 +132,14 @@ def _open_map(path: Path, max_pixels: int) -> Image.Image:
             image = Image.open(io.BytesIO(read_bounded(path)))
             width, height = image.size
             if width * height > max_pixels:
-                raise ItemError(f"{path}: {width}x{height} label map is over the limit of {max_pixels} pixels")
+                raise ItemError(f"{shown(path)}: {width}x{height} label map is over the limit of {max_pixels} pixels")
             image.load()
         return image
     except ItemError:
         raise
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         reason = " ".join(str(err).split()) or type(err).__name__
-        raise ItemError(f"{path}: cannot read the label map ({reason})") from None
+        raise ItemError(f"{shown(path)}: cannot read the label map ({reason})") from None
 
 
 def _labels_from_colours(rgb: np.ndarray, palette: Palette, path: Path | str) -> np.ndarray:
@@ -152,7 +152,7 @@ def _labels_from_colours(rgb: np.ndarray, palette: Palette, path: Path | str) ->
     unknown = keys[where] != packed
     if unknown.any():
         y, x = (int(v[0]) for v in np.nonzero(unknown))
-        raise ItemError(f"{path}: colour {_hex((int(rgb[y, x, 0]), int(rgb[y, x, 1]), int(rgb[y, x, 2])))} at pixel ({x}, {y}) is not in "
+        raise ItemError(f"{shown(path)}: colour {_hex((int(rgb[y, x, 0]), int(rgb[y, x, 1]), int(rgb[y, x, 2])))} at pixel ({x}, {y}) is not in "
                         f"the palette ({int(unknown.sum())} pixel(s) have colours it does not list)")
     labels: np.ndarray = ids[where]
     return labels
@@ -160,7 +160,7 @@ def _labels_from_colours(rgb: np.ndarray, palette: Palette, path: Path | str) ->
 
 def _labels_from_gray_rgb(rgb: np.ndarray, path: Path | str) -> np.ndarray:
     if not ((rgb[..., 0] == rgb[..., 1]) & (rgb[..., 1] == rgb[..., 2])).all():
-        raise ItemError(f"{path}: a colour label map needs --palette FILE.yaml (class id → colour); "
+        raise ItemError(f"{shown(path)}: a colour label map needs --palette FILE.yaml (class id → colour); "
                         "or save the map as an index PNG whose pixel values are class ids")
     return rgb[..., 0].astype(np.int64)
 
@@ -169,7 +169,7 @@ def _check_ids(labels: np.ndarray, n_classes: int, path: Path | str) -> None:
     bad = labels >= n_classes
     if bad.any():
         y, x = (int(v[0]) for v in np.nonzero(bad))
-        raise ItemError(f"{path}: class id {int(labels[y, x])} at pixel ({x}, {y}) is not one of the model's "
+        raise ItemError(f"{shown(path)}: class id {int(labels[y, x])} at pixel ({x}, {y}) is not one of the model's "
                         f"{n_classes} classes (0-{n_classes - 1})")
 
 

@@ -366,7 +366,8 @@ def file_signature(path: Path) -> Optional[tuple[int, int, int, int]]:
 
 
 def one_line(err: BaseException, item: Item) -> str:
-    """The failure reason on one line, always naming the item's file (or key)."""
+    """The failure reason on one line, always naming the item's file (or key) once, as `shown` writes it (the
+    readers' own messages name it so)."""
     text = " ".join(str(err).split())
     if not isinstance(err, LdmError):
         text = f"{type(err).__name__}: {text}" if text else type(err).__name__

@@ -18,7 +18,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional, TextIO
 
-from ldmtool.io.files import json_line
+from ldmtool.io.files import json_line, shown
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
@@ -171,8 +171,9 @@ class Reporter:
                 event["reason"] = reason
             self._emit(event)
             return
-        source = key if input is None else str(input)
-        self.out.write(f"{action:<4} {source} -> {output} (seed {seed})" + (f": {reason}" if reason else "") + "\n")
+        source = shown(key if input is None else input)
+        self.out.write(f"{action:<4} {source} -> {shown(output)} (seed {seed})" + (f": {reason}" if reason else "")
+                       + "\n")
 
     def dry_run_finish(self, plan: "RunPlan", counts: Mapping[str, int], seed: Optional[int]) -> None:
         """The end of a `--dry-run`: the plan, and how many items would run, be skipped or fail."""
