@@ -101,3 +101,43 @@ def test_camera_exif_is_not_generation_metadata(tmp_path):
     exif[0x010E] = "Holiday snap"
     Image.new("RGB", (4, 4)).save(tmp_path / "camera.jpg", exif=exif.tobytes())
     assert read_metadata(tmp_path / "camera.jpg") is None
+
+
+def _long_metadata(prompt):
+    params = {**PARAMS, "prompt": prompt, "negative": prompt}
+    return build_metadata(command="txt2img", params=params, seed=1, argv=["ldmtool", "txt2img", "--prompt", prompt],
+                          extra={"job": {"data": {"prompt": prompt}}, "cli": {"prompt": prompt}})
+
+
+@pytest.mark.parametrize("prompt", ["红色的圆" * 600, "a red fox in the snow, " * 400])
+def test_a_recipe_too_long_for_jpeg_exif_is_stored_compressed(tmp_path, prompt):
+    """JPEG holds 64 KiB of EXIF; the recipe repeats the prompt (6 bytes a CJK character, ASCII-escaped), so a
+    long prompt is written with the recipe compressed, and read back the same."""
+    metadata = _long_metadata(prompt)
+    path = write_image(tmp_path / "x.jpg", np.zeros((6, 8, 3), np.float32), metadata=metadata)
+    with Image.open(path) as image:
+        assert image.getexif()[0x010E].startswith("ldmtool-recipe-zlib:")
+    assert read_metadata(path) == metadata
+    webp = write_image(tmp_path / "x.webp", np.zeros((6, 8, 3), np.float32), metadata=metadata)
+    assert _pillow_view(webp) == (metadata.parameters, metadata.recipe)  # WebP has room for the plain recipe
+
+
+def test_metadata_too_long_even_compressed_fails_the_item_in_one_line(tmp_path):
+    from ldmtool.errors import ItemError
+
+    metadata = _long_metadata("".join(chr(0x4E00 + i % 20000) for i in range(40_000)))
+    with pytest.raises(ItemError) as caught:
+        write_image(tmp_path / "x.jpg", np.zeros((6, 8, 3), np.float32), metadata=metadata)
+    message = str(caught.value)
+    assert message.startswith(f"{tmp_path / 'x.jpg'}: the metadata is ") and "--format png or webp" in message
+    assert "\n" not in message and list(tmp_path.iterdir()) == []
+
+
+def test_a_damaged_compressed_recipe_is_one_line(tmp_path):
+    from ldmtool.errors import ItemError
+
+    exif = Image.Exif()
+    exif[0x010E] = "ldmtool-recipe-zlib:bm90IHpsaWI="
+    Image.new("RGB", (4, 4)).save(tmp_path / "bad.jpg", exif=exif.tobytes())
+    with pytest.raises(ItemError, match="bad.jpg: the compressed ldmtool recipe in this image is damaged"):
+        read_metadata(tmp_path / "bad.jpg")

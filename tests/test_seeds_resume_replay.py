@@ -170,6 +170,20 @@ def test_empty_and_cut_short_outputs_are_redone(tree_and_more):
     assert (cwd / "out" / "b.png").read_bytes() == whole
 
 
+def test_a_jpeg_whose_recipe_was_compressed_is_still_this_jobs_output(tmp_path, sd1):
+    """A long non-ASCII prompt's recipe does not fit JPEG's EXIF plainly and is stored compressed: the output
+    is written, and a rerun (with or without the seed) recognises it and skips it."""
+    prompt = "红色的圆, " * 1200
+    first = _txt2img(tmp_path, "--prompt", prompt, "--model", sd1, "-o", "out", "--format", "jpg", "--seed", 5)
+    assert first.returncode == 0, first.stderr
+    output = Path(item_events(first)[0]["output"])
+    with Image.open(tmp_path / output) as image:
+        assert image.getexif()[0x010E].startswith("ldmtool-recipe-zlib:")
+    for seed_args in (("--seed", 5), ()):
+        again = _txt2img(tmp_path, "--prompt", prompt, "--model", sd1, "-o", "out", "--format", "jpg", *seed_args)
+        assert again.returncode == 0 and [e["event"] for e in item_events(again)] == ["skipped"], again.stderr
+
+
 def test_output_folder_equal_to_the_input_folder_is_a_usage_error(tree_and_more):
     result = ldmtool("_invert", "in", "-o", "in", cwd=tree_and_more)
     assert result.returncode == 2

@@ -7,7 +7,9 @@ Two records travel with every image:
   and the seed, enough to replay the run.
 PNG stores them as text chunks `parameters` and `ldmtool`. JPEG, WebP and TIFF store them in EXIF: the
 parameters in UserComment (as A1111 does) and the recipe, ASCII-escaped JSON, in ImageDescription (for
-TIFF, the file's own ImageDescription tag).
+TIFF, the file's own ImageDescription tag). JPEG holds at most 64 KiB of EXIF: a recipe that does not fit
+there plainly (a long or non-ASCII prompt, which the recipe repeats) is stored zlib-compressed and base64
+-encoded, and read back the same.
 """
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ _USER_COMMENT = 0x9286
 _IMAGE_DESCRIPTION = 0x010E
 _UNICODE_PREFIX = b"UNICODE\x00"
 _RECIPE_PREFIX = "ldmtool-recipe:"
+_COMPACT_RECIPE_PREFIX = "ldmtool-recipe-zlib:"
+_MAX_RECIPE_BYTES = 64 << 20  # a compressed recipe that inflates past this is damaged (or a zip bomb)
 
 # A1111 labels for the parameters it knows; anything else is shown under its own name.
 _A1111_LABELS = {"steps": "Steps", "sampler": "Sampler", "schedule_type": "Schedule type", "cfg": "CFG scale",
@@ -165,9 +169,29 @@ def png_info(metadata: ImageMetadata) -> PngInfo:
     return info
 
 
-def exif_bytes(metadata: Optional[ImageMetadata], carried: Optional[bytes] = None) -> bytes:
+class MetadataTooLarge(ItemError):
+    """The metadata does not fit in the format's EXIF block, even with the recipe compressed."""
+
+
+def exif_bytes(metadata: Optional[ImageMetadata], carried: Optional[bytes] = None, *,
+               limit: Optional[int] = None) -> bytes:
     """EXIF for JPEG/WebP/TIFF: parameters in UserComment (UTF-16), the recipe as ASCII JSON in
-    ImageDescription, added to the input's `carried` EXIF (`io/source.py`) when there is one."""
+    ImageDescription, added to the input's `carried` EXIF (`io/source.py`) when there is one.
+
+    With a `limit` in bytes (JPEG's), what does not fit is given up in this order: the plain recipe for its
+    compact form while the carried EXIF stays, then the carried EXIF; MetadataTooLarge when even the
+    parameters and the compact recipe alone do not fit."""
+    attempts = [(kept, compact) for kept in ([carried, None] if carried else [None]) for compact in (False, True)]
+    for kept, compact in attempts:
+        data = _exif(metadata, kept, compact=compact)
+        if limit is None or len(data) <= limit:
+            return data
+    raise MetadataTooLarge(f"the metadata is {len(data)} bytes even with the recipe compressed, over the {limit} "
+                           f"bytes of EXIF this format holds (a very long prompt?); nothing was written; "
+                           f"use --format png or webp")
+
+
+def _exif(metadata: Optional[ImageMetadata], carried: Optional[bytes], *, compact: bool) -> bytes:
     from PIL import Image
 
     exif = Image.Exif()
@@ -177,9 +201,20 @@ def exif_bytes(metadata: Optional[ImageMetadata], carried: Optional[bytes] = Non
         except Exception:  # carried EXIF was checked on read; should it not load now, it is dropped
             exif = Image.Exif()
     if metadata is not None:
-        exif[_IMAGE_DESCRIPTION] = _RECIPE_PREFIX + json.dumps(metadata.recipe, ensure_ascii=True)
+        exif[_IMAGE_DESCRIPTION] = _compact_recipe(metadata.recipe) if compact else (
+            _RECIPE_PREFIX + json.dumps(metadata.recipe, ensure_ascii=True))
         exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = _UNICODE_PREFIX + metadata.parameters.encode("utf-16-be")
     return exif.tobytes()
+
+
+def _compact_recipe(recipe: dict[str, Any]) -> str:
+    """The recipe as zlib-compressed UTF-8 JSON in base64: the prompt's repeats (the command line, the
+    parameters, the job's identity, replay's item) compress to little more than one copy."""
+    import base64
+    import zlib
+
+    packed = zlib.compress(json.dumps(recipe, ensure_ascii=False).encode("utf-8"), 9)
+    return _COMPACT_RECIPE_PREFIX + base64.b64encode(packed).decode("ascii")
 
 
 # ---------------------------------------------------------------- reading
@@ -238,9 +273,26 @@ def _from_exif(path: Path, exif: Exif) -> Optional[ImageMetadata]:
     recipe_text = None
     if isinstance(description, str) and description.startswith(_RECIPE_PREFIX):
         recipe_text = description[len(_RECIPE_PREFIX):]
+    elif isinstance(description, str) and description.startswith(_COMPACT_RECIPE_PREFIX):
+        recipe_text = _inflate_recipe(path, description[len(_COMPACT_RECIPE_PREFIX):])
     if recipe_text is None and not comment:
         return None  # a camera's own description is not generation metadata
     return ImageMetadata(parameters=_decode_user_comment(comment), recipe=_parse_recipe(path, recipe_text))
+
+
+def _inflate_recipe(path: Path, text: str) -> str:
+    import base64
+    import binascii
+    import zlib
+
+    try:
+        inflater = zlib.decompressobj()
+        raw = inflater.decompress(base64.b64decode(text, validate=True), _MAX_RECIPE_BYTES)
+        if inflater.unconsumed_tail or not inflater.eof:
+            raise ValueError("cut short or too large")
+        return raw.decode("utf-8")
+    except (binascii.Error, zlib.error, ValueError):
+        raise ItemError(f"{path}: the compressed ldmtool recipe in this image is damaged") from None
 
 
 def _decode_user_comment(raw: str | bytes | None) -> str:

@@ -23,7 +23,7 @@ import numpy as np
 from ldmtool.errors import FatalError, ItemError, UsageError
 from ldmtool.io.files import process_alive, shown
 from ldmtool.io.images import to_uint8
-from ldmtool.io.metadata import ImageMetadata, exif_bytes, png_info
+from ldmtool.io.metadata import ImageMetadata, MetadataTooLarge, exif_bytes, png_info
 from ldmtool.io.source import SourceInfo, icc_fits
 
 FORMATS = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg", ".webp": "webp", ".tif": "tiff", ".tiff": "tiff"}
@@ -33,6 +33,7 @@ SIXTEEN_BIT = ("png", "tiff")  # formats written at 16 bits per channel when the
 TEMP_SUFFIX = ".ldmtool-tmp"
 DEFAULT_QUALITY = 95
 _WRITABLE = "use .png, .jpg, .webp or .tif"
+_EXIF_LIMITS = {"jpg": 65533}  # bytes of EXIF (with its 'Exif' header) in JPEG's one APP1 segment
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
@@ -102,23 +103,14 @@ def encode_into(out: BinaryIO, image: np.ndarray, fmt: str, *, alpha: Optional[n
     if icc is not None:
         settings["icc_profile"] = icc
     kind = {"jpg": "JPEG", "webp": "WEBP", "tiff": "TIFF"}[fmt]
-    try:
-        _save(out, picture, kind, settings, metadata, carried)
-    except ValueError:  # the carried EXIF does not fit the format (JPEG: 64 KiB): the output goes without it
-        out.seek(0)
-        out.truncate()
-        _save(out, picture, kind, settings, metadata, None)
+    if metadata or carried:
+        settings["exif"] = exif_bytes(metadata, carried, limit=_EXIF_LIMITS.get(fmt))
+    picture.save(out, kind, **settings)
 
 
 def check_format(fmt: str) -> None:
     if fmt not in EXTENSIONS.values():
         raise UsageError(f"output format {fmt!r} is not supported; use png, jpg, webp or tiff")
-
-
-def _save(out: BinaryIO, picture: Any, kind: str, settings: dict[str, object], metadata: Optional[ImageMetadata],
-          carried: Optional[bytes]) -> None:
-    extra = {"exif": exif_bytes(metadata, carried)} if metadata or carried else {}
-    picture.save(out, kind, **settings, **extra)
 
 
 def _encode_png(out: BinaryIO, pixels: np.ndarray, metadata: Optional[ImageMetadata], carried: Optional[bytes],
@@ -247,8 +239,11 @@ def write_image(
     path = Path(path)
     fmt = fmt or format_for_path(path)
     check_format(fmt)
-    atomic_write(path, lambda out: encode_into(out, image, fmt, alpha=alpha, quality=quality, metadata=metadata,
-                                               source=source, bit_depth=bit_depth, grey=grey))
+    try:
+        atomic_write(path, lambda out: encode_into(out, image, fmt, alpha=alpha, quality=quality,
+                                                   metadata=metadata, source=source, bit_depth=bit_depth, grey=grey))
+    except MetadataTooLarge as err:
+        raise ItemError(f"{shown(path)}: {err}") from None
     return path
 
 
