@@ -193,6 +193,33 @@ def test_a_claim_left_without_its_record_is_taken_over_after_a_grace(tmp_path: P
     claims.close()
 
 
+@pytest.mark.parametrize("elsewhere", [{"pid_ns": 4026531836 + 7}, {"boot_id": "another-boot"}])
+def test_a_claim_from_another_pid_namespace_under_this_host_name_waits_for_its_heartbeat(
+        tmp_path: Path, elsewhere: dict) -> None:
+    """Containers with host networking share the host name, not the PID namespace: their process ids mean
+    nothing here, so their claims go stale by the heartbeat only (review B, bug 11: live runs were taken over)."""
+    try:
+        here = {"boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+                "pid_ns": os.stat("/proc/self/ns/pid").st_ino}
+    except OSError:
+        pytest.skip("no /proc here: no namespace to tell apart")
+    record = {"host": socket.gethostname(), "pid": 2**22 + 12345, "started": 1, **here, **elsewhere,
+              "run": "container", "claims": "a.png"}  # no such pid here: gone, were it ours
+    path = claim_path(tmp_path, "a.png")
+    path.write_text(json.dumps(record))
+    claims = Claims(timeout=600)
+    holder = claims.acquire(tmp_path, "a.png")
+    assert holder is not None and holder["run"] == "container", "a live claim was taken over"
+    private = tmp_path / f"{path.name}.container.new"
+    private.write_text(json.dumps(record))
+    claims.remove_stale({tmp_path: [private.name]})
+    assert private.exists(), "a record being made in another container is not removed before the grace"
+    os.utime(path, (time.time() - 700,) * 2)
+    assert claims.acquire(tmp_path, "a.png") is None  # no heartbeat: taken over
+    assert {key: json.loads(path.read_text())[key] for key in here} == here  # ours records where it runs
+    claims.close()
+
+
 def test_a_dead_runs_process_id_given_to_another_process_does_not_keep_its_claim(tmp_path: Path) -> None:
     """Process ids are reused (32768 of them on many systems): the claim records its process's start time too."""
     from ldmtool.runtime.claims import process_start

@@ -4,12 +4,15 @@ Before an item runs, its output is claimed by creating a hidden claim file besid
 written to a private file first and hard-linked to the claim's name (exclusive and atomic on local file
 systems and on NFSv3+; `O_EXCL` then a write where links are not supported), so a run killed at any moment
 never leaves a claim without its record. The file holds the claiming host, process id, the process's start
-time and the run token, and its modification time is the heartbeat, refreshed by a background thread while
-the claim is held. Another run that finds the claim leaves the item alone, unless the claim is stale: its
-heartbeat is older than `$LDMTOOL_CLAIM_TIMEOUT` seconds (default 120) whatever host made it, or it was made
-on this host by a process that no longer exists (a killed run's claims are taken over at once; a process id
-taken since by another process does not count, its start time differs), or it has had no whole record for
-`_PARTIAL_GRACE` seconds. Taking over renames the stale file to a private name first, so of two runs that
+time, its machine's boot id and PID namespace, and the run token, and its modification time is the
+heartbeat, refreshed by a background thread while the claim is held. Another run that finds the claim leaves
+the item alone, unless the claim is stale: its heartbeat is older than `$LDMTOOL_CLAIM_TIMEOUT` seconds
+(default 120) whatever host made it, or it was made on this host, in this PID namespace, by a process that
+no longer exists (a killed run's claims are taken over at once; a process id taken since by another process
+does not count, its start time differs), or it has had no whole record for `_PARTIAL_GRACE` seconds.
+Containers or machines that share a host name but not a PID namespace (host networking) cannot see each
+other's processes: their claims go stale by the heartbeat only. A claim of an older ldmtool, without the
+boot id and namespace, is judged by host and process as that version did. Taking over renames the stale file to a private name first, so of two runs that
 find the same stale claim only one gets it; such private files a killed run left behind are removed with
 the stale claims.
 
@@ -63,6 +66,7 @@ class Claims:
         self.timeout = float(timeout if timeout is not None else claim_timeout())
         self.token = uuid.uuid4().hex
         self.host = socket.gethostname()
+        self.namespace = process_namespace()
         self._held: dict[Path, str] = {}  # claim file -> what it claims
         self._unclaimable: set[Path] = set()  # claims that could not be written: the item runs unclaimed
         self._lock = threading.Lock()
@@ -76,8 +80,8 @@ class Claims:
         record (host, pid, ...; {} while the holder is still writing it)."""
         path = claim_path(folder, name)
         for _ in range(3):  # a stale claim taken over by someone else in between: look again
-            record = {"host": self.host, "pid": os.getpid(), "started": process_start(os.getpid()), "run": self.token,
-                      "claims": name, **(extra or {})}
+            record = {"host": self.host, "pid": os.getpid(), "started": process_start(os.getpid()),
+                      **self.namespace, "run": self.token, "claims": name, **(extra or {})}
             try:
                 created = _create(path, record, private=path.with_name(f"{path.name}.{self.token}.new"))
             except OSError:  # a folder that cannot hold the claim cannot hold the output: writing says why
@@ -131,11 +135,13 @@ class Claims:
         return self._gone(holder)
 
     def _gone(self, holder: dict[str, Any]) -> bool:
-        """Whether the record names another run's process on this host that no longer exists (a pid given to
-        another process since counts as gone)."""
+        """Whether the record names another run's process on this host, in this PID namespace, that no longer
+        exists (a pid given to another process since counts as gone)."""
         pid = holder.get("pid")
         if holder.get("host") != self.host or not isinstance(pid, int) or holder.get("run") == self.token:
             return False
+        if any(key in holder and holder[key] != mine for key, mine in self.namespace.items()):
+            return False  # another machine or container under the same host name: its pids are not ours
         if not process_alive(pid):
             return True
         started, current = holder.get("started"), process_start(pid)  # None where unknown: the pid decides
@@ -246,6 +252,20 @@ def process_start(pid: int) -> Optional[int]:
         return int(fields[19])  # proc(5) field 22, starttime
     except (IndexError, ValueError):
         return None
+
+
+def process_namespace() -> dict[str, Any]:
+    """Where this process's id means something: the kernel's boot id (one per machine and boot) and the
+    inode of its PID namespace (one per container); None for each where unknown (not Linux)."""
+    try:
+        boot_id: Optional[str] = Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        boot_id = None
+    try:
+        pid_namespace: Optional[int] = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        pid_namespace = None
+    return {"boot_id": boot_id, "pid_ns": pid_namespace}
 
 
 def _remove_if_older(path: Path, seconds: float) -> int:
