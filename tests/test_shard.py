@@ -156,3 +156,28 @@ def test_merge_keeps_every_cell_of_a_sharded_sweep(tmp_path, cli):
     outputs = [os.path.basename(json.loads(line)["output"])
                for line in (out / "ldmtool-manifest.jsonl").read_text().splitlines()]
     assert outputs == [f"{name}-steps{steps}.png" for name in "abc" for steps in (1, 2)]
+
+
+def test_membership_and_merge_write_through_temporary_files_of_their_own(tmp_path, cli):
+    """Two runs of one shard, or two merges, at once: neither takes the other's temporary file (review B,
+    bug 12: one fixed name shared by every process crashed the slower run with a traceback)."""
+    inputs = _folder(tmp_path / "in", n=4)
+    out = tmp_path / "out"
+    (out / ".ldmtool-shard-1-of-2.json.tmp").mkdir(parents=True)  # the name every run used to write to
+    others = out / ".ldmtool-manifest.jsonl.tmp"
+    others.write_text("another merge's records\n")
+    code, _, err = cli("_invert", inputs, "-r", "-o", out, "--seed", 1, "--shard", "1/2", "--quiet")
+    assert code == 0, err
+    assert json.loads((out / "ldmtool-shard-1-of-2.json").read_text())["shard"] == "1/2"
+    cli("manifest", "merge", out)
+    assert others.read_text() == "another merge's records\n" and (out / "ldmtool-manifest.jsonl").is_file()
+    assert not list(out.glob("*.ldmtool-tmp"))
+
+
+def test_a_membership_file_that_cannot_be_written_is_one_fatal_line(tmp_path, cli):
+    inputs = _folder(tmp_path / "in", n=4)
+    (tmp_path / "out" / "ldmtool-shard-1-of-2.json").mkdir(parents=True)
+    code, _, err = cli("_invert", inputs, "-r", "-o", tmp_path / "out", "--seed", 1, "--shard", "1/2", "--quiet")
+    assert code == 3 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "ldmtool-shard-1-of-2.json: cannot write" in err and "a folder with that name is in the way" in err
+    assert not list((tmp_path / "out").glob(".*ldmtool-tmp"))

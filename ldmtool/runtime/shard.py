@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence, TypeVar
 
 from ldmtool.errors import UsageError
 from ldmtool.io.manifest import MANIFEST_NAME, Manifest
+from ldmtool.io.writer import atomic_write_bytes, temp_name
 
 T = TypeVar("T")
 _PART = re.compile(r"^ldmtool-manifest\.shard-(\d+)-of-(\d+)\.jsonl$")
@@ -69,11 +70,11 @@ def select(items: Sequence[T], shard: Shard, key: Callable[[T], str]) -> list[T]
 
 
 def write_members(folder: Path, shard: Shard, keys: Sequence[str]) -> None:
-    """Record which keys this shard owns (atomically), so a merge can tell what never finished."""
-    path = Path(folder) / shard.members_name
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(json.dumps({"shard": str(shard), "keys": list(keys)}) + "\n", encoding="utf-8")
-    os.replace(temp, path)
+    """Record which keys this shard owns, so a merge can tell what never finished: atomically, through a
+    temporary file of this process's own (two runs of one shard may write it at once); FatalError when the
+    folder cannot hold it."""
+    data = json.dumps({"shard": str(shard), "keys": list(keys)}) + "\n"
+    atomic_write_bytes(Path(folder) / shard.members_name, data.encode("utf-8"))
 
 
 def strip_scheduling(argv: Sequence[str]) -> list[str]:
@@ -211,7 +212,7 @@ def merge_manifests(folder: Path) -> MergeReport:
             report.missing_shards.append(index)
         index += 1
     merged = main
-    temp = merged.with_name(f".{merged.name}.tmp")
+    temp = temp_name(merged)  # this process's own: two merges at once do not interleave their records
     temp.unlink(missing_ok=True)
     manifest = Manifest(temp)
     for output in sorted(latest):
