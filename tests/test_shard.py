@@ -181,3 +181,15 @@ def test_a_membership_file_that_cannot_be_written_is_one_fatal_line(tmp_path, cl
     assert code == 3 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert "ldmtool-shard-1-of-2.json: cannot write" in err and "a folder with that name is in the way" in err
     assert not list((tmp_path / "out").glob(".*ldmtool-tmp"))
+
+
+def test_a_merged_manifest_that_cannot_be_written_is_one_fatal_line(tmp_path, cli):
+    inputs = _folder(tmp_path / "in", n=4)
+    out = tmp_path / "out"
+    for k in (1, 2):
+        assert cli("_invert", inputs, "-r", "-o", out, "--seed", 1, "--shard", f"{k}/2", "--quiet")[0] == 0
+    (out / "ldmtool-manifest.jsonl").mkdir()  # a folder where the merged manifest goes
+    (out / "ldmtool-manifest.jsonl" / "x").write_text("keeps it from being replaced")
+    code, _, err = cli("manifest", "merge", out)
+    assert code == 3 and "Traceback" not in err and "cannot write the merged manifest" in err
+    assert not list(out.glob(".*tmp"))

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
-from ldmtool.errors import UsageError
+from ldmtool.errors import FatalError, UsageError
+from ldmtool.io.files import shown
 from ldmtool.io.manifest import MANIFEST_NAME, Manifest
 from ldmtool.io.writer import atomic_write_bytes, temp_name
 
@@ -218,7 +219,11 @@ def merge_manifests(folder: Path) -> MergeReport:
     for output in sorted(latest):
         manifest.append(latest[output])
     if temp.exists():
-        os.replace(temp, merged)
+        try:
+            os.replace(temp, merged)
+        except OSError as err:
+            temp.unlink(missing_ok=True)
+            raise FatalError(f"{shown(merged)}: cannot write the merged manifest ({err.strerror or err})") from None
     report.done = sum(1 for r in latest.values() if r.get("status") == "done")
     report.failed = sorted({key for (key, _), r in latest.items() if r.get("status") == "failed"})
     recorded = {key for key, _ in latest}
