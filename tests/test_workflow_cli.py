@@ -157,7 +157,7 @@ def test_example_workflows_parse_and_name_only_options_their_commands_take():
         for step in read_workflow(path, task_commands()):
             flags = {flag for param in group.commands[step.command].params for flag in getattr(param, "opts", [])}
             assert {f"--{name}" for name in step.options} <= flags, (path, step)
-            for value in step.argv(path.parent):
+            for value in step.argv(path.parent, frozenset({"prompts"})):
                 assert not value.startswith("../") or (path.parent / value).exists()
 
 
@@ -249,3 +249,86 @@ def test_a_chained_img2img_without_a_prompt_takes_each_inputs_recorded_prompt(tm
         assert alone.exit_code == 0, alone.output
         assert np.array_equal(_pixels(tmp_path)[f"alone-{final.name}"], np.asarray(Image.open(final)))
     assert prompts == {"a red fox", "a blue bird"}
+
+
+def _text_step(models: Path, **options) -> dict:
+    return {"txt2img": {"prompt": "a red fox", "model": str(models / "text.safetensors"), "width": 32, "height": 32,
+                        **FAST, **options}}
+
+
+@pytest.mark.parametrize("later, message", [
+    ({"img2img": {"strenght": 0.2}}, "step 3 (img2img): No such option: --strenght"),
+    ({"img2img": {"strength": "lots"}}, "step 3 (img2img): Invalid value for '--strength'"),
+    ({"superres": {"scale": 2, "steps": 0}}, "step 3 (superres): Invalid value for '--steps'"),
+])
+def test_every_steps_options_are_checked_before_the_first_step_runs(tmp_path, models, later, message):
+    workflow = tmp_path / "typo.yaml"
+    workflow.write_text(json.dumps([_text_step(models), {"img2img": {"strength": 0.2}}, later]))
+    result = run_cli("run", workflow, "-o", tmp_path / "out", "--seed", 1)
+    assert result.exit_code == 2
+    assert f"ldmtool: error: {workflow}: {message}" in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()  # nothing ran
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_an_output_named_like_an_image_is_a_usage_error(tmp_path, models, steps):
+    workflow = tmp_path / "wf.yaml"
+    workflow.write_text(json.dumps([_text_step(models), {"img2img": {"strength": 0.2}}][:steps]))
+    result = run_cli("run", workflow, "-o", tmp_path / "out.png", "--seed", 1)
+    assert result.exit_code == 2
+    assert f"-o {tmp_path / 'out.png'}: a workflow writes a folder" in result.stderr
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_line_and_exit_3(tmp_path, models):
+    workflow = tmp_path / "wf.yaml"
+    workflow.write_text(json.dumps([_text_step(models)]))
+    (tmp_path / "afile").write_text("x")
+    result = run_cli("run", workflow, "-o", tmp_path / "afile" / "out", "--seed", 1, "--quiet")
+    assert result.exit_code == 3
+    assert result.stderr.count("ldmtool: error:") == 1 and "cannot create the output folder" in result.stderr
+
+
+def test_a_step_that_fails_every_item_stops_the_chain_with_exit_1(tmp_path, models):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    pixels = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "whole.png")
+    (photos / "broken.png").write_bytes((tmp_path / "whole.png").read_bytes()[:300])  # cut short
+    workflow = tmp_path / "wf.yaml"
+    workflow.write_text(json.dumps([{"superres": {"scale": 2, "model": str(models / "bsr.safetensors"), **FAST}},
+                                    {"img2img": {"strength": 0.5, "model": str(models / "text.safetensors"), **FAST}}]))
+    result = run_cli("run", workflow, photos, "-o", tmp_path / "out", "--seed", 1, "--quiet")
+    assert result.exit_code == 1, result.output
+    assert f"ldmtool: error: {workflow}: step 1 (superres) failed every item" in result.stderr
+    assert "no input images" not in result.stderr
+
+
+def test_a_finished_workflow_run_again_without_seed_and_steps_only_skips(tmp_path, models):
+    workflow = tmp_path / "wf.yaml"
+    workflow.write_text(json.dumps([_text_step(models, n=2), {"img2img": {"strength": 0.5, **FAST}}]))
+    runs = [run_cli("run", workflow, "-o", tmp_path / "out", "--remove-steps", "--json") for _ in range(2)]
+    assert [run.exit_code for run in runs] == [0, 0], runs[1].output
+    assert _counts(_events(runs[1]), tmp_path / "out") == (0, 2)  # the rerun took the first run's seed
+    assert not (tmp_path / "out" / "steps").exists()
+    records = [json.loads(line) for line in (tmp_path / "out" / "workflow.jsonl").read_text().splitlines()]
+    assert len({record["seed"] for record in records}) == 1
+
+
+def test_every_option_that_names_a_file_is_found_beside_the_workflow(tmp_path):
+    from ldmtool.cli.workflow import path_options
+    from ldmtool.runtime.workflow import Step
+
+    assert {"palette", "model", "config"} <= path_options("semantic2img") and "prompts" in path_options("txt2img")
+    assert {"control-image", "controlnet", "adapter", "vae", "lora", "lora-dir", "embeddings-dir", "refiner",
+            "text-encoder", "tokenizer", "wildcards", "masks"} - path_options("txt2img") - path_options("inpaint") \
+        - path_options("img2img") == set()
+    assert not {"prompt", "negative", "steps", "sampler", "name"} & path_options("txt2img")
+    for name in ("a.png", "b.png", "style.safetensors", "palette.yaml"):
+        (tmp_path / name).write_text("x")
+    step = Step("txt2img", {"control-image": ["a.png", "b.png", "elsewhere.png"], "lora": "style.safetensors:0.5",
+                            "palette": "palette.yaml", "prompt": "a.png"})
+    assert step.argv(tmp_path, frozenset({"control-image", "lora", "palette"})) == [
+        "--control-image", str(tmp_path / "a.png"), "--control-image", str(tmp_path / "b.png"),
+        "--control-image", "elsewhere.png", "--lora", f"{tmp_path / 'style.safetensors'}:0.5",
+        "--palette", str(tmp_path / "palette.yaml"), "--prompt", "a.png"]

@@ -10,6 +10,9 @@ is a one-key mapping, the command and its options under the names the command li
       - img2img: {scale: 2, strength: 0.4, prompt: "a red circle"}
       - superres: {scale: 2}
 
+Options that name files or folders (`prompts`, `palette`, `lora`, `control-image`, ...) are taken beside
+the workflow file when the file is there, else as given.
+
 Every step is an ordinary run of its command, so resume is the command's own: per item, checked against
 each output's recipe. A killed workflow run again skips the items every step already wrote and finishes the
 rest with the same pixels. Inside a step after the first, each item takes the seed recorded in its input
@@ -28,9 +31,7 @@ from typing import Any, Iterator, Optional
 from ldmtool.errors import UsageError
 
 # Options the workflow itself supplies to every step (inputs, where outputs go, reporting).
-RESERVED = frozenset({"inputs", "output", "o", "json", "quiet", "item-seed", "dry-run", "sweep"})
-# Options whose values are files: a relative path is taken beside the workflow file when it exists there.
-FILE_OPTIONS = frozenset({"prompts", "config", "wildcards", "masks", "model"})
+RESERVED = frozenset({"inputs", "output", "o", "json", "quiet", "item-seed", "dry-run", "sweep", "help"})
 
 
 @dataclass(frozen=True)
@@ -40,22 +41,35 @@ class Step:
     command: str
     options: dict[str, Any]
 
-    def argv(self, folder: Path) -> list[str]:
-        """The step's options as command-line arguments (relative file options resolved against `folder`)."""
+    def argv(self, folder: Path, path_options: frozenset[str]) -> list[str]:
+        """The step's options as command-line arguments; the values of `path_options` (options that name files
+        or folders, each item of a list too) are taken beside the workflow file, in `folder`, when they name
+        something there."""
         args: list[str] = []
         for name, value in self.options.items():
             if value is None:
                 continue
-            if name in FILE_OPTIONS and isinstance(value, str) and (folder / value).exists():
-                value = str(folder / value)
             if value is True:
                 args.append(f"--{name}")
             elif value is False:
                 args.append(f"--no-{name}")
             else:
                 for one in value if isinstance(value, list) else [value]:
+                    if name in path_options and isinstance(one, str):
+                        one = beside(folder, one)
                     args += [f"--{name}", str(one)]
         return args
+
+
+def beside(folder: Path, value: str) -> str:
+    """`value` as a path in `folder` when that exists (also the FILE of a `FILE:WEIGHT`), else unchanged (a
+    model name, a file found from the current folder)."""
+    if value and (folder / value).exists():
+        return str(folder / value)
+    path, colon, weight = value.rpartition(":")
+    if colon and path and (folder / path).exists():
+        return f"{folder / path}:{weight}"
+    return value
 
 
 def read_workflow(path: Path, commands: set[str]) -> list[Step]:
