@@ -178,7 +178,7 @@ class SamplingChoice:
         "model's distribution; default: the model's, else 1).", panel=SAMPLING, min=0.0)
     karras: Optional[bool] = option("--karras/--no-karras", help="Karras sigma spacing (k-diffusion samplers).",
                                     panel=SAMPLING)
-    tile: Optional[int] = option("--tile", help="Tile size in latent pixels (0 = no tiling; default: automatic).",
+    tile: Optional[int] = option("--tile", help="Tile size in latent pixels, rounded down to a multiple of 8 (0 = no tiling; default: automatic).",
                                  panel=TILING, min=0)
     tile_overlap: Optional[int] = option("--tile-overlap", help="Tile overlap in latent pixels.", panel=TILING, min=0)
     tile_shift: Optional[bool] = option(

@@ -226,6 +226,22 @@ def test_colour_fix_takes_the_hole_colours_from_a_telea_fill(tmp_path, models):
     assert np.abs(hole_colour(runs["off"][0]) - hole_colour(telea)).max() > 40  # random weights paint anything
 
 
+def test_colour_fix_with_a_mask_over_the_whole_image_does_not_bring_the_image_back(tmp_path, models):
+    """Telea has no surroundings to fill a whole-image hole from and returns the image itself: the colour fix
+    then put back the colours the mask asked to repaint. It leaves the model's result as it is there."""
+    src = _smooth_photo(tmp_path / "img.png")
+    mask = tmp_path / "all.png"
+    Image.new("L", (70, 50), 255).save(mask)
+    runs = {}
+    for name, flag in (("on", "--colour-fix"), ("off", "--no-colour-fix")):
+        out = tmp_path / f"{name}.png"
+        result = _run(src, mask, "--model", models["ldm-inpainting-big"], "-o", out, "--seed", 1, flag)
+        assert result.exit_code == 0, result.output
+        runs[name] = _pixels(out).astype(float)
+    assert np.array_equal(runs["on"], runs["off"])
+    assert np.abs(runs["on"] - _pixels(src)).mean() > 20
+
+
 def test_colour_fix_to_keeps_detail_and_moves_low_frequencies():
     from ldmtool.pipelines.colour_fix import colour_fix_to, gaussian_blur
 

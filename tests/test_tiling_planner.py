@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ldmtool.errors import UsageError
-from ldmtool.tiling.memory import UNetMemory, choose_tiling, parse_memory
+from ldmtool.tiling.memory import UNetMemory, check_tile, choose_tiling, parse_memory
 from ldmtool.tiling.planner import Weighting, axis_spans, crop_tile, fit_tile, plan_tiles, tile_weights
 
 
@@ -152,3 +152,17 @@ def test_every_combination_of_small_sizes():
         plan = plan_tiles(height, width, tile, overlap)
         assert (_coverage(plan) >= 1).all()
         assert all(torch.isfinite(w).all() for w in tile_weights(plan))
+
+
+@pytest.mark.parametrize("tile, overlap", [(9, None), (10, None), (11, None), (17, 5), (63, None)])
+def test_a_tile_that_is_not_a_multiple_of_8_is_rounded_down(tile, overlap):
+    """The networks take multiples of 8 latent pixels: --tile 9 used to reach them unrounded (every item
+    failed with torch's "Sizes of tensors must match")."""
+    tiling = choose_tiling((120, 80), native_tile=64, tile=tile, overlap=overlap)
+    assert tiling is not None and all(side % 8 == 0 and side <= tile for side in tiling.tile)
+
+
+def test_the_overlap_is_checked_against_the_rounded_tile():
+    with pytest.raises(UsageError, match=r"must be smaller than the tile \(8 latent pixels: --tile 15 rounded down"):
+        check_tile(15, 10)
+    check_tile(15, 7)

@@ -260,9 +260,13 @@ COLOUR_FIX_SIGMA = 3.0
 
 def _telea_colours(result: torch.Tensor, rgb: np.ndarray, mask: np.ndarray) -> torch.Tensor:
     """The model's result (3, H, W) in [0, 1] with its low frequencies taken from an OpenCV Telea fill of
-    the hole: a small first stage loses colour, the surroundings know it."""
-    pixels = (np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.uint8)
+    the hole: a small first stage loses colour, the surroundings know it. A hole covering the whole image has
+    no surroundings (Telea would return the image itself, and with it the colours the mask repaints): the
+    model's result stays as it is."""
     hole = (mask > 0.5).astype(np.uint8) * 255
+    if hole.all():
+        return result
+    pixels = (np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.uint8)
     fill = cv2.inpaint(pixels, hole, 5, cv2.INPAINT_TELEA).astype(np.float32) / 255
     fixed = colour_fix_to(result.permute(1, 2, 0).numpy(), fill, COLOUR_FIX_SIGMA)
     return torch.from_numpy(fixed).permute(2, 0, 1)

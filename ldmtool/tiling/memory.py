@@ -89,8 +89,10 @@ def check_tile(tile: Optional[int], overlap: Optional[int] = None, multiple: int
     checks the options when a command starts; choose_tiling checks the tile it picked per canvas)."""
     if tile is not None and 0 < tile < multiple:
         raise UsageError(f"--tile {tile} is too small; use 0 (off) or at least {multiple} latent pixels")
-    if tile and overlap is not None and overlap >= tile:
-        raise UsageError(f"--tile-overlap {overlap} must be smaller than the tile ({tile} latent pixels)")
+    rounded = (tile or 0) // multiple * multiple
+    if tile and overlap is not None and overlap >= rounded:
+        said = f"{rounded} latent pixels" + (f": --tile {tile} rounded down to a multiple of {multiple}" if rounded != tile else "")
+        raise UsageError(f"--tile-overlap {overlap} must be smaller than the tile ({said})")
 
 
 def choose_tiling(
@@ -121,6 +123,8 @@ def choose_tiling(
         budget = int(free_memory(device) * 0.8)
     if tile is None and budget is not None and memory.bytes_for(height * width, items) <= budget:
         return None
+    if tile:  # the networks take multiples of `multiple`; check_tile refused anything smaller
+        tile = max(multiple, tile // multiple * multiple)
     size = tile or largest_tile(native_tile, items, budget, memory, multiple)
     # Without --tile, tiles may grow to 1.5x native where that saves a row of tiles (never past the budget).
     # At 1.25x, canvases just above two tiles (e.g. 96 = 2 x 56 - 4) cost 1.36x the untiled work; at 1.5x
