@@ -332,3 +332,8 @@ def test_every_option_that_names_a_file_is_found_beside_the_workflow(tmp_path):
         "--control-image", str(tmp_path / "a.png"), "--control-image", str(tmp_path / "b.png"),
         "--control-image", "elsewhere.png", "--lora", f"{tmp_path / 'style.safetensors'}:0.5",
         "--palette", str(tmp_path / "palette.yaml"), "--prompt", "a.png"]
+
+
+    replay = run_cli("replay", finals[0], "-o", tmp_path / "replayed.png", "--verify")
+    assert replay.exit_code == 0, replay.output  # the replay takes the input's recorded prompt again
+    assert stored_recipe(tmp_path / "replayed.png")["parameters"]["negative"] == "blurry"

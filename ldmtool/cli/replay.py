@@ -63,6 +63,7 @@ def replay_recipe(path: Path, recipe: dict[str, Any], target: Path) -> None:
     from ldmtool.errors import ItemError
     from ldmtool.io.files import shown
     from ldmtool.runtime.resume import ReplayItem, replaying
+    from ldmtool.runtime.workflow import StepContext, running_step
 
     if not recipe.get("item") or "cli" not in recipe:
         raise ItemError(f"{path}: no replayable ldmtool recipe in this image (written by another tool or an "
@@ -79,7 +80,9 @@ def replay_recipe(path: Path, recipe: dict[str, Any], target: Path) -> None:
     arguments = _arguments(command, recipe["cli"], recipe["item"], [str(source) for source in sources])
     if "fmt" in arguments and _grey(path):
         arguments["fmt"] = "keep"  # a grey output was written by --format keep from a grey input
-    with replaying(replay):
+    # A recipe with an upstream was a chained workflow step: replayed as one, a step given no prompt takes
+    # its input's recorded prompt again, as it did when the file was written.
+    with replaying(replay), running_step(StepContext(chained=bool(recipe.get("upstream")))):
         try:
             command(**arguments)
         except typer.Exit as done:
