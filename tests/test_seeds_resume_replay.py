@@ -284,6 +284,27 @@ def test_replay_of_a_file_without_a_recipe_is_one_line(tmp_path):
                                      "(written by another tool or an older ldmtool)")
 
 
+@pytest.mark.parametrize("args, message", [
+    (("out/a.png", "-o", "out"), "out/a.png: its replay would overwrite out/a.png, a file to replay"),
+    (("out/a.png", "-o", "out/a.png"), "out/a.png: its replay would overwrite out/a.png, a file to replay"),
+    (("out/a.png", "out/a.replay.png"), "out/a.png: its replay would overwrite out/a.replay.png, a file to replay"),
+    (("out/a.png", "more/a.png", "-o", "again"),
+     "more/a.png: its replay would overwrite the replay of out/a.png (again/a.png)"),
+])
+def test_a_replay_that_would_overwrite_a_source_or_another_replay_is_refused_first(tmp_path, args, message):
+    """Else the original is lost and `--verify` compares the replay with itself."""
+    for name in ("out/a.png", "out/a.replay.png", "more/a.png"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        _save(tmp_path / name)
+    before = {path: path.read_bytes() for path in tmp_path.rglob("*.png")}
+    result = ldmtool("replay", *args, "--verify", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"ldmtool: error: {message}; " + (
+        "replay them into different folders" if "the replay of" in message else "give -o another folder")
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*.png")} == before
+    assert not (tmp_path / "again").exists()
+
+
 def test_a_manifest_line_nested_too_deep_is_skipped_not_fatal(tree_and_more):
     """Seed adoption reads the output folder's manifest: a hostile line there must not stop a run."""
     cwd = tree_and_more

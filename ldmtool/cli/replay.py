@@ -32,12 +32,10 @@ def replay(
     """Run the recipe stored in each image again and compare the pixels."""
     from ldmtool.errors import LdmError
 
-    if output is not None and files:
-        _target(files[0], output, len(files))  # an -o every file would fail on is a usage error (exit 2)
+    targets = _targets(files, output)  # a bad -o or a target that clashes is a usage error (exit 2)
     failed = differs = 0
-    for path in files:
+    for path, target in zip(files, targets):
         try:
-            target = _target(path, output, len(files))
             replay_file(path, target)
             difference = pixel_difference(path, target)
         except LdmError as err:
@@ -109,6 +107,26 @@ def pixel_difference(a: Path, b: Path) -> int:
     if x.shape != y.shape:
         return 255
     return int(np.abs(x.astype(np.int16) - y.astype(np.int16)).max())
+
+
+def _targets(files: list[Path], output: Optional[Path]) -> list[Path]:
+    """Where each file's replay goes; a UsageError when one would overwrite a file to replay (its own
+    source: it would then be checked against itself) or another file's replay."""
+    from ldmtool.errors import UsageError
+
+    sources = {path.resolve(): path for path in files}
+    written: dict[Path, Path] = {}
+    targets = [_target(path, output, len(files)) for path in files]
+    for path, target in zip(files, targets):
+        where = target.resolve()
+        if where in sources:
+            raise UsageError(f"{path}: its replay would overwrite {sources[where]}, a file to replay; "
+                             "give -o another folder")
+        if where in written:
+            raise UsageError(f"{path}: its replay would overwrite the replay of {written[where]} ({target}); "
+                             "replay them into different folders")
+        written[where] = path
+    return targets
 
 
 def _target(path: Path, output: Optional[Path], count: int) -> Path:
