@@ -305,6 +305,33 @@ def test_a_replay_that_would_overwrite_a_source_or_another_replay_is_refused_fir
     assert not (tmp_path / "again").exists()
 
 
+@pytest.mark.parametrize("damage, problem", [
+    ({"seed": None}, "seed: missing or of the wrong type"),
+    ({"seed": "abc"}, "seed: missing or of the wrong type"),
+    ({"seed": True}, "seed: missing or of the wrong type"),
+    ({"item": "x", "cli": []}, "item, cli: missing or of the wrong type"),
+    ({"item": {"key": "a.png", "bytes": 3}}, "item: a field of the wrong type"),
+    ({"item": {"key": "a.png", "input": 5}}, "item: a field of the wrong type"),
+    ({"item": {"key": "a.png", "data": [1]}}, "item: a field of the wrong type"),
+    ({"cli": {"batch_size": "abc"}}, "option batch_size: 'abc' is of the wrong type"),
+])
+def test_a_damaged_recipe_fails_its_file_in_one_line_and_the_others_replay(tree_and_more, damage, problem):
+    cwd = tree_and_more
+    assert ldmtool("_invert", "in", "-o", "out", "--seed", 3, cwd=cwd).returncode == 0
+    from PIL.PngImagePlugin import PngInfo
+
+    with Image.open(cwd / "out" / "a.png") as image:
+        recipe = json.loads(image.info["ldmtool"])
+        chunks = PngInfo()
+        chunks.add_text("ldmtool", json.dumps({**recipe, **damage}))
+        image.save(cwd / "bad.png", pnginfo=chunks)
+    result = ldmtool("replay", "bad.png", "out/b.png", "-o", "again", cwd=cwd)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[0] == f"ldmtool: error: bad.png: its ldmtool recipe is damaged ({problem})"
+    assert lines[1:] == ["out/b.png -> again/b.png: identical pixels"]
+
+
 def test_a_manifest_line_nested_too_deep_is_skipped_not_fatal(tree_and_more):
     """Seed adoption reads the output folder's manifest: a hostile line there must not stop a run."""
     cwd = tree_and_more

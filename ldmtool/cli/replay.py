@@ -12,11 +12,14 @@ import json
 import sys
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Mapping, Optional
 
 import typer
 
 from ldmtool.cli.options import Json, Quiet
+
+if TYPE_CHECKING:
+    from ldmtool.runtime.resume import ReplayItem
 
 EXAMPLE = "Example: ldmtool replay out/fox.png -o replayed/ --verify"
 
@@ -60,32 +63,55 @@ def replay_recipe(path: Path, recipe: dict[str, Any], target: Path) -> None:
     this one (`upstream`: a workflow step's input) is made again from it first, so a whole chain replays."""
     from ldmtool.errors import ItemError
     from ldmtool.io.files import shown
-    from ldmtool.runtime.resume import ReplayItem, replaying
+    from ldmtool.runtime.resume import replaying
     from ldmtool.runtime.workflow import StepContext, running_step
 
-    if not recipe.get("item") or "cli" not in recipe:
-        raise ItemError(f"{path}: no replayable ldmtool recipe in this image (written by another tool or an "
-                        "older ldmtool)")
+    replay = _replay_item(path, recipe, target)
     command = _command(path, recipe.get("command"))
-    replay = ReplayItem.from_recipe(recipe["item"], seed=int(recipe["seed"]), output=target)
+    upstream = recipe.get("upstream")
     sources = [source for source in (replay.item.path, replay.item.mask) if source is not None]
-    if replay.item.path is not None and not replay.item.path.is_file() and recipe.get("upstream"):
+    if replay.item.path is not None and not replay.item.path.is_file() and isinstance(upstream, dict):
         replay.item.path.parent.mkdir(parents=True, exist_ok=True)
-        replay_recipe(path, recipe["upstream"], replay.item.path)
+        replay_recipe(path, upstream, replay.item.path)
     for source in sources:
         if not source.is_file():
             raise ItemError(f"{path}: its input {shown(source)} is no longer there")
-    arguments = _arguments(command, recipe["cli"], recipe["item"], [str(source) for source in sources])
+    try:
+        arguments = _arguments(command, recipe["cli"], replay.item.data, [str(source) for source in sources])
+    except ValueError as err:
+        raise ItemError(f"{path}: its ldmtool recipe is damaged ({err})") from None
     if "fmt" in arguments and _grey(path):
         arguments["fmt"] = "keep"  # a grey output was written by --format keep from a grey input
     # A recipe with an upstream was a chained workflow step: replayed as one, a step given no prompt takes
     # its input's recorded prompt again, as it did when the file was written.
-    with replaying(replay), running_step(StepContext(chained=bool(recipe.get("upstream")))):
+    with replaying(replay), running_step(StepContext(chained=isinstance(upstream, dict))):
         try:
             command(**arguments)
         except typer.Exit as done:
             if done.exit_code:
                 raise ItemError(f"{path}: the replay failed (see above)") from None
+
+
+def _replay_item(path: Path, recipe: dict[str, Any], target: Path) -> "ReplayItem":
+    """The recipe's item with its seed; an ItemError naming the file when the recipe is missing or damaged
+    (a hand-edited or truncated recipe fails that one file, not the whole replay)."""
+    from ldmtool.errors import ItemError
+    from ldmtool.runtime.resume import ReplayItem
+
+    if not recipe.get("item") or "cli" not in recipe:
+        raise ItemError(f"{path}: no replayable ldmtool recipe in this image (written by another tool or an "
+                        "older ldmtool)")
+    seed: Any = recipe.get("seed")
+    item = recipe["item"]
+    shapes = {"seed": isinstance(seed, int) and not isinstance(seed, bool), "item": isinstance(item, dict),
+              "cli": isinstance(recipe["cli"], dict)}
+    damaged = [name for name, right in shapes.items() if not right]
+    if damaged:
+        raise ItemError(f"{path}: its ldmtool recipe is damaged ({', '.join(damaged)}: missing or of the wrong type)")
+    try:
+        return ReplayItem.from_recipe(item, seed=seed, output=target)
+    except (AttributeError, TypeError, ValueError):
+        raise ItemError(f"{path}: its ldmtool recipe is damaged (item: a field of the wrong type)") from None
 
 
 def _grey(path: Path) -> bool:
@@ -154,35 +180,56 @@ def _command(path: Path, name: Any) -> Callable[..., Any]:
     raise ItemError(f"{path}: its recipe names the command {name!r}, which this ldmtool does not have")
 
 
-def _arguments(command: Callable[..., Any], recorded: dict[str, Any], item: dict[str, Any],
+def _arguments(command: Callable[..., Any], recorded: dict[str, Any], data: Mapping[str, Any],
                sources: list[str]) -> dict[str, Any]:
     """The command's keyword arguments: its defaults, then the recorded options (typed as the command
-    declares them), then inputs that name the item itself."""
+    declares them), then inputs that name the item itself. A ValueError names a recorded value that the
+    command's option cannot take."""
     parameters = inspect.signature(command).parameters
     hints = typing.get_type_hints(command, include_extras=True)
     arguments = {name: p.default for name, p in parameters.items() if p.default is not inspect.Parameter.empty}
     for name, value in recorded.items():
         if name in parameters:
-            arguments[name] = _typed(value, hints.get(name))
+            arguments[name] = _typed(name, value, hints.get(name))
     if "inputs" in parameters:
         arguments["inputs"] = sources
-    spec = (item.get("data") or {}).get("spec")
+    spec = data.get("spec")
     if "prompts" in parameters and spec is not None:  # a prompt line's item carries the line itself
+        if not isinstance(spec, dict) or not isinstance(spec.get("prompt"), str):
+            raise ValueError("item: its prompt line is missing or of the wrong type")
         arguments.update(prompt=spec["prompt"], prompts=None)
     arguments.update(quiet=True, json_out=False)
     return arguments
 
 
-def _typed(value: Any, hint: Any) -> Any:
-    """Paths come back from JSON as strings; give them back their type."""
-    if value is None or hint is None:
+# What JSON gives back for each type an option has.
+_JSON_TYPES: dict[Any, tuple[type, ...]] = {bool: (bool,), int: (int,), float: (int, float), str: (str,),
+                                            Path: (str,), type(None): (type(None),)}
+
+
+def _typed(name: str, value: Any, hint: Any) -> Any:
+    """A recorded option's value as the command takes it (paths come back from JSON as strings); a
+    ValueError when it cannot be that option's value."""
+    if hint is None:
         return value
     if typing.get_origin(hint) is Annotated:
         hint = typing.get_args(hint)[0]
-    kinds = typing.get_args(hint) or (hint,)
+    kinds = typing.get_args(hint) if typing.get_origin(hint) is typing.Union else (hint,)  # Optional[X]: X, None
+    if not any(_fits(value, kind) for kind in kinds):
+        raise ValueError(f"option {name}: {value!r} is of the wrong type")
     if Path in kinds and isinstance(value, str):
         return Path(value)
     return value
+
+
+def _fits(value: Any, kind: Any) -> bool:
+    if typing.get_origin(kind) is list:
+        (element,) = typing.get_args(kind)
+        return isinstance(value, list) and all(_fits(one, element) for one in value)
+    if kind not in _JSON_TYPES:
+        return True  # a type replay does not know: the command checks it
+    takes = _JSON_TYPES[kind]
+    return isinstance(value, takes) and (bool in takes or not isinstance(value, bool))
 
 
 def _report(path: Path, target: Path, difference: int, *, json_out: bool, quiet: bool) -> None:
