@@ -61,6 +61,14 @@ def test_resume_and_the_run_seed_work_per_cell(tmp_path):
     ("steps=0,1", "out of range"),
     ("sampler=ddim,nope", "unknown sampler 'nope'"),
     ("cfg=1,,2", "an empty value"),
+    # checked for every cell before the first runs (they were found only when their cell ran)
+    ("model=default-txt2img,nosuch.safetensors", "nosuch.safetensors: no such checkpoint file"),
+    ("precision=fp32,fp64", "precision 'fp64' is not one of auto, fp32, fp16, bf16"),
+    ("prediction=eps,bogus", "prediction 'bogus' is not one of eps, v"),
+    ("cfg=2,inf", "cfg inf: must be a finite number"),
+    ("eta=0,nan", "eta nan: must be a finite number"),
+    ("config=nosuch.yaml", "nosuch.yaml: no such file or folder"),
+    ("spacing=leading,bogus", "--spacing 'bogus' is not a spacing"),
 ])
 def test_bad_sweeps_are_one_line_usage_errors(tmp_path, sweep, message):
     result = run_cli("txt2img", *TINY, "--sweep", sweep, "-o", tmp_path / "out")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import typing
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -117,12 +118,16 @@ def run_sweep(task: "Task", options: "RunOptions", run_cell: Callable[["Task", "
     for_cell = getattr(task, "for_cell", None)
     if for_cell is None:
         raise UsageError(f"--sweep: {task.command} has no sampling or model options to sweep")
+    tasks = [(cell, for_cell(cell.changes("model"), cell.changes("sampling"), cell.record()))
+             for cell in cells(options.sweep)]
+    for _, cell_task in tasks:
+        _check_cell(cell_task)
     total = Summary(base_seed=options.seed if options.seed not in (None, RANDOM) else None)
-    for cell in cells(options.sweep):
+    for cell, cell_task in tasks:
         seed = options.seed if total.base_seed is None else total.base_seed
         cell_options = replace(options, sweep=(), seed=seed, name_template=cell_template(options.name_template, cell),
                                cli={**options.cli, **cell.record()}, sweep_cell=True)
-        summary = run_cell(for_cell(cell.changes("model"), cell.changes("sampling"), cell.record()), cell_options)
+        summary = run_cell(cell_task, cell_options)
         total.base_seed = summary.base_seed if total.base_seed is None else total.base_seed
         total.done, total.skipped, total.failed = (total.done + summary.done, total.skipped + summary.skipped,
                                                    total.failed + summary.failed)
@@ -132,6 +137,15 @@ def run_sweep(task: "Task", options: "RunOptions", run_cell: Callable[["Task", "
     if not options.dry_run:
         Reporter(json_events=options.json_events, quiet=True).finish(total)  # the one final `summary` event
     return total
+
+
+def _check_cell(task: "Task") -> None:
+    """The checks a run makes before anything runs, for one cell: its settings (`validate`, as the runner
+    does) and its model file (resolved, not loaded); a UsageError here stops the sweep before any cell runs."""
+    task.validate()
+    model_file = getattr(task, "model_file", None)
+    if model_file is not None:
+        model_file()
 
 
 def _name_part(axis: Axis, text: str) -> str:
@@ -172,6 +186,13 @@ def _parse(field: tuple[str, Any, dict[str, Any]], name: str, text: str, flag: s
             value = str(text) if kind is not Path else str(Path(text))
     except ValueError:
         raise UsageError(f"{flag}: {text!r} is not a valid {name} ({getattr(kind, '__name__', kind)})") from None
+    if kind is float and not math.isfinite(value):
+        raise UsageError(f"{flag}: {name} {text}: must be a finite number")
+    if kind is Path and not Path(value).exists():
+        raise UsageError(f"{flag}: {text}: no such file or folder")
+    choices = _choices(name)
+    if choices and (value.lower() if name == "precision" else value) not in choices:  # as the command compares
+        raise UsageError(f"{flag}: {name} {value!r} is not one of {', '.join(choices)}")
     low, high = settings.get("min"), settings.get("max")
     if (low is not None and value < low) or (high is not None and value > high):
         raise UsageError(f"{flag}: {name} {text} is out of range")
@@ -181,3 +202,16 @@ def _parse(field: tuple[str, Any, dict[str, Any]], name: str, text: str, flag: s
         if sampler_name(value)[0] not in SAMPLER_NAMES:  # A1111's names too
             raise UsageError(f"{flag}: unknown sampler {value!r} (use {', '.join(SAMPLER_NAMES)})")
     return value
+
+
+def _choices(name: str) -> tuple[str, ...]:
+    """The names an option takes, for those the command checks only when its model loads."""
+    if name == "precision":
+        from ldmtool.runtime.device import PRECISIONS
+
+        return PRECISIONS
+    if name == "prediction":
+        from ldmtool.checkpoints.bundle import PARAMETERIZATIONS  # a layer above: imported when used
+
+        return PARAMETERIZATIONS
+    return ()
