@@ -6,6 +6,7 @@ import json
 import pytest
 
 from clirun import run_cli
+from ldmtool.errors import UsageError
 from ldmtool.io.metadata import read_metadata
 from ldmtool.runtime.sweep import cell_template, cells, parse_sweeps
 
@@ -86,3 +87,27 @@ def test_cells_are_grouped_by_model_and_named():
     assert first.record() == {"steps": 10, "model": "a.safetensors"}
     assert cell_template("{stem}.{ext}", first) == "{stem}-steps10-modela.{ext}"
     assert cell_template("{sweep}_{seed}.{ext}", first) == "steps10-modela_{seed}.{ext}"
+
+
+@pytest.mark.parametrize("spec, labels", [
+    ("cfg=.5,5,1.5,-1,1", ["cfg0.5", "cfg5", "cfg1.5", "cfg-1", "cfg1"]),  # were cfg5, cfg5, cfg1-5, cfg1, cfg1
+    ("model=a/m.safetensors,b/m.safetensors,c.ckpt", ["modelm-1", "modelm-2", "modelc"]),
+    ("model=A,a", ["modelA-1", "modela-2"]),  # one file on a case-insensitive file system
+])
+def test_distinct_values_get_distinct_names(spec, labels):
+    axes = parse_sweeps([spec], {"model": "default", "cfg": None})
+    assert [cell.label() for cell in cells(axes)] == labels
+
+
+def test_values_whose_names_would_still_collide_are_refused():
+    with pytest.raises(UsageError, match="would both name their outputs 'modelm-2'"):
+        parse_sweeps(["model=m-2,a/m.safetensors,b/m.safetensors"], {"model": "default"})
+
+
+def test_a_sweep_of_point_five_and_five_writes_both_cells(tmp_path):
+    result = run_cli("txt2img", *TINY, "--steps", "1", "--seed", "1", "--sweep", "cfg=.5,5", "-o", tmp_path)
+    assert result.exit_code == 0, result.output
+    recipes = _recipes(tmp_path)
+    assert sorted(recipes) == ["0000-0-a-fox-cfg0.5.png", "0000-0-a-fox-cfg5.png",
+                               "0000-1-a-fox-cfg0.5.png", "0000-1-a-fox-cfg5.png"]
+    assert {recipe["parameters"]["sweep"]["cfg"] for recipe in recipes.values()} == {0.5, 5.0}

@@ -17,6 +17,7 @@ import functools
 import itertools
 import math
 import typing
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -34,12 +35,13 @@ _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 @dataclass(frozen=True)
 class Axis:
-    """One swept option: its name (the option's field name), its group, and its values (parsed, and as given)."""
+    """One swept option: its name (the option's field name), its group, its values (parsed) and each value's
+    part of an output's name (distinct)."""
 
     name: str
     group: str  # "model" or "sampling": the record the value goes to
     values: tuple[Any, ...]
-    texts: tuple[str, ...]
+    labels: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ class Cell:
 
     def label(self) -> str:
         """`steps20-cfg5`: the part of each output's name that tells the cell."""
-        return "-".join(f"{axis.name.replace('_', '-')}{_name_part(axis, axis.texts[i])}" for axis, i in self.values)
+        return "-".join(f"{axis.name.replace('_', '-')}{axis.labels[i]}" for axis, i in self.values)
 
 
 def parse_sweeps(specs: Sequence[str], cli: dict[str, Any]) -> tuple[Axis, ...]:
@@ -82,7 +84,8 @@ def parse_sweeps(specs: Sequence[str], cli: dict[str, Any]) -> tuple[Axis, ...]:
         parsed = tuple(_parse(fields[key], key, text, flag) for text in texts)
         if len(set(map(repr, parsed))) != len(parsed):
             raise UsageError(f"{flag}: a value is given twice")
-        axes.append(Axis(key, fields[key][0], parsed, texts))
+        axes.append(Axis(key, fields[key][0], parsed, _labels(key, parsed, texts)))
+    _check_labels(axes)
     return tuple(axes)
 
 
@@ -148,10 +151,33 @@ def _check_cell(task: "Task") -> None:
         model_file()
 
 
-def _name_part(axis: Axis, text: str) -> str:
-    if axis.name == "model":
+def _labels(name: str, values: Sequence[Any], texts: Sequence[str]) -> tuple[str, ...]:
+    """Each value's part of an output's name: a number exactly (`cfg0.5`, `cfg5`), other values as safe
+    text; values whose text gives the same part (two `m.safetensors` in different folders) gain their
+    position in the list (`modelm-1`, `modelm-2`)."""
+    parts = [_name_part(name, value, text) for value, text in zip(values, texts)]
+    counts = Counter(part.casefold() for part in parts)  # a case-insensitive file system keeps one of A and a
+    return tuple(f"{part}-{position}" if counts[part.casefold()] > 1 else part
+                 for position, part in enumerate(parts, 1))
+
+
+def _name_part(name: str, value: Any, text: str) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        exact = repr(value)  # 0.5 and 5.0 stay apart (as text both sanitized to "5"); 5.0 is named 5
+        return exact[:-2] if exact.endswith(".0") else exact
+    if name == "model":
         text = Path(text).stem if text.lower().endswith((".safetensors", ".ckpt", ".pt", ".pth")) else text
     return sanitize_name(text, max_length=40)
+
+
+def _check_labels(axes: Sequence[Axis]) -> None:
+    """Every cell's outputs get names of their own (a safety net under `_labels`): a UsageError otherwise."""
+    seen: dict[str, Cell] = {}
+    for cell in cells(axes):
+        earlier = seen.setdefault(cell.label().casefold(), cell)
+        if earlier is not cell:
+            raise UsageError(f"--sweep: the cells {earlier.record()} and {cell.record()} would both name their "
+                             f"outputs '{cell.label()}'; give values that differ in their names")
 
 
 @functools.cache
