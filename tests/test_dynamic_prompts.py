@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from clirun import run_cli
 from ldmtool.io.metadata import read_metadata
 from ldmtool.pipelines.text import read_prompts
@@ -85,6 +87,25 @@ def test_a_missing_wildcard_is_a_one_line_usage_error(tmp_path):
                      "-o", tmp_path / "out")
     assert result.exit_code == 2
     assert "__colors/cold__" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("source, where, template", [
+    (("--prompt", "a {red|blue} circle, 50% off"), "--prompt", "a {red|blue} circle, 50% off"),
+    (("--prompt", "a {red|blue circle", "--combinatorial"), "--prompt", "a {red|blue circle"),
+    (("--prompt", "a fox", "--negative", "{ugly|blurry, 5% off"), "--negative", "{ugly|blurry, 5% off"),
+    (("--prompts", "p.txt"), "p.txt:4", "a {red|blue circle"),
+    (("--prompts", "p.jsonl"), "p.jsonl:2", "{ugly|blurry} 50% off"),
+])
+def test_a_template_the_parser_cannot_read_is_a_one_line_usage_error(tmp_path, monkeypatch, source, where, template):
+    """Found before anything runs (every item failed with pyparsing's error, or --combinatorial crashed)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.txt").write_text("a fox\n\n# a comment\na {red|blue circle\n")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a fox"}\n{"prompt": "x", "negative": "{ugly|blurry} 50% off"}\n')
+    result = run_cli("txt2img", *source, *TINY, "-o", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"ldmtool: error: {where}: {template!r} is not a valid prompt template (Expected ")
     assert not (tmp_path / "out").exists()
 
 

@@ -72,7 +72,7 @@ def txt2img(
 
     specs = read_prompts(text.prompt, prompts)
     if needs_templates(specs, text.negative, wildcards=templates.wildcards, combinatorial=templates.combinatorial):
-        specs = expand_templates(specs, text.negative, templates)
+        specs = expand_templates(specs, text.negative, templates, prompts)
     refining = refiner_engine(model, sampling, refiner)
     task = Txt2ImgTask(Engine(model, sampling), specs, negative=text.negative or "", width=size.width,
                        height=size.height, wildcards=templates.wildcards, refiner=refining, refiner_at=refiner_at,
@@ -81,7 +81,8 @@ def txt2img(
     finish(run_task(task, prompt_items(specs, n, same_seed=templates.same_seed), run))
 
 
-def expand_templates(specs: "list[PromptSpec]", negative: Optional[str], choice: PromptTemplate) -> "list[PromptSpec]":
+def expand_templates(specs: "list[PromptSpec]", negative: Optional[str], choice: PromptTemplate,
+                     prompts_file: Optional[Path] = None) -> "list[PromptSpec]":
     """The prompt lines of a run with templates: checked (a missing wildcard is a usage error), and with
     --combinatorial one line per combination; random mode expands each item as it loads."""
     from ldmtool.errors import UsageError
@@ -90,7 +91,7 @@ def expand_templates(specs: "list[PromptSpec]", negative: Optional[str], choice:
     if choice.max_prompts is not None and not choice.combinatorial:
         raise UsageError("--max-prompts needs --combinatorial")
     templates = PromptTemplates(choice.wildcards)
-    check_templates(specs, negative, templates)
+    check_templates(specs, negative, templates, prompts_file)
     return combinatorial(specs, templates, choice.max_prompts) if choice.combinatorial else specs
 
 

@@ -13,9 +13,10 @@ has template syntax or a template option is given, so `ldmtool --help` never loa
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from ldmtool.errors import UsageError
 from ldmtool.pipelines.text import PromptSpec
@@ -42,7 +43,9 @@ class PromptTemplates:
         self.manager = WildcardManager(self.folder)
 
     def check(self, template: str) -> None:
-        """A UsageError naming the first wildcard of `template` that the folder does not have."""
+        """A UsageError when the parser cannot read `template`, or naming its first wildcard that the folder
+        does not have."""
+        _parsed(template)
         for name in _WILDCARD.findall(template):
             if not self.manager.get_values(name):
                 where = f"in --wildcards {self.folder}" if self.folder is not None else "(no --wildcards DIR given)"
@@ -53,7 +56,8 @@ class PromptTemplates:
         from dynamicprompts.generators import RandomPromptGenerator
 
         self.check(template)
-        (text,) = RandomPromptGenerator(self.manager, seed=seed % _SEED_LIMIT).generate(template, 1)
+        with _readable(template):  # a wildcard's value is parsed as it is drawn
+            (text,) = RandomPromptGenerator(self.manager, seed=seed % _SEED_LIMIT).generate(template, 1)
         self._check_expanded(text)
         return str(text)
 
@@ -62,7 +66,9 @@ class PromptTemplates:
         from dynamicprompts.generators import CombinatorialPromptGenerator
 
         self.check(template)
-        texts = [str(t) for t in CombinatorialPromptGenerator(self.manager).generate(template, max_prompts=max_prompts)]
+        with _readable(template):
+            texts = [str(t) for t in CombinatorialPromptGenerator(self.manager).generate(template,
+                                                                                         max_prompts=max_prompts)]
         for text in texts:
             self._check_expanded(text)
         return texts
@@ -85,11 +91,51 @@ def combinatorial(specs: Sequence[PromptSpec], templates: PromptTemplates,
     return out
 
 
-def check_templates(specs: Sequence[PromptSpec], negative: Optional[str], templates: PromptTemplates) -> None:
-    """Every wildcard the run's templates name is in the folder (a one-line UsageError before anything runs)."""
-    for text in [negative or "", *(t for spec in specs for t in (spec.prompt, spec.negative or ""))]:
+def check_templates(specs: Sequence[PromptSpec], negative: Optional[str], templates: PromptTemplates,
+                    prompts_file: Optional[Path] = None) -> None:
+    """Every template of the run parses and every wildcard it names is in the folder: a one-line UsageError
+    before anything runs, naming `--negative`, `--prompt`, or the prompt file and line."""
+    lines = _prompt_lines(prompts_file) if prompts_file is not None else []
+    named = [("--negative", negative or "")]
+    for position, spec in enumerate(specs):
+        where = f"{prompts_file}:{lines[position]}" if position < len(lines) else str(prompts_file or "--prompt")
+        named += [(where, spec.prompt), (where, spec.negative or "")]
+    for where, text in named:
         if is_template(text):
-            templates.check(text)
+            try:
+                templates.check(text)
+            except UsageError as err:
+                raise UsageError(f"{where}: {err}") from None
+
+
+def _parsed(template: str) -> None:
+    with _readable(template):
+        from dynamicprompts.parser.parse import parse
+
+        parse(template)
+
+
+@contextmanager
+def _readable(template: str) -> Iterator[None]:
+    """The parser's error (pyparsing's, with its position) as a one-line UsageError naming the template."""
+    from pyparsing import ParseBaseException
+
+    try:
+        yield
+    except ParseBaseException as err:
+        raise UsageError(f"{template!r} is not a valid prompt template ({' '.join(str(err).split())})") from None
+
+
+def _prompt_lines(prompts_file: Path) -> list[int]:
+    """The line numbers of a prompt file's prompts, in the order `read_prompts` gives them."""
+    from ldmtool.io.files import read_text_file
+
+    try:
+        text = read_text_file(prompts_file)
+    except (OSError, UnicodeDecodeError):  # read once already; changed since: the message names the file alone
+        return []
+    return [number for number, line in enumerate(text.split("\n"), 1)
+            if line.strip() and not line.strip().startswith("#")]
 
 
 def expanded(spec: PromptSpec, negative: str, templates: PromptTemplates, seed: int) -> PromptSpec:
