@@ -249,6 +249,9 @@ def test_a_chained_img2img_without_a_prompt_takes_each_inputs_recorded_prompt(tm
         assert alone.exit_code == 0, alone.output
         assert np.array_equal(_pixels(tmp_path)[f"alone-{final.name}"], np.asarray(Image.open(final)))
     assert prompts == {"a red fox", "a blue bird"}
+    replay = run_cli("replay", finals[0], "-o", tmp_path / "replayed.png", "--verify")
+    assert replay.exit_code == 0, replay.output  # the replay takes the input's recorded prompt again
+    assert stored_recipe(tmp_path / "replayed.png")["parameters"]["negative"] == "blurry"
 
 
 def _text_step(models: Path, **options) -> dict:
@@ -332,8 +335,3 @@ def test_every_option_that_names_a_file_is_found_beside_the_workflow(tmp_path):
         "--control-image", str(tmp_path / "a.png"), "--control-image", str(tmp_path / "b.png"),
         "--control-image", "elsewhere.png", "--lora", f"{tmp_path / 'style.safetensors'}:0.5",
         "--palette", str(tmp_path / "palette.yaml"), "--prompt", "a.png"]
-
-
-    replay = run_cli("replay", finals[0], "-o", tmp_path / "replayed.png", "--verify")
-    assert replay.exit_code == 0, replay.output  # the replay takes the input's recorded prompt again
-    assert stored_recipe(tmp_path / "replayed.png")["parameters"]["negative"] == "blurry"
