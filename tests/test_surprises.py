@@ -186,6 +186,14 @@ def test_a_prompt_word_outside_the_vocabulary_warns_once_per_run(tmp_path):
     assert known.exit_code == 0 and _warnings(known) == []
 
 
+def test_the_vocabulary_warning_stays_short_for_a_prompt_without_spaces(tmp_path):
+    prompt = "红色的圆" * 200  # one "word" of 800 characters
+    result = run_cli("txt2img", "--steps", "1", "--seed", "1", "--prompt", prompt, "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    (warning,) = _warnings(result)
+    assert len(warning) < 250 and warning.endswith("; " + "红色的圆" * 7 + "红… will have little effect")
+
+
 def test_a_size_past_twice_the_trained_one_warns_once_per_run(tmp_path):
     run = ("sample", "--steps", "1", "--n", "2", "--seed", "1", "--height", "64")
     result = run_cli(*run, "--width", "192", "-o", tmp_path / "wide")

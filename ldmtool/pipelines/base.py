@@ -155,7 +155,7 @@ class ModelTask(BaseTask):
         unknown = sorted({word for text in texts for word in _WORD.findall(text.lower())} - info.vocabulary)
         if unknown:
             self.warn_once("vocabulary", f"{info.family} knows only the words of its training captions "
-                           f"({' '.join(sorted(info.vocabulary))}); {', '.join(unknown[:5])}"
+                           f"({' '.join(sorted(info.vocabulary))}); {', '.join(_clipped(word) for word in unknown[:5])}"
                            f"{' ...' if len(unknown) > 5 else ''} will have little effect")
 
     def check_trained_size(self, width: int, height: int) -> None:
@@ -202,3 +202,8 @@ def in_groups(jobs: Sequence[Job], key: Callable[[Job], Hashable],
         for position, result in zip(positions, run_group([jobs[p] for p in positions])):
             results[position] = result
     return results
+
+
+def _clipped(word: str, length: int = 30) -> str:
+    """A word as a one-line message shows it: a prompt without spaces (CJK) is one word of any length."""
+    return word if len(word) <= length else word[: length - 1] + "…"
