@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from typing import TYPE_CHECKING, Optional, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 if TYPE_CHECKING:
     import torch
@@ -69,3 +70,14 @@ class NoiseSource:
         if x.shape[0] != len(self.generators):
             raise ValueError(f"batch of {x.shape[0]} but noise for {len(self.generators)} items")
         return self.randn(x.shape[1:], device=x.device, dtype=x.dtype)
+
+
+@contextmanager
+def seeded_torch(seed: int) -> Iterator[None]:
+    """Torch's CPU RNG seeded with `seed` inside the block and restored after: networks built inside
+    initialise the same way for the same seed, and the caller's global random state is left alone."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield

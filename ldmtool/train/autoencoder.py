@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from ldmtool.errors import UsageError
+from ldmtool.runtime.seeds import derive_seed, seeded_torch
 from ldmtool.train import common
 from ldmtool.train.data import CropConfig, ImageCrops, to_tensor
 
@@ -201,7 +202,8 @@ class AutoencoderTrainer:
 
         self.arch, self.training, self.device, self.dtype = arch, training, device, dtype
         self.params = arch.params(training.crop)
-        self.model = build_autoencoder(self.params).to(device)
+        with seeded_torch(derive_seed(training.seed, "autoencoder/init")):
+            self.model = build_autoencoder(self.params).to(device)
         if training.init:
             init_autoencoder(self.model, Path(training.init))
         if training.freeze_encoder:
@@ -214,7 +216,8 @@ class AutoencoderTrainer:
         self.optimizer = torch.optim.Adam(trainable, lr=training.lr, betas=betas)
         self.disc = None
         if training.loss.disc_weight > 0:
-            self.disc = patch_discriminator().to(device)
+            with seeded_torch(derive_seed(training.seed, "autoencoder/discriminator-init")):
+                self.disc = patch_discriminator().to(device)
             self.disc_optimizer = torch.optim.Adam(self.disc.parameters(), lr=training.lr, betas=(0.5, 0.9))
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         self.data = ImageCrops(paths, CropConfig(training.crop, True, training.min_scale, training.colour_jitter), training.seed)
@@ -226,7 +229,6 @@ class AutoencoderTrainer:
         """(B, crop, crop, 3) uint8: image crops, each replaced by a procedural image with `procedural_share`."""
         import numpy as np
 
-        from ldmtool.runtime.seeds import derive_seed
         from ldmtool.train.procedural import procedural_image
 
         crops = self.data.batch(step, self.training.batch_size)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 import numpy as np
 
 from ldmtool.errors import UsageError
-from ldmtool.runtime.seeds import derive_seed
+from ldmtool.runtime.seeds import derive_seed, seeded_torch
 from ldmtool.train import common
 from ldmtool.train.data import CropConfig, ImageCrops, to_tensor
 from ldmtool.train.degrade import degradation, degrade
@@ -103,12 +103,13 @@ class DiffusionTrainer:
         self.unet_params = arch.params(self.latent_size, first_stage.channels + self.concat_channels, first_stage.channels)
         if training.task in TEXT_TASKS:
             self.unet_params.update(use_spatial_transformer=True, transformer_depth=1, context_dim=training.text_width)
-        self.unet = build_unet(self.unet_params).to(device)
+        with seeded_torch(derive_seed(training.seed, "diffusion/init")):
+            self.unet = build_unet(self.unet_params).to(device)
         if training.init:
             self.initialised = init_unet(self.unet, Path(training.init))
         self.ema = common.Ema(self.unet, training.ema_decay)
         self.cond_params = self._cond_stage_params()
-        self.cond_stage = None if self.cond_params is None else build_cond_stage(training.task, self.cond_params).to(device)
+        self.cond_stage = None if self.cond_params is None else self._build_cond_stage()
         trainable = list(self.unet.parameters())
         if self.cond_stage is not None:
             if training.init:  # a jointly trained text encoder starts from the checkpoint's too
@@ -120,6 +121,10 @@ class DiffusionTrainer:
         self.data = None if training.generated else ImageCrops(paths, CropConfig(training.crop, True, training.min_scale), training.seed)
         self.buffers = schedule(training)
         self.scale_factor: Optional[float] = training.scale_factor
+
+    def _build_cond_stage(self) -> Any:
+        with seeded_torch(derive_seed(self.training.seed, "diffusion/cond-init")):
+            return build_cond_stage(self.training.task, self.cond_params).to(self.device)
 
     @property
     def concat_channels(self) -> int:
