@@ -49,6 +49,13 @@ def test_explicit_precisions_are_honoured_on_the_cpu(monkeypatch):
         resolve_precision("fp8", CPU)
 
 
+def test_training_auto_is_fp32_on_any_cpu(monkeypatch):
+    from ldmtool.train.common import RunOptions, device_and_dtype
+
+    _simulate(monkeypatch, XEON_AMX)  # sampling's auto is bf16 here; training recipes are fp32 on the CPU
+    assert device_and_dtype(RunOptions(out="x", steps=1, device="cpu")) == (CPU, torch.float32)
+    assert device_and_dtype(RunOptions(out="x", steps=1, device="cpu", precision="bf16"))[1] == torch.bfloat16
+
 def test_unknown_flags_fall_back_to_torchs_probe(monkeypatch):
     _simulate(monkeypatch, frozenset())
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)

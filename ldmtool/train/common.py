@@ -239,13 +239,16 @@ def device_and_dtype(run: RunOptions) -> tuple["torch.device", "torch.dtype"]:
     """The training device and autocast dtype: fp32 on CPU; on a GPU `auto` is bf16 where supported."""
     import torch
 
-    from ldmtool.runtime.device import choose_device, choose_dtype
+    from ldmtool.runtime.device import choose_device, choose_dtype, legacy_auto_dtype
 
     set_threads(run.threads)
     device = choose_device(run.device)
-    if run.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+    if run.precision != "auto":
+        return device, choose_dtype(run.precision, device)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return device, torch.bfloat16
-    return device, choose_dtype(run.precision, device)
+    # Not sampling's auto (bf16 on CPUs with native bf16): training recipes are recorded in fp32 on the CPU.
+    return device, legacy_auto_dtype(device)
 
 
 class Trainer(Protocol):
