@@ -115,3 +115,12 @@ def test_convert_refuses_other_output_types(capsys, tmp_path):
     save_tiny_checkpoint(tmp_path / "a.safetensors", "kl-f4")
     code, _, err = run(capsys, "models", "convert", tmp_path / "a.safetensors", tmp_path / "b.ckpt")
     assert code == 2 and ".safetensors" in err
+
+
+def test_convert_fp16_keeps_the_latent_scale_exact(capsys, tmp_path):
+    code, _, err = run(capsys, "models", "convert", "default-txt2img", tmp_path / "h.safetensors", "--fp16")
+    assert code == 0, err
+    original = load_model("default-txt2img", dtype=None).state_dict()["scale_factor"]
+    converted = load_model(tmp_path / "h.safetensors", dtype=None).state_dict()["scale_factor"]
+    assert converted.dtype == torch.float32 and torch.equal(converted, original)
+

@@ -134,9 +134,10 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, fp16: bool = False, 
         raise UsageError(f"{dst}: is a folder; give the output file's name")
     bundle = load_model(src, config=config, preset=preset, dtype=None, use_ema=use_ema)
     state = bundle.state_dict()
-    schedule = set(bundle.schedule_values())
+    # The latent scale and shift multiply every latent: in fp16 they would change the images (like the schedule).
+    keep_fp32 = set(bundle.schedule_values()) | {"scale_factor", "shift_factor"}
     if fp16:
-        state = {k: v.half() if v.is_floating_point() and k not in schedule else v for k, v in state.items()}
+        state = {k: v.half() if v.is_floating_point() and k not in keep_fp32 else v for k, v in state.items()}
     doc = dict(bundle.config)
     metadata = {"format": "pt", "ldmtool_family": str(bundle.family), CONFIG_METADATA_KEY: yaml.safe_dump(doc, sort_keys=False)}
     try:
