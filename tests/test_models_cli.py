@@ -124,3 +124,10 @@ def test_convert_fp16_keeps_the_latent_scale_exact(capsys, tmp_path):
     converted = load_model(tmp_path / "h.safetensors", dtype=None).state_dict()["scale_factor"]
     assert converted.dtype == torch.float32 and torch.equal(converted, original)
 
+
+def test_inspect_reports_a_controlnet(capsys):
+    code, out, err = run(capsys, "models", "inspect", "default-canny", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["matches"] is True and report["family"] == "default-canny"
+    assert report["parameters"] == {"controlnet": report["parameters_total"]} and report["parameterization"] is None

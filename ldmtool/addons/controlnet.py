@@ -49,11 +49,22 @@ def load_controlnet(path: Union[str, Path], *, heads: Optional[Mapping[str, Any]
     `heads` ({"num_heads": n} or {"num_head_channels": n}, not recorded in weights) comes from a cldm YAML beside
     the file when there is one (as the shipped ones have), else defaults to the released models'."""
     from ldmtool.checkpoints.presets import controlnet_file
-    from ldmtool.nets.controlnet import ControlNet
 
     path = controlnet_file(path) or Path(path)
-    heads = heads if heads is not None else _recorded_heads(path)
     state = read_controlnet(path)
+    net, params = checked_architecture(path, state, heads)
+    net.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, assign=True)
+    net.config = params
+    return net.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def checked_architecture(path: Path, state: Mapping[str, Tensor],
+                         heads: Optional[Mapping[str, Any]] = None) -> tuple["ControlNet", dict[str, Any]]:
+    """The ControlNet (on the meta device) and its params for a file's tensors, raising CheckpointError
+    where a key or shape does not fit the architecture the keys imply."""
+    from ldmtool.nets.controlnet import ControlNet
+
+    heads = heads if heads is not None else _recorded_heads(path)
     params = controlnet_params({k: tuple(v.shape) for k, v in state.items()}, heads)
     with meta_device():
         net = ControlNet(**params)
@@ -66,9 +77,7 @@ def load_controlnet(path: Union[str, Path], *, heads: Optional[Mapping[str, Any]
         if tuple(value.shape) != tuple(net.state_dict()[key].shape):
             raise CheckpointError(f"{path}: ControlNet key {key} has shape {tuple(value.shape)}, "
                                   f"expected {tuple(net.state_dict()[key].shape)}")
-    net.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, assign=True)
-    net.config = params
-    return net.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return net, params
 
 
 def _recorded_heads(path: Path) -> Optional[dict[str, Any]]:

@@ -16,7 +16,7 @@ from ldmtool.checkpoints.api import (
     with_shared_first_stage,
 )
 from ldmtool.checkpoints.bundle import build_bundle
-from ldmtool.checkpoints.config import FIRST_STAGE_TARGETS, ConfigLike, ldmtool_block, load_config
+from ldmtool.checkpoints.config import CONTROL_TARGETS, FIRST_STAGE_TARGETS, ConfigLike, ldmtool_block, load_config
 from ldmtool.checkpoints.detect import detect_checkpoint
 from ldmtool.checkpoints.files import read_state_dict, save_safetensors
 from ldmtool.checkpoints.presets import preset_info, preset_names, shipped_models
@@ -83,6 +83,11 @@ def inspect_checkpoint(path_or_name: str | Path, *, config: Optional[ConfigLike]
     if shared:
         prepared = with_shared_first_stage(prepared, weights, shared)
         report.update(first_stage_file=str(weights.parent / shared))
+    if doc["model"]["target"] in CONTROL_TARGETS:
+        report.update(family=family, config_used=used, parameterization=None,
+                      parameters={"controlnet": report["parameters_total"]})
+        report.update(_match_controlnet(weights))
+        return report
     diffusion = doc["model"]["target"] not in FIRST_STAGE_TARGETS
     prediction = (doc["model"].get("params") or {}).get("parameterization", "eps") if diffusion else None
     report.update(family=family, config_used=used, parameterization=prediction)
@@ -116,6 +121,18 @@ def _match(doc: dict, family: str, prepared, source: str, detection) -> dict[str
     try:
         check_state_dict(expected, bundle.file_state(prepared.state), source=source, family=family,
                          likely=detection.describe() if detection else None, optional=optional_keys(bundle))
+    except CheckpointError as err:
+        return {"matches": False, "problem": str(err)}
+    return {"matches": True, "problem": None}
+
+
+def _match_controlnet(weights: Path) -> dict[str, Any]:
+    """A ControlNet's keys and shapes against the architecture they imply (it runs beside a model, so
+    there is no model config to build)."""
+    from ldmtool.addons.controlnet import checked_architecture, read_controlnet
+
+    try:
+        checked_architecture(weights, read_controlnet(weights))
     except CheckpointError as err:
         return {"matches": False, "problem": str(err)}
     return {"matches": True, "problem": None}
