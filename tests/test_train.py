@@ -626,3 +626,15 @@ def test_a_shipped_default_names_its_first_stage_and_init_weights():
     assert parts.shipped_first_stage("no-such-default") is None
     with pytest.raises(UsageError, match="no config beside it"):
         parts.load_first_stage(Path("no-such-default"), "cpu")
+
+
+def test_16_bit_grey_trains_as_every_command_reads_it(tmp_path):
+    from ldmtool.io.images import read_image
+    from ldmtool.train.data import load_rgb
+
+    pixels = np.full((8, 8), 16384, np.uint16)  # a 25% grey, and a 12.5% grey half: not scaled by their maximum
+    pixels[:, :4] = 8192
+    Image.fromarray(pixels).save(tmp_path / "g16.png")
+    expected = (read_image(tmp_path / "g16.png").rgb * 255).round()
+    np.testing.assert_array_equal(load_rgb(tmp_path / "g16.png"), expected.astype(np.uint8))
+    assert set(np.unique(expected)) == {32, 64}

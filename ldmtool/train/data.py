@@ -124,8 +124,11 @@ def _resolve_source(data: str, recursive: bool, licences: Optional[Sequence[str]
 
 
 def load_rgb(path: Path) -> np.ndarray:
-    """An image as (H, W, 3) uint8 RGB: EXIF orientation applied, alpha composited on white, grey to RGB."""
+    """An image as (H, W, 3) uint8 RGB: EXIF orientation applied, alpha composited on white, grey to RGB
+    (16-bit grey by 65535, as `read_image`)."""
     from PIL import Image, ImageOps
+
+    from ldmtool.io.images import display_rgb
 
     with Image.open(path) as opened:
         image = ImageOps.exif_transpose(opened)
@@ -133,10 +136,8 @@ def load_rgb(path: Path) -> np.ndarray:
             rgba = image.convert("RGBA")
             background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             image = Image.alpha_composite(background, rgba)
-        if image.mode == "I;16" or image.mode == "I":
-            array = np.asarray(image, dtype=np.float64)
-            array = (array / max(array.max(), 1.0) * 255.0).astype(np.uint8)
-            return np.repeat(array[:, :, None], 3, axis=2)
+        if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+            return np.asarray(display_rgb(image), dtype=np.uint8).copy()  # scaled as every command reads them
         return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
 
 
