@@ -59,6 +59,11 @@ WRONG = [
     (["models", "convert", "text.ckpt", "out.safetensors"], 3, "text.ckpt"),
     (["manifest", "merge", "missing/"], 2, "missing: not a folder"),
     (["train", "--help-me"], 2, "No such option: --help-me"),
+    (["train", "autoencoder", "--data", ".", "--lr", "inf", "-o", "run"], 2, "'--lr': inf is not a finite number"),
+    (["train", "diffusion", "--first-stage", "x", "--data", ".", "--scale-factor", "inf", "-o", "run"], 2,
+     "'--scale-factor': inf is not a finite number"),
+    (["train", "controlnet", "--hint", "tile", "--down", "inf", "-o", "run"], 2, "'--down': inf is not a finite"),
+    (["train", "export", "run", "--name", "x", "--default-cfg", "inf"], 2, "'--default-cfg': inf is not a finite"),
     (["nosuchcommand"], 2, "No such command"),
 ]
 

@@ -5,6 +5,7 @@ Both write a run folder (-o) with a resumable state, the latest export in the or
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -29,6 +30,14 @@ DIFFUSION_EXAMPLE = (
     "--steps 20000 -o runs/sr4"
 )
 
+
+def finite(value: Optional[float]) -> Optional[float]:
+    """Typer's `min=` lets `inf` through, and an infinite weight or rate trains NaN weights."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
+
+
 train_app = typer.Typer(help="Train autoencoders and latent diffusion models offline.", no_args_is_help=True)
 
 Data = Annotated[
@@ -38,7 +47,7 @@ RunDir = Annotated[Path, typer.Option("--output", "-o", help="Run folder: state,
 Steps = Annotated[int, typer.Option("--steps", min=1, help="Total optimisation steps (including resumed ones).", rich_help_panel=TRAINING)]
 Crop = Annotated[int, typer.Option("--crop", min=16, help="Training crop size in pixels.", rich_help_panel=TRAINING)]
 Batch = Annotated[int, typer.Option("--batch-size", min=1, help="Crops per optimisation step.", rich_help_panel=TRAINING)]
-Lr = Annotated[float, typer.Option("--lr", min=0.0, help="Learning rate.", rich_help_panel=TRAINING)]
+Lr = Annotated[float, typer.Option("--lr", callback=finite, min=0.0, help="Learning rate.", rich_help_panel=TRAINING)]
 MinScale = Annotated[float, typer.Option("--min-scale", min=0.05, max=1.0, help="Random source downscale before cropping (1 = none).", rich_help_panel=TRAINING)]
 
 
@@ -99,17 +108,17 @@ def autoencoder(
     crop: Crop = 128,
     batch_size: Batch = 4,
     lr: Lr = 2e-4,
-    kl_weight: Annotated[float, typer.Option("--kl-weight", min=0.0, help="Weight of the KL term.", rich_help_panel=TRAINING)] = 1e-6,
-    grad_weight: Annotated[float, typer.Option("--grad-weight", min=0.0, help="Weight of the image-gradient L1 term.", rich_help_panel=TRAINING)] = 0.5,
-    ssim_weight: Annotated[float, typer.Option("--ssim-weight", min=0.0, help="Weight of the (1 - SSIM) term.", rich_help_panel=TRAINING)] = 0.2,
-    chroma_weight: Annotated[float, typer.Option("--chroma-weight", min=0.0, help="Weight of the colour-opponent L1 term (keeps colour on grey-heavy data).", rich_help_panel=TRAINING)] = 1.0,
-    disc_weight: Annotated[float, typer.Option("--disc-weight", min=0.0, help="Patch discriminator weight (0 = off).", rich_help_panel=TRAINING)] = 0.0,
+    kl_weight: Annotated[float, typer.Option("--kl-weight", callback=finite, min=0.0, help="Weight of the KL term.", rich_help_panel=TRAINING)] = 1e-6,
+    grad_weight: Annotated[float, typer.Option("--grad-weight", callback=finite, min=0.0, help="Weight of the image-gradient L1 term.", rich_help_panel=TRAINING)] = 0.5,
+    ssim_weight: Annotated[float, typer.Option("--ssim-weight", callback=finite, min=0.0, help="Weight of the (1 - SSIM) term.", rich_help_panel=TRAINING)] = 0.2,
+    chroma_weight: Annotated[float, typer.Option("--chroma-weight", callback=finite, min=0.0, help="Weight of the colour-opponent L1 term (keeps colour on grey-heavy data).", rich_help_panel=TRAINING)] = 1.0,
+    disc_weight: Annotated[float, typer.Option("--disc-weight", callback=finite, min=0.0, help="Patch discriminator weight (0 = off).", rich_help_panel=TRAINING)] = 0.0,
     disc_start: Annotated[int, typer.Option("--disc-start", min=0, help="Step at which the discriminator starts.", rich_help_panel=TRAINING)] = 2000,
     min_scale: MinScale = 0.5,
     colour_jitter: Annotated[float, typer.Option("--colour-jitter", min=0.0, max=1.0, help="Share of crops given a random hue rotation, saturation and tint (teaches colour on grey-heavy data).", rich_help_panel=TRAINING)] = 0.5,
     sample_posterior: Annotated[bool, typer.Option("--sample-posterior/--decode-mean", help="Decode a posterior sample (as LDM) or its mean.", rich_help_panel=TRAINING)] = True,
     procedural_share: Annotated[float, typer.Option("--procedural-share", min=0.0, max=1.0, help="Share of crops replaced by the project's procedural scenes (label maps, layouts, shapes: saturated colours the semantic/layout/txt2img models need).", rich_help_panel=TRAINING)] = 0.0,
-    scale_factor: Annotated[Optional[float], typer.Option("--scale-factor", min=0.001, help="Latent scale factor (default: 1 / std of the training latents); give --init's to fine-tune it.", rich_help_panel=TRAINING)] = None,
+    scale_factor: Annotated[Optional[float], typer.Option("--scale-factor", callback=finite, min=0.001, help="Latent scale factor (default: 1 / std of the training latents); give --init's to fine-tune it.", rich_help_panel=TRAINING)] = None,
     init: Annotated[Optional[Path], typer.Option("--init", help="Start from this autoencoder's weights (model.safetensors of a run, or a LatentDiffusion checkpoint's first stage).", rich_help_panel=TRAINING)] = None,
     freeze_encoder: Annotated[bool, typer.Option("--freeze-encoder", help="With --init: train the decoder only, so the latent space (and every diffusion model trained on it) stays valid.", rich_help_panel=TRAINING)] = False,
     *,
@@ -154,7 +163,7 @@ def diffusion(
     x0_loss: Annotated[bool, typer.Option("--x0-loss", help="Weight the loss as the error of the image (x0) each prediction implies: the MMSE objective at every noise level, for few-step, PSNR-measured models (the plain loss favours the low-noise steps).", rich_help_panel=TRAINING)] = False,
     degradation: Annotated[str, typer.Option("--degradation", help="superres: realistic (blur, noise, JPEG on 70% of low-res inputs) light (mostly clean downscales) or clean (area downscales only: what --consistency assumes).", rich_help_panel=TRAINING)] = "realistic",
     box_raster: Annotated[bool, typer.Option("--box-raster", help="layout: also give the UNet the boxes as a coverage map per class (concatenated; conditioning_key hybrid). Learns in a CPU-sized run where box tokens alone do not.", rich_help_panel=TRAINING)] = False,
-    scale_factor: Annotated[Optional[float], typer.Option("--scale-factor", min=0.001, help="Latent scale factor (default: 1 / std of the training latents); give --init's to fine-tune it.", rich_help_panel=TRAINING)] = None,
+    scale_factor: Annotated[Optional[float], typer.Option("--scale-factor", callback=finite, min=0.001, help="Latent scale factor (default: 1 / std of the training latents); give --init's to fine-tune it.", rich_help_panel=TRAINING)] = None,
     terminal_share: Annotated[float, typer.Option("--terminal-share", min=0.0, max=1.0, help="Share of each batch trained at the last timestep from x_T = 0: what a one-step sampler at --temperature 0 starts from (its loss is the image's MSE from the conditioning alone).", rich_help_panel=TRAINING)] = 0.0,
     init: Annotated[Optional[Path], typer.Option("--init", help="Start the UNet (and a trainable text encoder) from this LatentDiffusion checkpoint's weights, or a shipped default's (by name), where names and shapes match.", rich_help_panel=TRAINING)] = None,
     steps: Steps = 20000,
@@ -205,7 +214,7 @@ def controlnet(
     low: Annotated[int, typer.Option("--low", min=0, max=255, help="canny: lower threshold.", rich_help_panel=TRAINING)] = 100,
     high: Annotated[int, typer.Option("--high", min=0, max=255, help="canny: upper threshold.", rich_help_panel=TRAINING)] = 200,
     threshold: Annotated[int, typer.Option("--threshold", min=0, max=255, help="scribble/threshold: grey level above which a pixel is white.", rich_help_panel=TRAINING)] = 127,
-    down: Annotated[float, typer.Option("--down", min=1.0, help="tile: downsampling factor before resampling back.", rich_help_panel=TRAINING)] = 4.0,
+    down: Annotated[float, typer.Option("--down", callback=finite, min=1.0, help="tile: downsampling factor before resampling back.", rich_help_panel=TRAINING)] = 4.0,
     cells: Annotated[int, typer.Option("--cells", min=1, help="shuffle: size of the random displacement cells.", rich_help_panel=TRAINING)] = 256,
     caption_dropout: Annotated[float, typer.Option("--caption-dropout", min=0.0, max=1.0, help="Share of captions replaced by the empty prompt, so the net learns from the hint alone (the paper: 0.5).", rich_help_panel=TRAINING)] = 0.5,
     steps: Steps = 2500,
@@ -245,8 +254,8 @@ def export(
     colour_fix: Annotated[Optional[bool], typer.Option("--colour-fix/--no-colour-fix", help="The shipped model's default for superres/inpaint --colour-fix (default: as trained).", rich_help_panel=TRAINING)] = None,
     consistency: Annotated[Optional[bool], typer.Option("--consistency/--no-consistency", help="The shipped model's default for superres --consistency (default: as trained, i.e. off).", rich_help_panel=TRAINING)] = None,
     default_steps: Annotated[Optional[int], typer.Option("--default-steps", min=1, help="The shipped model's default --steps (default: as trained, 50).", rich_help_panel=TRAINING)] = None,
-    default_temperature: Annotated[Optional[float], typer.Option("--default-temperature", min=0.0, help="The shipped model's default --temperature (default: as trained, 1).", rich_help_panel=TRAINING)] = None,
-    default_cfg: Annotated[Optional[float], typer.Option("--default-cfg", min=1.0, help="The shipped model's default --cfg (default: as trained, 1 = no guidance).", rich_help_panel=TRAINING)] = None,
+    default_temperature: Annotated[Optional[float], typer.Option("--default-temperature", callback=finite, min=0.0, help="The shipped model's default --temperature (default: as trained, 1).", rich_help_panel=TRAINING)] = None,
+    default_cfg: Annotated[Optional[float], typer.Option("--default-cfg", callback=finite, min=1.0, help="The shipped model's default --cfg (default: as trained, 1 = no guidance).", rich_help_panel=TRAINING)] = None,
     default_spacing: Annotated[Optional[str], typer.Option("--default-spacing", help="The shipped model's default --spacing, e.g. trailing (a one-step model must start at the last timestep; default: the sampler's).", rich_help_panel=TRAINING)] = None,
 ) -> None:
     """Write a run's latest export as an fp16 shipped model: NAME.safetensors + NAME.yaml."""
