@@ -63,6 +63,7 @@ WRONG = [
     (["train", "diffusion", "--first-stage", "x", "--data", ".", "--scale-factor", "inf", "-o", "run"], 2,
      "'--scale-factor': inf is not a finite number"),
     (["train", "controlnet", "--hint", "tile", "--down", "inf", "-o", "run"], 2, "'--down': inf is not a finite"),
+    (["train", "autoencoder", "--data", ".", "--scale-factor", "0.5", "-o", "run"], 2, "No such option: --scale-factor"),
     (["train", "export", "run", "--name", "x", "--default-cfg", "inf"], 2, "'--default-cfg': inf is not a finite"),
     (["nosuchcommand"], 2, "No such command"),
 ]

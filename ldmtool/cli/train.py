@@ -118,7 +118,6 @@ def autoencoder(
     colour_jitter: Annotated[float, typer.Option("--colour-jitter", min=0.0, max=1.0, help="Share of crops given a random hue rotation, saturation and tint (teaches colour on grey-heavy data).", rich_help_panel=TRAINING)] = 0.5,
     sample_posterior: Annotated[bool, typer.Option("--sample-posterior/--decode-mean", help="Decode a posterior sample (as LDM) or its mean.", rich_help_panel=TRAINING)] = True,
     procedural_share: Annotated[float, typer.Option("--procedural-share", min=0.0, max=1.0, help="Share of crops replaced by the project's procedural scenes (label maps, layouts, shapes: saturated colours the semantic/layout/txt2img models need).", rich_help_panel=TRAINING)] = 0.0,
-    scale_factor: Annotated[Optional[float], typer.Option("--scale-factor", callback=finite, min=0.001, help="Latent scale factor (default: 1 / std of the training latents); give --init's to fine-tune it.", rich_help_panel=TRAINING)] = None,
     init: Annotated[Optional[Path], typer.Option("--init", help="Start from this autoencoder's weights (model.safetensors of a run, or a LatentDiffusion checkpoint's first stage).", rich_help_panel=TRAINING)] = None,
     freeze_encoder: Annotated[bool, typer.Option("--freeze-encoder", help="With --init: train the decoder only, so the latent space (and every diffusion model trained on it) stays valid.", rich_help_panel=TRAINING)] = False,
     *,
