@@ -93,10 +93,10 @@ def test_autoencoder_resume_equals_uninterrupted_run(images, tmp_path):
 
 def test_resume_refuses_missing_state_and_overwrite_needs_resume(images, tmp_path):
     training = ae.AutoencoderTraining(crop=32, batch_size=1)
-    with pytest.raises(UsageError, match="does not exist"):
+    with pytest.raises(UsageError, match="does not exist .*point -o at the run"):  # the option is -o/--output
         ae.train_autoencoder(TINY_AE, training, images, _run(tmp_path, steps=1, resume=True))
     ae.train_autoencoder(TINY_AE, training, images, _run(tmp_path, steps=1))
-    with pytest.raises(UsageError, match="already holds a run"):
+    with pytest.raises(UsageError, match="^-o .* already holds a run"):
         ae.train_autoencoder(TINY_AE, training, images, _run(tmp_path, steps=2))
     other = ae.AutoencoderArch(factor=4, ch=64)
     with pytest.raises(UsageError, match="different ch"):

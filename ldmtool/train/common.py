@@ -106,13 +106,13 @@ def load_state(run_dir: Path, run_config: Mapping[str, Any]) -> dict[str, Any]:
 
     path = Path(run_dir) / STATE_FILE
     if not path.is_file():
-        raise UsageError(f"--resume: {path} does not exist (start without --resume, or point --out at the run)")
+        raise UsageError(f"--resume: {path} does not exist (start without --resume, or point -o at the run)")
     refuse_vulnerable_torch(path, torch.__version__)
     state = torch.load(path, map_location="cpu", weights_only=True)
     saved = state.get("run_config", {})
     changed = sorted(k for k in run_config.get("arch", {}) if saved.get("arch", {}).get(k) != run_config["arch"][k])
     if changed:
-        raise UsageError(f"--resume: {path} was trained with different {', '.join(changed)}; use a new --out folder")
+        raise UsageError(f"--resume: {path} was trained with different {', '.join(changed)}; use a new -o folder")
     return state
 
 
@@ -265,7 +265,7 @@ def run_loop(trainer: Trainer, run: RunOptions, description: str) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     start = trainer.load(load_state(out, trainer.run_config())) if run.resume else 0
     if not run.resume and (out / STATE_FILE).exists():
-        raise UsageError(f"--out {out} already holds a run; add --resume to continue it or pick a new folder")
+        raise UsageError(f"-o {out} already holds a run; add --resume to continue it or pick a new folder")
     done = start
     with Progress(out, run.steps, start, run.quiet, description) as progress:
         try:
