@@ -63,6 +63,9 @@ def test_environment_overrides_the_config_file(folder: Path, monkeypatch: pytest
     ("superres:\n  steps: many\n", "--steps = 'many' for superres"),
     ("superres: [1, 2]\n", "the config file holds sections"),
     ("superres:\n  steps: [\n", "not valid YAML"),
+    ("train:\n  steps: 3\n", "'steps' in [train] is not a command of train"),
+    ("train:\n  autoencoder:\n    stepz: 3\n", "'stepz' in [train autoencoder] is not an option of train autoencoder"),
+    ("train:\n  autoencoder:\n    lr: inf\n", "--lr = 'inf' for autoencoder"),
 ])
 def test_a_bad_config_file_is_a_usage_error_naming_it(folder: Path, text: str, message: str) -> None:
     path = _write(folder, text)
@@ -81,6 +84,16 @@ def test_config_show_lists_the_file_and_each_commands_defaults(folder: Path) -> 
     assert shown["defaults"]["superres"] == {"device": "cpu", "scale": 2}
     assert shown["defaults"]["txt2img"] == {"device": "cpu"}
     assert "replay" not in shown["defaults"] and "info" not in shown["defaults"]
+
+
+def test_config_sections_for_subcommands_set_their_defaults(folder: Path) -> None:
+    _write(folder, "train:\n  autoencoder:\n    steps: 3\nmodels:\n  list:\n    json: true\n")
+    result = run_cli("models", "list")
+    assert result.exit_code == 0, result.output
+    assert "presets" in json.loads(result.stdout)
+    shown = run_cli("config", "show")
+    assert shown.exit_code == 0 and "train autoencoder:\n  steps: 3" in shown.stdout
+    assert json.loads(run_cli("config", "show", "--json").stdout)["defaults"]["train"] == {"autoencoder": {"steps": 3}}
 
 
 def test_config_file_named_by_the_environment(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,6 +7,9 @@
     superres:              # one command
       model: ~/models/bsr_sr.safetensors
       scale: 4
+    train:                 # a command group: one section per subcommand
+      autoencoder:
+        device: cpu
 
 Keys are option names (`max-memory` or `max_memory`, `format`, `model`, ...). The file only sets defaults:
 the environment (`LDMTOOL_<COMMAND>_<OPTION>`, e.g. `LDMTOOL_SUPERRES_STEPS=50`) and the command line
@@ -84,30 +87,61 @@ def _parse(path: Path, text: str) -> Any:
 def default_map(group: Any, path: Path, tasks: set[str]) -> dict[str, dict[str, Any]]:
     """Click's `default_map` for the app's command `group` from the config file at `path`: per command,
     parameter name -> value, each checked against the option's type. The `defaults` section applies to
-    the batch-run commands named in `tasks` (not to `replay -o` or `info`)."""
+    the batch-run commands named in `tasks` (not to `replay -o` or `info`). A command group's section
+    (`train`, `models`) holds one section per subcommand, nested as Click nests its default_map."""
     sections = read_config(path)
     commands = dict(group.commands)
     unknown = sorted(set(sections) - set(commands) - {EVERY_COMMAND})
     if unknown:
         raise UsageError(f"{path}: [{unknown[0]}] is not an ldmtool command (sections: {EVERY_COMMAND} or a "
                          "command name such as superres)")
-    for section, values in sections.items():
-        targets = [commands[name] for name in tasks] if section == EVERY_COMMAND else [commands[section]]
-        for key in values:
-            if not any(_parameter(command, key) for command in targets):
-                where = "any task command" if section == EVERY_COMMAND else section
-                raise UsageError(f"{path}: {key!r} in [{section}] is not an option of {where}")
+    for key in sections.get(EVERY_COMMAND, {}):
+        if not any(_parameter(commands[name], key) for name in tasks):
+            raise UsageError(f"{path}: {key!r} in [{EVERY_COMMAND}] is not an option of any task command")
     result: dict[str, dict[str, Any]] = {}
     for name, command in commands.items():
-        chosen = {**(sections.get(EVERY_COMMAND, {}) if name in tasks else {}), **sections.get(name, {})}
-        values = {}
-        for key, value in chosen.items():
-            parameter = _parameter(command, key)
-            if parameter is not None:
-                values[parameter.name] = _checked(path, command, parameter, value)
+        if _is_group(command):
+            values = _group_defaults(path, command, sections.get(name, {}), name)
+        else:
+            every = sections.get(EVERY_COMMAND, {}) if name in tasks else {}
+            values = {**_command_defaults(path, command, every, EVERY_COMMAND, strict=False),
+                      **_command_defaults(path, command, sections.get(name, {}), name)}
         if values:
             result[name] = values
     return result
+
+
+def _is_group(command: Any) -> bool:
+    return isinstance(getattr(command, "commands", None), Mapping)
+
+
+def _group_defaults(path: Path, group: Any, section: Mapping[str, Any], where: str) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, values in section.items():
+        command = group.commands.get(key)
+        if command is None or not (values is None or isinstance(values, Mapping)):
+            raise UsageError(f"{path}: {key!r} in [{where}] is not a command of {where} (its section holds one "
+                             f"section per subcommand: {', '.join(sorted(group.commands))})")
+        nested = f"{where} {key}"
+        chosen = dict(values or {})
+        defaults = _group_defaults(path, command, chosen, nested) if _is_group(command) else \
+            _command_defaults(path, command, chosen, nested)
+        if defaults:
+            result[key] = defaults
+    return result
+
+
+def _command_defaults(path: Path, command: Any, chosen: Mapping[str, Any], where: str,
+                      strict: bool = True) -> dict[str, Any]:
+    """Parameter name -> checked value; a key that is not an option of `command` is an error if `strict`."""
+    values = {}
+    for key, value in chosen.items():
+        parameter = _parameter(command, key)
+        if parameter is not None:
+            values[parameter.name] = _checked(path, command, parameter, value)
+        elif strict:
+            raise UsageError(f"{path}: {key!r} in [{where}] is not an option of {where}")
+    return values
 
 
 def _parameter(command: Any, key: str) -> Any:
@@ -143,10 +177,22 @@ def show(json_out: bool = typer.Option(False, "--json", help="Print as one JSON 
         return
     typer.echo(f"config file: {path if path is not None else 'none'} (set {CONFIG_ENV} or write "
                f"$XDG_CONFIG_HOME/ldmtool/config.yaml)")
-    for command, values in defaults.items():
+    for command, values in _flat_sections(defaults):
         typer.echo(f"{command}:")
         for name, value in values.items():
             typer.echo(f"  {name}: {value}")
+
+
+def _flat_sections(defaults: Mapping[str, Any], prefix: str = "") -> list[tuple[str, dict[str, Any]]]:
+    """("train autoencoder", values) for a group's nested sections, so `config show` names each command."""
+    flat: list[tuple[str, dict[str, Any]]] = []
+    for name, values in defaults.items():
+        nested = {k: v for k, v in values.items() if isinstance(v, Mapping)}
+        plain = {k: v for k, v in values.items() if not isinstance(v, Mapping)}
+        if plain:
+            flat.append((prefix + name, plain))
+        flat += _flat_sections(nested, f"{prefix}{name} ")
+    return flat
 
 
 def register(app: typer.Typer) -> None:
