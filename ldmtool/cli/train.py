@@ -87,8 +87,9 @@ def _licences(session: TrainSession) -> Optional[list[str]]:
 
 
 def _run_options(out: Path, steps: int, session: TrainSession) -> RunOptions:
-    from ldmtool.train.common import RunOptions
+    from ldmtool.train.common import RunOptions, check_run_folder
 
+    check_run_folder(out)  # before the data and the networks are built, which can take long
     return RunOptions(out=out, steps=steps, save_every=session.save_every, log_every=session.log_every,
                       resume=session.resume, device=session.device, precision=session.precision,
                       quiet=session.quiet, threads=session.threads)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Protocol
 import yaml
 
 from ldmtool.errors import FatalError, Interrupted, UsageError
+from ldmtool.train.data import UnreadableTrainingImage
 
 if TYPE_CHECKING:
     import torch
@@ -75,18 +76,23 @@ class Ema:
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Call `write(tmp_path)` and rename the result onto `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         os.chmod(tmp, 0o644)  # some writers create 0600 files; shipped models must be readable by all
         os.replace(tmp, path)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise FatalError(f"cannot write {path}: {err.strerror or err}") from err
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise
+
+
+def _discard(tmp: Path) -> None:
+    with contextlib.suppress(OSError):  # e.g. its folder could not be created
+        tmp.unlink(missing_ok=True)
 
 
 def save_state(run_dir: Path, state: Mapping[str, Any]) -> Path:
@@ -251,6 +257,25 @@ def device_and_dtype(run: RunOptions) -> tuple["torch.device", "torch.dtype"]:
     return device, legacy_auto_dtype(device)
 
 
+def check_run_folder(out: Path) -> None:
+    """Refuse, before anything is built, an `out` that cannot become a run folder (a file, no permission)."""
+    if out.exists() and not out.is_dir():
+        raise FatalError(f"{out}: a file is there, not a run folder; give -o a folder")
+    existing = next(folder for folder in [out, *out.absolute().parents] if folder.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise FatalError(f"{out}: cannot create the run folder ({existing} is not a writable folder)")
+
+
+def make_run_folder(out: Path) -> Path:
+    """`out`, created if needed; one that cannot be created is fatal (one line, not a traceback)."""
+    check_run_folder(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise FatalError(f"{out}: cannot create the run folder ({err.strerror or err})") from err
+    return out
+
+
 class Trainer(Protocol):
     def step(self, step: int) -> dict[str, float]: ...
     def state(self, step: int) -> dict[str, Any]: ...
@@ -260,26 +285,82 @@ class Trainer(Protocol):
 
 
 def run_loop(trainer: Trainer, run: RunOptions, description: str) -> Path:
-    """Resume if asked, train to `run.steps`, save state + export every `save_every` steps and at the end."""
-    out = Path(run.out)
-    out.mkdir(parents=True, exist_ok=True)
+    """Resume if asked, train to `run.steps`, save state + export every `save_every` steps and at the end.
+
+    Ctrl-C and SIGTERM only ask the loop to stop: the step under way finishes, the state of that step boundary
+    is saved (so a resume is exact) and `Interrupted` is raised. A second one stops at once, saving nothing
+    more (the last saved state stays as it was).
+    """
+    out = make_run_folder(Path(run.out))
     start = trainer.load(load_state(out, trainer.run_config())) if run.resume else 0
     if not run.resume and (out / STATE_FILE).exists():
         raise UsageError(f"-o {out} already holds a run; add --resume to continue it or pick a new folder")
-    done = start
-    with Progress(out, run.steps, start, run.quiet, description) as progress:
+    done = saved = start
+    with Progress(out, run.steps, start, run.quiet, description) as progress, StopRequests() as stop:
         try:
             for step in range(start, run.steps):
+                if stop.requested:
+                    break
                 metrics = trainer.step(step)
                 done = step + 1
                 log = done % run.log_every == 0 or done == run.steps
                 progress.advance(done, metrics if log else None)
                 if done % run.save_every == 0 and done != run.steps:
                     save_checkpoint(trainer, out, done)
+                    saved = done
+        except UnreadableTrainingImage as err:  # raised while drawing the batch, before the step changed anything
+            raise FatalError(f"{err}; {_save_at_stop(trainer, out, done, saved)}, "
+                             "after removing or replacing the file") from err
         except KeyboardInterrupt:
-            save_checkpoint(trainer, out, done)
-            raise Interrupted(f"training stopped at step {done}; state saved in {out} (add --resume to continue)") from None
+            raise Interrupted(f"training stopped at once during step {done + 1}; "
+                              f"{_saved_note(out, saved)}") from None
+        if done < run.steps:
+            raise Interrupted(f"training stopped at step {done}; {_save_at_stop(trainer, out, done, saved)}")
     return save_checkpoint(trainer, out, done)
+
+
+def _save_at_stop(trainer: Trainer, out: Path, done: int, saved: int) -> str:
+    """Save the state of step boundary `done` unless it is saved already; what to tell the user about it."""
+    if done > saved:
+        save_checkpoint(trainer, out, done)
+    return _saved_note(out, done)
+
+
+def _saved_note(out: Path, step: int) -> str:
+    if step == 0:
+        return "nothing trained yet, so nothing saved"
+    return f"the state of step {step} is saved in {out} (add --resume to continue)"
+
+
+class StopRequests:
+    """While training, the first SIGINT or SIGTERM only sets `requested` (checked between steps, so no step is
+    left half-applied); a second one raises KeyboardInterrupt as usual. Handlers are installed only in the main
+    thread (the only one that may), and the previous ones are put back on exit."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __enter__(self) -> "StopRequests":
+        import signal
+        import threading
+
+        self.requested = False
+        self.previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                number = getattr(signal, name)
+                self.previous[number] = signal.signal(number, self._on_signal)
+        return self
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
 
 
 def copy_weights(module: "nn.Module", tensors: Mapping[str, "torch.Tensor"]) -> int:
@@ -322,7 +403,7 @@ def ship(run_dir: Path, name: str, dest: Path, recipe: Optional[str] = None,
     source = Path(run_dir) / MODEL_FILE
     if not source.is_file():
         raise UsageError(f"{run_dir}: no {MODEL_FILE} (train first, or point at the run folder)")
-    config = yaml.safe_load((Path(run_dir) / CONFIG_FILE).read_text())
+    config = _run_config_file(Path(run_dir))
     tensors = {k: v for k, v in load_file(str(source)).items() if k not in DDPM_BUFFERS and k not in UNUSED_BERT_KEYS}
     if first_stage is not None:
         tensors = _swap_decoder(tensors, Path(first_stage))
@@ -340,6 +421,19 @@ def ship(run_dir: Path, name: str, dest: Path, recipe: Optional[str] = None,
     config_path = Path(dest) / f"{name}.yaml"
     write_config(config_path, config)
     return weights, config_path
+
+
+def _run_config_file(run_dir: Path) -> dict[str, Any]:
+    """The run's `model.yaml`; a missing or unreadable one is a usage error naming the run folder."""
+    path = run_dir / CONFIG_FILE
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise UsageError(f"{run_dir}: no readable {CONFIG_FILE} next to {MODEL_FILE} (not a run folder of "
+                         f"ldmtool train?): {getattr(err, 'strerror', None) or type(err).__name__}") from err
+    if not isinstance(config, dict):
+        raise UsageError(f"{path}: not a model config (a YAML mapping is expected)")
+    return config
 
 
 FIRST_STAGE_PREFIX = "first_stage_model."

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Iterable, Optional, Sequence
 
 import numpy as np
 
-from ldmtool.errors import UsageError
+from ldmtool.errors import FatalError, UsageError
 from ldmtool.runtime.seeds import derive_seed
 
 if TYPE_CHECKING:
@@ -144,6 +144,20 @@ def load_rgb(path: Path) -> np.ndarray:
 @lru_cache(maxsize=64)
 def _cached_rgb(path: str) -> np.ndarray:
     return load_rgb(Path(path))
+
+
+class UnreadableTrainingImage(FatalError):
+    """A training image whose header read but whose pixels do not (a truncated file): raised when a step first
+    draws it, before the step changes anything, so the state of the previous step can still be saved."""
+
+
+def _decoded_rgb(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        return _cached_rgb(str(path))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise UnreadableTrainingImage(f"{path}: cannot read this training image ({err})") from err
 
 
 def readable_images(paths: Iterable[Path]) -> tuple[list[Path], list[Path]]:
@@ -273,7 +287,7 @@ class ImageCrops:
     def crop(self, index: int) -> np.ndarray:
         rng = self.rng(index)
         path = self.paths[int(rng.integers(0, len(self.paths)))]
-        crop = random_crop(_cached_rgb(str(path)), self.config, rng)
+        crop = random_crop(_decoded_rgb(path), self.config, rng)
         if self.config.colour_jitter and rng.random() < self.config.colour_jitter:
             crop = colour_jitter(crop, rng)
         return crop

@@ -76,6 +76,17 @@ def _first_stage_files(path: Path) -> tuple[Path, Path]:
     raise UsageError(f"--first-stage {path}: no config beside it (expected {path.with_suffix('.yaml').name})")
 
 
+def _read_first_stage_config(path: Path) -> dict[str, Any]:
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise CheckpointError(f"{path}: cannot read this first-stage config ({type(err).__name__})") from err
+    model_config = config.get("model", config) if isinstance(config, dict) else None
+    if not isinstance(model_config, dict):
+        raise CheckpointError(f"{path}: not a model config (a YAML mapping is expected)")
+    return model_config
+
+
 def shipped_first_stage(name: str) -> Optional[tuple[Path, dict[str, Any]]]:
     """(weights, first_stage_config) of the shipped default `name` (e.g. default-superres: the first stage it
     ships with, as shipped in fp16), or None when no shipped default has that name."""
@@ -103,6 +114,7 @@ def shipped_weights(text: str | Path) -> Path:
 
 def load_first_stage(path: Path, device: torch.device | str) -> FirstStage:
     """Load an autoencoder written by `ldmtool train autoencoder` (or any KL first stage + its YAML)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     patch = patch_first_stage(str(path)) if not Path(path).exists() else None
@@ -115,15 +127,17 @@ def load_first_stage(path: Path, device: torch.device | str) -> FirstStage:
         weights_path, config_path = _first_stage_files(path)
         if not weights_path.is_file():
             raise UsageError(f"--first-stage {weights_path}: file not found")
-        config = yaml.safe_load(config_path.read_text())
-        model_config = config.get("model", config)
+        if weights_path.suffix != ".safetensors":
+            raise UsageError(f"--first-stage {weights_path}: expected an autoencoder's .safetensors file "
+                             "(or the run folder holding it)")
+        model_config = _read_first_stage_config(config_path)
     if model_config.get("target") != AUTOENCODER_TARGET:
         raise CheckpointError(f"{config_path}: target {model_config.get('target')!r} is not a KL autoencoder ({AUTOENCODER_TARGET})")
     params = model_config["params"]
     model = build_autoencoder(params)
     try:
         model.load_state_dict(load_file(str(weights_path)), strict=True)
-    except RuntimeError as err:
+    except (RuntimeError, SafetensorError) as err:
         raise CheckpointError(f"{weights_path}: weights do not match {config_path.name}: {str(err).splitlines()[0]}") from err
     model.to(device).eval().requires_grad_(False)
     return FirstStage(model, params)
