@@ -157,3 +157,40 @@ def test_export_to_an_unwritable_destination_is_fatal_in_one_line(run_folder, tm
     code, err = _cli(["train", "export", str(run_folder), "--name", "z", "--dest", str(tmp_path / "a_file" / "x")],
                      capsys)
     assert code == 3 and "cannot write" in err and err.count("\n") == 1, err
+
+
+def test_resume_refuses_a_changed_training_option_and_names_it(images, run_folder, tmp_path):
+    ae.train_autoencoder(TINY_AE, TRAINING, images, _run(tmp_path, 1))
+    changed = [(ae.AutoencoderTraining(crop=16, batch_size=1, lr=2e-3), r"different lr \(--lr 0.001, now 0.002\)"),
+               (ae.AutoencoderTraining(crop=16, batch_size=1, lr=1e-3, seed=7), r"--seed 0, now 7"),
+               (ae.AutoencoderTraining(crop=16, batch_size=1, lr=1e-3, loss=ae.AutoencoderLoss(kl_weight=1e-3)),
+                r"--kl-weight 1e-06, now 0.001")]
+    for training, message in changed:
+        with pytest.raises(common.UsageError, match=message):
+            ae.train_autoencoder(TINY_AE, training, images, _run(tmp_path, 2, resume=True))
+    longer = ae.AutoencoderTraining(crop=16, batch_size=1, lr=1e-3, init=str(run_folder / common.MODEL_FILE))
+    ae.train_autoencoder(TINY_AE, longer, images, _run(tmp_path, 2, resume=True))  # --steps and --init may change
+    assert torch.load(tmp_path / common.STATE_FILE, weights_only=True)["step"] == 2
+
+
+def test_resume_with_another_text_width_is_a_usage_error_not_a_size_mismatch(run_folder, tmp_path):
+    from ldmtool.train import diffusion as df
+
+    unet = df.UNetArch(model_channels=32, channel_mult=(1, 2), attention_resolutions=(2,), num_head_channels=32)
+    for width, resume in ((32, False), (64, True)):
+        training = df.DiffusionTraining(task=df.Task.TXT2IMG, crop=16, batch_size=1, text_width=width, text_layers=1)
+        run = _run(tmp_path, 1 + resume, resume=resume)
+        if not resume:
+            df.train_diffusion(unet, training, run_folder, [], run)
+    with pytest.raises(common.UsageError, match=r"different text_width \(--text-width 32, now 64\)"):
+        df.train_diffusion(unet, training, run_folder, [], run)
+
+
+def test_resume_compares_controlnet_hint_settings():
+    saved = {"arch": {"hint": "canny"}, "training": {"lr": 1e-4, "hint": {"kind": "canny", "low": 100, "high": 200}}}
+    same = {"arch": {"hint": "canny"}, "training": {"lr": 1e-4, "hint": {"kind": "canny", "low": 100, "high": 200}}}
+    assert common.changed_option(saved, same) is None
+    lower = {**same, "training": {"lr": 1e-4, "hint": {"kind": "canny", "low": 10, "high": 200}}}
+    assert common.changed_option(saved, lower) == "different low (--low 100, now 10)"
+    newer = {**same, "training": {**same["training"], "terminal_share": 0.0}}  # an option added since: its default
+    assert common.changed_option(saved, newer) is None

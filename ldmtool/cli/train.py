@@ -61,7 +61,7 @@ class TrainSession:
     save_every: int = option("--save-every", help="Save state and export every N steps.", panel=TRAINING, default=500,
                              min=1)
     log_every: int = option("--log-every", help="Log losses every N steps.", panel=TRAINING, default=25, min=1)
-    resume: bool = option("--resume", help="Continue the run saved in the output folder.", panel=TRAINING,
+    resume: bool = option("--resume", help="Continue the run saved in the output folder, with the options it started with (--steps, --save-every, --log-every, --device, --precision, --threads and --init may change).", panel=TRAINING,
                           default=False)
     recursive: bool = option("--recursive/--no-recursive", help="Descend into subfolders of --data.", panel=TRAINING,
                              default=True)

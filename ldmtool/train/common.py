@@ -22,6 +22,7 @@ import yaml
 
 from ldmtool.errors import FatalError, Interrupted, UsageError
 from ldmtool.train.data import UnreadableTrainingImage
+from ldmtool.train.resume_check import changed_option
 
 if TYPE_CHECKING:
     import torch
@@ -105,7 +106,7 @@ def save_state(run_dir: Path, state: Mapping[str, Any]) -> Path:
 
 
 def load_state(run_dir: Path, run_config: Mapping[str, Any]) -> dict[str, Any]:
-    """The saved state of `run_dir`, refusing one that was trained with a different architecture/task."""
+    """The saved state of `run_dir`, refusing one whose run was defined differently (`changed_option`)."""
     import torch
 
     from ldmtool.checkpoints.files import refuse_vulnerable_torch
@@ -115,10 +116,10 @@ def load_state(run_dir: Path, run_config: Mapping[str, Any]) -> dict[str, Any]:
         raise UsageError(f"--resume: {path} does not exist (start without --resume, or point -o at the run)")
     refuse_vulnerable_torch(path, torch.__version__)
     state = torch.load(path, map_location="cpu", weights_only=True)
-    saved = state.get("run_config", {})
-    changed = sorted(k for k in run_config.get("arch", {}) if saved.get("arch", {}).get(k) != run_config["arch"][k])
+    changed = changed_option(state.get("run_config", {}), run_config)
     if changed:
-        raise UsageError(f"--resume: {path} was trained with different {', '.join(changed)}; use a new -o folder")
+        raise UsageError(f"--resume: {path} was trained with {changed}; resume with the options it was started "
+                         "with, or pick a new -o folder")
     return state
 
 
