@@ -449,3 +449,21 @@ def test_replay_redoes_a_controlled_output_from_its_recipe(tmp_path, files, caps
         main(["replay", str(out / "a.png"), "-o", str(tmp_path / "again.png")])
     assert exit.value.code == 0
     assert "again.png: identical pixels" in capsys.readouterr().err
+
+
+def test_resume_tells_a_redone_hint_in_a_folder_from_the_one_that_made_the_output(tmp_path, files):
+    from clirun import run_cli
+
+    model, nets, _hints = files
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "hints").mkdir()
+    hint_image(tmp_path / "photos" / "x.png", 5)
+    hint_image(tmp_path / "hints" / "x.png", 6)
+    args = ("img2img", tmp_path / "photos", "--prompt", PROMPT, "--strength", 0.5, "--steps", 2, "--seed", 1,
+            "--model", model, "--controlnet", nets[0][0], "--control-image", tmp_path / "hints",
+            "-o", tmp_path / "out", "--quiet")
+    assert run_cli(*args).exit_code == 0
+    assert run_cli(*args).exit_code == 0  # the same hint: done already
+    hint_image(tmp_path / "hints" / "x.png", 7)
+    again = run_cli(*args)
+    assert again.exit_code == 1 and "--control-image-sha256 differs" in again.output, again

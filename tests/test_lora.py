@@ -263,3 +263,31 @@ def test_resume_tells_a_replaced_lora_file_from_the_one_that_made_the_output(tmp
     save_safetensors({k: v * 2 if k.endswith("up.weight") else v for k, v in state.items()}, mine)
     again = run_cli(*args)
     assert again.exit_code == 1 and "--lora-sha256 differs" in again.output, again.output
+
+
+def _doubled(path):
+    """The LoRA file's contents changed, under the same name."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    save_safetensors({k: v * 2 if k.endswith("up.weight") else v for k, v in state.items()}, path)
+
+
+@pytest.mark.parametrize("command", ["txt2img", "img2img"])
+def test_resume_tells_a_replaced_lora_a_prompt_tag_names_from_the_one_that_made_the_output(tmp_path, setup, command):
+    from clirun import run_cli
+
+    model, _, _, lora = setup
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    (folder / "style.safetensors").write_bytes(lora.read_bytes())
+    source = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(2).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(source)
+    inputs = [source, "--strength", 0.5] if command == "img2img" else ["-W", SIZE, "-H", SIZE]
+    args = (command, *inputs, "--prompt", f"{PROMPT} <lora:style:0.5>", "--model", model, "--steps", "2",
+            "--lora-dir", folder, "--seed", "3", "-o", tmp_path / "fox.png", "--quiet")
+    assert run_cli(*args).exit_code == 0
+    assert run_cli(*args).exit_code == 0  # the same file: done already
+    _doubled(folder / "style.safetensors")
+    again = run_cli(*args)
+    assert again.exit_code == 1 and "--lora-sha256 differs" in again.output, again

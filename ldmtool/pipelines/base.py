@@ -64,11 +64,9 @@ class ModelTask(BaseTask):
         """Check the run's settings, load the model once per run, check it can do this task (UsageError for
         options it cannot take), and record what every output ran with."""
         self.validate()
-        prompt = getattr(self, "prompt", None)
-        if isinstance(prompt, str) and "<" in prompt:  # a run-wide prompt's <lora:...> tags load with the model
-            from ldmtool.addons.networks import prompt_networks
-
-            self.engine.networks = prompt_networks(prompt, self.engine.choice.lora_dir)
+        networks = self.prompt_networks()
+        if networks:  # a run-wide prompt's <lora:...> tags load with the model
+            self.engine.networks = networks
         engine = self.engine.open()
         self.model_path = engine.model_path
         if engine.precision is not None and engine.precision.emulated:
@@ -80,6 +78,23 @@ class ModelTask(BaseTask):
         self.params.update(engine.resolved())
         self.params.update(self.recorded(engine))
         self.note_distilled(engine)
+
+    def prompt_networks(self) -> tuple[Any, ...]:
+        """The LoRAs the run-wide prompt's `<lora:NAME:W>` tags name (UsageError for one not found)."""
+        prompt = getattr(self, "prompt", None)
+        if not (isinstance(prompt, str) and "<" in prompt):
+            return ()
+        from ldmtool.addons.networks import prompt_networks
+
+        return prompt_networks(prompt, self.engine.choice.lora_dir)
+
+    def item_addon_files(self, item: Item, seed: int) -> dict[str, Any]:
+        """What an item's identity holds of its own add-on files beside the run's (runtime/resume.py): the
+        contents of its hints from `--control-image` folders."""
+        control = getattr(self, "control", None)
+        if not control:
+            return {}
+        return dict(control.item_identity(None if item.path is None else item.path.stem))
 
     def note_distilled(self, engine: Engine) -> None:
         """Record, and say in one line, which settings came from a distilled model's file name."""

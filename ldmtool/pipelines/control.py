@@ -237,8 +237,29 @@ class ControlRun:
         units = [*self.units, *self.adapters]
         return {"controlnet_sha256": [[file_sha256(u.path), u.strength] for u in self.units],
                 **({"adapter_sha256": [[file_sha256(u.path), u.strength] for u in self.adapters]} if self.adapters else {}),
-                "control_image_sha256": [INPAINT if u.from_mask else file_sha256(u.image)
-                                         if u.image and u.image.is_file() else str(u.image) for u in units]}
+                "control_image_sha256": [self._hint_identity(u, None) for u in units]}
+
+    def item_identity(self, key: Optional[str]) -> dict[str, Any]:
+        """An item's `control_image_sha256` with its hints' contents in place of their folders' paths, so a hint
+        redone in a folder is another job ({} without hint folders: the run's identity holds it all)."""
+        units = [*self.units, *self.adapters]
+        if not any(u.image is not None and u.image.is_dir() for u in units):
+            return {}
+        return {"control_image_sha256": [self._hint_identity(u, key) for u in units]}
+
+    def _hint_identity(self, unit: ControlUnit, key: Optional[str]) -> str:
+        """A hint file's sha256; a folder's path when no item (or no hint in it) is named; `inpaint` for a hint
+        made from the mask."""
+        from ldmtool.runtime.cache import file_sha256
+
+        if unit.from_mask:
+            return INPAINT
+        if unit.image is None or (unit.image.is_dir() and key is None):
+            return str(unit.image)
+        try:
+            return file_sha256(self.hint_file(unit, key))
+        except (ItemError, OSError):  # no hint for this input: the item fails when it loads
+            return str(unit.image)
 
 
 def hint_key(job: "Job") -> Optional[str]:

@@ -99,6 +99,7 @@ class Txt2ImgTask(ModelTask):
         self.width, self.height = width, height
         self.wildcards = wildcards
         self._templates: Optional[PromptTemplates] = None  # made when an item first has a template
+        self._prompt_networks: dict[tuple[str, Optional[Path]], NetworkSet] = {}
 
     # -- once per run
 
@@ -114,7 +115,6 @@ class Txt2ImgTask(ModelTask):
     def check_model(self, engine: Engine) -> None:
         self.texts = self._conditioner(engine)
         self._texts_by_networks: dict[NetworkSet, TextConditioner | FlowTexts] = {engine.networks: self.texts}
-        self._prompt_networks: dict[str, NetworkSet] = {}
         self.multiple = engine.info.pixel_multiple
         if self.refining.active:
             self.multiple = max(self.multiple, self.refining.open(engine, self.command))
@@ -140,8 +140,22 @@ class Txt2ImgTask(ModelTask):
 
     # -- each item
 
+    def item_addon_files(self, item: Item, seed: int) -> dict[str, Any]:
+        """Beside its hints, the contents of the LoRAs an item's prompt tags name, with the run's `--lora`
+        (as its model has them), in place of the run's `lora_sha256`."""
+        files = super().item_addon_files(item, seed)
+        try:
+            networks = self._networks(self._expanded(PromptSpec(**item.data["spec"]), item, seed).prompt)
+        except (UsageError, ItemError):
+            return files  # the item fails when it loads
+        if networks:
+            from ldmtool.addons.apply import ModelAddons
+
+            files["lora_sha256"] = ModelAddons.of(self.engine.choice, networks).job_identity()["lora_sha256"]
+        return files
+
     def load(self, job: Job) -> PromptSpec:
-        spec = self._expanded(PromptSpec(**job.item.data["spec"]), job)
+        spec = self._expanded(PromptSpec(**job.item.data["spec"]), job.item, job.seed)
         width, height = self._size(spec)
         try:
             check_size(width, height, self.multiple)
@@ -214,7 +228,7 @@ class Txt2ImgTask(ModelTask):
             self.warn_once(note, note)
         return hint_batch([hints] * rows)
 
-    def _expanded(self, spec: PromptSpec, job: Job) -> PromptSpec:
+    def _expanded(self, spec: PromptSpec, item: Item, seed: int) -> PromptSpec:
         """The item's prompt line with its templates expanded by its seed (random mode)."""
         negative = self._negative(spec)
         if not (is_template(spec.prompt) or is_template(negative)):
@@ -222,9 +236,9 @@ class Txt2ImgTask(ModelTask):
         if self._templates is None:
             self._templates = PromptTemplates(self.wildcards)
         try:
-            return expanded(spec, negative, self._templates, job.seed + job.item.data.get("variant", 0))
+            return expanded(spec, negative, self._templates, seed + item.data.get("variant", 0))
         except UsageError as err:
-            raise ItemError(f"{job.item.label}: {err}") from None
+            raise ItemError(f"{item.label}: {err}") from None
 
     def _size(self, spec: PromptSpec) -> tuple[int, int]:
         """(width, height) of a prompt line's images: its own, else the run's."""
@@ -249,9 +263,10 @@ class Txt2ImgTask(ModelTask):
 
     def _networks(self, prompt: str) -> NetworkSet:
         """The LoRAs a prompt's `<lora:NAME:W>` tags name (found once per distinct prompt)."""
-        if prompt not in self._prompt_networks:
-            self._prompt_networks[prompt] = prompt_networks(prompt, self.engine.choice.lora_dir) if "<" in prompt else ()
-        return self._prompt_networks[prompt]
+        lora_dir = self.engine.choice.lora_dir
+        if (prompt, lora_dir) not in self._prompt_networks:  # a sweep's cells share this, not their --lora-dir
+            self._prompt_networks[prompt, lora_dir] = prompt_networks(prompt, lora_dir) if "<" in prompt else ()
+        return self._prompt_networks[prompt, lora_dir]
 
     def _texts_for(self, engine: Engine) -> "TextConditioner | FlowTexts":
         """The text conditioner of an engine's model: LoRAs change the text encoder too."""

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Protocol, cast
+from typing import Any, Iterable, Mapping, Optional, Protocol
 
 import numpy as np
 
@@ -57,18 +57,22 @@ def recipes_for(task: Task, options: RunOptions, output_suffix: str) -> Recipes:
         # run's id as it was before, with it, stays this job's
         lossy = {"quality": pixels.pop("quality")}
         same_job = (*same_job, {**pixels, **lossy})
-    return Recipes(task.command, model_sha256(task), pixels, identity.recorded_options(options.cli), same_job, lossy)
+    return Recipes(task.command, model_sha256(task), pixels, identity.recorded_options(options.cli), same_job, lossy,
+                   getattr(task, "item_addon_files", None))
 
 
 def addon_files(task: Task) -> dict[str, Any]:
-    """The contents (sha256) of the run's `--lora`, `--vae`, `--refiner` and `--embeddings-dir` files, beside
-    their paths in the options."""
+    """The contents (sha256) of the run's `--lora` (and the LoRAs its run-wide prompt's tags name), `--vae`,
+    `--refiner` and `--embeddings-dir` files, beside their paths in the options."""
     engine = getattr(task, "engine", None)
     if engine is None or not hasattr(engine, "addons"):
         return {}
+    from ldmtool.addons.apply import ModelAddons
     from ldmtool.runtime.cache import file_sha256
 
-    files = cast(dict[str, Any], engine.addons().job_identity())
+    # before open() the engine has no networks yet: the prompt's tags are resolved here
+    networks = task.prompt_networks() if hasattr(task, "prompt_networks") else engine.networks
+    files = ModelAddons.of(engine.choice, networks).job_identity()
     control = getattr(task, "control", None)
     if control:  # --controlnet files and hints (pipelines/control.py)
         files.update(control.job_identity())

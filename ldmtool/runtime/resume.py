@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence, TypeGuard, overload
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Sequence, TypeGuard, overload
 
 from ldmtool.errors import LdmError
 from ldmtool.io.discover import Item
@@ -47,6 +47,9 @@ class Recipes:
     # Options that count only for an output in a lossy format (`--quality` of a `--format keep` run, whose
     # outputs are PNGs for PNG inputs and JPEGs for JPEG ones).
     lossy_options: Mapping[str, Any] = field(default_factory=dict)
+    # An item's own add-on files (a prompt line's <lora:...> tags, a hint from a --control-image folder): their
+    # contents join the item's options, overriding the run's (an item's LoRAs include the run's --lora).
+    item_files: Optional[Callable[[Item, int], Mapping[str, Any]]] = None
 
     @property
     def run_id(self) -> str:
@@ -92,9 +95,13 @@ class Recipes:
         lossy = output is not None and output.suffix.lower() in identity.LOSSY_SUFFIXES
         options = {**self.pixel_options, **self.lossy_options} if lossy else self.pixel_options
         return identity.job_identity(
-            command=self.command, model_sha256=self.model_sha256, options=options, seed=seed,
+            command=self.command, model_sha256=self.model_sha256, options={**options, **self._own_files(item, seed)},
+            seed=seed,
             key=storable(item.key), data=item.data, input_sha256=identity.file_sha256(item.path),
             mask_sha256=identity.file_sha256(item.mask))
+
+    def _own_files(self, item: Item, seed: int) -> Mapping[str, Any]:
+        return self.item_files(item, seed) if self.item_files is not None else {}
 
     def recipe_extras(self, item: Item, seed: int, output: Optional[Path] = None) -> dict[str, Any]:
         """What an output's recipe holds beyond its parameters: its job's identity (resume) and how to
@@ -123,7 +130,8 @@ class Recipes:
         except OSError:
             return None  # the input cannot be read: loading it reports why
         change = identity.difference(mine, recipe["job"])
-        if change is None or any(identity.difference({**mine, "options": identity.jsonable(dict(options))},
+        own = self._own_files(item, seed)
+        if change is None or any(identity.difference({**mine, "options": identity.jsonable({**options, **own})},
                                                      recipe["job"]) is None for options in self.same_job_options):
             return ""
         return f"{output} was written by another job: {change}; {WAY_OUT}"
