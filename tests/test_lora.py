@@ -291,3 +291,15 @@ def test_resume_tells_a_replaced_lora_a_prompt_tag_names_from_the_one_that_made_
     _doubled(folder / "style.safetensors")
     again = run_cli(*args)
     assert again.exit_code == 1 and "--lora-sha256 differs" in again.output, again
+
+
+@pytest.mark.parametrize("option", ["--lora {lora}:inf", "--lora {lora}:nan", "--prompt x<lora:fox-style:inf>"])
+def test_a_weight_that_is_not_finite_is_a_usage_error(tmp_path, setup, option):
+    from clirun import run_cli
+
+    model, _, _, lora = setup
+    flag, value = option.format(lora=lora).split(" ", 1)
+    result = run_cli("txt2img", "--prompt", "x", "--model", model, "-W", 64, "-H", 64, "--steps", 1,
+                     "--lora-dir", lora.parent, flag, value, "-o", tmp_path / "x.png", "--quiet")
+    assert result.exit_code == 2 and "must be a finite number" in result.stderr, result
+    assert not (tmp_path / "x.png").exists()

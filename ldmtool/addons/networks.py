@@ -8,6 +8,7 @@ prompt file whose lines share a set) loads and patches the model once.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -73,6 +74,8 @@ def parse_lora_option(text: str, lora_dir: Optional[Path]) -> Network:
         value = None
     if value is None:
         name, value = text, 1.0
+    if not math.isfinite(value):
+        raise UsageError(f"--lora {text}: the weight must be a finite number")
     return Network(find_network(name, lora_dir, f"--lora {text}").resolve(), value)
 
 

@@ -5,6 +5,7 @@ hands to the network with the conditioning.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
@@ -48,6 +49,8 @@ def parse_unit(spec: str) -> tuple[Path, float]:
             strength = float(tail)
         except ValueError:
             raise UsageError(f"--controlnet {spec}: the strength after ':' is not a number") from None
+        if not math.isfinite(strength):
+            raise UsageError(f"--controlnet {spec}: the strength after ':' must be a finite number")
         path = controlnet_file(head)
     else:
         strength = 1.0

@@ -12,6 +12,7 @@ inside `[...]`, as A1111's attention parser reads them.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -108,9 +109,12 @@ def extra_networks(text: str) -> tuple[str, tuple[NetworkTag, ...]]:
         name, _, rest = match.group("args").partition(":")
         weight = rest.split(":")[0].strip()
         try:
-            tags.append(NetworkTag(name.strip(), float(weight) if weight else 1.0))
+            value = float(weight) if weight else 1.0
         except ValueError:
             raise ValueError(f"{match.group(0)}: the weight must be a number") from None
+        if not math.isfinite(value):
+            raise ValueError(f"{match.group(0)}: the weight must be a finite number")
+        tags.append(NetworkTag(name.strip(), value))
     return _EXTRA_NETWORK.sub("", text), tuple(tags)
 
 
