@@ -467,3 +467,20 @@ def test_resume_tells_a_redone_hint_in_a_folder_from_the_one_that_made_the_outpu
     hint_image(tmp_path / "hints" / "x.png", 7)
     again = run_cli(*args)
     assert again.exit_code == 1 and "--control-image-sha256 differs" in again.output, again
+
+
+@pytest.mark.parametrize("case", ["strength inf", "strength nan", "hint folder", "hint not an image"])
+def test_hints_and_strengths_every_item_would_fail_on_are_usage_errors(tmp_path, files, case):
+    from clirun import run_cli
+
+    model, nets, hints = files
+    (tmp_path / "hints").mkdir()
+    (tmp_path / "bad.png").write_text("not an image")
+    unit, image = {"strength inf": (f"{nets[0][0]}:inf", hints[0][0]),
+                   "strength nan": (f"{nets[0][0]}:nan", hints[0][0]),
+                   "hint folder": (nets[0][0], tmp_path / "hints"),
+                   "hint not an image": (nets[0][0], tmp_path / "bad.png")}[case]
+    result = run_cli("txt2img", "--prompt", "x", "--model", model, "-W", 64, "-H", 64, "--steps", 1, "--n", 2,
+                     "--controlnet", unit, "--control-image", image, "-o", tmp_path / "out", "--quiet")
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result
+    assert not (tmp_path / "out").exists()

@@ -303,3 +303,17 @@ def test_a_weight_that_is_not_finite_is_a_usage_error(tmp_path, setup, option):
                      "--lora-dir", lora.parent, flag, value, "-o", tmp_path / "x.png", "--quiet")
     assert result.exit_code == 2 and "must be a finite number" in result.stderr, result
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("tag", ["<lora:nope:1>", "<lora:fox-style:abc>"])
+def test_txt2img_refuses_a_bad_lora_tag_before_any_item_runs(tmp_path, setup, tag):
+    from clirun import run_cli
+
+    model, _, _, lora = setup
+    lines = tmp_path / "prompts.txt"
+    lines.write_text(f"a cat\na fox {tag}\n")
+    for given in (["--prompt", f"a fox {tag}"], ["--prompts", lines]):
+        result = run_cli("txt2img", *given, "--model", model, "-W", 64, "-H", 64, "--steps", 1, "--n", 2,
+                         "--lora-dir", lora.parent, "-o", tmp_path / "out", "--quiet")
+        assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result
+        assert "<lora:" in result.stderr

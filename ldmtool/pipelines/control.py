@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 
-from ldmtool.errors import ItemError, UsageError
-from ldmtool.io.images import IMAGE_SUFFIXES, read_image
+from ldmtool.errors import ItemError, LdmError, UsageError
+from ldmtool.io.images import IMAGE_SUFFIXES, header_size, read_image
 
 if TYPE_CHECKING:
     import torch
@@ -67,6 +67,7 @@ class ControlRun:
         self.choice = choice
         self.input_hint = input_hint  # img2img --scale: a ControlNet without --control-image reads the upscaled input
         self.mask_hint = False  # inpaint: `--control-image inpaint` makes the hint from the input and its mask
+        self.matches_inputs = True  # hints in a folder are found by their inputs' names (txt2img has none)
         self.start = 0.0 if choice.control_start is None else choice.control_start
         self.end = 1.0 if choice.control_end is None else choice.control_end
         self.mode = choice.control_mode or "balanced"
@@ -106,11 +107,27 @@ class ControlRun:
                                      "inpaint (a file or folder named inpaint: give its full path)")
                 units.append(ControlUnit(path, strength, None, from_mask=True))
                 continue
-            if image is not None and not image.exists():
-                raise UsageError(f"--control-image {image}: no such file or folder")
+            if image is not None:
+                self._check_hint_path(image)
             units.append(ControlUnit(path, strength, image))
         count = len(c.controlnet or [])
         self.units, self.adapters = units[:count], units[count:]
+
+    def _check_hint_path(self, image: Path) -> None:
+        """UsageError for a hint every item would fail on: none there, a folder without inputs to match
+        (txt2img), a file that is not an image."""
+        if not image.exists():
+            raise UsageError(f"--control-image {image}: no such file or folder")
+        if image.is_dir():
+            if not self.matches_inputs:
+                raise UsageError(f"--control-image {image}: a folder of hints needs input files to match by "
+                                 "name; give one hint file")
+            return
+        if header_size(image) is None:  # read it to say why
+            try:
+                read_image(image)
+            except LdmError as err:
+                raise UsageError(f"--control-image {err}") from None
 
     def open(self, engine: "Engine") -> list["ActiveControl"]:
         """The ControlNets on the model's device and dtype (once per process, through the model cache),

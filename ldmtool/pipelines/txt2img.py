@@ -87,6 +87,8 @@ class Txt2ImgTask(ModelTask):
                  hires_colour_fix: Optional[bool] = None, control: Optional[ControlRun] = None):
         super().__init__(engine)
         self.control = control
+        if control is not None:
+            control.matches_inputs = False
         engine.control = control
         self.hires = hires
         self.hires_strength = DEFAULT_HIRES_STRENGTH if hires_strength is None else hires_strength
@@ -111,6 +113,9 @@ class Txt2ImgTask(ModelTask):
         self.refining.validate()
         if self.control is not None:
             self.control.validate()
+        for spec in self.prompts:  # a missing LoRA or a bad weight: before the model loads
+            if not is_template(spec.prompt):
+                self._networks(spec.prompt)
 
     def check_model(self, engine: Engine) -> None:
         self.texts = self._conditioner(engine)
