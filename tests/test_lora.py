@@ -317,3 +317,17 @@ def test_txt2img_refuses_a_bad_lora_tag_before_any_item_runs(tmp_path, setup, ta
                          "--lora-dir", lora.parent, "-o", tmp_path / "out", "--quiet")
         assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result
         assert "<lora:" in result.stderr
+
+
+def test_a_lora_for_wider_layers_names_its_file(tmp_path, setup, capsys):
+    model, _, _, lora = setup
+    wide = tmp_path / "wide.safetensors"
+    key = "lora_unet_middle_block_1_proj_in"
+    save_safetensors({f"{key}.lora_down.weight": torch.zeros(2, 999, 1, 1),
+                      f"{key}.lora_up.weight": torch.zeros(999, 2, 1, 1)}, wide)
+    with pytest.raises(SystemExit) as exit:
+        main(["txt2img", "--prompt", "x", "--model", str(model), "-W", "64", "-H", "64", "--steps", "1",
+              "--lora", str(lora), "--lora", str(wide), "--quiet", "-o", str(tmp_path / "x.png")])
+    assert exit.value.code == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(wide) in err[0] and "made for another model" in err[0], err

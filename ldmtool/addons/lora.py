@@ -178,6 +178,10 @@ def apply_network(root: torch.nn.Module, targets: Mapping[str, Target], changes:
             param = root.get_parameter(target.key)
             new = param.detach().float().clone()
             rows = slice(*target.rows) if target.rows else slice(None)
-            new[rows] += change.delta(tuple(new[rows].shape)).to(new.device) * weight
+            try:
+                delta = change.delta(tuple(new[rows].shape))
+            except CheckpointError as err:  # a layer of another shape: say which of the run's files it is in
+                raise CheckpointError(f"{source}: {err}") from None
+            new[rows] += delta.to(new.device) * weight
             param.data = new.to(param.dtype)
     return len(changes)
