@@ -1,13 +1,12 @@
 """`--seed` alone decides a training run's initial weights: the same command gives the same model."""
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from ldmtool.train import autoencoder as ae, common, diffusion as df
+from random_images import random_pngs
 
 TINY_AE = ae.AutoencoderArch(factor=4, ch=32, num_res_blocks=1)
 TINY_UNET = df.UNetArch(model_channels=32, channel_mult=(1, 2), attention_resolutions=(2,), num_head_channels=32)
@@ -15,12 +14,7 @@ TINY_UNET = df.UNetArch(model_channels=32, channel_mult=(1, 2), attention_resolu
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> list[Path]:
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    paths = [folder / f"img{i}.png" for i in range(2)]
-    for path in paths:
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
-    return paths
+    return random_pngs(tmp_path_factory.mktemp("images"), count=2, side=32)
 
 
 def _run(out: Path) -> common.RunOptions:

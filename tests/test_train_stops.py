@@ -7,14 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from ldmtool.errors import Interrupted
 from ldmtool.train import autoencoder as ae, common
+from random_images import random_pngs
 
 TINY_AE = ae.AutoencoderArch(factor=4, ch=32, num_res_blocks=1)
 TRAINING = ae.AutoencoderTraining(crop=16, batch_size=1, lr=1e-3)
@@ -22,12 +21,7 @@ TRAINING = ae.AutoencoderTraining(crop=16, batch_size=1, lr=1e-3)
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> list[Path]:
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    paths = [folder / f"img{i}.png" for i in range(3)]
-    for path in paths:
-        Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(path)
-    return paths
+    return random_pngs(tmp_path_factory.mktemp("images"), count=3, side=48)
 
 
 def _run(out: Path, steps: int, resume: bool = False) -> common.RunOptions:
