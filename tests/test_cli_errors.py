@@ -65,6 +65,11 @@ WRONG = [
     (["train", "controlnet", "--hint", "tile", "--down", "inf", "-o", "run"], 2, "'--down': inf is not a finite"),
     (["train", "autoencoder", "--data", ".", "--scale-factor", "0.5", "-o", "run"], 2, "No such option: --scale-factor"),
     (["train", "export", "run", "--name", "x", "--default-cfg", "inf"], 2, "'--default-cfg': inf is not a finite"),
+    (["train", "export", "run", "--name", "../x"], 2, "'--name': '../x' is not a plain file name"),
+    (["train", "export", "run", "--name", "sub/x"], 2, "'--name': 'sub/x' is not a plain file name"),
+    (["train", "export", "run", "--name", ".."], 2, "'--name': '..' is not a plain file name"),
+    (["train", "export", "run", "--name", "x", "--first-stage-file", "../ae.safetensors"], 2,
+     "'--first-stage-file': '../ae.safetensors' is not a plain file name"),
     (["nosuchcommand"], 2, "No such command"),
 ]
 

@@ -38,6 +38,13 @@ def finite(value: Optional[float]) -> Optional[float]:
     return value
 
 
+def bare_name(value: Optional[str]) -> Optional[str]:
+    """A file name inside --dest: a separator or `..` would write outside it."""
+    if value is not None and (not value or "/" in value or "\\" in value or value in (".", "..")):
+        raise typer.BadParameter(f"{value!r} is not a plain file name (no '/', '\\' or '..')")
+    return value
+
+
 train_app = typer.Typer(help="Train autoencoders and latent diffusion models offline.", no_args_is_help=True)
 
 Data = Annotated[
@@ -246,10 +253,10 @@ def controlnet(
 
 def export(
     run: Annotated[Path, typer.Argument(help="Run folder written by `ldmtool train`.", show_default=False)],
-    name: Annotated[str, typer.Option("--name", help="Model name, e.g. default-superres (used with --model NAME).", rich_help_panel=TRAINING)],
+    name: Annotated[str, typer.Option("--name", callback=bare_name, help="Model name, e.g. default-superres (used with --model NAME).", rich_help_panel=TRAINING)],
     dest: Annotated[Optional[Path], typer.Option("--dest", help="Folder to write to (default: the package's shipped models).", rich_help_panel=TRAINING)] = None,
     recipe: Annotated[Optional[str], typer.Option("--recipe", help="Training commands to record in the YAML.", rich_help_panel=TRAINING)] = None,
-    first_stage_file: Annotated[Optional[str], typer.Option("--first-stage-file", help="Ship the first stage as this file beside the model, shared by every default trained on it (e.g. default-kl-f4.safetensors).", rich_help_panel=TRAINING)] = None,
+    first_stage_file: Annotated[Optional[str], typer.Option("--first-stage-file", callback=bare_name, help="Ship the first stage as this file beside the model, shared by every default trained on it (e.g. default-kl-f4.safetensors).", rich_help_panel=TRAINING)] = None,
     first_stage: Annotated[Optional[Path], typer.Option("--first-stage", help="Ship with this autoencoder's decoder instead of the run's (its encoder must be the run's: see train autoencoder --freeze-encoder).", rich_help_panel=TRAINING)] = None,
     colour_fix: Annotated[Optional[bool], typer.Option("--colour-fix/--no-colour-fix", help="The shipped model's default for superres/inpaint --colour-fix (default: as trained).", rich_help_panel=TRAINING)] = None,
     consistency: Annotated[Optional[bool], typer.Option("--consistency/--no-consistency", help="The shipped model's default for superres --consistency (default: as trained, i.e. off).", rich_help_panel=TRAINING)] = None,
