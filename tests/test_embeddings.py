@@ -77,3 +77,58 @@ def test_embeddings_dir_reaches_the_image(setup, tmp_path, capsys):
         main(["txt2img", "--prompt", "x", "--model", str(model), "--embeddings-dir", str(tmp_path / "none"),
               "--quiet", "-o", str(tmp_path / "x.png")])
     assert exit.value.code == 2 and "not a folder" in capsys.readouterr().err
+
+
+def _txt2img(model, folder, out, *prompt):
+    from clirun import run_cli
+
+    return run_cli("txt2img", *prompt, "--model", model, "-W", 64, "-H", 64, "--steps", 1, "--seed", 3,
+                   "--embeddings-dir", folder, "-o", out, "--quiet")
+
+
+def _bad_files(folder):
+    (folder / "notes.pt").write_text("not an embedding, a README renamed")
+    save_safetensors({"alpha": torch.zeros(2), "beta": torch.zeros(3)}, folder / "other.safetensors")
+    torch.save({"string_to_param": {"*": torch.zeros(76, 32)}}, folder / "long.pt")
+
+
+def test_files_no_prompt_names_are_left_alone_and_a_used_one_is_exit_2_naming_it(setup, tmp_path):
+    model, _, _, a1111 = setup
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    (folder / a1111.name).write_bytes(a1111.read_bytes())
+    _bad_files(folder)
+    assert _txt2img(model, folder, tmp_path / "ok.png", "--prompt", PROMPT).exit_code == 0
+    prompts = tmp_path / "prompts.txt"
+    for name, why in [("notes", "notes.pt"), ("other", "other.safetensors: not a textual-inversion"),
+                      ("long", "long.pt: 76 vectors, more than the 75 tokens of one CLIP chunk")]:
+        prompts.write_text(f"a cat\na {name} fox\n")
+        for given in (["--prompt", "a cat", "--negative", name], ["--prompts", prompts]):
+            result = _txt2img(model, folder, tmp_path / "out", *given)
+            lines = result.stderr.strip().splitlines()
+            assert result.exit_code == 2 and len(lines) == 1, result
+            assert lines[0].startswith(f"ldmtool: error: {folder / why}"), lines
+            assert not (tmp_path / "out").exists()
+
+
+def test_the_job_holds_only_the_embeddings_its_prompt_uses(setup, tmp_path):
+    model, _, vectors, a1111 = setup
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    (folder / a1111.name).write_bytes(a1111.read_bytes())
+    out = tmp_path / "fox.png"
+    for prompt in (["--prompt", PROMPT], ["--prompts", tmp_path / "lines.txt"]):
+        (tmp_path / "lines.txt").write_text(f"{PROMPT}\n")
+        assert _txt2img(model, folder, out, *prompt).exit_code == 0
+        written = out.stat().st_mtime_ns
+        _bad_files(folder)
+        torch.save({"string_to_param": {"*": vectors}}, folder / "unused.pt")
+        assert _txt2img(model, folder, out, *prompt).exit_code == 0  # done already: the same job
+        assert out.stat().st_mtime_ns == written
+        torch.save({"string_to_param": {"*": vectors * 2}}, folder / a1111.name)
+        again = _txt2img(model, folder, out, *prompt)
+        assert again.exit_code == 1 and "--embeddings-sha256 differs" in again.output, again
+        out.unlink()
+        for path in folder.iterdir():
+            path.unlink()
+        (folder / a1111.name).write_bytes(a1111.read_bytes())

@@ -5,8 +5,9 @@ takes as many token positions as it has vectors (`pipelines/prompt_encoding.py`)
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 
@@ -14,6 +15,7 @@ from ldmtool.addons.base import ADDON_SUFFIXES, EMBEDDING, AddonFormat, TextualI
 from ldmtool.errors import CheckpointError, UsageError
 
 SDXL_ENCODERS = ("clip_l", "clip_g")
+MAX_VECTORS = 75  # one CLIP chunk: A1111 keeps an embedding whole within a chunk
 
 
 def _single(vectors: Any, where: str) -> torch.Tensor:
@@ -62,14 +64,69 @@ def read_embedding(path: Path) -> TextualInversion:
     keys = frozenset(str(key) for key in content)
     for entry in formats(EMBEDDING):
         if entry.matches(keys):
-            return TextualInversion(path.stem, entry.read(content, str(path)), file_sha256(path))
+            return _fits_a_chunk(TextualInversion(path.stem, entry.read(content, str(path)), file_sha256(path)),
+                                 path)
     raise CheckpointError(f"{path}: not a textual-inversion embedding (keys: {', '.join(sorted(keys)[:5])}; "
                           "expected string_to_param, emb_params, clip_l/clip_g or one token)")
 
 
-def load_embeddings(folder: Path) -> list[TextualInversion]:
-    """Every embedding file directly in `folder` (UsageError when it is not a folder)."""
+def _fits_a_chunk(embedding: TextualInversion, path: Path) -> TextualInversion:
+    count = max(len(vectors) for vectors in embedding.vectors.values())
+    if count > MAX_VECTORS:
+        raise CheckpointError(f"{path}: {count} vectors, more than the {MAX_VECTORS} tokens of one CLIP chunk")
+    return embedding
+
+
+def embedding_files(folder: Path) -> list[Path]:
+    """The add-on files directly in `folder` (UsageError when it is not a folder)."""
     if not folder.is_dir():
         raise UsageError(f"--embeddings-dir {folder}: not a folder")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in ADDON_SUFFIXES and p.is_file())
-    return [read_embedding(path) for path in files]
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in ADDON_SUFFIXES and p.is_file())
+
+
+def load_embeddings(folder: Path) -> list[TextualInversion]:
+    """Every embedding in `folder` that reads; a file that does not is left out (`check_embeddings` refuses
+    it up front where a prompt names it)."""
+    read = [_read_once(path) for path in embedding_files(folder)]
+    return [entry for entry in read if isinstance(entry, TextualInversion)]
+
+
+def files_named(texts: Iterable[Optional[str]], folder: Optional[Path]) -> list[Path]:
+    """The files of `folder` whose names `texts` use, tokenized as prompts are (pipelines/prompt_encoding.py)."""
+    if folder is None or not folder.is_dir():
+        return []
+    from ldmtool.nets.tokenizers import clip_text_ids
+    from ldmtool.pipelines.prompt_syntax import parse_attention, without_extra_networks
+
+    pieces = [clip_text_ids(piece) for text in texts if text
+              for piece, _ in parse_attention(without_extra_networks(text))]
+    return [path for path in embedding_files(folder) if _within(clip_text_ids(path.stem), pieces)]
+
+
+def _within(name: list[int], pieces: list[list[int]]) -> bool:
+    return bool(name) and any(ids[i : i + len(name)] == name for ids in pieces for i in range(len(ids)))
+
+
+def check_embeddings(texts: Iterable[Optional[str]], folder: Optional[Path]) -> dict[str, str]:
+    """`{file name: sha256}` of the embeddings `texts` use; UsageError naming one that cannot be used."""
+    used = {}
+    for path in files_named(texts, folder):
+        entry = _read_once(path)
+        if not isinstance(entry, TextualInversion):
+            raise UsageError(entry)
+        used[path.name] = entry.sha256
+    return used
+
+
+def _read_once(path: Path) -> TextualInversion | str:
+    stat = path.stat()
+    return _read_cached(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _read_cached(path: Path, mtime_ns: int, size: int) -> TextualInversion | str:
+    """An embedding, or the one-line reason it cannot be read (each item's prompt is checked; read once)."""
+    try:
+        return read_embedding(path)
+    except (CheckpointError, UsageError) as err:
+        return str(err)

@@ -53,6 +53,19 @@ class ModelTask(BaseTask):
         self.engine.validate()
         if self.reads_images:
             check_read_limits(self.max_pixels)
+        self.used_embeddings(self.prompt_texts())
+
+    def prompt_texts(self) -> tuple[Optional[str], ...]:
+        """The run-wide prompts, as written (txt2img adds its prompt lines that are not templates)."""
+        return tuple(text for text in (getattr(self, "prompt", None), getattr(self, "negative", None))
+                     if isinstance(text, str))
+
+    def used_embeddings(self, texts: Iterable[Optional[str]]) -> dict[str, str]:
+        """`{file: sha256}` of the `--embeddings-dir` embeddings `texts` name (UsageError for one that cannot
+        be used); unreadable files no prompt names are left alone."""
+        from ldmtool.addons.embeddings import check_embeddings
+
+        return check_embeddings(texts, getattr(self.engine.choice, "embeddings_dir", None))
 
     def model_file(self) -> Optional[Path]:
         """The weights `--model` names, resolved without loading them (the job's identity hashes them)."""

@@ -117,6 +117,10 @@ class Txt2ImgTask(ModelTask):
             if not is_template(spec.prompt):
                 self._networks(spec.prompt)
 
+    def prompt_texts(self) -> tuple[Optional[str], ...]:
+        literal = [spec for spec in self.prompts if not is_template(spec.prompt)]
+        return (self.negative, *(text for spec in literal for text in (spec.prompt, spec.negative)))
+
     def check_model(self, engine: Engine) -> None:
         self.texts = self._conditioner(engine)
         self._texts_by_networks: dict[NetworkSet, TextConditioner | FlowTexts] = {engine.networks: self.texts}
@@ -150,7 +154,9 @@ class Txt2ImgTask(ModelTask):
         (as its model has them), in place of the run's `lora_sha256`."""
         files = super().item_addon_files(item, seed)
         try:
-            networks = self._networks(self._expanded(PromptSpec(**item.data["spec"]), item, seed).prompt)
+            spec = self._expanded(PromptSpec(**item.data["spec"]), item, seed)
+            networks = self._networks(spec.prompt)
+            files["embeddings_sha256"] = self.used_embeddings((spec.prompt, self._negative(spec)))
         except (UsageError, ItemError):
             return files  # the item fails when it loads
         if networks:
@@ -170,7 +176,8 @@ class Txt2ImgTask(ModelTask):
             raise ItemError(f"{job.item.label}: {err}") from None
         try:
             self._networks(spec.prompt)
-        except UsageError as err:  # a LoRA a line names is missing: that line's items fail
+            self.used_embeddings((spec.prompt, self._negative(spec)))  # a template's, once expanded
+        except UsageError as err:  # a LoRA or an embedding a line names is missing or bad: its items fail
             raise ItemError(f"{job.item.label}: {err}") from None
         self.check_vocabulary((spec.prompt, self._negative(spec)))
         self.check_trained_size(width, height)

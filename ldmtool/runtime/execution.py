@@ -81,12 +81,11 @@ def addon_files(task: Task) -> dict[str, Any]:
         from ldmtool.checkpoints.api import resolve_source
 
         files["refiner_sha256"] = file_sha256(resolve_source(refiner.choice.model)[0])
-    folder = getattr(engine.choice, "embeddings_dir", None)
-    if folder is not None and folder.is_dir():  # every embedding a prompt could name (addons/embeddings.py)
-        from ldmtool.addons.base import ADDON_SUFFIXES
-
-        files["embeddings_sha256"] = {p.name: file_sha256(p) for p in sorted(folder.iterdir())
-                                      if p.suffix.lower() in ADDON_SUFFIXES and p.is_file()}
+    used_embeddings, prompt_texts = getattr(task, "used_embeddings", None), getattr(task, "prompt_texts", None)
+    if getattr(engine.choice, "embeddings_dir", None) is not None and used_embeddings and prompt_texts:
+        # only those the run-wide prompts name: another file in the folder is not another job (txt2img's
+        # items hold their own prompts' in item_addon_files)
+        files["embeddings_sha256"] = used_embeddings(prompt_texts())
     return files
 
 
