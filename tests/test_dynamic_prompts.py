@@ -138,3 +138,57 @@ def test_commands_that_take_a_prompt_as_written_say_so_once(tmp_path):
     assert warnings == ["ldmtool: warning: img2img takes its prompt as written: template syntax ({a|b}, "
                         "__wildcards__) is expanded by txt2img only"]
     assert read_metadata(tmp_path / "out" / "a.png").recipe["parameters"]["prompt"] == "a {red|blue} circle"
+
+
+def test_combinatorial_refuses_a_billion_prompts_quickly_unless_max_prompts_caps_them(tmp_path):
+    """Counted, not expanded: the dry run answers in seconds (it used to build 10^9 prompts first)."""
+    import subprocess
+    import sys
+
+    template = " ".join(["{a|b|c|d|e|f|g|h|i|j}"] * 9)
+    command = [sys.executable, "-m", "ldmtool", "txt2img", "--prompt", template, "--combinatorial", "--dry-run",
+               "-o", str(tmp_path / "out")]
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2, refused.stderr
+    (line,) = refused.stderr.strip().splitlines()
+    assert "makes 1,000,000,000 prompts, more than the 100,000 a run may have (--max-prompts N" in line
+    capped = subprocess.run(command + ["--max-prompts", "3"], capture_output=True, text=True, timeout=60)
+    assert capped.returncode == 0, capped.stderr
+    assert "dry run: 3 to run" in capped.stdout
+
+
+def test_combinatorial_limit_counts_every_template_of_the_run(tmp_path, monkeypatch):
+    from ldmtool.pipelines import prompt_templates
+
+    monkeypatch.setattr(prompt_templates, "COMBINATIONS_LIMIT", 5)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("x {a|b|c}\ny {d|e|f}\n")
+    result = run_cli("txt2img", "--prompts", prompts, "--combinatorial", "--dry-run", "-o", tmp_path / "out")
+    assert result.exit_code == 2
+    assert "the prompts make 6 prompt lines in all, more than the 5" in result.stderr
+    assert run_cli("txt2img", "--prompts", prompts, "--combinatorial", "--max-prompts", "2", "--dry-run",
+                   "-o", tmp_path / "out").exit_code == 0
+
+
+@pytest.mark.parametrize("template", [
+    "a {red|blue} {circle|square}", "{2$$a|b|c}", "{1-2$$a|b|c}", "__colors/warm__ __two__", "{2$$__colors/warm__}",
+    "{~a|b} {x|y}", "{a|{b|c}} z", "${c={p|q|r}} ${c} and ${c}", "${c=!{p|q|r}} ${c}", "{@a|b|c} {x|y}",
+    "{__two__|z}", "__colors/*__", "{0.5::a|1::b}", "plain",
+])
+def test_the_count_matches_the_expansion(tmp_path, template):
+    from ldmtool.pipelines.prompt_templates import PromptTemplates
+
+    (tmp_path / "colors").mkdir()
+    (tmp_path / "colors" / "warm.txt").write_text("red\ngreen\n{light|dark} orange\n")
+    (tmp_path / "two.txt").write_text("x\ny\n")
+    templates = PromptTemplates(tmp_path)
+    assert templates.count(template) == len(templates.combinations(template, None))
+
+
+def test_a_wildcard_that_names_itself_is_a_usage_error(tmp_path):
+    from ldmtool.errors import UsageError
+    from ldmtool.pipelines.prompt_templates import PromptTemplates
+
+    (tmp_path / "loop.txt").write_text("a __loop__\n")
+    with pytest.raises(UsageError, match="wildcard __loop__ names itself"):
+        PromptTemplates(tmp_path).count("__loop__")

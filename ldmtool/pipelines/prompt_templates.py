@@ -7,7 +7,9 @@ Random mode (the default) expands a template when its item loads, seeded with th
 run's seed plus the item's position under `--same-seed`), so an item's expansion is the same whatever the
 batch size, order, shard or resume: the item carries the template, its seed picks the expansion.
 `--combinatorial` turns each template line into one prompt line per combination before the run (at most
-`--max-prompts` per template), each carrying its template. The library is imported only when a prompt
+`--max-prompts` per template), each carrying its template. The combinations are counted first, without
+expanding them, and a run of more than `COMBINATIONS_LIMIT` prompt lines is refused up front (a typo such as
+ten 10-way variants would otherwise build 10^10 prompts before the plan could answer). The library is imported only when a prompt
 has template syntax or a template option is given, so `ldmtool --help` never loads it.
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ldmtool.pipelines.text import PromptSpec
 _SYNTAX = re.compile(r"[{}]|__[^_\s]")  # a variant brace, or the start of a __wildcard__
 _WILDCARD = re.compile(r"__([^_\s][^\s]*?)__")
 _SEED_LIMIT = 2**32
+COMBINATIONS_LIMIT = 100_000  # prompt lines that --combinatorial makes in one run, at most (README says so)
 
 
 def is_template(text: Optional[str]) -> bool:
@@ -61,6 +64,15 @@ class PromptTemplates:
         self._check_expanded(text)
         return str(text)
 
+    def count(self, template: str, max_prompts: Optional[int] = None) -> int:
+        """How many prompts `combinations` gives (at most), counted without expanding the template."""
+        from ldmtool.pipelines.prompt_count import CombinationCounter
+
+        self.check(template)
+        with _readable(template):
+            count = CombinationCounter(self.manager).count(template)
+        return count if max_prompts is None else min(count, max_prompts)
+
     def combinations(self, template: str, max_prompts: Optional[int]) -> list[str]:
         """Every combination of `template`, in the library's order (at most `max_prompts`)."""
         from dynamicprompts.generators import CombinatorialPromptGenerator
@@ -74,13 +86,17 @@ class PromptTemplates:
         return texts
 
     def _check_expanded(self, text: str) -> None:
-        """A wildcard that a wildcard file names but the folder lacks is left as it is: refuse it."""
-        self.check(text)
+        """A wildcard that a wildcard file names but the folder lacks is left as it is: refuse it. (A text
+        without template syntax has nothing to check, and parsing each of many would take seconds.)"""
+        if is_template(text):
+            self.check(text)
 
 
 def combinatorial(specs: Sequence[PromptSpec], templates: PromptTemplates,
                   max_prompts: Optional[int]) -> list[PromptSpec]:
-    """Each template line as one line per combination (carrying its template); plain lines as they are."""
+    """Each template line as one line per combination (carrying its template); plain lines as they are.
+    More than `COMBINATIONS_LIMIT` lines in all is a UsageError, counted before any is made."""
+    check_combination_count(specs, templates, max_prompts)
     out: list[PromptSpec] = []
     for spec in specs:
         if not is_template(spec.prompt):
@@ -89,6 +105,26 @@ def combinatorial(specs: Sequence[PromptSpec], templates: PromptTemplates,
         out += [replace(spec, prompt=text, template=spec.prompt)
                 for text in templates.combinations(spec.prompt, max_prompts)]
     return out
+
+
+def check_combination_count(specs: Sequence[PromptSpec], templates: PromptTemplates,
+                            max_prompts: Optional[int]) -> None:
+    """A one-line UsageError naming the template (or the total) when --combinatorial would make more than
+    `COMBINATIONS_LIMIT` prompt lines."""
+    total = 0
+    for spec in specs:
+        count = templates.count(spec.prompt, max_prompts) if is_template(spec.prompt) else 1
+        if count > COMBINATIONS_LIMIT:
+            raise UsageError(f"--combinatorial: {_shortened(spec.prompt)!r} makes {count:,} prompts, more than the "
+                             f"{COMBINATIONS_LIMIT:,} a run may have (--max-prompts N takes the first N)")
+        total += count
+    if total > COMBINATIONS_LIMIT:
+        raise UsageError(f"--combinatorial: the prompts make {total:,} prompt lines in all, more than the "
+                         f"{COMBINATIONS_LIMIT:,} a run may have (--max-prompts N takes the first N per template)")
+
+
+def _shortened(text: str, width: int = 60) -> str:
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def check_templates(specs: Sequence[PromptSpec], negative: Optional[str], templates: PromptTemplates,
