@@ -83,6 +83,58 @@ def test_sigterm_to_a_training_process_exits_130_with_the_state_of_its_last_step
     assert f"step {logged};" in rest[-1]
 
 
+def _nan_loss_at(monkeypatch, on_call: int) -> None:
+    """The `on_call`-th step reports a NaN loss term, as a diverged run does after its update."""
+    original, calls = ae.AutoencoderTrainer.step, []
+
+    def step(self, step):
+        metrics = original(self, step)
+        calls.append(1)
+        return {**metrics, "total": float("nan")} if len(calls) == on_call else metrics
+
+    monkeypatch.setattr(ae.AutoencoderTrainer, "step", step)
+
+
+def test_a_nan_loss_stops_the_run_keeping_the_last_good_state(images, tmp_path, monkeypatch):
+    run = common.RunOptions(out=tmp_path / "run", steps=6, save_every=2, log_every=1, device="cpu", quiet=True)
+    _nan_loss_at(monkeypatch, 3)
+    with pytest.raises(common.FatalError) as stopped:
+        ae.train_autoencoder(TINY_AE, TRAINING, images, run)
+    assert str(stopped.value) == (f"training stopped at step 3: the loss is not finite (total=nan), so its weights "
+                                  f"are not saved; the state of step 2 is saved in {tmp_path / 'run'} (add --resume "
+                                  "to continue)")
+    assert torch.load(tmp_path / "run" / common.STATE_FILE, weights_only=True)["step"] == 2
+    assert [json.loads(line)["step"] for line in (tmp_path / "run" / common.LOG_FILE).read_text().splitlines()] == [1, 2]
+
+
+def test_a_huge_lr_exits_3_naming_the_step_and_exports_no_broken_weights(images, tmp_path, capsys):
+    """lr 1e30: the first update blows the weights up, the next loss is NaN (the run used to go on and export
+    the NaN weights); with --save-every 1 the state of step 1 is the last one saved."""
+    code, err = _cli(_train(images[0].parent, tmp_path / "run", "--lr", "1e30", "--steps", "6", "--save-every", "1"),
+                     capsys)
+    assert code == 3 and err.count("\n") == 1, err
+    assert err.startswith("ldmtool: error: training stopped at step 2: the loss is not finite (") and "=nan)" in err
+    assert torch.load(tmp_path / "run" / common.STATE_FILE, weights_only=True)["step"] == 1
+    exported = load_file(str(tmp_path / "run" / common.MODEL_FILE))
+    assert all(torch.isfinite(tensor).all() for tensor in exported.values())
+
+
+def test_weights_that_are_not_finite_are_never_saved(images, tmp_path, monkeypatch):
+    """A finite loss can still leave inf weights behind (the update comes after the loss): the save refuses."""
+    original = ae.AutoencoderTrainer.state
+
+    def state(self, step):
+        saved = original(self, step)
+        saved["ema"]["shadow"] = {**saved["ema"]["shadow"], "broken": torch.tensor([float("inf")])}
+        return saved
+
+    monkeypatch.setattr(ae.AutoencoderTrainer, "state", state)
+    with pytest.raises(common.FatalError, match="at step 2: ema/shadow/broken is not finite, so its weights are not "
+                                                "saved; nothing trained yet, so nothing saved"):
+        ae.train_autoencoder(TINY_AE, TRAINING, images, _run(tmp_path / "run", 2))
+    assert not (tmp_path / "run" / common.STATE_FILE).exists() and not (tmp_path / "run" / common.MODEL_FILE).exists()
+
+
 def _cli(args, capsys):
     from ldmtool.cli.app import main
 

@@ -22,6 +22,7 @@ import yaml
 
 from ldmtool.errors import FatalError, Interrupted, UsageError
 from ldmtool.train.data import UnreadableTrainingImage
+from ldmtool.train.finite import non_finite_metric, non_finite_tensor
 from ldmtool.train.resume_check import changed_option
 
 if TYPE_CHECKING:
@@ -290,7 +291,7 @@ def run_loop(trainer: Trainer, run: RunOptions, description: str) -> Path:
 
     Ctrl-C and SIGTERM only ask the loop to stop: the step under way finishes, the state of that step boundary
     is saved (so a resume is exact) and `Interrupted` is raised. A second one stops at once, saving nothing
-    more (the last saved state stays as it was).
+    more (the last saved state stays as it was). So does a loss or weight that is not finite, a FatalError.
     """
     out = make_run_folder(Path(run.out))
     start = trainer.load(load_state(out, trainer.run_config())) if run.resume else 0
@@ -304,10 +305,12 @@ def run_loop(trainer: Trainer, run: RunOptions, description: str) -> Path:
                     break
                 metrics = trainer.step(step)
                 done = step + 1
+                if (bad := non_finite_metric(metrics)) is not None:
+                    raise _diverged(done, f"the loss is not finite ({bad})", out, saved)
                 log = done % run.log_every == 0 or done == run.steps
                 progress.advance(done, metrics if log else None)
                 if done % run.save_every == 0 and done != run.steps:
-                    save_checkpoint(trainer, out, done)
+                    save_checkpoint(trainer, out, done, saved)
                     saved = done
         except UnreadableTrainingImage as err:  # raised while drawing the batch, before the step changed anything
             raise FatalError(f"{err}; {_save_at_stop(trainer, out, done, saved)}, "
@@ -317,13 +320,17 @@ def run_loop(trainer: Trainer, run: RunOptions, description: str) -> Path:
                               f"{_saved_note(out, saved)}") from None
         if done < run.steps:
             raise Interrupted(f"training stopped at step {done}; {_save_at_stop(trainer, out, done, saved)}")
-    return save_checkpoint(trainer, out, done)
+    return save_checkpoint(trainer, out, done, saved)
+
+
+def _diverged(step: int, what: str, out: Path, saved: int) -> FatalError:
+    return FatalError(f"training stopped at step {step}: {what}, so its weights are not saved; {_saved_note(out, saved)}")
 
 
 def _save_at_stop(trainer: Trainer, out: Path, done: int, saved: int) -> str:
     """Save the state of step boundary `done` unless it is saved already; what to tell the user about it."""
     if done > saved:
-        save_checkpoint(trainer, out, done)
+        save_checkpoint(trainer, out, done, saved)
     return _saved_note(out, done)
 
 
@@ -376,8 +383,12 @@ def copy_weights(module: "nn.Module", tensors: Mapping[str, "torch.Tensor"]) -> 
     return len(tensors)
 
 
-def save_checkpoint(trainer: Trainer, out: Path, step: int) -> Path:
-    save_state(out, trainer.state(step))
+def save_checkpoint(trainer: Trainer, out: Path, step: int, saved: int) -> Path:
+    """Save and export the state of step boundary `step`; a weight that is not finite keeps step `saved`'s."""
+    state = trainer.state(step)
+    if (bad := non_finite_tensor(state)) is not None:
+        raise _diverged(step, f"{bad} is not finite", out, saved)
+    save_state(out, state)
     return trainer.export(out, step)
 
 
