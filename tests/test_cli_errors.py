@@ -36,6 +36,8 @@ WRONG = [
     (["txt2img", "--prompt", "a", "--width", "abc"], 2, "'--width'"),
     (["superres", "img.png", "--steps", "-3"], 2, "'--steps'"),
     (["superres", "nosuch.png"], 2, "nosuch.png: no such file or folder"),
+    (["txt2img", "--prompt", "a", "--lora-dir", "no/such/dir"], 2, "--lora-dir no/such/dir: not a folder"),
+    (["txt2img", "--prompt", "a", "--embeddings-dir", "img.png"], 2, "--embeddings-dir img.png: not a folder"),
     (["superres", "img.png", "--model", "nosuch"], 2, "--model nosuch: not a file, a shipped model"),
     (["superres", "img.png", "--model", "nosuch.safetensors"], 2, "nosuch.safetensors: no such checkpoint file"),
     (["superres", "img.png", "--model", "broken.safetensors"], 3, "broken.safetensors"),

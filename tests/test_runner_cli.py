@@ -524,6 +524,7 @@ def test_a_rerun_into_the_input_folder_skips_its_own_outputs_instead_of_taking_t
     assert second.returncode == 0, second.stderr
     assert [(e["key"], e["event"]) for e in item_events(second)] == [("a.png", "skipped")]
     assert "ignored 1 input(s) that are this run's outputs of other inputs in in" in second.stderr
+    assert "non-image" not in second.stderr  # its own gallery and manifest are not reported as skipped files
     assert sorted(p.name for p in (tmp_path / "in").iterdir()) == before
 
 

@@ -238,8 +238,17 @@ def _walk(folder: Path, root: Path, recursive: bool, out: list[_Candidate], skip
                 _walk(entry, root, recursive, out, skipped, visited)
         elif is_image_path(entry):
             out.append(_Candidate(entry, root, explicit=False))
-        else:
+        elif not _bookkeeping(entry.name):
             skipped.append(entry)
+
+
+# What ldmtool itself writes beside its outputs (gallery, manifests, shard membership, workflow record): an
+# output folder read as input passes over them without naming them as skipped files.
+_BOOKKEEPING = re.compile(r"^(index\.html|ldmtool-manifest.*\.jsonl|ldmtool-shard-\d+-of-\d+\.json|workflow\.jsonl)$")
+
+
+def _bookkeeping(name: str) -> bool:
+    return _BOOKKEEPING.match(name) is not None
 
 
 def _glob(pattern: Path, out: list[_Candidate], skipped: list[Path]) -> None:

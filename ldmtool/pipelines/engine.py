@@ -79,6 +79,9 @@ class Engine:
                 raise UsageError(f"--{name} {value}: must be a finite number")
         if s.sampler is not None:
             check_options(s.sampler, eta=s.eta, tcd_gamma=s.tcd_gamma)
+        for flag, folder in (("--lora-dir", self.choice.lora_dir), ("--embeddings-dir", self.choice.embeddings_dir)):
+            if folder is not None and not Path(folder).expanduser().is_dir():
+                raise UsageError(f"{flag} {folder}: not a folder")
         self.addons()  # --lora and --vae files exist (UsageError naming the one that does not)
         self._user_spacing(s.karras if s.karras is not None else sampler_name(s.sampler or "")[1])
 
