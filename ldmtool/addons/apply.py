@@ -21,11 +21,14 @@ class ModelAddons:
 
     @classmethod
     def of(cls, choice: "ModelChoice", extra: NetworkSet = ()) -> "ModelAddons":
+        from ldmtool.errors import UsageError
+
         vae = choice.vae.expanduser() if choice.vae is not None else None
         if vae is not None and not vae.is_file():
-            from ldmtool.errors import UsageError
-
             raise UsageError(f"--vae {choice.vae}: no such file")
+        for flag, folder in (("--lora-dir", choice.lora_dir), ("--embeddings-dir", choice.embeddings_dir)):
+            if folder is not None and not folder.expanduser().is_dir():
+                raise UsageError(f"{flag} {folder}: not a folder")
         return cls(run_networks(choice.lora, choice.lora_dir) + tuple(extra), vae)
 
     def cache_key(self) -> tuple[Hashable, ...]:

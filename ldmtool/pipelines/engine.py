@@ -79,10 +79,7 @@ class Engine:
                 raise UsageError(f"--{name} {value}: must be a finite number")
         if s.sampler is not None:
             check_options(s.sampler, eta=s.eta, tcd_gamma=s.tcd_gamma)
-        for flag, folder in (("--lora-dir", self.choice.lora_dir), ("--embeddings-dir", self.choice.embeddings_dir)):
-            if folder is not None and not Path(folder).expanduser().is_dir():
-                raise UsageError(f"{flag} {folder}: not a folder")
-        self.addons()  # --lora and --vae files exist (UsageError naming the one that does not)
+        self.addons()  # --lora, --vae files and the add-on folders exist (UsageError naming the one that does not)
         self._user_spacing(s.karras if s.karras is not None else sampler_name(s.sampler or "")[1])
 
     def _user_spacing(self, karras: Optional[bool]) -> Optional[str]:
