@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Protocol
 
 import numpy as np
 
@@ -28,6 +28,11 @@ from ldmtool.runtime.jobs import Job, Output, RunOptions, Task
 from ldmtool.runtime.report import ItemEvent, Status, Summary
 from ldmtool.runtime.resume import Recipes, storable
 from ldmtool.runtime.shard import strip_scheduling
+
+if TYPE_CHECKING:
+    import torch
+
+    from ldmtool.runtime.device import PrecisionChoice
 
 DEBUG_ENV = "LDMTOOL_DEBUG"
 
@@ -96,10 +101,17 @@ def auto_precision(task: Task) -> dict[str, str]:
     choice = getattr(getattr(task, "engine", None), "choice", None)
     if choice is None or (choice.precision or "auto").lower() != "auto":
         return {}
-    from ldmtool.runtime.device import choose_device, legacy_auto_dtype, resolve_precision
+    from ldmtool.runtime.device import choose_device, resolve_precision
 
     device = choose_device(choice.device)
-    resolved = resolve_precision("auto", device)
+    return _as_auto_records(resolve_precision("auto", device), device)
+
+
+def _as_auto_records(resolved: "PrecisionChoice", device: "torch.device") -> dict[str, str]:
+    """What an identity records beside `--precision auto` that chose `resolved`: nothing for the device's old
+    default (fp32 on a CPU, fp16 on a GPU), else the choice."""
+    from ldmtool.runtime.device import legacy_auto_dtype
+
     return {} if resolved.dtype == legacy_auto_dtype(device) else {"auto_precision": resolved.name}
 
 
@@ -110,16 +122,14 @@ def same_precision_written_otherwise(task: Task, pixels: Mapping[str, Any]) -> t
     choice = getattr(getattr(task, "engine", None), "choice", None)
     if choice is None or "precision" not in pixels:
         return ()
-    from ldmtool.runtime.device import choose_device, legacy_auto_dtype, resolve_precision
+    from ldmtool.runtime.device import choose_device, resolve_precision
 
     device = choose_device(choice.device)
     others = {name: value for name, value in pixels.items() if name not in ("precision", "auto_precision")}
     asked = str(pixels["precision"]).lower()
     if asked == "auto":
         return ({**others, "precision": resolve_precision("auto", device).name},)
-    resolved = resolve_precision(asked, device)
-    chosen = {} if resolved.dtype == legacy_auto_dtype(device) else {"auto_precision": resolved.name}
-    return ({**others, "precision": "auto", **chosen},)
+    return ({**others, "precision": "auto", **_as_auto_records(resolve_precision(asked, device), device)},)
 
 
 def output_suffix(target: Optional[Path], is_file: bool, fmt: Optional[str]) -> str:

@@ -221,6 +221,9 @@ class BatchRun:
         ldmtool recipe at such a name stays an input (and `_plan` refuses to write over it)."""
         if _lazy(items) or self.spec.is_file:
             return items, list(notes)
+        out = Path(os.path.realpath(self.spec.folder))
+        if not any(item.path is not None and out in _real(item.path).parents for item in items):
+            return items, list(notes)  # no input in the output folder (the usual run): nothing to plan twice
         check_template(self.spec.template)
         writers: dict[Path, set[int]] = {}
         for index, item in enumerate(items):
