@@ -466,7 +466,7 @@ def test_resume_tells_a_redone_hint_in_a_folder_from_the_one_that_made_the_outpu
     assert run_cli(*args).exit_code == 0  # the same hint: done already
     hint_image(tmp_path / "hints" / "x.png", 7)
     again = run_cli(*args)
-    assert again.exit_code == 1 and "--control-image-sha256 differs" in again.output, again
+    assert again.exit_code == 1 and "its control image file content differs" in again.output, again
 
 
 @pytest.mark.parametrize("case", ["strength inf", "strength nan", "hint folder", "hint not an image"])

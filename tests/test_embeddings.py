@@ -127,7 +127,7 @@ def test_the_job_holds_only_the_embeddings_its_prompt_uses(setup, tmp_path):
         assert out.stat().st_mtime_ns == written
         torch.save({"string_to_param": {"*": vectors * 2}}, folder / a1111.name)
         again = _txt2img(model, folder, out, *prompt)
-        assert again.exit_code == 1 and "--embeddings-sha256 differs" in again.output, again
+        assert again.exit_code == 1 and "its embeddings file content differs" in again.output, again
         out.unlink()
         for path in folder.iterdir():
             path.unlink()

@@ -262,7 +262,7 @@ def test_resume_tells_a_replaced_lora_file_from_the_one_that_made_the_output(tmp
     state = load_file(str(mine))
     save_safetensors({k: v * 2 if k.endswith("up.weight") else v for k, v in state.items()}, mine)
     again = run_cli(*args)
-    assert again.exit_code == 1 and "--lora-sha256 differs" in again.output, again.output
+    assert again.exit_code == 1 and "its lora file content differs" in again.output, again.output
 
 
 def _doubled(path):
@@ -290,7 +290,7 @@ def test_resume_tells_a_replaced_lora_a_prompt_tag_names_from_the_one_that_made_
     assert run_cli(*args).exit_code == 0  # the same file: done already
     _doubled(folder / "style.safetensors")
     again = run_cli(*args)
-    assert again.exit_code == 1 and "--lora-sha256 differs" in again.output, again
+    assert again.exit_code == 1 and "its lora file content differs" in again.output, again
 
 
 @pytest.mark.parametrize("option", ["--lora {lora}:inf", "--lora {lora}:nan", "--prompt x<lora:fox-style:inf>"])

@@ -136,7 +136,8 @@ def test_another_instruction_set_stays_within_the_stated_bound(inputs, baseline,
     for name, (pixels, recipe) in found.items():
         diff = np.abs(pixels - baseline[name][0])
         assert diff.max() <= MAX_BOUND and diff.mean() < MEAN_BOUND, (name, int(diff.max()), float(diff.mean()))
-        assert recipe == baseline[name][1]
+        assert recipe["machine"]["cpu"] == "DEFAULT"  # the record says where it ran (replay names it)
+        assert {**recipe, "machine": None} == {**baseline[name][1], "machine": None}
 
 
 # Products whose sums Intel MKL splits by the thread count unless it runs in its strict reproducible mode

@@ -253,7 +253,7 @@ def test_replay_reproduces_outputs_bit_for_bit(tmp_path, sd1):
     for event, original in zip(events(result), outputs):
         replayed = original.with_name(f"{original.stem}.replay.png")
         assert event == {"event": "replayed", "file": str(original), "output": str(replayed), "identical": True,
-                         "max_difference": 0}
+                         "max_difference": 0, "reasons": []}
         assert np.array_equal(_pixels(replayed), _pixels(original))
         assert _recipe(replayed)[0]["job"] == _recipe(original)[0]["job"]
 
@@ -271,9 +271,52 @@ def test_replay_says_when_pixels_differ_and_verify_fails(tmp_path, sd1):
         chunks.add_text(key, info[key])
     Image.fromarray(pixels).save(tmp_path / "a.png", pnginfo=chunks)
     plain = ldmtool("replay", "a.png", "-o", "again", cwd=tmp_path)
-    assert plain.returncode == 0 and "pixels differ by up to" in plain.stderr
+    assert plain.returncode == 0
+    assert "/255: nothing the recipes record differs" in plain.stderr
     assert (tmp_path / "again" / "a.png").is_file()
     assert ldmtool("replay", "a.png", "-o", "again", "--verify", cwd=tmp_path).returncode == 1
+
+
+def _rewrite(path, recipe=None, flip_pixel=True):
+    """Save `path` again with one pixel changed and, if given, another recipe (its text chunks kept)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    with Image.open(path) as image:
+        info, pixels = dict(image.info), np.asarray(image).copy()
+    if flip_pixel:
+        pixels[0, 0] = 255 - pixels[0, 0]
+    chunks = PngInfo()
+    chunks.add_text("parameters", info["parameters"])
+    chunks.add_text("ldmtool", json.dumps(recipe) if recipe is not None else info["ldmtool"])
+    Image.fromarray(pixels).save(path, pnginfo=chunks)
+
+
+def test_replay_names_a_model_file_changed_in_place(tmp_path):
+    model = tmp_path / "m.safetensors"
+    save_tiny_checkpoint(model, "sd1", seed=1, with_config=True)
+    assert _txt2img(tmp_path, "--prompt", "a fox", "--model", model, "-o", "a.png", "--seed", 1).returncode == 0
+    recorded = _recipe(tmp_path / "a.png")[0]["model_sha256"]
+    save_tiny_checkpoint(model, "sd1", seed=2, with_config=True)  # same name, other weights
+    result = ldmtool("replay", "a.png", "-o", "again", "--json", cwd=tmp_path)
+    (event,) = events(result)
+    now = _recipe(tmp_path / "again" / "a.png")[0]["model_sha256"]
+    assert event["max_difference"] > 0
+    assert event["reasons"] == [f"its model file differs ({recorded[:10]}, this run {now[:10]})"]
+
+
+def test_replay_names_the_machine_that_wrote_a_file_when_pixels_differ(tmp_path, sd1):
+    assert _txt2img(tmp_path, "--prompt", "a fox", "--model", sd1, "-o", "a.png", "--seed", 1).returncode == 0
+    recipe = _recipe(tmp_path / "a.png")[0]
+    here = dict(recipe["machine"])
+    assert here["torch"] and here["cpu"]  # what this machine is, recorded with every output
+    recipe["machine"] = {**here, "torch": "2.0.0+cpu", "cpu": "AVX2"}
+    recipe["version"] = "0.0.9"
+    _rewrite(tmp_path / "a.png", recipe)
+    result = ldmtool("replay", "a.png", "-o", "again", cwd=tmp_path)
+    assert result.returncode == 0
+    version = _recipe(tmp_path / "again" / "a.png")[0]["version"]
+    assert (f"/255: written by ldmtool 0.0.9, replayed by {version}; written on another machine "
+            f"(cpu AVX2, now {here['cpu']}; torch 2.0.0+cpu, now {here['torch']})") in result.stderr
 
 
 def test_replay_of_a_file_without_a_recipe_is_one_line(tmp_path):

@@ -46,16 +46,44 @@ def replay(
             print(f"ldmtool: error: {err}", file=sys.stderr)
             continue
         differs += difference > 0
-        _report(path, target, difference, json_out=json_out, quiet=quiet)
+        reasons = why_different(_recipe(path), _recipe(target)) if difference else []
+        _report(path, target, difference, reasons, json_out=json_out, quiet=quiet)
     raise typer.Exit(1 if failed or (verify and differs) else 0)
 
 
 def replay_file(path: Path, target: Path) -> None:
     """Re-run the recipe stored in `path`, writing `target`."""
+    replay_recipe(path, _recipe(path), target)
+
+
+def _recipe(path: Path) -> dict[str, Any]:
     from ldmtool.io.metadata import read_metadata
 
     metadata = read_metadata(path)
-    replay_recipe(path, dict(metadata.recipe) if metadata is not None else {}, target)
+    return dict(metadata.recipe) if metadata is not None else {}
+
+
+def why_different(recorded: Mapping[str, Any], replayed: Mapping[str, Any]) -> list[str]:
+    """What differs between the recipe a file was written with and its replay's, in words: why the pixels
+    may differ (a model or add-on file changed in place, another ldmtool, another torch build or CPU)."""
+    from ldmtool.runtime.identity import difference
+
+    reasons = []
+    job = difference(replayed.get("job") or {}, recorded.get("job") or {})
+    if job:
+        reasons.append(job)
+    if recorded.get("version") != replayed.get("version"):
+        reasons.append(f"written by ldmtool {recorded.get('version')}, replayed by {replayed.get('version')}")
+    then, now = recorded.get("machine"), replayed.get("machine") or {}
+    if not isinstance(then, dict):
+        reasons.append("the file does not record the machine that wrote it")
+    else:
+        changed = [f"{name} {then.get(name) or 'none'}, now {now.get(name) or 'none'}"
+                   for name in sorted(set(then) | set(now)) if then.get(name) != now.get(name)]
+        if changed:
+            reasons.append("written on another machine (" + "; ".join(changed) + ")")
+    return reasons or ["nothing the recipes record differs (in bf16 the thread count can move pixels: README, "
+                       "Reproducibility)"]
 
 
 def replay_recipe(path: Path, recipe: dict[str, Any], target: Path) -> None:
@@ -232,12 +260,13 @@ def _fits(value: Any, kind: Any) -> bool:
     return isinstance(value, takes) and (bool in takes or not isinstance(value, bool))
 
 
-def _report(path: Path, target: Path, difference: int, *, json_out: bool, quiet: bool) -> None:
+def _report(path: Path, target: Path, difference: int, reasons: list[str], *, json_out: bool, quiet: bool) -> None:
     if json_out:
-        print(json.dumps({"event": "replayed", "file": str(path), "output": str(target),
-                          "identical": difference == 0, "max_difference": difference}), flush=True)
+        print(json.dumps({"event": "replayed", "file": str(path), "output": str(target), "identical": difference == 0,
+                          "max_difference": difference, "reasons": reasons}), flush=True)
     elif not quiet:
-        verdict = "identical pixels" if difference == 0 else f"pixels differ by up to {difference}/255"
+        verdict = ("identical pixels" if difference == 0 else
+                   f"pixels differ by up to {difference}/255: {'; '.join(reasons)}")
         print(f"{path} -> {target}: {verdict}", file=sys.stderr)
 
 

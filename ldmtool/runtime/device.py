@@ -83,6 +83,17 @@ def _kernel_cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def machine_record(device: "torch.device") -> dict[str, Optional[str]]:
+    """Where an output was computed, for its recipe: torch build, the CPU's kernel set and native bf16, and the
+    GPU. Not part of a job's identity (another machine is the same job, within the bound README states), but
+    what `replay` names when its pixels differ."""
+    import torch
+
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {"torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(),
+            "cpu_bf16": native_cpu_bf16(), "gpu": gpu or (device.type if device.type != "cpu" else None)}
+
+
 def native_cpu_bf16(flags: Optional[frozenset[str]] = None) -> Optional[str]:
     """The name of the CPU feature that computes bf16 natively, or None (bf16 is then emulated: slower than
     fp32). The kernel's flags decide; torch's own probe answers where they are unknown (macOS, Windows)."""

@@ -94,6 +94,14 @@ def addon_files(task: Task) -> dict[str, Any]:
     return files
 
 
+def task_device(task: Task) -> "torch.device":
+    """The device the task's networks run on (the CPU for tasks without an engine)."""
+    from ldmtool.runtime.device import choose_device
+
+    choice = getattr(getattr(task, "engine", None), "choice", None)
+    return choose_device(getattr(choice, "device", None) or "auto") if choice is not None else choose_device("cpu")
+
+
 def auto_precision(task: Task) -> dict[str, str]:
     """`{"auto_precision": name}` when `--precision auto` picks a dtype other than it always did (fp32 on a
     CPU, fp16 on a GPU): bf16 on a CPU with native bf16. Outputs of the same job from a machine without it (or
@@ -186,6 +194,7 @@ class JobRunner:
         argv = strip_scheduling(options.argv if options.argv is not None else sys.argv)
         self._recipe_argv = [storable(arg) for arg in argv]  # a name that is not UTF-8 shown escaped
         self._hash_note = model_hash_note(task, recipes.model_sha256)
+        self._machine: Optional[dict[str, Any]] = None  # once the task is open (its device chosen)
         self.claims = Claims()
         self._keeps_format = options.fmt is not None and format_name(options.fmt) == KEEP  # grey stays grey
 
@@ -327,6 +336,13 @@ class JobRunner:
             else:
                 self._write(job, result, share)
 
+    def _machine_record(self) -> dict[str, Any]:
+        if self._machine is None:
+            from ldmtool.runtime.device import machine_record
+
+            self._machine = machine_record(task_device(self.task))
+        return self._machine
+
     def _write(self, job: Job, output: Output, seconds: float) -> None:
         started = time.monotonic()
         if not self.claims.still_mine(job.output.parent, job.output.name):
@@ -339,7 +355,8 @@ class JobRunner:
                 command=self.task.command, params={**self.task.params, **output.params}, seed=job.seed,
                 base_seed=self.base_seed, key=storable(job.item.key), argv=self._recipe_argv,
                 size=(image.shape[1], image.shape[0]), model=_model_name(self.task),
-                model_sha256=self.recipes.model_sha256, extra={**self.recipes.recipe_extras(job.item, job.seed, job.output), **self._hash_note},
+                model_sha256=self.recipes.model_sha256, extra={**self.recipes.recipe_extras(job.item, job.seed, job.output), **self._hash_note,
+                       "machine": self._machine_record()},
             )
             write_image(job.output, image, alpha=output.alpha, quality=self.options.quality, metadata=metadata,
                         source=output.source, bit_depth=output.bit_depth,

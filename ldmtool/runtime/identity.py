@@ -109,11 +109,19 @@ def difference(expected: Mapping[str, Any], found: Mapping[str, Any]) -> Optiona
         return f"--precision differs ({_precision(theirs)}, this run {_precision(mine)})"
     for name in sorted(set(mine) | set(theirs)):
         if mine.get(name) != theirs.get(name):
-            flag = "--" + name.replace("_", "-")
-            return f"{flag} differs ({_short(theirs.get(name))}, this run {_short(mine.get(name))})"
+            what = _option_name(name)
+            return f"{what} differs ({_short(theirs.get(name))}, this run {_short(mine.get(name))})"
     if expected.get("seed") != found.get("seed"):
         return f"its seed differs ({found.get('seed')}, this run {expected.get('seed')})"
     return None
+
+
+def _option_name(name: str) -> str:
+    """An identity option in words: its flag, or for the hashes of the files an option names (`lora_sha256`,
+    `controlnet_sha256`, ...) the files themselves."""
+    if name.endswith("_sha256"):
+        return f"its {name[:-len('_sha256')].replace('_', ' ')} file content"
+    return "--" + name.replace("_", "-")
 
 
 def _precision(options: Mapping[str, Any]) -> str:
