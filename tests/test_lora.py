@@ -84,6 +84,33 @@ def test_kohya_lora_equals_diffusers_load_lora_weights_and_fuse_lora(tmp_path, s
         assert f'Lora hashes: "fox-style: {network_hash(lora)}"' in image.info["parameters"]
 
 
+def test_a_tags_text_encoder_and_unet_weights_equal_diffusers_fusing_each_part_apart(tmp_path, setup):
+    """`<lora:NAME:TE:UNET>` as A1111 reads it: the first weight is the text encoder's, the second the UNet's
+    (it was read as one weight for both, the second ignored)."""
+    model, _, pipe, lora = setup
+    te, unet = 0.3, 0.9
+    ours, recipe = run_ours("txt2img", "--prompt", f"{PROMPT} <lora:fox-style:{te}:{unet}>", "--model", model,
+                            "-W", SIZE, "-H", SIZE, "--lora-dir", lora.parent, "-o", tmp_path / "a.png")
+    named, _ = run_ours("txt2img", "--prompt", f"{PROMPT} <lora:fox-style:unet={unet}:te={te}>", "--model", model,
+                        "-W", SIZE, "-H", SIZE, "--lora-dir", lora.parent, "-o", tmp_path / "b.png")
+    pipe.load_lora_weights(str(lora), adapter_name="style")
+    pipe.fuse_lora(components=["unet"], lora_scale=unet)
+    pipe.fuse_lora(components=["text_encoder"], lora_scale=te)
+    try:
+        with torch.no_grad():
+            theirs = pipe(PROMPT, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=CFG, eta=0.0,
+                          generator=torch.Generator("cpu").manual_seed(SEED), output_type="np").images[0]
+    finally:
+        pipe.unfuse_lora(components=["unet", "text_encoder"])
+        pipe.unload_lora_weights()
+    assert np.abs(ours - theirs).max() <= 1 / 255
+    assert np.array_equal(ours, named)
+    one_weight, _ = run_ours("txt2img", "--prompt", f"{PROMPT} <lora:fox-style:{unet}>", "--model", model,
+                             "-W", SIZE, "-H", SIZE, "--lora-dir", lora.parent, "-o", tmp_path / "c.png")
+    assert np.abs(ours - one_weight).max() > 2 / 255  # control: the text encoder's weight counts
+    assert recipe["job"]["options"]["lora_sha256"][0][1:] == [unet, te]
+
+
 def test_weight_zero_is_the_base_image_and_a_prompt_tag_equals_the_option(tmp_path, setup):
     model, _, _, lora = setup
     base, _ = run_ours("txt2img", "--prompt", PROMPT, "--model", model, "-W", SIZE, "-H", SIZE, "-o", tmp_path / "a.png")

@@ -284,7 +284,7 @@ def _apply_lora_file(model: MMDiT, path) -> int:
     from ldmtool.addons.lora import apply_network, read_network
     from ldmtool.addons.mmdit_lora import mmdit_lora_targets
 
-    return apply_network(model, mmdit_lora_targets(model, ""), read_network(path), 1.0, str(path))
+    return apply_network(model, mmdit_lora_targets(model, ""), read_network(path), (1.0, 1.0), str(path))
 
 
 def test_a_peft_lora_saved_by_diffusers_names_changes_ours_as_it_changes_diffusers(tmp_path):

@@ -2,6 +2,7 @@
 weighting, clip skip, negative padding, and plain prompts giving exactly the context they gave before
 (the encoder's own `encode`, which is what every prompt went through until now)."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -42,6 +43,25 @@ def test_square_brackets_break_and_lora_tags():
     assert parse_attention("BREAKFAST") == [("BREAKFAST", 1.0)]
     text, tags = extra_networks("a fox <lora:style:0.7>, <lora:other>")
     assert text == "a fox , " and [(t.name, t.weight) for t in tags] == [("style", 0.7), ("other", 1.0)]
+
+
+@pytest.mark.parametrize("tag, weights", [
+    ("<lora:x:0.5:0.2>", (0.5, 0.2)), ("<lora:x:0.5>", (0.5, None)), ("<lora:x:unet=0.3>", (1.0, 0.3)),
+    ("<lora:x:unet=0.3:te=0.1>", (0.1, 0.3)), ("<lora:x: 0.4 : 0.6 >", (0.4, 0.6)), ("<lora:x:>", (1.0, None)),
+])
+def test_lora_tags_weigh_text_encoder_then_unet_as_a1111_does(tag, weights):
+    (found,) = extra_networks(tag)[1]
+    assert (found.name, found.weight, found.unet_weight) == ("x", *weights)
+
+
+@pytest.mark.parametrize("tag, problem", [
+    ("<lora:x:1:0.5:8>", "DyLoRA's dyn (a rank limit) is not supported"), ("<lora:x:dyn=8>", "dyn"),
+    ("<lora:x:scale=2>", "unknown argument 'scale'"), ("<lora:x:1:big>", "the weight must be a number"),
+    ("<lora:x:unet=inf>", "the weight must be a finite number"),
+])
+def test_lora_tag_arguments_ldmtool_would_ignore_are_refused(tag, problem):
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        extra_networks(tag)
 
 
 @pytest.fixture(scope="module")

@@ -47,7 +47,7 @@ class ModelAddons:
 
         identity: dict[str, Any] = {}
         if self.networks:
-            identity["lora_sha256"] = [[file_sha256(n.path), n.weight] for n in self.networks]
+            identity["lora_sha256"] = [[file_sha256(n.path), *n.weight_record()] for n in self.networks]
         if self.vae is not None:
             identity["vae_sha256"] = file_sha256(self.vae)
         return identity

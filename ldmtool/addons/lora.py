@@ -164,10 +164,14 @@ def read_network(path: Path) -> list[LayerChange]:
 # ---------------------------------------------------------------- applying
 
 
+TEXT_ENCODER_PREFIXES = ("cond_stage_model.", "conditioner.")
+
+
 def apply_network(root: torch.nn.Module, targets: Mapping[str, Target], changes: Sequence[LayerChange],
-                  weight: float, source: str) -> int:
-    """Add every layer's change at `weight` to `root`'s parameters (new tensors: checkpoint tensors may be
-    memory-mapped); CheckpointError listing a few layers the model has no place for. Returns the layers changed."""
+                  weights: tuple[float, float], source: str) -> int:
+    """Add every layer's change to `root`'s parameters at `weights` (denoiser, text encoder) (new tensors:
+    checkpoint tensors may be memory-mapped); CheckpointError listing a few layers the model has no place for.
+    Returns the layers changed."""
     missing = [change.address for change in changes if change.address not in targets]
     if missing:
         raise CheckpointError(f"{source}: {len(missing)} layers match nothing in this model (another base model, "
@@ -182,6 +186,7 @@ def apply_network(root: torch.nn.Module, targets: Mapping[str, Target], changes:
                 delta = change.delta(tuple(new[rows].shape))
             except CheckpointError as err:  # a layer of another shape: say which of the run's files it is in
                 raise CheckpointError(f"{source}: {err}") from None
+            weight = weights[1] if target.key.startswith(TEXT_ENCODER_PREFIXES) else weights[0]
             new[rows] += delta.to(new.device) * weight
             param.data = new.to(param.dtype)
     return len(changes)

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from ldmtool.addons.layer_names import Target
     from ldmtool.addons.lora import LayerChange
     from ldmtool.checkpoints.bundle import Bundle
+    from ldmtool.pipelines.prompt_syntax import NetworkTag
 
 LORA_DIR_ENV = "LDMTOOL_LORA_DIR"
 
@@ -32,15 +33,26 @@ class Network:
 
     path: Path
     weight: float = 1.0
+    text_weight: Optional[float] = None  # the text encoders' weight where a prompt tag gives one apart
 
     @property
     def name(self) -> str:
         return self.path.stem
 
-    def identity(self) -> tuple[Any, float]:
+    @property
+    def weights(self) -> tuple[float, float]:
+        """(denoiser, text encoder) weights."""
+        return self.weight, self.weight if self.text_weight is None else self.text_weight
+
+    def identity(self) -> tuple[Any, float, Optional[float]]:
         from ldmtool.runtime.cache import FileIdentity
 
-        return FileIdentity.of(self.path), self.weight
+        return FileIdentity.of(self.path), self.weight, self.text_weight
+
+    def weight_record(self) -> list[float]:
+        """The weights as a job's identity records them: [w], or [unet, text encoder] where they differ."""
+        unet, text = self.weights
+        return [unet] if unet == text else [unet, text]
 
 
 NetworkSet = tuple[Network, ...]
@@ -91,7 +103,14 @@ def prompt_networks(prompt: str, lora_dir: Optional[Path]) -> NetworkSet:
         _, tags = extra_networks(prompt)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    return tuple(Network(find_network(tag.name, lora_dir, f"<lora:{tag.name}>").resolve(), tag.weight) for tag in tags)
+    return tuple(_tag_network(tag, lora_dir) for tag in tags)
+
+
+def _tag_network(tag: "NetworkTag", lora_dir: Optional[Path]) -> Network:
+    path = find_network(tag.name, lora_dir, f"<lora:{tag.name}>").resolve()
+    if tag.unet_weight is None or tag.unet_weight == tag.weight:
+        return Network(path, tag.weight)
+    return Network(path, tag.unet_weight, text_weight=tag.weight)
 
 
 # ---------------------------------------------------------------- applying and recording
@@ -164,8 +183,8 @@ def apply_networks(bundle: "Bundle", networks: NetworkSet) -> None:
         return
     targets = bundle_targets(bundle)
     for network in networks:
-        if network.weight != 0:
-            apply_network(bundle, targets, _layers(network.path, network.identity()), network.weight,
+        if network.weights != (0, 0):
+            apply_network(bundle, targets, _layers(network.path, network.identity()), network.weights,
                           str(network.path))
 
 

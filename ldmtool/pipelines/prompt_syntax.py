@@ -4,7 +4,8 @@
   factor; they nest and multiply. An unclosed bracket applies to the rest of the prompt (as A1111 does).
   `\\(`, `\\)`, `\\[`, `\\]` and `\\\\` are the characters themselves.
 - `BREAK` (a word, capitals) ends the current 77-token chunk (`pipelines/prompt_encoding.py`).
-- `<lora:NAME:WEIGHT>` (also `<lyco:...>`) names an extra network; it is taken out of the text that is
+- `<lora:NAME:WEIGHT>` (also `<lyco:...>`; `<lora:NAME:TE:UNET>` or `te=`/`unet=` weigh the text encoder
+  and the UNet apart, as A1111 does) names an extra network; it is taken out of the text that is
   encoded, and the LoRA is applied to the model that samples the item (`ldmtool/addons/`).
 
 Prompt editing (`[a:b:0.5]`) and alternation (`[a|b]`) are not supported: they are read as plain text
@@ -15,7 +16,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 ROUND, SQUARE = 1.1, 1 / 1.1
 BREAK_WEIGHT = -1.0  # the weight of the ("BREAK", -1) marker, as A1111 writes it
@@ -96,26 +97,54 @@ def is_plain(text: str) -> bool:
 
 @dataclass(frozen=True)
 class NetworkTag:
-    """One `<lora:NAME:WEIGHT>` of a prompt."""
+    """One `<lora:NAME:TE:UNET>` of a prompt, read as A1111 reads it: the first weight is the text encoder's,
+    the second the UNet's (the first when absent); `te=`, `unet=` name them."""
 
     name: str
-    weight: float = 1.0
+    weight: float = 1.0  # the text encoder's
+    unet_weight: Optional[float] = None  # None: the same as `weight`
 
 
 def extra_networks(text: str) -> tuple[str, tuple[NetworkTag, ...]]:
-    """The prompt without its `<lora:...>` tags, and the tags in order. ValueError for a bad weight."""
+    """The prompt without its `<lora:...>` tags, and the tags in order. ValueError for a bad weight or an
+    argument ldmtool does not apply (DyLoRA's `dyn`: it would be silently ignored)."""
     tags = []
     for match in _EXTRA_NETWORK.finditer(text):
-        name, _, rest = match.group("args").partition(":")
-        weight = rest.split(":")[0].strip()
-        try:
-            value = float(weight) if weight else 1.0
-        except ValueError:
-            raise ValueError(f"{match.group(0)}: the weight must be a number") from None
-        if not math.isfinite(value):
-            raise ValueError(f"{match.group(0)}: the weight must be a finite number")
-        tags.append(NetworkTag(name.strip(), value))
+        name, *arguments = match.group("args").split(":")
+        weights = _tag_weights(match.group(0), [argument.strip() for argument in arguments])
+        te = weights.get("te", 1.0)
+        tags.append(NetworkTag(name.strip(), te, weights.get("unet")))
     return _EXTRA_NETWORK.sub("", text), tuple(tags)
+
+
+def _tag_weights(tag: str, arguments: list[str]) -> dict[str, float]:
+    """{"te": w, "unet": w} from a tag's arguments: positional te, unet; or named te=, unet=."""
+    weights: dict[str, float] = {}
+    positional = ("te", "unet")
+    for index, argument in enumerate(arguments):
+        key, equals, value = argument.partition("=")
+        if not equals:
+            key, value = (positional[index] if index < 2 else "dyn"), argument
+        key, value = key.strip(), value.strip()
+        if key == "dyn":
+            raise ValueError(f"{tag}: DyLoRA's dyn (a rank limit) is not supported; give at most two weights "
+                             "(text encoder, UNet)")
+        if key not in positional:
+            raise ValueError(f"{tag}: unknown argument {key!r} (te=WEIGHT, unet=WEIGHT)")
+        if not value and not equals:
+            continue  # `<lora:x:>`: the default weight
+        weights[key] = _weight(tag, value)
+    return weights
+
+
+def _weight(tag: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{tag}: the weight must be a number") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{tag}: the weight must be a finite number")
+    return value
 
 
 def without_extra_networks(text: str) -> str:
