@@ -53,6 +53,18 @@ def test_hint_encoder_downsamples_by_the_first_stage_factor():
     assert hint_widths(2) == (16, 32)
 
 
+def test_the_trainer_initialises_from_its_seed_and_leaves_the_global_rng_alone(base):
+    """It seeded torch's global generator, so a script that built a trainer drew other random numbers after."""
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    first = _trainer(base, seed=5)
+    assert torch.equal(torch.rand(3), expected)
+    second = _trainer(base, seed=5)
+    for (name, a), (_, b) in zip(first.net.state_dict().items(), second.net.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
 def test_controlnet_starts_as_the_base_encoder_and_changes_nothing(base):
     trainer = _trainer(base)
     net, unet = trainer.net, trainer.base.denoiser

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence, cast
 import numpy as np
 
 from ldmtool.errors import UsageError
-from ldmtool.runtime.seeds import derive_seed
+from ldmtool.runtime.seeds import derive_seed, seeded_torch
 from ldmtool.train import common
 from ldmtool.train.data import CropConfig, ImageCrops, to_tensor
 from ldmtool.train.procedural import shape_scene
@@ -145,8 +145,8 @@ class ControlNetTrainer:
             raise UsageError(f"--crop {training.crop}: must be a multiple of {self.base.info.pixel_multiple} "
                              f"for {training.base}")
         self.params = controlnet_params(base_unet_params(self.base), self.factor)
-        torch.manual_seed(derive_seed(training.seed, "controlnet/init"))  # the hint encoder's first convs
-        self.net = ControlNet(**self.params).to(device)
+        with seeded_torch(derive_seed(training.seed, "controlnet/init")):  # the hint encoder's first convs
+            self.net = ControlNet(**self.params).to(device)
         self.net.config = self.params
         copy_encoder(self.net, self.unet)
         self.ema = common.Ema(self.net, training.ema_decay)
