@@ -83,6 +83,30 @@ def test_sigterm_to_a_training_process_exits_130_with_the_state_of_its_last_step
     assert f"step {logged};" in rest[-1]
 
 
+SIGTERM_BEFORE_THE_LOOP = """
+import os, signal, sys, time
+import ldmtool.train.autoencoder as ae
+from ldmtool.cli.app import main
+
+def train_autoencoder(*args, **kwargs):  # a signal while the data or the model is still loading
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+
+ae.train_autoencoder = train_autoencoder
+main(sys.argv[1:])
+"""
+
+
+def test_sigterm_before_the_training_loop_exits_130_in_one_line(images, tmp_path):
+    """The signal ended the process (exit 143 in a shell; temporary files left): the loop's handler was not
+    installed yet."""
+    command = [sys.executable, "-c", SIGTERM_BEFORE_THE_LOOP, "train", "autoencoder", "--data", str(images[0].parent),
+               "--crop", "16", "--steps", "2", "--device", "cpu", "-o", str(tmp_path / "run")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 130, result.stderr  # as Ctrl-C there (typer's own exit code for it)
+    assert "Traceback" not in result.stderr
+
+
 def _nan_loss_at(monkeypatch, on_call: int) -> None:
     """The `on_call`-th step reports a NaN loss term, as a diverged run does after its update."""
     original, calls = ae.AutoencoderTrainer.step, []

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, NoReturn
+from contextlib import contextmanager
+from typing import Any, Iterator, NoReturn
 
 import typer
 
@@ -66,7 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     report.reset_final_event()
     try:
-        code = app(args=args, prog_name="ldmtool", standalone_mode=False, **_settings())
+        with _sigterm_as_ctrl_c():
+            code = app(args=args, prog_name="ldmtool", standalone_mode=False, **_settings())
     except no_args as err:  # bare `ldmtool` or `ldmtool models`: the help, as with -h
         print(err.ctx.get_help(), file=sys.stderr)
         _end(args, EXIT_USAGE, None)
@@ -81,6 +83,29 @@ def main(argv: list[str] | None = None) -> None:
     except (KeyboardInterrupt, typer.Abort):  # outside a batch run (which reports its own)
         _end(args, EXIT_INTERRUPTED, "interrupted")
     _end(args, code if isinstance(code, int) else 0, None)
+
+
+@contextmanager
+def _sigterm_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM (a cron timeout, `kill`) stops any command as Ctrl-C does: temporary files are removed on the way
+    out and the exit code is 130 (a batch run and a training loop refine this: see runtime/runner.py,
+    train/common.py). Without it, a signal outside those (loading a model, `models convert`) ended the process
+    with 143 and left its temporary files."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _settings() -> dict[str, Any]:
