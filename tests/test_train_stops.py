@@ -125,8 +125,8 @@ def test_a_nan_loss_stops_the_run_keeping_the_last_good_state(images, tmp_path, 
     with pytest.raises(common.FatalError) as stopped:
         ae.train_autoencoder(TINY_AE, TRAINING, images, run)
     assert str(stopped.value) == (f"training stopped at step 3: the loss is not finite (total=nan), so its weights "
-                                  f"are not saved; the state of step 2 is saved in {tmp_path / 'run'} (add --resume "
-                                  "to continue)")
+                                  f"are not saved; {tmp_path / 'run'} keeps step 2, but resuming repeats the same "
+                                  "steps exactly: start a new run (a lower --lr)")  # not --resume: it diverges again
     assert torch.load(tmp_path / "run" / common.STATE_FILE, weights_only=True)["step"] == 2
     assert [json.loads(line)["step"] for line in (tmp_path / "run" / common.LOG_FILE).read_text().splitlines()] == [1, 2]
 

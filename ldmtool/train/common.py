@@ -22,7 +22,7 @@ import yaml
 
 from ldmtool.errors import FatalError, Interrupted, UsageError
 from ldmtool.train.data import UnreadableTrainingImage
-from ldmtool.train.finite import non_finite_metric, non_finite_tensor
+from ldmtool.train.finite import diverged, non_finite_metric, non_finite_tensor
 from ldmtool.train.resume_check import changed_option
 
 if TYPE_CHECKING:
@@ -306,7 +306,7 @@ def run_loop(trainer: Trainer, run: RunOptions, description: str) -> Path:
                 metrics = trainer.step(step)
                 done = step + 1
                 if (bad := non_finite_metric(metrics)) is not None:
-                    raise _diverged(done, f"the loss is not finite ({bad})", out, saved)
+                    raise diverged(done, f"the loss is not finite ({bad})", out, saved)
                 log = done % run.log_every == 0 or done == run.steps
                 progress.advance(done, metrics if log else None)
                 if done % run.save_every == 0 and done != run.steps:
@@ -321,10 +321,6 @@ def run_loop(trainer: Trainer, run: RunOptions, description: str) -> Path:
         if done < run.steps:
             raise Interrupted(f"training stopped at step {done}; {_save_at_stop(trainer, out, done, saved)}")
     return save_checkpoint(trainer, out, done, saved)
-
-
-def _diverged(step: int, what: str, out: Path, saved: int) -> FatalError:
-    return FatalError(f"training stopped at step {step}: {what}, so its weights are not saved; {_saved_note(out, saved)}")
 
 
 def _save_at_stop(trainer: Trainer, out: Path, done: int, saved: int) -> str:
@@ -387,7 +383,7 @@ def save_checkpoint(trainer: Trainer, out: Path, step: int, saved: int) -> Path:
     """Save and export the state of step boundary `step`; a weight that is not finite keeps step `saved`'s."""
     state = trainer.state(step)
     if (bad := non_finite_tensor(state)) is not None:
-        raise _diverged(step, f"{bad} is not finite", out, saved)
+        raise diverged(step, f"{bad} is not finite", out, saved)
     save_state(out, state)
     return trainer.export(out, step)
 

@@ -3,7 +3,10 @@ finite number. Past that point every step and export is garbage, so the run stop
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Mapping, Optional
+
+from ldmtool.errors import FatalError
 
 
 def non_finite_metric(metrics: Mapping[str, float]) -> Optional[str]:
@@ -28,3 +31,11 @@ def non_finite_tensor(state: Any, where: str = "") -> Optional[str]:
         if found is not None:
             return found
     return None
+
+
+def diverged(step: int, what: str, out: Path, saved: int) -> FatalError:
+    """The error that stops a diverged run. It does not suggest --resume: resume is exact, so it would repeat
+    the same steps to the same divergence."""
+    kept = (f"{out} keeps step {saved}, but resuming repeats the same steps exactly: start a new run (a lower --lr)"
+            if saved else "nothing trained yet, so nothing saved")
+    return FatalError(f"training stopped at step {step}: {what}, so its weights are not saved; {kept}")
