@@ -273,6 +273,17 @@ def test_every_steps_options_are_checked_before_the_first_step_runs(tmp_path, mo
     assert not (tmp_path / "out").exists()  # nothing ran
 
 
+def test_a_bad_environment_default_for_a_later_step_is_refused_before_the_first_step(tmp_path, models, monkeypatch):
+    """LDMTOOL_IMG2IMG_STRENGTH=lots failed step 2 only after step 1 had run: the check parsed without it."""
+    monkeypatch.setenv("LDMTOOL_IMG2IMG_STRENGTH", "lots")
+    workflow = tmp_path / "wf.yaml"
+    workflow.write_text(json.dumps([_text_step(models), {"img2img": {"steps": 1}}]))
+    result = run_cli("run", workflow, "-o", tmp_path / "out", "--seed", 1)
+    assert result.exit_code == 2
+    assert f"{workflow}: step 2 (img2img): Invalid value for '--strength'" in result.stderr
+    assert not (tmp_path / "out").exists()  # nothing ran
+
+
 @pytest.mark.parametrize("steps", [1, 2])
 def test_an_output_named_like_an_image_is_a_usage_error(tmp_path, models, steps):
     workflow = tmp_path / "wf.yaml"

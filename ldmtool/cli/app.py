@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     report.reset_final_event()
     try:
         with _sigterm_as_ctrl_c():
-            code = app(args=args, prog_name="ldmtool", standalone_mode=False, **_settings())
+            code = app(args=args, prog_name="ldmtool", standalone_mode=False, **command_settings())
     except no_args as err:  # bare `ldmtool` or `ldmtool models`: the help, as with -h
         print(err.ctx.get_help(), file=sys.stderr)
         _end(args, EXIT_USAGE, None)
@@ -108,7 +108,7 @@ def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def _settings() -> dict[str, Any]:
+def command_settings() -> dict[str, Any]:
     """Where options take their defaults from, besides the code: the config file, then `LDMTOOL_<COMMAND>_<OPTION>`
     environment variables (the command line wins over both)."""
     from ldmtool.cli import user_config

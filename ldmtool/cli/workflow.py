@@ -108,10 +108,15 @@ def _check_steps(workflow: Path, steps: list["Step"], argvs: list[list[str]]) ->
     out of range) before the first step runs: a one-line UsageError naming the workflow and the step."""
     from ldmtool.errors import UsageError
 
+    from ldmtool.cli.app import command_settings
+
     clicks = sys.modules[typer.BadParameter.__module__]  # click's exceptions, or those of the click typer vendors
+    settings = command_settings()  # as the step will parse: the config file's defaults, LDMTOOL_<COMMAND>_<OPTION>
     for number, (step, argv) in enumerate(zip(steps, argvs), 1):
         try:
-            _command(step.command).make_context(step.command, argv[1:])
+            _command(step.command).make_context(
+                step.command, argv[1:], default_map=settings.get("default_map", {}).get(step.command),
+                auto_envvar_prefix=f"{settings['auto_envvar_prefix']}_{step.command}")
         except clicks.UsageError as err:
             raise UsageError(f"{workflow}: step {number} ({step.command}): "
                              f"{' '.join(err.format_message().split())}") from None
