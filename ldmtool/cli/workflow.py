@@ -106,9 +106,8 @@ def _step_argvs(workflow: Path, steps: list["Step"], folders: list[Path], inputs
 def _check_steps(workflow: Path, steps: list["Step"], argvs: list[list[str]]) -> None:
     """Every step's options parsed as its command parses them (unknown options, values of the wrong type or
     out of range) before the first step runs: a one-line UsageError naming the workflow and the step."""
-    from ldmtool.errors import UsageError
-
     from ldmtool.cli.app import command_settings
+    from ldmtool.errors import UsageError
 
     clicks = sys.modules[typer.BadParameter.__module__]  # click's exceptions, or those of the click typer vendors
     settings = command_settings()  # as the step will parse: the config file's defaults, LDMTOOL_<COMMAND>_<OPTION>
