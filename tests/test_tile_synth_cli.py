@@ -118,6 +118,23 @@ def test_wrong_inputs_are_one_line_errors(tmp_path, models, model, args, code, m
     assert message in result.output and len(result.output.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("args, message", [
+    (["MAP", "--n", 3], "--n 3: label maps give one canvas each"),
+    (["--palette", "PALETTE"], "the palette colours label maps; give label map files"),
+    (["--negative", "blur"], "--negative needs --prompt"),
+])
+def test_options_the_generator_would_ignore_are_refused(tmp_path, models, args, message):
+    Image.fromarray(np.full((8, 8), 156, np.uint8)).save(tmp_path / "map.png")
+    (tmp_path / "palette.yaml").write_text("156: [1, 2, 3]\n")
+    paths = {"MAP": tmp_path / "map.png", "PALETTE": tmp_path / "palette.yaml"}
+    model = models["sem"] if "MAP" in args else models["celeba"]
+    result = _run(*[paths.get(a, a) for a in args], "--model", model, "--width", 64, "--height", 64,
+                  "-o", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert message in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
 def test_seamless_canvas_must_not_be_cropped(tmp_path, models):
     Image.fromarray(np.full((8, 8), 156, np.uint8)).save(tmp_path / "map.png")
     result = _run(tmp_path / "map.png", "--model", models["sem"], "--width", 72, "--height", 64, "--seamless", "x",

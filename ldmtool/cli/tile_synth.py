@@ -46,11 +46,18 @@ def tile_synth(
 ) -> None:
     """Large canvases (tile by tile) and tileable textures (--seamless x|y|xy) from any generator model."""
     from ldmtool.pipelines.engine import Engine
-    from ldmtool.pipelines.tile_synth import canvas_size, choose_generator, generated_canvas_items, tile_synth_task
+    from ldmtool.pipelines.tile_synth import (
+        canvas_size,
+        check_generator_options,
+        choose_generator,
+        generated_canvas_items,
+        tile_synth_task,
+    )
     from ldmtool.runtime.runner import run_task
 
     prompt = text.prompt
     generator = choose_generator(maps=bool(inputs), classes=classes or [], prompt=prompt)
+    check_generator_options(generator, samples=n, palette=palette, negative=text.negative)
     if model.model == DEFAULT_MODEL and generator.value in DEFAULT_BY_GENERATOR:
         # label maps need a semantic model and a prompt a text model: their own shipped defaults
         model = dataclasses.replace(model, model=DEFAULT_BY_GENERATOR[generator.value])

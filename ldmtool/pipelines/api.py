@@ -170,10 +170,12 @@ def tile_synth(label_map: Optional[ImageInput] = None, *, width: int, height: in
                negative: Optional[str] = None, palette: Optional[Union[str, Path]] = None, n: int = 1,
                seed: Optional[int] = None, **options: Any) -> list[np.ndarray]:
     """`ldmtool tile-synth`: canvases of `width` x `height` (tileable with `seamless="x"|"y"|"xy"`) from a label
-    map, `classes`, a `prompt`, or an unconditional model; `n` per class or prompt (one per label map)."""
+    map, `classes`, a `prompt`, or an unconditional model; `n` per class or prompt (one per label map: `n` is
+    refused with it, as `palette` without it and `negative` without `prompt`)."""
     from ldmtool.pipelines.tile_synth import (
         DEFAULT_MODEL_BY_GENERATOR,
         canvas_size,
+        check_generator_options,
         choose_generator,
         generated_canvas_items,
         tile_synth_task,
@@ -181,6 +183,7 @@ def tile_synth(label_map: Optional[ImageInput] = None, *, width: int, height: in
 
     names = [str(c) for c in as_list(classes)]
     generator = choose_generator(maps=label_map is not None, classes=names, prompt=prompt)
+    check_generator_options(generator, samples=n, palette=palette, negative=negative)
     if options.get("model") is None:
         options = {**options, "model": DEFAULT_MODEL_BY_GENERATOR.get(generator.value, DEFAULT_MODELS["tile-synth"])}
     canvas_w, canvas_h = canvas_size(width, height)

@@ -48,6 +48,19 @@ def choose_generator(*, maps: bool, classes: Sequence[str], prompt: Optional[str
     return given[0] if given else Generator.UNCONDITIONAL
 
 
+def check_generator_options(generator: Generator, *, samples: int, palette: Optional[Path | str],
+                            negative: Optional[str]) -> None:
+    """UsageError for an option the chosen generator would ignore (--n with label maps, --palette without
+    them, --negative without --prompt)."""
+    if generator is Generator.SEMANTIC and samples != 1:
+        raise UsageError(f"--n {samples}: label maps give one canvas each; drop --n (or run again with another --seed)")
+    if generator is not Generator.SEMANTIC and palette is not None:
+        raise UsageError(f"--palette {palette}: the palette colours label maps; give label map files as inputs, "
+                         "or drop --palette")
+    if generator is not Generator.TEXT and negative is not None:
+        raise UsageError("--negative needs --prompt (a text model's canvas); drop --negative")
+
+
 def canvas_size(width: Optional[int], height: Optional[int]) -> tuple[int, int]:
     if width is None or height is None:
         raise UsageError("tile-synth needs the canvas size: --width W --height H (e.g. --width 4096 --height 1024)")
