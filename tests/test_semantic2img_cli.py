@@ -103,6 +103,18 @@ def test_bad_maps_fail_with_one_line_naming_file_and_value(tmp_path, model):
     assert "colour.png: colour #228b22 at pixel (0, 16) is not in the palette" in result.output
 
 
+def test_negative_ids_and_unreadable_maps_fail_with_a_reason_in_words(tmp_path, model):
+    negative = np.full((32, 32), 10, np.int32)
+    negative[3, 4] = -3
+    Image.fromarray(negative, "I").save(tmp_path / "negative.tif")  # a 32-bit map holds signed values
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    result = _run(tmp_path / "negative.tif", tmp_path / "junk.png", "--model", model, "-o", tmp_path / "out")
+    assert result.exit_code == 1
+    assert "negative.tif: class id -3 at pixel (4, 3) is not one of the model's 182 classes" in result.output
+    assert "junk.png: cannot read the label map (not an image file" in result.output
+    assert "RuntimeError" not in result.output and "object at 0x" not in result.output
+
+
 @pytest.mark.parametrize("text, message", [
     ('156: "#87ceeb"\n123: "#87ceeb"\n', "classes 156 and 123 have the same colour #87ceeb"),
     ('156: "blue"\n', 'class 156: colour \'blue\' must be "#rrggbb" or [r, g, b]'),

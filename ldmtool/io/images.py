@@ -237,10 +237,11 @@ class _item_errors:
                  tb: Optional[TracebackType]) -> Literal[False]:
         if err is None or isinstance(err, (ItemError, KeyboardInterrupt, SystemExit, MemoryError)):
             return False
-        raise ItemError(f"{shown(self.path)}: {_reason(err)}") from err
+        raise ItemError(f"{shown(self.path)}: {read_error_reason(err)}") from err
 
 
-def _reason(err: BaseException) -> str:
+def read_error_reason(err: BaseException) -> str:
+    """Why an image file could not be read, in words (no Python object reprs)."""
     if isinstance(err, (NotRegularFile, FileTooLarge)):
         return str(err).split(": ", 1)[-1]
     if isinstance(err, FileNotFoundError):

@@ -28,7 +28,7 @@ from ldmtool.diffusion.cond import Cond
 from ldmtool.errors import ItemError, UsageError
 from ldmtool.io.discover import Item
 from ldmtool.io.files import MAX_CONFIG_BYTES, read_bounded, read_text_file, shown
-from ldmtool.io.images import max_pixels_default
+from ldmtool.io.images import max_pixels_default, read_error_reason
 from ldmtool.pipelines.base import input_path, input_size
 from ldmtool.pipelines.engine import Engine, method
 from ldmtool.pipelines.sample import GeneratorTask
@@ -138,8 +138,7 @@ def _open_map(path: Path, max_pixels: int) -> Image.Image:
     except ItemError:
         raise
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        reason = " ".join(str(err).split()) or type(err).__name__
-        raise ItemError(f"{shown(path)}: cannot read the label map ({reason})") from None
+        raise ItemError(f"{shown(path)}: cannot read the label map ({read_error_reason(err)})") from None
 
 
 def _labels_from_colours(rgb: np.ndarray, palette: Palette, path: Path | str) -> np.ndarray:
@@ -166,7 +165,7 @@ def _labels_from_gray_rgb(rgb: np.ndarray, path: Path | str) -> np.ndarray:
 
 
 def _check_ids(labels: np.ndarray, n_classes: int, path: Path | str) -> None:
-    bad = labels >= n_classes
+    bad = (labels < 0) | (labels >= n_classes)  # a 32-bit map (TIFF mode I) can hold negative values
     if bad.any():
         y, x = (int(v[0]) for v in np.nonzero(bad))
         raise ItemError(f"{shown(path)}: class id {int(labels[y, x])} at pixel ({x}, {y}) is not one of the model's "
