@@ -76,6 +76,13 @@ def test_pixel_and_relative_boxes_give_the_same_tokens(tmp_path):
     assert read_layout(plain, 32, 32)[0].box == (0.25, 0.5, 0.75, 1.0)
 
 
+def test_a_byte_order_mark_is_read_past(tmp_path):
+    for name in ("bom.json", "bom.yaml"):
+        text = ('{"objects": [{"label": "Tree", "box": [0.1, 0.2, 0.5, 0.6]}]}' if name.endswith("json")
+                else "objects:\n  - label: Tree\n    box: [0.1, 0.2, 0.5, 0.6]\n")
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.encode())  # as Notepad saves UTF-8
+        assert read_layout(tmp_path / name, 32, 32)[0].box == (0.1, 0.2, 0.5, 0.6)
+
 # ---------------------------------------------------------------- the command
 
 

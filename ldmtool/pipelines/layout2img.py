@@ -150,6 +150,7 @@ def _load_document(path: Path) -> Any:
     except (OSError, UnicodeDecodeError) as err:
         raise ItemError(f"{shown(path)}: cannot read the layout ({getattr(err, 'strerror', None) or err})") from None
     kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
+    text = text.removeprefix("\ufeff")  # the byte order mark Windows editors write (YAML skips it, JSON refuses it)
     try:
         return json.loads(text) if kind == "JSON" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as err:  # ValueError: also a JSON number of over 4300 digits
