@@ -178,6 +178,22 @@ def test_layout_folders_and_samples_become_items(tmp_path):
         find_layouts([str(tmp_path / "missing.json")])
 
 
+def test_layouts_come_from_globs_lists_and_stdin_as_images_do(tmp_path):
+    import io
+
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    for rel in ("a.json", "sub/b.yml", "skip.txt"):
+        (tmp_path / "in" / rel).write_text("[]")
+    (tmp_path / "in" / "list.txt").write_text("# layouts\na.json\nsub/b.yml\nmissing.json\n")
+    assert [i.key for i in find_layouts([str(tmp_path / "in" / "**" / "*")])] == ["a.json", "sub/b.yml"]
+    listed = find_layouts(["@" + str(tmp_path / "in" / "list.txt")])
+    assert [i.path for i in listed] == [tmp_path / "in" / p for p in ("a.json", "sub/b.yml", "missing.json")]
+    piped = find_layouts(["-"], stdin=io.StringIO(f"{tmp_path / 'in' / 'a.json'}\n"))
+    assert [i.path for i in piped] == [tmp_path / "in" / "a.json"]
+    with pytest.raises(UsageError, match="no layout files .* match this pattern"):
+        find_layouts([str(tmp_path / "in" / "*.txt")])
+
+
 def test_tiles_of_a_large_layout_get_their_crop_tokens(tmp_path, model):
     """Above the native size every tile's context ends with its own crop box, as the reference rewrites
     the last two tokens per patch; the objects keep their whole-image coordinates."""

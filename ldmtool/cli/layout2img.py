@@ -17,8 +17,8 @@ EXAMPLE = "Example: ldmtool layout2img scene.json layouts/ --draw-boxes -o out/"
 
 LayoutInputs = Annotated[
     list[str],
-    typer.Argument(help="Layout files (.json/.yaml: objects with an OpenImages label and a box in pixels or 0..1) "
-                   "or folders of them.", show_default=False),
+    typer.Argument(help="Layout files (.json/.yaml: objects with an OpenImages label and a box in pixels or 0..1)"
+                   ", folders of them, globs, @list.txt or '-' (a list on stdin).", show_default=False),
 ]
 DrawBoxes = Annotated[bool, typer.Option("--draw-boxes", help="Also write <name>.boxes.png with the boxes drawn.",
                                          rich_help_panel=opt.OUTPUT)]

@@ -20,12 +20,14 @@ name the tile's crop, as the reference does per patch of a large image.
 from __future__ import annotations
 
 import functools
+import glob
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, TextIO
 
 import numpy as np
 import torch
@@ -35,7 +37,7 @@ from ldmtool.checkpoints.bundle import LatentDiffusionBundle
 from ldmtool.diffusion.cond import Cond
 from ldmtool.errors import FatalError, ItemError, LdmError, UsageError
 from ldmtool.families.info import Conditioning
-from ldmtool.io.discover import Item
+from ldmtool.io.discover import _GLOB_CHARS, Item, _glob_root, _list_lines  # the image inputs' rules
 from ldmtool.io.files import read_text_file, shown
 from ldmtool.pipelines.base import input_path
 from ldmtool.pipelines.box_raster import box_raster
@@ -56,24 +58,49 @@ _COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 3
 # ---------------------------------------------------------------- finding layout files
 
 
-def find_layouts(inputs: Sequence[str], *, recursive: bool = False, samples: int = 1) -> list[Item]:
-    """Items for layout files and folders of them; with `samples` > 1, one item per (file, sample)."""
+def find_layouts(inputs: Sequence[str], *, recursive: bool = False, samples: int = 1,
+                 stdin: Optional[TextIO] = None) -> list[Item]:
+    """Items for layout files, folders, globs, @list.txt files and '-' (a list on stdin), as image inputs are
+    given; with `samples` > 1, one item per (file, sample)."""
     if not inputs:
         raise UsageError("no inputs given; name layout files (.json/.yaml) or folders of them")
     if samples < 1:
         raise UsageError(f"--n {samples}: must be at least 1")
     found: list[tuple[Path, Path]] = []
     for raw in inputs:
-        path = Path(raw).expanduser()
-        if path.is_dir():
-            found += [(p, path) for p in _walk(path, recursive)]
-        elif path.is_file():
-            found.append((path, path.parent))
-        else:
-            raise UsageError(f"{raw}: no such file or folder")
+        found += _expand(raw, recursive, stdin or sys.stdin)
     if not found:
         raise UsageError(f"no layout files (.json, .yaml, .yml) in {', '.join(inputs)}")
     return [item for path, root in _unique(found) for item in _items(path, root, samples)]
+
+
+def _expand(raw: str, recursive: bool, stdin: TextIO, *, base: Optional[Path] = None) -> list[tuple[Path, Path]]:
+    """(layout file, the folder its output name is relative to) for one input; `base`: the folder of the
+    @list it came from (its relative lines start there, and a missing one fails as an item)."""
+    raw = raw.strip()
+    from_list = base is not None
+    if raw == "-" and not from_list:
+        return [f for line in _list_lines(stdin.read()) for f in _expand(line, recursive, stdin, base=Path("."))]
+    if raw.startswith("@") and not from_list:
+        list_file = Path(raw[1:])
+        try:
+            text = read_text_file(list_file)
+        except (OSError, UnicodeDecodeError) as err:
+            raise UsageError(f"{shown(list_file)}: cannot read the list file ({getattr(err, 'strerror', None) or err})") from None
+        return [f for line in _list_lines(text) for f in _expand(line, recursive, stdin, base=list_file.parent)]
+    path = Path(raw).expanduser()
+    path = path if base is None or path.is_absolute() else base / path
+    if path.is_dir():
+        return [(p, path) for p in _walk(path, recursive)]
+    if path.is_file() or from_list:
+        return [(path, path.parent)]
+    if _GLOB_CHARS.search(raw):
+        files = [Path(m) for m in sorted(glob.glob(str(path), recursive=True))
+                 if Path(m).is_file() and Path(m).suffix.lower() in LAYOUT_SUFFIXES and not Path(m).name.startswith(".")]
+        if not files:
+            raise UsageError(f"{raw}: no layout files (.json, .yaml, .yml) match this pattern")
+        return [(file, _glob_root(str(path))) for file in files]
+    raise UsageError(f"{raw}: no such file or folder")
 
 
 def _walk(folder: Path, recursive: bool) -> list[Path]:
