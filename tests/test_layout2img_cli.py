@@ -108,6 +108,18 @@ def test_outputs_previews_metadata_and_same_seed(tmp_path, model):
     assert [o["label"] for o in objects] == ["Person", "Dog"] and objects[0]["box"] == [0.1, 0.1, 0.5, 0.9]
 
 
+def test_width_and_height_need_no_multiple_as_a_layouts_own_size_does_not(tmp_path, model):
+    tree = [{"label": "Tree", "box": [0.1, 0.1, 0.5, 0.5]}]
+    given = ("given.png", _layout(tmp_path / "plain.json", tree), ["--width", "40", "--height", "24"])
+    own = ("own.png", _layout(tmp_path / "sized.json", tree, size=[40, 24]), [])
+    for name, layout, size in (given, own):  # both padded to the model's multiple of 32 and cropped back
+        result = run_cli("layout2img", layout, "--model", model, "--steps", "1", "--quiet", "--seed", "1", *size,
+                         "-o", tmp_path / name)
+        assert result.exit_code == 0, result.output
+        with Image.open(tmp_path / name) as image:
+            assert image.size == (40, 24)
+
+
 def test_the_layout_conditions_the_image(tmp_path, model):
     _layout(tmp_path / "x.json", [{"label": "Person", "box": [0.1, 0.1, 0.5, 0.9]}])
     _layout(tmp_path / "y.json", [{"label": "Person", "box": [0.5, 0.1, 0.9, 0.9]}])

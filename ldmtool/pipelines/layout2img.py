@@ -44,7 +44,6 @@ from ldmtool.pipelines.box_raster import box_raster
 from ldmtool.pipelines.engine import Engine, method
 from ldmtool.pipelines.layout_tokens import BoxTokenizer, LayoutObject, category_name, category_number, tokenizer_for
 from ldmtool.pipelines.sample import GeneratorTask
-from ldmtool.pipelines.text import check_size
 from ldmtool.runtime.jobs import Job, Output
 
 LAYOUT_SUFFIXES = frozenset({".json", ".yaml", ".yml"})
@@ -263,7 +262,7 @@ class Layout2ImgTask(GeneratorTask):
         self.params.update(draw_boxes=self.draw_boxes)
 
     def default_size(self) -> tuple[Optional[int], Optional[int]]:
-        check_size(self.width or self.multiple, self.height or self.multiple, self.multiple)
+        # any size, as a layout's own "size" gives: the canvas is padded to the model's multiple and cropped back
         return self.width, self.height  # per layout, see layout_output_size
 
     def output_size(self, doc: Any, path: Path | str) -> tuple[int, int]:
