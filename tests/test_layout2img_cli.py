@@ -6,7 +6,7 @@ from PIL import Image
 
 from clirun import run_cli
 from ldmtool.checkpoints.tiny import save_tiny_checkpoint
-from ldmtool.errors import UsageError
+from ldmtool.errors import ItemError, UsageError
 from ldmtool.pipelines.layout2img import Layout, find_layouts, read_layout
 from ldmtool.pipelines.layout_tokens import BoxTokenizer, LayoutObject, category_number, openimages_classes
 
@@ -82,6 +82,17 @@ def test_a_byte_order_mark_is_read_past(tmp_path):
                 else "objects:\n  - label: Tree\n    box: [0.1, 0.2, 0.5, 0.6]\n")
         (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.encode())  # as Notepad saves UTF-8
         assert read_layout(tmp_path / name, 32, 32)[0].box == (0.1, 0.2, 0.5, 0.6)
+
+@pytest.mark.parametrize("name, text", [
+    ("twice.json", '{"objects": [{"label": "Tree", "box": [0, 0, 1, 1]}], "objects": []}'),
+    ("twice.yaml", "objects:\n  - {label: Tree, box: [0, 0, 1, 1]}\nobjects:\n  - {label: Building, box: [0, 0, 1, 1]}\n"),
+    ("box.json", '{"objects": [{"label": "Tree", "box": [0, 0, 1, 1], "box": [0, 0, 0.5, 0.5]}]}'),
+])
+def test_a_key_given_twice_is_refused_not_silently_overridden(tmp_path, name, text):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ItemError, match=f"{name}: not valid (JSON|YAML) \\(the key '(objects|box)' is given twice"):
+        read_layout(tmp_path / name, 32, 32)
+
 
 # ---------------------------------------------------------------- the command
 
