@@ -126,3 +126,14 @@ def test_conditioning_is_the_class_embedding_and_class_1000_for_guidance(models)
     table = task.engine.bundle.cond_stage.embedding.weight
     assert cond.crossattn.shape == (1, 1, table.shape[1])
     assert torch.equal(cond.crossattn[0, 0], table[207]) and torch.equal(uncond.crossattn[0, 0], table[1000])
+
+
+@pytest.mark.parametrize("command, extra", [("sample", []), ("tile-synth", ["--width", "64", "--height", "64"]),
+                                            ("tile-synth", ["--prompt", "x", "--width", "64", "--height", "64"])])
+def test_more_images_than_distinct_seeds_is_a_usage_error(tmp_path, command, extra):
+    # 10**20 images was an OverflowError traceback (exit 1): len() of the items past sys.maxsize
+    for n in (10**20, 2**32 + 1):
+        result = run_cli(command, "--n", str(n), *extra, *FAST, "-o", tmp_path / "out")
+        assert result.exit_code == 2, result.output
+        assert f"--n {n}: {n} images in one run is more than the 4294967296 distinct seeds" in result.output
+        assert len(result.output.strip().splitlines()) == 1

@@ -32,6 +32,7 @@ from ldmtool.pipelines.base import ModelTask
 from ldmtool.pipelines.engine import Engine, method
 from ldmtool.pipelines.text import check_size
 from ldmtool.runtime.jobs import Job, Output
+from ldmtool.runtime.seeds import SEED_LIMIT
 
 IMAGENET_CLASSES = 1000
 
@@ -198,11 +199,21 @@ def class_label(index: int, n_classes: int) -> str:
 
 def sample_items(classes: Sequence[str], samples: int) -> Sequence[Item]:
     """Items for `ldmtool sample`: one per (class, sample), or `samples` unconditional ones."""
-    if samples < 1:
-        raise UsageError(f"--n {samples}: must be at least 1")
+    check_sample_count(samples, labels=max(1, len(classes)))
     if classes:
         return generated_items(list(classes), samples=samples, kind="class")
     return generated_items([""], samples=samples, kind="sample")
+
+
+def check_sample_count(samples: int, *, labels: int = 1) -> None:
+    """UsageError unless `--n` is at least 1 and the run's images have distinct seeds (seed + n counts up to
+    SEED_LIMIT and then wraps: more images would repeat earlier ones; a count past sys.maxsize was an
+    OverflowError traceback)."""
+    if samples < 1:
+        raise UsageError(f"--n {samples}: must be at least 1")
+    if labels * samples > SEED_LIMIT:
+        raise UsageError(f"--n {samples}: {labels * samples} images in one run is more than the {SEED_LIMIT} "
+                         "distinct seeds (later images would repeat earlier ones)")
 
 
 class SampleTask(GeneratorTask):

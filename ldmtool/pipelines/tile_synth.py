@@ -18,7 +18,7 @@ from ldmtool.errors import UsageError
 from ldmtool.families.info import Conditioning
 from ldmtool.io.discover import Item, generated_items
 from ldmtool.pipelines.engine import Engine
-from ldmtool.pipelines.sample import GeneratorTask, SampleTask, sample_items
+from ldmtool.pipelines.sample import GeneratorTask, SampleTask, check_sample_count, sample_items
 from ldmtool.pipelines.semantic2img import Semantic2ImgTask
 from ldmtool.pipelines.text import text_conditioner, text_conditioning, text_encoder
 from ldmtool.runtime.jobs import Job
@@ -137,8 +137,7 @@ def generated_canvas_items(generator: Generator, *, classes: Sequence[str], prom
                            samples: int) -> Sequence[Item]:
     """Items of the generators that take no files."""
     if generator is Generator.TEXT:
-        if samples < 1:
-            raise UsageError(f"--n {samples}: must be at least 1")
+        check_sample_count(samples)
         return generated_items([prompt or ""], samples=samples, kind="prompt")
     return sample_items(classes, samples)
 
