@@ -129,7 +129,8 @@ def test_conditioning_is_the_class_embedding_and_class_1000_for_guidance(models)
 
 
 @pytest.mark.parametrize("command, extra", [("sample", []), ("tile-synth", ["--width", "64", "--height", "64"]),
-                                            ("tile-synth", ["--prompt", "x", "--width", "64", "--height", "64"])])
+                                            ("tile-synth", ["--prompt", "x", "--width", "64", "--height", "64"]),
+                                            ("txt2img", ["--prompt", "x"])])
 def test_more_images_than_distinct_seeds_is_a_usage_error(tmp_path, command, extra):
     # 10**20 images was an OverflowError traceback (exit 1): len() of the items past sys.maxsize
     for n in (10**20, 2**32 + 1):

@@ -28,6 +28,7 @@ from ldmtool.pipelines.control import ControlRun, hint_batch, hint_params
 from ldmtool.pipelines.engine import Engine
 from ldmtool.pipelines.prompt_templates import PromptTemplates, expanded, is_template
 from ldmtool.pipelines.refiner import Refiner
+from ldmtool.pipelines.sample import check_sample_count
 from ldmtool.pipelines.text import (
     PromptSpec,
     check_size,
@@ -52,9 +53,8 @@ def prompt_items(prompts: Sequence[PromptSpec], samples: int, *, same_seed: bool
     `same_seed`: every line starts again at the run's seed (its samples N, N+1, ...), and every sample of a
     template line (each a random expansion) has the run's seed itself; its expansion is then chosen by the
     seed plus its position (`data["variant"]`), so only the prompt changes."""
-    if samples < 1:
-        raise UsageError(f"--n {samples}: must be at least 1")
     specs = list(prompts)
+    check_sample_count(samples, labels=max(1, len(specs)))  # --n 10**20 was an OverflowError traceback
 
     def with_line(item: Item) -> Item:
         spec = specs[item.data["index"]]
