@@ -291,3 +291,26 @@ def test_a_prompt_that_is_not_utf8_text_is_a_one_line_usage_error(tmp_path, args
     assert result.returncode == 2, result.stderr.decode()
     assert result.stderr.decode("utf-8").strip().splitlines() == [f"ldmtool: error: {named}"]
     assert not (tmp_path / "out").exists()
+
+
+BOM = "\ufeff"
+
+
+def test_a_byte_order_mark_starts_no_prompt_and_no_listed_path(tmp_path):
+    """Notepad's UTF-8 files begin with a byte order mark: it made a JSON-lines prompt file plain text (the
+    whole JSON line became the prompt) and the first path of an @list a file that does not exist."""
+    from ldmtool.io.discover import discover
+    from ldmtool.pipelines.text import read_prompts
+
+    lines = tmp_path / "p.txt"
+    lines.write_text(BOM + "a red fox\nblue bird\n", encoding="utf-8")
+    assert [spec.prompt for spec in read_prompts(None, lines)] == ["a red fox", "blue bird"]
+    records = tmp_path / "p.jsonl"
+    records.write_text(BOM + json.dumps({"prompt": "a fox", "cfg": 3.0}) + "\n", encoding="utf-8")
+    (spec,) = read_prompts(None, records)
+    assert (spec.prompt, spec.cfg) == ("a fox", 3.0)
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    listed = tmp_path / "list.txt"
+    listed.write_text(BOM + "a.png\n", encoding="utf-8")
+    (item,) = discover([f"@{listed}"]).items
+    assert item.path == tmp_path / "a.png"

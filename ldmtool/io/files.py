@@ -117,8 +117,9 @@ def read_bounded(path: Path | str, limit: int | None = None) -> bytes:
 def read_text_file(path: Path | str, limit: int | None = None) -> str:
     """A UTF-8 text file given by the user (prompt list, `@list.txt`, palette, config), read as
     `read_bounded` reads: a FIFO or device is refused, never waited on. OSError (with a short `strerror`)
-    or UnicodeDecodeError otherwise."""
-    return read_bounded(path, limit).decode("utf-8")
+    or UnicodeDecodeError otherwise. A leading byte order mark (Windows Notepad writes one) is not text: it
+    made a JSON-lines prompt file plain text, and the first path of a list a file that does not exist."""
+    return read_bounded(path, limit).decode("utf-8-sig")
 
 
 def check_unicode_text(text: str, where: str) -> None:
