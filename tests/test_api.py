@@ -114,6 +114,19 @@ def test_txt2img_and_sample_seed_their_items_as_the_cli(tmp_path):
         np.testing.assert_array_equal(mine, theirs)
 
 
+def test_a_uint8_mask_of_zeros_and_ones_is_refused_not_read_as_black():
+    """It was read as 0/255 and 1/255, all below the repaint threshold: the inpaint silently changed nothing."""
+    from ldmtool.errors import UsageError
+    from ldmtool.pipelines.arrays import read_mask_input
+
+    labels = np.zeros((8, 8), np.uint8)
+    labels[2:6, 2:6] = 1
+    with pytest.raises(UsageError, match="a uint8 array of 0 and 1"):
+        read_mask_input(labels, size=(8, 8))
+    assert read_mask_input(labels.astype(bool), size=(8, 8)).sum() == 16
+    assert read_mask_input(labels * 255, size=(8, 8)).sum() == 16
+
+
 def test_unknown_options_and_missing_masks_are_errors():
     from ldmtool.errors import UsageError
 

@@ -48,6 +48,10 @@ def read_mask_input(mask: ImageInput, *, size: tuple[int, int], invert: bool = F
         return read_mask(mask, size=size, invert=invert)
     if isinstance(mask, np.ndarray) and mask.dtype == np.bool_:
         mask = mask.astype(np.uint8) * 255
+    elif isinstance(mask, np.ndarray) and mask.dtype == np.uint8 and mask.size and int(mask.max()) == 1:
+        # 8-bit values repaint from 128 up: a 0/1 label array would silently repaint nothing
+        raise UsageError(f"{label}: a uint8 array of 0 and 1; 8-bit masks repaint where white (255), so pass "
+                         "mask.astype(bool) or mask * 255")
     loaded = read_input(mask, label=label)
     if loaded.size != tuple(size):
         raise UsageError(f"{label}: the mask is {loaded.size[0]}x{loaded.size[1]} but its image is "
