@@ -219,10 +219,12 @@ def optional_keys(bundle: Bundle) -> list[str]:
 
 def _load_into(bundle: Bundle, prepared: PreparedWeights, *, source: str, family: str,
                detection: Optional[Detection]) -> None:
-    expected = {k: tuple(v.shape) for k, v in bundle.state_dict().items()}
+    model_state = bundle.state_dict()
+    expected = {k: tuple(v.shape) for k, v in model_state.items()}
     state = _without_unused_scale_factor(prepared.state, expected)
     check_state_dict(expected, state, source=source, family=family,
-                     likely=detection.describe() if detection else None, optional=optional_keys(bundle))
+                     likely=detection.describe() if detection else None, optional=optional_keys(bundle),
+                     floating=[k for k, v in model_state.items() if v.is_floating_point()])
     bundle.load_state_dict(state, strict=False, assign=True)
     _materialise_leftovers(bundle)
 

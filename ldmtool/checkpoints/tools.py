@@ -117,10 +117,12 @@ def _match(doc: dict, family: str, prepared, source: str, detection) -> dict[str
     """Strict key/shape check against the architecture built on the meta device."""
     with meta_device():
         bundle = build_bundle(doc, family)
-    expected = {k: tuple(v.shape) for k, v in bundle.state_dict().items()}
+    model_state = bundle.state_dict()
+    expected = {k: tuple(v.shape) for k, v in model_state.items()}
     try:
         check_state_dict(expected, bundle.file_state(prepared.state), source=source, family=family,
-                         likely=detection.describe() if detection else None, optional=optional_keys(bundle))
+                         likely=detection.describe() if detection else None, optional=optional_keys(bundle),
+                         floating=[k for k, v in model_state.items() if v.is_floating_point()])
     except CheckpointError as err:
         return {"matches": False, "problem": str(err)}
     return {"matches": True, "problem": None}

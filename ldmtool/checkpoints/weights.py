@@ -3,7 +3,7 @@ dropped, and a strict key/shape check that explains what does not match."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence
+from typing import Collection, Mapping, Optional, Sequence
 
 import torch
 
@@ -77,14 +77,16 @@ def _harmless(key: str) -> bool:
 
 def check_state_dict(
     expected: Mapping[str, Sequence[int]], state: Mapping[str, torch.Tensor], *, source: str,
-    family: str, likely: Optional[str] = None, optional: Sequence[str] = (),
+    family: str, likely: Optional[str] = None, optional: Sequence[str] = (), floating: Collection[str] = (),
 ) -> None:
-    """Raise one CheckpointError naming the first missing / unexpected / mis-shaped keys."""
+    """Raise one CheckpointError naming the first missing / unexpected / mis-shaped keys, and the keys of
+    `floating` (the network's float weights) that the file holds as integers or booleans."""
     optional_set = set(optional)
     missing = [k for k in expected if k not in state and k not in optional_set]
     unexpected = [k for k in state if k not in expected]
     shapes = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k])]
-    if not (missing or unexpected or shapes):
+    dtypes = [k for k in floating if k in state and not state[k].is_floating_point()]
+    if not (missing or unexpected or shapes or dtypes):
         return
     parts = []
     if missing:
@@ -95,6 +97,8 @@ def check_state_dict(
         k = shapes[0]
         parts.append(f"{len(shapes)} with other shapes (e.g. {k}: file {tuple(state[k].shape)}, "
                      f"{family} {tuple(expected[k])})")
+    if dtypes:
+        parts.append(f"{len(dtypes)} not floating point (e.g. {dtypes[0]}: {str(state[dtypes[0]].dtype).replace('torch.', '')})")
     hint = f"; the weights look like {likely}" if likely and likely != family else ""
     raise CheckpointError(
         f"{source}: does not match the {family} architecture: {'; '.join(parts)}{hint} "
