@@ -1,11 +1,13 @@
 """Hand-made checkpoints and configs that must give one-line errors (DESIGN.md §6), never a traceback."""
+import copy
+
 import pytest
 import torch
 import yaml
 
 from ldmtool import load_model
 from ldmtool.checkpoints.files import save_safetensors
-from ldmtool.checkpoints.tiny import tiny_model
+from ldmtool.checkpoints.tiny import save_tiny_checkpoint, tiny_config, tiny_model
 from ldmtool.errors import CheckpointError
 from test_hostile_tools import assert_one_line
 from test_models_cli import run
@@ -29,3 +31,36 @@ def test_integer_weights_are_a_mismatch_not_a_crash(tmp_path, capsys, kl_f4, dty
     code, out, err = run(capsys, "models", "convert", tmp_path / "int.safetensors", tmp_path / "out.safetensors")
     assert_one_line(code, err, "int.safetensors", codes=(3,))
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def _unet_params(doc):
+    return doc["model"]["params"]["unet_config"]["params"]
+
+
+BROKEN_CONFIGS = {
+    "negative-width": lambda doc: _unet_params(doc).update(model_channels=-5),
+    "zero-head-width": lambda doc: _unet_params(doc).update(num_head_channels=0),
+    "no-levels": lambda doc: _unet_params(doc).update(channel_mult=[]),
+    "params-list": lambda doc: doc["model"].update(params=[1, 2]),
+    "negative-timesteps": lambda doc: doc["model"]["params"].update(timesteps=-3),
+    "scale-text": lambda doc: doc["model"]["params"].update(scale_factor="x"),
+    "ldmtool-list": lambda doc: doc.update(ldmtool=[1]),
+}
+
+
+@pytest.mark.parametrize("name", BROKEN_CONFIGS)
+def test_a_config_whose_values_cannot_build_a_network_is_one_line(tmp_path, capsys, name):
+    doc = copy.deepcopy(tiny_config("ldm-cin256-v2"))
+    BROKEN_CONFIGS[name](doc)
+    config = tmp_path / f"{name}.yaml"
+    config.write_text(yaml.safe_dump(doc))
+    save_tiny_checkpoint(tmp_path / "m.safetensors", "ldm-cin256-v2")
+    with pytest.raises(CheckpointError, match=f"{name}.yaml"):
+        load_model(tmp_path / "m.safetensors", config=config)
+    for command in (["inspect", tmp_path / "m.safetensors"], ["convert", tmp_path / "m.safetensors", tmp_path / "o.safetensors"]):
+        code, out, err = run(capsys, "models", *command, "--config", config)
+        if code == 0:  # inspect reports a config that does not fit as its problem
+            assert command[0] == "inspect" and f"{name}.yaml" in out and "matches config:  no" in out
+        else:
+            assert_one_line(code, err, f"{name}.yaml", codes=(3,))
+    assert not (tmp_path / "o.safetensors").exists()

@@ -20,7 +20,7 @@ from ldmtool.checkpoints.files import read_state_dict
 from ldmtool.checkpoints.presets import load_preset, preset_names, shipped_model, shipped_models
 from ldmtool.checkpoints.transformer_bundle import TransformerBundle
 from ldmtool.checkpoints.weights import PreparedWeights, check_state_dict, prepare_weights
-from ldmtool.errors import CheckpointError, UsageError
+from ldmtool.errors import CheckpointError, LdmError, UsageError
 from ldmtool.families.registry import model_info
 from ldmtool.io.files import file_kind
 from ldmtool.nets._layers import cast_keeping_storage
@@ -50,13 +50,27 @@ def build_model(config: Union[ConfigLike, str], *, device: Union[str, torch.devi
     if model_block(doc)["target"] in CONTROL_TARGETS:
         return _build_controlnet(doc, device, dtype)  # type: ignore[no-any-return]  # a network, not a bundle
     with _building_on(device):
-        bundle = build_bundle(doc, family)
+        bundle = build_checked(doc, family, "config" if isinstance(config, Mapping) else str(config))
     if dtype is not None:
         schedule = _schedule_copies(bundle)
         bundle.to(dtype=dtype)
         _schedule_to_fp32(bundle, schedule)
     bundle.info = model_info(bundle)
     return bundle
+
+
+def build_checked(doc: dict[str, Any], family: Optional[str], origin: str) -> Bundle:
+    """`build_bundle`, with any failure of a network's constructor on the config's values (a negative width,
+    zero heads, an empty channel_mult, a params list) reported as that config's error: `origin` says where
+    the config came from ('--config FILE', 'X.yaml beside the weights', ...)."""
+    try:
+        return build_bundle(doc, family)
+    except LdmError:
+        raise
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(f"{origin}: cannot build the model from this config "
+                              f"({type(err).__name__}{': ' + first[:200] if first else ''})") from err
 
 
 def _building_on(device: Union[str, torch.device]) -> ContextManager[Any]:
@@ -87,7 +101,7 @@ def load_model(path_or_name: Union[str, Path], *, config: Optional[ConfigLike] =
     family = ldmtool_block(doc).get("family") or "custom"
     prepared = with_shared_first_stage(prepared, weights, ldmtool_block(doc).get("first_stage_weights"))
     with meta_device():
-        bundle = build_bundle(doc, family)
+        bundle = build_checked(doc, family, config_used)
     prepared = replace(prepared, state=bundle.file_state(prepared.state))
     _load_into(bundle, prepared, source=str(weights), family=family, detection=detection)
     schedule = _schedule_copies(bundle)  # before the cast: fp16/bf16 would round alphas_cumprod near 1

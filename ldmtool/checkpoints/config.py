@@ -92,6 +92,9 @@ def load_config(config: ConfigLike) -> dict[str, Any]:
     model = doc.get("model")
     if not isinstance(model, Mapping) or "target" not in model:
         raise CheckpointError(f"{_name(config)}: config has no 'model.target' (CompVis format expected)")
+    for block, value in (("ldmtool:", doc.get("ldmtool")), ("model.params", model.get("params"))):
+        if not isinstance(value or {}, Mapping):
+            raise CheckpointError(f"{_name(config)}: the config's {block} block is not a mapping")
     return doc
 
 
@@ -101,7 +104,10 @@ def model_block(doc: Mapping[str, Any]) -> dict[str, Any]:
 
 def ldmtool_block(doc: Mapping[str, Any]) -> dict[str, Any]:
     """ldmtool's own fields (family, default_sampler, default_steps, default_size, ...); may be empty."""
-    return dict(doc.get("ldmtool") or {})
+    block = doc.get("ldmtool") or {}
+    if not isinstance(block, Mapping):
+        raise CheckpointError("the config's ldmtool: block is not a mapping")
+    return dict(block)
 
 
 def resolve_target(target: str) -> type:

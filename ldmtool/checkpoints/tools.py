@@ -8,6 +8,7 @@ from typing import Any, Optional
 import yaml
 
 from ldmtool.checkpoints.api import (
+    build_checked,
     embedded_config,
     load_model,
     optional_keys,
@@ -15,7 +16,6 @@ from ldmtool.checkpoints.api import (
     resolve_source,
     with_shared_first_stage,
 )
-from ldmtool.checkpoints.bundle import build_bundle
 from ldmtool.checkpoints.config import CONTROL_TARGETS, FIRST_STAGE_TARGETS, ConfigLike, ldmtool_block, load_config
 from ldmtool.checkpoints.detect import detect_checkpoint
 from ldmtool.checkpoints.files import read_state_dict, save_safetensors
@@ -91,7 +91,7 @@ def inspect_checkpoint(path_or_name: str | Path, *, config: Optional[ConfigLike]
     diffusion = doc["model"]["target"] not in FIRST_STAGE_TARGETS
     prediction = (doc["model"].get("params") or {}).get("parameterization", "eps") if diffusion else None
     report.update(family=family, config_used=used, parameterization=prediction)
-    report.update(_match(doc, family, prepared, str(weights), detection))
+    report.update(_match(doc, family, prepared, str(weights), detection, used))
     return report
 
 
@@ -113,10 +113,10 @@ def _weights_summary(weights: Path, raw: dict, prepared, detection) -> dict[str,
     }
 
 
-def _match(doc: dict, family: str, prepared, source: str, detection) -> dict[str, Any]:
+def _match(doc: dict, family: str, prepared, source: str, detection, used: str) -> dict[str, Any]:
     """Strict key/shape check against the architecture built on the meta device."""
     with meta_device():
-        bundle = build_bundle(doc, family)
+        bundle = build_checked(doc, family, used)
     model_state = bundle.state_dict()
     expected = {k: tuple(v.shape) for k, v in model_state.items()}
     try:
