@@ -64,3 +64,18 @@ def test_a_config_whose_values_cannot_build_a_network_is_one_line(tmp_path, caps
         else:
             assert_one_line(code, err, f"{name}.yaml", codes=(3,))
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_convert_writes_any_valid_file_name_and_leaves_other_writers_temporaries_alone(tmp_path, capsys, kl_f4):
+    save_safetensors(kl_f4.state_dict(), tmp_path / "m.safetensors")
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(kl_f4.config))
+    longest = tmp_path / ("a" * (255 - len(".safetensors")) + ".safetensors")  # 255 bytes: a valid name
+    another_writers = tmp_path / ".out.safetensors.tmp"  # what another process was writing to out.safetensors
+    another_writers.write_bytes(b"partial")
+    for dst in (longest, tmp_path / "out.safetensors"):
+        code, out, err = run(capsys, "models", "convert", tmp_path / "m.safetensors", dst)
+        assert code == 0, err
+        assert load_model(dst).family == "kl-f4"
+    assert another_writers.read_bytes() == b"partial"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [".out.safetensors.tmp", "m.safetensors", "m.yaml", "out.safetensors", longest.name])

@@ -258,8 +258,10 @@ def save_safetensors(state: Mapping[str, torch.Tensor], path: str | Path, metada
     """Write tensors to `path` atomically (temporary name in the same folder, then rename)."""
     from safetensors.torch import save_file
 
+    from ldmtool.io.writer import temp_name
+
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_name(path)  # this process's own (two writers of one file do not share it), and fits any file name
     tensors, seen = {}, set()
     for key, value in state.items():
         value = value.detach().contiguous()
