@@ -6,7 +6,7 @@ import torch
 import yaml
 
 from ldmtool import load_model
-from ldmtool.checkpoints.files import save_safetensors
+from ldmtool.checkpoints.files import read_state_dict, save_safetensors
 from ldmtool.checkpoints.tiny import save_tiny_checkpoint, tiny_config, tiny_model
 from ldmtool.errors import CheckpointError
 from test_hostile_tools import assert_one_line
@@ -79,3 +79,15 @@ def test_convert_writes_any_valid_file_name_and_leaves_other_writers_temporaries
     assert another_writers.read_bytes() == b"partial"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [".out.safetensors.tmp", "m.safetensors", "m.yaml", "out.safetensors", longest.name])
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_a_checkpoint_pickled_with_protocol_4_is_explained_in_one_line(tmp_path, capsys, recwarn, kl_f4, zip_format):
+    path = tmp_path / "p4.ckpt"
+    torch.save({"state_dict": kl_f4.state_dict()}, path, pickle_protocol=4, _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(CheckpointError) as err:
+        read_state_dict(path)
+    assert "pickle protocol 4" in str(err.value) and "arbitrary code" not in str(err.value)
+    code, out, err_text = run(capsys, "models", "inspect", path, "--preset", "kl-f4")
+    assert_one_line(code, err_text, "p4.ckpt", codes=(3,))
+    assert not [w for w in recwarn if "pickle protocol" in str(w.message)]  # torch's warning stays off stderr

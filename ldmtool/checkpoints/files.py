@@ -12,9 +12,10 @@ import os
 import pickle
 import re
 import struct
+import warnings
 import zipfile
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 
@@ -186,6 +187,12 @@ def _read_pickle(path: Path) -> object:
         if names and not refused:
             with torch.serialization.safe_globals([(_Inert, name) for name in names]):
                 return _weights_only_load(path, mmap)
+        protocol = _pickle_protocol(path, mmap)
+        if protocol is not None and protocol > 2 and "Unsupported operand" in str(err):
+            raise CheckpointError(
+                f"{path}: saved with pickle protocol {protocol}, which torch's weights-only loader (the only one "
+                f"ldmtool uses) cannot read; {CONVERT_HINT}"
+            ) from err
         needs = f" (it needs {', '.join(refused[:3])})" if refused else ""
         raise CheckpointError(
             f"{path}: this checkpoint needs arbitrary code to unpickle{needs}, which ldmtool never runs; "
@@ -212,10 +219,12 @@ class _BoundedReads(io.BufferedReader):
 
 def _weights_only_load(path: Path, mmap: bool) -> object:
     try:
-        if mmap:  # the zip format: torch reads each record at its own size, and maps the tensor data
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        with _BoundedReads(io.FileIO(path, "r")) as handle:
-            return torch.load(handle, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns on stderr about any protocol but 2, then reads or refuses it
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            if mmap:  # the zip format: torch reads each record at its own size, and maps the tensor data
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            with _BoundedReads(io.FileIO(path, "r")) as handle:
+                return torch.load(handle, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise
     except Exception as err:
@@ -225,6 +234,24 @@ def _weights_only_load(path: Path, mmap: bool) -> object:
         if not isinstance(err, (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile)):
             first = f"unpickling failed with {type(err).__name__}"
         raise CheckpointError(f"{path}: cannot read checkpoint (truncated or not a PyTorch file?): {first}") from err
+
+
+def _pickle_protocol(path: Path, is_zip: bool) -> Optional[int]:
+    """The protocol a checkpoint's pickle stream declares (its PROTO opcode), or None when it declares none."""
+    try:
+        if is_zip:
+            with zipfile.ZipFile(path) as archive:
+                name = next((n for n in archive.namelist() if n.rpartition("/")[2] == "data.pkl"), None)
+                if name is None:
+                    return None
+                with archive.open(name) as stream:
+                    head = stream.read(2)
+        else:
+            with path.open("rb") as stream:
+                head = stream.read(2)
+    except (OSError, zipfile.BadZipFile):
+        return None
+    return head[1] if len(head) == 2 and head[0] == pickle.PROTO[0] else None
 
 
 def _unsafe_globals(path: Path) -> list[str]:
