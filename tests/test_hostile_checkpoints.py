@@ -91,3 +91,12 @@ def test_a_checkpoint_pickled_with_protocol_4_is_explained_in_one_line(tmp_path,
     code, out, err_text = run(capsys, "models", "inspect", path, "--preset", "kl-f4")
     assert_one_line(code, err_text, "p4.ckpt", codes=(3,))
     assert not [w for w in recwarn if "pickle protocol" in str(w.message)]  # torch's warning stays off stderr
+
+
+def test_config_and_preset_together_are_a_usage_error_not_a_silent_choice(tmp_path, capsys, kl_f4):
+    save_safetensors(kl_f4.state_dict(), tmp_path / "m.safetensors")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(kl_f4.config))
+    for command in (["inspect", tmp_path / "m.safetensors"], ["convert", tmp_path / "m.safetensors", tmp_path / "o.safetensors"]):
+        code, out, err = run(capsys, "models", *command, "--config", tmp_path / "c.yaml", "--preset", "sd1")
+        assert_one_line(code, err, "--preset sd1", codes=(2,))
+    assert not (tmp_path / "o.safetensors").exists()

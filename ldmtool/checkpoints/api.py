@@ -174,6 +174,9 @@ def resolve_source(path_or_name: Union[str, Path]) -> tuple[Path, Optional[Path]
 def resolve_config(weights: Path, *, config: Optional[ConfigLike], preset: Optional[str],
                    default_config: Optional[ConfigLike], detection: Optional[Detection]) -> tuple[dict[str, Any], str]:
     """The config document to build, and a short note of where it came from."""
+    if config is not None and preset is not None:
+        raise UsageError(f"--config {config if not isinstance(config, Mapping) else '(dict)'} and --preset {preset}: "
+                         f"give one of them (both name the architecture)")
     if config is not None:
         return load_config(config), f"--config {config if not isinstance(config, Mapping) else '(dict)'}"
     if preset is not None:
