@@ -100,3 +100,13 @@ def test_config_and_preset_together_are_a_usage_error_not_a_silent_choice(tmp_pa
         code, out, err = run(capsys, "models", *command, "--config", tmp_path / "c.yaml", "--preset", "sd1")
         assert_one_line(code, err, "--preset sd1", codes=(2,))
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_a_mismatch_within_the_family_does_not_say_the_weights_look_like_that_family(tmp_path, kl_f4):
+    state = dict(kl_f4.state_dict())
+    state["encoder.conv_in.bias"] = torch.zeros(0)  # a zero-size tensor where a bias belongs
+    save_safetensors(state, tmp_path / "z.safetensors")
+    (tmp_path / "z.yaml").write_text(yaml.safe_dump(kl_f4.config))  # its recipe: family kl-f4
+    with pytest.raises(CheckpointError) as err:
+        load_model(tmp_path / "z.safetensors")
+    assert "encoder.conv_in.bias: file (0,)" in str(err.value) and "look like" not in str(err.value)

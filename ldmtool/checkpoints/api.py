@@ -240,10 +240,17 @@ def _load_into(bundle: Bundle, prepared: PreparedWeights, *, source: str, family
     expected = {k: tuple(v.shape) for k, v in model_state.items()}
     state = _without_unused_scale_factor(prepared.state, expected)
     check_state_dict(expected, state, source=source, family=family,
-                     likely=detection.describe() if detection else None, optional=optional_keys(bundle),
+                     likely=other_family(detection, family), optional=optional_keys(bundle),
                      floating=[k for k, v in model_state.items() if v.is_floating_point()])
     bundle.load_state_dict(state, strict=False, assign=True)
     _materialise_leftovers(bundle)
+
+
+def other_family(detection: Optional[Detection], family: str) -> Optional[str]:
+    """What the weights look like, for a mismatch message, when that is not the family being loaded."""
+    if detection is None or family in (detection.family, *detection.alternatives):
+        return None
+    return detection.describe()
 
 
 def _without_unused_scale_factor(state: dict[str, torch.Tensor], expected: Mapping[str, Any]) -> dict[str, torch.Tensor]:

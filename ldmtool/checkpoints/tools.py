@@ -12,6 +12,7 @@ from ldmtool.checkpoints.api import (
     embedded_config,
     load_model,
     optional_keys,
+    other_family,
     resolve_config,
     resolve_source,
     with_shared_first_stage,
@@ -121,7 +122,7 @@ def _match(doc: dict, family: str, prepared, source: str, detection, used: str) 
     expected = {k: tuple(v.shape) for k, v in model_state.items()}
     try:
         check_state_dict(expected, bundle.file_state(prepared.state), source=source, family=family,
-                         likely=detection.describe() if detection else None, optional=optional_keys(bundle),
+                         likely=other_family(detection, family), optional=optional_keys(bundle),
                          floating=[k for k, v in model_state.items() if v.is_floating_point()])
     except CheckpointError as err:
         return {"matches": False, "problem": str(err)}
