@@ -1,5 +1,8 @@
 """Hand-made checkpoints and configs that must give one-line errors (DESIGN.md §6), never a traceback."""
+import concurrent.futures
 import copy
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,3 +113,20 @@ def test_a_mismatch_within_the_family_does_not_say_the_weights_look_like_that_fa
     with pytest.raises(CheckpointError) as err:
         load_model(tmp_path / "z.safetensors")
     assert "encoder.conv_in.bias: file (0,)" in str(err.value) and "look like" not in str(err.value)
+
+
+@pytest.mark.parametrize("fifo", ["vae/diffusion_pytorch_model.safetensors", "transformer/config.json"])
+def test_a_fifo_inside_a_diffusers_folder_is_refused_not_waited_on(tmp_path, fifo):
+    folder = tmp_path / "pipe"
+    (folder / Path(fifo).parent).mkdir(parents=True)
+    (folder / "model_index.json").write_text("{}")
+    os.mkfifo(folder / fifo)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        loading = pool.submit(load_model, folder)
+        try:
+            error = loading.exception(timeout=20)
+        except concurrent.futures.TimeoutError:
+            with open(folder / fifo, "wb"):  # let the blocked reader go, so the test can end
+                pass
+            pytest.fail("reading the folder waited on a FIFO")
+    assert isinstance(error, CheckpointError) and "a FIFO" in str(error) and fifo in str(error)

@@ -11,6 +11,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ldmtool.errors import CheckpointError
+from ldmtool.io.files import MAX_CONFIG_BYTES, read_text_file
 
 INDEX = "model_index.json"
 
@@ -55,9 +56,10 @@ def read_diffusers_folder(path: Path) -> dict[str, torch.Tensor]:
 
 def _class_name(part: Path) -> str:
     try:
-        return str(json.loads((part / "config.json").read_text(encoding="utf-8"))["_class_name"])
+        return str(json.loads(read_text_file(part / "config.json", MAX_CONFIG_BYTES))["_class_name"])
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{part / 'config.json'}: cannot read the model class ({type(err).__name__})") from None
+        raise CheckpointError(f"{part / 'config.json'}: cannot read the model class "
+                              f"({getattr(err, 'strerror', None) or type(err).__name__})") from None
 
 
 def _weights(part: Path) -> dict[str, torch.Tensor]:

@@ -20,6 +20,7 @@ from typing import Mapping, Optional
 import torch
 
 from ldmtool.errors import CheckpointError, UsageError
+from ldmtool.io.files import file_kind
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -46,6 +47,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
     if not path.exists():
         raise UsageError(f"{path}: no such checkpoint file")
+    _refuse_special(path)
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
         return _read_safetensors(path)
@@ -70,7 +72,15 @@ def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
     path = Path(path)
     if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
         return {}
+    _refuse_special(path)
     return dict(_safetensors_header(path).get("__metadata__") or {})
+
+
+def _refuse_special(path: Path) -> None:
+    """A FIFO, device or socket named like a checkpoint (in a diffusers part's folder, say) is refused: reading
+    one waits for a writer that never comes."""
+    if path.exists() and not path.is_file():
+        raise CheckpointError(f"{path}: not a regular file ({file_kind(path.stat().st_mode)})")
 
 
 def _safetensors_header(path: Path) -> dict:
