@@ -130,3 +130,11 @@ def test_a_fifo_inside_a_diffusers_folder_is_refused_not_waited_on(tmp_path, fif
                 pass
             pytest.fail("reading the folder waited on a FIFO")
     assert isinstance(error, CheckpointError) and "a FIFO" in str(error) and fifo in str(error)
+
+
+def test_a_safetensors_file_without_tensors_says_so(tmp_path, capsys):
+    save_safetensors({}, tmp_path / "empty.safetensors", metadata={"note": "nothing here"})
+    for command in (["inspect", tmp_path / "empty.safetensors"],
+                    ["convert", tmp_path / "empty.safetensors", tmp_path / "o.safetensors"]):
+        code, out, err = run(capsys, "models", *command)
+        assert_one_line(code, err, "empty.safetensors: contains no tensors", codes=(3,))

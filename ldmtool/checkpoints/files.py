@@ -50,7 +50,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     _refuse_special(path)
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
-        return _read_safetensors(path)
+        tensors = _read_safetensors(path)
+        if not tensors:  # as a pickle checkpoint without tensors (unwrap_state_dict)
+            raise CheckpointError(f"{path}: contains no tensors")
+        return tensors
     if suffix in PICKLE_SUFFIXES:
         return unwrap_state_dict(_read_pickle(path), path)
     raise CheckpointError(f"{path}: unknown checkpoint type {suffix!r} (use .safetensors, .ckpt, .pt or .pth)")
