@@ -138,3 +138,13 @@ def test_a_safetensors_file_without_tensors_says_so(tmp_path, capsys):
                     ["convert", tmp_path / "empty.safetensors", tmp_path / "o.safetensors"]):
         code, out, err = run(capsys, "models", *command)
         assert_one_line(code, err, "empty.safetensors: contains no tensors", codes=(3,))
+
+
+def test_a_looping_or_dangling_link_is_named_as_such(tmp_path, capsys):
+    os.symlink("b.safetensors", tmp_path / "a.safetensors")
+    os.symlink("a.safetensors", tmp_path / "b.safetensors")
+    os.symlink("gone.safetensors", tmp_path / "dangling.safetensors")
+    for name in ("a.safetensors", "dangling.safetensors"):
+        code, out, err = run(capsys, "models", "inspect", tmp_path / name)
+        assert_one_line(code, err, name, codes=(2,))
+        assert "symbolic link" in err

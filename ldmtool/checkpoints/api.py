@@ -157,6 +157,8 @@ def resolve_source(path_or_name: Union[str, Path]) -> tuple[Path, Optional[Path]
         return path, beside if beside.is_file() else None
     if path.exists():
         raise UsageError(f"{path}: not a regular file ({file_kind(path.stat().st_mode)})")
+    if path.is_symlink():
+        raise UsageError(f"{path}: a symbolic link that leads to no file (its target is missing, or links loop)")
     name = str(path_or_name)
     shipped = shipped_model(name)
     if shipped is not None:
