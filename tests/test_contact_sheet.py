@@ -204,3 +204,16 @@ def test_a_sweep_on_the_shipped_default_is_drawn_with_its_axes(tmp_path):
         assert sheet.size == (left + 2 * 64, top + 2 * 64)
         labels = np.asarray(sheet.convert("RGB"))[:top, left:]
     assert (labels < 128).any(), "the steps values are drawn above the columns"
+
+
+@pytest.mark.parametrize(("name", "cell", "said"), [("sheet.png", 40000, "more than the 268.4 MP a sheet may have"),
+                                                    ("sheet.webp", 6000, "webp images hold at most 16383 pixels")])
+def test_a_sheet_too_large_to_draw_or_encode_is_refused_before_it_is_drawn(tmp_path, name, cell, said):
+    """--cell 40000 over six images allocated a 120000x80000 sheet (MemoryError, or the OOM killer); a WebP
+    sheet over 16383 pixels a side failed in the encoder with a traceback."""
+    sweep_folder(tmp_path / "out")
+    result = run_cli("grid", tmp_path / "out", "-o", tmp_path / name, "--cell", cell)
+    assert result.exit_code == 2, result.output
+    assert len(result.output.strip().splitlines()) == 1 and said in result.output
+    assert "--cell" in result.output
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]

@@ -6,7 +6,8 @@ parameters), else the parameters whose values vary across the folder (those that
 three, the one with most values across). The third axis gives one sheet per value (`sheet-<value>.png`, a
 short hash of the value added where two values would give one name), as A1111's X/Y/Z plot does. Memory stays
 bounded whatever the folder's size: each image is opened, reduced to a thumbnail (JPEG decodes at a reduced
-scale through `draft`) and pasted before the next is opened; only the recipes and the sheet itself are held.
+scale through `draft`) and pasted before the next is opened; only the recipes and the sheet itself are held,
+and a sheet over `MAX_SHEET_PIXELS` (or over what its format can hold) is refused before any is drawn.
 """
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ _CELL_BACKGROUND = (232, 232, 232)
 _INK = (0, 0, 0)
 # Recipe parameters that never make an axis: the sweep record itself, and what replay needs but a reader does not.
 _NOT_AXES = {"sweep", "argv", "key"}
+MAX_SHEET_PIXELS = 16384 * 16384  # as a run's default --max-output-pixels: about 800 MB to draw
+_MAX_SIDE = {"webp": 16383, "jpg": 65535}  # the largest side each encoder takes
 
 
 @dataclass(frozen=True)
@@ -182,9 +185,14 @@ def draw_grid(
     z_values = _values(pictures, z_axis) if z_axis else [None]
     paths = _z_paths(output, z_values) if z_axis else [output]
     crowded = 0
+    layouts = []
     for z_value, path in zip(z_values, paths):
         members = [p for p in pictures if z_axis is None or _key(p.values.get(z_axis)) == _key(z_value)]
-        sheet, extra = _draw_sheet(members, path, x_axis, y_axis, (z_axis, z_value) if z_axis else None, cell)
+        layouts.append(_layout(members, path, x_axis, y_axis, (z_axis, z_value) if z_axis else None, cell))
+    for layout in layouts:  # every sheet fits before the first is drawn
+        _check_size(layout, cell)
+    for layout in layouts:
+        sheet, extra = _draw_sheet(layout)
         result.sheets.append(sheet)
         crowded += extra
     if crowded:
@@ -222,8 +230,30 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(repr(_key(value)).encode("utf-8", "surrogateescape")).hexdigest()[:8]
 
 
-def _draw_sheet(pictures: Sequence[Picture], path: Path, x_axis: Optional[str], y_axis: Optional[str],
-                title: Optional[tuple[str, Any]], cell: int) -> tuple[Sheet, int]:
+@dataclass
+class _Layout:
+    """Where everything of one sheet goes, measured before its pixels are allocated."""
+
+    pictures: Sequence[Picture]
+    path: Path
+    x_axis: Optional[str]
+    y_axis: Optional[str]
+    title: Optional[tuple[str, Any]]
+    cell: int
+    columns: list[Any]
+    rows: list[Any]
+    row_labels: list[str]
+    line: int
+    left: int
+    top: int
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.left + len(self.columns) * self.cell, self.top + len(self.rows) * self.cell
+
+
+def _layout(pictures: Sequence[Picture], path: Path, x_axis: Optional[str], y_axis: Optional[str],
+            title: Optional[tuple[str, Any]], cell: int) -> _Layout:
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default()
@@ -236,7 +266,33 @@ def _draw_sheet(pictures: Sequence[Picture], path: Path, x_axis: Optional[str], 
                max(3 * cell, 360)) \
         if y_axis else 0
     top = (line if x_axis else 0) + (line if title else 0)
-    size = (left + len(columns) * cell, top + len(rows) * cell)
+    return _Layout(pictures, path, x_axis, y_axis, title, cell, columns, rows, row_labels, line, left, top)
+
+
+def _check_size(layout: _Layout, cell: int) -> None:
+    """A UsageError, before anything is allocated, for a sheet too large to draw or for its format to hold."""
+    width, height = layout.size
+    fix = f"use a smaller --cell (now {cell}) or axes with fewer values (--x/--y/--z)"
+    if width * height > MAX_SHEET_PIXELS:
+        raise UsageError(f"{shown(layout.path)}: the sheet would be {width}x{height} pixels "
+                         f"({width * height / 1e6:.1f} MP), more than the {MAX_SHEET_PIXELS / 1e6:.1f} MP "
+                         f"a sheet may have; {fix}")
+    fmt = format_for_path(layout.path)
+    side = _MAX_SIDE.get(fmt)
+    if side is not None and max(width, height) > side:
+        raise UsageError(f"{shown(layout.path)}: the sheet would be {width}x{height} pixels, and {fmt} images hold "
+                         f"at most {side} pixels a side; write .png, or {fix}")
+
+
+def _draw_sheet(layout: _Layout) -> tuple[Sheet, int]:
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    pictures, path, x_axis, y_axis, title, cell = (layout.pictures, layout.path, layout.x_axis, layout.y_axis,
+                                                   layout.title, layout.cell)
+    columns, rows, row_labels, line, left, top = (layout.columns, layout.rows, layout.row_labels, layout.line,
+                                                  layout.left, layout.top)
+    size = layout.size
     sheet = Image.new("RGB", size, _BACKGROUND)
     draw = ImageDraw.Draw(sheet)
     if title:
