@@ -377,6 +377,38 @@ def test_interrupt_exits_130_without_partial_files(tmp_path, sig):
         assert _pixels(path).shape == (64, 64, 3)
 
 
+def test_stdout_that_cannot_be_written_stops_the_run_in_one_line(tmp_path):
+    """`--json > /dev/full` (a full disk under the event log) ended in an OSError traceback, exit 1; with
+    `--dry-run` too."""
+    for i in range(3):
+        _save(tmp_path / "in" / f"{i}.png")
+    for extra in ([], ["--dry-run"]):
+        with open("/dev/full", "w") as full:
+            result = subprocess.run([sys.executable, "-m", "ldmtool", "_invert", "in", "-o", "out", "--json", "--seed", "1", *extra],
+                                    cwd=tmp_path, env=_env(), stdout=full, stderr=subprocess.PIPE, text=True,
+                                    timeout=120)
+        assert result.returncode == 3, result.stderr
+        assert result.stderr.strip().splitlines() == [
+            "ldmtool: error: stdout: cannot write the run's output (no space left on device); stopping"]
+
+
+def test_a_reader_that_closes_the_json_stream_stops_the_run_with_a_message(tmp_path):
+    """`ldmtool ... --json | head -1` ended with exit 1 ('some items failed') and nothing on stderr."""
+    for i in range(40):
+        _save(tmp_path / "in" / f"{i:02d}.png")
+    proc = subprocess.Popen([sys.executable, "-m", "ldmtool", "_invert", "in", "-o", "out", "--json"], cwd=tmp_path,
+                            env=_env(LDMTOOL_TEST_SLEEP="0.1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert json.loads(proc.stdout.readline())["event"] == "plan"
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 3
+    assert stderr.strip().splitlines() == [
+        "ldmtool: error: stdout: cannot write the run's output (its reader closed it); stopping"]
+    assert len(list((tmp_path / "out").glob("*.png"))) < 40
+    assert not list((tmp_path / "out").glob(".*tmp"))
+
+
 # ---------------------------------------------------------------- the Task contract, in process
 
 

@@ -9,9 +9,13 @@
 - stderr gets human output: a rich progress bar when stderr is a terminal, a one-line message per failed
   item (always, even with `--quiet`), notes (e.g. skipped non-image files), the plan of a run expected to
   take over a minute (`ldmtool: plan: ...`, even when stderr is not a terminal) and a closing summary line.
+- stdout that cannot be written (its reader is gone: `--json | head -1`; its disk is full) stops the run as a
+  full output disk does: one line on stderr, exit 3, the items written so far kept; later writes go nowhere.
 """
 from __future__ import annotations
 
+import errno
+import os
 import sys
 from dataclasses import asdict, dataclass, field
 from enum import Enum
@@ -172,8 +176,8 @@ class Reporter:
             self._emit(event)
             return
         source = shown(key if input is None else input)
-        self.out.write(f"{action:<4} {source} -> {shown(output)} (seed {seed})" + (f": {reason}" if reason else "")
-                       + "\n")
+        self._write(f"{action:<4} {source} -> {shown(output)} (seed {seed})" + (f": {reason}" if reason else "")
+                    + "\n")
 
     def dry_run_finish(self, plan: "RunPlan", counts: Mapping[str, int], seed: Optional[int]) -> None:
         """The end of a `--dry-run`: the plan, and how many items would run, be skipped or fail."""
@@ -183,10 +187,9 @@ class Reporter:
                         "failing": counts["fail"], "seed": seed, "exit_code": 0})
             _FINAL["sent"] = True
             return
-        self.out.write(f"plan: {plan.line()}\n")
-        self.out.write(f"dry run: {counts['run']} to run, {counts['skip']} skipped, {counts['fail']} would fail "
-                       f"(seed {seed}); nothing was loaded or written\n")
-        self.out.flush()
+        self._write(f"plan: {plan.line()}\n"
+                    f"dry run: {counts['run']} to run, {counts['skip']} skipped, {counts['fail']} would fail "
+                    f"(seed {seed}); nothing was loaded or written\n")
 
     def note(self, message: str) -> None:
         self._say(f"ldmtool: {message}")
@@ -202,8 +205,19 @@ class Reporter:
     # -- output
 
     def _emit(self, record: dict[str, Any]) -> None:
-        self.out.write(json_line(record))
-        self.out.flush()
+        self._write(json_line(record))
+
+    def _write(self, text: str) -> None:
+        """`text` on stdout, flushed; a FatalError when stdout cannot take it (see the module docstring)."""
+        try:
+            self.out.write(text)
+            self.out.flush()
+        except OSError as err:
+            _discard_output(self.out)
+            why = "its reader closed it" if err.errno == errno.EPIPE else (err.strerror or str(err)).lower()
+            from ldmtool.errors import FatalError
+
+            raise FatalError(f"stdout: cannot write the run's output ({why}); stopping") from None
 
     def _say(self, text: str, *, always: bool = False) -> None:
         if self.quiet and not always:
@@ -246,6 +260,20 @@ def _summary_event(summary: Summary, code: int, message: Optional[str]) -> dict[
     if message is not None:
         event["error"] = message
     return event
+
+
+def _discard_output(stream: TextIO) -> None:
+    """Point the stream's descriptor at /dev/null: what it still buffers, and the final summary event, go
+    nowhere instead of failing again (and again at exit, in a message of Python's own)."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (a test's StringIO)
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, fd)
+    finally:
+        os.close(null)
 
 
 def _is_terminal(stream: TextIO) -> bool:
