@@ -9,6 +9,7 @@ from PIL import Image
 
 from clirun import run_cli
 from ldmtool.checkpoints.tiny import save_tiny_checkpoint
+from ldmtool.errors import UsageError
 from ldmtool.pipelines.engine import Engine, ModelChoice, SamplingChoice
 from ldmtool.pipelines.text import TextConditioner, read_prompts
 from ldmtool.pipelines.txt2img import Txt2ImgTask, prompt_items
@@ -195,6 +196,16 @@ def test_prompt_source_errors_are_usage_errors(tmp_path, models):
     assert result.output.strip() == f"ldmtool: error: {bad}:2: unknown field 'colour' (known: prompt, negative, seed, steps, cfg, sampler, width, height, size)"
     bad.write_text('{"prompt": "x", "steps": "ten"}\n')
     assert f"{bad}:1: 'steps' must be a int" in _run("--prompts", bad, "--model", models["sd1"]).output
+
+
+def test_a_json_seed_beyond_32_bits_is_refused_not_wrapped(tmp_path):
+    """A line's seed of 2^32 ran as seed 0 (and 10^22 as some other seed), where --seed 4294967296 is refused."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a", "seed": 4294967295}\n{"prompt": "b", "seed": 4294967296}\n')
+    with pytest.raises(UsageError, match=r"p.jsonl:2: 'seed' must be at most 4294967295"):
+        read_prompts(None, prompts)
+    prompts.write_text('{"prompt": "a", "seed": 4294967295}\n')
+    assert read_prompts(None, prompts)[0].seed == 4294967295
 
 
 def test_a_bad_json_line_fails_only_its_own_items(tmp_path, models):

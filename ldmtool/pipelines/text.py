@@ -30,6 +30,7 @@ from ldmtool.families.info import Conditioning
 from ldmtool.io.files import check_unicode_text, read_text_file
 from ldmtool.pipelines.prompt_encoding import ConditionerPromptEncoder, PromptEncoder
 from ldmtool.runtime.device import one_thread
+from ldmtool.runtime.seeds import SEED_LIMIT
 
 if TYPE_CHECKING:
     from ldmtool.addons.base import TextualInversion
@@ -134,6 +135,8 @@ def _json_prompt(line: str, where: str) -> PromptSpec:
             raise UsageError(f"{where}: 'cfg' must be a finite number, not {value!r}")
         if name in _POSITIVE and isinstance(value, int) and value < (0 if name == "seed" else 1):
             raise UsageError(f"{where}: {name!r} must be {'0 or more' if name == 'seed' else 'at least 1'}")
+        if name == "seed" and isinstance(value, int) and value >= SEED_LIMIT:  # as --seed: taken modulo 2^32, it would be another seed
+            raise UsageError(f"{where}: 'seed' must be at most {SEED_LIMIT - 1}, as --seed")
     return PromptSpec(**record)
 
 
