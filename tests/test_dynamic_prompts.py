@@ -192,3 +192,33 @@ def test_a_wildcard_that_names_itself_is_a_usage_error(tmp_path):
     (tmp_path / "loop.txt").write_text("a __loop__\n")
     with pytest.raises(UsageError, match="wildcard __loop__ names itself"):
         PromptTemplates(tmp_path).count("__loop__")
+
+
+@pytest.mark.parametrize("content, said", [
+    ("café\nthé\n".encode("latin-1"), "wildcard __drinks__: {path}: not UTF-8 text (byte 4 is 0xe9); save the file as UTF-8"),
+    ("café\nthé\n".encode("utf-16"), "wildcard __drinks__: {path}: not UTF-8 text (byte 1 is 0xff); save the file as UTF-8"),
+    ("tea\n".encode("utf-16-le"), "wildcard __drinks__: {path}: holds NUL characters (UTF-16?); save the file as UTF-8"),
+    (None, "wildcard __drinks__: {path}: cannot read the wildcard file (not a regular file (a FIFO))"),
+])
+@pytest.mark.parametrize("template", ["a cup of __drinks__", "a cup of __menu__"])
+def test_a_wildcard_file_that_is_not_utf8_text_is_a_usage_error(tmp_path, content, said, template):
+    """The library reads .txt wildcards leaving out the bytes that are not UTF-8: a Latin-1 'café' was drawn as
+    'caf', a UTF-16 file as letters between NULs (and its BOM as a value of its own); a FIFO hung the run, also
+    when named from another wildcard file (__menu__)."""
+    import os
+
+    from ldmtool.errors import UsageError
+    from ldmtool.pipelines.prompt_templates import PromptTemplates
+
+    path = tmp_path / "drinks.txt"
+    if content is None:
+        os.mkfifo(path)
+    else:
+        path.write_bytes(content)
+    (tmp_path / "menu.txt").write_text("__drinks__ or water\n")
+    templates = PromptTemplates(tmp_path)
+    for expand in (lambda: templates.random(template, 1), lambda: templates.count(template),
+                   lambda: templates.combinations(template, None)):
+        with pytest.raises(UsageError) as caught:
+            expand()
+        assert str(caught.value) == said.format(path=path)

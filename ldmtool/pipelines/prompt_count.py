@@ -6,7 +6,7 @@ cyclical `{@...}` part counts 1. The count is an upper bound: the library drops 
 from __future__ import annotations
 
 from math import factorial
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ldmtool.errors import UsageError
 
@@ -16,8 +16,9 @@ _Env = dict[str, Any]  # variable name -> its command (or, for an immediate `!` 
 class CombinationCounter:
     """Counts combinations against one wildcard manager (`PromptTemplates.manager`)."""
 
-    def __init__(self, manager: Any):
+    def __init__(self, manager: Any, check_files: Optional[Callable[[str], None]] = None):
         self.manager = manager
+        self.check_files = check_files  # called with a wildcard's name before its files are read
         self._visiting: set[str] = set()
 
     def count(self, template: str, env: Optional[_Env] = None) -> int:
@@ -82,6 +83,8 @@ class CombinationCounter:
             raise UsageError(f"wildcard __{name}__ names itself: its combinations never end")
         env = {**env, **command.variables}
         self._visiting.add(name)
+        if self.check_files is not None:
+            self.check_files(name)
         try:
             lines = self.manager.get_values(name).iterate_string_values_weighted()
             return [self._line(str(line), env) for line in lines]

@@ -1,7 +1,8 @@
 """Prompt templates (dynamic prompts) with the `dynamicprompts` library, the parser the A1111 and ComfyUI
 extensions use: variants `{a|b}`, counts `{2$$a|b|c}`, weights `{0.5::a|1::b}`, and `__name__` wildcards
 read from a `--wildcards DIR` folder (`name.txt` one value per line, YAML or JSON files of named lists;
-nested names as `__colors/warm__`).
+nested names as `__colors/warm__`). A `.txt` wildcard file is checked before the library reads it (which would
+drop the bytes that are not UTF-8 and wait on a FIFO): a regular file within the size bound, in UTF-8.
 
 Random mode (the default) expands a template when its item loads, seeded with the item's own seed (or the
 run's seed plus the item's position under `--same-seed`), so an item's expansion is the same whatever the
@@ -44,15 +45,44 @@ class PromptTemplates:
 
         self.folder = Path(wildcards) if wildcards is not None else None
         self.manager = WildcardManager(self.folder)
+        self._read_files: set[Path] = set()  # text wildcard files found readable
 
     def check(self, template: str) -> None:
         """A UsageError when the parser cannot read `template`, or naming its first wildcard that the folder
         does not have."""
         _parsed(template)
         for name in _WILDCARD.findall(template):
+            self.check_files(name)
             if not self.manager.get_values(name):
                 where = f"in --wildcards {self.folder}" if self.folder is not None else "(no --wildcards DIR given)"
                 raise UsageError(f"wildcard __{name}__ not found {where}")
+
+    def check_files(self, name: str, visiting: Optional[set[Path]] = None) -> None:
+        """A UsageError naming the first `.txt` file of wildcard `name` (or of a wildcard its lines name) that
+        is not a regular UTF-8 text file within the size bound (the library would read it with the bytes that are not UTF-8 left out: a Latin-1
+        `café` as `caf`, a UTF-16 file as letters between NULs)."""
+        from ldmtool.io.files import read_text_file, shown
+
+        visiting = set() if visiting is None else visiting  # the files whose nested names are being checked
+        for collection in self.manager.match_collections(name):
+            path = getattr(collection, "_path", None)  # dynamicprompts' WildcardTextFile; YAML/JSON lists have none
+            if path is None or path in self._read_files or path in visiting:
+                continue
+            try:
+                text = read_text_file(path)
+            except UnicodeDecodeError as err:
+                raise UsageError(f"wildcard __{name}__: {shown(path)}: not UTF-8 text (byte {err.start + 1} is "
+                                 f"0x{err.object[err.start]:02x}); save the file as UTF-8") from None
+            except OSError as err:
+                raise UsageError(f"wildcard __{name}__: {shown(path)}: cannot read the wildcard file "
+                                 f"({err.strerror or err})") from None
+            if "\x00" in text:
+                raise UsageError(f"wildcard __{name}__: {shown(path)}: holds NUL characters (UTF-16?); save the "
+                                 "file as UTF-8")
+            visiting.add(path)
+            for nested in _WILDCARD.findall(text):  # drawn inside the library's expansion, unchecked there
+                self.check_files(nested, visiting)
+            self._read_files.add(path)
 
     def random(self, template: str, seed: int) -> str:
         """The expansion of `template` for an item with this seed."""
@@ -70,7 +100,7 @@ class PromptTemplates:
 
         self.check(template)
         with _readable(template):
-            count = CombinationCounter(self.manager).count(template)
+            count = CombinationCounter(self.manager, self.check_files).count(template)
         return count if max_prompts is None else min(count, max_prompts)
 
     def combinations(self, template: str, max_prompts: Optional[int]) -> list[str]:
