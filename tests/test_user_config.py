@@ -57,6 +57,21 @@ def test_environment_overrides_the_config_file(folder: Path, monkeypatch: pytest
     assert steps == {"out": 3, "env": 2}
 
 
+def test_environment_variables_are_named_after_the_flags(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LDMTOOL_<COMMAND>_FORMAT and _JSON were ignored without a word: Click named them after the parameters
+    (_FMT, _JSON_OUT); those names keep working."""
+    monkeypatch.setenv("LDMTOOL__INVERT_FORMAT", "jpg")
+    monkeypatch.setenv("LDMTOOL__INVERT_JSON", "1")
+    result = _invert("a.png", "-o", "flags")
+    assert result.exit_code == 0, result.output
+    assert (folder / "flags" / "a.jpg").is_file()
+    assert json.loads(result.stdout.splitlines()[-1])["event"] == "summary"
+    monkeypatch.delenv("LDMTOOL__INVERT_FORMAT")
+    monkeypatch.setenv("LDMTOOL__INVERT_FMT", "webp")
+    assert _invert("a.png", "-o", "names").exit_code == 0
+    assert (folder / "names" / "a.webp").is_file()
+
+
 @pytest.mark.parametrize(("text", "message"), [
     ("nosuch:\n  steps: 3\n", "[nosuch] is not an ldmtool command"),
     ("superres:\n  stepz: 3\n", "'stepz' in [superres] is not an option of superres"),

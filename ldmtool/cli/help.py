@@ -206,6 +206,12 @@ class HelpCommand(TyperCommand):
     def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
         return usage_pieces(self, ctx)
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        from ldmtool.cli.user_config import name_environment_variables
+
+        name_environment_variables(self, ctx)
+        return super().parse_args(ctx, args)
+
 
 class HelpGroup(TyperGroup):
     """A command group whose help is `format_help` above."""

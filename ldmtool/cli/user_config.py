@@ -164,6 +164,20 @@ def _checked(path: Path, command: Any, parameter: Any, value: Any) -> Any:
     return value
 
 
+def name_environment_variables(command: Any, ctx: Any) -> None:
+    """Read an option from `LDMTOOL_<COMMAND>_<OPTION>` named after its flag (`LDMTOOL_TXT2IMG_FORMAT` for
+    `--format`), as documented, where Click's own name follows the parameter (`..._FMT`, which keeps working)."""
+    if ctx.auto_envvar_prefix is None:
+        return
+    for parameter in command.params:
+        flags = [opt for opt in getattr(parameter, "opts", ()) if opt.startswith("--")]
+        if getattr(parameter, "param_type_name", "") != "option" or parameter.envvar is not None or not flags:
+            continue
+        flag = flags[0][2:].replace("-", "_").upper()
+        if flag != str(parameter.name).upper():
+            parameter.envvar = f"{ctx.auto_envvar_prefix}_{flag}"
+
+
 def show(json_out: bool = typer.Option(False, "--json", help="Print as one JSON object.")) -> None:
     """Show the config file in effect and the defaults it gives each command."""
     import json
