@@ -72,6 +72,18 @@ def test_environment_variables_are_named_after_the_flags(folder: Path, monkeypat
     assert (folder / "names" / "a.webp").is_file()
 
 
+def test_a_bad_environment_value_is_an_error_naming_the_variable(folder: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The message named '--quality' alone, an option the command line did not have."""
+    monkeypatch.setenv("LDMTOOL__INVERT_QUALITY", "500")
+    result = _invert("a.png")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("ldmtool: error: LDMTOOL__INVERT_QUALITY='500': Invalid value for '--quality'")
+    assert len(result.stderr.strip().splitlines()) == 1
+    result = _invert("a.png", "--quality", "500")
+    assert result.exit_code == 2 and result.stderr.startswith("ldmtool: error: Invalid value for '--quality'")
+
+
 @pytest.mark.parametrize(("text", "message"), [
     ("nosuch:\n  steps: 3\n", "[nosuch] is not an ldmtool command"),
     ("superres:\n  stepz: 3\n", "'stepz' in [superres] is not an option of superres"),

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         _end(args, EXIT_USAGE, None)
     except clicks.UsageError as err:  # unknown option, bad value, missing argument: one line, as for ours
         command = err.ctx.command_path if err.ctx else "ldmtool"
-        _end(args, EXIT_USAGE, f"{' '.join(err.format_message().split())} (see '{command} -h')")
+        _end(args, EXIT_USAGE, f"{_from_environment(err)}{' '.join(err.format_message().split())} (see '{command} -h')")
     except clicks.ClickException as err:
         _end(args, err.exit_code, " ".join(err.format_message().split()))
     except LdmError as err:
@@ -106,6 +106,21 @@ def _sigterm_as_ctrl_c() -> Iterator[None]:
 
 def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
+
+
+def _from_environment(err: Any) -> str:
+    """`NAME=VALUE: ` when the bad value came from an environment variable, not the command line (Click's
+    message names the option alone, which the user did not type)."""
+    param, ctx = getattr(err, "param", None), getattr(err, "ctx", None)
+    if param is None or ctx is None or param.name is None:
+        return ""
+    source = ctx.get_parameter_source(param.name)
+    if source is None or source.name != "ENVIRONMENT":
+        return ""
+    names = [param.envvar] if isinstance(param.envvar, str) else list(param.envvar or [])
+    names.append(f"{ctx.auto_envvar_prefix}_{param.name.upper()}")
+    found = next((name for name in names if os.environ.get(name)), None)
+    return f"{found}={os.environ[found]!r}: " if found else "from the environment: "
 
 
 def command_settings() -> dict[str, Any]:
