@@ -218,7 +218,8 @@ def test_completion_offers_shipped_models_presets_and_samplers():
     assert _complete("ldmtool txt2img --sampler dpmpp") == ["dpmpp_2m", "dpmpp_2m_sde"]
     assert _complete("ldmtool superres --preset ") == preset_names()
     assert _complete("ldmtool models inspect --preset kl-f") == [n for n in preset_names() if n.startswith("kl-f")]
-    assert _complete("ldmtool superres --format ") == ["png", "jpg", "webp"]
+    assert _complete("ldmtool superres --format ") == ["png", "jpg", "webp", "tiff", "keep"]  # tiff, keep were missing
+    assert _complete("ldmtool txt2img --control-mode ") == ["balanced", "control"]
     assert "superres" in _complete("ldmtool su")
 
 

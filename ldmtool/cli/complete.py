@@ -68,8 +68,9 @@ COMPLETERS: dict[str, Completer] = {
     "model": model_names,
     "preset": preset_names,
     "sampler": samplers,
-    "fmt": choices("png", "jpg", "webp"),
+    "fmt": choices("png", "jpg", "webp", "tiff", "keep"),  # as --format takes them (io/writer.py)
     "existing": choices("check", "skip", "overwrite"),
+    "control_mode": choices("balanced", "control"),
     "run_engine": choices("local", "ray"),
     "prediction": choices("eps", "v"),
     "device": choices("auto", "cpu", "cuda", "mps"),
