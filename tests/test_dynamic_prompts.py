@@ -222,3 +222,14 @@ def test_a_wildcard_file_that_is_not_utf8_text_is_a_usage_error(tmp_path, conten
         with pytest.raises(UsageError) as caught:
             expand()
         assert str(caught.value) == said.format(path=path)
+
+
+def test_wildcards_that_draw_each_other_without_end_fail_the_item_in_one_line(tmp_path):
+    """Random mode failed each item with 'RecursionError: maximum recursion depth exceeded'."""
+    from ldmtool.errors import ItemError
+    from ldmtool.pipelines.prompt_templates import PromptTemplates
+
+    (tmp_path / "ping.txt").write_text("__pong__ ping\n")
+    (tmp_path / "pong.txt").write_text("__ping__ pong\n")
+    with pytest.raises(ItemError, match=r"'a __ping__': its wildcards \(__ping__\) name themselves without end"):
+        PromptTemplates(tmp_path).random("a __ping__", 7)

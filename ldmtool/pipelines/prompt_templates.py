@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
-from ldmtool.errors import UsageError
+from ldmtool.errors import ItemError, UsageError
 from ldmtool.pipelines.text import PromptSpec
 
 _SYNTAX = re.compile(r"[{}]|__[^_\s]")  # a variant brace, or the start of a __wildcard__
@@ -89,8 +89,13 @@ class PromptTemplates:
         from dynamicprompts.generators import RandomPromptGenerator
 
         self.check(template)
-        with _readable(template):  # a wildcard's value is parsed as it is drawn
-            (text,) = RandomPromptGenerator(self.manager, seed=seed % _SEED_LIMIT).generate(template, 1)
+        try:
+            with _readable(template):  # a wildcard's value is parsed as it is drawn
+                (text,) = RandomPromptGenerator(self.manager, seed=seed % _SEED_LIMIT).generate(template, 1)
+        except RecursionError:  # a wildcard file drew a line naming itself (or one naming it), again and again
+            names = ", ".join(f"__{name}__" for name in dict.fromkeys(_WILDCARD.findall(template)))
+            raise ItemError(f"{_shortened(template)!r}: its wildcards ({names}) name themselves without end for "
+                            f"seed {seed}; give each wildcard file a line that names no wildcard") from None
         self._check_expanded(text)
         return str(text)
 
