@@ -93,6 +93,8 @@ def test_a_bad_environment_value_is_an_error_naming_the_variable(folder: Path,
     ("train:\n  steps: 3\n", "'steps' in [train] is not a command of train"),
     ("train:\n  autoencoder:\n    stepz: 3\n", "'stepz' in [train autoencoder] is not an option of train autoencoder"),
     ("train:\n  autoencoder:\n    lr: inf\n", "--lr = 'inf' for autoencoder"),
+    ("superres:\n  steps: yes\n", "--steps = True for superres: a yes/no value"),  # it ran 1 step
+    ("defaults:\n  batch-size: on\n", "--batch-size = True for"),
 ])
 def test_a_bad_config_file_is_a_usage_error_naming_it(folder: Path, text: str, message: str) -> None:
     path = _write(folder, text)

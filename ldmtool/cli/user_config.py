@@ -155,6 +155,9 @@ def _parameter(command: Any, key: str) -> Any:
 def _checked(path: Path, command: Any, parameter: Any, value: Any) -> Any:
     if isinstance(value, str) and parameter.name in ("output", "model", "config"):
         value = os.path.expanduser(value)
+    if isinstance(value, bool) and not getattr(parameter, "is_bool_flag", False):  # YAML's yes/no/on/off too
+        raise UsageError(f"{path}: {parameter.opts[0]} = {value!r} for {command.name}: a yes/no value for an option "
+                         "that takes a value (it would count as 1 or 0)")
     try:
         parameter.process_value(typer.Context(command), value)
     except Exception as err:  # click's BadParameter, or a pydantic-style coercion error
