@@ -79,3 +79,16 @@ def test_every_task_command_has_a_dry_run(photos: Path, no_model: None, command:
     events = [json.loads(line) for line in result.stdout.splitlines()]
     assert events[-1]["dry_run"] is True and events[-1]["to_run"] >= 1
     assert not (photos / "out").exists()
+
+
+def test_a_dry_run_sweep_ends_with_one_summary_event_for_every_cell(tmp_path: Path) -> None:
+    """Each cell of `--sweep` sent a `summary` event of its own: a reader stopping at the first took a
+    two-cell run for one of half its items."""
+    result = run_cli("txt2img", "--prompt", "a red circle", "--sweep", "steps=1,2", "--sweep", "cfg=1,3", "--seed", "1",
+                     "-o", tmp_path / "out", "--json", "--dry-run")
+    assert result.exit_code == 0, result.output
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [event["event"] for event in events].count("summary") == 1
+    assert events[-1] == {"event": "summary", "dry_run": True, "to_run": 4, "skipped": 0, "failing": 0, "seed": 1,
+                          "exit_code": 0}
+    assert len([event for event in events if event["event"] == "dry-run"]) == 4

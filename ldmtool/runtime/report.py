@@ -70,6 +70,7 @@ class Summary:
     base_seed: Optional[int] = None
     failures: list[str] = field(default_factory=list)
     elsewhere: int = 0  # of the skipped: items another run on the same folder has claimed or written
+    dry_run: dict[str, int] = field(default_factory=dict)  # a --dry-run's counts: run, skip, fail
 
     @property
     def exit_code(self) -> int:
@@ -179,17 +180,25 @@ class Reporter:
         self._write(f"{action:<4} {source} -> {shown(output)} (seed {seed})" + (f": {reason}" if reason else "")
                     + "\n")
 
-    def dry_run_finish(self, plan: "RunPlan", counts: Mapping[str, int], seed: Optional[int]) -> None:
-        """The end of a `--dry-run`: the plan, and how many items would run, be skipped or fail."""
+    def dry_run_finish(self, plan: "RunPlan", counts: Mapping[str, int], seed: Optional[int], *,
+                       final: bool = True) -> None:
+        """The end of a `--dry-run`: the plan, and how many items would run, be skipped or fail (with
+        `--json`, the final `summary` event unless this is one cell of a sweep, which sends one for all)."""
         if self.json_events:
             self._emit(plan.to_json())
-            self._emit({"event": "summary", "dry_run": True, "to_run": counts["run"], "skipped": counts["skip"],
-                        "failing": counts["fail"], "seed": seed, "exit_code": 0})
-            _FINAL["sent"] = True
+            if final:
+                self.dry_run_summary(counts, seed)
             return
         self._write(f"plan: {plan.line()}\n"
                     f"dry run: {counts['run']} to run, {counts['skip']} skipped, {counts['fail']} would fail "
                     f"(seed {seed}); nothing was loaded or written\n")
+
+    def dry_run_summary(self, counts: Mapping[str, int], seed: Optional[int]) -> None:
+        """With `--json`, the final `summary` event of a `--dry-run`."""
+        if self.json_events:
+            self._emit({"event": "summary", "dry_run": True, "to_run": counts["run"], "skipped": counts["skip"],
+                        "failing": counts["fail"], "seed": seed, "exit_code": 0})
+            _FINAL["sent"] = True
 
     def note(self, message: str) -> None:
         self._say(f"ldmtool: {message}")

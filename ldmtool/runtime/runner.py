@@ -211,7 +211,8 @@ class BatchRun:
             counts[action] += 1
             self.reporter.dry_run_item(action, key=job.item.key, input=job.item.path, output=job.output,
                                        seed=job.seed, reason=reason)
-        self.reporter.dry_run_finish(plan, counts, self.base_seed)
+        self.reporter.dry_run_finish(plan, counts, self.base_seed, final=not self.options.sweep_cell)
+        self.summary.dry_run = counts
         return self.summary
 
     def _without_own_outputs(self, items: Sequence[Item], notes: Sequence[str]) -> tuple[Sequence[Item], list[str]]:

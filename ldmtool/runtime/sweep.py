@@ -137,8 +137,13 @@ def run_sweep(task: "Task", options: "RunOptions", run_cell: Callable[["Task", "
         total.seconds += summary.seconds
         total.failures += summary.failures
         total.elsewhere += summary.elsewhere
-    if not options.dry_run:
-        Reporter(json_events=options.json_events, quiet=True).finish(total)  # the one final `summary` event
+        for action, count in summary.dry_run.items():
+            total.dry_run[action] = total.dry_run.get(action, 0) + count
+    reporter = Reporter(json_events=options.json_events, quiet=True)
+    if options.dry_run:  # the one final `summary` event
+        reporter.dry_run_summary(total.dry_run, total.base_seed)
+    else:
+        reporter.finish(total)
     return total
 
 
