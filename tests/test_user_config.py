@@ -84,6 +84,20 @@ def test_a_bad_environment_value_is_an_error_naming_the_variable(folder: Path,
     assert result.exit_code == 2 and result.stderr.startswith("ldmtool: error: Invalid value for '--quality'")
 
 
+@pytest.mark.parametrize("source", ["environment", "config"])
+def test_json_from_the_environment_or_config_ends_a_usage_error_with_a_summary(
+        folder: Path, monkeypatch: pytest.MonkeyPatch, source: str) -> None:
+    """Only a --json on the command line gave a run that stopped on a usage error its final summary event."""
+    if source == "environment":
+        monkeypatch.setenv("LDMTOOL__INVERT_JSON", "1")
+    else:
+        _write(folder, "_invert:\n  json: true\n")
+    result = _invert("a.png", "--batch-size", "0")
+    assert result.exit_code == 2
+    (event,) = [json.loads(line) for line in result.stdout.splitlines()]
+    assert event["event"] == "summary" and event["exit_code"] == 2
+
+
 @pytest.mark.parametrize(("text", "message"), [
     ("nosuch:\n  steps: 3\n", "[nosuch] is not an ldmtool command"),
     ("superres:\n  stepz: 3\n", "'stepz' in [superres] is not an option of superres"),

@@ -129,10 +129,16 @@ def command_settings() -> dict[str, Any]:
     from ldmtool.cli import user_config
 
     settings: dict[str, Any] = {"auto_envvar_prefix": user_config.ENV_PREFIX}
+    _CONFIG_DEFAULTS.clear()
     path = user_config.config_path()
     if path is not None:
         settings["default_map"] = user_config.default_map(typer.main.get_command(app), path, task_commands())
+        _CONFIG_DEFAULTS.update(settings["default_map"])
     return settings
+
+
+_CONFIG_DEFAULTS: dict[str, Any] = {}  # the config file's defaults of this invocation, per command
+_TRUE = ("1", "true", "t", "yes", "y", "on")  # what Click's BOOL takes as true
 
 
 def _end(args: list[str], code: int, message: str | None) -> NoReturn:
@@ -158,5 +164,15 @@ def _is_task_command(args: list[str]) -> bool:
 
 
 def _wants_json(args: list[str]) -> bool:
+    """`--json` on the command line, or from `LDMTOOL_<COMMAND>_JSON` or the config file."""
+    from ldmtool.cli.user_config import ENV_PREFIX
+
     options = args[: args.index("--")] if "--" in args else args
-    return "--json" in options
+    if "--json" in options:
+        return True
+    name = next((arg for arg in args if not arg.startswith("-")), "")
+    prefix = f"{ENV_PREFIX}_{name.upper().replace('-', '_')}"
+    value = os.environ.get(f"{prefix}_JSON") or os.environ.get(f"{prefix}_JSON_OUT")
+    if value:
+        return value.strip().lower() in _TRUE
+    return bool(_CONFIG_DEFAULTS.get(name, {}).get("json_out"))
