@@ -434,6 +434,8 @@ def test_flux_fill_inpaint_equals_the_flux_fill_pipeline_inside_the_mask(tmp_pat
                             "drop --cfg; it takes --guidance instead"),
     ("sd3", ("--guidance", 3.5), "--guidance 3.5: this SD3 model takes no guidance input"),
     ("sd3", ("--karras",), "--karras/--no-karras: a flow-matching model samples on its own schedule"),
+    ("flux", ("--tcd-gamma", 0.5), "--tcd-gamma 0.5 does not apply to the euler sampler"),
+    ("sd3", ("--tcd-gamma", 0.5), "--tcd-gamma 0.5 does not apply to the euler sampler"),
 ])
 def test_options_a_flow_model_cannot_take_are_one_line_usage_errors(tmp_path, sd3_file, flux_files,
                                                                    tokenizer_dir, family, options, message):  # noqa: F811

@@ -89,7 +89,7 @@ class FlowRun:
     def check_schedule(self, engine: "Engine") -> None:
         p = engine.resolved()
         check_flow_sampler(p["sampler"])
-        check_options(p["sampler"], eta=p["eta"])
+        check_options(p["sampler"], eta=p["eta"], tcd_gamma=p.get("tcd_gamma"))
         flow_schedule(p["steps"], FlowTimes())
 
     def resolved(self, engine: "Engine", values: dict[str, Any]) -> dict[str, Any]:
