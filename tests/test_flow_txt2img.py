@@ -278,7 +278,7 @@ def test_tiled_and_untiled_runs(tmp_path, sd3_file, flux_files, tokenizer_dir, f
 def test_an_odd_tile_overlap_is_a_usage_error_for_a_patch_model(tmp_path, flux_files, tokenizer_dir):  # noqa: F811
     result = run_cli("txt2img", "--prompt", PROMPT, "-W", 128, "-H", 128, "--steps", 1, "--tile", 8,
                      "--tile-overlap", 3, *_flux_args(flux_files, tokenizer_dir), "-o", tmp_path / "x.png")
-    assert result.exit_code != 0 and "--tile-overlap 3" in result.stderr and "multiple of 2" in result.stderr
+    assert result.exit_code == 2 and "--tile-overlap 3" in result.stderr and "multiple of 2" in result.stderr
 
 
 def test_fp8_stored_transformer_runs_as_its_upcast_values(tmp_path, flux_files, tokenizer_dir):  # noqa: F811
@@ -436,6 +436,7 @@ def test_flux_fill_inpaint_equals_the_flux_fill_pipeline_inside_the_mask(tmp_pat
     ("sd3", ("--karras",), "--karras/--no-karras: a flow-matching model samples on its own schedule"),
     ("flux", ("--tcd-gamma", 0.5), "--tcd-gamma 0.5 does not apply to the euler sampler"),
     ("sd3", ("--tcd-gamma", 0.5), "--tcd-gamma 0.5 does not apply to the euler sampler"),
+    ("sd3", ("--tile", 8, "--tile-overlap", 3), "--tile-overlap 3: this model's tiles must start on its 2x2 patches"),
 ])
 def test_options_a_flow_model_cannot_take_are_one_line_usage_errors(tmp_path, sd3_file, flux_files,
                                                                    tokenizer_dir, family, options, message):  # noqa: F811
@@ -443,6 +444,30 @@ def test_options_a_flow_model_cannot_take_are_one_line_usage_errors(tmp_path, sd
     result = run_cli("txt2img", "--prompt", PROMPT, *args, *options, "-o", tmp_path / "x.png")
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_controlnets_adapters_and_refiners_are_refused_with_flow_models_before_any_item(tmp_path, sd3_file, flux_files,
+                                                                                    tokenizer_dir):  # noqa: F811
+    """Each was refused per item (exit 1) or asked a flow refiner for text encoders; now one usage error (exit 2)."""
+    from ldmtool.checkpoints.api import build_model
+    from ldmtool.checkpoints.tiny import save_tiny_checkpoint, tiny_config
+
+    controlnet = tmp_path / "control_sd15.safetensors"
+    save_safetensors(build_model(tiny_config("controlnet-sd15")).state_dict(), controlnet)
+    base = tmp_path / "sdxl-base.safetensors"
+    save_tiny_checkpoint(base, "sdxl-base", with_config=True)
+    hint = _photo(tmp_path / "hint.png")
+    flux = _flux_args(flux_files, tokenizer_dir)
+    for args, message in [
+        ((*flux, "--controlnet", controlnet, "--control-image", hint), "ControlNets and T2I-Adapters do not run with FLUX.1"),
+        ((*flux, "--refiner", base), "--refiner: the hand-off does not run with flux1-dev models"),
+        (("--model", base, "--refiner", sd3_file[0], "--tokenizer", tokenizer_dir),
+         f"--refiner {sd3_file[0]}: a sd3.5-medium model (flow matching) cannot refine yet"),
+    ]:
+        result = run_cli("txt2img", "--prompt", PROMPT, "--steps", 1, "-W", 64, "-H", 64, "--n", 2, *args,
+                         "-o", tmp_path / "out")
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.stderr
 
 
 def test_flux_img2img_equals_the_flux_img2img_pipeline(tmp_path, flux_files, towers, clip_tokenizer_dir,  # noqa: F811

@@ -85,6 +85,12 @@ class FlowRun:
         if s.seamless and s.tile == 0:
             raise UsageError(f"--seamless with --tile 0: a {name} model wraps around only through tiles that cross "
                              "the edge; drop --tile 0")
+        patch = patch_size(engine)
+        if s.tile_overlap is not None and s.tile_overlap % patch:
+            raise UsageError(f"--tile-overlap {s.tile_overlap}: this model's tiles must start on its {patch}x{patch} "
+                             f"patches; give a multiple of {patch}")
+        if engine.control:
+            raise UsageError(f"--controlnet/--adapter: ControlNets and T2I-Adapters do not run with {name} models yet")
 
     def check_schedule(self, engine: "Engine") -> None:
         p = engine.resolved()
@@ -136,11 +142,7 @@ class FlowRun:
         guided = uncond is not None and p["cfg"] != 1.0
         device, dtype = engine.placement()
         call = self.recipe.network(engine.bundle, latent_hw, p.get("guidance"), dtype)
-        patch = engine.info.pixel_multiple // engine.info.downsampling
-        overlap = engine.sampling.tile_overlap
-        if overlap is not None and overlap % patch:
-            raise UsageError(f"--tile-overlap {overlap}: this model's tiles must start on its {patch}x{patch} "
-                             f"patches; give a multiple of {patch}")
+        patch = patch_size(engine)  # --tile-overlap is a multiple of it (checked when the run opens)
         # Tiles start on whole patches (a tile's positions are its top-left patch's); with --seamless, tiles cross
         # the wrap edge, each counting its positions on past it.
         denoise = engine.denoiser_around(FlowDenoiser(call), latent_hw, 2 if guided else 1, guided, patch=patch,
@@ -157,6 +159,11 @@ class FlowRun:
             return sample_flow_latents(denoise, conditioning, noise or NoiseSource(seeds), settings, times, shape=shape,
                                        init_latent=init_latent, repaint=repaint, callback=callback, device=device,
                                        dtype=torch.float32)
+
+
+def patch_size(engine: "Engine") -> int:
+    """The side of the network's patches in latent pixels (2 for FLUX.1 and SD3)."""
+    return engine.info.pixel_multiple // engine.info.downsampling
 
 
 def positions(latent_hw: tuple[int, int], batch: int, device: Any) -> torch.Tensor:

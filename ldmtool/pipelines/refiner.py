@@ -18,7 +18,8 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from ldmtool.diffusion.handoff import Handoff
-from ldmtool.errors import UsageError
+from ldmtool.errors import FatalError, UsageError
+from ldmtool.families.info import Parameterization
 from ldmtool.options import ModelChoice, SamplingChoice
 from ldmtool.pipelines.engine import Engine
 from ldmtool.pipelines.text import require_text_model, text_conditioner
@@ -34,6 +35,11 @@ def refiner_engine(choice: ModelChoice, sampling: SamplingChoice, path: Union[st
     if path is None:
         return None
     return Engine(replace(choice, model=str(path), config=None, preset=None, prediction=None, lora=None), sampling)
+
+
+def _flow_matching(engine: Engine) -> bool:
+    """Whether an engine that has loaded its model (even if opening it failed after) holds a flow-matching one."""
+    return hasattr(engine, "bundle") and engine.info.parameterization is Parameterization.FLOW
 
 
 @dataclass(frozen=True)
@@ -71,9 +77,18 @@ class Refiner:
         """Load the refiner to walk the base's schedule in the same latent space; its pixel multiple."""
         refiner = self.engine
         assert refiner is not None, "open() only with a refiner"
+        if base.flow is not None:
+            raise UsageError(f"--refiner: the hand-off does not run with {base.info.family} models (flow matching) yet")
         p = base.resolved()
         refiner.sampling = replace(refiner.sampling, sampler=p["sampler"], steps=p["steps"], cfg=p["cfg"])
-        refiner.open()
+        try:
+            refiner.open()
+        except FatalError:  # a flow model's missing text encoders would be the wrong thing to ask for
+            if not _flow_matching(refiner):
+                raise
+        if _flow_matching(refiner):
+            raise UsageError(f"--refiner {refiner.model_path}: a {refiner.info.family} model (flow matching) cannot "
+                             "refine yet")
         # the model's --clip-skip and --embeddings-dir (an SDXL embedding's clip_g vectors fit the refiner's bigG)
         self.texts = text_conditioner(refiner, require_text_model(refiner.bundle, refiner.model_path, command))
         mine, theirs = base.info, refiner.info
