@@ -437,6 +437,8 @@ def test_flux_fill_inpaint_equals_the_flux_fill_pipeline_inside_the_mask(tmp_pat
     ("flux", ("--tcd-gamma", 0.5), "--tcd-gamma 0.5 does not apply to the euler sampler"),
     ("sd3", ("--tcd-gamma", 0.5), "--tcd-gamma 0.5 does not apply to the euler sampler"),
     ("sd3", ("--tile", 8, "--tile-overlap", 3), "--tile-overlap 3: this model's tiles must start on its 2x2 patches"),
+    ("flux", ("--prediction", "v"), "--prediction v: flux1-dev.safetensors is a flow-matching model; drop --prediction"),
+    ("sd3", ("--prediction", "eps"), "--prediction eps: sd3.5_tiny.safetensors is a flow-matching model"),
 ])
 def test_options_a_flow_model_cannot_take_are_one_line_usage_errors(tmp_path, sd3_file, flux_files,
                                                                    tokenizer_dir, family, options, message):  # noqa: F811

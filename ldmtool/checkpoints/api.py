@@ -112,6 +112,8 @@ def load_model(path_or_name: Union[str, Path], *, config: Optional[ConfigLike] =
     if prediction is not None:
         if prediction not in PARAMETERIZATIONS:
             raise UsageError(f"--prediction {prediction!r} is not one of {', '.join(PARAMETERIZATIONS)}")
+        if bundle.parameterization == "flow":  # the networks of FLUX.1 and SD3 predict a flow velocity, nothing else
+            raise UsageError(f"--prediction {prediction}: {Path(weights).name} is a flow-matching model; drop --prediction")
         bundle.parameterization = prediction
     bundle.info = model_info(bundle)  # after --prediction, which it records
     bundle.load_info = LoadInfo(weights, config_used, detection, prepared.ema_present, prepared.ema_used,
