@@ -165,3 +165,17 @@ def test_spacing_names_for_the_cli_are_the_schedules_spacings():
     from ldmtool.diffusion.schedules import Spacing
 
     assert SPACING_NAMES == tuple(spacing.value for spacing in Spacing)
+
+
+@pytest.mark.parametrize("spacing", ["karras", "linspace", "leading"])
+def test_tcd_on_a_spacing_that_reaches_timestep_0_runs_and_its_last_step_keeps_x(spacing):
+    """TCD ends at the model's smallest sigma; these spacings are there one step early (tcd --spacing karras
+    failed every item with 'sigmas must descend'). That last step stays at the level: x comes out unchanged."""
+    ac = AC.float()  # a model's float32 table, whose Karras end rounds above its smallest sigma
+    schedule = SM.default_schedule("tcd", ac, 4, spacing=spacing)
+    assert float(schedule.sigmas[-1]) == float(schedule.sigmas[-2]) == pytest.approx(float(discrete_sigmas(ac)[0]))
+    model = bind(DiscreteDenoiser(wavy_net, ac), None)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * float(schedule.sigmas[0])
+    steps = list(SM.progressive("tcd", model, x, schedule.sigmas, noise=seeded_noise(1), model_sigmas=discrete_sigmas(ac)))
+    assert len(steps) == 4 and torch.isfinite(steps[-1].x).all()
+    assert torch.allclose(steps[-1].x, steps[-2].x, atol=1e-6)

@@ -43,10 +43,12 @@ class Step:
     denoised: torch.Tensor
 
 
-def _pairs(sigmas: Sigmas) -> list[tuple[float, float]]:
-    """(sigma, sigma_next) per step; the array must descend and stay positive until its last entry."""
+def _pairs(sigmas: Sigmas, *, flat_end: bool = False) -> list[tuple[float, float]]:
+    """(sigma, sigma_next) per step; the array must descend and stay positive until its last entry (which may
+    equal the one before with `flat_end`: a schedule that reaches its final sigma before its last step)."""
     values = [float(s) for s in sigmas]
-    if any(b >= a for a, b in zip(values, values[1:])) or any(v <= 0 for v in values[:-1]) or values[-1] < 0:
+    falls = [b < a or (flat_end and i == len(values) - 2 and b == a) for i, (a, b) in enumerate(zip(values, values[1:]))]
+    if not all(falls) or any(v <= 0 for v in values[:-1]) or values[-1] < 0:
         raise ValueError(f"sigmas must descend to a last value >= 0, got {values[:4]}...{values[-2:]}")
     return list(zip(values[:-1], values[1:]))
 
@@ -277,7 +279,9 @@ def progressive_tcd(model: Model, x: torch.Tensor, sigmas: Sigmas, *, noise: Opt
     Gamma (diffusers' `eta`, default 0.3 as there) 0 is deterministic DDIM; 1 is LCM without c_skip."""
     if model_sigmas is None:
         raise ValueError("the tcd sampler needs the model's sigma table (model_sigmas)")
-    noise, pairs = _noise_fn(noise), _pairs(sigmas)
+    # TCD ends at the model's smallest sigma, not 0: a spacing whose last timestep is 0 (karras, linspace,
+    # leading) has a last step that stays there, which the update leaves unchanged (as diffusers' TCDScheduler)
+    noise, pairs = _noise_fn(noise), _pairs(sigmas, flat_end=True)
     for i, (s, s_next) in enumerate(pairs):
         denoised = model(x, _at(x, s))
         s_down = tcd_sigma(s_next, tcd_gamma, model_sigmas)

@@ -201,7 +201,7 @@ def sampling_schedule(
     else:
         timesteps = spaced_timesteps(spacing, steps, len(model_sigmas), offset)
         sigmas = model_sigmas[timesteps]
-    last = 0.0 if final is FinalSigma.ZERO else float(model_sigmas[0])
+    last = 0.0 if final is FinalSigma.ZERO else min(float(model_sigmas[0]), float(sigmas[-1]))  # karras: rounding
     return SamplingSchedule(torch.cat([sigmas, sigmas.new_tensor([last])]), timesteps)
 
 
