@@ -97,7 +97,12 @@ def test_adapter_features_are_computed_once_per_image_not_per_step(tmp_path, tin
     Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(tmp_path / "hint.png")
     calls = []
     forward = FullAdapter.forward
-    monkeypatch.setattr(FullAdapter, "forward", lambda self, hint: calls.append(hint.shape) or forward(self, hint))
+    def counted(self, hint):  # the check that the adapter fits the model runs on the meta device, computing nothing
+        if not hint.is_meta:
+            calls.append(hint.shape)
+        return forward(self, hint)
+
+    monkeypatch.setattr(FullAdapter, "forward", counted)
     run_ours("txt2img", "--prompt", "x", "--model", model, "-W", 64, "-H", 64, "--adapter", tmp_path / "adapter.safetensors",
              "--control-image", tmp_path / "hint.png", "-o", tmp_path / "a.png")
     assert len(calls) == 1  # 4 steps, guidance: still one adapter pass
@@ -119,3 +124,26 @@ def adapter_pipeline_image(bundle, adapter, prompt, hint, scale, *, steps):
         return pipe(prompt, image=hint, height=64, width=64, num_inference_steps=steps, guidance_scale=CFG,
                     adapter_conditioning_scale=scale, generator=torch.Generator("cpu").manual_seed(SEED),
                     output_type="np").images[0]
+
+
+def test_an_adapter_for_another_model_is_refused_in_one_line(tmp_path, tiny):
+    """An SD 1.x adapter on an SDXL model failed every item with torch's 'The size of tensor a (4) must match ...';
+    now its features are checked against the UNet's places (on the meta device) and the run stops (exit 3)."""
+    import numpy as np
+    from PIL import Image
+
+    from clirun import run_cli
+    from ldmtool.checkpoints.files import save_safetensors
+    from ldmtool.checkpoints.tiny import save_tiny_checkpoint
+
+    _bundle, _unet, theirs = tiny
+    model = tmp_path / "sdxl-base.safetensors"
+    save_tiny_checkpoint(model, "sdxl-base", with_config=True)
+    save_safetensors(theirs.state_dict(), tmp_path / "adapter_sd15.safetensors")
+    Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(tmp_path / "hint.png")
+    result = run_cli("txt2img", "--prompt", "x", "--model", model, "-W", 64, "-H", 64, "--steps", 1, "--n", 2,
+                     "--adapter", tmp_path / "adapter_sd15.safetensors", "--control-image", tmp_path / "hint.png",
+                     "-o", tmp_path / "out")
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 3 and len(lines) == 1, result.stderr
+    assert "adapter_sd15.safetensors: a T2I-Adapter for another model" in lines[0]

@@ -309,16 +309,29 @@ class UNetModel(nn.Module):
         return head(h).to(x.dtype).contiguous()  # the CPU fast path computes in channels-last
 
 
+def adapter_slots(input_blocks: nn.ModuleList) -> list[tuple[int, int]]:
+    """(channels, downsampling factor from the latent) of the UNet's features that T2I-Adapter features are
+    added to, in order (`_adapter_points`); the middle block's, which takes one more, is the last one's."""
+    blocks = list(input_blocks)
+    slots = []
+    for point in _adapter_points(input_blocks):
+        widths = [layer.out_channels for layer in blocks[point].children() if hasattr(layer, "out_channels")]
+        halvings = sum(_downsamples(block) for block in blocks[1:point + 1])
+        slots.append((int(widths[-1]), 2**halvings))
+    return slots
+
+
+def _downsamples(block: nn.Module) -> bool:
+    first = block[0]  # type: ignore[index]
+    return isinstance(first, Downsample) or (isinstance(first, ResBlock) and isinstance(first.x_upd, Downsample))
+
+
 def _adapter_points(input_blocks: nn.ModuleList) -> tuple[int, ...]:
     """Indices of the input blocks after which T2I-Adapter features are added, one per level, as diffusers'
     UNet adds them: a level with attention takes its feature after its last block (before the downsampling),
     a level without takes it after its downsampling (SDXL's first level), or after its last block if none."""
     blocks = list(input_blocks)
-
-    def downsamples(block: nn.Module) -> bool:
-        first = block[0]  # type: ignore[index]
-        return isinstance(first, Downsample) or (isinstance(first, ResBlock) and isinstance(first.x_upd, Downsample))
-
+    downsamples = _downsamples
     points, level = [], []
     for index in range(1, len(blocks)):
         if not downsamples(blocks[index]):

@@ -12,7 +12,7 @@ from ldmtool.addons.controlnet import ControlledNetwork, pack_features, pack_hin
 from ldmtool.diffusion.cond import Cond
 from ldmtool.diffusion.denoisers import DiscreteDenoiser
 from ldmtool.diffusion.run import SamplerSettings, schedule_for
-from ldmtool.errors import UsageError
+from ldmtool.errors import CheckpointError, UsageError
 
 if TYPE_CHECKING:
     from ldmtool.pipelines.engine import Engine
@@ -48,7 +48,10 @@ def controlled(engine: "Engine", settings: SamplerSettings, from_image: bool, hi
     widths: list[int] = []
     factors: list[int] = []
     if control.adapters:
-        features = adapter_features(control.open_adapters(engine), hints[count:], device, dtype)
+        adapters = control.open_adapters(engine)
+        named = [(unit.path.name, adapter) for unit, (adapter, _) in zip(control.adapters, adapters)]
+        check_adapters_fit(named, unet, hints[count], down, dtype)
+        features = adapter_features(adapters, hints[count:], device, dtype)
         latent_height = hints[count].shape[-2] // down
         widths, factors = [f.shape[1] for f in features], [latent_height // f.shape[-2] for f in features]
         packed_features = pack_features(features, factors)
@@ -69,6 +72,27 @@ def adapter_features(adapters: Sequence[tuple[Any, float]], hints: Sequence[torc
         total = features if total is None else [a + b for a, b in zip(total, features)]
     assert total is not None, "called with at least one adapter"
     return total
+
+
+def check_adapters_fit(adapters: Sequence[tuple[str, Any]], unet: Any, hint: torch.Tensor, down: int,
+                       dtype: torch.dtype) -> None:
+    """CheckpointError naming a T2I-Adapter made for another model: its features (widths, and scales from the
+    latent) are not those of the UNet's places that take them. Checked on the meta device, computing nothing."""
+    from torch.func import functional_call
+
+    from ldmtool.nets.unet import adapter_slots
+
+    slots = adapter_slots(unet.input_blocks)
+    latent_height = hint.shape[-2] // down
+    for name, adapter in adapters:
+        probe = torch.empty(1, getattr(adapter, "in_channels", 3), *hint.shape[-2:], dtype=dtype, device="meta")
+        tensors = {name: torch.empty_like(t, device="meta") for name, t in
+                   [*adapter.named_parameters(), *adapter.named_buffers()]}
+        features = [(f.shape[1], latent_height // f.shape[-2]) for f in functional_call(adapter, tensors, (probe,))]
+        wanted = slots + [slots[-1]] * (len(features) - len(slots))  # one more goes after the middle block
+        if features != wanted[:len(features)]:
+            raise CheckpointError(f"{name}: a T2I-Adapter for another model (features {features} as (width, latent "
+                                  f"scale); the model takes {slots})")
 
 
 def check_adapter_cells(tiling: Any, latent_hw: tuple[int, int], align: int) -> None:
