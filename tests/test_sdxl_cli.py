@@ -77,6 +77,17 @@ def test_sdxl_refuses_sizes_off_its_multiple(tmp_path, models):
     assert result.exit_code == 2 and "multiple of 32" in result.output
 
 
+def test_sdxl_inpainting_model_with_txt2img_says_it_takes_an_image_not_that_it_has_no_text_encoder(tmp_path, models):
+    """It said 'a sdxl-inpainting model has no text encoder', which it has (and reads for inpaint)."""
+    for args in [("--model", models["sdxl-inpainting"]),
+                 ("--model", models["sdxl-base"], "--refiner", models["sdxl-inpainting"])]:
+        result = run_cli("txt2img", "--prompt", "x", *map(str, args), "-W", "64", "-H", "64", "-o", str(tmp_path / "o"))
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1, result.stderr
+        assert "a sdxl-inpainting model takes an image (e.g. a masked image and its mask) beside the prompt, so it " \
+               "cannot do txt2img; use it with inpaint" in lines[0]
+
+
 def test_sdxl_img2img_untiled_and_tiled(tmp_path, models):
     src = _photo(tmp_path / "in.png", size=(120, 48))  # padded to 128 x 64 for the model, cropped back
     out = _tiling_cases(tmp_path, "img2img", src, "--prompt", "a painting", "--strength", 0.6,

@@ -184,6 +184,11 @@ def require_text_model(bundle: "LatentDiffusionBundle", path: Path, command: str
     """The text encoder of a model that must take prompts (with one of the conditioning `kinds`), or a
     FatalError naming what the model is."""
     encoder = text_encoder(bundle)
+    if encoder is not None and text_conditioning(bundle.info) in (Conditioning.HYBRID, Conditioning.HYBRID_ADM) \
+            and Conditioning.CROSSATTN in kinds:  # an inpainting (or depth) model: its text encoder is there
+        raise UsageError(f"{path}: a {bundle.info.family} model takes an image (e.g. a masked image and its mask) "
+                         f"beside the prompt, so it cannot do {command}; use it with inpaint, or use a text-to-image "
+                         "checkpoint")
     if encoder is None or text_conditioning(bundle.info) not in kinds:
         raise UsageError(f"{path}: a {bundle.info.family} model has no text encoder, so it cannot do {command}; "
                          "use a text-to-image checkpoint (SD 1.x/2.x, LDM text2img256 or txt2img-1p4B)")
