@@ -469,6 +469,30 @@ def test_resume_tells_a_redone_hint_in_a_folder_from_the_one_that_made_the_outpu
     assert again.exit_code == 1 and "its control image file content differs" in again.output, again
 
 
+def test_resume_tells_a_replaced_hint_file_or_controlnet_file_from_the_ones_that_made_the_output(tmp_path, files):
+    """The run's identity was taken before the ControlNet options were parsed, so it held no hashes at all
+    ("controlnet_sha256": []): a hint file or ControlNet file replaced under the same name was skipped as done."""
+    import shutil
+
+    from clirun import run_cli
+
+    model, nets, _hints = files
+    controlnet, hint = tmp_path / "control.pth", tmp_path / "hint.png"
+    shutil.copy(nets[0][0], controlnet)
+    hint_image(hint, 6)
+    args = ("txt2img", "--prompt", PROMPT, "-W", 64, "-H", 64, "--steps", 1, "--seed", 1, "--model", model,
+            "--controlnet", controlnet, "--control-image", hint, "-o", tmp_path / "out", "--quiet")
+    assert run_cli(*args).exit_code == 0
+    assert run_cli(*args).exit_code == 0  # the same files: done already
+    hint_image(hint, 7)
+    again = run_cli(*args)
+    assert again.exit_code == 1 and "--control-image-sha256 differs" in again.output, again
+    hint_image(hint, 6)
+    shutil.copy(nets[1][0], controlnet)
+    again = run_cli(*args)
+    assert again.exit_code == 1 and "--controlnet-sha256 differs" in again.output, again
+
+
 @pytest.mark.parametrize("case", ["strength inf", "strength nan", "hint folder", "hint not an image"])
 def test_hints_and_strengths_every_item_would_fail_on_are_usage_errors(tmp_path, files, case):
     from clirun import run_cli

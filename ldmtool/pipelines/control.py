@@ -254,6 +254,8 @@ class ControlRun:
 
         if not self:
             return {}
+        if not (self.units or self.adapters):  # the runner asks before it validates the run
+            self.validate()
         units = [*self.units, *self.adapters]
         return {"controlnet_sha256": [[file_sha256(u.path), u.strength] for u in self.units],
                 **({"adapter_sha256": [[file_sha256(u.path), u.strength] for u in self.adapters]} if self.adapters else {}),
