@@ -486,11 +486,11 @@ def test_resume_tells_a_replaced_hint_file_or_controlnet_file_from_the_ones_that
     assert run_cli(*args).exit_code == 0  # the same files: done already
     hint_image(hint, 7)
     again = run_cli(*args)
-    assert again.exit_code == 1 and "--control-image-sha256 differs" in again.output, again
+    assert again.exit_code == 1 and "its control image file content differs" in again.output, again
     hint_image(hint, 6)
     shutil.copy(nets[1][0], controlnet)
     again = run_cli(*args)
-    assert again.exit_code == 1 and "--controlnet-sha256 differs" in again.output, again
+    assert again.exit_code == 1 and "its controlnet file content differs" in again.output, again
 
 
 @pytest.mark.parametrize("case", ["strength inf", "strength nan", "hint folder", "hint not an image"])
