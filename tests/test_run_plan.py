@@ -118,6 +118,35 @@ def test_file_outputs_are_sized_from_the_header_times_the_scale(tmp_path, models
     assert "the output would be 160x120 = 19200 pixels" in result.output
 
 
+def test_an_input_whose_output_is_too_wide_for_webp_fails_unrun_and_the_batch_goes_on(tmp_path, models):
+    _png(tmp_path / "wide.png", 4100, 8)  # x4: 16400 pixels wide, over WebP's 16383
+    _png(tmp_path / "small.png", 16, 8)
+    args = ["superres", tmp_path / "wide.png", tmp_path / "small.png", "--model", models["sr"], "--scale", 4,
+            "--format", "webp", "-o", tmp_path / "out", "--seed", 1, *FAST]
+    result = run_cli(*args, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "fail " in result.output and "1 to run, 0 skipped, 1 would fail" in result.output
+    result = run_cli(*args, "--json")
+    assert result.exit_code == 1, result.output
+    events = {e["key"]: e for e in map(json.loads, result.stdout.splitlines()) if "key" in e}
+    assert events["small.png"]["event"] == "done"
+    failed = events["wide.png"]
+    assert failed["event"] == "failed" and failed["seconds"] == 0  # refused before anything was computed
+    assert "wide.png: the output would be 16400x32 pixels, and webp images hold at most 16383 pixels a side" \
+        in failed["error"]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.webp")) == ["small.webp"]
+
+
+def test_a_width_too_large_for_the_format_is_a_usage_error(tmp_path, models):
+    for extra in ([], ["--dry-run"]):
+        result = run_cli("sample", "--model", models["celeba"], "--width", 16416, "--height", 64,
+                         "-o", tmp_path / "big.webp", *FAST, *extra)
+        assert result.exit_code == 2, result.output
+        assert "sample: the output would be 16416x64 pixels, and webp images hold at most 16383 pixels a side; " \
+            "make --width/--height smaller, or write png or tiff" in result.output
+    assert not (tmp_path / "big.webp").exists()
+
+
 def test_an_exif_rotated_photo_is_planned_upright(tmp_path):
     from ldmtool.io.images import header_size
 

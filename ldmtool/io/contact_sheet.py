@@ -24,7 +24,7 @@ from ldmtool.errors import ItemError, UsageError
 from ldmtool.io.files import shown
 from ldmtool.io.images import display_rgb
 from ldmtool.io.metadata import read_metadata
-from ldmtool.io.writer import FORMATS, format_for_path, write_image
+from ldmtool.io.writer import FORMATS, MAX_SIDE, format_for_path, write_image
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -40,7 +40,6 @@ _INK = (0, 0, 0)
 # Recipe parameters that never make an axis: the sweep record itself, and what replay needs but a reader does not.
 _NOT_AXES = {"sweep", "argv", "key"}
 MAX_SHEET_PIXELS = 16384 * 16384  # as a run's default --max-output-pixels: about 800 MB to draw
-_MAX_SIDE = {"webp": 16383, "jpg": 65535}  # the largest side each encoder takes
 
 
 @dataclass(frozen=True)
@@ -278,7 +277,7 @@ def _check_size(layout: _Layout, cell: int) -> None:
                          f"({width * height / 1e6:.1f} MP), more than the {MAX_SHEET_PIXELS / 1e6:.1f} MP "
                          f"a sheet may have; {fix}")
     fmt = format_for_path(layout.path)
-    side = _MAX_SIDE.get(fmt)
+    side = MAX_SIDE.get(fmt)
     if side is not None and max(width, height) > side:
         raise UsageError(f"{shown(layout.path)}: the sheet would be {width}x{height} pixels, and {fmt} images hold "
                          f"at most {side} pixels a side; write .png, or {fix}")

@@ -33,6 +33,7 @@ SIXTEEN_BIT = ("png", "tiff")  # formats written at 16 bits per channel when the
 TEMP_SUFFIX = ".ldmtool-tmp"
 DEFAULT_QUALITY = 95
 _WRITABLE = "use .png, .jpg, .webp or .tif"
+MAX_SIDE = {"webp": 16383, "jpg": 65535}  # the largest side (pixels) each encoder takes; PNG and TIFF: none
 _EXIF_LIMITS = {"jpg": 65533}  # bytes of EXIF (with its 'Exif' header) in JPEG's one APP1 segment
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -106,6 +107,16 @@ def encode_into(out: BinaryIO, image: np.ndarray, fmt: str, *, alpha: Optional[n
     if metadata or carried:
         settings["exif"] = exif_bytes(metadata, carried, limit=_EXIF_LIMITS.get(fmt))
     picture.save(out, kind, **settings)
+
+
+def side_problem(size: tuple[int, int], fmt: str) -> Optional[str]:
+    """Why a `fmt` image cannot be `size` (width, height) pixels, known before anything is computed (the
+    encoder would refuse it only at the end); None when it can."""
+    side = MAX_SIDE.get(fmt)
+    width, height = size
+    if side is None or max(width, height) <= side:
+        return None
+    return f"the output would be {width}x{height} pixels, and {fmt} images hold at most {side} pixels a side"
 
 
 def check_format(fmt: str) -> None:

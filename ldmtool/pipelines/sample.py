@@ -87,6 +87,10 @@ class GeneratorTask(ModelTask):
         """The run's size: --width/--height, or the model's default once it is open (None before)."""
         return (self.width, self.height) if self.width and self.height else None
 
+    def options_size(self) -> Optional[tuple[int, int]]:
+        """--width/--height when both are given (or, once the model is open, its default size)."""
+        return (self.width, self.height) if self.width and self.height else None
+
     def padded(self, width: int, height: int) -> tuple[int, int]:
         """The size actually sampled: the next multiples the model can take (the output is cropped back)."""
         return width + (-width) % self.multiple, height + (-height) % self.multiple

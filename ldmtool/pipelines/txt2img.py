@@ -142,7 +142,13 @@ class Txt2ImgTask(ModelTask):
     def planned_size(self, item: Item) -> Optional[tuple[int, int]]:
         """A prompt line's own size, else the run's (--width/--height, or the model's default once open)."""
         spec = item.data.get("spec", {})
-        width, height = spec.get("width") or self.width, spec.get("height") or self.height
+        return self._hires_size(spec.get("width") or self.width, spec.get("height") or self.height)
+
+    def options_size(self) -> Optional[tuple[int, int]]:
+        """--width/--height (times --hires), the size of every prompt line that sets none of its own."""
+        return self._hires_size(self.width, self.height)
+
+    def _hires_size(self, width: Optional[int], height: Optional[int]) -> Optional[tuple[int, int]]:
         if not (width and height):
             return None
         return (width, height) if self.hires is None else (round(width * self.hires), round(height * self.hires))

@@ -159,6 +159,11 @@ class BaseTask:
         header); None when only loading it can tell. The run plan refuses outputs that are too large."""
         return None
 
+    def options_size(self) -> Optional[Size]:
+        """The output size the run's options set for every item (--width/--height of a generator; an item
+        may still set its own), known before any item loads; None when each item's size is its own."""
+        return None
+
     def planned_demand(self, sizes: Mapping[Size, int], batch_size: int) -> Demand:
         """Peak memory (and, once open, time) of running items of these output sizes (size -> number of
         items), `batch_size` at a time; by default the full-size image buffers of the largest batch."""

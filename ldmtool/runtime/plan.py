@@ -1,7 +1,9 @@
 """The run plan (issue 26): what a run will make and need, known before any item runs.
 
     plan = check_run(task, jobs, options)   # build_plan, then check_plan: UsageError (exit 2) for an output
-                                            # over --max-output-pixels, or a peak the memory cannot hold
+                                            # over --max-output-pixels, or a peak the memory cannot hold,
+                                            # or --width/--height more than the output format holds
+    unwritable(task, job)                   # an item's output its format cannot hold: it fails, unrun
     reporter.plan(plan)                     # the `plan` event; a line on stderr when it is long
 
 The runner checks the plan before anything is written (the model not yet open), and again, reporting it,
@@ -19,10 +21,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
 from ldmtool.errors import UsageError
 from ldmtool.io.discover import Item
+from ldmtool.io.writer import FORMATS, MAX_SIDE, side_problem
 from ldmtool.runtime.device import available_host_memory
 
 Size = tuple[int, int]  # (width, height) in pixels, as Pillow reports sizes
@@ -158,7 +162,33 @@ def check_run(task: Any, jobs: Iterable[Any], options: Any) -> RunPlan:
     """The plan of running `jobs` with the run's options (`RunOptions`), refused when it cannot run."""
     plan = build_plan(task, jobs, batch_size=options.batch_size)
     check_plan(plan, task.command, options.max_output_pixels, options.batch_size)
+    check_option_size(task, jobs)
     return plan
+
+
+def check_option_size(task: Any, jobs: Iterable[Any]) -> None:
+    """UsageError (exit 2) when the run's own size (`--width/--height` of a generator: `options_size`) is more
+    than the outputs' format can hold (WebP 16383 pixels a side, JPEG 65535): every item would fail at the end."""
+    options_size = getattr(task, "options_size", None)
+    size = options_size() if options_size is not None else None
+    output: Optional[Path] = getattr(next(iter(jobs), None), "output", None)
+    if size is None or output is None:
+        return
+    problem = side_problem(size, FORMATS.get(output.suffix.lower(), "png"))
+    if problem is not None:
+        raise UsageError(f"{task.command}: {problem}; make --width/--height smaller, or write png or tiff")
+
+
+def unwritable(task: Any, job: Any) -> Optional[str]:
+    """Why a job's output cannot be written in its format (an input whose output, e.g. at --scale, is wider
+    than WebP or JPEG can be), known from the plan before it runs; None when it can (or cannot be told yet)."""
+    fmt = FORMATS.get(job.output.suffix.lower(), "")
+    planned_size = getattr(task, "planned_size", None)
+    if fmt not in MAX_SIDE or planned_size is None:
+        return None  # png and tiff hold any size: no input header is read for them
+    size = planned_size(job.item)
+    problem = None if size is None else side_problem(size, fmt)
+    return None if problem is None else f"{job.item.label}: {problem}; write png or tiff (--format, or -o's extension)"
 
 
 # Bytes per output pixel that a task keeps at its peak: the uint8 image (3), a float32 copy (12) and the

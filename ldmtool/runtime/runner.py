@@ -42,7 +42,7 @@ from ldmtool.io.outputs import (
 from ldmtool.io.writer import KEEP, folder_names, remove_stale_temps, remove_stale_temps_in
 from ldmtool.runtime.execution import DEBUG_ENV, JobRunner, file_signature, output_suffix, recipes_for
 from ldmtool.runtime.jobs import EXISTING_POLICIES, BaseTask, Job, Output, PlannedJobs, RunOptions, Task
-from ldmtool.runtime.plan import check_run
+from ldmtool.runtime.plan import check_run, unwritable
 from ldmtool.runtime.report import ItemEvent, Reporter, Status, Summary
 from ldmtool.runtime.resume import current_replay
 from ldmtool.runtime.seeds import RANDOM, item_seed, random_seed
@@ -205,7 +205,8 @@ class BatchRun:
             self.reporter.note(note)
         counts = {"run": 0, "skip": 0, "fail": 0}
         for job in jobs:
-            conflict = self.recipes.existing_output(job.output, job.item, job.seed, self.options.existing)
+            conflict = unwritable(self.task, job) or \
+                self.recipes.existing_output(job.output, job.item, job.seed, self.options.existing)
             action = "run" if conflict is None else ("skip" if conflict == "" else "fail")
             reason = {"run": None, "skip": "this job's output is there"}.get(action, conflict)
             counts[action] += 1
@@ -300,10 +301,12 @@ class BatchRun:
         return [] if self.runner.stopped else pending
 
     def _pending(self, jobs: Iterable[Job]) -> Iterator[Job]:
-        """The jobs still to run, one at a time (see `_resume`)."""
+        """The jobs still to run, one at a time (see `_resume`); one whose output its format cannot hold fails
+        here, before anything is computed."""
         for job in jobs:
             job.planned_output = file_signature(job.output)
-            conflict = self.recipes.existing_output(job.output, job.item, job.seed, self.options.existing)
+            conflict = unwritable(self.task, job) or \
+                self.recipes.existing_output(job.output, job.item, job.seed, self.options.existing)
             if conflict is None:
                 yield job
             elif conflict == "":
