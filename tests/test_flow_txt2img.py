@@ -379,13 +379,34 @@ def test_tile_synth_samples_a_large_sd3_canvas_tile_by_tile(tmp_path, sd3_file, 
     result = run_cli("tile-synth", "--prompt", PROMPT, "-W", 192, "-H", 128, "--steps", 1, "--tile", 8,
                      "--tile-overlap", 2, "--seed", SEED, "--quiet", *_sd3_args(sd3_file, tokenizer_dir),
                      "-o", tmp_path / "canvas.png")
-    assert result.exit_code != 0 and "larger than this model's position grid" in result.stderr
+    assert result.exit_code == 2 and "places at most 128 pixels a side (its grid of positions)" in result.stderr
     result = run_cli("tile-synth", "--prompt", PROMPT, "-W", 128, "-H", 96, "--steps", 1, "--tile", 8,
                      "--tile-overlap", 2, "--seed", SEED, "--quiet", *_sd3_args(sd3_file, tokenizer_dir),
                      "-o", tmp_path / "canvas.png")
     assert result.exit_code == 0, result.stderr
     with Image.open(tmp_path / "canvas.png") as image:
         assert image.size == (128, 96) and np.asarray(image).std() > 5
+
+
+def test_a_canvas_past_the_sd3_position_grid_is_refused_when_the_model_opens(tmp_path, sd3_file, tokenizer_dir):  # noqa: F811
+    """The tiny MMDiT's 8 x 8 patch grid places at most 128 px a side: -W/-H past it failed every item (exit 1),
+    tiled or not; now one usage error when the model opens. A JSON line's own size fails only its item."""
+    for tile in (0, 8):
+        result = run_cli("txt2img", "--prompt", PROMPT, "-W", 256, "-H", 128, "--steps", 1, "--n", 2, "--tile", tile,
+                         *_sd3_args(sd3_file, tokenizer_dir), "-o", tmp_path / "out")
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1, result.stderr
+        assert "a 256x128 canvas: sd3.5_tiny.safetensors places at most 128 pixels a side (its grid of positions), " \
+            "tiled or not; make the image smaller" in lines[0]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "big", "width": 256, "height": 64}\n{"prompt": "small"}\n')
+    result = run_cli("txt2img", "--prompts", prompts, "-W", 64, "-H", 64, "--steps", 1, "--json",
+                     *_sd3_args(sd3_file, tokenizer_dir), "-o", tmp_path / "lines")
+    assert result.exit_code == 1, result.output
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert sorted(e["event"] for e in events if e["event"] in ("done", "failed")) == ["done", "failed"]
+    (failed,) = [e for e in events if e["event"] == "failed"]
+    assert "a 256x64 canvas: sd3.5_tiny.safetensors places at most 128 pixels a side" in failed["error"]
 
 
 def test_flux_fill_inpaint_equals_the_flux_fill_pipeline_inside_the_mask(tmp_path, monkeypatch, flux_files,

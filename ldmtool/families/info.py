@@ -108,3 +108,6 @@ class ModelInfo:
     # A super-resolution model trained on the residual over this upscale of its input ("bicubic"): the
     # pipeline adds that upscale's latent to the sampled one. None: the model gives the whole latent.
     residual_base: Optional[str] = None
+    # The largest output side (pixels) the network can place, whatever the tiling: SD3's MMDiT has a learned
+    # grid of positions (pos_embed_max_size patches a side) that the whole canvas must fit in. None: any.
+    max_side: Optional[int] = None

@@ -14,6 +14,7 @@ keys out (`TransformerBundle.left_out_keys` records them).
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from typing import Any, Optional
 
 from ldmtool.families.base import Detection, Family, FlowRecipe, Shapes
@@ -81,8 +82,9 @@ def sd3_info(bundle: Any, family: Family) -> ModelInfo:
     denoiser = bundle.denoiser
     if denoiser is None:
         return autoencoder_only_info(bundle, family, missing_transformer=MISSING_TRANSFORMER)
-    return transformer_info(bundle, family, patch=denoiser.config.patch_size, concat_channels=0,
+    info = transformer_info(bundle, family, patch=denoiser.config.patch_size, concat_channels=0,
                             inpaint_kind=InpaintKind.MASKED, missing_parts=_missing_parts(bundle))
+    return replace(info, max_side=denoiser.config.pos_embed_max_size * info.pixel_multiple)
 
 
 def _missing_parts(bundle: Any) -> tuple[str, ...]:

@@ -30,7 +30,7 @@ from ldmtool.families.info import Conditioning
 from ldmtool.io.discover import Item, generated_items
 from ldmtool.pipelines.base import ModelTask
 from ldmtool.pipelines.engine import Engine, method
-from ldmtool.pipelines.text import check_size
+from ldmtool.pipelines.text import check_placeable, check_size
 from ldmtool.runtime.jobs import Job, Output
 from ldmtool.runtime.seeds import SEED_LIMIT
 
@@ -52,6 +52,8 @@ class GeneratorTask(ModelTask):
         self.check_conditioning(engine.bundle)
         self.multiple = engine.info.pixel_multiple
         self.width, self.height = self.default_size()
+        if self.width and self.height:  # else each item's own (a label map's): its item fails
+            check_placeable(self.width, self.height, engine.info.max_side, engine.model_path.name)
         self.check_cfg()
 
     def recorded(self, engine: Engine) -> dict[str, Any]:

@@ -204,6 +204,14 @@ def check_size(width: int, height: int, multiple: int) -> None:
                              f"(e.g. {nearest})")
 
 
+def check_placeable(width: int, height: int, max_side: Optional[int], model: str) -> None:
+    """UsageError for a canvas with a side past what the model's network can place however it is tiled
+    (`ModelInfo.max_side`: SD3's grid of positions); None: any size."""
+    if max_side is not None and max(width, height) > max_side:
+        raise UsageError(f"a {width}x{height} canvas: {model} places at most {max_side} pixels a side (its grid of "
+                         "positions), tiled or not; make the image smaller")
+
+
 def padding(height: int, width: int, multiple: int) -> tuple[int, int]:
     """Rows and columns to add so both sides become multiples of `multiple`."""
     return (-height) % multiple, (-width) % multiple

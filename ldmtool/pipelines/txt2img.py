@@ -31,6 +31,7 @@ from ldmtool.pipelines.refiner import Refiner
 from ldmtool.pipelines.sample import check_sample_count
 from ldmtool.pipelines.text import (
     PromptSpec,
+    check_placeable,
     check_size,
     require_text_model,
     text_conditioner,
@@ -130,6 +131,7 @@ class Txt2ImgTask(ModelTask):
         default_w, default_h = engine.info.defaults.size
         self.width, self.height = self.width or default_w, self.height or default_h
         check_size(self.width, self.height, self.multiple)
+        check_placeable(*self._hires_size(self.width, self.height), engine.info.max_side, engine.model_path.name)
 
     def recorded(self, engine: Engine) -> dict[str, Any]:
         refined = self.refining.recorded()
@@ -142,15 +144,15 @@ class Txt2ImgTask(ModelTask):
     def planned_size(self, item: Item) -> Optional[tuple[int, int]]:
         """A prompt line's own size, else the run's (--width/--height, or the model's default once open)."""
         spec = item.data.get("spec", {})
-        return self._hires_size(spec.get("width") or self.width, spec.get("height") or self.height)
+        width, height = spec.get("width") or self.width, spec.get("height") or self.height
+        return self._hires_size(width, height) if width and height else None
 
     def options_size(self) -> Optional[tuple[int, int]]:
         """--width/--height (times --hires), the size of every prompt line that sets none of its own."""
-        return self._hires_size(self.width, self.height)
+        return self._hires_size(self.width, self.height) if self.width and self.height else None
 
-    def _hires_size(self, width: Optional[int], height: Optional[int]) -> Optional[tuple[int, int]]:
-        if not (width and height):
-            return None
+    def _hires_size(self, width: int, height: int) -> tuple[int, int]:
+        """The output of a width x height sample: --hires scales it (and samples it again at that size)."""
         return (width, height) if self.hires is None else (round(width * self.hires), round(height * self.hires))
 
     # -- each item
@@ -176,6 +178,7 @@ class Txt2ImgTask(ModelTask):
         width, height = self._size(spec)
         try:
             check_size(width, height, self.multiple)
+            check_placeable(*self._hires_size(width, height), self.engine.info.max_side, self.engine.model_path.name)
             if spec.sampler is not None:
                 get_sampler(spec.sampler)
         except UsageError as err:  # a bad JSON line fails its own items only
