@@ -409,6 +409,28 @@ def test_a_canvas_past_the_sd3_position_grid_is_refused_when_the_model_opens(tmp
     assert "a 256x64 canvas: sd3.5_tiny.safetensors places at most 128 pixels a side" in failed["error"]
 
 
+def test_the_dry_run_plans_a_flux_canvas_with_the_memory_the_run_refuses_it_with(tmp_path, monkeypatch, flux_files,
+                                                                                 tokenizer_dir):  # noqa: F811
+    """At 16384² the dry run planned ~5.1 GB (4 latent channels, no working memory: the model unknown) and let
+    it run; the run, once the model was open, refused it needing ~20 GB. Both now plan with the model as its
+    file's header describes it (16 channels, the transformer's tiles), and refuse it alike, before any load."""
+    import re
+
+    import ldmtool.pipelines.planning as planning
+
+    monkeypatch.setattr(planning, "available_host_memory", lambda: 8 << 30)
+    monkeypatch.setattr(planning, "resident_bytes", lambda: 0)
+    needs = []
+    for extra in (["--dry-run"], []):
+        result = run_cli("txt2img", "--prompt", PROMPT, "-W", 16384, "-H", 16384, "--steps", 1,
+                         *_flux_args(flux_files, tokenizer_dir), "-o", tmp_path / "big.png", *extra)
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1, result.stderr
+        needs.append(re.search(r"needs about .* at its peak \(.*\)", lines[0]).group(0))
+    assert needs[0] == needs[1] and "latents 2.5 GB, working" in needs[0], needs
+    assert not (tmp_path / "big.png").exists()
+
+
 def test_flux_fill_inpaint_equals_the_flux_fill_pipeline_inside_the_mask(tmp_path, monkeypatch, flux_files,
                                                                          towers, clip_tokenizer_dir,  # noqa: F811
                                                                          tokenizer_dir):  # noqa: F811

@@ -121,6 +121,22 @@ def load_model(path_or_name: Union[str, Path], *, config: Optional[ConfigLike] =
     return bundle.eval().requires_grad_(False)
 
 
+def describe_model(path_or_name: Union[str, Path], *, config: Optional[ConfigLike] = None,
+                   preset: Optional[str] = None) -> Bundle:
+    """The model `load_model` would build, on the meta device and with its `info`, from the config or the
+    keys' names and shapes alone: no weight is read (a safetensors file is memory-mapped, so only its header
+    is). What a dry run plans with."""
+    weights, default_config, raw = _read_source(path_or_name)
+    prepared = prepare_weights(raw, use_ema=True)
+    detection = detect_checkpoint({k: tuple(v.shape) for k, v in prepared.state.items()}, default_config)
+    doc, config_used = resolve_config(weights, config=config, preset=preset, default_config=default_config,
+                                      detection=detection)
+    with meta_device():
+        bundle = build_checked(doc, ldmtool_block(doc).get("family") or "custom", config_used)
+    bundle.info = model_info(bundle)
+    return bundle
+
+
 def _read_source(path_or_name: Union[str, Path]) -> tuple[Path, Optional[ConfigLike], dict[str, torch.Tensor]]:
     """(weights, default config, tensors) of a checkpoint file, a shipped name, or a diffusers folder (read
     under the single-file names; the Python API only: commands take files)."""

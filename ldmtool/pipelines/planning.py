@@ -1,7 +1,8 @@
 """What a model task's run needs, for the run plan (runtime/plan.py): peak memory and about how long.
 
 Peak memory of the largest item: the weights (the file's size until the model is open, then its tensors;
-a `--refiner`'s too, which stays loaded beside the model),
+a `--refiner`'s too, which stays loaded beside the model) and, with the model as its safetensors header
+describes it until it is open (`described`: a dry run plans as the run does),
 the latent canvas and the sampler's copies of it, the network's working memory for one tile call (the tile
 the engine will choose, `choose_tiling`), and the full-size image buffers the pipeline keeps
 (`output_bytes`). It is compared with what the device holding it has available (host RAM, with what this
@@ -41,9 +42,10 @@ def model_demand(task: "ModelTask", sizes: Mapping[Size, int], batch_size: int) 
     """Peak memory (and, with the model open, seconds) of running items of `sizes` through `task`."""
     engine = task.engine
     opened = hasattr(engine, "bundle")
+    model = engine if opened else described(engine)  # before it opens: as its file's header describes it
     largest = max(sizes, key=lambda s: s[0] * s[1])
-    down = engine.info.downsampling if opened else 8
-    channels = engine.info.latent_channels if opened else 4
+    down = model.info.downsampling if model is not None else 8
+    channels = model.info.latent_channels if model is not None else 4
     latents = task.planned_latents(largest, down)
     latent_area = max(h * w for h, w in latents)
     weights = _weights_bytes(engine) if opened else _file_bytes(task.model_file())
@@ -51,10 +53,10 @@ def model_demand(task: "ModelTask", sizes: Mapping[Size, int], batch_size: int) 
     largest_latent = max(latents, key=lambda hw: hw[0] * hw[1])
     copies = task.latent_copies(largest_latent) if opened else None
     latent = latent_area * channels * 4 * (LATENT_COPIES if copies is None else copies) * batch_size
-    working = _working_bytes(engine, largest_latent, batch_size) if opened else 0
+    working = _working_bytes(model, largest_latent, batch_size) if model is not None else 0
     images = output_bytes(sizes, batch_size)
     host_available = available_host_memory() + resident_bytes()
-    device = engine.device if opened and engine.device is not None else torch.device("cpu")
+    device = model.device if model is not None and model.device is not None else torch.device("cpu")
     seconds = _seconds(task, sizes, down) if opened else None
     if device.type == "cuda":
         on_device = weights + refiner + latent + working
@@ -66,6 +68,40 @@ def model_demand(task: "ModelTask", sizes: Mapping[Size, int], batch_size: int) 
         return Demand(images, host_available, seconds, "host", {"images": images})
     parts = {"weights": weights, "refiner": refiner, "latents": latent, "working": working, "images": images}
     return Demand(sum(parts.values()), host_available, seconds, device.type, parts)
+
+
+@dataclass(frozen=True)
+class Described:
+    """What the plan reads of an open engine, for a model not loaded: described from its file on the meta
+    device (`checkpoints.api.describe_model`), with the device and precision the engine will choose."""
+
+    info: Any
+    bundle: Any
+    device: torch.device
+    dtype: torch.dtype
+    sampling: Any
+    axes: Any
+
+
+def described(engine: "Engine") -> Optional[Described]:
+    """The engine's model as its safetensors file describes it (its config, else its keys' names and shapes;
+    no weight is read), so a plan made before it loads (a dry run, a run's first check) counts its latent
+    channels, tiles and working memory as the open model's does. None where only loading can tell: a pickle
+    .ckpt is read whole, and a file that cannot be described fails where it loads. Add-ons (--vae, LoRAs)
+    are not applied: they change no size the plan counts."""
+    from ldmtool.checkpoints.api import describe_model, resolve_source
+    from ldmtool.runtime.device import choose_device, resolve_precision
+
+    choice = engine.choice
+    try:
+        if resolve_source(choice.model)[0].suffix.lower() != ".safetensors":
+            return None
+        bundle = describe_model(choice.model, config=choice.config, preset=choice.preset)
+        device = choose_device(choice.device)
+        dtype = resolve_precision(choice.precision, device).dtype
+    except Exception:  # describing must never stop the run: loading says what is wrong with the file
+        return None
+    return Described(bundle.info, bundle, device, dtype, engine.sampling, engine.axes)
 
 
 def _file_bytes(path: Optional[Path]) -> int:
@@ -99,7 +135,7 @@ def _rows(task: "ModelTask", engine: "Engine") -> int:
     return 2 if guided else 1
 
 
-def _tiling(engine: "Engine", latent_hw: tuple[int, int], rows: int) -> tuple[tuple[int, int], int, int]:
+def _tiling(engine: "Engine | Described", latent_hw: tuple[int, int], rows: int) -> tuple[tuple[int, int], int, int]:
     """(tile (h, w), tiles per step, tiles per call) the engine will use for a latent of this size."""
     s = engine.sampling
     budget = parse_memory(s.max_memory) if s.max_memory else None
@@ -114,7 +150,7 @@ def _tiling(engine: "Engine", latent_hw: tuple[int, int], rows: int) -> tuple[tu
     return (th, tw), count, tiling.tile_batch
 
 
-def _working_bytes(engine: "Engine", latent_hw: tuple[int, int], batch_size: int) -> int:
+def _working_bytes(engine: "Engine | Described", latent_hw: tuple[int, int], batch_size: int) -> int:
     """The network's activations for one call on the run's tile (`UNetMemory`, with this network's width)."""
     assert engine.dtype is not None, "the engine is open"
     rows = 2
