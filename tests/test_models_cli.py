@@ -117,6 +117,16 @@ def test_convert_refuses_other_output_types(capsys, tmp_path):
     assert code == 2 and ".safetensors" in err
 
 
+def test_convert_to_a_path_under_a_file_says_that_it_is_a_file(capsys, tmp_path):
+    save_tiny_checkpoint(tmp_path / "a.safetensors", "kl-f4")
+    (tmp_path / "afile").write_text("x")
+    for dst in (tmp_path / "afile" / "b.safetensors", tmp_path / "afile" / "sub" / "b.safetensors"):
+        code, _, err = run(capsys, "models", "convert", tmp_path / "a.safetensors", dst)
+        assert code == 2 and f"{tmp_path / 'afile'} is a file, not a folder" in err and "does not exist" not in err
+    code, _, err = run(capsys, "models", "convert", tmp_path / "a.safetensors", tmp_path / "none" / "b.safetensors")
+    assert code == 2 and "output folder does not exist" in err
+
+
 def test_convert_fp16_keeps_the_latent_scale_exact(capsys, tmp_path):
     code, _, err = run(capsys, "models", "convert", "default-txt2img", tmp_path / "h.safetensors", "--fp16")
     assert code == 0, err

@@ -353,6 +353,7 @@ def test_unwritable_output_is_fatal(tree):
     result = ldmtool("_invert", "in", "-o", "blocker/out", cwd=tree)
     assert result.returncode == 3
     assert result.stderr.startswith("ldmtool: error: blocker/out: cannot create the output folder")
+    assert "(blocker is a file, not a folder)" in result.stderr
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

@@ -23,6 +23,7 @@ from ldmtool.checkpoints.files import read_state_dict, save_safetensors
 from ldmtool.checkpoints.presets import preset_info, preset_names, shipped_models
 from ldmtool.checkpoints.weights import check_state_dict, prepare_weights
 from ldmtool.errors import CheckpointError, FatalError, UsageError
+from ldmtool.io.files import file_in_the_way
 from ldmtool.nets.meta import meta_device
 
 COMPONENTS = (
@@ -149,7 +150,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, fp16: bool = False, 
     if dst.suffix.lower() != ".safetensors":
         raise UsageError(f"{dst}: the output of 'models convert' must end in .safetensors")
     if not dst.parent.is_dir():
-        raise UsageError(f"{dst.parent}: output folder does not exist")
+        blocked = file_in_the_way(dst.parent)
+        raise UsageError(f"{dst}: cannot write there ({blocked})" if blocked else f"{dst.parent}: output folder does not exist")
     if dst.is_dir():
         raise UsageError(f"{dst}: is a folder; give the output file's name")
     bundle = load_model(src, config=config, preset=preset, dtype=None, use_ema=use_ema)

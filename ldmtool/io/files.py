@@ -52,6 +52,21 @@ def shown(path: Path | str) -> str:
     return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
+def file_in_the_way(folder: Path) -> str | None:
+    """Why `folder` cannot be made or written into when a part of it is not a folder: 'out.png is a file, not a
+    folder' for the nearest existing part (`folder` or a parent); None when that part is a folder."""
+    for part in (folder, *folder.parents):
+        try:
+            mode = part.stat().st_mode
+        except OSError:
+            continue
+        if stat.S_ISDIR(mode):
+            return None
+        kind = "a file" if stat.S_ISREG(mode) else file_kind(mode)
+        return f"{shown(part)} is {kind}, not a folder"
+    return None
+
+
 def file_kind(mode: int) -> str:
     if stat.S_ISDIR(mode):
         return "a folder"

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 from ldmtool.errors import FatalError, Interrupted, ItemError, LdmError, UsageError
 from ldmtool.io.discover import Discovery, Item
+from ldmtool.io.files import file_in_the_way
 from ldmtool.io.gallery import GALLERY_NAME, GalleryUpdater
 from ldmtool.io.manifest import MANIFEST_NAME, MANIFEST_PATTERN, Manifest
 from ldmtool.io.outputs import (
@@ -261,7 +262,8 @@ class BatchRun:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise FatalError(f"{folder}: cannot create the output folder ({err.strerror or err})") from None
+            reason = file_in_the_way(folder) or err.strerror or str(err)
+            raise FatalError(f"{folder}: cannot create the output folder ({reason})") from None
         if not os.access(folder, os.W_OK | os.X_OK):
             raise FatalError(f"{folder}: the output folder is not writable")
         if not self.spec.is_file:  # listed once: its manifests now, its stale temporary files and claims later
