@@ -127,6 +127,15 @@ def test_a_state_dict_without_t5_or_with_wrong_shapes_is_one_line_error(referenc
     assert t5_prefix(list(released_layout(reference_model))) == "" and t5_prefix(["x"]) is None
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_an_integer_weight_in_a_t5_file_is_refused_not_cast(reference_model, dtype):
+    state = released_layout(reference_model)
+    key = "encoder.block.0.layer.0.layer_norm.weight"
+    state[key] = torch.ones_like(state[key], dtype=dtype)
+    with pytest.raises(CheckpointError, match=rf"^t5.safetensors: does not match .*1 not floating point \(e.g. {key}"):
+        load_t5(state, source="t5.safetensors")
+
+
 def fake_pipeline(model, tokenizer, max_length):
     """The attributes the pipelines' `_get_t5_prompt_embeds` reads, without building a whole pipeline."""
     return SimpleNamespace(tokenizer_2=tokenizer, text_encoder_2=model, tokenizer_3=tokenizer, text_encoder_3=model,

@@ -271,6 +271,11 @@ def test_missing_encoders_tokenizers_and_bad_files_are_one_line_errors(towers, s
     with pytest.raises(CheckpointError, match=r"^clip.safetensors: does not match the CLIP-L text encoder") as err:
         load_clip(broken, source="clip.safetensors")
     assert "\n" not in str(err.value)
+    integer = dict(clip_file[1])
+    integer["text_model.final_layer_norm.weight"] = torch.ones(64, dtype=torch.int32)
+    with pytest.raises(CheckpointError, match=r"^clip.safetensors: does not match .*1 not floating point \(e.g. "
+                                              r"text_model.final_layer_norm.weight: int32\)"):
+        load_clip(integer, source="clip.safetensors")
 
 
 

@@ -127,9 +127,10 @@ def load_clip(state: Mapping[str, torch.Tensor], kind: Optional[ClipKind] = None
     kind = kind or _kind_of(state)
     with meta_device():
         model = ClipTextModelWithProjection(clip_config(weights, kind))
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    model_state = model.state_dict()
+    expected = {k: tuple(v.shape) for k, v in model_state.items()}
     check_state_dict(expected, weights, source=source, family=f"{ENCODER_NAMES[kind]} text encoder",
-                     optional=[_PROJECTION])
+                     optional=[_PROJECTION], floating=[k for k, v in model_state.items() if v.is_floating_point()])
     converted = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
     converted.setdefault(_PROJECTION, torch.eye(*expected[_PROJECTION], device=device, dtype=dtype))
     model.load_state_dict(converted, strict=True, assign=True)

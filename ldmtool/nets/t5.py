@@ -108,8 +108,10 @@ def load_t5(state: Mapping[str, torch.Tensor], *, source: str = "text encoder", 
     weights = t5_weights(state, source=source)
     with meta_device():
         model = T5EncoderModel(t5_config(weights))
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_state_dict(expected, weights, source=source, family="T5 encoder")
+    model_state = model.state_dict()
+    expected = {k: tuple(v.shape) for k, v in model_state.items()}
+    check_state_dict(expected, weights, source=source, family="T5 encoder",
+                     floating=[k for k, v in model_state.items() if v.is_floating_point()])
     converted = {k: v.to(device=device, dtype=dtype) for k, v in weights.items() if k != _TIED}
     converted[_TIED] = converted[_EMBED]  # one table, as transformers ties them
     model.load_state_dict(converted, strict=True, assign=True)
