@@ -82,7 +82,7 @@ def test_bad_config_in_safetensors_metadata_is_one_line(capsys, tmp_path, stored
     path = tmp_path / "odd-config.safetensors"
     save_file({"w": torch.zeros(2)}, str(path), metadata={"ldmtool_config": stored})
     code, out, err = run(capsys, "models", "inspect", path)
-    assert code == 0 and "Traceback" not in err and "problem:" in out and "metadata" in out
+    assert code == 3 and "Traceback" not in err and "problem:" in out and "metadata" in out
     code, _, err = run(capsys, "models", "convert", path, tmp_path / "out.safetensors")
     assert_one_line(code, err, path.name, codes=(3,))
 

@@ -1,5 +1,6 @@
 """`ldmtool models list|inspect|convert`, driven through the CLI entry point."""
 import json
+import os
 
 import pytest
 import torch
@@ -46,7 +47,8 @@ def test_inspect_names_the_family_with_and_without_config(capsys, tiny_files, fa
     ckpt = tiny_files / f"{family}.safetensors"
     code, out, _ = run(capsys, "models", "inspect", ckpt, "--json")
     report = json.loads(out)
-    assert code == 0 and family in (report["detected_family"], *report["detected_alternatives"])
+    assert family in (report["detected_family"], *report["detected_alternatives"])
+    assert code == (0 if report["matches"] else 3)  # tiny UNet widths do not load as the full-size preset
     code, out, _ = run(capsys, "models", "inspect", ckpt, "--config", tiny_files / f"{family}.cfg.yaml", "--json")
     report = json.loads(out)
     assert code == 0 and report["family"] == family and report["matches"] and report["problem"] is None
@@ -56,11 +58,26 @@ def test_inspect_names_the_family_with_and_without_config(capsys, tiny_files, fa
 
 def test_inspect_text_output_and_mismatch(capsys, tiny_files):
     code, out, _ = run(capsys, "models", "inspect", tiny_files / "sd1.safetensors", "--preset", "sd2")
-    assert code == 0
+    assert code == 3  # the report, and the exit code scripts need: the file would not load as sd2
     assert "family:          sd2" in out and "detected:        sd1" in out and "matches config:  no" in out
     assert "unet:" in out and "cond_stage:" in out
     code, _, err = run(capsys, "models", "inspect", "sd1")
     assert code == 2 and "is a preset" in err and len(err.strip().splitlines()) == 1
+
+
+def test_inspect_exits_3_when_the_file_would_not_load_as_described(capsys, tiny_files, tmp_path):
+    (tmp_path / "folder.yaml").mkdir()
+    os.mkfifo(tmp_path / "fifo.yaml")
+    (tmp_path / "bad.yaml").write_text("a: [\n")
+    ckpt = tiny_files / "sd1.safetensors"
+    for config in ("folder.yaml", "fifo.yaml", "bad.yaml"):
+        code, out, _ = run(capsys, "models", "inspect", ckpt, "--config", tmp_path / config, "--json")
+        report = json.loads(out)
+        assert code == 3 and not report["matches"] and config in report["problem"]
+    code, out, _ = run(capsys, "models", "inspect", ckpt, "--preset", "sd2", "--json")
+    assert code == 3 and "does not match the sd2 architecture" in json.loads(out)["problem"]
+    code, _, err = run(capsys, "models", "inspect", ckpt, "--config", tmp_path / "missing.yaml")
+    assert code == 2 and "config file not found" in err
 
 
 def _with_ema(tmp_path, family):

@@ -42,13 +42,20 @@ def list_command(json_out: Json = False) -> None:
 
 
 def inspect_command(checkpoint: Checkpoint, config: Config = None, preset: Preset = None, json_out: Json = False) -> None:
-    """Show a checkpoint's family, parameters per component, EMA, dtype and the config used."""
+    """Show a checkpoint's family, parameters per component, EMA, dtype and the config used (exit 3 when the
+    weights would not load with that config)."""
     from ldmtool.checkpoints.tools import inspect_checkpoint
 
     report = inspect_checkpoint(checkpoint, config=config, preset=preset)
     if json_out:
         _print_json(report)
-        return
+    else:
+        _print_report(report)
+    if not report["matches"]:  # the file would not load as described (models convert and every command refuse it)
+        raise typer.Exit(3)
+
+
+def _print_report(report: dict[str, Any]) -> None:
     alt = report["detected_alternatives"]
     lines = [
         f"file:            {report['path']}",
