@@ -140,6 +140,21 @@ def test_a_safetensors_file_without_tensors_says_so(tmp_path, capsys):
         assert_one_line(code, err, "empty.safetensors: contains no tensors", codes=(3,))
 
 
+@pytest.mark.parametrize("wrap", [lambda sd: {"model": sd, "epoch": 3}, lambda sd: {"ema": sd},
+                                  lambda sd: {"state_dict": {"state_dict": sd}}, lambda sd: {"module": sd}],
+                         ids=["model", "ema", "state_dict-twice", "module"])
+def test_a_checkpoint_whose_tensors_sit_under_one_entry_is_unwrapped(tmp_path, kl_f4, wrap):
+    torch.save(wrap(kl_f4.state_dict()), tmp_path / "w.ckpt")
+    loaded = load_model(tmp_path / "w.ckpt", config=kl_f4.config)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in kl_f4.state_dict().items())
+
+
+def test_a_checkpoint_with_several_state_dicts_names_them(tmp_path, capsys, kl_f4):
+    torch.save({"model": kl_f4.state_dict(), "ema": kl_f4.state_dict(), "opt": {"state": {}}}, tmp_path / "two.ckpt")
+    code, _, err = run(capsys, "models", "inspect", tmp_path / "two.ckpt", "--preset", "kl-f4")
+    assert_one_line(code, err, "two.ckpt: holds several state dicts ('model', 'ema')", codes=(3,))
+
+
 def test_a_looping_or_dangling_link_is_named_as_such(tmp_path, capsys):
     os.symlink("b.safetensors", tmp_path / "a.safetensors")
     os.symlink("a.safetensors", tmp_path / "b.safetensors")

@@ -276,16 +276,28 @@ def _unsafe_globals(path: Path) -> list[str]:
 
 
 def unwrap_state_dict(obj: object, path: str | Path = "checkpoint") -> dict[str, torch.Tensor]:
-    """The tensors of a loaded object: Lightning's {'state_dict': ...} or a plain state dict; non-tensor
-    entries (epoch counters, optimizer state in other keys) are ignored."""
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+    """The tensors of a loaded object: a plain state dict, Lightning's {'state_dict': ...} (also nested
+    twice), or one other entry that alone holds tensors ({'model': ...}, {'ema': ...}, {'module': ...});
+    non-tensor entries (epoch counters, optimizer state) are ignored. Two entries that both hold tensors
+    ({'model': ..., 'ema': ...}) are an error naming them: which one to use is the user's choice."""
+    while isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: not a state dict (found {type(obj).__name__}); expected key -> tensor")
-    tensors = {str(k): v for k, v in obj.items() if torch.is_tensor(v)}
-    if not tensors:
-        raise CheckpointError(f"{path}: contains no tensors")
-    return tensors
+    tensors = _tensors(obj)
+    if tensors:
+        return tensors
+    holders = [str(k) for k, v in obj.items() if isinstance(v, Mapping) and _tensors(v)]
+    if len(holders) == 1:
+        return _tensors(obj[holders[0]])
+    if holders:
+        raise CheckpointError(f"{path}: holds several state dicts ({', '.join(map(repr, holders[:5]))}); save the "
+                              f"one to use on its own, e.g. torch.save(torch.load(IN)[{holders[0]!r}], OUT)")
+    raise CheckpointError(f"{path}: contains no tensors")
+
+
+def _tensors(obj: Mapping) -> dict[str, torch.Tensor]:
+    return {str(k): v for k, v in obj.items() if torch.is_tensor(v)}
 
 
 def _umask() -> int:
