@@ -48,6 +48,14 @@ BROKEN_CONFIGS = {
     "negative-timesteps": lambda doc: doc["model"]["params"].update(timesteps=-3),
     "scale-text": lambda doc: doc["model"]["params"].update(scale_factor="x"),
     "ldmtool-list": lambda doc: doc.update(ldmtool=[1]),
+    # The messages below came without the config's name, or the configs were taken (an invalid schedule).
+    "unknown-target": lambda doc: doc["model"].update(target="os.system"),
+    "unexpected-keyword": lambda doc: _unet_params(doc).update(bogus=1),
+    "family-list": lambda doc: doc.setdefault("ldmtool", {}).update(family=["sd1", "sd2"]),
+    "linear-start-2": lambda doc: doc["model"]["params"].update(linear_start=2.0),
+    "linear-end-below-start": lambda doc: doc["model"]["params"].update(linear_start=0.02, linear_end=0.001),
+    "negative-linear-start": lambda doc: doc["model"]["params"].update(linear_start=-0.01),
+    "nan-linear-end": lambda doc: doc["model"]["params"].update(linear_end=float("nan")),
 }
 
 

@@ -61,10 +61,14 @@ def build_model(config: Union[ConfigLike, str], *, device: Union[str, torch.devi
 
 def build_checked(doc: dict[str, Any], family: Optional[str], origin: str) -> Bundle:
     """`build_bundle`, with any failure of a network's constructor on the config's values (a negative width,
-    zero heads, an empty channel_mult, a params list) reported as that config's error: `origin` says where
-    the config came from ('--config FILE', 'X.yaml beside the weights', ...)."""
+    zero heads, an empty channel_mult, a params list, an unknown target) reported as that config's error:
+    `origin` says where the config came from ('--config FILE', 'X.yaml beside the weights', ...)."""
     try:
         return build_bundle(doc, family)
+    except CheckpointError as err:  # 'config for UNetModel: ...' says which config: `origin`
+        if str(err).startswith(f"{origin}:"):
+            raise
+        raise CheckpointError(f"{origin}: {err}") from err
     except LdmError:
         raise
     except Exception as err:

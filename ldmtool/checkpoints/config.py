@@ -95,7 +95,17 @@ def load_config(config: ConfigLike) -> dict[str, Any]:
     for block, value in (("ldmtool:", doc.get("ldmtool")), ("model.params", model.get("params"))):
         if not isinstance(value or {}, Mapping):
             raise CheckpointError(f"{_name(config)}: the config's {block} block is not a mapping")
+    _check_family(config, (doc.get("ldmtool") or {}).get("family"))
     return doc
+
+
+def _check_family(config: ConfigLike, family: Any) -> None:
+    """`ldmtool.family` is a name on one line. A family or preset of ldmtool/families/ gives the model its
+    description; any other name (`train ship --name`, the shipped default-*) is the model's own label, and the
+    model runs as its keys are detected."""
+    if family is not None and not (isinstance(family, str) and family.strip() and family.isprintable()):
+        raise CheckpointError(f"{_name(config)}: the config's ldmtool.family {family!r} is not a name "
+                              f"(a family or preset of 'ldmtool models list', or the model's own name)")
 
 
 def model_block(doc: Mapping[str, Any]) -> dict[str, Any]:

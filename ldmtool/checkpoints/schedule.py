@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ldmtool.diffusion.schedules import make_betas
+from ldmtool.errors import CheckpointError
 
 # Order as registered by the reference `DDPM.register_schedule` (lvlb_weights is not persistent).
 DDPM_BUFFERS = (
@@ -38,7 +39,13 @@ def make_beta_schedule(
     """Betas in float64 for a CompVis `beta_schedule` name (computed by `diffusion.schedules.make_betas`)."""
     if schedule not in _COMPVIS_KINDS:
         raise ValueError(f"unknown beta schedule {schedule!r}")
-    return make_betas(_COMPVIS_KINDS[schedule], n_timestep, linear_start, linear_end, cosine_s)
+    if schedule != "cosine" and not 0 < linear_start <= linear_end < 1:  # also false for NaN
+        raise CheckpointError(f"config linear_start {linear_start} and linear_end {linear_end}: a {schedule} "
+                              f"schedule needs 0 < linear_start <= linear_end < 1")
+    betas = make_betas(_COMPVIS_KINDS[schedule], n_timestep, linear_start, linear_end, cosine_s)
+    if not bool(((betas > 0) & (betas < 1)).all()):  # NaN fails both
+        raise CheckpointError(f"config {schedule} schedule (cosine_s {cosine_s}) gives betas outside (0, 1)")
+    return betas
 
 
 def schedule_buffers(
