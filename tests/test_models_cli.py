@@ -6,9 +6,11 @@ import pytest
 import torch
 import yaml
 
+from clirun import run_cli
 from ldmtool import load_model
 from ldmtool.checkpoints.presets import RELEASED_FAMILIES, preset_names
 from ldmtool.checkpoints.tiny import save_tiny_checkpoint, tiny_config
+from ldmtool.checkpoints.weights import ema_key
 from ldmtool.cli.app import main
 
 torch.set_num_threads(1)
@@ -106,6 +108,28 @@ def test_convert_merges_ema_and_reloads_with_identical_outputs(capsys, tmp_path)
         a, b = direct.unet(x, t, context=ctx, y=y), converted.unet(x, t, context=ctx, y=y)
     assert torch.allclose(a, b, rtol=0, atol=1e-6)
     assert set(converted.state_dict()) == set(bundle.state_dict())
+
+
+def test_partial_ema_is_merged_as_the_reference_does_and_said_in_one_line(capsys, tmp_path):
+    bundle = save_tiny_checkpoint(tmp_path / "raw.safetensors", "ldm-celebahq256", seed=4)
+    state = bundle.state_dict()
+    network = [k for k in state if k.startswith("model.")]
+    half = network[: len(network) // 2]
+    torch.save({"state_dict": {**state, **{ema_key(k): state[k] * 0.5 for k in half}}}, tmp_path / "part.ckpt")
+    (tmp_path / "part.yaml").write_text(yaml.safe_dump(bundle.config))  # found beside the weights
+    note = f"part.ckpt: EMA copies (model_ema.*) for only {len(half)} of {len(network)} network weights"
+    code, out, err = run(capsys, "models", "convert", tmp_path / "part.ckpt", tmp_path / "out.safetensors")
+    assert code == 0 and "EMA merged" in out and err.count("ldmtool: warning:") == 1 and note in err
+    merged = load_model(tmp_path / "out.safetensors").state_dict()
+    assert all(torch.equal(merged[k], state[k] * (0.5 if k in half else 1)) for k in network)
+    code, out, _ = run(capsys, "models", "inspect", tmp_path / "part.ckpt", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["ema_missing"] == len(network) - len(half) and note in report["ema_note"]
+    result = run_cli("sample", "--model", tmp_path / "part.ckpt", "--steps", 1, "--width", 32, "--height", 32,
+                     "-o", tmp_path / "samples")
+    assert result.exit_code == 0 and result.stderr.count(note) == 1, result.output
+    code, _, err = run(capsys, "models", "convert", tmp_path / "part.ckpt", tmp_path / "raw2.safetensors", "--no-ema")
+    assert code == 0 and "warning" not in err
 
 
 def test_convert_fp16_and_no_ema(capsys, tmp_path):

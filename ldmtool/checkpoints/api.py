@@ -39,6 +39,7 @@ class LoadInfo:
     ema_present: bool
     ema_used: int
     file_dtype: str
+    ema_missing: tuple[str, ...] = ()  # network weights without an EMA copy (kept raw): weights.partial_ema_note
 
 
 def build_model(config: Union[ConfigLike, str], *, device: Union[str, torch.device] = "cpu",
@@ -121,7 +122,7 @@ def load_model(path_or_name: Union[str, Path], *, config: Optional[ConfigLike] =
         bundle.parameterization = prediction
     bundle.info = model_info(bundle)  # after --prediction, which it records
     bundle.load_info = LoadInfo(weights, config_used, detection, prepared.ema_present, prepared.ema_used,
-                                _main_dtype(raw))
+                                _main_dtype(raw), tuple(prepared.ema_missing))
     return bundle.eval().requires_grad_(False)
 
 

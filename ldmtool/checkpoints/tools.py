@@ -21,7 +21,7 @@ from ldmtool.checkpoints.config import CONTROL_TARGETS, FIRST_STAGE_TARGETS, Con
 from ldmtool.checkpoints.detect import detect_checkpoint
 from ldmtool.checkpoints.files import read_state_dict, save_safetensors
 from ldmtool.checkpoints.presets import preset_info, preset_names, shipped_models
-from ldmtool.checkpoints.weights import check_state_dict, prepare_weights
+from ldmtool.checkpoints.weights import check_state_dict, partial_ema_note, prepare_weights
 from ldmtool.errors import CheckpointError, FatalError, UsageError
 from ldmtool.io.files import file_in_the_way
 from ldmtool.nets.meta import meta_device
@@ -108,6 +108,8 @@ def _weights_summary(weights: Path, raw: dict, prepared, detection) -> dict[str,
         "detected_alternatives": list(detection.alternatives) if detection else [],
         "ema_present": prepared.ema_present,
         "ema_tensors": prepared.ema_used,
+        "ema_missing": len(prepared.ema_missing),
+        "ema_note": partial_ema_note(str(weights), prepared.ema_used, prepared.ema_missing),
         "dtype": dtypes.most_common(1)[0][0] if dtypes else None,
         "tensors": len(raw),
         "parameters": dict(sorted(params.items())),
@@ -168,4 +170,5 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, fp16: bool = False, 
         raise FatalError(f"{dst}: cannot write ({err.strerror or err})") from err
     info = bundle.load_info
     return {"input": str(info.path), "output": str(dst), "family": bundle.family, "tensors": len(state),
-            "ema_used": info.ema_used > 0, "dtype": "float16" if fp16 else info.file_dtype, "config_used": info.config_used}
+            "ema_used": info.ema_used > 0, "dtype": "float16" if fp16 else info.file_dtype, "config_used": info.config_used,
+            "ema_note": partial_ema_note(str(info.path), info.ema_used, info.ema_missing)}

@@ -28,6 +28,7 @@ class PreparedWeights:
     ema_present: bool = False
     ema_used: int = 0
     dropped: list[str] = field(default_factory=list)
+    ema_missing: list[str] = field(default_factory=list)  # network weights without an EMA copy, kept raw
 
 
 def ema_key(key: str) -> Optional[str]:
@@ -41,17 +42,30 @@ def prepare_weights(raw: Mapping[str, torch.Tensor], *, use_ema: bool = True) ->
     """Replace `model.*` weights by their EMA copies (when present and wanted); drop harmless extras."""
     state = _modern_clip_names(dict(raw))
     ema_present = any(k.startswith(EMA_PREFIX) and k not in HARMLESS_EXACT for k in state)
-    used = 0
+    used, missing = 0, []
     if use_ema and ema_present:
         for key in list(state):
             ek = ema_key(key)
             if ek is not None and ek in state:
                 state[key] = state[ek]
                 used += 1
+            elif ek is not None:
+                missing.append(key)
     dropped = [k for k in state if _harmless(k)]
     for key in dropped:
         del state[key]
-    return PreparedWeights(state, ema_present, used, dropped)
+    return PreparedWeights(state, ema_present, used, dropped, missing)
+
+
+def partial_ema_note(source: str, used: int, missing: Sequence[str]) -> Optional[str]:
+    """The one line that says a file's EMA copies cover only some network weights (None when they cover all).
+    The reference's LitEma keeps copies of the trainable weights only, and swaps in just those: weights frozen
+    in training stay raw, so the merge is kept, and said."""
+    if not missing:
+        return None
+    return (f"{source}: EMA copies (model_ema.*) for only {used} of {used + len(missing)} network weights; the "
+            f"other {len(missing)} (e.g. {missing[0]}) are the raw weights, as the reference merges them for "
+            f"weights frozen in training (--no-ema loads the raw weights only)")
 
 
 # Some SD 1.x files were saved from a bare CLIPTextTransformer: no `text_model.` level in the names.

@@ -64,7 +64,7 @@ def _print_report(report: dict[str, Any]) -> None:
         f"config used:     {report['config_used'] or '-'}",
         f"prediction:      {report.get('parameterization') or '-'}",
         f"dtype:           {report['dtype']}",
-        f"EMA weights:     {'yes' if report['ema_present'] else 'no'}",
+        f"EMA weights:     {_ema(report)}",
         f"tensors:         {report['tensors']}",
         f"parameters:      {report['parameters_total']:,}",
     ]
@@ -73,6 +73,13 @@ def _print_report(report: dict[str, Any]) -> None:
     if report["problem"]:
         lines.append(f"problem:         {report['problem']}")
     typer.echo("\n".join(lines))
+
+
+def _ema(report: dict[str, Any]) -> str:
+    if not report["ema_present"]:
+        return "no"
+    used, missing = report["ema_tensors"], report["ema_missing"]
+    return f"yes, for only {used} of {used + missing} network weights (the rest raw)" if missing else "yes"
 
 
 def convert_command(
@@ -88,6 +95,8 @@ def convert_command(
     from ldmtool.checkpoints.tools import convert_checkpoint
 
     result = convert_checkpoint(src, dst, fp16=fp16, config=config, preset=preset, use_ema=not no_ema)
+    if result["ema_note"]:
+        typer.echo(f"ldmtool: warning: {result['ema_note']}", err=True)
     if json_out:
         _print_json(result)
     else:

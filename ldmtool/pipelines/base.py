@@ -87,6 +87,7 @@ class ModelTask(BaseTask):
 
             name = engine.precision.name
             self.warn_once("precision", f"--precision {name}: {EMULATED.format(name)}")
+        self.note_partial_ema(engine)
         self.check_model(engine)
         self.params.update(engine.resolved())
         self.params.update(self.recorded(engine))
@@ -108,6 +109,15 @@ class ModelTask(BaseTask):
         if not control:
             return {}
         return dict(control.item_identity(None if item.path is None else item.path.stem))
+
+    def note_partial_ema(self, engine: Engine) -> None:
+        """Say in one line that the model file's EMA copies cover only some of its weights (merged anyway)."""
+        from ldmtool.checkpoints.weights import partial_ema_note
+
+        info = getattr(engine.bundle, "load_info", None)
+        note = info and partial_ema_note(str(info.path), info.ema_used, info.ema_missing)
+        if note:
+            self.warn_once("ema", note)
 
     def note_distilled(self, engine: Engine) -> None:
         """Record, and say in one line, which settings came from a distilled model's file name."""
