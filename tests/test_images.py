@@ -280,6 +280,13 @@ def test_disk_errors_are_fatal_and_leave_nothing(tmp_path, monkeypatch, code):
     assert (tmp_path / "x.png").read_bytes() == b"previous complete file"
 
 
+@pytest.mark.parametrize("under", ["x.png", "sub/x.png"])
+def test_an_output_under_a_file_says_the_file_is_in_the_way(tmp_path, under):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(FatalError, match=r"cannot write the output \(.*afile is a file, not a folder\); stopping"):
+        write_image(tmp_path / "afile" / under, UPRIGHT)
+
+
 def test_ctrl_c_during_write_leaves_no_partial_file(tmp_path, monkeypatch):
     def interrupted_fsync(fd):
         raise KeyboardInterrupt

@@ -21,7 +21,7 @@ from typing import Any, BinaryIO, Callable, Iterable, Optional
 import numpy as np
 
 from ldmtool.errors import FatalError, ItemError, UsageError
-from ldmtool.io.files import process_alive, shown
+from ldmtool.io.files import file_in_the_way, process_alive, shown
 from ldmtool.io.images import to_uint8
 from ldmtool.io.metadata import ImageMetadata, MetadataTooLarge, exif_bytes, png_info
 from ldmtool.io.source import SourceInfo, icc_fits
@@ -304,7 +304,8 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
         if err.errno == errno.ENAMETOOLONG:  # this item's name, not the disk: the batch goes on (issue 26)
             raise ItemError(f"{shown(path)}: cannot write the output (file name too long: "
                             f"{len(os.fsencode(path.name))} bytes)") from err
-        raise FatalError(f"{path}: cannot write the output ({_os_reason(err)}); stopping") from err
+        reason = file_in_the_way(path.parent) or _os_reason(err)
+        raise FatalError(f"{path}: cannot write the output ({reason}); stopping") from err
     except BaseException:
         _remove_quietly(temp)  # Ctrl-C mid-write: no partial file stays behind
         raise
