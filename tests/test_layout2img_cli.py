@@ -201,6 +201,22 @@ def test_layout_folders_and_samples_become_items(tmp_path):
         find_layouts([str(tmp_path / "missing.json")])
 
 
+def test_many_samples_are_made_lazily_and_more_than_the_seeds_are_refused(tmp_path):
+    """--n 10**11 built 10**11 items (memory without bound, no answer in a minute); now items are made when
+    asked for, and more images than distinct seeds are refused as `sample` and `txt2img` refuse them."""
+    for rel in ("a.json", "b.yaml"):
+        (tmp_path / rel).write_text("[]")
+    assert getattr(find_layouts([str(tmp_path)], samples=3), "lazy", False)  # (before, a list)
+    items = find_layouts([str(tmp_path)], samples=10**8)
+    assert len(items) == 2 * 10**8
+    assert [(i.key, i.stem) for i in (items[0], items[10**8 - 1], items[10**8])] == [
+        ("a.json/0", "a-0"), ("a.json/99999999", "a-99999999"), ("b.yaml/0", "b-0")]
+    with pytest.raises(UsageError, match="more than the 4294967296 distinct seeds"):
+        find_layouts([str(tmp_path)], samples=10**11)
+    (tmp_path / "a.yaml").write_text("[]")  # a-0 twice: the eager plan names the collision
+    assert isinstance(find_layouts([str(tmp_path)], samples=2), list)
+
+
 def test_layouts_come_from_globs_lists_and_stdin_as_images_do(tmp_path):
     import io
 

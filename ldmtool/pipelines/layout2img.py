@@ -37,13 +37,13 @@ from ldmtool.checkpoints.bundle import LatentDiffusionBundle
 from ldmtool.diffusion.cond import Cond
 from ldmtool.errors import FatalError, ItemError, LdmError, UsageError
 from ldmtool.families.info import Conditioning
-from ldmtool.io.discover import _GLOB_CHARS, Item, _glob_root, _list_lines  # the image inputs' rules
+from ldmtool.io.discover import _GLOB_CHARS, GeneratedItems, Item, _glob_root, _list_lines  # the image inputs' rules
 from ldmtool.io.files import read_text_file, shown
 from ldmtool.pipelines.base import input_path
 from ldmtool.pipelines.box_raster import box_raster
 from ldmtool.pipelines.engine import Engine, method
 from ldmtool.pipelines.layout_tokens import BoxTokenizer, LayoutObject, category_name, category_number, tokenizer_for
-from ldmtool.pipelines.sample import GeneratorTask
+from ldmtool.pipelines.sample import GeneratorTask, check_sample_count
 from ldmtool.runtime.jobs import Job, Output
 
 LAYOUT_SUFFIXES = frozenset({".json", ".yaml", ".yml"})
@@ -58,9 +58,9 @@ _COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 3
 
 
 def find_layouts(inputs: Sequence[str], *, recursive: bool = False, samples: int = 1,
-                 stdin: Optional[TextIO] = None) -> list[Item]:
+                 stdin: Optional[TextIO] = None) -> Sequence[Item]:
     """Items for layout files, folders, globs, @list.txt files and '-' (a list on stdin), as image inputs are
-    given; with `samples` > 1, one item per (file, sample)."""
+    given; with `samples` > 1, one item per (file, sample), made when they are asked for (`LayoutSamples`)."""
     if not inputs:
         raise UsageError("no inputs given; name layout files (.json/.yaml) or folders of them")
     if samples < 1:
@@ -70,7 +70,11 @@ def find_layouts(inputs: Sequence[str], *, recursive: bool = False, samples: int
         found += _expand(raw, recursive, stdin or sys.stdin)
     if not found:
         raise UsageError(f"no layout files (.json, .yaml, .yml) in {', '.join(inputs)}")
-    return [item for path, root in _unique(found) for item in _items(path, root, samples)]
+    files = _unique(found)
+    check_sample_count(samples, labels=len(files))  # --n 10**11 built 10**11 items before anything ran
+    if samples > 1 and _names_apart(files):
+        return LayoutSamples(files, samples)
+    return [_item(path, root, sample if samples > 1 else None) for path, root in files for sample in range(samples)]
 
 
 def _expand(raw: str, recursive: bool, stdin: TextIO, *, base: Optional[Path] = None) -> list[tuple[Path, Path]]:
@@ -118,15 +122,38 @@ def _unique(found: list[tuple[Path, Path]]) -> list[tuple[Path, Path]]:
     return unique
 
 
-def _items(path: Path, root: Path, samples: int) -> list[Item]:
+def _item(path: Path, root: Path, sample: Optional[int]) -> Item:
+    """The item of a layout file (`sample` None: its only one) or of one of its `--n` samples."""
     relative = path.relative_to(root)
     subdir = relative.parent.as_posix()
     subdir = "" if subdir == "." else subdir
     key = relative.as_posix()
-    if samples == 1:
-        return [Item(key=key, stem=path.stem, path=path, subdir=subdir)]
-    return [Item(key=f"{key}/{s}", stem=f"{path.stem}-{s}", path=path, subdir=subdir, data={"sample": s})
-            for s in range(samples)]
+    if sample is None:
+        return Item(key=key, stem=path.stem, path=path, subdir=subdir)
+    return Item(key=f"{key}/{sample}", stem=f"{path.stem}-{sample}", path=path, subdir=subdir, data={"sample": sample})
+
+
+def _names_apart(files: list[tuple[Path, Path]]) -> bool:
+    """Whether no two layout files share a folder and a stem (`x.json`, `x.yaml`): their samples' outputs then
+    cannot collide, and need no plan of every output to find out."""
+    names = {(_item(path, root, None).subdir, path.stem) for path, root in files}
+    return len(names) == len(files)
+
+
+class LayoutSamples(GeneratedItems):
+    """The `--n` items of each layout file, file-major, made when they are asked for as generated items are:
+    `--n 100000000` holds only the list of files. The same keys, stems and seeds as an eager list."""
+
+    lazy = True  # the inputs are layout files: never an output of the run, nothing to keep apart from them
+
+    def __init__(self, files: list[tuple[Path, Path]], samples: int):
+        super().__init__([str(path) for path, _ in files], samples, "layout", None)
+        self.files = files
+
+    def _item(self, position: int) -> Item:
+        index, sample = divmod(position, self.samples)
+        path, root = self.files[index]
+        return _item(path, root, sample)
 
 
 # ---------------------------------------------------------------- reading layouts
