@@ -85,6 +85,21 @@ def test_round_trip_through_ldmtool_info(tmp_path):
     assert json.loads(text.stdout.split("Recipe: ", 1)[1]) == metadata.recipe
 
 
+def test_a_reader_that_closes_info_early_is_one_line_and_exit_3_as_for_a_run(tmp_path):
+    """`ldmtool info out/*.png --json | head -1` ended with Click's silent exit 1 (EPIPE); batch runs stop
+    with one line and exit 3 (Reporter._write), and so does every other command now."""
+    path = write_image(tmp_path / "x.png", np.zeros((6, 8, 3), np.float32), metadata=_metadata())
+    proc = subprocess.Popen([sys.executable, "-m", "ldmtool", "info", "--json", *[str(path)] * 400],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert json.loads(proc.stdout.readline())["file"] == str(path)
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=60) == 3
+    assert stderr.strip().splitlines() == [
+        "ldmtool: error: stdout: cannot write the command's output (its reader closed it); stopping"]
+
+
 def test_info_on_files_without_metadata(tmp_path):
     Image.new("RGB", (2, 2)).save(tmp_path / "plain.png")
     (tmp_path / "text.png").write_text("not an image")

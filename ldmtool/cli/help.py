@@ -198,7 +198,15 @@ def usage_pieces(command: click.Command, ctx: click.Context) -> list[str]:
 
 
 class HelpCommand(TyperCommand):
-    """A command whose help is `format_help` above."""
+    """A command whose help is `format_help` above (and whose closed stdout is one line, exit 3)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:  # Click would exit 1 without a word
+            from ldmtool.runtime.report import closed_stdout
+
+            raise closed_stdout() from None
 
     def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         format_help(self, ctx, formatter)

@@ -271,6 +271,15 @@ def _summary_event(summary: Summary, code: int, message: Optional[str]) -> dict[
     return event
 
 
+def closed_stdout() -> Exception:
+    """The FatalError of a command other than a batch run whose stdout reader went away (`ldmtool info *.png
+    --json | head -1`): one line and exit 3 as a run gives (`Reporter._write`), not Click's silent exit 1."""
+    from ldmtool.errors import FatalError
+
+    _discard_output(sys.stdout)
+    return FatalError("stdout: cannot write the command's output (its reader closed it); stopping")
+
+
 def _discard_output(stream: TextIO) -> None:
     """Point the stream's descriptor at /dev/null: what it still buffers, and the final summary event, go
     nowhere instead of failing again (and again at exit, in a message of Python's own)."""
