@@ -120,6 +120,7 @@ def test_negative_ids_and_unreadable_maps_fail_with_a_reason_in_words(tmp_path, 
     ('156: "blue"\n', 'class 156: colour \'blue\' must be "#rrggbb" or [r, g, b]'),
     ("sky: [1, 2, 3]\n", "'sky' is not a class id"),
     ("156: [1, 2\n", "not valid YAML"),
+    ('156: "#87ceeb"\n156: "#000000"\n', "the key 156 is given twice"),  # the last one won silently
     ("300: [1, 2, 3]\n", "class 300 is not one of the model's 182 classes"),
 ])
 def test_bad_palettes_are_usage_errors(tmp_path, model, text, message):

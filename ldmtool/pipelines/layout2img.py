@@ -39,6 +39,7 @@ from ldmtool.errors import FatalError, ItemError, LdmError, UsageError
 from ldmtool.families.info import Conditioning
 from ldmtool.io.discover import _GLOB_CHARS, GeneratedItems, Item, _glob_root, _list_lines  # the image inputs' rules
 from ldmtool.io.files import read_text_file, shown
+from ldmtool.io.unique_yaml import UniqueKeyLoader
 from ldmtool.pipelines.base import input_path
 from ldmtool.pipelines.box_raster import box_raster
 from ldmtool.pipelines.engine import Engine, method
@@ -205,7 +206,7 @@ def _load_document(path: Path) -> Any:
     kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
     text = text.removeprefix("\ufeff")  # the byte order mark Windows editors write (YAML skips it, JSON refuses it)
     try:
-        return json.loads(text, object_pairs_hook=_unique_keys) if kind == "JSON" else yaml.load(text, _UniqueKeyLoader)
+        return json.loads(text, object_pairs_hook=_unique_keys) if kind == "JSON" else yaml.load(text, UniqueKeyLoader)
     except (ValueError, yaml.YAMLError) as err:  # ValueError: also a JSON number of over 4300 digits
         raise ItemError(f"{shown(path)}: not valid {kind} ({' '.join(str(err).split())[:200]})") from None
     except RecursionError:
@@ -221,21 +222,6 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
             raise ValueError(f"the key {key!r} is given twice")
         mapping[key] = value
     return mapping
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.safe_load's loader, refusing a mapping key given twice (PyYAML keeps the last silently)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
-                key = self.construct_object(key_node)
-                if key in seen:
-                    raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
-                                                            key_node.start_mark)
-                seen.add(key)
-        return super().construct_mapping(node, deep=deep)
 
 
 def _layout_parts(doc: Any, path: Path | str) -> tuple[Optional[tuple[float, float]], Optional[str], list[Any]]:

@@ -29,6 +29,7 @@ from ldmtool.errors import ItemError, UsageError
 from ldmtool.io.discover import Item
 from ldmtool.io.files import MAX_CONFIG_BYTES, read_bounded, read_text_file, shown
 from ldmtool.io.images import max_pixels_default, read_error_reason
+from ldmtool.io.unique_yaml import UniqueKeyLoader
 from ldmtool.pipelines.base import input_path, input_size
 from ldmtool.pipelines.engine import Engine, method
 from ldmtool.pipelines.sample import GeneratorTask
@@ -46,7 +47,7 @@ Palette = dict[tuple[int, int, int], int]
 def load_palette(path: Path | str) -> Palette:
     """colour → class id from a palette YAML; UsageError naming the file and the bad entry."""
     try:
-        doc = yaml.safe_load(read_text_file(path, MAX_CONFIG_BYTES))
+        doc = yaml.load(read_text_file(path, MAX_CONFIG_BYTES), UniqueKeyLoader)  # a class id twice: refused
     except (OSError, UnicodeDecodeError) as err:
         raise UsageError(f"{shown(path)}: cannot read the palette ({getattr(err, 'strerror', None) or err})") from None
     except yaml.YAMLError as err:
