@@ -493,6 +493,26 @@ def test_resume_tells_a_replaced_hint_file_or_controlnet_file_from_the_ones_that
     assert again.exit_code == 1 and "its controlnet file content differs" in again.output, again
 
 
+def test_a_negative_strength_is_taken_as_diffusers_takes_it_and_said_once(tmp_path):
+    """`--controlnet FILE:-1` (or `--adapter FILE:-1`) was taken without a word; diffusers multiplies the
+    residuals by a negative conditioning scale too, so it stays allowed, with a note."""
+    from ldmtool.options import ControlInputs
+    from ldmtool.pipelines.control import ControlRun
+
+    hint_image(tmp_path / "hint.png", 1, size=64)
+    for name in ("net", "adapter"):
+        (tmp_path / f"{name}.safetensors").write_bytes(b"")
+    net, adapter = (f"{tmp_path / name}.safetensors:-0.5" for name in ("net", "adapter"))
+    run = ControlRun(ControlInputs(controlnet=[net], adapter=[adapter], control_image=[tmp_path / "hint.png"]))
+    run.validate()
+    run.validate()
+    assert [u.strength for u in (*run.units, *run.adapters)] == [-0.5, -0.5]
+    assert run.notes == [f"--controlnet {net}: a negative strength subtracts its residuals (pushes away from the hint; "
+                         "0 turns it off)",
+                         f"--adapter {adapter}: a negative strength subtracts its residuals (pushes away from the "
+                         "hint; 0 turns it off)"]
+
+
 @pytest.mark.parametrize("case", ["strength inf", "strength nan", "hint folder", "hint not an image"])
 def test_hints_and_strengths_every_item_would_fail_on_are_usage_errors(tmp_path, files, case):
     from clirun import run_cli

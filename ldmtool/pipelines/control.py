@@ -112,6 +112,11 @@ class ControlRun:
             units.append(ControlUnit(path, strength, image))
         count = len(c.controlnet or [])
         self.units, self.adapters = units[:count], units[count:]
+        for index, (spec, unit) in enumerate(zip(specs, units)):
+            if unit.strength < 0:  # diffusers takes a negative conditioning scale too: allowed, but said
+                flag = "--controlnet" if index < count else "--adapter"
+                note = f"{flag} {spec}: a negative strength subtracts its residuals (pushes away from the hint; 0 turns it off)"
+                self.notes += [] if note in self.notes else [note]
 
     def _check_hint_path(self, image: Path) -> None:
         """UsageError for a hint every item would fail on: none there, a folder without inputs to match
