@@ -90,6 +90,27 @@ def test_a_missing_wildcard_is_a_one_line_usage_error(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("name, content, said", [
+    ("colors.yml", "colors: [red, blue]\n", "{path}: the wildcard library reads only .txt, .yaml and .json files "
+                                          "and would skip this one; rename it to colors.yaml"),
+    ("colors.YAML", "colors: [red, blue]\n", "{path}: the wildcard library reads only .txt, .yaml and .json files "
+                                           "and would skip this one; rename it to colors.yaml"),
+    ("colors.yaml", "colors: [red, blue\n  - x: :\n", "{path}: not a readable wildcard file (while parsing a flow"),
+    ("colors.json", '{"colors": ["red",]}', "{path}: not a readable wildcard file (Expecting value"),
+])
+def test_a_wildcard_file_the_library_would_skip_is_named_in_one_line(tmp_path, name, content, said):
+    """A .yml file was skipped without a hint (then 'wildcard __colors__ not found'); a YAML file that did not
+    parse printed the library's multi-line logging warning before that."""
+    (tmp_path / "cards").mkdir()
+    path = tmp_path / "cards" / name
+    path.write_text(content)
+    result = run_cli("txt2img", "--prompt", "a __colors__ fox", "--wildcards", tmp_path / "cards", *TINY,
+                     "-o", tmp_path / "out")
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert f"ldmtool: error: --wildcards: {said.format(path=path)}" in result.stderr
+
+
 @pytest.mark.parametrize("source, where, template", [
     (("--prompt", "a {red|blue} circle, 50% off"), "--prompt", "a {red|blue} circle, 50% off"),
     (("--prompt", "a {red|blue circle", "--combinatorial"), "--prompt", "a {red|blue circle"),

@@ -29,10 +29,39 @@ _WILDCARD = re.compile(r"__([^_\s][^\s]*?)__")
 _SEED_LIMIT = 2**32
 COMBINATIONS_LIMIT = 100_000  # prompt lines that --combinatorial makes in one run, at most (README says so)
 
+_READ_SUFFIXES = (".txt", ".yaml", ".json")  # the wildcard files dynamicprompts reads, by exact suffix
+
 
 def is_template(text: Optional[str]) -> bool:
     """Whether `text` has template syntax (a `{...}` variant or a `__name__` wildcard)."""
     return bool(text) and _SYNTAX.search(text or "") is not None
+
+
+def _check_structured_files(folder: Path) -> None:
+    """A one-line UsageError naming a wildcard file the library would skip: a `.yml` or `.YAML` (it reads
+    only `.txt`, `.yaml` and `.json`), or a YAML/JSON file it cannot parse (it logs a multi-line warning, and
+    the names the file holds are then "not found")."""
+    import os
+
+    from dynamicprompts.wildcards.collection.structured import parse_structured_file
+
+    from ldmtool.io.files import read_text_file, shown
+
+    for dirname, dirnames, filenames in os.walk(folder, followlinks=True):  # as the library walks it
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for path in (Path(dirname) / name for name in sorted(filenames)):
+            suffix = path.suffix.lower()
+            if suffix in (*_READ_SUFFIXES, ".yml") and path.suffix not in _READ_SUFFIXES:
+                renamed = path.stem + (".yaml" if suffix == ".yml" else suffix)
+                raise UsageError(f"--wildcards: {shown(path)}: the wildcard library reads only .txt, .yaml and "
+                                 f".json files and would skip this one; rename it to {renamed}")
+            if path.suffix in _READ_SUFFIXES[1:]:
+                try:
+                    read_text_file(path)  # a regular file within the size bound (a FIFO would block the library)
+                    list(parse_structured_file(path))
+                except Exception as err:  # what the library catches, to log it and go on without the file
+                    raise UsageError(f"--wildcards: {shown(path)}: not a readable wildcard file "
+                                     f"({' '.join(str(err).split())[:200]})") from None
 
 
 class PromptTemplates:
@@ -44,6 +73,8 @@ class PromptTemplates:
         from dynamicprompts.wildcards import WildcardManager
 
         self.folder = Path(wildcards) if wildcards is not None else None
+        if self.folder is not None:
+            _check_structured_files(self.folder)
         self.manager = WildcardManager(self.folder)
         self._read_files: set[Path] = set()  # text wildcard files found readable
 
