@@ -119,6 +119,43 @@ def test_outputs_previews_metadata_and_same_seed(tmp_path, model):
     assert [o["label"] for o in objects] == ["Person", "Dog"] and objects[0]["box"] == [0.1, 0.1, 0.5, 0.9]
 
 
+def test_draw_boxes_is_no_part_of_the_job_and_a_rerun_with_it_draws_the_missing_previews(tmp_path, model):
+    """`-o d` then `-o d --draw-boxes` failed the item ('--draw-boxes differs', exit 1) though the preview
+    leaves the image alone; and the preview had no metadata, so `ldmtool info` on it exited 1."""
+    import subprocess
+    import sys
+
+    _layout(tmp_path / "a.json", [{"label": "Person", "box": [0.1, 0.1, 0.5, 0.9]}])
+    args = (tmp_path / "a.json", "--model", model, "--seed", 7)
+    assert _run(*args, "--draw-boxes", "-o", tmp_path / "with").exit_code == 0
+    assert _run(*args, "-o", tmp_path / "later").exit_code == 0
+    assert not (tmp_path / "later" / "a.boxes.png").exists()
+    result = _run(*args, "--draw-boxes", "-o", tmp_path / "later", "--json")
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["event"] for line in result.stdout.splitlines()][:1] == ["skipped"]
+    assert (tmp_path / "later" / "a.boxes.png").read_bytes() == (tmp_path / "with" / "a.boxes.png").read_bytes()
+    with Image.open(tmp_path / "later" / "a.png") as later, Image.open(tmp_path / "with" / "a.png") as first:
+        assert later.tobytes() == first.tobytes()  # (its recipe holds the command line: not the bytes)
+    assert _run(*args, "-o", tmp_path / "with").exit_code == 0  # and back without it: the same job
+    info = subprocess.run([sys.executable, "-m", "ldmtool", "info", "--json", str(tmp_path / "with" / "a.boxes.png")],
+                          capture_output=True, text=True, timeout=60)
+    assert info.returncode == 0, info.stderr
+    assert json.loads(info.stdout)["recipe"]["preview_of"] == "a.png"
+
+
+def test_identities_that_recorded_draw_boxes_stay_this_jobs():
+    """Folders of earlier versions recorded draw_boxes in the job's identity and run id: their spellings
+    are the same job's, so those folders resume and adopt their seeds."""
+    from ldmtool.runtime import identity
+
+    cli = {"draw_boxes": True, "steps": 2, "output": "o"}
+    pixels = identity.pixel_options(cli)
+    assert pixels == {"steps": 2}
+    assert identity.recorded_otherwise(cli, [pixels]) == (
+        {"steps": 2, "draw_boxes": False}, {"steps": 2, "draw_boxes": True})
+    assert identity.recorded_otherwise({"steps": 2}, [pixels]) == ()
+
+
 def test_width_and_height_need_no_multiple_as_a_layouts_own_size_does_not(tmp_path, model):
     tree = [{"label": "Tree", "box": [0.1, 0.1, 0.5, 0.5]}]
     given = ("given.png", _layout(tmp_path / "plain.json", tree), ["--width", "40", "--height", "24"])

@@ -13,7 +13,8 @@ the model's native size (`layout_output_size`). A bare list of objects
 is also a layout. Each object may set `group_of`, `occluded`, `depiction`, `inside` (OpenImages flags).
 The boxes become the model's token sequence (see layout_tokens) and, for ldmtool's own layout models, also
 a coverage map per class concatenated to the UNet input (see box_raster); with `--draw-boxes` a copy of each
-result with the boxes drawn is written beside it as `<name>.boxes.png`. Above the model's native size the tiled
+result with the boxes drawn is written beside it as `<name>.boxes.png` (no part of the job's identity: a rerun
+with it draws the previews of done items). Above the model's native size the tiled
 engine gives every tile its own context: the objects keep their image coordinates and the last two tokens
 name the tile's crop, as the reference does per patch of a large image.
 """
@@ -392,8 +393,19 @@ class Layout2ImgTask(GeneratorTask):
         outputs = super().run(jobs)
         if self.draw_boxes:
             for job, output in zip(jobs, outputs):
-                write_preview(preview_path(job.output), output.image, job.payload.objects)
+                write_preview(job.output, output.image, job.payload.objects)
         return outputs
+
+    def beside_done(self, job: Job) -> None:
+        """With --draw-boxes, the preview of a done output that a run without it wrote (the preview is no
+        part of the job: the rerun skips the item and draws its boxes over the output that is there)."""
+        if not self.draw_boxes or preview_path(job.output).exists():
+            return
+        from ldmtool.io.images import read_image
+
+        image = read_image(job.output).rgb
+        path = input_path(job)
+        write_preview(job.output, image, layout_objects(_load_document(path), path, image.shape[1], image.shape[0]))
 
 
 def raster_classes(engine: Engine) -> Optional[list[int]]:
@@ -416,11 +428,14 @@ def preview_path(output: Path) -> Path:
     return output.with_name(f"{output.stem}.boxes.png")
 
 
-def write_preview(path: Path, image: np.ndarray, objects: Sequence[LayoutObject]) -> None:
-    """The generated image with each box outlined and labelled (written atomically)."""
+def write_preview(output: Path, image: np.ndarray, objects: Sequence[LayoutObject]) -> None:
+    """`output`'s image with each box outlined and labelled, as `<name>.boxes.png` (written atomically), with
+    metadata that names what it previews (so `ldmtool info` reads it; no recipe: it replays nothing)."""
     from PIL import Image, ImageDraw
 
+    from ldmtool import __version__
     from ldmtool.io.images import to_uint8
+    from ldmtool.io.metadata import ImageMetadata
     from ldmtool.io.writer import write_image
 
     canvas = Image.fromarray(to_uint8(image))
@@ -433,5 +448,10 @@ def write_preview(path: Path, image: np.ndarray, objects: Sequence[LayoutObject]
         rect = [x0 * (width - 1), y0 * (height - 1), x1 * (width - 1), y1 * (height - 1)]
         draw.rectangle(rect, outline=colour, width=line)
         draw.text((rect[0] + line + 1, rect[1] + line), category_name(obj.category), fill=colour)
+    path = preview_path(output)
     os.makedirs(path.parent, exist_ok=True)
-    write_image(path, np.asarray(canvas))
+    boxes = [{"label": category_name(o.category), "box": [round(v, 6) for v in o.box]} for o in objects]
+    metadata = ImageMetadata(parameters=f"Box preview of {output.name}: {len(objects)} box(es) drawn over it",
+                             recipe={"tool": "ldmtool", "version": __version__, "preview_of": output.name,
+                                     "objects": boxes})
+    write_image(path, np.asarray(canvas), metadata=metadata)

@@ -62,6 +62,7 @@ def recipes_for(task: Task, options: RunOptions, output_suffix: str) -> Recipes:
         # run's id as it was before, with it, stays this job's
         lossy = {"quality": pixels.pop("quality")}
         same_job = (*same_job, {**pixels, **lossy})
+    same_job = (*same_job, *identity.recorded_otherwise(own, (pixels, *same_job)))  # folders of older versions
     return Recipes(task.command, model_sha256(task), pixels, identity.recorded_options(options.cli), same_job, lossy,
                    getattr(task, "item_addon_files", None))
 

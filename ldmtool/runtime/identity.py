@@ -12,10 +12,11 @@ adopt the seed of an earlier run of the same job from the output folder's manife
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping, Optional, cast
+from typing import Any, Mapping, Optional, Sequence, cast
 
 # Options that steer the run (which items, where outputs go, batching, engines, reporting, seeds): a
 # recipe does not record them, replay supplies its own.
@@ -27,7 +28,11 @@ RUN_STEERING = frozenset({
 # Options that never change an output's pixels (limits refuse inputs or runs, never alter one): everything else a command takes is part of the identity
 # (the model is there as its file's sha256). --max-memory is, unless --tile fixes the tile: it chooses the
 # automatic tile (and whether a canvas runs untiled), but under a fixed tile only how many tiles share a call.
-NOT_PIXELS = RUN_STEERING | {"max_pixels", "max_output_pixels", "model"}
+# Options that only add files beside an output (layout2img --draw-boxes: `<name>.boxes.png`): not its pixels,
+# so a rerun with or without them is the same job. Earlier versions recorded them in the identity (and the
+# run id): `recorded_otherwise` gives those spellings, so their folders resume and adopt their seeds.
+EXTRAS_BESIDE = frozenset({"draw_boxes"})
+NOT_PIXELS = RUN_STEERING | EXTRAS_BESIDE | {"max_pixels", "max_output_pixels", "model"}
 LOSSY_SUFFIXES = (".jpg", ".jpeg", ".webp")
 
 
@@ -57,6 +62,16 @@ def pixel_options(cli: Mapping[str, Any], output: Optional[Path] = None) -> dict
     if output is not None and output.suffix.lower() not in LOSSY_SUFFIXES:
         options.pop("quality", None)
     return cast(dict[str, Any], jsonable(options))
+
+
+def recorded_otherwise(cli: Mapping[str, Any], variants: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], ...]:
+    """Each pixel-option `variant` as earlier versions recorded it, with every `EXTRAS_BESIDE` option the
+    command takes set each way (`draw_boxes` false and true)."""
+    extras = sorted(name for name in EXTRAS_BESIDE if name in cli)
+    if not extras:
+        return ()
+    settings = [dict(zip(extras, values)) for values in itertools.product((False, True), repeat=len(extras))]
+    return tuple(cast(dict[str, Any], jsonable({**variant, **setting})) for variant in variants for setting in settings)
 
 
 def run_id(command: str, model_sha256: Optional[str], options: Mapping[str, Any]) -> str:

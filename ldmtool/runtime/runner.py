@@ -312,9 +312,21 @@ class BatchRun:
             if conflict is None:
                 yield job
             elif conflict == "":
+                self._beside_done(job)
                 self.runner.report(job, Status.SKIPPED)
             elif not self.runner.stopped:
                 self.runner.fail(job, ItemError(conflict), 0.0)
+
+    def _beside_done(self, job: Job) -> None:
+        """The files a task writes beside an output that an earlier run wrote without them (layout2img
+        --draw-boxes: the box preview); one that cannot be written is a note, the output being done."""
+        write = getattr(self.task, "beside_done", None)
+        if write is None:
+            return
+        try:
+            write(job)
+        except (LdmError, OSError) as err:
+            self.reporter.note(f"{job.item.label}: {getattr(err, 'strerror', None) or err}")
 
     def absorb(self, records: Sequence[dict[str, Any]], events: Sequence[ItemEvent]) -> None:
         """Take in what another engine's worker recorded and reported for its items."""
