@@ -24,7 +24,7 @@ from ldmtool.io.files import read_text_file, shown
 from ldmtool.io.images import IMAGE_SUFFIXES, is_image_path
 
 MASK_SUFFIX = "_mask"
-_GLOB_CHARS = re.compile(r"[*?\[]")
+GLOB_CHARS = re.compile(r"[*?\[]")
 
 
 @dataclass(frozen=True)
@@ -183,16 +183,12 @@ def _expand(raw: str, recursive: bool, out: list[_Candidate], skipped: list[Path
     if "\x00" in raw:
         raise UsageError(f"{raw!r}: a path cannot contain a NUL character")
     if raw == "-" and not from_list:
-        for line in _list_lines(stdin.read()):
+        for line in list_lines(stdin.read()):
             _expand(line, recursive, out, skipped, stdin, from_list=True)
         return
     if raw.startswith("@") and not from_list:
         list_file = Path(raw[1:])
-        try:
-            text = read_text_file(list_file)
-        except (OSError, UnicodeDecodeError) as err:
-            raise UsageError(f"{shown(list_file)}: cannot read the list file ({getattr(err, 'strerror', None) or err})") from None
-        for line in _list_lines(text):
+        for line in list_file_lines(list_file):
             _expand(line, recursive, out, skipped, stdin, from_list=True, base=list_file.parent)
         return
     path = Path(raw).expanduser()
@@ -206,7 +202,7 @@ def _expand(raw: str, recursive: bool, out: list[_Candidate], skipped: list[Path
         _walk(path, path, recursive, out, skipped)
     elif exists:
         out.append(_Candidate(path, path.parent, explicit=True))
-    elif _GLOB_CHARS.search(str(path)):
+    elif GLOB_CHARS.search(str(path)):
         _glob(path, out, skipped)
     elif from_list:
         out.append(_Candidate(path, path.parent, explicit=True))  # fails as an item: the batch goes on
@@ -214,7 +210,16 @@ def _expand(raw: str, recursive: bool, out: list[_Candidate], skipped: list[Path
         raise UsageError(f"{shown(raw)}: no such file or folder")
 
 
-def _list_lines(text: str) -> list[str]:
+def list_file_lines(list_file: Path) -> list[str]:
+    """The entries of an `@list.txt` input (a UsageError naming it when it cannot be read)."""
+    try:
+        text = read_text_file(list_file)
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"{shown(list_file)}: cannot read the list file ({getattr(err, 'strerror', None) or err})") from None
+    return list_lines(text)
+
+
+def list_lines(text: str) -> list[str]:
     # lines end at '\n' only (and a '\r' before it): a file name may hold U+0085, U+2028, U+001C, ...
     return [line.strip() for line in text.split("\n") if line.strip() and not line.lstrip().startswith("#")]
 
@@ -253,7 +258,7 @@ def _bookkeeping(name: str) -> bool:
 
 def _glob(pattern: Path, out: list[_Candidate], skipped: list[Path]) -> None:
     text = str(pattern)
-    root = _glob_root(text)
+    root = glob_root(text)
     matches = sorted(glob.glob(text, recursive=True))
     # every entry but folders: a FIFO or device named *.png is an item that fails, naming itself
     files = [Path(m) for m in matches if not Path(m).is_dir() and not Path(m).name.startswith(".")]
@@ -266,12 +271,12 @@ def _glob(pattern: Path, out: list[_Candidate], skipped: list[Path]) -> None:
             skipped.append(path)
 
 
-def _glob_root(pattern: str) -> Path:
+def glob_root(pattern: str) -> Path:
     """The folder part of a glob before its first wildcard ('photos/*/x*.png' -> 'photos')."""
     parts = Path(pattern).parts
     fixed = []
     for part in parts[:-1]:
-        if _GLOB_CHARS.search(part):
+        if GLOB_CHARS.search(part):
             break
         fixed.append(part)
     return Path(*fixed) if fixed else Path(".")

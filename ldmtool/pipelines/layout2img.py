@@ -38,7 +38,14 @@ from ldmtool.checkpoints.bundle import LatentDiffusionBundle
 from ldmtool.diffusion.cond import Cond
 from ldmtool.errors import FatalError, ItemError, LdmError, UsageError
 from ldmtool.families.info import Conditioning
-from ldmtool.io.discover import _GLOB_CHARS, GeneratedItems, Item, _glob_root, _list_lines  # the image inputs' rules
+from ldmtool.io.discover import (  # the image inputs' rules
+    GLOB_CHARS,
+    GeneratedItems,
+    Item,
+    glob_root,
+    list_file_lines,
+    list_lines,
+)
 from ldmtool.io.files import read_text_file, shown
 from ldmtool.io.unique_yaml import UniqueKeyLoader
 from ldmtool.pipelines.base import input_path
@@ -85,26 +92,22 @@ def _expand(raw: str, recursive: bool, stdin: TextIO, *, base: Optional[Path] = 
     raw = raw.strip()
     from_list = base is not None
     if raw == "-" and not from_list:
-        return [f for line in _list_lines(stdin.read()) for f in _expand(line, recursive, stdin, base=Path("."))]
+        return [f for line in list_lines(stdin.read()) for f in _expand(line, recursive, stdin, base=Path("."))]
     if raw.startswith("@") and not from_list:
         list_file = Path(raw[1:])
-        try:
-            text = read_text_file(list_file)
-        except (OSError, UnicodeDecodeError) as err:
-            raise UsageError(f"{shown(list_file)}: cannot read the list file ({getattr(err, 'strerror', None) or err})") from None
-        return [f for line in _list_lines(text) for f in _expand(line, recursive, stdin, base=list_file.parent)]
+        return [f for line in list_file_lines(list_file) for f in _expand(line, recursive, stdin, base=list_file.parent)]
     path = Path(raw).expanduser()
     path = path if base is None or path.is_absolute() else base / path
     if path.is_dir():
         return [(p, path) for p in _walk(path, recursive)]
     if path.is_file() or from_list:
         return [(path, path.parent)]
-    if _GLOB_CHARS.search(raw):
+    if GLOB_CHARS.search(raw):
         files = [Path(m) for m in sorted(glob.glob(str(path), recursive=True))
                  if Path(m).is_file() and Path(m).suffix.lower() in LAYOUT_SUFFIXES and not Path(m).name.startswith(".")]
         if not files:
             raise UsageError(f"{raw}: no layout files (.json, .yaml, .yml) match this pattern")
-        return [(file, _glob_root(str(path))) for file in files]
+        return [(file, glob_root(str(path))) for file in files]
     raise UsageError(f"{raw}: no such file or folder")
 
 
