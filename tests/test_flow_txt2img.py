@@ -600,3 +600,20 @@ def test_img2img_and_inpaint_with_the_tiled_engine(tmp_path, sd3_file, flux_file
             with Image.open(source) as image:
                 kept = np.asarray(image).astype(int)[mask == 0]
             assert all(np.array_equal(out[mask == 0], kept) for out in outputs.values())
+
+
+@pytest.mark.parametrize("name", ["default-superres", "default-txt2img", "default-semantic2img"])
+def test_describing_a_model_reads_only_its_header_and_builds_what_loading_builds(name, monkeypatch):
+    """The dry run's description mapped the whole file through read_state_dict: a workflow then counted two reads
+    of each model where the model cache promises one."""
+    from ldmtool.checkpoints import api
+
+    loaded = api.load_model(name)
+
+    def no_read(path):
+        raise AssertionError(f"read {path}")
+
+    monkeypatch.setattr(api, "read_state_dict", no_read)
+    described = api.describe_model(name)
+    assert described.info == loaded.info
+    assert {k: v.shape for k, v in described.state_dict().items()} == {k: v.shape for k, v in loaded.state_dict().items()}

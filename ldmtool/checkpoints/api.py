@@ -16,7 +16,7 @@ from torch import nn
 from ldmtool.checkpoints.bundle import PARAMETERIZATIONS, Bundle, LatentDiffusionBundle, build_bundle
 from ldmtool.checkpoints.config import CONTROL_TARGETS, ConfigLike, instantiate, ldmtool_block, load_config, model_block
 from ldmtool.checkpoints.detect import Detection, detect_checkpoint
-from ldmtool.checkpoints.files import read_state_dict
+from ldmtool.checkpoints.files import header_tensors, read_state_dict
 from ldmtool.checkpoints.presets import load_preset, preset_names, shipped_model, shipped_models
 from ldmtool.checkpoints.transformer_bundle import TransformerBundle
 from ldmtool.checkpoints.weights import PreparedWeights, check_state_dict, prepare_weights
@@ -131,7 +131,13 @@ def describe_model(path_or_name: Union[str, Path], *, config: Optional[ConfigLik
     """The model `load_model` would build, on the meta device and with its `info`, from the config or the
     keys' names and shapes alone: no weight is read (a safetensors file is memory-mapped, so only its header
     is). What a dry run plans with."""
-    weights, default_config, raw = _read_source(path_or_name)
+    default_config: Optional[ConfigLike]
+    weights, default_config = resolve_source(path_or_name)
+    if weights.is_file() and weights.suffix.lower() == ".safetensors":  # its header alone: nothing else is read
+        raw = header_tensors(weights)
+        default_config = embedded_config(weights) or default_config
+    else:
+        weights, default_config, raw = _read_source(path_or_name)
     prepared = prepare_weights(raw, use_ema=True)
     detection = detect_checkpoint({k: tuple(v.shape) for k, v in prepared.state.items()}, default_config)
     doc, config_used = resolve_config(weights, config=config, preset=preset, default_config=default_config,

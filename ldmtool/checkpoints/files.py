@@ -86,6 +86,19 @@ def _refuse_special(path: Path) -> None:
         raise CheckpointError(f"{path}: not a regular file ({file_kind(path.stat().st_mode)})")
 
 
+_HEADER_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                  "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                  "BOOL": torch.bool}
+
+
+def header_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors as its header describes them, on the meta device: names, shapes and dtypes
+    (other dtypes as float32), nothing read or mapped beyond the header. What describing a model needs."""
+    header = _safetensors_header(path)
+    return {key: torch.empty(info["shape"], dtype=_HEADER_DTYPES.get(info["dtype"], torch.float32), device="meta")
+            for key, info in header.items() if key != "__metadata__"}
+
+
 def _safetensors_header(path: Path) -> dict:
     size = path.stat().st_size
     with path.open("rb") as f:
