@@ -141,6 +141,10 @@ def test_draw_boxes_is_no_part_of_the_job_and_a_rerun_with_it_draws_the_missing_
                           capture_output=True, text=True, timeout=60)
     assert info.returncode == 0, info.stderr
     assert json.loads(info.stdout)["recipe"]["preview_of"] == "a.png"
+    replay = subprocess.run([sys.executable, "-m", "ldmtool", "replay", str(tmp_path / "with" / "a.boxes.png")],
+                            capture_output=True, text=True, timeout=60)  # it said "written by another tool"
+    assert replay.returncode == 1
+    assert replay.stderr.strip().endswith("a.boxes.png: a box preview of a.png, drawn from its layout; replay that image")
 
 
 def test_identities_that_recorded_draw_boxes_stay_this_jobs():

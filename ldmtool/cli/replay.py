@@ -126,6 +126,8 @@ def _replay_item(path: Path, recipe: dict[str, Any], target: Path) -> "ReplayIte
     from ldmtool.errors import ItemError
     from ldmtool.runtime.resume import ReplayItem
 
+    if isinstance(recipe.get("preview_of"), str):  # a layout2img --draw-boxes preview: drawn, not sampled
+        raise ItemError(f"{path}: a box preview of {recipe['preview_of']}, drawn from its layout; replay that image")
     if not recipe.get("item") or "cli" not in recipe:
         raise ItemError(f"{path}: no replayable ldmtool recipe in this image (written by another tool or an "
                         "older ldmtool)")
