@@ -5,7 +5,6 @@ hands to the network with the conditioning.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
@@ -41,16 +40,15 @@ def parse_unit(spec: str) -> tuple[Path, float]:
     """FILE or FILE:S, FILE also the name of a shipped ControlNet such as default-canny (a file whose own
     name holds a colon is taken whole)."""
     from ldmtool.checkpoints.presets import controlnet_file
+    from ldmtool.pipelines.prompt_syntax import finite_number
 
     path = controlnet_file(spec)
     head, sep, tail = spec.rpartition(":")
     if sep and path is None:
         try:
-            strength = float(tail)
-        except ValueError:
-            raise UsageError(f"--controlnet {spec}: the strength after ':' is not a number") from None
-        if not math.isfinite(strength):
-            raise UsageError(f"--controlnet {spec}: the strength after ':' must be a finite number")
+            strength = finite_number(tail)
+        except ValueError as err:
+            raise UsageError(f"--controlnet {spec}: the strength after ':' {err}") from None
         path = controlnet_file(head)
     else:
         strength = 1.0

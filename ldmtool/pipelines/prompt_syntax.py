@@ -139,11 +139,19 @@ def _tag_weights(tag: str, arguments: list[str]) -> dict[str, float]:
 
 def _weight(tag: str, text: str) -> float:
     try:
+        return finite_number(text)
+    except ValueError as err:
+        raise ValueError(f"{tag}: the weight {err}") from None
+
+
+def finite_number(text: str) -> float:
+    """A weight or strength written by the user; ValueError 'must be a number' / 'must be a finite number'."""
+    try:
         value = float(text)
     except ValueError:
-        raise ValueError(f"{tag}: the weight must be a number") from None
+        raise ValueError("must be a number") from None
     if not math.isfinite(value):
-        raise ValueError(f"{tag}: the weight must be a finite number")
+        raise ValueError("must be a finite number")
     return value
 
 
