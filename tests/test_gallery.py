@@ -171,3 +171,17 @@ def test_a_huge_manifest_gives_a_page_of_the_newest_items(tmp_path):
     done(tmp_path, "1.png")  # done again: newest now
     records, _ = gallery_module.done_records(tmp_path, [MANIFEST_NAME], limit=2)
     assert [name for name, _ in records] == ["4.png", "1.png"]
+
+
+def test_a_page_the_disk_cannot_hold_is_one_note_with_the_reason(tmp_path, monkeypatch):
+    """Named once, with the file system's reason; not the output writer's 'cannot write the output; stopping'
+    (the run goes on without its gallery)."""
+    done(tmp_path, "a.png")
+    notes: list[str] = []
+
+    def broken(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("ldmtool.io.writer.os.fsync", broken)
+    GalleryUpdater(tmp_path, note=notes.append, interval=0).finish()
+    assert notes == [f"{tmp_path / GALLERY_NAME}: not written (the disk is full); the outputs are"]

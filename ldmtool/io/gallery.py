@@ -27,7 +27,7 @@ from ldmtool.errors import LdmError
 from ldmtool.io.files import shown
 from ldmtool.io.images import display_rgb
 from ldmtool.io.manifest import MANIFEST_PATTERN, read_manifest
-from ldmtool.io.writer import atomic_write_bytes, remove_stale_temps_in
+from ldmtool.io.writer import atomic_write_bytes, os_reason, remove_stale_temps_in
 
 GALLERY_NAME = "index.html"
 THUMBS = ".thumbs"
@@ -248,6 +248,16 @@ class GalleryUpdater:
                 build_gallery(self.folder, manifests=self.manifests)
             except (OSError, LdmError) as err:
                 self.failed = True
-                self.note(f"{shown(self.folder / GALLERY_NAME)}: not written ({' '.join(str(err).split())})")
+                self.note(f"{shown(self.folder / GALLERY_NAME)}: not written ({_why_not_written(err)}); "
+                          "the outputs are")
         self.last = time.monotonic()
         self.wait = max(self.interval, 10 * (self.last - started))
+
+
+def _why_not_written(err: BaseException) -> str:
+    """The file system's reason (the disk is full, ...), not the output writer's "cannot write the output
+    ...; stopping", which names the page again and says the run stops, as it does not for the gallery."""
+    cause = err if isinstance(err, OSError) else err.__cause__
+    if isinstance(cause, OSError) and cause.errno is not None:
+        return os_reason(cause)
+    return " ".join(str(err).split())

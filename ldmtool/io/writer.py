@@ -304,7 +304,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
         if err.errno == errno.ENAMETOOLONG:  # this item's name, not the disk: the batch goes on (issue 26)
             raise ItemError(f"{shown(path)}: cannot write the output (file name too long: "
                             f"{len(os.fsencode(path.name))} bytes)") from err
-        reason = file_in_the_way(path.parent) or _os_reason(err)
+        reason = file_in_the_way(path.parent) or os_reason(err)
         raise FatalError(f"{path}: cannot write the output ({reason}); stopping") from err
     except BaseException:
         _remove_quietly(temp)  # Ctrl-C mid-write: no partial file stays behind
@@ -361,7 +361,7 @@ def _remove_quietly(path: Path) -> None:
         pass
 
 
-def _os_reason(err: OSError) -> str:
+def os_reason(err: OSError) -> str:
     reasons: dict[Optional[int], str] = {
         errno.ENOSPC: "the disk is full",
         errno.EROFS: "the file system is read-only",
