@@ -188,6 +188,9 @@ def test_the_layout_conditions_the_image(tmp_path, model):
      "object 0 (Car): box [8.0, 8.0, 40.0, 20.0] lies outside the 32x32 image"),
     ([{"label": "Car", "box": [0.5, 0.2, 0.4, 0.9]}], "object 0 (Car): box [0.5, 0.2, 0.4, 0.9] is empty"),
     ([{"label": "Car", "box": [0, 0, 1]}], "object 0 needs \"box\": [x0, y0, x1, y1]"),
+    ([{"label": "Car", "box": [0.1, 0.1, 1.5, 0.5]}],  # one number above 1 reads the box in pixels
+     "object 0 (Car): box [0.1, 0.1, 1.5, 0.5] is under one pixel; its numbers are read in pixels, as one is "
+     "above 1: for fractions of the image keep every number within 0..1, or give \"units\""),
     ([{"label": "Car", "box": [0, 0, 1, 1]}] * 31, "31 objects: the layout model takes at most 30"),
 ])
 def test_bad_layouts_fail_with_one_line_naming_the_file(tmp_path, model, objects, message):

@@ -197,9 +197,25 @@ def layout_objects(doc: Any, path: Path | str, width: int, height: int) -> list[
     """The objects of a layout document (the parsed JSON/YAML; `path` names it in errors)."""
     size, units, objects = _layout_parts(doc, path)
     ref_w, ref_h = size or (width, height)
+    guessed = units is None
     if units is None:
         units = "relative" if all(0 <= v <= 1 for o in objects for v in _raw_box(o, path, 0)) else "pixels"
-    return [_layout_object(o, index, path, units, ref_w, ref_h) for index, o in enumerate(objects)]
+    read = [_layout_object(o, index, path, units, ref_w, ref_h) for index, o in enumerate(objects)]
+    if guessed and units == "pixels":
+        _refuse_subpixel_boxes(objects, read, path, ref_w, ref_h)
+    return read
+
+
+def _refuse_subpixel_boxes(objects: list[Any], read: list[LayoutObject], path: Path | str, width: float,
+                           height: float) -> None:
+    """ItemError for a box under one pixel where the units were guessed: `[0.1, 0.1, 1.5, 0.5]` meant as
+    fractions, read in pixels because of its 1.5, would silently be a speck."""
+    for index, (obj, layout_object) in enumerate(zip(objects, read)):
+        x0, y0, x1, y1 = layout_object.box
+        if (x1 - x0) * width < 1 or (y1 - y0) * height < 1:
+            raise ItemError(f"{shown(path)}: object {index} ({obj['label']}): box {_raw_box(obj, path, index)} is "
+                            "under one pixel; its numbers are read in pixels, as one is above 1: for fractions of "
+                            "the image keep every number within 0..1, or give \"units\"")
 
 
 def _load_document(path: Path) -> Any:
