@@ -252,3 +252,22 @@ def test_colour_fix_to_keeps_detail_and_moves_low_frequencies():
     fixed = colour_fix_to(grey, reference, sigma=3.0)
     assert np.allclose(gaussian_blur(fixed, 3.0)[8:-8, 8:-8], reference[8:-8, 8:-8], atol=0.01)
     assert np.allclose((fixed - gaussian_blur(fixed, 3.0))[8:-8, 8:-8], detail[8:-8, 8:-8], atol=0.02)
+
+
+def test_a_mask_with_transparency_is_named_once_since_only_its_colours_count(tmp_path, models):
+    """Editors disagree on what a mask's transparency means, so it is not read; a warning says so (a white
+    layer under transparent pixels repaints them)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name, alpha in (("a", 255), ("b", 0)):
+        _photo(folder / f"{name}.png", size=(32, 32))
+        mask = Image.open(_mask(folder / f"{name}_mask.png", size=(32, 32))).convert("RGBA")
+        mask.putalpha(alpha)
+        mask.save(folder / f"{name}_mask.png")
+    result = run_cli("inpaint", folder, "--model", models["ldm-inpainting-big"], "-o", tmp_path / "out", "--seed", 1,
+                     "--steps", "2")
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if "transparency" in line]
+    assert warnings == [f"ldmtool: warning: {folder / 'b_mask.png'}: the mask's transparency is not read: its "
+                        "colours decide, the ones under transparent pixels too (white repaints); flatten it onto "
+                        "black, or give the image's own transparency with --mask-from-alpha"]

@@ -12,7 +12,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import numpy as np
 from PIL import Image, ImageCms, ImageFile, ImageOps, UnidentifiedImageError
@@ -285,13 +285,17 @@ def read_mask(
     size: Optional[tuple[int, int]] = None,
     invert: bool = False,
     max_pixels: Optional[int] = None,
+    on_transparency: Optional[Callable[[Path], None]] = None,
 ) -> np.ndarray:
     """Read a mask file as a (H, W) float32 array of 0 (keep) and 1 (repaint).
 
     Colour masks are reduced to their luminance. `size` is the (width, height) of the image it belongs to;
-    a mask of another size is an ItemError (resizing would silently move the edit).
+    a mask of another size is an ItemError (resizing would silently move the edit). A mask's transparency is
+    not read (editors disagree on what it means); `on_transparency(path)` is told when a mask has some.
     """
     loaded = read_image(path, max_pixels=max_pixels)
+    if on_transparency is not None and loaded.alpha is not None and bool((loaded.alpha < 1).any()):
+        on_transparency(loaded.path)
     if size is not None and loaded.size != tuple(size):
         w, h = loaded.size
         raise ItemError(f"{loaded.path}: the mask is {w}x{h} but its image is {size[0]}x{size[1]}; they must match")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Optional
 
 import cv2
@@ -33,6 +34,7 @@ from ldmtool.diffusion.masked import composite, latent_repaint_mask
 from ldmtool.errors import FatalError, ItemError, UsageError
 from ldmtool.families.info import InpaintKind
 from ldmtool.io.discover import Item
+from ldmtool.io.files import shown
 from ldmtool.io.images import LoadedImage, mask_from_alpha, read_image, read_mask
 from ldmtool.pipelines.arrays import to_array
 from ldmtool.pipelines.base import ModelTask, carried, in_groups, input_path, input_size
@@ -137,8 +139,13 @@ class InpaintTask(ModelTask):
         mask = None
         if not self.from_alpha:
             mask = read_mask(job.item.require_mask(), size=image.size, invert=self.invert_mask,
-                             max_pixels=self.max_pixels)
+                             max_pixels=self.max_pixels, on_transparency=self._note_mask_transparency)
         return self.check_input(image, mask, job.item.label)
+
+    def _note_mask_transparency(self, path: Path) -> None:
+        self.warn_once("mask transparency", f"{shown(path)}: the mask's transparency is not read: its colours "
+                       "decide, the ones under transparent pixels too (white repaints); flatten it onto black, or "
+                       "give the image's own transparency with --mask-from-alpha")
 
     def check_input(self, image: LoadedImage, mask: Optional[np.ndarray], label: str) -> tuple[LoadedImage, np.ndarray]:
         """The image and its repaint mask (from its transparency with --mask-from-alpha), grown by `grow`."""
