@@ -36,7 +36,7 @@ def test_full_adapter_features_and_adapted_unet_equal_diffusers(tiny, tmp_path, 
         mine, reference = ours(hint), theirs(hint)
         assert len(mine) == len(reference) == 4
         for a, b in zip(mine, reference):
-            assert a.shape == b.shape and (a - b).abs().max() < 1e-5
+            assert a.shape == b.shape and (a - b).abs().max() <= 1e-6 * b.abs().max()  # features reach ~100
         adapted = bundle.unet(x, t, context=context, adapter=[f * 0.8 for f in mine])
         expected = unet(x, t, context, down_intrablock_additional_residuals=[f * 0.8 for f in reference]).sample
         plain = bundle.unet(x, t, context=context)

@@ -80,7 +80,7 @@ def test_each_layout_loads_with_no_flag_and_gives_diffusers_features(tmp_path, l
         mine, reference = ours(hint), theirs(hint)
     assert ours.in_channels == channels and len(mine) == len(reference) == 4
     for a, b in zip(mine, reference):
-        assert a.shape == b.shape and (a - b).abs().max() < 1e-4
+        assert a.shape == b.shape and (a - b).abs().max() <= 1e-5 * b.abs().max()  # features reach ~100
 
 
 def test_a_one_channel_adapter_reads_a_grey_rgb_hint_as_diffusers_reads_the_grey_image():

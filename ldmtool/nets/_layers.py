@@ -102,6 +102,17 @@ class Conv2d(nn.Conv2d):
         return out.view(n, self.out_channels, h, w)
 
 
+class Conv1d(nn.Conv1d):
+    """`nn.Conv1d` (same keys) whose 1-wide kernels run as one matrix product, as `Conv2d`'s 1x1 ones do and
+    for the same reason: oneDNN's pointwise convolutions round by the thread count."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kernel_size != (1,) or self.stride != (1,) or self.groups != 1 or self.padding != (0,) or x.dim() != 3:
+            return super().forward(x)
+        out = torch.matmul(self.weight.view(self.out_channels, -1), x)
+        return out if self.bias is None else out.add_(self.bias.view(-1, 1))
+
+
 def _explicit_padding(conv: nn.Conv2d) -> Optional[tuple[int, int]]:
     """The conv's padding as (pad_y, pad_x); None for 'same' padding that would be asymmetric."""
     if not isinstance(conv.padding, str):

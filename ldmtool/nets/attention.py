@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ldmtool.nets._layers import GELU, Conv2d, Linear, add_residual, normalization, pointwise, zero_module
+from ldmtool.nets._layers import GELU, Conv1d, Conv2d, Linear, add_residual, normalization, pointwise, zero_module
 
 
 def _heads(t: Tensor, heads: int) -> Tensor:
@@ -163,8 +163,8 @@ class AttentionBlock(nn.Module):
             self.num_heads = channels // num_head_channels
         self.new_order = use_new_attention_order
         self.norm = normalization(channels)
-        self.qkv = nn.Conv1d(channels, channels * 3, 1)
-        self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
+        self.qkv = Conv1d(channels, channels * 3, 1)
+        self.proj_out = zero_module(Conv1d(channels, channels, 1))
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, *spatial = x.shape

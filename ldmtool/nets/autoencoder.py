@@ -78,10 +78,10 @@ class AttnBlock(nn.Module):
         super().__init__()
         self.in_channels = in_channels
         self.norm = _norm(in_channels)
-        self.q = nn.Conv2d(in_channels, in_channels, 1)
-        self.k = nn.Conv2d(in_channels, in_channels, 1)
-        self.v = nn.Conv2d(in_channels, in_channels, 1)
-        self.proj_out = nn.Conv2d(in_channels, in_channels, 1)
+        self.q = Conv2d(in_channels, in_channels, 1)
+        self.k = Conv2d(in_channels, in_channels, 1)
+        self.v = Conv2d(in_channels, in_channels, 1)
+        self.proj_out = Conv2d(in_channels, in_channels, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, height, width = x.shape
@@ -284,8 +284,8 @@ class AutoencoderKL(nn.Module):
         self.quant_conv: nn.Module = nn.Identity()
         self.post_quant_conv: nn.Module = nn.Identity()
         if use_quant_conv:
-            self.quant_conv = nn.Conv2d(2 * ddconfig["z_channels"], 2 * embed_dim, 1)
-            self.post_quant_conv = nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
+            self.quant_conv = Conv2d(2 * ddconfig["z_channels"], 2 * embed_dim, 1)
+            self.post_quant_conv = Conv2d(embed_dim, ddconfig["z_channels"], 1)
 
     def posterior(self, x: Tensor) -> DiagonalGaussianDistribution:
         """The posterior q(z|x); `.mean`, `.sample(generator)`, `.kl()`."""
@@ -381,8 +381,8 @@ class VQModel(nn.Module):
         self.encoder = Encoder(**ddconfig)
         self.decoder = Decoder(**ddconfig)
         self.quantize = VectorQuantizer(n_embed, embed_dim, beta=0.25, remap=remap, sane_index_shape=sane_index_shape)
-        self.quant_conv = nn.Conv2d(ddconfig["z_channels"], embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
+        self.quant_conv = Conv2d(ddconfig["z_channels"], embed_dim, 1)
+        self.post_quant_conv = Conv2d(embed_dim, ddconfig["z_channels"], 1)
 
     def encode(self, x: Tensor) -> Tensor:
         """Unscaled latent before quantization (after `quant_conv`)."""

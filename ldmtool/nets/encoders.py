@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldmtool.nets._layers import Conv2d
 from ldmtool.nets.clip_model import ClipTextConfig, ClipTextTransformer
 from ldmtool.nets.ldm_bert import BERTEmbedder
 from ldmtool.nets.openclip_text import FrozenOpenCLIPEmbedder
@@ -66,7 +67,7 @@ class SpatialRescaler(nn.Module):
         self.multiplier = multiplier
         self.remap_output = out_channels is not None
         if self.remap_output:
-            self.channel_mapper = nn.Conv2d(in_channels, out_channels, 1, bias=bias)
+            self.channel_mapper = Conv2d(in_channels, out_channels, 1, bias=bias)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         for _ in range(self.n_stages):

@@ -16,13 +16,15 @@ from typing import Sequence
 
 from torch import Tensor, nn
 
+from ldmtool.nets._layers import Conv2d
+
 
 class AdapterResnetBlock(nn.Module):
     def __init__(self, channels: int, kernel: int = 1):
         super().__init__()
         self.block1 = nn.Conv2d(channels, channels, 3, padding=1)
         self.act = nn.ReLU()
-        self.block2 = nn.Conv2d(channels, channels, kernel, padding=kernel // 2)
+        self.block2 = Conv2d(channels, channels, kernel, padding=kernel // 2)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.block2(self.act(self.block1(x))) + x
@@ -32,7 +34,7 @@ class AdapterBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, num_res_blocks: int, down: bool):
         super().__init__()
         self.downsample = nn.AvgPool2d(2, stride=2, ceil_mode=True) if down else None
-        self.in_conv = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.in_conv = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
         self.resnets = nn.Sequential(*[AdapterResnetBlock(out_channels) for _ in range(num_res_blocks)])
 
     def forward(self, x: Tensor) -> Tensor:
@@ -48,9 +50,9 @@ class LightAdapterBlock(nn.Module):
         super().__init__()
         middle = out_channels // 4
         self.downsample = nn.AvgPool2d(2, stride=2, ceil_mode=True) if down else None
-        self.in_conv = nn.Conv2d(in_channels, middle, 1)
+        self.in_conv = Conv2d(in_channels, middle, 1)
         self.resnets = nn.Sequential(*[AdapterResnetBlock(middle, kernel=3) for _ in range(num_res_blocks)])
-        self.out_conv = nn.Conv2d(middle, out_channels, 1)
+        self.out_conv = Conv2d(middle, out_channels, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.downsample is not None:
