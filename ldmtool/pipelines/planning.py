@@ -89,19 +89,48 @@ def described(engine: "Engine") -> Optional[Described]:
     channels, tiles and working memory as the open model's does. None where only loading can tell: a pickle
     .ckpt is read whole, and a file that cannot be described fails where it loads. Add-ons (--vae, LoRAs)
     are not applied: they change no size the plan counts."""
-    from ldmtool.checkpoints.api import describe_model, resolve_source
     from ldmtool.runtime.device import choose_device, resolve_precision
 
     choice = engine.choice
     try:
-        if resolve_source(choice.model)[0].suffix.lower() != ".safetensors":
+        bundle = described_bundle(choice)
+        if bundle is None:
             return None
-        bundle = describe_model(choice.model, config=choice.config, preset=choice.preset)
         device = choose_device(choice.device)
         dtype = resolve_precision(choice.precision, device).dtype
     except Exception:  # describing must never stop the run: loading says what is wrong with the file
         return None
     return Described(bundle.info, bundle, device, dtype, engine.sampling, engine.axes)
+
+
+_DESCRIBED: dict[tuple[Any, ...], Any] = {}  # a run describes its model for its identity and its plan: once
+
+
+def described_bundle(choice: Any) -> Any:
+    """The model `choice` names, as its safetensors header describes it (`checkpoints.api.describe_model`: on
+    the meta device, no weight read), remembered for the file as it is now; None for a file only loading can
+    describe (a pickle .ckpt is read whole). Errors propagate: callers decide."""
+    from ldmtool.checkpoints.api import describe_model, resolve_source
+
+    weights, beside = resolve_source(choice.model)
+    if weights.suffix.lower() != ".safetensors":
+        return None
+    key = (*_stamp(weights), *_stamp(beside), *_stamp(choice.config), choice.preset)
+    if key not in _DESCRIBED:
+        if len(_DESCRIBED) >= 8:
+            _DESCRIBED.clear()
+        _DESCRIBED[key] = describe_model(choice.model, config=choice.config, preset=choice.preset)
+    return _DESCRIBED[key]
+
+
+def _stamp(path: Any) -> tuple[Any, ...]:
+    """What tells one version of a file from another (None, or a config given as a mapping: itself, as text)."""
+    try:
+        file = Path(path)
+        info = file.stat()
+    except (OSError, TypeError):
+        return (str(path),)
+    return str(file.resolve()), info.st_ino, info.st_size, info.st_mtime_ns
 
 
 def _file_bytes(path: Optional[Path]) -> int:
