@@ -136,6 +136,27 @@ def test_another_jobs_output_fails_the_item_with_the_difference_and_the_way_out(
     assert "its seed differs" in item_events(other_seed)[0]["error"]
 
 
+def test_an_option_given_as_the_models_default_is_the_same_job_both_ways(tmp_path):
+    """`-W 64 -H 64 --sampler ddim --cfg 1` on the shipped txt2img model (whose defaults they are) compute the
+    pixels of those options left out: a rerun spelled the other way skips the outputs and adopts the seed (a
+    cron line that adds them); another value still fails its item naming the option."""
+    base = ("txt2img", "--prompt", "a red circle", "--steps", 1, "--json")
+    explicit = ("-W", 64, "-H", 64, "--sampler", "ddim", "--cfg", 1)
+    seeds = {}
+    for first, second, folder in (((), explicit, "left-out"), (explicit, (), "given")):
+        done = ldmtool(*base, *first, "-o", folder, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        again = ldmtool(*base, *second, "-o", folder, cwd=tmp_path)
+        assert again.returncode == 0, again.stderr
+        assert _outcomes(again) == {"0000-0-a-red-circle.png": "skipped"}
+        seeds[folder] = events(done)[-1]["seed"]
+        assert events(again)[-1]["seed"] == seeds[folder]
+    wider = ldmtool(*base, "-W", 128, "-o", "left-out", cwd=tmp_path)
+    assert wider.returncode == 1
+    assert "was written by another job: --width differs (64, this run 128)" in wider.stderr
+    assert events(wider)[-1]["seed"] != seeds["left-out"]  # another job: not the folder's seed
+
+
 def test_a_changed_input_file_is_another_job(tree_and_more):
     cwd = tree_and_more
     assert ldmtool("_invert", "in", "-o", "out", "--seed", 1, cwd=cwd).returncode == 0

@@ -140,6 +140,18 @@ class ModelTask(BaseTask):
         """FatalError when the model cannot do this task, UsageError when it cannot take an option the run was
         given (a prompt, guidance): both before any item runs; per-run state (text encoders, sizes)."""
 
+    def option_defaults(self) -> dict[str, Any]:
+        """What the run's model-resolved options resolve to when left out (pipelines/defaults.py): an option
+        given as that value is the same job as one left out (runtime/identity.py `as_given`)."""
+        from ldmtool.pipelines.defaults import option_defaults
+
+        return option_defaults(self)
+
+    def own_defaults(self, info: Any) -> dict[str, Any]:
+        """The task's own options that default to a value of the model `info` describes (or to a fixed one),
+        as `option_defaults` reports them: `{option: value}`."""
+        return {}
+
     def recorded(self, engine: Engine) -> dict[str, Any]:
         """Parameters every output records after the resolved sampling values, in the order they are shown."""
         precision = engine.precision.to_json() if engine.precision is not None else {}

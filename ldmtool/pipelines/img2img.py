@@ -98,6 +98,10 @@ class Img2ImgTask(ModelTask):
             self.warn_once("no-steps", f"--strength {self.strength:g} of {steps} step(s) runs no step, so every "
                            f"image comes back unchanged; use --steps {math.ceil(1 / self.strength)} or more")
 
+    def own_defaults(self, info: Any) -> dict[str, Any]:
+        """--colour-fix: on when upscaling by diffusion (--scale), which alone takes it."""
+        return {} if self.scale is None else {"colour_fix": True}
+
     def recorded(self, engine: Engine) -> dict[str, Any]:
         control = self.control.recorded() if self.control else {}
         return {**control, **super().recorded(engine), **self.refining.recorded()}

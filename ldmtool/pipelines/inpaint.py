@@ -123,6 +123,11 @@ class InpaintTask(ModelTask):
         if self.refining.active:
             self.multiple = max(self.multiple, self.refining.open(engine, self.command))
 
+    def own_defaults(self, info: Any) -> dict[str, Any]:
+        """--colour-fix: the model config's switch."""
+        switch = info.defaults.colour_fix
+        return {"colour_fix": switch} if isinstance(switch, bool) else {}  # else: fatal at open
+
     def recorded(self, engine: Engine) -> dict[str, Any]:
         control = self.control.recorded() if self.control else {}
         return {**super().recorded(engine), "inpaint_kind": self.kind.value, "colour_fix": self.colour_fix,

@@ -324,6 +324,9 @@ class Layout2ImgTask(GeneratorTask):
         # any size, as a layout's own "size" gives: the canvas is padded to the model's multiple and cropped back
         return self.width, self.height  # per layout, see layout_output_size
 
+    def own_defaults(self, info: Any) -> dict[str, Any]:
+        return {}  # --width/--height left out: each layout's own size, not the model's
+
     def output_size(self, doc: Any, path: Path | str) -> tuple[int, int]:
         """The output (width, height) of an item with this layout document (after `check_model`)."""
         size, _, _ = _layout_parts(doc, path)

@@ -85,6 +85,11 @@ class GeneratorTask(ModelTask):
     def item_params(self, job: Job) -> dict[str, Any]:
         return {}
 
+    def own_defaults(self, info: Any) -> dict[str, Any]:
+        """--width/--height: the model's size (generators whose size is each item's own say none)."""
+        width, height = info.defaults.size
+        return {"width": width, "height": height}
+
     def planned_size(self, item: Item) -> Optional[tuple[int, int]]:
         """The run's size: --width/--height, or the model's default once it is open (None before)."""
         return (self.width, self.height) if self.width and self.height else None

@@ -242,6 +242,9 @@ class Semantic2ImgTask(GeneratorTask):
     def default_size(self) -> tuple[Optional[int], Optional[int]]:
         return self.width, self.height  # per map, see canvas()
 
+    def own_defaults(self, info: Any) -> dict[str, Any]:
+        return {}  # --width/--height left out: each label map's own size, not the model's
+
     def load(self, job: Job) -> np.ndarray:
         return read_label_map(input_path(job), self.n_classes, self.palette, max_pixels=self.max_pixels)
 

@@ -112,6 +112,14 @@ class SuperresTask(ModelTask):
             self.noise_level = self.noise_level if self.noise_level is not None else info.defaults.noise_level
             self._context = self._encode_text()  # once per run, shared by every item and tile
 
+    def own_defaults(self, info: Any) -> dict[str, Any]:
+        """--colour-fix and --consistency: the model config's switches; --noise-level: an upscaler's."""
+        switches = {name: getattr(info.defaults, name) for name in ("colour_fix", "consistency")}
+        defaults = {name: value for name, value in switches.items() if isinstance(value, bool)}  # else: fatal at open
+        if info.conditioning is Conditioning.HYBRID_ADM:
+            defaults["noise_level"] = info.defaults.noise_level
+        return defaults
+
     def _check_unconditioned(self, engine: Engine) -> None:
         """A model conditioned on the low-res image alone (LDM BSR) takes no prompt and no guidance: options
         that would change nothing are a usage error, not silently ignored."""

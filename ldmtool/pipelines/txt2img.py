@@ -141,6 +141,12 @@ class Txt2ImgTask(ModelTask):
         return {"negative": self.negative, "width": self.width, "height": self.height, **refined, **hires,
                 **control, **super().recorded(engine)}
 
+    def own_defaults(self, info: Any) -> dict[str, Any]:
+        """--width/--height: the model's size; with --hires, --hires-strength 0.5 and --hires-colour-fix."""
+        width, height = info.defaults.size
+        hires = {} if self.hires is None else {"hires_strength": DEFAULT_HIRES_STRENGTH, "hires_colour_fix": True}
+        return {"width": width, "height": height, **hires}
+
     def planned_size(self, item: Item) -> Optional[tuple[int, int]]:
         """A prompt line's own size, else the run's (--width/--height, or the model's default once open)."""
         spec = item.data.get("spec", {})

@@ -63,8 +63,10 @@ def recipes_for(task: Task, options: RunOptions, output_suffix: str) -> Recipes:
         lossy = {"quality": pixels.pop("quality")}
         same_job = (*same_job, {**pixels, **lossy})
     same_job = (*same_job, *identity.recorded_otherwise(own, (pixels, *same_job)))  # folders of older versions
+    defaults: Mapping[str, Any] = getattr(task, "option_defaults", dict)()  # `--width 64` where 64 is the model's: the same job
     return Recipes(task.command, model_sha256(task), pixels, identity.recorded_options(options.cli), same_job, lossy,
-                   getattr(task, "item_addon_files", None))
+                   getattr(task, "item_addon_files", None),
+                   identity.jsonable({name: value for name, value in defaults.items() if name in pixels}))
 
 
 def addon_files(task: Task) -> dict[str, Any]:

@@ -8,6 +8,11 @@ the same machine (see README, "Reproducibility"); a different one names what dif
 
 The run's identity (command, model, options; no seed, no item) is what a run without `--seed` uses to
 adopt the seed of an earlier run of the same job from the output folder's manifest.
+
+An option whose default is the model's (`--width` of txt2img, `--steps`, ...) given as exactly the value the
+run resolves it to is the same job as the option left out: identities record options as given (left out:
+null), and compare them `as_given` the run's defaults (pipelines/defaults.py); run ids, digests that cannot be
+compared so, are taken for every spelling (`written_either_way`).
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import itertools
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, cast
+from typing import Any, Iterator, Mapping, Optional, Sequence, cast
 
 # Options that steer the run (which items, where outputs go, batching, engines, reporting, seeds): a
 # recipe does not record them, replay supplies its own.
@@ -84,6 +89,30 @@ def run_id(command: str, model_sha256: Optional[str], options: Mapping[str, Any]
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def as_given(options: Any, defaults: Mapping[str, Any]) -> Any:
+    """`options` with each one given as exactly its default (`defaults`: what the run resolves it to when left
+    out) written as left out (None): the form in which both spellings of a job compare equal."""
+    if not isinstance(options, Mapping):
+        return options  # a damaged recipe: it differs as it is
+    return {name: None if name in defaults and value is not None and _same(value, defaults[name]) else value
+            for name, value in options.items()}
+
+
+def _same(value: Any, default: Any) -> bool:
+    """Equal as option values: 7 and 7.0 are, true and 1 are not."""
+    return value == default and isinstance(value, bool) == isinstance(default, bool)
+
+
+def written_either_way(options: Mapping[str, Any], defaults: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    """`options` with each option that is left out or given as its default written both ways, in every
+    combination (2^n for n such options): the spellings of one job, whose run ids a manifest may hold."""
+    free = sorted(name for name, default in defaults.items()
+                  if options.get(name) is None or _same(options[name], default))  # absent: left out
+    base = as_given(options, defaults)
+    for given in itertools.product((False, True), repeat=len(free)):
+        yield {**base, **{name: defaults[name] for name, explicit in zip(free, given) if explicit}}
+
+
 def file_sha256(path: Optional[Path]) -> Optional[str]:
     """The sha256 of an input file (None for generated items). Inputs are hashed whole, every time: unlike
     model files they are many, and a cache keyed by path would grow with every folder ever processed."""
@@ -111,8 +140,12 @@ _FIELD_NAMES = {"command": "command", "model_sha256": "model file", "seed": "see
                 "data": "item", "input_sha256": "input file", "mask_sha256": "mask file"}
 
 
-def difference(expected: Mapping[str, Any], found: Mapping[str, Any]) -> Optional[str]:
-    """The first way a stored identity differs from this job's, in words; None when they are the same."""
+def difference(expected: Mapping[str, Any], found: Mapping[str, Any],
+               defaults: Optional[Mapping[str, Any]] = None) -> Optional[str]:
+    """The first way a stored identity differs from this job's, in words; None when they are the same. An
+    option left out and one given as its default (`defaults`, the run's) are the same, and a difference shows
+    an option left out as that default."""
+    defaults = defaults or {}
     for name in ("command", "model_sha256", "key", "data", "input_sha256", "mask_sha256"):
         if expected.get(name) != found.get(name):
             return f"its {_FIELD_NAMES[name]} differs ({_short(found.get(name))}, this run {_short(expected.get(name))})"
@@ -122,10 +155,11 @@ def difference(expected: Mapping[str, Any], found: Mapping[str, Any]) -> Optiona
             return (f"--precision auto chose another precision there ({theirs.get('auto_precision') or 'fp32'}, "
                     f"this run {mine.get('auto_precision') or 'fp32'}; pass --precision to choose one)")
         return f"--precision differs ({_precision(theirs)}, this run {_precision(mine)})"
+    given_mine, given_theirs = as_given(mine, defaults), as_given(theirs, defaults)
     for name in sorted(set(mine) | set(theirs)):
-        if mine.get(name) != theirs.get(name):
-            what = _option_name(name)
-            return f"{what} differs ({_short(theirs.get(name))}, this run {_short(mine.get(name))})"
+        if given_mine.get(name) != given_theirs.get(name):
+            shown = [options.get(name) if options.get(name) is not None else defaults.get(name) for options in (theirs, mine)]
+            return f"{_option_name(name)} differs ({_short(shown[0])}, this run {_short(shown[1])})"
     if expected.get("seed") != found.get("seed"):
         return f"its seed differs ({found.get('seed')}, this run {expected.get('seed')})"
     return None

@@ -164,6 +164,12 @@ class BaseTask:
         may still set its own), known before any item loads; None when each item's size is its own."""
         return None
 
+    def option_defaults(self) -> Mapping[str, Any]:
+        """`{option: value}`: what the run's options whose default is the model's (or the task's) resolve to
+        when left out, known before the model loads; giving one as that value is the same job (resume, the
+        seed a run adopts). {} where it cannot be told cheaply."""
+        return {}
+
     def planned_demand(self, sizes: Mapping[Size, int], batch_size: int) -> Demand:
         """Peak memory (and, once open, time) of running items of these output sizes (size -> number of
         items), `batch_size` at a time; by default the full-size image buffers of the largest batch."""

@@ -8,6 +8,7 @@ or no output at all (empty or undecodable: redo it). `replaying` makes a run do 
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from contextlib import contextmanager
@@ -50,16 +51,21 @@ class Recipes:
     # An item's own add-on files (a prompt line's <lora:...> tags, a hint from a --control-image folder): their
     # contents join the item's options, overriding the run's (an item's LoRAs include the run's --lora).
     item_files: Optional[Callable[[Item, int], Mapping[str, Any]]] = None
+    # What the options whose default is the model's resolve to when left out (`Task.option_defaults`): given
+    # as that value or left out, an option makes the same job (identity.as_given). Recipes keep the spelling.
+    option_defaults: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def run_id(self) -> str:
         return identity.run_id(self.command, self.model_sha256, self.pixel_options)
 
-    @property
+    @functools.cached_property
     def run_ids(self) -> frozenset[str]:
-        """This run's id and those of the same job written another way."""
-        return frozenset(identity.run_id(self.command, self.model_sha256, options)
-                         for options in (self.pixel_options, *self.same_job_options))
+        """This run's id and those of the same job written another way (each option at its default given or
+        left out: 2^n spellings, some thousands of digests at most, ~0.1 s, made once by a run without --seed)."""
+        return frozenset(identity.run_id(self.command, self.model_sha256, spelling)
+                         for options in (self.pixel_options, *self.same_job_options)
+                         for spelling in identity.written_either_way(options, self.option_defaults))
 
     def earlier_seed(self, spec: "OutputSpec", manifests: Sequence[str] = (MANIFEST_NAME,)) -> Optional[int]:
         """The base seed of the latest earlier run of this job into this output, if any: from the folder's
@@ -129,10 +135,11 @@ class Recipes:
             mine = self.identity(item, seed, output)
         except OSError:
             return None  # the input cannot be read: loading it reports why
-        change = identity.difference(mine, recipe["job"])
+        defaults = self.option_defaults
+        change = identity.difference(mine, recipe["job"], defaults)
         own = self._own_files(item, seed)
         if change is None or any(identity.difference({**mine, "options": identity.jsonable({**options, **own})},
-                                                     recipe["job"]) is None for options in self.same_job_options):
+                                                     recipe["job"], defaults) is None for options in self.same_job_options):
             return ""
         return f"{output} was written by another job: {change}; {WAY_OUT}"
 
