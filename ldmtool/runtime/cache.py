@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Hashable, Optional
 
 from ldmtool.errors import UsageError
+from ldmtool.runtime.watch import note_hashed, note_loaded
 
 CACHE_ENV = "LDMTOOL_CACHE"
 BUDGET_ENV = "LDMTOOL_MODEL_CACHE"
@@ -112,6 +113,7 @@ def file_hash(path: Path | str) -> tuple[str, str]:
     index by path, and trusted only while the file's device, inode, size, mtime_ns and ctime_ns are all
     unchanged; any difference re-hashes the bytes."""
     identity = FileIdentity.of(path)
+    note_hashed(identity)  # a run that loads this file must have loaded this version (runtime/watch.py)
     with _hash_lock:
         if identity in _hash_memo:
             return _hash_memo[identity]
@@ -229,14 +231,17 @@ class ModelCache:
         *,
         nbytes: Optional[Callable[[Any], int]] = None,
     ) -> Any:
-        """The cached value for `key`, or `loader()`'s result, stored and returned."""
+        """The cached value for `key`, or `loader()`'s result, stored and returned. The files the key names
+        are noted as used by the open runs (runtime/watch.py)."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
                 self._entries.move_to_end(key)
                 self.hits += 1
+                note_loaded(*_identities(key))
                 return entry.value
             value = loader()
+            note_loaded(*_identities(key))
             self.loads.append(key)
             size = (nbytes or object_nbytes)(value)
             self._entries[key] = _Entry(value, size)
@@ -271,6 +276,13 @@ class ModelCache:
             if oldest == keep:
                 break
             del self._entries[oldest]
+
+
+def _identities(key: Hashable) -> list[FileIdentity]:
+    """The file identities in a cache key (the add-ons' sit in nested tuples)."""
+    if isinstance(key, FileIdentity):
+        return [key]
+    return [found for part in key for found in _identities(part)] if isinstance(key, tuple) else []
 
 
 _process_cache: Optional[ModelCache] = None

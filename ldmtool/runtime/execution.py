@@ -3,7 +3,9 @@
 `JobRunner` opens a task once, then takes planned jobs in batches of `--batch-size`: loads each item, runs
 the batch (a batch that fails is rerun item by item to find the bad one), writes each output atomically
 with its metadata and recipe, appends the done/failed record to the manifest and reports the event. An
-item that fails is one line naming its file; the run goes on unless `--fail-fast`. The local engine
+item that fails is one line naming its file; the run goes on unless `--fail-fast`. Before each item starts
+and before each output is written, the model and add-on files the run loaded are checked (runtime/watch.py):
+one changed in place fails the item and stops the run (exit 3), nothing written for it. The local engine
 (runtime/runner.py) and each Ray worker (runtime/ray_engine.py) run their jobs through it.
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ from ldmtool.runtime.jobs import Job, Output, RunOptions, Task
 from ldmtool.runtime.report import ItemEvent, Status, Summary
 from ldmtool.runtime.resume import Recipes, storable
 from ldmtool.runtime.shard import strip_scheduling
+from ldmtool.runtime.watch import FileWatch, ModelFileChanged
 
 if TYPE_CHECKING:
     import torch
@@ -185,8 +188,10 @@ class JobRunner:
     """Runs planned jobs of one task; `summary` counts what it reported."""
 
     def __init__(self, task: Task, options: RunOptions, recipes: Recipes, *, base_seed: Optional[int],
-                 events: Events, records: Optional[Records], summary: Optional[Summary] = None):
+                 events: Events, records: Optional[Records], summary: Optional[Summary] = None,
+                 watch: Optional[FileWatch] = None):
         self.task = task
+        self.watch = watch or FileWatch()  # the model and add-on files the run computes from (runtime/watch.py)
         self.options = options
         self.recipes = recipes
         self.base_seed = base_seed
@@ -238,8 +243,9 @@ class JobRunner:
                 self._release(job)
 
     def close(self) -> None:
-        """Give up every claim still held (an interrupted or failed run)."""
+        """Give up every claim still held (an interrupted or failed run), and the watch on the model files."""
         self.claims.close()
+        self.watch.close()
 
     # -- outcomes
 
@@ -302,7 +308,17 @@ class JobRunner:
                 job.payload = None  # a long run must not keep every loaded image alive
                 self._release(job)
 
+    def _unchanged(self, job: Job, seconds: float) -> None:
+        """Fail the job and stop the run (ModelFileChanged, exit 3) when a model or add-on file it computes from
+        changed under the run: nothing may be written with a recipe naming the file it had."""
+        try:
+            self.watch.check()
+        except ModelFileChanged as err:
+            self.fail(job, err, seconds)
+            raise
+
     def _load(self, job: Job) -> bool:
+        self._unchanged(job, 0.0)
         started = time.monotonic()
         try:
             job.payload = self.task.load(job)
@@ -352,6 +368,7 @@ class JobRunner:
             self.report(job, Status.SKIPPED, seconds, reason="this run's claim went stale (no heartbeat for "
                         f"{self.claims.timeout:g}s) and another run took the item over")
             return
+        self._unchanged(job, seconds)
         try:
             image = np.asarray(output.image)
             metadata = build_metadata(

@@ -12,7 +12,8 @@ undecodable one is redone. The pending jobs go to an engine (`ENGINES`: here, or
 runs them through runtime/execution.py: load, run in batches of `batch_size`, write atomically with
 metadata, record in the manifest, report; an item that fails does not stop the others (unless
 `fail_fast`). Ctrl-C or SIGTERM become `Interrupted` (exit 130) with no partial file. The returned `Summary.exit_code` is 0 when
-every item was done or skipped and 1 when some failed; fatal problems raise FatalError (exit 3).
+every item was done or skipped and 1 when some failed; fatal problems raise FatalError (exit 3), among them a
+model or add-on file that changed under the run (runtime/watch.py).
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ from ldmtool.runtime.report import ItemEvent, Reporter, Status, Summary
 from ldmtool.runtime.resume import current_replay
 from ldmtool.runtime.seeds import RANDOM, item_seed, random_seed
 from ldmtool.runtime.shard import Shard, select, write_members
+from ldmtool.runtime.watch import FileWatch
 
 __all__ = ["BaseTask", "DEBUG_ENV", "ENGINES", "Job", "Output", "RunOptions", "Task", "run_task"]
 
@@ -130,6 +132,7 @@ class BatchRun:
         self.reporter = reporter
         self.spec = OutputSpec(options.output, options.name_template, options.fmt, options.suffix)
         self.base_seed = options.seed if options.seed not in (None, RANDOM) else None  # chosen in execute()
+        watch = FileWatch()  # before the identity hashes the model: it must be the file the run loads
         self.recipes = recipes_for(task, options, output_suffix(options.output, self.spec.is_file, options.fmt))
         self.manifest: Optional[Manifest] = None
         self.gallery: Optional[GalleryUpdater] = None
@@ -139,7 +142,7 @@ class BatchRun:
         self.created: list[Path] = []  # folders this run made for its outputs, deepest first
         self.listing: Optional[list[str]] = None  # the output folder's entries, listed once at the start
         self.runner = JobRunner(task, options, self.recipes, base_seed=self.base_seed, events=reporter,
-                                records=None, summary=self.summary)
+                                records=None, summary=self.summary, watch=watch)
 
     def execute(self, items: Sequence[Item], notes: Sequence[str] = ()) -> Summary:
         items, outputs_as_inputs = (items, 0) if self.spec.is_file else _outside(items, self.spec.folder)
