@@ -617,3 +617,20 @@ def test_describing_a_model_reads_only_its_header_and_builds_what_loading_builds
     described = api.describe_model(name)
     assert described.info == loaded.info
     assert {k: v.shape for k, v in described.state_dict().items()} == {k: v.shape for k, v in loaded.state_dict().items()}
+
+
+def test_a_text_encoder_file_rewritten_in_place_mid_run_stops_it(tmp_path, flux_files, tokenizer_dir,  # noqa: F811
+                                                                  monkeypatch):
+    """`--text-encoder` files are mapped when the model opens and read again for each batch (runtime/watch.py)."""
+    from test_model_file_changed import _after_first_write, _rewrite_in_place
+
+    t5 = tmp_path / "t5xxl.safetensors"
+    t5.write_bytes((flux_files[0] / "t5xxl.safetensors").read_bytes())
+    args = [str(a) for a in _flux_args(flux_files, tokenizer_dir)]
+    args[args.index(str(flux_files[0] / "t5xxl.safetensors"))] = str(t5)
+    _after_first_write(monkeypatch, lambda: _rewrite_in_place(t5, t5.read_bytes()[:-4] + b"\x7f\x7f\x7f\x7f"))
+    (tmp_path / "p.txt").write_text("a red cat\na blue dog\n")
+    result = run_cli("txt2img", "--prompts", tmp_path / "p.txt", "-W", SIZE, "-H", SIZE, "--steps", 1, "--seed", SEED,
+                     "--quiet", *args, "-o", tmp_path / "out")
+    assert result.exit_code == 3 and f"{t5} changed while this run used it" in result.stderr, result.stderr
+    assert len(list((tmp_path / "out").glob("*.png"))) == 1

@@ -5,7 +5,9 @@ import hashlib
 import os
 
 import pytest
+import torch
 
+from ldmtool.checkpoints.files import save_safetensors
 from ldmtool.checkpoints.tiny import save_tiny_checkpoint
 from ldmtool.runtime import execution
 from ldmtool.runtime.cache import FileIdentity
@@ -40,10 +42,10 @@ def _rewrite_in_place(path, content):
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
 
 
-def _run(tmp_path, model):
-    (tmp_path / "p.txt").write_text(PROMPTS)
+def _run(tmp_path, model, *extra, prompts=PROMPTS):
+    (tmp_path / "p.txt").write_text(prompts)
     return ldmtool("txt2img", "--prompts", "p.txt", "--model", model, "-o", "out", "--seed", 5, "--steps", 2,
-                   "--sampler", "euler", "-W", 64, "-H", 64, "--json", cwd=tmp_path)
+                   "--sampler", "euler", "-W", 64, "-H", 64, "--json", *extra, cwd=tmp_path)
 
 
 def _after_first_write(monkeypatch, change):
@@ -95,6 +97,35 @@ def test_a_model_replaced_by_rename_mid_run_is_kept_and_recorded_as_the_file_it_
     assert result.returncode == 0, result.stderr
     outputs = sorted((tmp_path / "out").glob("*.png"))
     assert len(outputs) == 2 and {_recipe(p)[0]["model_sha256"] for p in outputs} == {loaded}
+
+
+def _vae(folder, seed):
+    from ldmtool.checkpoints.tiny import tiny_model
+
+    path = folder / "vae.safetensors"
+    state = tiny_model("sd1", seed).state_dict()
+    save_safetensors({k.removeprefix("first_stage_model."): v for k, v in state.items()
+                      if k.startswith("first_stage_model.")}, path)
+    return path, ["--vae", path]
+
+
+def _embedding(folder, seed):
+    path = folder / "emb" / "fox-style.safetensors"
+    path.parent.mkdir(exist_ok=True)
+    save_safetensors({"emb_params": torch.randn(2, 32, generator=torch.Generator().manual_seed(seed))}, path)
+    return path, ["--embeddings-dir", path.parent]
+
+
+@pytest.mark.parametrize("addon", [_vae, _embedding])
+def test_an_addon_file_rewritten_in_place_mid_run_stops_it(tmp_path, model, monkeypatch, addon):
+    (tmp_path / "other").mkdir()
+    other, _ = addon(tmp_path / "other", 2)  # the same size, other weights
+    path, args = addon(tmp_path, 1)
+    _after_first_write(monkeypatch, lambda: _rewrite_in_place(path, other.read_bytes()))
+    result = _run(tmp_path, model, *args, prompts="a fox-style fox\na fox-style bird\n")
+    assert result.returncode == 3, result.stderr
+    assert f"ldmtool: error: {path} changed while this run used it" in result.stderr
+    assert len(list((tmp_path / "out").glob("*.png"))) == 1
 
 
 def _identity(path):

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional
 
 import torch
 
 from ldmtool.addons.base import ADDON_SUFFIXES, EMBEDDING, AddonFormat, TextualInversion, read_addon_file
 from ldmtool.errors import CheckpointError, UsageError
+
+if TYPE_CHECKING:
+    from ldmtool.runtime.cache import FileIdentity
 
 SDXL_ENCODERS = ("clip_l", "clip_g")
 MAX_VECTORS = 75  # one CLIP chunk: A1111 keeps an embedding whole within a chunk
@@ -119,12 +122,21 @@ def check_embeddings(texts: Iterable[Optional[str]], folder: Optional[Path]) -> 
 
 
 def _read_once(path: Path) -> TextualInversion | str:
-    stat = path.stat()
-    return _read_cached(path, stat.st_mtime_ns, stat.st_size)
+    """The embedding in `path`, read again only when the file changed (another inode, size, mtime or ctime).
+    One that reads is noted as a file the run computes from: its vectors may be the file's mapping, so a run
+    it changes under stops (runtime/watch.py)."""
+    from ldmtool.runtime.cache import FileIdentity
+    from ldmtool.runtime.watch import note_loaded
+
+    identity = FileIdentity.of(path)
+    entry = _read_cached(path, identity)
+    if isinstance(entry, TextualInversion):
+        note_loaded(identity)
+    return entry
 
 
 @functools.lru_cache(maxsize=256)
-def _read_cached(path: Path, mtime_ns: int, size: int) -> TextualInversion | str:
+def _read_cached(path: Path, identity: "FileIdentity") -> TextualInversion | str:
     """An embedding, or the one-line reason it cannot be read (each item's prompt is checked; read once)."""
     try:
         return read_embedding(path)

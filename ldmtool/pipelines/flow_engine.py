@@ -248,17 +248,22 @@ def _encoder_sources(engine: "Engine", recipe: FlowRecipe) -> Sources:
     from ldmtool.checkpoints.files import read_state_dict
     from ldmtool.nets.t5 import t5_folder_state
     from ldmtool.nets.text3 import text_encoder_sources
+    from ldmtool.runtime.cache import FileIdentity
+    from ldmtool.runtime.watch import note_loaded
 
     path: Path = engine.model_path
     sources: Sources = []
     held = getattr(engine.bundle, "left_out_keys", ())
+    given = [Path(p).expanduser() for p in engine.choice.text_encoder or ()]
+    # read (mapped) when the first prompt is encoded: the run must still have the model file it loaded, and
+    # these must not change under it (runtime/watch.py)
+    note_loaded(*(FileIdentity.of(p) for p in ([path] if held else []) + given if p.is_file()))
     if held and path.is_file():
         state = read_state_dict(path)
         sources.append((path.name, {key: state[key] for key in held if key in state}))
     if path.is_dir():
         sources += [(str(path / sub), t5_folder_state(path / sub)) for sub in recipe.encoder_folders
                     if (path / sub).is_dir()]
-    given = [Path(p).expanduser() for p in engine.choice.text_encoder or ()]
     return sources + [(name, state) for name, state in text_encoder_sources(given)]
 
 
