@@ -3,6 +3,10 @@ it writes an output computed from (or recorded as) the other file; replaced by a
 mapped, whose hash its outputs record."""
 import hashlib
 import os
+import signal
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -184,3 +188,34 @@ def test_a_file_only_hashed_is_not_watched(tmp_path):
         watch.check()
     finally:
         watch.close()
+
+
+CUT_SHORT = textwrap.dedent("""
+    import mmap, os, sys
+    from ldmtool.runtime.watch import report_crashes
+
+    report_crashes()
+    with open(sys.argv[1], "rb") as handle:
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    os.truncate(sys.argv[1], 0)  # `wget -O` starting over the file a run has mapped
+    mapped[40000]
+""")
+
+
+def test_a_mapped_file_cut_short_is_a_bus_error_that_says_so(tmp_path):
+    """SIGBUS cannot become a message naming the file (runtime/watch.py); the CLI at least says what it was."""
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(b"w" * 65536)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"}
+    result = subprocess.run([sys.executable, "-c", CUT_SHORT, str(path)], capture_output=True, text=True, env=env,
+                            timeout=60)
+    assert result.returncode == -signal.SIGBUS  # a shell reports 135
+    assert result.stderr.startswith("Fatal Python error: Bus error"), result.stderr
+
+
+def test_the_cli_reports_crashes(tmp_path, monkeypatch):
+    from ldmtool.runtime import watch
+
+    calls = []
+    monkeypatch.setattr(watch, "report_crashes", lambda: calls.append(1))
+    assert ldmtool("--version", cwd=tmp_path).returncode == 0 and calls == [1]

@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: every way a command ends is one line on stderr (when it is an error) and
     an exit code (DESIGN.md §6); with `--json`, the last stdout line is always a `summary` event."""
     from ldmtool.runtime import report
+    from ldmtool.runtime.watch import report_crashes
 
+    report_crashes()  # a model file cut short under a run: SIGBUS says so on stderr (runtime/watch.py)
     clicks = sys.modules[typer.BadParameter.__module__]  # click's exceptions, or those of the click typer vendors
     no_args = getattr(clicks, "NoArgsIsHelpError", ())
     args = list(sys.argv[1:] if argv is None else argv)

@@ -16,11 +16,18 @@ is written, stats each loaded file once (a few microseconds per item) and raises
 A file replaced by renaming another over it (`mv`, `rsync`), or removed, is not a change on its own: the run
 keeps the file it mapped (the kernel keeps an unlinked file alive while it is mapped), so its outputs are that
 file's, as their recipes say. Folders (diffusers layouts) are not watched.
+
+A mapped file cut short while an item computes ends the process with SIGBUS (exit 135) at the first read past
+its new end, before any check can run. That cannot become one line naming the file: Python's own signal
+handler only sets a flag and returns to the faulting read, which faults again forever, and a C-level handler
+that jumped out of torch's kernels would leave them in an unknown state. `report_crashes()` (the CLI calls it)
+has `faulthandler` print "Fatal Python error: Bus error" and the Python stack instead of dying silently.
 """
 from __future__ import annotations
 
 import os
 import stat
+import sys
 import threading
 import weakref
 from typing import TYPE_CHECKING, Optional
@@ -102,3 +109,17 @@ def _note(identities: tuple["FileIdentity", ...], *, loaded: bool) -> None:
         for identity in identities:
             watch.note(identity, loaded=loaded)
 
+
+
+def report_crashes() -> None:
+    """A fatal signal (SIGBUS from a mapped file cut short, SIGSEGV) prints what it was and the Python stack on
+    stderr, the process still ending with it; left as it is when already on (PYTHONFAULTHANDLER, pytest) or
+    when stderr is no file."""
+    import faulthandler
+
+    if faulthandler.is_enabled() or sys.__stderr__ is None:
+        return
+    try:
+        faulthandler.enable(file=sys.__stderr__, all_threads=False)
+    except (AttributeError, OSError, ValueError):  # no file descriptor behind stderr (io.UnsupportedOperation)
+        return
