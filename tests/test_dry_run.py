@@ -70,6 +70,22 @@ def test_dry_run_refuses_what_a_run_would_refuse(photos: Path, no_model: None) -
     assert not (photos / "big").exists()
 
 
+def test_dry_run_lists_an_input_too_large_as_fail_and_plans_the_rest(photos: Path, no_model: None) -> None:
+    Image.new("RGB", (40, 30)).save(photos / "big.png")  # x4: 160x120 = 19200 pixels
+    result = run_cli("superres", "big.png", "a.png", "--max-output-pixels", "4096", "-o", "out", "--dry-run",
+                     "--seed", "5")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("run  a.png -> out/a.png")
+    assert lines[1].startswith("fail big.png -> out/big.png (seed ")
+    assert lines[1].endswith("): big.png: the output would be 160x120 = 19200 pixels, over --max-output-pixels "
+                             "4096; make it smaller, or give --max-output-pixels 19200 (0 = no limit) if this "
+                             "machine can hold it")
+    assert lines[2].startswith("plan: 2 items (1 too large to run), largest output 64x64")
+    assert lines[3] == "dry run: 1 to run, 0 skipped, 1 would fail (seed 5); nothing was loaded or written"
+    assert not (photos / "out").exists()
+
+
 @pytest.mark.parametrize("command", [["txt2img", "--prompt", "a red fox"], ["sample", "--n", "2"],
                                      ["img2img", "a.png", "--prompt", "a"], ["inpaint", "a.png", "b.png"],
                                      ["tile-synth", "--width", "64", "--height", "64"]])

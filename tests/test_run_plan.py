@@ -16,6 +16,7 @@ from PIL import Image
 
 from clirun import run_cli
 from ldmtool.checkpoints.tiny import save_tiny_checkpoint
+from ldmtool.io.manifest import MANIFEST_NAME, read_manifest
 
 FAST = ["--steps", "2", "--sampler", "euler"]
 REPO = Path(__file__).resolve().parents[1]
@@ -110,12 +111,90 @@ def test_the_pixel_limit_is_an_option_and_counts_the_output(tmp_path, models):
     assert [e["event"] for e in events] == ["skipped", "summary"], result.output
 
 
-def test_file_outputs_are_sized_from_the_header_times_the_scale(tmp_path, models):
-    _png(tmp_path / "a.png", 40, 30)
-    result = run_cli("superres", tmp_path / "a.png", "--model", models["sr"], "--scale", 4,
-                     "--max-output-pixels", 160 * 120 - 1, "-o", tmp_path / "out", *FAST)
-    assert result.exit_code == 2, result.output
-    assert "the output would be 160x120 = 19200 pixels" in result.output
+def test_an_input_too_large_for_the_pixel_limit_fails_alone_and_the_batch_goes_on(tmp_path, models, monkeypatch):
+    """Sized from the header times the scale: the panorama of a folder fails on one line, the rest is written."""
+    monkeypatch.chdir(tmp_path)
+    Path("photos").mkdir()
+    _png(tmp_path / "photos" / "big.png", 12, 10)  # x4: 48x40 = 1920 pixels
+    _png(tmp_path / "photos" / "small.png", 8, 8)
+    unlimited = ["superres", "photos", "--model", models["sr"], "--scale", 4, "-o", "out", "--seed", 1, *FAST]
+    args = [*unlimited, "--max-output-pixels", 48 * 40 - 1]
+    result = run_cli(*args, "--json")
+    assert result.exit_code == 1, result.output
+    reason = ("photos/big.png: the output would be 48x40 = 1920 pixels, over --max-output-pixels 1919; make it smaller, "
+              "or give --max-output-pixels 1920 (0 = no limit) if this machine can hold it")
+    assert [line for line in result.stderr.splitlines() if "big.png" in line] == [f"ldmtool: failed: {reason}"], \
+        result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    by_key = {e["key"]: e for e in events if "key" in e}
+    assert by_key["small.png"]["event"] == "done"
+    assert by_key["big.png"]["event"] == "failed" and by_key["big.png"]["error"] == reason
+    assert by_key["big.png"]["seconds"] == 0  # refused before anything was computed
+    plan = next(e for e in events if e["event"] == "plan")
+    assert plan["largest"] == [32, 32] and plan["items"] == 1  # the plan is of the items that run
+    assert events[-1]["exit_code"] == 1
+    assert _images("out") == ["small.png"]
+    records = {r["key"]: r for r in read_manifest(Path("out", MANIFEST_NAME))}
+    assert records["big.png"]["status"] == "failed" and records["small.png"]["status"] == "done"
+    # The limit never changes pixels: written once without it, a rerun under it resumes (skips), not fails.
+    assert run_cli(*unlimited, "--max-output-pixels", 0).exit_code == 0
+    rerun = run_cli(*args, "--json")
+    assert rerun.exit_code == 0, rerun.output
+    assert [e["event"] for e in map(json.loads, rerun.stdout.splitlines())] == ["skipped", "skipped", "summary"]
+
+
+def test_when_every_input_is_too_large_each_fails_on_one_line_and_nothing_loads(tmp_path, models, monkeypatch):
+    from ldmtool.pipelines.engine import Engine
+
+    monkeypatch.chdir(tmp_path)
+    def refuse(self):
+        raise AssertionError("a run whose every item is refused loaded the model")
+
+    monkeypatch.setattr(Engine, "open", refuse)
+    for name in ("a", "b"):
+        _png(tmp_path / f"{name}.png", 40, 30)
+    args = ["superres", "a.png", "b.png", "--model", models["sr"], "--scale", 4, "--max-output-pixels", 1000,
+            "-o", "out", *FAST]
+    result = run_cli(*args)
+    assert result.exit_code == 1, result.output
+    *failed, summary = result.stderr.strip().splitlines()
+    assert [line.split(":")[:3] for line in failed] == [["ldmtool", " failed", " a.png"],
+                                                        ["ldmtool", " failed", " b.png"]], result.stderr
+    assert summary.startswith("0 done, 0 skipped, 2 failed")
+    assert "Traceback" not in result.output
+    result = run_cli(*args, "--fail-fast")  # the first failure stops the run, as for any failed item
+    assert result.exit_code == 1 and result.stderr.count("ldmtool: failed:") == 1, result.output
+
+
+@pytest.mark.parametrize("known", ["before the model opens", "once it is open"])
+def test_an_input_too_large_for_the_memory_fails_alone(tmp_path, models, monkeypatch, known):
+    """Available memory simulated: 200 MB from the start, or only once the model is open (the plan made then,
+    with the real weights, refuses what the first one let through)."""
+    import ldmtool.pipelines.planning as planning
+    from ldmtool.runtime.execution import JobRunner
+
+    monkeypatch.chdir(tmp_path)
+    available = [200 * 2**20 if known == "before the model opens" else 2**40]
+    monkeypatch.setattr(planning, "available_host_memory", lambda: available[0])
+    monkeypatch.setattr(planning, "resident_bytes", lambda: 0)
+    open_model = JobRunner.open
+
+    def opened(self):
+        open_model(self)
+        available[0] = 200 * 2**20
+
+    monkeypatch.setattr(JobRunner, "open", opened)
+    Image.new("RGB", (1000, 1000)).save(tmp_path / "huge.png")  # x4: 4000x4000, 288 MB of image buffers alone
+    _png(tmp_path / "small.png", 8, 8)
+    result = run_cli("superres", "huge.png", "small.png", "--model", models["sr"], "--scale", 4, "-o", "out", "--json",
+                     *FAST)
+    assert result.exit_code == 1, result.output
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("ldmtool: failed")]
+    assert line.startswith("ldmtool: failed: huge.png: a 4000x4000 output needs about ") and \
+        line.endswith(" MB available on cpu; make the output smaller") and "more than the 200 MB" in line, line
+    plan = next(e for e in map(json.loads, result.stdout.splitlines()) if e["event"] == "plan")
+    assert plan["largest"] == [32, 32] and plan["peak_memory"] < plan["available_memory"] == 200 * 2**20
+    assert _images(tmp_path / "out") == ["small.png"]
 
 
 def test_an_input_whose_output_is_too_wide_for_webp_fails_unrun_and_the_batch_goes_on(tmp_path, models):

@@ -16,6 +16,8 @@ are reported to and calls `open()`.
 Before any item runs, the runner plans the run (runtime/plan.py) from two optional methods: `planned_size(item)`,
 the item's output (width, height) read from options or an image header, never from decoded pixels (None: not
 known until the item loads), and `planned_demand(sizes, batch_size)`, the peak memory and time those need.
+An output too large for `--max-output-pixels` or the memory fails its item unrun, or stops the run (exit 2)
+when it is the size the run's options set for every item (`options_size()`).
 """
 from __future__ import annotations
 
@@ -156,7 +158,7 @@ class BaseTask:
 
     def planned_size(self, item: Item) -> Optional[Size]:
         """The item's output (width, height), known before it loads (from options, or the input's image
-        header); None when only loading it can tell. The run plan refuses outputs that are too large."""
+        header); None when only loading it can tell. The run plan fails an item whose output is too large."""
         return None
 
     def options_size(self) -> Optional[Size]:
@@ -172,7 +174,8 @@ class BaseTask:
 
     def planned_demand(self, sizes: Mapping[Size, int], batch_size: int) -> Demand:
         """Peak memory (and, once open, time) of running items of these output sizes (size -> number of
-        items), `batch_size` at a time; by default the full-size image buffers of the largest batch."""
+        items), `batch_size` at a time; by default the full-size image buffers of the largest batch. The
+        plan asks a size's memory alone with a count of 0 (it needs no time: nothing to probe)."""
         return output_demand(dict(sizes), batch_size)
 
     def open(self) -> None:

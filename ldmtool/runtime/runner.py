@@ -11,7 +11,7 @@ the default; runtime/identity.py), kept whatever wrote it (`skip`) or replaced (
 undecodable one is redone. The pending jobs go to an engine (`ENGINES`: here, or a Ray cluster), which
 runs them through runtime/execution.py: load, run in batches of `batch_size`, write atomically with
 metadata, record in the manifest, report; an item that fails does not stop the others (unless
-`fail_fast`). Ctrl-C or SIGTERM become `Interrupted` (exit 130) with no partial file. The returned `Summary.exit_code` is 0 when
+`fail_fast`), nor does one whose output the run plan finds too large (runtime/plan.py: it fails unrun). Ctrl-C or SIGTERM become `Interrupted` (exit 130) with no partial file. The returned `Summary.exit_code` is 0 when
 every item was done or skipped and 1 when some failed; fatal problems raise FatalError (exit 3), among them a
 model or add-on file that changed under the run (runtime/watch.py).
 """
@@ -44,7 +44,7 @@ from ldmtool.io.outputs import (
 from ldmtool.io.writer import KEEP, folder_names, remove_stale_temps, remove_stale_temps_in
 from ldmtool.runtime.execution import DEBUG_ENV, JobRunner, file_signature, output_suffix, recipes_for
 from ldmtool.runtime.jobs import EXISTING_POLICIES, BaseTask, Job, Output, PlannedJobs, RunOptions, Task
-from ldmtool.runtime.plan import check_run, unwritable
+from ldmtool.runtime.plan import RunPlan, check_run, too_large, unwritable
 from ldmtool.runtime.report import ItemEvent, Reporter, Status, Summary
 from ldmtool.runtime.resume import current_replay
 from ldmtool.runtime.seeds import RANDOM, item_seed, random_seed
@@ -56,15 +56,19 @@ __all__ = ["BaseTask", "DEBUG_ENV", "ENGINES", "Job", "Output", "RunOptions", "T
 
 def _run_here(run: "BatchRun", jobs: Iterable[Job]) -> None:
     run.runner.open()
-    run.reporter.plan(check_run(run.task, run.plan_source or jobs, run.options))  # sizes, time: the model is open
-    run.runner.process(jobs)
+    run.plan = check_run(run.task, run.plan_source or jobs, run.options)  # sizes, time: the model is open
+    run.reporter.plan(run.plan)
+    run.runner.process(run.runnable(jobs))
 
 
 def _run_on_ray(run: "BatchRun", jobs: list[Job]) -> None:
     from ldmtool.runtime.ray_engine import process_on_ray
 
-    run.reporter.plan(check_run(run.task, jobs, run.options))
-    process_on_ray(run, jobs)
+    run.plan = check_run(run.task, jobs, run.options)
+    run.reporter.plan(run.plan)
+    runnable = list(run.runnable(jobs))
+    if runnable:
+        process_on_ray(run, runnable)
 
 
 # How pending jobs run: every engine ends in runtime/execution.py's JobRunner.
@@ -139,6 +143,7 @@ class BatchRun:
         self.summary = Summary(base_seed=self.base_seed)
         self.started = time.monotonic()
         self.plan_source: Optional[Sequence[Job]] = None  # what the plan covers when the jobs are streamed
+        self.plan: Optional[RunPlan] = None  # the latest plan: the sizes it refused fail their items
         self.created: list[Path] = []  # folders this run made for its outputs, deepest first
         self.listing: Optional[list[str]] = None  # the output folder's entries, listed once at the start
         self.runner = JobRunner(task, options, self.recipes, base_seed=self.base_seed, events=reporter,
@@ -162,7 +167,7 @@ class BatchRun:
         jobs = self._plan(items)  # before sharding, so {index} and seeds match an unsharded run
         if self.options.shard is not None:
             jobs = select(jobs, self.options.shard, key=lambda job: job.item.key)
-        check_run(self.task, jobs, self.options)  # refuse outputs too large for the limit or the memory
+        self.plan = check_run(self.task, jobs, self.options)  # outputs too large for the limit or the memory
         listings: dict[Path, list[str]] = {} if self.listing is None else {self.spec.folder: self.listing}
         streamed = _lazy(jobs) and self.options.engine == "local"  # 10^8 samples: never a list of jobs
         if streamed:
@@ -204,13 +209,12 @@ class BatchRun:
         jobs = self._plan(items)
         if self.options.shard is not None:
             jobs = select(jobs, self.options.shard, key=lambda job: job.item.key)
-        plan = check_run(self.task, jobs, self.options)
+        plan = self.plan = check_run(self.task, jobs, self.options)
         for note in notes:
             self.reporter.note(note)
         counts = {"run": 0, "skip": 0, "fail": 0}
         for job in jobs:
-            conflict = unwritable(self.task, job) or \
-                self.recipes.existing_output(job.output, job.item, job.seed, self.options.existing)
+            conflict = self._conflict(job)
             action = "run" if conflict is None else ("skip" if conflict == "" else "fail")
             reason = {"run": None, "skip": "this job's output is there"}.get(action, conflict)
             counts[action] += 1
@@ -306,12 +310,11 @@ class BatchRun:
         return [] if self.runner.stopped else pending
 
     def _pending(self, jobs: Iterable[Job]) -> Iterator[Job]:
-        """The jobs still to run, one at a time (see `_resume`); one whose output its format cannot hold fails
-        here, before anything is computed."""
+        """The jobs still to run, one at a time (see `_resume`); one whose output is too large or its format
+        cannot hold fails here, before anything is computed."""
         for job in jobs:
             job.planned_output = file_signature(job.output)
-            conflict = unwritable(self.task, job) or \
-                self.recipes.existing_output(job.output, job.item, job.seed, self.options.existing)
+            conflict = self._conflict(job)
             if conflict is None:
                 yield job
             elif conflict == "":
@@ -319,6 +322,22 @@ class BatchRun:
                 self.runner.report(job, Status.SKIPPED)
             elif not self.runner.stopped:
                 self.runner.fail(job, ItemError(conflict), 0.0)
+
+    def _conflict(self, job: Job) -> Optional[str]:
+        """What keeps a job from running: "" when this job's output is there (skip), else why it fails (its
+        output too large, its format cannot hold it, another job's output in the way); None: it runs."""
+        conflict = unwritable(self.task, job) or \
+            self.recipes.existing_output(job.output, job.item, job.seed, self.options.existing)
+        return too_large(self.plan, self.task, job) if conflict is None else conflict  # one there is skipped
+
+    def runnable(self, jobs: Iterable[Job]) -> Iterator[Job]:
+        """`jobs` less those the plan made once the model is open refuses (its real weights): they fail."""
+        for job in jobs:
+            reason = too_large(self.plan, self.task, job)
+            if reason is None:
+                yield job
+            elif not self.runner.stopped:
+                self.runner.fail(job, ItemError(reason), 0.0)
 
     def _beside_done(self, job: Job) -> None:
         """The files a task writes beside an output that an earlier run wrote without them (layout2img
