@@ -56,3 +56,30 @@ def test_every_one_wide_convolution_computes_the_same_on_any_thread_count(preset
 @pytest.mark.parametrize("adapter", [FullAdapter, LightAdapter])
 def test_the_t2i_adapters_one_wide_convolutions_too(adapter):
     assert _check(adapter(channels=(32, 64), num_res_blocks=1)) > 0
+
+
+def test_the_main_job_at_its_default_tiling_gives_the_same_pixels_on_1_and_2_threads(tmp_path):
+    """End to end, at the default tile plan (the reproducibility suite fixes --tile 24, whose small shapes
+    stay below where oneDNN splits its sums): one example photo through the shipped superres default."""
+    import shutil
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from clirun import run_cli
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(Path(__file__).parents[1] / "examples" / "photos" / "leaf.png", photos)
+    pixels = []
+    for threads in (1, 2):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            result = run_cli("superres", photos, "--scale", 4, "--steps", 1, "--seed", 5, "-o", tmp_path / str(threads))
+        finally:
+            torch.set_num_threads(before)
+        assert result.exit_code == 0, result.err
+        pixels.append(np.asarray(Image.open(tmp_path / str(threads) / "leaf.png")))
+    assert np.array_equal(*pixels)
