@@ -17,7 +17,7 @@ import os as _os
 # user set is kept.
 _os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
-__version__ = "0.1.0"
+__version__ = "0.1.1"
 
 _MODEL_API = ("build_model", "load_model")
 _ADDON_API = ("load_controlnet",)
