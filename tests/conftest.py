@@ -59,3 +59,22 @@ def _sigint_not_left_ignored(request):
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         warnings.warn(f"{request.node.nodeid} left SIGINT ignored (restored)", stacklevel=1)
+
+
+@pytest.fixture(autouse=True)
+def _commands_registered_once(request):
+    """The in-process CLI tests share one Typer app per worker. A test that registers its commands again
+    (`_register_commands()` appends every command once more) makes every later `main()` in that worker build
+    all the copies: one file doing it 21 times made in-process CLI calls up to 20x slower for the files after it."""
+    import sys
+
+    yield
+    app_module = sys.modules.get("ldmtool.cli.app")
+    if app_module is None:
+        return
+    app = app_module.app
+    names = [c.name for c in app.registered_commands] + [g.name for g in app.registered_groups]
+    if len(names) != len(set(names)):
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        pytest.fail(f"{request.node.nodeid} registered CLI commands twice ({', '.join(map(str, repeated))}): "
+                    "use tests/clirun.py ensure_test_commands()")

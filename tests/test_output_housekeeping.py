@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from clirun import run_cli
+from clirun import ensure_test_commands, run_cli
 from ldmtool.io import writer
 from ldmtool.io.writer import TEMP_SUFFIX, remove_stale_temps
 
@@ -28,10 +28,7 @@ def _temp(folder: Path, name: str, pid: int = DEAD) -> Path:
 def invert(monkeypatch):
     """The test-only `_invert` command (the real batch runner, no model)."""
     monkeypatch.setenv("LDMTOOL_TEST_COMMANDS", "1")
-    from ldmtool.cli import app as app_module, testing
-
-    if "_invert" not in {c.name for c in app_module.app.registered_commands}:
-        testing.register(app_module.app)
+    ensure_test_commands()
     return lambda *args: run_cli("_invert", *args, "--seed", "1", "--quiet")
 
 

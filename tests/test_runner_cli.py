@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from clirun import ensure_test_commands
 from ldmtool.errors import ItemError, UsageError
 from ldmtool.io.discover import Item, discover, sanitize_name
 from ldmtool.io.gallery import GALLERY_NAME, THUMBS
@@ -34,19 +35,11 @@ def _env(**extra):
     return env
 
 
-def _ensure_test_commands():
-    from ldmtool.cli import testing
-    from ldmtool.cli.app import app
-
-    if "_invert" not in {command.name for command in app.registered_commands}:
-        testing.register(app)
-
-
 def ldmtool(*args, cwd, stdin=None, **env):
     """Run the real CLI entry point in this process (cwd, argv, stdin, env as a subprocess would see them)."""
     from ldmtool.cli.app import main
 
-    _ensure_test_commands()
+    ensure_test_commands()
     args = [str(a) for a in args]
     saved = (os.getcwd(), sys.argv, sys.stdin, dict(os.environ))
     out, err = io.StringIO(), io.StringIO()

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from clirun import ensure_test_commands
 from ldmtool.cli.app import main
 from ldmtool.errors import UsageError
 from ldmtool.runtime.shard import Shard, parse_shard, shard_of, strip_scheduling
@@ -36,10 +37,7 @@ def test_strip_scheduling_options():
 @pytest.fixture
 def cli(monkeypatch, capsys):
     monkeypatch.setenv("LDMTOOL_TEST_COMMANDS", "1")
-    from ldmtool.cli import app as app_module, testing
-
-    if "_invert" not in {c.name for c in app_module.app.registered_commands}:
-        testing.register(app_module.app)
+    ensure_test_commands()
 
     def run(*args):
         try:

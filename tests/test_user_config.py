@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from ldmtool.io.manifest import MANIFEST_NAME, read_manifest
-from tests.clirun import run_cli
+from tests.clirun import ensure_test_commands, run_cli
 
 
 @pytest.fixture
@@ -30,9 +30,7 @@ def _write(folder: Path, text: str, name: str = "config.yaml") -> Path:
 
 
 def _invert(*args: str):  # the test-only command goes through the real runner and options
-    from ldmtool.cli.app import _register_commands
-
-    _register_commands()
+    ensure_test_commands()
     return run_cli("_invert", *args)
 
 
