@@ -1,8 +1,9 @@
 """Hostile inputs and names (issue 26): special files, unbounded reads, non-UTF-8 and over-long names.
 
 Run through the real CLI (the test-only `_invert` command) in a subprocess with a timeout, so a read
-that blocks (a FIFO) or never ends (/dev/zero) fails the test instead of hanging it. A bad entry fails
-its own item with one line naming it; the batch goes on and exits 1; no traceback.
+that blocks (a FIFO) or never ends (/dev/zero) fails the test instead of hanging it, and odd names reach a
+real process's stdout and stderr; over-long names, which neither concerns, run in this process. A bad entry
+fails its own item with one line naming it; the batch goes on and exits 1; no traceback.
 """
 import json
 import os
@@ -25,6 +26,19 @@ def _run(cwd: Path, *args: str, timeout: float = 60, **env: str) -> subprocess.C
     environment.pop("LDMTOOL_DEBUG", None)
     command = [sys.executable, "-m", "ldmtool", "_invert", *args]
     return subprocess.run(command, cwd=cwd, capture_output=True, timeout=timeout, env=environment)
+
+
+def _run_here(cwd: Path, monkeypatch: pytest.MonkeyPatch, *args: str) -> subprocess.CompletedProcess:
+    """`_run` in this process (no start-up): for names that block nothing and are plain ASCII."""
+    from clirun import ensure_test_commands, run_cli
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("LDMTOOL_CACHE", str(cwd / "cache"))
+    monkeypatch.setenv("HOME", str(cwd))
+    monkeypatch.delenv("LDMTOOL_DEBUG", raising=False)
+    ensure_test_commands()
+    result = run_cli("_invert", *args)
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout.encode(), result.stderr.encode())
 
 
 def _events(stdout: bytes) -> dict[str, dict]:
@@ -191,13 +205,13 @@ def test_a_collision_and_a_dry_run_show_odd_names_on_one_line(tmp_path):
     assert dry.stdout.decode("utf-8").splitlines()[0].startswith("run  in/x\\ny.png -> out/x\\ny.png (seed ")
 
 
-def test_output_name_too_long_fails_that_item_only(tmp_path):
+def test_output_name_too_long_fails_that_item_only(tmp_path, monkeypatch):
     folder = tmp_path / "in"
     folder.mkdir()
     long_stem = "a" * 240
     Image.new("RGB", (4, 4)).save(folder / f"{long_stem}.png")
     Image.new("RGB", (4, 4)).save(folder / "short.png")
-    result = _run(tmp_path, "in", "-o", "out", "--json", "--name", "{stem}-upscaled-{seed}.{ext}")
+    result = _run_here(tmp_path, monkeypatch, "in", "-o", "out", "--json", "--name", "{stem}-upscaled-{seed}.{ext}")
     _no_traceback(result)
     assert result.returncode == 1, result.stderr.decode()
     events = _events(result.stdout)
@@ -208,12 +222,12 @@ def test_output_name_too_long_fails_that_item_only(tmp_path):
     assert len(failed) == 1
 
 
-def test_an_output_name_up_to_the_file_system_limit_is_written(tmp_path):
+def test_an_output_name_up_to_the_file_system_limit_is_written(tmp_path, monkeypatch):
     folder = tmp_path / "in"
     folder.mkdir()
     stem = "b" * 251  # 255 bytes with ".png": the temporary name falls back to a fixed-length digest
     Image.new("RGB", (4, 4)).save(folder / f"{stem}.png")
-    result = _run(tmp_path, "in", "-o", "out", "--json")
+    result = _run_here(tmp_path, monkeypatch, "in", "-o", "out", "--json")
     _no_traceback(result)
     assert result.returncode == 0, result.stderr.decode()
     assert (tmp_path / "out" / f"{stem}.png").is_file()
@@ -232,19 +246,20 @@ def test_stale_temporary_file_of_a_long_name_is_removed(tmp_path):
     assert remove_stale_temps([output]) == 1 and not dead.exists()
 
 
-def test_name_template_too_long_for_every_item_is_a_usage_error(tmp_path):
+def test_name_template_too_long_for_every_item_is_a_usage_error(tmp_path, monkeypatch):
     folder = tmp_path / "in"
     folder.mkdir()
     Image.new("RGB", (4, 4)).save(folder / "a.png")
-    result = _run(tmp_path, "in", "-o", "out", "--name", "x" * 300 + "-{stem}.{ext}")
+    result = _run_here(tmp_path, monkeypatch, "in", "-o", "out", "--name", "x" * 300 + "-{stem}.{ext}")
     _no_traceback(result)
     assert result.returncode == 2, result.stderr.decode()
     assert "too long" in result.stderr.decode()
 
 
 # Every file a user names is read with the same guard as images: a FIFO is refused, never waited on, and
-# /dev/zero is not read without end. Each reader runs in a child process with a timeout, so a regression
-# fails the test instead of hanging it.
+# /dev/zero is not read without end. The readers run in one child process with a timeout (one start-up and
+# one import of ldmtool for all of them), so a regression fails the test instead of hanging it. The child
+# announces each case before it runs it: a case that blocks or reads without end is the one it announced last.
 _READERS = {
     "prompt file": "from ldmtool.pipelines.text import read_prompts; read_prompts(None, PATH)",
     "list file": "from ldmtool.io.discover import discover; discover(['@' + PATH])",
@@ -254,23 +269,62 @@ _READERS = {
     "config": "from ldmtool.checkpoints.config import load_config; load_config(PATH)",
     "metadata": "from ldmtool.io.metadata import read_metadata; read_metadata(PATH)",
 }
+_SPECIALS = ("fifo", "dev-zero")
+_READER_CHILD = """
+import json, sys
+from pathlib import Path
+from ldmtool.errors import LdmError
+for reader, special, path, code in json.loads(sys.argv[1]):
+    print(json.dumps({"start": [reader, special]}), flush=True)
+    try:
+        exec(code, {"PATH": path, "Path": Path})
+        result = {"code": 0, "message": ""}
+    except LdmError as err:
+        result = {"code": 7, "message": str(err)}
+    except Exception as err:  # any other failure is this case's, not the next one's
+        result = {"code": 1, "message": f"{type(err).__name__}: {err}"}
+    print(json.dumps({"case": [reader, special], **result}), flush=True)
+"""
 
 
-@pytest.mark.parametrize("special", ["fifo", "dev-zero"])
+@pytest.fixture(scope="module")
+def reader_results(tmp_path_factory) -> dict:
+    folder = tmp_path_factory.mktemp("special")
+    cases = []
+    for reader in sorted(_READERS):
+        for special in _SPECIALS:
+            path = folder / f"{reader.replace(' ', '-')}-{special}.yaml"  # a file of its own per case
+            if special == "fifo":
+                os.mkfifo(path)
+            else:
+                os.symlink("/dev/zero", path)
+            cases.append((reader, special, str(path), _READERS[reader]))
+    try:
+        done = subprocess.run([sys.executable, "-c", _READER_CHILD, json.dumps(cases)], capture_output=True,
+                              timeout=90, text=True)
+        stdout, stderr = done.stdout, done.stderr
+    except subprocess.TimeoutExpired as expired:
+        stdout = expired.stdout.decode() if isinstance(expired.stdout, bytes) else (expired.stdout or "")
+        stderr = "timed out"
+    results, started = {}, None
+    for line in stdout.splitlines():
+        record = json.loads(line)
+        if "start" in record:
+            started = tuple(record["start"])
+        else:
+            results[tuple(record["case"])] = record
+    return {"results": results, "last_started": started, "stderr": stderr}
+
+
+@pytest.mark.parametrize("special", _SPECIALS)
 @pytest.mark.parametrize("reader", sorted(_READERS))
-def test_every_user_file_reader_refuses_special_files(tmp_path, reader, special):
-    path = tmp_path / "special.yaml"
-    if special == "fifo":
-        os.mkfifo(path)
-    else:
-        os.symlink("/dev/zero", path)
-    code = (f"import sys\nfrom pathlib import Path\nPATH = {str(path)!r}\n"
-            f"from ldmtool.errors import LdmError\ntry:\n    {_READERS[reader]}\n"
-            "except LdmError as err:\n    print(err)\n    sys.exit(7)\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60, text=True)
-    assert result.returncode == 7, result.stderr
+def test_every_user_file_reader_refuses_special_files(reader_results, reader, special):
+    result = reader_results["results"].get((reader, special))
+    assert result is not None, (f"no answer: the child blocked or read without end at {reader_results['last_started']}"
+                                f" ({reader_results['stderr'][-2000:]})")
+    assert result["code"] == 7, result
     kind = "a FIFO" if special == "fifo" else "a character device"
-    assert f"not a regular file ({kind})" in result.stdout and len(result.stdout.splitlines()) == 1
+    assert f"not a regular file ({kind})" in result["message"] and len(result["message"].splitlines()) == 1
 
 
 @pytest.mark.parametrize("args, named", [
